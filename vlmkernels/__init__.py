@@ -1,0 +1,20 @@
+"""vlmkernels: Triton and CUDA kernels for vision-language models, as drop-in torch ops.
+
+Importing the package registers its ops in the ``vlmkernels`` torch.library namespace and
+changes nothing else in torch or any other library.
+"""
+
+__version__ = "0.1.0"
+
+from . import nn  # noqa: E402
+from ._backend import BACKENDS, get_backend, use_backend  # noqa: E402
+from .ops.contrastive import clip_loss, siglip_loss  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "clip_loss",
+    "get_backend",
+    "nn",
+    "siglip_loss",
+    "use_backend",
+]

@@ -1,0 +1,99 @@
+"""Which implementation an op runs: ``triton``, ``torch`` or ``cuda``.
+
+Default, per call, from the device of the inputs:
+
+- CUDA tensors run the Triton kernels.
+- CPU tensors run the plain-PyTorch reference, unless Triton's interpreter is on
+  (``TRITON_INTERPRET=1`` when vlmkernels was imported), in which case they run the
+  Triton kernels through the interpreter: this is how CPU-only CI exercises every kernel.
+- float64 inputs always take the PyTorch path (Triton kernels take 16- and 32-bit floats).
+
+A choice can be forced for the whole process with ``VLMKERNELS_BACKEND=triton|torch|cuda``
+or for a block of code with :func:`use_backend`, which takes precedence over the variable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch", "cuda")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vlmkernels_backend", default=None
+)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels defined by vlmkernels run through Triton's CPU interpreter."""
+    from .ops._common import INTERPRETED
+
+    return INTERPRETED
+
+
+def cuda_backend_status() -> tuple[bool, str]:
+    """(available, reason) for the CUDA C++ backend."""
+    return False, "the CUDA C++ extension (csrc/) is not part of this build yet"
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def get_backend() -> str | None:
+    """The forced backend (context manager first, then ``VLMKERNELS_BACKEND``), or None."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("VLMKERNELS_BACKEND", "").strip().lower()
+    if env:
+        return _check_name(env, "VLMKERNELS_BACKEND")
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``name`` (``"triton"``, ``"torch"`` or ``"cuda"``) for ops called in the block.
+
+    >>> with vlmkernels.use_backend("torch"):
+    ...     loss = vlmkernels.clip_loss(img, txt, scale)
+    """
+    token = _forced.set(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def resolve_backend(op: str, tensor: torch.Tensor) -> str:
+    """The backend ``op`` runs for inputs like ``tensor``; raises if a forced one cannot."""
+    forced = get_backend()
+    if forced is None:
+        if tensor.dtype == torch.float64:
+            return "torch"
+        if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton_interpreted()):
+            return "triton"
+        return "torch"
+    if forced == "cuda":
+        ok, why = cuda_backend_status()
+        if not ok:
+            raise RuntimeError(f"{op}: the 'cuda' backend is unavailable: {why}")
+    if forced == "triton":
+        if tensor.dtype == torch.float64:
+            raise TypeError(
+                f"{op}: the 'triton' backend takes float16, bfloat16 or float32 inputs; "
+                "use the 'torch' backend for float64"
+            )
+        if tensor.device.type == "cpu" and not triton_interpreted():
+            raise RuntimeError(
+                f"{op}: the 'triton' backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                "before vlmkernels is imported to run the kernels on the CPU"
+            )
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"{op}: the 'triton' backend does not run on {tensor.device}")
+    return forced

@@ -1,0 +1,55 @@
+"""Helpers shared by the op families: interpreter detection, device facts, autotune configs."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted
+# (TRITON_INTERPRET=1); every kernel module is imported after this one, so they agree.
+INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessor count of ``device``; a nominal 8 under the CPU interpreter."""
+    if device.type != "cuda":
+        return 8
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast operands to fp32 before ``tl.dot``, ``input_precision``) for inputs of ``dtype``.
+
+    16-bit inputs go to the tensor cores as they are, accumulating in fp32. fp32 inputs use
+    three TF32 products ("tf32x3"), accurate to about fp32 rounding (plain TF32 would be
+    ~1e-3). Under the interpreter every operand is upcast: its bf16 arithmetic is wrong.
+    """
+    if INTERPRETED:
+        return True, "ieee"
+    if dtype == torch.float32:
+        return False, "tf32x3"
+    return False, "tf32"
+
+
+def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config):
+    """The config list for ``triton.autotune``: one config under the interpreter, which
+    cannot benchmark (it fails with more than one)."""
+    return [interpreter_config] if INTERPRETED else gpu_configs
+
+
+def next_pow2_bucket(n: int) -> int:
+    """Autotuning key for a size: its next power of two."""
+    return triton.next_power_of_2(max(int(n), 1))
