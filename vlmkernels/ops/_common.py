@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -44,10 +45,17 @@ def dot_precision(dtype: torch.dtype) -> tuple[bool, str]:
     return False, "tf32"
 
 
+# VLMKERNELS_AUTOTUNE=0 keeps each kernel on its first (default) config: no benchmarking
+# at the first call of every new shape bucket (quick test runs on a GPU).
+AUTOTUNE = os.environ.get("VLMKERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+
+
 def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config):
     """The config list for ``triton.autotune``: one config under the interpreter, which
-    cannot benchmark (it fails with more than one)."""
-    return [interpreter_config] if INTERPRETED else gpu_configs
+    cannot benchmark (it fails with more than one), and with autotuning switched off."""
+    if INTERPRETED:
+        return [interpreter_config]
+    return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
 def next_pow2_bucket(n: int) -> int:

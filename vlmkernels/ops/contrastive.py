@@ -117,7 +117,9 @@ def _logits_tile(
 def _log1p(e):
     """log(1 + e) for e in [0, 1], accurate where 1 + e rounds (Goldberg's correction)."""
     u = 1.0 + e
-    return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    rounded = u - 1.0
+    exact = rounded == 0.0
+    return tl.where(exact, e, tl.log(u) * (e / tl.where(exact, 1.0, rounded)))
 
 
 @triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])

@@ -1,0 +1,26 @@
+"""Test set-up: without a GPU, the Triton kernels run through Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before any kernel is defined, i.e. before vlmkernels is
+imported, so it is set here, at collection time.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the tests run on: CUDA when present, else the CPU (Triton interpreted)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

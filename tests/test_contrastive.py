@@ -1,0 +1,581 @@
+"""clip_loss / siglip_loss: values and every gradient against float64 references.
+
+Runs the Triton kernels (interpreted on a CPU-only machine) and the chunked PyTorch
+reference. Sizes are odd (not multiples of the 32-wide interpreter tiles) and small enough
+for the interpreter (about 100 programs per launch).
+
+Tolerances, as relative errors ||out - ref|| / ||ref|| against float64 math on the same
+(rounded) inputs:
+- float32: 1e-5 for the loss and all gradients (fp32 accumulation; measured ~3e-7).
+- float16: loss 2e-3 (the fp16 result is rounded, 2^-11), feature gradients 3e-3
+  (the logit-gradient chunk is an fp16 GEMM operand), scale/bias gradients 1e-4.
+- bfloat16: loss 1e-2 (2^-8 rounding), feature gradients 1e-2, scale/bias 1e-4.
+Scale and bias gradients are compared relative to max(|ref|, 1e-2 w), w the total weight
+of the loss (1 for a mean, N for a sum): CLIP's bias gradient
+is exactly zero in exact arithmetic (each softmax row sums to one), so it is held to an
+absolute bound. A wrong kernel (a missing term, a wrong index, a transposed operand) is
+off by O(1).
+"""
+
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkernels
+from vlmkernels.ops import contrastive as C
+
+TOL = {
+    torch.float32: dict(loss=1e-5, feat=1e-5, scalar=1e-5),
+    torch.float16: dict(loss=2e-3, feat=3e-3, scalar=1e-4),
+    torch.bfloat16: dict(loss=1e-2, feat=1e-2, scalar=1e-4),
+    torch.float64: dict(loss=1e-12, feat=1e-12, scalar=1e-12),
+}
+BACKENDS = ["triton", "torch"]
+
+
+# ------------------------------------------------------------------ float64 references
+
+
+def ref_clip_losses(x, y, s, b):
+    """(2, N): per-sample image-to-text and text-to-image cross-entropies."""
+    logits = s * x @ y.T
+    if b is not None:
+        logits = logits + b
+    labels = torch.arange(x.shape[0])
+    return torch.stack(
+        (
+            F.cross_entropy(logits, labels, reduction="none"),
+            F.cross_entropy(logits.T, labels, reduction="none"),
+        )
+    )
+
+
+def ref_siglip_rows(x, y, s, b):
+    logits = s * x @ y.T
+    if b is not None:
+        logits = logits + b
+    z = 2 * torch.eye(x.shape[0], dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum(1)
+
+
+def ref_clip(x, y, s, b, reduction="mean"):
+    losses = ref_clip_losses(x, y, s, b)
+    return {"mean": losses.mean(), "sum": losses.sum() / 2, "none": losses}[reduction]
+
+
+def ref_siglip(x, y, s, b, reduction="mean"):
+    rows = ref_siglip_rows(x, y, s, b)
+    return {"mean": rows.sum() / x.shape[0], "sum": rows.sum(), "none": rows}[reduction]
+
+
+LOSSES = {
+    "clip": (vlmkernels.clip_loss, ref_clip),
+    "siglip": (vlmkernels.siglip_loss, ref_siglip),
+}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def rel_err(actual, expected, floor=0.0):
+    """||actual - expected|| / max(||expected||, floor)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    den = max(expected.norm().item(), floor)
+    return ((actual - expected).norm() / (den if den > 0 else 1.0)).item()
+
+
+def features(n, d, dtype, device, normalize=True, scale=1.0):
+    x = torch.randn(n, d, device=device, dtype=torch.float32)
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    return (x * scale).to(dtype)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def run_loss(fn, x, y, s, b, reduction="mean", upstream=None, **kw):
+    """Loss value and gradients wrt every input that requires grad (None elsewhere)."""
+    out = fn(x, y, s, b, reduction=reduction, **kw)
+    target = out if upstream is None else (out.float() * upstream).sum()
+    inputs = [t for t in (x, y, s, b) if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(target, inputs)
+    it = iter(grads)
+    return out, [
+        next(it) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in (x, y, s, b)
+    ]
+
+
+def reference(ref, x, y, s, b, reduction="mean", upstream=None):
+    as64 = [
+        t.detach().double().cpu().requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor)
+        else t
+        for t in (x, y, s, b)
+    ]
+    out = ref(*as64, reduction=reduction)
+    target = out if upstream is None else (out * upstream.double().cpu()).sum()
+    target.backward()
+    return out, [t.grad if isinstance(t, torch.Tensor) and t.requires_grad else None for t in as64]
+
+
+def check_against_reference(name, x, y, s, b, reduction="mean", upstream=None, **kw):
+    fn, ref = LOSSES[name]
+    tol = TOL[x.dtype]
+    out, grads = run_loss(fn, x, y, s, b, reduction, upstream, **kw)
+    ref_out, ref_grads = reference(ref, x, y, s, b, reduction, upstream)
+    assert out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref_out) < tol["loss"], (rel_err(out, ref_out), tol)
+    weight = {"mean": 1.0, "sum": float(x.shape[0])}.get(reduction)
+    if weight is None:
+        weight = upstream.abs().sum().item()
+    for i, (g, rg) in enumerate(zip(grads, ref_grads, strict=True)):
+        if rg is None:
+            assert g is None
+            continue
+        kind = "feat" if i < 2 else "scalar"
+        assert g.dtype == (x, y, s, b)[i].dtype
+        assert g.shape == (x, y, s, b)[i].shape
+        # CLIP's bias gradient is exactly 0 in exact arithmetic: compare it absolutely, on
+        # the scale of the loss's total weight (1 for a mean, N for a sum)
+        floor = 1e-2 * weight if kind == "scalar" else 0.0
+        err = rel_err(g, rg, floor)
+        assert err < tol[kind], (i, err, tol[kind])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with vlmkernels.use_backend(request.param):
+        yield request.param
+
+
+# ------------------------------------------------------------------ values and gradients
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(97, 80), (45, 130), (130, 33), (300, 96), (40, 1152)])
+def test_values_and_grads(name, dtype, n, d, device, backend):
+    x, y = leaf(features(n, d, dtype, device)), leaf(features(n, d, dtype, device))
+    s = leaf(torch.tensor(13.7, device=device))
+    b = leaf(torch.tensor(-2.3, device=device))
+    check_against_reference(name, x, y, s, b)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(name, reduction, device, backend):
+    n, d = 70, 48
+    x, y = leaf(features(n, d, torch.float32, device)), leaf(features(n, d, torch.float32, device))
+    s = leaf(torch.tensor(9.0, device=device))
+    b = leaf(torch.tensor(1.5, device=device))
+    upstream = None
+    if reduction == "none":
+        shape = (2, n) if name == "clip" else (n,)
+        upstream = torch.rand(shape, device=device) + 0.1  # distinct weight per sample
+    check_against_reference(name, x, y, s, b, reduction, upstream)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_no_bias_float_scale_and_partial_grads(name, device, backend):
+    """Scale as a Python float, no bias, only text features requiring grad."""
+    n, d = 50, 40
+    x = features(n, d, torch.float32, device)
+    y = leaf(features(n, d, torch.float32, device))
+    check_against_reference(name, x, y, 20.0, None)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_one_element_scale_and_unnormalised_features(name, device, backend):
+    """open_clip-style (1,)-shaped parameters; features far from unit norm."""
+    n, d = 60, 36
+    x = leaf(features(n, d, torch.float32, device, normalize=False, scale=0.7))
+    y = leaf(features(n, d, torch.float32, device, normalize=False, scale=0.5))
+    s = leaf(torch.full((1,), 3.0, device=device))
+    b = leaf(torch.full((1,), -4.0, device=device))
+    check_against_reference(name, x, y, s, b)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("layout", ["column_major", "every_other_feature", "row_slices"])
+def test_strided_inputs(name, layout, device, backend):
+    n, d = 66, 40
+    if layout == "column_major":
+        x = features(n, d, torch.float32, device).T.contiguous().T
+        y = features(n, d, torch.float32, device).T.contiguous().T
+    elif layout == "every_other_feature":
+        x = features(n, 2 * d, torch.float32, device)[:, ::2]
+        y = features(n, 2 * d, torch.float32, device)[:, 1::2]
+    else:
+        x = features(2 * n, d, torch.float32, device)[::2]
+        y = features(3 * n, d, torch.float32, device)[n : 2 * n]
+    assert not (x.is_contiguous() and y.is_contiguous())
+    x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+    s = leaf(torch.tensor(11.0, device=device))
+    b = leaf(torch.tensor(0.5, device=device))
+    check_against_reference(name, x, y, s, b)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("chunk_size", [1, 32, 41])
+def test_chunked_backward(name, chunk_size, device, backend):
+    """The logit gradient made in chunks of rows (the last one partial) gives the same
+    gradients as one chunk."""
+    if backend == "triton" and chunk_size == 1:
+        pytest.skip("one-row chunks are a torch-backend stress case (slow interpreted)")
+    n, d = 90, 40
+    x, y = leaf(features(n, d, torch.float32, device)), leaf(features(n, d, torch.float32, device))
+    s = leaf(torch.tensor(15.0, device=device))
+    b = leaf(torch.tensor(-1.0, device=device))
+    check_against_reference(name, x, y, s, b, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_large_logits_are_stable(name, device, backend):
+    """Scale 100 (CLIP's cap) on unnormalised features: logits in the hundreds, where an
+    unshifted exp overflows fp32 and a fixed shift underflows."""
+    n, d = 40, 64
+    x = leaf(features(n, d, torch.float32, device, normalize=False, scale=0.4))
+    y = leaf(features(n, d, torch.float32, device, normalize=False, scale=0.4))
+    s = leaf(torch.tensor(100.0, device=device))
+    check_against_reference(name, x, y, s, None)
+
+
+def test_single_pair(device, backend):
+    x, y = (
+        leaf(features(1, 16, torch.float32, device)),
+        leaf(features(1, 16, torch.float32, device)),
+    )
+    s = leaf(torch.tensor(10.0, device=device))
+    b = leaf(torch.tensor(-10.0, device=device))
+    for name in LOSSES:
+        check_against_reference(name, x, y, s, b)
+
+
+def test_float64_through_torch_backend(device):
+    """float64 takes the PyTorch path by default (the kernels take 16/32-bit floats)."""
+    n, d = 30, 20
+    x, y = leaf(features(n, d, torch.float64, device)), leaf(features(n, d, torch.float64, device))
+    s = leaf(torch.tensor(7.0, dtype=torch.float64, device=device))
+    b = leaf(torch.tensor(-1.0, dtype=torch.float64, device=device))
+    for name in LOSSES:
+        check_against_reference(name, x, y, s, b)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_gradcheck_torch_backend(name):
+    n, d = 7, 5
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)
+    fn = LOSSES[name][0]
+    with vlmkernels.use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda *a: fn(*a, chunk_size=3), (x, y, s, b))
+
+
+# ------------------------------------------------------------------ behaviour
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_deterministic(name, device):
+    """No atomics: two runs give bitwise identical losses and gradients."""
+    n, d = 70, 48
+    x, y = features(n, d, torch.bfloat16, device), features(n, d, torch.bfloat16, device)
+    s = torch.tensor(10.0, device=device)
+    b = torch.tensor(-5.0, device=device)
+    runs = []
+    for _ in range(2):
+        xi, yi, si, bi = leaf(x), leaf(y), leaf(s), leaf(b)
+        runs.append(run_loss(LOSSES[name][0], xi, yi, si, bi))
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2)
+    for a, c in zip(g1, g2, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_inputs_not_modified(device):
+    x, y = features(40, 24, torch.float32, device), features(40, 24, torch.float32, device)
+    s, b = torch.tensor(5.0, device=device), torch.tensor(1.0, device=device)
+    copies = [t.clone() for t in (x, y, s, b)]
+    for name in LOSSES:
+        xi, yi = leaf(x), leaf(y)
+        run_loss(LOSSES[name][0], xi, yi, s, b)
+        for t, c in zip((xi, yi, s, b), copies, strict=True):
+            assert torch.equal(t, c)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees NaN
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("poison", ["nan_feature", "inf_feature", "nan_scale"])
+def test_non_finite_inputs_give_non_finite_loss(name, poison, device, backend):
+    n, d = 40, 24
+    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    s = torch.tensor(10.0, device=device)
+    if poison == "nan_feature":
+        x[3, 5] = float("nan")
+    elif poison == "inf_feature":
+        y[7, 2] = float("inf")
+    else:
+        s = torch.tensor(float("nan"), device=device)
+    x, y = leaf(x), leaf(y)
+    out, (gx, gy, *_) = run_loss(LOSSES[name][0], x, y, s, -1.0)
+    assert not torch.isfinite(out).all()
+    assert not (torch.isfinite(gx).all() and torch.isfinite(gy).all())
+
+
+def test_siglip_fused_and_recomputed_paths_agree(device):
+    """A scalar SigLIP loss with grads uses the fused forward; reduction='none' recomputes
+    in backward. Both give the same gradients."""
+    n, d = 64, 40
+    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    xa, ya = leaf(x), leaf(y)
+    vlmkernels.siglip_loss(xa, ya, s, b).backward()
+    xb, yb = leaf(x), leaf(y)
+    (vlmkernels.siglip_loss(xb, yb, s, b, reduction="none").sum() / n).backward()
+    assert rel_err(xa.grad, xb.grad) < 1e-6
+    assert rel_err(ya.grad, yb.grad) < 1e-6
+    with torch.no_grad():
+        assert (
+            rel_err(
+                vlmkernels.siglip_loss(x, y, s, b),
+                ref_siglip(*(t.double().cpu() for t in (x, y, s, b))),
+            )
+            < 1e-5
+        )
+
+
+def test_backends_agree(device):
+    n, d = 64, 40
+    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    for name, (fn, _) in LOSSES.items():
+        with vlmkernels.use_backend("triton"):
+            a = fn(x, y, 12.0, 0.5, reduction="none")
+        with vlmkernels.use_backend("torch"):
+            c = fn(x, y, 12.0, 0.5, reduction="none")
+        assert rel_err(a, c) < 1e-6, name
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad_calls(device):
+    x, y = features(8, 16, torch.float32, device), features(8, 16, torch.float32, device)
+    return [
+        ((x, features(9, 16, torch.float32, device), 1.0), ValueError, "same batch size"),
+        ((x, features(8, 12, torch.float32, device), 1.0), ValueError, "same feature dim"),
+        ((x, y.half(), 1.0), TypeError, "same dtype"),
+        ((x, y.to("meta"), 1.0), ValueError, "same device"),
+        ((x.long(), y.long(), 1.0), TypeError, "image_features must be a floating"),
+        ((x, y.int(), 1.0), TypeError, "text_features must be a floating"),
+        ((x[:0], y[:0], 1.0), ValueError, "batch size 0"),
+        ((x[:, :0], y[:, :0], 1.0), ValueError, "feature dim 0"),
+        ((x[0], y[0], 1.0), ValueError, "must be 2-D"),
+        ((x.numpy() if device.type == "cpu" else 1, y, 1.0), TypeError, "torch.Tensor"),
+        ((x, y, torch.ones(2)), ValueError, "logit_scale must be a scalar"),
+        ((x, y, "10"), TypeError, "logit_scale must be a float"),
+        ((x, y, torch.tensor(1)), TypeError, "logit_scale must be a floating"),
+        ((x, y, 1.0, torch.ones(3)), ValueError, "logit_bias must be a scalar"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_bad_input_errors(name, device):
+    fn = LOSSES[name][0]
+    for args, exc, message in _bad_calls(device):
+        if name == "siglip" and len(args) == 3:
+            args = (*args, None)
+        with pytest.raises(exc, match=message):
+            fn(*args)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_bad_keyword_errors(name, device):
+    fn = LOSSES[name][0]
+    x, y = features(8, 16, torch.float32, device), features(8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(x, y, 1.0, 0.0, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        fn(x, y, 1.0, 0.0, chunk_size=0)
+
+
+def test_siglip_bias_is_required_argument(device):
+    x, y = features(8, 16, torch.float32, device), features(8, 16, torch.float32, device)
+    with pytest.raises(TypeError):
+        vlmkernels.siglip_loss(x, y, 1.0)
+
+
+# ------------------------------------------------------------------ memory: no N x N tensor
+
+
+class _AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Largest tensor (in elements) produced by any aten op run under it; the Triton
+    interpreter's own byte-view copies of kernel arguments (set_/copy_) are not counted."""
+
+    IGNORED = {"aten::set_", "aten::copy_"}
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name in self.IGNORED:
+            return out
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_triton_path_never_allocates_n_by_n(device):
+    """Every tensor the Triton launchers allocate is O(N (d + chunk)), not O(N^2)."""
+    n, d, chunk = 160, 24, 32
+    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-1.0, device=device)
+    grads = torch.rand(2, n, device=device)
+    with _AllocationRecorder() as rec:
+        _, lse_r, lse_c = C._clip_forward_triton(x, y, s, b)
+        C._clip_backward_triton(x, y, s, b, lse_r, lse_c, grads, chunk)
+        C._siglip_rows_triton(x, y, s, b)
+        C._siglip_grads_triton(x, y, s, b, grads[0], chunk)
+    assert rec.largest <= max(n * d, n * chunk, 16 * n)
+    assert rec.largest < n * n // 4
+
+
+# ------------------------------------------------------------------ op registration
+
+
+def _op_inputs(device, bias=True):
+    n, d = 40, 24
+    x, y = leaf(features(n, d, torch.float32, device)), leaf(features(n, d, torch.float32, device))
+    s = leaf(torch.tensor(8.0, device=device))
+    b = leaf(torch.tensor(-2.0, device=device)) if bias else None
+    return x, y, s, b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(bias, device, backend):
+    x, y, s, b = _op_inputs(device, bias)
+    n = x.shape[0]
+    ops = torch.ops.vlmkernels
+    torch.library.opcheck(ops.clip_loss_forward, (x, y, s, b, 0))
+    torch.library.opcheck(ops.siglip_loss_forward, (x, y, s, b, 0))
+    torch.library.opcheck(ops.siglip_loss_fused, (x, y, s, b, 1.0 / n, 0))
+    # the backward ops are not differentiable themselves (no double backward)
+    x, y, s = x.detach(), y.detach(), s.detach()
+    b = b.detach() if b is not None else None
+    _, lse_r, lse_c = ops.clip_loss_forward(x, y, s, b, 0)
+    upstream = torch.rand(2, n, device=device)
+    torch.library.opcheck(ops.clip_loss_backward, (x, y, s, b, lse_r, lse_c, upstream, 16))
+    torch.library.opcheck(ops.siglip_loss_backward, (x, y, s, b, upstream[0], 16))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(name, compiler, device):
+    fn = LOSSES[name][0]
+    x, y, _, b = _op_inputs(device)
+    s = leaf(torch.tensor(math.log(14.0), device=device))  # a log-scale, as CLIP learns it
+
+    def step(x, y, s, b, reduction="mean"):
+        return fn(F.normalize(x, dim=-1), F.normalize(y, dim=-1), s.exp(), b, reduction=reduction)
+
+    compiled = torch.compile(step, backend=compiler, fullgraph=True)
+    out, grads = run_loss(compiled, x, y, s, b)
+    ref_out, ref_grads = run_loss(step, leaf(x), leaf(y), leaf(s), leaf(b))
+    # same op inside; Inductor reorders the fp32 normalisation around it
+    assert rel_err(out, ref_out) < 1e-6
+    for i, (g, rg) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert rel_err(g, rg, floor=1e-2 if i >= 2 else 0.0) < 1e-4
+
+
+def test_ops_live_in_vlmkernels_namespace():
+    for op in (
+        "clip_loss_forward",
+        "clip_loss_backward",
+        "siglip_loss_forward",
+        "siglip_loss_backward",
+        "siglip_loss_fused",
+    ):
+        assert hasattr(torch.ops.vlmkernels, op)
+
+
+# ------------------------------------------------------------------ modules vs open_clip
+
+
+def _load_open_clip_loss():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("open_clip_torch is not installed")
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_clip_module_matches_open_clip(dtype, with_bias, device):
+    oc = _load_open_clip_loss()
+    n, d = 52, 40
+    x, y = features(n, d, dtype, device), features(n, d, dtype, device)
+    log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float32, device=device)
+    bias = torch.tensor(-1.5, device=device) if with_bias else None
+
+    def run(module):
+        xi, yi, ls = leaf(x), leaf(y), leaf(log_scale)
+        bi = leaf(bias) if bias is not None else None
+        out = module(xi, yi, ls.exp(), bi, output_dict=True)
+        assert set(out) == {"contrastive_loss"}
+        inputs = [t for t in (xi, yi, ls, bi) if t is not None]
+        return out["contrastive_loss"], torch.autograd.grad(out["contrastive_loss"], inputs)
+
+    ours, ours_g = run(vlmkernels.nn.ClipLoss())
+    theirs, theirs_g = run(oc.ClipLoss())
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert ours.dtype == theirs.dtype
+    assert rel_err(ours, theirs) < tol
+    for i, (a, c) in enumerate(zip(ours_g, theirs_g, strict=True)):
+        # the bias gradient of CLIP is 0 up to rounding in both: compare absolutely
+        assert rel_err(a, c, floor=1e-2 if i >= 2 else 0.0) < tol
+    plain = vlmkernels.nn.ClipLoss()(x, y, log_scale.exp(), bias)
+    assert plain.dim() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_siglip_module_matches_open_clip(dtype, device):
+    oc = _load_open_clip_loss()
+    n, d = 52, 40
+    x, y = features(n, d, dtype, device), features(n, d, dtype, device)
+    log_scale = torch.tensor(math.log(10.0), device=device)
+    bias = torch.tensor(-10.0, device=device)
+
+    def run(module):
+        xi, yi, ls, bi = leaf(x), leaf(y), leaf(log_scale), leaf(bias)
+        out = module(xi, yi, ls.exp(), bi, output_dict=True)["contrastive_loss"]
+        return out, torch.autograd.grad(out, (xi, yi, ls, bi))
+
+    ours, ours_g = run(vlmkernels.nn.SigLipLoss())
+    theirs, theirs_g = run(oc.SigLipLoss())
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert rel_err(ours, theirs) < tol
+    for a, c in zip(ours_g, theirs_g, strict=True):
+        assert rel_err(a, c) < tol
+
+
+def test_modules_refuse_world_size_above_one():
+    with pytest.raises(NotImplementedError, match="world_size=1"):
+        vlmkernels.nn.ClipLoss(world_size=2, rank=1)
+    with pytest.raises(NotImplementedError, match="world_size=1"):
+        vlmkernels.nn.SigLipLoss(world_size=4)
+    with pytest.raises(ValueError, match="dist_impl"):
+        vlmkernels.nn.SigLipLoss(dist_impl="ring")

@@ -1,0 +1,88 @@
+"""Package-level behaviour: backend selection, and no global side effects on import."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import vlmkernels
+from vlmkernels._backend import resolve_backend
+from vlmkernels.ops._common import INTERPRETED
+
+
+def test_default_backend_follows_device_and_interpreter():
+    cpu = torch.zeros(2)
+    assert resolve_backend("op", cpu) == ("triton" if INTERPRETED else "torch")
+    assert resolve_backend("op", cpu.double()) == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend("op", cpu.cuda()) == "triton"
+
+
+def test_context_manager_forces_and_restores():
+    t = torch.zeros(2)
+    assert vlmkernels.get_backend() is None
+    with vlmkernels.use_backend("torch"):
+        assert vlmkernels.get_backend() == "torch"
+        assert resolve_backend("op", t) == "torch"
+    assert vlmkernels.get_backend() is None
+
+
+def test_env_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "torch")
+    assert resolve_backend("op", torch.zeros(2)) == "torch"
+    with vlmkernels.use_backend("triton" if INTERPRETED else "torch"):  # the manager wins
+        assert vlmkernels.get_backend() == ("triton" if INTERPRETED else "torch")
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="VLMKERNELS_BACKEND must be one of"):
+        resolve_backend("op", torch.zeros(2))
+
+
+def test_bad_backend_names_and_unavailable_backends():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with vlmkernels.use_backend("cudnn"):
+            pass
+    x = torch.randn(4, 8)
+    with vlmkernels.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="'cuda' backend is unavailable"):
+            vlmkernels.clip_loss(x, x, 1.0)
+    with vlmkernels.use_backend("triton"):
+        with pytest.raises(TypeError, match="float64"):
+            vlmkernels.clip_loss(x.double(), x.double(), 1.0)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter lets Triton run CPU tensors")
+def test_triton_on_cpu_without_interpreter_is_refused():
+    with vlmkernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            vlmkernels.clip_loss(torch.randn(4, 8), torch.randn(4, 8), 1.0)
+
+
+def test_import_changes_nothing_global():
+    """Every public attribute of torch, torch.nn, torch.nn.functional and torch.Tensor is
+    the same object before and after ``import vlmkernels`` (and open_clip's loss module
+    is untouched), in a fresh interpreter."""
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn, torch.nn.functional
+        mods = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional,
+                "Tensor": torch.Tensor, "autograd": torch.autograd}
+        def snap():
+            return {(m, k): id(getattr(o, k)) for m, o in mods.items() for k in dir(o)
+                    if not k.startswith("__")}
+        before = snap()
+        import vlmkernels, vlmkernels.nn
+        after = snap()
+        changed = sorted(k for k in before if before[k] != after.get(k))
+        added = sorted(k for k in after if k not in before)
+        print(changed, added)
+        assert not changed and not added, (changed, added)
+        assert "open_clip" not in __import__("sys").modules
+        assert "transformers" not in __import__("sys").modules
+        """
+    )
+    env = dict(os.environ)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
