@@ -579,3 +579,22 @@ def test_modules_refuse_world_size_above_one():
         vlmkernels.nn.SigLipLoss(world_size=4)
     with pytest.raises(ValueError, match="dist_impl"):
         vlmkernels.nn.SigLipLoss(dist_impl="ring")
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_autocast_matches_open_clip_under_autocast(name, device):
+    """Under autocast, fp32 features are multiplied in the autocast dtype (as open_clip's
+    matmul is) and the loss comes back in fp32 (as its cross-entropy does)."""
+    oc = _load_open_clip_loss()
+    n, d = 48, 40
+    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)
+    ours_mod = vlmkernels.nn.ClipLoss() if name == "clip" else vlmkernels.nn.SigLipLoss()
+    theirs_mod = oc.ClipLoss() if name == "clip" else oc.SigLipLoss()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = ours_mod(x, y, s, b)
+        theirs = theirs_mod(x, y, s, b)
+    assert ours.dtype == torch.float32
+    exact_on_bf16 = LOSSES[name][1](*(t.double().cpu() for t in (x.bfloat16(), y.bfloat16(), s, b)))
+    assert rel_err(ours, exact_on_bf16) < 1e-5
+    assert rel_err(ours, theirs) < 2e-2  # open_clip rounds its logits to bf16

@@ -1041,13 +1041,24 @@ _siglip_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup
 
 
 def _prepare(op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size):
+    """Checked arguments: (x, y, scale, bias, chunk_size, dtype of the result).
+
+    Under autocast, fp32 features are cast to the autocast dtype and the loss is returned
+    in fp32, as open_clip's matmul (autocast to 16 bits) and cross-entropy (to fp32) do.
+    """
     check_feature_pair(op, image_features, text_features)
     check_reduction(op, reduction)
     chunk = check_chunk_size(op, chunk_size)
     device = image_features.device
     scale = scalar_tensor(op, "logit_scale", logit_scale, device)
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
-    return scale, bias, chunk
+    out_dtype = image_features.dtype
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        out_dtype = torch.float32
+        if image_features.dtype == torch.float32:
+            low = torch.get_autocast_dtype(device.type)
+            image_features, text_features = image_features.to(low), text_features.to(low)
+    return image_features, text_features, scale, bias, chunk, out_dtype
 
 
 def clip_loss(
@@ -1076,22 +1087,20 @@ def clip_loss(
             (memory ``chunk_size * N`` elements); None picks a 128 MiB chunk.
 
     Returns:
-        The loss in the features' dtype (computed in fp32).
+        The loss in the features' dtype (computed in fp32); under autocast, fp32 features
+        are cast to the autocast dtype and the loss is fp32, as open_clip's would be.
     """
-    op = "clip_loss"
-    scale, bias, chunk = _prepare(
-        op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
+    x, y, scale, bias, chunk, out_dtype = _prepare(
+        "clip_loss", image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
     )
-    losses, _, _ = torch.ops.vlmkernels.clip_loss_forward(
-        image_features, text_features, scale, bias, chunk
-    )
+    losses, _, _ = torch.ops.vlmkernels.clip_loss_forward(x, y, scale, bias, chunk)
     if reduction == "mean":
         out = losses.mean()
     elif reduction == "sum":
         out = losses.sum() * 0.5
     else:
         out = losses
-    return out.to(image_features.dtype)
+    return out.to(out_dtype)
 
 
 def siglip_loss(
@@ -1119,27 +1128,28 @@ def siglip_loss(
     When a scalar loss needs gradients, they are computed in the forward pass (no
     recomputation of the logits) and the backward pass scales them by the upstream gradient.
     """
-    op = "siglip_loss"
-    scale, bias, chunk = _prepare(
-        op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
+    x, y, scale, bias, chunk, out_dtype = _prepare(
+        "siglip_loss",
+        image_features,
+        text_features,
+        logit_scale,
+        logit_bias,
+        reduction,
+        chunk_size,
     )
-    n = image_features.shape[0]
+    n = x.shape[0]
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (image_features, text_features, scale, bias)
+        t is not None and t.requires_grad for t in (x, y, scale, bias)
     )
     if reduction != "none" and wants_grad:
         weight = 1.0 / n if reduction == "mean" else 1.0
-        loss = torch.ops.vlmkernels.siglip_loss_fused(
-            image_features, text_features, scale, bias, weight, chunk
-        )[0]
-        return loss.to(image_features.dtype)
-    rows = torch.ops.vlmkernels.siglip_loss_forward(
-        image_features, text_features, scale, bias, chunk
-    )
+        loss = torch.ops.vlmkernels.siglip_loss_fused(x, y, scale, bias, weight, chunk)[0]
+        return loss.to(out_dtype)
+    rows = torch.ops.vlmkernels.siglip_loss_forward(x, y, scale, bias, chunk)
     if reduction == "mean":
         out = rows.sum() / n
     elif reduction == "sum":
         out = rows.sum()
     else:
         out = rows
-    return out.to(image_features.dtype)
+    return out.to(out_dtype)
