@@ -1,0 +1,329 @@
+"""Smoke tests of the benchmark harness (``python -m benchmarks``), a few seconds on a CPU.
+
+One tiny case (N=64, d=32) per provider available here runs through the real CLI into a
+temporary ``--out`` directory; the CSV must hold every expected row with positive, finite
+values, and ``benchmarks/results/`` must stay untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `benchmarks` is a top-level folder, not an installed package
+
+from benchmarks import bench_contrastive  # noqa: E402
+from benchmarks.env import Environment  # noqa: E402
+from benchmarks.harness import MODES, Case, Record  # noqa: E402
+from benchmarks.report import COLUMNS, CsvSink  # noqa: E402
+
+RESULTS_CSV = REPO / "benchmarks" / "results" / "contrastive.csv"
+ON_GPU = torch.cuda.is_available()
+PROVIDERS = {
+    "clip_loss": ["vlmkernels", "eager", "compile"],
+    "siglip_loss": ["vlmkernels", "eager", "compile"],
+}
+RATE_METRICS = ("tflops", "gbps", "pct_matmul_ceiling", "pct_copy_ceiling")
+
+
+def _positive(text: str) -> bool:
+    return text != "" and math.isfinite(float(text)) and float(text) > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    before = RESULTS_CSV.stat() if RESULTS_CSV.exists() else None
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "contrastive",
+            "--shape", "N=64", "--shape", "d=32",
+            "--modes", "fwd,bwd,fwd+bwd",
+            "--compile-backend", "aot_eager",  # Inductor's first compile alone takes ~20 s
+            "--out", str(out),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        # as `python -m benchmarks` runs: conftest's TRITON_INTERPRET is for the op tests
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )  # fmt: skip
+    after = RESULTS_CSV.stat() if RESULTS_CSV.exists() else None
+    with (out / "contrastive.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc, rows, before, after, sorted(p.name for p in out.iterdir())
+
+
+def _rows(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def test_cli_runs_and_leaves_results_dir_alone(smoke):
+    proc, _, before, after, files = smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert files == ["contrastive.csv"]
+    assert (before is None) == (after is None)
+    if before is not None:
+        assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+    if not ON_GPU:
+        assert "No CUDA device found: running the CPU quick suite" in proc.stdout
+    assert "Targets (N=32768" in proc.stdout and "not measured" in proc.stdout
+
+
+def test_csv_has_expected_rows(smoke):
+    _, rows, *_ = smoke
+    assert rows and list(rows[0]) == COLUMNS
+    for r in rows:
+        assert r["torch"] and r["triton"] and r["python"] and r["vlmkernels"] and r["device"]
+    assert len({r["run_id"] for r in rows}) == 1
+    for metric in ("copy_gbps", "matmul_tflops"):
+        (ceil,) = _rows(rows, op="ceiling", metric=metric)
+        assert _positive(ceil["p50"])
+    for op, providers in PROVIDERS.items():
+        for provider in providers:
+            for mode in ("fwd", "fwd+bwd"):
+                case = dict(op=op, provider=provider, mode=mode, shape="N=64,d=32")
+                (ms,) = _rows(rows, **case, metric="ms")
+                assert ms["status"] == "ok", ms
+                assert ms["x_name"] == "N" and ms["x_value"] == "64" and ms["dtype"]
+                p20, p50, p80 = (float(ms[k]) for k in ("p20", "p50", "p80"))
+                assert 0 < p20 <= p50 <= p80 and math.isfinite(p80)
+                for metric in RATE_METRICS:
+                    (rate,) = _rows(rows, **case, metric=metric)
+                    assert all(_positive(rate[k]) for k in ("p50", "p20", "p80")), rate
+                (mem,) = _rows(rows, **case, metric="peak_mem_mb")
+                if ON_GPU:
+                    assert mem["status"] == "ok" and _positive(mem["p50"])
+                else:
+                    assert mem["status"] == "not_measured" and mem["p50"] == ""
+            (bwd,) = _rows(rows, op=op, provider=provider, mode="bwd", metric="ms")
+            assert bwd["status"] in ("ok", "below_noise"), bwd
+            if bwd["status"] == "ok":
+                assert _positive(bwd["p50"])
+        for other in providers[1:]:
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                found = _rows(rows, op=op, provider="vlmkernels", mode=mode,
+                              metric=f"speedup_vs_{other}")  # fmt: skip
+                bwd_noisy = mode == "bwd" and len(found) == 0
+                assert bwd_noisy or (len(found) == 1 and _positive(found[0]["p50"]))
+
+
+def test_providers_compute_the_same_loss(smoke):
+    _, rows, *_ = smoke
+    for op, providers in PROVIDERS.items():
+        losses = {r["provider"]: float(r["p50"]) for r in _rows(rows, op=op, metric="loss")}
+        assert sorted(losses) == sorted(providers + (["inf_cl"] if "inf_cl" in losses else []))
+        ref = losses["eager"]
+        assert all(math.isclose(v, ref, rel_tol=2e-2 if ON_GPU else 1e-4) for v in losses.values())
+
+
+def test_unavailable_provider_is_recorded(smoke):
+    _, rows, *_ = smoke
+    inf = _rows(rows, op="clip_loss", provider="inf_cl")
+    if bench_contrastive.inf_cl_available(torch.device("cuda" if ON_GPU else "cpu")) is None:
+        assert any(r["status"] == "ok" for r in inf)
+    else:
+        (row,) = inf
+        assert row["status"] == "unavailable" and row["note"]
+
+
+def _open_clip_loss_module():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    # Load loss.py alone: the package's __init__ needs torchvision and more.
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def test_eager_baselines_match_open_clip():
+    loss = _open_clip_loss_module()
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=-1)
+    s, b = torch.tensor(14.3), torch.tensor(-3.0)
+    torch.testing.assert_close(
+        bench_contrastive.clip_eager(x, y, s), loss.ClipLoss()(x, y, s), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        bench_contrastive.clip_eager(x, y, s, b), loss.ClipLoss()(x, y, s, b), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        bench_contrastive.siglip_eager(x, y, s, b), loss.SigLipLoss()(x, y, s, b), rtol=0, atol=0
+    )
+
+
+def test_cost_models():
+    shape = {"N": 1024, "d": 768}
+    assert bench_contrastive.flops(shape, "fwd") == 2 * 1024**2 * 768
+    assert bench_contrastive.flops(shape, "fwd+bwd") == 6 * 1024**2 * 768
+    assert bench_contrastive.nbytes(shape, "bwd", 2) == 4 * 1024 * 768 * 2
+    assert bench_contrastive.inf_cl_head_dim(1152) == 128
+    assert bench_contrastive.inf_cl_head_dim(768) == 256
+
+
+def test_csv_sink_merges_an_older_header(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("timestamp,op,legacy\n2020-01-01T00:00:00Z,old_op,42\n")
+    env = Environment(*(["e"] * len(Environment.__dataclass_fields__)))
+    sink = CsvSink(path, "x", "N", "run", env)
+    sink([Record(Case("new_op", "p", "fwd", (("N", 8),), "float32"), "ms", 1.5, 1.0, 2.0)])
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS + ["legacy"]
+    assert rows[0]["op"] == "old_op" and rows[0]["legacy"] == "42"
+    assert rows[1]["op"] == "new_op" and rows[1]["x_value"] == "8" and rows[1]["p50"] == "1.5"
+
+
+class _FakeNvml:
+    """Stands in for pynvml: SM clock 1980 MHz, power-capped on the second sample."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"gpu{index}"
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        return {1: 1980, 2: 2619}[kind]
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 41
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 312_500
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+        self.calls += 1
+        return 0x1 if self.calls == 1 else 0x4
+
+    def nvmlDeviceGetViolationStatus(self, handle, policy):
+        raise RuntimeError("not supported")  # optional counters may fail: ignored
+
+
+def test_gpu_monitor_reads_nvml_and_flags_throttling(monkeypatch):
+    from benchmarks import env
+
+    fake = _FakeNvml()
+    monkeypatch.setattr(env, "_nvml", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: 1 / 0)
+    monitor = env.GpuMonitor(torch.device("cuda", 0))
+    assert monitor.available
+    before, after = monitor.sample(), monitor.sample()
+    assert before["sm_clock_mhz"] == 1980 and before["power_w"] == 312.5
+    assert before["throttle_reasons"] == "gpu_idle"
+    assert after["throttle_reasons"] == "sw_power_cap"
+    assert env.GpuMonitor.throttled(before, before) == "no"
+    assert env.GpuMonitor.throttled(before, after) == "yes"
+    grown = dict(before, _power_violation_ns=10)
+    assert env.GpuMonitor.throttled(dict(before, _power_violation_ns=0), grown) == "yes"
+    cpu = env.GpuMonitor(torch.device("cpu"))
+    assert not cpu.available and env.GpuMonitor.throttled(cpu.sample(), cpu.sample()) == ""
+
+
+def _toy_suite():
+    """A one-op suite whose providers succeed, run out of memory, skip or are missing."""
+    from benchmarks.harness import OpSpec, Prepared, Provider, Skip, Suite
+
+    def ok(args):
+        w = torch.randn(args.shape["n"], args.shape["n"], requires_grad=True)
+        return Prepared(lambda: (w @ w).square().mean(), (w,), "toy")
+
+    def oom_at_build(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    class _OomBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory in backward")
+
+    def oom_in_backward(args):
+        w = torch.randn(args.shape["n"], requires_grad=True)
+        return Prepared(lambda: _OomBackward.apply(w), (w,))
+
+    def skip(args):
+        raise Skip("not for this shape")
+
+    providers = (
+        Provider("ref", ok),
+        Provider("oom_build", oom_at_build),
+        Provider("oom_bwd", oom_in_backward),
+        Provider("skipper", skip),
+        Provider("missing", ok, available=lambda device: "no such library"),
+        Provider("capped", ok, limit=lambda shape: "too big" if shape["n"] > 8 else None),
+    )
+    op = OpSpec("toy", providers, lambda s, m: 2.0 * s["n"] ** 3, lambda s, m, e: 3.0 * s["n"] ** 2)
+    return Suite("toy", (op,), lambda profile: {"n": [8, 16]}, x_name="n", reference="ref")
+
+
+def test_runner_records_oom_skip_and_unavailable_and_goes_on():
+    from benchmarks.ceilings import Ceilings
+    from benchmarks.env import GpuMonitor
+    from benchmarks.harness import RunConfig, Runner
+    from benchmarks.timing import Timing
+
+    suite = _toy_suite()
+    cpu = torch.device("cpu")
+    cfg = RunConfig(device=cpu, dtype=torch.float32, profile="cpu", modes=MODES)
+    t = Timing(1.0, 1.0, 1.0)
+    ceil = Ceilings(10.0, 1 << 20, 1.0, 64, torch.float32, t, t)
+    written = []
+    results = Runner(suite, cfg, ceil, GpuMonitor(cpu), written.extend).run(suite.ops)
+    assert written == results.records
+
+    def status(provider, n, mode="fwd+bwd"):
+        rec = results.find(Case("toy", provider, mode, (("n", n),), "float32"), "ms")
+        return rec.status if rec is not None else None
+
+    for n in (8, 16):
+        assert status("ref", n) == "ok" and status("ref", n, "bwd") in ("ok", "below_noise")
+        assert status("oom_build", n) == "oom" and status("oom_build", n, "fwd") == "oom"
+        assert status("oom_bwd", n, "fwd") == "ok" and status("oom_bwd", n) == "oom"
+        assert status("oom_bwd", n, "bwd") == "oom"
+        assert status("skipper", n) == "skipped"
+    assert status("capped", 8) == "ok" and status("capped", 16) == "skipped"
+    assert results.unavailable == {("toy", "missing"): "no such library"}
+    ref16 = Case("toy", "ref", "fwd+bwd", (("n", 16),), "float32")
+    assert results.find(ref16, "speedup_vs_capped") is None  # capped did not run at n=16
+    assert results.find(ref16, "speedup_vs_oom_bwd") is None
+    assert results.get(Case("toy", "oom_build", "fwd+bwd", (("n", 8),), "float32"), "ms").reason
+    tflops = results.find(ref16, "tflops")
+    ms = results.find(ref16, "ms")
+    assert math.isclose(tflops.p50, 2.0 * 16**3 / (ms.p50 * 1e-3) / 1e12)
+    assert math.isclose(tflops.p20, 2.0 * 16**3 / (ms.p80 * 1e-3) / 1e12)
+
+
+def test_cuda_timer_asks_do_bench_for_quantiles(monkeypatch):
+    import triton.testing
+
+    from benchmarks import timing
+
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        calls.append((warmup, rep, grad_to_none, quantiles))
+        return [2.0, 1.5, 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    w = torch.zeros(1, requires_grad=True)
+    fast = timing.time_cuda(lambda: None, (w,), estimate_ms=1.0)
+    slow = timing.time_cuda(lambda: None, (), estimate_ms=400.0)
+    assert (fast.p50, fast.p20, fast.p80) == (2.0, 1.5, 3.0)
+    assert calls[0] == (25, 100, [w], [0.5, 0.2, 0.8])
+    assert calls[1] == (1, 1200.0, None, [0.5, 0.2, 0.8]) and slow.reps is None
