@@ -543,6 +543,7 @@ def _feature_grads(x, y, coef, chunk_rows, fill):
         g = buf[:rows]
         dx[row0 : row0 + rows] = _mm_f32(g, y).mul_(coef)
         _addmm_f32_(dy, g.t(), x[row0 : row0 + rows])
+    del buf, g  # the rounded dy below can reuse the chunk's memory
     return dx, dy.mul_(coef).to(y.dtype)
 
 
@@ -779,12 +780,12 @@ def _clip_backward_torch(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk
 
 
 def _siglip_chunk(xf, yf, s, b, r0, c):
-    """(dots, logits, signs) for rows r0 .. r0 + c: dots = X Y^T, z = +1 on the diagonal."""
+    """(dots, margins) for rows r0 .. r0 + c: dots = X Y^T, margins = z * S with z = +1 on
+    the diagonal and -1 elsewhere (no z matrix is built)."""
     dots = xf[r0 : r0 + c] @ yf.T
-    logits = s * dots if b is None else s * dots + b
-    signs = torch.full_like(logits, -1.0)
-    signs.diagonal(offset=r0).fill_(1.0)
-    return dots, logits, signs
+    margins = -s * dots if b is None else (-s) * dots - b
+    margins.diagonal(offset=r0).neg_()
+    return dots, margins
 
 
 def _siglip_rows_torch(x, y, scale, bias, chunk_rows):
@@ -793,8 +794,8 @@ def _siglip_rows_torch(x, y, scale, bias, chunk_rows):
     c = _torch_chunk_rows(n, chunk_rows)
     out = torch.empty(n, dtype=xf.dtype, device=x.device)
     for r0 in range(0, n, c):
-        _, logits, signs = _siglip_chunk(xf, yf, s, b, r0, c)
-        out[r0 : r0 + c] = -torch.nn.functional.logsigmoid(signs * logits).sum(1)
+        _, margins = _siglip_chunk(xf, yf, s, b, r0, c)
+        out[r0 : r0 + c] = torch.nn.functional.softplus(margins.neg_()).sum(1)
     return out
 
 
@@ -809,10 +810,12 @@ def _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows):
     dscale = torch.zeros((), dtype=xf.dtype, device=x.device)
     dbias = torch.zeros((), dtype=xf.dtype, device=x.device)
     for r0 in range(0, n, c):
-        dots, logits, signs = _siglip_chunk(xf, yf, s, b, r0, c)
-        rows = slice(r0, r0 + logits.shape[0])
-        rows_loss[rows] = -torch.nn.functional.logsigmoid(signs * logits).sum(1)
-        g = -signs * torch.sigmoid(-signs * logits) * w[rows, None]
+        dots, margins = _siglip_chunk(xf, yf, s, b, r0, c)
+        rows = slice(r0, r0 + margins.shape[0])
+        neg = margins.neg_()  # -z S
+        rows_loss[rows] = torch.nn.functional.softplus(neg).sum(1)  # -logsigmoid(z S)
+        g = neg.sigmoid_().mul_(w[rows, None])  # -z sigmoid(-z S) w, before the sign flip
+        g.diagonal(offset=r0).neg_()
         dx[rows] = s * (g @ yf)
         dy.add_(s * (g.T @ xf[rows]))
         dscale += (g * dots).sum()
