@@ -71,25 +71,13 @@ _NOMINAL_BLOCK = 32 if INTERPRETED else 128
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["D"] % args["BK"] == 0})
 
 
+# fmt: off
 @triton.jit
 def _logits_tile(
-    x_ptr,
-    y_ptr,
-    rows,
-    cols,
-    row_mask,
-    col_mask,
-    D,
-    stride_xn,
-    stride_xd,
-    stride_yn,
-    stride_yd,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+    stride_xn, stride_xd, stride_yn, stride_yd,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """acc[m, n] = sum_k x[rows[m], k] * y[cols[n], k], accumulated in fp32."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -111,6 +99,28 @@ def _logits_tile(
         x_ptrs += BK * stride_xd
         y_ptrs += BK * stride_yd
     return acc
+# fmt: on
+
+
+@triton.jit
+def _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """The logit scale s and bias b (0 without one) as fp32 scalars."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    else:
+        bias = 0.0
+    return scale, bias
+
+
+@triton.jit
+def _block_range(part, num_parts, n, BLOCK: tl.constexpr):
+    """[lo, hi): the blocks of size BLOCK over n items that part ``part`` of ``num_parts``
+    (contiguous, equal shares, the last ones possibly empty) covers."""
+    n_blocks = tl.cdiv(n, BLOCK)
+    per_part = tl.cdiv(n_blocks, num_parts)
+    lo = part * per_part
+    return lo, tl.minimum(lo + per_part, n_blocks)
 
 
 @triton.jit
@@ -122,34 +132,16 @@ def _log1p(e):
     return tl.where(exact, e, tl.log(u) * (e / tl.where(exact, 1.0, rounded)))
 
 
+# fmt: off
 @triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])
 @_even_k
 @triton.jit
 def _clip_stats_kernel(
-    x_ptr,
-    y_ptr,
-    scale_ptr,
-    bias_ptr,
-    row_max_ptr,
-    row_sum_ptr,
-    col_max_ptr,
-    col_sum_ptr,
-    diag_ptr,
-    N,
-    D,
-    stride_xn,
-    stride_xd,
-    stride_yn,
-    stride_yd,
-    num_row_groups,
-    n_bucket,
-    HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    x_ptr, y_ptr, scale_ptr, bias_ptr,
+    row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr, diag_ptr,
+    N, D, stride_xn, stride_xd, stride_yn, stride_yd, num_row_groups, n_bucket,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One pass over the logit tiles for the row and column log-sum-exp, and the diagonal.
 
@@ -164,20 +156,9 @@ def _clip_stats_kernel(
     num_col_splits = tl.num_programs(0) // num_row_groups
     g = pid % num_row_groups  # consecutive programs share column tiles in L2
     k = pid // num_row_groups
-    n_row_blocks = tl.cdiv(N, BM)
-    n_col_blocks = tl.cdiv(N, BN)
-    per_group = tl.cdiv(n_row_blocks, num_row_groups)
-    per_split = tl.cdiv(n_col_blocks, num_col_splits)
-    i_lo = g * per_group
-    i_hi = tl.minimum(i_lo + per_group, n_row_blocks)
-    j_lo = k * per_split
-    j_hi = tl.minimum(j_lo + per_split, n_col_blocks)
-
-    scale = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
+    i_lo, i_hi = _block_range(g, num_row_groups, N, BM)
+    j_lo, j_hi = _block_range(k, num_col_splits, N, BN)
+    scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     scale2 = scale * _LOG2E
     bias2 = bias * _LOG2E
     row_max_ptr += k.to(tl.int64) * N
@@ -193,25 +174,9 @@ def _clip_stats_kernel(
         for j in range(j_lo, j_hi):
             cols = j * BN + tl.arange(0, BN)
             col_mask = cols < N
-            acc = _logits_tile(
-                x_ptr,
-                y_ptr,
-                rows,
-                cols,
-                row_mask,
-                col_mask,
-                D,
-                stride_xn,
-                stride_xd,
-                stride_yn,
-                stride_yd,
-                BM,
-                BN,
-                BK,
-                EVEN_K,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
+            acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+                               stride_xn, stride_xd, stride_yn, stride_yd,
+                               BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
             valid = row_mask[:, None] & col_mask[None, :]
             t = tl.where(valid, acc * scale2 + bias2, _NEG_INF)
 
@@ -246,34 +211,11 @@ def _clip_stats_kernel(
 @_even_k
 @triton.jit
 def _clip_grad_kernel(
-    x_ptr,
-    y_ptr,
-    scale_ptr,
-    bias_ptr,
-    lse_row_ptr,
-    lse_col_ptr,
-    w_row_ptr,
-    w_col_ptr,
-    grad_ptr,
-    stride_gm,
-    partial_ptr,
-    partial_stride,
-    row0,
-    n_rows,
-    N,
-    D,
-    stride_xn,
-    stride_xd,
-    stride_yn,
-    stride_yd,
-    n_bucket,
-    HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    x_ptr, y_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_col_ptr, w_row_ptr, w_col_ptr,
+    grad_ptr, stride_gm, partial_ptr, partial_stride,
+    row0, n_rows, N, D, stride_xn, stride_xd, stride_yn, stride_yd, n_bucket,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Rows row0 .. row0 + n_rows of the CLIP logit gradient, written to ``grad`` (a chunk).
 
@@ -285,21 +227,13 @@ def _clip_grad_kernel(
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    n_col_blocks = tl.cdiv(N, BN)
-    per_split = tl.cdiv(n_col_blocks, num_splits)
-    j_lo = split * per_split
-    j_hi = tl.minimum(j_lo + per_split, n_col_blocks)
-
+    j_lo, j_hi = _block_range(split, num_splits, N, BN)
     local = pid_m * BM + tl.arange(0, BM)
     row_mask = local < n_rows
     rows = row0 + local
     lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
     w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
+    scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     scale2 = scale * _LOG2E
     bias2 = bias * _LOG2E
     grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
@@ -311,30 +245,14 @@ def _clip_grad_kernel(
         col_mask = cols < N
         lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0) * _LOG2E
         w_c = tl.load(w_col_ptr + cols, mask=col_mask, other=0.0)
-        acc = _logits_tile(
-            x_ptr,
-            y_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            D,
-            stride_xn,
-            stride_xd,
-            stride_yn,
-            stride_yd,
-            BM,
-            BN,
-            BK,
-            EVEN_K,
-            DOT_FP32,
-            INPUT_PRECISION,
-        )
+        acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+                           stride_xn, stride_xd, stride_yn, stride_yd,
+                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         t = acc * scale2 + bias2
-        grad = w_r[:, None] * tl.exp2(t - lse_r[:, None]) + w_c[None, :] * tl.exp2(
-            t - lse_c[None, :]
-        )
-        grad = tl.where(rows[:, None] == cols[None, :], grad - (w_r[:, None] + w_c[None, :]), grad)
+        grad = (w_r[:, None] * tl.exp2(t - lse_r[:, None])
+                + w_c[None, :] * tl.exp2(t - lse_c[None, :]))
+        on_diag = rows[:, None] == cols[None, :]
+        grad = tl.where(on_diag, grad - (w_r[:, None] + w_c[None, :]), grad)
         valid = row_mask[:, None] & col_mask[None, :]
         grad = tl.where(valid, grad, 0.0)
         tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
@@ -349,33 +267,12 @@ def _clip_grad_kernel(
 @_even_k
 @triton.jit
 def _siglip_kernel(
-    x_ptr,
-    y_ptr,
-    scale_ptr,
-    bias_ptr,
-    w_row_ptr,
-    loss_ptr,
-    grad_ptr,
-    stride_gm,
-    partial_ptr,
-    partial_stride,
-    row0,
-    n_rows,
-    N,
-    D,
-    stride_xn,
-    stride_xd,
-    stride_yn,
-    stride_yd,
-    n_bucket,
-    HAS_BIAS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    x_ptr, y_ptr, scale_ptr, bias_ptr, w_row_ptr,
+    loss_ptr, grad_ptr, stride_gm, partial_ptr, partial_stride,
+    row0, n_rows, N, D, stride_xn, stride_xd, stride_yn, stride_yd, n_bucket,
+    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """SigLIP over rows row0 .. row0 + n_rows: per-row loss partials, and optionally the
     logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij) with its scale/bias partial sums.
@@ -386,19 +283,11 @@ def _siglip_kernel(
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
-    n_col_blocks = tl.cdiv(N, BN)
-    per_split = tl.cdiv(n_col_blocks, num_splits)
-    j_lo = split * per_split
-    j_hi = tl.minimum(j_lo + per_split, n_col_blocks)
-
+    j_lo, j_hi = _block_range(split, num_splits, N, BN)
     local = pid_m * BM + tl.arange(0, BM)
     row_mask = local < n_rows
     rows = row0 + local
-    scale = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr).to(tl.float32)
-    else:
-        bias = 0.0
+    scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     if WRITE_GRAD:
         w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
     grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
@@ -409,25 +298,9 @@ def _siglip_kernel(
     for j in range(j_lo, j_hi):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
-        acc = _logits_tile(
-            x_ptr,
-            y_ptr,
-            rows,
-            cols,
-            row_mask,
-            col_mask,
-            D,
-            stride_xn,
-            stride_xd,
-            stride_yn,
-            stride_yd,
-            BM,
-            BN,
-            BK,
-            EVEN_K,
-            DOT_FP32,
-            INPUT_PRECISION,
-        )
+        acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+                           stride_xn, stride_xd, stride_yn, stride_yd,
+                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         valid = row_mask[:, None] & col_mask[None, :]
         positive = rows[:, None] == cols[None, :]
         logits = acc * scale + bias
@@ -447,6 +320,7 @@ def _siglip_kernel(
         pid = pid_m * num_splits + split
         tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
         tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
+# fmt: on
 
 
 # --------------------------------------------------------------------------------------
@@ -547,11 +421,13 @@ def _feature_grads(x, y, coef, chunk_rows, fill):
     return dx, dy.mul_(coef).to(y.dtype)
 
 
-def _kernel_scalars(x, scale, bias):
+def _kernel_args(x, y, scale, bias):
+    """The arguments every kernel shares: (bias pointer, (N, D, strides), constexpr flags).
+    Without a bias the scale pointer stands in (never read)."""
     dot_fp32, precision = dot_precision(x.dtype)
-    return dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision), (
-        bias if bias is not None else scale
-    )
+    flags = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
+    shape = (*x.shape, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    return (bias if bias is not None else scale), shape, flags
 
 
 def _normalise(*weights: torch.Tensor):
@@ -563,7 +439,7 @@ def _normalise(*weights: torch.Tensor):
 
 
 def _clip_forward_triton(x, y, scale, bias):
-    n, d = x.shape
+    n = x.shape[0]
     groups, splits = _stat_grid(n)
     f32 = dict(dtype=torch.float32, device=x.device)
     row_max = torch.empty((splits, n), **f32)
@@ -571,151 +447,87 @@ def _clip_forward_triton(x, y, scale, bias):
     col_max = torch.full((groups, n), float("-inf"), **f32)  # groups without rows keep these
     col_sum = torch.zeros((groups, n), **f32)
     diag = torch.empty((n,), **f32)
-    flags, bias_arg = _kernel_scalars(x, scale, bias)
+    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
     with _device_guard(x):
         _clip_stats_kernel[(groups * splits,)](
-            x,
-            y,
-            scale,
-            bias_arg,
-            row_max,
-            row_sum,
-            col_max,
-            col_sum,
-            diag,
-            n,
-            d,
-            x.stride(0),
-            x.stride(1),
-            y.stride(0),
-            y.stride(1),
-            groups,
-            next_pow2_bucket(n),
-            **flags,
-        )
+            x, y, scale, bias_arg, row_max, row_sum, col_max, col_sum, diag,
+            *shape, groups, next_pow2_bucket(n), **flags,
+        )  # fmt: skip
     lse_row = _merge_lse2(row_max, row_sum)
     lse_col = _merge_lse2(col_max, col_sum)
     return torch.stack((lse_row - diag, lse_col - diag)), lse_row, lse_col
 
 
-def _clip_backward_triton(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_rows):
-    n, d = x.shape
-    (w_row, w_col), kappa = _normalise(grad_losses[0].float(), grad_losses[1].float())
-    flags, bias_arg = _kernel_scalars(x, scale, bias)
+def _chunked_grads(x, y, scale, weights, chunk_rows, launch):
+    """Feature, scale and bias gradients from a logit-gradient kernel run chunk by chunk.
+
+    ``weights`` are the upstream per-row (and per-column) weights; they are normalised
+    (see :func:`_normalise`) and ``launch(grid, weights, buf, partials, row0, rows)`` runs
+    the kernel for rows row0 .. row0 + rows into ``buf``. Returns dx, dy, dscale, dbias.
+    """
+    n = x.shape[0]
+    weights, kappa = _normalise(*weights)
     splits = _col_splits(min(chunk_rows, n), n, x.device)
     max_prog = _max_programs(chunk_rows, splits)
-    partials = torch.zeros(
-        (triton.cdiv(n, chunk_rows), 2, max_prog), dtype=torch.float32, device=x.device
-    )
+    n_chunks = triton.cdiv(n, chunk_rows)
+    partials = torch.zeros((n_chunks, 2, max_prog), dtype=torch.float32, device=x.device)
 
     def fill(buf, c, row0, rows):
         grid = lambda meta: (triton.cdiv(rows, meta["BM"]), splits)  # noqa: E731
-        _clip_grad_kernel[grid](
-            x,
-            y,
-            scale,
-            bias_arg,
-            lse_row,
-            lse_col,
-            w_row,
-            w_col,
-            buf,
-            buf.stride(0),
-            partials[c],
-            max_prog,
-            row0,
-            rows,
-            n,
-            d,
-            x.stride(0),
-            x.stride(1),
-            y.stride(0),
-            y.stride(1),
-            next_pow2_bucket(n),
-            **flags,
-        )
+        launch(grid, weights, buf, partials[c], max_prog, row0, rows)
 
-    coef = scale.float() * kappa
     with _device_guard(x):
-        dx, dy = _feature_grads(x, y, coef, chunk_rows, fill)
+        dx, dy = _feature_grads(x, y, scale.float() * kappa, chunk_rows, fill)
     dscale, dbias = (partials[:, i].sum() * kappa for i in (0, 1))
     return dx, dy, dscale, dbias
 
 
+def _clip_backward_triton(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_rows):
+    n = x.shape[0]
+    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
+
+    def launch(grid, weights, buf, partials, max_prog, row0, rows):
+        w_row, w_col = weights
+        _clip_grad_kernel[grid](
+            x, y, scale, bias_arg, lse_row, lse_col, w_row, w_col,
+            buf, buf.stride(0), partials, max_prog,
+            row0, rows, *shape, next_pow2_bucket(n), **flags,
+        )  # fmt: skip
+
+    weights = (grad_losses[0].float(), grad_losses[1].float())
+    return _chunked_grads(x, y, scale, weights, chunk_rows, launch)
+
+
 def _siglip_rows_triton(x, y, scale, bias):
-    n, d = x.shape
+    n = x.shape[0]
     splits = _col_splits(n, n, x.device)
     loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
-    flags, bias_arg = _kernel_scalars(x, scale, bias)
+    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
     grid = lambda meta: (triton.cdiv(n, meta["BM"]), splits)  # noqa: E731
     with _device_guard(x):
+        # loss stands in for the gradient pointers, which this variant never touches
         _siglip_kernel[grid](
-            x,
-            y,
-            scale,
-            bias_arg,
-            loss,
-            loss,
-            loss,
-            0,
-            loss,
-            0,
-            0,
-            n,
-            n,
-            d,
-            x.stride(0),
-            x.stride(1),
-            y.stride(0),
-            y.stride(1),
-            next_pow2_bucket(n),
-            WRITE_GRAD=False,
-            **flags,
-        )
+            x, y, scale, bias_arg, loss, loss, loss, 0, loss, 0,
+            0, n, *shape, next_pow2_bucket(n), WRITE_GRAD=False, **flags,
+        )  # fmt: skip
     return loss.sum(0)
 
 
 def _siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows):
-    n, d = x.shape
-    (w,), kappa = _normalise(w_rows.float())
-    flags, bias_arg = _kernel_scalars(x, scale, bias)
+    """(dx, dy, dscale, dbias, per-row losses) of sum_i w_rows[i] * l_i."""
+    n = x.shape[0]
     splits = _col_splits(min(chunk_rows, n), n, x.device)
-    max_prog = _max_programs(chunk_rows, splits)
     loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
-    partials = torch.zeros(
-        (triton.cdiv(n, chunk_rows), 2, max_prog), dtype=torch.float32, device=x.device
-    )
+    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
 
-    def fill(buf, c, row0, rows):
-        grid = lambda meta: (triton.cdiv(rows, meta["BM"]), splits)  # noqa: E731
+    def launch(grid, weights, buf, partials, max_prog, row0, rows):
+        (w,) = weights
         _siglip_kernel[grid](
-            x,
-            y,
-            scale,
-            bias_arg,
-            w,
-            loss,
-            buf,
-            buf.stride(0),
-            partials[c],
-            max_prog,
-            row0,
-            rows,
-            n,
-            d,
-            x.stride(0),
-            x.stride(1),
-            y.stride(0),
-            y.stride(1),
-            next_pow2_bucket(n),
-            WRITE_GRAD=True,
-            **flags,
-        )
+            x, y, scale, bias_arg, w, loss, buf, buf.stride(0), partials, max_prog,
+            row0, rows, *shape, next_pow2_bucket(n), WRITE_GRAD=True, **flags,
+        )  # fmt: skip
 
-    coef = scale.float() * kappa
-    with _device_guard(x):
-        dx, dy = _feature_grads(x, y, coef, chunk_rows, fill)
-    dscale, dbias = (partials[:, i].sum() * kappa for i in (0, 1))
+    dx, dy, dscale, dbias = _chunked_grads(x, y, scale, (w_rows.float(),), chunk_rows, launch)
     return dx, dy, dscale, dbias, loss.sum(0)
 
 
@@ -882,6 +694,16 @@ def _clip_loss_backward(
     return dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
+def _requested(ctx, grads, has_bias: bool, n_non_tensor_args: int):
+    """(dx, dy, dscale, dbias) where autograd asked for them, None elsewhere, then None
+    for the trailing non-tensor arguments of the op."""
+    dx, dy, ds, db = grads
+    wanted = (dx, dy, ds, db if has_bias else None)
+    need = ctx.needs_input_grad[:4]
+    picked = (g if n else None for g, n in zip(wanted, need, strict=True))
+    return (*picked, *([None] * n_non_tensor_args))
+
+
 def _fake_grads(x, y, scale, bias):
     db_dtype = bias.dtype if bias is not None else torch.float32
     return (
@@ -910,14 +732,7 @@ def _clip_backward(ctx, grad_losses, _grad_lse_row, _grad_lse_col):
     dx, dy, ds, db = torch.ops.vlmkernels.clip_loss_backward(
         x, y, scale, bias, lse_row, lse_col, grad_losses, ctx.chunk_size
     )
-    need = ctx.needs_input_grad
-    return (
-        dx if need[0] else None,
-        dy if need[1] else None,
-        ds if need[2] else None,
-        db if bias is not None and need[3] else None,
-        None,
-    )
+    return _requested(ctx, (dx, dy, ds, db), bias is not None, 1)
 
 
 _clip_loss_forward.register_autograd(_clip_backward, setup_context=_clip_setup_context)
@@ -977,14 +792,7 @@ def _siglip_backward(ctx, grad_rows):
     dx, dy, ds, db = torch.ops.vlmkernels.siglip_loss_backward(
         x, y, scale, bias, grad_rows, ctx.chunk_size
     )
-    need = ctx.needs_input_grad
-    return (
-        dx if need[0] else None,
-        dy if need[1] else None,
-        ds if need[2] else None,
-        db if bias is not None and need[3] else None,
-        None,
-    )
+    return _requested(ctx, (dx, dy, ds, db), bias is not None, 1)
 
 
 _siglip_loss_forward.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)
@@ -1023,16 +831,8 @@ def _fused_setup_context(ctx, inputs, output):
 
 
 def _fused_backward(ctx, grad_loss, *_unused):
-    dx, dy, ds, db = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    return (
-        grad_loss * dx if need[0] else None,
-        grad_loss * dy if need[1] else None,
-        grad_loss * ds if need[2] else None,
-        grad_loss * db if ctx.has_bias and need[3] else None,
-        None,
-        None,
-    )
+    grads = tuple(grad_loss * g for g in ctx.saved_tensors)
+    return _requested(ctx, grads, ctx.has_bias, 2)
 
 
 _siglip_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
