@@ -46,7 +46,9 @@ from ._common import INTERPRETED, autotune_configs, dot_precision, next_pow2_buc
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_INF = tl.constexpr(float("-inf"))
+_LN2 = tl.constexpr(0.6931471805599453)
 LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
 
 # --------------------------------------------------------------------------------------
 # Triton kernels
@@ -132,6 +134,19 @@ def _log1p(e):
     return tl.where(exact, e, tl.log(u) * (e / tl.where(exact, 1.0, rounded)))
 
 
+@triton.jit
+def _pad(mask):
+    """0 where ``mask`` holds, -inf elsewhere: added to logits, it removes padding rows or
+    columns from every exp and max without a tile-sized mask."""
+    return tl.where(mask, 0.0, _NEG_INF)
+
+
+@triton.jit
+def _diagonal_tile(row_start, col_start, BM: tl.constexpr, BN: tl.constexpr):
+    """Whether the BM x BN tile at (row_start, col_start) holds diagonal elements."""
+    return (row_start < col_start + BN) & (col_start < row_start + BM)
+
+
 # fmt: off
 @triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])
 @_even_k
@@ -160,7 +175,6 @@ def _clip_stats_kernel(
     j_lo, j_hi = _block_range(k, num_col_splits, N, BN)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     scale2 = scale * _LOG2E
-    bias2 = bias * _LOG2E
     row_max_ptr += k.to(tl.int64) * N
     row_sum_ptr += k.to(tl.int64) * N
     col_max_ptr += g.to(tl.int64) * N
@@ -169,6 +183,7 @@ def _clip_stats_kernel(
     for i in range(i_lo, i_hi):
         rows = i * BM + tl.arange(0, BM)
         row_mask = rows < N
+        row_offset = bias * _LOG2E + _pad(row_mask)
         m_row = tl.full((BM,), _NEG_INF, tl.float32)
         l_row = tl.zeros((BM,), tl.float32)
         for j in range(j_lo, j_hi):
@@ -177,10 +192,15 @@ def _clip_stats_kernel(
             acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
                                stride_xn, stride_xd, stride_yn, stride_yd,
                                BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-            valid = row_mask[:, None] & col_mask[None, :]
-            t = tl.where(valid, acc * scale2 + bias2, _NEG_INF)
+            # t = S log2(e), -inf on padding rows and columns
+            t = acc * scale2 + row_offset[:, None] + _pad(col_mask)[None, :]
 
-            # padding rows/columns stay at -inf: shift them by 0 instead of -inf (no NaN)
+            if _diagonal_tile(i * BM, j * BN, BM, BN):
+                t_ii = tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
+                here = (rows >= j * BN) & (rows < (j + 1) * BN) & row_mask
+                tl.store(diag_ptr + rows, t_ii * _LN2, mask=here)
+
+            # rows of padding stay at -inf: shift them by 0 instead of -inf (no NaN)
             m_new = tl.maximum(m_row, tl.max(t, 1))
             m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
             l_row = l_row * tl.exp2(m_row - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), 1)
@@ -197,12 +217,6 @@ def _clip_stats_kernel(
             tl.store(col_sum_ptr + cols, l_col, mask=col_mask)
             # the next read of these columns may come from other threads of this program
             tl.debug_barrier()
-
-            if (i * BM < (j + 1) * BN) & (j * BN < (i + 1) * BM):
-                on_diag = (rows[:, None] == cols[None, :]) & valid
-                dot_ii = tl.sum(tl.where(on_diag, acc, 0.0), 1)
-                here = (rows >= j * BN) & (rows < (j + 1) * BN) & row_mask
-                tl.store(diag_ptr + rows, dot_ii * scale + bias, mask=here)
         tl.store(row_max_ptr + rows, m_row, mask=row_mask)
         tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
 
@@ -220,9 +234,12 @@ def _clip_grad_kernel(
     """Rows row0 .. row0 + n_rows of the CLIP logit gradient, written to ``grad`` (a chunk).
 
     grad_ij = u_i exp(S_ij - r_i) + v_j exp(S_ij - c_j) - delta_ij (u_i + v_j), with u, v
-    the (normalised) upstream weights. Program (m, k) covers row block m of the chunk
-    and the column blocks of split k, and writes its partial sums of grad * (XY^T) and
-    of grad (for the scale and bias gradients) to partial[0, pid] and partial[1, pid].
+    the (normalised) upstream weights. Program (m, k) covers row block m of the chunk and
+    the column blocks of split k, and writes sum(grad * s log2(e) XY^T) and sum(grad)
+    (the scale and bias gradients' shares) to partial[0, pid] and partial[1, pid]. The
+    exponents carry -inf on padding columns (row side) and padding rows (column side),
+    and u, v are 0 there: the gradient is exactly 0 outside the matrix, with no tile-sized
+    mask.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -231,11 +248,13 @@ def _clip_grad_kernel(
     local = pid_m * BM + tl.arange(0, BM)
     row_mask = local < n_rows
     rows = row0 + local
-    lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
-    w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     scale2 = scale * _LOG2E
     bias2 = bias * _LOG2E
+    lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0)
+    row_shift = bias2 - lse_r * _LOG2E
+    row_pad = _pad(row_mask)
+    w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
     grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
 
     dscale_acc = tl.zeros((BM,), tl.float32)
@@ -243,20 +262,22 @@ def _clip_grad_kernel(
     for j in range(j_lo, j_hi):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
-        lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0) * _LOG2E
+        lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
+        col_shift = bias2 - lse_c * _LOG2E
         w_c = tl.load(w_col_ptr + cols, mask=col_mask, other=0.0)
         acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
                            stride_xn, stride_xd, stride_yn, stride_yd,
                            BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-        t = acc * scale2 + bias2
-        grad = (w_r[:, None] * tl.exp2(t - lse_r[:, None])
-                + w_c[None, :] * tl.exp2(t - lse_c[None, :]))
-        on_diag = rows[:, None] == cols[None, :]
-        grad = tl.where(on_diag, grad - (w_r[:, None] + w_c[None, :]), grad)
-        valid = row_mask[:, None] & col_mask[None, :]
-        grad = tl.where(valid, grad, 0.0)
-        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
-        dscale_acc += tl.sum(grad * acc, 1)
+        a = acc * scale2
+        grad = (w_r[:, None] * tl.exp2(a + row_shift[:, None] + _pad(col_mask)[None, :])
+                + w_c[None, :] * tl.exp2(a + col_shift[None, :] + row_pad[:, None]))
+        if _diagonal_tile(row0 + pid_m * BM, j * BN, BM, BN):
+            # rows past the chunk are padding here even where they are rows of the matrix
+            on_diag = (rows[:, None] == cols[None, :]) & row_mask[:, None]
+            grad = tl.where(on_diag, grad - (w_r[:, None] + w_c[None, :]), grad)
+        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+        dscale_acc += tl.sum(grad * a, 1)
         dbias_acc += tl.sum(grad, 1)
     pid = pid_m * num_splits + split
     tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
@@ -275,10 +296,14 @@ def _siglip_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """SigLIP over rows row0 .. row0 + n_rows: per-row loss partials, and optionally the
-    logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij) with its scale/bias partial sums.
+    logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij).
 
-    Program (m, k) covers row block m and the column blocks of split k; its row losses go
-    to loss[k, rows] (the host sums over k).
+    With the margin m = z S: loss l = softplus(-m) = -logsigmoid(m), and
+    sigmoid(-m) = exp(-m - l), which reuses l instead of a division. Program (m, k) covers
+    row block m and the column blocks of split k; its row losses go to loss[k, rows] (the
+    host sums over k), sum(grad * S) and sum(grad) to partial[0, pid] and partial[1, pid]
+    (grad * S = -w sigmoid(-m) m: no sign needed). Padding columns are weighted 0; padding
+    rows have w = 0 and their losses are not stored.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -298,22 +323,20 @@ def _siglip_kernel(
     for j in range(j_lo, j_hi):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
+        keep = col_mask.to(tl.float32)
         acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
                            stride_xn, stride_xd, stride_yn, stride_yd,
                            BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-        valid = row_mask[:, None] & col_mask[None, :]
-        positive = rows[:, None] == cols[None, :]
         logits = acc * scale + bias
-        margin = tl.where(positive, logits, -logits)  # z * S
-        e = tl.exp2(-tl.abs(margin) * _LOG2E)  # exp(-|zS|) in (0, 1]
-        loss = tl.maximum(-margin, 0.0) + _log1p(e)  # -logsigmoid(zS)
-        loss_acc += tl.sum(tl.where(valid, loss, 0.0), 1)
+        margin = tl.where(rows[:, None] == cols[None, :], logits, -logits)
+        loss = tl.maximum(-margin, 0.0) + _log1p(tl.exp2(-tl.abs(margin) * _LOG2E))
+        loss_acc += tl.sum(loss * keep[None, :], 1)
         if WRITE_GRAD:
-            sig = tl.where(margin >= 0, e, 1.0) / (1.0 + e)  # sigmoid(-zS)
-            grad = tl.where(positive, -sig, sig) * w_r[:, None]
-            grad = tl.where(valid, grad, 0.0)
-            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
-            dscale_acc += tl.sum(grad * acc, 1)
+            h = tl.exp2((-margin - loss) * _LOG2E) * (w_r[:, None] * keep[None, :])
+            grad = tl.where(rows[:, None] == cols[None, :], -h, h)
+            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
+            dscale_acc -= tl.sum(h * margin, 1)
             dbias_acc += tl.sum(grad, 1)
     tl.store(loss_ptr + split.to(tl.int64) * N + rows, loss_acc, mask=row_mask)
     if WRITE_GRAD:
@@ -401,24 +424,31 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _feature_grads(x, y, coef, chunk_rows, fill):
-    """dx = coef * G y and dy = coef * G^T x for a logit gradient G made chunk by chunk.
+    """dx = coef * G y, dy = coef * G^T x and sum(G * (x y^T)) for a logit gradient G made
+    chunk by chunk.
 
     ``fill(buf, chunk, row0, n)`` writes rows row0 .. row0 + n of G into buf[:n]. The chunk
     is stored in the input dtype (a GEMM operand); dx is written per chunk, dy accumulates
-    in fp32 across chunks. Returns (dx, dy) in the input dtype.
+    in fp32 across chunks. The scale gradient's sum comes from the dx product for free:
+    sum_ij G_ij x_i . y_j = sum_i x_i . (G y)_i. Returns (dx, dy) in the input dtype and
+    that sum (fp32, before ``coef``).
     """
     n, d = x.shape
     buf = torch.empty((chunk_rows, n), dtype=x.dtype, device=x.device)
     dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
     dy = torch.zeros((n, d), dtype=torch.float32, device=x.device)
+    g_dot_xy = torch.zeros((), dtype=dy.dtype, device=x.device)
     for c, row0 in enumerate(range(0, n, chunk_rows)):
         rows = min(chunk_rows, n - row0)
         fill(buf, c, row0, rows)
         g = buf[:rows]
-        dx[row0 : row0 + rows] = _mm_f32(g, y).mul_(coef)
-        _addmm_f32_(dy, g.t(), x[row0 : row0 + rows])
+        x_rows = x[row0 : row0 + rows]
+        gy = _mm_f32(g, y)
+        g_dot_xy += (gy * x_rows).sum()
+        dx[row0 : row0 + rows] = gy.mul_(coef)
+        _addmm_f32_(dy, g.t(), x_rows)
     del buf, g  # the rounded dy below can reuse the chunk's memory
-    return dx, dy.mul_(coef).to(y.dtype)
+    return dx, dy.mul_(coef).to(y.dtype), g_dot_xy
 
 
 def _kernel_args(x, y, scale, bias):
@@ -458,12 +488,18 @@ def _clip_forward_triton(x, y, scale, bias):
     return torch.stack((lse_row - diag, lse_col - diag)), lse_row, lse_col
 
 
-def _chunked_grads(x, y, scale, weights, chunk_rows, launch):
+def _chunked_grads(x, y, scale, weights, chunk_rows, launch, factor, logit_bias=None):
     """Feature, scale and bias gradients from a logit-gradient kernel run chunk by chunk.
 
     ``weights`` are the upstream per-row (and per-column) weights; they are normalised
-    (see :func:`_normalise`) and ``launch(grid, weights, buf, partials, row0, rows)`` runs
-    the kernel for rows row0 .. row0 + rows into ``buf``. Returns dx, dy, dscale, dbias.
+    (see :func:`_normalise`) and ``launch(grid, weights, buf, partials, stride, row0, rows)``
+    runs the kernel for rows row0 .. row0 + rows into ``buf``, with per-program sums of
+    grad * logits and of grad in partials[0] and partials[1] (``stride`` apart), the
+    kernel's logits being f (s XY^T + b'), b' = ``logit_bias`` or 0. The scale gradient,
+    sum(grad * XY^T), is then (sum(grad * logits) / f - b' sum(grad)) / s, from values the
+    kernel holds anyway. At s = 0 that quotient is undefined and the sum comes from the
+    dx product instead (exact up to the rounding of the stored chunk). Returns dx, dy,
+    dscale, dbias.
     """
     n = x.shape[0]
     weights, kappa = _normalise(*weights)
@@ -476,26 +512,31 @@ def _chunked_grads(x, y, scale, weights, chunk_rows, launch):
         grid = lambda meta: (triton.cdiv(rows, meta["BM"]), splits)  # noqa: E731
         launch(grid, weights, buf, partials[c], max_prog, row0, rows)
 
+    s = scale.float()
     with _device_guard(x):
-        dx, dy = _feature_grads(x, y, scale.float() * kappa, chunk_rows, fill)
-    dscale, dbias = (partials[:, i].sum() * kappa for i in (0, 1))
-    return dx, dy, dscale, dbias
+        dx, dy, g_dot_xy = _feature_grads(x, y, s * kappa, chunk_rows, fill)
+    g_dot_logits, g_sum = partials[:, 0].sum(), partials[:, 1].sum()
+    if logit_bias is not None:
+        g_dot_logits = g_dot_logits - factor * logit_bias.float() * g_sum
+    dscale = torch.where(s != 0, g_dot_logits / (factor * s), g_dot_xy)
+    return dx, dy, dscale * kappa, g_sum * kappa
 
 
 def _clip_backward_triton(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_rows):
     n = x.shape[0]
     bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
 
-    def launch(grid, weights, buf, partials, max_prog, row0, rows):
+    def launch(grid, weights, buf, partials, stride, row0, rows):
         w_row, w_col = weights
         _clip_grad_kernel[grid](
             x, y, scale, bias_arg, lse_row, lse_col, w_row, w_col,
-            buf, buf.stride(0), partials, max_prog,
+            buf, buf.stride(0), partials, stride,
             row0, rows, *shape, next_pow2_bucket(n), **flags,
         )  # fmt: skip
 
     weights = (grad_losses[0].float(), grad_losses[1].float())
-    return _chunked_grads(x, y, scale, weights, chunk_rows, launch)
+    # the kernel's logit term is a = s log2(e) XY^T, without the bias
+    return _chunked_grads(x, y, scale, weights, chunk_rows, launch, LOG2E)
 
 
 def _siglip_rows_triton(x, y, scale, bias):
@@ -520,14 +561,17 @@ def _siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows):
     loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
     bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
 
-    def launch(grid, weights, buf, partials, max_prog, row0, rows):
+    def launch(grid, weights, buf, partials, stride, row0, rows):
         (w,) = weights
         _siglip_kernel[grid](
-            x, y, scale, bias_arg, w, loss, buf, buf.stride(0), partials, max_prog,
+            x, y, scale, bias_arg, w, loss, buf, buf.stride(0), partials, stride,
             row0, rows, *shape, next_pow2_bucket(n), WRITE_GRAD=True, **flags,
         )  # fmt: skip
 
-    dx, dy, dscale, dbias = _chunked_grads(x, y, scale, (w_rows.float(),), chunk_rows, launch)
+    # the kernel's logit term is S = s XY^T + b itself
+    dx, dy, dscale, dbias = _chunked_grads(
+        x, y, scale, (w_rows.float(),), chunk_rows, launch, 1.0, bias
+    )
     return dx, dy, dscale, dbias, loss.sum(0)
 
 
