@@ -144,7 +144,8 @@ def main() -> int:
                 continue
             ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
             mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no mma")
-            piped = "async copies" if "async_copy" in ttgir or "async_tma" in ttgir else "sync loads"
+            asynchronous = "async_copy" in ttgir or "async_tma" in ttgir
+            piped = "async copies" if asynchronous else "sync loads"
             shared = compiled.metadata.shared
             print(f"ok   {label}: {mma}, {piped}, smem {shared} B, {ptxas_report(ptx, args.arch)}")
     return 1 if failures else 0

@@ -76,30 +76,36 @@ _even_k = triton.heuristics({"EVEN_K": lambda args: args["D"] % args["BK"] == 0}
 # fmt: off
 @triton.jit
 def _logits_tile(
-    x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+    x_ptr, y_ptr, row_start, col_start, row_mask, col_mask, D,
     stride_xn, stride_xd, stride_yn, stride_yd,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """acc[m, n] = sum_k x[rows[m], k] * y[cols[n], k], accumulated in fp32."""
+    """acc[m, n] = sum_k x[row_start + m, k] * y[col_start + n, k], accumulated in fp32.
+
+    Addresses are a 64-bit base per tile and k step plus 32-bit offsets inside the tile
+    (the launcher guarantees they fit), which keeps pointer tensors out of the registers.
+    """
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     ks = tl.arange(0, BK)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xn + ks[None, :] * stride_xd
-    y_ptrs = y_ptr + cols.to(tl.int64)[:, None] * stride_yn + ks[None, :] * stride_yd
+    x_offs = tl.arange(0, BM)[:, None] * stride_xn + ks[None, :] * stride_xd
+    y_offs = tl.arange(0, BN)[:, None] * stride_yn + ks[None, :] * stride_yd
+    x_base = x_ptr + tl.cast(row_start, tl.int64) * stride_xn
+    y_base = y_ptr + tl.cast(col_start, tl.int64) * stride_yn
     for k0 in range(0, D, BK):
+        x_k = x_base + tl.cast(k0, tl.int64) * stride_xd
+        y_k = y_base + tl.cast(k0, tl.int64) * stride_yd
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            y = tl.load(y_ptrs, mask=col_mask[:, None], other=0.0)
+            x = tl.load(x_k + x_offs, mask=row_mask[:, None], other=0.0)
+            y = tl.load(y_k + y_offs, mask=col_mask[:, None], other=0.0)
         else:
             k_mask = (k0 + ks) < D
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            y = tl.load(y_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_k + x_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            y = tl.load(y_k + y_offs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT_FP32:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BK * stride_xd
-        y_ptrs += BK * stride_yd
     return acc
 # fmt: on
 
@@ -189,7 +195,7 @@ def _clip_stats_kernel(
         for j in range(j_lo, j_hi):
             cols = j * BN + tl.arange(0, BN)
             col_mask = cols < N
-            acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+            acc = _logits_tile(x_ptr, y_ptr, i * BM, j * BN, row_mask, col_mask, D,
                                stride_xn, stride_xd, stride_yn, stride_yd,
                                BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
             # t = S log2(e), -inf on padding rows and columns
@@ -265,7 +271,7 @@ def _clip_grad_kernel(
         lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
         col_shift = bias2 - lse_c * _LOG2E
         w_c = tl.load(w_col_ptr + cols, mask=col_mask, other=0.0)
-        acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+        acc = _logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                            stride_xn, stride_xd, stride_yn, stride_yd,
                            BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         a = acc * scale2
@@ -275,10 +281,10 @@ def _clip_grad_kernel(
             # rows past the chunk are padding here even where they are rows of the matrix
             on_diag = (rows[:, None] == cols[None, :]) & row_mask[:, None]
             grad = tl.where(on_diag, grad - (w_r[:, None] + w_c[None, :]), grad)
-        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
         dscale_acc += tl.sum(grad * a, 1)
         dbias_acc += tl.sum(grad, 1)
+        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
     pid = pid_m * num_splits + split
     tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
     tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
@@ -324,7 +330,7 @@ def _siglip_kernel(
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
         keep = col_mask.to(tl.float32)
-        acc = _logits_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D,
+        acc = _logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                            stride_xn, stride_xd, stride_yn, stride_yd,
                            BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         logits = acc * scale + bias
@@ -451,9 +457,16 @@ def _feature_grads(x, y, coef, chunk_rows, fill):
     return dx, dy.mul_(coef).to(y.dtype), g_dot_xy
 
 
+def _tile_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where offsets inside a tile (up to 256 rows or columns
+    of its strides) would not fit in 32 bits, as :func:`_logits_tile` assumes."""
+    return t if 256 * max(t.stride()) < 2**31 else t.contiguous()
+
+
 def _kernel_args(x, y, scale, bias):
     """The arguments every kernel shares: (bias pointer, (N, D, strides), constexpr flags).
-    Without a bias the scale pointer stands in (never read)."""
+    Without a bias the scale pointer stands in (never read). ``x`` and ``y`` must have
+    passed through :func:`_tile_addressable`."""
     dot_fp32, precision = dot_precision(x.dtype)
     flags = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
     shape = (*x.shape, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
@@ -469,6 +482,7 @@ def _normalise(*weights: torch.Tensor):
 
 
 def _clip_forward_triton(x, y, scale, bias):
+    x, y = _tile_addressable(x), _tile_addressable(y)
     n = x.shape[0]
     groups, splits = _stat_grid(n)
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -523,6 +537,7 @@ def _chunked_grads(x, y, scale, weights, chunk_rows, launch, factor, logit_bias=
 
 
 def _clip_backward_triton(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_rows):
+    x, y = _tile_addressable(x), _tile_addressable(y)
     n = x.shape[0]
     bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
 
@@ -540,6 +555,7 @@ def _clip_backward_triton(x, y, scale, bias, lse_row, lse_col, grad_losses, chun
 
 
 def _siglip_rows_triton(x, y, scale, bias):
+    x, y = _tile_addressable(x), _tile_addressable(y)
     n = x.shape[0]
     splits = _col_splits(n, n, x.device)
     loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
@@ -556,6 +572,7 @@ def _siglip_rows_triton(x, y, scale, bias):
 
 def _siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows):
     """(dx, dy, dscale, dbias, per-row losses) of sum_i w_rows[i] * l_i."""
+    x, y = _tile_addressable(x), _tile_addressable(y)
     n = x.shape[0]
     splits = _col_splits(min(chunk_rows, n), n, x.device)
     loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
