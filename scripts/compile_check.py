@@ -4,7 +4,7 @@ Runs Triton's full compiler (TTIR -> TTGIR -> LLIR -> PTX -> cubin, ptxas includ
 explicit target, so kernels that would not compile on the GPU fail here; prints registers,
 spills and shared memory per kernel and config, from ptxas.
 
-    python scripts/compile_check.py [--arch 90] [--dtype bf16]
+    python scripts/compile_check.py [--arch 90] [--dtype bf16] [--configs all|first]
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="90")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument(
+        "--configs",
+        default="all",
+        choices=["all", "first"],
+        help="every autotuning config, or the default (first) one",
+    )
     args = ap.parse_args()
     elem = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[args.dtype]
     precision = "tf32x3" if args.dtype == "fp32" else "tf32"
@@ -128,7 +134,8 @@ def main() -> int:
     failures = 0
     for name, (kernel, ptrs, flags) in kernels.items():
         jit = jit_of(kernel)
-        for cfg in configs_of(kernel):
+        configs = configs_of(kernel)
+        for cfg in configs if args.configs == "all" else configs[:1]:
             const = dict(flags, DOT_FP32=False, INPUT_PRECISION=precision, EVEN_K=True)
             const.update(cfg.kwargs)
             src = source(jit, ptrs, const)
