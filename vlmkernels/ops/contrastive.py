@@ -65,8 +65,8 @@ _GPU_CONFIGS = [
 # sizes, so masking is exercised.
 _INTERPRETER_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
 _CONFIGS = autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG)
-# The block sizes the launchers assume when sizing grids and partial buffers (the smallest
-# BM/BN any config uses, so buffers are never too small).
+# What the launchers assume before autotuning picks a config: the smallest BM of any
+# config (partial buffers sized with it are never too small) and the usual tile (grids).
 _MIN_BLOCK = 32 if INTERPRETED else 64
 _NOMINAL_BLOCK = 32 if INTERPRETED else 128
 
