@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 os.environ.pop("TRITON_INTERPRET", None)
 
 from vlmkernels.ops import contrastive as C  # noqa: E402
+from vlmkernels.ops import rope as R  # noqa: E402
 
 
 def jit_of(kernel):
@@ -37,15 +38,29 @@ def configs_of(kernel):
     return kernel.configs if kernel is not None else []
 
 
-# What Triton's launcher specialises for a typical call (contiguous (N, d) features with
-# N and d multiples of 16): unit feature strides become constants, 16-byte-aligned pointers
-# and multiples of 16 get a divisibility hint (which enables vector loads and pipelining).
-UNIT = ("stride_xd", "stride_yd")
-ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_gm", "n_bucket", "n_rows", "row0")
+# What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
+# are multiples of 16): unit strides become constants, 16-byte-aligned pointers and
+# multiples of 16 get a divisibility hint (which enables vector loads and pipelining).
+CONTRASTIVE_UNIT = ("stride_xd", "stride_yd")
+CONTRASTIVE_ALIGNED = (
+    "N",
+    "D",
+    "stride_xn",
+    "stride_yn",
+    "stride_gm",
+    "n_bucket",
+    "n_rows",
+    "row0",
+)
+ROPE_UNIT = ("sqd", "skd", "sqod", "skod", "std")
+ROPE_ALIGNED = ("D", "sqb", "sqs", "sqh", "skb", "sks", "skh", "sqob", "sqos", "sqoh", "skob",
+                "skos", "skoh", "stb", "sts")  # fmt: skip
 
 
-def source(jit, ptr_types: dict[str, str], constexprs: dict[str, object]) -> ASTSource:
-    constexprs = dict(constexprs, **{name: 1 for name in UNIT})
+def source(jit, ptr_types, constexprs, unit=CONTRASTIVE_UNIT, aligned=CONTRASTIVE_ALIGNED,
+           scalars=None) -> ASTSource:  # fmt: skip
+    constexprs = dict(constexprs, **{name: 1 for name in unit})
+    scalars = scalars or {}
     sig, attrs = {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in constexprs:
@@ -54,8 +69,8 @@ def source(jit, ptr_types: dict[str, str], constexprs: dict[str, object]) -> AST
             sig[name] = ptr_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "i32"
-            if name in ALIGNED:
+            sig[name] = scalars.get(name, "i32")
+            if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(jit, sig, constexprs=constexprs, attrs=attrs)
 
@@ -100,6 +115,7 @@ def main() -> int:
         choices=["all", "first"],
         help="every autotuning config, or the default (first) one",
     )
+    ap.add_argument("--only", default="", help="kernels whose name starts with this")
     args = ap.parse_args()
     elem = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[args.dtype]
     precision = "tf32x3" if args.dtype == "fp32" else "tf32"
@@ -130,15 +146,42 @@ def main() -> int:
                  loss_ptr=f32, grad_ptr=f32, partial_ptr=f32),
             dict(HAS_BIAS=True, WRITE_GRAD=False),
         ),
+        "rope_table": (
+            R._rope_kernel,
+            dict(q_ptr=elem, k_ptr=elem, qo_ptr=elem, ko_ptr=elem, cos_ptr=elem, sin_ptr=elem,
+                 pos_ptr=elem, freq_ptr=elem),
+            dict(SOURCE=R.TABLE, MODE=R.CHUNKED, SEC_T=16, SEC_H=24, SEC_W=24, BACKWARD=False,
+                 COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64),
+        ),
+        "rope_positions": (
+            R._rope_kernel,
+            dict(q_ptr=elem, k_ptr=elem, qo_ptr=elem, ko_ptr=elem, cos_ptr=elem, sin_ptr=elem,
+                 pos_ptr="*i64", freq_ptr=f32),
+            dict(SOURCE=R.POSITIONS, MODE=R.INTERLEAVED, SEC_T=24, SEC_H=20, SEC_W=20,
+                 BACKWARD=True, COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64),
+        ),
+        "rope_vision": (
+            R._rope_kernel,
+            dict(q_ptr=elem, k_ptr=elem, qo_ptr=elem, ko_ptr=elem, cos_ptr=f32, sin_ptr=f32,
+                 pos_ptr=elem, freq_ptr=elem),
+            dict(SOURCE=R.TABLE, MODE=R.PLAIN, SEC_T=0, SEC_H=0, SEC_W=0, BACKWARD=False,
+                 COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64),
+        ),
     }  # fmt: skip
     failures = 0
     for name, (kernel, ptrs, flags) in kernels.items():
+        if args.only and not name.startswith(args.only):
+            continue
         jit = jit_of(kernel)
         configs = configs_of(kernel)
         for cfg in configs if args.configs == "all" else configs[:1]:
-            const = dict(flags, DOT_FP32=False, INPUT_PRECISION=precision, EVEN_K=True)
-            const.update(cfg.kwargs)
-            src = source(jit, ptrs, const)
+            if kernel is R._rope_kernel:
+                const = dict(flags, **cfg.kwargs)
+                src = source(jit, ptrs, const, ROPE_UNIT, ROPE_ALIGNED, {"scaling": "fp32"})
+            else:
+                const = dict(flags, DOT_FP32=False, INPUT_PRECISION=precision, EVEN_K=True)
+                const.update(cfg.kwargs)
+                src = source(jit, ptrs, const)
             label = f"{name:12s} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
             try:
                 compiled = triton.compile(

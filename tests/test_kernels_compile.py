@@ -2,7 +2,8 @@
 
 Runs scripts/compile_check.py (Triton's whole pipeline down to a cubin, for an explicit
 target, outside the interpreter) on the default config of every kernel, for 16-bit inputs
-(which must use wgmma with asynchronous, pipelined loads) and fp32 inputs ("tf32x3").
+(the contrastive kernels must use wgmma with asynchronous, pipelined loads; the rotary
+kernels must not spill) and fp32 inputs ("tf32x3").
 Skipped where a GPU is present: there the kernels are compiled and run by the tests.
 """
 
@@ -30,7 +31,10 @@ def test_kernels_compile_for_sm90(dtype):
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(lines) == 4 and all(line.startswith("ok") for line in lines), lines
-    assert all("wgmma" in line for line in lines), lines
+    assert len(lines) == 7 and all(line.startswith("ok") for line in lines), lines
+    contrastive = [line for line in lines if "clip" in line or "siglip" in line]
+    assert len(contrastive) == 4 and all("wgmma" in line for line in contrastive), lines
     if dtype == "bf16":
-        assert all("async copies" in line for line in lines), lines
+        assert all("async copies" in line for line in contrastive), lines
+    rope = [line for line in lines if "rope" in line]
+    assert len(rope) == 3 and all("spill st/ld 0/0" in line for line in rope), lines

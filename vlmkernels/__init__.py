@@ -10,11 +10,13 @@ from . import nn  # noqa: E402
 from ._backend import BACKENDS, get_backend, use_backend  # noqa: E402
 from .ops.contrastive import clip_loss, siglip_loss  # noqa: E402
 from .ops.rope import mrope, mrope_from_positions, rope, vision_rope  # noqa: E402
+from .ops.rope_index import get_rope_index  # noqa: E402
 
 __all__ = [
     "BACKENDS",
     "clip_loss",
     "get_backend",
+    "get_rope_index",
     "mrope",
     "mrope_from_positions",
     "nn",

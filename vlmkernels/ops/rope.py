@@ -303,7 +303,7 @@ def _rope_table(
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mode: int,
+    lane_rule: int,
     sections: list[int],
     backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,21 +311,21 @@ def _rope_table(
     rotation when ``backward``)."""
     if resolve_backend("rope", q) == "triton":
         out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, out_q, out_k, table=(cos, sin), mode=mode, sections=sections,
+        _launch(q, k, out_q, out_k, table=(cos, sin), mode=lane_rule, sections=sections,
                 backward=backward)  # fmt: skip
         return out_q, out_k
-    lanes = (_table_lanes(cos, mode, sections), _table_lanes(sin, mode, sections))
+    lanes = (_table_lanes(cos, lane_rule, sections), _table_lanes(sin, lane_rule, sections))
     return _rope_torch(q, k, *lanes, backward)
 
 
 @_rope_table.register_fake
-def _(q, k, cos, sin, mode, sections, backward):
+def _(q, k, cos, sin, lane_rule, sections, backward):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 def _rope_table_setup(ctx, inputs, output):
-    q, k, cos, sin, mode, sections, backward = inputs
-    ctx.mode, ctx.sections, ctx.backward = mode, sections, backward
+    q, k, cos, sin, lane_rule, sections, backward = inputs
+    ctx.mode, ctx.sections, ctx.backward = lane_rule, sections, backward
     tables_need_grad = cos.requires_grad or sin.requires_grad
     ctx.save_for_backward(cos, sin, *((q, k) if tables_need_grad else (None, None)))
 
@@ -353,20 +353,20 @@ def _rope_table_inplace(
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mode: int,
+    lane_rule: int,
     sections: list[int],
 ) -> None:
     """In-place :func:`_rope_table` (forward only)."""
     if resolve_backend("rope", q) == "triton":
-        _launch(q, k, q, k, table=(cos, sin), mode=mode, sections=sections)
+        _launch(q, k, q, k, table=(cos, sin), mode=lane_rule, sections=sections)
         return
-    lanes = (_table_lanes(cos, mode, sections), _table_lanes(sin, mode, sections))
+    lanes = (_table_lanes(cos, lane_rule, sections), _table_lanes(sin, lane_rule, sections))
     q.copy_(_rotate_torch(q, *lanes, False))
     k.copy_(_rotate_torch(k, *lanes, False))
 
 
 @_rope_table_inplace.register_fake
-def _(q, k, cos, sin, mode, sections):
+def _(q, k, cos, sin, lane_rule, sections):
     return None
 
 
@@ -376,7 +376,7 @@ def _rope_positions(
     k: torch.Tensor,
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
-    mode: int,
+    lane_rule: int,
     sections: list[int],
     scaling: float,
     backward: bool,
@@ -385,22 +385,22 @@ def _rope_positions(
     (3, B, S) integer positions, computed in fp32 in the kernel."""
     if resolve_backend("rope", q) == "triton":
         out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, out_q, out_k, positions=positions, inv_freq=inv_freq, mode=mode,
+        _launch(q, k, out_q, out_k, positions=positions, inv_freq=inv_freq, mode=lane_rule,
                 sections=sections, scaling=scaling, backward=backward)  # fmt: skip
         return out_q, out_k
-    lanes = _position_lanes(positions, inv_freq, mode, sections, scaling)
+    lanes = _position_lanes(positions, inv_freq, lane_rule, sections, scaling)
     return _rope_torch(q, k, *lanes, backward)
 
 
 @_rope_positions.register_fake
-def _(q, k, positions, inv_freq, mode, sections, scaling, backward):
+def _(q, k, positions, inv_freq, lane_rule, sections, scaling, backward):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 def _rope_positions_setup(ctx, inputs, output):
-    q, k, positions, inv_freq, mode, sections, scaling, backward = inputs
+    q, k, positions, inv_freq, lane_rule, sections, scaling, backward = inputs
     ctx.save_for_backward(positions, inv_freq)
-    ctx.mode, ctx.sections, ctx.scaling, ctx.backward = mode, sections, scaling, backward
+    ctx.mode, ctx.sections, ctx.scaling, ctx.backward = lane_rule, sections, scaling, backward
 
 
 def _rope_positions_backward(ctx, grad_q, grad_k):

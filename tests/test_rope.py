@@ -1,0 +1,390 @@
+"""rope / mrope / mrope_from_positions / vision_rope against float64 references.
+
+References are written from transformers' formulas (``q * cos + rotate_half(q) * sin``,
+the <= 5.16 section split for chunked M-RoPE, Qwen3-VL's recomposition for interleaved
+M-RoPE, fp32 angles ``position * inv_freq`` as the rotary classes compute them) and
+evaluated in float64 on the same (rounded) inputs.
+
+Tolerances (max abs error relative to max |ref|): fp32 1e-6; fp16 2e-3; bf16 1e-2 (one
+rounding of the output; the interpreter's fp32 -> bf16 conversion truncates, so up to one
+ulp, 2^-7). Gradients: the same per dtype.
+"""
+
+import pytest
+import torch
+
+import vlmkernels
+from vlmkernels.ops import rope as R
+
+TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with vlmkernels.use_backend(request.param):
+        yield request.param
+
+
+# ------------------------------------------------------------------ references (float64)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), -1)
+
+
+def ref_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb, partial rotary when cos is narrower than q."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+    out = []
+    for x in (q, k):
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        out.append(torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), -1))
+    return tuple(out)
+
+
+def merge_chunked(table, section):
+    """(3, ..., R) -> (..., R): transformers <= 5.16's split by section * 2, chunk i from
+    axis i % 3."""
+    parts = table.split(list(section) * 2, dim=-1)
+    return torch.cat([m[i % 3] for i, m in enumerate(parts)], dim=-1)
+
+
+def merge_interleaved(table, section):
+    """(3, ..., R) -> (..., R): Qwen3-VL's recomposition on each half."""
+    half = table.shape[-1] // 2
+    out = []
+    for part in (table[..., :half], table[..., half:]):
+        merged = part[0].clone()
+        for axis, offset in ((1, 1), (2, 2)):
+            idx = slice(offset, section[axis] * 3, 3)
+            merged[..., idx] = part[axis, ..., idx]
+        out.append(merged)
+    return torch.cat(out, -1)
+
+
+def ref_mrope(q, k, cos, sin, section, unsqueeze_dim=1, interleaved=False):
+    merge = merge_interleaved if interleaved else merge_chunked
+    return ref_rope(q, k, merge(cos, section), merge(sin, section), unsqueeze_dim)
+
+
+def tables_from_positions(position_ids, inv_freq, scaling=1.0):
+    """(3, ..., R) float64 cos/sin of the fp32 angles position * inv_freq."""
+    angle = (position_ids[..., None].float() * inv_freq.float()).double()
+    angle = torch.cat((angle, angle), -1)
+    return angle.cos() * scaling, angle.sin() * scaling
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def max_rel(actual, expected):
+    expected = expected.double().cpu()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double().cpu() - expected).abs().max() / scale).item()
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def qk_views(b, s, hq, hk, d, dtype, device, layout):
+    """q, k as attention code produces them, for ``layout``:
+    "bhsd" (transposed (B, S, H, D) projections, unsqueeze_dim 1), "bshd" (unsqueeze_dim 2),
+    "thd" (token-major), "packed" (views of one (T, 3, H, D) qkv: vision style)."""
+    if layout == "packed":
+        qkv = torch.randn(b * s, 3, hq, d, device=device).to(dtype)
+        return qkv[:, 0], qkv[:, 1, :hk], 1
+    q = torch.randn(b, s, hq, d, device=device).to(dtype)
+    k = torch.randn(b, s, hk, d, device=device).to(dtype)
+    if layout == "bhsd":
+        return q.transpose(1, 2), k.transpose(1, 2), 1
+    if layout == "bshd":
+        return q, k, 2
+    return q.reshape(b * s, hq, d), k.reshape(b * s, hk, d), 1
+
+
+def table_shape(q, unsqueeze_dim, rot):
+    shape = [n for i, n in enumerate(q.shape[:-1]) if i != unsqueeze_dim]
+    return (*shape, rot)
+
+
+def check_outputs(outs, refs, dtype, like):
+    for out, ref, x in zip(outs, refs, like, strict=True):
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert max_rel(out, ref) < TOL[dtype], max_rel(out, ref)
+
+
+def check_grads(fn, ref_fn, inputs, dtype):
+    """Gradients of sum(w * out) wrt the tensors of ``inputs`` that require grad."""
+    outs = fn(*inputs)
+    weights = [torch.randn_like(o, dtype=torch.float32) for o in outs]
+    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(
+        sum((o.float() * w).sum() for o, w in zip(outs, weights, strict=True)), wanted
+    )
+    ref_inputs = [
+        t.detach().double().cpu().requires_grad_(t.requires_grad)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+        else t
+        for t in inputs
+    ]
+    ref_outs = ref_fn(*ref_inputs)
+    ref_wanted = [t for t in ref_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    ref_grads = torch.autograd.grad(
+        sum((o * w.double().cpu()).sum() for o, w in zip(ref_outs, weights, strict=True)),
+        ref_wanted,
+    )
+    for g, rg, t in zip(grads, ref_grads, wanted, strict=True):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        assert max_rel(g, rg) < TOL[dtype], max_rel(g, rg)
+
+
+# ------------------------------------------------------------------ values and gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "thd"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_mrope_values_and_grads(dtype, layout, interleaved, device, backend):
+    b, s, hq, hk, d = 2, 9, 5, 2, 32
+    section = [6, 5, 5] if not interleaved else [4, 6, 6]
+    q, k, ud = qk_views(b, s, hq, hk, d, dtype, device, layout)
+    cos = torch.randn(3, *table_shape(q, ud, d), device=device).to(dtype)
+    sin = torch.randn_like(cos)
+    outs = vlmkernels.mrope(q, k, cos, sin, section, ud, interleaved=interleaved)
+    refs = ref_mrope(*(t.double().cpu() for t in (q, k, cos, sin)), section, ud, interleaved)
+    check_outputs(outs, refs, dtype, (q, k))
+    check_grads(
+        lambda q, k: vlmkernels.mrope(q, k, cos, sin, section, ud, interleaved=interleaved),
+        lambda q, k: ref_mrope(q, k, cos.double().cpu(), sin.double().cpu(), section, ud,
+                               interleaved),
+        [leaf(q), leaf(k)],
+        dtype,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("d", [64, 72, 80, 128, 256])
+def test_rope_head_dims(d, device, backend):
+    dtype = torch.bfloat16
+    q, k, ud = qk_views(1, 5, 3, 1, d, dtype, device, "bhsd")
+    cos = torch.randn(*table_shape(q, ud, d), device=device).to(dtype)
+    sin = torch.randn_like(cos)
+    outs = vlmkernels.rope(q, k, cos, sin, ud)
+    check_outputs(outs, ref_rope(*(t.double().cpu() for t in (q, k, cos, sin)), ud), dtype, (q, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_partial_rotary_and_broadcast_table(dtype, device, backend):
+    """Qwen3.5-style partial rotary (cos narrower than the head dim) with a table shared by
+    the batch (leading dim 1)."""
+    b, s, d, rot = 3, 6, 64, 16
+    q, k, ud = qk_views(b, s, 4, 2, d, dtype, device, "bhsd")
+    cos = torch.randn(1, s, rot, device=device).to(dtype)
+    sin = torch.randn_like(cos)
+    outs = vlmkernels.rope(q, k, cos, sin, ud)
+    check_outputs(outs, ref_rope(*(t.double().cpu() for t in (q, k, cos, sin)), ud), dtype, (q, k))
+    check_grads(
+        lambda q, k: vlmkernels.rope(q, k, cos, sin, ud),
+        lambda q, k: ref_rope(q, k, cos.double().cpu(), sin.double().cpu(), ud),
+        [leaf(q), leaf(k)],
+        dtype,
+    )
+
+
+def test_table_gradients(device, backend):
+    """cos/sin that require grad (transformers' tables never do) get correct gradients."""
+    q, k, ud = qk_views(2, 5, 3, 2, 16, torch.float32, device, "bhsd")
+    cos = torch.randn(3, *table_shape(q, ud, 16), device=device)
+    sin = torch.randn_like(cos)
+    section = [2, 3, 3]
+    check_grads(
+        lambda q, k, c, s: vlmkernels.mrope(q, k, c, s, section, ud),
+        lambda q, k, c, s: ref_mrope(q, k, c, s, section, ud),
+        [leaf(q), leaf(k), leaf(cos), leaf(sin)],
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhsd", "thd"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_mrope_from_positions(dtype, layout, interleaved, device, backend):
+    b, s, d = 2, 11, 32
+    section = [6, 5, 5] if not interleaved else [4, 6, 6]
+    q, k, ud = qk_views(b, s, 4, 2, d, dtype, device, layout)
+    tokens = [n for i, n in enumerate(q.shape[:-1]) if i != ud]
+    positions = torch.randint(0, 5000, (3, *tokens), device=device)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    scaling = 0.9
+    outs = vlmkernels.mrope_from_positions(
+        q, k, positions, inv_freq, section, interleaved=interleaved, attention_scaling=scaling
+    )
+    cos, sin = tables_from_positions(positions.cpu(), inv_freq.cpu(), scaling)
+    refs = ref_mrope(q.double().cpu(), k.double().cpu(), cos, sin, section, ud, interleaved)
+    check_outputs(outs, refs, dtype, (q, k))
+    check_grads(
+        lambda q, k: vlmkernels.mrope_from_positions(
+            q, k, positions, inv_freq, section, interleaved=interleaved, attention_scaling=scaling
+        ),
+        lambda q, k: ref_mrope(q, k, cos, sin, section, ud, interleaved),
+        [leaf(q), leaf(k)],
+        dtype,
+    )
+
+
+def test_positions_partial_rotary_and_text_positions(device, backend):
+    """rotary_dim < head dim (lanes past it unchanged); (B, S) text positions = (3, B, S)."""
+    b, s, d, rot = 2, 7, 48, 16
+    q, k, _ = qk_views(b, s, 3, 1, d, torch.float32, device, "bhsd")
+    positions = torch.randint(0, 100, (b, s), device=device)
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+    outs = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [4, 2, 2], rotary_dim=rot)
+    cos, sin = tables_from_positions(positions.expand(3, b, s).cpu(), inv_freq.cpu())
+    refs = ref_mrope(q.double().cpu(), k.double().cpu(), cos, sin, [4, 2, 2])
+    check_outputs(outs, refs, torch.float32, (q, k))
+    assert torch.equal(outs[0][..., rot:], q[..., rot:])
+
+
+@pytest.mark.parametrize("hd", [72, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_rope_on_packed_qkv(hd, dtype, device, backend):
+    """q, k as strided views of a packed (N, 3, H, hd) projection; fp32 tables."""
+    n, heads = 37, 3
+    q, k, _ = qk_views(1, n, heads, heads, hd, dtype, device, "packed")
+    assert not q.is_contiguous()
+    cos = torch.randn(n, hd, device=device)
+    sin = torch.randn(n, hd, device=device)
+    outs = vlmkernels.vision_rope(q, k, cos, sin)
+    refs = ref_rope(*(t.double().cpu() for t in (q, k, cos, sin)), 1)
+    check_outputs(outs, refs, dtype, (q, k))
+    check_grads(
+        lambda q, k: vlmkernels.vision_rope(q, k, cos, sin),
+        lambda q, k: ref_rope(q, k, cos.double().cpu(), sin.double().cpu(), 1),
+        [leaf(q), leaf(k)],
+        dtype,
+    )
+
+
+def test_matches_transformers_functions(device):
+    """Against the installed transformers' own functions, in fp32."""
+    tf = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+    q, k, ud = qk_views(2, 6, 4, 2, 32, torch.float32, device, "bhsd")
+    cos = torch.randn(*table_shape(q, ud, 32), device=device)
+    sin = torch.randn_like(cos)
+    for ours, theirs in zip(
+        vlmkernels.rope(q, k, cos, sin), tf.apply_rotary_pos_emb(q, k, cos, sin), strict=True
+    ):
+        assert max_rel(ours, theirs) < 1e-6
+    vq, vk, _ = qk_views(1, 20, 2, 2, 80, torch.bfloat16, device, "packed")
+    vc, vs = torch.randn(20, 80, device=device), torch.randn(20, 80, device=device)
+    for ours, theirs in zip(
+        vlmkernels.vision_rope(vq, vk, vc, vs),
+        tf.apply_rotary_pos_emb_vision(vq, vk, vc, vs),
+        strict=True,
+    ):
+        assert max_rel(ours, theirs) <= 2**-7  # fp32 math, one rounding each
+
+
+def test_inplace(device, backend):
+    q, k, ud = qk_views(2, 5, 3, 2, 16, torch.bfloat16, device, "bhsd")
+    cos = torch.randn(3, *table_shape(q, ud, 16), device=device).to(torch.bfloat16)
+    sin = torch.randn_like(cos)
+    expected = vlmkernels.mrope(q, k, cos, sin, [2, 3, 3], ud)
+    q2, k2 = q.clone(), k.clone()
+    out = vlmkernels.mrope(q2, k2, cos, sin, [2, 3, 3], ud, inplace=True)
+    assert out[0] is q2 and out[1] is k2
+    assert torch.equal(q2, expected[0]) and torch.equal(k2, expected[1])
+    with pytest.raises(RuntimeError, match="inplace=True is forward-only"):
+        vlmkernels.mrope(leaf(q), k, cos, sin, [2, 3, 3], ud, inplace=True)
+
+
+def test_inputs_not_modified_and_layout_preserved(device, backend):
+    q, k, ud = qk_views(2, 5, 3, 2, 16, torch.bfloat16, device, "bhsd")
+    cos = torch.randn(*table_shape(q, ud, 16), device=device).to(torch.bfloat16)
+    sin = torch.randn_like(cos)
+    copies = [t.clone() for t in (q, k, cos, sin)]
+    out_q, out_k = vlmkernels.rope(q, k, cos, sin, ud)
+    for t, c in zip((q, k, cos, sin), copies, strict=True):
+        assert torch.equal(t, c)
+    assert out_q.stride() == q.stride() and out_k.stride() == k.stride()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs(device):
+    q, k, ud = qk_views(1, 4, 2, 1, 16, torch.float32, device, "bhsd")
+    cos = torch.randn(3, *table_shape(q, ud, 16), device=device)
+    sin = torch.randn_like(cos)
+    inv_freq = torch.rand(8, device=device)
+    pos = torch.randint(0, 9, (3, 1, 4), device=device)
+    cases = [
+        (lambda: vlmkernels.mrope(q, k, cos, sin, [2, 3, 2]), ValueError, "sums to 7"),
+        (lambda: vlmkernels.mrope(q, k, cos, sin, [8, 0]), ValueError, "3 non-negative"),
+        (lambda: vlmkernels.rope(q[..., :15], k[..., :15], cos[0, ..., :15], sin[0, ..., :15]),
+         ValueError, "even"),
+        (lambda: vlmkernels.rope(q, k[:, :, :3], cos[0], sin[0]), ValueError, "same batch"),
+        (lambda: vlmkernels.rope(q, k[..., :8], cos[0], sin[0]), ValueError, "same head dim"),
+        (lambda: vlmkernels.rope(q.long(), k, cos[0], sin[0]), TypeError, "q must be a floating"),
+        (lambda: vlmkernels.rope(q[0, 0], k[0, 0], cos[0], sin[0]), ValueError, "must be 4-D"),
+        (lambda: vlmkernels.rope(q, k, cos[0, ..., :5], sin[0, ..., :5]), ValueError, "rotary dim"),
+        (lambda: vlmkernels.rope(q, k, cos[0, :, :3], sin[0, :, :3]), ValueError, "broadcast"),
+        (lambda: vlmkernels.mrope(q, k, cos[0], sin[0], [2, 3, 3]), ValueError, "shape \\(3, "),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos.float(), inv_freq, [2, 3, 3]),
+         TypeError, "integer"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos[:, :, :3], inv_freq, [2, 3, 3]),
+         ValueError, "position_ids must have shape"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq, [2, 3, 3], rotary_dim=8),
+         ValueError, "rotary_dim=8"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq[None], [2, 3, 3]),
+         ValueError, "1-D"),
+        (lambda: vlmkernels.rope(q, k, cos[0], sin[0], unsqueeze_dim=3), ValueError, "heads axis"),
+    ]  # fmt: skip
+    for call, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            call()
+
+
+# ------------------------------------------------------------------ registration
+
+
+def test_opcheck(device, backend):
+    q, k, _ = qk_views(1, 6, 3, 2, 16, torch.float32, device, "bshd")
+    q, k = leaf(q), leaf(k)
+    cos = torch.randn(3, 1, 6, 16, device=device)
+    sin = torch.randn_like(cos)
+    ops = torch.ops.vlmkernels
+    torch.library.opcheck(ops.rope_table, (q, k, cos, sin, R.CHUNKED, [2, 3, 3], False))
+    torch.library.opcheck(ops.rope_table, (q, k, cos[:1], sin[:1], R.PLAIN, [0, 0, 0], True))
+    positions = torch.randint(0, 50, (3, 1, 6), device=device)
+    inv_freq = torch.rand(8, device=device)
+    torch.library.opcheck(
+        ops.rope_positions, (q, k, positions, inv_freq, R.INTERLEAVED, [2, 3, 3], 1.0, False)
+    )
+    torch.library.opcheck(
+        ops.rope_table_, (q.detach().clone(), k.detach().clone(), cos, sin, R.CHUNKED, [2, 3, 3])
+    )
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler, device):
+    q, k, ud = qk_views(2, 5, 4, 2, 32, torch.float32, device, "bhsd")
+    positions = torch.randint(0, 100, (3, 2, 5), device=device)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 32, 2, dtype=torch.float32, device=device) / 32))
+
+    def attention_rope(q, k):
+        q, k = vlmkernels.mrope_from_positions(
+            q, k, positions, inv_freq, [6, 5, 5], interleaved=True
+        )
+        return (q * 2).sum() + (k.square()).sum()
+
+    compiled = torch.compile(attention_rope, backend=compiler, fullgraph=True)
+    q1, k1, q2, k2 = leaf(q), leaf(k), leaf(q), leaf(k)
+    out, ref = compiled(q1, k1), attention_rope(q2, k2)
+    out.backward()
+    ref.backward()
+    assert max_rel(out, ref) < 1e-6
+    assert max_rel(q1.grad, q2.grad) < 1e-6 and max_rel(k1.grad, k2.grad) < 1e-6
