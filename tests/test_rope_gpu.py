@@ -98,6 +98,6 @@ def test_64bit_offsets():
     out_q, _ = vlmkernels.rope(q, k, cos, sin, unsqueeze_dim=2)
     tail = slice(seq - 64, seq)
     with vlmkernels.use_backend("torch"):
-        ref_q, _ = vlmkernels.rope(q[:, tail].double(), k[:, tail].double(),
-                                   cos[:, tail].double(), sin[:, tail].double(), unsqueeze_dim=2)  # fmt: skip
+        parts = (t[:, tail].double() for t in (q, k, cos, sin))
+        ref_q, _ = vlmkernels.rope(*parts, unsqueeze_dim=2)
     assert max_rel(out_q[:, tail], ref_q) < 1e-2
