@@ -9,7 +9,7 @@
 # travels has no .git).
 #
 # PART          what                                                   rough time (estimate)
-# tests         pytest tests/test_contrastive_gpu.py, then the rest    ~3-6 min
+# tests         pytest tests/*_gpu.py, then the rest                   ~3-6 min
 #               of tests/, on CUDA -> $OUT/pytest.log
 # bench-quick   both ops, N in {8192, 32768, 65536} x d=768, bf16,     ~3-5 min
 #               fwd and fwd+bwd, all providers: every target of the
@@ -74,16 +74,12 @@ EOF
 run_tests() {
     (
         rc=0
-        echo "== $(date -u +%FT%TZ) tests/test_contrastive_gpu.py"
-        if [ -f tests/test_contrastive_gpu.py ]; then
-            $PY -m pytest -q -rs -p no:cacheprovider tests/test_contrastive_gpu.py || rc=$?
-        else
-            echo "tests/test_contrastive_gpu.py not found: skipped"
-        fi
+        echo "== $(date -u +%FT%TZ) GPU modules: tests/*_gpu.py"
+        $PY -m pytest -q -rs -p no:cacheprovider tests/*_gpu.py || rc=$?
         echo "== $(date -u +%FT%TZ) the rest of tests/ (rc so far $rc)"
         # small shapes: the default config only (no autotuning of every shape bucket)
         VLMKERNELS_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider tests/ \
-            --ignore=tests/test_contrastive_gpu.py \
+            --ignore-glob='tests/*_gpu.py' \
             || rc=$?
         echo "== $(date -u +%FT%TZ) tests done, rc $rc"
         exit $rc
