@@ -1,0 +1,542 @@
+"""vlmkernels.integrations.transformers.patch on tiny random-weight Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL models, built from configs (no download).
+
+Inputs are laid out as the processors lay them out: ``<|vision_start|>``, one
+``<|image_pad|>`` / ``<|video_pad|>`` per merged patch, ``<|vision_end|>`` (Qwen3-VL: one
+such block per video frame, each after a timestamp), ``mm_token_type_ids`` 1 on image pads
+and 2 on video pads; batch 2, the second row left-padded; two images (one per row) and one
+two-frame video. Weights are drawn with ``initializer_range=0.1`` so that attention depends
+on the positions: swapping the H and W position rows moves the logits by more than 1e-2
+relative (checked), far above the tolerance.
+
+Tolerance (fp32 everywhere): patched and unpatched logits, and every parameter gradient of
+a fixed linear loss on the logits, agree to ``max|a - b| <= 1e-5 * max|b|`` (per tensor).
+The table path does transformers' arithmetic in fp32 (observed bitwise equal); the
+positions path computes the angles in the kernel (observed ~1e-7). ``undo`` is checked
+bitwise.
+"""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.profiler import profile
+
+transformers = pytest.importorskip("transformers")
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = 1e-5
+IMG, VID, VSTART, VEND, PAD = 120, 121, 122, 123, 0
+MERGE = 2
+PATCH, TEMPORAL = 4, 2
+PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH
+TEXT_LAYERS, VISION_DEPTH = 2, 2
+IMAGE_GRIDS, VIDEO_GRIDS = ((1, 4, 6), (1, 4, 4)), ((2, 4, 4),)
+
+# ------------------------------------------------------------------ tiny models and inputs
+
+
+def _text(hidden, section, **extra):
+    return dict(
+        vocab_size=128, hidden_size=hidden, intermediate_size=128,
+        num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=PAD, initializer_range=0.1,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=section),
+        **extra,
+    )  # fmt: skip
+
+
+def _vision(**extra):
+    return dict(
+        depth=VISION_DEPTH, num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE,
+        temporal_patch_size=TEMPORAL, initializer_range=0.1, **extra,
+    )  # fmt: skip
+
+
+_TOKENS = dict(
+    image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
+    vision_end_token_id=VEND,
+)  # fmt: skip
+
+
+def qwen2_vl():
+    """Text head dim 16 (chunked [2, 3, 3]), vision head dim 16."""
+    config = transformers.Qwen2VLConfig(
+        text_config=_text(64, [2, 3, 3]),
+        vision_config=_vision(embed_dim=64, hidden_size=64, mlp_ratio=2),
+        **_TOKENS,
+    )
+    return transformers.Qwen2VLForConditionalGeneration(config)
+
+
+def qwen2_5_vl():
+    """Text head dim 32 (chunked [4, 6, 6]), vision head dim 16 with 2x2-merge windows and
+    one full-attention block, video temporal interval 2 * 1.5."""
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=_text(128, [4, 6, 6]),
+        vision_config=_vision(
+            hidden_size=64, intermediate_size=128, out_hidden_size=128, window_size=16,
+            fullatt_block_indexes=[1], tokens_per_second=2,
+        ),
+        **_TOKENS,
+    )  # fmt: skip
+    return transformers.Qwen2_5_VLForConditionalGeneration(config)
+
+
+def qwen3_vl():
+    """Text head dim 16 (interleaved [4, 2, 2]), vision head dim 20, deepstack on block 0."""
+    config = transformers.Qwen3VLConfig(
+        text_config=_text(64, [4, 2, 2], head_dim=16),
+        vision_config=_vision(
+            hidden_size=80, intermediate_size=128, out_hidden_size=64,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        ),
+        **_TOKENS,
+    )  # fmt: skip
+    return transformers.Qwen3VLForConditionalGeneration(config)
+
+
+ARCHS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+
+
+def _tokens(grid):
+    return grid[0] * grid[1] * grid[2] // MERGE**2
+
+
+def make_inputs(arch: str) -> dict:
+    g = torch.Generator().manual_seed(1)
+
+    def text(n):
+        return torch.randint(3, 100, (n,), generator=g).tolist()
+
+    def image(grid):
+        return [VSTART] + [IMG] * _tokens(grid) + [VEND]
+
+    def video(grid):
+        if arch == "qwen3_vl":  # one block per frame, after its timestamp
+            frame = [VSTART] + [VID] * (grid[1] * grid[2] // MERGE**2) + [VEND]
+            return sum((text(2) + frame for _ in range(grid[0])), [])
+        return [VSTART] + [VID] * _tokens(grid) + [VEND]
+
+    rows = [
+        text(4) + image(IMAGE_GRIDS[0]) + text(3) + video(VIDEO_GRIDS[0]) + text(4),
+        text(3) + image(IMAGE_GRIDS[1]) + text(5),
+    ]
+    length = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    types = torch.zeros_like(ids)
+    types[ids == IMG], types[ids == VID] = 1, 2
+
+    def pixels(grids):
+        n = sum(t * h * w for t, h, w in grids)
+        return torch.randn(n, PATCH_DIM, generator=g)
+
+    inputs = dict(
+        input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+        pixel_values=pixels(IMAGE_GRIDS), image_grid_thw=torch.tensor(IMAGE_GRIDS),
+        pixel_values_videos=pixels(VIDEO_GRIDS), video_grid_thw=torch.tensor(VIDEO_GRIDS),
+    )  # fmt: skip
+    if arch == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([1.5])
+    return inputs
+
+
+class Built:
+    """A model, its inputs, and its unpatched logits and parameter gradients."""
+
+    def __init__(self, arch: str):
+        torch.manual_seed(0)
+        self.arch = arch
+        self.model = ARCHS[arch]().eval().to(DEVICE)
+        self.inputs = {k: v.to(DEVICE) for k, v in make_inputs(arch).items()}
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ref_logits, self.ref_grads = self.run()
+
+    def run(self, forward_ops=None):
+        """Logits and the parameter gradients of a fixed linear loss on them; the ops the
+        forward pass ran are counted into ``forward_ops`` if given."""
+        with profile() if forward_ops is not None else contextlib.nullcontext() as prof:
+            logits = self.model(**self.inputs).logits
+        if forward_ops is not None:
+            forward_ops.update(_vlmkernels_ops(prof))
+        g = torch.Generator().manual_seed(2)
+        weights = torch.randn(logits.shape, generator=g).to(DEVICE)
+        grads = torch.autograd.grad((logits * weights).sum(), self.params, allow_unused=True)
+        return logits.detach(), grads
+
+    def logits(self, model=None):
+        with torch.no_grad():
+            return (model or self.model)(**self.inputs).logits
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def built(request) -> Built:
+    return Built(request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen2(request) -> Built:
+    return Built("qwen2_vl")
+
+
+def assert_close(actual, expected, what):
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= TOL * scale, f"{what}: max abs error {err:.3g} > {TOL} * {scale:.3g}"
+
+
+def _vlmkernels_ops(prof) -> dict[str, int]:
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("vlmkernels::")}
+
+
+def op_counts(fn):
+    """Runs fn under the profiler; returns ({vlmkernels op: calls}, fn's result)."""
+    with profile() as prof:
+        out = fn()
+    return _vlmkernels_ops(prof), out
+
+
+def instance_overrides(model) -> list[tuple[str, str]]:
+    names = ("forward", "_old_forward", "get_rope_index")
+    return [(n, a) for n, m in model.named_modules() for a in names if a in m.__dict__]
+
+
+# ------------------------------------------------------------------ equality with transformers
+
+
+@pytest.mark.parametrize("angles", ["table", "positions"])
+def test_patched_matches_transformers(built, angles):
+    """Logits and every parameter gradient match the unpatched model; the text and vision
+    ops ran once per layer (one vision call each for the images and the video)."""
+    counts = {}
+    with vt.patch(built.model, angles=angles):
+        logits, grads = built.run(forward_ops=counts)
+    assert_close(logits, built.ref_logits, "logits")
+    for p, g, ref in zip(built.params, grads, built.ref_grads, strict=True):
+        if ref is None:
+            assert g is None
+        else:
+            assert_close(g, ref, f"gradient of a {tuple(p.shape)} parameter")
+    vision_calls = 2 * VISION_DEPTH
+    if angles == "table":
+        assert counts.get("vlmkernels::rope_table", 0) == TEXT_LAYERS + vision_calls
+    else:
+        assert counts.get("vlmkernels::rope_positions", 0) == TEXT_LAYERS
+        assert counts.get("vlmkernels::rope_table", 0) == vision_calls
+
+
+def test_rope_index_replaces_the_per_row_loop(built):
+    """With rope_index, position ids and logits match transformers', and transformers'
+    per-row loop (which calls get_vision_position_ids per vision group) does not run."""
+    inner = built.model.model
+    calls = []
+    original = inner.get_vision_position_ids
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    x = built.inputs
+    args = dict(
+        input_ids=x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
+        image_grid_thw=x["image_grid_thw"], video_grid_thw=x["video_grid_thw"],
+        attention_mask=x["attention_mask"],
+    )  # fmt: skip
+    if "second_per_grid_ts" in x:
+        args["second_per_grid_ts"] = x["second_per_grid_ts"]
+    inner.get_vision_position_ids = spy
+    try:
+        ref_pos, ref_delta = inner.get_rope_index(**args)
+        assert calls, "the spy does not see transformers' loop"
+        calls.clear()
+        with vt.patch(built.model, rope=False, vision=False, rope_index=True) as handle:
+            assert handle.targets == ("model.get_rope_index",)
+            pos, delta = inner.get_rope_index(**args)
+            logits = built.logits()
+    finally:
+        del inner.get_vision_position_ids
+    assert not calls
+    assert torch.equal(pos, ref_pos) and torch.equal(delta, ref_delta)
+    assert torch.equal(logits, built.ref_logits)
+
+
+# ------------------------------------------------------------------ per instance, exact undo
+
+
+def test_undo_restores_exactly(qwen2):
+    model = qwen2.model
+    before = instance_overrides(model)
+    handle = vt.patch(model)
+    patched = instance_overrides(model)
+    assert len(patched) == TEXT_LAYERS + VISION_DEPTH + 1
+    assert set(handle.targets) == {f"{n}.{a}" for n, a in patched}
+    handle.undo()
+    assert instance_overrides(model) == before == []
+    assert not handle.active
+    handle.undo()  # a second undo does nothing
+    counts, logits = op_counts(qwen2.logits)
+    assert counts == {}
+    assert torch.equal(logits, qwen2.ref_logits)
+
+
+def test_context_manager(qwen2):
+    with vt.patch(qwen2.model, rope_index=False) as handle:
+        assert handle.active and instance_overrides(qwen2.model)
+    assert not handle.active and instance_overrides(qwen2.model) == []
+
+
+def test_two_instances_one_patched(qwen2):
+    twin = copy.deepcopy(qwen2.model)
+    with vt.patch(twin):
+        counts, logits = op_counts(qwen2.logits)
+        assert counts == {}
+        assert torch.equal(logits, qwen2.ref_logits)
+        counts, twin_logits = op_counts(lambda: qwen2.logits(twin))
+        assert counts["vlmkernels::rope_table"] == TEXT_LAYERS + 2 * VISION_DEPTH
+        assert_close(twin_logits, qwen2.ref_logits, "logits of the patched twin")
+    assert torch.equal(qwen2.logits(twin), qwen2.ref_logits)
+
+
+def _snapshot(modeling):
+    """Every global of the modeling module and every attribute of its classes (and of
+    torch.nn.Module), as (name, id) pairs: patch must rebind none of them."""
+    spaces = {"module": vars(modeling), "nn.Module": vars(torch.nn.Module)}
+    spaces |= {n: vars(c) for n, c in vars(modeling).items() if isinstance(c, type)}
+    return {k: {n: id(v) for n, v in space.items()} for k, space in spaces.items()}
+
+
+def test_transformers_and_torch_unchanged(built):
+    import sys
+
+    modeling = sys.modules[type(built.model).__module__]
+    before = _snapshot(modeling)
+    with vt.patch(built.model, angles="positions"):
+        assert _snapshot(modeling) == before
+    assert _snapshot(modeling) == before
+
+
+def test_patching_twice_raises(qwen2):
+    with vt.patch(qwen2.model, rope_index=False):
+        with pytest.raises(vt.AlreadyPatchedError):
+            vt.patch(qwen2.model, rope_index=False)
+        with pytest.raises(vt.AlreadyPatchedError):
+            vt.patch(qwen2.model.model.language_model)
+        with pytest.raises(vt.AlreadyPatchedError):
+            vt.patch(qwen2.model.model.visual)
+    with vt.patch(qwen2.model.model.language_model):  # fine again once undone
+        pass
+
+
+def test_undo_refuses_when_overwritten(qwen2):
+    attn = qwen2.model.model.language_model.layers[0].self_attn
+    handle = vt.patch(qwen2.model, rope_index=False)
+    mine = attn.forward
+    attn.forward = lambda *a, **k: None
+    with pytest.raises(RuntimeError, match="changed after patching"):
+        handle.undo()
+    assert handle.active and attn.__dict__["forward"] is not mine  # nothing restored
+    attn.forward = mine
+    handle.undo()
+    assert instance_overrides(qwen2.model) == []
+
+
+def test_text_model_and_vision_tower_roots(qwen2):
+    """A ...TextModel gets the text part only, a vision tower the vision part only."""
+    text, visual = qwen2.model.model.language_model, qwen2.model.model.visual
+    with vt.patch(text) as handle:
+        assert handle.targets == tuple(f"layers.{i}.self_attn.forward" for i in range(TEXT_LAYERS))
+    with vt.patch(visual) as handle:
+        assert handle.targets == tuple(f"blocks.{i}.attn.forward" for i in range(VISION_DEPTH))
+    with vt.patch(qwen2.model, vision=False, rope_index=False) as handle:
+        assert all(".self_attn." in t for t in handle.targets)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_unsupported_models_raise(qwen2):
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    for model in (
+        torch.nn.Linear(4, 4),
+        transformers.Qwen2ForCausalLM(config),
+        qwen2.model.model.language_model.layers[0],  # a Qwen2-VL class, but not a model
+    ):
+        with pytest.raises(vt.UnsupportedModelError):
+            vt.patch(model)
+    assert instance_overrides(qwen2.model) == []
+
+
+def test_bad_arguments_raise(qwen2):
+    with pytest.raises(ValueError, match="angles"):
+        vt.patch(qwen2.model, angles="cache")
+    with pytest.raises(ValueError, match="rope=True"):
+        vt.patch(qwen2.model, rope=False, angles="positions")
+    with pytest.raises(ValueError, match="nothing to patch"):
+        vt.patch(qwen2.model, rope=False, vision=False, rope_index=False)
+
+
+def _with_attention_class(model, make_subclass):
+    """A copy of model whose first text attention module is an instance of
+    make_subclass(its class)."""
+    model = copy.deepcopy(model)
+    attn = model.model.language_model.layers[0].self_attn
+    attn.__class__ = make_subclass(type(attn))
+    return model
+
+
+def _calls_super(base):
+    class NoRotaryCall(base):
+        def forward(self, *args, **kwargs):  # the rotary call happens in base.forward
+            return super().forward(*args, **kwargs)
+
+    return NoRotaryCall
+
+
+def _decorated(base):
+    import functools
+
+    def logged(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    class Decorated(base):
+        forward = logged(base.forward)
+
+    return Decorated
+
+
+@pytest.mark.parametrize("make_subclass", [_calls_super, _decorated])
+def test_unrecognised_layout_raises_and_changes_nothing(qwen2, make_subclass):
+    model = _with_attention_class(qwen2.model, make_subclass)
+    with pytest.raises(vt.UnsupportedLayoutError):
+        vt.patch(model, rope_index=False)
+    assert instance_overrides(model) == []
+    with vt.patch(model, rope=False, rope_index=False):  # the vision part alone is fine
+        pass
+
+
+def test_foreign_instance_forward_raises(qwen2):
+    attn = qwen2.model.model.visual.blocks[1].attn
+    attn.forward = lambda *a, **k: None
+    try:
+        with pytest.raises(vt.UnsupportedLayoutError, match="instance-level forward"):
+            vt.patch(qwen2.model, rope_index=False)
+        assert instance_overrides(qwen2.model) == [("model.visual.blocks.1.attn", "forward")]
+    finally:
+        del attn.forward
+
+
+def test_accelerate_style_hook_is_kept(qwen2):
+    """Where accelerate's hooks own ``forward`` (calling ``module._old_forward``), patch
+    replaces ``_old_forward``, the hook keeps running, and undo puts it back."""
+    model = copy.deepcopy(qwen2.model)
+    attn = model.model.language_model.layers[0].self_attn
+    hooked = []
+
+    def hook_forward(*args, **kwargs):
+        hooked.append(1)
+        return attn._old_forward(*args, **kwargs)
+
+    attn._hf_hook, attn._old_forward, attn.forward = object(), attn.forward, hook_forward
+    old = attn._old_forward
+    with vt.patch(model, vision=False, rope_index=False) as handle:
+        assert "model.language_model.layers.0.self_attn._old_forward" in handle.targets
+        counts, logits = op_counts(lambda: qwen2.logits(model))
+    assert hooked and counts["vlmkernels::rope_table"] == TEXT_LAYERS
+    assert_close(logits, qwen2.ref_logits, "logits")
+    assert attn.__dict__["_old_forward"] is old and attn.__dict__["forward"] is hook_forward
+
+
+def test_positions_refused_for_dynamic_rope():
+    rope = dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0, mrope_section=[2, 3, 3])
+    config = transformers.Qwen2VLTextConfig(**{**_text(64, [2, 3, 3]), "rope_parameters": rope})
+    model = transformers.Qwen2VLTextModel(config)
+    with pytest.raises(vt.UnsupportedLayoutError, match="dynamic"):
+        vt.patch(model, angles="positions")
+    assert instance_overrides(model) == []
+    with vt.patch(model, angles="table"):
+        pass
+
+
+# ------------------------------------------------------------------ the transformers <= 5.16 layout
+
+
+def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    """transformers <= 5.16's semantics, written here from the notes' description: the
+    (3, B, S, D) tables split by ``mrope_section * 2``, chunk i taken from axis i % 3."""
+
+    def merge(table):
+        chunks = table.split(list(mrope_section) * 2, dim=-1)
+        return torch.cat([c[i % 3] for i, c in enumerate(chunks)], -1).unsqueeze(unsqueeze_dim)
+
+    cos, sin = merge(cos), merge(sin)
+
+    def rotate(x):
+        half = x.shape[-1] // 2
+        turned = torch.cat((-x[..., half:], x[..., :half]), -1)
+        return x * cos + turned * sin
+
+    return rotate(q), rotate(k)
+
+
+def _layout_516(base_attention, base_rotary):
+    """Subclasses laying a Qwen2-VL text model out as transformers <= 5.16 did: the rotary
+    module returns unmerged (3, B, S, D) tables, the attention merges them through
+    ``apply_multimodal_rotary_pos_emb`` (a global of this test module)."""
+
+    class Rotary516(base_rotary):
+        def forward(self, x, position_ids):
+            freqs = position_ids[..., None].float() * self.inv_freq.float()
+            emb = torch.cat((freqs, freqs), -1)
+            scale = self.attention_scaling
+            return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+    class Attention516(base_attention):
+        def forward(self, hidden_states, attention_mask=None, position_ids=None,
+                    past_key_values=None, position_embeddings=None, **kwargs):  # fmt: skip
+            b, s, _ = hidden_states.shape
+            q, k, v = (
+                proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
+            cos, sin = position_embeddings
+            q, k = apply_multimodal_rotary_pos_emb(
+                q, k, cos, sin, self.config.rope_parameters["mrope_section"]
+            )
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True
+            )
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+
+    return Attention516, Rotary516
+
+
+@pytest.mark.parametrize("angles", ["table", "positions"])
+def test_mrope_layout_of_transformers_516(qwen2, angles):
+    """On the 5.16 layout (emulated by subclasses), the text attention's
+    ``apply_multimodal_rotary_pos_emb`` runs vlmkernels.mrope (or the positions op)."""
+    text = copy.deepcopy(qwen2.model.model.language_model)
+    attention, rotary = _layout_516(type(text.layers[0].self_attn), type(text.rotary_emb))
+    text.rotary_emb.__class__ = rotary
+    for layer in text.layers:
+        layer.self_attn.__class__ = attention
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (2, 12), generator=g).to(DEVICE)
+    positions = torch.stack([torch.arange(12), torch.arange(12) % 4, torch.arange(12) // 3])
+    positions = positions[:, None].expand(3, 2, 12).to(DEVICE)
+    ref = text(input_ids=ids, position_ids=positions).last_hidden_state
+    with vt.patch(text, angles=angles):
+        counts, out = op_counts(lambda: text(input_ids=ids, position_ids=positions))
+    op = "vlmkernels::rope_table" if angles == "table" else "vlmkernels::rope_positions"
+    assert counts == {op: TEXT_LAYERS}
+    assert_close(out.last_hidden_state, ref, "hidden states")
