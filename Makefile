@@ -40,6 +40,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip show -q open_clip_torch >/dev/null 2>&1 || \
 		$(PY) -m pip install -q --no-deps open_clip_torch || \
 		echo "open_clip_torch not installed: the open_clip parity tests will be skipped"; \
+	$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install -q transformers || \
+		echo "transformers not installed: the model-patching tests will be skipped"; \
 	$(PY) -c "import pynvml" 2>/dev/null || $(PY) -m pip install -q nvidia-ml-py || true; \
 	touch $(STAMP)
 
