@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `benchmarks` is a top-level folder, not an installed package
 
-from benchmarks import bench_contrastive  # noqa: E402
+from benchmarks import bench_contrastive, bench_rope  # noqa: E402
 from benchmarks.env import Environment  # noqa: E402
 from benchmarks.harness import MODES, Case, Record  # noqa: E402
 from benchmarks.report import COLUMNS, CsvSink  # noqa: E402
@@ -327,3 +327,199 @@ def test_cuda_timer_asks_do_bench_for_quantiles(monkeypatch):
     assert (fast.p50, fast.p20, fast.p80) == (2.0, 1.5, 3.0)
     assert calls[0] == (25, 100, [w], [0.5, 0.2, 0.8])
     assert calls[1] == (1, 1200.0, None, [0.5, 0.2, 0.8]) and slow.reps is None
+
+
+# --------------------------------------------------------------------------------------
+# M-RoPE suite (benchmarks/bench_rope.py)
+# --------------------------------------------------------------------------------------
+
+ROPE_CSV = REPO / "benchmarks" / "results" / "rope.csv"
+ROPE_PROVIDERS = ["vlmkernels", "vlmkernels_positions", "eager", "compile"]
+ROPE_SHAPE = "B=1,S=48"
+
+
+@pytest.fixture(scope="module")
+def rope_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_rope")
+    before = ROPE_CSV.stat() if ROPE_CSV.exists() else None
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "rope", "--shape", "S=48",
+            "--modes", "fwd,bwd,fwd+bwd", "--compile-backend", "aot_eager", "--out", str(out),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        # one thread: on a shared 2-core machine, 2-thread tiny ops stall on the busy core
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    after = ROPE_CSV.stat() if ROPE_CSV.exists() else None
+    with (out / "rope.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc, rows, before, after, sorted(p.name for p in out.iterdir())
+
+
+def test_rope_cli_runs_and_prints_targets(rope_smoke):
+    proc, _, before, after, files = rope_smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert files == ["rope.csv"]
+    if before is not None:
+        assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+    assert "Targets (mrope: Qwen2-VL-7B" in proc.stdout
+    assert "% of copy ceiling: target >= 90" in proc.stdout
+    assert "ms / compile ms: target <= 1/3" in proc.stdout
+    if not ON_GPU:
+        assert proc.stdout.count(": not measured (") == 12
+
+
+def test_rope_csv_has_expected_rows(rope_smoke):
+    _, rows, *_ = rope_smoke
+    assert rows and list(rows[0]) == COLUMNS
+    assert len({r["run_id"] for r in rows}) == 1
+    for op in bench_rope.CONFIGS:
+        for provider in ROPE_PROVIDERS:
+            for mode in ("fwd", "fwd+bwd"):
+                case = dict(op=op, provider=provider, mode=mode, shape=ROPE_SHAPE)
+                (ms,) = _rows(rows, **case, metric="ms")
+                assert ms["status"] == "ok", ms
+                assert ms["x_name"] == "S" and ms["x_value"] == "48"
+                for metric in RATE_METRICS:
+                    (rate,) = _rows(rows, **case, metric=metric)
+                    assert all(_positive(rate[k]) for k in ("p50", "p20", "p80")), rate
+                (pct,) = _rows(rows, **case, metric="pct_copy_ceiling")
+                (gbps,) = _rows(rows, **case, metric="gbps")
+                nbytes = bench_rope.byte_model(op)({"B": 1, "S": 48}, mode, 4)
+                assert math.isclose(
+                    float(gbps["p50"]), nbytes / float(ms["p50"]) / 1e6, rel_tol=1e-4
+                )
+                assert float(pct["p50"]) > 0
+            (bwd,) = _rows(rows, op=op, provider=provider, mode="bwd", metric="ms")
+            assert bwd["status"] in ("ok", "below_noise"), bwd
+        for other in ROPE_PROVIDERS[1:]:
+            for mode in ("fwd", "fwd+bwd"):
+                (s,) = _rows(rows, op=op, provider="vlmkernels", mode=mode, shape=ROPE_SHAPE,
+                             metric=f"speedup_vs_{other}")  # fmt: skip
+                (ref,) = _rows(rows, op=op, provider="vlmkernels", mode=mode, metric="ms",
+                               shape=ROPE_SHAPE)  # fmt: skip
+                (oth,) = _rows(rows, op=op, provider=other, mode=mode, metric="ms",
+                               shape=ROPE_SHAPE)  # fmt: skip
+                assert math.isclose(
+                    float(s["p50"]), float(oth["p50"]) / float(ref["p50"]), rel_tol=1e-4
+                )
+        liger = _rows(rows, op=op, provider="liger")
+        reason = bench_rope.liger_available(op)(torch.device("cuda" if ON_GPU else "cpu"))
+        if reason is None:
+            assert any(r["status"] == "ok" for r in liger)
+        else:
+            (row,) = liger
+            assert row["status"] == "unavailable" and row["note"] == reason
+
+
+def test_rope_providers_compute_the_same_checksum(rope_smoke):
+    """L = <q_out, G_q> + <k_out, G_k> sums n products of unit normals: its scale is sqrt(n)
+    and it may sit near 0, so differences are judged against sqrt(n), not against L."""
+    _, rows, *_ = rope_smoke
+    for op in bench_rope.CONFIGS:
+        losses = {r["provider"]: float(r["p50"]) for r in _rows(rows, op=op, metric="loss")}
+        assert set(ROPE_PROVIDERS) <= set(losses), losses
+        scale = math.sqrt(bench_rope.qk_elements(op, {"B": 1, "S": 48}))
+        tol = 2e-2 if ON_GPU else 1e-4  # bf16 on a GPU (eager rounds 3 times), fp32 here
+        ref = losses["eager"]
+        assert all(abs(v - ref) <= tol * scale for v in losses.values()), (op, losses)
+
+
+def test_rope_cost_models():
+    shape = {"B": 1, "S": 1024}
+    qk = (28 + 4) * 1024 * 128
+    assert bench_rope.byte_model("mrope")(shape, "fwd", 2) == 2 * qk * 2
+    assert bench_rope.byte_model("mrope")(shape, "bwd", 2) == 2 * qk * 2
+    assert bench_rope.byte_model("mrope")(shape, "fwd+bwd", 2) == 4 * qk * 2
+    assert bench_rope.flop_model("mrope")(shape, "fwd") == 6 * qk
+    vision = (16 + 16) * 16384 * 80
+    assert bench_rope.byte_model("vision_rope")({"B": 1, "S": 16384}, "fwd", 2) == 2 * vision * 2
+    assert bench_rope.table_bytes("mrope", shape, 2) == 2 * 1024 * 128 * 2
+    assert bench_rope.table_bytes("vision_rope", shape, 2) == 2 * 1024 * 80 * 4
+
+
+def test_rope_positions_are_a_vl_sequence():
+    pos = bench_rope.text_vision_positions(2, 64)  # 8 text, 48 image (width 7), 8 text
+    assert pos.shape == (3, 2, 64) and pos.dtype == torch.int64
+    assert torch.equal(pos[:, 0], pos[:, 1])
+    text_before, image, text_after = pos[:, 0, :8], pos[:, 0, 8:56], pos[:, 0, 56:]
+    assert torch.equal(text_before, torch.arange(8).expand(3, 8))
+    assert torch.equal(image[0], torch.full((48,), 8))
+    assert torch.equal(image[1], 8 + torch.arange(48) // 7)
+    assert torch.equal(image[2], 8 + torch.arange(48) % 7)
+    assert torch.equal(text_after, (image.max() + 1 + torch.arange(8)).expand(3, 8))
+    hw = bench_rope.vision_positions(20)  # 6 x 6 grid in 2x2 merge order
+    assert hw.shape == (20, 2)
+    assert hw[:6].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3]]
+    assert len({tuple(p) for p in bench_rope.vision_positions(36).tolist()}) == 36
+
+
+def test_rope_eager_table_merges_follow_the_lane_rules():
+    from vlmkernels.ops.rope import CHUNKED, INTERLEAVED, lane_axes
+
+    for op, mode in (("mrope", CHUNKED), ("mrope_interleaved", INTERLEAVED)):
+        cfg = bench_rope.CONFIGS[op]
+        half = cfg.head_dim // 2
+        table = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 5, cfg.head_dim)
+        merge = bench_rope.merge_interleaved if cfg.interleaved else bench_rope.merge_chunked
+        want = lane_axes(half, mode, cfg.section).repeat(2).float().expand(2, 5, -1)
+        torch.testing.assert_close(merge(table, cfg.section), want, rtol=0, atol=0)
+        assert table[0].eq(0).all()  # out of place
+
+
+def _fake_liger(monkeypatch, with_vision: bool):
+    """liger_kernel stand-ins whose functions are the eager formulas (Liger's signatures)."""
+    import importlib.machinery
+    import types
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+        return m
+
+    calls = []
+
+    def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+        calls.append(("mrope", tuple(cos.shape), list(mrope_section)))
+        return bench_rope.mrope_eager(q, k, cos, sin, mrope_section)
+
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls.append(("rope", tuple(cos.shape)))
+        return bench_rope._rope_formula(q, k, cos, sin, unsqueeze_dim)
+
+    def rope_vision(q, k, cos, sin):
+        calls.append(("vision", tuple(cos.shape)))
+        return bench_rope._vision_formula(q, k, cos, sin)
+
+    module("liger_kernel", __version__="0.0.fake")
+    module("liger_kernel.transformers")
+    module("liger_kernel.transformers.qwen2vl_mrope", liger_multimodal_rotary_pos_emb=mrope)
+    extra = {"liger_rotary_pos_emb_vision": rope_vision} if with_vision else {}
+    module("liger_kernel.transformers.rope", liger_rotary_pos_emb=rope, **extra)
+    return calls
+
+
+def test_rope_liger_wiring_with_a_stand_in(monkeypatch):
+    from benchmarks.harness import BuildArgs
+
+    _fake_liger(monkeypatch, with_vision=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert bench_rope.liger_available("mrope")(cpu) == "Liger's Triton kernels need CUDA"
+    assert bench_rope.liger_available("mrope")(cuda) is None
+    assert "liger_rotary_pos_emb_vision missing in liger_kernel 0.0.fake" in (
+        bench_rope.liger_available("vision_rope")(cuda)
+    )
+    calls = _fake_liger(monkeypatch, with_vision=True)
+    for op in bench_rope.CONFIGS:
+        args = BuildArgs(op, {"B": 1, "S": 40}, torch.float32, cpu, 0, {})
+        liger, eager = bench_rope.build_liger(args), bench_rope.build_eager(args)
+        assert liger.note
+        torch.testing.assert_close(liger.fn(), eager.fn())
+    assert [c[0] for c in calls] == ["mrope", "rope", "vision"]
+    assert calls[0][1:] == ((3, 1, 40, 128), [16, 24, 24])  # the (3, B, S, D) tables
+    assert calls[1][1] == (1, 40, 128)  # recomposed first, as Liger's Qwen3-VL patch runs
+    assert calls[2][1] == (40, 80)

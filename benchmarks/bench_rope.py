@@ -1,0 +1,612 @@
+r"""M-RoPE family: ``mrope`` (chunked, Qwen2-VL), ``mrope_interleaved`` (Qwen3-VL) and
+``vision_rope`` (the ViT's 2-D RoPE).
+
+Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
+
+- ``mrope``: Qwen2-VL-7B text attention, 28 query / 4 key heads, head dim 128, section
+  [16, 24, 24], chunked lanes (T | H | W).
+- ``mrope_interleaved``: Qwen3-VL-8B text attention, 32 / 8 heads, head dim 128, section
+  [24, 20, 20], interleaved lanes (THW...THW then T).
+- ``vision_rope``: Qwen2-VL vision tower, 16 heads, head dim 80, S packed patches (no batch
+  axis: B must be 1); S = 16384 is the headline size, the other S are other image sizes.
+
+Inputs, as attention code produces them (seeded, identical across providers):
+
+- text: q = q_proj.transpose(1, 2) and k = k_proj.transpose(1, 2), (B, H, S, D) views of
+  (B, S, H, D) projection outputs; vision: q = qkv[:, 0], k = qkv[:, 1], (S, 16, 80) strided
+  views of a packed (S, 3, 16, 80) qkv projection. Random normal, the run's dtype (bf16 on a
+  GPU, fp32 on the CPU), ``requires_grad`` (the projections, or the q/k views for vision,
+  are the leaves whose ``.grad`` the backward pass fills).
+- positions: a VL sequence (:func:`text_vision_positions`): S/8 text tokens, an image
+  block of S - S/4 merged patches on a near-square grid (T constant, H = row, W = column,
+  offset by the text before it), S/8 text tokens continuing after the image's largest
+  position. (3, B, S) int64. Vision: (h, w) of each patch of a square grid in the 2x2
+  merge order of the Qwen-VL towers (:func:`vision_positions`).
+- cos/sin: as the Qwen rotary classes build them: fp32 angles position * inv_freq, with
+  inv_freq = theta^(-2i/D) (theta 1e6 for text, 1e4 and D/4 frequencies for vision),
+  duplicated halves, cos/sin, then cast. Text: (3, B, S, D) in the input dtype (the tables
+  transformers <= 5.16 passed to ``apply_multimodal_rotary_pos_emb``). Vision: (S, D) fp32,
+  ``[h f | w f | h f | w f]``.
+- incoming gradients: fixed random G_q, G_k in the layout attention's backward produces
+  ((B, S, H, D) memory seen as (B, H, S, D); (S, H, D) contiguous for vision).
+
+Each provider's timed call computes (q_out, k_out) and ends in L = <q_out, G_q> + <k_out,
+G_k> (:class:`_FixedGrads`): its backward hands G_q, G_k to the op's backward and does no
+work; L itself is only computed (in fp64) in the first, untimed call, recorded as the
+``loss`` row, a checksum on which every provider must agree. The timed calls return an
+uninitialised 0-d tensor instead, so no provider is charged for a reduction.
+
+Providers:
+
+- ``vlmkernels``: :func:`vlmkernels.mrope` (``interleaved=`` per op) and
+  :func:`vlmkernels.vision_rope`, from the tables (Triton on CUDA, the PyTorch path on the
+  CPU).
+- ``vlmkernels_positions``: :func:`vlmkernels.mrope_from_positions`: angles computed in the
+  kernel from the (3, B, S) positions and inv_freq, no table. Vision is chunked M-RoPE with
+  section [0, D/4, D/4], inv_freq = cat(f, f) and positions (0, h, w).
+- ``eager``: transformers' formula. Chunked: the <= 5.16 ``apply_multimodal_rotary_pos_emb``
+  (tables split by section * 2, chunk i from axis i % 3, concatenated; transformers 5.17
+  removed it, so that merge is written out here) then the installed ``apply_rotary_pos_emb``
+  (q * cos + rotate_half(q) * sin). Interleaved: Qwen3-VL's ``recomposition_frequencies``
+  rule (written out of place: the method overwrites its input's T row) then
+  ``apply_rotary_pos_emb``; the recomposition is timed, though in the model it runs once per
+  forward pass rather than per layer. Vision: the installed ``apply_rotary_pos_emb_vision``
+  (fp32 upcast). The transformers functions come from ``models.qwen2_vl.modeling_qwen2_vl``
+  where the installed version has them, else from the same formulas written out (the row's
+  note says which).
+- ``compile``: ``torch.compile`` of the same eager functions (static shapes, dynamo reset per
+  shape, compile time excluded by the warm-up).
+- ``liger`` (CUDA, when ``liger_kernel`` is importable and has the function):
+  ``liger_multimodal_rotary_pos_emb`` for ``mrope`` (the (3, B, S, D) tables), Liger's
+  plain ``liger_rotary_pos_emb`` after the same torch recomposition as eager for
+  ``mrope_interleaved`` (Liger has no interleaved M-RoPE kernel: this is what its Qwen3-VL
+  patch runs), ``liger_rotary_pos_emb_vision`` for ``vision_rope`` (fp32 copies). Liger
+  rotates in place: for the text ops the (B, S, H, D) memory under the transposed views is
+  contiguous, so it overwrites the projection outputs in the forward pass and G_q, G_k in
+  the backward pass (re-rotated at every timed call, which changes no timing; the checksum
+  comes from the first call). Missing pieces mark the provider unavailable with the reason.
+
+Byte model, the bytes every provider must move, per pass: read q and k and write their
+outputs, 2 (Hq + Hk) B S D e (e = element size of the run's dtype); the backward pass moves
+the same on the gradients (read G_q, G_k, write dq, dk); fwd+bwd is the sum,
+4 (Hq + Hk) B S D e. The angle source is not counted because it differs by provider (the
+harness has one byte model per op): the used lanes of the tables for table providers
+(each lane's cos and sin read from one axis: 2 B S D e, +3.1 % at 28 + 4 heads, what
+``vlmkernels`` reads; Liger's M-RoPE kernel reads only the first half of each row, relying
+on the halves being equal: B S D e), 3 B S int64 positions (+0.15 %) for
+``vlmkernels_positions``, fp32 (S, D) cos/sin for vision (+6.25 %). GB/s and % of the copy
+ceiling are therefore exact for ``vlmkernels_positions`` (to 0.2 %) and a lower bound for the
+table providers; the summary also prints the table providers' percentage with the used
+table lanes counted. FLOP model: 6 (Hq + Hk) B S D per pass (a rotation is 2 multiplies and
+an add per output element, fp32 casts counted as work). The op is memory-bound by two orders
+of magnitude: TFLOP/s and % of the matmul ceiling are recorded because the harness records
+them for every op, and no claim is made from them.
+
+Targets (printed after the sweep, as measured in this run; bf16, ``mrope`` shapes):
+forward at >= 90 % of the copy ceiling for S >= 16384 (``vlmkernels`` and
+``vlmkernels_positions``), and fwd+bwd in <= 1/3 of ``compile``'s time at every S.
+
+Sweep: GPU full S in {1024, 4096, 16384, 65536}; ``--quick`` S in {1024, 16384, 65536}; CPU
+S in {2048, 4096} (fp32; ``liger`` unavailable there): q, k and their outputs (42 MB and
+up) overflow the 32 MiB L3 of the development machines, so the DRAM copy ceiling bounds them
+(cache-resident sizes can read above 100 % of it).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .harness import BuildArgs, Case, OpSpec, Prepared, Provider, Results, RunConfig, Skip, Suite
+
+# --------------------------------------------------------------------------------------
+# Model shapes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    model: str
+    heads_q: int
+    heads_k: int
+    head_dim: int
+    section: tuple[int, int, int]
+    interleaved: bool
+    vision: bool
+    theta: float
+
+
+CONFIGS = {
+    "mrope": RopeConfig("Qwen2-VL-7B text", 28, 4, 128, (16, 24, 24), False, False, 1e6),
+    "mrope_interleaved": RopeConfig("Qwen3-VL-8B text", 32, 8, 128, (24, 20, 20), True, False, 1e6),
+    "vision_rope": RopeConfig("Qwen2-VL vision", 16, 16, 80, (0, 20, 20), False, True, 1e4),
+}
+
+# --------------------------------------------------------------------------------------
+# Positions and tables, as the Qwen-VL models build them
+# --------------------------------------------------------------------------------------
+
+
+def text_vision_positions(batch: int, seq: int) -> torch.Tensor:
+    """(3, B, S) int64 M-RoPE positions of text, one image block, text (same per row).
+
+    S // 8 text tokens (T = H = W = index), then S - 2 (S // 8) image tokens on a grid of
+    width ceil(sqrt(count)) filled row by row (T = start, H = start + row, W = start +
+    column), then the remaining text from the image's largest position + 1.
+    """
+    n_text = seq // 8
+    n_image = seq - 2 * n_text
+    width = max(1, math.isqrt(max(n_image - 1, 0)) + 1)
+    idx = torch.arange(n_image)
+    image = torch.stack((torch.full_like(idx, n_text), n_text + idx // width, n_text + idx % width))
+    start = int(image.max()) + 1 if n_image else n_text
+    before = torch.arange(n_text).expand(3, n_text)
+    after = (start + torch.arange(seq - n_text - n_image)).expand(3, -1)
+    pos = torch.cat((before, image, after), dim=1)
+    return pos.unsqueeze(1).expand(3, batch, seq).contiguous()
+
+
+def vision_positions(n: int) -> torch.Tensor:
+    """(n, 2) int64 (h, w) of the first n patches of a square grid (even side, the smallest
+    holding n) in the Qwen-VL towers' 2x2 merge order (each 2x2 block's patches adjacent)."""
+    side = max(2, 2 * math.ceil(math.sqrt(n) / 2))
+    hpos = torch.arange(side).view(side, 1).expand(side, side)
+    wpos = torch.arange(side).view(1, side).expand(side, side)
+
+    def merge_order(p):
+        return p.reshape(side // 2, 2, side // 2, 2).permute(0, 2, 1, 3).reshape(-1)
+
+    return torch.stack((merge_order(hpos), merge_order(wpos)), dim=-1)[:n]
+
+
+def inv_freq_of(dim: int, theta: float) -> torch.Tensor:
+    """(dim / 2,) fp32 theta^(-2i/dim), as the rotary classes' default init."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+@dataclass
+class RopeInputs:
+    """One shape's inputs; ``views()`` gives (q, k) as attention code passes them."""
+
+    leaves: tuple[torch.Tensor, torch.Tensor]
+    views: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    grads: tuple[torch.Tensor, torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    section: tuple[int, int, int]
+
+
+def make_inputs(args: BuildArgs) -> RopeInputs:
+    cfg = CONFIGS[args.op]
+    b, s, d = args.shape["B"], args.shape["S"], cfg.head_dim
+    dev, dtype = args.device, args.dtype
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+
+    if cfg.vision:
+        if b != 1:
+            raise Skip("the vision tower packs patches token-major: no batch axis (B must be 1)")
+        qkv = randn(s, 3, cfg.heads_q, d)
+        q = qkv[:, 0].detach().requires_grad_()  # strided views of the packed projection
+        k = qkv[:, 1].detach().requires_grad_()
+        grads = (randn(s, cfg.heads_q, d), randn(s, cfg.heads_k, d))
+        hw = vision_positions(s).to(dev)
+        freq = inv_freq_of(d // 2, cfg.theta).to(dev)  # D/4 frequencies
+        angles = torch.cat((hw[:, :1] * freq, hw[:, 1:] * freq), dim=-1)  # (S, D/2) fp32
+        emb = torch.cat((angles, angles), dim=-1)
+        positions = torch.cat((torch.zeros_like(hw[:, :1]), hw), dim=-1).T.contiguous()
+        return RopeInputs(
+            (q, k), lambda: (q, k), grads, emb.cos(), emb.sin(), positions,
+            torch.cat((freq, freq)), cfg.section,
+        )  # fmt: skip
+
+    q_proj = randn(b, s, cfg.heads_q, d).requires_grad_()
+    k_proj = randn(b, s, cfg.heads_k, d).requires_grad_()
+    grads = (
+        randn(b, s, cfg.heads_q, d).transpose(1, 2),
+        randn(b, s, cfg.heads_k, d).transpose(1, 2),
+    )
+    positions = text_vision_positions(b, s).to(dev)
+    inv_freq = inv_freq_of(d, cfg.theta).to(dev)
+    angles = positions[..., None].float() * inv_freq  # (3, B, S, D/2) fp32
+    emb = torch.cat((angles, angles), dim=-1)
+    return RopeInputs(
+        (q_proj, k_proj),
+        lambda: (q_proj.transpose(1, 2), k_proj.transpose(1, 2)),
+        grads,
+        emb.cos().to(dtype),
+        emb.sin().to(dtype),
+        positions,
+        inv_freq,
+        cfg.section,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Baselines: transformers' formulas
+# --------------------------------------------------------------------------------------
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_formula(q, k, cos, sin, unsqueeze_dim=1):
+    """q * cos + rotate_half(q) * sin (and k), cos/sin broadcast over heads."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _vision_formula(q, k, cos, sin):
+    """The rotation in fp32, results cast back to q's and k's dtypes."""
+    out_q, out_k = _rope_formula(q.float(), k.float(), cos.float(), sin.float(), -2)
+    return out_q.to(q.dtype), out_k.to(k.dtype)
+
+
+@functools.cache
+def hf_functions() -> tuple[Callable, Callable, str]:
+    """(apply_rotary_pos_emb, apply_rotary_pos_emb_vision, note): transformers' own where
+    the installed version has them, else the formulas written out."""
+    try:
+        import transformers
+
+        module = importlib.import_module("transformers.models.qwen2_vl.modeling_qwen2_vl")
+        version = transformers.__version__
+    except Exception:  # noqa: BLE001 - any import failure falls back to the formulas
+        module, version = None, None
+    text = getattr(module, "apply_rotary_pos_emb", None)
+    vision = getattr(module, "apply_rotary_pos_emb_vision", None)
+    if version is None:
+        note = "transformers not importable: formulas written out"
+    else:
+        used = [n for n, f in (("apply_rotary_pos_emb", text), ("..._vision", vision)) if f]
+        note = f"transformers {version} qwen2_vl {', '.join(used) or 'none'}"
+        if not text or not vision:
+            note += "; missing ones written out"
+    return text or _rope_formula, vision or _vision_formula, note
+
+
+def merge_chunked(table: torch.Tensor, section) -> torch.Tensor:
+    """(3, B, S, D) -> (B, S, D) as transformers <= 5.16's apply_multimodal_rotary_pos_emb
+    merged its tables: lanes split in chunks of sizes section * 2, chunk i from axis i % 3."""
+    chunks = table.split(list(section) * 2, dim=-1)
+    return torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+
+
+def merge_interleaved(table: torch.Tensor, section) -> torch.Tensor:
+    """(3, B, S, D) -> (B, S, D) by Qwen3-VL's recomposition rule on the first half (T
+    everywhere, H on lanes 1, 4, ... below 3 section[1], W on lanes 2, 5, ... below
+    3 section[2]), duplicated; out of place."""
+    half = table.shape[-1] // 2
+    merged = table[0, ..., :half].clone()
+    for axis in (1, 2):
+        lanes = slice(axis, 3 * section[axis], 3)
+        merged[..., lanes] = table[axis, ..., lanes]
+    return torch.cat((merged, merged), dim=-1)
+
+
+def mrope_eager(q, k, cos, sin, section, apply=_rope_formula):
+    """transformers <= 5.16 ``apply_multimodal_rotary_pos_emb(..., unsqueeze_dim=1)``;
+    ``apply`` is ``apply_rotary_pos_emb``."""
+    return apply(q, k, merge_chunked(cos, section), merge_chunked(sin, section), unsqueeze_dim=1)
+
+
+def mrope_interleaved_eager(q, k, cos, sin, section, apply=_rope_formula):
+    """Qwen3-VL: the rotary class's recomposition, then ``apply`` (``apply_rotary_pos_emb``)."""
+    return apply(
+        q, k, merge_interleaved(cos, section), merge_interleaved(sin, section), unsqueeze_dim=1
+    )
+
+
+def vision_eager(q, k, cos, sin, section=None, apply=_vision_formula):
+    """``apply`` (``apply_rotary_pos_emb_vision``, fp32 upcast); ``section`` is unused."""
+    return apply(q, k, cos, sin)
+
+
+EAGER = {
+    "mrope": mrope_eager,
+    "mrope_interleaved": mrope_interleaved_eager,
+    "vision_rope": vision_eager,
+}
+
+
+def eager_function(op: str, section) -> tuple[Callable, str]:
+    """(fn(q, k, cos, sin), note): the op's eager baseline bound to the installed
+    transformers functions (resolved here, outside any torch.compile trace)."""
+    text, vision, note = hf_functions()
+    fn = functools.partial(EAGER[op], section=section, apply=vision if CONFIGS[op].vision else text)
+    if op == "mrope":
+        note = "<= 5.16 table merge written out; " + note
+    elif op == "mrope_interleaved":
+        note = "Qwen3-VL recomposition (timed) written out; " + note
+    return fn, note
+
+
+# --------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------
+
+
+class _FixedGrads(torch.autograd.Function):
+    """L = <q_out, G_q> + <k_out, G_k>. Backward returns G_q, G_k as they are (no work);
+    forward computes L only when ``exact`` (fp64), else returns an uninitialised 0-d tensor
+    (no kernel), so timed calls pay for the op alone."""
+
+    @staticmethod
+    def forward(ctx, q_out, k_out, grad_q, grad_k, exact):
+        ctx.grads = (grad_q, grad_k)
+        if not exact:
+            return q_out.new_empty(())
+        total = (q_out.float() * grad_q.float()).sum(dtype=torch.float64)
+        total = total + (k_out.float() * grad_k.float()).sum(dtype=torch.float64)
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, _):
+        return *ctx.grads, None, None, None
+
+
+def _prepared(inp: RopeInputs, apply: Callable, note: str) -> Prepared:
+    """The harness's fn: the first call returns L exactly (the ``loss`` row), later calls
+    the uninitialised scalar; both back-propagate G_q, G_k."""
+    calls = [0]
+
+    def fn():
+        q, k = inp.views()
+        out_q, out_k = apply(q, k)
+        calls[0] += 1
+        return _FixedGrads.apply(out_q, out_k, *inp.grads, calls[0] == 1)
+
+    return Prepared(fn, inp.leaves, note)
+
+
+def _backend_note(q: torch.Tensor) -> str:
+    try:
+        from vlmkernels._backend import resolve_backend
+
+        return f"backend={resolve_backend('rope', q)}"
+    except Exception:  # noqa: BLE001 - informative only
+        return ""
+
+
+def build_vlmkernels(args: BuildArgs) -> Prepared:
+    import vlmkernels
+
+    cfg, inp = CONFIGS[args.op], make_inputs(args)
+    if cfg.vision:
+        apply = lambda q, k: vlmkernels.vision_rope(q, k, inp.cos, inp.sin)
+        what = "vision_rope from fp32 (S, D) tables"
+    else:
+        apply = lambda q, k: vlmkernels.mrope(
+            q, k, inp.cos, inp.sin, list(inp.section), interleaved=cfg.interleaved
+        )
+        what = "mrope from (3, B, S, D) tables"
+    note = "; ".join(x for x in (what, _backend_note(inp.leaves[0])) if x)
+    return _prepared(inp, apply, note)
+
+
+def build_vlmkernels_positions(args: BuildArgs) -> Prepared:
+    import vlmkernels
+
+    cfg, inp = CONFIGS[args.op], make_inputs(args)
+
+    def apply(q, k):
+        return vlmkernels.mrope_from_positions(
+            q, k, inp.positions, inp.inv_freq, list(inp.section), interleaved=cfg.interleaved
+        )
+
+    what = "mrope_from_positions, angles in the kernel"
+    if cfg.vision:
+        what += f"; vision as chunked M-RoPE, section {list(inp.section)}, positions (0, h, w)"
+    note = "; ".join(x for x in (what, _backend_note(inp.leaves[0])) if x)
+    return _prepared(inp, apply, note)
+
+
+def build_eager(args: BuildArgs) -> Prepared:
+    inp = make_inputs(args)
+    fn, note = eager_function(args.op, inp.section)
+    return _prepared(inp, lambda q, k: fn(q, k, inp.cos, inp.sin), note)
+
+
+def build_compile(args: BuildArgs) -> Prepared:
+    backend = args.options.get("compile_backend", "inductor")
+    torch._dynamo.reset()
+    inp = make_inputs(args)
+    fn, note = eager_function(args.op, inp.section)
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+    note = (
+        f"torch.compile(backend={backend}, dynamic=False) of eager ({note}); compile time excluded"
+    )
+    return _prepared(inp, lambda q, k: compiled(q, k, inp.cos, inp.sin), note)
+
+
+LIGER_FUNCTIONS = {
+    "mrope": ("liger_kernel.transformers.qwen2vl_mrope", "liger_multimodal_rotary_pos_emb"),
+    "mrope_interleaved": ("liger_kernel.transformers.rope", "liger_rotary_pos_emb"),
+    "vision_rope": ("liger_kernel.transformers.rope", "liger_rotary_pos_emb_vision"),
+}
+LIGER_NOTES = {
+    "mrope": "liger_multimodal_rotary_pos_emb on the (3, B, S, D) tables; in place",
+    "mrope_interleaved": "Liger has no interleaved M-RoPE: torch recomposition (timed) + "
+    "liger_rotary_pos_emb, as its Qwen3-VL patch runs; in place",
+    "vision_rope": "liger_rotary_pos_emb_vision: fp32 upcast copies, rotated in place",
+}
+
+
+def liger_function(op: str) -> tuple[Callable | None, str]:
+    """(Liger's function for ``op``, '') or (None, why not)."""
+    module_name, name = LIGER_FUNCTIONS[op]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - a broken install is a reason, not a crash
+        return None, f"{module_name} not importable ({type(exc).__name__}: {exc})"
+    fn = getattr(module, name, None)
+    if fn is None:
+        try:
+            version = importlib.import_module("liger_kernel").__version__
+        except Exception:  # noqa: BLE001
+            version = "?"
+        return None, f"{module_name}.{name} missing in liger_kernel {version}"
+    return fn, ""
+
+
+def liger_available(op: str) -> Callable[[torch.device], str | None]:
+    def check(device: torch.device) -> str | None:
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel is not importable (pip install liger-kernel)"
+        if device.type != "cuda":
+            return "Liger's Triton kernels need CUDA"
+        return liger_function(op)[1] or None
+
+    return check
+
+
+def build_liger(args: BuildArgs) -> Prepared:
+    fn, reason = liger_function(args.op)
+    if fn is None:
+        raise Skip(reason)
+    inp = make_inputs(args)
+    section = inp.section
+    if args.op == "mrope":
+        apply = lambda q, k: fn(q, k, inp.cos, inp.sin, list(section))
+    elif args.op == "mrope_interleaved":
+        apply = lambda q, k: fn(
+            q, k, merge_interleaved(inp.cos, section), merge_interleaved(inp.sin, section)
+        )
+    else:
+        apply = lambda q, k: fn(q, k, inp.cos, inp.sin)
+    return _prepared(inp, apply, LIGER_NOTES[args.op])
+
+
+def _providers(op: str) -> tuple[Provider, ...]:
+    return (
+        Provider("vlmkernels", build_vlmkernels),
+        Provider("vlmkernels_positions", build_vlmkernels_positions),
+        Provider("eager", build_eager),
+        Provider("compile", build_compile),
+        Provider("liger", build_liger, available=liger_available(op)),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Cost models, grid, suite
+# --------------------------------------------------------------------------------------
+
+_PASSES = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
+
+
+def qk_elements(op: str, shape: Mapping[str, int]) -> int:
+    """Elements of q and k together: (Hq + Hk) B S D."""
+    cfg = CONFIGS[op]
+    return (cfg.heads_q + cfg.heads_k) * shape["B"] * shape["S"] * cfg.head_dim
+
+
+def table_bytes(op: str, shape: Mapping[str, int], itemsize: int) -> int:
+    """Bytes of the table lanes a table provider must read per pass (not in the byte model):
+    cos and sin, each lane from one axis; fp32 for vision."""
+    cfg = CONFIGS[op]
+    return 2 * shape["B"] * shape["S"] * cfg.head_dim * (4 if cfg.vision else itemsize)
+
+
+def flop_model(op: str) -> Callable[[Mapping[str, int], str], float]:
+    def flops(shape: Mapping[str, int], mode: str) -> float:
+        """6 (Hq + Hk) B S D per pass (not for percent claims: the op is memory-bound)."""
+        return float(6 * _PASSES[mode] * qk_elements(op, shape))
+
+    return flops
+
+
+def byte_model(op: str) -> Callable[[Mapping[str, int], str, int], float]:
+    def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
+        """2 (Hq + Hk) B S D e per pass: q, k read and outputs written (gradients in bwd)."""
+        return float(2 * _PASSES[mode] * qk_elements(op, shape) * itemsize)
+
+    return nbytes
+
+
+TARGET_S_BANDWIDTH = (16384, 65536)
+TARGET_S_SPEED = (1024, 4096, 16384, 65536)
+
+
+def grid(profile: str) -> dict[str, list[int]]:
+    if profile == "cpu":
+        return {"B": [1], "S": [2048, 4096]}
+    if profile == "quick":
+        return {"B": [1], "S": [1024, 16384, 65536]}
+    return {"B": [1], "S": list(TARGET_S_SPEED)}
+
+
+OPS = tuple(OpSpec(op, _providers(op), flop_model(op), byte_model(op)) for op in CONFIGS)
+
+# --------------------------------------------------------------------------------------
+# Targets, evaluated on this run's measurements only
+# --------------------------------------------------------------------------------------
+
+
+def _case(op: str, provider: str, mode: str, s: int) -> Case:
+    return Case(op, provider, mode, (("B", 1), ("S", s)), "bfloat16")
+
+
+def summarize(results: Results, cfg: RunConfig) -> list[str]:
+    """The M-RoPE targets on the Qwen2-VL-7B shapes (``mrope``, B = 1, bf16)."""
+    op = "mrope"
+    lines = [f"Targets ({op}: {CONFIGS[op].model} shapes, B=1, bfloat16):"]
+    for s in TARGET_S_BANDWIDTH:
+        for provider in ("vlmkernels", "vlmkernels_positions"):
+            label = f"  fwd S={s} {provider} % of copy ceiling: target >= 90"
+            case = _case(op, provider, "fwd", s)
+            pct = results.get(case, "pct_copy_ceiling")
+            if pct.value is None:
+                lines.append(f"{label}: not measured ({pct.reason})")
+                continue
+            gbps = results.get(case, "gbps").value
+            extra = ""
+            if provider == "vlmkernels" and gbps:
+                qk = byte_model(op)({"B": 1, "S": s}, "fwd", 2)
+                with_tables = pct.value * (qk + table_bytes(op, {"B": 1, "S": s}, 2)) / qk
+                extra = f"; {with_tables:.1f} % counting the used table lanes"
+            lines.append(
+                f"{label}: {pct.value:.1f} ({gbps:.0f} GB/s of q/k bytes{extra}): "
+                f"{'HIT' if pct.value >= 90 else 'MISS'}"
+            )
+    for s in TARGET_S_SPEED:
+        for provider in ("vlmkernels", "vlmkernels_positions"):
+            label = f"  fwd+bwd S={s} {provider} ms / compile ms: target <= 1/3"
+            a = results.get(_case(op, provider, "fwd+bwd", s), "ms")
+            b = results.get(_case(op, "compile", "fwd+bwd", s), "ms")
+            if a.value is None or b.value is None:
+                reason = "; ".join(x.reason for x in (a, b) if x.value is None)
+                lines.append(f"{label}: not measured ({reason})")
+                continue
+            ratio = a.value / b.value
+            lines.append(
+                f"{label}: {ratio:.3g} (= {a.value:.4g} / {b.value:.4g}): "
+                f"{'HIT' if ratio <= 1 / 3 else 'MISS'}"
+            )
+    if cfg.device.type != "cuda":
+        lines.append(
+            "  (no CUDA device: this run was the CPU quick suite, whose shapes and dtype "
+            "differ from the targets')"
+        )
+    return lines
+
+
+SUITE = Suite(
+    name="rope",
+    ops=OPS,
+    grid=grid,
+    x_name="S",
+    default_modes=("fwd", "bwd", "fwd+bwd"),
+    summarize=summarize,
+)
