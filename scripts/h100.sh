@@ -16,6 +16,12 @@
 #               issue is measured -> $OUT/contrastive.csv, bench.log
 # bench-clip    full clip_loss sweep (16 shapes)                       ~6-9 min
 # bench-siglip  full siglip_loss sweep (16 shapes)                     ~4-7 min
+# bench-rope    M-RoPE suite (mrope, mrope_interleaved, vision_rope),  ~5-8 min
+#               S in {1024, 4096, 16384, 65536}, B=1, bf16, fwd/bwd/
+#               fwd+bwd, all providers; prints the rope targets
+#               -> $OUT/rope.csv, bench.log
+# bench-rope-quick  same, S in {1024, 16384, 65536}                    ~4-6 min
+#               (Liger baseline: put liger_kernel-0.8.5-py3-none-any.whl in .whl/ too)
 # bench         full sweep of both ops in one command                  > 10 min: cut by
 #               --time-budget; cases past it are recorded "skipped"    the budget
 # all           tests, then bench-quick with what is left of 510 s     ~9-10 min
@@ -30,7 +36,7 @@
 # Rows are appended to the CSV as each case ends: a command killed at its limit still
 # returns what it measured.
 #
-# Files back in $OUT (at most 8): setup.log, pytest.log, bench.log, contrastive.csv.
+# Files back in $OUT (at most 8): setup.log, pytest.log, bench.log, contrastive.csv, rope.csv.
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -61,7 +67,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
       "triton", triton.__version__, "vlmkernels", vlmkernels.__version__)
 print("cuda available:", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-for mod in ("inf_cl", "pynvml"):
+for mod in ("inf_cl", "pynvml", "liger_kernel", "transformers"):
     print(mod, "importable" if importlib.util.find_spec(mod) else "NOT importable")
 EOF
     ) 2>&1 | tee -a "$OUT/setup.log" || return 1
@@ -99,6 +105,8 @@ case "$PART" in
     bench-clip) bench clip_loss --full "$@" ;;
     bench-siglip) bench siglip_loss --full "$@" ;;
     bench) bench contrastive --full "$@" ;;
+    bench-rope) bench rope --full "$@" ;;
+    bench-rope-quick) bench rope --quick "$@" ;;
     all)
         run_tests
         t=$?
