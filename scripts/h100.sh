@@ -22,6 +22,8 @@
 #               -> $OUT/rope.csv, bench.log
 # bench-rope-quick  same, S in {1024, 16384, 65536}                    ~4-6 min
 #               (Liger baseline: put liger_kernel-0.8.5-py3-none-any.whl in .whl/ too)
+# bench-rope-index  get_rope_index, transformers vs vlmkernels, B in    ~1 min
+#               {1, 8, 32} -> $OUT/rope_index.csv
 # bench         full sweep of both ops in one command                  > 10 min: cut by
 #               --time-budget; cases past it are recorded "skipped"    the budget
 # all           tests, then bench-quick with what is left of 510 s     ~9-10 min
@@ -36,7 +38,8 @@
 # Rows are appended to the CSV as each case ends: a command killed at its limit still
 # returns what it measured.
 #
-# Files back in $OUT (at most 8): setup.log, pytest.log, bench.log, contrastive.csv, rope.csv.
+# Files back in $OUT (at most 8): setup.log, pytest.log, bench.log, contrastive.csv, rope.csv,
+# rope_index.csv.
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -107,6 +110,7 @@ case "$PART" in
     bench) bench contrastive --full "$@" ;;
     bench-rope) bench rope --full "$@" ;;
     bench-rope-quick) bench rope --quick "$@" ;;
+    bench-rope-index) bench rope_index "$@" ;;
     all)
         run_tests
         t=$?

@@ -523,3 +523,42 @@ def test_rope_liger_wiring_with_a_stand_in(monkeypatch):
     assert calls[0][1:] == ((3, 1, 40, 128), [16, 24, 24])  # the (3, B, S, D) tables
     assert calls[1][1] == (1, 40, 128)  # recomposed first, as Liger's Qwen3-VL patch runs
     assert calls[2][1] == (40, 80)
+
+
+# --------------------------------------------------------------------------------------
+# get_rope_index suite (benchmarks/bench_rope_index.py)
+# --------------------------------------------------------------------------------------
+
+
+def test_rope_index_suite_runs_and_providers_agree(tmp_path):
+    pytest.importorskip("transformers")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "rope_index", "--shape", "B=2",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Target (B = 8, forward)" in proc.stdout
+    with (tmp_path / "rope_index.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for op in ("get_rope_index_qwen2_vl", "get_rope_index_qwen3_vl"):
+        times = {
+            r["provider"]: float(r["p50"]) for r in rows if r["op"] == op and r["metric"] == "ms"
+        }
+        assert set(times) == {"vlmkernels", "transformers"} and min(times.values()) > 0
+        # both return the last position of row 0: the same number
+        losses = {r["provider"]: r["p50"] for r in rows if r["op"] == op and r["metric"] == "loss"}
+        assert losses["vlmkernels"] == losses["transformers"], losses
+
+
+def test_rope_index_batch_layout_matches_grids():
+    from benchmarks.bench_rope_index import IMAGES, VIDEO, make_batch
+
+    for model_type in ("qwen2_vl", "qwen3_vl"):
+        _, types, mask, images, videos = make_batch(model_type, 3, torch.device("cpu"))
+        assert images.shape == (2 * 3, 3) and videos.shape == (3, 3)
+        vision = sum(t * h * w // 4 for t, h, w in (*IMAGES, VIDEO))
+        assert ((types > 0) & (mask > 0)).sum(1).tolist() == [vision] * 3
+        assert mask.sum(1).tolist() == sorted(mask.sum(1).tolist(), reverse=True)
