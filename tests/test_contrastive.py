@@ -451,9 +451,12 @@ def test_triton_path_never_allocates_n_by_n(device):
     x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
     s, b = torch.tensor(10.0, device=device), torch.tensor(-1.0, device=device)
     grads = torch.rand(2, n, device=device)
+    targets = C.Targets()
     with _AllocationRecorder() as rec:
-        _, lse_r, lse_c = C._clip_forward_triton(x, y, s, b)
-        C._clip_backward_triton(x, y, s, b, lse_r, lse_c, grads, chunk)
+        rows, cols = C._block_stats_triton(x, y, s, b, targets)
+        row_coef = rows.coefficients(targets, n, grads[0], None)
+        col_coef = cols.coefficients(targets, n, grads[1], None)
+        C._block_grads_triton(x, y, s, b, targets, row_coef, col_coef, chunk)
         C._siglip_rows_triton(x, y, s, b)
         C._siglip_grads_triton(x, y, s, b, grads[0], chunk)
     assert rec.largest <= max(n * d, n * chunk, 16 * n)
@@ -476,16 +479,19 @@ def test_opcheck(bias, device, backend):
     x, y, s, b = _op_inputs(device, bias)
     n = x.shape[0]
     ops = torch.ops.vlmkernels
-    torch.library.opcheck(ops.clip_loss_forward, (x, y, s, b, 0))
-    torch.library.opcheck(ops.siglip_loss_forward, (x, y, s, b, 0))
-    torch.library.opcheck(ops.siglip_loss_fused, (x, y, s, b, 1.0 / n, 0))
+    ce = (None, None, None, None, None, 0, 0.0, 0.0, True, True, 0)
+    torch.library.opcheck(ops.contrastive_ce_forward, (x, y, s, b, *ce))
+    torch.library.opcheck(ops.siglip_loss_forward, (x, y, s, b, 0, 0))
+    torch.library.opcheck(ops.siglip_loss_fused, (x, y, s, b, 1.0 / n, 0, 0))
     # the backward ops are not differentiable themselves (no double backward)
     x, y, s = x.detach(), y.detach(), s.detach()
     b = b.detach() if b is not None else None
-    _, lse_r, lse_c = ops.clip_loss_forward(x, y, s, b, 0)
+    _, _, row_state, col_state = ops.contrastive_ce_forward(x, y, s, b, *ce)
     upstream = torch.rand(2, n, device=device)
-    torch.library.opcheck(ops.clip_loss_backward, (x, y, s, b, lse_r, lse_c, upstream, 16))
-    torch.library.opcheck(ops.siglip_loss_backward, (x, y, s, b, upstream[0], 16))
+    torch.library.opcheck(
+        ops.contrastive_ce_backward, (x, y, s, b, *ce, row_state, col_state, *upstream)
+    )
+    torch.library.opcheck(ops.siglip_loss_backward, (x, y, s, b, upstream[0], 16, 0))
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
@@ -509,8 +515,8 @@ def test_torch_compile_fullgraph(name, compiler, device):
 
 def test_ops_live_in_vlmkernels_namespace():
     for op in (
-        "clip_loss_forward",
-        "clip_loss_backward",
+        "contrastive_ce_forward",
+        "contrastive_ce_backward",
         "siglip_loss_forward",
         "siglip_loss_backward",
         "siglip_loss_fused",

@@ -51,8 +51,10 @@ def per_sample_fp32(name, x, y, s, b):
     """The fused kernels' fp32 per-sample losses, before rounding to the input dtype."""
     ops = torch.ops.vlmkernels
     if name == "clip":
-        return ops.clip_loss_forward(x, y, s, b, 0)[0]
-    return ops.siglip_loss_forward(x, y, s, b, 0)
+        ce = ops.contrastive_ce_forward(x, y, s, b, None, None, None, None, None, 0, 0.0, 0.0,
+                                        True, True, 0)  # fmt: skip
+        return torch.stack(ce[:2])
+    return ops.siglip_loss_forward(x, y, s, b, 0, 0)
 
 
 def reference(name, x, y, s, b):

@@ -28,6 +28,7 @@ Memory: the inputs, their gradients, an fp32 accumulator for dY and one dS chunk
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -153,99 +154,194 @@ def _diagonal_tile(row_start, col_start, BM: tl.constexpr, BN: tl.constexpr):
     return (row_start < col_start + BN) & (col_start < row_start + BM)
 
 
+@triton.jit
+def _hard_mask(rows, cols, rid, cid, valid, offset, IDS: tl.constexpr):
+    """Positive pairs of a tile: equal ids, or column = row + offset."""
+    if IDS:
+        hard = (rid[:, None] == cid[None, :]) & valid
+    else:
+        hard = (rows[:, None] + offset == cols[None, :]) & valid
+    return hard
+
+
 # fmt: off
-@triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])
+_STATS_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_STATS_KEY)
 @_even_k
 @triton.jit
 def _clip_stats_kernel(
     x_ptr, y_ptr, scale_ptr, bias_ptr,
-    row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr, diag_ptr,
-    N, D, stride_xn, stride_xd, stride_yn, stride_yd, num_row_groups, n_bucket,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    row_ids_ptr, col_ids_ptr, xt_ptr, yt_ptr, tscale_ptr, t_lse_row_ptr, t_lse_col_ptr,
+    row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr, row_acc_ptr, col_acc_ptr,
+    M, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd,
+    stride_txn, stride_txd, stride_tyn, stride_tyd, num_row_groups, n_bucket,
+    ROWS: tl.constexpr, COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr,
+    TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One pass over the logit tiles for the row and column log-sum-exp, and the diagonal.
+    """One pass over the tiles of the M x N logits S = s X Y^T + b for the statistics of
+    its rows (``ROWS``) and of its columns (``COLS``).
+
+    Per row and per column: the log-sum-exp as a base-2 (max, sum of 2^(t - max)) pair,
+    t = S log2(e), and additive sums over the other side: of S on positive pairs (slot 0;
+    positives are ``col = row + offset``, or equal ids with ``IDS``), of positive pairs
+    (slot 1, ``IDS``), of S (slot 2, label smoothing) and of softmax(T) S for teacher logits
+    T = s_t X_t Y_t^T (slot 3, ``TEACHER``, given the teacher's log-sum-exp).
 
     Program (g, k) owns a rectangle of tiles: the row blocks of group g times the column
-    blocks of split k. It keeps the row statistics of the current row block in registers
-    and the column statistics of its rectangle in its own slot g of the column partials
-    (read back, updated and written per tile; no other program touches that slot). Both
-    are (max, sum of 2^(t - max)) pairs in base 2, t = S log2(e); the host merges the
+    blocks of split k. It keeps the statistics of its current row block in registers and
+    those of its columns in its own slot g of the column partials (read back, updated and
+    written per tile; no other program touches that slot). The host merges the
     num_col_splits row partials and the num_row_groups column partials.
     """
     pid = tl.program_id(0)
     num_col_splits = tl.num_programs(0) // num_row_groups
     g = pid % num_row_groups  # consecutive programs share column tiles in L2
     k = pid // num_row_groups
-    i_lo, i_hi = _block_range(g, num_row_groups, N, BM)
+    i_lo, i_hi = _block_range(g, num_row_groups, M, BM)
     j_lo, j_hi = _block_range(k, num_col_splits, N, BN)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     scale2 = scale * _LOG2E
-    row_max_ptr += k.to(tl.int64) * N
-    row_sum_ptr += k.to(tl.int64) * N
+    if TEACHER:
+        tscale2 = tl.load(tscale_ptr).to(tl.float32) * _LOG2E
+    row_slot = tl.cast(num_col_splits, tl.int64) * M
+    col_slot = tl.cast(num_row_groups, tl.int64) * N
+    row_max_ptr += k.to(tl.int64) * M
+    row_sum_ptr += k.to(tl.int64) * M
+    row_acc_ptr += k.to(tl.int64) * M
     col_max_ptr += g.to(tl.int64) * N
     col_sum_ptr += g.to(tl.int64) * N
+    col_acc_ptr += g.to(tl.int64) * N
 
     for i in range(i_lo, i_hi):
         rows = i * BM + tl.arange(0, BM)
-        row_mask = rows < N
+        row_mask = rows < M
+        keep_r = row_mask.to(tl.float32)
         row_offset = bias * _LOG2E + _pad(row_mask)
+        rid = rows
+        if IDS:
+            rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
+        if TEACHER:
+            t_lse_r = tl.load(t_lse_row_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
         m_row = tl.full((BM,), _NEG_INF, tl.float32)
         l_row = tl.zeros((BM,), tl.float32)
+        hard_dot_r = tl.zeros((BM,), tl.float32)
+        hard_cnt_r = tl.zeros((BM,), tl.float32)
+        logit_sum_r = tl.zeros((BM,), tl.float32)
+        teacher_dot_r = tl.zeros((BM,), tl.float32)
         for j in range(j_lo, j_hi):
             cols = j * BN + tl.arange(0, BN)
             col_mask = cols < N
+            keep_c = col_mask.to(tl.float32)
+            valid = row_mask[:, None] & col_mask[None, :]
             acc = _logits_tile(x_ptr, y_ptr, i * BM, j * BN, row_mask, col_mask, D,
                                stride_xn, stride_xd, stride_yn, stride_yd,
                                BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
             # t = S log2(e), -inf on padding rows and columns
             t = acc * scale2 + row_offset[:, None] + _pad(col_mask)[None, :]
-
-            if _diagonal_tile(i * BM, j * BN, BM, BN):
-                t_ii = tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
-                here = (rows >= j * BN) & (rows < (j + 1) * BN) & row_mask
-                tl.store(diag_ptr + rows, t_ii * _LN2, mask=here)
-
-            # rows of padding stay at -inf: shift them by 0 instead of -inf (no NaN)
-            m_new = tl.maximum(m_row, tl.max(t, 1))
-            m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
-            l_row = l_row * tl.exp2(m_row - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), 1)
-            m_row = m_new
-
+            logits = acc * scale + bias
+            cid = cols
+            if IDS:
+                cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
             # nothing to read back on the group's first row block
             seen = col_mask & ((cols * 0 + i) > i_lo)
-            m_col = tl.load(col_max_ptr + cols, mask=seen, other=_NEG_INF)
-            l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
-            m_col_new = tl.maximum(m_col, tl.max(t, 0))
-            m_use = tl.where(m_col_new == _NEG_INF, 0.0, m_col_new)
-            l_col = l_col * tl.exp2(m_col - m_use) + tl.sum(tl.exp2(t - m_use[None, :]), 0)
-            tl.store(col_max_ptr + cols, m_col_new, mask=col_mask)
-            tl.store(col_sum_ptr + cols, l_col, mask=col_mask)
+
+            if IDS:
+                hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
+                hard_dot_r += tl.sum(tl.where(hard, logits, 0.0), 1)
+                hard_cnt_r += tl.sum(hard.to(tl.float32), 1)
+                if COLS:
+                    dot_c = tl.load(col_acc_ptr + cols, mask=seen, other=0.0)
+                    cnt_c = tl.load(col_acc_ptr + col_slot + cols, mask=seen, other=0.0)
+                    dot_c += tl.sum(tl.where(hard, logits, 0.0), 0)
+                    cnt_c += tl.sum(hard.to(tl.float32), 0)
+                    tl.store(col_acc_ptr + cols, dot_c, mask=col_mask)
+                    tl.store(col_acc_ptr + col_slot + cols, cnt_c, mask=col_mask)
+            elif _diagonal_tile(i * BM + offset, j * BN, BM, BN):
+                hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
+                hard_dot_r += tl.sum(tl.where(hard, logits, 0.0), 1)
+            if SMOOTH:
+                logit_sum_r += tl.sum(logits * keep_c[None, :], 1)
+                if COLS:
+                    sum_c = tl.load(col_acc_ptr + 2 * col_slot + cols, mask=seen, other=0.0)
+                    sum_c += tl.sum(logits * keep_r[:, None], 0)
+                    tl.store(col_acc_ptr + 2 * col_slot + cols, sum_c, mask=col_mask)
+            if TEACHER:
+                teacher = _logits_tile(xt_ptr, yt_ptr, i * BM, j * BN, row_mask, col_mask, D,
+                                       stride_txn, stride_txd, stride_tyn, stride_tyd,
+                                       BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+                tt = teacher * tscale2 + _pad(row_mask)[:, None] + _pad(col_mask)[None, :]
+                if ROWS:
+                    p_row = tl.exp2(tt - t_lse_r[:, None])
+                    teacher_dot_r += tl.sum(p_row * logits, 1)
+                if COLS:
+                    t_lse_c = tl.load(t_lse_col_ptr + cols, mask=col_mask, other=0.0) * _LOG2E
+                    p_col = tl.exp2(tt - t_lse_c[None, :])
+                    tdot_c = tl.load(col_acc_ptr + 3 * col_slot + cols, mask=seen, other=0.0)
+                    tdot_c += tl.sum(p_col * logits, 0)
+                    tl.store(col_acc_ptr + 3 * col_slot + cols, tdot_c, mask=col_mask)
+
+            if ROWS:
+                # rows of padding stay at -inf: shift them by 0 instead of -inf (no NaN)
+                m_new = tl.maximum(m_row, tl.max(t, 1))
+                m_use = tl.where(m_new == _NEG_INF, 0.0, m_new)
+                l_row = l_row * tl.exp2(m_row - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), 1)
+                m_row = m_new
+            if COLS:
+                m_col = tl.load(col_max_ptr + cols, mask=seen, other=_NEG_INF)
+                l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
+                m_col_new = tl.maximum(m_col, tl.max(t, 0))
+                m_use = tl.where(m_col_new == _NEG_INF, 0.0, m_col_new)
+                l_col = l_col * tl.exp2(m_col - m_use) + tl.sum(tl.exp2(t - m_use[None, :]), 0)
+                tl.store(col_max_ptr + cols, m_col_new, mask=col_mask)
+                tl.store(col_sum_ptr + cols, l_col, mask=col_mask)
             # the next read of these columns may come from other threads of this program
             tl.debug_barrier()
-        tl.store(row_max_ptr + rows, m_row, mask=row_mask)
-        tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
+        if ROWS:
+            tl.store(row_max_ptr + rows, m_row, mask=row_mask)
+            tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
+        tl.store(row_acc_ptr + rows, hard_dot_r, mask=row_mask)
+        if IDS:
+            tl.store(row_acc_ptr + row_slot + rows, hard_cnt_r, mask=row_mask)
+        if SMOOTH:
+            tl.store(row_acc_ptr + 2 * row_slot + rows, logit_sum_r, mask=row_mask)
+        if TEACHER:
+            tl.store(row_acc_ptr + 3 * row_slot + rows, teacher_dot_r, mask=row_mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])
+_GRAD_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_GRAD_KEY)
 @_even_k
 @triton.jit
 def _clip_grad_kernel(
-    x_ptr, y_ptr, scale_ptr, bias_ptr, lse_row_ptr, lse_col_ptr, w_row_ptr, w_col_ptr,
+    x_ptr, y_ptr, scale_ptr, bias_ptr, row_ids_ptr, col_ids_ptr,
+    xt_ptr, yt_ptr, tscale_ptr, row_coef_ptr, col_coef_ptr,
     grad_ptr, stride_gm, partial_ptr, partial_stride,
-    row0, n_rows, N, D, stride_xn, stride_xd, stride_yn, stride_yd, n_bucket,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    row0, n_rows, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd,
+    stride_txn, stride_txd, stride_tyn, stride_tyd, coef_stride_r, coef_stride_c, n_bucket,
+    ROWS: tl.constexpr, COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr,
+    TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Rows row0 .. row0 + n_rows of the CLIP logit gradient, written to ``grad`` (a chunk).
+    """Rows row0 .. row0 + n_rows of the logit gradient of a block, written to ``grad``.
 
-    grad_ij = u_i exp(S_ij - r_i) + v_j exp(S_ij - c_j) - delta_ij (u_i + v_j), with u, v
-    the (normalised) upstream weights. Program (m, k) covers row block m of the chunk and
-    the column blocks of split k, and writes sum(grad * s log2(e) XY^T) and sum(grad)
-    (the scale and bias gradients' shares) to partial[0, pid] and partial[1, pid]. The
-    exponents carry -inf on padding columns (row side) and padding rows (column side),
-    and u, v are 0 there: the gradient is exactly 0 outside the matrix, with no tile-sized
-    mask.
+    With, per row i (``ROWS``) and per column j (``COLS``), the log-sum-exp r_i / c_j, the
+    upstream weight u_i / v_j and the target coefficients h (positives), e (smoothing) and
+    a (teacher), stored as coef[0..5] = (lse, u, h, e, a, teacher lse):
+
+        grad_ij = u_i exp(S_ij - r_i) - h_i P_ij - e_i - a_i exp(T_ij - rt_i)      (rows)
+                + v_j exp(S_ij - c_j) - h'_j P_ij - e'_j - a'_j exp(T_ij - ct_j)   (columns)
+
+    P the positive pairs. Program (m, k) covers row block m of the chunk and the column
+    blocks of split k, and writes sum(grad * s log2(e) XY^T) and sum(grad) (the scale and
+    bias gradients' shares) to partial[0, pid] and partial[1, pid]. Padding rows and
+    columns contribute exactly 0: their exponents carry -inf and their weights are 0.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -254,13 +350,28 @@ def _clip_grad_kernel(
     local = pid_m * BM + tl.arange(0, BM)
     row_mask = local < n_rows
     rows = row0 + local
+    keep_r = row_mask.to(tl.float32)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
     scale2 = scale * _LOG2E
     bias2 = bias * _LOG2E
-    lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0)
-    row_shift = bias2 - lse_r * _LOG2E
     row_pad = _pad(row_mask)
-    w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
+    if ROWS:
+        row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=row_mask, other=0.0) * _LOG2E
+        w_r = tl.load(row_coef_ptr + coef_stride_r + rows, mask=row_mask, other=0.0)
+        h_r = tl.load(row_coef_ptr + 2 * coef_stride_r + rows, mask=row_mask, other=0.0)
+        if SMOOTH:
+            e_r = tl.load(row_coef_ptr + 3 * coef_stride_r + rows, mask=row_mask, other=0.0)
+        if TEACHER:
+            a_r = tl.load(row_coef_ptr + 4 * coef_stride_r + rows, mask=row_mask, other=0.0)
+            t_shift_r = -tl.load(row_coef_ptr + 5 * coef_stride_r + rows, mask=row_mask,
+                                 other=0.0) * _LOG2E
+    else:
+        h_r = keep_r * 0.0
+    if TEACHER:
+        tscale2 = tl.load(tscale_ptr).to(tl.float32) * _LOG2E
+    rid = rows
+    if IDS:
+        rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
     grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
 
     dscale_acc = tl.zeros((BM,), tl.float32)
@@ -268,23 +379,52 @@ def _clip_grad_kernel(
     for j in range(j_lo, j_hi):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
-        lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0)
-        col_shift = bias2 - lse_c * _LOG2E
-        w_c = tl.load(w_col_ptr + cols, mask=col_mask, other=0.0)
+        col_pad = _pad(col_mask)
+        valid = row_mask[:, None] & col_mask[None, :]
         acc = _logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                            stride_xn, stride_xd, stride_yn, stride_yd,
                            BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         a = acc * scale2
-        grad = (w_r[:, None] * tl.exp2(a + row_shift[:, None] + _pad(col_mask)[None, :])
-                + w_c[None, :] * tl.exp2(a + col_shift[None, :] + row_pad[:, None]))
-        if _diagonal_tile(row0 + pid_m * BM, j * BN, BM, BN):
+        grad = tl.zeros((BM, BN), tl.float32)
+        if ROWS:
+            grad += w_r[:, None] * tl.exp2(a + row_shift[:, None] + col_pad[None, :])
+        if COLS:
+            col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=0.0) * _LOG2E
+            w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
+            h_c = tl.load(col_coef_ptr + 2 * coef_stride_c + cols, mask=col_mask, other=0.0)
+            grad += w_c[None, :] * tl.exp2(a + col_shift[None, :] + row_pad[:, None])
+        else:
+            h_c = col_mask.to(tl.float32) * 0.0
+        if IDS:
+            cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
+            hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
+            grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
+        elif _diagonal_tile(row0 + pid_m * BM + offset, j * BN, BM, BN):
             # rows past the chunk are padding here even where they are rows of the matrix
-            on_diag = (rows[:, None] == cols[None, :]) & row_mask[:, None]
-            grad = tl.where(on_diag, grad - (w_r[:, None] + w_c[None, :]), grad)
+            hard = _hard_mask(rows, cols, rows, cols, valid, offset, IDS)
+            grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
+        if SMOOTH:
+            keep_c = col_mask.to(tl.float32)
+            if ROWS:
+                grad -= e_r[:, None] * keep_c[None, :]
+            if COLS:
+                e_c = tl.load(col_coef_ptr + 3 * coef_stride_c + cols, mask=col_mask, other=0.0)
+                grad -= e_c[None, :] * keep_r[:, None]
+        if TEACHER:
+            teacher = _logits_tile(xt_ptr, yt_ptr, row0 + pid_m * BM, j * BN, row_mask,
+                                   col_mask, D, stride_txn, stride_txd, stride_tyn, stride_tyd,
+                                   BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+            tt = teacher * tscale2
+            if ROWS:
+                grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
+            if COLS:
+                a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + cols, mask=col_mask, other=0.0)
+                t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + cols, mask=col_mask,
+                                  other=0.0)
+                grad -= a_c[None, :] * tl.exp2(tt - t_lse_c[None, :] * _LOG2E + row_pad[:, None])
         dscale_acc += tl.sum(grad * a, 1)
         dbias_acc += tl.sum(grad, 1)
-        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
     pid = pid_m * num_splits + split
     tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
     tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
@@ -295,14 +435,15 @@ def _clip_grad_kernel(
 @triton.jit
 def _siglip_kernel(
     x_ptr, y_ptr, scale_ptr, bias_ptr, w_row_ptr,
-    loss_ptr, grad_ptr, stride_gm, partial_ptr, partial_stride,
-    row0, n_rows, N, D, stride_xn, stride_xd, stride_yn, stride_yd, n_bucket,
+    loss_ptr, loss_stride, grad_ptr, stride_gm, partial_ptr, partial_stride,
+    row0, n_rows, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd, n_bucket,
     HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """SigLIP over rows row0 .. row0 + n_rows: per-row loss partials, and optionally the
-    logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij).
+    """SigLIP over rows row0 .. row0 + n_rows of an M x N block: per-row loss partials, and
+    optionally the logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij), z = +1 on the
+    positive pairs col = row + offset (none when that is out of the block), -1 elsewhere.
 
     With the margin m = z S: loss l = softplus(-m) = -logsigmoid(m), and
     sigmoid(-m) = exp(-m - l), which reuses l instead of a division. Program (m, k) covers
@@ -334,17 +475,17 @@ def _siglip_kernel(
                            stride_xn, stride_xd, stride_yn, stride_yd,
                            BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         logits = acc * scale + bias
-        margin = tl.where(rows[:, None] == cols[None, :], logits, -logits)
+        margin = tl.where(rows[:, None] + offset == cols[None, :], logits, -logits)
         loss = tl.maximum(-margin, 0.0) + _log1p(tl.exp2(-tl.abs(margin) * _LOG2E))
         loss_acc += tl.sum(loss * keep[None, :], 1)
         if WRITE_GRAD:
             h = tl.exp2((-margin - loss) * _LOG2E) * (w_r[:, None] * keep[None, :])
-            grad = tl.where(rows[:, None] == cols[None, :], -h, h)
+            grad = tl.where(rows[:, None] + offset == cols[None, :], -h, h)
             tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
             dscale_acc -= tl.sum(h * margin, 1)
             dbias_acc += tl.sum(grad, 1)
-    tl.store(loss_ptr + split.to(tl.int64) * N + rows, loss_acc, mask=row_mask)
+    tl.store(loss_ptr + split.to(tl.int64) * loss_stride + rows, loss_acc, mask=row_mask)
     if WRITE_GRAD:
         pid = pid_m * num_splits + split
         tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
@@ -429,31 +570,42 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _feature_grads(x, y, coef, chunk_rows, fill):
-    """dx = coef * G y, dy = coef * G^T x and sum(G * (x y^T)) for a logit gradient G made
-    chunk by chunk.
+def _feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
+    """dx = coef * G y, dy = coef * G^T x and sum(G * (x y^T)) for the logit gradient G
+    (M x N) of rows x (M, d) and columns y (N, d), made chunk by chunk.
 
     ``fill(buf, chunk, row0, n)`` writes rows row0 .. row0 + n of G into buf[:n]. The chunk
-    is stored in the input dtype (a GEMM operand); dx is written per chunk, dy accumulates
-    in fp32 across chunks. The scale gradient's sum comes from the dx product for free:
-    sum_ij G_ij x_i . y_j = sum_i x_i . (G y)_i. Returns (dx, dy) in the input dtype and
-    that sum (fp32, before ``coef``).
+    is stored in the input dtype (a GEMM operand). Without accumulators dx is written per
+    chunk in the input dtype and dy accumulated in fp32 then rounded; with fp32
+    ``dx_acc`` / ``dy_acc`` both are added into them (ring steps). The scale gradient's sum
+    comes from the dx product for free: sum_ij G_ij x_i . y_j = sum_i x_i . (G y)_i.
+    Returns (dx, dy, that sum (fp32, before ``coef``)).
     """
-    n, d = x.shape
-    buf = torch.empty((chunk_rows, n), dtype=x.dtype, device=x.device)
-    dx = torch.empty((n, d), dtype=x.dtype, device=x.device)
-    dy = torch.zeros((n, d), dtype=torch.float32, device=x.device)
-    g_dot_xy = torch.zeros((), dtype=dy.dtype, device=x.device)
-    for c, row0 in enumerate(range(0, n, chunk_rows)):
-        rows = min(chunk_rows, n - row0)
+    m, d = x.shape
+    n = y.shape[0]
+    buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
+    dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=x.dtype, device=x.device)
+    dy = dy_acc if dy_acc is not None else torch.zeros((n, d), dtype=torch.float32,
+                                                       device=x.device)  # fmt: skip
+    g_dot_xy = torch.zeros((), dtype=torch.float32, device=x.device)
+    for c, row0 in enumerate(range(0, m, chunk_rows)):
+        rows = min(chunk_rows, m - row0)
         fill(buf, c, row0, rows)
         g = buf[:rows]
         x_rows = x[row0 : row0 + rows]
         gy = _mm_f32(g, y)
         g_dot_xy += (gy * x_rows).sum()
-        dx[row0 : row0 + rows] = gy.mul_(coef)
-        _addmm_f32_(dy, g.t(), x_rows)
+        if dx_acc is not None:
+            dx[row0 : row0 + rows] += gy.mul_(coef)
+        else:
+            dx[row0 : row0 + rows] = gy.mul_(coef)
+        if dy_acc is not None:  # other calls add with other coefficients: scale now
+            dy.add_(_mm_f32(g.t(), x_rows).mul_(coef))
+        else:
+            _addmm_f32_(dy, g.t(), x_rows)
     del buf, g  # the rounded dy below can reuse the chunk's memory
+    if dy_acc is not None:
+        return dx, dy, g_dot_xy
     return dx, dy.mul_(coef).to(y.dtype), g_dot_xy
 
 
@@ -461,16 +613,6 @@ def _tile_addressable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy where offsets inside a tile (up to 256 rows or columns
     of its strides) would not fit in 32 bits, as :func:`_logits_tile` assumes."""
     return t if 256 * max(t.stride()) < 2**31 else t.contiguous()
-
-
-def _kernel_args(x, y, scale, bias):
-    """The arguments every kernel shares: (bias pointer, (N, D, strides), constexpr flags).
-    Without a bias the scale pointer stands in (never read). ``x`` and ``y`` must have
-    passed through :func:`_tile_addressable`."""
-    dot_fp32, precision = dot_precision(x.dtype)
-    flags = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
-    shape = (*x.shape, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
-    return (bias if bias is not None else scale), shape, flags
 
 
 def _normalise(*weights: torch.Tensor):
@@ -481,115 +623,261 @@ def _normalise(*weights: torch.Tensor):
     return [(w / kappa).contiguous() for w in weights], kappa
 
 
-def _clip_forward_triton(x, y, scale, bias):
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    r"""Cross-entropy targets of a block of logits S (M x N), per direction.
+
+    Positive pairs ("hard"): equal ids (``row_ids`` (M,), ``col_ids`` (N,)) if given, else
+    col = row + ``offset``. For a row i with c_i positives among n classes, and teacher
+    logits T = s_t X_t Y_t^T (``teacher`` = (X_t, Y_t, s_t), same shapes as X, Y):
+
+        t_ij = (1 - alpha) ((1 - smoothing) hard_ij / c_i + smoothing / n)
+               + alpha softmax_j(T_i.)
+
+    and likewise for columns. The cross-entropy is lse_j(S_i.) - sum_j t_ij S_ij.
+    """
+
+    offset: int = 0
+    row_ids: torch.Tensor | None = None
+    col_ids: torch.Tensor | None = None
+    smoothing: float = 0.0
+    alpha: float = 0.0
+    teacher: tuple | None = None
+
+    @property
+    def ids(self) -> bool:
+        return self.row_ids is not None
+
+
+@dataclasses.dataclass
+class SideStats:
+    """Statistics of the rows (or the columns) of a logit block over the other side:
+    fp32 (L,) tensors, additive across blocks of the other side (``merge``)."""
+
+    lse: torch.Tensor
+    hard_dot: torch.Tensor  # sum of S over positive pairs
+    hard_cnt: torch.Tensor  # number of positive pairs
+    logit_sum: torch.Tensor | None = None  # sum of S (label smoothing)
+    teacher_dot: torch.Tensor | None = None  # sum of softmax(T) S (distillation)
+
+    def merge(self, other: SideStats) -> SideStats:
+        def add(a, b):
+            return None if a is None else a + b
+
+        return SideStats(
+            torch.logaddexp(self.lse, other.lse),
+            self.hard_dot + other.hard_dot,
+            self.hard_cnt + other.hard_cnt,
+            add(self.logit_sum, other.logit_sum),
+            add(self.teacher_dot, other.teacher_dot),
+        )
+
+    def losses(self, targets: Targets, n_classes: int) -> torch.Tensor:
+        """Per-sample cross-entropy lse - sum_j t_ij S_ij once the stats are complete."""
+        hard = torch.where(self.hard_cnt > 0, self.hard_dot / self.hard_cnt.clamp_min(1), 0.0)
+        dot = (1 - targets.smoothing) * hard
+        if targets.smoothing:
+            dot = dot + targets.smoothing / n_classes * self.logit_sum
+        dot = (1 - targets.alpha) * dot
+        if targets.alpha:
+            dot = dot + targets.alpha * self.teacher_dot
+        return self.lse - dot
+
+    def coefficients(self, targets: Targets, n_classes: int, weights: torch.Tensor,
+                     teacher_lse: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """(6, L), in the dtype of the stats, for the gradient kernel: (lse, u, h, e, a,
+        teacher lse) with u the
+        upstream weights, h = u (1 - alpha)(1 - smoothing) / c, e = u (1 - alpha)
+        smoothing / n, a = u alpha."""
+        u = weights.to(self.lse.dtype)
+        keep = 1 - targets.alpha
+        h = torch.where(self.hard_cnt > 0, u * keep * (1 - targets.smoothing)
+                        / self.hard_cnt.clamp_min(1), 0.0)  # fmt: skip
+        e = u * keep * targets.smoothing / n_classes
+        a = u * targets.alpha
+        t_lse = teacher_lse if teacher_lse is not None else torch.zeros_like(u)
+        return torch.stack((self.lse, u, h, e, a, t_lse.to(u.dtype)))
+
+
+def _onehot_counts(m: int, n: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive counts of rows and columns for positives at col = row + offset."""
+    rows = torch.arange(m, device=device) + offset
+    cols = torch.arange(n, device=device) - offset
+    return ((rows >= 0) & (rows < n)).float(), ((cols >= 0) & (cols < m)).float()
+
+
+def _onehot_col_dot(row_dot: torch.Tensor, n: int, offset: int) -> torch.Tensor:
+    """Column sums of S over positives from the rows' (the same pairs, col = row + offset)."""
+    j = torch.arange(n, device=row_dot.device) - offset
+    inside = (j >= 0) & (j < row_dot.shape[0])
+    return torch.where(inside, row_dot[j.clamp(0, max(row_dot.shape[0] - 1, 0))], 0.0)
+
+
+def _teacher_args(targets: Targets, x, y):
+    if targets.teacher is None:
+        return x, y, x.new_ones((), dtype=torch.float32), (0, 0, 0, 0)
+    xt, yt, st = targets.teacher
+    xt, yt = _tile_addressable(xt), _tile_addressable(yt)
+    return xt, yt, st, (xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1))
+
+
+def _flags(x, bias, targets: Targets, rows: bool, cols: bool) -> dict:
+    dot_fp32, precision = dot_precision(x.dtype)
+    return dict(
+        ROWS=rows, COLS=cols, IDS=targets.ids, SMOOTH=bool(targets.smoothing),
+        TEACHER=targets.teacher is not None, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision,
+    )  # fmt: skip
+
+
+def _block_stats_triton(x, y, scale, bias, targets: Targets, rows=True, cols=True,
+                        teacher_lse=(None, None)):  # fmt: skip
+    """(row SideStats or None, column SideStats or None) of the block S = s x y^T + b."""
     x, y = _tile_addressable(x), _tile_addressable(y)
-    n = x.shape[0]
-    groups, splits = _stat_grid(n)
+    m, d = x.shape
+    n = y.shape[0]
+    groups = min(16, triton.cdiv(m, _NOMINAL_BLOCK))
+    splits = min(16, triton.cdiv(n, _NOMINAL_BLOCK))
     f32 = dict(dtype=torch.float32, device=x.device)
-    row_max = torch.empty((splits, n), **f32)
-    row_sum = torch.empty((splits, n), **f32)
+    row_max = torch.empty((splits, m), **f32)
+    row_sum = torch.empty((splits, m), **f32)
     col_max = torch.full((groups, n), float("-inf"), **f32)  # groups without rows keep these
     col_sum = torch.zeros((groups, n), **f32)
-    diag = torch.empty((n,), **f32)
-    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
+    row_acc = torch.zeros((4, splits, m), **f32)
+    col_acc = torch.zeros((4, groups, n), **f32)
+    xt, yt, st, t_strides = _teacher_args(targets, x, y)
+    t_row, t_col = (t if t is not None else row_max for t in teacher_lse)
+    ids_r = targets.row_ids if targets.ids else row_max
+    ids_c = targets.col_ids if targets.ids else row_max
     with _device_guard(x):
         _clip_stats_kernel[(groups * splits,)](
-            x, y, scale, bias_arg, row_max, row_sum, col_max, col_sum, diag,
-            *shape, groups, next_pow2_bucket(n), **flags,
+            x, y, scale, bias if bias is not None else scale,
+            ids_r, ids_c, xt, yt, st, t_row, t_col,
+            row_max, row_sum, col_max, col_sum, row_acc, col_acc,
+            m, n, d, targets.offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            *t_strides, groups, next_pow2_bucket(max(m, n)),
+            **_flags(x, bias, targets, rows, cols),
         )  # fmt: skip
-    lse_row = _merge_lse2(row_max, row_sum)
-    lse_col = _merge_lse2(col_max, col_sum)
-    return torch.stack((lse_row - diag, lse_col - diag)), lse_row, lse_col
+    row_acc, col_acc = row_acc.sum(1), col_acc.sum(1)
+    smooth, teach = bool(targets.smoothing), targets.teacher is not None
+    row_cnt, col_cnt = _onehot_counts(m, n, targets.offset, x.device)
+    row_stats = col_stats = None
+    if rows:
+        row_stats = SideStats(
+            _merge_lse2(row_max, row_sum), row_acc[0],
+            row_acc[1] if targets.ids else row_cnt,
+            row_acc[2] if smooth else None, row_acc[3] if teach else None,
+        )  # fmt: skip
+    if cols:
+        col_stats = SideStats(
+            _merge_lse2(col_max, col_sum),
+            col_acc[0] if targets.ids else _onehot_col_dot(row_acc[0], n, targets.offset),
+            col_acc[1] if targets.ids else col_cnt,
+            col_acc[2] if smooth else None, col_acc[3] if teach else None,
+        )  # fmt: skip
+    return row_stats, col_stats
 
 
-def _chunked_grads(x, y, scale, weights, chunk_rows, launch, factor, logit_bias=None):
-    """Feature, scale and bias gradients from a logit-gradient kernel run chunk by chunk.
+def _block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows,
+                        dx_acc=None, dy_acc=None):  # fmt: skip
+    """Gradients of sum_i u_i l^row_i + sum_j v_j l^col_j for a block, from (6, M) / (6, N)
+    coefficients (:meth:`SideStats.coefficients`; None for a direction not in the loss).
 
-    ``weights`` are the upstream per-row (and per-column) weights; they are normalised
-    (see :func:`_normalise`) and ``launch(grid, weights, buf, partials, stride, row0, rows)``
-    runs the kernel for rows row0 .. row0 + rows into ``buf``, with per-program sums of
-    grad * logits and of grad in partials[0] and partials[1] (``stride`` apart), the
-    kernel's logits being f (s XY^T + b'), b' = ``logit_bias`` or 0. The scale gradient,
-    sum(grad * XY^T), is then (sum(grad * logits) / f - b' sum(grad)) / s, from values the
-    kernel holds anyway. At s = 0 that quotient is undefined and the sum comes from the
-    dx product instead (exact up to the rounding of the stored chunk). Returns dx, dy,
-    dscale, dbias.
+    Returns (dx, dy, dscale, dbias); with fp32 accumulators, dx and dy are added into them.
     """
-    n = x.shape[0]
-    weights, kappa = _normalise(*weights)
-    splits = _col_splits(min(chunk_rows, n), n, x.device)
+    x, y = _tile_addressable(x), _tile_addressable(y)
+    m, d = x.shape
+    n = y.shape[0]
+    rows, cols = row_coef is not None, col_coef is not None
+    weights = [c[1] for c in (row_coef, col_coef) if c is not None]
+    _, kappa = _normalise(*weights)
+    scaled = [torch.cat((c[:1], c[1:5] / kappa, c[5:])).contiguous() if c is not None else None
+              for c in (row_coef, col_coef)]  # fmt: skip
+    r_coef = scaled[0] if rows else x.new_zeros((6, 1), dtype=torch.float32)
+    c_coef = scaled[1] if cols else x.new_zeros((6, 1), dtype=torch.float32)
+    xt, yt, st, t_strides = _teacher_args(targets, x, y)
+    ids_r = targets.row_ids if targets.ids else r_coef
+    ids_c = targets.col_ids if targets.ids else r_coef
+    chunk_rows = min(chunk_rows, m)
+    splits = _col_splits(chunk_rows, n, x.device)
     max_prog = _max_programs(chunk_rows, splits)
-    n_chunks = triton.cdiv(n, chunk_rows)
-    partials = torch.zeros((n_chunks, 2, max_prog), dtype=torch.float32, device=x.device)
+    partials = torch.zeros((triton.cdiv(m, chunk_rows), 2, max_prog), dtype=torch.float32,
+                           device=x.device)  # fmt: skip
+    flags = _flags(x, bias, targets, rows, cols)
 
-    def fill(buf, c, row0, rows):
-        grid = lambda meta: (triton.cdiv(rows, meta["BM"]), splits)  # noqa: E731
-        launch(grid, weights, buf, partials[c], max_prog, row0, rows)
+    def fill(buf, c, row0, n_rows):
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]), splits)  # noqa: E731
+        _clip_grad_kernel[grid](
+            x, y, scale, bias if bias is not None else scale, ids_r, ids_c, xt, yt, st,
+            r_coef, c_coef, buf, buf.stride(0), partials[c], max_prog,
+            row0, n_rows, n, d, targets.offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), *t_strides,
+            r_coef.stride(0), c_coef.stride(0), next_pow2_bucket(max(m, n)), **flags,
+        )  # fmt: skip
 
     s = scale.float()
     with _device_guard(x):
-        dx, dy, g_dot_xy = _feature_grads(x, y, s * kappa, chunk_rows, fill)
+        dx, dy, g_dot_xy = _feature_grads(x, y, s * kappa, chunk_rows, fill, dx_acc, dy_acc)
+    # the kernel's logit term is a = s log2(e) XY^T (no bias): sum(grad a) / (s log2 e)
     g_dot_logits, g_sum = partials[:, 0].sum(), partials[:, 1].sum()
-    if logit_bias is not None:
-        g_dot_logits = g_dot_logits - factor * logit_bias.float() * g_sum
-    dscale = torch.where(s != 0, g_dot_logits / (factor * s), g_dot_xy)
+    dscale = torch.where(s != 0, g_dot_logits / (LOG2E * s), g_dot_xy)
     return dx, dy, dscale * kappa, g_sum * kappa
 
 
-def _clip_backward_triton(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_rows):
+def _siglip_rows_triton(x, y, scale, bias, offset=0):
     x, y = _tile_addressable(x), _tile_addressable(y)
-    n = x.shape[0]
-    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
-
-    def launch(grid, weights, buf, partials, stride, row0, rows):
-        w_row, w_col = weights
-        _clip_grad_kernel[grid](
-            x, y, scale, bias_arg, lse_row, lse_col, w_row, w_col,
-            buf, buf.stride(0), partials, stride,
-            row0, rows, *shape, next_pow2_bucket(n), **flags,
-        )  # fmt: skip
-
-    weights = (grad_losses[0].float(), grad_losses[1].float())
-    # the kernel's logit term is a = s log2(e) XY^T, without the bias
-    return _chunked_grads(x, y, scale, weights, chunk_rows, launch, LOG2E)
-
-
-def _siglip_rows_triton(x, y, scale, bias):
-    x, y = _tile_addressable(x), _tile_addressable(y)
-    n = x.shape[0]
-    splits = _col_splits(n, n, x.device)
-    loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
-    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"]), splits)  # noqa: E731
+    m, d = x.shape
+    n = y.shape[0]
+    splits = _col_splits(m, n, x.device)
+    loss = torch.empty((splits, m), dtype=torch.float32, device=x.device)
+    dot_fp32, precision = dot_precision(x.dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), splits)  # noqa: E731
     with _device_guard(x):
         # loss stands in for the gradient pointers, which this variant never touches
         _siglip_kernel[grid](
-            x, y, scale, bias_arg, loss, loss, loss, 0, loss, 0,
-            0, n, *shape, next_pow2_bucket(n), WRITE_GRAD=False, **flags,
+            x, y, scale, bias if bias is not None else scale, loss, loss, m, loss, 0, loss, 0,
+            0, m, n, d, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            next_pow2_bucket(max(m, n)), HAS_BIAS=bias is not None, WRITE_GRAD=False,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
     return loss.sum(0)
 
 
-def _siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows):
-    """(dx, dy, dscale, dbias, per-row losses) of sum_i w_rows[i] * l_i."""
+def _siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=None,
+                         dy_acc=None):  # fmt: skip
+    """(dx, dy, dscale, dbias, per-row losses) of sum_i w_rows[i] * l_i over an M x N
+    block with positives at col = row + offset."""
     x, y = _tile_addressable(x), _tile_addressable(y)
-    n = x.shape[0]
-    splits = _col_splits(min(chunk_rows, n), n, x.device)
-    loss = torch.empty((splits, n), dtype=torch.float32, device=x.device)
-    bias_arg, shape, flags = _kernel_args(x, y, scale, bias)
+    m, d = x.shape
+    n = y.shape[0]
+    chunk_rows = min(chunk_rows, m)
+    splits = _col_splits(chunk_rows, n, x.device)
+    max_prog = _max_programs(chunk_rows, splits)
+    loss = torch.empty((splits, m), dtype=torch.float32, device=x.device)
+    partials = torch.zeros((triton.cdiv(m, chunk_rows), 2, max_prog), dtype=torch.float32,
+                           device=x.device)  # fmt: skip
+    (w,), kappa = _normalise(w_rows.float())
+    dot_fp32, precision = dot_precision(x.dtype)
 
-    def launch(grid, weights, buf, partials, stride, row0, rows):
-        (w,) = weights
+    def fill(buf, c, row0, n_rows):
+        grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]), splits)  # noqa: E731
         _siglip_kernel[grid](
-            x, y, scale, bias_arg, w, loss, buf, buf.stride(0), partials, stride,
-            row0, rows, *shape, next_pow2_bucket(n), WRITE_GRAD=True, **flags,
+            x, y, scale, bias if bias is not None else scale, w, loss, m, buf, buf.stride(0),
+            partials[c], max_prog, row0, n_rows, n, d, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), next_pow2_bucket(max(m, n)),
+            HAS_BIAS=bias is not None, WRITE_GRAD=True, DOT_FP32=dot_fp32,
+            INPUT_PRECISION=precision,
         )  # fmt: skip
 
+    s = scale.float()
+    with _device_guard(x):
+        dx, dy, g_dot_xy = _feature_grads(x, y, s * kappa, chunk_rows, fill, dx_acc, dy_acc)
     # the kernel's logit term is S = s XY^T + b itself
-    dx, dy, dscale, dbias = _chunked_grads(
-        x, y, scale, (w_rows.float(),), chunk_rows, launch, 1.0, bias
-    )
-    return dx, dy, dscale, dbias, loss.sum(0)
+    g_dot_logits, g_sum = partials[:, 0].sum(), partials[:, 1].sum()
+    if bias is not None:
+        g_dot_logits = g_dot_logits - bias.float() * g_sum
+    dscale = torch.where(s != 0, g_dot_logits / s, g_dot_xy)
+    return dx, dy, dscale * kappa, g_sum * kappa, loss.sum(0)
 
 
 # --------------------------------------------------------------------------------------
@@ -610,69 +898,116 @@ def _upcast(x, y, scale, bias):
     return x.to(ct), y.to(ct), scale.to(ct), (bias.to(ct) if bias is not None else None)
 
 
-def _clip_forward_torch(x, y, scale, bias, chunk_rows):
+def _hard_chunk(targets: Targets, r0: int, c: int, n: int, device) -> torch.Tensor:
+    """(c, n) bool: positive pairs of rows r0 .. r0 + c."""
+    if targets.ids:
+        return targets.row_ids[r0 : r0 + c, None] == targets.col_ids[None, :]
+    rows = torch.arange(r0, r0 + c, device=device)[:, None] + targets.offset
+    return rows == torch.arange(n, device=device)[None, :]
+
+
+def _block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True,
+                       teacher_lse=(None, None), chunk_rows=0):  # fmt: skip
+    """PyTorch version of :func:`_block_stats_triton`, in row chunks."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
-    n = x.shape[0]
-    c = _torch_chunk_rows(n, chunk_rows)
-    lse_row = torch.empty(n, dtype=xf.dtype, device=x.device)
-    diag = torch.empty(n, dtype=xf.dtype, device=x.device)
-    lse_col = torch.full((n,), float("-inf"), dtype=xf.dtype, device=x.device)
-    for r0 in range(0, n, c):
+    m, n = x.shape[0], y.shape[0]
+    c = _torch_chunk_rows(max(m, n), chunk_rows)
+    ct = dict(dtype=xf.dtype, device=x.device)
+    if targets.teacher is not None:
+        xt, yt, st = targets.teacher
+        xt, yt, st = xt.to(xf.dtype), yt.to(xf.dtype), st.to(xf.dtype)
+        t_row, t_col = (t.to(xf.dtype) if t is not None else None for t in teacher_lse)
+    r = dict(lse=torch.empty(m, **ct), dot=torch.zeros(m, **ct), cnt=torch.zeros(m, **ct),
+             sum=torch.zeros(m, **ct), tdot=torch.zeros(m, **ct))  # fmt: skip
+    k = dict(lse=torch.full((n,), float("-inf"), **ct), dot=torch.zeros(n, **ct),
+             cnt=torch.zeros(n, **ct), sum=torch.zeros(n, **ct),
+             tdot=torch.zeros(n, **ct))  # fmt: skip
+    for r0 in range(0, m, c):
         logits = s * (xf[r0 : r0 + c] @ yf.T)
         if b is not None:
             logits = logits + b
-        lse_row[r0 : r0 + c] = torch.logsumexp(logits, 1)
-        diag[r0 : r0 + c] = logits.diagonal(offset=r0)
-        lse_col = torch.logaddexp(lse_col, torch.logsumexp(logits, 0))
-    return torch.stack((lse_row - diag, lse_col - diag)), lse_row, lse_col
+        rs = slice(r0, r0 + logits.shape[0])
+        hard = _hard_chunk(targets, r0, logits.shape[0], n, x.device)
+        on_hard = torch.where(hard, logits, 0.0)
+        r["lse"][rs] = torch.logsumexp(logits, 1)
+        r["dot"][rs], r["cnt"][rs], r["sum"][rs] = on_hard.sum(1), hard.sum(1), logits.sum(1)
+        k["lse"] = torch.logaddexp(k["lse"], torch.logsumexp(logits, 0))
+        k["dot"] += on_hard.sum(0)
+        k["cnt"] += hard.sum(0)
+        k["sum"] += logits.sum(0)
+        if targets.teacher is not None:
+            teacher = st * (xt[rs] @ yt.T)
+            if rows:
+                r["tdot"][rs] = (torch.exp(teacher - t_row[rs, None]) * logits).sum(1)
+            if cols:
+                k["tdot"] += (torch.exp(teacher - t_col[None, :]) * logits).sum(0)
+    smooth, teach = bool(targets.smoothing), targets.teacher is not None
+
+    def side(d):
+        return SideStats(d["lse"], d["dot"], d["cnt"], d["sum"] if smooth else None,
+                         d["tdot"] if teach else None)  # fmt: skip
+
+    return (side(r) if rows else None), (side(k) if cols else None)
 
 
-def _clip_backward_torch(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_rows):
+def _block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows=0):
+    """PyTorch version of :func:`_block_grads_triton` (without accumulators)."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
-    n = x.shape[0]
-    c = _torch_chunk_rows(n, chunk_rows)
-    u, v = grad_losses[0].to(xf.dtype), grad_losses[1].to(xf.dtype)
-    lse_row, lse_col = lse_row.to(xf.dtype), lse_col.to(xf.dtype)
+    m, n = x.shape[0], y.shape[0]
+    c = _torch_chunk_rows(max(m, n), chunk_rows)
+    if targets.teacher is not None:
+        xt, yt, st = (t.to(xf.dtype) for t in targets.teacher)
+    rc = row_coef.to(xf.dtype) if row_coef is not None else None
+    cc = col_coef.to(xf.dtype) if col_coef is not None else None
     dx = torch.empty_like(xf)
     dy = torch.zeros_like(yf)
     dscale = torch.zeros((), dtype=xf.dtype, device=x.device)
     dbias = torch.zeros((), dtype=xf.dtype, device=x.device)
-    for r0 in range(0, n, c):
+    for r0 in range(0, m, c):
         dots = xf[r0 : r0 + c] @ yf.T
         logits = s * dots if b is None else s * dots + b
-        rows = slice(r0, r0 + logits.shape[0])
-        g = u[rows, None] * torch.exp(logits - lse_row[rows, None]) + v[None, :] * torch.exp(
-            logits - lse_col[None, :]
-        )
-        g.diagonal(offset=r0).sub_(u[rows] + v[rows])
-        dx[rows] = s * (g @ yf)
-        dy.add_(s * (g.T @ xf[rows]))
+        rs = slice(r0, r0 + logits.shape[0])
+        hard = _hard_chunk(targets, r0, logits.shape[0], n, x.device).to(xf.dtype)
+        teacher = st * (xt[rs] @ yt.T) if targets.teacher is not None else None
+        g = torch.zeros_like(logits)
+        if rc is not None:
+            lse, u, h, e, a, t_lse = (v[rs, None] for v in rc)
+            g += u * torch.exp(logits - lse) - h * hard - e
+            if teacher is not None:
+                g -= a * torch.exp(teacher - t_lse)
+        if cc is not None:
+            lse, v, h, e, a, t_lse = (w[None, :] for w in cc)
+            g += v * torch.exp(logits - lse) - h * hard - e
+            if teacher is not None:
+                g -= a * torch.exp(teacher - t_lse)
+        dx[rs] = s * (g @ yf)
+        dy.add_(s * (g.T @ xf[rs]))
         dscale += (g * dots).sum()
         dbias += g.sum()
-    return dx.to(x.dtype), dy.to(y.dtype), dscale, dbias
+    return dx, dy, dscale, dbias
 
 
-def _siglip_chunk(xf, yf, s, b, r0, c):
+def _siglip_chunk(xf, yf, s, b, r0, c, offset=0):
     """(dots, margins) for rows r0 .. r0 + c: dots = X Y^T, margins = z * S with z = +1 on
-    the diagonal and -1 elsewhere (no z matrix is built)."""
+    the positive pairs col = row + offset and -1 elsewhere (no z matrix is built)."""
     dots = xf[r0 : r0 + c] @ yf.T
     margins = -s * dots if b is None else (-s) * dots - b
-    margins.diagonal(offset=r0).neg_()
+    margins.diagonal(offset=r0 + offset).neg_()
     return dots, margins
 
 
-def _siglip_rows_torch(x, y, scale, bias, chunk_rows):
+def _siglip_rows_torch(x, y, scale, bias, chunk_rows, offset=0):
     xf, yf, s, b = _upcast(x, y, scale, bias)
     n = x.shape[0]
     c = _torch_chunk_rows(n, chunk_rows)
     out = torch.empty(n, dtype=xf.dtype, device=x.device)
     for r0 in range(0, n, c):
-        _, margins = _siglip_chunk(xf, yf, s, b, r0, c)
+        _, margins = _siglip_chunk(xf, yf, s, b, r0, c, offset)
         out[r0 : r0 + c] = torch.nn.functional.softplus(margins.neg_()).sum(1)
     return out
 
 
-def _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows):
+def _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0):
     xf, yf, s, b = _upcast(x, y, scale, bias)
     n = x.shape[0]
     c = _torch_chunk_rows(n, chunk_rows)
@@ -683,12 +1018,12 @@ def _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows):
     dscale = torch.zeros((), dtype=xf.dtype, device=x.device)
     dbias = torch.zeros((), dtype=xf.dtype, device=x.device)
     for r0 in range(0, n, c):
-        dots, margins = _siglip_chunk(xf, yf, s, b, r0, c)
+        dots, margins = _siglip_chunk(xf, yf, s, b, r0, c, offset)
         rows = slice(r0, r0 + margins.shape[0])
         neg = margins.neg_()  # -z S
         rows_loss[rows] = torch.nn.functional.softplus(neg).sum(1)  # -logsigmoid(z S)
         g = neg.sigmoid_().mul_(w[rows, None])  # -z sigmoid(-z S) w, before the sign flip
-        g.diagonal(offset=r0).neg_()
+        g.diagonal(offset=r0 + offset).neg_()
         dx[rows] = s * (g @ yf)
         dy.add_(s * (g.T @ xf[rows]))
         dscale += (g * dots).sum()
@@ -711,48 +1046,115 @@ def _scalar_grads(ds, db, scale, bias):
     return ds.to(scale.dtype), db.to(bias.dtype if bias is not None else torch.float32)
 
 
-@torch.library.custom_op("vlmkernels::clip_loss_forward", mutates_args=())
-def _clip_loss_forward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sample losses (2, N) [image-to-text; text-to-image], row lse (N), column lse (N)),
-    fp32 (fp64 for fp64 inputs)."""
+def _targets(offset, row_ids, col_ids, smoothing, alpha, teacher_x, teacher_y, teacher_scale):
+    teacher = (teacher_x, teacher_y, teacher_scale) if teacher_x is not None else None
+    return Targets(offset, row_ids, col_ids, smoothing, alpha, teacher)
+
+
+def _block_stats(x, y, scale, bias, targets, rows, cols, chunk_size, teacher_lse=(None, None)):
     if resolve_backend("clip_loss", x) == "triton":
-        return _clip_forward_triton(x, y, scale, bias)
-    return _clip_forward_torch(x, y, scale, bias, chunk_size)
+        return _block_stats_triton(x, y, scale, bias, targets, rows, cols, teacher_lse)
+    return _block_stats_torch(x, y, scale, bias, targets, rows, cols, teacher_lse, chunk_size)
 
 
-@_clip_loss_forward.register_fake
-def _(x, y, scale, bias, chunk_size):
-    n, ct = x.shape[0], _compute_dtype(x.dtype)
-    return x.new_empty((2, n), dtype=ct), x.new_empty((n,), dtype=ct), x.new_empty((n,), dtype=ct)
+def _coefficients(state, targets: Targets, n_classes: int, weights):
+    """(6, L) gradient coefficients from a saved (3, L) state (lse, count, teacher lse)."""
+    side = SideStats(state[0], state[0], state[1])
+    return side.coefficients(targets, n_classes, weights.to(state.dtype), state[2])
 
 
-@torch.library.custom_op("vlmkernels::clip_loss_backward", mutates_args=())
-def _clip_loss_backward(
+@torch.library.custom_op("vlmkernels::contrastive_ce_forward", mutates_args=())
+def _ce_forward(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
-    lse_row: torch.Tensor,
-    lse_col: torch.Tensor,
-    grad_losses: torch.Tensor,
+    row_ids: torch.Tensor | None,
+    col_ids: torch.Tensor | None,
+    teacher_x: torch.Tensor | None,
+    teacher_y: torch.Tensor | None,
+    teacher_scale: torch.Tensor | None,
+    offset: int,
+    smoothing: float,
+    alpha: float,
+    rows: bool,
+    cols: bool,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dy, dscale, dbias) for upstream gradients ``grad_losses`` (2, N) of the losses."""
+    """Cross-entropies of the rows (M,) and of the columns (N,) of S = s x y^T + b with
+    :class:`Targets`, and the (3, M) / (3, N) states backward needs (lse, positives,
+    teacher lse); empty for a direction not asked for. fp32 (fp64 for fp64 inputs)."""
+    targets = _targets(offset, row_ids, col_ids, smoothing, alpha, teacher_x, teacher_y,
+                       teacher_scale)  # fmt: skip
+    m, n = x.shape[0], y.shape[0]
+    ct = _compute_dtype(x.dtype)
+    teacher_lse = (None, None)
+    if targets.teacher is not None:
+        t_rows, t_cols = _block_stats(teacher_x, teacher_y, teacher_scale, None, Targets(),
+                                      rows, cols, chunk_size)  # fmt: skip
+        teacher_lse = (t_rows.lse if rows else None, t_cols.lse if cols else None)
+    row_stats, col_stats = _block_stats(x, y, scale, bias, targets, rows, cols, chunk_size,
+                                        teacher_lse)  # fmt: skip
+    outputs = []
+    sides = ((row_stats, teacher_lse[0], n), (col_stats, teacher_lse[1], m))
+    for stats, t_lse, n_classes in sides:
+        if stats is None:
+            outputs.append((x.new_empty((0,), dtype=ct), x.new_empty((3, 0), dtype=ct)))
+            continue
+        t_lse = t_lse if t_lse is not None else torch.zeros_like(stats.lse)
+        state = torch.stack(
+            (stats.lse, stats.hard_cnt.to(stats.lse.dtype), t_lse.to(stats.lse.dtype))
+        )
+        outputs.append((stats.losses(targets, n_classes).to(ct), state.to(ct)))
+    (row_losses, row_state), (col_losses, col_state) = outputs
+    return row_losses, col_losses, row_state, col_state
+
+
+@_ce_forward.register_fake
+def _(x, y, scale, bias, row_ids, col_ids, teacher_x, teacher_y, teacher_scale, offset,
+      smoothing, alpha, rows, cols, chunk_size):  # fmt: skip
+    ct = _compute_dtype(x.dtype)
+    m = x.shape[0] if rows else 0
+    n = y.shape[0] if cols else 0
+    return (x.new_empty((m,), dtype=ct), x.new_empty((n,), dtype=ct),
+            x.new_empty((3, m), dtype=ct), x.new_empty((3, n), dtype=ct))  # fmt: skip
+
+
+@torch.library.custom_op("vlmkernels::contrastive_ce_backward", mutates_args=())
+def _ce_backward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_ids: torch.Tensor | None,
+    col_ids: torch.Tensor | None,
+    teacher_x: torch.Tensor | None,
+    teacher_y: torch.Tensor | None,
+    teacher_scale: torch.Tensor | None,
+    offset: int,
+    smoothing: float,
+    alpha: float,
+    rows: bool,
+    cols: bool,
+    chunk_size: int,
+    row_state: torch.Tensor,
+    col_state: torch.Tensor,
+    grad_rows: torch.Tensor,
+    grad_cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dscale, dbias) of sum_i grad_rows_i l^row_i + sum_j grad_cols_j l^col_j."""
+    targets = _targets(offset, row_ids, col_ids, smoothing, alpha, teacher_x, teacher_y,
+                       teacher_scale)  # fmt: skip
+    m, n = x.shape[0], y.shape[0]
+    row_coef = _coefficients(row_state, targets, n, grad_rows) if rows else None
+    col_coef = _coefficients(col_state, targets, m, grad_cols) if cols else None
     if resolve_backend("clip_loss", x) == "triton":
-        dx, dy, ds, db = _clip_backward_triton(
-            x, y, scale, bias, lse_row, lse_col, grad_losses, _triton_chunk_rows(x, chunk_size)
-        )
+        dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
+                                             _triton_chunk_rows(x, chunk_size))  # fmt: skip
     else:
-        dx, dy, ds, db = _clip_backward_torch(
-            x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_size
-        )
-    return dx, dy, *_scalar_grads(ds, db, scale, bias)
+        dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
+                                            chunk_size)  # fmt: skip
+    return dx.to(x.dtype), dy.to(y.dtype), *_scalar_grads(ds, db, scale, bias)
 
 
 def _requested(ctx, grads, has_bias: bool, n_non_tensor_args: int):
@@ -775,28 +1177,25 @@ def _fake_grads(x, y, scale, bias):
     )
 
 
-@_clip_loss_backward.register_fake
-def _(x, y, scale, bias, lse_row, lse_col, grad_losses, chunk_size):
+@_ce_backward.register_fake
+def _(x, y, scale, bias, *args):
     return _fake_grads(x, y, scale, bias)
 
 
-def _clip_setup_context(ctx, inputs, output):
-    x, y, scale, bias, chunk_size = inputs
-    _, lse_row, lse_col = output
-    ctx.save_for_backward(x, y, scale, bias, lse_row, lse_col)
-    ctx.chunk_size = chunk_size
-    ctx.mark_non_differentiable(lse_row, lse_col)
+def _ce_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9], output[2], output[3])
+    ctx.options = inputs[9:]
 
 
-def _clip_backward(ctx, grad_losses, _grad_lse_row, _grad_lse_col):
-    x, y, scale, bias, lse_row, lse_col = ctx.saved_tensors
-    dx, dy, ds, db = torch.ops.vlmkernels.clip_loss_backward(
-        x, y, scale, bias, lse_row, lse_col, grad_losses, ctx.chunk_size
+def _ce_backward_autograd(ctx, grad_rows, grad_cols, _grad_row_state, _grad_col_state):
+    *tensors, row_state, col_state = ctx.saved_tensors
+    dx, dy, ds, db = torch.ops.vlmkernels.contrastive_ce_backward(
+        *tensors, *ctx.options, row_state, col_state, grad_rows, grad_cols
     )
-    return _requested(ctx, (dx, dy, ds, db), bias is not None, 1)
+    return _requested(ctx, (dx, dy, ds, db), tensors[3] is not None, 11)
 
 
-_clip_loss_forward.register_autograd(_clip_backward, setup_context=_clip_setup_context)
+_ce_forward.register_autograd(_ce_backward_autograd, setup_context=_ce_setup_context)
 
 
 @torch.library.custom_op("vlmkernels::siglip_loss_forward", mutates_args=())
@@ -806,15 +1205,17 @@ def _siglip_loss_forward(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     chunk_size: int,
+    offset: int,
 ) -> torch.Tensor:
-    """Per-image losses l_i = -sum_j logsigmoid(z_ij S_ij), (N,) fp32 (fp64 for fp64)."""
+    """Per-image losses l_i = -sum_j logsigmoid(z_ij S_ij), (M,) fp32 (fp64 for fp64), with
+    z = +1 on the pairs col = row + offset."""
     if resolve_backend("siglip_loss", x) == "triton":
-        return _siglip_rows_triton(x, y, scale, bias)
-    return _siglip_rows_torch(x, y, scale, bias, chunk_size)
+        return _siglip_rows_triton(x, y, scale, bias, offset)
+    return _siglip_rows_torch(x, y, scale, bias, chunk_size, offset)
 
 
 @_siglip_loss_forward.register_fake
-def _(x, y, scale, bias, chunk_size):
+def _(x, y, scale, bias, chunk_size, offset):
     return x.new_empty((x.shape[0],), dtype=_compute_dtype(x.dtype))
 
 
@@ -826,34 +1227,35 @@ def _siglip_loss_backward(
     bias: torch.Tensor | None,
     grad_rows: torch.Tensor,
     chunk_size: int,
+    offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dy, dscale, dbias) of sum_i grad_rows[i] * l_i."""
     if resolve_backend("siglip_loss", x) == "triton":
         dx, dy, ds, db, _ = _siglip_grads_triton(
-            x, y, scale, bias, grad_rows, _triton_chunk_rows(x, chunk_size)
+            x, y, scale, bias, grad_rows, _triton_chunk_rows(x, chunk_size), offset
         )
     else:
-        dx, dy, ds, db, _ = _siglip_grads_torch(x, y, scale, bias, grad_rows, chunk_size)
+        dx, dy, ds, db, _ = _siglip_grads_torch(x, y, scale, bias, grad_rows, chunk_size, offset)
     return dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
 @_siglip_loss_backward.register_fake
-def _(x, y, scale, bias, grad_rows, chunk_size):
+def _(x, y, scale, bias, grad_rows, chunk_size, offset):
     return _fake_grads(x, y, scale, bias)
 
 
 def _siglip_setup_context(ctx, inputs, output):
-    x, y, scale, bias, chunk_size = inputs
+    x, y, scale, bias, chunk_size, offset = inputs
     ctx.save_for_backward(x, y, scale, bias)
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.offset = chunk_size, offset
 
 
 def _siglip_backward(ctx, grad_rows):
     x, y, scale, bias = ctx.saved_tensors
     dx, dy, ds, db = torch.ops.vlmkernels.siglip_loss_backward(
-        x, y, scale, bias, grad_rows, ctx.chunk_size
+        x, y, scale, bias, grad_rows, ctx.chunk_size, ctx.offset
     )
-    return _requested(ctx, (dx, dy, ds, db), bias is not None, 1)
+    return _requested(ctx, (dx, dy, ds, db), bias is not None, 2)
 
 
 _siglip_loss_forward.register_autograd(_siglip_backward, setup_context=_siglip_setup_context)
@@ -867,21 +1269,22 @@ def _siglip_loss_fused(
     bias: torch.Tensor | None,
     row_weight: float,
     chunk_size: int,
+    offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dx, dy, dscale, dbias) of loss = row_weight * sum_i l_i, in one pass: the
     gradients are computed with the loss and only scaled in backward."""
     w = torch.full((x.shape[0],), row_weight, dtype=_compute_dtype(x.dtype), device=x.device)
     if resolve_backend("siglip_loss", x) == "triton":
         dx, dy, ds, db, rows = _siglip_grads_triton(
-            x, y, scale, bias, w, _triton_chunk_rows(x, chunk_size)
+            x, y, scale, bias, w, _triton_chunk_rows(x, chunk_size), offset
         )
     else:
-        dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size)
+        dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset)
     return rows.sum() * row_weight, dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
 @_siglip_loss_fused.register_fake
-def _(x, y, scale, bias, row_weight, chunk_size):
+def _(x, y, scale, bias, row_weight, chunk_size, offset):
     return (x.new_empty((), dtype=_compute_dtype(x.dtype)), *_fake_grads(x, y, scale, bias))
 
 
@@ -893,7 +1296,7 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, grad_loss, *_unused):
     grads = tuple(grad_loss * g for g in ctx.saved_tensors)
-    return _requested(ctx, grads, ctx.has_bias, 2)
+    return _requested(ctx, grads, ctx.has_bias, 3)
 
 
 _siglip_loss_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
@@ -925,6 +1328,44 @@ def _prepare(op, image_features, text_features, logit_scale, logit_bias, reducti
     return image_features, text_features, scale, bias, chunk, out_dtype
 
 
+def _check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teacher=None,
+                   like=None, names=("ids",)):  # fmt: skip
+    """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached)."""
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{op}: {names[0]} must be an integer tensor")
+        if ids.shape != (n,):
+            raise ValueError(f"{op}: {names[0]} must have shape ({n},), got {tuple(ids.shape)}")
+        ids = ids.to(device=device, dtype=torch.int64)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"{op}: alpha must be in [0, 1], got {alpha}")
+    if teacher is not None:
+        if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+            raise TypeError(f"{op}: teacher must be a pair of feature tensors")
+        for t, ref, name in zip(teacher, like, ("teacher[0]", "teacher[1]"), strict=True):
+            if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+                raise ValueError(
+                    f"{op}: {name} must be a tensor shaped like the features "
+                    f"({tuple(ref.shape)}, {ref.dtype})"
+                )
+            if t.device != device:
+                raise ValueError(f"{op}: {name} must be on {device}")
+        teacher = tuple(t.detach() for t in teacher)
+    elif alpha:
+        raise ValueError(f"{op}: alpha > 0 needs teacher features")
+    return ids, teacher
+
+
+def _reduce(losses, reduction, halve_sum):
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum() * (0.5 if halve_sum else 1.0)
+    return losses
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -933,10 +1374,17 @@ def clip_loss(
     *,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_logit_scale=None,
+    alpha: float = 0.0,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Symmetric InfoNCE (CLIP) loss without the N x N logits in memory.
 
-    ``(CE(s I T^T + b, arange) + CE(s T I^T + b, arange)) / 2``, as open_clip's ``ClipLoss``.
+    ``(CE(s I T^T + b, targets) + CE(s T I^T + b, targets^T)) / 2``; with the default
+    targets (``arange``) this is open_clip's ``ClipLoss``.
 
     Args:
         image_features: (N, d) float16, bfloat16, float32 (or float64 on the torch backend).
@@ -949,22 +1397,117 @@ def clip_loss(
             rows are the per-sample image-to-text and text-to-image losses.
         chunk_size: rows of logit gradient materialised at once in the backward pass
             (memory ``chunk_size * N`` elements); None picks a 128 MiB chunk.
+        ids: (N,) integers: every pair with equal ids is a positive, each row's target
+            spread evenly over its positives (BLIP's ``idx``).
+        label_smoothing: eps: targets (1 - eps) hard + eps / N.
+        teacher: (image, text) features of a teacher (momentum) model, no gradient: targets
+            alpha softmax(s_t I_t T_t^T) + (1 - alpha) hard (ALBEF's distillation), with
+            ``teacher_logit_scale`` s_t (default: ``logit_scale``, detached).
+        process_group: a torch.distributed group: the features are this rank's shard of the
+            global batch, the loss and gradients those of the global batch
+            (:mod:`vlmkernels.distributed`).
 
     Returns:
         The loss in the features' dtype (computed in fp32); under autocast, fp32 features
         are cast to the autocast dtype and the loss is fp32, as open_clip's would be.
     """
+    op = "clip_loss"
     x, y, scale, bias, chunk, out_dtype = _prepare(
-        "clip_loss", image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
+        op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
     )
-    losses, _, _ = torch.ops.vlmkernels.clip_loss_forward(x, y, scale, bias, chunk)
-    if reduction == "mean":
-        out = losses.mean()
-    elif reduction == "sum":
-        out = losses.sum() * 0.5
+    ids, teacher = _check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha,
+                                  teacher, (x, y))  # fmt: skip
+    if process_group is not None:
+        from ..distributed.ring import clip_loss_ring
+
+        if teacher is not None:
+            raise NotImplementedError(
+                f"{op}: teacher targets are not supported with a process_group"
+            )
+        loss = clip_loss_ring(x, y, scale, bias, process_group, chunk, reduction, ids=ids,
+                              label_smoothing=float(label_smoothing))  # fmt: skip
+        return loss.to(out_dtype)
+    if teacher is not None:
+        t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
+        t_scale = scalar_tensor(op, "teacher_logit_scale", t_scale, x.device).detach()
+        teacher = (teacher[0].to(x.dtype), teacher[1].to(x.dtype), t_scale)
     else:
-        out = losses
-    return out.to(out_dtype)
+        teacher = (None, None, None)
+    row_losses, col_losses, _, _ = torch.ops.vlmkernels.contrastive_ce_forward(
+        x, y, scale, bias, ids, ids, *teacher, 0, float(label_smoothing), float(alpha),
+        True, True, chunk,
+    )  # fmt: skip
+    losses = torch.stack((row_losses, col_losses))
+    return _reduce(losses, reduction, True).to(out_dtype)
+
+
+def contrastive_cross_entropy(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    offset: int = 0,
+    query_ids: torch.Tensor | None = None,
+    key_ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    teacher_queries: torch.Tensor | None = None,
+    teacher_keys: torch.Tensor | None = None,
+    teacher_logit_scale=None,
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""One direction of a contrastive loss: the cross-entropy of each query (row) over all
+    keys (columns) of S = s Q K^T + b (M x N), without S in memory.
+
+    The building block of ALBEF / BLIP's image-text contrastive losses: keys may be a
+    concatenation of in-batch (momentum) features and a no-grad queue, e.g. b x (b + 65536).
+
+    Targets of row i: positives where ``key_ids == query_ids[i]`` (BLIP's ``idx`` with its
+    ``idx_queue``) or, without ids, key ``i + offset``; spread evenly over the positives,
+    smoothed by ``label_smoothing`` over the N keys and mixed as
+    ``alpha softmax(s_t Q_t K_t^T) + (1 - alpha) hard`` with teacher (momentum) features
+    ``teacher_queries`` (and ``teacher_keys``, default ``keys``): ALBEF's distillation.
+
+    Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``).
+    Gradients flow to queries, keys (where they require grad), scale and bias.
+    """
+    op = "contrastive_cross_entropy"
+    for t, name in ((queries, "queries"), (keys, "keys")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a 2-D floating tensor")
+        if t.shape[0] == 0:
+            raise ValueError(f"{op}: {name} is empty")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"{op}: queries and keys must have the same feature dim, got "
+                         f"{queries.shape[1]} and {keys.shape[1]}")  # fmt: skip
+    if queries.dtype != keys.dtype or queries.device != keys.device:
+        raise ValueError(f"{op}: queries and keys must have the same dtype and device")
+    check_reduction(op, reduction)
+    chunk = check_chunk_size(op, chunk_size)
+    device = queries.device
+    scale = scalar_tensor(op, "logit_scale", logit_scale, device)
+    bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
+    if (query_ids is None) != (key_ids is None):
+        raise ValueError(f"{op}: query_ids and key_ids go together")
+    q_ids, _ = _check_targets(op, queries.shape[0], device, query_ids, label_smoothing, alpha,
+                              names=("query_ids",))  # fmt: skip
+    k_ids, _ = _check_targets(op, keys.shape[0], device, key_ids, names=("key_ids",))
+    teacher = (None, None, None)
+    if alpha and teacher_queries is None:
+        raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
+    if teacher_queries is not None:
+        teacher_keys = keys if teacher_keys is None else teacher_keys
+        _, (tq, tk) = _check_targets(op, 0, device, teacher=(teacher_queries, teacher_keys),
+                                     like=(queries, keys))  # fmt: skip
+        t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
+        teacher = (tq, tk, scalar_tensor(op, "teacher_logit_scale", t_scale, device).detach())
+    row_losses, _, _, _ = torch.ops.vlmkernels.contrastive_ce_forward(
+        queries, keys, scale, bias, q_ids, k_ids, *teacher, int(offset),
+        float(label_smoothing), float(alpha), True, False, chunk,
+    )  # fmt: skip
+    return _reduce(row_losses, reduction, False).to(queries.dtype)
 
 
 def siglip_loss(
@@ -975,6 +1518,8 @@ def siglip_loss(
     *,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    negative_only: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Pairwise sigmoid (SigLIP) loss without the N x N logits in memory.
 
@@ -988,28 +1533,34 @@ def siglip_loss(
         reduction: ``"mean"`` (sum over all pairs / N, open_clip's normalisation), ``"sum"``
             or ``"none"``: the (N,) per-image losses ``-sum_j logsigmoid(z_ij S_ij)``.
         chunk_size: rows of logit gradient materialised at once; None picks 128 MiB.
+        negative_only: every pair is a negative (z = -1): the blocks of other ranks' texts
+            in open_clip's distributed SigLIP.
+        process_group: a torch.distributed group: the loss of the global batch, computed
+            on a ring (:mod:`vlmkernels.distributed`).
 
     When a scalar loss needs gradients, they are computed in the forward pass (no
     recomputation of the logits) and the backward pass scales them by the upstream gradient.
     """
     x, y, scale, bias, chunk, out_dtype = _prepare(
-        "siglip_loss",
-        image_features,
-        text_features,
-        logit_scale,
-        logit_bias,
-        reduction,
+        "siglip_loss", image_features, text_features, logit_scale, logit_bias, reduction,
         chunk_size,
-    )
+    )  # fmt: skip
     n = x.shape[0]
+    if process_group is not None:
+        from ..distributed.ring import siglip_loss_ring
+
+        if negative_only:
+            raise ValueError("siglip_loss: negative_only does not apply with a process_group")
+        return siglip_loss_ring(x, y, scale, bias, process_group, chunk, reduction).to(out_dtype)
+    offset = n if negative_only else 0  # col = row + n: no positive pair
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, y, scale, bias)
     )
     if reduction != "none" and wants_grad:
         weight = 1.0 / n if reduction == "mean" else 1.0
-        loss = torch.ops.vlmkernels.siglip_loss_fused(x, y, scale, bias, weight, chunk)[0]
+        loss = torch.ops.vlmkernels.siglip_loss_fused(x, y, scale, bias, weight, chunk, offset)[0]
         return loss.to(out_dtype)
-    rows = torch.ops.vlmkernels.siglip_loss_forward(x, y, scale, bias, chunk)
+    rows = torch.ops.vlmkernels.siglip_loss_forward(x, y, scale, bias, chunk, offset)
     if reduction == "mean":
         out = rows.sum() / n
     elif reduction == "sum":
@@ -1017,3 +1568,70 @@ def siglip_loss(
     else:
         out = rows
     return out.to(out_dtype)
+
+
+def clip_loss_with_grads(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+):
+    """(loss, d image_features, d text_features, d logit_scale, d logit_bias) of
+    :func:`clip_loss` without building an autograd graph (GradCache: the features are
+    detached representations; the gradients are then pushed through the encoders).
+
+    ``d logit_bias`` is None without a bias. Scalar reductions only.
+    """
+    op = "clip_loss_with_grads"
+    if reduction == "none":
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
+    x, y, scale, bias, chunk, _ = _prepare(op, image_features, text_features, logit_scale,
+                                           logit_bias, reduction, chunk_size)  # fmt: skip
+    ids, _ = _check_targets(op, x.shape[0], x.device, ids, label_smoothing)
+    n = x.shape[0]
+    options = (0, float(label_smoothing), 0.0, True, True, chunk)
+    with torch.no_grad():
+        x, y, scale = x.detach(), y.detach(), scale.detach()
+        bias = bias.detach() if bias is not None else None
+        tensors = (x, y, scale, bias, ids, ids, None, None, None)
+        row_losses, col_losses, row_state, col_state = torch.ops.vlmkernels.contrastive_ce_forward(
+            *tensors, *options
+        )
+        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        grad_rows = torch.full_like(row_losses, weight)
+        dx, dy, ds, db = torch.ops.vlmkernels.contrastive_ce_backward(
+            *tensors, *options, row_state, col_state, grad_rows, grad_rows
+        )
+        loss = (row_losses.sum() + col_losses.sum()) * weight
+    return loss, dx, dy, ds, (db if bias is not None else None)
+
+
+def siglip_loss_with_grads(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias,
+    *,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+):
+    """(loss, d image_features, d text_features, d logit_scale, d logit_bias) of
+    :func:`siglip_loss` without building an autograd graph (GradCache); one pass over the
+    logits. ``d logit_bias`` is None without a bias. Scalar reductions only."""
+    op = "siglip_loss_with_grads"
+    if reduction == "none":
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
+    x, y, scale, bias, chunk, _ = _prepare(op, image_features, text_features, logit_scale,
+                                           logit_bias, reduction, chunk_size)  # fmt: skip
+    weight = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    with torch.no_grad():
+        bias = bias.detach() if bias is not None else None
+        loss, dx, dy, ds, db = torch.ops.vlmkernels.siglip_loss_fused(
+            x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0
+        )
+    return loss, dx, dy, ds, (db if bias is not None else None)
