@@ -1051,10 +1051,55 @@ def _targets(offset, row_ids, col_ids, smoothing, alpha, teacher_x, teacher_y, t
     return Targets(offset, row_ids, col_ids, smoothing, alpha, teacher)
 
 
-def _block_stats(x, y, scale, bias, targets, rows, cols, chunk_size, teacher_lse=(None, None)):
+def block_stats(x, y, scale, bias, targets, rows, cols, chunk_size=0, teacher_lse=(None, None)):
+    """(row :class:`SideStats` or None, column :class:`SideStats` or None) of the logit
+    block S = s x y^T + b (M x N) with :class:`Targets`, on the backend for x. Stats of
+    blocks that share rows (or columns) combine with :meth:`SideStats.merge`."""
     if resolve_backend("clip_loss", x) == "triton":
         return _block_stats_triton(x, y, scale, bias, targets, rows, cols, teacher_lse)
     return _block_stats_torch(x, y, scale, bias, targets, rows, cols, teacher_lse, chunk_size)
+
+
+def block_grads(x, y, scale, bias, targets, row_coef, col_coef, chunk_size=0, dx_acc=None,
+                dy_acc=None):  # fmt: skip
+    """(dx, dy, dscale, dbias) of sum_i u_i l^row_i + sum_j v_j l^col_j over one block,
+    from :meth:`SideStats.coefficients` of the complete (merged) stats (None for a
+    direction not in the loss). With fp32 ``dx_acc`` (M, d) / ``dy_acc`` (N, d) the
+    feature gradients are added into them (and returned); otherwise they are new tensors
+    in the input dtype. dscale / dbias are fp32 0-d tensors."""
+    if resolve_backend("clip_loss", x) == "triton":
+        chunk = _triton_chunk_rows(x, chunk_size)
+        if dx_acc is None:
+            dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
+                                                 chunk)  # fmt: skip
+            return dx, dy, ds, db
+        return _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef, chunk,
+                                   dx_acc, dy_acc)  # fmt: skip
+    dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
+                                        chunk_size)  # fmt: skip
+    if dx_acc is None:
+        return dx.to(x.dtype), dy.to(y.dtype), ds, db
+    return dx_acc.add_(dx), dy_acc.add_(dy), ds, db
+
+
+def siglip_block_rows(x, y, scale, bias, offset=0, chunk_size=0):
+    """(M,) SigLIP row losses of the block x y^T with positives at col = row + offset."""
+    if resolve_backend("siglip_loss", x) == "triton":
+        return _siglip_rows_triton(x, y, scale, bias, offset)
+    return _siglip_rows_torch(x, y, scale, bias, chunk_size, offset)
+
+
+def siglip_block_grads(x, y, scale, bias, w_rows, offset=0, chunk_size=0, dx_acc=None,
+                       dy_acc=None):  # fmt: skip
+    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i over one SigLIP block; with fp32
+    accumulators the feature gradients are added into them, as in :func:`block_grads`."""
+    if resolve_backend("siglip_loss", x) == "triton":
+        return _siglip_grads_triton(x, y, scale, bias, w_rows, _triton_chunk_rows(x, chunk_size),
+                                    offset, dx_acc, dy_acc)  # fmt: skip
+    dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_size, offset)
+    if dx_acc is None:
+        return dx, dy, ds, db, rows
+    return dx_acc.add_(dx), dy_acc.add_(dy), ds, db, rows
 
 
 def _coefficients(state, targets: Targets, n_classes: int, weights):
@@ -1090,10 +1135,10 @@ def _ce_forward(
     ct = _compute_dtype(x.dtype)
     teacher_lse = (None, None)
     if targets.teacher is not None:
-        t_rows, t_cols = _block_stats(teacher_x, teacher_y, teacher_scale, None, Targets(),
+        t_rows, t_cols = block_stats(teacher_x, teacher_y, teacher_scale, None, Targets(),
                                       rows, cols, chunk_size)  # fmt: skip
         teacher_lse = (t_rows.lse if rows else None, t_cols.lse if cols else None)
-    row_stats, col_stats = _block_stats(x, y, scale, bias, targets, rows, cols, chunk_size,
+    row_stats, col_stats = block_stats(x, y, scale, bias, targets, rows, cols, chunk_size,
                                         teacher_lse)  # fmt: skip
     outputs = []
     sides = ((row_stats, teacher_lse[0], n), (col_stats, teacher_lse[1], m))
