@@ -9,13 +9,21 @@ __version__ = "0.1.0"
 from . import nn  # noqa: E402
 from ._backend import BACKENDS, get_backend, use_backend  # noqa: E402
 from .integrations.transformers import patch  # noqa: E402
-from .ops.contrastive import clip_loss, siglip_loss  # noqa: E402
+from .ops.contrastive import (  # noqa: E402
+    clip_loss,
+    clip_loss_with_grads,
+    contrastive_cross_entropy,
+    siglip_loss,
+    siglip_loss_with_grads,
+)
 from .ops.rope import mrope, mrope_from_positions, rope, vision_rope  # noqa: E402
 from .ops.rope_index import get_rope_index  # noqa: E402
 
 __all__ = [
     "BACKENDS",
     "clip_loss",
+    "clip_loss_with_grads",
+    "contrastive_cross_entropy",
     "get_backend",
     "get_rope_index",
     "mrope",
@@ -24,6 +32,7 @@ __all__ = [
     "patch",
     "rope",
     "siglip_loss",
+    "siglip_loss_with_grads",
     "use_backend",
     "vision_rope",
 ]

@@ -1536,8 +1536,10 @@ def contrastive_cross_entropy(
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
     if (query_ids is None) != (key_ids is None):
         raise ValueError(f"{op}: query_ids and key_ids go together")
-    q_ids, _ = _check_targets(op, queries.shape[0], device, query_ids, label_smoothing, alpha,
+    q_ids, _ = _check_targets(op, queries.shape[0], device, query_ids, label_smoothing,
                               names=("query_ids",))  # fmt: skip
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"{op}: alpha must be in [0, 1], got {alpha}")
     k_ids, _ = _check_targets(op, keys.shape[0], device, key_ids, names=("key_ids",))
     teacher = (None, None, None)
     if alpha and teacher_queries is None:

@@ -1,0 +1,267 @@
+"""Targets beyond one-hot InfoNCE, against float64 references written from the papers' code:
+BLIP's multi-positive ``idx`` targets, label smoothing (torch's ``label_smoothing``), ALBEF's
+momentum distillation with a queue of extra negative keys, rectangular blocks with an
+offset diagonal, and the GradCache functional forms.
+
+Tolerances as in test_contrastive.py: fp32 1e-5 relative (L2) for losses and feature
+gradients, scale/bias gradients relative to max(|ref|, 0.1).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkernels
+
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with vlmkernels.use_backend(request.param):
+        yield request.param
+
+
+def rel(a, b, floor=0.0):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / max(b.norm().item(), floor, 1e-30)).item()
+
+
+def feats(n, d, device, dtype=torch.float32):
+    return F.normalize(torch.randn(n, d, device=device), dim=-1).to(dtype)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def soft_ce(logits, targets):
+    """-(log_softmax(logits) * targets).sum(1): cross-entropy with soft targets."""
+    return -(F.log_softmax(logits, 1) * targets).sum(1)
+
+
+def grads_of(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t.requires_grad])
+
+
+def compare(ours, ref, tensors, ref_tensors, tol=1e-5, weight=1.0):
+    """Loss and gradients; scale/bias gradients relative to max(|ref|, 0.1 * weight), the
+    loss's total weight (the bias gradient of a cross-entropy is 0 in exact arithmetic)."""
+    assert rel(ours, ref) < tol, (ours.item(), ref.item())
+    for i, (g, rg) in enumerate(
+        zip(grads_of(ours, tensors), grads_of(ref, ref_tensors), strict=True)
+    ):
+        floor = 0.1 * weight if g.dim() == 0 else 0.0
+        assert rel(g, rg, floor) < tol, (i, rel(g, rg, floor))
+
+
+def as64(*ts):
+    return [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in ts]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_clip_multi_positive_ids(with_bias, device, backend):
+    """BLIP: pos = (idx == idx^T), targets pos / pos.sum(1), both directions."""
+    n, d = 37, 24
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    s = leaf(torch.tensor(12.0, device=device))
+    b = leaf(torch.tensor(-1.0, device=device)) if with_bias else None
+    ids = torch.randint(0, 9, (n,), device=device)
+    ours = vlmkernels.clip_loss(x, y, s, b, ids=ids)
+    tensors = [x, y, s] + ([b] if b is not None else [])
+    xr, yr, sr, *br = as64(*tensors)
+    logits = sr * xr @ yr.T + (br[0] if br else 0)
+    pos = (ids[:, None] == ids[None, :]).double().cpu()
+    targets = pos / pos.sum(1, keepdim=True)
+    ref = (soft_ce(logits, targets).mean() + soft_ce(logits.T, targets.T).mean()) / 2
+    compare(ours, ref, tensors, [xr, yr, sr, *br])
+
+
+def test_clip_label_smoothing(device, backend):
+    n, d = 41, 24
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    s = leaf(torch.tensor(10.0, device=device))
+    ours = vlmkernels.clip_loss(x, y, s, label_smoothing=0.1)
+    xr, yr, sr = as64(x, y, s)
+    logits, labels = sr * xr @ yr.T, torch.arange(n)
+    ref = (
+        F.cross_entropy(logits, labels, label_smoothing=0.1)
+        + F.cross_entropy(logits.T, labels, label_smoothing=0.1)
+    ) / 2
+    compare(ours, ref, [x, y, s], [xr, yr, sr])
+
+
+def test_clip_teacher_distillation(device, backend):
+    """ALBEF in-batch: targets alpha softmax(s_t I_m T_m^T) + (1 - alpha) one-hot."""
+    n, d, alpha = 33, 24, 0.4
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    xm, ym = feats(n, d, device), feats(n, d, device)
+    s = leaf(torch.tensor(14.0, device=device))
+    ours = vlmkernels.clip_loss(x, y, s, teacher=(xm, ym), teacher_logit_scale=11.0, alpha=alpha)
+    xr, yr, sr = as64(x, y, s)
+    teacher = 11.0 * xm.double().cpu() @ ym.double().cpu().T
+    onehot = torch.eye(n, dtype=torch.float64)
+    logits = sr * xr @ yr.T
+    t_i2t = alpha * F.softmax(teacher, 1) + (1 - alpha) * onehot
+    t_t2i = alpha * F.softmax(teacher.T, 1) + (1 - alpha) * onehot
+    ref = (soft_ce(logits, t_i2t).mean() + soft_ce(logits.T, t_t2i).mean()) / 2
+    compare(ours, ref, [x, y, s], [xr, yr, sr])
+
+
+def test_clip_all_targets_together(device, backend):
+    n, d, alpha, eps = 29, 16, 0.3, 0.05
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    xm, ym = feats(n, d, device), feats(n, d, device)
+    s, b = leaf(torch.tensor(9.0, device=device)), leaf(torch.tensor(0.5, device=device))
+    ids = torch.randint(0, 6, (n,), device=device)
+    ours = vlmkernels.clip_loss(
+        x, y, s, b, ids=ids, label_smoothing=eps, teacher=(xm, ym), alpha=alpha,
+        reduction="none",
+    )  # fmt: skip
+    weights = torch.rand(2, n, device=device)
+    xr, yr, sr, br = as64(x, y, s, b)
+    logits = sr * xr @ yr.T + br
+    teacher = sr.detach() * xm.double().cpu() @ ym.double().cpu().T
+    pos = (ids[:, None] == ids[None, :]).double().cpu()
+    hard = pos / pos.sum(1, keepdim=True)
+    t_i2t = alpha * F.softmax(teacher, 1) + (1 - alpha) * ((1 - eps) * hard + eps / n)
+    t_t2i = alpha * F.softmax(teacher.T, 1) + (1 - alpha) * ((1 - eps) * hard.T + eps / n)
+    ref = torch.stack((soft_ce(logits, t_i2t), soft_ce(logits.T, t_t2i)))
+    assert rel(ours, ref) < 1e-5
+    compare((ours * weights).sum(), (ref * weights.double().cpu()).sum(), [x, y, s, b],
+            [xr, yr, sr, br], weight=weights.sum().item())  # fmt: skip
+
+
+@pytest.mark.parametrize("offset", [0, 5, -3])
+def test_rectangular_offset(offset, device, backend):
+    """Queries i against keys with the positive at key i + offset (local rows x global
+    columns, as in open_clip's local_loss)."""
+    m, n, d = 19, 47, 24
+    q, k = leaf(feats(m, d, device)), leaf(feats(n, d, device))
+    s = leaf(torch.tensor(13.0, device=device))
+    offset = offset if offset >= 0 else n - m + offset  # all positives inside
+    ours = vlmkernels.contrastive_cross_entropy(q, k, s, offset=offset)
+    qr, kr, sr = as64(q, k, s)
+    ref = F.cross_entropy(sr * qr @ kr.T, torch.arange(m) + offset)
+    compare(ours, ref, [q, k, s], [qr, kr, sr])
+
+
+def test_albef_with_queue(device, backend):
+    """ALBEF ITC, image-to-text: keys = [momentum texts; no-grad queue], soft targets from
+    the momentum image features against the same keys; gradients to the queries only."""
+    b, q_len, d, alpha = 16, 48, 24, 0.4
+    img = leaf(feats(b, d, device))
+    img_m, txt_m = feats(b, d, device), feats(b, d, device)
+    queue = feats(q_len, d, device)
+    keys = torch.cat((txt_m, queue))
+    temp = leaf(torch.tensor(0.07, device=device))
+    ours = vlmkernels.contrastive_cross_entropy(
+        img, keys, 1 / temp, teacher_queries=img_m, teacher_logit_scale=1 / 0.07, alpha=alpha
+    )
+    imgr, tempr = as64(img, temp)
+    keys64 = keys.double().cpu()
+    sim = imgr @ keys64.T / tempr
+    sim_m = img_m.double().cpu() @ keys64.T / 0.07
+    onehot = torch.zeros_like(sim_m)
+    onehot[:, :b] = torch.eye(b)
+    targets = alpha * F.softmax(sim_m, 1) + (1 - alpha) * onehot
+    ref = soft_ce(sim, targets).mean()
+    compare(ours, ref, [img, temp], [imgr, tempr])
+
+
+def test_blip_ids_with_queue(device, backend):
+    """BLIP retrieval ITC: positives where idx_queue matches idx (image_id)."""
+    b, q_len, d = 12, 36, 16
+    img, txt = leaf(feats(b, d, device)), leaf(feats(b, d, device))
+    queue = feats(q_len, d, device)
+    idx = torch.randint(0, 20, (b,), device=device)
+    idx_queue = torch.randint(0, 20, (q_len,), device=device)
+    keys = torch.cat((txt, queue))
+    key_ids = torch.cat((idx, idx_queue))
+    ours = vlmkernels.contrastive_cross_entropy(img, keys, 10.0, query_ids=idx, key_ids=key_ids)
+    imgr, txtr = as64(img, txt)
+    sim = 10.0 * imgr @ torch.cat((txtr, queue.double().cpu())).T
+    pos = (idx[:, None].cpu() == key_ids[None, :].cpu()).double()
+    ref = soft_ce(sim, pos / pos.sum(1, keepdim=True)).mean()
+    compare(ours, ref, [img, txt], [imgr, txtr])
+
+
+def test_clip_loss_with_grads_matches_autograd(device, backend):
+    n, d = 31, 24
+    x, y = feats(n, d, device), feats(n, d, device)
+    s, b = torch.tensor(11.0, device=device), torch.tensor(-2.0, device=device)
+    ids = torch.randint(0, 7, (n,), device=device)
+    for reduction in ("mean", "sum"):
+        loss, dx, dy, ds, db = vlmkernels.clip_loss_with_grads(
+            x, y, s, b, reduction=reduction, ids=ids, label_smoothing=0.1
+        )
+        assert not loss.requires_grad and not dx.requires_grad
+        xl, yl, sl, bl = leaf(x), leaf(y), leaf(s), leaf(b)
+        ref = vlmkernels.clip_loss(xl, yl, sl, bl, reduction=reduction, ids=ids,
+                                   label_smoothing=0.1)  # fmt: skip
+        ref.backward()
+        assert rel(loss, ref) < 1e-6
+        for g, rg in ((dx, xl.grad), (dy, yl.grad)):
+            assert rel(g, rg) < 1e-6
+        assert rel(ds, sl.grad, 0.1) < 1e-6 and rel(db, bl.grad, 0.1) < 1e-6
+    _, _, _, _, no_bias = vlmkernels.clip_loss_with_grads(x, y, s)
+    assert no_bias is None
+
+
+def test_siglip_loss_with_grads_matches_autograd(device, backend):
+    n, d = 31, 24
+    x, y = feats(n, d, device), feats(n, d, device)
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    loss, dx, dy, ds, db = vlmkernels.siglip_loss_with_grads(x, y, s, b)
+    xl, yl, sl, bl = leaf(x), leaf(y), leaf(s), leaf(b)
+    ref = vlmkernels.siglip_loss(xl, yl, sl, bl)
+    ref.backward()
+    assert rel(loss, ref) < 1e-6
+    for g, rg in ((dx, xl.grad), (dy, yl.grad), (ds, sl.grad), (db, bl.grad)):
+        assert rel(g, rg) < 1e-6
+
+
+def test_siglip_negative_only(device, backend):
+    n, d = 23, 24
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    s, b = leaf(torch.tensor(10.0, device=device)), leaf(torch.tensor(-5.0, device=device))
+    ours = vlmkernels.siglip_loss(x, y, s, b, negative_only=True)
+    xr, yr, sr, br = as64(x, y, s, b)
+    ref = -F.logsigmoid(-(sr * xr @ yr.T + br)).sum() / n
+    compare(ours, ref, [x, y, s, b], [xr, yr, sr, br])
+
+
+def test_bf16_targets(device, backend):
+    n, d = 40, 32
+    x, y = leaf(feats(n, d, device, torch.bfloat16)), leaf(feats(n, d, device, torch.bfloat16))
+    ids = torch.randint(0, 10, (n,), device=device)
+    ours = vlmkernels.clip_loss(x, y, 10.0, ids=ids, label_smoothing=0.1)
+    xr, yr = as64(x, y)
+    logits = 10.0 * xr @ yr.T
+    pos = (ids[:, None] == ids[None, :]).double().cpu()
+    hard = pos / pos.sum(1, keepdim=True)
+    t = 0.9 * hard + 0.1 / n
+    ref = (soft_ce(logits, t).mean() + soft_ce(logits.T, t.T).mean()) / 2
+    assert rel(ours, ref) < 1e-2
+    for g, rg in zip(grads_of(ours, [x, y]), grads_of(ref, [xr, yr]), strict=True):
+        assert rel(g, rg) < 1e-2
+
+
+def test_target_argument_errors(device):
+    x, y = feats(8, 16, device), feats(8, 16, device)
+    cases = [
+        (dict(ids=torch.zeros(7, dtype=torch.long)), ValueError, "ids must have shape"),
+        (dict(ids=torch.zeros(8)), TypeError, "ids must be an integer"),
+        (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+        (dict(alpha=0.5), ValueError, "needs teacher"),
+        (dict(teacher=(x, y[:4]), alpha=0.5), ValueError, "teacher"),
+    ]
+    for kwargs, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            vlmkernels.clip_loss(x, y, 1.0, **kwargs)
+    with pytest.raises(ValueError, match="go together"):
+        vlmkernels.contrastive_cross_entropy(x, y, 1.0, query_ids=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="feature dim"):
+        vlmkernels.contrastive_cross_entropy(x, y[:, :8], 1.0)
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        vlmkernels.clip_loss_with_grads(x, y, 1.0, reduction="none")
