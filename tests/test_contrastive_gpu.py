@@ -163,3 +163,24 @@ def test_runs_where_eager_runs_out_of_memory():
     out, grads = loss_and_grads("clip", x, y, s, b)
     assert torch.isfinite(out)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_albef_queue_targets_at_scale():
+    """ALBEF's shape: 256 queries against 256 momentum keys + a 65536 queue, d 256, soft
+    targets from the momentum queries, bf16; against the float64 torch path."""
+    b, q_len, d, alpha = 256, 65536, 256, 0.4
+    img = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(torch.bfloat16)
+    img_m = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(torch.bfloat16)
+    keys = F.normalize(torch.randn(b + q_len, d, device="cuda"), dim=-1).to(torch.bfloat16)
+    ids = torch.randint(0, 5000, (b + q_len,), device="cuda")
+    kw = dict(teacher_queries=img_m, alpha=alpha, query_ids=ids[:b], key_ids=ids)
+    q = img.detach().requires_grad_()
+    loss = vlmkernels.contrastive_cross_entropy(q, keys, 14.0, **kw)
+    loss.backward()
+    q64 = img.double().requires_grad_()
+    with vlmkernels.use_backend("torch"):
+        kw64 = dict(kw, teacher_queries=img_m.double())
+        ref = vlmkernels.contrastive_cross_entropy(q64, keys.double(), 14.0, **kw64)
+    ref.backward()
+    assert rel_err(loss.float(), ref) < 1e-2
+    assert rel_err(q.grad, q64.grad) < 1e-2
