@@ -1,0 +1,428 @@
+"""Ring mode of clip_loss / siglip_loss (``process_group=``) against the single-process loss.
+
+World sizes 2 and 4 are spawned on the CPU with gloo (a file store in a temporary
+directory). Every child builds the same global batch from a seed, passes its shard to the
+ring, and compares its loss and the gradients autograd gives to its shard, to the learnable
+scale and to the bias with:
+- the single-process vlmkernels loss of the whole global batch, computed in the same child
+  on the same backend;
+- on rank 0, a float64 naive formula (full logits, autograd).
+A miniature CLIP model under DistributedDataParallel checks the recipe of the docstring of
+``clip_loss_ring`` (backward ``loss * world_size``, the scale's gradient divided by the
+world size in a hook): every parameter gets its single-process gradient.
+Backends: the Triton kernels through Triton's interpreter (TRITON_INTERPRET=1 set in the
+child before vlmkernels is imported) and the PyTorch path (VLMKERNELS_BACKEND=torch).
+
+Tolerance (fp32 inputs): max |ring - reference| <= 1e-5 * max(max |reference|, floor) per
+tensor; floor 1 for losses, 1e-12 for feature gradients and, for the scale and bias
+gradients, the total weight of the loss (1 for a mean, N for a sum, sum |upstream| for
+"none"): CLIP's bias gradient is zero in exact arithmetic, a cancellation of N^2 terms of
+that weight. Measured: at most 6e-7 of that scale, against either reference. A wrong
+block offset, a missing hop or a lost accumulator is off by O(1).
+
+Children report each case's traceback in a JSON file per rank; a child that has not
+finished within the timeout is killed and reported as a hang. The error paths check that
+every rank raises (and that a good call still works afterwards: no stray messages).
+"""
+
+import datetime
+import functools
+import json
+import math
+import multiprocessing
+import os
+import time
+import traceback
+
+import pytest
+import torch
+
+RTOL = 1e-5
+D = 24
+EQUAL = 13
+UNEQUAL = [13, 6, 9, 1]
+TIMEOUT_S = 240
+
+CASES = {
+    "clip_mean": dict(loss="clip", reduction="mean"),
+    "clip_sum_bias": dict(loss="clip", reduction="sum", bias=True),
+    "clip_none_bias": dict(loss="clip", reduction="none", bias=True),
+    "clip_ids": dict(loss="clip", reduction="mean", bias=True, ids=True),
+    "clip_ids_smoothing_none": dict(loss="clip", reduction="none", ids=True, smoothing=0.1),
+    "clip_smoothing_sum": dict(loss="clip", reduction="sum", bias=True, smoothing=0.2),
+    "clip_unequal": dict(loss="clip", reduction="mean", bias=True, sizes=UNEQUAL),
+    "clip_unequal_ids_none_chunked": dict(
+        loss="clip", reduction="none", ids=True, sizes=UNEQUAL, chunk=4
+    ),
+    "clip_subgroup": dict(loss="clip", reduction="mean", bias=True, subgroup=True),
+    "clip_no_grad": dict(loss="clip", reduction="mean", bias=True, grad=False),
+    "siglip_mean_bias": dict(loss="siglip", reduction="mean", bias=True),
+    "siglip_sum": dict(loss="siglip", reduction="sum"),
+    "siglip_none_bias": dict(loss="siglip", reduction="none", bias=True),
+    "siglip_unequal_chunked": dict(
+        loss="siglip", reduction="mean", bias=True, sizes=UNEQUAL, chunk=4
+    ),
+    "siglip_unequal_none": dict(loss="siglip", reduction="none", bias=True, sizes=UNEQUAL),
+    "siglip_no_grad": dict(loss="siglip", reduction="sum", bias=True, grad=False),
+}
+
+CONFIGS = [(2, "triton"), (4, "triton"), (2, "torch"), (4, "torch")]
+
+
+# ------------------------------------------------------------------ float64 reference
+
+
+def _naive(loss, x, y, s, b, ids, smoothing, reduction):
+    """The global loss from the full logits, plain torch (float64 in the tests)."""
+    logits = s * x @ y.T
+    if b is not None:
+        logits = logits + b
+    n = x.shape[0]
+    eye = torch.eye(n, dtype=logits.dtype)
+    if loss == "siglip":
+        rows = -torch.nn.functional.logsigmoid((2 * eye - 1) * logits).sum(1)
+        return {"mean": rows.sum() / n, "sum": rows.sum(), "none": rows}[reduction]
+    hard = (ids[:, None] == ids[None, :]).to(logits.dtype) if ids is not None else eye
+    t_row = (1 - smoothing) * hard / hard.sum(1, keepdim=True) + smoothing / n
+    t_col = (1 - smoothing) * hard / hard.sum(0, keepdim=True) + smoothing / n
+    rows = torch.logsumexp(logits, 1) - (t_row * logits).sum(1)
+    cols = torch.logsumexp(logits, 0) - (t_col * logits).sum(0)
+    losses = torch.stack((rows, cols))
+    return {"mean": losses.mean(), "sum": losses.sum() / 2, "none": losses}[reduction]
+
+
+def _assert_close(what, got, want, floor):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs().max().item()
+    bound = RTOL * max(want.abs().max().item(), floor)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+# ------------------------------------------------------------------ one case, in a child
+
+
+def _global_batch(n, loss, reduction):
+    g = torch.Generator().manual_seed(1234)
+    x = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1)
+    ids = torch.randint(0, 2 * n // 3, (n,), generator=g)
+    ids[-1] = ids[0]  # at least one pair of positives on different ranks
+    shape = (2, n) if loss == "clip" else (n,)
+    upstream = torch.randn(shape, generator=g) if reduction == "none" else torch.ones(())
+    return x, y, ids, upstream
+
+
+def _evaluate(vk, case, data, rows, group, dtype):
+    """(loss, [d features, d text, d log scale, d bias]) for the samples ``rows``."""
+    x, y, ids, upstream = data
+    grad = case.get("grad", True)
+    x = x[rows].to(dtype).requires_grad_(grad)
+    y = y[rows].to(dtype).requires_grad_(grad)
+    s0, b0 = (10.0, -1.0) if case["loss"] == "clip" else (10.0, -5.0)
+    log_s = torch.tensor(math.log(s0), dtype=dtype, requires_grad=grad)
+    b = torch.tensor(b0, dtype=dtype, requires_grad=grad) if case.get("bias") else None
+    ids = ids[rows] if case.get("ids") else None
+    smoothing = case.get("smoothing", 0.0)
+    reduction = case["reduction"]
+    if group == "naive":
+        out = _naive(case["loss"], x, y, log_s.exp(), b, ids, smoothing, reduction)
+    else:
+        kw = dict(reduction=reduction, chunk_size=case.get("chunk"), process_group=group)
+        if case["loss"] == "clip":
+            fn, kw = vk.clip_loss, dict(kw, ids=ids, label_smoothing=smoothing)
+        else:
+            fn = vk.siglip_loss
+        with torch.set_grad_enabled(grad):
+            out = fn(x, y, log_s.exp(), b, **kw)
+    if not grad:
+        return out, []
+    up = upstream[..., rows] if reduction == "none" else upstream
+    (out * up.to(dtype)).sum().backward()
+    return out, [x.grad, y.grad, log_s.grad] + ([b.grad] if b is not None else [])
+
+
+def _run_case(vk, rank, world, case):
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    if case.get("subgroup") and world == 4:  # non-contiguous: group ranks != global ranks
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        group = groups[rank % 2]
+        rank, world = dist.get_rank(group), 2
+    sizes = case.get("sizes", [EQUAL] * 4)[:world]
+    lo = sum(sizes[:rank])
+    rows = slice(lo, lo + sizes[rank])
+    data = _global_batch(sum(sizes), case["loss"], case["reduction"])
+    ring_out, ring_grads = _evaluate(vk, case, data, rows, group, torch.float32)
+    refs = [("single-process", _evaluate(vk, case, data, slice(None), None, torch.float32))]
+    if rank == 0:
+        refs.append(("float64", _evaluate(vk, case, data, slice(None), "naive", torch.float64)))
+    upstream = data[3]
+    weight = {"mean": 1.0, "sum": float(sum(sizes)),
+              "none": upstream.abs().sum().item()}[case["reduction"]]  # fmt: skip
+    names = ["d image", "d text", "d log_scale", "d bias"]
+    for ref_name, (out, grads) in refs:
+        want = out[..., rows] if case["reduction"] == "none" else out
+        _assert_close(f"loss vs {ref_name}", ring_out, want, 1.0)
+        assert len(grads) == len(ring_grads)
+        for name, got, ref in zip(names, ring_grads, grads, strict=False):
+            is_feature = name in ("d image", "d text")
+            want = ref[rows] if is_feature else ref
+            _assert_close(f"{name} vs {ref_name}", got, want, 1e-12 if is_feature else weight)
+
+
+class _Towers(torch.nn.Module):
+    """Two linear 'encoders' and a learnable log scale: a CLIP model in miniature."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Linear(D, D)
+        self.text = torch.nn.Linear(D, D)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, a, b):
+        return self.image(a), self.text(b), self.log_scale.exp()
+
+
+def _ddp_recipe(vk, rank, world):
+    """The docstring's DDP recipe (backward ``loss * world_size``, the scale's gradient
+    divided by world_size in a hook) gives every parameter its single-process gradient."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    single = _Towers()
+    model = _Towers()
+    model.load_state_dict(single.state_dict())
+    ddp = DistributedDataParallel(model)
+    model.log_scale.register_hook(lambda g: g / world)
+    a, b, _, _ = _global_batch(EQUAL * world, "clip", "mean")
+    rows = slice(rank * EQUAL, (rank + 1) * EQUAL)
+    loss = vk.clip_loss(*ddp(a[rows], b[rows]), process_group=dist.group.WORLD)
+    (loss * world).backward()
+    want = vk.clip_loss(*single(a, b))
+    want.backward()
+    _assert_close("loss", loss, want, 1.0)
+    for (name, got), ref in zip(model.named_parameters(), single.parameters(), strict=True):
+        _assert_close(f"d {name}", got.grad, ref.grad, 1e-12)
+
+
+def _cases_job(rank, world):
+    import vlmkernels
+
+    jobs = {name: functools.partial(_run_case, case=case) for name, case in CASES.items()}
+    jobs["clip_ddp_recipe"] = _ddp_recipe
+    report = {}
+    for name, job in jobs.items():
+        try:
+            job(vlmkernels, rank, world)
+            report[name] = None
+        except Exception:
+            report[name] = traceback.format_exc()
+    return report
+
+
+# ------------------------------------------------------------------ error paths, in a child
+
+
+def _expect(report, name, exc_type, match, fn):
+    try:
+        fn()
+    except exc_type as e:
+        report[name] = None if match in str(e) else f"message without {match!r}: {e}"
+    except Exception:
+        report[name] = "wrong exception type:\n" + traceback.format_exc()
+    else:
+        report[name] = "did not raise"
+
+
+def _errors_job(rank, world):
+    import torch.distributed as dist
+
+    import vlmkernels as vk
+
+    group = dist.group.WORLD
+    report = {}
+
+    def feats(d=D, dtype=torch.float32, grad=False):
+        g = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(5, d, generator=g, dtype=dtype), torch.randn(5, d, generator=g)
+        return x.requires_grad_(grad), y.to(dtype).requires_grad_(grad)
+
+    def clip(x, y, **kw):
+        return vk.clip_loss(x, y, 10.0, process_group=kw.pop("group", group), **kw)
+
+    dim = D if rank == 0 else 16
+    _expect(report, "dim_mismatch", ValueError, "feature dim", lambda: clip(*feats(dim)))
+    _expect(report, "siglip_dim_mismatch", ValueError, "feature dim",
+            lambda: vk.siglip_loss(*feats(dim), 10.0, -5.0, process_group=group))  # fmt: skip
+    dtype = torch.float32 if rank == 0 else torch.float64
+    _expect(report, "dtype_mismatch", ValueError, "dtype", lambda: clip(*feats(dtype=dtype)))
+    ids = torch.arange(5) if rank == 0 else None
+    _expect(report, "ids_on_some_ranks", ValueError, "ids", lambda: clip(*feats(), ids=ids))
+    _expect(report, "grad_on_some_ranks", ValueError, "gradients",
+            lambda: clip(*feats(grad=rank == 0)))  # fmt: skip
+    reduction = "mean" if rank == 0 else "none"
+    _expect(report, "reduction_mismatch", ValueError, "reduction",
+            lambda: clip(*feats(), reduction=reduction))  # fmt: skip
+    loss_fn = (lambda x, y: clip(x, y)) if rank == 0 else (
+        lambda x, y: vk.siglip_loss(x, y, 10.0, None, process_group=group))  # fmt: skip
+    _expect(report, "different_losses", ValueError, "the loss", lambda: loss_fn(*feats()))
+    _expect(report, "not_a_group", TypeError, "ProcessGroup",
+            lambda: clip(*feats(), group="world"))  # fmt: skip
+
+    real = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        _expect(report, "while_tracing", RuntimeError, "torch.compile", lambda: clip(*feats()))
+    finally:
+        torch.compiler.is_compiling = real
+    fullgraph = torch.compile(lambda x, y: clip(x, y), backend="eager", fullgraph=True)
+    _expect(report, "compile_fullgraph", Exception, "disable", lambda: fullgraph(*feats()))
+
+    try:  # the group is still in step after all of that
+        x, y = feats()
+        xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y)
+                                                                for _ in range(world)]  # fmt: skip
+        dist.all_gather(xs, x)
+        dist.all_gather(ys, y)
+        want = vk.clip_loss(torch.cat(xs), torch.cat(ys), 10.0)
+        _assert_close("loss after the errors", clip(x, y), want, 1.0)
+        report["good_call_after_errors"] = None
+    except Exception:
+        report["good_call_after_errors"] = traceback.format_exc()
+
+    dist.destroy_process_group()
+    _expect(report, "uninitialised", RuntimeError, "not initialised", lambda: clip(*feats()))
+    return report
+
+
+# ------------------------------------------------------------------ spawning
+
+
+JOBS = {"cases": _cases_job, "errors": _errors_job}
+
+
+def _child(job, rank, world, store, env, out):
+    os.environ.update(env)  # before vlmkernels is imported: the backend and the interpreter
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    report = {}
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        report = JOBS[job](rank, world)
+    except BaseException:
+        report["<child>"] = traceback.format_exc()
+    with open(out, "w") as f:
+        json.dump(report, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _spawn(job, world, backend, tmp_path):
+    """{name: [None or the failure, per rank]} of ``job`` run on ``world`` spawned ranks."""
+    env = {"TRITON_INTERPRET": "1", "VLMKERNELS_BACKEND": backend}
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.json" for r in range(world)]
+    procs = [
+        ctx.Process(target=_child, args=(job, r, world, str(tmp_path / "store"), env, str(o)))
+        for r, o in enumerate(outs)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    results = {}
+    for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        if p.is_alive():
+            p.kill()
+            p.join()
+            report = {"<child>": f"did not finish within {TIMEOUT_S} s (a hang?)"}
+        elif out.exists():
+            report = json.loads(out.read_text())
+        else:
+            report = {"<child>": f"exited with code {p.exitcode} without a report"}
+        for name, failure in report.items():
+            results.setdefault(name, [None] * world)[r] = failure
+    return results
+
+
+def _failures(results, name):
+    """Every rank's failure of case ``name`` (or of the child as a whole), as text."""
+    lines = []
+    for key in ("<child>", name):
+        for r, failure in enumerate(results.get(key, [])):
+            if failure:
+                lines.append(f"--- rank {r}, {key}:\n{failure}")
+    if name not in results and "<child>" not in results:
+        lines.append(f"no rank reported {name}")
+    return "\n".join(lines)
+
+
+_RESULTS = {}
+
+
+def _results(job, world, backend, tmp_path_factory):
+    key = (job, world, backend)
+    if key not in _RESULTS:
+        tmp = tmp_path_factory.mktemp(f"{job}-{world}-{backend}")
+        _RESULTS[key] = _spawn(job, world, backend, tmp)
+    return _RESULTS[key]
+
+
+@pytest.mark.parametrize("case", [*CASES, "clip_ddp_recipe"])
+@pytest.mark.parametrize(("world", "backend"), CONFIGS)
+def test_ring_matches_single_process(world, backend, case, tmp_path_factory):
+    results = _results("cases", world, backend, tmp_path_factory)
+    failures = _failures(results, case)
+    assert not failures, failures
+
+
+ERRORS = [
+    "dim_mismatch",
+    "siglip_dim_mismatch",
+    "dtype_mismatch",
+    "ids_on_some_ranks",
+    "grad_on_some_ranks",
+    "reduction_mismatch",
+    "different_losses",
+    "not_a_group",
+    "while_tracing",
+    "compile_fullgraph",
+    "good_call_after_errors",
+    "uninitialised",
+]
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_raise_on_every_rank(case, tmp_path_factory):
+    results = _results("errors", 2, "triton", tmp_path_factory)
+    failures = _failures(results, case)
+    assert not failures, failures
+
+
+def test_single_rank_group_in_process(tmp_path):
+    """World size 1 (no transfers at all) in the test process itself."""
+    import torch.distributed as dist
+
+    import vlmkernels
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        for loss in ("clip", "siglip"):
+            case = dict(loss=loss, reduction="mean", bias=True, ids=loss == "clip")
+            _run_case(vlmkernels, 0, 1, case)
+    finally:
+        dist.destroy_process_group()
