@@ -255,6 +255,15 @@ def _errors_job(rank, world):
 
     dim = D if rank == 0 else 16
     _expect(report, "dim_mismatch", ValueError, "feature dim", lambda: clip(*feats(dim)))
+    # a local argument error on rank 1 only (x and y disagree there): rank 1 raises its
+    # own error, rank 0 learns of it in the consistency exchange instead of hanging
+    want = "same feature dim" if rank == 1 else "rejected their arguments"
+    _expect(report, "local_error_on_one_rank", ValueError, want,
+            lambda: clip(*((feats()[0][:, :8], feats()[1]) if rank == 1 else feats())))  # fmt: skip
+    want = "reduction must be" if rank == 0 else "rejected their arguments"
+    _expect(report, "siglip_local_error_on_one_rank", ValueError, want,
+            lambda: vk.siglip_loss(*feats(), 10.0, -5.0, process_group=group,
+                                   reduction="avg" if rank == 0 else "mean"))  # fmt: skip
     _expect(report, "siglip_dim_mismatch", ValueError, "feature dim",
             lambda: vk.siglip_loss(*feats(dim), 10.0, -5.0, process_group=group))  # fmt: skip
     dtype = torch.float32 if rank == 0 else torch.float64
@@ -389,6 +398,8 @@ def test_ring_matches_single_process(world, backend, case, tmp_path_factory):
 
 ERRORS = [
     "dim_mismatch",
+    "local_error_on_one_rank",
+    "siglip_local_error_on_one_rank",
     "siglip_dim_mismatch",
     "dtype_mismatch",
     "ids_on_some_ranks",

@@ -160,7 +160,8 @@ def _meta_device(op: str, group, x: torch.Tensor) -> torch.device:
 
 
 # What every rank sends once per call: its local batch size and what must agree.
-_META = ("batch", "dim", "dtype", "kind", "ids", "bias", "reduction", "smoothing", "grad")
+_META = ("error", "batch", "dim", "dtype", "kind", "ids", "bias", "reduction", "smoothing",
+         "grad")  # fmt: skip
 
 
 def _exchange_meta(op, group, world, x, values: list[float]) -> list[dict]:
@@ -191,7 +192,14 @@ _DESCRIBE = {
 
 
 def _check_consistent(op: str, table: list[dict]) -> None:
-    """Raises the same error on every rank where a field differs between ranks."""
+    """Raises the same error on every rank where a field differs between ranks, or where
+    a rank failed its local argument checks (:func:`report_local_error`)."""
+    failed = [r for r, row in enumerate(table) if row["error"]]
+    if failed:
+        raise ValueError(
+            f"{op}: rank(s) {failed} of the process group rejected their arguments (see the "
+            "error raised there); no rank runs the ring"
+        )
     for key, (what, show) in _DESCRIBE.items():
         values = [row[key] for row in table]
         if any(v != values[0] for v in values):
@@ -210,7 +218,7 @@ def _setup(op, group, x, *, bias, reduction, grad, ids=False, smoothing=0.0) -> 
             "export; call it outside the compiled region"
         )
     rank, world = _check_group(op, group)
-    values = [x.shape[0], x.shape[1], _DTYPES.index(x.dtype), _KINDS.index(op), ids, bias,
+    values = [0, x.shape[0], x.shape[1], _DTYPES.index(x.dtype), _KINDS.index(op), ids, bias,
               _REDUCTIONS.index(reduction), smoothing, grad]  # fmt: skip
     values = [float(v) for v in values]
     if world == 1:  # nothing to agree on, nothing to send: no collective, no host sync
@@ -218,6 +226,23 @@ def _setup(op, group, x, *, bias, reduction, grad, ids=False, smoothing=0.0) -> 
     table = _exchange_meta(op, group, world, x, values)
     _check_consistent(op, table)
     return _Ring(group, rank, world, tuple(int(row["batch"]) for row in table))
+
+
+def report_local_error(op: str, group, features, error: Exception) -> None:
+    """Raises ``error`` here after telling the other ranks, which are waiting in the
+    consistency exchange of :func:`_setup`, so that they raise too instead of hanging.
+
+    Called by the public functions when this rank's own arguments fail their checks."""
+    try:
+        rank, world = _check_group(op, group)
+        if world > 1:
+            like = features if isinstance(features, torch.Tensor) else torch.empty(0)
+            device = _meta_device(op, group, like)
+            probe = torch.empty(0, device=device)
+            _exchange_meta(op, group, world, probe, [1.0] + [0.0] * (len(_META) - 1))
+    except Exception:  # noqa: BLE001 - the local error is the one to report
+        pass
+    raise error
 
 
 def _needs_grad(*tensors) -> bool:

@@ -1403,6 +1403,16 @@ def _check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teac
     return ids, teacher
 
 
+def _raise_on_every_rank(op, process_group, features, exc):
+    """Re-raises a local argument error; with a process group, the other ranks (waiting in
+    the ring's consistency exchange) are told, so they raise instead of hanging."""
+    if process_group is None:
+        raise exc
+    from ..distributed.ring import report_local_error
+
+    report_local_error(op, process_group, features, exc)
+
+
 def _reduce(losses, reduction, halve_sum):
     if reduction == "mean":
         return losses.mean()
@@ -1457,18 +1467,21 @@ def clip_loss(
         are cast to the autocast dtype and the loss is fp32, as open_clip's would be.
     """
     op = "clip_loss"
-    x, y, scale, bias, chunk, out_dtype = _prepare(
-        op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
-    )
-    ids, teacher = _check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha,
-                                  teacher, (x, y))  # fmt: skip
-    if process_group is not None:
-        from ..distributed.ring import clip_loss_ring
-
-        if teacher is not None:
+    try:
+        x, y, scale, bias, chunk, out_dtype = _prepare(
+            op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
+        )
+        ids, teacher = _check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha,
+                                      teacher, (x, y))  # fmt: skip
+        if process_group is not None and teacher is not None:
             raise NotImplementedError(
                 f"{op}: teacher targets are not supported with a process_group"
             )
+    except Exception as exc:
+        _raise_on_every_rank(op, process_group, image_features, exc)
+    if process_group is not None:
+        from ..distributed.ring import clip_loss_ring
+
         loss = clip_loss_ring(x, y, scale, bias, process_group, chunk, reduction, ids=ids,
                               label_smoothing=float(label_smoothing))  # fmt: skip
         return loss.to(out_dtype)
@@ -1588,16 +1601,19 @@ def siglip_loss(
     When a scalar loss needs gradients, they are computed in the forward pass (no
     recomputation of the logits) and the backward pass scales them by the upstream gradient.
     """
-    x, y, scale, bias, chunk, out_dtype = _prepare(
-        "siglip_loss", image_features, text_features, logit_scale, logit_bias, reduction,
-        chunk_size,
-    )  # fmt: skip
+    try:
+        x, y, scale, bias, chunk, out_dtype = _prepare(
+            "siglip_loss", image_features, text_features, logit_scale, logit_bias, reduction,
+            chunk_size,
+        )  # fmt: skip
+        if process_group is not None and negative_only:
+            raise ValueError("siglip_loss: negative_only does not apply with a process_group")
+    except Exception as exc:
+        _raise_on_every_rank("siglip_loss", process_group, image_features, exc)
     n = x.shape[0]
     if process_group is not None:
         from ..distributed.ring import siglip_loss_ring
 
-        if negative_only:
-            raise ValueError("siglip_loss: negative_only does not apply with a process_group")
         return siglip_loss_ring(x, y, scale, bias, process_group, chunk, reduction).to(out_dtype)
     offset = n if negative_only else 0  # col = row + n: no positive pair
     wants_grad = torch.is_grad_enabled() and any(
