@@ -562,3 +562,213 @@ def test_rope_index_batch_layout_matches_grids():
         vision = sum(t * h * w // 4 for t, h, w in (*IMAGES, VIDEO))
         assert ((types > 0) & (mask > 0)).sum(1).tolist() == [vision] * 3
         assert mask.sum(1).tolist() == sorted(mask.sum(1).tolist(), reverse=True)
+
+
+# --------------------------------------------------------------------------------------
+# Distributed contrastive suite (benchmarks/bench_contrastive_dist.py) and scaling model
+# --------------------------------------------------------------------------------------
+
+DIST_CSV = REPO / "benchmarks" / "results" / "contrastive_dist.csv"
+RING_FILE = REPO / "vlmkernels" / "distributed" / "ring.py"
+DIST_RING = "N=64,d=32"
+DIST_QUEUE = "b=16,Q=48,d=32"
+
+
+@pytest.fixture(scope="module")
+def dist_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_dist")
+    before = DIST_CSV.stat() if DIST_CSV.exists() else None
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "contrastive_dist",
+            "--shape", "N=64", "--shape", "d=32", "--shape", "b=16", "--shape", "Q=48",
+            "--modes", "fwd,bwd,fwd+bwd", "--compile-backend", "aot_eager", "--out", str(out),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    after = DIST_CSV.stat() if DIST_CSV.exists() else None
+    with (out / "contrastive_dist.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc, rows, before, after, sorted(p.name for p in out.iterdir())
+
+
+def _assert_timed(rows, **case):
+    (ms,) = _rows(rows, **case, metric="ms")
+    assert ms["status"] == "ok", ms
+    p20, p50, p80 = (float(ms[k]) for k in ("p20", "p50", "p80"))
+    assert 0 < p20 <= p50 <= p80 and math.isfinite(p80)
+    for metric in RATE_METRICS:
+        (rate,) = _rows(rows, **case, metric=metric)
+        assert all(_positive(rate[k]) for k in ("p50", "p20", "p80")), rate
+
+
+def test_dist_cli_runs_and_prints_summary(dist_smoke):
+    proc, _, before, after, files = dist_smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert files == ["contrastive_dist.csv"]
+    if before is not None:
+        assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+    assert "Ring overhead" in proc.stdout and "ALBEF/BLIP one direction" in proc.stdout
+    for op in ("albef_itc", "albef_itc_distill", "blip_itc_ids"):
+        assert f"  {op} {DIST_QUEUE}: eager / vlmkernels = " in proc.stdout
+
+
+def test_dist_csv_rows(dist_smoke):
+    from benchmarks import bench_contrastive_dist as bd
+
+    _, rows, *_ = dist_smoke
+    assert rows and list(rows[0]) == COLUMNS and len({r["run_id"] for r in rows}) == 1
+    for op in bd.RING_OPS:
+        for mode in ("fwd", "fwd+bwd"):
+            _assert_timed(rows, op=op, provider="vlmkernels", mode=mode, shape=DIST_RING)
+            ring = dict(op=op, provider="vlmkernels_ring", mode=mode, shape=DIST_RING)
+            if RING_FILE.exists():
+                _assert_timed(rows, **ring)
+            else:  # skipped only for a missing ring module, with the reason recorded
+                (row,) = _rows(rows, op=op, provider="vlmkernels_ring")
+                assert row["status"] == "unavailable" and "missing" in row["note"]
+        # the other group's shape is skipped with its reason, never run
+        for r in _rows(rows, op=op, shape=DIST_QUEUE, metric="ms"):
+            assert r["status"] == "skipped" and "not a shape of this op" in r["note"]
+    for op in bd.QUEUE_OPS:
+        for provider in ("vlmkernels", "eager", "compile"):
+            for mode in ("fwd", "fwd+bwd"):
+                _assert_timed(rows, op=op, provider=provider, mode=mode, shape=DIST_QUEUE)
+        for r in _rows(rows, op=op, shape=DIST_RING, metric="ms"):
+            assert r["status"] == "skipped" and "not a shape of this op" in r["note"]
+
+
+def test_dist_providers_compute_the_same_loss(dist_smoke):
+    from benchmarks import bench_contrastive_dist as bd
+
+    _, rows, *_ = dist_smoke
+    for op in (*bd.RING_OPS, *bd.QUEUE_OPS):
+        losses = {r["provider"]: float(r["p50"]) for r in _rows(rows, op=op, metric="loss")}
+        want = 2 if op in bd.RING_OPS and RING_FILE.exists() else 1 if op in bd.RING_OPS else 3
+        assert len(losses) == want, (op, losses)
+        ref = next(iter(losses.values()))
+        assert all(math.isclose(v, ref, rel_tol=2e-2 if ON_GPU else 1e-4) for v in losses.values())
+
+
+def test_dist_eager_formula_is_the_cross_entropy():
+    from benchmarks.bench_contrastive_dist import itc_eager
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(6 + 10, 8, generator=g), dim=-1)
+    s = torch.tensor(14.0)
+    want = torch.nn.functional.cross_entropy(q @ k.T * s, torch.arange(6))
+    torch.testing.assert_close(itc_eager(q, k, s), want)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3])
+    k_ids = torch.cat([ids, torch.tensor([1, 9, 9, 9, 0, 9, 9, 9, 9, 9])])
+    pos = (ids[:, None] == k_ids[None]).float()
+    want = -(torch.log_softmax(q @ k.T * s, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+    torch.testing.assert_close(itc_eager(q, k, s, query_ids=ids, key_ids=k_ids), want)
+
+
+def test_dist_cost_models_and_shapes():
+    from benchmarks import bench_contrastive_dist as bd
+
+    shape = {"b": 256, "Q": 65536, "d": 256}
+    mkd = 2 * 256 * 65792 * 256
+    assert bd.queue_flops("albef_itc")(shape, "fwd") == mkd
+    assert bd.queue_flops("albef_itc_distill")(shape, "fwd") == 2 * mkd
+    assert bd.queue_flops("blip_itc_ids")(shape, "fwd+bwd") == 3 * mkd
+    assert bd.queue_nbytes("albef_itc")(shape, "fwd", 2) == (256 + 65792) * 256 * 2
+    assert bd.queue_nbytes("albef_itc_distill")(shape, "bwd", 2) == (512 + 65792) * 256 * 2
+    assert bd.shape_list("quick", {}) == [
+        {"N": 8192, "d": 768}, {"N": 32768, "d": 768}, {"b": 256, "Q": 65536, "d": 256},
+    ]  # fmt: skip
+    assert bd.shape_list("cpu", {"d": [8], "N": [4]}) == [
+        {"N": 4, "d": 8}, {"b": 64, "Q": 2048, "d": 8},
+    ]  # fmt: skip
+    with pytest.raises(KeyError):
+        bd.shape_list("cpu", {"S": [1]})
+
+
+def test_dist_single_rank_group_is_created_and_destroyed():
+    import torch.distributed as dist
+
+    from benchmarks.bench_contrastive_dist import _Group
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no default group in this process")
+    group = _Group()
+    pg = group.get(torch.device("cpu"))
+    assert dist.is_initialized() and dist.get_world_size(pg) == 1 and group.backend == "gloo"
+    assert group.get(torch.device("cpu")) is pg
+    group.release()
+    assert not dist.is_initialized() and group.tmpdir is None
+
+
+def test_scaling_model_by_hand():
+    from benchmarks import scaling_model as sm
+
+    a = sm.Assumptions(
+        nvlink=sm.Link("NVLink", 1.0, 0.0), efficiency=1.0, d=100, elem=2,
+        assumed_tflops=1.0, assumed_hbm_gbs=1.2,
+    )  # fmt: skip
+    rate = sm.load_rate(None, a)
+    assert not rate.measured and "ASSUMED 1 TFLOP/s" in rate.describe()
+    r = sm.time_row(8, 8000, a, rate)  # b = 1000
+    assert r.b == 1000 and r.link == "NVLink"
+    # compute: 2 b^2 d / 1e12 s = 200 us; bwd 6 b^2 d -> 600 us + 12 b d B / 1.2 GB/s = 1000 us
+    assert math.isclose(r.fwd_compute_us, 200) and math.isclose(r.bwd_compute_us, 1600)
+    # packets: b d e + 12 b = 212 kB -> 212 us; b d e + 24 b + 4 b d = 624 kB -> 624 us
+    assert math.isclose(r.fwd_comm_us, 212) and math.isclose(r.bwd_comm_us, 624)
+    assert not r.fwd_hidden and r.bwd_hidden
+    # fwd 200 + 7 x 212 + 12 (stats home); bwd 1600 + 7 x 1600 + 400 (dY home)
+    assert math.isclose(r.ring_ms, (200 + 7 * 212 + 12 + 1600 + 7 * 1600 + 400) / 1e3)
+    assert math.isclose(r.exposed_ms, r.ring_ms - 8 * 1.8)
+    assert math.isclose(r.open_clip_comm_ms, 4 * 7 * 1000 * 100 * 2 / 1e9 * 1e3)
+    assert math.isclose(r.breakeven_gbs, 624e3 / 1600e-6 / 1e9)
+    m = sm.memory_row(8, 8000, a)
+    ring = 3 * 2 * 1000 * 100 * 2 + 4 * 1000 * 100 + 12 * 1000 * 100 + 2_000_000 + 120 * 1000
+    assert math.isclose(m.ring_mib * sm.MIB, ring) and math.isclose(m.ring_chunk_mib * sm.MIB, 2e6)
+    assert math.isclose(m.open_clip_local_mib * sm.MIB, 8e5 + 3.2e6 + 3.2e7)
+    assert math.isclose(m.open_clip_plain_mib * sm.MIB, 8e5 + 3.2e6 + 8000**2 * 2)
+    assert sm.time_row(64, 64000, a, rate).link == "InfiniBand"
+
+
+def test_scaling_model_reads_measured_cuda_rows(tmp_path, capsys):
+    from benchmarks import scaling_model as sm
+
+    path = tmp_path / "contrastive.csv"
+    base = dict(timestamp="2026-01-01T00:00:00Z", run_id="r1", op="clip_loss",
+                provider="vlmkernels", dtype="bfloat16", metric="ms", status="ok",
+                device="NVIDIA H100", device_type="cuda")  # fmt: skip
+    rows = [
+        dict(base, mode="fwd", shape="N=8192,d=768", p50="1.0"),
+        dict(base, mode="fwd+bwd", shape="N=8192,d=768", p50="4.0"),
+    ]
+    ceiling = dict(op="ceiling", provider="torch", mode="", shape="bytes=1", dtype="uint8")
+    rows.append(dict(base, **ceiling, metric="copy_gbps", p50="2000"))
+    rows.append(dict(base, device_type="cpu", run_id="r0", mode="fwd+bwd", p50="9",
+                     shape="N=4096,d=768"))  # fmt: skip
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    rate = sm.load_rate(path, sm.Assumptions())
+    assert rate.measured and rate.hbm_measured and rate.hbm_gbs == 2000
+    assert "MEASURED" in rate.describe() and "ASSUMED" not in rate.describe()
+    fwd, bwd, below = rate.block_seconds(4096, 768)  # a quarter of the FLOPs of N=8192
+    assert math.isclose(fwd, 0.25e-3) and math.isclose(bwd, 0.75e-3) and below
+    assert rate.block_seconds(8192, 384)[:2] == pytest.approx((0.5e-3, 1.5e-3))
+    assert not rate.block_seconds(16384, 768)[2]
+    assert sm.main(["--csv", str(tmp_path / "missing.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "ASSUMED 550 TFLOP/s" in out and "does not exist" in out
+    assert out.count("| 8 | NVLink |") == 6 and out.count("| 64 | InfiniBand |") == 6
+
+
+def test_dist_ring_provider_is_unavailable_only_when_the_module_is_missing(monkeypatch):
+    from benchmarks import bench_contrastive_dist as bd
+
+    cpu = torch.device("cpu")
+    if RING_FILE.exists():
+        assert bd.ring_available(cpu) is None
+    monkeypatch.setitem(sys.modules, bd.RING_MODULE, None)  # as if ring.py were absent
+    assert "is missing (the ring mode has not landed)" in bd.ring_available(cpu)
