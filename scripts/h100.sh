@@ -24,6 +24,10 @@
 #               (Liger baseline: put liger_kernel-0.8.5-py3-none-any.whl in .whl/ too)
 # bench-rope-index  get_rope_index, transformers vs vlmkernels, B in    ~1 min
 #               {1, 8, 32} -> $OUT/rope_index.csv
+# bench-dist    contrastive_dist suite (--quick): ring overhead with a     ~5-8 min
+#               single-rank NCCL group, ALBEF/BLIP queue ops vs eager and
+#               compile; then clip_loss per-block times and the scaling
+#               model from them -> $OUT/contrastive_dist.csv, scaling.md
 # bench         full sweep of both ops in one command                  > 10 min: cut by
 #               --time-budget; cases past it are recorded "skipped"    the budget
 # all           tests, then bench-quick with what is left of 510 s     ~9-10 min
@@ -39,7 +43,7 @@
 # returns what it measured.
 #
 # Files back in $OUT (at most 8): setup.log, pytest.log, bench.log, contrastive.csv, rope.csv,
-# rope_index.csv.
+# rope_index.csv, contrastive_dist.csv, scaling.md, scaling.csv.
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -108,6 +112,21 @@ case "$PART" in
     bench-clip) bench clip_loss --full "$@" ;;
     bench-siglip) bench siglip_loss --full "$@" ;;
     bench) bench contrastive --full "$@" ;;
+    bench-dist)
+        BUDGET=${BENCH_BUDGET_S:-300}
+        bench contrastive_dist --quick "$@"
+        b=$?
+        # the per-block kernel times the scaling model reads, with what is left of 540 s
+        BUDGET=$((540 - SECONDS))
+        [ "$BUDGET" -ge 60 ] || BUDGET=60
+        bench clip_loss --providers vlmkernels --shape N=512,1024,2048,4096,8192,16384,32768 \
+            --shape d=768
+        c=$?
+        $PY -m benchmarks.scaling_model --csv "$OUT/contrastive.csv" \
+            --out-csv "$OUT/scaling.csv" 2>&1 | tee "$OUT/scaling.md"
+        m=$?
+        [ $b -eq 0 ] && [ $c -eq 0 ] && [ $m -eq 0 ]
+        ;;
     bench-rope) bench rope --full "$@" ;;
     bench-rope-quick) bench rope --quick "$@" ;;
     bench-rope-index) bench rope_index "$@" ;;

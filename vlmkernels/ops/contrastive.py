@@ -929,12 +929,17 @@ def _block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True
         rs = slice(r0, r0 + logits.shape[0])
         hard = _hard_chunk(targets, r0, logits.shape[0], n, x.device)
         on_hard = torch.where(hard, logits, 0.0)
-        r["lse"][rs] = torch.logsumexp(logits, 1)
-        r["dot"][rs], r["cnt"][rs], r["sum"][rs] = on_hard.sum(1), hard.sum(1), logits.sum(1)
-        k["lse"] = torch.logaddexp(k["lse"], torch.logsumexp(logits, 0))
-        k["dot"] += on_hard.sum(0)
-        k["cnt"] += hard.sum(0)
-        k["sum"] += logits.sum(0)
+        if rows:
+            r["lse"][rs] = torch.logsumexp(logits, 1)
+            r["dot"][rs], r["cnt"][rs] = on_hard.sum(1), hard.sum(1)
+            if targets.smoothing:
+                r["sum"][rs] = logits.sum(1)
+        if cols:
+            k["lse"] = torch.logaddexp(k["lse"], torch.logsumexp(logits, 0))
+            k["dot"] += on_hard.sum(0)
+            k["cnt"] += hard.sum(0)
+            if targets.smoothing:
+                k["sum"] += logits.sum(0)
         if targets.teacher is not None:
             teacher = st * (xt[rs] @ yt.T)
             if rows:
