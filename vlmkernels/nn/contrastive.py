@@ -1,33 +1,384 @@
-"""Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss``.
+r"""Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss``, one process or many.
 
-Same constructor arguments and ``forward`` signature and return values; the loss is
-computed by :func:`vlmkernels.clip_loss` / :func:`vlmkernels.siglip_loss`, which never
-build the N x N logits. One process (world_size 1) for now: the multi-GPU exchange paths
-come in a later release and are refused explicitly rather than run wrong.
+Same constructor arguments, ``forward`` signature and results as ``open_clip.loss``: the same
+loss and the same gradients (features, ``logit_scale``, ``logit_bias``) on every rank,
+including open_clip's gradient-scaling conventions. The losses are computed by the fused ops
+(:func:`vlmkernels.clip_loss`, :func:`vlmkernels.contrastive_cross_entropy`,
+:func:`vlmkernels.siglip_loss`), which never build a logits matrix.
+
+Several processes (``world_size > 1``) use torch.distributed's default group, which must be
+initialised; ``rank`` and ``world_size`` must be this process's rank and the group's size.
+Notation: n ranks, rank r holds b_r image/text pairs (I_r, T_r), N = sum_k b_k, offset
+o_r = b_0 + ... + b_{r-1} (r b with equal sizes), d the feature dim, loss_k the loss on rank k.
+"Gradient to x" below is what ``loss_r.backward()`` on every rank leaves in x on rank r
+(before any DDP averaging; with upstream gradients g_k the sums over k are weighted by g_k);
+``logit_scale`` and ``logit_bias`` always get d loss_r / d s from their own rank only, as in
+open_clip.
+
+ClipLoss. The features of all ranks are all-gathered (I, T: (N, d)).
+
+- ``local_loss=False``: loss_r = clip_loss(I, T), the full N x N problem on every rank (the
+  same value everywhere; open_clip's text logits are the transposed image logits).
+- ``local_loss=True``: loss_r = (CE(s I_r T^T + b, o_r + i) + CE(s T_r I^T + b, o_r + i)) / 2,
+  one-direction cross-entropies of the b_r local rows over the N gathered columns.
+- ``gather_with_grad=False``: the gather is not differentiable. Without local loss the
+  local slot of the gathered tensors is the local (differentiable) tensor, so the gradient
+  to I_r is d loss_r / d I_r; with local loss the gathered copy is detached too, so I_r gets
+  gradient only through its own rows (image->text for I_r, text->image for T_r).
+- ``gather_with_grad=True``: the gather's backward sums the gradients of the gathered
+  tensors over ranks and returns this rank's rows (torch.distributed.nn.all_gather's
+  semantics): the gradient to I_r is sum_k d loss_k / d I_r. Without local loss every rank
+  holds the same loss, so this is n times the gradient of the global loss (open_clip's
+  world-size scaling); with local loss it is the gradient of sum_k loss_k.
+
+Local batch sizes may differ between ranks (an extension: open_clip's gather needs them
+equal); the positives of rank r's rows are then its own global indices o_r + i.
+
+SigLipLoss. loss_r = sum over blocks of -sum logsigmoid(z * (s I_r T_k^T + b)) / b_r, with
+the local block (k = r, positives on the diagonal) and one negative-only block per other
+rank's texts T_k, which reach rank r by ``dist_impl``:
+
+- ``bidir``: (n - 1) // 2 hops exchanging with both neighbours, plus one hop to the right
+  when n - 1 is odd (open_clip's ``NeighbourExchangeBidir`` / ``NeighbourExchange``);
+- ``shift``: n - 1 hops to the right;
+- ``reduce``: one broadcast per rank (the values of open_clip's n masked all_reduces);
+- ``gather``: one all_gather.
+
+Every exchange's backward sends the gradient back the way the tensor came and sums it at
+its owner, so for every ``dist_impl`` the gradient to T_r is sum_k d loss_k / d T_r, to I_r
+d loss_r / d I_r (I_r never leaves its rank). All ranks need the same local batch size.
+
+Memory per rank, in elements (chunk: the rows of logit gradient the fused ops materialise
+at once, 128 MiB by default):
+
+- ClipLoss, not local: gathered features 2 N d (plus 2 N d for the local slot put back
+  without grad), O(N) statistics; backward: dI, dT for N rows (2 N d), an fp32 (N, d)
+  accumulator and one chunk. open_clip: the same gathered features plus the N x N logits
+  and their softmax and gradient (several N^2 tensors).
+- ClipLoss, local: gathered features 2 N d, O(N) statistics; backward: gradients of the
+  2 N d gathered columns and the local rows, an fp32 (N, d) accumulator, one chunk.
+  open_clip: the gathered features plus two b_r x N logits matrices, their log-softmax
+  and gradients (about 6 b_r N).
+- SigLipLoss: the other ranks' texts kept for backward ((N - b) d, as open_clip's matmuls
+  keep them), O(b) row losses, one chunk; backward: dI, dT per block (b d each, freed as
+  they are summed). ``gather`` and ``reduce`` hold all N d received texts at once in the
+  forward pass. open_clip: the same texts plus, per block, the b x b logits, labels, signed
+  logits and logsigmoid buffer (about 4 N b in all). Each block's logit gradient is
+  recomputed in backward (4 b^2 d matrix FLOPs per block against 3 for the fused
+  single-block path, which would keep 2 b d of gradients per block instead of the text).
+
+Every ``forward`` with world_size > 1 starts with an all_gather of each rank's shapes, so
+that inputs a mode cannot take (unequal batch sizes where they must be equal, feature
+dims or dtypes that differ, a wrong ``rank`` / ``world_size``) raise the same ValueError on
+every rank instead of hanging in an exchange; reading the shapes back is one host
+synchronisation per call. Horovod is not supported.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..ops.contrastive import clip_loss, siglip_loss
+from .._checks import FLOAT_DTYPES
+from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _refuse_distributed(cls: str, world_size: int) -> None:
-    if world_size != 1:
-        raise NotImplementedError(
-            f"vlmkernels.nn.{cls} supports world_size=1 only in this version (got "
-            f"world_size={world_size}); use open_clip.loss.{cls} for multi-GPU training "
-            "until the distributed paths land"
+# --------------------------------------------------------------------------------------
+# Constructor checks
+# --------------------------------------------------------------------------------------
+
+
+def _check_world_args(cls: str, rank, world_size, use_horovod: bool = False) -> None:
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"vlmkernels.nn.{cls}: {name} must be an int, got {value!r}")
+    if world_size < 1 or (world_size > 1 and not 0 <= rank < world_size):
+        raise ValueError(
+            f"vlmkernels.nn.{cls}: need world_size >= 1 and 0 <= rank < world_size, got "
+            f"rank={rank}, world_size={world_size}"
         )
+    if use_horovod and world_size > 1:
+        raise NotImplementedError(
+            f"vlmkernels.nn.{cls}: use_horovod=True is not supported; initialise "
+            "torch.distributed (e.g. torchrun with NCCL) and pass use_horovod=False"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The world of one forward call: checked on every rank before any exchange
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _World:
+    rank: int
+    size: int
+    sizes: tuple[int, ...]  # local batch size of each rank
+    nccl: bool
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def left(self) -> int:
+        return (self.rank - 1) % self.size
+
+    @property
+    def right(self) -> int:
+        return (self.rank + 1) % self.size
+
+
+def _local_problem(img, txt) -> str | None:
+    """What is wrong with this rank's features taken alone, or None."""
+    for t, name in ((img, "image_features"), (txt, "text_features")):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.dtype not in FLOAT_DTYPES:
+            return f"{name} must be a floating tensor, got {t.dtype}"
+        if t.dim() != 2 or 0 in t.shape:
+            return f"{name} must be a non-empty 2-D (batch, dim) tensor, got {tuple(t.shape)}"
+    if img.shape != txt.shape:
+        return (
+            f"image_features and text_features must have the same shape, got "
+            f"{tuple(img.shape)} and {tuple(txt.shape)}"
+        )
+    if img.dtype != txt.dtype or img.device != txt.device:
+        return "image_features and text_features must have the same dtype and device"
+    return None
+
+
+def _collective_device(like) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+
+
+def _gather_descriptors(img, txt, rank: int, world_size: int) -> tuple[list, str | None]:
+    """Every rank's (rank, world_size, ok, batch, dim, dtype index), and this rank's problem."""
+    problem = _local_problem(img, txt)
+    batch, dim, dtype = (0, 0, -1) if problem else (*img.shape, FLOAT_DTYPES.index(img.dtype))
+    mine = torch.tensor(
+        [rank, world_size, problem is None, batch, dim, dtype],
+        dtype=torch.int64,
+        device=_collective_device(img),
+    )
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts).tolist(), problem
+
+
+def _world(cls: str, img, txt, rank: int, world_size: int, equal_sizes: str | None) -> _World:
+    """The checked world of this call; every rank raises the same error (or its own local
+    one) before any exchange. ``equal_sizes``: the mode that needs equal local batches."""
+    where = f"vlmkernels.nn.{cls}(world_size={world_size})"
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{where}: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group() before the loss (the default group is "
+            "used), or pass world_size=1"
+        )
+    table, problem = _gather_descriptors(img, txt, rank, world_size)
+    claims = [(row[0], row[1]) for row in table]
+    if claims != [(k, len(table)) for k in range(len(table))]:
+        raise ValueError(
+            f"{where}: rank and world_size must be each process's rank in, and the size of, "
+            f"the default process group (size {len(table)}); (rank, world_size) passed by "
+            f"the processes in group order: {claims}"
+        )
+    bad = [k for k, row in enumerate(table) if not row[2]]
+    if bad:
+        raise ValueError(
+            f"{where}: {problem}" if problem else f"{where}: bad features on ranks {bad}"
+        )
+    for column, what in ((4, "feature dim"), (5, "dtype")):
+        values = [row[column] for row in table]
+        if len(set(values)) > 1:
+            if column == 5:
+                values = [str(FLOAT_DTYPES[v]).removeprefix("torch.") for v in values]
+            raise ValueError(f"{where}: every rank needs the same {what}; {what} by rank: {values}")
+    sizes = tuple(row[3] for row in table)
+    if equal_sizes and len(set(sizes)) > 1:
+        raise ValueError(
+            f"{where}: {equal_sizes} needs the same local batch size on every rank; local "
+            f"batch sizes by rank: {list(sizes)}"
+        )
+    return _World(rank, world_size, sizes, dist.get_backend() == "nccl")
+
+
+# --------------------------------------------------------------------------------------
+# Collectives with autograd (open_clip's gradient semantics)
+# --------------------------------------------------------------------------------------
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` contiguous, with zero rows appended up to ``rows``."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def _all_gather_rows(t: torch.Tensor, world: _World) -> torch.Tensor:
+    """Every rank's (b_k, c) tensor concatenated in rank order (b_k may differ)."""
+    top = max(world.sizes)
+    out = t.new_empty((world.size, top, *t.shape[1:]))
+    dist.all_gather(list(out.unbind(0)), _padded(t, top))
+    out = out.flatten(0, 1)
+    if top * world.size == sum(world.sizes):
+        return out
+    return torch.cat([out[k * top : k * top + b] for k, b in enumerate(world.sizes)])
+
+
+def _reduce_scatter_rows(g: torch.Tensor, world: _World) -> torch.Tensor:
+    """This rank's rows of the sum over ranks of the (N, c) tensors ``g``."""
+    top = max(world.sizes)
+    chunks = [_padded(c, top) for c in g.split(list(world.sizes))]
+    if world.nccl:
+        out = torch.empty_like(chunks[world.rank])
+        dist.reduce_scatter(out, chunks)
+    else:  # gloo has no list reduce_scatter: sum everything, keep ours
+        full = torch.stack(chunks)
+        dist.all_reduce(full)
+        out = full[world.rank]
+    return out[: world.sizes[world.rank]]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradient over ranks and returns this
+    rank's rows (torch.distributed.nn.all_gather's semantics, sizes may differ)."""
+
+    @staticmethod
+    def forward(ctx, tensor, world):
+        ctx.world = world
+        return _all_gather_rows(tensor, world)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_rows(grad, ctx.world), None
+
+
+def _send_recv(sends, recvs) -> list[torch.Tensor]:
+    """Point-to-point: ``sends`` (tensor, to rank), ``recvs`` (shaped like, from rank); the
+    received tensors, once every transfer has completed."""
+    sends = [(t.contiguous(), peer) for t, peer in sends]
+    bufs = [torch.empty_like(like, memory_format=torch.contiguous_format) for like, _ in recvs]
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, buf, peer) for buf, (_, peer) in zip(bufs, recvs, strict=True)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return bufs
+
+
+class _Shift(torch.autograd.Function):
+    """Send ``tensor`` to ``to_rank``, return what ``from_rank`` sent; backward sends the
+    gradient back (open_clip's ``NeighbourExchange``)."""
+
+    @staticmethod
+    def forward(ctx, tensor, from_rank, to_rank):
+        ctx.peers = from_rank, to_rank
+        return _send_recv([(tensor, to_rank)], [(tensor, from_rank)])[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        from_rank, to_rank = ctx.peers
+        return _send_recv([(grad, from_rank)], [(grad, to_rank)])[0], None, None
+
+
+class _ShiftBoth(torch.autograd.Function):
+    """Send ``to_left`` left and ``to_right`` right; return (from the right, from the left);
+    backward sends each gradient back to where its tensor came from (open_clip's
+    ``NeighbourExchangeBidir``)."""
+
+    @staticmethod
+    def forward(ctx, to_left, to_right, left, right):
+        ctx.peers = left, right
+        from_right, from_left = _send_recv(
+            [(to_right, right), (to_left, left)], [(to_left, right), (to_right, left)]
+        )
+        return from_right, from_left
+
+    @staticmethod
+    def backward(ctx, grad_from_right, grad_from_left):
+        left, right = ctx.peers
+        grad_to_left, grad_to_right = _send_recv(
+            [(grad_from_right, right), (grad_from_left, left)],
+            [(grad_from_right, left), (grad_from_left, right)],
+        )
+        return grad_to_left, grad_to_right, None, None
+
+
+class _BroadcastEach(torch.autograd.Function):
+    """Every rank's tensor on every rank, one broadcast per rank (the values of open_clip's
+    masked all_reduces); backward sums each gradient onto its owner with a reduce."""
+
+    @staticmethod
+    def forward(ctx, tensor, world):
+        ctx.world = world
+        outs = []
+        for src in range(world.size):
+            if src == world.rank:
+                buf = tensor.clone(memory_format=torch.contiguous_format)
+            else:
+                buf = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            dist.broadcast(buf, src=src)
+            outs.append(buf)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        mine = None
+        for dst, g in enumerate(grads):
+            g = g.clone(memory_format=torch.contiguous_format)  # reduce may write into it
+            dist.reduce(g, dst=dst)
+            if dst == ctx.world.rank:
+                mine = g
+        return mine, None
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _autocast(*features: torch.Tensor):
+    """Under autocast, fp32 features cast to the autocast dtype and fp32 for the loss (as
+    open_clip's matmul and cross-entropy would be); else as given and their dtype."""
+    device = features[0].device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        return [f.to(low) if f.dtype == torch.float32 else f for f in features], torch.float32
+    return list(features), features[0].dtype
+
+
+def _with_own_slot(gathered: torch.Tensor, local: torch.Tensor, world: _World) -> torch.Tensor:
+    """The gathered (N, d) tensor with this rank's rows replaced by the local tensor."""
+    o, b = world.offset, world.sizes[world.rank]
+    return torch.cat((gathered[:o], local, gathered[o + b :]))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
 
 
 class ClipLoss(nn.Module):
     """open_clip ``ClipLoss``: ``(CE(s I T^T [+ b], arange) + CE(s T I^T [+ b], arange)) / 2``.
 
-    ``local_loss``, ``gather_with_grad``, ``cache_labels``, ``rank`` and ``use_horovod`` are
-    accepted for compatibility; with one process they do not change the result.
+    With one process ``local_loss``, ``gather_with_grad``, ``cache_labels``, ``rank`` and
+    ``use_horovod`` do not change the result. With ``world_size > 1`` see the module
+    docstring for what each (``local_loss``, ``gather_with_grad``) mode computes, where its
+    gradients flow and its memory; ``use_horovod=True`` raises NotImplementedError.
     """
 
     def __init__(
@@ -40,7 +391,7 @@ class ClipLoss(nn.Module):
         use_horovod: bool = False,
     ):
         super().__init__()
-        _refuse_distributed("ClipLoss", world_size)
+        _check_world_args("ClipLoss", rank, world_size, use_horovod)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -56,15 +407,42 @@ class ClipLoss(nn.Module):
         logit_bias=None,
         output_dict: bool = False,
     ):
-        loss = clip_loss(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            loss = self._distributed_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed_loss(self, img, txt, scale, bias):
+        world = _world("ClipLoss", img, txt, self.rank, self.world_size, equal_sizes=None)
+        d = img.shape[1]
+        if self.gather_with_grad:
+            gathered = _GatherRows.apply(torch.cat((img, txt), dim=1), world)
+        else:
+            gathered = _all_gather_rows(torch.cat((img.detach(), txt.detach()), dim=1), world)
+        all_img, all_txt = gathered[:, :d], gathered[:, d:]
+        if self.local_loss:
+            return self._local_loss(img, txt, all_img, all_txt, scale, bias, world.offset)
+        if not self.gather_with_grad:
+            all_img = _with_own_slot(all_img, img, world)
+            all_txt = _with_own_slot(all_txt, txt, world)
+        return clip_loss(all_img, all_txt, scale, bias)
+
+    @staticmethod
+    def _local_loss(img, txt, all_img, all_txt, scale, bias, offset: int):
+        (img, txt, all_img, all_txt), out_dtype = _autocast(img, txt, all_img, all_txt)
+        i2t = contrastive_cross_entropy(img, all_txt, scale, bias, offset=offset)
+        t2i = contrastive_cross_entropy(txt, all_img, scale, bias, offset=offset)
+        acc = _acc_dtype(i2t.dtype)
+        return ((i2t.to(acc) + t2i.to(acc)) / 2).to(out_dtype)
 
 
 class SigLipLoss(nn.Module):
     """open_clip ``SigLipLoss``: ``-sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / N``.
 
-    ``cache_labels``, ``rank`` and ``dist_impl`` are accepted for compatibility, and so is
-    ``chunk_size`` (newer open_clip releases): this loss is always computed in chunks.
+    With one process ``cache_labels``, ``rank`` and ``dist_impl`` do not change the result;
+    ``chunk_size`` (newer open_clip releases) is accepted: this loss is always computed in
+    chunks. With ``world_size > 1`` see the module docstring for each ``dist_impl``.
     """
 
     def __init__(
@@ -76,12 +454,12 @@ class SigLipLoss(nn.Module):
         chunk_size: int = 0,
     ):
         super().__init__()
-        _refuse_distributed("SigLipLoss", world_size)
+        _check_world_args("SigLipLoss", rank, world_size)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl or "bidir"
-        if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
+        if self.dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(
                 "SigLipLoss: dist_impl must be one of 'bidir', 'shift', 'reduce', 'gather'; "
                 f"got {dist_impl!r}"
@@ -96,5 +474,48 @@ class SigLipLoss(nn.Module):
         logit_bias,
         output_dict: bool = False,
     ):
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            loss = self._distributed_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed_loss(self, img, txt, scale, bias):
+        mode = f"dist_impl={self.dist_impl!r}"
+        world = _world("SigLipLoss", img, txt, self.rank, self.world_size, equal_sizes=mode)
+        rows = siglip_loss(img, txt, scale, bias, reduction="none")
+        out_dtype = rows.dtype
+        loss = rows.to(_acc_dtype(out_dtype)).sum()
+        for other in self._other_texts(txt, world):
+            rows = siglip_loss(img, other, scale, bias, reduction="none", negative_only=True)
+            loss = loss + rows.to(loss.dtype).sum()
+        return (loss / img.shape[0]).to(out_dtype)
+
+    def _other_texts(self, txt: torch.Tensor, world: _World):
+        """The other ranks' text features (differentiable), in open_clip's order."""
+        if self.dist_impl == "bidir":
+            yield from _texts_bidir(txt, world)
+        elif self.dist_impl == "shift":
+            for _ in range(world.size - 1):
+                txt = _Shift.apply(txt, world.left, world.right)
+                yield txt
+        elif self.dist_impl == "reduce":
+            texts = _BroadcastEach.apply(txt, world)
+            yield from (t for k, t in enumerate(texts) if k != world.rank)
+        else:
+            texts = _GatherRows.apply(txt, world).split(list(world.sizes))
+            yield from (t for k, t in enumerate(texts) if k != world.rank)
+
+
+def _texts_bidir(txt: torch.Tensor, world: _World):
+    """(n - 1) // 2 exchanges with both neighbours (each yields the text from the right,
+    then the one from the left), then one shift to the right if n - 1 is odd."""
+    to_left = to_right = txt
+    hops, remainder = divmod(world.size - 1, 2)
+    for _ in range(hops):
+        from_right, from_left = _ShiftBoth.apply(to_left, to_right, world.left, world.right)
+        yield from_right
+        yield from_left
+        to_left, to_right = from_right, from_left
+    if remainder:
+        yield _Shift.apply(to_right, world.left, world.right)
