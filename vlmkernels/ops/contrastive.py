@@ -872,7 +872,10 @@ def _siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc
     s = scale.float()
     with _device_guard(x):
         dx, dy, g_dot_xy = _feature_grads(x, y, s * kappa, chunk_rows, fill, dx_acc, dy_acc)
-    # the kernel's logit term is S = s XY^T + b itself
+    # the kernel's logit term is S = s XY^T + b itself. sum(g S) - b sum(g) cancels when |b|
+    # is large (SigLIP's b = -10): about 1e-6 relative error on dscale in fp32, against
+    # 2e-8 for an in-kernel sum of g s XY^T, which costs the kernel a live tile (spills
+    # from 72 to 176 B per thread at 128 x 128 on sm_90)
     g_dot_logits, g_sum = partials[:, 0].sum(), partials[:, 1].sum()
     if bias is not None:
         g_dot_logits = g_dot_logits - bias.float() * g_sum
