@@ -36,7 +36,9 @@ def triton_interpreted() -> bool:
 
 def cuda_backend_status() -> tuple[bool, str]:
     """(available, reason) for the CUDA C++ backend."""
-    return False, "the CUDA C++ extension (csrc/) is not part of this build yet"
+    from .ops._cuda import status
+
+    return status()
 
 
 def _check_name(name: str, source: str) -> str:

@@ -297,6 +297,19 @@ def _table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
 # --------------------------------------------------------------------------------------
 
 
+def _kernel_launcher(q: torch.Tensor):
+    """The kernel launcher of the backend chosen for q (Triton or the CUDA C++ extension,
+    both with :func:`_launch`'s signature), or None for the PyTorch path."""
+    backend = resolve_backend("rope", q)
+    if backend == "triton":
+        return _launch
+    if backend == "cuda":
+        from ._cuda import rope_launch
+
+        return rope_launch
+    return None
+
+
 @torch.library.custom_op("vlmkernels::rope_table", mutates_args=())
 def _rope_table(
     q: torch.Tensor,
@@ -309,9 +322,10 @@ def _rope_table(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated (B, S, H, D) q and k from (A, B, S, R) cos/sin tables (or the transpose
     rotation when ``backward``)."""
-    if resolve_backend("rope", q) == "triton":
+    launch = _kernel_launcher(q)
+    if launch is not None:
         out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, out_q, out_k, table=(cos, sin), mode=lane_rule, sections=sections,
+        launch(q, k, out_q, out_k, table=(cos, sin), mode=lane_rule, sections=sections,
                 backward=backward)  # fmt: skip
         return out_q, out_k
     lanes = (_table_lanes(cos, lane_rule, sections), _table_lanes(sin, lane_rule, sections))
@@ -357,8 +371,9 @@ def _rope_table_inplace(
     sections: list[int],
 ) -> None:
     """In-place :func:`_rope_table` (forward only)."""
-    if resolve_backend("rope", q) == "triton":
-        _launch(q, k, q, k, table=(cos, sin), mode=lane_rule, sections=sections)
+    launch = _kernel_launcher(q)
+    if launch is not None:
+        launch(q, k, q, k, table=(cos, sin), mode=lane_rule, sections=sections)
         return
     lanes = (_table_lanes(cos, lane_rule, sections), _table_lanes(sin, lane_rule, sections))
     q.copy_(_rotate_torch(q, *lanes, False))
@@ -383,9 +398,10 @@ def _rope_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated (B, S, H, D) q and k with angles positions[axis(j)] * inv_freq[j] from
     (3, B, S) integer positions, computed in fp32 in the kernel."""
-    if resolve_backend("rope", q) == "triton":
+    launch = _kernel_launcher(q)
+    if launch is not None:
         out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-        _launch(q, k, out_q, out_k, positions=positions, inv_freq=inv_freq, mode=lane_rule,
+        launch(q, k, out_q, out_k, positions=positions, inv_freq=inv_freq, mode=lane_rule,
                 sections=sections, scaling=scaling, backward=backward)  # fmt: skip
         return out_q, out_k
     lanes = _position_lanes(positions, inv_freq, lane_rule, sections, scaling)
