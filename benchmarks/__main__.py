@@ -1,8 +1,12 @@
-"""``python -m benchmarks [OPS...] [--quick|--full] [--providers ...] [--dtype ...] [--out DIR]``
+"""``python -m benchmarks [OPS...] [--quick|--full] [--providers ...] [--dtype ...] [--out DIR]
+[--plot]`` (also ``vlmkernels bench``)
 
 OPS are family names (``contrastive``) or op names (``clip_loss``, ``siglip_loss``); none
 means every family. On a GPU the default sweep is ``--full``; without one the CPU quick
-suite runs (small shapes, float32), whatever the flags, and says so.
+suite runs (small shapes, float32), whatever the flags, and says so. A progress bar (tqdm
+when it is installed and stderr is a terminal, else a ``[k/n]`` line per finished
+(op, shape, provider)) counts the cases; ``--plot`` writes PNG charts of the run per op
+(:mod:`benchmarks.plots`, needs matplotlib) next to the CSVs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from . import RESULTS_DIR, suites
 from .ceilings import measure
 from .env import GpuMonitor, collect, describe
 from .harness import MODES, RunConfig, Runner, dtype_str, shape_str
+from .progress import Progress
 from .report import CsvSink, ceiling_records, table
 
 DTYPES = {
@@ -44,10 +49,8 @@ def _shape_arg(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(f"--shape wants KEY=INT[,INT...], got {text!r}") from exc
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks", description="Benchmarks of vlmkernels ops."
-    )
+def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description="Benchmarks of vlmkernels ops.")
     p.add_argument("ops", nargs="*", help="families or op names (default: all)")
     sweep = p.add_mutually_exclusive_group()
     sweep.add_argument("--quick", action="store_true", help="GPU: the small sweep")
@@ -71,7 +74,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="backend of torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="print the cases and exit")
+    p.add_argument(
+        "--plot", action="store_true", help="PNG charts per op into --out (needs matplotlib)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or counter")
     return p.parse_args(argv)
+
+
+def _overrides(shape_args, chosen: dict, profile: str) -> dict[str, dict]:
+    """{suite: its --shape replacements}: a key applies to the suites whose grid has it
+    (``--shape N=64 --shape S=64`` serves contrastive and rope in one run); a key no
+    selected suite has is an error."""
+    out = {name: {} for name in chosen}
+    for key, values in shape_args:
+        hits = [name for name, s in chosen.items() if key in s.grid(profile)]
+        if not hits:
+            keys = sorted({k for s in chosen.values() for k in s.grid(profile)})
+            raise SystemExit(f"no selected suite has the shape key {key!r} (keys: {keys})")
+        for name in hits:
+            out[name][key] = values
+    return out
 
 
 def _select(tokens: list[str], available: dict) -> dict:
@@ -95,21 +117,55 @@ def _select(tokens: list[str], available: dict) -> dict:
     return chosen
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+class _CountingRunner(Runner):
+    """The harness's runner, advancing a progress display after each (op, shape, provider)."""
+
+    progress: Progress | None = None
+
+    def _run_provider(self, op, provider, shape):
+        try:
+            return super()._run_provider(op, provider, shape)
+        finally:
+            if self.progress is not None:
+                self.progress.step(f"{op.name} {shape_str(shape)} {provider.name}")
+
+
+def _count_cases(runs, device: torch.device) -> int:
+    """(op, shape, provider) triples the runs will build (unavailable providers excluded)."""
+    total = 0
+    for suite, ops, cfg in runs:
+        n_shapes = len(suite.shapes(cfg.profile, cfg.shape_overrides))
+        for op in ops:
+            chosen = [p for p in op.providers if cfg.providers is None or p.name in cfg.providers]
+            total += n_shapes * sum(1 for p in chosen if p.available(device) is None)
+    return total
+
+
+def _plot(out: Path, run_id: str, suite_name: str) -> None:
+    from . import plots
+
+    missing = plots.unavailable()
+    if missing:
+        print(f"--plot: {missing}; no charts written")
+        return
+    rows = [r for r in plots.read_rows([out / f"{suite_name}.csv"]) if r["run_id"] == run_id]
+    for path in plots.charts(rows, out):
+        print(f"chart {path}")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
+    args = parse_args(argv, prog)
     available = suites()
     selection = _select(args.ops, available)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    profile = ("quick" if args.quick else "full") if device.type == "cuda" else "cpu"
+    overrides = _overrides(args.shape, {n: available[n] for n in selection}, profile)
 
-    if device.type == "cuda":
-        profile = "quick" if args.quick else "full"
-    else:
-        profile = "cpu"
+    if device.type != "cuda":
         grids = "; ".join(
             f"{name}: "
             + " x ".join(
-                f"{k} in {v}"
-                for k, v in {**available[name].grid("cpu"), **dict(args.shape)}.items()
+                f"{k} in {v}" for k, v in {**available[name].grid("cpu"), **overrides[name]}.items()
             )
             for name in selection
         )
@@ -137,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             profile=profile,
             modes=modes,
             providers=frozenset(args.providers) if args.providers else None,
-            shape_overrides=dict(args.shape),
+            shape_overrides=overrides[name],
             limits=not args.no_limits,
             time_budget_s=args.time_budget,
             options={"compile_backend": args.compile_backend},
@@ -169,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {run_id}; NVML {'on' if monitor.available else 'off (no pynvml or no GPU)'}")
 
     ceilings = {}
+    progress = Progress(_count_cases(runs, device), enabled=not args.no_progress)
+    with progress:
+        errors = _run_all(runs, args, device, env, monitor, run_id, ceilings, progress)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 1 if errors else 0
+
+
+def _run_all(runs, args, device, env, monitor, run_id, ceilings, progress) -> int:
+    """Runs every suite, prints its tables and summary; returns the number of errors."""
     errors = 0
     for suite, ops, cfg in runs:
         if cfg.dtype not in ceilings:
@@ -185,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             f"\n{suite.name}: profile {cfg.profile}, {dtype_str(cfg.dtype)}, modes "
             f"{','.join(cfg.modes)}"
         )
-        results = Runner(suite, cfg, ceilings[cfg.dtype], monitor, sink).run(ops)
+        runner = _CountingRunner(suite, cfg, ceilings[cfg.dtype], monitor, sink)
+        runner.progress = progress
+        results = runner.run(ops)
         for op in ops:
             print(f"\n{op.name} ({dtype_str(cfg.dtype)}, {env.device})")
             print(table(results, op.name, suite.reference))
@@ -203,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         if budget:
             print("shapes skipped for the time budget: " + "; ".join(budget))
         print(f"\nwrote {out}")
-    print(f"total {time.perf_counter() - started:.0f} s")
-    return 1 if errors else 0
+        if args.plot:
+            _plot(args.out, run_id, suite.name)
+    return errors
 
 
 if __name__ == "__main__":

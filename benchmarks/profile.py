@@ -1,0 +1,336 @@
+"""``python -m benchmarks.profile OP [--shape K=V ...] [--dtype D] [--provider P] [--mode M]
+[--out DIR]`` (also ``vlmkernels profile``): one op call under ``torch.profiler``.
+
+The inputs and the call are those of the benchmark suite (the provider's ``build``; default
+provider ``vlmkernels``), at the suite's first shape of this device's profile (``cpu`` or,
+on a GPU, ``quick``) with ``--shape`` replacing keys. After ``--warmup`` calls (compilation,
+autotuning), ``--iters`` calls run under the profiler (CPU and, on a GPU, CUDA activities).
+
+Written to ``--out``: ``<stem>.trace.json`` (Chrome trace: chrome://tracing or Perfetto) and
+``<stem>.kernels.csv``; printed: the kernel table and the Nsight Compute command line that
+profiles the same call (``--bare`` runs the call without torch.profiler, between
+``cudaProfilerStart``/``Stop``, hence ncu's ``--profile-from-start off``).
+
+What the rates mean: the op's FLOP and byte models count the work of the whole call, so the
+TFLOP/s and GB/s printed are whole-call figures (from the p50 wall time of the call, and on
+a GPU also from the summed kernel time per call). A kernel's row gets a rate only when that
+kernel is the whole call (one kernel, one launch per call); otherwise it gets its share of
+the device time, since dividing the call's work by one kernel's time would overstate it.
+On the CPU the rows are aten operators by self CPU time, not kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import suites
+from .harness import BuildArgs, Skip, dtype_str, shape_str
+from .timing import call_ms, synchronize, time_fn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODULES = {"contrastive_dist": "contrastive"}  # suite -> vlmkernels.ops module, when they differ
+
+
+@dataclass
+class Row:
+    name: str
+    total_ms: float
+    launches: int
+    share: float
+    rate: str = ""
+
+
+def _shape_arg(text: str) -> tuple[str, int]:
+    key, _, v = text.partition("=")
+    try:
+        return key.strip(), int(v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--shape wants KEY=INT, got {text!r}") from exc
+
+
+def parse_args(argv, prog: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description="Profile one op call (torch.profiler).")
+    p.add_argument("op", help="op name, e.g. clip_loss, mrope (see `bench --list`)")
+    p.add_argument("--shape", type=_shape_arg, action="append", default=[], metavar="KEY=V")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--provider", default="vlmkernels", help="default: vlmkernels")
+    p.add_argument("--mode", choices=("fwd", "fwd+bwd"), help="default: fwd+bwd if the suite "
+                   "times a backward pass, else fwd")  # fmt: skip
+    p.add_argument("--iters", type=int, default=5, help="profiled calls (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="calls before profiling (default 2)")
+    p.add_argument("--out", type=Path, default=Path("vlmkernels-profile"), help="output folder")
+    p.add_argument("--rows", type=int, default=15, help="table rows (default 15)")
+    p.add_argument("--compile-backend", default="inductor", help="for the compile provider")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bare", action="store_true", help="no torch.profiler, no files: for ncu")
+    return p.parse_args(argv)
+
+
+def find_op(name: str):
+    """(suite, OpSpec) of the op called ``name``."""
+    found = suites()
+    for suite in found.values():
+        for op in suite.ops:
+            if op.name == name:
+                return suite, op
+    names = sorted(op.name for s in found.values() for op in s.ops)
+    raise SystemExit(f"unknown op {name!r}; known: {', '.join(names)}")
+
+
+def pick_shape(suite, provider, profile: str, overrides: dict[str, int]) -> dict[str, int]:
+    """The first shape of the profile's grid (keys replaced) that the provider accepts."""
+    try:
+        shapes = suite.shapes(profile, {k: [v] for k, v in overrides.items()})
+    except KeyError as exc:
+        raise SystemExit(exc.args[0]) from None
+    for shape in shapes:
+        if provider.limit(shape) is None:
+            return shape
+    return shapes[0]
+
+
+def _step(prepared, mode: str):
+    if mode == "fwd":
+        return prepared.fn
+
+    def step():
+        for t in prepared.leaves:
+            t.grad = None
+        prepared.fn().backward()
+
+    return step
+
+
+def short_kernel_name(name: str) -> str:
+    """An identifier for ncu's ``-k regex:`` (no return type, namespace or template args)."""
+    base = re.split(r"[<(]", name.removeprefix("void ").strip(), maxsplit=1)[0]
+    return base.split("::")[-1].strip() or name
+
+
+def triton_kernels(suite_name: str, op: str) -> list[str]:
+    """Names of the launchable Triton kernels of the op's module (for ncu on a CPU host)."""
+    module_name = MODULES.get(suite_name, suite_name)
+    try:
+        module = importlib.import_module(f"vlmkernels.ops.{module_name}")
+    except ImportError:
+        return []
+    from triton.runtime.jit import KernelInterface
+
+    names = []
+    for attr, obj in vars(module).items():
+        launchable = isinstance(obj, KernelInterface) or hasattr(obj, "fn")
+        wrapper = type(obj).__name__ in ("Autotuner", "Heuristics")
+        if launchable and (wrapper or attr.endswith("kernel")):
+            names.append(attr)
+    stem = op.split("_")[0]
+    return [n for n in names if stem in n] or names
+
+
+def _rate_text(flops: float, nbytes: float, ms: float) -> str:
+    parts = []
+    if flops:
+        parts.append(f"{flops / (ms * 1e-3) / 1e12:.3g} TFLOP/s")
+    if nbytes:
+        parts.append(f"{nbytes / (ms * 1e-3) / 1e9:.3g} GB/s")
+    return ", ".join(parts)
+
+
+def kernel_rows(prof, on_gpu: bool, iters: int, flops: float, nbytes: float) -> list[Row]:
+    """Per-kernel rows (GPU: device kernels and copies; CPU: aten operators, self time)."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.key_averages() if not getattr(e, "is_user_annotation", False)]
+    if on_gpu:
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+        times = {e.key: e.self_device_time_total / 1e3 for e in events}
+    else:
+        events = [e for e in events if e.device_type == DeviceType.CPU]
+        times = {e.key: e.self_cpu_time_total / 1e3 for e in events}
+    total = sum(times.values()) or 1.0
+    rows = [
+        Row(e.key, times[e.key], e.count, times[e.key] / total)
+        for e in sorted(events, key=lambda e: -times[e.key])
+        if times[e.key] > 0
+    ]
+    if on_gpu and len(rows) == 1 and rows[0].launches == iters:
+        rows[0].rate = _rate_text(flops, nbytes, rows[0].total_ms / iters)
+    return rows
+
+
+def _table(rows: list[Row], limit: int, on_gpu: bool, iters: int) -> list[str]:
+    what = "kernel" if on_gpu else "aten operator (self CPU time)"
+    header = f"{'ms total':>10} {'launches':>8} {'per call':>9} {'share':>6}  {'rate':<24} {what}"
+    lines = [header, "-" * len(header)]
+    for r in rows[:limit]:
+        name = r.name if len(r.name) <= 90 else r.name[:87] + "..."
+        lines.append(
+            f"{r.total_ms:10.3f} {r.launches:8d} {r.launches / iters:9.3g} {r.share:6.1%}  "
+            f"{r.rate or '-':<24} {name}"
+        )
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more in the CSV")
+    return lines
+
+
+def _write_csv(path: Path, rows: list[Row], iters: int) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "total_ms", "launches", "launches_per_call", "share", "rate"])
+        for r in rows:
+            w.writerow([r.name, f"{r.total_ms:.6g}", r.launches, f"{r.launches / iters:.6g}",
+                        f"{r.share:.4f}", r.rate])  # fmt: skip
+
+
+def ncu_command(args, shape: dict[str, int], dtype: torch.dtype, mode: str, kernels) -> str:
+    parts = ["ncu", "--set", "full", "--target-processes", "all", "--profile-from-start", "off"]
+    if kernels:
+        parts += ["-k", "regex:" + "|".join(dict.fromkeys(kernels))]
+    parts += ["python", "-m", "vlmkernels", "profile", args.op]
+    for k, v in shape.items():
+        parts += ["--shape", f"{k}={v}"]
+    parts += ["--dtype", {v: k for k, v in DTYPES.items()}.get(dtype, "fp32"), "--mode", mode]
+    if args.provider != "vlmkernels":
+        parts += ["--provider", args.provider]
+    parts += ["--iters", "1", "--bare"]
+    return shlex.join(parts)
+
+
+def _ceiling_text(device: torch.device, dtype: torch.dtype, flops: float, nbytes: float, ms):
+    """Percent of the ceilings cached by ``vlmkernels info`` (never measured here)."""
+    try:
+        from vlmkernels.cli import cached_ceilings
+
+        entry = cached_ceilings()
+    except Exception:  # noqa: BLE001 - optional
+        entry = None
+    if not entry:
+        return "(run `vlmkernels info` once to cache the device ceilings and get % of them)"
+    label = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, "tf32" if device.type == "cuda" else "fp32"
+    )
+    parts = []
+    mm = entry.get("matmul", {}).get(label)
+    if flops and mm:
+        parts.append(f"{100 * flops / (ms * 1e-3) / 1e12 / mm['tflops']:.1f} % of {label} matmul")
+    if nbytes:
+        parts.append(f"{100 * nbytes / (ms * 1e-3) / 1e9 / entry['copy_gbps']:.1f} % of copy")
+    return "= " + ", ".join(parts) + " ceilings (cached by `vlmkernels info`)"
+
+
+def _release(provider) -> None:
+    """Destroys a process group a suite created for the call (the distributed suite)."""
+    module = sys.modules.get(getattr(provider.build, "__module__", ""))
+    group = getattr(module, "GROUP", None)
+    if group is not None and hasattr(group, "release"):
+        group.release()
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.profile") -> int:
+    args = parse_args(argv, prog)
+    suite, op = find_op(args.op)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else suite.default_dtype(device)
+    mode = args.mode or ("fwd+bwd" if "fwd+bwd" in suite.default_modes else "fwd")
+    provider = next((p for p in op.providers if p.name == args.provider), None)
+    if provider is None:
+        names = ", ".join(p.name for p in op.providers)
+        raise SystemExit(f"{args.op} has no provider {args.provider!r}; providers: {names}")
+    reason = provider.available(device)
+    if reason:
+        print(f"{args.op}: provider {provider.name} unavailable here: {reason}", file=sys.stderr)
+        return 2
+    shape = pick_shape(suite, provider, "quick" if on_gpu else "cpu", dict(args.shape))
+    label = f"{args.op} {provider.name} {shape_str(shape)} {dtype_str(dtype)} {mode}"
+    if not on_gpu and not args.bare:
+        print(f"No CUDA device found: profiling on the CPU (CPU activities only): {label}")
+    try:
+        prepared = provider.build(
+            BuildArgs(args.op, shape, dtype, device, args.seed,
+                      {"compile_backend": args.compile_backend})
+        )  # fmt: skip
+    except Skip as exc:
+        print(f"{label}: skipped by the provider: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, suite, op, prepared, device, dtype, mode, shape, label)
+    finally:
+        _release(provider)
+
+
+def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    on_gpu = device.type == "cuda"
+    step = _step(prepared, mode)
+    for _ in range(max(args.warmup, 1)):
+        call_ms(step, device)
+    if args.bare:
+        if on_gpu:
+            torch.cuda.profiler.start()
+        for _ in range(args.iters):
+            step()
+        synchronize(device)
+        if on_gpu:
+            torch.cuda.profiler.stop()
+        print(f"ran {label} x{args.iters}")
+        return 0
+    timing = time_fn(step, device, grad_to_none=prepared.leaves, estimate_ms=call_ms(step, device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.iters):
+            with record_function(f"{args.op} call {i}"):
+                step()
+            synchronize(device)
+    flops = op.flops(shape, mode)
+    nbytes = op.nbytes(shape, mode, dtype.itemsize)
+    rows = kernel_rows(prof, on_gpu, args.iters, flops, nbytes)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", label.replace(" ", "_"))
+    trace = args.out / f"{stem}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    table_csv = args.out / f"{stem}.kernels.csv"
+    _write_csv(table_csv, rows, args.iters)
+
+    print(f"\n{label}: {args.iters} profiled calls after {args.warmup} warm-up calls")
+    print("\n".join(_table(rows, args.rows, on_gpu, args.iters)))
+    print(
+        f"\nwhole call, p50 {timing.p50:.4g} ms (wall, {'do_bench' if on_gpu else 'perf_counter'}"
+        f"): {_rate_text(flops, nbytes, timing.p50) or 'no FLOP/byte model'} from the op's "
+        f"model ({flops / 1e9:.4g} GFLOP, {nbytes / 1e6:.4g} MB per call)"
+    )
+    print("  " + _ceiling_text(device, dtype, flops, nbytes, timing.p50))
+    if on_gpu and rows:
+        device_ms = sum(r.total_ms for r in rows) / args.iters
+        print(f"  summed kernel time per call {device_ms:.4g} ms: "
+              f"{_rate_text(flops, nbytes, device_ms)}")  # fmt: skip
+    print(
+        "  per-kernel rates are given only where one kernel is the whole call: the model "
+        "counts the call's work, not a kernel's"
+        if on_gpu
+        else "  CPU rows are aten operators by self time (no per-operator rate)"
+    )
+    print(f"\nwrote {trace}\nwrote {table_csv}")
+    kernels = [short_kernel_name(rows[0].name)] if on_gpu and rows else []
+    if not kernels:
+        kernels = triton_kernels(suite.name, args.op)
+    print("\nNsight Compute, the same call (on the GPU machine):")
+    print("  " + ncu_command(args, shape, dtype, mode, kernels))
+    if not on_gpu:
+        which = ", ".join(kernels) if kernels else "none found: every kernel is profiled"
+        print(f"  (kernel regex from the op's Triton kernels here: {which})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The ``vlmkernels`` command on the present device, each subcommand in a subprocess as a user
+runs it (about a minute on 2 CPU cores), and the pytest-benchmark collection of the suites
+run once (``--benchmark-disable``) on a tiny subset so it cannot rot.
+
+Subprocesses run without the ``TRITON_INTERPRET`` that tests/conftest.py sets, and with a
+fresh ceilings cache (``VLMKERNELS_CACHE_DIR``); nothing is written to
+``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmkernels import cli
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+ON_GPU = torch.cuda.is_available()
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+TINY = ["--shape", "N=64", "--shape", "d=32"]
+
+
+def run(*args: str, cache: Path, cwd: Path = REPO, timeout: int = 300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["VLMKERNELS_CACHE_DIR"] = str(cache)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _ok(proc) -> str:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def test_help_lists_every_command(cache):
+    out = _ok(run("-m", "vlmkernels", "--help", cache=cache))
+    for command in ("info", "bench", "tune", "profile", "report"):
+        assert command in out
+    script = Path(sys.executable).parent / "vlmkernels"
+    if script.exists():  # the console script of pyproject.toml
+        proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "profile" in proc.stdout
+    bench_help = _ok(run("-m", "vlmkernels", "bench", "--help", cache=cache))
+    assert "usage: vlmkernels bench" in bench_help and "--plot" in bench_help
+
+
+def test_info_measures_once_then_reads_the_cache(cache):
+    first = _ok(run("-m", "vlmkernels", "info", cache=cache))
+    assert "device:" in first and "backends:" in first and "cuda (C++)" in first
+    assert "ceilings (measured now" in first and "matmul" in first and "copy" in first
+    data = json.loads((cache / cli.CACHE_FILE).read_text())
+    assert len(data) == 1
+    entry = next(iter(data.values()))
+    assert entry["copy_gbps"] > 0
+    assert set(entry["matmul"]) == ({"bf16", "fp16", "tf32"} if ON_GPU else {"fp32"})
+    second = _ok(run("-m", "vlmkernels", "info", "--json", cache=cache))
+    assert json.loads(second)["ceilings"] == entry
+
+
+def test_bench_tiny_case_with_plot(tmp_path, cache):
+    out_dir = tmp_path / "out"
+    args = ["-m", "vlmkernels", "bench", "clip_loss", *TINY, "--providers", "vlmkernels,eager"]
+    out = _ok(run(*args, "--out", str(out_dir), "--plot", cache=cache))
+    if not ON_GPU:
+        assert "No CUDA device found: running the CPU quick suite" in out
+    assert "[2/2] clip_loss N=64,d=32 eager" in out  # the counter (stderr is not a tty)
+    assert "vlmkernels speed-up" in out and "%mm" in out
+    with (out_dir / "contrastive.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    ms = [r for r in rows if r["metric"] == "ms" and r["op"] == "clip_loss"]
+    assert {(r["provider"], r["mode"]) for r in ms} == {
+        (p, m) for p in ("vlmkernels", "eager") for m in ("fwd", "fwd+bwd")
+    }
+    assert all(r["status"] == "ok" and float(r["p50"]) > 0 for r in ms)
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    if HAS_MPL:
+        assert len(pngs) == 1 and pngs[0].startswith("clip_loss_"), pngs
+    else:
+        assert not pngs and "matplotlib is not installed" in out
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU tune really tunes")
+def test_tune_without_gpu_exits_2_with_a_message(cache):
+    proc = run("-m", "vlmkernels", "tune", cache=cache)
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_profile_writes_a_trace_and_prints_ncu(tmp_path, cache):
+    out_dir = tmp_path / "prof"
+    args = ["-m", "vlmkernels", "profile", "clip_loss", *TINY, "--iters", "2"]
+    out = _ok(run(*args, "--out", str(out_dir), cache=cache))
+    traces = list(out_dir.glob("*.trace.json"))
+    assert len(traces) == 1
+    assert json.loads(traces[0].read_text())["traceEvents"]
+    with next(out_dir.glob("*.kernels.csv")).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["total_ms"]) >= 0 for r in rows)
+    assert "whole call, p50" in out
+    ncu = next(line.strip() for line in out.splitlines() if line.strip().startswith("ncu "))
+    assert ncu.startswith("ncu --set full --target-processes all")
+    assert "-k 'regex:" in ncu and "python -m vlmkernels profile clip_loss" in ncu
+    assert "--shape N=64 --shape d=32" in ncu and ncu.endswith("--bare")
+
+
+def test_report_on_the_committed_csvs(tmp_path, cache):
+    target = tmp_path / "SUMMARY.md"
+    out = _ok(run("-m", "vlmkernels", "report", "--out", str(target), cache=cache))
+    text = target.read_text()
+    assert text.startswith("# Benchmark summary")
+    for op in ("clip_loss", "siglip_loss", "mrope", "get_rope_index_qwen2_vl"):
+        assert f"\n## {op}: " in text
+    assert "| shape | mode | vlmkernels ms |" in text
+    assert len(list(tmp_path.glob("*.png"))) == (text.count("\n## ") if HAS_MPL else 0), out
+    assert (RESULTS / "SUMMARY.md").exists(), "run `vlmkernels report` and commit SUMMARY.md"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("pytest_benchmark") is None, reason="pytest-benchmark not installed"
+)
+def test_pytest_benchmark_collection_runs_once(cache):
+    """``pytest benchmarks --benchmark-disable`` on one tiny shape per suite."""
+    proc = run(
+        "-m", "pytest", "benchmarks", "--benchmark-disable", "-q", "-p", "no:cacheprovider",
+        "--bench-ops", "clip_loss,siglip_loss,clip_loss_dist,albef_itc,mrope,vision_rope,"
+        "get_rope_index_qwen2_vl",
+        "--bench-providers", "vlmkernels,vlmkernels_ring,eager,transformers",
+        *[f"--bench-shape={s}" for s in ("N=64", "d=32", "b=8", "Q=64", "S=64", "B=1")],
+        cache=cache,
+    )  # fmt: skip
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+
+
+# --------------------------------------------------------------------------------------
+# In-process: behaviour that needs no subprocess
+# --------------------------------------------------------------------------------------
+
+
+def test_bench_outside_a_checkout_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_repo_candidates", lambda: [tmp_path])
+    assert cli.main(["bench"]) == 2
+    assert "checkout" in capsys.readouterr().err
+
+
+def _row(run_id, stamp, provider, mode, metric, p50, status="ok", throttled=""):
+    return {
+        "timestamp": stamp, "run_id": run_id, "suite": "s", "op": "op", "provider": provider,
+        "mode": mode, "shape": "N=8", "x_name": "N", "x_value": "8", "dtype": "bfloat16",
+        "metric": metric, "unit": "", "p50": str(p50), "p20": "", "p80": "", "status": status,
+        "note": "", "device": "GPU", "torch": "t", "triton": "tr", "cuda": "c", "driver": "d",
+        "git_commit": "abc", "throttled": throttled,
+    }  # fmt: skip
+
+
+def test_report_takes_the_latest_run_and_flags_throttling():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import summary_markdown
+
+    old = [_row("r1", "2026-01-01T00:00:00Z", "vlmkernels", "fwd", "ms", 9.0)]
+    new = [
+        _row("r2", "2026-02-01T00:00:00Z", "vlmkernels", "fwd", "ms", 1.0, throttled="yes"),
+        _row("r2", "2026-02-01T00:00:00Z", "eager", "fwd", "ms", 3.0),
+        _row("r2", "2026-02-01T00:00:00Z", "eager", "fwd", "ms", 0, status="oom"),
+        _row("r2", "2026-02-01T00:00:00Z", "vlmkernels", "fwd", "speedup_vs_eager", 3.0),
+        _row("r2", "2026-02-01T00:00:00Z", "vlmkernels", "fwd", "pct_matmul_ceiling", 42.0),
+    ]
+    new[2]["shape"] = "N=16"
+    text = summary_markdown(old + new)
+    assert "Run `r2`" in text and "Run `r1`" not in text
+    assert "| N=8 | fwd | 1.00* | 3.00 | 3.00x | 42.0 |" in text
+    assert "| N=16 | fwd |  | oom |" in text
+    assert "clocks throttled" in text

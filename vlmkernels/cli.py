@@ -1,0 +1,445 @@
+"""The ``vlmkernels`` command (also ``python -m vlmkernels``).
+
+- ``info``: versions, device, backends, where the Triton configs come from, and the device
+  ceilings (measured once per device and versions, cached as JSON under
+  ``~/.cache/vlmkernels/``; ``VLMKERNELS_CACHE_DIR`` moves the cache).
+- ``tune``: autotunes the Triton kernels on this GPU (:mod:`vlmkernels.ops._tuning`).
+- ``bench``, ``profile``, ``report``: the benchmark suites, which live in the top-level
+  ``benchmarks/`` folder of a checkout (not installed with the package). These commands find
+  it next to the package (an editable install) or in the working directory or one of its
+  parents, and say so when there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+DELEGATED = {
+    "bench": ("benchmarks.__main__", "run the benchmark suites (tables, CSV, --plot charts)"),
+    "profile": ("benchmarks.profile", "run one op under torch.profiler: trace, kernel table"),
+    "report": ("benchmarks.report", "markdown summary and charts from the results CSVs"),
+}
+CACHE_FILE = "ceilings.json"
+
+# --------------------------------------------------------------------------------------
+# Device facts and ceilings (info)
+# --------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$VLMKERNELS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vlmkernels``, else ``~/.cache/...``."""
+    if os.environ.get("VLMKERNELS_CACHE_DIR"):
+        return Path(os.environ["VLMKERNELS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vlmkernels"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _driver() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # no pynvml, or no driver library
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout  # fmt: skip
+            return out.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    return ""
+
+
+def device_facts() -> dict:
+    """The device and versions; the ceilings cache is keyed by these."""
+    import torch
+    import triton
+
+    import vlmkernels
+
+    facts = {
+        "vlmkernels": vlmkernels.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda or "",
+        "driver": "",
+    }
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        facts |= {
+            "device_type": "cuda",
+            "device": torch.cuda.get_device_name(),
+            "arch": f"sm_{major}{minor}",
+            "driver": _driver(),
+        }
+    else:
+        facts |= {
+            "device_type": "cpu",
+            "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+            "arch": platform.machine(),
+        }
+    return facts
+
+
+def cache_key(facts: dict) -> str:
+    keys = ("device", "driver", "cuda", "torch", "triton")
+    return " | ".join(f"{k} {facts[k]}" for k in keys)
+
+
+def _median_ms(fn, on_gpu: bool) -> float:
+    """Median time of ``fn`` in ms: do_bench on a GPU, perf_counter repetitions on the CPU."""
+    if on_gpu:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    samples = []
+    while len(samples) < 5 or (sum(samples) < 500 and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def measure_ceilings(device_type: str) -> dict:
+    """Copy GB/s (read + written bytes of ``dst.copy_(src)``) and matmul TFLOP/s (2 n^3):
+    bf16, fp16 and tf32 at n = 8192 on a GPU; fp32, best of n in {512, 1024, 2048}, on the
+    CPU (the same method as ``benchmarks/ceilings.py``)."""
+    import torch
+
+    on_gpu = device_type == "cuda"
+    dev = torch.device(device_type)
+    nbytes = (1 << 30) if on_gpu else (256 << 20)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(functools.partial(dst.copy_, src), on_gpu)
+    del src, dst
+    out = {"copy_gbps": 2 * nbytes / (copy_ms * 1e-3) / 1e9, "copy_bytes": nbytes, "matmul": {}}
+    kinds = (
+        [("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32)]
+        if on_gpu
+        else [("fp32", torch.float32)]
+    )
+    sizes = (8192,) if on_gpu else (512, 1024, 2048)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for label, dtype in kinds:
+            torch.backends.cuda.matmul.allow_tf32 = label == "tf32"
+            best = (0.0, 0)
+            for n in sizes:
+                a = torch.randn(n, n, device=dev).to(dtype)
+                b = torch.randn(n, n, device=dev).to(dtype)
+                c = torch.empty(n, n, device=dev, dtype=dtype)
+                ms = _median_ms(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), on_gpu)
+                best = max(best, (2 * n**3 / (ms * 1e-3) / 1e12, n))
+            out["matmul"][label] = {"tflops": best[0], "n": best[1]}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads((cache_dir() / CACHE_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_ceilings(facts: dict | None = None) -> dict | None:
+    """The cached ceilings of this device and versions, or None (never measures)."""
+    return _read_cache().get(cache_key(facts or device_facts()))
+
+
+def ceilings(facts: dict, refresh: bool = False) -> tuple[dict, bool]:
+    """(ceilings, came from the cache); measures and stores them when needed."""
+    key = cache_key(facts)
+    data = _read_cache()
+    if not refresh and key in data:
+        return data[key], True
+    entry = measure_ceilings(facts["device_type"])
+    entry["measured_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    data[key] = entry
+    path = cache_dir() / CACHE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        print(f"(could not write the ceilings cache {path}: {exc})", file=sys.stderr)
+    return entry, False
+
+
+# --------------------------------------------------------------------------------------
+# Backends (info)
+# --------------------------------------------------------------------------------------
+
+
+def backends(facts: dict) -> dict[str, str]:
+    from vlmkernels._backend import get_backend
+    from vlmkernels.ops._common import INTERPRETED
+
+    if facts["device_type"] == "cuda":
+        triton_line = f"compiled for {facts['arch']} (CUDA tensors run the Triton kernels)"
+    elif INTERPRETED:
+        triton_line = "interpreter (TRITON_INTERPRET=1): CPU tensors run the Triton kernels"
+    else:
+        triton_line = (
+            "no GPU: CPU tensors take the PyTorch path (TRITON_INTERPRET=1 set before the "
+            "import runs the Triton kernels in Triton's interpreter)"
+        )
+    try:
+        from vlmkernels.ops._cuda import status
+
+        ok, reason = status()
+        cuda_line = ("available: " if ok else "unavailable: ") + reason
+    except Exception as exc:  # noqa: BLE001 - the extension's module may be absent or broken
+        cuda_line = f"not built ({type(exc).__name__}: {exc})"
+    try:
+        from vlmkernels.ops._tuning import lookup_report
+
+        configs = config_lines(lookup_report())
+    except ModuleNotFoundError:
+        configs = ["the autotune lists built into the kernels (no persisted configs here)"]
+    except Exception as exc:  # noqa: BLE001
+        configs = [f"unknown ({type(exc).__name__}: {exc})"]
+    forced = get_backend()
+    return {
+        "triton": triton_line,
+        "torch": "always (CPU default, float64 inputs)",
+        "cuda": cuda_line,
+        "forced": forced or "none (VLMKERNELS_BACKEND unset)",
+        "configs": configs,
+    }
+
+
+def _config_text(entry: dict) -> str:
+    source = entry.get("source", "?")
+    if entry.get("path"):
+        label = f"{entry.get('label') or 'configs'}, {entry.get('buckets', 0)} shape buckets"
+        text = f"{source}: {entry['path']} ({label})"
+    elif source == "default":
+        cfg = " ".join(f"{k}={v}" for k, v in (entry.get("default") or {}).items())
+        text = f"default config ({cfg})" if cfg else "default config"
+    else:
+        text = {
+            "interpreter": "Triton's interpreter: one config",
+            "autotune": "autotuned at the first call of each shape (VLMKERNELS_AUTOTUNE=1)",
+        }.get(source, str(source))
+    problems = [q for f in entry.get("files") or [] for q in f.get("problems") or []]
+    if problems:
+        text += "; ignored: " + "; ".join(str(q) for q in problems)
+    return text
+
+
+def config_lines(report) -> list[str]:
+    """One line per kernel from :func:`vlmkernels.ops._tuning.lookup_report`."""
+    if isinstance(report, dict):
+        return [
+            f"{name}: {_config_text(v) if isinstance(v, dict) else v}" for name, v in report.items()
+        ] or ["no tuned kernels"]
+    if isinstance(report, str):
+        return report.strip().splitlines() or ["-"]
+    return [str(x) for x in report]
+
+
+def _format_ceilings(entry: dict, cached: bool) -> list[str]:
+    origin = "cached" if cached else "measured now"
+    lines = [
+        f"ceilings ({origin}, {entry.get('measured_at', '?')}; {cache_dir() / CACHE_FILE}; "
+        "--refresh re-measures):"
+    ]
+    lines.append(
+        f"  copy    {entry['copy_gbps']:10.1f} GB/s   (read + write, "
+        f"{entry['copy_bytes'] >> 20} MiB dst.copy_(src))"
+    )
+    for label, mm in entry["matmul"].items():
+        lines.append(f"  matmul  {mm['tflops']:10.3g} TFLOP/s  ({label}, torch.mm {mm['n']}^3)")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import vlmkernels
+
+    facts = device_facts()
+    found = backends(facts)
+    entry, cached = (None, False) if args.no_ceilings else ceilings(facts, args.refresh)
+    if args.json:
+        print(json.dumps({"facts": facts, "backends": found, "ceilings": entry}, indent=1))
+        return 0
+    print(f"vlmkernels {facts['vlmkernels']} ({Path(vlmkernels.__file__).parent})")
+    print(
+        f"python {facts['python']} | torch {facts['torch']} | triton {facts['triton']} | "
+        f"CUDA {facts['cuda'] or '-'} | driver {facts['driver'] or '-'}"
+    )
+    print(f"device: {facts['device']} [{facts['device_type']}, {facts['arch']}]")
+    print("backends:")
+    for name in ("triton", "torch", "cuda"):
+        label = "cuda (C++)" if name == "cuda" else name
+        print(f"  {label:<11} {found[name]}")
+    print(f"  {'forced':<11} {found['forced']}")
+    print("Triton configs (per kernel; `vlmkernels tune` on a GPU writes tuned ones):")
+    for line in found["configs"]:
+        print(f"  {line}")
+    if entry is not None:
+        print("\n".join(_format_ceilings(entry, cached)))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print(
+            "vlmkernels tune: no CUDA GPU here. Tuning times every config of the Triton "
+            "kernels on the GPU that will run them (under Triton's interpreter autotuning "
+            "collapses to one config), so there is nothing to tune on a CPU; the ops use the "
+            "shipped configs or the heuristic defaults. Run it on the GPU machine.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from vlmkernels.ops import _tuning
+    except ImportError as exc:
+        print(f"vlmkernels tune: this version has no tuner ({exc})", file=sys.stderr)
+        return 2
+    written = _tuning.tune(kernels=args.ops or None, device=None, out_dir=args.out, log=print)
+    if isinstance(written, str | Path):
+        items = [("", written)]
+    elif isinstance(written, dict):
+        items = list(written.items())
+    else:
+        items = [("", p) for p in written or []]
+    if not items:
+        print(f"nothing written (out dir: {args.out or 'the tuner default'})")
+        return 0
+    print("wrote:")
+    for name, path in items:
+        print(f"  {name + ': ' if name else ''}{path}")
+    print("The ops read these at their next import (user directory first, then the package).")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# bench, profile, report: the checkout's benchmarks package
+# --------------------------------------------------------------------------------------
+
+
+def _repo_candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent.parent
+    cwd = Path.cwd().resolve()
+    return [here, cwd, *cwd.parents]
+
+
+def benchmarks_root() -> Path | None:
+    """The checkout whose ``benchmarks/`` folder holds the harness, or None."""
+    for root in _repo_candidates():
+        if (root / "benchmarks" / "harness.py").is_file():
+            return root
+    return None
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    module_name, _ = DELEGATED[command]
+    root = benchmarks_root()
+    if root is None:
+        print(
+            f"vlmkernels {command}: the benchmark suites live in the benchmarks/ folder of a "
+            "vlmkernels checkout and are not installed with the package. Run this from a "
+            "checkout (git clone the repository, `pip install -e .` or `make bench`, then run "
+            "it inside the clone). `vlmkernels info` and `vlmkernels tune` work anywhere.",
+            file=sys.stderr,
+        )
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != (
+        root / "benchmarks"
+    ):
+        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+            del sys.modules[name]
+    module = importlib.import_module(module_name)
+    return int(module.main(argv, prog=f"vlmkernels {command}") or 0)
+
+
+# --------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlmkernels",
+        description="Triton kernels for vision-language models: device facts, benchmarks, "
+        "tuning, profiling and reports.",
+        epilog="bench, profile and report need a checkout (the benchmarks/ folder); "
+        "`vlmkernels COMMAND --help` gives each command's options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="device, versions, backends and device ceilings")
+    info.add_argument("--refresh", action="store_true", help="re-measure the cached ceilings")
+    info.add_argument("--no-ceilings", action="store_true", help="skip the ceilings")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    tune = sub.add_parser("tune", help="autotune the Triton kernels on this GPU, persist winners")
+    tune.add_argument("ops", nargs="*", help="ops or kernels to tune (default: all)")
+    tune.add_argument(
+        "--out", type=Path, help="config directory (default: the tuner's, VLMKERNELS_CONFIG_DIR)"
+    )
+    tune.set_defaults(func=cmd_tune)
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
