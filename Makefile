@@ -43,6 +43,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install -q transformers || \
 		echo "transformers not installed: the model-patching tests will be skipped"; \
 	$(PY) -c "import pynvml" 2>/dev/null || $(PY) -m pip install -q nvidia-ml-py || true; \
+	$(PY) -c "import tqdm, matplotlib, pytest_benchmark" 2>/dev/null || \
+		$(PY) -m pip install -q tqdm matplotlib pytest-benchmark || \
+		echo "tqdm/matplotlib/pytest-benchmark not installed: no progress bar, no charts"; \
 	touch $(STAMP)
 
 clean:
