@@ -2,7 +2,8 @@
 
 Default, per call, from the device of the inputs:
 
-- CUDA tensors run the Triton kernels.
+- CUDA tensors run the Triton kernels, or the CUDA C++ ones where the device's tuned
+  configs record them as faster for the op and the extension is available.
 - CPU tensors run the plain-PyTorch reference, unless Triton's interpreter is on
   (``TRITON_INTERPRET=1`` when vlmkernels was imported), in which case they run the
   Triton kernels through the interpreter: this is how CPU-only CI exercises every kernel.
@@ -72,13 +73,26 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+def cuda_default(op: str, device: torch.device) -> str:
+    """The backend of ``op`` for CUDA tensors when none is forced: the one recorded as
+    faster on this device (``vlmkernels.ops._tuning.preferred_backend``, written by
+    ``vlmkernels tune``) when it is available, else Triton."""
+    from .ops._tuning import preferred_backend
+
+    if preferred_backend(op, device) == "cuda" and cuda_backend_status()[0]:
+        return "cuda"
+    return "triton"
+
+
 def resolve_backend(op: str, tensor: torch.Tensor) -> str:
     """The backend ``op`` runs for inputs like ``tensor``; raises if a forced one cannot."""
     forced = get_backend()
     if forced is None:
         if tensor.dtype == torch.float64:
             return "torch"
-        if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton_interpreted()):
+        if tensor.device.type == "cuda":
+            return cuda_default(op, tensor.device)
+        if tensor.device.type == "cpu" and triton_interpreted():
             return "triton"
         return "torch"
     if forced == "cuda":

@@ -1,4 +1,4 @@
-"""Helpers shared by the op families: interpreter detection, device facts, autotune configs."""
+"""Helpers shared by the op families: interpreter detection, device facts, config spaces."""
 
 from __future__ import annotations
 
@@ -45,17 +45,32 @@ def dot_precision(dtype: torch.dtype) -> tuple[bool, str]:
     return False, "tf32"
 
 
-# VLMKERNELS_AUTOTUNE=0 keeps each kernel on its first (default) config: no benchmarking
-# at the first call of every new shape bucket (quick test runs on a GPU).
-AUTOTUNE = os.environ.get("VLMKERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
+# Launch configs come from the persisted lookup of :mod:`._tuning` (deterministic: nothing is
+# benchmarked at run time). VLMKERNELS_AUTOTUNE=1 opts back into Triton's in-memory
+# autotuning over the whole config space at the first call of every shape bucket (the
+# config files are then not consulted). Read at import; :mod:`._tuning` reads this
+# attribute at each launch.
+AUTOTUNE = os.environ.get("VLMKERNELS_AUTOTUNE", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+class ConfigSpace(list):
+    """The configs a kernel may launch with: a list (what ``scripts/compile_check.py``
+    compiles) holding the GPU config space, or only the interpreter's config under Triton's
+    interpreter, with both kept as attributes: ``space`` (GPU configs, the first being the
+    heuristic default) and ``interpreter``."""
+
+    def __init__(self, active, space, interpreter):
+        super().__init__(active)
+        self.space = list(space)
+        self.interpreter = interpreter
 
 
 def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config):
-    """The config list for ``triton.autotune``: one config under the interpreter, which
-    cannot benchmark (it fails with more than one), and with autotuning switched off."""
-    if INTERPRETED:
-        return [interpreter_config]
-    return gpu_configs if AUTOTUNE else gpu_configs[:1]
+    """The config space of a kernel for :func:`._tuning.tuned`: the GPU configs (the first is
+    the default when no tuned entry applies), or the single interpreter config under
+    Triton's interpreter, which cannot benchmark (it fails with more than one)."""
+    active = [interpreter_config] if INTERPRETED else gpu_configs
+    return ConfigSpace(active, gpu_configs, interpreter_config)
 
 
 def next_pow2_bucket(n: int) -> int:

@@ -44,6 +44,7 @@ from .._checks import (
     scalar_tensor,
 )
 from ._common import INTERPRETED, autotune_configs, dot_precision, next_pow2_bucket, sm_count
+from ._tuning import tuned
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -168,7 +169,7 @@ def _hard_mask(rows, cols, rid, cid, valid, offset, IDS: tl.constexpr):
 _STATS_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
 
 
-@triton.autotune(configs=_CONFIGS, key=_STATS_KEY)
+@tuned("clip_stats", configs=_CONFIGS, key=_STATS_KEY, sizes=["D", "n_bucket"])
 @_even_k
 @triton.jit
 def _clip_stats_kernel(
@@ -315,7 +316,7 @@ def _clip_stats_kernel(
 _GRAD_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
 
 
-@triton.autotune(configs=_CONFIGS, key=_GRAD_KEY)
+@tuned("clip_grad", configs=_CONFIGS, key=_GRAD_KEY, sizes=["D", "n_bucket"])
 @_even_k
 @triton.jit
 def _clip_grad_kernel(
@@ -430,7 +431,7 @@ def _clip_grad_kernel(
     tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
 
 
-@triton.autotune(configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"])
+@tuned("siglip", configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"], sizes=["D", "n_bucket"])
 @_even_k
 @triton.jit
 def _siglip_kernel(

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .._backend import resolve_backend
 from ._common import autotune_configs
+from ._tuning import tuned
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
 PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2  # which position axis each lane uses
@@ -110,8 +111,8 @@ def _rotate_heads(
                 tl.store(o_rows + lanes[None, :] * sod, v, mask=pm)
 
 
-@triton.autotune(configs=_CONFIGS, key=["HQ", "HK", "D", "half"],
-                 restore_value=["qo_ptr", "ko_ptr"])
+@tuned("rope", configs=_CONFIGS, key=["HQ", "HK", "D", "half", "SOURCE"],
+       sizes=["HQ", "HK", "D", "half"], restore_value=["qo_ptr", "ko_ptr"])
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,

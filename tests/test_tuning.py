@@ -1,0 +1,640 @@
+"""Persisted launch configs (vlmkernels.ops._tuning): file lookup order, nearest bucket,
+stale files, the fallback warning, the interpreter path, tune's pipeline with a fake
+benchmark, the preferred backend and resolve_backend, and compile_check's view of the
+config spaces.
+
+CPU-only: devices are names ("NVIDIA H100 80GB HBM3") or monkeypatched CUDA indices; the
+kernels run through Triton's interpreter (tests/conftest.py) where they run at all.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+import triton
+
+import vlmkernels
+from vlmkernels import _backend
+from vlmkernels.ops import _common
+from vlmkernels.ops import _tuning as T
+from vlmkernels.ops import contrastive as C
+from vlmkernels.ops import rope as R
+
+H100 = "NVIDIA H100 80GB HBM3"
+H100_DIR = "NVIDIA_H100_80GB_HBM3"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """(user dir, package dir), both empty, with every cache cleared around the test."""
+    user, package = tmp_path / "user", tmp_path / "package"
+    monkeypatch.setenv(T.CONFIG_DIR_ENV, str(user))
+    monkeypatch.setattr(T, "PACKAGE_CONFIG_DIR", package)
+    T.clear_cache()
+    yield user, package
+    T.clear_cache()
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA device 0 is an H100 as far as the lookup is concerned."""
+    monkeypatch.setattr(T, "_current_device", lambda: 0)
+    monkeypatch.setattr(T, "_raw_device_name", lambda index: H100)
+    T.clear_cache()
+
+
+def entry(cfg: triton.Config, **extra) -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **extra}
+
+
+def stats_key(d=768, n=32768, rows=1, cols=1, ids=0, smooth=0, teacher=0, dtype="bf16"):
+    return dict(D=d, n_bucket=n, ROWS=rows, COLS=cols, IDS=ids, SMOOTH=smooth,
+                TEACHER=teacher, dtype=dtype)  # fmt: skip
+
+
+def write(root, kernel_name, configs, device=H100_DIR, **overrides) -> pathlib.Path:
+    """A valid config file of ``kernel_name`` ({key mapping or bucket str: entry})."""
+    k = T.all_kernels()[kernel_name]
+    doc = {
+        "format": 1,
+        "kernel": k.name,
+        "device": device,
+        "source": "tuned",
+        "triton_version": triton.__version__,
+        "source_hash": k.source_hash,
+        "key": k.file_key,
+        "configs": {
+            (b if isinstance(b, str) else k.bucket(k.key_from_mapping(b))): e for b, e in configs
+        },
+    }
+    doc.update(overrides)
+    path = root / device / f"{kernel_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+STATS = T.all_kernels()["clip_stats"]
+SPACE = STATS.space
+
+
+def test_device_names_are_normalised():
+    assert T.normalise_device_name(H100) == H100_DIR
+    assert T.normalise_device_name("NVIDIA H100-PCIe") == "NVIDIA_H100_PCIe"
+    assert T.normalise_device_name(" NVIDIA  H200 NVL ") == "NVIDIA_H200_NVL"
+    assert T.device_name(H100) == H100_DIR
+
+
+def test_kernels_keys_and_spaces():
+    ks = T.all_kernels()
+    assert set(ks) == {"clip_stats", "clip_grad", "siglip", "rope"}
+    assert ks["siglip"].file_key == ["D", "n_bucket", "WRITE_GRAD", "dtype"]
+    assert ks["rope"].file_key == ["HQ", "HK", "D", "half", "SOURCE", "dtype"]
+    assert ks["rope"].space == list(R._GPU_CONFIGS)
+    assert SPACE == list(C._GPU_CONFIGS) and STATS.default is C._GPU_CONFIGS[0]
+    # the decorated objects keep what scripts/compile_check.py reads
+    assert C._clip_stats_kernel is STATS and STATS.fn.fn is not None
+    assert STATS.configs == ([C._INTERPRETER_CONFIG] if _common.INTERPRETED else SPACE)
+
+
+def test_lookup_order_user_over_package_over_default(dirs):
+    user, package = dirs
+    key = stats_key()
+    with pytest.warns(T.DefaultConfigWarning, match="clip_stats"):
+        assert T.lookup("clip_stats", key, device=H100) is SPACE[0]
+    write(package, "clip_stats", [(key, entry(SPACE[2]))])
+    T.clear_cache()
+    assert T.lookup("clip_stats", key, device=H100) is SPACE[2]
+    write(user, "clip_stats", [(key, entry(SPACE[1], ms=1.0))])
+    T.clear_cache()
+    assert T.lookup("clip_stats", key, device=H100) is SPACE[1]
+    assert T._resolve(STATS, H100_DIR, STATS.key_from_mapping(key))[1] == "user"
+    # another device has no file: the default
+    with pytest.warns(T.DefaultConfigWarning):
+        assert T.lookup("clip_stats", key, device="NVIDIA A100-SXM4-80GB") is SPACE[0]
+
+
+def test_user_file_without_the_variant_defers_to_the_package(dirs):
+    user, package = dirs
+    write(user, "clip_stats", [(stats_key(teacher=1), entry(SPACE[1]))])
+    write(package, "clip_stats", [(stats_key(d=512, n=8192), entry(SPACE[3]))])
+    assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[3]
+    assert T.lookup("clip_stats", stats_key(teacher=1, d=64), device=H100) is SPACE[1]
+
+
+def test_nearest_bucket(dirs):
+    user, _ = dirs
+    write(user, "clip_stats", [
+        (stats_key(d=512, n=8192), entry(SPACE[1])),
+        (stats_key(d=1024, n=65536), entry(SPACE[2])),
+        (stats_key(d=768, n=16384, cols=0), entry(SPACE[3])),  # another variant
+        (stats_key(d=768, n=16384, dtype="fp16"), entry(SPACE[4])),  # another dtype
+    ])  # fmt: skip
+    # exact
+    assert T.lookup("clip_stats", stats_key(d=512, n=8192), device=H100) is SPACE[1]
+    # |log2 768 - 9| + |14 - 13| = 1.58 against 0.42 + 2 = 2.42
+    assert T.lookup("clip_stats", stats_key(d=768, n=16384), device=H100) is SPACE[1]
+    assert T.lookup("clip_stats", stats_key(d=1152, n=32768), device=H100) is SPACE[2]
+    # flags and dtype must match: the exact-size entries of other variants are not used
+    assert T.lookup("clip_stats", stats_key(d=768, n=16384, cols=0), device=H100) is SPACE[3]
+    assert T.lookup("clip_stats", stats_key(cols=0, n=1 << 20), device=H100) is SPACE[3]
+    assert T.lookup("clip_stats", stats_key(dtype=torch.float16), device=H100) is SPACE[4]
+    with pytest.warns(T.DefaultConfigWarning):
+        assert T.lookup("clip_stats", stats_key(dtype="fp32"), device=H100) is SPACE[0]
+
+
+def test_nearest_bucket_ties_go_to_the_larger_sizes(dirs):
+    user, _ = dirs
+    write(user, "siglip", [
+        (dict(D=512, n_bucket=8192, WRITE_GRAD=1, dtype="bf16"), entry(SPACE[1])),
+        (dict(D=2048, n_bucket=8192, WRITE_GRAD=1, dtype="bf16"), entry(SPACE[2])),
+    ])  # fmt: skip
+    key = dict(D=1024, n_bucket=8192, WRITE_GRAD=1, dtype="bf16")
+    assert T.lookup("siglip", key, device=H100) is SPACE[2]
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        ({"triton_version": "2.3.1"}, "tuned with triton 2.3.1"),
+        ({"source_hash": "0123456789abcdef"}, "source changed"),
+        ({"key": ["D", "n_bucket"]}, "key"),
+        ({"kernel": "clip_grad"}, "for kernel 'clip_grad'"),
+    ],
+)
+def test_stale_files_are_ignored_with_a_warning(dirs, overrides, reason):
+    user, package = dirs
+    key = stats_key()
+    write(user, "clip_stats", [(key, entry(SPACE[1]))], **overrides)
+    write(package, "clip_stats", [(key, entry(SPACE[2]))])
+    with pytest.warns(T.StaleConfigWarning, match=reason):
+        assert T.lookup("clip_stats", key, device=H100) is SPACE[2]
+    with warnings.catch_warnings():  # once per file
+        warnings.simplefilter("error")
+        assert T.lookup("clip_stats", stats_key(d=512), device=H100) is SPACE[2]
+
+
+def test_same_triton_minor_version_is_current(dirs):
+    user, _ = dirs
+    major, minor = triton.__version__.split(".")[:2]
+    write(user, "clip_stats", [(stats_key(), entry(SPACE[1]))],
+          triton_version=f"{major}.{minor}.99+local")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[1]
+
+
+def test_entries_outside_the_space_and_broken_files(dirs):
+    user, package = dirs
+    odd = {"BM": 256, "BN": 256, "BK": 128, "num_warps": 8, "num_stages": 2}
+    write(user, "clip_stats", [(stats_key(), odd), (stats_key(d=512), entry(SPACE[1]))])
+    with pytest.warns(T.StaleConfigWarning, match="not in the config space"):
+        # the valid entry of the file is still the nearest
+        assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[1]
+    bad = package / H100_DIR / "siglip.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    key = dict(D=768, n_bucket=32768, WRITE_GRAD=1, dtype="bf16")
+    with pytest.warns(T.StaleConfigWarning, match="does not parse"):
+        with pytest.warns(T.DefaultConfigWarning):
+            assert T.lookup("siglip", key, device=H100) is T.all_kernels()["siglip"].default
+
+
+def test_default_warning_once_per_kernel(dirs):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for d in (64, 128, 768):
+            T.lookup("clip_stats", stats_key(d=d), device=H100)
+        T.lookup("clip_grad", stats_key(), device=H100)
+        T.lookup("clip_stats", stats_key(), device="NVIDIA H200")
+    fallback = [w for w in seen if issubclass(w.category, T.DefaultConfigWarning)]
+    assert len(fallback) == 2, [str(w.message) for w in fallback]
+    assert "'clip_stats'" in str(fallback[0].message)
+    assert "vlmkernels tune" in str(fallback[0].message)
+    assert "'clip_grad'" in str(fallback[1].message)
+
+
+def test_lookup_needs_the_whole_key(dirs):
+    with pytest.raises(KeyError, match="dtype"):
+        T.lookup("clip_stats", dict(D=1, n_bucket=1, ROWS=1, COLS=1, IDS=0, SMOOTH=0,
+                                    TEACHER=0), device=H100)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown kernel"):
+        T.lookup("nope", {}, device=H100)
+
+
+# ------------------------------------------------------------------ launches
+
+
+class FakeJit:
+    """Stands in for a JITFunction: records how it is launched."""
+
+    arg_names = ["x_ptr", "D", "n_bucket", "FLAG", "BM"]
+
+    def __init__(self):
+        self.launches = []
+
+        def fake_kernel(x_ptr, D, n_bucket, FLAG, BM):  # noqa: N803
+            return BM
+
+        self.fn = fake_kernel
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.launches.append((grid, args, kwargs))
+
+
+SPACE_FAKE = _common.autotune_configs(
+    [triton.Config({"BM": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BM": 128}, num_warps=8, num_stages=4)],
+    triton.Config({"BM": 16}, num_warps=1, num_stages=1),
+)  # fmt: skip
+
+
+def fake_kernel(interpreted=False):
+    jit = FakeJit()
+    k = T.TunedKernel("fake_test", jit, SPACE_FAKE, ["D", "n_bucket", "FLAG"],
+                      ["D", "n_bucket"], interpreted=interpreted)  # fmt: skip
+    return k, jit
+
+
+@pytest.fixture
+def fake_registered():
+    yield
+    T._REGISTRY.pop("fake_test", None)
+
+
+def fake_file(user, k, key, cfg):
+    doc = dict(format=1, kernel=k.name, device=H100_DIR, source="tuned",
+               triton_version=triton.__version__, source_hash=k.source_hash, key=k.file_key,
+               configs={k.bucket(key): entry(cfg)})  # fmt: skip
+    (user / H100_DIR).mkdir(parents=True, exist_ok=True)
+    (user / H100_DIR / "fake_test.json").write_text(json.dumps(doc))
+
+
+def test_launch_takes_the_looked_up_config_and_caches_it(dirs, fake_cuda, fake_registered,
+                                                        monkeypatch):  # fmt: skip
+    user, _ = dirs
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    k, jit = fake_kernel()
+    x = torch.zeros(4, dtype=torch.bfloat16)
+    fake_file(user, k, (768, 4096, 1, "bf16"), k.space[1])
+    calls = []
+    resolve = T._resolve
+    monkeypatch.setattr(T, "_resolve", lambda *a: calls.append(a) or resolve(*a))
+    for _ in range(3):
+        k[lambda meta: (triton.cdiv(1000, meta["BM"]), 2)](x, 768, 4096, FLAG=True)
+    assert len(calls) == 1  # cached per (kernel, device, key)
+    grid, args, kwargs = jit.launches[-1]
+    assert grid == (8, 2) and args == (x, 768, 4096)
+    assert kwargs["BM"] == 128 and kwargs["num_warps"] == 8 and kwargs["num_stages"] == 4
+    assert kwargs["FLAG"] is True
+    # another variant: the default, warned once
+    with pytest.warns(T.DefaultConfigWarning, match="fake_test"):
+        k[(3,)](x, 768, 4096, FLAG=False)
+    assert jit.launches[-1][0] == (3,) and jit.launches[-1][2]["BM"] == 64
+
+
+def test_interpreted_launch_uses_the_interpreter_config_without_lookup(dirs, fake_registered,
+                                                                       monkeypatch):  # fmt: skip
+    k, jit = fake_kernel(interpreted=True)
+    monkeypatch.setattr(T, "_resolve", lambda *a: pytest.fail("no lookup under the interpreter"))
+    monkeypatch.setattr(_common, "AUTOTUNE", True)  # the interpreter wins over the opt-in
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k[(1,)](torch.zeros(1), 768, 4096, FLAG=True)
+    assert jit.launches[-1][2]["BM"] == 16 and jit.launches[-1][2]["num_warps"] == 1
+
+
+def test_opt_in_autotune_delegates_to_triton_autotune(dirs, fake_cuda, fake_registered,
+                                                      monkeypatch):  # fmt: skip
+    k, jit = fake_kernel()
+    made = []
+
+    class StubAutotuner:
+        def __init__(self, fn, configs, key, restore_value):
+            self.fn, self.configs, self.key = fn, configs, key
+
+        def run(self, *args, grid, warmup, **kwargs):
+            made.append((self.configs, self.key, grid, args, kwargs))
+
+    def autotune(configs, key, restore_value=None):
+        return lambda fn: StubAutotuner(fn, configs, key, restore_value)
+
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(T.triton, "autotune", autotune)
+    monkeypatch.setattr(T, "_resolve", lambda *a: pytest.fail("no lookup when autotuning"))
+    k[(2,)](torch.zeros(1), 768, 4096, FLAG=True)
+    k[(2,)](torch.zeros(1), 768, 4096, FLAG=True)
+    assert len(made) == 2 and made[0][0] == k.space and made[0][1] == ["D", "n_bucket", "FLAG"]
+    assert not jit.launches  # the autotuner launches
+
+
+def test_real_kernels_under_the_interpreter_skip_the_lookup(dirs, monkeypatch):
+    user, _ = dirs
+    # a stale file that would warn if it were read
+    write(user, "rope", [], device=H100_DIR, triton_version="0.1")
+    monkeypatch.setattr(T, "_raw_device_name", lambda index: H100)
+    if not _common.INTERPRETED:
+        pytest.skip("the kernels are compiled here")
+    q, k = torch.randn(1, 5, 3, 16), torch.randn(1, 5, 2, 16)
+    cos, sin = torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", T.ConfigWarning)
+        with vlmkernels.use_backend("triton"):
+            vlmkernels.rope(q.transpose(1, 2), k.transpose(1, 2), cos[0], sin[0])
+            x = torch.randn(40, 24)
+            vlmkernels.clip_loss(x, x.flip(0), 10.0)
+    assert all(not kk._cache for kk in T.all_kernels().values())
+
+
+def test_launch_with_an_explicit_config_interpreted():
+    """What tune benchmarks: a recorded launch replayed with another config of the space
+    gives the same result (rope: BLOCK_H=16 heads at a time instead of the interpreter's 4)."""
+    if not _common.INTERPRETED:
+        pytest.skip("needs the interpreter on the CPU")
+    q, k = torch.randn(2, 3, 7, 32), torch.randn(2, 3, 5, 32)
+    cos, sin = torch.randn(3, 2, 3, 32), torch.randn(3, 2, 3, 32)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    with T._record() as calls:
+        R._launch(q, k, qo, ko, table=(cos, sin), mode=R.CHUNKED, sections=(4, 6, 6))
+    (call,) = calls
+    assert call.key == (7, 5, 32, 16, R.TABLE, "fp32")
+    expected_q, expected_k = qo.clone(), ko.clone()
+    qo.zero_(), ko.zero_()
+    call.kernel.launch(call.kernel.space[2], call.grid, call.args, call.kwargs)
+    assert torch.equal(qo, expected_q) and torch.equal(ko, expected_k)
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_lookup_report(dirs, monkeypatch):
+    user, package = dirs
+    write(user, "clip_stats", [(stats_key(), entry(SPACE[1]))])
+    write(package, "clip_stats", [(stats_key(), entry(SPACE[2]))])
+    write(package, "clip_grad", [(stats_key(), entry(SPACE[2]))], source="default")
+    write(user, "siglip", [], triton_version="0.1")
+    for kk in T.all_kernels().values():
+        monkeypatch.setattr(kk, "interpreted", False)
+    with pytest.warns(T.StaleConfigWarning):
+        report = T.lookup_report(H100)
+    assert set(report) == {"clip_stats", "clip_grad", "siglip", "rope"}
+    assert report["clip_stats"]["source"] == "user" and report["clip_stats"]["buckets"] == 1
+    assert report["clip_stats"]["path"] == str(user / H100_DIR / "clip_stats.json")
+    assert [f["origin"] for f in report["clip_stats"]["files"]] == ["user", "package"]
+    assert report["clip_grad"]["source"] == "package" and report["clip_grad"]["label"] == "default"
+    assert report["siglip"]["source"] == "default" and report["siglip"]["path"] is None
+    assert "triton 0.1" in report["siglip"]["files"][0]["problems"][0]
+    assert report["rope"]["source"] == "default" and report["rope"]["files"] == []
+    assert report["rope"]["default"] == entry(R._GPU_CONFIGS[0])
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    assert T.lookup_report(H100)["rope"]["source"] == "autotune"
+
+
+def test_lookup_report_without_cuda_under_the_interpreter(dirs):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    report = T.lookup_report()
+    expected = "interpreter" if _common.INTERPRETED else "default"
+    assert all(r["source"] == expected and r["device"] is None for r in report.values())
+
+
+# ------------------------------------------------------------------ tune
+
+
+def test_tune_needs_cuda_and_known_names():
+    with pytest.raises(ValueError, match="unknown kernel or op 'nope'"):
+        T.tune(["nope"])
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        T.tune()
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        T.tune(["clip_loss", "mrope"], shapes={"rope": []})
+
+
+def test_kernel_name_aliases():
+    assert T._kernel_names(None) == ["clip_stats", "clip_grad", "siglip", "rope"]
+    assert T._kernel_names(["clip_loss", "siglip_loss", "vision_rope", "mrope"]) == [
+        "clip_stats", "clip_grad", "siglip", "rope"]  # fmt: skip
+    assert T._kernel_names("rope") == ["rope"]
+
+
+def test_default_shapes_cover_the_issue_buckets():
+    contrastive = T.DEFAULT_SHAPES["contrastive"]
+    assert {(s["N"], s["d"]) for s in contrastive} == {
+        (n, d) for n in (8192, 16384, 32768, 65536) for d in (512, 768, 1024, 1152)
+    }
+    rope = T.DEFAULT_SHAPES["rope"]
+    assert {(s["heads_q"], s["heads_k"], s["head_dim"]) for s in rope} >= {
+        (28, 4, 128), (32, 8, 128), (16, 16, 80), (16, 16, 72)}  # fmt: skip
+    assert {s["source"] for s in rope} == {"table", "positions"}
+
+
+def test_tune_pipeline_with_a_fake_benchmark(dirs, monkeypatch):
+    """Workloads -> recorded launches -> one timing per config -> winners -> merged files
+    -> lookup, on the CPU: the interpreter runs the workloads and a fake benchmark, which
+    prefers the space's last config, stands in for do_bench."""
+    if not _common.INTERPRETED:
+        pytest.skip("runs the workloads through the interpreter")
+    user, _ = dirs
+    launched, benchmarking = [], []
+    original = T.TunedKernel.launch
+
+    def launch(self, config, *args, **kwargs):
+        if not benchmarking:  # the workloads themselves run for real (interpreted)
+            return original(self, config, *args, **kwargs)
+        launched.append((self, config))
+
+    def bench(fn):
+        benchmarking.append(True)
+        try:
+            fn()
+        finally:
+            benchmarking.pop()
+        kernel, config = launched[-1]
+        return 10.0 - kernel.space.index(config)  # the last config is the fastest
+
+    monkeypatch.setattr(T.TunedKernel, "launch", launch)
+
+    shapes = {
+        "contrastive": [{"N": 40, "d": 24, "dtype": "fp32"}],
+        "rope": [{"heads_q": 3, "heads_k": 2, "head_dim": 16, "mode": "chunked",
+                  "sections": (2, 3, 3), "source": "positions", "tokens": 6, "dtype": "fp32"}],
+    }  # fmt: skip
+    names = ["clip_stats", "clip_grad", "siglip", "rope"]
+    lines = []
+    winners = T._tune_buckets(names, shapes, torch.device("cpu"), bench, lines.append)
+    assert set(winners) == set(names)
+    stats_bucket = (24, 64, 1, 1, 0, 0, 0, "fp32")
+    assert list(winners["clip_stats"]) == [stats_bucket]
+    assert list(winners["clip_grad"]) == [stats_bucket]
+    assert sorted(winners["siglip"]) == [(24, 64, 0, "fp32"), (24, 64, 1, "fp32")]
+    assert list(winners["rope"]) == [(3, 2, 16, 8, R.POSITIONS, "fp32")]
+    best = winners["clip_stats"][stats_bucket]
+    assert best == {**entry(SPACE[-1]), "ms": 6.0, "default_ms": 10.0}
+    assert any("x1.67 over the default" in line for line in lines)
+
+    ks = T.all_kernels()
+    for name in names:
+        T._write_winners(ks[name], H100_DIR, winners[name], user, lines.append)
+    T.clear_cache()
+    doc = json.loads((user / H100_DIR / "clip_stats.json").read_text())
+    assert doc["source"] == "tuned" and doc["triton_version"] == triton.__version__
+    assert doc["source_hash"] == STATS.source_hash and doc["key"] == STATS.file_key
+    assert list(doc["configs"]) == ["D=24,n_bucket=64,ROWS=1,COLS=1,IDS=0,SMOOTH=0,TEACHER=0,"
+                                    "dtype=fp32"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert T.lookup("clip_stats", stats_key(d=24, n=64, dtype="fp32"), device=H100) is (
+            SPACE[-1])  # fmt: skip
+        assert T.lookup("rope", dict(HQ=28, HK=4, D=128, half=64, SOURCE=1, dtype="fp32"),
+                        device=H100) is ks["rope"].space[-1]  # fmt: skip
+
+    # merging: a new bucket joins the file, the old one stays, a re-tuned one is replaced
+    new = {(48, 128, 1, 1, 0, 0, 0, "fp32"): entry(SPACE[1], ms=1.0),
+           stats_bucket: entry(SPACE[2], ms=2.0)}  # fmt: skip
+    T._write_winners(STATS, H100_DIR, new, user, lines.append)
+    configs = json.loads((user / H100_DIR / "clip_stats.json").read_text())["configs"]
+    assert list(configs.values()) == [entry(SPACE[2], ms=2.0), entry(SPACE[1], ms=1.0)]
+    # a stale file is replaced, not merged
+    path = write(user, "siglip", [("D=1,n_bucket=1,WRITE_GRAD=0,dtype=fp32", entry(SPACE[0]))],
+                 source_hash="stale")  # fmt: skip
+    T._write_winners(ks["siglip"], H100_DIR, {(2, 2, 0, "fp32"): entry(SPACE[1])}, user,
+                     lines.append)  # fmt: skip
+    assert list(json.loads(path.read_text())["configs"]) == [
+        "D=2,n_bucket=2,WRITE_GRAD=0,dtype=fp32"
+    ]
+    assert any(line.startswith("replacing") for line in lines)
+
+
+def test_bench_call_skips_configs_that_fail(dirs, monkeypatch):
+    call = T._Call(STATS, (1, 1, 1, 1, 0, 0, 0, "bf16"), (1,), (), {})
+    times = iter([RuntimeError("out of resources: shared memory"), 3.0, 2.0, 5.0, 4.0])
+
+    def bench(fn):
+        t = next(times)
+        if isinstance(t, Exception):
+            raise t
+        return t
+
+    lines = []
+    best = T._bench_call(call, bench, lines.append)
+    assert best == {**entry(SPACE[2]), "ms": 2.0}  # no default_ms: the default failed
+    assert "skipped (RuntimeError: out of resources" in lines[0]
+    with pytest.raises(RuntimeError, match="no config"):
+        T._bench_call(call, lambda fn: 1 / 0, lines.append)
+
+
+def test_compare_backends_records_the_faster(dirs, monkeypatch):
+    if not _common.INTERPRETED:
+        pytest.skip("runs the Triton launcher through the interpreter")
+    user, _ = dirs
+    from vlmkernels.ops import _cuda
+
+    ran = []
+
+    def cuda_launch(q, k, qo, ko, **kwargs):
+        if q.shape[-1] == 24:
+            raise NotImplementedError("head dim 24")
+        ran.append("cuda")
+
+    def bench(fn):
+        before = len(ran)
+        fn()
+        return 1.0 if len(ran) > before else 2.0  # the CUDA launcher is the faster
+
+    monkeypatch.setattr(_cuda, "rope_launch", cuda_launch)
+    monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (False, "not built"))
+    spec = dict(heads_q=2, heads_k=1, head_dim=16, mode="plain", source="table", tokens=3,
+                dtype="fp32")  # fmt: skip
+    shapes = {"rope": [spec, {**spec, "head_dim": 24}, spec]}
+    lines = []
+    cpu = torch.device("cpu")
+    assert T._compare_backends(shapes, cpu, H100_DIR, bench, user, lines.append) == {}
+    assert "not compared (not built)" in lines[-1]
+    monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (True, "built"))
+    written = T._compare_backends(shapes, cpu, H100_DIR, bench, user, lines.append)
+    assert written == {"backends": user / H100_DIR / "backends.json"}
+    doc = json.loads(written["backends"].read_text())
+    assert doc["backends"]["rope"] == {"backend": "cuda", "triton_ms": 4.0, "cuda_ms": 2.0,
+                                       "shapes": 2}  # fmt: skip
+    assert any("head dim 24" in line for line in lines)
+    assert T.preferred_backend("rope", H100) == "cuda"
+
+
+# ------------------------------------------------------------------ preferred backend
+
+
+def fake_cuda_tensor(dtype=torch.bfloat16, index=0):
+    return types.SimpleNamespace(dtype=dtype, device=torch.device("cuda", index))
+
+
+def test_preferred_backend_and_resolve_backend(dirs, fake_cuda, monkeypatch):
+    user, package = dirs
+    assert T.preferred_backend("rope", H100) is None
+    T.record_preferred_backend("rope", "cuda", H100, package, triton_ms=2.0, cuda_ms=1.5)
+    T.record_preferred_backend("clip_loss", "triton", H100, package)
+    doc = json.loads((package / H100_DIR / "backends.json").read_text())
+    assert doc["backends"]["rope"] == {"backend": "cuda", "triton_ms": 2.0, "cuda_ms": 1.5}
+    assert T.preferred_backend("rope", H100) == "cuda"
+    assert T.preferred_backend("rope", torch.device("cuda", 0)) == "cuda"
+    assert T.preferred_backend("rope", "NVIDIA H200") is None
+    assert T.preferred_backend("clip_loss", None) == "triton"
+    # the user directory comes first
+    T.record_preferred_backend("rope", "triton", 0, user)
+    assert T.preferred_backend("rope", 0) == "triton"
+    (user / H100_DIR / "backends.json").unlink()
+    T.clear_cache()
+    with pytest.raises(ValueError, match="'triton' or 'cuda'"):
+        T.record_preferred_backend("rope", "torch", H100, user)
+
+    t = fake_cuda_tensor()
+    monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (True, "built"))
+    assert _backend.cuda_default("rope", t.device) == "cuda"
+    assert _backend.resolve_backend("rope", t) == "cuda"
+    assert _backend.resolve_backend("clip_loss", t) == "triton"
+    assert _backend.resolve_backend("siglip_loss", t) == "triton"  # nothing recorded
+    assert _backend.resolve_backend("rope", fake_cuda_tensor(torch.float64)) == "torch"
+    with vlmkernels.use_backend("triton"):
+        assert _backend.resolve_backend("rope", t) == "triton"
+    # recorded but not available here: Triton
+    monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (False, "not built"))
+    assert _backend.resolve_backend("rope", t) == "triton"
+
+
+def test_unrecorded_or_odd_backend_entries_mean_triton(dirs, fake_cuda, monkeypatch):
+    _, package = dirs
+    (package / H100_DIR).mkdir(parents=True)
+    (package / H100_DIR / "backends.json").write_text(
+        json.dumps({"backends": {"rope": "torch", "clip_loss": {"backend": "cuda"}}})
+    )
+    monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (True, "built"))
+    assert T.preferred_backend("rope", H100) is None
+    assert _backend.resolve_backend("rope", fake_cuda_tensor()) == "triton"
+    assert T.preferred_backend("clip_loss", H100) == "cuda"
+
+
+# ------------------------------------------------------------------ compile_check
+
+
+def test_compile_check_still_finds_the_config_spaces():
+    code = (
+        "import sys; sys.path.insert(0, 'scripts'); import compile_check as cc; "
+        "from vlmkernels.ops import contrastive as C, rope as R; import triton; "
+        "ks = [C._clip_stats_kernel, C._clip_grad_kernel, C._siglip_kernel, R._rope_kernel]; "
+        "assert all(isinstance(cc.jit_of(k), triton.runtime.jit.JITFunction) for k in ks); "
+        "print([len(cc.configs_of(k)) for k in ks], "
+        "cc.configs_of(C._siglip_kernel)[0] is C._GPU_CONFIGS[0])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"[5, 5, 5, {len(R._GPU_CONFIGS)}] True"

@@ -1,0 +1,1040 @@
+r"""Launch configs of the Triton kernels: persisted per device, looked up at run time, tuned
+on the GPU with :func:`tune` (``vlmkernels tune``).
+
+Kernels. Four Triton kernels take a launch config (tile sizes as constexprs, ``num_warps``,
+``num_stages``) from a config space defined next to them (``_GPU_CONFIGS``): ``clip_stats``
+and ``clip_grad`` (CLIP / contrastive cross-entropy: statistics and logit-gradient passes),
+``siglip`` (SigLIP, with and without gradients) and ``rope`` (every rotary op). Each is
+decorated with :func:`tuned`, which replaces ``triton.autotune``.
+
+How a kernel launches (``kernel[grid](*args, **kwargs)``):
+
+- under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests): always the single
+  interpreter config; no lookup, no warning;
+- with ``VLMKERNELS_AUTOTUNE=1`` (opt-in): Triton's autotuner over the whole config space,
+  benchmarking at the first call of every shape bucket, in memory, as ``triton.autotune``
+  does (launches are then not deterministic across processes; no file is read);
+- otherwise (the default): the config from :func:`lookup` for the kernel's key on the
+  current CUDA device, cached per (kernel, device, key): no benchmarking at run time, the
+  same config for the same shapes in every process.
+
+Key. A kernel's key is its autotuning key (argument values: sizes such as ``D`` and
+``n_bucket`` = the next power of two of the larger block side, and the constexpr flags that
+select its variant, such as ``ROWS`` or ``WRITE_GRAD``), plus ``dtype``, the element type
+of its first tensor argument ("bf16", "fp16", "fp32"). Booleans are stored as 0 / 1:
+
+    clip_stats, clip_grad  D, n_bucket | ROWS, COLS, IDS, SMOOTH, TEACHER, dtype
+    siglip                 D, n_bucket | WRITE_GRAD, dtype
+    rope                   HQ, HK, D, half | SOURCE (0 table, 1 positions), dtype
+
+(sizes left of the bar, variant right of it.)
+
+Files. One JSON file per kernel and device, ``<dir>/<device>/<kernel>.json``. ``<device>``
+is the normalised CUDA device name (:func:`normalise_device_name`: every run of characters
+other than letters, digits and dots becomes one underscore, so "NVIDIA H100 80GB HBM3" is
+"NVIDIA_H100_80GB_HBM3" and "NVIDIA H100-PCIe" is "NVIDIA_H100_PCIe"). Values below are
+illustrative::
+
+    {
+      "format": 1,
+      "kernel": "clip_stats",
+      "device": "NVIDIA_H100_80GB_HBM3",
+      "source": "tuned",
+      "triton_version": "3.6.0",
+      "source_hash": "<16 hex digits>",
+      "key": ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER", "dtype"],
+      "configs": {
+        "D=768,n_bucket=32768,ROWS=1,COLS=1,IDS=0,SMOOTH=0,TEACHER=0,dtype=bf16":
+          {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
+           "ms": 1.25, "default_ms": 1.31}
+      }
+    }
+
+- ``source``: "tuned" (measured by :func:`tune`) or "default" (hand-written heuristic
+  values, not measured); both are used the same way, :func:`lookup_report` shows which.
+- ``triton_version`` and ``source_hash`` (:meth:`TunedKernel.source_hash`: SHA-256 of the
+  source of the kernel and of the ``@triton.jit`` helpers it calls, from ``def`` on, so
+  moving code or editing decorators does not change it) make a file stale when the running
+  Triton's major.minor version differs or the kernel's code changed; a stale file is
+  ignored as a whole with a :class:`StaleConfigWarning` (once per file). So is a file whose
+  ``kernel`` or ``key`` differs from the kernel's, or that does not parse.
+- ``configs`` maps buckets ("name=value" pairs in ``key`` order, comma-separated) to a
+  config: the kernel's constexprs, ``num_warps``, ``num_stages``; ``ms`` and ``default_ms``
+  (the winner's and the default config's time, median ms, from :func:`tune`) are
+  informative. An entry that is not one of the kernel's configs (the space changed) is
+  ignored with a :class:`StaleConfigWarning`: the launchers size buffers for that space.
+
+Lookup, for a kernel, a device and a key:
+
+1. the user directory ``VLMKERNELS_CONFIG_DIR`` (default ``$XDG_CACHE_HOME/vlmkernels/
+   configs``, else ``~/.cache/vlmkernels/configs``: where :func:`tune` writes), then the
+   files shipped in the package (``vlmkernels/configs/``). The first of these two files
+   that holds a valid entry of the same variant decides;
+2. in that file, "nearest bucket": among the entries whose variant values (every key but
+   the sizes: flags and dtype) equal the key's, the exact bucket if present, else the one
+   minimising the sum over the size keys of ``|log2(entry size) - log2(size)|`` (ties: the
+   larger sizes). Entries of another variant or dtype are never used (a config tuned
+   without the teacher's second product, or for 16-bit tiles, may not fit);
+3. otherwise the heuristic default, the first config of the space, with a
+   :class:`DefaultConfigWarning` once per kernel in the process.
+
+Results are cached per (kernel, device, key); files are read once. ``VLMKERNELS_CONFIG_DIR``
+is read when the files are first needed; :func:`clear_cache` forgets everything (after
+writing files, or changing the variable).
+
+Preferred backend. ``<dir>/<device>/backends.json`` records, per op name (as passed to
+``resolve_backend``: "rope", "clip_loss", "siglip_loss"), which backend is faster on that
+device::
+
+    {"format": 1, "device": "NVIDIA_H100_80GB_HBM3",
+     "backends": {"rope": {"backend": "cuda", "triton_ms": 2.1, "cuda_ms": 1.9}}}
+
+:func:`preferred_backend` reads it (user directory first, then the package);
+``resolve_backend`` runs CUDA tensors on the recorded backend when it is available, else on
+Triton. :func:`tune` measures and records it for the ops with a CUDA C++ implementation
+when the extension is built; :func:`record_preferred_backend` writes an entry.
+
+Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the package. They
+must come from measurements: run ``tune(out_dir="vlmkernels/configs")`` (or ``vlmkernels
+tune`` with that output directory) on the GPU and commit the files. None are shipped yet.
+
+API: :func:`lookup`, :func:`tune`, :func:`lookup_report`, :func:`preferred_backend`,
+:func:`record_preferred_backend`, :func:`clear_cache`, :func:`normalise_device_name`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import pathlib
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import triton
+from triton.runtime.jit import KernelInterface
+
+from . import _common
+
+FORMAT = 1
+CONFIG_DIR_ENV = "VLMKERNELS_CONFIG_DIR"
+PACKAGE_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+BACKENDS_FILE = "backends.json"
+_META = ("ms", "default_ms")  # informative entry fields, not launch options
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class ConfigWarning(UserWarning):
+    """Base class of the warnings about launch configs."""
+
+
+class DefaultConfigWarning(ConfigWarning):
+    """A kernel launches with its heuristic default config: no tuned entry applies."""
+
+
+class StaleConfigWarning(ConfigWarning):
+    """A config file (or entry) is ignored: other Triton version, changed kernel source,
+    a config outside the kernel's space, or a file that does not parse."""
+
+
+# --------------------------------------------------------------------------------------
+# Devices and directories
+# --------------------------------------------------------------------------------------
+
+
+def normalise_device_name(name: str) -> str:
+    """File-system-safe device name: runs of characters other than letters, digits and dots
+    become one underscore ("NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3")."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", str(name).strip()).strip("_")
+
+
+def _raw_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+@functools.cache
+def _device_name_of_index(index: int) -> str:
+    return normalise_device_name(_raw_device_name(index))
+
+
+def _device_token(device) -> int | str:
+    """A CUDA device index, or a normalised device name when ``device`` is a name."""
+    if device is None:
+        return _current_device()
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str) and not re.fullmatch(r"cuda(:\d+)?", device):
+        return normalise_device_name(device)
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"no tuned configs for {device}: configs are per CUDA device")
+    return device.index if device.index is not None else _current_device()
+
+
+def device_name(device=None) -> str:
+    """Normalised name of ``device``: None (the current CUDA device), an index, a
+    ``torch.device`` or "cuda[:i]", or a device name ("NVIDIA H100 80GB HBM3")."""
+    token = _device_token(device)
+    return _device_name_of_index(token) if isinstance(token, int) else token
+
+
+def user_config_dir() -> pathlib.Path:
+    """``VLMKERNELS_CONFIG_DIR``, else ``$XDG_CACHE_HOME/vlmkernels/configs``, else
+    ``~/.cache/vlmkernels/configs``."""
+    env = os.environ.get(CONFIG_DIR_ENV, "").strip()
+    if env:
+        return pathlib.Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = pathlib.Path(cache).expanduser() if cache else pathlib.Path.home() / ".cache"
+    return base / "vlmkernels" / "configs"
+
+
+def _search_dirs() -> list[tuple[str, pathlib.Path]]:
+    return [("user", user_config_dir()), ("package", PACKAGE_CONFIG_DIR)]
+
+
+def _triton_minor(version: str) -> tuple[int, ...] | None:
+    m = re.match(r"(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _key_value(value):
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.dtype):
+        return _dtype_name(value)
+    return str(value)
+
+
+def _config_signature(cfg: triton.Config) -> tuple:
+    return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+
+
+def _config_entry(cfg: triton.Config) -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+# --------------------------------------------------------------------------------------
+# The kernel wrapper
+# --------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, TunedKernel] = {}
+_RECORDING: list | None = None  # launches seen while tune() runs a workload
+
+
+@dataclasses.dataclass
+class _Call:
+    kernel: TunedKernel
+    key: tuple
+    grid: Any
+    args: tuple
+    kwargs: dict
+
+
+def _python_function(obj):
+    while not inspect.isfunction(obj):
+        obj = obj.fn
+    return obj
+
+
+def _def_source(fn) -> str:
+    src = inspect.getsource(fn)
+    m = re.search(r"^[ \t]*def\s", src, flags=re.M)
+    return src[m.start() :] if m else src
+
+
+class TunedKernel(KernelInterface):
+    """A Triton kernel (``@triton.jit``, possibly under ``@triton.heuristics``) launched
+    with the config of :func:`lookup` (see the module docstring); the decorator is
+    :func:`tuned`. ``configs`` is the list ``scripts/compile_check.py`` compiles, ``space``
+    the GPU config space, ``fn`` the wrapped kernel."""
+
+    def __init__(self, name, fn, configs, key, sizes, restore_value=None, interpreted=None):
+        self.name = name
+        self.fn = fn
+        self.arg_names = list(fn.arg_names)
+        self.configs = configs
+        self.space = list(getattr(configs, "space", configs))
+        self.interpreter_config = getattr(configs, "interpreter", self.space[0])
+        self.key_names = list(key)
+        missing = [k for k in self.key_names if k not in self.arg_names]
+        if missing or any(s not in self.key_names for s in sizes):
+            raise ValueError(f"{name}: key {key} / sizes {sizes} must be argument names")
+        self.file_key = self.key_names + ["dtype"]
+        self.size_index = [self.file_key.index(s) for s in sizes]
+        self.variant_index = [i for i in range(len(self.file_key)) if i not in self.size_index]
+        self._positions = [self.arg_names.index(k) for k in self.key_names]
+        self._by_signature = {_config_signature(c): c for c in self.space}
+        self.restore_value = restore_value
+        self.interpreted = _common.INTERPRETED if interpreted is None else interpreted
+        self._cache: dict[tuple, triton.Config] = {}
+        self._autotuner = None
+        _REGISTRY[name] = self
+
+    @property
+    def default(self) -> triton.Config:
+        """The heuristic default: the first config of the space."""
+        return self.space[0]
+
+    @functools.cached_property
+    def source_hash(self) -> str:
+        """16 hex digits of SHA-256 over the source of the kernel and of the Triton
+        functions it calls (transitively, by name, from its module's globals)."""
+        root = _python_function(self.fn)
+        todo, seen, parts = [root], set(), []
+        while todo:
+            fn = todo.pop(0)
+            if fn in seen:
+                continue
+            seen.add(fn)
+            src = _def_source(fn)
+            parts.append(src)
+            for name in dict.fromkeys(re.findall(r"\b[A-Za-z_]\w*\b", src)):
+                obj = fn.__globals__.get(name)
+                if isinstance(obj, KernelInterface) and not isinstance(obj, TunedKernel):
+                    todo.append(_python_function(obj))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def key_of(self, args: tuple, kwargs: Mapping) -> tuple:
+        """The lookup key of a launch: the key arguments' values, then the dtype name of
+        the first tensor argument."""
+        values = [
+            _key_value(args[i] if i < len(args) else kwargs[name])
+            for name, i in zip(self.key_names, self._positions, strict=True)
+        ]
+        first = args[0] if args else kwargs[self.arg_names[0]]
+        values.append(_dtype_name(getattr(first, "dtype", "none")))
+        return tuple(values)
+
+    def key_from_mapping(self, key: Mapping) -> tuple:
+        missing = [k for k in self.file_key if k not in key]
+        if missing:
+            raise KeyError(f"{self.name}: key needs {self.file_key}; missing {missing}")
+        return tuple(_key_value(key[k]) for k in self.file_key)
+
+    def bucket(self, key: tuple) -> str:
+        """The bucket string of a key, as in the files."""
+        return ",".join(f"{k}={v}" for k, v in zip(self.file_key, key, strict=True))
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        if _RECORDING is not None:
+            _RECORDING.append(_Call(self, self.key_of(args, kwargs), grid, args, dict(kwargs)))
+        if self.interpreted:
+            config = self.interpreter_config
+        elif _common.AUTOTUNE:
+            if self._autotuner is None:
+                self._autotuner = triton.autotune(
+                    configs=list(self.space), key=self.key_names, restore_value=self.restore_value
+                )(self.fn)
+            return self._autotuner.run(*args, grid=grid, warmup=warmup, **kwargs)
+        else:
+            cache_key = (_current_device(), self.key_of(args, kwargs))
+            config = self._cache.get(cache_key)
+            if config is None:
+                config = self._cache[cache_key] = _resolve(
+                    self, _device_name_of_index(cache_key[0]), cache_key[1]
+                )[0]
+        return self.launch(config, grid, args, kwargs, warmup)
+
+    def launch(self, config: triton.Config, grid, args, kwargs, warmup=False):
+        """Launch with an explicit config (what :func:`tune` benchmarks)."""
+        options = {**kwargs, **config.all_kwargs()}
+        if callable(grid):
+            grid = grid({**dict(zip(self.arg_names, args, strict=False)), **options})
+        return self.fn.run(*args, grid=grid, warmup=warmup, **options)
+
+
+def tuned(name: str, *, configs, key, sizes, restore_value=None):
+    """Decorator replacing ``triton.autotune``: launches take their config from
+    :func:`lookup` (see the module docstring). ``configs`` comes from
+    :func:`._common.autotune_configs`; ``key`` names the arguments whose values select the
+    config (as ``triton.autotune``'s), ``sizes`` those of them that are sizes (nearest
+    bucket by log2), the others being variant flags that must match; ``restore_value`` is
+    passed to the opt-in autotuner (``VLMKERNELS_AUTOTUNE=1``)."""
+
+    def wrap(fn):
+        return TunedKernel(name, fn, configs, key, sizes, restore_value)
+
+    return wrap
+
+
+def all_kernels() -> dict[str, TunedKernel]:
+    """Every tuned kernel by name (imports the op modules that define them)."""
+    from . import contrastive, rope  # noqa: F401
+
+    return dict(_REGISTRY)
+
+
+def _kernel(kernel) -> TunedKernel:
+    if isinstance(kernel, TunedKernel):
+        return kernel
+    known = all_kernels()
+    if kernel not in known:
+        raise ValueError(f"unknown kernel {kernel!r}; kernels: {', '.join(sorted(known))}")
+    return known[kernel]
+
+
+# --------------------------------------------------------------------------------------
+# Files and lookup
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Layer:
+    origin: str  # "user" or "package"
+    path: pathlib.Path
+    label: str  # the file's "source": "tuned" or "default"
+    entries: dict[tuple, triton.Config]
+    problems: list[str]
+
+
+_LAYERS: dict[tuple[str, str], list[_Layer]] = {}
+_WARNED_STALE: set[str] = set()
+_WARNED_DEFAULT: set[str] = set()
+
+
+def _parse_bucket(kernel: TunedKernel, text: str) -> tuple:
+    pairs = dict(part.split("=", 1) for part in text.split(","))
+    if list(pairs) != kernel.file_key:
+        raise ValueError(f"bucket {text!r} does not follow the key {kernel.file_key}")
+    return tuple(int(v) if re.fullmatch(r"-?\d+", v) else v for v in pairs.values())
+
+
+def _stale_reasons(kernel: TunedKernel, doc: dict) -> list[str]:
+    reasons = []
+    if doc.get("kernel") != kernel.name:
+        reasons.append(f"it is for kernel {doc.get('kernel')!r}, not {kernel.name!r}")
+    if doc.get("key") != kernel.file_key:
+        reasons.append(f"its key {doc.get('key')} is not the kernel's {kernel.file_key}")
+    if _triton_minor(doc.get("triton_version", "")) != _triton_minor(triton.__version__):
+        reasons.append(
+            f"it was tuned with triton {doc.get('triton_version')} (running {triton.__version__})"
+        )
+    if doc.get("source_hash") != kernel.source_hash:
+        reasons.append(
+            f"the kernel's source changed (hash {doc.get('source_hash')}, now {kernel.source_hash})"
+        )
+    return reasons
+
+
+def _load_layer(kernel: TunedKernel, origin: str, path: pathlib.Path) -> _Layer | None:
+    if not path.is_file():
+        return None
+    problems: list[str] = []
+    entries: dict[tuple, triton.Config] = {}
+    label = "?"
+    try:
+        doc = json.loads(path.read_text())
+        label = str(doc.get("source", "?"))
+        problems = _stale_reasons(kernel, doc)
+        if not problems:
+            for text, entry in doc.get("configs", {}).items():
+                options = {k: v for k, v in entry.items() if k not in _META}
+                kw = {k: v for k, v in options.items() if k not in _LAUNCH_OPTIONS}
+                sig = (tuple(sorted(kw.items())), options.get("num_warps"),
+                       options.get("num_stages"))  # fmt: skip
+                config = kernel._by_signature.get(sig)
+                if config is None:
+                    problems.append(f"entry {text}: {options} is not in the config space")
+                    continue
+                entries[_parse_bucket(kernel, text)] = config
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        problems = [f"it does not parse ({type(exc).__name__}: {exc})"]
+        entries = {}
+    if problems and str(path) not in _WARNED_STALE:
+        _WARNED_STALE.add(str(path))
+        what = "entries of " if entries else ""
+        warnings.warn(
+            f"vlmkernels: ignoring {what}{path}: {'; '.join(problems[:3])}"
+            f"{' ...' if len(problems) > 3 else ''}. Re-run `vlmkernels tune` on this GPU.",
+            StaleConfigWarning,
+            stacklevel=4,
+        )
+    return _Layer(origin, path, label, entries, problems)
+
+
+def _layers(kernel: TunedKernel, device: str) -> list[_Layer]:
+    cached = _LAYERS.get((kernel.name, device))
+    if cached is None:
+        cached = []
+        for origin, root in _search_dirs():
+            layer = _load_layer(kernel, origin, root / device / f"{kernel.name}.json")
+            if layer is not None:
+                cached.append(layer)
+        _LAYERS[(kernel.name, device)] = cached
+    return cached
+
+
+def _nearest(kernel: TunedKernel, entries: Mapping[tuple, Any], key: tuple):
+    """The entry of ``entries`` for ``key``: exact, else the nearest bucket of the same
+    variant (sum of |log2| distances of the sizes; ties to the larger sizes), else None."""
+    if key in entries:
+        return entries[key]
+    same = [k for k in entries if all(k[i] == key[i] for i in kernel.variant_index)]
+    if not same:
+        return None
+
+    def log2(v):
+        return math.log2(max(int(v), 1))
+
+    def rank(k):
+        dist = sum(abs(log2(k[i]) - log2(key[i])) for i in kernel.size_index)
+        return (dist, tuple(-int(k[i]) for i in kernel.size_index))
+
+    return entries[min(same, key=rank)]
+
+
+def _resolve(kernel: TunedKernel, device: str, key: tuple):
+    """(config, origin) for a key on a device; origin "user", "package" or "default"."""
+    for layer in _layers(kernel, device):
+        config = _nearest(kernel, layer.entries, key)
+        if config is not None:
+            return config, layer.origin
+    if kernel.name not in _WARNED_DEFAULT:
+        _WARNED_DEFAULT.add(kernel.name)
+        warnings.warn(
+            f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
+            f"({kernel.bucket(key)}); launching with the default "
+            f"{_config_entry(kernel.default)}. Run `vlmkernels tune` on this GPU (files "
+            f"go to {user_config_dir()}). Warned once per kernel.",
+            DefaultConfigWarning,
+            stacklevel=4,
+        )
+    return kernel.default, "default"
+
+
+def lookup(kernel, key: Mapping | None = None, device=None, **key_values) -> triton.Config:
+    """The config a CUDA launch of ``kernel`` (a name: "clip_stats", "clip_grad", "siglip",
+    "rope") takes for ``key`` on ``device`` (see :func:`device_name`; None: the current
+    CUDA device), by the rules of the module docstring. ``key`` (or keyword arguments)
+    gives every name of the kernel's key, ``dtype`` as a torch dtype or "bf16" / "fp16" /
+    "fp32". (Under Triton's interpreter launches use the interpreter config instead.)"""
+    k = _kernel(kernel)
+    values = k.key_from_mapping({**(key or {}), **key_values})
+    return _resolve(k, device_name(device), values)[0]
+
+
+def clear_cache() -> None:
+    """Forget every cached lookup, loaded file and warning (files are read again, and
+    ``VLMKERNELS_CONFIG_DIR`` too, at the next lookup)."""
+    _LAYERS.clear()
+    _WARNED_STALE.clear()
+    _WARNED_DEFAULT.clear()
+    _BACKENDS.clear()
+    _device_name_of_index.cache_clear()
+    for k in _REGISTRY.values():
+        k._cache.clear()
+
+
+def lookup_report(device=None) -> dict[str, dict]:
+    """Per kernel, where its configs come from on ``device`` (None: the current CUDA
+    device), for ``vlmkernels info``. Each value has:
+
+    - ``source``: "user" (a file in the user directory), "package" (a shipped file),
+      "default" (neither has a valid entry: the heuristic default config), "interpreter"
+      (Triton's interpreter: one config) or "autotune" (``VLMKERNELS_AUTOTUNE=1``);
+    - ``device``: the normalised device name (None without a CUDA device);
+    - ``path``: the file of ``source`` (None for the others); ``label``: its "source"
+      field ("tuned" or "default"); ``buckets``: its number of valid entries;
+    - ``files``: every file found, as {"origin", "path", "label", "buckets", "problems"}
+      (problems: why entries or the whole file are ignored);
+    - ``default``: the default config, as a dict.
+    """
+    report = {}
+    if device is None and not torch.cuda.is_available():
+        dev = None
+    else:
+        dev = device_name(device)
+    for name, k in sorted(all_kernels().items()):
+        layers = _layers(k, dev) if dev is not None else []
+        files = [
+            dict(origin=layer.origin, path=str(layer.path), label=layer.label,
+                 buckets=len(layer.entries), problems=list(layer.problems))
+            for layer in layers
+        ]  # fmt: skip
+        used = next((layer for layer in layers if layer.entries), None)
+        if k.interpreted:
+            source = "interpreter"
+        elif _common.AUTOTUNE:
+            source = "autotune"
+        else:
+            source = used.origin if used is not None else "default"
+        in_use = used if source in ("user", "package") else None
+        report[name] = dict(
+            source=source,
+            device=dev,
+            path=str(in_use.path) if in_use else None,
+            label=in_use.label if in_use else None,
+            buckets=len(in_use.entries) if in_use else 0,
+            files=files,
+            default=_config_entry(k.default),
+        )
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# Preferred backend
+# --------------------------------------------------------------------------------------
+
+_BACKENDS: dict[tuple[str, Any], str | None] = {}
+
+
+def _read_json(path: pathlib.Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _recorded_backend(op: str, device: str) -> str | None:
+    for _, root in _search_dirs():
+        doc = _read_json(root / device / BACKENDS_FILE)
+        if doc is None:
+            continue
+        entry = (doc.get("backends") or {}).get(op)
+        backend = entry.get("backend") if isinstance(entry, dict) else entry
+        if backend in ("triton", "cuda"):
+            return backend
+    return None
+
+
+def preferred_backend(op: str, device=None) -> str | None:
+    """The backend ("triton" or "cuda") recorded as faster for ``op`` on ``device`` (see
+    :func:`device_name`), from ``backends.json`` in the user directory, then the package;
+    None when none is recorded. Cached per (op, device)."""
+    token = _device_token(device)
+    cache_key = (op, token)
+    if cache_key not in _BACKENDS:
+        name = _device_name_of_index(token) if isinstance(token, int) else token
+        _BACKENDS[cache_key] = _recorded_backend(op, name)
+    return _BACKENDS[cache_key]
+
+
+def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
+                             **measurements) -> pathlib.Path:  # fmt: skip
+    """Record ``backend`` ("triton" or "cuda") as the faster for ``op`` on ``device`` in
+    ``<out_dir>/<device>/backends.json`` (default: the user directory), with any
+    measurements (e.g. ``triton_ms=..., cuda_ms=...``); returns the file."""
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"backend must be 'triton' or 'cuda'; got {backend!r}")
+    dev = device_name(device)
+    path = pathlib.Path(out_dir or user_config_dir()) / dev / BACKENDS_FILE
+    doc = _read_json(path) or {}
+    doc = {"format": FORMAT, "device": dev, "backends": dict(doc.get("backends") or {})}
+    doc["backends"][op] = {"backend": backend, **measurements}
+    _write_json(path, doc)
+    _BACKENDS.clear()
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Tuning
+# --------------------------------------------------------------------------------------
+
+# The realistic shape buckets of each family (see tune()).
+_TEXT_ROPE = [  # model, heads_q, heads_k, head_dim, lane rule, mrope section
+    ("Qwen2-VL-2B", 12, 2, 128, "chunked", (16, 24, 24)),
+    ("Qwen2.5-VL-3B", 16, 2, 128, "chunked", (16, 24, 24)),
+    ("Qwen2-VL-7B, Qwen2.5-VL-7B", 28, 4, 128, "chunked", (16, 24, 24)),
+    ("Qwen2-VL-72B, Qwen2.5-VL-72B", 64, 8, 128, "chunked", (16, 24, 24)),
+    ("Qwen3-VL-2B", 16, 8, 128, "interleaved", (24, 20, 20)),
+    ("Qwen3-VL-4B, Qwen3-VL-8B", 32, 8, 128, "interleaved", (24, 20, 20)),
+]
+_VISION_ROPE = [("Qwen2-VL, Qwen2.5-VL vision", 16, 80), ("Qwen3-VL vision", 16, 72)]
+
+DEFAULT_SHAPES: dict[str, list[dict]] = {
+    "contrastive": [
+        {"N": n, "d": d, "dtype": "bf16"}
+        for n in (8192, 16384, 32768, 65536)
+        for d in (512, 768, 1024, 1152)
+    ],
+    "rope": [
+        {"model": m, "heads_q": hq, "heads_k": hk, "head_dim": d, "mode": mode,
+         "sections": sec, "source": src, "tokens": 16384, "dtype": "bf16"}
+        for m, hq, hk, d, mode, sec in _TEXT_ROPE
+        for src in ("table", "positions")
+    ] + [
+        {"model": m, "heads_q": h, "heads_k": h, "head_dim": d, "mode": "plain",
+         "source": "table", "table_dtype": "fp32", "tokens": 16384, "dtype": "bf16"}
+        for m, h, d in _VISION_ROPE
+    ] + [
+        {"model": m, "heads_q": h, "heads_k": h, "head_dim": d, "mode": "chunked",
+         "sections": (0, d // 4, d // 4), "source": "positions", "tokens": 16384,
+         "dtype": "bf16"}
+        for m, h, d in _VISION_ROPE
+    ],
+}  # fmt: skip
+
+_FAMILY = {"clip_stats": "contrastive", "clip_grad": "contrastive", "siglip": "contrastive",
+           "rope": "rope"}  # fmt: skip
+_ALIASES = {
+    "contrastive": ("clip_stats", "clip_grad", "siglip"),
+    "clip_loss": ("clip_stats", "clip_grad"),
+    "contrastive_cross_entropy": ("clip_stats", "clip_grad"),
+    "siglip_loss": ("siglip",),
+    "mrope": ("rope",),
+    "mrope_interleaved": ("rope",),
+    "mrope_from_positions": ("rope",),
+    "vision_rope": ("rope",),
+}
+_WITH_CUDA = ("rope",)  # kernels whose op has a CUDA C++ launcher: tune compares backends
+
+
+def _kernel_names(selection) -> list[str]:
+    if selection is None:
+        return list(_FAMILY)
+    if isinstance(selection, str):
+        selection = [selection]
+    names: list[str] = []
+    for item in selection:
+        found = (item,) if item in _FAMILY else _ALIASES.get(item)
+        if found is None:
+            known = sorted({*_FAMILY, *_ALIASES})
+            raise ValueError(f"tune: unknown kernel or op {item!r}; one of {', '.join(known)}")
+        names += [n for n in found if n not in names]
+    return names
+
+
+def _torch_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {v: k for k, v in _DTYPE_NAMES.items()}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}; got {name!r}")
+    return table[name]
+
+
+@contextlib.contextmanager
+def _record():
+    global _RECORDING
+    previous, calls = _RECORDING, []
+    _RECORDING = calls
+    try:
+        yield calls
+    finally:
+        _RECORDING = previous
+
+
+def _contrastive_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
+    """Run the contrastive ops of ``spec`` once ({"N", "d", "dtype", "ops"}; ops from
+    "clip" (clip_loss forward + backward), "siglip" (with gradients, and the no-grad
+    forward), "i2t" (one direction), "clip_ids" (ids + label smoothing), "clip_teacher"
+    (ALBEF distillation); default ("clip", "siglip"))."""
+    from .contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
+
+    n, d = int(spec["N"]), int(spec["d"])
+    dtype = _torch_dtype(spec.get("dtype", "bf16"))
+    ops = tuple(spec.get("ops", ("clip", "siglip")))
+    unknown = set(ops) - {"clip", "siglip", "i2t", "clip_ids", "clip_teacher"}
+    if unknown:
+        raise ValueError(f"contrastive spec {dict(spec)}: unknown ops {sorted(unknown)}")
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def features():
+        f = torch.randn(n, d, generator=gen, device=device, dtype=torch.float32)
+        return torch.nn.functional.normalize(f, dim=-1).to(dtype)
+
+    x, y = features(), features()
+
+    def leaves():
+        return x.clone().requires_grad_(), y.clone().requires_grad_()
+
+    clip = {"clip_stats", "clip_grad"} & set(names)
+    if "clip" in ops and clip:
+        clip_loss(*leaves(), 14.3).backward()
+    if "i2t" in ops and clip:
+        contrastive_cross_entropy(*leaves(), 14.3).backward()
+    if "clip_ids" in ops and clip:
+        ids = torch.arange(n, device=device) // 2
+        clip_loss(*leaves(), 14.3, ids=ids, label_smoothing=0.1).backward()
+    if "clip_teacher" in ops and clip:
+        clip_loss(*leaves(), 14.3, teacher=(x, y), alpha=0.4).backward()
+    if "siglip" in ops and "siglip" in names:
+        siglip_loss(*leaves(), 10.0, -10.0).backward()
+        with torch.no_grad():
+            siglip_loss(x, y, 10.0, -10.0)
+
+
+def _rope_inputs(spec: Mapping, device: torch.device):
+    """(q, k, q_out, k_out, launch kwargs) for a rope spec ({"heads_q", "heads_k",
+    "head_dim", "rotary_dim" (default head_dim), "tokens" (16384), "batch" (1), "mode"
+    ("plain", "chunked", "interleaved"), "sections", "source" ("table", "positions"),
+    "dtype", "table_dtype" (default dtype))."""
+    from . import rope as R
+
+    b, s = int(spec.get("batch", 1)), int(spec.get("tokens", 16384))
+    hq, hk, d = int(spec["heads_q"]), int(spec["heads_k"]), int(spec["head_dim"])
+    rot = int(spec.get("rotary_dim", d))
+    half = rot // 2
+    mode = {"plain": R.PLAIN, "chunked": R.CHUNKED, "interleaved": R.INTERLEAVED}[
+        spec.get("mode", "chunked")
+    ]
+    sections = tuple(spec.get("sections") or (0, 0, 0))
+    if mode != R.PLAIN and sum(sections) != half:
+        raise ValueError(f"rope spec {dict(spec)}: sections must add up to {half}")
+    dtype = _torch_dtype(spec.get("dtype", "bf16"))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    q, k = randn(b, s, hq, d), randn(b, s, hk, d)
+    kwargs: dict[str, Any] = dict(mode=mode, sections=sections)
+    if spec.get("source", "table") == "table":
+        table_dtype = _torch_dtype(spec.get("table_dtype", dtype))
+        angle = randn(1 if mode == R.PLAIN else 3, b, s, rot, dt=torch.float32)
+        kwargs["table"] = (angle.cos().to(table_dtype), angle.sin().to(table_dtype))
+    else:
+        pos = torch.randint(0, s, (3, b, s), generator=gen, device=device, dtype=torch.int64)
+        kwargs["positions"] = pos
+        kwargs["inv_freq"] = 1e6 ** -(torch.arange(half, device=device, dtype=torch.float32)
+                                      / half)  # fmt: skip
+    return q, k, torch.empty_like(q), torch.empty_like(k), kwargs
+
+
+def _rope_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
+    from .rope import _launch
+
+    q, k, qo, ko, kwargs = _rope_inputs(spec, device)
+    _launch(q, k, qo, ko, **kwargs)
+
+
+_WORKLOADS: dict[str, Callable] = {"contrastive": _contrastive_workload, "rope": _rope_workload}
+
+
+def _bench_call(call: _Call, bench: Callable, log: Callable) -> dict:
+    """Time one recorded launch with every config of its kernel's space; the winner as a
+    file entry (with its time and the default config's)."""
+    kernel = call.kernel
+    timings = {}
+    for i, config in enumerate(kernel.space):
+        try:
+            timings[i] = float(
+                bench(lambda c=config: kernel.launch(c, call.grid, call.args, call.kwargs))
+            )
+        except Exception as exc:  # a config that does not compile or fit: skip it
+            log(f"  {kernel.name} {_config_entry(config)}: skipped ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")  # fmt: skip
+    if not timings:
+        raise RuntimeError(f"tune: no config of {kernel.name} ran for {kernel.bucket(call.key)}")
+    best = min(timings, key=timings.get)
+    entry = {**_config_entry(kernel.space[best]), "ms": round(timings[best], 5)}
+    if 0 in timings:
+        entry["default_ms"] = round(timings[0], 5)
+    gain = f", x{timings[0] / timings[best]:.2f} over the default" if 0 in timings else ""
+    log(f"  {kernel.name} {kernel.bucket(call.key)}: {_config_entry(kernel.space[best])} "
+        f"{timings[best]:.4f} ms{gain}")  # fmt: skip
+    return entry
+
+
+def _tune_buckets(names: list[str], shapes: Mapping[str, list], device: torch.device,
+                  bench: Callable, log: Callable) -> dict[str, dict[tuple, dict]]:  # fmt: skip
+    """Run each family's workloads, record the launches of the kernels in ``names``, and
+    benchmark the first launch of every (kernel, bucket): {kernel: {key: entry}}."""
+    winners: dict[str, dict[tuple, dict]] = {n: {} for n in names}
+    families = [f for f in _WORKLOADS if any(_FAMILY[n] == f for n in names)]
+    for family in families:
+        for spec in shapes[family]:
+            log(f"{family}: {dict(spec)}")
+            with _record() as calls:
+                _WORKLOADS[family](spec, device, names)
+            firsts: dict[tuple, _Call] = {}
+            for call in calls:
+                if call.kernel.name in winners:
+                    firsts.setdefault((call.kernel.name, call.key), call)
+            calls.clear()
+            for (name, key), call in firsts.items():
+                if key not in winners[name]:
+                    winners[name][key] = _bench_call(call, bench, log)
+            firsts.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return winners
+
+
+def _write_json(path: pathlib.Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _write_winners(kernel: TunedKernel, device: str, winners: Mapping[tuple, dict],
+                   out_dir: pathlib.Path, log: Callable = print) -> pathlib.Path:  # fmt: skip
+    """Merge ``winners`` into ``<out_dir>/<device>/<kernel>.json``: entries of a current
+    file (same kernel, key, triton major.minor and source hash) are kept unless re-tuned; a
+    stale file is replaced."""
+    path = out_dir / device / f"{kernel.name}.json"
+    old = _read_json(path) if path.is_file() else None
+    configs: dict[str, dict] = {}
+    if old is not None:
+        reasons = _stale_reasons(kernel, old)
+        if reasons:
+            log(f"replacing {path}: {'; '.join(reasons)}")
+        else:
+            configs = dict(old.get("configs") or {})
+    configs.update({kernel.bucket(key): entry for key, entry in winners.items()})
+
+    def order(text):
+        key = _parse_bucket(kernel, text)
+        return tuple((0, v, "") if isinstance(v, int) else (1, 0, v) for v in key)
+
+    doc = {
+        "format": FORMAT,
+        "kernel": kernel.name,
+        "device": device,
+        "source": "tuned",
+        "triton_version": triton.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "source_hash": kernel.source_hash,
+        "key": kernel.file_key,
+        "configs": {text: configs[text] for text in sorted(configs, key=order)},
+    }
+    _write_json(path, doc)
+    return path
+
+
+def _compare_backends(shapes: Mapping[str, list], device: torch.device, name: str,
+                      bench: Callable, out_dir: pathlib.Path,
+                      log: Callable) -> dict[str, pathlib.Path]:  # fmt: skip
+    """Time the Triton and the CUDA C++ launchers of the ops that have both (rope) on the
+    tuning shapes (those both take) and record the faster, in total, for device ``name``."""
+    from .._backend import cuda_backend_status
+
+    ok, why = cuda_backend_status()
+    if not ok:
+        log(f"backends: not compared ({why})")
+        return {}
+    from ._cuda import rope_launch
+    from .rope import _launch
+
+    totals, compared = {"triton": 0.0, "cuda": 0.0}, 0
+    for spec in shapes["rope"]:
+        *tensors, kwargs = _rope_inputs(spec, device)
+        try:
+            times = {
+                backend: float(bench(lambda f=launch, t=tensors, kw=kwargs: f(*t, **kw)))
+                for backend, launch in (("triton", _launch), ("cuda", rope_launch))
+            }
+        except Exception as exc:  # a shape one launcher does not take: not compared
+            log(f"backends: rope {dict(spec)} not compared ({type(exc).__name__}: {exc})")
+            continue
+        compared += 1
+        for backend, ms in times.items():
+            totals[backend] += ms
+    if not compared:
+        log("backends: rope not recorded (no shape ran on both backends)")
+        return {}
+    best = min(totals, key=totals.get)
+    log(f"backends: rope triton {totals['triton']:.3f} ms, cuda {totals['cuda']:.3f} ms "
+        f"over {compared} shapes: {best}")  # fmt: skip
+    path = record_preferred_backend(
+        "rope", best, name, out_dir, triton_ms=round(totals["triton"], 5),
+        cuda_ms=round(totals["cuda"], 5), shapes=compared,
+    )  # fmt: skip
+    return {"backends": path}
+
+
+def tune(
+    kernels=None, device=None, out_dir=None, shapes=None, log=print
+) -> dict[str, pathlib.Path]:
+    """Autotune the Triton kernels on the present GPU and write the winners.
+
+    Args:
+        kernels: kernel names ("clip_stats", "clip_grad", "siglip", "rope"), op names
+            ("clip_loss", "contrastive_cross_entropy", "siglip_loss", "mrope",
+            "mrope_interleaved", "mrope_from_positions", "vision_rope") or families
+            ("contrastive", "rope"); None: every kernel.
+        device: the CUDA device (index, "cuda:i" or ``torch.device``); None: the current.
+        out_dir: where the files go (``<out_dir>/<device>/<kernel>.json``); default the
+            user directory (``VLMKERNELS_CONFIG_DIR``, else ``~/.cache/vlmkernels/configs``),
+            which :func:`lookup` reads first.
+        shapes: per family ("contrastive", "rope"), a list of shape specs replacing
+            :data:`DEFAULT_SHAPES` for it: contrastive {"N", "d", "dtype", "ops"}, rope
+            {"heads_q", "heads_k", "head_dim", "rotary_dim", "tokens", "batch", "mode",
+            "sections", "source", "dtype", "table_dtype"} (see :func:`_contrastive_workload`,
+            :func:`_rope_inputs`). Defaults: contrastive N in {8192, 16384, 32768, 65536} x d
+            in {512, 768, 1024, 1152}, bf16, clip_loss forward + backward and siglip_loss
+            with and without gradients; rope: the Qwen2-VL / Qwen2.5-VL / Qwen3-VL text
+            attention shapes and the vision towers' (16 heads, head dims 80 and 72), 16384
+            tokens, tables and positions, bf16.
+        log: called with one line of progress at a time.
+
+    Each shape runs the ops once through their Triton launchers, recording the kernel
+    launches; the first launch of every (kernel, bucket) is timed with each config of the
+    kernel's space by ``triton.testing.do_bench`` (median) on those real inputs, and the
+    fastest is merged into the kernel's file (entries of other buckets are kept). When the
+    CUDA C++ extension is available and "rope" is tuned, the two backends' rope launchers
+    are timed on the rope shapes and the faster recorded in ``backends.json``. The
+    in-process caches are cleared, so later launches use the new files.
+
+    Returns {kernel name (or "backends"): file written}. Raises RuntimeError without a CUDA
+    device or under Triton's interpreter, ValueError for an unknown name.
+    """
+    names = _kernel_names(kernels)
+    specs = {**DEFAULT_SHAPES, **{k: list(v) for k, v in (shapes or {}).items()}}
+    unknown = set(specs) - set(_WORKLOADS)
+    if unknown:
+        raise ValueError(f"tune: shapes for unknown families {sorted(unknown)}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "vlmkernels tune needs a CUDA device: it benchmarks the Triton kernels on the GPU "
+            "they will run on (torch.cuda.is_available() is False here)"
+        )
+    if _common.INTERPRETED:
+        raise RuntimeError("vlmkernels tune cannot run under Triton's interpreter "
+                           "(TRITON_INTERPRET=1): unset it")  # fmt: skip
+    from triton.testing import do_bench
+
+    from .._backend import use_backend
+
+    token = _device_token(device)
+    if not isinstance(token, int):
+        raise ValueError(f"tune: device must be a CUDA device, not the name {device!r}")
+    dev = torch.device("cuda", token)
+    name = device_name(dev)
+    out = pathlib.Path(out_dir).expanduser() if out_dir else user_config_dir()
+    kernel_objs = {n: _kernel(n) for n in names}
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    log(f"tuning {', '.join(names)} on {name} (triton {triton.__version__}) into {out}")
+    with torch.cuda.device(dev), use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        winners = _tune_buckets(names, specs, dev, bench, log)
+        written = {}
+        for n, entries in winners.items():
+            if entries:
+                written[n] = _write_winners(kernel_objs[n], name, entries, out, log)
+                log(f"wrote {written[n]} ({len(entries)} buckets)")
+        clear_cache()
+        if any(n in _WITH_CUDA for n in names):
+            written.update(_compare_backends(specs, dev, name, bench, out, log))
+    clear_cache()
+    return written
