@@ -28,6 +28,8 @@
 #               single-rank NCCL group, ALBEF/BLIP queue ops vs eager and
 #               compile; then clip_loss per-block times and the scaling
 #               model from them -> $OUT/contrastive_dist.csv, scaling.md
+# tune          vlmkernels tune on this GPU -> $OUT/configs/<device>/*.json  ~5-10 min
+#               (commit them under vlmkernels/configs/<device>/)
 # bench         full sweep of both ops in one command                  > 10 min: cut by
 #               --time-budget; cases past it are recorded "skipped"    the budget
 # all           tests, then bench-quick with what is left of 510 s     ~9-10 min
@@ -90,8 +92,7 @@ run_tests() {
         echo "== $(date -u +%FT%TZ) GPU modules: tests/*_gpu.py"
         $PY -m pytest -q -rs -p no:cacheprovider tests/*_gpu.py || rc=$?
         echo "== $(date -u +%FT%TZ) the rest of tests/ (rc so far $rc)"
-        # small shapes: the default config only (no autotuning of every shape bucket)
-        VLMKERNELS_AUTOTUNE=0 $PY -m pytest -q -rs -p no:cacheprovider tests/ \
+        $PY -m pytest -q -rs -p no:cacheprovider tests/ \
             --ignore-glob='tests/*_gpu.py' \
             || rc=$?
         echo "== $(date -u +%FT%TZ) tests done, rc $rc"
@@ -128,6 +129,10 @@ case "$PART" in
         [ $b -eq 0 ] && [ $c -eq 0 ] && [ $m -eq 0 ]
         ;;
     bench-rope) bench rope --full "$@" ;;
+    tune)
+        $PY -c "from vlmkernels.ops._tuning import tune; tune(out_dir='$OUT/configs')" 2>&1 \
+            | tee -a "$OUT/bench.log"
+        ;;
     bench-rope-quick) bench rope --quick "$@" ;;
     bench-rope-index) bench rope_index "$@" ;;
     all)

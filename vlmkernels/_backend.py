@@ -22,6 +22,7 @@ import os
 import torch
 
 BACKENDS = ("triton", "torch", "cuda")
+CUDA_OPS = frozenset({"rope"})  # op families with CUDA C++ kernels (csrc/)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "vlmkernels_backend", default=None
@@ -79,7 +80,7 @@ def cuda_default(op: str, device: torch.device) -> str:
     ``vlmkernels tune``) when it is available, else Triton."""
     from .ops._tuning import preferred_backend
 
-    if preferred_backend(op, device) == "cuda" and cuda_backend_status()[0]:
+    if op in CUDA_OPS and preferred_backend(op, device) == "cuda" and cuda_backend_status()[0]:
         return "cuda"
     return "triton"
 
@@ -99,6 +100,11 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
         ok, why = cuda_backend_status()
         if not ok:
             raise RuntimeError(f"{op}: the 'cuda' backend is unavailable: {why}")
+        if op not in CUDA_OPS:
+            raise RuntimeError(
+                f"{op}: has no CUDA C++ implementation (ops with one: "
+                f"{', '.join(sorted(CUDA_OPS))}); use the 'triton' or 'torch' backend"
+            )
     if forced == "triton":
         if tensor.dtype == torch.float64:
             raise TypeError(
