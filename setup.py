@@ -1,10 +1,110 @@
-"""Build script.
+"""Build script: the vlmkernels package, plus the CUDA C++ extension ``vlmkernels._C`` (csrc/)
+where it can be built.
 
-The package is pure Python today (Triton kernels compile at run time). The CUDA C++
-extension arrives with the csrc/ backend; until then setup.py only declares the package,
-and installs offline with `pip install -e . --no-deps --no-build-isolation`.
+The extension is built (torch's CUDAExtension, with ninja when present) when torch is
+importable at build time and has CUDA (``torch.version.cuda``) and nvcc is found (CUDA_HOME,
+PATH or /usr/local/cuda). Otherwise, or with ``VLMKERNELS_BUILD_CUDA=0``, the pure-Python
+package installs and setup.py says why in one line; the ``cuda`` backend then reports itself
+unavailable. A build that fails also installs the package without the extension (saying so),
+unless ``VLMKERNELS_BUILD_CUDA=1`` requires it. On a GPU machine without a package registry:
+
+    pip install -e . --no-deps --no-build-isolation
+
+Targets: sm_80 and sm_90a by default; ``VLMKERNELS_CUDA_ARCHS="80;90a;100a"`` overrides them
+(";", "," or spaces between; "+PTX" after one also embeds its PTX). No ``--use_fast_math``:
+it would swap cosf/sinf for approximations and flush denormals, and the kernels must give
+exactly the Triton kernels' results.
 """
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
 
 from setuptools import setup
 
-setup()
+SOURCES = ["csrc/rope.cu", "csrc/bindings.cpp"]
+DEFAULT_ARCHS = "80;90a"
+
+
+def _log(message: str) -> None:
+    print(f"vlmkernels: {message}", file=sys.stderr)
+
+
+def _gencode(archs: str) -> tuple[list[str], list[str]]:
+    """(-gencode flags, target names) for "80;90a+PTX"-style lists."""
+    flags, names = [], []
+    for item in filter(None, re.split(r"[;,\s]+", archs)):
+        arch, ptx = item.removesuffix("+PTX"), item.endswith("+PTX")
+        arch = arch.removeprefix("sm_").removeprefix("compute_").replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", arch):
+            raise ValueError(f"VLMKERNELS_CUDA_ARCHS: cannot read {item!r} (e.g. 80;90a;100a)")
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        names.append(f"sm_{arch}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+            names.append(f"compute_{arch}")
+    if not flags:
+        raise ValueError("VLMKERNELS_CUDA_ARCHS names no architecture")
+    return flags, names
+
+
+def _nvcc(cuda_home: str | None) -> str | None:
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    return None
+
+
+def _extension():
+    """(ext_modules, cmdclass, None) for the CUDA extension, or ([], {}, the reason why not)."""
+    choice = os.environ.get("VLMKERNELS_BUILD_CUDA", "").strip().lower()
+    if choice in ("0", "false", "off"):
+        return [], {}, "VLMKERNELS_BUILD_CUDA=0"
+    required = choice in ("1", "true", "on")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return [], {}, "torch is not importable at build time (use --no-build-isolation)"
+    if not torch.version.cuda:
+        return [], {}, f"torch {torch.__version__} has no CUDA"
+    nvcc = _nvcc(cpp_extension.CUDA_HOME)
+    if nvcc is None:
+        return [], {}, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    flags, names = _gencode(os.environ.get("VLMKERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
+    ext = cpp_extension.CUDAExtension(
+        "vlmkernels._C",
+        SOURCES,
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", f"-DVLMKERNELS_CUDA_ARCHS={'__'.join(names)}"],
+            "nvcc": ["-O3", "-lineinfo", *flags],
+        },
+    )
+    ext.optional = not required  # a failed build installs the package without it
+    _log(f"building the CUDA C++ extension vlmkernels._C for {', '.join(names)} with {nvcc}")
+    return [ext], {"build_ext": _build_command(cpp_extension, required)}, None
+
+
+def _build_command(cpp_extension, required: bool):
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildExtension(base):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # ninja's failures are RuntimeErrors: not "optional"'s
+                if required:
+                    raise
+                _log(f"building vlmkernels._C failed, installing without it: {exc}")
+
+    return BuildExtension
+
+
+ext_modules, cmdclass, why_not = _extension()
+if why_not:
+    _log(f"installing without the CUDA C++ extension: {why_not}")
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
