@@ -86,3 +86,69 @@ def test_import_changes_nothing_global():
     env = dict(os.environ)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _rope_call(fn_name):
+    def call(q, k):
+        if fn_name == "mrope":
+            d = q.shape[-1]
+            angle = torch.randn(3, 1, q.shape[2], d)
+            return vlmkernels.mrope(q, k, angle.cos(), angle.sin(), [2, 3, 3])
+        positions = torch.randint(0, 9, (3, 1, q.shape[2]))
+        inv_freq = torch.rand(q.shape[-1] // 2)
+        return vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [2, 3, 3])
+
+    return call
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs two usable backends on CPU tensors")
+@pytest.mark.parametrize("op", ["clip_loss", "siglip_loss", "mrope", "mrope_from_positions"])
+def test_backward_follows_the_forced_backend_on_another_thread(op, monkeypatch):
+    """A forward run under use_backend("torch") back-propagates on the torch path too, even
+    when autograd runs the backward on another thread (as it does for CUDA tensors), where
+    the use_backend context is not set."""
+    import threading
+
+    from vlmkernels.ops import contrastive, rope
+
+    seen = []
+    for module in (contrastive, rope):
+        original = module.resolve_backend
+
+        def recording(name, tensor, _original=original):
+            seen.append(_original(name, tensor))
+            return seen[-1]
+
+        monkeypatch.setattr(module, "resolve_backend", recording)
+
+    if op in ("clip_loss", "siglip_loss"):
+        x, y = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+        inputs = (x, y)
+        bias = (-1.0,) if op == "siglip_loss" else ()
+        with vlmkernels.use_backend("torch"):
+            # per-row losses: a scalar SigLIP loss would compute its gradients in the forward
+            out = getattr(vlmkernels, op)(x, y, 2.0, *bias, reduction="none").sum()
+    else:
+        q = torch.randn(1, 2, 5, 16, requires_grad=True)
+        k = torch.randn(1, 1, 5, 16, requires_grad=True)
+        inputs = (q, k)
+        with vlmkernels.use_backend("torch"):
+            out = sum(t.sum() for t in _rope_call(op)(q, k))
+    assert seen and set(seen) == {"torch"}
+    seen.clear()
+    assert vlmkernels.get_backend() is None and resolve_backend(op, inputs[0]) == "triton"
+    seen.clear()
+    errors = []
+
+    def backward():
+        try:
+            out.backward()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert seen and set(seen) == {"torch"}, seen
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)

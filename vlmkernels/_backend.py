@@ -60,6 +60,25 @@ def get_backend() -> str | None:
     return None
 
 
+def forced_here() -> str | None:
+    """The backend forced by :func:`use_backend` in this context (not the environment)."""
+    return _forced.get()
+
+
+@contextlib.contextmanager
+def forced_again(name: str | None):
+    """Re-enters a :func:`use_backend` choice captured at forward time: autograd may run
+    backward on another thread (CUDA tensors), where the context variable is unset."""
+    if name is None:
+        yield
+        return
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force ``name`` (``"triton"``, ``"torch"`` or ``"cuda"``) for ops called in the block.

@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from .._backend import forced_again, forced_here
 from ..ops.contrastive import (
     SideStats,
     Targets,
@@ -405,6 +406,7 @@ def _param_grads(ctx, dx, dy, ds, db, x, y, scale, bias):
 class _ClipRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, ids, ring, reduction, smoothing, chunk):
+        ctx.forced = forced_here()
         rows, cols = _clip_stats_rotation(ring, x, y, scale, bias, ids, smoothing, chunk)
         targets = Targets(smoothing=smoothing)
         losses = torch.stack((rows.losses(targets, ring.total), cols.losses(targets, ring.total)))
@@ -420,6 +422,11 @@ class _ClipRing(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        with forced_again(ctx.forced):
+            return _ClipRing._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, y, scale, bias, ids, row_state, col_state = ctx.saved_tensors
         ring, smoothing = ctx.ring, ctx.smoothing
         if ctx.reduction == "none":
@@ -539,6 +546,7 @@ def _siglip_grads_rotation(ring, x, y, scale, bias, w_rows, chunk):
 class _SiglipRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, ring, reduction, chunk, fused):
+        ctx.forced = forced_here()
         ctx.ring, ctx.reduction, ctx.chunk, ctx.fused = ring, reduction, chunk, fused
         weight = _reduction_weight(reduction, ring.total, clip=False)
         if fused:
@@ -557,6 +565,11 @@ class _SiglipRing(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        with forced_again(ctx.forced):
+            return _SiglipRing._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, y, scale, bias, *saved = ctx.saved_tensors
         ring = ctx.ring
         if ctx.fused:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import resolve_backend
+from .._backend import forced_again, forced_here, resolve_backend
 from ._common import autotune_configs
 from ._tuning import tuned
 
@@ -341,15 +341,17 @@ def _(q, k, cos, sin, lane_rule, sections, backward):
 def _rope_table_setup(ctx, inputs, output):
     q, k, cos, sin, lane_rule, sections, backward = inputs
     ctx.mode, ctx.sections, ctx.backward = lane_rule, sections, backward
+    ctx.forced = forced_here()
     tables_need_grad = cos.requires_grad or sin.requires_grad
     ctx.save_for_backward(cos, sin, *((q, k) if tables_need_grad else (None, None)))
 
 
 def _rope_table_backward(ctx, grad_q, grad_k):
     cos, sin, q, k = ctx.saved_tensors
-    dq, dk = torch.ops.vlmkernels.rope_table(
-        grad_q, grad_k, cos, sin, ctx.mode, ctx.sections, not ctx.backward
-    )
+    with forced_again(ctx.forced):
+        dq, dk = torch.ops.vlmkernels.rope_table(
+            grad_q, grad_k, cos, sin, ctx.mode, ctx.sections, not ctx.backward
+        )
     dcos = dsin = None
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
         dcos, dsin = _table_grads(
@@ -418,14 +420,16 @@ def _rope_positions_setup(ctx, inputs, output):
     q, k, positions, inv_freq, lane_rule, sections, scaling, backward = inputs
     ctx.save_for_backward(positions, inv_freq)
     ctx.mode, ctx.sections, ctx.scaling, ctx.backward = lane_rule, sections, scaling, backward
+    ctx.forced = forced_here()
 
 
 def _rope_positions_backward(ctx, grad_q, grad_k):
     positions, inv_freq = ctx.saved_tensors
-    dq, dk = torch.ops.vlmkernels.rope_positions(
-        grad_q, grad_k, positions, inv_freq, ctx.mode, ctx.sections, ctx.scaling,
-        not ctx.backward,
-    )  # fmt: skip
+    with forced_again(ctx.forced):
+        dq, dk = torch.ops.vlmkernels.rope_positions(
+            grad_q, grad_k, positions, inv_freq, ctx.mode, ctx.sections, ctx.scaling,
+            not ctx.backward,
+        )  # fmt: skip
     return dq, dk, None, None, None, None, None, None
 
 
@@ -674,7 +678,7 @@ def mrope_from_positions(
     if inv_freq.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: inv_freq must not require grad (no gradient is computed for it)")
     positions = _positions_to_3bs(op, position_ids, q, head_axis)
-    freq = inv_freq.to(device=q.device, dtype=torch.float32)
+    freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # read at stride 1
     mode = INTERLEAVED if interleaved else CHUNKED
     q_v, k_v = _to_bshd(q, head_axis), _to_bshd(k, head_axis)
     out_q, out_k = torch.ops.vlmkernels.rope_positions(
