@@ -248,6 +248,20 @@ def test_positions_partial_rotary_and_text_positions(device, backend):
     assert torch.equal(outs[0][..., rot:], q[..., rot:])
 
 
+def test_positions_with_strided_inv_freq(device, backend):
+    """inv_freq given as a strided view (every other entry of a longer vector) is read by
+    value, not by the kernel's unit stride."""
+    b, s, d = 1, 9, 32
+    q, k, _ = qk_views(b, s, 2, 1, d, torch.float32, device, "bhsd")
+    positions = torch.randint(0, 300, (3, b, s), device=device)
+    inv_freq = torch.rand(d, device=device)[::2]
+    assert inv_freq.stride() == (2,)
+    outs = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [6, 5, 5])
+    cos, sin = tables_from_positions(positions.cpu(), inv_freq.cpu().contiguous())
+    refs = ref_mrope(q.double().cpu(), k.double().cpu(), cos, sin, [6, 5, 5])
+    check_outputs(outs, refs, torch.float32, (q, k))
+
+
 @pytest.mark.parametrize("hd", [72, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vision_rope_on_packed_qkv(hd, dtype, device, backend):
