@@ -560,9 +560,16 @@ def test_clip_module_matches_open_clip(dtype, with_bias, device):
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     assert ours.dtype == theirs.dtype
     assert rel_err(ours, theirs) < tol
-    for i, (a, c) in enumerate(zip(ours_g, theirs_g, strict=True)):
-        # the bias gradient of CLIP is 0 up to rounding in both: compare absolutely
-        assert rel_err(a, c, floor=1e-2 if i >= 2 else 0.0) < tol
+    for a, c in zip(ours_g[:3], theirs_g[:3], strict=True):
+        assert rel_err(a, c) < tol
+    if with_bias:
+        # CLIP's bias gradient is exactly 0; what is left is rounding: sum_j p_ij - 1 per row,
+        # a few ulps of 1 from the probabilities recomputed in the backward kernel (here
+        # 1.3e-7 under the interpreter, 1.1e-8 on the torch path, -2e-8 in open_clip),
+        # weighted 1/N per row and direction; the earlier |ours - theirs| < 1e-7 was an
+        # accident of one numpy's exp
+        eps = torch.finfo(dtype).eps
+        assert abs(ours_g[3].item()) < 16 * eps and abs(theirs_g[3].item()) < 16 * eps
     plain = vlmkernels.nn.ClipLoss()(x, y, log_scale.exp(), bias)
     assert plain.dim() == 0
 
