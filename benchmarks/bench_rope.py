@@ -39,11 +39,15 @@ uninitialised 0-d tensor instead, so no provider is charged for a reduction.
 Providers:
 
 - ``vlmkernels``: :func:`vlmkernels.mrope` (``interleaved=`` per op) and
-  :func:`vlmkernels.vision_rope`, from the tables (Triton on CUDA, the PyTorch path on the
-  CPU).
+  :func:`vlmkernels.vision_rope`, from the tables (the Triton kernels, forced, on CUDA; the
+  PyTorch path on the CPU).
 - ``vlmkernels_positions``: :func:`vlmkernels.mrope_from_positions`: angles computed in the
   kernel from the (3, B, S) positions and inv_freq, no table. Vision is chunked M-RoPE with
   section [0, D/4, D/4], inv_freq = cat(f, f) and positions (0, h, w).
+- ``vlmkernels_cuda``, ``vlmkernels_cuda_positions``: the same two calls on the CUDA C++
+  kernels (csrc/rope.cu, forced; unavailable without the built extension or a GPU). The
+  summary prints their time over the Triton providers' at S = 16384, the issue's "at least
+  as fast" check; ``vlmkernels tune`` records the faster as the default per device.
 - ``eager``: transformers' formula. Chunked: the <= 5.16 ``apply_multimodal_rotary_pos_emb``
   (tables split by section * 2, chunk i from axis i % 3, concatenated; transformers 5.17
   removed it, so that merge is written out here) then the installed ``apply_rotary_pos_emb``
@@ -371,7 +375,9 @@ def _prepared(inp: RopeInputs, apply: Callable, note: str) -> Prepared:
     return Prepared(fn, inp.leaves, note)
 
 
-def _backend_note(q: torch.Tensor) -> str:
+def _backend_note(q: torch.Tensor, forced: str | None) -> str:
+    if forced is not None:
+        return f"backend={forced} (forced)"
     try:
         from vlmkernels._backend import resolve_backend
 
@@ -380,7 +386,30 @@ def _backend_note(q: torch.Tensor) -> str:
         return ""
 
 
-def build_vlmkernels(args: BuildArgs) -> Prepared:
+def _on_backend(apply: Callable, backend: str | None) -> Callable:
+    """``apply`` with ``backend`` forced (the op's backward follows the forward's choice)."""
+    if backend is None:
+        return apply
+
+    def forced(q, k):
+        import vlmkernels
+
+        with vlmkernels.use_backend(backend):
+            return apply(q, k)
+
+    return forced
+
+
+def _kernel_backend(args: BuildArgs, cuda: bool) -> str | None:
+    """Which backend a vlmkernels provider forces: on a GPU the Triton or the CUDA C++
+    kernels, so both are measured whatever ``vlmkernels tune`` made the default; on the CPU
+    none (the PyTorch path, the only one there)."""
+    if args.device.type != "cuda":
+        return None
+    return "cuda" if cuda else "triton"
+
+
+def build_vlmkernels(args: BuildArgs, cuda: bool = False) -> Prepared:
     import vlmkernels
 
     cfg, inp = CONFIGS[args.op], make_inputs(args)
@@ -392,11 +421,12 @@ def build_vlmkernels(args: BuildArgs) -> Prepared:
             q, k, inp.cos, inp.sin, list(inp.section), interleaved=cfg.interleaved
         )
         what = "mrope from (3, B, S, D) tables"
-    note = "; ".join(x for x in (what, _backend_note(inp.leaves[0])) if x)
-    return _prepared(inp, apply, note)
+    backend = _kernel_backend(args, cuda)
+    note = "; ".join(x for x in (what, _backend_note(inp.leaves[0], backend)) if x)
+    return _prepared(inp, _on_backend(apply, backend), note)
 
 
-def build_vlmkernels_positions(args: BuildArgs) -> Prepared:
+def build_vlmkernels_positions(args: BuildArgs, cuda: bool = False) -> Prepared:
     import vlmkernels
 
     cfg, inp = CONFIGS[args.op], make_inputs(args)
@@ -409,8 +439,19 @@ def build_vlmkernels_positions(args: BuildArgs) -> Prepared:
     what = "mrope_from_positions, angles in the kernel"
     if cfg.vision:
         what += f"; vision as chunked M-RoPE, section {list(inp.section)}, positions (0, h, w)"
-    note = "; ".join(x for x in (what, _backend_note(inp.leaves[0])) if x)
-    return _prepared(inp, apply, note)
+    backend = _kernel_backend(args, cuda)
+    note = "; ".join(x for x in (what, _backend_note(inp.leaves[0], backend)) if x)
+    return _prepared(inp, _on_backend(apply, backend), note)
+
+
+def cuda_extension_available(device: torch.device) -> str | None:
+    """None where the CUDA C++ kernels can run on ``device``, else the reason."""
+    if device.type != "cuda":
+        return "the CUDA C++ backend runs on CUDA tensors only"
+    from vlmkernels.ops import _cuda
+
+    ok, why = _cuda.status()
+    return None if ok else why
 
 
 def build_eager(args: BuildArgs) -> Prepared:
@@ -493,6 +534,16 @@ def _providers(op: str) -> tuple[Provider, ...]:
     return (
         Provider("vlmkernels", build_vlmkernels),
         Provider("vlmkernels_positions", build_vlmkernels_positions),
+        Provider(
+            "vlmkernels_cuda",
+            functools.partial(build_vlmkernels, cuda=True),
+            available=cuda_extension_available,
+        ),
+        Provider(
+            "vlmkernels_cuda_positions",
+            functools.partial(build_vlmkernels_positions, cuda=True),
+            available=cuda_extension_available,
+        ),
         Provider("eager", build_eager),
         Provider("compile", build_compile),
         Provider("liger", build_liger, available=liger_available(op)),
@@ -558,12 +609,46 @@ def _case(op: str, provider: str, mode: str, s: int) -> Case:
     return Case(op, provider, mode, (("B", 1), ("S", s)), "bfloat16")
 
 
+KERNEL_PROVIDERS = (
+    "vlmkernels",
+    "vlmkernels_positions",
+    "vlmkernels_cuda",
+    "vlmkernels_cuda_positions",
+)
+TARGET_S_BACKENDS = 16384
+
+
+def _backend_comparison(results: Results) -> list[str]:
+    """CUDA C++ against Triton at S = 16384, per op, angle source and mode: the issue asks
+    the CUDA C++ kernels to be at least as fast (ratio <= 1)."""
+    lines = [f"CUDA C++ / Triton time at S={TARGET_S_BACKENDS} (target <= 1):"]
+    for op in CONFIGS:
+        for triton_p, cuda_p in (
+            ("vlmkernels", "vlmkernels_cuda"),
+            ("vlmkernels_positions", "vlmkernels_cuda_positions"),
+        ):
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                label = f"  {op} {mode} {cuda_p} / {triton_p}"
+                a = results.get(_case(op, cuda_p, mode, TARGET_S_BACKENDS), "ms")
+                b = results.get(_case(op, triton_p, mode, TARGET_S_BACKENDS), "ms")
+                if a.value is None or b.value is None:
+                    reason = "; ".join(x.reason for x in (a, b) if x.value is None)
+                    lines.append(f"{label}: not measured ({reason})")
+                    continue
+                ratio = a.value / b.value
+                verdict = "HIT" if ratio <= 1 else f"MISS by {100 * (ratio - 1):.1f} %"
+                lines.append(f"{label}: {ratio:.3f} ({a.value:.4g} / {b.value:.4g} ms): {verdict}")
+    return lines
+
+
 def summarize(results: Results, cfg: RunConfig) -> list[str]:
     """The M-RoPE targets on the Qwen2-VL-7B shapes (``mrope``, B = 1, bf16)."""
     op = "mrope"
     lines = [f"Targets ({op}: {CONFIGS[op].model} shapes, B=1, bfloat16):"]
     for s in TARGET_S_BANDWIDTH:
-        for provider in ("vlmkernels", "vlmkernels_positions"):
+        for provider in KERNEL_PROVIDERS:
+            if provider.startswith("vlmkernels_cuda") and cfg.device.type != "cuda":
+                continue
             label = f"  fwd S={s} {provider} % of copy ceiling: target >= 90"
             case = _case(op, provider, "fwd", s)
             pct = results.get(case, "pct_copy_ceiling")
@@ -572,7 +657,7 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
                 continue
             gbps = results.get(case, "gbps").value
             extra = ""
-            if provider == "vlmkernels" and gbps:
+            if provider in ("vlmkernels", "vlmkernels_cuda") and gbps:
                 qk = byte_model(op)({"B": 1, "S": s}, "fwd", 2)
                 with_tables = pct.value * (qk + table_bytes(op, {"B": 1, "S": s}, 2)) / qk
                 extra = f"; {with_tables:.1f} % counting the used table lanes"
@@ -581,7 +666,9 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
                 f"{'HIT' if pct.value >= 90 else 'MISS'}"
             )
     for s in TARGET_S_SPEED:
-        for provider in ("vlmkernels", "vlmkernels_positions"):
+        for provider in KERNEL_PROVIDERS:
+            if provider.startswith("vlmkernels_cuda") and cfg.device.type != "cuda":
+                continue
             label = f"  fwd+bwd S={s} {provider} ms / compile ms: target <= 1/3"
             a = results.get(_case(op, provider, "fwd+bwd", s), "ms")
             b = results.get(_case(op, "compile", "fwd+bwd", s), "ms")
@@ -594,7 +681,9 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
                 f"{label}: {ratio:.3g} (= {a.value:.4g} / {b.value:.4g}): "
                 f"{'HIT' if ratio <= 1 / 3 else 'MISS'}"
             )
-    if cfg.device.type != "cuda":
+    if cfg.device.type == "cuda":
+        lines += _backend_comparison(results)
+    else:
         lines.append(
             "  (no CUDA device: this run was the CPU quick suite, whose shapes and dtype "
             "differ from the targets')"

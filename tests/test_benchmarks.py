@@ -405,6 +405,14 @@ def test_rope_csv_has_expected_rows(rope_smoke):
                 assert math.isclose(
                     float(s["p50"]), float(oth["p50"]) / float(ref["p50"]), rel_tol=1e-4
                 )
+        for provider in ("vlmkernels_cuda", "vlmkernels_cuda_positions"):
+            found = _rows(rows, op=op, provider=provider)
+            reason = bench_rope.cuda_extension_available(torch.device("cuda" if ON_GPU else "cpu"))
+            if reason is None:
+                assert any(r["status"] == "ok" and "backend=cuda" in r["note"] for r in found)
+            else:
+                (row,) = found
+                assert row["status"] == "unavailable" and row["note"] == reason
         liger = _rows(rows, op=op, provider="liger")
         reason = bench_rope.liger_available(op)(torch.device("cuda" if ON_GPU else "cpu"))
         if reason is None:
@@ -425,6 +433,34 @@ def test_rope_providers_compute_the_same_checksum(rope_smoke):
         tol = 2e-2 if ON_GPU else 1e-4  # bf16 on a GPU (eager rounds 3 times), fp32 here
         ref = losses["eager"]
         assert all(abs(v - ref) <= tol * scale for v in losses.values()), (op, losses)
+
+
+def test_rope_backend_comparison_judges_cuda_against_triton():
+    """The summary's CUDA C++ / Triton lines at S = 16384: a ratio and a verdict where both
+    were measured, the reason where one was not."""
+    from benchmarks.harness import Record, Results
+
+    results = Results()
+    s = bench_rope.TARGET_S_BACKENDS
+    for provider, ms in (
+        ("vlmkernels", 2.0),
+        ("vlmkernels_cuda", 1.5),
+        ("vlmkernels_positions", 2.0),
+        ("vlmkernels_cuda_positions", 2.5),
+    ):
+        results.add([Record(bench_rope._case("mrope", provider, "fwd", s), "ms", p50=ms)])
+    lines = bench_rope._backend_comparison(results)
+    assert lines[0].startswith(f"CUDA C++ / Triton time at S={s}")
+
+    def line(label):
+        (found,) = [x for x in lines if x.startswith(f"  {label}: ")]
+        return found.removeprefix(f"  {label}: ")
+
+    assert line("mrope fwd vlmkernels_cuda / vlmkernels") == "0.750 (1.5 / 2 ms): HIT"
+    pos = line("mrope fwd vlmkernels_cuda_positions / vlmkernels_positions")
+    assert pos == "1.250 (2.5 / 2 ms): MISS by 25.0 %"
+    assert line("mrope bwd vlmkernels_cuda / vlmkernels").startswith("not measured (")
+    assert line("vision_rope fwd+bwd vlmkernels_cuda / vlmkernels").startswith("not measured (")
 
 
 def test_rope_cost_models():
