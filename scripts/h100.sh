@@ -28,6 +28,10 @@
 #               single-rank NCCL group, ALBEF/BLIP queue ops vs eager and
 #               compile; then clip_loss per-block times and the scaling
 #               model from them -> $OUT/contrastive_dist.csv, scaling.md
+# cuda          the CUDA C++ backend: tests/test_cuda_backend_gpu.py    ~3-6 min
+#               under compute-sanitizer memcheck -> pytest.log; rope
+#               suite, Triton vs CUDA C++ providers, S in {4096, 16384,
+#               65536} -> rope.csv (the "at least as fast" check)
 # tune          vlmkernels tune on this GPU -> $OUT/configs/<device>/*.json  ~5-10 min
 #               (commit them under vlmkernels/configs/<device>/)
 # bench         full sweep of both ops in one command                  > 10 min: cut by
@@ -53,6 +57,8 @@ OUT=${OUT:-/tmp/vlmkernels-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BENCH_BUDGET_S:-480}
+# the H100 only: half the extension's build time of the default sm_80 + sm_90a
+export VLMKERNELS_CUDA_ARCHS=${VLMKERNELS_CUDA_ARCHS:-90a}
 PART=${1:-}
 shift || true
 
@@ -64,7 +70,10 @@ usage() {
 setup() {
     (
         echo "== $(date -u +%FT%TZ) setup"
-        $PY -m pip install -q -e . --no-deps --no-build-isolation || exit 1
+        # not -q: setup.py says whether it builds vlmkernels._C, and why not
+        $PY -m pip install -v -e . --no-deps --no-build-isolation 2>&1 \
+            | grep -E "^vlmkernels:|error|Error|Successfully" || true
+        $PY -c "import vlmkernels" || exit 1
         if compgen -G ".whl/*.whl" >/dev/null; then
             $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
                 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -78,6 +87,8 @@ print("cuda available:", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 for mod in ("inf_cl", "pynvml", "liger_kernel", "transformers"):
     print(mod, "importable" if importlib.util.find_spec(mod) else "NOT importable")
+from vlmkernels.ops import _cuda
+print("CUDA C++ extension:", _cuda.status())
 EOF
     ) 2>&1 | tee -a "$OUT/setup.log" || return 1
     # The export above ran in the subshell of the pipe: repeat it for this shell.
@@ -129,6 +140,21 @@ case "$PART" in
         [ $b -eq 0 ] && [ $c -eq 0 ] && [ $m -eq 0 ]
         ;;
     bench-rope) bench rope --full "$@" ;;
+    cuda)
+        # the CUDA C++ backend: its tests under compute-sanitizer memcheck, then its time
+        # against the Triton kernels at the size
+        (
+            echo "== $(date -u +%FT%TZ) compute-sanitizer memcheck: tests/test_cuda_backend_gpu.py"
+            compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+                $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend_gpu.py
+        ) 2>&1 | tee -a "$OUT/pytest.log"
+        t=$?
+        bench rope --shape S=4096,16384,65536 \
+            --providers vlmkernels,vlmkernels_positions,vlmkernels_cuda,vlmkernels_cuda_positions \
+            "$@"
+        b=$?
+        [ $t -eq 0 ] && [ $b -eq 0 ]
+        ;;
     tune)
         $PY -c "from vlmkernels.ops._tuning import tune; tune(out_dir='$OUT/configs')" 2>&1 \
             | tee -a "$OUT/bench.log"

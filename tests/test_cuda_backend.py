@@ -138,6 +138,33 @@ def test_vector_path_uses_16_byte_accesses(cmake_build):
         assert "LDG.E.128" in body and "STG.E.128" in body, body.split()[0]
 
 
+def test_bindings_compile_against_torch_headers():
+    """csrc/bindings.cpp (the op registration) parses and type-checks against the installed
+    torch's headers, as the extension build compiles it (g++, C++20, no warnings of ours)."""
+    from torch.utils import cpp_extension
+
+    gxx, cuda_include = shutil.which("g++"), None
+    for home in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            cuda_include = os.path.join(home, "include")
+            break
+    if gxx is None or cuda_include is None:
+        pytest.skip("needs g++ and the CUDA runtime headers")
+    import sysconfig
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], cuda_include]
+    cmd = [
+        gxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra",
+        *(f"-I{p}" for p in includes), f"-I{ROOT / 'csrc'}",
+        "-DTORCH_EXTENSION_NAME=_C", "-DVLMKERNELS_CUDA_ARCHS=sm_80__sm_90a",
+        str(ROOT / "csrc" / "bindings.cpp"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours = [line for line in proc.stderr.splitlines() if "csrc/" in line and "warning" in line]
+    assert not ours, "\n".join(ours)
+
+
 @NO_CUDA_TORCH
 def test_status_reports_unavailable():
     ok, why = _cuda.status()
