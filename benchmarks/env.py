@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from vlmkernels.cli import cpu_name
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # NVML clock-event (throttle) reason bits, from nvml.h.
@@ -84,16 +86,6 @@ def _git_commit() -> str:
     return os.environ.get("VLMKERNELS_GIT_COMMIT", "unknown")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _nvml():
     """The initialised pynvml module, or None."""
     try:
@@ -137,7 +129,7 @@ def collect(device: torch.device) -> Environment:
         name = torch.cuda.get_device_name(device)
         driver = _driver_version(_nvml())
     else:
-        name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
         driver = ""
     return Environment(
         device=name,

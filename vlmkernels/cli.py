@@ -45,7 +45,8 @@ def cache_dir() -> Path:
     return Path(base) / "vlmkernels"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -102,7 +103,7 @@ def device_facts() -> dict:
     else:
         facts |= {
             "device_type": "cpu",
-            "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+            "device": f"{cpu_name()} ({torch.get_num_threads()} threads)",
             "arch": platform.machine(),
         }
     return facts
