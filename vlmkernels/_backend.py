@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 
 import torch
@@ -60,23 +61,28 @@ def get_backend() -> str | None:
     return None
 
 
-def forced_here() -> str | None:
-    """The backend forced by :func:`use_backend` in this context (not the environment)."""
-    return _forced.get()
+def remember_backend(ctx) -> None:
+    """Stores the :func:`use_backend` choice of this context (not the environment's) on an
+    autograd ``ctx`` at forward time, for :func:`in_forward_backend`."""
+    ctx.forced = _forced.get()
 
 
-@contextlib.contextmanager
-def forced_again(name: str | None):
-    """Re-enters a :func:`use_backend` choice captured at forward time: autograd may run
-    backward on another thread (CUDA tensors), where the context variable is unset."""
-    if name is None:
-        yield
-        return
-    token = _forced.set(name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+def in_forward_backend(backward):
+    """Decorates an autograd ``backward(ctx, *grads)`` to run under the choice that
+    :func:`remember_backend` stored: autograd may run the backward on another thread (CUDA
+    tensors), where the context variable is unset."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        if ctx.forced is None:
+            return backward(ctx, *grads)
+        token = _forced.set(ctx.forced)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _forced.reset(token)
+
+    return wrapped
 
 
 @contextlib.contextmanager

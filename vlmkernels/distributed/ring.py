@@ -71,7 +71,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from .._backend import forced_again, forced_here
+from .._backend import in_forward_backend, remember_backend
 from ..ops.contrastive import (
     SideStats,
     Targets,
@@ -406,7 +406,7 @@ def _param_grads(ctx, dx, dy, ds, db, x, y, scale, bias):
 class _ClipRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, ids, ring, reduction, smoothing, chunk):
-        ctx.forced = forced_here()
+        remember_backend(ctx)
         rows, cols = _clip_stats_rotation(ring, x, y, scale, bias, ids, smoothing, chunk)
         targets = Targets(smoothing=smoothing)
         losses = torch.stack((rows.losses(targets, ring.total), cols.losses(targets, ring.total)))
@@ -421,12 +421,8 @@ class _ClipRing(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @in_forward_backend
     def backward(ctx, grad):
-        with forced_again(ctx.forced):
-            return _ClipRing._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad):
         x, y, scale, bias, ids, row_state, col_state = ctx.saved_tensors
         ring, smoothing = ctx.ring, ctx.smoothing
         if ctx.reduction == "none":
@@ -546,7 +542,7 @@ def _siglip_grads_rotation(ring, x, y, scale, bias, w_rows, chunk):
 class _SiglipRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, ring, reduction, chunk, fused):
-        ctx.forced = forced_here()
+        remember_backend(ctx)
         ctx.ring, ctx.reduction, ctx.chunk, ctx.fused = ring, reduction, chunk, fused
         weight = _reduction_weight(reduction, ring.total, clip=False)
         if fused:
@@ -564,12 +560,8 @@ class _SiglipRing(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @in_forward_backend
     def backward(ctx, grad):
-        with forced_again(ctx.forced):
-            return _SiglipRing._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad):
         x, y, scale, bias, *saved = ctx.saved_tensors
         ring = ctx.ring
         if ctx.fused:

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import forced_again, forced_here, resolve_backend
+from .._backend import in_forward_backend, remember_backend, resolve_backend
 from .._checks import (
     check_chunk_size,
     check_feature_pair,
@@ -1239,15 +1239,15 @@ def _(x, y, scale, bias, *args):
 def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:9], output[2], output[3])
     ctx.options = inputs[9:]
-    ctx.forced = forced_here()
+    remember_backend(ctx)
 
 
+@in_forward_backend
 def _ce_backward_autograd(ctx, grad_rows, grad_cols, _grad_row_state, _grad_col_state):
     *tensors, row_state, col_state = ctx.saved_tensors
-    with forced_again(ctx.forced):
-        dx, dy, ds, db = torch.ops.vlmkernels.contrastive_ce_backward(
-            *tensors, *ctx.options, row_state, col_state, grad_rows, grad_cols
-        )
+    dx, dy, ds, db = torch.ops.vlmkernels.contrastive_ce_backward(
+        *tensors, *ctx.options, row_state, col_state, grad_rows, grad_cols
+    )
     return _requested(ctx, (dx, dy, ds, db), tensors[3] is not None, 11)
 
 
@@ -1304,15 +1304,15 @@ def _siglip_setup_context(ctx, inputs, output):
     x, y, scale, bias, chunk_size, offset = inputs
     ctx.save_for_backward(x, y, scale, bias)
     ctx.chunk_size, ctx.offset = chunk_size, offset
-    ctx.forced = forced_here()
+    remember_backend(ctx)
 
 
+@in_forward_backend
 def _siglip_backward(ctx, grad_rows):
     x, y, scale, bias = ctx.saved_tensors
-    with forced_again(ctx.forced):
-        dx, dy, ds, db = torch.ops.vlmkernels.siglip_loss_backward(
-            x, y, scale, bias, grad_rows, ctx.chunk_size, ctx.offset
-        )
+    dx, dy, ds, db = torch.ops.vlmkernels.siglip_loss_backward(
+        x, y, scale, bias, grad_rows, ctx.chunk_size, ctx.offset
+    )
     return _requested(ctx, (dx, dy, ds, db), bias is not None, 2)
 
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import forced_again, forced_here, resolve_backend
+from .._backend import in_forward_backend, remember_backend, resolve_backend
 from ._common import autotune_configs
 from ._tuning import tuned
 
@@ -341,17 +341,17 @@ def _(q, k, cos, sin, lane_rule, sections, backward):
 def _rope_table_setup(ctx, inputs, output):
     q, k, cos, sin, lane_rule, sections, backward = inputs
     ctx.mode, ctx.sections, ctx.backward = lane_rule, sections, backward
-    ctx.forced = forced_here()
+    remember_backend(ctx)
     tables_need_grad = cos.requires_grad or sin.requires_grad
     ctx.save_for_backward(cos, sin, *((q, k) if tables_need_grad else (None, None)))
 
 
+@in_forward_backend
 def _rope_table_backward(ctx, grad_q, grad_k):
     cos, sin, q, k = ctx.saved_tensors
-    with forced_again(ctx.forced):
-        dq, dk = torch.ops.vlmkernels.rope_table(
-            grad_q, grad_k, cos, sin, ctx.mode, ctx.sections, not ctx.backward
-        )
+    dq, dk = torch.ops.vlmkernels.rope_table(
+        grad_q, grad_k, cos, sin, ctx.mode, ctx.sections, not ctx.backward
+    )
     dcos = dsin = None
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
         dcos, dsin = _table_grads(
@@ -420,16 +420,16 @@ def _rope_positions_setup(ctx, inputs, output):
     q, k, positions, inv_freq, lane_rule, sections, scaling, backward = inputs
     ctx.save_for_backward(positions, inv_freq)
     ctx.mode, ctx.sections, ctx.scaling, ctx.backward = lane_rule, sections, scaling, backward
-    ctx.forced = forced_here()
+    remember_backend(ctx)
 
 
+@in_forward_backend
 def _rope_positions_backward(ctx, grad_q, grad_k):
     positions, inv_freq = ctx.saved_tensors
-    with forced_again(ctx.forced):
-        dq, dk = torch.ops.vlmkernels.rope_positions(
-            grad_q, grad_k, positions, inv_freq, ctx.mode, ctx.sections, ctx.scaling,
-            not ctx.backward,
-        )  # fmt: skip
+    dq, dk = torch.ops.vlmkernels.rope_positions(
+        grad_q, grad_k, positions, inv_freq, ctx.mode, ctx.sections, ctx.scaling,
+        not ctx.backward,
+    )  # fmt: skip
     return dq, dk, None, None, None, None, None, None
 
 
