@@ -207,6 +207,89 @@ def test_entries_outside_the_space_and_broken_files(dirs):
             assert T.lookup("siglip", key, device=H100) is T.all_kernels()["siglip"].default
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError on it
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (DEEP, "nested too deeply"),
+        ("[1, 2]", "JSON list, not an object"),
+        (b"\xff\xfe{", "does not parse"),
+        ('{"configs": [1]}', "'configs' is a JSON list"),
+    ],
+)
+def test_malformed_config_files_fall_back_with_a_warning(dirs, text, reason):
+    user, package = dirs
+    key = stats_key()
+    path = user / H100_DIR / "clip_stats.json"
+    path.parent.mkdir(parents=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text.startswith('{"configs"'):
+        doc = json.loads(write(user, "clip_stats", []).read_text())
+        path.write_text(json.dumps({**doc, "configs": [1]}))
+    else:
+        path.write_text(text)
+    write(package, "clip_stats", [(key, entry(SPACE[2]))])
+    with pytest.warns(T.MalformedConfigWarning, match=reason) as seen:
+        assert T.lookup("clip_stats", key, device=H100) is SPACE[2]
+    assert str(path) in str(seen[0].message)
+    assert issubclass(T.MalformedConfigWarning, T.StaleConfigWarning)
+    files = T.lookup_report(H100)["clip_stats"]["files"]
+    assert [(f["origin"], f["buckets"]) for f in files] == [("user", 0), ("package", 1)]
+    assert reason in files[0]["problems"][0]
+
+
+def test_malformed_entries_are_ignored_one_by_one(dirs):
+    user, package = dirs
+    write(package, "clip_stats", [(stats_key(d=64), entry(SPACE[3]))])
+    good = entry(SPACE[1])
+    path = write(
+        user,
+        "clip_stats",
+        [
+            (stats_key(), 5),  # not an object
+            (stats_key(d=1024), {**good, "num_warps": "8"}),  # a string
+            (stats_key(d=2048), {**good, "BM": [128]}),  # unhashable
+            (stats_key(d=4096), {**good, "num_stages": True}),  # a bool is not a count
+            ("D768", good),  # not name=value pairs
+            ("D=768,dtype=bf16", good),  # another key
+            (stats_key(d=512), good),
+        ],
+    )
+    with pytest.warns(T.MalformedConfigWarning) as seen:
+        # the one valid entry of the user file is the nearest bucket of every size
+        for d in (768, 1024, 2048, 4096, 64):
+            assert T.lookup("clip_stats", stats_key(d=d), device=H100) is SPACE[1]
+    assert len(seen) == 1  # once per file
+    message = str(seen[0].message)
+    assert f"ignoring entries of {path}" in message and "is not an object" in message
+    problems = T.lookup_report(H100)["clip_stats"]["files"][0]["problems"]
+    assert len(problems) == 6, problems
+    assert any("num_warps='8' is not an integer" in q for q in problems)
+    assert any("BM=[128]" in q for q in problems)
+    assert any("num_stages=True" in q for q in problems)
+    assert sum("does not follow the key" in q for q in problems) == 2
+
+
+def test_write_winners_drops_malformed_entries_of_the_old_file(dirs):
+    user, _ = dirs
+    kept = stats_key(d=512)
+    write(user, "clip_stats", [(kept, entry(SPACE[1])), (stats_key(d=64), "junk"),
+                               ("D64", entry(SPACE[1]))])  # fmt: skip
+    lines = []
+    key = STATS.key_from_mapping(stats_key())
+    path = T._write_winners(STATS, H100_DIR, {key: entry(SPACE[2])}, user, lines.append)
+    configs = json.loads(path.read_text())["configs"]
+    assert list(configs) == [STATS.bucket(STATS.key_from_mapping(kept)), STATS.bucket(key)]
+    assert len([line for line in lines if line.startswith("dropping")]) == 2, lines
+    path.write_text(DEEP)
+    path = T._write_winners(STATS, H100_DIR, {key: entry(SPACE[2])}, user, lines.append)
+    assert list(json.loads(path.read_text())["configs"]) == [STATS.bucket(key)]
+    assert "nested too deeply" in lines[-1]
+
+
 def test_default_warning_once_per_kernel(dirs):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -616,9 +699,54 @@ def test_unrecorded_or_odd_backend_entries_mean_triton(dirs, fake_cuda, monkeypa
         json.dumps({"backends": {"rope": "torch", "clip_loss": {"backend": "cuda"}}})
     )
     monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (True, "built"))
-    assert T.preferred_backend("rope", H100) is None
+    with pytest.warns(T.MalformedConfigWarning, match="'torch' is not 'triton' or 'cuda'"):
+        assert T.preferred_backend("rope", H100) is None
     assert _backend.resolve_backend("rope", fake_cuda_tensor()) == "triton"
     assert T.preferred_backend("clip_loss", H100) == "cuda"
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        (json.dumps({"backends": ["rope"]}), "'backends' is a JSON list"),
+        (json.dumps({"backends": "cuda"}), "'backends' is a JSON str"),
+        (json.dumps(["rope"]), "JSON list, not an object"),
+        (DEEP, "nested too deeply"),
+        ("{", "does not parse"),
+    ],
+)
+def test_malformed_backends_file_falls_back_with_a_warning(dirs, fake_cuda, monkeypatch, text,
+                                                           reason):  # fmt: skip
+    user, package = dirs
+    T.record_preferred_backend("rope", "cuda", H100, package)
+    bad = user / H100_DIR / "backends.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(text)
+    monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (True, "built"))
+    with pytest.warns(T.MalformedConfigWarning, match=reason) as seen:
+        assert T.preferred_backend("rope", H100) == "cuda"  # the package's file
+        assert _backend.resolve_backend("rope", fake_cuda_tensor()) == "cuda"
+        assert T.preferred_backend("clip_loss", H100) is None
+    assert len(seen) == 1 and str(bad) in str(seen[0].message)
+    # recording over the malformed file replaces it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", T.ConfigWarning)
+        T.record_preferred_backend("siglip_loss", "triton", H100, user)
+    doc = json.loads(bad.read_text())
+    assert doc["backends"] == {"siglip_loss": {"backend": "triton"}}
+
+
+def test_odd_backend_entries_are_ignored_one_by_one(dirs, fake_cuda):
+    _, package = dirs
+    (package / H100_DIR).mkdir(parents=True)
+    path = package / H100_DIR / "backends.json"
+    path.write_text(json.dumps({"backends": {"rope": ["cuda"], "siglip_loss": {"backend": 3},
+                                             "clip_loss": "cuda"}}))  # fmt: skip
+    with pytest.warns(T.MalformedConfigWarning, match="entry 'rope'") as seen:
+        assert T.preferred_backend("rope", H100) is None
+        assert T.preferred_backend("siglip_loss", H100) is None
+        assert T.preferred_backend("clip_loss", H100) == "cuda"
+    assert len(seen) == 1 and "entry 'siglip_loss': backend 3" in str(seen[0].message)
 
 
 # ------------------------------------------------------------------ compile_check

@@ -57,12 +57,19 @@ illustrative::
   moving code or editing decorators does not change it) make a file stale when the running
   Triton's major.minor version differs or the kernel's code changed; a stale file is
   ignored as a whole with a :class:`StaleConfigWarning` (once per file). So is a file whose
-  ``kernel`` or ``key`` differs from the kernel's, or that does not parse.
+  ``kernel`` or ``key`` differs from the kernel's.
 - ``configs`` maps buckets ("name=value" pairs in ``key`` order, comma-separated) to a
   config: the kernel's constexprs, ``num_warps``, ``num_stages``; ``ms`` and ``default_ms``
   (the winner's and the default config's time, median ms, from :func:`tune`) are
   informative. An entry that is not one of the kernel's configs (the space changed) is
   ignored with a :class:`StaleConfigWarning`: the launchers size buffers for that space.
+- Malformed files and entries are ignored the same way, with a
+  :class:`MalformedConfigWarning` (a :class:`StaleConfigWarning`) naming the file and what
+  is wrong, once per file: a file that does not parse (not JSON, not UTF-8, nested too
+  deeply) or is not a JSON object, ``configs`` that is not an object; an entry whose value
+  is not an object, whose launch options are not integers, or whose bucket does not follow
+  ``key``. The other entries of the file still count, and the lookup goes on to the next
+  file, then to the default.
 
 Lookup, for a kernel, a device and a key:
 
@@ -92,7 +99,10 @@ device::
 :func:`preferred_backend` reads it (user directory first, then the package);
 ``resolve_backend`` runs CUDA tensors on the recorded backend when it is available, else on
 Triton. :func:`tune` measures and records it for the ops with a CUDA C++ implementation
-when the extension is built; :func:`record_preferred_backend` writes an entry.
+when the extension is built; :func:`record_preferred_backend` writes an entry. A
+``backends.json`` that does not parse, whose ``backends`` is not an object, or an entry
+whose backend is not "triton" or "cuda", is ignored (the file or that entry) with a
+:class:`MalformedConfigWarning`, once per file; the lookup goes on to the next file.
 
 Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the package. They
 must come from measurements: run ``tune(out_dir="vlmkernels/configs")`` (or ``vlmkernels
@@ -144,7 +154,13 @@ class DefaultConfigWarning(ConfigWarning):
 
 class StaleConfigWarning(ConfigWarning):
     """A config file (or entry) is ignored: other Triton version, changed kernel source,
-    a config outside the kernel's space, or a file that does not parse."""
+    a config outside the kernel's space, or a malformed file (the subclass
+    :class:`MalformedConfigWarning`)."""
+
+
+class MalformedConfigWarning(StaleConfigWarning):
+    """A config or ``backends.json`` file (or one of its entries) is ignored because it is
+    not what the format says: not JSON, nested too deeply, or values of the wrong type."""
 
 
 # --------------------------------------------------------------------------------------
@@ -416,10 +432,58 @@ _WARNED_DEFAULT: set[str] = set()
 
 
 def _parse_bucket(kernel: TunedKernel, text: str) -> tuple:
-    pairs = dict(part.split("=", 1) for part in text.split(","))
-    if list(pairs) != kernel.file_key:
+    """The key of a bucket string; ValueError when it is not the kernel's name=value pairs."""
+    parts = [part.partition("=") for part in str(text).split(",")]
+    names = [name for name, _, _ in parts]
+    if any(not sep for _, sep, _ in parts) or names != kernel.file_key:
         raise ValueError(f"bucket {text!r} does not follow the key {kernel.file_key}")
-    return tuple(int(v) if re.fullmatch(r"-?\d+", v) else v for v in pairs.values())
+    return tuple(int(v) if re.fullmatch(r"-?\d+", v) else v for _, _, v in parts)
+
+
+def _parse_json(path: pathlib.Path) -> tuple[dict | None, str]:
+    """(the JSON object in ``path``, "") or (None, what is wrong with the file)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return None, f"it does not parse ({type(exc).__name__}: {exc})"
+    except RecursionError:
+        return None, "it does not parse (JSON nested too deeply)"
+    if not isinstance(doc, dict):
+        return None, f"it is a JSON {type(doc).__name__}, not an object"
+    return doc, ""
+
+
+def _entry(kernel: TunedKernel, text: str, entry) -> tuple[tuple, triton.Config]:
+    """(key, config) of one ``configs`` entry; ValueError saying what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {text}: {entry!r} is not an object of launch options")
+    options = {k: v for k, v in entry.items() if k not in _META}
+    odd = [f"{k}={v!r}" for k, v in options.items() if type(v) is not int]
+    if odd:
+        what = "is not an integer" if len(odd) == 1 else "are not integers"
+        raise ValueError(f"entry {text}: {', '.join(odd)} {what}")
+    kw = {k: v for k, v in options.items() if k not in _LAUNCH_OPTIONS}
+    sig = (tuple(sorted(kw.items())), options.get("num_warps"), options.get("num_stages"))
+    config = kernel._by_signature.get(sig)
+    if config is None:
+        raise ValueError(f"entry {text}: {options} is not in the config space")
+    return _parse_bucket(kernel, text), config
+
+
+def _valid_entries(kernel: TunedKernel, doc: dict) -> tuple[dict, list[str]]:
+    """({bucket text: entry} of the valid ``configs`` entries of a current file, problems)."""
+    configs = doc.get("configs", {})
+    if not isinstance(configs, dict):
+        return {}, [f"'configs' is a JSON {type(configs).__name__}, not an object"]
+    valid, problems = {}, []
+    for text, entry in configs.items():
+        try:
+            _entry(kernel, text, entry)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        valid[text] = entry
+    return valid, problems
 
 
 def _stale_reasons(kernel: TunedKernel, doc: dict) -> list[str]:
@@ -439,39 +503,41 @@ def _stale_reasons(kernel: TunedKernel, doc: dict) -> list[str]:
     return reasons
 
 
+def _warn_once(path: pathlib.Path, problems: list[str], partial: bool, category) -> None:
+    """One warning per file (until :func:`clear_cache`) listing up to three problems."""
+    if not problems or str(path) in _WARNED_STALE:
+        return
+    _WARNED_STALE.add(str(path))
+    what = "entries of " if partial else ""
+    warnings.warn(
+        f"vlmkernels: ignoring {what}{path}: {'; '.join(problems[:3])}"
+        f"{' ...' if len(problems) > 3 else ''}. Re-run `vlmkernels tune` on this GPU.",
+        category,
+        stacklevel=5,
+    )
+
+
 def _load_layer(kernel: TunedKernel, origin: str, path: pathlib.Path) -> _Layer | None:
     if not path.is_file():
         return None
-    problems: list[str] = []
     entries: dict[tuple, triton.Config] = {}
-    label = "?"
-    try:
-        doc = json.loads(path.read_text())
-        label = str(doc.get("source", "?"))
-        problems = _stale_reasons(kernel, doc)
-        if not problems:
-            for text, entry in doc.get("configs", {}).items():
-                options = {k: v for k, v in entry.items() if k not in _META}
-                kw = {k: v for k, v in options.items() if k not in _LAUNCH_OPTIONS}
-                sig = (tuple(sorted(kw.items())), options.get("num_warps"),
-                       options.get("num_stages"))  # fmt: skip
-                config = kernel._by_signature.get(sig)
-                if config is None:
-                    problems.append(f"entry {text}: {options} is not in the config space")
-                    continue
-                entries[_parse_bucket(kernel, text)] = config
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        problems = [f"it does not parse ({type(exc).__name__}: {exc})"]
-        entries = {}
-    if problems and str(path) not in _WARNED_STALE:
-        _WARNED_STALE.add(str(path))
-        what = "entries of " if entries else ""
-        warnings.warn(
-            f"vlmkernels: ignoring {what}{path}: {'; '.join(problems[:3])}"
-            f"{' ...' if len(problems) > 3 else ''}. Re-run `vlmkernels tune` on this GPU.",
-            StaleConfigWarning,
-            stacklevel=4,
-        )
+    doc, problem = _parse_json(path)
+    if doc is None:
+        _warn_once(path, [problem], False, MalformedConfigWarning)
+        return _Layer(origin, path, "?", entries, [problem])
+    label = str(doc.get("source", "?"))
+    problems = _stale_reasons(kernel, doc)
+    if problems:
+        _warn_once(path, problems, False, StaleConfigWarning)
+        return _Layer(origin, path, label, entries, problems)
+    valid, problems = _valid_entries(kernel, doc)
+    for text, entry in valid.items():
+        key, config = _entry(kernel, text, entry)
+        entries[key] = config
+    # an entry outside the space is stale (the space changed); any other problem, malformed
+    malformed = any("not in the config space" not in p for p in problems)
+    _warn_once(path, problems, bool(entries),
+               MalformedConfigWarning if malformed else StaleConfigWarning)  # fmt: skip
     return _Layer(origin, path, label, entries, problems)
 
 
@@ -601,23 +667,41 @@ def lookup_report(device=None) -> dict[str, dict]:
 _BACKENDS: dict[tuple[str, Any], str | None] = {}
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+def _backend_entries(doc: dict) -> tuple[dict[str, dict], list[str]]:
+    """({op: entry} of the valid entries of a backends.json document, problems). An entry
+    is {"backend": "triton" | "cuda", measurements...} (or that name alone)."""
+    raw = doc.get("backends", {})
+    if not isinstance(raw, dict):
+        return {}, [f"'backends' is a JSON {type(raw).__name__}, not an object of op: entry"]
+    valid, problems = {}, []
+    for op, entry in raw.items():
+        backend = entry.get("backend") if isinstance(entry, dict) else entry
+        if isinstance(backend, str) and backend in ("triton", "cuda"):
+            valid[op] = entry if isinstance(entry, dict) else {"backend": backend}
+        else:
+            problems.append(f"entry {op!r}: backend {backend!r} is not 'triton' or 'cuda'")
+    return valid, problems
+
+
+def _read_backends(path: pathlib.Path) -> dict[str, dict]:
+    """The valid entries of the backends.json at ``path`` ({} when there is none); the
+    problems of a malformed file or entry are warned once per file."""
+    if not path.is_file():
+        return {}
+    doc, problem = _parse_json(path)
+    if doc is None:
+        _warn_once(path, [problem], False, MalformedConfigWarning)
+        return {}
+    valid, problems = _backend_entries(doc)
+    _warn_once(path, problems, bool(valid), MalformedConfigWarning)
+    return valid
 
 
 def _recorded_backend(op: str, device: str) -> str | None:
     for _, root in _search_dirs():
-        doc = _read_json(root / device / BACKENDS_FILE)
-        if doc is None:
-            continue
-        entry = (doc.get("backends") or {}).get(op)
-        backend = entry.get("backend") if isinstance(entry, dict) else entry
-        if backend in ("triton", "cuda"):
-            return backend
+        entry = _read_backends(root / device / BACKENDS_FILE).get(op)
+        if entry is not None:
+            return entry["backend"]
     return None
 
 
@@ -642,8 +726,7 @@ def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
         raise ValueError(f"backend must be 'triton' or 'cuda'; got {backend!r}")
     dev = device_name(device)
     path = pathlib.Path(out_dir or user_config_dir()) / dev / BACKENDS_FILE
-    doc = _read_json(path) or {}
-    doc = {"format": FORMAT, "device": dev, "backends": dict(doc.get("backends") or {})}
+    doc = {"format": FORMAT, "device": dev, "backends": _read_backends(path)}
     doc["backends"][op] = {"backend": backend, **measurements}
     _write_json(path, doc)
     _BACKENDS.clear()
@@ -886,18 +969,22 @@ def _write_json(path: pathlib.Path, doc: dict) -> None:
 
 def _write_winners(kernel: TunedKernel, device: str, winners: Mapping[tuple, dict],
                    out_dir: pathlib.Path, log: Callable = print) -> pathlib.Path:  # fmt: skip
-    """Merge ``winners`` into ``<out_dir>/<device>/<kernel>.json``: entries of a current
-    file (same kernel, key, triton major.minor and source hash) are kept unless re-tuned; a
-    stale file is replaced."""
+    """Merge ``winners`` into ``<out_dir>/<device>/<kernel>.json``: the valid entries of a
+    current file (same kernel, key, triton major.minor and source hash) are kept unless
+    re-tuned; a stale or malformed file, and malformed entries, are replaced."""
     path = out_dir / device / f"{kernel.name}.json"
-    old = _read_json(path) if path.is_file() else None
+    old, problem = _parse_json(path) if path.is_file() else (None, "")
     configs: dict[str, dict] = {}
+    if problem:
+        log(f"replacing {path}: {problem}")
     if old is not None:
         reasons = _stale_reasons(kernel, old)
         if reasons:
             log(f"replacing {path}: {'; '.join(reasons)}")
         else:
-            configs = dict(old.get("configs") or {})
+            configs, problems = _valid_entries(kernel, old)
+            for p in problems:
+                log(f"dropping from {path}: {p}")
     configs.update({kernel.bucket(key): entry for key, entry in winners.items()})
 
     def order(text):
