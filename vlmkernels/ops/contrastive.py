@@ -22,7 +22,13 @@ scalar loss needs gradients the forward pass produces them too (3 N^2 d matrix F
 the backward pass only scales them.
 
 Memory: the inputs, their gradients, an fp32 accumulator for dY and one dS chunk of
-(chunk_size x N) elements; never N x N. No atomics: the results are deterministic.
+(chunk_size x N) elements; never N x N. No atomics: the results are deterministic. With
+``chunk_size=None`` the chunk temporaries stay within ``CHUNK_BUDGET_BYTES`` (128 MiB): the
+Triton path's one chunk in the input dtype (at least 256 rows); on the PyTorch path (CPU)
+all of its (chunk x N) buffers together: two fp32 ones (three with a teacher, plus a bool
+one with ids). With an explicit ``chunk_size`` the PyTorch path's temporaries are at most
+3.25 x chunk_size x N fp32 elements (fp64 for fp64 inputs); 16-bit inputs add their fp32
+copies (O(N d)) there.
 """
 
 from __future__ import annotations
@@ -522,7 +528,13 @@ def _max_programs(n_rows: int, splits: int) -> int:
     return triton.cdiv(n_rows, _MIN_BLOCK) * splits
 
 
-def default_chunk_rows(n: int, elem_size: int, budget_bytes: int = 128 << 20) -> int:
+CHUNK_BUDGET_BYTES = 128 << 20
+"""Memory for the (chunk x N) temporaries when ``chunk_size`` is None: the Triton path's one
+logit-gradient chunk (at least 256 rows), the PyTorch path's two or three chunk buffers
+together."""
+
+
+def default_chunk_rows(n: int, elem_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
     """Rows per dS chunk: a (rows x n) chunk of ``budget_bytes`` at most, in multiples of
     256 rows (at least 256) so that the chunk products stay efficient."""
     rows = budget_bytes // (n * elem_size)
@@ -893,8 +905,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _torch_chunk_rows(n: int, chunk_rows: int) -> int:
-    return chunk_rows if chunk_rows > 0 else min(n, max(1, (1 << 24) // n))
+def _torch_chunk_rows(m: int, n: int, chunk_rows: int, dtype: torch.dtype, buffers: int,
+                      mask: bool = False) -> int:  # fmt: skip
+    """Rows per chunk of the PyTorch path over an M x N block: ``chunk_rows`` if given,
+    else as many as keep its ``buffers`` (rows x N) temporaries in the compute ``dtype``
+    and, with ``mask``, a (rows x N) bool mask within :data:`CHUNK_BUDGET_BYTES` together."""
+    if chunk_rows > 0:
+        return min(m, chunk_rows)
+    row_bytes = n * (buffers * dtype.itemsize + (1 if mask else 0))
+    return max(1, min(m, CHUNK_BUDGET_BYTES // row_bytes))
 
 
 def _upcast(x, y, scale, bias):
@@ -902,55 +921,96 @@ def _upcast(x, y, scale, bias):
     return x.to(ct), y.to(ct), scale.to(ct), (bias.to(ct) if bias is not None else None)
 
 
-def _hard_chunk(targets: Targets, r0: int, c: int, n: int, device) -> torch.Tensor:
-    """(c, n) bool: positive pairs of rows r0 .. r0 + c."""
-    if targets.ids:
-        return targets.row_ids[r0 : r0 + c, None] == targets.col_ids[None, :]
-    rows = torch.arange(r0, r0 + c, device=device)[:, None] + targets.offset
-    return rows == torch.arange(n, device=device)[None, :]
+def _logits_into(out, xf, yf, s, b):
+    """out = s xf yf^T + b, in place (out: (rows of xf) x (rows of yf))."""
+    torch.mm(xf, yf.T, out=out).mul_(s)
+    return out if b is None else out.add_(b)
+
+
+def _logsumexp(t, dim: int, tmp):
+    """torch.logsumexp(t, dim) with ``tmp`` (shaped like t) as its only temporary."""
+    top = t.amax(dim, keepdim=True)
+    top = torch.where(top.abs() == math.inf, 0.0, top)  # as torch.logsumexp: no inf - inf
+    torch.sub(t, top, out=tmp).exp_()
+    return tmp.sum(dim).log_().add_(top.squeeze(dim))
+
+
+def _diagonal_rows(r0: int, c: int, n: int, offset: int) -> tuple[int, int, int]:
+    """(lo, hi, k): rows lo .. hi of the chunk of rows r0 .. r0 + c of an M x N block have
+    their positive (col = row + offset) inside it, on the chunk's diagonal k."""
+    k = r0 + offset
+    return max(0, -k), max(max(0, -k), min(c, n - k)), k
+
+
+def _ids_mask(targets: Targets, rs: slice, mask: torch.Tensor, out: torch.Tensor):
+    """``out`` = 1 on the positive pairs (equal ids) of the rows ``rs``, 0 elsewhere.
+
+    Through the bool buffer ``mask``: a comparison into a float ``out``, a product with a
+    bool tensor or a sum over one each allocate a converted copy of the chunk."""
+    torch.eq(targets.row_ids[rs, None], targets.col_ids[None, :], out=mask)
+    return out.copy_(mask)
 
 
 def _block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True,
                        teacher_lse=(None, None), chunk_rows=0):  # fmt: skip
-    """PyTorch version of :func:`_block_stats_triton`, in row chunks."""
+    """PyTorch version of :func:`_block_stats_triton`, in row chunks; temporaries: two
+    (three with a teacher) (chunk x N) buffers and, with ids, a bool one."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
     m, n = x.shape[0], y.shape[0]
-    c = _torch_chunk_rows(max(m, n), chunk_rows)
+    teach = targets.teacher is not None
+    c = _torch_chunk_rows(m, n, chunk_rows, xf.dtype, 2 + teach, targets.ids)
     ct = dict(dtype=xf.dtype, device=x.device)
-    if targets.teacher is not None:
+    if teach:
         xt, yt, st = targets.teacher
         xt, yt, st = xt.to(xf.dtype), yt.to(xf.dtype), st.to(xf.dtype)
         t_row, t_col = (t.to(xf.dtype) if t is not None else None for t in teacher_lse)
-    r = dict(lse=torch.empty(m, **ct), dot=torch.zeros(m, **ct), cnt=torch.zeros(m, **ct),
-             sum=torch.zeros(m, **ct), tdot=torch.zeros(m, **ct))  # fmt: skip
+    r = dict(lse=torch.empty(m, **ct), dot=torch.zeros(m, **ct), sum=torch.zeros(m, **ct),
+             tdot=torch.zeros(m, **ct))  # fmt: skip
     k = dict(lse=torch.full((n,), float("-inf"), **ct), dot=torch.zeros(n, **ct),
-             cnt=torch.zeros(n, **ct), sum=torch.zeros(n, **ct),
-             tdot=torch.zeros(n, **ct))  # fmt: skip
+             sum=torch.zeros(n, **ct), tdot=torch.zeros(n, **ct))  # fmt: skip
+    if targets.ids:
+        r["cnt"], k["cnt"] = torch.zeros(m, **ct), torch.zeros(n, **ct)
+    else:
+        r["cnt"], k["cnt"] = (t.to(xf.dtype) for t in _onehot_counts(m, n, targets.offset,
+                                                                      x.device))  # fmt: skip
+    buf = torch.empty((min(c, m), n), **ct)
+    tmp = torch.empty_like(buf)
+    t_buf = torch.empty_like(buf) if teach else None
+    mask = torch.empty(buf.shape, dtype=torch.bool, device=x.device) if targets.ids else None
     for r0 in range(0, m, c):
-        logits = s * (xf[r0 : r0 + c] @ yf.T)
-        if b is not None:
-            logits = logits + b
-        rs = slice(r0, r0 + logits.shape[0])
-        hard = _hard_chunk(targets, r0, logits.shape[0], n, x.device)
-        on_hard = torch.where(hard, logits, 0.0)
+        rs = slice(r0, min(m, r0 + c))
+        rows_c = rs.stop - r0
+        logits = _logits_into(buf[:rows_c], xf[rs], yf, s, b)
+        tmp_c = tmp[:rows_c]
+        if targets.ids:
+            hard = _ids_mask(targets, rs, mask[:rows_c], tmp_c)
+            r["cnt"][rs] = hard.sum(1)
+            k["cnt"] += hard.sum(0)
+            on_hard = hard.mul_(logits)
+            r["dot"][rs] = on_hard.sum(1)
+            k["dot"] += on_hard.sum(0)
+        else:
+            lo, hi, kd = _diagonal_rows(r0, rows_c, n, targets.offset)
+            diag = logits.diagonal(kd)
+            r["dot"][r0 + lo : r0 + hi] = diag
+            k["dot"][lo + kd : hi + kd] += diag
         if rows:
-            r["lse"][rs] = torch.logsumexp(logits, 1)
-            r["dot"][rs], r["cnt"][rs] = on_hard.sum(1), hard.sum(1)
+            r["lse"][rs] = _logsumexp(logits, 1, tmp_c)
             if targets.smoothing:
                 r["sum"][rs] = logits.sum(1)
         if cols:
-            k["lse"] = torch.logaddexp(k["lse"], torch.logsumexp(logits, 0))
-            k["dot"] += on_hard.sum(0)
-            k["cnt"] += hard.sum(0)
+            k["lse"] = torch.logaddexp(k["lse"], _logsumexp(logits, 0, tmp_c))
             if targets.smoothing:
                 k["sum"] += logits.sum(0)
-        if targets.teacher is not None:
-            teacher = st * (xt[rs] @ yt.T)
+        if teach:
+            teacher = _logits_into(t_buf[:rows_c], xt[rs], yt, st, None)
             if rows:
-                r["tdot"][rs] = (torch.exp(teacher - t_row[rs, None]) * logits).sum(1)
+                torch.sub(teacher, t_row[rs, None], out=tmp_c).exp_().mul_(logits)
+                r["tdot"][rs] = tmp_c.sum(1)
             if cols:
-                k["tdot"] += (torch.exp(teacher - t_col[None, :]) * logits).sum(0)
-    smooth, teach = bool(targets.smoothing), targets.teacher is not None
+                torch.sub(teacher, t_col[None, :], out=tmp_c).exp_().mul_(logits)
+                k["tdot"] += tmp_c.sum(0)
+    smooth = bool(targets.smoothing)
 
     def side(d):
         return SideStats(d["lse"], d["dot"], d["cnt"], d["sum"] if smooth else None,
@@ -960,84 +1020,114 @@ def _block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True
 
 
 def _block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows=0):
-    """PyTorch version of :func:`_block_grads_triton` (without accumulators)."""
+    """PyTorch version of :func:`_block_grads_triton` (without accumulators); temporaries:
+    two (three with a teacher) (chunk x N) buffers and, with ids, a bool one."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
     m, n = x.shape[0], y.shape[0]
-    c = _torch_chunk_rows(max(m, n), chunk_rows)
-    if targets.teacher is not None:
+    teach = targets.teacher is not None
+    c = _torch_chunk_rows(m, n, chunk_rows, xf.dtype, 2 + teach, targets.ids)
+    ct = dict(dtype=xf.dtype, device=x.device)
+    if teach:
         xt, yt, st = (t.to(xf.dtype) for t in targets.teacher)
+    # (6, L) rows: lse, u, h, e, a, teacher lse (SideStats.coefficients); zeros stand in
+    # for a direction not in the loss where its positives' h is needed
     rc = row_coef.to(xf.dtype) if row_coef is not None else None
     cc = col_coef.to(xf.dtype) if col_coef is not None else None
+    h_r = rc[2] if rc is not None else torch.zeros(m, **ct)
+    h_c = cc[2] if cc is not None else torch.zeros(n, **ct)
     dx = torch.empty_like(xf)
     dy = torch.zeros_like(yf)
-    dscale = torch.zeros((), dtype=xf.dtype, device=x.device)
-    dbias = torch.zeros((), dtype=xf.dtype, device=x.device)
+    g_dot_xy = torch.zeros((), **ct)
+    dbias = torch.zeros((), **ct)
+    buf = torch.empty((min(c, m), n), **ct)
+    grad = torch.empty_like(buf)
+    t_buf = torch.empty_like(buf) if teach else None
+    mask = torch.empty(buf.shape, dtype=torch.bool, device=x.device) if targets.ids else None
     for r0 in range(0, m, c):
-        dots = xf[r0 : r0 + c] @ yf.T
-        logits = s * dots if b is None else s * dots + b
-        rs = slice(r0, r0 + logits.shape[0])
-        hard = _hard_chunk(targets, r0, logits.shape[0], n, x.device).to(xf.dtype)
-        teacher = st * (xt[rs] @ yt.T) if targets.teacher is not None else None
-        g = torch.zeros_like(logits)
+        rs = slice(r0, min(m, r0 + c))
+        rows_c = rs.stop - r0
+        logits = _logits_into(buf[:rows_c], xf[rs], yf, s, b)
+        g = grad[:rows_c]
         if rc is not None:
-            lse, u, h, e, a, t_lse = (v[rs, None] for v in rc)
-            g += u * torch.exp(logits - lse) - h * hard - e
-            if teacher is not None:
-                g -= a * torch.exp(teacher - t_lse)
-        if cc is not None:
-            lse, v, h, e, a, t_lse = (w[None, :] for w in cc)
-            g += v * torch.exp(logits - lse) - h * hard - e
-            if teacher is not None:
-                g -= a * torch.exp(teacher - t_lse)
-        dx[rs] = s * (g @ yf)
-        dy.add_(s * (g.T @ xf[rs]))
-        dscale += (g * dots).sum()
+            lse, u, _, e, _, _ = (v[rs, None] for v in rc)
+            torch.sub(logits, lse, out=g).exp_().mul_(u)
+            if targets.smoothing:
+                g.sub_(e)
+        else:
+            g.zero_()
+        if cc is not None:  # the last use of the logits: buf becomes scratch
+            lse, v, _, e, _, _ = (w[None, :] for w in cc)
+            g.add_(logits.sub_(lse).exp_().mul_(v))
+            if targets.smoothing:
+                g.sub_(e)
+        if targets.ids:
+            hard = _ids_mask(targets, rs, mask[:rows_c], buf[:rows_c])
+            g.addcmul_(hard, h_r[rs, None], value=-1).addcmul_(hard, h_c[None, :], value=-1)
+        else:
+            lo, hi, kd = _diagonal_rows(r0, rows_c, n, targets.offset)
+            g.diagonal(kd).sub_(h_r[r0 + lo : r0 + hi] + h_c[lo + kd : hi + kd])
+        if teach:
+            teacher = _logits_into(t_buf[:rows_c], xt[rs], yt, st, None)
+            if rc is not None:
+                a, t_lse = rc[4][rs, None], rc[5][rs, None]
+                g.sub_(torch.sub(teacher, t_lse, out=buf[:rows_c]).exp_().mul_(a))
+            if cc is not None:
+                g.sub_(teacher.sub_(cc[5][None, :]).exp_().mul_(cc[4][None, :]))
+        gy = g @ yf
+        g_dot_xy += (gy * xf[rs]).sum()
+        dx[rs] = gy.mul_(s)
+        dy.addmm_(g.T, xf[rs])
         dbias += g.sum()
-    return dx, dy, dscale, dbias
+    return dx, dy.mul_(s), g_dot_xy, dbias
 
 
-def _siglip_chunk(xf, yf, s, b, r0, c, offset=0):
-    """(dots, margins) for rows r0 .. r0 + c: dots = X Y^T, margins = z * S with z = +1 on
-    the positive pairs col = row + offset and -1 elsewhere (no z matrix is built)."""
-    dots = xf[r0 : r0 + c] @ yf.T
-    margins = -s * dots if b is None else (-s) * dots - b
-    margins.diagonal(offset=r0 + offset).neg_()
-    return dots, margins
+def _siglip_neg_margins(out, xf, yf, s, b, r0: int, offset: int):
+    """-z S for the rows of ``xf`` (rows r0 .. of the block), written to ``out``: S off the
+    positive pairs col = row + offset, -S on them."""
+    neg = _logits_into(out, xf, yf, s, b)
+    neg.diagonal(r0 + offset).neg_()
+    return neg
 
 
 def _siglip_rows_torch(x, y, scale, bias, chunk_rows, offset=0):
+    """(M,) SigLIP row losses; temporaries: two (chunk x N) buffers."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
-    n = x.shape[0]
-    c = _torch_chunk_rows(n, chunk_rows)
-    out = torch.empty(n, dtype=xf.dtype, device=x.device)
-    for r0 in range(0, n, c):
-        _, margins = _siglip_chunk(xf, yf, s, b, r0, c, offset)
-        out[r0 : r0 + c] = torch.nn.functional.softplus(margins.neg_()).sum(1)
+    m, n = x.shape[0], y.shape[0]
+    c = _torch_chunk_rows(m, n, chunk_rows, xf.dtype, 2)
+    out = torch.empty(m, dtype=xf.dtype, device=x.device)
+    buf = torch.empty((min(c, m), n), dtype=xf.dtype, device=x.device)
+    for r0 in range(0, m, c):
+        rs = slice(r0, min(m, r0 + c))
+        neg = _siglip_neg_margins(buf[: rs.stop - r0], xf[rs], yf, s, b, r0, offset)
+        out[rs] = torch.nn.functional.softplus(neg).sum(1)  # -logsigmoid(z S)
     return out
 
 
 def _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0):
+    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i; temporaries: two
+    (chunk x N) buffers."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
-    n = x.shape[0]
-    c = _torch_chunk_rows(n, chunk_rows)
+    m, n = x.shape[0], y.shape[0]
+    c = _torch_chunk_rows(m, n, chunk_rows, xf.dtype, 2)
     w = w_rows.to(xf.dtype)
     dx = torch.empty_like(xf)
     dy = torch.zeros_like(yf)
-    rows_loss = torch.empty(n, dtype=xf.dtype, device=x.device)
-    dscale = torch.zeros((), dtype=xf.dtype, device=x.device)
+    rows_loss = torch.empty(m, dtype=xf.dtype, device=x.device)
+    g_dot_xy = torch.zeros((), dtype=xf.dtype, device=x.device)
     dbias = torch.zeros((), dtype=xf.dtype, device=x.device)
-    for r0 in range(0, n, c):
-        dots, margins = _siglip_chunk(xf, yf, s, b, r0, c, offset)
-        rows = slice(r0, r0 + margins.shape[0])
-        neg = margins.neg_()  # -z S
-        rows_loss[rows] = torch.nn.functional.softplus(neg).sum(1)  # -logsigmoid(z S)
-        g = neg.sigmoid_().mul_(w[rows, None])  # -z sigmoid(-z S) w, before the sign flip
-        g.diagonal(offset=r0 + offset).neg_()
-        dx[rows] = s * (g @ yf)
-        dy.add_(s * (g.T @ xf[rows]))
-        dscale += (g * dots).sum()
+    buf = torch.empty((min(c, m), n), dtype=xf.dtype, device=x.device)
+    for r0 in range(0, m, c):
+        rs = slice(r0, min(m, r0 + c))
+        neg = _siglip_neg_margins(buf[: rs.stop - r0], xf[rs], yf, s, b, r0, offset)
+        rows_loss[rs] = torch.nn.functional.softplus(neg).sum(1)  # -logsigmoid(z S)
+        g = neg.sigmoid_().mul_(w[rs, None])  # -z sigmoid(-z S) w, before the sign flip
+        g.diagonal(r0 + offset).neg_()
+        gy = g @ yf
+        g_dot_xy += (gy * xf[rs]).sum()
+        dx[rs] = gy.mul_(s)
+        dy.addmm_(g.T, xf[rs])
         dbias += g.sum()
-    return dx.to(x.dtype), dy.to(y.dtype), dscale, dbias, rows_loss
+    return dx.to(x.dtype), dy.mul_(s).to(y.dtype), g_dot_xy, dbias, rows_loss
 
 
 # --------------------------------------------------------------------------------------
