@@ -4,7 +4,8 @@ run once (``--benchmark-disable``) on a tiny subset so it cannot rot.
 
 Subprocesses run without the ``TRITON_INTERPRET`` that tests/conftest.py sets, and with a
 fresh ceilings cache (``VLMKERNELS_CACHE_DIR``); nothing is written to
-``benchmarks/results/``.
+``benchmarks/results/``. Then the user errors of ``info``: one line, ``vlmkernels info:
+<message>``, exit status 2, no traceback; a malformed ceilings cache is measured again.
 """
 
 from __future__ import annotations
@@ -188,3 +189,61 @@ def test_report_takes_the_latest_run_and_flags_throttling():
     assert "| N=8 | fwd | 1.00* | 3.00 | 3.00x | 42.0 |" in text
     assert "| N=16 | fwd |  | oom |" in text
     assert "clocks throttled" in text
+
+
+# --------------------------------------------------------------------------------------
+# info: user errors as one line, a malformed cache measured again
+# --------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, command: str, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"vlmkernels {command}: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_info_with_a_bad_forced_backend(monkeypatch, capsys):
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "junk")
+    assert cli.main(["info", "--no-ceilings"]) == 2
+    _one_line_error(capsys, "info", "VLMKERNELS_BACKEND must be one of", "'junk'")
+
+
+MALFORMED_CACHES = {
+    "nested too deeply": "[" * 100_000 + "]" * 100_000,
+    "not an object": "[1, 2]",
+    "does not parse": "{",
+    "the entry is a JSON str": None,  # this device's entry: a string
+    "copy_gbps, matmul.fp32 missing": None,  # this device's entry: wrong fields
+}
+
+
+@pytest.mark.parametrize("problem", list(MALFORMED_CACHES))
+def test_malformed_ceilings_cache_is_measured_again(tmp_path, monkeypatch, capsys, problem):
+    monkeypatch.setenv("VLMKERNELS_CACHE_DIR", str(tmp_path))
+    fresh = {"copy_gbps": 10.0, "copy_bytes": 1 << 20, "matmul": {"fp32": {"tflops": 1.0, "n": 8}}}
+    monkeypatch.setattr(cli, "measure_ceilings", lambda device_type: dict(fresh))
+    facts = cli.device_facts()
+    key = cli.cache_key(facts)
+    text = MALFORMED_CACHES[problem]
+    if text is None:
+        entry = "junk" if "str" in problem else {"copy_gbps": "fast", "copy_bytes": 1,
+                                                  "matmul": {"fp32": {"n": 8}}}  # fmt: skip
+        text = json.dumps({key: entry, "other device": fresh})
+    (tmp_path / cli.CACHE_FILE).write_text(text)
+    assert cli.cached_ceilings(facts) is None  # what profile reads: none, not a crash
+    assert cli.main(["info"]) == 0
+    out, err = capsys.readouterr()
+    assert "ceilings (measured now" in out and "Traceback" not in err
+    assert (
+        err.startswith(f"vlmkernels info: ignoring the ceilings cache {tmp_path}")
+        and problem in err
+    )
+    data = json.loads((tmp_path / cli.CACHE_FILE).read_text())
+    assert data[key]["copy_gbps"] == 10.0
+    assert cli.cached_ceilings(facts) == data[key]
+    assert cli.main(["info"]) == 0
+    out, err = capsys.readouterr()
+    assert "ceilings (cached" in out and err == ""

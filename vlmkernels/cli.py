@@ -2,12 +2,16 @@
 
 - ``info``: versions, device, backends, where the Triton configs come from, and the device
   ceilings (measured once per device and versions, cached as JSON under
-  ``~/.cache/vlmkernels/``; ``VLMKERNELS_CACHE_DIR`` moves the cache).
+  ``~/.cache/vlmkernels/``; ``VLMKERNELS_CACHE_DIR`` moves the cache; a malformed cache, or
+  entry, is ignored with a one-line note and measured again).
 - ``tune``: autotunes the Triton kernels on this GPU (:mod:`vlmkernels.ops._tuning`).
 - ``bench``, ``profile``, ``report``: the benchmark suites, which live in the top-level
   ``benchmarks/`` folder of a checkout (not installed with the package). These commands find
   it next to the package (an editable install) or in the working directory or one of its
   parents, and say so when there is none.
+
+A user error (a bad ``VLMKERNELS_BACKEND``, option value or input file) is one line on
+stderr, ``vlmkernels <command>: <message>``, and exit status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ DELEGATED = {
     "report": ("benchmarks.report", "markdown summary and charts from the results CSVs"),
 }
 CACHE_FILE = "ceilings.json"
+
+
+class CommandError(Exception):
+    """A user error: :func:`main` prints ``vlmkernels <command>: <message>`` to stderr and
+    returns 2."""
+
 
 # --------------------------------------------------------------------------------------
 # Device facts and ceilings (info)
@@ -169,29 +179,72 @@ def measure_ceilings(device_type: str) -> dict:
     return out
 
 
-def _read_cache() -> dict:
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def ceilings_problem(entry) -> str:
+    """An empty string when ``entry`` is a ceilings record as :func:`measure_ceilings` makes,
+    else what is wrong with it."""
+    if not isinstance(entry, dict):
+        return f"the entry is a JSON {type(entry).__name__}, not an object"
+    bad = [k for k in ("copy_gbps", "copy_bytes") if not _number(entry.get(k))]
+    matmul = entry.get("matmul")
+    if not isinstance(matmul, dict) or not matmul:
+        bad.append("matmul")
+    else:
+        bad += [
+            f"matmul.{label}"
+            for label, mm in matmul.items()
+            if not isinstance(mm, dict) or not _number(mm.get("tflops")) or not _number(mm.get("n"))
+        ]
+    return f"{', '.join(bad)} missing or not positive numbers" if bad else ""
+
+
+def _read_cache() -> tuple[dict, str]:
+    """({key: entry} of the cache file, what is wrong with the file or ""); a missing file
+    is an empty cache."""
+    path = cache_dir() / CACHE_FILE
     try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, ""
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return {}, f"it does not parse ({type(exc).__name__}: {exc})"
+    except RecursionError:
+        return {}, "it does not parse (JSON nested too deeply)"
+    if not isinstance(data, dict):
+        return {}, f"it is a JSON {type(data).__name__}, not an object"
+    return data, ""
 
 
 def cached_ceilings(facts: dict | None = None) -> dict | None:
-    """The cached ceilings of this device and versions, or None (never measures)."""
-    return _read_cache().get(cache_key(facts or device_facts()))
+    """The cached ceilings of this device and versions, or None (never measures; a
+    malformed cache or entry counts as none)."""
+    entry = _read_cache()[0].get(cache_key(facts or device_facts()))
+    return entry if entry is not None and not ceilings_problem(entry) else None
 
 
 def ceilings(facts: dict, refresh: bool = False) -> tuple[dict, bool]:
-    """(ceilings, came from the cache); measures and stores them when needed."""
+    """(ceilings, came from the cache); measures and stores them when needed. A malformed
+    cache file or entry is ignored with a note on stderr, measured again and replaced."""
     key = cache_key(facts)
-    data = _read_cache()
-    if not refresh and key in data:
+    path = cache_dir() / CACHE_FILE
+    data, problem = _read_cache()
+    if key in data and not problem:
+        problem = ceilings_problem(data[key])
+        if problem:
+            problem = f"{problem} (entry {key!r})"
+    if problem:
+        print(f"vlmkernels info: ignoring the ceilings cache {path}: {problem}; measuring "
+              "again", file=sys.stderr)  # fmt: skip
+    elif not refresh and key in data:
         return data[key], True
     entry = measure_ceilings(facts["device_type"])
     entry["measured_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # only well-formed entries are written back (a malformed one could not even be dumped)
+    data = {k: v for k, v in data.items() if not ceilings_problem(v)}
     data[key] = entry
-    path = cache_dir() / CACHE_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -235,7 +288,10 @@ def backends(facts: dict) -> dict[str, str]:
         configs = ["the autotune lists built into the kernels (no persisted configs here)"]
     except Exception as exc:  # noqa: BLE001
         configs = [f"unknown ({type(exc).__name__}: {exc})"]
-    forced = get_backend()
+    try:
+        forced = get_backend()
+    except ValueError as exc:  # a bad VLMKERNELS_BACKEND: every op would raise it
+        raise CommandError(str(exc)) from None
     return {
         "triton": triton_line,
         "torch": "always (CPU default, float64 inputs)",
@@ -439,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        print(f"vlmkernels {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
