@@ -265,3 +265,83 @@ def test_target_argument_errors(device):
         vlmkernels.contrastive_cross_entropy(x, y[:, :8], 1.0)
     with pytest.raises(ValueError, match="'mean' or 'sum'"):
         vlmkernels.clip_loss_with_grads(x, y, 1.0, reduction="none")
+
+
+# ------------------------------------------------------------------ rows without a positive
+
+
+def _rows_without_positives(kind, m, n, device):
+    """(keyword arguments, (M, N) float64 positives) for queries of which some have no
+    positive key: an offset past the end of the keys for rows 7.., or query ids that no
+    key carries."""
+    if kind == "offset":
+        offset = n - 7
+        pos = (torch.arange(m)[:, None] + offset == torch.arange(n)[None, :]).double()
+        return dict(offset=offset), pos
+    key_ids = torch.arange(n, device=device) % 17
+    query_ids = torch.randint(0, 26, (m,), device=device)
+    query_ids[:3] = torch.tensor([0, 5, 30])  # some positives, and at least one none
+    pos = (query_ids[:, None] == key_ids[None, :]).double().cpu()
+    return dict(query_ids=query_ids, key_ids=key_ids), pos
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees NaN
+@pytest.mark.parametrize("kind", ["offset", "ids"])
+def test_rows_without_positive_are_nan(kind, device, backend):
+    """A query with no positive key has no target: its loss is NaN (not the row's
+    log-sum-exp), so are the mean and the sum, and so are the gradients its loss reaches;
+    the other rows are exact. Rows left out by the upstream gradient (masked) do not
+    poison the gradients."""
+    m, n, d = 19, 47, 24
+    q, k = leaf(feats(m, d, device)), leaf(feats(n, d, device))
+    s, b = leaf(torch.tensor(13.0, device=device)), leaf(torch.tensor(-0.5, device=device))
+    kw, pos = _rows_without_positives(kind, m, n, device)
+    has = pos.sum(1) > 0
+    assert 0 < int(has.sum()) < m
+    fn = vlmkernels.contrastive_cross_entropy
+    rows = fn(q, k, s, b, reduction="none", **kw)
+    qr, kr, sr, br = as64(q, k, s, b)
+    ref = soft_ce(sr * qr @ kr.T + br, pos / pos.sum(1, keepdim=True).clamp_min(1))
+    assert torch.isnan(rows[~has.to(device)]).all()
+    assert rel(rows[has.to(device)], ref[has]) < 1e-5
+    for reduction in ("mean", "sum"):
+        assert torch.isnan(fn(q, k, s, b, reduction=reduction, **kw))
+    gq, gk, gs, gb = torch.autograd.grad(fn(q, k, s, b, **kw), [q, k, s, b])
+    assert torch.isnan(gq[~has.to(device)]).all(dim=1).all()
+    assert torch.isnan(gk).any() and torch.isnan(gs) and torch.isnan(gb)
+    # masked out (zero upstream gradient), the rows without positives change nothing
+    keep = has.to(device)
+    ours = torch.where(keep, rows, 0.0).sum()
+    compare(ours, ref[has].sum(), [q, k, s, b], [qr, kr, sr, br], weight=float(has.sum()))
+
+
+def test_rows_without_positive_with_full_distillation(device, backend):
+    """With alpha = 1 the targets are the teacher's alone: no row needs a positive."""
+    m, n, d = 19, 47, 24
+    q, k = leaf(feats(m, d, device)), leaf(feats(n, d, device))
+    tq, tk = feats(m, d, device), feats(n, d, device)
+    s = leaf(torch.tensor(11.0, device=device))
+    ours = vlmkernels.contrastive_cross_entropy(
+        q, k, s, offset=n - 7, teacher_queries=tq, teacher_keys=tk, teacher_logit_scale=9.0,
+        alpha=1.0,
+    )  # fmt: skip
+    qr, kr, sr = as64(q, k, s)
+    teacher = 9.0 * tq.double().cpu() @ tk.double().cpu().T
+    ref = soft_ce(sr * qr @ kr.T, F.softmax(teacher, 1)).mean()
+    compare(ours, ref, [q, k, s], [qr, kr, sr])
+
+
+def test_clip_ids_every_row_matches_itself(device, backend):
+    """clip_loss(ids=...) compares the ids with themselves: every row has a positive. With
+    distinct ids this is the plain CLIP loss; with repeated ids, finite everywhere."""
+    n, d = 37, 24
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    s = leaf(torch.tensor(12.0, device=device))
+    ids = torch.randperm(n, device=device) * 7 - 100
+    ours = vlmkernels.clip_loss(x, y, s, ids=ids)
+    xr, yr, sr = as64(x, y, s)
+    logits, labels = sr * xr @ yr.T, torch.arange(n)
+    ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    compare(ours, ref, [x, y, s], [xr, yr, sr])
+    rows = vlmkernels.clip_loss(x, y, s, ids=ids % 5, reduction="none")
+    assert torch.isfinite(rows).all()

@@ -686,8 +686,10 @@ class SideStats:
         )
 
     def losses(self, targets: Targets, n_classes: int) -> torch.Tensor:
-        """Per-sample cross-entropy lse - sum_j t_ij S_ij once the stats are complete."""
-        hard = torch.where(self.hard_cnt > 0, self.hard_dot / self.hard_cnt.clamp_min(1), 0.0)
+        """Per-sample cross-entropy lse - sum_j t_ij S_ij once the stats are complete; NaN
+        for a sample without positives whose targets need one (alpha < 1)."""
+        hard = self.hard_dot / self.hard_cnt.clamp_min(1)
+        hard = torch.where(_without_target(self.hard_cnt, targets), math.nan, hard)
         dot = (1 - targets.smoothing) * hard
         if targets.smoothing:
             dot = dot + targets.smoothing / n_classes * self.logit_sum
@@ -699,10 +701,12 @@ class SideStats:
     def coefficients(self, targets: Targets, n_classes: int, weights: torch.Tensor,
                      teacher_lse: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """(6, L), in the dtype of the stats, for the gradient kernel: (lse, u, h, e, a,
-        teacher lse) with u the
-        upstream weights, h = u (1 - alpha)(1 - smoothing) / c, e = u (1 - alpha)
-        smoothing / n, a = u alpha."""
+        teacher lse) with u the upstream weights, h = u (1 - alpha)(1 - smoothing) / c,
+        e = u (1 - alpha) smoothing / n, a = u alpha. u is NaN for a sample whose loss is
+        NaN (no target) and whose upstream weight is not 0, so that every gradient its loss
+        reaches is NaN too."""
         u = weights.to(self.lse.dtype)
+        u = torch.where(_without_target(self.hard_cnt, targets) & (u != 0), math.nan, u)
         keep = 1 - targets.alpha
         h = torch.where(self.hard_cnt > 0, u * keep * (1 - targets.smoothing)
                         / self.hard_cnt.clamp_min(1), 0.0)  # fmt: skip
@@ -710,6 +714,12 @@ class SideStats:
         a = u * targets.alpha
         t_lse = teacher_lse if teacher_lse is not None else torch.zeros_like(u)
         return torch.stack((self.lse, u, h, e, a, t_lse.to(u.dtype)))
+
+
+def _without_target(hard_cnt: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Samples whose targets are undefined: no positive pair, and a hard part that needs
+    one ((1 - alpha) > 0)."""
+    return (hard_cnt == 0) & (targets.alpha < 1)
 
 
 def _onehot_counts(m: int, n: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1633,6 +1643,13 @@ def contrastive_cross_entropy(
 
     Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``).
     Gradients flow to queries, keys (where they require grad), scale and bias.
+
+    A query with no positive key (no ``key_ids`` equal to its id, or ``i + offset`` outside
+    0 .. N - 1) has no target unless ``alpha = 1``: its loss is NaN, and so are the mean,
+    the sum and every gradient its loss reaches (no host synchronisation checks for it).
+    To leave such queries out, mask the ``"none"`` losses, e.g.
+    ``torch.where(valid, losses, 0).sum()``: a zero upstream gradient keeps them out of the
+    gradients too.
     """
     op = "contrastive_cross_entropy"
     for t, name in ((queries, "queries"), (keys, "keys")):
