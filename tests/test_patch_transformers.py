@@ -400,29 +400,181 @@ def _calls_super(base):
 
 
 def _decorated(base):
+    """Two ``functools.wraps`` layers over the class's (possibly already decorated)
+    forward, one renaming a keyword as ``deprecate_kwarg`` does; each counts its calls."""
     import functools
 
-    def logged(fn):
+    def counted(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            wrapper.calls += 1
             return fn(*args, **kwargs)
 
+        wrapper.calls = 0
         return wrapper
 
+    def renamed(old, new):
+        def decorate(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                if old in kwargs:
+                    kwargs[new] = kwargs.pop(old)
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        return decorate
+
     class Decorated(base):
-        forward = logged(base.forward)
+        forward = counted(renamed("legacy_cache", "past_key_values")(base.forward))
 
     return Decorated
 
 
-@pytest.mark.parametrize("make_subclass", [_calls_super, _decorated])
+_REGISTRY = {}
+
+
+def _opaque(base):
+    """A decorator that keeps the wrapped function in a registry, not in its closure."""
+    import functools
+
+    _REGISTRY[base] = base.forward
+
+    @functools.wraps(base.forward)
+    def wrapper(self, *args, **kwargs):
+        return _REGISTRY[base](self, *args, **kwargs)
+
+    return type("Opaque", (base,), {"forward": wrapper})
+
+
+@pytest.mark.parametrize("make_subclass", [_calls_super, _opaque])
 def test_unrecognised_layout_raises_and_changes_nothing(qwen2, make_subclass):
     model = _with_attention_class(qwen2.model, make_subclass)
-    with pytest.raises(vt.UnsupportedLayoutError):
+    with pytest.raises(vt.UnsupportedLayoutError) as error:
         vt.patch(model, rope_index=False)
+    message = str(error.value)
+    assert f"transformers {transformers.__version__}" in message
+    assert "tested with" in message and vt.TESTED_VERSIONS[-1] in message
+    assert "vlmkernels.patch(model, rope=False)" in message
     assert instance_overrides(model) == []
     with vt.patch(model, rope=False, rope_index=False):  # the vision part alone is fine
         pass
+
+
+def test_decorated_forward_is_patched_and_its_decorators_run(qwen2):
+    """Decorators on forward (functools.wraps wrappers, keyword renaming) are rebuilt around
+    the patched code: they keep running, and the rotary call runs the vlmkernels op."""
+    model = _with_attention_class(qwen2.model, _decorated)
+    attn = model.model.language_model.layers[0].self_attn
+    decorated = type(attn).forward
+    with vt.patch(model, vision=False, rope_index=False):
+        counts, logits = op_counts(lambda: qwen2.logits(model))
+        installed = attn.__dict__["forward"]
+    assert counts["vlmkernels::rope_table"] == TEXT_LAYERS
+    assert decorated.calls == 1  # the wrapper of the patched forward ran, once
+    assert installed.__func__ is not decorated and installed.__func__.__wrapped__ is not None
+    assert_close(logits, qwen2.ref_logits, "logits")
+    assert "forward" not in attn.__dict__
+    assert torch.equal(qwen2.logits(model), qwen2.ref_logits)  # undone: the class's forward
+    assert decorated.calls == 2
+
+
+def _attention_calling(base, rotary_function, keyword: str):
+    """A text attention class whose forward calls ``rotary_function`` (a global of its own
+    module namespace) with the last argument passed by the keyword ``keyword``."""
+    namespace = {"torch": torch, "apply_rotary_pos_emb": rotary_function}
+    source = f"""
+def forward(self, hidden_states, attention_mask=None, position_ids=None,
+            past_key_values=None, position_embeddings=None, **kwargs):
+    b, s, _ = hidden_states.shape
+    q, k, v = (proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    cos, sin = position_embeddings
+    if cos.dim() == 4:  # transformers <= 5.16: (3, B, S, D); text only, so T = H = W
+        cos, sin = cos[0], sin[0]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, {keyword}=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           enable_gqa=True)
+    return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+"""
+    exec(compile(source, f"<attention calling {keyword}>", "exec"), namespace)
+    namespace["forward"].__module__ = base.__module__
+    return type("Renamed", (base,), {"forward": namespace["forward"]})
+
+
+def _rotate(q, k, cos, sin, dim):
+    cos, sin = cos.unsqueeze(dim), sin.unsqueeze(dim)
+
+    def turn(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+    return q * cos + turn(q) * sin, k * cos + turn(k) * sin
+
+
+def _renamed_function():
+    def apply_rotary_pos_emb(query, key, cos, sin, position_dim=1):
+        return _rotate(query, key, cos, sin, position_dim)
+
+    return apply_rotary_pos_emb, "position_dim"
+
+
+def _function_as_module():
+    """What transformers' hub-kernel decorator makes of the function when the ``kernels``
+    package is installed: an nn.Module instance whose forward is the function."""
+
+    class Func(torch.nn.Module):
+        def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+            return _rotate(q, k, cos, sin, unsqueeze_dim)
+
+    return Func(), "unsqueeze_dim"
+
+
+@pytest.mark.parametrize("make_function", [_renamed_function, _function_as_module])
+def test_renamed_or_kernelized_rotary_function(qwen2, make_function):
+    text = copy.deepcopy(qwen2.model.model.language_model)
+    function, keyword = make_function()
+    attention = _attention_calling(type(text.layers[0].self_attn), function, keyword)
+    for layer in text.layers:
+        layer.self_attn.__class__ = attention
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref = text(input_ids=ids).last_hidden_state
+    with vt.patch(text):
+        counts, out = op_counts(lambda: text(input_ids=ids))
+    assert counts == {"vlmkernels::rope_table": TEXT_LAYERS}
+    assert_close(out.last_hidden_state, ref, "hidden states")
+
+
+def test_deep_copy_of_a_patched_model_is_independent(qwen2):
+    """A deep copy runs the vlmkernels ops on its own weights after the original is undone
+    and deleted; it is patched (a second patch raises), and only the original has a handle."""
+    import gc
+
+    original = copy.deepcopy(qwen2.model)
+    handle = vt.patch(original)
+    twin = copy.deepcopy(original)
+    handle.undo()
+    del original, handle
+    gc.collect()
+    counts, logits = op_counts(lambda: qwen2.logits(twin))
+    assert counts["vlmkernels::rope_table"] == TEXT_LAYERS + 2 * VISION_DEPTH
+    assert_close(logits, qwen2.ref_logits, "logits of the copy")
+    for module in twin.modules():
+        bound = module.__dict__.get("forward") or module.__dict__.get("get_rope_index")
+        if bound is not None:
+            assert bound.__self__ is module
+    with pytest.raises(vt.AlreadyPatchedError):
+        vt.patch(twin)
+
+
+def test_support_report_on_the_installed_transformers():
+    """Every architecture patches on the installed (tested) transformers; the report is what
+    ``vlmkernels info`` prints."""
+    report = vt.support()
+    assert set(report) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+    for arch, parts in report.items():
+        assert parts.keys() == {"rope", "vision", "positions", "rope_index"}, arch
+        assert all(v.startswith("ok") for v in parts.values()), (arch, parts)
 
 
 def test_foreign_instance_forward_raises(qwen2):

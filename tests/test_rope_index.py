@@ -17,10 +17,12 @@ import types
 import pytest
 import torch
 
-from vlmkernels.ops import rope_index as ri
-from vlmkernels.ops.rope_index import TEXT_AFTER_VISION, get_rope_index, rope_index_method
+from vlmkernels.ops.rope_index import TEXT_AFTER_VISION, get_rope_index
 
 transformers = pytest.importorskip("transformers")
+
+from vlmkernels.integrations import transformers as vt  # noqa: E402
+from vlmkernels.integrations.transformers import rope_index_method  # noqa: E402
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TEXT_CFG = dict(
@@ -267,11 +269,17 @@ def _assert_unchanged(inputs, before):
 # -------------------------------------------------------------------------------------- tests
 
 
+def _installed(model):
+    """(text_after_vision, truncate_seconds) of the installed transformers' class."""
+    cls = type(model)
+    return vt.installed_semantics(cls, vt._rope_index_arch(model)[1].rope_index)
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_random_batches_match_transformers_and_reference(models, model_type):
     model = models[model_type]
     rng = random.Random(MODEL_TYPES.index(model_type))
-    installed, installed_truncate = ri.installed_semantics(model_type)
+    installed, installed_truncate = _installed(model)
     other = next(r for r in TEXT_AFTER_VISION if r != installed)
     diverged = 0
     for _ in range(60):
@@ -279,10 +287,16 @@ def test_random_batches_match_transformers_and_reference(models, model_type):
         inputs = _random_batch(rng, model_type, m)
         before = _snapshot(inputs)
         want = _hf_with_dead_rows(model, inputs)
-        got = _ours(inputs, model_type, m, tps)
+        got = _ours(
+            inputs, model_type, m, tps, text_after_vision=installed,
+            truncate_seconds=installed_truncate,
+        )  # fmt: skip
         _assert_same(got, want)
         _assert_same(_reference(inputs, model_type, m, tps, installed, installed_truncate), want)
-        got_other = _ours(inputs, model_type, m, tps, text_after_vision=other)
+        got_other = _ours(
+            inputs, model_type, m, tps, text_after_vision=other,
+            truncate_seconds=installed_truncate,
+        )  # fmt: skip
         want_other = _reference(inputs, model_type, m, tps, other, installed_truncate)
         _assert_same(got_other, want_other)
         images = inputs["image_grid_thw"]
@@ -290,7 +304,10 @@ def test_random_batches_match_transformers_and_reference(models, model_type):
             diverged += not torch.equal(got_other[0], got[0])
         if model_type == "qwen2_5_vl":
             flipped = not installed_truncate
-            got_t = _ours(inputs, model_type, m, tps, truncate_seconds=flipped)
+            got_t = _ours(
+                inputs, model_type, m, tps, text_after_vision=installed,
+                truncate_seconds=flipped,
+            )  # fmt: skip
             _assert_same(got_t, _reference(inputs, model_type, m, tps, installed, flipped))
         _assert_unchanged(inputs, before)
     # Qwen3-VL runs have t' = 1 (videos split into frames, images t = 1): the rules agree
@@ -359,18 +376,39 @@ def test_probe_tells_the_rules_apart():
     for (name, model_type), rule, truncate in itertools.product(
         cases, TEXT_AFTER_VISION, (False, True)
     ):
-        found = ri._probe(fake(name, model_type, rule, truncate))
+        found = vt._probe(fake(name, model_type, rule, truncate), model_type)
         assert found == (rule, truncate and model_type == "qwen2_5_vl")
 
 
-def test_installed_semantics_by_version():
+def test_installed_semantics_by_version(models):
+    """The probe on the installed classes: 5.16-5.17 truncate Qwen2.5-VL's seconds, 5.23
+    and newer do not; every version since 5.3 starts text after vision at start + max(h, w)."""
     version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     for model_type in MODEL_TYPES:
-        rule, truncate = ri.installed_semantics(model_type)
+        rule, truncate = _installed(models[model_type])
         if version >= (5, 16):
             assert rule == "start_plus_max_hw"
         if version >= (5, 23) or (5, 16) <= version <= (5, 17):
             assert truncate == (model_type == "qwen2_5_vl" and version < (5, 23))
+
+
+def test_defaults_do_not_follow_the_installed_transformers(monkeypatch):
+    """get_rope_index's semantics are its arguments' defaults, never a probe: with every
+    transformers class unimportable the result is the same."""
+    kinds = torch.tensor([[0] * 2 + [2] * 32 + [0] * 2])
+    inputs = dict(
+        input_ids=torch.zeros_like(kinds), mm_token_type_ids=kinds,
+        video_grid_thw=torch.tensor([[8, 4, 4]]), second_per_grid_ts=torch.tensor([1.5]),
+        model_type="qwen2_5_vl", spatial_merge_size=2, tokens_per_second=2,
+    )  # fmt: skip
+    want = get_rope_index(**inputs)
+    explicit = get_rope_index(
+        **inputs, text_after_vision="start_plus_max_hw", truncate_seconds=False
+    )
+    _assert_same(want, explicit)
+    assert want[0][0, 0, 2:34].max() == 2 + 21  # 7 * 2 * 1.5: float seconds
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    _assert_same(get_rope_index(**inputs), want)
 
 
 def test_edge_shapes_and_dtypes():
@@ -391,17 +429,61 @@ def test_edge_shapes_and_dtypes():
 
 def test_bad_arguments():
     ids = torch.zeros(1, 3, dtype=torch.long)
+    common = dict(model_type="qwen2_vl", spatial_merge_size=2)
     with pytest.raises(ValueError, match="model_type"):
         get_rope_index(ids, ids, model_type="llava", spatial_merge_size=2)
     with pytest.raises(ValueError, match="tokens_per_second"):
         get_rope_index(ids, ids, model_type="qwen2_5_vl", spatial_merge_size=2)
     with pytest.raises(ValueError, match="text_after_vision"):
-        get_rope_index(ids, ids, model_type="qwen2_vl", spatial_merge_size=2, text_after_vision="x")
+        get_rope_index(ids, ids, **common, text_after_vision="x")
     with pytest.raises(ValueError, match="mm_token_type_ids"):
-        get_rope_index(ids, None, model_type="qwen2_vl", spatial_merge_size=2)
+        get_rope_index(ids, None, **common)
+    # each error names the argument at fault
+    cases = [
+        (dict(input_ids=[[0, 0, 0]]), TypeError, "input_ids"),
+        (dict(input_ids=ids[0]), ValueError, "input_ids"),
+        (dict(mm_token_type_ids=ids.float()), TypeError, "mm_token_type_ids"),
+        (dict(mm_token_type_ids=ids[:, :2]), ValueError, "mm_token_type_ids"),
+        (dict(image_grid_thw=torch.ones(1, 2, dtype=torch.long)), ValueError, "image_grid_thw"),
+        (dict(video_grid_thw=torch.ones(3, dtype=torch.long)), ValueError, "video_grid_thw"),
+        (dict(image_grid_thw=[[1, 2, 2]]), TypeError, "image_grid_thw"),
+        (dict(attention_mask=torch.ones(1, 4)), ValueError, "attention_mask"),
+        (dict(attention_mask=[[1, 1, 1]]), TypeError, "attention_mask"),
+        (dict(spatial_merge_size=0), ValueError, "spatial_merge_size"),
+        (dict(spatial_merge_size=2.0), TypeError, "spatial_merge_size"),
+        (dict(truncate_seconds="yes"), TypeError, "truncate_seconds"),
+        (
+            dict(model_type="qwen2_5_vl", tokens_per_second=2, second_per_grid_ts=["1.5"]),
+            TypeError,
+            "second_per_grid_ts",
+        ),
+        (dict(model_type="qwen2_5_vl", tokens_per_second="2"), TypeError, "tokens_per_second"),
+    ]
+    for change, error, name in cases:
+        args = dict(input_ids=ids, mm_token_type_ids=ids, **common) | change
+        with pytest.raises(error, match=name):
+            get_rope_index(**args)
 
 
 # ------------------------------------------------------------------------- rope_index_method
+
+
+def test_method_follows_a_deep_copy(models):
+    """The method is bound to its model: a deep copy calls it on the copy (its own config),
+    and works after the original is gone."""
+    import gc
+
+    original = copy.deepcopy(models["qwen2_vl"])
+    original.get_rope_index = rope_index_method(original)
+    twin = copy.deepcopy(original)
+    assert twin.get_rope_index.__self__ is twin
+    original.config.vision_config.spatial_merge_size = 1
+    twin.config.vision_config.spatial_merge_size = 2
+    del original
+    gc.collect()
+    inputs = _random_batch(random.Random(4), "qwen2_vl", 2)
+    inputs.pop("second_per_grid_ts", None)
+    _assert_same(twin.get_rope_index(**inputs), _hf_with_dead_rows(twin, inputs))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -443,7 +525,10 @@ def test_method_inside_compute_3d_position_ids(models, model_type):
             continue
         if inputs["attention_mask"] is not None and not inputs["attention_mask"].any(1).all():
             continue
-        call = dict(inputs, inputs_embeds=None, past_key_values=None)
+        # transformers 5.24 renamed past_key_values to cache (the old name still warns)
+        params = inspect.signature(type(model).compute_3d_position_ids).parameters
+        cache = "cache" if "cache" in params else "past_key_values"
+        call = dict(inputs, inputs_embeds=None, **{cache: None})
         if model_type != "qwen2_5_vl":
             call.pop("second_per_grid_ts", None)
         results = []

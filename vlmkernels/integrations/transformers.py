@@ -1,6 +1,6 @@
 """Swap the rotary path of one transformers Qwen-VL model instance for the vlmkernels ops.
 
->>> handle = vlmkernels.integrations.transformers.patch(model)  # Qwen2/2.5/3-VL
+>>> handle = vlmkernels.integrations.transformers.patch(model)  # Qwen2/2.5/3-VL (MoE)
 >>> ...                                                          # train / generate
 >>> handle.undo()                                                # or: with patch(model): ...
 
@@ -13,7 +13,8 @@ What is swapped, per part (each a keyword of :func:`patch`):
 - ``vision``: the vision attention's ``apply_rotary_pos_emb_vision`` runs
   :func:`vlmkernels.vision_rope`.
 - ``rope_index``: ``get_rope_index`` of the ``...Model`` instance is
-  ``vlmkernels.ops.rope_index.rope_index_method(model)``.
+  :func:`rope_index_method` (:func:`vlmkernels.get_rope_index` with the semantics of the
+  installed transformers, probed once per class).
 - ``angles="positions"`` (with ``rope``): the text rotary module no longer builds cos/sin
   tables; it hands the (3, B, S) position ids on, and the attention calls
   :func:`vlmkernels.mrope_from_positions` with the module's ``inv_freq``,
@@ -28,30 +29,35 @@ What is swapped, per part (each a keyword of :func:`patch`):
 Outputs have the dtypes transformers' functions return (type promotion of q and cos for
 the text functions, q's and k's dtypes for the vision one); the ops compute in fp32.
 
-Mechanism. The attention classes call the rotary function by its module-global name, so
-for each patched attention module the class's ``forward`` function is rebuilt with
-``types.FunctionType`` on the same code object and closure, over a copy of its module's
-globals in which that one name is bound to the vlmkernels-backed function, and set as the
-instance attribute ``forward`` (bound with ``types.MethodType``); ``nn.Module.__call__``
-finds it before the class's. Before anything is installed, the forward's bytecode must load
-the expected name as a global, the function in the modeling module must have the
-signature the replacement takes, and the forward must not be decorated; otherwise
-:class:`UnsupportedLayoutError` is raised and nothing changes.
+Mechanism (:mod:`._patching`). The attention classes call the rotary function by its
+module-global name, so for each patched attention module the class's ``forward`` is rebuilt
+on the same code object and closure over a copy of its module's globals in which that one
+name is bound to the vlmkernels-backed function, and set as the instance attribute
+``forward``; ``nn.Module.__call__`` finds it before the class's. Decorators on ``forward``
+(``deprecate_kwarg``, which renames ``past_key_values`` to ``cache`` from transformers 5.24,
+or any ``functools.wraps`` wrapper) are rebuilt around it and keep running. A rotary function
+whose parameters were renamed is called through an adapter; one turned into a module by the
+hub-kernel decorator (``use_kernel_forward_from_hub`` with the ``kernels`` package installed)
+is replaced like a function. Before anything is installed, the undecorated forward's bytecode
+must load exactly one of the expected names as a global and the installed function must take
+the same parameters; otherwise :class:`UnsupportedLayoutError` names the transformers
+version, the tested range and the parts that still patch, and nothing changes.
 
 Why this is per instance and exactly undoable: nothing is assigned to a module or a class
 of torch or transformers. Only the patched instances' ``__dict__`` gain entries
 (``forward``, or ``_old_forward`` where accelerate's hooks already own ``forward``, and
 ``get_rope_index``), and :meth:`PatchHandle.undo` puts back exactly what each slot held
-before (deleting the entry where there was none). Another instance of the same class,
-patched or not, is untouched. The copied globals are a snapshot: module globals rebound
-after ``patch`` do not reach the patched instances. Undo before pickling the whole model
-object (the rebuilt functions do not pickle by reference) or deep-copying it (the copy
-would carry the patch without a handle to undo it).
+before. The installed values are methods bound to their modules, so ``copy.deepcopy`` of a
+patched model gives an independent patched copy (it runs the vlmkernels ops on its own
+weights; patching it again raises :class:`AlreadyPatchedError`, and only the original has a
+handle). The copied globals are a snapshot: module globals rebound after ``patch`` do not
+reach the patched instances. Undo before pickling the whole model object (the rebuilt
+functions do not pickle by reference).
 
 Version matrix (the rotary call each attention's ``forward`` makes):
 
 =============  ===============================  ===================================
-transformers   Qwen2-VL, Qwen2.5-VL text        Qwen3-VL text
+transformers   Qwen2-VL, Qwen2.5-VL text        Qwen3-VL (and MoE) text
 =============  ===============================  ===================================
 <= 5.16        ``apply_multimodal_rotary_       ``apply_rotary_pos_emb`` (the rotary
                pos_emb`` on (3, B, S, D)        class merges the interleaved
@@ -62,51 +68,63 @@ transformers   Qwen2-VL, Qwen2.5-VL text        Qwen3-VL text
 
 All versions: vision attention ``apply_rotary_pos_emb_vision`` -> ``vision_rope``;
 ``get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-[second_per_grid_ts,] attention_mask, **kwargs)`` -> ``rope_index_method``. The layout is
+[second_per_grid_ts,] attention_mask, **kwargs)`` -> :func:`rope_index_method`. The layout is
 recognised from the code, not from the version number, so a release that moves the call
-again is refused instead of silently left unpatched. Checked with transformers 5.16.1,
-5.17.0 and 5.23.0 (tests/test_patch_transformers.py passes on each).
+again is refused instead of silently left unpatched. :data:`TESTED_VERSIONS` lists the
+releases tests/test_patch_transformers.py passed on; :func:`support` tells what patches on
+the installed one (``vlmkernels info`` prints it).
 
-Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` ``...ForConditionalGeneration`` and
-``...Model`` (all three parts), ``...TextModel`` (``rope`` only: it has no vision tower and
-no ``get_rope_index``) and the vision towers (``vision`` only).
+Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe``
+``...ForConditionalGeneration`` and ``...Model`` (all three parts), ``...TextModel``
+(``rope`` only: it has no vision tower and no ``get_rope_index``) and the vision towers
+(``vision`` only).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import dis
+import importlib
 import inspect
 import re
 import sys
 import types
+from collections.abc import Callable
 
 import torch
 
 from ..ops.rope import mrope, mrope_from_positions, rope, vision_rope
-from ..ops.rope_index import rope_index_method
+from ..ops.rope_index import TEXT_AFTER_VISION, get_rope_index
+from ._patching import (
+    MARK,
+    AlreadyPatchedError,
+    PatchHandle,
+    Slot,
+    UnsupportedLayoutError,
+    UnsupportedModelError,
+    adapt_signature,
+    global_loads,
+    install,
+    is_patched,
+    method_slot,
+    rebind_global,
+    unwrap,
+)
 
 __all__ = [
     "AlreadyPatchedError",
     "PatchHandle",
     "PositionAngles",
+    "TESTED_VERSIONS",
     "UnsupportedLayoutError",
     "UnsupportedModelError",
     "patch",
+    "rope_index_method",
+    "support",
 ]
 
-
-class UnsupportedModelError(TypeError):
-    """The object is not a model architecture :func:`patch` knows."""
-
-
-class UnsupportedLayoutError(RuntimeError):
-    """The installed transformers lays the model out in a way :func:`patch` does not know."""
-
-
-class AlreadyPatchedError(RuntimeError):
-    """The instance (or part of it) is already patched by vlmkernels."""
-
+# The releases the patching and get_rope_index tests passed on (CI runs the newest and the
+# oldest of the 5.17+ layout on every change).
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.20.0", "5.23.0", "5.24.0")
 
 # --------------------------------------------------------------------------------------
 # Architectures
@@ -116,8 +134,9 @@ class AlreadyPatchedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class _Arch:
     """Class names in ``transformers.models.<key>.modeling_<key>`` (stable from 5.16 to
-    5.23) and the M-RoPE lane rule of the text rotary class."""
+    5.24) and the M-RoPE lane rule of the text rotary class."""
 
+    key: str
     full: tuple[str, ...]  # roots with every part: the ...ForConditionalGeneration, ...Model
     text_model: str
     vision_model: str
@@ -126,42 +145,76 @@ class _Arch:
     vision_attention: str
     text_rotary: str
     interleaved: bool
+    rope_index: str  # the model_type of vlmkernels.get_rope_index
+
+    @property
+    def module(self) -> str:
+        return f"transformers.models.{self.key}.modeling_{self.key}"
+
+
+def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index):
+    return _Arch(
+        key=key,
+        full=(f"{prefix}ForConditionalGeneration", f"{prefix}Model"),
+        text_model=f"{prefix}TextModel",
+        vision_model=vision_model,
+        model=f"{prefix}Model",
+        text_attention=text_attention,
+        vision_attention=vision_attention,
+        text_rotary=text_rotary,
+        interleaved=rope_index == "qwen3_vl",
+        rope_index=rope_index,
+    )
 
 
 _ARCHS = {
-    "qwen2_vl": _Arch(
-        full=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
-        text_model="Qwen2VLTextModel",
-        vision_model="Qwen2VisionTransformerPretrainedModel",
-        model="Qwen2VLModel",
-        text_attention="Qwen2VLAttention",
-        vision_attention="VisionAttention",
-        text_rotary="Qwen2VLRotaryEmbedding",
-        interleaved=False,
-    ),
-    "qwen2_5_vl": _Arch(
-        full=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
-        text_model="Qwen2_5_VLTextModel",
-        vision_model="Qwen2_5_VisionTransformerPretrainedModel",
-        model="Qwen2_5_VLModel",
-        text_attention="Qwen2_5_VLAttention",
-        vision_attention="Qwen2_5_VLVisionAttention",
-        text_rotary="Qwen2_5_VLRotaryEmbedding",
-        interleaved=False,
-    ),
-    "qwen3_vl": _Arch(
-        full=("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
-        text_model="Qwen3VLTextModel",
-        vision_model="Qwen3VLVisionModel",
-        model="Qwen3VLModel",
-        text_attention="Qwen3VLTextAttention",
-        vision_attention="Qwen3VLVisionAttention",
-        text_rotary="Qwen3VLTextRotaryEmbedding",
-        interleaved=True,
-    ),
+    arch.key: arch
+    for arch in (
+        _qwen(
+            "qwen2_vl",
+            "Qwen2VL",
+            "Qwen2VisionTransformerPretrainedModel",
+            "VisionAttention",
+            "Qwen2VLAttention",
+            "Qwen2VLRotaryEmbedding",
+            "qwen2_vl",
+        ),
+        _qwen(
+            "qwen2_5_vl",
+            "Qwen2_5_VL",
+            "Qwen2_5_VisionTransformerPretrainedModel",
+            "Qwen2_5_VLVisionAttention",
+            "Qwen2_5_VLAttention",
+            "Qwen2_5_VLRotaryEmbedding",
+            "qwen2_5_vl",
+        ),
+        _qwen(
+            "qwen3_vl",
+            "Qwen3VL",
+            "Qwen3VLVisionModel",
+            "Qwen3VLVisionAttention",
+            "Qwen3VLTextAttention",
+            "Qwen3VLTextRotaryEmbedding",
+            "qwen3_vl",
+        ),
+        _qwen(
+            "qwen3_vl_moe",
+            "Qwen3VLMoe",
+            "Qwen3VLMoeVisionModel",
+            "Qwen3VLMoeVisionAttention",
+            "Qwen3VLMoeTextAttention",
+            "Qwen3VLMoeTextRotaryEmbedding",
+            "qwen3_vl",
+        ),
+    )  # fmt: skip
 }
 
 _MODELING = re.compile(r"(?:^|\.)models\.(\w+)\.modeling_(\w+)$")
+
+
+def _transformers_version() -> str:
+    module = sys.modules.get("transformers")
+    return getattr(module, "__version__", "not installed")
 
 
 def _find_arch(model) -> tuple[_Arch, types.ModuleType]:
@@ -171,19 +224,16 @@ def _find_arch(model) -> tuple[_Arch, types.ModuleType]:
         if match and match.group(1) == match.group(2) and match.group(1) in _ARCHS:
             return _ARCHS[match.group(1)], sys.modules[cls.__module__]
     raise UnsupportedModelError(
-        f"vlmkernels.patch supports transformers Qwen2-VL, Qwen2.5-VL and Qwen3-VL models "
-        f"(...ForConditionalGeneration, ...Model, ...TextModel, vision tower); got "
-        f"{type(model).__module__}.{type(model).__qualname__}"
+        f"vlmkernels.patch supports transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL and "
+        f"Qwen3-VL-MoE models (...ForConditionalGeneration, ...Model, ...TextModel, vision "
+        f"tower); got {type(model).__module__}.{type(model).__qualname__}"
     )
 
 
 def _class(modeling: types.ModuleType, name: str) -> type:
     cls = getattr(modeling, name, None)
     if not isinstance(cls, type):
-        raise UnsupportedLayoutError(
-            f"{modeling.__name__} has no class {name}: this transformers layout is not "
-            f"supported by vlmkernels.patch"
-        )
+        raise UnsupportedLayoutError(f"{modeling.__name__} has no class {name}")
     return cls
 
 
@@ -247,8 +297,6 @@ def apply_rotary_pos_emb_vision(q, k, cos, sin):
     return vision_rope(q, k, cos, sin)
 
 
-_MARK = "__vlmkernels_patched__"  # on every function patch installs
-
 _TEXT_FUNCTIONS = (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb)
 _VISION_FUNCTIONS = (apply_rotary_pos_emb_vision,)
 
@@ -264,104 +312,39 @@ def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
                                 interleaved, x.dtype)  # fmt: skip
         return position_ids.expand(3, -1, -1), angles
 
-    setattr(forward, _MARK, True)
     return forward
 
 
 # --------------------------------------------------------------------------------------
-# Rebuilding a forward with one global rebound
+# Plans: what each part installs, checked on the classes before anything is installed
 # --------------------------------------------------------------------------------------
 
 
-def _global_loads(code: types.CodeType) -> set[str]:
-    """Names ``code`` (and the code nested in it) loads as globals."""
-    names = {
-        ins.argval
-        for ins in dis.get_instructions(code)
-        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")
-    }
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_loads(const)
-    return names
-
-
-def _params(fn) -> list[str]:
-    return list(inspect.signature(fn).parameters)
-
-
-def _plan_forward(cls: type, candidates) -> tuple[types.FunctionType, object]:
-    """The forward of ``cls`` and the replacement for the one rotary function it calls."""
+def _plan_forward(cls: type, candidates) -> types.FunctionType:
+    """The forward of ``cls`` (decorators included) calling the vlmkernels replacement of
+    the one rotary function its code calls."""
     where = f"{cls.__module__}.{cls.__qualname__}.forward"
-    fn = cls.forward
-    if not isinstance(fn, types.FunctionType):
-        raise UnsupportedLayoutError(f"{where} is not a plain Python function")
-    if hasattr(fn, "__wrapped__"):
-        raise UnsupportedLayoutError(f"{where} is decorated; vlmkernels.patch cannot rebuild it")
+    chain = unwrap(cls.forward, where)
     names = [f.__name__ for f in candidates]
-    called = [f for f in candidates if f.__name__ in _global_loads(fn.__code__)]
+    loads = global_loads(chain[-1].__code__)
+    called = [f for f in candidates if f.__name__ in loads]
     if len(called) != 1:
         raise UnsupportedLayoutError(
-            f"{where} calls {'none' if not called else 'more than one'} of {', '.join(names)}: "
-            f"this transformers layout is not supported by vlmkernels.patch"
+            f"{where} calls {'none' if not called else 'more than one'} of {', '.join(names)}"
         )
-    replacement = called[0]
-    original = fn.__globals__.get(replacement.__name__)
-    if not callable(original) or _params(original) != _params(replacement):
-        raise UnsupportedLayoutError(
-            f"{where} calls {replacement.__name__}, but {fn.__module__}.{replacement.__name__} "
-            f"is not a function with parameters {_params(replacement)}"
-        )
-    return fn, replacement
-
-
-def _rebuild(fn: types.FunctionType, replacement) -> types.FunctionType:
-    """``fn`` over a copy of its globals in which ``replacement``'s name is bound to it."""
-    scope = dict(fn.__globals__)
-    scope[replacement.__name__] = replacement
-    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
-    new.__dict__.update(fn.__dict__)
-    for attr in ("__qualname__", "__doc__", "__annotations__"):
-        setattr(new, attr, getattr(fn, attr))
-    setattr(new, _MARK, True)
-    return new
-
-
-# --------------------------------------------------------------------------------------
-# Slots: instance attributes set by patch, put back by undo
-# --------------------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-@dataclasses.dataclass
-class _Slot:
-    owner: object
-    name: str
-    new: object
-    old: object = _MISSING
-    label: str = ""
-
-    def install(self) -> None:
-        self.old = self.owner.__dict__.get(self.name, _MISSING)
-        self.owner.__dict__[self.name] = self.new
-
-    def intact(self) -> bool:
-        return self.owner.__dict__.get(self.name, _MISSING) is self.new
-
-    def restore(self) -> None:
-        if self.old is _MISSING:
-            del self.owner.__dict__[self.name]
-        else:
-            self.owner.__dict__[self.name] = self.old
+    name = called[0].__name__
+    original = chain[-1].__globals__.get(name)
+    if not callable(original):
+        raise UnsupportedLayoutError(f"{chain[-1].__module__}.{name} is not callable")
+    replacement = adapt_signature(called[0], original, f"{chain[-1].__module__}.{name}")
+    return rebind_global(cls.forward, name, replacement, where)
 
 
 def _forward_slot_name(module, label: str) -> str:
     """``forward``, or ``_old_forward`` where accelerate's hooks own ``forward`` (their
     wrapper calls ``module._old_forward``)."""
     own = module.__dict__
-    if getattr(own.get("forward"), _MARK, False) or getattr(own.get("_old_forward"), _MARK, False):
+    if is_patched(own.get("forward")) or is_patched(own.get("_old_forward")):
         raise AlreadyPatchedError(
             f"{label} is already patched by vlmkernels.patch: undo that handle first"
         )
@@ -376,7 +359,7 @@ def _forward_slot_name(module, label: str) -> str:
     )
 
 
-def _forward_slots(root, cls: type, replacement_for, label: str) -> list[_Slot]:
+def _forward_slots(root, cls: type, candidates, label: str) -> list[Slot]:
     """One slot per instance of ``cls`` in ``root``, its forward rebuilt once per class."""
     rebuilt: dict[type, types.FunctionType] = {}
     slots = []
@@ -387,9 +370,12 @@ def _forward_slots(root, cls: type, replacement_for, label: str) -> list[_Slot]:
         slot_name = _forward_slot_name(module, where)
         kind = type(module)
         if kind not in rebuilt:
-            rebuilt[kind] = _rebuild(*_plan_forward(kind, replacement_for))
-        method = types.MethodType(rebuilt[kind], module)
-        slots.append(_Slot(module, slot_name, method, label=f"{name or '<root>'}.{slot_name}"))
+            rebuilt[kind] = _plan_forward(kind, candidates)
+        slots.append(
+            method_slot(module, slot_name, rebuilt[kind], f"{name or '<root>'}.{slot_name}")
+        )
+    if not slots:
+        raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {type(root).__qualname__}")
     return slots
 
 
@@ -417,7 +403,15 @@ def _mrope_section(rotary) -> tuple[int, int, int]:
     return tuple(int(s) for s in section)
 
 
-def _rotary_slots(root, arch: _Arch, modeling) -> list[_Slot]:
+def _check_rotary_class(cls: type) -> None:
+    params = list(inspect.signature(cls.forward).parameters)
+    if params != ["self", "x", "position_ids"]:
+        raise UnsupportedLayoutError(
+            f"{cls.__module__}.{cls.__qualname__}.forward takes {params[1:]}, not (x, position_ids)"
+        )
+
+
+def _rotary_slots(root, arch: _Arch, modeling) -> list[Slot]:
     """``angles="positions"``: each text rotary module hands positions on, no tables."""
     cls = _class(modeling, arch.text_rotary)
     slots = []
@@ -432,84 +426,216 @@ def _rotary_slots(root, arch: _Arch, modeling) -> list[_Slot]:
             )
         if not isinstance(getattr(module, "inv_freq", None), torch.Tensor):
             raise UnsupportedLayoutError(f"{name} ({cls.__qualname__}) has no inv_freq buffer")
-        if _params(type(module).forward) != ["self", "x", "position_ids"]:
-            raise UnsupportedLayoutError(
-                f"{type(module).__qualname__}.forward does not take (x, position_ids)"
-            )
+        _check_rotary_class(type(module))
         section = _mrope_section(module)
         where = f"text rotary module {name} ({type(module).__qualname__})"
         slot_name = _forward_slot_name(module, where)
         forward = _positions_rotary_forward(section, arch.interleaved)
-        slots.append(_Slot(module, slot_name, types.MethodType(forward, module),
-                           label=f"{name}.{slot_name}"))  # fmt: skip
+        slots.append(method_slot(module, slot_name, _marked(forward), f"{name}.{slot_name}"))
     if not slots:
         raise UnsupportedLayoutError(f"no {cls.__qualname__} found for angles='positions'")
     return slots
 
 
-def _rope_index_slots(root, arch: _Arch, modeling) -> list[_Slot]:
+def _marked(fn):
+    setattr(fn, MARK, True)
+    return fn
+
+
+def _rope_index_slots(root, arch: _Arch, modeling) -> list[Slot]:
     cls = _class(modeling, arch.model)
     slots = []
     for name, module in root.named_modules():
         if not isinstance(module, cls):
             continue
+        label = f"{name or '<root>'}.get_rope_index"
         if "get_rope_index" in module.__dict__:
             raise AlreadyPatchedError(
-                f"{name or '<root>'}.get_rope_index is already set on the instance (by an "
-                f"earlier vlmkernels.patch?)"
+                f"{label} is already set on the instance (by an earlier vlmkernels.patch?)"
             )
         try:
             method = rope_index_method(module)
         except TypeError as exc:  # an overridden or re-signed get_rope_index
-            raise UnsupportedLayoutError(f"{name or '<root>'}.get_rope_index: {exc}") from exc
-        slots.append(_Slot(module, "get_rope_index", method,
-                           label=f"{name or '<root>'}.get_rope_index"))  # fmt: skip
+            raise UnsupportedLayoutError(f"{label}: {exc}") from exc
+        slots.append(Slot(module, "get_rope_index", method, label=label))
+    if not slots:
+        raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {type(root).__qualname__}")
     return slots
+
+
+# --------------------------------------------------------------------------------------
+# get_rope_index as a method of one model instance
+# --------------------------------------------------------------------------------------
+
+_PROBED: dict[type, tuple[str, bool]] = {}
+
+
+def _rope_index_arch(model) -> tuple[type, _Arch]:
+    """The class in ``model``'s MRO that defines the supported ``get_rope_index``."""
+    for cls in type(model).__mro__:
+        match = _MODELING.search(getattr(cls, "__module__", "") or "")
+        arch = _ARCHS.get(match.group(1)) if match else None
+        if arch is not None and cls.__name__ == arch.model:
+            if type(model).get_rope_index is not cls.get_rope_index:
+                raise TypeError(
+                    f"{type(model).__name__} overrides {cls.__name__}.get_rope_index; "
+                    "its semantics are unknown"
+                )
+            return cls, arch
+    inner = getattr(model, "model", None)
+    hint = (
+        f" (pass its .model, a {type(inner).__name__})"
+        if inner is not None and hasattr(type(inner), "get_rope_index")
+        else ""
+    )
+    raise TypeError(
+        f"rope_index_method supports {', '.join(a.model for a in _ARCHS.values())} "
+        f"instances, got {type(model).__name__}{hint}"
+    )
+
+
+def _rope_index_signature(cls, model_type: str) -> inspect.Signature:
+    """The installed signature (with ``self``), checked against the one implemented here."""
+    installed = inspect.signature(cls.get_rope_index)
+    expected = ["self", "input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw"]
+    expected += ["second_per_grid_ts"] if model_type == "qwen2_5_vl" else []
+    expected += ["attention_mask", "kwargs"]
+    plain, empty = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty
+    want = [(n, plain, empty if i < 3 else None) for i, n in enumerate(expected[:-1])]
+    want.append(("kwargs", inspect.Parameter.VAR_KEYWORD, empty))
+    got = [(p.name, p.kind, p.default) for p in installed.parameters.values()]
+    if got != want:
+        raise TypeError(
+            f"unsupported {cls.__name__}.get_rope_index signature {installed}; "
+            f"expected parameters {expected[1:]}"
+        )
+    return installed
+
+
+def installed_semantics(cls, model_type: str) -> tuple[str, bool]:
+    """(text_after_vision, truncate_seconds) of the installed ``cls.get_rope_index``
+    (``model_type`` as :func:`vlmkernels.get_rope_index` takes it), probed once per class
+    (see :func:`_probe`)."""
+    if cls not in _PROBED:
+        _PROBED[cls] = _probe(cls, model_type)
+    return _PROBED[cls]
+
+
+def _probe(cls, model_type: str) -> tuple[str, bool]:
+    """Runs ``cls.get_rope_index`` on one vision run (8, 4, 4), merge 2, then one text token.
+
+    The instance is created without ``__init__`` and carries a default config: a
+    Qwen2/2.5-VL video with seconds 1.5 at 2 tokens per second (Qwen3-VL: an image). The
+    text token lands at 2 under "start_plus_max_hw" and at the largest T + 1 under
+    "max_plus_one"; the largest T is 21 with float seconds and 14 when they are truncated
+    (transformers 5.16-5.17).
+    """
+    qwen2_5, qwen3 = model_type == "qwen2_5_vl", model_type == "qwen3_vl"
+    config = cls.config_class()
+    config.vision_config.spatial_merge_size = 2
+    config.vision_config.tokens_per_second = 2
+    stub = cls.__new__(cls)  # an nn.Module without __init__: only `config` is needed
+    stub.__dict__["config"] = config
+    kind = 1 if qwen3 else 2
+    grid = {"image_grid_thw" if qwen3 else "video_grid_thw": torch.tensor([[8, 4, 4]])}
+    n_vision = 8 * 2 * 2
+    kinds = torch.tensor([[kind] * n_vision + [0]])
+    extra = {"second_per_grid_ts": torch.tensor([1.5])} if qwen2_5 else {}
+    try:
+        positions, _ = cls.get_rope_index(
+            stub, torch.zeros_like(kinds), mm_token_type_ids=kinds, **grid, **extra
+        )
+    except Exception as e:
+        raise TypeError(
+            f"could not probe the installed {cls.__name__}.get_rope_index ({e}); pass "
+            "text_after_vision and truncate_seconds explicitly"
+        ) from e
+    largest_t = int(positions[0, 0, :n_vision].max())
+    text_pos = int(positions[0, 0, -1])
+    if text_pos == 2:
+        rule = "start_plus_max_hw"
+    elif text_pos == largest_t + 1:
+        rule = "max_plus_one"
+    else:
+        raise TypeError(f"unrecognised {cls.__name__}.get_rope_index semantics")
+    return rule, qwen2_5 and largest_t == 14
+
+
+def rope_index_method(
+    model, *, text_after_vision: str | None = None, truncate_seconds: bool | None = None
+) -> Callable:
+    """A drop-in for ``model.get_rope_index``: :func:`vlmkernels.get_rope_index` as a method
+    bound to ``model``, to install with ``model.get_rope_index = rope_index_method(model)``.
+
+    ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
+    ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, or a subclass that does not
+    override it); ``...ForConditionalGeneration`` holds it as ``.model``. Their
+    ``compute_3d_position_ids`` and generation's ``_prepare_position_ids_for_generation`` call
+    ``get_rope_index`` on the instance, so the instance attribute takes over in both.
+
+    The method has the installed signature (``**kwargs`` absorbing what generation passes)
+    and reads ``config.vision_config.spatial_merge_size`` (and ``tokens_per_second``) at each
+    call, as transformers does. ``text_after_vision`` and ``truncate_seconds`` default to what
+    the installed class does (probed once per class). Bound with ``types.MethodType``, it
+    follows the model through ``copy.deepcopy``.
+
+    Raises:
+        TypeError: not a supported class, an overridden method, or another signature
+            (transformers < 5.3 has no ``mm_token_type_ids``).
+    """
+    cls, arch = _rope_index_arch(model)
+    model_type = arch.rope_index
+    signature = _rope_index_signature(cls, model_type)
+    if text_after_vision is not None and text_after_vision not in TEXT_AFTER_VISION:
+        raise ValueError(
+            f"text_after_vision must be one of {TEXT_AFTER_VISION} or None, got "
+            f"{text_after_vision!r}"
+        )
+    if text_after_vision is None or truncate_seconds is None:
+        rule, truncate = installed_semantics(cls, model_type)
+        text_after_vision = rule if text_after_vision is None else text_after_vision
+        truncate_seconds = truncate if truncate_seconds is None else bool(truncate_seconds)
+    options = dict(model_type=model_type, text_after_vision=text_after_vision,
+                   truncate_seconds=truncate_seconds)  # fmt: skip
+
+    def call(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, seconds,
+             attention_mask):  # fmt: skip
+        vision = self.config.vision_config
+        return get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
+            spatial_merge_size=vision.spatial_merge_size, second_per_grid_ts=seconds,
+            tokens_per_second=getattr(vision, "tokens_per_second", None), **options,
+        )  # fmt: skip
+
+    if model_type == "qwen2_5_vl":
+
+        def get_rope_index_(self, input_ids, mm_token_type_ids, image_grid_thw=None,
+                            video_grid_thw=None, second_per_grid_ts=None, attention_mask=None,
+                            **kwargs):  # fmt: skip
+            return call(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                        second_per_grid_ts, attention_mask)  # fmt: skip
+
+    else:
+
+        def get_rope_index_(self, input_ids, mm_token_type_ids, image_grid_thw=None,
+                            video_grid_thw=None, attention_mask=None, **kwargs):  # fmt: skip
+            return call(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                        None, attention_mask)  # fmt: skip
+
+    get_rope_index_.__signature__ = signature
+    get_rope_index_.__name__ = get_rope_index_.__qualname__ = "get_rope_index"
+    get_rope_index_.__doc__ = (
+        f"vlmkernels' vectorised {cls.__name__}.get_rope_index ({text_after_vision}"
+        f"{', truncated seconds' if truncate_seconds else ''})."
+    )
+    return types.MethodType(_marked(get_rope_index_), model)
 
 
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
 
-
-class PatchHandle:
-    """What :func:`patch` returns: :meth:`undo` restores the instance exactly; also a
-    context manager (undo on exit)."""
-
-    def __init__(self, model, slots: list[_Slot]):
-        self.model = model
-        self._slots = slots
-        self.active = True
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        """``<submodule>.<attribute>`` of each instance attribute set by the patch."""
-        return tuple(s.label for s in self._slots)
-
-    def undo(self) -> None:
-        """Put back every instance attribute as it was before :func:`patch` (a second call
-        does nothing). Raises, changing nothing, if one was overwritten in between."""
-        if not self.active:
-            return
-        changed = [s.label for s in self._slots if not s.intact()]
-        if changed:
-            raise RuntimeError(
-                f"vlmkernels.patch: cannot undo, these attributes were changed after patching: "
-                f"{', '.join(changed)}"
-            )
-        for slot in reversed(self._slots):
-            slot.restore()
-        self.active = False
-
-    def __enter__(self) -> PatchHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.undo()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "undone"
-        return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
+PARTS = ("rope", "vision", "rope_index", "positions")
 
 
 def _parts(root, arch: _Arch, modeling, rope: bool, vision: bool, rope_index: bool):
@@ -527,6 +653,26 @@ def _parts(root, arch: _Arch, modeling, rope: bool, vision: bool, rope_index: bo
     )
 
 
+def _layout_error(failures: dict[str, Exception], working: list[str], angles: str):
+    """An :class:`UnsupportedLayoutError` naming each failed part, the installed and tested
+    transformers versions, and the call that still works."""
+    lines = [f"  {part}: {exc}" for part, exc in failures.items()]
+    off = {"rope": "rope=False", "vision": "vision=False", "rope_index": "rope_index=False"}
+    if "positions" in failures and "rope" not in failures:
+        off["positions"] = "angles='table'"
+    fixes = [off[p] for p in failures if p in off]
+    if working and len(fixes) == len(failures):
+        hint = f"still works: vlmkernels.patch(model, {', '.join(fixes)})"
+    else:
+        hint = "no part of vlmkernels.patch applies to this model on this version"
+    return UnsupportedLayoutError(
+        "vlmkernels.patch does not recognise this transformers layout "
+        f"(transformers {_transformers_version()}; tested with {', '.join(TESTED_VERSIONS)}):\n"
+        + "\n".join(lines)
+        + f"\nNothing was changed; {hint}."
+    )
+
+
 def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = True,
           angles: str = "table") -> PatchHandle:  # fmt: skip
     """Run the rotary path of this transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL model
@@ -537,7 +683,7 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
             ``get_rope_index``), a ``...TextModel`` (text only) or a vision tower.
         rope: text attention rotary -> :func:`vlmkernels.rope` / :func:`vlmkernels.mrope`.
         vision: vision attention rotary -> :func:`vlmkernels.vision_rope`.
-        rope_index: ``get_rope_index`` -> ``vlmkernels.ops.rope_index.rope_index_method``.
+        rope_index: ``get_rope_index`` -> :func:`rope_index_method`.
         angles: ``"table"`` (transformers' cos/sin) or ``"positions"`` (angles computed in
             the kernel from the position ids, no cos/sin tables; needs ``rope``).
 
@@ -547,7 +693,8 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     Raises:
         UnsupportedModelError: not one of the supported model classes.
         UnsupportedLayoutError: the installed transformers does not lay the model out as
-            expected (nothing is changed).
+            expected; the message names each part that failed and the call that still
+            works (nothing is changed).
         AlreadyPatchedError: the instance is already patched (undo the first handle).
     """
     if angles not in ("table", "positions"):
@@ -556,25 +703,69 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         raise ValueError("angles='positions' applies to the text rotary path: it needs rope=True")
     arch, modeling = _find_arch(model)
     do_rope, do_vision, do_index = _parts(model, arch, modeling, rope, vision, rope_index)
-    slots: list[_Slot] = []
-    for wanted, cls_name, functions, label in (
-        (do_rope, arch.text_attention, _TEXT_FUNCTIONS, "text attention"),
-        (do_vision, arch.vision_attention, _VISION_FUNCTIONS, "vision attention"),
-    ):
-        if not wanted:
-            continue
-        found = _forward_slots(model, _class(modeling, cls_name), functions, label)
-        if not found:
-            raise UnsupportedLayoutError(
-                f"no {cls_name} module found in {type(model).__qualname__}"
-            )
-        slots += found
-    if do_rope and angles == "positions":
-        slots += _rotary_slots(model, arch, modeling)
-    if do_index:
-        slots += _rope_index_slots(model, arch, modeling)
-    if not slots:
+    if not (do_rope or do_vision or do_index):
         raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
-    for slot in slots:
-        slot.install()
-    return PatchHandle(model, slots)
+    plans = {
+        "rope": lambda: _forward_slots(
+            model, _class(modeling, arch.text_attention), _TEXT_FUNCTIONS, "text attention"
+        ),
+        "vision": lambda: _forward_slots(
+            model, _class(modeling, arch.vision_attention), _VISION_FUNCTIONS, "vision attention"
+        ),
+        "positions": lambda: _rotary_slots(model, arch, modeling),
+        "rope_index": lambda: _rope_index_slots(model, arch, modeling),
+    }
+    wanted = {"rope": do_rope, "vision": do_vision, "rope_index": do_index,
+              "positions": do_rope and angles == "positions"}  # fmt: skip
+    slots: list[Slot] = []
+    failures: dict[str, Exception] = {}
+    working = []
+    for part in PARTS:
+        if not wanted[part]:
+            continue
+        try:
+            slots += plans[part]()
+            working.append(part)
+        except UnsupportedLayoutError as exc:
+            failures[part] = exc
+    if failures:
+        raise _layout_error(failures, working, angles)
+    return install(model, slots)
+
+
+def support() -> dict[str, dict[str, str]]:
+    """What :func:`patch` can do with the installed transformers, from the classes alone:
+    ``{arch: {part: "ok" or the reason it is refused}}`` for each architecture;
+    ``rope_index`` also gives the probed semantics."""
+    report = {}
+    for arch in _ARCHS.values():
+        try:
+            modeling = importlib.import_module(arch.module)
+        except ImportError as exc:
+            report[arch.key] = {"import": f"not importable: {exc}"}
+        else:
+            report[arch.key] = _arch_support(arch, modeling)
+    return report
+
+
+def _arch_support(arch: _Arch, modeling) -> dict[str, str]:
+    checks = {
+        "rope": lambda: _plan_forward(_class(modeling, arch.text_attention), _TEXT_FUNCTIONS),
+        "vision": lambda: _plan_forward(_class(modeling, arch.vision_attention), _VISION_FUNCTIONS),
+        "positions": lambda: _check_rotary_class(_class(modeling, arch.text_rotary)),
+        "rope_index": lambda: _rope_index_summary(_class(modeling, arch.model), arch),
+    }
+    parts = {}
+    for part, check in checks.items():
+        try:
+            result = check()
+            parts[part] = result if isinstance(result, str) else "ok"
+        except (UnsupportedLayoutError, TypeError) as exc:
+            parts[part] = str(exc)
+    return parts
+
+
+def _rope_index_summary(cls, arch: _Arch) -> str:
+    _rope_index_signature(cls, arch.rope_index)
+    rule, truncate = installed_semantics(cls, arch.rope_index)
+    return f"ok ({rule}{', truncated seconds' if truncate else ''})"

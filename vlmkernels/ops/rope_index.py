@@ -56,46 +56,27 @@ with `non_blocking=True`; a Python list of seconds becomes a CPU tensor first. I
 transformers rejects (more vision runs than grids, a run whose length is not t h' w', types
 other than 0/1/2) give unspecified values here instead of an error: checking would need a sync.
 
-Default semantics
------------------
-`text_after_vision=None` and `truncate_seconds=None` mean "what the installed transformers
-does". The first eager call per model type probes the installed class's own `get_rope_index`
-once (cached) on an instance created without `__init__` carrying a default config: a Qwen2/2.5-VL
-video (8, 4, 4) with merge size 2 (Qwen3-VL: an image (8, 4, 4)), seconds 1.5 at 2 tokens per
-second, then one text token. The text token lands at 2 under "start_plus_max_hw" and at the
-largest T + 1 otherwise; the largest T is 21 with float seconds and 14 when they are truncated.
-Without transformers the default is the 5.23 behaviour ("start_plus_max_hw", float seconds).
-Under `torch.compile`, make one eager call first or pass both options explicitly.
+Defaults
+--------
+`text_after_vision="start_plus_max_hw"` and `truncate_seconds=False`: what transformers
+5.23 and newer compute (5.16-5.17 truncate the seconds). The defaults are fixed, whatever
+transformers is installed; the patching layer
+(`vlmkernels.integrations.transformers.rope_index_method`) probes the installed model class
+and passes what it found.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import weakref
-from collections.abc import Callable
+import numbers
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["get_rope_index", "installed_semantics", "rope_index_method", "TEXT_AFTER_VISION"]
+__all__ = ["get_rope_index", "MODEL_TYPES", "TEXT_AFTER_VISION"]
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TEXT_AFTER_VISION = ("start_plus_max_hw", "max_plus_one")
 _TEXT, _IMAGE, _VIDEO = 0, 1, 2
-
-# class name -> (module, semantics). Qwen3VLMoeModel's get_rope_index is Qwen3VLModel's.
-_SUPPORTED = {
-    "Qwen2VLModel": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "qwen2_vl"),
-    "Qwen2_5_VLModel": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "qwen2_5_vl"),
-    "Qwen3VLModel": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "qwen3_vl"),
-    "Qwen3VLMoeModel": ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "qwen3_vl"),
-}
-_CANONICAL = {
-    "qwen2_vl": "Qwen2VLModel",
-    "qwen2_5_vl": "Qwen2_5_VLModel",
-    "qwen3_vl": "Qwen3VLModel",
-}
 
 
 # ----------------------------------------------------------------------------- the computation
@@ -112,31 +93,23 @@ def get_rope_index(
     spatial_merge_size: int,
     second_per_grid_ts: torch.Tensor | list[float] | None = None,
     tokens_per_second: int | float | None = None,
-    text_after_vision: str | None = None,
-    truncate_seconds: bool | None = None,
+    text_after_vision: str = "start_plus_max_hw",
+    truncate_seconds: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE position ids (3, B, S) and rope deltas (B, 1) of a batch; see the module docstring.
 
     `model_type` is "qwen2_vl", "qwen2_5_vl" or "qwen3_vl". `second_per_grid_ts` (one entry per
     video) and `tokens_per_second` are used by "qwen2_5_vl" only, which requires the latter.
-    `text_after_vision` is "start_plus_max_hw" or "max_plus_one"; `truncate_seconds` selects
-    int(second_per_grid_ts) (transformers 5.16-5.17). None (default): the installed
-    transformers' behaviour. No host syncs; the inputs are not modified.
+    `text_after_vision` is "start_plus_max_hw" (transformers >= 5.3, the default) or
+    "max_plus_one" (transformers <= 5.2, vLLM); `truncate_seconds=True` takes
+    int(second_per_grid_ts) as transformers 5.16-5.17 do. No host syncs; the inputs are not
+    modified.
     """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-    if mm_token_type_ids is None:
-        raise ValueError("mm_token_type_ids is required (the processor returns it with input_ids)")
-    if input_ids.dim() != 2 or mm_token_type_ids.shape != input_ids.shape:
-        raise ValueError(
-            f"input_ids and mm_token_type_ids must be (B, S) of one shape, got "
-            f"{tuple(input_ids.shape)} and {tuple(mm_token_type_ids.shape)}"
-        )
-    if model_type == "qwen2_5_vl" and tokens_per_second is None:
-        raise ValueError("model_type='qwen2_5_vl' needs tokens_per_second")
-    text_after_vision, truncate_seconds = _resolve(
-        text_after_vision, truncate_seconds, lambda: installed_semantics(model_type)
-    )
+    _check_arguments(
+        input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
+        model_type, spatial_merge_size, second_per_grid_ts, tokens_per_second,
+        text_after_vision, truncate_seconds,
+    )  # fmt: skip
 
     batch, seq = input_ids.shape
     device = input_ids.device
@@ -187,6 +160,90 @@ def get_rope_index(
     positions = (run_start_pos + rel).where(valid, 0)
     deltas = _deltas(positions, valid)
     return positions.to(input_ids.dtype), deltas
+
+
+def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                     attention_mask, model_type, spatial_merge_size, second_per_grid_ts,
+                     tokens_per_second, text_after_vision, truncate_seconds):  # fmt: skip
+    """Each error names the argument and what was expected (shapes and types only: the
+    values stay on the device)."""
+    op = "get_rope_index"
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{op}: model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if text_after_vision not in TEXT_AFTER_VISION:
+        raise ValueError(
+            f"{op}: text_after_vision must be one of {TEXT_AFTER_VISION}, got {text_after_vision!r}"
+        )
+    if not isinstance(truncate_seconds, bool):
+        raise TypeError(f"{op}: truncate_seconds must be a bool, got {truncate_seconds!r}")
+    if isinstance(spatial_merge_size, bool) or not isinstance(spatial_merge_size, int):
+        raise TypeError(
+            f"{op}: spatial_merge_size must be a positive int, got {spatial_merge_size!r}"
+        )
+    if spatial_merge_size < 1:
+        raise ValueError(
+            f"{op}: spatial_merge_size must be a positive int, got {spatial_merge_size}"
+        )
+    if mm_token_type_ids is None:
+        raise ValueError(
+            f"{op}: mm_token_type_ids is required (the processor returns it with input_ids)"
+        )
+    for name, t in (("input_ids", input_ids), ("mm_token_type_ids", mm_token_type_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a (B, S) tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be (B, S), got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+    if mm_token_type_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"{op}: mm_token_type_ids must have input_ids' shape {tuple(input_ids.shape)}, "
+            f"got {tuple(mm_token_type_ids.shape)}"
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"{op}: attention_mask must be a (B, S) tensor or None, got "
+                f"{type(attention_mask).__name__}"
+            )
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"{op}: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+    for name, grid in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
+        if grid is None:
+            continue
+        if not isinstance(grid, torch.Tensor):
+            raise TypeError(
+                f"{op}: {name} must be an (N, 3) tensor or None, got {type(grid).__name__}"
+            )
+        if grid.dim() != 2 or grid.shape[1] != 3:
+            raise ValueError(
+                f"{op}: {name} must be (N, 3) rows of (t, h, w), got shape {tuple(grid.shape)}"
+            )
+        if grid.dtype.is_floating_point or grid.dtype.is_complex:
+            raise TypeError(f"{op}: {name} must be an integer tensor, got {grid.dtype}")
+    if model_type == "qwen2_5_vl":
+        if tokens_per_second is None:
+            raise ValueError(f"{op}: model_type='qwen2_5_vl' needs tokens_per_second")
+        if isinstance(tokens_per_second, bool) or not isinstance(tokens_per_second, numbers.Real):
+            raise TypeError(f"{op}: tokens_per_second must be a number, got {tokens_per_second!r}")
+    seconds = second_per_grid_ts
+    if seconds is not None:
+        if isinstance(seconds, torch.Tensor):
+            if seconds.dim() > 1 or seconds.dtype.is_complex or seconds.dtype == torch.bool:
+                raise TypeError(
+                    f"{op}: second_per_grid_ts must be a 1-D real tensor (one entry per "
+                    f"video), got {seconds.dtype} of shape {tuple(seconds.shape)}"
+                )
+        elif not isinstance(seconds, (list, tuple)) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in seconds
+        ):
+            raise TypeError(
+                f"{op}: second_per_grid_ts must be a tensor or a list of numbers (one per "
+                f"video), got {seconds!r}"
+            )
 
 
 def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -277,212 +334,3 @@ def _scaled_time(i: torch.Tensor, tau, is_video: torch.Tensor) -> torch.Tensor:
 def _deltas(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     largest = positions.where(valid, -1).amax(dim=(0, 2))
     return (largest + 1 - valid.sum(1)).unsqueeze(1)
-
-
-# ------------------------------------------------------------------- installed-version detection
-
-_DETECTED: dict[str, tuple[str, bool]] = {}
-_PROBED: dict[type, tuple[str, bool]] = {}
-
-
-def _resolve(text_after_vision, truncate_seconds, detect: Callable[[], tuple[str, bool]]):
-    """Fill the options left None from `detect()`."""
-    if text_after_vision is not None and text_after_vision not in TEXT_AFTER_VISION:
-        raise ValueError(
-            f"text_after_vision must be one of {TEXT_AFTER_VISION} or None, "
-            f"got {text_after_vision!r}"
-        )
-    if text_after_vision is None or truncate_seconds is None:
-        rule, truncate = detect()
-        text_after_vision = rule if text_after_vision is None else text_after_vision
-        truncate_seconds = truncate if truncate_seconds is None else truncate_seconds
-    return text_after_vision, bool(truncate_seconds)
-
-
-def installed_semantics(model_type: str) -> tuple[str, bool]:
-    """(text_after_vision, truncate_seconds) of the installed transformers, probed once."""
-    if model_type not in _DETECTED:
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-        cls = _transformers_class(_CANONICAL[model_type])
-        _DETECTED[model_type] = ("start_plus_max_hw", False) if cls is None else _probed(cls)
-    return _DETECTED[model_type]
-
-
-def _probed(cls) -> tuple[str, bool]:
-    if cls not in _PROBED:
-        _PROBED[cls] = _probe(cls)
-    return _PROBED[cls]
-
-
-def _transformers_class(name: str):
-    try:
-        return getattr(importlib.import_module(_SUPPORTED[name][0]), name)
-    except (ImportError, AttributeError):
-        return None
-
-
-def _probe(cls) -> tuple[str, bool]:
-    """Run cls.get_rope_index on one vision run (8, 4, 4) followed by one text token."""
-    model_type = _SUPPORTED[cls.__name__][1]
-    if "mm_token_type_ids" not in inspect.signature(cls.get_rope_index).parameters:
-        raise RuntimeError(
-            f"the installed {cls.__name__}.get_rope_index predates mm_token_type_ids "
-            "(transformers < 5.3): pass text_after_vision and truncate_seconds explicitly"
-        )
-    config = cls.config_class()
-    config.vision_config.spatial_merge_size = 2
-    config.vision_config.tokens_per_second = 2
-    stub = cls.__new__(cls)  # an nn.Module without __init__: only `config` is needed
-    stub.__dict__["config"] = config
-    kind = _IMAGE if model_type == "qwen3_vl" else _VIDEO
-    grid = {"image_grid_thw" if kind == _IMAGE else "video_grid_thw": torch.tensor([[8, 4, 4]])}
-    n_vision = 8 * 2 * 2
-    kinds = torch.tensor([[kind] * n_vision + [_TEXT]])
-    try:
-        positions, _ = cls.get_rope_index(
-            stub,
-            torch.zeros_like(kinds),
-            mm_token_type_ids=kinds,
-            second_per_grid_ts=torch.tensor([1.5]),
-            **grid,
-        )
-    except Exception as e:
-        raise RuntimeError(
-            f"could not probe the installed {cls.__name__}.get_rope_index: pass "
-            "text_after_vision and truncate_seconds explicitly"
-        ) from e
-    largest_t = int(positions[0, 0, :n_vision].max())
-    text_pos = int(positions[0, 0, -1])
-    if text_pos == 2:
-        rule = "start_plus_max_hw"
-    elif text_pos == largest_t + 1:
-        rule = "max_plus_one"
-    else:
-        raise RuntimeError(f"unrecognised {cls.__name__}.get_rope_index semantics")
-    return rule, model_type == "qwen2_5_vl" and largest_t == 14
-
-
-# ------------------------------------------------------------------------ per-model method
-
-
-def rope_index_method(
-    model, *, text_after_vision: str | None = None, truncate_seconds: bool | None = None
-) -> Callable:
-    """A drop-in for `model.get_rope_index`, to install with `model.get_rope_index = ...`.
-
-    `model` is the inner model holding `get_rope_index`: an instance of `Qwen2VLModel`,
-    `Qwen2_5_VLModel` or `Qwen3VLModel` (same method and signature in transformers 5.16.1, 5.17.0
-    and 5.23.0), or `Qwen3VLMoeModel` (whose method is Qwen3VLModel's in 5.23.0), or a subclass
-    that does not override the method. `*ForConditionalGeneration` holds it as `.model`.
-    `Qwen*VLModel.compute_3d_position_ids` calls `self.get_rope_index` and
-    `*ForConditionalGeneration._prepare_position_ids_for_generation` calls
-    `self.model.get_rope_index`, so the instance attribute takes over in both. Another signature
-    (transformers < 5.3 has no mm_token_type_ids) raises TypeError.
-
-    The callable has the installed method's signature (`inspect.signature` equal, `**kwargs`
-    absorbing what generation passes), reads `config.vision_config.spatial_merge_size` (and
-    `tokens_per_second`) from the model at each call as transformers does, and holds the model
-    by a weak reference. Semantics default to the installed transformers' (probed once per class).
-    """
-    cls = _supported_class(model)
-    model_type = _SUPPORTED[cls.__name__][1]
-    signature = _checked_signature(cls, model_type)
-    rule, truncate = _resolve(text_after_vision, truncate_seconds, lambda: _probed(cls))
-    model_ref = weakref.ref(model)
-
-    def options(second_per_grid_ts):
-        vision_config = model_ref().config.vision_config
-        return dict(
-            model_type=model_type,
-            spatial_merge_size=vision_config.spatial_merge_size,
-            second_per_grid_ts=second_per_grid_ts,
-            tokens_per_second=getattr(vision_config, "tokens_per_second", None),
-            text_after_vision=rule,
-            truncate_seconds=truncate,
-        )
-
-    if model_type == "qwen2_5_vl":
-
-        def method(
-            input_ids,
-            mm_token_type_ids,
-            image_grid_thw=None,
-            video_grid_thw=None,
-            second_per_grid_ts=None,
-            attention_mask=None,
-            **kwargs,
-        ):
-            return get_rope_index(
-                input_ids,
-                mm_token_type_ids,
-                image_grid_thw,
-                video_grid_thw,
-                attention_mask,
-                **options(second_per_grid_ts),
-            )
-
-    else:
-
-        def method(
-            input_ids,
-            mm_token_type_ids,
-            image_grid_thw=None,
-            video_grid_thw=None,
-            attention_mask=None,
-            **kwargs,
-        ):
-            return get_rope_index(
-                input_ids,
-                mm_token_type_ids,
-                image_grid_thw,
-                video_grid_thw,
-                attention_mask,
-                **options(None),
-            )
-
-    method.__signature__ = signature
-    method.__name__ = method.__qualname__ = "get_rope_index"
-    method.__doc__ = f"vlmkernels' vectorised {cls.__name__}.get_rope_index ({rule})."
-    return method
-
-
-def _supported_class(model):
-    for cls in type(model).__mro__:
-        if cls.__name__ in _SUPPORTED and cls.__module__ == _SUPPORTED[cls.__name__][0]:
-            if type(model).get_rope_index is not cls.get_rope_index:
-                raise TypeError(
-                    f"{type(model).__name__} overrides {cls.__name__}.get_rope_index; "
-                    "its semantics are unknown"
-                )
-            return cls
-    inner = getattr(model, "model", None)
-    hint = (
-        f" (pass its .model, a {type(inner).__name__})"
-        if inner is not None and hasattr(type(inner), "get_rope_index")
-        else ""
-    )
-    raise TypeError(
-        f"rope_index_method supports {', '.join(_SUPPORTED)} instances, "
-        f"got {type(model).__name__}{hint}"
-    )
-
-
-def _checked_signature(cls, model_type: str) -> inspect.Signature:
-    """The installed signature without `self`, checked against the one `method` implements."""
-    installed = inspect.signature(cls.get_rope_index)
-    params = list(installed.parameters.values())[1:]
-    expected = ["input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw"]
-    expected += ["second_per_grid_ts"] if model_type == "qwen2_5_vl" else []
-    expected += ["attention_mask", "kwargs"]
-    shape = [(p.name, p.kind, p.default) for p in params]
-    want = [
-        (name, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty if i < 2 else None)
-        for i, name in enumerate(expected[:-1])
-    ] + [("kwargs", inspect.Parameter.VAR_KEYWORD, inspect.Parameter.empty)]
-    if shape != want:
-        raise TypeError(
-            f"unsupported {cls.__name__}.get_rope_index signature {installed}; "
-            f"expected parameters {expected}"
-        )
-    return installed.replace(parameters=params)
