@@ -315,6 +315,50 @@ def test_inplace(device, backend):
         vlmkernels.mrope(leaf(q), k, cos, sin, [2, 3, 3], ud, inplace=True)
 
 
+def _aliased_pairs(device):
+    """(name, q, k) where in-place rotation would rotate some element twice or read
+    rotated values: stride-0 expansion over heads, q is k, q and k overlapping views."""
+    base = torch.randn(2, 5, 3, 16, device=device)
+    qkv = torch.randn(2, 5, 6, 16, device=device)
+    expanded = torch.randn(2, 5, 1, 16, device=device).expand(2, 5, 3, 16)
+    k = torch.randn(2, 5, 3, 16, device=device)
+    return [
+        ("q expanded over heads", expanded, k),
+        ("k expanded over heads", k.clone(), expanded[:, :, :1].clone().expand(2, 5, 3, 16)),
+        ("q is k", base, base),
+        ("q and k overlap", qkv[:, :, 0:3], qkv[:, :, 2:5]),
+        ("q overlaps itself", torch.randn(2 * 5 * 3 * 16 + 8, device=device).as_strided(
+            (2, 5, 3, 16), (240, 48, 8, 1)), k),
+    ]  # fmt: skip
+
+
+def test_inplace_refuses_aliased_memory(device, backend):
+    """In place, any aliasing between or within the rotated tensors raises before the
+    kernel runs, and nothing is modified; views of one packed buffer that do not share
+    elements are accepted."""
+    cos = torch.randn(2, 5, 16, device=device)
+    sin = torch.randn_like(cos)
+    for what, q, k in _aliased_pairs(device):
+        storages = {id(t): t.untyped_storage() for t in (q, k)}
+        before = [bytes(st) for st in storages.values()] if device.type == "cpu" else None
+        with pytest.raises(ValueError, match="share memory|more than once"):
+            vlmkernels.rope(q, k, cos, sin, 2, inplace=True)
+        if before is not None:
+            assert [bytes(st) for st in storages.values()] == before, what
+    # the table aliasing q is refused too (it would be read after being rotated)
+    q = torch.randn(2, 5, 3, 16, device=device)
+    with pytest.raises(ValueError, match="share memory"):
+        vlmkernels.rope(q, q[:, :, 1:2].clone(), q[:, :, 0], sin, 2, inplace=True)
+    # q, k from one packed qkv: disjoint elements of one storage
+    qkv = torch.randn(2, 5, 3, 4, 16, device=device)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    expected = vlmkernels.rope(q, k, cos, sin, 2)
+    other = qkv[:, :, 2].clone()
+    vlmkernels.rope(q, k, cos, sin, 2, inplace=True)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+    assert torch.equal(qkv[:, :, 2], other)
+
+
 def test_inputs_not_modified_and_layout_preserved(device, backend):
     q, k, ud = qk_views(2, 5, 3, 2, 16, torch.bfloat16, device, "bhsd")
     cos = torch.randn(*table_shape(q, ud, 16), device=device).to(torch.bfloat16)
@@ -356,6 +400,13 @@ def test_bad_inputs(device):
         (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq[None], [2, 3, 3]),
          ValueError, "1-D"),
         (lambda: vlmkernels.rope(q, k, cos[0], sin[0], unsqueeze_dim=3), ValueError, "heads axis"),
+        (lambda: vlmkernels.rope(q, k, cos[0], sin[0], unsqueeze_dim=1.0), TypeError,
+         "unsqueeze_dim must be an int"),
+        (lambda: vlmkernels.mrope(q, k, cos, sin, [2.5, 3, 2.5]), TypeError,
+         "mrope_section must be a sequence of 3 ints"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq, [2.0, 3.0, 3.0]),
+         TypeError, "mrope_section"),
+        (lambda: vlmkernels.mrope(q, k, cos, sin, 8), TypeError, "mrope_section"),
     ]  # fmt: skip
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):

@@ -35,12 +35,14 @@ strides, with their own head counts. They are viewed as (B, S, H, D) without cop
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import in_forward_backend, remember_backend, resolve_backend
+from .._overlap import check_no_overlap
 from ._common import autotune_configs
 from ._tuning import tuned
 
@@ -461,6 +463,11 @@ def _check_qk(op: str, q, k, unsqueeze_dim: int) -> int:
         )
     if q.device != k.device:
         raise ValueError(f"{op}: q and k must be on the same device, got {q.device} and {k.device}")
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, numbers.Integral):
+        raise TypeError(
+            f"{op}: unsqueeze_dim must be an int (the heads axis of q and k), got {unsqueeze_dim!r}"
+        )
+    unsqueeze_dim = int(unsqueeze_dim)
     if not -q.dim() <= unsqueeze_dim < q.dim() - 1 and unsqueeze_dim != q.dim() - 1:
         raise ValueError(f"{op}: unsqueeze_dim={unsqueeze_dim} is out of range for {q.dim()}-D q")
     head_axis = unsqueeze_dim % q.dim()
@@ -541,10 +548,17 @@ def _check_rotary_dim(op, rot: int, d: int, what: str) -> None:
 
 
 def _check_sections(op, sections, half: int) -> list[int]:
+    if isinstance(sections, torch.Tensor):
+        sections = sections.tolist()
     try:
-        sections = [int(v) for v in sections]
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{op}: mrope_section must be a sequence of 3 ints") from exc
+        values = list(sections)
+    except TypeError as exc:
+        raise TypeError(
+            f"{op}: mrope_section must be a sequence of 3 ints, got {sections!r}"
+        ) from exc
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{op}: mrope_section must be a sequence of 3 ints, got {sections!r}")
+    sections = [int(v) for v in values]
     if len(sections) != 3 or min(sections) < 0:
         raise ValueError(f"{op}: mrope_section must be 3 non-negative ints, got {sections}")
     if sum(sections) != half:
@@ -568,6 +582,7 @@ def _table_op(op, q, k, cos, sin, head_axis, mode, sections, leading, inplace):
             raise RuntimeError(
                 f"{op}: inplace=True is forward-only; use inplace=False when gradients are needed"
             )
+        check_no_overlap(op, {"q": q, "k": k}, read={"cos": cos, "sin": sin})
         torch.ops.vlmkernels.rope_table_(q_v, k_v, cos_v, sin_v, mode, sections)
         return q, k
     out_q, out_k = torch.ops.vlmkernels.rope_table(q_v, k_v, cos_v, sin_v, mode, sections, False)
