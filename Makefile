@@ -5,25 +5,62 @@
 # Both create .venv on first use. Where the Python given by PYTHON already has torch and
 # triton (a GPU machine, possibly offline), the venv reuses them and nothing is downloaded;
 # otherwise torch==2.13.0 (a CPU wheel) and triton are installed.
+#
+# `make test` runs the tests twice for transformers: the whole suite with the newest release
+# (what `pip install transformers` gives users today), then the patching and get_rope_index
+# tests again with the oldest supported releases, each installed with `pip --target` into
+# .venv/transformers-<version> and put first on PYTHONPATH.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The oldest transformers of each rotary layout: 5.16 (apply_multimodal_rotary_pos_emb) and
+# 5.17 (the GPU machine's; merged tables).
+OLD_TRANSFORMERS ?= 5.16.1 5.17.0
+OLD_TF_DIRS := $(foreach v,$(OLD_TRANSFORMERS),$(VENV)/transformers-$(v)/.installed)
+TRANSFORMERS_TESTS := tests/test_patch_transformers.py tests/test_rope_index.py
 
-.PHONY: bench test lint clean
+.PHONY: bench test test-old-transformers lint clean
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-old-transformers
+
+test-old-transformers: $(OLD_TF_DIRS)
+	@set -e; for v in $(OLD_TRANSFORMERS); do \
+		dir=$(VENV)/transformers-$$v; \
+		if [ -f $$dir/.unavailable ]; then echo "transformers $$v: not installable here, skipped"; continue; fi; \
+		echo "== the transformers tests again with transformers $$v"; \
+		PYTHONPATH=$$dir $(PY) -m pytest -q $(TRANSFORMERS_TESTS); \
+	done
+
+# transformers <version> and what it needs that the venv lacks (huggingface-hub 1.x, httpx),
+# without a second numpy or typing_extensions shadowing the venv's. Offline (the GPU
+# machine) the directory is marked unavailable and the second run is skipped.
+$(VENV)/transformers-%/.installed: | $(STAMP)
+	@set -e; dir=$(VENV)/transformers-$*; rm -rf $$dir; \
+	if $(PIP) --target $$dir "transformers==$*" >$(VENV)/transformers-$*.log 2>&1; then \
+		rm -rf $$dir/numpy $$dir/numpy.libs $$dir/numpy-*.dist-info \
+			$$dir/typing_extensions.py $$dir/typing_extensions-*.dist-info $$dir/bin; \
+	else \
+		mkdir -p $$dir; touch $$dir/.unavailable; \
+		echo "transformers $* could not be installed (see $(VENV)/transformers-$*.log)"; \
+	fi; \
+	touch $$dir/.installed
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff
+	$(PIP) ruff
 	$(PY) -m ruff check vlmkernels tests benchmarks
 	$(PY) -m ruff format --check vlmkernels tests benchmarks
 
+# open_clip_torch is not installed (its dependencies pull torchvision and a CUDA torch): the
+# tests compare against its loss.py, which imports only torch, extracted from the wheel into
+# $(VENV)/open_clip/loss.py.
 $(STAMP): pyproject.toml setup.py Makefile
 	@set -e; \
 	if $(PYTHON) -c "import torch, triton" 2>/dev/null; then \
@@ -31,21 +68,20 @@ $(STAMP): pyproject.toml setup.py Makefile
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 		$(PYTHON) -m venv $(VENV); \
-		$(PY) -m pip install -q --upgrade "setuptools>=64" wheel; \
-		$(PY) -m pip install -q "torch==2.13.0"; \
-		$(PY) -m pip install -q "triton>=3.6,<3.10"; \
+		$(PIP) --upgrade "setuptools>=64" wheel; \
+		$(PIP) "torch==2.13.0"; \
+		$(PIP) "triton>=3.6,<3.10"; \
 	fi; \
-	$(PY) -m pip install -q -e . --no-deps --no-build-isolation; \
-	$(PY) -c "import pytest, numpy" 2>/dev/null || $(PY) -m pip install -q pytest numpy; \
-	$(PY) -m pip show -q open_clip_torch >/dev/null 2>&1 || \
-		$(PY) -m pip install -q --no-deps open_clip_torch || \
-		echo "open_clip_torch not installed: the open_clip parity tests will be skipped"; \
-	$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install -q transformers || \
+	$(PIP) -e . --no-deps --no-build-isolation; \
+	$(PY) -c "import pytest, numpy" 2>/dev/null || $(PIP) pytest numpy; \
+	$(PY) -c "import transformers" 2>/dev/null || $(PIP) transformers || \
 		echo "transformers not installed: the model-patching tests will be skipped"; \
-	$(PY) -c "import pynvml" 2>/dev/null || $(PY) -m pip install -q nvidia-ml-py || true; \
+	$(PY) -c "import pynvml" 2>/dev/null || $(PIP) nvidia-ml-py || true; \
 	$(PY) -c "import tqdm, matplotlib, pytest_benchmark" 2>/dev/null || \
-		$(PY) -m pip install -q tqdm matplotlib pytest-benchmark || \
+		$(PIP) tqdm matplotlib pytest-benchmark || \
 		echo "tqdm/matplotlib/pytest-benchmark not installed: no progress bar, no charts"; \
+	$(PY) scripts/open_clip_loss.py $(VENV)/open_clip || \
+		echo "open_clip's loss.py not found: the open_clip parity tests will be skipped"; \
 	touch $(STAMP)
 
 clean:
