@@ -87,7 +87,18 @@ import torch
 import torch.nn.functional as F
 
 from . import bench_contrastive as bc
-from .harness import BuildArgs, Case, OpSpec, Prepared, Provider, Results, RunConfig, Skip, Suite
+from .harness import (
+    CPU_QUICK,
+    BuildArgs,
+    Case,
+    OpSpec,
+    Prepared,
+    Provider,
+    Results,
+    RunConfig,
+    Skip,
+    Suite,
+)
 
 RING_MODULE = "vlmkernels.distributed.ring"
 ITC_SCALE = 1 / 0.07
@@ -377,7 +388,10 @@ def queue_nbytes(op: str):
 
 
 def grids(profile: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """(ring grid, queue grid) of a profile."""
+    """(ring grid, queue grid) of a profile (``cpu-quick``: the first value of each key of
+    each ``cpu`` grid)."""
+    if profile == CPU_QUICK:
+        return tuple({k: v[:1] for k, v in g.items()} for g in grids("cpu"))
     if profile == "cpu":
         return {"N": [512, 2048], "d": [768]}, {"b": [64], "Q": [2048], "d": [256]}
     if profile == "quick":
@@ -417,6 +431,9 @@ def shape_list(profile: str, overrides: Mapping[str, Sequence[int]]) -> list[dic
 @dataclass(frozen=True)
 class DistSuite(Suite):
     """A suite whose ops come in two groups with their own shape grids."""
+
+    def sweep(self, profile: str) -> dict[str, list[int]]:
+        return grid(profile)
 
     def shapes(self, profile: str, overrides: Mapping[str, Sequence[int]]) -> list[dict]:
         return shape_list(profile, overrides)
@@ -508,7 +525,7 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
             lines.append(f"  {op} {_s(shape)}: " + "; ".join(parts))
     if cfg.device.type != "cuda":
         lines.append(
-            "  (no CUDA device: CPU quick suite, fp32, small shapes: the torch backend and a "
+            "  (no CUDA device: a CPU sweep, fp32, small shapes: the torch backend and a "
             "gloo group; the H100 shapes are in the module docstring)"
         )
     return lines

@@ -685,7 +685,7 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
         lines += _backend_comparison(results)
     else:
         lines.append(
-            "  (no CUDA device: this run was the CPU quick suite, whose shapes and dtype "
+            "  (no CUDA device: this run was a CPU sweep, whose shapes and dtype "
             "differ from the targets')"
         )
     return lines

@@ -169,4 +169,5 @@ SUITE = Suite(
     x_name="B",
     default_modes=("fwd",),
     summarize=summarize,
+    modes=("fwd",),  # integer positions: nothing to differentiate
 )

@@ -10,7 +10,7 @@ The harness's own timing (``triton.testing.do_bench`` on CUDA) of the same call 
 
 Options (each also read from an environment variable, the option winning):
 
-- ``--bench-profile cpu|quick|full`` (``VLMKERNELS_BENCH_PROFILE``)
+- ``--bench-profile cpu|cpu-quick|quick|full`` (``VLMKERNELS_BENCH_PROFILE``)
 - ``--bench-ops a,b``: families or op names (``VLMKERNELS_BENCH_OPS``)
 - ``--bench-providers a,b`` (``VLMKERNELS_BENCH_PROVIDERS``)
 - ``--bench-shape KEY=V1,V2`` (repeatable; ``VLMKERNELS_BENCH_SHAPE="N=64;d=32"``): replaces
@@ -60,7 +60,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-providers", help="comma-separated provider names (default: all)")
     g.addoption("--bench-shape", action="append", default=[], metavar="KEY=V1,V2",
                 help="replace KEY's values in the suites that have it (repeatable)")  # fmt: skip
-    g.addoption("--bench-modes", help="subset of fwd,fwd+bwd (default: the suite's)")
+    g.addoption("--bench-modes", help="subset of fwd,fwd+bwd (default: the suite's; each "
+                "suite leaves out those it cannot time)")  # fmt: skip
     g.addoption("--bench-dtype", choices=sorted(DTYPES), help="default: bf16 GPU, fp32 CPU")
     g.addoption("--bench-compile-backend", help="torch.compile backend (default inductor)")
 
@@ -109,17 +110,19 @@ def collect_cases(config) -> list[BenchCase]:
         ops = [op for op in suite.ops if _selected(suite, op, wanted)]
         if not ops:
             continue
-        grid = suite.grid(profile)
+        grid = suite.sweep(profile)
         shapes = suite.shapes(profile, {k: v for k, v in overrides.items() if k in grid})
         dtype = DTYPES[dtype_name] if dtype_name else suite.default_dtype(DEVICE)
         suite_modes = [m for m in TIMED_MODES if m in suite.default_modes or m == "fwd+bwd"
                        and "bwd" in suite.default_modes]  # fmt: skip
+        # a requested mode the suite cannot time (fwd+bwd of get_rope_index) is left out
+        suite_modes = [m for m in modes or suite_modes if m in suite.modes]
         for op in ops:
             for shape in shapes:
                 for p in op.providers:
                     if providers and p.name not in providers:
                         continue
-                    for mode in modes or suite_modes:
+                    for mode in suite_modes:
                         cases.append(BenchCase(suite, op, p, shape, mode, dtype))
     return cases
 

@@ -3,7 +3,9 @@
 Vocabulary:
 
 - A *suite* (one module ``benchmarks/bench_<family>.py`` defining ``SUITE``) holds the ops of
-  one family, the shape grid of each profile (``cpu``, ``quick``, ``full``) and a summary.
+  one family, the shape grid of each profile (``cpu``, ``quick``, ``full``; ``cpu-quick`` is
+  the first value of every key of the ``cpu`` grid), the modes it can time, its default
+  modes, and a summary.
 - An *op* (:class:`OpSpec`) has providers, a FLOP model and a byte model.
 - A *provider* (:class:`Provider`) builds the inputs of one shape and the function to time
   (:class:`Prepared`); it may be unavailable on this machine (a reason is recorded) or refuse
@@ -38,7 +40,8 @@ from .timing import Timing, call_ms, peak_memory_mib, time_fn
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 TIMED_MODES = ("fwd", "fwd+bwd")
-PROFILES = ("cpu", "quick", "full")
+CPU_QUICK = "cpu-quick"
+PROFILES = ("cpu", CPU_QUICK, "quick", "full")
 
 UNITS = {
     "ms": "ms",
@@ -125,7 +128,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Suite:
-    """One op family. grid(profile) gives the values of each shape key (a cartesian sweep);
+    """One op family. grid(profile) gives the values of each shape key (a cartesian sweep)
+    of the profiles ``cpu``, ``quick`` and ``full``; ``modes`` are the modes the suite can
+    time (a forward-only op has no backward), ``default_modes`` those it times unless asked;
     summarize(results, config) returns the lines printed after the tables."""
 
     name: str
@@ -135,12 +140,27 @@ class Suite:
     reference: str = "vlmkernels"
     default_modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     summarize: Callable[[Results, RunConfig], list[str]] | None = None
+    modes: tuple[str, ...] = MODES
+
+    def __post_init__(self):
+        if not set(self.default_modes) <= set(self.modes) <= set(MODES):
+            raise ValueError(
+                f"suite {self.name}: default_modes {self.default_modes} must be among its "
+                f"modes {self.modes}, and those among {MODES}"
+            )
 
     def default_dtype(self, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
 
+    def sweep(self, profile: str) -> dict[str, list[int]]:
+        """{shape key: values} of ``profile``; ``cpu-quick``: the first value of each key
+        of the ``cpu`` grid (one shape, the smallest CPU sweep)."""
+        if profile == CPU_QUICK:
+            return {k: list(v[:1]) for k, v in self.grid("cpu").items()}
+        return dict(self.grid(profile))
+
     def shapes(self, profile: str, overrides: Mapping[str, Sequence[int]]) -> list[dict]:
-        grid = dict(self.grid(profile))
+        grid = self.sweep(profile)
         for key, values in overrides.items():
             if key not in grid:
                 raise KeyError(f"suite {self.name} has no shape key {key!r} (keys: {list(grid)})")
