@@ -277,6 +277,31 @@ def wrong_rank(rank, n, oc, vk):
     raise_problems(rank, problems)
 
 
+def second_order(rank, n, oc, vk):
+    """First-order gradients with create_graph=True match those without; differentiating
+    them (next to a differentiable term) raises on every rank instead of coming out partial
+    (test_contrastive_grad2.py for the single-process losses)."""
+    x, y = features(rank, B)
+    kw = dict(rank=rank, world_size=n)
+    modules = (
+        vk.nn.ClipLoss(local_loss=True, gather_with_grad=True, **kw),
+        vk.nn.ClipLoss(**kw),
+        vk.nn.SigLipLoss(dist_impl="bidir", **kw),
+        vk.nn.SigLipLoss(dist_impl="gather", **kw),
+    )
+    problems = []
+    for module in modules:
+        xi, yi = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        ls = torch.tensor(math.log(10.0), requires_grad=True)
+        (plain,) = torch.autograd.grad(module(xi, yi, ls.exp(), -1.0), xi)
+        (gx,) = torch.autograd.grad(module(xi, yi, ls.exp(), -1.0), xi, create_graph=True)
+        if not rel_err(gx, plain) < TOL:
+            problems.append(f"{module}: create_graph changed the gradient")
+        expect_error(problems, lambda: torch.autograd.grad((gx * gx).sum() + ls * ls, ls),  # noqa: B023
+                     NotImplementedError, "second-order gradients")  # fmt: skip
+    raise_problems(rank, problems)
+
+
 CASES = {}
 for _local in (False, True):
     for _grad in (False, True):
@@ -294,6 +319,7 @@ CASES["error-siglip-unequal-sizes"] = siglip_unequal_sizes
 CASES["error-dims-differ"] = dims_differ
 CASES["error-bad-features-on-one-rank"] = bad_features_on_one_rank
 CASES["error-wrong-rank"] = wrong_rank
+CASES["error-second-order"] = second_order
 CASES["after-errors-clip-local1-gathergrad1"] = clip_parity(True, True, True)
 CASES["after-errors-siglip-bidir"] = siglip_parity("bidir")
 

@@ -281,6 +281,26 @@ def _errors_job(rank, world):
     _expect(report, "not_a_group", TypeError, "ProcessGroup",
             lambda: clip(*feats(), group="world"))  # fmt: skip
 
+    def second_order(loss):
+        """First-order gradients with create_graph=True as without it; a gradient of them
+        (next to a differentiable term, which a graph-less gradient would leave alone)
+        raises on every rank instead of coming out partial."""
+        x, y = feats(grad=True)
+        s = torch.tensor(10.0, requires_grad=True)
+        if loss == "clip":
+            fn = lambda: vk.clip_loss(x, y, s, process_group=group)  # noqa: E731
+        else:
+            fn = lambda: vk.siglip_loss(x, y, s, -5.0, process_group=group)  # noqa: E731
+        (plain,) = torch.autograd.grad(fn(), x)
+        (gx,) = torch.autograd.grad(fn(), x, create_graph=True)
+        _assert_close("first-order gradient under create_graph", gx, plain, 1e-12)
+        torch.autograd.grad((gx * gx).sum() + s * s, s)
+
+    _expect(report, "clip_second_order", NotImplementedError, "clip_loss: second-order",
+            lambda: second_order("clip"))  # fmt: skip
+    _expect(report, "siglip_second_order", NotImplementedError, "siglip_loss: second-order",
+            lambda: second_order("siglip"))  # fmt: skip
+
     real = torch.compiler.is_compiling
     torch.compiler.is_compiling = lambda: True
     try:
@@ -407,6 +427,8 @@ ERRORS = [
     "reduction_mismatch",
     "different_losses",
     "not_a_group",
+    "clip_second_order",
+    "siglip_second_order",
     "while_tracing",
     "compile_fullgraph",
     "good_call_after_errors",

@@ -55,7 +55,9 @@ slice of the gradient of the global loss, as the single-process loss on the conc
 batch gives; scale and bias receive the full gradient of the global loss on every rank.
 Under DDP (gradients averaged over the n ranks) the encoders therefore get 1/n of the
 single-process gradient and the scale / bias the full one: see :func:`clip_loss_ring` for
-what to do about the learnable scale.
+what to do about the learnable scale. Second-order gradients are not implemented: after a
+backward with ``create_graph=True`` (which works), differentiating the gradients raises
+NotImplementedError on every rank, before any communication.
 
 Not traced by torch.compile: the functions are wrapped in ``torch.compiler.disable`` (a
 compiled caller graph-breaks around them and runs them eagerly; ``fullgraph=True`` fails
@@ -69,7 +71,6 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from .._backend import in_forward_backend, remember_backend
 from ..ops.contrastive import (
@@ -77,6 +78,7 @@ from ..ops.contrastive import (
     Targets,
     block_grads,
     block_stats,
+    first_order_only,
     siglip_block_grads,
     siglip_block_rows,
 )
@@ -420,7 +422,7 @@ class _ClipRing(torch.autograd.Function):
         return total.to(losses.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("clip_loss")
     @in_forward_backend
     def backward(ctx, grad):
         x, y, scale, bias, ids, row_state, col_state = ctx.saved_tensors
@@ -559,7 +561,7 @@ class _SiglipRing(torch.autograd.Function):
         return total.to(rows.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("siglip_loss")
     @in_forward_backend
     def backward(ctx, grad):
         x, y, scale, bias, *saved = ctx.saved_tensors

@@ -72,6 +72,10 @@ that inputs a mode cannot take (unequal batch sizes where they must be equal, fe
 dims or dtypes that differ, a wrong ``rank`` / ``world_size``) raise the same ValueError on
 every rank instead of hanging in an exchange; reading the shapes back is one host
 synchronisation per call. Horovod is not supported.
+
+Gradients are first order only, as in the fused ops: after a backward with
+``create_graph=True`` (which works), differentiating the gradients raises
+NotImplementedError on every rank.
 """
 
 from __future__ import annotations
@@ -83,9 +87,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
+from ..ops.contrastive import clip_loss, contrastive_cross_entropy, first_order_only, siglip_loss
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+# the exchanges' backwards communicate: not differentiable again (the losses' are not either)
+_first_order_only = first_order_only("vlmkernels.nn.ClipLoss / SigLipLoss exchanges")
 
 
 # --------------------------------------------------------------------------------------
@@ -260,6 +266,7 @@ class _GatherRows(torch.autograd.Function):
         return _all_gather_rows(tensor, world)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad):
         return _reduce_scatter_rows(grad, ctx.world), None
 
@@ -286,6 +293,7 @@ class _Shift(torch.autograd.Function):
         return _send_recv([(tensor, to_rank)], [(tensor, from_rank)])[0]
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad):
         from_rank, to_rank = ctx.peers
         return _send_recv([(grad, from_rank)], [(grad, to_rank)])[0], None, None
@@ -305,6 +313,7 @@ class _ShiftBoth(torch.autograd.Function):
         return from_right, from_left
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_from_right, grad_from_left):
         left, right = ctx.peers
         grad_to_left, grad_to_right = _send_recv(
@@ -332,6 +341,7 @@ class _BroadcastEach(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, *grads):
         mine = None
         for dst, g in enumerate(grads):

@@ -1311,6 +1311,60 @@ def _ce_backward(
     return dx.to(x.dtype), dy.to(y.dtype), *_scalar_grads(ds, db, scale, bias)
 
 
+class _SecondOrderNotImplemented(torch.autograd.Function):
+    """Returns its first ``n`` tensor arguments (first-order gradients); the others are
+    what they depend on, so that differentiating them reaches this node, which raises."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(ctx.message)
+
+
+def first_order_only(op: str):
+    """Decorates an autograd ``backward(ctx, *grads)`` whose gradients are not themselves
+    differentiable (fused kernels, gradients saved by the forward pass, collectives).
+
+    Under ``create_graph=True`` the gradients it returns hang from a node that depends on
+    the saved tensors and the upstream gradients and raises NotImplementedError naming
+    ``op`` when anything differentiates them: a second-order gradient raises at the second
+    backward instead of coming out silently 0 or partial (as from a backward whose saved
+    gradients are constants to autograd). Without ``create_graph`` nothing changes.
+    """
+    message = (
+        f"{op}: second-order gradients (differentiating a gradient obtained with "
+        "create_graph=True) are not implemented by vlmkernels' fused kernels; compute such "
+        "terms with a differentiable formula instead"
+    )
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            single = not isinstance(out, tuple)
+            out = [out] if single else list(out)
+            where = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
+            sources = [t for t in (*ctx.saved_tensors, *grads)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+            tied = _SecondOrderNotImplemented.apply(
+                message, len(where), *(out[i].detach() for i in where), *sources
+            )
+            for i, g in zip(where, tied, strict=True):
+                out[i] = g
+            return out[0] if single else tuple(out)
+
+        return wrapped
+
+    return decorate
+
+
 def _requested(ctx, grads, has_bias: bool, n_non_tensor_args: int):
     """(dx, dy, dscale, dbias) where autograd asked for them, None elsewhere, then None
     for the trailing non-tensor arguments of the op."""
@@ -1342,6 +1396,7 @@ def _ce_setup_context(ctx, inputs, output):
     remember_backend(ctx)
 
 
+@first_order_only("clip_loss / contrastive_cross_entropy")
 @in_forward_backend
 def _ce_backward_autograd(ctx, grad_rows, grad_cols, _grad_row_state, _grad_col_state):
     *tensors, row_state, col_state = ctx.saved_tensors
@@ -1407,6 +1462,7 @@ def _siglip_setup_context(ctx, inputs, output):
     remember_backend(ctx)
 
 
+@first_order_only("siglip_loss")
 @in_forward_backend
 def _siglip_backward(ctx, grad_rows):
     x, y, scale, bias = ctx.saved_tensors
@@ -1452,6 +1508,7 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[3] is not None
 
 
+@first_order_only("siglip_loss")
 def _fused_backward(ctx, grad_loss, *_unused):
     grads = tuple(grad_loss * g for g in ctx.saved_tensors)
     return _requested(ctx, grads, ctx.has_bias, 3)
@@ -1578,6 +1635,9 @@ def clip_loss(
     Returns:
         The loss in the features' dtype (computed in fp32); under autocast, fp32 features
         are cast to the autocast dtype and the loss is fp32, as open_clip's would be.
+
+    Second-order gradients are not implemented: a backward with ``create_graph=True``
+    gives the first-order gradients, and differentiating those raises NotImplementedError.
     """
     op = "clip_loss"
     try:
@@ -1642,7 +1702,8 @@ def contrastive_cross_entropy(
     ``teacher_queries`` (and ``teacher_keys``, default ``keys``): ALBEF's distillation.
 
     Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``).
-    Gradients flow to queries, keys (where they require grad), scale and bias.
+    Gradients flow to queries, keys (where they require grad), scale and bias; first order
+    only, as :func:`clip_loss`.
 
     A query with no positive key (no ``key_ids`` equal to its id, or ``i + offset`` outside
     0 .. N - 1) has no target unless ``alpha = 1``: its loss is NaN, and so are the mean,
@@ -1720,6 +1781,8 @@ def siglip_loss(
 
     When a scalar loss needs gradients, they are computed in the forward pass (no
     recomputation of the logits) and the backward pass scales them by the upstream gradient.
+    Second-order gradients are not implemented: differentiating the gradients of a backward
+    with ``create_graph=True`` raises NotImplementedError (it never gives 0).
     """
     try:
         x, y, scale, bias, chunk, out_dtype = _prepare(
