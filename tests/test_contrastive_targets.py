@@ -345,3 +345,88 @@ def test_clip_ids_every_row_matches_itself(device, backend):
     compare(ours, ref, [x, y, s], [xr, yr, sr])
     rows = vlmkernels.clip_loss(x, y, s, ids=ids % 5, reduction="none")
     assert torch.isfinite(rows).all()
+
+
+# ------------------------------------------------------------------ argument errors
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Every kernel (and PyTorch-path) entry point fails the test if it is reached: the
+    argument errors below must come before any launch."""
+    from vlmkernels.ops import contrastive as C
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the argument checks")
+
+    for name in ("block_stats", "_block_grads_triton", "_block_grads_torch",
+                 "_siglip_rows_triton", "_siglip_rows_torch", "_siglip_grads_triton",
+                 "_siglip_grads_torch"):  # fmt: skip
+        monkeypatch.setattr(C, name, launched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("which", ["both", "queries", "keys"])
+def test_cross_entropy_rejects_float8(dtype, which, device, no_launch):
+    """float8 features are rejected like clip_loss's, naming the argument, the accepted
+    dtypes and the one given (each tensor is checked before the pair)."""
+    q, k = feats(19, 24, device), feats(47, 24, device)
+    args = {"queries": q, "keys": k}
+    for name in args:
+        if which in (name, "both"):
+            args[name] = args[name].to(dtype)
+    named = "keys" if which == "keys" else "queries"
+    accepted = r"\(float16, bfloat16, float32, float64\)"
+    match = rf"contrastive_cross_entropy: {named} must be a floating tensor {accepted}, got {dtype}"
+    with pytest.raises(TypeError, match=match):
+        vlmkernels.contrastive_cross_entropy(args["queries"], args["keys"], 10.0)
+    with pytest.raises(TypeError, match=rf"clip_loss: image_features .* {accepted}, got {dtype}"):
+        vlmkernels.clip_loss(q.to(dtype), q.to(dtype), 10.0)
+
+
+def test_argument_errors_name_the_argument(device, no_launch):
+    """Each bad argument raises, before any launch, an error that names it and says what
+    was expected (and, where it helps, what was given)."""
+    q, k = feats(19, 24, device), feats(47, 24, device)
+    x, y = feats(8, 24, device), feats(8, 24, device)
+    ce, clip, siglip = (vlmkernels.contrastive_cross_entropy, vlmkernels.clip_loss,
+                        vlmkernels.siglip_loss)  # fmt: skip
+    long = dict(dtype=torch.long, device=device)
+    cases = [
+        (lambda: ce(q, k.double(), 1.0), TypeError,
+         "queries and keys must have the same dtype, got torch.float32 and torch.float64"),
+        (lambda: ce(q, k.to("meta"), 1.0), ValueError, "queries and keys must be on the same"),
+        (lambda: ce(q, k[:, :0], 1.0), ValueError, "keys has feature dim 0"),
+        (lambda: ce(q[0], k, 1.0), ValueError, r"queries must be 2-D \(batch, dim\), got"),
+        (lambda: ce(q, k, 1.0, offset=1.5), TypeError, "offset must be an int, got 1.5"),
+        (lambda: ce(q, k, 1.0, offset="3"), TypeError, "offset must be an int, got '3'"),
+        (lambda: ce(q, k, 1.0, label_smoothing="a"), TypeError,
+         r"label_smoothing must be a float in \[0, 1\), got 'a'"),
+        (lambda: ce(q, k, 1.0, alpha=None), TypeError, r"alpha must be a float in \[0, 1\]"),
+        (lambda: ce(q, k, 1.0, alpha=1.5), ValueError, r"alpha must be in \[0, 1\], got 1.5"),
+        (lambda: ce(q, k, 1.0, teacher_queries=q[:4], alpha=0.5), ValueError,
+         r"teacher_queries must be a tensor shaped like the features \(\(19, 24\), "
+         r"torch.float32\), got \(\(4, 24\), torch.float32\)"),
+        (lambda: ce(q, k, 1.0, teacher_queries=q, teacher_keys=k.double(), alpha=0.5),
+         ValueError, "teacher_keys must be a tensor shaped like the features"),
+        (lambda: ce(q, k, 1.0, query_ids=torch.zeros(19, device=device),
+                    key_ids=torch.zeros(47, **long)), TypeError,
+         "query_ids must be an integer tensor, got torch.float32"),
+        (lambda: ce(q, k, 1.0, query_ids=torch.zeros(19, **long),
+                    key_ids=torch.zeros(46, **long)), ValueError,
+         r"key_ids must have shape \(47,\), got \(46,\)"),
+        (lambda: clip(x, y, 1.0, label_smoothing="0.1"), TypeError,
+         "clip_loss: label_smoothing must be a float"),
+        (lambda: clip(x, y, 1.0, teacher=(x.double(), y), alpha=0.5), ValueError,
+         r"clip_loss: teacher\[0\] must be a tensor shaped like the features .*, got "
+         r"\(\(8, 24\), torch.float64\)"),
+        (lambda: clip(x, y, 1.0, teacher=[x], alpha=0.5), TypeError,
+         r"clip_loss: teacher must be a pair \(image, text\) of feature tensors, got list"),
+        (lambda: clip(x, y, 1.0, ids=[0] * 8), TypeError,
+         "clip_loss: ids must be an integer tensor, got list"),
+        (lambda: siglip(x, y, 1.0, 0.0, negative_only="yes"), TypeError,
+         "siglip_loss: negative_only must be True or False, got 'yes'"),
+    ]  # fmt: skip
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()

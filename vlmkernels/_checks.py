@@ -13,44 +13,72 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
+def check_features(op: str, t, name: str) -> None:
+    """One (N, d) floating tensor of an accepted dtype (:data:`FLOAT_DTYPES`), N and d > 0."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be a floating tensor ({_dtype_names(FLOAT_DTYPES)}), got {t.dtype}"
+        )
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} is empty (batch size 0); the loss is undefined")
+    if t.shape[1] == 0:
+        raise ValueError(f"{op}: {name} has feature dim 0")
+
+
+def check_compatible(op: str, a: torch.Tensor, b: torch.Tensor, names) -> None:
+    """Two feature tensors with the same feature dim, dtype and device."""
+    for what, va, vb, exc in (
+        ("feature dim", a.shape[1], b.shape[1], ValueError),
+        ("dtype", a.dtype, b.dtype, TypeError),
+        ("device", a.device, b.device, ValueError),
+    ):
+        if va != vb:
+            verb = "be on" if what == "device" else "have"
+            raise exc(f"{op}: {names[0]} and {names[1]} must {verb} the same {what}, "
+                      f"got {va} and {vb}")  # fmt: skip
+
+
 def check_feature_pair(
     op: str, a: torch.Tensor, b: torch.Tensor, names=("image_features", "text_features")
 ):
     """Two (N, d) floating tensors with the same N, d, dtype and device, N and d > 0."""
     for t, name in zip((a, b), names, strict=True):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{op}: {name} must be a floating tensor ({_dtype_names(FLOAT_DTYPES)}), "
-                f"got {t.dtype}"
-            )
-        if t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.shape[0] == 0:
-            raise ValueError(f"{op}: {name} is empty (batch size 0); the loss is undefined")
-        if t.shape[1] == 0:
-            raise ValueError(f"{op}: {name} has feature dim 0")
-    da, db = a.shape, b.shape
-    if da[0] != db[0]:
+        check_features(op, t, name)
+    if a.shape[0] != b.shape[0]:
         raise ValueError(
             f"{op}: {names[0]} and {names[1]} must have the same batch size, "
-            f"got {da[0]} and {db[0]}"
+            f"got {a.shape[0]} and {b.shape[0]}"
         )
-    if da[1] != db[1]:
-        raise ValueError(
-            f"{op}: {names[0]} and {names[1]} must have the same feature dim, "
-            f"got {da[1]} and {db[1]}"
-        )
-    if a.dtype != b.dtype:
-        raise TypeError(
-            f"{op}: {names[0]} and {names[1]} must have the same dtype, got {a.dtype} and {b.dtype}"
-        )
-    if a.device != b.device:
-        raise ValueError(
-            f"{op}: {names[0]} and {names[1]} must be on the same device, "
-            f"got {a.device} and {b.device}"
-        )
+    check_compatible(op, a, b, names)
+
+
+def check_real(op: str, name: str, value, low: float, high: float, high_open=False) -> float:
+    """``value`` (a real number, not a bool) in [low, high] ([low, high) with
+    ``high_open``), as a float."""
+    interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float in {interval}, got {value!r}")
+    value = float(value)
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ValueError(f"{op}: {name} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_int(op: str, name: str, value) -> int:
+    """``value`` (an integer, not a bool) as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    return int(value)
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+    return value
 
 
 def scalar_tensor(op: str, name: str, value, device: torch.device, optional: bool = False):

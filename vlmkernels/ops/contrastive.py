@@ -44,8 +44,13 @@ import triton.language as tl
 
 from .._backend import in_forward_backend, remember_backend, resolve_backend
 from .._checks import (
+    check_bool,
     check_chunk_size,
+    check_compatible,
     check_feature_pair,
+    check_features,
+    check_int,
+    check_real,
     check_reduction,
     scalar_tensor,
 )
@@ -1544,29 +1549,32 @@ def _prepare(op, image_features, text_features, logit_scale, logit_bias, reducti
 
 
 def _check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teacher=None,
-                   like=None, names=("ids",)):  # fmt: skip
-    """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached)."""
+                   like=None, names=("ids", "teacher[0]", "teacher[1]")):  # fmt: skip
+    """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached).
+    ``names``: what the ids and the two teacher tensors are called in the caller."""
     if ids is not None:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-            raise TypeError(f"{op}: {names[0]} must be an integer tensor")
+            raise TypeError(f"{op}: {names[0]} must be an integer tensor, got {got}")
         if ids.shape != (n,):
             raise ValueError(f"{op}: {names[0]} must have shape ({n},), got {tuple(ids.shape)}")
         ids = ids.to(device=device, dtype=torch.int64)
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"{op}: alpha must be in [0, 1], got {alpha}")
+    check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     if teacher is not None:
         if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
-            raise TypeError(f"{op}: teacher must be a pair of feature tensors")
-        for t, ref, name in zip(teacher, like, ("teacher[0]", "teacher[1]"), strict=True):
-            if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
-                raise ValueError(
-                    f"{op}: {name} must be a tensor shaped like the features "
-                    f"({tuple(ref.shape)}, {ref.dtype})"
-                )
+            raise TypeError(f"{op}: teacher must be a pair (image, text) of feature tensors, "
+                            f"got {type(teacher).__name__}")  # fmt: skip
+        for t, ref, name in zip(teacher, like, names[1:], strict=True):
+            want = f"({tuple(ref.shape)}, {ref.dtype})"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor shaped like the features "
+                                f"{want}, got {type(t).__name__}")  # fmt: skip
+            if t.shape != ref.shape or t.dtype != ref.dtype:
+                raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
+                                 f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
             if t.device != device:
-                raise ValueError(f"{op}: {name} must be on {device}")
+                raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
         teacher = tuple(t.detach() for t in teacher)
     elif alpha:
         raise ValueError(f"{op}: alpha > 0 needs teacher features")
@@ -1713,18 +1721,12 @@ def contrastive_cross_entropy(
     gradients too.
     """
     op = "contrastive_cross_entropy"
-    for t, name in ((queries, "queries"), (keys, "keys")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
-            raise TypeError(f"{op}: {name} must be a 2-D floating tensor")
-        if t.shape[0] == 0:
-            raise ValueError(f"{op}: {name} is empty")
-    if queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"{op}: queries and keys must have the same feature dim, got "
-                         f"{queries.shape[1]} and {keys.shape[1]}")  # fmt: skip
-    if queries.dtype != keys.dtype or queries.device != keys.device:
-        raise ValueError(f"{op}: queries and keys must have the same dtype and device")
+    check_features(op, queries, "queries")
+    check_features(op, keys, "keys")
+    check_compatible(op, queries, keys, ("queries", "keys"))
     check_reduction(op, reduction)
     chunk = check_chunk_size(op, chunk_size)
+    offset = check_int(op, "offset", offset)
     device = queries.device
     scale = scalar_tensor(op, "logit_scale", logit_scale, device)
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
@@ -1732,8 +1734,7 @@ def contrastive_cross_entropy(
         raise ValueError(f"{op}: query_ids and key_ids go together")
     q_ids, _ = _check_targets(op, queries.shape[0], device, query_ids, label_smoothing,
                               names=("query_ids",))  # fmt: skip
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"{op}: alpha must be in [0, 1], got {alpha}")
+    alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     k_ids, _ = _check_targets(op, keys.shape[0], device, key_ids, names=("key_ids",))
     teacher = (None, None, None)
     if alpha and teacher_queries is None:
@@ -1741,11 +1742,12 @@ def contrastive_cross_entropy(
     if teacher_queries is not None:
         teacher_keys = keys if teacher_keys is None else teacher_keys
         _, (tq, tk) = _check_targets(op, 0, device, teacher=(teacher_queries, teacher_keys),
-                                     like=(queries, keys))  # fmt: skip
+                                     like=(queries, keys),
+                                     names=(None, "teacher_queries", "teacher_keys"))  # fmt: skip
         t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
         teacher = (tq, tk, scalar_tensor(op, "teacher_logit_scale", t_scale, device).detach())
     row_losses, _, _, _ = torch.ops.vlmkernels.contrastive_ce_forward(
-        queries, keys, scale, bias, q_ids, k_ids, *teacher, int(offset),
+        queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
         float(label_smoothing), float(alpha), True, False, chunk,
     )  # fmt: skip
     return _reduce(row_losses, reduction, False).to(queries.dtype)
@@ -1789,6 +1791,7 @@ def siglip_loss(
             "siglip_loss", image_features, text_features, logit_scale, logit_bias, reduction,
             chunk_size,
         )  # fmt: skip
+        check_bool("siglip_loss", "negative_only", negative_only)
         if process_group is not None and negative_only:
             raise ValueError("siglip_loss: negative_only does not apply with a process_group")
     except Exception as exc:
