@@ -1,12 +1,26 @@
-"""``python -m benchmarks [OPS...] [--quick|--full] [--providers ...] [--dtype ...] [--out DIR]
-[--plot]`` (also ``vlmkernels bench``)
+"""``python -m benchmarks [OPS...] [--quick|--full] [--providers ...] [--dtype ...] [--modes ...]
+[--out DIR] [--plot]`` (also ``vlmkernels bench``)
 
 OPS are family names (``contrastive``) or op names (``clip_loss``, ``siglip_loss``); none
-means every family. On a GPU the default sweep is ``--full``; without one the CPU quick
-suite runs (small shapes, float32), whatever the flags, and says so. A progress bar (tqdm
-when it is installed and stderr is a terminal, else a ``[k/n]`` line per finished
+means every family. On a GPU the default sweep is ``--full`` and ``--quick`` the small
+one. Without a GPU the CPU sweep runs (small shapes, float32; about 2 minutes for every
+suite on 2 cores), ``--quick`` the CPU quick sweep (the first shape of each suite's CPU
+grid) and ``--full`` is ignored; the run says so at its start and its end, and that CPU
+timings are not the GPU targets.
+
+Modes: each suite times its own default modes (``fwd`` and ``fwd+bwd``; the rotary suite
+also ``bwd``; ``get_rope_index`` only ``fwd``). With ``--modes``, each suite times the
+requested modes it supports and names those it skips.
+
+Output: one long-format CSV per suite, appended, in ``--out`` (default
+:func:`benchmarks.output_dir`: ``$VLMKERNELS_RESULTS_DIR``, else ``./bench-results``,
+git-ignored); the committed ``benchmarks/results/`` change only with ``--out
+benchmarks/results``. The folder is checked before anything is measured. A progress bar
+(tqdm when it is installed and stderr is a terminal, else a ``[k/n]`` line per finished
 (op, shape, provider)) counts the cases; ``--plot`` writes PNG charts of the run per op
-(:mod:`benchmarks.plots`, needs matplotlib) next to the CSVs.
+(:mod:`benchmarks.plots`, needs matplotlib) next to the CSVs. User errors (an unknown op,
+mode or provider, an unwritable ``--out``) print one line, ``<prog>: <message>``, and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -20,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from . import RESULTS_DIR, suites
+from . import UsageError, output_dir, suites, writable_dir
 from .ceilings import measure
 from .env import GpuMonitor, collect, describe
-from .harness import MODES, RunConfig, Runner, dtype_str, shape_str
+from .harness import CPU_QUICK, MODES, RunConfig, Runner, dtype_str, shape_str
 from .progress import Progress
 from .report import CsvSink, ceiling_records, table
 
@@ -35,6 +49,10 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+CPU_NOTE = (
+    "CPU timings are not the GPU targets: the targets (README, 'Benchmarks') are H100/H200 "
+    "times in bf16 at far larger shapes; a CPU run checks that every provider runs and agrees."
+)
 
 
 def _csv_list(text: str) -> list[str]:
@@ -44,20 +62,34 @@ def _csv_list(text: str) -> list[str]:
 def _shape_arg(text: str) -> tuple[str, list[int]]:
     key, _, values = text.partition("=")
     try:
-        return key.strip(), [int(v) for v in _csv_list(values)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--shape wants KEY=INT[,INT...], got {text!r}") from exc
+        ints = [int(v) for v in _csv_list(values)]
+    except ValueError:
+        ints = []
+    if not key.strip() or not ints or min(ints) < 1:
+        raise argparse.ArgumentTypeError(f"wants KEY=INT[,INT...] of positive sizes, got {text!r}")
+    return key.strip(), ints
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description="Benchmarks of vlmkernels ops.")
     p.add_argument("ops", nargs="*", help="families or op names (default: all)")
     sweep = p.add_mutually_exclusive_group()
-    sweep.add_argument("--quick", action="store_true", help="GPU: the small sweep")
-    sweep.add_argument("--full", action="store_true", help="GPU: the full sweep (default)")
+    sweep.add_argument(
+        "--quick",
+        action="store_true",
+        help="GPU: the small sweep; CPU: the first shape of each suite's CPU grid",
+    )
+    sweep.add_argument(
+        "--full", action="store_true", help="GPU: the full sweep (default there); CPU: ignored"
+    )
     p.add_argument("--providers", type=_csv_list, help="comma-separated provider names")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--modes", type=_csv_list, help=f"subset of {','.join(MODES)}")
+    p.add_argument(
+        "--modes",
+        type=_csv_list,
+        help=f"subset of {','.join(MODES)} (default: each suite's own; a suite skips, and "
+        "names, the modes it cannot time)",
+    )
     p.add_argument(
         "--shape",
         type=_shape_arg,
@@ -67,7 +99,10 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
         help="replace one key's values in the sweep, e.g. --shape N=65536 (repeatable)",
     )
     p.add_argument(
-        "--out", type=Path, default=RESULTS_DIR, help="CSV directory (default benchmarks/results)"
+        "--out",
+        type=Path,
+        help="CSV folder (default: $VLMKERNELS_RESULTS_DIR, else ./bench-results; the "
+        "committed results: --out benchmarks/results)",
     )
     p.add_argument("--time-budget", type=float, help="seconds; later cases are skipped")
     p.add_argument("--no-limits", action="store_true", help="run providers' capped sizes")
@@ -87,10 +122,10 @@ def _overrides(shape_args, chosen: dict, profile: str) -> dict[str, dict]:
     selected suite has is an error."""
     out = {name: {} for name in chosen}
     for key, values in shape_args:
-        hits = [name for name, s in chosen.items() if key in s.grid(profile)]
+        hits = [name for name, s in chosen.items() if key in s.sweep(profile)]
         if not hits:
-            keys = sorted({k for s in chosen.values() for k in s.grid(profile)})
-            raise SystemExit(f"no selected suite has the shape key {key!r} (keys: {keys})")
+            keys = sorted({k for s in chosen.values() for k in s.sweep(profile)})
+            raise UsageError(f"--shape: no selected suite has the key {key!r} (keys: {keys})")
         for name in hits:
             out[name][key] = values
     return out
@@ -113,8 +148,61 @@ def _select(tokens: list[str], available: dict) -> dict:
                 break
         else:
             names = sorted(available) + sorted(op.name for s in available.values() for op in s.ops)
-            raise SystemExit(f"unknown op or family {token!r}; known: {', '.join(names)}")
+            raise UsageError(f"unknown op or family {token!r}; known: {', '.join(names)}")
     return chosen
+
+
+def _suite_modes(requested: list[str] | None, chosen: dict) -> tuple[dict, list[str]]:
+    """({suite name: modes to time}, notes). Without ``requested`` each suite's default
+    modes; with it, the requested modes each suite can time, a note naming those it skips
+    (a suite that can time none of them is left out)."""
+    if requested is not None:
+        bad = [m for m in requested if m not in MODES]
+        if bad or not requested:
+            what = f"unknown mode(s) {bad}" if bad else "no mode given"
+            raise UsageError(f"--modes: {what}; choose from {', '.join(MODES)}")
+    modes, notes = {}, []
+    for name, suite in chosen.items():
+        if requested is None:
+            modes[name] = tuple(suite.default_modes)
+            continue
+        kept = tuple(m for m in MODES if m in requested and m in suite.modes)
+        skipped = [m for m in requested if m not in suite.modes]
+        if skipped:
+            what = f"skips {','.join(skipped)}" if kept else "is left out"
+            asked = ",".join(requested)
+            notes.append(f"{name}: times {','.join(suite.modes)} only; {what} (--modes {asked})")
+        if kept:
+            modes[name] = kept
+    return modes, notes
+
+
+def _check_forced_backend() -> None:
+    """A bad VLMKERNELS_BACKEND fails every case: say so before measuring anything."""
+    from vlmkernels._backend import get_backend
+
+    try:
+        get_backend()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _cpu_banner(names: list[str], available, overrides, profile: str, args) -> None:
+    """What a CPU run measures (the sweep of each suite), and that it is not the targets."""
+
+    def sweep(name):
+        grid = {**available[name].sweep(profile), **overrides[name]}
+        return f"{name}: " + " x ".join(f"{k} in {v}" for k, v in grid.items())
+
+    what = "CPU quick sweep" if profile == CPU_QUICK else "CPU sweep"
+    print("=" * 78)
+    print(f"No CUDA device found: running the {what} (" + "; ".join(map(sweep, names)) + ").")
+    print(CPU_NOTE)
+    if args.full:
+        print("--full chooses the GPU's full sweep and is ignored here.")
+    elif not args.quick:
+        print("--quick runs the smallest CPU sweep (the first shape of each suite).")
+    print("=" * 78)
 
 
 class _CountingRunner(Runner):
@@ -154,44 +242,42 @@ def _plot(out: Path, run_id: str, suite_name: str) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
+    try:
+        return _main(argv, prog)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
     args = parse_args(argv, prog)
     available = suites()
     selection = _select(args.ops, available)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    profile = ("quick" if args.quick else "full") if device.type == "cuda" else "cpu"
-    overrides = _overrides(args.shape, {n: available[n] for n in selection}, profile)
-
-    if device.type != "cuda":
-        grids = "; ".join(
-            f"{name}: "
-            + " x ".join(
-                f"{k} in {v}" for k, v in {**available[name].grid("cpu"), **overrides[name]}.items()
-            )
-            for name in selection
-        )
-        print("=" * 78)
-        print("No CUDA device found: running the CPU quick suite (" + grids + ").")
-        if args.quick or args.full:
-            print("--quick/--full choose GPU sweeps and are ignored here.")
-        print("=" * 78)
-
-    modes = tuple(args.modes or next(iter(available[n] for n in selection)).default_modes)
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
+    if device.type == "cuda":
+        profile = "quick" if args.quick else "full"
+    else:
+        profile = CPU_QUICK if args.quick else "cpu"
+    chosen = {n: available[n] for n in selection}
+    overrides = _overrides(args.shape, chosen, profile)
+    modes, mode_notes = _suite_modes(args.modes, chosen)
     known = {p.name for s in selection.values() for op in s for p in op.providers}
     if args.providers and not set(args.providers) <= known:
-        raise SystemExit(f"unknown provider(s) {set(args.providers) - known}; known: {known}")
+        unknown = sorted(set(args.providers) - known)
+        raise UsageError(f"--providers: unknown {unknown}; known: {', '.join(sorted(known))}")
+    _check_forced_backend()
 
     runs = []
     for name, ops in selection.items():
+        if name not in modes:
+            continue
         suite = available[name]
         dtype = DTYPES[args.dtype] if args.dtype else suite.default_dtype(device)
         cfg = RunConfig(
             device=device,
             dtype=dtype,
             profile=profile,
-            modes=modes,
+            modes=modes[name],
             providers=frozenset(args.providers) if args.providers else None,
             shape_overrides=overrides[name],
             limits=not args.no_limits,
@@ -202,10 +288,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
         try:
             suite.shapes(cfg.profile, cfg.shape_overrides)
         except KeyError as exc:
-            raise SystemExit(exc.args[0]) from None
+            raise UsageError(exc.args[0]) from None
         runs.append((suite, ops, cfg))
 
     if args.list:
+        for note in mode_notes:
+            print(note)
         for suite, ops, cfg in runs:
             for op in ops:
                 for shape in suite.shapes(cfg.profile, cfg.shape_overrides):
@@ -217,6 +305,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
                             )
         return 0
 
+    args.out = writable_dir(args.out or output_dir())
+    if device.type != "cuda":
+        _cpu_banner([r[0].name for r in runs], available, overrides, profile, args)
+    for note in mode_notes:
+        print(note)
+    if not runs:
+        print("nothing to run: no selected suite times the requested modes")
+        return 0
     started = time.perf_counter()
     env = collect(device)
     monitor = GpuMonitor(device)
@@ -228,7 +324,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
     progress = Progress(_count_cases(runs, device), enabled=not args.no_progress)
     with progress:
         errors = _run_all(runs, args, device, env, monitor, run_id, ceilings, progress)
-    print(f"total {time.perf_counter() - started:.0f} s")
+    if device.type != "cuda":
+        print("\n" + CPU_NOTE)
+    print(f"total {time.perf_counter() - started:.0f} s; results in {args.out}")
     return 1 if errors else 0
 
 

@@ -6,7 +6,10 @@ provider ``vlmkernels``), at the suite's first shape of this device's profile (`
 on a GPU, ``quick``) with ``--shape`` replacing keys. After ``--warmup`` calls (compilation,
 autotuning), ``--iters`` calls run under the profiler (CPU and, on a GPU, CUDA activities).
 
-Written to ``--out``: ``<stem>.trace.json`` (Chrome trace: chrome://tracing or Perfetto) and
+Written to ``--out`` (default ``profile/`` in the output folder of ``bench``,
+:func:`benchmarks.output_dir`: ``$VLMKERNELS_RESULTS_DIR/profile``, else
+``./bench-results/profile``, git-ignored; checked before anything runs):
+``<stem>.trace.json`` (Chrome trace: chrome://tracing or Perfetto) and
 ``<stem>.kernels.csv``; printed: the kernel table and the Nsight Compute command line that
 profiles the same call (``--bare`` runs the call without torch.profiler, between
 ``cudaProfilerStart``/``Stop``, hence ncu's ``--profile-from-start off``).
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import suites
+from . import UsageError, output_dir, suites, writable_dir
 from .harness import BuildArgs, Skip, dtype_str, shape_str
 from .timing import call_ms, synchronize, time_fn
 
@@ -57,6 +60,21 @@ def _shape_arg(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"--shape wants KEY=INT, got {text!r}") from exc
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"wants an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_args(argv, prog: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description="Profile one op call (torch.profiler).")
     p.add_argument("op", help="op name, e.g. clip_loss, mrope (see `bench --list`)")
@@ -65,10 +83,15 @@ def parse_args(argv, prog: str) -> argparse.Namespace:
     p.add_argument("--provider", default="vlmkernels", help="default: vlmkernels")
     p.add_argument("--mode", choices=("fwd", "fwd+bwd"), help="default: fwd+bwd if the suite "
                    "times a backward pass, else fwd")  # fmt: skip
-    p.add_argument("--iters", type=int, default=5, help="profiled calls (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="calls before profiling (default 2)")
-    p.add_argument("--out", type=Path, default=Path("vlmkernels-profile"), help="output folder")
-    p.add_argument("--rows", type=int, default=15, help="table rows (default 15)")
+    p.add_argument("--iters", type=_count(1), default=5, help="profiled calls (default 5)")
+    p.add_argument("--warmup", type=_count(0), default=2, help="calls before profiling (default 2)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: profile/ in $VLMKERNELS_RESULTS_DIR, else "
+        "./bench-results/profile)",
+    )
+    p.add_argument("--rows", type=_count(1), default=15, help="table rows (default 15)")
     p.add_argument("--compile-backend", default="inductor", help="for the compile provider")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bare", action="store_true", help="no torch.profiler, no files: for ncu")
@@ -83,7 +106,7 @@ def find_op(name: str):
             if op.name == name:
                 return suite, op
     names = sorted(op.name for s in found.values() for op in s.ops)
-    raise SystemExit(f"unknown op {name!r}; known: {', '.join(names)}")
+    raise UsageError(f"unknown op {name!r}; known: {', '.join(names)}")
 
 
 def pick_shape(suite, provider, profile: str, overrides: dict[str, int]) -> dict[str, int]:
@@ -91,7 +114,7 @@ def pick_shape(suite, provider, profile: str, overrides: dict[str, int]) -> dict
     try:
         shapes = suite.shapes(profile, {k: [v] for k, v in overrides.items()})
     except KeyError as exc:
-        raise SystemExit(exc.args[0]) from None
+        raise UsageError(f"--shape: {exc.args[0]}") from None
     for shape in shapes:
         if provider.limit(shape) is None:
             return shape
@@ -235,16 +258,28 @@ def _release(provider) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.profile") -> int:
+    try:
+        return _main(argv, prog)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
     args = parse_args(argv, prog)
     suite, op = find_op(args.op)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else suite.default_dtype(device)
     mode = args.mode or ("fwd+bwd" if "fwd+bwd" in suite.default_modes else "fwd")
+    if mode not in suite.modes:
+        raise UsageError(f"--mode {mode}: {args.op} times {', '.join(suite.modes)} only")
     provider = next((p for p in op.providers if p.name == args.provider), None)
     if provider is None:
         names = ", ".join(p.name for p in op.providers)
-        raise SystemExit(f"{args.op} has no provider {args.provider!r}; providers: {names}")
+        raise UsageError(f"--provider: {args.op} has no provider {args.provider!r}; {names}")
+    if not args.bare:
+        args.out = writable_dir(args.out or output_dir() / "profile")
     reason = provider.available(device)
     if reason:
         print(f"{args.op}: provider {provider.name} unavailable here: {reason}", file=sys.stderr)
@@ -295,7 +330,6 @@ def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
     nbytes = op.nbytes(shape, mode, dtype.itemsize)
     rows = kernel_rows(prof, on_gpu, args.iters, flops, nbytes)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.+-]+", "_", label.replace(" ", "_"))
     trace = args.out / f"{stem}.trace.json"
     prof.export_chrome_trace(str(trace))

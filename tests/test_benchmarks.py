@@ -73,7 +73,7 @@ def test_cli_runs_and_leaves_results_dir_alone(smoke):
     if before is not None:
         assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
     if not ON_GPU:
-        assert "No CUDA device found: running the CPU quick suite" in proc.stdout
+        assert "No CUDA device found: running the CPU sweep" in proc.stdout
     assert "Targets (N=32768" in proc.stdout and "not measured" in proc.stdout
 
 
@@ -598,6 +598,136 @@ def test_rope_index_batch_layout_matches_grids():
         vision = sum(t * h * w // 4 for t, h, w in (*IMAGES, VIDEO))
         assert ((types > 0) & (mask > 0)).sum(1).tolist() == [vision] * 3
         assert mask.sum(1).tolist() == sorted(mask.sum(1).tolist(), reverse=True)
+
+
+# --------------------------------------------------------------------------------------
+# Modes per suite, the CPU sweeps, the default output folder
+# --------------------------------------------------------------------------------------
+
+
+def _listed(capsys, *argv) -> dict[str, set[str]]:
+    """{op: the modes --list gives its cases} of ``python -m benchmarks ARGV --list``."""
+    from benchmarks.__main__ import main
+
+    assert main([*argv, "--list"]) == 0
+    out = {}
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split()
+        if len(parts) == 5:
+            out.setdefault(parts[0], set()).add(parts[4])
+    return out
+
+
+def test_each_suite_times_its_own_default_modes(capsys):
+    listed = _listed(capsys, "get_rope_index_qwen2_vl", "mrope", "clip_loss")
+    assert listed == {
+        "get_rope_index_qwen2_vl": {"fwd"},
+        "mrope": {"fwd,bwd,fwd+bwd"},
+        "clip_loss": {"fwd,fwd+bwd"},
+    }
+
+
+def test_requested_modes_are_filtered_per_suite(capsys):
+    from benchmarks.__main__ import main
+
+    assert main(["rope_index", "mrope", "--modes", "fwd+bwd,fwd", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "rope_index: times fwd only; skips fwd+bwd (--modes fwd+bwd,fwd)" in out
+    assert main(["rope_index", "clip_loss", "--modes", "bwd", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "rope_index: times fwd only; is left out (--modes bwd)" in out
+    assert "get_rope_index" not in out.replace("rope_index:", "")
+    assert main(["--modes", "fwd,sideways", "--list"]) == 2
+    assert "python -m benchmarks: --modes: unknown mode(s) ['sideways']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU sweeps")
+def test_quick_on_a_cpu_is_one_shape_per_suite(capsys):
+    from benchmarks import suites
+    from benchmarks.__main__ import main
+
+    assert main(["--quick", "--providers", "vlmkernels", "--list"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    for suite in suites().values():
+        for op in suite.ops:
+            shapes = {parts[2] for parts in lines if parts[0] == op.name}
+            # the distributed suite: one shape of each of its two groups
+            assert len(shapes) == (2 if suite.name == "contrastive_dist" else 1), (op, shapes)
+    full = {s.name: len(s.shapes("cpu", {})) for s in suites().values()}
+    assert full["contrastive"] == 3 and full["rope"] == 2  # the CPU sweep within 3 minutes
+
+
+def _tracked_results() -> tuple[str, dict[str, bytes]]:
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--", "benchmarks/results"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    files = {p.name: p.read_bytes() for p in (REPO / "benchmarks" / "results").iterdir()}
+    return status, files
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="needs the git checkout")
+def test_bench_writes_to_the_untracked_output_folder(tmp_path):
+    """The entry point of ``make bench`` on a tiny case, all modes asked: each suite times
+    what it can, the CSVs land in $VLMKERNELS_RESULTS_DIR and benchmarks/results/ (the
+    committed CSVs) is untouched."""
+    before = _tracked_results()
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "rope_index", "mrope", "--shape", "B=1",
+         "--shape", "S=16", "--providers", "vlmkernels", "--modes", "fwd,bwd,fwd+bwd"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        | {"OMP_NUM_THREADS": "1", "VLMKERNELS_RESULTS_DIR": str(out)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _tracked_results() == before
+    assert sorted(p.name for p in out.iterdir()) == ["rope.csv", "rope_index.csv"]
+    assert "rope_index: times fwd only; skips bwd,fwd+bwd" in proc.stdout
+    assert "ERROR" not in proc.stdout
+    with (out / "rope_index.csv").open(newline="") as f:
+        index_rows = [r for r in csv.DictReader(f) if r["metric"] == "ms" and r["mode"]]
+    assert {r["mode"] for r in index_rows} == {"fwd"}
+    assert {r["status"] for r in index_rows} == {"ok"}
+    with (out / "rope.csv").open(newline="") as f:
+        modes = {r["mode"] for r in csv.DictReader(f) if r["op"] == "mrope" and r["metric"] == "ms"}
+    assert modes == {"fwd", "bwd", "fwd+bwd"}
+    if not ON_GPU:
+        from benchmarks.__main__ import CPU_NOTE
+
+        assert proc.stdout.count(CPU_NOTE) == 2  # at the start and at the end
+    assert f"results in {out}" in proc.stdout
+
+
+def test_default_output_folder_is_git_ignored(monkeypatch):
+    import benchmarks
+
+    monkeypatch.delenv(benchmarks.OUTPUT_ENV, raising=False)
+    assert benchmarks.output_dir() == Path("bench-results")
+    monkeypatch.setenv(benchmarks.OUTPUT_ENV, "~/elsewhere")
+    assert benchmarks.output_dir() == Path.home() / "elsewhere"
+    if (REPO / ".git").exists():
+        for path in ("bench-results/rope.csv", "benchmarks/bench-results/profile/x.json"):
+            check = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+            assert check.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_bad_out_folder_fails_before_measuring(tmp_path, monkeypatch, capsys):
+    import benchmarks.__main__ as bench_main
+
+    def measured(*args):
+        raise AssertionError("the ceilings were measured before --out was checked")
+
+    monkeypatch.setattr(bench_main, "measure", measured)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert bench_main.main(["clip_loss", "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m benchmarks: --out {a_file}: is a file, expected a folder\n"
+    )
+    assert bench_main.main(["clip_loss", "--out", str(a_file / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m benchmarks: --out {a_file / 'sub'}: cannot write there")
 
 
 # --------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ run once (``--benchmark-disable``) on a tiny subset so it cannot rot.
 
 Subprocesses run without the ``TRITON_INTERPRET`` that tests/conftest.py sets, and with a
 fresh ceilings cache (``VLMKERNELS_CACHE_DIR``); nothing is written to
-``benchmarks/results/``. Then the user errors of ``info``: one line, ``vlmkernels info:
-<message>``, exit status 2, no traceback; a malformed ceilings cache is measured again.
+``benchmarks/results/``. Then the user errors: each is one line, ``vlmkernels <command>:
+<message>``, exit status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ def cache(tmp_path) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture(autouse=True)
+def _checkout_on_path(monkeypatch):
+    """``import benchmarks`` as ``vlmkernels bench`` does: the checkout on sys.path."""
+    monkeypatch.syspath_prepend(str(REPO))
+
+
 def test_help_lists_every_command(cache):
     out = _ok(run("-m", "vlmkernels", "--help", cache=cache))
     for command in ("info", "bench", "tune", "profile", "report"):
@@ -79,7 +85,7 @@ def test_bench_tiny_case_with_plot(tmp_path, cache):
     args = ["-m", "vlmkernels", "bench", "clip_loss", *TINY, "--providers", "vlmkernels,eager"]
     out = _ok(run(*args, "--out", str(out_dir), "--plot", cache=cache))
     if not ON_GPU:
-        assert "No CUDA device found: running the CPU quick suite" in out
+        assert "No CUDA device found: running the CPU sweep" in out
     assert "[2/2] clip_loss N=64,d=32 eager" in out  # the counter (stderr is not a tty)
     assert "vlmkernels speed-up" in out and "%mm" in out
     with (out_dir / "contrastive.csv").open(newline="") as f:
@@ -192,8 +198,29 @@ def test_report_takes_the_latest_run_and_flags_throttling():
 
 
 # --------------------------------------------------------------------------------------
-# info: user errors as one line, a malformed cache measured again
+# Default output folders, and user errors as one line
 # --------------------------------------------------------------------------------------
+
+
+def test_profile_writes_into_the_output_folder_by_default(tmp_path, cache):
+    args = ["-m", "vlmkernels", "profile", "clip_loss", *TINY, "--iters", "1", "--warmup", "0"]
+    _ok(run(*args, cache=cache, cwd=tmp_path))
+    assert len(list((tmp_path / "bench-results" / "profile").glob("*.trace.json"))) == 1
+    assert {p.name for p in tmp_path.iterdir()} <= {"bench-results", "cache"}
+
+
+def test_report_reads_the_committed_csvs_and_writes_into_the_output_folder(
+    tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "results"
+    monkeypatch.setenv("VLMKERNELS_RESULTS_DIR", str(out))
+    before = (RESULTS / "SUMMARY.md").stat()
+    assert cli.main(["report", "--no-charts"]) == 0
+    text = (out / "SUMMARY.md").read_text()
+    assert "from\n`benchmarks/results/*.csv`;" in text and "\n## clip_loss: " in text
+    after = (RESULTS / "SUMMARY.md").stat()
+    assert (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+    assert f"wrote {out / 'SUMMARY.md'}" in capsys.readouterr().out
 
 
 def _one_line_error(capsys, command: str, *needles: str) -> str:
@@ -209,6 +236,81 @@ def test_info_with_a_bad_forced_backend(monkeypatch, capsys):
     monkeypatch.setenv("VLMKERNELS_BACKEND", "junk")
     assert cli.main(["info", "--no-ceilings"]) == 2
     _one_line_error(capsys, "info", "VLMKERNELS_BACKEND must be one of", "'junk'")
+
+
+def test_bench_with_a_bad_forced_backend_fails_before_measuring(monkeypatch, capsys):
+    import benchmarks.__main__ as bench_main
+
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "junk")
+    monkeypatch.setattr(bench_main, "measure", lambda *a: pytest.fail("measured"))
+    assert cli.main(["bench", "clip_loss"]) == 2
+    _one_line_error(capsys, "bench", "VLMKERNELS_BACKEND must be one of")
+
+
+@pytest.mark.parametrize("command", ["bench", "profile", "report"])
+def test_out_that_is_a_file_or_unwritable(tmp_path, monkeypatch, capsys, command):
+    """Checked first: bench measures nothing, profile builds nothing."""
+    import benchmarks.__main__ as bench_main
+    import benchmarks.profile as profile
+
+    monkeypatch.setattr(bench_main, "measure", lambda *a: pytest.fail("measured"))
+    monkeypatch.setattr(profile, "_run", lambda *a: pytest.fail("profiled"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    args = {"bench": ["clip_loss"], "profile": ["clip_loss"], "report": []}[command]
+    assert cli.main([command, *args, "--out", str(a_file)]) == 2
+    _one_line_error(capsys, command, f"--out {a_file}: is a file, expected a folder")
+    below_a_file = a_file / "sub" / ("SUMMARY.md" if command == "report" else "")
+    assert cli.main([command, *args, "--out", str(below_a_file)]) == 2
+    _one_line_error(capsys, command, f"--out {below_a_file}", "cannot write there")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli.main([command, *args, "--out", str(locked)]) == 2
+        _one_line_error(capsys, command, f"--out {locked}: cannot write there")
+
+
+def test_profile_rejects_counts_below_one(capsys):
+    for option, value in (("--iters", "-3"), ("--iters", "0"), ("--warmup", "-1")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["profile", "clip_loss", option, value])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"vlmkernels profile: error: argument {option}: wants an integer" in err
+        assert repr(value) in err
+
+
+def test_profile_of_a_mode_the_suite_cannot_time(capsys):
+    assert cli.main(["profile", "get_rope_index_qwen2_vl", "--mode", "fwd+bwd"]) == 2
+    _one_line_error(capsys, "profile", "--mode fwd+bwd: get_rope_index_qwen2_vl times fwd only")
+
+
+def test_report_on_a_csv_without_the_columns(tmp_path, capsys):
+    results = tmp_path / "csvs"
+    results.mkdir()
+    (results / "odd.csv").write_text("op,provider,ms\nclip_loss,vlmkernels,1.0\n")
+    args = ["report", "--results", str(results), "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    _one_line_error(capsys, "report", f"{results / 'odd.csv'}: not a benchmark results CSV",
+                    "missing the column(s) timestamp, run_id, mode")  # fmt: skip
+    (results / "odd.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert cli.main(args) == 2
+    _one_line_error(capsys, "report", f"{results / 'odd.csv'}: cannot read it")
+    (results / "odd.csv").unlink()
+    assert cli.main(args) == 2
+    _one_line_error(capsys, "report", f"no CSV files in {results}")
+
+
+def test_report_reads_a_truncated_last_row(tmp_path, capsys):
+    """A run killed while appending leaves a short last row: its missing cells are empty."""
+    results = tmp_path / "csvs"
+    results.mkdir()
+    lines = (RESULTS / "rope_index.csv").read_text().splitlines()
+    (results / "rope_index.csv").write_text("\n".join(lines[:40] + [lines[40][:30]]) + "\n")
+    assert (
+        cli.main(["report", "--results", str(results), "--out", str(tmp_path), "--no-charts"]) == 0
+    )
+    assert "## get_rope_index_qwen2_vl" in (tmp_path / "SUMMARY.md").read_text()
 
 
 MALFORMED_CACHES = {

@@ -8,7 +8,9 @@
 - ``bench``, ``profile``, ``report``: the benchmark suites, which live in the top-level
   ``benchmarks/`` folder of a checkout (not installed with the package). These commands find
   it next to the package (an editable install) or in the working directory or one of its
-  parents, and say so when there is none.
+  parents, and say so when there is none. They write into ``bench-results/`` in the working
+  directory (``VLMKERNELS_RESULTS_DIR`` moves it; git-ignored), not into the checkout's
+  committed ``benchmarks/results/`` unless ``--out`` says so.
 
 A user error (a bad ``VLMKERNELS_BACKEND``, option value or input file) is one line on
 stderr, ``vlmkernels <command>: <message>``, and exit status 2; no traceback.
