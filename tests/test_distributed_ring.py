@@ -280,6 +280,17 @@ def _errors_job(rank, world):
     _expect(report, "different_losses", ValueError, "the loss", lambda: loss_fn(*feats()))
     _expect(report, "not_a_group", TypeError, "ProcessGroup",
             lambda: clip(*feats(), group="world"))  # fmt: skip
+    # the global loss has one scale and one bias: different values raise on every rank
+    scale = torch.tensor([10.0, 12.5][rank], requires_grad=True)
+    _expect(report, "scale_mismatch", ValueError,
+            "disagree on logit_scale (rank 0: 10.0, rank 1: 12.5)",
+            lambda: vk.clip_loss(*feats(grad=True), scale, process_group=group))  # fmt: skip
+    bias = [-5.0, -4.0][rank]
+    _expect(report, "bias_mismatch", ValueError,
+            "disagree on logit_bias (rank 0: -5.0, rank 1: -4.0)",
+            lambda: vk.siglip_loss(*feats(), 10.0, bias, process_group=group))  # fmt: skip
+    _expect(report, "clip_bias_mismatch", ValueError, "disagree on logit_bias",
+            lambda: clip(*feats(), logit_bias=torch.tensor(bias)))  # fmt: skip
 
     def second_order(loss):
         """First-order gradients with create_graph=True as without it; a gradient of them
@@ -427,6 +438,9 @@ ERRORS = [
     "reduction_mismatch",
     "different_losses",
     "not_a_group",
+    "scale_mismatch",
+    "bias_mismatch",
+    "clip_bias_mismatch",
     "clip_second_order",
     "siglip_second_order",
     "while_tracing",

@@ -40,6 +40,7 @@ Communication per rank, with e the features' element size and n ranks:
   dY blocks (4 b d bytes each);
 - SigLIP: (n - 1) Y blocks and, when gradients are computed, n fp32 dY blocks;
 - once per call: an all-gather of a few numbers per rank (sizes and consistency checks,
+  including the logit scale and bias values: :mod:`vlmkernels.distributed.consistency`;
   one host synchronisation), and one all-reduce of two or three scalars (loss sum, dscale,
   dbias). A single-rank group communicates nothing at all.
 
@@ -82,6 +83,7 @@ from ..ops.contrastive import (
     siglip_block_grads,
     siglip_block_rows,
 )
+from .consistency import check_agree, exchange
 
 __all__ = ["clip_loss_ring", "siglip_loss_ring"]
 
@@ -162,19 +164,16 @@ def _meta_device(op: str, group, x: torch.Tensor) -> torch.device:
     return x.device
 
 
-# What every rank sends once per call: its local batch size and what must agree.
+# What every rank sends once per call: an error flag (report_local_error), its local batch
+# size and what must agree. The scale and bias go as values (0-d tensors, no host sync).
 _META = ("error", "batch", "dim", "dtype", "kind", "ids", "bias", "reduction", "smoothing",
-         "grad")  # fmt: skip
+         "grad", "scale", "bias_value")  # fmt: skip
 
 
-def _exchange_meta(op, group, world, x, values: list[float]) -> list[dict]:
-    """All-gather the ``_META`` values of every rank, as dicts in rank order (the same
-    length on every rank whatever the arguments, so the all-gather itself cannot fail)."""
-    meta = torch.tensor(values, dtype=torch.float64, device=_meta_device(op, group, x))
-    gathered = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(gathered, meta, group=group)
-    rows = torch.stack(gathered).cpu().tolist()
-    return [dict(zip(_META, row, strict=True)) for row in rows]
+def _exchange_meta(op, group, x, values: dict) -> list[dict]:
+    """Every rank's ``_META`` values (:func:`consistency.exchange`), in rank order."""
+    assert tuple(values) == _META
+    return exchange(group, _meta_device(op, group, x), values)
 
 
 def _yes_no(v) -> str:
@@ -191,6 +190,8 @@ _DESCRIBE = {
     "reduction": ("the reduction", lambda v: _REDUCTIONS[int(v)]),
     "smoothing": ("label_smoothing", str),
     "grad": ("whether gradients are needed (grad mode and requires_grad)", _yes_no),
+    "scale": ("logit_scale", repr),
+    "bias_value": ("logit_bias", repr),
 }
 
 
@@ -203,30 +204,25 @@ def _check_consistent(op: str, table: list[dict]) -> None:
             f"{op}: rank(s) {failed} of the process group rejected their arguments (see the "
             "error raised there); no rank runs the ring"
         )
-    for key, (what, show) in _DESCRIBE.items():
-        values = [row[key] for row in table]
-        if any(v != values[0] for v in values):
-            per_rank = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
-            raise ValueError(
-                f"{op}: the ranks of the process group disagree on {what} ({per_rank}); "
-                "every rank must pass the same"
-            )
+    check_agree(op, table, _DESCRIBE)
 
 
-def _setup(op, group, x, *, bias, reduction, grad, ids=False, smoothing=0.0) -> _Ring:
-    """Checks the group and the other ranks' arguments; every rank raises the same error."""
+def _setup(op, group, x, scale, bias, *, reduction, grad, ids=False, smoothing=0.0) -> _Ring:
+    """Checks the group and the other ranks' arguments (``scale`` and ``bias``: the 0-d
+    tensors, or None for no bias); every rank raises the same error."""
     if torch.compiler.is_compiling():
         raise RuntimeError(
             f"{op}: the process_group (ring) mode cannot be traced by torch.compile or "
             "export; call it outside the compiled region"
         )
     rank, world = _check_group(op, group)
-    values = [0, x.shape[0], x.shape[1], _DTYPES.index(x.dtype), _KINDS.index(op), ids, bias,
-              _REDUCTIONS.index(reduction), smoothing, grad]  # fmt: skip
-    values = [float(v) for v in values]
     if world == 1:  # nothing to agree on, nothing to send: no collective, no host sync
         return _Ring(group, rank, world, (x.shape[0],))
-    table = _exchange_meta(op, group, world, x, values)
+    values = dict(error=0, batch=x.shape[0], dim=x.shape[1], dtype=_DTYPES.index(x.dtype),
+                  kind=_KINDS.index(op), ids=ids, bias=bias is not None,
+                  reduction=_REDUCTIONS.index(reduction), smoothing=smoothing, grad=grad,
+                  scale=scale, bias_value=bias if bias is not None else 0.0)  # fmt: skip
+    table = _exchange_meta(op, group, x, values)
     _check_consistent(op, table)
     return _Ring(group, rank, world, tuple(int(row["batch"]) for row in table))
 
@@ -240,9 +236,8 @@ def report_local_error(op: str, group, features, error: Exception) -> None:
         rank, world = _check_group(op, group)
         if world > 1:
             like = features if isinstance(features, torch.Tensor) else torch.empty(0)
-            device = _meta_device(op, group, like)
-            probe = torch.empty(0, device=device)
-            _exchange_meta(op, group, world, probe, [1.0] + [0.0] * (len(_META) - 1))
+            probe = torch.empty(0, device=_meta_device(op, group, like))
+            _exchange_meta(op, group, probe, {key: float(key == "error") for key in _META})
     except Exception:  # noqa: BLE001 - the local error is the one to report
         pass
     raise error
@@ -497,11 +492,13 @@ def clip_loss_ring(x, y, scale, bias, group, chunk_size, reduction, *, ids=None,
 
     Local batch sizes are exchanged once per call (an all-gather of a few numbers with the
     consistency checks: feature dim, dtype, ids, bias, reduction, label smoothing, whether
-    gradients are needed); a mismatch raises the same ValueError on every rank.
+    gradients are needed, and the values of ``logit_scale`` and ``logit_bias``, which must
+    be equal on every rank: the global loss has one scale); a mismatch raises the same
+    ValueError on every rank, naming what differs and each rank's value.
     """
     op = "clip_loss"
     grad = _needs_grad(x, y, scale, bias)
-    ring = _setup(op, group, x, bias=bias is not None, reduction=reduction, grad=grad,
+    ring = _setup(op, group, x, scale, bias, reduction=reduction, grad=grad,
                   ids=ids is not None, smoothing=float(label_smoothing))  # fmt: skip
     ids = ids.contiguous() if ids is not None else None
     return _ClipRing.apply(x, y, scale, bias, ids, ring, reduction, float(label_smoothing),
@@ -595,6 +592,6 @@ def siglip_loss_ring(x, y, scale, bias, group, chunk_size, reduction):
     """
     op = "siglip_loss"
     grad = _needs_grad(x, y, scale, bias)
-    ring = _setup(op, group, x, bias=bias is not None, reduction=reduction, grad=grad)
+    ring = _setup(op, group, x, scale, bias, reduction=reduction, grad=grad)
     fused = grad and reduction != "none"
     return _SiglipRing.apply(x, y, scale, bias, ring, reduction, chunk_size, fused)

@@ -67,11 +67,13 @@ at once, 128 MiB by default):
   recomputed in backward (4 b^2 d matrix FLOPs per block against 3 for the fused
   single-block path, which would keep 2 b d of gradients per block instead of the text).
 
-Every ``forward`` with world_size > 1 starts with an all_gather of each rank's shapes, so
-that inputs a mode cannot take (unequal batch sizes where they must be equal, feature
-dims or dtypes that differ, a wrong ``rank`` / ``world_size``) raise the same ValueError on
-every rank instead of hanging in an exchange; reading the shapes back is one host
-synchronisation per call. Horovod is not supported.
+Every ``forward`` with world_size > 1 starts with the consistency exchange of
+:mod:`vlmkernels.distributed.consistency` (the one the ring mode uses): an all_gather of
+each rank's shapes, so that inputs a mode cannot take (unequal batch sizes where they must
+be equal, feature dims or dtypes that differ, a wrong ``rank`` / ``world_size``) raise the
+same ValueError on every rank instead of hanging in an exchange; reading the shapes back is
+one host synchronisation per call. ``logit_scale`` and ``logit_bias`` are not compared: as
+in open_clip, each rank's loss uses its own. Horovod is not supported.
 
 Gradients are first order only, as in the fused ops: after a backward with
 ``create_graph=True`` (which works), differentiating the gradients raises
@@ -166,17 +168,16 @@ def _collective_device(like) -> torch.device:
 
 
 def _gather_descriptors(img, txt, rank: int, world_size: int) -> tuple[list, str | None]:
-    """Every rank's (rank, world_size, ok, batch, dim, dtype index), and this rank's problem."""
+    """Every rank's [rank, world_size, ok, batch, dim, dtype index] (the consistency
+    exchange of :mod:`vlmkernels.distributed`), and this rank's problem."""
+    from ..distributed.consistency import exchange  # on first use, as clip_loss's ring mode
+
     problem = _local_problem(img, txt)
     batch, dim, dtype = (0, 0, -1) if problem else (*img.shape, FLOAT_DTYPES.index(img.dtype))
-    mine = torch.tensor(
-        [rank, world_size, problem is None, batch, dim, dtype],
-        dtype=torch.int64,
-        device=_collective_device(img),
-    )
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return torch.stack(parts).tolist(), problem
+    fields = dict(rank=rank, world_size=world_size, ok=problem is None, batch=batch, dim=dim,
+                  dtype=dtype)  # fmt: skip
+    table = exchange(None, _collective_device(img), fields)
+    return [[int(row[key]) for key in fields] for row in table], problem
 
 
 def _world(cls: str, img, txt, rank: int, world_size: int, equal_sizes: str | None) -> _World:
