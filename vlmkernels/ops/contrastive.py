@@ -1629,7 +1629,9 @@ def clip_loss(
             directions' summed cross-entropies, halved) or ``"none"``: a (2, N) tensor whose
             rows are the per-sample image-to-text and text-to-image losses.
         chunk_size: rows of logit gradient materialised at once in the backward pass
-            (memory ``chunk_size * N`` elements); None picks a 128 MiB chunk.
+            (memory ``chunk_size * N`` elements, up to 3.25 times that on the PyTorch
+            path); None keeps the chunk temporaries within 128 MiB (``CHUNK_BUDGET_BYTES``,
+            see the module docstring).
         ids: (N,) integers: every pair with equal ids is a positive, each row's target
             spread evenly over its positives (BLIP's ``idx``).
         label_smoothing: eps: targets (1 - eps) hard + eps / N.
@@ -1775,7 +1777,8 @@ def siglip_loss(
         logit_bias: the bias b (float, 0-d tensor, or None for no bias).
         reduction: ``"mean"`` (sum over all pairs / N, open_clip's normalisation), ``"sum"``
             or ``"none"``: the (N,) per-image losses ``-sum_j logsigmoid(z_ij S_ij)``.
-        chunk_size: rows of logit gradient materialised at once; None picks 128 MiB.
+        chunk_size: rows of logit gradient materialised at once; None keeps the chunk
+            temporaries within 128 MiB, as in :func:`clip_loss`.
         negative_only: every pair is a negative (z = -1): the blocks of other ranks' texts
             in open_clip's distributed SigLIP.
         process_group: a torch.distributed group: the loss of the global batch, computed
