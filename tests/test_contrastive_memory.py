@@ -11,6 +11,9 @@ gradients). Measured: 129 to 133 MiB for the 128 MiB budget in every case; befor
 chunk rows were sized from the budget, a chunk of 2^24 elements (here the whole 4096 x 4096
 matrix, 64 MiB in fp32) had several temporaries at once: 466 MiB for clip_loss (531 MiB with
 a teacher) and 197 MiB for siglip_loss.
+
+In process, with an explicit chunk_size, no tensor the PyTorch path makes in forward or
+backward is larger than chunk_size x N (or the N x d inputs): nothing N x N.
 """
 
 import json
@@ -70,7 +73,10 @@ assert all(torch.isfinite(t.grad).all() for t in args)
 print(json.dumps({"growth": (after - before) * 1024, "budget": C.CHUNK_BUDGET_BYTES}))
 """
 
-CASES = ["clip", "clip_ids", "clip_teacher", "cross_entropy", "siglip", "siglip_none"]
+# one subprocess each (a few seconds): the CLIP path's three buffer layouts (plain, the ids
+# mask, a teacher's third buffer) and SigLIP's row pass (forward) and gradient pass
+# (backward); contrastive_cross_entropy and the fused SigLIP loss run subsets of these
+CASES = ["clip", "clip_ids", "clip_teacher", "siglip_none"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB: Linux")
