@@ -26,34 +26,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _open_clip_loss_path():
-    """open_clip's loss.py: extracted by `make` into <venv>/open_clip (see
-    scripts/open_clip_loss.py), else from an installed open_clip_torch; None if neither."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    extracted = pathlib.Path(sys.prefix) / "open_clip" / "loss.py"
-    if extracted.is_file():
-        return extracted
-    spec = importlib.util.find_spec("open_clip")
-    if spec is not None and spec.submodule_search_locations:
-        installed = pathlib.Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-        if installed.is_file():
-            return installed
-    return None
-
-
 @pytest.fixture(scope="session")
 def open_clip_loss():
     """open_clip's ``loss`` module, loaded by path (it imports only torch): ``ClipLoss``,
     ``SigLipLoss``. Skips the test when the file is not available."""
-    import importlib.util
+    from _open_clip import load_loss
 
-    path = _open_clip_loss_path()
-    if path is None:
+    module = load_loss()
+    if module is None:
         pytest.skip("open_clip's loss.py is not available (make extracts it into .venv)")
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module

@@ -17,9 +17,7 @@ absolute bound. A wrong kernel (a missing term, a wrong index, a transposed oper
 off by O(1).
 """
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
@@ -527,21 +525,10 @@ def test_ops_live_in_vlmkernels_namespace():
 # ------------------------------------------------------------------ modules vs open_clip
 
 
-def _load_open_clip_loss():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("open_clip_torch is not installed")
-    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_clip_module_matches_open_clip(dtype, with_bias, device):
-    oc = _load_open_clip_loss()
+def test_clip_module_matches_open_clip(dtype, with_bias, device, open_clip_loss):
+    oc = open_clip_loss
     n, d = 52, 40
     x, y = features(n, d, dtype, device), features(n, d, dtype, device)
     log_scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float32, device=device)
@@ -575,8 +562,8 @@ def test_clip_module_matches_open_clip(dtype, with_bias, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_siglip_module_matches_open_clip(dtype, device):
-    oc = _load_open_clip_loss()
+def test_siglip_module_matches_open_clip(dtype, device, open_clip_loss):
+    oc = open_clip_loss
     n, d = 52, 40
     x, y = features(n, d, dtype, device), features(n, d, dtype, device)
     log_scale = torch.tensor(math.log(10.0), device=device)
@@ -602,10 +589,10 @@ def test_module_constructor_errors():
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_autocast_matches_open_clip_under_autocast(name, device):
+def test_autocast_matches_open_clip_under_autocast(name, device, open_clip_loss):
     """Under autocast, fp32 features are multiplied in the autocast dtype (as open_clip's
     matmul is) and the loss comes back in fp32 (as its cross-entropy does)."""
-    oc = _load_open_clip_loss()
+    oc = open_clip_loss
     n, d = 48, 40
     x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
     s, b = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)

@@ -29,16 +29,15 @@ process group still works afterwards.
 """
 
 import datetime
-import importlib.util
 import math
 import multiprocessing
 import os
-import pathlib
 import queue
 import time
 import traceback
 import warnings
 
+import _open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,17 +65,11 @@ MAX_ERRORS = []  # per rank: the largest relative error of each comparison
 
 
 def _open_clip_loss_path():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or spec.submodule_search_locations is None:
-        return None
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    return _open_clip.loss_path()
 
 
 def _load_open_clip_loss():
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", _open_clip_loss_path())
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _open_clip.load_loss()
 
 
 def rel_err(actual, expected, floor=0.0):
