@@ -152,3 +152,41 @@ def test_backward_follows_the_forced_backend_on_another_thread(op, monkeypatch):
     assert not errors, errors
     assert seen and set(seen) == {"torch"}, seen
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's thread safety")
+def test_threads_calling_ops_under_the_interpreter():
+    """Triton's interpreter patches triton.language while a kernel runs; launches from
+    several threads are serialised, so each thread gets the single-threaded results."""
+    import threading
+
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for _ in range(4):
+        q, k = torch.randn(2, 4, 3, 16, generator=gen), torch.randn(2, 4, 2, 16, generator=gen)
+        cos, sin = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 16, generator=gen)
+        x, y = torch.randn(40, 16, generator=gen), torch.randn(40, 16, generator=gen)
+        cases.append((q, k, cos, sin, x, y))
+
+    def run(case):
+        q, k, cos, sin, x, y = case
+        return (*vlmkernels.rope(q, k, cos, sin, 2), vlmkernels.clip_loss(x, y, 10.0))
+
+    expected = [run(case) for case in cases]
+    results, errors = [None] * len(cases), []
+
+    def work(i):
+        try:
+            for _ in range(2):
+                results[i] = run(cases[i])
+        except Exception as exc:  # reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for got, want in zip(results, expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

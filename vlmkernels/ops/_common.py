@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -17,6 +18,11 @@ def _probe():
 # Triton decides at decoration time whether a kernel is compiled or interpreted
 # (TRITON_INTERPRET=1); every kernel module is imported after this one, so they agree.
 INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+
+# Triton's interpreter patches triton.language while a kernel runs, so two threads running
+# kernels at once fail inside it; interpreted launches take this lock (compiled launches do
+# not need it).
+INTERPRETER_LOCK = threading.RLock()
 
 
 @functools.cache

@@ -379,6 +379,9 @@ class TunedKernel(KernelInterface):
         options = {**kwargs, **config.all_kwargs()}
         if callable(grid):
             grid = grid({**dict(zip(self.arg_names, args, strict=False)), **options})
+        if self.interpreted:
+            with _common.INTERPRETER_LOCK:
+                return self.fn.run(*args, grid=grid, warmup=warmup, **options)
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
 
 
