@@ -80,6 +80,19 @@ def test_info_measures_once_then_reads_the_cache(cache):
     assert json.loads(second)["ceilings"] == entry
 
 
+def test_info_names_transformers_and_what_patches_on_it(capsys):
+    transformers = pytest.importorskip("transformers")
+    assert cli.main(["info", "--no-ceilings"]) == 0
+    out = capsys.readouterr().out
+    assert f"transformers {transformers.__version__} (vlmkernels.patch tested with" in out
+    for arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        assert f"  {arch:<13} patches rope, vision, positions, rope_index" in out
+    assert cli.main(["info", "--no-ceilings", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["transformers"]
+    assert found["version"] == transformers.__version__
+    assert found["models"]["qwen2_vl"]["rope"] == "ok"
+
+
 def test_bench_tiny_case_with_plot(tmp_path, cache):
     out_dir = tmp_path / "out"
     args = ["-m", "vlmkernels", "bench", "clip_loss", *TINY, "--providers", "vlmkernels,eager"]

@@ -303,6 +303,38 @@ def backends(facts: dict) -> dict[str, str]:
     }
 
 
+def transformers_support() -> dict:
+    """{"version": ..., "tested": [...], "models": {arch: {part: "ok" or why not}}} for the
+    installed transformers (``vlmkernels.patch``), or {"version": None} without it."""
+    try:
+        import transformers
+    except ImportError:
+        return {"version": None}
+    from vlmkernels.integrations import transformers as patching
+
+    return {
+        "version": transformers.__version__,
+        "tested": list(patching.TESTED_VERSIONS),
+        "models": patching.support(),
+    }
+
+
+def transformers_lines() -> list[str]:
+    """The installed transformers and which model families ``vlmkernels.patch`` patches."""
+    found = transformers_support()
+    if found["version"] is None:
+        return ["transformers: not installed (vlmkernels.patch needs it)"]
+    tested = found["tested"]
+    lines = [f"transformers {found['version']} (vlmkernels.patch tested with {', '.join(tested)}):"]
+    for arch, parts in found["models"].items():
+        ok = [p for p, v in parts.items() if v.startswith("ok")]
+        refused = {p: v for p, v in parts.items() if not v.startswith("ok")}
+        state = "patches " + ", ".join(ok) if ok else "does not patch"
+        lines.append(f"  {arch:<13} {state}")
+        lines += [f"    {p}: refused: {v.splitlines()[0]}" for p, v in refused.items()]
+    return lines
+
+
 def _config_text(entry: dict) -> str:
     source = entry.get("source", "?")
     if entry.get("path"):
@@ -355,7 +387,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     found = backends(facts)
     entry, cached = (None, False) if args.no_ceilings else ceilings(facts, args.refresh)
     if args.json:
-        print(json.dumps({"facts": facts, "backends": found, "ceilings": entry}, indent=1))
+        doc = {"facts": facts, "backends": found, "ceilings": entry,
+               "transformers": transformers_support()}  # fmt: skip
+        print(json.dumps(doc, indent=1))
         return 0
     print(f"vlmkernels {facts['vlmkernels']} ({Path(vlmkernels.__file__).parent})")
     print(
@@ -368,6 +402,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         label = "cuda (C++)" if name == "cuda" else name
         print(f"  {label:<11} {found[name]}")
     print(f"  {'forced':<11} {found['forced']}")
+    for line in transformers_lines():
+        print(line)
     print("Triton configs (per kernel; `vlmkernels tune` on a GPU writes tuned ones):")
     for line in found["configs"]:
         print(f"  {line}")
