@@ -28,8 +28,8 @@ QUANTILES = (0.5, 0.2, 0.8)
 SLOW_MS = 100.0
 CPU_MIN_REPS = 5
 CPU_MAX_REPS = 50
-CPU_TARGET_S = 0.25
-CPU_SLOW_MS = 100.0
+CPU_TARGET_S = 0.15
+CPU_SLOW_MS = 50.0
 
 
 @dataclass(frozen=True)
