@@ -368,7 +368,6 @@ def _main(argv: list[str] | None, prog: str) -> int:
     )
     p.add_argument("--no-charts", action="store_true", help="markdown only")
     args = p.parse_args(argv)
-    out = _summary_path(args.out or output_dir())
     folders = args.results or [d for d in (RESULTS_DIR, output_dir()) if d.is_dir()]
     folders = list({d.resolve(): d for d in folders}.values())
     for d in folders:
@@ -378,6 +377,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if not paths:
         where = ", ".join(str(d) for d in folders) or f"{RESULTS_DIR} or {output_dir()}"
         raise UsageError(f"no CSV files in {where}")
+    out = _summary_path(args.out or output_dir())
     rows = read_csvs(paths)
     sources = ", ".join(f"`{_shown(d)}/*.csv`" for d in folders if any(d.glob("*.csv")))
     try:
