@@ -8,7 +8,6 @@ values, and ``benchmarks/results/`` must stay untouched.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 import subprocess
@@ -134,20 +133,8 @@ def test_unavailable_provider_is_recorded(smoke):
         assert row["status"] == "unavailable" and row["note"]
 
 
-def _open_clip_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-    # Load loss.py alone: the package's __init__ needs torchvision and more.
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
-def test_eager_baselines_match_open_clip():
-    loss = _open_clip_loss_module()
+def test_eager_baselines_match_open_clip(open_clip_loss):
+    loss = open_clip_loss
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=-1)
