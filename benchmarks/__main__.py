@@ -179,7 +179,7 @@ def _suite_modes(requested: list[str] | None, chosen: dict) -> tuple[dict, list[
 
 def _check_forced_backend() -> None:
     """A bad VLMKERNELS_BACKEND fails every case: say so before measuring anything."""
-    from vlmkernels._backend import get_backend
+    from vlmkernels.core.backend import get_backend
 
     try:
         get_backend()

@@ -106,7 +106,7 @@ def build_vlmkernels(args: BuildArgs) -> Prepared:
     op = getattr(vlmkernels, args.op)
     notes = []
     try:
-        from vlmkernels._backend import resolve_backend
+        from vlmkernels.core.backend import resolve_backend
 
         notes.append(f"backend={resolve_backend(args.op, x)}")
     except Exception:  # the backend name is informative only

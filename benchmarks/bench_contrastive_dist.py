@@ -218,7 +218,7 @@ def _ring_inputs(args: BuildArgs):
 
 def _backend_note(op: str, x: torch.Tensor) -> str:
     try:
-        from vlmkernels._backend import resolve_backend
+        from vlmkernels.core.backend import resolve_backend
 
         return f"backend={resolve_backend(op, x)}"
     except Exception:  # noqa: BLE001 - informative only

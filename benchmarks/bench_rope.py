@@ -381,7 +381,7 @@ def _backend_note(q: torch.Tensor, forced: str | None) -> str:
     if forced is not None:
         return f"backend={forced} (forced)"
     try:
-        from vlmkernels._backend import resolve_backend
+        from vlmkernels.core.backend import resolve_backend
 
         return f"backend={resolve_backend('rope', q)}"
     except Exception:  # noqa: BLE001 - informative only
@@ -450,7 +450,7 @@ def cuda_extension_available(device: torch.device) -> str | None:
     """None where the CUDA C++ kernels can run on ``device``, else the reason."""
     if device.type != "cuda":
         return "the CUDA C++ backend runs on CUDA tensors only"
-    from vlmkernels.ops import _cuda
+    from vlmkernels.core import cuda as _cuda
 
     ok, why = _cuda.status()
     return None if ok else why

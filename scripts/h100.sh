@@ -87,7 +87,7 @@ print("cuda available:", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
 for mod in ("inf_cl", "pynvml", "liger_kernel", "transformers"):
     print(mod, "importable" if importlib.util.find_spec(mod) else "NOT importable")
-from vlmkernels.ops import _cuda
+from vlmkernels.core import cuda as _cuda
 print("CUDA C++ extension:", _cuda.status())
 EOF
     ) 2>&1 | tee -a "$OUT/setup.log" || return 1

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import vlmkernels
-from vlmkernels.ops import _cuda
+from vlmkernels.core import cuda as _cuda
+from vlmkernels.ops.rope import cuda as rope_cuda
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90a")
@@ -354,7 +355,7 @@ def emulated_rope(tmp_path_factory):
 def on_emulated_cuda(emulated_rope, monkeypatch):
     """use_backend("cuda") runs the rope ops on the emulated kernels (CPU tensors)."""
     monkeypatch.setattr(_cuda, "status", lambda: (True, "emulated"))
-    monkeypatch.setattr(_cuda, "rope_launch", emulated_rope)
+    monkeypatch.setattr(rope_cuda, "rope_launch", emulated_rope)
     emulated_rope.plans.clear()
     return emulated_rope
 
@@ -428,7 +429,7 @@ def test_emulated_tables(d, layout, dtype, on_emulated_cuda):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", [1, 2])
 def test_emulated_backward_and_positions(rule, dtype, on_emulated_cuda):
-    from vlmkernels.ops import rope as R
+    from vlmkernels.ops.rope import functional as R
 
     section = [16, 24, 24] if rule == 1 else [24, 20, 20]
     q, k, ud = qk_views("bhsd", dtype)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import vlmkernels
-from vlmkernels.ops import _cuda
-from vlmkernels.ops import rope as R
+from vlmkernels.core import cuda as _cuda
+from vlmkernels.ops.rope import functional as R
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

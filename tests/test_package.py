@@ -7,10 +7,10 @@ import textwrap
 
 import pytest
 import torch
+from vlmkernels.ops._common import INTERPRETED
 
 import vlmkernels
-from vlmkernels._backend import resolve_backend
-from vlmkernels.ops._common import INTERPRETED
+from vlmkernels.core.backend import resolve_backend
 
 
 def test_default_backend_follows_device_and_interpreter():

@@ -25,7 +25,8 @@ blocks = json.load(open(sys.argv[1]))
 failures = []
 for number, (line, source) in enumerate(blocks, 1):
     try:
-        exec(compile(source, f"README.md block {number} (line {line})", "exec"), {"__name__": "__main__"})
+        code = compile(source, f"README.md block {number} (line {line})", "exec")
+        exec(code, {"__name__": "__main__"})
     except BaseException:
         failures.append(traceback.format_exc(limit=-3))
 print(json.dumps(failures))

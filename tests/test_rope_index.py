@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from vlmkernels.ops.rope_index import TEXT_AFTER_VISION, get_rope_index
+from vlmkernels.ops.rope.index import TEXT_AFTER_VISION, get_rope_index
 
 transformers = pytest.importorskip("transformers")
 

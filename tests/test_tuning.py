@@ -20,11 +20,12 @@ import torch
 import triton
 
 import vlmkernels
-from vlmkernels import _backend
-from vlmkernels.ops import _common
-from vlmkernels.ops import _tuning as T
+from vlmkernels.core import backend as _backend
+from vlmkernels.core import runtime as _common
+from vlmkernels.core import tuner as TU
+from vlmkernels.core import tuning as T
 from vlmkernels.ops import contrastive as C
-from vlmkernels.ops import rope as R
+from vlmkernels.ops.rope import kernels as R
 
 H100 = "NVIDIA H100 80GB HBM3"
 H100_DIR = "NVIDIA_H100_80GB_HBM3"
@@ -445,7 +446,7 @@ def test_launch_with_an_explicit_config_interpreted():
     cos, sin = torch.randn(3, 2, 3, 32), torch.randn(3, 2, 3, 32)
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     with T._record() as calls:
-        R._launch(q, k, qo, ko, table=(cos, sin), mode=R.CHUNKED, sections=(4, 6, 6))
+        R.launch(q, k, qo, ko, table=(cos, sin), mode=R.CHUNKED, sections=(4, 6, 6))
     (call,) = calls
     assert call.key == (7, 5, 32, 16, R.TABLE, "fp32")
     expected_q, expected_k = qo.clone(), ko.clone()
@@ -493,28 +494,28 @@ def test_lookup_report_without_cuda_under_the_interpreter(dirs):
 
 def test_tune_needs_cuda_and_known_names():
     with pytest.raises(ValueError, match="unknown kernel or op 'nope'"):
-        T.tune(["nope"])
+        TU.tune(["nope"])
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        T.tune()
+        TU.tune()
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        T.tune(["clip_loss", "mrope"], shapes={"rope": []})
+        TU.tune(["clip_loss", "mrope"], shapes={"rope": []})
 
 
 def test_kernel_name_aliases():
-    assert T._kernel_names(None) == ["clip_stats", "clip_grad", "siglip", "rope"]
-    assert T._kernel_names(["clip_loss", "siglip_loss", "vision_rope", "mrope"]) == [
+    assert TU.kernel_names(None) == ["clip_stats", "clip_grad", "siglip", "rope"]
+    assert TU.kernel_names(["clip_loss", "siglip_loss", "vision_rope", "mrope"]) == [
         "clip_stats", "clip_grad", "siglip", "rope"]  # fmt: skip
-    assert T._kernel_names("rope") == ["rope"]
+    assert TU.kernel_names("rope") == ["rope"]
 
 
 def test_default_shapes_cover_the_issue_buckets():
-    contrastive = T.DEFAULT_SHAPES["contrastive"]
+    contrastive = TU.default_shapes()["contrastive"]
     assert {(s["N"], s["d"]) for s in contrastive} == {
         (n, d) for n in (8192, 16384, 32768, 65536) for d in (512, 768, 1024, 1152)
     }
-    rope = T.DEFAULT_SHAPES["rope"]
+    rope = TU.default_shapes()["rope"]
     assert {(s["heads_q"], s["heads_k"], s["head_dim"]) for s in rope} >= {
         (28, 4, 128), (32, 8, 128), (16, 16, 80), (16, 16, 72)}  # fmt: skip
     assert {s["source"] for s in rope} == {"table", "positions"}
@@ -553,7 +554,7 @@ def test_tune_pipeline_with_a_fake_benchmark(dirs, monkeypatch):
     }  # fmt: skip
     names = ["clip_stats", "clip_grad", "siglip", "rope"]
     lines = []
-    winners = T._tune_buckets(names, shapes, torch.device("cpu"), bench, lines.append)
+    winners = TU._tune_buckets(names, shapes, torch.device("cpu"), bench, lines.append)
     assert set(winners) == set(names)
     stats_bucket = (24, 64, 1, 1, 0, 0, 0, "fp32")
     assert list(winners["clip_stats"]) == [stats_bucket]
@@ -608,18 +609,18 @@ def test_bench_call_skips_configs_that_fail(dirs, monkeypatch):
         return t
 
     lines = []
-    best = T._bench_call(call, bench, lines.append)
+    best = TU._bench_call(call, bench, lines.append)
     assert best == {**entry(SPACE[2]), "ms": 2.0}  # no default_ms: the default failed
     assert "skipped (RuntimeError: out of resources" in lines[0]
     with pytest.raises(RuntimeError, match="no config"):
-        T._bench_call(call, lambda fn: 1 / 0, lines.append)
+        TU._bench_call(call, lambda fn: 1 / 0, lines.append)
 
 
 def test_compare_backends_records_the_faster(dirs, monkeypatch):
     if not _common.INTERPRETED:
         pytest.skip("runs the Triton launcher through the interpreter")
     user, _ = dirs
-    from vlmkernels.ops import _cuda
+    from vlmkernels.ops.rope import cuda as _cuda
 
     ran = []
 
@@ -640,10 +641,10 @@ def test_compare_backends_records_the_faster(dirs, monkeypatch):
     shapes = {"rope": [spec, {**spec, "head_dim": 24}, spec]}
     lines = []
     cpu = torch.device("cpu")
-    assert T._compare_backends(shapes, cpu, H100_DIR, bench, user, lines.append) == {}
+    assert TU._compare_backends(shapes, cpu, H100_DIR, bench, user, lines.append) == {}
     assert "not compared (not built)" in lines[-1]
     monkeypatch.setattr(_backend, "cuda_backend_status", lambda: (True, "built"))
-    written = T._compare_backends(shapes, cpu, H100_DIR, bench, user, lines.append)
+    written = TU._compare_backends(shapes, cpu, H100_DIR, bench, user, lines.append)
     assert written == {"backends": user / H100_DIR / "backends.json"}
     doc = json.loads(written["backends"].read_text())
     assert doc["backends"]["rope"] == {"backend": "cuda", "triton_ms": 4.0, "cuda_ms": 2.0,

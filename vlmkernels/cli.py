@@ -263,8 +263,8 @@ def ceilings(facts: dict, refresh: bool = False) -> tuple[dict, bool]:
 
 
 def backends(facts: dict) -> dict[str, str]:
-    from vlmkernels._backend import get_backend
-    from vlmkernels.ops._common import INTERPRETED
+    from vlmkernels.core.backend import get_backend
+    from vlmkernels.core.runtime import INTERPRETED
 
     if facts["device_type"] == "cuda":
         triton_line = f"compiled for {facts['arch']} (CUDA tensors run the Triton kernels)"
@@ -276,14 +276,14 @@ def backends(facts: dict) -> dict[str, str]:
             "import runs the Triton kernels in Triton's interpreter)"
         )
     try:
-        from vlmkernels.ops._cuda import status
+        from vlmkernels.core.cuda import status
 
         ok, reason = status()
         cuda_line = ("available: " if ok else "unavailable: ") + reason
     except Exception as exc:  # noqa: BLE001 - the extension's module may be absent or broken
         cuda_line = f"not built ({type(exc).__name__}: {exc})"
     try:
-        from vlmkernels.ops._tuning import lookup_report
+        from vlmkernels.core.tuning import lookup_report
 
         configs = config_lines(lookup_report())
     except ModuleNotFoundError:
@@ -429,12 +429,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        from vlmkernels.ops import _tuning
-    except ImportError as exc:
-        print(f"vlmkernels tune: this version has no tuner ({exc})", file=sys.stderr)
-        return 2
-    written = _tuning.tune(kernels=args.ops or None, device=None, out_dir=args.out, log=print)
+    from vlmkernels.core import tuner
+
+    written = tuner.tune(kernels=args.ops or None, device=None, out_dir=args.out, log=print)
     if isinstance(written, str | Path):
         items = [("", written)]
     elif isinstance(written, dict):

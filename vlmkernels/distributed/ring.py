@@ -73,7 +73,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .._backend import in_forward_backend, remember_backend
+from ..core.backend import in_forward_backend, remember_backend
 from ..ops.contrastive import (
     SideStats,
     Targets,

@@ -93,7 +93,7 @@ from collections.abc import Callable
 import torch
 
 from ..ops.rope import mrope, mrope_from_positions, rope, vision_rope
-from ..ops.rope_index import TEXT_AFTER_VISION, get_rope_index
+from ..ops.rope.index import TEXT_AFTER_VISION, get_rope_index
 from ._patching import (
     MARK,
     AlreadyPatchedError,

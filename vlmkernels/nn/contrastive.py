@@ -88,7 +88,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._checks import FLOAT_DTYPES
+from ..core.checks import FLOAT_DTYPES
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, first_order_only, siglip_loss
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")

@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import in_forward_backend, remember_backend, resolve_backend
-from .._checks import (
+from ..core.backend import in_forward_backend, remember_backend, resolve_backend
+from ..core.checks import (
     check_bool,
     check_chunk_size,
     check_compatible,
@@ -54,8 +54,8 @@ from .._checks import (
     check_reduction,
     scalar_tensor,
 )
-from ._common import INTERPRETED, autotune_configs, dot_precision, next_pow2_bucket, sm_count
-from ._tuning import tuned
+from ..core.runtime import INTERPRETED, autotune_configs, dot_precision, next_pow2_bucket, sm_count
+from ..core.tuning import tuned
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_INF = tl.constexpr(float("-inf"))

@@ -1,7 +1,9 @@
-"""Helpers shared by the op families: interpreter detection, device facts, config spaces."""
+"""What every family's launchers share: whether Triton is interpreted, device facts,
+config spaces, the device guard."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -28,6 +30,11 @@ INTERPRETER_LOCK = threading.RLock()
 @functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_guard(t: torch.Tensor):
+    """Makes ``t``'s CUDA device current for a launch (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def sm_count(device: torch.device) -> int:

@@ -108,8 +108,9 @@ Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the pac
 must come from measurements: run ``tune(out_dir="vlmkernels/configs")`` (or ``vlmkernels
 tune`` with that output directory) on the GPU and commit the files. None are shipped yet.
 
-API: :func:`lookup`, :func:`tune`, :func:`lookup_report`, :func:`preferred_backend`,
-:func:`record_preferred_backend`, :func:`clear_cache`, :func:`normalise_device_name`.
+API: :func:`lookup`, :func:`lookup_report`, :func:`preferred_backend`,
+:func:`record_preferred_backend`, :func:`clear_cache`, :func:`normalise_device_name`; tuning
+itself is :func:`vlmkernels.core.tuner.tune`.
 """
 
 from __future__ import annotations
@@ -126,14 +127,14 @@ import pathlib
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import triton
 from triton.runtime.jit import KernelInterface
 
-from . import _common
+from . import runtime
 
 FORMAT = 1
 CONFIG_DIR_ENV = "VLMKERNELS_CONFIG_DIR"
@@ -304,7 +305,7 @@ class TunedKernel(KernelInterface):
         self._positions = [self.arg_names.index(k) for k in self.key_names]
         self._by_signature = {_config_signature(c): c for c in self.space}
         self.restore_value = restore_value
-        self.interpreted = _common.INTERPRETED if interpreted is None else interpreted
+        self.interpreted = runtime.INTERPRETED if interpreted is None else interpreted
         self._cache: dict[tuple, triton.Config] = {}
         self._autotuner = None
         _REGISTRY[name] = self
@@ -359,7 +360,7 @@ class TunedKernel(KernelInterface):
             _RECORDING.append(_Call(self, self.key_of(args, kwargs), grid, args, dict(kwargs)))
         if self.interpreted:
             config = self.interpreter_config
-        elif _common.AUTOTUNE:
+        elif runtime.AUTOTUNE:
             if self._autotuner is None:
                 self._autotuner = triton.autotune(
                     configs=list(self.space), key=self.key_names, restore_value=self.restore_value
@@ -380,7 +381,7 @@ class TunedKernel(KernelInterface):
         if callable(grid):
             grid = grid({**dict(zip(self.arg_names, args, strict=False)), **options})
         if self.interpreted:
-            with _common.INTERPRETER_LOCK:
+            with runtime.INTERPRETER_LOCK:
                 return self.fn.run(*args, grid=grid, warmup=warmup, **options)
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
 
@@ -388,7 +389,7 @@ class TunedKernel(KernelInterface):
 def tuned(name: str, *, configs, key, sizes, restore_value=None):
     """Decorator replacing ``triton.autotune``: launches take their config from
     :func:`lookup` (see the module docstring). ``configs`` comes from
-    :func:`._common.autotune_configs`; ``key`` names the arguments whose values select the
+    :func:`.runtime.autotune_configs`; ``key`` names the arguments whose values select the
     config (as ``triton.autotune``'s), ``sizes`` those of them that are sizes (nearest
     bucket by log2), the others being variant flags that must match; ``restore_value`` is
     passed to the opt-in autotuner (``VLMKERNELS_AUTOTUNE=1``)."""
@@ -400,9 +401,7 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None):
 
 
 def all_kernels() -> dict[str, TunedKernel]:
-    """Every tuned kernel by name (imports the op modules that define them)."""
-    from . import contrastive, rope  # noqa: F401
-
+    """Every tuned kernel defined so far, by name (``import vlmkernels`` defines them all)."""
     return dict(_REGISTRY)
 
 
@@ -646,7 +645,7 @@ def lookup_report(device=None) -> dict[str, dict]:
         used = next((layer for layer in layers if layer.entries), None)
         if k.interpreted:
             source = "interpreter"
-        elif _common.AUTOTUNE:
+        elif runtime.AUTOTUNE:
             source = "autotune"
         else:
             source = used.origin if used is not None else "default"
@@ -737,74 +736,11 @@ def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
 
 
 # --------------------------------------------------------------------------------------
-# Tuning
+# Writing files, recording launches (for the tuner)
 # --------------------------------------------------------------------------------------
 
-# The realistic shape buckets of each family (see tune()).
-_TEXT_ROPE = [  # model, heads_q, heads_k, head_dim, lane rule, mrope section
-    ("Qwen2-VL-2B", 12, 2, 128, "chunked", (16, 24, 24)),
-    ("Qwen2.5-VL-3B", 16, 2, 128, "chunked", (16, 24, 24)),
-    ("Qwen2-VL-7B, Qwen2.5-VL-7B", 28, 4, 128, "chunked", (16, 24, 24)),
-    ("Qwen2-VL-72B, Qwen2.5-VL-72B", 64, 8, 128, "chunked", (16, 24, 24)),
-    ("Qwen3-VL-2B", 16, 8, 128, "interleaved", (24, 20, 20)),
-    ("Qwen3-VL-4B, Qwen3-VL-8B", 32, 8, 128, "interleaved", (24, 20, 20)),
-]
-_VISION_ROPE = [("Qwen2-VL, Qwen2.5-VL vision", 16, 80), ("Qwen3-VL vision", 16, 72)]
 
-DEFAULT_SHAPES: dict[str, list[dict]] = {
-    "contrastive": [
-        {"N": n, "d": d, "dtype": "bf16"}
-        for n in (8192, 16384, 32768, 65536)
-        for d in (512, 768, 1024, 1152)
-    ],
-    "rope": [
-        {"model": m, "heads_q": hq, "heads_k": hk, "head_dim": d, "mode": mode,
-         "sections": sec, "source": src, "tokens": 16384, "dtype": "bf16"}
-        for m, hq, hk, d, mode, sec in _TEXT_ROPE
-        for src in ("table", "positions")
-    ] + [
-        {"model": m, "heads_q": h, "heads_k": h, "head_dim": d, "mode": "plain",
-         "source": "table", "table_dtype": "fp32", "tokens": 16384, "dtype": "bf16"}
-        for m, h, d in _VISION_ROPE
-    ] + [
-        {"model": m, "heads_q": h, "heads_k": h, "head_dim": d, "mode": "chunked",
-         "sections": (0, d // 4, d // 4), "source": "positions", "tokens": 16384,
-         "dtype": "bf16"}
-        for m, h, d in _VISION_ROPE
-    ],
-}  # fmt: skip
-
-_FAMILY = {"clip_stats": "contrastive", "clip_grad": "contrastive", "siglip": "contrastive",
-           "rope": "rope"}  # fmt: skip
-_ALIASES = {
-    "contrastive": ("clip_stats", "clip_grad", "siglip"),
-    "clip_loss": ("clip_stats", "clip_grad"),
-    "contrastive_cross_entropy": ("clip_stats", "clip_grad"),
-    "siglip_loss": ("siglip",),
-    "mrope": ("rope",),
-    "mrope_interleaved": ("rope",),
-    "mrope_from_positions": ("rope",),
-    "vision_rope": ("rope",),
-}
-_WITH_CUDA = ("rope",)  # kernels whose op has a CUDA C++ launcher: tune compares backends
-
-
-def _kernel_names(selection) -> list[str]:
-    if selection is None:
-        return list(_FAMILY)
-    if isinstance(selection, str):
-        selection = [selection]
-    names: list[str] = []
-    for item in selection:
-        found = (item,) if item in _FAMILY else _ALIASES.get(item)
-        if found is None:
-            known = sorted({*_FAMILY, *_ALIASES})
-            raise ValueError(f"tune: unknown kernel or op {item!r}; one of {', '.join(known)}")
-        names += [n for n in found if n not in names]
-    return names
-
-
-def _torch_dtype(name) -> torch.dtype:
+def torch_dtype(name) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     table = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -814,151 +750,6 @@ def _torch_dtype(name) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _record():
-    global _RECORDING
-    previous, calls = _RECORDING, []
-    _RECORDING = calls
-    try:
-        yield calls
-    finally:
-        _RECORDING = previous
-
-
-def _contrastive_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
-    """Run the contrastive ops of ``spec`` once ({"N", "d", "dtype", "ops"}; ops from
-    "clip" (clip_loss forward + backward), "siglip" (with gradients, and the no-grad
-    forward), "i2t" (one direction), "clip_ids" (ids + label smoothing), "clip_teacher"
-    (ALBEF distillation); default ("clip", "siglip"))."""
-    from .contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
-
-    n, d = int(spec["N"]), int(spec["d"])
-    dtype = _torch_dtype(spec.get("dtype", "bf16"))
-    ops = tuple(spec.get("ops", ("clip", "siglip")))
-    unknown = set(ops) - {"clip", "siglip", "i2t", "clip_ids", "clip_teacher"}
-    if unknown:
-        raise ValueError(f"contrastive spec {dict(spec)}: unknown ops {sorted(unknown)}")
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def features():
-        f = torch.randn(n, d, generator=gen, device=device, dtype=torch.float32)
-        return torch.nn.functional.normalize(f, dim=-1).to(dtype)
-
-    x, y = features(), features()
-
-    def leaves():
-        return x.clone().requires_grad_(), y.clone().requires_grad_()
-
-    clip = {"clip_stats", "clip_grad"} & set(names)
-    if "clip" in ops and clip:
-        clip_loss(*leaves(), 14.3).backward()
-    if "i2t" in ops and clip:
-        contrastive_cross_entropy(*leaves(), 14.3).backward()
-    if "clip_ids" in ops and clip:
-        ids = torch.arange(n, device=device) // 2
-        clip_loss(*leaves(), 14.3, ids=ids, label_smoothing=0.1).backward()
-    if "clip_teacher" in ops and clip:
-        clip_loss(*leaves(), 14.3, teacher=(x, y), alpha=0.4).backward()
-    if "siglip" in ops and "siglip" in names:
-        siglip_loss(*leaves(), 10.0, -10.0).backward()
-        with torch.no_grad():
-            siglip_loss(x, y, 10.0, -10.0)
-
-
-def _rope_inputs(spec: Mapping, device: torch.device):
-    """(q, k, q_out, k_out, launch kwargs) for a rope spec ({"heads_q", "heads_k",
-    "head_dim", "rotary_dim" (default head_dim), "tokens" (16384), "batch" (1), "mode"
-    ("plain", "chunked", "interleaved"), "sections", "source" ("table", "positions"),
-    "dtype", "table_dtype" (default dtype))."""
-    from . import rope as R
-
-    b, s = int(spec.get("batch", 1)), int(spec.get("tokens", 16384))
-    hq, hk, d = int(spec["heads_q"]), int(spec["heads_k"]), int(spec["head_dim"])
-    rot = int(spec.get("rotary_dim", d))
-    half = rot // 2
-    mode = {"plain": R.PLAIN, "chunked": R.CHUNKED, "interleaved": R.INTERLEAVED}[
-        spec.get("mode", "chunked")
-    ]
-    sections = tuple(spec.get("sections") or (0, 0, 0))
-    if mode != R.PLAIN and sum(sections) != half:
-        raise ValueError(f"rope spec {dict(spec)}: sections must add up to {half}")
-    dtype = _torch_dtype(spec.get("dtype", "bf16"))
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape, dt=dtype):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
-
-    q, k = randn(b, s, hq, d), randn(b, s, hk, d)
-    kwargs: dict[str, Any] = dict(mode=mode, sections=sections)
-    if spec.get("source", "table") == "table":
-        table_dtype = _torch_dtype(spec.get("table_dtype", dtype))
-        angle = randn(1 if mode == R.PLAIN else 3, b, s, rot, dt=torch.float32)
-        kwargs["table"] = (angle.cos().to(table_dtype), angle.sin().to(table_dtype))
-    else:
-        pos = torch.randint(0, s, (3, b, s), generator=gen, device=device, dtype=torch.int64)
-        kwargs["positions"] = pos
-        kwargs["inv_freq"] = 1e6 ** -(torch.arange(half, device=device, dtype=torch.float32)
-                                      / half)  # fmt: skip
-    return q, k, torch.empty_like(q), torch.empty_like(k), kwargs
-
-
-def _rope_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
-    from .rope import _launch
-
-    q, k, qo, ko, kwargs = _rope_inputs(spec, device)
-    _launch(q, k, qo, ko, **kwargs)
-
-
-_WORKLOADS: dict[str, Callable] = {"contrastive": _contrastive_workload, "rope": _rope_workload}
-
-
-def _bench_call(call: _Call, bench: Callable, log: Callable) -> dict:
-    """Time one recorded launch with every config of its kernel's space; the winner as a
-    file entry (with its time and the default config's)."""
-    kernel = call.kernel
-    timings = {}
-    for i, config in enumerate(kernel.space):
-        try:
-            timings[i] = float(
-                bench(lambda c=config: kernel.launch(c, call.grid, call.args, call.kwargs))
-            )
-        except Exception as exc:  # a config that does not compile or fit: skip it
-            log(f"  {kernel.name} {_config_entry(config)}: skipped ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")  # fmt: skip
-    if not timings:
-        raise RuntimeError(f"tune: no config of {kernel.name} ran for {kernel.bucket(call.key)}")
-    best = min(timings, key=timings.get)
-    entry = {**_config_entry(kernel.space[best]), "ms": round(timings[best], 5)}
-    if 0 in timings:
-        entry["default_ms"] = round(timings[0], 5)
-    gain = f", x{timings[0] / timings[best]:.2f} over the default" if 0 in timings else ""
-    log(f"  {kernel.name} {kernel.bucket(call.key)}: {_config_entry(kernel.space[best])} "
-        f"{timings[best]:.4f} ms{gain}")  # fmt: skip
-    return entry
-
-
-def _tune_buckets(names: list[str], shapes: Mapping[str, list], device: torch.device,
-                  bench: Callable, log: Callable) -> dict[str, dict[tuple, dict]]:  # fmt: skip
-    """Run each family's workloads, record the launches of the kernels in ``names``, and
-    benchmark the first launch of every (kernel, bucket): {kernel: {key: entry}}."""
-    winners: dict[str, dict[tuple, dict]] = {n: {} for n in names}
-    families = [f for f in _WORKLOADS if any(_FAMILY[n] == f for n in names)]
-    for family in families:
-        for spec in shapes[family]:
-            log(f"{family}: {dict(spec)}")
-            with _record() as calls:
-                _WORKLOADS[family](spec, device, names)
-            firsts: dict[tuple, _Call] = {}
-            for call in calls:
-                if call.kernel.name in winners:
-                    firsts.setdefault((call.kernel.name, call.key), call)
-            calls.clear()
-            for (name, key), call in firsts.items():
-                if key not in winners[name]:
-                    winners[name][key] = _bench_call(call, bench, log)
-            firsts.clear()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return winners
 
 
 def _write_json(path: pathlib.Path, doc: dict) -> None:
@@ -1007,124 +798,3 @@ def _write_winners(kernel: TunedKernel, device: str, winners: Mapping[tuple, dic
     }
     _write_json(path, doc)
     return path
-
-
-def _compare_backends(shapes: Mapping[str, list], device: torch.device, name: str,
-                      bench: Callable, out_dir: pathlib.Path,
-                      log: Callable) -> dict[str, pathlib.Path]:  # fmt: skip
-    """Time the Triton and the CUDA C++ launchers of the ops that have both (rope) on the
-    tuning shapes (those both take) and record the faster, in total, for device ``name``."""
-    from .._backend import cuda_backend_status
-
-    ok, why = cuda_backend_status()
-    if not ok:
-        log(f"backends: not compared ({why})")
-        return {}
-    from ._cuda import rope_launch
-    from .rope import _launch
-
-    totals, compared = {"triton": 0.0, "cuda": 0.0}, 0
-    for spec in shapes["rope"]:
-        *tensors, kwargs = _rope_inputs(spec, device)
-        try:
-            times = {
-                backend: float(bench(lambda f=launch, t=tensors, kw=kwargs: f(*t, **kw)))
-                for backend, launch in (("triton", _launch), ("cuda", rope_launch))
-            }
-        except Exception as exc:  # a shape one launcher does not take: not compared
-            log(f"backends: rope {dict(spec)} not compared ({type(exc).__name__}: {exc})")
-            continue
-        compared += 1
-        for backend, ms in times.items():
-            totals[backend] += ms
-    if not compared:
-        log("backends: rope not recorded (no shape ran on both backends)")
-        return {}
-    best = min(totals, key=totals.get)
-    log(f"backends: rope triton {totals['triton']:.3f} ms, cuda {totals['cuda']:.3f} ms "
-        f"over {compared} shapes: {best}")  # fmt: skip
-    path = record_preferred_backend(
-        "rope", best, name, out_dir, triton_ms=round(totals["triton"], 5),
-        cuda_ms=round(totals["cuda"], 5), shapes=compared,
-    )  # fmt: skip
-    return {"backends": path}
-
-
-def tune(
-    kernels=None, device=None, out_dir=None, shapes=None, log=print
-) -> dict[str, pathlib.Path]:
-    """Autotune the Triton kernels on the present GPU and write the winners.
-
-    Args:
-        kernels: kernel names ("clip_stats", "clip_grad", "siglip", "rope"), op names
-            ("clip_loss", "contrastive_cross_entropy", "siglip_loss", "mrope",
-            "mrope_interleaved", "mrope_from_positions", "vision_rope") or families
-            ("contrastive", "rope"); None: every kernel.
-        device: the CUDA device (index, "cuda:i" or ``torch.device``); None: the current.
-        out_dir: where the files go (``<out_dir>/<device>/<kernel>.json``); default the
-            user directory (``VLMKERNELS_CONFIG_DIR``, else ``~/.cache/vlmkernels/configs``),
-            which :func:`lookup` reads first.
-        shapes: per family ("contrastive", "rope"), a list of shape specs replacing
-            :data:`DEFAULT_SHAPES` for it: contrastive {"N", "d", "dtype", "ops"}, rope
-            {"heads_q", "heads_k", "head_dim", "rotary_dim", "tokens", "batch", "mode",
-            "sections", "source", "dtype", "table_dtype"} (see :func:`_contrastive_workload`,
-            :func:`_rope_inputs`). Defaults: contrastive N in {8192, 16384, 32768, 65536} x d
-            in {512, 768, 1024, 1152}, bf16, clip_loss forward + backward and siglip_loss
-            with and without gradients; rope: the Qwen2-VL / Qwen2.5-VL / Qwen3-VL text
-            attention shapes and the vision towers' (16 heads, head dims 80 and 72), 16384
-            tokens, tables and positions, bf16.
-        log: called with one line of progress at a time.
-
-    Each shape runs the ops once through their Triton launchers, recording the kernel
-    launches; the first launch of every (kernel, bucket) is timed with each config of the
-    kernel's space by ``triton.testing.do_bench`` (median) on those real inputs, and the
-    fastest is merged into the kernel's file (entries of other buckets are kept). When the
-    CUDA C++ extension is available and "rope" is tuned, the two backends' rope launchers
-    are timed on the rope shapes and the faster recorded in ``backends.json``. The
-    in-process caches are cleared, so later launches use the new files.
-
-    Returns {kernel name (or "backends"): file written}. Raises RuntimeError without a CUDA
-    device or under Triton's interpreter, ValueError for an unknown name.
-    """
-    names = _kernel_names(kernels)
-    specs = {**DEFAULT_SHAPES, **{k: list(v) for k, v in (shapes or {}).items()}}
-    unknown = set(specs) - set(_WORKLOADS)
-    if unknown:
-        raise ValueError(f"tune: shapes for unknown families {sorted(unknown)}")
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "vlmkernels tune needs a CUDA device: it benchmarks the Triton kernels on the GPU "
-            "they will run on (torch.cuda.is_available() is False here)"
-        )
-    if _common.INTERPRETED:
-        raise RuntimeError("vlmkernels tune cannot run under Triton's interpreter "
-                           "(TRITON_INTERPRET=1): unset it")  # fmt: skip
-    from triton.testing import do_bench
-
-    from .._backend import use_backend
-
-    token = _device_token(device)
-    if not isinstance(token, int):
-        raise ValueError(f"tune: device must be a CUDA device, not the name {device!r}")
-    dev = torch.device("cuda", token)
-    name = device_name(dev)
-    out = pathlib.Path(out_dir).expanduser() if out_dir else user_config_dir()
-    kernel_objs = {n: _kernel(n) for n in names}
-
-    def bench(fn):
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    log(f"tuning {', '.join(names)} on {name} (triton {triton.__version__}) into {out}")
-    with torch.cuda.device(dev), use_backend("triton"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConfigWarning)
-        winners = _tune_buckets(names, specs, dev, bench, log)
-        written = {}
-        for n, entries in winners.items():
-            if entries:
-                written[n] = _write_winners(kernel_objs[n], name, entries, out, log)
-                log(f"wrote {written[n]} ({len(entries)} buckets)")
-        clear_cache()
-        if any(n in _WITH_CUDA for n in names):
-            written.update(_compare_backends(specs, dev, name, bench, out, log))
-    clear_cache()
-    return written

@@ -22,26 +22,25 @@ import os
 
 import torch
 
+from . import cuda, runtime
+from .family import cuda_ops
+from .tuning import preferred_backend
+
 BACKENDS = ("triton", "torch", "cuda")
-CUDA_OPS = frozenset({"rope"})  # op families with CUDA C++ kernels (csrc/)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "vlmkernels_backend", default=None
 )
 
 
+def cuda_backend_status() -> tuple[bool, str]:
+    """(available, reason) for the CUDA C++ backend (:func:`.cuda.status`)."""
+    return cuda.status()
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels defined by vlmkernels run through Triton's CPU interpreter."""
-    from .ops._common import INTERPRETED
-
-    return INTERPRETED
-
-
-def cuda_backend_status() -> tuple[bool, str]:
-    """(available, reason) for the CUDA C++ backend."""
-    from .ops._cuda import status
-
-    return status()
+    return runtime.INTERPRETED
 
 
 def _check_name(name: str, source: str) -> str:
@@ -103,9 +102,7 @@ def cuda_default(op: str, device: torch.device) -> str:
     """The backend of ``op`` for CUDA tensors when none is forced: the one recorded as
     faster on this device (``vlmkernels.ops._tuning.preferred_backend``, written by
     ``vlmkernels tune``) when it is available, else Triton."""
-    from .ops._tuning import preferred_backend
-
-    if op in CUDA_OPS and preferred_backend(op, device) == "cuda" and cuda_backend_status()[0]:
+    if op in cuda_ops() and preferred_backend(op, device) == "cuda" and cuda_backend_status()[0]:
         return "cuda"
     return "triton"
 
@@ -125,10 +122,10 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
         ok, why = cuda_backend_status()
         if not ok:
             raise RuntimeError(f"{op}: the 'cuda' backend is unavailable: {why}")
-        if op not in CUDA_OPS:
+        if op not in cuda_ops():
             raise RuntimeError(
                 f"{op}: has no CUDA C++ implementation (ops with one: "
-                f"{', '.join(sorted(CUDA_OPS))}); use the 'triton' or 'torch' backend"
+                f"{', '.join(sorted(cuda_ops()))}); use the 'triton' or 'torch' backend"
             )
     if forced == "triton":
         if tensor.dtype == torch.float64:

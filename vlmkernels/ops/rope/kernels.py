@@ -1,0 +1,165 @@
+"""The rotary Triton kernel: one program per token rotates every head of q and k.
+
+See :mod:`vlmkernels.ops.rope` for the math. The kernel reads the token's per-lane cos/sin
+once (from a table, or computed in fp32 from integer positions and ``inv_freq``), then
+rotates its heads BLOCK_H at a time; lanes past the rotary dim pass through.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...core.runtime import autotune_configs, device_guard
+from ...core.tuning import tuned
+
+TABLE, POSITIONS = 0, 1  # where the angles come from
+PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2  # which position axis each lane uses
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_H": 4}, num_warps=2),
+    triton.Config({"BLOCK_H": 8}, num_warps=4),
+    triton.Config({"BLOCK_H": 16}, num_warps=4),
+    triton.Config({"BLOCK_H": 32}, num_warps=8),
+]
+_CONFIGS = autotune_configs(_GPU_CONFIGS, triton.Config({"BLOCK_H": 4}, num_warps=1))
+
+
+@triton.jit
+def _lane_axis(j, MODE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr,
+               SEC_W: tl.constexpr):  # fmt: skip
+    """Position axis (0 = T, 1 = H, 2 = W) of frequency lanes ``j``."""
+    if MODE == 1:
+        axis = tl.where(j < SEC_T, 0, tl.where(j < SEC_T + SEC_H, 1, 2))
+    elif MODE == 2:
+        axis = tl.where(
+            (j % 3 == 1) & (j < 3 * SEC_H), 1, tl.where((j % 3 == 2) & (j < 3 * SEC_W), 2, 0)
+        )
+    else:
+        axis = j * 0
+    return axis
+
+
+# fmt: off
+@triton.jit
+def _rotate_heads(
+    x_ptr, o_ptr, b, s, n_heads, half, D,
+    sxb, sxs, sxh, sxd, sob, sos, soh, sod,
+    c1, c2, s1, s2, j, lane_mask,
+    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    """Rotate the ``n_heads`` head vectors of token (b, s) of x into o, BLOCK_H at a time."""
+    x_tok = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(s, tl.int64) * sxs
+    o_tok = o_ptr + tl.cast(b, tl.int64) * sob + tl.cast(s, tl.int64) * sos
+    rot = 2 * half
+    for h0 in range(0, n_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        m = (heads < n_heads)[:, None] & lane_mask[None, :]
+        x_rows = x_tok + heads[:, None].to(tl.int64) * sxh
+        o_rows = o_tok + heads[:, None].to(tl.int64) * soh
+        x1 = tl.load(x_rows + j[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(x_rows + (j + half)[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        if BACKWARD:
+            o1 = x1 * c1[None, :] + x2 * s2[None, :]
+            o2 = x2 * c2[None, :] - x1 * s1[None, :]
+        else:
+            o1 = x1 * c1[None, :] - x2 * s1[None, :]
+            o2 = x2 * c2[None, :] + x1 * s2[None, :]
+        tl.store(o_rows + j[None, :] * sod, o1.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(o_rows + (j + half)[None, :] * sod, o2.to(o_ptr.dtype.element_ty), mask=m)
+        if COPY_PASS:  # lanes past the rotary dim pass through unchanged
+            for p0 in range(rot, D, BLOCK_PASS):
+                lanes = p0 + tl.arange(0, BLOCK_PASS)
+                pm = (heads < n_heads)[:, None] & (lanes < D)[None, :]
+                v = tl.load(x_rows + lanes[None, :] * sxd, mask=pm, other=0.0)
+                tl.store(o_rows + lanes[None, :] * sod, v, mask=pm)
+
+
+@tuned("rope", configs=_CONFIGS, key=["HQ", "HK", "D", "half", "SOURCE"],
+       sizes=["HQ", "HK", "D", "half"], restore_value=["qo_ptr", "ko_ptr"])
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
+    S, HQ, HK, half, D, scaling,
+    sqb, sqs, sqh, sqd, skb, sks, skh, skd,
+    sqob, sqos, sqoh, sqod, skob, skos, skoh, skod,
+    sta, stb, sts, std, spa, spb, sps,
+    SOURCE: tl.constexpr, MODE: tl.constexpr,
+    SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
+    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    """One token (b, s) per program: its per-lane cos/sin (from the table or from the
+    positions) once, then every head of q and of k."""
+    t = tl.program_id(0)
+    b = t // S
+    s = t % S
+    j = tl.arange(0, BLOCK_HALF)
+    lane_mask = j < half
+    axis = _lane_axis(j, MODE, SEC_T, SEC_H, SEC_W)
+    if SOURCE == 0:
+        row = tl.cast(b, tl.int64) * stb + tl.cast(s, tl.int64) * sts + axis.to(tl.int64) * sta
+        c1 = tl.load(cos_ptr + row + j * std, mask=lane_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + row + (j + half) * std, mask=lane_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + row + j * std, mask=lane_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + row + (j + half) * std, mask=lane_mask, other=0.0).to(tl.float32)
+    else:
+        pos_row = tl.cast(b, tl.int64) * spb + tl.cast(s, tl.int64) * sps
+        pos = tl.load(pos_ptr + pos_row + axis.to(tl.int64) * spa, mask=lane_mask, other=0)
+        freq = tl.load(freq_ptr + j, mask=lane_mask, other=0.0).to(tl.float32)
+        angle = pos.to(tl.float32) * freq
+        c1 = tl.cos(angle) * scaling
+        s1 = tl.sin(angle) * scaling
+        c2 = c1
+        s2 = s1
+    _rotate_heads(q_ptr, qo_ptr, b, s, HQ, half, D, sqb, sqs, sqh, sqd, sqob, sqos, sqoh, sqod,
+                  c1, c2, s1, s2, j, lane_mask, BACKWARD, COPY_PASS,
+                  BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+    _rotate_heads(k_ptr, ko_ptr, b, s, HK, half, D, skb, sks, skh, skd, skob, skos, skoh, skod,
+                  c1, c2, s1, s2, j, lane_mask, BACKWARD, COPY_PASS,
+                  BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+# fmt: on
+
+
+def launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=PLAIN,
+            sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
+    """Rotate canonical (B, S, H, D) views q, k into qo, ko (which may be q, k: in place).
+
+    ``table`` is (cos, sin), each (A, B, S, R) with A = 1 or 3; otherwise ``positions``
+    (3, B, S) integers and ``inv_freq`` (R / 2,) give the angles.
+    """
+    b, s, hq, d = q.shape
+    hk = k.shape[2]
+    if b * s == 0 or (hq == 0 and hk == 0):
+        return
+    if table is not None:
+        cos, sin = table
+        rot = cos.shape[-1]
+        source, pos, freq = TABLE, q, q
+        if sin.stride() != cos.stride():  # the kernel takes one set of table strides
+            cos, sin = cos.contiguous(), sin.contiguous()
+        t_strides = cos.stride()
+        p_strides = (0, 0, 0)
+    else:
+        rot = 2 * inv_freq.numel()
+        source, cos, sin, pos, freq = POSITIONS, q, q, positions, inv_freq
+        t_strides = (0, 0, 0, 0)
+        p_strides = positions.stride()
+    half = rot // 2
+    in_place = qo.data_ptr() == q.data_ptr()
+    copy_pass = rot < d and not in_place
+    with device_guard(q):
+        _rope_kernel[(b * s,)](
+            q, k, qo, ko, cos, sin, pos, freq,
+            s, hq, hk, half, d, float(scaling),
+            *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *t_strides, *p_strides,
+            SOURCE=source, MODE=mode, SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
+            BACKWARD=backward, COPY_PASS=copy_pass,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_PASS=min(64, triton.next_power_of_2(max(d - rot, 1))),
+        )  # fmt: skip

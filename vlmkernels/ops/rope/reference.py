@@ -1,0 +1,91 @@
+"""The PyTorch reference of the rotary ops (also their CPU path): per-lane cos/sin from the
+tables or the positions, the rotation and its transpose, the tables' gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import CHUNKED, INTERLEAVED
+
+
+def lane_axes(half: int, mode: int, sections, device=None) -> torch.Tensor:
+    """(half,) long: the position axis (0 T, 1 H, 2 W) of each frequency lane."""
+    j = torch.arange(half, device=device)
+    sec_t, sec_h, sec_w = sections
+    if mode == CHUNKED:
+        return torch.where(j < sec_t, 0, torch.where(j < sec_t + sec_h, 1, 2))
+    if mode == INTERLEAVED:
+        h_lane = (j % 3 == 1) & (j < 3 * sec_h)
+        w_lane = (j % 3 == 2) & (j < 3 * sec_w)
+        return torch.where(h_lane, 1, torch.where(w_lane, 2, 0))
+    return torch.zeros_like(j)
+
+
+def table_lanes(table: torch.Tensor, mode: int, sections) -> torch.Tensor:
+    """(B, S, R) fp32 cos or sin per lane from an (A, B, S, R) table."""
+    a, b, s, rot = table.shape
+    axes = lane_axes(rot // 2, mode, sections, table.device).repeat(2)
+    if a == 1:
+        return table[0].float()
+    index = axes.view(1, 1, 1, rot).expand(1, b, s, rot)
+    return table.float().gather(0, index)[0]
+
+
+def position_lanes(positions, inv_freq, mode, sections, scaling):
+    """(B, S, R) fp32 cos and sin from (3, B, S) positions, as the transformers rotary
+    classes compute them (fp32 angle = position * inv_freq)."""
+    half = inv_freq.numel()
+    _, b, s = positions.shape
+    axes = lane_axes(half, mode, sections, positions.device)
+    index = axes.view(1, 1, 1, half).expand(1, b, s, half)
+    pos = positions.unsqueeze(-1).expand(3, b, s, half).gather(0, index)[0]
+    angle = pos.float() * inv_freq.float()
+    cos, sin = angle.cos() * scaling, angle.sin() * scaling
+    return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+
+
+def rotate(x, cos, sin, backward):
+    """The rotation (or its transpose) of canonical (B, S, H, D) x with (B, S, R) lanes."""
+    rot = cos.shape[-1]
+    h = rot // 2
+    xf = x.float()
+    x1, x2 = xf[..., :h], xf[..., h:rot]
+    c1, c2 = cos[..., :h].unsqueeze(2), cos[..., h:].unsqueeze(2)
+    s1, s2 = sin[..., :h].unsqueeze(2), sin[..., h:].unsqueeze(2)
+    if backward:
+        o1, o2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+    else:
+        o1, o2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+    return torch.cat((o1, o2, xf[..., rot:]), -1).to(x.dtype)
+
+
+def rope_torch(q, k, cos, sin, backward):
+    out_q = torch.empty_like(q)
+    out_k = torch.empty_like(k)
+    out_q.copy_(rotate(q, cos, sin, backward))
+    out_k.copy_(rotate(k, cos, sin, backward))
+    return out_q, out_k
+
+
+def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
+    """Gradients of the (A, B, S, R) cos and sin tables (rarely needed: tables usually
+    come from no-grad rotary modules), summed over heads and scattered to each lane's
+    axis."""
+    rot = table_shape[-1]
+    h = rot // 2
+    dc = torch.zeros(table_shape[1:], dtype=torch.float32, device=q.device)
+    ds = torch.zeros_like(dc)
+    for x, g in ((q, gq), (k, gk)):
+        xf, gf = x.float()[..., :rot], g.float()[..., :rot]
+        x1, x2, g1, g2 = xf[..., :h], xf[..., h:], gf[..., :h], gf[..., h:]
+        dc += torch.cat(((g1 * x1).sum(2), (g2 * x2).sum(2)), -1)
+        if backward:
+            ds += torch.cat((-(g2 * x1).sum(2), (g1 * x2).sum(2)), -1)
+        else:
+            ds += torch.cat((-(g1 * x2).sum(2), (g2 * x1).sum(2)), -1)
+    a = table_shape[0]
+    if a == 1:
+        return dc.unsqueeze(0), ds.unsqueeze(0)
+    axes = lane_axes(h, mode, sections, q.device).repeat(2)
+    onehot = torch.nn.functional.one_hot(axes, a).T.to(dc.dtype)  # (A, R)
+    return onehot[:, None, None, :] * dc, onehot[:, None, None, :] * ds
