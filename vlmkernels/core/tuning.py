@@ -750,8 +750,6 @@ def torch_dtype(name) -> torch.dtype:
 
 
 @contextlib.contextmanager
-
-
 def _write_json(path: pathlib.Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -139,8 +139,10 @@ FAMILY = register(
         name="rope",
         kernels=(kernels._rope_kernel,),
         compile_cases=compile_cases,
-        aliases={name: ("rope",) for name in
-                 ("mrope", "mrope_interleaved", "mrope_from_positions", "vision_rope")},
+        aliases={
+            name: ("rope",)
+            for name in ("mrope", "mrope_interleaved", "mrope_from_positions", "vision_rope")
+        },
         tune_shapes=TUNE_SHAPES,
         tune_workload=tune_workload,
         cuda_ops=("rope",),
