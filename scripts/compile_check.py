@@ -1,10 +1,16 @@
-"""Compile the Triton kernels for sm_90 (H100) without a GPU and report their resources.
+"""Compile every family's Triton kernels for sm_90 (H100/H200) without a GPU and report their
+resources.
 
 Runs Triton's full compiler (TTIR -> TTGIR -> LLIR -> PTX -> cubin, ptxas included) for an
-explicit target, so kernels that would not compile on the GPU fail here; prints registers,
-spills and shared memory per kernel and config, from ptxas.
+explicit target on each compile-time variant a family declares
+(:class:`vlmkernels.core.family.CompileCase`), so kernels that would not compile on the GPU
+fail here; prints registers, spills and shared memory per variant and config (from ptxas),
+and checks what each variant expects ("mma", "async", "no_spill").
 
-    python scripts/compile_check.py [--arch 90] [--dtype bf16] [--configs all|first]
+    python scripts/compile_check.py [--arch 90] [--dtype bf16] [--configs all|first] [--only P]
+
+One line per variant and config, "ok" or "FAIL"; exit status 1 if any failed or missed an
+expectation.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import subprocess
 import sys
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 os.environ.pop("TRITON_INTERPRET", None)
 
-from vlmkernels.ops import contrastive as C  # noqa: E402
-from vlmkernels.ops import rope as R  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import vlmkernels  # noqa: E402, F401  (registers the families)
+from vlmkernels.core.family import CompileCase, families  # noqa: E402
 
 
 def jit_of(kernel):
@@ -32,45 +38,22 @@ def jit_of(kernel):
     return kernel
 
 
-def configs_of(kernel):
-    while kernel is not None and not hasattr(kernel, "configs"):
-        kernel = getattr(kernel, "fn", None)
-    return kernel.configs if kernel is not None else []
-
-
-# What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
-# are multiples of 16): unit strides become constants, 16-byte-aligned pointers and
-# multiples of 16 get a divisibility hint (which enables vector loads and pipelining).
-CONTRASTIVE_UNIT = ("stride_xd", "stride_yd")
-CONTRASTIVE_ALIGNED = (
-    "N",
-    "D",
-    "stride_xn",
-    "stride_yn",
-    "stride_gm",
-    "n_bucket",
-    "n_rows",
-    "row0",
-)
-ROPE_UNIT = ("sqd", "skd", "sqod", "skod", "std")
-ROPE_ALIGNED = ("D", "sqb", "sqs", "sqh", "skb", "sks", "skh", "sqob", "sqos", "sqoh", "skob",
-                "skos", "skoh", "stb", "sts")  # fmt: skip
-
-
-def source(jit, ptr_types, constexprs, unit=CONTRASTIVE_UNIT, aligned=CONTRASTIVE_ALIGNED,
-           scalars=None) -> ASTSource:  # fmt: skip
-    constexprs = dict(constexprs, **{name: 1 for name in unit})
-    scalars = scalars or {}
+def source(case: CompileCase, dtype: str, config: triton.Config) -> ASTSource:
+    """The AST source of ``case`` for inputs of ``dtype`` with ``config``'s constexprs, with
+    the argument types and hints Triton's launcher would specialise."""
+    jit = jit_of(case.kernel)
+    constexprs = {**case.constants(dtype), **config.kwargs, **{n: 1 for n in case.unit_strides}}
+    pointers = case.pointer_types(dtype)
     sig, attrs = {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ptr_types:
-            sig[name] = ptr_types[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = scalars.get(name, "i32")
-            if name in aligned:
+            sig[name] = case.scalars.get(name, "i32")
+            if name in case.aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(jit, sig, constexprs=constexprs, attrs=attrs)
 
@@ -87,9 +70,10 @@ def _ptxas(ptxas: str, ptx: str, arch: str) -> str:
     return out.stdout + out.stderr
 
 
-def ptxas_report(ptx: str, arch: str) -> str:
-    """Registers and spills from ptxas -v (Triton's bundled ptxas; if it rejects the PTX
-    version that Triton wrote, the version line is lowered to the one it names)."""
+def ptxas_resources(ptx: str, arch: str) -> dict | str:
+    """{"registers", "spill_stores", "spill_loads"} from ptxas -v (Triton's bundled ptxas;
+    if it rejects the PTX version Triton wrote, the version line is lowered to the one it
+    names), or ptxas's last line when it reports none."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     if not os.path.exists(ptxas):
         ptxas = "ptxas"
@@ -102,120 +86,83 @@ def ptxas_report(ptx: str, arch: str) -> str:
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if not regs:
         return "ptxas: " + text.strip().splitlines()[-1] if text.strip() else "ptxas: no report"
-    return f"regs {regs.group(1)}, spill st/ld {spill.group(1)}/{spill.group(2)} B"
+    return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)),
+            "spill_loads": int(spill.group(2))}  # fmt: skip
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def compile_case(case: CompileCase, dtype: str, config: triton.Config, arch: str) -> dict:
+    """Compiles one variant with one config: a record of what came out."""
+    target = GPUTarget("cuda", int(arch.rstrip("a")), 32)
+    compiled = triton.compile(
+        source(case, dtype, config),
+        target=target,
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+    )
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    return {
+        "mma": "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None),
+        "async": "async_copy" in ttgir or "async_tma" in ttgir,
+        "shared": compiled.metadata.shared,
+        "resources": ptxas_resources(ptx, arch),
+    }
+
+
+def missed(case: CompileCase, dtype: str, record: dict) -> list[str]:
+    """The expectations of ``case`` that ``record`` misses ("async" applies to 16-bit
+    inputs only: fp32 tiles are loaded synchronously)."""
+    misses = []
+    if "mma" in case.expect and record["mma"] is None:
+        misses.append("no tensor-core instructions")
+    if "async" in case.expect and dtype != "fp32" and not record["async"]:
+        misses.append("loads are not asynchronous")
+    resources = record["resources"]
+    if "no_spill" in case.expect:
+        if not isinstance(resources, dict):
+            misses.append(str(resources))
+        elif resources["spill_stores"] or resources["spill_loads"]:
+            misses.append("spills")
+    return misses
+
+
+def describe(record: dict) -> str:
+    resources = record["resources"]
+    if isinstance(resources, dict):
+        regs = (f"regs {resources['registers']}, spill st/ld "
+                f"{resources['spill_stores']}/{resources['spill_loads']} B")  # fmt: skip
+    else:
+        regs = resources
+    piped = "async copies" if record["async"] else "sync loads"
+    return f"{record['mma'] or 'no mma'}, {piped}, smem {record['shared']} B, {regs}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="90")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument(
-        "--configs",
-        default="all",
-        choices=["all", "first"],
-        help="every autotuning config, or the default (first) one",
-    )
-    ap.add_argument("--only", default="", help="kernels whose name starts with this")
-    args = ap.parse_args()
-    elem = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[args.dtype]
-    precision = "tf32x3" if args.dtype == "fp32" else "tf32"
-    target = GPUTarget("cuda", int(args.arch.rstrip("a")), 32)
-    f32 = "*fp32"
-    kernels = {
-        "clip_stats": (
-            C._clip_stats_kernel,
-            dict(x_ptr=elem, y_ptr=elem, scale_ptr=f32, bias_ptr=f32, row_ids_ptr=f32,
-                 col_ids_ptr=f32, xt_ptr=elem, yt_ptr=elem, tscale_ptr=f32, t_lse_row_ptr=f32,
-                 t_lse_col_ptr=f32, row_max_ptr=f32, row_sum_ptr=f32, col_max_ptr=f32,
-                 col_sum_ptr=f32, row_acc_ptr=f32, col_acc_ptr=f32),
-            dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=False, SMOOTH=False, TEACHER=False),
-        ),
-        "clip_stats_targets": (
-            C._clip_stats_kernel,
-            dict(x_ptr=elem, y_ptr=elem, scale_ptr=f32, bias_ptr=f32, row_ids_ptr="*i64",
-                 col_ids_ptr="*i64", xt_ptr=elem, yt_ptr=elem, tscale_ptr=f32,
-                 t_lse_row_ptr=f32, t_lse_col_ptr=f32, row_max_ptr=f32, row_sum_ptr=f32,
-                 col_max_ptr=f32, col_sum_ptr=f32, row_acc_ptr=f32, col_acc_ptr=f32),
-            dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=True, SMOOTH=True, TEACHER=True),
-        ),
-        "clip_grad": (
-            C._clip_grad_kernel,
-            dict(x_ptr=elem, y_ptr=elem, scale_ptr=f32, bias_ptr=f32, row_ids_ptr=f32,
-                 col_ids_ptr=f32, xt_ptr=elem, yt_ptr=elem, tscale_ptr=f32, row_coef_ptr=f32,
-                 col_coef_ptr=f32, grad_ptr=elem, partial_ptr=f32),
-            dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=False, SMOOTH=False, TEACHER=False),
-        ),
-        "clip_grad_targets": (
-            C._clip_grad_kernel,
-            dict(x_ptr=elem, y_ptr=elem, scale_ptr=f32, bias_ptr=f32, row_ids_ptr="*i64",
-                 col_ids_ptr="*i64", xt_ptr=elem, yt_ptr=elem, tscale_ptr=f32,
-                 row_coef_ptr=f32, col_coef_ptr=f32, grad_ptr=elem, partial_ptr=f32),
-            dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=True, SMOOTH=True, TEACHER=True),
-        ),
-        "siglip_grad": (
-            C._siglip_kernel,
-            dict(x_ptr=elem, y_ptr=elem, scale_ptr=f32, bias_ptr=f32, w_row_ptr=f32,
-                 loss_ptr=f32, grad_ptr=elem, partial_ptr=f32),
-            dict(HAS_BIAS=True, WRITE_GRAD=True),
-        ),
-        "siglip_loss": (
-            C._siglip_kernel,
-            dict(x_ptr=elem, y_ptr=elem, scale_ptr=f32, bias_ptr=f32, w_row_ptr=f32,
-                 loss_ptr=f32, grad_ptr=f32, partial_ptr=f32),
-            dict(HAS_BIAS=True, WRITE_GRAD=False),
-        ),
-        "rope_table": (
-            R._rope_kernel,
-            dict(q_ptr=elem, k_ptr=elem, qo_ptr=elem, ko_ptr=elem, cos_ptr=elem, sin_ptr=elem,
-                 pos_ptr=elem, freq_ptr=elem),
-            dict(SOURCE=R.TABLE, MODE=R.CHUNKED, SEC_T=16, SEC_H=24, SEC_W=24, BACKWARD=False,
-                 COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64),
-        ),
-        "rope_positions": (
-            R._rope_kernel,
-            dict(q_ptr=elem, k_ptr=elem, qo_ptr=elem, ko_ptr=elem, cos_ptr=elem, sin_ptr=elem,
-                 pos_ptr="*i64", freq_ptr=f32),
-            dict(SOURCE=R.POSITIONS, MODE=R.INTERLEAVED, SEC_T=24, SEC_H=20, SEC_W=20,
-                 BACKWARD=True, COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64),
-        ),
-        "rope_vision": (
-            R._rope_kernel,
-            dict(q_ptr=elem, k_ptr=elem, qo_ptr=elem, ko_ptr=elem, cos_ptr=f32, sin_ptr=f32,
-                 pos_ptr=elem, freq_ptr=elem),
-            dict(SOURCE=R.TABLE, MODE=R.PLAIN, SEC_T=0, SEC_H=0, SEC_W=0, BACKWARD=False,
-                 COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64),
-        ),
-    }  # fmt: skip
+    ap.add_argument("--configs", default="all", choices=["all", "first"],
+                    help="every config of the space, or the default (first) one")  # fmt: skip
+    ap.add_argument("--only", default="", help="variants whose name starts with this")
+    args = ap.parse_args(argv)
     failures = 0
-    for name, (kernel, ptrs, flags) in kernels.items():
-        if args.only and not name.startswith(args.only):
-            continue
-        jit = jit_of(kernel)
-        configs = configs_of(kernel)
-        for cfg in configs if args.configs == "all" else configs[:1]:
-            if kernel is R._rope_kernel:
-                const = dict(flags, **cfg.kwargs)
-                src = source(jit, ptrs, const, ROPE_UNIT, ROPE_ALIGNED, {"scaling": "fp32"})
-            else:
-                const = dict(flags, DOT_FP32=False, INPUT_PRECISION=precision, EVEN_K=True)
-                const.update(cfg.kwargs)
-                src = source(jit, ptrs, const)
-            label = f"{name:12s} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
-            try:
-                compiled = triton.compile(
-                    src, target=target, options=dict(num_warps=cfg.num_warps,
-                                                     num_stages=cfg.num_stages),
-                )  # fmt: skip
-            except Exception as exc:  # report every failure, then fail
-                failures += 1
-                print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:400]}")
+    for name, declared in families().items():
+        for case in declared.compile_cases() if declared.compile_cases else []:
+            if args.only and not case.name.startswith(args.only):
                 continue
-            ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-            mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no mma")
-            asynchronous = "async_copy" in ttgir or "async_tma" in ttgir
-            piped = "async copies" if asynchronous else "sync loads"
-            shared = compiled.metadata.shared
-            print(f"ok   {label}: {mma}, {piped}, smem {shared} B, {ptxas_report(ptx, args.arch)}")
+            space = list(case.kernel.space)
+            for config in space if args.configs == "all" else space[:1]:
+                label = (f"{name}/{case.name:18s} {config.kwargs} warps={config.num_warps} "
+                         f"stages={config.num_stages}")  # fmt: skip
+                try:
+                    record = compile_case(case, args.dtype, config, args.arch)
+                except Exception as exc:  # report every failure, then fail
+                    failures += 1
+                    print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:400]}")
+                    continue
+                misses = missed(case, args.dtype, record)
+                failures += bool(misses)
+                status = "FAIL" if misses else "ok  "
+                extra = f" (expected: {'; '.join(misses)})" if misses else ""
+                print(f"{status} {label}: {describe(record)}{extra}")
     return 1 if failures else 0
 
 
