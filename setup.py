@@ -25,7 +25,15 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["csrc/rope.cu", "csrc/bindings.cpp"]
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Every family's kernels and binding (csrc/<family>/*.cu, *.cpp) and the module
+# (csrc/common/module.cpp): a new family adds a folder, not a line here.
+SOURCES = sorted(
+    os.path.relpath(os.path.join(folder, name), ROOT)
+    for folder, _, names in os.walk(os.path.join(ROOT, "csrc"))
+    for name in names
+    if name.endswith((".cu", ".cpp"))
+)
 DEFAULT_ARCHS = "80;90a"
 
 
@@ -77,7 +85,7 @@ def _extension():
     ext = cpp_extension.CUDAExtension(
         "vlmkernels._C",
         SOURCES,
-        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
             "cxx": ["-O3", f"-DVLMKERNELS_CUDA_ARCHS={'__'.join(names)}"],
             "nvcc": ["-O3", "-lineinfo", *flags],

@@ -1,9 +1,11 @@
 """The CUDA C++ backend where it cannot run (CPU CI).
 
-- Every csrc/*.cu compiles for sm_80 and sm_90a through CMakeLists.txt (nvcc + cmake, no
+- Every csrc/<family>/*.cu compiles for sm_80 and sm_90a through CMakeLists.txt (nvcc + cmake, no
   torch); the vector kernels use 16-byte accesses and stay within their register budget.
 - The backend reports itself unavailable with its reason, and forcing it raises.
-- The rotary kernels' logic runs on the CPU: csrc/rope.cu compiled by g++ against a small
+- Every family's binding (csrc/<family>/bindings.cpp) and the module (csrc/common/module.cpp)
+  type-check against the installed torch's headers.
+- The rotary kernels' logic runs on the CPU: csrc/rope/rope.cu compiled by g++ against a small
   emulation of the CUDA execution model (a block's threads as OS threads, __syncthreads as a
   barrier, the fp32 intrinsics as their IEEE host equivalents) and called through its C
   launcher, under the public rope functions, against the PyTorch path: every lane rule,
@@ -90,8 +92,8 @@ def kernel_resources(log: str) -> dict[tuple[str, str], tuple[int, int]]:
 
 def test_every_cu_compiles_for_sm80_and_sm90a(cmake_build):
     build, log = cmake_build
-    sources = sorted(p.stem for p in (ROOT / "csrc").glob("*.cu"))
-    assert sources, "no csrc/*.cu"
+    sources = sorted(p.stem for p in (ROOT / "csrc").rglob("*.cu"))
+    assert sources, "no csrc/<family>/*.cu"
     assert "warning" not in log.lower(), log
     resources = kernel_resources(log)
     for arch in ARCHS:
@@ -139,9 +141,13 @@ def test_vector_path_uses_16_byte_accesses(cmake_build):
         assert "LDG.E.128" in body and "STG.E.128" in body, body.split()[0]
 
 
-def test_bindings_compile_against_torch_headers():
-    """csrc/bindings.cpp (the op registration) parses and type-checks against the installed
-    torch's headers, as the extension build compiles it (g++, C++20, no warnings of ours)."""
+@pytest.mark.parametrize(
+    "source", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+)
+def test_bindings_compile_against_torch_headers(source):
+    """Each family's op registration and the module parse and type-check against the
+    installed torch's headers, as the extension build compiles them (g++, C++20, no warnings
+    of ours)."""
     from torch.utils import cpp_extension
 
     gxx, cuda_include = shutil.which("g++"), None
@@ -158,7 +164,7 @@ def test_bindings_compile_against_torch_headers():
         gxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra",
         *(f"-I{p}" for p in includes), f"-I{ROOT / 'csrc'}",
         "-DTORCH_EXTENSION_NAME=_C", "-DVLMKERNELS_CUDA_ARCHS=sm_80__sm_90a",
-        str(ROOT / "csrc" / "bindings.cpp"),
+        str(ROOT / source),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -262,34 +268,33 @@ def host_source(cu: str) -> str:
     return cu + '\nextern "C" size_t emu_args_size() { return sizeof(VlmkRopeArgs); }\n'
 
 
+_CTYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "float": ctypes.c_float}
+
+
+def header_struct(header: str, name: str) -> type[ctypes.Structure]:
+    """The ctypes mirror of the C struct ``name`` in ``header`` (scalar, pointer and array
+    fields, one or more per declaration), read from the header itself: one definition."""
+    body = re.search(rf"typedef struct {name} \{{(.*?)\}} {name};", header, re.S)
+    assert body, f"{name} not found"
+    fields = []
+    for declaration in re.sub(r"//[^\n]*", "", body.group(1)).split(";"):
+        declaration = declaration.strip()
+        if not declaration:
+            continue
+        match = re.match(r"(?:const\s+)?(\w+)\s*(\*?)\s*(.*)", declaration, re.S)
+        kind, pointer, names = match.groups()
+        for item in (n.strip() for n in names.split(",")):
+            array = re.match(r"(\w+)\[(\d+)\]", item)
+            ctype = ctypes.c_void_p if pointer else _CTYPES[kind]
+            if array:
+                fields.append((array.group(1), ctype * int(array.group(2))))
+            else:
+                fields.append((item.lstrip("*"), ctype))
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+RopeArgs = header_struct((ROOT / "csrc" / "rope" / "rope.h").read_text(), "VlmkRopeArgs")
 _I64x4, _I64x3 = ctypes.c_int64 * 4, ctypes.c_int64 * 3
-
-
-class RopeArgs(ctypes.Structure):
-    """csrc/rope.h's VlmkRopeArgs."""
-
-    _fields_ = [
-        *((n, ctypes.c_int64) for n in ("batch", "seq", "q_heads", "k_heads", "head_dim")),
-        ("rot_dim", ctypes.c_int64),
-        *((n, ctypes.c_void_p) for n in ("q", "k", "qo", "ko")),
-        *((n, _I64x4) for n in ("q_stride", "k_stride", "qo_stride", "ko_stride")),
-        *((n, ctypes.c_int) for n in ("q_dtype", "k_dtype", "source", "lane_rule")),
-        ("sections", ctypes.c_int * 3),
-        ("backward", ctypes.c_int),
-        ("cos", ctypes.c_void_p),
-        ("sin", ctypes.c_void_p),
-        ("cos_stride", _I64x4),
-        ("sin_stride", _I64x4),
-        ("table_axes", ctypes.c_int64),
-        ("cos_dtype", ctypes.c_int),
-        ("sin_dtype", ctypes.c_int),
-        ("positions", ctypes.c_void_p),
-        ("pos_stride", _I64x3),
-        ("pos_dtype", ctypes.c_int),
-        ("inv_freq", ctypes.c_void_p),
-        ("freq_stride", ctypes.c_int64),
-        ("scaling", ctypes.c_float),
-    ]
 
 
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3,
@@ -298,8 +303,9 @@ CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3
 
 @pytest.fixture(scope="module")
 def emulated_rope(tmp_path_factory):
-    """A launcher with rope._launch's signature running csrc/rope.cu on the host; its plans
-    (elements per access, threads per token, tokens per block) are recorded in .plans."""
+    """A launcher with the Triton launcher's signature running csrc/rope/rope.cu on the host;
+    its plans (elements per access, threads per token, tokens per block) are recorded in
+    .plans."""
     cxx = shutil.which("g++") or shutil.which("c++")
     include = next(
         (d for d in (os.path.join(h, "include") for h in (os.environ.get("CUDA_HOME", ""),
@@ -309,10 +315,12 @@ def emulated_rope(tmp_path_factory):
         pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h)")
     build = tmp_path_factory.mktemp("rope_host")
     (build / "prelude.h").write_text(EMULATION_PRELUDE)
-    (build / "rope_host.cpp").write_text(host_source((ROOT / "csrc" / "rope.cu").read_text()))
+    (build / "rope_host.cpp").write_text(
+        host_source((ROOT / "csrc" / "rope" / "rope.cu").read_text())
+    )
     lib_path = build / "librope_host.so"
     cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-include",
-           str(build / "prelude.h"), f"-I{ROOT / 'csrc'}", f"-I{include}",
+           str(build / "prelude.h"), f"-I{ROOT / 'csrc' / 'rope'}", f"-I{include}",
            str(build / "rope_host.cpp"), "-o", str(lib_path), "-lpthread"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]

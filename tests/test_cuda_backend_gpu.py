@@ -1,4 +1,4 @@
-"""The CUDA C++ rotary kernels (csrc/rope.cu) against the Triton kernels on a GPU. Skipped
+"""The CUDA C++ rotary kernels (csrc/rope/rope.cu) against the Triton kernels on a GPU. Skipped
 without CUDA or without the built extension vlmkernels._C.
 
 Every case runs the same op under ``use_backend("cuda")`` and ``use_backend("triton")``.

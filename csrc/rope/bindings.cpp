@@ -6,14 +6,13 @@
 //              float scaling, bool backward) -> ()
 //       q, k: (B, S, HQ|HK, D) views; qo, ko: outputs like them (may be q, k: in place);
 //       cos, sin: (A, B, S, R) tables, or positions (3, B, S) int32/int64 with inv_freq
-//       (R/2,) float32. Semantics: csrc/rope.h.
+//       (R/2,) float32. Semantics: csrc/rope/rope.h.
 //   rope_cuda_plan(Tensor q, Tensor k, Tensor qo, Tensor ko, int rot_dim) -> int[]
 //       [elements per access, threads per token, tokens per block] the kernel would use.
 //
 // Only device-generic c10 APIs are used (DeviceGuard, the current stream through the
-// virtual guard), so this file also compiles against a CPU build of torch.
-#include <Python.h>
-
+// virtual guard), so this file also compiles against a CPU build of torch. The Python module
+// that loads these registrations is csrc/common/module.cpp.
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -223,24 +222,3 @@ TORCH_LIBRARY_IMPL(vlmkernels, CUDA, m) {
 }
 
 TORCH_LIBRARY_IMPL(vlmkernels, Meta, m) { m.impl("rope_cuda_", &rope_meta); }
-
-#ifndef VLMKERNELS_CUDA_ARCHS
-#define VLMKERNELS_CUDA_ARCHS unknown
-#endif
-#define VLMK_STR2(x) #x
-#define VLMK_STR(x) VLMK_STR2(x)
-
-// `import vlmkernels._C` runs the registrations above; the module holds the build facts
-// (`cuda_archs`: the -gencode targets joined by "__", as setup.py passes them).
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "vlmkernels CUDA C++ kernels", -1,
-                            nullptr, nullptr, nullptr, nullptr, nullptr};
-  PyObject* module = PyModule_Create(&def);
-  if (module == nullptr) return nullptr;
-  if (PyModule_AddStringConstant(module, "cuda_archs", VLMK_STR(VLMKERNELS_CUDA_ARCHS)) < 0 ||
-      PyModule_AddIntConstant(module, "cuda_runtime_version", CUDART_VERSION) < 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
-}
