@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.backend import in_forward_backend, remember_backend, resolve_backend
-from ..core.checks import (
+from ...core.backend import in_forward_backend, remember_backend, resolve_backend
+from ...core.checks import (
     check_bool,
     check_chunk_size,
     check_compatible,
@@ -54,8 +54,8 @@ from ..core.checks import (
     check_reduction,
     scalar_tensor,
 )
-from ..core.runtime import INTERPRETED, autotune_configs, dot_precision, next_pow2_bucket, sm_count
-from ..core.tuning import tuned
+from ...core.runtime import INTERPRETED, autotune_configs, dot_precision, next_pow2_bucket, sm_count
+from ...core.tuning import tuned
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -1586,7 +1586,7 @@ def _raise_on_every_rank(op, process_group, features, exc):
     the ring's consistency exchange) are told, so they raise instead of hanging."""
     if process_group is None:
         raise exc
-    from ..distributed.ring import report_local_error
+    from ...distributed.ring import report_local_error
 
     report_local_error(op, process_group, features, exc)
 
@@ -1663,7 +1663,7 @@ def clip_loss(
     except Exception as exc:
         _raise_on_every_rank(op, process_group, image_features, exc)
     if process_group is not None:
-        from ..distributed.ring import clip_loss_ring
+        from ...distributed.ring import clip_loss_ring
 
         loss = clip_loss_ring(x, y, scale, bias, process_group, chunk, reduction, ids=ids,
                               label_smoothing=float(label_smoothing))  # fmt: skip
@@ -1801,7 +1801,7 @@ def siglip_loss(
         _raise_on_every_rank("siglip_loss", process_group, image_features, exc)
     n = x.shape[0]
     if process_group is not None:
-        from ..distributed.ring import siglip_loss_ring
+        from ...distributed.ring import siglip_loss_ring
 
         return siglip_loss_ring(x, y, scale, bias, process_group, chunk, reduction).to(out_dtype)
     offset = n if negative_only else 0  # col = row + n: no positive pair
