@@ -1,5 +1,10 @@
 """Device ceilings measured once per run, with the same timers as the cases.
 
+The measurement itself (buffers, sizes, FLOP and byte counts) is the one ``vlmkernels info``
+caches, :func:`vlmkernels.cli.measure_copy` and :func:`vlmkernels.cli.measure_matmul`; here
+it runs with the harness's timer (:func:`benchmarks.timing.time_fn`: do_bench quantiles on a
+GPU, perf_counter repetitions on the CPU) in the run's dtype:
+
 - Copy bandwidth: ``dst.copy_(src)`` of a large uint8 buffer; bytes moved = read + written
   = 2 x size. 1 GiB on a GPU, 256 MiB on the CPU.
 - Matmul rate: ``torch.mm`` of two square matrices, 2 n^3 FLOP, in the run's dtype:
@@ -13,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from vlmkernels.cli import measure_copy, measure_matmul
 
 from .timing import Timing, call_ms, time_fn
 
@@ -28,44 +35,28 @@ class Ceilings:
     matmul_ms: Timing
 
 
-def _copy_ms(device: torch.device, nbytes: int) -> Timing:
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
+def _timer(device: torch.device):
+    """``timer(fn)`` -> (p50 ms, Timing): a warm-up call, then :func:`time_fn`."""
 
-    def copy():
-        dst.copy_(src)
+    def timer(fn):
+        call_ms(fn, device)
+        timing = time_fn(fn, device, estimate_ms=call_ms(fn, device))
+        return timing.p50, timing
 
-    return time_fn(copy, device, estimate_ms=call_ms(copy, device))
-
-
-def _matmul_ms(device: torch.device, dtype: torch.dtype, n: int) -> Timing:
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-
-    def mm():
-        torch.mm(a, b, out=c)
-
-    call_ms(mm, device)
-    return time_fn(mm, device, estimate_ms=call_ms(mm, device))
+    return timer
 
 
 def measure(device: torch.device, dtype: torch.dtype) -> Ceilings:
     """Copy GB/s and matmul TFLOP/s of ``device`` (``dtype`` for the matmul)."""
-    on_gpu = device.type == "cuda"
-    nbytes = (1 << 30) if on_gpu else (256 << 20)
-    copy_ms = _copy_ms(device, nbytes)
-    sizes = (8192,) if on_gpu else (512, 1024, 2048)
-    timed = {n: _matmul_ms(device, dtype, n) for n in sizes}
-    n = max(sizes, key=lambda k: k**3 / timed[k].p50)
-    mm_ms = timed[n]
-    if on_gpu:
+    timer = _timer(device)
+    copy_gbps, copy_bytes, copy_ms = measure_copy(device, timer)
+    matmul_tflops, n, mm_ms = measure_matmul(device, dtype, timer)
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     return Ceilings(
-        copy_gbps=2 * nbytes / (copy_ms.p50 * 1e-3) / 1e9,
-        copy_bytes=nbytes,
-        matmul_tflops=2 * n**3 / (mm_ms.p50 * 1e-3) / 1e12,
+        copy_gbps=copy_gbps,
+        copy_bytes=copy_bytes,
+        matmul_tflops=matmul_tflops,
         matmul_n=n,
         matmul_dtype=dtype,
         copy_ms=copy_ms,

@@ -9,7 +9,6 @@ load average is sampled too: on a shared CPU it shows when other processes compe
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkernels.cli import cpu_name
+from vlmkernels.cli import device_facts, nvml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,60 +85,19 @@ def _git_commit() -> str:
     return os.environ.get("VLMKERNELS_GIT_COMMIT", "unknown")
 
 
-def _nvml():
-    """The initialised pynvml module, or None."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml
-    except Exception:  # ImportError, or NVMLError when no driver library is present
-        return None
-
-
-def _driver_version(nvml) -> str:
-    if nvml is not None:
-        try:
-            v = nvml.nvmlSystemGetDriverVersion()
-            return v.decode() if isinstance(v, bytes) else str(v)
-        except Exception:
-            pass
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=True,
-            ).stdout
-            return out.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            pass
-    return ""
-
-
 def collect(device: torch.device) -> Environment:
-    """Versions and device identity for ``device``."""
-    import triton
-
-    import vlmkernels
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        driver = _driver_version(_nvml())
-    else:
-        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
-        driver = ""
+    """Versions and device identity for ``device`` (:func:`vlmkernels.cli.device_facts`,
+    what ``vlmkernels info`` prints), and the checkout's commit."""
+    facts = device_facts(device)
     return Environment(
-        device=name,
-        device_type=device.type,
-        driver=driver,
-        cuda=torch.version.cuda or "",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        python=platform.python_version(),
-        vlmkernels=vlmkernels.__version__,
+        device=facts["device"],
+        device_type=facts["device_type"],
+        driver=facts["driver"],
+        cuda=facts["cuda"],
+        torch=facts["torch"],
+        triton=facts["triton"],
+        python=facts["python"],
+        vlmkernels=facts["vlmkernels"],
         git_commit=_git_commit(),
     )
 
@@ -174,7 +132,7 @@ class GpuMonitor:
     """
 
     def __init__(self, device: torch.device):
-        self.nvml = _nvml() if device.type == "cuda" else None
+        self.nvml = nvml() if device.type == "cuda" else None
         self.handle = None
         if self.nvml is None:
             return

@@ -4,11 +4,13 @@
   ceilings (measured once per device and versions, cached as JSON under
   ``~/.cache/vlmkernels/``; ``VLMKERNELS_CACHE_DIR`` moves the cache; a malformed cache, or
   entry, is ignored with a one-line note and measured again).
-- ``tune``: autotunes the Triton kernels on this GPU (:mod:`vlmkernels.ops._tuning`).
+- ``tune``: autotunes the Triton kernels on this GPU (:mod:`vlmkernels.core.tuner`).
 - ``bench``, ``profile``, ``report``: the benchmark suites, which live in the top-level
   ``benchmarks/`` folder of a checkout (not installed with the package). These commands find
   it next to the package (an editable install) or in the working directory or one of its
-  parents, and say so when there is none. They write into ``bench-results/`` in the working
+  parents, and say so when there is none; the package is imported from that folder by its
+  location, without changing ``sys.path`` (:func:`load_benchmarks`), and runs the suites the
+  op families declare (``Family.bench_suite``). They write into ``bench-results/`` in the working
   directory (``VLMKERNELS_RESULTS_DIR`` moves it; git-ignored), not into the checkout's
   committed ``benchmarks/results/`` unless ``--out`` says so.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -68,15 +71,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _driver() -> str:
+def nvml():
+    """The initialised ``pynvml`` module (the ``nvidia-ml-py`` package), or None without it
+    or without a driver library."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        v = pynvml.nvmlSystemGetDriverVersion()
-        return v.decode() if isinstance(v, bytes) else str(v)
-    except Exception:  # no pynvml, or no driver library
-        pass
+        return pynvml
+    except Exception:  # ImportError, or NVMLError when no driver library is present
+        return None
+
+
+def driver_version(nv=None) -> str:
+    """The NVIDIA driver version: through NVML (``nv``, else :func:`nvml`), else
+    ``nvidia-smi``; "" without either."""
+    nv = nv if nv is not None else nvml()
+    if nv is not None:
+        try:
+            v = nv.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        except Exception:  # an NVML error: try nvidia-smi
+            pass
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(
@@ -89,13 +105,17 @@ def _driver() -> str:
     return ""
 
 
-def device_facts() -> dict:
-    """The device and versions; the ceilings cache is keyed by these."""
+def device_facts(device=None) -> dict:
+    """The device and versions (the ceilings cache is keyed by these; the benchmark CSVs
+    carry them on every row): ``device`` (a ``torch.device``; None: the current CUDA device
+    where there is one, else the CPU)."""
     import torch
     import triton
 
     import vlmkernels
 
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     facts = {
         "vlmkernels": vlmkernels.__version__,
         "python": platform.python_version(),
@@ -104,13 +124,13 @@ def device_facts() -> dict:
         "cuda": torch.version.cuda or "",
         "driver": "",
     }
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
         facts |= {
             "device_type": "cuda",
-            "device": torch.cuda.get_device_name(),
+            "device": torch.cuda.get_device_name(device),
             "arch": f"sm_{major}{minor}",
-            "driver": _driver(),
+            "driver": driver_version(),
         }
     else:
         facts |= {
@@ -142,41 +162,75 @@ def _median_ms(fn, on_gpu: bool) -> float:
     return samples[len(samples) // 2]
 
 
-def measure_ceilings(device_type: str) -> dict:
-    """Copy GB/s (read + written bytes of ``dst.copy_(src)``) and matmul TFLOP/s (2 n^3):
-    bf16, fp16 and tf32 at n = 8192 on a GPU; fp32, best of n in {512, 1024, 2048}, on the
-    CPU (the same method as ``benchmarks/ceilings.py``)."""
+# The device ceilings. ``vlmkernels info`` (cached per device and versions) and the
+# benchmark harness (measured in each run, benchmarks/ceilings.py) both measure them here,
+# each with its own timer: ``timer(fn)`` returns (median ms, what to keep of the timing).
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+MATMUL_SIZES = {"cuda": (8192,), "cpu": (512, 1024, 2048)}
+
+
+def _default_timer(device):
+    on_gpu = device.type == "cuda"
+    return lambda fn: (_median_ms(fn, on_gpu), None)
+
+
+def measure_copy(device, timer=None) -> tuple[float, int, object]:
+    """(GB/s, bytes, timing) of ``dst.copy_(src)`` on a large uint8 buffer
+    (:data:`COPY_BYTES`); bytes moved = read + written = 2 x size."""
     import torch
 
-    on_gpu = device_type == "cuda"
-    dev = torch.device(device_type)
-    nbytes = (1 << 30) if on_gpu else (256 << 20)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=dev)
+    timer = timer or _default_timer(device)
+    nbytes = COPY_BYTES.get(device.type, COPY_BYTES["cpu"])
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_ms = _median_ms(functools.partial(dst.copy_, src), on_gpu)
+    ms, timing = timer(functools.partial(dst.copy_, src))
     del src, dst
-    out = {"copy_gbps": 2 * nbytes / (copy_ms * 1e-3) / 1e9, "copy_bytes": nbytes, "matmul": {}}
+    return 2 * nbytes / (ms * 1e-3) / 1e9, nbytes, timing
+
+
+def measure_matmul(device, dtype, timer=None, tf32: bool | None = None):
+    """(TFLOP/s, n, timing) of ``torch.mm`` of square ``dtype`` matrices, 2 n^3 FLOP: the
+    best n of :data:`MATMUL_SIZES` (one size on a GPU; on the CPU the rate depends on how
+    the operands fit the caches, and a ceiling must bound every case). ``tf32`` sets
+    ``torch.backends.cuda.matmul.allow_tf32`` for the measurement (None: as it is)."""
+    import torch
+
+    timer = timer or _default_timer(device)
+    flag = torch.backends.cuda.matmul.allow_tf32
+    best = None
+    try:
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        for n in MATMUL_SIZES.get(device.type, MATMUL_SIZES["cpu"]):
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            c = torch.empty(n, n, device=device, dtype=dtype)
+            ms, timing = timer(lambda a=a, b=b, c=c: torch.mm(a, b, out=c))
+            rate = 2 * n**3 / (ms * 1e-3) / 1e12
+            if best is None or rate > best[0]:
+                best = (rate, n, timing)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+    return best
+
+
+def measure_ceilings(device_type: str) -> dict:
+    """Copy GB/s and matmul TFLOP/s (:func:`measure_copy`, :func:`measure_matmul`): bf16,
+    fp16 and tf32 on a GPU, fp32 on the CPU."""
+    import torch
+
+    dev = torch.device(device_type)
+    gbps, nbytes, _ = measure_copy(dev)
+    out = {"copy_gbps": gbps, "copy_bytes": nbytes, "matmul": {}}
     kinds = (
         [("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32)]
-        if on_gpu
+        if device_type == "cuda"
         else [("fp32", torch.float32)]
     )
-    sizes = (8192,) if on_gpu else (512, 1024, 2048)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        for label, dtype in kinds:
-            torch.backends.cuda.matmul.allow_tf32 = label == "tf32"
-            best = (0.0, 0)
-            for n in sizes:
-                a = torch.randn(n, n, device=dev).to(dtype)
-                b = torch.randn(n, n, device=dev).to(dtype)
-                c = torch.empty(n, n, device=dev, dtype=dtype)
-                ms = _median_ms(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), on_gpu)
-                best = max(best, (2 * n**3 / (ms * 1e-3) / 1e12, n))
-            out["matmul"][label] = {"tflops": best[0], "n": best[1]}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    if on_gpu:
+    for label, dtype in kinds:
+        tflops, n, _ = measure_matmul(dev, dtype, tf32=label == "tf32")
+        out["matmul"][label] = {"tflops": tflops, "n": n}
+    if device_type == "cuda":
         torch.cuda.empty_cache()
     return out
 
@@ -264,7 +318,9 @@ def ceilings(facts: dict, refresh: bool = False) -> tuple[dict, bool]:
 
 def backends(facts: dict) -> dict[str, str]:
     from vlmkernels.core.backend import get_backend
+    from vlmkernels.core.cuda import status as cuda_status
     from vlmkernels.core.runtime import INTERPRETED
+    from vlmkernels.core.tuning import lookup_report
 
     if facts["device_type"] == "cuda":
         triton_line = f"compiled for {facts['arch']} (CUDA tensors run the Triton kernels)"
@@ -275,20 +331,11 @@ def backends(facts: dict) -> dict[str, str]:
             "no GPU: CPU tensors take the PyTorch path (TRITON_INTERPRET=1 set before the "
             "import runs the Triton kernels in Triton's interpreter)"
         )
+    ok, reason = cuda_status()
+    cuda_line = ("available: " if ok else "unavailable: ") + reason
     try:
-        from vlmkernels.core.cuda import status
-
-        ok, reason = status()
-        cuda_line = ("available: " if ok else "unavailable: ") + reason
-    except Exception as exc:  # noqa: BLE001 - the extension's module may be absent or broken
-        cuda_line = f"not built ({type(exc).__name__}: {exc})"
-    try:
-        from vlmkernels.core.tuning import lookup_report
-
         configs = config_lines(lookup_report())
-    except ModuleNotFoundError:
-        configs = ["the autotune lists built into the kernels (no persisted configs here)"]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - info reports what it can
         configs = [f"unknown ({type(exc).__name__}: {exc})"]
     try:
         forced = get_backend()
@@ -354,15 +401,11 @@ def _config_text(entry: dict) -> str:
     return text
 
 
-def config_lines(report) -> list[str]:
-    """One line per kernel from :func:`vlmkernels.ops._tuning.lookup_report`."""
-    if isinstance(report, dict):
-        return [
-            f"{name}: {_config_text(v) if isinstance(v, dict) else v}" for name, v in report.items()
-        ] or ["no tuned kernels"]
-    if isinstance(report, str):
-        return report.strip().splitlines() or ["-"]
-    return [str(x) for x in report]
+def config_lines(report: dict[str, dict]) -> list[str]:
+    """One line per kernel from :func:`vlmkernels.core.tuning.lookup_report`."""
+    return [f"{name}: {_config_text(entry)}" for name, entry in report.items()] or [
+        "no tuned kernels"
+    ]
 
 
 def _format_ceilings(entry: dict, cached: bool) -> list[str]:
@@ -432,18 +475,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from vlmkernels.core import tuner
 
     written = tuner.tune(kernels=args.ops or None, device=None, out_dir=args.out, log=print)
-    if isinstance(written, str | Path):
-        items = [("", written)]
-    elif isinstance(written, dict):
-        items = list(written.items())
-    else:
-        items = [("", p) for p in written or []]
-    if not items:
+    if not written:
         print(f"nothing written (out dir: {args.out or 'the tuner default'})")
         return 0
     print("wrote:")
-    for name, path in items:
-        print(f"  {name + ': ' if name else ''}{path}")
+    for name, path in written.items():
+        print(f"  {name}: {path}")
     print("The ops read these at their next import (user directory first, then the package).")
     return 0
 
@@ -467,6 +504,41 @@ def benchmarks_root() -> Path | None:
     return None
 
 
+def load_benchmarks(root: Path):
+    """The ``benchmarks`` package of the checkout ``root``, imported from its files.
+
+    The package is not installed, and the checkout need not be on ``sys.path``: it is
+    imported as any package is, from a spec built on its location
+    (``importlib.util.spec_from_file_location`` with ``submodule_search_locations``, so
+    ``benchmarks.<module>`` imports resolve inside that folder), and registered under its
+    name as an import registers it. ``sys.path`` is not changed and no module is removed.
+    The suites it runs are the op families' (:func:`benchmarks.suites`). A ``benchmarks``
+    already imported from that folder is returned as it is; one imported from elsewhere is a
+    :class:`CommandError` (two packages cannot share the name in one process).
+    """
+    init = (root / "benchmarks" / "__init__.py").resolve()
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None:
+        where = Path(getattr(loaded, "__file__", "") or "")
+        if where.resolve() == init:
+            return loaded
+        raise CommandError(
+            f"another `benchmarks` module is already imported ({where or loaded!r}), not "
+            f"the checkout's {init.parent}; run the command in a fresh process"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["benchmarks"]
+        raise
+    return module
+
+
 def _delegate(command: str, argv: list[str]) -> int:
     module_name, _ = DELEGATED[command]
     root = benchmarks_root()
@@ -479,14 +551,11 @@ def _delegate(command: str, argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    loaded = sys.modules.get("benchmarks")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != (
-        root / "benchmarks"
-    ):
-        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-            del sys.modules[name]
+    try:
+        load_benchmarks(root)
+    except CommandError as exc:
+        print(f"vlmkernels {command}: {exc}", file=sys.stderr)
+        return 2
     module = importlib.import_module(module_name)
     return int(module.main(argv, prog=f"vlmkernels {command}") or 0)
 
