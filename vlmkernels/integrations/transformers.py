@@ -29,7 +29,8 @@ What is swapped, per part (each a keyword of :func:`patch`):
 Outputs have the dtypes transformers' functions return (type promotion of q and cos for
 the text functions, q's and k's dtypes for the vision one); the ops compute in fp32.
 
-Mechanism (:mod:`._patching`). The attention classes call the rotary function by its
+Mechanism (:mod:`.patching`: this module is its tables, :data:`ARCHITECTURES` and
+:data:`REPLACEMENTS`). The attention classes call the rotary function by its
 module-global name, so for each patched attention module the class's ``forward`` is rebuilt
 on the same code object and closure over a copy of its module's globals in which that one
 name is bound to the vlmkernels-backed function, and set as the instance attribute
@@ -83,10 +84,7 @@ Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe``
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
-import re
-import sys
 import types
 from collections.abc import Callable
 
@@ -94,20 +92,17 @@ import torch
 
 from ..ops.rope import mrope, mrope_from_positions, rope, vision_rope
 from ..ops.rope.index import TEXT_AFTER_VISION, get_rope_index
-from ._patching import (
-    MARK,
+from .patching import (
     AlreadyPatchedError,
+    Architecture,
+    Patcher,
     PatchHandle,
-    Slot,
+    Rebind,
+    SetMethod,
     UnsupportedLayoutError,
     UnsupportedModelError,
-    adapt_signature,
-    global_loads,
     install,
-    is_patched,
-    method_slot,
-    rebind_global,
-    unwrap,
+    marked,
 )
 
 __all__ = [
@@ -131,110 +126,41 @@ TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.20.0", "5.23.0", "5.24.0")
 # --------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Arch:
-    """Class names in ``transformers.models.<key>.modeling_<key>`` (stable from 5.16 to
-    5.24) and the M-RoPE lane rule of the text rotary class."""
-
-    key: str
-    full: tuple[str, ...]  # roots with every part: the ...ForConditionalGeneration, ...Model
-    text_model: str
-    vision_model: str
-    model: str  # owns get_rope_index
-    text_attention: str
-    vision_attention: str
-    text_rotary: str
-    interleaved: bool
-    rope_index: str  # the model_type of vlmkernels.get_rope_index
-
-    @property
-    def module(self) -> str:
-        return f"transformers.models.{self.key}.modeling_{self.key}"
-
-
 def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index):
-    return _Arch(
+    """A Qwen-VL architecture: its classes by role, which parts apply to which root, the
+    M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`."""
+    full = ("rope", "vision", "rope_index", "positions")
+    return Architecture(
         key=key,
-        full=(f"{prefix}ForConditionalGeneration", f"{prefix}Model"),
-        text_model=f"{prefix}TextModel",
-        vision_model=vision_model,
-        model=f"{prefix}Model",
-        text_attention=text_attention,
-        vision_attention=vision_attention,
-        text_rotary=text_rotary,
-        interleaved=rope_index == "qwen3_vl",
-        rope_index=rope_index,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={
+            "text_attention": text_attention,
+            "vision_attention": vision_attention,
+            "text_rotary": text_rotary,
+            "model": f"{prefix}Model",
+        },
+        roots={
+            f"{prefix}ForConditionalGeneration": full,
+            f"{prefix}Model": full,
+            f"{prefix}TextModel": ("rope", "positions"),
+            vision_model: ("vision",),
+        },
+        data={"interleaved": rope_index == "qwen3_vl", "rope_index": rope_index},
     )
 
 
-_ARCHS = {
-    arch.key: arch
-    for arch in (
-        _qwen(
-            "qwen2_vl",
-            "Qwen2VL",
-            "Qwen2VisionTransformerPretrainedModel",
-            "VisionAttention",
-            "Qwen2VLAttention",
-            "Qwen2VLRotaryEmbedding",
-            "qwen2_vl",
-        ),
-        _qwen(
-            "qwen2_5_vl",
-            "Qwen2_5_VL",
-            "Qwen2_5_VisionTransformerPretrainedModel",
-            "Qwen2_5_VLVisionAttention",
-            "Qwen2_5_VLAttention",
-            "Qwen2_5_VLRotaryEmbedding",
-            "qwen2_5_vl",
-        ),
-        _qwen(
-            "qwen3_vl",
-            "Qwen3VL",
-            "Qwen3VLVisionModel",
-            "Qwen3VLVisionAttention",
-            "Qwen3VLTextAttention",
-            "Qwen3VLTextRotaryEmbedding",
-            "qwen3_vl",
-        ),
-        _qwen(
-            "qwen3_vl_moe",
-            "Qwen3VLMoe",
-            "Qwen3VLMoeVisionModel",
-            "Qwen3VLMoeVisionAttention",
-            "Qwen3VLMoeTextAttention",
-            "Qwen3VLMoeTextRotaryEmbedding",
-            "qwen3_vl",
-        ),
-    )  # fmt: skip
-}
-
-_MODELING = re.compile(r"(?:^|\.)models\.(\w+)\.modeling_(\w+)$")
-
-
-def _transformers_version() -> str:
-    module = sys.modules.get("transformers")
-    return getattr(module, "__version__", "not installed")
-
-
-def _find_arch(model) -> tuple[_Arch, types.ModuleType]:
-    """The architecture of ``model`` and its transformers modeling module."""
-    for cls in type(model).__mro__:
-        match = _MODELING.search(getattr(cls, "__module__", "") or "")
-        if match and match.group(1) == match.group(2) and match.group(1) in _ARCHS:
-            return _ARCHS[match.group(1)], sys.modules[cls.__module__]
-    raise UnsupportedModelError(
-        f"vlmkernels.patch supports transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL and "
-        f"Qwen3-VL-MoE models (...ForConditionalGeneration, ...Model, ...TextModel, vision "
-        f"tower); got {type(model).__module__}.{type(model).__qualname__}"
-    )
-
-
-def _class(modeling: types.ModuleType, name: str) -> type:
-    cls = getattr(modeling, name, None)
-    if not isinstance(cls, type):
-        raise UnsupportedLayoutError(f"{modeling.__name__} has no class {name}")
-    return cls
+# Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.24.
+ARCHITECTURES = (
+    _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
+          "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
+    _qwen("qwen2_5_vl", "Qwen2_5_VL", "Qwen2_5_VisionTransformerPretrainedModel",
+          "Qwen2_5_VLVisionAttention", "Qwen2_5_VLAttention", "Qwen2_5_VLRotaryEmbedding",
+          "qwen2_5_vl"),
+    _qwen("qwen3_vl", "Qwen3VL", "Qwen3VLVisionModel", "Qwen3VLVisionAttention",
+          "Qwen3VLTextAttention", "Qwen3VLTextRotaryEmbedding", "qwen3_vl"),
+    _qwen("qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionAttention",
+          "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRotaryEmbedding", "qwen3_vl"),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -320,65 +246,6 @@ def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
 # --------------------------------------------------------------------------------------
 
 
-def _plan_forward(cls: type, candidates) -> types.FunctionType:
-    """The forward of ``cls`` (decorators included) calling the vlmkernels replacement of
-    the one rotary function its code calls."""
-    where = f"{cls.__module__}.{cls.__qualname__}.forward"
-    chain = unwrap(cls.forward, where)
-    names = [f.__name__ for f in candidates]
-    loads = global_loads(chain[-1].__code__)
-    called = [f for f in candidates if f.__name__ in loads]
-    if len(called) != 1:
-        raise UnsupportedLayoutError(
-            f"{where} calls {'none' if not called else 'more than one'} of {', '.join(names)}"
-        )
-    name = called[0].__name__
-    original = chain[-1].__globals__.get(name)
-    if not callable(original):
-        raise UnsupportedLayoutError(f"{chain[-1].__module__}.{name} is not callable")
-    replacement = adapt_signature(called[0], original, f"{chain[-1].__module__}.{name}")
-    return rebind_global(cls.forward, name, replacement, where)
-
-
-def _forward_slot_name(module, label: str) -> str:
-    """``forward``, or ``_old_forward`` where accelerate's hooks own ``forward`` (their
-    wrapper calls ``module._old_forward``)."""
-    own = module.__dict__
-    if is_patched(own.get("forward")) or is_patched(own.get("_old_forward")):
-        raise AlreadyPatchedError(
-            f"{label} is already patched by vlmkernels.patch: undo that handle first"
-        )
-    if "forward" not in own:
-        return "forward"
-    old = own.get("_old_forward")
-    if "_hf_hook" in own and getattr(old, "__func__", None) is type(module).forward:
-        return "_old_forward"
-    raise UnsupportedLayoutError(
-        f"{label} already has an instance-level forward ({own['forward']!r}) that "
-        f"vlmkernels.patch does not know how to wrap"
-    )
-
-
-def _forward_slots(root, cls: type, candidates, label: str) -> list[Slot]:
-    """One slot per instance of ``cls`` in ``root``, its forward rebuilt once per class."""
-    rebuilt: dict[type, types.FunctionType] = {}
-    slots = []
-    for name, module in root.named_modules():
-        if not isinstance(module, cls):
-            continue
-        where = f"{label} module {name or '<root>'} ({type(module).__qualname__})"
-        slot_name = _forward_slot_name(module, where)
-        kind = type(module)
-        if kind not in rebuilt:
-            rebuilt[kind] = _plan_forward(kind, candidates)
-        slots.append(
-            method_slot(module, slot_name, rebuilt[kind], f"{name or '<root>'}.{slot_name}")
-        )
-    if not slots:
-        raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {type(root).__qualname__}")
-    return slots
-
-
 def _rope_type(rotary) -> str:
     rope_type = getattr(rotary, "rope_type", None)
     if not isinstance(rope_type, str):
@@ -403,7 +270,7 @@ def _mrope_section(rotary) -> tuple[int, int, int]:
     return tuple(int(s) for s in section)
 
 
-def _check_rotary_class(cls: type) -> None:
+def _check_rotary_class(cls: type, arch: Architecture | None = None) -> None:
     params = list(inspect.signature(cls.forward).parameters)
     if params != ["self", "x", "position_ids"]:
         raise UnsupportedLayoutError(
@@ -411,56 +278,26 @@ def _check_rotary_class(cls: type) -> None:
         )
 
 
-def _rotary_slots(root, arch: _Arch, modeling) -> list[Slot]:
-    """``angles="positions"``: each text rotary module hands positions on, no tables."""
-    cls = _class(modeling, arch.text_rotary)
-    slots = []
-    for name, module in root.named_modules():
-        if not isinstance(module, cls):
-            continue
-        rope_type = _rope_type(module)
-        if "dynamic" in rope_type or rope_type == "longrope":
-            raise UnsupportedLayoutError(
-                f"angles='positions' is not supported with rope_type={rope_type!r}: its "
-                f"inv_freq changes during the forward pass; use angles='table'"
-            )
-        if not isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-            raise UnsupportedLayoutError(f"{name} ({cls.__qualname__}) has no inv_freq buffer")
-        _check_rotary_class(type(module))
-        section = _mrope_section(module)
-        where = f"text rotary module {name} ({type(module).__qualname__})"
-        slot_name = _forward_slot_name(module, where)
-        forward = _positions_rotary_forward(section, arch.interleaved)
-        slots.append(method_slot(module, slot_name, _marked(forward), f"{name}.{slot_name}"))
-    if not slots:
-        raise UnsupportedLayoutError(f"no {cls.__qualname__} found for angles='positions'")
-    return slots
+def _positions_forward(rotary, arch: Architecture):
+    """``angles="positions"``: this text rotary module hands positions on, no tables."""
+    rope_type = _rope_type(rotary)
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise UnsupportedLayoutError(
+            f"angles='positions' is not supported with rope_type={rope_type!r}: its "
+            f"inv_freq changes during the forward pass; use angles='table'"
+        )
+    if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        raise UnsupportedLayoutError(f"{type(rotary).__qualname__} has no inv_freq buffer")
+    _check_rotary_class(type(rotary), arch)
+    return _positions_rotary_forward(_mrope_section(rotary), arch.data["interleaved"])
 
 
-def _marked(fn):
-    setattr(fn, MARK, True)
-    return fn
-
-
-def _rope_index_slots(root, arch: _Arch, modeling) -> list[Slot]:
-    cls = _class(modeling, arch.model)
-    slots = []
-    for name, module in root.named_modules():
-        if not isinstance(module, cls):
-            continue
-        label = f"{name or '<root>'}.get_rope_index"
-        if "get_rope_index" in module.__dict__:
-            raise AlreadyPatchedError(
-                f"{label} is already set on the instance (by an earlier vlmkernels.patch?)"
-            )
-        try:
-            method = rope_index_method(module)
-        except TypeError as exc:  # an overridden or re-signed get_rope_index
-            raise UnsupportedLayoutError(f"{label}: {exc}") from exc
-        slots.append(Slot(module, "get_rope_index", method, label=label))
-    if not slots:
-        raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {type(root).__qualname__}")
-    return slots
+def _rope_index_function(model, arch: Architecture):
+    """``get_rope_index`` of this ``...Model``: :func:`rope_index_method`'s function."""
+    try:
+        return rope_index_method(model).__func__
+    except TypeError as exc:  # an overridden or re-signed get_rope_index
+        raise UnsupportedLayoutError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -470,12 +307,12 @@ def _rope_index_slots(root, arch: _Arch, modeling) -> list[Slot]:
 _PROBED: dict[type, tuple[str, bool]] = {}
 
 
-def _rope_index_arch(model) -> tuple[type, _Arch]:
+def _rope_index_arch(model) -> tuple[type, Architecture]:
     """The class in ``model``'s MRO that defines the supported ``get_rope_index``."""
+    by_module = {a.module: a for a in ARCHITECTURES}
     for cls in type(model).__mro__:
-        match = _MODELING.search(getattr(cls, "__module__", "") or "")
-        arch = _ARCHS.get(match.group(1)) if match else None
-        if arch is not None and cls.__name__ == arch.model:
+        arch = by_module.get(getattr(cls, "__module__", None))
+        if arch is not None and cls.__name__ == arch.classes["model"]:
             if type(model).get_rope_index is not cls.get_rope_index:
                 raise TypeError(
                     f"{type(model).__name__} overrides {cls.__name__}.get_rope_index; "
@@ -489,7 +326,7 @@ def _rope_index_arch(model) -> tuple[type, _Arch]:
         else ""
     )
     raise TypeError(
-        f"rope_index_method supports {', '.join(a.model for a in _ARCHS.values())} "
+        f"rope_index_method supports {', '.join(a.classes['model'] for a in ARCHITECTURES)} "
         f"instances, got {type(model).__name__}{hint}"
     )
 
@@ -584,7 +421,7 @@ def rope_index_method(
             (transformers < 5.3 has no ``mm_token_type_ids``).
     """
     cls, arch = _rope_index_arch(model)
-    model_type = arch.rope_index
+    model_type = arch.data["rope_index"]
     signature = _rope_index_signature(cls, model_type)
     if text_after_vision is not None and text_after_vision not in TEXT_AFTER_VISION:
         raise ValueError(
@@ -628,49 +465,32 @@ def rope_index_method(
         f"vlmkernels' vectorised {cls.__name__}.get_rope_index ({text_after_vision}"
         f"{', truncated seconds' if truncate_seconds else ''})."
     )
-    return types.MethodType(_marked(get_rope_index_), model)
+    return types.MethodType(marked(get_rope_index_), model)
 
 
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
 
-PARTS = ("rope", "vision", "rope_index", "positions")
+REPLACEMENTS = (
+    Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb)),
+    Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
+    SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
+    SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
+              lambda cls, arch: _rope_index_summary(cls, arch)),
+)  # fmt: skip
+
+PATCHER = Patcher("transformers", TESTED_VERSIONS, ARCHITECTURES, REPLACEMENTS)
 
 
-def _parts(root, arch: _Arch, modeling, rope: bool, vision: bool, rope_index: bool):
-    """Which of the requested parts apply to ``root``'s kind (full model, text model,
-    vision tower)."""
-    if isinstance(root, tuple(_class(modeling, n) for n in arch.full)):
-        return rope, vision, rope_index
-    if isinstance(root, _class(modeling, arch.text_model)):
-        return rope, False, False
-    if isinstance(root, _class(modeling, arch.vision_model)):
-        return False, vision, False
-    raise UnsupportedModelError(
-        f"vlmkernels.patch takes a {', '.join(arch.full)}, {arch.text_model} or "
-        f"{arch.vision_model}; got {type(root).__qualname__}"
-    )
-
-
-def _layout_error(failures: dict[str, Exception], working: list[str], angles: str):
-    """An :class:`UnsupportedLayoutError` naming each failed part, the installed and tested
-    transformers versions, and the call that still works."""
-    lines = [f"  {part}: {exc}" for part, exc in failures.items()]
+def _hint(failures: dict, working: list[str]) -> str:
     off = {"rope": "rope=False", "vision": "vision=False", "rope_index": "rope_index=False"}
     if "positions" in failures and "rope" not in failures:
         off["positions"] = "angles='table'"
     fixes = [off[p] for p in failures if p in off]
     if working and len(fixes) == len(failures):
-        hint = f"still works: vlmkernels.patch(model, {', '.join(fixes)})"
-    else:
-        hint = "no part of vlmkernels.patch applies to this model on this version"
-    return UnsupportedLayoutError(
-        "vlmkernels.patch does not recognise this transformers layout "
-        f"(transformers {_transformers_version()}; tested with {', '.join(TESTED_VERSIONS)}):\n"
-        + "\n".join(lines)
-        + f"\nNothing was changed; {hint}."
-    )
+        return f"still works: vlmkernels.patch(model, {', '.join(fixes)})"
+    return "no part of vlmkernels.patch applies to this model on this version"
 
 
 def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = True,
@@ -701,35 +521,15 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         raise ValueError(f"angles must be 'table' or 'positions', got {angles!r}")
     if angles == "positions" and not rope:
         raise ValueError("angles='positions' applies to the text rotary path: it needs rope=True")
-    arch, modeling = _find_arch(model)
-    do_rope, do_vision, do_index = _parts(model, arch, modeling, rope, vision, rope_index)
-    if not (do_rope or do_vision or do_index):
+    switches = {"rope": rope, "vision": vision, "rope_index": rope_index,
+                "positions": rope and angles == "positions"}  # fmt: skip
+    wanted = {part for part, on in switches.items() if on}
+    _, _, applicable = PATCHER.find(model)
+    if not wanted & set(applicable):
         raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
-    plans = {
-        "rope": lambda: _forward_slots(
-            model, _class(modeling, arch.text_attention), _TEXT_FUNCTIONS, "text attention"
-        ),
-        "vision": lambda: _forward_slots(
-            model, _class(modeling, arch.vision_attention), _VISION_FUNCTIONS, "vision attention"
-        ),
-        "positions": lambda: _rotary_slots(model, arch, modeling),
-        "rope_index": lambda: _rope_index_slots(model, arch, modeling),
-    }
-    wanted = {"rope": do_rope, "vision": do_vision, "rope_index": do_index,
-              "positions": do_rope and angles == "positions"}  # fmt: skip
-    slots: list[Slot] = []
-    failures: dict[str, Exception] = {}
-    working = []
-    for part in PARTS:
-        if not wanted[part]:
-            continue
-        try:
-            slots += plans[part]()
-            working.append(part)
-        except UnsupportedLayoutError as exc:
-            failures[part] = exc
+    slots, failures, working = PATCHER.plan(model, wanted)
     if failures:
-        raise _layout_error(failures, working, angles)
+        raise PATCHER.layout_error(failures, _hint(failures, working))
     return install(model, slots)
 
 
@@ -737,35 +537,10 @@ def support() -> dict[str, dict[str, str]]:
     """What :func:`patch` can do with the installed transformers, from the classes alone:
     ``{arch: {part: "ok" or the reason it is refused}}`` for each architecture;
     ``rope_index`` also gives the probed semantics."""
-    report = {}
-    for arch in _ARCHS.values():
-        try:
-            modeling = importlib.import_module(arch.module)
-        except ImportError as exc:
-            report[arch.key] = {"import": f"not importable: {exc}"}
-        else:
-            report[arch.key] = _arch_support(arch, modeling)
-    return report
+    return PATCHER.support()
 
 
-def _arch_support(arch: _Arch, modeling) -> dict[str, str]:
-    checks = {
-        "rope": lambda: _plan_forward(_class(modeling, arch.text_attention), _TEXT_FUNCTIONS),
-        "vision": lambda: _plan_forward(_class(modeling, arch.vision_attention), _VISION_FUNCTIONS),
-        "positions": lambda: _check_rotary_class(_class(modeling, arch.text_rotary)),
-        "rope_index": lambda: _rope_index_summary(_class(modeling, arch.model), arch),
-    }
-    parts = {}
-    for part, check in checks.items():
-        try:
-            result = check()
-            parts[part] = result if isinstance(result, str) else "ok"
-        except (UnsupportedLayoutError, TypeError) as exc:
-            parts[part] = str(exc)
-    return parts
-
-
-def _rope_index_summary(cls, arch: _Arch) -> str:
-    _rope_index_signature(cls, arch.rope_index)
-    rule, truncate = installed_semantics(cls, arch.rope_index)
+def _rope_index_summary(cls, arch: Architecture) -> str:
+    _rope_index_signature(cls, arch.data["rope_index"])
+    rule, truncate = installed_semantics(cls, arch.data["rope_index"])
     return f"ok ({rule}{', truncated seconds' if truncate else ''})"

@@ -1,0 +1,518 @@
+"""Per-instance patching, independent of any model library: the mechanism, and the engine
+(:class:`Patcher`) that applies a table of replacements to a table of architectures.
+
+An integration (``integrations/transformers.py``) is data: :class:`Architecture` entries
+(which classes play which role in a model) and replacements (:class:`Rebind`: a function a
+forward calls runs a vlmkernels op; :class:`SetMethod`: an instance method built per module).
+A new op family adds rows to those tables, not code here.
+
+A patch is a list of :class:`Slot`\\ s: instance attributes (``forward``, ``_old_forward``,
+``get_rope_index``...) that :func:`install` sets in the instances' ``__dict__`` and
+:meth:`PatchHandle.undo` puts back exactly. Nothing is assigned to a module or a class.
+
+The usual slot value is a method rebuilt by :func:`rebind_global`: the class's own
+``forward`` function, on the same code object and closure, over a copy of its module's
+globals in which one name (the function it calls, such as ``apply_rotary_pos_emb``) is bound
+to a replacement. Decorated functions are followed through ``__wrapped__`` (what
+``functools.wraps`` records) down to the function that holds the code; each wrapper is then
+rebuilt around the rebuilt function it holds in its closure, so the decorators keep running
+(deprecation warnings, renamed keyword arguments, hub-kernel hooks). A wrapper that keeps the
+function it wraps anywhere else cannot be rebuilt and raises :class:`UnsupportedLayoutError`.
+
+A rebuilt method is bound with ``types.MethodType`` to its module, so ``copy.deepcopy`` of a
+patched model rebinds it to the copy: the copy runs the patched code on its own weights and
+holds no reference to the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import dis
+import importlib
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "AlreadyPatchedError",
+    "Architecture",
+    "MARK",
+    "PatchHandle",
+    "Patcher",
+    "Rebind",
+    "SetMethod",
+    "Slot",
+    "UnsupportedLayoutError",
+    "UnsupportedModelError",
+    "adapt_signature",
+    "global_loads",
+    "install",
+    "is_patched",
+    "marked",
+    "rebind_global",
+    "unwrap",
+]
+
+MARK = "__vlmkernels_patched__"  # set on every function a patch installs
+
+
+class UnsupportedModelError(TypeError):
+    """The object is not a model architecture the patch knows."""
+
+
+class UnsupportedLayoutError(RuntimeError):
+    """The installed library lays the model out in a way the patch does not know."""
+
+
+class AlreadyPatchedError(RuntimeError):
+    """The instance (or part of it) is already patched by vlmkernels."""
+
+
+def is_patched(obj) -> bool:
+    """Whether ``obj`` (a function or bound method) was installed by a vlmkernels patch."""
+    return bool(getattr(obj, MARK, False))
+
+
+# --------------------------------------------------------------------------------------
+# Reading and rebuilding functions
+# --------------------------------------------------------------------------------------
+
+
+def global_loads(code: types.CodeType) -> set[str]:
+    """Names ``code`` (and the code nested in it) loads as globals."""
+    names = {
+        ins.argval
+        for ins in dis.get_instructions(code)
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= global_loads(const)
+    return names
+
+
+def unwrap(fn, where: str) -> list[types.FunctionType]:
+    """``[fn, fn.__wrapped__, ...]`` down to the undecorated function; each must be a plain
+    Python function."""
+    chain = [fn]
+    while True:
+        if not isinstance(chain[-1], types.FunctionType):
+            raise UnsupportedLayoutError(
+                f"{where} is {'decorated into ' if len(chain) > 1 else ''}"
+                f"{type(chain[-1]).__name__} {chain[-1]!r}, not a plain Python function"
+            )
+        inner = chain[-1].__dict__.get("__wrapped__")
+        if inner is None:
+            return chain
+        if any(inner is f for f in chain) or len(chain) > 32:
+            raise UnsupportedLayoutError(f"{where}: its __wrapped__ chain does not end")
+        chain.append(inner)
+
+
+def _copy_function(fn: types.FunctionType, scope: dict, closure) -> types.FunctionType:
+    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
+    new.__dict__.update(fn.__dict__)
+    for attr in ("__qualname__", "__doc__", "__annotations__", "__module__"):
+        setattr(new, attr, getattr(fn, attr))
+    return new
+
+
+def _rewrap(wrapper: types.FunctionType, old, new, where: str) -> types.FunctionType:
+    """``wrapper`` rebuilt with every closure cell that held ``old`` holding ``new``."""
+    cells = wrapper.__closure__ or ()
+    hits = [i for i, cell in enumerate(cells) if _cell_holds(cell, old)]
+    if not hits:
+        raise UnsupportedLayoutError(
+            f"{where} is decorated by {wrapper.__module__}.{wrapper.__qualname__}, which does "
+            f"not keep the function it wraps in its closure: vlmkernels cannot rebuild it"
+        )
+    closure = tuple(types.CellType(new) if i in hits else c for i, c in enumerate(cells))
+    rebuilt = _copy_function(wrapper, wrapper.__globals__, closure)
+    rebuilt.__wrapped__ = new
+    return rebuilt
+
+
+def _cell_holds(cell, value) -> bool:
+    try:
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
+
+
+def rebind_global(fn, name: str, replacement, where: str) -> types.FunctionType:
+    """``fn`` (decorators included) running its undecorated code over a copy of its globals
+    in which ``name`` is bound to ``replacement``; marked with :data:`MARK`."""
+    chain = unwrap(fn, where)
+    inner = chain[-1]
+    scope = dict(inner.__globals__)
+    scope[name] = replacement
+    rebuilt = _copy_function(inner, scope, inner.__closure__)
+    for wrapper, old in zip(reversed(chain[:-1]), reversed(chain[1:]), strict=True):
+        rebuilt = _rewrap(wrapper, old, rebuilt, where)
+    setattr(rebuilt, MARK, True)
+    return rebuilt
+
+
+def signature_of(fn) -> inspect.Signature:
+    """The call signature of a function, or of an ``nn.Module`` used as one (transformers'
+    hub-kernel decorator turns a function into a module instance whose ``forward`` it is)."""
+    forward = getattr(fn, "forward", None)
+    if not isinstance(fn, types.FunctionType) and callable(forward):
+        fn = forward
+    return inspect.signature(fn)
+
+
+def adapt_signature(replacement: Callable, original, where: str) -> Callable:
+    """``replacement`` callable as ``original`` is: the same parameters by position; where
+    the original names them differently (a renamed argument), keyword calls are renamed.
+
+    Raises :class:`UnsupportedLayoutError` unless both take the same number of
+    positional-or-keyword parameters with defaults in the same places.
+    """
+    try:
+        theirs = list(signature_of(original).parameters.values())
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedLayoutError(f"{where}: {original!r} has no readable signature") from exc
+    ours = list(inspect.signature(replacement).parameters.values())
+    plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+    def shape(params):
+        return [(p.kind, p.default is inspect.Parameter.empty) for p in params]
+
+    if shape(theirs) != shape(ours) or any(p.kind != plain for p in ours):
+        raise UnsupportedLayoutError(
+            f"{where} is {original!r} with parameters {[p.name for p in theirs]}; the "
+            f"vlmkernels replacement takes {[p.name for p in ours]}"
+        )
+    renamed = {t.name: o.name for t, o in zip(theirs, ours, strict=True) if t.name != o.name}
+    if not renamed:
+        return replacement
+
+    def adapter(*args, **kwargs):
+        if kwargs:
+            kwargs = {renamed.get(k, k): v for k, v in kwargs.items()}
+        return replacement(*args, **kwargs)
+
+    adapter.__name__ = adapter.__qualname__ = replacement.__name__
+    adapter.__doc__ = replacement.__doc__
+    adapter.__signature__ = signature_of(original)
+    return adapter
+
+
+# --------------------------------------------------------------------------------------
+# Slots and the handle
+# --------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class Slot:
+    """One instance attribute: ``owner.__dict__[name]`` set to ``new`` by :func:`install`,
+    put back to what it held (or deleted) by :meth:`restore`."""
+
+    owner: object
+    name: str
+    new: object
+    old: object = _MISSING
+    label: str = ""
+
+    def install(self) -> None:
+        self.old = self.owner.__dict__.get(self.name, _MISSING)
+        self.owner.__dict__[self.name] = self.new
+
+    def intact(self) -> bool:
+        return self.owner.__dict__.get(self.name, _MISSING) is self.new
+
+    def restore(self) -> None:
+        if self.old is _MISSING:
+            del self.owner.__dict__[self.name]
+        else:
+            self.owner.__dict__[self.name] = self.old
+
+
+def method_slot(module, name: str, function, label: str) -> Slot:
+    """A slot binding ``function`` to ``module`` as its instance attribute ``name``."""
+    return Slot(module, name, types.MethodType(function, module), label=label)
+
+
+class PatchHandle:
+    """What a patch returns: :meth:`undo` restores the instance exactly; also a context
+    manager (undo on exit)."""
+
+    def __init__(self, model, slots: list[Slot]):
+        self.model = model
+        self._slots = slots
+        self.active = True
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """``<submodule>.<attribute>`` of each instance attribute set by the patch."""
+        return tuple(s.label for s in self._slots)
+
+    def undo(self) -> None:
+        """Put back every instance attribute as it was before the patch (a second call does
+        nothing). Raises, changing nothing, if one was overwritten in between."""
+        if not self.active:
+            return
+        changed = [s.label for s in self._slots if not s.intact()]
+        if changed:
+            raise RuntimeError(
+                f"vlmkernels.patch: cannot undo, these attributes were changed after patching: "
+                f"{', '.join(changed)}"
+            )
+        for slot in reversed(self._slots):
+            slot.restore()
+        self.active = False
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a PatchHandle cannot be copied: it undoes the patch of one model instance")
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
+
+
+def install(model, slots: Iterable[Slot]) -> PatchHandle:
+    slots = list(slots)
+    for slot in slots:
+        slot.install()
+    return PatchHandle(model, slots)
+
+
+# --------------------------------------------------------------------------------------
+# Patching as data: architectures, replacements, and the engine over them
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A model architecture of a library, by the class names in one module.
+
+    Attributes:
+        key: its name ("qwen2_vl").
+        module: the module holding its classes.
+        classes: role -> class name ({"text_attention": "Qwen2VLAttention", ...}).
+        roots: class name of a model :func:`Patcher.patch` accepts -> the parts that apply
+            to it (a full model gets every part, a vision tower only the vision ones).
+        data: architecture facts the replacements read ({"interleaved": True, ...}).
+    """
+
+    key: str
+    module: str
+    classes: Mapping[str, str]
+    roots: Mapping[str, tuple[str, ...]]
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rebind:
+    """Part ``part``: in every module of the role's class, the forward's call to one of
+    ``functions`` (matched by name among the module globals its code loads) runs that
+    vlmkernels function instead."""
+
+    part: str
+    role: str
+    functions: tuple[Callable, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SetMethod:
+    """Part ``part``: every module of the role's class gets the instance method ``name``,
+    ``build(module, arch)`` (a function taking ``self``; it raises
+    :class:`UnsupportedLayoutError` for a module it cannot serve). ``check(cls, arch)``
+    validates the class alone for :meth:`Patcher.support` (a string result is reported)."""
+
+    part: str
+    role: str
+    name: str
+    build: Callable[[Any, Architecture], Callable]
+    check: Callable[[type, Architecture], Any] | None = None
+
+
+def plan_forward(cls: type, candidates) -> types.FunctionType:
+    """The forward of ``cls`` (decorators included) calling the vlmkernels replacement of
+    the one function of ``candidates`` its code calls."""
+    where = f"{cls.__module__}.{cls.__qualname__}.forward"
+    chain = unwrap(cls.forward, where)
+    names = [f.__name__ for f in candidates]
+    loads = global_loads(chain[-1].__code__)
+    called = [f for f in candidates if f.__name__ in loads]
+    if len(called) != 1:
+        raise UnsupportedLayoutError(
+            f"{where} calls {'none' if not called else 'more than one'} of {', '.join(names)}"
+        )
+    name = called[0].__name__
+    original = chain[-1].__globals__.get(name)
+    if not callable(original):
+        raise UnsupportedLayoutError(f"{chain[-1].__module__}.{name} is not callable")
+    replacement = adapt_signature(called[0], original, f"{chain[-1].__module__}.{name}")
+    return rebind_global(cls.forward, name, replacement, where)
+
+
+def _slot_name(module, name: str, label: str) -> str:
+    """``name``; for ``forward``, ``_old_forward`` where accelerate's hooks own ``forward``
+    (their wrapper calls ``module._old_forward``)."""
+    own = module.__dict__
+    if name != "forward":
+        if name in own:
+            raise AlreadyPatchedError(
+                f"{label}.{name} is already set on the instance (by an earlier patch?)"
+            )
+        return name
+    if is_patched(own.get("forward")) or is_patched(own.get("_old_forward")):
+        raise AlreadyPatchedError(f"{label} is already patched by vlmkernels: undo that first")
+    if "forward" not in own:
+        return "forward"
+    old = own.get("_old_forward")
+    if "_hf_hook" in own and getattr(old, "__func__", None) is type(module).forward:
+        return "_old_forward"
+    raise UnsupportedLayoutError(
+        f"{label} already has an instance-level forward ({own['forward']!r}) that "
+        f"vlmkernels does not know how to wrap"
+    )
+
+
+def marked(fn):
+    """``fn`` with :data:`MARK` set: a function a patch installs."""
+    setattr(fn, MARK, True)
+    return fn
+
+
+class Patcher:
+    """Per-instance patches of one library's models from a table of architectures and a
+    table of replacements (:class:`Rebind`, :class:`SetMethod`); see :meth:`patch`.
+
+    Args:
+        library: its import name ("transformers"), for messages.
+        tested: the releases the tests passed on, for messages and reports.
+        architectures: the :class:`Architecture` table.
+        replacements: what each part replaces, in the order parts are planned.
+    """
+
+    def __init__(self, library: str, tested: tuple[str, ...],
+                 architectures: tuple[Architecture, ...],
+                 replacements: tuple[Rebind | SetMethod, ...]):  # fmt: skip
+        self.library = library
+        self.tested = tested
+        self.architectures = {a.key: a for a in architectures}
+        self.replacements = replacements
+        self.parts = tuple(dict.fromkeys(r.part for r in replacements))
+
+    def version(self) -> str:
+        module = sys.modules.get(self.library)
+        return getattr(module, "__version__", "not installed")
+
+    def find(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]]:
+        """The architecture of ``model``, its module, and the parts that apply to it."""
+        by_module = {a.module: a for a in self.architectures.values()}
+        for cls in type(model).__mro__:
+            arch = by_module.get(getattr(cls, "__module__", None))
+            if arch is None:
+                continue
+            module = sys.modules[arch.module]
+            for root, parts in arch.roots.items():
+                if isinstance(model, self.cls(module, root)):
+                    return arch, module, parts
+            raise UnsupportedModelError(
+                f"vlmkernels.patch takes a {', '.join(arch.roots)}; got {type(model).__qualname__}"
+            )
+        names = ", ".join(self.architectures)
+        raise UnsupportedModelError(
+            f"vlmkernels.patch supports {self.library} models of the architectures {names}; "
+            f"got {type(model).__module__}.{type(model).__qualname__}"
+        )
+
+    @staticmethod
+    def cls(module: types.ModuleType, name: str) -> type:
+        found = getattr(module, name, None)
+        if not isinstance(found, type):
+            raise UnsupportedLayoutError(f"{module.__name__} has no class {name}")
+        return found
+
+    def _slots(self, root, arch, module, replacement) -> list[Slot]:
+        cls = self.cls(module, arch.classes[replacement.role])
+        rebuilt: dict[type, types.FunctionType] = {}
+        slots = []
+        for name, sub in root.named_modules():
+            if not isinstance(sub, cls):
+                continue
+            label = f"{name or '<root>'} ({type(sub).__qualname__})"
+            if isinstance(replacement, Rebind):
+                slot = _slot_name(sub, "forward", label)
+                kind = type(sub)
+                if kind not in rebuilt:
+                    rebuilt[kind] = plan_forward(kind, replacement.functions)
+                function = rebuilt[kind]
+            else:
+                slot = _slot_name(sub, replacement.name, label)
+                function = marked(replacement.build(sub, arch))
+            slots.append(method_slot(sub, slot, function, f"{name or '<root>'}.{slot}"))
+        if not slots:
+            where = type(root).__qualname__
+            raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {where}")
+        return slots
+
+    def plan(self, model, wanted: set[str]) -> tuple[list[Slot], dict[str, Exception], list]:
+        """(slots, {part: why it cannot be patched}, parts that can) for the parts of
+        ``wanted`` that apply to ``model``; nothing is installed."""
+        arch, module, applicable = self.find(model)
+        slots, failures, working = [], {}, []
+        for part in self.parts:
+            if part not in wanted or part not in applicable:
+                continue
+            try:
+                found = []
+                for replacement in self.replacements:
+                    if replacement.part == part:
+                        found += self._slots(model, arch, module, replacement)
+                slots += found
+                working.append(part)
+            except UnsupportedLayoutError as exc:
+                failures[part] = exc
+        return slots, failures, working
+
+    def layout_error(self, failures: dict[str, Exception], hint: str) -> UnsupportedLayoutError:
+        lines = [f"  {part}: {exc}" for part, exc in failures.items()]
+        return UnsupportedLayoutError(
+            f"vlmkernels.patch does not recognise this {self.library} layout "
+            f"({self.library} {self.version()}; tested with {', '.join(self.tested)}):\n"
+            + "\n".join(lines)
+            + f"\nNothing was changed; {hint}."
+        )
+
+    def support(self) -> dict[str, dict[str, str]]:
+        """What patches with the installed library, from the classes alone: ``{arch: {part:
+        "ok" (or what the check reports) or why it is refused}}``."""
+        report = {}
+        for arch in self.architectures.values():
+            try:
+                module = importlib.import_module(arch.module)
+            except ImportError as exc:
+                report[arch.key] = {"import": f"not importable: {exc}"}
+                continue
+            parts = {}
+            for replacement in self.replacements:
+                try:
+                    cls = self.cls(module, arch.classes[replacement.role])
+                    if isinstance(replacement, Rebind):
+                        result = plan_forward(cls, replacement.functions)
+                    else:
+                        result = replacement.check(cls, arch) if replacement.check else None
+                    text = result if isinstance(result, str) else "ok"
+                except (UnsupportedLayoutError, TypeError) as exc:
+                    text = str(exc)
+                if not parts.get(replacement.part, "ok").startswith("ok"):
+                    continue  # the part's first refusal stands
+                parts[replacement.part] = text
+            report[arch.key] = parts
+        return report
