@@ -10,7 +10,10 @@ timings are not the GPU targets.
 
 Modes: each suite times its own default modes (``fwd`` and ``fwd+bwd``; the rotary suite
 also ``bwd``; ``get_rope_index`` only ``fwd``). With ``--modes``, each suite times the
-requested modes it supports and names those it skips.
+requested modes it supports and names those it skips. ``--modes host`` (alone) measures
+instead the host time per eager call of the ops that have a host budget in
+:mod:`benchmarks.targets`, beside the eager formula's, in a fresh interpreter with Triton's
+launcher stubbed (:mod:`benchmarks.host`), into ``<out>/host.csv``.
 
 Output: one long-format CSV per suite, appended, in ``--out`` (default
 :func:`benchmarks.output_dir`: ``$VLMKERNELS_RESULTS_DIR``, else ``./bench-results``,
@@ -34,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, suites, writable_dir
+from . import UsageError, host, output_dir, suites, writable_dir
 from .ceilings import measure
 from .env import GpuMonitor, collect, describe
 from .harness import CPU_QUICK, MODES, RunConfig, Runner, dtype_str, shape_str
+from .host import DEFAULT_CALLS
 from .progress import Progress
 from .report import CsvSink, ceiling_records, table
 
@@ -49,6 +53,7 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+HOST = "host"
 CPU_NOTE = (
     "CPU timings are not the GPU targets: the targets (README, 'Benchmarks') are H100/H200 "
     "times in bf16 at far larger shapes; a CPU run checks that every provider runs and agrees."
@@ -57,6 +62,16 @@ CPU_NOTE = (
 
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"wants a positive integer, got {text!r}")
+    return value
 
 
 def _shape_arg(text: str) -> tuple[str, list[int]]:
@@ -88,7 +103,15 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
         "--modes",
         type=_csv_list,
         help=f"subset of {','.join(MODES)} (default: each suite's own; a suite skips, and "
-        "names, the modes it cannot time)",
+        f"names, the modes it cannot time), or {HOST} alone: the host time per call of the "
+        "ops with a host budget, beside the eager formula's (benchmarks/host.py)",
+    )
+    p.add_argument(
+        "--host-calls",
+        type=_positive,
+        default=DEFAULT_CALLS,
+        metavar="N",
+        help=f"--modes {HOST}: timed calls per case (default {DEFAULT_CALLS})",
     )
     p.add_argument(
         "--shape",
@@ -259,6 +282,12 @@ def _main(argv: list[str] | None, prog: str) -> int:
     else:
         profile = CPU_QUICK if args.quick else "cpu"
     chosen = {n: available[n] for n in selection}
+    if args.modes and HOST in args.modes:
+        if len(args.modes) > 1:
+            raise UsageError(f"--modes {HOST} runs alone (host time, no kernel runs); got "
+                             f"--modes {','.join(args.modes)}")  # fmt: skip
+        _check_forced_backend()
+        return host.run(args, selection, available)
     overrides = _overrides(args.shape, chosen, profile)
     modes, mode_notes = _suite_modes(args.modes, chosen)
     known = {p.name for s in selection.values() for op in s for p in op.providers}

@@ -25,6 +25,8 @@ Byte model: the features are read once per pass and the gradients written once:
 forward 2 N d e, backward 4 N d e (read X, Y; write dX, dY), fwd+bwd 6 N d e, e the element
 size. With these, TFLOP/s is the figure to compare with the matmul ceiling; GB/s stays far
 below the copy ceiling because the losses are compute-bound.
+
+Targets: :mod:`benchmarks.targets` (issue 3), printed after the sweep as measured in this run.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from . import targets
 from .harness import BuildArgs, Case, OpSpec, Prepared, Provider, Results, RunConfig, Suite
+from .targets import Target, Verdict
 
 CLIP_SCALE = math.exp(math.log(1 / 0.07))
 SIGLIP_SCALE = 10.0
@@ -208,73 +212,45 @@ OPS = (
 )
 
 # --------------------------------------------------------------------------------------
-# Targets of the issue, evaluated on this run's measurements only
+# Targets (benchmarks/targets.py), evaluated on this run's measurements only
 # --------------------------------------------------------------------------------------
 
+_UNITS = {"ms": "ms", "peak_mem_mb": "MiB"}
 
-def _ratio_line(
-    results: Results, label: str, num: Case, den: Case, metric: str, op: str, target: float
-) -> str:
-    a, b = results.get(num, metric), results.get(den, metric)
-    sign = "<=" if op == "le" else ">="
-    if a.value is None or b.value is None:
-        reason = "; ".join(x.reason for x in (a, b) if x.value is None)
-        return f"  {label}: target {sign} {target:g}: not measured ({reason})"
-    ratio = a.value / b.value
-    hit = ratio <= target if op == "le" else ratio >= target
+
+def _ratio_line(verdict: Verdict) -> str:
+    t = verdict.target
+    unit = _UNITS[t.metric]
+    label = f"{t.op.removesuffix('_loss')} {t.provider} {unit} / {t.baseline} {unit}"
+    if not verdict.measured:
+        return f"  {label}: target {t.text}: not measured ({verdict.reason})"
     return (
-        f"  {label}: {ratio:.3g} (= {a.value:.4g} / {b.value:.4g}), target {sign} {target:g}: "
-        f"{'HIT' if hit else 'MISS'}"
+        f"  {label}: {verdict.value:.3g} (= {verdict.num.value:.4g} / {verdict.den.value:.4g}), "
+        f"target {t.text}: {'HIT' if verdict.hit else 'MISS'}"
     )
 
 
-def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The issue's targets, as measured in this run (bf16, fwd+bwd)."""
-    bf16 = "bfloat16"
-
-    def case(op, provider, n, d=768):
-        return Case(op, provider, "fwd+bwd", (("N", n), ("d", d)), bf16)
-
-    vk, cc = case("clip_loss", "vlmkernels", 32768), case("clip_loss", "compile", 32768)
-    lines = ["Targets (N=32768, d=768, bfloat16, fwd+bwd unless stated):"]
-    lines.append(_ratio_line(results, "clip vlmkernels ms / compile ms", vk, cc, "ms", "le", 0.9))
-    lines.append(
-        _ratio_line(results, "clip vlmkernels MiB / compile MiB", vk, cc, "peak_mem_mb", "le", 0.05)
-    )
-    lines.append(
-        _ratio_line(
-            results,
-            "clip inf_cl ms / vlmkernels ms",
-            case("clip_loss", "inf_cl", 32768),
-            vk,
-            "ms",
-            "ge",
-            30,
-        )
-    )
-    lines.append(
-        _ratio_line(
-            results,
-            "siglip vlmkernels ms / compile ms",
-            case("siglip_loss", "vlmkernels", 32768),
-            case("siglip_loss", "compile", 32768),
-            "ms",
-            "le",
-            0.8,
-        )
-    )
+def _oom_lines(results: Results, t: Target) -> list[str]:
+    """The provider runs where the baseline is out of memory, at every d measured at the
+    target's N (its d when none was)."""
+    n = t.shape_dict["N"]
     dims = sorted(
         {
             dict(r.case.shape).get("d")
             for r in results.records
-            if r.case.op == "clip_loss" and dict(r.case.shape).get("N") == 65536
+            if r.case.op == t.op and dict(r.case.shape).get("N") == n
         }
         - {None}
-    ) or [768]
+    ) or [t.shape_dict["d"]]
+    lines = []
     for d in dims:
-        label = f"  clip N=65536 d={d}: vlmkernels runs while eager is out of memory"
-        v = results.get(case("clip_loss", "vlmkernels", 65536, d), "ms")
-        e = results.get(case("clip_loss", "eager", 65536, d), "ms")
+        shape = (("N", n), ("d", d))
+        label = (
+            f"  {t.op.removesuffix('_loss')} N={n} d={d}: {t.provider} runs while {t.baseline} "
+            "is out of memory"
+        )
+        v = results.get(Case(t.op, t.provider, t.mode, shape, t.dtype), "ms")
+        e = results.get(Case(t.op, t.baseline, t.mode, shape, t.dtype), "ms")
         if v.value is None and v.record is None:
             lines.append(f"{label}: not measured ({v.reason})")
         elif e.record is None and e.value is None:
@@ -284,7 +260,25 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
             e_txt = f"{e.value:.4g} ms" if e.value is not None else e.reason
             oom = e.record is not None and e.record.status == "oom"
             hit = v.value is not None and oom
-            lines.append(f"{label}: vlmkernels {v_txt}; eager {e_txt}: {'HIT' if hit else 'MISS'}")
+            lines.append(
+                f"{label}: {t.provider} {v_txt}; {t.baseline} {e_txt}: {'HIT' if hit else 'MISS'}"
+            )
+    return lines
+
+
+def summarize(results: Results, cfg: RunConfig) -> list[str]:
+    """The targets of :mod:`benchmarks.targets` for this suite, as measured in this run."""
+    found = [t for t in targets.for_suite("contrastive") if t.metric != "host_us"]
+    first = found[0]
+    lines = [
+        f"Targets ({targets.shape_text(first.shape)}, {first.dtype}, {first.mode} unless "
+        f"stated; {targets.issues(found)}, benchmarks/targets.py):"
+    ]
+    for t in found:
+        if t.relation == targets.RUNS_WHERE_OOM:
+            lines += _oom_lines(results, t)
+        else:
+            lines.append(_ratio_line(t.evaluate(results)))
     if cfg.device.type != "cuda":
         lines.append(
             "  (no CUDA device: this run was a CPU sweep, whose shapes and dtype "
@@ -299,4 +293,5 @@ SUITE = Suite(
     grid=grid,
     x_name="N",
     summarize=summarize,
+    host_shape={"N": 8, "d": 32},
 )

@@ -86,9 +86,10 @@ an add per output element, fp32 casts counted as work). The op is memory-bound b
 of magnitude: TFLOP/s and % of the matmul ceiling are recorded because the harness records
 them for every op, and no claim is made from them.
 
-Targets (printed after the sweep, as measured in this run; bf16, ``mrope`` shapes):
-forward at >= 90 % of the copy ceiling for S >= 16384 (``vlmkernels`` and
-``vlmkernels_positions``), and fwd+bwd in <= 1/3 of ``compile``'s time at every S.
+Targets (:mod:`benchmarks.targets`, printed after the sweep as measured in this run; bf16,
+``mrope`` shapes): forward at >= 90 % of the copy ceiling for S >= 16384 (``vlmkernels`` and
+``vlmkernels_positions``), and fwd+bwd in <= 1/3 of ``compile``'s time at every S (issue 4);
+on a GPU the CUDA C++ providers at most the Triton ones' time at S = 16384 (issue 5).
 
 Sweep: GPU full S in {1024, 4096, 16384, 65536}; ``--quick`` S in {1024, 16384, 65536}; CPU
 S = 2048 (fp32; ``liger`` unavailable there): q, k and their outputs (42 MB and up) overflow
@@ -109,7 +110,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import targets
 from .harness import BuildArgs, Case, OpSpec, Prepared, Provider, Results, RunConfig, Skip, Suite
+from .targets import Target
 
 # --------------------------------------------------------------------------------------
 # Model shapes
@@ -374,7 +377,8 @@ def _prepared(inp: RopeInputs, apply: Callable, note: str) -> Prepared:
         calls[0] += 1
         return _FixedGrads.apply(out_q, out_k, *inp.grads, calls[0] == 1)
 
-    return Prepared(fn, inp.leaves, note)
+    q, k = inp.views()  # the op alone, on the views attention code passes (host-time mode)
+    return Prepared(fn, inp.leaves, note, call=lambda: apply(q, k))
 
 
 def _backend_note(q: torch.Tensor, forced: str | None) -> str:
@@ -588,22 +592,18 @@ def byte_model(op: str) -> Callable[[Mapping[str, int], str, int], float]:
     return nbytes
 
 
-TARGET_S_BANDWIDTH = (16384, 65536)
-TARGET_S_SPEED = (1024, 4096, 16384, 65536)
-
-
 def grid(profile: str) -> dict[str, list[int]]:
     if profile == "cpu":
         return {"B": [1], "S": [2048]}
     if profile == "quick":
         return {"B": [1], "S": [1024, 16384, 65536]}
-    return {"B": [1], "S": list(TARGET_S_SPEED)}
+    return {"B": [1], "S": [1024, 4096, 16384, 65536]}
 
 
 OPS = tuple(OpSpec(op, _providers(op), flop_model(op), byte_model(op)) for op in CONFIGS)
 
 # --------------------------------------------------------------------------------------
-# Targets, evaluated on this run's measurements only
+# Targets (benchmarks/targets.py), evaluated on this run's measurements only
 # --------------------------------------------------------------------------------------
 
 
@@ -611,78 +611,80 @@ def _case(op: str, provider: str, mode: str, s: int) -> Case:
     return Case(op, provider, mode, (("B", 1), ("S", s)), "bfloat16")
 
 
-KERNEL_PROVIDERS = (
-    "vlmkernels",
-    "vlmkernels_positions",
-    "vlmkernels_cuda",
-    "vlmkernels_cuda_positions",
-)
-TARGET_S_BACKENDS = 16384
+def _shown(t: Target, cfg: RunConfig) -> bool:
+    """The CUDA C++ providers' targets are printed on a GPU only."""
+    return cfg.device.type == "cuda" or not t.provider.startswith("vlmkernels_cuda")
+
+
+def _bandwidth_line(results: Results, t: Target) -> str:
+    s = t.shape_dict["S"]
+    label = f"  {t.mode} S={s} {t.provider} % of copy ceiling: target {t.text} (issue {t.issue})"
+    verdict = t.evaluate(results)
+    if not verdict.measured:
+        return f"{label}: not measured ({verdict.reason})"
+    pct = verdict.value
+    gbps = results.get(t.case(), "gbps").value
+    extra = ""
+    if t.provider in ("vlmkernels", "vlmkernels_cuda") and gbps:
+        shape = t.shape_dict
+        qk = byte_model(t.op)(shape, t.mode, 2)
+        with_tables = pct * (qk + table_bytes(t.op, shape, 2)) / qk
+        extra = f"; {with_tables:.1f} % counting the used table lanes"
+    return (
+        f"{label}: {pct:.1f} ({gbps:.0f} GB/s of q/k bytes{extra}): "
+        f"{'HIT' if verdict.hit else 'MISS'}"
+    )
+
+
+def _speed_line(results: Results, t: Target) -> str:
+    s = t.shape_dict["S"]
+    label = f"  {t.mode} S={s} {t.provider} ms / {t.baseline} ms: target {t.text} (issue {t.issue})"
+    verdict = t.evaluate(results)
+    if not verdict.measured:
+        return f"{label}: not measured ({verdict.reason})"
+    return (
+        f"{label}: {verdict.value:.3g} (= {verdict.num.value:.4g} / {verdict.den.value:.4g}): "
+        f"{'HIT' if verdict.hit else 'MISS'}"
+    )
 
 
 def _backend_comparison(results: Results) -> list[str]:
-    """CUDA C++ against Triton at S = 16384, per op, angle source and mode: the issue asks
-    the CUDA C++ kernels to be at least as fast (ratio <= 1)."""
-    lines = [f"CUDA C++ / Triton time at S={TARGET_S_BACKENDS} (target <= 1):"]
-    for op in CONFIGS:
-        for triton_p, cuda_p in (
-            ("vlmkernels", "vlmkernels_cuda"),
-            ("vlmkernels_positions", "vlmkernels_cuda_positions"),
-        ):
-            for mode in ("fwd", "bwd", "fwd+bwd"):
-                label = f"  {op} {mode} {cuda_p} / {triton_p}"
-                a = results.get(_case(op, cuda_p, mode, TARGET_S_BACKENDS), "ms")
-                b = results.get(_case(op, triton_p, mode, TARGET_S_BACKENDS), "ms")
-                if a.value is None or b.value is None:
-                    reason = "; ".join(x.reason for x in (a, b) if x.value is None)
-                    lines.append(f"{label}: not measured ({reason})")
-                    continue
-                ratio = a.value / b.value
-                verdict = "HIT" if ratio <= 1 else f"MISS by {100 * (ratio - 1):.1f} %"
-                lines.append(f"{label}: {ratio:.3f} ({a.value:.4g} / {b.value:.4g} ms): {verdict}")
+    """The CUDA C++ providers' time over the Triton ones' (per op, angle source and mode)
+    at the shape of the issue's "at least as fast" target."""
+    found = targets.for_suite("rope", baseline="vlmkernels") + targets.for_suite(
+        "rope", baseline="vlmkernels_positions"
+    )
+    found = sorted(found, key=targets.TARGETS.index)
+    first = found[0]
+    lines = [
+        f"CUDA C++ / Triton time at S={first.shape_dict['S']} (target {first.text}, "
+        f"{targets.issues(found)}):"
+    ]
+    for t in found:
+        label = f"  {t.op} {t.mode} {t.provider} / {t.baseline}"
+        verdict = t.evaluate(results)
+        if not verdict.measured:
+            lines.append(f"{label}: not measured ({verdict.reason})")
+            continue
+        ratio, a, b = verdict.value, verdict.num.value, verdict.den.value
+        margin = "" if verdict.hit else f" by {100 * (ratio / t.bound - 1):.1f} %"
+        lines.append(f"{label}: {ratio:.3f} ({a:.4g} / {b:.4g} ms): "
+                     f"{'HIT' if verdict.hit else 'MISS'}{margin}")  # fmt: skip
     return lines
 
 
 def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The M-RoPE targets on the Qwen2-VL-7B shapes (``mrope``, B = 1, bf16)."""
-    op = "mrope"
-    lines = [f"Targets ({op}: {CONFIGS[op].model} shapes, B=1, bfloat16):"]
-    for s in TARGET_S_BANDWIDTH:
-        for provider in KERNEL_PROVIDERS:
-            if provider.startswith("vlmkernels_cuda") and cfg.device.type != "cuda":
-                continue
-            label = f"  fwd S={s} {provider} % of copy ceiling: target >= 90"
-            case = _case(op, provider, "fwd", s)
-            pct = results.get(case, "pct_copy_ceiling")
-            if pct.value is None:
-                lines.append(f"{label}: not measured ({pct.reason})")
-                continue
-            gbps = results.get(case, "gbps").value
-            extra = ""
-            if provider in ("vlmkernels", "vlmkernels_cuda") and gbps:
-                qk = byte_model(op)({"B": 1, "S": s}, "fwd", 2)
-                with_tables = pct.value * (qk + table_bytes(op, {"B": 1, "S": s}, 2)) / qk
-                extra = f"; {with_tables:.1f} % counting the used table lanes"
-            lines.append(
-                f"{label}: {pct.value:.1f} ({gbps:.0f} GB/s of q/k bytes{extra}): "
-                f"{'HIT' if pct.value >= 90 else 'MISS'}"
-            )
-    for s in TARGET_S_SPEED:
-        for provider in KERNEL_PROVIDERS:
-            if provider.startswith("vlmkernels_cuda") and cfg.device.type != "cuda":
-                continue
-            label = f"  fwd+bwd S={s} {provider} ms / compile ms: target <= 1/3"
-            a = results.get(_case(op, provider, "fwd+bwd", s), "ms")
-            b = results.get(_case(op, "compile", "fwd+bwd", s), "ms")
-            if a.value is None or b.value is None:
-                reason = "; ".join(x.reason for x in (a, b) if x.value is None)
-                lines.append(f"{label}: not measured ({reason})")
-                continue
-            ratio = a.value / b.value
-            lines.append(
-                f"{label}: {ratio:.3g} (= {a.value:.4g} / {b.value:.4g}): "
-                f"{'HIT' if ratio <= 1 / 3 else 'MISS'}"
-            )
+    """The targets of :mod:`benchmarks.targets` for this suite (``mrope`` on the
+    Qwen2-VL-7B shapes, B = 1, bf16; on a GPU also the CUDA C++ / Triton comparison)."""
+    bandwidth = targets.for_suite("rope", metric="pct_copy_ceiling")
+    speed = targets.for_suite("rope", metric="ms", baseline="compile")
+    op = bandwidth[0].op
+    lines = [
+        f"Targets ({op}: {CONFIGS[op].model} shapes, B=1, bfloat16; "
+        f"{targets.issues(bandwidth + speed)}, benchmarks/targets.py):"
+    ]
+    lines += [_bandwidth_line(results, t) for t in bandwidth if _shown(t, cfg)]
+    lines += [_speed_line(results, t) for t in speed if _shown(t, cfg)]
     if cfg.device.type == "cuda":
         lines += _backend_comparison(results)
     else:
@@ -700,4 +702,5 @@ SUITE = Suite(
     x_name="S",
     default_modes=("fwd", "bwd", "fwd+bwd"),
     summarize=summarize,
+    host_shape={"B": 1, "S": 8},
 )

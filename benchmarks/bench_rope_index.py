@@ -9,8 +9,8 @@ Providers: ``transformers``, the installed model class's own method (a per-row P
 with host syncs), on a tiny model built from a config (its cost does not depend on the model
 size); ``vlmkernels``, :func:`vlmkernels.get_rope_index` (batched torch ops, no host sync).
 Forward only. Byte model: input_ids, mm_token_type_ids and attention_mask read, the (3, B, S)
-positions written, 8 bytes each; no FLOPs. Target: at least 50x faster than transformers at
-B = 8 on a GPU.
+positions written, 8 bytes each; no FLOPs. Target (:mod:`benchmarks.targets`, issue 4): at
+least 50x faster than transformers at B = 8 on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .harness import BuildArgs, Case, OpSpec, Prepared, Provider, Results, RunConfig, Suite
+from . import targets
+from .harness import BuildArgs, OpSpec, Prepared, Provider, Results, RunConfig, Suite
 
 MERGE = 2
 IMAGES = ((1, 32, 32), (1, 24, 40))
@@ -141,19 +142,23 @@ def grid(profile: str) -> dict[str, list[int]]:
 
 
 def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    lines = ["Target (B = 8, forward): transformers ms / vlmkernels ms >= 50"]
-    for op in OPS:
-        ours = results.get(Case(op.name, "vlmkernels", "fwd", (("B", 8),), _dtype(cfg)), "ms")
-        theirs = results.get(Case(op.name, "transformers", "fwd", (("B", 8),), _dtype(cfg)), "ms")
-        if ours.value is None or theirs.value is None:
-            reason = "; ".join(x.reason for x in (ours, theirs) if x.value is None)
-            lines.append(f"  {op.name}: not measured ({reason})")
+    """The targets of :mod:`benchmarks.targets` for this suite, as measured in this run."""
+    found = targets.for_suite("rope_index")
+    first = found[0]
+    lines = [
+        f"Target ({targets.shape_text(first.shape)}, forward): {first.provider} ms / "
+        f"{first.baseline} ms {first.text} ({targets.issues(found)}, benchmarks/targets.py)"
+    ]
+    for t in found:
+        verdict = t.evaluate(results, _dtype(cfg))
+        if not verdict.measured:
+            lines.append(f"  {t.op}: not measured ({verdict.reason})")
             continue
-        ratio = theirs.value / ours.value
-        verdict = "HIT" if ratio >= 50 else "MISS"
+        verdict_text = "HIT" if verdict.hit else "MISS"
         lines.append(
-            f"  {op.name}: {ratio:.3g}x (= {theirs.value:.4g} / {ours.value:.4g} ms) on "
-            f"{cfg.device.type}: {verdict if cfg.device.type == 'cuda' else 'CPU, not the target'}"
+            f"  {t.op}: {verdict.value:.3g}x (= {verdict.num.value:.4g} / "
+            f"{verdict.den.value:.4g} ms) on {cfg.device.type}: "
+            f"{verdict_text if cfg.device.type == 'cuda' else 'CPU, not the target'}"
         )
     return lines
 

@@ -53,6 +53,7 @@ UNITS = {
     "loss": "value",
     "speedup": "x (other ms / reference ms, p50)",
     "mem_ratio": "x (reference MiB / other MiB)",
+    "host_us": "us per call (host; Triton's launcher stubbed)",
 }
 
 
@@ -67,11 +68,14 @@ class Prepared:
     fn: the forward pass on the prepared inputs, returning the scalar loss.
     leaves: the tensors whose ``.grad`` the backward pass fills (reset between calls).
     note: provider details recorded with every row (backend, compile options, ...).
+    call: the op call alone, for the host-time mode (:mod:`benchmarks.host`): ``fn``
+        without what the suite wraps around it (the rotary suite's checksum); None: ``fn``.
     """
 
     fn: Callable[[], torch.Tensor]
     leaves: tuple[torch.Tensor, ...]
     note: str = ""
+    call: Callable[[], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,9 @@ class Suite:
     """One op family. grid(profile) gives the values of each shape key (a cartesian sweep)
     of the profiles ``cpu``, ``quick`` and ``full``; ``modes`` are the modes the suite can
     time (a forward-only op has no backward), ``default_modes`` those it times unless asked;
-    summarize(results, config) returns the lines printed after the tables."""
+    summarize(results, config) returns the lines printed after the tables; ``host_shape`` is
+    the small shape of the host-time mode (:mod:`benchmarks.host`), None for a suite whose
+    ops have no host-time budget."""
 
     name: str
     ops: tuple[OpSpec, ...]
@@ -141,6 +147,7 @@ class Suite:
     default_modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     summarize: Callable[[Results, RunConfig], list[str]] | None = None
     modes: tuple[str, ...] = MODES
+    host_shape: Mapping[str, int] | None = None
 
     def __post_init__(self):
         if not set(self.default_modes) <= set(self.modes) <= set(MODES):

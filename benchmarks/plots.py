@@ -62,10 +62,11 @@ def slug(text: str) -> str:
 
 def latest_runs(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str], list[dict[str, str]]]:
     """{(op, device): rows of the latest run measuring that op on that device} (case rows
-    only, in file order; ceilings are rows of the pseudo-op ``ceiling``, kept per run)."""
+    only, in file order; ceilings are rows of the pseudo-op ``ceiling``, kept per run; the
+    host-time rows, metric ``host_us``, are a section of their own in the summary)."""
     last: dict[tuple[str, str], tuple[str, str]] = {}
     for r in rows:
-        if r["op"] == "ceiling" or not r["mode"]:
+        if r["op"] == "ceiling" or not r["mode"] or r["metric"] == "host_us":
             continue
         key = (r["op"], r["device"])
         stamp = (r["timestamp"], r["run_id"])

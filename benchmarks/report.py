@@ -297,11 +297,44 @@ def summary_markdown(rows: list[dict], sources: str = "`benchmarks/results/*.csv
 
     out = [SUMMARY_HEADER.format(sources=sources)]
     groups = latest_runs(rows)
-    if not groups:
+    host = host_section(rows)
+    if not groups and not host:
         out.append("No benchmark rows found.\n")
     for (_, _), group in groups.items():
         out.append("\n".join(op_table(group, rows)))
+    out += host
     return "\n".join(out).rstrip() + "\n"
+
+
+def host_section(rows: list[dict]) -> list[str]:
+    """The latest host-time run per device (``--modes host``, :mod:`benchmarks.host`): a
+    table of each budgeted op's host us, the eager formula's and the budget; [] without one."""
+    from .host import HOST_METRIC, rows_table
+
+    last: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        if r["metric"] == HOST_METRIC:
+            stamp = (r["timestamp"], r["run_id"])
+            last[r["device"]] = max(last.get(r["device"], stamp), stamp)
+    out = []
+    for device, (_, run_id) in last.items():
+        run = [r for r in rows if r["run_id"] == run_id and r["metric"] == HOST_METRIC]
+        first = run[0]
+        full = first.get("git_commit", "")
+        commit = (full[:12] + ("-dirty" if full.endswith("-dirty") else "")) or "?"
+        out.append("\n".join([
+            f"## Host time per call: {device}",
+            "",
+            f"Run `{run_id}` ({first['timestamp']}), commit `{commit}`, torch {first['torch']}, "
+            f"triton {first['triton']}. `python -m benchmarks --modes host`: microseconds of "
+            "host time per eager call (median), Triton's launcher stubbed (TRITON_INTERPRET=1, "
+            "float32 CPU tensors at the shape shown), beside the eager formula's; the budgets "
+            "are those of `benchmarks/targets.py` (issue 11).",
+            "",
+            *rows_table(run, markdown=True),
+            "",
+        ]))  # fmt: skip
+    return out
 
 
 def read_csvs(paths: Sequence[Path]) -> list[dict[str, str]]:
@@ -384,7 +417,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
         out.write_text(summary_markdown(rows, sources))
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
-    print(f"wrote {out} ({len(plots.latest_runs(rows))} tables from {len(paths)} CSV files)")
+    tables = len(plots.latest_runs(rows)) + len(host_section(rows))
+    print(f"wrote {out} ({tables} tables from {len(paths)} CSV files)")
     if args.no_charts:
         return 0
     missing = plots.unavailable()

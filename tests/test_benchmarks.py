@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `benchmarks` is a top-level folder, not an installed package
 
-from benchmarks import bench_contrastive, bench_rope  # noqa: E402
+from benchmarks import bench_contrastive, bench_rope, targets  # noqa: E402
 from benchmarks.env import Environment  # noqa: E402
 from benchmarks.harness import MODES, Case, Record  # noqa: E402
 from benchmarks.report import COLUMNS, CsvSink  # noqa: E402
@@ -204,7 +204,7 @@ def test_gpu_monitor_reads_nvml_and_flags_throttling(monkeypatch):
     from benchmarks import env
 
     fake = _FakeNvml()
-    monkeypatch.setattr(env, "_nvml", lambda: fake)
+    monkeypatch.setattr(env, "nvml", lambda: fake)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: 1 / 0)
     monitor = env.GpuMonitor(torch.device("cuda", 0))
     assert monitor.available
@@ -428,7 +428,7 @@ def test_rope_backend_comparison_judges_cuda_against_triton():
     from benchmarks.harness import Record, Results
 
     results = Results()
-    s = bench_rope.TARGET_S_BACKENDS
+    s = targets.ROPE_BACKENDS[0].shape_dict["S"]
     for provider, ms in (
         ("vlmkernels", 2.0),
         ("vlmkernels_cuda", 1.5),
@@ -480,7 +480,8 @@ def test_rope_positions_are_a_vl_sequence():
 
 
 def test_rope_eager_table_merges_follow_the_lane_rules():
-    from vlmkernels.ops.rope import CHUNKED, INTERLEAVED, lane_axes
+    from vlmkernels.ops.rope import CHUNKED, INTERLEAVED
+    from vlmkernels.ops.rope.reference import lane_axes
 
     for op, mode in (("mrope", CHUNKED), ("mrope_interleaved", INTERLEAVED)):
         cfg = bench_rope.CONFIGS[op]
@@ -563,7 +564,7 @@ def test_rope_index_suite_runs_and_providers_agree(tmp_path):
         | {"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Target (B = 8, forward)" in proc.stdout
+    assert "Target (B=8, forward): transformers ms / vlmkernels ms >= 50" in proc.stdout
     with (tmp_path / "rope_index.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     for op in ("get_rope_index_qwen2_vl", "get_rope_index_qwen3_vl"):
@@ -925,3 +926,88 @@ def test_dist_ring_provider_is_unavailable_only_when_the_module_is_missing(monke
         assert bd.ring_available(cpu) is None
     monkeypatch.setitem(sys.modules, bd.RING_MODULE, None)  # as if ring.py were absent
     assert "is missing (the ring mode has not landed)" in bd.ring_available(cpu)
+
+
+# --------------------------------------------------------------------------------------
+# Targets file and the host-time mode
+# --------------------------------------------------------------------------------------
+
+
+def test_targets_name_real_suites_ops_and_providers():
+    """Every target of benchmarks/targets.py names a suite, an op of it, providers of that
+    op and a mode the suite can time, and cites its issue."""
+    from benchmarks import suites
+
+    found = suites()
+    for t in targets.TARGETS:
+        assert t.suite in found, t
+        ops = {op.name: op for op in found[t.suite].ops}
+        assert t.op in ops, t
+        names = {p.name for p in ops[t.op].providers}
+        assert {t.provider, t.baseline or t.provider, t.beside or t.provider} <= names, t
+        assert t.mode in found[t.suite].modes and t.issue > 0, t
+        if t.metric == "host_us":
+            assert found[t.suite].host_shape is not None and t.beside == "eager", t
+    budgets = {(t.op, t.mode): t.bound for t in targets.TARGETS if t.metric == "host_us"}
+    assert budgets[("mrope", "fwd")] == 25 and budgets[("clip_loss", "fwd+bwd")] == 60
+
+
+def test_a_target_judges_ratios_levels_and_says_what_is_missing():
+    from benchmarks.harness import Record, Results
+
+    t = targets.for_suite("contrastive", metric="ms", provider="vlmkernels", op="clip_loss")[0]
+    results = Results()
+    results.add([Record(t.case(), "ms", p50=0.85)])
+    missing = t.evaluate(results)
+    assert not missing.measured and "compile" in missing.reason
+    results.add([Record(t.case("compile"), "ms", p50=1.0)])
+    verdict = t.evaluate(results)
+    assert verdict.value == pytest.approx(0.85) and verdict.hit and t.text == "<= 0.9"
+    speed = targets.for_suite("rope", metric="ms", baseline="compile")[0]
+    assert speed.text == "<= 1/3" and not speed.hit(0.34) and speed.hit(0.33)
+
+
+def test_host_mode_times_one_op_beside_the_eager_formula(tmp_path):
+    """``--modes host`` on one tiny case: positive host times per call for vlmkernels and the
+    eager formula, the budget and verdict columns, the rows in host.csv."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "mrope", "--modes", "host", "--providers",
+         "vlmkernels,eager", "--host-calls", "20", "--shape", "S=4", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host.csv"]
+    with (tmp_path / "host.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == COLUMNS
+    host = {r["provider"]: r for r in rows if r["metric"] == "host_us"}
+    assert sorted(host) == ["eager", "vlmkernels"] and len(rows) == 2
+    for r in host.values():
+        assert r["status"] == "ok" and r["op"] == "mrope" and r["mode"] == "fwd", r
+        assert r["shape"] == "B=1,S=4" and r["dtype"] == "float32" and r["suite"] == "rope"
+        p20, p50, p80 = (float(r[k]) for k in ("p20", "p50", "p80"))
+        assert 0 < p20 <= p50 <= p80 and math.isfinite(p80)
+    note = host["vlmkernels"]["note"]
+    assert "1 Triton launches per call (stubbed)" in note  # the Triton path, its launch stubbed
+    assert "budget 25 us (issue 11): " in note
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("op "))
+    assert header.split() == ["op", "mode", "shape", "provider", "host", "us", "eager", "us",
+                              "budget", "us", "verdict"]  # fmt: skip
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("mrope ")]
+    cells = line.split()
+    assert cells[:4] == ["mrope", "fwd", "B=1,S=4", "vlmkernels"]
+    assert float(cells[4]) > 0 and float(cells[5]) > 0 and cells[6] == "25"
+    assert cells[7] in ("PASS", "MISS")
+
+
+def test_host_mode_runs_alone_and_only_where_there_is_a_budget(capsys):
+    from benchmarks.__main__ import main
+
+    assert main(["mrope", "--modes", "host,fwd", "--list"]) == 2
+    assert "--modes host runs alone" in capsys.readouterr().err
+    assert main(["rope_index", "clip_loss", "--modes", "host", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "rope_index: no host-time budget in benchmarks/targets.py; not timed" in out
+    assert "clip_loss vlmkernels N=8,d=32 float32 host fwd+bwd" in out
+    assert "clip_loss eager N=8,d=32 float32 host fwd+bwd" in out

@@ -1,0 +1,210 @@
+"""The issues' targets, in one place: what the suites' summaries judge a run against.
+
+A :class:`Target` names the suite and op, the provider measured, the mode, the shape, the
+metric and its bound: a ratio to a baseline provider (``ms`` of vlmkernels over ``ms`` of
+``compile`` <= 0.9), a level (``pct_copy_ceiling`` >= 90), "runs where the baseline is out of
+memory", or a host-time budget (``host_us`` <= 25, with the eager formula's time reported
+beside it); and the issue that set it. The suites' summaries (``summarize``) and the host
+mode (:mod:`benchmarks.host`) read :func:`for_suite` instead of keeping constants of their
+own, so changing a target, or adding one for a new family, is an edit of this file.
+
+The time, memory and bandwidth targets are GPU targets (H100 / H200, bfloat16, the shapes
+below); a CPU run prints them as "not measured". The host budgets are per call on the CPU
+(:mod:`benchmarks.host`: float32 CPU tensors, Triton's launcher stubbed), so a CPU machine
+judges them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .harness import Case, Lookup, Results
+
+LE, GE = "<=", ">="
+RUNS_WHERE_OOM = "runs where out of memory"
+BF16 = "bfloat16"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of one issue.
+
+    suite, op, provider, mode, shape: the case measured (``shape`` as (key, value) pairs;
+    empty for a host budget, which holds at the host mode's small shape).
+    metric: the metric judged (``ms``, ``peak_mem_mb``, ``pct_copy_ceiling``, ``host_us``).
+    relation, bound: the bound, ``<=`` or ``>=`` (or :data:`RUNS_WHERE_OOM`: the provider
+    runs where ``baseline`` is out of memory); ``bound_text`` writes it ("1/3").
+    baseline: the denominator of a ratio metric(provider) / metric(baseline); None: the
+    metric itself is bounded.
+    beside: a provider reported next to the measured one, not judged (host budgets: the
+    eager formula).
+    dtype: the dtype of the case; None: the run's (ops whose inputs are integers).
+    """
+
+    suite: str
+    op: str
+    provider: str
+    metric: str
+    relation: str
+    bound: float
+    issue: int
+    mode: str = "fwd+bwd"
+    shape: tuple[tuple[str, int], ...] = ()
+    baseline: str | None = None
+    beside: str | None = None
+    dtype: str | None = BF16
+    bound_text: str = ""
+
+    @property
+    def text(self) -> str:
+        """The bound as printed: ``<= 0.9``, ``>= 90``, ``<= 1/3``."""
+        return f"{self.relation} {self.bound_text or format(self.bound, 'g')}"
+
+    @property
+    def shape_dict(self) -> dict[str, int]:
+        return dict(self.shape)
+
+    def case(self, provider: str | None = None, dtype: str | None = None) -> Case:
+        """The case of ``provider`` (default the measured one) at the target's mode and shape;
+        ``dtype`` is used when the target has none."""
+        return Case(self.op, provider or self.provider, self.mode, self.shape,
+                    self.dtype or dtype or "")  # fmt: skip
+
+    def hit(self, value: float) -> bool:
+        return value <= self.bound if self.relation == LE else value >= self.bound
+
+    def evaluate(self, results: Results, dtype: str | None = None) -> Verdict:
+        """The measured value (a ratio where there is a baseline) and whether it meets the
+        bound, or why it was not measured, from ``results`` alone."""
+        num = results.get(self.case(dtype=dtype), self.metric)
+        den = results.get(self.case(self.baseline, dtype), self.metric) if self.baseline else None
+        missing = [x for x in (num, den) if x is not None and x.value is None]
+        if missing:
+            return Verdict(self, None, num, den, "; ".join(x.reason for x in missing))
+        value = num.value / den.value if den is not None else num.value
+        return Verdict(self, value, num, den, "")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    value: float | None
+    num: Lookup
+    den: Lookup | None
+    reason: str
+
+    @property
+    def measured(self) -> bool:
+        return self.value is not None
+
+    @property
+    def hit(self) -> bool:
+        return self.value is not None and self.target.hit(self.value)
+
+
+def _shape(**keys: int) -> tuple[tuple[str, int], ...]:
+    return tuple(keys.items())
+
+
+# --------------------------------------------------------------------------------------
+# Issue 3: the fused contrastive losses (H100, N=32768, d=768, bf16, forward+backward)
+# --------------------------------------------------------------------------------------
+
+_CLIP = dict(suite="contrastive", op="clip_loss", issue=3, shape=_shape(N=32768, d=768))
+CONTRASTIVE = (
+    Target(**_CLIP, provider="vlmkernels", metric="ms", relation=LE, bound=0.9,
+           baseline="compile"),
+    Target(**_CLIP, provider="vlmkernels", metric="peak_mem_mb", relation=LE, bound=0.05,
+           baseline="compile"),
+    Target(**_CLIP, provider="inf_cl", metric="ms", relation=GE, bound=30,
+           baseline="vlmkernels"),
+    Target(suite="contrastive", op="siglip_loss", issue=3, shape=_shape(N=32768, d=768),
+           provider="vlmkernels", metric="ms", relation=LE, bound=0.8, baseline="compile"),
+    # at N = 65536 (every d measured; d = 768 when none) clip_loss runs where eager is OOM
+    Target(suite="contrastive", op="clip_loss", issue=3, shape=_shape(N=65536, d=768),
+           provider="vlmkernels", metric="ms", relation=RUNS_WHERE_OOM, bound=0,
+           baseline="eager"),
+)  # fmt: skip
+
+# --------------------------------------------------------------------------------------
+# Issue 4: M-RoPE (H100, mrope on Qwen2-VL-7B shapes, B=1, bf16) and get_rope_index (B=8);
+# issue 5: the CUDA C++ kernels at least as fast as the Triton ones at S=16384
+# --------------------------------------------------------------------------------------
+
+ROPE_KERNEL_PROVIDERS = (
+    "vlmkernels",
+    "vlmkernels_positions",
+    "vlmkernels_cuda",
+    "vlmkernels_cuda_positions",
+)
+ROPE_BANDWIDTH = tuple(
+    Target(suite="rope", op="mrope", provider=p, mode="fwd", shape=_shape(B=1, S=s),
+           metric="pct_copy_ceiling", relation=GE, bound=90, issue=4)
+    for s in (16384, 65536)
+    for p in ROPE_KERNEL_PROVIDERS
+)  # fmt: skip
+ROPE_SPEED = tuple(
+    Target(suite="rope", op="mrope", provider=p, mode="fwd+bwd", shape=_shape(B=1, S=s),
+           metric="ms", relation=LE, bound=1 / 3, bound_text="1/3", baseline="compile",
+           issue=4)
+    for s in (1024, 4096, 16384, 65536)
+    for p in ROPE_KERNEL_PROVIDERS
+)  # fmt: skip
+ROPE_BACKENDS = tuple(
+    Target(suite="rope", op=op, provider=cuda_p, mode=mode, shape=_shape(B=1, S=16384),
+           metric="ms", relation=LE, bound=1, baseline=triton_p, issue=5)
+    for op in ("mrope", "mrope_interleaved", "vision_rope")
+    for triton_p, cuda_p in (("vlmkernels", "vlmkernels_cuda"),
+                             ("vlmkernels_positions", "vlmkernels_cuda_positions"))
+    for mode in ("fwd", "bwd", "fwd+bwd")
+)  # fmt: skip
+ROPE_INDEX = tuple(
+    Target(suite="rope_index", op=f"get_rope_index_{m}", provider="transformers",
+           baseline="vlmkernels", mode="fwd", shape=_shape(B=8), metric="ms", relation=GE,
+           bound=50, dtype=None, issue=4)
+    for m in ("qwen2_vl", "qwen3_vl")
+)  # fmt: skip
+
+# --------------------------------------------------------------------------------------
+# Issue 11: eager host time per call, Triton's launcher excluded (benchmarks/host.py):
+# 25 us for the rotary family's forward, 60 us for a loss's forward+backward
+# --------------------------------------------------------------------------------------
+
+HOST = tuple(
+    Target(suite="rope", op=op, provider=p, mode="fwd", metric="host_us", relation=LE,
+           bound=25, beside="eager", dtype="float32", issue=11)
+    for op in ("mrope", "mrope_interleaved", "vision_rope")
+    for p in ("vlmkernels", "vlmkernels_positions")
+) + tuple(
+    Target(suite="contrastive", op=op, provider="vlmkernels", mode="fwd+bwd",
+           metric="host_us", relation=LE, bound=60, beside="eager", dtype="float32",
+           issue=11)
+    for op in ("clip_loss", "siglip_loss")
+)  # fmt: skip
+
+TARGETS: tuple[Target, ...] = (
+    CONTRASTIVE + ROPE_BANDWIDTH + ROPE_SPEED + ROPE_BACKENDS + ROPE_INDEX + HOST
+)
+
+
+def for_suite(suite: str, metric: str | None = None, **match) -> list[Target]:
+    """The targets of ``suite`` (of ``metric``, and whose fields equal ``match``), in the
+    order above."""
+    return [
+        t
+        for t in TARGETS
+        if t.suite == suite
+        and (metric is None or t.metric == metric)
+        and all(getattr(t, k) == v for k, v in match.items())
+    ]
+
+
+def issues(targets) -> str:
+    """ "issue 3" or "issues 4, 5": the issues that set ``targets``."""
+    numbers = sorted({t.issue for t in targets})
+    return ("issue " if len(numbers) == 1 else "issues ") + ", ".join(map(str, numbers))
+
+
+def shape_text(shape: Mapping[str, int] | tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dict(shape).items())
