@@ -541,4 +541,5 @@ SUITE = DistSuite(
     grid=grid,
     x_name="N",
     summarize=summarize,
+    host_shape=dict(zip(QUEUE_KEYS, (8, 16, 32), strict=True)),  # the queue ops' host budget
 )

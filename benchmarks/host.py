@@ -247,7 +247,7 @@ def rows_table(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> lis
     if markdown:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     else:
-        lines.append(f"{'op':<18} {'mode':<8} {'shape':<10} {'provider':<22} {'host us':>9} "
+        lines.append(f"{'op':<18} {'mode':<8} {'shape':<14} {'provider':<22} {'host us':>9} "
                      f"{'eager us':>9} {'budget us':>9}  verdict")  # fmt: skip
     for t in targets.TARGETS:
         row = index.get((t.op, t.mode, t.provider))
@@ -264,7 +264,7 @@ def rows_table(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> lis
         if markdown:
             lines.append("| " + " | ".join(c.replace(",", ", ") for c in cells) + " |")
         else:
-            lines.append(f"{cells[0]:<18} {cells[1]:<8} {cells[2]:<10} {cells[3]:<22} "
+            lines.append(f"{cells[0]:<18} {cells[1]:<8} {cells[2]:<14} {cells[3]:<22} "
                          f"{cells[4]:>9} {cells[5]:>9} {cells[6]:>9}  {cells[7]}")  # fmt: skip
     return lines
 

@@ -181,6 +181,11 @@ HOST = tuple(
            metric="host_us", relation=LE, bound=60, beside="eager", dtype="float32",
            issue=11)
     for op in ("clip_loss", "siglip_loss")
+) + tuple(
+    Target(suite="contrastive_dist", op=op, provider="vlmkernels", mode="fwd+bwd",
+           metric="host_us", relation=LE, bound=60, beside="eager", dtype="float32",
+           issue=11)
+    for op in ("albef_itc", "albef_itc_distill", "blip_itc_ids")  # contrastive_cross_entropy
 )  # fmt: skip
 
 TARGETS: tuple[Target, ...] = (
