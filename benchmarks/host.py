@@ -184,8 +184,9 @@ def host_cases(selection: Mapping[str, list], available: Mapping, overrides: Map
                providers: frozenset[str] | None) -> tuple[list[dict], list[str]]:  # fmt: skip
     """(cases, notes): per selected op with a host budget in :mod:`benchmarks.targets`, its
     judged providers and the provider reported beside them, at the suite's host shape
-    (``overrides``: ``--shape`` values, the first of each key)."""
-    cases, notes = [], []
+    (``overrides``: ``--shape`` values, the first of each key, for the suites whose host
+    shape has the key; a key none has is a UsageError)."""
+    cases, notes, used = [], [], set()
     for name, ops in selection.items():
         suite = available[name]
         budgets = targets.for_suite(name, metric=HOST_METRIC)
@@ -194,10 +195,9 @@ def host_cases(selection: Mapping[str, list], available: Mapping, overrides: Map
             continue
         shape = dict(suite.host_shape)
         for key, values in overrides.items():
-            if key not in shape:
-                raise UsageError(f"--shape: the host shape of {name} has no key {key!r} "
-                                 f"(keys: {list(shape)})")  # fmt: skip
-            shape[key] = values[0]
+            if key in shape:
+                shape[key] = values[0]
+                used.add(key)
         for op in ops:
             for t in (t for t in budgets if t.op == op.name):
                 for provider in (t.provider, t.beside):
@@ -206,6 +206,12 @@ def host_cases(selection: Mapping[str, list], available: Mapping, overrides: Map
                     wanted = providers is None or provider in providers
                     if provider and wanted and case not in cases:
                         cases.append(case)
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise UsageError(
+            f"--shape: no host shape of the selected suites has the key(s) {unused} (each "
+            "suite's host_shape)"
+        )
     return cases, notes
 
 
