@@ -437,20 +437,16 @@ def test_emulated_tables(d, layout, dtype, on_emulated_cuda):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rule", [1, 2])
 def test_emulated_backward_and_positions(rule, dtype, on_emulated_cuda):
-    from vlmkernels.ops.rope import functional as R
-
     section = [16, 24, 24] if rule == 1 else [24, 20, 20]
     q, k, ud = qk_views("bhsd", dtype)
-    qv, kv = R._to_bshd(q, ud), R._to_bshd(k, ud)
     cos, sin = cos_sin(q, ud, 128, leading=True)
-    cos_v, sin_v = (R._table_to_absr("t", "t", t, q, ud, True) for t in (cos, sin))
     ops = torch.ops.vlmkernels
-    against_torch(ops.rope_table, qv, kv, cos_v, sin_v, rule, section, True)
+    against_torch(ops.rope_table, q, k, cos, sin, ud, True, rule, section, True)
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, 128, 2).float() / 128))
     for pos_dtype in (torch.int32, torch.int64):
         positions = torch.randint(0, 200_000, (3, 2, 3), dtype=pos_dtype)  # slow-path angles too
         for backward in (False, True):
-            args = (qv, kv, positions, inv_freq, rule, section, 0.9, backward)
+            args = (q, k, positions, inv_freq, ud, rule, section, 0.9, backward)
             against_torch(ops.rope_positions, *args)
     strided_freq = inv_freq[::2]  # 32 frequencies 2 apart: rotary dim 64 of 128
     half_section = [16, 8, 8] if rule == 1 else [12, 10, 10]

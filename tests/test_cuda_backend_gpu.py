@@ -23,6 +23,7 @@ import torch
 import vlmkernels
 from vlmkernels.core import cuda as _cuda
 from vlmkernels.ops.rope import functional as R
+from vlmkernels.ops.rope.layout import to_bshd
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -109,15 +110,11 @@ def tables(q, ud, rot, a=None, dtype=None):
 
 
 def canonical_table_call(q, k, cos, sin, ud, rule, backward):
-    """The rope_table op on canonical views, as the public functions call it."""
+    """The rope_table op, as the public functions call it (with the backward flag)."""
     leading = rule != R.PLAIN
-    args = (
-        R._to_bshd(q, ud),
-        R._to_bshd(k, ud),
-        R._table_to_absr("t", "cos", cos, q, ud, leading),
-        R._table_to_absr("t", "sin", sin, q, ud, leading),
+    return torch.ops.vlmkernels.rope_table(
+        q, k, cos, sin, ud, leading, rule, SECTIONS[rule], backward
     )
-    return torch.ops.vlmkernels.rope_table(*args, rule, SECTIONS[rule], backward)
 
 
 # ------------------------------------------------------------------ tables
@@ -241,7 +238,7 @@ def test_unaligned_and_strided_layouts():
 )  # fmt: skip
 def test_vector_width(dtype, d, expected):
     q, k, _ = qk("bhsd", dtype, d=d)
-    qv, kv = R._to_bshd(q, 1), R._to_bshd(k, 1)
+    qv, kv = to_bshd(q, 1), to_bshd(k, 1)
     vec, threads_x, tokens = torch.ops.vlmkernels.rope_cuda_plan(
         qv, kv, torch.empty_like(qv), torch.empty_like(kv), d
     )
@@ -267,10 +264,8 @@ def test_positions(layout, dtype, rule, pos_dtype, backward):
             interleaved=rule == R.INTERLEAVED, attention_scaling=0.9,
         )  # fmt: skip
         assert_close_positions(*outs)
-    qv, kv = R._to_bshd(q, ud), R._to_bshd(k, ud)
-    pos3 = positions if q.dim() == 4 else positions.unsqueeze(1)
     op = torch.ops.vlmkernels.rope_positions
-    outs = both(op, qv, kv, pos3, inv_freq, rule, SECTIONS[rule], 0.9, backward)
+    outs = both(op, q, k, positions, inv_freq, ud, rule, SECTIONS[rule], 0.9, backward)
     assert_close_positions(*outs)
 
 

@@ -417,20 +417,36 @@ def test_bad_inputs(device):
 
 
 def test_opcheck(device, backend):
+    """The ops on q and k in the callers' layouts: (B, S, H, D) with (3, B, S, R) and
+    (1, B, S, R) tables, (B, H, S, D) transposed views with (B, S, R) tables, token-major
+    (T, H, D) with positions (3, T)."""
     q, k, _ = qk_views(1, 6, 3, 2, 16, torch.float32, device, "bshd")
     q, k = leaf(q), leaf(k)
     cos = torch.randn(3, 1, 6, 16, device=device)
     sin = torch.randn_like(cos)
     ops = torch.ops.vlmkernels
-    torch.library.opcheck(ops.rope_table, (q, k, cos, sin, R.CHUNKED, [2, 3, 3], False))
-    torch.library.opcheck(ops.rope_table, (q, k, cos[:1], sin[:1], R.PLAIN, [0, 0, 0], True))
+    torch.library.opcheck(ops.rope_table, (q, k, cos, sin, 2, True, R.CHUNKED, [2, 3, 3], False))
+    torch.library.opcheck(
+        ops.rope_table, (q, k, cos[:1], sin[:1], 2, True, R.PLAIN, [0, 0, 0], True)
+    )
+    qt, kt, _ = qk_views(1, 6, 3, 2, 16, torch.float32, device, "bhsd")
+    qt, kt = leaf(qt), leaf(kt)
+    torch.library.opcheck(
+        ops.rope_table, (qt, kt, cos[0], sin[0], 1, False, R.PLAIN, [0, 0, 0], False)
+    )
     positions = torch.randint(0, 50, (3, 1, 6), device=device)
     inv_freq = torch.rand(8, device=device)
     torch.library.opcheck(
-        ops.rope_positions, (q, k, positions, inv_freq, R.INTERLEAVED, [2, 3, 3], 1.0, False)
+        ops.rope_positions, (q, k, positions, inv_freq, 2, R.INTERLEAVED, [2, 3, 3], 1.0, False)
+    )
+    qs, ks, _ = qk_views(1, 6, 3, 2, 16, torch.float32, device, "thd")
+    torch.library.opcheck(
+        ops.rope_positions,
+        (leaf(qs), leaf(ks), positions[:, 0], inv_freq, 1, R.CHUNKED, [2, 3, 3], 1.0, False),
     )
     torch.library.opcheck(
-        ops.rope_table_, (q.detach().clone(), k.detach().clone(), cos, sin, R.CHUNKED, [2, 3, 3])
+        ops.rope_table_,
+        (q.detach().clone(), k.detach().clone(), cos, sin, 2, True, R.CHUNKED, [2, 3, 3]),
     )
 
 

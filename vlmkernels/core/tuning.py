@@ -1,11 +1,9 @@
 r"""Launch configs of the Triton kernels: persisted per device, looked up at run time, tuned
-on the GPU with :func:`tune` (``vlmkernels tune``).
+on the GPU by :mod:`.tuner` (``vlmkernels tune``).
 
-Kernels. Four Triton kernels take a launch config (tile sizes as constexprs, ``num_warps``,
-``num_stages``) from a config space defined next to them (``_GPU_CONFIGS``): ``clip_stats``
-and ``clip_grad`` (CLIP / contrastive cross-entropy: statistics and logit-gradient passes),
-``siglip`` (SigLIP, with and without gradients) and ``rope`` (every rotary op). Each is
-decorated with :func:`tuned`, which replaces ``triton.autotune``.
+Kernels. Each family's Triton kernels (declared in its ``family.py``) take a launch config
+(tile sizes as constexprs, ``num_warps``, ``num_stages``) from a config space defined next
+to them; each is decorated with :func:`tuned`, which replaces ``triton.autotune``.
 
 How a kernel launches (``kernel[grid](*args, **kwargs)``):
 
@@ -21,13 +19,8 @@ How a kernel launches (``kernel[grid](*args, **kwargs)``):
 Key. A kernel's key is its autotuning key (argument values: sizes such as ``D`` and
 ``n_bucket`` = the next power of two of the larger block side, and the constexpr flags that
 select its variant, such as ``ROWS`` or ``WRITE_GRAD``), plus ``dtype``, the element type
-of its first tensor argument ("bf16", "fp16", "fp32"). Booleans are stored as 0 / 1:
-
-    clip_stats, clip_grad  D, n_bucket | ROWS, COLS, IDS, SMOOTH, TEACHER, dtype
-    siglip                 D, n_bucket | WRITE_GRAD, dtype
-    rope                   HQ, HK, D, half | SOURCE (0 table, 1 positions), dtype
-
-(sizes left of the bar, variant right of it.)
+of its first tensor argument ("bf16", "fp16", "fp32"). Booleans are stored as 0 / 1. For
+example ``rope``: sizes ``HQ, HK, D, half``, variant ``SOURCE`` (0 table, 1 positions).
 
 Files. One JSON file per kernel and device, ``<dir>/<device>/<kernel>.json``. ``<device>``
 is the normalised CUDA device name (:func:`normalise_device_name`: every run of characters
@@ -50,7 +43,7 @@ illustrative::
       }
     }
 
-- ``source``: "tuned" (measured by :func:`tune`) or "default" (hand-written heuristic
+- ``source``: "tuned" (measured by the tuner) or "default" (hand-written heuristic
   values, not measured); both are used the same way, :func:`lookup_report` shows which.
 - ``triton_version`` and ``source_hash`` (:meth:`TunedKernel.source_hash`: SHA-256 of the
   source of the kernel and of the ``@triton.jit`` helpers it calls, from ``def`` on, so
@@ -85,9 +78,8 @@ Lookup, for a kernel, a device and a key:
 3. otherwise the heuristic default, the first config of the space, with a
    :class:`DefaultConfigWarning` once per kernel in the process.
 
-Results are cached per (kernel, device, key); files are read once. ``VLMKERNELS_CONFIG_DIR``
-is read when the files are first needed; :func:`clear_cache` forgets everything (after
-writing files, or changing the variable).
+Results are cached per (kernel, device, key); files (and ``VLMKERNELS_CONFIG_DIR``) are read
+once; :func:`clear_cache` forgets everything.
 
 Preferred backend. ``<dir>/<device>/backends.json`` records, per op name (as passed to
 ``resolve_backend``: "rope", "clip_loss", "siglip_loss"), which backend is faster on that
@@ -104,9 +96,8 @@ when the extension is built; :func:`record_preferred_backend` writes an entry. A
 whose backend is not "triton" or "cuda", is ignored (the file or that entry) with a
 :class:`MalformedConfigWarning`, once per file; the lookup goes on to the next file.
 
-Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the package. They
-must come from measurements: run ``tune(out_dir="vlmkernels/configs")`` (or ``vlmkernels
-tune`` with that output directory) on the GPU and commit the files. None are shipped yet.
+Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the package; they
+come from ``vlmkernels tune --out vlmkernels/configs`` on the GPU. None are shipped yet.
 
 API: :func:`lookup`, :func:`lookup_report`, :func:`preferred_backend`,
 :func:`record_preferred_backend`, :func:`clear_cache`, :func:`normalise_device_name`; tuning
@@ -750,6 +741,17 @@ def torch_dtype(name) -> torch.dtype:
 
 
 @contextlib.contextmanager
+def _record():
+    """Collects the launches of tuned kernels made inside the block (for the tuner)."""
+    global _RECORDING
+    previous, calls = _RECORDING, []
+    _RECORDING = calls
+    try:
+        yield calls
+    finally:
+        _RECORDING = previous
+
+
 def _write_json(path: pathlib.Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

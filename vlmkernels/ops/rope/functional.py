@@ -12,107 +12,87 @@ import numbers
 
 import torch
 
+from ...core.checks import FLOAT_DTYPES
 from ...core.overlap import check_no_overlap
 from . import ops
 from .kernels import CHUNKED, INTERLEAVED, PLAIN
+from .layout import token_axes
 
 __all__ = ["mrope", "mrope_from_positions", "rope", "vision_rope"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = frozenset(FLOAT_DTYPES)
+_SECTIONS: dict[tuple, list[int]] = {}  # checked mrope_section values, by (values, R / 2)
 
 
-def _check_qk(op: str, q, k, unsqueeze_dim: int) -> int:
+def _check_qk(op: str, q, k, unsqueeze_dim) -> int:
     """Checks q and k; returns the head axis (``unsqueeze_dim`` made non-negative)."""
     for t, name in ((q, "q"), (k, "k")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOATS:
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-        if t.dim() not in (3, 4):
-            raise ValueError(
-                f"{op}: {name} must be 4-D (batch, heads, seq, head_dim) / (batch, seq, heads, "
-                f"head_dim) or 3-D (tokens, heads, head_dim), got shape {tuple(t.shape)}"
-            )
-    if k.dim() != q.dim():
+    ndim = q.dim()
+    if ndim not in (3, 4):
         raise ValueError(
-            f"{op}: q and k must have the same number of dims, got {q.dim()} and {k.dim()}"
+            f"{op}: q must be 4-D (batch, heads, seq, head_dim) / (batch, seq, heads, "
+            f"head_dim) or 3-D (tokens, heads, head_dim), got shape {tuple(q.shape)}"
+        )
+    if k.dim() != ndim:
+        raise ValueError(
+            f"{op}: q and k must have the same number of dims, got {ndim} and {k.dim()}"
         )
     if q.device != k.device:
         raise ValueError(f"{op}: q and k must be on the same device, got {q.device} and {k.device}")
-    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, numbers.Integral):
-        raise TypeError(
-            f"{op}: unsqueeze_dim must be an int (the heads axis of q and k), got {unsqueeze_dim!r}"
-        )
-    unsqueeze_dim = int(unsqueeze_dim)
-    if not -q.dim() <= unsqueeze_dim < q.dim() - 1 and unsqueeze_dim != q.dim() - 1:
-        raise ValueError(f"{op}: unsqueeze_dim={unsqueeze_dim} is out of range for {q.dim()}-D q")
-    head_axis = unsqueeze_dim % q.dim()
-    if head_axis == q.dim() - 1:
+    if type(unsqueeze_dim) is not int:
+        if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, numbers.Integral):
+            raise TypeError(
+                f"{op}: unsqueeze_dim must be an int (the heads axis of q and k), got "
+                f"{unsqueeze_dim!r}"
+            )
+        unsqueeze_dim = int(unsqueeze_dim)
+    if not -ndim <= unsqueeze_dim < ndim:
+        raise ValueError(f"{op}: unsqueeze_dim={unsqueeze_dim} is out of range for {ndim}-D q")
+    head_axis = unsqueeze_dim % ndim
+    if head_axis == ndim - 1:
         raise ValueError(f"{op}: unsqueeze_dim must name the heads axis, not the head dim")
-    d = q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"{op}: q and k must have the same head dim, got {d} and {k.shape[-1]}")
+    q_shape, k_shape = q.shape, k.shape
+    d = q_shape[-1]
+    if k_shape[-1] != d:
+        raise ValueError(f"{op}: q and k must have the same head dim, got {d} and {k_shape[-1]}")
     if d % 2:
         raise ValueError(f"{op}: the head dim must be even for rotate-half RoPE, got {d}")
-    q_tokens = [n for i, n in enumerate(q.shape[:-1]) if i != head_axis]
-    k_tokens = [n for i, n in enumerate(k.shape[:-1]) if i != head_axis]
-    if q_tokens != k_tokens:
-        raise ValueError(
-            f"{op}: q and k must have the same batch and sequence sizes, got {tuple(q.shape)} "
-            f"and {tuple(k.shape)} with heads on dim {head_axis}"
-        )
+    for axis in token_axes(ndim, head_axis):
+        if q_shape[axis] != k_shape[axis]:
+            raise ValueError(
+                f"{op}: q and k must have the same batch and sequence sizes, got "
+                f"{tuple(q_shape)} and {tuple(k_shape)} with heads on dim {head_axis}"
+            )
     return head_axis
 
 
-def _token_order(ndim: int, head_axis: int) -> list[int]:
-    """Permutation of a q-like tensor's dims to (tokens..., heads, head_dim)."""
-    if ndim == 4:
-        return [a for a in (0, 1, 2) if a != head_axis] + [head_axis, 3]
-    return [1 - head_axis, head_axis, 2]
-
-
-def _to_bshd(x: torch.Tensor, head_axis: int) -> torch.Tensor:
-    """A (B, S, H, D) view of x (B = 1 for token-major 3-D x)."""
-    view = x.permute(_token_order(x.dim(), head_axis))
-    return view if x.dim() == 4 else view.unsqueeze(0)
-
-
-def _from_bshd(view: torch.Tensor, like: torch.Tensor, head_axis: int) -> torch.Tensor:
-    """The inverse of :func:`_to_bshd` for a tensor shaped like ``like``."""
-    if like.dim() == 3:
-        view = view.squeeze(0)
-    order = _token_order(like.dim(), head_axis)
-    return view.permute([order.index(a) for a in range(like.dim())])
-
-
-def _table_to_absr(op, name, table, q, head_axis, leading: bool) -> torch.Tensor:
-    """An (A, B, S, R) view of a cos/sin table that broadcasts against q once its heads
-    axis is added (A = 3 with a ``leading`` M-RoPE axis, else 1)."""
+def _check_table(op, name, table, q, head_axis, leading: bool) -> None:
+    """A cos/sin table: q's shape without the heads axis (size-1 axes broadcast), with a
+    leading axis of 3 for M-RoPE."""
     if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must be a floating tensor")
-    want = q.dim() - 1 + (1 if leading else 0)
-    if table.dim() != want or (leading and table.shape[0] != 3):
+    off = 1 if leading else 0
+    shape = table.shape
+    if len(shape) != q.dim() - 1 + off or (leading and shape[0] != 3):
         lead = "(3, " if leading else "("
         raise ValueError(
             f"{op}: {name} must have shape {lead}<q's shape without the heads axis>), got "
-            f"{tuple(table.shape)} for q of shape {tuple(q.shape)}"
+            f"{tuple(shape)} for q of shape {tuple(q.shape)}"
         )
-    off = 1 if leading else 0
-    rot = table.shape[-1]
-    target = tuple(table.shape[:1] if leading else ()) + tuple(q.shape[:-1]) + (rot,)
-    try:
-        expanded = table.unsqueeze(head_axis + off).expand(target)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{op}: {name} of shape {tuple(table.shape)} does not broadcast against q of "
-            f"shape {tuple(q.shape)}"
-        ) from exc
-    order = _token_order(q.dim(), head_axis)[:-1]
-    perm = ([0] if leading else []) + [o + off for o in order] + [expanded.dim() - 1]
-    view = expanded.permute(perm).select(-2, 0)  # drop the (broadcast) heads axis
-    if q.dim() == 3:
-        view = view.unsqueeze(off)
-    return view if leading else view.unsqueeze(0)
+    q_shape = q.shape
+    for axis in token_axes(q.dim(), head_axis):
+        size = shape[(axis if axis < head_axis else axis - 1) + off]
+        if size != q_shape[axis] and size != 1:
+            raise ValueError(
+                f"{op}: {name} of shape {tuple(shape)} does not broadcast against q of "
+                f"shape {tuple(q_shape)}"
+            )
+    if table.device != q.device:
+        raise ValueError(f"{op}: {name} must be on q's device {q.device}")
 
 
 def _check_rotary_dim(op, rot: int, d: int, what: str) -> None:
@@ -124,6 +104,10 @@ def _check_rotary_dim(op, rot: int, d: int, what: str) -> None:
 
 
 def _check_sections(op, sections, half: int) -> list[int]:
+    exact = isinstance(sections, list | tuple) and all(type(v) is int for v in sections)
+    key = (tuple(sections), half) if exact else None  # 2.0 == 2: only exact ints are cached
+    if key is not None and key in _SECTIONS:
+        return _SECTIONS[key]
     if isinstance(sections, torch.Tensor):
         sections = sections.tolist()
     try:
@@ -134,35 +118,33 @@ def _check_sections(op, sections, half: int) -> list[int]:
         ) from exc
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{op}: mrope_section must be a sequence of 3 ints, got {sections!r}")
-    sections = [int(v) for v in values]
-    if len(sections) != 3 or min(sections) < 0:
-        raise ValueError(f"{op}: mrope_section must be 3 non-negative ints, got {sections}")
-    if sum(sections) != half:
+    checked = [int(v) for v in values]
+    if len(checked) != 3 or min(checked) < 0:
+        raise ValueError(f"{op}: mrope_section must be 3 non-negative ints, got {checked}")
+    if sum(checked) != half:
         raise ValueError(
-            f"{op}: mrope_section {sections} sums to {sum(sections)}, but the rotary dim "
+            f"{op}: mrope_section {checked} sums to {sum(checked)}, but the rotary dim "
             f"{2 * half} has {half} frequencies"
         )
-    return sections
+    if key is not None and len(_SECTIONS) < 256:
+        _SECTIONS[key] = checked
+    return checked
 
 
 def _table_op(op, q, k, cos, sin, head_axis, mode, sections, leading, inplace):
-    cos_v = _table_to_absr(op, "cos", cos, q, head_axis, leading)
-    sin_v = _table_to_absr(op, "sin", sin, q, head_axis, leading)
-    if cos_v.shape != sin_v.shape:
+    _check_table(op, "cos", cos, q, head_axis, leading)
+    _check_table(op, "sin", sin, q, head_axis, leading)
+    if cos.shape != sin.shape:
         raise ValueError(f"{op}: cos and sin must have the same shape")
-    if cos.device != q.device or sin.device != q.device:
-        raise ValueError(f"{op}: cos and sin must be on q's device {q.device}")
-    q_v, k_v = _to_bshd(q, head_axis), _to_bshd(k, head_axis)
     if inplace:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin)):
             raise RuntimeError(
                 f"{op}: inplace=True is forward-only; use inplace=False when gradients are needed"
             )
         check_no_overlap(op, {"q": q, "k": k}, read={"cos": cos, "sin": sin})
-        ops.rope_table_(q_v, k_v, cos_v, sin_v, mode, sections)
+        ops.rope_table_(q, k, cos, sin, head_axis, leading, mode, sections)
         return q, k
-    out_q, out_k = ops.rope_table(q_v, k_v, cos_v, sin_v, mode, sections, False)
-    return _from_bshd(out_q, q, head_axis), _from_bshd(out_k, k, head_axis)
+    return ops.rope_table(q, k, cos, sin, head_axis, leading, mode, sections, False)
 
 
 def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False):
@@ -207,24 +189,26 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
     return _table_op(op, q, k, cos, sin, head_axis, mode, sections, True, inplace)
 
 
-def _positions_to_3bs(op, position_ids, q, head_axis) -> torch.Tensor:
+def _check_positions(op, position_ids, q, head_axis) -> torch.Tensor:
+    """(3, <q's token axes>) integer positions (the token axes alone for text: T = H = W)."""
     if (
         not isinstance(position_ids, torch.Tensor)
         or position_ids.is_floating_point()
         or (position_ids.dtype == torch.bool or position_ids.is_complex())
     ):
         raise TypeError(f"{op}: position_ids must be an integer tensor")
-    tokens = [n for i, n in enumerate(q.shape[:-1]) if i != head_axis]
-    if list(position_ids.shape) == tokens:
+    tokens = [q.shape[a] for a in token_axes(q.dim(), head_axis)]
+    shape = list(position_ids.shape)
+    if shape == tokens:
         position_ids = position_ids.unsqueeze(0).expand(3, *tokens)  # text only: T = H = W
-    if list(position_ids.shape) != [3, *tokens]:
+    elif shape != [3, *tokens]:
         raise ValueError(
             f"{op}: position_ids must have shape (3, {', '.join(map(str, tokens))}) (or "
             f"without the leading 3 for text), got {tuple(position_ids.shape)}"
         )
     if position_ids.device != q.device:
         raise ValueError(f"{op}: position_ids must be on q's device {q.device}")
-    return position_ids if q.dim() == 4 else position_ids.unsqueeze(1)
+    return position_ids
 
 
 def mrope_from_positions(
@@ -268,14 +252,14 @@ def mrope_from_positions(
     sections = _check_sections(op, mrope_section, rot // 2)
     if inv_freq.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: inv_freq must not require grad (no gradient is computed for it)")
-    positions = _positions_to_3bs(op, position_ids, q, head_axis)
-    freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()  # read at stride 1
+    positions = _check_positions(op, position_ids, q, head_axis)
+    freq = inv_freq
+    if freq.dtype != torch.float32 or freq.device != q.device or freq.stride(0) != 1:
+        freq = freq.to(device=q.device, dtype=torch.float32).contiguous()  # read at stride 1
     mode = INTERLEAVED if interleaved else CHUNKED
-    q_v, k_v = _to_bshd(q, head_axis), _to_bshd(k, head_axis)
-    out_q, out_k = ops.rope_positions(
-        q_v, k_v, positions, freq, mode, sections, float(attention_scaling), False
+    return ops.rope_positions(
+        q, k, positions, freq, head_axis, mode, sections, float(attention_scaling), False
     )
-    return _from_bshd(out_q, q, head_axis), _from_bshd(out_k, k, head_axis)
 
 
 def vision_rope(q, k, cos, sin):

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs, device_guard
 from ...core.tuning import tuned
+from .layout import positions_strides, qk_layout, table_layout
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
 PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2  # which position axis each lane uses
@@ -126,30 +127,37 @@ def _rope_kernel(
 # fmt: on
 
 
-def launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=PLAIN,
-            sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
-    """Rotate canonical (B, S, H, D) views q, k into qo, ko (which may be q, k: in place).
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
 
-    ``table`` is (cos, sin), each (A, B, S, R) with A = 1 or 3; otherwise ``positions``
-    (3, B, S) integers and ``inv_freq`` (R / 2,) give the angles.
+
+def launch(q, k, qo, ko, *, head_axis=2, table=None, leading=True, positions=None,
+           inv_freq=None, mode=PLAIN, sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
+    """Rotate q, k into qo, ko (which may be q, k: in place), in any layout
+    :mod:`.layout` reads (default: canonical (B, S, H, D), heads on axis 2).
+
+    ``table`` is (cos, sin): q's shape without the heads axis, last dim R, with a leading
+    axis of 3 (M-RoPE) or 1 when ``leading`` (canonical (A, B, S, R) tables), none otherwise;
+    else ``positions`` ((3, B, S) or (3, T) integers) and ``inv_freq`` (R / 2,) give the
+    angles. Strides are computed from the tensors' sizes and strides: no views are made.
     """
-    b, s, hq, d = q.shape
-    hk = k.shape[2]
+    b, s, hq, d, q_strides = qk_layout(q, head_axis)
+    hk, k_strides = k.shape[head_axis], qk_layout(k, head_axis)[4]
     if b * s == 0 or (hq == 0 and hk == 0):
         return
     if table is not None:
         cos, sin = table
-        rot = cos.shape[-1]
+        _, rot, t_strides = table_layout(cos, q.dim(), head_axis, leading)
+        if table_layout(sin, q.dim(), head_axis, leading)[2] != t_strides:
+            cos, sin = cos.contiguous(), sin.contiguous()  # the kernel takes one set of strides
+            _, rot, t_strides = table_layout(cos, q.dim(), head_axis, leading)
         source, pos, freq = TABLE, q, q
-        if sin.stride() != cos.stride():  # the kernel takes one set of table strides
-            cos, sin = cos.contiguous(), sin.contiguous()
-        t_strides = cos.stride()
         p_strides = (0, 0, 0)
     else:
         rot = 2 * inv_freq.numel()
         source, cos, sin, pos, freq = POSITIONS, q, q, positions, inv_freq
         t_strides = (0, 0, 0, 0)
-        p_strides = positions.stride()
+        p_strides = positions_strides(positions)
     half = rot // 2
     in_place = qo.data_ptr() == q.data_ptr()
     copy_pass = rot < d and not in_place
@@ -157,9 +165,9 @@ def launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=PLAI
         _rope_kernel[(b * s,)](
             q, k, qo, ko, cos, sin, pos, freq,
             s, hq, hk, half, d, float(scaling),
-            *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *t_strides, *p_strides,
+            *q_strides, *k_strides, *qk_layout(qo, head_axis)[4], *qk_layout(ko, head_axis)[4],
+            *t_strides, *p_strides,
             SOURCE=source, MODE=mode, SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
             BACKWARD=backward, COPY_PASS=copy_pass,
-            BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_PASS=min(64, triton.next_power_of_2(max(d - rot, 1))),
+            BLOCK_HALF=_pow2(half), BLOCK_PASS=min(64, _pow2(max(d - rot, 1))),
         )  # fmt: skip

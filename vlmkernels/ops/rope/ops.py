@@ -2,10 +2,11 @@
 one declaration each (:class:`vlmkernels.core.op.Op`) with the PyTorch, Triton and CUDA C++
 implementations, the fake and the backward.
 
-All take canonical (B, S, H, D) views of q and k. Tables are (A, B, S, R) with A = 1 (plain
-RoPE) or 3 (M-RoPE, one per position axis); positions are (3, B, S) integers with an
-(R / 2,) ``inv_freq``. ``backward=True`` applies the transposed rotation, which is also
-each op's backward.
+q and k come in the caller's layout with ``head_axis`` naming their heads axis
+(:mod:`.layout`); tables have q's shape without the heads axis (with a leading axis of 3
+for M-RoPE when ``leading``); positions are (3, B, S) or (3, T) integers with an (R / 2,)
+``inv_freq``. Outputs have q's and k's shapes. ``backward=True`` applies the transposed
+rotation, which is also each op's backward.
 """
 
 from __future__ import annotations
@@ -15,65 +16,97 @@ import torch
 from ...core.backend import in_forward_backend, remember_backend
 from ...core.op import Op
 from . import cuda, kernels, reference
+from .layout import positions_view, table_view, to_bshd
 
 rope_table = Op(
     "rope_table",
-    "(Tensor q, Tensor k, Tensor cos, Tensor sin, int lane_rule, int[] sections, "
-    "bool backward) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor cos, Tensor sin, int head_axis, bool leading, int lane_rule, "
+    "int[] sections, bool backward) -> (Tensor, Tensor)",
     family="rope",
 )
 rope_table_ = Op(
     "rope_table_",
-    "(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, int lane_rule, int[] sections) -> ()",
+    "(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, int head_axis, bool leading, "
+    "int lane_rule, int[] sections) -> ()",
     family="rope",
     mutates=("q", "k"),
 )
 rope_positions = Op(
     "rope_positions",
-    "(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, int lane_rule, int[] sections, "
-    "float scaling, bool backward) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, int head_axis, int lane_rule, "
+    "int[] sections, float scaling, bool backward) -> (Tensor, Tensor)",
     family="rope",
 )
 
 
-# ------------------------------------------------------------------------------- rope_table
+def _canonical(fn):
+    """An implementation on canonical (B, S, H, D) views (the PyTorch and CUDA C++ paths):
+    ``fn(q, k, qo, ko, **angles)`` writes qo, ko; the outputs are allocated in q's and k's
+    layouts (or are q and k for the in-place op)."""
 
-
-# The launchers are looked up at each call (``module.attribute``), so tests can replace one.
-_TRITON, _CUDA = (kernels, "launch"), (cuda, "rope_launch")
-
-
-def _table_kernel(launcher):
-    def run(q, k, cos, sin, lane_rule, sections, backward):
-        out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-        getattr(*launcher)(q, k, out_q, out_k, table=(cos, sin), mode=lane_rule,
-                           sections=sections, backward=backward)  # fmt: skip
+    def run(q, k, head_axis, inplace, **angles):
+        out_q, out_k = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+        views = [to_bshd(t, head_axis) for t in (q, k, out_q, out_k)]
+        fn(*views, **angles)
         return out_q, out_k
 
     return run
 
 
-rope_table.impl("triton")(_table_kernel(_TRITON))
-rope_table.impl("cuda")(_table_kernel(_CUDA))
+def _torch_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=0,
+                  sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
+    """The PyTorch reference with the launchers' signature (canonical views)."""
+    if table is not None:
+        lanes = [reference.table_lanes(t, mode, sections) for t in table]
+    else:
+        lanes = reference.position_lanes(positions, inv_freq, mode, sections, scaling)
+    qo.copy_(reference.rotate(q, *lanes, backward))
+    ko.copy_(reference.rotate(k, *lanes, backward))
+
+
+_TORCH = _canonical(_torch_launch)
+# the CUDA C++ launcher is looked up at each call, so tests can replace it
+_CUDA = _canonical(lambda *args, **kw: cuda.rope_launch(*args, **kw))
+
+
+# ------------------------------------------------------------------------------- rope_table
+
+
+@rope_table.impl("triton")
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections, backward):
+    out_q, out_k = torch.empty_like(q), torch.empty_like(k)
+    kernels.launch(q, k, out_q, out_k, head_axis=head_axis, table=(cos, sin), leading=leading,
+                   mode=lane_rule, sections=sections, backward=backward)  # fmt: skip
+    return out_q, out_k
+
+
+def _tables(q, cos, sin, head_axis, leading):
+    return tuple(table_view(t, q, head_axis, leading) for t in (cos, sin))
 
 
 @rope_table.impl("torch")
-def _(q, k, cos, sin, lane_rule, sections, backward):
-    cos_lanes = reference.table_lanes(cos, lane_rule, sections)
-    sin_lanes = reference.table_lanes(sin, lane_rule, sections)
-    return reference.rope_torch(q, k, cos_lanes, sin_lanes, backward)
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections, backward):
+    return _TORCH(q, k, head_axis, False, table=_tables(q, cos, sin, head_axis, leading),
+                  mode=lane_rule, sections=sections, backward=backward)  # fmt: skip
+
+
+@rope_table.impl("cuda")
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections, backward):
+    return _CUDA(q, k, head_axis, False, table=_tables(q, cos, sin, head_axis, leading),
+                 mode=lane_rule, sections=sections, backward=backward)  # fmt: skip
 
 
 @rope_table.fake
-def _(q, k, cos, sin, lane_rule, sections, backward):
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections, backward):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @rope_table.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        q, k, cos, sin, lane_rule, sections, backward = inputs
-        ctx.mode, ctx.sections, ctx.backward = lane_rule, sections, backward
+        q, k, cos, sin, head_axis, leading, lane_rule, sections, backward = inputs
+        ctx.options = (head_axis, leading, lane_rule, sections)
+        ctx.backward = backward
         remember_backend(ctx)
         tables_need_grad = cos.requires_grad or sin.requires_grad
         ctx.save_for_backward(cos, sin, *((q, k) if tables_need_grad else (None, None)))
@@ -81,86 +114,104 @@ class _:
     @in_forward_backend
     def backward(ctx, grad_q, grad_k):
         cos, sin, q, k = ctx.saved_tensors
-        dq, dk = rope_table(grad_q, grad_k, cos, sin, ctx.mode, ctx.sections, not ctx.backward)
+        head_axis, leading, mode, sections = ctx.options
+        dq, dk = rope_table(grad_q, grad_k, cos, sin, *ctx.options, not ctx.backward)
         dcos = dsin = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dcos, dsin = reference.table_grads(
-                q, k, grad_q, grad_k, ctx.mode, ctx.sections, cos.shape, ctx.backward
-            )
-            dcos, dsin = dcos.to(cos.dtype), dsin.to(sin.dtype)
-        return dq, dk, dcos, dsin, None, None, None
+            dcos, dsin = _table_grads(q, k, grad_q, grad_k, cos, head_axis, leading, mode,
+                                      sections, ctx.backward)  # fmt: skip
+        return dq, dk, dcos, dsin, None, None, None, None, None
+
+
+def _table_grads(q, k, grad_q, grad_k, cos, head_axis, leading, mode, sections, backward):
+    """Gradients of the tables, in their own shapes (summed over broadcast axes)."""
+    views = [to_bshd(t, head_axis) for t in (q, k, grad_q, grad_k)]
+    absr = table_view(cos, q, head_axis, leading)
+    dcos, dsin = reference.table_grads(*views, mode, sections, absr.shape, backward)
+    return tuple(_to_table(g, cos, q, head_axis, leading) for g in (dcos, dsin))
+
+
+def _to_table(grad, table, q, head_axis, leading):
+    """An (A, B, S, R) gradient summed and laid out as ``table`` (a size-1 axis of the table
+    broadcast over q's: its gradient is the sum)."""
+    b, s = grad.shape[1], grad.shape[2]
+    grad = grad if leading else grad[0]
+    off = 1 if leading else 0
+    shaped = grad.reshape(*grad.shape[:off], *([b, s] if q.dim() == 4 else [s]), grad.shape[-1])
+    for i, size in enumerate(table.shape[off:-1]):
+        if size == 1 and shaped.shape[off + i] != 1:
+            shaped = shaped.sum(off + i, keepdim=True)
+    return shaped.reshape(table.shape).to(table.dtype)
 
 
 # ------------------------------------------------------------------------------ rope_table_
 
 
-def _table_kernel_inplace(launcher):
-    def run(q, k, cos, sin, lane_rule, sections):
-        getattr(*launcher)(q, k, q, k, table=(cos, sin), mode=lane_rule, sections=sections)
-
-    return run
-
-
-rope_table_.impl("triton")(_table_kernel_inplace(_TRITON))
-rope_table_.impl("cuda")(_table_kernel_inplace(_CUDA))
+@rope_table_.impl("triton")
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
+    kernels.launch(q, k, q, k, head_axis=head_axis, table=(cos, sin), leading=leading,
+                   mode=lane_rule, sections=sections)  # fmt: skip
 
 
 @rope_table_.impl("torch")
-def _(q, k, cos, sin, lane_rule, sections):
-    lanes = (reference.table_lanes(cos, lane_rule, sections),
-             reference.table_lanes(sin, lane_rule, sections))  # fmt: skip
-    q.copy_(reference.rotate(q, *lanes, False))
-    k.copy_(reference.rotate(k, *lanes, False))
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
+    _TORCH(q, k, head_axis, True, table=_tables(q, cos, sin, head_axis, leading),
+           mode=lane_rule, sections=sections)  # fmt: skip
+
+
+@rope_table_.impl("cuda")
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
+    _CUDA(q, k, head_axis, True, table=_tables(q, cos, sin, head_axis, leading),
+          mode=lane_rule, sections=sections)  # fmt: skip
 
 
 @rope_table_.fake
-def _(q, k, cos, sin, lane_rule, sections):
+def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
     return None
 
 
 # --------------------------------------------------------------------------- rope_positions
 
 
-def _positions_kernel(launcher):
-    def run(q, k, positions, inv_freq, lane_rule, sections, scaling, backward):
-        out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-        getattr(*launcher)(q, k, out_q, out_k, positions=positions, inv_freq=inv_freq,
-                           mode=lane_rule, sections=sections, scaling=scaling,
-                           backward=backward)  # fmt: skip
-        return out_q, out_k
-
-    return run
-
-
-rope_positions.impl("triton")(_positions_kernel(_TRITON))
-rope_positions.impl("cuda")(_positions_kernel(_CUDA))
+@rope_positions.impl("triton")
+def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
+    out_q, out_k = torch.empty_like(q), torch.empty_like(k)
+    kernels.launch(q, k, out_q, out_k, head_axis=head_axis, positions=positions,
+                   inv_freq=inv_freq, mode=lane_rule, sections=sections, scaling=scaling,
+                   backward=backward)  # fmt: skip
+    return out_q, out_k
 
 
 @rope_positions.impl("torch")
-def _(q, k, positions, inv_freq, lane_rule, sections, scaling, backward):
-    lanes = reference.position_lanes(positions, inv_freq, lane_rule, sections, scaling)
-    return reference.rope_torch(q, k, *lanes, backward)
+def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
+    return _TORCH(q, k, head_axis, False, positions=positions_view(positions),
+                  inv_freq=inv_freq, mode=lane_rule, sections=sections, scaling=scaling,
+                  backward=backward)  # fmt: skip
+
+
+@rope_positions.impl("cuda")
+def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
+    return _CUDA(q, k, head_axis, False, positions=positions_view(positions),
+                 inv_freq=inv_freq, mode=lane_rule, sections=sections, scaling=scaling,
+                 backward=backward)  # fmt: skip
 
 
 @rope_positions.fake
-def _(q, k, positions, inv_freq, lane_rule, sections, scaling, backward):
+def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @rope_positions.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        q, k, positions, inv_freq, lane_rule, sections, scaling, backward = inputs
+        q, k, positions, inv_freq, *options, backward = inputs
         ctx.save_for_backward(positions, inv_freq)
-        ctx.mode, ctx.sections, ctx.scaling = lane_rule, sections, scaling
-        ctx.backward = backward
+        ctx.options, ctx.backward = options, backward
         remember_backend(ctx)
 
     @in_forward_backend
     def backward(ctx, grad_q, grad_k):
         positions, inv_freq = ctx.saved_tensors
-        dq, dk = rope_positions(
-            grad_q, grad_k, positions, inv_freq, ctx.mode, ctx.sections, ctx.scaling,
-            not ctx.backward,
-        )  # fmt: skip
-        return dq, dk, None, None, None, None, None, None
+        dq, dk = rope_positions(grad_q, grad_k, positions, inv_freq, *ctx.options,
+                                not ctx.backward)  # fmt: skip
+        return dq, dk, None, None, None, None, None, None, None
