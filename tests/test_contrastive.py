@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import vlmkernels
-from vlmkernels.ops import contrastive as C
+from vlmkernels.ops.contrastive import ops as C
 
 TOL = {
     torch.float32: dict(loss=1e-5, feat=1e-5, scalar=1e-5),

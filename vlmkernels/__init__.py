@@ -7,14 +7,9 @@ changes nothing else in torch or any other library.
 from . import nn, ops
 from .core.backend import BACKENDS, get_backend, use_backend
 from .core.version import __version__
+from .distributed import clip_loss, siglip_loss
 from .integrations.transformers import patch
-from .ops.contrastive import (
-    clip_loss,
-    clip_loss_with_grads,
-    contrastive_cross_entropy,
-    siglip_loss,
-    siglip_loss_with_grads,
-)
+from .ops.contrastive import clip_loss_with_grads, contrastive_cross_entropy, siglip_loss_with_grads
 from .ops.rope import get_rope_index, mrope, mrope_from_positions, rope, vision_rope
 
 __all__ = [

@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.backend import in_forward_backend, remember_backend
+from ..core.checks import FLOAT_DTYPES, REDUCTIONS
 from ..ops.contrastive import (
     SideStats,
     Targets,
@@ -85,10 +86,8 @@ from ..ops.contrastive import (
 )
 from .consistency import check_agree, exchange
 
-__all__ = ["clip_loss_ring", "siglip_loss_ring"]
+__all__ = ["clip_loss_ring", "report_local_error", "siglip_loss_ring"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
 _KINDS = ("clip_loss", "siglip_loss")
 # Tags keep the tensors of one step apart on backends that match messages by tag (gloo).
 _TAG_Y, _TAG_IDS, _TAG_COEF, _TAG_ACC = 0, 1, 2, 3
@@ -184,10 +183,10 @@ def _yes_no(v) -> str:
 _DESCRIBE = {
     "kind": ("the loss", lambda v: _KINDS[int(v)]),
     "dim": ("the feature dim", lambda v: str(int(v))),
-    "dtype": ("the feature dtype", lambda v: str(_DTYPES[int(v)]).removeprefix("torch.")),
+    "dtype": ("the feature dtype", lambda v: str(FLOAT_DTYPES[int(v)]).removeprefix("torch.")),
     "ids": ("whether ids are given", _yes_no),
     "bias": ("whether logit_bias is given", _yes_no),
-    "reduction": ("the reduction", lambda v: _REDUCTIONS[int(v)]),
+    "reduction": ("the reduction", lambda v: REDUCTIONS[int(v)]),
     "smoothing": ("label_smoothing", str),
     "grad": ("whether gradients are needed (grad mode and requires_grad)", _yes_no),
     "scale": ("logit_scale", repr),
@@ -218,9 +217,9 @@ def _setup(op, group, x, scale, bias, *, reduction, grad, ids=False, smoothing=0
     rank, world = _check_group(op, group)
     if world == 1:  # nothing to agree on, nothing to send: no collective, no host sync
         return _Ring(group, rank, world, (x.shape[0],))
-    values = dict(error=0, batch=x.shape[0], dim=x.shape[1], dtype=_DTYPES.index(x.dtype),
+    values = dict(error=0, batch=x.shape[0], dim=x.shape[1], dtype=FLOAT_DTYPES.index(x.dtype),
                   kind=_KINDS.index(op), ids=ids, bias=bias is not None,
-                  reduction=_REDUCTIONS.index(reduction), smoothing=smoothing, grad=grad,
+                  reduction=REDUCTIONS.index(reduction), smoothing=smoothing, grad=grad,
                   scale=scale, bias_value=bias if bias is not None else 0.0)  # fmt: skip
     table = _exchange_meta(op, group, x, values)
     _check_consistent(op, table)
@@ -231,7 +230,8 @@ def report_local_error(op: str, group, features, error: Exception) -> None:
     """Raises ``error`` here after telling the other ranks, which are waiting in the
     consistency exchange of :func:`_setup`, so that they raise too instead of hanging.
 
-    Called by the public functions when this rank's own arguments fail their checks."""
+    Called by the process-group entry points (:mod:`.contrastive`) when this rank's own
+    arguments fail their checks."""
     try:
         rank, world = _check_group(op, group)
         if world > 1:
@@ -390,13 +390,15 @@ def _reduction_weight(reduction: str, n_total: int, clip: bool) -> float:
 
 
 def _param_grads(ctx, dx, dy, ds, db, x, y, scale, bias):
-    """The gradients autograd asked for, in the inputs' dtypes."""
+    """One gradient per input of the Function: those of x, y, scale and bias (its first
+    four inputs) where autograd asked for them, in their dtypes; None for the rest."""
     need = ctx.needs_input_grad
     return (
         dx.to(x.dtype) if need[0] else None,
         dy.to(y.dtype) if need[1] else None,
         ds.to(scale.dtype).reshape(scale.shape) if need[2] else None,
         db.to(bias.dtype).reshape(bias.shape) if bias is not None and need[3] else None,
+        *(None,) * (len(need) - 4),
     )
 
 
@@ -445,7 +447,7 @@ class _ClipRing(torch.autograd.Function):
         tags = [_TAG_COEF] + ([_TAG_IDS] if ids is not None else [])
         dx, dy, ds, db = _grad_rotation(ring, x, y, extra, tags, compute)
         ds, db = _all_reduce(ring, ds, db)
-        return (*_param_grads(ctx, dx, dy, ds, db, x, y, scale, bias), *([None] * 5))
+        return _param_grads(ctx, dx, dy, ds, db, x, y, scale, bias)
 
 
 @_not_traced
@@ -453,8 +455,9 @@ def clip_loss_ring(x, y, scale, bias, group, chunk_size, reduction, *, ids=None,
                    label_smoothing=0.0):  # fmt: skip
     r"""CLIP loss of the global batch from this rank's shard, on a ring of ``group``.
 
-    Called by ``vlmkernels.clip_loss(..., process_group=group)``, which has checked the
-    local arguments.
+    Called by ``vlmkernels.clip_loss(..., process_group=group)``
+    (:func:`vlmkernels.distributed.contrastive.clip_loss`), which has checked the local
+    arguments.
 
     Args:
         x, y: (b_r, d) image and text features of this rank; the global batch is the
@@ -570,7 +573,7 @@ class _SiglipRing(torch.autograd.Function):
             w = w.to(_acc_dtype(x)).contiguous()
             _, dx, dy, ds, db = _siglip_grads_rotation(ring, x, y, scale, bias, w, ctx.chunk)
             ds, db = _all_reduce(ring, ds, db)
-        return (*_param_grads(ctx, dx, dy, ds, db, x, y, scale, bias), *([None] * 4))
+        return _param_grads(ctx, dx, dy, ds, db, x, y, scale, bias)
 
 
 @_not_traced

@@ -89,6 +89,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.checks import FLOAT_DTYPES
+from ..distributed.consistency import exchange
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, first_order_only, siglip_loss
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -170,8 +171,6 @@ def _collective_device(like) -> torch.device:
 def _gather_descriptors(img, txt, rank: int, world_size: int) -> tuple[list, str | None]:
     """Every rank's [rank, world_size, ok, batch, dim, dtype index] (the consistency
     exchange of :mod:`vlmkernels.distributed`), and this rank's problem."""
-    from ..distributed.consistency import exchange  # on first use, as clip_loss's ring mode
-
     problem = _local_problem(img, txt)
     batch, dim, dtype = (0, 0, -1) if problem else (*img.shape, FLOAT_DTYPES.index(img.dtype))
     fields = dict(rank=rank, world_size=world_size, ok=problem is None, batch=batch, dim=dim,

@@ -1,0 +1,132 @@
+"""The block algebra of the contrastive losses: what the targets of a block of logits are
+(:class:`Targets`), and the per-sample statistics that make its cross-entropies
+(:class:`SideStats`).
+
+A loss over a logit matrix split into blocks (chunks of rows on one device, or the ranks'
+blocks on a ring) needs per row and per column only O(1) statistics over the other side,
+each additive across blocks (:meth:`SideStats.merge`); the losses and the gradient
+coefficients follow from the complete statistics. Plain PyTorch on O(N) tensors; the
+Triton and PyTorch paths (:mod:`.launchers`, :mod:`.reference`) produce and consume them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = [
+    "SideStats",
+    "Targets",
+    "coefficients_from_state",
+    "onehot_col_dot",
+    "onehot_counts",
+    "without_target",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    r"""Cross-entropy targets of a block of logits S (M x N), per direction.
+
+    Positive pairs ("hard"): equal ids (``row_ids`` (M,), ``col_ids`` (N,)) if given, else
+    col = row + ``offset``. For a row i with c_i positives among n classes, and teacher
+    logits T = s_t X_t Y_t^T (``teacher`` = (X_t, Y_t, s_t), same shapes as X, Y):
+
+        t_ij = (1 - alpha) ((1 - smoothing) hard_ij / c_i + smoothing / n)
+               + alpha softmax_j(T_i.)
+
+    and likewise for columns. The cross-entropy is lse_j(S_i.) - sum_j t_ij S_ij.
+    """
+
+    offset: int = 0
+    row_ids: torch.Tensor | None = None
+    col_ids: torch.Tensor | None = None
+    smoothing: float = 0.0
+    alpha: float = 0.0
+    teacher: tuple | None = None
+
+    @property
+    def ids(self) -> bool:
+        return self.row_ids is not None
+
+
+@dataclasses.dataclass
+class SideStats:
+    """Statistics of the rows (or the columns) of a logit block over the other side:
+    fp32 (L,) tensors, additive across blocks of the other side (``merge``)."""
+
+    lse: torch.Tensor
+    hard_dot: torch.Tensor  # sum of S over positive pairs
+    hard_cnt: torch.Tensor  # number of positive pairs
+    logit_sum: torch.Tensor | None = None  # sum of S (label smoothing)
+    teacher_dot: torch.Tensor | None = None  # sum of softmax(T) S (distillation)
+
+    def merge(self, other: SideStats) -> SideStats:
+        def add(a, b):
+            return None if a is None else a + b
+
+        return SideStats(
+            torch.logaddexp(self.lse, other.lse),
+            self.hard_dot + other.hard_dot,
+            self.hard_cnt + other.hard_cnt,
+            add(self.logit_sum, other.logit_sum),
+            add(self.teacher_dot, other.teacher_dot),
+        )
+
+    def losses(self, targets: Targets, n_classes: int) -> torch.Tensor:
+        """Per-sample cross-entropy lse - sum_j t_ij S_ij once the stats are complete; NaN
+        for a sample without positives whose targets need one (alpha < 1)."""
+        hard = self.hard_dot / self.hard_cnt.clamp_min(1)
+        hard = torch.where(without_target(self.hard_cnt, targets), math.nan, hard)
+        dot = (1 - targets.smoothing) * hard
+        if targets.smoothing:
+            dot = dot + targets.smoothing / n_classes * self.logit_sum
+        dot = (1 - targets.alpha) * dot
+        if targets.alpha:
+            dot = dot + targets.alpha * self.teacher_dot
+        return self.lse - dot
+
+    def coefficients(self, targets: Targets, n_classes: int, weights: torch.Tensor,
+                     teacher_lse: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """(6, L), in the dtype of the stats, for the gradient kernel: (lse, u, h, e, a,
+        teacher lse) with u the upstream weights, h = u (1 - alpha)(1 - smoothing) / c,
+        e = u (1 - alpha) smoothing / n, a = u alpha. u is NaN for a sample whose loss is
+        NaN (no target) and whose upstream weight is not 0, so that every gradient its loss
+        reaches is NaN too."""
+        u = weights.to(self.lse.dtype)
+        u = torch.where(without_target(self.hard_cnt, targets) & (u != 0), math.nan, u)
+        keep = 1 - targets.alpha
+        h = torch.where(self.hard_cnt > 0, u * keep * (1 - targets.smoothing)
+                        / self.hard_cnt.clamp_min(1), 0.0)  # fmt: skip
+        e = u * keep * targets.smoothing / n_classes
+        a = u * targets.alpha
+        t_lse = teacher_lse if teacher_lse is not None else torch.zeros_like(u)
+        return torch.stack((self.lse, u, h, e, a, t_lse.to(u.dtype)))
+
+
+def without_target(hard_cnt: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Samples whose targets are undefined: no positive pair, and a hard part that needs
+    one ((1 - alpha) > 0)."""
+    return (hard_cnt == 0) & (targets.alpha < 1)
+
+
+def onehot_counts(m: int, n: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive counts of rows and columns for positives at col = row + offset."""
+    rows = torch.arange(m, device=device) + offset
+    cols = torch.arange(n, device=device) - offset
+    return ((rows >= 0) & (rows < n)).float(), ((cols >= 0) & (cols < m)).float()
+
+
+def onehot_col_dot(row_dot: torch.Tensor, n: int, offset: int) -> torch.Tensor:
+    """Column sums of S over positives from the rows' (the same pairs, col = row + offset)."""
+    j = torch.arange(n, device=row_dot.device) - offset
+    inside = (j >= 0) & (j < row_dot.shape[0])
+    return torch.where(inside, row_dot[j.clamp(0, max(row_dot.shape[0] - 1, 0))], 0.0)
+
+
+def coefficients_from_state(state, targets: Targets, n_classes: int, weights):
+    """(6, L) gradient coefficients from a saved (3, L) state (lse, count, teacher lse)."""
+    side = SideStats(state[0], state[0], state[1])
+    return side.coefficients(targets, n_classes, weights.to(state.dtype), state[2])

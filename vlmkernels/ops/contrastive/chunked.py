@@ -1,0 +1,121 @@
+"""The chunked-GEMM driver of the backward passes: the logit gradient G (M x N) is made a
+chunk of rows at a time, and each chunk goes straight into the two matrix products
+dX = c G Y and dY = c G^T X, so memory is O(chunk x N), never M x N.
+
+Also the chunk budget: how many rows a chunk has when the caller does not say.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = [
+    "CHUNK_BUDGET_BYTES",
+    "default_chunk_rows",
+    "feature_grads",
+    "normalise",
+    "triton_chunk_rows",
+]
+
+CHUNK_BUDGET_BYTES = 128 << 20
+"""Memory for the (chunk x N) temporaries when ``chunk_size`` is None: the Triton path's one
+logit-gradient chunk (at least 256 rows), the PyTorch path's two or three chunk buffers
+together."""
+
+
+def default_chunk_rows(n: int, elem_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Rows per dS chunk: a (rows x n) chunk of ``budget_bytes`` at most, in multiples of
+    256 rows (at least 256) so that the chunk products stay efficient."""
+    rows = budget_bytes // (n * elem_size)
+    rows = max(256, rows // 256 * 256)
+    return min(n, rows)
+
+
+def triton_chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
+    """Rows per chunk on the Triton path: ``chunk_size``, or the budget's (0)."""
+    n = x.shape[0]
+    return min(n, chunk_size) if chunk_size > 0 else default_chunk_rows(n, x.element_size())
+
+
+@functools.cache
+def _mixed_precision_mm(device_type: str) -> bool:
+    """Whether 16-bit matrix products can write and accumulate fp32 outputs here
+    (``aten::mm.dtype`` / ``aten::addmm.dtype_out``: CUDA in torch >= 2.8)."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.ones((16, 16), dtype=torch.bfloat16, device=device_type)
+        acc = torch.zeros((16, 16), dtype=torch.float32, device=device_type)
+        torch.ops.aten.mm.dtype(a, a, torch.float32)
+        torch.ops.aten.addmm.dtype_out(acc, a, a, torch.float32, out=acc)
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and an fp32 (or fp64) result."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.mm(a, b)
+    if _mixed_precision_mm(a.device.type):
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place, acc fp32 (or fp64)."""
+    if a.dtype in (torch.float32, torch.float64):
+        acc.addmm_(a, b)
+    elif _mixed_precision_mm(a.device.type):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
+    """dx = coef * G y, dy = coef * G^T x and sum(G * (x y^T)) for the logit gradient G
+    (M x N) of rows x (M, d) and columns y (N, d), made chunk by chunk.
+
+    ``fill(buf, chunk, row0, n)`` writes rows row0 .. row0 + n of G into buf[:n]. The chunk
+    is stored in the input dtype (a GEMM operand). Without accumulators dx is written per
+    chunk in the input dtype and dy accumulated in fp32 then rounded; with fp32
+    ``dx_acc`` / ``dy_acc`` both are added into them (ring steps). The scale gradient's sum
+    comes from the dx product for free: sum_ij G_ij x_i . y_j = sum_i x_i . (G y)_i.
+    Returns (dx, dy, that sum (fp32, before ``coef``)).
+    """
+    m, d = x.shape
+    n = y.shape[0]
+    buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
+    dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=x.dtype, device=x.device)
+    dy = dy_acc if dy_acc is not None else torch.zeros((n, d), dtype=torch.float32,
+                                                       device=x.device)  # fmt: skip
+    g_dot_xy = torch.zeros((), dtype=torch.float32, device=x.device)
+    for c, row0 in enumerate(range(0, m, chunk_rows)):
+        rows = min(chunk_rows, m - row0)
+        fill(buf, c, row0, rows)
+        g = buf[:rows]
+        x_rows = x[row0 : row0 + rows]
+        gy = _mm_f32(g, y)
+        g_dot_xy += (gy * x_rows).sum()
+        if dx_acc is not None:
+            dx[row0 : row0 + rows] += gy.mul_(coef)
+        else:
+            dx[row0 : row0 + rows] = gy.mul_(coef)
+        if dy_acc is not None:  # other calls add with other coefficients: scale now
+            dy.add_(_mm_f32(g.t(), x_rows).mul_(coef))
+        else:
+            _addmm_f32_(dy, g.t(), x_rows)
+    del buf, g  # the rounded dy below can reuse the chunk's memory
+    if dy_acc is not None:
+        return dx, dy, g_dot_xy
+    return dx, dy.mul_(coef).to(y.dtype), g_dot_xy
+
+
+def normalise(*weights: torch.Tensor):
+    """Weights divided by their largest magnitude, and that magnitude (1 if all are 0):
+    the logit-gradient chunk then holds values of order 1, which fp16 represents."""
+    kappa = torch.stack([w.abs().amax() for w in weights]).amax()
+    kappa = torch.where(kappa > 0, kappa, torch.ones_like(kappa))
+    return [(w / kappa).contiguous() for w in weights], kappa

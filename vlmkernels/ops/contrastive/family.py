@@ -1,0 +1,132 @@
+"""What the shared tools need of the contrastive family: its kernels and compile-time
+variants, tuning shapes and workload, benchmark suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ...core.family import CompileCase, Family, register
+from ...core.tuning import torch_dtype
+from . import kernels
+from .functional import clip_loss, contrastive_cross_entropy, siglip_loss
+
+# Realistic shapes: CLIP / SigLIP batches of 8k to 64k pairs, the embedding widths of the
+# ViT-B to SO400M towers.
+TUNE_SHAPES = tuple(
+    {"N": n, "d": d, "dtype": "bf16"} for n in (8192, 16384, 32768, 65536)
+    for d in (512, 768, 1024, 1152)
+)  # fmt: skip
+
+_WORKLOAD_OPS = ("clip", "siglip", "i2t", "clip_ids", "clip_teacher")
+
+
+def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
+    """Run the contrastive ops of ``spec`` once ({"N", "d", "dtype", "ops"}; ops from
+    "clip" (clip_loss forward + backward), "siglip" (with gradients, and the no-grad
+    forward), "i2t" (one direction), "clip_ids" (ids + label smoothing), "clip_teacher"
+    (ALBEF distillation); default ("clip", "siglip"))."""
+    n, d = int(spec["N"]), int(spec["d"])
+    dtype = torch_dtype(spec.get("dtype", "bf16"))
+    ops = tuple(spec.get("ops", ("clip", "siglip")))
+    unknown = set(ops) - set(_WORKLOAD_OPS)
+    if unknown:
+        raise ValueError(f"contrastive spec {dict(spec)}: unknown ops {sorted(unknown)}")
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def features():
+        f = torch.randn(n, d, generator=gen, device=device, dtype=torch.float32)
+        return torch.nn.functional.normalize(f, dim=-1).to(dtype)
+
+    x, y = features(), features()
+
+    def leaves():
+        return x.clone().requires_grad_(), y.clone().requires_grad_()
+
+    clip = {"clip_stats", "clip_grad"} & set(names)
+    if "clip" in ops and clip:
+        clip_loss(*leaves(), 14.3).backward()
+    if "i2t" in ops and clip:
+        contrastive_cross_entropy(*leaves(), 14.3).backward()
+    if "clip_ids" in ops and clip:
+        ids = torch.arange(n, device=device) // 2
+        clip_loss(*leaves(), 14.3, ids=ids, label_smoothing=0.1).backward()
+    if "clip_teacher" in ops and clip:
+        clip_loss(*leaves(), 14.3, teacher=(x, y), alpha=0.4).backward()
+    if "siglip" in ops and "siglip" in names:
+        siglip_loss(*leaves(), 10.0, -10.0).backward()
+        with torch.no_grad():
+            siglip_loss(x, y, 10.0, -10.0)
+
+
+# What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
+# are multiples of 16): unit feature strides become constants, 16-byte-aligned pointers and
+# multiples of 16 get a divisibility hint (which enables vector loads and pipelining).
+_UNIT = ("stride_xd", "stride_yd")
+_ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_gm", "n_bucket", "n_rows", "row0")
+_F32 = "*fp32"
+_FEATURES = dict(x_ptr="*{elem}", y_ptr="*{elem}", scale_ptr=_F32, bias_ptr=_F32)
+# Without ids, the launchers pass an fp32 buffer for the unused id pointers.
+_NO_IDS = dict(row_ids_ptr=_F32, col_ids_ptr=_F32)
+_IDS = dict(row_ids_ptr="*i64", col_ids_ptr="*i64")
+_TEACHER = dict(xt_ptr="*{elem}", yt_ptr="*{elem}", tscale_ptr=_F32)
+_STATS_OUT = {name: _F32 for name in ("t_lse_row_ptr", "t_lse_col_ptr", "row_max_ptr",
+                                       "row_sum_ptr", "col_max_ptr", "col_sum_ptr",
+                                       "row_acc_ptr", "col_acc_ptr")}  # fmt: skip
+_GRAD_OUT = dict(row_coef_ptr=_F32, col_coef_ptr=_F32, grad_ptr="*{elem}", partial_ptr=_F32)
+_PLAIN = dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=False, SMOOTH=False, TEACHER=False)
+_TARGETS = dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=True, SMOOTH=True, TEACHER=True)
+
+
+def _constexprs(flags: Mapping):
+    """The variant's flags and the dot options a launch of ``dtype`` inputs passes."""
+
+    def of(dtype: str) -> dict:
+        precision = "tf32x3" if dtype == "fp32" else "tf32"
+        return dict(flags, DOT_FP32=False, INPUT_PRECISION=precision, EVEN_K=True)
+
+    return of
+
+
+def compile_cases() -> list[CompileCase]:
+    """The CLIP statistics and gradient kernels with plain and with every kind of target,
+    SigLIP with and without the gradient."""
+
+    def case(name, kernel, pointers, flags):
+        return CompileCase(name, kernel, pointers, _constexprs(flags), unit_strides=_UNIT,
+                           aligned=_ALIGNED, expect=("mma", "async"))  # fmt: skip
+
+    siglip = dict(_FEATURES, w_row_ptr=_F32, loss_ptr=_F32, partial_ptr=_F32)
+    return [
+        case("clip_stats", kernels._clip_stats_kernel, {**_FEATURES, **_NO_IDS, **_TEACHER,
+                                                        **_STATS_OUT}, _PLAIN),
+        case("clip_stats_targets", kernels._clip_stats_kernel, {**_FEATURES, **_IDS, **_TEACHER,
+                                                                **_STATS_OUT}, _TARGETS),
+        case("clip_grad", kernels._clip_grad_kernel, {**_FEATURES, **_NO_IDS, **_TEACHER,
+                                                      **_GRAD_OUT}, _PLAIN),
+        case("clip_grad_targets", kernels._clip_grad_kernel, {**_FEATURES, **_IDS, **_TEACHER,
+                                                              **_GRAD_OUT}, _TARGETS),
+        case("siglip_grad", kernels._siglip_kernel, dict(siglip, grad_ptr="*{elem}"),
+             dict(HAS_BIAS=True, WRITE_GRAD=True)),
+        # without the gradient the launcher passes the fp32 loss buffer as grad_ptr
+        case("siglip_loss", kernels._siglip_kernel, dict(siglip, grad_ptr=_F32),
+             dict(HAS_BIAS=True, WRITE_GRAD=False)),
+    ]  # fmt: skip
+
+
+FAMILY = register(
+    Family(
+        name="contrastive",
+        kernels=(kernels._clip_stats_kernel, kernels._clip_grad_kernel, kernels._siglip_kernel),
+        compile_cases=compile_cases,
+        aliases={
+            "clip_loss": ("clip_stats", "clip_grad"),
+            "contrastive_cross_entropy": ("clip_stats", "clip_grad"),
+            "siglip_loss": ("siglip",),
+        },
+        tune_shapes=TUNE_SHAPES,
+        tune_workload=tune_workload,
+        bench_suite="bench_contrastive",
+    )
+)

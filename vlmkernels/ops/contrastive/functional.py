@@ -1,0 +1,360 @@
+"""The contrastive family's public functions on one device: argument checks, autocast,
+then the ops (:mod:`.ops`); and the GradCache forms, which return the gradients instead of
+building an autograd graph.
+
+Each error names the argument at fault and is raised before any kernel launch. The
+process-group forms of :func:`clip_loss` and :func:`siglip_loss` are
+:func:`vlmkernels.clip_loss` / :func:`vlmkernels.siglip_loss`
+(:mod:`vlmkernels.distributed.contrastive`), which check their arguments with
+:func:`prepare` and :func:`check_targets` and run these functions without a group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.checks import (
+    check_bool,
+    check_chunk_size,
+    check_compatible,
+    check_feature_pair,
+    check_features,
+    check_int,
+    check_real,
+    check_reduction,
+    scalar_tensor,
+)
+from . import ops
+
+__all__ = [
+    "check_targets",
+    "clip_loss",
+    "clip_loss_with_grads",
+    "contrastive_cross_entropy",
+    "prepare",
+    "siglip_loss",
+    "siglip_loss_with_grads",
+]
+
+
+def prepare(op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size):
+    """Checked arguments: (x, y, scale, bias, chunk_size, dtype of the result).
+
+    Under autocast, fp32 features are cast to the autocast dtype and the loss is returned
+    in fp32, as open_clip's matmul (autocast to 16 bits) and cross-entropy (to fp32) do.
+    """
+    check_feature_pair(op, image_features, text_features)
+    check_reduction(op, reduction)
+    chunk = check_chunk_size(op, chunk_size)
+    device = image_features.device
+    scale = scalar_tensor(op, "logit_scale", logit_scale, device)
+    bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
+    out_dtype = image_features.dtype
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        out_dtype = torch.float32
+        if image_features.dtype == torch.float32:
+            low = torch.get_autocast_dtype(device.type)
+            image_features, text_features = image_features.to(low), text_features.to(low)
+    return image_features, text_features, scale, bias, chunk, out_dtype
+
+
+def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teacher=None,
+                   like=None, names=("ids", "teacher[0]", "teacher[1]")):  # fmt: skip
+    """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached).
+    ``names``: what the ids and the two teacher tensors are called in the caller."""
+    if ids is not None:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{op}: {names[0]} must be an integer tensor, got {got}")
+        if ids.shape != (n,):
+            raise ValueError(f"{op}: {names[0]} must have shape ({n},), got {tuple(ids.shape)}")
+        ids = ids.to(device=device, dtype=torch.int64)
+    check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    if teacher is not None:
+        if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+            raise TypeError(f"{op}: teacher must be a pair (image, text) of feature tensors, "
+                            f"got {type(teacher).__name__}")  # fmt: skip
+        for t, ref, name in zip(teacher, like, names[1:], strict=True):
+            want = f"({tuple(ref.shape)}, {ref.dtype})"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor shaped like the features "
+                                f"{want}, got {type(t).__name__}")  # fmt: skip
+            if t.shape != ref.shape or t.dtype != ref.dtype:
+                raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
+                                 f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
+            if t.device != device:
+                raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
+        teacher = tuple(t.detach() for t in teacher)
+    elif alpha:
+        raise ValueError(f"{op}: alpha > 0 needs teacher features")
+    return ids, teacher
+
+
+def _reduce(losses, reduction, halve_sum):
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum() * (0.5 if halve_sum else 1.0)
+    return losses
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_logit_scale=None,
+    alpha: float = 0.0,
+) -> torch.Tensor:
+    r"""Symmetric InfoNCE (CLIP) loss without the N x N logits in memory.
+
+    ``(CE(s I T^T + b, targets) + CE(s T I^T + b, targets^T)) / 2``; with the default
+    targets (``arange``) this is open_clip's ``ClipLoss``.
+
+    Args:
+        image_features: (N, d) float16, bfloat16, float32 (or float64 on the torch backend).
+        text_features: (N, d), same dtype and device.
+        logit_scale: the multiplier s itself (open_clip passes ``logit_scale.exp()``): a float
+            or a 0-d tensor, which receives a gradient when it requires one.
+        logit_bias: optional additive bias b, float or 0-d tensor.
+        reduction: ``"mean"`` (the CLIP loss), ``"sum"`` (N times the mean: the two
+            directions' summed cross-entropies, halved) or ``"none"``: a (2, N) tensor whose
+            rows are the per-sample image-to-text and text-to-image losses.
+        chunk_size: rows of logit gradient materialised at once in the backward pass
+            (memory ``chunk_size * N`` elements, up to 3.25 times that on the PyTorch
+            path); None keeps the chunk temporaries within 128 MiB (``CHUNK_BUDGET_BYTES``,
+            see the module docstring).
+        ids: (N,) integers: every pair with equal ids is a positive, each row's target
+            spread evenly over its positives (BLIP's ``idx``).
+        label_smoothing: eps: targets (1 - eps) hard + eps / N.
+        teacher: (image, text) features of a teacher (momentum) model, no gradient: targets
+            alpha softmax(s_t I_t T_t^T) + (1 - alpha) hard (ALBEF's distillation), with
+            ``teacher_logit_scale`` s_t (default: ``logit_scale``, detached).
+
+    Returns:
+        The loss in the features' dtype (computed in fp32); under autocast, fp32 features
+        are cast to the autocast dtype and the loss is fp32, as open_clip's would be.
+
+    Second-order gradients are not implemented: a backward with ``create_graph=True``
+    gives the first-order gradients, and differentiating those raises NotImplementedError.
+    """
+    op = "clip_loss"
+    x, y, scale, bias, chunk, out_dtype = prepare(
+        op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
+    )
+    ids, teacher = check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha, teacher,
+                                 (x, y))  # fmt: skip
+    if teacher is not None:
+        t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
+        t_scale = scalar_tensor(op, "teacher_logit_scale", t_scale, x.device).detach()
+        teacher = (teacher[0].to(x.dtype), teacher[1].to(x.dtype), t_scale)
+    else:
+        teacher = (None, None, None)
+    row_losses, col_losses, _, _ = ops.contrastive_ce_forward(
+        x, y, scale, bias, ids, ids, *teacher, 0, float(label_smoothing), float(alpha),
+        True, True, chunk,
+    )  # fmt: skip
+    losses = torch.stack((row_losses, col_losses))
+    return _reduce(losses, reduction, True).to(out_dtype)
+
+
+def contrastive_cross_entropy(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    offset: int = 0,
+    query_ids: torch.Tensor | None = None,
+    key_ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    teacher_queries: torch.Tensor | None = None,
+    teacher_keys: torch.Tensor | None = None,
+    teacher_logit_scale=None,
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""One direction of a contrastive loss: the cross-entropy of each query (row) over all
+    keys (columns) of S = s Q K^T + b (M x N), without S in memory.
+
+    The building block of ALBEF / BLIP's image-text contrastive losses: keys may be a
+    concatenation of in-batch (momentum) features and a no-grad queue, e.g. b x (b + 65536).
+
+    Targets of row i: positives where ``key_ids == query_ids[i]`` (BLIP's ``idx`` with its
+    ``idx_queue``) or, without ids, key ``i + offset``; spread evenly over the positives,
+    smoothed by ``label_smoothing`` over the N keys and mixed as
+    ``alpha softmax(s_t Q_t K_t^T) + (1 - alpha) hard`` with teacher (momentum) features
+    ``teacher_queries`` (and ``teacher_keys``, default ``keys``): ALBEF's distillation.
+
+    Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``).
+    Gradients flow to queries, keys (where they require grad), scale and bias; first order
+    only, as :func:`clip_loss`.
+
+    A query with no positive key (no ``key_ids`` equal to its id, or ``i + offset`` outside
+    0 .. N - 1) has no target unless ``alpha = 1``: its loss is NaN, and so are the mean,
+    the sum and every gradient its loss reaches (no host synchronisation checks for it).
+    To leave such queries out, mask the ``"none"`` losses, e.g.
+    ``torch.where(valid, losses, 0).sum()``: a zero upstream gradient keeps them out of the
+    gradients too.
+    """
+    op = "contrastive_cross_entropy"
+    check_features(op, queries, "queries")
+    check_features(op, keys, "keys")
+    check_compatible(op, queries, keys, ("queries", "keys"))
+    check_reduction(op, reduction)
+    chunk = check_chunk_size(op, chunk_size)
+    offset = check_int(op, "offset", offset)
+    device = queries.device
+    scale = scalar_tensor(op, "logit_scale", logit_scale, device)
+    bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
+    if (query_ids is None) != (key_ids is None):
+        raise ValueError(f"{op}: query_ids and key_ids go together")
+    q_ids, _ = check_targets(op, queries.shape[0], device, query_ids, label_smoothing,
+                             names=("query_ids",))  # fmt: skip
+    alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    k_ids, _ = check_targets(op, keys.shape[0], device, key_ids, names=("key_ids",))
+    teacher = (None, None, None)
+    if alpha and teacher_queries is None:
+        raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
+    if teacher_queries is not None:
+        teacher_keys = keys if teacher_keys is None else teacher_keys
+        _, (tq, tk) = check_targets(op, 0, device, teacher=(teacher_queries, teacher_keys),
+                                    like=(queries, keys),
+                                    names=(None, "teacher_queries", "teacher_keys"))  # fmt: skip
+        t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
+        teacher = (tq, tk, scalar_tensor(op, "teacher_logit_scale", t_scale, device).detach())
+    row_losses, _, _, _ = ops.contrastive_ce_forward(
+        queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
+        float(label_smoothing), float(alpha), True, False, chunk,
+    )  # fmt: skip
+    return _reduce(row_losses, reduction, False).to(queries.dtype)
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias,
+    *,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    negative_only: bool = False,
+) -> torch.Tensor:
+    r"""Pairwise sigmoid (SigLIP) loss without the N x N logits in memory.
+
+    ``-sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / N`` with z = +1 on the diagonal and -1
+    elsewhere, as open_clip's ``SigLipLoss`` on one device.
+
+    Args:
+        image_features, text_features: (N, d), as in :func:`clip_loss`.
+        logit_scale: the multiplier s (open_clip passes ``logit_scale.exp()``).
+        logit_bias: the bias b (float, 0-d tensor, or None for no bias).
+        reduction: ``"mean"`` (sum over all pairs / N, open_clip's normalisation), ``"sum"``
+            or ``"none"``: the (N,) per-image losses ``-sum_j logsigmoid(z_ij S_ij)``.
+        chunk_size: rows of logit gradient materialised at once; None keeps the chunk
+            temporaries within 128 MiB, as in :func:`clip_loss`.
+        negative_only: every pair is a negative (z = -1): the blocks of other ranks' texts
+            in open_clip's distributed SigLIP.
+
+    When a scalar loss needs gradients, they are computed in the forward pass (no
+    recomputation of the logits) and the backward pass scales them by the upstream gradient.
+    Second-order gradients are not implemented: differentiating the gradients of a backward
+    with ``create_graph=True`` raises NotImplementedError (it never gives 0).
+    """
+    op = "siglip_loss"
+    x, y, scale, bias, chunk, out_dtype = prepare(
+        op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
+    )
+    check_bool(op, "negative_only", negative_only)
+    n = x.shape[0]
+    offset = n if negative_only else 0  # col = row + n: no positive pair
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, y, scale, bias)
+    )
+    if reduction != "none" and wants_grad:
+        weight = 1.0 / n if reduction == "mean" else 1.0
+        loss = ops.siglip_loss_fused(x, y, scale, bias, weight, chunk, offset)[0]
+        return loss.to(out_dtype)
+    rows = ops.siglip_loss_forward(x, y, scale, bias, chunk, offset)
+    if reduction == "mean":
+        out = rows.sum() / n
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows
+    return out.to(out_dtype)
+
+
+def clip_loss_with_grads(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias=None,
+    *,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+):
+    """(loss, d image_features, d text_features, d logit_scale, d logit_bias) of
+    :func:`clip_loss` without building an autograd graph (GradCache: the features are
+    detached representations; the gradients are then pushed through the encoders).
+
+    ``d logit_bias`` is None without a bias. Scalar reductions only.
+    """
+    op = "clip_loss_with_grads"
+    if reduction == "none":
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
+    x, y, scale, bias, chunk, _ = prepare(op, image_features, text_features, logit_scale,
+                                          logit_bias, reduction, chunk_size)  # fmt: skip
+    ids, _ = check_targets(op, x.shape[0], x.device, ids, label_smoothing)
+    n = x.shape[0]
+    options = (0, float(label_smoothing), 0.0, True, True, chunk)
+    with torch.no_grad():
+        x, y, scale = x.detach(), y.detach(), scale.detach()
+        bias = bias.detach() if bias is not None else None
+        tensors = (x, y, scale, bias, ids, ids, None, None, None)
+        row_losses, col_losses, row_state, col_state = ops.contrastive_ce_forward(
+            *tensors, *options
+        )
+        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        grad_rows = torch.full_like(row_losses, weight)
+        dx, dy, ds, db = ops.contrastive_ce_backward(
+            *tensors, *options, row_state, col_state, grad_rows, grad_rows
+        )
+        loss = (row_losses.sum() + col_losses.sum()) * weight
+    return loss, dx, dy, ds, (db if bias is not None else None)
+
+
+def siglip_loss_with_grads(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias,
+    *,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+):
+    """(loss, d image_features, d text_features, d logit_scale, d logit_bias) of
+    :func:`siglip_loss` without building an autograd graph (GradCache); one pass over the
+    logits. ``d logit_bias`` is None without a bias. Scalar reductions only."""
+    op = "siglip_loss_with_grads"
+    if reduction == "none":
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
+    x, y, scale, bias, chunk, _ = prepare(op, image_features, text_features, logit_scale,
+                                          logit_bias, reduction, chunk_size)  # fmt: skip
+    weight = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    with torch.no_grad():
+        bias = bias.detach() if bias is not None else None
+        loss, dx, dy, ds, db = ops.siglip_loss_fused(
+            x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0
+        )
+    return loss, dx, dy, ds, (db if bias is not None else None)

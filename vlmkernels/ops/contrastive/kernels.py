@@ -1,0 +1,386 @@
+"""The contrastive family's Triton kernels and their config spaces.
+
+See :mod:`vlmkernels.ops.contrastive` for the math. Three kernels over tiles of the logits
+S = s X Y^T + b, built from :mod:`vlmkernels.kernels.blocks`:
+
+- ``_clip_stats_kernel``: one pass for the log-sum-exp and target sums of rows and columns;
+- ``_clip_grad_kernel``: a chunk of rows of the CLIP logit gradient, with the scale and
+  bias gradients' partial sums;
+- ``_siglip_kernel``: SigLIP row losses and, optionally, a chunk of its logit gradient.
+
+Their launchers are in :mod:`.launchers`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...core.runtime import INTERPRETED, autotune_configs
+from ...core.tuning import tuned
+from ...kernels.blocks import (
+    LOG2E,
+    NEG_INF,
+    block_range,
+    diagonal_tile,
+    even_k,
+    log1p,
+    logits_tile,
+    pad,
+    scale_and_bias,
+)
+
+_GPU_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+]
+# Small tiles keep the interpreter's per-op cost low; 32 is not a multiple of the test
+# sizes, so masking is exercised.
+_INTERPRETER_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
+_CONFIGS = autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG)
+# What the launchers assume before the config is chosen: the smallest BM of any config
+# (partial buffers sized with it are never too small) and the usual tile (grids).
+MIN_BLOCK = 32 if INTERPRETED else 64
+NOMINAL_BLOCK = 32 if INTERPRETED else 128
+
+
+@triton.jit
+def _hard_mask(rows, cols, rid, cid, valid, offset, IDS: tl.constexpr):
+    """Positive pairs of a tile: equal ids, or column = row + offset."""
+    if IDS:
+        hard = (rid[:, None] == cid[None, :]) & valid
+    else:
+        hard = (rows[:, None] + offset == cols[None, :]) & valid
+    return hard
+
+
+# fmt: off
+_STATS_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
+
+
+@tuned("clip_stats", configs=_CONFIGS, key=_STATS_KEY, sizes=["D", "n_bucket"])
+@even_k
+@triton.jit
+def _clip_stats_kernel(
+    x_ptr, y_ptr, scale_ptr, bias_ptr,
+    row_ids_ptr, col_ids_ptr, xt_ptr, yt_ptr, tscale_ptr, t_lse_row_ptr, t_lse_col_ptr,
+    row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr, row_acc_ptr, col_acc_ptr,
+    M, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd,
+    stride_txn, stride_txd, stride_tyn, stride_tyd, num_row_groups, n_bucket,
+    ROWS: tl.constexpr, COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr,
+    TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """One pass over the tiles of the M x N logits S = s X Y^T + b for the statistics of
+    its rows (``ROWS``) and of its columns (``COLS``).
+
+    Per row and per column: the log-sum-exp as a base-2 (max, sum of 2^(t - max)) pair,
+    t = S log2(e), and additive sums over the other side: of S on positive pairs (slot 0;
+    positives are ``col = row + offset``, or equal ids with ``IDS``), of positive pairs
+    (slot 1, ``IDS``), of S (slot 2, label smoothing) and of softmax(T) S for teacher logits
+    T = s_t X_t Y_t^T (slot 3, ``TEACHER``, given the teacher's log-sum-exp).
+
+    Program (g, k) owns a rectangle of tiles: the row blocks of group g times the column
+    blocks of split k. It keeps the statistics of its current row block in registers and
+    those of its columns in its own slot g of the column partials (read back, updated and
+    written per tile; no other program touches that slot). The host merges the
+    num_col_splits row partials and the num_row_groups column partials.
+    """
+    pid = tl.program_id(0)
+    num_col_splits = tl.num_programs(0) // num_row_groups
+    g = pid % num_row_groups  # consecutive programs share column tiles in L2
+    k = pid // num_row_groups
+    i_lo, i_hi = block_range(g, num_row_groups, M, BM)
+    j_lo, j_hi = block_range(k, num_col_splits, N, BN)
+    scale, bias = scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2 = scale * LOG2E
+    if TEACHER:
+        tscale2 = tl.load(tscale_ptr).to(tl.float32) * LOG2E
+    row_slot = tl.cast(num_col_splits, tl.int64) * M
+    col_slot = tl.cast(num_row_groups, tl.int64) * N
+    row_max_ptr += k.to(tl.int64) * M
+    row_sum_ptr += k.to(tl.int64) * M
+    row_acc_ptr += k.to(tl.int64) * M
+    col_max_ptr += g.to(tl.int64) * N
+    col_sum_ptr += g.to(tl.int64) * N
+    col_acc_ptr += g.to(tl.int64) * N
+
+    for i in range(i_lo, i_hi):
+        rows = i * BM + tl.arange(0, BM)
+        row_mask = rows < M
+        keep_r = row_mask.to(tl.float32)
+        row_offset = bias * LOG2E + pad(row_mask)
+        rid = rows
+        if IDS:
+            rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
+        if TEACHER:
+            t_lse_r = tl.load(t_lse_row_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+        m_row = tl.full((BM,), NEG_INF, tl.float32)
+        l_row = tl.zeros((BM,), tl.float32)
+        hard_dot_r = tl.zeros((BM,), tl.float32)
+        hard_cnt_r = tl.zeros((BM,), tl.float32)
+        logit_sum_r = tl.zeros((BM,), tl.float32)
+        teacher_dot_r = tl.zeros((BM,), tl.float32)
+        for j in range(j_lo, j_hi):
+            cols = j * BN + tl.arange(0, BN)
+            col_mask = cols < N
+            keep_c = col_mask.to(tl.float32)
+            valid = row_mask[:, None] & col_mask[None, :]
+            acc = logits_tile(x_ptr, y_ptr, i * BM, j * BN, row_mask, col_mask, D,
+                              stride_xn, stride_xd, stride_yn, stride_yd,
+                              BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+            # t = S log2(e), -inf on padding rows and columns
+            t = acc * scale2 + row_offset[:, None] + pad(col_mask)[None, :]
+            logits = acc * scale + bias
+            cid = cols
+            if IDS:
+                cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
+            # nothing to read back on the group's first row block
+            seen = col_mask & ((cols * 0 + i) > i_lo)
+
+            if IDS:
+                hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
+                hard_dot_r += tl.sum(tl.where(hard, logits, 0.0), 1)
+                hard_cnt_r += tl.sum(hard.to(tl.float32), 1)
+                if COLS:
+                    dot_c = tl.load(col_acc_ptr + cols, mask=seen, other=0.0)
+                    cnt_c = tl.load(col_acc_ptr + col_slot + cols, mask=seen, other=0.0)
+                    dot_c += tl.sum(tl.where(hard, logits, 0.0), 0)
+                    cnt_c += tl.sum(hard.to(tl.float32), 0)
+                    tl.store(col_acc_ptr + cols, dot_c, mask=col_mask)
+                    tl.store(col_acc_ptr + col_slot + cols, cnt_c, mask=col_mask)
+            elif diagonal_tile(i * BM + offset, j * BN, BM, BN):
+                hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
+                hard_dot_r += tl.sum(tl.where(hard, logits, 0.0), 1)
+            if SMOOTH:
+                logit_sum_r += tl.sum(logits * keep_c[None, :], 1)
+                if COLS:
+                    sum_c = tl.load(col_acc_ptr + 2 * col_slot + cols, mask=seen, other=0.0)
+                    sum_c += tl.sum(logits * keep_r[:, None], 0)
+                    tl.store(col_acc_ptr + 2 * col_slot + cols, sum_c, mask=col_mask)
+            if TEACHER:
+                teacher = logits_tile(xt_ptr, yt_ptr, i * BM, j * BN, row_mask, col_mask, D,
+                                      stride_txn, stride_txd, stride_tyn, stride_tyd,
+                                      BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+                tt = teacher * tscale2 + pad(row_mask)[:, None] + pad(col_mask)[None, :]
+                if ROWS:
+                    p_row = tl.exp2(tt - t_lse_r[:, None])
+                    teacher_dot_r += tl.sum(p_row * logits, 1)
+                if COLS:
+                    t_lse_c = tl.load(t_lse_col_ptr + cols, mask=col_mask, other=0.0) * LOG2E
+                    p_col = tl.exp2(tt - t_lse_c[None, :])
+                    tdot_c = tl.load(col_acc_ptr + 3 * col_slot + cols, mask=seen, other=0.0)
+                    tdot_c += tl.sum(p_col * logits, 0)
+                    tl.store(col_acc_ptr + 3 * col_slot + cols, tdot_c, mask=col_mask)
+
+            if ROWS:
+                # rows of padding stay at -inf: shift them by 0 instead of -inf (no NaN)
+                m_new = tl.maximum(m_row, tl.max(t, 1))
+                m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+                l_row = l_row * tl.exp2(m_row - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), 1)
+                m_row = m_new
+            if COLS:
+                m_col = tl.load(col_max_ptr + cols, mask=seen, other=NEG_INF)
+                l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
+                m_col_new = tl.maximum(m_col, tl.max(t, 0))
+                m_use = tl.where(m_col_new == NEG_INF, 0.0, m_col_new)
+                l_col = l_col * tl.exp2(m_col - m_use) + tl.sum(tl.exp2(t - m_use[None, :]), 0)
+                tl.store(col_max_ptr + cols, m_col_new, mask=col_mask)
+                tl.store(col_sum_ptr + cols, l_col, mask=col_mask)
+            # the next read of these columns may come from other threads of this program
+            tl.debug_barrier()
+        if ROWS:
+            tl.store(row_max_ptr + rows, m_row, mask=row_mask)
+            tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
+        tl.store(row_acc_ptr + rows, hard_dot_r, mask=row_mask)
+        if IDS:
+            tl.store(row_acc_ptr + row_slot + rows, hard_cnt_r, mask=row_mask)
+        if SMOOTH:
+            tl.store(row_acc_ptr + 2 * row_slot + rows, logit_sum_r, mask=row_mask)
+        if TEACHER:
+            tl.store(row_acc_ptr + 3 * row_slot + rows, teacher_dot_r, mask=row_mask)
+
+
+_GRAD_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
+
+
+@tuned("clip_grad", configs=_CONFIGS, key=_GRAD_KEY, sizes=["D", "n_bucket"])
+@even_k
+@triton.jit
+def _clip_grad_kernel(
+    x_ptr, y_ptr, scale_ptr, bias_ptr, row_ids_ptr, col_ids_ptr,
+    xt_ptr, yt_ptr, tscale_ptr, row_coef_ptr, col_coef_ptr,
+    grad_ptr, stride_gm, partial_ptr, partial_stride,
+    row0, n_rows, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd,
+    stride_txn, stride_txd, stride_tyn, stride_tyd, coef_stride_r, coef_stride_c, n_bucket,
+    ROWS: tl.constexpr, COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr,
+    TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Rows row0 .. row0 + n_rows of the logit gradient of a block, written to ``grad``.
+
+    With, per row i (``ROWS``) and per column j (``COLS``), the log-sum-exp r_i / c_j, the
+    upstream weight u_i / v_j and the target coefficients h (positives), e (smoothing) and
+    a (teacher), stored as coef[0..5] = (lse, u, h, e, a, teacher lse):
+
+        grad_ij = u_i exp(S_ij - r_i) - h_i P_ij - e_i - a_i exp(T_ij - rt_i)      (rows)
+                + v_j exp(S_ij - c_j) - h'_j P_ij - e'_j - a'_j exp(T_ij - ct_j)   (columns)
+
+    P the positive pairs. Program (m, k) covers row block m of the chunk and the column
+    blocks of split k, and writes sum(grad * s log2(e) XY^T) and sum(grad) (the scale and
+    bias gradients' shares) to partial[0, pid] and partial[1, pid]. Padding rows and
+    columns contribute exactly 0: their exponents carry -inf and their weights are 0.
+    """
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    j_lo, j_hi = block_range(split, num_splits, N, BN)
+    local = pid_m * BM + tl.arange(0, BM)
+    row_mask = local < n_rows
+    rows = row0 + local
+    keep_r = row_mask.to(tl.float32)
+    scale, bias = scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2 = scale * LOG2E
+    bias2 = bias * LOG2E
+    row_pad = pad(row_mask)
+    if ROWS:
+        row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+        w_r = tl.load(row_coef_ptr + coef_stride_r + rows, mask=row_mask, other=0.0)
+        h_r = tl.load(row_coef_ptr + 2 * coef_stride_r + rows, mask=row_mask, other=0.0)
+        if SMOOTH:
+            e_r = tl.load(row_coef_ptr + 3 * coef_stride_r + rows, mask=row_mask, other=0.0)
+        if TEACHER:
+            a_r = tl.load(row_coef_ptr + 4 * coef_stride_r + rows, mask=row_mask, other=0.0)
+            t_shift_r = -tl.load(row_coef_ptr + 5 * coef_stride_r + rows, mask=row_mask,
+                                 other=0.0) * LOG2E
+    else:
+        h_r = keep_r * 0.0
+    if TEACHER:
+        tscale2 = tl.load(tscale_ptr).to(tl.float32) * LOG2E
+    rid = rows
+    if IDS:
+        rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
+    grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
+
+    dscale_acc = tl.zeros((BM,), tl.float32)
+    dbias_acc = tl.zeros((BM,), tl.float32)
+    for j in range(j_lo, j_hi):
+        cols = j * BN + tl.arange(0, BN)
+        col_mask = cols < N
+        col_pad = pad(col_mask)
+        valid = row_mask[:, None] & col_mask[None, :]
+        acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
+                          stride_xn, stride_xd, stride_yn, stride_yd,
+                          BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+        a = acc * scale2
+        grad = tl.zeros((BM, BN), tl.float32)
+        if ROWS:
+            grad += w_r[:, None] * tl.exp2(a + row_shift[:, None] + col_pad[None, :])
+        if COLS:
+            col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=0.0) * LOG2E
+            w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
+            h_c = tl.load(col_coef_ptr + 2 * coef_stride_c + cols, mask=col_mask, other=0.0)
+            grad += w_c[None, :] * tl.exp2(a + col_shift[None, :] + row_pad[:, None])
+        else:
+            h_c = col_mask.to(tl.float32) * 0.0
+        if IDS:
+            cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
+            hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
+            grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
+        elif diagonal_tile(row0 + pid_m * BM + offset, j * BN, BM, BN):
+            # rows past the chunk are padding here even where they are rows of the matrix
+            hard = _hard_mask(rows, cols, rows, cols, valid, offset, IDS)
+            grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
+        if SMOOTH:
+            keep_c = col_mask.to(tl.float32)
+            if ROWS:
+                grad -= e_r[:, None] * keep_c[None, :]
+            if COLS:
+                e_c = tl.load(col_coef_ptr + 3 * coef_stride_c + cols, mask=col_mask, other=0.0)
+                grad -= e_c[None, :] * keep_r[:, None]
+        if TEACHER:
+            teacher = logits_tile(xt_ptr, yt_ptr, row0 + pid_m * BM, j * BN, row_mask,
+                                  col_mask, D, stride_txn, stride_txd, stride_tyn, stride_tyd,
+                                  BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+            tt = teacher * tscale2
+            if ROWS:
+                grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
+            if COLS:
+                a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + cols, mask=col_mask, other=0.0)
+                t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + cols, mask=col_mask,
+                                  other=0.0)
+                grad -= a_c[None, :] * tl.exp2(tt - t_lse_c[None, :] * LOG2E + row_pad[:, None])
+        dscale_acc += tl.sum(grad * a, 1)
+        dbias_acc += tl.sum(grad, 1)
+        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
+    pid = pid_m * num_splits + split
+    tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
+    tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
+
+
+@tuned("siglip", configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"], sizes=["D", "n_bucket"])
+@even_k
+@triton.jit
+def _siglip_kernel(
+    x_ptr, y_ptr, scale_ptr, bias_ptr, w_row_ptr,
+    loss_ptr, loss_stride, grad_ptr, stride_gm, partial_ptr, partial_stride,
+    row0, n_rows, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd, n_bucket,
+    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """SigLIP over rows row0 .. row0 + n_rows of an M x N block: per-row loss partials, and
+    optionally the logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij), z = +1 on the
+    positive pairs col = row + offset (none when that is out of the block), -1 elsewhere.
+
+    With the margin m = z S: loss l = softplus(-m) = -logsigmoid(m), and
+    sigmoid(-m) = exp(-m - l), which reuses l instead of a division. Program (m, k) covers
+    row block m and the column blocks of split k; its row losses go to loss[k, rows] (the
+    host sums over k), sum(grad * S) and sum(grad) to partial[0, pid] and partial[1, pid]
+    (grad * S = -w sigmoid(-m) m: no sign needed). Padding columns are weighted 0; padding
+    rows have w = 0 and their losses are not stored.
+    """
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    j_lo, j_hi = block_range(split, num_splits, N, BN)
+    local = pid_m * BM + tl.arange(0, BM)
+    row_mask = local < n_rows
+    rows = row0 + local
+    scale, bias = scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    if WRITE_GRAD:
+        w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
+    grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
+
+    loss_acc = tl.zeros((BM,), tl.float32)
+    dscale_acc = tl.zeros((BM,), tl.float32)
+    dbias_acc = tl.zeros((BM,), tl.float32)
+    for j in range(j_lo, j_hi):
+        cols = j * BN + tl.arange(0, BN)
+        col_mask = cols < N
+        keep = col_mask.to(tl.float32)
+        acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
+                          stride_xn, stride_xd, stride_yn, stride_yd,
+                          BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+        logits = acc * scale + bias
+        margin = tl.where(rows[:, None] + offset == cols[None, :], logits, -logits)
+        loss = tl.maximum(-margin, 0.0) + log1p(tl.exp2(-tl.abs(margin) * LOG2E))
+        loss_acc += tl.sum(loss * keep[None, :], 1)
+        if WRITE_GRAD:
+            h = tl.exp2((-margin - loss) * LOG2E) * (w_r[:, None] * keep[None, :])
+            grad = tl.where(rows[:, None] + offset == cols[None, :], -h, h)
+            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
+            dscale_acc -= tl.sum(h * margin, 1)
+            dbias_acc += tl.sum(grad, 1)
+    tl.store(loss_ptr + split.to(tl.int64) * loss_stride + rows, loss_acc, mask=row_mask)
+    if WRITE_GRAD:
+        pid = pid_m * num_splits + split
+        tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
+        tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
+# fmt: on

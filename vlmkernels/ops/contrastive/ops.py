@@ -1,0 +1,418 @@
+"""The contrastive ops, ``torch.ops.vlmkernels.contrastive_ce_forward`` / ``_backward`` and
+``siglip_loss_forward`` / ``_backward`` / ``_fused``: one declaration each
+(:class:`vlmkernels.core.op.Op`) with the Triton and PyTorch implementations, the fake and
+the backward; and the block primitives the ring mode of :mod:`vlmkernels.distributed`
+builds on (:func:`block_stats`, :func:`block_grads`, :func:`siglip_block_rows`,
+:func:`siglip_block_grads`), the same implementations without the op boundary.
+
+Every op starts with the features and the logit parameters, ``(Tensor x, Tensor y, Tensor
+scale, Tensor? bias, ...)``, the only arguments with gradients. Results are fp32 (fp64 for
+fp64 inputs) except the feature gradients, in the features' dtype.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import torch
+
+from ...core.backend import in_forward_backend, remember_backend, resolve_backend
+from ...core.op import Op
+from .algebra import Targets, coefficients_from_state
+from .chunked import triton_chunk_rows
+from .launchers import block_grads_triton as _block_grads_triton
+from .launchers import block_stats_triton as _block_stats_triton
+from .launchers import siglip_grads_triton as _siglip_grads_triton
+from .launchers import siglip_rows_triton as _siglip_rows_triton
+from .reference import block_grads_torch as _block_grads_torch
+from .reference import block_stats_torch as _block_stats_torch
+from .reference import compute_dtype
+from .reference import siglip_grads_torch as _siglip_grads_torch
+from .reference import siglip_rows_torch as _siglip_rows_torch
+
+__all__ = [
+    "FAMILY",
+    "block_grads",
+    "block_stats",
+    "contrastive_ce_backward",
+    "contrastive_ce_forward",
+    "first_order_only",
+    "siglip_block_grads",
+    "siglip_block_rows",
+    "siglip_loss_backward",
+    "siglip_loss_forward",
+    "siglip_loss_fused",
+]
+
+FAMILY = "contrastive"
+
+# The arguments every op starts with: the only ones with gradients (_input_grads).
+_FEATURES = "Tensor x, Tensor y, Tensor scale, Tensor? bias"
+# The cross-entropy ops' arguments: the block and its Targets, which directions, the chunk.
+_CE_ARGS = (
+    f"{_FEATURES}, Tensor? row_ids, Tensor? col_ids, Tensor? teacher_x, Tensor? teacher_y, "
+    "Tensor? teacher_scale, SymInt offset, float smoothing, float alpha, bool rows, bool cols, "
+    "SymInt chunk_size"
+)
+_CE_BACKWARD_ARGS = (
+    f"{_CE_ARGS}, Tensor row_state, Tensor col_state, Tensor grad_rows, Tensor grad_cols"
+)
+_GRADS = "(Tensor, Tensor, Tensor, Tensor)"  # dx, dy, dscale, dbias
+
+
+def _arguments(name: str, args: str):
+    """A namedtuple class over the argument names of a schema's argument list."""
+    return collections.namedtuple(name, [a.split()[-1] for a in args.split(",")])
+
+
+_CeArgs = _arguments("_CeArgs", _CE_ARGS)
+_CeBackwardArgs = _arguments("_CeBackwardArgs", _CE_BACKWARD_ARGS)
+# the cross-entropy arguments that are tensors (saved for backward), the others options
+_CE_TENSORS = tuple(a.split()[-1] for a in _CE_ARGS.split(",") if a.split()[0].startswith("Tensor"))
+
+contrastive_ce_forward = Op(
+    "contrastive_ce_forward", f"({_CE_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)", family=FAMILY
+)
+contrastive_ce_backward = Op(
+    "contrastive_ce_backward", f"({_CE_BACKWARD_ARGS}) -> {_GRADS}", family=FAMILY
+)
+siglip_loss_forward = Op(
+    "siglip_loss_forward", f"({_FEATURES}, SymInt chunk_size, SymInt offset) -> Tensor",
+    family=FAMILY,
+)  # fmt: skip
+siglip_loss_backward = Op(
+    "siglip_loss_backward",
+    f"({_FEATURES}, Tensor grad_rows, SymInt chunk_size, SymInt offset) -> {_GRADS}",
+    family=FAMILY,
+)
+siglip_loss_fused = Op(
+    "siglip_loss_fused",
+    f"({_FEATURES}, float row_weight, SymInt chunk_size, SymInt offset) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    family=FAMILY,
+)
+
+
+# ------------------------------------------------------------------------ block primitives
+
+
+def block_stats(x, y, scale, bias, targets, rows, cols, chunk_size=0, teacher_lse=(None, None),
+                backend=None):  # fmt: skip
+    """(row :class:`SideStats` or None, column :class:`SideStats` or None) of the logit
+    block S = s x y^T + b (M x N) with :class:`Targets`, on ``backend`` (default: the one
+    for x). Stats of blocks that share rows (or columns) combine with
+    :meth:`SideStats.merge`."""
+    if (backend or resolve_backend(FAMILY, x)) == "triton":
+        return _block_stats_triton(x, y, scale, bias, targets, rows, cols, teacher_lse)
+    return _block_stats_torch(x, y, scale, bias, targets, rows, cols, teacher_lse, chunk_size)
+
+
+def block_grads(x, y, scale, bias, targets, row_coef, col_coef, chunk_size=0, dx_acc=None,
+                dy_acc=None):  # fmt: skip
+    """(dx, dy, dscale, dbias) of sum_i u_i l^row_i + sum_j v_j l^col_j over one block,
+    from :meth:`SideStats.coefficients` of the complete (merged) stats (None for a
+    direction not in the loss). With fp32 ``dx_acc`` (M, d) / ``dy_acc`` (N, d) the
+    feature gradients are added into them (and returned); otherwise they are new tensors
+    in the input dtype. dscale / dbias are fp32 0-d tensors."""
+    if resolve_backend(FAMILY, x) == "triton":
+        chunk = triton_chunk_rows(x, chunk_size)
+        return _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef, chunk,
+                                   dx_acc, dy_acc)  # fmt: skip
+    dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
+                                        chunk_size)  # fmt: skip
+    if dx_acc is None:
+        return dx.to(x.dtype), dy.to(y.dtype), ds, db
+    return dx_acc.add_(dx), dy_acc.add_(dy), ds, db
+
+
+def siglip_block_rows(x, y, scale, bias, offset=0, chunk_size=0):
+    """(M,) SigLIP row losses of the block x y^T with positives at col = row + offset."""
+    if resolve_backend(FAMILY, x) == "triton":
+        return _siglip_rows_triton(x, y, scale, bias, offset)
+    return _siglip_rows_torch(x, y, scale, bias, chunk_size, offset)
+
+
+def siglip_block_grads(x, y, scale, bias, w_rows, offset=0, chunk_size=0, dx_acc=None,
+                       dy_acc=None):  # fmt: skip
+    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i over one SigLIP block; with fp32
+    accumulators the feature gradients are added into them, as in :func:`block_grads`."""
+    if resolve_backend(FAMILY, x) == "triton":
+        return _siglip_grads_triton(x, y, scale, bias, w_rows, triton_chunk_rows(x, chunk_size),
+                                    offset, dx_acc, dy_acc)  # fmt: skip
+    dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_size, offset)
+    if dx_acc is None:
+        return dx, dy, ds, db, rows
+    return dx_acc.add_(dx), dy_acc.add_(dy), ds, db, rows
+
+
+# ----------------------------------------------------------------------- shared by the ops
+
+
+class _SecondOrderNotImplemented(torch.autograd.Function):
+    """Returns its first ``n`` tensor arguments (first-order gradients); the others are
+    what they depend on, so that differentiating them reaches this node, which raises."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(ctx.message)
+
+
+def first_order_only(op: str):
+    """Decorates an autograd ``backward(ctx, *grads)`` whose gradients are not themselves
+    differentiable (fused kernels, gradients saved by the forward pass, collectives).
+
+    Under ``create_graph=True`` the gradients it returns hang from a node that depends on
+    the saved tensors and the upstream gradients and raises NotImplementedError naming
+    ``op`` when anything differentiates them: a second-order gradient raises at the second
+    backward instead of coming out silently 0 or partial (as from a backward whose saved
+    gradients are constants to autograd). Without ``create_graph`` nothing changes.
+    """
+    message = (
+        f"{op}: second-order gradients (differentiating a gradient obtained with "
+        "create_graph=True) are not implemented by vlmkernels' fused kernels; compute such "
+        "terms with a differentiable formula instead"
+    )
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            single = not isinstance(out, tuple)
+            out = [out] if single else list(out)
+            where = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
+            sources = [t for t in (*ctx.saved_tensors, *grads)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+            tied = _SecondOrderNotImplemented.apply(
+                message, len(where), *(out[i].detach() for i in where), *sources
+            )
+            for i, g in zip(where, tied, strict=True):
+                out[i] = g
+            return out[0] if single else tuple(out)
+
+        return wrapped
+
+    return decorate
+
+
+def _input_grads(ctx, dx, dy, dscale, dbias):
+    """One gradient per input of the op: those of x, y, scale and bias (``_FEATURES``)
+    where autograd asked for them, None for the rest."""
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dy if need[1] else None, dscale if need[2] else None,
+            dbias if need[3] else None, *(None,) * (len(need) - 4))  # fmt: skip
+
+
+def _scalar_grads(ds, db, scale, bias):
+    """Scale and bias gradients in their parameters' dtypes (fp32 stand-in for no bias)."""
+    return ds.to(scale.dtype), db.to(bias.dtype if bias is not None else torch.float32)
+
+
+def _fake_grads(x, y, scale, bias):
+    db_dtype = bias.dtype if bias is not None else torch.float32
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(y, memory_format=torch.contiguous_format),
+        scale.new_empty(()),
+        scale.new_empty((), dtype=db_dtype),
+    )
+
+
+def _targets(a) -> Targets:
+    teacher = (a.teacher_x, a.teacher_y, a.teacher_scale) if a.teacher_x is not None else None
+    return Targets(a.offset, a.row_ids, a.col_ids, a.smoothing, a.alpha, teacher)
+
+
+# ------------------------------------------------------------------ contrastive_ce_forward
+
+
+def _ce_forward(backend, *args):
+    """Cross-entropies of the rows (M,) and of the columns (N,) of S = s x y^T + b with
+    :class:`Targets`, and the (3, M) / (3, N) states backward needs (lse, positives,
+    teacher lse); empty for a direction not asked for."""
+    a = _CeArgs(*args)
+    x, y, rows, cols = a.x, a.y, a.rows, a.cols
+    targets = _targets(a)
+    m, n = x.shape[0], y.shape[0]
+    ct = compute_dtype(x.dtype)
+    teacher_lse = (None, None)
+    if targets.teacher is not None:
+        t_rows, t_cols = block_stats(a.teacher_x, a.teacher_y, a.teacher_scale, None, Targets(),
+                                     rows, cols, a.chunk_size, backend=backend)  # fmt: skip
+        teacher_lse = (t_rows.lse if rows else None, t_cols.lse if cols else None)
+    row_stats, col_stats = block_stats(x, y, a.scale, a.bias, targets, rows, cols, a.chunk_size,
+                                       teacher_lse, backend)  # fmt: skip
+    outputs = []
+    sides = ((row_stats, teacher_lse[0], n), (col_stats, teacher_lse[1], m))
+    for stats, t_lse, n_classes in sides:
+        if stats is None:
+            outputs.append((x.new_empty((0,), dtype=ct), x.new_empty((3, 0), dtype=ct)))
+            continue
+        t_lse = t_lse if t_lse is not None else torch.zeros_like(stats.lse)
+        state = torch.stack(
+            (stats.lse, stats.hard_cnt.to(stats.lse.dtype), t_lse.to(stats.lse.dtype))
+        )
+        outputs.append((stats.losses(targets, n_classes).to(ct), state.to(ct)))
+    (row_losses, row_state), (col_losses, col_state) = outputs
+    return row_losses, col_losses, row_state, col_state
+
+
+contrastive_ce_forward.impl("triton")(functools.partial(_ce_forward, "triton"))
+contrastive_ce_forward.impl("torch")(functools.partial(_ce_forward, "torch"))
+
+
+@contrastive_ce_forward.fake
+def _(*args):
+    a = _CeArgs(*args)
+    ct = compute_dtype(a.x.dtype)
+    m = a.x.shape[0] if a.rows else 0
+    n = a.y.shape[0] if a.cols else 0
+    new = a.x.new_empty
+    return new((m,), dtype=ct), new((n,), dtype=ct), new((3, m), dtype=ct), new((3, n), dtype=ct)
+
+
+@contrastive_ce_forward.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        a = _CeArgs(*inputs)
+        ctx.save_for_backward(*(getattr(a, name) for name in _CE_TENSORS), output[2], output[3])
+        ctx.options = a._replace(**dict.fromkeys(_CE_TENSORS))
+        remember_backend(ctx)
+
+    @first_order_only("clip_loss / contrastive_cross_entropy")
+    @in_forward_backend
+    def backward(ctx, grad_rows, grad_cols, _grad_row_state, _grad_col_state):
+        *tensors, row_state, col_state = ctx.saved_tensors
+        a = ctx.options._replace(**dict(zip(_CE_TENSORS, tensors, strict=True)))
+        grads = contrastive_ce_backward(*a, row_state, col_state, grad_rows, grad_cols)
+        return _input_grads(ctx, *grads)
+
+
+# ----------------------------------------------------------------- contrastive_ce_backward
+
+
+def _ce_backward(backend, *args):
+    """(dx, dy, dscale, dbias) of sum_i grad_rows_i l^row_i + sum_j grad_cols_j l^col_j."""
+    a = _CeBackwardArgs(*args)
+    x, y, scale, bias = a.x, a.y, a.scale, a.bias
+    targets = _targets(a)
+    m, n = x.shape[0], y.shape[0]
+    row_coef = coefficients_from_state(a.row_state, targets, n, a.grad_rows) if a.rows else None
+    col_coef = coefficients_from_state(a.col_state, targets, m, a.grad_cols) if a.cols else None
+    if backend == "triton":
+        dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
+                                             triton_chunk_rows(x, a.chunk_size))  # fmt: skip
+    else:
+        dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
+                                            a.chunk_size)  # fmt: skip
+    return dx.to(x.dtype), dy.to(y.dtype), *_scalar_grads(ds, db, scale, bias)
+
+
+contrastive_ce_backward.impl("triton")(functools.partial(_ce_backward, "triton"))
+contrastive_ce_backward.impl("torch")(functools.partial(_ce_backward, "torch"))
+
+
+@contrastive_ce_backward.fake
+def _(x, y, scale, bias, *_):
+    return _fake_grads(x, y, scale, bias)
+
+
+# -------------------------------------------------------------------- siglip_loss_forward
+
+
+@siglip_loss_forward.impl("triton")
+def _(x, y, scale, bias, chunk_size, offset):
+    """Per-image losses l_i = -sum_j logsigmoid(z_ij S_ij), (M,), with z = +1 on the pairs
+    col = row + offset."""
+    return _siglip_rows_triton(x, y, scale, bias, offset)
+
+
+@siglip_loss_forward.impl("torch")
+def _(x, y, scale, bias, chunk_size, offset):
+    return _siglip_rows_torch(x, y, scale, bias, chunk_size, offset)
+
+
+@siglip_loss_forward.fake
+def _(x, y, scale, bias, chunk_size, offset):
+    return x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
+
+
+@siglip_loss_forward.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, y, scale, bias, chunk_size, offset = inputs
+        ctx.save_for_backward(x, y, scale, bias)
+        ctx.chunk_size, ctx.offset = chunk_size, offset
+        remember_backend(ctx)
+
+    @first_order_only("siglip_loss")
+    @in_forward_backend
+    def backward(ctx, grad_rows):
+        x, y, scale, bias = ctx.saved_tensors
+        grads = siglip_loss_backward(x, y, scale, bias, grad_rows, ctx.chunk_size, ctx.offset)
+        return _input_grads(ctx, *grads)
+
+
+# ------------------------------------------------------------------- siglip_loss_backward
+
+
+@siglip_loss_backward.impl("triton")
+def _(x, y, scale, bias, grad_rows, chunk_size, offset):
+    """(dx, dy, dscale, dbias) of sum_i grad_rows[i] * l_i."""
+    dx, dy, ds, db, _ = _siglip_grads_triton(x, y, scale, bias, grad_rows,
+                                             triton_chunk_rows(x, chunk_size), offset)  # fmt: skip
+    return dx, dy, *_scalar_grads(ds, db, scale, bias)
+
+
+@siglip_loss_backward.impl("torch")
+def _(x, y, scale, bias, grad_rows, chunk_size, offset):
+    dx, dy, ds, db, _ = _siglip_grads_torch(x, y, scale, bias, grad_rows, chunk_size, offset)
+    return dx, dy, *_scalar_grads(ds, db, scale, bias)
+
+
+@siglip_loss_backward.fake
+def _(x, y, scale, bias, grad_rows, chunk_size, offset):
+    return _fake_grads(x, y, scale, bias)
+
+
+# ---------------------------------------------------------------------- siglip_loss_fused
+
+
+def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset):
+    """(loss, dx, dy, dscale, dbias) of loss = row_weight * sum_i l_i, in one pass: the
+    gradients are computed with the loss and only scaled in backward."""
+    w = torch.full((x.shape[0],), row_weight, dtype=compute_dtype(x.dtype), device=x.device)
+    if backend == "triton":
+        chunk = triton_chunk_rows(x, chunk_size)
+        dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, w, chunk, offset)
+    else:
+        dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset)
+    return rows.sum() * row_weight, dx, dy, *_scalar_grads(ds, db, scale, bias)
+
+
+siglip_loss_fused.impl("triton")(functools.partial(_siglip_fused, "triton"))
+siglip_loss_fused.impl("torch")(functools.partial(_siglip_fused, "torch"))
+
+
+@siglip_loss_fused.fake
+def _(x, y, scale, bias, row_weight, chunk_size, offset):
+    return x.new_empty((), dtype=compute_dtype(x.dtype)), *_fake_grads(x, y, scale, bias)
+
+
+@siglip_loss_fused.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        _, dx, dy, ds, db = output
+        ctx.save_for_backward(dx, dy, ds, db)
+
+    @first_order_only("siglip_loss")
+    def backward(ctx, grad_loss, *_unused):
+        return _input_grads(ctx, *(grad_loss * g for g in ctx.saved_tensors))
