@@ -1,8 +1,11 @@
 """Benchmarks of vlmkernels ops against their baselines: ``python -m benchmarks --help``.
 
-Each op family is one module ``bench_<family>.py`` defining ``SUITE`` (a
-:class:`benchmarks.harness.Suite`); :func:`suites` finds them, so adding a family is adding
-that one module.
+Each op family declares its suite module (``Family.bench_suite`` in the family's
+``family.py``, e.g. ``"bench_rope"``): a module of this package defining ``SUITE`` (a
+:class:`benchmarks.harness.Suite`); a family's further suites are the modules named
+``<bench_suite>_<part>.py``. :func:`suites` finds them through the registered families, so
+adding a family's benchmarks is its declaration plus that module. The issues' targets the
+summaries judge are in :mod:`benchmarks.targets`.
 
 Output folders. ``python -m benchmarks`` (``vlmkernels bench``), ``vlmkernels report`` and
 ``vlmkernels profile`` write into :func:`output_dir` by default: ``$VLMKERNELS_RESULTS_DIR``,
@@ -52,11 +55,48 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def suite_modules() -> dict[str, list[str]]:
+    """{op family: its suite modules}, from the families' declarations.
+
+    Each registered family (:func:`vlmkernels.core.family.families`; importing ``vlmkernels``
+    registers them) names its suite module, ``Family.bench_suite`` (``"bench_rope"``); its
+    further suites are the modules of this package named ``<bench_suite>_<part>``
+    (``bench_rope_index``, ``bench_contrastive_dist``), each given to the family with the
+    longest declared name it extends. A family declaring a module this package lacks is a
+    LookupError.
+    """
+    import vlmkernels  # noqa: F401 - registers the op families
+    from vlmkernels.core.family import families
+
+    declared = {f.bench_suite: name for name, f in families().items() if f.bench_suite}
+    here = sorted(m.name for m in pkgutil.iter_modules(__path__))
+    absent = sorted(set(declared) - set(here))
+    if absent:
+        owners = ", ".join(f"{declared[m]} declares {m}" for m in absent)
+        raise LookupError(f"no such benchmark suite module in {__path__[0]}: {owners}")
+    found: dict[str, list[str]] = {name: [] for name in declared.values()}
+    for module in here:
+        owners = [m for m in declared if module == m or module.startswith(m + "_")]
+        if owners:
+            found[declared[max(owners, key=len)]].append(module)
+    return found
+
+
 def suites() -> dict:
-    """{family name: Suite} for every ``bench_*`` module of this package."""
+    """{suite name: Suite} of every op family's suite modules (:func:`suite_modules`), each
+    module's ``SUITE``."""
     found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("bench_"):
-            suite = importlib.import_module(f"{__name__}.{info.name}").SUITE
+    for modules in suite_modules().values():
+        for module in modules:
+            suite = importlib.import_module(f"{__name__}.{module}").SUITE
             found[suite.name] = suite
     return found
+
+
+def suite_family(suite_name: str) -> str:
+    """The op family whose suite module defines the suite ``suite_name``."""
+    for family, modules in suite_modules().items():
+        for module in modules:
+            if importlib.import_module(f"{__name__}.{module}").SUITE.name == suite_name:
+                return family
+    raise LookupError(f"no op family has the benchmark suite {suite_name!r}")

@@ -131,6 +131,7 @@ def _op(name: str) -> OpSpec:
         ),
         lambda shape, mode: 0.0,
         lambda shape, mode, itemsize: 8.0 * 6 * _tokens(shape, name),
+        launches_triton=False,  # batched torch ops
     )
 
 

@@ -101,12 +101,15 @@ class Provider:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """flops(shape, mode) and nbytes(shape, mode, itemsize): the op's cost models."""
+    """flops(shape, mode) and nbytes(shape, mode, itemsize): the op's cost models;
+    ``launches_triton``: whether vlmkernels runs it with its family's Triton kernels (the
+    kernels ``profile`` names for Nsight Compute)."""
 
     name: str
     providers: tuple[Provider, ...]
     flops: Callable[[Mapping[str, int], str], float]
     nbytes: Callable[[Mapping[str, int], str, int], float]
+    launches_triton: bool = True
 
 
 @dataclass(frozen=True)

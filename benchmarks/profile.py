@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import re
 import shlex
 import sys
@@ -35,12 +34,11 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, suites, writable_dir
+from . import UsageError, output_dir, suite_family, suites, writable_dir
 from .harness import BuildArgs, Skip, dtype_str, shape_str
 from .timing import call_ms, synchronize, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODULES = {"contrastive_dist": "contrastive"}  # suite -> vlmkernels.ops module, when they differ
 
 
 @dataclass
@@ -139,22 +137,21 @@ def short_kernel_name(name: str) -> str:
     return base.split("::")[-1].strip() or name
 
 
-def triton_kernels(suite_name: str, op: str) -> list[str]:
-    """Names of the launchable Triton kernels of the op's module (for ncu on a CPU host)."""
-    module_name = MODULES.get(suite_name, suite_name)
-    try:
-        module = importlib.import_module(f"vlmkernels.ops.{module_name}")
-    except ImportError:
-        return []
-    from triton.runtime.jit import KernelInterface
+def triton_kernels(suite_name: str, op) -> list[str]:
+    """Names of the Triton kernels of the op's family (its declaration), as the compiled
+    kernels are named (for ncu's ``-k``): those naming the op's stem, else all of them; none
+    for an op vlmkernels runs without them (``OpSpec.launches_triton``)."""
+    from vlmkernels.core.family import family
 
+    if not op.launches_triton:
+        return []
     names = []
-    for attr, obj in vars(module).items():
-        launchable = isinstance(obj, KernelInterface) or hasattr(obj, "fn")
-        wrapper = type(obj).__name__ in ("Autotuner", "Heuristics")
-        if launchable and (wrapper or attr.endswith("kernel")):
-            names.append(attr)
-    stem = op.split("_")[0]
+    for kernel in family(suite_family(suite_name)).kernels:
+        fn = kernel.fn  # the @triton.jit function, possibly under triton.heuristics
+        while getattr(fn, "__name__", None) is None and hasattr(fn, "fn"):
+            fn = fn.fn
+        names.append(getattr(fn, "__name__", kernel.name))
+    stem = op.name.split("_")[0]
     return [n for n in names if stem in n] or names
 
 
@@ -357,7 +354,7 @@ def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
     print(f"\nwrote {trace}\nwrote {table_csv}")
     kernels = [short_kernel_name(rows[0].name)] if on_gpu and rows else []
     if not kernels:
-        kernels = triton_kernels(suite.name, args.op)
+        kernels = triton_kernels(suite.name, op)
     print("\nNsight Compute, the same call (on the GPU machine):")
     print("  " + ncu_command(args, shape, dtype, mode, kernels))
     if not on_gpu:

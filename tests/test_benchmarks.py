@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmkernels.cli import load_benchmarks
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `benchmarks` is a top-level folder, not an installed package
+# `benchmarks` is a folder of the checkout, not an installed package: imported from its
+# location, as `vlmkernels bench` does
+load_benchmarks(REPO)
 
 from benchmarks import bench_contrastive, bench_rope, targets  # noqa: E402
 from benchmarks.env import Environment  # noqa: E402
@@ -1011,3 +1015,19 @@ def test_host_mode_runs_alone_and_only_where_there_is_a_budget(capsys):
     assert "rope_index: no host-time budget in benchmarks/targets.py; not timed" in out
     assert "clip_loss vlmkernels N=8,d=32 float32 host fwd+bwd" in out
     assert "clip_loss eager N=8,d=32 float32 host fwd+bwd" in out
+
+
+def test_every_suite_module_belongs_to_a_declared_family():
+    """The suites run are the op families' (``Family.bench_suite`` and its ``_<part>``
+    modules): a bench_*.py no family claims would never run."""
+    import benchmarks
+    from benchmarks.profile import find_op, triton_kernels
+
+    modules = benchmarks.suite_modules()
+    claimed = sorted(m for ms in modules.values() for m in ms)
+    assert claimed == sorted(p.stem for p in (REPO / "benchmarks").glob("bench_*.py"))
+    assert modules["rope"] == ["bench_rope", "bench_rope_index"]
+    assert benchmarks.suite_family("contrastive_dist") == "contrastive"
+    # profile names the family's kernels for Nsight Compute, none for torch-only ops
+    assert triton_kernels("rope", find_op("mrope")[1]) == ["_rope_kernel"]
+    assert triton_kernels("rope_index", find_op("get_rope_index_qwen2_vl")[1]) == []

@@ -49,10 +49,8 @@ def cache(tmp_path) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture(autouse=True)
-def _checkout_on_path(monkeypatch):
-    """``import benchmarks`` as ``vlmkernels bench`` does: the checkout on sys.path."""
-    monkeypatch.syspath_prepend(str(REPO))
+# ``import benchmarks`` as ``vlmkernels bench`` does: from the checkout's folder, by location
+cli.load_benchmarks(REPO)
 
 
 def test_help_lists_every_command(cache):
@@ -180,6 +178,36 @@ def test_bench_outside_a_checkout_says_so(monkeypatch, capsys, tmp_path):
     assert "checkout" in capsys.readouterr().err
 
 
+def test_bench_finds_the_families_suites_without_changing_sys_path(tmp_path, cache):
+    """From outside the checkout (found next to the package): the suites the op families
+    declare, ``benchmarks`` imported from the checkout's folder, ``sys.path`` unchanged."""
+    code = (
+        "import sys; from vlmkernels import cli; path = list(sys.path); "
+        "rc = cli.main(['bench', '--list', '--providers', 'vlmkernels']); "
+        "import benchmarks; from vlmkernels.core.family import families; "
+        "print('PATH', sys.path == path, 'FROM', benchmarks.__file__); "
+        "print('SUITES', sorted(benchmarks.suites())); "
+        "print('DECLARED', sorted(f.bench_suite for f in families().values())); "
+        "sys.exit(rc)"
+    )
+    out = _ok(run("-c", code, cache=cache, cwd=tmp_path))
+    assert f"PATH True FROM {REPO / 'benchmarks' / '__init__.py'}" in out
+    assert "SUITES ['contrastive', 'contrastive_dist', 'rope', 'rope_index']" in out
+    assert "DECLARED ['bench_contrastive', 'bench_rope']" in out
+    listed = {line.split()[0] for line in out.splitlines() if " vlmkernels " in line}
+    assert {"clip_loss", "mrope", "get_rope_index_qwen2_vl", "albef_itc"} <= listed
+
+
+def test_bench_refuses_another_benchmarks_package(tmp_path, cache):
+    other = tmp_path / "benchmarks"
+    other.mkdir()
+    (other / "__init__.py").write_text("")
+    code = "import sys, benchmarks; from vlmkernels import cli; sys.exit(cli.main(['bench']))"
+    proc = run("-c", code, cache=cache, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("vlmkernels bench: another `benchmarks` module is already")
+
+
 def _row(run_id, stamp, provider, mode, metric, p50, status="ok", throttled=""):
     return {
         "timestamp": stamp, "run_id": run_id, "suite": "s", "op": "op", "provider": provider,
@@ -191,7 +219,6 @@ def _row(run_id, stamp, provider, mode, metric, p50, status="ok", throttled=""):
 
 
 def test_report_takes_the_latest_run_and_flags_throttling():
-    sys.path.insert(0, str(REPO))
     from benchmarks.report import summary_markdown
 
     old = [_row("r1", "2026-01-01T00:00:00Z", "vlmkernels", "fwd", "ms", 9.0)]
