@@ -26,8 +26,9 @@ Method:
 - Per case ``--host-calls`` calls (default 1000) after a tenth as many warm-up calls, each
   timed alone with ``time.perf_counter_ns`` (gradients reset between calls, untimed; the
   garbage collector paused); the median, with the 20th and 80th percentiles, in
-  microseconds. A shared or loaded machine inflates every number: compare the two columns
-  of one run.
+  microseconds. A shared or loaded machine inflates every number: compare the columns of
+  one run, and the scale row, ``x.add(1)`` on a 1-element tensor timed the same way in the
+  same interpreter (one torch op's host cost there and then; op ``torch_add``).
 
 Output: ``<out>/host.csv`` (``--out``; rows of metric ``host_us``, mode ``fwd`` or
 ``fwd+bwd``), a table per run (vlmkernels us, eager us, budget, PASS / MISS), and the section
@@ -56,6 +57,10 @@ from .harness import BuildArgs, Case, Prepared, Record, _failure, shape_str
 
 HOST_METRIC = "host_us"
 HOST_FILE = "host.csv"
+# One torch op's host cost in the same interpreter and run: the scale of the other rows (it
+# varies several-fold between machines and with their load)
+SCALE_SUITE, SCALE_OP = "host", "torch_add"
+SCALE_NOTE = "x.add(1) on a 1-element tensor: one torch op's host cost in this run (the scale)"
 DEFAULT_CALLS = 1000
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,7 +169,13 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str) -> list[dict]:
             result = {**case, "status": status, "note": note}
             print(f"{label} {status}: {note}", flush=True)
         out.append(result)
-    return out
+    one = torch.ones(1, dtype=getattr(torch, dtype))
+    samples = time_calls(lambda: one.add(1), (), calls, max(10, calls // 10))
+    scale = {"suite": SCALE_SUITE, "op": SCALE_OP, "provider": "torch", "mode": "fwd",
+             "shape": {"n": 1}, "calls": calls, "launches": 0.0, "status": "ok",
+             "note": SCALE_NOTE, **quantiles_us(samples)}  # fmt: skip
+    print(f"  [{SCALE_OP}] one.add(1) {scale['p50']:9.1f} us (the scale)", flush=True)
+    return [*out, scale]
 
 
 def _child(argv: list[str]) -> int:
@@ -272,6 +283,12 @@ def rows_table(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> lis
         else:
             lines.append(f"{cells[0]:<18} {cells[1]:<8} {cells[2]:<14} {cells[3]:<22} "
                          f"{cells[4]:>9} {cells[5]:>9} {cells[6]:>9}  {cells[7]}")  # fmt: skip
+    scale = index.get((SCALE_OP, "fwd", "torch"))
+    if scale is not None:
+        lines += ["", f"Scale: one torch op (`x.add(1)` on a 1-element tensor) took {us(scale)} "
+                  "us per call in the same run."]  # fmt: skip
+        if not markdown:
+            lines[-1] = lines[-1].replace("`", "")
     return lines
 
 
@@ -328,9 +345,9 @@ def run(args, selection: Mapping[str, list], available: Mapping) -> int:
     path = out_dir / HOST_FILE
     records = _records(results, dtype)
     for name in dict.fromkeys(r["suite"] for r in results):
-        suite = available[name]
+        x_name = available[name].x_name if name in available else ""
         mine = [rec for rec, r in zip(records, results, strict=True) if r["suite"] == name]
-        CsvSink(path, name, suite.x_name, run_id, env)(mine)
+        CsvSink(path, name, x_name, run_id, env)(mine)
     print()
     print("\n".join(rows_table([_as_row(r) for r in records])))
     failed = [r for r in results if r["status"] == "error"]
