@@ -21,7 +21,7 @@ __all__ = [
     "Targets",
     "coefficients_from_state",
     "onehot_col_dot",
-    "onehot_counts",
+    "onehot_count",
     "without_target",
 ]
 
@@ -51,17 +51,29 @@ class Targets:
     def ids(self) -> bool:
         return self.row_ids is not None
 
+    def single_positives(self, m: int, n: int) -> tuple[bool, bool]:
+        """Whether every row, and whether every column, of an M x N block has exactly one
+        positive: targets without ids whose diagonal col = row + offset crosses the block
+        (known without looking at the data; the losses and coefficients then skip the
+        per-sample counts)."""
+        if self.ids:
+            return False, False
+        o = self.offset
+        return 0 <= o and m + o <= n, o <= 0 and n - o <= m
+
 
 @dataclasses.dataclass
 class SideStats:
     """Statistics of the rows (or the columns) of a logit block over the other side:
-    fp32 (L,) tensors, additive across blocks of the other side (``merge``)."""
+    fp32 (L,) tensors, additive across blocks of the other side (``merge``).
+    ``single_positive``: every sample has exactly one positive (``hard_cnt`` is all ones)."""
 
     lse: torch.Tensor
     hard_dot: torch.Tensor  # sum of S over positive pairs
     hard_cnt: torch.Tensor  # number of positive pairs
     logit_sum: torch.Tensor | None = None  # sum of S (label smoothing)
     teacher_dot: torch.Tensor | None = None  # sum of softmax(T) S (distillation)
+    single_positive: bool = False
 
     def merge(self, other: SideStats) -> SideStats:
         def add(a, b):
@@ -78,14 +90,15 @@ class SideStats:
     def losses(self, targets: Targets, n_classes: int) -> torch.Tensor:
         """Per-sample cross-entropy lse - sum_j t_ij S_ij once the stats are complete; NaN
         for a sample without positives whose targets need one (alpha < 1)."""
-        hard = self.hard_dot / self.hard_cnt.clamp_min(1)
-        hard = torch.where(without_target(self.hard_cnt, targets), math.nan, hard)
-        dot = (1 - targets.smoothing) * hard
+        if self.single_positive:
+            dot = self.hard_dot
+        else:
+            dot = self.hard_dot / self.hard_cnt.clamp_min(1)
+            dot = torch.where(without_target(self.hard_cnt, targets), math.nan, dot)
         if targets.smoothing:
-            dot = dot + targets.smoothing / n_classes * self.logit_sum
-        dot = (1 - targets.alpha) * dot
+            dot = (1 - targets.smoothing) * dot + targets.smoothing / n_classes * self.logit_sum
         if targets.alpha:
-            dot = dot + targets.alpha * self.teacher_dot
+            dot = (1 - targets.alpha) * dot + targets.alpha * self.teacher_dot
         return self.lse - dot
 
     def coefficients(self, targets: Targets, n_classes: int, weights: torch.Tensor,
@@ -94,16 +107,23 @@ class SideStats:
         teacher lse) with u the upstream weights, h = u (1 - alpha)(1 - smoothing) / c,
         e = u (1 - alpha) smoothing / n, a = u alpha. u is NaN for a sample whose loss is
         NaN (no target) and whose upstream weight is not 0, so that every gradient its loss
-        reaches is NaN too."""
+        reaches is NaN too. Rows e, a and the teacher lse are read only with label
+        smoothing, distillation and a teacher respectively (zeros otherwise)."""
         u = weights.to(self.lse.dtype)
-        u = torch.where(without_target(self.hard_cnt, targets) & (u != 0), math.nan, u)
         keep = 1 - targets.alpha
-        h = torch.where(self.hard_cnt > 0, u * keep * (1 - targets.smoothing)
-                        / self.hard_cnt.clamp_min(1), 0.0)  # fmt: skip
-        e = u * keep * targets.smoothing / n_classes
-        a = u * targets.alpha
-        t_lse = teacher_lse if teacher_lse is not None else torch.zeros_like(u)
-        return torch.stack((self.lse, u, h, e, a, t_lse.to(u.dtype)))
+        if self.single_positive:
+            h = u if keep == 1 and not targets.smoothing else u * (keep * (1 - targets.smoothing))
+        else:
+            u = torch.where(without_target(self.hard_cnt, targets) & (u != 0), math.nan, u)
+            h = torch.where(self.hard_cnt > 0, u * keep * (1 - targets.smoothing)
+                            / self.hard_cnt.clamp_min(1), 0.0)  # fmt: skip
+        zeros = None
+        if not (targets.smoothing and targets.alpha and teacher_lse is not None):
+            zeros = torch.zeros_like(u)
+        e = u * (keep * targets.smoothing / n_classes) if targets.smoothing else zeros
+        a = u * targets.alpha if targets.alpha else zeros
+        t_lse = teacher_lse.to(u.dtype) if teacher_lse is not None else zeros
+        return torch.stack((self.lse, u, h, e, a, t_lse))
 
 
 def without_target(hard_cnt: torch.Tensor, targets: Targets) -> torch.Tensor:
@@ -112,21 +132,34 @@ def without_target(hard_cnt: torch.Tensor, targets: Targets) -> torch.Tensor:
     return (hard_cnt == 0) & (targets.alpha < 1)
 
 
-def onehot_counts(m: int, n: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive counts of rows and columns for positives at col = row + offset."""
-    rows = torch.arange(m, device=device) + offset
-    cols = torch.arange(n, device=device) - offset
-    return ((rows >= 0) & (rows < n)).float(), ((cols >= 0) & (cols < m)).float()
+def onehot_count(m: int, n: int, offset: int, device, dtype=torch.float32) -> torch.Tensor:
+    """(M,) positive counts of the rows of an M x N block with positives at
+    col = row + offset: 1 where that column exists, else 0. The columns' counts are
+    ``onehot_count(n, m, -offset)``."""
+    lo, hi = max(0, -offset), max(0, min(m, n - offset))
+    if lo == 0 and hi == m:
+        return torch.ones(m, dtype=dtype, device=device)
+    count = torch.zeros(m, dtype=dtype, device=device)
+    count[lo:hi] = 1
+    return count
 
 
 def onehot_col_dot(row_dot: torch.Tensor, n: int, offset: int) -> torch.Tensor:
     """Column sums of S over positives from the rows' (the same pairs, col = row + offset)."""
-    j = torch.arange(n, device=row_dot.device) - offset
-    inside = (j >= 0) & (j < row_dot.shape[0])
-    return torch.where(inside, row_dot[j.clamp(0, max(row_dot.shape[0] - 1, 0))], 0.0)
+    m = row_dot.shape[0]
+    if offset == 0 and n == m:
+        return row_dot
+    col_dot = row_dot.new_zeros(n)
+    lo, hi = max(0, offset), max(0, min(n, m + offset))  # the columns with a positive
+    if hi > lo:
+        col_dot[lo:hi] = row_dot[lo - offset : hi - offset]
+    return col_dot
 
 
-def coefficients_from_state(state, targets: Targets, n_classes: int, weights):
+def coefficients_from_state(state, targets: Targets, n_classes: int, weights,
+                            single_positive: bool = False):  # fmt: skip
     """(6, L) gradient coefficients from a saved (3, L) state (lse, count, teacher lse)."""
-    side = SideStats(state[0], state[0], state[1])
-    return side.coefficients(targets, n_classes, weights.to(state.dtype), state[2])
+    lse, count, teacher_lse = state.unbind(0)
+    side = SideStats(lse, lse, count, single_positive=single_positive)
+    teacher_lse = teacher_lse if targets.teacher is not None else None
+    return side.coefficients(targets, n_classes, weights.to(state.dtype), teacher_lse)

@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "CHUNK_BUDGET_BYTES",
+    "NORMALISED_DTYPES",
     "default_chunk_rows",
     "feature_grads",
     "normalise",
@@ -31,6 +32,13 @@ def default_chunk_rows(n: int, elem_size: int, budget_bytes: int = CHUNK_BUDGET_
     rows = budget_bytes // (n * elem_size)
     rows = max(256, rows // 256 * 256)
     return min(n, rows)
+
+
+NORMALISED_DTYPES = (torch.float16,)
+"""Chunk dtypes that need the gradient weights normalised (:func:`normalise`): float16,
+whose smallest normal is 6e-5 and largest value 65504, while the weights of a mean over N
+samples are 1 / N and an upstream gradient may be large. bfloat16 and float32 have
+float32's exponent range: their chunks hold the weights as they are."""
 
 
 def triton_chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
@@ -87,6 +95,14 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
     """
     m, d = x.shape
     n = y.shape[0]
+    if m <= chunk_rows and dx_acc is None and dy_acc is None:  # one chunk: the results
+        g = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        fill(g, 0, 0, m)
+        gy = _mm_f32(g, y)
+        g_dot_xy = (gy * x).sum()
+        dy = _mm_f32(g.t(), x)
+        del g
+        return gy.mul_(coef).to(x.dtype), dy.mul_(coef).to(y.dtype), g_dot_xy
     buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
     dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=x.dtype, device=x.device)
     dy = dy_acc if dy_acc is not None else torch.zeros((n, d), dtype=torch.float32,
@@ -115,7 +131,8 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
 
 def normalise(*weights: torch.Tensor):
     """Weights divided by their largest magnitude, and that magnitude (1 if all are 0):
-    the logit-gradient chunk then holds values of order 1, which fp16 represents."""
+    the logit-gradient chunk then holds values of order 1, which fp16 represents (see
+    :data:`NORMALISED_DTYPES`)."""
     kappa = torch.stack([w.abs().amax() for w in weights]).amax()
     kappa = torch.where(kappa > 0, kappa, torch.ones_like(kappa))
     return [(w / kappa).contiguous() for w in weights], kappa

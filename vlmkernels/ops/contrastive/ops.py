@@ -250,13 +250,16 @@ def _ce_forward(backend, *args):
         teacher_lse = (t_rows.lse if rows else None, t_cols.lse if cols else None)
     row_stats, col_stats = block_stats(x, y, a.scale, a.bias, targets, rows, cols, a.chunk_size,
                                        teacher_lse, backend)  # fmt: skip
-    outputs = []
+    outputs, zeros = [], None
     sides = ((row_stats, teacher_lse[0], n), (col_stats, teacher_lse[1], m))
     for stats, t_lse, n_classes in sides:
         if stats is None:
             outputs.append((x.new_empty((0,), dtype=ct), x.new_empty((3, 0), dtype=ct)))
             continue
-        t_lse = t_lse if t_lse is not None else torch.zeros_like(stats.lse)
+        if t_lse is None:  # the teacher lse row of the state: zeros without a teacher
+            if zeros is None or zeros.shape != stats.lse.shape:
+                zeros = torch.zeros_like(stats.lse)
+            t_lse = zeros
         state = torch.stack(
             (stats.lse, stats.hard_cnt.to(stats.lse.dtype), t_lse.to(stats.lse.dtype))
         )
@@ -305,8 +308,12 @@ def _ce_backward(backend, *args):
     x, y, scale, bias = a.x, a.y, a.scale, a.bias
     targets = _targets(a)
     m, n = x.shape[0], y.shape[0]
-    row_coef = coefficients_from_state(a.row_state, targets, n, a.grad_rows) if a.rows else None
-    col_coef = coefficients_from_state(a.col_state, targets, m, a.grad_cols) if a.cols else None
+    single_r, single_c = targets.single_positives(m, n)
+    row_coef = col_coef = None
+    if a.rows:
+        row_coef = coefficients_from_state(a.row_state, targets, n, a.grad_rows, single_r)
+    if a.cols:
+        col_coef = coefficients_from_state(a.col_state, targets, m, a.grad_cols, single_c)
     if backend == "triton":
         dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
                                              triton_chunk_rows(x, a.chunk_size))  # fmt: skip
@@ -389,11 +396,11 @@ def _(x, y, scale, bias, grad_rows, chunk_size, offset):
 def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset):
     """(loss, dx, dy, dscale, dbias) of loss = row_weight * sum_i l_i, in one pass: the
     gradients are computed with the loss and only scaled in backward."""
-    w = torch.full((x.shape[0],), row_weight, dtype=compute_dtype(x.dtype), device=x.device)
     if backend == "triton":
         chunk = triton_chunk_rows(x, chunk_size)
-        dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, w, chunk, offset)
+        dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, row_weight, chunk, offset)
     else:
+        w = torch.full((x.shape[0],), row_weight, dtype=compute_dtype(x.dtype), device=x.device)
         dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset)
     return rows.sum() * row_weight, dx, dy, *_scalar_grads(ds, db, scale, bias)
 
@@ -415,4 +422,8 @@ class _:
 
     @first_order_only("siglip_loss")
     def backward(ctx, grad_loss, *_unused):
-        return _input_grads(ctx, *(grad_loss * g for g in ctx.saved_tensors))
+        need = ctx.needs_input_grad
+        grads = (
+            grad_loss * g if n else None for g, n in zip(ctx.saved_tensors, need[:4], strict=True)
+        )
+        return _input_grads(ctx, *grads)

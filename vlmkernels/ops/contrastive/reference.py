@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .algebra import SideStats, Targets, onehot_counts
+from .algebra import SideStats, Targets, onehot_count
 from .chunked import CHUNK_BUDGET_BYTES
 
 __all__ = [
@@ -92,8 +92,8 @@ def block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True,
     if targets.ids:
         r["cnt"], k["cnt"] = torch.zeros(m, **ct), torch.zeros(n, **ct)
     else:
-        r["cnt"], k["cnt"] = (t.to(xf.dtype) for t in onehot_counts(m, n, targets.offset,
-                                                                     x.device))  # fmt: skip
+        r["cnt"] = onehot_count(m, n, targets.offset, x.device, xf.dtype)
+        k["cnt"] = onehot_count(n, m, -targets.offset, x.device, xf.dtype)
     buf = torch.empty((min(c, m), n), **ct)
     tmp = torch.empty_like(buf)
     t_buf = torch.empty_like(buf) if teach else None
@@ -132,12 +132,13 @@ def block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True,
                 torch.sub(teacher, t_col[None, :], out=tmp_c).exp_().mul_(logits)
                 k["tdot"] += tmp_c.sum(0)
     smooth = bool(targets.smoothing)
+    single_r, single_c = targets.single_positives(m, n)
 
-    def side(d):
+    def side(d, single):
         return SideStats(d["lse"], d["dot"], d["cnt"], d["sum"] if smooth else None,
-                         d["tdot"] if teach else None)  # fmt: skip
+                         d["tdot"] if teach else None, single)  # fmt: skip
 
-    return (side(r) if rows else None), (side(k) if cols else None)
+    return (side(r, single_r) if rows else None), (side(k, single_c) if cols else None)
 
 
 def block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows=0):
