@@ -156,7 +156,7 @@ case "$PART" in
         [ $t -eq 0 ] && [ $b -eq 0 ]
         ;;
     tune)
-        $PY -c "from vlmkernels.ops._tuning import tune; tune(out_dir='$OUT/configs')" 2>&1 \
+        $PY -c "from vlmkernels.core.tuner import tune; tune(out_dir='$OUT/configs')" 2>&1 \
             | tee -a "$OUT/bench.log"
         ;;
     bench-rope-quick) bench rope --quick "$@" ;;

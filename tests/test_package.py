@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from vlmkernels.ops._common import INTERPRETED
+from vlmkernels.core.runtime import INTERPRETED
 
 import vlmkernels
 from vlmkernels.core.backend import resolve_backend

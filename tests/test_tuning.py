@@ -1,4 +1,4 @@
-"""Persisted launch configs (vlmkernels.ops._tuning): file lookup order, nearest bucket,
+"""Persisted launch configs (vlmkernels.core.tuning, configs, tuner): file lookup order, nearest bucket,
 stale files, the fallback warning, the interpreter path, tune's pipeline with a fake
 benchmark, the preferred backend and resolve_backend, and compile_check's view of the
 config spaces.
@@ -21,6 +21,7 @@ import triton
 
 import vlmkernels
 from vlmkernels.core import backend as _backend
+from vlmkernels.core import configs as CF
 from vlmkernels.core import runtime as _common
 from vlmkernels.core import tuner as TU
 from vlmkernels.core import tuning as T
@@ -37,7 +38,7 @@ def dirs(tmp_path, monkeypatch):
     """(user dir, package dir), both empty, with every cache cleared around the test."""
     user, package = tmp_path / "user", tmp_path / "package"
     monkeypatch.setenv(T.CONFIG_DIR_ENV, str(user))
-    monkeypatch.setattr(T, "PACKAGE_CONFIG_DIR", package)
+    monkeypatch.setattr(CF, "PACKAGE_CONFIG_DIR", package)
     T.clear_cache()
     yield user, package
     T.clear_cache()
@@ -46,8 +47,8 @@ def dirs(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """CUDA device 0 is an H100 as far as the lookup is concerned."""
-    monkeypatch.setattr(T, "_current_device", lambda: 0)
-    monkeypatch.setattr(T, "_raw_device_name", lambda index: H100)
+    monkeypatch.setattr(CF, "_current_device", lambda: 0)
+    monkeypatch.setattr(CF, "_raw_device_name", lambda index: H100)
     T.clear_cache()
 
 
@@ -423,7 +424,7 @@ def test_real_kernels_under_the_interpreter_skip_the_lookup(dirs, monkeypatch):
     user, _ = dirs
     # a stale file that would warn if it were read
     write(user, "rope", [], device=H100_DIR, triton_version="0.1")
-    monkeypatch.setattr(T, "_raw_device_name", lambda index: H100)
+    monkeypatch.setattr(CF, "_raw_device_name", lambda index: H100)
     if not _common.INTERPRETED:
         pytest.skip("the kernels are compiled here")
     q, k = torch.randn(1, 5, 3, 16), torch.randn(1, 5, 2, 16)

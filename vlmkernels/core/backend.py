@@ -23,10 +23,13 @@ import os
 import torch
 
 from . import cuda, runtime
+from .configs import derived_cache
 from .family import cuda_ops
 from .tuning import preferred_backend
 
 BACKENDS = ("triton", "torch", "cuda")
+_environ = os.environ
+_DEFAULTS = derived_cache()  # (op, CUDA device) -> whether CUDA C++ was recorded faster
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "vlmkernels_backend", default=None
@@ -54,9 +57,10 @@ def get_backend() -> str | None:
     forced = _forced.get()
     if forced is not None:
         return forced
-    env = os.environ.get("VLMKERNELS_BACKEND", "").strip().lower()
+    env = _environ.get("VLMKERNELS_BACKEND")
     if env:
-        return _check_name(env, "VLMKERNELS_BACKEND")
+        env = env.strip().lower()
+        return _check_name(env, "VLMKERNELS_BACKEND") if env else None
     return None
 
 
@@ -100,11 +104,14 @@ def use_backend(name: str):
 
 def cuda_default(op: str, device: torch.device) -> str:
     """The backend of ``op`` for CUDA tensors when none is forced: the one recorded as
-    faster on this device (``vlmkernels.ops._tuning.preferred_backend``, written by
-    ``vlmkernels tune``) when it is available, else Triton."""
-    if op in cuda_ops() and preferred_backend(op, device) == "cuda" and cuda_backend_status()[0]:
-        return "cuda"
-    return "triton"
+    faster on this device (:func:`.tuning.preferred_backend`, written by ``vlmkernels
+    tune``) when it is available, else Triton. Cached per (op, device) until
+    :func:`.tuning.clear_cache`."""
+    key = (op, device)
+    faster = _DEFAULTS.get(key)
+    if faster is None:
+        faster = _DEFAULTS[key] = op in cuda_ops() and preferred_backend(op, device) == "cuda"
+    return "cuda" if faster and cuda_backend_status()[0] else "triton"
 
 
 def resolve_backend(op: str, tensor: torch.Tensor) -> str:
@@ -113,11 +120,10 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
     if forced is None:
         if tensor.dtype == torch.float64:
             return "torch"
-        if tensor.device.type == "cuda":
-            return cuda_default(op, tensor.device)
-        if tensor.device.type == "cpu" and triton_interpreted():
-            return "triton"
-        return "torch"
+        device = tensor.device
+        if device.type == "cuda":
+            return cuda_default(op, device)
+        return "triton" if device.type == "cpu" and runtime.INTERPRETED else "torch"
     if forced == "cuda":
         ok, why = cuda_backend_status()
         if not ok:

@@ -1,9 +1,6 @@
-r"""Launch configs of the Triton kernels: persisted per device, looked up at run time, tuned
-on the GPU by :mod:`.tuner` (``vlmkernels tune``).
-
-Kernels. Each family's Triton kernels (declared in its ``family.py``) take a launch config
-(tile sizes as constexprs, ``num_warps``, ``num_stages``) from a config space defined next
-to them; each is decorated with :func:`tuned`, which replaces ``triton.autotune``.
+"""Triton kernels that launch with persisted configs: :class:`TunedKernel` (the decorator
+:func:`tuned` replaces ``triton.autotune``), the registry of every kernel, and the lookup
+API. The files and their rules are :mod:`.configs`; tuning is :mod:`.tuner`.
 
 How a kernel launches (``kernel[grid](*args, **kwargs)``):
 
@@ -12,96 +9,12 @@ How a kernel launches (``kernel[grid](*args, **kwargs)``):
 - with ``VLMKERNELS_AUTOTUNE=1`` (opt-in): Triton's autotuner over the whole config space,
   benchmarking at the first call of every shape bucket, in memory, as ``triton.autotune``
   does (launches are then not deterministic across processes; no file is read);
-- otherwise (the default): the config from :func:`lookup` for the kernel's key on the
+- otherwise (the default): the config :mod:`.configs` finds for the kernel's key on the
   current CUDA device, cached per (kernel, device, key): no benchmarking at run time, the
   same config for the same shapes in every process.
 
-Key. A kernel's key is its autotuning key (argument values: sizes such as ``D`` and
-``n_bucket`` = the next power of two of the larger block side, and the constexpr flags that
-select its variant, such as ``ROWS`` or ``WRITE_GRAD``), plus ``dtype``, the element type
-of its first tensor argument ("bf16", "fp16", "fp32"). Booleans are stored as 0 / 1. For
-example ``rope``: sizes ``HQ, HK, D, half``, variant ``SOURCE`` (0 table, 1 positions).
-
-Files. One JSON file per kernel and device, ``<dir>/<device>/<kernel>.json``. ``<device>``
-is the normalised CUDA device name (:func:`normalise_device_name`: every run of characters
-other than letters, digits and dots becomes one underscore, so "NVIDIA H100 80GB HBM3" is
-"NVIDIA_H100_80GB_HBM3" and "NVIDIA H100-PCIe" is "NVIDIA_H100_PCIe"). Values below are
-illustrative::
-
-    {
-      "format": 1,
-      "kernel": "clip_stats",
-      "device": "NVIDIA_H100_80GB_HBM3",
-      "source": "tuned",
-      "triton_version": "3.6.0",
-      "source_hash": "<16 hex digits>",
-      "key": ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER", "dtype"],
-      "configs": {
-        "D=768,n_bucket=32768,ROWS=1,COLS=1,IDS=0,SMOOTH=0,TEACHER=0,dtype=bf16":
-          {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3,
-           "ms": 1.25, "default_ms": 1.31}
-      }
-    }
-
-- ``source``: "tuned" (measured by the tuner) or "default" (hand-written heuristic
-  values, not measured); both are used the same way, :func:`lookup_report` shows which.
-- ``triton_version`` and ``source_hash`` (:meth:`TunedKernel.source_hash`: SHA-256 of the
-  source of the kernel and of the ``@triton.jit`` helpers it calls, from ``def`` on, so
-  moving code or editing decorators does not change it) make a file stale when the running
-  Triton's major.minor version differs or the kernel's code changed; a stale file is
-  ignored as a whole with a :class:`StaleConfigWarning` (once per file). So is a file whose
-  ``kernel`` or ``key`` differs from the kernel's.
-- ``configs`` maps buckets ("name=value" pairs in ``key`` order, comma-separated) to a
-  config: the kernel's constexprs, ``num_warps``, ``num_stages``; ``ms`` and ``default_ms``
-  (the winner's and the default config's time, median ms, from :func:`tune`) are
-  informative. An entry that is not one of the kernel's configs (the space changed) is
-  ignored with a :class:`StaleConfigWarning`: the launchers size buffers for that space.
-- Malformed files and entries are ignored the same way, with a
-  :class:`MalformedConfigWarning` (a :class:`StaleConfigWarning`) naming the file and what
-  is wrong, once per file: a file that does not parse (not JSON, not UTF-8, nested too
-  deeply) or is not a JSON object, ``configs`` that is not an object; an entry whose value
-  is not an object, whose launch options are not integers, or whose bucket does not follow
-  ``key``. The other entries of the file still count, and the lookup goes on to the next
-  file, then to the default.
-
-Lookup, for a kernel, a device and a key:
-
-1. the user directory ``VLMKERNELS_CONFIG_DIR`` (default ``$XDG_CACHE_HOME/vlmkernels/
-   configs``, else ``~/.cache/vlmkernels/configs``: where :func:`tune` writes), then the
-   files shipped in the package (``vlmkernels/configs/``). The first of these two files
-   that holds a valid entry of the same variant decides;
-2. in that file, "nearest bucket": among the entries whose variant values (every key but
-   the sizes: flags and dtype) equal the key's, the exact bucket if present, else the one
-   minimising the sum over the size keys of ``|log2(entry size) - log2(size)|`` (ties: the
-   larger sizes). Entries of another variant or dtype are never used (a config tuned
-   without the teacher's second product, or for 16-bit tiles, may not fit);
-3. otherwise the heuristic default, the first config of the space, with a
-   :class:`DefaultConfigWarning` once per kernel in the process.
-
-Results are cached per (kernel, device, key); files (and ``VLMKERNELS_CONFIG_DIR``) are read
-once; :func:`clear_cache` forgets everything.
-
-Preferred backend. ``<dir>/<device>/backends.json`` records, per op name (as passed to
-``resolve_backend``: "rope", "clip_loss", "siglip_loss"), which backend is faster on that
-device::
-
-    {"format": 1, "device": "NVIDIA_H100_80GB_HBM3",
-     "backends": {"rope": {"backend": "cuda", "triton_ms": 2.1, "cuda_ms": 1.9}}}
-
-:func:`preferred_backend` reads it (user directory first, then the package);
-``resolve_backend`` runs CUDA tensors on the recorded backend when it is available, else on
-Triton. :func:`tune` measures and records it for the ops with a CUDA C++ implementation
-when the extension is built; :func:`record_preferred_backend` writes an entry. A
-``backends.json`` that does not parse, whose ``backends`` is not an object, or an entry
-whose backend is not "triton" or "cuda", is ignored (the file or that entry) with a
-:class:`MalformedConfigWarning`, once per file; the lookup goes on to the next file.
-
-Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the package; they
-come from ``vlmkernels tune --out vlmkernels/configs`` on the GPU. None are shipped yet.
-
-API: :func:`lookup`, :func:`lookup_report`, :func:`preferred_backend`,
-:func:`record_preferred_backend`, :func:`clear_cache`, :func:`normalise_device_name`; tuning
-itself is :func:`vlmkernels.core.tuner.tune`.
+A family's launcher may :meth:`TunedKernel.prepare` a launch once per layout (kept in a
+:func:`prepared_cache`) to skip the per-call key and lookup.
 """
 
 from __future__ import annotations
@@ -111,138 +24,42 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-import json
-import math
-import os
-import pathlib
 import re
-import tempfile
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import triton
 from triton.runtime.jit import KernelInterface
 
+from . import configs as _configs
 from . import runtime
-
-FORMAT = 1
-CONFIG_DIR_ENV = "VLMKERNELS_CONFIG_DIR"
-PACKAGE_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-BACKENDS_FILE = "backends.json"
-_META = ("ms", "default_ms")  # informative entry fields, not launch options
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-class ConfigWarning(UserWarning):
-    """Base class of the warnings about launch configs."""
-
-
-class DefaultConfigWarning(ConfigWarning):
-    """A kernel launches with its heuristic default config: no tuned entry applies."""
-
-
-class StaleConfigWarning(ConfigWarning):
-    """A config file (or entry) is ignored: other Triton version, changed kernel source,
-    a config outside the kernel's space, or a malformed file (the subclass
-    :class:`MalformedConfigWarning`)."""
-
-
-class MalformedConfigWarning(StaleConfigWarning):
-    """A config or ``backends.json`` file (or one of its entries) is ignored because it is
-    not what the format says: not JSON, nested too deeply, or values of the wrong type."""
-
-
-# --------------------------------------------------------------------------------------
-# Devices and directories
-# --------------------------------------------------------------------------------------
-
-
-def normalise_device_name(name: str) -> str:
-    """File-system-safe device name: runs of characters other than letters, digits and dots
-    become one underscore ("NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3")."""
-    return re.sub(r"[^A-Za-z0-9.]+", "_", str(name).strip()).strip("_")
-
-
-def _raw_device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def _current_device() -> int:
-    return torch.cuda.current_device()
-
-
-@functools.cache
-def _device_name_of_index(index: int) -> str:
-    return normalise_device_name(_raw_device_name(index))
-
-
-def _device_token(device) -> int | str:
-    """A CUDA device index, or a normalised device name when ``device`` is a name."""
-    if device is None:
-        return _current_device()
-    if isinstance(device, int):
-        return device
-    if isinstance(device, str) and not re.fullmatch(r"cuda(:\d+)?", device):
-        return normalise_device_name(device)
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"no tuned configs for {device}: configs are per CUDA device")
-    return device.index if device.index is not None else _current_device()
-
-
-def device_name(device=None) -> str:
-    """Normalised name of ``device``: None (the current CUDA device), an index, a
-    ``torch.device`` or "cuda[:i]", or a device name ("NVIDIA H100 80GB HBM3")."""
-    token = _device_token(device)
-    return _device_name_of_index(token) if isinstance(token, int) else token
-
-
-def user_config_dir() -> pathlib.Path:
-    """``VLMKERNELS_CONFIG_DIR``, else ``$XDG_CACHE_HOME/vlmkernels/configs``, else
-    ``~/.cache/vlmkernels/configs``."""
-    env = os.environ.get(CONFIG_DIR_ENV, "").strip()
-    if env:
-        return pathlib.Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip()
-    base = pathlib.Path(cache).expanduser() if cache else pathlib.Path.home() / ".cache"
-    return base / "vlmkernels" / "configs"
-
-
-def _search_dirs() -> list[tuple[str, pathlib.Path]]:
-    return [("user", user_config_dir()), ("package", PACKAGE_CONFIG_DIR)]
-
-
-def _triton_minor(version: str) -> tuple[int, ...] | None:
-    m = re.match(r"(\d+)\.(\d+)", str(version))
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def _dtype_name(dtype) -> str:
-    if isinstance(dtype, str):
-        return dtype
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def _key_value(value):
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, torch.dtype):
-        return _dtype_name(value)
-    return str(value)
-
-
-def _config_signature(cfg: triton.Config) -> tuple:
-    return (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
-
-
-def _config_entry(cfg: triton.Config) -> dict:
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
+from .configs import (  # noqa: F401  (re-exported: the lookup API and its warnings)
+    BACKENDS_FILE,
+    CONFIG_DIR_ENV,
+    FORMAT,
+    PACKAGE_CONFIG_DIR,
+    ConfigWarning,
+    DefaultConfigWarning,
+    MalformedConfigWarning,
+    StaleConfigWarning,
+    _config_entry,
+    _config_signature,
+    _device_token,
+    _dtype_name,
+    _key_value,
+    _layers,
+    _parse_bucket,
+    _resolve,
+    _write_json,
+    _write_winners,
+    device_name,
+    normalise_device_name,
+    preferred_backend,
+    record_preferred_backend,
+    torch_dtype,
+    user_config_dir,
+)
 
 # --------------------------------------------------------------------------------------
 # The kernel wrapper
@@ -358,13 +175,42 @@ class TunedKernel(KernelInterface):
                 )(self.fn)
             return self._autotuner.run(*args, grid=grid, warmup=warmup, **kwargs)
         else:
-            cache_key = (_current_device(), self.key_of(args, kwargs))
+            cache_key = (_configs._current_device(), self.key_of(args, kwargs))
             config = self._cache.get(cache_key)
             if config is None:
                 config = self._cache[cache_key] = _resolve(
-                    self, _device_name_of_index(cache_key[0]), cache_key[1]
+                    self, _configs._device_name_of_index(cache_key[0]), cache_key[1]
                 )[0]
         return self.launch(config, grid, args, kwargs, warmup)
+
+    def prepare(self, grid, args, kwargs):
+        """A launch for calls whose non-pointer arguments are ``args``' and ``kwargs``'
+        (a family caches it per layout, in a :func:`prepared_cache`): ``launch(*pointers)``
+        runs with the config :meth:`run` would pick, without its per-call key and lookup.
+        None while the tuner records launches or under ``VLMKERNELS_AUTOTUNE=1`` (launch
+        with ``kernel[grid](...)`` then)."""
+        if _RECORDING is not None or (runtime.AUTOTUNE and not self.interpreted):
+            return None
+        if self.interpreted:
+            config = self.interpreter_config
+        else:
+            cache_key = (_configs._current_device(), self.key_of(args, kwargs))
+            config = self._cache.get(cache_key)
+            if config is None:
+                config = self._cache[cache_key] = _resolve(
+                    self, _configs._device_name_of_index(cache_key[0]), cache_key[1]
+                )[0]
+        options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
+        scalars = [a for a in args if not hasattr(a, "data_ptr")]
+        run, lock = self.fn.run, runtime.INTERPRETER_LOCK
+
+        def launch(*pointers):
+            if self.interpreted:
+                with lock:
+                    return run(*pointers, *scalars, **options)
+            return run(*pointers, *scalars, **options)
+
+        return launch
 
     def launch(self, config: triton.Config, grid, args, kwargs, warmup=False):
         """Launch with an explicit config (what :func:`tune` benchmarks)."""
@@ -391,6 +237,17 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None):
     return wrap
 
 
+def prepared_cache() -> dict:
+    """A dict for a family's prepared launches (:meth:`TunedKernel.prepare`), emptied with
+    the config caches by :func:`clear_cache`."""
+    return _configs.derived_cache()
+
+
+def recording() -> bool:
+    """Whether the tuner is recording launches (prepared launches must not be used)."""
+    return _RECORDING is not None
+
+
 def all_kernels() -> dict[str, TunedKernel]:
     """Every tuned kernel defined so far, by name (``import vlmkernels`` defines them all)."""
     return dict(_REGISTRY)
@@ -403,185 +260,6 @@ def _kernel(kernel) -> TunedKernel:
     if kernel not in known:
         raise ValueError(f"unknown kernel {kernel!r}; kernels: {', '.join(sorted(known))}")
     return known[kernel]
-
-
-# --------------------------------------------------------------------------------------
-# Files and lookup
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Layer:
-    origin: str  # "user" or "package"
-    path: pathlib.Path
-    label: str  # the file's "source": "tuned" or "default"
-    entries: dict[tuple, triton.Config]
-    problems: list[str]
-
-
-_LAYERS: dict[tuple[str, str], list[_Layer]] = {}
-_WARNED_STALE: set[str] = set()
-_WARNED_DEFAULT: set[str] = set()
-
-
-def _parse_bucket(kernel: TunedKernel, text: str) -> tuple:
-    """The key of a bucket string; ValueError when it is not the kernel's name=value pairs."""
-    parts = [part.partition("=") for part in str(text).split(",")]
-    names = [name for name, _, _ in parts]
-    if any(not sep for _, sep, _ in parts) or names != kernel.file_key:
-        raise ValueError(f"bucket {text!r} does not follow the key {kernel.file_key}")
-    return tuple(int(v) if re.fullmatch(r"-?\d+", v) else v for _, _, v in parts)
-
-
-def _parse_json(path: pathlib.Path) -> tuple[dict | None, str]:
-    """(the JSON object in ``path``, "") or (None, what is wrong with the file)."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        return None, f"it does not parse ({type(exc).__name__}: {exc})"
-    except RecursionError:
-        return None, "it does not parse (JSON nested too deeply)"
-    if not isinstance(doc, dict):
-        return None, f"it is a JSON {type(doc).__name__}, not an object"
-    return doc, ""
-
-
-def _entry(kernel: TunedKernel, text: str, entry) -> tuple[tuple, triton.Config]:
-    """(key, config) of one ``configs`` entry; ValueError saying what is wrong with it."""
-    if not isinstance(entry, dict):
-        raise ValueError(f"entry {text}: {entry!r} is not an object of launch options")
-    options = {k: v for k, v in entry.items() if k not in _META}
-    odd = [f"{k}={v!r}" for k, v in options.items() if type(v) is not int]
-    if odd:
-        what = "is not an integer" if len(odd) == 1 else "are not integers"
-        raise ValueError(f"entry {text}: {', '.join(odd)} {what}")
-    kw = {k: v for k, v in options.items() if k not in _LAUNCH_OPTIONS}
-    sig = (tuple(sorted(kw.items())), options.get("num_warps"), options.get("num_stages"))
-    config = kernel._by_signature.get(sig)
-    if config is None:
-        raise ValueError(f"entry {text}: {options} is not in the config space")
-    return _parse_bucket(kernel, text), config
-
-
-def _valid_entries(kernel: TunedKernel, doc: dict) -> tuple[dict, list[str]]:
-    """({bucket text: entry} of the valid ``configs`` entries of a current file, problems)."""
-    configs = doc.get("configs", {})
-    if not isinstance(configs, dict):
-        return {}, [f"'configs' is a JSON {type(configs).__name__}, not an object"]
-    valid, problems = {}, []
-    for text, entry in configs.items():
-        try:
-            _entry(kernel, text, entry)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        valid[text] = entry
-    return valid, problems
-
-
-def _stale_reasons(kernel: TunedKernel, doc: dict) -> list[str]:
-    reasons = []
-    if doc.get("kernel") != kernel.name:
-        reasons.append(f"it is for kernel {doc.get('kernel')!r}, not {kernel.name!r}")
-    if doc.get("key") != kernel.file_key:
-        reasons.append(f"its key {doc.get('key')} is not the kernel's {kernel.file_key}")
-    if _triton_minor(doc.get("triton_version", "")) != _triton_minor(triton.__version__):
-        reasons.append(
-            f"it was tuned with triton {doc.get('triton_version')} (running {triton.__version__})"
-        )
-    if doc.get("source_hash") != kernel.source_hash:
-        reasons.append(
-            f"the kernel's source changed (hash {doc.get('source_hash')}, now {kernel.source_hash})"
-        )
-    return reasons
-
-
-def _warn_once(path: pathlib.Path, problems: list[str], partial: bool, category) -> None:
-    """One warning per file (until :func:`clear_cache`) listing up to three problems."""
-    if not problems or str(path) in _WARNED_STALE:
-        return
-    _WARNED_STALE.add(str(path))
-    what = "entries of " if partial else ""
-    warnings.warn(
-        f"vlmkernels: ignoring {what}{path}: {'; '.join(problems[:3])}"
-        f"{' ...' if len(problems) > 3 else ''}. Re-run `vlmkernels tune` on this GPU.",
-        category,
-        stacklevel=5,
-    )
-
-
-def _load_layer(kernel: TunedKernel, origin: str, path: pathlib.Path) -> _Layer | None:
-    if not path.is_file():
-        return None
-    entries: dict[tuple, triton.Config] = {}
-    doc, problem = _parse_json(path)
-    if doc is None:
-        _warn_once(path, [problem], False, MalformedConfigWarning)
-        return _Layer(origin, path, "?", entries, [problem])
-    label = str(doc.get("source", "?"))
-    problems = _stale_reasons(kernel, doc)
-    if problems:
-        _warn_once(path, problems, False, StaleConfigWarning)
-        return _Layer(origin, path, label, entries, problems)
-    valid, problems = _valid_entries(kernel, doc)
-    for text, entry in valid.items():
-        key, config = _entry(kernel, text, entry)
-        entries[key] = config
-    # an entry outside the space is stale (the space changed); any other problem, malformed
-    malformed = any("not in the config space" not in p for p in problems)
-    _warn_once(path, problems, bool(entries),
-               MalformedConfigWarning if malformed else StaleConfigWarning)  # fmt: skip
-    return _Layer(origin, path, label, entries, problems)
-
-
-def _layers(kernel: TunedKernel, device: str) -> list[_Layer]:
-    cached = _LAYERS.get((kernel.name, device))
-    if cached is None:
-        cached = []
-        for origin, root in _search_dirs():
-            layer = _load_layer(kernel, origin, root / device / f"{kernel.name}.json")
-            if layer is not None:
-                cached.append(layer)
-        _LAYERS[(kernel.name, device)] = cached
-    return cached
-
-
-def _nearest(kernel: TunedKernel, entries: Mapping[tuple, Any], key: tuple):
-    """The entry of ``entries`` for ``key``: exact, else the nearest bucket of the same
-    variant (sum of |log2| distances of the sizes; ties to the larger sizes), else None."""
-    if key in entries:
-        return entries[key]
-    same = [k for k in entries if all(k[i] == key[i] for i in kernel.variant_index)]
-    if not same:
-        return None
-
-    def log2(v):
-        return math.log2(max(int(v), 1))
-
-    def rank(k):
-        dist = sum(abs(log2(k[i]) - log2(key[i])) for i in kernel.size_index)
-        return (dist, tuple(-int(k[i]) for i in kernel.size_index))
-
-    return entries[min(same, key=rank)]
-
-
-def _resolve(kernel: TunedKernel, device: str, key: tuple):
-    """(config, origin) for a key on a device; origin "user", "package" or "default"."""
-    for layer in _layers(kernel, device):
-        config = _nearest(kernel, layer.entries, key)
-        if config is not None:
-            return config, layer.origin
-    if kernel.name not in _WARNED_DEFAULT:
-        _WARNED_DEFAULT.add(kernel.name)
-        warnings.warn(
-            f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
-            f"({kernel.bucket(key)}); launching with the default "
-            f"{_config_entry(kernel.default)}. Run `vlmkernels tune` on this GPU (files "
-            f"go to {user_config_dir()}). Warned once per kernel.",
-            DefaultConfigWarning,
-            stacklevel=4,
-        )
-    return kernel.default, "default"
 
 
 def lookup(kernel, key: Mapping | None = None, device=None, **key_values) -> triton.Config:
@@ -598,11 +276,8 @@ def lookup(kernel, key: Mapping | None = None, device=None, **key_values) -> tri
 def clear_cache() -> None:
     """Forget every cached lookup, loaded file and warning (files are read again, and
     ``VLMKERNELS_CONFIG_DIR`` too, at the next lookup)."""
-    _LAYERS.clear()
-    _WARNED_STALE.clear()
-    _WARNED_DEFAULT.clear()
-    _BACKENDS.clear()
-    _device_name_of_index.cache_clear()
+    _configs.clear()
+    _configs._device_name_of_index.cache_clear()
     for k in _REGISTRY.values():
         k._cache.clear()
 
@@ -653,93 +328,6 @@ def lookup_report(device=None) -> dict[str, dict]:
     return report
 
 
-# --------------------------------------------------------------------------------------
-# Preferred backend
-# --------------------------------------------------------------------------------------
-
-_BACKENDS: dict[tuple[str, Any], str | None] = {}
-
-
-def _backend_entries(doc: dict) -> tuple[dict[str, dict], list[str]]:
-    """({op: entry} of the valid entries of a backends.json document, problems). An entry
-    is {"backend": "triton" | "cuda", measurements...} (or that name alone)."""
-    raw = doc.get("backends", {})
-    if not isinstance(raw, dict):
-        return {}, [f"'backends' is a JSON {type(raw).__name__}, not an object of op: entry"]
-    valid, problems = {}, []
-    for op, entry in raw.items():
-        backend = entry.get("backend") if isinstance(entry, dict) else entry
-        if isinstance(backend, str) and backend in ("triton", "cuda"):
-            valid[op] = entry if isinstance(entry, dict) else {"backend": backend}
-        else:
-            problems.append(f"entry {op!r}: backend {backend!r} is not 'triton' or 'cuda'")
-    return valid, problems
-
-
-def _read_backends(path: pathlib.Path) -> dict[str, dict]:
-    """The valid entries of the backends.json at ``path`` ({} when there is none); the
-    problems of a malformed file or entry are warned once per file."""
-    if not path.is_file():
-        return {}
-    doc, problem = _parse_json(path)
-    if doc is None:
-        _warn_once(path, [problem], False, MalformedConfigWarning)
-        return {}
-    valid, problems = _backend_entries(doc)
-    _warn_once(path, problems, bool(valid), MalformedConfigWarning)
-    return valid
-
-
-def _recorded_backend(op: str, device: str) -> str | None:
-    for _, root in _search_dirs():
-        entry = _read_backends(root / device / BACKENDS_FILE).get(op)
-        if entry is not None:
-            return entry["backend"]
-    return None
-
-
-def preferred_backend(op: str, device=None) -> str | None:
-    """The backend ("triton" or "cuda") recorded as faster for ``op`` on ``device`` (see
-    :func:`device_name`), from ``backends.json`` in the user directory, then the package;
-    None when none is recorded. Cached per (op, device)."""
-    token = _device_token(device)
-    cache_key = (op, token)
-    if cache_key not in _BACKENDS:
-        name = _device_name_of_index(token) if isinstance(token, int) else token
-        _BACKENDS[cache_key] = _recorded_backend(op, name)
-    return _BACKENDS[cache_key]
-
-
-def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
-                             **measurements) -> pathlib.Path:  # fmt: skip
-    """Record ``backend`` ("triton" or "cuda") as the faster for ``op`` on ``device`` in
-    ``<out_dir>/<device>/backends.json`` (default: the user directory), with any
-    measurements (e.g. ``triton_ms=..., cuda_ms=...``); returns the file."""
-    if backend not in ("triton", "cuda"):
-        raise ValueError(f"backend must be 'triton' or 'cuda'; got {backend!r}")
-    dev = device_name(device)
-    path = pathlib.Path(out_dir or user_config_dir()) / dev / BACKENDS_FILE
-    doc = {"format": FORMAT, "device": dev, "backends": _read_backends(path)}
-    doc["backends"][op] = {"backend": backend, **measurements}
-    _write_json(path, doc)
-    _BACKENDS.clear()
-    return path
-
-
-# --------------------------------------------------------------------------------------
-# Writing files, recording launches (for the tuner)
-# --------------------------------------------------------------------------------------
-
-
-def torch_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    table = {v: k for k, v in _DTYPE_NAMES.items()}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}; got {name!r}")
-    return table[name]
-
-
 @contextlib.contextmanager
 def _record():
     """Collects the launches of tuned kernels made inside the block (for the tuner)."""
@@ -750,51 +338,3 @@ def _record():
         yield calls
     finally:
         _RECORDING = previous
-
-
-def _write_json(path: pathlib.Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _write_winners(kernel: TunedKernel, device: str, winners: Mapping[tuple, dict],
-                   out_dir: pathlib.Path, log: Callable = print) -> pathlib.Path:  # fmt: skip
-    """Merge ``winners`` into ``<out_dir>/<device>/<kernel>.json``: the valid entries of a
-    current file (same kernel, key, triton major.minor and source hash) are kept unless
-    re-tuned; a stale or malformed file, and malformed entries, are replaced."""
-    path = out_dir / device / f"{kernel.name}.json"
-    old, problem = _parse_json(path) if path.is_file() else (None, "")
-    configs: dict[str, dict] = {}
-    if problem:
-        log(f"replacing {path}: {problem}")
-    if old is not None:
-        reasons = _stale_reasons(kernel, old)
-        if reasons:
-            log(f"replacing {path}: {'; '.join(reasons)}")
-        else:
-            configs, problems = _valid_entries(kernel, old)
-            for p in problems:
-                log(f"dropping from {path}: {p}")
-    configs.update({kernel.bucket(key): entry for key, entry in winners.items()})
-
-    def order(text):
-        key = _parse_bucket(kernel, text)
-        return tuple((0, v, "") if isinstance(v, int) else (1, 0, v) for v in key)
-
-    doc = {
-        "format": FORMAT,
-        "kernel": kernel.name,
-        "device": device,
-        "source": "tuned",
-        "triton_version": triton.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "source_hash": kernel.source_hash,
-        "key": kernel.file_key,
-        "configs": {text: configs[text] for text in sorted(configs, key=order)},
-    }
-    _write_json(path, doc)
-    return path

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ...core.runtime import autotune_configs, device_guard
-from ...core.tuning import tuned
+from ...core.tuning import prepared_cache, recording, tuned
 from .layout import positions_strides, qk_layout, table_layout
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
@@ -131,6 +131,9 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+_LAUNCHES = prepared_cache()  # (layout of the call) -> (prepared launch, grid)
+
+
 def launch(q, k, qo, ko, *, head_axis=2, table=None, leading=True, positions=None,
            inv_freq=None, mode=PLAIN, sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
     """Rotate q, k into qo, ko (which may be q, k: in place), in any layout
@@ -139,35 +142,68 @@ def launch(q, k, qo, ko, *, head_axis=2, table=None, leading=True, positions=Non
     ``table`` is (cos, sin): q's shape without the heads axis, last dim R, with a leading
     axis of 3 (M-RoPE) or 1 when ``leading`` (canonical (A, B, S, R) tables), none otherwise;
     else ``positions`` ((3, B, S) or (3, T) integers) and ``inv_freq`` (R / 2,) give the
-    angles. Strides are computed from the tensors' sizes and strides: no views are made.
+    angles. Strides are computed from the tensors' sizes and strides (no views), once per
+    layout: the prepared launch is cached by everything but the data pointers.
     """
+    if table is not None:
+        cos, sin = table
+        angles = (cos.shape, cos.stride(), sin.stride(), leading)
+        pos, freq = q, q
+    else:
+        cos = sin = q
+        angles = (positions.shape, positions.stride(), inv_freq.shape[0])
+        pos, freq = positions, inv_freq
+    key = (q.shape, q.stride(), k.shape, k.stride(), qo.stride(), ko.stride(), q.dtype,
+           q.device, head_axis, angles, mode, tuple(sections), scaling, backward,
+           qo.data_ptr() == q.data_ptr())  # fmt: skip
+    prepared = _LAUNCHES.get(key)
+    if prepared is None or recording():
+        prepared = _prepare(q, k, qo, ko, head_axis, table, leading, positions, inv_freq, mode,
+                            sections, scaling, backward)  # fmt: skip
+        if prepared is None:
+            return
+        if prepared[0] is not None:
+            _LAUNCHES[key] = prepared
+    run, grid, args, kwargs, cos_sin = prepared
+    if cos_sin:  # the tables had different strides: the kernel takes contiguous copies
+        cos, sin = cos.contiguous(), sin.contiguous()
+    with device_guard(q):
+        if run is None:  # the tuner records this launch, or autotuning is on
+            _rope_kernel[grid](q, k, qo, ko, cos, sin, pos, freq, *args, **kwargs)
+        else:
+            run(q, k, qo, ko, cos, sin, pos, freq)
+
+
+def _prepare(q, k, qo, ko, head_axis, table, leading, positions, inv_freq, mode, sections,
+             scaling, backward):  # fmt: skip
+    """(prepared launch or None, grid, scalar arguments, constexprs, copy the tables?) of a
+    layout, or None when there is nothing to rotate."""
     b, s, hq, d, q_strides = qk_layout(q, head_axis)
     hk, k_strides = k.shape[head_axis], qk_layout(k, head_axis)[4]
     if b * s == 0 or (hq == 0 and hk == 0):
-        return
+        return None
+    copy_tables = False
     if table is not None:
         cos, sin = table
         _, rot, t_strides = table_layout(cos, q.dim(), head_axis, leading)
         if table_layout(sin, q.dim(), head_axis, leading)[2] != t_strides:
-            cos, sin = cos.contiguous(), sin.contiguous()  # the kernel takes one set of strides
-            _, rot, t_strides = table_layout(cos, q.dim(), head_axis, leading)
-        source, pos, freq = TABLE, q, q
-        p_strides = (0, 0, 0)
+            copy_tables = True  # the kernel takes one set of table strides
+            _, rot, t_strides = table_layout(cos.contiguous(), q.dim(), head_axis, leading)
+        source, p_strides = TABLE, (0, 0, 0)
     else:
         rot = 2 * inv_freq.numel()
-        source, cos, sin, pos, freq = POSITIONS, q, q, positions, inv_freq
-        t_strides = (0, 0, 0, 0)
+        source, t_strides = POSITIONS, (0, 0, 0, 0)
         p_strides = positions_strides(positions)
     half = rot // 2
     in_place = qo.data_ptr() == q.data_ptr()
-    copy_pass = rot < d and not in_place
-    with device_guard(q):
-        _rope_kernel[(b * s,)](
-            q, k, qo, ko, cos, sin, pos, freq,
-            s, hq, hk, half, d, float(scaling),
-            *q_strides, *k_strides, *qk_layout(qo, head_axis)[4], *qk_layout(ko, head_axis)[4],
-            *t_strides, *p_strides,
-            SOURCE=source, MODE=mode, SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
-            BACKWARD=backward, COPY_PASS=copy_pass,
-            BLOCK_HALF=_pow2(half), BLOCK_PASS=min(64, _pow2(max(d - rot, 1))),
-        )  # fmt: skip
+    out_strides = (*qk_layout(qo, head_axis)[4], *qk_layout(ko, head_axis)[4])
+    args = (s, hq, hk, half, d, float(scaling), *q_strides, *k_strides, *out_strides,
+            *t_strides, *p_strides)  # fmt: skip
+    kwargs = dict(
+        SOURCE=source, MODE=mode, SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
+        BACKWARD=backward, COPY_PASS=rot < d and not in_place,
+        BLOCK_HALF=_pow2(half), BLOCK_PASS=min(64, _pow2(max(d - rot, 1))),
+    )  # fmt: skip
+    grid = (b * s,)
+    run = _rope_kernel.prepare(grid, (q, k, qo, ko, q, q, q, q, *args), kwargs)
+    return run, grid, args, kwargs, copy_tables
