@@ -112,12 +112,12 @@ def device_facts(device=None) -> dict:
     import torch
     import triton
 
-    import vlmkernels
+    from vlmkernels.core.version import __version__
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     facts = {
-        "vlmkernels": vlmkernels.__version__,
+        "vlmkernels": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -424,7 +424,7 @@ def _format_ceilings(entry: dict, cached: bool) -> list[str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import vlmkernels
+    import vlmkernels.ops  # noqa: F401  (registers the families whose kernels info lists)
 
     facts = device_facts()
     found = backends(facts)
@@ -434,7 +434,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                "transformers": transformers_support()}  # fmt: skip
         print(json.dumps(doc, indent=1))
         return 0
-    print(f"vlmkernels {facts['vlmkernels']} ({Path(vlmkernels.__file__).parent})")
+    print(f"vlmkernels {facts['vlmkernels']} ({Path(__file__).resolve().parent})")
     print(
         f"python {facts['python']} | torch {facts['torch']} | triton {facts['triton']} | "
         f"CUDA {facts['cuda'] or '-'} | driver {facts['driver'] or '-'}"
