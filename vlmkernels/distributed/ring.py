@@ -69,6 +69,7 @@ with dynamo's error naming them), and raise if they run while tracing
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -91,9 +92,26 @@ __all__ = ["clip_loss_ring", "report_local_error", "siglip_loss_ring"]
 _KINDS = ("clip_loss", "siglip_loss")
 # Tags keep the tensors of one step apart on backends that match messages by tag (gloo).
 _TAG_Y, _TAG_IDS, _TAG_COEF, _TAG_ACC = 0, 1, 2, 3
-_not_traced = torch.compiler.disable(
-    reason="vlmkernels' ring mode communicates inside its autograd.Function: it runs eagerly"
-)
+
+
+def _not_traced(fn):
+    """``torch.compiler.disable(fn)``, made at the first call: ``disable`` imports
+    torch._dynamo, which ``import vlmkernels`` must not (it replaces torch.manual_seed).
+    A compiled caller still graph-breaks around ``fn`` and runs it eagerly, and
+    ``fullgraph=True`` fails with dynamo's error naming it."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn, reason=_NOT_TRACED)
+        return disabled(*args, **kwargs)
+
+    return run
+
+
+_NOT_TRACED = "vlmkernels' ring mode communicates inside its autograd.Function: it runs eagerly"
 
 
 # --------------------------------------------------------------------------------------
