@@ -288,13 +288,19 @@ class _:
         a = _CeArgs(*inputs)
         ctx.save_for_backward(*(getattr(a, name) for name in _CE_TENSORS), output[2], output[3])
         ctx.options = a._replace(**dict.fromkeys(_CE_TENSORS))
+        ctx.set_materialize_grads(False)  # the states get no gradient: no zeros made for it
         remember_backend(ctx)
 
     @first_order_only("clip_loss / contrastive_cross_entropy")
     @in_forward_backend
     def backward(ctx, grad_rows, grad_cols, _grad_row_state, _grad_col_state):
+        if grad_rows is None and grad_cols is None:
+            return _input_grads(ctx, None, None, None, None)
         *tensors, row_state, col_state = ctx.saved_tensors
         a = ctx.options._replace(**dict(zip(_CE_TENSORS, tensors, strict=True)))
+        # a direction whose losses got no gradient has weights 0
+        grad_rows = grad_rows if grad_rows is not None else row_state.new_zeros(row_state.shape[1])
+        grad_cols = grad_cols if grad_cols is not None else col_state.new_zeros(col_state.shape[1])
         grads = contrastive_ce_backward(*a, row_state, col_state, grad_rows, grad_cols)
         return _input_grads(ctx, *grads)
 
@@ -417,13 +423,15 @@ def _(x, y, scale, bias, row_weight, chunk_size, offset):
 @siglip_loss_fused.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        _, dx, dy, ds, db = output
-        ctx.save_for_backward(dx, dy, ds, db)
+        # the gradients of the inputs that need one, scaled in backward; the other outputs
+        # (the gradients themselves) get no gradient, which is not materialised as zeros
+        needed = zip(output[1:], ctx.needs_input_grad[:4], strict=True)
+        ctx.save_for_backward(*(g if need else None for g, need in needed))
+        ctx.set_materialize_grads(False)
 
     @first_order_only("siglip_loss")
     def backward(ctx, grad_loss, *_unused):
-        need = ctx.needs_input_grad
-        grads = (
-            grad_loss * g if n else None for g, n in zip(ctx.saved_tensors, need[:4], strict=True)
-        )
-        return _input_grads(ctx, *grads)
+        if grad_loss is None:
+            return _input_grads(ctx, None, None, None, None)
+        return _input_grads(ctx, *(grad_loss * g if g is not None else None
+                                   for g in ctx.saved_tensors))  # fmt: skip
