@@ -1,7 +1,7 @@
-"""Persisted launch configs (vlmkernels.core.tuning, configs, tuner): file lookup order, nearest bucket,
-stale files, the fallback warning, the interpreter path, tune's pipeline with a fake
-benchmark, the preferred backend and resolve_backend, and compile_check's view of the
-config spaces.
+"""Persisted launch configs (vlmkernels.core.tuning, configs, tuner): file lookup order,
+nearest bucket, stale files, the fallback warning, the interpreter path, tune's pipeline
+with a fake benchmark, the preferred backend and resolve_backend, and compile_check's view
+of the config spaces.
 
 CPU-only: devices are names ("NVIDIA H100 80GB HBM3") or monkeypatched CUDA indices; the
 kernels run through Triton's interpreter (tests/conftest.py) where they run at all.
