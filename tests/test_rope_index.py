@@ -272,7 +272,7 @@ def _assert_unchanged(inputs, before):
 def _installed(model):
     """(text_after_vision, truncate_seconds) of the installed transformers' class."""
     cls = type(model)
-    return vt.installed_semantics(cls, vt._rope_index_arch(model)[1].rope_index)
+    return vt.installed_semantics(cls, vt._rope_index_arch(model)[1].data["rope_index"])
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -51,7 +51,9 @@ __all__ = [
     "install",
     "is_patched",
     "marked",
+    "patchers",
     "rebind_global",
+    "register",
     "unwrap",
 ]
 
@@ -302,15 +304,18 @@ class Architecture:
         key: its name ("qwen2_vl").
         module: the module holding its classes.
         classes: role -> class name ({"text_attention": "Qwen2VLAttention", ...}).
-        roots: class name of a model :func:`Patcher.patch` accepts -> the parts that apply
-            to it (a full model gets every part, a vision tower only the vision ones).
+        roots: class name of a model the patch accepts -> the parts that apply to it (a full
+            model gets every part, a vision tower only the vision ones).
+        anywhere: the patch also applies to any model whose module tree holds one of
+            ``classes`` (every part then applies), e.g. a Q-Former inside a larger model.
         data: architecture facts the replacements read ({"interleaved": True, ...}).
     """
 
     key: str
     module: str
     classes: Mapping[str, str]
-    roots: Mapping[str, tuple[str, ...]]
+    roots: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    anywhere: bool = False
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -412,6 +417,24 @@ class Patcher:
         module = sys.modules.get(self.library)
         return getattr(module, "__version__", "not installed")
 
+    def match(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]] | None:
+        """Like :meth:`find`, None where no architecture of this patcher applies."""
+        try:
+            return self.find(model)
+        except UnsupportedModelError:
+            return None
+
+    def _anywhere(self, model):
+        for arch in self.architectures.values():
+            module = sys.modules.get(arch.module) if arch.anywhere else None
+            if module is None:
+                continue
+            classes = tuple(c for c in (getattr(module, n, None) for n in arch.classes.values())
+                            if isinstance(c, type))  # fmt: skip
+            if classes and any(isinstance(sub, classes) for sub in model.modules()):
+                return arch, module, self.parts
+        return None
+
     def find(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]]:
         """The architecture of ``model``, its module, and the parts that apply to it."""
         by_module = {a.module: a for a in self.architectures.values()}
@@ -426,6 +449,9 @@ class Patcher:
             raise UnsupportedModelError(
                 f"vlmkernels.patch takes a {', '.join(arch.roots)}; got {type(model).__qualname__}"
             )
+        found = self._anywhere(model) if hasattr(model, "modules") else None
+        if found is not None:
+            return found
         names = ", ".join(self.architectures)
         raise UnsupportedModelError(
             f"vlmkernels.patch supports {self.library} models of the architectures {names}; "
@@ -462,7 +488,7 @@ class Patcher:
             raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {where}")
         return slots
 
-    def plan(self, model, wanted: set[str]) -> tuple[list[Slot], dict[str, Exception], list]:
+    def plan(self, model, wanted: set[str]) -> tuple[list, dict[str, Exception], list]:
         """(slots, {part: why it cannot be patched}, parts that can) for the parts of
         ``wanted`` that apply to ``model``; nothing is installed."""
         arch, module, applicable = self.find(model)
@@ -516,3 +542,18 @@ class Patcher:
                 parts[replacement.part] = text
             report[arch.key] = parts
         return report
+
+
+_PATCHERS: list[Patcher] = []
+
+
+def register(patcher: Patcher) -> Patcher:
+    """Adds a table module's :class:`Patcher` to those :func:`patchers` returns (the public
+    ``patch`` applies every registered one that matches the model)."""
+    _PATCHERS[:] = [p for p in _PATCHERS if p.architectures.keys() != patcher.architectures.keys()]
+    _PATCHERS.append(patcher)
+    return patcher
+
+
+def patchers() -> tuple[Patcher, ...]:
+    return tuple(_PATCHERS)

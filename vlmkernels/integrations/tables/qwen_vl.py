@@ -1,0 +1,407 @@
+"""The Qwen-VL tables of the transformers integration (the rotary family's): which classes
+of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE play which role (:data:`ARCHITECTURES`),
+and what each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions
+they install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies
+them; :mod:`..patching` is the mechanism."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from collections.abc import Callable
+
+import torch
+
+from ...ops.rope import mrope, mrope_from_positions, rope, vision_rope
+from ...ops.rope.index import TEXT_AFTER_VISION, get_rope_index
+from ..patching import (
+    Architecture,
+    Patcher,
+    Rebind,
+    SetMethod,
+    UnsupportedLayoutError,
+    marked,
+    register,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "PATCHER",
+    "PositionAngles",
+    "REPLACEMENTS",
+    "TESTED_VERSIONS",
+    "installed_semantics",
+    "rope_index_method",
+]
+
+# The releases the patching and get_rope_index tests passed on (CI runs the newest and the
+# oldest of the 5.17+ layout on every change).
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.20.0", "5.23.0", "5.24.0")
+
+# --------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------
+
+
+def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index):
+    """A Qwen-VL architecture: its classes by role, which parts apply to which root, the
+    M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`."""
+    full = ("rope", "vision", "rope_index", "positions")
+    return Architecture(
+        key=key,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={
+            "text_attention": text_attention,
+            "vision_attention": vision_attention,
+            "text_rotary": text_rotary,
+            "model": f"{prefix}Model",
+        },
+        roots={
+            f"{prefix}ForConditionalGeneration": full,
+            f"{prefix}Model": full,
+            f"{prefix}TextModel": ("rope", "positions"),
+            vision_model: ("vision",),
+        },
+        data={"interleaved": rope_index == "qwen3_vl", "rope_index": rope_index},
+    )
+
+
+# Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.24.
+ARCHITECTURES = (
+    _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
+          "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
+    _qwen("qwen2_5_vl", "Qwen2_5_VL", "Qwen2_5_VisionTransformerPretrainedModel",
+          "Qwen2_5_VLVisionAttention", "Qwen2_5_VLAttention", "Qwen2_5_VLRotaryEmbedding",
+          "qwen2_5_vl"),
+    _qwen("qwen3_vl", "Qwen3VL", "Qwen3VLVisionModel", "Qwen3VLVisionAttention",
+          "Qwen3VLTextAttention", "Qwen3VLTextRotaryEmbedding", "qwen3_vl"),
+    _qwen("qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionAttention",
+          "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRotaryEmbedding", "qwen3_vl"),
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# The functions patched in (same signatures as transformers')
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PositionAngles:
+    """What the patched text rotary module returns in place of ``sin`` with
+    ``angles="positions"`` (``cos`` is then the (3, B, S) position ids)."""
+
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    mrope_section: tuple[int, int, int]
+    interleaved: bool
+    dtype: torch.dtype  # the dtype transformers would have cast cos/sin to
+
+
+def _eager_dtype(out: torch.Tensor, x: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
+    """``out`` in the dtype of transformers' ``x * cos`` (type promotion of x and cos)."""
+    dtype = torch.promote_types(x.dtype, table_dtype)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_dim):
+    if unsqueeze_dim != 1:
+        raise ValueError(
+            f"vlmkernels.patch: angles='positions' needs q and k as (B, H, S, D) "
+            f"(unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}"
+        )
+    positions = positions.to(q.device).expand(3, q.shape[0], q.shape[2])
+    out_q, out_k = mrope_from_positions(
+        q, k, positions, angles.inv_freq, section,
+        interleaved=angles.interleaved, attention_scaling=angles.attention_scaling,
+    )  # fmt: skip
+    return _eager_dtype(out_q, q, angles.dtype), _eager_dtype(out_k, k, angles.dtype)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' ``apply_rotary_pos_emb`` on :func:`vlmkernels.rope` (or
+    :func:`vlmkernels.mrope_from_positions` when ``sin`` is a :class:`PositionAngles`)."""
+    if isinstance(sin, PositionAngles):
+        return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim)
+    out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim)
+    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+
+
+def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    """transformers <= 5.16's ``apply_multimodal_rotary_pos_emb`` (chunked sections) on
+    :func:`vlmkernels.mrope` (or :func:`vlmkernels.mrope_from_positions`)."""
+    if isinstance(sin, PositionAngles):
+        return _from_positions(q, k, cos, sin, mrope_section, unsqueeze_dim)
+    out_q, out_k = mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
+    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+
+
+def apply_rotary_pos_emb_vision(q, k, cos, sin):
+    """transformers' ``apply_rotary_pos_emb_vision`` on :func:`vlmkernels.vision_rope`."""
+    return vision_rope(q, k, cos, sin)
+
+
+_TEXT_FUNCTIONS = (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb)
+_VISION_FUNCTIONS = (apply_rotary_pos_emb_vision,)
+
+
+def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
+    """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
+    what the kernel needs to compute the angles."""
+
+    def forward(self, x, position_ids):
+        if position_ids.dim() == 2:
+            position_ids = position_ids[None]
+        angles = PositionAngles(self.inv_freq, float(self.attention_scaling), section,
+                                interleaved, x.dtype)  # fmt: skip
+        return position_ids.expand(3, -1, -1), angles
+
+    return forward
+
+
+# --------------------------------------------------------------------------------------
+# Plans: what each part installs, checked on the classes before anything is installed
+# --------------------------------------------------------------------------------------
+
+
+def _rope_type(rotary) -> str:
+    rope_type = getattr(rotary, "rope_type", None)
+    if not isinstance(rope_type, str):
+        raise UnsupportedLayoutError(
+            f"{type(rotary).__qualname__} has no string rope_type ({rope_type!r}); "
+            f"angles='positions' cannot tell whether its inv_freq is static"
+        )
+    return rope_type
+
+
+def _mrope_section(rotary) -> tuple[int, int, int]:
+    """The rotary module's section: its own attribute (>= 5.17, and Qwen3-VL), else its
+    config's (Qwen2/2.5-VL <= 5.16, whose attention passes the config's to the function)."""
+    section = getattr(rotary, "mrope_section", None)
+    if section is None:
+        parameters = getattr(getattr(rotary, "config", None), "rope_parameters", None) or {}
+        section = parameters.get("mrope_section")
+    if section is None or len(section) != 3:
+        raise UnsupportedLayoutError(
+            f"{type(rotary).__qualname__} has no 3-part mrope_section ({section!r})"
+        )
+    return tuple(int(s) for s in section)
+
+
+def _check_rotary_class(cls: type, arch: Architecture | None = None) -> None:
+    params = list(inspect.signature(cls.forward).parameters)
+    if params != ["self", "x", "position_ids"]:
+        raise UnsupportedLayoutError(
+            f"{cls.__module__}.{cls.__qualname__}.forward takes {params[1:]}, not (x, position_ids)"
+        )
+
+
+def _positions_forward(rotary, arch: Architecture):
+    """``angles="positions"``: this text rotary module hands positions on, no tables."""
+    rope_type = _rope_type(rotary)
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise UnsupportedLayoutError(
+            f"angles='positions' is not supported with rope_type={rope_type!r}: its "
+            f"inv_freq changes during the forward pass; use angles='table'"
+        )
+    if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        raise UnsupportedLayoutError(f"{type(rotary).__qualname__} has no inv_freq buffer")
+    _check_rotary_class(type(rotary), arch)
+    return _positions_rotary_forward(_mrope_section(rotary), arch.data["interleaved"])
+
+
+def _rope_index_function(model, arch: Architecture):
+    """``get_rope_index`` of this ``...Model``: :func:`rope_index_method`'s function."""
+    try:
+        return rope_index_method(model).__func__
+    except TypeError as exc:  # an overridden or re-signed get_rope_index
+        raise UnsupportedLayoutError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------
+# get_rope_index as a method of one model instance
+# --------------------------------------------------------------------------------------
+
+_PROBED: dict[type, tuple[str, bool]] = {}
+
+
+def _rope_index_arch(model) -> tuple[type, Architecture]:
+    """The class in ``model``'s MRO that defines the supported ``get_rope_index``."""
+    by_module = {a.module: a for a in ARCHITECTURES}
+    for cls in type(model).__mro__:
+        arch = by_module.get(getattr(cls, "__module__", None))
+        if arch is not None and cls.__name__ == arch.classes["model"]:
+            if type(model).get_rope_index is not cls.get_rope_index:
+                raise TypeError(
+                    f"{type(model).__name__} overrides {cls.__name__}.get_rope_index; "
+                    "its semantics are unknown"
+                )
+            return cls, arch
+    inner = getattr(model, "model", None)
+    hint = (
+        f" (pass its .model, a {type(inner).__name__})"
+        if inner is not None and hasattr(type(inner), "get_rope_index")
+        else ""
+    )
+    raise TypeError(
+        f"rope_index_method supports {', '.join(a.classes['model'] for a in ARCHITECTURES)} "
+        f"instances, got {type(model).__name__}{hint}"
+    )
+
+
+def _rope_index_signature(cls, model_type: str) -> inspect.Signature:
+    """The installed signature (with ``self``), checked against the one implemented here."""
+    installed = inspect.signature(cls.get_rope_index)
+    expected = ["self", "input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw"]
+    expected += ["second_per_grid_ts"] if model_type == "qwen2_5_vl" else []
+    expected += ["attention_mask", "kwargs"]
+    plain, empty = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty
+    want = [(n, plain, empty if i < 3 else None) for i, n in enumerate(expected[:-1])]
+    want.append(("kwargs", inspect.Parameter.VAR_KEYWORD, empty))
+    got = [(p.name, p.kind, p.default) for p in installed.parameters.values()]
+    if got != want:
+        raise TypeError(
+            f"unsupported {cls.__name__}.get_rope_index signature {installed}; "
+            f"expected parameters {expected[1:]}"
+        )
+    return installed
+
+
+def installed_semantics(cls, model_type: str) -> tuple[str, bool]:
+    """(text_after_vision, truncate_seconds) of the installed ``cls.get_rope_index``
+    (``model_type`` as :func:`vlmkernels.get_rope_index` takes it), probed once per class
+    (see :func:`_probe`)."""
+    if cls not in _PROBED:
+        _PROBED[cls] = _probe(cls, model_type)
+    return _PROBED[cls]
+
+
+def _probe(cls, model_type: str) -> tuple[str, bool]:
+    """Runs ``cls.get_rope_index`` on one vision run (8, 4, 4), merge 2, then one text token.
+
+    The instance is created without ``__init__`` and carries a default config: a
+    Qwen2/2.5-VL video with seconds 1.5 at 2 tokens per second (Qwen3-VL: an image). The
+    text token lands at 2 under "start_plus_max_hw" and at the largest T + 1 under
+    "max_plus_one"; the largest T is 21 with float seconds and 14 when they are truncated
+    (transformers 5.16-5.17).
+    """
+    qwen2_5, qwen3 = model_type == "qwen2_5_vl", model_type == "qwen3_vl"
+    config = cls.config_class()
+    config.vision_config.spatial_merge_size = 2
+    config.vision_config.tokens_per_second = 2
+    stub = cls.__new__(cls)  # an nn.Module without __init__: only `config` is needed
+    stub.__dict__["config"] = config
+    kind = 1 if qwen3 else 2
+    grid = {"image_grid_thw" if qwen3 else "video_grid_thw": torch.tensor([[8, 4, 4]])}
+    n_vision = 8 * 2 * 2
+    kinds = torch.tensor([[kind] * n_vision + [0]])
+    extra = {"second_per_grid_ts": torch.tensor([1.5])} if qwen2_5 else {}
+    try:
+        positions, _ = cls.get_rope_index(
+            stub, torch.zeros_like(kinds), mm_token_type_ids=kinds, **grid, **extra
+        )
+    except Exception as e:
+        raise TypeError(
+            f"could not probe the installed {cls.__name__}.get_rope_index ({e}); pass "
+            "text_after_vision and truncate_seconds explicitly"
+        ) from e
+    largest_t = int(positions[0, 0, :n_vision].max())
+    text_pos = int(positions[0, 0, -1])
+    if text_pos == 2:
+        rule = "start_plus_max_hw"
+    elif text_pos == largest_t + 1:
+        rule = "max_plus_one"
+    else:
+        raise TypeError(f"unrecognised {cls.__name__}.get_rope_index semantics")
+    return rule, qwen2_5 and largest_t == 14
+
+
+def rope_index_method(
+    model, *, text_after_vision: str | None = None, truncate_seconds: bool | None = None
+) -> Callable:
+    """A drop-in for ``model.get_rope_index``: :func:`vlmkernels.get_rope_index` as a method
+    bound to ``model``, to install with ``model.get_rope_index = rope_index_method(model)``.
+
+    ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
+    ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, or a subclass that does not
+    override it); ``...ForConditionalGeneration`` holds it as ``.model``. Their
+    ``compute_3d_position_ids`` and generation's ``_prepare_position_ids_for_generation`` call
+    ``get_rope_index`` on the instance, so the instance attribute takes over in both.
+
+    The method has the installed signature (``**kwargs`` absorbing what generation passes)
+    and reads ``config.vision_config.spatial_merge_size`` (and ``tokens_per_second``) at each
+    call, as transformers does. ``text_after_vision`` and ``truncate_seconds`` default to what
+    the installed class does (probed once per class). Bound with ``types.MethodType``, it
+    follows the model through ``copy.deepcopy``.
+
+    Raises:
+        TypeError: not a supported class, an overridden method, or another signature
+            (transformers < 5.3 has no ``mm_token_type_ids``).
+    """
+    cls, arch = _rope_index_arch(model)
+    model_type = arch.data["rope_index"]
+    signature = _rope_index_signature(cls, model_type)
+    if text_after_vision is not None and text_after_vision not in TEXT_AFTER_VISION:
+        raise ValueError(
+            f"text_after_vision must be one of {TEXT_AFTER_VISION} or None, got "
+            f"{text_after_vision!r}"
+        )
+    if text_after_vision is None or truncate_seconds is None:
+        rule, truncate = installed_semantics(cls, model_type)
+        text_after_vision = rule if text_after_vision is None else text_after_vision
+        truncate_seconds = truncate if truncate_seconds is None else bool(truncate_seconds)
+    options = dict(model_type=model_type, text_after_vision=text_after_vision,
+                   truncate_seconds=truncate_seconds)  # fmt: skip
+
+    def call(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, seconds,
+             attention_mask):  # fmt: skip
+        vision = self.config.vision_config
+        return get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
+            spatial_merge_size=vision.spatial_merge_size, second_per_grid_ts=seconds,
+            tokens_per_second=getattr(vision, "tokens_per_second", None), **options,
+        )  # fmt: skip
+
+    if model_type == "qwen2_5_vl":
+
+        def get_rope_index_(self, input_ids, mm_token_type_ids, image_grid_thw=None,
+                            video_grid_thw=None, second_per_grid_ts=None, attention_mask=None,
+                            **kwargs):  # fmt: skip
+            return call(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                        second_per_grid_ts, attention_mask)  # fmt: skip
+
+    else:
+
+        def get_rope_index_(self, input_ids, mm_token_type_ids, image_grid_thw=None,
+                            video_grid_thw=None, attention_mask=None, **kwargs):  # fmt: skip
+            return call(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                        None, attention_mask)  # fmt: skip
+
+    get_rope_index_.__signature__ = signature
+    get_rope_index_.__name__ = get_rope_index_.__qualname__ = "get_rope_index"
+    get_rope_index_.__doc__ = (
+        f"vlmkernels' vectorised {cls.__name__}.get_rope_index ({text_after_vision}"
+        f"{', truncated seconds' if truncate_seconds else ''})."
+    )
+    return types.MethodType(marked(get_rope_index_), model)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+REPLACEMENTS = (
+    Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb)),
+    Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
+    SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
+    SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
+              lambda cls, arch: _rope_index_summary(cls, arch)),
+)  # fmt: skip
+
+PATCHER = register(Patcher("transformers", TESTED_VERSIONS, ARCHITECTURES, REPLACEMENTS))
+
+
+def _rope_index_summary(cls, arch: Architecture) -> str:
+    _rope_index_signature(cls, arch.data["rope_index"])
+    rule, truncate = installed_semantics(cls, arch.data["rope_index"])
+    return f"ok ({rule}{', truncated seconds' if truncate else ''})"
