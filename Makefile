@@ -21,6 +21,11 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 OLD_TRANSFORMERS ?= 5.16.1 5.17.0
 OLD_TF_DIRS := $(foreach v,$(OLD_TRANSFORMERS),$(VENV)/transformers-$(v)/.installed)
 TRANSFORMERS_TESTS := tests/test_patch_transformers.py tests/test_rope_index.py
+# pytest-xdist workers: the tests are mostly single-threaded Python (Triton's interpreter),
+# so the 2-core CI machine runs two at once (one process where xdist is not installed).
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider \
+	$$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(PYTEST_WORKERS)")
 
 .PHONY: bench test test-old-transformers lint clean
 
@@ -28,7 +33,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 	$(MAKE) --no-print-directory test-old-transformers
 
 test-old-transformers: $(OLD_TF_DIRS)
@@ -36,7 +41,7 @@ test-old-transformers: $(OLD_TF_DIRS)
 		dir=$(VENV)/transformers-$$v; \
 		if [ -f $$dir/.unavailable ]; then echo "transformers $$v: not installable here, skipped"; continue; fi; \
 		echo "== the transformers tests again with transformers $$v"; \
-		PYTHONPATH=$$dir $(PY) -m pytest -q $(TRANSFORMERS_TESTS); \
+		PYTHONPATH=$$dir $(PYTEST) $(TRANSFORMERS_TESTS); \
 	done
 
 # transformers <version> and what it needs that the venv lacks (huggingface-hub 1.x, httpx),
@@ -74,6 +79,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	fi; \
 	$(PIP) -e . --no-deps --no-build-isolation; \
 	$(PY) -c "import pytest, numpy" 2>/dev/null || $(PIP) pytest numpy; \
+	$(PY) -c "import xdist" 2>/dev/null || $(PIP) pytest-xdist || \
+		echo "pytest-xdist not installed: the tests run in one process"; \
 	$(PY) -c "import transformers" 2>/dev/null || $(PIP) transformers || \
 		echo "transformers not installed: the model-patching tests will be skipped"; \
 	$(PY) -c "import pynvml" 2>/dev/null || $(PIP) nvidia-ml-py || true; \
