@@ -164,13 +164,18 @@ class Op:
 
 def _function_class(op: Op, setup: Callable, backward: Callable):
     """The eager path's ``autograd.Function``: the implementation forward, the op's own
-    ``setup_context`` and ``backward``."""
+    ``setup_context`` and ``backward``.
 
-    def forward(*args):
-        return op.implementation(args)(*args)
+    Written in the combined style (``forward(ctx, *args)`` calls ``setup_context`` itself):
+    with a separate ``setup_context``, ``Function.apply`` binds the arguments to
+    ``forward``'s signature through ``inspect.signature`` on every call, about six torch ops'
+    worth of host time. The eager path is never taken under functorch transforms (see
+    :meth:`Op._eager`), the one place the separate style is required."""
 
-    def setup_context(ctx, inputs, output):
-        setup(ctx, inputs, output)
+    def forward(ctx, *args):
+        output = op.implementation(args)(*args)
+        setup(ctx, args, output)
+        return output
 
     def backward_(ctx, *grads):
         return backward(ctx, *grads)
@@ -178,11 +183,7 @@ def _function_class(op: Op, setup: Callable, backward: Callable):
     return type(
         f"{op.name}_function",
         (torch.autograd.Function,),
-        {
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward_),
-        },
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_)},
     )
 
 
