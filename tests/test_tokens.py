@@ -1,0 +1,391 @@
+"""select_tokens / tome_merge / pool_tokens against float64 references.
+
+References: the selection rule written out (a stable descending sort, lower index first on
+ties); ToMe's ``bipartite_soft_matching`` + ``merge_wavg`` + ``merge_source`` as published
+(facebookresearch/ToMe ``tome/merge.py``), written here in float64 with its two unspecified
+tie orders made explicit (lowest B index as the match, stable argsort of the best scores);
+transformers' LLaVA-OneVision ``apply_pooling`` (called on the installed class) and
+``F.interpolate`` / ``avg_pool2d`` in float64 for the pooling.
+
+Tolerances (max abs error relative to max |ref|): fp32 1e-5, fp16 2e-3, bf16 1e-2, float64
+1e-12. The gathers are exact copies and are compared bitwise.
+"""
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkernels
+from vlmkernels.ops import tokens as T
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    with vlmkernels.use_backend(request.param):
+        yield request.param
+
+
+def close(got, ref, dtype, what=""):
+    ref = ref.double()
+    err = (got.double() - ref).abs().max().item()
+    scale = max(ref.abs().max().item(), 1e-30)
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs {TOL[dtype] * scale:.3g}"
+
+
+# ------------------------------------------------------------------------- select_tokens
+
+
+def ref_select(scores, keep):
+    """Indices (B, keep) of the kept tokens, increasing: rank by (-score, index)."""
+    out = []
+    for row in scores.tolist():
+        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        out.append(sorted(ranked[:keep]))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_values_indices_grads(dtype, device, backend):
+    B, N, C, keep = 3, 13, 37, 6
+    base = torch.randn(B, C, N, device=device).to(dtype)
+    x = base.transpose(1, 2).requires_grad_()  # strided: channels not contiguous
+    scores = torch.randn(B, N, device=device, requires_grad=True)
+    out, idx = T.select_tokens(x, scores, keep)
+    ref_idx = ref_select(scores.detach().cpu(), keep)
+    assert idx.dtype == torch.int64 and torch.equal(idx.cpu(), ref_idx)
+    expect = torch.stack([x.detach()[b, ref_idx[b]] for b in range(B)])
+    assert out.dtype == dtype and torch.equal(out, expect)
+    g = torch.randn_like(out)
+    out.backward(g)
+    dx = torch.zeros(B, N, C, dtype=dtype, device=device)
+    for b in range(B):
+        dx[b, ref_idx[b]] = g[b]
+    assert torch.equal(x.grad, dx)
+    assert scores.grad is None
+
+
+def test_select_ties_and_keep_all(device, backend):
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]],
+                          device=device)  # fmt: skip
+    x = torch.randn(2, 6, 4, device=device)
+    _, idx = T.select_tokens(x, scores, 2)
+    assert idx.tolist() == [[1, 2], [0, 1]]  # equal scores: the lower indices are kept
+    _, idx = T.select_tokens(x, scores, 4)
+    assert idx.tolist() == [[1, 2, 3, 4], [0, 1, 2, 3]]
+    out, idx = T.select_tokens(x, scores, 6)
+    assert idx.tolist() == [list(range(6))] * 2 and torch.equal(out, x)
+    ints = torch.tensor([[2, 7, 7, 1, 9, 0]] * 2, device=device)
+    assert T.select_tokens(x, ints, 3)[1].tolist() == [[1, 2, 4]] * 2
+
+
+def test_select_bad_input(device):
+    x = torch.randn(2, 5, 3, device=device)
+    s = torch.randn(2, 5, device=device)
+    for keep in (0, 6, -1):
+        with pytest.raises(ValueError, match="keep must be in \\[1, 5\\]"):
+            T.select_tokens(x, s, keep)
+    with pytest.raises(TypeError, match="keep must be an int"):
+        T.select_tokens(x, s, 2.0)
+    with pytest.raises(ValueError, match="scores must have shape"):
+        T.select_tokens(x, s[:, :4], 2)
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        T.select_tokens(x[0], s, 2)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        T.select_tokens(x.long(), s, 2)
+    with pytest.raises(TypeError, match="scores must be a torch.Tensor"):
+        T.select_tokens(x, [1, 2], 2)
+
+
+# ------------------------------------------------------------------------------- ToMe
+
+
+def ref_tome(x, metric, r, size=None, class_token=False):
+    """ToMe's bipartite soft matching + merge_wavg + merge_source in float64."""
+    x, metric = x.double(), metric.double()
+    B, N, _ = x.shape
+    size = torch.ones(B, N, 1, dtype=torch.float64) if size is None else size.double()
+    if r == 0:
+        return x, size, torch.arange(N).expand(B, N)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[..., ::2, :], m[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    node_max = scores.amax(dim=-1)
+    cols = torch.arange(scores.shape[-1])
+    node_idx = torch.where(scores == node_max[..., None], cols, scores.shape[-1]).amin(-1)
+    node_idx = node_idx.clamp_max(scores.shape[-1] - 1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t):
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
+        return torch.cat([unm, dst], dim=1)
+
+    out = merge(x * size)
+    sizes = merge(size)
+    source = merge(torch.eye(N, dtype=torch.float64).expand(B, N, N))  # merge_source
+    return out / sizes, sizes, source.argmax(dim=1)
+
+
+def tome_inputs(B, N, C, Cm, dtype, device, size=False):
+    x = torch.randn(B, N, C, device=device).to(dtype).requires_grad_()
+    metric = torch.randn(B, N, Cm, device=device).to(dtype)
+    s = None
+    if size:
+        s = torch.randint(1, 4, (B, N, 1), device=device).to(dtype).requires_grad_()
+    return x, metric, s
+
+
+def check_tome(x, metric, r, size, class_token, dtype, grads=True):
+    out, sizes, source = T.tome_merge(x, metric, r, size=size, class_token=class_token)
+    leaves = [x] + ([size] if size is not None else [])
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    ref_out, ref_sizes, ref_source = ref_tome(ref_leaves[0], metric.cpu(), r,
+                                              ref_leaves[1] if size is not None else None,
+                                              class_token)  # fmt: skip
+    B, N, C = x.shape
+    assert out.shape == (B, N - r, C) and sizes.shape == (B, N - r, 1)
+    assert source.dtype == torch.int64 and torch.equal(source.cpu(), ref_source)
+    assert out.dtype == dtype and sizes.dtype == (size.dtype if size is not None else dtype)
+    close(out, ref_out, dtype, "merged")
+    close(sizes, ref_sizes, dtype, "sizes")
+    if not grads:
+        return
+    g, gs = torch.randn_like(out), torch.randn_like(sizes)
+    torch.autograd.backward((out, sizes), (g, gs))
+    pairs = [(t, d.cpu().double()) for t, d in ((ref_out, g), (ref_sizes, gs)) if t.requires_grad]
+    torch.autograd.backward(*zip(*pairs, strict=True))
+    for t, ref, what in zip(leaves, ref_leaves, ("dx", "dsize")[: len(leaves)], strict=True):
+        close(t.grad, ref.grad, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tome_values_and_grads(dtype, device, backend):
+    x, metric, _ = tome_inputs(2, 23, 20, 24, dtype, device)
+    check_tome(x, metric, 7, None, False, dtype)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_tome_sizes_class_token_strided(class_token, device, backend):
+    B, N = 2, 18
+    base = torch.randn(B, 40, N, device=device)
+    x = base[:, ::2].transpose(1, 2).requires_grad_()  # (B, N, 20), strides (.., 1, 80)
+    metric = torch.randn(B, N, 48, device=device)[..., ::2]
+    size = torch.randint(1, 5, (B, N, 1), device=device).float().requires_grad_()
+    check_tome(x, metric, 5, size, class_token, torch.float32)
+
+
+def test_tome_float64(device):
+    x, metric, size = tome_inputs(2, 9, 5, 6, torch.float64, device, size=True)
+    check_tome(x, metric, 3, size, True, torch.float64)
+
+
+@pytest.mark.parametrize("n, class_token", [(12, False), (13, False), (12, True), (13, True)])
+def test_tome_r_limits(n, class_token, device, backend):
+    limit = (n - int(class_token)) // 2
+    x, metric, _ = tome_inputs(2, n, 8, 16, torch.float32, device)
+    check_tome(x, metric, limit, None, class_token, torch.float32, grads=False)
+    out, sizes, source = T.tome_merge(x, metric, 0, class_token=class_token)
+    assert out is x and torch.equal(sizes, torch.ones(2, n, 1, device=device))
+    assert torch.equal(source, torch.arange(n, device=device).expand(2, n))
+    what = "non-class " if class_token else ""
+    with pytest.raises(ValueError, match=f"r must be in \\[0, {limit}\\].*{what}tokens"):
+        T.tome_merge(x, metric, limit + 1, class_token=class_token)
+
+
+def test_tome_ties(device, backend):
+    """Equal scores: a B column and an A row repeated exactly (the kernel's scores for them
+    are computed by the same operations, so they tie exactly too)."""
+    B, N, C = 2, 14, 16
+    metric = torch.randn(B, N, C, device=device)
+    metric[:, 5] = metric[:, 3]  # B tokens 1 and 2 identical: every A row ties on them
+    metric[:, 9] = metric[:, 3]
+    metric[:, 4] = metric[:, 2]  # A tokens 1 and 2 identical: their best scores tie
+    metric[:, 8] = 2 * metric[:, 2]
+    x = torch.randn(B, N, 24, device=device, requires_grad=True)
+    for r in (1, 2, 3, 6):
+        check_tome(x, metric, r, None, False, torch.float32, grads=False)
+    metric = torch.ones(B, N, C, device=device)  # every score ties
+    out, _, source = T.tome_merge(x, metric, 3)
+    # A tokens 0, 1, 2 (lowest indices first) merge into B token 0 (the lowest column)
+    assert source[0].tolist() == [4, 4, 4, 5, 4, 6, 0, 7, 1, 8, 2, 9, 3, 10]
+    check_tome(x, metric, 3, None, True, torch.float32, grads=False)
+
+
+def test_tome_metric_gets_no_gradient(device):
+    x, metric, _ = tome_inputs(1, 10, 6, 8, torch.float32, device)
+    metric.requires_grad_()
+    out, sizes, _ = T.tome_merge(x, metric, 3)
+    (out.sum() + sizes.sum()).backward()
+    assert metric.grad is None and x.grad is not None
+
+
+def test_tome_bad_input(device):
+    x, metric, _ = tome_inputs(2, 10, 6, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="r must be in \\[0, 5\\]"):
+        T.tome_merge(x, metric, 6)
+    with pytest.raises(ValueError, match="r must be in"):
+        T.tome_merge(x, metric, -1)
+    with pytest.raises(TypeError, match="r must be an int"):
+        T.tome_merge(x, metric, True)
+    with pytest.raises(ValueError, match="metric must have x's"):
+        T.tome_merge(x, metric[:, :8], 2)
+    with pytest.raises(ValueError, match="size must have shape"):
+        T.tome_merge(x, metric, 2, size=torch.ones(2, 10, device=device))
+    with pytest.raises(TypeError, match="size must be a floating"):
+        T.tome_merge(x, metric, 2, size=torch.ones(2, 10, 1, dtype=torch.long, device=device))
+    with pytest.raises(TypeError, match="class_token must be True or False"):
+        T.tome_merge(x, metric, 2, class_token=1)
+    with pytest.raises(TypeError, match="metric must be a floating"):
+        T.tome_merge(x, metric.int(), 2)
+
+
+# ---------------------------------------------------------------------------- pooling
+
+
+def transformers_pooling(x, side):
+    """LLaVA-OneVision's apply_pooling from the installed transformers, on a square grid."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        LlavaOnevisionModel,
+    )
+
+    vision = types.SimpleNamespace(image_size=side * 14, patch_size=14)
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=vision))
+    return LlavaOnevisionModel.apply_pooling(fake, x)
+
+
+def ref_pool(x, grid, size):
+    B, _, C = x.shape
+    g = x.double().reshape(B, *grid, C).permute(0, 3, 1, 2)
+    y = F.interpolate(g, size=size, mode="bilinear", align_corners=False)
+    return y.permute(0, 2, 3, 1).reshape(B, -1, C)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_bilinear_matches_llava_onevision(dtype, device, backend):
+    side, C = 7, 12
+    x = torch.randn(2, side * side, C, device=device).to(dtype).requires_grad_()
+    out = T.pool_tokens(x, (side, side), "bilinear")
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = transformers_pooling(x64, side)
+    assert out.shape == (2, 16, C) and out.dtype == dtype
+    close(out, ref, dtype, "bilinear")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.cpu().double())
+    close(x.grad, x64.grad, dtype, "bilinear grad")
+
+
+@pytest.mark.parametrize("grid, size", [((5, 8), (3, 3)), ((3, 2), (5, 4)), ((6, 4), (3, 2))])
+def test_pool_bilinear_sizes(grid, size, device, backend):
+    base = torch.randn(2, 10, grid[0] * grid[1], device=device)
+    x = base.transpose(1, 2).requires_grad_()  # strided
+    out = T.pool_tokens(x, grid, "bilinear", size=size)
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = ref_pool(x64, grid, size)
+    close(out, ref, torch.float32, "bilinear")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.cpu().double())
+    close(x.grad, x64.grad, torch.float32, "bilinear grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_avg2x2(dtype, device, backend):
+    H, W, C = 4, 6, 20
+    x = torch.randn(3, H * W, C, device=device).to(dtype).requires_grad_()
+    out = T.pool_tokens(x, (H, W))
+    x64 = x.detach().cpu().double().requires_grad_()
+    g64 = x64.reshape(3, H, W, C).permute(0, 3, 1, 2)
+    ref = F.avg_pool2d(g64, 2).permute(0, 2, 3, 1).reshape(3, -1, C)
+    assert out.shape == (3, 6, C)
+    close(out, ref, dtype, "avg2x2")
+    close(out, ref_pool(x64.detach(), (H, W), (2, 3)), dtype, "avg2x2 = bilinear at 2x")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.cpu().double())
+    close(x.grad, x64.grad, dtype, "avg2x2 grad")
+
+
+def test_pool_bad_input(device):
+    x = torch.randn(2, 12, 4, device=device)
+    with pytest.raises(ValueError, match="grid 3 x 5 = 15 tokens, but x has 12"):
+        T.pool_tokens(x, (3, 5))
+    with pytest.raises(ValueError, match="avg2x2' needs an even grid, got 3 x 4"):
+        T.pool_tokens(x, (3, 4))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        T.pool_tokens(x, (3, 4), "max")
+    with pytest.raises(ValueError, match="grid must be a pair of positive ints"):
+        T.pool_tokens(x, 12)
+    with pytest.raises(ValueError, match="size must be a pair"):
+        T.pool_tokens(x, (3, 4), "bilinear", size=(0, 2))
+    with pytest.raises(ValueError, match="avg2x2' gives size \\(1, 3\\)"):
+        T.pool_tokens(torch.randn(1, 12, 4, device=device), (2, 6), size=(2, 2))
+
+
+# ----------------------------------------------------------------------- registration
+
+
+def test_opcheck(device, backend):
+    ops = torch.ops.vlmkernels
+    x = torch.randn(2, 9, 5, device=device, requires_grad=True)
+    index = torch.tensor([[0, 4, 7], [1, 2, 8]], device=device)
+    inverse = torch.full((2, 9), -1, device=device).scatter(1, index, torch.arange(3).expand(2, 3))
+    torch.library.opcheck(ops.tokens_select_rows, (x, index, inverse))
+    metric = torch.randn(2, 9, 16, device=device)
+    torch.library.opcheck(ops.tokens_tome_match, (metric, True))
+    source = torch.tensor([[4, 0, 1, 1, 5, 2, 6, 3, 2]] * 2, device=device)
+    members = source.sort(dim=1, stable=True).indices
+    rows = torch.arange(8, device=device).expand(2, 8).contiguous()
+    offsets = torch.searchsorted(source.gather(1, members), rows)
+    size = torch.rand(2, 9, 1, device=device, requires_grad=True)
+    torch.library.opcheck(ops.tokens_tome_merge, (x, size, source, members, offsets))
+    torch.library.opcheck(ops.tokens_tome_merge, (x, None, source, members, offsets))
+    g = torch.randn(2, 24, 5, device=device, requires_grad=True)
+    for mode, size in ((T.AVG2X2, [2, 3]), (T.BILINEAR, [3, 2])):
+        torch.library.opcheck(ops.tokens_pool, (g, [4, 6], size, mode))
+
+
+def test_torch_compile_fullgraph(device):
+    def compress(x, metric, scores, grid_x):
+        merged, sizes, source = T.tome_merge(x, metric, 4, class_token=True)
+        kept, idx = T.select_tokens(merged, scores, 5)
+        pooled = T.pool_tokens(grid_x, (4, 4), "bilinear", size=(3, 3))
+        return kept, sizes, source, idx, T.pool_tokens(pooled, (3, 3), "bilinear")
+
+    x = torch.randn(2, 13, 8, device=device, requires_grad=True)
+    metric = torch.randn(2, 13, 16, device=device)
+    scores = torch.randn(2, 9, device=device)
+    grid_x = torch.randn(2, 16, 8, device=device, requires_grad=True)
+    compiled = torch.compile(compress, backend="aot_eager", fullgraph=True)
+    got, ref = compiled(x, metric, scores, grid_x), compress(x, metric, scores, grid_x)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
+    (got[0].sum() + got[4].sum()).backward()
+    gx, ggrid = x.grad.clone(), grid_x.grad.clone()
+    x.grad = grid_x.grad = None
+    (ref[0].sum() + ref[4].sum()).backward()
+    assert torch.equal(gx, x.grad) and torch.equal(ggrid, grid_x.grad)
+
+
+def test_double_backward_float64(device):
+    x = torch.randn(2, 8, 3, dtype=torch.float64, device=device, requires_grad=True)
+    scores = torch.randn(2, 8, device=device)
+    torch.autograd.gradgradcheck(lambda t: T.select_tokens(t, scores, 3)[0], (x,))
+    y = torch.randn(1, 12, 2, dtype=torch.float64, device=device, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda t: T.pool_tokens(t, (3, 4), "bilinear"), (y,))
+    torch.autograd.gradgradcheck(lambda t: T.pool_tokens(t, (2, 6)), (y,))

@@ -1,0 +1,377 @@
+"""The token-compression Triton kernels and their launchers.
+
+- ``_gather_rows_kernel``: out[b, k] = scale * x[b, index[b, k]] (a row of zeros where the
+  index is -1): the token selection, its backward (the scatter, as a gather through the
+  inverse map) and the 2 x 2 average pooling's backward;
+- ``_tome_match_kernel``: ToMe's best match per A token, a GEMM tile of cosine scores per
+  (A block, B block) reduced to a running row max and argmax, so the (N/2, N/2) score
+  matrix never reaches memory;
+- ``_tome_merge_kernel``: the size-weighted segment mean of the merge (each output row
+  reads its members through a CSR list, deterministic, no atomics);
+- ``_tome_unmerge_kernel``: the merge's backward per input token (and the sizes' gradient);
+- ``_pool_kernel``: the 2 x 2 average and the bilinear resize (align_corners=False) of a
+  token grid, one output token per program.
+
+Every loaded value is converted to fp32 right after the load; results are rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...core.runtime import autotune_configs, device_guard, dot_precision
+from ...core.tuning import tuned
+
+# --------------------------------------------------------------------------------------
+# Row gather
+# --------------------------------------------------------------------------------------
+
+_ROW_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_C": 256}, num_warps=2),
+        triton.Config({"BLOCK_C": 512}, num_warps=4),
+        triton.Config({"BLOCK_C": 1024}, num_warps=4),
+        triton.Config({"BLOCK_C": 128}, num_warps=1),
+    ],
+    triton.Config({"BLOCK_C": 32}, num_warps=1),
+)
+
+
+@tuned("tokens_gather", configs=_ROW_CONFIGS, key=["K", "C"], sizes=["K", "C"])
+@triton.jit
+def _gather_rows_kernel(
+    x_ptr, idx_ptr, o_ptr, K, C, scale,
+    sxb, sxn, sxc, sib, sik, sob, sok,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One output row (b, k) per program: o[b, k, :] = scale * x[b, idx[b, k], :], or 0
+    where idx[b, k] < 0."""
+    t = tl.program_id(0)
+    b = t // K
+    k = t % K
+    src = tl.load(idx_ptr + tl.cast(b, tl.int64) * sib + tl.cast(k, tl.int64) * sik)
+    c_valid = tl.where(src >= 0, C, 0)  # a dropped row loads nothing
+    x_row = x_ptr + tl.cast(b, tl.int64) * sxb + tl.maximum(src, 0).to(tl.int64) * sxn
+    o_row = o_ptr + tl.cast(b, tl.int64) * sob + tl.cast(k, tl.int64) * sok
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = c < C
+        v = tl.load(x_row + c.to(tl.int64) * sxc, mask=c < c_valid, other=0.0).to(tl.float32)
+        tl.store(o_row + c, (v * scale).to(o_ptr.dtype.element_ty), mask=m)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """(B, K, C) rows ``scale * x[b, index[b, k]]`` of x (B, N, C), zeros where the index is
+    -1; ``index`` (B, K) or (K,) (shared by the batch) int64. Output contiguous."""
+    B, _, C = x.shape
+    K = index.shape[-1]
+    out = torch.empty((B, K, C), dtype=x.dtype, device=x.device)
+    if B * K == 0 or C == 0:
+        return out
+    sib = index.stride(0) if index.dim() == 2 else 0
+    with device_guard(x):
+        _gather_rows_kernel[(B * K,)](
+            x, index, out, K, C, float(scale), *x.stride(), sib, index.stride(-1),
+            out.stride(0), out.stride(1),
+        )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# ToMe: best match per A token
+# --------------------------------------------------------------------------------------
+
+_MATCH_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1),
+)
+
+
+@tuned("tome_match", configs=_MATCH_CONFIGS, key=["NA", "C", "CLASS_TOKEN"], sizes=["NA", "C"])
+@triton.jit
+def _tome_match_kernel(
+    m_ptr, best_ptr, arg_ptr, NA, NB, C,
+    smb, smn, smc,
+    CLASS_TOKEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A rows i (tokens 2i) of block ``program_id(0)``, batch ``program_id(1)``:
+    best[b, i] = max_j cos(m[2i], m[2j + 1]), arg[b, i] = the lowest j attaining it;
+    row 0 gets -inf (and 0) when CLASS_TOKEN."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    base = m_ptr + tl.cast(b, tl.int64) * smb
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < NA
+    a_ptrs = base + (2 * rows).to(tl.int64)[:, None] * smn
+    kk = tl.arange(0, BLOCK_K)
+    # the A rows' norms
+    a_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + kk
+        a = tl.load(a_ptrs + k[None, :] * smc, mask=row_mask[:, None] & (k < C)[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        a_sq += tl.sum(a * a, axis=1)
+    inv_a = 1.0 / tl.sqrt(tl.where(row_mask, a_sq, 1.0))
+    best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    cols0 = tl.arange(0, BLOCK_N)
+    for n0 in range(0, NB, BLOCK_N):
+        cols = n0 + cols0
+        col_mask = cols < NB
+        b_ptrs = base + (2 * cols + 1).to(tl.int64)[None, :] * smn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            k = k0 + kk
+            k_mask = k < C
+            a = tl.load(a_ptrs + k[None, :] * smc, mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)  # fmt: skip
+            bt = tl.load(b_ptrs + k[:, None] * smc, mask=k_mask[:, None] & col_mask[None, :],
+                         other=0.0)  # fmt: skip
+            bf = bt.to(tl.float32)
+            b_sq += tl.sum(bf * bf, axis=0)
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), bf, input_precision=PRECISION)
+            else:
+                acc += tl.dot(a, bt, input_precision=PRECISION)
+        s = acc * inv_a[:, None] * (1.0 / tl.sqrt(tl.where(col_mask, b_sq, 1.0)))[None, :]
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        blk_best = tl.max(s, axis=1)
+        blk_arg = tl.argmax(s, axis=1).to(tl.int32) + n0  # the lowest column on ties
+        better = blk_best > best  # strict: an earlier block keeps its (lower) column on ties
+        arg = tl.where(better, blk_arg, arg)
+        best = tl.where(better, blk_best, best)
+    if CLASS_TOKEN:
+        best = tl.where(rows == 0, float("-inf"), best)
+        arg = tl.where(rows == 0, 0, arg)
+    out = tl.cast(b, tl.int64) * NA + rows
+    tl.store(best_ptr + out, best, mask=row_mask)
+    tl.store(arg_ptr + out, arg.to(tl.int64), mask=row_mask)
+
+
+def tome_match(metric: torch.Tensor, class_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best (B, NA) fp32, arg (B, NA) int64) of metric (B, N, C), NA = ceil(N / 2), NB =
+    floor(N / 2): each A token's (even positions) best cosine score over the B tokens (odd
+    positions) and the B index attaining it (the lowest on ties)."""
+    B, N, C = metric.shape
+    NA, NB = (N + 1) // 2, N // 2
+    best = torch.empty((B, NA), dtype=torch.float32, device=metric.device)
+    arg = torch.empty((B, NA), dtype=torch.int64, device=metric.device)
+    upcast, precision = dot_precision(metric.dtype)
+    grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]), B)  # noqa: E731
+    with device_guard(metric):
+        _tome_match_kernel[grid](
+            metric, best, arg, NA, NB, C, *metric.stride(),
+            CLASS_TOKEN=bool(class_token), UPCAST=upcast, PRECISION=precision,
+        )  # fmt: skip
+    return best, arg
+
+
+# --------------------------------------------------------------------------------------
+# ToMe: size-weighted merge and its backward
+# --------------------------------------------------------------------------------------
+
+
+@tuned("tome_merge", configs=_ROW_CONFIGS, key=["NOUT", "C", "HAS_SIZE"], sizes=["NOUT", "C"])
+@triton.jit
+def _tome_merge_kernel(
+    x_ptr, s_ptr, mem_ptr, off_ptr, o_ptr, os_ptr, N, NOUT, C,
+    sxb, sxn, sxc, ssb, ssn, smb, sob,
+    HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Output row (b, r) per program, over its members i = mem[b, off[b, r] : off[b, r + 1]]:
+    o[b, r] = sum_i s_i x[b, i] / S,  os[b, r] = S = sum_i s_i  (s_i = 1 without sizes)."""
+    t = tl.program_id(0)
+    b = t // NOUT
+    r = t % NOUT
+    off = off_ptr + tl.cast(b, tl.int64) * sob + r
+    start = tl.load(off)
+    end = tl.load(off + 1)
+    mem = mem_ptr + tl.cast(b, tl.int64) * smb
+    x_b = x_ptr + tl.cast(b, tl.int64) * sxb
+    s_b = s_ptr + tl.cast(b, tl.int64) * ssb
+    total = 0.0
+    for j in range(start, end):
+        if HAS_SIZE:
+            total += tl.load(s_b + tl.load(mem + j) * ssn).to(tl.float32)
+        else:
+            total += 1.0
+    o_row = o_ptr + (tl.cast(b, tl.int64) * NOUT + r) * C
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = c < C
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in range(start, end):
+            i = tl.load(mem + j)
+            v = tl.load(x_b + i * sxn + c.to(tl.int64) * sxc, mask=m, other=0.0).to(tl.float32)
+            if HAS_SIZE:
+                v = v * tl.load(s_b + i * ssn).to(tl.float32)
+            acc += v
+        tl.store(o_row + c, (acc / total).to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(os_ptr + tl.cast(b, tl.int64) * NOUT + r, total.to(os_ptr.dtype.element_ty))
+
+
+def tome_merge_rows(x, size, members, offsets, size_dtype):
+    """(merged (B, NOUT, C), sizes (B, NOUT, 1)) of x (B, N, C) with sizes ``size`` (B, N, 1)
+    or None (all 1), the members of output row r being ``members[b, offsets[b, r] :
+    offsets[b, r + 1]]`` (offsets (B, NOUT + 1), members (B, N), contiguous int64)."""
+    B, N, C = x.shape
+    nout = offsets.shape[1] - 1
+    out = torch.empty((B, nout, C), dtype=x.dtype, device=x.device)
+    out_size = torch.empty((B, nout, 1), dtype=size_dtype, device=x.device)
+    if B * nout == 0:
+        return out, out_size
+    s = size if size is not None else x
+    ssb, ssn = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
+    with device_guard(x):
+        _tome_merge_kernel[(B * nout,)](
+            x, s, members, offsets, out, out_size, N, nout, C, *x.stride(), ssb, ssn,
+            members.stride(0), offsets.stride(0), HAS_SIZE=size is not None,
+        )  # fmt: skip
+    return out, out_size
+
+
+@tuned("tome_unmerge", configs=_ROW_CONFIGS, key=["N", "C", "SIZE_GRAD"], sizes=["N", "C"])
+@triton.jit
+def _tome_unmerge_kernel(
+    g_ptr, gs_ptr, x_ptr, s_ptr, o_ptr, os_ptr, src_ptr, dx_ptr, ds_ptr, N, NOUT, C,
+    sgb, sgn, sgc, sgsb, sgsn, sxb, sxn, sxc, ssb, ssn, sob, son, soc, srb,
+    HAS_SIZE: tl.constexpr, SIZE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Input token (b, i) per program, r = src[b, i], S = os[b, r]:
+    dx[b, i] = s_i / S g[b, r]; with SIZE_GRAD also
+    ds[b, i] = <g[b, r], x[b, i] - o[b, r]> / S + gs[b, r]."""
+    t = tl.program_id(0)
+    b = t // N
+    i = t % N
+    b64 = tl.cast(b, tl.int64)
+    r = tl.load(src_ptr + b64 * srb + i)
+    total = tl.load(os_ptr + b64 * NOUT + r).to(tl.float32)
+    if HAS_SIZE:
+        s_i = tl.load(s_ptr + b64 * ssb + tl.cast(i, tl.int64) * ssn).to(tl.float32)
+    else:
+        s_i = 1.0
+    w = s_i / total
+    g_row = g_ptr + b64 * sgb + r * sgn
+    x_row = x_ptr + b64 * sxb + tl.cast(i, tl.int64) * sxn
+    o_row = o_ptr + b64 * sob + r * son
+    dx_row = dx_ptr + (b64 * N + i) * C
+    dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = c < C
+        c64 = c.to(tl.int64)
+        g = tl.load(g_row + c64 * sgc, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx_row + c, (w * g).to(dx_ptr.dtype.element_ty), mask=m)
+        if SIZE_GRAD:
+            xv = tl.load(x_row + c64 * sxc, mask=m, other=0.0).to(tl.float32)
+            ov = tl.load(o_row + c64 * soc, mask=m, other=0.0).to(tl.float32)
+            dot += g * (xv - ov)
+    if SIZE_GRAD:
+        gs = tl.load(gs_ptr + b64 * sgsb + r * sgsn).to(tl.float32)
+        ds = tl.sum(dot, axis=0) / total + gs
+        tl.store(ds_ptr + b64 * N + i, ds.to(ds_ptr.dtype.element_ty))
+
+
+def tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source, size_grad):
+    """(dx (B, N, C), dsize (B, N, 1) or None) of the merge (see the kernel)."""
+    B, N, C = x.shape
+    nout = out.shape[1]
+    dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    ds = torch.empty((B, N, 1), dtype=size.dtype, device=x.device) if size_grad else None
+    if B * N == 0:
+        return dx, ds
+    s = size if size is not None else x
+    ssb, ssn = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
+    gs = grad_size if grad_size is not None else out_size
+    out_size = out_size.contiguous()
+    with device_guard(x):
+        _tome_unmerge_kernel[(B * N,)](
+            grad, gs, x, s, out, out_size, source, dx, ds if size_grad else dx, N, nout, C,
+            *grad.stride(), gs.stride(0), gs.stride(1), *x.stride(), ssb, ssn, *out.stride(),
+            source.stride(0), HAS_SIZE=size is not None, SIZE_GRAD=bool(size_grad),
+        )  # fmt: skip
+    return dx, ds
+
+
+# --------------------------------------------------------------------------------------
+# Token-grid pooling
+# --------------------------------------------------------------------------------------
+
+AVG2X2, BILINEAR = 0, 1
+
+
+@tuned("tokens_pool", configs=_ROW_CONFIGS, key=["C", "MODE"], sizes=["C"])
+@triton.jit
+def _pool_kernel(
+    x_ptr, o_ptr, H, W, h, w, C, scale_h, scale_w,
+    sxb, sxn, sxc,
+    MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Output token (b, oy, ox) per program, from the (H, W) grid of x (B, H W, C).
+    MODE 0: the mean of the 2 x 2 block (2 oy + {0, 1}, 2 ox + {0, 1}). MODE 1: bilinear,
+    align_corners=False: sy = max((oy + 0.5) scale_h - 0.5, 0), y0 = floor(sy),
+    y1 = min(y0 + 1, H - 1), ly = sy - y0 (x likewise), out = (1 - ly) ((1 - lx) x[y0, x0] +
+    lx x[y0, x1]) + ly ((1 - lx) x[y1, x0] + lx x[y1, x1])."""
+    t = tl.program_id(0)
+    b = t // (h * w)
+    p = t % (h * w)
+    oy = p // w
+    ox = p % w
+    if MODE == 0:
+        y0 = 2 * oy
+        x0 = 2 * ox
+        y1 = y0 + 1
+        x1 = x0 + 1
+        ly = 0.5
+        lx = 0.5
+    else:
+        sy = tl.maximum((oy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+        sx = tl.maximum((ox.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        y1 = tl.minimum(y0 + 1, H - 1)
+        x1 = tl.minimum(x0 + 1, W - 1)
+        ly = sy - y0.to(tl.float32)
+        lx = sx - x0.to(tl.float32)
+    x_b = x_ptr + tl.cast(b, tl.int64) * sxb
+    r00 = x_b + (y0 * W + x0).to(tl.int64) * sxn
+    r01 = x_b + (y0 * W + x1).to(tl.int64) * sxn
+    r10 = x_b + (y1 * W + x0).to(tl.int64) * sxn
+    r11 = x_b + (y1 * W + x1).to(tl.int64) * sxn
+    o_row = o_ptr + tl.cast(t, tl.int64) * C
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = c < C
+        cc = c.to(tl.int64) * sxc
+        v00 = tl.load(r00 + cc, mask=m, other=0.0).to(tl.float32)
+        v01 = tl.load(r01 + cc, mask=m, other=0.0).to(tl.float32)
+        v10 = tl.load(r10 + cc, mask=m, other=0.0).to(tl.float32)
+        v11 = tl.load(r11 + cc, mask=m, other=0.0).to(tl.float32)
+        if MODE == 0:
+            v = (v00 + v01 + v10 + v11) * 0.25
+        else:
+            v = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        tl.store(o_row + c, v.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def pool(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], mode: int):
+    """(B, h w, C) pooled tokens of x (B, H W, C) on the grid (H, W), to (h, w)."""
+    B, _, C = x.shape
+    (H, W), (h, w) = grid, size
+    out = torch.empty((B, h * w, C), dtype=x.dtype, device=x.device)
+    if B * h * w == 0 or C == 0:
+        return out
+    with device_guard(x):
+        _pool_kernel[(B * h * w,)](
+            x, out, H, W, h, w, C, float(H) / h, float(W) / w, *x.stride(), MODE=mode
+        )
+    return out

@@ -1,0 +1,233 @@
+"""The token ops, ``torch.ops.vlmkernels.tokens_*``: one declaration each
+(:class:`vlmkernels.core.op.Op`) with the PyTorch and Triton implementations, the fake and
+the backward.
+
+- ``tokens_select_rows(x, index, inverse)``: out[b, k] = x[b, index[b, k]] (B, K, C);
+  ``inverse`` (B, N) holds k where index[b, k] = n and -1 elsewhere. Its backward is the
+  same op with the roles of the maps swapped (a gather through the inverse map: rows of
+  zeros for the tokens not selected), so it is twice differentiable.
+- ``tokens_tome_match(metric, class_token)``: (best, arg) of ToMe's bipartite matching (no
+  gradient: the matching is piecewise constant).
+- ``tokens_tome_merge(x, size, source, members, offsets)``: the size-weighted mean per
+  output row and the summed sizes; ``source`` (B, N) is each token's output row, ``members``
+  and ``offsets`` the same map as CSR lists (members of row r: ``members[b, offsets[b, r] :
+  offsets[b, r + 1]]``). Backward: ``tokens_tome_unmerge``.
+- ``tokens_pool(x, grid, size, mode)``: 2 x 2 average or bilinear resize of a token grid;
+  its backward ``tokens_pool_backward`` is the adjoint, whose backward is ``tokens_pool``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.backend import in_forward_backend, remember_backend
+from ...core.op import Op
+from . import kernels, reference
+from .kernels import AVG2X2
+
+FAMILY = "tokens"
+
+select_rows = Op(
+    "tokens_select_rows", "(Tensor x, Tensor index, Tensor inverse) -> Tensor", family=FAMILY
+)
+tome_match = Op(
+    "tokens_tome_match", "(Tensor metric, bool class_token) -> (Tensor, Tensor)", family=FAMILY
+)
+tome_merge = Op(
+    "tokens_tome_merge",
+    "(Tensor x, Tensor? size, Tensor source, Tensor members, Tensor offsets) -> (Tensor, Tensor)",
+    family=FAMILY,
+)
+tome_unmerge = Op(
+    "tokens_tome_unmerge",
+    "(Tensor grad, Tensor grad_size, Tensor x, Tensor? size, Tensor out, Tensor out_size, "
+    "Tensor source, bool size_grad) -> (Tensor, Tensor)",
+    family=FAMILY,
+)
+pool = Op("tokens_pool", "(Tensor x, int[] grid, int[] size, int mode) -> Tensor", family=FAMILY)
+pool_backward = Op(
+    "tokens_pool_backward",
+    "(Tensor grad, int[] grid, int[] size, int mode) -> Tensor",
+    family=FAMILY,
+)
+
+# ------------------------------------------------------------------------------ select_rows
+
+
+@select_rows.impl("triton")
+def _(x, index, inverse):
+    return kernels.gather_rows(x, index)
+
+
+@select_rows.impl("torch")
+def _(x, index, inverse):
+    return reference.gather_rows(x, index)
+
+
+@select_rows.fake
+def _(x, index, inverse):
+    return x.new_empty((x.shape[0], index.shape[-1], x.shape[2]))
+
+
+@select_rows.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        _, index, inverse = inputs
+        ctx.save_for_backward(index, inverse)
+        remember_backend(ctx)
+
+    @in_forward_backend
+    def backward(ctx, grad):
+        index, inverse = ctx.saved_tensors
+        return select_rows(grad, inverse, index), None, None
+
+
+# ------------------------------------------------------------------------------- tome_match
+
+
+@tome_match.impl("triton")
+def _(metric, class_token):
+    return kernels.tome_match(metric, class_token)
+
+
+@tome_match.impl("torch")
+def _(metric, class_token):
+    return reference.tome_match(metric, class_token)
+
+
+@tome_match.fake
+def _(metric, class_token):
+    B, N, _ = metric.shape
+    dtype = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    na = (N + 1) // 2
+    return metric.new_empty((B, na), dtype=dtype), metric.new_empty((B, na), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------- tome_merge
+
+
+def _size_dtype(x, size):
+    return size.dtype if size is not None else x.dtype
+
+
+@tome_merge.impl("triton")
+def _(x, size, source, members, offsets):
+    return kernels.tome_merge_rows(x, size, members, offsets, _size_dtype(x, size))
+
+
+@tome_merge.impl("torch")
+def _(x, size, source, members, offsets):
+    nout = offsets.shape[1] - 1
+    return reference.tome_merge_rows(x, size, source, nout, _size_dtype(x, size))
+
+
+@tome_merge.fake
+def _(x, size, source, members, offsets):
+    B, _, C = x.shape
+    nout = offsets.shape[1] - 1
+    return x.new_empty((B, nout, C)), x.new_empty((B, nout, 1), dtype=_size_dtype(x, size))
+
+
+@tome_merge.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, size, source, members, offsets = inputs
+        out, out_size = output
+        ctx.save_for_backward(x, size, source, out, out_size)
+        remember_backend(ctx)
+
+    @in_forward_backend
+    def backward(ctx, grad, grad_size):
+        x, size, source, out, out_size = ctx.saved_tensors
+        size_grad = size is not None and ctx.needs_input_grad[1]
+        dx, ds = tome_unmerge(grad, grad_size, x, size, out, out_size, source, size_grad)
+        return dx, (ds if size_grad else None), None, None, None
+
+
+@tome_unmerge.impl("triton")
+def _(grad, grad_size, x, size, out, out_size, source, size_grad):
+    dx, ds = kernels.tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source,
+                                       size_grad)  # fmt: skip
+    return dx, (ds if size_grad else x.new_empty((0,)))
+
+
+@tome_unmerge.impl("torch")
+def _(grad, grad_size, x, size, out, out_size, source, size_grad):
+    dx, ds = reference.tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source,
+                                         size_grad)  # fmt: skip
+    return dx, (ds if size_grad else x.new_empty((0,)))
+
+
+@tome_unmerge.fake
+def _(grad, grad_size, x, size, out, out_size, source, size_grad):
+    B, N, _ = x.shape
+    ds = x.new_empty((B, N, 1), dtype=size.dtype) if size_grad else x.new_empty((0,))
+    return x.new_empty(x.shape), ds
+
+
+# ------------------------------------------------------------------------------------ pool
+
+
+def _avg_backward_index(grid, size, device):
+    """(H W,) int64: the output token each input token of the 2 x 2 average feeds."""
+    (H, W), (_, w) = grid, size
+    ys = torch.arange(H, device=device) // 2
+    xs = torch.arange(W, device=device) // 2
+    return (ys[:, None] * w + xs[None, :]).reshape(-1)
+
+
+@pool.impl("triton")
+def _(x, grid, size, mode):
+    return kernels.pool(x, tuple(grid), tuple(size), mode)
+
+
+@pool.impl("torch")
+def _(x, grid, size, mode):
+    return reference.pool(x, grid, size, mode)
+
+
+@pool.fake
+def _(x, grid, size, mode):
+    return x.new_empty((x.shape[0], size[0] * size[1], x.shape[2]))
+
+
+@pool.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        _, grid, size, mode = inputs
+        ctx.options = (grid, size, mode)
+        remember_backend(ctx)
+
+    @in_forward_backend
+    def backward(ctx, grad):
+        return pool_backward(grad, *ctx.options), None, None, None
+
+
+@pool_backward.impl("triton")
+def _(grad, grid, size, mode):
+    if mode == AVG2X2:
+        return kernels.gather_rows(grad, _avg_backward_index(grid, size, grad.device), 0.25)
+    # the bilinear adjoint: ATen's upsample_bilinear2d_backward (no Triton kernel)
+    return reference.pool_backward(grad, grid, size, mode)
+
+
+@pool_backward.impl("torch")
+def _(grad, grid, size, mode):
+    return reference.pool_backward(grad, grid, size, mode)
+
+
+@pool_backward.fake
+def _(grad, grid, size, mode):
+    return grad.new_empty((grad.shape[0], grid[0] * grid[1], grad.shape[2]))
+
+
+@pool_backward.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        _, grid, size, mode = inputs
+        ctx.options = (grid, size, mode)
+        remember_backend(ctx)
+
+    @in_forward_backend
+    def backward(ctx, grad):
+        return pool(grad, *ctx.options), None, None, None

@@ -1,0 +1,108 @@
+"""The PyTorch implementations of the token ops (the CPU path, and float64).
+
+Same contracts as the launchers in :mod:`.kernels`; the arithmetic is done in fp32 for 16-bit
+inputs (float64 stays float64) and rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import AVG2X2
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """(B, K, C): ``scale * x[b, index[b, k]]``, zeros where the index is -1; ``index`` (B, K)
+    or (K,) shared by the batch."""
+    B, _, C = x.shape
+    index = index.expand(B, index.shape[-1]) if index.dim() == 1 else index
+    rows = x.gather(1, index.clamp_min(0)[..., None].expand(-1, -1, C)).to(_acc(x))
+    rows = torch.where((index >= 0)[..., None], rows * scale, 0.0)
+    return rows.to(x.dtype)
+
+
+def tome_match(metric: torch.Tensor, class_token: bool):
+    """(best (B, NA) fp32 / fp64, arg (B, NA) int64): cosine scores of the A tokens (even
+    positions) against the B tokens (odd positions), their max and the lowest argmax."""
+    m = metric.to(_acc(metric))
+    m = m / m.norm(dim=-1, keepdim=True)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    if class_token:
+        scores[:, 0, :] = float("-inf")
+    best = scores.amax(dim=-1)
+    nb = scores.shape[-1]
+    cols = torch.arange(nb, device=metric.device)
+    # the lowest column attaining the max (torch.max does not promise which one)
+    arg = torch.where(scores == best[..., None], cols, nb).amin(dim=-1)
+    if class_token:
+        arg[:, 0] = 0
+    return best, arg.clamp_max(max(nb - 1, 0))
+
+
+def tome_merge_rows(x, size, source, nout, size_dtype):
+    """(merged (B, NOUT, C), sizes (B, NOUT, 1)): output row r is the size-weighted mean of
+    the tokens i with ``source[b, i] == r``."""
+    B, N, C = x.shape
+    acc = _acc(x)
+    s = size.to(acc) if size is not None else torch.ones(B, N, 1, dtype=acc, device=x.device)
+    total = torch.zeros(B, nout, 1, dtype=acc, device=x.device).scatter_add_(
+        1, source[..., None], s
+    )
+    weighted = torch.zeros(B, nout, C, dtype=acc, device=x.device)
+    weighted.scatter_add_(1, source[..., None].expand(-1, -1, C), x.to(acc) * s)
+    return (weighted / total).to(x.dtype), total.to(size_dtype)
+
+
+def tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source, size_grad):
+    """(dx (B, N, C), dsize (B, N, 1) or None) of :func:`tome_merge_rows`: with r = the output
+    row of token i and S its size, dx_i = s_i / S g_r and dsize_i = <g_r, x_i - out_r> / S +
+    gsize_r."""
+    B, N, C = x.shape
+    acc = _acc(x)
+    idx = source[..., None]
+    total = out_size.to(acc).gather(1, idx)
+    s = size.to(acc) if size is not None else torch.ones(B, N, 1, dtype=acc, device=x.device)
+    g = grad.to(acc).gather(1, idx.expand(-1, -1, C))
+    dx = (s / total * g).to(x.dtype)
+    if not size_grad:
+        return dx, None
+    o = out.to(acc).gather(1, idx.expand(-1, -1, C))
+    ds = (g * (x.to(acc) - o)).sum(-1, keepdim=True) / total
+    if grad_size is not None:
+        ds = ds + grad_size.to(acc).gather(1, idx)
+    return dx, ds.to(size.dtype)
+
+
+def _grid(x: torch.Tensor, grid) -> torch.Tensor:
+    B, _, C = x.shape
+    return x.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
+
+
+def pool(x: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
+    """(B, h w, C): the 2 x 2 average (``mode`` AVG2X2) or the bilinear resize
+    (align_corners=False, as ``F.interpolate``) of the (H, W) token grid of x."""
+    B, _, C = x.shape
+    g = _grid(x.to(_acc(x)), grid)
+    if mode == AVG2X2:
+        y = F.avg_pool2d(g, 2)
+    else:
+        y = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)
+    return y.permute(0, 2, 3, 1).reshape(B, -1, C).to(x.dtype)
+
+
+def pool_backward(grad: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
+    """(B, H W, C): the adjoint of :func:`pool` applied to ``grad`` (B, h w, C)."""
+    B, _, C = grad.shape
+    g = _grid(grad.to(_acc(grad)), size)
+    if mode == AVG2X2:
+        dx = g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) * 0.25
+    else:
+        dx = torch.ops.aten.upsample_bilinear2d_backward(
+            g, list(size), [B, C, grid[0], grid[1]], False, None, None
+        )
+    return dx.permute(0, 2, 3, 1).reshape(B, -1, C).to(grad.dtype)
