@@ -192,6 +192,18 @@ TARGETS: tuple[Target, ...] = (
     CONTRASTIVE + ROPE_BANDWIDTH + ROPE_SPEED + ROPE_BACKENDS + ROPE_INDEX + HOST
 )
 
+# --------------------------------------------------------------------------------------
+# Issue 13: ToMe's matching + merge at least 5x faster than eager ToMe (H100, batch 256,
+# 576 tokens, 1024 channels, r 16, bf16, forward)
+# --------------------------------------------------------------------------------------
+
+TOKENS = (
+    Target(suite="tokens", op="tome_merge", provider="vlmkernels", mode="fwd",
+           shape=_shape(B=256, N=576, C=1024, r=16), metric="ms", relation=LE, bound=0.2,
+           bound_text="1/5", baseline="eager", issue=13),
+)  # fmt: skip
+TARGETS += TOKENS
+
 
 def for_suite(suite: str, metric: str | None = None, **match) -> list[Target]:
     """The targets of ``suite`` (of ``metric``, and whose fields equal ``match``), in the

@@ -72,5 +72,6 @@ FAMILY = register(
             "tome_merge": ("tome_match", "tome_merge", "tome_unmerge"),
             "pool_tokens": ("tokens_pool", "tokens_gather"),
         },
+        bench_suite="bench_tokens",
     )
 )
