@@ -1,0 +1,419 @@
+"""cross_attention / attention / media_cross_attention against float64 references.
+
+The references build the dense boolean mask of each case (key padding, bottom-right causal,
+open_flamingo's media mask: text_time = cumsum(media_locations), key j in media j // L + 1,
+immediate: equal, else <=) and evaluate softmax(scale q k^T + mask) v in float64 on the same
+(rounded) inputs, rows without a visible key giving 0; gradients by float64 autograd.
+
+Tolerances (max abs error relative to max |ref|): fp32 1e-5 (3xTF32 on the GPU; exact dots
+under the interpreter), fp16 5e-3, bf16 2e-2 (the P V product takes P rounded to the input
+dtype, as flash-attention does, and the interpreter's fp32 -> bf16 conversion truncates).
+"""
+
+import math
+
+import pytest
+import torch
+
+import vlmkernels  # noqa: F401
+from vlmkernels.core.backend import use_backend
+from vlmkernels.ops import attention as A
+from vlmkernels.ops.attention import launchers, ops
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with use_backend(request.param):
+        yield request.param
+
+
+# ------------------------------------------------------------------ references (float64)
+
+
+def ref_attention(q, k, v, ok, scale):
+    """softmax(scale q k^T) v over the keys ``ok`` (broadcast to (B, H, Lq, Lk)) allows,
+    float64; rows without a visible key give 0. Returns (out, lse)."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    ok = ok.expand_as(s)
+    row = ok.any(-1, keepdim=True)
+    s = torch.where(ok & row, s, torch.where(row, float("-inf"), 0.0))
+    p = torch.softmax(s, dim=-1) * row
+    lse = torch.logsumexp(s, -1).masked_fill(~row[..., 0], float("-inf"))
+    return p @ v.double(), lse
+
+
+def causal_mask(lq, lk):
+    i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+    return j <= i + (lk - lq)
+
+
+def flamingo_mask(media_locations, n_keys, latents, only_immediate):
+    """open_flamingo's MaskedCrossAttention mask, (B, 1, T, Lk) bool, and the rows with
+    text_time 0 (zeroed after the softmax)."""
+    text_time = media_locations.cumsum(-1)
+    media_time = torch.arange(n_keys // latents).repeat_interleave(latents) + 1
+    compare = torch.eq if only_immediate else torch.ge
+    mask = compare(text_time[:, :, None], media_time[None, None, :])
+    return mask[:, None], (text_time == 0)[:, None, :, None]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, device=device).to(dtype)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def rel_lse(a, b):
+    """rel() over the finite entries; the -inf entries must agree."""
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite) and torch.isneginf(a[~finite]).all()
+    return rel(a[finite], b[finite])
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def check_grads(outs, refs, leaves, ref_leaves, tol):
+    """Backward of sum(g * out) with the same random g on both sides; compare leaves."""
+    gs = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
+    torch.autograd.backward(list(outs), [g.to(o.dtype) for g, o in zip(gs, outs, strict=True)])
+    torch.autograd.backward(list(refs), gs)
+    for x, r in zip(leaves, ref_leaves, strict=True):
+        assert x.grad is not None
+        assert rel(x.grad, r.grad) < tol, (rel(x.grad, r.grad), x.shape)
+
+
+# ------------------------------------------------------------------ dense cross_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cross_attention_dense(dtype, device, backend):
+    """Odd sizes, q a transposed (B, L, H, D) view, key padding, lse; out and lse and their
+    gradients."""
+    b, h, lq, lk, d = 2, 2, 19, 29, 24
+    q_leaf = leaf(rand(b, lq, h, d, dtype=dtype, device=device))
+    q = q_leaf.transpose(1, 2)
+    k, v = (
+        leaf(rand(b, h, lk, d, dtype=dtype, device=device)),
+        leaf(rand(b, h, lk, d, dtype=dtype, device=device)),
+    )
+    pad = torch.rand(b, lk, device=device) < 0.3
+    pad[1, :] = True
+    pad[1, 5] = False  # batch 1 sees one key
+    out, lse = A.cross_attention(q, k, v, key_padding_mask=pad, scale=0.3, return_lse=True)
+    q64_leaf, k64, v64 = (leaf(t.detach().double()) for t in (q_leaf, k, v))
+    ref, ref_lse = ref_attention(q64_leaf.transpose(1, 2), k64, v64, (~pad)[:, None, None, :],
+                                 0.3)  # fmt: skip
+    assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
+    assert rel(out, ref) < TOL[dtype]
+    assert rel(lse, ref_lse) < TOL[dtype]
+    check_grads([out, lse], [ref, ref_lse], [q_leaf, k, v], [q64_leaf, k64, v64], 3 * TOL[dtype])
+
+
+def test_default_scale_and_no_padding(device):
+    q, k, v = (
+        rand(1, 2, 5, 16, device=device),
+        rand(1, 2, 9, 16, device=device),
+        rand(1, 2, 9, 16, device=device),
+    )
+    ref, _ = ref_attention(q, k, v, torch.ones(1, 1, 1, 9, dtype=torch.bool), 0.25)
+    assert rel(A.cross_attention(q, k, v), ref) < 1e-5
+
+
+def test_float64_takes_the_torch_path(device):
+    q, k, v = (leaf(rand(1, 2, 6, 8, dtype=torch.float64, device=device)) for _ in range(3))
+    out = A.cross_attention(q, k, v)
+    ref, _ = ref_attention(q, k, v, torch.ones(1, 1, 1, 6, dtype=torch.bool), 8**-0.5)
+    assert rel(out, ref) < 1e-12
+    assert torch.autograd.gradcheck(lambda a, b, c: A.cross_attention(a, b, c), (q, k, v))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_split_k_forced(splits, device):
+    """Both forward paths (one program per query block, keys split over 3 programs with the
+    log-sum-exp combine), plain, causal and media ranges; the backward after a split."""
+    b, h, lq, lk, d = 2, 1, 13, 50, 16
+    q, k, v = (leaf(rand(b, h, n, d, device=device)) for n in (lq, lk, lk))
+    lo = torch.randint(0, 20, (b, lq), dtype=torch.int32)
+    hi = (lo + torch.randint(0, 31, (b, lq), dtype=torch.int32)).contiguous()
+    lo[0, 3], hi[0, 3] = 0, 0  # an empty row
+    j = torch.arange(lk)
+    cases = [
+        (None, None, False, torch.ones(1, 1, 1, lk, dtype=torch.bool)),
+        (None, None, True, causal_mask(lq, lk)[None, None]),
+        (lo, hi, False, ((j >= lo[..., None]) & (j < hi[..., None]))[:, None]),
+    ]
+    with use_backend("triton"):
+        for lo_, hi_, causal, ok in cases:
+            out, lse = ops.attention_core(q, k, v, None, None, lq, lk, None, lo_, hi_, causal,
+                                          0.2, splits)  # fmt: skip
+            q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
+            ref, ref_lse = ref_attention(q64, k64, v64, ok, 0.2)
+            assert rel(out, ref) < 1e-5
+            assert rel_lse(lse, ref_lse) < 1e-5
+            for t in (q, k, v):
+                t.grad = None
+            check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3e-5)
+
+
+def test_split_heuristic():
+    cpu = torch.device("cpu")  # a nominal 8 multiprocessors
+    assert launchers.choose_splits(64, 32, 4096, cpu) == 1
+    assert launchers.choose_splits(1, 32, 4096, cpu) == 16
+    assert launchers.choose_splits(1, 32, 300, cpu) == 2
+    assert launchers.choose_splits(2, 32, 100, cpu) == 1
+
+
+# ------------------------------------------------------------------ packed varlen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_attention_varlen(dtype, device, backend):
+    """Segments with empty and length-1 queries and keys; strided packed inputs."""
+    lens_q, lens_k = [0, 1, 7, 18, 3], [5, 0, 1, 30, 9]
+    h, d = 2, 20
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = leaf(rand(tq, 2 * h, d, dtype=dtype, device=device))
+    k, v = (leaf(rand(tk, h, d, dtype=dtype, device=device)) for _ in range(2))
+    qs = q[:, ::2]  # a strided view
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()],  # noqa: E731
+                                   dtype=torch.int32, device=device)  # fmt: skip
+    out, lse = A.cross_attention(qs, k, v, cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+                                 return_lse=True)  # fmt: skip
+    assert out.shape == qs.shape and lse.shape == (h, tq)
+    q64, k64, v64 = (leaf(t.detach().double()) for t in (qs, k, v))
+    refs, ref_lses = [], []
+    a = c = 0
+    for nq, nk in zip(lens_q, lens_k, strict=True):
+        o, s = ref_attention(q64[a : a + nq].transpose(0, 1), k64[c : c + nk].transpose(0, 1),
+                             v64[c : c + nk].transpose(0, 1),
+                             torch.ones(1, 1, nk, dtype=torch.bool), d**-0.5)  # fmt: skip
+        refs.append(o.transpose(0, 1))
+        ref_lses.append(s)
+        a, c = a + nq, c + nk
+    ref, ref_lse = torch.cat(refs), torch.cat(ref_lses, dim=1)
+    assert rel(out, ref) < TOL[dtype]
+    assert (out[0] == 0).all() and torch.isneginf(lse[:, 0]).all()  # a query with no key
+    assert rel_lse(lse, ref_lse) < TOL[dtype]
+    check_grads([out], [ref], [k, v], [k64, v64], 3 * TOL[dtype])
+    assert rel(q.grad[:, ::2], q64.grad) < 3 * TOL[dtype]
+    assert (q.grad[:, 1::2] == 0).all() and (q.grad[0] == 0).all()
+
+
+# ------------------------------------------------------------------ attention, causal, key mass
+
+
+@pytest.mark.parametrize("lq,lk", [(9, 21), (17, 17), (20, 6)])
+def test_attention_causal(lq, lk, device, backend):
+    """Bottom-right causal for Lq < Lk, Lq = Lk and Lq > Lk (rows seeing no key give 0)."""
+    q, k, v = (leaf(rand(2, 2, n, 16, device=device)) for n in (lq, lk, lk))
+    out = A.attention(q, k, v, causal=True)
+    q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
+    ref, _ = ref_attention(q64, k64, v64, causal_mask(lq, lk)[None, None], 0.25)
+    assert rel(out, ref) < 1e-5
+    if lq > lk:
+        assert (out[:, :, : lq - lk] == 0).all()
+    check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3e-5)
+
+
+@pytest.mark.parametrize("causal,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_key_mass(causal, dtype, device, backend):
+    """mean, row 0 and row -1: the mass against the float64 probabilities; out bitwise the
+    same as without key_mass; the mass is not differentiable."""
+    b, h, lq, lk = 2, 2, 11, 26
+    q, k, v = (leaf(rand(b, h, n, 16, dtype=dtype, device=device)) for n in (lq, lk, lk))
+    plain = A.attention(q, k, v, causal=causal)
+    ok = causal_mask(lq, lk)[None, None] if causal else torch.ones(1, 1, 1, lk, dtype=torch.bool)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    for key_mass, want in (("mean", p.mean(dim=(1, 2))), (0, p[:, :, 0].mean(1)),
+                           (-1, p[:, :, -1].mean(1)), (4, p[:, :, 4].mean(1))):  # fmt: skip
+        out, mass = A.attention(q, k, v, causal=causal, key_mass=key_mass)
+        assert torch.equal(out, plain)
+        assert mass.shape == (b, lk) and mass.dtype == torch.float32
+        assert not mass.requires_grad
+        assert rel(mass, want) < (1e-5 if dtype == torch.float32 else 2e-2), key_mass
+        assert torch.allclose(mass.sum(-1).double(), want.sum(-1), atol=1e-3)
+
+
+# ------------------------------------------------------------------ media_cross_attention
+
+
+def media_case(device, dtype=torch.float32):
+    b, h, t, d, latents, n_media = 2, 2, 23, 16, 5, 3
+    q = leaf(rand(b, h, t, d, dtype=dtype, device=device))
+    k, v = (leaf(rand(b, h, n_media * latents, d, dtype=dtype, device=device)) for _ in "kv")
+    loc = torch.zeros(b, t, dtype=torch.bool, device=device)
+    loc[0, [2, 9, 10]] = True  # media 2 and 3 back to back
+    loc[1, [0, 15]] = True  # two media only
+    return q, k, v, loc, latents
+
+
+@pytest.mark.parametrize("only_immediate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_media_cross_attention(only_immediate, dtype, device, backend):
+    q, k, v, loc, latents = media_case(device, dtype)
+    out = A.media_cross_attention(q, k, v, loc, latents, only_immediate=only_immediate)
+    mask, before_first = flamingo_mask(loc.cpu(), k.shape[2], latents, only_immediate)
+    q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
+    ref, _ = ref_attention(q64, k64, v64, mask, q.shape[-1] ** -0.5)
+    ref = ref.masked_fill(before_first, 0.0)
+    assert rel(out, ref) < TOL[dtype]
+    assert (out[0, :, :2] == 0).all()  # text_time 0: exactly zero
+    check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3 * TOL[dtype])
+    assert (q.grad[0, :, :2] == 0).all()
+
+
+def test_media_more_locations_than_media(device):
+    """More media tokens than media items: NaN rows in immediate mode (no answer), every
+    media item in the cumulative mode (open_flamingo's <=)."""
+    q, k, v, loc, latents = media_case(device)
+    loc[1, 20] = True
+    loc[1, 21] = True
+    out = A.media_cross_attention(q, k, v, loc, latents)
+    assert torch.isnan(out[1, :, 21:]).all() and not torch.isnan(out[1, :, :21]).any()
+    assert not torch.isnan(out[0]).any()
+    out = A.media_cross_attention(q, k, v, loc, latents, only_immediate=False)
+    mask, zero = flamingo_mask(loc, k.shape[2], latents, False)
+    ref, _ = ref_attention(q, k, v, mask, 0.25)
+    assert rel(out, ref.masked_fill(zero, 0.0)) < 1e-5
+
+
+def test_media_visits_only_its_segments():
+    """The ranges the kernel gets: each token's own media latents (no dense mask)."""
+    loc = torch.tensor([[False, True, False, True, True, False]])
+    lo, hi = A.functional.media_ranges(loc, 4, 12, True)
+    assert lo.tolist() == [[0, 0, 0, 4, 8, 8]] and hi.tolist() == [[0, 4, 4, 8, 12, 12]]
+    lo, hi = A.functional.media_ranges(loc, 4, 8, True)
+    assert lo.tolist() == [[0, 0, 0, 4, 1, 1]] and hi.tolist() == [[0, 4, 4, 8, 0, 0]]
+    lo, hi = A.functional.media_ranges(loc, 4, 8, False)
+    assert lo.tolist() == [[0] * 6] and hi.tolist() == [[0, 4, 4, 8, 8, 8]]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input():
+    q, k, v = rand(2, 2, 5, 8), rand(2, 2, 7, 8), rand(2, 2, 7, 8)
+    qp, kp = rand(6, 2, 8), rand(9, 2, 8)
+    cq = torch.tensor([0, 2, 6], dtype=torch.int32)
+    ck = torch.tensor([0, 4, 9], dtype=torch.int32)
+    loc = torch.zeros(2, 5, dtype=torch.bool)
+    ca, mca, att = A.cross_attention, A.media_cross_attention, A.attention
+    cases = [
+        (lambda: ca(q, k[..., :4], v), ValueError, "k must have q's head dim 8"),
+        (lambda: ca(q, k, v[..., :6, :]), ValueError, "v must have k's batch, heads and length"),
+        (lambda: ca(q, k[:, :1], v[:, :1]), ValueError, "k must have q's number of heads"),
+        (lambda: ca(q, k[:1], v[:1]), ValueError, "k must have q's batch size"),
+        (lambda: ca(q, k.half(), v), TypeError, "k must have q's dtype"),
+        (lambda: ca(q.int(), k, v), TypeError, "q must be a floating tensor"),
+        (lambda: ca(q[0], k, v), ValueError, "q must be 4-D"),
+        (lambda: ca(q, k, v, scale="x"), TypeError, "scale must be a finite float"),
+        (lambda: ca(rand(1, 1, 2, 300), rand(1, 1, 2, 300), rand(1, 1, 2, 300)), ValueError,
+         "head dim must be in"),
+        (lambda: ca(q, k, v, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool)),
+         ValueError, r"key_padding_mask must have shape \(B, Lk\)"),
+        (lambda: ca(q, k, v, key_padding_mask=torch.zeros(2, 7)), TypeError,
+         "key_padding_mask must be a bool tensor"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq), ValueError, "must be given together"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq.long(), cu_seqlens_k=ck), TypeError,
+         "cu_seqlens_q must be int32"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=torch.tensor([1, 2, 6], dtype=torch.int32),
+                    cu_seqlens_k=ck), ValueError, "cu_seqlens_q must start at 0"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=torch.tensor([0, 4, 2, 6], dtype=torch.int32),
+                    cu_seqlens_k=torch.tensor([0, 1, 2, 9], dtype=torch.int32)), ValueError,
+         "cu_seqlens_q must be non-decreasing"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=torch.tensor(
+            [0, 4, 8], dtype=torch.int32)), ValueError, "cu_seqlens_k must end at the packed"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck[:2]), ValueError,
+         "cu_seqlens_k must end|cu_seqlens_k must have cu_seqlens_q's length"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=3), ValueError,
+         r"max_seqlen_q \(3\) is smaller than the longest segment \(4\)"),
+        (lambda: ca(q, k, v, max_seqlen_q=3), ValueError, "go with cu_seqlens"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                    key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)), ValueError,
+         "key_padding_mask is for dense inputs"),
+        (lambda: mca(q, k, v, loc, 3), ValueError, "not a multiple of latents_per_media"),
+        (lambda: mca(q, k, v, loc, 0), ValueError, "latents_per_media must be >= 1"),
+        (lambda: mca(q, k, v, loc.int(), 7), TypeError, "media_locations must be a bool"),
+        (lambda: mca(q, k, v, loc[:, :4], 7), ValueError, r"media_locations must have shape"),
+        (lambda: att(q, k, v, key_mass="max"), ValueError, "key_mass must be None"),
+        (lambda: att(q, k, v, key_mass=5), ValueError, "key_mass row 5 is out of range"),
+        (lambda: att(q, k, v, key_mass=1.0), TypeError, "key_mass must be None"),
+        (lambda: att(q, k, v, causal=1), TypeError, "causal must be True or False"),
+    ]  # fmt: skip
+    for call, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            call()
+
+
+# ------------------------------------------------------------------ registration
+
+
+def test_opcheck(device):
+    """The dense (causal, key-keep with a forced split, ranges) and packed forms and the key
+    mass, split between the backends (opcheck checks the registration: schema, fake,
+    autograd, which both share)."""
+    q, k, v = (leaf(rand(1, 2, n, 16, device=device)) for n in (5, 9, 9))
+    core = torch.ops.vlmkernels.attention_core
+    keep = (torch.rand(1, 9) < 0.7).to(torch.uint8)
+    lo = torch.tensor([[0, 0, 3, 3, 6]], dtype=torch.int32)
+    hi = torch.tensor([[0, 3, 6, 6, 9]], dtype=torch.int32)
+    qp, kp, vp = (leaf(rand(n, 2, 16, device=device)) for n in (6, 9, 9))
+    cq = torch.tensor([0, 2, 6], dtype=torch.int32)
+    ck = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cases = [
+        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0)),
+        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0)),
+        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0)),
+        ("triton", torch.ops.vlmkernels.attention_key_mass,
+         (q.detach(), k.detach(), torch.randn(1, 2, 5), True, 0.3, 0, 5, 0.1)),
+    ]  # fmt: skip
+    for backend, op, args in cases:
+        with use_backend(backend):
+            torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = (leaf(rand(2, 2, n, 16, device=device)) for n in (7, 10, 10))
+    loc = torch.zeros(2, 7, dtype=torch.bool, device=device)
+    loc[:, [1, 4]] = True
+
+    def f(q, k, v):
+        out, mass = A.attention(q, k, v, causal=True, key_mass=-1)
+        media = A.media_cross_attention(q, k, v, loc, 5)
+        return out.square().sum() + media.sum() + mass.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [leaf(t) for t in (q, k, v)]
+    got, want = compiled(*leaves), f(q, k, v)
+    got.backward()
+    want.backward()
+    assert rel(got, want) < 1e-6
+    for a, b in zip(leaves, (q, k, v), strict=True):
+        assert rel(a.grad, b.grad) < 1e-6
+
+
+def test_lse_gradient_matches_float64_autograd(device):
+    """d lse / d s = P: the lse output is differentiable (delta - dlse in the backward)."""
+    q, k, v = (leaf(rand(1, 2, n, 16, device=device)) for n in (6, 11, 11))
+    _, lse = A.cross_attention(q, k, v, return_lse=True)
+    q64, k64 = leaf(q.detach().double()), leaf(k.detach().double())
+    ref = torch.logsumexp(q64 @ k64.transpose(-1, -2) * 0.25, -1)
+    g = torch.randn_like(ref)
+    lse.backward(g.float())
+    ref.backward(g)
+    assert rel(q.grad, q64.grad) < 1e-5 and rel(k.grad, k64.grad) < 1e-5
+    assert (v.grad == 0).all()
+
+
+def test_math_of_the_module_docstring():
+    assert "lse_i" in A.__doc__ and math.isclose(launchers.block_d(24), 32)

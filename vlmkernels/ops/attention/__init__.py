@@ -1,0 +1,29 @@
+r"""Attention for vision-language connectors: one flash-style core (online softmax, fp32
+accumulation, forward and backward) behind few-query cross-attention (dense or packed
+varlen, split-K when batch x heads is small), Flamingo's media-masked cross-attention
+computed by segment, and attention that reports the mass each key receives.
+
+For query row i of a segment (batch b, head h), the keys it sees V(i) and the scale s:
+
+    lse_i = log sum_{j in V(i)} exp(s q_i . k_j)
+    P_ij  = exp(s q_i . k_j - lse_i)                 (j in V(i), else 0)
+    out_i = sum_j P_ij v_j                           (0 when V(i) is empty, lse_i = -inf)
+
+- ``cross_attention``: V(i) = every key of the segment not marked in ``key_padding_mask``;
+- ``attention(causal=True)``: V(i) = {j <= i + Lk - Lq} (bottom-right aligned);
+- ``media_cross_attention``: with text_time t = cumsum(media_locations) and key j in media
+  j // L + 1, V(i) = the keys of media t_i (``only_immediate``) or of media 1..t_i;
+- key mass: mass[b, j] = 1/(H Lq) sum_{h, i} P_ij ("mean") or 1/H sum_h P_rj (row r).
+
+Backward (flash-attention 2): delta_i = sum_d dO_id O_id - dlse_i,
+dV = P^T dO, dS = P * (dO V^T - delta), dQ = s dS K, dK = s dS^T Q, P recomputed from lse.
+
+Modules: ``kernels`` (the Triton kernels), ``launchers`` (their host side, the split-K
+choice), ``reference`` (the PyTorch path), ``ops`` (the op declarations), ``functional``
+(the public functions), ``family`` (what the shared tools need).
+"""
+
+from .family import FAMILY
+from .functional import attention, cross_attention, media_cross_attention
+
+__all__ = ["FAMILY", "attention", "cross_attention", "media_cross_attention"]

@@ -1,0 +1,276 @@
+"""The attention family's public functions: argument checks that name the argument at
+fault, raised before any launch, then the ops of :mod:`.ops`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ...core.checks import check_bool, check_int
+from .launchers import MAX_HEAD_DIM
+from .ops import attention_core, attention_key_mass
+
+__all__ = ["attention", "cross_attention", "media_cross_attention"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_qkv(op, q, k, v, dims):
+    """q, k, v: tensors of ``dims`` dimensions, one floating dtype, one device, one head
+    count and head dim (0 < D <= 256), k and v of one length and batch."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES)
+            raise TypeError(f"{op}: {name} must be a floating tensor ({names}), got {t.dtype}")
+        if t.dim() != dims:
+            layout = "(B, H, L, D)" if dims == 4 else "packed (T, H, D)"
+            raise ValueError(f"{op}: {name} must be {dims}-D {layout}, got shape "
+                             f"{tuple(t.shape)}")  # fmt: skip
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    d = q.shape[-1]
+    if not 0 < d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: q's head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[-1] != d:
+            raise ValueError(f"{op}: {name} must have q's head dim {d}, got {t.shape[-1]}")
+        if t.shape[-2 if dims == 3 else 1] != q.shape[-2 if dims == 3 else 1]:
+            raise ValueError(f"{op}: {name} must have q's number of heads "
+                             f"{q.shape[-2 if dims == 3 else 1]}, got shape "
+                             f"{tuple(t.shape)}")  # fmt: skip
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"{op}: v must have k's batch, heads and length {tuple(k.shape[:-1])}, "
+                         f"got {tuple(v.shape[:-1])}")  # fmt: skip
+    if dims == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+
+
+def _scale(op, scale, d):
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_cu(op, name, cu, total, device):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{op}: {name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{op}: {name} must be 1-D (batch + 1,), got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{op}: {name} must be on q's device {device}, got {cu.device}")
+    if torch.compiler.is_compiling():
+        return None  # the values cannot be read while tracing
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{op}: {name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{op}: {name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{op}: {name} must end at the packed length {total}, got {values[-1]}")
+    return max(lengths, default=0)
+
+
+def _max_seqlen(op, name, value, longest):
+    if value is None:
+        if longest is None:
+            raise ValueError(f"{op}: {name} must be given under torch.compile")
+        return longest
+    value = check_int(op, name, value)
+    if longest is not None and value < longest:
+        raise ValueError(f"{op}: {name} ({value}) is smaller than the longest segment "
+                         f"({longest})")  # fmt: skip
+    if value < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    return value
+
+
+# fmt: off
+def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                    max_seqlen_k=None, key_padding_mask=None, scale=None, return_lse=False):
+    # fmt: on
+    r"""softmax(scale q k^T) v over each segment, without a mask between queries.
+
+    Args:
+        q, k, v: dense (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), or packed (Tq, H, D),
+            (Tk, H, D), (Tk, H, D) with ``cu_seqlens_q`` / ``cu_seqlens_k``; float16,
+            bfloat16, float32 (computed with fp32 accuracy) or float64 (PyTorch path);
+            head dim D <= 256, any strides.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets of the packed segments (both or
+            neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed.
+        max_seqlen_q, max_seqlen_k: the longest segments (default: read from the offsets,
+            which syncs with the device; required under ``torch.compile``).
+        key_padding_mask: dense inputs only, (B, Lk) bool, True at keys to ignore
+            (``torch.nn.MultiheadAttention``'s convention).
+        scale: the logit scale (default 1 / sqrt(D)).
+        return_lse: also return the log-sum-exp of the scaled logits per query row, fp32
+            (float64 for float64 inputs), (B, H, Lq) dense or (H, Tq) packed; it is
+            differentiable.
+
+    Returns:
+        out like q (and lse). A query row that sees no key (an empty key segment, every key
+        padded) gets out = 0 and lse = -inf, and no gradient.
+    """
+    op = "cross_attention"
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    _check_qkv(op, q, k, v, 3 if packed else 4)
+    check_bool(op, "return_lse", return_lse)
+    s = _scale(op, scale, q.shape[-1])
+    keep = None
+    if packed:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together")
+        if key_padding_mask is not None:
+            raise ValueError(f"{op}: key_padding_mask is for dense inputs; packed segments "
+                             "carry their lengths in cu_seqlens_k")  # fmt: skip
+        longest_q = _check_cu(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        longest_k = _check_cu(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+            raise ValueError(f"{op}: cu_seqlens_k must have cu_seqlens_q's length "
+                             f"{cu_seqlens_q.numel()}, got {cu_seqlens_k.numel()}")  # fmt: skip
+        lq = _max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q)
+        lk = _max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k)
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError(f"{op}: max_seqlen_q / max_seqlen_k go with cu_seqlens_q / "
+                             "cu_seqlens_k (packed inputs)")  # fmt: skip
+        lq, lk = q.shape[2], k.shape[2]
+        if key_padding_mask is not None:
+            m = key_padding_mask
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"{op}: key_padding_mask must be a bool tensor, got "
+                                f"{getattr(m, 'dtype', type(m).__name__)}")  # fmt: skip
+            if tuple(m.shape) != (q.shape[0], lk):
+                raise ValueError(f"{op}: key_padding_mask must have shape (B, Lk) = "
+                                 f"{(q.shape[0], lk)}, got {tuple(m.shape)}")  # fmt: skip
+            if m.device != q.device:
+                raise ValueError(f"{op}: key_padding_mask must be on q's device {q.device}, "
+                                 f"got {m.device}")  # fmt: skip
+            keep = (~m).to(torch.uint8)
+    out, lse = attention_core(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, lk, keep, None, None,
+                              False, s, 0)  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def attention(q, k, v, *, causal=False, scale=None, key_mass=None):
+    r"""softmax(scale q k^T + mask) v, self- or cross-attention, optionally with the
+    attention each key receives.
+
+    Args:
+        q: (B, H, Lq, D); k, v: (B, H, Lk, D); float16, bfloat16, float32 or float64.
+        causal: query i sees keys j <= i + Lk - Lq (aligned to the bottom-right, as
+            flash-attention); a query that sees no key (Lq > Lk) gets 0.
+        scale: the logit scale (default 1 / sqrt(D)).
+        key_mass: None; "mean": also return mass[b, j] = 1/(H Lq) sum_h sum_i P[b, h, i, j];
+            an int i (negative counts from the end): mass[b, j] = 1/H sum_h P[b, h, i, j]
+            (FastV: -1, VisionZip: 0).
+
+    Returns:
+        out (B, H, Lq, D), or (out, mass) with mass (B, Lk) float32 (float64 for float64
+        inputs). ``out`` is bitwise the same as without ``key_mass`` (the same kernels);
+        mass is recomputed from the saved log-sum-exp and is not differentiable (detached).
+    """
+    op = "attention"
+    _check_qkv(op, q, k, v, 4)
+    check_bool(op, "causal", causal)
+    s = _scale(op, scale, q.shape[-1])
+    b, h, lq, _ = q.shape
+    rows = None
+    if key_mass is not None:
+        if isinstance(key_mass, str):
+            if key_mass != "mean":
+                raise ValueError(f'{op}: key_mass must be None, "mean" or an int row, got '
+                                 f"{key_mass!r}")  # fmt: skip
+            rows = (0, lq, 1.0 / (h * lq) if h * lq else 0.0)
+        elif isinstance(key_mass, bool) or not isinstance(key_mass, numbers.Integral):
+            raise TypeError(f'{op}: key_mass must be None, "mean" or an int row, got '
+                            f"{key_mass!r}")  # fmt: skip
+        else:
+            i = int(key_mass)
+            if not -lq <= i < lq:
+                raise ValueError(f"{op}: key_mass row {i} is out of range for Lq = {lq}")
+            i = i % lq
+            rows = (i, i + 1, 1.0 / h if h else 0.0)
+    out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
+                              s, 0)  # fmt: skip
+    if rows is None:
+        return out
+    per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows)
+    return out, per_head.sum(dim=1)
+
+
+def media_ranges(media_locations, latents_per_media, num_keys, only_immediate):
+    """(lo, hi): int32 (B, T) key ranges of open_flamingo's media mask. text_time =
+    cumsum(media_locations); key j belongs to media j // L + 1; with ``only_immediate`` a
+    token sees media text_time only (lo = (t - 1) L, hi = t L), else media 1..text_time
+    (lo = 0, hi = min(t, M) L). text_time 0 sees nothing (lo = hi = 0); with
+    ``only_immediate``, text_time > M (more media tokens than media) has no answer:
+    lo = 1 > hi = 0 (NaN rows)."""
+    n_media = num_keys // latents_per_media
+    t = torch.cumsum(media_locations.to(torch.int32), dim=-1, dtype=torch.int32)
+    if only_immediate:
+        inside = (t >= 1) & (t <= n_media)
+        lo = torch.where(inside, (t - 1) * latents_per_media, (t > n_media).to(torch.int32))
+        hi = torch.where(inside, t * latents_per_media, 0)
+    else:
+        lo = torch.zeros_like(t)
+        hi = torch.clamp(t, max=n_media) * latents_per_media
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_immediate=True,
+                          scale=None):  # fmt: skip
+    r"""Flamingo's media-masked cross-attention (open_flamingo's ``MaskedCrossAttention``
+    attention step), computed by segment: each query block visits only the key blocks of
+    the media its tokens see.
+
+    Args:
+        q: (B, H, T, D) text queries; k, v: (B, H, M L, D), the latents of M media items,
+            L = ``latents_per_media`` each (key j belongs to media j // L + 1).
+        media_locations: (B, T) bool, True at the token where each media item appears.
+        latents_per_media: L, a positive int dividing the key count.
+        only_immediate: token t sees the latents of media number text_time[t] =
+            cumsum(media_locations)[t] only; False: of every media item up to it.
+        scale: the logit scale (default 1 / sqrt(D), open_flamingo's).
+
+    Returns:
+        (B, H, T, D): softmax(scale q k^T) v over the visible keys.
+        Tokens before the first media item (text_time 0) get exactly 0 (and no gradient);
+        with ``only_immediate``, tokens whose text_time exceeds M get NaN (open_flamingo
+        would let them attend to every latent uniformly).
+    """
+    op = "media_cross_attention"
+    _check_qkv(op, q, k, v, 4)
+    check_bool(op, "only_immediate", only_immediate)
+    n = check_int(op, "latents_per_media", latents_per_media)
+    if n < 1:
+        raise ValueError(f"{op}: latents_per_media must be >= 1, got {n}")
+    if k.shape[2] % n:
+        raise ValueError(f"{op}: k's length {k.shape[2]} is not a multiple of "
+                         f"latents_per_media = {n}")  # fmt: skip
+    m = media_locations
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        raise TypeError(f"{op}: media_locations must be a bool tensor, got "
+                        f"{getattr(m, 'dtype', type(m).__name__)}")  # fmt: skip
+    if tuple(m.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"{op}: media_locations must have shape (B, T) = "
+                         f"{(q.shape[0], q.shape[2])}, got {tuple(m.shape)}")  # fmt: skip
+    if m.device != q.device:
+        raise ValueError(f"{op}: media_locations must be on q's device {q.device}, got "
+                         f"{m.device}")  # fmt: skip
+    lo, hi = media_ranges(m, n, k.shape[2], only_immediate)
+    s = _scale(op, scale, q.shape[-1])
+    out, _ = attention_core(q, k, v, None, None, q.shape[2], k.shape[2], None, lo, hi, False,
+                            s, 0)  # fmt: skip
+    return out

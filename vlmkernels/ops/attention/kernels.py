@@ -1,0 +1,440 @@
+"""The attention family's Triton kernels: one flash-style core (forward, split-K combine,
+backward) and the per-key attention mass.
+
+Every kernel sees the same problem: batch b, head h, query rows i < Lq_b and keys
+j < Lk_b of segment b (dense inputs: every segment has Lq and Lk rows; packed inputs: the
+rows cu_seqlens[b] .. cu_seqlens[b + 1] of a (T, H, D) tensor). Query row i sees the keys
+lo_i <= j < hi_i that the optional key-keep row of b allows, where
+
+- plain: lo = 0, hi = Lk_b;
+- causal (aligned to the bottom-right, as flash-attention): lo = 0, hi = i + Lk_b - Lq_b + 1
+  (clamped to [0, Lk_b]);
+- ranges (media-masked attention): lo, hi loaded from (B, Lq) int32 rows; a row with
+  lo > hi has no answer and gives NaN.
+
+All scores, the online softmax and the accumulators are fp32; scores are kept in base 2
+(s * scale * log2(e)) so the exponentials are ``exp2``. A row with no visible key gives an
+output of 0 and a log-sum-exp of -inf.
+
+Split-K: with SPLIT the key blocks of a query block are shared between ``n_splits``
+programs, each writing its normalised partial output and log-sum-exp to fp32 workspaces,
+which :func:`_attn_combine` merges (lse = log sum_s exp(lse_s), out = sum_s exp(lse_s -
+lse) out_s).
+
+Backward (flash-attention 2): with delta_i = sum_d dO_id O_id - dlse_i and
+P = exp(S - lse) recomputed from the saved lse,
+dV = P^T dO, dS = P * (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q;
+:func:`_attn_bwd_kv` runs one program per key block (looping over query blocks),
+:func:`_attn_bwd_q` one per query block (looping over key blocks), so nothing is atomic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...core.runtime import autotune_configs
+from ...core.tuning import tuned
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+_FWD_GPU = [
+    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 32, "BN": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 16, "BN": 128}, num_warps=4, num_stages=3),
+]
+_FWD_CONFIGS = autotune_configs(_FWD_GPU, triton.Config({"BM": 16, "BN": 16}, num_warps=1))
+_BWD_GPU = [
+    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1),
+]
+_BWD_CONFIGS = autotune_configs(_BWD_GPU, triton.Config({"BM": 16, "BN": 16}, num_warps=1))
+_COMBINE_CONFIGS = autotune_configs(
+    [triton.Config({"BM": 32}, num_warps=4), triton.Config({"BM": 64}, num_warps=4)],
+    triton.Config({"BM": 16}, num_warps=1),
+)
+_MASS_GPU = [
+    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 16, "BN": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=2),
+]
+_MASS_CONFIGS = autotune_configs(_MASS_GPU, triton.Config({"BM": 16, "BN": 16}, num_warps=1))
+
+_KEY = ["max_lq", "max_lk", "BLOCK_D"]
+_SIZES = ["max_lq", "max_lk"]
+
+
+# fmt: off
+@triton.jit
+def _at(ptr, b, h, r, sb, sh, sr):
+    """ptr + b sb + h sh + r sr in 64-bit arithmetic."""
+    off = tl.cast(b, tl.int64) * sb + tl.cast(h, tl.int64) * sh
+    return ptr + off + tl.cast(r, tl.int64) * sr
+
+
+@triton.jit
+def _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN: tl.constexpr):
+    """(first query row, Lq_b, first key row, Lk_b) of segment b."""
+    if VARLEN:
+        q0 = tl.load(cu_q_ptr + b)
+        lq = tl.load(cu_q_ptr + b + 1) - q0
+        k0 = tl.load(cu_k_ptr + b)
+        lk = tl.load(cu_k_ptr + b + 1) - k0
+    else:
+        q0 = 0
+        lq = max_lq
+        k0 = 0
+        lk = max_lk
+    return q0, lq, k0, lk
+
+
+@triton.jit
+def _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk,
+                CAUSAL: tl.constexpr, RANGES: tl.constexpr):
+    """[lo, hi): the keys each query row of ``rows`` sees (see the module docstring)."""
+    if RANGES:
+        base = tl.cast(b, tl.int64) * srow
+        lo = tl.load(lo_ptr + base + rows, mask=row_ok, other=0)
+        hi = tl.load(hi_ptr + base + rows, mask=row_ok, other=0)
+    elif CAUSAL:
+        lo = rows * 0
+        hi = tl.minimum(tl.maximum(rows + (lk - lq) + 1, 0), lk)
+    else:
+        lo = rows * 0
+        hi = rows * 0 + lk
+    return lo, hi
+
+
+@triton.jit
+def _block_span(lo, hi, row_ok, lk, BN: tl.constexpr):
+    """[first, last): the key blocks that the rows' ranges touch."""
+    live = row_ok & (hi > lo)
+    lo_min = tl.min(tl.where(live, lo, lk), axis=0)
+    hi_max = tl.max(tl.where(live, hi, 0), axis=0)
+    first = lo_min // BN
+    last = tl.maximum(tl.cdiv(hi_max, BN), first)
+    return first, last
+
+
+@triton.jit
+def _load_tile(ptr, rows, row_ok, d, d_ok, srow, sd, DOT_FP32: tl.constexpr):
+    """A (rows, BLOCK_D) tile, zero outside; fp32 when DOT_FP32."""
+    x = tl.load(ptr + rows[:, None] * srow + d[None, :] * sd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP: tl.constexpr):
+    """(BM, BN): whether query row i sees key j."""
+    ok = row_ok[:, None] & col_ok[None, :]
+    ok = ok & (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+    if KEEP:
+        keep = tl.load(keep_ptr + keep_base + cols, mask=col_ok, other=0)
+        ok = ok & (keep != 0)[None, :]
+    return ok
+
+
+@tuned("attention_fwd", configs=_FWD_CONFIGS, key=_KEY, sizes=_SIZES)
+@triton.jit
+def _attn_fwd(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
+    max_lq, max_lk, H, D, sm_scale, n_splits,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow,
+    VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """One (query block, batch x head, split) program: out, lse of its rows (or, with
+    SPLIT, the partial out and lse over its share of the key blocks)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    q0, lq, k0, lk = _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN)
+    if pid_m * BM >= lq:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < lq
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_base = _at(q_ptr, b, h, q0, sqb, sqh, sqm)
+    k_base = _at(k_ptr, b, h, k0, skb, skh, skn)
+    v_base = _at(v_ptr, b, h, k0, svb, svh, svn)
+    keep_base = tl.cast(b, tl.int64) * skeep
+    q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
+    lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
+    first, last = _block_span(lo, hi, row_ok, lk, BN)
+    if SPLIT:
+        per = tl.cdiv(last - first, n_splits)
+        first = first + split * per
+        last = tl.minimum(first + per, last)
+    qk_scale = sm_scale * LOG2E
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BLOCK_D), tl.float32)
+    for kb in range(first, last):
+        cols = kb * BN + tl.arange(0, BN)
+        col_ok = cols < lk
+        k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
+        v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    if RANGES:
+        bad = lo > hi
+        out = tl.where(bad[:, None], float("nan"), out)
+        lse = tl.where(bad, float("nan"), lse)
+    o_base = _at(o_ptr, b, h, q0, sob, soh, som) + tl.cast(split, tl.int64) * sos
+    tl.store(o_base + rows[:, None] * som + d[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    l_base = _at(lse_ptr, b, h, q0, slb, slh, slm) + tl.cast(split, tl.int64) * sls
+    tl.store(l_base + rows * slm, lse, mask=row_ok)
+
+
+@tuned("attention_combine", configs=_COMBINE_CONFIGS, key=["max_lq", "BLOCK_D"],
+       sizes=["max_lq"])
+@triton.jit
+def _attn_combine(
+    ws_ptr, wl_ptr, o_ptr, lse_ptr, cu_q_ptr, max_lq, H, D, n_splits,
+    swb, swh, swm, swd, sws, swlb, swlh, swlm, swls,
+    sob, soh, som, sod, slb, slh, slm,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+):
+    """Merges the split partials of :func:`_attn_fwd`: out, lse of one query block."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0, lq, k0, lk = _segment(cu_q_ptr, cu_q_ptr, b, max_lq, 0, VARLEN)
+    if pid_m * BM >= lq:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < lq
+    d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < D)[None, :]
+    w_base = _at(ws_ptr, b, h, q0, swb, swh, swm)
+    wl_base = _at(wl_ptr, b, h, q0, swlb, swlh, swlm)
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    total = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BLOCK_D), tl.float32)
+    for s in range(0, n_splits):
+        part = tl.load(wl_base + s * swls + rows * swlm, mask=row_ok, other=float("-inf"))
+        o_s = tl.load(w_base + s * sws + rows[:, None] * swm + d[None, :] * swd, mask=mask,
+                      other=0.0)
+        m_new = tl.maximum(m, part)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(part - m_safe)
+        total = total * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m = m_new
+    empty = total == 0.0
+    t_safe = tl.where(empty, 1.0, total)
+    out = acc / t_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m + tl.log(t_safe))
+    o_base = _at(o_ptr, b, h, q0, sob, soh, som)
+    tl.store(o_base + rows[:, None] * som + d[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+             mask=mask)
+    l_base = _at(lse_ptr, b, h, q0, slb, slh, slm)
+    tl.store(l_base + rows * slm, lse, mask=row_ok)
+
+
+@tuned("attention_bwd_kv", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)
+@triton.jit
+def _attn_bwd_kv(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
+    max_lq, max_lk, H, D, sm_scale,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, skeep, srow,
+    VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """dK, dV of one key block, over the query blocks that see it."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0, lq, k0, lk = _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN)
+    if pid_n * BN >= lk:
+        return
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < lk
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    bb = tl.cast(b, tl.int64)
+    hh = tl.cast(h, tl.int64)
+    qq = tl.cast(q0, tl.int64)
+    kk = tl.cast(k0, tl.int64)
+    k = _load_tile(_at(k_ptr, b, h, k0, skb, skh, skn), cols, col_ok, d, d_ok, skn, skd,
+                   DOT_FP32)
+    v = _load_tile(_at(v_ptr, b, h, k0, svb, svh, svn), cols, col_ok, d, d_ok, svn, svd,
+                   DOT_FP32)
+    q_base = q_ptr + bb * sqb + hh * sqh + qq * sqm
+    do_base = do_ptr + bb * sdob + hh * sdoh + qq * sdom
+    l_base = lse_ptr + bb * slb + hh * slh + qq * slm
+    dl_base = delta_ptr + bb * sdb + hh * sdh + qq * sdm
+    keep_base = bb * skeep
+    qk_scale = sm_scale * LOG2E
+    dk = tl.zeros((BN, BLOCK_D), tl.float32)
+    dv = tl.zeros((BN, BLOCK_D), tl.float32)
+    m_first = 0
+    if CAUSAL:
+        m_first = tl.maximum(pid_n * BN - (lk - lq), 0) // BM * BM
+    for m0 in range(m_first, lq, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < lq
+        lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
+        first, last = _block_span(lo, hi, row_ok, lk, BN)
+        if (first <= pid_n) & (pid_n < last):
+            q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
+            do = _load_tile(do_base, rows, row_ok, d, d_ok, sdom, sdod, DOT_FP32)
+            lse = tl.load(l_base + rows * slm, mask=row_ok, other=0.0)
+            delta = tl.load(dl_base + rows * sdm, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+            ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+            p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    dk = dk * sm_scale
+    mask = col_ok[:, None] & d_ok[None, :]
+    dk_base = dk_ptr + bb * sdkb + hh * sdkh + kk * sdkn
+    dv_base = dv_ptr + bb * sdvb + hh * sdvh + kk * sdvn
+    tl.store(dk_base + cols[:, None] * sdkn + d[None, :] * sdkd,
+             dk.to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_base + cols[:, None] * sdvn + d[None, :] * sdvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@tuned("attention_bwd_q", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)
+@triton.jit
+def _attn_bwd_q(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
+    max_lq, max_lk, H, D, sm_scale,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
+    sdqb, sdqh, sdqm, sdqd, skeep, srow,
+    VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """dQ of one query block, over the key blocks it sees."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0, lq, k0, lk = _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN)
+    if pid_m * BM >= lq:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < lq
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    bb = tl.cast(b, tl.int64)
+    hh = tl.cast(h, tl.int64)
+    qq = tl.cast(q0, tl.int64)
+    kk = tl.cast(k0, tl.int64)
+    q = _load_tile(_at(q_ptr, b, h, q0, sqb, sqh, sqm), rows, row_ok, d, d_ok, sqm, sqd,
+                   DOT_FP32)
+    do = _load_tile(_at(do_ptr, b, h, q0, sdob, sdoh, sdom), rows, row_ok, d, d_ok, sdom,
+                    sdod, DOT_FP32)
+    lse = tl.load(_at(lse_ptr, b, h, q0, slb, slh, slm) + rows * slm, mask=row_ok, other=0.0)
+    delta = tl.load(_at(delta_ptr, b, h, q0, sdb, sdh, sdm) + rows * sdm, mask=row_ok,
+                    other=0.0)
+    lse2 = lse * LOG2E
+    k_base = k_ptr + bb * skb + hh * skh + kk * skn
+    v_base = v_ptr + bb * svb + hh * svh + kk * svn
+    keep_base = bb * skeep
+    lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
+    first, last = _block_span(lo, hi, row_ok, lk, BN)
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros((BM, BLOCK_D), tl.float32)
+    for kb in range(first, last):
+        cols = kb * BN + tl.arange(0, BN)
+        col_ok = cols < lk
+        k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
+        v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = dq * sm_scale
+    dq_base = dq_ptr + bb * sdqb + hh * sdqh + qq * sdqm
+    tl.store(dq_base + rows[:, None] * sdqm + d[None, :] * sdqd, dq.to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@tuned("attention_key_mass", configs=_MASS_CONFIGS, key=_KEY, sizes=_SIZES)
+@triton.jit
+def _attn_key_mass(
+    q_ptr, k_ptr, lse_ptr, mass_ptr, max_lq, max_lk, H, D, sm_scale, row_first, row_last,
+    weight, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm, smb, smh,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """mass[b, h, j] = weight * sum_{row_first <= i < row_last} P[b, h, i, j] for one key
+    block, P recomputed from the saved lse (rows with lse = -inf contribute nothing)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    lq = max_lq
+    lk = max_lk
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < lk
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    bb = tl.cast(b, tl.int64)
+    hh = tl.cast(h, tl.int64)
+    k = _load_tile(k_ptr + bb * skb + hh * skh, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
+    q_base = q_ptr + bb * sqb + hh * sqh
+    l_base = lse_ptr + bb * slb + hh * slh
+    qk_scale = sm_scale * LOG2E
+    total = tl.zeros((BN,), tl.float32)
+    for m0 in range(row_first, row_last, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < row_last
+        q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
+        lse = tl.load(l_base + rows * slm, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        ok = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + (lk - lq))
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        total += tl.sum(p, axis=0)
+    tl.store(mass_ptr + bb * smb + hh * smh + cols, total * weight, mask=col_ok)
+# fmt: on
+
+
+KERNELS = (_attn_fwd, _attn_combine, _attn_bwd_kv, _attn_bwd_q, _attn_key_mass)

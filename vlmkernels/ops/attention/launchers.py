@@ -1,0 +1,165 @@
+"""Host side of the attention kernels: strides, grids, the split-K choice.
+
+Layouts. Dense inputs are (B, H, L, D) with any strides; packed inputs are (T, H, D) with
+int32 ``cu_q`` / ``cu_k`` of B + 1 offsets. The log-sum-exp is fp32, (B, H, Lq) dense and
+(H, T) packed (flash-attention's varlen layout). ``keep`` is an optional (B, Lk) uint8 row
+(nonzero: the key is visible), ``lo`` / ``hi`` optional (B, Lq) int32 key ranges.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ...core.runtime import device_guard, dot_precision, sm_count
+from .kernels import _attn_bwd_kv, _attn_bwd_q, _attn_combine, _attn_fwd, _attn_key_mass
+
+MAX_SPLITS = 32
+MAX_HEAD_DIM = 256
+
+
+def block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def choose_splits(batch_heads: int, max_lq: int, max_lk: int, device: torch.device) -> int:
+    """Key splits per query block: 1 when batch x heads x query blocks (of 64) fill half of
+    the multiprocessors twice over; else enough splits to reach two waves, at least 256
+    keys per split, at most :data:`MAX_SPLITS`."""
+    work = batch_heads * triton.cdiv(max(max_lq, 1), 64)
+    sms = sm_count(device)
+    if work >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, work), triton.cdiv(max_lk, 256), MAX_SPLITS))
+
+
+def _problem(q, k, cu_q, max_lq, max_lk):
+    """(B, H, D, varlen)."""
+    varlen = cu_q is not None
+    if varlen:
+        return cu_q.numel() - 1, q.shape[1], q.shape[2], True
+    return q.shape[0], q.shape[1], q.shape[3], False
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, row, dim) strides of a (B, H, L, D) or packed (T, H, D) tensor."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0), t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _lse_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, Lq) or packed (H, T) row statistic."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _options(q, keep, lo, causal):
+    dot_fp32, precision = dot_precision(q.dtype)
+    ranges = lo is not None
+    return dict(
+        CAUSAL=bool(causal) and not ranges, KEEP=keep is not None, RANGES=ranges,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+    )  # fmt: skip
+
+
+def _dummy(q):
+    return q.new_empty(0, dtype=torch.int32)
+
+
+def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None):
+    """(out, lse): out like q (contiguous), lse fp32 (see the module docstring)."""
+    b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (h, q.shape[0]) if varlen else (b, h, q.shape[2])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if b * h == 0 or max_lq == 0 or out.numel() == 0:
+        return out, lse
+    if max_lk == 0:  # no keys: every row is empty
+        return out.zero_(), lse.fill_(float("-inf"))
+    splits = num_splits or choose_splits(b * h, max_lq, max_lk, q.device)
+    splits = max(1, min(int(splits), MAX_SPLITS))
+    dummy = _dummy(q)
+    options = dict(_options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d))
+    if splits > 1:
+        # partials: (splits, B, H, Lq, D) dense or (splits, T, H, D) packed, fp32
+        ws_shape = (splits, *q.shape)
+        ws = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
+        wl = torch.empty((splits, *lse_shape), dtype=torch.float32, device=q.device)
+        target, target_lse = ws[0], wl[0]
+        split_strides = (ws.stride(0), wl.stride(0))
+    else:
+        target, target_lse, split_strides = out, lse, (0, 0)
+    scalars = (max_lq, max_lk, h, d, float(scale), splits,
+               *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+               *_strides(target, varlen), split_strides[0], *_lse_strides(target_lse, varlen),
+               split_strides[1], keep.stride(0) if keep is not None else 0,
+               lo.stride(0) if lo is not None else 0)  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
+
+    with device_guard(q):
+        _attn_fwd[grid](
+            q, k, v, target, target_lse,
+            cu_q if varlen else dummy, cu_k if varlen else dummy,
+            keep if keep is not None else dummy, lo if lo is not None else dummy,
+            hi if hi is not None else dummy, *scalars, SPLIT=splits > 1, **options,
+        )  # fmt: skip
+        if splits > 1:
+            _attn_combine[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
+                ws, wl, out, lse, cu_q if varlen else dummy, max_lq, h, d, splits,
+                *_strides(ws[0], varlen), ws.stride(0), *_lse_strides(wl[0], varlen),
+                wl.stride(0), *_strides(out, varlen), *_lse_strides(lse, varlen),
+                VARLEN=varlen, BLOCK_D=block_d(d),
+            )  # fmt: skip
+    return out, lse
+
+
+def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
+    """(dq, dk, dv) for ``delta`` = rowsum(dO * O) - dlse, laid out as lse."""
+    b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if b * h == 0 or max_lq == 0 or max_lk == 0:  # nothing attends: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dummy = _dummy(q)
+    options = dict(_options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d))
+    common = (max_lq, max_lk, h, d, float(scale), *_strides(q, varlen), *_strides(k, varlen),
+              *_strides(v, varlen), *_strides(do, varlen), *_lse_strides(lse, varlen),
+              *_lse_strides(delta, varlen))  # fmt: skip
+    tail = (keep.stride(0) if keep is not None else 0, lo.stride(0) if lo is not None else 0)
+    pointers = (cu_q if varlen else dummy, cu_k if varlen else dummy,
+                keep if keep is not None else dummy, lo if lo is not None else dummy,
+                hi if hi is not None else dummy)  # fmt: skip
+    with device_guard(q):
+        _attn_bwd_kv[lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * h)](
+            q, k, v, do, lse, delta, dk, dv, *pointers, *common, *_strides(dk, varlen),
+            *_strides(dv, varlen), *tail, **options,
+        )  # fmt: skip
+        _attn_bwd_q[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
+            q, k, v, do, lse, delta, dq, *pointers, *common, *_strides(dq, varlen), *tail,
+            **options,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+def key_mass(q, k, lse, causal, scale, row_first, row_last, weight):
+    """(B, H, Lk) fp32: ``weight`` x the attention each key receives from query rows
+    row_first <= i < row_last, per head (dense inputs)."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    mass = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
+    if mass.numel() == 0:
+        return mass
+    dot_fp32, precision = dot_precision(q.dtype)
+    with device_guard(q):
+        _attn_key_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b * h)](
+            q, k, lse, mass, lq, lk, h, d, float(scale), int(row_first), int(row_last),
+            float(weight), *q.stride(), *k.stride(), *lse.stride(), mass.stride(0),
+            mass.stride(1), CAUSAL=bool(causal), BLOCK_D=block_d(d), DOT_FP32=dot_fp32,
+            INPUT_PRECISION=precision,
+        )  # fmt: skip
+    return mass

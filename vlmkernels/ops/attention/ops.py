@@ -1,0 +1,142 @@
+"""The attention ops: ``torch.ops.vlmkernels.attention_core`` (forward, differentiable in
+q, k, v, through both outputs), ``attention_core_backward`` (its gradients) and
+``attention_key_mass`` (not differentiable), one :class:`vlmkernels.core.op.Op` each with
+the PyTorch and Triton implementations and the fake.
+
+Arguments (the layouts of :mod:`.launchers`): q, k, v dense (B, H, L, D) or packed
+(T, H, D) with int32 ``cu_seqlens_q`` / ``cu_seqlens_k``; ``key_keep`` an optional (B, Lk)
+uint8 row (nonzero: visible); ``key_lo`` / ``key_hi`` optional (B, Lq) int32 key ranges
+per query row; ``causal`` (bottom-right aligned; ignored with ranges); ``num_splits``
+the forward's key splits (0: the heuristic :func:`.launchers.choose_splits`). Outputs:
+out like q, lse fp32 (float64 for float64 inputs), (B, H, Lq) dense or (H, T) packed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.backend import in_forward_backend, remember_backend
+from ...core.op import Op
+from . import launchers, reference
+
+_ARGS = (
+    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+    "Tensor? key_keep, Tensor? key_lo, Tensor? key_hi, bool causal, float scale"
+)
+
+attention_core = Op(
+    "attention_core",
+    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits) -> (Tensor, Tensor)",
+    family="attention",
+)
+attention_core_backward = Op(
+    "attention_core_backward",
+    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, {_ARGS}) "
+    "-> (Tensor, Tensor, Tensor)",
+    family="attention",
+)
+attention_key_mass = Op(
+    "attention_key_mass",
+    "(Tensor q, Tensor k, Tensor lse, bool causal, float scale, int row_first, int row_last, "
+    "float weight) -> Tensor",
+    family="attention",
+)
+
+
+def _lse_shape(q, cu_q):
+    if cu_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[1], q.shape[2])
+
+
+# ------------------------------------------------------------------------ attention_core
+
+
+@attention_core.impl("triton")
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits):
+    return launchers.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
+                             num_splits or None)  # fmt: skip
+
+
+@attention_core.impl("torch")
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits):
+    return reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale)
+
+
+@attention_core.fake
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits):
+    lse_dtype = reference.compute_dtype(q.dtype)
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_q), dtype=lse_dtype)
+
+
+@attention_core.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _ = inputs
+        out, lse = output
+        ctx.set_materialize_grads(False)
+        ctx.options = (max_lq, max_lk, causal, scale)
+        remember_backend(ctx)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi)
+
+    @in_forward_backend
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi = ctx.saved_tensors
+        max_lq, max_lk, causal, scale = ctx.options
+        none = (None,) * 10
+        if grad_out is None and grad_lse is None:
+            return None, None, None, *none
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        delta = delta.transpose(0, 1) if cu_q is not None else delta
+        if grad_lse is not None:
+            delta = delta - grad_lse
+        # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
+        delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
+        dq, dk, dv = attention_core_backward(
+            grad_out, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
+            scale,
+        )  # fmt: skip
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                *none)  # fmt: skip
+
+
+# ---------------------------------------------------------------- attention_core_backward
+
+
+@attention_core_backward.impl("triton")
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
+    return launchers.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi,
+                              causal, scale)  # fmt: skip
+
+
+@attention_core_backward.impl("torch")
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
+    return reference.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi,
+                              causal, scale)  # fmt: skip
+
+
+@attention_core_backward.fake
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# --------------------------------------------------------------------- attention_key_mass
+
+
+@attention_key_mass.impl("triton")
+def _(q, k, lse, causal, scale, row_first, row_last, weight):
+    return launchers.key_mass(q, k, lse, causal, scale, row_first, row_last, weight)
+
+
+@attention_key_mass.impl("torch")
+def _(q, k, lse, causal, scale, row_first, row_last, weight):
+    return reference.key_mass(q, k, lse, causal, scale, row_first, row_last, weight)
+
+
+@attention_key_mass.fake
+def _(q, k, lse, causal, scale, row_first, row_last, weight):
+    dtype = reference.compute_dtype(q.dtype)
+    return q.new_empty((q.shape[0], q.shape[1], k.shape[2]), dtype=dtype)
