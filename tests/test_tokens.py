@@ -4,6 +4,7 @@ References: the selection rule written out (a stable descending sort, lower inde
 ties); ToMe's ``bipartite_soft_matching`` + ``merge_wavg`` + ``merge_source`` as published
 (facebookresearch/ToMe ``tome/merge.py``), written here in float64 with its two unspecified
 tie orders made explicit (lowest B index as the match, stable argsort of the best scores);
+one documented deviation: a zero metric row scores -inf where ToMe computes NaN;
 transformers' LLaVA-OneVision ``apply_pooling`` (called on the installed class) and
 ``F.interpolate`` / ``avg_pool2d`` in float64 for the pooling.
 
@@ -115,6 +116,9 @@ def ref_tome(x, metric, r, size=None, class_token=False):
     m = metric / metric.norm(dim=-1, keepdim=True)
     a, b = m[..., ::2, :], m[..., 1::2, :]
     scores = a @ b.transpose(-1, -2)
+    # vlmkernels' rule where ToMe has NaN: a zero metric row scores -inf (no-op otherwise)
+    valid = metric.norm(dim=-1) > 0
+    scores = scores.masked_fill(~(valid[:, ::2, None] & valid[:, None, 1::2]), -math.inf)
     if class_token:
         scores[..., 0, :] = -math.inf
     node_max = scores.amax(dim=-1)
@@ -224,6 +228,22 @@ def test_tome_ties(device, backend):
     # A tokens 0, 1, 2 (lowest indices first) merge into B token 0 (the lowest column)
     assert source[0].tolist() == [4, 4, 4, 5, 4, 6, 0, 7, 1, 8, 2, 9, 3, 10]
     check_tome(x, metric, 3, None, True, torch.float32, grads=False)
+
+
+def test_tome_zero_metric_rows(device, backend):
+    """A zero metric row has no cosine: its scores are -inf (never merged while others
+    are, never a match)."""
+    B, N = 2, 16
+    x, metric, _ = tome_inputs(B, N, 8, 12, torch.float32, device)
+    metric = metric.clone()
+    metric[:, 4] = 0  # A token 2
+    metric[:, 7] = 0  # B token 3
+    out, sizes, source = T.tome_merge(x, metric, 7)
+    na_unmerged = (N + 1) // 2 - 7
+    assert (source[:, 4] < na_unmerged).all()  # A token 2 is the one left unmerged
+    assert (source[:, 7] == na_unmerged + 3).all() and (sizes[:, na_unmerged + 3] == 1).all()
+    assert out.isfinite().all()
+    check_tome(x, metric, 7, None, False, torch.float32, grads=False)
 
 
 def test_tome_metric_gets_no_gradient(device):

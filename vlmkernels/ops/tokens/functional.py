@@ -131,8 +131,11 @@ def tome_merge(
     Ties, deterministic: among equal scores the lower B index is the match, and among
     equal best scores the lower A index is merged first (ToMe's ``argsort`` leaves both
     unspecified). ``r = 0`` merges nothing and returns x itself, the sizes (ones if None) and
-    the identity map, as ToMe's ``do_nothing`` does. A metric row of zeros has no cosine:
-    its scores are NaN and its matching is unspecified.
+    the identity map, as ToMe's ``do_nothing`` does. A metric row of norm 0 (or with a
+    non-finite norm) has no cosine similarity (ToMe would compute NaN scores and match it
+    arbitrarily): its scores are -inf, so such a token ranks last among the A tokens, like the
+    class token, and is never a B token's match while any valid pair exists (a row of -inf
+    scores matches B token 0).
 
     Gradients: x through the weighted mean; ``size`` (if it requires grad) through the
     weights and the summed sizes. ``metric`` gets none: the matching is piecewise constant

@@ -104,7 +104,8 @@ def _tome_match_kernel(
 ):  # fmt: skip
     """A rows i (tokens 2i) of block ``program_id(0)``, batch ``program_id(1)``:
     best[b, i] = max_j cos(m[2i], m[2j + 1]), arg[b, i] = the lowest j attaining it;
-    row 0 gets -inf (and 0) when CLASS_TOKEN."""
+    row 0 gets -inf (and 0) when CLASS_TOKEN; a score involving a metric row of norm 0 (or
+    not finite) is -inf."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     base = m_ptr + tl.cast(b, tl.int64) * smb
@@ -119,7 +120,9 @@ def _tome_match_kernel(
         a = tl.load(a_ptrs + k[None, :] * smc, mask=row_mask[:, None] & (k < C)[None, :],
                     other=0.0).to(tl.float32)  # fmt: skip
         a_sq += tl.sum(a * a, axis=1)
-    inv_a = 1.0 / tl.sqrt(tl.where(row_mask, a_sq, 1.0))
+    # a zero (or non-finite) metric row has no cosine: its scores are -inf
+    valid_a = (a_sq > 0.0) & (a_sq < float("inf"))
+    inv_a = 1.0 / tl.sqrt(tl.where(valid_a, a_sq, 1.0))
     best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     arg = tl.zeros((BLOCK_M,), dtype=tl.int32)
     cols0 = tl.arange(0, BLOCK_N)
@@ -142,8 +145,9 @@ def _tome_match_kernel(
                 acc += tl.dot(a.to(tl.float32), bf, input_precision=PRECISION)
             else:
                 acc += tl.dot(a, bt, input_precision=PRECISION)
-        s = acc * inv_a[:, None] * (1.0 / tl.sqrt(tl.where(col_mask, b_sq, 1.0)))[None, :]
-        s = tl.where(col_mask[None, :], s, float("-inf"))
+        valid_b = col_mask & (b_sq > 0.0) & (b_sq < float("inf"))
+        s = acc * inv_a[:, None] * (1.0 / tl.sqrt(tl.where(valid_b, b_sq, 1.0)))[None, :]
+        s = tl.where(valid_a[:, None] & valid_b[None, :], s, float("-inf"))
         blk_best = tl.max(s, axis=1)
         blk_arg = tl.argmax(s, axis=1).to(tl.int32) + n0  # the lowest column on ties
         better = blk_best > best  # strict: an earlier block keeps its (lower) column on ties

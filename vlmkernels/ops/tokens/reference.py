@@ -28,10 +28,15 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, scale: float = 1.0) -> tor
 
 def tome_match(metric: torch.Tensor, class_token: bool):
     """(best (B, NA) fp32 / fp64, arg (B, NA) int64): cosine scores of the A tokens (even
-    positions) against the B tokens (odd positions), their max and the lowest argmax."""
+    positions) against the B tokens (odd positions), their max and the lowest argmax; a
+    score involving a metric row of norm 0 (or not finite) is -inf."""
     m = metric.to(_acc(metric))
-    m = m / m.norm(dim=-1, keepdim=True)
+    norm = m.norm(dim=-1, keepdim=True)
+    valid = (norm > 0) & torch.isfinite(norm)
+    m = m / torch.where(valid, norm, 1.0)
     scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    # a zero (or non-finite) metric row has no cosine: its scores are -inf
+    scores = scores.masked_fill(~(valid[:, ::2] & valid[:, 1::2].transpose(1, 2)), float("-inf"))
     if class_token:
         scores[:, 0, :] = float("-inf")
     best = scores.amax(dim=-1)
