@@ -24,10 +24,10 @@ from ...kernels.blocks import (
     block_range,
     diagonal_tile,
     even_k,
-    log1p,
     logits_tile,
     pad,
     scale_and_bias,
+    softplus_sigmoid,
 )
 
 _GPU_CONFIGS = [
@@ -45,6 +45,8 @@ _CONFIGS = autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG)
 # (partial buffers sized with it are never too small) and the usual tile (grids).
 MIN_BLOCK = 32 if INTERPRETED else 64
 NOMINAL_BLOCK = 32 if INTERPRETED else 128
+# SigLIP's logit for padding columns: softplus and sigmoid of it are exactly 0
+PAD_LOGIT = tl.constexpr(-1e30)
 
 
 @triton.jit
@@ -338,11 +340,13 @@ def _siglip_kernel(
     optionally the logit gradient grad_ij = -w_i z_ij sigmoid(-z_ij S_ij), z = +1 on the
     positive pairs col = row + offset (none when that is out of the block), -1 elsewhere.
 
-    With the margin m = z S: loss l = softplus(-m) = -logsigmoid(m), and
-    sigmoid(-m) = exp(-m - l), which reuses l instead of a division. Program (m, k) covers
-    row block m and the column blocks of split k; its row losses go to loss[k, rows] (the
-    host sums over k), sum(grad * S) and sum(grad) to partial[0, pid] and partial[1, pid]
-    (grad * S = -w sigmoid(-m) m: no sign needed). Padding columns are weighted 0; padding
+    With u = -z S (S on negatives, -S on positives): loss l = softplus(u) and
+    grad = z' w sigmoid(u) (z' = +1 on negatives, -1 on positives), both from one
+    exponential (:func:`~vlmkernels.kernels.blocks.softplus_sigmoid`); the sign flips only
+    on the tiles that hold positives. Program (m, k) covers row block m and the column
+    blocks of split k; its row losses go to loss[k, rows] (the host sums over k),
+    sum(grad * S) = sum(w sigmoid(u) u) and sum(grad) to partial[0, pid] and
+    partial[1, pid]. Padding columns get u = -1e30 (loss and gradient exactly 0); padding
     rows have w = 0 and their losses are not stored.
     """
     pid_m = tl.program_id(0)
@@ -356,6 +360,7 @@ def _siglip_kernel(
     if WRITE_GRAD:
         w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
     grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
+    diag_row = row0 + pid_m * BM + offset
 
     loss_acc = tl.zeros((BM,), tl.float32)
     dscale_acc = tl.zeros((BM,), tl.float32)
@@ -363,21 +368,25 @@ def _siglip_kernel(
     for j in range(j_lo, j_hi):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
-        keep = col_mask.to(tl.float32)
         acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                           stride_xn, stride_xd, stride_yn, stride_yd,
                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-        logits = acc * scale + bias
-        margin = tl.where(rows[:, None] + offset == cols[None, :], logits, -logits)
-        loss = tl.maximum(-margin, 0.0) + log1p(tl.exp2(-tl.abs(margin) * LOG2E))
-        loss_acc += tl.sum(loss * keep[None, :], 1)
+        u = acc * scale + tl.where(col_mask, bias, PAD_LOGIT)[None, :]
+        on_diagonal = diagonal_tile(diag_row, j * BN, BM, BN)
+        if on_diagonal:
+            hard = (rows[:, None] + offset == cols[None, :]) & col_mask[None, :]
+            u = tl.where(hard, -u, u)
+        loss, sig = softplus_sigmoid(u)
+        loss_acc += tl.sum(loss, 1)
         if WRITE_GRAD:
-            h = tl.exp2((-margin - loss) * LOG2E) * (w_r[:, None] * keep[None, :])
-            grad = tl.where(rows[:, None] + offset == cols[None, :], -h, h)
+            grad = sig * w_r[:, None]
+            dscale_acc += tl.sum(grad * u, 1)
+            if on_diagonal:
+                hard = (rows[:, None] + offset == cols[None, :]) & col_mask[None, :]
+                grad = tl.where(hard, -grad, grad)
+            dbias_acc += tl.sum(grad, 1)
             tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
-            dscale_acc -= tl.sum(h * margin, 1)
-            dbias_acc += tl.sum(grad, 1)
     tl.store(loss_ptr + split.to(tl.int64) * loss_stride + rows, loss_acc, mask=row_mask)
     if WRITE_GRAD:
         pid = pid_m * num_splits + split
