@@ -409,3 +409,20 @@ def test_double_backward_float64(device):
     y = torch.randn(1, 12, 2, dtype=torch.float64, device=device, requires_grad=True)
     torch.autograd.gradgradcheck(lambda t: T.pool_tokens(t, (3, 4), "bilinear"), (y,))
     torch.autograd.gradgradcheck(lambda t: T.pool_tokens(t, (2, 6)), (y,))
+
+
+def test_family_tune_workload_launches_every_kernel(device):
+    """The tuner's workload, on small versions of the declared shapes, launches the kernels
+    the aliases name."""
+    from vlmkernels.core.tuning import _record
+
+    family = T.FAMILY
+    assert {s["op"] for s in family.tune_shapes} == set(family.aliases)
+    small = dict(B=2, N=13, C=16, r=3, keep=4, H=4, W=6, dtype="fp32")
+    for spec in family.tune_shapes:
+        with _record() as calls:
+            family.tune_workload({**spec, **small}, device, family.kernel_names)
+        expected = set(family.aliases[spec["op"]])
+        if spec.get("kind") == "bilinear":
+            expected.discard("tokens_gather")  # its backward is ATen's, no gather
+        assert {c.kernel.name for c in calls} == expected, spec

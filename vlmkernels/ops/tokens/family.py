@@ -1,10 +1,62 @@
 """What the shared tools need of the token-compression family: its kernels and their
-compile-time variants, its benchmark suite."""
+compile-time variants, tuning shapes and workload, its benchmark suite."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ...core.backend import use_backend
 from ...core.family import CompileCase, Family, register
+from ...core.tuning import torch_dtype
 from . import kernels
+from .functional import pool_tokens, select_tokens, tome_merge
+
+# Realistic shapes: ToMe in a CLIP-L / ViT-L layer (576 tokens, 577 with the class token),
+# FastV-style selection of a quarter of LLaVA's 576 image tokens at the LLM's width, and
+# LLaVA-OneVision's video pooling (32 frames of 27 x 27 tokens at Qwen2-7B's 3584).
+TUNE_SHAPES = (
+    {"op": "tome_merge", "B": 256, "N": 576, "C": 1024, "r": 16, "dtype": "bf16"},
+    {"op": "tome_merge", "B": 32, "N": 577, "C": 1024, "r": 16, "class_token": True,
+     "dtype": "bf16"},
+    {"op": "select_tokens", "B": 8, "N": 576, "C": 4096, "keep": 144, "dtype": "bf16"},
+    {"op": "pool_tokens", "B": 32, "H": 27, "W": 27, "C": 3584, "kind": "bilinear",
+     "dtype": "bf16"},
+    {"op": "pool_tokens", "B": 32, "H": 24, "W": 24, "C": 3584, "kind": "avg2x2",
+     "dtype": "bf16"},
+)  # fmt: skip
+
+
+def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
+    """Run one op of ``spec`` forward and backward on the Triton kernels: {"op":
+    "tome_merge" ("B", "N", "C", "r", "class_token"), "select_tokens" ("B", "N", "C",
+    "keep") or "pool_tokens" ("B", "H", "W", "C", "kind"), "dtype"}."""
+    dtype = torch_dtype(spec.get("dtype", "bf16"))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    op, b, c = spec["op"], int(spec["B"]), int(spec["C"])
+    with use_backend("triton"):
+        if op == "tome_merge":
+            n = int(spec["N"])
+            x = randn(b, n, c).requires_grad_()
+            out, _, _ = tome_merge(x, randn(b, n, c), int(spec["r"]),
+                                   class_token=bool(spec.get("class_token", False)))  # fmt: skip
+        elif op == "select_tokens":
+            n = int(spec["N"])
+            x = randn(b, n, c).requires_grad_()
+            out, _ = select_tokens(x, randn(b, n).float(), int(spec["keep"]))
+        elif op == "pool_tokens":
+            h, w = int(spec["H"]), int(spec["W"])
+            x = randn(b, h * w, c).requires_grad_()
+            out = pool_tokens(x, (h, w), spec.get("kind", "bilinear"))
+        else:
+            raise ValueError(f"tokens spec {dict(spec)}: unknown op {op!r}")
+        out.backward(torch.ones_like(out))
+
 
 _ELEM = "*{elem}"
 _I64 = "*i64"
@@ -67,6 +119,8 @@ FAMILY = register(
             kernels._pool_kernel,
         ),
         compile_cases=compile_cases,
+        tune_shapes=TUNE_SHAPES,
+        tune_workload=tune_workload,
         aliases={
             "select_tokens": ("tokens_gather",),
             "tome_merge": ("tome_match", "tome_merge", "tome_unmerge"),
