@@ -461,6 +461,22 @@ def test_triton_path_never_allocates_n_by_n(device):
     assert rec.largest < n * n // 4
 
 
+def test_triton_chunk_rows_keep_the_dy_product_compute_bound():
+    """Default chunks: 128 MiB of rows, never under 2048 rows (dY's product would fall
+    under the GEMM ridge point), never over the block; an explicit chunk_size as given."""
+    from vlmkernels.ops.contrastive.chunked import MIN_TRITON_CHUNK_ROWS, triton_chunk_rows
+
+    def rows(n, dtype=torch.bfloat16, chunk_size=0):
+        return triton_chunk_rows(torch.empty((n, 8), dtype=dtype, device="meta"), chunk_size)
+
+    assert MIN_TRITON_CHUNK_ROWS == 2048
+    assert rows(65536) == 2048  # 256 MiB: 128 MiB would be 1024 rows
+    assert rows(262144, torch.float32) == 2048
+    assert rows(16384) == 4096  # 128 MiB
+    assert rows(1000) == 1000
+    assert rows(65536, chunk_size=300) == 300
+
+
 # ------------------------------------------------------------------ op registration
 
 

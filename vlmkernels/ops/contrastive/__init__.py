@@ -23,12 +23,13 @@ the backward pass only scales them.
 
 Memory: the inputs, their gradients, an fp32 accumulator for dY and one dS chunk of
 (chunk_size x N) elements; never N x N. No atomics: the results are deterministic. With
-``chunk_size=None`` the chunk temporaries stay within ``CHUNK_BUDGET_BYTES`` (128 MiB): the
-Triton path's one chunk in the input dtype (at least 256 rows); on the PyTorch path (CPU)
-all of its (chunk x N) buffers together: two fp32 ones (three with a teacher, plus a bool
-one with ids). With an explicit ``chunk_size`` the PyTorch path's temporaries are at most
-3.25 x chunk_size x N fp32 elements (fp64 for fp64 inputs); 16-bit inputs add their fp32
-copies (O(N d)) there.
+``chunk_size=None`` the Triton path's one chunk, in the input dtype, has the rows of
+``CHUNK_BUDGET_BYTES`` (128 MiB) but at least ``MIN_TRITON_CHUNK_ROWS`` (2048, so that its dY
+product stays compute-bound: 256 MiB at N = 65536 in bf16); the PyTorch path (CPU) keeps
+all of its (chunk x N) buffers together within the budget: two fp32 ones (three with a
+teacher, plus a bool one with ids). With an explicit ``chunk_size`` the PyTorch path's
+temporaries are at most 3.25 x chunk_size x N fp32 elements (fp64 for fp64 inputs); 16-bit
+inputs add their fp32 copies (O(N d)) there.
 
 Modules, lowest layer first: ``kernels`` (the Triton kernels and their configs, built from
 :mod:`vlmkernels.kernels.blocks`), ``algebra`` (``Targets`` and ``SideStats``: the block
@@ -40,7 +41,7 @@ in :mod:`vlmkernels.distributed.contrastive`.
 """
 
 from .algebra import SideStats, Targets
-from .chunked import CHUNK_BUDGET_BYTES, default_chunk_rows
+from .chunked import CHUNK_BUDGET_BYTES, MIN_TRITON_CHUNK_ROWS, default_chunk_rows
 from .family import FAMILY
 from .functional import (
     clip_loss,
@@ -59,6 +60,7 @@ from .ops import (
 
 __all__ = [
     "CHUNK_BUDGET_BYTES",
+    "MIN_TRITON_CHUNK_ROWS",
     "FAMILY",
     "SideStats",
     "Targets",

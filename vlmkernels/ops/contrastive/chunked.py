@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "CHUNK_BUDGET_BYTES",
+    "MIN_TRITON_CHUNK_ROWS",
     "NORMALISED_DTYPES",
     "default_chunk_rows",
     "feature_grads",
@@ -21,9 +22,17 @@ __all__ = [
 ]
 
 CHUNK_BUDGET_BYTES = 128 << 20
-"""Memory for the (chunk x N) temporaries when ``chunk_size`` is None: the Triton path's one
-logit-gradient chunk (at least 256 rows), the PyTorch path's two or three chunk buffers
-together."""
+"""Memory for the (chunk x N) temporaries when ``chunk_size`` is None: the PyTorch path's two
+or three chunk buffers together; the Triton path's one logit-gradient chunk, unless that
+is under :data:`MIN_TRITON_CHUNK_ROWS` rows."""
+
+MIN_TRITON_CHUNK_ROWS = 2048
+"""Fewest rows of a Triton-path chunk when ``chunk_size`` is None (or the whole block). The
+chunk's dY product, dY += s dS_c^T X_c ((N x C) times (C x d), dY in fp32), does 2 N C d
+FLOP for about 2 N C + 8 N d bytes: C d / (C + 4 d) FLOP per byte, 307 at C = 2048 and
+d = 768, over the H100's ridge point (687 TFLOP/s / 3 TB/s = 229; C = 1024 gives 192,
+memory-bound). At N = 65536 in bf16 the chunk is 256 MiB (128 MiB of bytes gave 1024
+rows: 64 chunks re-reading and re-writing the 192 MiB fp32 dY, 25 GB)."""
 
 
 def default_chunk_rows(n: int, elem_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
@@ -42,9 +51,12 @@ float32's exponent range: their chunks hold the weights as they are."""
 
 
 def triton_chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
-    """Rows per chunk on the Triton path: ``chunk_size``, or the budget's (0)."""
+    """Rows per chunk on the Triton path: ``chunk_size``, or (0) the budget's but at least
+    :data:`MIN_TRITON_CHUNK_ROWS`: memory max(128 MiB, 2048 N elements)."""
     n = x.shape[0]
-    return min(n, chunk_size) if chunk_size > 0 else default_chunk_rows(n, x.element_size())
+    if chunk_size > 0:
+        return min(n, chunk_size)
+    return min(n, max(MIN_TRITON_CHUNK_ROWS, default_chunk_rows(n, x.element_size())))
 
 
 @functools.cache

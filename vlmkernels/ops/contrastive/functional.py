@@ -129,8 +129,8 @@ def clip_loss(
             rows are the per-sample image-to-text and text-to-image losses.
         chunk_size: rows of logit gradient materialised at once in the backward pass
             (memory ``chunk_size * N`` elements, up to 3.25 times that on the PyTorch
-            path); None keeps the chunk temporaries within 128 MiB (``CHUNK_BUDGET_BYTES``,
-            see the module docstring).
+            path); None: 128 MiB (``CHUNK_BUDGET_BYTES``), at least 2048 rows on the
+            Triton path (see the module docstring).
         ids: (N,) integers: every pair with equal ids is a positive, each row's target
             spread evenly over its positives (BLIP's ``idx``).
         label_smoothing: eps: targets (1 - eps) hard + eps / N.
@@ -259,8 +259,8 @@ def siglip_loss(
         logit_bias: the bias b (float, 0-d tensor, or None for no bias).
         reduction: ``"mean"`` (sum over all pairs / N, open_clip's normalisation), ``"sum"``
             or ``"none"``: the (N,) per-image losses ``-sum_j logsigmoid(z_ij S_ij)``.
-        chunk_size: rows of logit gradient materialised at once; None keeps the chunk
-            temporaries within 128 MiB, as in :func:`clip_loss`.
+        chunk_size: rows of logit gradient materialised at once; None: as in
+            :func:`clip_loss`.
         negative_only: every pair is a negative (z = -1): the blocks of other ranks' texts
             in open_clip's distributed SigLIP.
 
