@@ -225,3 +225,32 @@ def issues(targets) -> str:
 
 def shape_text(shape: Mapping[str, int] | tuple) -> str:
     return ", ".join(f"{k}={v}" for k, v in dict(shape).items())
+
+
+# --------------------------------------------------------------------------------------
+# Issue 12: attention (H100, bf16, forward). Few-query cross-attention (H 16, D 64) at least
+# 2x cuDNN SDPA when B x H <= 32 and at least 0.95x elsewhere; the key mass in at most 1.15x
+# of the same attention without it; Flamingo's media-masked attention <= 30 us at B 8,
+# T 2048, H 8, D 64, 5 media of 64 latents
+# --------------------------------------------------------------------------------------
+
+ATTENTION = tuple(
+    Target(suite="attention", op="cross_attention", provider="vlmkernels", mode="fwd",
+           shape=_shape(B=b, H=16, Lq=lq, Lk=lk, D=64), metric="ms", relation=LE,
+           bound=0.5 if b * 16 <= 32 else 1 / 0.95,
+           bound_text="1/2" if b * 16 <= 32 else "1/0.95", baseline="sdpa_cudnn", issue=12)
+    for b in (1, 8, 64)
+    for lq in (32, 64)
+    for lk in (1024, 4096)
+) + tuple(
+    Target(suite="attention", op="attention_key_mass", provider="vlmkernels", mode="fwd",
+           shape=_shape(B=b, H=16, Lq=32, Lk=4096, D=64), metric="ms", relation=LE,
+           bound=1.15, baseline="vlmkernels_plain", issue=12)
+    for b in (1, 64)
+) + (
+    Target(suite="attention_media", op="media_cross_attention", provider="vlmkernels",
+           mode="fwd", shape=_shape(B=8, T=2048, H=8, D=64, M=5, L=64), metric="ms",
+           relation=LE, bound=0.030, issue=12),
+)  # fmt: skip
+
+TARGETS += ATTENTION

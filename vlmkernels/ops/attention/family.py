@@ -60,7 +60,7 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
     q, k, v, a = tune_inputs(spec, device)
     out, lse = launchers.forward(q, k, v, **a)
     names = set(names)
-    if names & {"attention_bwd_kv", "attention_bwd_q"}:
+    if any(n.startswith("attention_bwd") for n in names):
         delta = (out.float() * out.float()).sum(-1)
         launchers.backward(out, q, k, v, lse, delta, **a)
     if "attention_key_mass" in names and a["lo"] is None:
@@ -73,59 +73,64 @@ _QKV = ("sqd", "skd", "svd")
 _ROW = ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn")
 
 
-def _core(dtype, **flags):
-    """The constexprs of a GPU launch for inputs of ``dtype`` (head dim 64)."""
-    precision = "tf32x3" if dtype == "fp32" else "tf32"
-    return dict(DOT_FP32=False, INPUT_PRECISION=precision, BLOCK_D=64, **flags)
+def _core(fp32, **flags):
+    """The constexprs of a GPU launch (head dim 64) for 16-bit or fp32 inputs."""
+    return dict(DOT_FP32=False, INPUT_PRECISION="tf32x3" if fp32 else "tf32", BLOCK_D=64,
+                **flags)  # fmt: skip
 
 
 def compile_cases() -> list[CompileCase]:
-    """Dense forward (plain, causal with key padding, media ranges, split-K), packed forward,
-    the combine, both backward kernels (plain, causal), the key mass."""
-    ptrs = dict(q_ptr="*{elem}", k_ptr="*{elem}", v_ptr="*{elem}", cu_q_ptr="*i32",
-                cu_k_ptr="*i32", keep_ptr="*u8", lo_ptr="*i32", hi_ptr="*i32")  # fmt: skip
-    fwd = dict(ptrs, o_ptr="*{elem}", lse_ptr="*fp32")
-    split = dict(ptrs, o_ptr="*fp32", lse_ptr="*fp32")
-    bwd = dict(ptrs, do_ptr="*{elem}", lse_ptr="*fp32", delta_ptr="*fp32")
+    """The core kernels of each input class (16-bit: bf16 pointers, fp32: fp32 pointers and
+    3xTF32, whatever the dtype asked: each kernel is launched for its class only): dense
+    forward (plain, causal with key padding, media ranges, split-K), packed forward, both
+    backward kernels (plain, causal, media); the split-K combine and the key mass."""
     unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm")
     aligned = _ROW + ("sob", "soh", "som", "sdob", "sdoh", "sdom")
     scalars = {"sm_scale": "fp32"}
-    flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False, SPLIT=False)
+    flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False)
 
     def own(kernel, names):
         return tuple(n for n in names if n in kernel.arg_names)
 
-    def fwd_case(name, pointers, **over):
-        k = kernels._attn_fwd
-        return CompileCase(name, k, pointers, lambda dt, o=over: _core(dt, **{**flags, **o}),
-                           unit_strides=own(k, unit), aligned=own(k, aligned), scalars=scalars,
+    def case(name, kernel, fp32, outputs, **over):
+        elem = "fp32" if fp32 else "bf16"
+        pointers = dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cu_q_ptr="i32", cu_k_ptr="i32",
+                        keep_ptr="u8", lo_ptr="i32", hi_ptr="i32", lse_ptr="fp32",
+                        do_ptr=elem, delta_ptr="fp32", **outputs)  # fmt: skip
+        pointers = {k: "*" + (elem if v == "elem" else v) for k, v in pointers.items()
+                    if k in kernel.arg_names}  # fmt: skip
+        extra = {"SPLIT": False} if "SPLIT" in kernel.arg_names else {}
+        constexprs = _core(fp32, **{**flags, **extra, **over})
+        return CompileCase(name, kernel, pointers, constexprs, unit_strides=own(kernel, unit),
+                           aligned=own(kernel, aligned), scalars=scalars,
                            expect=("mma", "no_spill"))  # fmt: skip
 
-    def bwd_case(name, kernel, pointers, **over):
-        f = {k: v for k, v in flags.items() if k != "SPLIT"}
-        return CompileCase(name, kernel, pointers, lambda dt, o=over: _core(dt, **{**f, **o}),
-                           unit_strides=own(kernel, unit), aligned=own(kernel, aligned),
-                           scalars=scalars, expect=("mma", "no_spill"))  # fmt: skip
-
+    fwd_out = dict(o_ptr="elem")
+    kv_out = dict(dk_ptr="elem", dv_ptr="elem")
+    q_out = dict(dq_ptr="elem")
+    k = kernels
     return [
-        fwd_case("attention_fwd", fwd),
-        fwd_case("attention_fwd_causal_padding", fwd, CAUSAL=True, KEEP=True),
-        fwd_case("attention_fwd_media", fwd, RANGES=True),
-        fwd_case("attention_fwd_varlen", fwd, VARLEN=True),
-        fwd_case("attention_fwd_split", split, SPLIT=True),
-        CompileCase("attention_combine", kernels._attn_combine,
+        case("attention_fwd", k._attn_fwd, False, fwd_out),
+        case("attention_fwd_causal_padding", k._attn_fwd, False, fwd_out, CAUSAL=True,
+             KEEP=True),
+        case("attention_fwd_media", k._attn_fwd, False, fwd_out, RANGES=True),
+        case("attention_fwd_varlen", k._attn_fwd, False, fwd_out, VARLEN=True),
+        case("attention_fwd_split", k._attn_fwd, False, dict(o_ptr="fp32"), SPLIT=True),
+        case("attention_fwd_fp32", k._attn_fwd32, True, fwd_out),
+        case("attention_fwd_fp32_media", k._attn_fwd32, True, fwd_out, RANGES=True),
+        case("attention_fwd_fp32_split", k._attn_fwd32, True, dict(o_ptr="fp32"), SPLIT=True),
+        case("attention_bwd_kv", k._attn_bwd_kv, False, kv_out),
+        case("attention_bwd_kv_causal", k._attn_bwd_kv, False, kv_out, CAUSAL=True),
+        case("attention_bwd_q", k._attn_bwd_q, False, q_out),
+        case("attention_bwd_q_media", k._attn_bwd_q, False, q_out, RANGES=True),
+        case("attention_bwd_kv_fp32", k._attn_bwd_kv32, True, kv_out, KEEP=True),
+        case("attention_bwd_q_fp32_media", k._attn_bwd_q32, True, q_out, RANGES=True),
+        CompileCase("attention_combine", k._attn_combine,
                     dict(ws_ptr="*fp32", wl_ptr="*fp32", o_ptr="*{elem}", lse_ptr="*fp32",
                          cu_q_ptr="*i32"),
                     dict(VARLEN=False, BLOCK_D=64), unit_strides=("swd", "sod", "swlm", "slm"),
                     expect=("no_spill",)),
-        bwd_case("attention_bwd_kv", kernels._attn_bwd_kv,
-                 dict(bwd, dk_ptr="*{elem}", dv_ptr="*{elem}")),
-        bwd_case("attention_bwd_kv_causal", kernels._attn_bwd_kv,
-                 dict(bwd, dk_ptr="*{elem}", dv_ptr="*{elem}"), CAUSAL=True),
-        bwd_case("attention_bwd_q", kernels._attn_bwd_q, dict(bwd, dq_ptr="*{elem}")),
-        bwd_case("attention_bwd_q_media", kernels._attn_bwd_q, dict(bwd, dq_ptr="*{elem}"),
-                 RANGES=True),
-        CompileCase("attention_key_mass", kernels._attn_key_mass,
+        CompileCase("attention_key_mass", k._attn_key_mass,
                     dict(q_ptr="*{elem}", k_ptr="*{elem}", lse_ptr="*fp32", mass_ptr="*fp32"),
                     lambda dt: dict(CAUSAL=True, BLOCK_D=64, DOT_FP32=False,
                                     INPUT_PRECISION="tf32x3" if dt == "fp32" else "tf32"),
@@ -135,29 +140,20 @@ def compile_cases() -> list[CompileCase]:
     ]  # fmt: skip
 
 
+_CORE = tuple(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("", "_fp32"))
+
 FAMILY = register(
     Family(
         name="attention",
         kernels=kernels.KERNELS,
         compile_cases=compile_cases,
         aliases={
-            "attention": (
-                "attention_fwd",
-                "attention_combine",
-                "attention_bwd_kv",
-                "attention_bwd_q",
-                "attention_key_mass",
-            ),
-            "cross_attention": (
-                "attention_fwd",
-                "attention_combine",
-                "attention_bwd_kv",
-                "attention_bwd_q",
-            ),
-            "media_cross_attention": ("attention_fwd", "attention_bwd_kv", "attention_bwd_q"),
+            "attention": (*_CORE, "attention_combine", "attention_key_mass"),
+            "cross_attention": (*_CORE, "attention_combine"),
+            "media_cross_attention": _CORE,
         },
         tune_shapes=TUNE_SHAPES,
         tune_workload=tune_workload,
-        bench_suite=None,
+        bench_suite="bench_attention",
     )  # fmt: skip
 )

@@ -39,31 +39,59 @@ from ...core.tuning import tuned
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-_FWD_GPU = [
-    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BN": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 32, "BN": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BM": 16, "BN": 128}, num_warps=4, num_stages=3),
-]
-_FWD_CONFIGS = autotune_configs(_FWD_GPU, triton.Config({"BM": 16, "BN": 16}, num_warps=1))
-_BWD_GPU = [
-    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1),
-]
-_BWD_CONFIGS = autotune_configs(_BWD_GPU, triton.Config({"BM": 16, "BN": 16}, num_warps=1))
-_COMBINE_CONFIGS = autotune_configs(
-    [triton.Config({"BM": 32}, num_warps=4), triton.Config({"BM": 64}, num_warps=4)],
-    triton.Config({"BM": 16}, num_warps=1),
+# Two config spaces per core kernel: fp32 inputs (3xTF32 dots) need about three times the
+# registers of 16-bit ones, so each first config (the default) compiles for sm_90a without
+# spills for its own input dtypes; the launchers pick the kernel by dtype.
+_C = triton.Config
+_INTERP = _C({"BM": 16, "BN": 16}, num_warps=1)
+_FWD_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=2),
+        _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=3),
+        _C({"BM": 128, "BN": 64}, num_warps=8, num_stages=3),
+        _C({"BM": 64, "BN": 128}, num_warps=4, num_stages=2),
+        _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=3),
+        _C({"BM": 16, "BN": 128}, num_warps=4, num_stages=3),
+    ],
+    _INTERP,
 )
-_MASS_GPU = [
-    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 16, "BN": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=2),
-]
-_MASS_CONFIGS = autotune_configs(_MASS_GPU, triton.Config({"BM": 16, "BN": 16}, num_warps=1))
+_FWD32_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
+        _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=2),
+        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=2),
+    ],
+    _INTERP,
+)
+_BWD_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=1),
+        _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+        _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
+        _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
+        _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=1),
+    ],
+    _INTERP,
+)
+_BWD32_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 16, "BN": 32}, num_warps=4, num_stages=1),
+        _C({"BM": 32, "BN": 32}, num_warps=8, num_stages=1),
+        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=1),
+    ],
+    _INTERP,
+)
+_COMBINE_CONFIGS = autotune_configs(
+    [_C({"BM": 32}, num_warps=4), _C({"BM": 64}, num_warps=4)], _C({"BM": 16}, num_warps=1)
+)
+_MASS_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+        _C({"BM": 16, "BN": 128}, num_warps=4, num_stages=2),
+        _C({"BM": 128, "BN": 64}, num_warps=8, num_stages=2),
+    ],
+    _INTERP,
+)
 
 _KEY = ["max_lq", "max_lk", "BLOCK_D"]
 _SIZES = ["max_lq", "max_lk"]
@@ -142,9 +170,8 @@ def _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP: tl.c
     return ok
 
 
-@tuned("attention_fwd", configs=_FWD_CONFIGS, key=_KEY, sizes=_SIZES)
 @triton.jit
-def _attn_fwd(
+def _fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
     max_lq, max_lk, H, D, sm_scale, n_splits,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -261,9 +288,8 @@ def _attn_combine(
     tl.store(l_base + rows * slm, lse, mask=row_ok)
 
 
-@tuned("attention_bwd_kv", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)
 @triton.jit
-def _attn_bwd_kv(
+def _bwd_kv(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
     max_lq, max_lk, H, D, sm_scale,
@@ -332,9 +358,8 @@ def _attn_bwd_kv(
              dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-@tuned("attention_bwd_q", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)
 @triton.jit
-def _attn_bwd_q(
+def _bwd_q(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
     max_lq, max_lk, H, D, sm_scale,
@@ -437,4 +462,17 @@ def _attn_key_mass(
 # fmt: on
 
 
-KERNELS = (_attn_fwd, _attn_combine, _attn_bwd_kv, _attn_bwd_q, _attn_key_mass)
+_attn_fwd = tuned("attention_fwd", configs=_FWD_CONFIGS, key=_KEY, sizes=_SIZES)(_fwd)
+_attn_fwd32 = tuned("attention_fwd_fp32", configs=_FWD32_CONFIGS, key=_KEY, sizes=_SIZES)(_fwd)
+_attn_bwd_kv = tuned("attention_bwd_kv", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)(_bwd_kv)
+_attn_bwd_kv32 = tuned("attention_bwd_kv_fp32", configs=_BWD32_CONFIGS, key=_KEY,
+                       sizes=_SIZES)(_bwd_kv)  # fmt: skip
+_attn_bwd_q = tuned("attention_bwd_q", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)(_bwd_q)
+_attn_bwd_q32 = tuned("attention_bwd_q_fp32", configs=_BWD32_CONFIGS, key=_KEY,
+                      sizes=_SIZES)(_bwd_q)  # fmt: skip
+
+# (16-bit inputs, fp32 inputs) kernels of each core pass
+FWD = (_attn_fwd, _attn_fwd32)
+BWD_KV = (_attn_bwd_kv, _attn_bwd_kv32)
+BWD_Q = (_attn_bwd_q, _attn_bwd_q32)
+KERNELS = (*FWD, _attn_combine, *BWD_KV, *BWD_Q, _attn_key_mass)

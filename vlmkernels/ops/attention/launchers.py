@@ -12,7 +12,7 @@ import torch
 import triton
 
 from ...core.runtime import device_guard, dot_precision, sm_count
-from .kernels import _attn_bwd_kv, _attn_bwd_q, _attn_combine, _attn_fwd, _attn_key_mass
+from .kernels import BWD_KV, BWD_Q, FWD, _attn_combine, _attn_key_mass
 
 MAX_SPLITS = 32
 MAX_HEAD_DIM = 256
@@ -101,7 +101,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
 
     with device_guard(q):
-        _attn_fwd[grid](
+        FWD[q.dtype == torch.float32][grid](
             q, k, v, target, target_lse,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             keep if keep is not None else dummy, lo if lo is not None else dummy,
@@ -135,11 +135,12 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
                 keep if keep is not None else dummy, lo if lo is not None else dummy,
                 hi if hi is not None else dummy)  # fmt: skip
     with device_guard(q):
-        _attn_bwd_kv[lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * h)](
+        fp32 = q.dtype == torch.float32
+        BWD_KV[fp32][lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * h)](
             q, k, v, do, lse, delta, dk, dv, *pointers, *common, *_strides(dk, varlen),
             *_strides(dv, varlen), *tail, **options,
         )  # fmt: skip
-        _attn_bwd_q[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
+        BWD_Q[fp32][lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
             q, k, v, do, lse, delta, dq, *pointers, *common, *_strides(dq, varlen), *tail,
             **options,
         )  # fmt: skip

@@ -1,0 +1,200 @@
+r"""Flamingo's media-masked cross-attention (issue 12): ``media_cross_attention``.
+
+Shapes: B sequences of T text tokens, H heads of dim D, M media items of L latents each
+(keys M L); one media token every T / M tokens, the first at token T / (2 M), so the tokens
+before it see nothing (immediate-media mode, open_flamingo's default). The issue's shape:
+B = 8, T = 2048, H = 8, D = 64, M = 5, L = 64.
+
+Inputs: seeded random normal q (B, H, T, D), k, v (B, H, M L, D) in the run's dtype (bf16
+on a GPU, fp32 on the CPU), ``requires_grad``; a fixed random output gradient handed over by
+a 0-d placeholder (no reduction timed).
+
+Providers:
+
+- ``vlmkernels``: :func:`vlmkernels.ops.attention.media_cross_attention` (each query block
+  visits only its media's key blocks; Triton on CUDA, the PyTorch path on the CPU);
+- ``eager``: open_flamingo's ``MaskedCrossAttention`` attention step written out: the
+  (T, M L) text_time / media_time mask, -finfo.max fill, softmax, zeroed rows before the
+  first media item, in the input dtype;
+- ``sdpa``: ``scaled_dot_product_attention`` with that boolean mask (rows before the first
+  media item see every key and are zeroed afterwards);
+- ``flex`` (CUDA): FlexAttention with the same mask as a ``mask_mod`` and its block mask;
+- ``compile``: ``torch.compile`` of the eager function (compile time excluded).
+
+Byte model: read q, k, v and write out, (2 T + 2 M L) B H D e per forward; the backward
+twice that. FLOP model: the visible pairs only, 4 B H T L D per forward (each token sees one
+media item's L latents), 2.5x for the backward.
+
+Sweep: GPU full and quick B = 8, T = 2048, H = 8, D = 64, M = 5, L = 64; CPU B = 2,
+T = 256, H = 4, D = 64, M = 5, L = 16 (fp32). Target (:mod:`benchmarks.targets`, GPU,
+bf16): ``vlmkernels`` forward <= 30 us at the issue's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from . import targets
+from .harness import BuildArgs, OpSpec, Prepared, Provider, Results, RunConfig, Suite
+
+
+class _FixedGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, grad):
+        ctx.grad = grad
+        return out.new_empty(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.grad, None
+
+
+def media_locations(shape: Mapping[str, int], device) -> torch.Tensor:
+    t, m = shape["T"], shape["M"]
+    loc = torch.zeros(shape["B"], t, dtype=torch.bool, device=device)
+    every = max(t // m, 1)
+    loc[:, (every // 2 + every * torch.arange(m)).clamp(max=t - 1)] = True
+    return loc
+
+
+def make_inputs(args: BuildArgs):
+    s = args.shape
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=args.device).to(args.dtype)
+
+    n = s["M"] * s["L"]
+    q = randn(s["B"], s["H"], s["T"], s["D"]).requires_grad_()
+    k = randn(s["B"], s["H"], n, s["D"]).requires_grad_()
+    v = randn(s["B"], s["H"], n, s["D"]).requires_grad_()
+    return q, k, v, media_locations(s, args.device), randn(s["B"], s["H"], s["T"], s["D"])
+
+
+def flamingo_mask(loc: torch.Tensor, m: int, latents: int):
+    """(B, 1, T, M L) bool allowed, (B, 1, T, 1) bool rows before the first media item."""
+    text_time = loc.cumsum(-1)
+    media_time = torch.arange(m, device=loc.device).repeat_interleave(latents) + 1
+    return (text_time[:, None, :, None] == media_time), (text_time == 0)[:, None, :, None]
+
+
+def _prepared(call, leaves, grad, note):
+    def fn():
+        return _FixedGrad.apply(call(), grad)
+
+    return Prepared(fn, leaves, note, call=call)
+
+
+def build_vlmkernels(args: BuildArgs) -> Prepared:
+    from vlmkernels.ops import attention as A
+
+    q, k, v, loc, g = make_inputs(args)
+    latents = args.shape["L"]
+    return _prepared(lambda: A.media_cross_attention(q, k, v, loc, latents), (q, k, v), g, "")
+
+
+def _eager(args: BuildArgs, compiled: bool) -> Prepared:
+    q, k, v, loc, g = make_inputs(args)
+    allowed, before = flamingo_mask(loc, args.shape["M"], args.shape["L"])
+
+    def fn(q, k, v):
+        sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        sim = sim.masked_fill(~allowed, -torch.finfo(sim.dtype).max)
+        attn = (sim - sim.amax(-1, keepdim=True).detach()).softmax(-1)
+        return attn.masked_fill(before, 0.0) @ v
+
+    note = "open_flamingo's MaskedCrossAttention step, dense (T, M L) mask"
+    if compiled:
+        backend = args.options.get("compile_backend", "inductor")
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend=backend, dynamic=False)
+        note += f"; torch.compile(backend={backend}, dynamic=False); compile time excluded"
+    return _prepared(lambda: fn(q, k, v), (q, k, v), g, note)
+
+
+def build_sdpa(args: BuildArgs) -> Prepared:
+    import torch.nn.functional as F
+
+    q, k, v, loc, g = make_inputs(args)
+    allowed, before = flamingo_mask(loc, args.shape["M"], args.shape["L"])
+    mask = allowed | before  # rows before the first media see everything, then zeroed
+
+    def call():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).masked_fill(before, 0.0)
+
+    return _prepared(call, (q, k, v), g, "SDPA with the boolean mask, default backend")
+
+
+def build_flex(args: BuildArgs) -> Prepared:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q, k, v, loc, g = make_inputs(args)
+    text_time = loc.cumsum(-1)
+    latents = args.shape["L"]
+    before = (text_time == 0)[:, None, :, None]
+
+    def mask_mod(b, h, i, j):
+        t = text_time[b, i]
+        return (t == j // latents + 1) | (t == 0)
+
+    block = create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2],
+                              device=q.device)  # fmt: skip
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def call():
+        return flex(q, k, v, block_mask=block).masked_fill(before, 0.0)
+
+    return _prepared(call, (q, k, v), g, "FlexAttention, mask_mod + block mask (compiled)")
+
+
+def _cuda_only(device: torch.device) -> str | None:
+    return None if device.type == "cuda" else "FlexAttention needs CUDA here"
+
+
+PROVIDERS = (
+    Provider("vlmkernels", build_vlmkernels),
+    Provider("eager", lambda a: _eager(a, False)),
+    Provider("sdpa", build_sdpa),
+    Provider("flex", build_flex, available=_cuda_only),
+    Provider("compile", lambda a: _eager(a, True)),
+)
+
+
+def flops(shape: Mapping[str, int], mode: str) -> float:
+    fwd = 4.0 * shape["B"] * shape["H"] * shape["T"] * shape["L"] * shape["D"]
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
+    fwd = (2 * shape["T"] + 2 * shape["M"] * shape["L"]) * shape["B"] * shape["H"] * shape["D"]
+    return float({"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode] * itemsize)
+
+
+def grid(profile: str) -> dict[str, list[int]]:
+    if profile == "cpu":
+        return {"B": [2], "T": [256], "H": [4], "D": [64], "M": [5], "L": [16]}
+    return {"B": [8], "T": [2048], "H": [8], "D": [64], "M": [5], "L": [64]}
+
+
+OPS = (OpSpec("media_cross_attention", PROVIDERS, flops, nbytes),)
+
+
+def summarize(results: Results, cfg: RunConfig) -> list[str]:
+    lines = []
+    for t in targets.for_suite("attention_media"):
+        v = t.evaluate(results)
+        label = f"  {t.op} {t.mode} {t.provider} {t.metric} ({targets.shape_text(t.shape)})"
+        if not v.measured:
+            lines.append(f"{label}: target {t.text}: not measured ({v.reason})")
+        else:
+            lines.append(f"{label}: {v.value:.3g}, target {t.text}: {'HIT' if v.hit else 'MISS'}")
+    if cfg.device.type != "cuda":
+        lines.append(
+            "  (no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed)"
+        )
+    return [f"Targets ({targets.issues(targets.for_suite('attention_media'))}):", *lines]
+
+
+SUITE = Suite(name="attention_media", ops=OPS, grid=grid, x_name="T", summarize=summarize)

@@ -1,0 +1,97 @@
+"""vlmkernels.nn.attention.GatedCrossAttentionBlock against a float64 re-implementation of
+open_flamingo's published formula (helpers.py: LayerNorm, bias-free projections, the
+text_time / media_time mask with -finfo.max, zeroed rows before the first media item,
+tanh gates, LN -> Linear -> GELU -> Linear feed-forward): outputs, input and parameter
+gradients in fp32; the state_dict keys open_flamingo's block has."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmkernels.nn.attention import GatedCrossAttentionBlock
+
+OPEN_FLAMINGO_KEYS = [
+    "attn_gate", "ff_gate", "attn.norm.weight", "attn.norm.bias", "attn.to_q.weight",
+    "attn.to_kv.weight", "attn.to_out.weight", "ff.0.weight", "ff.0.bias", "ff.1.weight",
+    "ff.3.weight",
+]  # fmt: skip
+
+
+def flamingo_block_f64(p, x, media, media_locations, heads, dim_head, only_immediate):
+    """The published formula in float64, from the parameters ``p`` (a state_dict)."""
+    x, media = x.double(), media.double()
+    b, t, _ = x.shape
+    t_img, n = media.shape[1:3]
+    y = F.layer_norm(x, x.shape[-1:], p["attn.norm.weight"], p["attn.norm.bias"])
+    q = (y @ p["attn.to_q.weight"].T).view(b, t, heads, dim_head).transpose(1, 2)
+    kv = media.reshape(b, t_img * n, -1) @ p["attn.to_kv.weight"].T
+    k, v = kv.chunk(2, dim=-1)
+    k = k.reshape(b, -1, heads, dim_head).transpose(1, 2)
+    v = v.reshape(b, -1, heads, dim_head).transpose(1, 2)
+    sim = (q * dim_head**-0.5) @ k.transpose(-1, -2)
+    if media_locations is not None:
+        text_time = media_locations.cumsum(-1)
+        media_time = torch.arange(t_img).repeat_interleave(n) + 1
+        op = torch.eq if only_immediate else torch.ge
+        mask = op(text_time[:, None, :, None], media_time[None, None, None, :])
+        sim = sim.masked_fill(~mask, -torch.finfo(sim.dtype).max)
+    attn = (sim - sim.amax(-1, keepdim=True)).softmax(-1)
+    if media_locations is not None and only_immediate:
+        attn = attn.masked_fill((text_time == 0)[:, None, :, None], 0.0)
+    a = (attn @ v).transpose(1, 2).reshape(b, t, heads * dim_head) @ p["attn.to_out.weight"].T
+    x = a * p["attn_gate"].tanh() + x
+    z = F.layer_norm(x, x.shape[-1:], p["ff.0.weight"], p["ff.0.bias"])
+    z = F.gelu(z @ p["ff.1.weight"].T) @ p["ff.3.weight"].T
+    return z * p["ff_gate"].tanh() + x
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("only_immediate,with_locations", [(True, True), (False, True),
+                                                           (True, False)])  # fmt: skip
+def test_block_matches_open_flamingo_formula(only_immediate, with_locations, device):
+    torch.manual_seed(1)
+    dim, dim_visual, heads, dim_head = 24, 20, 2, 16
+    block = GatedCrossAttentionBlock(
+        dim=dim, dim_visual=dim_visual, dim_head=dim_head, heads=heads, ff_mult=2,
+        only_attend_immediate_media=only_immediate,
+    ).to(device)  # fmt: skip
+    assert sorted(block.state_dict()) == sorted(OPEN_FLAMINGO_KEYS)
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.5)
+    b, t, t_img, n = 2, 13, 3, 4
+    x = torch.randn(b, t, dim, device=device, requires_grad=True)
+    media = torch.randn(b, t_img, n, dim_visual, device=device, requires_grad=True)
+    loc = torch.zeros(b, t, dtype=torch.bool, device=device)
+    loc[0, [0, 5, 6]] = True
+    loc[1, [0, 9]] = True  # every row starts with a media token (open_flamingo's cumulative
+    # mode answers tokens before the first one with a uniform average; see the module doc)
+    if only_immediate:
+        loc[0, 0] = False  # tokens 0..4 of row 0 see no media: exactly 0 attention
+    loc = loc if with_locations else None
+    out = block(x, media, loc)
+    params = {k: v.detach().double().requires_grad_(True) for k, v in block.state_dict().items()}
+    x64 = x.detach().double().requires_grad_(True)
+    m64 = media.detach().double().requires_grad_(True)
+    ref = flamingo_block_f64(params, x64, m64, loc, heads, dim_head, only_immediate)
+    assert rel(out, ref) < 1e-5
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    assert rel(x.grad, x64.grad) < 1e-5 and rel(media.grad, m64.grad) < 1e-5
+    named = dict(block.named_parameters())
+    for name, p64 in params.items():
+        assert rel(named[name].grad, p64.grad) < 1e-5, name
+
+
+def test_state_dict_round_trip():
+    a = GatedCrossAttentionBlock(dim=16, dim_visual=8, dim_head=8, heads=2)
+    b = GatedCrossAttentionBlock(dim=16, dim_visual=8, dim_head=8, heads=2)
+    b.load_state_dict(a.state_dict())
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    with pytest.raises(ValueError, match="media must be"):
+        a(torch.randn(1, 3, 16), torch.randn(1, 4, 8))

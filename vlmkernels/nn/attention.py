@@ -1,0 +1,108 @@
+r"""Flamingo's gated cross-attention block, compatible with open_flamingo's
+(``open_flamingo/src/helpers.py``: ``GatedCrossAttentionBlock``, ``MaskedCrossAttention``):
+the same constructor arguments, submodules, parameter names and ``state_dict`` keys
+(``attn.norm``, ``attn.to_q``, ``attn.to_kv``, ``attn.to_out``, ``attn_gate``, ``ff.0``,
+``ff.1``, ``ff.3``, ``ff_gate``), so a checkpoint loads into either, and the same forward:
+
+    a = to_out(attention(to_q(LN(x)), to_kv(media)))        (heads of dim_head, scale
+                                                             dim_head^-1/2, no biases)
+    x = x + tanh(attn_gate) a
+    x = x + tanh(ff_gate) W_2 GELU(W_1 LN'(x))
+
+where the attention is :func:`vlmkernels.media_cross_attention` when ``media_locations``
+is given (text_time = cumsum(media_locations); a token sees the latents of media text_time,
+or of media 1..text_time without ``only_attend_immediate_media``), else plain
+cross-attention over every latent of every media item. Q, K and V are strided views of the
+projections (no copies); the attention is computed by segment and never builds the
+(T, T_img n) mask.
+
+Where the results differ from open_flamingo's (rows its masked softmax answers with a
+uniform average over every latent, an artefact of its -finfo.max fill): tokens before the
+first media item get 0 in both modes (open_flamingo zeroes them only with immediate media);
+with immediate media, tokens after more media tokens than there are media items get NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.attention import cross_attention, media_cross_attention
+
+__all__ = ["GatedCrossAttentionBlock", "MaskedCrossAttention"]
+
+
+class MaskedCrossAttention(nn.Module):
+    """open_flamingo's ``MaskedCrossAttention`` (see the module docstring).
+
+    ``forward(x, media, media_locations=None)``: x (B, T, dim) text features, media
+    (B, T_img, n, dim_visual) latents, media_locations (B, T) bool; returns (B, T, dim).
+    """
+
+    def __init__(self, *, dim, dim_visual, dim_head=64, heads=8,
+                 only_attend_immediate_media=True):  # fmt: skip
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        inner = dim_head * heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.only_attend_immediate_media = only_attend_immediate_media
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None):
+        if media.dim() != 4:
+            raise ValueError(f"MaskedCrossAttention: media must be (B, T_img, n, dim_visual), "
+                             f"got shape {tuple(media.shape)}")  # fmt: skip
+        b, t = x.shape[:2]
+        latents = media.shape[2]
+        h = self.heads
+        q = self.to_q(self.norm(x))
+        kv = self.to_kv(media.reshape(b, -1, media.shape[-1]))
+        d = q.shape[-1] // h
+        q = q.view(b, t, h, d).transpose(1, 2)
+        kv = kv.view(b, kv.shape[1], 2, h, d)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if media_locations is None:
+            out = cross_attention(q, k, v, scale=self.scale)
+        else:
+            out = media_cross_attention(
+                q, k, v, media_locations, latents,
+                only_immediate=self.only_attend_immediate_media, scale=self.scale,
+            )  # fmt: skip
+        return self.to_out(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    inner = int(dim * mult)
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, inner, bias=False),
+        nn.GELU(),
+        nn.Linear(inner, dim, bias=False),
+    )
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """open_flamingo's ``GatedCrossAttentionBlock`` (see the module docstring): scalar
+    gates ``attn_gate`` and ``ff_gate`` (shape (1,), initialised to 0).
+
+    ``forward(x, media, media_locations=None)``: x (B, T, dim), media
+    (B, T_img, n, dim_visual), media_locations (B, T) bool; returns (B, T, dim).
+    """
+
+    def __init__(self, *, dim, dim_visual, dim_head=64, heads=8, ff_mult=4,
+                 only_attend_immediate_media=True):  # fmt: skip
+        super().__init__()
+        self.attn = MaskedCrossAttention(
+            dim=dim, dim_visual=dim_visual, dim_head=dim_head, heads=heads,
+            only_attend_immediate_media=only_attend_immediate_media,
+        )  # fmt: skip
+        self.attn_gate = nn.Parameter(torch.tensor([0.0]))
+        self.ff = _feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None):
+        x = self.attn(x, media, media_locations=media_locations) * self.attn_gate.tanh() + x
+        return self.ff(x) * self.ff_gate.tanh() + x
