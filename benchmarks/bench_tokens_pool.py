@@ -10,7 +10,7 @@ Inputs: seeded random normal (F, S S, C) in the run's dtype, ``requires_grad``.
 Providers:
 
 - ``vlmkernels``: :func:`vlmkernels.ops.tokens.pool_tokens` (Triton on CUDA, the PyTorch
-  path on the CPU; the bilinear backward is ATen's ``upsample_bilinear2d_backward``);
+  path on the CPU; the backward is a gather per input token, no atomics);
 - ``eager``: transformers' formula: view as (F, S, S, C), permute to channels first,
   ``contiguous``, ``F.interpolate(mode="bilinear")`` (``avg_pool2d(2)`` for the average),
   permute back, view (F, h w, C);

@@ -324,6 +324,21 @@ def test_pool_bilinear_sizes(grid, size, device, backend):
     close(x.grad, x64.grad, torch.float32, "bilinear grad")
 
 
+@pytest.mark.parametrize(
+    "grid, size", [((13, 11), (7, 6)), ((2, 9), (9, 2)), ((12, 1), (1, 5)), ((7, 3), (3, 7))]
+)
+def test_pool_bilinear_backward_ratios(grid, size, device, backend):
+    """The adjoint (a gather over a window of output tokens in the Triton kernel) at down-
+    and upsampling ratios, against F.interpolate's autograd in float64."""
+    x = torch.randn(1, grid[0] * grid[1], 2, device=device, requires_grad=True)
+    out = T.pool_tokens(x, grid, "bilinear", size=size)
+    x64 = x.detach().cpu().double().requires_grad_()
+    g = torch.randn_like(out)
+    ref_pool(x64, grid, size).backward(g.cpu().double())
+    out.backward(g)
+    close(x.grad, x64.grad, torch.float32, "bilinear grad")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_avg2x2(dtype, device, backend):
     H, W, C = 4, 6, 20
@@ -423,6 +438,6 @@ def test_family_tune_workload_launches_every_kernel(device):
         with _record() as calls:
             family.tune_workload({**spec, **small}, device, family.kernel_names)
         expected = set(family.aliases[spec["op"]])
-        if spec.get("kind") == "bilinear":
-            expected.discard("tokens_gather")  # its backward is ATen's, no gather
+        if spec["op"] == "pool_tokens":  # the average's backward is a gather
+            expected.discard("tokens_gather" if spec["kind"] == "bilinear" else "tokens_pool_bwd")
         assert {c.kernel.name for c in calls} == expected, spec

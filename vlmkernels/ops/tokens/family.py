@@ -105,6 +105,9 @@ def compile_cases() -> list[CompileCase]:
                     dict(MODE=kernels.BILINEAR), unit_strides=("sxc",),
                     aligned=("C", "sxb", "sxn"), scalars={"scale_h": "fp32", "scale_w": "fp32"},
                     expect=("no_spill",)),
+        CompileCase("tokens_pool_bwd", kernels._pool_bwd_kernel, dict(g_ptr=_ELEM, dx_ptr=_ELEM),
+                    dict(WIN_H=8, WIN_W=8), unit_strides=("sgc",), aligned=("C", "sgb", "sgn"),
+                    scalars={"scale_h": "fp32", "scale_w": "fp32"}, expect=("no_spill",)),
     ]  # fmt: skip
 
 
@@ -117,6 +120,7 @@ FAMILY = register(
             kernels._tome_merge_kernel,
             kernels._tome_unmerge_kernel,
             kernels._pool_kernel,
+            kernels._pool_bwd_kernel,
         ),
         compile_cases=compile_cases,
         tune_shapes=TUNE_SHAPES,
@@ -124,7 +128,7 @@ FAMILY = register(
         aliases={
             "select_tokens": ("tokens_gather",),
             "tome_merge": ("tome_match", "tome_merge", "tome_unmerge"),
-            "pool_tokens": ("tokens_pool", "tokens_gather"),
+            "pool_tokens": ("tokens_pool", "tokens_pool_bwd", "tokens_gather"),
         },
         bench_suite="bench_tokens",
     )

@@ -233,8 +233,8 @@ def pool_tokens(x: torch.Tensor, grid, kind: str = "avg2x2", size=None) -> torch
         size: (h, w) output grid, ``"bilinear"`` only (``"avg2x2"`` takes None or (H/2, W/2)).
 
     Returns:
-        (B, h w, C), row-major. Differentiable in x (the adjoint: a gather for the average,
-        ATen's ``upsample_bilinear2d_backward`` for the bilinear resize).
+        (B, h w, C), row-major. Differentiable in x: the adjoint, computed as a gather per
+        input token (deterministic, no atomics) on the Triton path.
     """
     op = "pool_tokens"
     _check_tokens(op, x, "x")

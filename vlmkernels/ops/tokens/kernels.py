@@ -10,12 +10,15 @@
   reads its members through a CSR list, deterministic, no atomics);
 - ``_tome_unmerge_kernel``: the merge's backward per input token (and the sizes' gradient);
 - ``_pool_kernel``: the 2 x 2 average and the bilinear resize (align_corners=False) of a
-  token grid, one output token per program.
+  token grid, one output token per program; ``_pool_bwd_kernel``: the bilinear resize's
+  adjoint as a gather, one input token per program (deterministic, no atomics).
 
 Every loaded value is converted to fp32 right after the load; results are rounded once.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -380,3 +383,86 @@ def pool(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], mode: in
             x, out, H, W, h, w, C, float(H) / h, float(W) / w, *x.stride(), MODE=mode
         )
     return out
+
+
+@triton.jit
+def _bilinear_source(o, scale, size):
+    """(i0, i1, lambda) of output index ``o`` (align_corners=False, as ``_pool_kernel``)."""
+    src = tl.maximum((o.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = src.to(tl.int32)
+    return i0, tl.minimum(i0 + 1, size - 1), src - i0.to(tl.float32)
+
+
+# a (WIN_W, BLOCK_C) tile per window row: narrower channel blocks per warp than _ROW_CONFIGS
+_POOL_BWD_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_C": 128}, num_warps=4),
+        triton.Config({"BLOCK_C": 256}, num_warps=8),
+        triton.Config({"BLOCK_C": 64}, num_warps=2),
+        triton.Config({"BLOCK_C": 32}, num_warps=1),
+    ],
+    triton.Config({"BLOCK_C": 32}, num_warps=1),
+)
+
+
+@tuned("tokens_pool_bwd", configs=_POOL_BWD_CONFIGS, key=["C", "WIN_H", "WIN_W"], sizes=["C"])
+@triton.jit
+def _pool_bwd_kernel(
+    g_ptr, dx_ptr, H, W, h, w, C, scale_h, scale_w,
+    sgb, sgn, sgc,
+    WIN_H: tl.constexpr, WIN_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Input token (b, y, x) per program: dx[b, y, x] = sum over output tokens (oy, ox) of
+    wy(oy, y) wx(ox, x) g[b, oy, ox], wy(oy, y) = (1 - ly) [y0 = y] + ly [y1 = y] with the
+    forward's (y0, y1, ly) of oy (x likewise). Only oy in a window of WIN_H rows from
+    floor((y - 0.5) / scale_h - 0.5) - 1 can reach y (sy(oy) in [y - 1, y + 1))."""
+    t = tl.program_id(0)
+    b = t // (H * W)
+    p = t % (H * W)
+    y = p // W
+    x = p % W
+    oy_lo = tl.maximum(((y.to(tl.float32) - 0.5) / scale_h - 0.5).to(tl.int32) - 1, 0)
+    ox_lo = tl.maximum(((x.to(tl.float32) - 0.5) / scale_w - 0.5).to(tl.int32) - 1, 0)
+    ox = ox_lo + tl.arange(0, WIN_W)
+    x0, x1, lx = _bilinear_source(ox, scale_w, W)
+    wx = tl.where(x0 == x, 1.0 - lx, 0.0) + tl.where(x1 == x, lx, 0.0)
+    wx = tl.where(ox < w, wx, 0.0)
+    g_b = g_ptr + tl.cast(b, tl.int64) * sgb
+    dx_row = dx_ptr + tl.cast(t, tl.int64) * C
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for i in range(WIN_H):
+            oy = oy_lo + i
+            y0, y1, ly = _bilinear_source(oy, scale_h, H)
+            wy = tl.where(y0 == y, 1.0 - ly, 0.0) + tl.where(y1 == y, ly, 0.0)
+            wy = tl.where(oy < h, wy, 0.0)
+            wgt = wy * wx  # (WIN_W,)
+            rows = (oy * w + ox).to(tl.int64) * sgn
+            m = (wgt != 0.0)[:, None] & cm[None, :]
+            v = tl.load(g_b + rows[:, None] + c.to(tl.int64)[None, :] * sgc, mask=m, other=0.0)
+            acc += tl.sum(v.to(tl.float32) * wgt[:, None], axis=0)
+        tl.store(dx_row + c, acc.to(dx_ptr.dtype.element_ty), mask=cm)
+
+
+def _window(scale: float) -> int:
+    """Output indices that can reach one input index: sy spans [i - 1, i + 1), 2 / scale
+    outputs, plus the margin of the window's start (rounded down, minus 1) and the clamp."""
+    return triton.next_power_of_2(math.ceil(2.0 / scale) + 3)
+
+
+def pool_backward(grad: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]):
+    """(B, H W, C): the bilinear resize's adjoint applied to ``grad`` (B, h w, C)."""
+    B, _, C = grad.shape
+    (H, W), (h, w) = grid, size
+    dx = torch.empty((B, H * W, C), dtype=grad.dtype, device=grad.device)
+    if B * H * W == 0 or C == 0:
+        return dx
+    scale_h, scale_w = float(H) / h, float(W) / w
+    with device_guard(grad):
+        _pool_bwd_kernel[(B * H * W,)](
+            grad, dx, H, W, h, w, C, scale_h, scale_w, *grad.stride(),
+            WIN_H=_window(scale_h), WIN_W=_window(scale_w),
+        )  # fmt: skip
+    return dx

@@ -207,8 +207,7 @@ class _:
 def _(grad, grid, size, mode):
     if mode == AVG2X2:
         return kernels.gather_rows(grad, _avg_backward_index(grid, size, grad.device), 0.25)
-    # the bilinear adjoint: ATen's upsample_bilinear2d_backward (no Triton kernel)
-    return reference.pool_backward(grad, grid, size, mode)
+    return kernels.pool_backward(grad, tuple(grid), tuple(size))
 
 
 @pool_backward.impl("torch")
