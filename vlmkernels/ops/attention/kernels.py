@@ -46,8 +46,8 @@ _C = triton.Config
 _INTERP = _C({"BM": 16, "BN": 16}, num_warps=1)
 _FWD_CONFIGS = autotune_configs(
     [
-        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=2),
         _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=3),
+        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=2),
         _C({"BM": 128, "BN": 64}, num_warps=8, num_stages=3),
         _C({"BM": 64, "BN": 128}, num_warps=4, num_stages=2),
         _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=3),
@@ -65,8 +65,8 @@ _FWD32_CONFIGS = autotune_configs(
 )
 _BWD_CONFIGS = autotune_configs(
     [
-        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=1),
         _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=1),
         _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
         _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
         _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=1),
@@ -150,6 +150,17 @@ def _block_span(lo, hi, row_ok, lk, BN: tl.constexpr):
 
 
 @triton.jit
+def _dim_mask(d, D, EVEN_D: tl.constexpr):
+    """Lanes of the head dim inside D: a constant True when D == BLOCK_D, which keeps
+    loads vectorised (16-bit tiles are then loaded asynchronously, pipelined)."""
+    if EVEN_D:
+        ok = tl.full(d.shape, 1, tl.int1)
+    else:
+        ok = d < D
+    return ok
+
+
+@triton.jit
 def _load_tile(ptr, rows, row_ok, d, d_ok, srow, sd, DOT_FP32: tl.constexpr):
     """A (rows, BLOCK_D) tile, zero outside; fp32 when DOT_FP32."""
     x = tl.load(ptr + rows[:, None] * srow + d[None, :] * sd,
@@ -177,7 +188,7 @@ def _fwd(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -194,7 +205,7 @@ def _fwd(
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < lq
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = _dim_mask(d, D, EVEN_D)
     q_base = _at(q_ptr, b, h, q0, sqb, sqh, sqm)
     k_base = _at(k_ptr, b, h, k0, skb, skh, skn)
     v_base = _at(v_ptr, b, h, k0, svb, svh, svn)
@@ -247,7 +258,7 @@ def _attn_combine(
     ws_ptr, wl_ptr, o_ptr, lse_ptr, cu_q_ptr, max_lq, H, D, n_splits,
     swb, swh, swm, swd, sws, swlb, swlh, swlm, swls,
     sob, soh, som, sod, slb, slh, slm,
-    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr,
 ):
     """Merges the split partials of :func:`_attn_fwd`: out, lse of one query block."""
     pid_m = tl.program_id(0)
@@ -260,7 +271,7 @@ def _attn_combine(
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < lq
     d = tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (d < D)[None, :]
+    mask = row_ok[:, None] & _dim_mask(d, D, EVEN_D)[None, :]
     w_base = _at(ws_ptr, b, h, q0, swb, swh, swm)
     wl_base = _at(wl_ptr, b, h, q0, swlb, swlh, swlm)
     m = tl.full((BM,), float("-inf"), tl.float32)
@@ -289,6 +300,26 @@ def _attn_combine(
 
 
 @triton.jit
+def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
+             sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
+             keep_ptr, keep_base, qk_scale, dk, dv, KEEP: tl.constexpr,
+             DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dK, dV of one key block updated with one query block."""
+    q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
+    do = _load_tile(do_base, rows, row_ok, d, d_ok, sdom, sdod, DOT_FP32)
+    lse = tl.load(l_base + rows * slm, mask=row_ok, other=0.0)
+    delta = tl.load(dl_base + rows * sdm, mask=row_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+    p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_kv(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
@@ -297,7 +328,8 @@ def _bwd_kv(
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, skeep, srow,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """dK, dV of one key block, over the query blocks that see it."""
@@ -311,7 +343,7 @@ def _bwd_kv(
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < lk
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = _dim_mask(d, D, EVEN_D)
     bb = tl.cast(b, tl.int64)
     hh = tl.cast(h, tl.int64)
     qq = tl.cast(q0, tl.int64)
@@ -335,19 +367,18 @@ def _bwd_kv(
         rows = m0 + tl.arange(0, BM)
         row_ok = rows < lq
         lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
-        first, last = _block_span(lo, hi, row_ok, lk, BN)
-        if (first <= pid_n) & (pid_n < last):
-            q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
-            do = _load_tile(do_base, rows, row_ok, d, d_ok, sdom, sdod, DOT_FP32)
-            lse = tl.load(l_base + rows * slm, mask=row_ok, other=0.0)
-            delta = tl.load(dl_base + rows * sdm, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-            ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
-            p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+        if RANGES:  # arbitrary ranges: visit only the query blocks that see this key block
+            first, last = _block_span(lo, hi, row_ok, lk, BN)
+            if (first <= pid_n) & (pid_n < last):
+                dk, dv = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
+                                  sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
+                                  keep_ptr, keep_base, qk_scale, dk, dv, KEEP, DOT_FP32,
+                                  INPUT_PRECISION)
+        else:  # every block from m_first on sees it (no branch: the loads are pipelined)
+            dk, dv = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
+                              sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
+                              keep_ptr, keep_base, qk_scale, dk, dv, KEEP, DOT_FP32,
+                              INPUT_PRECISION)
     dk = dk * sm_scale
     mask = col_ok[:, None] & d_ok[None, :]
     dk_base = dk_ptr + bb * sdkb + hh * sdkh + kk * sdkn
@@ -367,7 +398,8 @@ def _bwd_q(
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
     sdqb, sdqh, sdqm, sdqd, skeep, srow,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """dQ of one query block, over the key blocks it sees."""
@@ -381,7 +413,7 @@ def _bwd_q(
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < lq
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = _dim_mask(d, D, EVEN_D)
     bb = tl.cast(b, tl.int64)
     hh = tl.cast(h, tl.int64)
     qq = tl.cast(q0, tl.int64)
@@ -423,7 +455,7 @@ def _bwd_q(
 def _attn_key_mass(
     q_ptr, k_ptr, lse_ptr, mass_ptr, max_lq, max_lk, H, D, sm_scale, row_first, row_last,
     weight, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm, smb, smh,
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -438,7 +470,7 @@ def _attn_key_mass(
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < lk
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = _dim_mask(d, D, EVEN_D)
     bb = tl.cast(b, tl.int64)
     hh = tl.cast(h, tl.int64)
     k = _load_tile(k_ptr + bb * skb + hh * skh, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)

@@ -81,7 +81,9 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     splits = num_splits or choose_splits(b * h, max_lq, max_lk, q.device)
     splits = max(1, min(int(splits), MAX_SPLITS))
     dummy = _dummy(q)
-    options = dict(_options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d))
+    options = dict(
+        _options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d), EVEN_D=block_d(d) == d
+    )
     if splits > 1:
         # partials: (splits, B, H, Lq, D) dense or (splits, T, H, D) packed, fp32
         ws_shape = (splits, *q.shape)
@@ -112,7 +114,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
                 ws, wl, out, lse, cu_q if varlen else dummy, max_lq, h, d, splits,
                 *_strides(ws[0], varlen), ws.stride(0), *_lse_strides(wl[0], varlen),
                 wl.stride(0), *_strides(out, varlen), *_lse_strides(lse, varlen),
-                VARLEN=varlen, BLOCK_D=block_d(d),
+                VARLEN=varlen, BLOCK_D=block_d(d), EVEN_D=block_d(d) == d,
             )  # fmt: skip
     return out, lse
 
@@ -126,7 +128,9 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
     if b * h == 0 or max_lq == 0 or max_lk == 0:  # nothing attends: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     dummy = _dummy(q)
-    options = dict(_options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d))
+    options = dict(
+        _options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d), EVEN_D=block_d(d) == d
+    )
     common = (max_lq, max_lk, h, d, float(scale), *_strides(q, varlen), *_strides(k, varlen),
               *_strides(v, varlen), *_strides(do, varlen), *_lse_strides(lse, varlen),
               *_lse_strides(delta, varlen))  # fmt: skip
@@ -160,7 +164,7 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight):
         _attn_key_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b * h)](
             q, k, lse, mass, lq, lk, h, d, float(scale), int(row_first), int(row_last),
             float(weight), *q.stride(), *k.stride(), *lse.stride(), mass.stride(0),
-            mass.stride(1), CAUSAL=bool(causal), BLOCK_D=block_d(d), DOT_FP32=dot_fp32,
-            INPUT_PRECISION=precision,
+            mass.stride(1), CAUSAL=bool(causal), BLOCK_D=block_d(d), EVEN_D=block_d(d) == d,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
     return mass
