@@ -246,6 +246,15 @@ def test_tome_zero_metric_rows(device, backend):
     check_tome(x, metric, 7, None, False, torch.float32, grads=False)
 
 
+def test_tome_second_derivative_raises(device):
+    """The merge's backward has no derivative of its own: create_graph use raises."""
+    x, metric, _ = tome_inputs(1, 10, 6, 8, torch.float32, device)
+    out, _, _ = T.tome_merge(x, metric, 3)
+    (dx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivatives are not implemented"):
+        (dx.square().sum() + x.sum()).backward()
+
+
 def test_tome_metric_gets_no_gradient(device):
     x, metric, _ = tome_inputs(1, 10, 6, 8, torch.float32, device)
     metric.requires_grad_()
@@ -390,9 +399,18 @@ def test_opcheck(device, backend):
     size = torch.rand(2, 9, 1, device=device, requires_grad=True)
     torch.library.opcheck(ops.tokens_tome_merge, (x, size, source, members, offsets))
     torch.library.opcheck(ops.tokens_tome_merge, (x, None, source, members, offsets))
+    out, out_size = ops.tokens_tome_merge(x, size, source, members, offsets)
+    grads = (torch.randn_like(out), torch.randn_like(out_size))
+    for sizes, size_grad in ((size.detach(), True), (None, False)):
+        torch.library.opcheck(
+            ops.tokens_tome_unmerge,
+            (*grads, x.detach(), sizes, out.detach(), out_size.detach(), source, size_grad),
+        )
     g = torch.randn(2, 24, 5, device=device, requires_grad=True)
     for mode, size in ((T.AVG2X2, [2, 3]), (T.BILINEAR, [3, 2])):
         torch.library.opcheck(ops.tokens_pool, (g, [4, 6], size, mode))
+        gy = torch.randn(2, size[0] * size[1], 5, device=device, requires_grad=True)
+        torch.library.opcheck(ops.tokens_pool_backward, (gy, [4, 6], size, mode))
 
 
 def test_torch_compile_fullgraph(device):

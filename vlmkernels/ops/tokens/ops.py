@@ -165,6 +165,21 @@ def _(grad, grad_size, x, size, out, out_size, source, size_grad):
     return x.new_empty(x.shape), ds
 
 
+@tome_unmerge.autograd
+class _:
+    """Second derivatives of the merge are not implemented: backpropagating through its
+    backward (``create_graph=True``) raises instead of dropping those terms."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "tome_merge: second derivatives are not implemented (vlmkernels::"
+            "tokens_tome_unmerge, the merge's backward, has no derivative)"
+        )
+
+
 # ------------------------------------------------------------------------------------ pool
 
 
