@@ -85,6 +85,31 @@ def test_select_ties_and_keep_all(device, backend):
     assert T.select_tokens(x, ints, 3)[1].tolist() == [[1, 2, 4]] * 2
 
 
+def test_select_nan_scores_rank_first(device, backend):
+    nan = float("nan")
+    scores = torch.tensor([[0.1, nan, 3.0, nan, 1.0]], device=device)
+    assert T.select_tokens(torch.randn(1, 5, 2, device=device), scores, 3)[1].tolist() == [
+        [1, 2, 3]
+    ]
+
+
+def test_empty_batch(device, backend):
+    for n, grid in ((10, (2, 5)), (16, (4, 4))):
+        x = torch.randn(0, n, 4, device=device, requires_grad=True)
+        outs = (
+            T.select_tokens(x, torch.randn(0, n, device=device), 3)[0],
+            T.tome_merge(x, torch.randn(0, n, 4, device=device), 3)[0],
+            T.pool_tokens(x, grid, "bilinear"),
+        )
+        assert [tuple(o.shape) for o in outs] == [
+            (0, 3, 4),
+            (0, n - 3, 4),
+            (0, 3 if n == 10 else 4, 4),
+        ]
+        sum(o.sum() for o in outs).backward()
+        assert x.grad.shape == x.shape
+
+
 def test_select_bad_input(device):
     x = torch.randn(2, 5, 3, device=device)
     s = torch.randn(2, 5, device=device)
@@ -191,6 +216,26 @@ def test_tome_sizes_class_token_strided(class_token, device, backend):
     metric = torch.randn(B, N, 48, device=device)[..., ::2]
     size = torch.randint(1, 5, (B, N, 1), device=device).float().requires_grad_()
     check_tome(x, metric, 5, size, class_token, torch.float32)
+
+
+def test_tome_size_dtype_differs(device, backend):
+    """fp32 sizes with bf16 tokens: sizes keep their dtype, both get gradients."""
+    x = torch.randn(2, 15, 8, device=device).bfloat16().requires_grad_()
+    metric = torch.randn(2, 15, 8, device=device)
+    size = torch.randint(1, 4, (2, 15, 1), device=device).float().requires_grad_()
+    out, sizes, _ = T.tome_merge(x, metric, 5, size=size)
+    assert out.dtype == torch.bfloat16 and sizes.dtype == torch.float32
+    x64 = x.detach().cpu().double().requires_grad_()
+    s64 = size.detach().cpu().double().requires_grad_()
+    ref_out, ref_sizes, _ = ref_tome(x64, metric.cpu(), 5, s64)
+    close(out, ref_out, torch.bfloat16, "merged")
+    close(sizes, ref_sizes, torch.float32, "sizes")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref_out.backward(g.cpu().double())
+    assert size.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    close(size.grad, s64.grad, torch.bfloat16, "dsize")
+    close(x.grad, x64.grad, torch.bfloat16, "dx")
 
 
 def test_tome_float64(device):

@@ -173,6 +173,8 @@ def tome_match(metric: torch.Tensor, class_token: bool) -> tuple[torch.Tensor, t
     NA, NB = (N + 1) // 2, N // 2
     best = torch.empty((B, NA), dtype=torch.float32, device=metric.device)
     arg = torch.empty((B, NA), dtype=torch.int64, device=metric.device)
+    if B * NA == 0:
+        return best, arg
     upcast, precision = dot_precision(metric.dtype)
     grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]), B)  # noqa: E731
     with device_guard(metric):

@@ -97,7 +97,7 @@ def pool(x: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
         y = F.avg_pool2d(g, 2)
     else:
         y = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)
-    return y.permute(0, 2, 3, 1).reshape(B, -1, C).to(x.dtype).contiguous()
+    return y.permute(0, 2, 3, 1).reshape(B, y.shape[2] * y.shape[3], C).to(x.dtype).contiguous()
 
 
 def pool_backward(grad: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
@@ -110,4 +110,5 @@ def pool_backward(grad: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
         dx = torch.ops.aten.upsample_bilinear2d_backward(
             g, list(size), [B, C, grid[0], grid[1]], False, None, None
         )
-    return dx.permute(0, 2, 3, 1).reshape(B, -1, C).to(grad.dtype).contiguous()
+    n = grid[0] * grid[1]
+    return dx.permute(0, 2, 3, 1).reshape(B, n, C).to(grad.dtype).contiguous()
