@@ -1,0 +1,159 @@
+"""The attention family's table of the transformers integration: IDEFICS's gated
+cross-attention layer (``IdeficsGatedCrossAttentionLayer``, anywhere in a module tree) runs
+its cross-attention on the attention family's kernels.
+
+Part ``gated_cross_attention`` (a keyword of :func:`vlmkernels.patch`): every
+``IdeficsGatedCrossAttentionLayer`` gets an instance ``forward`` computing what
+transformers' does (RMSNorm, the q / k / v projections of ``cross_attn`` with its optional
+q / k RMSNorms, attention, ``o_proj``, the zeroed rows of ``cross_attention_gate``, the tanh
+gates ``alpha_cross_attn`` / ``alpha_dense`` (float or vector), the MLP and the hidden
+dropouts) with the same parameters, so outputs and gradients match. The attention is the
+family's core: the image attention mask (IDEFICS's additive (B, 1, T, N) mask, 0 where a
+text token may attend an image token) becomes one key range [lo, hi) per token, so each
+query block visits only the image tokens its tokens see (no dense mask in the kernel).
+
+Refused at call time, with an error naming the reason: a mask whose allowed image tokens
+are not one interval per text token (never the case for IDEFICS's image-by-image masks),
+attention dropout > 0 in training mode (the kernel has no dropout), a cache. Tokens that
+see no image token get 0 from the kernel, where transformers averages every image token
+uniformly (its mask adds finfo.min to every score); ``cross_attention_gate`` zeroes those
+rows in both, so the layer's outputs agree whenever the gate marks them, as IDEFICS's
+model does. The mask check reads the mask once per call (a device synchronisation).
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+
+import torch
+from torch.nn import functional as F
+
+from ...ops.attention import cross_attention
+from ...ops.attention.ops import attention_core
+from ..patching import Architecture, Patcher, SetMethod, UnsupportedLayoutError, register
+
+__all__ = ["ARCHITECTURES", "PATCHER", "REPLACEMENTS", "TESTED_VERSIONS", "mask_ranges"]
+
+TESTED_VERSIONS = ("5.24.0",)
+
+ARCHITECTURES = (
+    Architecture(
+        key="idefics",
+        module="transformers.models.idefics.modeling_idefics",
+        classes={"gated_cross_attention": "IdeficsGatedCrossAttentionLayer"},
+        roots={
+            "IdeficsForVisionText2Text": ("gated_cross_attention",),
+            "IdeficsModel": ("gated_cross_attention",),
+            "IdeficsGatedCrossAttentionLayer": ("gated_cross_attention",),
+        },
+        anywhere=True,
+    ),
+)
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "head_dim", "scaling",
+              "qk_layer_norms", "dropout")  # fmt: skip
+_LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "cross_attn",
+          "act_cross_attn", "act_dense", "alpha_cross_attn", "alpha_dense")  # fmt: skip
+
+
+def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
+    """(lo, hi): int32 (B, T) key ranges of an IDEFICS image attention mask ((B or 1, 1,
+    T, N) additive, 0 = allowed, or bool, True = allowed); rows allowing nothing get
+    lo = hi = 0. Raises ValueError when a row's allowed keys are not one interval."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tokens, keys):
+        raise ValueError(f"vlmkernels (IDEFICS cross-attention): image_attention_mask must be "
+                         f"(B, 1, {tokens}, {keys}), got {tuple(mask.shape)}")  # fmt: skip
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    allowed = allowed.expand(batch, tokens, keys)
+    count = allowed.sum(-1, dtype=torch.int32)
+    lo = torch.where(count > 0, allowed.to(torch.int8).argmax(-1).to(torch.int32), 0)
+    hi = lo + count
+    j = torch.arange(keys, device=mask.device)
+    if not torch.equal(allowed, (j >= lo[..., None]) & (j < hi[..., None])):
+        raise ValueError("vlmkernels (IDEFICS cross-attention): image_attention_mask allows "
+                         "image tokens that are not one interval per text token")  # fmt: skip
+    return lo.contiguous(), hi.contiguous()
+
+
+def _check_layer(layer) -> None:
+    missing = [n for n in _LAYER if not hasattr(layer, n)]
+    missing += [f"cross_attn.{n}" for n in _ATTENTION if not hasattr(layer.cross_attn, n)]
+    if missing:
+        raise UnsupportedLayoutError(f"{type(layer).__qualname__} has no {', '.join(missing)}")
+    if not isinstance(layer.config, numbers.Real):  # the layer keeps its dropout there
+        what = type(layer.config).__name__
+        raise UnsupportedLayoutError(
+            f"{type(layer).__qualname__}.config is not the hidden dropout probability: {what}"
+        )
+
+
+def _gated_forward(layer, arch: Architecture):
+    """The instance ``forward`` of one ``IdeficsGatedCrossAttentionLayer``."""
+    _check_layer(layer)
+
+    # fmt: off
+    def forward(self, hidden_states, attention_mask=None, image_hidden_states=None,
+                image_attention_mask=None, cross_attention_gate=None, cache=None, **kwargs):
+        # fmt: on
+        cache = kwargs.pop("past_key_values", cache)
+        if image_hidden_states is None:
+            raise ValueError("`image_hidden_states` is required for Idefics cross attention")
+        if cross_attention_gate is None:
+            raise ValueError("`cross_attention_gate` is required for Idefics cross attention")
+        if cache is not None:
+            raise NotImplementedError("Past key value states are not implemented for Idefics "
+                                      "cross attention module.")  # fmt: skip
+        a = self.cross_attn
+        if self.training and a.dropout > 0:
+            raise RuntimeError(
+                f"vlmkernels (IDEFICS cross-attention): attention dropout {a.dropout} in "
+                "training mode is not supported by the kernel; call model.eval(), set the "
+                "dropout to 0 or undo the patch"
+            )
+        residual = hidden_states
+        x = self.input_layernorm(hidden_states)
+        b, t, _ = x.shape
+        n = image_hidden_states.shape[1]
+        h, d = a.num_heads, a.head_dim
+        q = a.q_proj(x).view(b, t, h, d).transpose(1, 2)
+        k = a.k_proj(image_hidden_states).view(b, n, h, d).transpose(1, 2)
+        v = a.v_proj(image_hidden_states).view(b, n, h, d).transpose(1, 2)
+        if a.qk_layer_norms:
+            q, k = a.q_layer_norm(q), a.k_layer_norm(k)
+        if image_attention_mask is None:
+            out = cross_attention(q, k, v, scale=a.scaling)
+        else:
+            lo, hi = mask_ranges(image_attention_mask, b, t, n)
+            out = attention_core(q, k, v, None, None, t, n, None, lo, hi, False,
+                                 float(a.scaling), 0)[0]  # fmt: skip
+        out = a.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+        out = F.dropout(out, p=self.config, training=self.training)
+        out = out.masked_fill((cross_attention_gate == 0)[:, :, None], 0.0)
+        hidden_states = residual + self.act_cross_attn(self.alpha_cross_attn) * out
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.config, training=self.training)
+        return residual + self.act_dense(self.alpha_dense) * hidden_states
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    forward.__doc__ = "vlmkernels' IdeficsGatedCrossAttentionLayer.forward (segment attention)."
+    return forward
+
+
+def _check_class(cls, arch: Architecture) -> str:
+    names = list(inspect.signature(cls.forward).parameters)
+    expected = ["self", "hidden_states", "attention_mask", "image_hidden_states",
+                "image_attention_mask", "cross_attention_gate"]  # fmt: skip
+    if names[: len(expected)] != expected:
+        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                     f"{expected} first")  # fmt: skip
+    return "ok"
+
+
+REPLACEMENTS = (
+    SetMethod("gated_cross_attention", "gated_cross_attention", "forward", _gated_forward,
+              _check_class),
+)  # fmt: skip
+
+PATCHER = register(Patcher("transformers", TESTED_VERSIONS, ARCHITECTURES, REPLACEMENTS))
