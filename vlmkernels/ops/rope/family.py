@@ -108,7 +108,7 @@ _UNIT = ("sqd", "skd", "sqod", "skod", "std")
 _ALIGNED = ("D", "sqb", "sqs", "sqh", "skb", "sks", "skh", "sqob", "sqos", "sqoh", "skob",
             "skos", "skoh", "stb", "sts")  # fmt: skip
 _QK = dict(q_ptr="*{elem}", k_ptr="*{elem}", qo_ptr="*{elem}", ko_ptr="*{elem}")
-_COMMON = dict(BACKWARD=False, COPY_PASS=False, BLOCK_HALF=64, BLOCK_PASS=64)
+_COMMON = dict(BACKWARD=False, COPY_PASS=False, half=64, BLOCK_HALF=64, BLOCK_PASS=64)
 
 
 def compile_cases() -> list[CompileCase]:
@@ -131,6 +131,13 @@ def compile_cases() -> list[CompileCase]:
         case("rope_vision", dict(cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr=unused,
                                  freq_ptr=unused),
              dict(_COMMON, SOURCE=TABLE, MODE=PLAIN, SEC_T=0, SEC_H=0, SEC_W=0)),
+    ] + [
+        # the vision towers' head dims 80 (Qwen2/2.5-VL) and 72 (Qwen3-VL): rotary half 40
+        # and 36, in a 64-lane block
+        case(f"rope_vision{2 * half}", dict(cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr=unused,
+                                            freq_ptr=unused),
+             dict(_COMMON, SOURCE=TABLE, MODE=PLAIN, SEC_T=0, SEC_H=0, SEC_W=0, half=half))
+        for half in (40, 36)
     ]  # fmt: skip
 
 

@@ -48,7 +48,7 @@ def _lane_axis(j, MODE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr,
 # fmt: off
 @triton.jit
 def _rotate_heads(
-    x_ptr, o_ptr, b, s, n_heads, half, D,
+    x_ptr, o_ptr, b, s, n_heads, half: tl.constexpr, D,
     sxb, sxs, sxh, sxd, sob, sos, soh, sod,
     c1, c2, s1, s2, j, lane_mask,
     BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr,
@@ -86,7 +86,7 @@ def _rotate_heads(
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, freq_ptr,
-    S, HQ, HK, half, D, scaling,
+    S, HQ, HK, half: tl.constexpr, D, scaling,
     sqb, sqs, sqh, sqd, skb, sks, skh, skd,
     sqob, sqos, sqoh, sqod, skob, skos, skoh, skod,
     sta, stb, sts, std, spa, spb, sps,
