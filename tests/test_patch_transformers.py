@@ -571,10 +571,12 @@ def test_support_report_on_the_installed_transformers():
     """Every architecture patches on the installed (tested) transformers; the report is what
     ``vlmkernels info`` prints."""
     report = vt.support()
-    assert set(report) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
-    for arch, parts in report.items():
-        assert parts.keys() == {"rope", "vision", "positions", "rope_index"}, arch
-        assert all(v.startswith("ok") for v in parts.values()), (arch, parts)
+    rotary = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+    assert rotary <= set(report), report
+    for arch in rotary:
+        assert report[arch].keys() >= {"rope", "vision", "positions", "rope_index"}, arch
+    for arch, parts in report.items():  # the other families' tables too
+        assert parts and all(v.startswith("ok") for v in parts.values()), (arch, parts)
 
 
 def test_foreign_instance_forward_raises(qwen2):
