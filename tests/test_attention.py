@@ -417,3 +417,36 @@ def test_lse_gradient_matches_float64_autograd(device):
 
 def test_math_of_the_module_docstring():
     assert "lse_i" in A.__doc__ and math.isclose(launchers.block_d(24), 32)
+
+
+def test_split_k_packed(device):
+    """The split-K forward on packed segments (empty, length-1 and long key segments)."""
+    lens_q, lens_k = [3, 0, 9], [40, 6, 1]
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()],  # noqa: E731
+                                   dtype=torch.int32, device=device)  # fmt: skip
+    q = rand(sum(lens_q), 2, 16, device=device)
+    k, v = (rand(sum(lens_k), 2, 16, device=device) for _ in "kv")
+    args = (cu(lens_q), cu(lens_k), 9, 40, None, None, None, False, 0.3)
+    with use_backend("triton"):
+        split, split_lse = ops.attention_core(q, k, v, *args, 3)
+        one, one_lse = ops.attention_core(q, k, v, *args, 1)
+    with use_backend("torch"):
+        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0)
+    assert rel(split, ref) < 1e-5 and rel(one, ref) < 1e-5
+    assert rel_lse(split_lse, ref_lse) < 1e-5 and rel_lse(one_lse, ref_lse) < 1e-5
+
+
+def test_tuning_workload_runs(device):
+    """The family's tuning workload on tiny specs (forward, backward, key mass; media)."""
+    from vlmkernels.ops.attention import family
+
+    names = [k.name for k in family.FAMILY.kernels]
+    for spec in ({"batch": 1, "heads": 2, "head_dim": 16, "lq": 8, "lk": 20, "dtype": "fp32"},
+                 {"batch": 1, "heads": 1, "head_dim": 16, "lq": 12, "lk": 8, "dtype": "fp32",
+                  "media": 4}):  # fmt: skip
+        family.tune_workload(spec, device, names)
+    q, k, v, args = family.tune_inputs({"batch": 2, "heads": 1, "head_dim": 16, "lq": 12,
+                                        "lk": 8, "dtype": "fp32", "media": 4}, device)  # fmt: skip
+    assert (
+        args["lo"].tolist()[0] == [0] * 6 + [4] * 6 and args["hi"].tolist()[0] == [4] * 6 + [8] * 6
+    )

@@ -85,7 +85,8 @@ def compile_cases() -> list[CompileCase]:
     forward (plain, causal with key padding, media ranges, split-K), packed forward, both
     backward kernels (plain, causal, media); the split-K combine and the key mass."""
     unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm")
-    aligned = _ROW + ("sob", "soh", "som", "sdob", "sdoh", "sdom")
+    aligned = _ROW + ("sob", "soh", "som", "sos", "sdob", "sdoh", "sdom", "sdkb", "sdkh", "sdkn",
+                      "sdvb", "sdvh", "sdvn", "sdqb", "sdqh", "sdqm")  # fmt: skip
     scalars = {"sm_scale": "fp32"}
     flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False)
 

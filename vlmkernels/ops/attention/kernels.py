@@ -244,10 +244,13 @@ def _fwd(
         bad = lo > hi
         out = tl.where(bad[:, None], float("nan"), out)
         lse = tl.where(bad, float("nan"), lse)
-    o_base = _at(o_ptr, b, h, q0, sob, soh, som) + tl.cast(split, tl.int64) * sos
+    o_base = _at(o_ptr, b, h, q0, sob, soh, som)
+    l_base = _at(lse_ptr, b, h, q0, slb, slh, slm)
+    if SPLIT:
+        o_base += tl.cast(split, tl.int64) * sos
+        l_base += tl.cast(split, tl.int64) * sls
     tl.store(o_base + rows[:, None] * som + d[None, :] * sod, out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    l_base = _at(lse_ptr, b, h, q0, slb, slh, slm) + tl.cast(split, tl.int64) * sls
     tl.store(l_base + rows * slm, lse, mask=row_ok)
 
 
