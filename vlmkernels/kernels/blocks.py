@@ -19,6 +19,7 @@ import triton.language as tl
 from ..core.runtime import INTERPRETED
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
 TILE_ROWS_MAX = 256  # the largest BM or BN of any config using logits_tile
 

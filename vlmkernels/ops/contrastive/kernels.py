@@ -19,6 +19,7 @@ import triton.language as tl
 from ...core.runtime import INTERPRETED, autotune_configs
 from ...core.tuning import tuned
 from ...kernels.blocks import (
+    LN2,
     LOG2E,
     NEG_INF,
     block_range,
@@ -30,9 +31,11 @@ from ...kernels.blocks import (
     softplus_sigmoid,
 )
 
+# Every config fits sm_90's 227 KB of shared memory per block for fp32 inputs too (the
+# largest, 64 x 128 x 64 with 4 stages, takes 208 KB); 128 x 128 x 64 with 4 stages took
+# 256 KB for fp32 and was removed.
 _GPU_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
     triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
@@ -57,6 +60,36 @@ def _hard_mask(rows, cols, rid, cid, valid, offset, IDS: tl.constexpr):
     else:
         hard = (rows[:, None] + offset == cols[None, :]) & valid
     return hard
+
+
+@triton.jit
+def _col_hard_weight(col_coef_ptr, coef_stride_c, cols, col_mask, COLS: tl.constexpr):
+    """The columns' positive-pair weights h' (coef[2]), 0 without the column direction."""
+    if COLS:
+        h_c = tl.load(col_coef_ptr + 2 * coef_stride_c + cols, mask=col_mask, other=0.0)
+    else:
+        h_c = col_mask.to(tl.float32) * 0.0
+    return h_c
+
+
+@triton.jit
+def _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS: tl.constexpr,
+               SMOOTH: tl.constexpr, TEACHER: tl.constexpr):  # fmt: skip
+    """The column coefficients of a tile (see ``_clip_grad_kernel``): the exponent shift
+    b log2(e) - c_j log2(e), the weight v_j, the smoothing weight e'_j, the teacher weight
+    a'_j and the teacher shift -ct_j log2(e); zeros for what the variant does not use."""
+    zero = col_mask.to(tl.float32) * 0.0
+    col_shift, w_c, e_c, a_c, t_shift_c = zero, zero, zero, zero, zero
+    if COLS:
+        col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=0.0) * LOG2E
+        w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
+        if SMOOTH:
+            e_c = tl.load(col_coef_ptr + 3 * coef_stride_c + cols, mask=col_mask, other=0.0)
+        if TEACHER:
+            a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + cols, mask=col_mask, other=0.0)
+            t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + cols, mask=col_mask, other=0.0)
+            t_shift_c = -t_lse_c * LOG2E
+    return col_shift, w_c, e_c, a_c, t_shift_c
 
 
 # fmt: off
@@ -115,7 +148,7 @@ def _clip_stats_kernel(
         rows = i * BM + tl.arange(0, BM)
         row_mask = rows < M
         keep_r = row_mask.to(tl.float32)
-        row_offset = bias * LOG2E + pad(row_mask)
+        row_offset = bias * LOG2E + tl.where(row_mask, 0.0, PAD_LOGIT)
         rid = rows
         if IDS:
             rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
@@ -132,37 +165,44 @@ def _clip_stats_kernel(
             col_mask = cols < N
             keep_c = col_mask.to(tl.float32)
             valid = row_mask[:, None] & col_mask[None, :]
+            # nothing to read back on the group's first row block
+            seen = col_mask & ((cols * 0 + i) > i_lo)
+            if COLS and not (IDS or SMOOTH or TEACHER):
+                # the columns' running statistics, read before the k-loop: their latency
+                # hides under it (with targets, too many registers through the loop)
+                m_col = tl.load(col_max_ptr + cols, mask=seen, other=NEG_INF)
+                l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
             acc = logits_tile(x_ptr, y_ptr, i * BM, j * BN, row_mask, col_mask, D,
                               stride_xn, stride_xd, stride_yn, stride_yd,
                               BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
             # t = S log2(e), -inf on padding rows and columns
-            t = acc * scale2 + row_offset[:, None] + pad(col_mask)[None, :]
-            logits = acc * scale + bias
+            # t = S log2(e), -1e30 on padding: finite, so that t * 0 = 0 in the sums below
+            # (kept in log2 units; one tile fewer in registers than a separate S)
+            col_offset = tl.where(col_mask, 0.0, PAD_LOGIT)
+            t = acc * scale2 + row_offset[:, None] + col_offset[None, :]
             cid = cols
             if IDS:
                 cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
-            # nothing to read back on the group's first row block
-            seen = col_mask & ((cols * 0 + i) > i_lo)
 
             if IDS:
                 hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
-                hard_dot_r += tl.sum(tl.where(hard, logits, 0.0), 1)
+                hard_dot_r += tl.sum(tl.where(hard, t, 0.0), 1)
                 hard_cnt_r += tl.sum(hard.to(tl.float32), 1)
                 if COLS:
                     dot_c = tl.load(col_acc_ptr + cols, mask=seen, other=0.0)
                     cnt_c = tl.load(col_acc_ptr + col_slot + cols, mask=seen, other=0.0)
-                    dot_c += tl.sum(tl.where(hard, logits, 0.0), 0)
+                    dot_c += tl.sum(tl.where(hard, t, 0.0), 0) * LN2
                     cnt_c += tl.sum(hard.to(tl.float32), 0)
                     tl.store(col_acc_ptr + cols, dot_c, mask=col_mask)
                     tl.store(col_acc_ptr + col_slot + cols, cnt_c, mask=col_mask)
             elif diagonal_tile(i * BM + offset, j * BN, BM, BN):
                 hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
-                hard_dot_r += tl.sum(tl.where(hard, logits, 0.0), 1)
+                hard_dot_r += tl.sum(tl.where(hard, t, 0.0), 1)
             if SMOOTH:
-                logit_sum_r += tl.sum(logits * keep_c[None, :], 1)
+                logit_sum_r += tl.sum(t * keep_c[None, :], 1)
                 if COLS:
                     sum_c = tl.load(col_acc_ptr + 2 * col_slot + cols, mask=seen, other=0.0)
-                    sum_c += tl.sum(logits * keep_r[:, None], 0)
+                    sum_c += tl.sum(t * keep_r[:, None], 0) * LN2
                     tl.store(col_acc_ptr + 2 * col_slot + cols, sum_c, mask=col_mask)
             if TEACHER:
                 teacher = logits_tile(xt_ptr, yt_ptr, i * BM, j * BN, row_mask, col_mask, D,
@@ -171,23 +211,24 @@ def _clip_stats_kernel(
                 tt = teacher * tscale2 + pad(row_mask)[:, None] + pad(col_mask)[None, :]
                 if ROWS:
                     p_row = tl.exp2(tt - t_lse_r[:, None])
-                    teacher_dot_r += tl.sum(p_row * logits, 1)
+                    teacher_dot_r += tl.sum(p_row * t, 1)
                 if COLS:
                     t_lse_c = tl.load(t_lse_col_ptr + cols, mask=col_mask, other=0.0) * LOG2E
                     p_col = tl.exp2(tt - t_lse_c[None, :])
                     tdot_c = tl.load(col_acc_ptr + 3 * col_slot + cols, mask=seen, other=0.0)
-                    tdot_c += tl.sum(p_col * logits, 0)
+                    tdot_c += tl.sum(p_col * t, 0) * LN2
                     tl.store(col_acc_ptr + 3 * col_slot + cols, tdot_c, mask=col_mask)
 
             if ROWS:
-                # rows of padding stay at -inf: shift them by 0 instead of -inf (no NaN)
+                # before the first tile the maximum is -inf: shift by 0 there (no NaN)
                 m_new = tl.maximum(m_row, tl.max(t, 1))
                 m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
                 l_row = l_row * tl.exp2(m_row - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), 1)
                 m_row = m_new
             if COLS:
-                m_col = tl.load(col_max_ptr + cols, mask=seen, other=NEG_INF)
-                l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
+                if IDS or SMOOTH or TEACHER:
+                    m_col = tl.load(col_max_ptr + cols, mask=seen, other=NEG_INF)
+                    l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
                 m_col_new = tl.maximum(m_col, tl.max(t, 0))
                 m_use = tl.where(m_col_new == NEG_INF, 0.0, m_col_new)
                 l_col = l_col * tl.exp2(m_col - m_use) + tl.sum(tl.exp2(t - m_use[None, :]), 0)
@@ -198,13 +239,13 @@ def _clip_stats_kernel(
         if ROWS:
             tl.store(row_max_ptr + rows, m_row, mask=row_mask)
             tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
-        tl.store(row_acc_ptr + rows, hard_dot_r, mask=row_mask)
+        tl.store(row_acc_ptr + rows, hard_dot_r * LN2, mask=row_mask)
         if IDS:
             tl.store(row_acc_ptr + row_slot + rows, hard_cnt_r, mask=row_mask)
         if SMOOTH:
-            tl.store(row_acc_ptr + 2 * row_slot + rows, logit_sum_r, mask=row_mask)
+            tl.store(row_acc_ptr + 2 * row_slot + rows, logit_sum_r * LN2, mask=row_mask)
         if TEACHER:
-            tl.store(row_acc_ptr + 3 * row_slot + rows, teacher_dot_r, mask=row_mask)
+            tl.store(row_acc_ptr + 3 * row_slot + rows, teacher_dot_r * LN2, mask=row_mask)
 
 
 _GRAD_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
@@ -276,26 +317,41 @@ def _clip_grad_kernel(
         col_mask = cols < N
         col_pad = pad(col_mask)
         valid = row_mask[:, None] & col_mask[None, :]
+        if not (IDS or SMOOTH or TEACHER):
+            # loaded before the k-loop, their latency hidden under it; with targets there
+            # are too many of them to keep in registers through the loop
+            col_shift, w_c, e_c, a_c, t_shift_c = _col_coefs(
+                col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS, SMOOTH, TEACHER)
+        if TEACHER:
+            # the teacher's logits first: only they are live during the student's k-loop
+            tt = logits_tile(xt_ptr, yt_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
+                             stride_txn, stride_txd, stride_tyn, stride_tyd,
+                             BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION) * tscale2
         acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                           stride_xn, stride_xd, stride_yn, stride_yd,
                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
+        if IDS or SMOOTH or TEACHER:
+            col_shift, w_c, e_c, a_c, t_shift_c = _col_coefs(
+                col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS, SMOOTH, TEACHER)
         a = acc * scale2
         grad = tl.zeros((BM, BN), tl.float32)
+        if TEACHER:
+            if ROWS:
+                grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
+            if COLS:
+                grad -= a_c[None, :] * tl.exp2(tt + t_shift_c[None, :] + row_pad[:, None])
         if ROWS:
             grad += w_r[:, None] * tl.exp2(a + row_shift[:, None] + col_pad[None, :])
         if COLS:
-            col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=0.0) * LOG2E
-            w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
-            h_c = tl.load(col_coef_ptr + 2 * coef_stride_c + cols, mask=col_mask, other=0.0)
             grad += w_c[None, :] * tl.exp2(a + col_shift[None, :] + row_pad[:, None])
-        else:
-            h_c = col_mask.to(tl.float32) * 0.0
         if IDS:
             cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
+            h_c = _col_hard_weight(col_coef_ptr, coef_stride_c, cols, col_mask, COLS)
             hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
             grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
         elif diagonal_tile(row0 + pid_m * BM + offset, j * BN, BM, BN):
             # rows past the chunk are padding here even where they are rows of the matrix
+            h_c = _col_hard_weight(col_coef_ptr, coef_stride_c, cols, col_mask, COLS)
             hard = _hard_mask(rows, cols, rows, cols, valid, offset, IDS)
             grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
         if SMOOTH:
@@ -303,20 +359,7 @@ def _clip_grad_kernel(
             if ROWS:
                 grad -= e_r[:, None] * keep_c[None, :]
             if COLS:
-                e_c = tl.load(col_coef_ptr + 3 * coef_stride_c + cols, mask=col_mask, other=0.0)
                 grad -= e_c[None, :] * keep_r[:, None]
-        if TEACHER:
-            teacher = logits_tile(xt_ptr, yt_ptr, row0 + pid_m * BM, j * BN, row_mask,
-                                  col_mask, D, stride_txn, stride_txd, stride_tyn, stride_tyd,
-                                  BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-            tt = teacher * tscale2
-            if ROWS:
-                grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
-            if COLS:
-                a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + cols, mask=col_mask, other=0.0)
-                t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + cols, mask=col_mask,
-                                  other=0.0)
-                grad -= a_c[None, :] * tl.exp2(tt - t_lse_c[None, :] * LOG2E + row_pad[:, None])
         dscale_acc += tl.sum(grad * a, 1)
         dbias_acc += tl.sum(grad, 1)
         tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)

@@ -38,6 +38,18 @@ def _col_splits(n_rows: int, N: int, device: torch.device) -> int:
     return max(1, min(col_blocks, _cdiv(4 * sm_count(device), row_blocks)))
 
 
+def _stats_grid(m: int, n: int, device: torch.device) -> tuple[int, int]:
+    """(row groups, column splits) of the statistics kernel for an m x n block: about 2
+    programs per SM (at 255 registers a 256-thread program has an SM to itself), each a
+    rectangle of about square shape in tiles, so that its row and column partials
+    ((splits + groups) x (m + n) values in all) stay small. ALBEF's 256 x 65792 block on
+    132 SMs: 1 x 264 programs (it was 2 x 16 under the old 16 x 16 cap)."""
+    row_blocks, col_blocks = _cdiv(m, NOMINAL_BLOCK), _cdiv(n, NOMINAL_BLOCK)
+    target = 2 * sm_count(device)
+    groups = max(1, min(row_blocks, round(math.sqrt(target * row_blocks / col_blocks))))
+    return groups, max(1, min(col_blocks, _cdiv(target, groups)))
+
+
 def _max_programs(n_rows: int, splits: int) -> int:
     return _cdiv(n_rows, MIN_BLOCK) * splits
 
@@ -84,8 +96,7 @@ def block_stats_triton(x, y, scale, bias, targets: Targets, rows=True, cols=True
     x, y = tile_addressable(x), tile_addressable(y)
     m, d = x.shape
     n = y.shape[0]
-    groups = min(16, _cdiv(m, NOMINAL_BLOCK))
-    splits = min(16, _cdiv(n, NOMINAL_BLOCK))
+    groups, splits = _stats_grid(m, n, x.device)
     slots = _acc_slots(targets)
     f32 = dict(dtype=torch.float32, device=x.device)
     # every (split, row) of the row partials is written by one program: no initial values
