@@ -450,3 +450,30 @@ def test_tuning_workload_runs(device):
     assert (
         args["lo"].tolist()[0] == [0] * 6 + [4] * 6 and args["hi"].tolist()[0] == [4] * 6 + [8] * 6
     )
+
+
+def test_torch_compile_packed(device):
+    """Packed segments under torch.compile(fullgraph=True): max_seqlen given (the offsets
+    cannot be read while tracing)."""
+    cq = torch.tensor([0, 3, 3, 8], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 5, 6, 6], dtype=torch.int32, device=device)
+    q = leaf(rand(8, 2, 16, device=device))
+    k, v = (leaf(rand(6, 2, 16, device=device)) for _ in "kv")
+
+    def f(q, k, v):
+        out = A.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=5,
+                                max_seqlen_k=5)  # fmt: skip
+        return out.square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    ls = [leaf(t) for t in (q, k, v)]
+    got, want = compiled(*ls), f(q, k, v)
+    got.backward()
+    want.backward()
+    assert rel(got, want) < 1e-6
+    for a, b in zip(ls, (q, k, v), strict=True):
+        assert rel(a.grad, b.grad) < 1e-6
+    # dynamo reports the ValueError raised while tracing as its own exception type
+    with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
+        torch.compile(lambda q: A.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck),
+                      backend="aot_eager", fullgraph=True)(q.detach())  # fmt: skip

@@ -1,0 +1,77 @@
+"""The attention kernels at model sizes on a CUDA GPU (skipped without one).
+
+Reference: the PyTorch path of vlmkernels in float64 on the same GPU (itself checked against
+dense-mask float64 formulas in test_attention.py). Tolerances (max abs error / max |ref|):
+bf16 2e-2, fp16 5e-3, fp32 1e-5 (3xTF32 dots: plain TF32 would be ~1e-3 and fail).
+"""
+
+import pytest
+import torch
+
+import vlmkernels  # noqa: F401
+from vlmkernels.core.backend import use_backend
+from vlmkernels.ops import attention as A
+from vlmkernels.ops.attention import launchers, ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def reference(fn, *args, **kwargs):
+    with use_backend("torch"):
+        cast = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args]  # fmt: skip
+        return fn(*cast, **kwargs)
+
+
+def leaves(*shapes, dtype):
+    return [torch.randn(*s, device="cuda", dtype=dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,h,lq,lk,d", [(1, 16, 32, 4096, 64), (256, 12, 32, 257, 64),
+                                          (2, 28, 64, 1000, 128)])  # fmt: skip
+def test_few_query_cross_attention(dtype, b, h, lq, lk, d):
+    """Q-Former, few-query (split-K at B x H = 16) and resampler shapes, with gradients."""
+    q, k, v = leaves((b, h, lq, d), (b, h, lk, d), (b, h, lk, d), dtype=dtype)
+    out = A.cross_attention(q, k, v)
+    ref = reference(A.cross_attention, q, k, v)
+    assert rel(out, ref) < TOL[dtype]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    with use_backend("torch"):
+        ref_grads = torch.autograd.grad(A.cross_attention(q64, k64, v64), (q64, k64, v64),
+                                        g.double())  # fmt: skip
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert rel(a, r) < 3 * TOL[dtype]
+
+
+def test_split_k_matches_one_pass():
+    q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16)
+               for n in (32, 8192, 8192))  # fmt: skip
+    assert launchers.choose_splits(8, 32, 8192, q.device) > 1
+    args = (None, None, 32, 8192, None, None, None, False, 0.125)
+    split, _ = ops.attention_core(q, k, v, *args, 0)
+    one, _ = ops.attention_core(q, k, v, *args, 1)
+    ref, _ = reference(ops.attention_core, q, k, v, *args, 0)
+    assert rel(split, ref) < 2e-2 and rel(one, ref) < 2e-2
+
+
+def test_media_and_key_mass_at_flamingo_size():
+    q = torch.randn(8, 8, 2048, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(8, 8, 320, 64, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    loc = torch.zeros(8, 2048, dtype=torch.bool, device="cuda")
+    loc[:, [100, 500, 900, 1300, 1700]] = True
+    out = A.media_cross_attention(q, k, v, loc, 64)
+    ref = reference(A.media_cross_attention, q, k, v, loc, 64)
+    assert rel(out, ref) < 2e-2 and (out[:, :, :100] == 0).all()
+    plain = A.attention(q, k, v, causal=True)
+    out, mass = A.attention(q, k, v, causal=True, key_mass=-1)
+    assert torch.equal(out, plain)
+    _, ref_mass = reference(A.attention, q, k, v, causal=True, key_mass=-1)
+    assert rel(mass, ref_mass) < 2e-2
