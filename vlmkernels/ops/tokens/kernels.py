@@ -190,7 +190,7 @@ def tome_match(metric: torch.Tensor, class_token: bool) -> tuple[torch.Tensor, t
 # --------------------------------------------------------------------------------------
 
 
-@tuned("tome_merge", configs=_ROW_CONFIGS, key=["NOUT", "C", "HAS_SIZE"], sizes=["NOUT", "C"])
+@tuned("tome_merge_rows", configs=_ROW_CONFIGS, key=["NOUT", "C", "HAS_SIZE"], sizes=["NOUT", "C"])
 @triton.jit
 def _tome_merge_kernel(
     x_ptr, s_ptr, mem_ptr, off_ptr, o_ptr, os_ptr, N, NOUT, C,
@@ -249,7 +249,7 @@ def tome_merge_rows(x, size, members, offsets, size_dtype):
     return out, out_size
 
 
-@tuned("tome_unmerge", configs=_ROW_CONFIGS, key=["N", "C", "SIZE_GRAD"], sizes=["N", "C"])
+@tuned("tome_unmerge_rows", configs=_ROW_CONFIGS, key=["N", "C", "SIZE_GRAD"], sizes=["N", "C"])
 @triton.jit
 def _tome_unmerge_kernel(
     g_ptr, gs_ptr, x_ptr, s_ptr, o_ptr, os_ptr, src_ptr, dx_ptr, ds_ptr, N, NOUT, C,
