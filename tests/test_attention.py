@@ -477,3 +477,33 @@ def test_torch_compile_packed(device):
     with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
         torch.compile(lambda q: A.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck),
                       backend="aot_eager", fullgraph=True)(q.detach())  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weight_absorption(dtype):
+    """Folding W_k into fixed queries gives the projected attention (the key bias cancels,
+    the value bias passes through), values and gradients."""
+    from vlmkernels.ops.attention.absorption import absorb_queries, absorbed_cross_attention
+
+    h, lq, d, b, n, c = 3, 5, 8, 2, 13, 20
+    queries, x = leaf(rand(h, lq, d, dtype=dtype)), leaf(rand(b, n, c, dtype=dtype))
+    w_k, w_v = leaf(rand(h * d, c, dtype=dtype) * 0.3), leaf(rand(h * d, c, dtype=dtype) * 0.3)
+    b_k, b_v = leaf(rand(h * d, dtype=dtype)), leaf(rand(h * d, dtype=dtype))
+    out = absorbed_cross_attention(queries, x, w_k, w_v, b_v)
+    folded = absorb_queries(queries, w_k)
+    assert torch.equal(out, absorbed_cross_attention(queries, x, w_k, w_v, b_v, absorbed=folded))
+    ls = [leaf(t.detach().double()) for t in (queries, x, w_k, w_v, b_k, b_v)]
+    q64, x64, wk64, wv64, bk64, bv64 = ls
+    k = (x64 @ wk64.T + bk64).view(b, n, h, d).transpose(1, 2)
+    v = (x64 @ wv64.T + bv64).view(b, n, h, d).transpose(1, 2)
+    ref = torch.softmax(q64[None] @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel(out, ref) < tol
+    g = torch.randn_like(ref)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    for t, r in zip((queries, x, w_k, w_v, b_v), (q64, x64, wk64, wv64, bv64), strict=True):
+        assert rel(t.grad, r.grad) < 10 * tol
+    assert bk64.grad.abs().max() < 1e-12  # the key bias cancels in the softmax
+    with pytest.raises(ValueError, match=r"w_k must be \(heads \* d, C\)"):
+        absorbed_cross_attention(queries, x, w_k[:-1], w_v)

@@ -18,12 +18,25 @@ For query row i of a segment (batch b, head h), the keys it sees V(i) and the sc
 Backward (flash-attention 2): delta_i = sum_d dO_id O_id - dlse_i,
 dV = P^T dO, dS = P * (dO V^T - delta), dQ = s dS K, dK = s dS^T Q, P recomputed from lse.
 
+Weight absorption (``absorbed_cross_attention``): with queries that are fixed parameters,
+softmax(s Q (X W_k^T + b_k)^T)(X W_v^T + b_v) = softmax(s (Q W_k) X^T) X W_v^T + b_v per
+head, so attention runs on the raw image features and K, V are never materialised.
+
 Modules: ``kernels`` (the Triton kernels), ``launchers`` (their host side, the split-K
 choice), ``reference`` (the PyTorch path), ``ops`` (the op declarations), ``functional``
-(the public functions), ``family`` (what the shared tools need).
+(the public functions), ``absorption`` (weight absorption), ``family`` (what the shared
+tools need).
 """
 
+from .absorption import absorb_queries, absorbed_cross_attention
 from .family import FAMILY
 from .functional import attention, cross_attention, media_cross_attention
 
-__all__ = ["FAMILY", "attention", "cross_attention", "media_cross_attention"]
+__all__ = [
+    "FAMILY",
+    "absorb_queries",
+    "absorbed_cross_attention",
+    "attention",
+    "cross_attention",
+    "media_cross_attention",
+]
