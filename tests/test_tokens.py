@@ -300,6 +300,15 @@ def test_tome_second_derivative_raises(device):
         (dx.square().sum() + x.sum()).backward()
 
 
+def test_tome_saves_x_only_for_the_size_gradient(device):
+    x, metric, size = tome_inputs(1, 10, 6, 8, torch.float32, device, size=True)
+    out, _, _ = T.tome_merge(x, metric, 3, size=size.detach())
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    assert not any(t.shape == x.shape and t.dtype == x.dtype for t in saved)
+    out, _, _ = T.tome_merge(x, metric, 3, size=size)
+    assert any(t.shape == x.shape for t in out.grad_fn.saved_tensors if t is not None)
+
+
 def test_tome_metric_gets_no_gradient(device):
     x, metric, _ = tome_inputs(1, 10, 6, 8, torch.float32, device)
     metric.requires_grad_()
@@ -446,10 +455,11 @@ def test_opcheck(device, backend):
     torch.library.opcheck(ops.tokens_tome_merge, (x, None, source, members, offsets))
     out, out_size = ops.tokens_tome_merge(x, size, source, members, offsets)
     grads = (torch.randn_like(out), torch.randn_like(out_size))
-    for sizes, size_grad in ((size.detach(), True), (None, False)):
+    for args in ((x.detach(), size.detach(), out.detach(), True), (None, None, None, False)):
+        xs, sizes, outs, size_grad = args  # x and out are read only for the sizes' gradient
         torch.library.opcheck(
             ops.tokens_tome_unmerge,
-            (*grads, x.detach(), sizes, out.detach(), out_size.detach(), source, size_grad),
+            (*grads, xs, sizes, outs, out_size.detach(), source, size_grad),
         )
     g = torch.randn(2, 24, 5, device=device, requires_grad=True)
     for mode, size in ((T.AVG2X2, [2, 3]), (T.BILINEAR, [3, 2])):

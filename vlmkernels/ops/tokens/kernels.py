@@ -292,18 +292,20 @@ def _tome_unmerge_kernel(
 
 
 def tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source, size_grad):
-    """(dx (B, N, C), dsize (B, N, 1) or None) of the merge (see the kernel)."""
-    B, N, C = x.shape
-    nout = out.shape[1]
-    dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
-    ds = torch.empty((B, N, 1), dtype=size.dtype, device=x.device) if size_grad else None
+    """(dx (B, N, C), dsize (B, N, 1) or None) of the merge (see the kernel); x (B, N, C)
+    and the merged rows ``out`` are read only with ``size_grad`` (None otherwise)."""
+    B, N = source.shape
+    nout, C = grad.shape[1], grad.shape[2]
+    dx = torch.empty((B, N, C), dtype=grad.dtype, device=grad.device)
+    ds = torch.empty((B, N, 1), dtype=size.dtype, device=grad.device) if size_grad else None
     if B * N == 0:
         return dx, ds
-    s = size if size is not None else x
+    s = size if size is not None else grad
     ssb, ssn = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
     gs = grad_size if grad_size is not None else out_size
     out_size = out_size.contiguous()
-    with device_guard(x):
+    x, out = (x, out) if size_grad else (grad, grad)  # not read without SIZE_GRAD
+    with device_guard(grad):
         _tome_unmerge_kernel[(B * N,)](
             grad, gs, x, s, out, out_size, source, dx, ds if size_grad else dx, N, nout, C,
             *grad.stride(), gs.stride(0), gs.stride(1), *x.stride(), ssb, ssn, *out.stride(),

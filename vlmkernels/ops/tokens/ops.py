@@ -40,7 +40,7 @@ tome_merge = Op(
 )
 tome_unmerge = Op(
     "tokens_tome_unmerge",
-    "(Tensor grad, Tensor grad_size, Tensor x, Tensor? size, Tensor out, Tensor out_size, "
+    "(Tensor grad, Tensor grad_size, Tensor? x, Tensor? size, Tensor? out, Tensor out_size, "
     "Tensor source, bool size_grad) -> (Tensor, Tensor)",
     family=FAMILY,
 )
@@ -133,13 +133,16 @@ class _:
     def setup_context(ctx, inputs, output):
         x, size, source, members, offsets = inputs
         out, out_size = output
-        ctx.save_for_backward(x, size, source, out, out_size)
+        # x and the output are read only for the sizes' gradient
+        ctx.size_grad = size is not None and size.requires_grad
+        keep = ctx.size_grad
+        ctx.save_for_backward(x if keep else None, size, source, out if keep else None, out_size)
         remember_backend(ctx)
 
     @in_forward_backend
     def backward(ctx, grad, grad_size):
         x, size, source, out, out_size = ctx.saved_tensors
-        size_grad = size is not None and ctx.needs_input_grad[1]
+        size_grad = ctx.size_grad and ctx.needs_input_grad[1]
         dx, ds = tome_unmerge(grad, grad_size, x, size, out, out_size, source, size_grad)
         return dx, (ds if size_grad else None), None, None, None
 
@@ -148,21 +151,21 @@ class _:
 def _(grad, grad_size, x, size, out, out_size, source, size_grad):
     dx, ds = kernels.tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source,
                                        size_grad)  # fmt: skip
-    return dx, (ds if size_grad else x.new_empty((0,)))
+    return dx, (ds if size_grad else grad.new_empty((0,)))
 
 
 @tome_unmerge.impl("torch")
 def _(grad, grad_size, x, size, out, out_size, source, size_grad):
     dx, ds = reference.tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source,
                                          size_grad)  # fmt: skip
-    return dx, (ds if size_grad else x.new_empty((0,)))
+    return dx, (ds if size_grad else grad.new_empty((0,)))
 
 
 @tome_unmerge.fake
 def _(grad, grad_size, x, size, out, out_size, source, size_grad):
-    B, N, _ = x.shape
-    ds = x.new_empty((B, N, 1), dtype=size.dtype) if size_grad else x.new_empty((0,))
-    return x.new_empty(x.shape), ds
+    B, N = source.shape
+    ds = grad.new_empty((B, N, 1), dtype=size.dtype) if size_grad else grad.new_empty((0,))
+    return grad.new_empty((B, N, grad.shape[2])), ds
 
 
 @tome_unmerge.autograd

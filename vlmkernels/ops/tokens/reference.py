@@ -66,14 +66,15 @@ def tome_merge_rows(x, size, source, nout, size_dtype):
 def tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source, size_grad):
     """(dx (B, N, C), dsize (B, N, 1) or None) of :func:`tome_merge_rows`: with r = the output
     row of token i and S its size, dx_i = s_i / S g_r and dsize_i = <g_r, x_i - out_r> / S +
-    gsize_r."""
-    B, N, C = x.shape
-    acc = _acc(x)
+    gsize_r. x and ``out`` are read only with ``size_grad``."""
+    B, N = source.shape
+    C = grad.shape[2]
+    acc = _acc(grad)
     idx = source[..., None]
     total = out_size.to(acc).gather(1, idx)
-    s = size.to(acc) if size is not None else torch.ones(B, N, 1, dtype=acc, device=x.device)
+    s = size.to(acc) if size is not None else torch.ones(B, N, 1, dtype=acc, device=grad.device)
     g = grad.to(acc).gather(1, idx.expand(-1, -1, C))
-    dx = (s / total * g).to(x.dtype)
+    dx = (s / total * g).to(grad.dtype)
     if not size_grad:
         return dx, None
     o = out.to(acc).gather(1, idx.expand(-1, -1, C))
