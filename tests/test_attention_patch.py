@@ -106,3 +106,85 @@ def test_mask_ranges():
     assert lo.tolist() == [[1, 0, 0]] * 2 and hi.tolist() == [[3, 0, 4]] * 2
     with pytest.raises(ValueError, match=r"must be \(B, 1, 3, 5\)"):
         mask_ranges(allowed, 1, 3, 5)
+
+
+def tiny_qformer(module, prefix):
+    config = getattr(module, f"{prefix}QFormerConfig")(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        encoder_hidden_size=24, cross_attention_frequency=1, attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = getattr(module, f"{prefix}QFormerModel")(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("which", ["blip_2", "instructblip"])
+def test_qformer_attention(which):
+    """The Q-Former (self- and cross-attention every layer) with padded image features and,
+    for InstructBLIP, padded instruction tokens after the queries: outputs and gradients."""
+    import importlib
+
+    prefix = {"blip_2": "Blip2", "instructblip": "InstructBlip"}[which]
+    module = importlib.import_module(f"transformers.models.{which}.modeling_{which}")
+    model = tiny_qformer(module, prefix)
+    before = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    b, nq, n = 2, 5, 13
+    query = torch.randn(b, nq, 32, requires_grad=True)
+    image = torch.randn(b, n, 24, requires_grad=True)
+    image_mask = torch.ones(b, n, dtype=torch.long)
+    image_mask[1, 9:] = 0
+
+    kwargs = dict(query_embeds=query, encoder_hidden_states=image,
+                  encoder_attention_mask=image_mask)  # fmt: skip
+    if which == "instructblip":  # instruction tokens after the queries, one padded
+        text_mask = torch.ones(b, nq + 4, dtype=torch.long)
+        text_mask[1, -1] = 0
+        kwargs |= dict(input_ids=torch.randint(0, 100, (b, 4)), attention_mask=text_mask)
+
+    def run():
+        out = model(**kwargs).last_hidden_state
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return out, torch.autograd.grad((out * g).sum(), [query, image, *model.parameters()])
+
+    want, want_grads = run()
+    handle = patch(model)
+    patched = [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert len(patched) == 4  # 2 layers x (self, cross)
+    got, got_grads = run()
+    assert rel(got, want) < 1e-5
+    for a, b_ in zip(got_grads, want_grads, strict=True):
+        if b_.abs().max() < 1e-6:  # the key biases: zero up to rounding (softmax invariance)
+            assert a.abs().max() < 1e-6
+        else:
+            assert rel(a, b_) < 1e-4
+    model.train()
+    model.config.attention_probs_dropout_prob = 0.0
+    attn = model.encoder.layer[0].attention.attention
+    attn.attention_dropout = 0.1
+    with pytest.raises(RuntimeError, match="attention dropout 0.1 in training mode"):
+        run()
+    attn.attention_dropout = 0.0
+    model.eval()
+    handle.undo()
+    assert {n: dict(m.__dict__) for n, m in model.named_modules()} == before
+    again, _ = run()
+    assert torch.equal(again, want)
+
+
+def test_key_padding_refusals():
+    from vlmkernels.integrations.tables.attention import key_padding
+
+    neg = torch.finfo(torch.float32).min
+    mask = torch.zeros(2, 1, 1, 4)
+    mask[1, ..., 3] = neg
+    assert key_padding(mask, 2, 3, 4).tolist() == [[False] * 4, [False] * 3 + [True]]
+    with pytest.raises(ValueError, match="biases other than 0"):
+        key_padding(mask + 0.5, 2, 3, 4)
+    rows = torch.zeros(2, 1, 3, 4)
+    rows[0, 0, 1, 2] = neg
+    with pytest.raises(ValueError, match="differs between query rows"):
+        key_padding(rows, 2, 3, 4)

@@ -1,6 +1,17 @@
 """The attention family's table of the transformers integration: IDEFICS's gated
-cross-attention layer (``IdeficsGatedCrossAttentionLayer``, anywhere in a module tree) runs
-its cross-attention on the attention family's kernels.
+cross-attention layer (``IdeficsGatedCrossAttentionLayer``) and the BLIP-2 / InstructBLIP
+Q-Former's attention (``Blip2QFormerMultiHeadAttention``,
+``InstructBlipQFormerMultiHeadAttention``), anywhere in a module tree, run their attention
+on the attention family's kernels.
+
+Part ``qformer_attention``: every Q-Former attention module (self- and cross-attention)
+gets an instance ``forward`` with transformers' projections and the family's attention
+(fp32, the Q-Former's default dtype, is computed with 3xTF32 dots on GPUs). Its additive
+masks (B, 1, 1 or T, N), 0 at visible keys and very negative at padding, become key
+padding; refused, naming why: a mask that is not 0 / very negative, or that differs
+between query rows; attention dropout > 0 in training mode. It returns no attention
+weights (None). A query row whose keys are all padding gets 0 (transformers: a uniform
+average).
 
 Part ``gated_cross_attention`` (a keyword of :func:`vlmkernels.patch`): every
 ``IdeficsGatedCrossAttentionLayer`` gets an instance ``forward`` computing what
@@ -33,11 +44,23 @@ from ...ops.attention import cross_attention
 from ...ops.attention.ops import attention_core
 from ..patching import Architecture, Patcher, SetMethod, UnsupportedLayoutError, register
 
-__all__ = ["ARCHITECTURES", "PATCHER", "REPLACEMENTS", "TESTED_VERSIONS", "mask_ranges"]
+__all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "QFORMER_ARCHITECTURES",
+           "QFORMER_PATCHER", "TESTED_VERSIONS", "key_padding", "mask_ranges"]  # fmt: skip
 
 TESTED_VERSIONS = ("5.24.0",)
 
-ARCHITECTURES = (
+_QFORMER_ROOTS = ("QFormerModel", "Model", "ForConditionalGeneration")
+QFORMER_ARCHITECTURES = tuple(
+    Architecture(
+        key=key,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={"qformer_attention": f"{prefix}QFormerMultiHeadAttention"},
+        roots={f"{prefix}{root}": ("qformer_attention",) for root in _QFORMER_ROOTS},
+        anywhere=True,
+    )
+    for key, prefix in (("blip_2", "Blip2"), ("instructblip", "InstructBlip"))
+)
+IDEFICS_ARCHITECTURES = (
     Architecture(
         key="idefics",
         module="transformers.models.idefics.modeling_idefics",
@@ -141,6 +164,74 @@ def _gated_forward(layer, arch: Architecture):
     return forward
 
 
+def key_padding(mask, batch: int, tokens: int, keys: int):
+    """The (B, N) key padding (True: ignored) of a transformers additive attention mask
+    ((B or 1, 1, 1 or T, N), 0 = visible, very negative = padding), or None without one."""
+    if mask is None:
+        return None
+    where = "vlmkernels (Q-Former attention)"
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys:
+        raise ValueError(f"{where}: attention mask must be (B, 1, 1 or {tokens}, {keys}), got "
+                         f"{tuple(mask.shape)}")  # fmt: skip
+    if mask.dtype == torch.bool:
+        keep = mask[:, 0]
+    else:
+        keep = mask[:, 0] == 0
+        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            raise ValueError(f"{where}: the attention mask holds biases other than 0 and the "
+                             "padding value; the kernel takes key padding only")  # fmt: skip
+    if keep.shape[1] != 1 and not bool((keep == keep[:, :1]).all()):
+        raise ValueError(f"{where}: the attention mask differs between query rows; the kernel "
+                         "takes key padding only")  # fmt: skip
+    return ~keep[:, 0].expand(batch, keys)
+
+
+_QFORMER = ("query", "key", "value", "attention_head_size", "scaling", "attention_dropout")
+
+
+def _qformer_forward(module, arch: Architecture):
+    """The instance ``forward`` of one Q-Former attention module."""
+    missing = [n for n in _QFORMER if not hasattr(module, n)]
+    if missing:
+        raise UnsupportedLayoutError(f"{type(module).__qualname__} has no {', '.join(missing)}")
+
+    # fmt: off
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, **kwargs):
+        # fmt: on
+        if self.training and self.attention_dropout > 0:
+            raise RuntimeError(
+                f"vlmkernels (Q-Former attention): attention dropout {self.attention_dropout} "
+                "in training mode is not supported by the kernel; call model.eval(), set "
+                "attention_probs_dropout_prob to 0 or undo the patch"
+            )
+        cross = encoder_hidden_states is not None
+        states = encoder_hidden_states if cross else hidden_states
+        mask = encoder_attention_mask if cross else attention_mask
+        b, t = hidden_states.shape[:2]
+        n, d = states.shape[1], self.attention_head_size
+        q = self.query(hidden_states).view(b, t, -1, d).transpose(1, 2)
+        k = self.key(states).view(states.shape[0], n, -1, d).transpose(1, 2)
+        v = self.value(states).view(states.shape[0], n, -1, d).transpose(1, 2)
+        pad = key_padding(mask, b, t, n)
+        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
+        return out.transpose(1, 2).reshape(b, t, -1), None
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    forward.__doc__ = "vlmkernels' Q-Former attention forward (the attention family's kernels)."
+    return forward
+
+
+def _check_qformer_class(cls, arch: Architecture) -> str:
+    names = list(inspect.signature(cls.forward).parameters)
+    expected = ["self", "hidden_states", "attention_mask", "encoder_hidden_states",
+                "encoder_attention_mask"]  # fmt: skip
+    if names[: len(expected)] != expected:
+        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                     f"{expected} first")  # fmt: skip
+    return "ok"
+
+
 def _check_class(cls, arch: Architecture) -> str:
     names = list(inspect.signature(cls.forward).parameters)
     expected = ["self", "hidden_states", "attention_mask", "image_hidden_states",
@@ -151,9 +242,19 @@ def _check_class(cls, arch: Architecture) -> str:
     return "ok"
 
 
-REPLACEMENTS = (
+IDEFICS_REPLACEMENTS = (
     SetMethod("gated_cross_attention", "gated_cross_attention", "forward", _gated_forward,
               _check_class),
 )  # fmt: skip
+QFORMER_REPLACEMENTS = (
+    SetMethod("qformer_attention", "qformer_attention", "forward", _qformer_forward,
+              _check_qformer_class),
+)  # fmt: skip
 
-PATCHER = register(Patcher("transformers", TESTED_VERSIONS, ARCHITECTURES, REPLACEMENTS))
+# one patcher per group: a patcher applies all its parts to any architecture it matches
+IDEFICS_PATCHER = register(
+    Patcher("transformers", TESTED_VERSIONS, IDEFICS_ARCHITECTURES, IDEFICS_REPLACEMENTS)
+)
+QFORMER_PATCHER = register(
+    Patcher("transformers", TESTED_VERSIONS, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
+)
