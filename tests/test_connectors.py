@@ -1,0 +1,359 @@
+"""pixel_shuffle / mlp_projector / merger / deepstack_add against float64 references.
+
+The references are written here from the transformers modules' formulas (Idefics3's pixel
+shuffle, LLaVA's Linear-GELU-Linear, the Qwen-VL mergers' norm + view + MLP, Qwen3-VL's
+``_deepstack_process``) and evaluated in float64 on the same rounded inputs, gradients by
+autograd. Tolerances (max abs error relative to max |ref|): fp32 1e-5 (the GEMMs accumulate
+in fp32); fp16 5e-3; bf16 3e-2 (the hidden activations are rounded to 16 bits between the
+two GEMMs, as in the eager modules).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkernels
+from vlmkernels.ops import connectors as C
+from vlmkernels.ops.connectors import ops
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    with vlmkernels.use_backend(request.param):
+        yield request.param
+
+
+def max_rel(out, ref):
+    ref = ref.double()
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype).requires_grad_()
+
+
+def leaf64(t):
+    return t.detach().double().requires_grad_()
+
+
+# ------------------------------------------------------------------ references (float64)
+
+
+def idefics3_shuffle(x, s):
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    return Idefics3Connector.pixel_shuffle(None, x, s)
+
+
+def ref_norm(v, kind, w, b, eps):
+    if kind == "layernorm":
+        return F.layer_norm(v, (v.shape[-1],), w, b, eps)
+    return v * torch.rsqrt(v.square().mean(-1, keepdim=True) + eps) * w
+
+
+def ref_merger(x, w1, b1, w2, b2, *, s, layout, norm, nw, nb, eps, before):
+    """The Qwen-VL mergers (consecutive) and the pixel-shuffle projectors (grid)."""
+    c = x.shape[-1]
+    if norm is not None and before:
+        x = ref_norm(x, norm, nw, nb, eps)
+    if layout == "consecutive":
+        X = x.reshape(-1, s * s * c)
+    else:
+        X = idefics3_shuffle(x, s)
+    if norm is not None and not before:
+        X = ref_norm(X, norm, nw, nb, eps)
+    h = F.linear(X, w1, b1)
+    return h if w2 is None else F.linear(F.gelu(h), w2, b2)
+
+
+def check_grads(pairs, tol):
+    for name, (got, ref) in pairs.items():
+        assert got is not None, name
+        err = max_rel(got, ref)
+        assert err < tol, (name, err)
+
+
+# ------------------------------------------------------------------ pixel_shuffle
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("side", "scale", "c"), [(4, 2, 8), (6, 3, 5), (6, 2, 3)])
+def test_pixel_shuffle_bitwise_idefics3(dtype, side, scale, c, backend):
+    x = rand(2, side * side, c, dtype=dtype)
+    out = vlmkernels.ops.connectors.pixel_shuffle(x, scale)
+    ref = idefics3_shuffle(x, scale)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, g)
+    (dref,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(dx, dref)
+
+
+def test_pixel_shuffle_strided_input(backend):
+    base = torch.randn(2, 7, 16, 6)
+    x = base[:, 3, :, ::2]  # (2, 16, 3), strides (112, 6, 2)
+    assert not x.is_contiguous()
+    assert torch.equal(C.pixel_shuffle(x, 2), idefics3_shuffle(x.contiguous(), 2))
+    xt = torch.randn(2, 8, 16).transpose(1, 2)  # (2, 16, 8) channel-major
+    assert torch.equal(C.pixel_shuffle(xt, 4), idefics3_shuffle(xt.contiguous(), 4))
+
+
+# ------------------------------------------------------------------ mlp_projector
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("store_hidden", [False, True])
+def test_mlp_projector(dtype, store_hidden, backend):
+    k, n1, n2 = 24, 40, 20
+    x = rand(3, 5, k, dtype=dtype)
+    w1, b1 = rand(n1, k, dtype=dtype, scale=0.2), rand(n1, dtype=dtype)
+    w2, b2 = rand(n2, n1, dtype=dtype, scale=0.2), rand(n2, dtype=dtype)
+    y = C.mlp_projector(x, w1, b1, w2, b2, store_hidden=store_hidden)
+    params = [x, w1, b1, w2, b2]
+    ref64 = [leaf64(t) for t in params]
+    ref = F.linear(F.gelu(F.linear(ref64[0], ref64[1], ref64[2])), ref64[3], ref64[4])
+    assert y.shape == (3, 5, n2) and y.dtype == dtype
+    assert max_rel(y, ref) < TOL[dtype]
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, params, g.to(dtype))
+    refs = torch.autograd.grad(ref, ref64, g)
+    names = ["x", "w1", "b1", "w2", "b2"]
+    check_grads(dict(zip(names, zip(grads, refs, strict=True), strict=True)), 2 * TOL[dtype])
+
+
+def test_mlp_projector_strided_no_bias_and_partial_grads(backend):
+    k, n1, n2 = 16, 24, 12
+    x = torch.randn(2, 7, 2 * k)[..., ::2].requires_grad_()  # last dim stride 2
+    w1 = rand(n1, k, scale=0.3)
+    w2 = torch.randn(n1, n2).t().requires_grad_()  # transposed weight
+    y = C.mlp_projector(x, w1, None, w2, None)
+    xr, w1r, w2r = leaf64(x), leaf64(w1), leaf64(w2)
+    ref = F.linear(F.gelu(F.linear(xr, w1r)), w2r)
+    assert max_rel(y, ref) < 1e-5
+    g = torch.randn_like(ref)
+    (dx,) = torch.autograd.grad(y, x, g.float())  # only one input's gradient
+    (dxr,) = torch.autograd.grad(ref, xr, g)
+    assert max_rel(dx, dxr) < 1e-5
+    with torch.no_grad():
+        assert max_rel(C.mlp_projector(x, w1, None, w2, None), ref) < 1e-5
+
+
+def test_float64_takes_the_torch_path():
+    x, w1, b1, w2, b2 = (rand(5, 8, dtype=torch.float64), rand(6, 8, dtype=torch.float64),
+                         rand(6, dtype=torch.float64), rand(4, 6, dtype=torch.float64),
+                         rand(4, dtype=torch.float64))  # fmt: skip
+    y = C.mlp_projector(x, w1, b1, w2, b2)
+    assert max_rel(y, F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)) < 1e-14
+
+
+# ------------------------------------------------------------------ merger
+
+MERGERS = {
+    # name: (layout, merge size, norm, norm before merge, two linears)
+    "qwen2_vl": ("consecutive", 2, "layernorm", True, True),
+    "qwen2_5_vl": ("consecutive", 2, "rmsnorm", True, True),
+    "qwen3_vl_postshuffle": ("consecutive", 2, "layernorm", False, True),
+    "idefics3": ("grid", 2, None, True, False),
+    "internvl": ("grid", 2, "layernorm", False, True),
+    "grid_rms_per_patch": ("grid", 3, "rmsnorm", True, True),
+}
+
+
+def merger_inputs(name, dtype, c=6, n_out=10):
+    layout, s, norm, before, two = MERGERS[name]
+    if layout == "consecutive":
+        x = rand(7 * s * s, c, dtype=dtype)
+    else:
+        x = rand(2, (2 * s) ** 2, c, dtype=dtype)
+    k = s * s * c
+    n1 = 2 * k - 3 if two else n_out
+    length = c if before else k
+    nw = (1 + 0.3 * torch.randn(length)).to(dtype).requires_grad_() if norm else None
+    nb = rand(length, dtype=dtype, scale=0.3) if norm == "layernorm" else None
+    w1 = rand(n1, k, dtype=dtype, scale=0.3)
+    b1 = rand(n1, dtype=dtype) if two or name != "idefics3" else None
+    w2 = rand(n_out, n1, dtype=dtype, scale=0.2) if two else None
+    b2 = rand(n_out, dtype=dtype) if two else None
+    kwargs = dict(merge_size=s, layout=layout, norm=norm, norm_weight=nw, norm_bias=nb,
+                  eps=1e-6, norm_before_merge=before)  # fmt: skip
+    return x, [w1, b1, w2, b2], kwargs
+
+
+@pytest.mark.parametrize("name", list(MERGERS))
+@pytest.mark.parametrize("store_hidden", [False, True])
+def test_merger_fp32(name, store_hidden, backend):
+    merger_case(name, torch.float32, store_hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["qwen2_vl", "internvl"])
+def test_merger_16bit(name, dtype, backend):
+    merger_case(name, dtype, False)
+
+
+def merger_case(name, dtype, store_hidden):
+    x, weights, kw = merger_inputs(name, dtype)
+    y = C.merger(x, *weights, store_hidden=store_hidden, **kw)
+    tensors = {"x": x, "w1": weights[0], "b1": weights[1], "w2": weights[2], "b2": weights[3],
+               "norm_weight": kw["norm_weight"], "norm_bias": kw["norm_bias"]}  # fmt: skip
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    r = {k: leaf64(v) for k, v in tensors.items()}
+    ref = ref_merger(
+        r["x"], r["w1"], r.get("b1"), r.get("w2"), r.get("b2"), s=kw["merge_size"],
+        layout=kw["layout"], norm=kw["norm"], nw=r.get("norm_weight"), nb=r.get("norm_bias"),
+        eps=kw["eps"], before=kw["norm_before_merge"],
+    )  # fmt: skip
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert max_rel(y, ref) < TOL[dtype], max_rel(y, ref)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, list(tensors.values()), g.to(dtype))
+    refs = torch.autograd.grad(ref, list(r.values()), g)
+    pairs = dict(zip(tensors, zip(grads, refs, strict=True), strict=True))
+    check_grads(pairs, 3 * TOL[dtype])
+
+
+def test_merger_strided_features(backend):
+    """Qwen-VL features sliced from a wider buffer (row stride != C)."""
+    base = torch.randn(16, 10)
+    x = base[:, 2:8].requires_grad_(False).clone().requires_grad_()
+    xs = torch.randn(16, 10)[:, 2:8]
+    xs.copy_(x.detach())
+    xs.requires_grad_()
+    _, weights, kw = merger_inputs("qwen2_vl", torch.float32)
+    y = C.merger(xs, *weights, **kw)
+    y_ref = C.merger(x, *weights, **kw)
+    assert max_rel(y, y_ref) < 1e-6
+    (g1,) = torch.autograd.grad(y.sum(), xs)
+    (g2,) = torch.autograd.grad(y_ref.sum(), x)
+    assert max_rel(g1, g2) < 1e-6
+
+
+# ------------------------------------------------------------------ deepstack
+
+
+def qwen3_deepstack(hidden, mask, embeds):
+    """Qwen3VLTextModel._deepstack_process."""
+    hidden = hidden.clone()
+    local = hidden[mask, :] + embeds.to(hidden.dtype)
+    hidden[mask, :] = local
+    return hidden
+
+
+def assert_same_sum(out, ref, backend):
+    """Bitwise equal (one fp32 add rounded once, as eager's), except that Triton's CPU
+    interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: one ulp there."""
+    if out.dtype == torch.bfloat16 and backend == "triton" and not torch.cuda.is_available():
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deepstack_add(dtype, backend):
+    hidden = rand(2, 9, 20, dtype=dtype)
+    mask = torch.rand(2, 9) < 0.5
+    embeds = rand(int(mask.sum()), 20, dtype=dtype)
+    before = hidden.detach().clone()
+    out = C.deepstack_add(hidden, mask, embeds)
+    ref = qwen3_deepstack(hidden, mask, embeds)
+    assert_same_sum(out, ref, backend)
+    assert torch.equal(hidden, before)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [hidden, embeds], g)
+    want = torch.autograd.grad(ref, [hidden, embeds], g)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_deepstack_add_inplace_and_casts(backend):
+    hidden = torch.randn(3, 7, 12, dtype=torch.bfloat16)
+    mask = torch.rand(3, 7) < 0.4
+    embeds = torch.randn(int(mask.sum()), 12)  # fp32, cast to bf16 as Qwen3-VL does
+    ref = qwen3_deepstack(hidden, mask, embeds)
+    out = C.deepstack_add(hidden, mask, embeds, inplace=True)
+    assert out is hidden
+    assert_same_sum(hidden, ref, backend)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        C.deepstack_add(hidden.float().requires_grad_(), mask, embeds, inplace=True)
+    with pytest.raises(ValueError, match="True entries"):
+        C.deepstack_add(hidden, mask, embeds[1:])
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 16, 4)
+    w1, w2 = torch.randn(8, 4), torch.randn(3, 8)
+    cases = [
+        (lambda: C.pixel_shuffle(torch.randn(2, 15, 4), 2), ValueError, "square grid"),
+        (lambda: C.pixel_shuffle(torch.randn(2, 9, 4), 2), ValueError, "divisible by scale"),
+        (lambda: C.pixel_shuffle(torch.randn(16, 4), 2), ValueError, "x must be 3-D"),
+        (lambda: C.pixel_shuffle(x.int(), 2), TypeError, "x must be a float16"),
+        (lambda: C.pixel_shuffle(x, 0), ValueError, "scale must be an int >= 1"),
+        (lambda: C.mlp_projector(x, w1, None, torch.randn(3, 7), None), ValueError, "w2 must be"),
+        (lambda: C.mlp_projector(x, torch.randn(8, 5), None, w2, None), ValueError, "w1 must be"),
+        (lambda: C.mlp_projector(x, w1, torch.randn(7), w2, None), ValueError, "b1 must be"),
+        (lambda: C.mlp_projector(x, w1.half(), None, w2, None), TypeError, "w1 must have x's"),
+        (lambda: C.mlp_projector(x, w1, None, w2, None, "relu"), ValueError, "activation"),
+        (lambda: C.merger(torch.randn(10, 4), torch.randn(8, 16)), ValueError, "multiple of"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), norm="batchnorm"),
+         ValueError, "norm must be"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), norm="layernorm"),
+         ValueError, "needs norm_weight"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), norm="layernorm",
+                          norm_weight=torch.randn(16)), ValueError, r"norm_weight must be \(4,\)"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), layout="rows"),
+         ValueError, "layout must be"),
+        (lambda: C.deepstack_add(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool),
+                                 torch.randn(8, 4)), ValueError, "visual_pos_mask must have"),
+        (lambda: C.deepstack_add(torch.randn(2, 3, 4), torch.ones(2, 3), torch.randn(6, 4)),
+         TypeError, "bool tensor"),
+    ]  # fmt: skip
+    for call, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            call()
+
+
+# ------------------------------------------------------------------ registration
+
+
+def test_opcheck(backend):
+    x = torch.randn(2, 4, 4, 3, requires_grad=True)
+    w1, b1 = torch.randn(5, 12, requires_grad=True), torch.randn(5, requires_grad=True)
+    w2, b2 = torch.randn(4, 5, requires_grad=True), torch.randn(4, requires_grad=True)
+    nw, nb = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    lib = torch.ops.vlmkernels
+    torch.library.opcheck(lib.connector, (x, w1, b1, w2, b2, nw, nb, None, [2, 2], 1, True,
+                                          1e-6, 1, False))  # fmt: skip
+    torch.library.opcheck(lib.merge_tokens, (x, [2, 2]))
+    hidden = torch.randn(2, 5, 6, requires_grad=True)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.bool)
+    embeds = torch.randn(5, 6, requires_grad=True)
+    torch.library.opcheck(lib.deepstack_add, (hidden, mask, embeds))
+    torch.library.opcheck(lib.deepstack_add_, (hidden.detach().clone(), mask, embeds.detach()))
+
+
+def test_torch_compile_fullgraph():
+    x = rand(2, 16, 4)
+    w1, b1 = rand(8, 16, scale=0.3), rand(8)
+    w2, b2 = rand(6, 8, scale=0.3), rand(6)
+    nw, nb = rand(16), rand(16)
+
+    def connector(x):
+        shuffled = vlmkernels.ops.connectors.pixel_shuffle(x, 2)
+        y = C.mlp_projector(shuffled, w1, b1, w2, b2)
+        z = C.merger(x, w1, b1, w2, b2, layout="grid", norm="layernorm", norm_weight=nw,
+                     norm_bias=nb, norm_before_merge=False)  # fmt: skip
+        return y.square().sum() + z.sum()
+
+    compiled = torch.compile(connector, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    (g,) = torch.autograd.grad(out, x)
+    ref = connector(x)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    assert max_rel(out, ref) < 1e-6 and max_rel(g, g_ref) < 1e-6
+    assert ops.connector.backends == ("triton", "torch")

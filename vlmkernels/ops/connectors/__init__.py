@@ -1,0 +1,33 @@
+r"""Connectors between a vision encoder and a language model: pixel shuffle, the LLaVA MLP
+projector, the merging connectors (Qwen2/2.5/3-VL patch mergers, Idefics3 / SmolVLM /
+InternVL / MiniCPM-V 4.6 pixel-shuffle projectors) and Qwen3-VL's DeepStack add.
+
+A connector reads features x, viewed as a (B, H, W, C) grid, through a merge of
+MH x MW patches without copying them:
+
+    X[(b, i, j), (dr MW + dc) C + c] = x[b, i MH + dr, j MW + dc, c]       (M, K = MH MW C)
+    Xn = norm(X)       LayerNorm (x - mean) rstd w + b or RMSNorm x rstd w, rstd =
+                       1 / sqrt(var + eps), over each patch (C) or each merged row (K), fp32
+    h  = Xn W1^T + b1
+    y  = GELU(h) W2^T + b2          (or y = h with a single linear)
+
+GELU is exact, 0.5 h (1 + erf(h / sqrt 2)). The backward recomputes GELU(h) from h, and h
+itself from x unless the forward was asked to keep it:
+
+    dh = (g W2) * GELU'(h),  dW2 = g^T GELU(h),  db2 = sum g,  dW1 = dh^T Xn,  db1 = sum dh,
+    dXn = dh W1, then the norm's backward, scattered back through the merge.
+
+The pixel shuffle of Idefics3 (scale s) is the merge (s, s) of the S x S grid; the Qwen-VL
+mergers merge s^2 consecutive patches, the merge (1, s^2) of a (P / s^2, 1, s^2, C) grid.
+
+DeepStack (Qwen3-VL): out = hidden, out[mask] = hidden[mask] + visual_embeds, one pass.
+
+Modules: ``kernels`` (the Triton kernels: the GEMM core with its norm prologue, merge
+addressing and bias / GELU / residual epilogue; the norm statistics and backward; the
+shuffle copy; the DeepStack add), ``launchers``, ``reference`` (the PyTorch path), ``ops``
+(the op declarations), ``functional`` (the public functions), ``family``.
+"""
+
+from .functional import deepstack_add, merger, mlp_projector, pixel_shuffle
+
+__all__ = ["deepstack_add", "merger", "mlp_projector", "pixel_shuffle"]

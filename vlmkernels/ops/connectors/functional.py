@@ -1,0 +1,284 @@
+"""The connector family's public functions: argument checks that name the argument at fault,
+raised before any launch, then the ops (:mod:`.ops`).
+
+Every function takes fp16, bf16, fp32 (Triton, fp32 accumulation) and float64 (the PyTorch
+path); the weights of the linears must have the features' dtype and device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...core.checks import FLOAT_DTYPES
+from . import ops
+from .kernels import ACT_GELU, LAYER_NORM, NO_NORM, RMS_NORM
+
+__all__ = ["deepstack_add", "merger", "mlp_projector", "pixel_shuffle"]
+
+_NORMS = {None: NO_NORM, "layernorm": LAYER_NORM, "rmsnorm": RMS_NORM}
+
+
+def _check_tensor(op: str, name: str, t, dims=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
+        )
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(
+            f"{op}: {name} must be {' or '.join(f'{d}-D' for d in dims)}, got shape "
+            f"{tuple(t.shape)}"
+        )
+
+
+def _check_int(op: str, name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _square_grid(op: str, n: int, scale: int) -> int:
+    """The side of the square grid of ``n`` tokens, divisible by ``scale``."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{op}: x must hold a square grid of tokens (dim 1), got {n} tokens")
+    if side % scale:
+        raise ValueError(
+            f"{op}: the grid side {side} (x has {n} tokens) must be divisible by scale={scale}"
+        )
+    return side
+
+
+def pixel_shuffle(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
+    """Space-to-depth of a square token grid, as Idefics3, SmolVLM, InternVL and MiniCPM-V 4.6
+    do before their projector (bitwise ``Idefics3Connector.pixel_shuffle``).
+
+    Args:
+        x: (B, N, C), N = S * S tokens in row-major order with S divisible by ``scale``.
+        scale: the side of the merged blocks.
+
+    Returns:
+        (B, N / scale^2, C scale^2): out[b, i * (S / s) + j, (dr * s + dc) * C + c] =
+        x[b, (i * s + dr) * S + j * s + dc, c], a new contiguous tensor.
+    """
+    op = "pixel_shuffle"
+    _check_tensor(op, "x", x, (3,))
+    scale = _check_int(op, "scale", scale, 1)
+    b, n, c = x.shape
+    side = _square_grid(op, n, scale)
+    out = ops.merge_tokens(x.unflatten(1, (side, side)), [scale, scale])
+    return out.view(b, n // (scale * scale), c * scale * scale)
+
+
+def _check_linear(op, name_w, w, name_b, b, x, in_features) -> int:
+    _check_tensor(op, name_w, w, (2,))
+    if w.shape[1] != in_features:
+        raise ValueError(
+            f"{op}: {name_w} must be (out_features, {in_features}) to take the "
+            f"{in_features} input features, got shape {tuple(w.shape)}"
+        )
+    for t, name in ((w, name_w), (b, name_b)):
+        if t is None:
+            continue
+        _check_tensor(op, name, t)
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(
+                f"{op}: {name} must have x's dtype and device ({x.dtype}, {x.device}), got "
+                f"{t.dtype} on {t.device}"
+            )
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{op}: {name_b} must be ({w.shape[0]},), got shape {tuple(b.shape)}")
+    return w.shape[0]
+
+
+def _check_activation(op: str, activation) -> int:
+    if activation != "gelu":
+        raise ValueError(f"{op}: activation must be 'gelu' (exact, erf), got {activation!r}")
+    return ACT_GELU
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def mlp_projector(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "gelu",
+    *,
+    store_hidden: bool = False,
+) -> torch.Tensor:
+    """LLaVA's projector, y = GELU(x W1^T + b1) W2^T + b2, GELU exact (erf).
+
+    Args:
+        x: (..., K) features.
+        w1, b1: (N1, K) and (N1,) or None. w2, b2: (N2, N1) and (N2,) or None.
+        activation: "gelu".
+        store_hidden: keep the pre-activation h = x W1^T + b1 (M x N1) for the backward;
+            by default only the inputs are kept and the backward recomputes h with one
+            GEMM (GELU(h) is never stored: the backward recomputes it from h either way).
+
+    Returns:
+        (..., N2). The backward gives dx, dW1, db1, dW2, db2 from
+        dh = (g W2) * GELU'(h), dW2 = g^T GELU(h), dW1 = dh^T x, dx = dh W1.
+    """
+    op = "mlp_projector"
+    _check_tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be (..., in_features) with in_features > 0")
+    act = _check_activation(op, activation)
+    n1 = _check_linear(op, "w1", w1, "b1", b1, x, x.shape[-1])
+    n2 = _check_linear(op, "w2", w2, "b2", b2, x, n1)
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, 1, 1, x.shape[-1])
+    save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2)
+    y = ops.connector(rows, w1, b1, w2, b2, None, None, None, [1, 1], NO_NORM, False, 0.0, act,
+                      save)[0]  # fmt: skip
+    return y.view(*lead, n2)
+
+
+def merger(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    *,
+    merge_size: int = 2,
+    layout: str = "consecutive",
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    norm_before_merge: bool = True,
+    activation: str = "gelu",
+    store_hidden: bool = False,
+) -> torch.Tensor:
+    """A merging connector in one op: norm, merge of s x s patches (s = ``merge_size``),
+    Linear [+ GELU + Linear], the merged features never copied.
+
+    Layouts of x and the merged rows X (K = s^2 C):
+
+    - ``"consecutive"`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL mergers): x (P, C), each s^2
+      consecutive patches one row: X = x.view(P / s^2, K); the result is (P / s^2, N).
+    - ``"grid"`` (pixel shuffle: Idefics3, SmolVLM, InternVL, MiniCPM-V 4.6): x (B, S * S, C)
+      a square grid, X = :func:`pixel_shuffle` (x, s); the result is (B, S^2 / s^2, N).
+
+    Norm (``norm`` "layernorm" (weight, bias optional) or "rmsnorm" (weight), ``eps``):
+    applied to each patch (length C) before the merge (``norm_before_merge``, Qwen2/2.5-VL,
+    Qwen3-VL's default) or to each merged row (length K) after it (Qwen3-VL's
+    use_postshuffle_norm, InternVL, MiniCPM-V 4.6). Statistics in fp32.
+
+    Then h = norm(X) W1^T + b1 and y = GELU(h) W2^T + b2 with ``w2``, else y = h
+    (Idefics3: one linear, no bias). ``store_hidden`` as in :func:`mlp_projector`.
+    """
+    op = "merger"
+    if layout not in ("consecutive", "grid"):
+        raise ValueError(f"{op}: layout must be 'consecutive' or 'grid', got {layout!r}")
+    _check_tensor(op, "x", x, (2,) if layout == "consecutive" else (3,))
+    s = _check_int(op, "merge_size", merge_size, 1)
+    if layout == "consecutive":
+        p, c = x.shape
+        if p % (s * s):
+            raise ValueError(f"{op}: x has {p} patches, not a multiple of merge_size^2 = {s * s}")
+        grid = x.view(p // (s * s), 1, s * s, c) if x.is_contiguous() else None
+        if grid is None:
+            grid = x.unflatten(0, (p // (s * s), 1, s * s))
+        merge, lead = [1, s * s], (p // (s * s),)
+    else:
+        b, n, c = x.shape
+        side = _square_grid(op, n, s)
+        grid, merge, lead = x.unflatten(1, (side, side)), [s, s], (b, n // (s * s))
+    if c == 0:
+        raise ValueError(f"{op}: x has 0 channels")
+    if norm not in _NORMS:
+        raise ValueError(f"{op}: norm must be 'layernorm', 'rmsnorm' or None, got {norm!r}")
+    kind = _NORMS[norm]
+    per_patch = bool(norm_before_merge)
+    length = c if per_patch else s * s * c
+    if kind == NO_NORM:
+        if norm_weight is not None or norm_bias is not None:
+            raise ValueError(f"{op}: norm_weight / norm_bias given without a norm")
+    else:
+        if norm_weight is None:
+            raise ValueError(f"{op}: norm={norm!r} needs norm_weight ({length},)")
+        if kind == RMS_NORM and norm_bias is not None:
+            raise ValueError(f"{op}: norm='rmsnorm' takes no norm_bias")
+        for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+            if t is None:
+                continue
+            _check_tensor(op, name, t, (1,))
+            if t.shape[0] != length or t.device != x.device:
+                raise ValueError(
+                    f"{op}: {name} must be ({length},) on {x.device} (the norm runs "
+                    f"{'per patch' if per_patch else 'per merged row'}), got shape "
+                    f"{tuple(t.shape)} on {t.device}"
+                )
+    eps = float(eps)
+    if not eps >= 0.0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    n1 = _check_linear(op, "w1", w1, "b1", b1, x, s * s * c)
+    if w2 is not None:
+        act = _check_activation(op, activation)
+        n_out = _check_linear(op, "w2", w2, "b2", b2, x, n1)
+    else:
+        if b2 is not None:
+            raise ValueError(f"{op}: b2 given without w2")
+        act, n_out = 0, n1
+    save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2, norm_weight, norm_bias)
+    y = ops.connector(grid, w1, b1, w2, b2, norm_weight, norm_bias, None, merge, kind,
+                      per_patch, eps, act, save)[0]  # fmt: skip
+    return y.view(*lead, n_out)
+
+
+def deepstack_add(
+    hidden: torch.Tensor,
+    visual_pos_mask: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Qwen3-VL's DeepStack injection (``_deepstack_process``): the visual features added to
+    the hidden states at the visual positions.
+
+    Args:
+        hidden: (B, S, D) (any leading shape) hidden states.
+        visual_pos_mask: bool, ``hidden``'s shape without D; V True entries.
+        visual_embeds: (V, D), cast to hidden's dtype; row v goes to the v-th True position
+            in row-major order.
+        inplace: add into ``hidden`` (which must not need a gradient) and return it; by
+            default a new tensor is returned and ``hidden`` is left as it was.
+
+    Returns:
+        out = hidden with out[mask] = hidden[mask] + visual_embeds.
+    """
+    op = "deepstack_add"
+    _check_tensor(op, "hidden", hidden)
+    _check_tensor(op, "visual_embeds", visual_embeds, (2,))
+    if not isinstance(visual_pos_mask, torch.Tensor) or visual_pos_mask.dtype != torch.bool:
+        raise TypeError(f"{op}: visual_pos_mask must be a bool tensor")
+    if hidden.dim() < 2 or tuple(visual_pos_mask.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{op}: visual_pos_mask must have hidden's shape without the last dim "
+            f"({tuple(hidden.shape[:-1])}), got {tuple(visual_pos_mask.shape)}"
+        )
+    if visual_embeds.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{op}: visual_embeds must be (V, {hidden.shape[-1]}), got {tuple(visual_embeds.shape)}"
+        )
+    visual_pos_mask = visual_pos_mask.to(hidden.device)
+    visual_embeds = visual_embeds.to(hidden.device, hidden.dtype)
+    if inplace:
+        if _needs_grad(hidden):
+            raise RuntimeError(
+                f"{op}: inplace=True on a hidden that requires grad; use inplace=False"
+            )
+        ops.deepstack_add_(hidden, visual_pos_mask, visual_embeds)
+        return hidden
+    return ops.deepstack_add(hidden, visual_pos_mask, visual_embeds)

@@ -1,0 +1,347 @@
+"""Launchers of the connector family's Triton kernels (:mod:`.kernels`): the merge
+addressing of x, the generic GEMM launch, and the connector's forward and backward passes
+built from them.
+
+A connector here is, for features x viewed as a (B, H, W, C) grid and a merge (MH, MW):
+
+    X = merge(x)                       (M, K) = (B H W / (MH MW), MH MW C), never stored
+    Xn = norm(X)                       LayerNorm / RMSNorm of X's rows, or of each patch
+    h = Xn W1^T + b1
+    y = act(h) W2^T + b2 + residual    (or y = h + residual with one linear)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_count
+from . import kernels as K
+from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A, X_B
+
+__all__ = [
+    "Addressing",
+    "XOperand",
+    "backward",
+    "deepstack",
+    "forward",
+    "gemm",
+    "norm_stats",
+    "shuffle",
+    "stat_rows",
+]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Addressing:
+    """X = merge(x) for x (B, H, W, C) with any strides and the merge (MH, MW): the kernel
+    arguments (HWo, Wo, H, W, C, MH, MW, sb, sh, sw, sc) and whether the plain path
+    (``gather`` False: X[m, k] at m * sb + k * sc) applies."""
+
+    B: int
+    H: int
+    W: int
+    C: int
+    MH: int
+    MW: int
+    strides: tuple[int, int, int, int]
+    gather: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor, merge=(1, 1)) -> Addressing:
+        b, h, w, c = x.shape
+        mh, mw = merge
+        sb, sh, sw, sc = x.stride()
+        if mh == 1 and mw == 1:
+            # rows (b, h, w) with one stride: the plain path
+            row = _row_stride((b, h, w), (sb, sh, sw))
+            if row is not None:
+                return cls(b * h * w, 1, 1, c, 1, 1, (row, 0, 0, sc), False)
+        return cls(b, h, w, c, mh, mw, (sb, sh, sw, sc), True)
+
+    @property
+    def M(self) -> int:
+        return self.B * (self.H // self.MH) * (self.W // self.MW)
+
+    @property
+    def K(self) -> int:
+        return self.MH * self.MW * self.C
+
+    def args(self, strides=None) -> tuple:
+        ho, wo = self.H // self.MH, self.W // self.MW
+        return (ho * wo, wo, self.H, self.W, self.C, self.MH, self.MW,
+                *(self.strides if strides is None else strides))  # fmt: skip
+
+    def strides_of(self, t: torch.Tensor) -> tuple[int, int, int, int]:
+        """The strides of ``t`` (x's shape, other strides) in this addressing's form."""
+        if self.gather:
+            return tuple(t.stride())
+        return (_row_stride(t.shape[:3], t.stride()[:3]), 0, 0, t.stride(3))
+
+    def like(self, t: torch.Tensor) -> Addressing:
+        """This addressing over ``t`` (x's shape) instead of x."""
+        return dataclasses.replace(self, strides=self.strides_of(t))
+
+    def patches(self) -> Addressing:
+        """The source patches as X's rows: the (1, 1) merge of the same grid."""
+        return dataclasses.replace(self, MH=1, MW=1)
+
+
+def _row_stride(sizes, strides):
+    """The single stride of the rows (b, h, w), or None where they have none."""
+    step = None
+    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
+        if size == 1:
+            continue
+        if step is None:
+            step, reach = stride, stride * size
+        elif stride != reach:
+            return None
+        else:
+            reach = stride * size
+    return 0 if step is None else step
+
+
+def stat_rows(grid: Addressing, per_patch: bool) -> int:
+    """Rows of the norm statistics: source patches (B H W), or X's rows (M)."""
+    return grid.B * grid.H * grid.W if per_patch else grid.M
+
+
+def norm_stats(x, grid: Addressing, norm: int, per_patch: bool, eps: float):
+    """(mean, rstd), fp32, per source patch or per row of X."""
+    rows = stat_rows(grid, per_patch)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if per_patch:
+        if grid.gather:
+            g = grid.patches()
+            args, gather, length = g.args(), True, g.C
+        else:  # already plain rows
+            args, gather, length = grid.args(), False, grid.C
+    else:
+        args, gather, length = grid.args(), grid.gather, grid.K
+    with device_guard(x):
+        K._norm_stats_kernel[lambda meta: (_cdiv(rows, meta["BR"]),)](
+            x, mean, rstd, rows, length, float(eps), *args,
+            GATHER=gather, RMS=norm == RMS_NORM,
+        )  # fmt: skip
+    return mean, rstd
+
+
+@dataclasses.dataclass
+class XOperand:
+    """X as a GEMM operand: x, its addressing, and the norm prologue."""
+
+    x: torch.Tensor
+    grid: Addressing
+    norm: int = NO_NORM
+    per_patch: bool = False
+    mean: torch.Tensor | None = None
+    rstd: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
+         xop: XOperand | None = None, side=0, bias=None, act=ACT_NONE, aux=None,
+         aux2=None, residual=None, rowsum=None, scatter: Addressing | None = None):  # fmt: skip
+    """out (M, N) = epilogue(A @ B) (see :func:`.kernels._gemm_kernel`); ``side`` says
+    which of A (``a``, strides (m, k)) and B (``b``, strides (k, n)) is ``xop``."""
+    first = xop.x if side == X_A else a
+    dot_fp32, precision = dot_precision(first.dtype)
+    if xop is None:
+        xop = XOperand(out, Addressing(M, 1, 1, N, 1, 1, (0, 0, 0, 0), False))
+    grid = scatter if scatter is not None else xop.grid
+    scatter_strides = scatter.strides if scatter is not None else (0, 0, 0, 0)
+    stand_in = out
+    aux_strides = aux.stride() if aux is not None else (0, 0)
+    res_strides = residual.stride() if residual is not None else (0, 0)
+    out_strides = out.stride() if scatter is None else (0, 0)
+    with device_guard(out):
+        K._gemm_kernel[lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),)](
+            a if a is not None else stand_in, b if b is not None else stand_in, out,
+            xop.x, _or(xop.mean, stand_in), _or(xop.rstd, stand_in), _or(xop.weight, stand_in),
+            _or(xop.bias, stand_in), _or(bias, stand_in), _or(aux, stand_in),
+            _or(aux2, stand_in), _or(residual, stand_in), _or(rowsum, stand_in),
+            M, N, Kdim, next_pow2_bucket(M),
+            *a_strides, *b_strides, *out_strides, *aux_strides, *res_strides,
+            *grid.args(), *scatter_strides,
+            XSIDE=side, GATHER=grid.gather, NORM=xop.norm if side else NO_NORM,
+            PER_PATCH=xop.per_patch, NORM_BIAS=xop.bias is not None, SCATTER=scatter is not None,
+            BIAS=bias is not None, ACT=act, STORE_AUX=act == ACT_GELU and aux is not None,
+            STORE_AUX2=aux2 is not None, RESIDUAL=residual is not None,
+            ROWSUM=rowsum is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        )  # fmt: skip
+    return out
+
+
+def _or(t, default):
+    return t if t is not None else default
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def forward(x, merge, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: int,
+            per_patch: bool, eps: float, act: int, save: bool):  # fmt: skip
+    """(y (M, N_out), saved pre-activation (M, N1) or empty, mean, rstd) of the connector
+    on x (B, H, W, C)."""
+    grid = Addressing.of(x, merge)
+    M, Kdim = grid.M, grid.K
+    if norm != NO_NORM:
+        mean, rstd = norm_stats(x, grid, norm, per_patch, eps)
+    else:
+        mean, rstd = (x.new_empty(0, dtype=torch.float32) for _ in range(2))
+    xop = XOperand(x, grid, norm, per_patch, mean, rstd, norm_weight, norm_bias)
+    n1 = w1.shape[0]
+    two = w2 is not None
+    out1 = torch.empty((M, n1), dtype=x.dtype, device=x.device)
+    keep_pre = save and two and act == ACT_GELU
+    pre = torch.empty_like(out1) if keep_pre else None
+    gemm(out1, M, n1, Kdim, b=w1, b_strides=(w1.stride(1), w1.stride(0)), xop=xop, side=X_A,
+         bias=b1, act=act if two else ACT_NONE, aux=pre,
+         residual=None if two else _rows(residual, M))  # fmt: skip
+    if not two:
+        return out1, _empty(x), mean, rstd
+    n2 = w2.shape[0]
+    y = torch.empty((M, n2), dtype=x.dtype, device=x.device)
+    gemm(y, M, n2, n1, a=out1, a_strides=out1.stride(), b=w2,
+         b_strides=(w2.stride(1), w2.stride(0)), bias=b2, residual=_rows(residual, M))  # fmt: skip
+    saved = pre if keep_pre else (out1 if save else _empty(x))
+    return y, saved, mean, rstd
+
+
+def _rows(t, M):
+    return None if t is None else t.reshape(M, t.shape[-1])
+
+
+def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rstd,
+             norm: int, per_patch: bool, act: int, needs):  # fmt: skip
+    """(dx, dw1, db1, dw2, db2, dnorm_weight, dnorm_bias); an entry whose ``needs`` is
+    False is None. ``saved`` is the forward's pre-activation h = norm(X) W1^T + b1, or empty
+    when the forward did not keep it (it is then recomputed here)."""
+    need_x, need_w1, need_b1, need_w2, need_b2, need_nw, need_nb = needs
+    grid = Addressing.of(x, merge)
+    M, Kdim = grid.M, grid.K
+    dev, dt = x.device, x.dtype
+    grad = grad.reshape(M, grad.shape[-1])
+    xop = XOperand(x, grid, norm, per_patch, mean, rstd, norm_weight, norm_bias)
+    dw2 = db2 = None
+    if w2 is not None and saved.numel() == 0:
+        # the forward kept only its inputs: recompute the first linear's output
+        saved = torch.empty((M, w1.shape[0]), dtype=dt, device=dev)
+        gemm(saved, M, w1.shape[0], Kdim, b=w1, b_strides=(w1.stride(1), w1.stride(0)),
+             xop=xop, side=X_A, bias=b1)  # fmt: skip
+    if w2 is not None:
+        n2, n1 = w2.shape
+        dh = torch.empty((M, n1), dtype=dt, device=dev)
+        activation = None
+        if act == ACT_GELU:
+            activation = torch.empty_like(dh) if need_w2 else None
+            gemm(dh, M, n1, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride(),
+                 act=ACT_GELU_GRAD, aux=saved, aux2=activation)  # fmt: skip
+        else:
+            gemm(dh, M, n1, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride())
+            activation = saved
+        if need_w2:
+            dw2 = torch.empty_like(w2)
+            db2 = torch.empty(n2, dtype=torch.float32, device=dev) if need_b2 else None
+            gemm(dw2, n2, n1, M, a=grad, a_strides=(grad.stride(1), grad.stride(0)),
+                 b=activation, b_strides=activation.stride(), rowsum=db2)  # fmt: skip
+        elif need_b2:
+            db2 = grad.float().sum(0)
+        g1 = dh
+    else:
+        g1 = grad
+    n1 = w1.shape[0]
+    dw1 = db1 = None
+    if need_w1:
+        dw1 = torch.empty_like(w1)
+        db1 = torch.empty(n1, dtype=torch.float32, device=dev) if need_b1 else None
+        gemm(dw1, n1, Kdim, M, a=g1, a_strides=(g1.stride(1), g1.stride(0)), xop=xop,
+             side=X_B, rowsum=db1)  # fmt: skip
+    elif need_b1:
+        db1 = g1.float().sum(0)
+    dx = dnw = dnb = None
+    if need_x or need_nw or need_nb:
+        dx = torch.empty(x.shape, dtype=dt, device=dev)
+        if norm == NO_NORM:
+            gemm(
+                dx,
+                M,
+                Kdim,
+                n1,
+                a=g1,
+                a_strides=g1.stride(),
+                b=w1,
+                b_strides=w1.stride(),
+                scatter=grid.like(dx),
+            )
+        else:
+            gx = torch.empty((M, Kdim), dtype=dt, device=dev)
+            gemm(gx, M, Kdim, n1, a=g1, a_strides=g1.stride(), b=w1, b_strides=w1.stride())
+            dnw, dnb = _norm_backward(gx, x, dx, grid, mean, rstd, norm_weight, norm, per_patch,
+                                      need_nw or need_nb, need_nb)  # fmt: skip
+    cast = [None if t is None else t.to(ref.dtype) if ref is not None else t
+            for t, ref in ((db1, b1), (db2, w2), (dnw, norm_weight), (dnb, norm_bias))]  # fmt: skip
+    db1, db2, dnw, dnb = cast
+    return dx, dw1, db1, dw2, db2, dnw, dnb
+
+
+def _norm_backward(gx, x, dx, grid: Addressing, mean, rstd, weight, norm, per_patch,
+                   weight_grad: bool, bias_grad: bool):  # fmt: skip
+    rows = stat_rows(grid, per_patch)
+    length = grid.C if per_patch else grid.K
+    programs = max(1, min(_cdiv(rows, 8), 4 * sm_count(x.device)))
+    f32 = dict(dtype=torch.float32, device=x.device)
+    part_w = torch.zeros((programs, length), **f32) if weight_grad else mean
+    part_b = torch.zeros((programs, length), **f32) if bias_grad else part_w
+    with device_guard(x):
+        K._norm_grad_kernel[(programs,)](
+            gx, x, mean, rstd, weight, dx, part_w, part_b, rows, length, grid.K, programs,
+            *grid.args(), *grid.strides_of(dx),
+            GATHER=grid.gather, NORM=norm, PER_PATCH=per_patch and grid.gather,
+            WEIGHT_GRAD=weight_grad,
+        )  # fmt: skip
+    dnw = part_w.sum(0) if weight_grad else None
+    dnb = part_b.sum(0) if bias_grad else None
+    return dnw, dnb
+
+
+def shuffle(x, merge, grad=None):
+    """The merge (not (1, 1)) as a copy, X (M, K) from x (B, H, W, C); with ``grad``
+    (M, K), its inverse permutation into a new tensor of x's shape (the copy's gradient)."""
+    grid = Addressing.of(x, merge)
+    M, Kdim = grid.M, grid.K
+    if grad is None:
+        target = torch.empty((M, Kdim), dtype=x.dtype, device=x.device)
+        grid_t, other = x, target
+    else:
+        target = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
+        grid, grid_t, other = grid.like(target), target, grad
+    with device_guard(x):
+        K._shuffle_kernel[lambda meta: (_cdiv(M, meta["BR"]), _cdiv(Kdim, meta["BL"]))](
+            grid_t, other, M, Kdim, *grid.args(), *other.stride(), BACKWARD=grad is not None,
+        )  # fmt: skip
+    return target
+
+
+def deepstack(hidden, index, embeds, out=None):
+    """Out of place (``out`` None): a new (R, D) tensor, row r = hidden[r] + embeds[index[r]]
+    (index -1: hidden[r]). In place (``out`` is hidden): hidden[index[v]] += embeds[v]."""
+    inplace = out is not None
+    rows = index.shape[0]
+    if out is None:
+        out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    with device_guard(hidden):
+        K._deepstack_kernel[lambda meta: (_cdiv(rows, meta["BR"]),)](
+            hidden, embeds, index, out, rows, hidden.shape[1], *hidden.stride(),
+            *embeds.stride(), *out.stride(), INPLACE=inplace,
+        )  # fmt: skip
+    return out
