@@ -11,6 +11,7 @@ from .distributed import clip_loss, siglip_loss
 from .integrations.transformers import patch
 from .ops.contrastive import clip_loss_with_grads, contrastive_cross_entropy, siglip_loss_with_grads
 from .ops.rope import get_rope_index, mrope, mrope_from_positions, rope, vision_rope
+from .ops.tokens import pool_tokens, select_tokens, tome_merge
 
 __all__ = [
     "BACKENDS",
@@ -25,9 +26,12 @@ __all__ = [
     "mrope_from_positions",
     "nn",
     "patch",
+    "pool_tokens",
     "rope",
+    "select_tokens",
     "siglip_loss",
     "siglip_loss_with_grads",
+    "tome_merge",
     "use_backend",
     "vision_rope",
 ]
