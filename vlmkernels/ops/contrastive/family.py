@@ -63,8 +63,9 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
 # What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
 # are multiples of 16): unit feature strides become constants, 16-byte-aligned pointers and
 # multiples of 16 get a divisibility hint (which enables vector loads and pipelining).
-_UNIT = ("stride_xd", "stride_yd")
-_ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_gm", "n_bucket", "n_rows", "row0")
+_UNIT = ("stride_xd", "stride_yd", "stride_txd", "stride_tyd")
+_ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_txn", "stride_tyn", "stride_gm",
+            "n_bucket", "n_rows", "row0")  # fmt: skip
 _F32 = "*fp32"
 _FEATURES = dict(x_ptr="*{elem}", y_ptr="*{elem}", scale_ptr=_F32, bias_ptr=_F32)
 # Without ids, the launchers pass an fp32 buffer for the unused id pointers.

@@ -74,22 +74,18 @@ def _col_hard_weight(col_coef_ptr, coef_stride_c, cols, col_mask, COLS: tl.const
 
 @triton.jit
 def _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS: tl.constexpr,
-               SMOOTH: tl.constexpr, TEACHER: tl.constexpr):  # fmt: skip
+               SMOOTH: tl.constexpr):  # fmt: skip
     """The column coefficients of a tile (see ``_clip_grad_kernel``): the exponent shift
-    b log2(e) - c_j log2(e), the weight v_j, the smoothing weight e'_j, the teacher weight
-    a'_j and the teacher shift -ct_j log2(e); zeros for what the variant does not use."""
+    b log2(e) - c_j log2(e), the weight v_j and the smoothing weight e'_j; zeros for what
+    the variant does not use."""
     zero = col_mask.to(tl.float32) * 0.0
-    col_shift, w_c, e_c, a_c, t_shift_c = zero, zero, zero, zero, zero
+    col_shift, w_c, e_c = zero, zero, zero
     if COLS:
         col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=0.0) * LOG2E
         w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
         if SMOOTH:
             e_c = tl.load(col_coef_ptr + 3 * coef_stride_c + cols, mask=col_mask, other=0.0)
-        if TEACHER:
-            a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + cols, mask=col_mask, other=0.0)
-            t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + cols, mask=col_mask, other=0.0)
-            t_shift_c = -t_lse_c * LOG2E
-    return col_shift, w_c, e_c, a_c, t_shift_c
+    return col_shift, w_c, e_c
 
 
 # fmt: off
@@ -320,26 +316,28 @@ def _clip_grad_kernel(
         if not (IDS or SMOOTH or TEACHER):
             # loaded before the k-loop, their latency hidden under it; with targets there
             # are too many of them to keep in registers through the loop
-            col_shift, w_c, e_c, a_c, t_shift_c = _col_coefs(
-                col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS, SMOOTH, TEACHER)
+            col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask,
+                                             bias2, COLS, SMOOTH)
+        grad = tl.zeros((BM, BN), tl.float32)
         if TEACHER:
-            # the teacher's logits first: only they are live during the student's k-loop
+            # the teacher's terms first: only they are live during the student's k-loop
             tt = logits_tile(xt_ptr, yt_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                              stride_txn, stride_txd, stride_tyn, stride_tyd,
                              BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION) * tscale2
+            if ROWS:
+                grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
+            if COLS:
+                a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + cols, mask=col_mask, other=0.0)
+                t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + cols, mask=col_mask,
+                                  other=0.0)
+                grad -= a_c[None, :] * tl.exp2(tt - t_lse_c[None, :] * LOG2E + row_pad[:, None])
         acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                           stride_xn, stride_xd, stride_yn, stride_yd,
                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
         if IDS or SMOOTH or TEACHER:
-            col_shift, w_c, e_c, a_c, t_shift_c = _col_coefs(
-                col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS, SMOOTH, TEACHER)
+            col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask,
+                                             bias2, COLS, SMOOTH)
         a = acc * scale2
-        grad = tl.zeros((BM, BN), tl.float32)
-        if TEACHER:
-            if ROWS:
-                grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
-            if COLS:
-                grad -= a_c[None, :] * tl.exp2(tt + t_shift_c[None, :] + row_pad[:, None])
         if ROWS:
             grad += w_r[:, None] * tl.exp2(a + row_shift[:, None] + col_pad[None, :])
         if COLS:
