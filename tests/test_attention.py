@@ -507,3 +507,15 @@ def test_weight_absorption(dtype):
     assert bk64.grad.abs().max() < 1e-12  # the key bias cancels in the softmax
     with pytest.raises(ValueError, match=r"w_k must be \(heads \* d, C\)"):
         absorbed_cross_attention(queries, x, w_k[:-1], w_v)
+
+
+def test_empty_sizes(device, backend):
+    """No queries, no keys (every row empty: 0 and lse -inf, zero gradients)."""
+    q, k, v = (leaf(rand(1, 2, n, 16, device=device)) for n in (0, 5, 5))
+    out, lse = A.cross_attention(q, k, v, return_lse=True)
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+    q, k, v = (leaf(rand(1, 2, n, 16, device=device)) for n in (4, 0, 0))
+    out, lse = A.cross_attention(q, k, v, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
