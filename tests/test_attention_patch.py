@@ -56,6 +56,16 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def same_grads(got, want, tol=1e-4):
+    """Gradient by gradient; those that are zero up to rounding (key biases, whose shift
+    the softmax ignores) must be so on both sides."""
+    for a, b in zip(got, want, strict=True):
+        if b.abs().max() < 1e-6:
+            assert a.abs().max() < 1e-6
+        else:
+            assert rel(a, b) < tol
+
+
 @pytest.mark.parametrize("immediate,qk_norms,alpha_type,masked", [
     (True, False, "float", True), (False, True, "vector", True), (True, False, "float", False),
 ])  # fmt: skip
@@ -156,11 +166,7 @@ def test_qformer_attention(which):
     assert len(patched) == 4  # 2 layers x (self, cross)
     got, got_grads = run()
     assert rel(got, want) < 1e-5
-    for a, b_ in zip(got_grads, want_grads, strict=True):
-        if b_.abs().max() < 1e-6:  # the key biases: zero up to rounding (softmax invariance)
-            assert a.abs().max() < 1e-6
-        else:
-            assert rel(a, b_) < 1e-4
+    same_grads(got_grads, want_grads)
     model.train()
     model.config.attention_probs_dropout_prob = 0.0
     attn = model.encoder.layer[0].attention.attention
@@ -188,3 +194,31 @@ def test_key_padding_refusals():
     rows[0, 0, 1, 2] = neg
     with pytest.raises(ValueError, match="differs between query rows"):
         key_padding(rows, 2, 3, 4)
+
+
+def test_idefics_perceiver_resampler():
+    """IDEFICS's perceiver resampler (latents attend to [context, latents], q/k norms):
+    outputs and gradients, undo."""
+    from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+
+    config = M.IdeficsConfig(hidden_size=32, num_attention_heads=2, intermediate_size=48,
+                             vision_config={"embed_dim": 32},
+                             perceiver_config={"qk_layer_norms_perceiver": True})  # fmt: skip
+    torch.manual_seed(7)
+    model = IdeficsPerceiverResampler(config, embed_dim=32, depth=2, n_heads=2, head_dim=16,
+                                      n_latents=6).eval()  # fmt: skip
+    context = torch.randn(2, 19, 32, requires_grad=True)
+
+    def run():
+        out = model(context)
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return out, torch.autograd.grad((out * g).sum(), [context, *model.parameters()])
+
+    want, want_grads = run()
+    handle = patch(model)
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 2
+    got, got_grads = run()
+    assert rel(got, want) < 1e-5
+    same_grads(got_grads, want_grads)
+    handle.undo()
+    assert torch.equal(run()[0], want)

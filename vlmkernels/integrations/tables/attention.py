@@ -1,5 +1,7 @@
 """The attention family's table of the transformers integration: IDEFICS's gated
-cross-attention layer (``IdeficsGatedCrossAttentionLayer``) and the BLIP-2 / InstructBLIP
+cross-attention layer (``IdeficsGatedCrossAttentionLayer``), IDEFICS's perceiver resampler
+attention (``IdeficsPerceiverAttention``: the latents attend to [context, latents], part
+``perceiver_attention``) and the BLIP-2 / InstructBLIP
 Q-Former's attention (``Blip2QFormerMultiHeadAttention``,
 ``InstructBlipQFormerMultiHeadAttention``), anywhere in a module tree, run their attention
 on the attention family's kernels.
@@ -44,11 +46,22 @@ from ...ops.attention import cross_attention
 from ...ops.attention.ops import attention_core
 from ..patching import Architecture, Patcher, SetMethod, UnsupportedLayoutError, register
 
-__all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "QFORMER_ARCHITECTURES",
-           "QFORMER_PATCHER", "TESTED_VERSIONS", "key_padding", "mask_ranges"]  # fmt: skip
+__all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES",
+           "PERCEIVER_PATCHER", "QFORMER_ARCHITECTURES", "QFORMER_PATCHER", "TESTED_VERSIONS",
+           "key_padding", "mask_ranges"]  # fmt: skip
 
 TESTED_VERSIONS = ("5.24.0",)
 
+PERCEIVER_ARCHITECTURES = (
+    Architecture(
+        key="idefics_perceiver",
+        module="transformers.models.idefics.perceiver",
+        classes={"perceiver_attention": "IdeficsPerceiverAttention"},
+        roots={"IdeficsPerceiverResampler": ("perceiver_attention",),
+               "IdeficsPerceiverAttention": ("perceiver_attention",)},
+        anywhere=True,
+    ),
+)  # fmt: skip
 _QFORMER_ROOTS = ("QFormerModel", "Model", "ForConditionalGeneration")
 QFORMER_ARCHITECTURES = tuple(
     Architecture(
@@ -222,6 +235,42 @@ def _qformer_forward(module, arch: Architecture):
     return forward
 
 
+_PERCEIVER = ("context_layer_norm", "latents_layer_norm", "q_proj", "k_proj", "v_proj",
+              "output_proj", "n_heads", "head_dim", "qk_scale", "qk_layer_norms")  # fmt: skip
+
+
+def _perceiver_forward(module, arch: Architecture):
+    """The instance ``forward`` of one ``IdeficsPerceiverAttention``: latents attend to
+    [context, latents], one few-query cross-attention."""
+    missing = [n for n in _PERCEIVER if not hasattr(module, n)]
+    if missing:
+        raise UnsupportedLayoutError(f"{type(module).__qualname__} has no {', '.join(missing)}")
+
+    def forward(self, context, latents):
+        context = self.context_layer_norm(context)
+        latents = self.latents_layer_norm(latents)
+        b, h, d = context.shape[0], self.n_heads, self.head_dim
+        both = torch.cat([context, latents], dim=-2)
+        projected = (self.q_proj(latents), self.k_proj(both), self.v_proj(both))
+        q, k, v = (x.reshape(b, x.shape[1], h, d).transpose(1, 2) for x in projected)
+        if self.qk_layer_norms:
+            q, k = self.q_layer_norm(q), self.k_layer_norm(k)
+        out = cross_attention(q, k, v, scale=float(self.qk_scale))
+        return self.output_proj(out.transpose(1, 2).flatten(-2))
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    forward.__doc__ = "vlmkernels' IdeficsPerceiverAttention.forward (few-query attention)."
+    return forward
+
+
+def _check_perceiver_class(cls, arch: Architecture) -> str:
+    names = list(inspect.signature(cls.forward).parameters)
+    if names != ["self", "context", "latents"]:
+        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                     "['self', 'context', 'latents']")  # fmt: skip
+    return "ok"
+
+
 def _check_qformer_class(cls, arch: Architecture) -> str:
     names = list(inspect.signature(cls.forward).parameters)
     expected = ["self", "hidden_states", "attention_mask", "encoder_hidden_states",
@@ -254,6 +303,13 @@ QFORMER_REPLACEMENTS = (
 # one patcher per group: a patcher applies all its parts to any architecture it matches
 IDEFICS_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, IDEFICS_ARCHITECTURES, IDEFICS_REPLACEMENTS)
+)
+PERCEIVER_REPLACEMENTS = (
+    SetMethod("perceiver_attention", "perceiver_attention", "forward", _perceiver_forward,
+              _check_perceiver_class),
+)  # fmt: skip
+PERCEIVER_PATCHER = register(
+    Patcher("transformers", TESTED_VERSIONS, PERCEIVER_ARCHITECTURES, PERCEIVER_REPLACEMENTS)
 )
 QFORMER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
