@@ -331,6 +331,20 @@ def test_rows_without_positive_with_full_distillation(device, backend):
     compare(ours, ref, [q, k, s], [qr, kr, sr])
 
 
+def test_ids_count_matches_pairwise_equality(device):
+    """The positive counts with ids (computed from the ids alone, outside the kernels):
+    rectangular, repeated ids, ids without a match, int32 and int64."""
+    from vlmkernels.ops.contrastive.algebra import ids_count
+
+    for dtype in (torch.int64, torch.int32):
+        rows = torch.randint(-5, 20, (37,), device=device).to(dtype)
+        cols = torch.randint(0, 25, (53,), device=device).to(dtype)
+        eq = rows[:, None] == cols[None, :]
+        assert torch.equal(ids_count(rows, cols), eq.sum(1).float())
+        assert torch.equal(ids_count(cols, rows), eq.sum(0).float())
+        assert ids_count(rows, cols[:0]).tolist() == [0.0] * 37
+
+
 def test_clip_ids_every_row_matches_itself(device, backend):
     """clip_loss(ids=...) compares the ids with themselves: every row has a positive. With
     distinct ids this is the plain CLIP loss; with repeated ids, finite everywhere."""

@@ -20,6 +20,7 @@ __all__ = [
     "SideStats",
     "Targets",
     "coefficients_from_state",
+    "ids_count",
     "onehot_col_dot",
     "onehot_count",
     "without_target",
@@ -142,6 +143,15 @@ def onehot_count(m: int, n: int, offset: int, device, dtype=torch.float32) -> to
     count = torch.zeros(m, dtype=dtype, device=device)
     count[lo:hi] = 1
     return count
+
+
+def ids_count(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """(len(ids),) fp32: how many entries of ``other`` equal each of ``ids`` (the positive
+    counts of rows with ids ``ids`` against columns with ids ``other``), by a sort and two
+    binary searches: O((M + N) log N), independent of the logits."""
+    ordered = torch.sort(other).values
+    upper = torch.searchsorted(ordered, ids, right=True)
+    return upper.sub_(torch.searchsorted(ordered, ids)).float()
 
 
 def onehot_col_dot(row_dot: torch.Tensor, n: int, offset: int) -> torch.Tensor:

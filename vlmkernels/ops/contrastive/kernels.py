@@ -111,9 +111,10 @@ def _clip_stats_kernel(
 
     Per row and per column: the log-sum-exp as a base-2 (max, sum of 2^(t - max)) pair,
     t = S log2(e), and additive sums over the other side: of S on positive pairs (slot 0;
-    positives are ``col = row + offset``, or equal ids with ``IDS``), of positive pairs
-    (slot 1, ``IDS``), of S (slot 2, label smoothing) and of softmax(T) S for teacher logits
-    T = s_t X_t Y_t^T (slot 3, ``TEACHER``, given the teacher's log-sum-exp).
+    positives are ``col = row + offset``, or equal ids with ``IDS``), of S (slot 2, label
+    smoothing) and of softmax(T) S for teacher logits T = s_t X_t Y_t^T (slot 3,
+    ``TEACHER``, given the teacher's log-sum-exp). Slot 1 is unused: the positive counts
+    do not depend on S (the host counts equal ids, :func:`.algebra.ids_count`).
 
     Program (g, k) owns a rectangle of tiles: the row blocks of group g times the column
     blocks of split k. It keeps the statistics of its current row block in registers and
@@ -153,7 +154,6 @@ def _clip_stats_kernel(
         m_row = tl.full((BM,), NEG_INF, tl.float32)
         l_row = tl.zeros((BM,), tl.float32)
         hard_dot_r = tl.zeros((BM,), tl.float32)
-        hard_cnt_r = tl.zeros((BM,), tl.float32)
         logit_sum_r = tl.zeros((BM,), tl.float32)
         teacher_dot_r = tl.zeros((BM,), tl.float32)
         for j in range(j_lo, j_hi):
@@ -183,14 +183,10 @@ def _clip_stats_kernel(
             if IDS:
                 hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
                 hard_dot_r += tl.sum(tl.where(hard, t, 0.0), 1)
-                hard_cnt_r += tl.sum(hard.to(tl.float32), 1)
                 if COLS:
                     dot_c = tl.load(col_acc_ptr + cols, mask=seen, other=0.0)
-                    cnt_c = tl.load(col_acc_ptr + col_slot + cols, mask=seen, other=0.0)
                     dot_c += tl.sum(tl.where(hard, t, 0.0), 0) * LN2
-                    cnt_c += tl.sum(hard.to(tl.float32), 0)
                     tl.store(col_acc_ptr + cols, dot_c, mask=col_mask)
-                    tl.store(col_acc_ptr + col_slot + cols, cnt_c, mask=col_mask)
             elif diagonal_tile(i * BM + offset, j * BN, BM, BN):
                 hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
                 hard_dot_r += tl.sum(tl.where(hard, t, 0.0), 1)
@@ -236,8 +232,6 @@ def _clip_stats_kernel(
             tl.store(row_max_ptr + rows, m_row, mask=row_mask)
             tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
         tl.store(row_acc_ptr + rows, hard_dot_r * LN2, mask=row_mask)
-        if IDS:
-            tl.store(row_acc_ptr + row_slot + rows, hard_cnt_r, mask=row_mask)
         if SMOOTH:
             tl.store(row_acc_ptr + 2 * row_slot + rows, logit_sum_r * LN2, mask=row_mask)
         if TEACHER:

@@ -15,7 +15,7 @@ import torch
 
 from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_count
 from ...kernels.blocks import tile_addressable
-from .algebra import SideStats, Targets, onehot_col_dot, onehot_count
+from .algebra import SideStats, Targets, ids_count, onehot_col_dot, onehot_count
 from .chunked import NORMALISED_DTYPES, feature_grads, normalise
 from .kernels import MIN_BLOCK, NOMINAL_BLOCK, _clip_grad_kernel, _clip_stats_kernel, _siglip_kernel
 
@@ -83,8 +83,9 @@ def _flags(x, bias, targets: Targets, rows: bool, cols: bool) -> dict:
 
 
 def _acc_slots(targets: Targets) -> int:
-    """Accumulator slots the statistics kernel writes: 0, the sum of S on positives; 1,
-    the positive count (ids); 2, the sum of S (smoothing); 3, the teacher sum."""
+    """Accumulator slots of the statistics kernel: 0, the sum of S on positives; 1, unused
+    (the positive counts with ids come from :func:`~.algebra.ids_count`); 2, the sum of S
+    (smoothing); 3, the teacher sum."""
     if targets.teacher is not None:
         return 4
     return 3 if targets.smoothing else (2 if targets.ids else 1)
@@ -125,7 +126,8 @@ def block_stats_triton(x, y, scale, bias, targets: Targets, rows=True, cols=True
     smooth, teach = bool(targets.smoothing), targets.teacher is not None
     single_r, single_c = targets.single_positives(m, n)
     if targets.ids:
-        row_cnt, col_cnt = r_acc[1], (c_acc[1] if cols else None)
+        row_cnt = ids_count(targets.row_ids, targets.col_ids)
+        col_cnt = ids_count(targets.col_ids, targets.row_ids) if cols else None
     else:
         row_cnt = onehot_count(m, n, targets.offset, x.device)
         square = m == n and targets.offset == 0  # the same counts on both sides
