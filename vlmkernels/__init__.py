@@ -9,6 +9,7 @@ from .core.backend import BACKENDS, get_backend, use_backend
 from .core.version import __version__
 from .distributed import clip_loss, siglip_loss
 from .integrations.transformers import patch
+from .ops.attention import attention, cross_attention, media_cross_attention
 from .ops.contrastive import clip_loss_with_grads, contrastive_cross_entropy, siglip_loss_with_grads
 from .ops.rope import get_rope_index, mrope, mrope_from_positions, rope, vision_rope
 from .ops.tokens import pool_tokens, select_tokens, tome_merge
@@ -17,11 +18,14 @@ __all__ = [
     "BACKENDS",
     "__version__",
     "ops",
+    "attention",
     "clip_loss",
     "clip_loss_with_grads",
     "contrastive_cross_entropy",
+    "cross_attention",
     "get_backend",
     "get_rope_index",
+    "media_cross_attention",
     "mrope",
     "mrope_from_positions",
     "nn",
