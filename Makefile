@@ -8,7 +8,7 @@
 #
 # `make test` runs the tests twice for transformers: the whole suite with the newest release
 # (what `pip install transformers` gives users today), then the patching and get_rope_index
-# tests again with the oldest supported releases, each installed with `pip --target` into
+# tests (every family's patching tables) again with the oldest supported releases, each installed with `pip --target` into
 # .venv/transformers-<version> and put first on PYTHONPATH.
 
 PYTHON ?= python3
@@ -20,7 +20,8 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # 5.17 (the GPU machine's; merged tables).
 OLD_TRANSFORMERS ?= 5.16.1 5.17.0
 OLD_TF_DIRS := $(foreach v,$(OLD_TRANSFORMERS),$(VENV)/transformers-$(v)/.installed)
-TRANSFORMERS_TESTS := tests/test_patch_transformers.py tests/test_rope_index.py
+TRANSFORMERS_TESTS := tests/test_patch_transformers.py tests/test_rope_index.py \
+	tests/test_attention_patch.py tests/test_connectors_patch.py
 # pytest-xdist workers: the tests are mostly single-threaded Python (Triton's interpreter),
 # so the 2-core CI machine runs two at once (one process where xdist is not installed).
 PYTEST_WORKERS ?= 2
