@@ -7,9 +7,10 @@
 # otherwise torch==2.13.0 (a CPU wheel) and triton are installed.
 #
 # `make test` runs the tests twice for transformers: the whole suite with the newest release
-# (what `pip install transformers` gives users today), then the patching and get_rope_index
-# tests (every family's patching tables) again with the oldest supported releases, each installed with `pip --target` into
-# .venv/transformers-<version> and put first on PYTHONPATH.
+# (what `pip install transformers` gives users today), then the patching tests (every
+# family's tables) and the get_rope_index tests again with the oldest supported releases,
+# each installed with `pip --target` into .venv/transformers-<version> and put first on
+# PYTHONPATH.
 
 PYTHON ?= python3
 VENV ?= .venv
