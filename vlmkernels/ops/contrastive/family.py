@@ -63,9 +63,11 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
 # What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
 # are multiples of 16): unit feature strides become constants, 16-byte-aligned pointers and
 # multiples of 16 get a divisibility hint (which enables vector loads and pipelining).
-_UNIT = ("stride_xd", "stride_yd", "stride_txd", "stride_tyd")
-_ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_txn", "stride_tyn", "stride_gm",
-            "n_bucket", "n_rows", "row0")  # fmt: skip
+_UNIT = ("stride_xd", "stride_yd")
+_ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_gm", "n_bucket", "n_rows", "row0")
+# the CLIP kernels' teacher features (a contiguous teacher: the same specialisations)
+_TEACHER_UNIT = ("stride_txd", "stride_tyd")
+_TEACHER_ALIGNED = ("stride_txn", "stride_tyn")
 _F32 = "*fp32"
 _FEATURES = dict(x_ptr="*{elem}", y_ptr="*{elem}", scale_ptr=_F32, bias_ptr=_F32)
 # Without ids, the launchers pass an fp32 buffer for the unused id pointers.
@@ -95,8 +97,11 @@ def compile_cases() -> list[CompileCase]:
     SigLIP with and without the gradient."""
 
     def case(name, kernel, pointers, flags):
-        return CompileCase(name, kernel, pointers, _constexprs(flags), unit_strides=_UNIT,
-                           aligned=_ALIGNED, expect=("mma", "async"))  # fmt: skip
+        teacher = "stride_txd" in kernel.arg_names
+        unit = _UNIT + (_TEACHER_UNIT if teacher else ())
+        aligned = _ALIGNED + (_TEACHER_ALIGNED if teacher else ())
+        return CompileCase(name, kernel, pointers, _constexprs(flags), unit_strides=unit,
+                           aligned=aligned, expect=("mma", "async"))  # fmt: skip
 
     siglip = dict(_FEATURES, w_row_ptr=_F32, loss_ptr=_F32, partial_ptr=_F32)
     return [
