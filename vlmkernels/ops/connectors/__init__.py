@@ -28,6 +28,7 @@ shuffle copy; the DeepStack add), ``launchers``, ``reference`` (the PyTorch path
 (the op declarations), ``functional`` (the public functions), ``family``.
 """
 
+from .family import FAMILY
 from .functional import deepstack_add, merger, mlp_projector, pixel_shuffle
 
-__all__ = ["deepstack_add", "merger", "mlp_projector", "pixel_shuffle"]
+__all__ = ["FAMILY", "deepstack_add", "merger", "mlp_projector", "pixel_shuffle"]

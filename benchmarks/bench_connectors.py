@@ -1,0 +1,214 @@
+r"""Connector family: the LLaVA projector, the Idefics3 connector (pixel shuffle + Linear),
+the Qwen2.5-VL patch merger and Qwen3-VL's DeepStack add.
+
+Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths run):
+
+- ``llava_projector``: Linear(K -> N) + exact GELU + Linear(N -> N) over M tokens
+  (LLaVA-1.5: K 1024, N 4096, 576 tokens per image).
+- ``idefics3_connector``: B images of S x S patches, C channels, pixel shuffle by 2, then
+  Linear(4C -> N) without bias (Idefics3: S 32, C 1152, N 4096).
+- ``qwen_merger``: P patches of C channels, RMSNorm per patch, 2 x 2 merge, Linear(4C ->
+  4C) + GELU + Linear(4C -> N) (Qwen2.5-VL-7B: C 1280, N 3584, shape keys QC and QN; 4
+  images of 1024 x 1024 are P = 4 x 5476 patches).
+- ``deepstack``: hidden (B, L, D), half the positions visual (Qwen3-VL-8B: D 4096).
+
+Inputs: random normal in the run's dtype (bf16 on a GPU, fp32 on the CPU), the features
+``requires_grad``, the weights too (their gradients are part of fwd+bwd). Each call ends in
+L = sum(y * G) with a fixed random G, so the backward pass starts from G.
+
+Providers: ``vlmkernels`` (the ops; the Triton kernels on CUDA, the PyTorch path on the
+CPU), ``eager`` (the transformers modules' formulas written out: ``pixel_shuffle`` with
+view / permute / reshape, ``F.linear``, ``F.gelu``, the RMSNorm in fp32 then rounded,
+``_deepstack_process`` with its clone), ``compile`` (``torch.compile`` of the eager
+function; CUDA only, to keep the CPU suite quick).
+
+Cost models: FLOPs of the GEMMs (2 M K N per linear per pass, x3 for fwd+bwd); bytes: the
+features read and the output written once per pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+import vlmkernels.ops.connectors as C
+
+from .harness import BuildArgs, OpSpec, Prepared, Provider, Suite
+
+_CUDA_ONLY = "torch.compile is timed on CUDA only (the CPU suite times the PyTorch paths)"
+
+
+def _gen(args: BuildArgs):
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+
+    def randn(*shape, scale=1.0, grad=True):
+        t = (torch.randn(*shape, generator=gen) * scale).to(args.device, args.dtype)
+        return t.requires_grad_(grad)
+
+    return randn
+
+
+def _inputs(args: BuildArgs) -> tuple[dict, torch.Tensor]:
+    """(tensors, output gradient G) for the op's shape."""
+    s, r = args.shape, _gen(args)
+    if args.op == "llava_projector":
+        m, k, n = s["M"], s["K"], s["N"]
+        t = dict(x=r(m, k), w1=r(n, k, scale=k**-0.5), b1=r(n), w2=r(n, n, scale=n**-0.5),
+                 b2=r(n))  # fmt: skip
+        out = (m, n)
+    elif args.op == "idefics3_connector":
+        b, side, c, n = s["B"], s["S"], s["C"], s["N"]
+        t = dict(x=r(b, side * side, c), w=r(n, 4 * c, scale=(4 * c) ** -0.5))
+        out = (b, side * side // 4, n)
+    elif args.op == "qwen_merger":
+        p, c, n = s["P"], s["QC"], s["QN"]
+        k = 4 * c
+        t = dict(x=r(p, c), nw=r(c), w1=r(k, k, scale=k**-0.5), b1=r(k),
+                 w2=r(n, k, scale=k**-0.5), b2=r(n))  # fmt: skip
+        out = (p // 4, n)
+    else:
+        b, length, d = s["B"], s["L"], s["D"]
+        gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+        mask = (torch.rand(b, length, generator=gen) < 0.5).to(args.device)
+        t = dict(hidden=r(b, length, d), mask=mask, embeds=r(int(mask.sum()), d))
+        out = (b, length, d)
+    return t, _gen(args)(*out, grad=False)
+
+
+def _pixel_shuffle_eager(x, s):
+    b, n, c = x.shape
+    h = w = int(n**0.5)
+    x = x.view(b, h, w // s, c * s).permute(0, 2, 1, 3)
+    x = x.reshape(b, w // s, h // s, c * s * s).permute(0, 2, 1, 3)
+    return x.reshape(b, n // (s * s), c * s * s)
+
+
+def _rms_eager(x, w, eps=1e-6):
+    v = x.float()
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+    return w * v.to(x.dtype)
+
+
+def _eager(op: str) -> Callable:
+    if op == "llava_projector":
+        return lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    if op == "idefics3_connector":
+        return lambda x, w: F.linear(_pixel_shuffle_eager(x, 2), w)
+    if op == "qwen_merger":
+
+        def merger(x, nw, w1, b1, w2, b2):
+            h = _rms_eager(x, nw).view(-1, 4 * x.shape[-1])
+            return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+
+        return merger
+
+    def deepstack(hidden, mask, embeds):
+        hidden = hidden.clone()
+        hidden[mask, :] = hidden[mask, :] + embeds
+        return hidden
+
+    return deepstack
+
+
+def _ours(op: str) -> Callable:
+    if op == "llava_projector":
+        return C.mlp_projector
+    if op == "idefics3_connector":
+        return lambda x, w: C.merger(x, w, layout="grid")
+    if op == "qwen_merger":
+        return lambda x, nw, w1, b1, w2, b2: C.merger(x, w1, b1, w2, b2, norm="rmsnorm",
+                                                      norm_weight=nw)  # fmt: skip
+    return C.deepstack_add
+
+
+def _prepared(args: BuildArgs, fn: Callable, note: str) -> Prepared:
+    tensors, grad = _inputs(args)
+    values = list(tensors.values())
+
+    def call():
+        return fn(*values)
+
+    def loss():
+        return (call().float() * grad).sum()
+
+    leaves = tuple(t for t in values if t.requires_grad)
+    return Prepared(loss, leaves, note, call=call)
+
+
+def build_vlmkernels(args: BuildArgs) -> Prepared:
+    return _prepared(args, _ours(args.op), "")
+
+
+def build_eager(args: BuildArgs) -> Prepared:
+    return _prepared(args, _eager(args.op), "transformers' formulas")
+
+
+def build_compile(args: BuildArgs) -> Prepared:
+    torch._dynamo.reset()
+    return _prepared(args, torch.compile(_eager(args.op)), "torch.compile, static shapes")
+
+
+def _cuda_only(device: torch.device) -> str | None:
+    return None if device.type == "cuda" else _CUDA_ONLY
+
+
+PROVIDERS = (
+    Provider("vlmkernels", build_vlmkernels),
+    Provider("eager", build_eager),
+    Provider("compile", build_compile, available=_cuda_only),
+)
+
+_PASSES = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
+
+
+def _gemms(op: str, s: Mapping[str, int]) -> list[tuple[int, int, int]]:
+    if op == "llava_projector":
+        return [(s["M"], s["K"], s["N"]), (s["M"], s["N"], s["N"])]
+    if op == "idefics3_connector":
+        return [(s["B"] * s["S"] ** 2 // 4, 4 * s["C"], s["N"])]
+    if op == "qwen_merger":
+        k = 4 * s["QC"]
+        return [(s["P"] // 4, k, k), (s["P"] // 4, k, s["QN"])]
+    return []
+
+
+def _flops(op: str):
+    def flops(shape: Mapping[str, int], mode: str) -> float:
+        """2 M K N per linear, x1 fwd, x2 bwd, x3 fwd+bwd."""
+        return float(2 * _PASSES[mode] * sum(m * k * n for m, k, n in _gemms(op, shape)))
+
+    return flops
+
+
+def _bytes(op: str):
+    def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
+        """Features in, output out, the weights once, per pass."""
+        s = shape
+        if op == "deepstack":
+            elems = 3 * s["B"] * s["L"] * s["D"]
+        else:
+            gemms = _gemms(op, s)
+            elems = gemms[0][0] * gemms[0][1] + gemms[-1][0] * gemms[-1][2]
+            elems += sum(k * n for _, k, n in gemms)
+        passes = 1 if mode == "fwd" else (1 if mode == "bwd" else 2)
+        return float(passes * elems * itemsize)
+
+    return nbytes
+
+
+def grid(profile: str) -> dict[str, list[int]]:
+    if profile == "cpu":
+        return {"M": [64], "K": [64], "N": [128], "B": [2], "S": [8], "C": [32], "P": [256],
+                "QC": [32], "QN": [64], "L": [64], "D": [64]}  # fmt: skip
+    return {"M": [4608], "K": [1024], "N": [4096], "B": [32], "S": [32], "C": [1152],
+            "P": [21904], "QC": [1280], "QN": [3584], "L": [4096], "D": [4096]}  # fmt: skip
+
+
+OPS = tuple(
+    OpSpec(op, PROVIDERS, _flops(op), _bytes(op))
+    for op in ("llava_projector", "idefics3_connector", "qwen_merger", "deepstack")
+)
+
+SUITE = Suite(name="connectors", ops=OPS, grid=grid, x_name="M")
