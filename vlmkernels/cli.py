@@ -5,6 +5,10 @@
   ``~/.cache/vlmkernels/``; ``VLMKERNELS_CACHE_DIR`` moves the cache; a malformed cache, or
   entry, is ignored with a one-line note and measured again).
 - ``tune``: autotunes the Triton kernels on this GPU (:mod:`vlmkernels.core.tuner`).
+- ``inspect``: compiles the families' Triton kernels for a GPU architecture on any machine
+  and reports registers, spills, shared memory, CTAs per SM, the hot loop's instruction mix
+  and a static time estimate; checks them against ``vlmkernels/kernel_budgets.json``
+  (:mod:`vlmkernels.core.inspection`, :mod:`vlmkernels.core.estimate`).
 - ``bench``, ``profile``, ``report``: the benchmark suites, which live in the top-level
   ``benchmarks/`` folder of a checkout (not installed with the package). These commands find
   it next to the package (an editable install) or in the working directory or one of its
@@ -486,6 +490,86 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vlmkernels.core import runtime
+
+    if runtime.INTERPRETED:  # the kernels must be compiled, not interpreted: a fresh process
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = [sys.executable, "-m", "vlmkernels", "inspect", *args.argv]
+        return subprocess.run(argv, env=env).returncode
+    import vlmkernels.ops  # noqa: F401  (registers the families)
+    from vlmkernels.core import estimate, inspection
+
+    try:
+        cases = inspection.select_cases(args.ops)
+        arch = inspection.normalise_arch(args.arch)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    budget_path = args.budgets or inspection.BUDGET_FILE
+    budgets = inspection.load_budgets(budget_path)
+    dtypes = tuple(args.dtype or inspection.DTYPES)
+    configs = args.configs
+    if args.write_budgets:
+        configs, dtypes, cases = "all", inspection.DTYPES, inspection.all_cases()
+    start = time.perf_counter()
+    records = inspection.inspect_cases(cases, dtypes, arch, configs, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - start
+    workloads = budgets.get("workloads", {})
+    for r in records:
+        if r["default"] and r["case"] in workloads:
+            r["estimates"] = estimate.estimate(r, workloads[r["case"]])
+    if args.write_budgets:
+        new = inspection.new_budgets(records, budgets)
+        Path(budget_path).write_text(json.dumps(new, indent=1) + "\n")
+        print(
+            f"wrote {budget_path}: {len(new['instructions_per_tile'])} budgets, "
+            f"{len(new['expected_failures'])} expected failures",
+            file=sys.stderr,
+        )
+        for e in new["expected_failures"]:
+            print(
+                f"  expected failure {e['check']} {e['case']}/{e['dtype']} {e['config']}: "
+                f"{e['reason']}",
+                file=sys.stderr,
+            )
+        budgets = new
+    unexpected, expected, stale = inspection.check(records, budgets)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(
+            f"{arch}, Triton {records[0].get('triton') if records else '?'}: * = default "
+            "config; instr = static instructions per tile (the loop around the k-loop), per "
+            "loop (the busiest innermost loop) or per program; spill = bytes stored to local "
+            "memory per thread; CTA = CTAs per SM"
+        )
+        print(
+            "\n".join(inspection.table_lines(records, budgets) + inspection.estimate_lines(records))
+        )
+        for f in expected:
+            print(
+                f"expected failure: {f['check']} {f['case']}/{f['dtype']} {f['config']}: "
+                f"{f['message']} ({f['reason']})"
+            )
+        for e in stale:
+            print(
+                f"passes now (remove from expected_failures): {e['check']} "
+                f"{e['case']}/{e['dtype']} {e.get('config', '')}"
+            )
+        for f in unexpected:
+            print(f"FAILED {f['check']} {f['case']}/{f['dtype']} {f['config']}: {f['message']}")
+    print(
+        f"{len(records)} variants in {seconds:.1f} s (cache: {inspection.cache_dir()})",
+        file=sys.stderr,
+    )
+    return 1 if args.check and (unexpected or stale) else 0
+
+
+# --------------------------------------------------------------------------------------
 # bench, profile, report: the checkout's benchmarks package
 # --------------------------------------------------------------------------------------
 
@@ -585,6 +669,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="config directory (default: the tuner's, VLMKERNELS_CONFIG_DIR)"
     )
     tune.set_defaults(func=cmd_tune)
+    insp = sub.add_parser(
+        "inspect",
+        help="compile the Triton kernels for a GPU (no GPU needed) and report "
+        "registers, spills, shared memory, occupancy, instruction mix and estimates",
+    )
+    insp.add_argument("ops", nargs="*", help="families, kernels, variants or ops (default: all)")
+    insp.add_argument("--arch", default="sm_90a", help="target architecture (default sm_90a)")
+    insp.add_argument(
+        "--dtype",
+        action="append",
+        choices=["bf16", "fp16", "fp32"],
+        help="input dtype (repeatable; default bf16 and fp32)",
+    )
+    insp.add_argument(
+        "--configs",
+        choices=["all", "default"],
+        default="all",
+        help="every config of each kernel's space, or the default one",
+    )
+    insp.add_argument("--json", action="store_true", help="the records as a JSON list")
+    insp.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 on a failed check (spill, shared memory, budget) that is not "
+        "an expected failure of the budget file, or on a stale expected failure",
+    )
+    insp.add_argument(
+        "--write-budgets",
+        action="store_true",
+        help="regenerate the budget file from every variant (default configs' "
+        "instructions + margin; expected failures kept, fixed ones dropped)",
+    )
+    insp.add_argument("--budgets", type=Path, help="the budget file (default: the package's)")
+    insp.add_argument("--no-cache", action="store_true", help="compile again, ignore the cache")
+    insp.set_defaults(func=cmd_inspect)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
@@ -596,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     if args.command is None:
         parser.print_help()
         return 2

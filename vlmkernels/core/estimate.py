@@ -1,0 +1,119 @@
+"""A static time model for inspected kernels (:mod:`.inspection` records) at the benchmark
+shapes: what the SASS and the device's rates imply, not a measurement.
+
+Workloads come from the budget file's ``workloads`` (per compile case, a list of shapes):
+
+- ``{"shape": label, "M", "N", "K", "out_bytes"}`` for a kernel over the tiles of an M x N
+  product with reduction length K (``out_bytes``: bytes written per output element);
+- ``{"shape": label, "programs", "bytes", "trips": {"count", "per"}}`` for a memory-bound
+  kernel: ``programs`` program instances moving ``bytes`` in all, each running its hot loop
+  ceil(count / config[per]) times.
+
+The model, per device (:data:`DEVICES`, all numbers printed with the estimates):
+
+- tensor clocks per tile: 2 BM BN K flops at the tensor cores' dense rate per SM per clock
+  (16-bit inputs; fp32 inputs run "tf32x3": three TF32 products at half that rate);
+- issue clocks per tile: warps x executed instructions / 4 (four schedulers, one warp
+  instruction each per clock), executed = the tile region + (ceil(K / BK) - 1) x its inner
+  loops (the k-loop body runs once per K / BK step);
+- MUFU clocks: warps x MUFU instructions x 32 lanes / 16 per clock;
+- tiles spread evenly over every SM (no tail wave, no grid cap): time = tiles x clocks /
+  (SMs x clock rate); the estimate is the range from max(tensor, issue, MUFU) (perfect
+  overlap) to tensor + issue (none), and never below bytes / copy bandwidth;
+- memory-bound kernels: max(bytes / copy bandwidth, issue time of every program).
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["DEVICES", "assumptions", "estimate"]
+
+# clock: the clock at which 132 SMs x 4096 flop/clock give the datasheet's 989 TFLOP/s
+# dense bf16 (the H100 SXM's; the H200 has the same SMs and rates). copy_tb_s: H200, a
+# device-to-device copy measured on this workplace's H200 (KINDS.md, 2026-10-28: 4.3 TB/s,
+# bytes read + written); H100, 90% of the 3.35 TB/s datasheet figure (not measured here).
+DEVICES = {
+    "H100": dict(sms=132, clock_ghz=1.83, mma_flop_per_clk=4096, copy_tb_s=3.0),
+    "H200": dict(sms=132, clock_ghz=1.83, mma_flop_per_clk=4096, copy_tb_s=4.3),
+}
+ISSUE_PER_CLK = 4  # warp instructions per SM per clock
+MUFU_PER_CLK = 16  # special-function results per SM per clock
+
+
+def assumptions() -> list[str]:
+    """The model's numbers, one line each, for printing beside the estimates."""
+    lines = [
+        f"{name}: {d['sms']} SMs at {d['clock_ghz']} GHz, tensor cores "
+        f"{d['mma_flop_per_clk']} flop/clock/SM dense 16-bit "
+        f"({d['sms'] * d['mma_flop_per_clk'] * d['clock_ghz'] / 1e3:.0f} TFLOP/s; fp32 inputs: "
+        f"tf32x3 at a sixth), copy bandwidth {d['copy_tb_s']} TB/s"
+        for name, d in DEVICES.items()
+    ]
+    return lines + [
+        f"issue {ISSUE_PER_CLK} warp instructions/clock/SM, MUFU {MUFU_PER_CLK} lanes/clock/SM; "
+        "tiles spread evenly over all SMs (no tail wave, no grid cap); range = perfect overlap "
+        "of tensor and issue clocks .. none; never below bytes / copy bandwidth",
+        "H200 copy bandwidth measured here (KINDS.md); H100's assumed (90% of datasheet); "
+        "the measured H100 GEMM anchors (issue 14) reached 53-69% of the tensor peak",
+    ]
+
+
+def _gemm(record: dict, work: dict, dev: dict) -> dict:
+    kw = record["constexprs"]
+    bm, bn, bk = kw["BM"], kw["BN"], kw["BK"]
+    m, n, k = work["M"], work["N"], work["K"]
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    per_clk = dev["mma_flop_per_clk"] / (6 if record["dtype"] == "fp32" else 1)
+    tensor = 2 * bm * bn * k / per_clk
+    executed = (
+        record["instructions_per_tile"]
+        + (math.ceil(k / bk) - 1) * record["inner_loop_instructions"]
+    )
+    issue = record["num_warps"] * executed / ISSUE_PER_CLK
+    mufu = record["num_warps"] * record["mix"].get("MUFU", 0) * 32 / MUFU_PER_CLK
+    to_ms = tiles / (dev["sms"] * dev["clock_ghz"] * 1e6)
+    elem = 4 if record["dtype"] == "fp32" else 2
+    moved = m * n * work.get("out_bytes", 0) + (m + n) * k * elem
+    memory = moved / (dev["copy_tb_s"] * 1e9)
+    low = max(tensor, issue, mufu) * to_ms
+    high = (tensor + issue) * to_ms
+    bound = max(("tensor", tensor), ("issue", issue), ("MUFU", mufu), key=lambda t: t[1])[0]
+    if memory > low:
+        bound = "memory"
+    return dict(tensor_ms=tensor * to_ms, issue_ms=issue * to_ms, mufu_ms=mufu * to_ms,
+                memory_ms=memory, low_ms=max(low, memory), high_ms=max(high, memory),
+                bound=bound)  # fmt: skip
+
+
+def _memory(record: dict, work: dict, dev: dict) -> dict:
+    trips = work.get("trips")
+    loops = 1
+    if trips and record["region"] == "loop":
+        loops = math.ceil(trips["count"] / record["constexprs"].get(trips["per"], 1))
+    executed = record["instructions_total"] + (loops - 1) * record["instructions_per_tile"]
+    issue = work["programs"] * record["num_warps"] * executed / ISSUE_PER_CLK
+    issue_ms = issue / (dev["sms"] * dev["clock_ghz"] * 1e6)
+    memory = work["bytes"] / (dev["copy_tb_s"] * 1e9)
+    est = max(issue_ms, memory)
+    return dict(issue_ms=issue_ms, memory_ms=memory, low_ms=est, high_ms=est,
+                bound="memory" if memory >= issue_ms else "issue")  # fmt: skip
+
+
+def estimate(record: dict, workloads: list[dict]) -> list[dict]:
+    """Per workload and device: {"shape", "device", "low_ms", "high_ms", "bound", and the
+    terms}; nothing for a record that did not compile or a workload of the other dtype
+    (``"dtype"`` in a workload restricts it)."""
+    if "error" in record:
+        return []
+    out = []
+    for work in workloads:
+        if work.get("dtype", record["dtype"]) != record["dtype"]:
+            continue
+        model = _gemm if "K" in work else _memory
+        for name, dev in DEVICES.items():
+            terms = model(record, work, dev)
+            out.append(dict(shape=work["shape"], device=name,
+                            **{k: float(f"{v:.4g}") if isinstance(v, float) else v
+                               for k, v in terms.items()}))  # fmt: skip
+    return out
