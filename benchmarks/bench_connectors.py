@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 import vlmkernels.ops.connectors as C
 
-from .harness import BuildArgs, OpSpec, Prepared, Provider, Suite
+from . import targets
+from .harness import BuildArgs, OpSpec, Prepared, Provider, Results, RunConfig, Suite
 
 _CUDA_ONLY = "torch.compile is timed on CUDA only (the CPU suite times the PyTorch paths)"
 
@@ -211,4 +212,22 @@ OPS = tuple(
     for op in ("llava_projector", "idefics3_connector", "qwen_merger", "deepstack")
 )
 
-SUITE = Suite(name="connectors", ops=OPS, grid=grid, x_name="M")
+
+def summarize(results: Results, cfg: RunConfig) -> list[str]:
+    """The issue-13 targets of this suite as measured in this run."""
+    found = targets.for_suite("connectors")
+    lines = []
+    for t in found:
+        v = t.evaluate(results)
+        ratio = f" / {t.baseline} ms" if t.baseline else ""
+        label = f"  {t.op} {t.mode} {t.provider} ms{ratio}"
+        if not v.measured:
+            lines.append(f"{label}: target {t.text}: not measured ({v.reason})")
+        else:
+            lines.append(f"{label}: {v.value:.3g}, target {t.text}: {'HIT' if v.hit else 'MISS'}")
+    if cfg.device.type != "cuda":
+        lines.append("  (no CUDA device: a CPU sweep at tiny shapes in fp32; GPU rows owed)")
+    return [f"Targets ({targets.issues(found)}, the GPU shapes of grid('full')):", *lines]
+
+
+SUITE = Suite(name="connectors", ops=OPS, grid=grid, x_name="M", summarize=summarize)

@@ -254,3 +254,24 @@ ATTENTION = tuple(
 )  # fmt: skip
 
 TARGETS += ATTENTION
+
+# --------------------------------------------------------------------------------------
+# Issue 13: connectors (H100, bf16). Idefics3's connector (32 images of 32 x 32 x 1152 ->
+# 4096) <= 0.45 ms forward; the LLaVA projector forward at least as fast as eager cuBLAS;
+# the Qwen2.5-VL merger (4 images of 1024 x 1024, 1280 -> 3584) forward+backward <= 0.7x
+# torch.compile. The suite's shapes carry every op's keys (benchmarks/bench_connectors.py).
+# --------------------------------------------------------------------------------------
+
+CONNECTOR_SHAPE = _shape(M=4608, K=1024, N=4096, B=32, S=32, C=1152, P=21904, QC=1280,
+                         QN=3584, L=4096, D=4096)  # fmt: skip
+CONNECTORS = (
+    Target(suite="connectors", op="idefics3_connector", provider="vlmkernels", mode="fwd",
+           shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.45, issue=13),
+    Target(suite="connectors", op="llava_projector", provider="vlmkernels", mode="fwd",
+           shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=1.0, baseline="eager",
+           issue=13),
+    Target(suite="connectors", op="qwen_merger", provider="vlmkernels", mode="fwd+bwd",
+           shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.7, baseline="compile",
+           issue=13),
+)  # fmt: skip
+TARGETS += CONNECTORS
