@@ -510,8 +510,8 @@ def estimate_lines(records: list[dict]) -> list[str]:
     return (
         [
             "",
-            "Estimated time per launch sequence at the benchmark shapes (default config; "
-            "a static model, not a measurement):",
+            "Estimated time of one launch over the whole M x N product (or all programs) at the "
+            "benchmark shapes, default config (a static model, not a measurement):",
         ]
         + lines
         + ["", "Assumptions:"]
