@@ -163,9 +163,10 @@ def _clip_stats_kernel(
             valid = row_mask[:, None] & col_mask[None, :]
             # nothing to read back on the group's first row block
             seen = col_mask & ((cols * 0 + i) > i_lo)
-            if COLS and not (IDS or SMOOTH or TEACHER):
+            if COLS and not (IDS or SMOOTH or TEACHER or INPUT_PRECISION == "tf32x3"):
                 # the columns' running statistics, read before the k-loop: their latency
-                # hides under it (with targets, too many registers through the loop)
+                # hides under it (with targets or fp32's three-product tiles, too many
+                # registers through the loop)
                 m_col = tl.load(col_max_ptr + cols, mask=seen, other=NEG_INF)
                 l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
             acc = logits_tile(x_ptr, y_ptr, i * BM, j * BN, row_mask, col_mask, D,
@@ -218,7 +219,7 @@ def _clip_stats_kernel(
                 l_row = l_row * tl.exp2(m_row - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), 1)
                 m_row = m_new
             if COLS:
-                if IDS or SMOOTH or TEACHER:
+                if IDS or SMOOTH or TEACHER or INPUT_PRECISION == "tf32x3":
                     m_col = tl.load(col_max_ptr + cols, mask=seen, other=NEG_INF)
                     l_col = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
                 m_col_new = tl.maximum(m_col, tl.max(t, 0))
@@ -307,9 +308,9 @@ def _clip_grad_kernel(
         col_mask = cols < N
         col_pad = pad(col_mask)
         valid = row_mask[:, None] & col_mask[None, :]
-        if not (IDS or SMOOTH or TEACHER):
-            # loaded before the k-loop, their latency hidden under it; with targets there
-            # are too many of them to keep in registers through the loop
+        if not (IDS or SMOOTH or TEACHER or INPUT_PRECISION == "tf32x3"):
+            # loaded before the k-loop, their latency hidden under it; with targets (or
+            # fp32's three-product tiles) too many registers to keep through the loop
             col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask,
                                              bias2, COLS, SMOOTH)
         grad = tl.zeros((BM, BN), tl.float32)
@@ -328,7 +329,7 @@ def _clip_grad_kernel(
         acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                           stride_xn, stride_xd, stride_yn, stride_yd,
                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-        if IDS or SMOOTH or TEACHER:
+        if IDS or SMOOTH or TEACHER or INPUT_PRECISION == "tf32x3":
             col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask,
                                              bias2, COLS, SMOOTH)
         a = acc * scale2
