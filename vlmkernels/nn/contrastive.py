@@ -49,7 +49,7 @@ its owner, so for every ``dist_impl`` the gradient to T_r is sum_k d loss_k / d 
 d loss_r / d I_r (I_r never leaves its rank). All ranks need the same local batch size.
 
 Memory per rank, in elements (chunk: the rows of logit gradient the fused ops materialise
-at once, 128 MiB by default):
+at once, 128 MiB by default, at least 2048 rows on the Triton path):
 
 - ClipLoss, not local: gathered features 2 N d (plus 2 N d for the local slot put back
   without grad), O(N) statistics; backward: dI, dT for N rows (2 N d), an fp32 (N, d)
