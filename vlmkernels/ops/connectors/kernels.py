@@ -29,9 +29,12 @@ ACT_NONE, ACT_GELU, ACT_GELU_GRAD = 0, 1, 2
 # which operand of the GEMM is the (gathered, normalised) X: none, A, B
 X_NONE, X_A, X_B = 0, 1, 2
 
-# 128 x 256 and 128 x 128 x 32 tiles spill (sm_90a, triton 3.9) and four stages overflow
-# the 227 KB of shared memory with the merged-LayerNorm prologue: not in the space.
+# The default (first) config serves 16-bit and fp32 inputs: with BK 64, fp32 tiles and the
+# merged-norm prologue overflow the 227 KB of shared memory and spill. 128 x 256 tiles and
+# four warps on 128 x 128 spill (sm_90a, triton 3.9); four stages overflow shared memory
+# with the merged-LayerNorm prologue: not in the space.
 _GPU_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
