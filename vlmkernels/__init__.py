@@ -10,6 +10,7 @@ from .core.version import __version__
 from .distributed import clip_loss, siglip_loss
 from .integrations.transformers import patch
 from .ops.attention import attention, cross_attention, media_cross_attention
+from .ops.connectors import deepstack_add, merger, mlp_projector, pixel_shuffle
 from .ops.contrastive import clip_loss_with_grads, contrastive_cross_entropy, siglip_loss_with_grads
 from .ops.rope import get_rope_index, mrope, mrope_from_positions, rope, vision_rope
 from .ops.tokens import pool_tokens, select_tokens, tome_merge
@@ -23,13 +24,17 @@ __all__ = [
     "clip_loss_with_grads",
     "contrastive_cross_entropy",
     "cross_attention",
+    "deepstack_add",
     "get_backend",
     "get_rope_index",
     "media_cross_attention",
+    "merger",
+    "mlp_projector",
     "mrope",
     "mrope_from_positions",
     "nn",
     "patch",
+    "pixel_shuffle",
     "pool_tokens",
     "rope",
     "select_tokens",
