@@ -183,6 +183,13 @@ def qwen2(request) -> Built:
     return Built("qwen2_vl")
 
 
+def rotary_patch(model, **parts):
+    """The rotary table's parts alone: the connector tables' parts, which a Qwen-VL model
+    also gets by default (its merger, Qwen3-VL's DeepStack), have their own tests
+    (tests/test_connectors_patch.py) and :func:`test_patched_matches_transformers`."""
+    return vt.patch(model, **{"connector": False, "deepstack": False, **parts})
+
+
 def assert_close(actual, expected, what):
     scale = expected.abs().max().item()
     err = (actual - expected).abs().max().item()
@@ -227,6 +234,11 @@ def test_patched_matches_transformers(built, angles):
     else:
         assert counts.get("vlmkernels::rope_positions", 0) == TEXT_LAYERS
         assert counts.get("vlmkernels::rope_table", 0) == vision_calls
+    # the connector table's parts ran too: each merger (Qwen3-VL's DeepStack mergers too)
+    # once per vision call, and Qwen3-VL's DeepStack add in the decoder
+    deepstack = built.model.model.visual.__dict__["_modules"].get("deepstack_merger_list", ())
+    assert counts.get("vlmkernels::connector", 0) == 2 * (1 + len(deepstack)), counts
+    assert (counts.get("vlmkernels::deepstack_add", 0) > 0) == (len(deepstack) > 0), counts
 
 
 def test_rope_index_replaces_the_per_row_loop(built):
@@ -253,7 +265,7 @@ def test_rope_index_replaces_the_per_row_loop(built):
         ref_pos, ref_delta = inner.get_rope_index(**args)
         assert calls, "the spy does not see transformers' loop"
         calls.clear()
-        with vt.patch(built.model, rope=False, vision=False, rope_index=True) as handle:
+        with rotary_patch(built.model, rope=False, vision=False, rope_index=True) as handle:
             assert handle.targets == ("model.get_rope_index",)
             pos, delta = inner.get_rope_index(**args)
             logits = built.logits()
@@ -270,7 +282,7 @@ def test_rope_index_replaces_the_per_row_loop(built):
 def test_undo_restores_exactly(qwen2):
     model = qwen2.model
     before = instance_overrides(model)
-    handle = vt.patch(model)
+    handle = rotary_patch(model)
     patched = instance_overrides(model)
     assert len(patched) == TEXT_LAYERS + VISION_DEPTH + 1
     assert set(handle.targets) == {f"{n}.{a}" for n, a in patched}
@@ -284,14 +296,14 @@ def test_undo_restores_exactly(qwen2):
 
 
 def test_context_manager(qwen2):
-    with vt.patch(qwen2.model, rope_index=False) as handle:
+    with rotary_patch(qwen2.model, rope_index=False) as handle:
         assert handle.active and instance_overrides(qwen2.model)
     assert not handle.active and instance_overrides(qwen2.model) == []
 
 
 def test_two_instances_one_patched(qwen2):
     twin = copy.deepcopy(qwen2.model)
-    with vt.patch(twin):
+    with rotary_patch(twin):
         counts, logits = op_counts(qwen2.logits)
         assert counts == {}
         assert torch.equal(logits, qwen2.ref_logits)
@@ -314,26 +326,26 @@ def test_transformers_and_torch_unchanged(built):
 
     modeling = sys.modules[type(built.model).__module__]
     before = _snapshot(modeling)
-    with vt.patch(built.model, angles="positions"):
+    with rotary_patch(built.model, angles="positions"):
         assert _snapshot(modeling) == before
     assert _snapshot(modeling) == before
 
 
 def test_patching_twice_raises(qwen2):
-    with vt.patch(qwen2.model, rope_index=False):
+    with rotary_patch(qwen2.model, rope_index=False):
         with pytest.raises(vt.AlreadyPatchedError):
-            vt.patch(qwen2.model, rope_index=False)
+            rotary_patch(qwen2.model, rope_index=False)
         with pytest.raises(vt.AlreadyPatchedError):
-            vt.patch(qwen2.model.model.language_model)
+            rotary_patch(qwen2.model.model.language_model)
         with pytest.raises(vt.AlreadyPatchedError):
-            vt.patch(qwen2.model.model.visual)
-    with vt.patch(qwen2.model.model.language_model):  # fine again once undone
+            rotary_patch(qwen2.model.model.visual)
+    with rotary_patch(qwen2.model.model.language_model):  # fine again once undone
         pass
 
 
 def test_undo_refuses_when_overwritten(qwen2):
     attn = qwen2.model.model.language_model.layers[0].self_attn
-    handle = vt.patch(qwen2.model, rope_index=False)
+    handle = rotary_patch(qwen2.model, rope_index=False)
     mine = attn.forward
     attn.forward = lambda *a, **k: None
     with pytest.raises(RuntimeError, match="changed after patching"):
@@ -347,11 +359,11 @@ def test_undo_refuses_when_overwritten(qwen2):
 def test_text_model_and_vision_tower_roots(qwen2):
     """A ...TextModel gets the text part only, a vision tower the vision part only."""
     text, visual = qwen2.model.model.language_model, qwen2.model.model.visual
-    with vt.patch(text) as handle:
+    with rotary_patch(text) as handle:
         assert handle.targets == tuple(f"layers.{i}.self_attn.forward" for i in range(TEXT_LAYERS))
-    with vt.patch(visual) as handle:
+    with rotary_patch(visual) as handle:
         assert handle.targets == tuple(f"blocks.{i}.attn.forward" for i in range(VISION_DEPTH))
-    with vt.patch(qwen2.model, vision=False, rope_index=False) as handle:
+    with rotary_patch(qwen2.model, vision=False, rope_index=False) as handle:
         assert all(".self_attn." in t for t in handle.targets)
 
 
@@ -369,17 +381,17 @@ def test_unsupported_models_raise(qwen2):
         qwen2.model.model.language_model.layers[0],  # a Qwen2-VL class, but not a model
     ):
         with pytest.raises(vt.UnsupportedModelError):
-            vt.patch(model)
+            rotary_patch(model)
     assert instance_overrides(qwen2.model) == []
 
 
 def test_bad_arguments_raise(qwen2):
     with pytest.raises(ValueError, match="angles"):
-        vt.patch(qwen2.model, angles="cache")
+        rotary_patch(qwen2.model, angles="cache")
     with pytest.raises(ValueError, match="rope=True"):
-        vt.patch(qwen2.model, rope=False, angles="positions")
+        rotary_patch(qwen2.model, rope=False, angles="positions")
     with pytest.raises(ValueError, match="nothing to patch"):
-        vt.patch(qwen2.model, rope=False, vision=False, rope_index=False)
+        rotary_patch(qwen2.model, rope=False, vision=False, rope_index=False)
 
 
 def _with_attention_class(model, make_subclass):
@@ -451,13 +463,13 @@ def _opaque(base):
 def test_unrecognised_layout_raises_and_changes_nothing(qwen2, make_subclass):
     model = _with_attention_class(qwen2.model, make_subclass)
     with pytest.raises(vt.UnsupportedLayoutError) as error:
-        vt.patch(model, rope_index=False)
+        rotary_patch(model, rope_index=False)
     message = str(error.value)
     assert f"transformers {transformers.__version__}" in message
     assert "tested with" in message and vt.TESTED_VERSIONS[-1] in message
     assert "vlmkernels.patch(model, rope=False)" in message
     assert instance_overrides(model) == []
-    with vt.patch(model, rope=False, rope_index=False):  # the vision part alone is fine
+    with rotary_patch(model, rope=False, rope_index=False):  # the vision part alone is fine
         pass
 
 
@@ -467,7 +479,7 @@ def test_decorated_forward_is_patched_and_its_decorators_run(qwen2):
     model = _with_attention_class(qwen2.model, _decorated)
     attn = model.model.language_model.layers[0].self_attn
     decorated = type(attn).forward
-    with vt.patch(model, vision=False, rope_index=False):
+    with rotary_patch(model, vision=False, rope_index=False):
         counts, logits = op_counts(lambda: qwen2.logits(model))
         installed = attn.__dict__["forward"]
     assert counts["vlmkernels::rope_table"] == TEXT_LAYERS
@@ -539,7 +551,7 @@ def test_renamed_or_kernelized_rotary_function(qwen2, make_function):
         layer.self_attn.__class__ = attention
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ref = text(input_ids=ids).last_hidden_state
-    with vt.patch(text):
+    with rotary_patch(text):
         counts, out = op_counts(lambda: text(input_ids=ids))
     assert counts == {"vlmkernels::rope_table": TEXT_LAYERS}
     assert_close(out.last_hidden_state, ref, "hidden states")
@@ -551,7 +563,7 @@ def test_deep_copy_of_a_patched_model_is_independent(qwen2):
     import gc
 
     original = copy.deepcopy(qwen2.model)
-    handle = vt.patch(original)
+    handle = rotary_patch(original)
     twin = copy.deepcopy(original)
     handle.undo()
     del original, handle
@@ -564,7 +576,7 @@ def test_deep_copy_of_a_patched_model_is_independent(qwen2):
         if bound is not None:
             assert bound.__self__ is module
     with pytest.raises(vt.AlreadyPatchedError):
-        vt.patch(twin)
+        rotary_patch(twin)
 
 
 def test_support_report_on_the_installed_transformers():
@@ -584,7 +596,7 @@ def test_foreign_instance_forward_raises(qwen2):
     attn.forward = lambda *a, **k: None
     try:
         with pytest.raises(vt.UnsupportedLayoutError, match="instance-level forward"):
-            vt.patch(qwen2.model, rope_index=False)
+            rotary_patch(qwen2.model, rope_index=False)
         assert instance_overrides(qwen2.model) == [("model.visual.blocks.1.attn", "forward")]
     finally:
         del attn.forward
@@ -603,7 +615,7 @@ def test_accelerate_style_hook_is_kept(qwen2):
 
     attn._hf_hook, attn._old_forward, attn.forward = object(), attn.forward, hook_forward
     old = attn._old_forward
-    with vt.patch(model, vision=False, rope_index=False) as handle:
+    with rotary_patch(model, vision=False, rope_index=False) as handle:
         assert "model.language_model.layers.0.self_attn._old_forward" in handle.targets
         counts, logits = op_counts(lambda: qwen2.logits(model))
     assert hooked and counts["vlmkernels::rope_table"] == TEXT_LAYERS
@@ -616,9 +628,9 @@ def test_positions_refused_for_dynamic_rope():
     config = transformers.Qwen2VLTextConfig(**{**_text(64, [2, 3, 3]), "rope_parameters": rope})
     model = transformers.Qwen2VLTextModel(config)
     with pytest.raises(vt.UnsupportedLayoutError, match="dynamic"):
-        vt.patch(model, angles="positions")
+        rotary_patch(model, angles="positions")
     assert instance_overrides(model) == []
-    with vt.patch(model, angles="table"):
+    with rotary_patch(model, angles="table"):
         pass
 
 
@@ -689,7 +701,7 @@ def test_mrope_layout_of_transformers_516(qwen2, angles):
     positions = torch.stack([torch.arange(12), torch.arange(12) % 4, torch.arange(12) // 3])
     positions = positions[:, None].expand(3, 2, 12).to(DEVICE)
     ref = text(input_ids=ids, position_ids=positions).last_hidden_state
-    with vt.patch(text, angles=angles):
+    with rotary_patch(text, angles=angles):
         counts, out = op_counts(lambda: text(input_ids=ids, position_ids=positions))
     op = "vlmkernels::rope_table" if angles == "table" else "vlmkernels::rope_positions"
     assert counts == {op: TEXT_LAYERS}

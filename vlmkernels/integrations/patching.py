@@ -307,7 +307,9 @@ class Architecture:
         roots: class name of a model the patch accepts -> the parts that apply to it (a full
             model gets every part, a vision tower only the vision ones).
         anywhere: the patch also applies to any model whose module tree holds one of
-            ``classes`` (every part then applies), e.g. a Q-Former inside a larger model.
+            ``classes`` (every part then applies), e.g. a Q-Former inside a larger model,
+            including other classes of the same library module (a Qwen-VL model holding
+            its merger) that are not among ``roots``.
         data: architecture facts the replacements read ({"interleaved": True, ...}).
     """
 
@@ -446,6 +448,8 @@ class Patcher:
             for root, parts in arch.roots.items():
                 if isinstance(model, self.cls(module, root)):
                     return arch, module, parts
+            if arch.anywhere:  # another class of that module: the model may hold its classes
+                break
             raise UnsupportedModelError(
                 f"vlmkernels.patch takes a {', '.join(arch.roots)}; got {type(model).__qualname__}"
             )

@@ -24,8 +24,9 @@ An activation other than exact GELU, or a module whose layers are not the expect
 ``nn.Linear`` / norms, is refused at patch time (:class:`UnsupportedLayoutError`).
 
 Roots: the LLaVA, Idefics3, SmolVLM and InternVL models (``...ForConditionalGeneration``,
-``...Model``) and the connector modules themselves; for the Qwen-VL models, whose roots the
-rotary table owns, the merger modules and any model outside their modules holding them.
+``...Model``) and the connector modules themselves; for the Qwen-VL models (whose roots the
+rotary table owns) any model holding their merger modules (or Qwen3-VL's text model): the
+full models, the vision towers, the mergers themselves, a foreign model.
 """
 
 from __future__ import annotations
