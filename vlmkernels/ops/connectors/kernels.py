@@ -334,6 +334,25 @@ def _norm_rows(r, l, HWo, Wo, H, W, C, MH, MW, sb, sh, sw, sc,
     return row_off, col_off
 
 
+@triton.jit
+def _norm_grad_tile(g_ptr, x_ptr, nw_ptr, rows, r_mask, g_off, mean, rstd, l0, L,
+                    HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
+                    GATHER: tl.constexpr, PER_PATCH: tl.constexpr, BL: tl.constexpr):
+    """One (BR, BL) tile of the norm's backward at columns l0 + [0, BL): (cols, column mask,
+    tile mask, xh = (x - mean) rstd, g, gh = g * w), all fp32."""
+    cols = l0 + tl.arange(0, BL)
+    c_mask = cols < L
+    mask = r_mask[:, None] & c_mask[None, :]
+    x_row, x_col = _norm_rows(rows, cols, HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
+                              GATHER, PER_PATCH)
+    xv = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=mask, other=0.0)
+    xh = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    g = tl.load(g_ptr + (g_off[:, None] + cols.to(tl.int64)[None, :]), mask=mask,
+                other=0.0).to(tl.float32)
+    gh = g * tl.load(nw_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    return cols, c_mask, mask, xh, g, gh
+
+
 @tuned("connector_norm_grad", configs=_ROW_CONFIGS, key=["L", "GATHER", "NORM", "PER_PATCH"],
        sizes=["L"])
 @triton.jit
@@ -365,31 +384,17 @@ def _norm_grad_kernel(
         sum_g = tl.zeros((BR,), dtype=tl.float32)
         sum_gx = tl.zeros((BR,), dtype=tl.float32)
         for l0 in range(0, L, BL):
-            cols = l0 + tl.arange(0, BL)
-            c_mask = cols < L
-            mask = r_mask[:, None] & c_mask[None, :]
-            x_row, x_col = _norm_rows(rows, cols, HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw,
-                                      sxc, GATHER, PER_PATCH)
-            xv = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=mask, other=0.0)
-            xh = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            g = tl.load(g_ptr + (g_off[:, None] + cols.to(tl.int64)[None, :]), mask=mask,
-                        other=0.0).to(tl.float32)
-            gh = g * tl.load(nw_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            cols, c_mask, mask, xh, g, gh = _norm_grad_tile(
+                g_ptr, x_ptr, nw_ptr, rows, r_mask, g_off, mean, rstd, l0, L, HWo, Wo, H, W, C,
+                MH, MW, sxb, sxh, sxw, sxc, GATHER, PER_PATCH, BL)
             sum_g += tl.sum(gh, 1)
             sum_gx += tl.sum(gh * xh, 1)
         mean_g = sum_g / L
         mean_gx = sum_gx / L
         for l0 in range(0, L, BL):
-            cols = l0 + tl.arange(0, BL)
-            c_mask = cols < L
-            mask = r_mask[:, None] & c_mask[None, :]
-            x_row, x_col = _norm_rows(rows, cols, HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw,
-                                      sxc, GATHER, PER_PATCH)
-            xv = tl.load(x_ptr + (x_row[:, None] + x_col[None, :]), mask=mask, other=0.0)
-            xh = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            g = tl.load(g_ptr + (g_off[:, None] + cols.to(tl.int64)[None, :]), mask=mask,
-                        other=0.0).to(tl.float32)
-            gh = g * tl.load(nw_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            cols, c_mask, mask, xh, g, gh = _norm_grad_tile(
+                g_ptr, x_ptr, nw_ptr, rows, r_mask, g_off, mean, rstd, l0, L, HWo, Wo, H, W, C,
+                MH, MW, sxb, sxh, sxw, sxc, GATHER, PER_PATCH, BL)
             if NORM == 1:
                 dx = (gh - mean_g[:, None] - xh * mean_gx[:, None]) * rstd[:, None]
             else:
