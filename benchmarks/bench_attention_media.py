@@ -182,19 +182,13 @@ OPS = (OpSpec("media_cross_attention", PROVIDERS, flops, nbytes),)
 
 
 def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    lines = []
-    for t in targets.for_suite("attention_media"):
-        v = t.evaluate(results)
-        label = f"  {t.op} {t.mode} {t.provider} {t.metric} ({targets.shape_text(t.shape)})"
-        if not v.measured:
-            lines.append(f"{label}: target {t.text}: not measured ({v.reason})")
-        else:
-            lines.append(f"{label}: {v.value:.3g}, target {t.text}: {'HIT' if v.hit else 'MISS'}")
-    if cfg.device.type != "cuda":
-        lines.append(
-            "  (no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed)"
-        )
-    return [f"Targets ({targets.issues(targets.for_suite('attention_media'))}):", *lines]
+    """The targets of this suite as measured in this run."""
+    return targets.summary(
+        "attention_media",
+        results,
+        cfg.device.type == "cuda",
+        "no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed",
+    )
 
 
 SUITE = Suite(name="attention_media", ops=OPS, grid=grid, x_name="T", summarize=summarize)

@@ -214,20 +214,14 @@ OPS = tuple(
 
 
 def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The issue-13 targets of this suite as measured in this run."""
-    found = targets.for_suite("connectors")
-    lines = []
-    for t in found:
-        v = t.evaluate(results)
-        ratio = f" / {t.baseline} ms" if t.baseline else ""
-        label = f"  {t.op} {t.mode} {t.provider} ms{ratio}"
-        if not v.measured:
-            lines.append(f"{label}: target {t.text}: not measured ({v.reason})")
-        else:
-            lines.append(f"{label}: {v.value:.3g}, target {t.text}: {'HIT' if v.hit else 'MISS'}")
-    if cfg.device.type != "cuda":
-        lines.append("  (no CUDA device: a CPU sweep at tiny shapes in fp32; GPU rows owed)")
-    return [f"Targets ({targets.issues(found)}, the GPU shapes of grid('full')):", *lines]
+    """The targets of this suite as measured in this run."""
+    return targets.summary(
+        "connectors",
+        results,
+        cfg.device.type == "cuda",
+        "no CUDA device: a CPU sweep at tiny shapes in fp32; GPU rows owed",
+        heading=", the GPU shapes of grid('full')",
+    )
 
 
 SUITE = Suite(name="connectors", ops=OPS, grid=grid, x_name="M", summarize=summarize)

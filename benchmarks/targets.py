@@ -227,6 +227,25 @@ def shape_text(shape: Mapping[str, int] | tuple) -> str:
     return ", ".join(f"{k}={v}" for k, v in dict(shape).items())
 
 
+def summary(suite: str, results: Results, on_cuda: bool, cpu_note: str,
+            heading: str = "") -> list[str]:  # fmt: skip
+    """A suite's summary lines: each of its targets as measured in this run (value, HIT or
+    MISS, or why it was not measured), and ``cpu_note`` where the run had no CUDA device."""
+    found = for_suite(suite)
+    lines = [f"Targets ({issues(found)}{heading}):"]
+    for t in found:
+        v = t.evaluate(results)
+        ratio = f" / {t.baseline} {t.metric}" if t.baseline else ""
+        label = f"  {t.op} {t.mode} {t.provider} {t.metric}{ratio} ({shape_text(t.shape)})"
+        if not v.measured:
+            lines.append(f"{label}: target {t.text}: not measured ({v.reason})")
+        else:
+            lines.append(f"{label}: {v.value:.3g}, target {t.text}: {'HIT' if v.hit else 'MISS'}")
+    if not on_cuda:
+        lines.append(f"  ({cpu_note})")
+    return lines
+
+
 # --------------------------------------------------------------------------------------
 # Issue 12: attention (H100, bf16, forward). Few-query cross-attention (H 16, D 64) at least
 # 2x cuDNN SDPA when B x H <= 32 and at least 0.95x elsewhere; the key mass in at most 1.15x

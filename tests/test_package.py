@@ -7,10 +7,10 @@ import textwrap
 
 import pytest
 import torch
-from vlmkernels.core.runtime import INTERPRETED
 
 import vlmkernels
 from vlmkernels.core.backend import resolve_backend
+from vlmkernels.core.runtime import INTERPRETED
 
 
 def test_default_backend_follows_device_and_interpreter():
