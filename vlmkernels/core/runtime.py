@@ -87,5 +87,12 @@ def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: trito
 
 
 def next_pow2_bucket(n: int) -> int:
-    """Autotuning key for a size: its next power of two."""
-    return triton.next_power_of_2(max(int(n), 1))
+    """Autotuning key for a size: its next power of two (``triton.next_power_of_2``'s value,
+    computed here: that one is a constexpr function whose host calls cost microseconds)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` already has it: a no-op ``Tensor.to``
+    still costs about half a torch op of host time, and the eager paths make dozens."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ...core.runtime import cast
+
 __all__ = [
     "SideStats",
     "Targets",
@@ -110,7 +112,7 @@ class SideStats:
         NaN (no target) and whose upstream weight is not 0, so that every gradient its loss
         reaches is NaN too. Rows e, a and the teacher lse are read only with label
         smoothing, distillation and a teacher respectively (zeros otherwise)."""
-        u = weights.to(self.lse.dtype)
+        u = cast(weights, self.lse.dtype)
         keep = 1 - targets.alpha
         if self.single_positive:
             h = u if keep == 1 and not targets.smoothing else u * (keep * (1 - targets.smoothing))
@@ -123,7 +125,7 @@ class SideStats:
             zeros = torch.zeros_like(u)
         e = u * (keep * targets.smoothing / n_classes) if targets.smoothing else zeros
         a = u * targets.alpha if targets.alpha else zeros
-        t_lse = teacher_lse.to(u.dtype) if teacher_lse is not None else zeros
+        t_lse = cast(teacher_lse, u.dtype) if teacher_lse is not None else zeros
         return torch.stack((self.lse, u, h, e, a, t_lse))
 
 
@@ -172,4 +174,4 @@ def coefficients_from_state(state, targets: Targets, n_classes: int, weights,
     lse, count, teacher_lse = state.unbind(0)
     side = SideStats(lse, lse, count, single_positive=single_positive)
     teacher_lse = teacher_lse if targets.teacher is not None else None
-    return side.coefficients(targets, n_classes, weights.to(state.dtype), teacher_lse)
+    return side.coefficients(targets, n_classes, weights, teacher_lse)

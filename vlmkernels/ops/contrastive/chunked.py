@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from ...core.runtime import cast
+
 __all__ = [
     "CHUNK_BUDGET_BYTES",
     "MIN_TRITON_CHUNK_ROWS",
@@ -114,7 +116,7 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
         g_dot_xy = (gy * x).sum()
         dy = _mm_f32(g.t(), x)
         del g
-        return gy.mul_(coef).to(x.dtype), dy.mul_(coef).to(y.dtype), g_dot_xy
+        return cast(gy.mul_(coef), x.dtype), cast(dy.mul_(coef), y.dtype), g_dot_xy
     buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
     dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=x.dtype, device=x.device)
     dy = dy_acc if dy_acc is not None else torch.zeros((n, d), dtype=torch.float32,
@@ -138,7 +140,7 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
     del buf, g  # the rounded dy below can reuse the chunk's memory
     if dy_acc is not None:
         return dx, dy, g_dot_xy
-    return dx, dy.mul_(coef).to(y.dtype), g_dot_xy
+    return dx, cast(dy.mul_(coef), y.dtype), g_dot_xy
 
 
 def normalise(*weights: torch.Tensor):

@@ -24,6 +24,7 @@ from ...core.checks import (
     check_reduction,
     scalar_tensor,
 )
+from ...core.runtime import cast
 from . import ops
 
 __all__ = [
@@ -162,7 +163,7 @@ def clip_loss(
         True, True, chunk,
     )  # fmt: skip
     losses = torch.stack((row_losses, col_losses))
-    return _reduce(losses, reduction, True).to(out_dtype)
+    return cast(_reduce(losses, reduction, True), out_dtype)
 
 
 def contrastive_cross_entropy(
@@ -235,7 +236,7 @@ def contrastive_cross_entropy(
         queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
         float(label_smoothing), float(alpha), True, False, chunk,
     )  # fmt: skip
-    return _reduce(row_losses, reduction, False).to(queries.dtype)
+    return cast(_reduce(row_losses, reduction, False), queries.dtype)
 
 
 def siglip_loss(
@@ -282,7 +283,7 @@ def siglip_loss(
     if reduction != "none" and wants_grad:
         weight = 1.0 / n if reduction == "mean" else 1.0
         loss = ops.siglip_loss_fused(x, y, scale, bias, weight, chunk, offset)[0]
-        return loss.to(out_dtype)
+        return cast(loss, out_dtype)
     rows = ops.siglip_loss_forward(x, y, scale, bias, chunk, offset)
     if reduction == "mean":
         out = rows.sum() / n
@@ -290,7 +291,7 @@ def siglip_loss(
         out = rows.sum()
     else:
         out = rows
-    return out.to(out_dtype)
+    return cast(out, out_dtype)
 
 
 def clip_loss_with_grads(

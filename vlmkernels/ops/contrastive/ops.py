@@ -19,6 +19,7 @@ import torch
 
 from ...core.backend import in_forward_backend, remember_backend, resolve_backend
 from ...core.op import Op
+from ...core.runtime import cast
 from .algebra import Targets, coefficients_from_state
 from .chunked import triton_chunk_rows
 from .launchers import block_grads_triton as _block_grads_triton
@@ -122,7 +123,7 @@ def block_grads(x, y, scale, bias, targets, row_coef, col_coef, chunk_size=0, dx
     dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
                                         chunk_size)  # fmt: skip
     if dx_acc is None:
-        return dx.to(x.dtype), dy.to(y.dtype), ds, db
+        return cast(dx, x.dtype), cast(dy, y.dtype), ds, db
     return dx_acc.add_(dx), dy_acc.add_(dy), ds, db
 
 
@@ -213,7 +214,7 @@ def _input_grads(ctx, dx, dy, dscale, dbias):
 
 def _scalar_grads(ds, db, scale, bias):
     """Scale and bias gradients in their parameters' dtypes (fp32 stand-in for no bias)."""
-    return ds.to(scale.dtype), db.to(bias.dtype if bias is not None else torch.float32)
+    return cast(ds, scale.dtype), cast(db, bias.dtype if bias is not None else torch.float32)
 
 
 def _fake_grads(x, y, scale, bias):
@@ -261,9 +262,9 @@ def _ce_forward(backend, *args):
                 zeros = torch.zeros_like(stats.lse)
             t_lse = zeros
         state = torch.stack(
-            (stats.lse, stats.hard_cnt.to(stats.lse.dtype), t_lse.to(stats.lse.dtype))
+            (stats.lse, cast(stats.hard_cnt, stats.lse.dtype), cast(t_lse, stats.lse.dtype))
         )
-        outputs.append((stats.losses(targets, n_classes).to(ct), state.to(ct)))
+        outputs.append((cast(stats.losses(targets, n_classes), ct), cast(state, ct)))
     (row_losses, row_state), (col_losses, col_state) = outputs
     return row_losses, col_losses, row_state, col_state
 
@@ -326,7 +327,7 @@ def _ce_backward(backend, *args):
     else:
         dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
                                             a.chunk_size)  # fmt: skip
-    return dx.to(x.dtype), dy.to(y.dtype), *_scalar_grads(ds, db, scale, bias)
+    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
 
 
 contrastive_ce_backward.impl("triton")(functools.partial(_ce_backward, "triton"))
