@@ -99,7 +99,8 @@ def scalar_tensor(op: str, name: str, value, device: torch.device, optional: boo
             )
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a floating tensor, got {value.dtype}")
-        value = value.reshape(())
+        if value.dim() != 0:  # a 0-d tensor as it is: a reshape would add an autograd node
+            value = value.reshape(())
         if value.device != device:
             value = value.to(device)
         return value
