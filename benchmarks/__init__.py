@@ -19,7 +19,9 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -30,6 +32,17 @@ OUTPUT_DIR_NAME = "bench-results"
 class UsageError(Exception):
     """A user error (a bad option value, an unreadable input): the commands print it as one
     line, ``<prog>: <message>``, and exit with status 2."""
+
+
+def run_command(body: Callable[[list[str] | None, str], int], argv: list[str] | None,
+                prog: str) -> int:  # fmt: skip
+    """A command's exit status: ``body(argv, prog)``'s, or 2 after printing a
+    :class:`UsageError` as ``<prog>: <message>`` on stderr."""
+    try:
+        return body(argv, prog)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
 
 
 def output_dir() -> Path:

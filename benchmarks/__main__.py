@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, host, output_dir, suites, writable_dir
+from . import UsageError, host, output_dir, run_command, suites, writable_dir
 from .ceilings import measure
 from .env import GpuMonitor, collect, describe
 from .harness import CPU_QUICK, MODES, RunConfig, Runner, dtype_str, shape_str
@@ -265,11 +265,7 @@ def _plot(out: Path, run_id: str, suite_name: str) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
-    try:
-        return _main(argv, prog)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_main, argv, prog)
 
 
 def _main(argv: list[str] | None, prog: str) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, suite_family, suites, writable_dir
+from . import UsageError, output_dir, run_command, suite_family, suites, writable_dir
 from .harness import BuildArgs, Skip, dtype_str, shape_str
 from .timing import call_ms, synchronize, time_fn
 
@@ -255,11 +255,7 @@ def _release(provider) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.profile") -> int:
-    try:
-        return _main(argv, prog)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_main, argv, prog)
 
 
 def _main(argv: list[str] | None, prog: str) -> int:

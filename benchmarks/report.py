@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import RESULTS_DIR, UsageError, output_dir, writable_dir
+from . import RESULTS_DIR, UsageError, output_dir, run_command, writable_dir
 from .ceilings import Ceilings
 from .env import SAMPLE_COLUMNS, Environment
 from .harness import Case, Record, Results, dtype_str
@@ -371,11 +371,7 @@ def _summary_path(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.report") -> int:
-    try:
-        return _main(argv, prog)
-    except UsageError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
+    return run_command(_main, argv, prog)
 
 
 def _main(argv: list[str] | None, prog: str) -> int:

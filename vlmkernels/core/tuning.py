@@ -166,22 +166,26 @@ class TunedKernel(KernelInterface):
     def run(self, *args, grid, warmup=False, **kwargs):
         if _RECORDING is not None:
             _RECORDING.append(_Call(self, self.key_of(args, kwargs), grid, args, dict(kwargs)))
-        if self.interpreted:
-            config = self.interpreter_config
-        elif runtime.AUTOTUNE:
+        if runtime.AUTOTUNE and not self.interpreted:
             if self._autotuner is None:
                 self._autotuner = triton.autotune(
                     configs=list(self.space), key=self.key_names, restore_value=self.restore_value
                 )(self.fn)
             return self._autotuner.run(*args, grid=grid, warmup=warmup, **kwargs)
-        else:
-            cache_key = (_configs._current_device(), self.key_of(args, kwargs))
-            config = self._cache.get(cache_key)
-            if config is None:
-                config = self._cache[cache_key] = _resolve(
-                    self, _configs._device_name_of_index(cache_key[0]), cache_key[1]
-                )[0]
-        return self.launch(config, grid, args, kwargs, warmup)
+        return self.launch(self._config(args, kwargs), grid, args, kwargs, warmup)
+
+    def _config(self, args, kwargs):
+        """The config a call with these arguments runs: the interpreter's, or the persisted
+        one (:func:`_resolve`), looked up once per device and key."""
+        if self.interpreted:
+            return self.interpreter_config
+        cache_key = (_configs._current_device(), self.key_of(args, kwargs))
+        config = self._cache.get(cache_key)
+        if config is None:
+            config = self._cache[cache_key] = _resolve(
+                self, _configs._device_name_of_index(cache_key[0]), cache_key[1]
+            )[0]
+        return config
 
     def prepare(self, grid, args, kwargs):
         """A launch for calls whose non-pointer arguments are ``args``' and ``kwargs``'
@@ -191,15 +195,7 @@ class TunedKernel(KernelInterface):
         with ``kernel[grid](...)`` then)."""
         if _RECORDING is not None or (runtime.AUTOTUNE and not self.interpreted):
             return None
-        if self.interpreted:
-            config = self.interpreter_config
-        else:
-            cache_key = (_configs._current_device(), self.key_of(args, kwargs))
-            config = self._cache.get(cache_key)
-            if config is None:
-                config = self._cache[cache_key] = _resolve(
-                    self, _configs._device_name_of_index(cache_key[0]), cache_key[1]
-                )[0]
+        config = self._config(args, kwargs)
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
         scalars = [a for a in args if not hasattr(a, "data_ptr")]
         run, lock = self.fn.run, runtime.INTERPRETER_LOCK
