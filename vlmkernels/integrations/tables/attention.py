@@ -6,6 +6,19 @@ Q-Former's attention (``Blip2QFormerMultiHeadAttention``,
 ``InstructBlipQFormerMultiHeadAttention``), anywhere in a module tree, run their attention
 on the attention family's kernels.
 
+Part ``qformer`` (the fused Q-Former): the encoder (``Blip2QFormerEncoder``,
+``InstructBlipQFormerEncoder``) projects the image features to K and V for every
+cross-attention layer in one GEMM (the layers' key / value weights concatenated: (B N x E)
+@ (E x 2 L H D); cached without gradients, in the graph with them) and hands each patched
+cross-attention module its slices (keyword ``vlmkernels_qformer_kv``); the output blocks
+(``...QFormerSelfOutput``, ``...QFormerOutput``: LayerNorm(dense(h) + residual)) run the
+dense bias, the residual and the LayerNorm in one kernel (fp32 statistics). Outputs and
+gradients (image features, every weight) match transformers. CUDA graphs at batch 1:
+patch, run the model once outside the capture (the stacked weights are built and cached
+then), then capture ``model(query_embeds=q, encoder_hidden_states=x)`` with static
+inputs, no attention masks (checking a mask synchronises) and no gradients
+(``tests/test_qformer_gpu.py``).
+
 Part ``qformer_attention``: every Q-Former attention module (self- and cross-attention)
 gets an instance ``forward`` with transformers' projections and the family's attention
 (fp32, the Q-Former's default dtype, is computed with 3xTF32 dots on GPUs). Its additive
@@ -44,10 +57,19 @@ from torch.nn import functional as F
 
 from ...ops.attention import cross_attention
 from ...ops.attention.ops import attention_core
-from ..patching import Architecture, Patcher, SetMethod, UnsupportedLayoutError, register
+from ...ops.attention.qformer import KVCache, add_layernorm, stacked_kv
+from ..patching import (
+    Architecture,
+    Patcher,
+    SetMethod,
+    UnsupportedLayoutError,
+    is_patched,
+    register,
+)
 
 __all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES",
-           "PERCEIVER_PATCHER", "QFORMER_ARCHITECTURES", "QFORMER_PATCHER", "TESTED_VERSIONS",
+           "PERCEIVER_PATCHER", "QFORMER_ARCHITECTURES", "QFORMER_KV", "QFORMER_PATCHER",
+           "TESTED_VERSIONS",
            "key_padding", "mask_ranges"]  # fmt: skip
 
 TESTED_VERSIONS = ("5.24.0",)
@@ -67,8 +89,13 @@ QFORMER_ARCHITECTURES = tuple(
     Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
-        classes={"qformer_attention": f"{prefix}QFormerMultiHeadAttention"},
-        roots={f"{prefix}{root}": ("qformer_attention",) for root in _QFORMER_ROOTS},
+        classes={
+            "qformer_attention": f"{prefix}QFormerMultiHeadAttention",
+            "qformer_encoder": f"{prefix}QFormerEncoder",
+            "qformer_self_output": f"{prefix}QFormerSelfOutput",
+            "qformer_output": f"{prefix}QFormerOutput",
+        },
+        roots={f"{prefix}{root}": ("qformer_attention", "qformer") for root in _QFORMER_ROOTS},
         anywhere=True,
     )
     for key, prefix in (("blip_2", "Blip2"), ("instructblip", "InstructBlip"))
@@ -224,8 +251,11 @@ def _qformer_forward(module, arch: Architecture):
         b, t = hidden_states.shape[:2]
         n, d = states.shape[1], self.attention_head_size
         q = self.query(hidden_states).view(b, t, -1, d).transpose(1, 2)
-        k = self.key(states).view(states.shape[0], n, -1, d).transpose(1, 2)
-        v = self.value(states).view(states.shape[0], n, -1, d).transpose(1, 2)
+        kv = kwargs.get(QFORMER_KV) if cross else None  # part qformer: one GEMM for all
+        kv = kv.get(self) if kv is not None else None
+        if kv is None or kv[0].shape[:-1] != states.shape[:-1]:
+            kv = self.key(states), self.value(states)
+        k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
         pad = key_padding(mask, b, t, n)
         out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
         return out.transpose(1, 2).reshape(b, t, -1), None
@@ -295,9 +325,98 @@ IDEFICS_REPLACEMENTS = (
     SetMethod("gated_cross_attention", "gated_cross_attention", "forward", _gated_forward,
               _check_class),
 )  # fmt: skip
+QFORMER_KV = "vlmkernels_qformer_kv"  # the encoder's keyword: {cross module: (K, V)}
+
+
+def _qformer_encoder_forward(module, arch: Architecture):
+    """The instance ``forward`` of a Q-Former encoder (part ``qformer``): the K / V
+    projections of the image features for every cross-attention layer whose attention
+    runs patched, from one GEMM (:func:`stacked_kv`), handed to the layers through their
+    keyword arguments; then the class's own forward."""
+    layers = getattr(module, "layer", None)
+    if layers is None or not all(hasattr(layer, "has_cross_attention") for layer in layers):
+        raise UnsupportedLayoutError(f"{type(module).__qualname__} has no layer list with "
+                                     "has_cross_attention")  # fmt: skip
+    cache = KVCache()  # the stacked weights, rebuilt when a parameter changes
+
+    # fmt: off
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, query_length=0, **kwargs):
+        # fmt: on
+        if encoder_hidden_states is not None and query_length > 0:
+            cross = [layer.crossattention.attention for layer in self.layer
+                     if layer.has_cross_attention]  # fmt: skip
+            cross = [a for a in cross if is_patched(a.__dict__.get("forward"))]
+            if cross:
+                linears = [lin for a in cross for lin in (a.key, a.value)]
+                out = stacked_kv(encoder_hidden_states, linears, cache)
+                kwargs[QFORMER_KV] = {a: (out[2 * i], out[2 * i + 1])
+                                      for i, a in enumerate(cross)}  # fmt: skip
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask, query_length, **kwargs)  # fmt: skip
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    forward.__doc__ = "vlmkernels' Q-Former encoder forward (one K/V GEMM for every layer)."
+    return forward
+
+
+def _qformer_output_forward(module, arch: Architecture):
+    """The instance ``forward`` of a Q-Former output block (``SelfOutput`` / ``Output``):
+    LayerNorm(dense(h) + residual) with the dense bias, the residual and the LayerNorm in
+    one kernel (:func:`add_layernorm`); with hidden dropout in training mode, the bias is
+    added before the dropout as transformers does."""
+    dense, norm = getattr(module, "dense", None), getattr(module, "LayerNorm", None)
+    if not isinstance(dense, torch.nn.Linear) or not isinstance(norm, torch.nn.LayerNorm):
+        raise UnsupportedLayoutError(f"{type(module).__qualname__} has no dense Linear and "
+                                     "LayerNorm")  # fmt: skip
+    if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
+        raise UnsupportedLayoutError(f"{type(module).__qualname__}.LayerNorm is not an "
+                                     "affine LayerNorm over the last dim")  # fmt: skip
+
+    def forward(self, hidden_states, input_tensor):
+        dense, norm = self.dense, self.LayerNorm
+        if self.training and self.dropout.p > 0:
+            x, bias = self.dropout(dense(hidden_states)), None
+        else:
+            x, bias = F.linear(hidden_states, dense.weight), dense.bias
+        if input_tensor.dtype != x.dtype:  # autocast: the sum promotes, as in transformers
+            kind = torch.promote_types(x.dtype, input_tensor.dtype)
+            x, input_tensor = x.to(kind), input_tensor.to(kind)
+        return add_layernorm(x, input_tensor, norm.weight, norm.bias, x_bias=bias,
+                             eps=norm.eps)  # fmt: skip
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    forward.__doc__ = "vlmkernels' Q-Former output block (fused bias + residual + LayerNorm)."
+    return forward
+
+
+def _check_output_class(cls, arch: Architecture) -> str:
+    names = list(inspect.signature(cls.forward).parameters)
+    if names != ["self", "hidden_states", "input_tensor"]:
+        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                     "['self', 'hidden_states', 'input_tensor']")  # fmt: skip
+    return "ok"
+
+
+def _check_encoder_class(cls, arch: Architecture) -> str:
+    names = list(inspect.signature(cls.forward).parameters)
+    expected = ["self", "hidden_states", "attention_mask", "encoder_hidden_states",
+                "encoder_attention_mask", "query_length"]  # fmt: skip
+    if names[: len(expected)] != expected:
+        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                     f"{expected} first")  # fmt: skip
+    return "ok"
+
+
 QFORMER_REPLACEMENTS = (
     SetMethod("qformer_attention", "qformer_attention", "forward", _qformer_forward,
               _check_qformer_class),
+    SetMethod("qformer", "qformer_encoder", "forward", _qformer_encoder_forward,
+              _check_encoder_class),
+    SetMethod("qformer", "qformer_self_output", "forward", _qformer_output_forward,
+              _check_output_class),
+    SetMethod("qformer", "qformer_output", "forward", _qformer_output_forward,
+              _check_output_class),
 )  # fmt: skip
 
 # one patcher per group: a patcher applies all its parts to any architecture it matches

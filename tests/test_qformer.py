@@ -1,0 +1,288 @@
+"""The fused Q-Former (part ``qformer`` of vlmkernels.patch): bias + residual + LayerNorm
+(``vlmkernels::qformer_add_layernorm``) against float64 on odd, strided inputs in every
+dtype, bad input, opcheck and torch.compile; the batched K / V GEMM; BLIP-2 and
+InstructBLIP Q-Formers (tiny random configs, cross-attention every 2nd layer) patched
+against transformers: outputs and gradients (image features, queries, every weight) in
+fp32 and bf16, the one-GEMM K / V actually used, the weight cache following in-place
+updates, undo restoring the instances bitwise."""
+
+import importlib
+
+import pytest
+import torch
+
+from vlmkernels.core.backend import use_backend
+from vlmkernels.ops.attention.qformer import KVCache, add_layernorm, stacked_kv
+
+transformers = pytest.importorskip("transformers")
+from vlmkernels.integrations.transformers import patch  # noqa: E402
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def reference(x, r, w, b, c, eps):
+    """float64 LayerNorm(x + c + r) and its inputs' gradients for grad ``g``."""
+    xs = [t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    cs = c.detach().double().requires_grad_() if c is not None else None
+    z = xs[0] + xs[1] + (cs if cs is not None else 0)
+    y = torch.nn.functional.layer_norm(z, (z.shape[-1],), xs[2], xs[3], eps)
+    return y, xs, cs
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])  # fmt: skip
+@pytest.mark.parametrize("strided,biased", [(False, True), (True, False), (True, True)])
+def test_add_layernorm_values_and_grads(dtype, tol, strided, biased):
+    torch.manual_seed(1)
+    m, n = 37, 51
+    if strided:  # x a transposed view, the residual every other column of a wider tensor
+        x = torch.randn(n, m).to(dtype).t()
+        r = torch.randn(m, 2 * n).to(dtype)[:, ::2]
+    else:
+        x, r = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
+    x.requires_grad_()
+    r.requires_grad_()
+    w = (torch.randn(n) + 1).requires_grad_()
+    b = torch.randn(n).requires_grad_()
+    c = torch.randn(n).requires_grad_() if biased else None
+    y = add_layernorm(x, r, w, b, x_bias=c, eps=1e-5)
+    assert y.dtype == dtype and y.shape == (m, n)
+    g = torch.randn(m, n).to(dtype)
+    leaves = [x, r, w, b] + ([c] if biased else [])
+    got = torch.autograd.grad(y, leaves, g)
+    want_y, xs, cs = reference(x, r, w, b, c, 1e-5)
+    want = torch.autograd.grad(want_y, xs + ([cs] if biased else []), g.double())
+    assert rel(y, want_y) < tol
+    for name, a, e in zip(("x", "residual", "weight", "bias", "x_bias"), got, want, strict=False):
+        assert a.dtype == (dtype if name in ("x", "residual") else torch.float32), name
+        assert rel(a, e) < tol * 2, name
+
+
+def test_add_layernorm_3d_and_float64():
+    """(B, L, N) inputs, the float64 path (PyTorch in float64), both backends agree."""
+    torch.manual_seed(2)
+    x, r = torch.randn(3, 5, 40), torch.randn(3, 5, 40)
+    w, b, c = torch.randn(40), torch.randn(40), torch.randn(40)
+    want, _, _ = reference(x, r, w, b, c, 1e-12)
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            assert rel(add_layernorm(x, r, w, b, x_bias=c), want) < 1e-5
+    got64 = add_layernorm(x.double(), r.double(), w.double(), b.double(), x_bias=c.double())
+    assert got64.dtype == torch.float64 and rel(got64, want) < 1e-12
+
+
+def test_add_layernorm_bad_input():
+    x, r, w = torch.randn(4, 6), torch.randn(4, 6), torch.randn(6)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        add_layernorm(x, r[:, :5], w, w)
+    with pytest.raises(TypeError, match="residual must have x's dtype"):
+        add_layernorm(x, r.double(), w, w)
+    with pytest.raises(ValueError, match=r"weight must be a floating \(6,\)"):
+        add_layernorm(x, r, w[:5], w)
+    with pytest.raises(ValueError, match=r"x_bias must be a floating \(6,\)"):
+        add_layernorm(x, r, w, w, x_bias=torch.ones(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        add_layernorm(x.long(), r, w, w)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        add_layernorm(x, r, w, w, eps=-1.0)
+
+
+def test_add_layernorm_second_order_raises():
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    y = add_layernorm(x, torch.randn(3, 8), w, torch.randn(8))
+    (gx,) = torch.autograd.grad((y * torch.randn(3, 8)).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second-order"):
+        gx.sum().backward()
+
+
+def test_opcheck_and_compile():
+    torch.manual_seed(3)
+    x, r = torch.randn(5, 24, requires_grad=True), torch.randn(5, 24, requires_grad=True)
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    c = torch.randn(24, requires_grad=True)
+    op = torch.ops.vlmkernels.qformer_add_layernorm
+    for backend, args in (("triton", (x, c, r, w, b, 1e-6)), ("torch", (x, None, r, w, b, 0.1))):
+        with use_backend(backend):
+            torch.library.opcheck(op, args)
+
+    def f(x, r, w, b, c):
+        return add_layernorm(x, r, w, b, x_bias=c).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(x, r, w, b, c), f(x, r, w, b, c)
+    g1 = torch.autograd.grad(got, [x, r, w, b, c])
+    g2 = torch.autograd.grad(want, [x, r, w, b, c])
+    assert rel(got, want) < 1e-6
+    assert all(rel(a, e) < 1e-6 for a, e in zip(g1, g2, strict=True))
+
+
+def test_stacked_kv_matches_separate_linears_and_cache():
+    torch.manual_seed(4)
+    lins = [torch.nn.Linear(24, n) for n in (16, 16, 8, 8)]
+    x = torch.randn(2, 13, 24, requires_grad=True)
+    got = stacked_kv(x, lins)
+    want = [lin(x) for lin in lins]
+    g = [torch.randn_like(t) for t in want]
+    leaves = [x, *(p for lin in lins for p in lin.parameters())]
+    dg = torch.autograd.grad(got, leaves, g)
+    dw = torch.autograd.grad(want, leaves, g)
+    assert all(rel(a, e) < 1e-6 for a, e in zip(got, want, strict=True))
+    assert all(rel(a, e) < 1e-6 for a, e in zip(dg, dw, strict=True))
+    cache = KVCache()
+    with torch.no_grad():
+        first = stacked_kv(x, lins, cache)
+        stacked = cache.get(lins)[0]
+        assert cache.get(lins)[0] is stacked  # cached
+        lins[2].weight.mul_(2)  # in place: the version counter moves
+        again = stacked_kv(x, lins, cache)
+        assert cache.get(lins)[0] is not stacked
+        assert torch.equal(first[0], again[0]) and rel(again[2], lins[2](x)) < 1e-6
+        assert rel(again[2], first[2]) > 0.1
+    with pytest.raises(ValueError, match=r"linears\[1\] takes 7 features"):
+        stacked_kv(x, [lins[0], torch.nn.Linear(7, 4)])
+
+
+# ------------------------------------------------------------------ the patched Q-Former
+
+
+def tiny_qformer(which, layers=4):
+    prefix = {"blip_2": "Blip2", "instructblip": "InstructBlip"}[which]
+    module = importlib.import_module(f"transformers.models.{which}.modeling_{which}")
+    config = getattr(module, f"{prefix}QFormerConfig")(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=48,
+        encoder_hidden_size=24, cross_attention_frequency=2, attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = getattr(module, f"{prefix}QFormerModel")(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def inputs(which, dtype=torch.float32, masked=True, b=2, nq=5, n=13):
+    torch.manual_seed(6)
+    query = torch.randn(b, nq, 32, dtype=dtype, requires_grad=True)
+    image = torch.randn(b, n, 24, dtype=dtype, requires_grad=True)
+    kwargs = dict(query_embeds=query, encoder_hidden_states=image)
+    if masked:
+        image_mask = torch.ones(b, n, dtype=torch.long)
+        image_mask[1, 9:] = 0
+        kwargs["encoder_attention_mask"] = image_mask
+    if which == "instructblip":  # instruction tokens after the queries, one padded
+        text_mask = torch.ones(b, nq + 4, dtype=torch.long)
+        text_mask[1, -1] = 0
+        kwargs |= dict(input_ids=torch.randint(0, 100, (b, 4)), attention_mask=text_mask)
+    return kwargs, [query, image]
+
+
+def run(model, kwargs, leaves):
+    out = model(**kwargs).last_hidden_state
+    g = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)
+    grads = torch.autograd.grad((out * g).sum(), [*leaves, *model.parameters()])
+    return out, grads
+
+
+def count_kv_calls(model):
+    """Forward hooks counting calls of the cross-attention key / value Linears."""
+    calls = []
+    for layer in model.encoder.layer:
+        if layer.has_cross_attention:
+            a = layer.crossattention.attention
+            for lin in (a.key, a.value):
+                lin.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("which,masked", [("blip_2", False), ("blip_2", True),
+                                          ("instructblip", True)])  # fmt: skip
+def test_patched_qformer_fp32(which, masked):
+    model = tiny_qformer(which)
+    before = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    kwargs, leaves = inputs(which, masked=masked)
+    want, want_grads = run(model, kwargs, leaves)
+    calls = count_kv_calls(model)
+    run(model, kwargs, leaves)
+    assert len(calls) == 4  # 2 cross layers x (key, value), unpatched
+    calls.clear()
+    hooked = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    handle = patch(model)
+    encoder = type(model.encoder).__name__
+    patched = {type(m).__name__ for m in model.modules() if "forward" in m.__dict__}
+    assert {encoder, encoder.replace("Encoder", "SelfOutput"),
+            encoder.replace("Encoder", "Output")} <= patched  # fmt: skip
+    got, got_grads = run(model, kwargs, leaves)
+    assert not calls  # K / V came from the one stacked GEMM
+    assert rel(got, want) < 1e-5
+    for a, e in zip(got_grads, want_grads, strict=True):
+        assert (a.abs().max() < 1e-6) if e.abs().max() < 1e-6 else rel(a, e) < 1e-5
+    with torch.no_grad():  # inference: the cached stacked weights, then an update
+        assert rel(model(**kwargs).last_hidden_state, want) < 1e-5
+        a = model.encoder.layer[2].crossattention.attention
+        saved = a.value.weight.clone()
+        a.value.weight.mul_(1.5)
+        new = model(**kwargs).last_hidden_state
+    handle.undo()
+    with torch.no_grad():
+        assert rel(new, model(**kwargs).last_hidden_state) < 1e-5
+        a.value.weight.copy_(saved)
+    assert {n: dict(m.__dict__) for n, m in model.named_modules()} == hooked
+    again, _ = run(model, kwargs, leaves)
+    assert torch.equal(again, want)
+    assert set(before) == set(hooked)
+
+
+def test_patched_qformer_training_mode_and_parts():
+    """Training mode (no dropout) gives the same gradients; the ``qformer`` part alone is
+    refused nowhere and the attention part alone leaves the output blocks unpatched."""
+    model = tiny_qformer("blip_2").train()
+    kwargs, leaves = inputs("blip_2")
+    want, want_grads = run(model, kwargs, leaves)
+    with patch(model):
+        got, got_grads = run(model, kwargs, leaves)
+    assert rel(got, want) < 1e-5
+    assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
+               if e.abs().max() > 1e-6)  # fmt: skip
+    with patch(model, qformer=False):
+        assert "forward" not in model.encoder.__dict__
+        assert rel(run(model, kwargs, leaves)[0], want) < 1e-5
+    with patch(model, qformer_attention=False):  # fused outputs, transformers' attention
+        assert "forward" not in model.encoder.layer[0].attention.attention.__dict__
+        assert rel(run(model, kwargs, leaves)[0], want) < 1e-5
+
+
+def test_patched_qformer_hidden_dropout_in_training():
+    """Hidden dropout > 0 in training mode: the bias goes before the dropout; with the same
+    RNG state the patched and transformers' outputs agree."""
+    model = tiny_qformer("blip_2", layers=2).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    kwargs, leaves = inputs("blip_2", masked=False)
+    torch.manual_seed(7)
+    want = model(**kwargs).last_hidden_state
+    with patch(model):
+        torch.manual_seed(7)
+        got = model(**kwargs).last_hidden_state
+    assert rel(got, want) < 1e-5
+
+
+def test_patched_qformer_bf16():
+    """The bf16 model (weights and inputs) patched, against the fp32 transformers model."""
+    model = tiny_qformer("blip_2")
+    kwargs, leaves = inputs("blip_2")
+    want, want_grads = run(model, kwargs, leaves)
+    model16 = model.to(torch.bfloat16)
+    kwargs16, leaves16 = inputs("blip_2", dtype=torch.bfloat16)
+    base, _ = run(model16, kwargs16, leaves16)
+    with patch(model16):
+        got, got_grads = run(model16, kwargs16, leaves16)
+    assert got.dtype == torch.bfloat16
+    assert rel(got, want) < 2e-2 and rel(base, want) < 2e-2
+    for a, e in zip(got_grads[:2], want_grads[:2], strict=True):  # query and image grads
+        assert rel(a, e) < 4e-2

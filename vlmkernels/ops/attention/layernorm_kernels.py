@@ -1,0 +1,133 @@
+r"""Triton kernels of the Q-Former's output blocks: bias + residual + LayerNorm, forward and
+backward, fp32 statistics and arithmetic whatever the storage dtype.
+
+Rows of N features (M rows, any row / column strides), with ``x`` the dense output without
+its bias, ``c`` that bias (optional, (N,)) and ``r`` the residual:
+
+    z      = x + c + r
+    mean   = sum_j z_j / N,   rstd = 1 / sqrt(sum_j (z_j - mean)^2 / N + eps)
+    zhat   = (z - mean) rstd,  y = zhat w + b
+
+Backward, g = dy w:  dz = rstd (g - mean_j(g) - zhat mean_j(g zhat)),
+dw = sum_rows dy zhat, db = sum_rows dy (per program partial sums, reduced on the host);
+dx = dr = dz and dc = sum_rows dz.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["add_layernorm_backward", "add_layernorm_forward", "block_rows"]
+
+
+@triton.jit
+def _load_z(x_ptr, c_ptr, r_ptr, rows, cols, mask, sxm, sxn, srm, srn, HAS_C: tl.constexpr):
+    """z = x + c + r of a (BLOCK_M, BLOCK_N) tile, in fp32 (0 outside ``mask``); ``cols``
+    clamped into [0, N)."""
+    x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxn, mask=mask, other=0.0)
+    r = tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask, other=0.0)
+    z = x.to(tl.float32) + r.to(tl.float32)
+    if HAS_C:
+        c = tl.load(c_ptr + cols)  # cols are clamped into [0, N)
+        z += tl.where(mask, c.to(tl.float32)[None, :], 0.0)
+    return z
+
+
+@triton.jit
+def _add_ln_fwd_kernel(
+    x_ptr, c_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    M, N, sxm, sxn, srm, srn, eps,
+    HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    z = _load_z(x_ptr, c_ptr, r_ptr, rows, tl.where(col_ok, cols, 0), mask, sxm, sxn, srm,
+                srn, HAS_C)  # fmt: skip
+    mean = tl.sum(z, axis=1) / N
+    zc = tl.where(mask, z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / N + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = zc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rows < M)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def _add_ln_bwd_kernel(
+    g_ptr, x_ptr, c_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dz_ptr, dw_ptr, db_ptr,
+    M, N, sgm, sgn, sxm, sxn, srm, srn,
+    HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    row_ok = rows < M
+    mask = row_ok[:, None] & col_ok[None, :]
+    safe = tl.where(col_ok, cols, 0)
+    z = _load_z(x_ptr, c_ptr, r_ptr, rows, safe, mask, sxm, sxn, srm, srn, HAS_C)
+    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    dy = tl.load(g_ptr + rows[:, None] * sgm + cols[None, :] * sgn, mask=mask, other=0.0)
+    dy = dy.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    g = dy * w[None, :]
+    mg = tl.sum(g, axis=1) / N
+    mgz = tl.sum(g * zhat, axis=1) / N
+    dz = rstd[:, None] * (g - mg[:, None] - zhat * mgz[:, None])
+    tl.store(dz_ptr + rows[:, None] * N + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+    tl.store(dw_ptr + pid * N + cols, tl.sum(dy * zhat, axis=0), mask=col_ok)
+    tl.store(db_ptr + pid * N + cols, tl.sum(dy, axis=0), mask=col_ok)
+
+
+def block_rows(n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): the whole row in one tile, about 4096 elements per program."""
+    block_n = triton.next_power_of_2(n)
+    return max(1, min(16, 4096 // block_n)), block_n
+
+
+def _warps(block_m: int, block_n: int) -> int:
+    return 8 if block_m * block_n >= 8192 else 4
+
+
+def add_layernorm_forward(x, c, r, w, b, eps: float):
+    """(y (M, N) in x's dtype, mean (M,) fp32, rstd (M,) fp32) for 2-D x, r (any strides)."""
+    m, n = x.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    mean = torch.empty(m, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m == 0:
+        return y, mean, rstd
+    bm, bn = block_rows(n)
+    _add_ln_fwd_kernel[(triton.cdiv(m, bm),)](
+        x, c if c is not None else x, r, w, b, y, mean, rstd, m, n, x.stride(0), x.stride(1),
+        r.stride(0), r.stride(1), float(eps), HAS_C=c is not None, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=_warps(bm, bn),
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def add_layernorm_backward(grad, x, c, r, w, mean, rstd):
+    """(dz (M, N) in x's dtype, dw (N,) fp32, db (N,) fp32)."""
+    m, n = x.shape
+    dz = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bm, bn = block_rows(n)
+    programs = triton.cdiv(m, bm)
+    dw = torch.zeros((max(programs, 1), n), device=x.device, dtype=torch.float32)
+    db = torch.zeros((max(programs, 1), n), device=x.device, dtype=torch.float32)
+    if m > 0:
+        _add_ln_bwd_kernel[(programs,)](
+            grad, x, c if c is not None else x, r, w, mean, rstd, dz, dw, db, m, n,
+            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
+            r.stride(1), HAS_C=c is not None, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=_warps(bm, bn),
+        )  # fmt: skip
+    return dz, dw.sum(0), db.sum(0)

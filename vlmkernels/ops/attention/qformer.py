@@ -1,0 +1,229 @@
+r"""The fused pieces of BLIP-2's Q-Former (and InstructBLIP's): one GEMM for the image
+features' K / V projections of every cross-attention layer, and bias + residual + LayerNorm
+for its output blocks (BERT's ``SelfOutput`` / ``Output``: LayerNorm(dense(h) + residual)).
+
+Batched K / V (:func:`stacked_kv`): for image features X (B, N, E) and the cross layers
+l = 1..L with key / value projections (W_k^l, b_k^l), (W_v^l, b_v^l) (each (H D, E)):
+
+    KV = X [W_k^1; W_v^1; ...; W_k^L; W_v^L]^T + [b_k^1; b_v^1; ...]     (B, N, 2 L H D)
+
+one (B N x E) @ (E x 2 L H D) GEMM instead of 2 L. Layer l's K and V are strided views
+(B, H, N, D) of KV. The stacked weight is a ``torch.cat`` of the layers' parameters, so
+autograd hands every layer its own weight and bias gradients (dW = dKV^T X, split by
+rows) and X gets one dX = dKV W; without gradients the stacked weight is cached and rebuilt
+when a parameter changes (its version counter or storage).
+
+Bias + residual + LayerNorm (:func:`add_layernorm`), rows of N features, fp32 statistics:
+
+    z = x + c + r,  y = (z - mean(z)) / sqrt(var(z) + eps) * w + b
+
+(x the dense output without its bias c, r the residual; y in x's dtype). Backward:
+dz = rstd (g - mean(g) - zhat mean(g zhat)) with g = dy w, dx = dr = dz, dc = sum_rows dz,
+dw = sum_rows dy zhat, db = sum_rows dy. Op ``vlmkernels::qformer_add_layernorm`` (Triton
+kernels in :mod:`.layernorm_kernels`; the PyTorch path computes in fp32, float64 in
+float64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ...core.backend import in_forward_backend, remember_backend
+from ...core.op import Op
+from ..contrastive.ops import first_order_only
+from . import layernorm_kernels
+
+__all__ = ["KVCache", "add_layernorm", "qformer_add_layernorm", "stacked_kv"]
+
+FAMILY = "attention"
+
+qformer_add_layernorm = Op(
+    "qformer_add_layernorm",
+    "(Tensor x, Tensor? x_bias, Tensor residual, Tensor weight, Tensor bias, float eps) "
+    "-> (Tensor, Tensor, Tensor)",
+    family=FAMILY,
+)
+qformer_add_layernorm_backward = Op(
+    "qformer_add_layernorm_backward",
+    "(Tensor grad, Tensor x, Tensor? x_bias, Tensor residual, Tensor weight, Tensor mean, "
+    "Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    family=FAMILY,
+)
+
+
+def _z(x, c, r):
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = x.to(compute) + r.to(compute)
+    return z + c.to(compute) if c is not None else z
+
+
+@qformer_add_layernorm.impl("torch")
+def _(x, c, r, w, b, eps):
+    z = _z(x, c, r)
+    var, mean = torch.var_mean(z, dim=1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    y = (z - mean[:, None]) * rstd[:, None] * w.to(z.dtype) + b.to(z.dtype)
+    return y.to(x.dtype), mean.float(), rstd.float()
+
+
+@qformer_add_layernorm.impl("triton")
+def _(x, c, r, w, b, eps):
+    return layernorm_kernels.add_layernorm_forward(x, c, r, w, b, eps)
+
+
+@qformer_add_layernorm.fake
+def _(x, c, r, w, b, eps):
+    m = x.shape[0]
+    return (x.new_empty(x.shape), x.new_empty(m, dtype=torch.float32),
+            x.new_empty(m, dtype=torch.float32))  # fmt: skip
+
+
+@qformer_add_layernorm_backward.impl("torch")
+def _(grad, x, c, r, w, mean, rstd):
+    z = _z(x, c, r)
+    zhat = (z - mean.to(z.dtype)[:, None]) * rstd.to(z.dtype)[:, None]
+    dy = grad.to(z.dtype)
+    g = dy * w.to(z.dtype)
+    dz = rstd.to(z.dtype)[:, None] * (
+        g - g.mean(1, keepdim=True) - zhat * (g * zhat).mean(1, keepdim=True)
+    )
+    return dz.to(x.dtype), (dy * zhat).sum(0), dy.sum(0)
+
+
+@qformer_add_layernorm_backward.impl("triton")
+def _(grad, x, c, r, w, mean, rstd):
+    return layernorm_kernels.add_layernorm_backward(grad, x, c, r, w, mean, rstd)
+
+
+@qformer_add_layernorm_backward.fake
+def _(grad, x, c, r, w, mean, rstd):
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.shape[1]
+    return x.new_empty(x.shape), x.new_empty(n, dtype=stat), x.new_empty(n, dtype=stat)
+
+
+@qformer_add_layernorm.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, c, r, w, b, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, c, r, w, mean, rstd)
+        ctx.dtypes = (w.dtype, b.dtype, None if c is None else c.dtype)
+        ctx.set_materialize_grads(False)
+        remember_backend(ctx)
+
+    @first_order_only("qformer_add_layernorm (the Q-Former's bias + residual + LayerNorm)")
+    @in_forward_backend
+    def backward(ctx, grad, _g_mean, _g_rstd):
+        if grad is None:
+            return (None,) * 6
+        x, c, r, w, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dz, dw, db = qformer_add_layernorm_backward(grad, x, c, r, w, mean, rstd)
+        wd, bd, cd = ctx.dtypes
+        dc = dz.sum(0, dtype=torch.float32).to(cd) if need[1] else None
+        return (dz if need[0] else None, dc, dz if need[2] else None,
+                dw.to(wd) if need[3] else None, db.to(bd) if need[4] else None, None)  # fmt: skip
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t) -> str:
+    return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+
+
+def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor, *, x_bias: torch.Tensor | None = None,
+                  eps: float = 1e-12) -> torch.Tensor:  # fmt: skip
+    """LayerNorm(x + x_bias + residual) over the last dim, fp32 statistics.
+
+    Args:
+        x: (..., N) the dense output without its bias; float16 / bfloat16 / float32 /
+            float64, any strides.
+        residual: same shape and dtype as ``x``.
+        weight, bias: (N,) the LayerNorm's affine parameters (any float dtype).
+        x_bias: optional (N,) bias added to ``x`` (the dense layer's).
+        eps: added to the variance.
+
+    Returns:
+        (..., N) in ``x``'s dtype. Differentiable in every tensor argument.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS or x.dim() < 1:
+        raise TypeError(f"add_layernorm: x must be a floating tensor (..., N), got {_describe(x)}")
+    n = x.shape[-1]
+    if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+        raise ValueError(f"add_layernorm: residual must have x's shape {tuple(x.shape)}, got "
+                         f"{tuple(getattr(residual, 'shape', ()))}")  # fmt: skip
+    if residual.dtype != x.dtype:
+        raise TypeError(f"add_layernorm: residual must have x's dtype {x.dtype}, got "
+                        f"{residual.dtype}")  # fmt: skip
+    for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        if t is None and name == "x_bias":
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.dtype not in _FLOATS:
+            raise ValueError(
+                f"add_layernorm: {name} must be a floating ({n},) tensor, got {_describe(t)}"
+            )
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias),
+                    ("x_bias", x_bias)):  # fmt: skip
+        if t is not None and t.device != x.device:
+            raise ValueError(f"add_layernorm: {name} is on {t.device}, x on {x.device}")
+    if not eps >= 0:
+        raise ValueError(f"add_layernorm: eps must be >= 0, got {eps}")
+    x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
+    y = qformer_add_layernorm(x2, x_bias, r2, weight, bias, float(eps))[0]
+    return y.view(x.shape)
+
+
+class KVCache:
+    """The stacked K / V weight and bias of a list of ``nn.Linear`` (key, value, key, value,
+    ...), rebuilt only when one of the parameters changes; see :func:`stacked_kv`."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, linears):
+        params = [p for lin in linears for p in (lin.weight, lin.bias)]
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if key != self._key:
+            with torch.no_grad():
+                w = torch.cat([lin.weight for lin in linears])
+                b = None
+                if all(lin.bias is not None for lin in linears):
+                    b = torch.cat([lin.bias for lin in linears])
+            self._key, self._value = key, (w, b)
+        return self._value
+
+
+def stacked_kv(states: torch.Tensor, linears, cache: KVCache | None = None) -> list:
+    """The outputs of ``linears`` (each (F_i x E) ``nn.Linear``) on ``states`` (..., E) from
+    one GEMM: the list of (..., F_i) column slices of ``states @ cat(W_i)^T + cat(b_i)``.
+
+    With gradients needed for a weight, the stacked weight is concatenated in the graph
+    (each linear gets its own gradient); otherwise ``cache`` (a :class:`KVCache`) holds it.
+    Bias: all linears must have one or none.
+    """
+    linears = list(linears)
+    if not linears:
+        return []
+    e = states.shape[-1]
+    for i, lin in enumerate(linears):
+        if lin.weight.dim() != 2 or lin.weight.shape[1] != e:
+            raise ValueError(f"stacked_kv: linears[{i}] takes {lin.weight.shape[-1]} features,"
+                             f" states have {e}")  # fmt: skip
+    biased = [lin.bias is not None for lin in linears]
+    if any(biased) and not all(biased):
+        raise ValueError("stacked_kv: the linears must all have a bias or none")
+    grads = torch.is_grad_enabled() and any(
+        p.requires_grad for lin in linears for p in lin.parameters()
+    )
+    if grads or cache is None:
+        w = torch.cat([lin.weight for lin in linears])
+        b = torch.cat([lin.bias for lin in linears]) if all(biased) else None
+    else:
+        w, b = cache.get(linears)
+    out = F.linear(states, w, b)
+    return list(out.split([lin.weight.shape[0] for lin in linears], dim=-1))
