@@ -39,13 +39,14 @@ A backend without an implementation raises, naming the op and the backends it ha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
 
 from .backend import resolve_backend
 
-__all__ = ["Op", "all_ops"]
+__all__ = ["Op", "all_ops", "first_order_only"]
 
 _OPS: dict[str, Op] = {}
 
@@ -203,3 +204,60 @@ def _tensor_positions(schema: str) -> tuple[int, ...]:
 def all_ops() -> dict[str, Op]:
     """Every op defined so far, by name (import the families first)."""
     return dict(_OPS)
+
+
+# ------------------------------------------------------------------ first-order backward
+
+
+class _SecondOrderNotImplemented(torch.autograd.Function):
+    """Returns its first ``n`` tensor arguments (first-order gradients); the others are
+    what they depend on, so that differentiating them reaches this node, which raises."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(ctx.message)
+
+
+def first_order_only(op: str):
+    """Decorates an autograd ``backward(ctx, *grads)`` whose gradients are not themselves
+    differentiable (fused kernels, gradients saved by the forward pass, collectives).
+
+    Under ``create_graph=True`` the gradients it returns hang from a node that depends on
+    the saved tensors and the upstream gradients and raises NotImplementedError naming
+    ``op`` when anything differentiates them: a second-order gradient raises at the second
+    backward instead of coming out silently 0 or partial (as from a backward whose saved
+    gradients are constants to autograd). Without ``create_graph`` nothing changes.
+    """
+    message = (
+        f"{op}: second-order gradients (differentiating a gradient obtained with "
+        "create_graph=True) are not implemented by vlmkernels' fused kernels; compute such "
+        "terms with a differentiable formula instead"
+    )
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            single = not isinstance(out, tuple)
+            out = [out] if single else list(out)
+            where = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
+            sources = [t for t in (*ctx.saved_tensors, *grads)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
+            tied = _SecondOrderNotImplemented.apply(
+                message, len(where), *(out[i].detach() for i in where), *sources
+            )
+            for i, g in zip(where, tied, strict=True):
+                out[i] = g
+            return out[0] if single else tuple(out)
+
+        return wrapped
+
+    return decorate

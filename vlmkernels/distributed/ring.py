@@ -76,12 +76,12 @@ import torch.distributed as dist
 
 from ..core.backend import in_forward_backend, remember_backend
 from ..core.checks import FLOAT_DTYPES, REDUCTIONS
+from ..core.op import first_order_only
 from ..ops.contrastive import (
     SideStats,
     Targets,
     block_grads,
     block_stats,
-    first_order_only,
     siglip_block_grads,
     siglip_block_rows,
 )

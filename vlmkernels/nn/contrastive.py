@@ -89,8 +89,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.checks import FLOAT_DTYPES
+from ..core.op import first_order_only
 from ..distributed.consistency import exchange
-from ..ops.contrastive import clip_loss, contrastive_cross_entropy, first_order_only, siglip_loss
+from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 # the exchanges' backwards communicate: not differentiable again (the losses' are not either)

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend, resolve_backend
-from ...core.op import Op
+from ...core.op import Op, first_order_only
 from ...core.runtime import cast
 from .algebra import Targets, coefficients_from_state
 from .chunked import triton_chunk_rows
@@ -148,60 +148,6 @@ def siglip_block_grads(x, y, scale, bias, w_rows, offset=0, chunk_size=0, dx_acc
 
 
 # ----------------------------------------------------------------------- shared by the ops
-
-
-class _SecondOrderNotImplemented(torch.autograd.Function):
-    """Returns its first ``n`` tensor arguments (first-order gradients); the others are
-    what they depend on, so that differentiating them reaches this node, which raises."""
-
-    @staticmethod
-    def forward(ctx, message, n, *tensors):
-        ctx.message = message
-        return tensors[:n]
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise NotImplementedError(ctx.message)
-
-
-def first_order_only(op: str):
-    """Decorates an autograd ``backward(ctx, *grads)`` whose gradients are not themselves
-    differentiable (fused kernels, gradients saved by the forward pass, collectives).
-
-    Under ``create_graph=True`` the gradients it returns hang from a node that depends on
-    the saved tensors and the upstream gradients and raises NotImplementedError naming
-    ``op`` when anything differentiates them: a second-order gradient raises at the second
-    backward instead of coming out silently 0 or partial (as from a backward whose saved
-    gradients are constants to autograd). Without ``create_graph`` nothing changes.
-    """
-    message = (
-        f"{op}: second-order gradients (differentiating a gradient obtained with "
-        "create_graph=True) are not implemented by vlmkernels' fused kernels; compute such "
-        "terms with a differentiable formula instead"
-    )
-
-    def decorate(backward):
-        @functools.wraps(backward)
-        def wrapped(ctx, *grads):
-            with torch.no_grad():
-                out = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return out
-            single = not isinstance(out, tuple)
-            out = [out] if single else list(out)
-            where = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
-            sources = [t for t in (*ctx.saved_tensors, *grads)
-                       if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
-            tied = _SecondOrderNotImplemented.apply(
-                message, len(where), *(out[i].detach() for i in where), *sources
-            )
-            for i, g in zip(where, tied, strict=True):
-                out[i] = g
-            return out[0] if single else tuple(out)
-
-        return wrapped
-
-    return decorate
 
 
 def _input_grads(ctx, dx, dy, dscale, dbias):
