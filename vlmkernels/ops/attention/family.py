@@ -9,7 +9,7 @@ import torch
 
 from ...core.family import CompileCase, Family, register
 from ...core.tuning import torch_dtype
-from . import kernels, launchers
+from . import kernels, launchers, layernorm_kernels
 
 # Realistic shapes (fusion note): the Q-Former's cross-attention, a MiniCPM-V resampler
 # slice, Flamingo's media-masked attention, few queries over many keys, FastV scoring.
@@ -143,6 +143,26 @@ def compile_cases() -> list[CompileCase]:
                     unit_strides=("sqd", "skd", "slm"), aligned=_ROW[:6],
                     scalars={"sm_scale": "fp32", "weight": "fp32"},
                     expect=("mma", "no_spill")),
+        *_qformer_cases(),
+    ]  # fmt: skip
+
+
+def _qformer_cases() -> list[CompileCase]:
+    """The Q-Former's bias + residual + LayerNorm (N = 768: BLOCK_N 1024), with the bias."""
+    ln = layernorm_kernels
+    elem = dict(x_ptr="*{elem}", c_ptr="*fp32", r_ptr="*{elem}", w_ptr="*fp32")
+    stats = dict(mean_ptr="*fp32", rstd_ptr="*fp32")
+    return [
+        CompileCase("qformer_add_ln_fwd", ln._add_ln_fwd_kernel,
+                    dict(**elem, b_ptr="*fp32", y_ptr="*{elem}", **stats),
+                    dict(HAS_C=True, BLOCK_N=1024), unit_strides=("sxn", "srn"),
+                    aligned=("N", "sxm", "srm"), scalars={"eps": "fp32"},
+                    expect=("no_spill",)),
+        CompileCase("qformer_add_ln_bwd", ln._add_ln_bwd_kernel,
+                    dict(g_ptr="*{elem}", **elem, **stats, dz_ptr="*{elem}", dw_ptr="*fp32",
+                         db_ptr="*fp32"),
+                    dict(HAS_C=True, BLOCK_N=1024), unit_strides=("sgn", "sxn", "srn"),
+                    aligned=("N", "sgm", "sxm", "srm"), expect=("no_spill",)),
     ]  # fmt: skip
 
 
@@ -151,12 +171,13 @@ _CORE = tuple(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in (
 FAMILY = register(
     Family(
         name="attention",
-        kernels=kernels.KERNELS,
+        kernels=kernels.KERNELS + layernorm_kernels.KERNELS,
         compile_cases=compile_cases,
         aliases={
             "attention": (*_CORE, "attention_combine", "attention_key_mass"),
             "cross_attention": (*_CORE, "attention_combine"),
             "media_cross_attention": _CORE,
+            "qformer_add_layernorm": ("qformer_add_ln_fwd", "qformer_add_ln_bwd"),
         },
         tune_shapes=TUNE_SHAPES,
         tune_workload=tune_workload,

@@ -19,7 +19,24 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["add_layernorm_backward", "add_layernorm_forward", "block_rows"]
+from ...core.runtime import INTERPRETED, autotune_configs, device_guard, sm_count
+from ...core.tuning import tuned
+
+__all__ = ["KERNELS", "add_layernorm_backward", "add_layernorm_forward"]
+
+# BLOCK_N (the whole row, a power of two) is the launcher's; a config picks the rows per
+# program. The first is the default: 4 rows of BERT's 768 (1024 lanes) per 4 warps (sm_90a:
+# 80-96 registers forward, 168-189 backward, no spills); 16 rows per 8 warps spill in the
+# backward (24-36 B), so they are not in the space.
+_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": 4}, num_warps=4),
+        triton.Config({"BLOCK_M": 8}, num_warps=8),
+        triton.Config({"BLOCK_M": 2}, num_warps=4),
+        triton.Config({"BLOCK_M": 1}, num_warps=4),
+    ],
+    triton.Config({"BLOCK_M": 8}, num_warps=4),
+)
 
 
 @triton.jit
@@ -35,12 +52,14 @@ def _load_z(x_ptr, c_ptr, r_ptr, rows, cols, mask, sxm, sxn, srm, srn, HAS_C: tl
     return z
 
 
+@tuned("qformer_add_ln_fwd", configs=_CONFIGS, key=["N", "HAS_C"], sizes=["N"])
 @triton.jit
 def _add_ln_fwd_kernel(
     x_ptr, c_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     M, N, sxm, sxn, srm, srn, eps,
     HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """y = LayerNorm(x + c + r) of BLOCK_M rows; mean and rstd saved (fp32)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -58,44 +77,50 @@ def _add_ln_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
+@tuned("qformer_add_ln_bwd", configs=_CONFIGS, key=["N", "HAS_C"], sizes=["N"])
 @triton.jit
 def _add_ln_bwd_kernel(
     g_ptr, x_ptr, c_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dz_ptr, dw_ptr, db_ptr,
     M, N, sgm, sgn, sxm, sxn, srm, srn,
     HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """dz of the row blocks pid, pid + P, ... (P programs); this program's partial sums of
+    dw and db over them in row pid of the (P, N) fp32 buffers."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    row_ok = rows < M
-    mask = row_ok[:, None] & col_ok[None, :]
     safe = tl.where(col_ok, cols, 0)
-    z = _load_z(x_ptr, c_ptr, r_ptr, rows, safe, mask, sxm, sxn, srm, srn, HAS_C)
-    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-    zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-    dy = tl.load(g_ptr + rows[:, None] * sgm + cols[None, :] * sgn, mask=mask, other=0.0)
-    dy = dy.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    g = dy * w[None, :]
-    mg = tl.sum(g, axis=1) / N
-    mgz = tl.sum(g * zhat, axis=1) / N
-    dz = rstd[:, None] * (g - mg[:, None] - zhat * mgz[:, None])
-    tl.store(dz_ptr + rows[:, None] * N + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
-    tl.store(dw_ptr + pid * N + cols, tl.sum(dy * zhat, axis=0), mask=col_ok)
-    tl.store(db_ptr + pid * N + cols, tl.sum(dy, axis=0), mask=col_ok)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(pid * BLOCK_M, M, step):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        z = _load_z(x_ptr, c_ptr, r_ptr, rows, safe, mask, sxm, sxn, srm, srn, HAS_C)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(g_ptr + rows[:, None] * sgm + cols[None, :] * sgn, mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        g = dy * w[None, :]
+        mg = tl.sum(g, axis=1) / N
+        mgz = tl.sum(g * zhat, axis=1) / N
+        dz = rstd[:, None] * (g - mg[:, None] - zhat * mgz[:, None])
+        tl.store(dz_ptr + rows[:, None] * N + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+        dw += tl.sum(dy * zhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(dw_ptr + pid * N + cols, dw, mask=col_ok)
+    tl.store(db_ptr + pid * N + cols, db, mask=col_ok)
 
 
-def block_rows(n: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): the whole row in one tile, about 4096 elements per program."""
-    block_n = triton.next_power_of_2(n)
-    return max(1, min(16, 4096 // block_n)), block_n
+KERNELS = (_add_ln_fwd_kernel, _add_ln_bwd_kernel)
 
 
-def _warps(block_m: int, block_n: int) -> int:
-    return 8 if block_m * block_n >= 8192 else 4
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def add_layernorm_forward(x, c, r, w, b, eps: float):
@@ -106,28 +131,28 @@ def add_layernorm_forward(x, c, r, w, b, eps: float):
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m == 0:
         return y, mean, rstd
-    bm, bn = block_rows(n)
-    _add_ln_fwd_kernel[(triton.cdiv(m, bm),)](
-        x, c if c is not None else x, r, w, b, y, mean, rstd, m, n, x.stride(0), x.stride(1),
-        r.stride(0), r.stride(1), float(eps), HAS_C=c is not None, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=_warps(bm, bn),
-    )  # fmt: skip
+    with device_guard(x):
+        _add_ln_fwd_kernel[lambda meta: (_cdiv(m, meta["BLOCK_M"]),)](
+            x, c if c is not None else x, r, w, b, y, mean, rstd, m, n, x.stride(0),
+            x.stride(1), r.stride(0), r.stride(1), float(eps), HAS_C=c is not None,
+            BLOCK_N=triton.next_power_of_2(n),
+        )  # fmt: skip
     return y, mean, rstd
 
 
 def add_layernorm_backward(grad, x, c, r, w, mean, rstd):
-    """(dz (M, N) in x's dtype, dw (N,) fp32, db (N,) fp32)."""
+    """(dz (M, N) in x's dtype, dw (N,) fp32, db (N,) fp32): at most 2 programs per SM
+    (8 under the interpreter), each looping over its row blocks."""
     m, n = x.shape
     dz = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    bm, bn = block_rows(n)
-    programs = triton.cdiv(m, bm)
-    dw = torch.zeros((max(programs, 1), n), device=x.device, dtype=torch.float32)
-    db = torch.zeros((max(programs, 1), n), device=x.device, dtype=torch.float32)
+    programs = 8 if INTERPRETED or x.device.type != "cuda" else 2 * sm_count(x.device)
+    dw = torch.zeros((programs, n), device=x.device, dtype=torch.float32)
+    db = torch.zeros((programs, n), device=x.device, dtype=torch.float32)
     if m > 0:
-        _add_ln_bwd_kernel[(programs,)](
-            grad, x, c if c is not None else x, r, w, mean, rstd, dz, dw, db, m, n,
-            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
-            r.stride(1), HAS_C=c is not None, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=_warps(bm, bn),
-        )  # fmt: skip
+        with device_guard(x):
+            _add_ln_bwd_kernel[lambda meta: (min(programs, _cdiv(m, meta["BLOCK_M"])),)](
+                grad, x, c if c is not None else x, r, w, mean, rstd, dz, dw, db, m, n,
+                grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
+                r.stride(1), HAS_C=c is not None, BLOCK_N=triton.next_power_of_2(n),
+            )  # fmt: skip
     return dz, dw.sum(0), db.sum(0)
