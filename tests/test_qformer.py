@@ -70,8 +70,14 @@ def test_add_layernorm_3d_and_float64():
     for backend in ("torch", "triton"):
         with use_backend(backend):
             assert rel(add_layernorm(x, r, w, b, x_bias=c), want) < 1e-5
-    got64 = add_layernorm(x.double(), r.double(), w.double(), b.double(), x_bias=c.double())
+    leaves = [t.double().requires_grad_() for t in (x, r, w, b, c)]
+    got64 = add_layernorm(*leaves[:4], x_bias=leaves[4])
     assert got64.dtype == torch.float64 and rel(got64, want) < 1e-12
+    g = torch.randn(3, 5, 40, dtype=torch.float64)
+    want_y, xs, cs = reference(x, r, w, b, c, 1e-12)
+    want_grads = torch.autograd.grad(want_y, [*xs, cs], g)
+    got_grads = torch.autograd.grad(got64, leaves, g)
+    assert all(rel(a, e) < 1e-10 for a, e in zip(got_grads, want_grads, strict=True))
 
 
 def test_add_layernorm_bad_input():

@@ -30,8 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op
-from ..contrastive.ops import first_order_only
+from ...core.op import Op, first_order_only
 from . import layernorm_kernels
 
 __all__ = ["KVCache", "add_layernorm", "qformer_add_layernorm", "stacked_kv"]
@@ -61,10 +60,8 @@ def _z(x, c, r):
 @qformer_add_layernorm.impl("torch")
 def _(x, c, r, w, b, eps):
     z = _z(x, c, r)
-    var, mean = torch.var_mean(z, dim=1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    y = (z - mean[:, None]) * rstd[:, None] * w.to(z.dtype) + b.to(z.dtype)
-    return y.to(x.dtype), mean.float(), rstd.float()
+    y, mean, rstd = torch.native_layer_norm(z, [z.shape[1]], w.to(z.dtype), b.to(z.dtype), eps)
+    return y.to(x.dtype), mean.view(-1), rstd.view(-1)  # fp32 (float64 for float64)
 
 
 @qformer_add_layernorm.impl("triton")
@@ -72,23 +69,25 @@ def _(x, c, r, w, b, eps):
     return layernorm_kernels.add_layernorm_forward(x, c, r, w, b, eps)
 
 
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @qformer_add_layernorm.fake
 def _(x, c, r, w, b, eps):
-    m = x.shape[0]
-    return (x.new_empty(x.shape), x.new_empty(m, dtype=torch.float32),
-            x.new_empty(m, dtype=torch.float32))  # fmt: skip
+    m, stat = x.shape[0], _stat_dtype(x)
+    return x.new_empty(x.shape), x.new_empty(m, dtype=stat), x.new_empty(m, dtype=stat)
 
 
 @qformer_add_layernorm_backward.impl("torch")
 def _(grad, x, c, r, w, mean, rstd):
     z = _z(x, c, r)
-    zhat = (z - mean.to(z.dtype)[:, None]) * rstd.to(z.dtype)[:, None]
-    dy = grad.to(z.dtype)
-    g = dy * w.to(z.dtype)
-    dz = rstd.to(z.dtype)[:, None] * (
-        g - g.mean(1, keepdim=True) - zhat * (g * zhat).mean(1, keepdim=True)
-    )
-    return dz.to(x.dtype), (dy * zhat).sum(0), dy.sum(0)
+    stats = (mean.to(z.dtype)[:, None], rstd.to(z.dtype)[:, None])
+    dz, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad.to(z.dtype), z, [z.shape[1]], *stats, w.to(z.dtype), w.to(z.dtype),
+        [True, True, True],
+    )  # fmt: skip
+    return dz.to(x.dtype), dw, db
 
 
 @qformer_add_layernorm_backward.impl("triton")
@@ -98,8 +97,7 @@ def _(grad, x, c, r, w, mean, rstd):
 
 @qformer_add_layernorm_backward.fake
 def _(grad, x, c, r, w, mean, rstd):
-    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n = x.shape[1]
+    stat, n = _stat_dtype(x), x.shape[1]
     return x.new_empty(x.shape), x.new_empty(n, dtype=stat), x.new_empty(n, dtype=stat)
 
 
@@ -122,7 +120,7 @@ class _:
         need = ctx.needs_input_grad
         dz, dw, db = qformer_add_layernorm_backward(grad, x, c, r, w, mean, rstd)
         wd, bd, cd = ctx.dtypes
-        dc = dz.sum(0, dtype=torch.float32).to(cd) if need[1] else None
+        dc = dz.sum(0, dtype=_stat_dtype(dz)).to(cd) if need[1] else None
         return (dz if need[0] else None, dc, dz if need[2] else None,
                 dw.to(wd) if need[3] else None, db.to(bd) if need[4] else None, None)  # fmt: skip
 
