@@ -153,7 +153,7 @@ def test_split_k_forced(splits, device):
     with use_backend("triton"):
         for lo_, hi_, causal, ok in cases:
             out, lse = ops.attention_core(q, k, v, None, None, lq, lk, None, lo_, hi_, causal,
-                                          0.2, splits)  # fmt: skip
+                                          0.2, splits, None)  # fmt: skip
             q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
             ref, ref_lse = ref_attention(q64, k64, v64, ok, 0.2)
             assert rel(out, ref) < 1e-5
@@ -310,7 +310,8 @@ def test_bad_input():
     cases = [
         (lambda: ca(q, k[..., :4], v), ValueError, "k must have q's head dim 8"),
         (lambda: ca(q, k, v[..., :6, :]), ValueError, "v must have k's batch, heads and length"),
-        (lambda: ca(q, k[:, :1], v[:, :1]), ValueError, "k must have q's number of heads"),
+        (lambda: ca(q, k.repeat(1, 3, 1, 1)[:, :3], v.repeat(1, 3, 1, 1)[:, :3]), ValueError,
+         "k's number of heads must divide q's"),
         (lambda: ca(q, k[:1], v[:1]), ValueError, "k must have q's batch size"),
         (lambda: ca(q, k.half(), v), TypeError, "k must have q's dtype"),
         (lambda: ca(q.int(), k, v), TypeError, "q must be a floating tensor"),
@@ -370,12 +371,12 @@ def test_opcheck(device):
     cq = torch.tensor([0, 2, 6], dtype=torch.int32)
     ck = torch.tensor([0, 4, 9], dtype=torch.int32)
     cases = [
-        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0)),
-        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2)),
-        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0)),
-        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None)),
+        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2, None)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0, None)),
+        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0, None)),
         ("triton", torch.ops.vlmkernels.attention_key_mass,
-         (q.detach(), k.detach(), torch.randn(1, 2, 5), True, 0.3, 0, 5, 0.1)),
+         (q.detach(), k.detach(), torch.randn(1, 2, 5), True, 0.3, 0, 5, 0.1, None)),
     ]  # fmt: skip
     for backend, op, args in cases:
         with use_backend(backend):
@@ -428,10 +429,10 @@ def test_split_k_packed(device):
     k, v = (rand(sum(lens_k), 2, 16, device=device) for _ in "kv")
     args = (cu(lens_q), cu(lens_k), 9, 40, None, None, None, False, 0.3)
     with use_backend("triton"):
-        split, split_lse = ops.attention_core(q, k, v, *args, 3)
-        one, one_lse = ops.attention_core(q, k, v, *args, 1)
+        split, split_lse = ops.attention_core(q, k, v, *args, 3, None)
+        one, one_lse = ops.attention_core(q, k, v, *args, 1, None)
     with use_backend("torch"):
-        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0)
+        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0, None)
     assert rel(split, ref) < 1e-5 and rel(one, ref) < 1e-5
     assert rel_lse(split_lse, ref_lse) < 1e-5 and rel_lse(one_lse, ref_lse) < 1e-5
 
@@ -519,3 +520,153 @@ def test_empty_sizes(device, backend):
     assert (out == 0).all() and torch.isneginf(lse).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+
+
+# ------------------------------------------------- grouped-query attention, per-key bias
+
+
+def gqa_ref(q, k, v, ok, scale, bias=None):
+    """The float64 reference with k, v repeated per query head and the bias (B, 1 or H, Lk)
+    added to the scaled logits: softmax(scale q k^T + bias) v."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    if bias is None:
+        return ref_attention(q, kk, vv, ok, scale)
+    s = (q @ kk.transpose(-1, -2)) * scale + bias[:, :, None, :]
+    ok = ok.expand_as(s)
+    s = s.masked_fill(~ok, float("-inf"))
+    return torch.softmax(s, -1) @ vv, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_cross_attention(dtype, device, backend):
+    """H = 6 query heads over 2 key/value heads (group 3), odd sizes, key padding, lse;
+    dK and dV are the sums over each group; a strided k."""
+    b, h, hk, lq, lk, d = 2, 6, 2, 11, 23, 20
+    q = leaf(rand(b, h, lq, d, dtype=dtype, device=device))
+    k_leaf = leaf(rand(b, lk, hk, d, dtype=dtype, device=device))
+    k = k_leaf.transpose(1, 2)
+    v = leaf(rand(b, hk, lk, d, dtype=dtype, device=device))
+    pad = torch.rand(b, lk, device=device) < 0.3
+    pad[0, :3] = False
+    out, lse = A.cross_attention(q, k, v, key_padding_mask=pad, return_lse=True)
+    q64, k64_leaf, v64 = (leaf(t.detach().double()) for t in (q, k_leaf, v))
+    ref, ref_lse = gqa_ref(q64, k64_leaf.transpose(1, 2), v64, (~pad)[:, None, None, :],
+                           d**-0.5)  # fmt: skip
+    assert out.shape == q.shape
+    assert rel(out, ref) < TOL[dtype] and rel(lse, ref_lse) < TOL[dtype]
+    check_grads([out, lse], [ref, ref_lse], [q, k_leaf, v], [q64, k64_leaf, v64],
+                3 * TOL[dtype])  # fmt: skip
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention_and_key_mass(causal, device, backend):
+    """attention with 4 query heads per key/value head (causal and not), and the key mass
+    with grouped heads."""
+    b, h, hk, lq, lk, d = 1, 4, 1, 9, 14, 16
+    q, k, v = (leaf(rand(b, n_h, n, d, device=device)) for n_h, n in ((h, lq), (hk, lk),
+                                                                        (hk, lk)))  # fmt: skip
+    out, mass = A.attention(q, k, v, causal=causal, key_mass="mean")
+    ok = causal_mask(lq, lk)[None, None] if causal else torch.ones(1, 1, 1, lk, dtype=torch.bool)
+    q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
+    ref, _ = gqa_ref(q64, k64, v64, ok, 0.25)
+    s = (q64.detach() @ k64.detach().repeat_interleave(h, 1).transpose(-1, -2)) * 0.25
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    assert rel(out, ref) < 1e-5 and rel(mass, p.mean(dim=(1, 2))) < 1e-5
+    check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3e-5)
+
+
+@pytest.mark.parametrize("per_head,dtype", [(False, torch.float32), (True, torch.float32),
+                                            (False, torch.bfloat16)])  # fmt: skip
+def test_key_bias(per_head, dtype, device, backend):
+    """ToMe's proportional attention: key_bias = log(size), (B, Lk) or (B, H, Lk), with
+    grouped heads and causal; out, the key mass (with the bias) and the gradients of q, k, v
+    and the bias against float64."""
+    b, h, hk, lq, lk, d = 2, 4, 2, 10, 19, 16
+    q = leaf(rand(b, h, lq, d, dtype=dtype, device=device))
+    k, v = (leaf(rand(b, hk, lk, d, dtype=dtype, device=device)) for _ in "kv")
+    size = torch.randint(1, 6, (b, h, lk) if per_head else (b, lk), device=device)
+    bias = leaf(size.log().to(dtype))
+    out, mass = A.attention(q, k, v, causal=True, key_bias=bias, key_mass=-1)
+    q64, k64, v64, bias64 = (leaf(t.detach().double()) for t in (q, k, v, bias))
+    ok = causal_mask(lq, lk)[None, None]
+    ref, _ = gqa_ref(q64, k64, v64, ok, 0.25, bias64 if per_head else bias64[:, None])
+    s = (q64.detach() @ k64.detach().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    s = s + (bias64.detach() if per_head else bias64.detach()[:, None])[:, :, None, :]
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    assert rel(out, ref) < TOL[dtype]
+    assert rel(mass, p[:, :, -1].mean(1)) < TOL[dtype]
+    check_grads([out], [ref], [q, k, v, bias], [q64, k64, v64, bias64], 3 * TOL[dtype])
+
+
+def test_key_bias_packed_grouped(device, backend):
+    """Packed segments (an empty one, a length-1 one) with grouped heads and a (Tk,) bias."""
+    lens_q, lens_k = [4, 0, 1, 7], [6, 3, 0, 11]
+    h, hk, d = 4, 2, 16
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()],  # noqa: E731
+                                   dtype=torch.int32, device=device)  # fmt: skip
+    q = leaf(rand(sum(lens_q), h, d, device=device))
+    k, v = (leaf(rand(sum(lens_k), hk, d, device=device)) for _ in "kv")
+    bias = leaf(rand(sum(lens_k), device=device))
+    out = A.cross_attention(q, k, v, cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+                            key_bias=bias, scale=0.3)  # fmt: skip
+    q64, k64, v64, bias64 = (leaf(t.detach().double()) for t in (q, k, v, bias))
+    refs, a, c = [], 0, 0
+    for nq, nk in zip(lens_q, lens_k, strict=True):
+        seg = lambda t, s, n: t[s : s + n].transpose(0, 1)[None]  # noqa: E731
+        if nk == 0:
+            refs.append(torch.zeros(nq, h, d, dtype=torch.float64) + 0 * q64[a : a + nq])
+        else:
+            o, _ = gqa_ref(seg(q64, a, nq), seg(k64, c, nk), seg(v64, c, nk),
+                           torch.ones(1, 1, 1, nk, dtype=torch.bool), 0.3,
+                           bias64[None, None, c : c + nk])  # fmt: skip
+            refs.append(o[0].transpose(0, 1))
+        a, c = a + nq, c + nk
+    ref = torch.cat(refs)
+    assert rel(out, ref) < 1e-5
+    check_grads([out], [ref], [q, k, v, bias], [q64, k64, v64, bias64], 3e-5)
+
+
+def test_grouped_and_bias_bad_input():
+    q, k = rand(1, 4, 3, 8), rand(1, 3, 5, 8)
+    with pytest.raises(ValueError, match="k's number of heads must divide q's 4"):
+        A.cross_attention(q, k, k)
+    k = rand(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="v's number of heads"):
+        A.attention(q, k, rand(1, 3, 5, 8))
+    with pytest.raises(ValueError, match=r"key_bias must have shape \(B, Lk\)"):
+        A.attention(q, k, k, key_bias=rand(1, 4))
+    with pytest.raises(TypeError, match="key_bias must be a floating tensor"):
+        A.cross_attention(q, k, k, key_bias=torch.ones(1, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="key_bias must be a tensor"):
+        A.cross_attention(q, k, k, key_bias=[0.0] * 5)
+    with pytest.raises(ValueError, match=r"key_bias must have shape \(Tk,\)"):
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        A.cross_attention(rand(5, 4, 8), rand(5, 2, 8), rand(5, 2, 8), cu_seqlens_q=cu,
+                          cu_seqlens_k=cu, key_bias=rand(1, 5))  # fmt: skip
+
+
+def test_grouped_and_bias_opcheck_and_compile(device):
+    """opcheck of the core with grouped heads and a bias (both backends), and
+    torch.compile(fullgraph=True) of attention with both."""
+    q = leaf(rand(1, 4, 5, 16, device=device))
+    k, v = (leaf(rand(1, 2, 9, 16, device=device)) for _ in "kv")
+    bias = leaf(rand(1, 1, 9, device=device))
+    core = torch.ops.vlmkernels.attention_core
+    for backend in BACKENDS:
+        with use_backend(backend):
+            torch.library.opcheck(
+                core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, bias)
+            )
+
+    def f(q, k, v, bias):
+        return A.attention(q, k, v, key_bias=bias).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [leaf(t) for t in (q, k, v, bias[:, 0])]
+    got, want = compiled(*leaves), f(q, k, v, bias[:, 0])
+    got.backward()
+    want.backward()
+    assert rel(got, want) < 1e-6
+    for a, b in zip(leaves, (q, k, v, bias), strict=True):
+        assert rel(a.grad, b.grad) < 1e-6

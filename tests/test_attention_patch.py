@@ -222,3 +222,48 @@ def test_idefics_perceiver_resampler():
     same_grads(got_grads, want_grads)
     handle.undo()
     assert torch.equal(run()[0], want)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_idefics2_perceiver_resampler(padded):
+    """Idefics2's perceiver resampler (grouped-query attention: 6 heads over 2 key/value
+    heads, latents attend to [context, latents], the context's padding mask): outputs and
+    the gradients of the context and every weight match transformers (eager attention);
+    undo restores the instance."""
+    from transformers.models.idefics2 import modeling_idefics2 as M2
+
+    config = M2.Idefics2PerceiverConfig(hidden_size=48, resampler_n_heads=6,
+                                        resampler_head_dim=8, num_key_value_heads=2,
+                                        resampler_n_latents=5, resampler_depth=2,
+                                        hidden_act="silu")  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(11)
+    model = M2.Idefics2PerceiverResampler(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    context = torch.randn(2, 17, 48, requires_grad=True)
+    mask = torch.ones(2, 17, dtype=torch.long)
+    if padded:
+        mask[1, 11:] = 0
+
+    def run():
+        out = model(context, attention_mask=mask)
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return out, torch.autograd.grad((out * g).sum(), [context, *model.parameters()])
+
+    want, want_grads = run()
+    handle = patch(model)
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 2
+    got, got_grads = run()
+    assert rel(got, want) < 1e-5
+    same_grads(got_grads, want_grads)
+    model.train()
+    model.layers[0].self_attn.attention_dropout = 0.1
+    with pytest.raises(RuntimeError, match="attention dropout 0.1 in training mode"):
+        model(context, attention_mask=mask)
+    model.layers[0].self_attn.attention_dropout = 0.0
+    model.eval()
+    handle.undo()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(run()[0], want)

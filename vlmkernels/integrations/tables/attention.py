@@ -189,7 +189,7 @@ def _gated_forward(layer, arch: Architecture):
         else:
             lo, hi = mask_ranges(image_attention_mask, b, t, n)
             out = attention_core(q, k, v, None, None, t, n, None, lo, hi, False,
-                                 float(a.scaling), 0)[0]  # fmt: skip
+                                 float(a.scaling), 0, None)[0]  # fmt: skip
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
         out = F.dropout(out, p=self.config, training=self.training)
         out = out.masked_fill((cross_attention_gate == 0)[:, :, None], 0.0)
@@ -433,3 +433,69 @@ PERCEIVER_PATCHER = register(
 QFORMER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
 )
+
+# Idefics2's perceiver resampler attention (part ``perceiver_attention`` too): the latents
+# attend to [context, latents] with grouped-query heads (num_key_value_heads < heads), the
+# resampler's padding mask as key padding; refused: a cache, attention dropout in training.
+IDEFICS2_PERCEIVER_ARCHITECTURES = (
+    Architecture(
+        key="idefics2_perceiver",
+        module="transformers.models.idefics2.modeling_idefics2",
+        classes={"idefics2_perceiver_attention": "Idefics2PerceiverAttention"},
+        roots={"Idefics2PerceiverResampler": ("perceiver_attention",),
+               "Idefics2PerceiverAttention": ("perceiver_attention",)},
+        anywhere=True,
+    ),
+)  # fmt: skip
+_IDEFICS2 = ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "num_key_value_heads",
+             "head_dim", "scaling", "attention_dropout")  # fmt: skip
+
+
+def _idefics2_perceiver_forward(module, arch: Architecture):
+    """The instance ``forward`` of one ``Idefics2PerceiverAttention``: one few-query
+    grouped-query cross-attention of the latents over [context, latents]."""
+    missing = [n for n in _IDEFICS2 if not hasattr(module, n)]
+    if missing:
+        raise UnsupportedLayoutError(f"{type(module).__qualname__} has no {', '.join(missing)}")
+
+    # fmt: off
+    def forward(self, latents, context, attention_mask=None, position_ids=None, cache=None,
+                **kwargs):
+        # fmt: on
+        where = "vlmkernels (Idefics2 perceiver attention)"
+        cache = getattr(self, "cache", cache)
+        if cache is not None or kwargs.get("past_key_values") is not None:
+            raise RuntimeError(f"{where}: a key/value cache is not supported; undo the patch")
+        if self.training and self.attention_dropout > 0:
+            raise RuntimeError(f"{where}: attention dropout {self.attention_dropout} in "
+                               "training mode is not supported by the kernel; call "
+                               "model.eval() or undo the patch")  # fmt: skip
+        b, t = latents.shape[:2]
+        both = torch.cat([context, latents], dim=-2)
+        n, d = both.shape[1], self.head_dim
+        q = self.q_proj(latents).view(b, t, self.num_heads, d).transpose(1, 2)
+        k, v = (p(both).view(b, n, self.num_key_value_heads, d).transpose(1, 2)
+                for p in (self.k_proj, self.v_proj))  # fmt: skip
+        pad = key_padding(attention_mask, b, t, n)
+        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+    forward.__name__ = forward.__qualname__ = "forward"
+    forward.__doc__ = "vlmkernels' Idefics2PerceiverAttention.forward (grouped-query attention)."
+    return forward
+
+
+def _check_idefics2_perceiver_class(cls, arch: Architecture) -> str:
+    names = list(inspect.signature(cls.forward).parameters)
+    expected = ["self", "latents", "context", "attention_mask"]
+    if names[: len(expected)] != expected:
+        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                     f"{expected} first")  # fmt: skip
+    return "ok"
+
+
+IDEFICS2_PERCEIVER_PATCHER = register(
+    Patcher("transformers", TESTED_VERSIONS, IDEFICS2_PERCEIVER_ARCHITECTURES,
+            (SetMethod("perceiver_attention", "idefics2_perceiver_attention", "forward",
+                       _idefics2_perceiver_forward, _check_idefics2_perceiver_class),))
+)  # fmt: skip

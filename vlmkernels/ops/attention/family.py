@@ -83,12 +83,14 @@ def compile_cases() -> list[CompileCase]:
     """The core kernels of each input class (16-bit: bf16 pointers, fp32: fp32 pointers and
     3xTF32, whatever the dtype asked: each kernel is launched for its class only): dense
     forward (plain, causal with key padding, media ranges, split-K), packed forward, both
-    backward kernels (plain, causal, media); the split-K combine and the key mass."""
+    backward kernels (plain, causal, media); the per-key bias in each core pass; the
+    split-K combine and the key mass. The group G (grouped-query attention) stays a
+    runtime int here (a launch with G = 1 specialises it away)."""
     unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm")
     aligned = _ROW + ("sob", "soh", "som", "sos", "sdob", "sdoh", "sdom", "sdkb", "sdkh", "sdkn",
                       "sdvb", "sdvh", "sdvn", "sdqb", "sdqh", "sdqm")  # fmt: skip
     scalars = {"sm_scale": "fp32"}
-    flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False)
+    flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False, BIAS=False)
 
     def own(kernel, names):
         return tuple(n for n in names if n in kernel.arg_names)
@@ -97,7 +99,8 @@ def compile_cases() -> list[CompileCase]:
         elem = "fp32" if fp32 else "bf16"
         pointers = dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cu_q_ptr="i32", cu_k_ptr="i32",
                         keep_ptr="u8", lo_ptr="i32", hi_ptr="i32", lse_ptr="fp32",
-                        do_ptr=elem, delta_ptr="fp32", **outputs)  # fmt: skip
+                        do_ptr=elem, delta_ptr="fp32", bias_ptr="fp32", db_ptr="fp32",
+                        **outputs)  # fmt: skip
         pointers = {k: "*" + (elem if v == "elem" else v) for k, v in pointers.items()
                     if k in kernel.arg_names}  # fmt: skip
         extra = {"SPLIT": False} if "SPLIT" in kernel.arg_names else {}
@@ -120,12 +123,15 @@ def compile_cases() -> list[CompileCase]:
              KEEP=True),
         case("attention_fwd_media", k._attn_fwd, False, fwd_out, RANGES=True),
         case("attention_fwd_varlen", k._attn_fwd, False, fwd_out, VARLEN=True),
+        case("attention_fwd_bias", k._attn_fwd, False, fwd_out, BIAS=True),
         case("attention_fwd_split", k._attn_fwd, False, dict(o_ptr="fp32"), SPLIT=True),
         case("attention_fwd_fp32", k._attn_fwd32, True, fwd_out),
         case("attention_fwd_fp32_media", k._attn_fwd32, True, fwd_out, RANGES=True),
         case("attention_fwd_fp32_split", k._attn_fwd32, True, dict(o_ptr="fp32"), SPLIT=True),
         case("attention_bwd_kv", k._attn_bwd_kv, False, kv_out),
         case("attention_bwd_kv_causal", k._attn_bwd_kv, False, kv_out, CAUSAL=True),
+        case("attention_bwd_kv_bias", k._attn_bwd_kv, False, kv_out, BIAS=True),
+        case("attention_bwd_q_bias", k._attn_bwd_q, False, q_out, BIAS=True),
         case("attention_bwd_q", k._attn_bwd_q, False, q_out),
         case("attention_bwd_q_media", k._attn_bwd_q, False, q_out, RANGES=True),
         case("attention_bwd_kv_fp32", k._attn_bwd_kv32, True, kv_out, KEEP=True),
@@ -137,8 +143,10 @@ def compile_cases() -> list[CompileCase]:
                     unit_strides=("swd", "sod", "swlm", "slm"),
                     expect=("no_spill",)),
         CompileCase("attention_key_mass", k._attn_key_mass,
-                    dict(q_ptr="*{elem}", k_ptr="*{elem}", lse_ptr="*fp32", mass_ptr="*fp32"),
-                    lambda dt: dict(CAUSAL=True, BLOCK_D=64, EVEN_D=True, DOT_FP32=False,
+                    dict(q_ptr="*{elem}", k_ptr="*{elem}", lse_ptr="*fp32", bias_ptr="*fp32",
+                         mass_ptr="*fp32"),
+                    lambda dt: dict(CAUSAL=True, BIAS=False, BLOCK_D=64, EVEN_D=True,
+                                    DOT_FP32=False,
                                     INPUT_PRECISION="tf32x3" if dt == "fp32" else "tf32"),
                     unit_strides=("sqd", "skd", "slm"), aligned=_ROW[:6],
                     scalars={"sm_scale": "fp32", "weight": "fp32"},

@@ -19,7 +19,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_qkv(op, q, k, v, dims):
     """q, k, v: tensors of ``dims`` dimensions, one floating dtype, one device, one head
-    count and head dim (0 < D <= 256), k and v of one length and batch."""
+    dim (0 < D <= 256), k and v of one length, batch and head count, which divides q's
+    (grouped-query attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -41,15 +42,43 @@ def _check_qkv(op, q, k, v, dims):
     for name, t in (("k", k), ("v", v)):
         if t.shape[-1] != d:
             raise ValueError(f"{op}: {name} must have q's head dim {d}, got {t.shape[-1]}")
-        if t.shape[-2 if dims == 3 else 1] != q.shape[-2 if dims == 3 else 1]:
-            raise ValueError(f"{op}: {name} must have q's number of heads "
-                             f"{q.shape[-2 if dims == 3 else 1]}, got shape "
+        hq, hk = q.shape[1], t.shape[1]
+        if hk == 0 or hq % hk:
+            raise ValueError(f"{op}: {name}'s number of heads must divide q's {hq} "
+                             f"(grouped-query attention), got shape "
                              f"{tuple(t.shape)}")  # fmt: skip
     if v.shape[:-1] != k.shape[:-1]:
         raise ValueError(f"{op}: v must have k's batch, heads and length {tuple(k.shape[:-1])}, "
                          f"got {tuple(v.shape[:-1])}")  # fmt: skip
     if dims == 4 and k.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+
+
+def _key_bias(op, bias, q, k, packed):
+    """The checked ``key_bias`` in the core's layout: dense (B, Lk) or (B, H, Lk) to
+    (B, 1 or H, Lk); packed (Tk,) or (H, Tk) to (1 or H, Tk); keys contiguous."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: key_bias must be a tensor, got {type(bias).__name__}")
+    if bias.dtype not in _DTYPES:
+        raise TypeError(f"{op}: key_bias must be a floating tensor, got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"{op}: key_bias must be on q's device {q.device}, got {bias.device}")
+    h = q.shape[1]
+    if packed:
+        tk = k.shape[0]
+        shapes = ((tk,), (h, tk))
+        names = f"(Tk,) = {(tk,)} or (H, Tk) = {(h, tk)}"
+    else:
+        b, lk = q.shape[0], k.shape[2]
+        shapes = ((b, lk), (b, h, lk))
+        names = f"(B, Lk) = {(b, lk)} or (B, H, Lk) = {(b, h, lk)}"
+    if tuple(bias.shape) not in shapes:
+        raise ValueError(f"{op}: key_bias must have shape {names}, got {tuple(bias.shape)}")
+    if bias.dim() == len(shapes[0]):
+        bias = bias.unsqueeze(-2)
+    return bias if bias.stride(-1) == 1 else bias.contiguous()
 
 
 def _scale(op, scale, d):
@@ -98,21 +127,27 @@ def _max_seqlen(op, name, value, longest):
 
 # fmt: off
 def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                    max_seqlen_k=None, key_padding_mask=None, scale=None, return_lse=False):
+                    max_seqlen_k=None, key_padding_mask=None, key_bias=None, scale=None,
+                    return_lse=False):
     # fmt: on
-    r"""softmax(scale q k^T) v over each segment, without a mask between queries.
+    r"""softmax(scale q k^T + key_bias) v over each segment, without a mask between queries.
 
     Args:
-        q, k, v: dense (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), or packed (Tq, H, D),
-            (Tk, H, D), (Tk, H, D) with ``cu_seqlens_q`` / ``cu_seqlens_k``; float16,
+        q, k, v: dense (B, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D), or packed (Tq, H, D),
+            (Tk, Hk, D), (Tk, Hk, D) with ``cu_seqlens_q`` / ``cu_seqlens_k``; float16,
             bfloat16, float32 (computed with fp32 accuracy) or float64 (PyTorch path);
-            head dim D <= 256, any strides.
+            head dim D <= 256, any strides. Hk divides H (grouped-query attention: query
+            head h reads key/value head h // (H / Hk); dK, dV sum over the group).
         cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets of the packed segments (both or
             neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed.
         max_seqlen_q, max_seqlen_k: the longest segments (default: read from the offsets,
             which syncs with the device; required under ``torch.compile``).
         key_padding_mask: dense inputs only, (B, Lk) bool, True at keys to ignore
             (``torch.nn.MultiheadAttention``'s convention).
+        key_bias: an additive logit bias per key, dense (B, Lk) or (B, H, Lk), packed (Tk,)
+            or (H, Tk), any floating dtype; differentiable (d key_bias[b, j] = sum over
+            heads and queries of dS, dS = P (dP - rowsum(dO O))). ToMe's proportional
+            attention: key_bias = log(size).
         scale: the logit scale (default 1 / sqrt(D)).
         return_lse: also return the log-sum-exp of the scaled logits per query row, fp32
             (float64 for float64 inputs), (B, H, Lq) dense or (H, Tq) packed; it is
@@ -127,6 +162,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     _check_qkv(op, q, k, v, 3 if packed else 4)
     check_bool(op, "return_lse", return_lse)
     s = _scale(op, scale, q.shape[-1])
+    bias = _key_bias(op, key_bias, q, k, packed)
     keep = None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -159,22 +195,25 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
                                  f"got {m.device}")  # fmt: skip
             keep = (~m).to(torch.uint8)
     out, lse = attention_core(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, lk, keep, None, None,
-                              False, s, 0)  # fmt: skip
+                              False, s, 0, bias)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def attention(q, k, v, *, causal=False, scale=None, key_mass=None):
-    r"""softmax(scale q k^T + mask) v, self- or cross-attention, optionally with the
-    attention each key receives.
+def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None):
+    r"""softmax(scale q k^T + key_bias + mask) v, self- or cross-attention, optionally with
+    the attention each key receives.
 
     Args:
-        q: (B, H, Lq, D); k, v: (B, H, Lk, D); float16, bfloat16, float32 or float64.
+        q: (B, H, Lq, D); k, v: (B, Hk, Lk, D), Hk dividing H (grouped-query attention);
+            float16, bfloat16, float32 or float64.
         causal: query i sees keys j <= i + Lk - Lq (aligned to the bottom-right, as
             flash-attention); a query that sees no key (Lq > Lk) gets 0.
         scale: the logit scale (default 1 / sqrt(D)).
         key_mass: None; "mean": also return mass[b, j] = 1/(H Lq) sum_h sum_i P[b, h, i, j];
             an int i (negative counts from the end): mass[b, j] = 1/H sum_h P[b, h, i, j]
             (FastV: -1, VisionZip: 0).
+        key_bias: (B, Lk) or (B, H, Lk) additive logit bias per key, differentiable (ToMe's
+            proportional attention: log(size)); the mass includes it.
 
     Returns:
         out (B, H, Lq, D), or (out, mass) with mass (B, Lk) float32 (float64 for float64
@@ -185,6 +224,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None):
     _check_qkv(op, q, k, v, 4)
     check_bool(op, "causal", causal)
     s = _scale(op, scale, q.shape[-1])
+    bias = _key_bias(op, key_bias, q, k, False)
     b, h, lq, _ = q.shape
     rows = None
     if key_mass is not None:
@@ -203,10 +243,11 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None):
             i = i % lq
             rows = (i, i + 1, 1.0 / h if h else 0.0)
     out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
-                              s, 0)  # fmt: skip
+                              s, 0, bias)  # fmt: skip
     if rows is None:
         return out
-    per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows)
+    per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows,
+                                  None if bias is None else bias.detach())  # fmt: skip
     return out, per_head.sum(dim=1)
 
 
@@ -272,5 +313,5 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
     lo, hi = media_ranges(m, n, k.shape[2], only_immediate)
     s = _scale(op, scale, q.shape[-1])
     out, _ = attention_core(q, k, v, None, None, q.shape[2], k.shape[2], None, lo, hi, False,
-                            s, 0)  # fmt: skip
+                            s, 0, None)  # fmt: skip
     return out

@@ -12,6 +12,10 @@ lo_i <= j < hi_i that the optional key-keep row of b allows, where
 - ranges (media-masked attention): lo, hi loaded from (B, Lq) int32 rows; a row with
   lo > hi has no answer and gives NaN.
 
+Grouped-query attention: q has H heads, k and v H / G (G the group); query head h reads
+key/value head h // G. A per-key additive bias (``BIAS``: bias[b, h, j], fp32 after the
+load, a zero head stride when shared by the heads) is added to the scaled logits.
+
 All scores, the online softmax and the accumulators are fp32; scores are kept in base 2
 (s * scale * log2(e)) so the exponentials are ``exp2``. A row with no visible key gives an
 output of 0 and a log-sum-exp of -inf.
@@ -23,8 +27,11 @@ lse) out_s).
 
 Backward (flash-attention 2): with delta_i = sum_d dO_id O_id - dlse_i and
 P = exp(S - lse) recomputed from the saved lse,
-dV = P^T dO, dS = P * (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q;
-:func:`_attn_bwd_kv` runs one program per key block (looping over query blocks),
+dV = P^T dO, dS = P * (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q,
+dbias[b, h, j] = sum_i dS_ij; with grouped queries dK and dV sum over the G query heads
+of a key/value head, which the key block's one program visits in turn (deterministic).
+:func:`_attn_bwd_kv` runs one program per key block and key/value head (looping over the
+group's heads and the query blocks; dbias per query head),
 :func:`_attn_bwd_q` one per query block (looping over key blocks), so nothing is atomic.
 """
 
@@ -182,13 +189,24 @@ def _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP: tl.c
 
 
 @triton.jit
+def _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS: tl.constexpr):
+    """(BN,) the keys' bias in base 2 (bias * log2(e)), fp32; 0 without BIAS."""
+    if BIAS:
+        bias = tl.load(bias_ptr + bias_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+        bias = bias * LOG2E
+    else:
+        bias = tl.zeros(cols.shape, tl.float32)
+    return bias
+
+
+@triton.jit
 def _fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
-    max_lq, max_lk, H, D, sm_scale, n_splits,
+    bias_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow,
+    sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow, sbb, sbh,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -207,9 +225,10 @@ def _fwd(
     d = tl.arange(0, BLOCK_D)
     d_ok = _dim_mask(d, D, EVEN_D)
     q_base = _at(q_ptr, b, h, q0, sqb, sqh, sqm)
-    k_base = _at(k_ptr, b, h, k0, skb, skh, skn)
-    v_base = _at(v_ptr, b, h, k0, svb, svh, svn)
+    k_base = _at(k_ptr, b, h // G, k0, skb, skh, skn)
+    v_base = _at(v_ptr, b, h // G, k0, svb, svh, svn)
     keep_base = tl.cast(b, tl.int64) * skeep
+    bias_base = tl.cast(b, tl.int64) * sbb + tl.cast(h, tl.int64) * sbh + k0
     q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
     lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
     first, last = _block_span(lo, hi, row_ok, lk, BN)
@@ -227,6 +246,8 @@ def _fwd(
         k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
         v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if BIAS:
+            s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -305,41 +326,48 @@ def _attn_combine(
 @triton.jit
 def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
              sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
-             keep_ptr, keep_base, qk_scale, dk, dv, KEEP: tl.constexpr,
-             DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dK, dV of one key block updated with one query block."""
+             keep_ptr, keep_base, qk_scale, dk, dv, bias, db, KEEP: tl.constexpr,
+             BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dK, dV (and the bias's column sums of dS) of one key block updated with one query
+    block."""
     q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
     do = _load_tile(do_base, rows, row_ok, d, d_ok, sdom, sdod, DOT_FP32)
     lse = tl.load(l_base + rows * slm, mask=row_ok, other=0.0)
     delta = tl.load(dl_base + rows * sdm, mask=row_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if BIAS:
+        s += bias[None, :]
     ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
     p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
     dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
-    return dk, dv
+    if BIAS:
+        db += tl.sum(ds, axis=0)
+    return dk, dv, db
 
 
 @triton.jit
 def _bwd_kv(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
-    max_lq, max_lk, H, D, sm_scale,
+    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr, bias_ptr, db_ptr,
+    max_lq, max_lk, H, G, D, sm_scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, skeep, srow,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, skeep, srow, sbb, sbh, sdbb, sdbh,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """dK, dV of one key block, over the query blocks that see it."""
+    """dK, dV of one key block of key/value head hk, over the G query heads hk G + g and
+    the query blocks that see it; with BIAS, dbias[b, h, j] of each of those heads."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    HK = H // G
+    b = bh // HK
+    hk = bh % HK
     q0, lq, k0, lk = _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN)
     if pid_n * BN >= lk:
         return
@@ -348,17 +376,12 @@ def _bwd_kv(
     d = tl.arange(0, BLOCK_D)
     d_ok = _dim_mask(d, D, EVEN_D)
     bb = tl.cast(b, tl.int64)
-    hh = tl.cast(h, tl.int64)
     qq = tl.cast(q0, tl.int64)
     kk = tl.cast(k0, tl.int64)
-    k = _load_tile(_at(k_ptr, b, h, k0, skb, skh, skn), cols, col_ok, d, d_ok, skn, skd,
+    k = _load_tile(_at(k_ptr, b, hk, k0, skb, skh, skn), cols, col_ok, d, d_ok, skn, skd,
                    DOT_FP32)
-    v = _load_tile(_at(v_ptr, b, h, k0, svb, svh, svn), cols, col_ok, d, d_ok, svn, svd,
+    v = _load_tile(_at(v_ptr, b, hk, k0, svb, svh, svn), cols, col_ok, d, d_ok, svn, svd,
                    DOT_FP32)
-    q_base = q_ptr + bb * sqb + hh * sqh + qq * sqm
-    do_base = do_ptr + bb * sdob + hh * sdoh + qq * sdom
-    l_base = lse_ptr + bb * slb + hh * slh + qq * slm
-    dl_base = delta_ptr + bb * sdb + hh * sdh + qq * sdm
     keep_base = bb * skeep
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros((BN, BLOCK_D), tl.float32)
@@ -366,26 +389,38 @@ def _bwd_kv(
     m_first = 0
     if CAUSAL:
         m_first = tl.maximum(pid_n * BN - (lk - lq), 0) // BM * BM
-    for m0 in range(m_first, lq, BM):
-        rows = m0 + tl.arange(0, BM)
-        row_ok = rows < lq
-        lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
-        if RANGES:  # arbitrary ranges: visit only the query blocks that see this key block
-            first, last = _block_span(lo, hi, row_ok, lk, BN)
-            if (first <= pid_n) & (pid_n < last):
-                dk, dv = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
-                                  sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
-                                  keep_ptr, keep_base, qk_scale, dk, dv, KEEP, DOT_FP32,
-                                  INPUT_PRECISION)
-        else:  # every block from m_first on sees it (no branch: the loads are pipelined)
-            dk, dv = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
-                              sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
-                              keep_ptr, keep_base, qk_scale, dk, dv, KEEP, DOT_FP32,
-                              INPUT_PRECISION)
+    for g in range(0, G):
+        hh = tl.cast(hk * G + g, tl.int64)
+        q_base = q_ptr + bb * sqb + hh * sqh + qq * sqm
+        do_base = do_ptr + bb * sdob + hh * sdoh + qq * sdom
+        l_base = lse_ptr + bb * slb + hh * slh + qq * slm
+        dl_base = delta_ptr + bb * sdb + hh * sdh + qq * sdm
+        bias = _bias_row(bias_ptr, bb * sbb + hh * sbh + kk, cols, col_ok, BIAS)
+        db = tl.zeros((BN,), tl.float32)
+        for m0 in range(m_first, lq, BM):
+            rows = m0 + tl.arange(0, BM)
+            row_ok = rows < lq
+            lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL,
+                                 RANGES)
+            if RANGES:  # arbitrary ranges: visit only the query blocks that see this block
+                first, last = _block_span(lo, hi, row_ok, lk, BN)
+                if (first <= pid_n) & (pid_n < last):
+                    dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d,
+                                          d_ok, sqm, sqd, sdom, sdod, slm, sdm, k, v, cols,
+                                          col_ok, lo, hi, keep_ptr, keep_base, qk_scale, dk,
+                                          dv, bias, db, KEEP, BIAS, DOT_FP32, INPUT_PRECISION)
+            else:  # every block from m_first on sees it (no branch: the loads are pipelined)
+                dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
+                                      sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo,
+                                      hi, keep_ptr, keep_base, qk_scale, dk, dv, bias, db,
+                                      KEEP, BIAS, DOT_FP32, INPUT_PRECISION)
+        if BIAS:
+            tl.store(db_ptr + bb * sdbb + hh * sdbh + kk + cols, db, mask=col_ok)
     dk = dk * sm_scale
     mask = col_ok[:, None] & d_ok[None, :]
-    dk_base = dk_ptr + bb * sdkb + hh * sdkh + kk * sdkn
-    dv_base = dv_ptr + bb * sdvb + hh * sdvh + kk * sdvn
+    hkk = tl.cast(hk, tl.int64)
+    dk_base = dk_ptr + bb * sdkb + hkk * sdkh + kk * sdkn
+    dv_base = dv_ptr + bb * sdvb + hkk * sdvh + kk * sdvn
     tl.store(dk_base + cols[:, None] * sdkn + d[None, :] * sdkd,
              dk.to(dk_ptr.dtype.element_ty), mask=mask)
     tl.store(dv_base + cols[:, None] * sdvn + d[None, :] * sdvd,
@@ -395,13 +430,13 @@ def _bwd_kv(
 @triton.jit
 def _bwd_q(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
-    max_lq, max_lk, H, D, sm_scale,
+    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr, bias_ptr,
+    max_lq, max_lk, H, G, D, sm_scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
-    sdqb, sdqh, sdqm, sdqd, skeep, srow,
+    sdqb, sdqh, sdqm, sdqd, skeep, srow, sbb, sbh,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -429,9 +464,11 @@ def _bwd_q(
     delta = tl.load(_at(delta_ptr, b, h, q0, sdb, sdh, sdm) + rows * sdm, mask=row_ok,
                     other=0.0)
     lse2 = lse * LOG2E
-    k_base = k_ptr + bb * skb + hh * skh + kk * skn
-    v_base = v_ptr + bb * svb + hh * svh + kk * svn
+    hkk = tl.cast(h // G, tl.int64)
+    k_base = k_ptr + bb * skb + hkk * skh + kk * skn
+    v_base = v_ptr + bb * svb + hkk * svh + kk * svn
     keep_base = bb * skeep
+    bias_base = bb * sbb + hh * sbh + kk
     lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
     first, last = _block_span(lo, hi, row_ok, lk, BN)
     qk_scale = sm_scale * LOG2E
@@ -442,6 +479,8 @@ def _bwd_q(
         k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
         v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if BIAS:
+            s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
         p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -456,9 +495,9 @@ def _bwd_q(
 @tuned("attention_key_mass", configs=_MASS_CONFIGS, key=_KEY, sizes=_SIZES)
 @triton.jit
 def _attn_key_mass(
-    q_ptr, k_ptr, lse_ptr, mass_ptr, max_lq, max_lk, H, D, sm_scale, row_first, row_last,
-    weight, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm, smb, smh,
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    q_ptr, k_ptr, lse_ptr, bias_ptr, mass_ptr, max_lq, max_lk, H, G, D, sm_scale, row_first,
+    row_last, weight, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm, sbb, sbh,
+    smb, smh, CAUSAL: tl.constexpr, BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -476,7 +515,9 @@ def _attn_key_mass(
     d_ok = _dim_mask(d, D, EVEN_D)
     bb = tl.cast(b, tl.int64)
     hh = tl.cast(h, tl.int64)
-    k = _load_tile(k_ptr + bb * skb + hh * skh, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
+    k = _load_tile(k_ptr + bb * skb + tl.cast(h // G, tl.int64) * skh, cols, col_ok, d, d_ok,
+                   skn, skd, DOT_FP32)
+    bias = _bias_row(bias_ptr, bb * sbb + hh * sbh, cols, col_ok, BIAS)
     q_base = q_ptr + bb * sqb + hh * sqh
     l_base = lse_ptr + bb * slb + hh * slh
     qk_scale = sm_scale * LOG2E
@@ -488,6 +529,8 @@ def _attn_key_mass(
         lse = tl.load(l_base + rows * slm, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if BIAS:
+            s += bias[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + (lk - lq))

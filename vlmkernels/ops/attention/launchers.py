@@ -4,6 +4,10 @@ Layouts. Dense inputs are (B, H, L, D) with any strides; packed inputs are (T, H
 int32 ``cu_q`` / ``cu_k`` of B + 1 offsets. The log-sum-exp is fp32, (B, H, Lq) dense and
 (H, T) packed (flash-attention's varlen layout). ``keep`` is an optional (B, Lk) uint8 row
 (nonzero: the key is visible), ``lo`` / ``hi`` optional (B, Lq) int32 key ranges.
+Grouped-query attention: k and v may have H / G heads for q's H. ``bias`` is an optional
+additive per-key logit bias: dense (B, H, Lk) or (B, 1, Lk), packed (H, Tk) or (1, Tk),
+any dtype (read as fp32); the backward returns its gradient per query head, fp32, (B, H, Lk)
+dense or (H, Tk) packed (the caller sums the broadcast heads).
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ def _problem(q, k, cu_q, max_lq, max_lk):
     return q.shape[0], q.shape[1], q.shape[3], False
 
 
+def group(q, k) -> int:
+    """G: query heads per key/value head (head dim 1 of dense and packed layouts)."""
+    return q.shape[1] // max(k.shape[1], 1)
+
+
+def _bias_strides(bias, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of the bias, 0 along broadcast dims (the key stride is 1)."""
+    if bias is None:
+        return 0, 0
+    if bias.stride(-1) != 1 and bias.shape[-1] > 1:
+        raise ValueError("attention bias: the key dim must be contiguous")
+    if varlen:
+        return 0, bias.stride(0) if bias.shape[0] > 1 else 0
+    return (bias.stride(0) if bias.shape[0] > 1 else 0,
+            bias.stride(1) if bias.shape[1] > 1 else 0)  # fmt: skip
+
+
 def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     """(batch, head, row, dim) strides of a (B, H, L, D) or packed (T, H, D) tensor."""
     if varlen:
@@ -68,7 +89,8 @@ def _dummy(q):
     return q.new_empty(0, dtype=torch.int32)
 
 
-def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None):
+def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None,
+            bias=None):  # fmt: skip
     """(out, lse): out like q (contiguous), lse fp32 (see the module docstring)."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -82,7 +104,11 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     splits = max(1, min(int(splits), MAX_SPLITS))
     dummy = _dummy(q)
     options = dict(
-        _options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d), EVEN_D=block_d(d) == d
+        _options(q, keep, lo, causal),
+        VARLEN=varlen,
+        BLOCK_D=block_d(d),
+        EVEN_D=block_d(d) == d,
+        BIAS=bias is not None,
     )
     if splits > 1:
         # partials: (splits, B, H, Lq, D) dense or (splits, T, H, D) packed, fp32
@@ -93,11 +119,12 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         split_strides = (ws.stride(0), wl.stride(0))
     else:
         target, target_lse, split_strides = out, lse, (0, 0)
-    scalars = (max_lq, max_lk, h, d, float(scale), splits,
+    scalars = (max_lq, max_lk, h, group(q, k), d, float(scale), splits,
                *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                *_strides(target, varlen), split_strides[0], *_lse_strides(target_lse, varlen),
                split_strides[1], keep.stride(0) if keep is not None else 0,
-               lo.stride(0) if lo is not None else 0)  # fmt: skip
+               lo.stride(0) if lo is not None else 0,
+               *_bias_strides(bias, varlen))  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
@@ -107,7 +134,8 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
             q, k, v, target, target_lse,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             keep if keep is not None else dummy, lo if lo is not None else dummy,
-            hi if hi is not None else dummy, *scalars, SPLIT=splits > 1, **options,
+            hi if hi is not None else dummy, bias if bias is not None else dummy, *scalars,
+            SPLIT=splits > 1, **options,
         )  # fmt: skip
         if splits > 1:
             _attn_combine[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
@@ -119,41 +147,55 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
-    """(dq, dk, dv) for ``delta`` = rowsum(dO * O) - dlse, laid out as lse."""
+def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
+             bias=None):  # fmt: skip
+    """(dq, dk, dv, dbias) for ``delta`` = rowsum(dO * O) - dlse, laid out as lse; dbias
+    None without a bias, else fp32 per query head (see the module docstring)."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    db = None
+    if bias is not None:
+        db_shape = (h, k.shape[0]) if varlen else (b, h, k.shape[2])
+        db = torch.zeros(db_shape, dtype=torch.float32, device=q.device)
     if b * h == 0 or max_lq == 0 or max_lk == 0:  # nothing attends: every gradient is 0
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), db
     dummy = _dummy(q)
+    g = group(q, k)
     options = dict(
-        _options(q, keep, lo, causal), VARLEN=varlen, BLOCK_D=block_d(d), EVEN_D=block_d(d) == d
+        _options(q, keep, lo, causal),
+        VARLEN=varlen,
+        BLOCK_D=block_d(d),
+        EVEN_D=block_d(d) == d,
+        BIAS=bias is not None,
     )
-    common = (max_lq, max_lk, h, d, float(scale), *_strides(q, varlen), *_strides(k, varlen),
+    common = (max_lq, max_lk, h, g, d, float(scale), *_strides(q, varlen), *_strides(k, varlen),
               *_strides(v, varlen), *_strides(do, varlen), *_lse_strides(lse, varlen),
               *_lse_strides(delta, varlen))  # fmt: skip
-    tail = (keep.stride(0) if keep is not None else 0, lo.stride(0) if lo is not None else 0)
+    tail = (keep.stride(0) if keep is not None else 0, lo.stride(0) if lo is not None else 0,
+            *_bias_strides(bias, varlen))  # fmt: skip
+    db_strides = (0, 0) if db is None else _lse_strides(db, varlen)[:2]
     pointers = (cu_q if varlen else dummy, cu_k if varlen else dummy,
                 keep if keep is not None else dummy, lo if lo is not None else dummy,
-                hi if hi is not None else dummy)  # fmt: skip
+                hi if hi is not None else dummy, bias if bias is not None else dummy)  # fmt: skip
     with device_guard(q):
         fp32 = q.dtype == torch.float32
-        BWD_KV[fp32][lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * h)](
-            q, k, v, do, lse, delta, dk, dv, *pointers, *common, *_strides(dk, varlen),
-            *_strides(dv, varlen), *tail, **options,
+        BWD_KV[fp32][lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * (h // g))](
+            q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
+            *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail, *db_strides,
+            **options,
         )  # fmt: skip
         BWD_Q[fp32][lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
             q, k, v, do, lse, delta, dq, *pointers, *common, *_strides(dq, varlen), *tail,
             **options,
         )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, db
 
 
-def key_mass(q, k, lse, causal, scale, row_first, row_last, weight):
+def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     """(B, H, Lk) fp32: ``weight`` x the attention each key receives from query rows
-    row_first <= i < row_last, per head (dense inputs)."""
+    row_first <= i < row_last, per query head (dense inputs)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
     mass = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
@@ -162,9 +204,10 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight):
     dot_fp32, precision = dot_precision(q.dtype)
     with device_guard(q):
         _attn_key_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b * h)](
-            q, k, lse, mass, lq, lk, h, d, float(scale), int(row_first), int(row_last),
-            float(weight), *q.stride(), *k.stride(), *lse.stride(), mass.stride(0),
-            mass.stride(1), CAUSAL=bool(causal), BLOCK_D=block_d(d), EVEN_D=block_d(d) == d,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            q, k, lse, bias if bias is not None else _dummy(q), mass, lq, lk, h, group(q, k), d,
+            float(scale), int(row_first), int(row_last), float(weight), *q.stride(),
+            *k.stride(), *lse.stride(), *_bias_strides(bias, False), mass.stride(0),
+            mass.stride(1), CAUSAL=bool(causal), BIAS=bias is not None, BLOCK_D=block_d(d),
+            EVEN_D=block_d(d) == d, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
     return mass

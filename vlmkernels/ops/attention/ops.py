@@ -7,7 +7,10 @@ Arguments (the layouts of :mod:`.launchers`): q, k, v dense (B, H, L, D) or pack
 (T, H, D) with int32 ``cu_seqlens_q`` / ``cu_seqlens_k``; ``key_keep`` an optional (B, Lk)
 uint8 row (nonzero: visible); ``key_lo`` / ``key_hi`` optional (B, Lq) int32 key ranges
 per query row; ``causal`` (bottom-right aligned; ignored with ranges); ``num_splits``
-the forward's key splits (0: the heuristic :func:`.launchers.choose_splits`). Outputs:
+the forward's key splits (0: the heuristic :func:`.launchers.choose_splits`);
+``key_bias`` an optional additive logit bias per key, dense (B, H, Lk) or (B, 1, Lk),
+packed (H, Tk) or (1, Tk), differentiable. k and v may have fewer heads than q
+(grouped-query attention: H a multiple of theirs). Outputs:
 out like q, lse fp32 (float64 for float64 inputs), (B, H, Lq) dense or (H, T) packed.
 """
 
@@ -26,19 +29,20 @@ _ARGS = (
 
 attention_core = Op(
     "attention_core",
-    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits) -> (Tensor, Tensor)",
+    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits, Tensor? key_bias) "
+    "-> (Tensor, Tensor)",
     family="attention",
 )
 attention_core_backward = Op(
     "attention_core_backward",
-    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, {_ARGS}) "
-    "-> (Tensor, Tensor, Tensor)",
+    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, {_ARGS}, "
+    "Tensor? key_bias) -> (Tensor, Tensor, Tensor, Tensor)",
     family="attention",
 )
 attention_key_mass = Op(
     "attention_key_mass",
     "(Tensor q, Tensor k, Tensor lse, bool causal, float scale, int row_first, int row_last, "
-    "float weight) -> Tensor",
+    "float weight, Tensor? key_bias) -> Tensor",
     family="attention",
 )
 
@@ -53,18 +57,19 @@ def _lse_shape(q, cu_q):
 
 
 @attention_core.impl("triton")
-def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits):
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias):
     return launchers.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-                             num_splits or None)  # fmt: skip
+                             num_splits or None, bias)  # fmt: skip
 
 
 @attention_core.impl("torch")
-def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits):
-    return reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale)
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias):
+    return reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
+                             bias)  # fmt: skip
 
 
 @attention_core.fake
-def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits):
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias):
     lse_dtype = reference.compute_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_q), dtype=lse_dtype)
 
@@ -72,20 +77,20 @@ def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_spli
 @attention_core.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _ = inputs
+        q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _, bias = inputs
         out, lse = output
         ctx.set_materialize_grads(False)
         ctx.options = (max_lq, max_lk, causal, scale)
         remember_backend(ctx)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias)
 
     @in_forward_backend
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias = ctx.saved_tensors
         max_lq, max_lk, causal, scale = ctx.options
         none = (None,) * 10
         if grad_out is None and grad_lse is None:
-            return None, None, None, *none
+            return None, None, None, *none, None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
@@ -94,49 +99,58 @@ class _:
             delta = delta - grad_lse
         # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
         delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
-        dq, dk, dv = attention_core_backward(
+        dq, dk, dv, db = attention_core_backward(
             grad_out, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
-            scale,
+            scale, bias,
         )  # fmt: skip
         needs = ctx.needs_input_grad
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                *none)  # fmt: skip
+                *none, db if bias is not None and needs[13] else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------- attention_core_backward
 
 
+def _bias_grad(db, bias, q):
+    if bias is None:
+        return q.new_empty(0)
+    return reference.reduce_bias_grad(db, bias)
+
+
 @attention_core_backward.impl("triton")
-def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
-    return launchers.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi,
-                              causal, scale)  # fmt: skip
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
+    dq, dk, dv, db = launchers.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk,
+                                        keep, lo, hi, causal, scale, bias)  # fmt: skip
+    return dq, dk, dv, _bias_grad(db, bias, q)
 
 
 @attention_core_backward.impl("torch")
-def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
-    return reference.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi,
-                              causal, scale)  # fmt: skip
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
+    dq, dk, dv, db = reference.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk,
+                                        keep, lo, hi, causal, scale, bias)  # fmt: skip
+    return dq, dk, dv, _bias_grad(db, bias, q)
 
 
 @attention_core_backward.fake
-def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
+    db = q.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), db
 
 
 # --------------------------------------------------------------------- attention_key_mass
 
 
 @attention_key_mass.impl("triton")
-def _(q, k, lse, causal, scale, row_first, row_last, weight):
-    return launchers.key_mass(q, k, lse, causal, scale, row_first, row_last, weight)
+def _(q, k, lse, causal, scale, row_first, row_last, weight, bias):
+    return launchers.key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias)
 
 
 @attention_key_mass.impl("torch")
-def _(q, k, lse, causal, scale, row_first, row_last, weight):
-    return reference.key_mass(q, k, lse, causal, scale, row_first, row_last, weight)
+def _(q, k, lse, causal, scale, row_first, row_last, weight, bias):
+    return reference.key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias)
 
 
 @attention_key_mass.fake
-def _(q, k, lse, causal, scale, row_first, row_last, weight):
+def _(q, k, lse, causal, scale, row_first, row_last, weight, bias):
     dtype = reference.compute_dtype(q.dtype)
     return q.new_empty((q.shape[0], q.shape[1], k.shape[2]), dtype=dtype)

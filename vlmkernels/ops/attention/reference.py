@@ -1,7 +1,9 @@
 """The PyTorch implementation of the attention core (the CPU path and the float64 path),
 with the same arguments, layouts and conventions as the Triton kernels (see
 :mod:`.kernels`): scores in fp32 (float64 for float64 inputs), rows without a visible key
-give 0 and lse -inf, rows with lo > hi give NaN.
+give 0 and lse -inf, rows with lo > hi give NaN. Grouped-query k, v (fewer heads) are
+repeated per query head (dK, dV summed back over the group); the optional per-key bias
+(dense (B, H or 1, Lk), packed (H or 1, Tk)) is added to the scaled logits.
 """
 
 from __future__ import annotations
@@ -39,30 +41,65 @@ def _bad_rows(lo, hi, lq, b=None):
     return (lo_[:, :lq] > hi_[:, :lq])[:, None]
 
 
-def _dense_forward(q, k, v, ok, bad, scale):
+def _heads(t, h):
+    """t with its head dim (1) repeated to h heads (grouped-query attention)."""
+    return t if t.shape[1] == h else t.repeat_interleave(h // t.shape[1], dim=1)
+
+
+def _group_sum(t, hk):
+    """(B, H, L, D) or (T, H, D) summed over the groups of H / hk heads to hk heads."""
+    if t.shape[1] == hk:
+        return t
+    shape = (*t.shape[:1], hk, t.shape[1] // hk, *t.shape[2:])
+    return t.reshape(shape).sum(2)
+
+
+def reduce_bias_grad(db, bias):
+    """The gradient of ``bias`` from the per-query-head ``db`` (summed over the broadcast
+    dims), in the bias's dtype."""
+    dims = [i for i in range(bias.dim()) if bias.shape[i] == 1 and db.shape[i] != 1]
+    if dims:
+        db = db.sum(dims, keepdim=True)
+    return db.to(bias.dtype)
+
+
+def _logits(q, k, scale, bias):
     ct = compute_dtype(q.dtype)
-    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    s = torch.matmul(q.to(ct), _heads(k, q.shape[1]).to(ct).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(ct)[:, :, None, :]
+    return s
+
+
+def _dense_forward(q, k, v, ok, bad, scale, bias=None):
+    ct = compute_dtype(q.dtype)
+    s = _logits(q, k, scale, bias)
     s = s.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).masked_fill(~ok, 0.0)
-    out = torch.matmul(p, v.to(ct))
+    out = torch.matmul(p, _heads(v, q.shape[1]).to(ct))
     if bad is not None:
         out = out.masked_fill(bad[..., None], float("nan"))
         lse = lse.masked_fill(bad, float("nan"))
     return out.to(q.dtype), lse.to(ct)
 
 
-def _dense_backward(do, q, k, v, lse, delta, ok, scale):
+def _dense_backward(do, q, k, v, lse, delta, ok, scale, bias=None):
+    """(dq, dk, dv, db): db the per-query-head bias gradient sum_i dS (None without bias)."""
     ct = compute_dtype(q.dtype)
-    qc, kc, vc, doc = q.to(ct), k.to(ct), v.to(ct), do.to(ct)
-    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    h, hk = q.shape[1], k.shape[1]
+    qc, doc = q.to(ct), do.to(ct)
+    kc, vc = _heads(k, h).to(ct), _heads(v, h).to(ct)
+    s = _logits(q, k, scale, bias)
     p = torch.exp(s - lse.to(ct)[..., None]).masked_fill(~ok, 0.0)
     dv = torch.matmul(p.transpose(-1, -2), doc)
     dp = torch.matmul(doc, vc.transpose(-1, -2))
     ds = p * (dp - delta.to(ct)[..., None])
     dq = torch.matmul(ds, kc) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    db = ds.sum(2) if bias is not None else None
+    return (dq.to(q.dtype), _group_sum(dk, hk).to(k.dtype), _group_sum(dv, hk).to(v.dtype),
+            db)  # fmt: skip
 
 
 def _segments(cu):
@@ -75,11 +112,16 @@ def _seg(t, a, b):
     return t[a:b].transpose(0, 1)[None]
 
 
-def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
+def _seg_bias(bias, a, b):
+    """Keys a..b of a packed (H or 1, Tk) bias as (1, H or 1, L)."""
+    return None if bias is None else bias[None, :, a:b]
+
+
+def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias=None):
     """(out, lse): the attention of :mod:`.kernels` (dense or packed)."""
     if cu_q is None:
         ok = visible(q.shape[2], k.shape[2], keep, lo, hi, causal, q.device)
-        return _dense_forward(q, k, v, ok, _bad_rows(lo, hi, q.shape[2]), scale)
+        return _dense_forward(q, k, v, ok, _bad_rows(lo, hi, q.shape[2]), scale, bias)
     ct = compute_dtype(q.dtype)
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ct, device=q.device)
@@ -88,37 +130,43 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
             continue
         ok = visible(qb - qa, kb - ka, keep, lo, hi, causal, q.device, b)
         o, s = _dense_forward(_seg(q, qa, qb), _seg(k, ka, kb), _seg(v, ka, kb), ok,
-                              _bad_rows(lo, hi, qb - qa, b), scale)  # fmt: skip
+                              _bad_rows(lo, hi, qb - qa, b), scale,
+                              _seg_bias(bias, ka, kb))  # fmt: skip
         out[qa:qb] = o[0].transpose(0, 1)
         lse[:, qa:qb] = s[0]
     return out, lse
 
 
-def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale):
-    """(dq, dk, dv) with ``delta`` = rowsum(dO * O) - dlse, laid out as lse."""
+def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
+             bias=None):  # fmt: skip
+    """(dq, dk, dv, db) with ``delta`` = rowsum(dO * O) - dlse, laid out as lse; db the
+    per-query-head bias gradient ((B, H, Lk) dense, (H, Tk) packed; None without bias)."""
     if cu_q is None:
         ok = visible(q.shape[2], k.shape[2], keep, lo, hi, causal, q.device)
-        return _dense_backward(do, q, k, v, lse, delta, ok, scale)
+        return _dense_backward(do, q, k, v, lse, delta, ok, scale, bias)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    ct = compute_dtype(q.dtype)
+    db = None if bias is None else q.new_zeros((q.shape[1], k.shape[0]), dtype=ct)
     for b, ((qa, qb), (ka, kb)) in enumerate(zip(_segments(cu_q), _segments(cu_k), strict=True)):
         if qb == qa or kb == ka:
             continue
         ok = visible(qb - qa, kb - ka, keep, lo, hi, causal, q.device, b)
         g = _dense_backward(_seg(do, qa, qb), _seg(q, qa, qb), _seg(k, ka, kb),
                             _seg(v, ka, kb), lse[None, :, qa:qb], delta[None, :, qa:qb], ok,
-                            scale)  # fmt: skip
+                            scale, _seg_bias(bias, ka, kb))  # fmt: skip
         dq[qa:qb] = g[0][0].transpose(0, 1)
         dk[ka:kb] = g[1][0].transpose(0, 1)
         dv[ka:kb] = g[2][0].transpose(0, 1)
-    return dq, dk, dv
+        if db is not None:
+            db[:, ka:kb] = g[3][0]
+    return dq, dk, dv, db
 
 
-def key_mass(q, k, lse, causal, scale, row_first, row_last, weight):
+def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     """(B, H, Lk): ``weight`` x sum over rows row_first <= i < row_last of P[b, h, i, :]."""
     ct = compute_dtype(q.dtype)
     lq, lk = q.shape[2], k.shape[2]
-    qs = q[:, :, row_first:row_last].to(ct)
-    s = torch.matmul(qs, k.to(ct).transpose(-1, -2)) * scale
+    s = _logits(q[:, :, row_first:row_last], k, scale, bias)
     ls = lse[:, :, row_first:row_last].to(ct)
     ok = visible(lq, lk, None, None, None, causal, q.device)[:, :, row_first:row_last]
     ok = ok & torch.isfinite(ls)[..., None]
