@@ -430,8 +430,10 @@ PERCEIVER_REPLACEMENTS = (
 PERCEIVER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, PERCEIVER_ARCHITECTURES, PERCEIVER_REPLACEMENTS)
 )
+# tests/test_qformer.py and test_attention_patch's Q-Former tests pass on these three
+QFORMER_TESTED = ("5.16.1", "5.17.0", "5.24.0")
 QFORMER_PATCHER = register(
-    Patcher("transformers", TESTED_VERSIONS, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
+    Patcher("transformers", QFORMER_TESTED, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
 )
 
 # Idefics2's perceiver resampler attention (part ``perceiver_attention`` too): the latents
