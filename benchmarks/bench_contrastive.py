@@ -18,6 +18,13 @@ Providers:
   0.5 (mean(cal_flash_loss(X, Y, scale=s)) + mean(cal_flash_loss(Y, X, scale=s))), with
   ``head_dim`` the largest of 256, 128, 64, 32, 16 dividing d. CLIP only, CUDA only; skipped
   above N = 32768 unless ``--no-limits`` (it is slow).
+- ``siglip_kernel``: siglip-kernel 0.1.2's ``fused_siglip_loss(X, Y, log_t, b)`` (router
+  ``backend="auto"``: cuBLAS GEMM + Triton BCE for bf16/fp16, its fused Triton kernel for
+  fp32). SigLIP only, CUDA only. Its loss is ``-sum_ij logsigmoid(z_ij (e^log_t X_i.Y_j + b)) / N``,
+  the same normalisation as :func:`siglip_eager` (sum over all N^2 pairs / N); it takes
+  the log of the scale, so the provider's learnable leaf is log_t = log(s) (0-d fp32)
+  instead of s, and gradients flow to (X, Y, log_t, b). Like ``vlmkernels`` it computes
+  the gradients in the forward pass; its loss comes back in the input dtype.
 
 FLOP model (useful FLOPs of the dense computation; recomputation not counted):
 forward 2 N^2 d (S = X Y^T), backward 4 N^2 d (dX = dS Y and dY = dS^T X), fwd+bwd 6 N^2 d.
@@ -175,10 +182,36 @@ def build_inf_cl(args: BuildArgs) -> Prepared:
     return Prepared(fn, (x, y, s), f"cal_flash_loss symmetric, head_dim={h}")
 
 
+def siglip_kernel_available(device: torch.device) -> str | None:
+    if importlib.util.find_spec("siglip_kernel") is None:
+        return "siglip_kernel is not importable (pip install siglip-kernel==0.1.2)"
+    if device.type != "cuda":
+        return "siglip-kernel's Triton kernels need CUDA"
+    return None
+
+
+def build_siglip_kernel(args: BuildArgs) -> Prepared:
+    """siglip-kernel's ``fused_siglip_loss(X, Y, log_temperature, bias)``: loss
+    ``-sum_ij logsigmoid(z_ij (exp(log_temperature) X_i . Y_j + b)) / N`` (its
+    ``siglip_loss_reference``), which is :func:`siglip_eager` with s = exp(log_temperature).
+    The same X, Y and b as the other providers; the scale leaf is replaced by the leaf
+    log_t = log(s), so no extra op is timed."""
+    from siglip_kernel import fused_siglip_loss
+
+    x, y, s, b = make_inputs(args)
+    log_t = s.detach().log().requires_grad_()
+    return Prepared(
+        lambda: fused_siglip_loss(x, y, log_t, b),
+        (x, y, log_t, b),
+        "fused_siglip_loss(backend='auto'), log_t = log(s) leaf; sum / N",
+    )
+
+
 VLMKERNELS = Provider("vlmkernels", build_vlmkernels)
 EAGER_PROVIDER = Provider("eager", build_eager)
 COMPILE = Provider("compile", build_compile)
 INF_CL = Provider("inf_cl", build_inf_cl, available=inf_cl_available, limit=inf_cl_limit)
+SIGLIP_KERNEL = Provider("siglip_kernel", build_siglip_kernel, available=siglip_kernel_available)
 
 # --------------------------------------------------------------------------------------
 # Cost models, grid, suite
@@ -208,7 +241,7 @@ def grid(profile: str) -> dict[str, list[int]]:
 
 OPS = (
     OpSpec("clip_loss", (VLMKERNELS, EAGER_PROVIDER, COMPILE, INF_CL), flops, nbytes),
-    OpSpec("siglip_loss", (VLMKERNELS, EAGER_PROVIDER, COMPILE), flops, nbytes),
+    OpSpec("siglip_loss", (VLMKERNELS, EAGER_PROVIDER, COMPILE, SIGLIP_KERNEL), flops, nbytes),
 )
 
 # --------------------------------------------------------------------------------------
