@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from ...ops.attention import cross_attention
 from ...ops.attention.ops import attention_core
-from ...ops.attention.qformer import KVCache, add_layernorm, stacked_kv
+from ...ops.attention.qformer import KVCache, add_layernorm_unchecked, stacked_kv
 from ..patching import (
     Architecture,
     Patcher,
@@ -363,7 +363,8 @@ def _qformer_encoder_forward(module, arch: Architecture):
 def _qformer_output_forward(module, arch: Architecture):
     """The instance ``forward`` of a Q-Former output block (``SelfOutput`` / ``Output``):
     LayerNorm(dense(h) + residual) with the dense bias, the residual and the LayerNorm in
-    one kernel (:func:`add_layernorm`); with hidden dropout in training mode, the bias is
+    one kernel (:func:`add_layernorm_unchecked`: a Linear's output, its residual and a
+    LayerNorm's parameters need no checks); with hidden dropout in training mode, the bias is
     added before the dropout as transformers does."""
     dense, norm = getattr(module, "dense", None), getattr(module, "LayerNorm", None)
     if not isinstance(dense, torch.nn.Linear) or not isinstance(norm, torch.nn.LayerNorm):
@@ -382,8 +383,7 @@ def _qformer_output_forward(module, arch: Architecture):
         if input_tensor.dtype != x.dtype:  # autocast: the sum promotes, as in transformers
             kind = torch.promote_types(x.dtype, input_tensor.dtype)
             x, input_tensor = x.to(kind), input_tensor.to(kind)
-        return add_layernorm(x, input_tensor, norm.weight, norm.bias, x_bias=bias,
-                             eps=norm.eps)  # fmt: skip
+        return add_layernorm_unchecked(x, input_tensor, norm.weight, norm.bias, bias, norm.eps)
 
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' Q-Former output block (fused bias + residual + LayerNorm)."
