@@ -83,10 +83,11 @@ def compile_cases() -> list[CompileCase]:
     """The core kernels of each input class (16-bit: bf16 pointers, fp32: fp32 pointers and
     3xTF32, whatever the dtype asked: each kernel is launched for its class only): dense
     forward (plain, causal with key padding, media ranges, split-K), packed forward, both
-    backward kernels (plain, causal, media); the per-key bias in each core pass; the
-    split-K combine and the key mass. The group G (grouped-query attention) stays a
-    runtime int here (a launch with G = 1 specialises it away)."""
-    unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm")
+    backward kernels (plain, causal, media); the per-key bias in each core pass; grouped
+    heads; the split-K combine and the key mass. The group G (grouped-query attention) is a
+    constant 1 (Triton specialises an int argument equal to 1) except in the _gqa cases."""
+    # G = 1 (no grouped heads) is a constant of a typical launch; the _gqa cases keep it
+    unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm", "G")
     aligned = _ROW + ("sob", "soh", "som", "sos", "sdob", "sdoh", "sdom", "sdkb", "sdkh", "sdkn",
                       "sdvb", "sdvh", "sdvn", "sdqb", "sdqh", "sdqm")  # fmt: skip
     scalars = {"sm_scale": "fp32"}
@@ -95,7 +96,7 @@ def compile_cases() -> list[CompileCase]:
     def own(kernel, names):
         return tuple(n for n in names if n in kernel.arg_names)
 
-    def case(name, kernel, fp32, outputs, **over):
+    def case(name, kernel, fp32, outputs, gqa=False, **over):
         elem = "fp32" if fp32 else "bf16"
         pointers = dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cu_q_ptr="i32", cu_k_ptr="i32",
                         keep_ptr="u8", lo_ptr="i32", hi_ptr="i32", lse_ptr="fp32",
@@ -109,7 +110,8 @@ def compile_cases() -> list[CompileCase]:
         # (its loads sit under a per-block branch)
         sync = fp32 or (over.get("RANGES") and kernel is kernels._attn_bwd_kv)
         expect = ("mma", "no_spill") if sync else ("mma", "async", "no_spill")
-        return CompileCase(name, kernel, pointers, constexprs, unit_strides=own(kernel, unit),
+        ones = tuple(n for n in own(kernel, unit) if not (gqa and n == "G"))
+        return CompileCase(name, kernel, pointers, constexprs, unit_strides=ones,
                            aligned=own(kernel, aligned), scalars=scalars,
                            expect=expect)  # fmt: skip
 
@@ -130,7 +132,11 @@ def compile_cases() -> list[CompileCase]:
         case("attention_fwd_fp32_split", k._attn_fwd32, True, dict(o_ptr="fp32"), SPLIT=True),
         case("attention_bwd_kv", k._attn_bwd_kv, False, kv_out),
         case("attention_bwd_kv_causal", k._attn_bwd_kv, False, kv_out, CAUSAL=True),
-        case("attention_bwd_kv_bias", k._attn_bwd_kv, False, kv_out, BIAS=True),
+        case("attention_bwd_kv_bias", k._attn_bwd_kv_bias, False, kv_out, BIAS=True),
+        case("attention_bwd_kv_fp32_bias", k._attn_bwd_kv32, True, kv_out, BIAS=True),
+        case("attention_fwd_gqa", k._attn_fwd, False, fwd_out, gqa=True),
+        case("attention_bwd_kv_gqa", k._attn_bwd_kv, False, kv_out, gqa=True),
+        case("attention_bwd_q_gqa", k._attn_bwd_q, False, q_out, gqa=True),
         case("attention_bwd_q_bias", k._attn_bwd_q, False, q_out, BIAS=True),
         case("attention_bwd_q", k._attn_bwd_q, False, q_out),
         case("attention_bwd_q_media", k._attn_bwd_q, False, q_out, RANGES=True),
@@ -174,7 +180,8 @@ def _qformer_cases() -> list[CompileCase]:
     ]  # fmt: skip
 
 
-_CORE = tuple(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("", "_fp32"))
+_CORE = (*(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("", "_fp32")),
+         "attention_bwd_kv_bias")  # fmt: skip
 
 FAMILY = register(
     Family(

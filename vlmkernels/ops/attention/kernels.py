@@ -88,6 +88,15 @@ _BWD32_CONFIGS = autotune_configs(
     ],
     _INTERP,
 )
+# the dK/dV pass with a bias (its column sums of dS) spilled 32 B at BM = BN = 64, 4 warps
+_BWD_BIAS_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
+        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=1),
+        _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
+    ],
+    _INTERP,
+)
 _COMBINE_CONFIGS = autotune_configs(
     [_C({"BM": 32}, num_warps=4), _C({"BM": 64}, num_warps=4)], _C({"BM": 16}, num_warps=1)
 )
@@ -326,7 +335,8 @@ def _attn_combine(
 @triton.jit
 def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
              sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
-             keep_ptr, keep_base, qk_scale, dk, dv, bias, db, KEEP: tl.constexpr,
+             keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr, bias_base, db,
+             KEEP: tl.constexpr,
              BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """dK, dV (and the bias's column sums of dS) of one key block updated with one query
     block."""
@@ -335,8 +345,8 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
     lse = tl.load(l_base + rows * slm, mask=row_ok, other=0.0)
     delta = tl.load(dl_base + rows * sdm, mask=row_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    if BIAS:
-        s += bias[None, :]
+    if BIAS:  # reloaded per step (cached): holding it through the loop spilled
+        s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
     ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
     p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
     dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
@@ -395,7 +405,7 @@ def _bwd_kv(
         do_base = do_ptr + bb * sdob + hh * sdoh + qq * sdom
         l_base = lse_ptr + bb * slb + hh * slh + qq * slm
         dl_base = delta_ptr + bb * sdb + hh * sdh + qq * sdm
-        bias = _bias_row(bias_ptr, bb * sbb + hh * sbh + kk, cols, col_ok, BIAS)
+        bias_base = bb * sbb + hh * sbh + kk
         db = tl.zeros((BN,), tl.float32)
         for m0 in range(m_first, lq, BM):
             rows = m0 + tl.arange(0, BM)
@@ -408,11 +418,13 @@ def _bwd_kv(
                     dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d,
                                           d_ok, sqm, sqd, sdom, sdod, slm, sdm, k, v, cols,
                                           col_ok, lo, hi, keep_ptr, keep_base, qk_scale, dk,
-                                          dv, bias, db, KEEP, BIAS, DOT_FP32, INPUT_PRECISION)
+                                          dv, bias_ptr, bias_base, db, KEEP, BIAS, DOT_FP32,
+                                          INPUT_PRECISION)
             else:  # every block from m_first on sees it (no branch: the loads are pipelined)
                 dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
                                       sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo,
-                                      hi, keep_ptr, keep_base, qk_scale, dk, dv, bias, db,
+                                      hi, keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr,
+                                      bias_base, db,
                                       KEEP, BIAS, DOT_FP32, INPUT_PRECISION)
         if BIAS:
             tl.store(db_ptr + bb * sdbb + hh * sdbh + kk + cols, db, mask=col_ok)
@@ -545,6 +557,8 @@ _attn_fwd32 = tuned("attention_fwd_fp32", configs=_FWD32_CONFIGS, key=_KEY, size
 _attn_bwd_kv = tuned("attention_bwd_kv", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)(_bwd_kv)
 _attn_bwd_kv32 = tuned("attention_bwd_kv_fp32", configs=_BWD32_CONFIGS, key=_KEY,
                        sizes=_SIZES)(_bwd_kv)  # fmt: skip
+_attn_bwd_kv_bias = tuned("attention_bwd_kv_bias", configs=_BWD_BIAS_CONFIGS, key=_KEY,
+                          sizes=_SIZES)(_bwd_kv)  # fmt: skip
 _attn_bwd_q = tuned("attention_bwd_q", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)(_bwd_q)
 _attn_bwd_q32 = tuned("attention_bwd_q_fp32", configs=_BWD32_CONFIGS, key=_KEY,
                       sizes=_SIZES)(_bwd_q)  # fmt: skip
@@ -552,5 +566,6 @@ _attn_bwd_q32 = tuned("attention_bwd_q_fp32", configs=_BWD32_CONFIGS, key=_KEY,
 # (16-bit inputs, fp32 inputs) kernels of each core pass
 FWD = (_attn_fwd, _attn_fwd32)
 BWD_KV = (_attn_bwd_kv, _attn_bwd_kv32)
+BWD_KV_BIAS = (_attn_bwd_kv_bias, _attn_bwd_kv32)
 BWD_Q = (_attn_bwd_q, _attn_bwd_q32)
-KERNELS = (*FWD, _attn_combine, *BWD_KV, *BWD_Q, _attn_key_mass)
+KERNELS = (*FWD, _attn_combine, *BWD_KV, _attn_bwd_kv_bias, *BWD_Q, _attn_key_mass)

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from ...core.runtime import device_guard, dot_precision, sm_count
-from .kernels import BWD_KV, BWD_Q, FWD, _attn_combine, _attn_key_mass
+from .kernels import BWD_KV, BWD_KV_BIAS, BWD_Q, FWD, _attn_combine, _attn_key_mass
 
 MAX_SPLITS = 32
 MAX_HEAD_DIM = 256
@@ -181,7 +181,8 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
                 hi if hi is not None else dummy, bias if bias is not None else dummy)  # fmt: skip
     with device_guard(q):
         fp32 = q.dtype == torch.float32
-        BWD_KV[fp32][lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * (h // g))](
+        kv_pass = (BWD_KV if bias is None else BWD_KV_BIAS)[fp32]
+        kv_pass[lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * (h // g))](
             q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
             *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail, *db_strides,
             **options,
