@@ -322,3 +322,44 @@ def test_qformer_part_under_torch_compile():
     assert rel(got, want) < 1e-5 and rel(again, want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
                if e.abs().max() > 1e-6)  # fmt: skip
+
+
+def test_full_blip2_model():
+    """vlmkernels.patch on a whole (tiny) Blip2ForConditionalGeneration: its Q-Former's
+    classes are patched and the image features (vision tower, Q-Former, projection) and
+    their gradients match."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    config = Blip2Config(
+        vision_config=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=48, encoder_hidden_size=24,
+                            cross_attention_frequency=2),
+        text_config=dict(model_type="opt", hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, ffn_dim=32, vocab_size=120,
+                         max_position_embeddings=64, word_embed_proj_dim=16),
+        num_query_tokens=4, image_token_index=100,
+    )  # fmt: skip
+    torch.manual_seed(8)
+    model = Blip2ForConditionalGeneration(config).eval()
+    pixels = torch.randn(2, 3, 16, 16, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def features():
+        out = model.get_image_features(pixel_values=pixels)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        return out, torch.autograd.grad((out * g).sum(), [pixels, *params], allow_unused=True)
+
+    want, want_grads = features()
+    with patch(model):
+        patched = {type(m).__name__ for m in model.modules() if "forward" in m.__dict__}
+        got, got_grads = features()
+    assert {"Blip2QFormerEncoder", "Blip2QFormerOutput", "Blip2QFormerSelfOutput",
+            "Blip2QFormerMultiHeadAttention"} <= patched  # fmt: skip
+    assert rel(got, want) < 1e-5
+    for a, e in zip(got_grads, want_grads, strict=True):
+        assert (a is None) == (e is None)
+        if e is not None and e.abs().max() > 1e-6:
+            assert rel(a, e) < 1e-5
