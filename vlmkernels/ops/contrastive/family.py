@@ -3,13 +3,14 @@ variants, tuning shapes and workload, benchmark suite."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from ...core.family import CompileCase, Family, register
 from ...core.tuning import torch_dtype
-from . import kernels
+from . import fused_backward, kernels
 from .functional import clip_loss, contrastive_cross_entropy, siglip_loss
 
 # Realistic shapes: CLIP / SigLIP batches of 8k to 64k pairs, the embedding widths of the
@@ -19,14 +20,16 @@ TUNE_SHAPES = tuple(
     for d in (512, 768, 1024, 1152)
 )  # fmt: skip
 
-_WORKLOAD_OPS = ("clip", "siglip", "i2t", "clip_ids", "clip_teacher")
+_WORKLOAD_OPS = ("clip", "siglip", "i2t", "clip_ids", "clip_teacher", "clip_fused")
 
 
 def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
     """Run the contrastive ops of ``spec`` once ({"N", "d", "dtype", "ops"}; ops from
     "clip" (clip_loss forward + backward), "siglip" (with gradients, and the no-grad
     forward), "i2t" (one direction), "clip_ids" (ids + label smoothing), "clip_teacher"
-    (ALBEF distillation); default ("clip", "siglip"))."""
+    (ALBEF distillation), "clip_fused" (clip_loss forward + backward with the fused
+    backward design, and with its deterministic mode); default ("clip", "siglip"); the fused
+    backward's kernel is also run with "clip" when it is among ``names``)."""
     n, d = int(spec["N"]), int(spec["d"])
     dtype = torch_dtype(spec.get("dtype", "bf16"))
     ops = tuple(spec.get("ops", ("clip", "siglip")))
@@ -54,6 +57,18 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
         clip_loss(*leaves(), 14.3, ids=ids, label_smoothing=0.1).backward()
     if "clip_teacher" in ops and clip:
         clip_loss(*leaves(), 14.3, teacher=(x, y), alpha=0.4).backward()
+    fused = "clip_fused" in ops or ("clip" in ops and "clip_fused_grad" in names)
+    if fused and "clip_fused_grad" in names:
+        for design in ("fused", "fused_deterministic"):
+            previous = os.environ.get(fused_backward.ENV_DESIGN)
+            os.environ[fused_backward.ENV_DESIGN] = design
+            try:
+                clip_loss(*leaves(), 14.3).backward()
+            finally:
+                if previous is None:
+                    os.environ.pop(fused_backward.ENV_DESIGN)
+                else:
+                    os.environ[fused_backward.ENV_DESIGN] = previous
     if "siglip" in ops and "siglip" in names:
         siglip_loss(*leaves(), 10.0, -10.0).backward()
         with torch.no_grad():
@@ -80,6 +95,16 @@ _STATS_OUT = {name: _F32 for name in ("t_lse_row_ptr", "t_lse_col_ptr", "row_max
 _GRAD_OUT = dict(row_coef_ptr=_F32, col_coef_ptr=_F32, grad_ptr="*{elem}", partial_ptr=_F32)
 _PLAIN = dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=False, SMOOTH=False, TEACHER=False)
 _TARGETS = dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=True, SMOOTH=True, TEACHER=True)
+_FUSED = dict(HAS_BIAS=True, ROWS=True, COLS=True, SMOOTH=False)
+_FUSED_PTRS = dict(
+    _FEATURES,
+    coef_ptr=_F32,
+    row_coef_ptr=_F32,
+    col_coef_ptr=_F32,
+    dx_ptr=_F32,
+    dy_ptr=_F32,
+    partial_ptr=_F32,
+)
 
 
 def _constexprs(flags: Mapping):
@@ -100,6 +125,8 @@ def compile_cases() -> list[CompileCase]:
         teacher = "stride_txd" in kernel.arg_names
         unit = _UNIT + (_TEACHER_UNIT if teacher else ())
         aligned = _ALIGNED + (_TEACHER_ALIGNED if teacher else ())
+        if "dx_slot" in kernel.arg_names:  # the fused backward's fp32 gradient buffers
+            aligned += ("M", "dx_slot", "dy_slot", "stride_dxn", "stride_dyn")
         return CompileCase(name, kernel, pointers, _constexprs(flags), unit_strides=unit,
                            aligned=aligned, expect=("mma", "async"))  # fmt: skip
 
@@ -115,6 +142,11 @@ def compile_cases() -> list[CompileCase]:
                                                               **_GRAD_OUT}, _TARGETS),
         case("siglip_grad", kernels._siglip_kernel, dict(siglip, grad_ptr="*{elem}"),
              dict(HAS_BIAS=True, WRITE_GRAD=True)),
+        # the fused backward (fp32 gradient buffers; atomics, or the deterministic partials)
+        case("clip_fused_grad", fused_backward._clip_fused_grad_kernel, _FUSED_PTRS,
+             dict(_FUSED, ATOMIC=True)),
+        case("clip_fused_grad_deterministic", fused_backward._clip_fused_grad_kernel,
+             _FUSED_PTRS, dict(_FUSED, ATOMIC=False)),
         # without the gradient the launcher passes the fp32 loss buffer as grad_ptr
         case("siglip_loss", kernels._siglip_kernel, dict(siglip, grad_ptr=_F32),
              dict(HAS_BIAS=True, WRITE_GRAD=False)),
@@ -124,11 +156,16 @@ def compile_cases() -> list[CompileCase]:
 FAMILY = register(
     Family(
         name="contrastive",
-        kernels=(kernels._clip_stats_kernel, kernels._clip_grad_kernel, kernels._siglip_kernel),
+        kernels=(
+            kernels._clip_stats_kernel,
+            kernels._clip_grad_kernel,
+            kernels._siglip_kernel,
+            fused_backward._clip_fused_grad_kernel,
+        ),
         compile_cases=compile_cases,
         aliases={
-            "clip_loss": ("clip_stats", "clip_grad"),
-            "contrastive_cross_entropy": ("clip_stats", "clip_grad"),
+            "clip_loss": ("clip_stats", "clip_grad", "clip_fused_grad"),
+            "contrastive_cross_entropy": ("clip_stats", "clip_grad", "clip_fused_grad"),
             "siglip_loss": ("siglip",),
         },
         tune_shapes=TUNE_SHAPES,

@@ -17,6 +17,7 @@ from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_co
 from ...kernels.blocks import tile_addressable
 from .algebra import SideStats, Targets, ids_count, onehot_col_dot, onehot_count
 from .chunked import NORMALISED_DTYPES, feature_grads, normalise
+from .fused_backward import clip_backward_design, fused_block_grads, fused_covers
 from .kernels import MIN_BLOCK, NOMINAL_BLOCK, _clip_grad_kernel, _clip_stats_kernel, _siglip_kernel
 
 __all__ = ["block_grads_triton", "block_stats_triton", "siglip_grads_triton", "siglip_rows_triton"]
@@ -158,12 +159,17 @@ def _normalised(x, coefs):
 
 
 def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows,
-                       dx_acc=None, dy_acc=None):  # fmt: skip
+                       dx_acc=None, dy_acc=None, design=None):  # fmt: skip
     """Gradients of sum_i u_i l^row_i + sum_j v_j l^col_j for a block, from (6, M) / (6, N)
     coefficients (:meth:`SideStats.coefficients`; None for a direction not in the loss).
 
-    Returns (dx, dy, dscale, dbias); with fp32 accumulators, dx and dy are added into them.
+    ``design``: "chunked" (dS chunks of ``chunk_rows`` rows and two matrix products each),
+    "fused" or "fused_deterministic" (:mod:`.fused_backward`: one kernel, no dS; targets
+    with ids or a teacher fall back to "chunked"); None: $VLMKERNELS_CLIP_BACKWARD, else
+    "chunked". Returns (dx, dy, dscale, dbias); with fp32 accumulators, dx and dy are
+    added into them.
     """
+    design = clip_backward_design(design)
     x, y = tile_addressable(x), tile_addressable(y)
     m, d = x.shape
     n = y.shape[0]
@@ -173,6 +179,10 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
     unused = r_coef if rows else c_coef if cols else x.new_zeros((6, 1), dtype=torch.float32)
     r_coef = r_coef.contiguous() if rows else unused
     c_coef = c_coef.contiguous() if cols else unused
+    if design != "chunked" and fused_covers(targets):
+        deterministic = design == "fused_deterministic"
+        return fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, kappa,
+                                 dx_acc, dy_acc, deterministic=deterministic)  # fmt: skip
     xt, yt, st, t_strides = _teacher_args(targets, x, y, scale)
     ids_r = targets.row_ids if targets.ids else r_coef
     ids_c = targets.col_ids if targets.ids else r_coef

@@ -1,0 +1,185 @@
+"""The fused CLIP backward (:mod:`vlmkernels.ops.contrastive.fused_backward`): gradients
+against float64 references, through the Triton interpreter on a CPU-only machine.
+
+Tolerances, relative errors against float64 math on the same (rounded) inputs: fp32 1e-5
+(fp32 accumulation everywhere), bf16 / fp16 feature gradients 1e-2 / 3e-3 (the gradients
+are rounded to the input dtype), scale and bias gradients 1e-4 of max(|ref|, 0.1). A
+wrong kernel (a missing term, a transposed operand, a lost tile) is off by O(1).
+Sizes are odd (not multiples of the interpreter's 32-wide tiles).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkernels
+from vlmkernels.ops.contrastive import fused_backward, launchers
+from vlmkernels.ops.contrastive.algebra import Targets
+
+FEAT_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+SCALAR_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+FUSED = ("fused", "fused_deterministic")
+
+
+def rel_err(a, b, floor=0.0):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / max(b.norm().item(), floor)).item()
+
+
+def features(n, d, dtype, gen, strided=False):
+    f = F.normalize(torch.randn(n, 2 * d if strided else d, generator=gen), dim=-1)
+    f = f.to(dtype)
+    return f[:, ::2] if strided else f
+
+
+def ref_loss(x, y, s, b, smoothing=0.0, direction="both"):
+    """float64 clip-style loss: mean of the row (image-to-text) and column cross-entropies."""
+    logits = s * x @ y.T + (b if b is not None else 0.0)
+    labels = torch.arange(x.shape[0])
+    rows = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+    if direction == "rows":
+        return rows
+    return (rows + F.cross_entropy(logits.T, labels, label_smoothing=smoothing)) / 2
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the fused kernel's launches (to tell the fused design from the fallback)."""
+    count = []
+    original = fused_backward.fused_block_grads
+
+    def spy(*args, **kwargs):
+        count.append(kwargs.get("deterministic"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(launchers, "fused_block_grads", spy)
+    return count
+
+
+def grads(design, x, y, s, b, monkeypatch, **kw):
+    monkeypatch.setenv(fused_backward.ENV_DESIGN, design)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, y, s)]
+    bias = b.detach().clone().requires_grad_() if b is not None else None
+    with vlmkernels.use_backend("triton"):
+        loss = vlmkernels.clip_loss(*leaves, bias, **kw)
+    loss.backward()
+    return [t.grad for t in leaves] + [bias.grad if bias is not None else None]
+
+
+def ref_grads(x, y, s, b, **kw):
+    leaves = [t.detach().double().requires_grad_() for t in (x, y, s)]
+    bias = b.detach().double().requires_grad_() if b is not None else None
+    ref_loss(*leaves, bias, **kw).backward()
+    return [t.grad for t in leaves] + [bias.grad if bias is not None else None]
+
+
+def check(out, ref, dtype):
+    for name, o, r in zip(("dx", "dy"), out[:2], ref[:2], strict=True):
+        assert o.dtype == dtype
+        assert rel_err(o, r) < FEAT_TOL[dtype], name
+    for name, o, r in zip(("dscale", "dbias"), out[2:], ref[2:], strict=True):
+        if r is not None:
+            assert abs(o.double() - r).item() / max(abs(r).item(), 0.1) < SCALAR_TOL[dtype], name
+
+
+@pytest.mark.parametrize("design", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_clip_grads_against_float64(design, dtype, monkeypatch, calls):
+    gen = torch.Generator().manual_seed(1)
+    x, y = features(45, 40, dtype, gen), features(45, 40, dtype, gen)
+    s, b = torch.tensor(12.0), torch.tensor(-1.5)
+    out = grads(design, x, y, s, b, monkeypatch)
+    check(out, ref_grads(x, y, s, b), dtype)
+    assert calls == [design == "fused_deterministic"]
+
+
+@pytest.mark.parametrize("design", FUSED)
+def test_no_bias_smoothing_strided_odd(design, monkeypatch, calls):
+    gen = torch.Generator().manual_seed(2)
+    x, y = (
+        features(37, 50, torch.float32, gen, strided=True),
+        features(37, 50, torch.float32, gen, strided=True),
+    )
+    assert not x.is_contiguous()
+    s = torch.tensor(7.0)
+    out = grads(design, x, y, s, None, monkeypatch, label_smoothing=0.1)
+    check(out, ref_grads(x, y, s, None, smoothing=0.1), torch.float32)
+    assert out[3] is None and calls
+
+
+def test_one_direction(monkeypatch, calls):
+    """contrastive_cross_entropy: the row direction only (ROWS without COLS)."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = features(41, 33, torch.float32, gen), features(41, 33, torch.float32, gen)
+    s = torch.tensor(9.0)
+    monkeypatch.setenv(fused_backward.ENV_DESIGN, "fused")
+    a, c, sl = (t.clone().requires_grad_() for t in (x, y, s))
+    with vlmkernels.use_backend("triton"):
+        vlmkernels.contrastive_cross_entropy(a, c, sl).backward()
+    ref = ref_grads(x, y, s, None, direction="rows")
+    check([a.grad, c.grad, sl.grad, None], ref, torch.float32)
+    assert calls
+
+
+def test_launcher_matches_chunked_with_accumulators():
+    """block_grads_triton's designs agree, also when adding into fp32 accumulators (ring
+    steps), on a rectangular block with an offset diagonal and one direction only."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = features(40, 24, torch.float32, gen), features(70, 24, torch.float32, gen)
+    targets = Targets(offset=20)
+    lse_r = torch.logsumexp(5.0 * x @ y.T, 1)
+    row_coef = torch.stack(
+        (
+            lse_r,
+            torch.rand(40, generator=gen),
+            torch.rand(40, generator=gen),
+            torch.zeros(40),
+            torch.zeros(40),
+            torch.zeros(40),
+        )
+    )
+    scale = torch.tensor(5.0)
+    results = {}
+    for design in ("chunked",) + FUSED:
+        acc_x, acc_y = torch.ones(40, 24), torch.ones(70, 24)
+        dx, dy, ds, db = launchers.block_grads_triton(
+            x, y, scale, None, targets, row_coef, None, 16, acc_x, acc_y, design=design
+        )
+        assert dx is acc_x and dy is acc_y
+        results[design] = (dx, dy, ds, db)
+    for design in FUSED:
+        for a, b in zip(results[design], results["chunked"], strict=True):
+            assert rel_err(a, b, floor=1e-3) < 1e-5, design
+
+
+def test_deterministic_is_bitwise_repeatable(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    x, y = features(67, 36, torch.bfloat16, gen), features(67, 36, torch.bfloat16, gen)
+    s, b = torch.tensor(11.0), torch.tensor(0.5)
+    first = grads("fused_deterministic", x, y, s, b, monkeypatch)
+    second = grads("fused_deterministic", x, y, s, b, monkeypatch)
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_ids_fall_back_to_chunked(monkeypatch, calls):
+    """Targets the fused kernel does not cover (ids) run the chunked design: the same
+    gradients as design="chunked", and the fused kernel is not launched."""
+    gen = torch.Generator().manual_seed(6)
+    x, y = features(39, 28, torch.float32, gen), features(39, 28, torch.float32, gen)
+    ids = torch.arange(39) // 2
+    s = torch.tensor(8.0)
+    fused = grads("fused", x, y, s, None, monkeypatch, ids=ids)
+    chunked = grads("chunked", x, y, s, None, monkeypatch, ids=ids)
+    assert calls == []
+    for a, c in zip(fused[:3], chunked[:3], strict=True):
+        assert torch.equal(a, c)
+
+
+def test_unknown_design_raises(monkeypatch):
+    assert fused_backward.clip_backward_design() == "chunked"
+    with pytest.raises(ValueError, match="design='flash'"):
+        fused_backward.clip_backward_design("flash")
+    monkeypatch.setenv(fused_backward.ENV_DESIGN, "fast")
+    with pytest.raises(ValueError, match=fused_backward.ENV_DESIGN):
+        fused_backward.clip_backward_design()
