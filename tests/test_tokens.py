@@ -291,6 +291,36 @@ def test_tome_zero_metric_rows(device, backend):
     check_tome(x, metric, 7, None, False, torch.float32, grads=False)
 
 
+@pytest.mark.parametrize("n", [2, 3, 41, 76])
+@pytest.mark.parametrize("class_token", [False, True])
+def test_tome_plan_kernel_matches_sorts(n, class_token, device):
+    """The Triton bookkeeping (ranking, rows, CSR lists in one program per sample) equals the
+    PyTorch path's stable sorts, scatters and searchsorted bitwise, on scores full of ties
+    and -inf (zero metric rows, the class token), for r from 1 to its limit (several blocks
+    of the interpreter's 16-token block at n 41 and 76)."""
+    from vlmkernels.ops.tokens import kernels, reference
+
+    na, nb = (n + 1) // 2, n // 2
+    limit = (n - class_token) // 2
+    gen = torch.Generator().manual_seed(n + 100 * class_token)
+    for r in sorted({1, max(limit // 3, 1), limit}):
+        if not 1 <= r <= limit:
+            continue
+        best = (torch.randint(0, 5, (3, na), generator=gen).float() / 5).to(device)
+        best[0, 1::3] = float("-inf")
+        arg = torch.randint(0, nb, (3, na), generator=gen).to(device)
+        if class_token:
+            best[:, 0], arg[:, 0] = float("-inf"), 0
+        got = kernels.tome_plan(best, arg, n, r, class_token)
+        want = reference.tome_plan(best, arg, n, r, class_token)
+        for name, g, w in zip(("source", "members", "offsets"), got, want, strict=True):
+            assert torch.equal(g, w), (name, n, r, class_token, g, w)
+        assert (
+            got[2][:, -1].eq(n).all()
+            and got[1].sort(dim=1).values.eq(torch.arange(n, device=device)).all()
+        )
+
+
 def test_tome_second_derivative_raises(device):
     """The merge's backward has no derivative of its own: create_graph use raises."""
     x, metric, _ = tome_inputs(1, 10, 6, 8, torch.float32, device)
@@ -446,6 +476,8 @@ def test_opcheck(device, backend):
     torch.library.opcheck(ops.tokens_select_rows, (x, index, inverse))
     metric = torch.randn(2, 9, 16, device=device)
     torch.library.opcheck(ops.tokens_tome_match, (metric, True))
+    best, arg = ops.tokens_tome_match(metric, True)
+    torch.library.opcheck(ops.tokens_tome_plan, (best, arg, 9, 3, True))
     source = torch.tensor([[4, 0, 1, 1, 5, 2, 6, 3, 2]] * 2, device=device)
     members = source.sort(dim=1, stable=True).indices
     rows = torch.arange(8, device=device).expand(2, 8).contiguous()

@@ -176,32 +176,9 @@ def tome_merge(
         sizes = size if size is not None else x.new_ones((B, N, 1))
         return x, sizes, torch.arange(N, device=x.device).expand(B, N).contiguous()
     best, arg = ops.tome_match(metric.detach(), class_token)
-    source = _tome_source(best, arg, r, N, class_token)
-    members = torch.sort(source, dim=1, stable=True).indices
-    rows = torch.arange(N - r + 1, device=x.device).expand(B, N - r + 1).contiguous()
-    offsets = torch.searchsorted(source.gather(1, members), rows)
+    source, members, offsets = ops.tome_plan(best, arg, N, r, class_token)
     merged, sizes = ops.tome_merge(x, size, source, members, offsets)
     return merged, sizes, source
-
-
-def _tome_source(best, arg, r, n, class_token):
-    """(B, N) int64: the output row of every token. The A tokens ranked by decreasing best
-    score (stable); the first r merge into row (NA - r) + arg, the others take rows
-    0 .. NA - r - 1 in rank order (position order with a class token); B token j is row
-    (NA - r) + j."""
-    B, na = best.shape
-    nb = n // 2
-    n_unm = na - r
-    order = torch.sort(best, dim=1, descending=True, stable=True).indices
-    src, unm = order[:, :r], order[:, r:]
-    if class_token:
-        unm = unm.sort(dim=1).values
-    dest_a = torch.empty_like(order)
-    dest_a = dest_a.scatter(1, unm, torch.arange(n_unm, device=best.device).expand(B, n_unm))
-    dest_a = dest_a.scatter(1, src, arg.gather(1, src) + n_unm)
-    dest_b = (torch.arange(nb, device=best.device) + n_unm).expand(B, nb)
-    pairs = torch.stack((dest_a[:, :nb], dest_b), dim=2).reshape(B, 2 * nb)
-    return torch.cat((pairs, dest_a[:, nb:]), dim=1) if na > nb else pairs
 
 
 # ---------------------------------------------------------------------------------- pooling

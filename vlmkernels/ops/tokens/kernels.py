@@ -6,6 +6,9 @@
 - ``_tome_match_kernel``: ToMe's best match per A token, a GEMM tile of cosine scores per
   (A block, B block) reduced to a running row max and argmax, so the (N/2, N/2) score
   matrix never reaches memory;
+- ``_tome_plan_kernel``: ToMe's bookkeeping in one program per sample: the ranking of the
+  A tokens by best score, the r merged, every token's output row and the CSR member lists
+  of the rows (the stable sorts, scatters and searchsorted of the PyTorch path);
 - ``_tome_merge_kernel``: the size-weighted segment mean of the merge (each output row
   reads its members through a CSR list, deterministic, no atomics);
 - ``_tome_unmerge_kernel``: the merge's backward per input token (and the sizes' gradient);
@@ -183,6 +186,134 @@ def tome_match(metric: torch.Tensor, class_token: bool) -> tuple[torch.Tensor, t
             CLASS_TOKEN=bool(class_token), UPCAST=upcast, PRECISION=precision,
         )  # fmt: skip
     return best, arg
+
+
+# --------------------------------------------------------------------------------------
+# ToMe: the merge plan (ranking, destinations, CSR lists) in one program per sample
+# --------------------------------------------------------------------------------------
+
+_PLAN_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 128}, num_warps=8)],
+    triton.Config({"BLOCK": 16}, num_warps=1),
+)
+
+
+@tuned("tome_plan", configs=_PLAN_CONFIGS, key=["NA", "CLASS_TOKEN"], sizes=["NA"])
+@triton.jit
+def _tome_plan_kernel(
+    best_ptr, arg_ptr, src_ptr, mem_ptr, off_ptr, N, NA, NB, R,
+    CLASS_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Sample b per program; best, arg (B, NA) contiguous; R >= 1. With rank(a) = #{a' :
+    best[a'] > best[a] or (best[a'] == best[a] and a' < a)} (a stable descending sort),
+    the A tokens of rank < R merge into row NA - R + arg[a]; the others take row rank - R
+    (by position among themselves with CLASS_TOKEN); B token j takes row NA - R + j. Writes
+    src (B, N): each token's row; off (B, N - R + 1) and mem (B, N): the CSR lists of the
+    rows, members in position order (those of ``torch.sort(src, stable=True)``). The
+    merged set is {a : (best[a], -a) >= (T, -a_T)}, a_T the token of rank R - 1, T its
+    score, so the later passes test membership per token; every count is an (A block x A
+    block) comparison tile: O(NA^2) per sample, no sort, no atomics, deterministic."""
+    b64 = tl.cast(tl.program_id(0), tl.int64)
+    best_b = best_ptr + b64 * NA
+    arg_b = arg_ptr + b64 * NA
+    src_b = src_ptr + b64 * N
+    mem_b = mem_ptr + b64 * N
+    off_b = off_ptr + b64 * (N - R + 1)
+    n_unm = NA - R
+    lane = tl.arange(0, BLOCK)
+    # pass 1: ranks; merged tokens' rows; without CLASS_TOKEN the unmerged rows too
+    a_t = -1
+    for i0 in range(0, NA, BLOCK):
+        rows = i0 + lane
+        rmask = rows < NA
+        bi = tl.load(best_b + rows, mask=rmask, other=0.0)
+        rank = tl.zeros((BLOCK,), dtype=tl.int32)
+        for k0 in range(0, NA, BLOCK):
+            cols = k0 + lane
+            cmask = cols < NA
+            bk = tl.load(best_b + cols, mask=cmask, other=0.0)
+            ahead = (bk[None, :] > bi[:, None]) | (
+                (bk[None, :] == bi[:, None]) & (cols[None, :] < rows[:, None])
+            )
+            rank += tl.sum((ahead & cmask[None, :]).to(tl.int32), axis=1)
+        a_t = tl.maximum(a_t, tl.max(tl.where(rmask & (rank == R - 1), rows, -1), axis=0))
+        merged = rank < R
+        ai = tl.load(arg_b + rows, mask=rmask, other=0)
+        tl.store(src_b + 2 * rows, n_unm + ai, mask=rmask & merged)
+        if not CLASS_TOKEN:
+            tl.store(src_b + 2 * rows, (rank - R).to(tl.int64), mask=rmask & ~merged)
+            tl.store(mem_b + (rank - R), (2 * rows).to(tl.int64), mask=rmask & ~merged)
+    t = tl.load(best_b + a_t)
+    # the unmerged rows hold one member each
+    for i0 in range(0, n_unm, BLOCK):
+        rows = i0 + lane
+        tl.store(off_b + rows, rows.to(tl.int64), mask=rows < n_unm)
+    tl.store(off_b + (N - R), tl.cast(N, tl.int64))
+    # pass 2: A tokens' member slots (and the unmerged rows, by position, with CLASS_TOKEN)
+    carry = 0
+    for i0 in range(0, NA, BLOCK):
+        rows = i0 + lane
+        rmask = rows < NA
+        bi = tl.load(best_b + rows, mask=rmask, other=0.0)
+        ai = tl.load(arg_b + rows, mask=rmask, other=0)
+        mi = rmask & ((bi > t) | ((bi == t) & (rows <= a_t)))
+        if CLASS_TOKEN:
+            um = (rmask & ~mi).to(tl.int32)
+            pos = carry + tl.cumsum(um, axis=0) - 1
+            carry += tl.sum(um, axis=0)
+            tl.store(src_b + 2 * rows, pos.to(tl.int64), mask=rmask & ~mi)
+            tl.store(mem_b + pos, (2 * rows).to(tl.int64), mask=rmask & ~mi)
+        before = tl.zeros((BLOCK,), dtype=tl.int32)
+        for k0 in range(0, NA, BLOCK):
+            cols = k0 + lane
+            cmask = cols < NA
+            bk = tl.load(best_b + cols, mask=cmask, other=0.0)
+            ak = tl.load(arg_b + cols, mask=cmask, other=0)
+            mk = cmask & ((bk > t) | ((bk == t) & (cols <= a_t)))
+            hit = (ak[None, :] < ai[:, None]) | (
+                (ak[None, :] == ai[:, None]) & (cols[None, :] < rows[:, None])
+            )
+            before += tl.sum((hit & mk[None, :]).to(tl.int32), axis=1)
+        slot = n_unm + ai + before + (rows > ai).to(tl.int64)
+        tl.store(mem_b + slot, (2 * rows).to(tl.int64), mask=mi)
+    # pass 3: B tokens: their rows, the rows' offsets and the B tokens' member slots
+    for j0 in range(0, NB, BLOCK):
+        js = j0 + lane
+        jmask = js < NB
+        lower = tl.zeros((BLOCK,), dtype=tl.int32)
+        first = tl.zeros((BLOCK,), dtype=tl.int32)
+        for k0 in range(0, NA, BLOCK):
+            cols = k0 + lane
+            cmask = cols < NA
+            bk = tl.load(best_b + cols, mask=cmask, other=0.0)
+            ak = tl.load(arg_b + cols, mask=cmask, other=0)
+            mk = (cmask & ((bk > t) | ((bk == t) & (cols <= a_t))))[None, :]
+            lower += tl.sum(((ak[None, :] < js[:, None]) & mk).to(tl.int32), axis=1)
+            same = (ak[None, :] == js[:, None]) & (cols[None, :] <= js[:, None])
+            first += tl.sum((same & mk).to(tl.int32), axis=1)
+        start = (n_unm + js + lower).to(tl.int64)
+        tl.store(off_b + n_unm + js, start, mask=jmask)
+        tl.store(mem_b + start + first, (2 * js + 1).to(tl.int64), mask=jmask)
+        tl.store(src_b + 2 * js + 1, (n_unm + js).to(tl.int64), mask=jmask)
+
+
+def tome_plan(best: torch.Tensor, arg: torch.Tensor, n: int, r: int, class_token: bool):
+    """(source (B, N) int64, members (B, N) int64, offsets (B, N - r + 1) int64) of
+    :func:`vlmkernels.ops.tokens.reference.tome_plan` (same values, bitwise) in one launch;
+    best, arg (B, NA) from :func:`tome_match`, 1 <= r <= NA - class_token."""
+    B, na = best.shape
+    dev = best.device
+    source = torch.empty((B, n), dtype=torch.int64, device=dev)
+    members = torch.empty((B, n), dtype=torch.int64, device=dev)
+    offsets = torch.empty((B, n - r + 1), dtype=torch.int64, device=dev)
+    if B == 0:
+        return source, members, offsets
+    best, arg = best.contiguous(), arg.contiguous()
+    with device_guard(best):
+        _tome_plan_kernel[(B,)](
+            best, arg, source, members, offsets, n, na, n // 2, r, CLASS_TOKEN=bool(class_token)
+        )
+    return source, members, offsets
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ the backward.
   zeros for the tokens not selected), so it is twice differentiable.
 - ``tokens_tome_match(metric, class_token)``: (best, arg) of ToMe's bipartite matching (no
   gradient: the matching is piecewise constant).
+- ``tokens_tome_plan(best, arg, n, r, class_token)``: (source, members, offsets) of the
+  merge: the r A tokens of highest best score (stable), every token's output row and the
+  rows' CSR member lists (int64, no gradient); one Triton program per sample.
 - ``tokens_tome_merge(x, size, source, members, offsets)``: the size-weighted mean per
   output row and the summed sizes; ``source`` (B, N) is each token's output row, ``members``
   and ``offsets`` the same map as CSR lists (members of row r: ``members[b, offsets[b, r] :
@@ -32,6 +35,11 @@ select_rows = Op(
 )
 tome_match = Op(
     "tokens_tome_match", "(Tensor metric, bool class_token) -> (Tensor, Tensor)", family=FAMILY
+)
+tome_plan = Op(
+    "tokens_tome_plan",
+    "(Tensor best, Tensor arg, int n, int r, bool class_token) -> (Tensor, Tensor, Tensor)",
+    family=FAMILY,
 )
 tome_merge = Op(
     "tokens_tome_merge",
@@ -101,6 +109,26 @@ def _(metric, class_token):
     dtype = torch.float64 if metric.dtype == torch.float64 else torch.float32
     na = (N + 1) // 2
     return metric.new_empty((B, na), dtype=dtype), metric.new_empty((B, na), dtype=torch.int64)
+
+
+# -------------------------------------------------------------------------------- tome_plan
+
+
+@tome_plan.impl("triton")
+def _(best, arg, n, r, class_token):
+    return kernels.tome_plan(best, arg, n, r, class_token)
+
+
+@tome_plan.impl("torch")
+def _(best, arg, n, r, class_token):
+    return reference.tome_plan(best, arg, n, r, class_token)
+
+
+@tome_plan.fake
+def _(best, arg, n, r, class_token):
+    B = best.shape[0]
+    new = lambda *shape: best.new_empty(shape, dtype=torch.int64)  # noqa: E731
+    return new(B, n), new(B, n), new(B, n - r + 1)
 
 
 # ------------------------------------------------------------------------------- tome_merge

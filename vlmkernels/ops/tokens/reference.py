@@ -49,6 +49,32 @@ def tome_match(metric: torch.Tensor, class_token: bool):
     return best, arg.clamp_max(max(nb - 1, 0))
 
 
+def tome_plan(best: torch.Tensor, arg: torch.Tensor, n: int, r: int, class_token: bool):
+    """(source (B, N), members (B, N), offsets (B, N - r + 1)), int64: the output row of
+    every token, and the rows' members as CSR lists (members of row q: ``members[b,
+    offsets[b, q] : offsets[b, q + 1]]``, in position order). The A tokens ranked by
+    decreasing best score (stable); the first r merge into row (NA - r) + arg, the others
+    take rows 0 .. NA - r - 1 in rank order (position order with a class token); B token j
+    is row (NA - r) + j."""
+    B, na = best.shape
+    nb = n // 2
+    n_unm = na - r
+    order = torch.sort(best, dim=1, descending=True, stable=True).indices
+    src, unm = order[:, :r], order[:, r:]
+    if class_token:
+        unm = unm.sort(dim=1).values
+    dest_a = torch.empty_like(order)
+    dest_a = dest_a.scatter(1, unm, torch.arange(n_unm, device=best.device).expand(B, n_unm))
+    dest_a = dest_a.scatter(1, src, arg.gather(1, src) + n_unm)
+    dest_b = (torch.arange(nb, device=best.device) + n_unm).expand(B, nb)
+    pairs = torch.stack((dest_a[:, :nb], dest_b), dim=2).reshape(B, 2 * nb)
+    source = torch.cat((pairs, dest_a[:, nb:]), dim=1) if na > nb else pairs
+    members = torch.sort(source, dim=1, stable=True).indices
+    rows = torch.arange(n - r + 1, device=best.device).expand(B, n - r + 1).contiguous()
+    offsets = torch.searchsorted(source.gather(1, members), rows)
+    return source, members, offsets
+
+
 def tome_merge_rows(x, size, source, nout, size_dtype):
     """(merged (B, NOUT, C), sizes (B, NOUT, 1)): output row r is the size-weighted mean of
     the tokens i with ``source[b, i] == r``."""
