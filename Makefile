@@ -22,7 +22,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 OLD_TRANSFORMERS ?= 5.16.1 5.17.0
 OLD_TF_DIRS := $(foreach v,$(OLD_TRANSFORMERS),$(VENV)/transformers-$(v)/.installed)
 TRANSFORMERS_TESTS := tests/test_patch_transformers.py tests/test_rope_index.py \
-	tests/test_attention_patch.py tests/test_connectors_patch.py
+	tests/test_attention_patch.py tests/test_connectors_patch.py tests/test_qformer.py
 # pytest-xdist workers: the tests are mostly single-threaded Python (Triton's interpreter),
 # so the 2-core CI machine runs two at once (one process where xdist is not installed).
 PYTEST_WORKERS ?= 2

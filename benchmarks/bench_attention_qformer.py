@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import targets
 from .bench_attention import _prepared
 from .harness import (
     BuildArgs,
@@ -132,9 +133,8 @@ OPS = (
 
 def summarize(results: Results, cfg: RunConfig) -> list[str]:
     """Per measured shape: vlmkernels' time against transformers' in the run dtype and in
-    fp32; the issue's targets (GPU) as text."""
-    lines = ["Q-Former (issue 12 targets, H100 bf16: fwd <= 1 ms at B 1, <= 3.5 ms at B 256; "
-             "fp32 within 1.5x of bf16; fwd+bwd <= 1/3 of transformers bf16):"]  # fmt: skip
+    fp32; then the issue's targets (:mod:`benchmarks.targets`, GPU shapes)."""
+    lines = ["Q-Former, vlmkernels against the other providers:"]
     seen = sorted({(r.case.mode, r.case.shape, r.case.dtype) for r in results.records
                    if r.case.op == "qformer"})  # fmt: skip
     for mode, shape, dt in seen:
@@ -152,9 +152,10 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
                 parts.append(f"{other} {t:.3g} ms ({t / ours:.2f}x)")
         text = ", ".join(f"{k}={v}" for k, v in shape)
         lines.append(f"  {mode} {dt} ({text}): " + "; ".join(parts))
-    if cfg.device.type != "cuda":
-        lines.append("  (no CUDA device: a CPU sweep with a small Q-Former; GPU rows owed)")
-    return lines
+    return lines + targets.summary(
+        "qformer", results, cfg.device.type == "cuda",
+        "no CUDA device: a CPU sweep with a small Q-Former; GPU rows owed",
+    )  # fmt: skip
 
 
 SUITE = Suite(name="qformer", ops=OPS, grid=grid, x_name="B", summarize=summarize)

@@ -274,6 +274,29 @@ ATTENTION = tuple(
 
 TARGETS += ATTENTION
 
+# BLIP-2's Q-Former (12 layers, 32 queries, 257 x 1408 image features), H100 bf16: forward
+# <= 1 ms at batch 1 and <= 3.5 ms at batch 256; the fp32 mode within 1.5x of bf16;
+# forward+backward <= 1/3 of transformers' bf16. (The error bound, <= 1e-3 relative to the
+# fp32 reference in bf16, is a test, not a timing.)
+_BLIP2 = dict(L=12, Hd=768, Lq=32, N=257, E=1408)
+QFORMER = tuple(
+    Target(suite="qformer", op="qformer", provider="vlmkernels", mode="fwd",
+           shape=_shape(B=b, **_BLIP2), metric="ms", relation=LE, bound=bound, issue=12)
+    for b, bound in ((1, 1.0), (256, 3.5))
+) + tuple(
+    Target(suite="qformer", op="qformer", provider="vlmkernels_fp32", mode="fwd",
+           shape=_shape(B=b, **_BLIP2), metric="ms", relation=LE, bound=1.5,
+           baseline="vlmkernels", issue=12)
+    for b in (1, 256)
+) + tuple(
+    Target(suite="qformer", op="qformer", provider="vlmkernels", mode="fwd+bwd",
+           shape=_shape(B=b, **_BLIP2), metric="ms", relation=LE, bound=1 / 3,
+           bound_text="1/3", baseline="transformers", issue=12)
+    for b in (1, 256)
+)  # fmt: skip
+
+TARGETS += QFORMER
+
 # --------------------------------------------------------------------------------------
 # Issue 13: connectors (H100, bf16). Idefics3's connector (32 images of 32 x 32 x 1152 ->
 # 4096) <= 0.45 ms forward; the LLaVA projector forward at least as fast as eager cuBLAS;
