@@ -65,3 +65,24 @@ def test_pool_llava_onevision_size(dtype):
     out.backward(g)
     ref.backward(g.cpu().double())
     close(x.grad, x64.grad, dtype, "bilinear grad")
+
+
+@pytest.mark.parametrize(
+    "class_token, n, r", [(False, 576, 16), (True, 577, 288), (False, 4097, 1)]
+)
+def test_tome_plan_compiled_matches_sorts(class_token, n, r):
+    """The compiled bookkeeping kernel (several 64-token blocks, up to 2049 A tokens) equals
+    the PyTorch path's stable sorts bitwise on tie-heavy scores with -inf rows."""
+    from vlmkernels.ops.tokens import kernels, reference
+
+    na, nb = (n + 1) // 2, n // 2
+    gen = torch.Generator(device="cuda").manual_seed(n + r)
+    best = torch.randint(0, 7, (64, na), device="cuda", generator=gen).float() / 7
+    best[::3, 1::5] = float("-inf")
+    arg = torch.randint(0, nb, (64, na), device="cuda", generator=gen)
+    if class_token:
+        best[:, 0], arg[:, 0] = float("-inf"), 0
+    got = kernels.tome_plan(best, arg, n, r, class_token)
+    want = reference.tome_plan(best, arg, n, r, class_token)
+    for name, g, w in zip(("source", "members", "offsets"), got, want, strict=True):
+        assert torch.equal(g, w), name
