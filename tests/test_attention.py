@@ -153,7 +153,7 @@ def test_split_k_forced(splits, device):
     with use_backend("triton"):
         for lo_, hi_, causal, ok in cases:
             out, lse = ops.attention_core(q, k, v, None, None, lq, lk, None, lo_, hi_, causal,
-                                          0.2, splits, None)  # fmt: skip
+                                          0.2, splits, None, None)  # fmt: skip
             q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
             ref, ref_lse = ref_attention(q64, k64, v64, ok, 0.2)
             assert rel(out, ref) < 1e-5
@@ -371,10 +371,10 @@ def test_opcheck(device):
     cq = torch.tensor([0, 2, 6], dtype=torch.int32)
     ck = torch.tensor([0, 4, 9], dtype=torch.int32)
     cases = [
-        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None)),
-        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2, None)),
-        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0, None)),
-        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0, None)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None, None)),
+        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2, None, None)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0, None, None)),
+        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0, None, None)),
         ("triton", torch.ops.vlmkernels.attention_key_mass,
          (q.detach(), k.detach(), torch.randn(1, 2, 5), True, 0.3, 0, 5, 0.1, None)),
     ]  # fmt: skip
@@ -429,10 +429,10 @@ def test_split_k_packed(device):
     k, v = (rand(sum(lens_k), 2, 16, device=device) for _ in "kv")
     args = (cu(lens_q), cu(lens_k), 9, 40, None, None, None, False, 0.3)
     with use_backend("triton"):
-        split, split_lse = ops.attention_core(q, k, v, *args, 3, None)
-        one, one_lse = ops.attention_core(q, k, v, *args, 1, None)
+        split, split_lse = ops.attention_core(q, k, v, *args, 3, None, None)
+        one, one_lse = ops.attention_core(q, k, v, *args, 1, None, None)
     with use_backend("torch"):
-        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0, None)
+        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0, None, None)
     assert rel(split, ref) < 1e-5 and rel(one, ref) < 1e-5
     assert rel_lse(split_lse, ref_lse) < 1e-5 and rel_lse(one_lse, ref_lse) < 1e-5
 
@@ -656,7 +656,7 @@ def test_grouped_and_bias_opcheck_and_compile(device):
     for backend in BACKENDS:
         with use_backend(backend):
             torch.library.opcheck(
-                core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, bias)
+                core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, bias, None)
             )
 
     def f(q, k, v, bias):
@@ -670,3 +670,75 @@ def test_grouped_and_bias_opcheck_and_compile(device):
     assert rel(got, want) < 1e-6
     for a, b in zip(leaves, (q, k, v, bias), strict=True):
         assert rel(a.grad, b.grad) < 1e-6
+
+
+# ------------------------------------------------------------------ tanh gate epilogue
+
+
+@pytest.mark.parametrize("gate_shape,dtype", [((1,), torch.float32), ((2, 16), torch.float32),
+                                              ((1,), torch.bfloat16)])  # fmt: skip
+def test_media_cross_attention_tanh_gate(gate_shape, dtype, device, backend):
+    """tanh(gate) * media-masked attention (scalar and per-channel gates): out and the
+    gradients of q, k, v and the gate; a gate at 0 (Flamingo's initial value) gives 0 and
+    still a gradient for the gate only."""
+    q, k, v, loc, latents = media_case(device, dtype)
+    mask, before_first = flamingo_mask(loc.cpu(), k.shape[2], latents, True)
+    for scale in (0.7, 0.0):
+        gate = leaf(rand(*gate_shape, device=device) * scale)
+        for t in (q, k, v):
+            t.grad = None
+        out = A.media_cross_attention(q, k, v, loc, latents, gate=gate)
+        q64, k64, v64, g64 = (leaf(t.detach().double()) for t in (q, k, v, gate))
+        ref, _ = ref_attention(q64, k64, v64, mask, q.shape[-1] ** -0.5)
+        c = g64.tanh() if g64.numel() == 1 else g64.tanh()[None, :, None, :]
+        ref = ref.masked_fill(before_first, 0.0) * c
+        if scale == 0.0:
+            assert (out == 0).all()
+            check_grads([out], [ref], [gate], [g64], 3 * TOL[dtype])
+            assert (q.grad == 0).all() and (k.grad == 0).all() and (v.grad == 0).all()
+        else:
+            assert rel(out, ref) < TOL[dtype]
+            check_grads([out], [ref], [q, k, v, gate], [q64, k64, v64, g64], 3 * TOL[dtype])
+
+
+def test_tanh_gate_split_k_packed_and_grouped(device):
+    """The gate through the split-K combine (dense, forced splits), packed segments and a
+    per-channel (H D,) gate with grouped heads."""
+    q = rand(1, 4, 7, 16, device=device)
+    k, v = (rand(1, 2, 50, 16, device=device) for _ in "kv")
+    gate = rand(4, 16, device=device)
+    args = (None, None, 7, 50, None, None, None, False, 0.25)
+    with use_backend("triton"):
+        split, _ = ops.attention_core(q, k, v, *args, 3, None, gate)
+    ref, _ = gqa_ref(q.double(), k.double(), v.double(), torch.ones(1, 1, 1, 50, dtype=bool),
+                     0.25)  # fmt: skip
+    assert rel(split, ref * gate.double().tanh()[None, :, None, :]) < 1e-5
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 20, 50], dtype=torch.int32, device=device)
+    qp = leaf(rand(7, 4, 16, device=device))
+    kp, vp = (leaf(rand(50, 2, 16, device=device)) for _ in "kv")
+    g = leaf(rand(64, device=device))
+    out = A.cross_attention(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=ck, gate=g)
+    with use_backend("torch"):
+        want = A.cross_attention(*(leaf(t.detach().double()) for t in (qp, kp, vp)),
+                                 cu_seqlens_q=cu, cu_seqlens_k=ck,
+                                 gate=leaf(g.detach().double()))  # fmt: skip
+    assert rel(out, want) < 1e-5
+    out.square().sum().backward()
+    assert g.grad.shape == (64,) and g.grad.abs().max() > 0
+
+
+def test_tanh_gate_bad_input_and_opcheck(device):
+    q, k = rand(1, 2, 5, 8, device=device), rand(1, 2, 9, 8, device=device)
+    with pytest.raises(ValueError, match=r"gate must have one element or shape \(H, D\)"):
+        A.cross_attention(q, k, k, gate=rand(3, device=device))
+    with pytest.raises(TypeError, match="gate must be a floating tensor"):
+        A.cross_attention(q, k, k, gate=torch.ones(1, dtype=torch.int64))
+    q, k, v = leaf(q), leaf(k), leaf(rand(1, 2, 9, 8, device=device))
+    core = torch.ops.vlmkernels.attention_core
+    for backend, gate in (("triton", leaf(rand(1, device=device))),
+                          ("torch", leaf(rand(2, 8, device=device)))):  # fmt: skip
+        with use_backend(backend):
+            torch.library.opcheck(
+                core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None, gate)
+            )

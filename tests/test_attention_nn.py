@@ -95,3 +95,26 @@ def test_state_dict_round_trip():
         assert ka == kb and torch.equal(va, vb)
     with pytest.raises(ValueError, match="media must be"):
         a(torch.randn(1, 3, 16), torch.randn(1, 4, 8))
+
+
+def test_block_at_initialisation_gate_gradient(device):
+    """Gates at 0 (open_flamingo's initial value): the block is the identity and the gate
+    gradients are those of the float64 formula (the tanh gate runs in the attention kernel's
+    epilogue, so tanh(0) = 0 must not lose d attn_gate)."""
+    torch.manual_seed(2)
+    block = GatedCrossAttentionBlock(dim=16, dim_visual=12, dim_head=8, heads=2,
+                                     ff_mult=2).to(device)  # fmt: skip
+    x = torch.randn(2, 7, 16, device=device, requires_grad=True)
+    media = torch.randn(2, 2, 3, 12, device=device)
+    loc = torch.zeros(2, 7, dtype=torch.bool, device=device)
+    loc[:, [0, 4]] = True
+    out = block(x, media, loc)
+    assert torch.equal(out, x)
+    params = {k: v.detach().double().requires_grad_(True) for k, v in block.state_dict().items()}
+    ref = flamingo_block_f64(params, x.detach().double(), media.double(), loc, 2, 8, True)
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    assert block.attn_gate.grad.abs().item() > 0
+    assert rel(block.attn_gate.grad, params["attn_gate"].grad) < 1e-5
+    assert rel(block.ff_gate.grad, params["ff_gate"].grad) < 1e-5

@@ -6,7 +6,9 @@ the same constructor arguments, submodules, parameter names and ``state_dict`` k
 
     a = to_out(attention(to_q(LN(x)), to_kv(media)))        (heads of dim_head, scale
                                                              dim_head^-1/2, no biases)
-    x = x + tanh(attn_gate) a
+    x = x + tanh(attn_gate) a                               (the gate applied in the
+                                                             attention kernel's epilogue:
+                                                             to_out is linear, no bias)
     x = x + tanh(ff_gate) W_2 GELU(W_1 LN'(x))
 
 where the attention is :func:`vlmkernels.media_cross_attention` when ``media_locations``
@@ -35,8 +37,11 @@ __all__ = ["GatedCrossAttentionBlock", "MaskedCrossAttention"]
 class MaskedCrossAttention(nn.Module):
     """open_flamingo's ``MaskedCrossAttention`` (see the module docstring).
 
-    ``forward(x, media, media_locations=None)``: x (B, T, dim) text features, media
-    (B, T_img, n, dim_visual) latents, media_locations (B, T) bool; returns (B, T, dim).
+    ``forward(x, media, media_locations=None, *, gate=None)``: x (B, T, dim) text features,
+    media (B, T_img, n, dim_visual) latents, media_locations (B, T) bool, gate an optional
+    one-element tanh gate (the result is to_out(tanh(gate) attention) = tanh(gate)
+    to_out(attention), the gate applied in the attention kernel's epilogue); returns
+    (B, T, dim).
     """
 
     def __init__(self, *, dim, dim_visual, dim_head=64, heads=8,
@@ -51,7 +56,10 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.only_attend_immediate_media = only_attend_immediate_media
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None):
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None, *, gate=None):
+        if gate is not None and gate.numel() != 1:
+            raise ValueError(f"MaskedCrossAttention: gate must have one element (to_out mixes "
+                             f"the channels), got shape {tuple(gate.shape)}")  # fmt: skip
         if media.dim() != 4:
             raise ValueError(f"MaskedCrossAttention: media must be (B, T_img, n, dim_visual), "
                              f"got shape {tuple(media.shape)}")  # fmt: skip
@@ -65,11 +73,11 @@ class MaskedCrossAttention(nn.Module):
         kv = kv.view(b, kv.shape[1], 2, h, d)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if media_locations is None:
-            out = cross_attention(q, k, v, scale=self.scale)
+            out = cross_attention(q, k, v, scale=self.scale, gate=gate)
         else:
             out = media_cross_attention(
                 q, k, v, media_locations, latents,
-                only_immediate=self.only_attend_immediate_media, scale=self.scale,
+                only_immediate=self.only_attend_immediate_media, scale=self.scale, gate=gate,
             )  # fmt: skip
         return self.to_out(out.transpose(1, 2).reshape(b, t, h * d))
 
@@ -104,5 +112,5 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None):
-        x = self.attn(x, media, media_locations=media_locations) * self.attn_gate.tanh() + x
+        x = self.attn(x, media, media_locations=media_locations, gate=self.attn_gate) + x
         return self.ff(x) * self.ff_gate.tanh() + x

@@ -13,7 +13,13 @@ For query row i of a segment (batch b, head h), the keys it sees V(i) and the sc
 - ``attention(causal=True)``: V(i) = {j <= i + Lk - Lq} (bottom-right aligned);
 - ``media_cross_attention``: with text_time t = cumsum(media_locations) and key j in media
   j // L + 1, V(i) = the keys of media t_i (``only_immediate``) or of media 1..t_i;
-- key mass: mass[b, j] = 1/(H Lq) sum_{h, i} P_ij ("mean") or 1/H sum_h P_rj (row r).
+- key mass: mass[b, j] = 1/(H Lq) sum_{h, i} P_ij ("mean") or 1/H sum_h P_rj (row r);
+- grouped-query attention: k, v with H / G heads; query head h reads key/value head h // G;
+- ``key_bias`` (ToMe's proportional attention, log(size)): s q_i . k_j + bias_j in the
+  logits, d bias_j = sum_{h, i} dS_ij;
+- ``gate`` (Flamingo): out_i = tanh(g) sum_j P_ij v_j in the forward's epilogue; the
+  backward runs on tanh(g) V and dV' = P^T dO: dV = tanh(g) dV',
+  d g = (1 - tanh^2 g) sum V . dV'.
 
 Backward (flash-attention 2): delta_i = sum_d dO_id O_id - dlse_i,
 dV = P^T dO, dS = P * (dO V^T - delta), dQ = s dS K, dK = s dS^T Q, P recomputed from lse.

@@ -84,8 +84,9 @@ def compile_cases() -> list[CompileCase]:
     3xTF32, whatever the dtype asked: each kernel is launched for its class only): dense
     forward (plain, causal with key padding, media ranges, split-K), packed forward, both
     backward kernels (plain, causal, media); the per-key bias in each core pass; grouped
-    heads; the split-K combine and the key mass. The group G (grouped-query attention) is a
-    constant 1 (Triton specialises an int argument equal to 1) except in the _gqa cases."""
+    heads; the tanh gate's epilogue (media); the split-K combine and the key mass. The
+    group G (grouped-query attention) is a constant 1 (Triton specialises an int argument
+    equal to 1) except in the _gqa cases."""
     # G = 1 (no grouped heads) is a constant of a typical launch; the _gqa cases keep it
     unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm", "G")
     aligned = _ROW + ("sob", "soh", "som", "sos", "sdob", "sdoh", "sdom", "sdkb", "sdkh", "sdkn",
@@ -101,10 +102,11 @@ def compile_cases() -> list[CompileCase]:
         pointers = dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cu_q_ptr="i32", cu_k_ptr="i32",
                         keep_ptr="u8", lo_ptr="i32", hi_ptr="i32", lse_ptr="fp32",
                         do_ptr=elem, delta_ptr="fp32", bias_ptr="fp32", db_ptr="fp32",
+                        gate_ptr="fp32",
                         **outputs)  # fmt: skip
         pointers = {k: "*" + (elem if v == "elem" else v) for k, v in pointers.items()
                     if k in kernel.arg_names}  # fmt: skip
-        extra = {"SPLIT": False} if "SPLIT" in kernel.arg_names else {}
+        extra = {"SPLIT": False, "GATE": False} if "SPLIT" in kernel.arg_names else {}
         constexprs = _core(fp32, **{**flags, **extra, **over})
         # 16-bit tiles load asynchronously, except in the dK/dV pass with arbitrary ranges
         # (its loads sit under a per-block branch)
@@ -126,6 +128,9 @@ def compile_cases() -> list[CompileCase]:
         case("attention_fwd_media", k._attn_fwd, False, fwd_out, RANGES=True),
         case("attention_fwd_varlen", k._attn_fwd, False, fwd_out, VARLEN=True),
         case("attention_fwd_bias", k._attn_fwd, False, fwd_out, BIAS=True),
+        case("attention_fwd_media_gate", k._attn_fwd, False, fwd_out, RANGES=True, GATE=True),
+        case("attention_fwd_fp32_media_gate", k._attn_fwd32, True, fwd_out, RANGES=True,
+             GATE=True),
         case("attention_fwd_split", k._attn_fwd, False, dict(o_ptr="fp32"), SPLIT=True),
         case("attention_fwd_fp32", k._attn_fwd32, True, fwd_out),
         case("attention_fwd_fp32_media", k._attn_fwd32, True, fwd_out, RANGES=True),
@@ -144,8 +149,8 @@ def compile_cases() -> list[CompileCase]:
         case("attention_bwd_q_fp32_media", k._attn_bwd_q32, True, q_out, RANGES=True),
         CompileCase("attention_combine", k._attn_combine,
                     dict(ws_ptr="*fp32", wl_ptr="*fp32", o_ptr="*{elem}", lse_ptr="*fp32",
-                         cu_q_ptr="*i32"),
-                    dict(VARLEN=False, BLOCK_D=64, EVEN_D=True),
+                         cu_q_ptr="*i32", gate_ptr="*fp32"),
+                    dict(VARLEN=False, GATE=False, BLOCK_D=64, EVEN_D=True),
                     unit_strides=("swd", "sod", "swlm", "slm"),
                     expect=("no_spill",)),
         CompileCase("attention_key_mass", k._attn_key_mass,

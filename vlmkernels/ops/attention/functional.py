@@ -81,6 +81,26 @@ def _key_bias(op, bias, q, k, packed):
     return bias if bias.stride(-1) == 1 else bias.contiguous()
 
 
+def _gate(op, gate, q):
+    """The checked tanh ``gate``: one element, or one value per output channel ((H, D) or
+    (H D,), viewed as (H, D))."""
+    if gate is None:
+        return None
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"{op}: gate must be a tensor, got {type(gate).__name__}")
+    if gate.dtype not in _DTYPES:
+        raise TypeError(f"{op}: gate must be a floating tensor, got {gate.dtype}")
+    if gate.device != q.device:
+        raise ValueError(f"{op}: gate must be on q's device {q.device}, got {gate.device}")
+    h, d = q.shape[1], q.shape[-1]
+    if gate.numel() == 1:
+        return gate
+    if tuple(gate.shape) not in ((h * d,), (h, d)):
+        raise ValueError(f"{op}: gate must have one element or shape (H, D) = {(h, d)} or "
+                         f"(H D,) = {(h * d,)}, got {tuple(gate.shape)}")  # fmt: skip
+    return gate.reshape(h, d)
+
+
 def _scale(op, scale, d):
     if scale is None:
         return 1.0 / math.sqrt(d)
@@ -128,7 +148,7 @@ def _max_seqlen(op, name, value, longest):
 # fmt: off
 def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                     max_seqlen_k=None, key_padding_mask=None, key_bias=None, scale=None,
-                    return_lse=False):
+                    return_lse=False, gate=None):
     # fmt: on
     r"""softmax(scale q k^T + key_bias) v over each segment, without a mask between queries.
 
@@ -149,6 +169,9 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
             heads and queries of dS, dS = P (dP - rowsum(dO O))). ToMe's proportional
             attention: key_bias = log(size).
         scale: the logit scale (default 1 / sqrt(D)).
+        gate: an optional tanh gate (Flamingo's): out = tanh(gate) * attention, applied in
+            the kernel's epilogue; one element or one per output channel ((H, D) or
+            (H D,)); differentiable (lse is not gated).
         return_lse: also return the log-sum-exp of the scaled logits per query row, fp32
             (float64 for float64 inputs), (B, H, Lq) dense or (H, Tq) packed; it is
             differentiable.
@@ -163,6 +186,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     check_bool(op, "return_lse", return_lse)
     s = _scale(op, scale, q.shape[-1])
     bias = _key_bias(op, key_bias, q, k, packed)
+    gate = _gate(op, gate, q)
     keep = None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -195,7 +219,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
                                  f"got {m.device}")  # fmt: skip
             keep = (~m).to(torch.uint8)
     out, lse = attention_core(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, lk, keep, None, None,
-                              False, s, 0, bias)  # fmt: skip
+                              False, s, 0, bias, gate)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -243,7 +267,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
             i = i % lq
             rows = (i, i + 1, 1.0 / h if h else 0.0)
     out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
-                              s, 0, bias)  # fmt: skip
+                              s, 0, bias, None)  # fmt: skip
     if rows is None:
         return out
     per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows,
@@ -271,7 +295,7 @@ def media_ranges(media_locations, latents_per_media, num_keys, only_immediate):
 
 
 def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_immediate=True,
-                          scale=None):  # fmt: skip
+                          scale=None, gate=None):  # fmt: skip
     r"""Flamingo's media-masked cross-attention (open_flamingo's ``MaskedCrossAttention``
     attention step), computed by segment: each query block visits only the key blocks of
     the media its tokens see.
@@ -284,9 +308,13 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
         only_immediate: token t sees the latents of media number text_time[t] =
             cumsum(media_locations)[t] only; False: of every media item up to it.
         scale: the logit scale (default 1 / sqrt(D), open_flamingo's).
+        gate: an optional tanh gate: tanh(gate) * the attention, in the kernel's epilogue;
+            one element (open_flamingo's ``attn_gate``: the block's to_out is linear
+            without bias, so gating before it is the same) or one per output channel
+            ((H, D) or (H D,)); differentiable.
 
     Returns:
-        (B, H, T, D): softmax(scale q k^T) v over the visible keys.
+        (B, H, T, D): tanh(gate) softmax(scale q k^T) v over the visible keys.
         Tokens before the first media item (text_time 0) get exactly 0 (and no gradient);
         with ``only_immediate``, tokens whose text_time exceeds M get NaN (open_flamingo
         would let them attend to every latent uniformly).
@@ -310,8 +338,9 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
     if m.device != q.device:
         raise ValueError(f"{op}: media_locations must be on q's device {q.device}, got "
                          f"{m.device}")  # fmt: skip
+    gate = _gate(op, gate, q)
     lo, hi = media_ranges(m, n, k.shape[2], only_immediate)
     s = _scale(op, scale, q.shape[-1])
     out, _ = attention_core(q, k, v, None, None, q.shape[2], k.shape[2], None, lo, hi, False,
-                            s, 0, None)  # fmt: skip
+                            s, 0, None, gate)  # fmt: skip
     return out

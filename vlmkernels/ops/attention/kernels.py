@@ -16,6 +16,10 @@ Grouped-query attention: q has H heads, k and v H / G (G the group); query head 
 key/value head h // G. A per-key additive bias (``BIAS``: bias[b, h, j], fp32 after the
 load, a zero head stride when shared by the heads) is added to the scaled logits.
 
+Tanh gate (``GATE``, Flamingo): the output is tanh(gate) * out, the gate a scalar or one
+value per (head, channel) (strides sgh, sgd; 0 for a scalar), applied in the forward's
+epilogue (the combine's under split-K); lse is not gated.
+
 All scores, the online softmax and the accumulators are fp32; scores are kept in base 2
 (s * scale * log2(e)) so the exponentials are ``exp2``. A row with no visible key gives an
 output of 0 and a log-sum-exp of -inf.
@@ -209,14 +213,27 @@ def _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _tanh_gate(gate_ptr, h, d, d_ok, sgh, sgd):
+    """(BLOCK_D,) tanh(gate[h, d]) in fp32: an odd series below |x| = 0.1 (no cancellation
+    near the gates' initial 0), else 1 - 2 / (e^(2|x|) + 1) with the sign."""
+    x = tl.load(gate_ptr + tl.cast(h, tl.int64) * sgh + d * sgd, mask=d_ok, other=0.0)
+    x = x.to(tl.float32)
+    a = tl.abs(x)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    big = 1.0 - 2.0 / (tl.math.exp2(tl.minimum(a, 30.0) * (2.0 * LOG2E)) + 1.0)
+    return tl.where(a < 0.1, series, tl.where(x < 0, -big, big))
+
+
+@triton.jit
 def _fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
-    bias_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
+    bias_ptr, gate_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow, sbb, sbh,
+    sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow, sbb, sbh, sgh, sgd,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BIAS: tl.constexpr, GATE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """One (query block, batch x head, split) program: out, lse of its rows (or, with
@@ -274,6 +291,8 @@ def _fwd(
         bad = lo > hi
         out = tl.where(bad[:, None], float("nan"), out)
         lse = tl.where(bad, float("nan"), lse)
+    if GATE and not SPLIT:  # split partials are gated by the combine
+        out = out * _tanh_gate(gate_ptr, h, d, d_ok, sgh, sgd)[None, :]
     o_base = _at(o_ptr, b, h, q0, sob, soh, som)
     l_base = _at(lse_ptr, b, h, q0, slb, slh, slm)
     if SPLIT:
@@ -288,12 +307,14 @@ def _fwd(
        sizes=["max_lq"])
 @triton.jit
 def _attn_combine(
-    ws_ptr, wl_ptr, o_ptr, lse_ptr, cu_q_ptr, max_lq, H, D, n_splits,
+    ws_ptr, wl_ptr, o_ptr, lse_ptr, cu_q_ptr, gate_ptr, max_lq, H, D, n_splits,
     swb, swh, swm, swd, sws, swlb, swlh, swlm, swls,
-    sob, soh, som, sod, slb, slh, slm,
-    VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BM: tl.constexpr,
+    sob, soh, som, sod, slb, slh, slm, sgh, sgd,
+    VARLEN: tl.constexpr, GATE: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BM: tl.constexpr,
 ):
-    """Merges the split partials of :func:`_attn_fwd`: out, lse of one query block."""
+    """Merges the split partials of :func:`_attn_fwd`: out (times tanh(gate) with GATE),
+    lse of one query block."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -324,6 +345,8 @@ def _attn_combine(
     empty = total == 0.0
     t_safe = tl.where(empty, 1.0, total)
     out = acc / t_safe[:, None]
+    if GATE:
+        out = out * _tanh_gate(gate_ptr, h, d, _dim_mask(d, D, EVEN_D), sgh, sgd)[None, :]
     lse = tl.where(empty, float("-inf"), m + tl.log(t_safe))
     o_base = _at(o_ptr, b, h, q0, sob, soh, som)
     tl.store(o_base + rows[:, None] * som + d[None, :] * sod, out.to(o_ptr.dtype.element_ty),

@@ -7,7 +7,8 @@ int32 ``cu_q`` / ``cu_k`` of B + 1 offsets. The log-sum-exp is fp32, (B, H, Lq) 
 Grouped-query attention: k and v may have H / G heads for q's H. ``bias`` is an optional
 additive per-key logit bias: dense (B, H, Lk) or (B, 1, Lk), packed (H, Tk) or (1, Tk),
 any dtype (read as fp32); the backward returns its gradient per query head, fp32, (B, H, Lk)
-dense or (H, Tk) packed (the caller sums the broadcast heads).
+dense or (H, Tk) packed (the caller sums the broadcast heads). ``gate`` is an optional
+tanh gate of the forward's output (out * tanh(gate)): one element, or (H, D).
 """
 
 from __future__ import annotations
@@ -89,8 +90,15 @@ def _dummy(q):
     return q.new_empty(0, dtype=torch.int32)
 
 
+def _gate_strides(gate) -> tuple[int, int]:
+    """(head, channel) strides of a one-element or (H, D) gate."""
+    if gate is None or gate.numel() == 1:
+        return 0, 0
+    return gate.stride(0), gate.stride(1)
+
+
 def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None,
-            bias=None):  # fmt: skip
+            bias=None, gate=None):  # fmt: skip
     """(out, lse): out like q (contiguous), lse fp32 (see the module docstring)."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -109,6 +117,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         BLOCK_D=block_d(d),
         EVEN_D=block_d(d) == d,
         BIAS=bias is not None,
+        GATE=gate is not None,
     )
     if splits > 1:
         # partials: (splits, B, H, Lq, D) dense or (splits, T, H, D) packed, fp32
@@ -124,7 +133,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
                *_strides(target, varlen), split_strides[0], *_lse_strides(target_lse, varlen),
                split_strides[1], keep.stride(0) if keep is not None else 0,
                lo.stride(0) if lo is not None else 0,
-               *_bias_strides(bias, varlen))  # fmt: skip
+               *_bias_strides(bias, varlen), *_gate_strides(gate))  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
@@ -134,15 +143,17 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
             q, k, v, target, target_lse,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             keep if keep is not None else dummy, lo if lo is not None else dummy,
-            hi if hi is not None else dummy, bias if bias is not None else dummy, *scalars,
-            SPLIT=splits > 1, **options,
+            hi if hi is not None else dummy, bias if bias is not None else dummy,
+            gate if gate is not None else dummy, *scalars, SPLIT=splits > 1, **options,
         )  # fmt: skip
         if splits > 1:
             _attn_combine[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
-                ws, wl, out, lse, cu_q if varlen else dummy, max_lq, h, d, splits,
+                ws, wl, out, lse, cu_q if varlen else dummy,
+                gate if gate is not None else dummy, max_lq, h, d, splits,
                 *_strides(ws[0], varlen), ws.stride(0), *_lse_strides(wl[0], varlen),
                 wl.stride(0), *_strides(out, varlen), *_lse_strides(lse, varlen),
-                VARLEN=varlen, BLOCK_D=block_d(d), EVEN_D=block_d(d) == d,
+                *_gate_strides(gate), VARLEN=varlen, GATE=gate is not None, BLOCK_D=block_d(d),
+                EVEN_D=block_d(d) == d,
             )  # fmt: skip
     return out, lse
 

@@ -10,7 +10,11 @@ per query row; ``causal`` (bottom-right aligned; ignored with ranges); ``num_spl
 the forward's key splits (0: the heuristic :func:`.launchers.choose_splits`);
 ``key_bias`` an optional additive logit bias per key, dense (B, H, Lk) or (B, 1, Lk),
 packed (H, Tk) or (1, Tk), differentiable. k and v may have fewer heads than q
-(grouped-query attention: H a multiple of theirs). Outputs:
+(grouped-query attention: H a multiple of theirs). ``gate`` an optional tanh gate, one
+element or (H, D): out = tanh(gate) * attention, in the forward kernel's epilogue; its
+backward runs the ungated backward kernels on tanh(gate) V (dP = dO_gated (tanh(g) V)^T)
+and gets dV and d gate from dV' = P^T dO_gated: dV = tanh(g) dV', d gate = (1 - tanh^2 g)
+sum V dV' (summed over what the gate broadcasts). Outputs:
 out like q, lse fp32 (float64 for float64 inputs), (B, H, Lq) dense or (H, T) packed.
 """
 
@@ -29,7 +33,7 @@ _ARGS = (
 
 attention_core = Op(
     "attention_core",
-    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits, Tensor? key_bias) "
+    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits, Tensor? key_bias, Tensor? gate) "
     "-> (Tensor, Tensor)",
     family="attention",
 )
@@ -57,19 +61,22 @@ def _lse_shape(q, cu_q):
 
 
 @attention_core.impl("triton")
-def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias):
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
+      gate):  # fmt: skip
     return launchers.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-                             num_splits or None, bias)  # fmt: skip
+                             num_splits or None, bias, gate)  # fmt: skip
 
 
 @attention_core.impl("torch")
-def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias):
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
+      gate):  # fmt: skip
     return reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-                             bias)  # fmt: skip
+                             bias, gate)  # fmt: skip
 
 
 @attention_core.fake
-def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias):
+def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
+      gate):  # fmt: skip
     lse_dtype = reference.compute_dtype(q.dtype)
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_q), dtype=lse_dtype)
 
@@ -77,20 +84,20 @@ def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_spli
 @attention_core.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _, bias = inputs
+        q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _, bias, gate = inputs
         out, lse = output
         ctx.set_materialize_grads(False)
         ctx.options = (max_lq, max_lk, causal, scale)
         remember_backend(ctx)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate)
 
     @in_forward_backend
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate = ctx.saved_tensors
         max_lq, max_lk, causal, scale = ctx.options
         none = (None,) * 10
         if grad_out is None and grad_lse is None:
-            return None, None, None, *none, None
+            return None, None, None, *none, None, None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
@@ -99,13 +106,41 @@ class _:
             delta = delta - grad_lse
         # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
         delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
-        dq, dk, dv, db = attention_core_backward(
-            grad_out, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
-            scale, bias,
-        )  # fmt: skip
+        args = (lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias)
         needs = ctx.needs_input_grad
+        dgate = None
+        if gate is None:
+            dq, dk, dv, db = attention_core_backward(grad_out, q, k, v, *args)
+        else:
+            dq, dk, dv, db, dgate = _gated_backward(grad_out, q, k, v, gate, args, needs[14])
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                *none, db if bias is not None and needs[13] else None)  # fmt: skip
+                *none, db if bias is not None and needs[13] else None, dgate)  # fmt: skip
+
+
+def _gated_backward(grad_out, q, k, v, gate, args, gate_grad):
+    """(dq, dk, dv, dbias, dgate) of tanh(gate) * attention from the ungated backward on
+    tanh(gate) V (see the module docstring); a per-channel gate with grouped heads runs on
+    k, v repeated per query head."""
+    packed = args[2] is not None
+    ct = args[0].dtype
+    h, hk = q.shape[1], k.shape[1]
+    vec = gate.numel() != 1
+    ke, ve = (k, v) if not vec or hk == h else (reference._heads(k, h), reference._heads(v, h))
+    c = reference.gate_factor(gate, packed, ct)
+    dq, dk, dvg, db = attention_core_backward(grad_out, q, ke, (ve.to(ct) * c).to(v.dtype),
+                                              *args)  # fmt: skip
+    dv = dvg.to(ct) * c
+    dk, dv = reference._group_sum(dk, k.shape[1]), reference._group_sum(dv, k.shape[1])
+    dgate = None
+    if gate_grad:
+        prod = ve.to(ct) * dvg.to(ct)
+        if vec:
+            total = prod.sum(0) if packed else prod.sum((0, 2))
+        else:
+            total = prod.sum()
+        tc = torch.tanh(gate.to(ct))
+        dgate = ((1 - tc * tc) * total.reshape(gate.shape)).to(gate.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), db, dgate
 
 
 # ---------------------------------------------------------------- attention_core_backward

@@ -3,7 +3,8 @@ with the same arguments, layouts and conventions as the Triton kernels (see
 :mod:`.kernels`): scores in fp32 (float64 for float64 inputs), rows without a visible key
 give 0 and lse -inf, rows with lo > hi give NaN. Grouped-query k, v (fewer heads) are
 repeated per query head (dK, dV summed back over the group); the optional per-key bias
-(dense (B, H or 1, Lk), packed (H or 1, Tk)) is added to the scaled logits.
+(dense (B, H or 1, Lk), packed (H or 1, Tk)) is added to the scaled logits; the optional
+tanh gate (one element or (H, D)) multiplies the output.
 """
 
 from __future__ import annotations
@@ -71,13 +72,23 @@ def _logits(q, k, scale, bias):
     return s
 
 
-def _dense_forward(q, k, v, ok, bad, scale, bias=None):
+def gate_factor(gate, packed: bool, dtype):
+    """tanh(gate) shaped to multiply a (B, H, L, D) output ((T, H, D) when ``packed``)."""
+    c = torch.tanh(gate.to(dtype))
+    if c.numel() == 1:
+        return c.reshape(())
+    return c.reshape(1, c.shape[0], c.shape[1]) if packed else c.reshape(1, c.shape[0], 1, -1)
+
+
+def _dense_forward(q, k, v, ok, bad, scale, bias=None, gate=None):
     ct = compute_dtype(q.dtype)
     s = _logits(q, k, scale, bias)
     s = s.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).masked_fill(~ok, 0.0)
     out = torch.matmul(p, _heads(v, q.shape[1]).to(ct))
+    if gate is not None:
+        out = out * gate_factor(gate, False, ct)
     if bad is not None:
         out = out.masked_fill(bad[..., None], float("nan"))
         lse = lse.masked_fill(bad, float("nan"))
@@ -117,11 +128,12 @@ def _seg_bias(bias, a, b):
     return None if bias is None else bias[None, :, a:b]
 
 
-def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias=None):
+def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias=None,
+            gate=None):  # fmt: skip
     """(out, lse): the attention of :mod:`.kernels` (dense or packed)."""
     if cu_q is None:
         ok = visible(q.shape[2], k.shape[2], keep, lo, hi, causal, q.device)
-        return _dense_forward(q, k, v, ok, _bad_rows(lo, hi, q.shape[2]), scale, bias)
+        return _dense_forward(q, k, v, ok, _bad_rows(lo, hi, q.shape[2]), scale, bias, gate)
     ct = compute_dtype(q.dtype)
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ct, device=q.device)
@@ -131,7 +143,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bi
         ok = visible(qb - qa, kb - ka, keep, lo, hi, causal, q.device, b)
         o, s = _dense_forward(_seg(q, qa, qb), _seg(k, ka, kb), _seg(v, ka, kb), ok,
                               _bad_rows(lo, hi, qb - qa, b), scale,
-                              _seg_bias(bias, ka, kb))  # fmt: skip
+                              _seg_bias(bias, ka, kb), gate)  # fmt: skip
         out[qa:qb] = o[0].transpose(0, 1)
         lse[:, qa:qb] = s[0]
     return out, lse
