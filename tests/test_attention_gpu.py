@@ -75,3 +75,29 @@ def test_media_and_key_mass_at_flamingo_size():
     assert torch.equal(out, plain)
     _, ref_mass = reference(A.attention, q, k, v, causal=True, key_mass=-1)
     assert rel(mass, ref_mass) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b,h,hk,lq,lk,d", [(1, 16, 4, 64, 1100, 96), (8, 12, 12, 577, 577, 64)])
+def test_grouped_bias_gate_at_model_sizes(dtype, b, h, hk, lq, lk, d):
+    """Idefics2's resampler (16 heads over 4 key/value heads, D 96) with a gate, and a ToMe
+    layer (577 tokens, a log(size) key bias per key): values and every gradient (q, k, v,
+    the bias, the gate) against the float64 PyTorch path."""
+    q, k, v = leaves((b, h, lq, d), (b, hk, lk, d), (b, hk, lk, d), dtype=dtype)
+    bias = torch.randint(1, 5, (b, lk), device="cuda").log().float().requires_grad_()
+    gate = (torch.randn(1, device="cuda") * 0.5).requires_grad_()
+    inputs = (q, k, v, bias, gate)
+
+    def run(q, k, v, bias, gate):
+        return A.cross_attention(q, k, v, key_bias=bias, gate=gate)
+
+    out = run(*inputs)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g)
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs]
+    with use_backend("torch"):
+        ref = run(*leaves64)
+        ref_grads = torch.autograd.grad(ref, leaves64, g.double())
+    assert rel(out, ref) < TOL[dtype]
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert rel(a, r) < 3 * TOL[dtype]

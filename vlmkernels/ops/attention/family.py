@@ -56,13 +56,19 @@ def tune_inputs(spec: Mapping, device: torch.device):
 
 
 def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
-    """The forward, and the backward or the key mass when those kernels are tuned."""
+    """The forward, and the backward (with a key bias for its own dK/dV kernel) or the key
+    mass when those kernels are tuned."""
     q, k, v, a = tune_inputs(spec, device)
     out, lse = launchers.forward(q, k, v, **a)
     names = set(names)
     if any(n.startswith("attention_bwd") for n in names):
         delta = (out.float() * out.float()).sum(-1)
         launchers.backward(out, q, k, v, lse, delta, **a)
+    if "attention_bwd_kv_bias" in names:  # the dK/dV pass with a key bias (ToMe)
+        bias = torch.zeros(q.shape[0], 1, k.shape[2], device=device)
+        out, lse = launchers.forward(q, k, v, **a, bias=bias)
+        delta = (out.float() * out.float()).sum(-1)
+        launchers.backward(out, q, k, v, lse, delta, **a, bias=bias)
     if "attention_key_mass" in names and a["lo"] is None:
         launchers.key_mass(q, k, lse, a["causal"], a["scale"], q.shape[2] - 1, q.shape[2], 1.0)
 
