@@ -19,7 +19,10 @@ Providers:
 - ``sdpa``: ``scaled_dot_product_attention`` with that boolean mask (rows before the first
   media item see every key and are zeroed afterwards);
 - ``flex`` (CUDA): FlexAttention with the same mask as a ``mask_mod`` and its block mask;
-- ``compile``: ``torch.compile`` of the eager function (compile time excluded).
+- ``compile``: ``torch.compile`` of the eager function (compile time excluded);
+- ``vlmkernels_gate`` / ``vlmkernels_gate_unfused``: open_flamingo's gated output,
+  tanh(attn_gate) * attention (a scalar gate, a leaf too), with the gate in the kernel's
+  epilogue (``gate=``) or as a separate multiply after it.
 
 Byte model: read q, k, v and write out, (2 T + 2 M L) B H D e per forward; the backward
 twice that. FLOP model: the visible pairs only, 4 B H T L D per forward (each token sees one
@@ -95,6 +98,21 @@ def build_vlmkernels(args: BuildArgs) -> Prepared:
     return _prepared(lambda: A.media_cross_attention(q, k, v, loc, latents), (q, k, v), g, "")
 
 
+def build_gated(args: BuildArgs, fused: bool) -> Prepared:
+    from vlmkernels.ops import attention as A
+
+    q, k, v, loc, g = make_inputs(args)
+    gate = torch.full((1,), 0.3, device=q.device, requires_grad=True)
+    latents = args.shape["L"]
+    if fused:
+        call = lambda: A.media_cross_attention(q, k, v, loc, latents, gate=gate)  # noqa: E731
+        note = "tanh(gate) in the forward kernel's epilogue"
+    else:
+        call = lambda: A.media_cross_attention(q, k, v, loc, latents) * gate.tanh()  # noqa: E731
+        note = "media_cross_attention, then * tanh(gate)"
+    return _prepared(call, (q, k, v, gate), g, note)
+
+
 def _eager(args: BuildArgs, compiled: bool) -> Prepared:
     q, k, v, loc, g = make_inputs(args)
     allowed, before = flamingo_mask(loc, args.shape["M"], args.shape["L"])
@@ -159,6 +177,8 @@ PROVIDERS = (
     Provider("sdpa", build_sdpa),
     Provider("flex", build_flex, available=_cuda_only),
     Provider("compile", lambda a: _eager(a, True)),
+    Provider("vlmkernels_gate", lambda a: build_gated(a, True)),
+    Provider("vlmkernels_gate_unfused", lambda a: build_gated(a, False)),
 )
 
 
