@@ -243,7 +243,7 @@ def _tome_plan_kernel(
         if not CLASS_TOKEN:
             tl.store(src_b + 2 * rows, (rank - R).to(tl.int64), mask=rmask & ~merged)
             tl.store(mem_b + (rank - R), (2 * rows).to(tl.int64), mask=rmask & ~merged)
-    t = tl.load(best_b + a_t)
+    t = tl.load(best_b + tl.maximum(a_t, 0))  # a_t >= 0 unless best holds NaN
     # the unmerged rows hold one member each
     for i0 in range(0, n_unm, BLOCK):
         rows = i0 + lane
@@ -300,7 +300,8 @@ def _tome_plan_kernel(
 def tome_plan(best: torch.Tensor, arg: torch.Tensor, n: int, r: int, class_token: bool):
     """(source (B, N) int64, members (B, N) int64, offsets (B, N - r + 1) int64) of
     :func:`vlmkernels.ops.tokens.reference.tome_plan` (same values, bitwise) in one launch;
-    best, arg (B, NA) from :func:`tome_match`, 1 <= r <= NA - class_token."""
+    best, arg (B, NA) from :func:`tome_match` (no NaN: it gives -inf for rows without a
+    cosine), 1 <= r <= NA - class_token."""
     B, na = best.shape
     dev = best.device
     source = torch.empty((B, n), dtype=torch.int64, device=dev)
