@@ -160,6 +160,8 @@ def test_deterministic_is_bitwise_repeatable(monkeypatch):
     second = grads("fused_deterministic", x, y, s, b, monkeypatch)
     for a, c in zip(first, second, strict=True):
         assert torch.equal(a, c)
+    # 3 x 3 blocks on a 2 x 2 grid: programs with several row and column blocks
+    check(first, ref_grads(x, y, s, b), torch.bfloat16)
 
 
 def test_ids_fall_back_to_chunked(monkeypatch, calls):
@@ -183,3 +185,15 @@ def test_unknown_design_raises(monkeypatch):
     monkeypatch.setenv(fused_backward.ENV_DESIGN, "fast")
     with pytest.raises(ValueError, match=fused_backward.ENV_DESIGN):
         fused_backward.clip_backward_design()
+
+
+def test_atomic_programs_with_several_tiles(monkeypatch):
+    """One SM: a 1 x 2 grid over 3 x 3 tiles, each program running several row and column
+    blocks from its staggered start, all adding into the same fp32 buffers."""
+    monkeypatch.setattr(fused_backward, "sm_count", lambda device: 1)
+    assert fused_backward._grid(67, 67, torch.device("cpu"), False, 2) == (1, 2)
+    gen = torch.Generator().manual_seed(7)
+    x, y = features(67, 36, torch.float32, gen), features(67, 36, torch.float32, gen)
+    s, b = torch.tensor(11.0), torch.tensor(0.5)
+    out = grads("fused", x, y, s, b, monkeypatch, label_smoothing=0.05)
+    check(out, ref_grads(x, y, s, b, smoothing=0.05), torch.float32)

@@ -14,7 +14,9 @@ and the kernel adds, per tile (rows I, columns J) and per k-step of BK features,
 
 with sum(G X Y^T) and sum(G) (the scale and bias gradients, before kappa) as per-program
 partials. Program (g, k) owns a rectangle of tiles: the row blocks of group g times the
-column blocks of split k. Two ways of summing over programs:
+column blocks of split k, visited from row block k and column block g on (mod the
+rectangle) so that programs sharing rows or columns seldom meet. Two ways of summing
+over programs:
 
 - ``fused`` (atomic): fp32 atomics into one (M, d) and one (N, d) fp32 buffer: memory
   (M + N) d 4 bytes above the inputs (201 MB at M = N = 32768, d = 768), any grid; the
@@ -114,7 +116,12 @@ def _clip_fused_grad_kernel(
 
     dscale_acc = tl.zeros((BM,), tl.float32)
     dbias_acc = tl.zeros((BM,), tl.float32)
-    for i in range(i_lo, i_hi):
+    # staggered starts: the programs sharing rows (same g) or columns (same k) visit them at
+    # different times, so that their atomics seldom meet on one address
+    n_i = i_hi - i_lo
+    n_j = j_hi - j_lo
+    for t_i in range(0, n_i):
+        i = i_lo + (t_i + k) % n_i
         rows = i * BM + tl.arange(0, BM)
         row_mask = rows < M
         keep_r = row_mask.to(tl.float32)
@@ -130,7 +137,8 @@ def _clip_fused_grad_kernel(
             h_r = keep_r * 0.0
         x_rows = x_ptr + tl.cast(i * BM, tl.int64) * stride_xn
         dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxn
-        for j in range(j_lo, j_hi):
+        for t_j in range(0, n_j):
+            j = j_lo + (t_j + g) % n_j
             cols = j * BN + tl.arange(0, BN)
             col_mask = cols < N
             col_pad = pad(col_mask)
