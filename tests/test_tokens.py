@@ -150,7 +150,11 @@ def ref_tome(x, metric, r, size=None, class_token=False):
     cols = torch.arange(scores.shape[-1])
     node_idx = torch.where(scores == node_max[..., None], cols, scores.shape[-1]).amin(-1)
     node_idx = node_idx.clamp_max(scores.shape[-1] - 1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+    if class_token:  # the class token ranks last, also among other -inf scores
+        rest = node_max[..., 1:].argsort(dim=-1, descending=True, stable=True) + 1
+        edge_idx = torch.cat((rest, rest.new_zeros(B, 1)), dim=-1)[..., None]
+    else:
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
     unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
     dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
     if class_token:
@@ -289,6 +293,18 @@ def test_tome_zero_metric_rows(device, backend):
     assert (source[:, 7] == na_unmerged + 3).all() and (sizes[:, na_unmerged + 3] == 1).all()
     assert out.isfinite().all()
     check_tome(x, metric, 7, None, False, torch.float32, grads=False)
+
+
+@pytest.mark.parametrize("n", [5, 9])
+def test_tome_class_token_never_merged_among_minus_inf(n, device, backend):
+    """With every metric row zero all scores are -inf: the class token still ranks last
+    (a plain stable sort would put A token 0 first among the ties and merge it)."""
+    x = torch.randn(2, n, 4, device=device)
+    r = (n - 1) // 2
+    out, sizes, source = T.tome_merge(x, torch.zeros(2, n, 3, device=device), r, class_token=True)
+    assert (source[:, 0] == 0).all() and (sizes[:, 0] == 1).all()
+    assert torch.equal(out[:, 0], x[:, 0])
+    check_tome(x, torch.zeros(2, n, 3, device=device), r, None, True, torch.float32, grads=False)
 
 
 @pytest.mark.parametrize("n", [2, 3, 41, 76])

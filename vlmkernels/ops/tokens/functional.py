@@ -130,8 +130,9 @@ def tome_merge(
 
     Ties, deterministic: among equal scores the lower B index is the match, and among
     equal best scores the lower A index is merged first (ToMe's ``argsort`` leaves both
-    unspecified). ``r = 0`` merges nothing and returns x itself, the sizes (ones if None) and
-    the identity map, as ToMe's ``do_nothing`` does. A metric row of norm 0 (or with a
+    unspecified), except the class token, which ranks last even among other -inf scores.
+    ``r = 0`` merges nothing and returns x itself, the sizes (ones if None) and the identity
+    map, as ToMe's ``do_nothing`` does. A metric row of norm 0 (or with a
     non-finite norm) has no cosine similarity (ToMe would compute NaN scores and match it
     arbitrarily): its scores are -inf, so such a token ranks last among the A tokens, like the
     class token, and is never a B token's match while any valid pair exists (a row of -inf

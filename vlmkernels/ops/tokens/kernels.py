@@ -205,14 +205,16 @@ def _tome_plan_kernel(
     CLASS_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Sample b per program; best, arg (B, NA) contiguous; R >= 1. With rank(a) = #{a' :
-    best[a'] > best[a] or (best[a'] == best[a] and a' < a)} (a stable descending sort),
+    best[a'] > best[a] or (best[a'] == best[a] and a' < a)} (a stable descending sort;
+    with CLASS_TOKEN, A token 0 ranks last and the others' ranks do not count it),
     the A tokens of rank < R merge into row NA - R + arg[a]; the others take row rank - R
     (by position among themselves with CLASS_TOKEN); B token j takes row NA - R + j. Writes
     src (B, N): each token's row; off (B, N - R + 1) and mem (B, N): the CSR lists of the
     rows, members in position order (those of ``torch.sort(src, stable=True)``). The
-    merged set is {a : (best[a], -a) >= (T, -a_T)}, a_T the token of rank R - 1, T its
-    score, so the later passes test membership per token; every count is an (A block x A
-    block) comparison tile: O(NA^2) per sample, no sort, no atomics, deterministic."""
+    merged set is {a : (best[a], -a) >= (T, -a_T)} (less A token 0 with CLASS_TOKEN), a_T
+    the token of rank R - 1, T its score, so the later passes test membership per token;
+    every count is an (A block x A block) comparison tile: O(NA^2) per sample, no sort, no
+    atomics, deterministic."""
     b64 = tl.cast(tl.program_id(0), tl.int64)
     best_b = best_ptr + b64 * NA
     arg_b = arg_ptr + b64 * NA
@@ -235,6 +237,10 @@ def _tome_plan_kernel(
             ahead = (bk[None, :] > bi[:, None]) | (
                 (bk[None, :] == bi[:, None]) & (cols[None, :] < rows[:, None])
             )
+            if CLASS_TOKEN:  # A token 0 ranks last: behind every other, ahead of none
+                ahead = (ahead & (cols[None, :] != 0)) | (
+                    (rows[:, None] == 0) & (cols[None, :] != 0)
+                )
             rank += tl.sum((ahead & cmask[None, :]).to(tl.int32), axis=1)
         a_t = tl.maximum(a_t, tl.max(tl.where(rmask & (rank == R - 1), rows, -1), axis=0))
         merged = rank < R
@@ -256,7 +262,7 @@ def _tome_plan_kernel(
         rmask = rows < NA
         bi = tl.load(best_b + rows, mask=rmask, other=0.0)
         ai = tl.load(arg_b + rows, mask=rmask, other=0)
-        mi = rmask & ((bi > t) | ((bi == t) & (rows <= a_t)))
+        mi = rmask & ((bi > t) | ((bi == t) & (rows <= a_t))) & ((rows != 0) | (not CLASS_TOKEN))
         if CLASS_TOKEN:
             um = (rmask & ~mi).to(tl.int32)
             pos = carry + tl.cumsum(um, axis=0) - 1
@@ -269,7 +275,9 @@ def _tome_plan_kernel(
             cmask = cols < NA
             bk = tl.load(best_b + cols, mask=cmask, other=0.0)
             ak = tl.load(arg_b + cols, mask=cmask, other=0)
-            mk = cmask & ((bk > t) | ((bk == t) & (cols <= a_t)))
+            mk = (
+                cmask & ((bk > t) | ((bk == t) & (cols <= a_t))) & ((cols != 0) | (not CLASS_TOKEN))
+            )
             hit = (ak[None, :] < ai[:, None]) | (
                 (ak[None, :] == ai[:, None]) & (cols[None, :] < rows[:, None])
             )
@@ -287,7 +295,10 @@ def _tome_plan_kernel(
             cmask = cols < NA
             bk = tl.load(best_b + cols, mask=cmask, other=0.0)
             ak = tl.load(arg_b + cols, mask=cmask, other=0)
-            mk = (cmask & ((bk > t) | ((bk == t) & (cols <= a_t))))[None, :]
+            mk = (
+                cmask & ((bk > t) | ((bk == t) & (cols <= a_t))) & ((cols != 0) | (not CLASS_TOKEN))
+            )
+            mk = mk[None, :]
             lower += tl.sum(((ak[None, :] < js[:, None]) & mk).to(tl.int32), axis=1)
             same = (ak[None, :] == js[:, None]) & (cols[None, :] <= js[:, None])
             first += tl.sum((same & mk).to(tl.int32), axis=1)

@@ -53,13 +53,17 @@ def tome_plan(best: torch.Tensor, arg: torch.Tensor, n: int, r: int, class_token
     """(source (B, N), members (B, N), offsets (B, N - r + 1)), int64: the output row of
     every token, and the rows' members as CSR lists (members of row q: ``members[b,
     offsets[b, q] : offsets[b, q + 1]]``, in position order). The A tokens ranked by
-    decreasing best score (stable); the first r merge into row (NA - r) + arg, the others
-    take rows 0 .. NA - r - 1 in rank order (position order with a class token); B token j
-    is row (NA - r) + j."""
+    decreasing best score (stable; with a class token, A token 0 ranks last); the first r
+    merge into row (NA - r) + arg, the others take rows 0 .. NA - r - 1 in rank order
+    (position order with a class token); B token j is row (NA - r) + j."""
     B, na = best.shape
     nb = n // 2
     n_unm = na - r
-    order = torch.sort(best, dim=1, descending=True, stable=True).indices
+    if class_token:  # the class token ranks last, even among other -inf scores
+        order = torch.sort(best[:, 1:], dim=1, descending=True, stable=True).indices + 1
+        order = torch.cat((order, order.new_zeros((B, 1))), dim=1)
+    else:
+        order = torch.sort(best, dim=1, descending=True, stable=True).indices
     src, unm = order[:, :r], order[:, r:]
     if class_token:
         unm = unm.sort(dim=1).values
