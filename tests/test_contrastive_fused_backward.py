@@ -197,3 +197,25 @@ def test_atomic_programs_with_several_tiles(monkeypatch):
     s, b = torch.tensor(11.0), torch.tensor(0.5)
     out = grads("fused", x, y, s, b, monkeypatch, label_smoothing=0.05)
     check(out, ref_grads(x, y, s, b, smoothing=0.05), torch.float32)
+
+
+def test_design_comparison_and_tune_workload_run_both_designs(calls):
+    """What the tuner runs on a GPU, here through the interpreter on a small shape: the
+    design comparison times both designs (the fused one launches its kernel), and the
+    tuning workload runs the fused kernel when it is being tuned."""
+    from vlmkernels.ops.contrastive import family
+
+    timed, lines = [], []
+
+    def bench(fn):
+        fn()
+        timed.append(len(calls))
+        return 1.5
+
+    spec = {"N": 40, "d": 24, "dtype": "fp32"}
+    out = family.compare_backward_designs([spec], torch.device("cpu"), bench, lines.append)
+    assert out == {"clip_backward": {"chunked": 1.5, "fused": 1.5, "shapes": 1}}
+    assert timed == [0, 1] and len(lines) == 1
+    assert fused_backward.ENV_DESIGN not in __import__("os").environ
+    family.tune_workload({**spec, "ops": ("clip",)}, torch.device("cpu"), ["clip_fused_grad"])
+    assert calls == [False, False, True]

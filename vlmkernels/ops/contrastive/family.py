@@ -60,19 +60,59 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
     fused = "clip_fused" in ops or ("clip" in ops and "clip_fused_grad" in names)
     if fused and "clip_fused_grad" in names:
         for design in ("fused", "fused_deterministic"):
-            previous = os.environ.get(fused_backward.ENV_DESIGN)
-            os.environ[fused_backward.ENV_DESIGN] = design
-            try:
+            with _design(design):
                 clip_loss(*leaves(), 14.3).backward()
-            finally:
-                if previous is None:
-                    os.environ.pop(fused_backward.ENV_DESIGN)
-                else:
-                    os.environ[fused_backward.ENV_DESIGN] = previous
     if "siglip" in ops and "siglip" in names:
         siglip_loss(*leaves(), 10.0, -10.0).backward()
         with torch.no_grad():
             siglip_loss(x, y, 10.0, -10.0)
+
+
+class _design:
+    """Context manager: $VLMKERNELS_CLIP_BACKWARD set to ``name`` inside, restored after."""
+
+    def __init__(self, name: str):
+        self.name, self.previous = name, None
+
+    def __enter__(self):
+        self.previous = os.environ.get(fused_backward.ENV_DESIGN)
+        os.environ[fused_backward.ENV_DESIGN] = self.name
+
+    def __exit__(self, *exc):
+        if self.previous is None:
+            os.environ.pop(fused_backward.ENV_DESIGN, None)
+        else:
+            os.environ[fused_backward.ENV_DESIGN] = self.previous
+
+
+def compare_backward_designs(shapes, device, bench, log, designs=("chunked", "fused")):
+    """Total clip_loss forward + backward times per CLIP backward design over the tuning
+    shapes ({"N", "d", "dtype"}), ``bench(fn)`` returning milliseconds (the tuner's):
+    {"clip_backward": {design: ms, ..., "shapes": n}}. The forward is the same for every
+    design, so the difference is the backward's."""
+    totals, compared = dict.fromkeys(designs, 0.0), 0
+    for spec in shapes:
+        n, d = int(spec["N"]), int(spec["d"])
+        dtype = torch_dtype(spec.get("dtype", "bf16"))
+        gen = torch.Generator(device=device).manual_seed(0)
+        x, y = (torch.nn.functional.normalize(torch.randn(n, d, generator=gen, device=device),
+                                              dim=-1).to(dtype) for _ in range(2))  # fmt: skip
+
+        def step(x=x, y=y):
+            a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+            clip_loss(a, b, 14.3).backward()
+
+        times = {}
+        for design in designs:
+            with _design(design):
+                times[design] = float(bench(step))
+        compared += 1
+        log(
+            f"clip backward {dict(spec)}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+        )
+        for design, ms in times.items():
+            totals[design] += ms
+    return {"clip_backward": {**totals, "shapes": compared}}
 
 
 # What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
