@@ -232,6 +232,43 @@ def test_merger_strided_features(backend):
     assert max_rel(g1, g2) < 1e-6
 
 
+def minicpm_space_to_depth(x, mh, mw):
+    """MiniCPMV4_6Merger's merge of each (mh, mw) block of an (H, W) grid, per image."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // mh, mh, w // mw, mw, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // mh, w // mw, mh * mw * c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("hw", "merge"), [((4, 6), (2, 2)), ((6, 3), (3, 1)), ((2, 6), (1, 3))])
+def test_merger_grid_4d(dtype, hw, merge, backend):
+    """x (B, H, W, C) with any grid and an (MH, MW) merge (MiniCPM-V 4.6's merger rounds),
+    LayerNorm of the merged rows, Linear + GELU + Linear; a strided view (every other
+    channel of a wider buffer) as x."""
+    (h, w), (mh, mw) = hw, merge
+    c, n_out = 5, 7
+    k = mh * mw * c
+    x = torch.randn(2, h, w, 2 * c)[..., ::2].to(dtype).requires_grad_()
+    nw = (1 + 0.3 * torch.randn(k)).to(dtype).requires_grad_()
+    nb = rand(k, dtype=dtype, scale=0.3)
+    w1, b1 = rand(k + 3, k, dtype=dtype, scale=0.3), rand(k + 3, dtype=dtype)
+    w2, b2 = rand(n_out, k + 3, dtype=dtype, scale=0.2), rand(n_out, dtype=dtype)
+    size = merge if mh != mw else mh
+    y = C.merger(x, w1, b1, w2, b2, merge_size=size, layout="grid", norm="layernorm",
+                 norm_weight=nw, norm_bias=nb, eps=1e-5, norm_before_merge=False)  # fmt: skip
+    tensors = [x, nw, nb, w1, b1, w2, b2]
+    r = [leaf64(t) for t in tensors]
+    X = F.layer_norm(minicpm_space_to_depth(r[0], mh, mw), (k,), r[1], r[2], 1e-5)
+    ref = F.linear(F.gelu(F.linear(X, r[3], r[4])), r[5], r[6])
+    assert y.shape == (2, h // mh, w // mw, n_out) and y.dtype == dtype
+    assert max_rel(y, ref) < TOL[dtype], max_rel(y, ref)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, tensors, g.to(dtype))
+    refs = torch.autograd.grad(ref, r, g)
+    names = ["x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2"]
+    check_grads(dict(zip(names, zip(grads, refs, strict=True), strict=True)), 3 * TOL[dtype])
+
+
 # ------------------------------------------------------------------ deepstack
 
 
@@ -308,6 +345,14 @@ def test_bad_inputs():
                           norm_weight=torch.randn(16)), ValueError, r"norm_weight must be \(4,\)"),
         (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), layout="rows"),
          ValueError, "layout must be"),
+        (lambda: C.merger(torch.randn(1, 4, 6, 4), torch.randn(8, 16), layout="grid",
+                          merge_size=(3, 2)), ValueError, r"grid \(4, 6\) of x must be divisible"),
+        (lambda: C.merger(torch.randn(1, 4, 6, 4), torch.randn(8, 16), layout="grid",
+                          merge_size=(2, 2, 1)), ValueError, r"merge_size must be an int or"),
+        (lambda: C.merger(torch.randn(1, 4, 6, 4), torch.randn(8, 24), layout="grid",
+                          merge_size=(2, 2)), ValueError, r"w1 must be \(out_features, 16\)"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), merge_size=(2, 2)),
+         ValueError, "merge_size must be an int"),
         (lambda: C.deepstack_add(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool),
                                  torch.randn(8, 4)), ValueError, "visual_pos_mask must have"),
         (lambda: C.deepstack_add(torch.randn(2, 3, 4), torch.ones(2, 3), torch.randn(6, 4)),

@@ -171,3 +171,170 @@ def test_deepstack_process():
     got = torch.autograd.grad(out, [hidden, embeds], g)
     ref = torch.autograd.grad(want, [hidden, embeds], g)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+# ------------------------------------------------------- InternVL: the shuffle in the GEMM
+
+
+def internvl_model():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=[24, 24], patch_size=[4, 4]),
+        text_config=dict(model_type="qwen2", hidden_size=24, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=64),
+        downsample_ratio=0.5, projector_hidden_act="gelu", image_token_id=5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return randomise(InternVLForConditionalGeneration(config).eval())
+
+
+@pytest.mark.parametrize(("layer", "strategy"), [(-1, "default"), (-2, "default")])
+def test_internvl_shuffle_folded_into_the_projector(layer, strategy, monkeypatch):
+    """get_image_features of a patched InternVL model: InternVL's pixel shuffle is never
+    run (the projector's GEMM reads the unshuffled (B, S, S, C) features, here a strided
+    view without the class token, through the shuffle addressing, LayerNorm of each
+    shuffled row in its prologue); features and every gradient match transformers."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    ref = internvl_model()
+    mine = copy.deepcopy(ref)
+    shuffles = []
+    original = InternVLModel.pixel_shuffle
+
+    def counting(self, *args, **kwargs):
+        shuffles.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InternVLModel, "pixel_shuffle", counting)
+    px = torch.randn(2, 3, 24, 24)
+    kw = dict(vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+    with vt.patch(mine) as handle:
+        assert set(handle.targets) == {
+            "model.multi_modal_projector.forward",
+            "model.get_image_features",
+            "model.pixel_shuffle",
+        }
+        x1, x2 = px.clone().requires_grad_(), px.clone().requires_grad_()
+        out = mine.get_image_features(x1, **kw).pooler_output
+        assert shuffles == []  # the shuffle ran as addressing only
+        want = ref.get_image_features(x2, **kw).pooler_output
+        assert shuffles == [ref.model]
+        side = 24 // 4 // 2
+        assert out.shape == want.shape == (2, side * side, 24)
+        assert max_rel(out, want) < TOL, max_rel(out, want)
+        g = torch.randn_like(want)
+        out.backward(g)
+        want.backward(g)
+        assert max_rel(x1.grad, x2.grad) < TOL
+        for (n, p), q in zip(mine.named_parameters(), ref.parameters(), strict=True):
+            if q.grad is not None:
+                assert max_rel(p.grad, q.grad) < TOL, (n, max_rel(p.grad, q.grad))
+            else:
+                assert p.grad is None, n
+        # a direct call outside get_image_features is InternVL's own shuffle
+        feats = torch.randn(2, 6, 6, 8)
+        assert torch.equal(mine.model.pixel_shuffle(feats, 0.5), original(ref.model, feats, 0.5))
+        assert len(shuffles) == 2
+    assert not {"get_image_features", "pixel_shuffle"} & set(mine.model.__dict__)
+    assert "forward" not in mine.model.multi_modal_projector.__dict__
+
+
+def test_internvl_model_logits_and_projector_switched_off():
+    """The whole patched model (image tokens scattered into the text) gives transformers'
+    logits; with the projector left unpatched the shuffle is not deferred."""
+    ref = internvl_model()
+    mine = copy.deepcopy(ref)
+    side = 24 // 4 // 2
+    ids = torch.tensor([[1, 2] + [5] * side * side + [3, 4]] * 2)
+    px = torch.randn(2, 3, 24, 24)
+    want = ref(input_ids=ids, pixel_values=px).logits
+    with vt.patch(mine):
+        got = mine(input_ids=ids, pixel_values=px).logits
+    assert max_rel(got, want) < TOL
+    with vt.patch(mine.model.multi_modal_projector) as handle:
+        assert handle.targets == ("<root>.forward",)
+        assert max_rel(mine(input_ids=ids, pixel_values=px).logits, want) < TOL
+
+
+# ------------------------------------------------------------------ MiniCPM-V 4.6 merger
+
+
+def minicpm_merger(times, prefix="MiniCPMV4_6", key="minicpmv4_6"):
+    import importlib
+
+    config_module = importlib.import_module(f"transformers.models.{key}.configuration_{key}")
+    modeling = importlib.import_module(f"transformers.models.{key}.modeling_{key}")
+    config = getattr(config_module, f"{prefix}Config")(
+        vision_config={"hidden_size": 6, "num_attention_heads": 2},
+        text_config={"model_type": "qwen3_5_text", "hidden_size": 10, "num_attention_heads": 2,
+                     "num_key_value_heads": 1},
+        merger_times=times,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    return randomise(getattr(modeling, f"{prefix}Merger")(config))
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_minicpm_v4_6_merger(times):
+    """MiniCPMV4_6Merger: images of different (and non-square) grids, runs of equal ones
+    batched in one op; each round's 2 x 2 space-to-depth is the GEMM's addressing and the
+    LayerNorm of the merged row its prologue. Outputs (a list per image) and gradients match
+    transformers."""
+    ref = minicpm_merger(times)
+    mine = Wrapper(copy.deepcopy(ref))
+    unit = 2**times
+    sizes = torch.tensor([[2 * unit, 3 * unit], [2 * unit, 3 * unit], [unit, unit],
+                          [3 * unit, unit]])  # fmt: skip
+    total = int(sizes.prod(-1).sum())
+    x = torch.randn(1, total, 6)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("inner.forward",)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = mine.inner(x1, sizes)
+        want = ref(x2, sizes)
+        assert len(out) == len(want) == len(sizes)
+        for o, w in zip(out, want, strict=True):
+            assert o.shape == w.shape
+            assert max_rel(o, w) < TOL, max_rel(o, w)
+        gs = [torch.randn_like(w) for w in want]
+        torch.autograd.backward(out, gs)
+        torch.autograd.backward(want, gs)
+        assert max_rel(x1.grad, x2.grad) < TOL
+        for (n, p), q in zip(mine.inner.named_parameters(), ref.parameters(), strict=True):
+            assert max_rel(p.grad, q.grad) < TOL, (n, max_rel(p.grad, q.grad))
+        with pytest.raises(ValueError, match="divisible by merge"):
+            mine.inner(x, torch.tensor([[unit + 1, unit]]))
+    assert "forward" not in mine.inner.__dict__
+
+
+@pytest.mark.parametrize(("key", "prefix"), [("minicpmv4_7", "MiniCPMV4_7"),
+                                             ("minicpm_ocr", "MiniCPMOcr")])  # fmt: skip
+def test_minicpm_v4_7_and_ocr_mergers(key, prefix):
+    pytest.importorskip(f"transformers.models.{key}.modeling_{key}")
+    ref = minicpm_merger(1, prefix, key)
+    mine = copy.deepcopy(ref)
+    sizes = torch.tensor([[4, 2], [2, 2]])
+    x = torch.randn(1, 12, 6)
+    with vt.patch(mine):
+        out = mine(x, sizes)
+    want = ref(x, sizes)
+    assert all(max_rel(o, w) < TOL for o, w in zip(out, want, strict=True))
+
+
+def test_internvl_projector_unshuffled_input_compiles():
+    """The patched projector on the unshuffled grid under torch.compile(fullgraph=True):
+    InternVL's transformers model itself does not compile with fullgraph (a lock in its
+    output capturing), the projector's fused path does."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    model = internvl_model()
+    projector = model.model.multi_modal_projector
+    feats = torch.randn(2, 37, 8)[:, 1:].reshape(2, 6, 6, 8)  # a strided view, as in the model
+    want = projector(InternVLModel.pixel_shuffle(None, feats, 0.5).reshape(2, 9, 32))
+    with vt.patch(projector):
+        compiled = torch.compile(projector, backend="aot_eager", fullgraph=True)
+        got = compiled(feats.reshape(2, 36, 8))
+    assert max_rel(got, want) < TOL

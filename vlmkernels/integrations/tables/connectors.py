@@ -10,8 +10,15 @@ gets an instance ``forward``:
   (Linear + exact GELU + Linear);
 - ``Idefics3Connector``, ``SmolVLMConnector``: pixel shuffle + Linear (no bias) as one
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
-- ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger (its
-  input is already shuffled by ``InternVLModel``);
+- ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger; and
+  ``InternVLModel``'s ``get_image_features`` / ``pixel_shuffle``: inside the former, the
+  latter hands the (B, S, S, C) features on unshuffled (a view; InternVL's own shuffle makes
+  two permuted copies) and the projector's first GEMM reads them through the pixel-shuffle
+  addressing, the LayerNorm of each shuffled row in its prologue (layout "grid"); a direct
+  ``pixel_shuffle`` call is InternVL's own;
+- ``MiniCPMV4_6Merger`` (and MiniCPM-V 4.7's, MiniCPM-o OCR's ``MiniCPMOcrMerger``): each
+  round's 2 x 2 space-to-depth, LayerNorm, Linear, GELU, Linear as one merger on the
+  (H, W) grid of each image (images of one size in one batch), varlen ``target_sizes``;
 - ``PatchMerger`` (Qwen2-VL, LayerNorm per patch), ``Qwen2_5_VLPatchMerger`` (RMSNorm per
   patch), ``Qwen3VLVisionPatchMerger`` (LayerNorm per patch, or per merged row with
   ``use_postshuffle_norm``; Qwen3-VL-MoE's too): the merger with the norm in the GEMM's
@@ -23,7 +30,7 @@ Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) 
 An activation other than exact GELU, or a module whose layers are not the expected
 ``nn.Linear`` / norms, is refused at patch time (:class:`UnsupportedLayoutError`).
 
-Roots: the LLaVA, Idefics3, SmolVLM and InternVL models (``...ForConditionalGeneration``,
+Roots: the LLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models (``...ForConditionalGeneration``,
 ``...Model``) and the connector modules themselves; for the Qwen-VL models (whose roots the
 rotary table owns) any model holding their merger modules (or Qwen3-VL's text model): the
 full models, the vision towers, the mergers themselves, a foreign model.
@@ -32,6 +39,7 @@ full models, the vision towers, the mergers themselves, a foreign model.
 from __future__ import annotations
 
 import math
+import weakref
 
 from torch import nn
 from torch.nn import functional as F
@@ -39,10 +47,11 @@ from torch.nn import functional as F
 from ...ops.connectors import deepstack_add, merger, mlp_projector
 from ..patching import Architecture, Patcher, SetMethod, UnsupportedLayoutError, register
 
-__all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "LLAVA_PATCHER", "QWEN_MERGER_PATCHER",
-           "SHUFFLE_PATCHER", "TESTED_VERSIONS"]  # fmt: skip
+__all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LLAVA_PATCHER",
+           "MINICPM_MERGER_PATCHER", "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER",
+           "TESTED_VERSIONS"]  # fmt: skip
 
-TESTED_VERSIONS = ("5.24.0",)
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0")  # MiniCPM-V 4.7 / OCR: 5.24 only
 
 
 def _module(key: str) -> str:
@@ -152,18 +161,38 @@ def _internvl_forward(module, arch):
     where = _where(module)
     _linear(module, "linear_1", where), _linear(module, "linear_2", where)
     _exact_gelu(module.act, where)
-    if type(module.layer_norm) is not nn.LayerNorm:
-        raise UnsupportedLayoutError(f"{where}.layer_norm is not nn.LayerNorm")
+    if type(module.layer_norm) is not nn.LayerNorm or len(module.layer_norm.normalized_shape) != 1:
+        raise UnsupportedLayoutError(f"{where}.layer_norm is not a 1-D nn.LayerNorm")
 
     def forward(self, image_features):
         ln, l1, l2 = self.layer_norm, self.linear_1, self.linear_2
-        lead, k = image_features.shape[:-1], image_features.shape[-1]
-        y = merger(image_features.reshape(-1, k), l1.weight, l1.bias, l2.weight, l2.bias,
+        k, c = ln.normalized_shape[0], image_features.shape[-1]
+        scale = _deferred_scale(image_features, k)
+        if scale is not None:  # the unshuffled (B, S * S, C) grid: the shuffle is addressing
+            return merger(image_features, l1.weight, l1.bias, l2.weight, l2.bias,
+                          merge_size=scale, layout="grid", norm="layernorm",
+                          norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps,
+                          norm_before_merge=False)  # fmt: skip
+        lead = image_features.shape[:-1]
+        y = merger(image_features.reshape(-1, c), l1.weight, l1.bias, l2.weight, l2.bias,
                    merge_size=1, norm="layernorm", norm_weight=ln.weight, norm_bias=ln.bias,
                    eps=ln.eps)  # fmt: skip
         return y.view(*lead, y.shape[-1])
 
+    forward.takes_unshuffled = True
     return forward
+
+
+def _deferred_scale(features, k: int) -> int | None:
+    """s where ``features`` is an unshuffled (B, S * S, C) grid with s^2 C = k (what the
+    patched ``InternVLModel.pixel_shuffle`` hands on), else None (already shuffled)."""
+    c = features.shape[-1]
+    if features.dim() != 3 or c == k or c == 0 or k % c:
+        return None
+    s, side = math.isqrt(k // c), math.isqrt(features.shape[1])
+    if s < 2 or s * s * c != k or side * side != features.shape[1] or side % s:
+        return None
+    return s
 
 
 INTERNVL_PATCHER = register(
@@ -172,6 +201,100 @@ INTERNVL_PATCHER = register(
         TESTED_VERSIONS,
         (_arch("internvl", "InternVL", "internvl_projector", "InternVLMultiModalProjector"),),
         (SetMethod("connector", "internvl_projector", "forward", _internvl_forward),),
+    )
+)
+
+
+# the calls of get_image_features in progress, per patched InternVLModel: built with its
+# get_image_features, taken by its pixel_shuffle (the two slots of one module share it)
+_SCOPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_internvl_model(module, where: str) -> None:
+    cls = type(module)
+    for method in ("get_image_features", "pixel_shuffle"):
+        if not callable(getattr(cls, method, None)):
+            raise UnsupportedLayoutError(f"{where} has no {method}")
+    projector = getattr(module, "multi_modal_projector", None)
+    if not isinstance(projector, nn.Module):
+        raise UnsupportedLayoutError(f"{where} has no multi_modal_projector module")
+
+
+def _internvl_get_image_features(module, arch):
+    """``InternVLModel.get_image_features`` (the class's, decorators and all) run inside a
+    scope in which the patched :func:`_internvl_pixel_shuffle` defers the shuffle."""
+    _check_internvl_model(module, _where(module))
+    cls = type(module)
+    scope = _SCOPES[module] = [0]
+
+    def get_image_features(self, *args, **kwargs):
+        scope[0] += 1
+        try:
+            return cls.get_image_features(self, *args, **kwargs)
+        finally:
+            scope[0] -= 1
+
+    return get_image_features
+
+
+def _internvl_pixel_shuffle(module, arch):
+    """``InternVLModel.pixel_shuffle``: inside ``get_image_features`` and with the patched
+    projector, the (B, S, S, C) features are handed on as they are (no copy; the caller's
+    reshape to (B, S * S, C) is a view) and the projector reads them through the pixel-
+    shuffle addressing of its GEMM, the LayerNorm of each shuffled row in the prologue: the
+    shuffled copy (InternVL's shuffle makes two permuted copies) is never made. Anywhere
+    else (a direct call, a scale that is not 1 / s, an unpatched projector) the original."""
+    where = _where(module)
+    _check_internvl_model(module, where)
+    scope = _SCOPES.get(module)
+    if scope is None:
+        raise UnsupportedLayoutError(f"{where}: pixel_shuffle is patched with get_image_features")
+    cls = type(module)
+
+    def pixel_shuffle(self, vision_features, scale_factor=0.5):
+        s = _integer_inverse(scale_factor)
+        forward = self.multi_modal_projector.forward
+        if (scope[0] and s is not None and s >= 2 and vision_features.dim() == 4
+                and vision_features.shape[1] == vision_features.shape[2]
+                and vision_features.shape[1] % s == 0
+                and getattr(forward, "takes_unshuffled", False)):  # fmt: skip
+            return vision_features
+        return cls.pixel_shuffle(self, vision_features, scale_factor)
+
+    return pixel_shuffle
+
+
+def _integer_inverse(scale_factor) -> int | None:
+    """s where ``scale_factor`` is 1 / s for an int s, else None."""
+    try:
+        s = round(1.0 / float(scale_factor))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return s if s >= 1 and abs(s * float(scale_factor) - 1.0) < 1e-9 else None
+
+
+INTERNVL_SHUFFLE_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        (
+            Architecture(
+                key="internvl.connector_shuffle",
+                module=_module("internvl"),
+                classes={"internvl_model": "InternVLModel"},
+                roots={
+                    "InternVLForConditionalGeneration": ("connector",),
+                    "InternVLModel": ("connector",),
+                },
+                anywhere=True,
+            ),
+        ),  # fmt: skip
+        (
+            SetMethod(
+                "connector", "internvl_model", "get_image_features", _internvl_get_image_features
+            ),
+            SetMethod("connector", "internvl_model", "pixel_shuffle", _internvl_pixel_shuffle),
+        ),  # fmt: skip
     )
 )
 
@@ -240,6 +363,74 @@ QWEN_MERGER_PATCHER = register(
         TESTED_VERSIONS,
         tuple(_arch(key, "", "merger", cls, models=False) for key, cls in _QWEN),
         (SetMethod("connector", "merger", "forward", _qwen_merger_forward),),
+    )
+)
+
+
+# --------------------------------------------------------------------------------------
+# MiniCPM-V 4.6 (and 4.7, MiniCPM-o OCR) merger
+# --------------------------------------------------------------------------------------
+
+
+def _minicpm_merger_forward(module, arch):
+    where = _where(module)
+    kernel = tuple(getattr(module, "merge_kernel_size", ()))
+    if len(kernel) != 2 or not all(isinstance(k, int) and k >= 1 for k in kernel):
+        raise UnsupportedLayoutError(f"{where}.merge_kernel_size is {kernel!r}, not (MH, MW)")
+    mlps = getattr(module, "mlp", None)
+    if not isinstance(mlps, nn.ModuleList) or len(mlps) != module.merger_times:
+        raise UnsupportedLayoutError(f"{where}.mlp is not a ModuleList of merger_times MLPs")
+    for i, mlp in enumerate(mlps):
+        inner = f"{where}.mlp.{i}"
+        _linear(mlp, "linear_1", inner), _linear(mlp, "linear_2", inner)
+        _exact_gelu(mlp.act, inner)
+        norm = getattr(mlp, "pre_norm", None)
+        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+            raise UnsupportedLayoutError(f"{inner}.pre_norm is not a 1-D nn.LayerNorm")
+
+    def forward(self, hidden_states, target_sizes):
+        mh, mw = self.merge_kernel_size
+        sizes = [tuple(int(v) for v in hw) for hw in target_sizes.tolist()]
+        features, start, i = [], 0, 0
+        while i < len(sizes):  # a run of images of one size is one batch
+            j = i
+            while j < len(sizes) and sizes[j] == sizes[i]:
+                j += 1
+            height, width = sizes[i]
+            n = height * width
+            x = hidden_states[0, start : start + (j - i) * n].unflatten(0, (j - i, height, width))
+            for r, mlp in enumerate(self.mlp):
+                if height % mh or width % mw:
+                    raise ValueError(
+                        f"Patch grid ({height}, {width}) must be divisible by merge kernel size "
+                        f"{self.merge_kernel_size} at merge round {r}"
+                    )
+                ln, l1, l2 = mlp.pre_norm, mlp.linear_1, mlp.linear_2
+                x = merger(x, l1.weight, l1.bias, l2.weight, l2.bias, merge_size=(mh, mw),
+                           layout="grid", norm="layernorm", norm_weight=ln.weight,
+                           norm_bias=ln.bias, eps=ln.eps, norm_before_merge=False)  # fmt: skip
+                height, width = height // mh, width // mw
+            features += [y.reshape(-1, y.shape[-1]) for y in x.unbind(0)]
+            start += (j - i) * n
+            i = j
+        return features
+
+    return forward
+
+
+MINICPM_MERGER_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        tuple(
+            _arch(key, prefix, "minicpm_merger", f"{prefix}Merger")
+            for key, prefix in (
+                ("minicpmv4_6", "MiniCPMV4_6"),
+                ("minicpmv4_7", "MiniCPMV4_7"),
+                ("minicpm_ocr", "MiniCPMOcr"),
+            )
+        ),  # fmt: skip
+        (SetMethod("connector", "minicpm_merger", "forward", _minicpm_merger_forward),),
     )
 )
 

@@ -150,7 +150,7 @@ def merger(
     w2: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     *,
-    merge_size: int = 2,
+    merge_size: int | tuple[int, int] = 2,
     layout: str = "consecutive",
     norm: str | None = None,
     norm_weight: torch.Tensor | None = None,
@@ -168,7 +168,10 @@ def merger(
     - ``"consecutive"`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL mergers): x (P, C), each s^2
       consecutive patches one row: X = x.view(P / s^2, K); the result is (P / s^2, N).
     - ``"grid"`` (pixel shuffle: Idefics3, SmolVLM, InternVL, MiniCPM-V 4.6): x (B, S * S, C)
-      a square grid, X = :func:`pixel_shuffle` (x, s); the result is (B, S^2 / s^2, N).
+      a square grid, X = :func:`pixel_shuffle` (x, s); the result is (B, S^2 / s^2, N). Or
+      x (B, H, W, C), any grid, and ``merge_size`` s or (MH, MW) dividing (H, W):
+      X[(b, i, j), (dr MW + dc) C + c] = x[b, i MH + dr, j MW + dc, c] (MiniCPM-V 4.6's
+      space-to-depth); the result is (B, H / MH, W / MW, N).
 
     Norm (``norm`` "layernorm" (weight, bias optional) or "rmsnorm" (weight), ``eps``):
     applied to each patch (length C) before the merge (``norm_before_merge``, Qwen2/2.5-VL,
@@ -181,8 +184,13 @@ def merger(
     op = "merger"
     if layout not in ("consecutive", "grid"):
         raise ValueError(f"{op}: layout must be 'consecutive' or 'grid', got {layout!r}")
-    _check_tensor(op, "x", x, (2,) if layout == "consecutive" else (3,))
-    s = _check_int(op, "merge_size", merge_size, 1)
+    _check_tensor(op, "x", x, (2,) if layout == "consecutive" else (3, 4))
+    if layout == "grid" and x.dim() == 4 and isinstance(merge_size, (tuple, list)):
+        if len(merge_size) != 2:
+            raise ValueError(f"{op}: merge_size must be an int or (MH, MW), got {merge_size!r}")
+        mh, mw = (_check_int(op, "merge_size", m, 1) for m in merge_size)
+    else:
+        mh = mw = s = _check_int(op, "merge_size", merge_size, 1)
     if layout == "consecutive":
         p, c = x.shape
         if p % (s * s):
@@ -191,6 +199,13 @@ def merger(
         if grid is None:
             grid = x.unflatten(0, (p // (s * s), 1, s * s))
         merge, lead = [1, s * s], (p // (s * s),)
+    elif x.dim() == 4:
+        b, h, w, c = x.shape
+        if h % mh or w % mw:
+            raise ValueError(
+                f"{op}: the grid ({h}, {w}) of x must be divisible by merge_size ({mh}, {mw})"
+            )
+        grid, merge, lead = x, [mh, mw], (b, h // mh, w // mw)
     else:
         b, n, c = x.shape
         side = _square_grid(op, n, s)
@@ -201,7 +216,7 @@ def merger(
         raise ValueError(f"{op}: norm must be 'layernorm', 'rmsnorm' or None, got {norm!r}")
     kind = _NORMS[norm]
     per_patch = bool(norm_before_merge)
-    length = c if per_patch else s * s * c
+    length = c if per_patch else mh * mw * c
     if kind == NO_NORM:
         if norm_weight is not None or norm_bias is not None:
             raise ValueError(f"{op}: norm_weight / norm_bias given without a norm")
@@ -223,7 +238,7 @@ def merger(
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-    n1 = _check_linear(op, "w1", w1, "b1", b1, x, s * s * c)
+    n1 = _check_linear(op, "w1", w1, "b1", b1, x, mh * mw * c)
     if w2 is not None:
         act = _check_activation(op, activation)
         n_out = _check_linear(op, "w2", w2, "b2", b2, x, n1)
