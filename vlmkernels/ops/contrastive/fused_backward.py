@@ -280,10 +280,9 @@ def fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, ka
         )  # fmt: skip
     if deterministic:
         dx_f, dy_f = dx_buf.sum(0), dy_buf.sum(0)
-        del dx_buf, dy_buf
     else:
         dx_f, dy_f = dx_out, dy_out
-    del dx_out, dy_out
+    del dx_buf, dy_buf, dx_out, dy_out  # dx_f and dy_f hold the only references
     dscale, dbias = partials[0].sum(), partials[1].sum()
     if kappa is not None:
         dscale, dbias = dscale * kappa, dbias * kappa
