@@ -742,3 +742,37 @@ def test_tanh_gate_bad_input_and_opcheck(device):
             torch.library.opcheck(
                 core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None, gate)
             )
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fake_strides_match_the_implementations(backend, packed):
+    """attention_core's and its backward's fakes give the layouts the implementations
+    return (contiguous) for transposed inputs, as HF's q.view(B, L, H, D).transpose(1, 2)
+    makes: a compiled reshape of the output relies on it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    if packed:  # (40, 4, 16) views of (4, 40, 16)
+        qkv = [torch.randn(4, 40, 16, generator=g).transpose(0, 1) for _ in range(3)]
+        cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+        lens = (cu, cu, 25, 25)
+    else:
+        qkv = [torch.randn(1, 20, 2, 16, generator=g).transpose(1, 2) for _ in range(3)]
+        lens = (None, None, 20, 20)
+    options = (None, None, None, False, 0.25, 0, None, None)
+
+    def run(q, k, v, cu_q, cu_k, *rest):
+        with use_backend(backend):
+            out, lse = ops.attention_core(q, k, v, cu_q, cu_k, *rest)
+            delta = torch.zeros_like(lse)
+            grads = ops.attention_core_backward(out, q, k, v, lse, delta, cu_q, cu_k,
+                                                *rest[:-3], None)  # fmt: skip
+        return [out, *grads[:3]]
+
+    real = run(*qkv, *lens, *options)
+    with FakeTensorMode() as mode:
+        fake = run(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                     for t in (*qkv, *lens)), *options)  # fmt: skip
+    assert real[0].is_contiguous()
+    assert [t.stride() for t in fake] == [t.stride() for t in real]

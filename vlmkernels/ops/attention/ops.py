@@ -70,15 +70,17 @@ def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_spli
 @attention_core.impl("torch")
 def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
       gate):  # fmt: skip
-    return reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-                             bias, gate)  # fmt: skip
+    out, lse = reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
+                                 scale, bias, gate)  # fmt: skip
+    return out.contiguous(), lse  # as the Triton implementation's and the fake's
 
 
 @attention_core.fake
 def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
       gate):  # fmt: skip
     lse_dtype = reference.compute_dtype(q.dtype)
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_q), dtype=lse_dtype)
+    # both implementations return a new contiguous output, whatever q's strides
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_q), dtype=lse_dtype)
 
 
 @attention_core.autograd
@@ -163,13 +165,14 @@ def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
 def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
     dq, dk, dv, db = reference.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk,
                                         keep, lo, hi, causal, scale, bias)  # fmt: skip
-    return dq, dk, dv, _bias_grad(db, bias, q)
+    # contiguous, as the Triton implementation's and the fake's
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), _bias_grad(db, bias, q)
 
 
 @attention_core_backward.fake
 def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
     db = q.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), db
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
 
 # --------------------------------------------------------------------- attention_key_mass
