@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--configs", default="all", choices=["all", "first"],
-                    help="every config of the space, or the default (first) one")  # fmt: skip
+                    help="every config of the space, or the default one (per dtype)")  # fmt: skip
     ap.add_argument("--only", default="", help="variants whose name starts with this")
     args = ap.parse_args(argv)
     failures = 0

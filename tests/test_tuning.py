@@ -106,6 +106,26 @@ def test_kernels_keys_and_spaces():
     assert STATS.configs == ([C._INTERPRETER_CONFIG] if _common.INTERPRETED else SPACE)
 
 
+def test_untuned_default_per_dtype(dirs):
+    """Without a tuned entry, fp32 launches of the gradient and SigLIP kernels take their
+    fp32 default (128 x 128 x 32: no spill or less), the other dtypes the first config; a
+    tuned entry still wins; a default outside the space is refused."""
+    key = dict(D=768, n_bucket=32768, WRITE_GRAD=1)
+    fp32_default = C._GPU_CONFIGS[1]
+    with pytest.warns(T.DefaultConfigWarning):
+        assert T.lookup("siglip", key, device=H100, dtype="fp32") is fp32_default
+    assert T.lookup("siglip", key, device=H100, dtype="bf16") is C._GPU_CONFIGS[0]
+    assert T.all_kernels()["clip_grad"].default_for(torch.float32) is fp32_default
+    assert STATS.default_for("fp32") is STATS.default  # clip_stats keeps BK 64
+    user, _ = dirs
+    write(user, "siglip", [(dict(key, dtype="fp32"), entry(SPACE[2]))])
+    T.clear_cache()
+    assert T.lookup("siglip", key, device=H100, dtype="fp32") is SPACE[2]
+    with pytest.raises(ValueError, match="fp32 default must be a config of the space"):
+        T.tuned("odd", configs=list(SPACE), key=["D"], sizes=["D"],
+                defaults={"fp32": triton.Config({"BM": 16})})(C._siglip_kernel.fn)  # fmt: skip
+
+
 def test_lookup_order_user_over_package_over_default(dirs):
     user, package = dirs
     key = stats_key()

@@ -421,12 +421,12 @@ def _resolve(kernel, device: str, key: tuple):
         warnings.warn(
             f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
             f"({kernel.bucket(key)}); launching with the default "
-            f"{_config_entry(kernel.default)}. Run `vlmkernels tune` on this GPU (files "
-            f"go to {user_config_dir()}). Warned once per kernel.",
+            f"{_config_entry(kernel.default_for(key[-1]))}. Run `vlmkernels tune` on this "
+            f"GPU (files go to {user_config_dir()}). Warned once per kernel.",
             DefaultConfigWarning,
             stacklevel=4,
         )
-    return kernel.default, "default"
+    return kernel.default_for(key[-1]), "default"
 
 
 # --------------------------------------------------------------------------------------

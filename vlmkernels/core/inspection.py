@@ -244,7 +244,7 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
     ).hexdigest()[:32]
     path = cache_dir() / f"{key}.json"
     labels = dict(kernel=case.kernel.name, case=case.name, config=config_label(config),
-                  default=config is case.kernel.default, dtype=dtype)  # fmt: skip
+                  default=config is case.kernel.default_for(dtype), dtype=dtype)  # fmt: skip
     if use_cache and path.is_file():
         try:  # the labels are the caller's: two cases may compile to the same source
             return {**json.loads(path.read_text()), **labels}
@@ -295,7 +295,8 @@ def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "al
     for fam, case in cases:
         space = list(case.kernel.space)
         for dtype in dtypes:
-            for config in space if configs == "all" else space[:1]:
+            defaults = [case.kernel.default_for(dtype)]
+            for config in space if configs == "all" else defaults:
                 if progress:
                     progress(f"{case.name} {dtype} {config_label(config)}")
                 try:
@@ -303,7 +304,7 @@ def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "al
                 except Exception as exc:  # every failure is reported, then checked
                     record = dict(kernel=case.kernel.name, case=case.name, dtype=dtype,
                                   config=config_label(config), arch=normalise_arch(arch),
-                                  default=config is case.kernel.default,
+                                  default=config is defaults[0],
                                   error=f"{type(exc).__name__}: {str(exc)[:400]}")  # fmt: skip
                 records.append(dict(family=fam, **record))
     return records

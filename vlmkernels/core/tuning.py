@@ -96,7 +96,8 @@ class TunedKernel(KernelInterface):
     :func:`tuned`. ``configs`` is the list ``scripts/compile_check.py`` compiles, ``space``
     the GPU config space, ``fn`` the wrapped kernel."""
 
-    def __init__(self, name, fn, configs, key, sizes, restore_value=None, interpreted=None):
+    def __init__(self, name, fn, configs, key, sizes, restore_value=None, interpreted=None,
+                 defaults=None):  # fmt: skip
         self.name = name
         self.fn = fn
         self.arg_names = list(fn.arg_names)
@@ -112,6 +113,10 @@ class TunedKernel(KernelInterface):
         self.variant_index = [i for i in range(len(self.file_key)) if i not in self.size_index]
         self._positions = [self.arg_names.index(k) for k in self.key_names]
         self._by_signature = {_config_signature(c): c for c in self.space}
+        self.dtype_defaults = dict(defaults or {})
+        for dtype, config in self.dtype_defaults.items():
+            if not any(config is c for c in self.space):
+                raise ValueError(f"{name}: the {dtype} default must be a config of the space")
         self.restore_value = restore_value
         self.interpreted = runtime.INTERPRETED if interpreted is None else interpreted
         self._cache: dict[tuple, triton.Config] = {}
@@ -122,6 +127,11 @@ class TunedKernel(KernelInterface):
     def default(self) -> triton.Config:
         """The heuristic default: the first config of the space."""
         return self.space[0]
+
+    def default_for(self, dtype) -> triton.Config:
+        """The heuristic default for inputs of ``dtype`` (a torch dtype or "bf16" / "fp16"
+        / "fp32"): the one :func:`tuned` names for it, else :attr:`default`."""
+        return self.dtype_defaults.get(_dtype_name(dtype), self.space[0])
 
     @functools.cached_property
     def source_hash(self) -> str:
@@ -219,16 +229,18 @@ class TunedKernel(KernelInterface):
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
 
 
-def tuned(name: str, *, configs, key, sizes, restore_value=None):
+def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None):
     """Decorator replacing ``triton.autotune``: launches take their config from
     :func:`lookup` (see the module docstring). ``configs`` comes from
     :func:`.runtime.autotune_configs`; ``key`` names the arguments whose values select the
     config (as ``triton.autotune``'s), ``sizes`` those of them that are sizes (nearest
     bucket by log2), the others being variant flags that must match; ``restore_value`` is
-    passed to the opt-in autotuner (``VLMKERNELS_AUTOTUNE=1``)."""
+    passed to the opt-in autotuner (``VLMKERNELS_AUTOTUNE=1``). ``defaults``: the
+    untuned default per input dtype name ("fp32": a config of the space) where it is not
+    the first config of the space."""
 
     def wrap(fn):
-        return TunedKernel(name, fn, configs, key, sizes, restore_value)
+        return TunedKernel(name, fn, configs, key, sizes, restore_value, defaults=defaults)
 
     return wrap
 

@@ -44,6 +44,11 @@ _GPU_CONFIGS = [
 # sizes, so masking is exercised.
 _INTERPRETER_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
 _CONFIGS = autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG)
+# The untuned default for fp32 inputs (3xTF32 dots) of the gradient and SigLIP kernels:
+# with BK 32, sm_90a spills 80 B per thread in clip_grad (332 at BK 64), 56 in siglip's
+# gradient (328), none in its loss pass (56), in 128 of shared memory instead of 192 KB.
+# clip_stats keeps BK 64 for fp32 (56 B against 88). `vlmkernels tune` replaces both.
+_FP32_DEFAULT = {"fp32": _GPU_CONFIGS[1]}
 # What the launchers assume before the config is chosen: the smallest BM of any config
 # (partial buffers sized with it are never too small) and the usual tile (grids).
 MIN_BLOCK = 32 if INTERPRETED else 64
@@ -242,7 +247,8 @@ def _clip_stats_kernel(
 _GRAD_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
 
 
-@tuned("clip_grad", configs=_CONFIGS, key=_GRAD_KEY, sizes=["D", "n_bucket"])
+@tuned("clip_grad", configs=_CONFIGS, key=_GRAD_KEY, sizes=["D", "n_bucket"],
+       defaults=_FP32_DEFAULT)
 @even_k
 @triton.jit
 def _clip_grad_kernel(
@@ -361,7 +367,8 @@ def _clip_grad_kernel(
     tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
 
 
-@tuned("siglip", configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"], sizes=["D", "n_bucket"])
+@tuned("siglip", configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"], sizes=["D", "n_bucket"],
+       defaults=_FP32_DEFAULT)
 @even_k
 @triton.jit
 def _siglip_kernel(
