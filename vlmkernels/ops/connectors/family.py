@@ -24,12 +24,13 @@ _ALIGNED = ("N", "K", "sam", "sbk", "sbn", "scm", "saux_m", "sres_m", "C", "sxb"
             "scb", "sch", "scw")  # fmt: skip
 
 
-def _gemm(name, flags, unit, expect=("mma", "no_spill")):
+def _gemm(name, flags, unit, expect=("mma", "no_spill"), kernel=None):
     def constexprs(dtype: str) -> dict:
         precision = "tf32x3" if dtype == "fp32" else "tf32"
         return {**_GEMM_OFF, **flags, "DOT_FP32": False, "INPUT_PRECISION": precision}
 
-    return CompileCase(name, kernels._gemm_kernel, _GEMM_PTRS, constexprs, unit_strides=unit,
+    kernel = kernels._gemm_kernel if kernel is None else kernel
+    return CompileCase(name, kernel, _GEMM_PTRS, constexprs, unit_strides=unit,
                        aligned=_ALIGNED, expect=expect)  # fmt: skip
 
 
@@ -49,9 +50,9 @@ def compile_cases() -> list[CompileCase]:
         _gemm("connector_fc1_merge_rms", dict(XSIDE=1, GATHER=True, NORM=RMS_NORM, BIAS=False,
                                               ACT=ACT_NONE), fwd_unit),
         _gemm("connector_fc2", dict(BIAS=True, RESIDUAL=True), ("sak", "sbk", "scn", "sres_n")),
-        # GELU' epilogue: 255 registers and 12 B of spills at 128 x 128 / 8 warps (sm_90a,
-        # triton 3.9); a smaller tuned tile for this key is owed
-        _gemm("connector_dh", dict(ACT=ACT_GELU_GRAD, STORE_AUX2=True), plain, ("mma",)),
+        # GELU' epilogue: its own kernel and space (kernels._DH_GPU_CONFIGS), no spills
+        _gemm("connector_dh", dict(ACT=ACT_GELU_GRAD, STORE_AUX2=True), plain,
+              kernel=kernels._gemm_dh_kernel),
         _gemm("connector_dw", dict(ROWSUM=True), ("sam", "sbn", "scn")),
         _gemm("connector_dw_merge_ln", dict(XSIDE=2, GATHER=True, NORM=LAYER_NORM,
                                             PER_PATCH=True, NORM_BIAS=True, ROWSUM=True),
@@ -82,13 +83,16 @@ FAMILY = register(
         name="connectors",
         kernels=(
             kernels._gemm_kernel,
+            kernels._gemm_dh_kernel,
             kernels._norm_stats_kernel,
             kernels._norm_grad_kernel,
             kernels._shuffle_kernel,
             kernels._deepstack_kernel,
         ),
         compile_cases=compile_cases,
-        aliases={name: ("connector_gemm",) for name in ("mlp_projector", "merger")},
+        aliases={
+            name: ("connector_gemm", "connector_gemm_dh") for name in ("mlp_projector", "merger")
+        },  # fmt: skip
         bench_suite="bench_connectors",
     )  # fmt: skip
 )

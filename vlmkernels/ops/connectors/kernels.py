@@ -260,6 +260,27 @@ def _gemm_kernel(
             tl.store(rowsum_ptr + rm, rowsum, mask=m_mask)
 
 
+# The GELU' epilogue (dh = (dY W2) * GELU'(h), GELU(h) stored for dW2) holds the loaded h
+# tile beside the accumulator: at 64 accumulator elements per thread (128 x 128 on 8 warps,
+# 128 x 64 on 4) it reaches the 255-register cap and spills (12 B bf16, 32 B fp32; sm_90a,
+# triton 3.9), so this variant has its own kernel (the same code) and space, all at 32
+# elements per thread. Default 128 x 64 x 64 on 8 warps: 128 registers (bf16, 2 CTAs per
+# SM: as many accumulator tiles in flight as one 128 x 128 CTA) and 186 (fp32), no spill.
+# 16 warps on 128 x 128 spill with fp32 inputs (128-register cap): not in the space.
+_DH_GPU_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+_DH_CONFIGS = autotune_configs(
+    _DH_GPU_CONFIGS, triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=4)
+)
+_gemm_dh_kernel = tuned("connector_gemm_dh", configs=_DH_CONFIGS, key=_GEMM_KEY,
+                        sizes=["M_bucket", "N", "K"])(_gemm_kernel.fn)  # fmt: skip
+
+
 @tuned("connector_norm_stats", configs=_ROW_CONFIGS, key=["L", "GATHER", "RMS"], sizes=["L"])
 @triton.jit
 def _norm_stats_kernel(

@@ -162,8 +162,9 @@ def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
     aux_strides = aux.stride() if aux is not None else (0, 0)
     res_strides = residual.stride() if residual is not None else (0, 0)
     out_strides = out.stride() if scatter is None else (0, 0)
+    kernel = K._gemm_dh_kernel if act == ACT_GELU_GRAD else K._gemm_kernel
     with device_guard(out):
-        K._gemm_kernel[lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),)](
+        kernel[lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),)](
             a if a is not None else stand_in, b if b is not None else stand_in, out,
             xop.x, _or(xop.mean, stand_in), _or(xop.rstd, stand_in), _or(xop.weight, stand_in),
             _or(xop.bias, stand_in), _or(bias, stand_in), _or(aux, stand_in),
