@@ -22,6 +22,7 @@ import triton
 import vlmkernels
 from vlmkernels.core import backend as _backend
 from vlmkernels.core import configs as CF
+from vlmkernels.core import family as fam
 from vlmkernels.core import runtime as _common
 from vlmkernels.core import tuner as TU
 from vlmkernels.core import tuning as T
@@ -796,3 +797,55 @@ def test_compile_check_still_finds_the_config_spaces():
     assert out.returncode == 0, out.stderr
     n = len(C._GPU_CONFIGS)
     assert out.stdout.strip() == f"[{n}, {n}, {n}, {len(R._GPU_CONFIGS)}] True"
+
+
+# ------------------------------------------------------------------ preferred design
+
+
+def test_compare_designs_records_the_fastest_and_the_clip_backward_follows(
+    dirs, fake_cuda, monkeypatch
+):
+    """The tuner times the contrastive family's CLIP backward designs (here with a fake
+    timer on the CPU) and records the fastest in designs.json; a CUDA device then runs it
+    unless $VLMKERNELS_CLIP_BACKWARD or an argument says otherwise; CPU tensors keep
+    "chunked"; a malformed file or entry is ignored with a warning."""
+    from vlmkernels.ops.contrastive import fused_backward
+
+    user, package = dirs
+    if not _common.INTERPRETED:
+        pytest.skip("runs the losses through the interpreter")
+    monkeypatch.delenv(fused_backward.ENV_DESIGN, raising=False)
+    calls = []
+
+    def bench(fn):  # the fused design is the faster
+        design = os.environ.get(fused_backward.ENV_DESIGN)
+        calls.append(design)
+        fn()
+        return 1.0 if design == "fused" else 3.0
+
+    shapes = {"contrastive": [dict(N=24, d=16, dtype="fp32")]}
+    lines = []
+    families = {"contrastive": fam.families()["contrastive"]}
+    written = TU._compare_designs(shapes, torch.device("cpu"), H100_DIR, bench, user,
+                                  lines.append, families)  # fmt: skip
+    assert written == {"designs": user / H100_DIR / "designs.json"}
+    assert calls == ["chunked", "fused"]
+    doc = json.loads(written["designs"].read_text())
+    assert doc["designs"]["clip_backward"] == {"design": "fused", "shapes": 1,
+                                               "chunked_ms": 3.0, "fused_ms": 1.0}  # fmt: skip
+    assert "clip_backward" in lines[-1] and lines[-1].endswith("fused")
+    cuda0 = torch.device("cuda", 0)
+    assert fused_backward.clip_backward_design(None, cuda0) == "fused"
+    assert fused_backward.clip_backward_design(None, torch.device("cpu")) == "chunked"
+    assert fused_backward.clip_backward_design("chunked", cuda0) == "chunked"
+    monkeypatch.setenv(fused_backward.ENV_DESIGN, "fused_deterministic")
+    assert fused_backward.clip_backward_design(None, cuda0) == "fused_deterministic"
+    monkeypatch.delenv(fused_backward.ENV_DESIGN)
+    T.record_preferred_design("clip_backward", "sideways", H100, user)
+    with pytest.raises(ValueError, match="designs.json='sideways'"):
+        fused_backward.clip_backward_design(None, cuda0)
+    (user / H100_DIR / "designs.json").write_text('{"designs": {"clip_backward": 3}}')
+    T.clear_cache()
+    with pytest.warns(T.MalformedConfigWarning, match="no design name"):
+        assert T.preferred_design("clip_backward", H100) is None
+    assert fused_backward.clip_backward_design(None, cuda0) == "chunked"

@@ -85,11 +85,23 @@ when the extension is built; :func:`record_preferred_backend` writes an entry. A
 whose backend is not "triton" or "cuda", is ignored (the file or that entry) with a
 :class:`MalformedConfigWarning`, once per file; the lookup goes on to the next file.
 
+Preferred design. ``<dir>/<device>/designs.json`` records, per design choice of a family
+(``"clip_backward"``: the contrastive family's CLIP backward, "chunked" or "fused"), which
+design :func:`vlmkernels.core.tuner.tune` measured faster on that device::
+
+    {"format": 1, "device": "NVIDIA_H100_80GB_HBM3",
+     "designs": {"clip_backward": {"design": "chunked", "chunked_ms": 6.1, "fused_ms": 9.0}}}
+
+:func:`preferred_design` reads it (user directory, then the package; malformed files and
+entries are ignored with a :class:`MalformedConfigWarning`); the family validates the name
+and decides what an explicit choice (an argument, an environment variable) overrides.
+
 Shipped files. ``vlmkernels/configs/<device>/*.json`` are installed with the package; they
 come from ``vlmkernels tune --out vlmkernels/configs`` on the GPU. None are shipped yet.
 
 API: :func:`lookup`, :func:`lookup_report`, :func:`preferred_backend`,
-:func:`record_preferred_backend`, :func:`clear_cache`, :func:`normalise_device_name`; tuning
+:func:`record_preferred_backend`, :func:`preferred_design`, :func:`record_preferred_design`,
+:func:`clear_cache`, :func:`normalise_device_name`; tuning
 itself is :func:`vlmkernels.core.tuner.tune`.
 """
 
@@ -114,6 +126,7 @@ FORMAT = 1
 CONFIG_DIR_ENV = "VLMKERNELS_CONFIG_DIR"
 PACKAGE_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 BACKENDS_FILE = "backends.json"
+DESIGNS_FILE = "designs.json"
 _META = ("ms", "default_ms")  # informative entry fields, not launch options
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -406,6 +419,7 @@ def clear() -> None:
     _WARNED_STALE.clear()
     _WARNED_DEFAULT.clear()
     _BACKENDS.clear()
+    _DESIGNS.clear()
     for cache in _DERIVED:
         cache.clear()
 
@@ -434,6 +448,7 @@ def _resolve(kernel, device: str, key: tuple):
 # --------------------------------------------------------------------------------------
 
 _BACKENDS: dict[tuple[str, Any], str | None] = {}
+_DESIGNS: dict[tuple[str, Any], str | None] = {}
 
 
 def _backend_entries(doc: dict) -> tuple[dict[str, dict], list[str]]:
@@ -499,6 +514,67 @@ def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
     doc["backends"][op] = {"backend": backend, **measurements}
     _write_json(path, doc)
     _BACKENDS.clear()
+    for cache in _DERIVED:
+        cache.clear()
+    return path
+
+
+def _read_designs(path: pathlib.Path) -> dict[str, dict]:
+    """The valid entries ({choice: {"design": name, measurements...}}) of the designs.json
+    at ``path`` ({} when there is none); problems are warned once per file."""
+    if not path.is_file():
+        return {}
+    doc, problem = _parse_json(path)
+    if doc is None:
+        _warn_once(path, [problem], False, MalformedConfigWarning)
+        return {}
+    raw = doc.get("designs", {})
+    if not isinstance(raw, dict):
+        problem = f"'designs' is a JSON {type(raw).__name__}, not an object of choice: entry"
+        _warn_once(path, [problem], False, MalformedConfigWarning)
+        return {}
+    valid, problems = {}, []
+    for choice, entry in raw.items():
+        design = entry.get("design") if isinstance(entry, dict) else None
+        if isinstance(design, str) and design:
+            valid[choice] = entry
+        else:
+            problems.append(f"entry {choice!r}: no design name")
+    _warn_once(path, problems, bool(valid), MalformedConfigWarning)
+    return valid
+
+
+def preferred_design(choice: str, device=None) -> str | None:
+    """The design recorded as faster for ``choice`` on ``device`` (see :func:`device_name`),
+    from ``designs.json`` in the user directory, then the package; None when none is
+    recorded. Cached per (choice, device)."""
+    token = _device_token(device)
+    cache_key = (choice, token)
+    if cache_key not in _DESIGNS:
+        name = _device_name_of_index(token) if isinstance(token, int) else token
+        found = None
+        for _, root in _search_dirs():
+            entry = _read_designs(root / name / DESIGNS_FILE).get(choice)
+            if entry is not None:
+                found = entry["design"]
+                break
+        _DESIGNS[cache_key] = found
+    return _DESIGNS[cache_key]
+
+
+def record_preferred_design(choice: str, design: str, device=None, out_dir=None,
+                            **measurements) -> pathlib.Path:  # fmt: skip
+    """Record ``design`` as the faster for ``choice`` on ``device`` in
+    ``<out_dir>/<device>/designs.json`` (default: the user directory), with any
+    measurements (e.g. ``chunked_ms=..., fused_ms=...``); returns the file."""
+    if not isinstance(design, str) or not design:
+        raise ValueError(f"design must be a non-empty name; got {design!r}")
+    dev = device_name(device)
+    path = pathlib.Path(out_dir or user_config_dir()) / dev / DESIGNS_FILE
+    doc = {"format": FORMAT, "device": dev, "designs": _read_designs(path)}
+    doc["designs"][choice] = {"design": design, **measurements}
+    _write_json(path, doc)
+    _DESIGNS.clear()
     for cache in _DERIVED:
         cache.clear()
     return path

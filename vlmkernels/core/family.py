@@ -12,6 +12,10 @@ reads it:
   (:mod:`.tuner`);
 - ``cuda_ops`` and ``compare_backends``: the backend-choice names that have CUDA C++
   kernels (``csrc/<family>/``), and how the tuner times them against Triton;
+- ``compare_designs``: how the tuner times the family's alternative designs of one
+  computation (``compare_designs(shapes, device, bench, log)`` returns
+  {choice: {design: ms, ..., "shapes": n}}); the faster is recorded in ``designs.json``
+  (:func:`.configs.preferred_design`);
 - ``bench_suite``: the module of its benchmark suite (``benchmarks/bench_<name>.py``).
 
 Nothing here imports a family: importing ``vlmkernels`` imports every family under
@@ -76,6 +80,7 @@ class Family:
     tune_workload: Callable | None = None
     cuda_ops: tuple[str, ...] = ()
     compare_backends: Callable | None = None
+    compare_designs: Callable | None = None
     bench_suite: str | None = None
 
     @property

@@ -30,6 +30,7 @@ from .tuning import (
     clear_cache,
     device_name,
     record_preferred_backend,
+    record_preferred_design,
     user_config_dir,
 )
 
@@ -148,6 +149,32 @@ def _compare_backends(shapes: Mapping[str, list], device: torch.device, name: st
     return written
 
 
+def _compare_designs(shapes: Mapping[str, list], device: torch.device, name: str,
+                     bench: Callable, out_dir: pathlib.Path, log: Callable,
+                     selected: Mapping | None = None) -> dict[str, pathlib.Path]:  # fmt: skip
+    """For each family with alternative designs (among ``selected``, default all): time them
+    on its tuning shapes (``compare_designs(shapes, device, bench, log)`` returns
+    {choice: {design: ms, ..., "shapes": n}}) and record the fastest, for device ``name``."""
+    written = {}
+    for family_name, declared in (selected or families()).items():
+        if declared.compare_designs is None:
+            continue
+        totals = declared.compare_designs(shapes.get(family_name, ()), device, bench, log)
+        for choice, measured in totals.items():
+            times = {k: v for k, v in measured.items() if k != "shapes"}
+            if not measured.get("shapes") or not times:
+                log(f"designs: {choice} not recorded (no shape ran)")
+                continue
+            best = min(times, key=times.get)
+            log(f"designs: {choice} " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+                + f" over {measured['shapes']} shapes: {best}")  # fmt: skip
+            written["designs"] = record_preferred_design(
+                choice, best, name, out_dir, shapes=measured["shapes"],
+                **{f"{k}_ms": round(v, 5) for k, v in times.items()},
+            )  # fmt: skip
+    return written
+
+
 def tune(
     kernels=None, device=None, out_dir=None, shapes=None, log=print
 ) -> dict[str, pathlib.Path]:
@@ -169,10 +196,11 @@ def tune(
     the kernel's space by ``triton.testing.do_bench`` (median) on those real inputs, and the
     fastest is merged into the kernel's file (entries of other buckets are kept). Where the
     CUDA C++ extension is available, families with CUDA C++ kernels time both backends on
-    their shapes and the faster is recorded in ``backends.json``. The in-process caches are
-    cleared, so later launches use the new files.
+    their shapes and the faster is recorded in ``backends.json``; families with alternative
+    designs (the CLIP backward) time them and record the fastest in ``designs.json``. The
+    in-process caches are cleared, so later launches use the new files.
 
-    Returns {kernel name (or "backends"): file written}. Raises RuntimeError without a CUDA
+    Returns {kernel name, "backends" or "designs": file written}. Raises RuntimeError without a CUDA
     device or under Triton's interpreter, ValueError for an unknown name.
     """
     names = kernel_names(kernels)
@@ -212,5 +240,6 @@ def tune(
                 log(f"wrote {written[n]} ({len(entries)} buckets)")
         clear_cache()
         written.update(_compare_backends(specs, dev, name, bench, out, log, selected))
+        written.update(_compare_designs(specs, dev, name, bench, out, log, selected))
     clear_cache()
     return written

@@ -56,7 +56,9 @@ from .configs import (  # noqa: F401  (re-exported: the lookup API and its warni
     device_name,
     normalise_device_name,
     preferred_backend,
+    preferred_design,
     record_preferred_backend,
+    record_preferred_design,
     torch_dtype,
     user_config_dir,
 )

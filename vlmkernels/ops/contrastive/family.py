@@ -112,7 +112,7 @@ def compare_backward_designs(shapes, device, bench, log, designs=("chunked", "fu
         )
         for design, ms in times.items():
             totals[design] += ms
-    return {"clip_backward": {**totals, "shapes": compared}}
+    return {fused_backward.DESIGN_CHOICE: {**totals, "shapes": compared}}
 
 
 # What Triton's launcher specialises for a typical call (contiguous tensors with sizes that
@@ -212,6 +212,7 @@ FAMILY = register(
         },
         tune_shapes=TUNE_SHAPES,
         tune_workload=tune_workload,
+        compare_designs=compare_backward_designs,
         bench_suite="bench_contrastive",
     )
 )

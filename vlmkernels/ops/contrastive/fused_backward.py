@@ -47,7 +47,7 @@ from ...core.runtime import (
     next_pow2_bucket,
     sm_count,
 )
-from ...core.tuning import tuned
+from ...core.tuning import preferred_design, tuned
 from ...kernels.blocks import (
     LOG2E,
     block_range,
@@ -62,6 +62,7 @@ from ...kernels.blocks import (
 __all__ = ["DESIGNS", "ENV_DESIGN", "clip_backward_design", "fused_block_grads", "fused_covers"]
 
 ENV_DESIGN = "VLMKERNELS_CLIP_BACKWARD"
+DESIGN_CHOICE = "clip_backward"  # its name in designs.json (vlmkernels tune)
 """Environment variable choosing the CLIP backward design when the caller does not:
 ``chunked`` (the default), ``fused`` or ``fused_deterministic``."""
 DESIGNS = ("chunked", "fused", "fused_deterministic")
@@ -213,12 +214,17 @@ def _clip_fused_grad_kernel(
 # fmt: on
 
 
-def clip_backward_design(design: str | None = None) -> str:
+def clip_backward_design(design: str | None = None, device: torch.device | None = None) -> str:
     """The CLIP backward design: ``design`` if given, else $VLMKERNELS_CLIP_BACKWARD, else
-    ``"chunked"``. Raises ValueError naming the source for an unknown name."""
+    the one ``vlmkernels tune`` recorded as faster on ``device`` (a CUDA device; choice
+    ``"clip_backward"`` of ``designs.json``), else ``"chunked"``. Raises ValueError naming
+    the source for an unknown name."""
     source = "design"
     if design is None:
-        design, source = os.environ.get(ENV_DESIGN, "") or "chunked", ENV_DESIGN
+        design, source = os.environ.get(ENV_DESIGN, ""), ENV_DESIGN
+    if not design and device is not None and device.type == "cuda":
+        design, source = preferred_design(DESIGN_CHOICE, device) or "", "designs.json"
+    design = design or "chunked"
     if design not in DESIGNS:
         raise ValueError(f"{source}={design!r}: expected one of {', '.join(DESIGNS)}")
     return design

@@ -165,11 +165,11 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
 
     ``design``: "chunked" (dS chunks of ``chunk_rows`` rows and two matrix products each),
     "fused" or "fused_deterministic" (:mod:`.fused_backward`: one kernel, no dS; targets
-    with ids or a teacher fall back to "chunked"); None: $VLMKERNELS_CLIP_BACKWARD, else
-    "chunked". Returns (dx, dy, dscale, dbias); with fp32 accumulators, dx and dy are
-    added into them.
+    with ids or a teacher fall back to "chunked"); None: $VLMKERNELS_CLIP_BACKWARD, else the
+    design ``vlmkernels tune`` recorded for the GPU, else "chunked". Returns (dx, dy,
+    dscale, dbias); with fp32 accumulators, dx and dy are added into them.
     """
-    design = clip_backward_design(design)
+    design = clip_backward_design(design, x.device)
     x, y = tile_addressable(x), tile_addressable(y)
     m, d = x.shape
     n = y.shape[0]
