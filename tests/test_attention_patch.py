@@ -187,13 +187,13 @@ def test_key_padding_refusals():
     neg = torch.finfo(torch.float32).min
     mask = torch.zeros(2, 1, 1, 4)
     mask[1, ..., 3] = neg
-    assert key_padding(mask, 2, 3, 4).tolist() == [[False] * 4, [False] * 3 + [True]]
-    with pytest.raises(ValueError, match="biases other than 0"):
-        key_padding(mask + 0.5, 2, 3, 4)
+    assert key_padding(mask, 2, 3, 4, "here").tolist() == [[False] * 4, [False] * 3 + [True]]
+    with pytest.raises(ValueError, match="here: the attention mask holds biases other than 0"):
+        key_padding(mask + 0.5, 2, 3, 4, "here")
     rows = torch.zeros(2, 1, 3, 4)
     rows[0, 0, 1, 2] = neg
     with pytest.raises(ValueError, match="differs between query rows"):
-        key_padding(rows, 2, 3, 4)
+        key_padding(rows, 2, 3, 4, "here")
 
 
 def test_idefics_perceiver_resampler():

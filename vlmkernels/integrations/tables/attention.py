@@ -204,12 +204,12 @@ def _gated_forward(layer, arch: Architecture):
     return forward
 
 
-def key_padding(mask, batch: int, tokens: int, keys: int):
+def key_padding(mask, batch: int, tokens: int, keys: int, where: str):
     """The (B, N) key padding (True: ignored) of a transformers additive attention mask
-    ((B or 1, 1, 1 or T, N), 0 = visible, very negative = padding), or None without one."""
+    ((B or 1, 1, 1 or T, N), 0 = visible, very negative = padding), or None without one;
+    ``where`` names the patched module in errors."""
     if mask is None:
         return None
-    where = "vlmkernels (Q-Former attention)"
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys:
         raise ValueError(f"{where}: attention mask must be (B, 1, 1 or {tokens}, {keys}), got "
                          f"{tuple(mask.shape)}")  # fmt: skip
@@ -256,7 +256,7 @@ def _qformer_forward(module, arch: Architecture):
         if kv is None or kv[0].shape[:-1] != states.shape[:-1]:
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
-        pad = key_padding(mask, b, t, n)
+        pad = key_padding(mask, b, t, n, "vlmkernels (Q-Former attention)")
         out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
         return out.transpose(1, 2).reshape(b, t, -1), None
 
@@ -478,7 +478,7 @@ def _idefics2_perceiver_forward(module, arch: Architecture):
         q = self.q_proj(latents).view(b, t, self.num_heads, d).transpose(1, 2)
         k, v = (p(both).view(b, n, self.num_key_value_heads, d).transpose(1, 2)
                 for p in (self.k_proj, self.v_proj))  # fmt: skip
-        pad = key_padding(attention_mask, b, t, n)
+        pad = key_padding(attention_mask, b, t, n, "vlmkernels (Idefics2 perceiver attention)")
         out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
