@@ -1,5 +1,6 @@
 r"""Connector family: the LLaVA projector, the Idefics3 connector (pixel shuffle + Linear),
-the Qwen2.5-VL patch merger and Qwen3-VL's DeepStack add.
+InternVL's connector (pixel shuffle + LayerNorm + MLP), the Qwen2.5-VL patch merger and
+Qwen3-VL's DeepStack add.
 
 Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths run):
 
@@ -7,6 +8,11 @@ Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths r
   (LLaVA-1.5: K 1024, N 4096, 576 tokens per image).
 - ``idefics3_connector``: B images of S x S patches, C channels, pixel shuffle by 2, then
   Linear(4C -> N) without bias (Idefics3: S 32, C 1152, N 4096).
+- ``internvl_connector``: IB images of S x S patches, IC channels, InternVL's pixel shuffle
+  (scale 0.5: two permuted copies), then LayerNorm(4 IC) + Linear(4 IC -> IN) + GELU +
+  Linear(IN -> IN) (InternVL2.5/3 with InternViT-300M: S 32, IC 1024, IN 4096; 64 images
+  in ``../shared/notes/fusion.md``); vlmkernels runs it as one merger, the shuffle as the
+  GEMM's addressing (what the patched ``InternVLModel`` runs).
 - ``qwen_merger``: P patches of C channels, RMSNorm per patch, 2 x 2 merge, Linear(4C ->
   4C) + GELU + Linear(4C -> N) (Qwen2.5-VL-7B: C 1280, N 3584, shape keys QC and QN; 4
   images of 1024 x 1024 are P = 4 x 5476 patches).
@@ -18,7 +24,8 @@ L = sum(y * G) with a fixed random G, so the backward pass starts from G.
 
 Providers: ``vlmkernels`` (the ops; the Triton kernels on CUDA, the PyTorch path on the
 CPU), ``eager`` (the transformers modules' formulas written out: ``pixel_shuffle`` with
-view / permute / reshape, ``F.linear``, ``F.gelu``, the RMSNorm in fp32 then rounded,
+view / permute / reshape (InternVL's with its two ``.contiguous()`` copies),
+``F.layer_norm``, ``F.linear``, ``F.gelu``, the RMSNorm in fp32 then rounded,
 ``_deepstack_process`` with its clone), ``compile`` (``torch.compile`` of the eager
 function; CUDA only, to keep the CPU suite quick).
 
@@ -63,6 +70,12 @@ def _inputs(args: BuildArgs) -> tuple[dict, torch.Tensor]:
         b, side, c, n = s["B"], s["S"], s["C"], s["N"]
         t = dict(x=r(b, side * side, c), w=r(n, 4 * c, scale=(4 * c) ** -0.5))
         out = (b, side * side // 4, n)
+    elif args.op == "internvl_connector":
+        b, side, c, n = s["IB"], s["S"], s["IC"], s["IN"]
+        k = 4 * c
+        t = dict(x=r(b, side * side, c), lw=r(k), lb=r(k), w1=r(n, k, scale=k**-0.5),
+                 b1=r(n), w2=r(n, n, scale=n**-0.5), b2=r(n))  # fmt: skip
+        out = (b, side * side // 4, n)
     elif args.op == "qwen_merger":
         p, c, n = s["P"], s["QC"], s["QN"]
         k = 4 * c
@@ -86,6 +99,19 @@ def _pixel_shuffle_eager(x, s):
     return x.reshape(b, n // (s * s), c * s * s)
 
 
+def _internvl_shuffle_eager(x, scale_factor=0.5):
+    """InternVLModel.get_image_features' reshape + pixel_shuffle + reshape."""
+    b, n, c = x.shape
+    side = int(n**0.5)
+    x = x.reshape(b, side, side, c)
+    x = x.view(b, side, int(side * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(b, int(side * scale_factor), int(side * scale_factor),
+               int(c / scale_factor**2))  # fmt: skip
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x.reshape(b, -1, x.shape[-1])
+
+
 def _rms_eager(x, w, eps=1e-6):
     v = x.float()
     v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
@@ -97,6 +123,13 @@ def _eager(op: str) -> Callable:
         return lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     if op == "idefics3_connector":
         return lambda x, w: F.linear(_pixel_shuffle_eager(x, 2), w)
+    if op == "internvl_connector":
+
+        def internvl(x, lw, lb, w1, b1, w2, b2):
+            h = F.layer_norm(_internvl_shuffle_eager(x), (lw.shape[0],), lw, lb, 1e-5)
+            return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+
+        return internvl
     if op == "qwen_merger":
 
         def merger(x, nw, w1, b1, w2, b2):
@@ -118,6 +151,10 @@ def _ours(op: str) -> Callable:
         return C.mlp_projector
     if op == "idefics3_connector":
         return lambda x, w: C.merger(x, w, layout="grid")
+    if op == "internvl_connector":
+        return lambda x, lw, lb, w1, b1, w2, b2: C.merger(
+            x, w1, b1, w2, b2, layout="grid", norm="layernorm", norm_weight=lw, norm_bias=lb,
+            eps=1e-5, norm_before_merge=False)  # fmt: skip
     if op == "qwen_merger":
         return lambda x, nw, w1, b1, w2, b2: C.merger(x, w1, b1, w2, b2, norm="rmsnorm",
                                                       norm_weight=nw)  # fmt: skip
@@ -169,6 +206,9 @@ def _gemms(op: str, s: Mapping[str, int]) -> list[tuple[int, int, int]]:
         return [(s["M"], s["K"], s["N"]), (s["M"], s["N"], s["N"])]
     if op == "idefics3_connector":
         return [(s["B"] * s["S"] ** 2 // 4, 4 * s["C"], s["N"])]
+    if op == "internvl_connector":
+        m = s["IB"] * s["S"] ** 2 // 4
+        return [(m, 4 * s["IC"], s["IN"]), (m, s["IN"], s["IN"])]
     if op == "qwen_merger":
         k = 4 * s["QC"]
         return [(s["P"] // 4, k, k), (s["P"] // 4, k, s["QN"])]
@@ -202,14 +242,22 @@ def _bytes(op: str):
 def grid(profile: str) -> dict[str, list[int]]:
     if profile == "cpu":
         return {"M": [64], "K": [64], "N": [128], "B": [2], "S": [8], "C": [32], "P": [256],
-                "QC": [32], "QN": [64], "L": [64], "D": [64]}  # fmt: skip
+                "QC": [32], "QN": [64], "L": [64], "D": [64], "IB": [2], "IC": [16],
+                "IN": [48]}  # fmt: skip
     return {"M": [4608], "K": [1024], "N": [4096], "B": [32], "S": [32], "C": [1152],
-            "P": [21904], "QC": [1280], "QN": [3584], "L": [4096], "D": [4096]}  # fmt: skip
+            "P": [21904], "QC": [1280], "QN": [3584], "L": [4096], "D": [4096], "IB": [64],
+            "IC": [1024], "IN": [4096]}  # fmt: skip
 
 
 OPS = tuple(
     OpSpec(op, PROVIDERS, _flops(op), _bytes(op))
-    for op in ("llava_projector", "idefics3_connector", "qwen_merger", "deepstack")
+    for op in (
+        "llava_projector",
+        "idefics3_connector",
+        "internvl_connector",
+        "qwen_merger",
+        "deepstack",
+    )  # fmt: skip
 )
 
 

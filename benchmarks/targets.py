@@ -305,7 +305,7 @@ TARGETS += QFORMER
 # --------------------------------------------------------------------------------------
 
 CONNECTOR_SHAPE = _shape(M=4608, K=1024, N=4096, B=32, S=32, C=1152, P=21904, QC=1280,
-                         QN=3584, L=4096, D=4096)  # fmt: skip
+                         QN=3584, L=4096, D=4096, IB=64, IC=1024, IN=4096)  # fmt: skip
 CONNECTORS = (
     Target(suite="connectors", op="idefics3_connector", provider="vlmkernels", mode="fwd",
            shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.45, issue=13),
@@ -314,6 +314,10 @@ CONNECTORS = (
            issue=13),
     Target(suite="connectors", op="qwen_merger", provider="vlmkernels", mode="fwd+bwd",
            shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.7, baseline="compile",
+           issue=13),
+    # InternVL's connector (64 images of 32 x 32 x 1024 -> 4096) <= 0.8x torch.compile
+    Target(suite="connectors", op="internvl_connector", provider="vlmkernels", mode="fwd",
+           shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.8, baseline="compile",
            issue=13),
 )  # fmt: skip
 TARGETS += CONNECTORS
