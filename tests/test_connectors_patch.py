@@ -338,3 +338,21 @@ def test_internvl_projector_unshuffled_input_compiles():
         compiled = torch.compile(projector, backend="aot_eager", fullgraph=True)
         got = compiled(feats.reshape(2, 36, 8))
     assert max_rel(got, want) < TOL
+
+
+def test_minicpm_v4_6_full_model_patches_its_merger():
+    from transformers.models.minicpmv4_6 import configuration_minicpmv4_6 as cf
+    from transformers.models.minicpmv4_6 import modeling_minicpmv4_6 as modeling
+
+    config = cf.MiniCPMV4_6Config(
+        vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+                       "num_hidden_layers": 1, "image_size": 28, "patch_size": 14},
+        text_config={"model_type": "qwen3_5_text", "hidden_size": 16, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "num_hidden_layers": 1, "intermediate_size": 16,
+                     "vocab_size": 64},
+        insert_layer_id=0,
+    )  # fmt: skip
+    model = modeling.MiniCPMV4_6ForConditionalGeneration(config)
+    with vt.patch(model) as handle:
+        assert handle.targets == ("model.merger.forward",)
+    assert "forward" not in model.model.merger.__dict__
