@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op
-from ..contrastive.ops import first_order_only
+from ...core.op import Op, first_order_only
 from . import launchers, reference
 from .kernels import ACT_GELU
 
