@@ -123,6 +123,21 @@ def test_imports_go_one_way():
     assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
 
 
+def test_families_do_not_import_each_other():
+    """An op family builds on core and kernels only: what two families share belongs there
+    (a family that imports another cannot be added or removed on its own)."""
+    bad = []
+    for name, targets in _graph().items():
+        parts = name.split(".")
+        if parts[1:2] != ["ops"] or len(parts) < 3:
+            continue
+        for target in targets:
+            theirs = target.split(".")
+            if theirs[1:2] == ["ops"] and len(theirs) >= 3 and theirs[2] != parts[2]:
+                bad.append(f"{name} -> {target}")
+    assert not bad, "a family imports another:\n" + "\n".join(sorted(bad))
+
+
 def test_every_module_has_a_layer():
     unknown = [n for n in _modules() if n != "vlmkernels" and _layer(n) < 0]
     assert not unknown, f"modules outside the layers {sorted(LAYERS)}: {unknown}"
