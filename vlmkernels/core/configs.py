@@ -508,12 +508,22 @@ def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
     measurements (e.g. ``triton_ms=..., cuda_ms=...``); returns the file."""
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend must be 'triton' or 'cuda'; got {backend!r}")
+    entry = {"backend": backend, **measurements}
+    return _record(BACKENDS_FILE, "backends", _read_backends, op, entry, device, out_dir)
+
+
+def _record(file_name: str, section: str, read: Callable, name: str, entry: dict, device,
+            out_dir) -> pathlib.Path:  # fmt: skip
+    """Writes ``entry`` as ``name`` of ``section`` in ``<out_dir>/<device>/<file_name>``,
+    keeping the file's other valid entries (``read(path)``), and forgets the cached
+    choices; returns the file."""
     dev = device_name(device)
-    path = pathlib.Path(out_dir or user_config_dir()) / dev / BACKENDS_FILE
-    doc = {"format": FORMAT, "device": dev, "backends": _read_backends(path)}
-    doc["backends"][op] = {"backend": backend, **measurements}
+    path = pathlib.Path(out_dir or user_config_dir()) / dev / file_name
+    doc = {"format": FORMAT, "device": dev, section: read(path)}
+    doc[section][name] = entry
     _write_json(path, doc)
     _BACKENDS.clear()
+    _DESIGNS.clear()
     for cache in _DERIVED:
         cache.clear()
     return path
@@ -569,15 +579,8 @@ def record_preferred_design(choice: str, design: str, device=None, out_dir=None,
     measurements (e.g. ``chunked_ms=..., fused_ms=...``); returns the file."""
     if not isinstance(design, str) or not design:
         raise ValueError(f"design must be a non-empty name; got {design!r}")
-    dev = device_name(device)
-    path = pathlib.Path(out_dir or user_config_dir()) / dev / DESIGNS_FILE
-    doc = {"format": FORMAT, "device": dev, "designs": _read_designs(path)}
-    doc["designs"][choice] = {"design": design, **measurements}
-    _write_json(path, doc)
-    _DESIGNS.clear()
-    for cache in _DERIVED:
-        cache.clear()
-    return path
+    entry = {"design": design, **measurements}
+    return _record(DESIGNS_FILE, "designs", _read_designs, choice, entry, device, out_dir)
 
 
 # --------------------------------------------------------------------------------------
