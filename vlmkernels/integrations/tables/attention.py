@@ -293,22 +293,28 @@ def _perceiver_forward(module, arch: Architecture):
     return forward
 
 
-def _check_perceiver_class(cls, arch: Architecture) -> str:
-    names = list(inspect.signature(cls.forward).parameters)
-    if names != ["self", "context", "latents"]:
-        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
-                                     "['self', 'context', 'latents']")  # fmt: skip
-    return "ok"
+def _forward_takes(*expected: str, exact: bool = False):
+    """A class check of a replacement: ``cls.forward``'s parameters are ``expected``
+    (``exact``) or start with them; otherwise UnsupportedLayoutError names both."""
+    expected = list(expected)
+
+    def check(cls, arch: Architecture) -> str:
+        names = list(inspect.signature(cls.forward).parameters)
+        if (names if exact else names[: len(expected)]) != expected:
+            raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
+                                         f"{expected}{'' if exact else ' first'}")  # fmt: skip
+        return "ok"
+
+    return check
 
 
-def _check_qformer_class(cls, arch: Architecture) -> str:
-    names = list(inspect.signature(cls.forward).parameters)
-    expected = ["self", "hidden_states", "attention_mask", "encoder_hidden_states",
-                "encoder_attention_mask"]  # fmt: skip
-    if names[: len(expected)] != expected:
-        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
-                                     f"{expected} first")  # fmt: skip
-    return "ok"
+_QFORMER_ARGS = ("self", "hidden_states", "attention_mask", "encoder_hidden_states",
+                 "encoder_attention_mask")  # fmt: skip
+_check_perceiver_class = _forward_takes("self", "context", "latents", exact=True)
+_check_qformer_class = _forward_takes(*_QFORMER_ARGS)
+_check_output_class = _forward_takes("self", "hidden_states", "input_tensor", exact=True)
+_check_encoder_class = _forward_takes(*_QFORMER_ARGS, "query_length")
+_check_idefics2_perceiver_class = _forward_takes("self", "latents", "context", "attention_mask")
 
 
 def _check_class(cls, arch: Architecture) -> str:
@@ -390,24 +396,6 @@ def _qformer_output_forward(module, arch: Architecture):
     return forward
 
 
-def _check_output_class(cls, arch: Architecture) -> str:
-    names = list(inspect.signature(cls.forward).parameters)
-    if names != ["self", "hidden_states", "input_tensor"]:
-        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
-                                     "['self', 'hidden_states', 'input_tensor']")  # fmt: skip
-    return "ok"
-
-
-def _check_encoder_class(cls, arch: Architecture) -> str:
-    names = list(inspect.signature(cls.forward).parameters)
-    expected = ["self", "hidden_states", "attention_mask", "encoder_hidden_states",
-                "encoder_attention_mask", "query_length"]  # fmt: skip
-    if names[: len(expected)] != expected:
-        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
-                                     f"{expected} first")  # fmt: skip
-    return "ok"
-
-
 QFORMER_REPLACEMENTS = (
     SetMethod("qformer_attention", "qformer_attention", "forward", _qformer_forward,
               _check_qformer_class),
@@ -485,15 +473,6 @@ def _idefics2_perceiver_forward(module, arch: Architecture):
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' Idefics2PerceiverAttention.forward (grouped-query attention)."
     return forward
-
-
-def _check_idefics2_perceiver_class(cls, arch: Architecture) -> str:
-    names = list(inspect.signature(cls.forward).parameters)
-    expected = ["self", "latents", "context", "attention_mask"]
-    if names[: len(expected)] != expected:
-        raise UnsupportedLayoutError(f"{cls.__qualname__}.forward takes {names}, expected "
-                                     f"{expected} first")  # fmt: skip
-    return "ok"
 
 
 IDEFICS2_PERCEIVER_PATCHER = register(
