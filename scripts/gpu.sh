@@ -10,7 +10,8 @@
 # at GPU_SH_BUDGET_S, default 480) and run whatever the previous ones gave:
 #   setup      pip install -e . --no-deps --no-build-isolation (builds the CUDA C++
 #              extension once, sm_90a only); carried wheels (.whl/*.whl: peers such as
-#              liger-kernel, inf-cl, siglip-kernel) into /tmp/site; versions        240
+#              liger-kernel, inf-cl, siglip-kernel: bash scripts/peer_wheels.sh here,
+#              then carry .whl) into /tmp/site; versions                             240
 #   gpu-tests  pytest tests/*_gpu.py                                                     90
 #   memcheck   compute-sanitizer --tool memcheck on the CUDA C++ tests                   60
 #   tune       vlmkernels tune, one call per family, into $OUT/configs (the shipped
