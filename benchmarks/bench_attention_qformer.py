@@ -153,9 +153,9 @@ def summarize(results: Results, cfg: RunConfig) -> list[str]:
         text = ", ".join(f"{k}={v}" for k, v in shape)
         lines.append(f"  {mode} {dt} ({text}): " + "; ".join(parts))
     return lines + targets.summary(
-        "qformer", results, cfg.device.type == "cuda",
+        "attention_qformer", results, cfg.device.type == "cuda",
         "no CUDA device: a CPU sweep with a small Q-Former; GPU rows owed",
     )  # fmt: skip
 
 
-SUITE = Suite(name="qformer", ops=OPS, grid=grid, x_name="B", summarize=summarize)
+SUITE = Suite(name="attention_qformer", ops=OPS, grid=grid, x_name="B", summarize=summarize)

@@ -280,16 +280,16 @@ TARGETS += ATTENTION
 # fp32 reference in bf16, is a test, not a timing.)
 _BLIP2 = dict(L=12, Hd=768, Lq=32, N=257, E=1408)
 QFORMER = tuple(
-    Target(suite="qformer", op="qformer", provider="vlmkernels", mode="fwd",
+    Target(suite="attention_qformer", op="qformer", provider="vlmkernels", mode="fwd",
            shape=_shape(B=b, **_BLIP2), metric="ms", relation=LE, bound=bound, issue=12)
     for b, bound in ((1, 1.0), (256, 3.5))
 ) + tuple(
-    Target(suite="qformer", op="qformer", provider="vlmkernels_fp32", mode="fwd",
+    Target(suite="attention_qformer", op="qformer", provider="vlmkernels_fp32", mode="fwd",
            shape=_shape(B=b, **_BLIP2), metric="ms", relation=LE, bound=1.5,
            baseline="vlmkernels", issue=12)
     for b in (1, 256)
 ) + tuple(
-    Target(suite="qformer", op="qformer", provider="vlmkernels", mode="fwd+bwd",
+    Target(suite="attention_qformer", op="qformer", provider="vlmkernels", mode="fwd+bwd",
            shape=_shape(B=b, **_BLIP2), metric="ms", relation=LE, bound=1 / 3,
            bound_text="1/3", baseline="transformers", issue=12)
     for b in (1, 256)
