@@ -587,8 +587,13 @@ def test_support_report_on_the_installed_transformers():
     assert rotary <= set(report), report
     for arch in rotary:
         assert report[arch].keys() >= {"rope", "vision", "positions", "rope_index"}, arch
+    # on an older tested release, a model added later (its module absent) is reported as
+    # not importable; on the newest, every architecture patches
+    older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
     for arch, parts in report.items():  # the other families' tables too
-        assert parts and all(v.startswith("ok") for v in parts.values()), (arch, parts)
+        ok = [v.startswith("ok") or (older and "No module named 'transformers.models." in v)
+              for v in parts.values()]  # fmt: skip
+        assert parts and all(ok), (arch, parts)
 
 
 def test_foreign_instance_forward_raises(qwen2):

@@ -72,7 +72,7 @@ __all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES"
            "TESTED_VERSIONS",
            "key_padding", "mask_ranges"]  # fmt: skip
 
-TESTED_VERSIONS = ("5.24.0",)
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0")  # test_attention_patch passes on each
 
 PERCEIVER_ARCHITECTURES = (
     Architecture(
