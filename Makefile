@@ -3,8 +3,10 @@
 # (on a CPU-only machine the Triton kernels run through Triton's interpreter).
 #
 # Both create .venv on first use. Where the Python given by PYTHON already has torch and
-# triton (a GPU machine, possibly offline), the venv reuses them and nothing is downloaded;
-# otherwise torch==2.13.0 (a CPU wheel) and triton are installed.
+# triton outside a virtual environment (a GPU machine, possibly offline), the venv reuses
+# them (--system-site-packages) and nothing is downloaded; a venv's Python cannot lend its
+# packages that way. Otherwise (a bare machine, or PYTHON inside a venv) torch==2.13.0 (a CPU
+# wheel) and triton are installed.
 #
 # `make test` runs the tests twice for transformers: the whole suite with the newest release
 # (what `pip install transformers` gives users today), then the patching tests (every
@@ -70,7 +72,8 @@ lint: $(STAMP)
 # $(VENV)/open_clip/loss.py.
 $(STAMP): pyproject.toml setup.py Makefile
 	@set -e; \
-	if $(PYTHON) -c "import torch, triton" 2>/dev/null; then \
+	if $(PYTHON) -c "import sys, torch, triton; sys.exit(sys.prefix != sys.base_prefix)" \
+			2>/dev/null; then \
 		echo "reusing torch and triton from $(PYTHON)"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
