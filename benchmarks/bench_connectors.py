@@ -31,11 +31,17 @@ function; CUDA only, to keep the CPU suite quick).
 
 Cost models: FLOPs of the GEMMs (2 M K N per linear per pass, x3 for fwd+bwd); bytes: the
 features read and the output written once per pass.
+
+Saved activations (metric ``saved_mb``, every provider, on the CPU too: sizes only): the op
+call alone runs once under ``torch.autograd.graph.saved_tensors_hooks``; the metric is the
+sum of the ``nbytes`` of the unique storages of the tensors autograd packs for the backward,
+the storages of the op's inputs and parameters excluded (every provider holds those), in
+MiB. Eager's LLaVA projector keeps h and GELU(h) (2 M N elements); vlmkernels' none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +167,25 @@ def _ours(op: str) -> Callable:
     return C.deepstack_add
 
 
+def saved_bytes(call: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of ``call()``: the sum of ``nbytes`` of the
+    unique storages of the tensors packed while it runs (its graph kept alive until they are
+    counted), the storages of ``exclude`` (the inputs and parameters) left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call()
+    del out
+    return sum(kept.values())
+
+
 def _prepared(args: BuildArgs, fn: Callable, note: str) -> Prepared:
     tensors, grad = _inputs(args)
     values = list(tensors.values())
@@ -171,8 +196,11 @@ def _prepared(args: BuildArgs, fn: Callable, note: str) -> Prepared:
     def loss():
         return (call().float() * grad).sum()
 
+    def metrics():
+        return {"saved_mb": saved_bytes(call, values) / 2**20}
+
     leaves = tuple(t for t in values if t.requires_grad)
-    return Prepared(loss, leaves, note, call=call)
+    return Prepared(loss, leaves, note, call=call, metrics=metrics)
 
 
 def build_vlmkernels(args: BuildArgs) -> Prepared:

@@ -54,6 +54,7 @@ UNITS = {
     "speedup": "x (other ms / reference ms, p50)",
     "mem_ratio": "x (reference MiB / other MiB)",
     "host_us": "us per call (host; Triton's launcher stubbed)",
+    "saved_mb": "MiB autograd keeps for backward after the forward (inputs, parameters excluded)",
 }
 
 
@@ -70,12 +71,15 @@ class Prepared:
     note: provider details recorded with every row (backend, compile options, ...).
     call: the op call alone, for the host-time mode (:mod:`benchmarks.host`): ``fn``
         without what the suite wraps around it (the rotary suite's checksum); None: ``fn``.
+    metrics: measured once per case beside the timings, {metric: value} recorded on the
+        fwd+bwd case when a backward mode is asked (``saved_mb``); None: none.
     """
 
     fn: Callable[[], torch.Tensor]
     leaves: tuple[torch.Tensor, ...]
     note: str = ""
     call: Callable[[], object] | None = None
+    metrics: Callable[[], Mapping[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -402,6 +406,10 @@ class Runner:
             loss = prepared.fn()
             records.append(Record(cases["fwd"], "loss", p50=float(loss.detach().float())))
             del loss
+            if prepared.metrics is not None and any("bwd" in m for m in cfg.modes):
+                for name, value in prepared.metrics().items():
+                    records.append(Record(cases["fwd+bwd"], name, value, note=prepared.note))
+                    print(f"{label} {name:<8} {value:10.4g}")
         except Exception as exc:  # noqa: BLE001 - any failure becomes a recorded status
             status, note = _failure(exc)
         if status:

@@ -320,4 +320,16 @@ CONNECTORS = (
            shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.8, baseline="compile",
            issue=13),
 )  # fmt: skip
+# The LLaVA projector's saved activations in a training step <= 0.6x eager's (saved_mb: the
+# bytes autograd keeps after the forward, inputs and parameters excluded). A size, not a
+# time: the CPU run judges it at the CPU sweep's shape (bench_connectors.grid("cpu")) in
+# float32, a GPU run at the model's shape in bf16.
+CONNECTOR_CPU_SHAPE = _shape(M=64, K=64, N=128, B=2, S=8, C=32, P=256, QC=32, QN=64, L=64,
+                             D=64, IB=2, IC=16, IN=48)  # fmt: skip
+CONNECTORS += tuple(
+    Target(suite="connectors", op="llava_projector", provider="vlmkernels", mode="fwd+bwd",
+           shape=shape, metric="saved_mb", relation=LE, bound=0.6, baseline="eager",
+           dtype=dtype, issue=13)
+    for shape, dtype in ((CONNECTOR_SHAPE, BF16), (CONNECTOR_CPU_SHAPE, "float32"))
+)  # fmt: skip
 TARGETS += CONNECTORS
