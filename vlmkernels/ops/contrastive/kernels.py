@@ -28,7 +28,7 @@ from ...kernels.blocks import (
     logits_tile,
     pad,
     scale_and_bias,
-    softplus_sigmoid,
+    softplus2_sigmoid,
 )
 
 # Every config fits sm_90's 227 KB of shared memory per block for fp32 inputs too (the
@@ -385,8 +385,10 @@ def _siglip_kernel(
 
     With u = -z S (S on negatives, -S on positives): loss l = softplus(u) and
     grad = z' w sigmoid(u) (z' = +1 on negatives, -1 on positives), both from one
-    exponential (:func:`~vlmkernels.kernels.blocks.softplus_sigmoid`); the sign flips only
-    on the tiles that hold positives. Program (m, k) covers row block m and the column
+    exponential of t = u log2(e), which one FMA gives from the accumulator
+    (:func:`~vlmkernels.kernels.blocks.softplus2_sigmoid`: softplus in base 2; the sums are
+    converted to natural units once per program); the sign flips only on the tiles that
+    hold positives. Program (m, k) covers row block m and the column
     blocks of split k; its row losses go to loss[k, rows] (the host sums over k),
     sum(grad * S) = sum(w sigmoid(u) u) and sum(grad) to partial[0, pid] and
     partial[1, pid]. Padding columns get u = -1e30 (loss and gradient exactly 0); padding
@@ -400,11 +402,14 @@ def _siglip_kernel(
     row_mask = local < n_rows
     rows = row0 + local
     scale, bias = scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    scale2 = scale * LOG2E
+    bias2 = bias * LOG2E
     if WRITE_GRAD:
         w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0)
     grad_rows = grad_ptr + local.to(tl.int64)[:, None] * stride_gm
     diag_row = row0 + pid_m * BM + offset
 
+    # sums in base-2 units (t = u log2(e)), converted once per program
     loss_acc = tl.zeros((BM,), tl.float32)
     dscale_acc = tl.zeros((BM,), tl.float32)
     dbias_acc = tl.zeros((BM,), tl.float32)
@@ -414,25 +419,25 @@ def _siglip_kernel(
         acc = logits_tile(x_ptr, y_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                           stride_xn, stride_xd, stride_yn, stride_yd,
                           BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION)
-        u = acc * scale + tl.where(col_mask, bias, PAD_LOGIT)[None, :]
+        t = acc * scale2 + tl.where(col_mask, bias2, PAD_LOGIT)[None, :]
         on_diagonal = diagonal_tile(diag_row, j * BN, BM, BN)
         if on_diagonal:
             hard = (rows[:, None] + offset == cols[None, :]) & col_mask[None, :]
-            u = tl.where(hard, -u, u)
-        loss, sig = softplus_sigmoid(u)
-        loss_acc += tl.sum(loss, 1)
+            t = tl.where(hard, -t, t)
+        loss2, sig = softplus2_sigmoid(t)
+        loss_acc += tl.sum(loss2, 1)
         if WRITE_GRAD:
             grad = sig * w_r[:, None]
-            dscale_acc += tl.sum(grad * u, 1)
+            dscale_acc += tl.sum(grad * t, 1)
             if on_diagonal:
                 hard = (rows[:, None] + offset == cols[None, :]) & col_mask[None, :]
                 grad = tl.where(hard, -grad, grad)
             dbias_acc += tl.sum(grad, 1)
             tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
-    tl.store(loss_ptr + split.to(tl.int64) * loss_stride + rows, loss_acc, mask=row_mask)
+    tl.store(loss_ptr + split.to(tl.int64) * loss_stride + rows, loss_acc * LN2, mask=row_mask)
     if WRITE_GRAD:
         pid = pid_m * num_splits + split
-        tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
+        tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0) * LN2)
         tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
 # fmt: on
