@@ -393,7 +393,9 @@ def test_torch_compile_fullgraph():
         y = C.mlp_projector(shuffled, w1, b1, w2, b2)
         z = C.merger(x, w1, b1, w2, b2, layout="grid", norm="layernorm", norm_weight=nw,
                      norm_bias=nb, norm_before_merge=False)  # fmt: skip
-        return y.square().sum() + z.sum()
+        p = C.mlp_projector(shuffled, w1, b1, w2, b2, pool="bilinear", grid=(2, 2),
+                            pool_size=(1, 1))  # fmt: skip
+        return y.square().sum() + z.sum() + p.square().sum()
 
     compiled = torch.compile(connector, backend="aot_eager", fullgraph=True)
     out = compiled(x)
@@ -402,3 +404,4 @@ def test_torch_compile_fullgraph():
     (g_ref,) = torch.autograd.grad(ref, x)
     assert max_rel(out, ref) < 1e-6 and max_rel(g, g_ref) < 1e-6
     assert ops.connector.backends == ("triton", "torch")
+    assert ops.pooled_projector.backends == ("triton", "torch")

@@ -54,6 +54,30 @@ def test_saved_bytes_of_eager_and_vlmkernels_projectors(dtype):
         assert bc.saved_bytes(eager, t) == 0
 
 
+def test_pooled_projector_keeps_only_its_inputs():
+    """mlp_projector(pool=...): nothing but the inputs, h (B H W x N1) with store_hidden;
+    projector-then-pool in eager keeps h and GELU(h) (interpolate keeps no tensor)."""
+    b, (H, W), k, n1, n2 = 2, (5, 3), 8, 12, 6
+    x, w1, b1, w2, b2 = _projector(b * H * W, k, n1, n2, torch.float32)
+    x = x.detach().view(b, H * W, k).requires_grad_()
+    t = [x, w1, b1, w2, b2]
+
+    def eager():
+        y = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2).view(b, H, W, n2)
+        return F.interpolate(y.permute(0, 3, 1, 2), size=(3, 2), mode="bilinear")
+
+    assert bc.saved_bytes(eager, t) == 2 * b * H * W * n1 * 4
+    for backend in ("torch", "triton"):
+        with vlmkernels.use_backend(backend):
+
+            def fused(store_hidden=False):
+                return C.mlp_projector(*t, pool="bilinear", grid=(H, W), store_hidden=store_hidden)
+
+            assert bc.saved_bytes(fused, t) == 0, backend
+            stored = bc.saved_bytes(lambda: fused(True), t)  # noqa: B023
+            assert stored == b * H * W * n1 * 4, backend
+
+
 def test_saved_bytes_counts_a_storage_once():
     x = torch.randn(8, 6, requires_grad=True)
 

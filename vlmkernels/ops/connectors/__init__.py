@@ -20,6 +20,15 @@ itself from x unless the forward was asked to keep it:
 The pixel shuffle of Idefics3 (scale s) is the merge (s, s) of the S x S grid; the Qwen-VL
 mergers merge s^2 consecutive patches, the merge (1, s^2) of a (P / s^2, 1, s^2, C) grid.
 
+Pooled projector (``mlp_projector(..., pool=)``): a token-grid pooling P of the projected
+grid (the 2 x 2 mean, or LLaVA-OneVision's bilinear resize) is an affine combination of
+tokens with weights summing to 1, so it commutes with the second linear:
+
+    P(GELU(h) W2^T + b2) = P(GELU(h)) W2^T + b2,
+    dW2 = g^T P(GELU(h)),  dh = P^T(g W2) * GELU'(h)
+
+and the second GEMM and its two backward GEMMs run on the pooled rows (exact up to rounding).
+
 DeepStack (Qwen3-VL): out = hidden, out[mask] = hidden[mask] + visual_embeds, one pass.
 
 Modules: ``kernels`` (the Triton kernels: the GEMM core with its norm prologue, merge

@@ -14,10 +14,12 @@ import torch
 from ...core.checks import FLOAT_DTYPES
 from . import ops
 from .kernels import ACT_GELU, LAYER_NORM, NO_NORM, RMS_NORM
+from .reference import AVG2X2, BILINEAR
 
 __all__ = ["deepstack_add", "merger", "mlp_projector", "pixel_shuffle"]
 
 _NORMS = {None: NO_NORM, "layernorm": LAYER_NORM, "rmsnorm": RMS_NORM}
+_POOLS = {"avg2x2": AVG2X2, "bilinear": BILINEAR}
 
 
 def _check_tensor(op: str, name: str, t, dims=None) -> None:
@@ -104,6 +106,45 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _check_pair(op: str, name: str, value) -> tuple[int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"{op}: {name} must be a pair of positive ints (h, w), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _pool_args(op: str, x, pool, grid, pool_size):
+    """(H, W, (h, w), mode) of the pooled projector, checked."""
+    if pool not in _POOLS:
+        raise ValueError(f"{op}: pool must be None, 'avg2x2' or 'bilinear', got {pool!r}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: with pool, x must be (B, H W, K), got shape {tuple(x.shape)}")
+    if grid is None:
+        raise ValueError(f"{op}: pool={pool!r} needs grid=(H, W), the token grid of x")
+    H, W = _check_pair(op, "grid", grid)
+    if H * W != x.shape[1]:
+        raise ValueError(
+            f"{op}: grid {H} x {W} = {H * W} tokens, but x has {x.shape[1]} tokens (dim 1)"
+        )
+    if pool == "avg2x2":
+        if H % 2 or W % 2:
+            raise ValueError(
+                f"{op}: pool='avg2x2' needs an even grid, got {H} x {W} (pool='bilinear' "
+                "takes odd grids)"
+            )
+        size = (H // 2, W // 2)
+        if pool_size is not None and _check_pair(op, "pool_size", pool_size) != size:
+            raise ValueError(f"{op}: pool='avg2x2' gives pool_size {size}, got {pool_size!r}")
+    elif pool_size is None:
+        size = (-(-H // 2), -(-W // 2))
+    else:
+        size = _check_pair(op, "pool_size", pool_size)
+    return H, W, size, _POOLS[pool]
+
+
 def mlp_projector(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -113,20 +154,48 @@ def mlp_projector(
     activation: str = "gelu",
     *,
     store_hidden: bool = False,
+    pool: str | None = None,
+    grid: tuple[int, int] | None = None,
+    pool_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """LLaVA's projector, y = GELU(x W1^T + b1) W2^T + b2, GELU exact (erf).
+    """LLaVA's projector, y = GELU(x W1^T + b1) W2^T + b2, GELU exact (erf), optionally
+    followed by a pooling of the projected token grid, computed before the second linear.
 
     Args:
-        x: (..., K) features.
+        x: (..., K) features; (B, H W, K) with ``pool``.
         w1, b1: (N1, K) and (N1,) or None. w2, b2: (N2, N1) and (N2,) or None.
         activation: "gelu".
         store_hidden: keep the pre-activation h = x W1^T + b1 (M x N1) for the backward;
             by default only the inputs are kept and the backward recomputes h with one
             GEMM (GELU(h) is never stored: the backward recomputes it from h either way).
+        pool: None, or the pooling of the projected (H, W) grid of each sample:
+            ``"avg2x2"`` (the 2 x 2 mean, H and W even, to (H/2, W/2)) or ``"bilinear"``
+            (LLaVA-OneVision's ``apply_pooling``: ``F.interpolate(mode="bilinear",
+            align_corners=False)`` to ``pool_size``, default (ceil(H/2), ceil(W/2))), the
+            kinds of :func:`vlmkernels.pool_tokens`.
+        grid: (H, W), the row-major token grid of x's dim 1; with ``pool`` only.
+        pool_size: (h, w), the output grid of ``"bilinear"``.
+
+    With ``pool``, the result is pool(projector(x)) computed as
+
+        y = pool(GELU(x W1^T + b1)) W2^T + b2                     (B, h w, N2)
+
+    Both poolings are affine combinations of tokens with weights summing to 1, so they
+    commute with the second linear, pool(a W2^T + b2) = pool(a) W2^T + b2: the same result
+    up to rounding (not bitwise: the sums are taken in another order; bf16 rounds the
+    pooled activations instead of the projected outputs). It pays where the second GEMM
+    dominates: with M = B H W tokens and m = B h w pooled ones, the FLOPs are 2 M K N1 +
+    2 m N1 N2 forward instead of 2 M K N1 + 2 M N1 N2 (LLaVA-OneVision, K 1152, N1 = N2
+    3584, 27 x 27 -> 14 x 14: 0.46x; the 2 x 2 mean: m = M / 4), and the backward's
+    dW2 = g^T pool(a) and dp = g W2 run on m rows too (about 0.5x of the 6 GEMM passes
+    overall at those sizes); the pooling itself moves M N1 elements instead of M N2, and
+    its adjoint runs between dp and GELU'(h). Nothing is stored but the inputs (h with
+    ``store_hidden``).
 
     Returns:
-        (..., N2). The backward gives dx, dW1, db1, dW2, db2 from
-        dh = (g W2) * GELU'(h), dW2 = g^T GELU(h), dW1 = dh^T x, dx = dh W1.
+        (..., N2), or (B, h w, N2) with ``pool``. The backward gives dx, dW1, db1, dW2, db2
+        from dh = (g W2) * GELU'(h), dW2 = g^T GELU(h), dW1 = dh^T x, dx = dh W1 (with
+        ``pool``: dW2 = g^T pool(GELU(h)), dh = pool^T(g W2) * GELU'(h)).
     """
     op = "mlp_projector"
     _check_tensor(op, "x", x)
@@ -135,6 +204,12 @@ def mlp_projector(
     act = _check_activation(op, activation)
     n1 = _check_linear(op, "w1", w1, "b1", b1, x, x.shape[-1])
     n2 = _check_linear(op, "w2", w2, "b2", b2, x, n1)
+    if pool is not None or grid is not None or pool_size is not None:
+        H, W, size, mode = _pool_args(op, x, pool, grid, pool_size)
+        save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2)
+        grid4 = x.unflatten(1, (H, W))
+        y = ops.pooled_projector(grid4, w1, b1, w2, b2, list(size), mode, save)[0]
+        return y.view(x.shape[0], size[0] * size[1], n2)
     lead = x.shape[:-1]
     rows = x.reshape(-1, 1, 1, x.shape[-1])
     save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2)

@@ -18,6 +18,7 @@ import torch
 
 from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_count
 from . import kernels as K
+from . import reference
 from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A, X_B
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "forward",
     "gemm",
     "norm_stats",
+    "pooled_backward",
+    "pooled_forward",
     "shuffle",
     "stat_rows",
 ]
@@ -293,6 +296,71 @@ def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rs
             for t, ref in ((db1, b1), (db2, w2), (dnw, norm_weight), (dnb, norm_bias))]  # fmt: skip
     db1, db2, dnw, dnb = cast
     return dx, dw1, db1, dw2, db2, dnw, dnb
+
+
+def _first_linear(x, w1, b1, act, pre=None):
+    """(M, N1): act(x W1^T + b1) for x (B, H, W, K) (the pre-activation into ``pre``)."""
+    grid = Addressing.of(x)
+    out = torch.empty((grid.M, w1.shape[0]), dtype=x.dtype, device=x.device)
+    gemm(out, grid.M, w1.shape[0], grid.K, b=w1, b_strides=(w1.stride(1), w1.stride(0)),
+         xop=XOperand(x, grid), side=X_A, bias=b1, act=act, aux=pre)  # fmt: skip
+    return out
+
+
+def pooled_forward(x, w1, b1, w2, b2, size, mode: int, save: bool):
+    """(y (B h w, N2), pre-activation (B H W, N1) or empty) of the pooled projector
+    y = pool(GELU(x W1^T + b1)) W2^T + b2 on x (B, H, W, K): the first GEMM with its GELU
+    epilogue, the pooling (:func:`.reference.pool`), the second GEMM on the pooled rows."""
+    b, h, w, _ = x.shape
+    n1 = w1.shape[0]
+    pre = torch.empty((b * h * w, n1), dtype=x.dtype, device=x.device) if save else None
+    a = _first_linear(x, w1, b1, ACT_GELU, pre)
+    p = reference.pool(a.view(b, h, w, n1), size, mode).view(-1, n1)
+    y = torch.empty((p.shape[0], w2.shape[0]), dtype=x.dtype, device=x.device)
+    gemm(y, p.shape[0], w2.shape[0], n1, a=p, a_strides=p.stride(), b=w2,
+         b_strides=(w2.stride(1), w2.stride(0)), bias=b2)  # fmt: skip
+    return y, pre if save else _empty(x)
+
+
+def pooled_backward(grad, x, w1, b1, w2, saved, size, mode: int, needs):
+    """(dx, dw1, db1, dw2, db2) of :func:`pooled_forward` (None where ``needs`` is False):
+    h (and GELU(h)) from ``saved`` or recomputed by one GEMM, dW2 = g^T pool(GELU(h)) with
+    db2 as its row sums, dp = g W2 on the pooled rows, dh = pool^T(dp) GELU'(h) (aten's
+    pooling adjoint and gelu_backward: two passes over the M x N1 rows, 16-bit inputs
+    rounded after each), then the first linear's backward (:func:`backward` with no second
+    linear)."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    b, h, w, _ = x.shape
+    n2, n1 = w2.shape
+    grad = grad.reshape(-1, n2)
+    mp = grad.shape[0]
+    if saved.numel() == 0 and need_w2:
+        saved = torch.empty((b * h * w, n1), dtype=x.dtype, device=x.device)
+        a = _first_linear(x, w1, b1, ACT_GELU, saved)
+    elif saved.numel() == 0:
+        saved = _first_linear(x, w1, b1, ACT_NONE)
+    elif need_w2:
+        a = torch.nn.functional.gelu(saved)  # stored h: GELU(h) for pool(a) only
+    dw2 = db2 = None
+    if need_w2:
+        p = reference.pool(a.view(b, h, w, n1), size, mode).view(-1, n1)
+        dw2 = torch.empty_like(w2)
+        db2 = torch.empty(n2, dtype=torch.float32, device=x.device) if need_b2 else None
+        gemm(dw2, n2, n1, mp, a=grad, a_strides=(grad.stride(1), grad.stride(0)), b=p,
+             b_strides=p.stride(), rowsum=db2)  # fmt: skip
+    elif need_b2:
+        db2 = grad.float().sum(0)
+    dx = dw1 = db1 = None
+    if need_x or need_w1 or need_b1:
+        dp = torch.empty((mp, n1), dtype=x.dtype, device=x.device)
+        gemm(dp, mp, n1, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride())
+        da = reference.pool_adjoint(dp.view(b, size[0], size[1], n1), (h, w), mode)
+        dh = reference.gelu_backward(da, saved.view(b, h, w, n1)).reshape(-1, n1)
+        empty = x.new_empty(0, dtype=torch.float32)
+        first = (need_x, need_w1, need_b1, False, False, False, False)
+        dx, dw1, db1 = backward(dh, x, (1, 1), w1, b1, None, None, None, empty, empty, empty,
+                                NO_NORM, False, ACT_NONE, first)[:3]  # fmt: skip
+    return dx, dw1, db1, dw2, None if db2 is None else db2.to(w2.dtype)
 
 
 def _norm_backward(gx, x, dx, grid: Addressing, mean, rstd, weight, norm, per_patch,

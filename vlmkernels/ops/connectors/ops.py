@@ -1,5 +1,6 @@
 """The connector ops, ``torch.ops.vlmkernels.connector`` / ``connector_backward`` /
-``merge_tokens`` / ``unmerge_tokens`` / ``deepstack_add``: one declaration each
+``pooled_projector`` / ``pooled_projector_backward`` / ``merge_tokens`` /
+``unmerge_tokens`` / ``deepstack_add``: one declaration each
 (:class:`vlmkernels.core.op.Op`) with the Triton and PyTorch implementations, the fake and
 the backward.
 
@@ -17,7 +18,15 @@ from ...core.op import Op, first_order_only
 from . import launchers, reference
 from .kernels import ACT_GELU
 
-__all__ = ["connector", "connector_backward", "deepstack_add", "merge_tokens", "unmerge_tokens"]
+__all__ = [
+    "connector",
+    "connector_backward",
+    "deepstack_add",
+    "merge_tokens",
+    "pooled_projector",
+    "pooled_projector_backward",
+    "unmerge_tokens",
+]
 
 FAMILY = "connectors"
 
@@ -144,6 +153,84 @@ def _(grad, x, w1, b1, w2, b2, nw, nb, saved, mean, rstd, merge, norm, per_patch
               (nw, needs[5]), (nb, needs[6])]  # fmt: skip
     return tuple(t.new_empty(t.shape) if t is not None and n else x.new_empty(0)
                  for t, n in shapes)  # fmt: skip
+
+
+# --------------------------------------------------------------------- pooled projector
+
+pooled_projector = Op(
+    "pooled_projector",
+    "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int[] size, int mode, bool save)"
+    " -> (Tensor, Tensor)",
+    family=FAMILY,
+)
+pooled_projector_backward = Op(
+    "pooled_projector_backward",
+    "(Tensor grad, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor saved, int[] size, "
+    "int mode, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    family=FAMILY,
+)
+
+
+@pooled_projector.impl("triton")
+def _(x, w1, b1, w2, b2, size, mode, save):
+    return launchers.pooled_forward(x, w1, b1, w2, b2, size, mode, save)
+
+
+@pooled_projector.impl("torch")
+def _(x, w1, b1, w2, b2, size, mode, save):
+    return reference.pooled_forward(x, w1, b1, w2, b2, size, mode, save)
+
+
+@pooled_projector.fake
+def _(x, w1, b1, w2, b2, size, mode, save):
+    b, h, w, _ = x.shape
+    saved = (b * h * w, w1.shape[0]) if save else (0,)
+    return x.new_empty((b * size[0] * size[1], w2.shape[0])), x.new_empty(saved)
+
+
+@pooled_projector.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, size, mode, _save = inputs
+        ctx.save_for_backward(x, w1, b1, w2, output[1])
+        ctx.options = (list(size), mode)
+        ctx.set_materialize_grads(False)
+        remember_backend(ctx)
+
+    @first_order_only("mlp_projector with pool")
+    @in_forward_backend
+    def backward(ctx, grad, _g_saved):
+        if grad is None:
+            return (None,) * 8
+        x, w1, b1, w2, saved = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+        grads = [None] * 5
+        if any(needs):
+            out = pooled_projector_backward(grad, x, w1, b1, w2, saved, *ctx.options, needs)
+            grads = [g if n else None for g, n in zip(out, needs, strict=True)]
+        return (*grads, None, None, None)
+
+
+def _pooled_backward_impl(backend):
+    def run(grad, x, w1, b1, w2, saved, size, mode, needs):
+        if backend == "triton":
+            grads = launchers.pooled_backward(grad, x, w1, b1, w2, saved, size, mode, needs)
+        else:
+            grads = reference.pooled_backward(grad, x, w1, b1, w2, size, mode, needs)
+        return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+    return run
+
+
+pooled_projector_backward.impl("triton")(_pooled_backward_impl("triton"))
+pooled_projector_backward.impl("torch")(_pooled_backward_impl("torch"))
+
+
+@pooled_projector_backward.fake
+def _(grad, x, w1, b1, w2, saved, size, mode, needs):
+    refs = (x, w1, b1, w2, w2[:, 0])
+    return tuple(t.new_empty(t.shape) if t is not None and n else x.new_empty(0)
+                 for t, n in zip(refs, needs, strict=True))  # fmt: skip
 
 
 # ------------------------------------------------------------------- merge / unmerge

@@ -9,7 +9,23 @@ import torch.nn.functional as F
 
 from .kernels import ACT_GELU, LAYER_NORM, NO_NORM
 
-__all__ = ["backward", "forward", "merge", "stat_dtype", "unmerge"]
+__all__ = [
+    "AVG2X2",
+    "BILINEAR",
+    "backward",
+    "forward",
+    "merge",
+    "pool",
+    "gelu_backward",
+    "pool_adjoint",
+    "pooled_backward",
+    "pooled_forward",
+    "stat_dtype",
+    "unmerge",
+]
+
+# the token-grid poolings of the pooled projector (the tokens family's codes)
+AVG2X2, BILINEAR = 0, 1
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,3 +163,74 @@ def backward(grad, x, merge_hw, w1, b1, w2, b2, norm_weight, norm_bias, norm: in
                          (dnb, norm_bias, need_nb)):  # fmt: skip
         out.append(t.to(ref.dtype).contiguous() if need and t is not None else None)
     return tuple(out)
+
+
+# ------------------------------------------------------------------- pooled projector
+
+
+def pool(a: torch.Tensor, size, mode: int) -> torch.Tensor:
+    """(B, h, w, N) from a (B, H, W, N): the 2 x 2 mean (``mode`` AVG2X2) or the bilinear
+    resize to ``size`` (align_corners=False, ``F.interpolate``), by aten's pooling kernels
+    on a's channels-last view (16-bit inputs accumulate in fp32, one rounding)."""
+    g = a.permute(0, 3, 1, 2)
+    if mode == AVG2X2:
+        p = F.avg_pool2d(g, 2)
+    else:
+        p = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)
+    return p.permute(0, 2, 3, 1).contiguous()
+
+
+def pool_adjoint(g: torch.Tensor, grid, mode: int) -> torch.Tensor:
+    """(B, H, W, N) from g (B, h, w, N): the adjoint of :func:`pool` on the (H, W) grid."""
+    b, h, w, n = g.shape
+    if mode == AVG2X2:
+        return (g * 0.25)[:, :, None, :, None].expand(b, h, 2, w, 2, n).reshape(b, 2 * h, 2 * w, n)
+    a = torch.ops.aten.upsample_bilinear2d_backward(
+        g.permute(0, 3, 1, 2), [h, w], [b, n, grid[0], grid[1]], False, None, None
+    )
+    return a.permute(0, 2, 3, 1)
+
+
+def gelu_backward(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad * GELU'(h), exact GELU, one kernel (aten's; 16-bit in fp32, one rounding)."""
+    return torch.ops.aten.gelu_backward(grad, h, approximate="none")
+
+
+def pooled_forward(x, w1, b1, w2, b2, size, mode: int, save: bool):
+    """(y (B h w, N2), the pre-activation h (B H W, N1) if ``save`` else empty) of
+    y = pool(GELU(x W1^T + b1)) W2^T + b2 for x (B, H, W, K)."""
+    h = F.linear(x, w1, b1)
+    y = F.linear(pool(F.gelu(h), size, mode), w2, b2)
+    saved = h.reshape(-1, h.shape[-1]) if save else h.new_empty(0)
+    return y.reshape(-1, y.shape[-1]), saved
+
+
+def pooled_backward(grad, x, w1, b1, w2, size, mode: int, needs):
+    """The gradients of (x, w1, b1, w2, b2) of :func:`pooled_forward` (None where ``needs``
+    is False), the forward recomputed in fp32 (float64 for float64), for the output gradient
+    ``grad`` (B h w, N2): with a = GELU(h), p = pool(a),
+
+        dW2 = g^T p, db2 = sum g, dp = g W2, dh = pool^T(dp) * GELU'(h),
+        dW1 = dh^T x, db1 = sum dh, dx = dh W1."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    f = stat_dtype(x.dtype)
+    X = x.to(f)
+    h = F.linear(X, w1.to(f), None if b1 is None else b1.to(f))
+    b = x.shape[0]
+    g = grad.reshape(b, size[0], size[1], -1).to(f)
+    dw2 = db2 = None
+    if need_w2:
+        p = pool(F.gelu(h), size, mode)
+        dw2 = g.reshape(-1, g.shape[-1]).t() @ p.reshape(-1, p.shape[-1])
+    if need_b2:
+        db2 = g.reshape(-1, g.shape[-1]).sum(0)
+    dx = dw1 = db1 = None
+    if need_x or need_w1 or need_b1:
+        dh = gelu_backward(pool_adjoint(g @ w2.to(f), x.shape[1:3], mode), h)
+        rows = dh.reshape(-1, dh.shape[-1])
+        dw1 = rows.t() @ X.reshape(-1, X.shape[-1]) if need_w1 else None
+        db1 = rows.sum(0) if need_b1 else None
+        dx = dh @ w1.to(f) if need_x else None
+    refs = (x, w1, b1, w2, w2)
+    return tuple(None if t is None else t.to(r.dtype).contiguous()
+                 for t, r in zip((dx, dw1, db1, dw2, db2), refs, strict=True))  # fmt: skip
