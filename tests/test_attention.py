@@ -153,7 +153,7 @@ def test_split_k_forced(splits, device):
     with use_backend("triton"):
         for lo_, hi_, causal, ok in cases:
             out, lse = ops.attention_core(q, k, v, None, None, lq, lk, None, lo_, hi_, causal,
-                                          0.2, splits, None, None)  # fmt: skip
+                                          0.2, splits, None, None, 0.0, None)  # fmt: skip
             q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
             ref, ref_lse = ref_attention(q64, k64, v64, ok, 0.2)
             assert rel(out, ref) < 1e-5
@@ -370,11 +370,12 @@ def test_opcheck(device):
     qp, kp, vp = (leaf(rand(n, 2, 16, device=device)) for n in (6, 9, 9))
     cq = torch.tensor([0, 2, 6], dtype=torch.int32)
     ck = torch.tensor([0, 4, 9], dtype=torch.int32)
+    tail = (None, None, 0.0, None)  # key_bias, gate, dropout_p, dropout_seed
     cases = [
-        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None, None)),
-        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2, None, None)),
-        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0, None, None)),
-        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0, None, None)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, *tail)),
+        ("torch", core, (q, k, v, None, None, 5, 9, keep, None, None, False, 0.3, 2, *tail)),
+        ("triton", core, (q, k, v, None, None, 5, 9, None, lo, hi, False, 0.3, 0, *tail)),
+        ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0, *tail)),
         ("triton", torch.ops.vlmkernels.attention_key_mass,
          (q.detach(), k.detach(), torch.randn(1, 2, 5), True, 0.3, 0, 5, 0.1, None)),
     ]  # fmt: skip
@@ -429,10 +430,11 @@ def test_split_k_packed(device):
     k, v = (rand(sum(lens_k), 2, 16, device=device) for _ in "kv")
     args = (cu(lens_q), cu(lens_k), 9, 40, None, None, None, False, 0.3)
     with use_backend("triton"):
-        split, split_lse = ops.attention_core(q, k, v, *args, 3, None, None)
-        one, one_lse = ops.attention_core(q, k, v, *args, 1, None, None)
+        split, split_lse = ops.attention_core(q, k, v, *args, 3, None, None, 0.0, None)
+        one, one_lse = ops.attention_core(q, k, v, *args, 1, None, None, 0.0, None)
     with use_backend("torch"):
-        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0, None, None)
+        ref, ref_lse = ops.attention_core(q.double(), k.double(), v.double(), *args, 0, None, None,
+                                          0.0, None)  # fmt: skip
     assert rel(split, ref) < 1e-5 and rel(one, ref) < 1e-5
     assert rel_lse(split_lse, ref_lse) < 1e-5 and rel_lse(one_lse, ref_lse) < 1e-5
 
@@ -656,7 +658,8 @@ def test_grouped_and_bias_opcheck_and_compile(device):
     for backend in BACKENDS:
         with use_backend(backend):
             torch.library.opcheck(
-                core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, bias, None)
+                core,
+                (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, bias, None, 0.0, None),
             )
 
     def f(q, k, v, bias):
@@ -709,7 +712,7 @@ def test_tanh_gate_split_k_packed_and_grouped(device):
     gate = rand(4, 16, device=device)
     args = (None, None, 7, 50, None, None, None, False, 0.25)
     with use_backend("triton"):
-        split, _ = ops.attention_core(q, k, v, *args, 3, None, gate)
+        split, _ = ops.attention_core(q, k, v, *args, 3, None, gate, 0.0, None)
     ref, _ = gqa_ref(q.double(), k.double(), v.double(), torch.ones(1, 1, 1, 50, dtype=bool),
                      0.25)  # fmt: skip
     assert rel(split, ref * gate.double().tanh()[None, :, None, :]) < 1e-5
@@ -740,7 +743,8 @@ def test_tanh_gate_bad_input_and_opcheck(device):
                           ("torch", leaf(rand(2, 8, device=device)))):  # fmt: skip
         with use_backend(backend):
             torch.library.opcheck(
-                core, (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None, gate)
+                core,
+                (q, k, v, None, None, 5, 9, None, None, None, True, 0.3, 0, None, gate, 0.0, None),
             )
 
 
@@ -760,14 +764,14 @@ def test_fake_strides_match_the_implementations(backend, packed):
     else:
         qkv = [torch.randn(1, 20, 2, 16, generator=g).transpose(1, 2) for _ in range(3)]
         lens = (None, None, 20, 20)
-    options = (None, None, None, False, 0.25, 0, None, None)
+    options = (None, None, None, False, 0.25, 0, None, None, 0.0, None)
 
     def run(q, k, v, cu_q, cu_k, *rest):
         with use_backend(backend):
             out, lse = ops.attention_core(q, k, v, cu_q, cu_k, *rest)
             delta = torch.zeros_like(lse)
             grads = ops.attention_core_backward(out, q, k, v, lse, delta, cu_q, cu_k,
-                                                *rest[:-3], None)  # fmt: skip
+                                                *rest[:-5], None, 0.0, None)  # fmt: skip
         return [out, *grads[:3]]
 
     real = run(*qkv, *lens, *options)

@@ -56,9 +56,9 @@ def test_split_k_matches_one_pass():
                for n in (32, 8192, 8192))  # fmt: skip
     assert launchers.choose_splits(8, 32, 8192, q.device) > 1
     args = (None, None, 32, 8192, None, None, None, False, 0.125)
-    split, _ = ops.attention_core(q, k, v, *args, 0, None, None)
-    one, _ = ops.attention_core(q, k, v, *args, 1, None, None)
-    ref, _ = reference(ops.attention_core, q, k, v, *args, 0, None, None)
+    split, _ = ops.attention_core(q, k, v, *args, 0, None, None, 0.0, None)
+    one, _ = ops.attention_core(q, k, v, *args, 1, None, None, 0.0, None)
+    ref, _ = reference(ops.attention_core, q, k, v, *args, 0, None, None, 0.0, None)
     assert rel(split, ref) < 2e-2 and rel(one, ref) < 2e-2
 
 

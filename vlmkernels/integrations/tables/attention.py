@@ -189,7 +189,7 @@ def _gated_forward(layer, arch: Architecture):
         else:
             lo, hi = mask_ranges(image_attention_mask, b, t, n)
             out = attention_core(q, k, v, None, None, t, n, None, lo, hi, False,
-                                 float(a.scaling), 0, None, None)[0]  # fmt: skip
+                                 float(a.scaling), 0, None, None, 0.0, None)[0]  # fmt: skip
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
         out = F.dropout(out, p=self.config, training=self.training)
         out = out.masked_fill((cross_attention_gate == 0)[:, :, None], 0.0)

@@ -21,6 +21,12 @@ For query row i of a segment (batch b, head h), the keys it sees V(i) and the sc
   backward runs on tanh(g) V and dV' = P^T dO: dV = tanh(g) dV',
   d g = (1 - tanh^2 g) sum V . dV'.
 
+Attention dropout (``dropout_p`` of ``cross_attention`` and ``media_cross_attention``):
+out_i = sum_j P_ij M_ij / (1 - p) v_j, M ~ Bernoulli(1 - p) drawn in the kernels from a
+counter-based RNG (Philox keyed by a seed tensor, counters (j, i, h, b)) and regenerated
+in the backward: dV = P'^T dO, dP = (dO V^T) M / (1 - p), dS = P * (dP - delta).
+``dropout_mask`` materialises the kernels' mask (tests, debugging).
+
 Backward (flash-attention 2): delta_i = sum_d dO_id O_id - dlse_i,
 dV = P^T dO, dS = P * (dO V^T - delta), dQ = s dS K, dK = s dS^T Q, P recomputed from lse.
 
@@ -36,7 +42,8 @@ tools need).
 
 from .absorption import absorb_queries, absorbed_cross_attention
 from .family import FAMILY
-from .functional import attention, cross_attention, media_cross_attention
+from .functional import attention, cross_attention, draw_dropout_seed, media_cross_attention
+from .launchers import dropout_mask
 
 __all__ = [
     "FAMILY",
@@ -44,5 +51,7 @@ __all__ = [
     "absorbed_cross_attention",
     "attention",
     "cross_attention",
+    "draw_dropout_seed",
+    "dropout_mask",
     "media_cross_attention",
 ]

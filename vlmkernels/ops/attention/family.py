@@ -97,8 +97,9 @@ def compile_cases() -> list[CompileCase]:
     unit = _QKV + ("sod", "sdod", "sdkd", "sdvd", "sdqd", "slm", "sdm", "G")
     aligned = _ROW + ("sob", "soh", "som", "sos", "sdob", "sdoh", "sdom", "sdkb", "sdkh", "sdkn",
                       "sdvb", "sdvh", "sdvn", "sdqb", "sdqh", "sdqm")  # fmt: skip
-    scalars = {"sm_scale": "fp32"}
-    flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False, BIAS=False)
+    scalars = {"sm_scale": "fp32", "drop_scale": "fp32"}
+    flags = dict(VARLEN=False, CAUSAL=False, KEEP=False, RANGES=False, BIAS=False,
+                 DROPOUT=False)  # fmt: skip
 
     def own(kernel, names):
         return tuple(n for n in names if n in kernel.arg_names)
@@ -108,7 +109,7 @@ def compile_cases() -> list[CompileCase]:
         pointers = dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cu_q_ptr="i32", cu_k_ptr="i32",
                         keep_ptr="u8", lo_ptr="i32", hi_ptr="i32", lse_ptr="fp32",
                         do_ptr=elem, delta_ptr="fp32", bias_ptr="fp32", db_ptr="fp32",
-                        gate_ptr="fp32",
+                        gate_ptr="fp32", seed_ptr="i64",
                         **outputs)  # fmt: skip
         pointers = {k: "*" + (elem if v == "elem" else v) for k, v in pointers.items()
                     if k in kernel.arg_names}  # fmt: skip
@@ -153,6 +154,22 @@ def compile_cases() -> list[CompileCase]:
         case("attention_bwd_q_media", k._attn_bwd_q, False, q_out, RANGES=True),
         case("attention_bwd_kv_fp32", k._attn_bwd_kv32, True, kv_out, KEEP=True),
         case("attention_bwd_q_fp32_media", k._attn_bwd_q32, True, q_out, RANGES=True),
+        # attention dropout (training): the Q-Former's (fp32 by default, key padding) and
+        # IDEFICS's (16-bit, media ranges) forms, and the split forward
+        case("attention_fwd_dropout", k._attn_fwd, False, fwd_out, KEEP=True, DROPOUT=True),
+        case("attention_fwd_fp32_dropout", k._attn_fwd32_dropout, True, fwd_out, KEEP=True,
+             DROPOUT=True),
+        case("attention_fwd_split_dropout", k._attn_fwd, False, dict(o_ptr="fp32"),
+             SPLIT=True, DROPOUT=True),
+        case("attention_fwd_media_dropout", k._attn_fwd, False, fwd_out, RANGES=True,
+             DROPOUT=True),
+        case("attention_bwd_kv_dropout", k._attn_bwd_kv, False, kv_out, KEEP=True,
+             DROPOUT=True),
+        case("attention_bwd_kv_fp32_dropout", k._attn_bwd_kv32, True, kv_out, KEEP=True,
+             DROPOUT=True),
+        case("attention_bwd_q_dropout", k._attn_bwd_q, False, q_out, KEEP=True, DROPOUT=True),
+        case("attention_bwd_q_fp32_dropout", k._attn_bwd_q32, True, q_out, KEEP=True,
+             DROPOUT=True),
         CompileCase("attention_combine", k._attn_combine,
                     dict(ws_ptr="*fp32", wl_ptr="*fp32", o_ptr="*{elem}", lse_ptr="*fp32",
                          cu_q_ptr="*i32", gate_ptr="*fp32"),
@@ -192,7 +209,7 @@ def _qformer_cases() -> list[CompileCase]:
 
 
 _CORE = (*(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("", "_fp32")),
-         "attention_bwd_kv_bias")  # fmt: skip
+         "attention_bwd_kv_bias", "attention_fwd_fp32_dropout")  # fmt: skip
 
 FAMILY = register(
     Family(

@@ -12,7 +12,7 @@ from ...core.checks import check_bool, check_int
 from .launchers import MAX_HEAD_DIM
 from .ops import attention_core, attention_key_mass
 
-__all__ = ["attention", "cross_attention", "media_cross_attention"]
+__all__ = ["attention", "cross_attention", "draw_dropout_seed", "media_cross_attention"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -109,6 +109,35 @@ def _scale(op, scale, d):
     return float(scale)
 
 
+def draw_dropout_seed(device) -> torch.Tensor:
+    """A (1,) int64 dropout seed in [0, 2^62): one ``torch.randint`` draw from the torch
+    generator of ``device`` (as SDPA's dropout draws its Philox seed and offset), so
+    ``torch.manual_seed`` makes the masks reproducible, and each call draws a new one."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _dropout(op, dropout_p, dropout_seed, q):
+    """(p, seed) for the core: p a float in [0, 1), the seed a (1,) int64 tensor on q's
+    device (``dropout_seed`` or one drawn by :func:`draw_dropout_seed`) when p > 0, else
+    None (nothing drawn)."""
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)
+            or not 0 <= dropout_p < 1):  # fmt: skip
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_seed is not None:
+        t = dropout_seed
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
+            raise TypeError(f"{op}: dropout_seed must be a one-element int64 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} "
+                            f"{tuple(getattr(t, 'shape', ()))}")  # fmt: skip
+        if t.device != q.device:
+            raise ValueError(f"{op}: dropout_seed must be on q's device {q.device}, got "
+                             f"{t.device}")  # fmt: skip
+    if not dropout_p:
+        return 0.0, None
+    seed = draw_dropout_seed(q.device) if dropout_seed is None else dropout_seed.reshape(1)
+    return float(dropout_p), seed
+
+
 def _check_cu(op, name, cu, total, device):
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{op}: {name} must be an int32 tensor, got {type(cu).__name__}")
@@ -148,7 +177,7 @@ def _max_seqlen(op, name, value, longest):
 # fmt: off
 def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                     max_seqlen_k=None, key_padding_mask=None, key_bias=None, scale=None,
-                    return_lse=False, gate=None):
+                    return_lse=False, gate=None, dropout_p=0.0, dropout_seed=None):
     # fmt: on
     r"""softmax(scale q k^T + key_bias) v over each segment, without a mask between queries.
 
@@ -175,6 +204,14 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         return_lse: also return the log-sum-exp of the scaled logits per query row, fp32
             (float64 for float64 inputs), (B, H, Lq) dense or (H, Tq) packed; it is
             differentiable.
+        dropout_p: attention dropout probability p in [0, 1) (pass 0 in eval mode):
+            out = (P * M / (1 - p)) v, M[b, h, i, j] ~ Bernoulli(1 - p) drawn in the kernel
+            (Philox, counter-based) and regenerated in the backward, never stored; lse is
+            that of the undropped P. 0 runs the kernels without dropout (bitwise the same).
+        dropout_seed: a one-element int64 tensor on q's device keying the mask (packed
+            segment b draws as dense batch b over its own rows); default: one draw of
+            ``torch.randint`` from the device's generator per call
+            (:func:`draw_dropout_seed`), so ``torch.manual_seed`` reproduces the masks.
 
     Returns:
         out like q (and lse). A query row that sees no key (an empty key segment, every key
@@ -187,6 +224,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     s = _scale(op, scale, q.shape[-1])
     bias = _key_bias(op, key_bias, q, k, packed)
     gate = _gate(op, gate, q)
+    p, seed = _dropout(op, dropout_p, dropout_seed, q)
     keep = None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -219,7 +257,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
                                  f"got {m.device}")  # fmt: skip
             keep = (~m).to(torch.uint8)
     out, lse = attention_core(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, lk, keep, None, None,
-                              False, s, 0, bias, gate)  # fmt: skip
+                              False, s, 0, bias, gate, p, seed)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -267,7 +305,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
             i = i % lq
             rows = (i, i + 1, 1.0 / h if h else 0.0)
     out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
-                              s, 0, bias, None)  # fmt: skip
+                              s, 0, bias, None, 0.0, None)  # fmt: skip
     if rows is None:
         return out
     per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows,
@@ -295,7 +333,7 @@ def media_ranges(media_locations, latents_per_media, num_keys, only_immediate):
 
 
 def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_immediate=True,
-                          scale=None, gate=None):  # fmt: skip
+                          scale=None, gate=None, dropout_p=0.0, dropout_seed=None):  # fmt: skip
     r"""Flamingo's media-masked cross-attention (open_flamingo's ``MaskedCrossAttention``
     attention step), computed by segment: each query block visits only the key blocks of
     the media its tokens see.
@@ -312,6 +350,8 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
             one element (open_flamingo's ``attn_gate``: the block's to_out is linear
             without bias, so gating before it is the same) or one per output channel
             ((H, D) or (H D,)); differentiable.
+        dropout_p, dropout_seed: attention dropout in the kernel, as
+            :func:`cross_attention`'s.
 
     Returns:
         (B, H, T, D): tanh(gate) softmax(scale q k^T) v over the visible keys.
@@ -339,8 +379,9 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
         raise ValueError(f"{op}: media_locations must be on q's device {q.device}, got "
                          f"{m.device}")  # fmt: skip
     gate = _gate(op, gate, q)
+    p, seed = _dropout(op, dropout_p, dropout_seed, q)
     lo, hi = media_ranges(m, n, k.shape[2], only_immediate)
     s = _scale(op, scale, q.shape[-1])
     out, _ = attention_core(q, k, v, None, None, q.shape[2], k.shape[2], None, lo, hi, False,
-                            s, 0, None, gate)  # fmt: skip
+                            s, 0, None, gate, p, seed)  # fmt: skip
     return out

@@ -34,6 +34,17 @@ P = exp(S - lse) recomputed from the saved lse,
 dV = P^T dO, dS = P * (dO V^T - delta), dQ = scale dS K, dK = scale dS^T Q,
 dbias[b, h, j] = sum_i dS_ij; with grouped queries dK and dV sum over the G query heads
 of a key/value head, which the key block's one program visits in turn (deterministic).
+
+Attention dropout (``DROPOUT``, training): P' = P * M / (1 - p), M[b, h, i, j] a Bernoulli
+(1 - p) draw regenerated wherever it is needed, never stored (:func:`_dropout_keep`):
+Philox4x32-10 keyed by a 64-bit seed loaded from ``seed_ptr`` (one draw from the device's
+torch generator per call), its four 32-bit counters (j // 4, i, h, b) (segment-local key
+group and row, query head, batch or segment: no index arithmetic that can overflow), its
+four outputs the draws of keys 4 (j // 4) + 0 .. 3; an element is kept when the top 31
+bits of its draw are >= ``drop_thr`` = round(p 2^31). The
+forward accumulates P' V over the undropped normaliser (each split the same, so split-K
+and its combine are unchanged); the backward uses dV = P'^T dO, dP = (dO V^T) M / (1 - p),
+dS = P * (dP - delta) with delta = rowsum(dO * O) - dlse of the dropped output O.
 :func:`_attn_bwd_kv` runs one program per key block and key/value head (looping over the
 group's heads and the query blocks; dbias per query head),
 :func:`_attn_bwd_q` one per query block (looping over key blocks), so nothing is atomic.
@@ -70,6 +81,16 @@ _FWD32_CONFIGS = autotune_configs(
     [
         _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
         _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=2),
+        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=2),
+    ],
+    _INTERP,
+)
+# fp32 inputs with dropout: the Philox draws spilled 108 B at BM = 64, BN = 32, 4 warps
+# (the first config: 188 registers, no spill; the Q-Former's 32 queries fill BM = 32)
+_FWD32_DROPOUT_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=2),
+        _C({"BM": 64, "BN": 32}, num_warps=8, num_stages=2),
         _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=2),
     ],
     _INTERP,
@@ -226,13 +247,50 @@ def _tanh_gate(gate_ptr, h, d, d_ok, sgh, sgd):
 
 
 @triton.jit
+def _dropout_keep(seed, b, h, rows, col0, drop_thr, BN: tl.constexpr):
+    """(BM, BN) bool: whether dropout keeps P[b, h, i, j] for the ``rows`` i and the keys
+    j = col0 + 0 .. BN - 1 (col0 a multiple of 4; see the module docstring): one
+    Philox4x32-10 call (key ``seed``, counters (j // 4, i, h, b)) gives the 31-bit draws of
+    keys 4 (j // 4) + 0 .. 3, its four outputs in order."""
+    zero = tl.zeros((rows.shape[0], BN // 4), tl.uint32)
+    c0 = zero + (col0 // 4 + tl.arange(0, BN // 4)).to(tl.uint32)[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    c2 = zero + tl.cast(h, tl.uint32)
+    c3 = zero + tl.cast(b, tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    # [i, g, y, x] = r_(2 y + x): key 4 g + 2 y + x once reshaped
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BN))
+    return (r >> 1).to(tl.int32, bitcast=True) >= drop_thr
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, mask_ptr, H, lq, lk, drop_thr, smb, smh, smm,
+                         BM: tl.constexpr, BN: tl.constexpr):
+    """mask[b, h, i, j] = :func:`_dropout_keep` (uint8) for one (BM, BN) tile: the mask the
+    attention kernels regenerate, materialised for tests and debugging."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    keep = _dropout_keep(tl.load(seed_ptr), b, h, rows, pid_n * BN, drop_thr, BN)
+    base = mask_ptr + tl.cast(b, tl.int64) * smb + tl.cast(h, tl.int64) * smh
+    tl.store(base + tl.cast(rows, tl.int64)[:, None] * smm + cols[None, :], keep.to(tl.uint8),
+             mask=(rows < lq)[:, None] & (cols < lk)[None, :])
+
+
+@triton.jit
 def _fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
-    bias_ptr, gate_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
+    bias_ptr, gate_ptr, seed_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow, sbb, sbh, sgh, sgd,
+    drop_thr, drop_scale,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BIAS: tl.constexpr, GATE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BIAS: tl.constexpr, GATE: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -263,6 +321,9 @@ def _fwd(
         first = first + split * per
         last = tl.minimum(first + per, last)
     qk_scale = sm_scale * LOG2E
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BLOCK_D), tl.float32)
@@ -281,6 +342,9 @@ def _fwd(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:  # the normaliser keeps every key; the values see P' = P M / (1 - p)
+            keep = _dropout_keep(seed, b, h, rows, kb * BN, drop_thr, BN)
+            p = tl.where(keep, p * drop_scale, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0
@@ -359,8 +423,9 @@ def _attn_combine(
 def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
              sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
              keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr, bias_base, db,
-             KEEP: tl.constexpr,
-             BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+             seed, b, h, col0, drop_thr, drop_scale, KEEP: tl.constexpr,
+             BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
     """dK, dV (and the bias's column sums of dS) of one key block updated with one query
     block."""
     q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
@@ -372,8 +437,15 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
         s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
     ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
     p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if DROPOUT:  # dV = P'^T dO, dP = (dO V^T) M / (1 - p)
+        keep = _dropout_keep(seed, b, h, rows, col0, drop_thr, BN)
+        p_drop = tl.where(keep, p * drop_scale, 0.0)
+        dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     if BIAS:
@@ -384,13 +456,14 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
 @triton.jit
 def _bwd_kv(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr, bias_ptr, db_ptr,
+    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr, bias_ptr, db_ptr, seed_ptr,
     max_lq, max_lk, H, G, D, sm_scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, skeep, srow, sbb, sbh, sdbb, sdbh,
+    drop_thr, drop_scale,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -417,6 +490,9 @@ def _bwd_kv(
                    DOT_FP32)
     keep_base = bb * skeep
     qk_scale = sm_scale * LOG2E
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     dk = tl.zeros((BN, BLOCK_D), tl.float32)
     dv = tl.zeros((BN, BLOCK_D), tl.float32)
     m_first = 0
@@ -441,14 +517,16 @@ def _bwd_kv(
                     dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d,
                                           d_ok, sqm, sqd, sdom, sdod, slm, sdm, k, v, cols,
                                           col_ok, lo, hi, keep_ptr, keep_base, qk_scale, dk,
-                                          dv, bias_ptr, bias_base, db, KEEP, BIAS, DOT_FP32,
-                                          INPUT_PRECISION)
+                                          dv, bias_ptr, bias_base, db, seed, b, hk * G + g,
+                                          pid_n * BN, drop_thr, drop_scale, KEEP, BIAS,
+                                          DROPOUT, DOT_FP32, INPUT_PRECISION, BN)
             else:  # every block from m_first on sees it (no branch: the loads are pipelined)
                 dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
                                       sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo,
                                       hi, keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr,
-                                      bias_base, db,
-                                      KEEP, BIAS, DOT_FP32, INPUT_PRECISION)
+                                      bias_base, db, seed, b, hk * G + g, pid_n * BN,
+                                      drop_thr, drop_scale, KEEP, BIAS, DROPOUT, DOT_FP32,
+                                      INPUT_PRECISION, BN)
         if BIAS:
             tl.store(db_ptr + bb * sdbb + hh * sdbh + kk + cols, db, mask=col_ok)
     dk = dk * sm_scale
@@ -465,13 +543,13 @@ def _bwd_kv(
 @triton.jit
 def _bwd_q(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr, bias_ptr,
+    cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr, bias_ptr, seed_ptr,
     max_lq, max_lk, H, G, D, sm_scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
-    sdqb, sdqh, sdqm, sdqd, skeep, srow, sbb, sbh,
+    sdqb, sdqh, sdqm, sdqd, skeep, srow, sbb, sbh, drop_thr, drop_scale,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
-    BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -507,6 +585,9 @@ def _bwd_q(
     lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
     first, last = _block_span(lo, hi, row_ok, lk, BN)
     qk_scale = sm_scale * LOG2E
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     dq = tl.zeros((BM, BLOCK_D), tl.float32)
     for kb in range(first, last):
         cols = kb * BN + tl.arange(0, BN)
@@ -519,6 +600,9 @@ def _bwd_q(
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
         p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, b, h, rows, kb * BN, drop_thr, BN)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
@@ -577,6 +661,8 @@ def _attn_key_mass(
 
 _attn_fwd = tuned("attention_fwd", configs=_FWD_CONFIGS, key=_KEY, sizes=_SIZES)(_fwd)
 _attn_fwd32 = tuned("attention_fwd_fp32", configs=_FWD32_CONFIGS, key=_KEY, sizes=_SIZES)(_fwd)
+_attn_fwd32_dropout = tuned("attention_fwd_fp32_dropout", configs=_FWD32_DROPOUT_CONFIGS,
+                            key=_KEY, sizes=_SIZES)(_fwd)  # fmt: skip
 _attn_bwd_kv = tuned("attention_bwd_kv", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)(_bwd_kv)
 _attn_bwd_kv32 = tuned("attention_bwd_kv_fp32", configs=_BWD32_CONFIGS, key=_KEY,
                        sizes=_SIZES)(_bwd_kv)  # fmt: skip
@@ -591,4 +677,5 @@ FWD = (_attn_fwd, _attn_fwd32)
 BWD_KV = (_attn_bwd_kv, _attn_bwd_kv32)
 BWD_KV_BIAS = (_attn_bwd_kv_bias, _attn_bwd_kv32)
 BWD_Q = (_attn_bwd_q, _attn_bwd_q32)
-KERNELS = (*FWD, _attn_combine, *BWD_KV, _attn_bwd_kv_bias, *BWD_Q, _attn_key_mass)
+KERNELS = (*FWD, _attn_fwd32_dropout, _attn_combine, *BWD_KV, _attn_bwd_kv_bias, *BWD_Q,
+           _attn_key_mass)  # fmt: skip

@@ -9,6 +9,9 @@ additive per-key logit bias: dense (B, H, Lk) or (B, 1, Lk), packed (H, Tk) or (
 any dtype (read as fp32); the backward returns its gradient per query head, fp32, (B, H, Lk)
 dense or (H, Tk) packed (the caller sums the broadcast heads). ``gate`` is an optional
 tanh gate of the forward's output (out * tanh(gate)): one element, or (H, D).
+Attention dropout: ``dropout_p`` in [0, 1) and ``seed`` a one-element int64 tensor on the
+inputs' device (read by the kernels, so launches need no host sync and CUDA graphs and
+``torch.compile`` see a tensor); p = 0 launches the kernels without dropout code.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ import torch
 import triton
 
 from ...core.runtime import device_guard, dot_precision, sm_count
-from .kernels import BWD_KV, BWD_KV_BIAS, BWD_Q, FWD, _attn_combine, _attn_key_mass
+from .kernels import (
+    BWD_KV,
+    BWD_KV_BIAS,
+    BWD_Q,
+    FWD,
+    _attn_combine,
+    _attn_fwd32_dropout,
+    _attn_key_mass,
+    _dropout_mask_kernel,
+)
+from .reference import dropout_threshold
 
 MAX_SPLITS = 32
 MAX_HEAD_DIM = 256
@@ -90,6 +103,32 @@ def _dummy(q):
     return q.new_empty(0, dtype=torch.int32)
 
 
+def _dropout_args(q, dropout_p, seed):
+    """(seed pointer, drop_thr, drop_scale, DROPOUT) of a launch."""
+    if not dropout_p:
+        return _dummy(q), 0, 1.0, False
+    if seed is None:
+        raise ValueError("attention: dropout_p > 0 needs a seed tensor")
+    return (seed, *dropout_threshold(dropout_p), True)
+
+
+def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """(B, H, Lq, Lk) bool: the keep mask M the attention kernels draw for ``seed`` (a
+    one-element int64 tensor) and ``dropout_p``, from the same Philox function
+    (:func:`.kernels._dropout_keep`) in a small kernel of its own; for tests and debugging.
+    Packed segments use their own rows: segment b's mask is ``[b, :, :Lq_b, :Lk_b]``."""
+    b, h, lq, lk = (int(n) for n in shape)
+    mask = torch.empty((b, h, lq, lk), dtype=torch.uint8, device=seed.device)
+    if mask.numel() == 0:
+        return mask.bool()
+    thr, _ = dropout_threshold(dropout_p)
+    with device_guard(seed):
+        _dropout_mask_kernel[(triton.cdiv(lq, 16), triton.cdiv(lk, 32), b * h)](
+            seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=16, BN=32,
+        )  # fmt: skip
+    return mask.bool()
+
+
 def _gate_strides(gate) -> tuple[int, int]:
     """(head, channel) strides of a one-element or (H, D) gate."""
     if gate is None or gate.numel() == 1:
@@ -98,8 +137,10 @@ def _gate_strides(gate) -> tuple[int, int]:
 
 
 def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None,
-            bias=None, gate=None):  # fmt: skip
-    """(out, lse): out like q (contiguous), lse fp32 (see the module docstring)."""
+            bias=None, gate=None, dropout_p=0.0, seed=None):  # fmt: skip
+    """(out, lse): out like q (contiguous), lse fp32 (see the module docstring); with
+    dropout, split-K runs as without (each split's partial is dropped, its normaliser not).
+    """
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (h, q.shape[0]) if varlen else (b, h, q.shape[2])
@@ -111,6 +152,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     splits = num_splits or choose_splits(b * h, max_lq, max_lk, q.device)
     splits = max(1, min(int(splits), MAX_SPLITS))
     dummy = _dummy(q)
+    seed_ptr, thr, drop_scale, dropout = _dropout_args(q, dropout_p, seed)
     options = dict(
         _options(q, keep, lo, causal),
         VARLEN=varlen,
@@ -118,6 +160,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         EVEN_D=block_d(d) == d,
         BIAS=bias is not None,
         GATE=gate is not None,
+        DROPOUT=dropout,
     )
     if splits > 1:
         # partials: (splits, B, H, Lq, D) dense or (splits, T, H, D) packed, fp32
@@ -133,18 +176,22 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
                *_strides(target, varlen), split_strides[0], *_lse_strides(target_lse, varlen),
                split_strides[1], keep.stride(0) if keep is not None else 0,
                lo.stride(0) if lo is not None else 0,
-               *_bias_strides(bias, varlen), *_gate_strides(gate))  # fmt: skip
+               *_bias_strides(bias, varlen), *_gate_strides(gate), thr, drop_scale)  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
 
     with device_guard(q):
-        FWD[q.dtype == torch.float32][grid](
+        kernel = FWD[q.dtype == torch.float32]
+        if dropout and q.dtype == torch.float32:
+            kernel = _attn_fwd32_dropout
+        kernel[grid](
             q, k, v, target, target_lse,
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             keep if keep is not None else dummy, lo if lo is not None else dummy,
             hi if hi is not None else dummy, bias if bias is not None else dummy,
-            gate if gate is not None else dummy, *scalars, SPLIT=splits > 1, **options,
+            gate if gate is not None else dummy, seed_ptr, *scalars, SPLIT=splits > 1,
+            **options,
         )  # fmt: skip
         if splits > 1:
             _attn_combine[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
@@ -159,9 +206,10 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
 
 
 def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-             bias=None):  # fmt: skip
-    """(dq, dk, dv, dbias) for ``delta`` = rowsum(dO * O) - dlse, laid out as lse; dbias
-    None without a bias, else fp32 per query head (see the module docstring)."""
+             bias=None, dropout_p=0.0, seed=None):  # fmt: skip
+    """(dq, dk, dv, dbias) for ``delta`` = rowsum(dO * O) - dlse (O the dropped output),
+    laid out as lse; dbias None without a bias, else fp32 per query head (see the module
+    docstring); the forward's ``dropout_p`` and ``seed``."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -174,12 +222,14 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
         return dq.zero_(), dk.zero_(), dv.zero_(), db
     dummy = _dummy(q)
     g = group(q, k)
+    seed_ptr, thr, drop_scale, dropout = _dropout_args(q, dropout_p, seed)
     options = dict(
         _options(q, keep, lo, causal),
         VARLEN=varlen,
         BLOCK_D=block_d(d),
         EVEN_D=block_d(d) == d,
         BIAS=bias is not None,
+        DROPOUT=dropout,
     )
     common = (max_lq, max_lk, h, g, d, float(scale), *_strides(q, varlen), *_strides(k, varlen),
               *_strides(v, varlen), *_strides(do, varlen), *_lse_strides(lse, varlen),
@@ -195,12 +245,12 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
         kv_pass = (BWD_KV if bias is None else BWD_KV_BIAS)[fp32]
         kv_pass[lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * (h // g))](
             q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
-            *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail, *db_strides,
-            **options,
+            seed_ptr, *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
+            *db_strides, thr, drop_scale, **options,
         )  # fmt: skip
         BWD_Q[fp32][lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
-            q, k, v, do, lse, delta, dq, *pointers, *common, *_strides(dq, varlen), *tail,
-            **options,
+            q, k, v, do, lse, delta, dq, *pointers, seed_ptr, *common, *_strides(dq, varlen),
+            *tail, thr, drop_scale, **options,
         )  # fmt: skip
     return dq, dk, dv, db
 

@@ -14,7 +14,10 @@ packed (H, Tk) or (1, Tk), differentiable. k and v may have fewer heads than q
 element or (H, D): out = tanh(gate) * attention, in the forward kernel's epilogue; its
 backward runs the ungated backward kernels on tanh(gate) V (dP = dO_gated (tanh(g) V)^T)
 and gets dV and d gate from dV' = P^T dO_gated: dV = tanh(g) dV', d gate = (1 - tanh^2 g)
-sum V dV' (summed over what the gate broadcasts). Outputs:
+sum V dV' (summed over what the gate broadcasts). ``dropout_p`` in [0, 1): attention
+dropout P' = P M / (1 - p) with the mask drawn in the kernels from ``dropout_seed`` (a
+one-element int64 tensor, required when dropout_p > 0; see :mod:`.kernels`), regenerated
+in the backward; dropout_p = 0 runs the kernels without dropout. Outputs:
 out like q, lse fp32 (float64 for float64 inputs), (B, H, Lq) dense or (H, T) packed.
 """
 
@@ -33,14 +36,14 @@ _ARGS = (
 
 attention_core = Op(
     "attention_core",
-    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits, Tensor? key_bias, Tensor? gate) "
-    "-> (Tensor, Tensor)",
+    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits, Tensor? key_bias, Tensor? gate, "
+    "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
     family="attention",
 )
 attention_core_backward = Op(
     "attention_core_backward",
     f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, {_ARGS}, "
-    "Tensor? key_bias) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? key_bias, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor, Tensor, Tensor)",
     family="attention",
 )
 attention_key_mass = Op(
@@ -60,24 +63,31 @@ def _lse_shape(q, cu_q):
 # ------------------------------------------------------------------------ attention_core
 
 
+def _check_dropout(dropout_p, seed):
+    if dropout_p and seed is None:
+        raise ValueError(f"attention_core: dropout_p = {dropout_p} needs a dropout_seed")
+
+
 @attention_core.impl("triton")
 def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
-      gate):  # fmt: skip
+      gate, dropout_p, seed):  # fmt: skip
+    _check_dropout(dropout_p, seed)
     return launchers.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-                             num_splits or None, bias, gate)  # fmt: skip
+                             num_splits or None, bias, gate, dropout_p, seed)  # fmt: skip
 
 
 @attention_core.impl("torch")
 def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
-      gate):  # fmt: skip
+      gate, dropout_p, seed):  # fmt: skip
+    _check_dropout(dropout_p, seed)
     out, lse = reference.forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
-                                 scale, bias, gate)  # fmt: skip
+                                 scale, bias, gate, dropout_p, seed)  # fmt: skip
     return out.contiguous(), lse  # as the Triton implementation's and the fake's
 
 
 @attention_core.fake
 def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits, bias,
-      gate):  # fmt: skip
+      gate, dropout_p, seed):  # fmt: skip
     lse_dtype = reference.compute_dtype(q.dtype)
     # both implementations return a new contiguous output, whatever q's strides
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_q), dtype=lse_dtype)
@@ -86,20 +96,21 @@ def _(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_spli
 @attention_core.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _, bias, gate = inputs
+        (q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, _, bias, gate,
+         dropout_p, seed) = inputs  # fmt: skip
         out, lse = output
         ctx.set_materialize_grads(False)
-        ctx.options = (max_lq, max_lk, causal, scale)
+        ctx.options = (max_lq, max_lk, causal, scale, dropout_p)
         remember_backend(ctx)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate, seed)
 
     @in_forward_backend
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate = ctx.saved_tensors
-        max_lq, max_lk, causal, scale = ctx.options
+        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate, seed = ctx.saved_tensors
+        max_lq, max_lk, causal, scale, dropout_p = ctx.options
         none = (None,) * 10
         if grad_out is None and grad_lse is None:
-            return None, None, None, *none, None, None
+            return None, None, None, *none, None, None, None, None
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
@@ -108,7 +119,8 @@ class _:
             delta = delta - grad_lse
         # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
         delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
-        args = (lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias)
+        args = (lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
+                dropout_p, seed)  # fmt: skip
         needs = ctx.needs_input_grad
         dgate = None
         if gate is None:
@@ -116,7 +128,8 @@ class _:
         else:
             dq, dk, dv, db, dgate = _gated_backward(grad_out, q, k, v, gate, args, needs[14])
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                *none, db if bias is not None and needs[13] else None, dgate)  # fmt: skip
+                *none, db if bias is not None and needs[13] else None, dgate, None,
+                None)  # fmt: skip
 
 
 def _gated_backward(grad_out, q, k, v, gate, args, gate_grad):
@@ -155,22 +168,29 @@ def _bias_grad(db, bias, q):
 
 
 @attention_core_backward.impl("triton")
-def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
+      dropout_p, seed):  # fmt: skip
+    _check_dropout(dropout_p, seed)
     dq, dk, dv, db = launchers.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk,
-                                        keep, lo, hi, causal, scale, bias)  # fmt: skip
+                                        keep, lo, hi, causal, scale, bias, dropout_p,
+                                        seed)  # fmt: skip
     return dq, dk, dv, _bias_grad(db, bias, q)
 
 
 @attention_core_backward.impl("torch")
-def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
+      dropout_p, seed):  # fmt: skip
+    _check_dropout(dropout_p, seed)
     dq, dk, dv, db = reference.backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk,
-                                        keep, lo, hi, causal, scale, bias)  # fmt: skip
+                                        keep, lo, hi, causal, scale, bias, dropout_p,
+                                        seed)  # fmt: skip
     # contiguous, as the Triton implementation's and the fake's
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), _bias_grad(db, bias, q)
 
 
 @attention_core_backward.fake
-def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias):
+def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
+      dropout_p, seed):  # fmt: skip
     db = q.new_empty(0) if bias is None else torch.empty_like(bias)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 

@@ -4,10 +4,13 @@ with the same arguments, layouts and conventions as the Triton kernels (see
 give 0 and lse -inf, rows with lo > hi give NaN. Grouped-query k, v (fewer heads) are
 repeated per query head (dK, dV summed back over the group); the optional per-key bias
 (dense (B, H or 1, Lk), packed (H or 1, Tk)) is added to the scaled logits; the optional
-tanh gate (one element or (H, D)) multiplies the output.
+tanh gate (one element or (H, D)) multiplies the output. Attention dropout draws the
+kernels' mask bit for bit (:func:`dropout_keep`: Philox4x32-10 in int64 arithmetic).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -40,6 +43,57 @@ def _bad_rows(lo, hi, lq, b=None):
         return None
     lo_, hi_ = (lo, hi) if b is None else (lo[b : b + 1], hi[b : b + 1])
     return (lo_[:, :lq] > hi_[:, :lq])[:, None]
+
+
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """(drop_thr, drop_scale) of dropout probability ``p``: an element is kept when 31
+    random bits are >= drop_thr = round(p 2^31) (probability 1 - drop_thr / 2^31), kept
+    values are scaled by 1 / (1 - p)."""
+    p = float(p)
+    return min(round(p * 2**31), 2**31 - 1), 1.0 / (1.0 - p)
+
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: int, x: torch.Tensor):
+    """(hi, lo) 32-bit halves of a x (a, x < 2^32) without int64 overflow."""
+    t = a * (x & 0xFFFF)
+    u = a * (x >> 16) + (t >> 16)
+    return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def dropout_keep(seed, b, h, i, j, dropout_p):
+    """Whether dropout keeps element (b, h, i, j) (int64 tensors that broadcast), as the
+    kernels' ``_dropout_keep``: Philox4x32-10 with key ``seed`` (a one-element int64
+    tensor) and counters (j // 4, i, h, b), output j % 4 the draw of key j; kept when its
+    top 31 bits are >= round(p 2^31)."""
+    thr, _ = dropout_threshold(dropout_p)
+    seed = seed.reshape(()).to(torch.int64)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    shape = torch.broadcast_shapes(b.shape, h.shape, i.shape, j.shape)
+    c0, c1, c2, c3 = (x.to(torch.int64).expand(shape) for x in (j // 4, i, h, b))
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_ROUND[0], c0)
+        hi2, lo2 = _mulhilo(_PHILOX_ROUND[1], c2)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _M32, (k1 + _PHILOX_KEY[1]) & _M32
+    draw = torch.where(j % 4 < 2, torch.where(j % 2 == 0, c0, c1), torch.where(j % 2 == 0, c2, c3))
+    return (draw >> 1) >= thr
+
+
+def _dropout(seed, dropout_p, batches, h, lq, lk, device, dtype):
+    """(len(batches), H, Lq, Lk): M / (1 - p) of the batches (segments) ``batches``, in
+    ``dtype``; None without dropout."""
+    if not dropout_p:
+        return None
+    ar = functools.partial(torch.arange, device=device)
+    b = torch.as_tensor(list(batches), dtype=torch.int64, device=device)
+    keep = dropout_keep(seed, b[:, None, None, None], ar(h)[None, :, None, None],
+                        ar(lq)[:, None], ar(lk)[None, :], dropout_p)  # fmt: skip
+    return keep.to(dtype) / (1.0 - float(dropout_p))
 
 
 def _heads(t, h):
@@ -80,12 +134,15 @@ def gate_factor(gate, packed: bool, dtype):
     return c.reshape(1, c.shape[0], c.shape[1]) if packed else c.reshape(1, c.shape[0], 1, -1)
 
 
-def _dense_forward(q, k, v, ok, bad, scale, bias=None, gate=None):
+def _dense_forward(q, k, v, ok, bad, scale, bias=None, gate=None, drop=None):
+    """(out, lse); ``drop`` the dropout factor M / (1 - p) of :func:`_dropout` or None."""
     ct = compute_dtype(q.dtype)
     s = _logits(q, k, scale, bias)
     s = s.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).masked_fill(~ok, 0.0)
+    if drop is not None:
+        p = p * drop
     out = torch.matmul(p, _heads(v, q.shape[1]).to(ct))
     if gate is not None:
         out = out * gate_factor(gate, False, ct)
@@ -95,16 +152,19 @@ def _dense_forward(q, k, v, ok, bad, scale, bias=None, gate=None):
     return out.to(q.dtype), lse.to(ct)
 
 
-def _dense_backward(do, q, k, v, lse, delta, ok, scale, bias=None):
-    """(dq, dk, dv, db): db the per-query-head bias gradient sum_i dS (None without bias)."""
+def _dense_backward(do, q, k, v, lse, delta, ok, scale, bias=None, drop=None):
+    """(dq, dk, dv, db): db the per-query-head bias gradient sum_i dS (None without bias);
+    with dropout (``drop`` = M / (1 - p)) dV = P'^T dO and dP = (dO V^T) M / (1 - p)."""
     ct = compute_dtype(q.dtype)
     h, hk = q.shape[1], k.shape[1]
     qc, doc = q.to(ct), do.to(ct)
     kc, vc = _heads(k, h).to(ct), _heads(v, h).to(ct)
     s = _logits(q, k, scale, bias)
     p = torch.exp(s - lse.to(ct)[..., None]).masked_fill(~ok, 0.0)
-    dv = torch.matmul(p.transpose(-1, -2), doc)
+    dv = torch.matmul((p if drop is None else p * drop).transpose(-1, -2), doc)
     dp = torch.matmul(doc, vc.transpose(-1, -2))
+    if drop is not None:
+        dp = dp * drop
     ds = p * (dp - delta.to(ct)[..., None])
     dq = torch.matmul(ds, kc) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
@@ -129,35 +189,42 @@ def _seg_bias(bias, a, b):
 
 
 def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias=None,
-            gate=None):  # fmt: skip
+            gate=None, dropout_p=0.0, seed=None):  # fmt: skip
     """(out, lse): the attention of :mod:`.kernels` (dense or packed)."""
-    if cu_q is None:
-        ok = visible(q.shape[2], k.shape[2], keep, lo, hi, causal, q.device)
-        return _dense_forward(q, k, v, ok, _bad_rows(lo, hi, q.shape[2]), scale, bias, gate)
     ct = compute_dtype(q.dtype)
+    h = q.shape[1]
+    if cu_q is None:
+        lq, lk = q.shape[2], k.shape[2]
+        ok = visible(lq, lk, keep, lo, hi, causal, q.device)
+        drop = _dropout(seed, dropout_p, range(q.shape[0]), h, lq, lk, q.device, ct)
+        return _dense_forward(q, k, v, ok, _bad_rows(lo, hi, lq), scale, bias, gate, drop)
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ct, device=q.device)
     for b, ((qa, qb), (ka, kb)) in enumerate(zip(_segments(cu_q), _segments(cu_k), strict=True)):
         if qb == qa or kb == ka:
             continue
         ok = visible(qb - qa, kb - ka, keep, lo, hi, causal, q.device, b)
+        drop = _dropout(seed, dropout_p, [b], h, qb - qa, kb - ka, q.device, ct)
         o, s = _dense_forward(_seg(q, qa, qb), _seg(k, ka, kb), _seg(v, ka, kb), ok,
                               _bad_rows(lo, hi, qb - qa, b), scale,
-                              _seg_bias(bias, ka, kb), gate)  # fmt: skip
+                              _seg_bias(bias, ka, kb), gate, drop)  # fmt: skip
         out[qa:qb] = o[0].transpose(0, 1)
         lse[:, qa:qb] = s[0]
     return out, lse
 
 
 def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
-             bias=None):  # fmt: skip
+             bias=None, dropout_p=0.0, seed=None):  # fmt: skip
     """(dq, dk, dv, db) with ``delta`` = rowsum(dO * O) - dlse, laid out as lse; db the
     per-query-head bias gradient ((B, H, Lk) dense, (H, Tk) packed; None without bias)."""
-    if cu_q is None:
-        ok = visible(q.shape[2], k.shape[2], keep, lo, hi, causal, q.device)
-        return _dense_backward(do, q, k, v, lse, delta, ok, scale, bias)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     ct = compute_dtype(q.dtype)
+    h = q.shape[1]
+    if cu_q is None:
+        lq, lk = q.shape[2], k.shape[2]
+        ok = visible(lq, lk, keep, lo, hi, causal, q.device)
+        drop = _dropout(seed, dropout_p, range(q.shape[0]), h, lq, lk, q.device, ct)
+        return _dense_backward(do, q, k, v, lse, delta, ok, scale, bias, drop)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     db = None if bias is None else q.new_zeros((q.shape[1], k.shape[0]), dtype=ct)
     for b, ((qa, qb), (ka, kb)) in enumerate(zip(_segments(cu_q), _segments(cu_k), strict=True)):
         if qb == qa or kb == ka:
@@ -165,7 +232,9 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
         ok = visible(qb - qa, kb - ka, keep, lo, hi, causal, q.device, b)
         g = _dense_backward(_seg(do, qa, qb), _seg(q, qa, qb), _seg(k, ka, kb),
                             _seg(v, ka, kb), lse[None, :, qa:qb], delta[None, :, qa:qb], ok,
-                            scale, _seg_bias(bias, ka, kb))  # fmt: skip
+                            scale, _seg_bias(bias, ka, kb),
+                            _dropout(seed, dropout_p, [b], h, qb - qa, kb - ka, q.device,
+                                     ct))  # fmt: skip
         dq[qa:qb] = g[0][0].transpose(0, 1)
         dk[ka:kb] = g[1][0].transpose(0, 1)
         dv[ka:kb] = g[2][0].transpose(0, 1)
