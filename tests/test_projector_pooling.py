@@ -138,3 +138,27 @@ def test_opcheck():
         for inputs, size, mode, save in ((grid4, [3, 2], 1, False), (even, [2, 1], 0, True)):
             args = (inputs, w1, b1, w2, b2, size, mode, save)
             torch.library.opcheck(torch.ops.vlmkernels.pooled_projector, args, test_utils=utils)
+
+
+def test_benchmark_providers_agree():
+    """The tokens_pool suite's projector cases (benchmarks/bench_tokens_pool.py) compute one
+    result: fused, mlp_projector then pool_tokens, eager, eager pooled first."""
+    from pathlib import Path
+
+    from vlmkernels.cli import load_benchmarks
+
+    load_benchmarks(Path(__file__).resolve().parents[1])
+    from benchmarks import bench_tokens_pool as bp
+    from benchmarks.harness import BuildArgs
+
+    shape = {"F": 2, "S": 5, "C": 8, "K": 6}
+    with vlmkernels.use_backend("torch"):
+        for op in ("proj_pool_bilinear", "proj_pool_avg2x2"):
+            args = BuildArgs(op, shape, torch.float64, torch.device("cpu"), 0, {})
+            outs = {p.name: p.build(args).call()[0] for p in bp.PROJECTOR_PROVIDERS
+                    if p.name != "compile"}  # fmt: skip
+            ref = outs.pop("eager")
+            out = 2 if op.endswith("avg2x2") else 3  # avg2x2: the even 4 x 4 part, halved
+            assert ref.shape == (2, out * out, 8)
+            for name, out in outs.items():
+                assert max_rel(out, ref) < 1e-12, (op, name)

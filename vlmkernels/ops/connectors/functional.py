@@ -182,15 +182,22 @@ def mlp_projector(
 
     Both poolings are affine combinations of tokens with weights summing to 1, so they
     commute with the second linear, pool(a W2^T + b2) = pool(a) W2^T + b2: the same result
-    up to rounding (not bitwise: the sums are taken in another order; bf16 rounds the
-    pooled activations instead of the projected outputs). It pays where the second GEMM
-    dominates: with M = B H W tokens and m = B h w pooled ones, the FLOPs are 2 M K N1 +
-    2 m N1 N2 forward instead of 2 M K N1 + 2 M N1 N2 (LLaVA-OneVision, K 1152, N1 = N2
-    3584, 27 x 27 -> 14 x 14: 0.46x; the 2 x 2 mean: m = M / 4), and the backward's
-    dW2 = g^T pool(a) and dp = g W2 run on m rows too (about 0.5x of the 6 GEMM passes
-    overall at those sizes); the pooling itself moves M N1 elements instead of M N2, and
-    its adjoint runs between dp and GELU'(h). Nothing is stored but the inputs (h with
-    ``store_hidden``).
+    in exact arithmetic, up to rounding in floating point (not bitwise: the sums run in
+    another order, and 16-bit inputs round the pooled activations instead of the projected
+    outputs).
+
+    When it pays (FLOP model; M = B H W tokens, m = B h w pooled ones): the second GEMM runs
+    on m rows instead of M, in the forward (y = p W2^T) and in both of its backward GEMMs
+    (dW2 = g^T p, dp = g W2), so the GEMM FLOPs per pass go from 2 M (K N1 + N1 N2) to
+    2 (M K N1 + m N1 N2): 0.45x at LLaVA-OneVision's 27 x 27 -> 14 x 14 (K 1152,
+    N1 = N2 3584), 0.4x for the 2 x 2 mean (m = M / 4) at LLaVA-1.5's K 1024, N 4096. The
+    forward pays for any m < M (the pooling reads M N1 elements instead of M N2). The
+    backward's price is bandwidth: the pooling's adjoint and GELU' run as aten kernels,
+    about two more 16-bit passes over the M x N1 hidden elements than the unfused
+    projector (which fuses GELU' into its GEMM), against 4 (1 - m / M) N2 FLOPs saved per
+    hidden element; at an H100's ~200 FLOP per byte that breaks even near N2 ~ 300 (a
+    model, not a measurement). Nothing is kept for the backward but the inputs (h,
+    M x N1, with ``store_hidden``).
 
     Returns:
         (..., N2), or (B, h w, N2) with ``pool``. The backward gives dx, dW1, db1, dW2, db2
