@@ -94,6 +94,77 @@ def _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS: tl.cons
 
 
 # fmt: off
+@triton.jit
+def _pair_logits(x_ptr, y_ptr, rows, cols, mask, D, stride_xn, stride_xd, stride_yn,
+                 stride_yd, BK: tl.constexpr):
+    """x[rows[m]] . y[cols[m]] per m in fp32 (0 where ``mask`` is false): the logits of one
+    pair per row, outside the tiles."""
+    ks = tl.arange(0, BK)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+    y_rows = y_ptr + cols.to(tl.int64)[:, None] * stride_yn
+    dot = mask.to(tl.float32) * 0.0
+    for k0 in range(0, D, BK):
+        kk = k0 + ks
+        m = mask[:, None] & (kk < D)[None, :]
+        xv = tl.load(x_rows + kk[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+        yv = tl.load(y_rows + kk[None, :] * stride_yd, mask=m, other=0.0).to(tl.float32)
+        dot += tl.sum(xv * yv, 1)
+    return dot
+
+
+@triton.jit
+def _positive_pairs(
+    x_ptr, y_ptr, scale_ptr, bias_ptr, xt_ptr, yt_ptr, tscale_ptr, row_coef_ptr,
+    col_coef_ptr, grad_ptr, stride_gm, row0, local0, n_rows, N, D, offset, col_lo, col_hi,
+    stride_xn, stride_xd, stride_yn, stride_yd, stride_txn, stride_txd, stride_tyn,
+    stride_tyd, coef_stride_r, coef_stride_c,
+    ROWS: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """The positive pairs (i, i + offset) of ``_clip_grad_kernel``'s rows row0 + local0 ..
+    + BM with their column in [col_lo, col_hi): their gradient written again with the
+    positive term -(h_i + h'_c) that the tiles leave out, computed from their logits
+    (:func:`_pair_logits`; every coefficient loaded again, so that nothing of this stays
+    live through the tile loop). Returns what the tiles' sums of grad * s log2(e) XY^T and
+    of grad have in excess: sum (h_i + h'_c) s log2(e) x_i . y_c and sum (h_i + h'_c)."""
+    local = local0 + tl.arange(0, BM)
+    rows = row0 + local
+    pos = rows + offset
+    on = (local < n_rows) & (pos >= col_lo) & (pos < tl.minimum(col_hi, N))
+    scale, bias = scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    bias2 = bias * LOG2E
+    a_pos = _pair_logits(x_ptr, y_ptr, rows, pos, on, D, stride_xn, stride_xd, stride_yn,
+                         stride_yd, BK) * (scale * LOG2E)
+    h_pos = _col_hard_weight(col_coef_ptr, coef_stride_c, pos, on, COLS)
+    col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, pos, on, bias2, COLS,
+                                     SMOOTH)
+    if ROWS:
+        h_pos += tl.load(row_coef_ptr + 2 * coef_stride_r + rows, mask=on, other=0.0)
+    g = -h_pos
+    if ROWS:
+        row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=on, other=0.0) * LOG2E
+        w_r = tl.load(row_coef_ptr + coef_stride_r + rows, mask=on, other=0.0)
+        g += w_r * tl.exp2(a_pos + row_shift)
+        if SMOOTH:
+            g -= tl.load(row_coef_ptr + 3 * coef_stride_r + rows, mask=on, other=0.0)
+    if COLS:
+        g += w_c * tl.exp2(a_pos + col_shift) - e_c
+    if TEACHER:
+        tt = _pair_logits(xt_ptr, yt_ptr, rows, pos, on, D, stride_txn, stride_txd,
+                          stride_tyn, stride_tyd, BK) * (tl.load(tscale_ptr) * LOG2E)
+        if ROWS:
+            a_r = tl.load(row_coef_ptr + 4 * coef_stride_r + rows, mask=on, other=0.0)
+            t_lse_r = tl.load(row_coef_ptr + 5 * coef_stride_r + rows, mask=on, other=0.0)
+            g -= a_r * tl.exp2(tt - t_lse_r * LOG2E)
+        if COLS:
+            a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + pos, mask=on, other=0.0)
+            t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + pos, mask=on, other=0.0)
+            g -= a_c * tl.exp2(tt - t_lse_c * LOG2E)
+    tl.store(grad_ptr + local.to(tl.int64) * stride_gm + pos, g.to(grad_ptr.dtype.element_ty),
+             mask=on)
+    return tl.sum(h_pos * a_pos, 0), tl.sum(h_pos, 0)
+
+
 _STATS_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
 
 
@@ -193,9 +264,6 @@ def _clip_stats_kernel(
                     dot_c = tl.load(col_acc_ptr + cols, mask=seen, other=0.0)
                     dot_c += tl.sum(tl.where(hard, t, 0.0), 0) * LN2
                     tl.store(col_acc_ptr + cols, dot_c, mask=col_mask)
-            elif diagonal_tile(i * BM + offset, j * BN, BM, BN):
-                hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
-                hard_dot_r += tl.sum(tl.where(hard, t, 0.0), 1)
             if SMOOTH:
                 logit_sum_r += tl.sum(t * keep_c[None, :], 1)
                 if COLS:
@@ -237,6 +305,15 @@ def _clip_stats_kernel(
         if ROWS:
             tl.store(row_max_ptr + rows, m_row, mask=row_mask)
             tl.store(row_sum_ptr + rows, l_row, mask=row_mask)
+        first = i * BM + offset
+        if not IDS and (first < j_hi * BN) and (j_lo * BN < first + BM):
+            # row i's positive, column i + offset, in this program's columns: its logit,
+            # outside the tiles (no per-element test in the tile loop)
+            pos = rows + offset
+            on = row_mask & (pos >= j_lo * BN) & (pos < tl.minimum(j_hi * BN, N))
+            s_pos = _pair_logits(x_ptr, y_ptr, rows, pos, on, D, stride_xn, stride_xd,
+                                 stride_yn, stride_yd, BK)
+            hard_dot_r = tl.where(on, s_pos * scale2 + bias * LOG2E, 0.0)
         tl.store(row_acc_ptr + rows, hard_dot_r * LN2, mask=row_mask)
         if SMOOTH:
             tl.store(row_acc_ptr + 2 * row_slot + rows, logit_sum_r * LN2, mask=row_mask)
@@ -348,11 +425,6 @@ def _clip_grad_kernel(
             h_c = _col_hard_weight(col_coef_ptr, coef_stride_c, cols, col_mask, COLS)
             hard = _hard_mask(rows, cols, rid, cid, valid, offset, IDS)
             grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
-        elif diagonal_tile(row0 + pid_m * BM + offset, j * BN, BM, BN):
-            # rows past the chunk are padding here even where they are rows of the matrix
-            h_c = _col_hard_weight(col_coef_ptr, coef_stride_c, cols, col_mask, COLS)
-            hard = _hard_mask(rows, cols, rows, cols, valid, offset, IDS)
-            grad = tl.where(hard, grad - (h_r[:, None] + h_c[None, :]), grad)
         if SMOOTH:
             keep_c = col_mask.to(tl.float32)
             if ROWS:
@@ -362,9 +434,24 @@ def _clip_grad_kernel(
         dscale_acc += tl.sum(grad * a, 1)
         dbias_acc += tl.sum(grad, 1)
         tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
+    dscale = tl.sum(dscale_acc, 0)
+    dbias = tl.sum(dbias_acc, 0)
+    first = row0 + pid_m * BM + offset
+    if not IDS and (first < j_hi * BN) and (j_lo * BN < first + BM):
+        # row i's positive, column i + offset, in this program's columns: written again
+        # after the tiles (no per-element test in the tile loop)
+        tl.debug_barrier()  # after every thread's tile stores of these elements
+        ds, db = _positive_pairs(
+            x_ptr, y_ptr, scale_ptr, bias_ptr, xt_ptr, yt_ptr, tscale_ptr, row_coef_ptr,
+            col_coef_ptr, grad_ptr, stride_gm, row0, pid_m * BM, n_rows, N, D, offset,
+            j_lo * BN, j_hi * BN, stride_xn, stride_xd, stride_yn, stride_yd,
+            stride_txn, stride_txd, stride_tyn, stride_tyd, coef_stride_r, coef_stride_c,
+            ROWS, COLS, SMOOTH, TEACHER, HAS_BIAS, BM, BK)
+        dscale -= ds
+        dbias -= db
     pid = pid_m * num_splits + split
-    tl.store(partial_ptr + pid, tl.sum(dscale_acc, 0))
-    tl.store(partial_ptr + partial_stride + pid, tl.sum(dbias_acc, 0))
+    tl.store(partial_ptr + pid, dscale)
+    tl.store(partial_ptr + partial_stride + pid, dbias)
 
 
 @tuned("siglip", configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"], sizes=["D", "n_bucket"],
