@@ -117,7 +117,7 @@ def test_untuned_default_per_dtype(dirs):
         assert T.lookup("siglip", key, device=H100, dtype="fp32") is fp32_default
     assert T.lookup("siglip", key, device=H100, dtype="bf16") is C._GPU_CONFIGS[0]
     assert T.all_kernels()["clip_grad"].default_for(torch.float32) is fp32_default
-    assert STATS.default_for("fp32") is STATS.default  # clip_stats keeps BK 64
+    assert STATS.default_for("fp32") is fp32_default
     user, _ = dirs
     write(user, "siglip", [(dict(key, dtype="fp32"), entry(SPACE[2]))])
     T.clear_cache()
@@ -125,6 +125,25 @@ def test_untuned_default_per_dtype(dirs):
     with pytest.raises(ValueError, match="fp32 default must be a config of the space"):
         T.tuned("odd", configs=list(SPACE), key=["D"], sizes=["D"],
                 defaults={"fp32": triton.Config({"BM": 16})})(C._siglip_kernel.fn)  # fmt: skip
+
+
+def test_untuned_default_per_variant(dirs):
+    """The CLIP kernels' variants with targets (ids, smoothing, a teacher) default to their
+    own config (128 x 64 x 32, 8 warps) in both dtypes, the plain variants to the dtype's;
+    a tuned entry still wins."""
+    targets = C._GPU_CONFIGS[4]
+    assert targets.kwargs == {"BM": 128, "BN": 64, "BK": 32} and targets.num_warps == 8
+    with pytest.warns(T.DefaultConfigWarning):
+        assert T.lookup("clip_stats", stats_key(ids=1), device=H100) is targets
+    for flags in (dict(smooth=1), dict(teacher=1, dtype="fp32")):
+        assert T.lookup("clip_stats", stats_key(**flags), device=H100) is targets
+        assert T.lookup("clip_grad", stats_key(**flags), device=H100) is targets
+    assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[0]
+    assert T.lookup("clip_grad", stats_key(), device=H100) is SPACE[1]
+    user, _ = dirs
+    write(user, "clip_stats", [(stats_key(ids=1), entry(SPACE[2]))])
+    T.clear_cache()
+    assert T.lookup("clip_stats", stats_key(ids=1), device=H100) is SPACE[2]
 
 
 def test_lookup_order_user_over_package_over_default(dirs):
@@ -172,7 +191,7 @@ def test_nearest_bucket(dirs):
         warnings.simplefilter("error", T.DefaultConfigWarning)
         assert T.lookup("clip_stats", stats_key(dtype=torch.float16), device=H100) is SPACE[0]
     with pytest.warns(T.DefaultConfigWarning):
-        assert T.lookup("clip_stats", stats_key(dtype="fp32"), device=H100) is SPACE[0]
+        assert T.lookup("clip_stats", stats_key(dtype="fp32"), device=H100) is SPACE[1]
 
 
 def test_nearest_bucket_ties_go_to_the_larger_sizes(dirs):

@@ -430,17 +430,18 @@ def _resolve(kernel, device: str, key: tuple):
         config = _nearest(kernel, layer.entries, key)
         if config is not None:
             return config, layer.origin
+    default = kernel.default_for(key[-1], dict(zip(kernel.file_key, key, strict=True)))
     if kernel.name not in _WARNED_DEFAULT:
         _WARNED_DEFAULT.add(kernel.name)
         warnings.warn(
             f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
             f"({kernel.bucket(key)}); launching with the default "
-            f"{_config_entry(kernel.default_for(key[-1]))}. Run `vlmkernels tune` on this "
+            f"{_config_entry(default)}. Run `vlmkernels tune` on this "
             f"GPU (files go to {user_config_dir()}). Warned once per kernel.",
             DefaultConfigWarning,
             stacklevel=4,
         )
-    return kernel.default_for(key[-1]), "default"
+    return default, "default"
 
 
 # --------------------------------------------------------------------------------------

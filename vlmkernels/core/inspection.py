@@ -243,8 +243,9 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
         json.dumps([FORMAT, triton.__version__, arch, dtype, src.hash(), options]).encode()
     ).hexdigest()[:32]
     path = cache_dir() / f"{key}.json"
+    default = case.kernel.default_for(dtype, case.constants(dtype))
     labels = dict(kernel=case.kernel.name, case=case.name, config=config_label(config),
-                  default=config is case.kernel.default_for(dtype), dtype=dtype)  # fmt: skip
+                  default=config is default, dtype=dtype)  # fmt: skip
     if use_cache and path.is_file():
         try:  # the labels are the caller's: two cases may compile to the same source
             return {**json.loads(path.read_text()), **labels}
@@ -295,7 +296,7 @@ def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "al
     for fam, case in cases:
         space = list(case.kernel.space)
         for dtype in dtypes:
-            defaults = [case.kernel.default_for(dtype)]
+            defaults = [case.kernel.default_for(dtype, case.constants(dtype))]
             for config in space if configs == "all" else defaults:
                 if progress:
                     progress(f"{case.name} {dtype} {config_label(config)}")

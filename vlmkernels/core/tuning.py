@@ -99,7 +99,7 @@ class TunedKernel(KernelInterface):
     the GPU config space, ``fn`` the wrapped kernel."""
 
     def __init__(self, name, fn, configs, key, sizes, restore_value=None, interpreted=None,
-                 defaults=None):  # fmt: skip
+                 defaults=None, variant_default=None):  # fmt: skip
         self.name = name
         self.fn = fn
         self.arg_names = list(fn.arg_names)
@@ -119,6 +119,7 @@ class TunedKernel(KernelInterface):
         for dtype, config in self.dtype_defaults.items():
             if not any(config is c for c in self.space):
                 raise ValueError(f"{name}: the {dtype} default must be a config of the space")
+        self.variant_default = variant_default
         self.restore_value = restore_value
         self.interpreted = runtime.INTERPRETED if interpreted is None else interpreted
         self._cache: dict[tuple, triton.Config] = {}
@@ -130,9 +131,18 @@ class TunedKernel(KernelInterface):
         """The heuristic default: the first config of the space."""
         return self.space[0]
 
-    def default_for(self, dtype) -> triton.Config:
+    def default_for(self, dtype, variant: Mapping | None = None) -> triton.Config:
         """The heuristic default for inputs of ``dtype`` (a torch dtype or "bf16" / "fp16"
-        / "fp32"): the one :func:`tuned` names for it, else :attr:`default`."""
+        / "fp32"): the one :func:`tuned`'s ``variant_default`` gives for ``variant`` (the
+        launch's key values or constexprs by name), else the one it names for the dtype,
+        else :attr:`default`."""
+        if self.variant_default is not None and variant is not None:
+            config = self.variant_default({**variant, "dtype": _dtype_name(dtype)})
+            if config is not None:
+                if not any(config is c for c in self.space):
+                    raise ValueError(f"{self.name}: a variant default must be a config of "
+                                     "the space")  # fmt: skip
+                return config
         return self.dtype_defaults.get(_dtype_name(dtype), self.space[0])
 
     @functools.cached_property
@@ -231,7 +241,8 @@ class TunedKernel(KernelInterface):
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
 
 
-def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None):
+def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
+          variant_default=None):  # fmt: skip
     """Decorator replacing ``triton.autotune``: launches take their config from
     :func:`lookup` (see the module docstring). ``configs`` comes from
     :func:`.runtime.autotune_configs`; ``key`` names the arguments whose values select the
@@ -239,10 +250,13 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None):
     bucket by log2), the others being variant flags that must match; ``restore_value`` is
     passed to the opt-in autotuner (``VLMKERNELS_AUTOTUNE=1``). ``defaults``: the
     untuned default per input dtype name ("fp32": a config of the space) where it is not
-    the first config of the space."""
+    the first config of the space; ``variant_default``: a function of the key's values by
+    name (and "dtype") giving the untuned default of some variants (a config of the space),
+    or None for the others."""
 
     def wrap(fn):
-        return TunedKernel(name, fn, configs, key, sizes, restore_value, defaults=defaults)
+        return TunedKernel(name, fn, configs, key, sizes, restore_value, defaults=defaults,
+                           variant_default=variant_default)  # fmt: skip
 
     return wrap
 

@@ -39,16 +39,36 @@ _GPU_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
     triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 64, "BK": 32}, num_warps=8, num_stages=4),
 ]
 # Small tiles keep the interpreter's per-op cost low; 32 is not a multiple of the test
 # sizes, so masking is exercised.
 _INTERPRETER_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
 _CONFIGS = autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG)
-# The untuned default for fp32 inputs (3xTF32 dots) of the gradient and SigLIP kernels:
-# with BK 32, sm_90a spills 80 B per thread in clip_grad (332 at BK 64), 56 in siglip's
-# gradient (328), none in its loss pass (56), in 128 of shared memory instead of 192 KB.
-# clip_stats keeps BK 64 for fp32 (56 B against 88). `vlmkernels tune` replaces both.
+# The untuned default for fp32 inputs (3xTF32 dots): with BK 32, sm_90a spills 52 B per
+# thread in siglip's gradient (272 at BK 64), none in clip_stats (108) or SigLIP's loss pass
+# (64), in 128 of shared memory instead of 192 KB. `vlmkernels tune` replaces it.
 _FP32_DEFAULT = {"fp32": _GPU_CONFIGS[1]}
+# clip_grad's for every dtype: at BK 64 its 16-bit default spilled 20 B per thread (two
+# values kept through the tile loop for the positive pairs' pass after it), none at BK 32,
+# with fewer instructions per tile (1,665 against 1,737); fp32 spills 72 B at BK 32.
+_GRAD_DEFAULT = {dtype: _GPU_CONFIGS[1] for dtype in ("bf16", "fp16", "fp32")}
+
+
+def _targets_default(variant):
+    """The untuned default of the CLIP kernels' variants with targets (ids, label smoothing
+    or a teacher), both dtypes: 128 x 64 tiles with 8 warps. At 128 x 128 their column
+    vectors (BN / 4 values per thread each: ids, the teacher's log-sum-exp, the column
+    statistics) and the teacher's second logits tile exceed 255 registers (sm_90a spilled
+    424 / 968 B per thread in clip_stats for bf16 / fp32, 32 / 396 in clip_grad); at
+    128 x 64 x 32 none spill, at about as many instructions per logit (81.5 against 85.5 in
+    clip_stats, 50.9 against 50.4 in clip_grad, bf16) and their epilogue, not the tensor
+    cores, bounds them."""
+    if variant.get("IDS") or variant.get("SMOOTH") or variant.get("TEACHER"):
+        return _GPU_CONFIGS[4]
+    return None
+
+
 # What the launchers assume before the config is chosen: the smallest BM of any config
 # (partial buffers sized with it are never too small) and the usual tile (grids).
 MIN_BLOCK = 32 if INTERPRETED else 64
@@ -112,63 +132,11 @@ def _pair_logits(x_ptr, y_ptr, rows, cols, mask, D, stride_xn, stride_xd, stride
     return dot
 
 
-@triton.jit
-def _positive_pairs(
-    x_ptr, y_ptr, scale_ptr, bias_ptr, xt_ptr, yt_ptr, tscale_ptr, row_coef_ptr,
-    col_coef_ptr, grad_ptr, stride_gm, row0, local0, n_rows, N, D, offset, col_lo, col_hi,
-    stride_xn, stride_xd, stride_yn, stride_yd, stride_txn, stride_txd, stride_tyn,
-    stride_tyd, coef_stride_r, coef_stride_c,
-    ROWS: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):
-    """The positive pairs (i, i + offset) of ``_clip_grad_kernel``'s rows row0 + local0 ..
-    + BM with their column in [col_lo, col_hi): their gradient written again with the
-    positive term -(h_i + h'_c) that the tiles leave out, computed from their logits
-    (:func:`_pair_logits`; every coefficient loaded again, so that nothing of this stays
-    live through the tile loop). Returns what the tiles' sums of grad * s log2(e) XY^T and
-    of grad have in excess: sum (h_i + h'_c) s log2(e) x_i . y_c and sum (h_i + h'_c)."""
-    local = local0 + tl.arange(0, BM)
-    rows = row0 + local
-    pos = rows + offset
-    on = (local < n_rows) & (pos >= col_lo) & (pos < tl.minimum(col_hi, N))
-    scale, bias = scale_and_bias(scale_ptr, bias_ptr, HAS_BIAS)
-    bias2 = bias * LOG2E
-    a_pos = _pair_logits(x_ptr, y_ptr, rows, pos, on, D, stride_xn, stride_xd, stride_yn,
-                         stride_yd, BK) * (scale * LOG2E)
-    h_pos = _col_hard_weight(col_coef_ptr, coef_stride_c, pos, on, COLS)
-    col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, pos, on, bias2, COLS,
-                                     SMOOTH)
-    if ROWS:
-        h_pos += tl.load(row_coef_ptr + 2 * coef_stride_r + rows, mask=on, other=0.0)
-    g = -h_pos
-    if ROWS:
-        row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=on, other=0.0) * LOG2E
-        w_r = tl.load(row_coef_ptr + coef_stride_r + rows, mask=on, other=0.0)
-        g += w_r * tl.exp2(a_pos + row_shift)
-        if SMOOTH:
-            g -= tl.load(row_coef_ptr + 3 * coef_stride_r + rows, mask=on, other=0.0)
-    if COLS:
-        g += w_c * tl.exp2(a_pos + col_shift) - e_c
-    if TEACHER:
-        tt = _pair_logits(xt_ptr, yt_ptr, rows, pos, on, D, stride_txn, stride_txd,
-                          stride_tyn, stride_tyd, BK) * (tl.load(tscale_ptr) * LOG2E)
-        if ROWS:
-            a_r = tl.load(row_coef_ptr + 4 * coef_stride_r + rows, mask=on, other=0.0)
-            t_lse_r = tl.load(row_coef_ptr + 5 * coef_stride_r + rows, mask=on, other=0.0)
-            g -= a_r * tl.exp2(tt - t_lse_r * LOG2E)
-        if COLS:
-            a_c = tl.load(col_coef_ptr + 4 * coef_stride_c + pos, mask=on, other=0.0)
-            t_lse_c = tl.load(col_coef_ptr + 5 * coef_stride_c + pos, mask=on, other=0.0)
-            g -= a_c * tl.exp2(tt - t_lse_c * LOG2E)
-    tl.store(grad_ptr + local.to(tl.int64) * stride_gm + pos, g.to(grad_ptr.dtype.element_ty),
-             mask=on)
-    return tl.sum(h_pos * a_pos, 0), tl.sum(h_pos, 0)
-
-
 _STATS_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
 
 
-@tuned("clip_stats", configs=_CONFIGS, key=_STATS_KEY, sizes=["D", "n_bucket"])
+@tuned("clip_stats", configs=_CONFIGS, key=_STATS_KEY, sizes=["D", "n_bucket"],
+       defaults=_FP32_DEFAULT, variant_default=_targets_default)
 @even_k
 @triton.jit
 def _clip_stats_kernel(
@@ -325,7 +293,7 @@ _GRAD_KEY = ["D", "n_bucket", "ROWS", "COLS", "IDS", "SMOOTH", "TEACHER"]
 
 
 @tuned("clip_grad", configs=_CONFIGS, key=_GRAD_KEY, sizes=["D", "n_bucket"],
-       defaults=_FP32_DEFAULT)
+       defaults=_GRAD_DEFAULT, variant_default=_targets_default)
 @even_k
 @triton.jit
 def _clip_grad_kernel(
@@ -348,10 +316,13 @@ def _clip_grad_kernel(
         grad_ij = u_i exp(S_ij - r_i) - h_i P_ij - e_i - a_i exp(T_ij - rt_i)      (rows)
                 + v_j exp(S_ij - c_j) - h'_j P_ij - e'_j - a'_j exp(T_ij - ct_j)   (columns)
 
-    P the positive pairs. Program (m, k) covers row block m of the chunk and the column
-    blocks of split k, and writes sum(grad * s log2(e) XY^T) and sum(grad) (the scale and
-    bias gradients' shares) to partial[0, pid] and partial[1, pid]. Padding rows and
-    columns contribute exactly 0: their exponents carry -inf and their weights are 0.
+    P the positive pairs. Without ids they are (i, i + offset): the tile loop only takes
+    their logits (on diagonal tiles) and leaves out -(h_i + h'_j); a pass after it writes
+    their gradient again and corrects the sums. Program (m, k) covers row block m of the
+    chunk and the column blocks of split k, and writes sum(grad * s log2(e) XY^T) and
+    sum(grad) (the scale and bias gradients' shares) to partial[0, pid] and partial[1, pid].
+    Padding rows and columns contribute exactly 0: their exponents carry -inf and their
+    weights are 0.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -386,6 +357,10 @@ def _clip_grad_kernel(
 
     dscale_acc = tl.zeros((BM,), tl.float32)
     dbias_acc = tl.zeros((BM,), tl.float32)
+    # the positive pairs' logits (one per row) as the tiles compute them
+    diag_row = row0 + pid_m * BM + offset
+    a_pos = tl.zeros((BM,), tl.float32)
+    tt_pos = tl.zeros((BM,), tl.float32)
     for j in range(j_lo, j_hi):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
@@ -402,6 +377,10 @@ def _clip_grad_kernel(
             tt = logits_tile(xt_ptr, yt_ptr, row0 + pid_m * BM, j * BN, row_mask, col_mask, D,
                              stride_txn, stride_txd, stride_tyn, stride_tyd,
                              BM, BN, BK, EVEN_K, DOT_FP32, INPUT_PRECISION) * tscale2
+            if not IDS:
+                if diagonal_tile(diag_row, j * BN, BM, BN):
+                    hard = _hard_mask(rows, cols, rows, cols, valid, offset, IDS)
+                    tt_pos += tl.sum(tl.where(hard, tt, 0.0), 1)
             if ROWS:
                 grad -= a_r[:, None] * tl.exp2(tt + t_shift_r[:, None] + col_pad[None, :])
             if COLS:
@@ -416,6 +395,11 @@ def _clip_grad_kernel(
             col_shift, w_c, e_c = _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask,
                                              bias2, COLS, SMOOTH)
         a = acc * scale2
+        if not IDS:
+            if diagonal_tile(diag_row, j * BN, BM, BN):
+                # rows past the chunk are padding here even where they are rows of the matrix
+                hard = _hard_mask(rows, cols, rows, cols, valid, offset, IDS)
+                a_pos += tl.sum(tl.where(hard, a, 0.0), 1)
         if ROWS:
             grad += w_r[:, None] * tl.exp2(a + row_shift[:, None] + col_pad[None, :])
         if COLS:
@@ -436,19 +420,38 @@ def _clip_grad_kernel(
         tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=valid)
     dscale = tl.sum(dscale_acc, 0)
     dbias = tl.sum(dbias_acc, 0)
-    first = row0 + pid_m * BM + offset
-    if not IDS and (first < j_hi * BN) and (j_lo * BN < first + BM):
-        # row i's positive, column i + offset, in this program's columns: written again
-        # after the tiles (no per-element test in the tile loop)
+    if not IDS and (diag_row < j_hi * BN) and (j_lo * BN < diag_row + BM):
+        # Row i's positive, column c = i + offset, in this program's columns: the tiles
+        # left out its term -(h_i + h'_c) (they only took its logits, a_pos and tt_pos);
+        # its gradient is written again here and the sums corrected. The row coefficients
+        # are those of the tiles; logits recomputed here would differ by a rounding, which
+        # the cancellation in u p - h magnifies where p is near 1.
+        pos = rows + offset
+        on = row_mask & (pos >= j_lo * BN) & (pos < tl.minimum(j_hi * BN, N))
+        a_pos = tl.where(on, a_pos, 0.0)
+        h_pos = tl.where(on, h_r, 0.0) + _col_hard_weight(col_coef_ptr, coef_stride_c, pos,
+                                                          on, COLS)
+        p_shift, w_p, e_p = _col_coefs(col_coef_ptr, coef_stride_c, pos, on, bias2, COLS,
+                                       SMOOTH)
+        g = -h_pos
+        if ROWS:
+            g += w_r * tl.exp2(a_pos + row_shift)
+            if SMOOTH:
+                g -= e_r
+        if COLS:
+            g += w_p * tl.exp2(a_pos + p_shift) - e_p
+        if TEACHER:
+            if ROWS:
+                g -= a_r * tl.exp2(tt_pos + t_shift_r)
+            if COLS:
+                a_p = tl.load(col_coef_ptr + 4 * coef_stride_c + pos, mask=on, other=0.0)
+                t_lse_p = tl.load(col_coef_ptr + 5 * coef_stride_c + pos, mask=on, other=0.0)
+                g -= a_p * tl.exp2(tt_pos - t_lse_p * LOG2E)
+        dscale -= tl.sum(h_pos * a_pos, 0)
+        dbias -= tl.sum(h_pos, 0)
         tl.debug_barrier()  # after every thread's tile stores of these elements
-        ds, db = _positive_pairs(
-            x_ptr, y_ptr, scale_ptr, bias_ptr, xt_ptr, yt_ptr, tscale_ptr, row_coef_ptr,
-            col_coef_ptr, grad_ptr, stride_gm, row0, pid_m * BM, n_rows, N, D, offset,
-            j_lo * BN, j_hi * BN, stride_xn, stride_xd, stride_yn, stride_yd,
-            stride_txn, stride_txd, stride_tyn, stride_tyd, coef_stride_r, coef_stride_c,
-            ROWS, COLS, SMOOTH, TEACHER, HAS_BIAS, BM, BK)
-        dscale -= ds
-        dbias -= db
+        tl.store(grad_ptr + local.to(tl.int64) * stride_gm + pos,
+                 g.to(grad_ptr.dtype.element_ty), mask=on)
     pid = pid_m * num_splits + split
     tl.store(partial_ptr + pid, dscale)
     tl.store(partial_ptr + partial_stride + pid, dbias)
