@@ -123,8 +123,8 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
         return mask.bool()
     thr, _ = dropout_threshold(dropout_p)
     with device_guard(seed):
-        _dropout_mask_kernel[(triton.cdiv(lq, 16), triton.cdiv(lk, 32), b * h)](
-            seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=16, BN=32,
+        _dropout_mask_kernel[(triton.cdiv(lq, 32), triton.cdiv(lk, 64), b * h)](
+            seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=32, BN=64,
         )  # fmt: skip
     return mask.bool()
 

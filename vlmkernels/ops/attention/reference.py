@@ -73,8 +73,8 @@ def dropout_keep(seed, b, h, i, j, dropout_p):
     thr, _ = dropout_threshold(dropout_p)
     seed = seed.reshape(()).to(torch.int64)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
-    shape = torch.broadcast_shapes(b.shape, h.shape, i.shape, j.shape)
-    c0, c1, c2, c3 = (x.to(torch.int64).expand(shape) for x in (j // 4, i, h, b))
+    zero = torch.zeros((), dtype=torch.int64, device=seed.device) + b * 0 + h * 0 + i * 0 + j * 0
+    c0, c1, c2, c3 = (zero + x for x in (j // 4, i, h, b))
     for _ in range(10):
         hi0, lo0 = _mulhilo(_PHILOX_ROUND[0], c0)
         hi2, lo2 = _mulhilo(_PHILOX_ROUND[1], c2)
