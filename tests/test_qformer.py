@@ -4,7 +4,8 @@ dtype, bad input, opcheck and torch.compile; the batched K / V GEMM; BLIP-2 and
 InstructBLIP Q-Formers (tiny random configs, cross-attention every 2nd layer) patched
 against transformers: outputs and gradients (image features, queries, every weight) in
 fp32 and bf16, the one-GEMM K / V actually used, the weight cache following in-place
-updates, undo restoring the instances bitwise."""
+updates, undo restoring the instances bitwise; a training step with attention dropout in
+the kernel."""
 
 import importlib
 
@@ -276,6 +277,38 @@ def test_patched_qformer_hidden_dropout_in_training():
         torch.manual_seed(7)
         got = model(**kwargs).last_hidden_state
     assert rel(got, want) < 1e-5
+
+
+def test_patched_qformer_trains_with_attention_dropout():
+    """One SGD step of the patched Q-Former in training mode with attention dropout 0.1
+    (BLIP-2's default), in the kernel. Its masks cannot be transformers' (another RNG), so:
+    the output is not the eval one (dropped, not skipped), the loss is finite, exactly the
+    parameters that get a gradient in transformers get a finite one, and the step lowers
+    the loss under the same seed (same masks). With dropout 0 in training it matches
+    transformers (test_patched_qformer_training_mode_and_parts)."""
+    model = tiny_qformer("blip_2", layers=2)
+    kwargs, leaves = inputs("blip_2")
+    plain, want_grads = run(model, kwargs, leaves)
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert len(attention) == 3  # 2 self + 1 cross
+    for m in attention:
+        m.attention_dropout = 0.1
+    model.train()
+    params = list(model.parameters())
+    with patch(model):
+        torch.manual_seed(3)
+        out = model(**kwargs).last_hidden_state
+        loss = out.square().mean()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p -= 0.05 * g
+            torch.manual_seed(3)
+            after = model(**kwargs).last_hidden_state.square().mean()
+    assert torch.isfinite(loss) and rel(out, plain) > 1e-3
+    for g, e in zip(grads, want_grads[2:], strict=True):
+        assert torch.isfinite(g).all() and (g.abs().max() > 0) == (e.abs().max() > 0)
+    assert after < loss
 
 
 def test_patched_qformer_bf16():

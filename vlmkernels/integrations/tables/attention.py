@@ -24,8 +24,12 @@ gets an instance ``forward`` with transformers' projections and the family's att
 (fp32, the Q-Former's default dtype, is computed with 3xTF32 dots on GPUs). Its additive
 masks (B, 1, 1 or T, N), 0 at visible keys and very negative at padding, become key
 padding; refused, naming why: a mask that is not 0 / very negative, or that differs
-between query rows; attention dropout > 0 in training mode. It returns no attention
-weights (None). A query row whose keys are all padding gets 0 (transformers: a uniform
+between query rows. Attention dropout (``attention_probs_dropout_prob``, 0.1 by default)
+runs in the kernel in training mode (``cross_attention(dropout_p=...)``: a counter-based
+mask drawn from the device's torch generator, regenerated in the backward), so a patched
+Q-Former trains with its dropout; its masks are not transformers' (a different RNG), so
+outputs match transformers only in eval mode or with the dropout at 0. It returns no
+attention weights (None). A query row whose keys are all padding gets 0 (transformers: a uniform
 average).
 
 Part ``gated_cross_attention`` (a keyword of :func:`vlmkernels.patch`): every
@@ -38,9 +42,9 @@ family's core: the image attention mask (IDEFICS's additive (B, 1, T, N) mask, 0
 text token may attend an image token) becomes one key range [lo, hi) per token, so each
 query block visits only the image tokens its tokens see (no dense mask in the kernel).
 
-Refused at call time, with an error naming the reason: a mask whose allowed image tokens
-are not one interval per text token (never the case for IDEFICS's image-by-image masks),
-attention dropout > 0 in training mode (the kernel has no dropout), a cache. Tokens that
+Attention dropout in training mode runs in the kernel (as the Q-Former's). Refused at call
+time, with an error naming the reason: a mask whose allowed image tokens are not one
+interval per text token (never the case for IDEFICS's image-by-image masks), a cache. Tokens that
 see no image token get 0 from the kernel, where transformers averages every image token
 uniformly (its mask adds finfo.min to every score); ``cross_attention_gate`` zeroes those
 rows in both, so the layer's outputs agree whenever the gate marks them, as IDEFICS's
@@ -55,7 +59,7 @@ import numbers
 import torch
 from torch.nn import functional as F
 
-from ...ops.attention import cross_attention
+from ...ops.attention import cross_attention, draw_dropout_seed
 from ...ops.attention.ops import attention_core
 from ...ops.attention.qformer import KVCache, add_layernorm_unchecked, stacked_kv
 from ..patching import (
@@ -168,12 +172,7 @@ def _gated_forward(layer, arch: Architecture):
             raise NotImplementedError("Past key value states are not implemented for Idefics "
                                       "cross attention module.")  # fmt: skip
         a = self.cross_attn
-        if self.training and a.dropout > 0:
-            raise RuntimeError(
-                f"vlmkernels (IDEFICS cross-attention): attention dropout {a.dropout} in "
-                "training mode is not supported by the kernel; call model.eval(), set the "
-                "dropout to 0 or undo the patch"
-            )
+        drop = float(a.dropout) if self.training else 0.0
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         b, t, _ = x.shape
@@ -185,11 +184,15 @@ def _gated_forward(layer, arch: Architecture):
         if a.qk_layer_norms:
             q, k = a.q_layer_norm(q), a.k_layer_norm(k)
         if image_attention_mask is None:
-            out = cross_attention(q, k, v, scale=a.scaling)
+            out = cross_attention(q, k, v, scale=a.scaling, dropout_p=drop)
         else:
             lo, hi = mask_ranges(image_attention_mask, b, t, n)
+            if not 0 <= drop < 1:
+                raise ValueError(f"vlmkernels (IDEFICS cross-attention): attention dropout "
+                                 f"must be in [0, 1), got {drop}")  # fmt: skip
+            seed = draw_dropout_seed(q.device) if drop > 0 else None
             out = attention_core(q, k, v, None, None, t, n, None, lo, hi, False,
-                                 float(a.scaling), 0, None, None, 0.0, None)[0]  # fmt: skip
+                                 float(a.scaling), 0, None, None, drop, seed)[0]  # fmt: skip
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
         out = F.dropout(out, p=self.config, training=self.training)
         out = out.masked_fill((cross_attention_gate == 0)[:, :, None], 0.0)
@@ -239,12 +242,7 @@ def _qformer_forward(module, arch: Architecture):
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, **kwargs):
         # fmt: on
-        if self.training and self.attention_dropout > 0:
-            raise RuntimeError(
-                f"vlmkernels (Q-Former attention): attention dropout {self.attention_dropout} "
-                "in training mode is not supported by the kernel; call model.eval(), set "
-                "attention_probs_dropout_prob to 0 or undo the patch"
-            )
+        drop = float(self.attention_dropout) if self.training else 0.0
         cross = encoder_hidden_states is not None
         states = encoder_hidden_states if cross else hidden_states
         mask = encoder_attention_mask if cross else attention_mask
@@ -257,7 +255,8 @@ def _qformer_forward(module, arch: Architecture):
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
         pad = key_padding(mask, b, t, n, "vlmkernels (Q-Former attention)")
-        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
+        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling),
+                              dropout_p=drop)  # fmt: skip
         return out.transpose(1, 2).reshape(b, t, -1), None
 
     forward.__name__ = forward.__qualname__ = "forward"
@@ -426,7 +425,8 @@ QFORMER_PATCHER = register(
 
 # Idefics2's perceiver resampler attention (part ``perceiver_attention`` too): the latents
 # attend to [context, latents] with grouped-query heads (num_key_value_heads < heads), the
-# resampler's padding mask as key padding; refused: a cache, attention dropout in training.
+# resampler's padding mask as key padding, attention dropout in the kernel in training;
+# refused: a cache.
 IDEFICS2_PERCEIVER_ARCHITECTURES = (
     Architecture(
         key="idefics2_perceiver",
@@ -456,10 +456,7 @@ def _idefics2_perceiver_forward(module, arch: Architecture):
         cache = getattr(self, "cache", cache)
         if cache is not None or kwargs.get("past_key_values") is not None:
             raise RuntimeError(f"{where}: a key/value cache is not supported; undo the patch")
-        if self.training and self.attention_dropout > 0:
-            raise RuntimeError(f"{where}: attention dropout {self.attention_dropout} in "
-                               "training mode is not supported by the kernel; call "
-                               "model.eval() or undo the patch")  # fmt: skip
+        drop = float(self.attention_dropout) if self.training else 0.0
         b, t = latents.shape[:2]
         both = torch.cat([context, latents], dim=-2)
         n, d = both.shape[1], self.head_dim
@@ -467,7 +464,8 @@ def _idefics2_perceiver_forward(module, arch: Architecture):
         k, v = (p(both).view(b, n, self.num_key_value_heads, d).transpose(1, 2)
                 for p in (self.k_proj, self.v_proj))  # fmt: skip
         pad = key_padding(attention_mask, b, t, n, "vlmkernels (Idefics2 perceiver attention)")
-        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling))
+        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling),
+                              dropout_p=drop)  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
     forward.__name__ = forward.__qualname__ = "forward"
