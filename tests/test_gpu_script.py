@@ -47,8 +47,13 @@ def test_dry_run_passes_and_names_everything(dry_run):
     assert "FAIL" not in out
 
 
-def test_dry_run_fails_on_a_missing_test_file():
-    result = _run("--dry-run", env={"GPU_TESTS": "tests/test_no_such_gpu.py"})
+def test_dry_run_fails_on_a_missing_test_file(tmp_path):
+    """With a stand-in Python that succeeds silently (the Python steps are what
+    test_dry_run_passes_and_names_everything checks), so the failure is the file check's."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\nexit 0\n")
+    fake.chmod(0o755)
+    result = _run("--dry-run", env={"GPU_TESTS": "tests/test_no_such_gpu.py", "PYTHON": str(fake)})
     assert result.returncode != 0
     assert "FAIL test file tests/test_no_such_gpu.py missing" in result.stdout
     assert "dry run: FAILED" in result.stdout
