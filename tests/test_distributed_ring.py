@@ -11,7 +11,9 @@ A miniature CLIP model under DistributedDataParallel checks the recipe of the do
 ``clip_loss_ring`` (backward ``loss * world_size``, the scale's gradient divided by the
 world size in a hook): every parameter gets its single-process gradient.
 Backends: the Triton kernels through Triton's interpreter (TRITON_INTERPRET=1 set in the
-child before vlmkernels is imported) and the PyTorch path (VLMKERNELS_BACKEND=torch).
+child before vlmkernels is imported) and the PyTorch path (VLMKERNELS_BACKEND=torch): one
+spawned world per size runs every case on each backend in turn (VLMKERNELS_BACKEND set
+before each; it is read at every call), saving the start-up of a second world.
 
 Tolerance (fp32 inputs): max |ring - reference| <= 1e-5 * max(max |reference|, floor) per
 tensor; floor 1 for losses, 1e-12 for feature gradients and, for the scale and bias
@@ -344,8 +346,8 @@ def _errors_job(rank, world):
 JOBS = {"cases": _cases_job, "errors": _errors_job}
 
 
-def _child(job, rank, world, store, env, out):
-    os.environ.update(env)  # before vlmkernels is imported: the backend and the interpreter
+def _child(job, rank, world, store, backends, out):
+    os.environ["TRITON_INTERPRET"] = "1"  # before vlmkernels is imported
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -358,7 +360,10 @@ def _child(job, rank, world, store, env, out):
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        report = JOBS[job](rank, world)
+        for backend in backends:
+            os.environ["VLMKERNELS_BACKEND"] = backend
+            part = JOBS[job](rank, world)
+            report |= {f"{backend}/{name}": failure for name, failure in part.items()}
     except BaseException:
         report["<child>"] = traceback.format_exc()
     with open(out, "w") as f:
@@ -367,13 +372,13 @@ def _child(job, rank, world, store, env, out):
         dist.destroy_process_group()
 
 
-def _spawn(job, world, backend, tmp_path):
-    """{name: [None or the failure, per rank]} of ``job`` run on ``world`` spawned ranks."""
-    env = {"TRITON_INTERPRET": "1", "VLMKERNELS_BACKEND": backend}
+def _spawn(job, world, backends, tmp_path):
+    """{"backend/name": [None or the failure, per rank]} of ``job`` run on ``world`` spawned
+    ranks, on each of ``backends`` in turn."""
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"rank{r}.json" for r in range(world)]
     procs = [
-        ctx.Process(target=_child, args=(job, r, world, str(tmp_path / "store"), env, str(o)))
+        ctx.Process(target=_child, args=(job, r, world, str(tmp_path / "store"), backends, str(o)))
         for r, o in enumerate(outs)
     ]
     for p in procs:
@@ -411,19 +416,20 @@ def _failures(results, name):
 _RESULTS = {}
 
 
-def _results(job, world, backend, tmp_path_factory):
-    key = (job, world, backend)
+def _results(job, world, backends, tmp_path_factory):
+    key = (job, world, backends)
     if key not in _RESULTS:
-        tmp = tmp_path_factory.mktemp(f"{job}-{world}-{backend}")
-        _RESULTS[key] = _spawn(job, world, backend, tmp)
+        tmp = tmp_path_factory.mktemp(f"{job}-{world}")
+        _RESULTS[key] = _spawn(job, world, backends, tmp)
     return _RESULTS[key]
 
 
 @pytest.mark.parametrize("case", [*CASES, "clip_ddp_recipe"])
 @pytest.mark.parametrize(("world", "backend"), CONFIGS)
 def test_ring_matches_single_process(world, backend, case, tmp_path_factory):
-    results = _results("cases", world, backend, tmp_path_factory)
-    failures = _failures(results, case)
+    backends = tuple(b for w, b in CONFIGS if w == world)
+    results = _results("cases", world, backends, tmp_path_factory)
+    failures = _failures(results, f"{backend}/{case}")
     assert not failures, failures
 
 
@@ -452,8 +458,8 @@ ERRORS = [
 
 @pytest.mark.parametrize("case", ERRORS)
 def test_errors_raise_on_every_rank(case, tmp_path_factory):
-    results = _results("errors", 2, "triton", tmp_path_factory)
-    failures = _failures(results, case)
+    results = _results("errors", 2, ("triton",), tmp_path_factory)
+    failures = _failures(results, f"triton/{case}")
     assert not failures, failures
 
 
