@@ -209,24 +209,40 @@ class TunedKernel(KernelInterface):
             )[0]
         return config
 
+    def config(self, args, kwargs) -> triton.Config:
+        """The config a launch with these arguments takes (see :meth:`run`); under
+        ``VLMKERNELS_AUTOTUNE=1`` the autotuner may pick another."""
+        return self._config(args, kwargs)
+
     def prepare(self, grid, args, kwargs):
         """A launch for calls whose non-pointer arguments are ``args``' and ``kwargs``'
         (a family caches it per layout, in a :func:`prepared_cache`): ``launch(*pointers)``
-        runs with the config :meth:`run` would pick, without its per-call key and lookup.
-        None while the tuner records launches or under ``VLMKERNELS_AUTOTUNE=1`` (launch
-        with ``kernel[grid](...)`` then)."""
+        runs with the config :meth:`run` would pick, without its per-call key and lookup;
+        the pointers come in the order of the signature, wherever the scalars sit. None
+        while the tuner records launches or under ``VLMKERNELS_AUTOTUNE=1`` (launch with
+        ``kernel[grid](...)`` then)."""
         if _RECORDING is not None or (runtime.AUTOTUNE and not self.interpreted):
             return None
         config = self._config(args, kwargs)
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
-        scalars = [a for a in args if not hasattr(a, "data_ptr")]
+        where = [i for i, a in enumerate(args) if hasattr(a, "data_ptr")]
         run, lock = self.fn.run, runtime.INTERPRETER_LOCK
+        if where == list(range(len(where))):  # pointers first: no reordering
+            scalars = args[len(where) :]
+
+            def arguments(pointers):
+                return (*pointers, *scalars)
+        else:  # one tuple expression placing the pointers between the scalars
+            at = {i: n for n, i in enumerate(where)}
+            items = ", ".join(f"p[{at[i]}]" if i in at else f"s[{i}]" for i in range(len(args)))
+            arguments = eval(f"lambda p: ({items},)", {"s": {i: a for i, a in enumerate(args)
+                                                            if i not in at}})  # fmt: skip
 
         def launch(*pointers):
             if self.interpreted:
                 with lock:
-                    return run(*pointers, *scalars, **options)
-            return run(*pointers, *scalars, **options)
+                    return run(*arguments(pointers), **options)
+            return run(*arguments(pointers), **options)
 
         return launch
 

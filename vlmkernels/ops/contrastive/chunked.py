@@ -19,6 +19,7 @@ __all__ = [
     "NORMALISED_DTYPES",
     "default_chunk_rows",
     "feature_grads",
+    "mm_f32",
     "normalise",
     "triton_chunk_rows",
 ]
@@ -77,7 +78,7 @@ def _mixed_precision_mm(device_type: str) -> bool:
     return True
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 accumulation and an fp32 (or fp64) result."""
     if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b)
@@ -112,9 +113,9 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
     if m <= chunk_rows and dx_acc is None and dy_acc is None:  # one chunk: the results
         g = torch.empty((m, n), dtype=x.dtype, device=x.device)
         fill(g, 0, 0, m)
-        gy = _mm_f32(g, y)
+        gy = mm_f32(g, y)
         g_dot_xy = (gy * x).sum()
-        dy = _mm_f32(g.t(), x)
+        dy = mm_f32(g.t(), x)
         del g
         return cast(gy.mul_(coef), x.dtype), cast(dy.mul_(coef), y.dtype), g_dot_xy
     buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
@@ -127,14 +128,14 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
         fill(buf, c, row0, rows)
         g = buf[:rows]
         x_rows = x[row0 : row0 + rows]
-        gy = _mm_f32(g, y)
+        gy = mm_f32(g, y)
         g_dot_xy += (gy * x_rows).sum()
         if dx_acc is not None:
             dx[row0 : row0 + rows] += gy.mul_(coef)
         else:
             dx[row0 : row0 + rows] = gy.mul_(coef)
         if dy_acc is not None:  # other calls add with other coefficients: scale now
-            dy.add_(_mm_f32(g.t(), x_rows).mul_(coef))
+            dy.add_(mm_f32(g.t(), x_rows).mul_(coef))
         else:
             _addmm_f32_(dy, g.t(), x_rows)
     del buf, g  # the rounded dy below can reuse the chunk's memory

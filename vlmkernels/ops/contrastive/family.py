@@ -10,7 +10,7 @@ import torch
 
 from ...core.family import CompileCase, Family, register
 from ...core.tuning import torch_dtype
-from . import fused_backward, kernels
+from . import finalize, fused_backward, kernels
 from .functional import clip_loss, contrastive_cross_entropy, siglip_loss
 
 # Realistic shapes: CLIP / SigLIP batches of 8k to 64k pairs, the embedding widths of the
@@ -190,6 +190,42 @@ def compile_cases() -> list[CompileCase]:
         # without the gradient the launcher passes the fp32 loss buffer as grad_ptr
         case("siglip_loss", kernels._siglip_kernel, dict(siglip, grad_ptr=_F32),
              dict(HAS_BIAS=True, WRITE_GRAD=False)),
+        *_finishing_cases(),
+    ]  # fmt: skip
+
+
+def _finishing_cases() -> list[CompileCase]:
+    """The whole-loss path's finishing kernels (:mod:`.finalize`): CLIP's loss from the
+    statistics' partials, the partial sums, and the gradient finishing of CLIP's backward
+    and of the fused SigLIP loss."""
+    f32 = lambda *names: dict.fromkeys(names, _F32)  # noqa: E731
+    grads = dict(x_ptr="*{elem}", dx_ptr="*{elem}", dy_ptr="*{elem}",
+                 **f32("gy_ptr", "gtx_ptr", "scale_ptr", "bias_ptr", "grad_ptr", "partial_ptr",
+                       "loss_part_ptr", "ds_ptr", "db_ptr", "loss_ptr"))  # fmt: skip
+    scalars = f32("partial_ptr", "loss_part_ptr", "scale_ptr", "bias_ptr", "grad_ptr",
+                  "ds_ptr", "db_ptr", "loss_ptr")  # fmt: skip
+    clip = dict(SIGLIP=False, HAS_BIAS=True, HAS_GRAD=True, HAS_LOSS=False)
+    siglip = dict(SIGLIP=True, HAS_BIAS=True, HAS_GRAD=False, HAS_LOSS=True)
+    rows = dict(ROWS=finalize.FINAL_ROWS, BD=finalize.FINAL_COLUMNS, BLOCK=finalize.SUM_BLOCK)
+    kappa = {"kappa": "fp32"}
+    return [
+        CompileCase("clip_loss_parts", finalize._clip_loss_parts_kernel,
+                    f32("ws_ptr", "coef_ptr", "part_ptr", "loss_ptr"),
+                    dict(BLOCK=finalize.PARTS_BLOCK), aligned=("N", "L"),
+                    scalars={"weight": "fp32"}, expect=("no_spill",)),
+        CompileCase("sum_parts", finalize._sum_parts_kernel, f32("part_ptr", "out_ptr"),
+                    dict(BLOCK=finalize.SUM_BLOCK), expect=("no_spill",)),
+        CompileCase("clip_grads_finalize", finalize._grads_finalize_kernel, grads,
+                    dict(clip, **rows), unit_strides=("stride_xd",),
+                    aligned=("D", "stride_xm"), scalars=kappa, expect=("no_spill",)),
+        CompileCase("siglip_grads_finalize", finalize._grads_finalize_kernel, grads,
+                    dict(siglip, **rows), unit_strides=("stride_xd",),
+                    aligned=("D", "stride_xm"), scalars=kappa, expect=("no_spill",)),
+        CompileCase("clip_grad_scalars", finalize._grad_scalars_kernel, scalars,
+                    dict(clip, BLOCK=finalize.SUM_BLOCK), scalars=kappa, expect=("no_spill",)),
+        CompileCase("siglip_grad_scalars", finalize._grad_scalars_kernel, scalars,
+                    dict(siglip, BLOCK=finalize.SUM_BLOCK), scalars=kappa,
+                    expect=("no_spill",)),
     ]  # fmt: skip
 
 
@@ -201,6 +237,10 @@ FAMILY = register(
             kernels._clip_grad_kernel,
             kernels._siglip_kernel,
             fused_backward._clip_fused_grad_kernel,
+            finalize._clip_loss_parts_kernel,
+            finalize._sum_parts_kernel,
+            finalize._grads_finalize_kernel,
+            finalize._grad_scalars_kernel,
         ),
         compile_cases=compile_cases,
         aliases={

@@ -150,8 +150,13 @@ def clip_loss(
     x, y, scale, bias, chunk, out_dtype = prepare(
         op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
     )
-    ids, teacher = check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha, teacher,
-                                 (x, y))  # fmt: skip
+    n = x.shape[0]
+    plain = ids is None and teacher is None and label_smoothing == 0.0 and alpha == 0.0
+    if plain and reduction != "none" and n:
+        # the default targets, reduced: one op whose backward is one op
+        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        return cast(ops.clip_loss_reduced(x, y, scale, bias, weight, chunk)[0], out_dtype)
+    ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher, (x, y))
     if teacher is not None:
         t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
         t_scale = scalar_tensor(op, "teacher_logit_scale", t_scale, x.device).detach()

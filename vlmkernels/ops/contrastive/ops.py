@@ -31,11 +31,16 @@ from .reference import block_stats_torch as _block_stats_torch
 from .reference import compute_dtype
 from .reference import siglip_grads_torch as _siglip_grads_torch
 from .reference import siglip_rows_torch as _siglip_rows_torch
+from .whole_loss import clip_backward as _clip_backward_whole
+from .whole_loss import clip_forward as _clip_forward_whole
+from .whole_loss import siglip_fused as _siglip_fused_whole
 
 __all__ = [
     "FAMILY",
     "block_grads",
     "block_stats",
+    "clip_loss_reduced",
+    "clip_loss_reduced_backward",
     "contrastive_ce_backward",
     "contrastive_ce_forward",
     "first_order_only",
@@ -77,6 +82,15 @@ contrastive_ce_forward = Op(
 )
 contrastive_ce_backward = Op(
     "contrastive_ce_backward", f"({_CE_BACKWARD_ARGS}) -> {_GRADS}", family=FAMILY
+)
+clip_loss_reduced = Op(
+    "clip_loss_reduced", f"({_FEATURES}, float weight, SymInt chunk_size) -> (Tensor, Tensor)",
+    family=FAMILY,
+)  # fmt: skip
+clip_loss_reduced_backward = Op(
+    "clip_loss_reduced_backward",
+    f"({_FEATURES}, Tensor coef, Tensor grad, float weight, SymInt chunk_size) -> {_GRADS}",
+    family=FAMILY,
 )
 siglip_loss_forward = Op(
     "siglip_loss_forward", f"({_FEATURES}, SymInt chunk_size, SymInt offset) -> Tensor",
@@ -285,6 +299,96 @@ def _(x, y, scale, bias, *_):
     return _fake_grads(x, y, scale, bias)
 
 
+# ------------------------------------------------------------------------ clip_loss_reduced
+
+
+def _reduced_from_stats(row, col, weight, ct):
+    """(loss, coef) of :data:`clip_loss_reduced` from complete row and column stats."""
+    targets, n = Targets(), row.lse.shape[0]
+    loss = (row.losses(targets, n).sum() + col.losses(targets, n).sum()) * weight
+    ones = torch.ones_like(row.lse)
+    coef = torch.stack((torch.stack((row.lse, ones, ones)), torch.stack((col.lse, ones, ones))))
+    return cast(loss, ct), cast(coef, ct)
+
+
+@clip_loss_reduced.impl("triton")
+def _(x, y, scale, bias, weight, chunk_size):
+    """(loss, coef): the CLIP loss weight * sum_i (l^row_i + l^col_i) of the square block
+    with positives on the diagonal (default targets), fp32, and the backward's (2, 3, N)
+    coefficients (per side: lse, then the normalised weights u = h = 1)."""
+    whole = _clip_forward_whole(x, y, scale, bias, weight)
+    if whole is not None:
+        return whole
+    row, col = _block_stats_triton(x, y, scale, bias, Targets(), True, True)
+    return _reduced_from_stats(row, col, weight, torch.float32)
+
+
+@clip_loss_reduced.impl("torch")
+def _(x, y, scale, bias, weight, chunk_size):
+    row, col = _block_stats_torch(x, y, scale, bias, Targets(), True, True, (None, None),
+                                  chunk_size)  # fmt: skip
+    return _reduced_from_stats(row, col, weight, compute_dtype(x.dtype))
+
+
+@clip_loss_reduced.fake
+def _(x, y, scale, bias, weight, chunk_size):
+    ct = compute_dtype(x.dtype)
+    return x.new_empty((), dtype=ct), x.new_empty((2, 3, x.shape[0]), dtype=ct)
+
+
+@clip_loss_reduced.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, y, scale, bias, weight, chunk_size = inputs
+        ctx.save_for_backward(x, y, scale, bias, output[1])
+        ctx.weight, ctx.chunk_size = weight, chunk_size
+        ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
+        remember_backend(ctx)
+
+    @first_order_only("clip_loss")
+    @in_forward_backend
+    def backward(ctx, grad_loss, _grad_coef):
+        if grad_loss is None:
+            return _input_grads(ctx, None, None, None, None)
+        x, y, scale, bias, coef = ctx.saved_tensors
+        grads = clip_loss_reduced_backward(x, y, scale, bias, coef, grad_loss, ctx.weight,
+                                           ctx.chunk_size)  # fmt: skip
+        return _input_grads(ctx, *grads)
+
+
+def _full_coefficients(coef, grad, weight):
+    """The (6, N) coefficients per side (lse, u, h, e, a, teacher lse) of the gradient of
+    grad * weight * loss, from :data:`clip_loss_reduced`'s (2, 3, N) coef."""
+    u = (grad * weight).to(coef.dtype)
+    zeros = torch.zeros_like(coef[0, 0])
+    return [torch.stack((c[0], c[1] * u, c[2] * u, zeros, zeros, zeros)) for c in coef]
+
+
+@clip_loss_reduced_backward.impl("triton")
+def _(x, y, scale, bias, coef, grad, weight, chunk_size):
+    """(dx, dy, dscale, dbias) of grad * loss for :data:`clip_loss_reduced`'s loss."""
+    whole = _clip_backward_whole(x, y, scale, bias, coef, grad, weight, chunk_size)
+    if whole is not None:
+        return whole
+    row_coef, col_coef = _full_coefficients(coef, grad, weight)
+    dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, Targets(), row_coef, col_coef,
+                                         triton_chunk_rows(x, chunk_size))  # fmt: skip
+    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
+
+
+@clip_loss_reduced_backward.impl("torch")
+def _(x, y, scale, bias, coef, grad, weight, chunk_size):
+    row_coef, col_coef = _full_coefficients(coef, grad, weight)
+    dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, Targets(), row_coef, col_coef,
+                                        chunk_size)  # fmt: skip
+    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
+
+
+@clip_loss_reduced_backward.fake
+def _(x, y, scale, bias, *_):
+    return _fake_grads(x, y, scale, bias)
+
+
 # -------------------------------------------------------------------- siglip_loss_forward
 
 
@@ -350,6 +454,9 @@ def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset):
     """(loss, dx, dy, dscale, dbias) of loss = row_weight * sum_i l_i, in one pass: the
     gradients are computed with the loss and only scaled in backward."""
     if backend == "triton":
+        whole = _siglip_fused_whole(x, y, scale, bias, row_weight, chunk_size, offset)
+        if whole is not None:
+            return whole
         chunk = triton_chunk_rows(x, chunk_size)
         dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, row_weight, chunk, offset)
     else:

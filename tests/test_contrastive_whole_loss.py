@@ -1,0 +1,132 @@
+"""The whole-loss path (``vlmkernels.ops.contrastive.whole_loss``): a mean or sum CLIP loss
+with the default targets, and the fused SigLIP loss, in prepared launches with the host's
+finishing arithmetic in Triton kernels.
+
+Checked here: that the path is taken where it applies (and not elsewhere), that it agrees
+with float64 math and with the general launchers it replaces (the fallbacks: more than
+one chunk of rows, the fused backward design, a tuner recording launches), with one and
+with several finishing programs (the interpreter's blocks are 32 samples and 8 rows), and
+opcheck of its ops. The values and gradients of every public form are also covered by
+``test_contrastive.py``, which runs through this path.
+"""
+
+import pytest
+import torch
+from test_contrastive import check_against_reference, features, leaf, rel_err
+
+import vlmkernels
+from vlmkernels.core import tuning
+from vlmkernels.ops.contrastive import finalize, whole_loss
+from vlmkernels.ops.contrastive import ops as C
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the whole-loss path's calls that returned a result, per function."""
+    counts = {"clip_forward": 0, "clip_backward": 0, "siglip_fused": 0}
+
+    def counting(name):
+        fn = getattr(whole_loss, name)
+
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            counts[name] += out is not None
+            return out
+
+        monkeypatch.setattr(C, f"_{name}_whole", wrapped)
+
+    for name in counts:
+        counting(name)
+    return counts
+
+
+def _inputs(n, d, dtype, device, bias=True):
+    x, y = leaf(features(n, d, dtype, device)), leaf(features(n, d, dtype, device))
+    s = leaf(torch.tensor(7.0, device=device))
+    b = leaf(torch.tensor(-1.5, device=device)) if bias else None
+    return x, y, s, b
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize(
+    "n,d,dtype,bias,reduction",
+    [
+        (5, 24, torch.float32, True, "mean"),  # one finishing program
+        (45, 33, torch.float32, False, "sum"),  # several (finishing rows of 8, parts of 32)
+        (37, 40, torch.bfloat16, True, "mean"),
+        (21, 16, torch.float16, True, "sum"),
+    ],
+)
+def test_whole_loss_path_matches_float64(name, n, d, dtype, bias, reduction, device, calls):
+    x, y, s, b = _inputs(n, d, dtype, device, bias)
+    with vlmkernels.use_backend("triton"):
+        check_against_reference(name, x, y, s, b, reduction)
+    if name == "clip":
+        assert calls["clip_forward"] == 1 and calls["clip_backward"] == 1
+    else:
+        assert calls["siglip_fused"] == 1
+
+
+def _grads(fn, x, y, s, b, **kw):
+    x, y, s = leaf(x), leaf(y), leaf(s)
+    b = leaf(b) if b is not None else None
+    loss = fn(x, y, s, b, **kw)
+    loss.backward()
+    return [loss] + [t.grad for t in (x, y, s, b) if t is not None]
+
+
+@pytest.mark.parametrize("fallback", ["chunked", "fused_design", "recording"])
+def test_fallbacks_agree_with_the_whole_loss_path(fallback, device, calls, monkeypatch):
+    x, y, s, b = _inputs(29, 20, torch.float32, device)
+    with vlmkernels.use_backend("triton"):
+        whole = _grads(vlmkernels.clip_loss, x, y, s, b)
+        whole_sig = _grads(vlmkernels.siglip_loss, x, y, s, b)
+        assert calls == {"clip_forward": 1, "clip_backward": 1, "siglip_fused": 1}
+        kw = {}
+        if fallback == "chunked":
+            kw = dict(chunk_size=8)  # four chunks of rows: the general launchers
+        elif fallback == "fused_design":
+            monkeypatch.setenv("VLMKERNELS_CLIP_BACKWARD", "fused")
+        else:  # launches that cannot be prepared: as while `vlmkernels tune` records
+            monkeypatch.setattr(tuning, "_RECORDING", [])
+            whole_loss._PLANS.clear()
+        general = _grads(vlmkernels.clip_loss, x, y, s, b, **kw)
+        general_sig = _grads(vlmkernels.siglip_loss, x, y, s, b, **kw)
+    expected = {
+        "chunked": {"clip_forward": 2, "clip_backward": 1, "siglip_fused": 1},
+        "fused_design": {"clip_forward": 2, "clip_backward": 1, "siglip_fused": 2},
+        "recording": {"clip_forward": 1, "clip_backward": 1, "siglip_fused": 1},
+    }[fallback]
+    assert calls == expected
+    for got, want in zip(general + general_sig, whole + whole_sig, strict=True):
+        assert rel_err(got, want, floor=1e-2) < 1e-5  # CLIP's bias gradient is 0
+
+
+def test_several_parts_programs_sum_the_loss(device):
+    """N over the parts kernel's block: per-program partials, then _sum_parts_kernel."""
+    n = 2 * finalize.PARTS_BLOCK + 3
+    x, y, s, _ = _inputs(n, 8, torch.float32, device, bias=False)
+    with vlmkernels.use_backend("triton"):
+        check_against_reference("clip", x, y, s, None, "mean")
+
+
+def test_reduced_ops_opcheck(device):
+    x, y, s, b = (t.detach() for t in _inputs(11, 24, torch.float32, device))
+    ops = torch.ops.vlmkernels
+    with vlmkernels.use_backend("triton"):
+        torch.library.opcheck(ops.clip_loss_reduced, (leaf(x), leaf(y), leaf(s), leaf(b),
+                                                      1 / 22, 0))  # fmt: skip
+        _, coef = ops.clip_loss_reduced(x, y, s, b, 1 / 22, 0)
+        grad = torch.tensor(1.7, device=device)
+        torch.library.opcheck(ops.clip_loss_reduced_backward, (x, y, s, b, coef, grad, 1 / 22, 0))
+
+
+def test_upstream_gradient_scales_every_gradient(device):
+    """The upstream gradient reaches the kernels as a tensor (no host read): 2.5 x loss
+    gives 2.5 x each gradient."""
+    x, y, s, b = _inputs(13, 16, torch.float32, device)
+    with vlmkernels.use_backend("triton"):
+        base = _grads(vlmkernels.clip_loss, x, y, s, b)
+        scaled = _grads(lambda *a: 2.5 * vlmkernels.clip_loss(*a), x, y, s, b)
+    for got, want in zip(scaled[1:], base[1:], strict=True):
+        assert rel_err(got, 2.5 * want, floor=1e-3) < 1e-6

@@ -1,0 +1,208 @@
+"""The finishing kernels of the whole-loss path (:mod:`.whole_loss`): what the host used to
+do with a dozen small torch ops after the main kernels, in one or two launches.
+
+- ``_clip_loss_parts_kernel``: merges the CLIP statistics kernel's partials into the row
+  and column log-sum-exp, writes the backward's coefficients (lse, u = 1, h = 1) per
+  side, and the loss ``weight * sum_i (r_i - S_ii + c_i - S_ii)``: directly when it runs
+  as one program, else as per-program partials that ``_sum_parts_kernel`` adds.
+- ``_grads_finalize_kernel``: scales the fp32 products G Y and G^T X of a logit gradient
+  G into dX and dY (in the features' dtype), and reduces the scale and bias gradients
+  (and SigLIP's loss) from the partial sums of the kernel that wrote G; with more than one
+  program, ``_grad_scalars_kernel`` finishes the scalars.
+
+Block sizes are fixed per machine kind (not tuned): the host sizes the partial buffers
+from them; only the warps are tuned.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...core.runtime import INTERPRETED, autotune_configs
+from ...core.tuning import tuned
+from ...kernels.blocks import LN2, LOG2E, NEG_INF
+
+# Samples per program of the parts kernel, rows per program of the gradient finishing
+# kernel, partials summed per step: small under the interpreter so that the tests run
+# several programs.
+PARTS_BLOCK = 32 if INTERPRETED else 1024
+FINAL_ROWS = 8 if INTERPRETED else 32
+SUM_BLOCK = 32 if INTERPRETED else 1024
+FINAL_COLUMNS = 32 if INTERPRETED else 128
+
+
+def _warps(*warps: int):
+    return autotune_configs([triton.Config({}, num_warps=w) for w in warps],
+                            triton.Config({}, num_warps=4))  # fmt: skip
+
+
+@triton.jit
+def _merge_lse(max_ptr, sum_ptr, stride, parts, offs, mask):
+    """ln(sum_k l_k 2^m_k) over ``parts`` base-2 (max m, sum l) partials at
+    ``max_ptr + k * stride + offs``; NaN stays NaN."""
+    m = tl.full(offs.shape, NEG_INF, tl.float32)
+    l = tl.zeros(offs.shape, tl.float32)  # noqa: E741
+    for k in range(parts):
+        mk = tl.load(max_ptr + k * stride + offs, mask=mask, other=NEG_INF).to(tl.float32)
+        lk = tl.load(sum_ptr + k * stride + offs, mask=mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, mk)
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        l = l * tl.exp2(m - m_use) + lk * tl.exp2(mk - m_use)  # noqa: E741
+        m = m_new
+    return (m + tl.log2(tl.where(mask, l, 1.0))) * LN2
+
+
+# fmt: off
+@tuned("clip_loss_parts", configs=_warps(4), key=["N"], sizes=["N"])
+@triton.jit
+def _clip_loss_parts_kernel(
+    ws_ptr, coef_ptr, part_ptr, loss_ptr,
+    N, L, splits, groups, weight,
+    BLOCK: tl.constexpr,
+):
+    """CLIP loss of an N x N block with positives on the diagonal, from the statistics
+    kernel's partials in ``ws`` (five rows of L floats: row max, row sum and row positive
+    sums, each ``splits`` x N; column max and column sum, ``groups`` x N; only the used
+    splits and groups, as the host counts them).
+
+    Writes coef (2, 3, N): per side (rows, columns) the natural lse, then 1, 1 (the upstream
+    and positive weights, normalised: the host keeps the weight); part[pid], this program's
+    share of ``weight * sum(losses)``; and, as one program, the loss itself.
+    """
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    lse_r = _merge_lse(ws_ptr, ws_ptr + L, N, splits, offs, mask)
+    lse_c = _merge_lse(ws_ptr + 3 * L, ws_ptr + 4 * L, N, groups, offs, mask)
+    hard = tl.zeros((BLOCK,), tl.float32)
+    for k in range(splits):
+        hard += tl.load(ws_ptr + 2 * L + k * N + offs, mask=mask, other=0.0)
+    ones = tl.full((BLOCK,), 1.0, tl.float32)
+    tl.store(coef_ptr + offs, lse_r, mask=mask)
+    tl.store(coef_ptr + N + offs, ones, mask=mask)
+    tl.store(coef_ptr + 2 * N + offs, ones, mask=mask)
+    tl.store(coef_ptr + 3 * N + offs, lse_c, mask=mask)
+    tl.store(coef_ptr + 4 * N + offs, ones, mask=mask)
+    tl.store(coef_ptr + 5 * N + offs, ones, mask=mask)
+    # the positive logit S_ii is the same pair for row i and column i
+    part = tl.sum(tl.where(mask, lse_r + lse_c - 2.0 * hard, 0.0), 0) * weight
+    tl.store(part_ptr + pid, part)
+    if tl.num_programs(0) == 1:
+        tl.store(loss_ptr, part)
+
+
+@tuned("sum_parts", configs=_warps(4), key=["n"], sizes=["n"])
+@triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = sum(part[:n]), one program (the per-program partials of another kernel)."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, 0))
+
+
+@triton.jit
+def _sum_range(ptr, n, BLOCK: tl.constexpr):
+    """sum(ptr[:n]) in fp32, in BLOCK-wide steps."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _scalar_grads(partial_ptr, n_partials, dot, loss_part_ptr, n_loss, scale_ptr, bias_ptr,
+                  grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
+                  SIGLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
+                  HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    """The scale and bias gradients from the gradient kernel's partials (sum(G * a) and
+    sum(G) per program) and dot = sum(G * XY^T) (used where s = 0, where a carries no
+    information), times g = kappa * upstream gradient; SigLIP's loss kappa * sum(losses).
+
+    CLIP's a is s log2(e) XY^T: ds = sum(G a) / (s log2 e). SigLIP's is S = s XY^T + b:
+    ds = (sum(G S) - b sum(G)) / s."""
+    p0 = _sum_range(partial_ptr, n_partials, BLOCK)
+    p1 = _sum_range(partial_ptr + n_partials, n_partials, BLOCK)
+    s = tl.load(scale_ptr).to(tl.float32)
+    g = kappa
+    if HAS_GRAD:
+        g = tl.load(grad_ptr).to(tl.float32) * kappa
+    if SIGLIP:
+        if HAS_BIAS:
+            p0 = p0 - tl.load(bias_ptr).to(tl.float32) * p1
+        by_scale = p0 / tl.where(s != 0, s, 1.0)
+    else:
+        by_scale = p0 / tl.where(s != 0, s * LOG2E, 1.0)
+    tl.store(ds_ptr, tl.where(s != 0, by_scale, dot) * g)
+    tl.store(db_ptr, p1 * g)
+    if HAS_LOSS:
+        tl.store(loss_ptr, _sum_range(loss_part_ptr, n_loss, BLOCK) * kappa)
+
+
+_FINAL_KEY = ["D", "SIGLIP", "HAS_BIAS", "HAS_GRAD", "HAS_LOSS"]
+
+
+@tuned("grads_finalize", configs=_warps(4), key=_FINAL_KEY, sizes=["D"])
+@triton.jit
+def _grads_finalize_kernel(
+    x_ptr, gy_ptr, gtx_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, grad_ptr,
+    partial_ptr, loss_part_ptr, ds_ptr, db_ptr, loss_ptr,
+    M, N, D, stride_xm, stride_xd, n_partials, n_loss, kappa,
+    SIGLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
+    HAS_LOSS: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dX = c G Y (M, D) and dY = c G^T X (N, D) from the fp32 products ``gy`` and ``gtx``
+    (contiguous), c = s kappa (times the upstream gradient with ``HAS_GRAD``), written in
+    the dtype of ``dx`` / ``dy`` (which may be gy / gtx themselves: in place). Program p
+    takes rows p ROWS .. p ROWS + ROWS of both and writes its share of sum(G * XY^T) =
+    sum_i x_i . (G Y)_i to partial[2 n_partials + p], after the gradient kernel's partial
+    sums of G a and G (n_partials each); one program also finishes the scalars
+    (:func:`_scalar_grads`), more leave that to ``_grad_scalars_kernel``."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rows64 = rows.to(tl.int64)
+    s = tl.load(scale_ptr).to(tl.float32)
+    c = s * kappa
+    if HAS_GRAD:
+        c = c * tl.load(grad_ptr).to(tl.float32)
+    in_x = rows < M
+    in_y = rows < N
+    dot = tl.zeros((ROWS, BD), tl.float32)  # reduced once, after the loop
+    for k0 in range(0, D, BD):
+        ks = k0 + tl.arange(0, BD)
+        k_ok = ks < D
+        mx = in_x[:, None] & k_ok[None, :]
+        my = in_y[:, None] & k_ok[None, :]
+        at = rows64[:, None] * D + ks[None, :]
+        gy = tl.load(gy_ptr + at, mask=mx, other=0.0)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xd, mask=mx,
+                    other=0.0).to(tl.float32)
+        dot += gy * x
+        tl.store(dx_ptr + at, (gy * c).to(dx_ptr.dtype.element_ty), mask=mx)
+        gtx = tl.load(gtx_ptr + at, mask=my, other=0.0)
+        tl.store(dy_ptr + at, (gtx * c).to(dy_ptr.dtype.element_ty), mask=my)
+    total = tl.sum(tl.sum(dot, 1), 0)
+    tl.store(partial_ptr + 2 * n_partials + pid, total)
+    if tl.num_programs(0) == 1:
+        _scalar_grads(partial_ptr, n_partials, total, loss_part_ptr, n_loss, scale_ptr,
+                      bias_ptr, grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
+                      SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK)
+
+
+@tuned("grad_scalars", configs=_warps(4), key=_FINAL_KEY[1:], sizes=[])
+@triton.jit
+def _grad_scalars_kernel(
+    partial_ptr, loss_part_ptr, scale_ptr, bias_ptr, grad_ptr, ds_ptr, db_ptr, loss_ptr,
+    n_partials, n_dot, n_loss, kappa,
+    SIGLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
+    HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The scalars of ``_grads_finalize_kernel`` when it ran as several programs."""
+    dot = _sum_range(partial_ptr + 2 * n_partials, n_dot, BLOCK)
+    _scalar_grads(partial_ptr, n_partials, dot, loss_part_ptr, n_loss, scale_ptr, bias_ptr,
+                  grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
+                  SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK)
+# fmt: on
