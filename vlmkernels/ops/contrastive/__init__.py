@@ -34,8 +34,10 @@ inputs add their fp32 copies (O(N d)) there.
 Modules, lowest layer first: ``kernels`` (the Triton kernels and their configs, built from
 :mod:`vlmkernels.kernels.blocks`), ``algebra`` (``Targets`` and ``SideStats``: the block
 algebra), ``chunked`` (the chunked-GEMM driver and the chunk budget), ``launchers`` (the
-Triton launchers), ``reference`` (the PyTorch path), ``ops`` (the op declarations and the
-block primitives), ``functional`` (the public functions on one device), ``family`` (what
+Triton launchers), ``reference`` (the PyTorch path), ``finalize`` and ``whole_loss`` (the
+whole-loss path: a reduced CLIP loss with the default targets and the fused SigLIP loss in
+prepared launches, finished by small Triton kernels instead of host-side torch ops),
+``ops`` (the op declarations and the block primitives), ``functional`` (the public functions on one device), ``family`` (what
 the shared tools need). The process-group forms of ``clip_loss`` and ``siglip_loss`` are
 in :mod:`vlmkernels.distributed.contrastive`.
 """
