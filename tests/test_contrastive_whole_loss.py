@@ -12,6 +12,7 @@ opcheck of its ops. The values and gradients of every public form are also cover
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_contrastive import check_against_reference, features, leaf, rel_err
 
 import vlmkernels
@@ -23,7 +24,7 @@ from vlmkernels.ops.contrastive import ops as C
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the whole-loss path's calls that returned a result, per function."""
-    counts = {"clip_forward": 0, "clip_backward": 0, "siglip_fused": 0}
+    counts = {"ce_forward": 0, "ce_backward": 0, "siglip_fused": 0}
 
     def counting(name):
         fn = getattr(whole_loss, name)
@@ -62,7 +63,7 @@ def test_whole_loss_path_matches_float64(name, n, d, dtype, bias, reduction, dev
     with vlmkernels.use_backend("triton"):
         check_against_reference(name, x, y, s, b, reduction)
     if name == "clip":
-        assert calls["clip_forward"] == 1 and calls["clip_backward"] == 1
+        assert calls["ce_forward"] == 1 and calls["ce_backward"] == 1
     else:
         assert calls["siglip_fused"] == 1
 
@@ -81,7 +82,7 @@ def test_fallbacks_agree_with_the_whole_loss_path(fallback, device, calls, monke
     with vlmkernels.use_backend("triton"):
         whole = _grads(vlmkernels.clip_loss, x, y, s, b)
         whole_sig = _grads(vlmkernels.siglip_loss, x, y, s, b)
-        assert calls == {"clip_forward": 1, "clip_backward": 1, "siglip_fused": 1}
+        assert calls == {"ce_forward": 1, "ce_backward": 1, "siglip_fused": 1}
         kw = {}
         if fallback == "chunked":
             kw = dict(chunk_size=8)  # four chunks of rows: the general launchers
@@ -93,9 +94,9 @@ def test_fallbacks_agree_with_the_whole_loss_path(fallback, device, calls, monke
         general = _grads(vlmkernels.clip_loss, x, y, s, b, **kw)
         general_sig = _grads(vlmkernels.siglip_loss, x, y, s, b, **kw)
     expected = {
-        "chunked": {"clip_forward": 2, "clip_backward": 1, "siglip_fused": 1},
-        "fused_design": {"clip_forward": 2, "clip_backward": 1, "siglip_fused": 2},
-        "recording": {"clip_forward": 1, "clip_backward": 1, "siglip_fused": 1},
+        "chunked": {"ce_forward": 2, "ce_backward": 1, "siglip_fused": 1},
+        "fused_design": {"ce_forward": 2, "ce_backward": 1, "siglip_fused": 2},
+        "recording": {"ce_forward": 1, "ce_backward": 1, "siglip_fused": 1},
     }[fallback]
     assert calls == expected
     for got, want in zip(general + general_sig, whole + whole_sig, strict=True):
@@ -110,15 +111,66 @@ def test_several_parts_programs_sum_the_loss(device):
         check_against_reference("clip", x, y, s, None, "mean")
 
 
-def test_reduced_ops_opcheck(device):
-    x, y, s, b = (t.detach() for t in _inputs(11, 24, torch.float32, device))
+@pytest.mark.parametrize("m,n,offset,cols", [(11, 11, 0, True), (7, 19, 5, False)])
+def test_reduced_ops_opcheck(m, n, offset, cols, device):
+    x, y, s, b = (t.detach() for t in _inputs(m, 24, torch.float32, device))
+    y = features(n, 24, torch.float32, device)
     ops = torch.ops.vlmkernels
+    options = (1 / m, offset, cols, 0)
     with vlmkernels.use_backend("triton"):
-        torch.library.opcheck(ops.clip_loss_reduced, (leaf(x), leaf(y), leaf(s), leaf(b),
-                                                      1 / 22, 0))  # fmt: skip
-        _, coef = ops.clip_loss_reduced(x, y, s, b, 1 / 22, 0)
+        torch.library.opcheck(ops.contrastive_ce_reduced, (leaf(x), leaf(y), leaf(s), leaf(b),
+                                                           *options))  # fmt: skip
+        _, coef = ops.contrastive_ce_reduced(x, y, s, b, *options)
+        assert coef.shape == (1 + cols, 3, m)
         grad = torch.tensor(1.7, device=device)
-        torch.library.opcheck(ops.clip_loss_reduced_backward, (x, y, s, b, coef, grad, 1 / 22, 0))
+        torch.library.opcheck(ops.contrastive_ce_reduced_backward,
+                              (x, y, s, b, coef, grad, 1 / m, offset, 0))  # fmt: skip
+
+
+def _ref_one_direction(q, k, s, b, offset, reduction):
+    logits = s * q @ k.T + (b if b is not None else 0.0)
+    labels = torch.arange(q.shape[0]) + offset
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+@pytest.mark.parametrize(
+    "m,n,offset,dtype,reduction",
+    [(9, 9, 0, torch.float32, "mean"), (13, 57, 0, torch.float32, "sum"),
+     (12, 41, 20, torch.bfloat16, "mean"), (10, 40, 30, torch.float32, "mean")],
+)  # fmt: skip
+def test_one_direction_matches_float64(m, n, offset, dtype, reduction, device, calls):
+    """ALBEF's / BLIP's form without distillation or ids: queries (M, d) against in-batch
+    keys plus a queue (N >= M + offset), the positive of query i at key i + offset."""
+    q, _, s, b = _inputs(m, 24, dtype, device)
+    k = leaf(features(n, 24, dtype, device))
+    with vlmkernels.use_backend("triton"):
+        out = vlmkernels.contrastive_cross_entropy(q, k, s, b, offset=offset,
+                                                   reduction=reduction)  # fmt: skip
+        out.backward()
+    assert calls["ce_forward"] == 1 and calls["ce_backward"] == 1
+    ref = [t.detach().double().requires_grad_() for t in (q, k, s, b)]
+    expected = _ref_one_direction(*ref, offset, reduction)
+    expected.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype
+    assert rel_err(out, expected) < tol
+    weight = 1.0 if reduction == "mean" else float(m)
+    for got, want, floor in zip((q.grad, k.grad, s.grad, b.grad), (t.grad for t in ref),
+                                (0.0, 0.0, 0.1 * weight, 0.1 * weight), strict=True):  # fmt: skip
+        assert rel_err(got, want, floor) < (tol if floor == 0.0 else 1e-4)
+
+
+def test_one_direction_without_a_positive_for_every_query_takes_the_general_path(device, calls):
+    """Queries whose key i + offset is outside the keys have no target (NaN losses): the
+    general launchers handle them, as documented."""
+    q, _, s, _ = _inputs(6, 16, torch.float32, device, bias=False)
+    k = leaf(features(8, 16, torch.float32, device))
+    with vlmkernels.use_backend("triton"):
+        losses = vlmkernels.contrastive_cross_entropy(q, k, s, offset=4, reduction="none")
+        mean = vlmkernels.contrastive_cross_entropy(q, k, s, offset=4)
+    assert calls["ce_forward"] == 0
+    assert torch.isnan(losses[4:]).all() and torch.isfinite(losses[:4]).all()
+    assert torch.isnan(mean)
 
 
 def test_upstream_gradient_scales_every_gradient(device):

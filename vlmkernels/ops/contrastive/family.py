@@ -209,10 +209,13 @@ def _finishing_cases() -> list[CompileCase]:
     rows = dict(ROWS=finalize.FINAL_ROWS, BD=finalize.FINAL_COLUMNS, BLOCK=finalize.SUM_BLOCK)
     kappa = {"kappa": "fp32"}
     return [
-        CompileCase("clip_loss_parts", finalize._clip_loss_parts_kernel,
-                    f32("ws_ptr", "coef_ptr", "part_ptr", "loss_ptr"),
-                    dict(BLOCK=finalize.PARTS_BLOCK), aligned=("N", "L"),
-                    scalars={"weight": "fp32"}, expect=("no_spill",)),
+        *(
+            CompileCase(name, finalize._ce_loss_parts_kernel,
+                        f32("ws_ptr", "coef_ptr", "part_ptr", "loss_ptr"),
+                        dict(COLS=cols, BLOCK=finalize.PARTS_BLOCK), aligned=("M", "L"),
+                        scalars={"weight": "fp32"}, expect=("no_spill",))
+            for name, cols in (("clip_loss_parts", True), ("ce_loss_parts", False))
+        ),
         CompileCase("sum_parts", finalize._sum_parts_kernel, f32("part_ptr", "out_ptr"),
                     dict(BLOCK=finalize.SUM_BLOCK), expect=("no_spill",)),
         CompileCase("clip_grads_finalize", finalize._grads_finalize_kernel, grads,
@@ -237,7 +240,7 @@ FAMILY = register(
             kernels._clip_grad_kernel,
             kernels._siglip_kernel,
             fused_backward._clip_fused_grad_kernel,
-            finalize._clip_loss_parts_kernel,
+            finalize._ce_loss_parts_kernel,
             finalize._sum_parts_kernel,
             finalize._grads_finalize_kernel,
             finalize._grad_scalars_kernel,

@@ -1,10 +1,10 @@
 """The finishing kernels of the whole-loss path (:mod:`.whole_loss`): what the host used to
 do with a dozen small torch ops after the main kernels, in one or two launches.
 
-- ``_clip_loss_parts_kernel``: merges the CLIP statistics kernel's partials into the row
-  and column log-sum-exp, writes the backward's coefficients (lse, u = 1, h = 1) per
-  side, and the loss ``weight * sum_i (r_i - S_ii + c_i - S_ii)``: directly when it runs
-  as one program, else as per-program partials that ``_sum_parts_kernel`` adds.
+- ``_ce_loss_parts_kernel``: merges the CLIP statistics kernel's partials into the row
+  (and column) log-sum-exp, writes the backward's coefficients (lse, u = 1, h = 1) per
+  side, and the loss ``weight * sum_i (r_i - S_i,i+offset (+ c_i - S_ii))``: directly when
+  it runs as one program, else as per-program partials that ``_sum_parts_kernel`` adds.
 - ``_grads_finalize_kernel``: scales the fp32 products G Y and G^T X of a logit gradient
   G into dX and dY (in the features' dtype), and reduces the scale and bias gradients
   (and SigLIP's loss) from the partial sums of the kernel that wrote G; with more than one
@@ -54,39 +54,43 @@ def _merge_lse(max_ptr, sum_ptr, stride, parts, offs, mask):
 
 
 # fmt: off
-@tuned("clip_loss_parts", configs=_warps(4), key=["N"], sizes=["N"])
+@tuned("ce_loss_parts", configs=_warps(4), key=["M", "COLS"], sizes=["M"])
 @triton.jit
-def _clip_loss_parts_kernel(
+def _ce_loss_parts_kernel(
     ws_ptr, coef_ptr, part_ptr, loss_ptr,
-    N, L, splits, groups, weight,
-    BLOCK: tl.constexpr,
+    M, L, splits, groups, weight,
+    COLS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """CLIP loss of an N x N block with positives on the diagonal, from the statistics
-    kernel's partials in ``ws`` (five rows of L floats: row max, row sum and row positive
-    sums, each ``splits`` x N; column max and column sum, ``groups`` x N; only the used
-    splits and groups, as the host counts them).
+    """Cross-entropy loss of the M rows (and, with ``COLS``, of the columns: then the block
+    is M x M) of a logit block in which every row has exactly one positive, from the
+    statistics kernel's partials in ``ws``: five rows of L floats, the row max, row sum and
+    row positive logit, each ``splits`` x M, then the column max and column sum,
+    ``groups`` x M; only the used splits and groups, as the host counts them.
 
-    Writes coef (2, 3, N): per side (rows, columns) the natural lse, then 1, 1 (the upstream
-    and positive weights, normalised: the host keeps the weight); part[pid], this program's
-    share of ``weight * sum(losses)``; and, as one program, the loss itself.
+    Writes coef (1 + COLS, 3, M): per side (rows, columns) the natural lse, then 1, 1 (the
+    upstream and positive weights, normalised: the host keeps the weight); part[pid], this
+    program's share of ``weight * sum(losses)``; and, as one program, the loss itself.
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    lse_r = _merge_lse(ws_ptr, ws_ptr + L, N, splits, offs, mask)
-    lse_c = _merge_lse(ws_ptr + 3 * L, ws_ptr + 4 * L, N, groups, offs, mask)
+    mask = offs < M
+    ones = tl.full((BLOCK,), 1.0, tl.float32)
+    lse_r = _merge_lse(ws_ptr, ws_ptr + L, M, splits, offs, mask)
     hard = tl.zeros((BLOCK,), tl.float32)
     for k in range(splits):
-        hard += tl.load(ws_ptr + 2 * L + k * N + offs, mask=mask, other=0.0)
-    ones = tl.full((BLOCK,), 1.0, tl.float32)
+        hard += tl.load(ws_ptr + 2 * L + k * M + offs, mask=mask, other=0.0)
     tl.store(coef_ptr + offs, lse_r, mask=mask)
-    tl.store(coef_ptr + N + offs, ones, mask=mask)
-    tl.store(coef_ptr + 2 * N + offs, ones, mask=mask)
-    tl.store(coef_ptr + 3 * N + offs, lse_c, mask=mask)
-    tl.store(coef_ptr + 4 * N + offs, ones, mask=mask)
-    tl.store(coef_ptr + 5 * N + offs, ones, mask=mask)
-    # the positive logit S_ii is the same pair for row i and column i
-    part = tl.sum(tl.where(mask, lse_r + lse_c - 2.0 * hard, 0.0), 0) * weight
+    tl.store(coef_ptr + M + offs, ones, mask=mask)
+    tl.store(coef_ptr + 2 * M + offs, ones, mask=mask)
+    losses = lse_r - hard
+    if COLS:
+        # square, positives on the diagonal: S_ii is the same pair for row i and column i
+        lse_c = _merge_lse(ws_ptr + 3 * L, ws_ptr + 4 * L, M, groups, offs, mask)
+        tl.store(coef_ptr + 3 * M + offs, lse_c, mask=mask)
+        tl.store(coef_ptr + 4 * M + offs, ones, mask=mask)
+        tl.store(coef_ptr + 5 * M + offs, ones, mask=mask)
+        losses += lse_c - hard
+    part = tl.sum(tl.where(mask, losses, 0.0), 0) * weight
     tl.store(part_ptr + pid, part)
     if tl.num_programs(0) == 1:
         tl.store(loss_ptr, part)

@@ -155,7 +155,8 @@ def clip_loss(
     if plain and reduction != "none" and n:
         # the default targets, reduced: one op whose backward is one op
         weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
-        return cast(ops.clip_loss_reduced(x, y, scale, bias, weight, chunk)[0], out_dtype)
+        loss = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)[0]
+        return cast(loss, out_dtype)
     ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher, (x, y))
     if teacher is not None:
         t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
@@ -223,6 +224,14 @@ def contrastive_cross_entropy(
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
     if (query_ids is None) != (key_ids is None):
         raise ValueError(f"{op}: query_ids and key_ids go together")
+    m, n = queries.shape[0], keys.shape[0]
+    plain = query_ids is None and teacher_queries is None and label_smoothing == 0.0
+    if plain and alpha == 0.0 and reduction != "none" and m and 0 <= offset <= n - m:
+        # one positive per query, reduced: one op whose backward is one op
+        weight = 1.0 / m if reduction == "mean" else 1.0
+        loss = ops.contrastive_ce_reduced(queries, keys, scale, bias, weight, offset, False,
+                                          chunk)[0]  # fmt: skip
+        return cast(loss, queries.dtype)
     q_ids, _ = check_targets(op, queries.shape[0], device, query_ids, label_smoothing,
                              names=("query_ids",))  # fmt: skip
     alpha = check_real(op, "alpha", alpha, 0.0, 1.0)

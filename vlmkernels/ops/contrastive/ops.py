@@ -31,18 +31,18 @@ from .reference import block_stats_torch as _block_stats_torch
 from .reference import compute_dtype
 from .reference import siglip_grads_torch as _siglip_grads_torch
 from .reference import siglip_rows_torch as _siglip_rows_torch
-from .whole_loss import clip_backward as _clip_backward_whole
-from .whole_loss import clip_forward as _clip_forward_whole
+from .whole_loss import ce_backward as _ce_backward_whole
+from .whole_loss import ce_forward as _ce_forward_whole
 from .whole_loss import siglip_fused as _siglip_fused_whole
 
 __all__ = [
     "FAMILY",
     "block_grads",
     "block_stats",
-    "clip_loss_reduced",
-    "clip_loss_reduced_backward",
     "contrastive_ce_backward",
     "contrastive_ce_forward",
+    "contrastive_ce_reduced",
+    "contrastive_ce_reduced_backward",
     "first_order_only",
     "siglip_block_grads",
     "siglip_block_rows",
@@ -83,13 +83,15 @@ contrastive_ce_forward = Op(
 contrastive_ce_backward = Op(
     "contrastive_ce_backward", f"({_CE_BACKWARD_ARGS}) -> {_GRADS}", family=FAMILY
 )
-clip_loss_reduced = Op(
-    "clip_loss_reduced", f"({_FEATURES}, float weight, SymInt chunk_size) -> (Tensor, Tensor)",
+contrastive_ce_reduced = Op(
+    "contrastive_ce_reduced",
+    f"({_FEATURES}, float weight, SymInt offset, bool cols, SymInt chunk_size) -> (Tensor, Tensor)",
     family=FAMILY,
-)  # fmt: skip
-clip_loss_reduced_backward = Op(
-    "clip_loss_reduced_backward",
-    f"({_FEATURES}, Tensor coef, Tensor grad, float weight, SymInt chunk_size) -> {_GRADS}",
+)
+contrastive_ce_reduced_backward = Op(
+    "contrastive_ce_reduced_backward",
+    f"({_FEATURES}, Tensor coef, Tensor grad, float weight, SymInt offset, SymInt chunk_size) "
+    f"-> {_GRADS}",
     family=FAMILY,
 )
 siglip_loss_forward = Op(
@@ -299,92 +301,97 @@ def _(x, y, scale, bias, *_):
     return _fake_grads(x, y, scale, bias)
 
 
-# ------------------------------------------------------------------------ clip_loss_reduced
+# ------------------------------------------------------------------- contrastive_ce_reduced
 
 
-def _reduced_from_stats(row, col, weight, ct):
-    """(loss, coef) of :data:`clip_loss_reduced` from complete row and column stats."""
-    targets, n = Targets(), row.lse.shape[0]
-    loss = (row.losses(targets, n).sum() + col.losses(targets, n).sum()) * weight
+def _reduced_from_stats(row, col, weight, offset, n, ct):
+    """(loss, coef) of :data:`contrastive_ce_reduced` from complete stats (col: None for
+    one direction)."""
+    targets, m = Targets(offset), row.lse.shape[0]
+    loss = row.losses(targets, n).sum()
     ones = torch.ones_like(row.lse)
-    coef = torch.stack((torch.stack((row.lse, ones, ones)), torch.stack((col.lse, ones, ones))))
-    return cast(loss, ct), cast(coef, ct)
+    sides = [torch.stack((row.lse, ones, ones))]
+    if col is not None:
+        loss = loss + col.losses(targets, m).sum()
+        sides.append(torch.stack((col.lse, ones, ones)))
+    return cast(loss * weight, ct), cast(torch.stack(sides), ct)
 
 
-@clip_loss_reduced.impl("triton")
-def _(x, y, scale, bias, weight, chunk_size):
-    """(loss, coef): the CLIP loss weight * sum_i (l^row_i + l^col_i) of the square block
-    with positives on the diagonal (default targets), fp32, and the backward's (2, 3, N)
-    coefficients (per side: lse, then the normalised weights u = h = 1)."""
-    whole = _clip_forward_whole(x, y, scale, bias, weight)
+@contrastive_ce_reduced.impl("triton")
+def _(x, y, scale, bias, weight, offset, cols, chunk_size):
+    """(loss, coef): ``weight * sum_i (l^row_i (+ l^col_i))``, the cross-entropies of the
+    rows (and columns) of S = s x y^T + b with one positive per row at col = row + offset
+    (and per column: then M = N, offset 0; the caller checks both), fp32, and the backward's
+    (1 + cols, 3, M) coefficients (per side: lse, then the normalised weights u = h = 1)."""
+    whole = _ce_forward_whole(x, y, scale, bias, weight, offset, cols)
     if whole is not None:
         return whole
-    row, col = _block_stats_triton(x, y, scale, bias, Targets(), True, True)
-    return _reduced_from_stats(row, col, weight, torch.float32)
+    row, col = _block_stats_triton(x, y, scale, bias, Targets(offset), True, cols)
+    return _reduced_from_stats(row, col, weight, offset, y.shape[0], torch.float32)
 
 
-@clip_loss_reduced.impl("torch")
-def _(x, y, scale, bias, weight, chunk_size):
-    row, col = _block_stats_torch(x, y, scale, bias, Targets(), True, True, (None, None),
+@contrastive_ce_reduced.impl("torch")
+def _(x, y, scale, bias, weight, offset, cols, chunk_size):
+    row, col = _block_stats_torch(x, y, scale, bias, Targets(offset), True, cols, (None, None),
                                   chunk_size)  # fmt: skip
-    return _reduced_from_stats(row, col, weight, compute_dtype(x.dtype))
+    return _reduced_from_stats(row, col, weight, offset, y.shape[0], compute_dtype(x.dtype))
 
 
-@clip_loss_reduced.fake
-def _(x, y, scale, bias, weight, chunk_size):
+@contrastive_ce_reduced.fake
+def _(x, y, scale, bias, weight, offset, cols, chunk_size):
     ct = compute_dtype(x.dtype)
-    return x.new_empty((), dtype=ct), x.new_empty((2, 3, x.shape[0]), dtype=ct)
+    return x.new_empty((), dtype=ct), x.new_empty((1 + cols, 3, x.shape[0]), dtype=ct)
 
 
-@clip_loss_reduced.autograd
+@contrastive_ce_reduced.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        x, y, scale, bias, weight, chunk_size = inputs
+        x, y, scale, bias, weight, offset, cols, chunk_size = inputs
         ctx.save_for_backward(x, y, scale, bias, output[1])
-        ctx.weight, ctx.chunk_size = weight, chunk_size
+        ctx.options = (weight, offset, chunk_size)
         ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
         remember_backend(ctx)
 
-    @first_order_only("clip_loss")
+    @first_order_only("clip_loss / contrastive_cross_entropy")
     @in_forward_backend
     def backward(ctx, grad_loss, _grad_coef):
         if grad_loss is None:
             return _input_grads(ctx, None, None, None, None)
         x, y, scale, bias, coef = ctx.saved_tensors
-        grads = clip_loss_reduced_backward(x, y, scale, bias, coef, grad_loss, ctx.weight,
-                                           ctx.chunk_size)  # fmt: skip
+        grads = contrastive_ce_reduced_backward(x, y, scale, bias, coef, grad_loss, *ctx.options)
         return _input_grads(ctx, *grads)
 
 
 def _full_coefficients(coef, grad, weight):
-    """The (6, N) coefficients per side (lse, u, h, e, a, teacher lse) of the gradient of
-    grad * weight * loss, from :data:`clip_loss_reduced`'s (2, 3, N) coef."""
+    """The (6, L) coefficients per side (lse, u, h, e, a, teacher lse) of the gradient of
+    grad * weight * loss from :data:`contrastive_ce_reduced`'s coef; None for no columns."""
     u = (grad * weight).to(coef.dtype)
     zeros = torch.zeros_like(coef[0, 0])
-    return [torch.stack((c[0], c[1] * u, c[2] * u, zeros, zeros, zeros)) for c in coef]
+    sides = [torch.stack((c[0], c[1] * u, c[2] * u, zeros, zeros, zeros)) for c in coef]
+    return sides[0], (sides[1] if len(sides) > 1 else None)
 
 
-@clip_loss_reduced_backward.impl("triton")
-def _(x, y, scale, bias, coef, grad, weight, chunk_size):
-    """(dx, dy, dscale, dbias) of grad * loss for :data:`clip_loss_reduced`'s loss."""
-    whole = _clip_backward_whole(x, y, scale, bias, coef, grad, weight, chunk_size)
+@contrastive_ce_reduced_backward.impl("triton")
+def _(x, y, scale, bias, coef, grad, weight, offset, chunk_size):
+    """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_reduced`'s loss."""
+    whole = _ce_backward_whole(x, y, scale, bias, coef, grad, weight, offset, chunk_size)
     if whole is not None:
         return whole
     row_coef, col_coef = _full_coefficients(coef, grad, weight)
-    dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, Targets(), row_coef, col_coef,
+    dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, Targets(offset), row_coef, col_coef,
                                          triton_chunk_rows(x, chunk_size))  # fmt: skip
     return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
 
 
-@clip_loss_reduced_backward.impl("torch")
-def _(x, y, scale, bias, coef, grad, weight, chunk_size):
+@contrastive_ce_reduced_backward.impl("torch")
+def _(x, y, scale, bias, coef, grad, weight, offset, chunk_size):
     row_coef, col_coef = _full_coefficients(coef, grad, weight)
-    dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, Targets(), row_coef, col_coef,
+    dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, Targets(offset), row_coef, col_coef,
                                         chunk_size)  # fmt: skip
     return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
 
 
-@clip_loss_reduced_backward.fake
+@contrastive_ce_reduced_backward.fake
 def _(x, y, scale, bias, *_):
     return _fake_grads(x, y, scale, bias)
 

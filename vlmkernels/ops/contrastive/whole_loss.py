@@ -1,9 +1,11 @@
-"""The whole-loss path of the Triton backend: a mean or sum CLIP loss (default targets) or
-fused SigLIP loss over one N x N block, and its gradients, with the launches prepared once
-per layout and the host's finishing arithmetic done by :mod:`.finalize`'s kernels.
+"""The whole-loss path of the Triton backend: a mean or sum contrastive cross-entropy whose
+every row has one positive (CLIP's symmetric loss with the default targets, or one
+direction over an M x N block with positives at col = row + offset, ALBEF's without
+distillation), or the fused SigLIP loss, and its gradients, with the launches prepared
+once per layout and the host's finishing arithmetic done by :mod:`.finalize`'s kernels.
 
-CLIP forward: the statistics kernel, then ``_clip_loss_parts_kernel`` (the loss and the
-backward's coefficients); backward: the gradient kernel writes G (N x N, one chunk), two
+Cross-entropy forward: the statistics kernel, then ``_ce_loss_parts_kernel`` (the loss
+and the backward's coefficients); backward: the gradient kernel writes G (M x N, one chunk), two
 matrix products give G Y and G^T X in fp32, and ``_grads_finalize_kernel`` scales them and
 reduces the scale and bias gradients. SigLIP (fused): its gradient kernel, the two products
 and the same finishing kernel, which also sums the loss. Each allocation is one buffer per
@@ -33,7 +35,7 @@ from .finalize import (
     FINAL_ROWS,
     PARTS_BLOCK,
     SUM_BLOCK,
-    _clip_loss_parts_kernel,
+    _ce_loss_parts_kernel,
     _grad_scalars_kernel,
     _grads_finalize_kernel,
     _sum_parts_kernel,
@@ -42,7 +44,7 @@ from .fused_backward import clip_backward_design
 from .kernels import _clip_grad_kernel, _clip_stats_kernel, _siglip_kernel
 from .launchers import _cdiv, _col_splits, _stats_grid
 
-__all__ = ["clip_backward", "clip_forward", "siglip_fused"]
+__all__ = ["ce_backward", "ce_forward", "siglip_fused"]
 
 _PLANS = prepared_cache()  # (kind, layout) -> plan, or None where the path does not apply
 _F32 = torch.float32
@@ -65,7 +67,8 @@ def _flags(x, bias):
     return dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
 
 
-_CLIP_FLAGS = dict(ROWS=True, COLS=True, IDS=False, SMOOTH=False, TEACHER=False)
+def _ce_flags(x, bias, cols):
+    return dict(ROWS=True, COLS=cols, IDS=False, SMOOTH=False, TEACHER=False, **_flags(x, bias))
 
 
 def _prepared(kernel, grid, args, kwargs):
@@ -75,18 +78,18 @@ def _prepared(kernel, grid, args, kwargs):
     return None if run is None else (run, kernel.config(args, kwargs))
 
 
-# ----------------------------------------------------------------------------- CLIP forward
+# ------------------------------------------------------------------ cross-entropy forward
 
 
 @dataclasses.dataclass(frozen=True)
-class _ClipForward:
+class _CeForward:
     stats: object
     parts: object
     sum: object  # None with one parts program
     width: int  # floats per workspace row
 
 
-def _clip_forward_plan(x, y, scale, bias, weight):
+def _ce_forward_plan(x, y, scale, bias, weight, offset, cols):
     m, d = x.shape
     n = y.shape[0]
     groups, splits = _stats_grid(m, n, x.device)
@@ -94,42 +97,45 @@ def _clip_forward_plan(x, y, scale, bias, weight):
     ws = torch.empty((6, 1), dtype=_F32, device=x.device)  # stand-ins: only pointers
     b = bias if bias is not None else scale
     stats_args = (x, y, scale, b, ws, ws, x, y, scale, ws, ws, ws, ws, ws, ws, ws, ws,
-                  m, n, d, 0, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                  m, n, d, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
                   0, 0, 0, 0, groups, next_pow2_bucket(max(m, n)))  # fmt: skip
-    stats_kw = dict(_CLIP_FLAGS, **_flags(x, bias))
+    stats_kw = _ce_flags(x, bias, cols)
     stats = _prepared(_clip_stats_kernel, (groups * splits,), stats_args, stats_kw)
     if stats is None:
         return None
     cfg = stats[1].all_kwargs()
     used_groups, used_splits = _used(m, groups, cfg["BM"]), _used(n, splits, cfg["BN"])
-    programs = _cdiv(n, PARTS_BLOCK)
-    parts_args = (ws, ws, ws, ws, n, width, used_splits, used_groups, weight)
-    parts = _prepared(_clip_loss_parts_kernel, (programs,), parts_args, dict(BLOCK=PARTS_BLOCK))
+    programs = _cdiv(m, PARTS_BLOCK)
+    parts_args = (ws, ws, ws, ws, m, width, used_splits, used_groups, weight)
+    parts = _prepared(_ce_loss_parts_kernel, (programs,), parts_args,
+                      dict(COLS=cols, BLOCK=PARTS_BLOCK))  # fmt: skip
     total = None
     if programs > 1:
         total = _prepared(_sum_parts_kernel, (1,), (ws, ws, programs), dict(BLOCK=SUM_BLOCK))
     if parts is None or (programs > 1 and total is None):
         return None
-    return _ClipForward(stats[0], parts[0], total and total[0], width)
+    return _CeForward(stats[0], parts[0], total and total[0], width)
 
 
-def clip_forward(x, y, scale, bias, weight: float):
-    """(loss, coef) of the CLIP loss ``weight * sum_i (l^row_i + l^col_i)`` of the square
-    block S = s x y^T + b with positives on the diagonal: the loss a 0-d fp32 tensor, coef
-    (2, 3, N) fp32 (per side: lse, 1, 1) for :func:`clip_backward`; None where the path
-    does not apply."""
+def ce_forward(x, y, scale, bias, weight: float, offset: int, cols: bool):
+    """(loss, coef) of ``weight * sum_i (l^row_i (+ l^col_i with cols))``, the cross-entropies
+    of the rows (and columns) of S = s x y^T + b (M x N) whose positives are at
+    col = row + offset, every row (and column) having exactly one (the caller checks it:
+    0 <= offset, M + offset <= N; cols only for M = N, offset 0): the loss a 0-d fp32
+    tensor, coef (1 + cols, 3, M) fp32 (per side: lse, 1, 1) for :func:`ce_backward`; None
+    where the path does not apply."""
     x, y = tile_addressable(x), tile_addressable(y)
-    key = _layout("clip_fwd", x, y, bias, (weight,))
+    key = _layout("ce_fwd", x, y, bias, (weight, offset, cols))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _clip_forward_plan(x, y, scale, bias, weight)
+        plan = _ce_forward_plan(x, y, scale, bias, weight, offset, cols)
         if plan is None:
             return None
         _PLANS[key] = plan
-    n = x.shape[0]
+    m = x.shape[0]
     ws = torch.empty((6, plan.width), dtype=_F32, device=x.device)
     row_max, row_sum, row_acc, col_max, col_sum, parts = ws.unbind(0)
-    coef = torch.empty((2, 3, n), dtype=_F32, device=x.device)
+    coef = torch.empty((1 + cols, 3, m), dtype=_F32, device=x.device)
     loss = torch.empty((), dtype=_F32, device=x.device)
     b = bias if bias is not None else scale
     with device_guard(x):
@@ -154,12 +160,12 @@ class _Finish:
     size: int  # floats of the partials buffer: 2 n_partials + finishing programs
 
 
-def _finish_plan(x, n_partials, n_loss, kappa, siglip, has_bias, has_grad):
+def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad):
     m, d = x.shape
-    programs = _cdiv(m, FINAL_ROWS)
+    programs = _cdiv(max(m, n), FINAL_ROWS)
     t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
     flags = dict(SIGLIP=siglip, HAS_BIAS=has_bias, HAS_GRAD=has_grad, HAS_LOSS=siglip)
-    args = (x, t, t, x, x, t, t, t, t, t, t, t, t, m, m, d, x.stride(0), x.stride(1),
+    args = (x, t, t, x, x, t, t, t, t, t, t, t, t, m, n, d, x.stride(0), x.stride(1),
             n_partials, n_loss, kappa)  # fmt: skip
     final = _prepared(_grads_finalize_kernel, (programs,), args,
                       dict(flags, ROWS=FINAL_ROWS, BD=FINAL_COLUMNS, BLOCK=SUM_BLOCK))  # fmt: skip
@@ -195,46 +201,47 @@ def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, los
     return dx, dy, ds, db
 
 
-# ---------------------------------------------------------------------------- CLIP backward
+# ----------------------------------------------------------------- cross-entropy backward
 
 
 @dataclasses.dataclass(frozen=True)
-class _ClipBackward:
+class _CeBackward:
     grad: object
     finish: _Finish
 
 
-def _clip_backward_plan(x, y, scale, bias, kappa):
+def _ce_backward_plan(x, y, scale, bias, kappa, offset, cols):
     m, d = x.shape
     n = y.shape[0]
     splits = _col_splits(m, n, x.device)
     t = torch.empty((1,), dtype=_F32, device=x.device)
     b = bias if bias is not None else scale
-    args = (x, y, scale, b, t, t, x, y, scale, t, t, x, n, t, 0, 0, m, n, d, 0,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), 0, 0, 0, 0, n, n,
+    args = (x, y, scale, b, t, t, x, y, scale, t, t, x, n, t, 0, 0, m, n, d, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), 0, 0, 0, 0, m, m,
             next_pow2_bucket(max(m, n)))  # fmt: skip
-    kwargs = dict(_CLIP_FLAGS, **_flags(x, bias))
+    kwargs = _ce_flags(x, bias, cols)
     config = _clip_grad_kernel.config(args, kwargs).all_kwargs()
     programs = _cdiv(m, config["BM"]) * splits
     args = (*args[:14], programs, *args[15:])
     grad = _prepared(_clip_grad_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
-    finish = _finish_plan(x, programs, 0, kappa, False, bias is not None, True)
+    finish = _finish_plan(x, n, programs, 0, kappa, False, bias is not None, True)
     if grad is None or finish is None:
         return None
-    return _ClipBackward(grad[0], finish)
+    return _CeBackward(grad[0], finish)
 
 
-def clip_backward(x, y, scale, bias, coef, grad, weight: float, chunk_size: int):
-    """(dx, dy, dscale, dbias) of ``grad * loss`` for :func:`clip_forward`'s loss and coef;
+def ce_backward(x, y, scale, bias, coef, grad, weight: float, offset: int, chunk_size: int):
+    """(dx, dy, dscale, dbias) of ``grad * loss`` for :func:`ce_forward`'s loss and coef;
     None where the path does not apply (more than one chunk, a fused backward design)."""
     m = x.shape[0]
     if m > triton_chunk_rows(x, chunk_size) or clip_backward_design(None, x.device) != "chunked":
         return None
+    cols = coef.shape[0] == 2
     x, y = tile_addressable(x), tile_addressable(y)
-    key = _layout("clip_bwd", x, y, bias, (weight, scale.dtype))
+    key = _layout("ce_bwd", x, y, bias, (weight, offset, cols, scale.dtype))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _clip_backward_plan(x, y, scale, bias, weight)
+        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, cols)
         if plan is None:
             return None
         _PLANS[key] = plan
@@ -242,8 +249,10 @@ def clip_backward(x, y, scale, bias, coef, grad, weight: float, chunk_size: int)
     partials = torch.empty((plan.finish.size,), dtype=_F32, device=x.device)
     b = bias if bias is not None else scale
     with device_guard(x):
-        # coef's base is the rows' (3, N) coefficients (their pointer stands in for the ids')
-        plan.grad(x, y, scale, b, coef, coef, x, y, scale, coef, coef[1], g, partials)
+        # coef's base is the rows' (3, M) coefficients (their pointer stands in for the
+        # ids' and, in one direction, for the columns')
+        plan.grad(x, y, scale, b, coef, coef, x, y, scale, coef, coef[1] if cols else coef, g,
+                  partials)  # fmt: skip
         return _finish(plan.finish, x, y, g, scale, bias, grad, partials, None, None)
 
 
@@ -293,7 +302,7 @@ def _siglip_plan(x, y, scale, bias, offset, weight):
     programs = _cdiv(m, config["BM"]) * splits
     args = (*args[:10], programs, *args[11:])
     kernel = _prepared(_siglip_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
-    finish = _finish_plan(x, programs, splits * m, weight, True, bias is not None, False)
+    finish = _finish_plan(x, n, programs, splits * m, weight, True, bias is not None, False)
     if kernel is None or finish is None:
         return None
     return _Siglip(kernel[0], finish, ones, splits)
