@@ -46,6 +46,10 @@ D = 24
 B = 11
 UNEQUAL_SIZES = (9, 12, 8, 13)
 TOL = 1e-5
+# SigLIP's scale gradient is sum(G S) - b sum(G) over every block: with b = -10 the two
+# terms cancel to about 1e-6 of their size in fp32 (launchers.py), so summed over a
+# world's blocks it lands near 1e-5 (1.3e-5 measured with 5 ranks); a wrong kernel is O(1)
+SCALE_TOL = 3e-5
 SCALAR_FLOOR = 0.1
 COLLECTIVE_TIMEOUT_S = 30
 WORLD_TIMEOUT_S = 300
@@ -110,7 +114,7 @@ def assert_close(rank, ours, theirs):
         floor = SCALAR_FLOOR * upstream(rank) if name.startswith("logit_") else 0.0
         errors[name] = rel_err(grads[name], ref, floor)
     MAX_ERRORS.append(max(errors.values()))
-    bad = {k: v for k, v in errors.items() if not v < TOL}
+    bad = {k: v for k, v in errors.items() if not v < (SCALE_TOL if k == "logit_scale" else TOL)}
     assert not bad, f"rank {rank}: relative errors above {TOL}: {bad} (all: {errors})"
 
 
