@@ -108,15 +108,20 @@ def test_kernels_keys_and_spaces():
 
 
 def test_untuned_default_per_dtype(dirs):
-    """Without a tuned entry, fp32 launches of the gradient and SigLIP kernels take their
-    fp32 default (128 x 128 x 32: no spill or less), the other dtypes the first config; a
-    tuned entry still wins; a default outside the space is refused."""
+    """Without a tuned entry, fp32 launches of the statistics and SigLIP loss passes take
+    their fp32 default (128 x 128 x 32: no spill), those writing a gradient tile (clip_grad,
+    SigLIP's gradient pass) 128 x 64 x 32 (no spill), the other dtypes the first config
+    (clip_grad: 128 x 128 x 32); a tuned entry still wins; a default outside the space is
+    refused."""
     key = dict(D=768, n_bucket=32768, WRITE_GRAD=1)
-    fp32_default = C._GPU_CONFIGS[1]
+    fp32_default, fp32_gradient = C._GPU_CONFIGS[1], C._GPU_CONFIGS[4]
+    assert fp32_gradient.kwargs == {"BM": 128, "BN": 64, "BK": 32}
     with pytest.warns(T.DefaultConfigWarning):
-        assert T.lookup("siglip", key, device=H100, dtype="fp32") is fp32_default
+        assert T.lookup("siglip", key, device=H100, dtype="fp32") is fp32_gradient
+    assert T.lookup("siglip", dict(key, WRITE_GRAD=0), device=H100, dtype="fp32") is fp32_default
     assert T.lookup("siglip", key, device=H100, dtype="bf16") is C._GPU_CONFIGS[0]
-    assert T.all_kernels()["clip_grad"].default_for(torch.float32) is fp32_default
+    assert T.all_kernels()["clip_grad"].default_for(torch.float32) is fp32_gradient
+    assert T.all_kernels()["clip_grad"].default_for(torch.bfloat16) is fp32_default
     assert STATS.default_for("fp32") is fp32_default
     user, _ = dirs
     write(user, "siglip", [(dict(key, dtype="fp32"), entry(SPACE[2]))])

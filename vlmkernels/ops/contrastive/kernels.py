@@ -45,14 +45,28 @@ _GPU_CONFIGS = [
 # sizes, so masking is exercised.
 _INTERPRETER_CONFIG = triton.Config({"BM": 32, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)
 _CONFIGS = autotune_configs(_GPU_CONFIGS, _INTERPRETER_CONFIG)
-# The untuned default for fp32 inputs (3xTF32 dots): with BK 32, sm_90a spills 52 B per
-# thread in siglip's gradient (272 at BK 64), none in clip_stats (108) or SigLIP's loss pass
-# (64), in 128 of shared memory instead of 192 KB. `vlmkernels tune` replaces it.
+# The untuned default for fp32 inputs (3xTF32 dots): 128 x 128 x 32 with 4 stages, in 128
+# KB of shared memory; at BK 64 sm_90a spilled 108 B per thread in clip_stats and 64 in
+# SigLIP's loss pass, none at BK 32. `vlmkernels tune` replaces it.
 _FP32_DEFAULT = {"fp32": _GPU_CONFIGS[1]}
-# clip_grad's for every dtype: at BK 64 its 16-bit default spilled 20 B per thread (two
-# values kept through the tile loop for the positive pairs' pass after it), none at BK 32,
-# with fewer instructions per tile (1,665 against 1,737); fp32 spills 72 B at BK 32.
-_GRAD_DEFAULT = {dtype: _GPU_CONFIGS[1] for dtype in ("bf16", "fp16", "fp32")}
+# clip_grad's: at BK 64 its 16-bit default spilled 20 B per thread (two values kept
+# through the tile loop for the positive pairs' pass after it), none at BK 32, with fewer
+# instructions per tile (1,665 against 1,737); fp32 as SigLIP's gradient pass
+# (:func:`_fp32_gradient_default`).
+_GRAD_DEFAULT = {"bf16": _GPU_CONFIGS[1], "fp16": _GPU_CONFIGS[1], "fp32": _GPU_CONFIGS[4]}
+
+
+def _fp32_gradient_default(variant):
+    """fp32 inputs of the kernels that write a logit gradient tile (clip_grad's fp32
+    default, SigLIP's gradient pass): 128 x 64 tiles with 8 warps. At 128 x 128 the tf32x3
+    operand splits (a high and a low TF32 part of each operand) and the gradient tile exceed
+    255 registers: sm_90a spilled 72 B per thread in clip_grad and 52 B in SigLIP's (288 /
+    272 at BK 64); at 128 x 64 x 32 neither spills (232 / 208 registers), at 6% / 9% more
+    static instructions per logit (1,174 per 8,192 against 2,207 per 16,384; 1,393 against
+    2,545). Which is faster waits for a GPU (``vlmkernels tune`` records it)."""
+    if variant.get("dtype") == "fp32" and variant.get("WRITE_GRAD", True):
+        return _GPU_CONFIGS[4]
+    return None
 
 
 def _targets_default(variant):
@@ -458,7 +472,7 @@ def _clip_grad_kernel(
 
 
 @tuned("siglip", configs=_CONFIGS, key=["D", "n_bucket", "WRITE_GRAD"], sizes=["D", "n_bucket"],
-       defaults=_FP32_DEFAULT)
+       defaults=_FP32_DEFAULT, variant_default=_fp32_gradient_default)
 @even_k
 @triton.jit
 def _siglip_kernel(
