@@ -25,7 +25,8 @@ Method:
   torch ops.
 - Per case ``--host-calls`` calls (default 1000) after a tenth as many warm-up calls, each
   timed alone with ``time.perf_counter_ns`` (gradients reset between calls, untimed; the
-  garbage collector paused); the median, with the 20th and 80th percentiles, in
+  garbage collector paused), the cases taking turns in 10 rounds of a tenth of the calls
+  each (a slow spell hits all of them); the median, with the 20th and 80th percentiles, in
   microseconds. A shared or loaded machine inflates every number: compare the columns of
   one run, and the scale row, ``x.add(1)`` on a 1-element tensor timed the same way in the
   same interpreter (one torch op's host cost there and then; op ``torch_add``).
@@ -62,6 +63,7 @@ HOST_FILE = "host.csv"
 SCALE_SUITE, SCALE_OP = "host", "torch_add"
 SCALE_NOTE = "x.add(1) on a 1-element tensor: one torch op's host cost in this run (the scale)"
 DEFAULT_CALLS = 1000
+ROUNDS = 10  # interleaved rounds of each case's calls (see measure)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -98,9 +100,14 @@ def host_call(prepared: Prepared, mode: str) -> Callable[[], object]:
 
 
 def time_calls(
-    call: Callable[[], object], leaves: Sequence[torch.Tensor], calls: int, warmup: int
+    call: Callable[[], object],
+    leaves: Sequence[torch.Tensor],
+    calls: int,
+    warmup: int,
+    collect: bool = True,
 ) -> list[int]:
-    """Nanoseconds of each of ``calls`` calls (after ``warmup`` untimed ones)."""
+    """Nanoseconds of each of ``calls`` calls (after ``warmup`` untimed ones), the garbage
+    collector paused (and run first with ``collect``)."""
 
     def reset():
         for t in leaves:
@@ -110,7 +117,8 @@ def time_calls(
         reset()
         call()
     samples = []
-    gc.collect()
+    if collect:
+        gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -135,9 +143,15 @@ def quantiles_us(samples_ns: Sequence[int]) -> dict[str, float]:
     return {"p50": at(0.5), "p20": at(0.2), "p80": at(0.8)}
 
 
-def measure(cases: list[dict], calls: int, seed: int, dtype: str) -> list[dict]:
+def measure(cases: list[dict], calls: int, seed: int, dtype: str,
+            rounds: int = ROUNDS) -> list[dict]:  # fmt: skip
     """Host time of each case {suite, op, provider, mode, shape}: the case with p50, p20,
-    p80 (us), calls and launches per call, or status ``error`` and a note."""
+    p80 (us), calls and launches per call, or status ``error`` and a note.
+
+    The cases (and the scale row) are timed in ``rounds`` interleaved rounds of
+    ``calls / rounds`` calls each, after one warm-up of a tenth of ``calls`` per case: a
+    slow spell of a shared machine then falls on every case alike, and the ratios within
+    the run (vlmkernels against the eager formula, against one torch op) hold."""
     from vlmkernels.core import runtime
 
     if not runtime.INTERPRETED:
@@ -147,35 +161,57 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str) -> list[dict]:
     stub_triton_launcher()
     torch.set_num_threads(1)
     found = suites()
-    out = []
+    out, timed = [], []  # timed: (result, call, leaves, samples)
+    warmup = max(10, calls // 10)
     for case in cases:
         suite = found[case["suite"]]
         op = next(o for o in suite.ops if o.name == case["op"])
         provider = next(p for p in op.providers if p.name == case["provider"])
         args = BuildArgs(op.name, case["shape"], getattr(torch, dtype), torch.device("cpu"),
                          seed, {})  # fmt: skip
-        label = f"  [{op.name}] {shape_str(case['shape'])} {provider.name:<22} {case['mode']:<8}"
         try:
             prepared = provider.build(args)
             call = host_call(prepared, case["mode"])
             LAUNCHES[0] = 0
-            samples = time_calls(call, prepared.leaves, calls, max(10, calls // 10))
-            launches = LAUNCHES[0] / (calls + max(10, calls // 10))
-            result = {**case, **quantiles_us(samples), "calls": calls, "launches": launches,
+            time_calls(call, prepared.leaves, 0, warmup)
+            result = {**case, "calls": calls, "launches": LAUNCHES[0] / warmup,
                       "note": prepared.note, "status": "ok"}  # fmt: skip
-            print(f"{label} {result['p50']:9.1f} us ({launches:g} launches / call)", flush=True)
+            timed.append((result, call, prepared.leaves, []))
         except Exception as exc:  # noqa: BLE001 - recorded, the other cases go on
             status, note = _failure(exc)
             result = {**case, "status": status, "note": note}
-            print(f"{label} {status}: {note}", flush=True)
+            _print_case(result)
         out.append(result)
     one = torch.ones(1, dtype=getattr(torch, dtype))
-    samples = time_calls(lambda: one.add(1), (), calls, max(10, calls // 10))
     scale = {"suite": SCALE_SUITE, "op": SCALE_OP, "provider": "torch", "mode": "fwd",
              "shape": {"n": 1}, "calls": calls, "launches": 0.0, "status": "ok",
-             "note": SCALE_NOTE, **quantiles_us(samples)}  # fmt: skip
-    print(f"  [{SCALE_OP}] one.add(1) {scale['p50']:9.1f} us (the scale)", flush=True)
+             "note": SCALE_NOTE}  # fmt: skip
+    timed.append((scale, lambda: one.add(1), (), []))
+    per_round = [calls // rounds + (r < calls % rounds) for r in range(rounds)]
+    for n in per_round:
+        gc.collect()
+        for result, call, leaves, samples in timed:
+            try:
+                if result["status"] == "ok":
+                    samples += time_calls(call, leaves, n, 0, collect=False)
+            except Exception as exc:  # noqa: BLE001 - a case failing after its warm-up
+                result["status"], result["note"] = _failure(exc)
+    for result, _, _, samples in timed:
+        if result["status"] == "ok":
+            result.update(quantiles_us(samples))
+        _print_case(result)
     return [*out, scale]
+
+
+def _print_case(r: dict) -> None:
+    if r["op"] == SCALE_OP:
+        print(f"  [{SCALE_OP}] one.add(1) {r['p50']:9.1f} us (the scale)", flush=True)
+        return
+    label = f"  [{r['op']}] {shape_str(r['shape'])} {r['provider']:<22} {r['mode']:<8}"
+    if r["status"] != "ok":
+        print(f"{label} {r['status']}: {r['note']}", flush=True)
+    else:
+        print(f"{label} {r['p50']:9.1f} us ({r['launches']:g} launches / call)", flush=True)
 
 
 def _child(argv: list[str]) -> int:
