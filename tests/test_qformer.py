@@ -7,6 +7,7 @@ fp32 and bf16, the one-GEMM K / V actually used, the weight cache following in-p
 updates, undo restoring the instances bitwise; a training step with attention dropout in
 the kernel."""
 
+import copy
 import importlib
 
 import pytest
@@ -325,6 +326,40 @@ def test_patched_qformer_bf16():
     assert rel(got, want) < 2e-2 and rel(base, want) < 2e-2
     for a, e in zip(got_grads[:2], want_grads[:2], strict=True):  # query and image grads
         assert rel(a, e) < 4e-2
+
+
+def _norm_rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_qformer_bf16_error_against_the_bf16_floor():
+    """Issue 12 asks for a bf16 forward within 1e-3 relative of the fp32 reference. No bf16
+    computation can be: rounding the weights and inputs to bf16 and computing everything
+    else exactly (float64) already moves the output by about 5e-3 (norm-relative), and
+    rounding the exact output alone by about 1.6e-3. The patched model is held to
+    within 2.5x of that floor and 1.5x of transformers' own bf16 error (measured: 7.7e-3,
+    floor 5.1e-3, transformers 8.6e-3)."""
+    torch.manual_seed(0)
+    model = tiny_qformer("blip_2")
+    kwargs, _ = inputs("blip_2")
+
+    def as_(dtype, d):
+        return {k: (v.detach().to(dtype) if torch.is_tensor(v) and v.is_floating_point()
+                    else v) for k, v in d.items()}  # fmt: skip
+
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(**as_(torch.float64, kwargs)).last_hidden_state
+        model16 = copy.deepcopy(model).to(torch.bfloat16)
+        kwargs16 = as_(torch.bfloat16, kwargs)
+        rounded = copy.deepcopy(model16).double()(**as_(torch.float64, kwargs16))
+        transformers16 = model16(**kwargs16).last_hidden_state
+        with patch(model16):
+            ours = model16(**kwargs16).last_hidden_state
+    floor = _norm_rel(rounded.last_hidden_state, exact)
+    assert floor > 1e-3 and _norm_rel(exact.to(torch.bfloat16), exact) > 1e-3
+    assert _norm_rel(ours, exact) < 2.5 * floor
+    assert _norm_rel(ours, exact) < 1.5 * _norm_rel(transformers16, exact)
 
 
 def test_patched_qformer_gradient_checkpointing():
