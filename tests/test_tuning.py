@@ -669,6 +669,42 @@ def test_bench_call_skips_configs_that_fail(dirs, monkeypatch):
         TU._bench_call(call, lambda fn: 1 / 0, lines.append)
 
 
+def test_space_for_a_variant_leaves_out_what_cannot_launch(dirs):
+    """``tuned(fits=)``: the connector GEMM with fp32 inputs and the norm prologue keeps only
+    BK 32 or 64 x 64 tiles (the others overflow an sm_90 block's shared memory or spill);
+    bf16, or fp32 without a norm, keeps the whole space. The tuner skips the others without
+    launching them, and the inspection compiles only what remains."""
+    from vlmkernels.ops.connectors import kernels as K
+
+    gemm = T.all_kernels()["connector_gemm"]
+    full = list(K._GPU_CONFIGS)
+    assert gemm.space == full or T.runtime.INTERPRETED
+    norm = dict(M_bucket=1024, N=1024, K=1024, XSIDE=1, GATHER=1, NORM=1, ACT=1, SCATTER=0)
+    kept = [c for c in full if gemm.allows(c, "fp32", norm)]
+    assert [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) for c in kept] == [
+        (128, 128, 32), (64, 64, 64)]  # fmt: skip
+    assert all(gemm.allows(c, "bf16", norm) for c in full)
+    assert all(gemm.allows(c, torch.float32, dict(norm, NORM=0)) for c in full)
+    assert gemm.allows(gemm.default_for("fp32", norm), "fp32", norm)
+    assert T.all_kernels()["clip_stats"].space_for("fp32") == STATS.space  # no fits: all
+
+    class Space(list):  # the GPU space whatever the interpreter says
+        space = full
+        interpreter = full[0]
+
+    try:
+        sizes = ["M_bucket", "N", "K"]
+        kernel = T.TunedKernel("fits_demo", gemm.fn, Space(full), gemm.key_names, sizes,
+                               fits=K._gemm_fits, interpreted=False)  # fmt: skip
+    finally:
+        T._REGISTRY.pop("fits_demo", None)  # not a kernel of any family
+    call = T._Call(kernel, (*norm.values(), "fp32"), (1,), (), {})
+    timed, lines = [], []
+    best = TU._bench_call(call, lambda fn: timed.append(fn) or float(len(timed)), lines.append)
+    assert len(timed) == 2 and best["ms"] == 1.0
+    assert sum("not in the space" in line for line in lines) == len(full) - 2
+
+
 def test_compare_backends_records_the_faster(dirs, monkeypatch):
     if not _common.INTERPRETED:
         pytest.skip("runs the Triton launcher through the interpreter")

@@ -1,8 +1,9 @@
 """Static inspection of the families' Triton kernels: compile each declared variant for a GPU
 architecture on any machine (no GPU needed) and read what the compiler made of it.
 
-For every :class:`~.family.CompileCase` of every registered family, every config of its
-kernel's space (the first being the default) and every input dtype asked for, Triton's whole
+For every :class:`~.family.CompileCase` of every registered family, every input dtype asked
+for and every config of its kernel's space the tuner may pick for that variant and dtype
+(:meth:`~.tuning.TunedKernel.space_for`; the default among them), Triton's whole
 pipeline runs for an explicit target (TTIR -> TTGIR -> LLIR -> PTX -> cubin, Triton's own
 ptxas), and the cubin is read with ``cuobjdump``: registers and stack frame (its resource
 usage), the SASS (:mod:`.sass`: spills as local-memory traffic, the hot loop and its
@@ -279,7 +280,8 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
 def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "all",
                   use_cache: bool = True, progress=None) -> list[dict]:  # fmt: skip
     """Records for ``cases`` ((family, case) pairs, :func:`select_cases`) x ``dtypes`` x
-    configs ("all": the kernel's whole space; "default": its first config), in that order.
+    configs ("all": the kernel's space for that variant and dtype, the configs the tuner may
+    pick; "default": the untuned default), in that order.
 
     A record: ``family``, ``kernel``, ``case``, ``config`` (label), ``default`` (bool),
     ``dtype``, ``arch``, ``triton``, ``num_warps``, ``num_stages``, ``constexprs``, ``mma``
@@ -294,8 +296,8 @@ def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "al
     """
     records = []
     for fam, case in cases:
-        space = list(case.kernel.space)
         for dtype in dtypes:
+            space = case.kernel.space_for(dtype, case.constants(dtype))
             defaults = [case.kernel.default_for(dtype, case.constants(dtype))]
             for config in space if configs == "all" else defaults:
                 if progress:
@@ -356,8 +358,8 @@ def failures(records: list[dict], budgets: dict) -> list[dict]:
 
     - "compiles": every variant and config compiles;
     - "no_spill": no default config spills (local-memory stores or loads);
-    - "shared": every config (any of them may be tuned in) fits the architecture's shared
-      memory per block;
+    - "shared": every config the tuner may pick for the variant and dtype (any of them may
+      be tuned in) fits the architecture's shared memory per block;
     - "budget": a default config's ``instructions_per_tile`` is at most the budget of its
       (case, dtype), where the file's Triton version is the one running (another version
       compiles to other SASS).

@@ -70,8 +70,13 @@ def _bench_call(call: _Call, bench: Callable, log: Callable) -> dict:
     """Time one recorded launch with every config of its kernel's space; the winner as a
     file entry (with its time and the default config's)."""
     kernel = call.kernel
+    variant = dict(zip(kernel.file_key, call.key, strict=True))
     timings = {}
     for i, config in enumerate(kernel.space):
+        if not kernel.allows(config, variant["dtype"], variant):
+            log(f"  {kernel.name} {_config_entry(config)}: not in the space of "
+                f"{kernel.bucket(call.key)}")  # fmt: skip
+            continue
         try:
             timings[i] = float(
                 bench(lambda c=config: kernel.launch(c, call.grid, call.args, call.kwargs))

@@ -99,7 +99,7 @@ class TunedKernel(KernelInterface):
     the GPU config space, ``fn`` the wrapped kernel."""
 
     def __init__(self, name, fn, configs, key, sizes, restore_value=None, interpreted=None,
-                 defaults=None, variant_default=None):  # fmt: skip
+                 defaults=None, variant_default=None, fits=None):  # fmt: skip
         self.name = name
         self.fn = fn
         self.arg_names = list(fn.arg_names)
@@ -120,6 +120,7 @@ class TunedKernel(KernelInterface):
             if not any(config is c for c in self.space):
                 raise ValueError(f"{name}: the {dtype} default must be a config of the space")
         self.variant_default = variant_default
+        self.fits = fits
         self.restore_value = restore_value
         self.interpreted = runtime.INTERPRETED if interpreted is None else interpreted
         self._cache: dict[tuple, triton.Config] = {}
@@ -144,6 +145,17 @@ class TunedKernel(KernelInterface):
                                      "the space")  # fmt: skip
                 return config
         return self.dtype_defaults.get(_dtype_name(dtype), self.space[0])
+
+    def allows(self, config: triton.Config, dtype, variant: Mapping | None = None) -> bool:
+        """Whether the tuner may pick ``config`` for inputs of ``dtype`` and this variant
+        (:func:`tuned`'s ``fits``; every config without one)."""
+        if self.fits is None:
+            return True
+        return bool(self.fits(config, {**(variant or {}), "dtype": _dtype_name(dtype)}))
+
+    def space_for(self, dtype, variant: Mapping | None = None) -> list[triton.Config]:
+        """The configs of the space the tuner may pick for ``dtype`` and this variant."""
+        return [c for c in self.space if self.allows(c, dtype, variant)]
 
     @functools.cached_property
     def source_hash(self) -> str:
@@ -258,7 +270,7 @@ class TunedKernel(KernelInterface):
 
 
 def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
-          variant_default=None):  # fmt: skip
+          variant_default=None, fits=None):  # fmt: skip
     """Decorator replacing ``triton.autotune``: launches take their config from
     :func:`lookup` (see the module docstring). ``configs`` comes from
     :func:`.runtime.autotune_configs`; ``key`` names the arguments whose values select the
@@ -268,11 +280,14 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
     untuned default per input dtype name ("fp32": a config of the space) where it is not
     the first config of the space; ``variant_default``: a function of the key's values by
     name (and "dtype") giving the untuned default of some variants (a config of the space),
-    or None for the others."""
+    or None for the others; ``fits``: a function of (config, the key's values by name and
+    "dtype") saying whether the tuner may pick that config for that variant (configs that
+    cannot launch there, e.g. over the shared memory of a block; the inspection checks the
+    rest, :func:`vlmkernels.core.inspection.inspect_cases`)."""
 
     def wrap(fn):
         return TunedKernel(name, fn, configs, key, sizes, restore_value, defaults=defaults,
-                           variant_default=variant_default)  # fmt: skip
+                           variant_default=variant_default, fits=fits)  # fmt: skip
 
     return wrap
 

@@ -155,7 +155,21 @@ def gelu_grad(h):
 _GEMM_KEY = ["M_bucket", "N", "K", "XSIDE", "GATHER", "NORM", "ACT", "SCATTER"]
 
 
-@tuned("connector_gemm", configs=_CONFIGS, key=_GEMM_KEY, sizes=["M_bucket", "N", "K"])
+def _gemm_fits(config, variant) -> bool:
+    """Whether the tuner may pick ``config`` for this variant: with fp32 inputs and the norm
+    prologue, only BK 32 or 64 x 64 tiles. Their fp32 operand tiles plus the prologue's
+    buffers take 256-385 KB of shared memory at 128 x 128 x 64 and 257-321 KB at
+    64 x 128 / 128 x 64 with BK 64 for the LayerNorm (over the 227 KB of an sm_90 block:
+    they cannot launch), and those that fit spill 92-1,016 B per thread (sm_90a,
+    triton 3.9)."""
+    if variant.get("dtype") != "fp32" or not variant.get("NORM"):
+        return True
+    kw = config.kwargs
+    return kw["BK"] <= 32 or (kw["BM"] <= 64 and kw["BN"] <= 64)
+
+
+@tuned("connector_gemm", configs=_CONFIGS, key=_GEMM_KEY, sizes=["M_bucket", "N", "K"],
+       fits=_gemm_fits)
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
