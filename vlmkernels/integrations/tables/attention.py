@@ -76,7 +76,7 @@ __all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES"
            "TESTED_VERSIONS",
            "key_padding", "mask_ranges"]  # fmt: skip
 
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0")  # test_attention_patch passes on each
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")  # test_attention_patch passes on each
 
 PERCEIVER_ARCHITECTURES = (
     Architecture(
@@ -418,7 +418,7 @@ PERCEIVER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, PERCEIVER_ARCHITECTURES, PERCEIVER_REPLACEMENTS)
 )
 # tests/test_qformer.py and test_attention_patch's Q-Former tests pass on these three
-QFORMER_TESTED = ("5.16.1", "5.17.0", "5.24.0")
+QFORMER_TESTED = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")
 QFORMER_PATCHER = register(
     Patcher("transformers", QFORMER_TESTED, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
 )

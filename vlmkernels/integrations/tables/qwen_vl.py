@@ -37,7 +37,7 @@ __all__ = [
 
 # The releases the patching and get_rope_index tests passed on (CI runs the newest and the
 # oldest of the 5.17+ layout on every change).
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.20.0", "5.23.0", "5.24.0")
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.20.0", "5.23.0", "5.24.0", "5.25.0")
 
 # --------------------------------------------------------------------------------------
 # Architectures
@@ -67,7 +67,7 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     )
 
 
-# Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.24.
+# Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
