@@ -95,6 +95,7 @@ CCE_CASES = [
     (37, 45, 0, torch.float32, "sum", True, 0.1, 0.4),  # BLIP: ids + teacher, + smoothing
     (13, 40, 2, torch.float32, "mean", True, 0.0, 1.0),  # alpha = 1: the teacher alone
     (10, 31, 4, torch.bfloat16, "mean", True, 0.05, 0.4),
+    (12, 37, 1, torch.float16, "sum", True, 0.1, 0.4),
 ]
 
 
