@@ -430,7 +430,12 @@ def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts
     alpha > 0); NaN where a row has no target. coef (1 + cols, 6, M): per side the
     backward's coefficients (lse, u, h, e, a, teacher lse) for unit upstream weights
     (:meth:`SideStats.coefficients`). The caller checks: without ids
-    0 <= offset <= N - M; cols only for M = N, offset 0, row_ids = col_ids."""
+    0 <= offset <= N - M; cols only for M = N, offset 0, row_ids = col_ids.
+
+    A row without a target makes the loss and every gradient it reaches NaN whatever the
+    upstream gradient, 0 included, as autograd through a NaN loss does (the per-sample
+    op, ``contrastive_ce_forward``, leaves such a row out of the gradients where its own
+    upstream weight is 0: the documented way to mask it)."""
     teacher = _teacher(tx, ty, ts)
     if backend == "triton":
         whole = _ce_targets_forward_whole(x, y, scale, bias, row_ids, col_ids, teacher, weight,
