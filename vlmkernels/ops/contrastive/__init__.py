@@ -34,10 +34,11 @@ inputs add their fp32 copies (O(N d)) there.
 Modules, lowest layer first: ``kernels`` (the Triton kernels and their configs, built from
 :mod:`vlmkernels.kernels.blocks`), ``algebra`` (``Targets`` and ``SideStats``: the block
 algebra), ``chunked`` (the chunked-GEMM driver and the chunk budget), ``launchers`` (the
-Triton launchers), ``reference`` (the PyTorch path), ``finalize`` and ``whole_loss`` (the
-whole-loss path: a reduced cross-entropy with one positive per row, CLIP's or one
-direction's, and the fused SigLIP loss in prepared launches, finished by small Triton
-kernels instead of host-side torch ops), ``ops`` (the op declarations and the block
+Triton launchers), ``reference`` (the PyTorch path), ``finalize``, ``whole_loss`` and
+``whole_targets`` (the whole-loss path: a reduced cross-entropy, CLIP's or one
+direction's, with one positive per row or with ids, label smoothing and a teacher, and the
+fused SigLIP loss in prepared launches, finished by small Triton kernels instead of
+host-side torch ops), ``ops`` (the op declarations and the block
 primitives), ``functional`` (the public functions on one device), ``family`` (what the
 shared tools need). The process-group forms of ``clip_loss`` and ``siglip_loss`` are
 in :mod:`vlmkernels.distributed.contrastive`.

@@ -229,6 +229,46 @@ def _finishing_cases() -> list[CompileCase]:
         CompileCase("siglip_grad_scalars", finalize._grad_scalars_kernel, scalars,
                     dict(siglip, BLOCK=finalize.SUM_BLOCK), scalars=kappa,
                     expect=("no_spill",)),
+        *_target_cases(),
+    ]  # fmt: skip
+
+
+def _target_cases() -> list[CompileCase]:
+    """The whole-loss path's finishing kernels for targets (:mod:`.whole_targets`): the
+    ids' positive counts, the teacher's log-sum-exp, and the loss with its coefficients for
+    every combination of ids, label smoothing and teacher (one at least: without any the
+    one-hot kernel runs) in one direction and in both."""
+    f32 = lambda *names: dict.fromkeys(names, _F32)  # noqa: E731
+    parts = f32("row_max_ptr", "row_sum_ptr", "row_acc_ptr", "col_max_ptr", "col_sum_ptr",
+                "col_acc_ptr", "count_ptr", "t_lse_r_ptr", "t_lse_c_ptr", "coef_ptr",
+                "part_ptr", "loss_ptr")  # fmt: skip
+    scalars = dict.fromkeys(("weight", "smoothing", "alpha"), "fp32")
+    flags = [(ids, smooth, teacher) for ids in (False, True) for smooth in (False, True)
+             for teacher in (False, True) if ids or smooth or teacher]  # fmt: skip
+    lse = f32("row_max_ptr", "row_sum_ptr", "col_max_ptr", "col_sum_ptr", "lse_r_ptr",
+              "lse_c_ptr")  # fmt: skip
+    return [
+        CompileCase("ids_count", finalize._ids_count_kernel,
+                    dict(row_ids_ptr="*i64", col_ids_ptr="*i64", count_ptr=_F32),
+                    dict(BM=finalize.COUNT_ROWS, BN=finalize.COUNT_COLUMNS), aligned=("N",),
+                    expect=("no_spill",)),
+        *(
+            CompileCase(f"{side}_lse_merge", finalize._lse_merge_kernel, lse,
+                        dict(COLS=cols, BLOCK=finalize.PARTS_BLOCK), aligned=("M",),
+                        expect=("no_spill",))
+            for side, cols in (("ce", False), ("clip", True))
+        ),
+        *(
+            CompileCase(
+                f"{side}_target_parts_" + "_".join(
+                    name for name, on in zip(("ids", "smooth", "teacher"), flag, strict=True)
+                    if on),
+                finalize._ce_target_parts_kernel, parts,
+                dict(COLS=cols, IDS=flag[0], SMOOTH=flag[1], TEACHER=flag[2],
+                     BLOCK=finalize.PARTS_BLOCK),
+                aligned=("M",), scalars=scalars, expect=("no_spill",))
+            for side, cols in (("ce", False), ("clip", True)) for flag in flags
+        ),
     ]  # fmt: skip
 
 
@@ -244,6 +284,9 @@ FAMILY = register(
             finalize._sum_parts_kernel,
             finalize._grads_finalize_kernel,
             finalize._grad_scalars_kernel,
+            finalize._ids_count_kernel,
+            finalize._lse_merge_kernel,
+            finalize._ce_target_parts_kernel,
         ),
         compile_cases=compile_cases,
         aliases={

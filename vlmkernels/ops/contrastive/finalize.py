@@ -10,6 +10,12 @@ do with a dozen small torch ops after the main kernels, in one or two launches.
   (and SigLIP's loss) from the partial sums of the kernel that wrote G; with more than one
   program, ``_grad_scalars_kernel`` finishes the scalars.
 
+- For targets with ids, label smoothing or a teacher (:mod:`.whole_targets`):
+  ``_ids_count_kernel`` (each row's positive count), ``_lse_merge_kernel`` (the teacher's
+  log-sum-exp, which the student's statistics read) and ``_ce_target_parts_kernel`` (the
+  loss and the (6, M) coefficients per side, as ``_ce_loss_parts_kernel`` does for one
+  positive per row).
+
 Block sizes are fixed per machine kind (not tuned): the host sizes the partial buffers
 from them; only the warps are tuned.
 """
@@ -21,7 +27,7 @@ import triton.language as tl
 
 from ...core.runtime import INTERPRETED, autotune_configs
 from ...core.tuning import tuned
-from ...kernels.blocks import LN2, LOG2E, NEG_INF
+from ...kernels.blocks import LN2, LOG2E, NEG_INF, block_range
 
 # Samples per program of the parts kernel, rows per program of the gradient finishing
 # kernel, partials summed per step: small under the interpreter so that the tests run
@@ -30,6 +36,9 @@ PARTS_BLOCK = 32 if INTERPRETED else 1024
 FINAL_ROWS = 8 if INTERPRETED else 32
 SUM_BLOCK = 32 if INTERPRETED else 1024
 FINAL_COLUMNS = 32 if INTERPRETED else 128
+# the ids' positive counts: tiles of rows x ids (the ids are int64)
+COUNT_ROWS = 32 if INTERPRETED else 64
+COUNT_COLUMNS = 32 if INTERPRETED else 64
 
 
 def _warps(*warps: int):
@@ -209,4 +218,147 @@ def _grad_scalars_kernel(
     _scalar_grads(partial_ptr, n_partials, dot, loss_part_ptr, n_loss, scale_ptr, bias_ptr,
                   grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
                   SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK)
+# fmt: on
+
+
+# ------------------------------------------------------- targets: ids, smoothing, teacher
+# fmt: off
+@tuned("ids_count", configs=_warps(4), key=["N"], sizes=["N"])
+@triton.jit
+def _ids_count_kernel(row_ids_ptr, col_ids_ptr, count_ptr, M, N,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """Positive counts of the rows of a block with ids: program (m, k) writes
+    count[k, i] = #{j in the column blocks of split k: col_ids[j] == row_ids[i]} for the
+    rows i of block m (0 for a split without columns); the sum over the splits is the count
+    (exact in fp32 up to 2^24)."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    j_lo, j_hi = block_range(split, tl.num_programs(1), N, BN)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < M
+    rid = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
+    count = tl.zeros((BM,), tl.float32)
+    for j in range(j_lo, j_hi):
+        cols = j * BN + tl.arange(0, BN)
+        col_mask = cols < N
+        cid = tl.load(col_ids_ptr + cols, mask=col_mask, other=0)
+        hit = (rid[:, None] == cid[None, :]) & col_mask[None, :]
+        count += tl.sum(hit.to(tl.float32), 1)
+    tl.store(count_ptr + split.to(tl.int64) * M + rows, count, mask=row_mask)
+
+
+@tuned("lse_merge", configs=_warps(4), key=["M", "COLS"], sizes=["M"])
+@triton.jit
+def _lse_merge_kernel(row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr, lse_r_ptr, lse_c_ptr,
+                      M, splits, groups, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """The natural log-sum-exp of the M rows (and, with ``COLS``, of the M columns of a
+    square block) from the statistics kernel's base-2 partials, ``splits`` x M (rows) and
+    ``groups`` x M (columns): the teacher's, which its student's statistics read."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    tl.store(lse_r_ptr + offs, _merge_lse(row_max_ptr, row_sum_ptr, M, splits, offs, mask),
+             mask=mask)
+    if COLS:
+        tl.store(lse_c_ptr + offs, _merge_lse(col_max_ptr, col_sum_ptr, M, groups, offs, mask),
+                 mask=mask)
+
+
+@triton.jit
+def _sum_parts(ptr, stride, parts, offs, mask):
+    """sum_k ptr[k * stride + offs] over ``parts`` partials (fp32)."""
+    acc = tl.zeros(offs.shape, tl.float32)
+    for k in range(parts):
+        acc += tl.load(ptr + k * stride + offs, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _target_side(lse, hard, count, logit_sum, teacher_dot, t_lse, coef_ptr, M, offs, mask,
+                 n_classes, smoothing, alpha, SMOOTH: tl.constexpr, TEACHER: tl.constexpr):
+    """The cross-entropies of one side (rows or columns) from its complete statistics, as
+    :meth:`.algebra.SideStats.losses`, and its (6, M) backward coefficients at coef_ptr, as
+    :meth:`.algebra.SideStats.coefficients` with unit upstream weights: (lse, u, h, e, a,
+    teacher lse) with u = 1 (NaN for a sample without a target: no positive and
+    alpha < 1), h = u (1 - alpha)(1 - smoothing) / count, e = u (1 - alpha) smoothing / n,
+    a = u alpha. Returns the losses, NaN for the samples without a target."""
+    keep = 1.0 - alpha
+    none = (count == 0) & (count * 0.0 + keep > 0)  # (a tensor: the interpreter's &)
+    per = tl.maximum(count, 1.0)
+    dot = tl.where(none, float("nan"), hard / per)
+    if SMOOTH:
+        dot = (1.0 - smoothing) * dot + (smoothing / n_classes) * logit_sum
+    if TEACHER:
+        dot = keep * dot + alpha * teacher_dot
+    u = tl.where(none, float("nan"), 1.0)
+    h = tl.where(count > 0, u * (keep * (1.0 - smoothing)) / per, 0.0)
+    tl.store(coef_ptr + offs, lse, mask=mask)
+    tl.store(coef_ptr + M + offs, u, mask=mask)
+    tl.store(coef_ptr + 2 * M + offs, h, mask=mask)
+    tl.store(coef_ptr + 3 * M + offs, u * (keep * smoothing / n_classes), mask=mask)
+    tl.store(coef_ptr + 4 * M + offs, u * alpha, mask=mask)
+    tl.store(coef_ptr + 5 * M + offs, t_lse, mask=mask)
+    return lse - dot
+
+
+_TARGET_PARTS_KEY = ["M", "COLS", "IDS", "SMOOTH", "TEACHER"]
+
+
+@tuned("ce_target_parts", configs=_warps(4), key=_TARGET_PARTS_KEY, sizes=["M"])
+@triton.jit
+def _ce_target_parts_kernel(
+    row_max_ptr, row_sum_ptr, row_acc_ptr, col_max_ptr, col_sum_ptr, col_acc_ptr, count_ptr,
+    t_lse_r_ptr, t_lse_c_ptr, coef_ptr, part_ptr, loss_ptr,
+    M, N, offset, splits, groups, count_splits, row_slot, col_slot, weight, smoothing, alpha,
+    COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``_ce_loss_parts_kernel`` for targets with ids (``IDS``), label smoothing
+    (``SMOOTH``) and / or a teacher (``TEACHER``, alpha > 0): the cross-entropy of the M
+    rows over the N columns of a logit block (and, with ``COLS``, of its columns: then the
+    block is square, offset 0 and the ids are the same on both sides, so that the columns'
+    positive counts are the rows'), with t = (1 - alpha)((1 - smoothing) hard / count +
+    smoothing / n) + alpha softmax(T).
+
+    Reads the statistics kernel's partials (the used ``splits`` of the rows, ``groups`` of
+    the columns; accumulator slot s of the rows at row_acc + s row_slot, of the columns at
+    col_acc + s col_slot: 0 the sum of S on positives, 2 the sum of S, 3 the teacher sum),
+    the ids' positive counts (``count_splits`` x M, ``_ids_count_kernel``; without ids
+    one positive where col = row + offset is a column, else none) and the teacher's lse
+    (``_lse_merge_kernel``). Writes coef (1 + COLS, 6, M) (:func:`_target_side`), part[pid],
+    this program's share of ``weight * sum(losses)``, and as one program the loss."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    zero = tl.zeros((BLOCK,), tl.float32)
+    lse_r = _merge_lse(row_max_ptr, row_sum_ptr, M, splits, offs, mask)
+    hard = _sum_parts(row_acc_ptr, M, splits, offs, mask)
+    if IDS:
+        count = _sum_parts(count_ptr, M, count_splits, offs, mask)
+    else:
+        pos = offs + offset
+        count = ((pos >= 0) & (pos < N)).to(tl.float32)
+    logit_sum, teacher_dot, t_lse = zero, zero, zero
+    if SMOOTH:
+        logit_sum = _sum_parts(row_acc_ptr + 2 * row_slot, M, splits, offs, mask)
+    if TEACHER:
+        teacher_dot = _sum_parts(row_acc_ptr + 3 * row_slot, M, splits, offs, mask)
+        t_lse = tl.load(t_lse_r_ptr + offs, mask=mask, other=0.0)
+    losses = _target_side(lse_r, hard, count, logit_sum, teacher_dot, t_lse, coef_ptr, M, offs,
+                          mask, N, smoothing, alpha, SMOOTH, TEACHER)
+    if COLS:
+        lse_c = _merge_lse(col_max_ptr, col_sum_ptr, M, groups, offs, mask)
+        if IDS:
+            hard = _sum_parts(col_acc_ptr, M, groups, offs, mask)
+        if SMOOTH:
+            logit_sum = _sum_parts(col_acc_ptr + 2 * col_slot, M, groups, offs, mask)
+        if TEACHER:
+            teacher_dot = _sum_parts(col_acc_ptr + 3 * col_slot, M, groups, offs, mask)
+            t_lse = tl.load(t_lse_c_ptr + offs, mask=mask, other=0.0)
+        losses += _target_side(lse_c, hard, count, logit_sum, teacher_dot, t_lse,
+                               coef_ptr + 6 * M, M, offs, mask, M, smoothing, alpha, SMOOTH,
+                               TEACHER)
+    part = tl.sum(tl.where(mask, losses, 0.0), 0) * weight
+    tl.store(part_ptr + pid, part)
+    if tl.num_programs(0) == 1:
+        tl.store(loss_ptr, part)
 # fmt: on

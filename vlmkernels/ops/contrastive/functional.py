@@ -164,6 +164,14 @@ def clip_loss(
         teacher = (teacher[0].to(x.dtype), teacher[1].to(x.dtype), t_scale)
     else:
         teacher = (None, None, None)
+    if reduction != "none" and n:
+        # reduced: one op whose backward is one op (the teacher only where it counts)
+        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        loss = ops.contrastive_ce_targets_reduced(
+            x, y, scale, bias, ids, ids, *(teacher if alpha else (None,) * 3), weight, 0,
+            float(label_smoothing), float(alpha), True, chunk,
+        )[0]  # fmt: skip
+        return cast(loss, out_dtype)
     row_losses, col_losses, _, _ = ops.contrastive_ce_forward(
         x, y, scale, bias, ids, ids, *teacher, 0, float(label_smoothing), float(alpha),
         True, True, chunk,
@@ -246,6 +254,17 @@ def contrastive_cross_entropy(
                                     names=(None, "teacher_queries", "teacher_keys"))  # fmt: skip
         t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
         teacher = (tq, tk, scalar_tensor(op, "teacher_logit_scale", t_scale, device).detach())
+    if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
+        # reduced, every query's positives known to the kernels (ids, or the key at
+        # i + offset): one op whose backward is one op; a query without a positive (ids)
+        # makes the loss NaN there too. Without ids, queries past the keys take the
+        # general path below.
+        weight = 1.0 / m if reduction == "mean" else 1.0
+        loss = ops.contrastive_ce_targets_reduced(
+            queries, keys, scale, bias, q_ids, k_ids, *(teacher if alpha else (None,) * 3),
+            weight, offset, float(label_smoothing), float(alpha), False, chunk,
+        )[0]  # fmt: skip
+        return cast(loss, queries.dtype)
     row_losses, _, _, _ = ops.contrastive_ce_forward(
         queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
         float(label_smoothing), float(alpha), True, False, chunk,
@@ -332,20 +351,24 @@ def clip_loss_with_grads(
                                           logit_bias, reduction, chunk_size)  # fmt: skip
     ids, _ = check_targets(op, x.shape[0], x.device, ids, label_smoothing)
     n = x.shape[0]
-    options = (0, float(label_smoothing), 0.0, True, True, chunk)
+    weight = 1.0 / (2 * n) if reduction == "mean" else 0.5  # n > 0: prepare checked
     with torch.no_grad():
+        # the reduced ops clip_loss runs, their backward called with a unit gradient: the
+        # same results as clip_loss(...).backward()
         x, y, scale = x.detach(), y.detach(), scale.detach()
         bias = bias.detach() if bias is not None else None
-        tensors = (x, y, scale, bias, ids, ids, None, None, None)
-        row_losses, col_losses, row_state, col_state = ops.contrastive_ce_forward(
-            *tensors, *options
-        )
-        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
-        grad_rows = torch.full_like(row_losses, weight)
-        dx, dy, ds, db = ops.contrastive_ce_backward(
-            *tensors, *options, row_state, col_state, grad_rows, grad_rows
-        )
-        loss = (row_losses.sum() + col_losses.sum()) * weight
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        if ids is None and not label_smoothing:
+            loss, coef = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)
+            dx, dy, ds, db = ops.contrastive_ce_reduced_backward(x, y, scale, bias, coef, one,
+                                                                 weight, 0, chunk)  # fmt: skip
+        else:
+            tensors = (x, y, scale, bias, ids, ids, None, None, None)
+            options = (weight, 0, float(label_smoothing), 0.0)
+            loss, coef = ops.contrastive_ce_targets_reduced(*tensors, *options, True, chunk)
+            dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(
+                *tensors, coef, one, *options, chunk
+            )
     return loss, dx, dy, ds, (db if bias is not None else None)
 
 

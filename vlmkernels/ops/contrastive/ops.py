@@ -34,6 +34,8 @@ from .reference import siglip_rows_torch as _siglip_rows_torch
 from .whole_loss import ce_backward as _ce_backward_whole
 from .whole_loss import ce_forward as _ce_forward_whole
 from .whole_loss import siglip_fused as _siglip_fused_whole
+from .whole_targets import ce_targets_backward as _ce_targets_backward_whole
+from .whole_targets import ce_targets_forward as _ce_targets_forward_whole
 
 __all__ = [
     "FAMILY",
@@ -43,6 +45,8 @@ __all__ = [
     "contrastive_ce_forward",
     "contrastive_ce_reduced",
     "contrastive_ce_reduced_backward",
+    "contrastive_ce_targets_reduced",
+    "contrastive_ce_targets_reduced_backward",
     "first_order_only",
     "siglip_block_grads",
     "siglip_block_rows",
@@ -92,6 +96,21 @@ contrastive_ce_reduced_backward = Op(
     "contrastive_ce_reduced_backward",
     f"({_FEATURES}, Tensor coef, Tensor grad, float weight, SymInt offset, SymInt chunk_size) "
     f"-> {_GRADS}",
+    family=FAMILY,
+)
+# the reduced op with targets: ids, teacher features and scale, then the options
+_TARGETS = "Tensor? row_ids, Tensor? col_ids, Tensor? teacher_x, Tensor? teacher_y, " \
+    "Tensor? teacher_scale"  # fmt: skip
+contrastive_ce_targets_reduced = Op(
+    "contrastive_ce_targets_reduced",
+    f"({_FEATURES}, {_TARGETS}, float weight, SymInt offset, float smoothing, float alpha, "
+    "bool cols, SymInt chunk_size) -> (Tensor, Tensor)",
+    family=FAMILY,
+)
+contrastive_ce_targets_reduced_backward = Op(
+    "contrastive_ce_targets_reduced_backward",
+    f"({_FEATURES}, {_TARGETS}, Tensor coef, Tensor grad, float weight, SymInt offset, "
+    f"float smoothing, float alpha, SymInt chunk_size) -> {_GRADS}",
     family=FAMILY,
 )
 siglip_loss_forward = Op(
@@ -392,6 +411,118 @@ def _(x, y, scale, bias, coef, grad, weight, offset, chunk_size):
 
 
 @contrastive_ce_reduced_backward.fake
+def _(x, y, scale, bias, *_):
+    return _fake_grads(x, y, scale, bias)
+
+
+# ----------------------------------------------------------- contrastive_ce_targets_reduced
+
+
+def _teacher(tx, ty, ts):
+    return (tx, ty, ts) if tx is not None else None
+
+
+def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, weight,
+                        offset, smoothing, alpha, cols, chunk_size):  # fmt: skip
+    """(loss, coef): ``weight * sum_i (l^row_i (+ l^col_i))``, the cross-entropies of the
+    rows (and columns) of S = s x y^T + b with :class:`Targets` (offset, row_ids, col_ids,
+    smoothing, alpha, teacher (teacher_x, teacher_y, teacher_scale): given only with
+    alpha > 0); NaN where a row has no target. coef (1 + cols, 6, M): per side the
+    backward's coefficients (lse, u, h, e, a, teacher lse) for unit upstream weights
+    (:meth:`SideStats.coefficients`). The caller checks: without ids
+    0 <= offset <= N - M; cols only for M = N, offset 0, row_ids = col_ids.
+
+    A row without a target makes the loss and every gradient it reaches NaN whatever the
+    upstream gradient, 0 included, as autograd through a NaN loss does (the per-sample
+    op, ``contrastive_ce_forward``, leaves such a row out of the gradients where its own
+    upstream weight is 0: the documented way to mask it)."""
+    teacher = _teacher(tx, ty, ts)
+    if backend == "triton":
+        whole = _ce_targets_forward_whole(x, y, scale, bias, row_ids, col_ids, teacher, weight,
+                                          offset, smoothing, alpha, cols)  # fmt: skip
+        if whole is not None:
+            return whole
+    targets = Targets(offset, row_ids, col_ids, smoothing, alpha, teacher)
+    m, n = x.shape[0], y.shape[0]
+    teacher_lse = (None, None)
+    if teacher is not None:
+        t_rows, t_cols = block_stats(tx, ty, ts, None, Targets(), True, cols, chunk_size,
+                                     backend=backend)  # fmt: skip
+        teacher_lse = (t_rows.lse, t_cols.lse if cols else None)
+    row, col = block_stats(x, y, scale, bias, targets, True, cols, chunk_size, teacher_lse,
+                           backend)  # fmt: skip
+    ct = compute_dtype(x.dtype) if backend == "torch" else torch.float32
+    loss = row.losses(targets, n).sum()
+    sides = [row.coefficients(targets, n, torch.ones_like(row.lse), teacher_lse[0])]
+    if cols:
+        loss = loss + col.losses(targets, m).sum()
+        sides.append(col.coefficients(targets, m, torch.ones_like(col.lse), teacher_lse[1]))
+    return cast(loss * weight, ct), cast(torch.stack(sides), ct)
+
+
+contrastive_ce_targets_reduced.impl("triton")(functools.partial(_ce_targets_reduced, "triton"))
+contrastive_ce_targets_reduced.impl("torch")(functools.partial(_ce_targets_reduced, "torch"))
+
+
+@contrastive_ce_targets_reduced.fake
+def _(x, y, scale, bias, *args):
+    ct = compute_dtype(x.dtype)
+    cols = args[-2]
+    return x.new_empty((), dtype=ct), x.new_empty((1 + cols, 6, x.shape[0]), dtype=ct)
+
+
+@contrastive_ce_targets_reduced.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, y, scale, bias, row_ids, col_ids, tx, ty, ts, *options = inputs
+        ctx.save_for_backward(x, y, scale, bias, row_ids, col_ids, tx, ty, ts, output[1])
+        weight, offset, smoothing, alpha, _cols, chunk_size = options
+        ctx.options = (weight, offset, smoothing, alpha, chunk_size)
+        ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
+        remember_backend(ctx)
+
+    @first_order_only("clip_loss / contrastive_cross_entropy")
+    @in_forward_backend
+    def backward(ctx, grad_loss, _grad_coef):
+        if grad_loss is None:
+            return _input_grads(ctx, None, None, None, None)
+        *tensors, coef = ctx.saved_tensors
+        grads = contrastive_ce_targets_reduced_backward(*tensors, coef, grad_loss, *ctx.options)
+        return _input_grads(ctx, *grads)
+
+
+def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, coef,
+                                 grad, weight, offset, smoothing, alpha, chunk_size):  # fmt: skip
+    """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_targets_reduced`'s
+    loss, from its coef (the weights u, h, e, a times grad * weight)."""
+    teacher = _teacher(tx, ty, ts)
+    if backend == "triton":
+        whole = _ce_targets_backward_whole(x, y, scale, bias, row_ids, col_ids, teacher, coef,
+                                           grad, weight, offset, smoothing, chunk_size)  # fmt: skip
+        if whole is not None:
+            return whole
+    targets = Targets(offset, row_ids, col_ids, smoothing, alpha, teacher)
+    u = (grad * weight).to(coef.dtype)
+    full = torch.cat((coef[:, :1], coef[:, 1:5] * u, coef[:, 5:]), 1)
+    row_coef, col_coef = full[0], (full[1] if full.shape[0] > 1 else None)
+    if backend == "triton":
+        dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
+                                             triton_chunk_rows(x, chunk_size))  # fmt: skip
+    else:
+        dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
+                                            chunk_size)  # fmt: skip
+    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
+
+
+contrastive_ce_targets_reduced_backward.impl("triton")(
+    functools.partial(_ce_targets_reduced_backward, "triton")
+)
+contrastive_ce_targets_reduced_backward.impl("torch")(
+    functools.partial(_ce_targets_reduced_backward, "torch")
+)
+
+
+@contrastive_ce_targets_reduced_backward.fake
 def _(x, y, scale, bias, *_):
     return _fake_grads(x, y, scale, bias)
 

@@ -1,0 +1,285 @@
+"""The whole-loss path (:mod:`.whole_loss`) for cross-entropy targets beyond one positive
+per row: ids (several positives per row, or none), label smoothing and ALBEF's
+distillation by a teacher (alpha in (0, 1]), for a mean or sum loss over the rows (and,
+symmetric, the columns) of S = s x y^T + b (M x N).
+
+Forward, prepared launches only (no torch arithmetic on the host):
+
+1. with a teacher, the statistics kernel over the teacher's logits T = s_t x_t y_t^T (no
+   targets), then ``_lse_merge_kernel``: the teacher's row (and column) log-sum-exp;
+2. with ids, ``_ids_count_kernel``: each row's positive count (with columns the block is
+   square and the ids the same on both sides: the columns' counts are the rows');
+3. the statistics kernel with the targets' variant (IDS, SMOOTH, TEACHER);
+4. ``_ce_target_parts_kernel``: the losses (NaN for a row without a target: no positive
+   and alpha < 1), their weighted sum and the backward's (1 + cols, 6, M) coefficients
+   (lse, u, h, e, a, teacher lse) normalised to unit upstream weight (u = 1, or NaN for
+   a row without a target); ``_sum_parts_kernel`` with more than one program.
+
+Backward: the gradient kernel with the same variant writes G from those coefficients, and
+:func:`.whole_loss._finish` scales G Y and G^T X by s * weight * upstream gradient and
+reduces the scale and bias gradients, as for the one-hot targets.
+
+Every buffer of a call is one fp32 allocation split into views. A call returns None where
+the path does not apply (more than one chunk of rows, a tuner recording launches,
+``VLMKERNELS_AUTOTUNE=1``, a fused backward design for label smoothing alone, which that
+design covers): the caller then takes the general launchers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...core.runtime import device_guard, dot_precision, next_pow2_bucket
+from ...kernels.blocks import tile_addressable
+from .chunked import triton_chunk_rows
+from .finalize import (
+    COUNT_COLUMNS,
+    COUNT_ROWS,
+    PARTS_BLOCK,
+    SUM_BLOCK,
+    _ce_target_parts_kernel,
+    _ids_count_kernel,
+    _lse_merge_kernel,
+    _sum_parts_kernel,
+)
+from .fused_backward import clip_backward_design
+from .kernels import _clip_grad_kernel, _clip_stats_kernel
+from .launchers import _cdiv, _col_splits, _stats_grid
+from .whole_loss import _PLANS, _finish, _finish_plan, _prepared, _used
+
+__all__ = ["ce_targets_backward", "ce_targets_forward"]
+
+_F32 = torch.float32
+
+
+def _flags(x, bias, cols, ids, smooth, teacher):
+    dot_fp32, precision = dot_precision(x.dtype)
+    return dict(ROWS=True, COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=teacher,
+                HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+                INPUT_PRECISION=precision)  # fmt: skip
+
+
+def _slots(ids, smooth, teacher) -> int:
+    """Accumulator slots the statistics kernel writes (see ``launchers._acc_slots``)."""
+    return 4 if teacher else 3 if smooth else 2 if ids else 1
+
+
+def _key(kind, x, y, bias, row_ids, teacher, *options):
+    t_layout = None if teacher is None else (teacher[0].stride(), teacher[1].stride())
+    return (kind, x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device,
+            bias is not None, row_ids is not None, t_layout, *options)  # fmt: skip
+
+
+def _stats_args(x, y, scale, bias, teacher, offset, groups, ws):
+    """The statistics kernel's arguments with stand-ins for the pointers (only the scalars
+    count: the prepared launch takes the pointers per call)."""
+    m, d = x.shape
+    n = y.shape[0]
+    xt, yt, _ = teacher if teacher is not None else (x, y, scale)
+    t_strides = (xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1))
+    b = bias if bias is not None else scale
+    return (x, y, scale, b, ws, ws, xt, yt, scale, ws, ws, ws, ws, ws, ws, ws, ws,
+            m, n, d, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            *t_strides, groups, next_pow2_bucket(max(m, n)))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- forward
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+    teacher_stats: object  # None without a teacher, as teacher_lse
+    teacher_lse: object
+    count: object  # None without ids
+    stats: object
+    parts: object
+    sum: object  # None with one parts program
+    sizes: tuple  # of the views of the call's one fp32 buffer (see _views)
+
+
+_VIEWS = ("row_max", "row_sum", "row_acc", "col_max", "col_sum", "col_acc", "count",
+          "t_row_max", "t_row_sum", "t_row_acc", "t_col_max", "t_col_sum", "t_lse_r",
+          "t_lse_c", "parts")  # fmt: skip
+
+
+def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, alpha, cols):
+    m, n = x.shape[0], y.shape[0]
+    smooth, has_teacher = smoothing > 0, teacher is not None
+    groups, splits = _stats_grid(m, n, x.device)
+    slots = _slots(ids, smooth, has_teacher)
+    ws = torch.empty((8,), dtype=_F32, device=x.device)  # stand-ins: only pointers
+    kwargs = _flags(x, bias, cols, ids, smooth, has_teacher)
+    args = _stats_args(x, y, scale, bias, teacher, offset, groups, ws)
+    stats = _prepared(_clip_stats_kernel, (groups * splits,), args, kwargs)
+    if stats is None:
+        return None
+    cfg = stats[1].all_kwargs()
+    used_groups, used_splits = _used(m, groups, cfg["BM"]), _used(n, splits, cfg["BN"])
+    t_stats = t_lse = count = None
+    t_size = dict.fromkeys(("t_row_max", "t_row_sum", "t_row_acc", "t_col_max", "t_col_sum",
+                            "t_lse_r", "t_lse_c"), 1)  # fmt: skip
+    if has_teacher:
+        xt, yt, ts = teacher
+        t_args = _stats_args(xt, yt, ts, None, None, 0, groups, ws)
+        t_kwargs = _flags(x, None, cols, False, False, False)
+        t_stats = _prepared(_clip_stats_kernel, (groups * splits,), t_args, t_kwargs)
+        if t_stats is None:
+            return None
+        t_cfg = t_stats[1].all_kwargs()
+        t_groups, t_splits = _used(m, groups, t_cfg["BM"]), _used(n, splits, t_cfg["BN"])
+        t_lse = _prepared(_lse_merge_kernel, (_cdiv(m, PARTS_BLOCK),),
+                          (ws, ws, ws, ws, ws, ws, m, t_splits, t_groups),
+                          dict(COLS=cols, BLOCK=PARTS_BLOCK))  # fmt: skip
+        t_size.update(t_row_max=splits * m, t_row_sum=splits * m, t_row_acc=splits * m,
+                      t_col_max=groups * n if cols else 1, t_col_sum=groups * n if cols else 1,
+                      t_lse_r=m, t_lse_c=n if cols else 1)  # fmt: skip
+        t_stats = t_stats[0]
+    count_splits = 1
+    if ids:
+        count_splits = _col_splits(m, n, x.device)
+        count = _prepared(_ids_count_kernel, (_cdiv(m, COUNT_ROWS), count_splits),
+                          (ws, ws, ws, m, n), dict(BM=COUNT_ROWS, BN=COUNT_COLUMNS))  # fmt: skip
+    programs = _cdiv(m, PARTS_BLOCK)
+    parts_args = (*(ws,) * 12, m, n, offset, used_splits, used_groups, count_splits,
+                  splits * m, groups * n, weight, smoothing, alpha)  # fmt: skip
+    parts = _prepared(_ce_target_parts_kernel, (programs,), parts_args,
+                      dict(COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=has_teacher,
+                           BLOCK=PARTS_BLOCK))  # fmt: skip
+    total = None
+    if programs > 1:
+        total = _prepared(_sum_parts_kernel, (1,), (ws, ws, programs), dict(BLOCK=SUM_BLOCK))
+    if (parts is None or (programs > 1 and total is None) or (ids and count is None)
+            or (has_teacher and t_lse is None)):  # fmt: skip
+        return None
+    col_slots = slots if cols and slots > 1 else 0
+    size = dict(row_max=splits * m, row_sum=splits * m, row_acc=slots * splits * m,
+                col_max=groups * n if cols else 1, col_sum=groups * n if cols else 1,
+                col_acc=max(1, col_slots * groups * n), count=count_splits * m if ids else 1,
+                **t_size, parts=programs)  # fmt: skip
+    return _Forward(t_stats, t_lse and t_lse[0], count and count[0], stats[0], parts[0],
+                    total and total[0], tuple(size[v] for v in _VIEWS))  # fmt: skip
+
+
+def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: float,
+                       offset: int, smoothing: float, alpha: float, cols: bool):  # fmt: skip
+    """(loss, coef) of ``weight * sum_i (l^row_i (+ l^col_i with cols))``, the
+    cross-entropies of the rows (and columns) of S = s x y^T + b (M x N) with
+    :class:`~.algebra.Targets` (offset, row_ids, col_ids, smoothing, alpha, teacher):
+    the loss a 0-d fp32 tensor (NaN if a row has no target), coef (1 + cols, 6, M) fp32,
+    per side (lse, u, h, e, a, teacher lse) for unit upstream weights (u = 1, NaN for a
+    row without a target), for :func:`ce_targets_backward`.
+
+    The caller checks: ``teacher`` (x_t, y_t, s_t) only with alpha > 0, None otherwise;
+    without ids, 0 <= offset <= N - M; cols only for M = N, offset 0 and the same ids on
+    both sides (or none). None where the path does not apply (and for cols with two
+    different ids tensors: the columns' counts would not be the rows')."""
+    if cols and row_ids is not col_ids:
+        return None
+    x, y = tile_addressable(x), tile_addressable(y)
+    if teacher is not None:
+        teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
+    key = _key("ce_targets_fwd", x, y, bias, row_ids, teacher, weight, offset, smoothing, alpha,
+               cols)  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _forward_plan(x, y, scale, bias, row_ids is not None, teacher, weight, offset,
+                             smoothing, alpha, cols)  # fmt: skip
+        if plan is None:
+            return None
+        _PLANS[key] = plan
+    m = x.shape[0]
+    v = torch.empty((sum(plan.sizes),), dtype=_F32, device=x.device).split(plan.sizes)
+    (row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_row_max, t_row_sum,
+     t_row_acc, t_col_max, t_col_sum, t_lse_r, t_lse_c, parts) = v  # fmt: skip
+    coef = torch.empty((1 + cols, 6, m), dtype=_F32, device=x.device)
+    loss = torch.empty((), dtype=_F32, device=x.device)
+    b = bias if bias is not None else scale
+    xt, yt, ts = teacher if teacher is not None else (x, y, scale)
+    ids_r = row_ids if row_ids is not None else row_max
+    ids_c = col_ids if col_ids is not None else row_max
+    with device_guard(x):
+        if teacher is not None:
+            plan.teacher_stats(xt, yt, ts, ts, row_max, row_max, xt, yt, ts, row_max, row_max,
+                               t_row_max, t_row_sum, t_col_max, t_col_sum, t_row_acc,
+                               t_col_sum)  # fmt: skip
+            plan.teacher_lse(t_row_max, t_row_sum, t_col_max, t_col_sum, t_lse_r, t_lse_c)
+        if plan.count is not None:
+            plan.count(row_ids, col_ids, count)
+        plan.stats(x, y, scale, b, ids_r, ids_c, xt, yt, ts, t_lse_r, t_lse_c, row_max,
+                   row_sum, col_max, col_sum, row_acc, col_acc)  # fmt: skip
+        plan.parts(row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_lse_r,
+                   t_lse_c, coef, parts, loss)  # fmt: skip
+        if plan.sum is not None:
+            plan.sum(parts, loss)
+    return loss, coef
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backward:
+    grad: object
+    finish: object  # whole_loss._Finish
+
+
+def _backward_plan(x, y, scale, bias, ids, teacher, weight, offset, smooth, cols):
+    m, d = x.shape
+    n = y.shape[0]
+    splits = _col_splits(m, n, x.device)
+    t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
+    b = bias if bias is not None else scale
+    xt, yt, ts = teacher if teacher is not None else (x, y, scale)
+    args = (x, y, scale, b, t, t, xt, yt, ts, t, t, x, n, t, 0, 0, m, n, d, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1), m, m,
+            next_pow2_bucket(max(m, n)))  # fmt: skip
+    kwargs = _flags(x, bias, cols, ids, smooth, teacher is not None)
+    config = _clip_grad_kernel.config(args, kwargs).all_kwargs()
+    programs = _cdiv(m, config["BM"]) * splits
+    args = (*args[:14], programs, *args[15:])
+    grad = _prepared(_clip_grad_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
+    finish = _finish_plan(x, n, programs, 0, weight, False, bias is not None, True)
+    if grad is None or finish is None:
+        return None
+    return _Backward(grad[0], finish)
+
+
+def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad,
+                        weight: float, offset: int, smoothing: float, chunk_size: int):  # fmt: skip
+    """(dx, dy, dscale, dbias) of ``grad * loss`` for :func:`ce_targets_forward`'s loss and
+    coef (the same targets); None where the path does not apply (more than one chunk, a
+    fused backward design for targets it covers: label smoothing alone; with ids or a
+    teacher the general path would take the chunked design too)."""
+    m = x.shape[0]
+    if m > triton_chunk_rows(x, chunk_size):
+        return None
+    if clip_backward_design(None, x.device) != "chunked" and row_ids is None and teacher is None:
+        return None  # the fused design covers these targets (label smoothing alone)
+    cols = coef.shape[0] == 2
+    x, y = tile_addressable(x), tile_addressable(y)
+    if teacher is not None:
+        teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
+    key = _key("ce_targets_bwd", x, y, bias, row_ids, teacher, weight, offset, smoothing > 0,
+               cols, scale.dtype)  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _backward_plan(x, y, scale, bias, row_ids is not None, teacher, weight, offset,
+                              smoothing > 0, cols)  # fmt: skip
+        if plan is None:
+            return None
+        _PLANS[key] = plan
+    g = torch.empty((m, y.shape[0]), dtype=x.dtype, device=x.device)
+    partials = torch.empty((plan.finish.size,), dtype=_F32, device=x.device)
+    b = bias if bias is not None else scale
+    xt, yt, ts = teacher if teacher is not None else (x, y, scale)
+    # coef's base is the rows' (6, M) coefficients (its pointer stands in for the ids'
+    # without ids and, in one direction, for the columns')
+    ids_r = row_ids if row_ids is not None else coef
+    ids_c = col_ids if col_ids is not None else coef
+    with device_guard(x):
+        plan.grad(x, y, scale, b, ids_r, ids_c, xt, yt, ts, coef, coef[1] if cols else coef,
+                  g, partials)  # fmt: skip
+        return _finish(plan.finish, x, y, g, scale, bias, grad, partials, None, None)
