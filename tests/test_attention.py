@@ -223,16 +223,20 @@ def test_attention_causal(lq, lk, device, backend):
     check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3e-5)
 
 
-@pytest.mark.parametrize("causal,dtype", [(False, torch.float32), (True, torch.bfloat16)])
-def test_key_mass(causal, dtype, device, backend):
+@pytest.mark.parametrize("causal,dtype,lq,lk", [
+    (False, torch.float32, 11, 26), (True, torch.bfloat16, 11, 26),
+    (True, torch.float32, 40, 40), (True, torch.float32, 37, 21)])  # fmt: skip
+def test_key_mass(causal, dtype, lq, lk, device, backend):
     """mean, row 0 and row -1: the mass against the float64 probabilities; out bitwise the
-    same as without key_mass; the mass is not differentiable."""
-    b, h, lq, lk = 2, 2, 11, 26
+    same as without key_mass; the mass is not differentiable. Causal with several query and
+    key blocks (the kernel skips the query blocks a key block is hidden from and masks only
+    those the diagonal crosses), and with rows that see no key (Lq > Lk: they add 0)."""
+    b, h = 2, 2
     q, k, v = (leaf(rand(b, h, n, 16, dtype=dtype, device=device)) for n in (lq, lk, lk))
     plain = A.attention(q, k, v, causal=causal)
     ok = causal_mask(lq, lk)[None, None] if causal else torch.ones(1, 1, 1, lk, dtype=torch.bool)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
-    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1)
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
     for key_mass, want in (("mean", p.mean(dim=(1, 2))), (0, p[:, :, 0].mean(1)),
                            (-1, p[:, :, -1].mean(1)), (4, p[:, :, 4].mean(1))):  # fmt: skip
         out, mass = A.attention(q, k, v, causal=causal, key_mass=key_mass)
