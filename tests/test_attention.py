@@ -275,6 +275,26 @@ def test_media_cross_attention(only_immediate, dtype, device, backend):
     assert (q.grad[0, :, :2] == 0).all()
 
 
+@pytest.mark.parametrize("only_immediate", [True, False])
+def test_media_long_segments(only_immediate, device, backend):
+    """Media of 40 latents and query blocks inside one media item: the key blocks every
+    row of a query block sees whole run without a mask, those a segment boundary cuts
+    (keys 32..47 for the rows of media 2, whose latents start at 40) with it."""
+    b, h, t, d, latents = 2, 2, 48, 16, 40
+    q = leaf(rand(b, h, t, d, device=device))
+    k, v = (leaf(rand(b, h, 2 * latents, d, device=device)) for _ in "kv")
+    loc = torch.zeros(b, t, dtype=torch.bool, device=device)
+    loc[0, [0, 16]] = True
+    loc[1, [5, 33]] = True
+    out = A.media_cross_attention(q, k, v, loc, latents, only_immediate=only_immediate)
+    mask, before_first = flamingo_mask(loc.cpu(), k.shape[2], latents, only_immediate)
+    q64, k64, v64 = (leaf(x.detach().double()) for x in (q, k, v))
+    ref, _ = ref_attention(q64, k64, v64, mask, d**-0.5)
+    ref = ref.masked_fill(before_first, 0.0)
+    assert rel(out, ref) < 1e-5
+    check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3e-5)
+
+
 def test_media_more_locations_than_media(device):
     """More media tokens than media items: NaN rows in immediate mode (no answer), every
     media item in the cumulative mode (open_flamingo's <=)."""

@@ -282,6 +282,55 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, H, lq, lk, drop_thr, smb, smh, smm,
 
 
 @triton.jit
+def _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP: tl.constexpr, BN: tl.constexpr):
+    """[inner, outer) within [first, last): the key blocks whose every key every row of
+    ``rows`` (inside Lq) sees, so no mask applies; empty (inner = outer = last) where none
+    is, with a key padding mask (KEEP), or where a row sees no key."""
+    lo_max = tl.max(tl.where(row_ok, lo, 0), axis=0)
+    hi_min = tl.min(tl.where(row_ok, tl.minimum(hi, lk), lk), axis=0)
+    inner = tl.maximum(tl.cdiv(lo_max, BN), first)
+    outer = tl.minimum(hi_min // BN, last)
+    if KEEP:
+        outer = inner
+    inner = tl.where(outer > inner, inner, last)
+    outer = tl.where(outer > inner, outer, last)
+    return inner, outer
+
+
+@triton.jit
+def _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn, svd, kb, lk, lo, hi,
+              keep_ptr, keep_base, bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
+              drop_scale, m_i, l_i, acc, MASK: tl.constexpr, KEEP: tl.constexpr,
+              BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
+    """(m, l, acc) of the online softmax updated with key block ``kb``; without MASK the
+    block is whole and visible to every row (:func:`_inner_blocks`): no mask is built."""
+    cols = kb * BN + tl.arange(0, BN)
+    if MASK:
+        col_ok = cols < lk
+    else:
+        col_ok = tl.full((BN,), 1, tl.int1)
+    k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
+    v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if BIAS:
+        s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
+    if MASK:
+        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DROPOUT:  # the normaliser keeps every key; the values see P' = P M / (1 - p)
+        keep = _dropout_keep(seed, b, h, rows, kb * BN, drop_thr, BN)
+        p = tl.where(keep, p * drop_scale, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
     bias_ptr, gate_ptr, seed_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
@@ -327,26 +376,34 @@ def _fwd(
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BLOCK_D), tl.float32)
-    for kb in range(first, last):
-        cols = kb * BN + tl.arange(0, BN)
-        col_ok = cols < lk
-        k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
-        v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        if BIAS:
-            s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
-        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DROPOUT:  # the normaliser keeps every key; the values see P' = P M / (1 - p)
-            keep = _dropout_keep(seed, b, h, rows, kb * BN, drop_thr, BN)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
+    # [inner, outer): key blocks every row of the block sees whole, run without a mask;
+    # only per-row ranges (RANGES) can leave masked blocks before them. fp32 inputs keep
+    # one masked loop: with their tf32x3 tiles a second loop's state spilled (sm_90a).
+    inner, outer = first, first
+    if INPUT_PRECISION != "tf32x3":
+        inner, outer = _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP, BN)
+        if RANGES:
+            for kb in range(first, inner):
+                m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd,
+                                          svn, svd, kb, lk, lo, hi, keep_ptr, keep_base,
+                                          bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
+                                          drop_scale, m_i, l_i, acc, True, KEEP, BIAS, DROPOUT,
+                                          DOT_FP32, INPUT_PRECISION, BN)
+        else:  # every row sees from key 0: a whole block range starts at first, or is empty
+            outer = tl.where(inner == first, outer, first)
+            inner = first
+        for kb in range(inner, outer):
+            m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn,
+                                      svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
+                                      bias_base, qk_scale, seed, b, h, drop_thr, drop_scale,
+                                      m_i, l_i, acc, False, KEEP, BIAS, DROPOUT, DOT_FP32,
+                                      INPUT_PRECISION, BN)
+    for kb in range(outer, last):
+        m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn,
+                                  svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
+                                  bias_base, qk_scale, seed, b, h, drop_thr, drop_scale,
+                                  m_i, l_i, acc, True, KEEP, BIAS, DROPOUT, DOT_FP32,
+                                  INPUT_PRECISION, BN)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -425,18 +482,21 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
              keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr, bias_base, db,
              seed, b, h, col0, drop_thr, drop_scale, KEEP: tl.constexpr,
              BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-             INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
+             INPUT_PRECISION: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr = True):
     """dK, dV (and the bias's column sums of dS) of one key block updated with one query
-    block."""
+    block (without MASK: one inside Lq whose every row sees the whole key block)."""
     q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
     do = _load_tile(do_base, rows, row_ok, d, d_ok, sdom, sdod, DOT_FP32)
-    lse = tl.load(l_base + rows * slm, mask=row_ok, other=0.0)
+    # rows past Lq: lse +inf (P = 0), dO and delta 0, so they add nothing unmasked too
+    lse = tl.load(l_base + rows * slm, mask=row_ok, other=float("inf"))
     delta = tl.load(dl_base + rows * sdm, mask=row_ok, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if BIAS:  # reloaded per step (cached): holding it through the loop spilled
         s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
-    ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
-    p = tl.where(ok, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+    p = tl.math.exp2(s - (lse * LOG2E)[:, None])
+    if MASK:
+        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+        p = tl.where(ok, p, 0.0)
     if DROPOUT:  # dV = P'^T dO, dP = (dO V^T) M / (1 - p)
         keep = _dropout_keep(seed, b, h, rows, col0, drop_thr, BN)
         p_drop = tl.where(keep, p * drop_scale, 0.0)
@@ -450,6 +510,53 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     if BIAS:
         db += tl.sum(ds, axis=0)
+    return dk, dv, db
+
+
+@triton.jit
+def _inner_rows(pid_n, m_first, lq, lk, CAUSAL: tl.constexpr, KEEP: tl.constexpr,
+                RANGES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The first query block (on the grid m_first + j BM) from which every row sees all of
+    key block ``pid_n`` (with causality, the rows from its last key on); the blocks from
+    there run without a mask (rows past Lq and keys past Lk add nothing: their lse reads
+    as +inf, their dO and delta as 0, and their dK / dV rows are not stored). Lq (none) with
+    a key padding mask (KEEP) or per-row ranges (RANGES)."""
+    inner = m_first
+    if CAUSAL:
+        seen = tl.maximum(pid_n * BN + BN - 1 - (lk - lq) - m_first, 0)
+        inner = m_first + tl.cdiv(seen, BM) * BM
+    if KEEP or RANGES:
+        inner = lq
+    return tl.minimum(inner, lq)
+
+
+@triton.jit
+def _kv_block(m0, q_base, do_base, l_base, dl_base, lo_ptr, hi_ptr, b, srow, lq, lk, pid_n, d,
+              d_ok, sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, keep_ptr, keep_base,
+              qk_scale, dk, dv, bias_ptr, bias_base, db, seed, h, drop_thr, drop_scale,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, RANGES: tl.constexpr,
+              KEEP: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+              DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr):
+    """:func:`_kv_step` for the query block m0 .. m0 + BM; with RANGES only where one of
+    its rows sees this key block."""
+    rows = m0 + tl.arange(0, BM)
+    row_ok = rows < lq
+    lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
+    if RANGES:  # arbitrary ranges: visit only the query blocks that see this block
+        first, last = _block_span(lo, hi, row_ok, lk, BN)
+        if (first <= pid_n) & (pid_n < last):
+            dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
+                                  sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi,
+                                  keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr, bias_base,
+                                  db, seed, b, h, pid_n * BN, drop_thr, drop_scale, KEEP,
+                                  BIAS, DROPOUT, DOT_FP32, INPUT_PRECISION, BN, MASK)
+    else:
+        dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok, sqm,
+                              sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo, hi, keep_ptr,
+                              keep_base, qk_scale, dk, dv, bias_ptr, bias_base, db, seed, b,
+                              h, pid_n * BN, drop_thr, drop_scale, KEEP, BIAS, DROPOUT,
+                              DOT_FP32, INPUT_PRECISION, BN, MASK)
     return dk, dv, db
 
 
@@ -506,27 +613,23 @@ def _bwd_kv(
         dl_base = delta_ptr + bb * sdb + hh * sdh + qq * sdm
         bias_base = bb * sbb + hh * sbh + kk
         db = tl.zeros((BN,), tl.float32)
-        for m0 in range(m_first, lq, BM):
-            rows = m0 + tl.arange(0, BM)
-            row_ok = rows < lq
-            lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL,
-                                 RANGES)
-            if RANGES:  # arbitrary ranges: visit only the query blocks that see this block
-                first, last = _block_span(lo, hi, row_ok, lk, BN)
-                if (first <= pid_n) & (pid_n < last):
-                    dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d,
-                                          d_ok, sqm, sqd, sdom, sdod, slm, sdm, k, v, cols,
-                                          col_ok, lo, hi, keep_ptr, keep_base, qk_scale, dk,
-                                          dv, bias_ptr, bias_base, db, seed, b, hk * G + g,
-                                          pid_n * BN, drop_thr, drop_scale, KEEP, BIAS,
-                                          DROPOUT, DOT_FP32, INPUT_PRECISION, BN)
-            else:  # every block from m_first on sees it (no branch: the loads are pipelined)
-                dk, dv, db = _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
-                                      sqm, sqd, sdom, sdod, slm, sdm, k, v, cols, col_ok, lo,
-                                      hi, keep_ptr, keep_base, qk_scale, dk, dv, bias_ptr,
-                                      bias_base, db, seed, b, hk * G + g, pid_n * BN,
-                                      drop_thr, drop_scale, KEEP, BIAS, DROPOUT, DOT_FP32,
-                                      INPUT_PRECISION, BN)
+        # from inner on the query blocks see this key block whole and run without a mask
+        # (no branch in the loops: the loads are pipelined)
+        inner = _inner_rows(pid_n, m_first, lq, lk, CAUSAL, KEEP, RANGES, BM, BN)
+        for m0 in range(inner, lq, BM):
+            dk, dv, db = _kv_block(m0, q_base, do_base, l_base, dl_base, lo_ptr, hi_ptr, b,
+                                   srow, lq, lk, pid_n, d, d_ok, sqm, sqd, sdom, sdod, slm,
+                                   sdm, k, v, cols, col_ok, keep_ptr, keep_base, qk_scale, dk,
+                                   dv, bias_ptr, bias_base, db, seed, hk * G + g, drop_thr,
+                                   drop_scale, False, CAUSAL, RANGES, KEEP, BIAS, DROPOUT,
+                                   DOT_FP32, INPUT_PRECISION, BM, BN)
+        for m0 in range(m_first, inner, BM):
+            dk, dv, db = _kv_block(m0, q_base, do_base, l_base, dl_base, lo_ptr, hi_ptr, b,
+                                   srow, lq, lk, pid_n, d, d_ok, sqm, sqd, sdom, sdod, slm,
+                                   sdm, k, v, cols, col_ok, keep_ptr, keep_base, qk_scale, dk,
+                                   dv, bias_ptr, bias_base, db, seed, hk * G + g, drop_thr,
+                                   drop_scale, True, CAUSAL, RANGES, KEEP, BIAS, DROPOUT,
+                                   DOT_FP32, INPUT_PRECISION, BM, BN)
         if BIAS:
             tl.store(db_ptr + bb * sdbb + hh * sdbh + kk + cols, db, mask=col_ok)
     dk = dk * sm_scale
@@ -538,6 +641,36 @@ def _bwd_kv(
              dk.to(dk_ptr.dtype.element_ty), mask=mask)
     tl.store(dv_base + cols[:, None] * sdvn + d[None, :] * sdvd,
              dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn, skd, svn, svd, kb,
+            lk, lo, hi, keep_ptr, keep_base, bias_ptr, bias_base, qk_scale, seed, b, h,
+            drop_thr, drop_scale, dq, MASK: tl.constexpr, KEEP: tl.constexpr,
+            BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
+    """dQ of one query block updated with key block ``kb`` (without MASK: a block every row
+    sees whole, :func:`_inner_blocks`)."""
+    cols = kb * BN + tl.arange(0, BN)
+    if MASK:
+        col_ok = cols < lk
+    else:
+        col_ok = tl.full((BN,), 1, tl.int1)
+    k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
+    v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    if BIAS:
+        s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK:
+        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, b, h, rows, kb * BN, drop_thr, BN)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -589,22 +722,30 @@ def _bwd_q(
     if DROPOUT:
         seed = tl.load(seed_ptr)
     dq = tl.zeros((BM, BLOCK_D), tl.float32)
-    for kb in range(first, last):
-        cols = kb * BN + tl.arange(0, BN)
-        col_ok = cols < lk
-        k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
-        v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        if BIAS:
-            s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
-        ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, b, h, rows, kb * BN, drop_thr, BN)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    # [inner, outer): as in the forward pass (:func:`_fwd`); with dropout one masked loop
+    # (a second loop's state spilled 40 B per thread on sm_90a beside the Philox draws)
+    inner, outer = first, first
+    if not DROPOUT:
+        inner, outer = _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP, BN)
+        if RANGES:
+            for kb in range(first, inner):
+                dq = _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn,
+                             skd, svn, svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
+                             bias_base, qk_scale, seed, b, h, drop_thr, drop_scale, dq, True,
+                             KEEP, BIAS, DROPOUT, DOT_FP32, INPUT_PRECISION, BN)
+        else:  # every row sees from key 0: a whole block range starts at first, or is empty
+            outer = tl.where(inner == first, outer, first)
+            inner = first
+        for kb in range(inner, outer):
+            dq = _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn, skd,
+                         svn, svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr, bias_base,
+                         qk_scale, seed, b, h, drop_thr, drop_scale, dq, False, KEEP, BIAS,
+                         DROPOUT, DOT_FP32, INPUT_PRECISION, BN)
+    for kb in range(outer, last):
+        dq = _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn, skd,
+                     svn, svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr, bias_base,
+                     qk_scale, seed, b, h, drop_thr, drop_scale, dq, True, KEEP, BIAS,
+                     DROPOUT, DOT_FP32, INPUT_PRECISION, BN)
     dq = dq * sm_scale
     dq_base = dq_ptr + bb * sdqb + hh * sdqh + qq * sdqm
     tl.store(dq_base + rows[:, None] * sdqm + d[None, :] * sdqd, dq.to(dq_ptr.dtype.element_ty),
