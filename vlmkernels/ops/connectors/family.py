@@ -24,14 +24,14 @@ _ALIGNED = ("N", "K", "sam", "sbk", "sbn", "scm", "saux_m", "sres_m", "C", "sxb"
             "scb", "sch", "scw")  # fmt: skip
 
 
-def _gemm(name, flags, unit, expect=("mma", "no_spill"), kernel=None):
+def _gemm(name, flags, unit, expect=("mma", "no_spill"), kernel=None, aligned=()):
     def constexprs(dtype: str) -> dict:
         precision = "tf32x3" if dtype == "fp32" else "tf32"
         return {**_GEMM_OFF, **flags, "DOT_FP32": False, "INPUT_PRECISION": precision}
 
     kernel = kernels._gemm_kernel if kernel is None else kernel
     return CompileCase(name, kernel, _GEMM_PTRS, constexprs, unit_strides=unit,
-                       aligned=_ALIGNED, expect=expect)  # fmt: skip
+                       aligned=_ALIGNED + aligned, expect=expect)  # fmt: skip
 
 
 def compile_cases() -> list[CompileCase]:
@@ -53,10 +53,12 @@ def compile_cases() -> list[CompileCase]:
         # GELU' epilogue: its own kernel and space (kernels._DH_GPU_CONFIGS), no spills
         _gemm("connector_dh", dict(ACT=ACT_GELU_GRAD, STORE_AUX2=True), plain,
               kernel=kernels._gemm_dh_kernel),
-        _gemm("connector_dw", dict(ROWSUM=True), ("sam", "sbn", "scn")),
+        # A = dY^T: unit stride along m, its k stride and M the features of dY (multiples
+        # of 16 in a typical launch, which Triton specialises)
+        _gemm("connector_dw", dict(ROWSUM=True), ("sam", "sbn", "scn"), aligned=("sak", "M")),
         _gemm("connector_dw_merge_ln", dict(XSIDE=2, GATHER=True, NORM=LAYER_NORM,
                                             PER_PATCH=True, NORM_BIAS=True, ROWSUM=True),
-              ("sam", "sxc", "scn")),
+              ("sam", "sxc", "scn"), aligned=("sak", "M")),
         _gemm("connector_dx_scatter", dict(GATHER=True, SCATTER=True), ("sak", "sbn", "scc")),
         CompileCase("connector_norm_stats", kernels._norm_stats_kernel,
                     dict(x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32), dict(GATHER=True, RMS=False),

@@ -215,7 +215,12 @@ def _gemm_kernel(
     a_rows = rm.to(tl.int64) * sam
     b_cols = rn.to(tl.int64) * sbn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rowsum = tl.zeros((BM,), dtype=tl.float32)
+    # ROWSUM: a (BM, BK) sum reduced over k once after the loop (per-step reductions cost
+    # 32 SHFL + 32 FADD per k-step on sm_90a); tf32x3 has no registers for it: per step
+    if INPUT_PRECISION != "tf32x3":
+        rowsum = tl.zeros((BM, BK), dtype=tl.float32)
+    else:
+        rowsum = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + rk
         k_mask = ks < K
@@ -242,7 +247,10 @@ def _gemm_kernel(
             if DOT_FP32:
                 b = b.to(tl.float32)
         if ROWSUM:
-            rowsum += tl.sum(a.to(tl.float32), 1)
+            if INPUT_PRECISION != "tf32x3":
+                rowsum += a.to(tl.float32)
+            else:
+                rowsum += tl.sum(a.to(tl.float32), 1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -270,8 +278,12 @@ def _gemm_kernel(
         out_offs = rm.to(tl.int64)[:, None] * scm + rn.to(tl.int64)[None, :] * scn
     tl.store(c_ptr + out_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
     if ROWSUM:
+        if INPUT_PRECISION != "tf32x3":
+            sums = tl.sum(rowsum, 1)
+        else:
+            sums = rowsum
         if pid_n == 0:
-            tl.store(rowsum_ptr + rm, rowsum, mask=m_mask)
+            tl.store(rowsum_ptr + rm, sums, mask=m_mask)
 
 
 # The GELU' epilogue (dh = (dY W2) * GELU'(h), GELU(h) stored for dW2) holds the loaded h
