@@ -9,7 +9,7 @@ import torch
 
 from ...core.family import CompileCase, Family, register
 from ...core.tuning import torch_dtype
-from . import kernels, launchers, layernorm_kernels
+from . import kernels, key_mass_kernels, launchers, layernorm_kernels
 
 # Realistic shapes (fusion note): the Q-Former's cross-attention, a MiniCPM-V resampler
 # slice, Flamingo's media-masked attention, few queries over many keys, FastV scoring.
@@ -172,7 +172,7 @@ def compile_cases() -> list[CompileCase]:
                     dict(VARLEN=False, GATE=False, BLOCK_D=64, EVEN_D=True),
                     unit_strides=("swd", "sod", "swlm", "slm"),
                     expect=("no_spill",)),
-        CompileCase("attention_key_mass", k._attn_key_mass,
+        CompileCase("attention_key_mass", key_mass_kernels._attn_key_mass,
                     dict(q_ptr="*{elem}", k_ptr="*{elem}", lse_ptr="*fp32", bias_ptr="*fp32",
                          mass_ptr="*fp32"),
                     lambda dt: dict(CAUSAL=True, BIAS=False, BLOCK_D=64, EVEN_D=True,
@@ -210,7 +210,7 @@ _CORE = (*(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("",
 FAMILY = register(
     Family(
         name="attention",
-        kernels=kernels.KERNELS + layernorm_kernels.KERNELS,
+        kernels=kernels.KERNELS + key_mass_kernels.KERNELS + layernorm_kernels.KERNELS,
         compile_cases=compile_cases,
         aliases={
             "attention": (*_CORE, "attention_combine", "attention_key_mass"),

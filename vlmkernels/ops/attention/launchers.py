@@ -27,9 +27,9 @@ from .kernels import (
     FWD,
     _attn_combine,
     _attn_fwd32_dropout,
-    _attn_key_mass,
     _dropout_mask_kernel,
 )
+from .key_mass_kernels import _attn_key_mass
 from .reference import dropout_threshold
 
 MAX_SPLITS = 32
