@@ -82,6 +82,20 @@ def _check(out, expected, tensors, refs, dtype, weight):
         assert err < (tol if r.dim() else max(tol, 1e-4)), (r.shape, err)
 
 
+def _run_and_check(loss_fn, leaves, kw, calls, pos, eps, alpha, teacher, reduction, cols,
+                   dtype, rows):  # fmt: skip
+    """``loss_fn(*leaves, **kw)`` and its backward on the Triton backend, each one op (the
+    whole-loss path), against :func:`_reference` in float64."""
+    with vlmkernels.use_backend("triton"):
+        out = loss_fn(*leaves, **kw)
+        out.backward()
+    assert calls == {"forward": 1, "backward": 1}
+    refs = _as64(*leaves)
+    expected = _reference(*refs, pos, eps, alpha, teacher, reduction, cols)
+    expected.backward()
+    _check(out, expected, leaves, refs, dtype, 1.0 if reduction == "mean" else rows)
+
+
 def _as64(*ts):
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad)
             for t in ts]  # fmt: skip
@@ -120,14 +134,8 @@ def test_one_direction_with_targets_matches_float64(m, n, offset, dtype, reducti
         tq, tk = features(m, d, dtype, device), features(n, d, dtype, device)
         kw.update(teacher_queries=tq, teacher_keys=tk, teacher_logit_scale=7.0, alpha=alpha)
         teacher = 7.0 * tq.double().cpu() @ tk.double().cpu().T
-    with vlmkernels.use_backend("triton"):
-        out = vlmkernels.contrastive_cross_entropy(q, k, s, b, **kw)
-        out.backward()
-    assert calls == {"forward": 1, "backward": 1}
-    refs = _as64(q, k, s, b)
-    expected = _reference(*refs, pos, eps, alpha, teacher, reduction, False)
-    expected.backward()
-    _check(out, expected, (q, k, s, b), refs, dtype, 1.0 if reduction == "mean" else m)
+    _run_and_check(vlmkernels.contrastive_cross_entropy, (q, k, s, b), kw, calls, pos, eps,
+                   alpha, teacher, reduction, False, dtype, m)  # fmt: skip
 
 
 CLIP_CASES = [
@@ -160,14 +168,8 @@ def test_clip_with_targets_matches_float64(n, dtype, reduction, ids, eps, alpha,
         tx, ty = features(n, d, dtype, device), features(n, d, dtype, device)
         kw.update(teacher=(tx, ty), alpha=alpha)  # teacher scale: the logit scale's
         teacher = 11.0 * tx.double().cpu() @ ty.double().cpu().T
-    with vlmkernels.use_backend("triton"):
-        out = vlmkernels.clip_loss(x, y, s, b, **kw)
-        out.backward()
-    assert calls == {"forward": 1, "backward": 1}
-    refs = _as64(x, y, s, b)
-    expected = _reference(*refs, pos, eps, alpha, teacher, reduction, True)
-    expected.backward()
-    _check(out, expected, (x, y, s, b), refs, dtype, 1.0 if reduction == "mean" else n)
+    _run_and_check(vlmkernels.clip_loss, (x, y, s, b), kw, calls, pos, eps, alpha, teacher,
+                   reduction, True, dtype, n)  # fmt: skip
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
