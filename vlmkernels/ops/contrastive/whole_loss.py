@@ -67,8 +67,11 @@ def _flags(x, bias):
     return dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
 
 
-def _ce_flags(x, bias, cols):
-    return dict(ROWS=True, COLS=cols, IDS=False, SMOOTH=False, TEACHER=False, **_flags(x, bias))
+def _ce_flags(x, bias, cols, ids=False, smooth=False, teacher=False):
+    """The CLIP kernels' constexprs: both directions or rows only, and the targets' variant
+    (ids, label smoothing, a teacher; none for one positive per row)."""
+    return dict(ROWS=True, COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=teacher,
+                **_flags(x, bias))  # fmt: skip
 
 
 def _prepared(kernel, grid, args, kwargs):
@@ -210,16 +213,20 @@ class _CeBackward:
     finish: _Finish
 
 
-def _ce_backward_plan(x, y, scale, bias, kappa, offset, cols):
+def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None):
+    """The gradient kernel's prepared launch for the variant ``kwargs``
+    (:func:`_ce_flags`), with the teacher's (x_t, y_t, s_t) layout where it has one, and
+    its finishing launches; None where launches cannot be prepared."""
     m, d = x.shape
     n = y.shape[0]
     splits = _col_splits(m, n, x.device)
     t = torch.empty((1,), dtype=_F32, device=x.device)
     b = bias if bias is not None else scale
-    args = (x, y, scale, b, t, t, x, y, scale, t, t, x, n, t, 0, 0, m, n, d, offset,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), 0, 0, 0, 0, m, m,
+    xt, yt, ts = teacher if teacher is not None else (x, y, scale)
+    t_strides = (xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1)) if teacher else (0,) * 4
+    args = (x, y, scale, b, t, t, xt, yt, ts, t, t, x, n, t, 0, 0, m, n, d, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), *t_strides, m, m,
             next_pow2_bucket(max(m, n)))  # fmt: skip
-    kwargs = _ce_flags(x, bias, cols)
     config = _clip_grad_kernel.config(args, kwargs).all_kwargs()
     programs = _cdiv(m, config["BM"]) * splits
     args = (*args[:14], programs, *args[15:])
@@ -241,7 +248,7 @@ def ce_backward(x, y, scale, bias, coef, grad, weight: float, offset: int, chunk
     key = _layout("ce_bwd", x, y, bias, (weight, offset, cols, scale.dtype))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, cols)
+        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, _ce_flags(x, bias, cols))
         if plan is None:
             return None
         _PLANS[key] = plan

@@ -31,7 +31,7 @@ import dataclasses
 
 import torch
 
-from ...core.runtime import device_guard, dot_precision, next_pow2_bucket
+from ...core.runtime import device_guard, next_pow2_bucket
 from ...kernels.blocks import tile_addressable
 from .chunked import triton_chunk_rows
 from .finalize import (
@@ -45,20 +45,13 @@ from .finalize import (
     _sum_parts_kernel,
 )
 from .fused_backward import clip_backward_design
-from .kernels import _clip_grad_kernel, _clip_stats_kernel
+from .kernels import _clip_stats_kernel
 from .launchers import _cdiv, _col_splits, _stats_grid
-from .whole_loss import _PLANS, _finish, _finish_plan, _prepared, _used
+from .whole_loss import _PLANS, _ce_backward_plan, _ce_flags, _finish, _prepared, _used
 
 __all__ = ["ce_targets_backward", "ce_targets_forward"]
 
 _F32 = torch.float32
-
-
-def _flags(x, bias, cols, ids, smooth, teacher):
-    dot_fp32, precision = dot_precision(x.dtype)
-    return dict(ROWS=True, COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=teacher,
-                HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
-                INPUT_PRECISION=precision)  # fmt: skip
 
 
 def _slots(ids, smooth, teacher) -> int:
@@ -110,7 +103,7 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
     groups, splits = _stats_grid(m, n, x.device)
     slots = _slots(ids, smooth, has_teacher)
     ws = torch.empty((8,), dtype=_F32, device=x.device)  # stand-ins: only pointers
-    kwargs = _flags(x, bias, cols, ids, smooth, has_teacher)
+    kwargs = _ce_flags(x, bias, cols, ids, smooth, has_teacher)
     args = _stats_args(x, y, scale, bias, teacher, offset, groups, ws)
     stats = _prepared(_clip_stats_kernel, (groups * splits,), args, kwargs)
     if stats is None:
@@ -123,7 +116,7 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
     if has_teacher:
         xt, yt, ts = teacher
         t_args = _stats_args(xt, yt, ts, None, None, 0, groups, ws)
-        t_kwargs = _flags(x, None, cols, False, False, False)
+        t_kwargs = _ce_flags(x, None, cols)
         t_stats = _prepared(_clip_stats_kernel, (groups * splits,), t_args, t_kwargs)
         if t_stats is None:
             return None
@@ -219,34 +212,6 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
 # ------------------------------------------------------------------------------ backward
 
 
-@dataclasses.dataclass(frozen=True)
-class _Backward:
-    grad: object
-    finish: object  # whole_loss._Finish
-
-
-def _backward_plan(x, y, scale, bias, ids, teacher, weight, offset, smooth, cols):
-    m, d = x.shape
-    n = y.shape[0]
-    splits = _col_splits(m, n, x.device)
-    t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
-    b = bias if bias is not None else scale
-    xt, yt, ts = teacher if teacher is not None else (x, y, scale)
-    args = (x, y, scale, b, t, t, xt, yt, ts, t, t, x, n, t, 0, 0, m, n, d, offset,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1), m, m,
-            next_pow2_bucket(max(m, n)))  # fmt: skip
-    kwargs = _flags(x, bias, cols, ids, smooth, teacher is not None)
-    config = _clip_grad_kernel.config(args, kwargs).all_kwargs()
-    programs = _cdiv(m, config["BM"]) * splits
-    args = (*args[:14], programs, *args[15:])
-    grad = _prepared(_clip_grad_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
-    finish = _finish_plan(x, n, programs, 0, weight, False, bias is not None, True)
-    if grad is None or finish is None:
-        return None
-    return _Backward(grad[0], finish)
-
-
 def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad,
                         weight: float, offset: int, smoothing: float, chunk_size: int):  # fmt: skip
     """(dx, dy, dscale, dbias) of ``grad * loss`` for :func:`ce_targets_forward`'s loss and
@@ -266,8 +231,9 @@ def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad
                cols, scale.dtype)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _backward_plan(x, y, scale, bias, row_ids is not None, teacher, weight, offset,
-                              smoothing > 0, cols)  # fmt: skip
+        kwargs = _ce_flags(x, bias, cols, row_ids is not None, smoothing > 0,
+                           teacher is not None)  # fmt: skip
+        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, kwargs, teacher)
         if plan is None:
             return None
         _PLANS[key] = plan
