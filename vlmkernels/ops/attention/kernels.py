@@ -273,29 +273,34 @@ def _dropout_mask_kernel(seed_ptr, mask_ptr, H, lq, lk, drop_thr, smb, smh, smm,
 
 
 @triton.jit
-def _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP: tl.constexpr, BN: tl.constexpr):
+def _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP: tl.constexpr, RANGES: tl.constexpr,
+                  BN: tl.constexpr):
     """[inner, outer) within [first, last): the key blocks whose every key every row of
-    ``rows`` (inside Lq) sees, so no mask applies; empty (inner = outer = last) where none
-    is, with a key padding mask (KEEP), or where a row sees no key."""
+    ``rows`` (inside Lq) sees, so no mask applies. Empty where none is, with a key padding
+    mask (KEEP), or where a row sees no key: then inner = outer = last with per-row ranges
+    (RANGES: masked blocks may come before them too), else = first (every row sees from
+    key 0, so the whole range starts at first and only blocks after it are masked)."""
     lo_max = tl.max(tl.where(row_ok, lo, 0), axis=0)
     hi_min = tl.min(tl.where(row_ok, tl.minimum(hi, lk), lk), axis=0)
     inner = tl.maximum(tl.cdiv(lo_max, BN), first)
     outer = tl.minimum(hi_min // BN, last)
     if KEEP:
         outer = inner
-    inner = tl.where(outer > inner, inner, last)
-    outer = tl.where(outer > inner, outer, last)
+    if RANGES:
+        inner = tl.where(outer > inner, inner, last)
+        outer = tl.where(outer > inner, outer, last)
+    else:
+        outer = tl.where(outer > inner, outer, first)
+        inner = first
     return inner, outer
 
 
 @triton.jit
-def _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn, svd, kb, lk, lo, hi,
-              keep_ptr, keep_base, bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
-              drop_scale, m_i, l_i, acc, MASK: tl.constexpr, KEEP: tl.constexpr,
-              BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
-    """(m, l, acc) of the online softmax updated with key block ``kb``; without MASK the
-    block is whole and visible to every row (:func:`_inner_blocks`): no mask is built."""
+def _block_logits(q, k_base, v_base, kb, lk, d, d_ok, skn, skd, svn, svd, bias_ptr, bias_base,
+                  qk_scale, MASK: tl.constexpr, BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
+    """(cols, col_ok, K, V, S) of key block ``kb`` for the query tile q: S = q K^T scale
+    log2(e) (+ the keys' bias); without MASK the block is whole (col_ok a constant)."""
     cols = kb * BN + tl.arange(0, BN)
     if MASK:
         col_ok = cols < lk
@@ -306,6 +311,20 @@ def _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn, svd, kb, 
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if BIAS:
         s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
+    return cols, col_ok, k, v, s
+
+
+@triton.jit
+def _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn, svd, kb, lk, lo, hi,
+              keep_ptr, keep_base, bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
+              drop_scale, m_i, l_i, acc, MASK: tl.constexpr, KEEP: tl.constexpr,
+              BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
+    """(m, l, acc) of the online softmax updated with key block ``kb``; without MASK the
+    block is whole and visible to every row (:func:`_inner_blocks`): no mask is built."""
+    cols, col_ok, k, v, s = _block_logits(q, k_base, v_base, kb, lk, d, d_ok, skn, skd, svn,
+                                          svd, bias_ptr, bias_base, qk_scale, MASK, BIAS,
+                                          DOT_FP32, INPUT_PRECISION, BN)
     if MASK:
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
         s = tl.where(ok, s, float("-inf"))
@@ -372,7 +391,7 @@ def _fwd(
     # one masked loop: with their tf32x3 tiles a second loop's state spilled (sm_90a).
     inner, outer = first, first
     if INPUT_PRECISION != "tf32x3":
-        inner, outer = _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP, BN)
+        inner, outer = _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP, RANGES, BN)
         if RANGES:
             for kb in range(first, inner):
                 m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd,
@@ -380,9 +399,6 @@ def _fwd(
                                           bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
                                           drop_scale, m_i, l_i, acc, True, KEEP, BIAS, DROPOUT,
                                           DOT_FP32, INPUT_PRECISION, BN)
-        else:  # every row sees from key 0: a whole block range starts at first, or is empty
-            outer = tl.where(inner == first, outer, first)
-            inner = first
         for kb in range(inner, outer):
             m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn,
                                       svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
@@ -642,16 +658,9 @@ def _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn, skd,
             INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
     """dQ of one query block updated with key block ``kb`` (without MASK: a block every row
     sees whole, :func:`_inner_blocks`)."""
-    cols = kb * BN + tl.arange(0, BN)
-    if MASK:
-        col_ok = cols < lk
-    else:
-        col_ok = tl.full((BN,), 1, tl.int1)
-    k = _load_tile(k_base, cols, col_ok, d, d_ok, skn, skd, DOT_FP32)
-    v = _load_tile(v_base, cols, col_ok, d, d_ok, svn, svd, DOT_FP32)
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    if BIAS:
-        s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
+    cols, col_ok, k, v, s = _block_logits(q, k_base, v_base, kb, lk, d, d_ok, skn, skd, svn,
+                                          svd, bias_ptr, bias_base, qk_scale, MASK, BIAS,
+                                          DOT_FP32, INPUT_PRECISION, BN)
     p = tl.math.exp2(s - lse2[:, None])
     if MASK:
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
@@ -717,16 +726,13 @@ def _bwd_q(
     # (a second loop's state spilled 40 B per thread on sm_90a beside the Philox draws)
     inner, outer = first, first
     if not DROPOUT:
-        inner, outer = _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP, BN)
+        inner, outer = _inner_blocks(lo, hi, row_ok, first, last, lk, KEEP, RANGES, BN)
         if RANGES:
             for kb in range(first, inner):
                 dq = _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn,
                              skd, svn, svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
                              bias_base, qk_scale, seed, b, h, drop_thr, drop_scale, dq, True,
                              KEEP, BIAS, DROPOUT, DOT_FP32, INPUT_PRECISION, BN)
-        else:  # every row sees from key 0: a whole block range starts at first, or is empty
-            outer = tl.where(inner == first, outer, first)
-            inner = first
         for kb in range(inner, outer):
             dq = _q_step(q, do, lse2, delta, rows, row_ok, d, d_ok, k_base, v_base, skn, skd,
                          svn, svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr, bias_base,
