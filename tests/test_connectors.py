@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import vlmkernels
 from vlmkernels.ops import connectors as C
-from vlmkernels.ops.connectors import ops
+from vlmkernels.ops.connectors import launchers, ops
+from vlmkernels.ops.connectors.kernels import LAYER_NORM, RMS_NORM
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -193,6 +194,76 @@ def test_merger_fp32(name, store_hidden, backend):
 @pytest.mark.parametrize("name", ["qwen2_vl", "internvl"])
 def test_merger_16bit(name, dtype, backend):
     merger_case(name, dtype, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", [n for n, m in MERGERS.items() if m[2] is not None])
+def test_merger_16bit_folded_norm(name, dtype):
+    """With 16-bit inputs the norm is folded into the first GEMM (launchers.first_linear:
+    raw X times the norm-scaled weight, then r_s (P_s - mu_s colsum_s) per patch segment,
+    the accumulator rescaled by r_{s-1} / r_s between segments). Features far from zero
+    mean (offset 20: the mean term cancels most of P) with patch scales spanning
+    1e-2..1e2 (rstd ratios up to 1e4 between segments), C = 40 (segments end mid-tile at the
+    interpreter's BK 16): within the 16-bit tolerance of float64, and within 1.5x the
+    error of eager 16-bit (X normalised and rounded, then the linear)."""
+    x, weights, kw = merger_inputs(name, dtype, c=40)
+    shape = x.shape
+    scale = 10 ** (4 * torch.rand(*shape[:-1], 1) - 2)
+    x = ((20 + torch.randn(shape)) * scale).to(dtype)
+    with vlmkernels.use_backend("triton"):
+        y = C.merger(x, *weights, **kw)
+    r = [None if t is None else leaf64(t) for t in (x, *weights, kw["norm_weight"],
+                                                     kw["norm_bias"])]  # fmt: skip
+    ref = ref_merger(*r[:5], s=kw["merge_size"], layout=kw["layout"], norm=kw["norm"],
+                     nw=r[5], nb=r[6], eps=kw["eps"], before=kw["norm_before_merge"])  # fmt: skip
+    err = max_rel(y, ref)
+    assert err < TOL[dtype], err
+    # the first linear alone against eager 16-bit (normalised X rounded, then the linear)
+    layout, s, norm, before, _ = MERGERS[name]
+    grid_x = x.view(-1, s, s, x.shape[-1]) if layout == "consecutive" else x.view(
+        x.shape[0], int(x.shape[1] ** 0.5), -1, x.shape[-1])  # fmt: skip
+    grid = launchers.Addressing.of(grid_x, (s, s))
+    kind = LAYER_NORM if norm == "layernorm" else RMS_NORM
+    mean, rstd = launchers.norm_stats(grid_x, grid, kind, before, kw["eps"])
+    nb = None if kw["norm_bias"] is None else kw["norm_bias"].detach()
+    xop = launchers.XOperand(grid_x, grid, kind, before, mean, rstd, kw["norm_weight"].detach(), nb)
+    w1, b1 = weights[0].detach(), weights[1].detach()
+    # fp32 outputs on both sides: the comparison is of the products, not the final rounding
+    folded = torch.empty((grid.M, w1.shape[0]), dtype=torch.float32)
+    launchers.first_linear(folded, xop, w1, b1)
+    normed = ref_norm_rows(r[0], s, layout, norm, before, r[5], r[6], kw["eps"])
+    h_ref = F.linear(normed, r[1], r[2])
+    eager = F.linear(normed.to(dtype).float(), w1.float(), b1.float())
+    assert max_rel(folded, h_ref) <= 1.5 * max_rel(eager, h_ref), (
+        max_rel(folded, h_ref), max_rel(eager, h_ref))  # fmt: skip
+
+
+def ref_norm_rows(x, s, layout, norm, before, nw, nb, eps):
+    """norm(X), the merged and normalised rows the first linear sees (float64)."""
+    if before:
+        x = ref_norm(x, norm, nw, nb, eps)
+    X = x.reshape(-1, s * s * x.shape[-1]) if layout == "consecutive" else idefics3_shuffle(x, s)
+    X = X.reshape(-1, X.shape[-1])
+    return X if before else ref_norm(X, norm, nw, nb, eps)
+
+
+def test_norm_fold_weights():
+    """fold_norm: Wf = w[k % L] W (rounded), colsum of the rounded Wf per segment, and
+    b + sum_k nb[k % L] W[n, k], against float64, on a strided W (a transposed view)."""
+    c, segments, n = 37, 4, 23
+    x = torch.randn(2, 4, 4, c).bfloat16()
+    grid = launchers.Addressing.of(x, (2, 2))
+    nw, nb = (1 + 0.3 * torch.randn(c)).bfloat16(), torch.randn(c).bfloat16()
+    w = torch.randn(segments * c, n).bfloat16().t()
+    b = torch.randn(n).bfloat16()
+    xop = launchers.XOperand(x, grid, LAYER_NORM, True, weight=nw, bias=nb)
+    wf, colsum, bias = launchers.fold_norm(w, b, xop)
+    w64 = w.double()
+    ref_wf = w64 * nw.double().repeat(segments)
+    assert wf.dtype == torch.bfloat16 and wf.is_contiguous()
+    assert max_rel(wf, ref_wf) < 2**-8
+    assert max_rel(colsum, wf.double().view(n, segments, c).sum(-1)) < 1e-6
+    assert max_rel(bias, b.double() + w64 @ nb.double().repeat(segments)) < 1e-6
 
 
 def merger_case(name, dtype, store_hidden):

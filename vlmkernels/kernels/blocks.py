@@ -169,6 +169,16 @@ def softplus2_sigmoid(t):
 
 
 @triton.jit
+def to_bf16_rne(v):
+    """fp32 ``v`` to bfloat16, rounded to nearest, ties to even (NaN kept): the GPU's
+    conversion, which Triton's interpreter replaces by truncation. The rounding is done on
+    the bits, so the final conversion is exact on both."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+    return tl.where(v == v, bits.to(tl.float32, bitcast=True), v).to(tl.bfloat16)
+
+
+@triton.jit
 def pad(mask):
     """0 where ``mask`` holds, -inf elsewhere: added to logits, it removes padding rows or
     columns from every exp and max without a tile-sized mask."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...core.family import CompileCase, Family, register
 from . import kernels
-from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, LAYER_NORM, NO_NORM, RMS_NORM
+from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, LAYER_NORM, NO_NORM, RMS_NORM, X_A
 
 _E = "*{elem}"
 _F32 = "*fp32"
@@ -15,8 +15,8 @@ _F32 = "*fp32"
 # launcher passes the output for the unused ones).
 _GEMM_PTRS = dict(a_ptr=_E, b_ptr=_E, c_ptr=_E, x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32,
                   nw_ptr=_E, nb_ptr=_E, bias_ptr=_E, aux_ptr=_E, aux2_ptr=_E, res_ptr=_E,
-                  rowsum_ptr=_F32)  # fmt: skip
-_GEMM_OFF = dict(XSIDE=0, GATHER=False, NORM=NO_NORM, PER_PATCH=False, NORM_BIAS=False,
+                  rowsum_ptr=_F32, colsum_ptr=_F32)  # fmt: skip
+_GEMM_OFF = dict(XSIDE=0, GATHER=False, NORM=NO_NORM, PER_PATCH=False, NORM_BIAS=False, FOLD=False,
                  SCATTER=False, BIAS=False, ACT=ACT_NONE, STORE_AUX=False, STORE_AUX2=False,
                  RESIDUAL=False, ROWSUM=False)  # fmt: skip
 # Model sizes are multiples of 16 (K, N, C and the row strides).
@@ -27,7 +27,10 @@ _ALIGNED = ("N", "K", "sam", "sbk", "sbn", "scm", "saux_m", "sres_m", "C", "sxb"
 def _gemm(name, flags, unit, expect=("mma", "no_spill"), kernel=None, aligned=()):
     def constexprs(dtype: str) -> dict:
         precision = "tf32x3" if dtype == "fp32" else "tf32"
-        return {**_GEMM_OFF, **flags, "DOT_FP32": False, "INPUT_PRECISION": precision}
+        # launchers.first_linear: a forward norm is folded into the GEMM for 16-bit inputs
+        fold = flags.get("XSIDE") == X_A and flags.get("NORM", NO_NORM) != NO_NORM
+        return {**_GEMM_OFF, **flags, "FOLD": fold and dtype != "fp32", "DOT_FP32": False,
+                "INPUT_PRECISION": precision}  # fmt: skip
 
     kernel = kernels._gemm_kernel if kernel is None else kernel
     return CompileCase(name, kernel, _GEMM_PTRS, constexprs, unit_strides=unit,
@@ -64,6 +67,11 @@ def compile_cases() -> list[CompileCase]:
                     dict(x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32), dict(GATHER=True, RMS=False),
                     unit_strides=("sxc",), aligned=("L", "C", "sxb", "sxh", "sxw"),
                     scalars={"eps": "fp32"}, expect=("no_spill",)),
+        CompileCase("connector_norm_fold", kernels._norm_fold_kernel,
+                    dict(w_ptr=_E, nw_ptr=_E, nb_ptr=_E, b_ptr=_E, wf_ptr=_E, colsum_ptr=_F32,
+                         bias_ptr=_F32),
+                    dict(NORM_BIAS=True, BIAS=True), unit_strides=("swk",),
+                    aligned=("K", "swn"), expect=("no_spill",)),
         CompileCase("connector_norm_grad", kernels._norm_grad_kernel,
                     dict(g_ptr=_E, x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32, nw_ptr=_E, dx_ptr=_E,
                          part_w_ptr=_F32, part_b_ptr=_F32),
@@ -87,6 +95,7 @@ FAMILY = register(
             kernels._gemm_kernel,
             kernels._gemm_dh_kernel,
             kernels._norm_stats_kernel,
+            kernels._norm_fold_kernel,
             kernels._norm_grad_kernel,
             kernels._shuffle_kernel,
             kernels._deepstack_kernel,

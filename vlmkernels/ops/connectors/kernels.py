@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
+from ...kernels.blocks import to_bf16_rne
 
 # the norms of the prologue
 NO_NORM, LAYER_NORM, RMS_NORM = 0, 1, 2
@@ -152,7 +153,65 @@ def gelu_grad(h):
     return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
 
-_GEMM_KEY = ["M_bucket", "N", "K", "XSIDE", "GATHER", "NORM", "ACT", "SCATTER"]
+@triton.jit
+def folded_norm_dot(
+    acc, x_ptr, b_ptr, mean_ptr, rstd_ptr, colsum_ptr, rm, rn, m_mask, n_mask, b_cols, K, sbk,
+    HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
+    GATHER: tl.constexpr, NORM: tl.constexpr, PER_PATCH: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """acc + norm(X) W^T without a normalised X: B holds Wf[k, n] = w[k] W[n, k] (the norm
+    weight folded in, :func:`_norm_fold_kernel`), A is X as stored, and the statistics are
+    applied to the accumulator. With rstd r and mean mu of a row (``PER_PATCH``: of each of
+    its C-wide source-patch segments s) and colsum[n, s] = sum over s of Wf[k, n],
+
+        sum_k norm(X)[m, k] Wf[k, n] = sum_s r_s (P_s - mu_s colsum[n, s]),
+        P_s = sum over s of X[m, k] Wf[k, n]
+
+    (the norm bias and the linear's bias go into the epilogue's bias). The k-loop runs per
+    segment on raw loads (no prologue); between segments the accumulator is rescaled by
+    r_{s-1} / r_s and multiplied by the last r at the end, so one accumulator suffices."""
+    row_off, row_patch = x_rows(rm, HWo, Wo, H, W, MH, MW, sxb, sxh, sxw, GATHER)
+    rk = tl.arange(0, BK)
+    segments = K // C
+    prev = tl.full((BM,), 1.0, dtype=tl.float32)
+    for g in range(0, segments):
+        lo = g * C
+        seg_off, seg_patch, _ = x_cols(lo, C, W, MW, sxh, sxw, sxc, GATHER)
+        if PER_PATCH:
+            stat = row_patch + seg_patch
+            rstd = tl.load(rstd_ptr + stat, mask=m_mask, other=1.0)
+            acc = acc * (prev / rstd)[:, None]
+        a_rows = x_ptr + (row_off + seg_off)
+        b_rows = b_ptr + lo.to(tl.int64) * sbk
+        for k0 in range(0, C, BK):
+            c = k0 + rk
+            k_mask = c < C
+            c64 = c.to(tl.int64)
+            a = tl.load(a_rows[:, None] + c64[None, :] * sxc,
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_rows + c64[:, None] * sbk + b_cols[None, :],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if PER_PATCH:
+            if NORM == 1:
+                mean = tl.load(mean_ptr + stat, mask=m_mask, other=0.0)
+                colsum = tl.load(colsum_ptr + rn.to(tl.int64) * segments + g, mask=n_mask,
+                                 other=0.0)
+                acc -= mean[:, None] * colsum[None, :]
+            prev = rstd
+    if not PER_PATCH:
+        prev = tl.load(rstd_ptr + rm, mask=m_mask, other=1.0)
+        if NORM == 1:
+            mean = tl.load(mean_ptr + rm, mask=m_mask, other=0.0)
+            acc -= mean[:, None] * tl.load(colsum_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    return acc * prev[:, None]
+
+
+_GEMM_KEY = ["M_bucket", "N", "K", "XSIDE", "GATHER", "NORM", "FOLD", "ACT", "SCATTER"]
 
 
 def _gemm_fits(config, variant) -> bool:
@@ -173,13 +232,13 @@ def _gemm_fits(config, variant) -> bool:
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-    bias_ptr, aux_ptr, aux2_ptr, res_ptr, rowsum_ptr,
+    bias_ptr, aux_ptr, aux2_ptr, res_ptr, rowsum_ptr, colsum_ptr,
     M, N, K, M_bucket,
     sam, sak, sbk, sbn, scm, scn, saux_m, saux_n, sres_m, sres_n,
     HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc, scb, sch, scw, scc,
     XSIDE: tl.constexpr, GATHER: tl.constexpr, NORM: tl.constexpr, PER_PATCH: tl.constexpr,
-    NORM_BIAS: tl.constexpr, SCATTER: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
-    STORE_AUX: tl.constexpr, STORE_AUX2: tl.constexpr, RESIDUAL: tl.constexpr,
+    NORM_BIAS: tl.constexpr, FOLD: tl.constexpr, SCATTER: tl.constexpr, BIAS: tl.constexpr,
+    ACT: tl.constexpr, STORE_AUX: tl.constexpr, STORE_AUX2: tl.constexpr, RESIDUAL: tl.constexpr,
     ROWSUM: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -188,7 +247,9 @@ def _gemm_kernel(
     Operands: A (M, K) and B (K, N) are strided matrices, except the one ``XSIDE`` names,
     which is X read through the merge addressing and the norm prologue (:func:`x_tile`):
     A = X (forward, the input gradient) or B = X (the weight gradient dW = dY^T X, where
-    X's rows are the reduction). Epilogue, in order: + bias[n] (``BIAS``); ``ACT`` = GELU:
+    X's rows are the reduction). ``FOLD`` (A = X with a norm, 16-bit): B is the norm-folded
+    weight and the statistics are applied to the accumulator (:func:`folded_norm_dot`).
+    Epilogue, in order: + bias[n] (``BIAS``); ``ACT`` = GELU:
     the pre-activation is stored to aux (``STORE_AUX``), the output is GELU(acc);
     ``ACT`` = GELU_GRAD: acc * GELU'(aux[m, n]), and GELU(aux) is stored to aux2
     (``STORE_AUX2``); + res[m, n] (``RESIDUAL``). The output is stored at [m, n], or, with
@@ -221,37 +282,42 @@ def _gemm_kernel(
         rowsum = tl.zeros((BM, BK), dtype=tl.float32)
     else:
         rowsum = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + rk
-        k_mask = ks < K
-        if XSIDE == 1:
-            a = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, rm, ks, m_mask, k_mask,
-                       HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
-                       GATHER, NORM, PER_PATCH, NORM_BIAS)
-            if not DOT_FP32:
-                a = a.to(x_ptr.dtype.element_ty)
-        else:
-            a = tl.load(a_ptr + (a_rows[:, None] + ks.to(tl.int64)[None, :] * sak),
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-        if XSIDE == 2:
-            b = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, ks, rn, k_mask, n_mask,
-                       HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
-                       GATHER, NORM, PER_PATCH, NORM_BIAS)
-            if not DOT_FP32:
-                b = b.to(x_ptr.dtype.element_ty)
-        else:
-            b = tl.load(b_ptr + (ks.to(tl.int64)[:, None] * sbk + b_cols[None, :]),
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if DOT_FP32:
-                b = b.to(tl.float32)
-        if ROWSUM:
-            if INPUT_PRECISION != "tf32x3":
-                rowsum += a.to(tl.float32)
+    if FOLD:
+        acc = folded_norm_dot(acc, x_ptr, b_ptr, mean_ptr, rstd_ptr, colsum_ptr, rm, rn, m_mask,
+                              n_mask, b_cols, K, sbk, HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw,
+                              sxc, GATHER, NORM, PER_PATCH, DOT_FP32, INPUT_PRECISION, BM, BK)
+    else:
+        for k0 in range(0, K, BK):
+            ks = k0 + rk
+            k_mask = ks < K
+            if XSIDE == 1:
+                a = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, rm, ks, m_mask, k_mask,
+                           HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
+                           GATHER, NORM, PER_PATCH, NORM_BIAS)
+                if not DOT_FP32:
+                    a = a.to(x_ptr.dtype.element_ty)
             else:
-                rowsum += tl.sum(a.to(tl.float32), 1)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                a = tl.load(a_ptr + (a_rows[:, None] + ks.to(tl.int64)[None, :] * sak),
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+            if XSIDE == 2:
+                b = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, ks, rn, k_mask, n_mask,
+                           HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
+                           GATHER, NORM, PER_PATCH, NORM_BIAS)
+                if not DOT_FP32:
+                    b = b.to(x_ptr.dtype.element_ty)
+            else:
+                b = tl.load(b_ptr + (ks.to(tl.int64)[:, None] * sbk + b_cols[None, :]),
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                if DOT_FP32:
+                    b = b.to(tl.float32)
+            if ROWSUM:
+                if INPUT_PRECISION != "tf32x3":
+                    rowsum += a.to(tl.float32)
+                else:
+                    rowsum += tl.sum(a.to(tl.float32), 1)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
     if BIAS:
@@ -346,6 +412,48 @@ def _norm_stats_kernel(
         var = var / L
     tl.store(mean_ptr + rows, mean, mask=r_mask)
     tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(var + eps), mask=r_mask)
+
+
+@tuned("connector_norm_fold", configs=_ROW_CONFIGS, key=["K", "S", "NORM_BIAS"], sizes=["K"])
+@triton.jit
+def _norm_fold_kernel(
+    w_ptr, nw_ptr, nb_ptr, b_ptr, wf_ptr, colsum_ptr, bias_ptr, N, K, S, swn, swk,
+    NORM_BIAS: tl.constexpr, BIAS: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+):
+    """The norm folded into the linear after it, for W (N, K) whose K columns are S
+    segments of the norm's length L = K / S (the norm of each source patch, or S = 1):
+
+        Wf[n, k] = nw[k % L] W[n, k]        (rounded to Wf's dtype, stored (N, K) contiguous)
+        colsum[n, s] = sum over segment s of Wf[n, k]   (fp32, of the rounded Wf)
+        bias[n] = b[n] + sum_k nb[k % L] W[n, k]         (fp32; ``BIAS``, ``NORM_BIAS``)"""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    length = K // S
+    folded_bias = tl.zeros((BR,), dtype=tl.float32)
+    for s in range(0, S):
+        total = tl.zeros((BR,), dtype=tl.float32)
+        for l0 in range(0, length, BL):
+            cols = l0 + tl.arange(0, BL)
+            c_mask = cols < length
+            mask = r_mask[:, None] & c_mask[None, :]
+            k = (s * length + cols).to(tl.int64)
+            w = tl.load(w_ptr + (rows64[:, None] * swn + k[None, :] * swk), mask=mask, other=0.0)
+            w = w.to(tl.float32)
+            gamma = tl.load(nw_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+            if wf_ptr.dtype.element_ty == tl.bfloat16:
+                wf = to_bf16_rne(w * gamma[None, :])
+            else:
+                wf = (w * gamma[None, :]).to(wf_ptr.dtype.element_ty)
+            tl.store(wf_ptr + (rows64[:, None] * K + k[None, :]), wf, mask=mask)
+            total += tl.sum(tl.where(mask, wf.to(tl.float32), 0.0), 1)
+            if NORM_BIAS:
+                beta = tl.load(nb_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
+                folded_bias += tl.sum(w * beta[None, :], 1)
+        tl.store(colsum_ptr + rows64 * S + s, total, mask=r_mask)
+    if BIAS:
+        folded_bias += tl.load(b_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
+    tl.store(bias_ptr + rows, folded_bias, mask=r_mask)
 
 
 @triton.jit

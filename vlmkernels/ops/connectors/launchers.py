@@ -26,6 +26,8 @@ __all__ = [
     "XOperand",
     "backward",
     "deepstack",
+    "first_linear",
+    "fold_norm",
     "forward",
     "gemm",
     "norm_stats",
@@ -152,9 +154,11 @@ class XOperand:
 
 def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
          xop: XOperand | None = None, side=0, bias=None, act=ACT_NONE, aux=None,
-         aux2=None, residual=None, rowsum=None, scatter: Addressing | None = None):  # fmt: skip
+         aux2=None, residual=None, rowsum=None, scatter: Addressing | None = None,
+         colsum=None):  # fmt: skip
     """out (M, N) = epilogue(A @ B) (see :func:`.kernels._gemm_kernel`); ``side`` says
-    which of A (``a``, strides (m, k)) and B (``b``, strides (k, n)) is ``xop``."""
+    which of A (``a``, strides (m, k)) and B (``b``, strides (k, n)) is ``xop``. With
+    ``colsum`` (A = X with a norm), B is the norm-folded weight of :func:`fold_norm`."""
     first = xop.x if side == X_A else a
     dot_fp32, precision = dot_precision(first.dtype)
     if xop is None:
@@ -172,16 +176,50 @@ def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
             xop.x, _or(xop.mean, stand_in), _or(xop.rstd, stand_in), _or(xop.weight, stand_in),
             _or(xop.bias, stand_in), _or(bias, stand_in), _or(aux, stand_in),
             _or(aux2, stand_in), _or(residual, stand_in), _or(rowsum, stand_in),
-            M, N, Kdim, next_pow2_bucket(M),
+            _or(colsum, stand_in), M, N, Kdim, next_pow2_bucket(M),
             *a_strides, *b_strides, *out_strides, *aux_strides, *res_strides,
             *grid.args(), *scatter_strides,
             XSIDE=side, GATHER=grid.gather, NORM=xop.norm if side else NO_NORM,
-            PER_PATCH=xop.per_patch, NORM_BIAS=xop.bias is not None, SCATTER=scatter is not None,
+            PER_PATCH=xop.per_patch, NORM_BIAS=xop.bias is not None, FOLD=colsum is not None,
+            SCATTER=scatter is not None,
             BIAS=bias is not None, ACT=act, STORE_AUX=act == ACT_GELU and aux is not None,
             STORE_AUX2=aux2 is not None, RESIDUAL=residual is not None,
             ROWSUM=rowsum is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
     return out
+
+
+def fold_norm(w, b, xop: XOperand):
+    """(Wf (N, K) in w's dtype, colsum (N, S) fp32, bias (N,) fp32 or None): the linear
+    ``w``, ``b`` with ``xop``'s norm weight and bias folded in (:func:`.kernels.
+    _norm_fold_kernel`), S the norm's segments per row of X (MH MW per patch, else 1)."""
+    n, k = w.shape
+    segments = xop.grid.MH * xop.grid.MW if xop.per_patch else 1
+    wf = torch.empty((n, k), dtype=w.dtype, device=w.device)
+    colsum = torch.empty((n, segments), dtype=torch.float32, device=w.device)
+    has_bias = b is not None or xop.bias is not None
+    bias = torch.empty(n, dtype=torch.float32, device=w.device) if has_bias else colsum
+    ones = xop.weight if xop.weight is not None else w.new_ones(k // segments)
+    with device_guard(w):
+        K._norm_fold_kernel[lambda meta: (_cdiv(n, meta["BR"]),)](
+            w, ones, _or(xop.bias, w), _or(b, w), wf, colsum, bias, n, k, segments,
+            *w.stride(), NORM_BIAS=xop.bias is not None, BIAS=b is not None,
+        )  # fmt: skip
+    return wf, colsum, bias if has_bias else None
+
+
+def first_linear(out, xop: XOperand, w, b, act=ACT_NONE, aux=None, residual=None):
+    """out (M, N) = act(norm(X) W^T + b) (+ residual), the pre-activation into ``aux``.
+    With 16-bit inputs and a norm, the norm is folded into the GEMM (:func:`fold_norm`:
+    raw X is read, the statistics scale the accumulator); fp32 inputs normalise X in the
+    GEMM's prologue, which keeps fp32 accuracy (the fold's P - mu colsum cancels)."""
+    M, Kdim = xop.grid.M, xop.grid.K
+    if xop.norm != NO_NORM and xop.x.dtype != torch.float32:
+        wf, colsum, bias = fold_norm(w, b, xop)
+        return gemm(out, M, w.shape[0], Kdim, b=wf, b_strides=(1, Kdim), xop=xop, side=X_A,
+                    bias=bias, act=act, aux=aux, residual=residual, colsum=colsum)  # fmt: skip
+    return gemm(out, M, w.shape[0], Kdim, b=w, b_strides=(w.stride(1), w.stride(0)), xop=xop,
+                side=X_A, bias=b, act=act, aux=aux, residual=residual)  # fmt: skip
 
 
 def _or(t, default):
@@ -197,7 +235,7 @@ def forward(x, merge, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: in
     """(y (M, N_out), saved pre-activation (M, N1) or empty, mean, rstd) of the connector
     on x (B, H, W, C)."""
     grid = Addressing.of(x, merge)
-    M, Kdim = grid.M, grid.K
+    M = grid.M
     if norm != NO_NORM:
         mean, rstd = norm_stats(x, grid, norm, per_patch, eps)
     else:
@@ -208,9 +246,15 @@ def forward(x, merge, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: in
     out1 = torch.empty((M, n1), dtype=x.dtype, device=x.device)
     keep_pre = save and two and act == ACT_GELU
     pre = torch.empty_like(out1) if keep_pre else None
-    gemm(out1, M, n1, Kdim, b=w1, b_strides=(w1.stride(1), w1.stride(0)), xop=xop, side=X_A,
-         bias=b1, act=act if two else ACT_NONE, aux=pre,
-         residual=None if two else _rows(residual, M))  # fmt: skip
+    first_linear(
+        out1,
+        xop,
+        w1,
+        b1,
+        act=act if two else ACT_NONE,
+        aux=pre,
+        residual=None if two else _rows(residual, M),
+    )
     if not two:
         return out1, _empty(x), mean, rstd
     n2 = w2.shape[0]
@@ -240,8 +284,7 @@ def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rs
     if w2 is not None and saved.numel() == 0:
         # the forward kept only its inputs: recompute the first linear's output
         saved = torch.empty((M, w1.shape[0]), dtype=dt, device=dev)
-        gemm(saved, M, w1.shape[0], Kdim, b=w1, b_strides=(w1.stride(1), w1.stride(0)),
-             xop=xop, side=X_A, bias=b1)  # fmt: skip
+        first_linear(saved, xop, w1, b1)
     if w2 is not None:
         n2, n1 = w2.shape
         dh = torch.empty((M, n1), dtype=dt, device=dev)
@@ -298,13 +341,11 @@ def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rs
     return dx, dw1, db1, dw2, db2, dnw, dnb
 
 
-def _first_linear(x, w1, b1, act, pre=None):
+def _pooled_first_linear(x, w1, b1, act, pre=None):
     """(M, N1): act(x W1^T + b1) for x (B, H, W, K) (the pre-activation into ``pre``)."""
     grid = Addressing.of(x)
     out = torch.empty((grid.M, w1.shape[0]), dtype=x.dtype, device=x.device)
-    gemm(out, grid.M, w1.shape[0], grid.K, b=w1, b_strides=(w1.stride(1), w1.stride(0)),
-         xop=XOperand(x, grid), side=X_A, bias=b1, act=act, aux=pre)  # fmt: skip
-    return out
+    return first_linear(out, XOperand(x, grid), w1, b1, act=act, aux=pre)
 
 
 def pooled_forward(x, w1, b1, w2, b2, size, mode: int, save: bool):
@@ -314,7 +355,7 @@ def pooled_forward(x, w1, b1, w2, b2, size, mode: int, save: bool):
     b, h, w, _ = x.shape
     n1 = w1.shape[0]
     pre = torch.empty((b * h * w, n1), dtype=x.dtype, device=x.device) if save else None
-    a = _first_linear(x, w1, b1, ACT_GELU, pre)
+    a = _pooled_first_linear(x, w1, b1, ACT_GELU, pre)
     p = reference.pool(a.view(b, h, w, n1), size, mode).view(-1, n1)
     y = torch.empty((p.shape[0], w2.shape[0]), dtype=x.dtype, device=x.device)
     gemm(y, p.shape[0], w2.shape[0], n1, a=p, a_strides=p.stride(), b=w2,
@@ -336,9 +377,9 @@ def pooled_backward(grad, x, w1, b1, w2, saved, size, mode: int, needs):
     mp = grad.shape[0]
     if saved.numel() == 0 and need_w2:
         saved = torch.empty((b * h * w, n1), dtype=x.dtype, device=x.device)
-        a = _first_linear(x, w1, b1, ACT_GELU, saved)
+        a = _pooled_first_linear(x, w1, b1, ACT_GELU, saved)
     elif saved.numel() == 0:
-        saved = _first_linear(x, w1, b1, ACT_NONE)
+        saved = _pooled_first_linear(x, w1, b1, ACT_NONE)
     elif need_w2:
         a = torch.nn.functional.gelu(saved)  # stored h: GELU(h) for pool(a) only
     dw2 = db2 = None
