@@ -41,8 +41,8 @@ def compile_cases() -> list[CompileCase]:
     """Forward: the first linear on plain rows (LLaVA), with a per-patch LayerNorm and the
     2 x 2 merge (Qwen2-VL), with an RMSNorm of the merged rows (post-shuffle), the second
     linear. Backward: dh with GELU' (and GELU(h) stored), the weight gradients with the bias
-    gradient (plain, and with X = the normalised merged features as B), dx scattered
-    through the merge."""
+    gradient (on dY and a plain or stored X: the normalised merged features, or the shuffle
+    copy), dx scattered through the merge."""
     fwd_unit = ("sxc", "sbk", "scn", "saux_n")
     plain = ("sak", "sbn", "scn", "saux_n")
     return [
@@ -59,14 +59,17 @@ def compile_cases() -> list[CompileCase]:
         # A = dY^T: unit stride along m, its k stride and M the features of dY (multiples
         # of 16 in a typical launch, which Triton specialises)
         _gemm("connector_dw", dict(ROWSUM=True), ("sam", "sbn", "scn"), aligned=("sak", "M")),
-        _gemm("connector_dw_merge_ln", dict(XSIDE=2, GATHER=True, NORM=LAYER_NORM,
-                                            PER_PATCH=True, NORM_BIAS=True, ROWSUM=True),
-              ("sam", "sxc", "scn"), aligned=("sak", "M")),
         _gemm("connector_dx_scatter", dict(GATHER=True, SCATTER=True), ("sak", "sbn", "scc")),
         CompileCase("connector_norm_stats", kernels._norm_stats_kernel,
                     dict(x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32), dict(GATHER=True, RMS=False),
                     unit_strides=("sxc",), aligned=("L", "C", "sxb", "sxh", "sxw"),
                     scalars={"eps": "fp32"}, expect=("no_spill",)),
+        CompileCase("connector_normalize", kernels._normalize_kernel,
+                    dict(x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32, nw_ptr=_E, nb_ptr=_E,
+                         out_ptr=_E),
+                    dict(GATHER=True, NORM=LAYER_NORM, PER_PATCH=True, NORM_BIAS=True),
+                    unit_strides=("sxc", "sok"), aligned=("K", "C", "sxb", "sxh", "sxw", "som"),
+                    expect=("no_spill",)),
         CompileCase("connector_norm_fold", kernels._norm_fold_kernel,
                     dict(w_ptr=_E, nw_ptr=_E, nb_ptr=_E, b_ptr=_E, wf_ptr=_E, colsum_ptr=_F32,
                          bias_ptr=_F32),
@@ -96,6 +99,7 @@ FAMILY = register(
             kernels._gemm_dh_kernel,
             kernels._norm_stats_kernel,
             kernels._norm_fold_kernel,
+            kernels._normalize_kernel,
             kernels._norm_grad_kernel,
             kernels._shuffle_kernel,
             kernels._deepstack_kernel,

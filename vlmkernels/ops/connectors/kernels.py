@@ -27,8 +27,8 @@ from ...kernels.blocks import to_bf16_rne
 NO_NORM, LAYER_NORM, RMS_NORM = 0, 1, 2
 # the activation of the epilogue: none, exact GELU (forward), GELU's derivative (backward)
 ACT_NONE, ACT_GELU, ACT_GELU_GRAD = 0, 1, 2
-# which operand of the GEMM is the (gathered, normalised) X: none, A, B
-X_NONE, X_A, X_B = 0, 1, 2
+# whether A of the GEMM is the (gathered, normalised) X
+X_NONE, X_A = 0, 1
 
 # The default (first) config serves 16-bit and fp32 inputs: with BK 64, fp32 tiles and the
 # merged-norm prologue overflow the 227 KB of shared memory and spill. 128 x 256 tiles and
@@ -244,12 +244,13 @@ def _gemm_kernel(
 ):
     """out[m, n] = epilogue(sum_k A[m, k] B[k, n]), fp32 accumulation.
 
-    Operands: A (M, K) and B (K, N) are strided matrices, except the one ``XSIDE`` names,
-    which is X read through the merge addressing and the norm prologue (:func:`x_tile`):
-    A = X (forward, the input gradient) or B = X (the weight gradient dW = dY^T X, where
-    X's rows are the reduction). ``FOLD`` (A = X with a norm, 16-bit): B is the norm-folded
-    weight and the statistics are applied to the accumulator (:func:`folded_norm_dot`).
-    Epilogue, in order: + bias[n] (``BIAS``); ``ACT`` = GELU:
+    Operands: A (M, K) and B (K, N) are strided matrices; with ``XSIDE`` A is X, read
+    through the merge addressing and the norm prologue (:func:`x_tile`). (The weight
+    gradient dW = dY^T X reads X as a plain B, stored by :func:`_normalize_kernel` or
+    :func:`_shuffle_kernel` where X is normalised or gathered.) ``FOLD`` (A = X with a
+    norm, 16-bit): B is the norm-folded weight and the statistics are applied to the
+    accumulator (:func:`folded_norm_dot`). Epilogue, in order: + bias[n] (``BIAS``);
+    ``ACT`` = GELU:
     the pre-activation is stored to aux (``STORE_AUX``), the output is GELU(acc);
     ``ACT`` = GELU_GRAD: acc * GELU'(aux[m, n]), and GELU(aux) is stored to aux2
     (``STORE_AUX2``); + res[m, n] (``RESIDUAL``). The output is stored at [m, n], or, with
@@ -301,17 +302,10 @@ def _gemm_kernel(
                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 if DOT_FP32:
                     a = a.to(tl.float32)
-            if XSIDE == 2:
-                b = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, ks, rn, k_mask, n_mask,
-                           HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc,
-                           GATHER, NORM, PER_PATCH, NORM_BIAS)
-                if not DOT_FP32:
-                    b = b.to(x_ptr.dtype.element_ty)
-            else:
-                b = tl.load(b_ptr + (ks.to(tl.int64)[:, None] * sbk + b_cols[None, :]),
-                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                if DOT_FP32:
-                    b = b.to(tl.float32)
+            b = tl.load(b_ptr + (ks.to(tl.int64)[:, None] * sbk + b_cols[None, :]),
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                b = b.to(tl.float32)
             if ROWSUM:
                 if INPUT_PRECISION != "tf32x3":
                     rowsum += a.to(tl.float32)
@@ -588,6 +582,31 @@ def _shuffle_kernel(
         tl.store(x_ptr + x_offs, tl.load(out_ptr + o_offs, mask=mask), mask=mask)
     else:
         tl.store(out_ptr + o_offs, tl.load(x_ptr + x_offs, mask=mask), mask=mask)
+
+
+@tuned("connector_normalize", configs=_COPY_CONFIGS, key=["K", "GATHER", "NORM", "PER_PATCH"],
+       sizes=["K"])
+@triton.jit
+def _normalize_kernel(
+    x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, out_ptr, M, K,
+    HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc, som, sok,
+    GATHER: tl.constexpr, NORM: tl.constexpr, PER_PATCH: tl.constexpr,
+    NORM_BIAS: tl.constexpr, BR: tl.constexpr, BL: tl.constexpr,
+):
+    """out[m, k] = norm(X)[m, k] (:func:`x_tile`), rounded to out's dtype (bf16: to nearest
+    even on the bits, as the GPU would)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BL + tl.arange(0, BL)
+    r_mask = rows < M
+    c_mask = cols < K
+    v = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, rows, cols, r_mask, c_mask,
+               HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc, GATHER, NORM, PER_PATCH, NORM_BIAS)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        v = to_bf16_rne(v)
+    else:
+        v = v.to(out_ptr.dtype.element_ty)
+    offs = rows.to(tl.int64)[:, None] * som + cols.to(tl.int64)[None, :] * sok
+    tl.store(out_ptr + offs, v, mask=r_mask[:, None] & c_mask[None, :])
 
 
 _DEEPSTACK_CONFIGS = autotune_configs(

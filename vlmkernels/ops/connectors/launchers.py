@@ -19,7 +19,7 @@ import torch
 from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_count
 from . import kernels as K
 from . import reference
-from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A, X_B
+from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A
 
 __all__ = [
     "Addressing",
@@ -31,6 +31,7 @@ __all__ = [
     "forward",
     "gemm",
     "norm_stats",
+    "normalize",
     "pooled_backward",
     "pooled_forward",
     "shuffle",
@@ -156,8 +157,8 @@ def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
          xop: XOperand | None = None, side=0, bias=None, act=ACT_NONE, aux=None,
          aux2=None, residual=None, rowsum=None, scatter: Addressing | None = None,
          colsum=None):  # fmt: skip
-    """out (M, N) = epilogue(A @ B) (see :func:`.kernels._gemm_kernel`); ``side`` says
-    which of A (``a``, strides (m, k)) and B (``b``, strides (k, n)) is ``xop``. With
+    """out (M, N) = epilogue(A @ B) (see :func:`.kernels._gemm_kernel`) for A ``a`` (strides
+    (m, k)), or ``xop`` where ``side`` is X_A, and B ``b`` (strides (k, n)). With
     ``colsum`` (A = X with a norm), B is the norm-folded weight of :func:`fold_norm`."""
     first = xop.x if side == X_A else a
     dot_fp32, precision = dot_precision(first.dtype)
@@ -311,8 +312,18 @@ def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rs
     if need_w1:
         dw1 = torch.empty_like(w1)
         db1 = torch.empty(n1, dtype=torch.float32, device=dev) if need_b1 else None
-        gemm(dw1, n1, Kdim, M, a=g1, a_strides=(g1.stride(1), g1.stride(0)), xop=xop,
-             side=X_B, rowsum=db1)  # fmt: skip
+        # X stored once, then a plain GEMM: as the GEMM's B, the merge addressing and the
+        # norm would cost a row division and per-element statistics every k-step (sm_90a:
+        # 545 instructions per k-step with the per-patch LayerNorm, 146 plain)
+        if norm != NO_NORM:
+            xb = normalize(xop)
+        elif grid.gather:
+            xb = shuffle(x, merge)
+        else:
+            xb = x.as_strided((M, Kdim), (grid.strides[0], grid.strides[3]))
+        gemm(dw1, n1, Kdim, M, a=g1, a_strides=(g1.stride(1), g1.stride(0)), b=xb,
+             b_strides=xb.stride(), rowsum=db1)  # fmt: skip
+        del xb
     elif need_b1:
         db1 = g1.float().sum(0)
     dx = dnw = dnb = None
@@ -422,6 +433,20 @@ def _norm_backward(gx, x, dx, grid: Addressing, mean, rstd, weight, norm, per_pa
     dnw = part_w.sum(0) if weight_grad else None
     dnb = part_b.sum(0) if bias_grad else None
     return dnw, dnb
+
+
+def normalize(xop: XOperand) -> torch.Tensor:
+    """norm(X) (M, K) in x's dtype, stored (:func:`.kernels._normalize_kernel`)."""
+    grid = xop.grid
+    M, Kdim = grid.M, grid.K
+    out = torch.empty((M, Kdim), dtype=xop.x.dtype, device=xop.x.device)
+    with device_guard(out):
+        K._normalize_kernel[lambda meta: (_cdiv(M, meta["BR"]), _cdiv(Kdim, meta["BL"]))](
+            xop.x, xop.mean, xop.rstd, _or(xop.weight, out), _or(xop.bias, out), out, M, Kdim,
+            *grid.args(), *out.stride(), GATHER=grid.gather, NORM=xop.norm,
+            PER_PATCH=xop.per_patch, NORM_BIAS=xop.bias is not None,
+        )  # fmt: skip
+    return out
 
 
 def shuffle(x, merge, grad=None):
