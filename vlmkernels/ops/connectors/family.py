@@ -15,10 +15,10 @@ _F32 = "*fp32"
 # launcher passes the output for the unused ones).
 _GEMM_PTRS = dict(a_ptr=_E, b_ptr=_E, c_ptr=_E, x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32,
                   nw_ptr=_E, nb_ptr=_E, bias_ptr=_E, aux_ptr=_E, aux2_ptr=_E, res_ptr=_E,
-                  rowsum_ptr=_F32, colsum_ptr=_F32)  # fmt: skip
+                  colsum_ptr=_F32)  # fmt: skip
 _GEMM_OFF = dict(XSIDE=0, GATHER=False, NORM=NO_NORM, PER_PATCH=False, NORM_BIAS=False, FOLD=False,
                  SCATTER=False, BIAS=False, ACT=ACT_NONE, STORE_AUX=False, STORE_AUX2=False,
-                 RESIDUAL=False, ROWSUM=False)  # fmt: skip
+                 RESIDUAL=False)  # fmt: skip
 # Model sizes are multiples of 16 (K, N, C and the row strides).
 _ALIGNED = ("N", "K", "sam", "sbk", "sbn", "scm", "saux_m", "sres_m", "C", "sxb", "sxh", "sxw",
             "scb", "sch", "scw")  # fmt: skip
@@ -58,7 +58,7 @@ def compile_cases() -> list[CompileCase]:
               kernel=kernels._gemm_dh_kernel),
         # A = dY^T: unit stride along m, its k stride and M the features of dY (multiples
         # of 16 in a typical launch, which Triton specialises)
-        _gemm("connector_dw", dict(ROWSUM=True), ("sam", "sbn", "scn"), aligned=("sak", "M")),
+        _gemm("connector_dw", {}, ("sam", "sbn", "scn"), aligned=("sak", "M")),
         _gemm("connector_dx_scatter", dict(GATHER=True, SCATTER=True), ("sak", "sbn", "scc")),
         CompileCase("connector_norm_stats", kernels._norm_stats_kernel,
                     dict(x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32), dict(GATHER=True, RMS=False),

@@ -232,14 +232,14 @@ def _gemm_fits(config, variant) -> bool:
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr,
-    bias_ptr, aux_ptr, aux2_ptr, res_ptr, rowsum_ptr, colsum_ptr,
+    bias_ptr, aux_ptr, aux2_ptr, res_ptr, colsum_ptr,
     M, N, K, M_bucket,
     sam, sak, sbk, sbn, scm, scn, saux_m, saux_n, sres_m, sres_n,
     HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc, scb, sch, scw, scc,
     XSIDE: tl.constexpr, GATHER: tl.constexpr, NORM: tl.constexpr, PER_PATCH: tl.constexpr,
     NORM_BIAS: tl.constexpr, FOLD: tl.constexpr, SCATTER: tl.constexpr, BIAS: tl.constexpr,
     ACT: tl.constexpr, STORE_AUX: tl.constexpr, STORE_AUX2: tl.constexpr, RESIDUAL: tl.constexpr,
-    ROWSUM: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[m, n] = epilogue(sum_k A[m, k] B[k, n]), fp32 accumulation.
@@ -256,8 +256,6 @@ def _gemm_kernel(
     (``STORE_AUX2``); + res[m, n] (``RESIDUAL``). The output is stored at [m, n], or, with
     ``SCATTER``, where X[m, n] lives in a tensor of x's shape (strides sc*): the input
     gradient of the merge, a permutation, written in place of the transposed gather.
-    ``ROWSUM``: the programs of the first column block also write sum_k A[m, k] (fp32;
-    a bias gradient when A = dY^T).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -277,12 +275,6 @@ def _gemm_kernel(
     a_rows = rm.to(tl.int64) * sam
     b_cols = rn.to(tl.int64) * sbn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # ROWSUM: a (BM, BK) sum reduced over k once after the loop (per-step reductions cost
-    # 32 SHFL + 32 FADD per k-step on sm_90a); tf32x3 has no registers for it: per step
-    if INPUT_PRECISION != "tf32x3":
-        rowsum = tl.zeros((BM, BK), dtype=tl.float32)
-    else:
-        rowsum = tl.zeros((BM,), dtype=tl.float32)
     if FOLD:
         acc = folded_norm_dot(acc, x_ptr, b_ptr, mean_ptr, rstd_ptr, colsum_ptr, rm, rn, m_mask,
                               n_mask, b_cols, K, sbk, HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw,
@@ -306,11 +298,6 @@ def _gemm_kernel(
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if DOT_FP32:
                 b = b.to(tl.float32)
-            if ROWSUM:
-                if INPUT_PRECISION != "tf32x3":
-                    rowsum += a.to(tl.float32)
-                else:
-                    rowsum += tl.sum(a.to(tl.float32), 1)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -337,13 +324,6 @@ def _gemm_kernel(
     else:
         out_offs = rm.to(tl.int64)[:, None] * scm + rn.to(tl.int64)[None, :] * scn
     tl.store(c_ptr + out_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    if ROWSUM:
-        if INPUT_PRECISION != "tf32x3":
-            sums = tl.sum(rowsum, 1)
-        else:
-            sums = rowsum
-        if pid_n == 0:
-            tl.store(rowsum_ptr + rm, sums, mask=m_mask)
 
 
 # The GELU' epilogue (dh = (dY W2) * GELU'(h), GELU(h) stored for dW2) holds the loaded h
