@@ -130,6 +130,32 @@ def test_estimate_memory_model():
     assert h100["memory_ms"] > h200["memory_ms"]
 
 
+def test_estimate_looped_model():
+    """Attention-like programs: t trips over BM x BN score tiles; per trip the smallest inner
+    loop (the full-block one), the program's own instructions once."""
+    r = _record(
+        region="program",
+        constexprs={"BM": 64, "BN": 64},
+        num_warps=4,
+        instructions_total=1700,
+        inner_loops=[350, 500],
+        inner_loop_instructions=850,
+    )
+    work = dict(shape="s", programs=1024, trips={"count": 4096, "per": "BN"},
+                mma_flops_per_score=256, bytes=1e9)  # fmt: skip
+    h100, h200 = estimate.estimate(r, [work])
+    to_ms = 1024 / (132 * 1.83e6)
+    scores = 64 * 64 * 64
+    assert h200["tensor_ms"] == pytest.approx(scores * 256 / 4096 * to_ms, rel=1e-3)
+    assert h200["issue_ms"] == pytest.approx(4 * (1700 + 63 * 350) / 4 * to_ms, rel=1e-3)
+    assert h200["mufu_ms"] == pytest.approx(scores / 16 * to_ms, rel=1e-3)
+    assert h200["memory_ms"] == pytest.approx(1e9 / 4.3e9, rel=1e-3)
+    assert h200["bound"] == "memory" and h200["low_ms"] == h200["memory_ms"]
+    few = estimate.estimate(r, [{**work, "programs": 16, "bytes": 1e6}])[1]
+    assert few["bound"] == "issue"  # 22,750 issue clocks per program against 16,384 tensor
+    assert few["high_ms"] == pytest.approx(few["tensor_ms"] + few["issue_ms"], rel=1e-3)
+
+
 def test_checks_budgets_and_expected_failures():
     records = [
         _record(),

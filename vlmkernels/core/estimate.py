@@ -20,7 +20,15 @@ The model, per device (:data:`DEVICES`, all numbers printed with the estimates):
 - tiles spread evenly over every SM (no tail wave, no grid cap): time = tiles x clocks /
   (SMs x clock rate); the estimate is the range from max(tensor, issue, MUFU) (perfect
   overlap) to tensor + issue (none), and never below bytes / copy bandwidth;
-- memory-bound kernels: max(bytes / copy bandwidth, issue time of every program).
+- memory-bound kernels: max(bytes / copy bandwidth, issue time of every program);
+- attention-like kernels (``{"shape", "programs", "trips": {"count", "per"},
+  "mma_flops_per_score", "bytes"}``): each of ``programs`` programs runs
+  t = ceil(count / config[per]) trips of its loop over BM x BN score tiles; per program,
+  tensor clocks t BM BN mma_flops_per_score / rate (padded tiles included), issue clocks
+  warps x (the program's instructions + (t - 1) x its smallest inner loop: the full-block
+  loop where a masked copy serves the boundary blocks) / 4, MUFU clocks
+  t BM BN mufu_per_score (default 1, one exp2 per score) / 16; programs spread evenly over
+  the SMs; the range as for the tile kernels, never below bytes / copy bandwidth.
 """
 
 from __future__ import annotations
@@ -100,6 +108,30 @@ def _memory(record: dict, work: dict, dev: dict) -> dict:
                 bound="memory" if memory >= issue_ms else "issue")  # fmt: skip
 
 
+def _looped(record: dict, work: dict, dev: dict) -> dict:
+    kw = record["constexprs"]
+    trips = math.ceil(work["trips"]["count"] / kw[work["trips"]["per"]])
+    scores = trips * kw["BM"] * kw["BN"]
+    per_clk = dev["mma_flop_per_clk"] / (6 if record["dtype"] == "fp32" else 1)
+    tensor = scores * work["mma_flops_per_score"] / per_clk
+    # per trip: the smallest innermost loop, the full-block loop of a kernel that also has
+    # a masked copy for the boundary blocks (counted once in the program's instructions)
+    per_trip = min(record.get("inner_loops") or [record["inner_loop_instructions"]])
+    executed = record["instructions_total"] + (trips - 1) * per_trip
+    issue = record["num_warps"] * executed / ISSUE_PER_CLK
+    mufu = scores * work.get("mufu_per_score", 1) / MUFU_PER_CLK
+    to_ms = work["programs"] / (dev["sms"] * dev["clock_ghz"] * 1e6)
+    memory = work["bytes"] / (dev["copy_tb_s"] * 1e9)
+    low = max(tensor, issue, mufu) * to_ms
+    high = (tensor + issue) * to_ms
+    bound = max(("tensor", tensor), ("issue", issue), ("MUFU", mufu), key=lambda t: t[1])[0]
+    if memory > low:
+        bound = "memory"
+    return dict(tensor_ms=tensor * to_ms, issue_ms=issue * to_ms, mufu_ms=mufu * to_ms,
+                memory_ms=memory, low_ms=max(low, memory), high_ms=max(high, memory),
+                bound=bound)  # fmt: skip
+
+
 def estimate(record: dict, workloads: list[dict]) -> list[dict]:
     """Per workload and device: {"shape", "device", "low_ms", "high_ms", "bound", and the
     terms}; nothing for a record that did not compile or a workload of the other dtype
@@ -110,7 +142,12 @@ def estimate(record: dict, workloads: list[dict]) -> list[dict]:
     for work in workloads:
         if work.get("dtype", record["dtype"]) != record["dtype"]:
             continue
-        model = _gemm if "K" in work else _memory
+        if "K" in work:
+            model = _gemm
+        elif "mma_flops_per_score" in work:
+            model = _looped
+        else:
+            model = _memory
         for name, dev in DEVICES.items():
             terms = model(record, work, dev)
             out.append(dict(shape=work["shape"], device=name,

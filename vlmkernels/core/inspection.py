@@ -36,7 +36,7 @@ __all__ = ["ARCHS", "BUDGET_FILE", "DTYPES", "FORMAT", "all_cases", "cache_dir",
            "load_budgets", "missed", "new_budgets", "normalise_arch", "occupancy",
            "select_cases", "source", "table_lines"]  # fmt: skip
 
-FORMAT = 1  # of the cached records: bump when a record's fields change
+FORMAT = 2  # of the cached records: bump when a record's fields change
 BUDGET_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernel_budgets.json"
 DTYPES = ("bf16", "fp32")
 
@@ -209,6 +209,7 @@ def _analyse(cubin: bytes, shared: int, warps: int, arch: str) -> dict:
         region=region.kind,
         instructions_per_tile=len(body),
         inner_loop_instructions=sum(len(r.of(code)) for r in inner),
+        inner_loops=[len(r.of(code)) for r in sorted(inner, key=lambda r: r.start)],
         instructions_total=len(code),
         mix=sass.mix(body),
         program_mix=sass.mix(code),
@@ -290,7 +291,8 @@ def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "al
     ``shared_bytes``, ``ctas_per_sm`` and ``occupancy_limit``, ``region`` ("tile": one
     iteration of the loop around the k-loop, "loop": the busiest innermost loop,
     "program": the whole kernel), ``instructions_per_tile`` (static count of that region),
-    ``inner_loop_instructions`` (its inner loops, counted once in it), ``instructions_total``,
+    ``inner_loop_instructions`` (its inner loops, counted once in it), ``inner_loops`` (the
+    size of each, in address order), ``instructions_total``,
     ``mix`` (the region's instruction mix, :func:`.sass.mix`), ``program_mix``. A variant
     that does not compile gives ``{"error": ...}`` with the labels instead.
     """
