@@ -247,6 +247,26 @@ def test_key_mass(causal, dtype, lq, lk, device, backend):
         assert torch.allclose(mass.sum(-1).double(), want.sum(-1), atol=1e-3)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_mass_row_with_split_keys_and_bias(causal, device, backend):
+    """An int row's mass comes from the logits the forward stores (attention_row_mass):
+    with the keys split across programs (split-K: 3 splits of 700 keys on the
+    interpreter's nominal 8 SMs), causal (key blocks past the row are never visited) and a
+    key bias; against float64, out bitwise as without key_mass."""
+    b, h, lq, lk = 1, 2, 5, 700
+    q, k, v = (rand(b, h, n, 16, device=device) for n in (lq, lk, lk))
+    bias = rand(b, h, lk, device=device)
+    plain = A.attention(q, k, v, causal=causal, key_bias=bias)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + bias.double()[:, :, None]
+    if causal:
+        s = s.masked_fill(~causal_mask(lq, lk)[None, None], float("-inf"))
+    p = torch.softmax(s, -1)
+    for row in (-1, 1):
+        out, mass = A.attention(q, k, v, causal=causal, key_bias=bias, key_mass=row)
+        assert torch.equal(out, plain)
+        assert rel(mass, p[:, :, row].mean(1)) < 1e-5, row
+
+
 # ------------------------------------------------------------------ media_cross_attention
 
 
@@ -402,6 +422,9 @@ def test_opcheck(device):
         ("torch", core, (qp, kp, vp, cq, ck, 4, 5, None, None, None, False, 0.3, 0, *tail)),
         ("triton", torch.ops.vlmkernels.attention_key_mass,
          (q.detach(), k.detach(), torch.randn(1, 2, 5), True, 0.3, 0, 5, 0.1, None)),
+        ("triton", torch.ops.vlmkernels.attention_row_mass, (q, k, v, True, 0.3, None, 4, 0.5)),
+        ("torch", torch.ops.vlmkernels.attention_row_mass,
+         (q, k, v, False, 0.3, torch.randn(1, 2, 9), 0, 0.5)),
     ]  # fmt: skip
     for backend, op, args in cases:
         with use_backend(backend):

@@ -110,11 +110,11 @@ def compile_cases() -> list[CompileCase]:
         pointers = dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cu_q_ptr="i32", cu_k_ptr="i32",
                         keep_ptr="u8", lo_ptr="i32", hi_ptr="i32", lse_ptr="fp32",
                         do_ptr=elem, delta_ptr="fp32", bias_ptr="fp32", db_ptr="fp32",
-                        gate_ptr="fp32", seed_ptr="i64",
+                        gate_ptr="fp32", seed_ptr="i64", row_ptr="fp32",
                         **outputs)  # fmt: skip
         pointers = {k: "*" + (elem if v == "elem" else v) for k, v in pointers.items()
                     if k in kernel.arg_names}  # fmt: skip
-        extra = {"SPLIT": False, "GATE": False} if "SPLIT" in kernel.arg_names else {}
+        extra = {"SPLIT": False, "GATE": False, "ROW": False} if "ROW" in kernel.arg_names else {}
         constexprs = _core(fp32, **{**flags, **extra, **over})
         # 16-bit tiles load asynchronously, except in the dK/dV pass with arbitrary ranges
         # (its loads sit under a per-block branch)
@@ -140,6 +140,10 @@ def compile_cases() -> list[CompileCase]:
         case("attention_fwd_fp32_media_gate", k._attn_fwd32, True, fwd_out, RANGES=True,
              GATE=True),
         case("attention_fwd_split", k._attn_fwd, False, dict(o_ptr="fp32"), SPLIT=True),
+        # key_mass=<row>: the row's logits stored as the forward goes (causal, split-K: the
+        # FastV shape on one image)
+        case("attention_fwd_row", k._attn_fwd, False, dict(o_ptr="fp32"), CAUSAL=True,
+             SPLIT=True, ROW=True),
         case("attention_fwd_fp32", k._attn_fwd32, True, fwd_out),
         case("attention_fwd_fp32_media", k._attn_fwd32, True, fwd_out, RANGES=True),
         case("attention_fwd_fp32_split", k._attn_fwd32, True, dict(o_ptr="fp32"), SPLIT=True),
@@ -181,6 +185,10 @@ def compile_cases() -> list[CompileCase]:
                     unit_strides=("sqd", "skd", "slm"), aligned=_ROW[:6],
                     scalars={"sm_scale": "fp32", "weight": "fp32"},
                     expect=("mma", "no_spill")),
+        CompileCase("attention_row_mass", key_mass_kernels._attn_row_mass,
+                    dict(row_ptr="*fp32", lse_ptr="*fp32", mass_ptr="*fp32"), {},
+                    unit_strides=("slm",), aligned=("max_lk", "srb", "srh"),
+                    scalars={"weight": "fp32"}, expect=("no_spill",)),
         *_qformer_cases(),
     ]  # fmt: skip
 

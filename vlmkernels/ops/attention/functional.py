@@ -10,7 +10,7 @@ import torch
 
 from ...core.checks import check_bool, check_int
 from .launchers import MAX_HEAD_DIM
-from .ops import attention_core, attention_key_mass
+from .ops import attention_core, attention_key_mass, attention_row_mass
 
 __all__ = ["attention", "cross_attention", "draw_dropout_seed", "media_cross_attention"]
 
@@ -280,7 +280,9 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
     Returns:
         out (B, H, Lq, D), or (out, mass) with mass (B, Lk) float32 (float64 for float64
         inputs). ``out`` is bitwise the same as without ``key_mass`` (the same kernels);
-        mass is recomputed from the saved log-sum-exp and is not differentiable (detached).
+        mass is not differentiable (detached). An int row's comes from that row's logits,
+        which the forward stores as it goes, and its log-sum-exp (K is read once); "mean"
+        recomputes every row's probabilities from the saved log-sum-exp in a second pass.
     """
     op = "attention"
     _check_qkv(op, q, k, v, 4)
@@ -304,6 +306,10 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
                 raise ValueError(f"{op}: key_mass row {i} is out of range for Lq = {lq}")
             i = i % lq
             rows = (i, i + 1, 1.0 / h if h else 0.0)
+    if rows is not None and rows[1] == rows[0] + 1:
+        # one row: its logits come out of the forward, K is read once
+        out, _, mass = attention_row_mass(q, k, v, causal, s, bias, rows[0], rows[2])
+        return out, mass.detach()
     out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
                               s, 0, bias, None, 0.0, None)  # fmt: skip
     if rows is None:

@@ -317,17 +317,21 @@ def _block_logits(q, k_base, v_base, kb, lk, d, d_ok, skn, skd, svn, svd, bias_p
 @triton.jit
 def _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn, svd, kb, lk, lo, hi,
               keep_ptr, keep_base, bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
-              drop_scale, m_i, l_i, acc, MASK: tl.constexpr, KEEP: tl.constexpr,
-              BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
+              drop_scale, row_base, mass_row, m_i, l_i, acc, MASK: tl.constexpr,
+              KEEP: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr, ROW: tl.constexpr,
+              DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BN: tl.constexpr):
     """(m, l, acc) of the online softmax updated with key block ``kb``; without MASK the
-    block is whole and visible to every row (:func:`_inner_blocks`): no mask is built."""
+    block is whole and visible to every row (:func:`_inner_blocks`): no mask is built.
+    ``ROW``: row ``mass_row``'s logits (base 2, masked ones -inf) are stored at row_base."""
     cols, col_ok, k, v, s = _block_logits(q, k_base, v_base, kb, lk, d, d_ok, skn, skd, svn,
                                           svd, bias_ptr, bias_base, qk_scale, MASK, BIAS,
                                           DOT_FP32, INPUT_PRECISION, BN)
     if MASK:
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
         s = tl.where(ok, s, float("-inf"))
+    if ROW:  # a masked store of the tile: no cross-thread reduction, no barrier in the loop
+        tl.store(row_base + cols[None, :] + rows[:, None] * 0, s,
+                 mask=(rows == mass_row)[:, None] & col_ok[None, :])
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -343,18 +347,20 @@ def _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn, svd, kb, 
 @triton.jit
 def _fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, keep_ptr, lo_ptr, hi_ptr,
-    bias_ptr, gate_ptr, seed_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
+    bias_ptr, gate_ptr, seed_ptr, row_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow, sbb, sbh, sgh, sgd,
-    drop_thr, drop_scale,
+    drop_thr, drop_scale, mass_row, srb, srh,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
     BIAS: tl.constexpr, GATE: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ROW: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """One (query block, batch x head, split) program: out, lse of its rows (or, with
-    SPLIT, the partial out and lse over its share of the key blocks)."""
+    SPLIT, the partial out and lse over its share of the key blocks); ``ROW`` (dense):
+    also the logits of query row ``mass_row`` over the program's key blocks, into
+    row_ptr[b, h, :] (strides srb, srh; keys no block visits keep what is there)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -372,6 +378,7 @@ def _fwd(
     v_base = _at(v_ptr, b, h // G, k0, svb, svh, svn)
     keep_base = tl.cast(b, tl.int64) * skeep
     bias_base = tl.cast(b, tl.int64) * sbb + tl.cast(h, tl.int64) * sbh + k0
+    row_base = row_ptr + (tl.cast(b, tl.int64) * srb + tl.cast(h, tl.int64) * srh)
     q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
     lo, hi = _row_ranges(lo_ptr, hi_ptr, b, srow, rows, row_ok, lq, lk, CAUSAL, RANGES)
     first, last = _block_span(lo, hi, row_ok, lk, BN)
@@ -397,20 +404,21 @@ def _fwd(
                 m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd,
                                           svn, svd, kb, lk, lo, hi, keep_ptr, keep_base,
                                           bias_ptr, bias_base, qk_scale, seed, b, h, drop_thr,
-                                          drop_scale, m_i, l_i, acc, True, KEEP, BIAS, DROPOUT,
-                                          DOT_FP32, INPUT_PRECISION, BN)
+                                          drop_scale, row_base, mass_row, m_i, l_i, acc, True,
+                                          KEEP, BIAS, DROPOUT, ROW, DOT_FP32, INPUT_PRECISION,
+                                          BN)
         for kb in range(inner, outer):
             m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn,
                                       svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
                                       bias_base, qk_scale, seed, b, h, drop_thr, drop_scale,
-                                      m_i, l_i, acc, False, KEEP, BIAS, DROPOUT, DOT_FP32,
-                                      INPUT_PRECISION, BN)
+                                      row_base, mass_row, m_i, l_i, acc, False, KEEP, BIAS,
+                                      DROPOUT, ROW, DOT_FP32, INPUT_PRECISION, BN)
     for kb in range(outer, last):
         m_i, l_i, acc = _fwd_step(q, k_base, v_base, rows, row_ok, d, d_ok, skn, skd, svn,
                                   svd, kb, lk, lo, hi, keep_ptr, keep_base, bias_ptr,
                                   bias_base, qk_scale, seed, b, h, drop_thr, drop_scale,
-                                  m_i, l_i, acc, True, KEEP, BIAS, DROPOUT, DOT_FP32,
-                                  INPUT_PRECISION, BN)
+                                  row_base, mass_row, m_i, l_i, acc, True, KEEP, BIAS, DROPOUT,
+                                  ROW, DOT_FP32, INPUT_PRECISION, BN)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

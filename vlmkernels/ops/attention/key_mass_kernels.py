@@ -16,7 +16,7 @@ from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
 from .kernels import _C, _INTERP, _KEY, _SIZES, LOG2E, _bias_row, _dim_mask, _load_tile
 
-__all__ = ["KERNELS", "_attn_key_mass"]
+__all__ = ["KERNELS", "_attn_key_mass", "_attn_row_mass"]
 
 _MASS_CONFIGS = autotune_configs(
     [
@@ -102,4 +102,31 @@ def _attn_key_mass(
 # fmt: on
 
 
-KERNELS = (_attn_key_mass,)
+_ROW_MASS_CONFIGS = autotune_configs(
+    [_C({"BN": 1024}, num_warps=4), _C({"BN": 512}, num_warps=4)], _C({"BN": 32}, num_warps=1)
+)
+
+
+# fmt: off
+@tuned("attention_row_mass", configs=_ROW_MASS_CONFIGS, key=["H", "max_lk"], sizes=["max_lk"])
+@triton.jit
+def _attn_row_mass(row_ptr, lse_ptr, mass_ptr, H, max_lk, mass_row, weight, srb, srh, slb, slh,
+                   slm, smb, BN: tl.constexpr):
+    """mass[b, j] = weight * sum_h 2^(s[b, h, j] - lse[b, h, i] log2(e)) for the row logits
+    s of query row i = ``mass_row`` stored by the forward (:func:`.kernels._fwd` with ROW);
+    a row whose lse is -inf (no visible key) adds nothing. One program per (key block,
+    batch): the key mass of one row without a second pass over K."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    b = tl.cast(tl.program_id(1), tl.int64)
+    col_ok = cols < max_lk
+    total = tl.zeros((BN,), tl.float32)
+    for h in range(0, H):
+        lse = tl.load(lse_ptr + b * slb + h * slh + mass_row * slm)
+        shift = tl.where(lse > float("-inf"), lse * LOG2E, float("inf"))  # -inf: adds 0
+        s = tl.load(row_ptr + b * srb + h * srh + cols, mask=col_ok, other=float("-inf"))
+        total += tl.math.exp2(s - shift)
+    tl.store(mass_ptr + b * smb + cols, total * weight, mask=col_ok)
+# fmt: on
+
+
+KERNELS = (_attn_key_mass, _attn_row_mass)

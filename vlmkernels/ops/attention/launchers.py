@@ -29,7 +29,7 @@ from .kernels import (
     _attn_fwd32_dropout,
     _dropout_mask_kernel,
 )
-from .key_mass_kernels import _attn_key_mass
+from .key_mass_kernels import _attn_key_mass, _attn_row_mass
 from .reference import dropout_threshold
 
 MAX_SPLITS = 32
@@ -137,10 +137,13 @@ def _gate_strides(gate) -> tuple[int, int]:
 
 
 def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None,
-            bias=None, gate=None, dropout_p=0.0, seed=None):  # fmt: skip
+            bias=None, gate=None, dropout_p=0.0, seed=None, row_logits=None,
+            mass_row=-1):  # fmt: skip
     """(out, lse): out like q (contiguous), lse fp32 (see the module docstring); with
     dropout, split-K runs as without (each split's partial is dropped, its normaliser not).
-    """
+    ``row_logits`` (dense inputs; (B, H, Lk) fp32): also query row ``mass_row``'s logits
+    in base 2 (scale log2(e) q k^T + log2(e) bias, -inf where masked; keys no program
+    visits are left as they are)."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (h, q.shape[0]) if varlen else (b, h, q.shape[2])
@@ -176,7 +179,9 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
                *_strides(target, varlen), split_strides[0], *_lse_strides(target_lse, varlen),
                split_strides[1], keep.stride(0) if keep is not None else 0,
                lo.stride(0) if lo is not None else 0,
-               *_bias_strides(bias, varlen), *_gate_strides(gate), thr, drop_scale)  # fmt: skip
+               *_bias_strides(bias, varlen), *_gate_strides(gate), thr, drop_scale,
+               int(mass_row),
+               *(row_logits.stride()[:2] if row_logits is not None else (0, 0)))  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
@@ -190,8 +195,9 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
             cu_q if varlen else dummy, cu_k if varlen else dummy,
             keep if keep is not None else dummy, lo if lo is not None else dummy,
             hi if hi is not None else dummy, bias if bias is not None else dummy,
-            gate if gate is not None else dummy, seed_ptr, *scalars, SPLIT=splits > 1,
-            **options,
+            gate if gate is not None else dummy, seed_ptr,
+            row_logits if row_logits is not None else dummy, *scalars, SPLIT=splits > 1,
+            ROW=row_logits is not None, **options,
         )  # fmt: skip
         if splits > 1:
             _attn_combine[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
@@ -253,6 +259,30 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
             *tail, thr, drop_scale, **options,
         )  # fmt: skip
     return dq, dk, dv, db
+
+
+def forward_row_mass(q, k, v, causal, scale, row, weight, bias=None):
+    """(out, lse, mass): the dense forward with ``mass`` (B, Lk) fp32 = ``weight`` x the
+    attention each key receives from query row ``row``, summed over heads. The forward
+    stores that row's logits (B H Lk fp32) and a small pass turns them into probabilities
+    with the row's lse: K is read once, where :func:`key_mass` reads it again."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    fill = float("-inf") if causal else None  # causal: blocks past the row are not visited
+    logits = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
+    if fill is not None:
+        logits.fill_(fill)
+    out, lse = forward(q, k, v, None, None, lq, lk, None, None, None, causal, scale, None, bias,
+                       row_logits=logits, mass_row=row)  # fmt: skip
+    mass = torch.zeros((b, lk), dtype=torch.float32, device=q.device)
+    if b * h == 0 or lq == 0 or lk == 0:
+        return out, lse, mass
+    with device_guard(q):
+        _attn_row_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b)](
+            logits, lse, mass, h, lk, int(row), float(weight), *logits.stride()[:2],
+            *lse.stride(), mass.stride(0),
+        )  # fmt: skip
+    return out, lse, mass
 
 
 def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):

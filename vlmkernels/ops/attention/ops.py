@@ -1,7 +1,9 @@
 """The attention ops: ``torch.ops.vlmkernels.attention_core`` (forward, differentiable in
-q, k, v, through both outputs), ``attention_core_backward`` (its gradients) and
-``attention_key_mass`` (not differentiable), one :class:`vlmkernels.core.op.Op` each with
-the PyTorch and Triton implementations and the fake.
+q, k, v, through both outputs), ``attention_core_backward`` (its gradients),
+``attention_key_mass`` (not differentiable) and ``attention_row_mass`` (the dense forward
+with one query row's key mass, differentiable as attention_core through out and lse), one
+:class:`vlmkernels.core.op.Op` each with the PyTorch and Triton implementations and the
+fake.
 
 Arguments (the layouts of :mod:`.launchers`): q, k, v dense (B, H, L, D) or packed
 (T, H, D) with int32 ``cu_seqlens_q`` / ``cu_seqlens_k``; ``key_keep`` an optional (B, Lk)
@@ -50,6 +52,12 @@ attention_key_mass = Op(
     "attention_key_mass",
     "(Tensor q, Tensor k, Tensor lse, bool causal, float scale, int row_first, int row_last, "
     "float weight, Tensor? key_bias) -> Tensor",
+    family="attention",
+)
+attention_row_mass = Op(
+    "attention_row_mass",
+    "(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? key_bias, int row, "
+    "float weight) -> (Tensor, Tensor, Tensor)",
     family="attention",
 )
 
@@ -106,30 +114,36 @@ class _:
 
     @in_forward_backend
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate, seed = ctx.saved_tensors
-        max_lq, max_lk, causal, scale, dropout_p = ctx.options
-        none = (None,) * 10
-        if grad_out is None and grad_lse is None:
-            return None, None, None, *none, None, None, None, None
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-        delta = delta.transpose(0, 1) if cu_q is not None else delta
-        if grad_lse is not None:
-            delta = delta - grad_lse
-        # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
-        delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
-        args = (lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
-                dropout_p, seed)  # fmt: skip
-        needs = ctx.needs_input_grad
-        dgate = None
-        if gate is None:
-            dq, dk, dv, db = attention_core_backward(grad_out, q, k, v, *args)
-        else:
-            dq, dk, dv, db, dgate = _gated_backward(grad_out, q, k, v, gate, args, needs[14])
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                *none, db if bias is not None and needs[13] else None, dgate, None,
-                None)  # fmt: skip
+        return _core_backward(ctx, grad_out, grad_lse, ctx.needs_input_grad)
+
+
+def _core_backward(ctx, grad_out, grad_lse, needs):
+    """The gradients of attention_core's 17 arguments from those of (out, lse), with what
+    its setup_context saved; ``needs`` says which of them are wanted, in its order
+    (attention_row_mass saves the same and maps its own)."""
+    q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate, seed = ctx.saved_tensors
+    max_lq, max_lk, causal, scale, dropout_p = ctx.options
+    none = (None,) * 10
+    if grad_out is None and grad_lse is None:
+        return None, None, None, *none, None, None, None, None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    delta = delta.transpose(0, 1) if cu_q is not None else delta
+    if grad_lse is not None:
+        delta = delta - grad_lse
+    # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
+    delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
+    args = (lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
+            dropout_p, seed)  # fmt: skip
+    dgate = None
+    if gate is None:
+        dq, dk, dv, db = attention_core_backward(grad_out, q, k, v, *args)
+    else:
+        dq, dk, dv, db, dgate = _gated_backward(grad_out, q, k, v, gate, args, needs[14])
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            *none, db if bias is not None and needs[13] else None, dgate, None,
+            None)  # fmt: skip
 
 
 def _gated_backward(grad_out, q, k, v, gate, args, gate_grad):
@@ -212,3 +226,48 @@ def _(q, k, lse, causal, scale, row_first, row_last, weight, bias):
 def _(q, k, lse, causal, scale, row_first, row_last, weight, bias):
     dtype = reference.compute_dtype(q.dtype)
     return q.new_empty((q.shape[0], q.shape[1], k.shape[2]), dtype=dtype)
+
+
+# --------------------------------------------------------------------- attention_row_mass
+
+
+@attention_row_mass.impl("triton")
+def _(q, k, v, causal, scale, bias, row, weight):
+    return launchers.forward_row_mass(q, k, v, causal, scale, row, weight, bias)
+
+
+@attention_row_mass.impl("torch")
+def _(q, k, v, causal, scale, bias, row, weight):
+    lq, lk = q.shape[2], k.shape[2]
+    out, lse = reference.forward(q, k, v, None, None, lq, lk, None, None, None, causal, scale,
+                                 bias)  # fmt: skip
+    mass = reference.key_mass(q, k, lse, causal, scale, row, row + 1, weight, bias).sum(1)
+    return out.contiguous(), lse, mass
+
+
+@attention_row_mass.fake
+def _(q, k, v, causal, scale, bias, row, weight):
+    dtype = reference.compute_dtype(q.dtype)
+    return (q.new_empty(q.shape), q.new_empty(_lse_shape(q, None), dtype=dtype),
+            q.new_empty((q.shape[0], k.shape[2]), dtype=dtype))  # fmt: skip
+
+
+@attention_row_mass.autograd
+class _:
+    """Differentiable through out and lse as attention_core (the same saved tensors and
+    backward); the mass is not (its gradient is ignored)."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, scale, bias, _, _ = inputs
+        out, lse, _ = output
+        ctx.set_materialize_grads(False)
+        ctx.options = (q.shape[2], k.shape[2], causal, scale, 0.0)
+        remember_backend(ctx)
+        ctx.save_for_backward(q, k, v, out, lse, None, None, None, None, None, bias, None, None)
+
+    @in_forward_backend
+    def backward(ctx, grad_out, grad_lse, _grad_mass):
+        nq, nk, nv, _, _, nb, _, _ = ctx.needs_input_grad
+        needs = (nq, nk, nv, *(False,) * 10, nb, False, False, False)
+        grads = _core_backward(ctx, grad_out, grad_lse, needs)
+        return grads[0], grads[1], grads[2], None, None, grads[13], None, None
