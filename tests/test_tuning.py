@@ -679,7 +679,7 @@ def test_space_for_a_variant_leaves_out_what_cannot_launch(dirs):
     gemm = T.all_kernels()["connector_gemm"]
     full = list(K._GPU_CONFIGS)
     assert gemm.space == full or T.runtime.INTERPRETED
-    norm = dict(M_bucket=1024, N=1024, K=1024, XSIDE=1, GATHER=1, NORM=1, ACT=1, SCATTER=0)
+    norm = dict(M_bucket=1024, N=1024, K=1024, XSIDE=1, GATHER=1, NORM=1, FOLD=0, ACT=1, SCATTER=0)
     kept = [c for c in full if gemm.allows(c, "fp32", norm)]
     assert [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) for c in kept] == [
         (128, 128, 32), (64, 64, 64)]  # fmt: skip
