@@ -4,14 +4,16 @@ shapes: what the SASS and the device's rates imply, not a measurement.
 Workloads come from the budget file's ``workloads`` (per compile case, a list of shapes):
 
 - ``{"shape": label, "M", "N", "K", "out_bytes"}`` for a kernel over the tiles of an M x N
-  product with reduction length K (``out_bytes``: bytes written per output element);
+  product with reduction length K (``out_bytes``: bytes written per output element;
+  optional ``products``: how many BM x BN x K products each tile runs, default 1);
 - ``{"shape": label, "programs", "bytes", "trips": {"count", "per"}}`` for a memory-bound
   kernel: ``programs`` program instances moving ``bytes`` in all, each running its hot loop
   ceil(count / config[per]) times.
 
 The model, per device (:data:`DEVICES`, all numbers printed with the estimates):
 
-- tensor clocks per tile: 2 BM BN K flops at the tensor cores' dense rate per SM per clock
+- tensor clocks per tile: products x 2 BM BN K flops at the tensor cores' dense rate per SM
+  per clock
   (16-bit inputs; fp32 inputs run "tf32x3": three TF32 products at half that rate);
 - issue clocks per tile: warps x executed instructions / 4 (four schedulers, one warp
   instruction each per clock), executed = the tile region + (ceil(K / BK) - 1) x its inner
@@ -69,11 +71,11 @@ def assumptions() -> list[str]:
 
 def _gemm(record: dict, work: dict, dev: dict) -> dict:
     kw = record["constexprs"]
-    bm, bn, bk = kw["BM"], kw["BN"], kw["BK"]
+    bm, bn, bk = (kw[name] if name in kw else kw[f"BLOCK_{name[1]}"] for name in ("BM", "BN", "BK"))
     m, n, k = work["M"], work["N"], work["K"]
     tiles = math.ceil(m / bm) * math.ceil(n / bn)
     per_clk = dev["mma_flop_per_clk"] / (6 if record["dtype"] == "fp32" else 1)
-    tensor = 2 * bm * bn * k / per_clk
+    tensor = work.get("products", 1) * 2 * bm * bn * k / per_clk
     executed = (
         record["instructions_per_tile"]
         + (math.ceil(k / bk) - 1) * record["inner_loop_instructions"]
