@@ -333,43 +333,75 @@ def tome_plan(best: torch.Tensor, arg: torch.Tensor, n: int, r: int, class_token
 # --------------------------------------------------------------------------------------
 
 
-@tuned("tome_merge_rows", configs=_ROW_CONFIGS, key=["NOUT", "C", "HAS_SIZE"], sizes=["NOUT", "C"])
+# Several output rows per program: with one row each (1-3 members, 1,024 channels) the
+# program's fixed cost (its offsets, members and sizes) outweighed its loads, about 480
+# static instructions against 87 per member and channel block (sm_90a, bf16).
+_MERGE_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_R": 8, "BLOCK_C": 256}, num_warps=4),
+        triton.Config({"BLOCK_R": 4, "BLOCK_C": 512}, num_warps=4),
+        triton.Config({"BLOCK_R": 16, "BLOCK_C": 128}, num_warps=4),
+        triton.Config({"BLOCK_R": 1, "BLOCK_C": 256}, num_warps=2),
+    ],
+    triton.Config({"BLOCK_R": 4, "BLOCK_C": 32}, num_warps=1),
+)
+
+
+@tuned(
+    "tome_merge_rows", configs=_MERGE_CONFIGS, key=["NOUT", "C", "HAS_SIZE"], sizes=["NOUT", "C"]
+)
 @triton.jit
 def _tome_merge_kernel(
     x_ptr, s_ptr, mem_ptr, off_ptr, o_ptr, os_ptr, N, NOUT, C,
     sxb, sxn, sxc, ssb, ssn, smb, sob,
-    HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Output row (b, r) per program, over its members i = mem[b, off[b, r] : off[b, r + 1]]:
-    o[b, r] = sum_i s_i x[b, i] / S,  os[b, r] = S = sum_i s_i  (s_i = 1 without sizes)."""
-    t = tl.program_id(0)
-    b = t // NOUT
-    r = t % NOUT
-    off = off_ptr + tl.cast(b, tl.int64) * sob + r
-    start = tl.load(off)
-    end = tl.load(off + 1)
-    mem = mem_ptr + tl.cast(b, tl.int64) * smb
-    x_b = x_ptr + tl.cast(b, tl.int64) * sxb
-    s_b = s_ptr + tl.cast(b, tl.int64) * ssb
-    total = 0.0
-    for j in range(start, end):
+    """Output rows r of batch b per program (BLOCK_R of them), each over its members
+    i = mem[b, off[b, r] : off[b, r + 1]] in order (rows with fewer members than the
+    block's most are masked): o[b, r] = sum_i s_i x[b, i] / S,  os[b, r] = S = sum_i s_i
+    (s_i = 1 without sizes)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.cast(tl.program_id(1), tl.int64)
+    r_ok = r < NOUT
+    off = off_ptr + b * sob + r
+    start = tl.load(off, mask=r_ok, other=0)
+    count = tl.load(off + 1, mask=r_ok, other=0) - start
+    most = tl.max(count, axis=0)
+    mem = mem_ptr + b * smb + start
+    x_b = x_ptr + b * sxb
+    s_b = s_ptr + b * ssb
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for t in range(0, most):
+        ok = t < count
         if HAS_SIZE:
-            total += tl.load(s_b + tl.load(mem + j) * ssn).to(tl.float32)
+            i = tl.load(mem + t, mask=ok, other=0)
+            total += tl.load(s_b + i * ssn, mask=ok, other=0.0).to(tl.float32)
         else:
-            total += 1.0
-    o_row = o_ptr + (tl.cast(b, tl.int64) * NOUT + r) * C
+            total += tl.where(ok, 1.0, 0.0)
+    o_rows = o_ptr + (b * NOUT + r) * C
+    norm = tl.where(r_ok, total, 1.0)  # rows past NOUT are not stored
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         m = c < C
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for j in range(start, end):
-            i = tl.load(mem + j)
-            v = tl.load(x_b + i * sxn + c.to(tl.int64) * sxc, mask=m, other=0.0).to(tl.float32)
+        c64 = c.to(tl.int64)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for t in range(0, most):
+            ok = t < count
+            i = tl.load(mem + t, mask=ok, other=0)
+            v = tl.load(
+                x_b + i[:, None] * sxn + c64[None, :] * sxc,
+                mask=ok[:, None] & m[None, :],
+                other=0.0,
+            ).to(tl.float32)
             if HAS_SIZE:
-                v = v * tl.load(s_b + i * ssn).to(tl.float32)
+                v = v * tl.load(s_b + i * ssn, mask=ok, other=0.0).to(tl.float32)[:, None]
             acc += v
-        tl.store(o_row + c, (acc / total).to(o_ptr.dtype.element_ty), mask=m)
-    tl.store(os_ptr + tl.cast(b, tl.int64) * NOUT + r, total.to(os_ptr.dtype.element_ty))
+        tl.store(
+            o_rows[:, None] + c[None, :],
+            (acc / norm[:, None]).to(o_ptr.dtype.element_ty),
+            mask=r_ok[:, None] & m[None, :],
+        )
+    tl.store(os_ptr + b * NOUT + r, total.to(os_ptr.dtype.element_ty), mask=r_ok)
 
 
 def tome_merge_rows(x, size, members, offsets, size_dtype):
@@ -385,7 +417,7 @@ def tome_merge_rows(x, size, members, offsets, size_dtype):
     s = size if size is not None else x
     ssb, ssn = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
     with device_guard(x):
-        _tome_merge_kernel[(B * nout,)](
+        _tome_merge_kernel[lambda meta: (triton.cdiv(nout, meta["BLOCK_R"]), B)](
             x, s, members, offsets, out, out_size, N, nout, C, *x.stride(), ssb, ssn,
             members.stride(0), offsets.stride(0), HAS_SIZE=size is not None,
         )  # fmt: skip
