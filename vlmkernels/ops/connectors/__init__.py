@@ -17,6 +17,17 @@ itself from x unless the forward was asked to keep it:
     dh = (g W2) * GELU'(h),  dW2 = g^T GELU(h),  db2 = sum g,  dW1 = dh^T Xn,  db1 = sum dh,
     dXn = dh W1, then the norm's backward, scattered back through the merge.
 
+With 16-bit inputs the norm is folded into the first GEMM instead of normalising X: with
+W' = W1 diag(w) (rounded once per call), colsum_s[n] = sum over segment s of W'[n, k] and
+the statistics (mean_s, rstd_s) of each norm segment s of a row (a patch, or the row),
+
+    Xn W1^T = sum_s rstd_s (X_s W'_s^T - mean_s colsum_s) + b W1^T,
+
+so the k-loop multiplies raw X; the accumulator is rescaled by rstd_{s-1} / rstd_s between
+segments and by the last rstd at the end (fp32 inputs normalise X in the GEMM's prologue:
+the subtraction would cost fp32 accuracy). dW1 reads Xn stored once by a normalising pass
+(or the shuffle copy without a norm) and the bias gradients are column sums of their own.
+
 The pixel shuffle of Idefics3 (scale s) is the merge (s, s) of the S x S grid; the Qwen-VL
 mergers merge s^2 consecutive patches, the merge (1, s^2) of a (P / s^2, 1, s^2, C) grid.
 
@@ -31,10 +42,11 @@ and the second GEMM and its two backward GEMMs run on the pooled rows (exact up 
 
 DeepStack (Qwen3-VL): out = hidden, out[mask] = hidden[mask] + visual_embeds, one pass.
 
-Modules: ``kernels`` (the Triton kernels: the GEMM core with its norm prologue, merge
-addressing and bias / GELU / residual epilogue; the norm statistics and backward; the
-shuffle copy; the DeepStack add), ``launchers``, ``reference`` (the PyTorch path), ``ops``
-(the op declarations), ``functional`` (the public functions), ``family``.
+Modules: ``kernels`` (the Triton kernels: the GEMM core with its merge addressing, norm
+prologue or folded norm, and bias / GELU / residual epilogue; the weight fold; the norm
+statistics, normalising pass and backward; the shuffle copy; the DeepStack add),
+``launchers``, ``reference`` (the PyTorch path), ``ops`` (the op declarations),
+``functional`` (the public functions), ``family``.
 """
 
 from .family import FAMILY
