@@ -25,13 +25,15 @@ from ...core.tuning import tuned
 __all__ = ["KERNELS", "add_layernorm_backward", "add_layernorm_forward"]
 
 # BLOCK_N (the whole row, a power of two) is the launcher's; a config picks the rows per
-# program. The first is the default: 4 rows of BERT's 768 (1024 lanes) per 4 warps (sm_90a:
-# 80-96 registers forward, 168-189 backward, no spills); 16 rows per 8 warps spill in the
-# backward (24-36 B), so they are not in the space.
+# program. The first is the default: 8 rows of BERT's 768 (1024 lanes) per 8 warps, one row
+# per warp (sm_90a, backward: 186-190 registers, no spill with Triton 3.9 or 3.6; 4 rows
+# per 4 warps, the same work per warp, spilled 64-88 B in the backward with Triton 3.6,
+# the GPU machine's); 16 rows per 8 warps spill in the backward (24-36 B), so they are not
+# in the space.
 _CONFIGS = autotune_configs(
     [
-        triton.Config({"BLOCK_M": 4}, num_warps=4),
         triton.Config({"BLOCK_M": 8}, num_warps=8),
+        triton.Config({"BLOCK_M": 4}, num_warps=4),
         triton.Config({"BLOCK_M": 2}, num_warps=4),
         triton.Config({"BLOCK_M": 1}, num_warps=4),
     ],
