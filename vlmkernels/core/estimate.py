@@ -69,13 +69,33 @@ def assumptions() -> list[str]:
     ]
 
 
+def _tile(kw: dict) -> tuple[int, int, int]:
+    """(BM, BN, BK) of a config, whether named BM or BLOCK_M (BK 0 where it has none)."""
+    return tuple(kw.get(n, kw.get(f"BLOCK_{n[1]}", 0)) for n in ("BM", "BN", "BK"))
+
+
+def _mma_rate(record: dict, dev: dict) -> float:
+    """Tensor-core flops per SM per clock for the record's inputs (fp32: tf32x3)."""
+    return dev["mma_flop_per_clk"] / (6 if record["dtype"] == "fp32" else 1)
+
+
+def _range(tensor: float, issue: float, mufu: float, memory_ms: float, to_ms: float) -> dict:
+    """The estimate from per-unit clocks: perfect overlap .. none, never below the bytes."""
+    low = max(tensor, issue, mufu) * to_ms
+    high = (tensor + issue) * to_ms
+    bound = max(("tensor", tensor), ("issue", issue), ("MUFU", mufu), key=lambda t: t[1])[0]
+    if memory_ms > low:
+        bound = "memory"
+    return dict(tensor_ms=tensor * to_ms, issue_ms=issue * to_ms, mufu_ms=mufu * to_ms,
+                memory_ms=memory_ms, low_ms=max(low, memory_ms), high_ms=max(high, memory_ms),
+                bound=bound)  # fmt: skip
+
+
 def _gemm(record: dict, work: dict, dev: dict) -> dict:
-    kw = record["constexprs"]
-    bm, bn, bk = (kw[name] if name in kw else kw[f"BLOCK_{name[1]}"] for name in ("BM", "BN", "BK"))
+    bm, bn, bk = _tile(record["constexprs"])
     m, n, k = work["M"], work["N"], work["K"]
     tiles = math.ceil(m / bm) * math.ceil(n / bn)
-    per_clk = dev["mma_flop_per_clk"] / (6 if record["dtype"] == "fp32" else 1)
-    tensor = work.get("products", 1) * 2 * bm * bn * k / per_clk
+    tensor = work.get("products", 1) * 2 * bm * bn * k / _mma_rate(record, dev)
     executed = (
         record["instructions_per_tile"]
         + (math.ceil(k / bk) - 1) * record["inner_loop_instructions"]
@@ -85,15 +105,7 @@ def _gemm(record: dict, work: dict, dev: dict) -> dict:
     to_ms = tiles / (dev["sms"] * dev["clock_ghz"] * 1e6)
     elem = 4 if record["dtype"] == "fp32" else 2
     moved = m * n * work.get("out_bytes", 0) + (m + n) * k * elem
-    memory = moved / (dev["copy_tb_s"] * 1e9)
-    low = max(tensor, issue, mufu) * to_ms
-    high = (tensor + issue) * to_ms
-    bound = max(("tensor", tensor), ("issue", issue), ("MUFU", mufu), key=lambda t: t[1])[0]
-    if memory > low:
-        bound = "memory"
-    return dict(tensor_ms=tensor * to_ms, issue_ms=issue * to_ms, mufu_ms=mufu * to_ms,
-                memory_ms=memory, low_ms=max(low, memory), high_ms=max(high, memory),
-                bound=bound)  # fmt: skip
+    return _range(tensor, issue, mufu, moved / (dev["copy_tb_s"] * 1e9), to_ms)
 
 
 def _memory(record: dict, work: dict, dev: dict) -> dict:
@@ -112,10 +124,10 @@ def _memory(record: dict, work: dict, dev: dict) -> dict:
 
 def _looped(record: dict, work: dict, dev: dict) -> dict:
     kw = record["constexprs"]
+    bm, bn, _ = _tile(kw)
     trips = math.ceil(work["trips"]["count"] / kw[work["trips"]["per"]])
-    scores = trips * kw["BM"] * kw["BN"]
-    per_clk = dev["mma_flop_per_clk"] / (6 if record["dtype"] == "fp32" else 1)
-    tensor = scores * work["mma_flops_per_score"] / per_clk
+    scores = trips * bm * bn
+    tensor = scores * work["mma_flops_per_score"] / _mma_rate(record, dev)
     # per trip: the smallest innermost loop, the full-block loop of a kernel that also has
     # a masked copy for the boundary blocks (counted once in the program's instructions)
     per_trip = min(record.get("inner_loops") or [record["inner_loop_instructions"]])
@@ -123,15 +135,7 @@ def _looped(record: dict, work: dict, dev: dict) -> dict:
     issue = record["num_warps"] * executed / ISSUE_PER_CLK
     mufu = scores * work.get("mufu_per_score", 1) / MUFU_PER_CLK
     to_ms = work["programs"] / (dev["sms"] * dev["clock_ghz"] * 1e6)
-    memory = work["bytes"] / (dev["copy_tb_s"] * 1e9)
-    low = max(tensor, issue, mufu) * to_ms
-    high = (tensor + issue) * to_ms
-    bound = max(("tensor", tensor), ("issue", issue), ("MUFU", mufu), key=lambda t: t[1])[0]
-    if memory > low:
-        bound = "memory"
-    return dict(tensor_ms=tensor * to_ms, issue_ms=issue * to_ms, mufu_ms=mufu * to_ms,
-                memory_ms=memory, low_ms=max(low, memory), high_ms=max(high, memory),
-                bound=bound)  # fmt: skip
+    return _range(tensor, issue, mufu, work["bytes"] / (dev["copy_tb_s"] * 1e9), to_ms)
 
 
 def estimate(record: dict, workloads: list[dict]) -> list[dict]:
