@@ -179,6 +179,15 @@ def to_bf16_rne(v):
 
 
 @triton.jit
+def to_dtype_rne(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to nearest-even in ``dtype``, under the interpreter as on the GPU
+    (bf16 through :func:`to_bf16_rne`; the interpreter's other conversions already round)."""
+    if dtype == tl.bfloat16:
+        return to_bf16_rne(v)
+    return v.to(dtype)
+
+
+@triton.jit
 def pad(mask):
     """0 where ``mask`` holds, -inf elsewhere: added to logits, it removes padding rows or
     columns from every exp and max without a tile-sized mask."""

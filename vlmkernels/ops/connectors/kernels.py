@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
-from ...kernels.blocks import to_bf16_rne
+from ...kernels.blocks import to_dtype_rne
 
 # the norms of the prologue
 NO_NORM, LAYER_NORM, RMS_NORM = 0, 1, 2
@@ -424,10 +424,7 @@ def _norm_fold_kernel(
             w = tl.load(w_ptr + (rows64[:, None] * swn + k[None, :] * swk), mask=mask, other=0.0)
             w = w.to(tl.float32)
             gamma = tl.load(nw_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
-            if wf_ptr.dtype.element_ty == tl.bfloat16:
-                wf = to_bf16_rne(w * gamma[None, :])
-            else:
-                wf = (w * gamma[None, :]).to(wf_ptr.dtype.element_ty)
+            wf = to_dtype_rne(w * gamma[None, :], wf_ptr.dtype.element_ty)
             tl.store(wf_ptr + (rows64[:, None] * K + k[None, :]), wf, mask=mask)
             total += tl.sum(tl.where(mask, wf.to(tl.float32), 0.0), 1)
             if NORM_BIAS:
@@ -590,10 +587,7 @@ def _normalize_kernel(
     c_mask = cols < K
     v = x_tile(x_ptr, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, rows, cols, r_mask, c_mask,
                HWo, Wo, H, W, C, MH, MW, sxb, sxh, sxw, sxc, GATHER, NORM, PER_PATCH, NORM_BIAS)
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        v = to_bf16_rne(v)
-    else:
-        v = v.to(out_ptr.dtype.element_ty)
+    v = to_dtype_rne(v, out_ptr.dtype.element_ty)
     offs = rows.to(tl.int64)[:, None] * som + cols.to(tl.int64)[None, :] * sok
     tl.store(out_ptr + offs, v, mask=r_mask[:, None] & c_mask[None, :])
 
