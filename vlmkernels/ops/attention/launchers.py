@@ -268,15 +268,16 @@ def forward_row_mass(q, k, v, causal, scale, row, weight, bias=None):
     with the row's lse: K is read once, where :func:`key_mass` reads it again."""
     b, h, lq, _ = q.shape
     lk = k.shape[2]
-    fill = float("-inf") if causal else None  # causal: blocks past the row are not visited
-    logits = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
-    if fill is not None:
-        logits.fill_(fill)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # causal: the key blocks past the row's query block are never visited, their logits -inf
+    logits = (
+        torch.full((b, h, lk), float("-inf"), **f32) if causal else torch.empty(b, h, lk, **f32)
+    )
     out, lse = forward(q, k, v, None, None, lq, lk, None, None, None, causal, scale, None, bias,
                        row_logits=logits, mass_row=row)  # fmt: skip
-    mass = torch.zeros((b, lk), dtype=torch.float32, device=q.device)
-    if b * h == 0 or lq == 0 or lk == 0:
-        return out, lse, mass
+    if b * h == 0 or lq == 0 or lk == 0:  # no head or no key: nothing received
+        return out, lse, torch.zeros((b, lk), **f32)
+    mass = torch.empty((b, lk), **f32)
     with device_guard(q):
         _attn_row_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b)](
             logits, lse, mass, h, lk, int(row), float(weight), *logits.stride()[:2],
