@@ -304,12 +304,10 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
             i = int(key_mass)
             if not -lq <= i < lq:
                 raise ValueError(f"{op}: key_mass row {i} is out of range for Lq = {lq}")
-            i = i % lq
-            rows = (i, i + 1, 1.0 / h if h else 0.0)
-    if rows is not None and rows[1] == rows[0] + 1:
-        # one row: its logits come out of the forward, K is read once
-        out, _, mass = attention_row_mass(q, k, v, causal, s, bias, rows[0], rows[2])
-        return out, mass.detach()
+            # one row: its logits come out of the forward, K is read once
+            out, _, mass = attention_row_mass(q, k, v, causal, s, bias, i % lq,
+                                              1.0 / h if h else 0.0)  # fmt: skip
+            return out, mass.detach()
     out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
                               s, 0, bias, None, 0.0, None)  # fmt: skip
     if rows is None:
