@@ -544,8 +544,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(
             f"{arch}, Triton {records[0].get('triton') if records else '?'}: * = default "
             "config; instr = static instructions per tile (the loop around the k-loop), per "
-            "loop (the busiest innermost loop) or per program; spill = bytes stored to local "
-            "memory per thread; CTA = CTAs per SM"
+            "loop (the busiest innermost loop) or per program; spill = ptxas's spill stores, "
+            "bytes per thread (a local array is not one); CTA = CTAs per SM"
         )
         print(
             "\n".join(inspection.table_lines(records, budgets) + inspection.estimate_lines(records))

@@ -6,8 +6,10 @@ for and every config of its kernel's space the tuner may pick for that variant a
 (:meth:`~.tuning.TunedKernel.space_for`; the default among them), Triton's whole
 pipeline runs for an explicit target (TTIR -> TTGIR -> LLIR -> PTX -> cubin, Triton's own
 ptxas), and the cubin is read with ``cuobjdump``: registers and stack frame (its resource
-usage), the SASS (:mod:`.sass`: spills as local-memory traffic, the hot loop and its
-instruction mix), Triton's shared memory, and the CTAs per SM those allow on the
+usage), ptxas's own report of that compile (spill stores and loads: local memory that is
+not a spill, such as libdevice's table for large sin/cos arguments, is not counted), the
+SASS (:mod:`.sass`: local-memory traffic, the hot loop and its instruction mix), Triton's
+shared memory, and the CTAs per SM those allow on the
 architecture (:data:`ARCHS`). Records are cached as JSON by the source's hash (the kernel and
 every Triton function it calls, the argument types and hints, the constexprs), the options,
 the target and the Triton version (:func:`cache_dir`), so a second run reads them back.
@@ -18,11 +20,14 @@ this package (:data:`BUDGET_FILE`; ``vlmkernels inspect --write-budgets`` regene
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,7 +41,7 @@ __all__ = ["ARCHS", "BUDGET_FILE", "DTYPES", "FORMAT", "all_cases", "cache_dir",
            "load_budgets", "missed", "new_budgets", "normalise_arch", "occupancy",
            "select_cases", "source", "table_lines"]  # fmt: skip
 
-FORMAT = 2  # of the cached records: bump when a record's fields change
+FORMAT = 3  # of the cached records: bump when a record's fields change
 BUDGET_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernel_budgets.json"
 DTYPES = ("bf16", "fp32")
 
@@ -188,11 +193,43 @@ def occupancy(registers: int, shared: int, warps: int, arch: str) -> tuple[int, 
     return by[limiter], limiter
 
 
-def _analyse(cubin: bytes, shared: int, warps: int, arch: str) -> dict:
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_spills(log: str) -> tuple[int, int] | None:
+    """(bytes of spill stores, of spill loads) per thread from ptxas's ``-v`` log of one
+    kernel; (0, 0) when it reports none (ptxas 13 prints no "Function properties" line for a
+    kernel without stack); None when ``log`` is not such a log."""
+    if not re.search(r"Used \d+ registers", log):
+        return None
+    found = _PTXAS_SPILLS.search(log)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def _compile_logged(src, target, options):
+    """``triton.compile`` with ptxas run (not read from Triton's cache) and its ``-v`` log,
+    which Triton prints when asked, captured: (compiled, log)."""
+    import triton
+    from triton import knobs
+
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            compiled = triton.compile(src, target=target, options=options)
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    return compiled, out.getvalue()
+
+
+def _analyse(cubin: bytes, shared: int, warps: int, arch: str, ptxas_log: str = "") -> dict:
     usage = _cuobjdump(cubin, "--dump-resource-usage")
     code = sass.parse(_cuobjdump(cubin, "--dump-sass"))
     registers = _resource(usage, "REG")
-    spill_st, spill_ld = sass.local_memory_bytes(code)
+    local_st, local_ld = sass.local_memory_bytes(code)
+    # without ptxas's word, all local-memory traffic counts as spills (never fewer)
+    spill_st, spill_ld = ptxas_spills(ptxas_log) or (local_st, local_ld)
     ctas, limiter = occupancy(registers, shared, warps, arch)
     region = sass.hot_region(code)
     body = region.of(code)
@@ -203,6 +240,8 @@ def _analyse(cubin: bytes, shared: int, warps: int, arch: str) -> dict:
         stack_bytes=_resource(usage, "STACK"),
         spill_bytes=spill_st,
         spill_load_bytes=spill_ld,
+        local_store_bytes=local_st,
+        local_load_bytes=local_ld,
         shared_bytes=shared,
         ctas_per_sm=ctas,
         occupancy_limit=limiter,
@@ -254,7 +293,7 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
         except (OSError, ValueError):
             pass  # a damaged entry: compile again
     target = GPUTarget("cuda", arch_number(arch), 32)
-    compiled = triton.compile(src, target=target, options=options)
+    compiled, log = _compile_logged(src, target, options)
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     record = dict(
         **labels,
@@ -265,7 +304,7 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
         constexprs=dict(config.kwargs),
         mma="wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else None),
         async_copies="async_copy" in ttgir or "async_tma" in ttgir,
-        **_analyse(compiled.asm["cubin"], compiled.metadata.shared, config.num_warps, arch),
+        **_analyse(compiled.asm["cubin"], compiled.metadata.shared, config.num_warps, arch, log),
     )
     if use_cache:
         try:
@@ -287,7 +326,9 @@ def inspect_cases(cases, dtypes=DTYPES, arch: str = "sm_90a", configs: str = "al
     A record: ``family``, ``kernel``, ``case``, ``config`` (label), ``default`` (bool),
     ``dtype``, ``arch``, ``triton``, ``num_warps``, ``num_stages``, ``constexprs``, ``mma``
     ("wgmma", "mma" or None), ``async_copies``, ``registers``, ``stack_bytes``,
-    ``spill_bytes`` / ``spill_load_bytes`` (static local-memory store / load bytes),
+    ``spill_bytes`` / ``spill_load_bytes`` (ptxas's spill stores / loads per thread),
+    ``local_store_bytes`` / ``local_load_bytes`` (the SASS's static local-memory store /
+    load bytes: spills and local arrays),
     ``shared_bytes``, ``ctas_per_sm`` and ``occupancy_limit``, ``region`` ("tile": one
     iteration of the loop around the k-loop, "loop": the busiest innermost loop,
     "program": the whole kernel), ``instructions_per_tile`` (static count of that region),

@@ -145,8 +145,8 @@ def mix(instructions: list[Instruction]) -> dict[str, int]:
 
 def local_memory_bytes(instructions: list[Instruction]) -> tuple[int, int]:
     """(bytes stored, bytes loaded) by the local-memory instructions (``STL``, ``LDL``),
-    counted statically: in a Triton kernel, which has no local arrays, these are the
-    register spills."""
+    counted statically: register spills, and the local arrays of the functions a kernel
+    calls (libdevice's sinf / cosf keep their large-argument reduction in one)."""
     stores = sum(_width(i.opcode) // 8 for i in instructions if i.base == "STL")
     loads = sum(_width(i.opcode) // 8 for i in instructions if i.base == "LDL")
     return stores, loads
