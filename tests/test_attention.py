@@ -487,14 +487,27 @@ def test_split_k_packed(device):
 
 
 def test_tuning_workload_runs(device):
-    """The family's tuning workload on tiny specs (forward, backward, key mass; media)."""
+    """The family's tuning workload on tiny specs (forward, backward, key mass; media)
+    launches each core kernel of the spec's dtype it is asked to tune: the dK/dV kernels of
+    a bias and of grouped heads included (these need an even head count)."""
+    from vlmkernels.core.tuning import _record
     from vlmkernels.ops.attention import family
 
     names = [k.name for k in family.FAMILY.kernels]
-    for spec in ({"batch": 1, "heads": 2, "head_dim": 16, "lq": 8, "lk": 20, "dtype": "fp32"},
-                 {"batch": 1, "heads": 1, "head_dim": 16, "lq": 12, "lk": 8, "dtype": "fp32",
-                  "media": 4}):  # fmt: skip
-        family.tune_workload(spec, device, names)
+    fp32_core = {"attention_fwd_fp32", "attention_bwd_kv_fp32", "attention_bwd_q_fp32",
+                 "attention_bwd_kv_fp32_bias_gqa"}  # fmt: skip
+    for spec, launched in (
+        ({"batch": 1, "heads": 2, "head_dim": 16, "lq": 8, "lk": 20, "dtype": "fp32"},
+         fp32_core | {"attention_key_mass"}),
+        ({"batch": 1, "heads": 2, "head_dim": 16, "lq": 8, "lk": 20, "dtype": "bf16"},
+         {"attention_fwd", "attention_bwd_kv", "attention_bwd_q", "attention_bwd_kv_bias",
+          "attention_bwd_kv_gqa", "attention_key_mass"}),
+        ({"batch": 1, "heads": 1, "head_dim": 16, "lq": 12, "lk": 8, "dtype": "fp32",
+          "media": 4}, fp32_core),
+    ):  # fmt: skip
+        with _record() as calls:
+            family.tune_workload(spec, device, names)
+        assert {c.kernel.name for c in calls} == launched, spec
     q, k, v, args = family.tune_inputs({"batch": 2, "heads": 1, "head_dim": 16, "lq": 12,
                                         "lk": 8, "dtype": "fp32", "media": 4}, device)  # fmt: skip
     assert (

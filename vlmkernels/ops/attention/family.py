@@ -56,19 +56,24 @@ def tune_inputs(spec: Mapping, device: torch.device):
 
 
 def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
-    """The forward, and the backward (with a key bias for its own dK/dV kernel) or the key
-    mass when those kernels are tuned."""
+    """The forward, and the backward or the key mass when those kernels are tuned; the
+    dK/dV kernels of a key bias (ToMe) and of grouped-query heads (two query heads per K/V
+    head) get a backward of their own."""
     q, k, v, a = tune_inputs(spec, device)
     out, lse = launchers.forward(q, k, v, **a)
     names = set(names)
-    if any(n.startswith("attention_bwd") for n in names):
-        delta = (out.float() * out.float()).sum(-1)
-        launchers.backward(out, q, k, v, lse, delta, **a)
-    if "attention_bwd_kv_bias" in names:  # the dK/dV pass with a key bias (ToMe)
-        bias = torch.zeros(q.shape[0], 1, k.shape[2], device=device)
+
+    def backward(k, v, bias=None):
         out, lse = launchers.forward(q, k, v, **a, bias=bias)
         delta = (out.float() * out.float()).sum(-1)
         launchers.backward(out, q, k, v, lse, delta, **a, bias=bias)
+
+    if any(n.startswith("attention_bwd") for n in names):
+        backward(k, v)
+    if names & {"attention_bwd_kv_bias", "attention_bwd_kv_fp32_bias_gqa"}:
+        backward(k, v, bias=torch.zeros(q.shape[0], 1, k.shape[2], device=device))
+    if names & {"attention_bwd_kv_gqa", "attention_bwd_kv_fp32_bias_gqa"} and q.shape[1] % 2 == 0:
+        backward(k[:, ::2].contiguous(), v[:, ::2].contiguous())
     if "attention_key_mass" in names and a["lo"] is None:
         launchers.key_mass(q, k, lse, a["causal"], a["scale"], q.shape[2] - 1, q.shape[2], 1.0)
 
@@ -150,9 +155,10 @@ def compile_cases() -> list[CompileCase]:
         case("attention_bwd_kv", k._attn_bwd_kv, False, kv_out),
         case("attention_bwd_kv_causal", k._attn_bwd_kv, False, kv_out, CAUSAL=True),
         case("attention_bwd_kv_bias", k._attn_bwd_kv_bias, False, kv_out, BIAS=True),
-        case("attention_bwd_kv_fp32_bias", k._attn_bwd_kv32, True, kv_out, BIAS=True),
+        case("attention_bwd_kv_fp32_bias", k._attn_bwd_kv32_bias_gqa, True, kv_out, BIAS=True),
         case("attention_fwd_gqa", k._attn_fwd, False, fwd_out, gqa=True),
-        case("attention_bwd_kv_gqa", k._attn_bwd_kv, False, kv_out, gqa=True),
+        case("attention_bwd_kv_gqa", k._attn_bwd_kv_gqa, False, kv_out, gqa=True),
+        case("attention_bwd_kv_fp32_gqa", k._attn_bwd_kv32_bias_gqa, True, kv_out, gqa=True),
         case("attention_bwd_q_gqa", k._attn_bwd_q, False, q_out, gqa=True),
         case("attention_bwd_q_bias", k._attn_bwd_q, False, q_out, BIAS=True),
         case("attention_bwd_q", k._attn_bwd_q, False, q_out),
@@ -213,7 +219,8 @@ def _qformer_cases() -> list[CompileCase]:
 
 
 _CORE = (*(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("", "_fp32")),
-         "attention_bwd_kv_bias", "attention_fwd_fp32_dropout")  # fmt: skip
+         "attention_bwd_kv_bias", "attention_bwd_kv_gqa", "attention_bwd_kv_fp32_bias_gqa",
+         "attention_fwd_fp32_dropout")  # fmt: skip
 
 FAMILY = register(
     Family(

@@ -122,6 +122,22 @@ _BWD_BIAS_CONFIGS = autotune_configs(
     ],
     _INTERP,
 )
+# grouped-query heads (G > 1, a runtime loop over the group): with Triton 3.6 the dK/dV
+# pass spilled 36 B at BM = BN = 64, 4 warps, 2 stages (255 registers); 8 warps, 1 stage: 165
+_BWD_GQA_CONFIGS = autotune_configs(
+    [_BWD_CONFIGS.space[1], _BWD_CONFIGS.space[0], *_BWD_CONFIGS.space[2:]], _INTERP
+)
+# fp32 inputs with a bias or grouped heads: BM = 16, BN = 32, 4 warps spilled 8-24 B (the
+# bias's column sums of dS, the group loop; Triton 3.6 and 3.9); 32 x 32 with 8 warps
+# uses 172-191 registers without a spill
+_BWD32_BIAS_GQA_CONFIGS = autotune_configs(
+    [
+        _C({"BM": 32, "BN": 32}, num_warps=8, num_stages=1),
+        _C({"BM": 16, "BN": 32}, num_warps=4, num_stages=1),
+        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=1),
+    ],
+    _INTERP,
+)
 _COMBINE_CONFIGS = autotune_configs(
     [_C({"BM": 32}, num_warps=4), _C({"BM": 64}, num_warps=4)], _C({"BM": 16}, num_warps=1)
 )
@@ -769,13 +785,27 @@ _attn_bwd_kv32 = tuned("attention_bwd_kv_fp32", configs=_BWD32_CONFIGS, key=_KEY
                        sizes=_SIZES)(_bwd_kv)  # fmt: skip
 _attn_bwd_kv_bias = tuned("attention_bwd_kv_bias", configs=_BWD_BIAS_CONFIGS, key=_KEY,
                           sizes=_SIZES)(_bwd_kv)  # fmt: skip
+_attn_bwd_kv_gqa = tuned("attention_bwd_kv_gqa", configs=_BWD_GQA_CONFIGS, key=_KEY,
+                         sizes=_SIZES)(_bwd_kv)  # fmt: skip
+_attn_bwd_kv32_bias_gqa = tuned("attention_bwd_kv_fp32_bias_gqa",
+                                configs=_BWD32_BIAS_GQA_CONFIGS, key=_KEY,
+                                sizes=_SIZES)(_bwd_kv)  # fmt: skip
 _attn_bwd_q = tuned("attention_bwd_q", configs=_BWD_CONFIGS, key=_KEY, sizes=_SIZES)(_bwd_q)
 _attn_bwd_q32 = tuned("attention_bwd_q_fp32", configs=_BWD32_CONFIGS, key=_KEY,
                       sizes=_SIZES)(_bwd_q)  # fmt: skip
 
 # (16-bit inputs, fp32 inputs) kernels of each core pass
 FWD = (_attn_fwd, _attn_fwd32)
-BWD_KV = (_attn_bwd_kv, _attn_bwd_kv32)
-BWD_KV_BIAS = (_attn_bwd_kv_bias, _attn_bwd_kv32)
 BWD_Q = (_attn_bwd_q, _attn_bwd_q32)
-KERNELS = (*FWD, _attn_fwd32_dropout, _attn_combine, *BWD_KV, _attn_bwd_kv_bias, *BWD_Q)
+KERNELS = (*FWD, _attn_fwd32_dropout, _attn_combine, _attn_bwd_kv, _attn_bwd_kv32,
+           _attn_bwd_kv_bias, _attn_bwd_kv_gqa, _attn_bwd_kv32_bias_gqa, *BWD_Q)  # fmt: skip
+
+
+def bwd_kv_kernel(fp32: bool, bias: bool, grouped: bool):
+    """The dK/dV kernel of a launch: one compiled function, tuned apart (each with its own
+    untuned default) for fp32 inputs, a key bias, grouped-query heads (G > 1)."""
+    if fp32:
+        return _attn_bwd_kv32_bias_gqa if bias or grouped else _attn_bwd_kv32
+    if bias:
+        return _attn_bwd_kv_bias
+    return _attn_bwd_kv_gqa if grouped else _attn_bwd_kv

@@ -21,13 +21,12 @@ import triton
 
 from ...core.runtime import device_guard, dot_precision, sm_count
 from .kernels import (
-    BWD_KV,
-    BWD_KV_BIAS,
     BWD_Q,
     FWD,
     _attn_combine,
     _attn_fwd32_dropout,
     _dropout_mask_kernel,
+    bwd_kv_kernel,
 )
 from .key_mass_kernels import _attn_key_mass, _attn_row_mass
 from .reference import dropout_threshold
@@ -248,7 +247,7 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
                 hi if hi is not None else dummy, bias if bias is not None else dummy)  # fmt: skip
     with device_guard(q):
         fp32 = q.dtype == torch.float32
-        kv_pass = (BWD_KV if bias is None else BWD_KV_BIAS)[fp32]
+        kv_pass = bwd_kv_kernel(fp32, bias is not None, g > 1)
         kv_pass[lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * (h // g))](
             q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
             seed_ptr, *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
