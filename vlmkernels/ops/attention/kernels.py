@@ -55,94 +55,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
+from .spaces import (
+    _BWD32_BIAS_GQA_CONFIGS,
+    _BWD32_CONFIGS,
+    _BWD_BIAS_CONFIGS,
+    _BWD_CONFIGS,
+    _BWD_GQA_CONFIGS,
+    _COMBINE_CONFIGS,
+    _FWD32_CONFIGS,
+    _FWD32_DROPOUT_CONFIGS,
+    _FWD_CONFIGS,
+    _KEY,
+    _SIZES,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-# Two config spaces per core kernel: fp32 inputs (3xTF32 dots) need about three times the
-# registers of 16-bit ones, so each first config (the default) compiles for sm_90a without
-# spills for its own input dtypes; the launchers pick the kernel by dtype.
-_C = triton.Config
-_INTERP = _C({"BM": 16, "BN": 16}, num_warps=1)
-_FWD_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=3),
-        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=2),
-        _C({"BM": 128, "BN": 64}, num_warps=8, num_stages=3),
-        _C({"BM": 64, "BN": 128}, num_warps=4, num_stages=2),
-        _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=3),
-        _C({"BM": 16, "BN": 128}, num_warps=4, num_stages=3),
-    ],
-    _INTERP,
-)
-_FWD32_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
-        _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=2),
-        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=2),
-    ],
-    _INTERP,
-)
-# fp32 inputs with dropout: the Philox draws spilled 108 B at BM = 64, BN = 32, 4 warps
-# (the first config: 188 registers, no spill; the Q-Former's 32 queries fill BM = 32)
-_FWD32_DROPOUT_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=2),
-        _C({"BM": 64, "BN": 32}, num_warps=8, num_stages=2),
-        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=2),
-    ],
-    _INTERP,
-)
-_BWD_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
-        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=1),
-        _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
-        _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
-        _C({"BM": 32, "BN": 32}, num_warps=4, num_stages=1),
-    ],
-    _INTERP,
-)
-_BWD32_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 16, "BN": 32}, num_warps=4, num_stages=1),
-        _C({"BM": 32, "BN": 32}, num_warps=8, num_stages=1),
-        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=1),
-    ],
-    _INTERP,
-)
-# the dK/dV pass with a bias (its column sums of dS) spilled 32 B at BM = BN = 64, 4 warps
-_BWD_BIAS_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 32, "BN": 64}, num_warps=4, num_stages=2),
-        _C({"BM": 64, "BN": 64}, num_warps=8, num_stages=1),
-        _C({"BM": 64, "BN": 32}, num_warps=4, num_stages=2),
-    ],
-    _INTERP,
-)
-# grouped-query heads (G > 1, a runtime loop over the group): with Triton 3.6 the dK/dV
-# pass spilled 36 B at BM = BN = 64, 4 warps, 2 stages (255 registers); 8 warps, 1 stage: 165
-_BWD_GQA_CONFIGS = autotune_configs(
-    [_BWD_CONFIGS.space[1], _BWD_CONFIGS.space[0], *_BWD_CONFIGS.space[2:]], _INTERP
-)
-# fp32 inputs with a bias or grouped heads: BM = 16, BN = 32, 4 warps spilled 8-24 B (the
-# bias's column sums of dS, the group loop; Triton 3.6 and 3.9); 32 x 32 with 8 warps
-# uses 172-191 registers without a spill
-_BWD32_BIAS_GQA_CONFIGS = autotune_configs(
-    [
-        _C({"BM": 32, "BN": 32}, num_warps=8, num_stages=1),
-        _C({"BM": 16, "BN": 32}, num_warps=4, num_stages=1),
-        _C({"BM": 16, "BN": 64}, num_warps=4, num_stages=1),
-    ],
-    _INTERP,
-)
-_COMBINE_CONFIGS = autotune_configs(
-    [_C({"BM": 32}, num_warps=4), _C({"BM": 64}, num_warps=4)], _C({"BM": 16}, num_warps=1)
-)
-_KEY = ["max_lq", "max_lk", "BLOCK_D"]
-_SIZES = ["max_lq", "max_lk"]
 
 
 # fmt: off

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
-from .kernels import _C, _INTERP, _KEY, _SIZES, LOG2E, _bias_row, _dim_mask, _load_tile
+from .kernels import LOG2E, _bias_row, _dim_mask, _load_tile
+from .spaces import _C, _INTERP, _KEY, _SIZES
 
 __all__ = ["KERNELS", "_attn_key_mass", "_attn_row_mass"]
 
