@@ -71,9 +71,10 @@ _BWD_BIAS_CONFIGS = autotune_configs(
     _INTERP,
 )
 # grouped-query heads (G > 1, a runtime loop over the group): with Triton 3.6 the dK/dV
-# pass spilled 36 B at BM = BN = 64, 4 warps, 2 stages (255 registers); 8 warps, 1 stage: 165
+# pass spilled 36 B at BM = BN = 64, 4 warps, 2 stages (255 registers); BM = 32 keeps the
+# 64-key block and its pipelined asynchronous loads at 220 registers (204 with 3.9)
 _BWD_GQA_CONFIGS = autotune_configs(
-    [_BWD_CONFIGS.space[1], _BWD_CONFIGS.space[0], *_BWD_CONFIGS.space[2:]], _INTERP
+    [_BWD_CONFIGS.space[2], *_BWD_CONFIGS.space[:2], *_BWD_CONFIGS.space[3:]], _INTERP
 )
 # fp32 inputs with a bias or grouped heads: BM = 16, BN = 32, 4 warps spilled 8-24 B (the
 # bias's column sums of dS, the group loop; Triton 3.6 and 3.9); 32 x 32 with 8 warps
