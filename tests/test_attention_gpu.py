@@ -101,3 +101,21 @@ def test_grouped_bias_gate_at_model_sizes(dtype, b, h, hk, lq, lk, d):
     assert rel(out, ref) < TOL[dtype]
     for a, r in zip(grads, ref_grads, strict=True):
         assert rel(a, r) < 3 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_query_causal_backward(dtype):
+    """Grouped-query heads without a bias (Qwen2-VL's language model: 28 query heads over 4
+    key/value heads, D 128, causal): the dK/dV kernel of grouped heads (16-bit) and the fp32
+    one of a bias or groups, each with its own default config, against float64."""
+    q, k, v = leaves((2, 28, 300, 128), (2, 4, 300, 128), (2, 4, 300, 128), dtype=dtype)
+    out = A.attention(q, k, v, causal=True)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with use_backend("torch"):
+        ref = A.attention(*leaves64, causal=True)
+        ref_grads = torch.autograd.grad(ref, leaves64, g.double())
+    assert rel(out, ref) < TOL[dtype]
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert rel(a, r) < 3 * TOL[dtype]
