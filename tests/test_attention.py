@@ -265,6 +265,10 @@ def test_key_mass_row_with_split_keys_and_bias(causal, device, backend):
         out, mass = A.attention(q, k, v, causal=causal, key_bias=bias, key_mass=row)
         assert torch.equal(out, plain)
         assert rel(mass, p[:, :, row].mean(1)) < 1e-5, row
+    # the op's mass is non-differentiable: it never requires grad, out does
+    out, _, mass = torch.ops.vlmkernels.attention_row_mass(leaf(q), k, v, causal, 0.25, bias,
+                                                           1, 0.5)  # fmt: skip
+    assert out.requires_grad and not mass.requires_grad
 
 
 # ------------------------------------------------------------------ media_cross_attention

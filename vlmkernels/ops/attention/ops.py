@@ -255,11 +255,13 @@ def _(q, k, v, causal, scale, bias, row, weight):
 @attention_row_mass.autograd
 class _:
     """Differentiable through out and lse as attention_core (the same saved tensors and
-    backward); the mass is not (its gradient is ignored)."""
+    backward); the mass is marked non-differentiable (it never requires grad, so nothing
+    can send it a gradient to drop)."""
 
     def setup_context(ctx, inputs, output):
         q, k, v, causal, scale, bias, _, _ = inputs
-        out, lse, _ = output
+        out, lse, mass = output
+        ctx.mark_non_differentiable(mass)
         ctx.set_materialize_grads(False)
         ctx.options = (q.shape[2], k.shape[2], causal, scale, 0.0)
         remember_backend(ctx)
