@@ -1,5 +1,6 @@
-"""The config spaces of the attention kernels (:mod:`.kernels`, :mod:`.key_mass_kernels`)
-and their tuning key: a kernel's first config is its untuned default, chosen to compile for
+"""The config spaces of the core attention kernels (:mod:`.kernels`), and the tuning key
+and config shorthands they share with :mod:`.key_mass_kernels` (which keeps its two spaces
+beside its kernels): a kernel's first config is its untuned default, chosen to compile for
 sm_90a without spills (Triton 3.6 and 3.9) for the launches that kernel serves; the comments
 say what the others spilled."""
 
@@ -11,7 +12,8 @@ from ...core.runtime import autotune_configs
 
 # Two config spaces per core kernel: fp32 inputs (3xTF32 dots) need about three times the
 # registers of 16-bit ones, so each first config (the default) compiles for sm_90a without
-# spills for its own input dtypes; the launchers pick the kernel by dtype.
+# spills for its own input dtypes; the launchers pick the kernel by dtype (the dK/dV pass
+# also by key bias and grouped heads, :func:`.kernels.bwd_kv_kernel`).
 _C = triton.Config
 _INTERP = _C({"BM": 16, "BN": 16}, num_warps=1)
 _FWD_CONFIGS = autotune_configs(
