@@ -7,6 +7,8 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# exact types that pass the number checks without the (slower) abstract-class test
+_PLAIN_REALS = (float, int)
 
 
 def _dtype_names(dtypes) -> str:
@@ -31,6 +33,8 @@ def check_features(op: str, t, name: str) -> None:
 
 def check_compatible(op: str, a: torch.Tensor, b: torch.Tensor, names) -> None:
     """Two feature tensors with the same feature dim, dtype and device."""
+    if a.shape[1] == b.shape[1] and a.dtype == b.dtype and a.device == b.device:
+        return
     for what, va, vb, exc in (
         ("feature dim", a.shape[1], b.shape[1], ValueError),
         ("dtype", a.dtype, b.dtype, TypeError),
@@ -59,18 +63,25 @@ def check_feature_pair(
 def check_real(op: str, name: str, value, low: float, high: float, high_open=False) -> float:
     """``value`` (a real number, not a bool) in [low, high] ([low, high) with
     ``high_open``), as a float."""
-    interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a float in {interval}, got {value!r}")
+    if type(value) not in _PLAIN_REALS and (isinstance(value, bool)
+                                            or not isinstance(value, numbers.Real)):  # fmt: skip
+        raise TypeError(f"{op}: {name} must be a float in {_interval(low, high, high_open)}, "
+                        f"got {value!r}")  # fmt: skip
     value = float(value)
     if not (low <= value < high if high_open else low <= value <= high):
-        raise ValueError(f"{op}: {name} must be in {interval}, got {value!r}")
+        raise ValueError(f"{op}: {name} must be in {_interval(low, high, high_open)}, "
+                         f"got {value!r}")  # fmt: skip
     return value
+
+
+def _interval(low: float, high: float, high_open: bool) -> str:
+    return f"[{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def check_int(op: str, name: str, value) -> int:
     """``value`` (an integer, not a bool) as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool)
+                                   or not isinstance(value, numbers.Integral)):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     return int(value)
 

@@ -242,10 +242,10 @@ def first_order_only(op: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapped(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual backward: no graph to build
+                return backward(ctx, *grads)
             with torch.no_grad():
                 out = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return out
             single = not isinstance(out, tuple)
             out = [out] if single else list(out)
             where = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]

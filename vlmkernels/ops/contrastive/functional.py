@@ -63,33 +63,46 @@ def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teach
                    like=None, names=("ids", "teacher[0]", "teacher[1]")):  # fmt: skip
     """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached).
     ``names``: what the ids and the two teacher tensors are called in the caller."""
-    if ids is not None:
-        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-            raise TypeError(f"{op}: {names[0]} must be an integer tensor, got {got}")
-        if ids.shape != (n,):
-            raise ValueError(f"{op}: {names[0]} must have shape ({n},), got {tuple(ids.shape)}")
-        ids = ids.to(device=device, dtype=torch.int64)
+    ids = check_ids(op, names[0], ids, n, device)
     check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
     alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     if teacher is not None:
-        if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
-            raise TypeError(f"{op}: teacher must be a pair (image, text) of feature tensors, "
-                            f"got {type(teacher).__name__}")  # fmt: skip
-        for t, ref, name in zip(teacher, like, names[1:], strict=True):
-            want = f"({tuple(ref.shape)}, {ref.dtype})"
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name} must be a tensor shaped like the features "
-                                f"{want}, got {type(t).__name__}")  # fmt: skip
-            if t.shape != ref.shape or t.dtype != ref.dtype:
-                raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
-                                 f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
-            if t.device != device:
-                raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
-        teacher = tuple(t.detach() for t in teacher)
+        teacher = check_teacher(op, teacher, like, names[1:], device)
     elif alpha:
         raise ValueError(f"{op}: alpha > 0 needs teacher features")
     return ids, teacher
+
+
+def check_ids(op, name, ids, n, device):
+    """``ids`` (None, or an (n,) integer tensor) as int64 on ``device``."""
+    if ids is None:
+        return None
+    got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {got}")
+    if ids.shape != (n,):
+        raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(ids.shape)}")
+    return ids.to(device=device, dtype=torch.int64)
+
+
+def check_teacher(op, teacher, like, names, device):
+    """``teacher``, a pair of feature tensors shaped like the pair ``like`` (same dtype, on
+    ``device``; ``names``: what they are called in the caller), detached."""
+    if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+        raise TypeError(f"{op}: teacher must be a pair (image, text) of feature tensors, "
+                        f"got {type(teacher).__name__}")  # fmt: skip
+    for t, ref, name in zip(teacher, like, names, strict=True):
+        if isinstance(t, torch.Tensor) and t.shape == ref.shape and t.dtype == ref.dtype:
+            if t.device != device:
+                raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
+            continue
+        want = f"({tuple(ref.shape)}, {ref.dtype})"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor shaped like the features "
+                            f"{want}, got {type(t).__name__}")  # fmt: skip
+        raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
+                         f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
+    return tuple(t.detach() if t.requires_grad else t for t in teacher)
 
 
 def _reduce(losses, reduction, halve_sum):
@@ -240,18 +253,17 @@ def contrastive_cross_entropy(
         loss = ops.contrastive_ce_reduced(queries, keys, scale, bias, weight, offset, False,
                                           chunk)[0]  # fmt: skip
         return cast(loss, queries.dtype)
-    q_ids, _ = check_targets(op, queries.shape[0], device, query_ids, label_smoothing,
-                             names=("query_ids",))  # fmt: skip
+    q_ids = check_ids(op, "query_ids", query_ids, m, device)
+    k_ids = check_ids(op, "key_ids", key_ids, n, device)
+    check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
     alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
-    k_ids, _ = check_targets(op, keys.shape[0], device, key_ids, names=("key_ids",))
     teacher = (None, None, None)
     if alpha and teacher_queries is None:
         raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
     if teacher_queries is not None:
         teacher_keys = keys if teacher_keys is None else teacher_keys
-        _, (tq, tk) = check_targets(op, 0, device, teacher=(teacher_queries, teacher_keys),
-                                    like=(queries, keys),
-                                    names=(None, "teacher_queries", "teacher_keys"))  # fmt: skip
+        tq, tk = check_teacher(op, (teacher_queries, teacher_keys), (queries, keys),
+                               ("teacher_queries", "teacher_keys"), device)  # fmt: skip
         t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
         teacher = (tq, tk, scalar_tensor(op, "teacher_logit_scale", t_scale, device).detach())
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
