@@ -1,6 +1,7 @@
-"""The whole-loss path (``vlmkernels.ops.contrastive.whole_loss``): a mean or sum CLIP loss
-with the default targets, and the fused SigLIP loss, in prepared launches with the host's
-finishing arithmetic in Triton kernels.
+"""The whole-loss path (``vlmkernels.ops.contrastive.whole_loss`` and ``.whole_targets``) with
+the default targets: a mean or sum CLIP loss (and one direction, ALBEF's without
+distillation), and the fused SigLIP loss, in prepared launches with the host's finishing
+arithmetic in Triton kernels (the other targets: ``test_contrastive_whole_targets.py``).
 
 Checked here: that the path is taken where it applies (and not elsewhere), that it agrees
 with float64 math and with the general launchers it replaces (the fallbacks: more than
@@ -17,24 +18,31 @@ from test_contrastive import check_against_reference, features, leaf, rel_err
 
 import vlmkernels
 from vlmkernels.core import tuning
-from vlmkernels.ops.contrastive import finalize, whole_loss
+from vlmkernels.ops.contrastive import finalize, whole_loss, whole_targets
 from vlmkernels.ops.contrastive import ops as C
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the whole-loss path's calls that returned a result, per function."""
+    """Counts the whole-loss path's calls that returned a result, per function: the
+    cross-entropy's forward and backward (:mod:`~vlmkernels.ops.contrastive.whole_targets`,
+    which the default targets take too) and the fused SigLIP loss."""
     counts = {"ce_forward": 0, "ce_backward": 0, "siglip_fused": 0}
+    functions = {
+        "ce_forward": ("_ce_targets_forward_whole", whole_targets.ce_targets_forward),
+        "ce_backward": ("_ce_targets_backward_whole", whole_targets.ce_targets_backward),
+        "siglip_fused": ("_siglip_fused_whole", whole_loss.siglip_fused),
+    }
 
     def counting(name):
-        fn = getattr(whole_loss, name)
+        attr, fn = functions[name]
 
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
             counts[name] += out is not None
             return out
 
-        monkeypatch.setattr(C, f"_{name}_whole", wrapped)
+        monkeypatch.setattr(C, attr, wrapped)
 
     for name in counts:
         counting(name)
@@ -90,7 +98,7 @@ def test_fallbacks_agree_with_the_whole_loss_path(fallback, device, calls, monke
             monkeypatch.setenv("VLMKERNELS_CLIP_BACKWARD", "fused")
         else:  # launches that cannot be prepared: as while `vlmkernels tune` records
             monkeypatch.setattr(tuning, "_RECORDING", [])
-            whole_loss._PLANS.clear()
+            whole_loss._PLANS.clear()  # the cache of every whole-loss plan
         general = _grads(vlmkernels.clip_loss, x, y, s, b, **kw)
         general_sig = _grads(vlmkernels.siglip_loss, x, y, s, b, **kw)
     expected = {
@@ -121,7 +129,7 @@ def test_reduced_ops_opcheck(m, n, offset, cols, device):
         torch.library.opcheck(ops.contrastive_ce_reduced, (leaf(x), leaf(y), leaf(s), leaf(b),
                                                            *options))  # fmt: skip
         _, coef = ops.contrastive_ce_reduced(x, y, s, b, *options)
-        assert coef.shape == (1 + cols, 3, m)
+        assert coef.shape == (1 + cols, 6, m)
         grad = torch.tensor(1.7, device=device)
         torch.library.opcheck(ops.contrastive_ce_reduced_backward,
                               (x, y, s, b, coef, grad, 1 / m, offset, 0))  # fmt: skip

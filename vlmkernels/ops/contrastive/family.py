@@ -195,9 +195,9 @@ def compile_cases() -> list[CompileCase]:
 
 
 def _finishing_cases() -> list[CompileCase]:
-    """The whole-loss path's finishing kernels (:mod:`.finalize`): CLIP's loss from the
-    statistics' partials, the partial sums, and the gradient finishing of CLIP's backward
-    and of the fused SigLIP loss."""
+    """The whole-loss path's finishing kernels (:mod:`.finalize`): the partial sums, the
+    gradient finishing of the cross-entropy's backward and of the fused SigLIP loss, and
+    the cross-entropy's loss kernels (:func:`_target_cases`)."""
     f32 = lambda *names: dict.fromkeys(names, _F32)  # noqa: E731
     grads = dict(x_ptr="*{elem}", dx_ptr="*{elem}", dy_ptr="*{elem}",
                  **f32("gy_ptr", "gtx_ptr", "scale_ptr", "bias_ptr", "grad_ptr", "partial_ptr",
@@ -209,13 +209,6 @@ def _finishing_cases() -> list[CompileCase]:
     rows = dict(ROWS=finalize.FINAL_ROWS, BD=finalize.FINAL_COLUMNS, BLOCK=finalize.SUM_BLOCK)
     kappa = {"kappa": "fp32"}
     return [
-        *(
-            CompileCase(name, finalize._ce_loss_parts_kernel,
-                        f32("ws_ptr", "coef_ptr", "part_ptr", "loss_ptr"),
-                        dict(COLS=cols, BLOCK=finalize.PARTS_BLOCK), aligned=("M", "L"),
-                        scalars={"weight": "fp32"}, expect=("no_spill",))
-            for name, cols in (("clip_loss_parts", True), ("ce_loss_parts", False))
-        ),
         CompileCase("sum_parts", finalize._sum_parts_kernel, f32("part_ptr", "out_ptr"),
                     dict(BLOCK=finalize.SUM_BLOCK), expect=("no_spill",)),
         CompileCase("clip_grads_finalize", finalize._grads_finalize_kernel, grads,
@@ -234,17 +227,17 @@ def _finishing_cases() -> list[CompileCase]:
 
 
 def _target_cases() -> list[CompileCase]:
-    """The whole-loss path's finishing kernels for targets (:mod:`.whole_targets`): the
-    ids' positive counts, the teacher's log-sum-exp, and the loss with its coefficients for
-    every combination of ids, label smoothing and teacher (one at least: without any the
-    one-hot kernel runs) in one direction and in both."""
+    """The cross-entropy's loss kernels (:mod:`.whole_targets`): the ids' positive counts,
+    the teacher's log-sum-exp, and the loss with its coefficients for every combination of
+    ids, label smoothing and teacher (none: one positive per row) in one direction and in
+    both."""
     f32 = lambda *names: dict.fromkeys(names, _F32)  # noqa: E731
     parts = f32("row_max_ptr", "row_sum_ptr", "row_acc_ptr", "col_max_ptr", "col_sum_ptr",
                 "col_acc_ptr", "count_ptr", "t_lse_r_ptr", "t_lse_c_ptr", "coef_ptr",
                 "part_ptr", "loss_ptr")  # fmt: skip
     scalars = dict.fromkeys(("weight", "smoothing", "alpha"), "fp32")
     flags = [(ids, smooth, teacher) for ids in (False, True) for smooth in (False, True)
-             for teacher in (False, True) if ids or smooth or teacher]  # fmt: skip
+             for teacher in (False, True)]  # fmt: skip
     lse = f32("row_max_ptr", "row_sum_ptr", "col_max_ptr", "col_sum_ptr", "lse_r_ptr",
               "lse_c_ptr")  # fmt: skip
     return [
@@ -260,9 +253,9 @@ def _target_cases() -> list[CompileCase]:
         ),
         *(
             CompileCase(
-                f"{side}_target_parts_" + "_".join(
+                "_".join((f"{side}_target_parts", *(
                     name for name, on in zip(("ids", "smooth", "teacher"), flag, strict=True)
-                    if on),
+                    if on))),
                 finalize._ce_target_parts_kernel, parts,
                 dict(COLS=cols, IDS=flag[0], SMOOTH=flag[1], TEACHER=flag[2],
                      BLOCK=finalize.PARTS_BLOCK),
@@ -280,7 +273,6 @@ FAMILY = register(
             kernels._clip_grad_kernel,
             kernels._siglip_kernel,
             fused_backward._clip_fused_grad_kernel,
-            finalize._ce_loss_parts_kernel,
             finalize._sum_parts_kernel,
             finalize._grads_finalize_kernel,
             finalize._grad_scalars_kernel,

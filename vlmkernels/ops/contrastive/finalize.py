@@ -1,20 +1,17 @@
-"""The finishing kernels of the whole-loss path (:mod:`.whole_loss`): what the host used to
-do with a dozen small torch ops after the main kernels, in one or two launches.
+"""The finishing kernels of the whole-loss path (:mod:`.whole_loss`, :mod:`.whole_targets`):
+what the host used to do with a dozen small torch ops after the main kernels, in one or
+two launches.
 
-- ``_ce_loss_parts_kernel``: merges the CLIP statistics kernel's partials into the row
-  (and column) log-sum-exp, writes the backward's coefficients (lse, u = 1, h = 1) per
-  side, and the loss ``weight * sum_i (r_i - S_i,i+offset (+ c_i - S_ii))``: directly when
-  it runs as one program, else as per-program partials that ``_sum_parts_kernel`` adds.
+- ``_ce_target_parts_kernel``: merges the CLIP statistics kernel's partials into the row
+  (and column) log-sum-exp, writes the loss and the backward's (6, M) coefficients per
+  side: directly when it runs as one program, else as per-program partials that
+  ``_sum_parts_kernel`` adds. For targets with ids, ``_ids_count_kernel`` counts each
+  row's positives first; with a teacher, ``_lse_merge_kernel`` gives the teacher's
+  log-sum-exp, which the student's statistics read.
 - ``_grads_finalize_kernel``: scales the fp32 products G Y and G^T X of a logit gradient
   G into dX and dY (in the features' dtype), and reduces the scale and bias gradients
   (and SigLIP's loss) from the partial sums of the kernel that wrote G; with more than one
   program, ``_grad_scalars_kernel`` finishes the scalars.
-
-- For targets with ids, label smoothing or a teacher (:mod:`.whole_targets`):
-  ``_ids_count_kernel`` (each row's positive count), ``_lse_merge_kernel`` (the teacher's
-  log-sum-exp, which the student's statistics read) and ``_ce_target_parts_kernel`` (the
-  loss and the (6, M) coefficients per side, as ``_ce_loss_parts_kernel`` does for one
-  positive per row).
 
 Block sizes are fixed per machine kind (not tuned): the host sizes the partial buffers
 from them; only the warps are tuned.
@@ -63,48 +60,6 @@ def _merge_lse(max_ptr, sum_ptr, stride, parts, offs, mask):
 
 
 # fmt: off
-@tuned("ce_loss_parts", configs=_warps(4), key=["M", "COLS"], sizes=["M"])
-@triton.jit
-def _ce_loss_parts_kernel(
-    ws_ptr, coef_ptr, part_ptr, loss_ptr,
-    M, L, splits, groups, weight,
-    COLS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Cross-entropy loss of the M rows (and, with ``COLS``, of the columns: then the block
-    is M x M) of a logit block in which every row has exactly one positive, from the
-    statistics kernel's partials in ``ws``: five rows of L floats, the row max, row sum and
-    row positive logit, each ``splits`` x M, then the column max and column sum,
-    ``groups`` x M; only the used splits and groups, as the host counts them.
-
-    Writes coef (1 + COLS, 3, M): per side (rows, columns) the natural lse, then 1, 1 (the
-    upstream and positive weights, normalised: the host keeps the weight); part[pid], this
-    program's share of ``weight * sum(losses)``; and, as one program, the loss itself.
-    """
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M
-    ones = tl.full((BLOCK,), 1.0, tl.float32)
-    lse_r = _merge_lse(ws_ptr, ws_ptr + L, M, splits, offs, mask)
-    hard = tl.zeros((BLOCK,), tl.float32)
-    for k in range(splits):
-        hard += tl.load(ws_ptr + 2 * L + k * M + offs, mask=mask, other=0.0)
-    tl.store(coef_ptr + offs, lse_r, mask=mask)
-    tl.store(coef_ptr + M + offs, ones, mask=mask)
-    tl.store(coef_ptr + 2 * M + offs, ones, mask=mask)
-    losses = lse_r - hard
-    if COLS:
-        # square, positives on the diagonal: S_ii is the same pair for row i and column i
-        lse_c = _merge_lse(ws_ptr + 3 * L, ws_ptr + 4 * L, M, groups, offs, mask)
-        tl.store(coef_ptr + 3 * M + offs, lse_c, mask=mask)
-        tl.store(coef_ptr + 4 * M + offs, ones, mask=mask)
-        tl.store(coef_ptr + 5 * M + offs, ones, mask=mask)
-        losses += lse_c - hard
-    part = tl.sum(tl.where(mask, losses, 0.0), 0) * weight
-    tl.store(part_ptr + pid, part)
-    if tl.num_programs(0) == 1:
-        tl.store(loss_ptr, part)
-
-
 @tuned("sum_parts", configs=_warps(4), key=["n"], sizes=["n"])
 @triton.jit
 def _sum_parts_kernel(part_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -312,7 +267,8 @@ def _ce_target_parts_kernel(
     COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``_ce_loss_parts_kernel`` for targets with ids (``IDS``), label smoothing
+    """The cross-entropy losses of a logit block and their coefficients, for one positive
+    per row at col = row + offset (no flag) or targets with ids (``IDS``), label smoothing
     (``SMOOTH``) and / or a teacher (``TEACHER``, alpha > 0): the cross-entropy of the M
     rows over the N columns of a logit block (and, with ``COLS``, of its columns: then the
     block is square, offset 0 and the ids are the same on both sides, so that the columns'

@@ -31,8 +31,6 @@ from .reference import block_stats_torch as _block_stats_torch
 from .reference import compute_dtype
 from .reference import siglip_grads_torch as _siglip_grads_torch
 from .reference import siglip_rows_torch as _siglip_rows_torch
-from .whole_loss import ce_backward as _ce_backward_whole
-from .whole_loss import ce_forward as _ce_forward_whole
 from .whole_loss import siglip_fused as _siglip_fused_whole
 from .whole_targets import ce_targets_backward as _ce_targets_backward_whole
 from .whole_targets import ce_targets_forward as _ce_targets_forward_whole
@@ -320,101 +318,6 @@ def _(x, y, scale, bias, *_):
     return _fake_grads(x, y, scale, bias)
 
 
-# ------------------------------------------------------------------- contrastive_ce_reduced
-
-
-def _reduced_from_stats(row, col, weight, offset, n, ct):
-    """(loss, coef) of :data:`contrastive_ce_reduced` from complete stats (col: None for
-    one direction)."""
-    targets, m = Targets(offset), row.lse.shape[0]
-    loss = row.losses(targets, n).sum()
-    ones = torch.ones_like(row.lse)
-    sides = [torch.stack((row.lse, ones, ones))]
-    if col is not None:
-        loss = loss + col.losses(targets, m).sum()
-        sides.append(torch.stack((col.lse, ones, ones)))
-    return cast(loss * weight, ct), cast(torch.stack(sides), ct)
-
-
-@contrastive_ce_reduced.impl("triton")
-def _(x, y, scale, bias, weight, offset, cols, chunk_size):
-    """(loss, coef): ``weight * sum_i (l^row_i (+ l^col_i))``, the cross-entropies of the
-    rows (and columns) of S = s x y^T + b with one positive per row at col = row + offset
-    (and per column: then M = N, offset 0; the caller checks both), fp32, and the backward's
-    (1 + cols, 3, M) coefficients (per side: lse, then the normalised weights u = h = 1)."""
-    whole = _ce_forward_whole(x, y, scale, bias, weight, offset, cols)
-    if whole is not None:
-        return whole
-    row, col = _block_stats_triton(x, y, scale, bias, Targets(offset), True, cols)
-    return _reduced_from_stats(row, col, weight, offset, y.shape[0], torch.float32)
-
-
-@contrastive_ce_reduced.impl("torch")
-def _(x, y, scale, bias, weight, offset, cols, chunk_size):
-    row, col = _block_stats_torch(x, y, scale, bias, Targets(offset), True, cols, (None, None),
-                                  chunk_size)  # fmt: skip
-    return _reduced_from_stats(row, col, weight, offset, y.shape[0], compute_dtype(x.dtype))
-
-
-@contrastive_ce_reduced.fake
-def _(x, y, scale, bias, weight, offset, cols, chunk_size):
-    ct = compute_dtype(x.dtype)
-    return x.new_empty((), dtype=ct), x.new_empty((1 + cols, 3, x.shape[0]), dtype=ct)
-
-
-@contrastive_ce_reduced.autograd
-class _:
-    def setup_context(ctx, inputs, output):
-        x, y, scale, bias, weight, offset, cols, chunk_size = inputs
-        ctx.save_for_backward(x, y, scale, bias, output[1])
-        ctx.options = (weight, offset, chunk_size)
-        ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
-        remember_backend(ctx)
-
-    @first_order_only("clip_loss / contrastive_cross_entropy")
-    @in_forward_backend
-    def backward(ctx, grad_loss, _grad_coef):
-        if grad_loss is None:
-            return _input_grads(ctx, None, None, None, None)
-        x, y, scale, bias, coef = ctx.saved_tensors
-        grads = contrastive_ce_reduced_backward(x, y, scale, bias, coef, grad_loss, *ctx.options)
-        return _input_grads(ctx, *grads)
-
-
-def _full_coefficients(coef, grad, weight):
-    """The (6, L) coefficients per side (lse, u, h, e, a, teacher lse) of the gradient of
-    grad * weight * loss from :data:`contrastive_ce_reduced`'s coef; None for no columns."""
-    u = (grad * weight).to(coef.dtype)
-    zeros = torch.zeros_like(coef[0, 0])
-    sides = [torch.stack((c[0], c[1] * u, c[2] * u, zeros, zeros, zeros)) for c in coef]
-    return sides[0], (sides[1] if len(sides) > 1 else None)
-
-
-@contrastive_ce_reduced_backward.impl("triton")
-def _(x, y, scale, bias, coef, grad, weight, offset, chunk_size):
-    """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_reduced`'s loss."""
-    whole = _ce_backward_whole(x, y, scale, bias, coef, grad, weight, offset, chunk_size)
-    if whole is not None:
-        return whole
-    row_coef, col_coef = _full_coefficients(coef, grad, weight)
-    dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, Targets(offset), row_coef, col_coef,
-                                         triton_chunk_rows(x, chunk_size))  # fmt: skip
-    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
-
-
-@contrastive_ce_reduced_backward.impl("torch")
-def _(x, y, scale, bias, coef, grad, weight, offset, chunk_size):
-    row_coef, col_coef = _full_coefficients(coef, grad, weight)
-    dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, Targets(offset), row_coef, col_coef,
-                                        chunk_size)  # fmt: skip
-    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
-
-
-@contrastive_ce_reduced_backward.fake
-def _(x, y, scale, bias, *_):
-    return _fake_grads(x, y, scale, bias)
-
-
 # ----------------------------------------------------------- contrastive_ce_targets_reduced
 
 
@@ -523,6 +426,67 @@ contrastive_ce_targets_reduced_backward.impl("torch")(
 
 
 @contrastive_ce_targets_reduced_backward.fake
+def _(x, y, scale, bias, *_):
+    return _fake_grads(x, y, scale, bias)
+
+
+# ------------------------------------------------------------------- contrastive_ce_reduced
+# The targets op with one positive per row (CLIP's default targets, ALBEF's without
+# distillation), under a schema without the optional targets: the same implementations,
+# for half the arguments in the eager call (host time, see benchmarks/host.py).
+
+
+def _ce_reduced(backend, x, y, scale, bias, weight, offset, cols, chunk_size):
+    """(loss, coef): ``weight * sum_i (l^row_i (+ l^col_i))``, the cross-entropies of the
+    rows (and columns) of S = s x y^T + b with one positive per row at col = row + offset
+    (and per column: then M = N, offset 0; the caller checks both), and the backward's
+    (1 + cols, 6, M) coefficients: :data:`contrastive_ce_targets_reduced` without its
+    optional targets, which it runs."""
+    return _ce_targets_reduced(backend, x, y, scale, bias, None, None, None, None, None, weight,
+                               offset, 0.0, 0.0, cols, chunk_size)  # fmt: skip
+
+
+contrastive_ce_reduced.impl("triton")(functools.partial(_ce_reduced, "triton"))
+contrastive_ce_reduced.impl("torch")(functools.partial(_ce_reduced, "torch"))
+
+
+@contrastive_ce_reduced.fake
+def _(x, y, scale, bias, weight, offset, cols, chunk_size):
+    ct = compute_dtype(x.dtype)
+    return x.new_empty((), dtype=ct), x.new_empty((1 + cols, 6, x.shape[0]), dtype=ct)
+
+
+@contrastive_ce_reduced.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        x, y, scale, bias, weight, offset, cols, chunk_size = inputs
+        ctx.save_for_backward(x, y, scale, bias, output[1])
+        ctx.options = (weight, offset, chunk_size)
+        ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
+        remember_backend(ctx)
+
+    @first_order_only("clip_loss / contrastive_cross_entropy")
+    @in_forward_backend
+    def backward(ctx, grad_loss, _grad_coef):
+        if grad_loss is None:
+            return _input_grads(ctx, None, None, None, None)
+        x, y, scale, bias, coef = ctx.saved_tensors
+        grads = contrastive_ce_reduced_backward(x, y, scale, bias, coef, grad_loss, *ctx.options)
+        return _input_grads(ctx, *grads)
+
+
+def _ce_reduced_backward(backend, x, y, scale, bias, coef, grad, weight, offset, chunk_size):
+    """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_reduced`'s loss."""
+    no_targets = (None,) * 5
+    return _ce_targets_reduced_backward(backend, x, y, scale, bias, *no_targets, coef, grad,
+                                        weight, offset, 0.0, 0.0, chunk_size)  # fmt: skip
+
+
+contrastive_ce_reduced_backward.impl("triton")(functools.partial(_ce_reduced_backward, "triton"))
+contrastive_ce_reduced_backward.impl("torch")(functools.partial(_ce_reduced_backward, "torch"))
+
+
+@contrastive_ce_reduced_backward.fake
 def _(x, y, scale, bias, *_):
     return _fake_grads(x, y, scale, bias)
 

@@ -1,7 +1,8 @@
-"""The whole-loss path (:mod:`.whole_loss`) for cross-entropy targets beyond one positive
-per row: ids (several positives per row, or none), label smoothing and ALBEF's
-distillation by a teacher (alpha in (0, 1]), for a mean or sum loss over the rows (and,
-symmetric, the columns) of S = s x y^T + b (M x N).
+"""The whole-loss path (:mod:`.whole_loss`) of the contrastive cross-entropy: a mean or sum
+loss over the rows (and, symmetric, the columns) of S = s x y^T + b (M x N) with any
+:class:`~.algebra.Targets`: one positive per row at col = row + offset (CLIP's default
+targets, ALBEF's without distillation), ids (several positives per row, or none), label
+smoothing and ALBEF's distillation by a teacher (alpha in (0, 1]).
 
 Forward, prepared launches only (no torch arithmetic on the host):
 
@@ -9,7 +10,8 @@ Forward, prepared launches only (no torch arithmetic on the host):
    targets), then ``_lse_merge_kernel``: the teacher's row (and column) log-sum-exp;
 2. with ids, ``_ids_count_kernel``: each row's positive count (with columns the block is
    square and the ids the same on both sides: the columns' counts are the rows');
-3. the statistics kernel with the targets' variant (IDS, SMOOTH, TEACHER);
+3. the statistics kernel with the targets' variant (IDS, SMOOTH, TEACHER; none of them
+   for one positive per row);
 4. ``_ce_target_parts_kernel``: the losses (NaN for a row without a target: no positive
    and alpha < 1), their weighted sum and the backward's (1 + cols, 6, M) coefficients
    (lse, u, h, e, a, teacher lse) normalised to unit upstream weight (u = 1, or NaN for
@@ -17,17 +19,21 @@ Forward, prepared launches only (no torch arithmetic on the host):
 
 Backward: the gradient kernel with the same variant writes G from those coefficients, and
 :func:`.whole_loss._finish` scales G Y and G^T X by s * weight * upstream gradient and
-reduces the scale and bias gradients, as for the one-hot targets.
+reduces the scale and bias gradients.
 
-Every buffer of a call is one fp32 allocation split into views. A call returns None where
+Every buffer of a call is one fp32 allocation split into views, one per role the
+variant uses (a role it does not use gets a stand-in pointer). A call returns None where
 the path does not apply (more than one chunk of rows, a tuner recording launches,
-``VLMKERNELS_AUTOTUNE=1``, a fused backward design for label smoothing alone, which that
-design covers): the caller then takes the general launchers.
+``VLMKERNELS_AUTOTUNE=1``, a fused backward design for the targets that design covers:
+one positive per row, with or without label smoothing): the caller then takes the
+general launchers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from operator import itemgetter
 
 import torch
 
@@ -45,13 +51,25 @@ from .finalize import (
     _sum_parts_kernel,
 )
 from .fused_backward import clip_backward_design
-from .kernels import _clip_stats_kernel
+from .kernels import _clip_grad_kernel, _clip_stats_kernel
 from .launchers import _cdiv, _col_splits, _stats_grid
-from .whole_loss import _PLANS, _ce_backward_plan, _ce_flags, _finish, _prepared, _used
+from .whole_loss import _F32, _PLANS, _Finish, _finish, _finish_plan, _flags, _prepared
 
 __all__ = ["ce_targets_backward", "ce_targets_forward"]
 
-_F32 = torch.float32
+
+def _used(items: int, parts: int, block: int) -> int:
+    """How many of ``parts`` (:func:`~vlmkernels.kernels.blocks.block_range` shares of the
+    blocks of ``block`` over ``items``) are not empty."""
+    blocks = _cdiv(items, block)
+    return _cdiv(blocks, _cdiv(blocks, parts))
+
+
+def _ce_flags(x, bias, cols, ids=False, smooth=False, teacher=False):
+    """The CLIP kernels' constexprs: both directions or rows only, and the targets' variant
+    (ids, label smoothing, a teacher; none for one positive per row)."""
+    return dict(ROWS=True, COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=teacher,
+                **_flags(x, bias))  # fmt: skip
 
 
 def _slots(ids, smooth, teacher) -> int:
@@ -89,7 +107,8 @@ class _Forward:
     stats: object
     parts: object
     sum: object  # None with one parts program
-    sizes: tuple  # of the views of the call's one fp32 buffer (see _views)
+    sizes: tuple  # of the views of the call's one fp32 buffer: the roles the variant uses
+    roles: Callable  # the views -> one per role of _VIEWS (an unused role: row_max's)
 
 
 _VIEWS = ("row_max", "row_sum", "row_acc", "col_max", "col_sum", "col_acc", "count",
@@ -111,8 +130,7 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
     cfg = stats[1].all_kwargs()
     used_groups, used_splits = _used(m, groups, cfg["BM"]), _used(n, splits, cfg["BN"])
     t_stats = t_lse = count = None
-    t_size = dict.fromkeys(("t_row_max", "t_row_sum", "t_row_acc", "t_col_max", "t_col_sum",
-                            "t_lse_r", "t_lse_c"), 1)  # fmt: skip
+    t_size = {}
     if has_teacher:
         xt, yt, ts = teacher
         t_args = _stats_args(xt, yt, ts, None, None, 0, groups, ws)
@@ -125,9 +143,10 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
         t_lse = _prepared(_lse_merge_kernel, (_cdiv(m, PARTS_BLOCK),),
                           (ws, ws, ws, ws, ws, ws, m, t_splits, t_groups),
                           dict(COLS=cols, BLOCK=PARTS_BLOCK))  # fmt: skip
-        t_size.update(t_row_max=splits * m, t_row_sum=splits * m, t_row_acc=splits * m,
-                      t_col_max=groups * n if cols else 1, t_col_sum=groups * n if cols else 1,
-                      t_lse_r=m, t_lse_c=n if cols else 1)  # fmt: skip
+        t_size = dict(t_row_max=splits * m, t_row_sum=splits * m, t_row_acc=splits * m,
+                      t_lse_r=m)  # fmt: skip
+        if cols:
+            t_size.update(t_col_max=groups * n, t_col_sum=groups * n, t_lse_c=n)
         t_stats = t_stats[0]
     count_splits = 1
     if ids:
@@ -146,13 +165,18 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
     if (parts is None or (programs > 1 and total is None) or (ids and count is None)
             or (has_teacher and t_lse is None)):  # fmt: skip
         return None
-    col_slots = slots if cols and slots > 1 else 0
-    size = dict(row_max=splits * m, row_sum=splits * m, row_acc=slots * splits * m,
-                col_max=groups * n if cols else 1, col_sum=groups * n if cols else 1,
-                col_acc=max(1, col_slots * groups * n), count=count_splits * m if ids else 1,
-                **t_size, parts=programs)  # fmt: skip
+    size = dict(row_max=splits * m, row_sum=splits * m, row_acc=slots * splits * m, **t_size,
+                parts=programs)  # fmt: skip
+    if cols:
+        size.update(col_max=groups * n, col_sum=groups * n)
+        if slots > 1:
+            size.update(col_acc=slots * groups * n)
+    if ids:
+        size.update(count=count_splits * m)
+    used = [v for v in _VIEWS if v in size]
     return _Forward(t_stats, t_lse and t_lse[0], count and count[0], stats[0], parts[0],
-                    total and total[0], tuple(size[v] for v in _VIEWS))  # fmt: skip
+                    total and total[0], tuple(size[v] for v in used),
+                    itemgetter(*(used.index(v) if v in size else 0 for v in _VIEWS)))  # fmt: skip
 
 
 def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: float,
@@ -184,6 +208,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
         _PLANS[key] = plan
     m = x.shape[0]
     v = torch.empty((sum(plan.sizes),), dtype=_F32, device=x.device).split(plan.sizes)
+    v = plan.roles(v)
     (row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_row_max, t_row_sum,
      t_row_acc, t_col_max, t_col_sum, t_lse_r, t_lse_c, parts) = v  # fmt: skip
     coef = torch.empty((1 + cols, 6, m), dtype=_F32, device=x.device)
@@ -212,6 +237,36 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
 # ------------------------------------------------------------------------------ backward
 
 
+@dataclasses.dataclass(frozen=True)
+class _CeBackward:
+    grad: object
+    finish: _Finish
+
+
+def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None):
+    """The gradient kernel's prepared launch for the variant ``kwargs``
+    (:func:`_ce_flags`), with the teacher's (x_t, y_t, s_t) layout where it has one, and
+    its finishing launches; None where launches cannot be prepared."""
+    m, d = x.shape
+    n = y.shape[0]
+    splits = _col_splits(m, n, x.device)
+    t = torch.empty((1,), dtype=_F32, device=x.device)
+    b = bias if bias is not None else scale
+    xt, yt, ts = teacher if teacher is not None else (x, y, scale)
+    t_strides = (xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1)) if teacher else (0,) * 4
+    args = (x, y, scale, b, t, t, xt, yt, ts, t, t, x, n, t, 0, 0, m, n, d, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), *t_strides, m, m,
+            next_pow2_bucket(max(m, n)))  # fmt: skip
+    config = _clip_grad_kernel.config(args, kwargs).all_kwargs()
+    programs = _cdiv(m, config["BM"]) * splits
+    args = (*args[:14], programs, *args[15:])
+    grad = _prepared(_clip_grad_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
+    finish = _finish_plan(x, n, programs, 0, kappa, False, bias is not None, True)
+    if grad is None or finish is None:
+        return None
+    return _CeBackward(grad[0], finish)
+
+
 def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad,
                         weight: float, offset: int, smoothing: float, chunk_size: int):  # fmt: skip
     """(dx, dy, dscale, dbias) of ``grad * loss`` for :func:`ce_targets_forward`'s loss and
@@ -222,7 +277,7 @@ def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad
     if m > triton_chunk_rows(x, chunk_size):
         return None
     if clip_backward_design(None, x.device) != "chunked" and row_ids is None and teacher is None:
-        return None  # the fused design covers these targets (label smoothing alone)
+        return None  # the fused design covers these targets (one positive, smoothed or not)
     cols = coef.shape[0] == 2
     x, y = tile_addressable(x), tile_addressable(y)
     if teacher is not None:
