@@ -374,24 +374,29 @@ def _(x, y, scale, bias, *args):
     return x.new_empty((), dtype=ct), x.new_empty((1 + cols, 6, x.shape[0]), dtype=ct)
 
 
-@contrastive_ce_targets_reduced.autograd
-class _:
-    def setup_context(ctx, inputs, output):
-        x, y, scale, bias, row_ids, col_ids, tx, ty, ts, *options = inputs
-        ctx.save_for_backward(x, y, scale, bias, row_ids, col_ids, tx, ty, ts, output[1])
-        weight, offset, smoothing, alpha, _cols, chunk_size = options
-        ctx.options = (weight, offset, smoothing, alpha, chunk_size)
-        ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
-        remember_backend(ctx)
+def _reduced_autograd(op: Op, backward_op: Op, n_tensors: int) -> None:
+    """Registers the autograd of a reduced cross-entropy op: inputs ``n_tensors`` tensors,
+    then options ending with ``cols, chunk_size``; outputs (loss, coef). Its backward is
+    ``backward_op(*tensors, coef, grad_loss, *options but cols)``."""
 
-    @first_order_only("clip_loss / contrastive_cross_entropy")
-    @in_forward_backend
-    def backward(ctx, grad_loss, _grad_coef):
-        if grad_loss is None:
-            return _input_grads(ctx, None, None, None, None)
-        *tensors, coef = ctx.saved_tensors
-        grads = contrastive_ce_targets_reduced_backward(*tensors, coef, grad_loss, *ctx.options)
-        return _input_grads(ctx, *grads)
+    @op.autograd
+    class _:
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:n_tensors], output[1])
+            ctx.options = (*inputs[n_tensors:-2], inputs[-1])  # cols: coef's shape says it
+            ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
+            remember_backend(ctx)
+
+        @first_order_only("clip_loss / contrastive_cross_entropy")
+        @in_forward_backend
+        def backward(ctx, grad_loss, _grad_coef):
+            if grad_loss is None:
+                return _input_grads(ctx, None, None, None, None)
+            grads = backward_op(*ctx.saved_tensors, grad_loss, *ctx.options)
+            return _input_grads(ctx, *grads)
+
+
+_reduced_autograd(contrastive_ce_targets_reduced, contrastive_ce_targets_reduced_backward, 9)
 
 
 def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, coef,
@@ -456,23 +461,7 @@ def _(x, y, scale, bias, weight, offset, cols, chunk_size):
     return x.new_empty((), dtype=ct), x.new_empty((1 + cols, 6, x.shape[0]), dtype=ct)
 
 
-@contrastive_ce_reduced.autograd
-class _:
-    def setup_context(ctx, inputs, output):
-        x, y, scale, bias, weight, offset, cols, chunk_size = inputs
-        ctx.save_for_backward(x, y, scale, bias, output[1])
-        ctx.options = (weight, offset, chunk_size)
-        ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
-        remember_backend(ctx)
-
-    @first_order_only("clip_loss / contrastive_cross_entropy")
-    @in_forward_backend
-    def backward(ctx, grad_loss, _grad_coef):
-        if grad_loss is None:
-            return _input_grads(ctx, None, None, None, None)
-        x, y, scale, bias, coef = ctx.saved_tensors
-        grads = contrastive_ce_reduced_backward(x, y, scale, bias, coef, grad_loss, *ctx.options)
-        return _input_grads(ctx, *grads)
+_reduced_autograd(contrastive_ce_reduced, contrastive_ce_reduced_backward, 4)
 
 
 def _ce_reduced_backward(backend, x, y, scale, bias, coef, grad, weight, offset, chunk_size):
