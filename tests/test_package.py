@@ -191,3 +191,33 @@ def test_threads_calling_ops_under_the_interpreter():
     assert not errors, errors[0]
     for got, want in zip(results, expected, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor on device ``index`` (only what device_guard reads)."""
+
+    is_cuda = True
+
+    def __init__(self, index):
+        self.index = index
+        self.device = torch.device("cuda", index)
+
+    def get_device(self):
+        return self.index
+
+
+def test_device_guard_switches_only_to_another_device(monkeypatch):
+    """The launch guard makes the tensor's device current only where another one is: a CPU
+    tensor or one on the current device gets a no-op, which nests."""
+    from vlmkernels.core import runtime
+
+    switched = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: switched.append(d) or runtime._NO_GUARD)
+    for t in (torch.ones(1), _CudaLike(0)):
+        with runtime.device_guard(t), runtime.device_guard(t):
+            pass
+    assert switched == []
+    with runtime.device_guard(_CudaLike(1)):
+        pass
+    assert switched == [torch.device("cuda", 1)]

@@ -32,9 +32,15 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_NO_GUARD = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def device_guard(t: torch.Tensor):
-    """Makes ``t``'s CUDA device current for a launch (a no-op for CPU tensors)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Makes ``t``'s CUDA device current for a launch; a no-op for CPU tensors and where it
+    is current already (the usual case: switching costs a few us of host time per call)."""
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(t.device)
 
 
 def sm_count(device: torch.device) -> int:
