@@ -130,6 +130,9 @@ def test_reduced_ops_opcheck(m, n, offset, cols, device):
                                                            *options))  # fmt: skip
         _, coef = ops.contrastive_ce_reduced(x, y, s, b, *options)
         assert coef.shape == (1 + cols, 6, m)
+        # the coefficients are the backward's, not a differentiable result; the loss is
+        loss, graded = ops.contrastive_ce_reduced(leaf(x), leaf(y), leaf(s), leaf(b), *options)
+        assert loss.requires_grad and not graded.requires_grad
         grad = torch.tensor(1.7, device=device)
         torch.library.opcheck(ops.contrastive_ce_reduced_backward,
                               (x, y, s, b, coef, grad, 1 / m, offset, 0))  # fmt: skip

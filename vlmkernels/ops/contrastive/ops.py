@@ -384,7 +384,8 @@ def _reduced_autograd(op: Op, backward_op: Op, n_tensors: int) -> None:
         def setup_context(ctx, inputs, output):
             ctx.save_for_backward(*inputs[:n_tensors], output[1])
             ctx.options = (*inputs[n_tensors:-2], inputs[-1])  # cols: coef's shape says it
-            ctx.set_materialize_grads(False)  # coef gets no gradient: no zeros made for it
+            ctx.mark_non_differentiable(output[1])  # coef: the backward's, not a result
+            ctx.set_materialize_grads(False)  # no zeros made for coef's (absent) gradient
             remember_backend(ctx)
 
         @first_order_only("clip_loss / contrastive_cross_entropy")
