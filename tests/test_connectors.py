@@ -443,8 +443,11 @@ def test_opcheck(backend):
     w2, b2 = torch.randn(4, 5, requires_grad=True), torch.randn(4, requires_grad=True)
     nw, nb = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
     lib = torch.ops.vlmkernels
-    torch.library.opcheck(lib.connector, (x, w1, b1, w2, b2, nw, nb, None, [2, 2], 1, True,
-                                          1e-6, 1, False))  # fmt: skip
+    args = (x, w1, b1, w2, b2, nw, nb, None, [2, 2], 1, True, 1e-6, 1, False)
+    torch.library.opcheck(lib.connector, args)
+    # what the backward reads (saved activation, statistics) is not a differentiable result
+    out, *aux = lib.connector(*args)
+    assert out.requires_grad and not any(t.requires_grad for t in aux)
     torch.library.opcheck(lib.merge_tokens, (x, [2, 2]))
     hidden = torch.randn(2, 5, 6, requires_grad=True)
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.bool)

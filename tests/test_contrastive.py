@@ -495,6 +495,9 @@ def test_opcheck(bias, device, backend):
     ops = torch.ops.vlmkernels
     ce = (None, None, None, None, None, 0, 0.0, 0.0, True, True, 0)
     torch.library.opcheck(ops.contrastive_ce_forward, (x, y, s, b, *ce))
+    # the losses are differentiable results, the states what the backward reads
+    out = ops.contrastive_ce_forward(x, y, s, b, *ce)
+    assert [t.requires_grad for t in out] == [True, True, False, False]
     torch.library.opcheck(ops.siglip_loss_forward, (x, y, s, b, 0, 0))
     torch.library.opcheck(ops.siglip_loss_fused, (x, y, s, b, 1.0 / n, 0, 0))
     # the backward ops are not differentiable themselves (no double backward)

@@ -138,6 +138,8 @@ def test_opcheck():
         for inputs, size, mode, save in ((grid4, [3, 2], 1, False), (even, [2, 1], 0, True)):
             args = (inputs, w1, b1, w2, b2, size, mode, save)
             torch.library.opcheck(torch.ops.vlmkernels.pooled_projector, args, test_utils=utils)
+            out, saved = torch.ops.vlmkernels.pooled_projector(*args)
+            assert out.requires_grad and not saved.requires_grad  # saved: the backward's
 
 
 def test_benchmark_providers_agree():

@@ -116,6 +116,9 @@ def test_opcheck_and_compile():
     for backend, args in (("triton", (x, c, r, w, b, 1e-6)), ("torch", (x, None, r, w, b, 0.1))):
         with use_backend(backend):
             torch.library.opcheck(op, args)
+            # the statistics are the backward's, not differentiable results
+            out, mean, rstd = op(*args)
+            assert out.requires_grad and not (mean.requires_grad or rstd.requires_grad)
 
     def f(x, r, w, b, c):
         return add_layernorm(x, r, w, b, x_bias=c).square().sum()

@@ -109,6 +109,7 @@ class _:
         _, mean, rstd = output
         ctx.save_for_backward(x, c, r, w, mean, rstd)
         ctx.dtypes = (w.dtype, b.dtype, None if c is None else c.dtype)
+        ctx.mark_non_differentiable(mean, rstd)  # the backward's statistics
         ctx.set_materialize_grads(False)
         remember_backend(ctx)
 

@@ -105,6 +105,7 @@ class _:
         ctx.save_for_backward(x, w1, b1, w2, b2, nw, nb, saved, mean, rstd)
         ctx.options = (list(merge), norm, per_patch, eps, act)
         ctx.has_residual = residual is not None
+        ctx.mark_non_differentiable(saved, mean, rstd)  # what the backward reads
         ctx.set_materialize_grads(False)
         remember_backend(ctx)
 
@@ -194,6 +195,7 @@ class _:
         x, w1, b1, w2, b2, size, mode, _save = inputs
         ctx.save_for_backward(x, w1, b1, w2, output[1])
         ctx.options = (list(size), mode)
+        ctx.mark_non_differentiable(output[1])  # the saved activation, the backward's
         ctx.set_materialize_grads(False)
         remember_backend(ctx)
 

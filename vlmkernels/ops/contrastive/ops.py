@@ -268,7 +268,8 @@ class _:
         a = _CeArgs(*inputs)
         ctx.save_for_backward(*(getattr(a, name) for name in _CE_TENSORS), output[2], output[3])
         ctx.options = a._replace(**dict.fromkeys(_CE_TENSORS))
-        ctx.set_materialize_grads(False)  # the states get no gradient: no zeros made for it
+        ctx.mark_non_differentiable(output[2], output[3])  # the states: the backward's
+        ctx.set_materialize_grads(False)  # no zeros made for the states' (absent) gradients
         remember_backend(ctx)
 
     @first_order_only("clip_loss / contrastive_cross_entropy")
@@ -570,7 +571,9 @@ def _(x, y, scale, bias, row_weight, chunk_size, offset):
 class _:
     def setup_context(ctx, inputs, output):
         # the gradients of the inputs that need one, scaled in backward; the other outputs
-        # (the gradients themselves) get no gradient, which is not materialised as zeros
+        # (the gradients themselves) get no gradient, which is not materialised as zeros.
+        # They stay differentiable outputs: saved, they are what ties the backward's
+        # results to first_order_only's error under create_graph=True.
         needed = zip(output[1:], ctx.needs_input_grad[:4], strict=True)
         ctx.save_for_backward(*(g if need else None for g, need in needed))
         ctx.set_materialize_grads(False)
