@@ -92,9 +92,19 @@ def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: trito
     return ConfigSpace(active, gpu_configs, interpreter_config)
 
 
-def next_pow2_bucket(n: int) -> int:
-    """Autotuning key for a size: its next power of two (``triton.next_power_of_2``'s value,
-    computed here: that one is a constexpr function whose host calls cost microseconds)."""
+# Host-side integer helpers. ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+# functions: a call from the host unwraps its arguments and costs 1-2 us, about 100 times
+# these, and a launcher makes several per launch.
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's ints."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): ``triton.next_power_of_2``'s value for
+    n >= 1, and the autotuning key of a size (its bucket)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 

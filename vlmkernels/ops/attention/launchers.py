@@ -17,9 +17,8 @@ inputs' device (read by the kernels, so launches need no host sync and CUDA grap
 from __future__ import annotations
 
 import torch
-import triton
 
-from ...core.runtime import device_guard, dot_precision, sm_count
+from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
 from .kernels import (
     BWD_Q,
     FWD,
@@ -36,18 +35,18 @@ MAX_HEAD_DIM = 256
 
 
 def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def choose_splits(batch_heads: int, max_lq: int, max_lk: int, device: torch.device) -> int:
     """Key splits per query block: 1 when batch x heads x query blocks (of 64) fill half of
     the multiprocessors twice over; else enough splits to reach two waves, at least 256
     keys per split, at most :data:`MAX_SPLITS`."""
-    work = batch_heads * triton.cdiv(max(max_lq, 1), 64)
+    work = batch_heads * cdiv(max(max_lq, 1), 64)
     sms = sm_count(device)
     if work >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, work), triton.cdiv(max_lk, 256), MAX_SPLITS))
+    return max(1, min(cdiv(2 * sms, work), cdiv(max_lk, 256), MAX_SPLITS))
 
 
 def _problem(q, k, cu_q, max_lq, max_lk):
@@ -122,7 +121,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
         return mask.bool()
     thr, _ = dropout_threshold(dropout_p)
     with device_guard(seed):
-        _dropout_mask_kernel[(triton.cdiv(lq, 32), triton.cdiv(lk, 64), b * h)](
+        _dropout_mask_kernel[(cdiv(lq, 32), cdiv(lk, 64), b * h)](
             seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=32, BN=64,
         )  # fmt: skip
     return mask.bool()
@@ -183,7 +182,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
                *(row_logits.stride()[:2] if row_logits is not None else (0, 0)))  # fmt: skip
 
     def grid(meta):
-        return (triton.cdiv(max_lq, meta["BM"]), b * h, splits)
+        return (cdiv(max_lq, meta["BM"]), b * h, splits)
 
     with device_guard(q):
         kernel = FWD[q.dtype == torch.float32]
@@ -199,7 +198,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
             ROW=row_logits is not None, **options,
         )  # fmt: skip
         if splits > 1:
-            _attn_combine[lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
+            _attn_combine[lambda meta: (cdiv(max_lq, meta["BM"]), b * h)](
                 ws, wl, out, lse, cu_q if varlen else dummy,
                 gate if gate is not None else dummy, max_lq, h, d, splits,
                 *_strides(ws[0], varlen), ws.stride(0), *_lse_strides(wl[0], varlen),
@@ -248,12 +247,12 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
     with device_guard(q):
         fp32 = q.dtype == torch.float32
         kv_pass = bwd_kv_kernel(fp32, bias is not None, g > 1)
-        kv_pass[lambda meta: (triton.cdiv(max_lk, meta["BN"]), b * (h // g))](
+        kv_pass[lambda meta: (cdiv(max_lk, meta["BN"]), b * (h // g))](
             q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
             seed_ptr, *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
             *db_strides, thr, drop_scale, **options,
         )  # fmt: skip
-        BWD_Q[fp32][lambda meta: (triton.cdiv(max_lq, meta["BM"]), b * h)](
+        BWD_Q[fp32][lambda meta: (cdiv(max_lq, meta["BM"]), b * h)](
             q, k, v, do, lse, delta, dq, *pointers, seed_ptr, *common, *_strides(dq, varlen),
             *tail, thr, drop_scale, **options,
         )  # fmt: skip
@@ -278,7 +277,7 @@ def forward_row_mass(q, k, v, causal, scale, row, weight, bias=None):
         return out, lse, torch.zeros((b, lk), **f32)
     mass = torch.empty((b, lk), **f32)
     with device_guard(q):
-        _attn_row_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b)](
+        _attn_row_mass[lambda meta: (cdiv(lk, meta["BN"]), b)](
             logits, lse, mass, h, lk, int(row), float(weight), *logits.stride()[:2],
             *lse.stride(), mass.stride(0),
         )  # fmt: skip
@@ -295,7 +294,7 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
         return mass
     dot_fp32, precision = dot_precision(q.dtype)
     with device_guard(q):
-        _attn_key_mass[lambda meta: (triton.cdiv(lk, meta["BN"]), b * h)](
+        _attn_key_mass[lambda meta: (cdiv(lk, meta["BN"]), b * h)](
             q, k, lse, bias if bias is not None else _dummy(q), mass, lq, lk, h, group(q, k), d,
             float(scale), int(row_first), int(row_last), float(weight), *q.stride(),
             *k.stride(), *lse.stride(), *_bias_strides(bias, False), mass.stride(0),

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...core.runtime import INTERPRETED, autotune_configs, device_guard, sm_count
+from ...core.runtime import INTERPRETED, autotune_configs, cdiv, device_guard, next_pow2, sm_count
 from ...core.tuning import tuned
 
 __all__ = ["KERNELS", "add_layernorm_backward", "add_layernorm_forward"]
@@ -121,10 +121,6 @@ def _add_ln_bwd_kernel(
 KERNELS = (_add_ln_fwd_kernel, _add_ln_bwd_kernel)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def add_layernorm_forward(x, c, r, w, b, eps: float):
     """(y (M, N) in x's dtype, mean (M,) fp32, rstd (M,) fp32) for 2-D x, r (any strides)."""
     m, n = x.shape
@@ -134,10 +130,10 @@ def add_layernorm_forward(x, c, r, w, b, eps: float):
     if m == 0:
         return y, mean, rstd
     with device_guard(x):
-        _add_ln_fwd_kernel[lambda meta: (_cdiv(m, meta["BLOCK_M"]),)](
+        _add_ln_fwd_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](
             x, c if c is not None else x, r, w, b, y, mean, rstd, m, n, x.stride(0),
             x.stride(1), r.stride(0), r.stride(1), float(eps), HAS_C=c is not None,
-            BLOCK_N=triton.next_power_of_2(n),
+            BLOCK_N=next_pow2(n),
         )  # fmt: skip
     return y, mean, rstd
 
@@ -152,9 +148,9 @@ def add_layernorm_backward(grad, x, c, r, w, mean, rstd):
     db = torch.zeros((programs, n), device=x.device, dtype=torch.float32)
     if m > 0:
         with device_guard(x):
-            _add_ln_bwd_kernel[lambda meta: (min(programs, _cdiv(m, meta["BLOCK_M"])),)](
+            _add_ln_bwd_kernel[lambda meta: (min(programs, cdiv(m, meta["BLOCK_M"])),)](
                 grad, x, c if c is not None else x, r, w, mean, rstd, dz, dw, db, m, n,
                 grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
-                r.stride(1), HAS_C=c is not None, BLOCK_N=triton.next_power_of_2(n),
+                r.stride(1), HAS_C=c is not None, BLOCK_N=next_pow2(n),
             )  # fmt: skip
     return dz, dw.sum(0), db.sum(0)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_count
+from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
 from . import kernels as K
 from . import reference
 from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A
@@ -38,10 +38,6 @@ __all__ = [
     "shuffle",
     "stat_rows",
 ]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +129,7 @@ def norm_stats(x, grid: Addressing, norm: int, per_patch: bool, eps: float):
     else:
         args, gather, length = grid.args(), grid.gather, grid.K
     with device_guard(x):
-        K._norm_stats_kernel[lambda meta: (_cdiv(rows, meta["BR"]),)](
+        K._norm_stats_kernel[lambda meta: (cdiv(rows, meta["BR"]),)](
             x, mean, rstd, rows, length, float(eps), *args,
             GATHER=gather, RMS=norm == RMS_NORM,
         )  # fmt: skip
@@ -173,12 +169,12 @@ def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
     out_strides = out.stride() if scatter is None else (0, 0)
     kernel = K._gemm_dh_kernel if act == ACT_GELU_GRAD else K._gemm_kernel
     with device_guard(out):
-        kernel[lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),)](
+        kernel[lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),)](
             a if a is not None else stand_in, b if b is not None else stand_in, out,
             xop.x, _or(xop.mean, stand_in), _or(xop.rstd, stand_in), _or(xop.weight, stand_in),
             _or(xop.bias, stand_in), _or(bias, stand_in), _or(aux, stand_in),
             _or(aux2, stand_in), _or(residual, stand_in), _or(colsum, stand_in),
-            M, N, Kdim, next_pow2_bucket(M),
+            M, N, Kdim, next_pow2(M),
             *a_strides, *b_strides, *out_strides, *aux_strides, *res_strides,
             *grid.args(), *scatter_strides,
             XSIDE=side, GATHER=grid.gather, NORM=xop.norm if side else NO_NORM,
@@ -203,7 +199,7 @@ def fold_norm(w, b, xop: XOperand):
     bias = torch.empty(n, dtype=torch.float32, device=w.device) if has_bias else colsum
     ones = xop.weight if xop.weight is not None else w.new_ones(k // segments)
     with device_guard(w):
-        K._norm_fold_kernel[lambda meta: (_cdiv(n, meta["BR"]),)](
+        K._norm_fold_kernel[lambda meta: (cdiv(n, meta["BR"]),)](
             w, ones, _or(xop.bias, w), _or(b, w), wf, colsum, bias, n, k, segments,
             *w.stride(), NORM_BIAS=xop.bias is not None, BIAS=b is not None,
         )  # fmt: skip
@@ -422,7 +418,7 @@ def _norm_backward(gx, x, dx, grid: Addressing, mean, rstd, weight, norm, per_pa
                    weight_grad: bool, bias_grad: bool):  # fmt: skip
     rows = stat_rows(grid, per_patch)
     length = grid.C if per_patch else grid.K
-    programs = max(1, min(_cdiv(rows, 8), 4 * sm_count(x.device)))
+    programs = max(1, min(cdiv(rows, 8), 4 * sm_count(x.device)))
     f32 = dict(dtype=torch.float32, device=x.device)
     part_w = torch.zeros((programs, length), **f32) if weight_grad else mean
     part_b = torch.zeros((programs, length), **f32) if bias_grad else part_w
@@ -444,7 +440,7 @@ def normalize(xop: XOperand) -> torch.Tensor:
     M, Kdim = grid.M, grid.K
     out = torch.empty((M, Kdim), dtype=xop.x.dtype, device=xop.x.device)
     with device_guard(out):
-        K._normalize_kernel[lambda meta: (_cdiv(M, meta["BR"]), _cdiv(Kdim, meta["BL"]))](
+        K._normalize_kernel[lambda meta: (cdiv(M, meta["BR"]), cdiv(Kdim, meta["BL"]))](
             xop.x, xop.mean, xop.rstd, _or(xop.weight, out), _or(xop.bias, out), out, M, Kdim,
             *grid.args(), *out.stride(), GATHER=grid.gather, NORM=xop.norm,
             PER_PATCH=xop.per_patch, NORM_BIAS=xop.bias is not None,
@@ -464,7 +460,7 @@ def shuffle(x, merge, grad=None):
         target = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
         grid, grid_t, other = grid.like(target), target, grad
     with device_guard(x):
-        K._shuffle_kernel[lambda meta: (_cdiv(M, meta["BR"]), _cdiv(Kdim, meta["BL"]))](
+        K._shuffle_kernel[lambda meta: (cdiv(M, meta["BR"]), cdiv(Kdim, meta["BL"]))](
             grid_t, other, M, Kdim, *grid.args(), *other.stride(), BACKWARD=grad is not None,
         )  # fmt: skip
     return target
@@ -478,7 +474,7 @@ def deepstack(hidden, index, embeds, out=None):
     if out is None:
         out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     with device_guard(hidden):
-        K._deepstack_kernel[lambda meta: (_cdiv(rows, meta["BR"]),)](
+        K._deepstack_kernel[lambda meta: (cdiv(rows, meta["BR"]),)](
             hidden, embeds, index, out, rows, hidden.shape[1], *hidden.stride(),
             *embeds.stride(), *out.stride(), INPLACE=inplace,
         )  # fmt: skip

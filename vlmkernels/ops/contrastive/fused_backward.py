@@ -44,7 +44,7 @@ from ...core.runtime import (
     autotune_configs,
     device_guard,
     dot_precision,
-    next_pow2_bucket,
+    next_pow2,
     sm_count,
 )
 from ...core.tuning import preferred_design, tuned
@@ -288,7 +288,7 @@ def fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, ka
             dx_buf, dy_buf, m * d, n * d, partials, groups * splits,
             m, n, d, targets.offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             dx_out.stride(0), dy_out.stride(0), r_coef.stride(0), c_coef.stride(0),
-            groups, next_pow2_bucket(max(m, n)),
+            groups, next_pow2(max(m, n)),
             ROWS=rows, COLS=cols, SMOOTH=bool(targets.smoothing), HAS_BIAS=bias is not None,
             ATOMIC=not deterministic, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip

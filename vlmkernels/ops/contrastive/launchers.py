@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ...core.runtime import device_guard, dot_precision, next_pow2_bucket, sm_count
+from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
 from ...kernels.blocks import tile_addressable
 from .algebra import SideStats, Targets, ids_count, onehot_col_dot, onehot_count
 from .chunked import NORMALISED_DTYPES, feature_grads, normalise
@@ -26,17 +26,11 @@ LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 
 
-def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for the host's ints (``triton.cdiv`` is a constexpr function, whose
-    host calls cost microseconds)."""
-    return -(-a // b)
-
-
 def _col_splits(n_rows: int, N: int, device: torch.device) -> int:
     """Column splits for a chunk of n_rows rows: about 4 programs per SM in all."""
-    row_blocks = _cdiv(n_rows, NOMINAL_BLOCK)
-    col_blocks = _cdiv(N, NOMINAL_BLOCK)
-    return max(1, min(col_blocks, _cdiv(4 * sm_count(device), row_blocks)))
+    row_blocks = cdiv(n_rows, NOMINAL_BLOCK)
+    col_blocks = cdiv(N, NOMINAL_BLOCK)
+    return max(1, min(col_blocks, cdiv(4 * sm_count(device), row_blocks)))
 
 
 def _stats_grid(m: int, n: int, device: torch.device) -> tuple[int, int]:
@@ -45,14 +39,14 @@ def _stats_grid(m: int, n: int, device: torch.device) -> tuple[int, int]:
     rectangle of about square shape in tiles, so that its row and column partials
     ((splits + groups) x (m + n) values in all) stay small. ALBEF's 256 x 65792 block on
     132 SMs: 1 x 264 programs (it was 2 x 16 under the old 16 x 16 cap)."""
-    row_blocks, col_blocks = _cdiv(m, NOMINAL_BLOCK), _cdiv(n, NOMINAL_BLOCK)
+    row_blocks, col_blocks = cdiv(m, NOMINAL_BLOCK), cdiv(n, NOMINAL_BLOCK)
     target = 2 * sm_count(device)
     groups = max(1, min(row_blocks, round(math.sqrt(target * row_blocks / col_blocks))))
-    return groups, max(1, min(col_blocks, _cdiv(target, groups)))
+    return groups, max(1, min(col_blocks, cdiv(target, groups)))
 
 
 def _max_programs(n_rows: int, splits: int) -> int:
-    return _cdiv(n_rows, MIN_BLOCK) * splits
+    return cdiv(n_rows, MIN_BLOCK) * splits
 
 
 def _merge_lse2(m2: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -119,7 +113,7 @@ def block_stats_triton(x, y, scale, bias, targets: Targets, rows=True, cols=True
             ids_r, ids_c, xt, yt, st, t_row, t_col,
             row_max, row_sum, col_max, col_sum, row_acc, col_acc,
             m, n, d, targets.offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            *t_strides, groups, next_pow2_bucket(max(m, n)),
+            *t_strides, groups, next_pow2(max(m, n)),
             **_flags(x, bias, targets, rows, cols),
         )  # fmt: skip
     r_acc = row_parts[2:].sum(1)  # slots the kernel did not write are not read
@@ -189,18 +183,18 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
     chunk_rows = min(chunk_rows, m)
     splits = _col_splits(chunk_rows, n, x.device)
     max_prog = _max_programs(chunk_rows, splits)
-    partials = torch.zeros((_cdiv(m, chunk_rows), 2, max_prog), dtype=torch.float32,
+    partials = torch.zeros((cdiv(m, chunk_rows), 2, max_prog), dtype=torch.float32,
                            device=x.device)  # fmt: skip
     flags = _flags(x, bias, targets, rows, cols)
 
     def fill(buf, c, row0, n_rows):
-        grid = lambda meta: (_cdiv(n_rows, meta["BM"]), splits)  # noqa: E731
+        grid = lambda meta: (cdiv(n_rows, meta["BM"]), splits)  # noqa: E731
         _clip_grad_kernel[grid](
             x, y, scale, bias if bias is not None else scale, ids_r, ids_c, xt, yt, st,
             r_coef, c_coef, buf, buf.stride(0), partials[c], max_prog,
             row0, n_rows, n, d, targets.offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), *t_strides,
-            r_coef.stride(0), c_coef.stride(0), next_pow2_bucket(max(m, n)), **flags,
+            r_coef.stride(0), c_coef.stride(0), next_pow2(max(m, n)), **flags,
         )  # fmt: skip
 
     s = scale.float()
@@ -222,13 +216,13 @@ def siglip_rows_triton(x, y, scale, bias, offset=0):
     splits = _col_splits(m, n, x.device)
     loss = torch.empty((splits, m), dtype=torch.float32, device=x.device)
     dot_fp32, precision = dot_precision(x.dtype)
-    grid = lambda meta: (_cdiv(m, meta["BM"]), splits)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BM"]), splits)  # noqa: E731
     with device_guard(x):
         # loss stands in for the gradient pointers, which this variant never touches
         _siglip_kernel[grid](
             x, y, scale, bias if bias is not None else scale, loss, loss, m, loss, 0, loss, 0,
             0, m, n, d, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            next_pow2_bucket(max(m, n)), HAS_BIAS=bias is not None, WRITE_GRAD=False,
+            next_pow2(max(m, n)), HAS_BIAS=bias is not None, WRITE_GRAD=False,
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
     return loss.sum(0)
@@ -262,17 +256,17 @@ def siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=
     splits = _col_splits(chunk_rows, n, x.device)
     max_prog = _max_programs(chunk_rows, splits)
     loss = torch.empty((splits, m), dtype=torch.float32, device=x.device)
-    partials = torch.zeros((_cdiv(m, chunk_rows), 2, max_prog), dtype=torch.float32,
+    partials = torch.zeros((cdiv(m, chunk_rows), 2, max_prog), dtype=torch.float32,
                            device=x.device)  # fmt: skip
     w, kappa = _row_weights(x, w_rows)
     dot_fp32, precision = dot_precision(x.dtype)
 
     def fill(buf, c, row0, n_rows):
-        grid = lambda meta: (_cdiv(n_rows, meta["BM"]), splits)  # noqa: E731
+        grid = lambda meta: (cdiv(n_rows, meta["BM"]), splits)  # noqa: E731
         _siglip_kernel[grid](
             x, y, scale, bias if bias is not None else scale, w, loss, m, buf, buf.stride(0),
             partials[c], max_prog, row0, n_rows, n, d, offset,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), next_pow2_bucket(max(m, n)),
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), next_pow2(max(m, n)),
             HAS_BIAS=bias is not None, WRITE_GRAD=True, DOT_FP32=dot_fp32,
             INPUT_PRECISION=precision,
         )  # fmt: skip

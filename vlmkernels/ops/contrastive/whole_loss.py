@@ -24,7 +24,7 @@ import dataclasses
 
 import torch
 
-from ...core.runtime import device_guard, dot_precision, next_pow2_bucket
+from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2
 from ...core.tuning import prepared_cache
 from ...kernels.blocks import tile_addressable
 from .chunked import mm_f32, triton_chunk_rows
@@ -36,7 +36,7 @@ from .finalize import (
     _grads_finalize_kernel,
 )
 from .kernels import _siglip_kernel
-from .launchers import _cdiv, _col_splits
+from .launchers import _col_splits
 
 __all__ = ["siglip_fused"]
 
@@ -76,7 +76,7 @@ class _Finish:
 
 def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad):
     m, d = x.shape
-    programs = _cdiv(max(m, n), FINAL_ROWS)
+    programs = cdiv(max(m, n), FINAL_ROWS)
     t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
     flags = dict(SIGLIP=siglip, HAS_BIAS=has_bias, HAS_GRAD=has_grad, HAS_LOSS=siglip)
     args = (x, t, t, x, x, t, t, t, t, t, t, t, t, m, n, d, x.stride(0), x.stride(1),
@@ -154,13 +154,13 @@ def _siglip_plan(x, y, scale, bias, offset, weight):
         x.stride(1),
         y.stride(0),
         y.stride(1),
-        next_pow2_bucket(max(m, n)),
+        next_pow2(max(m, n)),
     )
     kwargs = dict(WRITE_GRAD=True, **_flags(x, bias))
     config = _siglip_kernel.config(args, kwargs).all_kwargs()
-    programs = _cdiv(m, config["BM"]) * splits
+    programs = cdiv(m, config["BM"]) * splits
     args = (*args[:10], programs, *args[11:])
-    kernel = _prepared(_siglip_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
+    kernel = _prepared(_siglip_kernel, (cdiv(m, config["BM"]), splits), args, kwargs)
     finish = _finish_plan(x, n, programs, splits * m, weight, True, bias is not None, False)
     if kernel is None or finish is None:
         return None

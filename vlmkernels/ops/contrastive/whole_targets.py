@@ -37,7 +37,7 @@ from operator import itemgetter
 
 import torch
 
-from ...core.runtime import device_guard, next_pow2_bucket
+from ...core.runtime import cdiv, device_guard, next_pow2
 from ...kernels.blocks import tile_addressable
 from .chunked import triton_chunk_rows
 from .finalize import (
@@ -52,7 +52,7 @@ from .finalize import (
 )
 from .fused_backward import clip_backward_design
 from .kernels import _clip_grad_kernel, _clip_stats_kernel
-from .launchers import _cdiv, _col_splits, _stats_grid
+from .launchers import _col_splits, _stats_grid
 from .whole_loss import _F32, _PLANS, _Finish, _finish, _finish_plan, _flags, _prepared
 
 __all__ = ["ce_targets_backward", "ce_targets_forward"]
@@ -61,8 +61,8 @@ __all__ = ["ce_targets_backward", "ce_targets_forward"]
 def _used(items: int, parts: int, block: int) -> int:
     """How many of ``parts`` (:func:`~vlmkernels.kernels.blocks.block_range` shares of the
     blocks of ``block`` over ``items``) are not empty."""
-    blocks = _cdiv(items, block)
-    return _cdiv(blocks, _cdiv(blocks, parts))
+    blocks = cdiv(items, block)
+    return cdiv(blocks, cdiv(blocks, parts))
 
 
 def _ce_flags(x, bias, cols, ids=False, smooth=False, teacher=False):
@@ -93,7 +93,7 @@ def _stats_args(x, y, scale, bias, teacher, offset, groups, ws):
     b = bias if bias is not None else scale
     return (x, y, scale, b, ws, ws, xt, yt, scale, ws, ws, ws, ws, ws, ws, ws, ws,
             m, n, d, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            *t_strides, groups, next_pow2_bucket(max(m, n)))  # fmt: skip
+            *t_strides, groups, next_pow2(max(m, n)))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- forward
@@ -140,7 +140,7 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
             return None
         t_cfg = t_stats[1].all_kwargs()
         t_groups, t_splits = _used(m, groups, t_cfg["BM"]), _used(n, splits, t_cfg["BN"])
-        t_lse = _prepared(_lse_merge_kernel, (_cdiv(m, PARTS_BLOCK),),
+        t_lse = _prepared(_lse_merge_kernel, (cdiv(m, PARTS_BLOCK),),
                           (ws, ws, ws, ws, ws, ws, m, t_splits, t_groups),
                           dict(COLS=cols, BLOCK=PARTS_BLOCK))  # fmt: skip
         t_size = dict(t_row_max=splits * m, t_row_sum=splits * m, t_row_acc=splits * m,
@@ -151,9 +151,9 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
     count_splits = 1
     if ids:
         count_splits = _col_splits(m, n, x.device)
-        count = _prepared(_ids_count_kernel, (_cdiv(m, COUNT_ROWS), count_splits),
+        count = _prepared(_ids_count_kernel, (cdiv(m, COUNT_ROWS), count_splits),
                           (ws, ws, ws, m, n), dict(BM=COUNT_ROWS, BN=COUNT_COLUMNS))  # fmt: skip
-    programs = _cdiv(m, PARTS_BLOCK)
+    programs = cdiv(m, PARTS_BLOCK)
     parts_args = (*(ws,) * 12, m, n, offset, used_splits, used_groups, count_splits,
                   splits * m, groups * n, weight, smoothing, alpha)  # fmt: skip
     parts = _prepared(_ce_target_parts_kernel, (programs,), parts_args,
@@ -256,11 +256,11 @@ def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None):
     t_strides = (xt.stride(0), xt.stride(1), yt.stride(0), yt.stride(1)) if teacher else (0,) * 4
     args = (x, y, scale, b, t, t, xt, yt, ts, t, t, x, n, t, 0, 0, m, n, d, offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), *t_strides, m, m,
-            next_pow2_bucket(max(m, n)))  # fmt: skip
+            next_pow2(max(m, n)))  # fmt: skip
     config = _clip_grad_kernel.config(args, kwargs).all_kwargs()
-    programs = _cdiv(m, config["BM"]) * splits
+    programs = cdiv(m, config["BM"]) * splits
     args = (*args[:14], programs, *args[15:])
-    grad = _prepared(_clip_grad_kernel, (_cdiv(m, config["BM"]), splits), args, kwargs)
+    grad = _prepared(_clip_grad_kernel, (cdiv(m, config["BM"]), splits), args, kwargs)
     finish = _finish_plan(x, n, programs, 0, kappa, False, bias is not None, True)
     if grad is None or finish is None:
         return None

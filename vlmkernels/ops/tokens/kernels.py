@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...core.runtime import autotune_configs, device_guard, dot_precision
+from ...core.runtime import autotune_configs, cdiv, device_guard, dot_precision, next_pow2
 from ...core.tuning import tuned
 
 # --------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def tome_match(metric: torch.Tensor, class_token: bool) -> tuple[torch.Tensor, t
     if B * NA == 0:
         return best, arg
     upcast, precision = dot_precision(metric.dtype)
-    grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]), B)  # noqa: E731
+    grid = lambda meta: (cdiv(NA, meta["BLOCK_M"]), B)  # noqa: E731
     with device_guard(metric):
         _tome_match_kernel[grid](
             metric, best, arg, NA, NB, C, *metric.stride(),
@@ -417,7 +417,7 @@ def tome_merge_rows(x, size, members, offsets, size_dtype):
     s = size if size is not None else x
     ssb, ssn = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
     with device_guard(x):
-        _tome_merge_kernel[lambda meta: (triton.cdiv(nout, meta["BLOCK_R"]), B)](
+        _tome_merge_kernel[lambda meta: (cdiv(nout, meta["BLOCK_R"]), B)](
             x, s, members, offsets, out, out_size, N, nout, C, *x.stride(), ssb, ssn,
             members.stride(0), offsets.stride(0), HAS_SIZE=size is not None,
         )  # fmt: skip
@@ -628,7 +628,7 @@ def _pool_bwd_kernel(
 def _window(scale: float) -> int:
     """Output indices that can reach one input index: sy spans [i - 1, i + 1), 2 / scale
     outputs, plus the margin of the window's start (rounded down, minus 1) and the clamp."""
-    return triton.next_power_of_2(math.ceil(2.0 / scale) + 3)
+    return next_pow2(math.ceil(2.0 / scale) + 3)
 
 
 def pool_backward(grad: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]):
