@@ -914,3 +914,28 @@ def test_compare_designs_records_the_fastest_and_the_clip_backward_follows(
     with pytest.warns(T.MalformedConfigWarning, match="no design name"):
         assert T.preferred_design("clip_backward", H100) is None
     assert fused_backward.clip_backward_design(None, cuda0) == "chunked"
+
+
+def test_prepared_launches_step_aside_while_the_tuner_records():
+    """The ops that cache prepared launches per layout (the whole-loss path, the attention
+    forward, the Q-Former's add + LayerNorm, rope) launch through the tuned kernels while
+    the tuner records, even where a launch of that layout was prepared before: each launch
+    is seen. Before, a cached plan bypassed the recording."""
+    from vlmkernels.ops.attention.qformer import add_layernorm
+
+    x, y = torch.randn(6, 16), torch.randn(6, 16)
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 7, 16)
+    h, w, b = torch.randn(4, 16), torch.randn(16), torch.randn(16)
+    qr, kr = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    calls = {
+        "clip_stats": lambda: vlmkernels.clip_loss(x, y, 10.0),
+        "attention_fwd_fp32": lambda: vlmkernels.attention(q, k, k),
+        "qformer_add_ln_fwd": lambda: add_layernorm(h, h, w, b),
+        "rope": lambda: vlmkernels.rope(qr, kr, cos, sin, 2),
+    }
+    for name, call in calls.items():
+        call()  # prepares and caches this layout's launches
+        with T._record() as recorded:
+            call()
+        assert name in {c.kernel.name for c in recorded}, name
