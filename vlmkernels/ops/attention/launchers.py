@@ -16,9 +16,14 @@ inputs' device (read by the kernels, so launches need no host sync and CUDA grap
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
+
 import torch
 
 from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
+from ...core.tuning import prepared_cache, recording
 from .kernels import (
     BWD_Q,
     FWD,
@@ -74,18 +79,18 @@ def _bias_strides(bias, varlen: bool) -> tuple[int, int]:
             bias.stride(1) if bias.shape[1] > 1 else 0)  # fmt: skip
 
 
-def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
-    """(batch, head, row, dim) strides of a (B, H, L, D) or packed (T, H, D) tensor."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0), t.stride(2)
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+def _strides(t, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, row, dim) strides of a (B, H, L, D) or packed (T, H, D) tensor (or of
+    its strides, a tuple)."""
+    st = t if isinstance(t, tuple) else t.stride()
+    return (0, st[1], st[0], st[2]) if varlen else st
 
 
-def _lse_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, row) strides of a (B, H, Lq) or packed (H, T) row statistic."""
-    if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+def _lse_strides(t, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, Lq) or packed (H, T) row statistic (or of its
+    strides, a tuple)."""
+    st = t if isinstance(t, tuple) else t.stride()
+    return (0, st[0], st[1]) if varlen else st
 
 
 def _options(q, keep, lo, causal):
@@ -134,6 +139,27 @@ def _gate_strides(gate) -> tuple[int, int]:
     return gate.stride(0), gate.stride(1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ForwardPlan:
+    """A forward's launches for one layout: ``kernel(*pointers)`` (the 14 pointers of
+    :func:`forward`'s kernel) and, with more than one split, ``combine(ws, wl, out, lse,
+    cu_q, gate)``; prepared launches where they can be (then the plan is cached), else
+    closures over ``kernel[grid](...)``."""
+
+    kernel: Callable
+    combine: Callable | None
+    splits: int
+    dummy: torch.Tensor  # the stand-in pointer of an absent optional tensor (no elements)
+    cached: bool
+
+
+_FORWARD_PLANS = prepared_cache()  # (layout of a forward call) -> _ForwardPlan
+
+
+def _layout(t):
+    return None if t is None else (t.shape, t.stride())
+
+
 def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, num_splits=None,
             bias=None, gate=None, dropout_p=0.0, seed=None, row_logits=None,
             mass_row=-1):  # fmt: skip
@@ -141,7 +167,10 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     dropout, split-K runs as without (each split's partial is dropped, its normaliser not).
     ``row_logits`` (dense inputs; (B, H, Lk) fp32): also query row ``mass_row``'s logits
     in base 2 (scale log2(e) q k^T + log2(e) bias, -inf where masked; keys no program
-    visits are left as they are)."""
+    visits are left as they are).
+
+    The launches are prepared once per layout (shapes, strides, dtype, device, options):
+    a call then allocates its outputs and passes the pointers."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (h, q.shape[0]) if varlen else (b, h, q.shape[2])
@@ -150,10 +179,52 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         return out, lse
     if max_lk == 0:  # no keys: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
+    if dropout_p and seed is None:
+        raise ValueError("attention: dropout_p > 0 needs a seed tensor")
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, b,
+           max_lq, max_lk, bool(causal), float(scale), num_splits, float(dropout_p),
+           int(mass_row), _layout(keep), _layout(lo), _layout(hi), _layout(bias),
+           _layout(gate), _layout(row_logits))  # fmt: skip
+    plan = None if recording() else _FORWARD_PLANS.get(key)  # the tuner sees every launch
+    if plan is None:
+        plan = _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, scale,
+                             num_splits, bias, gate, dropout_p, row_logits, mass_row)  # fmt: skip
+        if plan.cached:
+            _FORWARD_PLANS[key] = plan
+    dummy = plan.dummy
+    target, target_lse = out, lse
+    if plan.splits > 1:  # partials: (splits, *q.shape) and (splits, *lse.shape), fp32
+        target = torch.empty((plan.splits, *q.shape), dtype=torch.float32, device=q.device)
+        target_lse = torch.empty((plan.splits, *lse_shape), dtype=torch.float32,
+                                 device=q.device)  # fmt: skip
+    cu_q, cu_k = (cu_q, cu_k) if varlen else (dummy, dummy)
+    gate = gate if gate is not None else dummy
+    with device_guard(q):
+        plan.kernel(q, k, v, target, target_lse, cu_q, cu_k,
+                    keep if keep is not None else dummy, lo if lo is not None else dummy,
+                    hi if hi is not None else dummy, bias if bias is not None else dummy, gate,
+                    seed if dropout_p else dummy,
+                    row_logits if row_logits is not None else dummy)  # fmt: skip
+        if plan.splits > 1:
+            plan.combine(target, target_lse, out, lse, cu_q, gate)
+    return out, lse
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, scale,
+                  num_splits, bias, gate, dropout_p, row_logits, mass_row):  # fmt: skip
+    """The launches of :func:`forward` for the layout of these arguments."""
+    dummy = _dummy(q)
     splits = num_splits or choose_splits(b * h, max_lq, max_lk, q.device)
     splits = max(1, min(int(splits), MAX_SPLITS))
-    dummy = _dummy(q)
-    seed_ptr, thr, drop_scale, dropout = _dropout_args(q, dropout_p, seed)
+    thr, drop_scale = dropout_threshold(dropout_p) if dropout_p else (0, 1.0)
     options = dict(
         _options(q, keep, lo, causal),
         VARLEN=varlen,
@@ -161,52 +232,56 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         EVEN_D=block_d(d) == d,
         BIAS=bias is not None,
         GATE=gate is not None,
-        DROPOUT=dropout,
+        DROPOUT=bool(dropout_p),
+        SPLIT=splits > 1,
+        ROW=row_logits is not None,
     )
-    if splits > 1:
-        # partials: (splits, B, H, Lq, D) dense or (splits, T, H, D) packed, fp32
-        ws_shape = (splits, *q.shape)
-        ws = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
-        wl = torch.empty((splits, *lse_shape), dtype=torch.float32, device=q.device)
-        target, target_lse = ws[0], wl[0]
-        split_strides = (ws.stride(0), wl.stride(0))
-    else:
-        target, target_lse, split_strides = out, lse, (0, 0)
-    scalars = (max_lq, max_lk, h, group(q, k), d, float(scale), splits,
-               *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-               *_strides(target, varlen), split_strides[0], *_lse_strides(target_lse, varlen),
-               split_strides[1], keep.stride(0) if keep is not None else 0,
-               lo.stride(0) if lo is not None else 0,
-               *_bias_strides(bias, varlen), *_gate_strides(gate), thr, drop_scale,
-               int(mass_row),
+    # the outputs and the split partials are contiguous: (splits,) + q's and lse's shapes
+    lse_shape = (h, q.shape[0]) if varlen else (b, h, q.shape[2])
+    out_strides = _strides(_contiguous_strides(q.shape), varlen)
+    lse_strides = _lse_strides(_contiguous_strides(lse_shape), varlen)
+    split_strides = (math.prod(q.shape), math.prod(lse_shape)) if splits > 1 else (0, 0)
+    scalars = (max_lq, max_lk, h, group(q, k), d, float(scale), splits, *_strides(q, varlen),
+               *_strides(k, varlen), *_strides(v, varlen), *out_strides, split_strides[0],
+               *lse_strides, split_strides[1], keep.stride(0) if keep is not None else 0,
+               lo.stride(0) if lo is not None else 0, *_bias_strides(bias, varlen),
+               *_gate_strides(gate), thr, drop_scale, int(mass_row),
                *(row_logits.stride()[:2] if row_logits is not None else (0, 0)))  # fmt: skip
+    kernel = FWD[q.dtype == torch.float32]
+    if dropout_p and q.dtype == torch.float32:
+        kernel = _attn_fwd32_dropout
+    stand_ins = (q, k, v, *(dummy,) * 11)  # only their positions count, and q's dtype
+    kernel_run = _prepared_or_direct(kernel, stand_ins, scalars, options,
+                                     lambda bm: (cdiv(max_lq, bm), b * h, splits))  # fmt: skip
+    combine_run = None
+    if splits > 1:
+        c_scalars = (max_lq, h, d, splits, *out_strides, split_strides[0], *lse_strides,
+                     split_strides[1], *out_strides, *lse_strides,
+                     *_gate_strides(gate))  # fmt: skip
+        c_options = dict(VARLEN=varlen, GATE=gate is not None, BLOCK_D=block_d(d),
+                         EVEN_D=block_d(d) == d)  # fmt: skip
+        combine_run = _prepared_or_direct(_attn_combine, (q, *(dummy,) * 5), c_scalars,
+                                          c_options,
+                                          lambda bm: (cdiv(max_lq, bm), b * h))  # fmt: skip
+    cached = kernel_run[1] and (combine_run is None or combine_run[1])
+    return _ForwardPlan(kernel_run[0], combine_run and combine_run[0], splits, dummy, cached)
 
-    def grid(meta):
-        return (cdiv(max_lq, meta["BM"]), b * h, splits)
 
-    with device_guard(q):
-        kernel = FWD[q.dtype == torch.float32]
-        if dropout and q.dtype == torch.float32:
-            kernel = _attn_fwd32_dropout
-        kernel[grid](
-            q, k, v, target, target_lse,
-            cu_q if varlen else dummy, cu_k if varlen else dummy,
-            keep if keep is not None else dummy, lo if lo is not None else dummy,
-            hi if hi is not None else dummy, bias if bias is not None else dummy,
-            gate if gate is not None else dummy, seed_ptr,
-            row_logits if row_logits is not None else dummy, *scalars, SPLIT=splits > 1,
-            ROW=row_logits is not None, **options,
-        )  # fmt: skip
-        if splits > 1:
-            _attn_combine[lambda meta: (cdiv(max_lq, meta["BM"]), b * h)](
-                ws, wl, out, lse, cu_q if varlen else dummy,
-                gate if gate is not None else dummy, max_lq, h, d, splits,
-                *_strides(ws[0], varlen), ws.stride(0), *_lse_strides(wl[0], varlen),
-                wl.stride(0), *_strides(out, varlen), *_lse_strides(lse, varlen),
-                *_gate_strides(gate), VARLEN=varlen, GATE=gate is not None, BLOCK_D=block_d(d),
-                EVEN_D=block_d(d) == d,
-            )  # fmt: skip
-    return out, lse
+def _prepared_or_direct(kernel, stand_ins, scalars, options, grid_of_bm):
+    """(launch(*pointers), prepared?): the prepared launch of ``kernel`` with these
+    scalars and constexprs and the grid ``grid_of_bm(BM)`` of its config; while launches
+    cannot be prepared (the tuner records them, or autotuning is on), a closure launching
+    ``kernel[grid](*pointers, *scalars, **options)``, to be used once."""
+    args = (*stand_ins, *scalars)
+    grid = grid_of_bm(kernel.config(args, options).all_kwargs()["BM"])
+    run = kernel.prepare(grid, args, options)
+    if run is not None:
+        return run, True
+
+    def direct(*pointers):
+        kernel[lambda meta: grid_of_bm(meta["BM"])](*pointers, *scalars, **options)
+
+    return direct, False
 
 
 def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
