@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...core.runtime import autotune_configs, device_guard
+from ...core.runtime import autotune_configs, device_guard, next_pow2
 from ...core.tuning import prepared_cache, recording, tuned
 from .layout import positions_strides, qk_layout, table_layout
 
@@ -127,10 +127,6 @@ def _rope_kernel(
 # fmt: on
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 _LAUNCHES = prepared_cache()  # (layout of the call) -> (prepared launch, grid)
 
 
@@ -202,7 +198,7 @@ def _prepare(q, k, qo, ko, head_axis, table, leading, positions, inv_freq, mode,
     kwargs = dict(
         SOURCE=source, MODE=mode, SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
         BACKWARD=backward, COPY_PASS=rot < d and not in_place,
-        BLOCK_HALF=_pow2(half), BLOCK_PASS=min(64, _pow2(max(d - rot, 1))),
+        BLOCK_HALF=next_pow2(half), BLOCK_PASS=min(64, next_pow2(max(d - rot, 1))),
     )  # fmt: skip
     grid = (b * s,)
     run = _rope_kernel.prepare(grid, (q, k, qo, ko, q, q, q, q, *args), kwargs)
