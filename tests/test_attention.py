@@ -844,3 +844,19 @@ def test_fake_strides_match_the_implementations(backend, packed):
                      for t in (*qkv, *lens)), *options)  # fmt: skip
     assert real[0].is_contiguous()
     assert [t.stride() for t in fake] == [t.stride() for t in real]
+
+
+@pytest.mark.parametrize("row_mass", [False, True])
+def test_second_order_raises(row_mass, device):
+    """The backward kernels' gradients are first order: differentiating them raises
+    (before, they came out without a graph, so a gradient penalty through attention lost
+    the attention's terms without a word)."""
+    q, k = (torch.randn(1, 2, 5, 16, device=device, requires_grad=True) for _ in "qk")
+    if row_mass:
+        out, _ = A.attention(q, k, k, key_mass=-1)
+    else:
+        out = A.attention(q, k, k)
+    (gq,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), q, create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(NotImplementedError, match="attention.*second-order"):
+        gq.sum().backward()

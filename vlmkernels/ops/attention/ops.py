@@ -28,13 +28,16 @@ from __future__ import annotations
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op
+from ...core.op import Op, first_order_only
 from . import launchers, reference
 
 _ARGS = (
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
     "Tensor? key_keep, Tensor? key_lo, Tensor? key_hi, bool causal, float scale"
 )
+
+# the backward kernels' gradients are not differentiable themselves
+_FIRST_ORDER = "attention / cross_attention / media_cross_attention (the attention kernels)"
 
 attention_core = Op(
     "attention_core",
@@ -112,6 +115,7 @@ class _:
         remember_backend(ctx)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate, seed)
 
+    @first_order_only(_FIRST_ORDER)
     @in_forward_backend
     def backward(ctx, grad_out, grad_lse):
         return _core_backward(ctx, grad_out, grad_lse, ctx.needs_input_grad)
@@ -267,6 +271,7 @@ class _:
         remember_backend(ctx)
         ctx.save_for_backward(q, k, v, out, lse, None, None, None, None, None, bias, None, None)
 
+    @first_order_only(_FIRST_ORDER)
     @in_forward_backend
     def backward(ctx, grad_out, grad_lse, _grad_mass):
         nq, nk, nv, _, _, nb, _, _ = ctx.needs_input_grad
