@@ -499,13 +499,13 @@ def test_tuning_workload_runs(device):
 
     names = [k.name for k in family.FAMILY.kernels]
     fp32_core = {"attention_fwd_fp32", "attention_bwd_kv_fp32", "attention_bwd_q_fp32",
-                 "attention_bwd_kv_fp32_bias_gqa"}  # fmt: skip
+                 "attention_bwd_kv_fp32_bias_gqa", "attention_delta"}  # fmt: skip
     for spec, launched in (
         ({"batch": 1, "heads": 2, "head_dim": 16, "lq": 8, "lk": 20, "dtype": "fp32"},
          fp32_core | {"attention_key_mass"}),
         ({"batch": 1, "heads": 2, "head_dim": 16, "lq": 8, "lk": 20, "dtype": "bf16"},
          {"attention_fwd", "attention_bwd_kv", "attention_bwd_q", "attention_bwd_kv_bias",
-          "attention_bwd_kv_gqa", "attention_key_mass"}),
+          "attention_bwd_kv_gqa", "attention_delta", "attention_key_mass"}),
         ({"batch": 1, "heads": 1, "head_dim": 16, "lq": 12, "lk": 8, "dtype": "fp32",
           "media": 4}, fp32_core),
     ):  # fmt: skip
@@ -860,3 +860,31 @@ def test_second_order_raises(row_mass, device):
     assert gq.requires_grad
     with pytest.raises(NotImplementedError, match="attention.*second-order"):
         gq.sum().backward()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_matches_float64(packed, dtype, device):
+    """The backward's row term in one kernel: rowsum(dO O) - dlse in lse's layout, 0 where
+    lse is not finite; dO strided, both gradients optional; opcheck."""
+    shape, lse_shape = ((23, 3, 40), (3, 23)) if packed else ((2, 3, 13, 40), (2, 3, 13))
+    out = torch.randn(shape, device=device).to(dtype)
+    grad_out = torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype)[..., ::2]
+    lse = torch.randn(lse_shape, device=device)
+    lse.view(-1)[::7] = float("-inf")
+    lse.view(-1)[3] = float("nan")
+    grad_lse = torch.randn(lse_shape, device=device)
+    finite = torch.isfinite(lse)
+    rows = (grad_out.double() * out.double()).sum(-1)
+    rows = rows.transpose(0, 1) if packed else rows
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for g, gl in ((grad_out, grad_lse), (grad_out, None), (None, grad_lse), (None, None)):
+        want = (rows if g is not None else 0.0) - (gl.double() if gl is not None else 0.0)
+        want = torch.where(finite, want, 0.0) * torch.ones(lse_shape, dtype=torch.float64)
+        with use_backend("triton"):
+            got = ops.attention_delta(out, g, lse, gl)
+        assert got.shape == lse_shape and got.dtype == torch.float32
+        assert (got[~finite] == 0).all()
+        assert rel(got[finite], want[finite]) < tol, (g is None, gl is None)
+    with use_backend("triton"):
+        torch.library.opcheck(ops.attention_delta.overload, (out, grad_out, lse, grad_lse))

@@ -9,7 +9,7 @@ import torch
 
 from ...core.family import CompileCase, Family, register
 from ...core.tuning import torch_dtype
-from . import kernels, key_mass_kernels, launchers, layernorm_kernels
+from . import delta_kernel, kernels, key_mass_kernels, launchers, layernorm_kernels
 
 # Realistic shapes (fusion note): the Q-Former's cross-attention, a MiniCPM-V resampler
 # slice, Flamingo's media-masked attention, few queries over many keys, FastV scoring.
@@ -65,10 +65,10 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
 
     def backward(k, v, bias=None, forward=None):
         out, lse = forward or launchers.forward(q, k, v, **a, bias=bias)
-        delta = (out.float() * out.float()).sum(-1)
+        delta = launchers.delta(out, out, lse, None)  # dO = O: any gradient will do
         launchers.backward(out, q, k, v, lse, delta, **a, bias=bias)
 
-    if any(n.startswith("attention_bwd") for n in names):
+    if any(n.startswith("attention_bwd") for n in names) or "attention_delta" in names:
         backward(k, v, forward=(out, lse))
     if names & {"attention_bwd_kv_bias", "attention_bwd_kv_fp32_bias_gqa"}:
         backward(k, v, bias=torch.zeros(q.shape[0], 1, k.shape[2], device=device))
@@ -96,7 +96,8 @@ def compile_cases() -> list[CompileCase]:
     forward (plain, causal with key padding, media ranges, split-K), packed forward, both
     backward kernels (plain, causal, media); the per-key bias in each core pass; grouped
     heads; the tanh gate's epilogue (media); attention dropout (forward, both backward
-    passes, with key padding); the split-K combine and the key mass. The
+    passes, with key padding); the split-K combine, the backward's row term and the key
+    mass. The
     group G (grouped-query attention) is a constant 1 (Triton specialises an int argument
     equal to 1) except in the _gqa cases."""
     # G = 1 (no grouped heads) is a constant of a typical launch; the _gqa cases keep it
@@ -191,6 +192,13 @@ def compile_cases() -> list[CompileCase]:
                     unit_strides=("sqd", "skd", "slm"), aligned=_ROW[:6],
                     scalars={"sm_scale": "fp32", "weight": "fp32"},
                     expect=("mma", "no_spill")),
+        CompileCase("attention_delta", delta_kernel._attn_delta,
+                    dict(o_ptr="*{elem}", do_ptr="*{elem}", lse_ptr="*fp32", dlse_ptr="*fp32",
+                         delta_ptr="*fp32"),
+                    dict(HAS_DO=True, HAS_DLSE=True, BLOCK_D=64),
+                    unit_strides=("sod", "sdod", "slm", "sgm"),
+                    aligned=("D", "sob", "soh", "som", "sdob", "sdoh", "sdom"),
+                    expect=("no_spill",)),
         CompileCase("attention_row_mass", key_mass_kernels._attn_row_mass,
                     dict(row_ptr="*fp32", lse_ptr="*fp32", mass_ptr="*fp32"), {},
                     unit_strides=("slm",), aligned=("max_lk", "srb", "srh"),
@@ -225,12 +233,17 @@ _CORE = (*(f"attention_{p}{s}" for p in ("fwd", "bwd_kv", "bwd_q") for s in ("",
 FAMILY = register(
     Family(
         name="attention",
-        kernels=kernels.KERNELS + key_mass_kernels.KERNELS + layernorm_kernels.KERNELS,
+        kernels=(
+            kernels.KERNELS
+            + delta_kernel.KERNELS
+            + key_mass_kernels.KERNELS
+            + layernorm_kernels.KERNELS
+        ),
         compile_cases=compile_cases,
         aliases={
-            "attention": (*_CORE, "attention_combine", "attention_key_mass"),
-            "cross_attention": (*_CORE, "attention_combine"),
-            "media_cross_attention": _CORE,
+            "attention": (*_CORE, "attention_combine", "attention_delta", "attention_key_mass"),
+            "cross_attention": (*_CORE, "attention_combine", "attention_delta"),
+            "media_cross_attention": (*_CORE, "attention_delta"),
             "qformer_add_layernorm": ("qformer_add_ln_fwd", "qformer_add_ln_bwd"),
         },
         tune_shapes=TUNE_SHAPES,

@@ -24,6 +24,7 @@ import torch
 
 from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
 from ...core.tuning import prepared_cache, recording
+from .delta_kernel import _attn_delta
 from .kernels import (
     BWD_Q,
     FWD,
@@ -282,6 +283,28 @@ def _prepared_or_direct(kernel, stand_ins, scalars, options, grid_of_bm):
         kernel[lambda meta: grid_of_bm(meta["BM"])](*pointers, *scalars, **options)
 
     return direct, False
+
+
+def delta(out, grad_out, lse, grad_lse):
+    """lse's shape, fp32: rowsum(dO * O) - dlse per query row, 0 where lse is not finite
+    (:mod:`.delta_kernel`); ``grad_out`` and ``grad_lse`` may be None (zero). Dense out
+    (B, H, Lq, D) with lse (B, H, Lq), or packed (T, H, D) with (H, T); any strides."""
+    varlen = out.dim() == 3
+    nh, nl = lse.shape[-2:]
+    d = out.shape[-1]
+    res = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+    if res.numel() == 0:
+        return res
+    g = grad_out if grad_out is not None else out
+    gl = grad_lse if grad_lse is not None else lse
+    with device_guard(lse):
+        _attn_delta[lambda meta: (cdiv(res.numel(), meta["BR"]),)](
+            out, g, lse, gl, res, res.numel(), nh, nl, d, *_strides(out, varlen),
+            *_strides(g, varlen), *_lse_strides(lse, varlen), *_lse_strides(gl, varlen),
+            HAS_DO=grad_out is not None, HAS_DLSE=grad_lse is not None,
+            BLOCK_D=min(block_d(d), 64),
+        )  # fmt: skip
+    return res
 
 
 def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,

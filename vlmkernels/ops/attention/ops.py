@@ -1,9 +1,10 @@
 """The attention ops: ``torch.ops.vlmkernels.attention_core`` (forward, differentiable in
 q, k, v, through both outputs), ``attention_core_backward`` (its gradients),
-``attention_key_mass`` (not differentiable) and ``attention_row_mass`` (the dense forward
-with one query row's key mass, differentiable as attention_core through out and lse), one
-:class:`vlmkernels.core.op.Op` each with the PyTorch and Triton implementations and the
-fake.
+``attention_delta`` (the backward's row term rowsum(dO O) - dlse, not differentiable: only
+backward formulas call it), ``attention_key_mass`` (not differentiable) and
+``attention_row_mass`` (the dense forward with one query row's key mass, differentiable as
+attention_core through out and lse), one :class:`vlmkernels.core.op.Op` each with the
+PyTorch and Triton implementations and the fake.
 
 Arguments (the layouts of :mod:`.launchers`): q, k, v dense (B, H, L, D) or packed
 (T, H, D) with int32 ``cu_seqlens_q`` / ``cu_seqlens_k``; ``key_keep`` an optional (B, Lk)
@@ -49,6 +50,11 @@ attention_core_backward = Op(
     "attention_core_backward",
     f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, {_ARGS}, "
     "Tensor? key_bias, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor, Tensor, Tensor)",
+    family="attention",
+)
+attention_delta = Op(
+    "attention_delta",
+    "(Tensor out, Tensor? grad_out, Tensor lse, Tensor? grad_lse) -> Tensor",
     family="attention",
 )
 attention_key_mass = Op(
@@ -130,14 +136,10 @@ def _core_backward(ctx, grad_out, grad_lse, needs):
     none = (None,) * 10
     if grad_out is None and grad_lse is None:
         return None, None, None, *none, None, None, None, None
+    # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
+    delta = attention_delta(out, grad_out, lse, grad_lse)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-    delta = delta.transpose(0, 1) if cu_q is not None else delta
-    if grad_lse is not None:
-        delta = delta - grad_lse
-    # rows without a visible key (lse -inf) or without an answer (NaN) add nothing
-    delta = torch.where(torch.isfinite(lse), delta, 0.0).contiguous()
     args = (lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bias,
             dropout_p, seed)  # fmt: skip
     dgate = None
@@ -211,6 +213,25 @@ def _(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal,
       dropout_p, seed):  # fmt: skip
     db = q.new_empty(0) if bias is None else torch.empty_like(bias)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+# ------------------------------------------------------------------------ attention_delta
+
+
+@attention_delta.impl("triton")
+def _(out, grad_out, lse, grad_lse):
+    """rowsum(dO * O) - dlse per query row, laid out as lse, 0 where lse is not finite."""
+    return launchers.delta(out, grad_out, lse, grad_lse)
+
+
+@attention_delta.impl("torch")
+def _(out, grad_out, lse, grad_lse):
+    return reference.delta(out, grad_out, lse, grad_lse)
+
+
+@attention_delta.fake
+def _(out, grad_out, lse, grad_lse):
+    return lse.new_empty(lse.shape)
 
 
 # --------------------------------------------------------------------- attention_key_mass

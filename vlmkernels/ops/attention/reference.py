@@ -213,6 +213,20 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, bi
     return out, lse
 
 
+def delta(out, grad_out, lse, grad_lse):
+    """rowsum(dO * O) - dlse per query row in lse's dtype and layout, 0 where lse is not
+    finite (:func:`.launchers.delta` without a kernel); None stands for a zero gradient."""
+    ct = lse.dtype
+    if grad_out is None:
+        d = torch.zeros_like(lse)
+    else:
+        d = (grad_out.to(ct) * out.to(ct)).sum(-1)
+        d = d.transpose(0, 1) if out.dim() == 3 else d
+    if grad_lse is not None:
+        d = d - grad_lse
+    return torch.where(torch.isfinite(lse), d, 0.0).contiguous()
+
+
 def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
              bias=None, dropout_p=0.0, seed=None):  # fmt: skip
     """(dq, dk, dv, db) with ``delta`` = rowsum(dO * O) - dlse, laid out as lse; db the
