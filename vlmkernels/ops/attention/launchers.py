@@ -107,13 +107,9 @@ def _dummy(q):
     return q.new_empty(0, dtype=torch.int32)
 
 
-def _dropout_args(q, dropout_p, seed):
-    """(seed pointer, drop_thr, drop_scale, DROPOUT) of a launch."""
-    if not dropout_p:
-        return _dummy(q), 0, 1.0, False
-    if seed is None:
+def _check_seed(dropout_p, seed) -> None:
+    if dropout_p and seed is None:
         raise ValueError("attention: dropout_p > 0 needs a seed tensor")
-    return (seed, *dropout_threshold(dropout_p), True)
 
 
 def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
@@ -180,8 +176,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         return out, lse
     if max_lk == 0:  # no keys: every row is empty
         return out.zero_(), lse.fill_(float("-inf"))
-    if dropout_p and seed is None:
-        raise ValueError("attention: dropout_p > 0 needs a seed tensor")
+    _check_seed(dropout_p, seed)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, b,
            max_lq, max_lk, bool(causal), float(scale), num_splits, float(dropout_p),
            int(mass_row), _layout(keep), _layout(lo), _layout(hi), _layout(bias),
@@ -252,8 +247,8 @@ def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, sc
     if dropout_p and q.dtype == torch.float32:
         kernel = _attn_fwd32_dropout
     stand_ins = (q, k, v, *(dummy,) * 11)  # only their positions count, and q's dtype
-    kernel_run = _prepared_or_direct(kernel, stand_ins, scalars, options,
-                                     lambda bm: (cdiv(max_lq, bm), b * h, splits))  # fmt: skip
+    grid = lambda meta: (cdiv(max_lq, meta["BM"]), b * h, splits)  # noqa: E731
+    kernel_run = _prepared_or_direct(kernel, stand_ins, scalars, options, grid)
     combine_run = None
     if splits > 1:
         c_scalars = (max_lq, h, d, splits, *out_strides, split_strides[0], *lse_strides,
@@ -261,26 +256,26 @@ def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, sc
                      *_gate_strides(gate))  # fmt: skip
         c_options = dict(VARLEN=varlen, GATE=gate is not None, BLOCK_D=block_d(d),
                          EVEN_D=block_d(d) == d)  # fmt: skip
+        grid = lambda meta: (cdiv(max_lq, meta["BM"]), b * h)  # noqa: E731
         combine_run = _prepared_or_direct(_attn_combine, (q, *(dummy,) * 5), c_scalars,
-                                          c_options,
-                                          lambda bm: (cdiv(max_lq, bm), b * h))  # fmt: skip
+                                          c_options, grid)  # fmt: skip
     cached = kernel_run[1] and (combine_run is None or combine_run[1])
     return _ForwardPlan(kernel_run[0], combine_run and combine_run[0], splits, dummy, cached)
 
 
-def _prepared_or_direct(kernel, stand_ins, scalars, options, grid_of_bm):
+def _prepared_or_direct(kernel, stand_ins, scalars, options, grid):
     """(launch(*pointers), prepared?): the prepared launch of ``kernel`` with these
-    scalars and constexprs and the grid ``grid_of_bm(BM)`` of its config; while launches
-    cannot be prepared (the tuner records them, or autotuning is on), a closure launching
-    ``kernel[grid](*pointers, *scalars, **options)``, to be used once."""
+    scalars and constexprs and the grid ``grid(meta)`` of its config (``meta``: the
+    config's block sizes); while launches cannot be prepared (the tuner records them, or
+    autotuning is on), a closure launching ``kernel[grid](*pointers, *scalars,
+    **options)``, to be used once."""
     args = (*stand_ins, *scalars)
-    grid = grid_of_bm(kernel.config(args, options).all_kwargs()["BM"])
-    run = kernel.prepare(grid, args, options)
+    run = kernel.prepare(grid(kernel.config(args, options).all_kwargs()), args, options)
     if run is not None:
         return run, True
 
     def direct(*pointers):
-        kernel[lambda meta: grid_of_bm(meta["BM"])](*pointers, *scalars, **options)
+        kernel[grid](*pointers, *scalars, **options)
 
     return direct, False
 
@@ -322,39 +317,79 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
         db = torch.zeros(db_shape, dtype=torch.float32, device=q.device)
     if b * h == 0 or max_lq == 0 or max_lk == 0:  # nothing attends: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_(), db
+    _check_seed(dropout_p, seed)
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), do.stride(),
+           lse.stride(), delta.stride(), q.dtype, q.device, b, max_lq, max_lk, bool(causal),
+           float(scale), float(dropout_p), _layout(keep), _layout(lo), _layout(hi),
+           _layout(bias))  # fmt: skip
+    plan = None if recording() else _BACKWARD_PLANS.get(key)  # the tuner sees every launch
+    if plan is None:
+        plan = _backward_plan(do, q, k, v, lse, delta, b, h, d, varlen, max_lq, max_lk, keep,
+                              lo, causal, scale, bias, dropout_p)  # fmt: skip
+        if plan.cached:
+            _BACKWARD_PLANS[key] = plan
+    dummy = plan.dummy
+    pointers = (cu_q if varlen else dummy, cu_k if varlen else dummy,
+                keep if keep is not None else dummy, lo if lo is not None else dummy,
+                hi if hi is not None else dummy, bias if bias is not None else dummy)  # fmt: skip
+    seed_ptr = seed if dropout_p else dummy
+    with device_guard(q):
+        plan.kv(q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
+                seed_ptr)  # fmt: skip
+        plan.q(q, k, v, do, lse, delta, dq, *pointers, seed_ptr)
+    return dq, dk, dv, db
+
+
+@dataclasses.dataclass(frozen=True)
+class _BackwardPlan:
+    """A backward's launches for one layout: ``kv`` (the dK/dV pass) and ``q`` (the dQ
+    pass), each taking its pointers (see :class:`_ForwardPlan`)."""
+
+    kv: Callable
+    q: Callable
+    dummy: torch.Tensor
+    cached: bool
+
+
+_BACKWARD_PLANS = prepared_cache()  # (layout of a backward call) -> _BackwardPlan
+
+
+def _backward_plan(do, q, k, v, lse, delta, b, h, d, varlen, max_lq, max_lk, keep, lo, causal,
+                   scale, bias, dropout_p):  # fmt: skip
+    """The launches of :func:`backward` for the layout of these arguments (dQ, dK, dV and
+    dbias contiguous)."""
     dummy = _dummy(q)
     g = group(q, k)
-    seed_ptr, thr, drop_scale, dropout = _dropout_args(q, dropout_p, seed)
+    thr, drop_scale = dropout_threshold(dropout_p) if dropout_p else (0, 1.0)
     options = dict(
         _options(q, keep, lo, causal),
         VARLEN=varlen,
         BLOCK_D=block_d(d),
         EVEN_D=block_d(d) == d,
         BIAS=bias is not None,
-        DROPOUT=dropout,
+        DROPOUT=bool(dropout_p),
     )
     common = (max_lq, max_lk, h, g, d, float(scale), *_strides(q, varlen), *_strides(k, varlen),
               *_strides(v, varlen), *_strides(do, varlen), *_lse_strides(lse, varlen),
               *_lse_strides(delta, varlen))  # fmt: skip
     tail = (keep.stride(0) if keep is not None else 0, lo.stride(0) if lo is not None else 0,
             *_bias_strides(bias, varlen))  # fmt: skip
-    db_strides = (0, 0) if db is None else _lse_strides(db, varlen)[:2]
-    pointers = (cu_q if varlen else dummy, cu_k if varlen else dummy,
-                keep if keep is not None else dummy, lo if lo is not None else dummy,
-                hi if hi is not None else dummy, bias if bias is not None else dummy)  # fmt: skip
-    with device_guard(q):
-        fp32 = q.dtype == torch.float32
-        kv_pass = bwd_kv_kernel(fp32, bias is not None, g > 1)
-        kv_pass[lambda meta: (cdiv(max_lk, meta["BN"]), b * (h // g))](
-            q, k, v, do, lse, delta, dk, dv, *pointers, db if db is not None else dummy,
-            seed_ptr, *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
-            *db_strides, thr, drop_scale, **options,
-        )  # fmt: skip
-        BWD_Q[fp32][lambda meta: (cdiv(max_lq, meta["BM"]), b * h)](
-            q, k, v, do, lse, delta, dq, *pointers, seed_ptr, *common, *_strides(dq, varlen),
-            *tail, thr, drop_scale, **options,
-        )  # fmt: skip
-    return dq, dk, dv, db
+    db_shape = (h, k.shape[0]) if varlen else (b, h, k.shape[2])
+    db_strides = (0, 0) if bias is None else _lse_strides(_contiguous_strides(db_shape),
+                                                          varlen)[:2]  # fmt: skip
+    kv_strides = _strides(_contiguous_strides(k.shape), varlen)
+    fp32 = q.dtype == torch.float32
+    kv = _prepared_or_direct(
+        bwd_kv_kernel(fp32, bias is not None, g > 1), (q, k, v, *(dummy,) * 13),
+        (*common, *kv_strides, *kv_strides, *tail, *db_strides, thr, drop_scale), options,
+        lambda meta: (cdiv(max_lk, meta["BN"]), b * (h // g)),
+    )  # fmt: skip
+    dq = _prepared_or_direct(
+        BWD_Q[fp32], (q, k, v, *(dummy,) * 11),
+        (*common, *_strides(_contiguous_strides(q.shape), varlen), *tail, thr, drop_scale),
+        options, lambda meta: (cdiv(max_lq, meta["BM"]), b * h),
+    )  # fmt: skip
+    return _BackwardPlan(kv[0], dq[0], dummy, kv[1] and dq[1])
 
 
 def forward_row_mass(q, k, v, causal, scale, row, weight, bias=None):
