@@ -939,3 +939,17 @@ def test_prepared_launches_step_aside_while_the_tuner_records():
         with T._record() as recorded:
             call()
         assert name in {c.kernel.name for c in recorded}, name
+
+
+def test_prepared_caches_are_bounded():
+    """A prepared-launch cache keeps at most PREPARED_LAYOUTS layouts, dropping the oldest:
+    shapes that change every call cannot grow it without end."""
+    cache = T.prepared_cache()
+    for i in range(T.PREPARED_LAYOUTS + 5):
+        cache[i] = i
+    assert len(cache) == T.PREPARED_LAYOUTS
+    assert 0 not in cache and 4 not in cache and 5 in cache and cache.get(T.PREPARED_LAYOUTS + 4)
+    cache[5] = "again"  # replacing a key drops nothing
+    assert len(cache) == T.PREPARED_LAYOUTS and 6 in cache
+    T.clear_cache()
+    assert not cache

@@ -403,11 +403,25 @@ def _nearest(kernel, entries: Mapping[tuple, Any], key: tuple):
 _DERIVED: list[dict] = []  # caches of what was derived from the files (launches, backends)
 
 
-def derived_cache() -> dict:
+class BoundedCache(dict):
+    """A dict of at most ``limit`` entries: storing one more drops the oldest. Lookups are
+    plain dict lookups."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key, value):
+        if key not in self and len(self) >= self.limit:
+            del self[next(iter(self))]
+        super().__setitem__(key, value)
+
+
+def derived_cache(limit: int | None = None) -> dict:
     """A dict for values derived from the config files (prepared launches, default
     backends), emptied whenever the files may have changed (:func:`clear`, and recording a
-    preferred backend)."""
-    cache: dict = {}
+    preferred backend); with ``limit``, a :class:`BoundedCache`."""
+    cache: dict = {} if limit is None else BoundedCache(limit)
     _DERIVED.append(cache)
     return cache
 

@@ -292,10 +292,16 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
     return wrap
 
 
+# Layouts kept per cache: a process whose shapes change every call (packed sequences of
+# varying total length, prompts of every length) would otherwise grow it without end.
+PREPARED_LAYOUTS = 1024
+
+
 def prepared_cache() -> dict:
-    """A dict for a family's prepared launches (:meth:`TunedKernel.prepare`), emptied with
-    the config caches by :func:`clear_cache`."""
-    return _configs.derived_cache()
+    """A dict for a family's prepared launches (:meth:`TunedKernel.prepare`), keyed by
+    layout, of at most :data:`PREPARED_LAYOUTS` entries (the oldest goes first), emptied
+    with the config caches by :func:`clear_cache`."""
+    return _configs.derived_cache(PREPARED_LAYOUTS)
 
 
 def recording() -> bool:
