@@ -193,19 +193,30 @@ def test_qformer_attention(which):
     assert torch.equal(again, want)
 
 
-def test_key_padding_refusals():
-    from vlmkernels.integrations.tables.attention import key_padding
+def test_key_mask_forms():
+    """A transformers mask becomes the kernels' key padding (bool) or key bias (additive:
+    exactly what transformers adds to the scores, other biases too), read on the device
+    only; a mask whose rows differ between queries is refused."""
+    from vlmkernels.integrations.tables.attention import key_mask
 
     neg = torch.finfo(torch.float32).min
     mask = torch.zeros(2, 1, 1, 4)
     mask[1, ..., 3] = neg
-    assert key_padding(mask, 2, 3, 4, "here").tolist() == [[False] * 4, [False] * 3 + [True]]
-    with pytest.raises(ValueError, match="here: the attention mask holds biases other than 0"):
-        key_padding(mask + 0.5, 2, 3, 4, "here")
+    pad, bias = key_mask(mask, 2, 3, 4, "here")
+    assert pad is None and torch.equal(bias, mask[:, 0, 0])
+    pad, bias = key_mask(mask + 0.5, 2, 3, 4, "here")  # any per-key bias
+    assert pad is None and torch.equal(bias, mask[:, 0, 0] + 0.5)
+    pad, bias = key_mask(mask[:1].expand(1, 1, 3, 4), 2, 3, 4, "here")  # broadcast batch
+    assert pad is None and bias.shape == (2, 4) and torch.equal(bias[1], mask[0, 0, 0])
+    pad, bias = key_mask(mask == 0, 2, 3, 4, "here")
+    assert bias is None and pad.tolist() == [[False] * 4, [False] * 3 + [True]]
+    assert key_mask(None, 2, 3, 4, "here") == (None, None)
     rows = torch.zeros(2, 1, 3, 4)
     rows[0, 0, 1, 2] = neg
-    with pytest.raises(ValueError, match="differs between query rows"):
-        key_padding(rows, 2, 3, 4, "here")
+    with pytest.raises(ValueError, match="here: the attention mask differs between query rows"):
+        key_mask(rows, 2, 3, 4, "here")
+    with pytest.raises(ValueError, match=r"here: attention mask must be \(B, 1, 1 or 3, 4\)"):
+        key_mask(torch.zeros(2, 4), 2, 3, 4, "here")
 
 
 def test_idefics_perceiver_resampler():

@@ -74,7 +74,7 @@ from ..patching import (
 __all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES",
            "PERCEIVER_PATCHER", "QFORMER_ARCHITECTURES", "QFORMER_KV", "QFORMER_PATCHER",
            "TESTED_VERSIONS",
-           "key_padding", "mask_ranges"]  # fmt: skip
+           "key_mask", "mask_ranges"]  # fmt: skip
 
 TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")  # test_attention_patch passes on each
 
@@ -207,26 +207,28 @@ def _gated_forward(layer, arch: Architecture):
     return forward
 
 
-def key_padding(mask, batch: int, tokens: int, keys: int, where: str):
-    """The (B, N) key padding (True: ignored) of a transformers additive attention mask
-    ((B or 1, 1, 1 or T, N), 0 = visible, very negative = padding), or None without one;
-    ``where`` names the patched module in errors."""
+def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
+    """(key padding, key bias) of a transformers attention mask ((B or 1, 1, 1 or T, N)),
+    one of them None, or (None, None) without a mask; ``where`` names the patched module in
+    errors.
+
+    A bool mask (True: visible) becomes the (B, N) key padding (True: ignored); an additive
+    one (0 visible, very negative padded, or any other per-key bias) becomes the (B, N) key
+    bias the kernels add to the logits, as transformers adds the mask to the scores. Neither
+    reads the mask on the host: a CUDA mask costs no synchronisation. A mask with a row per
+    query (T rows) is checked to hold the same row for every query, the one host read."""
     if mask is None:
-        return None
+        return None, None
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys:
         raise ValueError(f"{where}: attention mask must be (B, 1, 1 or {tokens}, {keys}), got "
                          f"{tuple(mask.shape)}")  # fmt: skip
-    if mask.dtype == torch.bool:
-        keep = mask[:, 0]
-    else:
-        keep = mask[:, 0] == 0
-        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
-            raise ValueError(f"{where}: the attention mask holds biases other than 0 and the "
-                             "padding value; the kernel takes key padding only")  # fmt: skip
-    if keep.shape[1] != 1 and not bool((keep == keep[:, :1]).all()):
+    if mask.shape[2] != 1 and not bool((mask == mask[:, :, :1]).all()):
         raise ValueError(f"{where}: the attention mask differs between query rows; the kernel "
-                         "takes key padding only")  # fmt: skip
-    return ~keep[:, 0].expand(batch, keys)
+                         "takes one mask row per batch")  # fmt: skip
+    row = mask[:, 0, 0].expand(batch, keys)
+    if mask.dtype == torch.bool:
+        return ~row, None
+    return None, row
 
 
 _QFORMER = ("query", "key", "value", "attention_head_size", "scaling", "attention_dropout")
@@ -254,9 +256,9 @@ def _qformer_forward(module, arch: Architecture):
         if kv is None or kv[0].shape[:-1] != states.shape[:-1]:
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
-        pad = key_padding(mask, b, t, n, "vlmkernels (Q-Former attention)")
-        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling),
-                              dropout_p=drop)  # fmt: skip
+        pad, bias = key_mask(mask, b, t, n, "vlmkernels (Q-Former attention)")
+        out = cross_attention(q, k, v, key_padding_mask=pad, key_bias=bias,
+                              scale=float(self.scaling), dropout_p=drop)  # fmt: skip
         return out.transpose(1, 2).reshape(b, t, -1), None
 
     forward.__name__ = forward.__qualname__ = "forward"
@@ -463,9 +465,9 @@ def _idefics2_perceiver_forward(module, arch: Architecture):
         q = self.q_proj(latents).view(b, t, self.num_heads, d).transpose(1, 2)
         k, v = (p(both).view(b, n, self.num_key_value_heads, d).transpose(1, 2)
                 for p in (self.k_proj, self.v_proj))  # fmt: skip
-        pad = key_padding(attention_mask, b, t, n, "vlmkernels (Idefics2 perceiver attention)")
-        out = cross_attention(q, k, v, key_padding_mask=pad, scale=float(self.scaling),
-                              dropout_p=drop)  # fmt: skip
+        pad, bias = key_mask(attention_mask, b, t, n, where)
+        out = cross_attention(q, k, v, key_padding_mask=pad, key_bias=bias,
+                              scale=float(self.scaling), dropout_p=drop)  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
     forward.__name__ = forward.__qualname__ = "forward"
