@@ -188,9 +188,12 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
             head dim D <= 256, any strides. Hk divides H (grouped-query attention: query
             head h reads key/value head h // (H / Hk); dK, dV sum over the group).
         cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets of the packed segments (both or
-            neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed.
-        max_seqlen_q, max_seqlen_k: the longest segments (default: read from the offsets,
-            which syncs with the device; required under ``torch.compile``).
+            neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed. In
+            eager mode the offsets are read on the host and checked (start at 0,
+            non-decreasing, end at the packed length) before any launch, which waits for
+            the device; under ``torch.compile`` they are not read.
+        max_seqlen_q, max_seqlen_k: the longest segments (default: from the offsets read
+            for the check; required under ``torch.compile``).
         key_padding_mask: dense inputs only, (B, Lk) bool, True at keys to ignore
             (``torch.nn.MultiheadAttention``'s convention).
         key_bias: an additive logit bias per key, dense (B, Lk) or (B, H, Lk), packed (Tk,)
