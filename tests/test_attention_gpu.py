@@ -119,3 +119,37 @@ def test_grouped_query_causal_backward(dtype):
     assert rel(out, ref) < TOL[dtype]
     for a, r in zip(grads, ref_grads, strict=True):
         assert rel(a, r) < 3 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_delta_kernel(dtype, packed):
+    """The backward's row term at the Q-Former's training shape (B 256, 12 heads, 32
+    queries, d 64; packed: the same rows as (T, H, D)), strided dO, with dlse and -inf rows,
+    against float64 on the GPU; and a padded Q-Former-style cross-attention whose mask is a
+    key bias (the patched modules' form) against the padding form."""
+    b, h, lq, d = 256, 12, 32, 64
+    shape, lse_shape = ((b * lq, h, d), (h, b * lq)) if packed else ((b, h, lq, d), (b, h, lq))
+    out = torch.randn(shape, device="cuda").to(dtype)
+    grad_out = torch.randn(*shape[:-1], 2 * d, device="cuda").to(dtype)[..., ::2]
+    lse = torch.randn(lse_shape, device="cuda")
+    lse.view(-1)[::5] = float("-inf")
+    grad_lse = torch.randn(lse_shape, device="cuda")
+    got = ops.attention_delta(out, grad_out, lse, grad_lse)
+    want = (grad_out.double() * out.double()).sum(-1)
+    want = (want.transpose(0, 1) if packed else want) - grad_lse.double()
+    want = torch.where(torch.isfinite(lse), want, 0.0)
+    assert rel(got, want) < 1e-5
+    if packed:
+        return
+    q, k, v = leaves((8, h, lq, d), (8, h, 257, d), (8, h, 257, d), dtype=dtype)
+    keep = torch.ones(8, 257, dtype=torch.bool, device="cuda")
+    keep[3, 200:] = False
+    bias = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    by_bias = A.cross_attention(q, k, v, key_bias=bias)
+    by_pad = A.cross_attention(q, k, v, key_padding_mask=~keep)
+    assert rel(by_bias, by_pad) < TOL[dtype]
+    g = torch.randn_like(by_pad)
+    for a, r in zip(torch.autograd.grad(by_bias, (q, k, v), g),
+                    torch.autograd.grad(by_pad, (q, k, v), g), strict=True):  # fmt: skip
+        assert rel(a, r) < 3 * TOL[dtype]
