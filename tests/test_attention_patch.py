@@ -136,6 +136,15 @@ def test_mask_ranges():
     assert lo.tolist() == [[1, 0, 0]] * 2 and hi.tolist() == [[3, 0, 4]] * 2
     with pytest.raises(ValueError, match=r"must be \(B, 1, 3, 5\)"):
         mask_ranges(allowed, 1, 3, 5)
+    # the same mask again (every gated layer of a forward): the ranges computed before,
+    # until the mask changes in place
+    assert mask_ranges(allowed, 2, 3, 4)[0] is mask_ranges(allowed, 2, 3, 4)[0]
+    allowed[0, 0, 1, 3] = True
+    lo, hi = mask_ranges(allowed, 2, 3, 4)
+    assert lo.tolist() == [[1, 3, 0]] * 2 and hi.tolist() == [[3, 4, 4]] * 2
+    with torch.inference_mode():  # no version counter: read every time
+        frozen = allowed.clone()
+        assert mask_ranges(frozen, 2, 3, 4)[0] is not mask_ranges(frozen, 2, 3, 4)[0]
 
 
 def tiny_qformer(module, prefix):

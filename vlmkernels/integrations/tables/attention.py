@@ -124,10 +124,31 @@ _LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "cross_attn",
           "act_cross_attn", "act_dense", "alpha_cross_attn", "alpha_dense")  # fmt: skip
 
 
+# (mask, key, ranges) of the last mask mask_ranges checked, the mask held so that its memory
+# cannot be reused by another: IDEFICS passes one image attention mask to every gated layer
+# of a forward, and the check reads the mask on the host (a device wait)
+_LAST_RANGES: list = [None]
+
+
 def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
     """(lo, hi): int32 (B, T) key ranges of an IDEFICS image attention mask ((B or 1, 1,
     T, N) additive, 0 = allowed, or bool, True = allowed); rows allowing nothing get
-    lo = hi = 0. Raises ValueError when a row's allowed keys are not one interval."""
+    lo = hi = 0. Raises ValueError when a row's allowed keys are not one interval.
+
+    The same mask object, unchanged since (its version counter), gets the ranges computed
+    last time; an inference tensor has no version counter and is read every time."""
+    if mask.is_inference():
+        return _mask_ranges(mask, batch, tokens, keys)
+    key = (mask._version, batch, tokens, keys)
+    last = _LAST_RANGES[0]
+    if last is not None and last[0] is mask and last[1] == key:
+        return last[2]
+    ranges = _mask_ranges(mask, batch, tokens, keys)
+    _LAST_RANGES[0] = (mask, key, ranges)
+    return ranges
+
+
+def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tokens, keys):
         raise ValueError(f"vlmkernels (IDEFICS cross-attention): image_attention_mask must be "
                          f"(B, 1, {tokens}, {keys}), got {tuple(mask.shape)}")  # fmt: skip
