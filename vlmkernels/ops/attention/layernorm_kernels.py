@@ -153,19 +153,43 @@ def add_layernorm_forward(x, c, r, w, b, eps: float):
     return y, mean, rstd
 
 
+_BACKWARD_LAUNCHES = prepared_cache()  # (layout of a backward call) -> (launch, programs, ...)
+
+
 def add_layernorm_backward(grad, x, c, r, w, mean, rstd):
     """(dz (M, N) in x's dtype, dw (N,) fp32, db (N,) fp32): at most 2 programs per SM
-    (8 under the interpreter), each looping over its row blocks."""
+    (8 under the interpreter), each looping over its row blocks and writing its partial
+    sums of dw and db (every program writes its row: no zeroing). The launch is prepared
+    once per layout."""
     m, n = x.shape
     dz = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    programs = 8 if INTERPRETED or x.device.type != "cuda" else 2 * sm_count(x.device)
-    dw = torch.zeros((programs, n), device=x.device, dtype=torch.float32)
-    db = torch.zeros((programs, n), device=x.device, dtype=torch.float32)
-    if m > 0:
-        with device_guard(x):
-            _add_ln_bwd_kernel[lambda meta: (min(programs, cdiv(m, meta["BLOCK_M"])),)](
-                grad, x, c if c is not None else x, r, w, mean, rstd, dz, dw, db, m, n,
-                grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
-                r.stride(1), HAS_C=c is not None, BLOCK_N=next_pow2(n),
-            )  # fmt: skip
+    if m == 0:
+        return dz, torch.zeros(n, device=x.device), torch.zeros(n, device=x.device)
+    key = (x.shape, x.stride(), r.stride(), grad.stride(), x.dtype, x.device, c is not None)
+    plan = None if recording() else _BACKWARD_LAUNCHES.get(key)  # the tuner sees every launch
+    args = (grad, x, c if c is not None else x, r, w, mean, rstd, dz)
+    if plan is None:
+        plan = _backward_plan(args, m, n, grad, x, r, c is not None)
+        if plan[0] is not None:
+            _BACKWARD_LAUNCHES[key] = plan
+    run, programs, scalars, options = plan
+    dw = torch.empty((programs, n), device=x.device, dtype=torch.float32)
+    db = torch.empty((programs, n), device=x.device, dtype=torch.float32)
+    with device_guard(x):
+        if run is None:  # the tuner records the launch, or autotuning is on
+            _add_ln_bwd_kernel[(programs,)](*args, dw, db, *scalars, **options)
+        else:
+            run(*args, dw, db)
     return dz, dw.sum(0), db.sum(0)
+
+
+def _backward_plan(args, m, n, grad, x, r, has_c):
+    """(prepared launch or None, programs, scalar arguments, constexprs) of a layout."""
+    most = 8 if INTERPRETED or x.device.type != "cuda" else 2 * sm_count(x.device)
+    scalars = (m, n, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
+               r.stride(1))  # fmt: skip
+    options = dict(HAS_C=has_c, BLOCK_N=next_pow2(n))
+    full = (*args, x, x, *scalars)  # x stands in for dw and db: only pointers
+    block_m = _add_ln_bwd_kernel.config(full, options).all_kwargs()["BLOCK_M"]
+    programs = min(most, cdiv(m, block_m))
+    return _add_ln_bwd_kernel.prepare((programs,), full, options), programs, scalars, options
