@@ -918,9 +918,9 @@ def test_compare_designs_records_the_fastest_and_the_clip_backward_follows(
 
 def test_prepared_launches_step_aside_while_the_tuner_records():
     """The ops that cache prepared launches per layout (the whole-loss path, the attention
-    forward, the Q-Former's add + LayerNorm, rope) launch through the tuned kernels while
-    the tuner records, even where a launch of that layout was prepared before: each launch
-    is seen. Before, a cached plan bypassed the recording."""
+    forward and backward, the Q-Former's add + LayerNorm, rope) launch through the tuned
+    kernels while the tuner records, even where a launch of that layout was prepared
+    before: each launch is seen. Before, a cached plan bypassed the recording."""
     from vlmkernels.ops.attention.qformer import add_layernorm
 
     x, y = torch.randn(6, 16), torch.randn(6, 16)
@@ -928,10 +928,13 @@ def test_prepared_launches_step_aside_while_the_tuner_records():
     h, w, b = torch.randn(4, 16), torch.randn(16), torch.randn(16)
     qr, kr = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
     cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    qg, hg = q.clone().requires_grad_(), h.clone().requires_grad_()
     calls = {
         "clip_stats": lambda: vlmkernels.clip_loss(x, y, 10.0),
         "attention_fwd_fp32": lambda: vlmkernels.attention(q, k, k),
+        "attention_bwd_q_fp32": lambda: vlmkernels.attention(qg, k, k).sum().backward(),
         "qformer_add_ln_fwd": lambda: add_layernorm(h, h, w, b),
+        "qformer_add_ln_bwd": lambda: add_layernorm(hg, h, w, b).sum().backward(),
         "rope": lambda: vlmkernels.rope(qr, kr, cos, sin, 2),
     }
     for name, call in calls.items():
