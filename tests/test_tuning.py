@@ -954,5 +954,8 @@ def test_prepared_caches_are_bounded():
     assert 0 not in cache and 4 not in cache and 5 in cache and cache.get(T.PREPARED_LAYOUTS + 4)
     cache[5] = "again"  # replacing a key drops nothing
     assert len(cache) == T.PREPARED_LAYOUTS and 6 in cache
+    with T._record():  # nothing is found while the tuner records (it must see each launch)
+        assert cache.get(5) is None and cache.get(5, "default") == "default"
+    assert cache.get(5) == "again"
     T.clear_cache()
     assert not cache

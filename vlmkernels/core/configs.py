@@ -417,11 +417,11 @@ class BoundedCache(dict):
         super().__setitem__(key, value)
 
 
-def derived_cache(limit: int | None = None) -> dict:
-    """A dict for values derived from the config files (prepared launches, default
-    backends), emptied whenever the files may have changed (:func:`clear`, and recording a
-    preferred backend); with ``limit``, a :class:`BoundedCache`."""
-    cache: dict = {} if limit is None else BoundedCache(limit)
+def derived_cache(cache: dict | None = None) -> dict:
+    """A dict (``cache``, default a new one) for values derived from the config files
+    (prepared launches, default backends), emptied whenever the files may have changed
+    (:func:`clear`, and recording a preferred backend)."""
+    cache = {} if cache is None else cache
     _DERIVED.append(cache)
     return cache
 

@@ -297,16 +297,22 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
 PREPARED_LAYOUTS = 1024
 
 
+class _PreparedCache(_configs.BoundedCache):
+    """A :class:`~.configs.BoundedCache` of prepared launches whose ``get`` finds nothing
+    while the tuner records launches: a prepared launch bypasses :meth:`TunedKernel.run`,
+    so the recording would not see it (and :meth:`TunedKernel.prepare` declines then, so
+    nothing is stored either)."""
+
+    def get(self, key, default=None):
+        return default if _RECORDING is not None else dict.get(self, key, default)
+
+
 def prepared_cache() -> dict:
     """A dict for a family's prepared launches (:meth:`TunedKernel.prepare`), keyed by
-    layout, of at most :data:`PREPARED_LAYOUTS` entries (the oldest goes first), emptied
-    with the config caches by :func:`clear_cache`."""
-    return _configs.derived_cache(PREPARED_LAYOUTS)
-
-
-def recording() -> bool:
-    """Whether the tuner is recording launches (prepared launches must not be used)."""
-    return _RECORDING is not None
+    layout and looked up with ``get``: at most :data:`PREPARED_LAYOUTS` entries (the oldest
+    goes first), none found while the tuner records, emptied with the config caches by
+    :func:`clear_cache`."""
+    return _configs.derived_cache(_PreparedCache(PREPARED_LAYOUTS))
 
 
 def all_kernels() -> dict[str, TunedKernel]:

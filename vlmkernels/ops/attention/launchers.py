@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
-from ...core.tuning import prepared_cache, recording
+from ...core.tuning import prepared_cache
 from .delta_kernel import _attn_delta
 from .kernels import (
     BWD_Q,
@@ -181,7 +181,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
            max_lq, max_lk, bool(causal), float(scale), num_splits, float(dropout_p),
            int(mass_row), _layout(keep), _layout(lo), _layout(hi), _layout(bias),
            _layout(gate), _layout(row_logits))  # fmt: skip
-    plan = None if recording() else _FORWARD_PLANS.get(key)  # the tuner sees every launch
+    plan = _FORWARD_PLANS.get(key)
     if plan is None:
         plan = _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, scale,
                              num_splits, bias, gate, dropout_p, row_logits, mass_row)  # fmt: skip
@@ -322,7 +322,7 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
            lse.stride(), delta.stride(), q.dtype, q.device, b, max_lq, max_lk, bool(causal),
            float(scale), float(dropout_p), _layout(keep), _layout(lo), _layout(hi),
            _layout(bias))  # fmt: skip
-    plan = None if recording() else _BACKWARD_PLANS.get(key)  # the tuner sees every launch
+    plan = _BACKWARD_PLANS.get(key)
     if plan is None:
         plan = _backward_plan(do, q, k, v, lse, delta, b, h, d, varlen, max_lq, max_lk, keep,
                               lo, causal, scale, bias, dropout_p)  # fmt: skip

@@ -38,7 +38,6 @@ from operator import itemgetter
 import torch
 
 from ...core.runtime import cdiv, device_guard, next_pow2
-from ...core.tuning import recording
 from ...kernels.blocks import tile_addressable
 from .chunked import triton_chunk_rows
 from .finalize import (
@@ -200,7 +199,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
         teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
     key = _key("ce_targets_fwd", x, y, bias, row_ids, teacher, weight, offset, smoothing, alpha,
                cols)  # fmt: skip
-    plan = None if recording() else _PLANS.get(key)  # the tuner sees every launch
+    plan = _PLANS.get(key)
     if plan is None:
         plan = _forward_plan(x, y, scale, bias, row_ids is not None, teacher, weight, offset,
                              smoothing, alpha, cols)  # fmt: skip
@@ -285,7 +284,7 @@ def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad
         teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
     key = _key("ce_targets_bwd", x, y, bias, row_ids, teacher, weight, offset, smoothing > 0,
                cols, scale.dtype)  # fmt: skip
-    plan = None if recording() else _PLANS.get(key)  # the tuner sees every launch
+    plan = _PLANS.get(key)
     if plan is None:
         kwargs = _ce_flags(x, bias, cols, row_ids is not None, smoothing > 0,
                            teacher is not None)  # fmt: skip

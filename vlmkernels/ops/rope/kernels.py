@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ...core.runtime import autotune_configs, device_guard, next_pow2
-from ...core.tuning import prepared_cache, recording, tuned
+from ...core.tuning import prepared_cache, tuned
 from .layout import positions_strides, qk_layout, table_layout
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
@@ -153,7 +153,7 @@ def launch(q, k, qo, ko, *, head_axis=2, table=None, leading=True, positions=Non
            q.device, head_axis, angles, mode, tuple(sections), scaling, backward,
            qo.data_ptr() == q.data_ptr())  # fmt: skip
     prepared = _LAUNCHES.get(key)
-    if prepared is None or recording():
+    if prepared is None:
         prepared = _prepare(q, k, qo, ko, head_axis, table, leading, positions, inv_freq, mode,
                             sections, scaling, backward)  # fmt: skip
         if prepared is None:
