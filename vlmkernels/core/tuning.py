@@ -237,18 +237,8 @@ class TunedKernel(KernelInterface):
             return None
         config = self._config(args, kwargs)
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
-        where = [i for i, a in enumerate(args) if hasattr(a, "data_ptr")]
+        arguments = _placer(args)
         run, lock = self.fn.run, runtime.INTERPRETER_LOCK
-        if where == list(range(len(where))):  # pointers first: no reordering
-            scalars = args[len(where) :]
-
-            def arguments(pointers):
-                return (*pointers, *scalars)
-        else:  # one tuple expression placing the pointers between the scalars
-            at = {i: n for n, i in enumerate(where)}
-            items = ", ".join(f"p[{at[i]}]" if i in at else f"s[{i}]" for i in range(len(args)))
-            arguments = eval(f"lambda p: ({items},)", {"s": {i: a for i, a in enumerate(args)
-                                                            if i not in at}})  # fmt: skip
 
         def launch(*pointers):
             if self.interpreted:
@@ -257,6 +247,22 @@ class TunedKernel(KernelInterface):
             return run(*arguments(pointers), **options)
 
         return launch
+
+    def launcher(self, grid, args, kwargs):
+        """(launch(*pointers), prepared): :meth:`prepare`'s launch with the grid
+        ``grid(meta)`` of the config a launch takes (``meta``: its block sizes), True; or,
+        while launches cannot be prepared, a launch through ``kernel[grid]`` with the same
+        arguments, False (for one call: the tuner records it, or the autotuner picks its
+        config). Either way the pointers come in the order of the signature."""
+        run = self.prepare(grid(self.config(args, kwargs).all_kwargs()), args, kwargs)
+        if run is not None:
+            return run, True
+        arguments = _placer(args)
+
+        def direct(*pointers):
+            return self[grid](*arguments(pointers), **kwargs)
+
+        return direct, False
 
     def launch(self, config: triton.Config, grid, args, kwargs, warmup=False):
         """Launch with an explicit config (what :func:`tune` benchmarks)."""
@@ -267,6 +273,19 @@ class TunedKernel(KernelInterface):
             with runtime.INTERPRETER_LOCK:
                 return self.fn.run(*args, grid=grid, warmup=warmup, **options)
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
+
+
+def _placer(args: tuple):
+    """A function of the pointers (``args``' arguments with a ``data_ptr``, in order) giving
+    ``args`` with those pointers in place: the other arguments are kept."""
+    where = [i for i, a in enumerate(args) if hasattr(a, "data_ptr")]
+    if where == list(range(len(where))):  # pointers first: no reordering
+        scalars = args[len(where) :]
+        return lambda pointers: (*pointers, *scalars)
+    # one tuple expression placing the pointers between the scalars
+    at = {i: n for n, i in enumerate(where)}
+    items = ", ".join(f"p[{at[i]}]" if i in at else f"s[{i}]" for i in range(len(args)))
+    return eval(f"lambda p: ({items},)", {"s": {i: a for i, a in enumerate(args) if i not in at}})
 
 
 def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,

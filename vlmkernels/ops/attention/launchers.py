@@ -248,7 +248,7 @@ def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, sc
         kernel = _attn_fwd32_dropout
     stand_ins = (q, k, v, *(dummy,) * 11)  # only their positions count, and q's dtype
     grid = lambda meta: (cdiv(max_lq, meta["BM"]), b * h, splits)  # noqa: E731
-    kernel_run = _prepared_or_direct(kernel, stand_ins, scalars, options, grid)
+    kernel_run = kernel.launcher(grid, (*stand_ins, *scalars), options)
     combine_run = None
     if splits > 1:
         c_scalars = (max_lq, h, d, splits, *out_strides, split_strides[0], *lse_strides,
@@ -257,27 +257,9 @@ def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, sc
         c_options = dict(VARLEN=varlen, GATE=gate is not None, BLOCK_D=block_d(d),
                          EVEN_D=block_d(d) == d)  # fmt: skip
         grid = lambda meta: (cdiv(max_lq, meta["BM"]), b * h)  # noqa: E731
-        combine_run = _prepared_or_direct(_attn_combine, (q, *(dummy,) * 5), c_scalars,
-                                          c_options, grid)  # fmt: skip
+        combine_run = _attn_combine.launcher(grid, (q, *(dummy,) * 5, *c_scalars), c_options)
     cached = kernel_run[1] and (combine_run is None or combine_run[1])
     return _ForwardPlan(kernel_run[0], combine_run and combine_run[0], splits, dummy, cached)
-
-
-def _prepared_or_direct(kernel, stand_ins, scalars, options, grid):
-    """(launch(*pointers), prepared?): the prepared launch of ``kernel`` with these
-    scalars and constexprs and the grid ``grid(meta)`` of its config (``meta``: the
-    config's block sizes); while launches cannot be prepared (the tuner records them, or
-    autotuning is on), a closure launching ``kernel[grid](*pointers, *scalars,
-    **options)``, to be used once."""
-    args = (*stand_ins, *scalars)
-    run = kernel.prepare(grid(kernel.config(args, options).all_kwargs()), args, options)
-    if run is not None:
-        return run, True
-
-    def direct(*pointers):
-        kernel[grid](*pointers, *scalars, **options)
-
-    return direct, False
 
 
 def delta(out, grad_out, lse, grad_lse):
@@ -379,15 +361,15 @@ def _backward_plan(do, q, k, v, lse, delta, b, h, d, varlen, max_lq, max_lk, kee
                                                           varlen)[:2]  # fmt: skip
     kv_strides = _strides(_contiguous_strides(k.shape), varlen)
     fp32 = q.dtype == torch.float32
-    kv = _prepared_or_direct(
-        bwd_kv_kernel(fp32, bias is not None, g > 1), (q, k, v, *(dummy,) * 13),
-        (*common, *kv_strides, *kv_strides, *tail, *db_strides, thr, drop_scale), options,
+    kv = bwd_kv_kernel(fp32, bias is not None, g > 1).launcher(
         lambda meta: (cdiv(max_lk, meta["BN"]), b * (h // g)),
+        (q, k, v, *(dummy,) * 13, *common, *kv_strides, *kv_strides, *tail, *db_strides, thr,
+         drop_scale), options,
     )  # fmt: skip
-    dq = _prepared_or_direct(
-        BWD_Q[fp32], (q, k, v, *(dummy,) * 11),
-        (*common, *_strides(_contiguous_strides(q.shape), varlen), *tail, thr, drop_scale),
-        options, lambda meta: (cdiv(max_lq, meta["BM"]), b * h),
+    dq = BWD_Q[fp32].launcher(
+        lambda meta: (cdiv(max_lq, meta["BM"]), b * h),
+        (q, k, v, *(dummy,) * 11, *common, *_strides(_contiguous_strides(q.shape), varlen),
+         *tail, thr, drop_scale), options,
     )  # fmt: skip
     return _BackwardPlan(kv[0], dq[0], dummy, kv[1] and dq[1])
 

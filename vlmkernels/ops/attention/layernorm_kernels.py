@@ -136,20 +136,16 @@ def add_layernorm_forward(x, c, r, w, b, eps: float):
     key = (x.shape, x.stride(), r.stride(), x.dtype, x.device, c is not None, float(eps))
     run = _FORWARD_LAUNCHES.get(key)
     args = (x, c if c is not None else x, r, w, b, y, mean, rstd)
-    with device_guard(x):
-        if run is not None:
-            run(*args)
-            return y, mean, rstd
+    if run is None:
         scalars = (m, n, x.stride(0), x.stride(1), r.stride(0), r.stride(1), float(eps))
-        options = dict(HAS_C=c is not None, BLOCK_N=next_pow2(n))
-        block_m = _add_ln_fwd_kernel.config((*args, *scalars), options).all_kwargs()["BLOCK_M"]
-        run = _add_ln_fwd_kernel.prepare((cdiv(m, block_m),), (*args, *scalars), options)
-        if run is None:  # the tuner records the launch, or autotuning is on
-            _add_ln_fwd_kernel[lambda meta: (cdiv(m, meta["BLOCK_M"]),)](*args, *scalars,
-                                                                         **options)  # fmt: skip
-        else:
+        run, prepared = _add_ln_fwd_kernel.launcher(
+            lambda meta: (cdiv(m, meta["BLOCK_M"]),), (*args, *scalars),
+            dict(HAS_C=c is not None, BLOCK_N=next_pow2(n)),
+        )  # fmt: skip
+        if prepared:
             _FORWARD_LAUNCHES[key] = run
-            run(*args)
+    with device_guard(x):
+        run(*args)
     return y, mean, rstd
 
 
@@ -169,22 +165,19 @@ def add_layernorm_backward(grad, x, c, r, w, mean, rstd):
     plan = _BACKWARD_LAUNCHES.get(key)
     args = (grad, x, c if c is not None else x, r, w, mean, rstd, dz)
     if plan is None:
-        plan = _backward_plan(args, m, n, grad, x, r, c is not None)
-        if plan[0] is not None:
+        plan, prepared = _backward_plan(args, m, n, grad, x, r, c is not None)
+        if prepared:
             _BACKWARD_LAUNCHES[key] = plan
-    run, programs, scalars, options = plan
+    run, programs = plan
     dw = torch.empty((programs, n), device=x.device, dtype=torch.float32)
     db = torch.empty((programs, n), device=x.device, dtype=torch.float32)
     with device_guard(x):
-        if run is None:  # the tuner records the launch, or autotuning is on
-            _add_ln_bwd_kernel[(programs,)](*args, dw, db, *scalars, **options)
-        else:
-            run(*args, dw, db)
+        run(*args, dw, db)
     return dz, dw.sum(0), db.sum(0)
 
 
 def _backward_plan(args, m, n, grad, x, r, has_c):
-    """(prepared launch or None, programs, scalar arguments, constexprs) of a layout."""
+    """((launch, programs), prepared?) of a layout (:meth:`TunedKernel.launcher`)."""
     most = 8 if INTERPRETED or x.device.type != "cuda" else 2 * sm_count(x.device)
     scalars = (m, n, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), r.stride(0),
                r.stride(1))  # fmt: skip
@@ -192,4 +185,5 @@ def _backward_plan(args, m, n, grad, x, r, has_c):
     full = (*args, x, x, *scalars)  # x stands in for dw and db: only pointers
     block_m = _add_ln_bwd_kernel.config(full, options).all_kwargs()["BLOCK_M"]
     programs = min(most, cdiv(m, block_m))
-    return _add_ln_bwd_kernel.prepare((programs,), full, options), programs, scalars, options
+    run, prepared = _add_ln_bwd_kernel.launcher(lambda meta: (programs,), full, options)
+    return (run, programs), prepared
