@@ -234,4 +234,4 @@ def stacked_kv(states: torch.Tensor, linears, cache: KVCache | None = None) -> l
     else:
         w, b = cache.get(linears)
     out = F.linear(states, w, b)
-    return list(out.split([lin.weight.shape[0] for lin in linears], dim=-1))
+    return list(out.split_with_sizes([lin.weight.shape[0] for lin in linears], -1))

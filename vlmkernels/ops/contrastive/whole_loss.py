@@ -185,7 +185,7 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int)
     g = torch.empty((m, y.shape[0]), dtype=x.dtype, device=x.device)
     loss = torch.empty((), dtype=_F32, device=x.device)
     b = bias if bias is not None else scale
-    loss_parts, partials = work.split((plan.splits * m, plan.finish.size))
+    loss_parts, partials = work.split_with_sizes((plan.splits * m, plan.finish.size))
     with device_guard(x):
         plan.kernel(x, y, scale, b, plan.ones, loss_parts, g, partials)
         return (loss, *_finish(plan.finish, x, y, g, scale, bias, None, partials, loss_parts,

@@ -108,6 +108,7 @@ class _Forward:
     parts: object
     sum: object  # None with one parts program
     sizes: tuple  # of the views of the call's one fp32 buffer: the roles the variant uses
+    total: int  # their sum
     roles: Callable  # the views -> one per role of _VIEWS (an unused role: row_max's)
 
 
@@ -175,7 +176,7 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
         size.update(count=count_splits * m)
     used = [v for v in _VIEWS if v in size]
     return _Forward(t_stats, t_lse and t_lse[0], count and count[0], stats[0], parts[0],
-                    total and total[0], tuple(size[v] for v in used),
+                    total and total[0], tuple(size[v] for v in used), sum(size.values()),
                     itemgetter(*(used.index(v) if v in size else 0 for v in _VIEWS)))  # fmt: skip
 
 
@@ -207,7 +208,8 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
             return None
         _PLANS[key] = plan
     m = x.shape[0]
-    v = torch.empty((sum(plan.sizes),), dtype=_F32, device=x.device).split(plan.sizes)
+    # split_with_sizes: Tensor.split's Python layer costs about 1.3 us more per call
+    v = torch.empty((plan.total,), dtype=_F32, device=x.device).split_with_sizes(plan.sizes)
     v = plan.roles(v)
     (row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_row_max, t_row_sum,
      t_row_acc, t_col_max, t_col_sum, t_lse_r, t_lse_c, parts) = v  # fmt: skip

@@ -1,0 +1,109 @@
+"""The op definition (``vlmkernels.core.op.Op``): the eager path (an ``autograd.Function``
+called through its C++ ``apply``) and the dispatcher path give the same values and
+gradients; tensors left over from an exited functorch transform take ``Function.apply``'s
+full path; the backend variable is read on every call."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlmkernels.core.backend import _environment_reader
+from vlmkernels.core.op import Op
+
+scale_rows = Op("test_scale_rows", "(Tensor x, Tensor w, float alpha) -> Tensor", family="test")
+CALLS = []  # which implementation ran, per call
+
+
+@scale_rows.fake
+def _(x, w, alpha):
+    return torch.empty_like(x)
+
+
+@scale_rows.impl("torch")
+def _(x, w, alpha):
+    CALLS.append("torch")
+    return x * w[:, None] * alpha
+
+
+@scale_rows.autograd
+class _:
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.alpha = inputs[2]
+
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return scale_rows(grad, w, ctx.alpha), None, None
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, generator=gen, dtype=torch.float64)
+    return x, w
+
+
+def test_eager_and_dispatcher_paths_agree():
+    x, w = _inputs()
+    up = torch.randn(5, 7, dtype=torch.float64)
+    eager = scale_rows(x, w, 1.5)
+    assert type(eager.grad_fn).__name__ == "test_scale_rows_functionBackward"  # eager path
+    (g_eager,) = torch.autograd.grad(eager, x, up)
+    with FlopCounterMode(display=False):  # a function mode: the dispatcher path
+        dispatched = scale_rows(x, w, 1.5)
+    assert "test_scale_rows" in type(dispatched.grad_fn).__name__
+    assert type(dispatched.grad_fn).__name__ != type(eager.grad_fn).__name__
+    (g_dispatched,) = torch.autograd.grad(dispatched, x, up)
+    expected = x.detach() * w[:, None] * 1.5
+    torch.testing.assert_close(eager, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dispatched, expected, rtol=0, atol=0)
+    torch.testing.assert_close(g_eager, up * w[:, None] * 1.5, rtol=0, atol=0)
+    torch.testing.assert_close(g_dispatched, g_eager, rtol=0, atol=0)
+
+
+def test_no_grad_call_builds_no_graph():
+    x, w = _inputs()
+    CALLS.clear()
+    with torch.no_grad():
+        out = scale_rows(x, w, 2.0)
+    assert out.grad_fn is None and not out.requires_grad and CALLS == ["torch"]
+
+
+def test_tensor_left_over_from_a_functorch_transform():
+    """A tensor kept from inside ``torch.func.grad`` (a dead wrapper): ``Function.apply``
+    unwraps it, so the eager path hands such calls to it rather than to the C++ apply."""
+    x, w = _inputs()
+    kept = []
+    torch.func.grad(lambda a: (kept.append(a) or a).sum())(x)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    out = scale_rows(kept[0], w, 2.0)
+    torch.testing.assert_close(out, x.detach() * w[:, None] * 2.0, rtol=0, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (w[:, None] * 2.0).expand(5, 7), rtol=0, atol=0)
+
+
+def test_second_order_through_the_eager_path():
+    """The op's backward calls the op again; create_graph=True differentiates that call."""
+    x, w = _inputs()
+    y = scale_rows(x, w, 3.0)
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)  # 18 w^2 x
+    assert type(gx.grad_fn).__name__ == "test_scale_rows_functionBackward"
+    (gxx,) = torch.autograd.grad(gx.sum(), x)
+    torch.testing.assert_close(gxx, (18 * w[:, None] ** 2).expand(5, 7))
+
+
+@pytest.mark.parametrize("name", ["VLMKERNELS_TEST_READER", "VLMKERNELS_TEST_READER_ÄÖ"])
+def test_environment_reader_follows_the_environment(monkeypatch, name):
+    read = _environment_reader(name)
+    monkeypatch.delenv(name, raising=False)
+    assert read() is None
+    monkeypatch.setenv(name, "torch")
+    assert read() == "torch"
+    os.environ[name] = "triton "
+    assert read() == "triton "
+    monkeypatch.delenv(name)
+    assert read() is None
