@@ -751,7 +751,8 @@ def test_compare_backends_records_the_faster(dirs, monkeypatch):
 
 
 def fake_cuda_tensor(dtype=torch.bfloat16, index=0):
-    return types.SimpleNamespace(dtype=dtype, device=torch.device("cuda", index))
+    return types.SimpleNamespace(dtype=dtype, device=torch.device("cuda", index), is_cuda=True,
+                                 is_cpu=False)  # fmt: skip
 
 
 def test_preferred_backend_and_resolve_backend(dirs, fake_cuda, monkeypatch):

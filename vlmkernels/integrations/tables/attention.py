@@ -16,15 +16,17 @@ dense bias, the residual and the LayerNorm in one kernel (fp32 statistics). Outp
 gradients (image features, every weight) match transformers. CUDA graphs at batch 1:
 patch, run the model once outside the capture (the stacked weights are built and cached
 then), then capture ``model(query_embeds=q, encoder_hidden_states=x)`` with static
-inputs, no attention masks (checking a mask synchronises) and no gradients
-(``tests/test_qformer_gpu.py``).
+inputs and no gradients (``tests/test_qformer_gpu.py``); the masks transformers builds
+there have one row per batch, which the patched modules never read on the host (a mask
+with a row per query is checked on the host, a synchronisation a capture refuses).
 
 Part ``qformer_attention``: every Q-Former attention module (self- and cross-attention)
 gets an instance ``forward`` with transformers' projections and the family's attention
-(fp32, the Q-Former's default dtype, is computed with 3xTF32 dots on GPUs). Its additive
-masks (B, 1, 1 or T, N), 0 at visible keys and very negative at padding, become key
-padding; refused, naming why: a mask that is not 0 / very negative, or that differs
-between query rows. Attention dropout (``attention_probs_dropout_prob``, 0.1 by default)
+(fp32, the Q-Former's default dtype, is computed with 3xTF32 dots on GPUs). Its masks
+(B, 1, 1 or T, N) become the kernels' per-key bias (additive masks, added to the logits as
+transformers adds them to the scores) or key padding (bool masks), without reading them on
+the host (:func:`key_mask`); refused, naming why: a mask that differs between query rows
+(the one check that reads it). Attention dropout (``attention_probs_dropout_prob``, 0.1 by default)
 runs in the kernel in training mode (``cross_attention(dropout_p=...)``: a counter-based
 mask drawn from the device's torch generator, regenerated in the backward), so a patched
 Q-Former trains with its dropout; its masks are not transformers' (a different RNG), so
@@ -48,7 +50,9 @@ interval per text token (never the case for IDEFICS's image-by-image masks), a c
 see no image token get 0 from the kernel, where transformers averages every image token
 uniformly (its mask adds finfo.min to every score); ``cross_attention_gate`` zeroes those
 rows in both, so the layer's outputs agree whenever the gate marks them, as IDEFICS's
-model does. The mask check reads the mask once per call (a device synchronisation).
+model does. The mask check reads the mask on the host (a device synchronisation) once per
+mask: transformers hands every gated layer the same mask, and the last one checked is kept
+with its ranges and version counter (an in-place change is read again).
 """
 
 from __future__ import annotations
