@@ -46,7 +46,7 @@ import torch
 
 from .backend import resolve_backend
 
-__all__ = ["Op", "all_ops", "first_order_only"]
+__all__ = ["Op", "first_order_only"]
 
 _OPS: dict[str, Op] = {}
 
@@ -218,11 +218,6 @@ def _tensor_positions(schema: str) -> tuple[int, ...]:
     if not positions:
         raise ValueError(f"an op needs a tensor argument to choose its backend: {schema}")
     return positions
-
-
-def all_ops() -> dict[str, Op]:
-    """Every op defined so far, by name (import the families first)."""
-    return dict(_OPS)
 
 
 # ------------------------------------------------------------------ first-order backward

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from ...core.family import CompileCase, Family, register
 from . import kernels
-from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, LAYER_NORM, NO_NORM, RMS_NORM, X_A
+from .kernels import (
+    ACT_GELU,
+    ACT_GELU_GRAD,
+    ACT_NONE,
+    LAYER_NORM,
+    NO_NORM,
+    RMS_NORM,
+    X_A,
+    X_NONE,
+)
 
 _E = "*{elem}"
 _F32 = "*fp32"
@@ -16,9 +25,9 @@ _F32 = "*fp32"
 _GEMM_PTRS = dict(a_ptr=_E, b_ptr=_E, c_ptr=_E, x_ptr=_E, mean_ptr=_F32, rstd_ptr=_F32,
                   nw_ptr=_E, nb_ptr=_E, bias_ptr=_E, aux_ptr=_E, aux2_ptr=_E, res_ptr=_E,
                   colsum_ptr=_F32)  # fmt: skip
-_GEMM_OFF = dict(XSIDE=0, GATHER=False, NORM=NO_NORM, PER_PATCH=False, NORM_BIAS=False, FOLD=False,
-                 SCATTER=False, BIAS=False, ACT=ACT_NONE, STORE_AUX=False, STORE_AUX2=False,
-                 RESIDUAL=False)  # fmt: skip
+_GEMM_OFF = dict(XSIDE=X_NONE, GATHER=False, NORM=NO_NORM, PER_PATCH=False, NORM_BIAS=False,
+                 FOLD=False, SCATTER=False, BIAS=False, ACT=ACT_NONE, STORE_AUX=False,
+                 STORE_AUX2=False, RESIDUAL=False)  # fmt: skip
 # Model sizes are multiples of 16 (K, N, C and the row strides).
 _ALIGNED = ("N", "K", "sam", "sbk", "sbn", "scm", "saux_m", "sres_m", "C", "sxb", "sxh", "sxw",
             "scb", "sch", "scw")  # fmt: skip
@@ -46,11 +55,11 @@ def compile_cases() -> list[CompileCase]:
     fwd_unit = ("sxc", "sbk", "scn", "saux_n")
     plain = ("sak", "sbn", "scn", "saux_n")
     return [
-        _gemm("connector_fc1", dict(XSIDE=1, BIAS=True, ACT=ACT_GELU, STORE_AUX=True), fwd_unit),
-        _gemm("connector_fc1_merge_ln", dict(XSIDE=1, GATHER=True, NORM=LAYER_NORM,
+        _gemm("connector_fc1", dict(XSIDE=X_A, BIAS=True, ACT=ACT_GELU, STORE_AUX=True), fwd_unit),
+        _gemm("connector_fc1_merge_ln", dict(XSIDE=X_A, GATHER=True, NORM=LAYER_NORM,
                                              PER_PATCH=True, NORM_BIAS=True, BIAS=True,
                                              ACT=ACT_GELU), fwd_unit),
-        _gemm("connector_fc1_merge_rms", dict(XSIDE=1, GATHER=True, NORM=RMS_NORM, BIAS=False,
+        _gemm("connector_fc1_merge_rms", dict(XSIDE=X_A, GATHER=True, NORM=RMS_NORM, BIAS=False,
                                               ACT=ACT_NONE), fwd_unit),
         _gemm("connector_fc2", dict(BIAS=True, RESIDUAL=True), ("sak", "sbk", "scn", "sres_n")),
         # GELU' epilogue: its own kernel and space (kernels._DH_GPU_CONFIGS), no spills

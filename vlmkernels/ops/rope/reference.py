@@ -59,14 +59,6 @@ def rotate(x, cos, sin, backward):
     return torch.cat((o1, o2, xf[..., rot:]), -1).to(x.dtype)
 
 
-def rope_torch(q, k, cos, sin, backward):
-    out_q = torch.empty_like(q)
-    out_k = torch.empty_like(k)
-    out_q.copy_(rotate(q, cos, sin, backward))
-    out_k.copy_(rotate(k, cos, sin, backward))
-    return out_q, out_k
-
-
 def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
     """Gradients of the (A, B, S, R) cos and sin tables (rarely needed: tables usually
     come from no-grad rotary modules), summed over heads and scattered to each lane's
