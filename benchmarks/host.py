@@ -14,8 +14,9 @@ Method:
   interpreter's kernel class and of the ``triton.heuristics`` / ``triton.autotune`` wrappers
   (what ``TunedKernel.launch`` calls). No kernel runs, and Triton's launch cost (on a GPU,
   binding and specialising the arguments and the driver call) is excluded, as the budgets
-  say. Each case records how many launches a call made, so a call that took another path
-  shows as 0.
+  say. The lock that serialises interpreted launches is off too (nothing runs under it),
+  so vlmkernels' launch code is the compiled path's. Each case records how many launches
+  a call made, so a call that took another path shows as 0.
 - Small float32 CPU tensors (each suite's ``host_shape``: the rotary ops at B=1, S=8, the
   losses at N=8, d=32; ``--shape`` changes them), with ``requires_grad`` as in training; one
   torch thread. The vlmkernels providers' call is the op alone (the rotary ops on prepared
@@ -84,11 +85,13 @@ def stub_triton_launcher() -> list[str]:
     returns their names. Only in an interpreter that measures host time."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from vlmkernels.core import runtime
     from vlmkernels.core.tuning import all_kernels
 
     classes = {InterpretedFunction} | {type(k.fn) for k in all_kernels().values()}
     for cls in classes:
         cls.run = _no_launch
+    runtime.INTERPRETER_LOCK = None  # nothing runs under it now: the compiled path's code
     return sorted(cls.__name__ for cls in classes)
 
 

@@ -50,6 +50,10 @@ def check_feature_pair(
     op: str, a: torch.Tensor, b: torch.Tensor, names=("image_features", "text_features")
 ):
     """Two (N, d) floating tensors with the same N, d, dtype and device, N and d > 0."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2
+            and a.shape == b.shape and a.dtype == b.dtype and a.dtype in FLOAT_DTYPES
+            and a.numel() and a.device == b.device):  # fmt: skip
+        return
     for t, name in zip((a, b), names, strict=True):
         check_features(op, t, name)
     if a.shape[0] != b.shape[0]:

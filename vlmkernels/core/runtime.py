@@ -23,8 +23,9 @@ INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 
 # Triton's interpreter patches triton.language while a kernel runs, so two threads running
 # kernels at once fail inside it; interpreted launches take this lock (compiled launches do
-# not need it).
-INTERPRETER_LOCK = threading.RLock()
+# not need it). None where no kernel really runs (benchmarks/host.py replaces Triton's
+# launcher with a no-op): the launches then take the compiled path's code.
+INTERPRETER_LOCK: threading.RLock | None = threading.RLock()
 
 
 @functools.cache

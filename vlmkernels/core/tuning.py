@@ -239,11 +239,15 @@ class TunedKernel(KernelInterface):
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
         arguments = _placer(args)
         run, lock = self.fn.run, runtime.INTERPRETER_LOCK
+        if self.interpreted and lock is not None:
 
-        def launch(*pointers):
-            if self.interpreted:
+            def launch(*pointers):
                 with lock:
                     return run(*arguments(pointers), **options)
+
+            return launch
+
+        def launch(*pointers):
             return run(*arguments(pointers), **options)
 
         return launch
@@ -269,8 +273,9 @@ class TunedKernel(KernelInterface):
         options = {**kwargs, **config.all_kwargs()}
         if callable(grid):
             grid = grid({**dict(zip(self.arg_names, args, strict=False)), **options})
-        if self.interpreted:
-            with runtime.INTERPRETER_LOCK:
+        lock = runtime.INTERPRETER_LOCK
+        if self.interpreted and lock is not None:
+            with lock:
                 return self.fn.run(*args, grid=grid, warmup=warmup, **options)
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
 
