@@ -601,6 +601,22 @@ def test_siglip_module_matches_open_clip(dtype, device, open_clip_loss):
         assert rel_err(a, c) < tol
 
 
+def test_teacher_under_autocast_follows_the_features(device):
+    """Under autocast a teacher given in the caller's dtype (fp32, like the features) is
+    cast with them: the loss is the one of the bf16 inputs."""
+    n, d = 12, 16
+    x, y, tx, ty = (features(n, d, torch.float32, device) for _ in range(4))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = vlmkernels.clip_loss(x, y, 10.0, teacher=(tx, ty), alpha=0.4)
+    assert ours.dtype == torch.float32
+    exact = [t.bfloat16().double() for t in (x, y, tx, ty)]  # the bf16 inputs, in fp64
+    expected = vlmkernels.clip_loss(*exact[:2], 10.0, teacher=tuple(exact[2:]), alpha=0.4)
+    assert rel_err(ours, expected) < 1e-5
+    with pytest.raises(ValueError, match="teacher"):  # still shaped like the features
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            vlmkernels.clip_loss(x, y, 10.0, teacher=(tx[:-1], ty), alpha=0.4)
+
+
 def test_module_constructor_errors():
     """world_size > 1 is tested in test_distributed_modules.py (spawned gloo groups)."""
     with pytest.raises(ValueError, match="dist_impl"):

@@ -47,7 +47,7 @@ def clip_loss(
             op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
         )
         ids, teacher = check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha,
-                                     teacher, (x, y))  # fmt: skip
+                                     teacher, (image_features, text_features))  # fmt: skip
         if teacher is not None:
             raise NotImplementedError(
                 f"{op}: teacher targets are not supported with a process_group"

@@ -51,10 +51,11 @@ def prepare(op, image_features, text_features, logit_scale, logit_bias, reductio
     scale = scalar_tensor(op, "logit_scale", logit_scale, device)
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
     out_dtype = image_features.dtype
-    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+    kind = "cuda" if image_features.is_cuda else "cpu" if image_features.is_cpu else None
+    if kind is not None and torch.is_autocast_enabled(kind):
         out_dtype = torch.float32
         if image_features.dtype == torch.float32:
-            low = torch.get_autocast_dtype(device.type)
+            low = torch.get_autocast_dtype(kind)
             image_features, text_features = image_features.to(low), text_features.to(low)
     return image_features, text_features, scale, bias, chunk, out_dtype
 
@@ -77,6 +78,9 @@ def check_ids(op, name, ids, n, device):
     """``ids`` (None, or an (n,) integer tensor) as int64 on ``device``."""
     if ids is None:
         return None
+    if (type(ids) is torch.Tensor and ids.dtype == torch.int64 and ids.shape == (n,)
+            and ids.device == device):  # fmt: skip
+        return ids  # already what the ops take
     got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{op}: {name} must be an integer tensor, got {got}")
@@ -103,6 +107,14 @@ def check_teacher(op, teacher, like, names, device):
         raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
                          f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
     return tuple(t.detach() if t.requires_grad else t for t in teacher)
+
+
+def _teacher_scale(op, teacher_logit_scale, scale, device):
+    """The teacher's logit scale as a 0-d tensor without gradient (default: the student's
+    ``scale``, detached)."""
+    if teacher_logit_scale is not None:
+        scale = scalar_tensor(op, "teacher_logit_scale", teacher_logit_scale, device)
+    return scale.detach() if scale.requires_grad else scale
 
 
 def _reduce(losses, reduction, halve_sum):
@@ -170,11 +182,15 @@ def clip_loss(
         weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
         loss = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)[0]
         return cast(loss, out_dtype)
-    ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher, (x, y))
+    # the teacher is shaped like the caller's features (under autocast prepare has cast
+    # those to the autocast dtype; the teacher follows them)
+    ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher,
+                                 (image_features, text_features))  # fmt: skip
     if teacher is not None:
-        t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
-        t_scale = scalar_tensor(op, "teacher_logit_scale", t_scale, x.device).detach()
-        teacher = (teacher[0].to(x.dtype), teacher[1].to(x.dtype), t_scale)
+        t_scale = _teacher_scale(op, teacher_logit_scale, scale, x.device)
+        if teacher[0].dtype != x.dtype:
+            teacher = (teacher[0].to(x.dtype), teacher[1].to(x.dtype))
+        teacher = (*teacher, t_scale)
     else:
         teacher = (None, None, None)
     if reduction != "none" and n:
@@ -264,8 +280,7 @@ def contrastive_cross_entropy(
         teacher_keys = keys if teacher_keys is None else teacher_keys
         tq, tk = check_teacher(op, (teacher_queries, teacher_keys), (queries, keys),
                                ("teacher_queries", "teacher_keys"), device)  # fmt: skip
-        t_scale = teacher_logit_scale if teacher_logit_scale is not None else scale.detach()
-        teacher = (tq, tk, scalar_tensor(op, "teacher_logit_scale", t_scale, device).detach())
+        teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
         # reduced, every query's positives known to the kernels (ids, or the key at
         # i + offset): one op whose backward is one op; a query without a positive (ids)
