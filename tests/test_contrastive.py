@@ -617,6 +617,31 @@ def test_teacher_under_autocast_follows_the_features(device):
             vlmkernels.clip_loss(x, y, 10.0, teacher=(tx[:-1], ty), alpha=0.4)
 
 
+@pytest.mark.parametrize("teacher", [False, True])
+def test_contrastive_cross_entropy_under_autocast(teacher, device):
+    """Under autocast fp32 queries and keys (and teacher features) are multiplied in the
+    autocast dtype, as ALBEF's / BLIP's matmul is, and the loss is fp32; 16-bit features
+    stay as they are."""
+    m, n, d = 6, 15, 16
+    q, k, tq, tk = (features(r, d, torch.float32, device) for r in (m, n, m, n))
+    kw = dict(offset=3, label_smoothing=0.1)
+    if teacher:
+        kw.update(teacher_queries=tq, teacher_keys=tk, alpha=0.4)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = vlmkernels.contrastive_cross_entropy(q, k, 10.0, **kw)
+        low = vlmkernels.contrastive_cross_entropy(q.bfloat16(), k.bfloat16(), 10.0,
+                                                   **(kw | ({"teacher_queries": tq.bfloat16(),
+                                                              "teacher_keys": tk.bfloat16()}
+                                                             if teacher else {})))  # fmt: skip
+    assert ours.dtype == torch.float32 and low.dtype == torch.float32
+    exact = dict(kw)
+    if teacher:
+        exact.update(teacher_queries=tq.bfloat16().double(), teacher_keys=tk.bfloat16().double())
+    expected = vlmkernels.contrastive_cross_entropy(q.bfloat16().double(), k.bfloat16().double(),
+                                                    10.0, **exact)  # fmt: skip
+    assert rel_err(ours, expected) < 1e-5 and rel_err(low, expected) < 1e-5
+
+
 def test_module_constructor_errors():
     """world_size > 1 is tested in test_distributed_modules.py (spawned gloo groups)."""
     with pytest.raises(ValueError, match="dist_impl"):

@@ -92,6 +92,7 @@ from ..core.checks import FLOAT_DTYPES
 from ..core.op import first_order_only
 from ..distributed.consistency import exchange
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
+from ..ops.contrastive.functional import autocast_features
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 # the exchanges' backwards communicate: not differentiable again (the losses' are not either)
@@ -358,16 +359,6 @@ class _BroadcastEach(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
-def _autocast(*features: torch.Tensor):
-    """Under autocast, fp32 features cast to the autocast dtype and fp32 for the loss (as
-    open_clip's matmul and cross-entropy would be); else as given and their dtype."""
-    device = features[0].device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        return [f.to(low) if f.dtype == torch.float32 else f for f in features], torch.float32
-    return list(features), features[0].dtype
-
-
 def _with_own_slot(gathered: torch.Tensor, local: torch.Tensor, world: _World) -> torch.Tensor:
     """The gathered (N, d) tensor with this rank's rows replaced by the local tensor."""
     o, b = world.offset, world.sizes[world.rank]
@@ -441,7 +432,7 @@ class ClipLoss(nn.Module):
 
     @staticmethod
     def _local_loss(img, txt, all_img, all_txt, scale, bias, offset: int):
-        (img, txt, all_img, all_txt), out_dtype = _autocast(img, txt, all_img, all_txt)
+        (img, txt, all_img, all_txt), out_dtype = autocast_features(img, txt, all_img, all_txt)
         i2t = contrastive_cross_entropy(img, all_txt, scale, bias, offset=offset)
         t2i = contrastive_cross_entropy(txt, all_img, scale, bias, offset=offset)
         acc = _acc_dtype(i2t.dtype)

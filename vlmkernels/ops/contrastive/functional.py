@@ -28,6 +28,7 @@ from ...core.runtime import cast
 from . import ops
 
 __all__ = [
+    "autocast_features",
     "check_targets",
     "clip_loss",
     "clip_loss_with_grads",
@@ -50,14 +51,24 @@ def prepare(op, image_features, text_features, logit_scale, logit_bias, reductio
     device = image_features.device
     scale = scalar_tensor(op, "logit_scale", logit_scale, device)
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
-    out_dtype = image_features.dtype
-    kind = "cuda" if image_features.is_cuda else "cpu" if image_features.is_cpu else None
-    if kind is not None and torch.is_autocast_enabled(kind):
-        out_dtype = torch.float32
-        if image_features.dtype == torch.float32:
-            low = torch.get_autocast_dtype(kind)
-            image_features, text_features = image_features.to(low), text_features.to(low)
+    (image_features, text_features), out_dtype = autocast_features(image_features,
+                                                                   text_features)  # fmt: skip
     return image_features, text_features, scale, bias, chunk, out_dtype
+
+
+def autocast_features(*features: torch.Tensor):
+    """(features, dtype of the loss): under autocast, fp32 features cast to the autocast
+    dtype and an fp32 loss, as the formulas' matmul (autocast to 16 bits) and
+    cross-entropy (to fp32) would give; else the features as given and their dtype. The
+    features share a dtype and device (checked by the caller)."""
+    first = features[0]
+    kind = "cuda" if first.is_cuda else "cpu" if first.is_cpu else None
+    if kind is None or not torch.is_autocast_enabled(kind):
+        return features, first.dtype
+    if first.dtype != torch.float32:
+        return features, torch.float32
+    low = torch.get_autocast_dtype(kind)
+    return tuple(f.to(low) for f in features), torch.float32
 
 
 def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teacher=None,
@@ -238,7 +249,9 @@ def contrastive_cross_entropy(
     ``alpha softmax(s_t Q_t K_t^T) + (1 - alpha) hard`` with teacher (momentum) features
     ``teacher_queries`` (and ``teacher_keys``, default ``keys``): ALBEF's distillation.
 
-    Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``).
+    Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``), in the
+    features' dtype; under autocast, fp32 features (and teacher features) are cast to the
+    autocast dtype and the loss is fp32, as ALBEF's / BLIP's matmul and log-softmax give.
     Gradients flow to queries, keys (where they require grad), scale and bias; first order
     only, as :func:`clip_loss`.
 
@@ -261,6 +274,8 @@ def contrastive_cross_entropy(
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
     if (query_ids is None) != (key_ids is None):
         raise ValueError(f"{op}: query_ids and key_ids go together")
+    given = (queries, keys)
+    (queries, keys), out_dtype = autocast_features(queries, keys)
     m, n = queries.shape[0], keys.shape[0]
     plain = query_ids is None and teacher_queries is None and label_smoothing == 0.0
     if plain and alpha == 0.0 and reduction != "none" and m and 0 <= offset <= n - m:
@@ -268,7 +283,7 @@ def contrastive_cross_entropy(
         weight = 1.0 / m if reduction == "mean" else 1.0
         loss = ops.contrastive_ce_reduced(queries, keys, scale, bias, weight, offset, False,
                                           chunk)[0]  # fmt: skip
-        return cast(loss, queries.dtype)
+        return cast(loss, out_dtype)
     q_ids = check_ids(op, "query_ids", query_ids, m, device)
     k_ids = check_ids(op, "key_ids", key_ids, n, device)
     check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
@@ -277,9 +292,11 @@ def contrastive_cross_entropy(
     if alpha and teacher_queries is None:
         raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
     if teacher_queries is not None:
-        teacher_keys = keys if teacher_keys is None else teacher_keys
-        tq, tk = check_teacher(op, (teacher_queries, teacher_keys), (queries, keys),
+        teacher_keys = given[1] if teacher_keys is None else teacher_keys
+        tq, tk = check_teacher(op, (teacher_queries, teacher_keys), given,
                                ("teacher_queries", "teacher_keys"), device)  # fmt: skip
+        if tq.dtype != queries.dtype:  # under autocast: cast with the features
+            tq, tk = tq.to(queries.dtype), tk.to(queries.dtype)
         teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
         # reduced, every query's positives known to the kernels (ids, or the key at
@@ -291,12 +308,12 @@ def contrastive_cross_entropy(
             queries, keys, scale, bias, q_ids, k_ids, *(teacher if alpha else (None,) * 3),
             weight, offset, float(label_smoothing), float(alpha), False, chunk,
         )[0]  # fmt: skip
-        return cast(loss, queries.dtype)
+        return cast(loss, out_dtype)
     row_losses, _, _, _ = ops.contrastive_ce_forward(
         queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
         float(label_smoothing), float(alpha), True, False, chunk,
     )  # fmt: skip
-    return cast(_reduce(row_losses, reduction, False), queries.dtype)
+    return cast(_reduce(row_losses, reduction, False), out_dtype)
 
 
 def siglip_loss(
