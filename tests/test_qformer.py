@@ -157,6 +157,22 @@ def test_stacked_kv_matches_separate_linears_and_cache():
         stacked_kv(x, [lins[0], torch.nn.Linear(7, 4)])
 
 
+def test_kv_cache_without_biases_and_with_inference_tensors():
+    """Linears without biases stack (bias None); parameters that are inference tensors have
+    no version counter: their stack is rebuilt per call, so an in-place change shows."""
+    torch.manual_seed(7)
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        lins = [torch.nn.Linear(24, n, bias=False) for n in (8, 8)]
+        cache = KVCache()
+        first = stacked_kv(x, lins, cache)
+        assert cache.get(lins)[1] is None
+        lins[1].weight.mul_(3)  # in place, no version counter to see it
+        again = stacked_kv(x, lins, cache)
+        assert rel(again[1], x @ lins[1].weight.T) < 1e-6
+        assert rel(again[1], first[1] * 3) < 1e-6 and torch.equal(again[0], first[0])
+
+
 # ------------------------------------------------------------------ the patched Q-Former
 
 
@@ -395,6 +411,19 @@ def test_qformer_part_under_torch_compile():
     assert rel(got, want) < 1e-5 and rel(again, want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
                if e.abs().max() > 1e-6)  # fmt: skip
+
+
+def test_patched_qformer_built_under_inference_mode():
+    """A model built (and patched, and run) under ``torch.inference_mode`` (its parameters
+    inference tensors, as in serving code) gives transformers' outputs."""
+    with torch.inference_mode():
+        model = tiny_qformer("blip_2")
+        kwargs, _ = inputs("blip_2")
+        kwargs = {k: v.detach() for k, v in kwargs.items()}
+        want = model(**kwargs).last_hidden_state
+        with patch(model):
+            got = model(**kwargs).last_hidden_state
+    assert rel(got, want) < 1e-5
 
 
 def test_full_blip2_model():

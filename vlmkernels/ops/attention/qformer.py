@@ -187,23 +187,34 @@ def add_layernorm_unchecked(x, residual, weight, bias, x_bias, eps: float) -> to
 
 class KVCache:
     """The stacked K / V weight and bias of a list of ``nn.Linear`` (key, value, key, value,
-    ...), rebuilt only when one of the parameters changes; see :func:`stacked_kv`."""
+    ...), rebuilt only when one of the parameters changes (its version counter); see
+    :func:`stacked_kv`. Parameters that are inference tensors (a model built under
+    ``torch.inference_mode``) have no version counter: an in-place change could not be
+    seen, so their stack is built on every call and not kept."""
 
     def __init__(self):
         self._key = None
         self._value = None
 
     def get(self, linears):
-        params = [p for lin in linears for p in (lin.weight, lin.bias)]
+        params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+        if any(p.is_inference() for p in params):
+            self._key = self._value = None
+            return _stack(linears)
         key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if key != self._key:
-            with torch.no_grad():
-                w = torch.cat([lin.weight for lin in linears])
-                b = None
-                if all(lin.bias is not None for lin in linears):
-                    b = torch.cat([lin.bias for lin in linears])
-            self._key, self._value = key, (w, b)
+            self._key, self._value = key, _stack(linears)
         return self._value
+
+
+def _stack(linears):
+    """(cat of the weights, cat of the biases or None), outside the autograd graph."""
+    with torch.no_grad():
+        w = torch.cat([lin.weight for lin in linears])
+        b = None
+        if all(lin.bias is not None for lin in linears):
+            b = torch.cat([lin.bias for lin in linears])
+    return w, b
 
 
 def stacked_kv(states: torch.Tensor, linears, cache: KVCache | None = None) -> list:
