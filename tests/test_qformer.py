@@ -426,6 +426,31 @@ def test_patched_qformer_built_under_inference_mode():
     assert rel(got, want) < 1e-5
 
 
+def test_patched_qformer_copies_keep_their_own_kv_cache(monkeypatch):
+    """A deep copy of a patched model (a momentum or EMA copy) runs on its own weights, and
+    using the two in turn does not rebuild either one's stacked K / V weights."""
+    import vlmkernels.ops.attention.qformer as qformer
+
+    model = tiny_qformer("blip_2")
+    kwargs, _ = inputs("blip_2")
+    with torch.no_grad():
+        halved = copy.deepcopy(model)
+        for p in halved.parameters():
+            p.mul_(0.5)
+        want, twin_want = (m(**kwargs).last_hidden_state for m in (model, halved))
+        with patch(model):
+            twin = copy.deepcopy(model)
+            twin.load_state_dict(halved.state_dict())
+            builds = []
+            stack = qformer._stack
+            monkeypatch.setattr(qformer, "_stack", lambda lins: builds.append(1) or stack(lins))
+            for _ in range(3):
+                got = model(**kwargs).last_hidden_state
+                twin_got = twin(**kwargs).last_hidden_state
+    assert len(builds) == 2  # one per instance
+    assert rel(got, want) < 1e-5 and rel(twin_got, twin_want) < 1e-5
+
+
 def test_full_blip2_model():
     """vlmkernels.patch on a whole (tiny) Blip2ForConditionalGeneration: its Q-Former's
     classes are patched and the image features (vision tower, Q-Former, projection) and

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import weakref
 
 import torch
 from torch.nn import functional as F
@@ -369,7 +370,9 @@ def _qformer_encoder_forward(module, arch: Architecture):
     if layers is None or not all(hasattr(layer, "has_cross_attention") for layer in layers):
         raise UnsupportedLayoutError(f"{type(module).__qualname__} has no layer list with "
                                      "has_cross_attention")  # fmt: skip
-    cache = KVCache()  # the stacked weights, rebuilt when a parameter changes
+    # the stacked weights, rebuilt when a parameter changes; one per encoder instance (a
+    # deep copy of the patched model, such as a momentum or EMA copy, shares this closure)
+    caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # fmt: off
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -381,6 +384,9 @@ def _qformer_encoder_forward(module, arch: Architecture):
             cross = [a for a in cross if is_patched(a.__dict__.get("forward"))]
             if cross:
                 linears = [lin for a in cross for lin in (a.key, a.value)]
+                cache = caches.get(self)
+                if cache is None:
+                    cache = caches[self] = KVCache()
                 out = stacked_kv(encoder_hidden_states, linears, cache)
                 kwargs[QFORMER_KV] = {a: (out[2 * i], out[2 * i + 1])
                                       for i, a in enumerate(cross)}  # fmt: skip
