@@ -107,3 +107,20 @@ def test_environment_reader_follows_the_environment(monkeypatch, name):
     assert read() == "triton "
     monkeypatch.delenv(name)
     assert read() is None
+
+
+def test_functorch_transforms_raise_or_are_right():
+    """Under ``torch.func.grad`` an op goes through the dispatcher, where PyTorch raises
+    for custom ops with a registered autograd formula (pytorch/pytorch#168393, as the
+    README says); should a PyTorch release support it, the gradient must be right.
+    ``vmap`` runs through torch's per-sample fallback."""
+    x, w = _inputs()
+    x = x.detach()
+    try:
+        g = torch.func.grad(lambda a: scale_rows(a, w, 2.0).sum())(x)
+    except RuntimeError as exc:
+        assert "setup_context" in str(exc)
+    else:
+        torch.testing.assert_close(g, (w[:, None] * 2.0).expand(5, 7))
+    out = torch.func.vmap(lambda a: scale_rows(a, w, 2.0))(torch.stack((x, -x)))
+    torch.testing.assert_close(out, torch.stack((x, -x)) * w[:, None] * 2.0)
