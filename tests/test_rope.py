@@ -384,6 +384,8 @@ def test_bad_inputs(device):
         (lambda: vlmkernels.mrope(q, k, cos, sin, [8, 0]), ValueError, "3 non-negative"),
         (lambda: vlmkernels.rope(q[..., :15], k[..., :15], cos[0, ..., :15], sin[0, ..., :15]),
          ValueError, "even"),
+        (lambda: vlmkernels.vision_rope(q[0, ..., :15], k[0, ..., :15], cos[0, 0, :, :15],
+                                        sin[0, 0, :, :15]), ValueError, "^vision_rope: .*even"),
         (lambda: vlmkernels.rope(q, k[:, :, :3], cos[0], sin[0]), ValueError, "same batch"),
         (lambda: vlmkernels.rope(q, k[..., :8], cos[0], sin[0]), ValueError, "same head dim"),
         (lambda: vlmkernels.rope(q.long(), k, cos[0], sin[0]), TypeError, "q must be a floating"),

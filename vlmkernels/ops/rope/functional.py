@@ -160,7 +160,11 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False):
     Returns:
         (q_rotated, k_rotated), new tensors in q's and k's layouts, computed in fp32.
     """
-    op = "rope"
+    return _rope("rope", q, k, cos, sin, unsqueeze_dim, inplace)
+
+
+def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace):
+    """:func:`rope` with errors naming ``op``."""
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
     rot = cos.shape[-1] if isinstance(cos, torch.Tensor) else 0
     _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
@@ -273,4 +277,4 @@ def vision_rope(q, k, cos, sin):
     Returns:
         (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32.
     """
-    return rope(q, k, cos, sin, unsqueeze_dim=1)
+    return _rope("vision_rope", q, k, cos, sin, 1, False)
