@@ -1,7 +1,7 @@
 """vlmkernels.patch on the transformers connectors: each patched module (tiny config, random
 weights, fp32) against an unpatched copy of itself: outputs, input and parameter gradients;
 the same parameters and state_dict keys; recognised inside a foreign module tree; undo
-restores the instance exactly."""
+restores the instance exactly; under autocast, bf16 as transformers' linears compute."""
 
 import copy
 
@@ -12,6 +12,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.core.runtime import INTERPRETED  # noqa: E402
 
 TOL = 1e-5
 
@@ -125,6 +126,45 @@ def test_patched_connector_matches_transformers(name):
         for (n, p), q in zip(mine.inner.named_parameters(), ref.parameters(), strict=True):
             assert max_rel(p.grad, q.grad) < TOL, (n, max_rel(p.grad, q.grad))
     assert "forward" not in mine.inner.__dict__
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_patched_connector_under_autocast(name, x_dtype):
+    """Under autocast with fp32 weights (mixed-precision training's master weights), fp32 or
+    bf16 features: the patched connector computes in bf16 as transformers' linears do, returns
+    bf16, and its output and gradients (fp32, for the fp32 weights) are as close to the
+    float64 ones as transformers' own."""
+    module, x = CASES[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    exact = copy.deepcopy(ref).double()
+    x = x.to(x_dtype)
+    leaves = []
+    outs = []
+    with vt.patch(mine):
+        for model in (mine, ref):
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(xi)
+            g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+            out.float().backward(g)
+            outs.append(out)
+            leaves.append([xi.grad, *(p.grad for p in model.parameters())])
+    x64 = x.double().requires_grad_()
+    want = exact(x64)
+    want.backward(torch.linspace(-1, 1, want.numel(), dtype=torch.float64).reshape(want.shape))
+    exact_grads = [x64.grad, *(p.grad for p in exact.parameters())]
+    # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest: twice
+    # the rounding error of each bf16 result
+    factor = 4 if INTERPRETED and not torch.cuda.is_available() else 2
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    err_mine, err_ref = (max_rel(o.double(), want) for o in outs)
+    assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
+    for mine_g, ref_g, e in zip(*leaves, exact_grads, strict=True):
+        assert mine_g.dtype == ref_g.dtype
+        err_mine, err_ref = max_rel(mine_g.double(), e), max_rel(ref_g.double(), e)
+        assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
 
 
 def test_connector_patched_as_root_and_switched_off():

@@ -44,6 +44,27 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype where autocast is on for ``t``'s device type (CUDA or CPU), else
+    None: what ``torch.autocast`` casts a matmul's operands to there."""
+    kind = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None
+    if kind is None or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_operands(low: torch.dtype, *tensors):
+    """``tensors`` as ``torch.autocast`` hands them to a matmul run in ``low``: floating
+    tensors other than float64 cast to ``low`` (differentiably: the gradients reach the
+    fp32 originals), the others (None included) as they are."""
+    return tuple(
+        t.to(low)
+        if t is not None and t.is_floating_point() and t.dtype not in (low, torch.float64)
+        else t
+        for t in tensors
+    )
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessor count of ``device``; a nominal 8 under the CPU interpreter."""
     if device.type != "cuda":

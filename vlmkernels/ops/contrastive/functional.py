@@ -24,7 +24,7 @@ from ...core.checks import (
     check_reduction,
     scalar_tensor,
 )
-from ...core.runtime import cast
+from ...core.runtime import autocast_dtype, cast
 from . import ops
 
 __all__ = [
@@ -62,12 +62,11 @@ def autocast_features(*features: torch.Tensor):
     cross-entropy (to fp32) would give; else the features as given and their dtype. The
     features share a dtype and device (checked by the caller)."""
     first = features[0]
-    kind = "cuda" if first.is_cuda else "cpu" if first.is_cpu else None
-    if kind is None or not torch.is_autocast_enabled(kind):
+    low = autocast_dtype(first)
+    if low is None:
         return features, first.dtype
     if first.dtype != torch.float32:
         return features, torch.float32
-    low = torch.get_autocast_dtype(kind)
     return tuple(f.to(low) for f in features), torch.float32
 
 
