@@ -4,6 +4,7 @@ the same parameters and state_dict keys; recognised inside a foreign module tree
 restores the instance exactly; under autocast, bf16 as transformers' linears compute."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -165,6 +166,68 @@ def test_patched_connector_under_autocast(name, x_dtype):
         assert mine_g.dtype == ref_g.dtype
         err_mine, err_ref = max_rel(mine_g.double(), e), max_rel(ref_g.double(), e)
         assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
+
+
+class LoraLinear(nn.Module):
+    """A PEFT-style LoRA wrapper: ``weight`` is the base layer's, the forward adds B A x."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
+        randomise(self.lora_a), randomise(self.lora_b)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "internvl"])
+def test_layers_replaced_or_hooked_after_patching_run_as_they_are(name):
+    """A layer the fused forward reads the parameters of, replaced after patching (a LoRA
+    wrapper whose ``weight`` is the base one), hooked, or given its own forward: the module
+    runs its class's forward (the layer's own behaviour, with a PatchFallbackWarning), and
+    the fused one again once the layer is back."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    module, x = CASES[name]()
+    mine = randomise(module)
+    ref = copy.deepcopy(mine)
+    fc1 = {"llava": "linear_1", "qwen2_5_vl": "mlp.0", "internvl": "linear_1"}[name]
+    parent_name, _, leaf = fc1.rpartition(".")
+    with vt.patch(mine):
+        fused = mine(x)
+        lora = LoraLinear(mine.get_submodule(fc1))
+        setattr(mine.get_submodule(parent_name), leaf, lora)
+        setattr(ref.get_submodule(parent_name), leaf, copy.deepcopy(lora))
+        with pytest.warns(PatchFallbackWarning, match="now LoraLinear"):
+            out = mine(x)
+        assert max_rel(out, ref(x)) < TOL and max_rel(out, fused) > 1e-3  # the LoRA term
+        for model in (mine, ref):
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, getattr(parent, leaf).base_layer)
+        seen = []
+        hook = mine.get_submodule(fc1).register_forward_hook(lambda *_: seen.append(1))
+        with pytest.warns(PatchFallbackWarning, match="hooks"):
+            assert max_rel(mine(x), fused) < TOL
+        assert seen == [1]
+        hook.remove()
+        layer = mine.get_submodule(fc1)
+        layer.forward = lambda t, layer=layer: nn.Linear.forward(layer, t) * 2
+        with pytest.warns(PatchFallbackWarning, match="forward of its own"):
+            assert max_rel(mine(x), fused) > 1e-3
+        del layer.forward
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PatchFallbackWarning)
+            assert torch.equal(mine(x), fused)  # fused again
 
 
 def test_connector_patched_as_root_and_switched_off():

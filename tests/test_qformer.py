@@ -215,25 +215,34 @@ def run(model, kwargs, leaves):
     return out, grads
 
 
-def count_kv_calls(model):
-    """Forward hooks counting calls of the cross-attention key / value Linears."""
-    calls = []
+def count_kv_calls(model, monkeypatch):
+    """Calls of the cross-attention key / value Linears, counted in ``nn.Linear.forward``
+    (a hook on them would make the patched encoder compute their K / V one by one, as a
+    hooked layer must run: see test_hooked_or_replaced_layers_run_as_they_are)."""
+    calls, kv = [], set()
     for layer in model.encoder.layer:
         if layer.has_cross_attention:
             a = layer.crossattention.attention
-            for lin in (a.key, a.value):
-                lin.register_forward_hook(lambda *_: calls.append(1))
+            kv |= {id(a.key), id(a.value)}
+    forward = torch.nn.Linear.forward
+
+    def counting(self, x):
+        if id(self) in kv:
+            calls.append(1)
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
     return calls
 
 
 @pytest.mark.parametrize("which,masked", [("blip_2", False), ("blip_2", True),
                                           ("instructblip", True)])  # fmt: skip
-def test_patched_qformer_fp32(which, masked):
+def test_patched_qformer_fp32(which, masked, monkeypatch):
     model = tiny_qformer(which)
     before = {n: dict(m.__dict__) for n, m in model.named_modules()}
     kwargs, leaves = inputs(which, masked=masked)
     want, want_grads = run(model, kwargs, leaves)
-    calls = count_kv_calls(model)
+    calls = count_kv_calls(model, monkeypatch)
     run(model, kwargs, leaves)
     assert len(calls) == 4  # 2 cross layers x (key, value), unpatched
     calls.clear()
@@ -449,6 +458,31 @@ def test_patched_qformer_copies_keep_their_own_kv_cache(monkeypatch):
                 twin_got = twin(**kwargs).last_hidden_state
     assert len(builds) == 2  # one per instance
     assert rel(got, want) < 1e-5 and rel(twin_got, twin_want) < 1e-5
+
+
+def test_hooked_or_replaced_layers_run_as_they_are():
+    """A hooked cross-attention key Linear computes its own K / V (the hook fires; the other
+    layers stay in the stacked GEMM); an output block whose dense Linear was replaced after
+    patching runs its class's forward with the replacement, warning once."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    model = tiny_qformer("blip_2")
+    ref = copy.deepcopy(model)
+    kwargs, _ = inputs("blip_2")
+    with torch.no_grad(), patch(model):
+        seen = []
+        model.encoder.layer[0].crossattention.attention.key.register_forward_hook(
+            lambda *_: seen.append(1)
+        )
+        assert rel(model(**kwargs).last_hidden_state, ref(**kwargs).last_hidden_state) < 1e-5
+        assert seen == [1]
+        for m in (model, ref):
+            block = m.encoder.layer[1].output_query
+            block.dense = torch.nn.Sequential(block.dense)  # another module, same math + 0
+            block.dense.append(torch.nn.Identity())
+        with pytest.warns(PatchFallbackWarning, match="dense is now Sequential"):
+            got = model(**kwargs).last_hidden_state
+        assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
 
 
 def test_full_blip2_model():

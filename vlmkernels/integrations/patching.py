@@ -32,6 +32,7 @@ import importlib
 import inspect
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "AlreadyPatchedError",
     "Architecture",
     "MARK",
+    "PatchFallbackWarning",
     "PatchHandle",
     "Patcher",
     "Rebind",
@@ -47,10 +49,13 @@ __all__ = [
     "UnsupportedLayoutError",
     "UnsupportedModelError",
     "adapt_signature",
+    "changed_part",
+    "class_forward",
     "global_loads",
     "install",
     "is_patched",
     "marked",
+    "parts_of",
     "patchers",
     "rebind_global",
     "register",
@@ -70,6 +75,49 @@ class UnsupportedLayoutError(RuntimeError):
 
 class AlreadyPatchedError(RuntimeError):
     """The instance (or part of it) is already patched by vlmkernels."""
+
+
+class PatchFallbackWarning(UserWarning):
+    """A patched module ran its class's own forward: a layer its fused forward reads the
+    parameters of was replaced or hooked after patching (see :func:`changed_part`)."""
+
+
+def parts_of(module, names: Iterable[str]) -> dict[str, type]:
+    """{dotted name: class} of the submodules whose parameters a fused forward reads
+    instead of calling them: what :func:`changed_part` checks on every call."""
+    return {name: type(module.get_submodule(name)) for name in names}
+
+
+def changed_part(module, parts: Mapping[str, type]) -> str | None:
+    """None while each submodule of ``parts`` is still of the class the patch checked and has
+    no hooks of its own; else the first difference, in words. A fused forward reads those
+    layers' parameters: a layer replaced after patching (a PEFT LoRA wrapper, a quantised
+    linear, whose ``weight`` may still be the base one) or hooked would be bypassed
+    silently, so the forward runs the class's own instead (:func:`class_forward`)."""
+    for name, cls in parts.items():
+        if "." not in name:  # the usual case, a dict lookup (this runs on every call)
+            sub = module._modules.get(name)
+        else:
+            try:
+                sub = module.get_submodule(name)
+            except AttributeError:
+                sub = None
+        if type(sub) is not cls:
+            return f"{name} is now {type(sub).__qualname__}, not {cls.__qualname__}"
+        if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
+                or sub._backward_pre_hooks):  # fmt: skip
+            return f"{name} has hooks of its own"
+        if "forward" in sub.__dict__:
+            return f"{name} has a forward of its own"
+    return None
+
+
+def class_forward(module, why: str, *args, **kwargs):
+    """``type(module).forward(module, ...)`` with a :class:`PatchFallbackWarning` saying why
+    the fused forward does not run (shown once per module class and reason)."""
+    warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not the "
+                  f"fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
+    return type(module).forward(module, *args, **kwargs)
 
 
 def is_patched(obj) -> bool:

@@ -72,7 +72,10 @@ from ..patching import (
     Patcher,
     SetMethod,
     UnsupportedLayoutError,
+    changed_part,
+    class_forward,
     is_patched,
+    parts_of,
     register,
 )
 
@@ -359,6 +362,7 @@ IDEFICS_REPLACEMENTS = (
               _check_class),
 )  # fmt: skip
 QFORMER_KV = "vlmkernels_qformer_kv"  # the encoder's keyword: {cross module: (K, V)}
+_KV_PARTS = {"key": torch.nn.Linear, "value": torch.nn.Linear}  # what stacked_kv reads
 
 
 def _qformer_encoder_forward(module, arch: Architecture):
@@ -381,7 +385,10 @@ def _qformer_encoder_forward(module, arch: Architecture):
         if encoder_hidden_states is not None and query_length > 0:
             cross = [layer.crossattention.attention for layer in self.layer
                      if layer.has_cross_attention]  # fmt: skip
-            cross = [a for a in cross if is_patched(a.__dict__.get("forward"))]
+            # attention modules whose key / value layers are still plain nn.Linear (one
+            # replaced or hooked after patching computes its own K / V)
+            cross = [a for a in cross if is_patched(a.__dict__.get("forward"))
+                     and changed_part(a, _KV_PARTS) is None]  # fmt: skip
             if cross:
                 linears = [lin for a in cross for lin in (a.key, a.value)]
                 cache = caches.get(self)
@@ -411,8 +418,11 @@ def _qformer_output_forward(module, arch: Architecture):
     if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{type(module).__qualname__}.LayerNorm is not an "
                                      "affine LayerNorm over the last dim")  # fmt: skip
+    parts = parts_of(module, ("dense", "LayerNorm"))
 
     def forward(self, hidden_states, input_tensor):
+        if (why := changed_part(self, parts)) is not None:
+            return class_forward(self, why, hidden_states, input_tensor)
         dense, norm = self.dense, self.LayerNorm
         if self.training and self.dropout.p > 0:
             x, bias = self.dropout(dense(hidden_states)), None

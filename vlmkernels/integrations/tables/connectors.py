@@ -28,7 +28,10 @@ Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) 
 :func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
 
 An activation other than exact GELU, or a module whose layers are not the expected
-``nn.Linear`` / norms, is refused at patch time (:class:`UnsupportedLayoutError`).
+``nn.Linear`` / norms, is refused at patch time (:class:`UnsupportedLayoutError`). The fused
+forwards read those layers' parameters; a layer replaced or hooked after patching (a PEFT
+LoRA wrapper, say) makes the module run its class's forward, with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
 
 Roots: the LLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models (``...ForConditionalGeneration``,
 ``...Model``) and the connector modules themselves; for the Qwen-VL models (whose roots the
@@ -45,7 +48,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...ops.connectors import deepstack_add, merger, mlp_projector
-from ..patching import Architecture, Patcher, SetMethod, UnsupportedLayoutError, register
+from ..patching import (
+    Architecture,
+    Patcher,
+    SetMethod,
+    UnsupportedLayoutError,
+    changed_part,
+    class_forward,
+    parts_of,
+    register,
+)
 
 __all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LLAVA_PATCHER",
            "MINICPM_MERGER_PATCHER", "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER",
@@ -97,8 +109,11 @@ def _llava_forward(module, arch):
     where = _where(module)
     _linear(module, "linear_1", where), _linear(module, "linear_2", where)
     _exact_gelu(module.act, where)
+    parts = parts_of(module, ("linear_1", "act", "linear_2"))
 
     def forward(self, image_features):
+        if (why := changed_part(self, parts)) is not None:
+            return class_forward(self, why, image_features)
         l1, l2 = self.linear_1, self.linear_2
         return mlp_projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias)
 
@@ -135,8 +150,11 @@ def _shuffle_forward(module, arch):
     scale = module.scale_factor
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise UnsupportedLayoutError(f"{where}.scale_factor is {scale!r}, not an int >= 1")
+    parts = parts_of(module, ("modality_projection", "modality_projection.proj"))
 
     def forward(self, image_hidden_states):
+        if (why := changed_part(self, parts)) is not None:
+            return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection.proj
         return merger(image_hidden_states, proj.weight, proj.bias,
                       merge_size=self.scale_factor, layout="grid")  # fmt: skip
@@ -163,8 +181,12 @@ def _internvl_forward(module, arch):
     _exact_gelu(module.act, where)
     if type(module.layer_norm) is not nn.LayerNorm or len(module.layer_norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{where}.layer_norm is not a 1-D nn.LayerNorm")
+    parts = parts_of(module, ("layer_norm", "linear_1", "act", "linear_2"))
 
     def forward(self, image_features):
+        if (why := changed_part(self, parts)) is not None:
+            # (InternVL's pixel_shuffle hands on unshuffled features only to a fused one)
+            return class_forward(self, why, image_features)
         ln, l1, l2 = self.layer_norm, self.linear_1, self.linear_2
         k, c = ln.normalized_shape[0], image_features.shape[-1]
         scale = _deferred_scale(image_features, k)
@@ -180,6 +202,7 @@ def _internvl_forward(module, arch):
         return y.view(*lead, y.shape[-1])
 
     forward.takes_unshuffled = True
+    forward.parts = parts
     return forward
 
 
@@ -253,11 +276,13 @@ def _internvl_pixel_shuffle(module, arch):
 
     def pixel_shuffle(self, vision_features, scale_factor=0.5):
         s = _integer_inverse(scale_factor)
-        forward = self.multi_modal_projector.forward
+        projector = self.multi_modal_projector
+        forward = projector.forward
         if (scope[0] and s is not None and s >= 2 and vision_features.dim() == 4
                 and vision_features.shape[1] == vision_features.shape[2]
                 and vision_features.shape[1] % s == 0
-                and getattr(forward, "takes_unshuffled", False)):  # fmt: skip
+                and getattr(forward, "takes_unshuffled", False)
+                and changed_part(projector, forward.parts) is None):  # fmt: skip
             return vision_features
         return cls.pixel_shuffle(self, vision_features, scale_factor)
 
@@ -335,9 +360,11 @@ def _qwen_merger_forward(module, arch):
     kind, _, bias_name, eps = _norm_of(getattr(module, norm_name), where)
     if module.get_submodule(fc1).in_features != module.hidden_size:
         raise UnsupportedLayoutError(f"{where}: {fc1} does not take {module.hidden_size} features")
-    del act
+    parts = parts_of(module, (norm_name, fc1, act, fc2))
 
     def forward(self, x):
+        if (why := changed_part(self, parts)) is not None:
+            return class_forward(self, why, x)
         norm = self.get_submodule(norm_name)
         l1, l2 = self.get_submodule(fc1), self.get_submodule(fc2)
         hidden = self.hidden_size
@@ -387,8 +414,18 @@ def _minicpm_merger_forward(module, arch):
         norm = getattr(mlp, "pre_norm", None)
         if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
             raise UnsupportedLayoutError(f"{inner}.pre_norm is not a 1-D nn.LayerNorm")
+    parts = parts_of(
+        module,
+        [
+            f"mlp.{i}{part}"
+            for i in range(len(mlps))
+            for part in ("", ".pre_norm", ".linear_1", ".act", ".linear_2")
+        ],
+    )
 
     def forward(self, hidden_states, target_sizes):
+        if (why := changed_part(self, parts)) is not None:
+            return class_forward(self, why, hidden_states, target_sizes)
         mh, mw = self.merge_kernel_size
         sizes = [tuple(int(v) for v in hw) for hw in target_sizes.tolist()]
         features, start, i = [], 0, 0
