@@ -5,6 +5,7 @@ undo restores the instance exactly; bad masks refused; attention dropout in trai
 in the kernel (finite, reproducible under torch.manual_seed, gradients flow)."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -145,6 +146,11 @@ def test_mask_ranges():
     with torch.inference_mode():  # no version counter: read every time
         frozen = allowed.clone()
         assert mask_ranges(frozen, 2, 3, 4)[0] is not mask_ranges(frozen, 2, 3, 4)[0]
+    # the last mask checked is not kept alive by the cache
+    kept = weakref.ref(allowed)
+    mask_ranges(allowed, 2, 3, 4)
+    del allowed
+    assert kept() is None
 
 
 def tiny_qformer(module, prefix):

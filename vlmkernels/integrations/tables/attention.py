@@ -132,9 +132,11 @@ _LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "cross_attn",
           "act_cross_attn", "act_dense", "alpha_cross_attn", "alpha_dense")  # fmt: skip
 
 
-# (mask, key, ranges) of the last mask mask_ranges checked, the mask held so that its memory
-# cannot be reused by another: IDEFICS passes one image attention mask to every gated layer
-# of a forward, and the check reads the mask on the host (a device wait)
+# (weak reference to the mask, key, ranges) of the last mask mask_ranges checked: IDEFICS
+# passes one image attention mask to every gated layer of a forward, and the check reads the
+# mask on the host (a device wait). The weak reference keeps no user tensor alive, and a
+# mask freed since never matches a new one (its reference is dead, whatever the new one's
+# address or id)
 _LAST_RANGES: list = [None]
 
 
@@ -149,10 +151,10 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
         return _mask_ranges(mask, batch, tokens, keys)
     key = (mask._version, batch, tokens, keys)
     last = _LAST_RANGES[0]
-    if last is not None and last[0] is mask and last[1] == key:
+    if last is not None and last[0]() is mask and last[1] == key:
         return last[2]
     ranges = _mask_ranges(mask, batch, tokens, keys)
-    _LAST_RANGES[0] = (mask, key, ranges)
+    _LAST_RANGES[0] = (weakref.ref(mask), key, ranges)  # the mask is not kept alive
     return ranges
 
 
