@@ -360,6 +360,17 @@ def test_internvl_model_logits_and_projector_switched_off():
     with vt.patch(mine.model.multi_modal_projector) as handle:
         assert handle.targets == ("<root>.forward",)
         assert max_rel(mine(input_ids=ids, pixel_values=px).logits, want) < TOL
+    # a LoRA wrapper added to the patched projector after patching: the shuffle is not
+    # deferred and the projector runs its class's forward, LoRA term included
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    with vt.patch(mine):
+        lora = LoraLinear(mine.model.multi_modal_projector.linear_1)
+        mine.model.multi_modal_projector.linear_1 = lora
+        ref.model.multi_modal_projector.linear_1 = copy.deepcopy(lora)
+        with pytest.warns(PatchFallbackWarning, match="linear_1 is now LoraLinear"):
+            got = mine(input_ids=ids, pixel_values=px).logits
+        assert max_rel(got, ref(input_ids=ids, pixel_values=px).logits) < TOL
 
 
 # ------------------------------------------------------------------ MiniCPM-V 4.6 merger
