@@ -960,3 +960,28 @@ def test_prepared_caches_are_bounded():
     assert cache.get(5) == "again"
     T.clear_cache()
     assert not cache
+
+
+def test_bounded_cache_from_several_threads():
+    """Threads storing into a full cache at once never fail (each may drop an entry the
+    others dropped already) and the bound holds."""
+    import threading
+
+    from vlmkernels.core.configs import BoundedCache
+
+    cache = BoundedCache(8)
+    errors = []
+
+    def store(offset):
+        try:
+            for i in range(20000):
+                cache[(offset, i)] = i
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(cache) <= 8 + len(threads)

@@ -405,7 +405,9 @@ _DERIVED: list[dict] = []  # caches of what was derived from the files (launches
 
 class BoundedCache(dict):
     """A dict of at most ``limit`` entries: storing one more drops the oldest. Lookups are
-    plain dict lookups."""
+    plain dict lookups. Threads storing at once (a server calling ops from several) may
+    each drop an entry, never fail: the oldest may be gone, or the dict changing, by the
+    time one thread drops it."""
 
     def __init__(self, limit: int):
         super().__init__()
@@ -413,7 +415,10 @@ class BoundedCache(dict):
 
     def __setitem__(self, key, value):
         if key not in self and len(self) >= self.limit:
-            del self[next(iter(self))]
+            try:
+                self.pop(next(iter(self)), None)
+            except (StopIteration, RuntimeError):  # emptied / changed by another thread
+                pass
         super().__setitem__(key, value)
 
 
