@@ -193,18 +193,18 @@ class KVCache:
     seen, so their stack is built on every call and not kept."""
 
     def __init__(self):
-        self._key = None
-        self._value = None
+        self._entry = None  # (key, stack), replaced as one (threads may share a model)
 
     def get(self, linears):
         params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
         if any(p.is_inference() for p in params):
-            self._key = self._value = None
+            self._entry = None
             return _stack(linears)
         key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if key != self._key:
-            self._key, self._value = key, _stack(linears)
-        return self._value
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            entry = self._entry = (key, _stack(linears))
+        return entry[1]
 
 
 def _stack(linears):
