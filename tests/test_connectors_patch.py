@@ -373,6 +373,36 @@ def test_internvl_model_logits_and_projector_switched_off():
         assert max_rel(got, ref(input_ids=ids, pixel_values=px).logits) < TOL
 
 
+def test_internvl_shuffle_deferral_is_per_thread():
+    """A thread inside get_image_features (the shuffle deferred there) does not make a
+    direct pixel_shuffle call of another thread on the same model skip its shuffle."""
+    import threading
+
+    model = internvl_model()
+    inner = model.model
+    feats = torch.randn(1, 6, 6, 8)
+    want = type(inner).pixel_shuffle(inner, feats, 0.5)
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(*_):
+        inside.set()
+        release.wait(10)
+
+    with torch.no_grad(), vt.patch(model):
+        hook = inner.vision_tower.register_forward_hook(hold)
+        worker = threading.Thread(target=inner.get_image_features,
+                                  args=(torch.randn(1, 3, 24, 24),))  # fmt: skip
+        worker.start()
+        try:
+            assert inside.wait(10)
+            got = inner.pixel_shuffle(feats, 0.5)  # this thread is not inside the call
+        finally:
+            release.set()
+            worker.join(10)
+            hook.remove()
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
 # ------------------------------------------------------------------ MiniCPM-V 4.6 merger
 
 

@@ -42,6 +42,7 @@ full models, the vision towers, the mergers themselves, a foreign model.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 
 from torch import nn
@@ -228,8 +229,9 @@ INTERNVL_PATCHER = register(
 )
 
 
-# the calls of get_image_features in progress, per patched InternVLModel: built with its
-# get_image_features, taken by its pixel_shuffle (the two slots of one module share it)
+# the calls of get_image_features in progress, per patched InternVLModel and thread (a
+# thread-local depth: threads sharing a model do not see each other's calls): built with
+# its get_image_features, taken by its pixel_shuffle (the two slots of one module share it)
 _SCOPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -248,14 +250,14 @@ def _internvl_get_image_features(module, arch):
     scope in which the patched :func:`_internvl_pixel_shuffle` defers the shuffle."""
     _check_internvl_model(module, _where(module))
     cls = type(module)
-    scope = _SCOPES[module] = [0]
+    scope = _SCOPES[module] = threading.local()
 
     def get_image_features(self, *args, **kwargs):
-        scope[0] += 1
+        scope.depth = getattr(scope, "depth", 0) + 1
         try:
             return cls.get_image_features(self, *args, **kwargs)
         finally:
-            scope[0] -= 1
+            scope.depth -= 1
 
     return get_image_features
 
@@ -278,7 +280,7 @@ def _internvl_pixel_shuffle(module, arch):
         s = _integer_inverse(scale_factor)
         projector = self.multi_modal_projector
         forward = projector.forward
-        if (scope[0] and s is not None and s >= 2 and vision_features.dim() == 4
+        if (getattr(scope, "depth", 0) and s is not None and s >= 2 and vision_features.dim() == 4
                 and vision_features.shape[1] == vision_features.shape[2]
                 and vision_features.shape[1] % s == 0
                 and getattr(forward, "takes_unshuffled", False)
