@@ -243,6 +243,16 @@ def test_patched_matches_transformers(built, angles):
     assert (counts.get("vlmkernels::deepstack_add", 0) > 0) == (len(deepstack) > 0), counts
 
 
+def test_greedy_generation_matches_transformers(built):
+    """generate() with the KV cache (prefill, then decode steps whose positions come from
+    the cached rope deltas) gives the unpatched model's tokens, greedy."""
+    with torch.no_grad():
+        want = built.model.generate(**built.inputs, max_new_tokens=4, do_sample=False)
+        with vt.patch(built.model):
+            got = built.model.generate(**built.inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+
+
 def test_rope_index_replaces_the_per_row_loop(built):
     """With rope_index, position ids and logits match transformers', and transformers'
     per-row loop (which calls get_vision_position_ids per vision group) does not run."""
