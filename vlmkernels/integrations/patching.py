@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import dis
+import functools
 import importlib
 import inspect
 import sys
@@ -51,6 +52,7 @@ __all__ = [
     "adapt_signature",
     "changed_part",
     "class_forward",
+    "fused_forward",
     "global_loads",
     "install",
     "is_patched",
@@ -118,6 +120,24 @@ def class_forward(module, why: str, *args, **kwargs):
     warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not the "
                   f"fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
     return type(module).forward(module, *args, **kwargs)
+
+
+def fused_forward(module, reads: Iterable[str], forward: Callable) -> Callable:
+    """``forward`` (an instance forward built for ``module``) guarded for the submodules
+    ``reads`` whose parameters it reads instead of calling them: each call checks them
+    (:func:`changed_part`) and runs the class's forward instead where one changed
+    (:func:`class_forward`). The guard carries them as ``parts``."""
+    parts = parts_of(module, reads)
+
+    @functools.wraps(forward)
+    def guarded(self, *args, **kwargs):
+        why = changed_part(self, parts)
+        if why is not None:
+            return class_forward(self, why, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    guarded.parts = parts
+    return guarded
 
 
 def is_patched(obj) -> bool:

@@ -73,9 +73,8 @@ from ..patching import (
     SetMethod,
     UnsupportedLayoutError,
     changed_part,
-    class_forward,
+    fused_forward,
     is_patched,
-    parts_of,
     register,
 )
 
@@ -420,11 +419,8 @@ def _qformer_output_forward(module, arch: Architecture):
     if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{type(module).__qualname__}.LayerNorm is not an "
                                      "affine LayerNorm over the last dim")  # fmt: skip
-    parts = parts_of(module, ("dense", "LayerNorm"))
 
     def forward(self, hidden_states, input_tensor):
-        if (why := changed_part(self, parts)) is not None:
-            return class_forward(self, why, hidden_states, input_tensor)
         dense, norm = self.dense, self.LayerNorm
         if self.training and self.dropout.p > 0:
             x, bias = self.dropout(dense(hidden_states)), None
@@ -437,7 +433,7 @@ def _qformer_output_forward(module, arch: Architecture):
 
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' Q-Former output block (fused bias + residual + LayerNorm)."
-    return forward
+    return fused_forward(module, ("dense", "LayerNorm"), forward)
 
 
 QFORMER_REPLACEMENTS = (

@@ -55,8 +55,7 @@ from ..patching import (
     SetMethod,
     UnsupportedLayoutError,
     changed_part,
-    class_forward,
-    parts_of,
+    fused_forward,
     register,
 )
 
@@ -110,15 +109,12 @@ def _llava_forward(module, arch):
     where = _where(module)
     _linear(module, "linear_1", where), _linear(module, "linear_2", where)
     _exact_gelu(module.act, where)
-    parts = parts_of(module, ("linear_1", "act", "linear_2"))
 
     def forward(self, image_features):
-        if (why := changed_part(self, parts)) is not None:
-            return class_forward(self, why, image_features)
         l1, l2 = self.linear_1, self.linear_2
         return mlp_projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias)
 
-    return forward
+    return fused_forward(module, ("linear_1", "act", "linear_2"), forward)
 
 
 LLAVA_PATCHER = register(
@@ -151,16 +147,13 @@ def _shuffle_forward(module, arch):
     scale = module.scale_factor
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise UnsupportedLayoutError(f"{where}.scale_factor is {scale!r}, not an int >= 1")
-    parts = parts_of(module, ("modality_projection", "modality_projection.proj"))
 
     def forward(self, image_hidden_states):
-        if (why := changed_part(self, parts)) is not None:
-            return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection.proj
         return merger(image_hidden_states, proj.weight, proj.bias,
                       merge_size=self.scale_factor, layout="grid")  # fmt: skip
 
-    return forward
+    return fused_forward(module, ("modality_projection", "modality_projection.proj"), forward)
 
 
 SHUFFLE_PATCHER = register(
@@ -182,12 +175,8 @@ def _internvl_forward(module, arch):
     _exact_gelu(module.act, where)
     if type(module.layer_norm) is not nn.LayerNorm or len(module.layer_norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{where}.layer_norm is not a 1-D nn.LayerNorm")
-    parts = parts_of(module, ("layer_norm", "linear_1", "act", "linear_2"))
 
     def forward(self, image_features):
-        if (why := changed_part(self, parts)) is not None:
-            # (InternVL's pixel_shuffle hands on unshuffled features only to a fused one)
-            return class_forward(self, why, image_features)
         ln, l1, l2 = self.layer_norm, self.linear_1, self.linear_2
         k, c = ln.normalized_shape[0], image_features.shape[-1]
         scale = _deferred_scale(image_features, k)
@@ -203,8 +192,8 @@ def _internvl_forward(module, arch):
         return y.view(*lead, y.shape[-1])
 
     forward.takes_unshuffled = True
-    forward.parts = parts
-    return forward
+    # (a changed layer: the class's forward, to which pixel_shuffle hands shuffled features)
+    return fused_forward(module, ("layer_norm", "linear_1", "act", "linear_2"), forward)
 
 
 def _deferred_scale(features, k: int) -> int | None:
@@ -362,11 +351,8 @@ def _qwen_merger_forward(module, arch):
     kind, _, bias_name, eps = _norm_of(getattr(module, norm_name), where)
     if module.get_submodule(fc1).in_features != module.hidden_size:
         raise UnsupportedLayoutError(f"{where}: {fc1} does not take {module.hidden_size} features")
-    parts = parts_of(module, (norm_name, fc1, act, fc2))
 
     def forward(self, x):
-        if (why := changed_part(self, parts)) is not None:
-            return class_forward(self, why, x)
         norm = self.get_submodule(norm_name)
         l1, l2 = self.get_submodule(fc1), self.get_submodule(fc2)
         hidden = self.hidden_size
@@ -379,7 +365,7 @@ def _qwen_merger_forward(module, arch):
                       norm_bias=getattr(norm, bias_name) if bias_name else None, eps=eps,
                       norm_before_merge=before)  # fmt: skip
 
-    return forward
+    return fused_forward(module, (norm_name, fc1, act, fc2), forward)
 
 
 _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
@@ -416,18 +402,8 @@ def _minicpm_merger_forward(module, arch):
         norm = getattr(mlp, "pre_norm", None)
         if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
             raise UnsupportedLayoutError(f"{inner}.pre_norm is not a 1-D nn.LayerNorm")
-    parts = parts_of(
-        module,
-        [
-            f"mlp.{i}{part}"
-            for i in range(len(mlps))
-            for part in ("", ".pre_norm", ".linear_1", ".act", ".linear_2")
-        ],
-    )
 
     def forward(self, hidden_states, target_sizes):
-        if (why := changed_part(self, parts)) is not None:
-            return class_forward(self, why, hidden_states, target_sizes)
         mh, mw = self.merge_kernel_size
         sizes = [tuple(int(v) for v in hw) for hw in target_sizes.tolist()]
         features, start, i = [], 0, 0
@@ -454,7 +430,9 @@ def _minicpm_merger_forward(module, arch):
             i = j
         return features
 
-    return forward
+    layers = (".pre_norm", ".linear_1", ".act", ".linear_2")
+    reads = [f"mlp.{i}{part}" for i in range(len(mlps)) for part in ("", *layers)]
+    return fused_forward(module, reads, forward)
 
 
 MINICPM_MERGER_PATCHER = register(
