@@ -92,7 +92,6 @@ from ..core.checks import FLOAT_DTYPES
 from ..core.op import first_order_only
 from ..distributed.consistency import exchange
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
-from ..ops.contrastive.functional import autocast_features
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 # the exchanges' backwards communicate: not differentiable again (the losses' are not either)
@@ -432,11 +431,11 @@ class ClipLoss(nn.Module):
 
     @staticmethod
     def _local_loss(img, txt, all_img, all_txt, scale, bias, offset: int):
-        (img, txt, all_img, all_txt), out_dtype = autocast_features(img, txt, all_img, all_txt)
+        # contrastive_cross_entropy follows autocast itself (the loss fp32 under it)
         i2t = contrastive_cross_entropy(img, all_txt, scale, bias, offset=offset)
         t2i = contrastive_cross_entropy(txt, all_img, scale, bias, offset=offset)
         acc = _acc_dtype(i2t.dtype)
-        return ((i2t.to(acc) + t2i.to(acc)) / 2).to(out_dtype)
+        return ((i2t.to(acc) + t2i.to(acc)) / 2).to(i2t.dtype)
 
 
 class SigLipLoss(nn.Module):

@@ -28,7 +28,6 @@ from ...core.runtime import autocast_dtype, cast
 from . import ops
 
 __all__ = [
-    "autocast_features",
     "check_targets",
     "clip_loss",
     "clip_loss_with_grads",
