@@ -53,10 +53,14 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
-def autocast_operands(low: torch.dtype, *tensors):
-    """``tensors`` as ``torch.autocast`` hands them to a matmul run in ``low``: floating
-    tensors other than float64 cast to ``low`` (differentiably: the gradients reach the
-    fp32 originals), the others (None included) as they are."""
+def autocast_operands(*tensors):
+    """``tensors`` as ``torch.autocast`` hands them to a matmul: where autocast is on for
+    the first one's device type, floating tensors other than float64 cast to the autocast
+    dtype (differentiably: the gradients reach the fp32 originals), the others (None
+    included) as they are; else all as they are."""
+    low = autocast_dtype(tensors[0])
+    if low is None:
+        return tensors
     return tuple(
         t.to(low)
         if t is not None and t.is_floating_point() and t.dtype not in (low, torch.float64)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ...core.checks import FLOAT_DTYPES
-from ...core.runtime import autocast_dtype, autocast_operands
+from ...core.runtime import autocast_operands
 from . import ops
 from .kernels import ACT_GELU, LAYER_NORM, NO_NORM, RMS_NORM
 from .reference import AVG2X2, BILINEAR
@@ -210,9 +210,7 @@ def mlp_projector(
     """
     op = "mlp_projector"
     _check_tensor(op, "x", x)
-    low = autocast_dtype(x)
-    if low is not None:
-        x, w1, b1, w2, b2 = autocast_operands(low, x, w1, b1, w2, b2)
+    x, w1, b1, w2, b2 = autocast_operands(x, w1, b1, w2, b2)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must be (..., in_features) with in_features > 0")
     act = _check_activation(op, activation)
@@ -274,9 +272,7 @@ def merger(
     if layout not in ("consecutive", "grid"):
         raise ValueError(f"{op}: layout must be 'consecutive' or 'grid', got {layout!r}")
     _check_tensor(op, "x", x, (2,) if layout == "consecutive" else (3, 4))
-    low = autocast_dtype(x)
-    if low is not None:
-        x, w1, b1, w2, b2 = autocast_operands(low, x, w1, b1, w2, b2)
+    x, w1, b1, w2, b2 = autocast_operands(x, w1, b1, w2, b2)
     if layout == "grid" and x.dim() == 4 and isinstance(merge_size, (tuple, list)):
         if len(merge_size) != 2:
             raise ValueError(f"{op}: merge_size must be an int or (MH, MW), got {merge_size!r}")
