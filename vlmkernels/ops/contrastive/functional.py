@@ -70,14 +70,16 @@ def autocast_features(*features: torch.Tensor):
 
 
 def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teacher=None,
-                   like=None, names=("ids", "teacher[0]", "teacher[1]")):  # fmt: skip
-    """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached).
-    ``names``: what the ids and the two teacher tensors are called in the caller."""
+                   like=None, names=("ids", "teacher[0]", "teacher[1]"),
+                   dtype=None):  # fmt: skip
+    """Checks the extra-target arguments; returns (ids as int64 or None, teacher detached,
+    in ``dtype`` if given). ``names``: what the ids and the two teacher tensors are called in
+    the caller."""
     ids = check_ids(op, names[0], ids, n, device)
     check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
     alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     if teacher is not None:
-        teacher = check_teacher(op, teacher, like, names[1:], device)
+        teacher = check_teacher(op, teacher, like, names[1:], device, dtype)
     elif alpha:
         raise ValueError(f"{op}: alpha > 0 needs teacher features")
     return ids, teacher
@@ -98,9 +100,11 @@ def check_ids(op, name, ids, n, device):
     return ids.to(device=device, dtype=torch.int64)
 
 
-def check_teacher(op, teacher, like, names, device):
-    """``teacher``, a pair of feature tensors shaped like the pair ``like`` (same dtype, on
-    ``device``; ``names``: what they are called in the caller), detached."""
+def check_teacher(op, teacher, like, names, device, dtype=None):
+    """``teacher``, a pair of feature tensors shaped like the pair ``like`` (the caller's
+    features: same dtype, on ``device``; ``names``: what they are called in the caller),
+    detached, and cast to ``dtype`` where given (the dtype the loss runs in: the autocast
+    one when autocast cast the features)."""
     if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
         raise TypeError(f"{op}: teacher must be a pair (image, text) of feature tensors, "
                         f"got {type(teacher).__name__}")  # fmt: skip
@@ -115,7 +119,10 @@ def check_teacher(op, teacher, like, names, device):
                             f"{want}, got {type(t).__name__}")  # fmt: skip
         raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
                          f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
-    return tuple(t.detach() if t.requires_grad else t for t in teacher)
+    teacher = tuple(t.detach() if t.requires_grad else t for t in teacher)
+    if dtype is not None and teacher[0].dtype != dtype:
+        teacher = tuple(t.to(dtype) for t in teacher)
+    return teacher
 
 
 def _teacher_scale(op, teacher_logit_scale, scale, device):
@@ -194,12 +201,9 @@ def clip_loss(
     # the teacher is shaped like the caller's features (under autocast prepare has cast
     # those to the autocast dtype; the teacher follows them)
     ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher,
-                                 (image_features, text_features))  # fmt: skip
+                                 (image_features, text_features), dtype=x.dtype)  # fmt: skip
     if teacher is not None:
-        t_scale = _teacher_scale(op, teacher_logit_scale, scale, x.device)
-        if teacher[0].dtype != x.dtype:
-            teacher = (teacher[0].to(x.dtype), teacher[1].to(x.dtype))
-        teacher = (*teacher, t_scale)
+        teacher = (*teacher, _teacher_scale(op, teacher_logit_scale, scale, x.device))
     else:
         teacher = (None, None, None)
     if reduction != "none" and n:
@@ -292,9 +296,8 @@ def contrastive_cross_entropy(
     if teacher_queries is not None:
         teacher_keys = given[1] if teacher_keys is None else teacher_keys
         tq, tk = check_teacher(op, (teacher_queries, teacher_keys), given,
-                               ("teacher_queries", "teacher_keys"), device)  # fmt: skip
-        if tq.dtype != queries.dtype:  # under autocast: cast with the features
-            tq, tk = tq.to(queries.dtype), tk.to(queries.dtype)
+                               ("teacher_queries", "teacher_keys"), device,
+                               queries.dtype)  # fmt: skip
         teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
         # reduced, every query's positives known to the kernels (ids, or the key at
