@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlmkernels.core.backend import _environment_reader
 from vlmkernels.core.op import Op
+from vlmkernels.core.runtime import environment_reader
 
 scale_rows = Op("test_scale_rows", "(Tensor x, Tensor w, float alpha) -> Tensor", family="test")
 CALLS = []  # which implementation ran, per call
@@ -98,7 +98,7 @@ def test_second_order_through_the_eager_path():
 
 @pytest.mark.parametrize("name", ["VLMKERNELS_TEST_READER", "VLMKERNELS_TEST_READER_ÄÖ"])
 def test_environment_reader_follows_the_environment(monkeypatch, name):
-    read = _environment_reader(name)
+    read = environment_reader(name)
     monkeypatch.delenv(name, raising=False)
     assert read() is None
     monkeypatch.setenv(name, "torch")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 
 import torch
 
@@ -51,27 +50,7 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-def _environment_reader(name: str):
-    """A function returning ``os.environ.get(name)``, read on every call (tests and
-    spawned workers set the variable at run time). CPython's ``os.environ`` encodes the key
-    on each ``get``, about 0.5 us, paid twice per loss forward and backward; the reader
-    looks the pre-encoded key up in the mapping ``os.environ`` keeps in step with its
-    writes, where the running Python has one."""
-    environ = os.environ
-    data, encode, decode = (getattr(environ, a, None) for a in ("_data", "encodekey",
-                                                                 "decodevalue"))  # fmt: skip
-    if not isinstance(data, dict) or encode is None or decode is None:
-        return lambda: environ.get(name)
-    key = encode(name)
-
-    def read():
-        value = data.get(key)
-        return None if value is None else decode(value)
-
-    return read
-
-
-_backend_variable = _environment_reader("VLMKERNELS_BACKEND")
+_backend_variable = runtime.environment_reader("VLMKERNELS_BACKEND")
 
 
 def get_backend() -> str | None:

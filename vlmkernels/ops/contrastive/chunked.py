@@ -59,6 +59,8 @@ def triton_chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
     n = x.shape[0]
     if chunk_size > 0:
         return min(n, chunk_size)
+    if n <= MIN_TRITON_CHUNK_ROWS:  # one chunk whatever the budget
+        return n
     return min(n, max(MIN_TRITON_CHUNK_ROWS, default_chunk_rows(n, x.element_size())))
 
 

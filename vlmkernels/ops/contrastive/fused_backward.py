@@ -33,8 +33,6 @@ Not covered (ids or a teacher): the launcher falls back to the chunked design
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +42,7 @@ from ...core.runtime import (
     autotune_configs,
     device_guard,
     dot_precision,
+    environment_reader,
     next_pow2,
     sm_count,
 )
@@ -63,6 +62,7 @@ __all__ = ["DESIGNS", "ENV_DESIGN", "clip_backward_design", "fused_block_grads",
 
 ENV_DESIGN = "VLMKERNELS_CLIP_BACKWARD"
 DESIGN_CHOICE = "clip_backward"  # its name in designs.json (vlmkernels tune)
+_design_variable = environment_reader(ENV_DESIGN)
 """Environment variable choosing the CLIP backward design when the caller does not:
 ``chunked`` (the default), ``fused`` or ``fused_deterministic``."""
 DESIGNS = ("chunked", "fused", "fused_deterministic")
@@ -229,7 +229,7 @@ def clip_backward_design(design: str | None = None, device: torch.device | None 
     the source for an unknown name."""
     source = "design"
     if design is None:
-        design, source = os.environ.get(ENV_DESIGN, ""), ENV_DESIGN
+        design, source = _design_variable(), ENV_DESIGN
     if not design and device is not None and device.type == "cuda":
         design, source = preferred_design(DESIGN_CHOICE, device) or "", "designs.json"
     design = design or "chunked"

@@ -24,7 +24,7 @@ import dataclasses
 
 import torch
 
-from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2
+from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, scalar_like
 from ...core.tuning import prepared_cache
 from ...kernels.blocks import tile_addressable
 from .chunked import mm_f32, triton_chunk_rows
@@ -97,14 +97,14 @@ def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, los
     """(dx, dy, dscale, dbias) from the logit gradient g (M x N, the features' dtype) and
     the partials its kernel wrote; ``loss`` (SigLIP) is written too."""
     gy = mm_f32(g, y)
-    gtx = mm_f32(g.t(), x)
+    gtx = mm_f32(g.mT, x)
     if x.dtype == _F32:  # scaled in place
         dx, dy = gy, gtx
     else:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    ds = torch.empty((), dtype=scale.dtype, device=x.device)
-    db = torch.empty((), dtype=bias.dtype if bias is not None else _F32, device=x.device)
+    ds = scalar_like(scale)
+    db = scalar_like(bias) if bias is not None else scalar_like(scale, _F32)
     b = bias if bias is not None else scale
     grad = grad if grad is not None else scale
     loss_parts = loss_parts if loss_parts is not None else partials
@@ -181,9 +181,9 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int)
         if plan is None:
             return None
         _PLANS[key] = plan
-    work = torch.empty((plan.splits * m + plan.finish.size,), dtype=_F32, device=x.device)
-    g = torch.empty((m, y.shape[0]), dtype=x.dtype, device=x.device)
-    loss = torch.empty((), dtype=_F32, device=x.device)
+    work = torch.empty(plan.splits * m + plan.finish.size, dtype=_F32, device=x.device)
+    g = torch.empty(m, y.shape[0], dtype=x.dtype, device=x.device)
+    loss = scalar_like(scale, _F32)
     b = bias if bias is not None else scale
     loss_parts, partials = work.split_with_sizes((plan.splits * m, plan.finish.size))
     with device_guard(x):
