@@ -108,6 +108,47 @@ def test_clip_teacher_distillation(device, backend):
     compare(ours, ref, [x, y, s], [xr, yr, sr])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_default_teacher_scale_gets_no_gradient(reduction, device, backend):
+    """The teacher's scale defaults to the student's s, which requires a gradient: that
+    gradient is the student's alone (the teacher targets are constants, as ALBEF's under
+    torch.no_grad), for clip_loss and for contrastive_cross_entropy's queue form."""
+    n, q, d, alpha = 12, 9, 16, 0.4
+    x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+    xm, ym = feats(n, d, device), feats(n, d, device)
+    queue = feats(q, d, device)
+    s = leaf(torch.tensor(9.0, device=device))
+    weights = torch.rand(2, n, device=device)
+    xr, yr, sr = as64(x, y, s)
+    teacher = sr.detach() * xm.double().cpu() @ ym.double().cpu().T
+    onehot = torch.eye(n, dtype=torch.float64)
+    logits = sr * xr @ yr.T
+    t_i2t = alpha * F.softmax(teacher, 1) + (1 - alpha) * onehot
+    t_t2i = alpha * F.softmax(teacher.T, 1) + (1 - alpha) * onehot
+    ours = vlmkernels.clip_loss(x, y, s, teacher=(xm, ym), alpha=alpha, reduction=reduction)
+    ref = torch.stack((soft_ce(logits, t_i2t), soft_ce(logits.T, t_t2i)))
+    if reduction == "mean":
+        compare(ours, ref.mean(1).sum() / 2, [x, y, s], [xr, yr, sr])
+    else:
+        w = weights.double().cpu()
+        compare((ours * weights).sum(), (ref * w).sum(), [x, y, s], [xr, yr, sr])
+
+    keys = torch.cat((y.detach(), queue))
+    t_keys = torch.cat((ym, queue))
+    ours = vlmkernels.contrastive_cross_entropy(
+        x, keys, s, teacher_queries=xm, teacher_keys=t_keys, alpha=alpha, reduction=reduction
+    )
+    kr = keys.double().cpu()
+    teacher = sr.detach() * xm.double().cpu() @ t_keys.double().cpu().T
+    hard = torch.eye(n, n + q, dtype=torch.float64)
+    ref = soft_ce(sr * xr @ kr.T, alpha * F.softmax(teacher, 1) + (1 - alpha) * hard)
+    if reduction == "mean":
+        compare(ours, ref.mean(), [x, s], [xr, sr])
+    else:
+        w = weights[0].double().cpu()
+        compare((ours * weights[0]).sum(), (ref * w).sum(), [x, s], [xr, sr])
+
+
 def test_clip_all_targets_together(device, backend):
     n, d, alpha, eps = 29, 16, 0.3, 0.05
     x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))

@@ -141,38 +141,34 @@ class Op:
         return self.implementation(args)(*args)
 
     def __call__(self, *args):
-        if not self._eager(args):
+        if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
             return self.overload(*args)
-        if self._apply is not None and torch.is_grad_enabled():
-            for i in self._tensor_positions:
-                t = args[i]
-                if t is not None and t.requires_grad:
-                    return self._autograd_call(args)
+        if _functorch():
+            return self.overload(*args)
+        tracked = self._apply is not None and torch.is_grad_enabled()
+        needs_grad = False
+        for i in self._tensor_positions:  # one pass: the dispatcher's cases, then autograd
+            t = args[i]
+            if t is not None:
+                if type(t) not in _PLAIN:
+                    return self.overload(*args)
+                if tracked and not needs_grad and t.requires_grad:
+                    needs_grad = True
+        if needs_grad:
+            return self._autograd_call(args)
         return self.implementation(args)(*args)
 
     def _autograd_call(self, args):
         """``Function.apply`` of the eager path, without its Python layer (about 1.5 us)
         where that layer does nothing: it binds defaults for a separate ``setup_context``
-        (the eager path's has none), routes functorch transforms (:meth:`_eager` sent those
-        to the dispatcher) and unwraps tensors left over from an exited transform, which
-        take the full ``apply`` here."""
+        (the eager path's has none), routes functorch transforms (:meth:`__call__` sent
+        those to the dispatcher) and unwraps tensors left over from an exited transform,
+        which take the full ``apply`` here."""
         for i in self._tensor_positions:
             t = args[i]
             if t is not None and _wrapped(t):
                 return self._function.apply(*args)
         return self._apply(*args)
-
-    def _eager(self, args) -> bool:
-        """Whether the dispatcher can be skipped for this call (see the module docstring)."""
-        if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
-            return False
-        if _functorch():
-            return False
-        for i in self._tensor_positions:
-            t = args[i]
-            if t is not None and type(t) not in _PLAIN:
-                return False
-        return True
 
     def __repr__(self) -> str:
         return f"<Op {self.qualname}{self.schema} backends={list(self._impls)}>"
@@ -186,7 +182,7 @@ def _function_class(op: Op, setup: Callable, backward: Callable):
     with a separate ``setup_context``, ``Function.apply`` binds the arguments to
     ``forward``'s signature through ``inspect.signature`` on every call, about six torch ops'
     worth of host time. The eager path is never taken under functorch transforms (see
-    :meth:`Op._eager`), the one place the separate style is required."""
+    :meth:`Op.__call__`), the one place the separate style is required."""
 
     def forward(ctx, *args):
         output = op.implementation(args)(*args)

@@ -108,29 +108,36 @@ def check_teacher(op, teacher, like, names, device, dtype=None):
     if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
         raise TypeError(f"{op}: teacher must be a pair (image, text) of feature tensors, "
                         f"got {type(teacher).__name__}")  # fmt: skip
-    for t, ref, name in zip(teacher, like, names, strict=True):
-        if isinstance(t, torch.Tensor) and t.shape == ref.shape and t.dtype == ref.dtype:
-            if t.device != device:
-                raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
-            continue
-        want = f"({tuple(ref.shape)}, {ref.dtype})"
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor shaped like the features "
-                            f"{want}, got {type(t).__name__}")  # fmt: skip
-        raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
-                         f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
-    teacher = tuple(t.detach() if t.requires_grad else t for t in teacher)
-    if dtype is not None and teacher[0].dtype != dtype:
-        teacher = tuple(t.to(dtype) for t in teacher)
-    return teacher
+    first, second = teacher
+    _check_teacher_part(op, first, like[0], names[0], device)
+    _check_teacher_part(op, second, like[1], names[1], device)
+    if first.requires_grad or second.requires_grad:
+        first, second = first.detach(), second.detach()
+    if dtype is not None and first.dtype != dtype:
+        return first.to(dtype), second.to(dtype)
+    return first, second
+
+
+def _check_teacher_part(op, t, ref, name, device):
+    if isinstance(t, torch.Tensor) and t.shape == ref.shape and t.dtype == ref.dtype:
+        if t.device != device:
+            raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
+        return
+    want = f"({tuple(ref.shape)}, {ref.dtype})"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor shaped like the features "
+                        f"{want}, got {type(t).__name__}")  # fmt: skip
+    raise ValueError(f"{op}: {name} must be a tensor shaped like the features "
+                     f"{want}, got ({tuple(t.shape)}, {t.dtype})")  # fmt: skip
 
 
 def _teacher_scale(op, teacher_logit_scale, scale, device):
-    """The teacher's logit scale as a 0-d tensor without gradient (default: the student's
-    ``scale``, detached)."""
+    """The teacher's logit scale as a 0-d tensor (default: the student's ``scale``). It
+    receives no gradient whether it requires one or not: the ops' backward gives None for
+    every teacher input, so it is passed as it is (a detach would cost a torch op)."""
     if teacher_logit_scale is not None:
-        scale = scalar_tensor(op, "teacher_logit_scale", teacher_logit_scale, device)
-    return scale.detach() if scale.requires_grad else scale
+        return scalar_tensor(op, "teacher_logit_scale", teacher_logit_scale, device)
+    return scale
 
 
 def _reduce(losses, reduction, halve_sum):

@@ -113,7 +113,7 @@ class _Forward:
 
 
 _VIEWS = ("row_max", "row_sum", "row_acc", "col_max", "col_sum", "col_acc", "count",
-          "t_row_max", "t_row_sum", "t_row_acc", "t_col_max", "t_col_sum", "t_lse_r",
+          "t_row_max", "t_row_sum", "t_col_max", "t_col_sum", "t_lse_r",
           "t_lse_c", "parts")  # fmt: skip
 
 
@@ -144,8 +144,7 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
         t_lse = _prepared(_lse_merge_kernel, (cdiv(m, PARTS_BLOCK),),
                           (ws, ws, ws, ws, ws, ws, m, t_splits, t_groups),
                           dict(COLS=cols, BLOCK=PARTS_BLOCK))  # fmt: skip
-        t_size = dict(t_row_max=splits * m, t_row_sum=splits * m, t_row_acc=splits * m,
-                      t_lse_r=m)  # fmt: skip
+        t_size = dict(t_row_max=splits * m, t_row_sum=splits * m, t_lse_r=m)
         if cols:
             t_size.update(t_col_max=groups * n, t_col_sum=groups * n, t_lse_c=n)
         t_stats = t_stats[0]
@@ -213,7 +212,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
     v = torch.empty(plan.total, dtype=_F32, device=x.device).split_with_sizes(plan.sizes)
     v = plan.roles(v)
     (row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_row_max, t_row_sum,
-     t_row_acc, t_col_max, t_col_sum, t_lse_r, t_lse_c, parts) = v  # fmt: skip
+     t_col_max, t_col_sum, t_lse_r, t_lse_c, parts) = v  # fmt: skip
     coef = torch.empty(1 + cols, 6, m, dtype=_F32, device=x.device)
     loss = scalar_like(scale, _F32)
     b = bias if bias is not None else scale
@@ -222,8 +221,10 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
     ids_c = col_ids if col_ids is not None else row_max
     with device_guard(x):
         if teacher is not None:
+            # the teacher's positive logits (row_acc slot 0) are not used: they go where the
+            # student's statistics overwrite them (col_acc: not written without targets)
             plan.teacher_stats(xt, yt, ts, ts, row_max, row_max, xt, yt, ts, row_max, row_max,
-                               t_row_max, t_row_sum, t_col_max, t_col_sum, t_row_acc,
+                               t_row_max, t_row_sum, t_col_max, t_col_sum, row_acc,
                                t_col_sum)  # fmt: skip
             plan.teacher_lse(t_row_max, t_row_sum, t_col_max, t_col_sum, t_lse_r, t_lse_c)
         if plan.count is not None:
