@@ -1,7 +1,8 @@
 """The op definition (``vlmkernels.core.op.Op``): the eager path (an ``autograd.Function``
 called through its C++ ``apply``) and the dispatcher path give the same values and
 gradients; tensors left over from an exited functorch transform take ``Function.apply``'s
-full path; the backend variable is read on every call."""
+full path; the backend variable is read on every call; traced graphs carry the revision
+that keeps compile caches from replaying another vlmkernels' backward."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlmkernels.core import op
 from vlmkernels.core.op import Op
 from vlmkernels.core.runtime import environment_reader
 
@@ -124,3 +126,42 @@ def test_functorch_transforms_raise_or_are_right():
         torch.testing.assert_close(g, (w[:, None] * 2.0).expand(5, 7))
     out = torch.func.vmap(lambda a: scale_rows(a, w, 2.0))(torch.stack((x, -x)))
     torch.testing.assert_close(out, torch.stack((x, -x)) * w[:, None] * 2.0)
+
+
+def test_traced_graph_holds_the_revision():
+    """Compile caches key on the traced graph, which does not see an op's backward or fake
+    (pytorch/pytorch#144344): the graph holds vlmkernels' source fingerprint instead, so a
+    changed vlmkernels misses the cache. Calls without the revision still work."""
+    x, w = _inputs()
+    codes = []
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return gm
+
+    compiled = torch.compile(lambda x, w: scale_rows(x, w, 2.0), backend=backend, fullgraph=True)
+    out = compiled(x, w)
+    assert f"2.0, {op.REVISION})" in codes[0]
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, (w[:, None] * 2.0).expand(5, 7), rtol=0, atol=0)
+    direct = torch.ops.vlmkernels.test_scale_rows(x, w, 2.0)  # revision left out: 0
+    (grad_direct,) = torch.autograd.grad(direct.sum(), x)
+    torch.testing.assert_close(direct, out, rtol=0, atol=0)
+    torch.testing.assert_close(grad_direct, grad, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.vlmkernels.test_scale_rows.default, (x, w, 2.0))
+    torch.library.opcheck(torch.ops.vlmkernels.test_scale_rows.default, (x, w, 2.0, 7))
+
+
+def test_revision_follows_the_version(monkeypatch):
+    before = op._fingerprint()
+    assert before == op.REVISION and 0 < before < 2**48
+    monkeypatch.setattr(op, "__version__", op.__version__ + ".post1")
+    assert op._fingerprint() != before
+
+
+def test_schema_arguments_with_alias_annotations():
+    schema = "(Tensor(a!) q, Tensor(b!) k, Tensor cos, int n, Tensor[] parts) -> ()"
+    assert op._argument_list(schema)[:2] == ["Tensor(a!) q", "Tensor(b!) k"]
+    assert op._tensor_positions(schema) == (0, 1, 2)
+    assert op._revised(schema).endswith("Tensor[] parts, int revision=0) -> ()")
+    assert op._revised("() -> Tensor") == "(int revision=0) -> Tensor"

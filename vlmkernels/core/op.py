@@ -34,17 +34,29 @@ traces name the op). Both paths run the same functions and give the same results
 
 Implementations take the schema's arguments positionally and return what the schema says.
 A backend without an implementation raises, naming the op and the backends it has.
+
+Compile caches. PyTorch keys its compiled-graph caches (AOTAutograd's, Inductor's) on the
+traced graph, which names a custom op but not its autograd formula or its fake
+(pytorch/pytorch#144344, #160472): after a vlmkernels upgrade that changes either, a warm
+cache would replay the old backward (an error, or wrong gradients). So each op's schema
+ends with ``int revision=0``, which its functions ignore; calls through the dispatcher
+pass :data:`REVISION`, a fingerprint of vlmkernels' sources, which the traced graph then
+holds as a constant: another vlmkernels, another cache key. A direct
+``torch.ops.vlmkernels.<name>(...)`` call may leave it out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import pathlib
 from collections.abc import Callable
 
 import torch
 
 from .backend import resolve_backend
+from .version import __version__
 
 __all__ = ["Op", "first_order_only"]
 
@@ -57,6 +69,24 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _functorch = torch._C._are_functorch_transforms_active
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _fingerprint() -> int:
+    """A 48-bit hash of the vlmkernels version and the source of its Python modules (about
+    2 ms, once per process)."""
+    digest = hashlib.blake2b(__version__.encode(), digest_size=6)
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    except OSError:  # sources not readable as files: the version alone
+        pass
+    return int.from_bytes(digest.digest(), "little")
+
+
+# The revision argument dispatcher calls pass (see the module docstring)
+REVISION = _fingerprint()
 
 
 @dataclasses.dataclass
@@ -88,8 +118,9 @@ class Op:
         self._function: type[torch.autograd.Function] | None = None
         self._apply: Callable | None = None  # the C++ Function.apply of _function
         self._tensor_positions: tuple[int, ...] = _tensor_positions(schema)
+        self._arity = len(_argument_list(schema))  # without the revision
         self._custom = torch.library.custom_op(
-            self.qualname, self._dispatch, mutates_args=self.mutates, schema=schema
+            self.qualname, self._dispatch, mutates_args=self.mutates, schema=_revised(schema)
         )
         self.overload = getattr(torch.ops.vlmkernels, name).default
         _OPS[name] = self
@@ -107,7 +138,8 @@ class Op:
 
     def fake(self, fn: Callable) -> Callable:
         """Decorator: the fake (meta) implementation, shapes and dtypes only."""
-        self._custom.register_fake(fn)
+        arity = self._arity
+        self._custom.register_fake(lambda *args: fn(*args[:arity]))
         return fn
 
     def autograd(self, spec):
@@ -115,7 +147,28 @@ class Op:
         ``backward(ctx, *grads)`` returning one gradient (or None) per schema argument."""
         setup, backward = spec.setup_context, spec.backward
         self._autograd = _Autograd(setup, backward)
-        self._custom.register_autograd(backward, setup_context=setup)
+        arity = self._arity
+
+        # the dispatcher's autograd sees the revision as one more input: hidden from both
+        # (as torch hides its own extra inputs: needs_input_grad restored after the call)
+        def revised_setup(ctx, inputs, output):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[:arity]
+            try:
+                return setup(ctx, inputs[:arity], output)
+            finally:
+                ctx.needs_input_grad = needs
+
+        def revised_backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[:arity]
+            try:
+                out = backward(ctx, *grads)
+            finally:
+                ctx.needs_input_grad = needs
+            return (*out, None) if isinstance(out, tuple) else (out, None)
+
+        self._custom.register_autograd(revised_backward, setup_context=revised_setup)
         self._function = _function_class(self, setup, backward)
         self._apply = _c_apply(self._function)
         return spec
@@ -138,20 +191,21 @@ class Op:
         return fn
 
     def _dispatch(self, *args):
+        args = args[: self._arity]  # without the revision
         return self.implementation(args)(*args)
 
     def __call__(self, *args):
         if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
-            return self.overload(*args)
+            return self.overload(*args, REVISION)
         if _functorch():
-            return self.overload(*args)
+            return self.overload(*args, REVISION)
         tracked = self._apply is not None and torch.is_grad_enabled()
         needs_grad = False
         for i in self._tensor_positions:  # one pass: the dispatcher's cases, then autograd
             t = args[i]
             if t is not None:
                 if type(t) not in _PLAIN:
-                    return self.overload(*args)
+                    return self.overload(*args, REVISION)
                 if tracked and not needs_grad and t.requires_grad:
                     needs_grad = True
         if needs_grad:
@@ -203,12 +257,25 @@ def _c_apply(function: type[torch.autograd.Function]) -> Callable:
     return apply.__get__(None, function) if hasattr(apply, "__get__") else function.apply
 
 
+def _argument_list(schema: str) -> list[str]:
+    """The arguments of a schema ``"(...) -> ..."``, e.g. ``["Tensor(a!) q", "int n"]``."""
+    close = schema.rindex(")", 0, schema.index("->"))
+    arguments = schema[schema.index("(") + 1 : close].strip()
+    return [a.strip() for a in arguments.split(",")] if arguments else []
+
+
+def _revised(schema: str) -> str:
+    """``schema`` with a last argument ``int revision=0`` (see the module docstring)."""
+    close = schema.rindex(")", 0, schema.index("->"))
+    separator = ", " if _argument_list(schema) else ""
+    return f"{schema[:close]}{separator}int revision=0{schema[close:]}"
+
+
 def _tensor_positions(schema: str) -> tuple[int, ...]:
     """Positions of the ``Tensor`` / ``Tensor?`` arguments in a schema's argument list."""
-    arguments = schema[schema.index("(") + 1 : schema.index(")")]
     positions = tuple(
         i
-        for i, argument in enumerate(a.strip() for a in arguments.split(","))
+        for i, argument in enumerate(_argument_list(schema))
         if argument.startswith("Tensor") and not argument.startswith("Tensor[]")
     )
     if not positions:
