@@ -134,8 +134,15 @@ def test_reduced_ops_opcheck(m, n, offset, cols, device):
         loss, graded = ops.contrastive_ce_reduced(leaf(x), leaf(y), leaf(s), leaf(b), *options)
         assert loss.requires_grad and not graded.requires_grad
         grad = torch.tensor(1.7, device=device)
-        torch.library.opcheck(ops.contrastive_ce_reduced_backward,
-                              (x, y, s, b, coef, grad, 1 / m, offset, 0))  # fmt: skip
+        both = ops.contrastive_ce_reduced_backward(x, y, s, b, coef, grad, 1 / m, offset, 0, True)
+        for y_grad in (True, False):
+            args = (x, y, s, b, coef, grad, 1 / m, offset, 0, y_grad)
+            torch.library.opcheck(ops.contrastive_ce_reduced_backward, args)
+        # without y_grad: no dy (no G^T x), the other gradients unchanged
+        dx, dy, ds, db = ops.contrastive_ce_reduced_backward(*args)
+        assert dy is None and both[1].shape == y.shape
+        for got, want in zip((dx, ds, db), (both[0], *both[2:]), strict=True):
+            assert rel_err(got, want, floor=1e-2) < 1e-6
 
 
 def _ref_one_direction(q, k, s, b, offset, reduction):

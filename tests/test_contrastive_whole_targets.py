@@ -292,7 +292,14 @@ def test_targets_ops_opcheck(cols, device):
         assert coef.shape == (1 + cols, 6, m)
         grad = torch.tensor(1.3, device=device)
         bwd = (x, y, s, b, r_ids, ids, *teacher, coef, grad, 1 / m, 0, 0.1, 0.4, 0)
-        torch.library.opcheck(ops.contrastive_ce_targets_reduced_backward, bwd)
+        both = ops.contrastive_ce_targets_reduced_backward(*bwd, True)
+        for y_grad in (True, False):
+            torch.library.opcheck(ops.contrastive_ce_targets_reduced_backward, (*bwd, y_grad))
+        # without y_grad: no dy (no G^T x), the other gradients unchanged
+        dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(*bwd, False)
+        assert dy is None and both[1].shape == y.shape
+        for got, want in zip((dx, ds, db), (both[0], *both[2:]), strict=True):
+            assert rel_err(got, want, floor=1e-2) < 1e-6
 
 
 def test_torch_backend_agrees(device):

@@ -412,14 +412,15 @@ def clip_loss_with_grads(
         one = torch.ones((), dtype=torch.float32, device=x.device)
         if ids is None and not label_smoothing:
             loss, coef = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)
-            dx, dy, ds, db = ops.contrastive_ce_reduced_backward(x, y, scale, bias, coef, one,
-                                                                 weight, 0, chunk)  # fmt: skip
+            dx, dy, ds, db = ops.contrastive_ce_reduced_backward(
+                x, y, scale, bias, coef, one, weight, 0, chunk, True
+            )
         else:
             tensors = (x, y, scale, bias, ids, ids, None, None, None)
             options = (weight, 0, float(label_smoothing), 0.0)
             loss, coef = ops.contrastive_ce_targets_reduced(*tensors, *options, True, chunk)
             dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(
-                *tensors, coef, one, *options, chunk
+                *tensors, coef, one, *options, chunk, True
             )
     return loss, dx, dy, ds, (db if bias is not None else None)
 

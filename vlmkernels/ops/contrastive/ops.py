@@ -67,6 +67,8 @@ _CE_BACKWARD_ARGS = (
     f"{_CE_ARGS}, Tensor row_state, Tensor col_state, Tensor grad_rows, Tensor grad_cols"
 )
 _GRADS = "(Tensor, Tensor, Tensor, Tensor)"  # dx, dy, dscale, dbias
+# the reduced ops' backward: dy only where y_grad (keys of a queue, a frozen tower: no G^T x)
+_GRADS_DY_OPTIONAL = "(Tensor, Tensor?, Tensor, Tensor)"
 
 
 def _arguments(name: str, args: str):
@@ -92,8 +94,8 @@ contrastive_ce_reduced = Op(
 )
 contrastive_ce_reduced_backward = Op(
     "contrastive_ce_reduced_backward",
-    f"({_FEATURES}, Tensor coef, Tensor grad, float weight, SymInt offset, SymInt chunk_size) "
-    f"-> {_GRADS}",
+    f"({_FEATURES}, Tensor coef, Tensor grad, float weight, SymInt offset, SymInt chunk_size, "
+    f"bool y_grad) -> {_GRADS_DY_OPTIONAL}",
     family=FAMILY,
 )
 # the reduced op with targets: ids, teacher features and scale, then the options
@@ -108,7 +110,7 @@ contrastive_ce_targets_reduced = Op(
 contrastive_ce_targets_reduced_backward = Op(
     "contrastive_ce_targets_reduced_backward",
     f"({_FEATURES}, {_TARGETS}, Tensor coef, Tensor grad, float weight, SymInt offset, "
-    f"float smoothing, float alpha, SymInt chunk_size) -> {_GRADS}",
+    f"float smoothing, float alpha, SymInt chunk_size, bool y_grad) -> {_GRADS_DY_OPTIONAL}",
     family=FAMILY,
 )
 siglip_loss_forward = Op(
@@ -196,11 +198,11 @@ def _scalar_grads(ds, db, scale, bias):
     return cast(ds, scale.dtype), cast(db, bias.dtype if bias is not None else torch.float32)
 
 
-def _fake_grads(x, y, scale, bias):
+def _fake_grads(x, y, scale, bias, y_grad=True):
     db_dtype = bias.dtype if bias is not None else torch.float32
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(y, memory_format=torch.contiguous_format),
+        torch.empty_like(y, memory_format=torch.contiguous_format) if y_grad else None,
         scale.new_empty(()),
         scale.new_empty((), dtype=db_dtype),
     )
@@ -378,7 +380,8 @@ def _(x, y, scale, bias, *args):
 def _reduced_autograd(op: Op, backward_op: Op, n_tensors: int) -> None:
     """Registers the autograd of a reduced cross-entropy op: inputs ``n_tensors`` tensors,
     then options ending with ``cols, chunk_size``; outputs (loss, coef). Its backward is
-    ``backward_op(*tensors, coef, grad_loss, *options but cols)``."""
+    ``backward_op(*tensors, coef, grad_loss, *options but cols, y_grad)``, y_grad: whether
+    autograd asks for the second features' gradient."""
 
     @op.autograd
     class _:
@@ -394,7 +397,8 @@ def _reduced_autograd(op: Op, backward_op: Op, n_tensors: int) -> None:
         def backward(ctx, grad_loss, _grad_coef):
             if grad_loss is None:
                 return _input_grads(ctx, None, None, None, None)
-            grads = backward_op(*ctx.saved_tensors, grad_loss, *ctx.options)
+            grads = backward_op(*ctx.saved_tensors, grad_loss, *ctx.options,
+                                ctx.needs_input_grad[1])  # fmt: skip
             return _input_grads(ctx, *grads)
 
 
@@ -402,13 +406,16 @@ _reduced_autograd(contrastive_ce_targets_reduced, contrastive_ce_targets_reduced
 
 
 def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, coef,
-                                 grad, weight, offset, smoothing, alpha, chunk_size):  # fmt: skip
+                                 grad, weight, offset, smoothing, alpha, chunk_size,
+                                 y_grad):  # fmt: skip
     """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_targets_reduced`'s
-    loss, from its coef (the weights u, h, e, a times grad * weight)."""
+    loss, from its coef (the weights u, h, e, a times grad * weight); dy None unless
+    ``y_grad``."""
     teacher = _teacher(tx, ty, ts)
     if backend == "triton":
         whole = _ce_targets_backward_whole(x, y, scale, bias, row_ids, col_ids, teacher, coef,
-                                           grad, weight, offset, smoothing, chunk_size)  # fmt: skip
+                                           grad, weight, offset, smoothing, chunk_size,
+                                           y_grad)  # fmt: skip
         if whole is not None:
             return whole
     targets = Targets(offset, row_ids, col_ids, smoothing, alpha, teacher)
@@ -421,7 +428,8 @@ def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, t
     else:
         dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
                                             chunk_size)  # fmt: skip
-    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
+    dy = cast(dy, y.dtype) if y_grad else None
+    return cast(dx, x.dtype), dy, *_scalar_grads(ds, db, scale, bias)
 
 
 contrastive_ce_targets_reduced_backward.impl("triton")(
@@ -433,8 +441,8 @@ contrastive_ce_targets_reduced_backward.impl("torch")(
 
 
 @contrastive_ce_targets_reduced_backward.fake
-def _(x, y, scale, bias, *_):
-    return _fake_grads(x, y, scale, bias)
+def _(x, y, scale, bias, *args):
+    return _fake_grads(x, y, scale, bias, y_grad=args[-1])
 
 
 # ------------------------------------------------------------------- contrastive_ce_reduced
@@ -466,11 +474,13 @@ def _(x, y, scale, bias, weight, offset, cols, chunk_size):
 _reduced_autograd(contrastive_ce_reduced, contrastive_ce_reduced_backward, 4)
 
 
-def _ce_reduced_backward(backend, x, y, scale, bias, coef, grad, weight, offset, chunk_size):
-    """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_reduced`'s loss."""
+def _ce_reduced_backward(backend, x, y, scale, bias, coef, grad, weight, offset, chunk_size,
+                         y_grad):  # fmt: skip
+    """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_reduced`'s loss (dy
+    None unless ``y_grad``)."""
     no_targets = (None,) * 5
     return _ce_targets_reduced_backward(backend, x, y, scale, bias, *no_targets, coef, grad,
-                                        weight, offset, 0.0, 0.0, chunk_size)  # fmt: skip
+                                        weight, offset, 0.0, 0.0, chunk_size, y_grad)  # fmt: skip
 
 
 contrastive_ce_reduced_backward.impl("triton")(functools.partial(_ce_reduced_backward, "triton"))
@@ -478,8 +488,8 @@ contrastive_ce_reduced_backward.impl("torch")(functools.partial(_ce_reduced_back
 
 
 @contrastive_ce_reduced_backward.fake
-def _(x, y, scale, bias, *_):
-    return _fake_grads(x, y, scale, bias)
+def _(x, y, scale, bias, *args):
+    return _fake_grads(x, y, scale, bias, y_grad=args[-1])
 
 
 # -------------------------------------------------------------------- siglip_loss_forward

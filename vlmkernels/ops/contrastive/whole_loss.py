@@ -93,23 +93,26 @@ def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad):
     return _Finish(final[0], scalars and scalars[0], n_partials, 2 * n_partials + programs)
 
 
-def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, loss):
+def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, loss, y_grad=True):
     """(dx, dy, dscale, dbias) from the logit gradient g (M x N, the features' dtype) and
-    the partials its kernel wrote; ``loss`` (SigLIP) is written too."""
+    the partials its kernel wrote; ``loss`` (SigLIP) is written too. Without ``y_grad`` dy
+    is None and G^T x is not computed (``plan`` was made for N = 0 then: the kernel
+    touches no row of dy)."""
     gy = mm_f32(g, y)
-    gtx = mm_f32(g.mT, x)
+    gtx = mm_f32(g.mT, x) if y_grad else None
     if x.dtype == _F32:  # scaled in place
         dx, dy = gy, gtx
     else:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if y_grad else None
     ds = scalar_like(scale)
     db = scalar_like(bias) if bias is not None else scalar_like(scale, _F32)
     b = bias if bias is not None else scale
     grad = grad if grad is not None else scale
     loss_parts = loss_parts if loss_parts is not None else partials
     loss = loss if loss is not None else ds
-    plan.final(x, gy, gtx, dx, dy, scale, b, grad, partials, loss_parts, ds, db, loss)
+    plan.final(x, gy, gtx if y_grad else gy, dx, dy if y_grad else dx, scale, b, grad,
+               partials, loss_parts, ds, db, loss)  # fmt: skip
     if plan.scalars is not None:
         plan.scalars(partials, loss_parts, scale, b, grad, ds, db, loss)
     return dx, dy, ds, db

@@ -247,10 +247,11 @@ class _CeBackward:
     finish: _Finish
 
 
-def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None):
+def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None, y_grad=True):
     """The gradient kernel's prepared launch for the variant ``kwargs``
     (:func:`_ce_flags`), with the teacher's (x_t, y_t, s_t) layout where it has one, and
-    its finishing launches; None where launches cannot be prepared."""
+    its finishing launches (for dy too with ``y_grad``); None where launches cannot be
+    prepared."""
     m, d = x.shape
     n = y.shape[0]
     splits = _col_splits(m, n, x.device)
@@ -265,16 +266,19 @@ def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None):
     programs = cdiv(m, config["BM"]) * splits
     args = (*args[:14], programs, *args[15:])
     grad = _prepared(_clip_grad_kernel, (cdiv(m, config["BM"]), splits), args, kwargs)
-    finish = _finish_plan(x, n, programs, 0, kappa, False, bias is not None, True)
+    finish = _finish_plan(x, n if y_grad else 0, programs, 0, kappa, False, bias is not None,
+                          True)  # fmt: skip
     if grad is None or finish is None:
         return None
     return _CeBackward(grad[0], finish)
 
 
 def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad,
-                        weight: float, offset: int, smoothing: float, chunk_size: int):  # fmt: skip
+                        weight: float, offset: int, smoothing: float, chunk_size: int,
+                        y_grad: bool = True):  # fmt: skip
     """(dx, dy, dscale, dbias) of ``grad * loss`` for :func:`ce_targets_forward`'s loss and
-    coef (the same targets); None where the path does not apply (more than one chunk, a
+    coef (the same targets), dy None without ``y_grad`` (no G^T x then); None where the
+    path does not apply (more than one chunk, a
     fused backward design for targets it covers: label smoothing alone; with ids or a
     teacher the general path would take the chunked design too)."""
     m = x.shape[0]
@@ -287,12 +291,12 @@ def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad
     if teacher is not None:
         teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
     key = _key("ce_targets_bwd", x, y, bias, row_ids, teacher, weight, offset, smoothing > 0,
-               cols, scale.dtype)  # fmt: skip
+               cols, scale.dtype, y_grad)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         kwargs = _ce_flags(x, bias, cols, row_ids is not None, smoothing > 0,
                            teacher is not None)  # fmt: skip
-        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, kwargs, teacher)
+        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, kwargs, teacher, y_grad)
         if plan is None:
             return None
         _PLANS[key] = plan
@@ -307,4 +311,4 @@ def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad
     with device_guard(x):
         plan.grad(x, y, scale, b, ids_r, ids_c, xt, yt, ts, coef, coef[1] if cols else coef,
                   g, partials)  # fmt: skip
-        return _finish(plan.finish, x, y, g, scale, bias, grad, partials, None, None)
+        return _finish(plan.finish, x, y, g, scale, bias, grad, partials, None, None, y_grad)
