@@ -18,6 +18,7 @@ from test_contrastive import features, leaf, rel_err
 
 import vlmkernels
 from vlmkernels.core import tuning
+from vlmkernels.kernels.blocks import TILE_ROWS_MAX
 from vlmkernels.ops.contrastive import ops as C
 from vlmkernels.ops.contrastive import whole_targets
 
@@ -215,6 +216,48 @@ def test_teacher_gets_no_gradient(device, calls):
     assert calls == {"forward": 2, "backward": 2}
     assert tx.grad is None and ty.grad is None
     assert x.grad is not None and y.grad is not None
+
+
+def test_rows_far_apart_are_copied_per_call(device, calls, monkeypatch):
+    """Rows 2^23 elements apart: offsets inside a tile would pass 32 bits, so the whole path
+    copies such features (tile_addressable); its plans, keyed on the callers' layouts,
+    remember that, and a call served by a cached plan copies too."""
+    m, n, d = 3, 7, 16
+    stride = 2**31 // TILE_ROWS_MAX + 1
+
+    def far_rows():
+        t = torch.zeros(2 * stride + d, device=device).as_strided((m, d), (stride, 1))
+        return t.copy_(features(m, d, torch.float32, device))
+
+    q, tq = far_rows(), far_rows()
+    keys = features(n, d, torch.float32, device)
+    ids = torch.randint(0, 3, (n,), device=device)
+    copies = []
+    real = whole_targets.tile_addressable
+
+    def spy(t):
+        out = real(t)
+        copies.append(out is not t)
+        return out
+
+    monkeypatch.setattr(whole_targets, "tile_addressable", spy)
+    kw = dict(alpha=0.4, query_ids=ids[:m], key_ids=ids)
+    with vlmkernels.use_backend("triton"):
+        for call in range(2):
+            copies.clear()
+            far = q.requires_grad_()
+            far.grad = None
+            loss = vlmkernels.contrastive_cross_entropy(far, keys, 9.0, teacher_queries=tq, **kw)
+            loss.backward()
+            if call:  # the cached plans: one copy of each far tensor per forward and backward
+                assert sum(copies) == 4
+            near = leaf(q.detach().contiguous())
+            want = vlmkernels.contrastive_cross_entropy(
+                near, keys, 9.0, teacher_queries=tq.contiguous(), **kw
+            )
+            want.backward()
+            assert rel_err(loss, want) < 1e-6 and rel_err(far.grad, near.grad) < 1e-6
+    assert calls == {"forward": 4, "backward": 4}
 
 
 def _grads(fn, *tensors, **kw):

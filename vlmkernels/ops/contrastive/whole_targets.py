@@ -83,6 +83,19 @@ def _key(kind, x, y, bias, row_ids, teacher, *options):
             bias is not None, row_ids is not None, t_layout, *options)  # fmt: skip
 
 
+def _addressable(x, y, teacher):
+    """((x, y, teacher) with :func:`tile_addressable` features, teacher features too),
+    whether any was copied. The plans are keyed on the callers' layouts and record the
+    answer: a call copies only where its layout needs it."""
+    xa, ya = tile_addressable(x), tile_addressable(y)
+    copied = xa is not x or ya is not y
+    if teacher is not None:
+        tx, ty = tile_addressable(teacher[0]), tile_addressable(teacher[1])
+        copied = copied or tx is not teacher[0] or ty is not teacher[1]
+        teacher = (tx, ty, teacher[2])
+    return (xa, ya, teacher), copied
+
+
 def _stats_args(x, y, scale, bias, teacher, offset, groups, ws):
     """The statistics kernel's arguments with stand-ins for the pointers (only the scalars
     count: the prepared launch takes the pointers per call)."""
@@ -110,6 +123,7 @@ class _Forward:
     sizes: tuple  # of the views of the call's one fp32 buffer: the roles the variant uses
     total: int  # their sum
     roles: Callable  # the views -> one per role of _VIEWS (an unused role: row_max's)
+    copy: bool = False  # whether the layout it was made for needs tile_addressable copies
 
 
 _VIEWS = ("row_max", "row_sum", "row_acc", "col_max", "col_sum", "col_acc", "count",
@@ -194,18 +208,18 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
     different ids tensors: the columns' counts would not be the rows')."""
     if cols and row_ids is not col_ids:
         return None
-    x, y = tile_addressable(x), tile_addressable(y)
-    if teacher is not None:
-        teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
     key = _key("ce_targets_fwd", x, y, bias, row_ids, teacher, weight, offset, smoothing, alpha,
                cols)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _forward_plan(x, y, scale, bias, row_ids is not None, teacher, weight, offset,
+        (xa, ya, ta), copy = _addressable(x, y, teacher)
+        plan = _forward_plan(xa, ya, scale, bias, row_ids is not None, ta, weight, offset,
                              smoothing, alpha, cols)  # fmt: skip
         if plan is None:
             return None
-        _PLANS[key] = plan
+        plan = _PLANS[key] = dataclasses.replace(plan, copy=copy)
+    if plan.copy:
+        (x, y, teacher), _ = _addressable(x, y, teacher)
     m = x.shape[0]
     # sizes as int arguments, not tuples (about 0.3 us less each); split_with_sizes:
     # Tensor.split's Python layer costs about 1.3 us more per call
@@ -245,6 +259,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
 class _CeBackward:
     grad: object
     finish: _Finish
+    copy: bool = False  # as _Forward.copy
 
 
 def _ce_backward_plan(x, y, scale, bias, kappa, offset, kwargs, teacher=None, y_grad=True):
@@ -287,19 +302,19 @@ def ce_targets_backward(x, y, scale, bias, row_ids, col_ids, teacher, coef, grad
     if row_ids is None and teacher is None and clip_backward_design(None, x.device) != "chunked":
         return None  # the fused design covers these targets (one positive, smoothed or not)
     cols = coef.shape[0] == 2
-    x, y = tile_addressable(x), tile_addressable(y)
-    if teacher is not None:
-        teacher = (tile_addressable(teacher[0]), tile_addressable(teacher[1]), teacher[2])
     key = _key("ce_targets_bwd", x, y, bias, row_ids, teacher, weight, offset, smoothing > 0,
                cols, scale.dtype, y_grad)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
-        kwargs = _ce_flags(x, bias, cols, row_ids is not None, smoothing > 0,
+        (xa, ya, ta), copy = _addressable(x, y, teacher)
+        kwargs = _ce_flags(xa, bias, cols, row_ids is not None, smoothing > 0,
                            teacher is not None)  # fmt: skip
-        plan = _ce_backward_plan(x, y, scale, bias, weight, offset, kwargs, teacher, y_grad)
+        plan = _ce_backward_plan(xa, ya, scale, bias, weight, offset, kwargs, ta, y_grad)
         if plan is None:
             return None
-        _PLANS[key] = plan
+        plan = _PLANS[key] = dataclasses.replace(plan, copy=copy)
+    if plan.copy:
+        (x, y, teacher), _ = _addressable(x, y, teacher)
     g = torch.empty(m, y.shape[0], dtype=x.dtype, device=x.device)
     partials = torch.empty(plan.finish.size, dtype=_F32, device=x.device)
     b = bias if bias is not None else scale
