@@ -452,6 +452,8 @@ def test_argument_errors_name_the_argument(device, no_launch):
          "queries and keys must have the same dtype, got torch.float32 and torch.float64"),
         (lambda: ce(q, k.to("meta"), 1.0), ValueError, "queries and keys must be on the same"),
         (lambda: ce(q, k[:, :0], 1.0), ValueError, "keys has feature dim 0"),
+        (lambda: ce(q, k[:0], 1.0), ValueError, r"keys is empty \(batch size 0\)"),
+        (lambda: ce(q, [[1.0] * 24], 1.0), TypeError, "keys must be a torch.Tensor, got list"),
         (lambda: ce(q[0], k, 1.0), ValueError, r"queries must be 2-D \(batch, dim\), got"),
         (lambda: ce(q, k, 1.0, offset=1.5), TypeError, "offset must be an int, got 1.5"),
         (lambda: ce(q, k, 1.0, offset="3"), TypeError, "offset must be an int, got '3'"),

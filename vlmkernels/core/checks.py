@@ -64,6 +64,18 @@ def check_feature_pair(
     check_compatible(op, a, b, names)
 
 
+def check_queries_keys(op: str, q, k, names=("queries", "keys")) -> None:
+    """An (M, d) and an (N, d) floating tensor of one dtype and device, M, N and d > 0."""
+    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 2
+            and k.dim() == 2 and q.dtype == k.dtype and q.dtype in FLOAT_DTYPES
+            and q.shape[1] == k.shape[1] and q.numel() and k.numel()
+            and q.device == k.device):  # fmt: skip
+        return
+    check_features(op, q, names[0])
+    check_features(op, k, names[1])
+    check_compatible(op, q, k, names)
+
+
 def check_real(op: str, name: str, value, low: float, high: float, high_open=False) -> float:
     """``value`` (a real number, not a bool) in [low, high] ([low, high) with
     ``high_open``), as a float."""

@@ -16,10 +16,9 @@ import torch
 from ...core.checks import (
     check_bool,
     check_chunk_size,
-    check_compatible,
     check_feature_pair,
-    check_features,
     check_int,
+    check_queries_keys,
     check_real,
     check_reduction,
     scalar_tensor,
@@ -272,9 +271,7 @@ def contrastive_cross_entropy(
     gradients too.
     """
     op = "contrastive_cross_entropy"
-    check_features(op, queries, "queries")
-    check_features(op, keys, "keys")
-    check_compatible(op, queries, keys, ("queries", "keys"))
+    check_queries_keys(op, queries, keys)
     check_reduction(op, reduction)
     chunk = check_chunk_size(op, chunk_size)
     offset = check_int(op, "offset", offset)
