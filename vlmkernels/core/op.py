@@ -72,8 +72,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _fingerprint() -> int:
-    """A 48-bit hash of the vlmkernels version and the source of its Python modules (about
-    2 ms, once per process)."""
+    """A 48-bit hash of the vlmkernels version and the source of its Python modules (a few
+    ms, once per process, at import)."""
     digest = hashlib.blake2b(__version__.encode(), digest_size=6)
     root = pathlib.Path(__file__).resolve().parent.parent
     try:
