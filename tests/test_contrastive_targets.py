@@ -149,6 +149,42 @@ def test_default_teacher_scale_gets_no_gradient(reduction, device, backend):
         compare((ours * weights[0]).sum(), (ref * w).sum(), [x, s], [xr, sr])
 
 
+@pytest.mark.parametrize("targets", ["plain", "all"])
+def test_clip_with_a_frozen_image_tower(targets, device, backend, monkeypatch):
+    """LiT: the image features need no gradient. The reduced loss is symmetric in the two
+    sides, so the text side goes first and the backward skips the image gradient's
+    product; loss and gradients are the formula's."""
+    from vlmkernels.ops.contrastive import ops as C
+
+    n, d, alpha, eps = 13, 16, 0.3, 0.05
+    x, y = feats(n, d, device), leaf(feats(n, d, device))
+    xm, ym = feats(n, d, device), feats(n, d, device)
+    s = leaf(torch.tensor(9.0, device=device))
+    ids = torch.randint(0, 4, (n,), device=device)
+    asked = []
+    whole = C._ce_targets_backward_whole
+    monkeypatch.setattr(C, "_ce_targets_backward_whole",
+                        lambda *a: asked.append(a[-1]) or whole(*a))  # fmt: skip
+    kw = {} if targets == "plain" else dict(ids=ids, label_smoothing=eps, teacher=(xm, ym),
+                                            teacher_logit_scale=7.0, alpha=alpha)  # fmt: skip
+    ours = vlmkernels.clip_loss(x, y, s, **kw)
+    xr, yr, sr = as64(x, y, s)
+    logits = sr * xr @ yr.T
+    if targets == "plain":
+        t_i2t = t_t2i = torch.eye(n, dtype=torch.float64)
+    else:
+        teacher = 7.0 * xm.double().cpu() @ ym.double().cpu().T
+        pos = (ids[:, None] == ids[None, :]).double().cpu()
+        hard = (1 - eps) * pos / pos.sum(1, keepdim=True) + eps / n
+        t_i2t = alpha * F.softmax(teacher, 1) + (1 - alpha) * hard
+        t_t2i = alpha * F.softmax(teacher.T, 1) + (1 - alpha) * hard.T
+    ref = (soft_ce(logits, t_i2t).mean() + soft_ce(logits.T, t_t2i).mean()) / 2
+    compare(ours, ref, [y, s], [yr, sr])
+    assert x.grad is None
+    if backend == "triton":
+        assert asked == [False]  # the image side second, its gradient not asked for
+
+
 def test_clip_all_targets_together(device, backend):
     n, d, alpha, eps = 29, 16, 0.3, 0.05
     x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))

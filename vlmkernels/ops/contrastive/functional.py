@@ -190,6 +190,9 @@ def clip_loss(
         The loss in the features' dtype (computed in fp32); under autocast, fp32 features
         are cast to the autocast dtype and the loss is fp32, as open_clip's would be.
 
+    Features that need no gradient (a frozen tower, as LiT's image tower) cost the
+    reduced losses' backward no gradient product of their own.
+
     Second-order gradients are not implemented: a backward with ``create_graph=True``
     gives the first-order gradients, and differentiating those raises NotImplementedError.
     """
@@ -199,10 +202,14 @@ def clip_loss(
     )
     n = x.shape[0]
     plain = ids is None and teacher is None and label_smoothing == 0.0 and alpha == 0.0
+    # a frozen image tower (LiT): the reduced loss is symmetric in the two sides, and its
+    # backward skips the second side's gradient product where autograd does not ask for it
+    swap = reduction != "none" and y.requires_grad and not x.requires_grad
     if plain and reduction != "none" and n:
         # the default targets, reduced: one op whose backward is one op
         weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
-        loss = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)[0]
+        first, second = (y, x) if swap else (x, y)
+        loss = ops.contrastive_ce_reduced(first, second, scale, bias, weight, 0, True, chunk)[0]
         return cast(loss, out_dtype)
     # the teacher is shaped like the caller's features (under autocast prepare has cast
     # those to the autocast dtype; the teacher follows them)
@@ -215,6 +222,8 @@ def clip_loss(
     if reduction != "none" and n:
         # reduced: one op whose backward is one op (the teacher only where it counts)
         weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        if swap:
+            x, y, teacher = y, x, (teacher[1], teacher[0], teacher[2])
         loss = ops.contrastive_ce_targets_reduced(
             x, y, scale, bias, ids, ids, *(teacher if alpha else (None,) * 3), weight, 0,
             float(label_smoothing), float(alpha), True, chunk,
@@ -260,7 +269,8 @@ def contrastive_cross_entropy(
     Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``), in the
     features' dtype; under autocast, fp32 features (and teacher features) are cast to the
     autocast dtype and the loss is fp32, as ALBEF's / BLIP's matmul and log-softmax give.
-    Gradients flow to queries, keys (where they require grad), scale and bias; first order
+    Gradients flow to queries, keys (where they require grad: keys without, such as a
+    queue, cost the reduced loss's backward no G^T Q product), scale and bias; first order
     only, as :func:`clip_loss`.
 
     A query with no positive key (no ``key_ids`` equal to its id, or ``i + offset`` outside
