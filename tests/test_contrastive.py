@@ -414,6 +414,35 @@ def test_bad_keyword_errors(name, device):
         fn(x, y, 1.0, 0.0, chunk_size=0)
 
 
+@pytest.mark.parametrize("frozen", ["image", "text"])
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_siglip_with_a_frozen_tower(frozen, negative_only, device, backend, monkeypatch):
+    """LiT: one side needs no gradient. The summed SigLIP loss is symmetric in the two
+    sides, so the frozen one goes second and the fused pass skips its gradient product;
+    loss and gradients are the formula's."""
+    n, d = 11, 16
+    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    x, y = (x, leaf(y)) if frozen == "image" else (leaf(x), y)
+    s, b = leaf(torch.tensor(9.0, device=device)), leaf(torch.tensor(-4.0, device=device))
+    asked = []
+    whole = C._siglip_fused_whole
+    monkeypatch.setattr(C, "_siglip_fused_whole", lambda *a: asked.append(a[-1]) or whole(*a))
+    loss = vlmkernels.siglip_loss(x, y, s, b, negative_only=negative_only)
+    xr, yr, sr, br = (t.detach().double().cpu().requires_grad_(t.requires_grad)
+                      for t in (x, y, s, b))  # fmt: skip
+    logits = sr * xr @ yr.T + br
+    z = -torch.ones(n, n, dtype=torch.float64) if negative_only else 2 * torch.eye(n) - 1
+    ref = -F.logsigmoid(z * logits).sum() / n
+    assert rel_err(loss, ref) < 1e-5
+    trained = [t for t in (x, y, s, b) if t.requires_grad]
+    ref_trained = [t for t in (xr, yr, sr, br) if t.requires_grad]
+    for got, want in zip(torch.autograd.grad(loss, trained),
+                         torch.autograd.grad(ref, ref_trained), strict=True):  # fmt: skip
+        assert rel_err(got, want, floor=1e-2) < 1e-5  # the bias gradient sums to near 0
+    if backend == "triton":
+        assert asked == [False]  # the frozen side second, its gradient not computed
+
+
 def test_siglip_bias_is_required_argument(device):
     x, y = features(8, 16, torch.float32, device), features(8, 16, torch.float32, device)
     with pytest.raises(TypeError):
@@ -499,7 +528,10 @@ def test_opcheck(bias, device, backend):
     out = ops.contrastive_ce_forward(x, y, s, b, *ce)
     assert [t.requires_grad for t in out] == [True, True, False, False]
     torch.library.opcheck(ops.siglip_loss_forward, (x, y, s, b, 0, 0))
-    torch.library.opcheck(ops.siglip_loss_fused, (x, y, s, b, 1.0 / n, 0, 0))
+    torch.library.opcheck(ops.siglip_loss_fused, (x, y, s, b, 1.0 / n, 0, 0, True))
+    y_frozen = y.detach()
+    torch.library.opcheck(ops.siglip_loss_fused, (x, y_frozen, s, b, 1.0 / n, 0, 0, False))
+    assert ops.siglip_loss_fused(x, y_frozen, s, b, 1.0 / n, 0, 0, False)[2] is None
     # the backward ops are not differentiable themselves (no double backward)
     x, y, s = x.detach(), y.detach(), s.detach()
     b = b.detach() if b is not None else None

@@ -358,7 +358,8 @@ def siglip_loss(
             in open_clip's distributed SigLIP.
 
     When a scalar loss needs gradients, they are computed in the forward pass (no
-    recomputation of the logits) and the backward pass scales them by the upstream gradient.
+    recomputation of the logits) and the backward pass scales them by the upstream gradient;
+    features that need no gradient (a frozen tower) cost no gradient product of their own.
     Second-order gradients are not implemented: differentiating the gradients of a backward
     with ``create_graph=True`` raises NotImplementedError (it never gives 0).
     """
@@ -374,8 +375,12 @@ def siglip_loss(
     )
     if reduction != "none" and wants_grad:
         weight = 1.0 / n if reduction == "mean" else 1.0
-        loss = ops.siglip_loss_fused(x, y, scale, bias, weight, chunk, offset)[0]
-        return cast(loss, out_dtype)
+        # the summed loss is symmetric in the two sides (z is): a side without gradient
+        # (a frozen tower) goes second, and its gradient product is skipped
+        if y.requires_grad and not x.requires_grad:
+            x, y = y, x
+        fused = ops.siglip_loss_fused(x, y, scale, bias, weight, chunk, offset, y.requires_grad)
+        return cast(fused[0], out_dtype)
     rows = ops.siglip_loss_forward(x, y, scale, bias, chunk, offset)
     if reduction == "mean":
         out = rows.sum() / n
@@ -453,6 +458,6 @@ def siglip_loss_with_grads(
     with torch.no_grad():
         bias = bias.detach() if bias is not None else None
         loss, dx, dy, ds, db = ops.siglip_loss_fused(
-            x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0
+            x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0, True
         )
     return loss, dx, dy, ds, (db if bias is not None else None)

@@ -124,8 +124,8 @@ siglip_loss_backward = Op(
 )
 siglip_loss_fused = Op(
     "siglip_loss_fused",
-    f"({_FEATURES}, float row_weight, SymInt chunk_size, SymInt offset) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"({_FEATURES}, float row_weight, SymInt chunk_size, SymInt offset, bool y_grad) -> "
+    "(Tensor, Tensor, Tensor?, Tensor, Tensor)",
     family=FAMILY,
 )
 
@@ -553,11 +553,12 @@ def _(x, y, scale, bias, grad_rows, chunk_size, offset):
 # ---------------------------------------------------------------------- siglip_loss_fused
 
 
-def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset):
+def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset, y_grad):
     """(loss, dx, dy, dscale, dbias) of loss = row_weight * sum_i l_i, in one pass: the
-    gradients are computed with the loss and only scaled in backward."""
+    gradients are computed with the loss and only scaled in backward; dy None unless
+    ``y_grad``."""
     if backend == "triton":
-        whole = _siglip_fused_whole(x, y, scale, bias, row_weight, chunk_size, offset)
+        whole = _siglip_fused_whole(x, y, scale, bias, row_weight, chunk_size, offset, y_grad)
         if whole is not None:
             return whole
         chunk = triton_chunk_rows(x, chunk_size)
@@ -565,6 +566,7 @@ def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset):
     else:
         w = torch.full((x.shape[0],), row_weight, dtype=compute_dtype(x.dtype), device=x.device)
         dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset)
+    dy = dy if y_grad else None
     return rows.sum() * row_weight, dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
@@ -573,8 +575,9 @@ siglip_loss_fused.impl("torch")(functools.partial(_siglip_fused, "torch"))
 
 
 @siglip_loss_fused.fake
-def _(x, y, scale, bias, row_weight, chunk_size, offset):
-    return x.new_empty((), dtype=compute_dtype(x.dtype)), *_fake_grads(x, y, scale, bias)
+def _(x, y, scale, bias, row_weight, chunk_size, offset, y_grad):
+    loss = x.new_empty((), dtype=compute_dtype(x.dtype))
+    return loss, *_fake_grads(x, y, scale, bias, y_grad=y_grad)
 
 
 @siglip_loss_fused.autograd

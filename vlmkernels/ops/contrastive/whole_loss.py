@@ -129,7 +129,7 @@ class _Siglip:
     splits: int
 
 
-def _siglip_plan(x, y, scale, bias, offset, weight):
+def _siglip_plan(x, y, scale, bias, offset, weight, y_grad=True):
     m, d = x.shape
     n = y.shape[0]
     splits = _col_splits(m, n, x.device)
@@ -164,23 +164,26 @@ def _siglip_plan(x, y, scale, bias, offset, weight):
     programs = cdiv(m, config["BM"]) * splits
     args = (*args[:10], programs, *args[11:])
     kernel = _prepared(_siglip_kernel, (cdiv(m, config["BM"]), splits), args, kwargs)
-    finish = _finish_plan(x, n, programs, splits * m, weight, True, bias is not None, False)
+    finish = _finish_plan(x, n if y_grad else 0, programs, splits * m, weight, True,
+                          bias is not None, False)  # fmt: skip
     if kernel is None or finish is None:
         return None
     return _Siglip(kernel[0], finish, ones, splits)
 
 
-def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int):
+def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int,
+                 y_grad: bool = True):  # fmt: skip
     """(loss, dx, dy, dscale, dbias) of loss = weight * sum_i l_i (SigLIP row losses, positives
-    at col = row + offset), weight > 0, in one pass; None where the path does not apply."""
+    at col = row + offset), weight > 0, in one pass, dy None without ``y_grad`` (no G^T x
+    then); None where the path does not apply."""
     m = x.shape[0]
     if m > triton_chunk_rows(x, chunk_size) or weight <= 0:
         return None
     x, y = tile_addressable(x), tile_addressable(y)
-    key = _layout("siglip", x, y, bias, (weight, offset, scale.dtype))
+    key = _layout("siglip", x, y, bias, (weight, offset, scale.dtype, y_grad))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _siglip_plan(x, y, scale, bias, offset, weight)
+        plan = _siglip_plan(x, y, scale, bias, offset, weight, y_grad)
         if plan is None:
             return None
         _PLANS[key] = plan
@@ -192,4 +195,4 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int)
     with device_guard(x):
         plan.kernel(x, y, scale, b, plan.ones, loss_parts, g, partials)
         return (loss, *_finish(plan.finish, x, y, g, scale, bias, None, partials, loss_parts,
-                               loss))  # fmt: skip
+                               loss, y_grad))  # fmt: skip
