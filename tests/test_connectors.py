@@ -287,6 +287,27 @@ def merger_case(name, dtype, store_hidden):
     check_grads(pairs, 3 * TOL[dtype])
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "internvl", "qwen3_vl_postshuffle"])
+@pytest.mark.parametrize("bias", ["none", "frozen"])
+def test_layernorm_weight_grad_without_a_bias_grad(name, bias, backend):
+    """A LayerNorm whose bias gets no gradient (no bias, or a frozen one) while its weight
+    does: the weight's gradient is sum(g xh) alone (the bias's sum(g) kept apart)."""
+    x, weights, kw = merger_inputs(name, torch.float32)
+    x = x.detach()
+    weights = [w.detach() if w is not None else None for w in weights]
+    kw["norm_bias"] = None if bias == "none" else kw["norm_bias"].detach()
+    y = C.merger(x, *weights, **kw)
+    (g,) = torch.autograd.grad(y.sum(), kw["norm_weight"])
+    _, s, norm, before, _ = MERGERS[name]
+    nw = leaf64(kw["norm_weight"])
+    nb = None if kw["norm_bias"] is None else kw["norm_bias"].double()
+    ref = ref_merger(x.double(), *(w.double() if w is not None else None for w in weights),
+                     s=s, layout=MERGERS[name][0], norm=norm, nw=nw, nb=nb, eps=1e-6,
+                     before=before)  # fmt: skip
+    (g_ref,) = torch.autograd.grad(ref.sum(), nw)
+    assert max_rel(g, g_ref) < TOL[torch.float32]
+
+
 def test_merger_strided_features(backend):
     """Qwen-VL features sliced from a wider buffer (row stride != C)."""
     base = torch.randn(16, 10)

@@ -421,7 +421,10 @@ def _norm_backward(gx, x, dx, grid: Addressing, mean, rstd, weight, norm, per_pa
     programs = max(1, min(cdiv(rows, 8), 4 * sm_count(x.device)))
     f32 = dict(dtype=torch.float32, device=x.device)
     part_w = torch.zeros((programs, length), **f32) if weight_grad else mean
-    part_b = torch.zeros((programs, length), **f32) if bias_grad else part_w
+    # a LayerNorm's kernel adds sum(g) into part_b whenever it accumulates part_w: its own
+    # buffer even where the bias gradient is not wanted (not part_w's)
+    layer_norm_sums = weight_grad and norm == K.LAYER_NORM
+    part_b = torch.zeros((programs, length), **f32) if layer_norm_sums else part_w
     with device_guard(x):
         K._norm_grad_kernel[(programs,)](
             gx, x, mean, rstd, weight, dx, part_w, part_b, rows, length, grid.K, programs,
