@@ -411,6 +411,18 @@ def test_deepstack_add_inplace_and_casts(backend):
         C.deepstack_add(hidden, mask, embeds[1:])
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_deepstack_add_strided_hidden(inplace, backend):
+    """A hidden whose leading dims no view flattens (a transposed batch), in place or not."""
+    hidden = torch.randn(7, 3, 12).transpose(0, 1)
+    mask = torch.rand(3, 7) < 0.4
+    embeds = torch.randn(int(mask.sum()), 12)
+    ref = qwen3_deepstack(hidden, mask, embeds)
+    out = C.deepstack_add(hidden, mask, embeds, inplace=inplace)
+    assert (out is hidden) == inplace
+    assert_same_sum(out, ref, backend)
+
+
 # ------------------------------------------------------------------ bad input
 
 

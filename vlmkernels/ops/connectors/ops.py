@@ -349,10 +349,17 @@ deepstack_add_ = Op(
 @deepstack_add_.impl("triton")
 def _(hidden, mask, embeds):
     _check_count(mask, embeds)
-    rows = hidden.view(-1, hidden.shape[-1])
     index = mask.reshape(-1).nonzero().view(-1)
-    if index.numel():
+    if not index.numel():
+        return
+    try:
+        rows = hidden.view(-1, hidden.shape[-1])
+    except RuntimeError:  # leading dims no view flattens (a transposed batch): via a copy
+        rows = hidden.reshape(-1, hidden.shape[-1])
         launchers.deepstack(rows, index, embeds, out=rows)
+        hidden.copy_(rows.view(hidden.shape))
+        return
+    launchers.deepstack(rows, index, embeds, out=rows)
 
 
 @deepstack_add_.impl("torch")
