@@ -33,10 +33,12 @@ def backend(request):
 # ------------------------------------------------------------------ references (float64)
 
 
-def ref_attention(q, k, v, ok, scale):
-    """softmax(scale q k^T) v over the keys ``ok`` (broadcast to (B, H, Lq, Lk)) allows,
-    float64; rows without a visible key give 0. Returns (out, lse)."""
+def ref_attention(q, k, v, ok, scale, bias=None):
+    """softmax(scale q k^T (+ bias, (B, Lk))) v over the keys ``ok`` (broadcast to
+    (B, H, Lq, Lk)) allows, float64; rows without a visible key give 0. Returns (out, lse)."""
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.double()[:, None, None, :]
     ok = ok.expand_as(s)
     row = ok.any(-1, keepdim=True)
     s = torch.where(ok & row, s, torch.where(row, float("-inf"), 0.0))
@@ -663,6 +665,33 @@ def test_key_bias(per_head, dtype, device, backend):
     assert rel(out, ref) < TOL[dtype]
     assert rel(mass, p[:, :, -1].mean(1)) < TOL[dtype]
     check_grads([out], [ref], [q, k, v, bias], [q64, k64, v64, bias64], 3 * TOL[dtype])
+
+
+@pytest.mark.parametrize("mask", [float("-inf"), torch.finfo(torch.float32).min, -1e9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_key_bias_masks(mask, dtype, device, backend):
+    """Additive masks as key_bias (transformers' finfo.min, -1e9, -inf): a masked key gets
+    probability 0, and a row whose every key is masked gives 0 and no gradient, as a fully
+    padded one (no NaN: finfo.min overflowed in base 2 and the backward took -inf - -inf;
+    with -1e9 the row's lse lost log2 of its sum and the backward gave 1 per key)."""
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("float64 takes the torch path")
+    b, h, lq, lk, d = 2, 2, 5, 9, 16
+    q = leaf(rand(b, h, lq, d, device=device).to(dtype))
+    k, v = (leaf(rand(b, h, lk, d, device=device).to(dtype)) for _ in "kv")
+    bias = 0.5 * torch.randn(b, lk, device=device, dtype=dtype)
+    bias[1] = mask  # every key of sample 1
+    bias[0, 3] = mask  # one key of sample 0
+    bias = leaf(bias)
+    out = A.cross_attention(q, k, v, key_bias=bias, scale=0.25)
+    q64, k64, v64, bias64 = (leaf(t.detach().double()) for t in (q, k, v, bias))
+    ok = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    ok[1], ok[0, ..., 3] = False, False
+    ref, _ = ref_attention(q64, k64, v64, ok, 0.25, bias64)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel(out, ref) < TOL[dtype]
+    check_grads([out], [ref], [q, k, v], [q64, k64, v64], 3 * TOL[dtype])
+    assert torch.isfinite(bias.grad).all() and not bias.grad[1].any()
 
 
 def test_key_bias_packed_grouped(device, backend):

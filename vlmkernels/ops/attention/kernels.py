@@ -72,6 +72,10 @@ from .spaces import (
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# a key whose bias in base 2 is at most this is masked (its logit -inf): -inf, finfo.min,
+# -1e9, -1e30 masks. fp32 cannot resolve a row whose every logit is that low (log2 of its
+# sum is lost in its lse), so such a row is treated as a fully padded one: 0, no gradient
+MASKED_BIAS = tl.constexpr(-16777216.0)  # -2^24
 
 
 # fmt: off
@@ -160,10 +164,12 @@ def _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP: tl.c
 
 @triton.jit
 def _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS: tl.constexpr):
-    """(BN,) the keys' bias in base 2 (bias * log2(e)), fp32; 0 without BIAS."""
+    """(BN,) the keys' bias in base 2 (bias * log2(e)), fp32, -inf where it masks its key
+    (at most :data:`MASKED_BIAS`); 0 without BIAS."""
     if BIAS:
         bias = tl.load(bias_ptr + bias_base + cols, mask=col_ok, other=0.0).to(tl.float32)
         bias = bias * LOG2E
+        bias = tl.where(bias > MASKED_BIAS, bias, float("-inf"))
     else:
         bias = tl.zeros(cols.shape, tl.float32)
     return bias
@@ -453,6 +459,8 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if BIAS:  # reloaded per step (cached): holding it through the loop spilled
         s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
+        # a row whose keys' biases are all -inf (masked) has lse -inf: P = 0, not NaN
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.math.exp2(s - (lse * LOG2E)[:, None])
     if MASK:
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
@@ -663,6 +671,8 @@ def _bwd_q(
     delta = tl.load(_at(delta_ptr, b, h, q0, sdb, sdh, sdm) + rows * sdm, mask=row_ok,
                     other=0.0)
     lse2 = lse * LOG2E
+    if BIAS:  # a row whose keys' biases are all -inf (masked) has lse -inf: P = 0, not NaN
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     hkk = tl.cast(h // G, tl.int64)
     k_base = k_ptr + bb * skb + hkk * skh + kk * skn
     v_base = v_ptr + bb * svb + hkk * svh + kk * svn

@@ -11,6 +11,7 @@ kernels' mask bit for bit (:func:`dropout_keep`: Philox4x32-10 in int64 arithmet
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -126,6 +127,38 @@ def _logits(q, k, scale, bias):
     return s
 
 
+_LOG2E = math.log2(math.e)
+
+
+def bias_keeps(bias):
+    """Where ``bias`` leaves its key visible: a key whose bias in base 2 (bias * log2(e),
+    fp32) is at most -2^24 counts as masked, as in the kernels: -inf, finfo.min, -1e9 or
+    -1e30 masks (below -1.16e7). Such a key's probability is 0 next to any visible key,
+    and fp32 cannot resolve a row whose every logit is that low (log2 of the row's sum is
+    absorbed into its lse: the backward's exp(s - lse) would give 1 per key): a row whose
+    every key is masked gives 0 and no gradient, as a fully padded one."""
+    return bias.float() * _LOG2E > -(2.0**24)
+
+
+def _visible_with_bias(ok, bias):
+    return ok if bias is None else ok & bias_keeps(bias)[:, :, None, :]
+
+
+def _softmax(s, ok):
+    """(P, lse): the softmax of the logits ``s`` over the visible keys (``ok``; 0 elsewhere
+    and on rows without one, whose lse is -inf), normalised by the sum after the row's
+    maximum is subtracted (exp(s - lse) loses log(L) where every logit is large)."""
+    s = s.masked_fill(~ok, float("-inf"))
+    if s.shape[-1] == 0:
+        return s, s.new_full(s.shape[:-1], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows without a key
+    e = torch.exp(s - m)
+    total = e.sum(-1, keepdim=True)
+    p = torch.where(total > 0, e / total, torch.zeros_like(e))
+    return p, (m + torch.log(total)).squeeze(-1)
+
+
 def gate_factor(gate, packed: bool, dtype):
     """tanh(gate) shaped to multiply a (B, H, L, D) output ((T, H, D) when ``packed``)."""
     c = torch.tanh(gate.to(dtype))
@@ -137,10 +170,8 @@ def gate_factor(gate, packed: bool, dtype):
 def _dense_forward(q, k, v, ok, bad, scale, bias=None, gate=None, drop=None):
     """(out, lse); ``drop`` the dropout factor M / (1 - p) of :func:`_dropout` or None."""
     ct = compute_dtype(q.dtype)
-    s = _logits(q, k, scale, bias)
-    s = s.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).masked_fill(~ok, 0.0)
+    ok = _visible_with_bias(ok, bias)
+    p, lse = _softmax(_logits(q, k, scale, bias), ok)
     if drop is not None:
         p = p * drop
     out = torch.matmul(p, _heads(v, q.shape[1]).to(ct))
@@ -159,8 +190,8 @@ def _dense_backward(do, q, k, v, lse, delta, ok, scale, bias=None, drop=None):
     h, hk = q.shape[1], k.shape[1]
     qc, doc = q.to(ct), do.to(ct)
     kc, vc = _heads(k, h).to(ct), _heads(v, h).to(ct)
-    s = _logits(q, k, scale, bias)
-    p = torch.exp(s - lse.to(ct)[..., None]).masked_fill(~ok, 0.0)
+    # P recomputed from the logits (not exp(s - lse): see _softmax)
+    p = _softmax(_logits(q, k, scale, bias), _visible_with_bias(ok, bias))[0]
     dv = torch.matmul((p if drop is None else p * drop).transpose(-1, -2), doc)
     dp = torch.matmul(doc, vc.transpose(-1, -2))
     if drop is not None:
@@ -264,6 +295,6 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     s = _logits(q[:, :, row_first:row_last], k, scale, bias)
     ls = lse[:, :, row_first:row_last].to(ct)
     ok = visible(lq, lk, None, None, None, causal, q.device)[:, :, row_first:row_last]
-    ok = ok & torch.isfinite(ls)[..., None]
-    p = torch.exp(s - ls[..., None]).masked_fill(~ok, 0.0)
+    ok = _visible_with_bias(ok & torch.isfinite(ls)[..., None], bias)
+    p = _softmax(s, ok)[0]
     return (p.sum(dim=2) * weight).to(ct)
