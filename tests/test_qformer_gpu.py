@@ -75,8 +75,9 @@ def test_blip2_qformer_fp32_and_bf16():
 
 
 def test_cuda_graph_batch_1():
-    """Patch, run once outside the capture (the stacked K / V weights are cached then),
-    capture the forward with static inputs and no masks, replay on new inputs."""
+    """Patch, run once outside the capture, capture the forward with static inputs and no
+    masks, replay on new inputs; a weight changed in place afterwards shows in the next
+    replay (the graph stacks the live weights)."""
     model = blip2_qformer()
     patch(model)
     q, x = inputs(1)
@@ -93,6 +94,12 @@ def test_cuda_graph_batch_1():
         new_q, new_x = inputs(2)
         q.copy_(new_q[:1])
         x.copy_(new_x[:1])
+        graph.replay()
+        want = model(query_embeds=q, encoder_hidden_states=x).last_hidden_state
+        torch.cuda.synchronize()
+        assert rel(static_out, want) < 1e-6
+        for p in model.parameters():
+            p.data.mul_(0.9)  # through .data: no version counter moves
         graph.replay()
         want = model(query_embeds=q, encoder_hidden_states=x).last_hidden_state
     torch.cuda.synchronize()

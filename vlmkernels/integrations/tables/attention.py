@@ -9,13 +9,13 @@ on the attention family's kernels.
 Part ``qformer`` (the fused Q-Former): the encoder (``Blip2QFormerEncoder``,
 ``InstructBlipQFormerEncoder``) projects the image features to K and V for every
 cross-attention layer in one GEMM (the layers' key / value weights concatenated: (B N x E)
-@ (E x 2 L H D); cached without gradients, in the graph with them) and hands each patched
+@ (E x 2 L H D), concatenated per call, in the graph with gradients) and hands each patched
 cross-attention module its slices (keyword ``vlmkernels_qformer_kv``); the output blocks
 (``...QFormerSelfOutput``, ``...QFormerOutput``: LayerNorm(dense(h) + residual)) run the
 dense bias, the residual and the LayerNorm in one kernel (fp32 statistics). Outputs and
 gradients (image features, every weight) match transformers. CUDA graphs at batch 1:
-patch, run the model once outside the capture (the stacked weights are built and cached
-then), then capture ``model(query_embeds=q, encoder_hidden_states=x)`` with static
+patch, run the model once outside the capture (Triton compiles and configs load then;
+the graph re-stacks the live weights on each replay), then capture ``model(query_embeds=q, encoder_hidden_states=x)`` with static
 inputs and no gradients (``tests/test_qformer_gpu.py``); the masks transformers builds
 there have one row per batch, which the patched modules never read on the host (a mask
 with a row per query is checked on the host, a synchronisation a capture refuses).
@@ -66,7 +66,7 @@ from torch.nn import functional as F
 
 from ...ops.attention import cross_attention, draw_dropout_seed
 from ...ops.attention.ops import attention_core
-from ...ops.attention.qformer import KVCache, add_layernorm_unchecked, stacked_kv
+from ...ops.attention.qformer import add_layernorm_unchecked, stacked_kv
 from ..patching import (
     Architecture,
     Patcher,
@@ -375,9 +375,6 @@ def _qformer_encoder_forward(module, arch: Architecture):
     if layers is None or not all(hasattr(layer, "has_cross_attention") for layer in layers):
         raise UnsupportedLayoutError(f"{type(module).__qualname__} has no layer list with "
                                      "has_cross_attention")  # fmt: skip
-    # the stacked weights, rebuilt when a parameter changes; one per encoder instance (a
-    # deep copy of the patched model, such as a momentum or EMA copy, shares this closure)
-    caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # fmt: off
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -392,10 +389,7 @@ def _qformer_encoder_forward(module, arch: Architecture):
                      and changed_part(a, _KV_PARTS) is None]  # fmt: skip
             if cross:
                 linears = [lin for a in cross for lin in (a.key, a.value)]
-                cache = caches.get(self)
-                if cache is None:
-                    cache = caches[self] = KVCache()
-                out = stacked_kv(encoder_hidden_states, linears, cache)
+                out = stacked_kv(encoder_hidden_states, linears)
                 kwargs[QFORMER_KV] = {a: (out[2 * i], out[2 * i + 1])
                                       for i, a in enumerate(cross)}  # fmt: skip
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,

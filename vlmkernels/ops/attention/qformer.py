@@ -10,8 +10,8 @@ l = 1..L with key / value projections (W_k^l, b_k^l), (W_v^l, b_v^l) (each (H D,
 one (B N x E) @ (E x 2 L H D) GEMM instead of 2 L. Layer l's K and V are strided views
 (B, H, N, D) of KV. The stacked weight is a ``torch.cat`` of the layers' parameters, so
 autograd hands every layer its own weight and bias gradients (dW = dKV^T X, split by
-rows) and X gets one dX = dKV W; without gradients the stacked weight is cached and rebuilt
-when a parameter changes (its version counter or storage).
+rows) and X gets one dX = dKV W. It is built on every call, with or without gradients: a
+cached copy would miss in-place updates PyTorch does not count (through ``.data``).
 
 Bias + residual + LayerNorm (:func:`add_layernorm`), rows of N features, fp32 statistics:
 
@@ -33,7 +33,7 @@ from ...core.backend import in_forward_backend, remember_backend
 from ...core.op import Op, first_order_only
 from . import layernorm_kernels
 
-__all__ = ["KVCache", "add_layernorm", "add_layernorm_unchecked", "qformer_add_layernorm",
+__all__ = ["add_layernorm", "add_layernorm_unchecked", "qformer_add_layernorm",
            "stacked_kv"]  # fmt: skip
 
 FAMILY = "attention"
@@ -185,44 +185,14 @@ def add_layernorm_unchecked(x, residual, weight, bias, x_bias, eps: float) -> to
     return y.view(x.shape)
 
 
-class KVCache:
-    """The stacked K / V weight and bias of a list of ``nn.Linear`` (key, value, key, value,
-    ...), rebuilt only when one of the parameters changes (its version counter); see
-    :func:`stacked_kv`. Parameters that are inference tensors (a model built under
-    ``torch.inference_mode``) have no version counter: an in-place change could not be
-    seen, so their stack is built on every call and not kept."""
-
-    def __init__(self):
-        self._entry = None  # (key, stack), replaced as one (threads may share a model)
-
-    def get(self, linears):
-        params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
-        if any(p.is_inference() for p in params):
-            self._entry = None
-            return _stack(linears)
-        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        entry = self._entry
-        if entry is None or entry[0] != key:
-            entry = self._entry = (key, _stack(linears))
-        return entry[1]
-
-
-def _stack(linears):
-    """(cat of the weights, cat of the biases or None), outside the autograd graph."""
-    with torch.no_grad():
-        w = torch.cat([lin.weight for lin in linears])
-        b = None
-        if all(lin.bias is not None for lin in linears):
-            b = torch.cat([lin.bias for lin in linears])
-    return w, b
-
-
-def stacked_kv(states: torch.Tensor, linears, cache: KVCache | None = None) -> list:
+def stacked_kv(states: torch.Tensor, linears) -> list:
     """The outputs of ``linears`` (each (F_i x E) ``nn.Linear``) on ``states`` (..., E) from
     one GEMM: the list of (..., F_i) column slices of ``states @ cat(W_i)^T + cat(b_i)``.
 
-    With gradients needed for a weight, the stacked weight is concatenated in the graph
-    (each linear gets its own gradient); otherwise ``cache`` (a :class:`KVCache`) holds it.
+    The weights are concatenated on every call (in the graph where a gradient is needed:
+    each linear gets its own). A stack kept between calls would miss in-place updates that
+    PyTorch does not count (through ``.data``, as momentum and EMA code does) and replay
+    stale weights; the copy costs twice the weights' bytes, small next to the GEMM.
     Bias: all linears must have one or none.
     """
     linears = list(linears)
@@ -236,13 +206,7 @@ def stacked_kv(states: torch.Tensor, linears, cache: KVCache | None = None) -> l
     biased = [lin.bias is not None for lin in linears]
     if any(biased) and not all(biased):
         raise ValueError("stacked_kv: the linears must all have a bias or none")
-    grads = torch.is_grad_enabled() and any(
-        p.requires_grad for lin in linears for p in lin.parameters()
-    )
-    if grads or cache is None:
-        w = torch.cat([lin.weight for lin in linears])
-        b = torch.cat([lin.bias for lin in linears]) if all(biased) else None
-    else:
-        w, b = cache.get(linears)
+    w = torch.cat([lin.weight for lin in linears])
+    b = torch.cat([lin.bias for lin in linears]) if all(biased) else None
     out = F.linear(states, w, b)
     return list(out.split_with_sizes([lin.weight.shape[0] for lin in linears], -1))
