@@ -199,7 +199,9 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         key_bias: an additive logit bias per key, dense (B, Lk) or (B, H, Lk), packed (Tk,)
             or (H, Tk), any floating dtype; differentiable (d key_bias[b, j] = sum over
             heads and queries of dS, dS = P (dP - rowsum(dO O))). ToMe's proportional
-            attention: key_bias = log(size).
+            attention: key_bias = log(size). A bias at most -2^24 / log2(e) (about
+            -1.16e7: -inf, finfo.min, -1e9 masks) masks its key: a row whose every key is
+            masked gives 0 and no gradient, as a fully padded row.
         scale: the logit scale (default 1 / sqrt(D)).
         gate: an optional tanh gate (Flamingo's): out = tanh(gate) * attention, applied in
             the kernel's epilogue; one element or one per output channel ((H, D) or
