@@ -253,6 +253,30 @@ def test_greedy_generation_matches_transformers(built):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_compiled_patched_model(arch):
+    """torch.compile of a patched model traces vlmkernels' rotary op (the rebuilt attention
+    forward's globals are guarded as the dict they are: guards on the module its name
+    imports crashed where that module's function is transformers' hub-kernel Func) and
+    gives the unpatched logits."""
+    torch.manual_seed(0)
+    model = ARCHS[arch]().eval().to(DEVICE)
+    ids = torch.randint(3, 100, (1, 8), device=DEVICE)  # text only
+    codes = []
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return gm
+
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with rotary_patch(model):
+            got = torch.compile(model, backend=backend)(input_ids=ids).logits
+    torch._dynamo.reset()
+    assert any("vlmkernels.rope_table" in code for code in codes)
+    assert_close(got, want, "compiled logits")
+
+
 def test_rope_index_replaces_the_per_row_loop(built):
     """With rope_index, position ids and logits match transformers', and transformers'
     per-row loop (which calls get_vision_position_ids per vision group) does not run."""

@@ -219,6 +219,11 @@ def rebind_global(fn, name: str, replacement, where: str) -> types.FunctionType:
     inner = chain[-1]
     scope = dict(inner.__globals__)
     scope[name] = replacement
+    # without a module name: torch.compile then guards the globals through this dict, not
+    # through the module that name imports (whose ``name`` is the original; guarding that
+    # one crashed where it is transformers' hub-kernel Func). Relative imports inside the
+    # function still resolve through __package__ / __spec__.
+    scope.pop("__name__", None)
     rebuilt = _copy_function(inner, scope, inner.__closure__)
     for wrapper, old in zip(reversed(chain[:-1]), reversed(chain[1:]), strict=True):
         rebuilt = _rewrap(wrapper, old, rebuilt, where)
