@@ -452,6 +452,31 @@ def test_opcheck(device, backend):
     )
 
 
+def test_inplace_under_torch_compile(device):
+    """The in-place form traces under torch.compile(fullgraph=True): separate tensors and
+    disjoint views of one buffer are rotated as eagerly; the same tensor as q and k is
+    refused at trace time (the other overlap checks read storage, which Dynamo cannot)."""
+    b, h, s, d = 1, 2, 4, 16
+    cos = torch.randn(3, b, s, d, device=device).cos()
+    sin = torch.randn(3, b, s, d, device=device).sin()
+
+    def rotate(q, k):
+        vlmkernels.mrope(q, k, cos, sin, [2, 3, 3], inplace=True)
+        return q, k
+
+    qk = torch.randn(b, h, s, 2 * d, device=device)
+    q, k = qk[..., :d], qk[..., d:]
+    want = vlmkernels.mrope(q.clone(), k.clone(), cos, sin, [2, 3, 3])
+    compiled = torch.compile(rotate, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(q, k)
+        assert max_rel(q, want[0]) < 1e-6 and max_rel(k, want[1]) < 1e-6
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="q and k are the same tensor"):
+            compiled(q, q)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compiler, device):
     q, k, ud = qk_views(2, 5, 4, 2, 32, torch.float32, device, "bhsd")

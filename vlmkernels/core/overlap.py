@@ -55,8 +55,24 @@ def _offsets(t: torch.Tensor) -> torch.Tensor:
 def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> None:
     """Raises ``ValueError`` naming the arguments if an element of a ``written`` tensor is
     reached twice: by two of its own indices, by another written tensor, or by a ``read``
-    tensor (inputs the op reads while it writes). Empty tensors alias nothing."""
+    tensor (inputs the op reads while it writes). Empty tensors alias nothing.
+
+    While torch.compile traces, only the same tensor passed twice is refused: the rest of
+    the check reads storage pointers and offsets, which Dynamo cannot trace (other overlaps
+    are then not detected)."""
     read = read or {}
+    if torch.compiler.is_compiling():
+        tensors = [(n, t, True) for n, t in written.items()]
+        tensors += [(n, t, False) for n, t in read.items()]
+        for i, (name_a, a, writes_a) in enumerate(tensors):
+            for name_b, b, writes_b in tensors[i + 1 :]:
+                if (writes_a or writes_b) and a is b:
+                    raise ValueError(
+                        f"{op}: {name_a} and {name_b} are the same tensor; in place, it "
+                        f"would be written while it is read. Pass tensors that do not "
+                        f"overlap or use inplace=False"
+                    )
+        return
     for name, t in written.items():
         if t.numel() > 1 and not _provably_disjoint_strides(t) and _has_duplicates(t):
             raise ValueError(

@@ -15,9 +15,10 @@ cross-attention module its slices (keyword ``vlmkernels_qformer_kv``); the outpu
 dense bias, the residual and the LayerNorm in one kernel (fp32 statistics). Outputs and
 gradients (image features, every weight) match transformers. CUDA graphs at batch 1:
 patch, run the model once outside the capture (Triton compiles and configs load then;
-the graph re-stacks the live weights on each replay), then capture ``model(query_embeds=q, encoder_hidden_states=x)`` with static
-inputs and no gradients (``tests/test_qformer_gpu.py``); the masks transformers builds
-there have one row per batch, which the patched modules never read on the host (a mask
+the graph re-stacks the live weights on each replay), then capture
+``model(query_embeds=q, encoder_hidden_states=x)`` with static inputs and no gradients
+(``tests/test_qformer_gpu.py``); the masks transformers builds there have one row per
+batch, which the patched modules never read on the host (a mask
 with a row per query is checked on the host, a synchronisation a capture refuses).
 
 Part ``qformer_attention``: every Q-Former attention module (self- and cross-attention)
