@@ -131,6 +131,29 @@ def test_idefics_patch_anywhere_dropout_and_refusals():
     assert "forward" not in outer[1].__dict__
 
 
+def test_idefics_gated_layer_with_a_mask_compiles_fullgraph():
+    """With an image mask, the patched layer traces under torch.compile(fullgraph=True)
+    (the mask is not read on the host there) and matches transformers; a mask whose
+    allowed keys are not one interval per token gives that token NaN when compiled (no
+    error can be raised in a graph), a ValueError eagerly."""
+    layer = tiny_layer(False, "float")
+    x, img, mask, gate = idefics_inputs(True)
+    x, img = x.detach(), img.detach()
+    kw = dict(image_hidden_states=img, image_attention_mask=mask, cross_attention_gate=gate)
+    with torch.no_grad():
+        want = layer(x, **kw)
+        with patch(layer):
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            assert rel(compiled(x, **kw), want) < 1e-5
+            gaps = mask.clone()
+            gaps[1, 0, 7, 5] = torch.finfo(torch.float32).min  # a hole in token 7's keys 4-7
+            out = compiled(x, **dict(kw, image_attention_mask=gaps))
+            assert out[1, 7].isnan().all() and not out[0].isnan().any()
+            with pytest.raises(ValueError, match="not one interval"):
+                layer(x, **dict(kw, image_attention_mask=gaps))
+    torch._dynamo.reset()
+
+
 def test_mask_ranges():
     allowed = torch.tensor([[[[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]]]], dtype=torch.bool)
     lo, hi = mask_ranges(allowed, 2, 3, 4)

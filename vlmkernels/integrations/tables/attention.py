@@ -146,7 +146,11 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
     lo = hi = 0. Raises ValueError when a row's allowed keys are not one interval.
 
     The same mask object, unchanged since (its version counter), gets the ranges computed
-    last time; an inference tensor has no version counter and is read every time."""
+    last time; an inference tensor has no version counter and is read every time. While
+    torch.compile traces, the mask is not read on the host: a row whose keys are not one
+    interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there)."""
+    if torch.compiler.is_compiling():
+        return _mask_ranges(mask, batch, tokens, keys, traced=True)
     if mask.is_inference():
         return _mask_ranges(mask, batch, tokens, keys)
     key = (mask._version, batch, tokens, keys)
@@ -158,7 +162,7 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
     return ranges
 
 
-def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
+def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, traced=False):
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tokens, keys):
         raise ValueError(f"vlmkernels (IDEFICS cross-attention): image_attention_mask must be "
                          f"(B, 1, {tokens}, {keys}), got {tuple(mask.shape)}")  # fmt: skip
@@ -168,7 +172,11 @@ def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
     lo = torch.where(count > 0, allowed.to(torch.int8).argmax(-1).to(torch.int32), 0)
     hi = lo + count
     j = torch.arange(keys, device=mask.device)
-    if not torch.equal(allowed, (j >= lo[..., None]) & (j < hi[..., None])):
+    interval = (j >= lo[..., None]) & (j < hi[..., None])
+    if traced:
+        gaps = (allowed != interval).any(-1)
+        return torch.where(gaps, 1, lo).contiguous(), torch.where(gaps, 0, hi).contiguous()
+    if not torch.equal(allowed, interval):
         raise ValueError("vlmkernels (IDEFICS cross-attention): image_attention_mask allows "
                          "image tokens that are not one interval per text token")  # fmt: skip
     return lo.contiguous(), hi.contiguous()
