@@ -95,6 +95,10 @@ def test_state_dict_round_trip():
         assert ka == kb and torch.equal(va, vb)
     with pytest.raises(ValueError, match="media must be"):
         a(torch.randn(1, 3, 16), torch.randn(1, 4, 8))
+    # media of another batch would mix samples' keys: refused (4 or 1 for x's 2)
+    for media_batch in (4, 1):
+        with pytest.raises(ValueError, match=r"media's batch must be x's \(2\)"):
+            a(torch.randn(2, 3, 16), torch.randn(media_batch, 1, 3, 8))
 
 
 def test_block_at_initialisation_gate_gradient(device):

@@ -64,6 +64,9 @@ class MaskedCrossAttention(nn.Module):
             raise ValueError(f"MaskedCrossAttention: media must be (B, T_img, n, dim_visual), "
                              f"got shape {tuple(media.shape)}")  # fmt: skip
         b, t = x.shape[:2]
+        if media.shape[0] != b:
+            raise ValueError(f"MaskedCrossAttention: media's batch must be x's ({b}), got "
+                             f"media of shape {tuple(media.shape)}")  # fmt: skip
         latents = media.shape[2]
         h = self.heads
         q = self.to_q(self.norm(x))
