@@ -183,7 +183,7 @@ def _dense_forward(q, k, v, ok, bad, scale, bias=None, gate=None, drop=None):
     return out.to(q.dtype), lse.to(ct)
 
 
-def _dense_backward(do, q, k, v, lse, delta, ok, scale, bias=None, drop=None):
+def _dense_backward(do, q, k, v, delta, ok, scale, bias=None, drop=None):
     """(dq, dk, dv, db): db the per-query-head bias gradient sum_i dS (None without bias);
     with dropout (``drop`` = M / (1 - p)) dV = P'^T dO and dP = (dO V^T) M / (1 - p)."""
     ct = compute_dtype(q.dtype)
@@ -261,14 +261,15 @@ def delta(out, grad_out, lse, grad_lse):
 def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale,
              bias=None, dropout_p=0.0, seed=None):  # fmt: skip
     """(dq, dk, dv, db) with ``delta`` = rowsum(dO * O) - dlse, laid out as lse; db the
-    per-query-head bias gradient ((B, H, Lk) dense, (H, Tk) packed; None without bias)."""
+    per-query-head bias gradient ((B, H, Lk) dense, (H, Tk) packed; None without bias).
+    ``lse`` (the op's argument) is not read: P is recomputed from the logits (_softmax)."""
     ct = compute_dtype(q.dtype)
     h = q.shape[1]
     if cu_q is None:
         lq, lk = q.shape[2], k.shape[2]
         ok = visible(lq, lk, keep, lo, hi, causal, q.device)
         drop = _dropout(seed, dropout_p, range(q.shape[0]), h, lq, lk, q.device, ct)
-        return _dense_backward(do, q, k, v, lse, delta, ok, scale, bias, drop)
+        return _dense_backward(do, q, k, v, delta, ok, scale, bias, drop)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     db = None if bias is None else q.new_zeros((q.shape[1], k.shape[0]), dtype=ct)
     for b, ((qa, qb), (ka, kb)) in enumerate(zip(_segments(cu_q), _segments(cu_k), strict=True)):
@@ -276,7 +277,7 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
             continue
         ok = visible(qb - qa, kb - ka, keep, lo, hi, causal, q.device, b)
         g = _dense_backward(_seg(do, qa, qb), _seg(q, qa, qb), _seg(k, ka, kb),
-                            _seg(v, ka, kb), lse[None, :, qa:qb], delta[None, :, qa:qb], ok,
+                            _seg(v, ka, kb), delta[None, :, qa:qb], ok,
                             scale, _seg_bias(bias, ka, kb),
                             _dropout(seed, dropout_p, [b], h, qb - qa, kb - ka, q.device,
                                      ct))  # fmt: skip
