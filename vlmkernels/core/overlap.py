@@ -61,19 +61,10 @@ def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> No
     the check reads storage pointers and offsets, which Dynamo cannot trace (other overlaps
     are then not detected)."""
     read = read or {}
-    if torch.compiler.is_compiling():
-        tensors = [(n, t, True) for n, t in written.items()]
-        tensors += [(n, t, False) for n, t in read.items()]
-        for i, (name_a, a, writes_a) in enumerate(tensors):
-            for name_b, b, writes_b in tensors[i + 1 :]:
-                if (writes_a or writes_b) and a is b:
-                    raise ValueError(
-                        f"{op}: {name_a} and {name_b} are the same tensor; in place, it "
-                        f"would be written while it is read. Pass tensors that do not "
-                        f"overlap or use inplace=False"
-                    )
-        return
+    compiling = torch.compiler.is_compiling()
     for name, t in written.items():
+        if compiling:  # offsets cannot be traced
+            break
         if t.numel() > 1 and not _provably_disjoint_strides(t) and _has_duplicates(t):
             raise ValueError(
                 f"{op}: {name} (shape {tuple(t.shape)}, strides {t.stride()}) reaches some "
@@ -82,14 +73,22 @@ def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> No
                 f"inplace=False"
             )
     tensors = [(n, t, True) for n, t in written.items()] + [(n, t, False) for n, t in read.items()]
-    tensors = [(n, t, w) for n, t, w in tensors if t.numel() > 0]
+    if not compiling:
+        tensors = [(n, t, w) for n, t, w in tensors if t.numel() > 0]
     for i, (name_a, a, writes_a) in enumerate(tensors):
         for name_b, b, writes_b in tensors[i + 1 :]:
-            if not (writes_a or writes_b) or a.untyped_storage().data_ptr() != (
-                b.untyped_storage().data_ptr()
-            ):
+            if not (writes_a or writes_b):
                 continue
-            if _shares_elements(a, b):
+            if compiling:  # identity only: storage pointers cannot be traced
+                if a is b:
+                    raise ValueError(
+                        f"{op}: {name_a} and {name_b} are the same tensor; in place, it "
+                        f"would be written while it is read. Pass tensors that do not "
+                        f"overlap or use inplace=False"
+                    )
+            elif a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and (
+                _shares_elements(a, b)
+            ):
                 raise ValueError(
                     f"{op}: {name_a} and {name_b} share memory; in place, "
                     f"{name_a if writes_a else name_b} would be written while it is read. "
