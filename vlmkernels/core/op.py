@@ -47,7 +47,6 @@ holds as a constant: another vlmkernels, another cache key. A direct
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import pathlib
@@ -89,12 +88,6 @@ def _fingerprint() -> int:
 REVISION = _fingerprint()
 
 
-@dataclasses.dataclass
-class _Autograd:
-    setup_context: Callable
-    backward: Callable
-
-
 class Op:
     """A ``vlmkernels::<name>`` op (see the module docstring).
 
@@ -114,7 +107,6 @@ class Op:
         self.family = family
         self.mutates = tuple(mutates)
         self._impls: dict[str, Callable] = {}
-        self._autograd: _Autograd | None = None
         self._function: type[torch.autograd.Function] | None = None
         self._apply: Callable | None = None  # the C++ Function.apply of _function
         self._tensor_positions: tuple[int, ...] = _tensor_positions(schema)
@@ -146,7 +138,6 @@ class Op:
         """Decorator on a namespace (a class) with ``setup_context(ctx, inputs, output)`` and
         ``backward(ctx, *grads)`` returning one gradient (or None) per schema argument."""
         setup, backward = spec.setup_context, spec.backward
-        self._autograd = _Autograd(setup, backward)
         arity = self._arity
 
         # the dispatcher's autograd sees the revision as one more input: hidden from both
