@@ -163,6 +163,13 @@ def _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP: tl.c
 
 
 @triton.jit
+def _lse_shift(lse):
+    """The rows' lse in base 2, +inf where it is -inf (a row without a visible key: every
+    key padded or masked by its bias), so that exp2(s - shift) is 0 there, not NaN."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
 def _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS: tl.constexpr):
     """(BN,) the keys' bias in base 2 (bias * log2(e)), fp32, -inf where it masks its key
     (at most :data:`MASKED_BIAS`); 0 without BIAS."""
@@ -459,9 +466,10 @@ def _kv_step(q_base, do_base, l_base, dl_base, rows, row_ok, d, d_ok,
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if BIAS:  # reloaded per step (cached): holding it through the loop spilled
         s += _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS)[None, :]
-        # a row whose keys' biases are all -inf (masked) has lse -inf: P = 0, not NaN
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    p = tl.math.exp2(s - (lse * LOG2E)[:, None])
+        shift = _lse_shift(lse)  # every key of a row may be masked by its bias
+    else:
+        shift = lse * LOG2E
+    p = tl.math.exp2(s - shift[:, None])
     if MASK:
         ok = _visible(rows, row_ok, cols, col_ok, lo, hi, keep_ptr, keep_base, KEEP)
         p = tl.where(ok, p, 0.0)
@@ -670,9 +678,10 @@ def _bwd_q(
     lse = tl.load(_at(lse_ptr, b, h, q0, slb, slh, slm) + rows * slm, mask=row_ok, other=0.0)
     delta = tl.load(_at(delta_ptr, b, h, q0, sdb, sdh, sdm) + rows * sdm, mask=row_ok,
                     other=0.0)
-    lse2 = lse * LOG2E
-    if BIAS:  # a row whose keys' biases are all -inf (masked) has lse -inf: P = 0, not NaN
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
+    if BIAS:  # every key of a row may be masked by its bias
+        lse2 = _lse_shift(lse)
+    else:
+        lse2 = lse * LOG2E
     hkk = tl.cast(h // G, tl.int64)
     k_base = k_ptr + bb * skb + hkk * skh + kk * skn
     v_base = v_ptr + bb * svb + hkk * svh + kk * svn

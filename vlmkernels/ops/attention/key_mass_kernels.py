@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
-from .kernels import LOG2E, _bias_row, _dim_mask, _load_tile
+from .kernels import LOG2E, _bias_row, _dim_mask, _load_tile, _lse_shift
 from .spaces import _C, _INTERP, _KEY, _SIZES
 
 __all__ = ["KERNELS", "_attn_key_mass", "_attn_row_mass"]
@@ -40,7 +40,7 @@ def _mass_rows(acc, q_base, l_base, k, bias, m0, row_last, cols, lk, lq, d, d_ok
     row_ok = rows < row_last
     q = _load_tile(q_base, rows, row_ok, d, d_ok, sqm, sqd, DOT_FP32)
     lse = tl.load(l_base + rows * slm, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = _lse_shift(lse)
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if BIAS:
         s += bias[None, :]
