@@ -416,18 +416,29 @@ def test_bad_keyword_errors(name, device):
 
 @pytest.mark.parametrize("frozen", ["image", "text"])
 @pytest.mark.parametrize("negative_only", [False, True])
-def test_siglip_with_a_frozen_tower(frozen, negative_only, device, backend, monkeypatch):
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_siglip_with_a_frozen_tower(frozen, negative_only, chunk_size, device, backend,
+                                    monkeypatch):  # fmt: skip
     """LiT: one side needs no gradient. The summed SigLIP loss is symmetric in the two
-    sides, so the frozen one goes second and the fused pass skips its gradient product;
-    loss and gradients are the formula's."""
+    sides, so the frozen one goes second and the fused pass skips its gradient product,
+    in one pass or chunk by chunk; loss and gradients are the formula's."""
     n, d = 11, 16
     x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
     x, y = (x, leaf(y)) if frozen == "image" else (leaf(x), y)
     s, b = leaf(torch.tensor(9.0, device=device)), leaf(torch.tensor(-4.0, device=device))
-    asked = []
+    asked, general = [], []
     whole = C._siglip_fused_whole
     monkeypatch.setattr(C, "_siglip_fused_whole", lambda *a: asked.append(a[-1]) or whole(*a))
-    loss = vlmkernels.siglip_loss(x, y, s, b, negative_only=negative_only)
+    for name in ("_siglip_grads_triton", "_siglip_grads_torch"):
+        grads = getattr(C, name)
+
+        def spy(*a, _grads=grads, y_grad=True):
+            out = _grads(*a, y_grad=y_grad)
+            general.append((y_grad, out[1]))
+            return out
+
+        monkeypatch.setattr(C, name, spy)
+    loss = vlmkernels.siglip_loss(x, y, s, b, negative_only=negative_only, chunk_size=chunk_size)
     xr, yr, sr, br = (t.detach().double().cpu().requires_grad_(t.requires_grad)
                       for t in (x, y, s, b))  # fmt: skip
     logits = sr * xr @ yr.T + br
@@ -441,6 +452,10 @@ def test_siglip_with_a_frozen_tower(frozen, negative_only, device, backend, monk
         assert rel_err(got, want, floor=1e-2) < 1e-5  # the bias gradient sums to near 0
     if backend == "triton":
         assert asked == [False]  # the frozen side second, its gradient not computed
+    if backend == "torch" or chunk_size:  # the general pass: no dy product either
+        assert general == [(False, None)]
+    else:
+        assert general == []
 
 
 def test_siglip_bias_is_required_argument(device):

@@ -150,10 +150,11 @@ def test_default_teacher_scale_gets_no_gradient(reduction, device, backend):
 
 
 @pytest.mark.parametrize("targets", ["plain", "all"])
-def test_clip_with_a_frozen_image_tower(targets, device, backend, monkeypatch):
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_clip_with_a_frozen_image_tower(targets, chunk_size, device, backend, monkeypatch):
     """LiT: the image features need no gradient. The reduced loss is symmetric in the two
     sides, so the text side goes first and the backward skips the image gradient's
-    product; loss and gradients are the formula's."""
+    product, in one pass or chunk by chunk; loss and gradients are the formula's."""
     from vlmkernels.ops.contrastive import ops as C
 
     n, d, alpha, eps = 13, 16, 0.3, 0.05
@@ -161,13 +162,22 @@ def test_clip_with_a_frozen_image_tower(targets, device, backend, monkeypatch):
     xm, ym = feats(n, d, device), feats(n, d, device)
     s = leaf(torch.tensor(9.0, device=device))
     ids = torch.randint(0, 4, (n,), device=device)
-    asked = []
+    asked, general = [], []
     whole = C._ce_targets_backward_whole
     monkeypatch.setattr(C, "_ce_targets_backward_whole",
                         lambda *a: asked.append(a[-1]) or whole(*a))  # fmt: skip
+    for name in ("_block_grads_triton", "_block_grads_torch"):
+        grads = getattr(C, name)
+
+        def spy(*a, _grads=grads, y_grad=True):
+            out = _grads(*a, y_grad=y_grad)
+            general.append((y_grad, out[1]))
+            return out
+
+        monkeypatch.setattr(C, name, spy)
     kw = {} if targets == "plain" else dict(ids=ids, label_smoothing=eps, teacher=(xm, ym),
                                             teacher_logit_scale=7.0, alpha=alpha)  # fmt: skip
-    ours = vlmkernels.clip_loss(x, y, s, **kw)
+    ours = vlmkernels.clip_loss(x, y, s, chunk_size=chunk_size, **kw)
     xr, yr, sr = as64(x, y, s)
     logits = sr * xr @ yr.T
     if targets == "plain":
@@ -183,6 +193,10 @@ def test_clip_with_a_frozen_image_tower(targets, device, backend, monkeypatch):
     assert x.grad is None
     if backend == "triton":
         assert asked == [False]  # the image side second, its gradient not asked for
+    if backend == "torch" or chunk_size:  # the general pass: no dy product either
+        assert general == [(False, None)]
+    else:
+        assert general == []
 
 
 def test_clip_all_targets_together(device, backend):

@@ -99,9 +99,10 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
+def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None, y_grad=True):
     """dx = coef * G y, dy = coef * G^T x and sum(G * (x y^T)) for the logit gradient G
-    (M x N) of rows x (M, d) and columns y (N, d), made chunk by chunk.
+    (M x N) of rows x (M, d) and columns y (N, d), made chunk by chunk; without ``y_grad``
+    (and no ``dy_acc``) dy is None and its product is not computed.
 
     ``fill(buf, chunk, row0, n)`` writes rows row0 .. row0 + n of G into buf[:n]. The chunk
     is stored in the input dtype (a GEMM operand). Without accumulators dx is written per
@@ -117,13 +118,15 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
         fill(g, 0, 0, m)
         gy = mm_f32(g, y)
         g_dot_xy = (gy * x).sum()
-        dy = mm_f32(g.t(), x)
+        dy = cast(mm_f32(g.t(), x).mul_(coef), y.dtype) if y_grad else None
         del g
-        return cast(gy.mul_(coef), x.dtype), cast(dy.mul_(coef), y.dtype), g_dot_xy
+        return cast(gy.mul_(coef), x.dtype), dy, g_dot_xy
+    y_grad = y_grad or dy_acc is not None
     buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
     dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=x.dtype, device=x.device)
-    dy = dy_acc if dy_acc is not None else torch.zeros((n, d), dtype=torch.float32,
-                                                       device=x.device)  # fmt: skip
+    dy = dy_acc
+    if dy_acc is None and y_grad:
+        dy = torch.zeros((n, d), dtype=torch.float32, device=x.device)
     g_dot_xy = torch.zeros((), dtype=torch.float32, device=x.device)
     for c, row0 in enumerate(range(0, m, chunk_rows)):
         rows = min(chunk_rows, m - row0)
@@ -138,10 +141,10 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None):
             dx[row0 : row0 + rows] = gy.mul_(coef)
         if dy_acc is not None:  # other calls add with other coefficients: scale now
             dy.add_(mm_f32(g.t(), x_rows).mul_(coef))
-        else:
+        elif y_grad:
             _addmm_f32_(dy, g.t(), x_rows)
     del buf, g  # the rounded dy below can reuse the chunk's memory
-    if dy_acc is not None:
+    if dy_acc is not None or not y_grad:
         return dx, dy, g_dot_xy
     return dx, cast(dy.mul_(coef), y.dtype), g_dot_xy
 

@@ -153,7 +153,7 @@ def _normalised(x, coefs):
 
 
 def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows,
-                       dx_acc=None, dy_acc=None, design=None):  # fmt: skip
+                       dx_acc=None, dy_acc=None, design=None, y_grad=True):  # fmt: skip
     """Gradients of sum_i u_i l^row_i + sum_j v_j l^col_j for a block, from (6, M) / (6, N)
     coefficients (:meth:`SideStats.coefficients`; None for a direction not in the loss).
 
@@ -161,7 +161,9 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
     "fused" or "fused_deterministic" (:mod:`.fused_backward`: one kernel, no dS; targets
     with ids or a teacher fall back to "chunked"); None: $VLMKERNELS_CLIP_BACKWARD, else the
     design ``vlmkernels tune`` recorded for the GPU, else "chunked". Returns (dx, dy,
-    dscale, dbias); with fp32 accumulators, dx and dy are added into them.
+    dscale, dbias); with fp32 accumulators, dx and dy are added into them. Without
+    ``y_grad`` the chunked design skips dy's product and returns None for it (the fused
+    kernel makes dy anyway).
     """
     design = clip_backward_design(design, x.device)
     x, y = tile_addressable(x), tile_addressable(y)
@@ -200,7 +202,7 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
     s = scale.float()
     with device_guard(x):
         coef = s if kappa is None else s * kappa
-        dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc)
+        dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc, y_grad)
     # the kernel's logit term is a = s log2(e) XY^T (no bias): sum(grad a) / (s log2 e)
     g_dot_logits, g_sum = partials[:, 0].sum(), partials[:, 1].sum()  # new tensors: outputs
     dscale = torch.where(s != 0, g_dot_logits / (LOG2E * s), g_dot_xy)
@@ -245,10 +247,10 @@ def _row_weights(x, w_rows):
 
 
 def siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=None,
-                        dy_acc=None):  # fmt: skip
+                        dy_acc=None, y_grad=True):  # fmt: skip
     """(dx, dy, dscale, dbias, per-row losses) of sum_i w_rows[i] * l_i over an M x N
     block with positives at col = row + offset (``w_rows``: (M,) weights, or a float, the
-    weight of every row)."""
+    weight of every row); dy None without ``y_grad`` (and no ``dy_acc``)."""
     x, y = tile_addressable(x), tile_addressable(y)
     m, d = x.shape
     n = y.shape[0]
@@ -274,7 +276,7 @@ def siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=
     s = scale.float()
     with device_guard(x):
         coef = s if kappa is None else s * kappa
-        dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc)
+        dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc, y_grad)
     # the kernel's logit term is S = s XY^T + b itself. sum(g S) - b sum(g) cancels when |b|
     # is large (SigLIP's b = -10): about 1e-6 relative error on dscale in fp32, against
     # 2e-8 for an in-kernel sum of g s XY^T, which costs the kernel a live tile (spills

@@ -424,11 +424,12 @@ def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, t
     row_coef, col_coef = full[0], (full[1] if full.shape[0] > 1 else None)
     if backend == "triton":
         dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
-                                             triton_chunk_rows(x, chunk_size))  # fmt: skip
+                                             triton_chunk_rows(x, chunk_size),
+                                             y_grad=y_grad)  # fmt: skip
     else:
         dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
-                                            chunk_size)  # fmt: skip
-    dy = cast(dy, y.dtype) if y_grad else None
+                                            chunk_size, y_grad=y_grad)  # fmt: skip
+    dy = cast(dy, y.dtype) if y_grad else None  # the fused design makes dy regardless
     return cast(dx, x.dtype), dy, *_scalar_grads(ds, db, scale, bias)
 
 
@@ -562,11 +563,12 @@ def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset, y_
         if whole is not None:
             return whole
         chunk = triton_chunk_rows(x, chunk_size)
-        dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, row_weight, chunk, offset)
+        dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, row_weight, chunk, offset,
+                                                    y_grad=y_grad)  # fmt: skip
     else:
         w = torch.full((x.shape[0],), row_weight, dtype=compute_dtype(x.dtype), device=x.device)
-        dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset)
-    dy = dy if y_grad else None
+        dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset,
+                                                   y_grad=y_grad)  # fmt: skip
     return rows.sum() * row_weight, dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 

@@ -141,9 +141,11 @@ def block_stats_torch(x, y, scale, bias, targets: Targets, rows=True, cols=True,
     return (side(r, single_r) if rows else None), (side(k, single_c) if cols else None)
 
 
-def block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows=0):
-    """PyTorch version of :func:`.launchers.block_grads_triton` (without accumulators); temporaries:
-    two (three with a teacher) (chunk x N) buffers and, with ids, a bool one."""
+def block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, chunk_rows=0,
+                      y_grad=True):  # fmt: skip
+    """PyTorch version of :func:`.launchers.block_grads_triton` (without accumulators; dy None
+    without ``y_grad``); temporaries: two (three with a teacher) (chunk x N) buffers and,
+    with ids, a bool one."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
     m, n = x.shape[0], y.shape[0]
     teach = targets.teacher is not None
@@ -158,7 +160,7 @@ def block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, c
     h_r = rc[2] if rc is not None else torch.zeros(m, **ct)
     h_c = cc[2] if cc is not None else torch.zeros(n, **ct)
     dx = torch.empty_like(xf)
-    dy = torch.zeros_like(yf)
+    dy = torch.zeros_like(yf) if y_grad else None
     g_dot_xy = torch.zeros((), **ct)
     dbias = torch.zeros((), **ct)
     buf = torch.empty((min(c, m), n), **ct)
@@ -198,9 +200,10 @@ def block_grads_torch(x, y, scale, bias, targets: Targets, row_coef, col_coef, c
         gy = g @ yf
         g_dot_xy += (gy * xf[rs]).sum()
         dx[rs] = gy.mul_(s)
-        dy.addmm_(g.T, xf[rs])
+        if y_grad:
+            dy.addmm_(g.T, xf[rs])
         dbias += g.sum()
-    return dx, dy.mul_(s), g_dot_xy, dbias
+    return dx, dy.mul_(s) if y_grad else None, g_dot_xy, dbias
 
 
 def _siglip_neg_margins(out, xf, yf, s, b, r0: int, offset: int):
@@ -225,15 +228,15 @@ def siglip_rows_torch(x, y, scale, bias, chunk_rows, offset=0):
     return out
 
 
-def siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0):
-    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i; temporaries: two
-    (chunk x N) buffers."""
+def siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0, y_grad=True):
+    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i (dy None without ``y_grad``);
+    temporaries: two (chunk x N) buffers."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
     m, n = x.shape[0], y.shape[0]
     c = _torch_chunk_rows(m, n, chunk_rows, xf.dtype, 2)
     w = w_rows.to(xf.dtype)
     dx = torch.empty_like(xf)
-    dy = torch.zeros_like(yf)
+    dy = torch.zeros_like(yf) if y_grad else None
     rows_loss = torch.empty(m, dtype=xf.dtype, device=x.device)
     g_dot_xy = torch.zeros((), dtype=xf.dtype, device=x.device)
     dbias = torch.zeros((), dtype=xf.dtype, device=x.device)
@@ -247,6 +250,8 @@ def siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0):
         gy = g @ yf
         g_dot_xy += (gy * xf[rs]).sum()
         dx[rs] = gy.mul_(s)
-        dy.addmm_(g.T, xf[rs])
+        if y_grad:
+            dy.addmm_(g.T, xf[rs])
         dbias += g.sum()
-    return dx.to(x.dtype), dy.mul_(s).to(y.dtype), g_dot_xy, dbias, rows_loss
+    dy = dy.mul_(s).to(y.dtype) if y_grad else None
+    return dx.to(x.dtype), dy, g_dot_xy, dbias, rows_loss
