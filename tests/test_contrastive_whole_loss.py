@@ -18,6 +18,7 @@ from test_contrastive import check_against_reference, features, leaf, rel_err
 
 import vlmkernels
 from vlmkernels.core import tuning
+from vlmkernels.kernels.blocks import TILE_ROWS_MAX
 from vlmkernels.ops.contrastive import finalize, whole_loss, whole_targets
 from vlmkernels.ops.contrastive import ops as C
 
@@ -200,3 +201,44 @@ def test_upstream_gradient_scales_every_gradient(device):
         scaled = _grads(lambda *a: 2.5 * vlmkernels.clip_loss(*a), x, y, s, b)
     for got, want in zip(scaled[1:], base[1:], strict=True):
         assert rel_err(got, 2.5 * want, floor=1e-3) < 1e-6
+
+
+def test_siglip_rows_far_apart_are_copied_per_call(device, calls, monkeypatch):
+    """Rows 2^23 elements apart: offsets inside a tile would pass 32 bits, so the fused
+    SigLIP path copies such features (tile_addressable); its plan, keyed on the caller's
+    layout, remembers that, and a call served by the cached plan copies too. A contiguous
+    call copies nothing."""
+    n, d = 3, 16
+    stride = 2**31 // TILE_ROWS_MAX + 1
+    far = torch.zeros(2 * stride + d, device=device).as_strided((n, d), (stride, 1))
+    far.copy_(features(n, d, torch.float32, device))
+    keys = leaf(features(n, d, torch.float32, device))
+    copies = []
+    real = whole_loss.tile_addressable
+
+    def spy(t):
+        out = real(t)
+        copies.append(out is not t)
+        return out
+
+    monkeypatch.setattr(whole_loss, "tile_addressable", spy)
+    with vlmkernels.use_backend("triton"):
+        for call in range(2):
+            copies.clear()
+            x = far.requires_grad_()
+            x.grad = keys.grad = None
+            loss = vlmkernels.siglip_loss(x, keys, 9.0, -3.0)
+            loss.backward()
+            if call:  # the cached plan: one copy of the far tensor, none of the keys
+                assert copies == [True, False]
+            got = loss.detach(), x.grad, keys.grad
+            near = leaf(far.detach().contiguous())
+            keys.grad = None
+            copies.clear()
+            want = vlmkernels.siglip_loss(near, keys, 9.0, -3.0)
+            want.backward()
+            if call:
+                assert copies == []
+            for a, b in zip(got, (want, near.grad, keys.grad), strict=True):
+                assert rel_err(a, b) < 1e-6
+    assert calls["siglip_fused"] == 4

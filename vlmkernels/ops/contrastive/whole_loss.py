@@ -127,6 +127,7 @@ class _Siglip:
     finish: _Finish
     ones: torch.Tensor  # the normalised row weights, read-only
     splits: int
+    copy: bool = False  # whether the layout it was made for needs tile_addressable copies
 
 
 def _siglip_plan(x, y, scale, bias, offset, weight, y_grad=True):
@@ -179,14 +180,16 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int,
     m = x.shape[0]
     if m > triton_chunk_rows(x, chunk_size) or weight <= 0:
         return None
-    x, y = tile_addressable(x), tile_addressable(y)
     key = _layout("siglip", x, y, bias, (weight, offset, scale.dtype, y_grad))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _siglip_plan(x, y, scale, bias, offset, weight, y_grad)
+        xa, ya = tile_addressable(x), tile_addressable(y)
+        plan = _siglip_plan(xa, ya, scale, bias, offset, weight, y_grad)
         if plan is None:
             return None
-        _PLANS[key] = plan
+        plan = _PLANS[key] = dataclasses.replace(plan, copy=xa is not x or ya is not y)
+    if plan.copy:
+        x, y = tile_addressable(x), tile_addressable(y)
     work = torch.empty(plan.splits * m + plan.finish.size, dtype=_F32, device=x.device)
     g = torch.empty(m, y.shape[0], dtype=x.dtype, device=x.device)
     loss = scalar_like(scale, _F32)
