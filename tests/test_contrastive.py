@@ -458,6 +458,30 @@ def test_siglip_with_a_frozen_tower(frozen, negative_only, chunk_size, device, b
         assert general == []
 
 
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_per_sample_losses_with_frozen_text(name, device, backend, monkeypatch):
+    """reduction="none" with the text features frozen: the per-sample ops' backward skips
+    dy's product (G^T x); values and the other gradients are the formula's."""
+    n, d = 11, 16
+    x, y = leaf(features(n, d, torch.float32, device)), features(n, d, torch.float32, device)
+    s, b = leaf(torch.tensor(9.0, device=device)), leaf(torch.tensor(-2.0, device=device))
+    general = []
+    names = ("_block_grads_triton", "_block_grads_torch") if name == "clip" else (
+        "_siglip_grads_triton", "_siglip_grads_torch")  # fmt: skip
+    for attr in names:
+        grads = getattr(C, attr)
+
+        def spy(*a, _grads=grads, y_grad=True):
+            out = _grads(*a, y_grad=y_grad)
+            general.append((y_grad, out[1]))
+            return out
+
+        monkeypatch.setattr(C, attr, spy)
+    upstream = torch.rand(n, device=device)
+    check_against_reference(name, x, y, s, b, reduction="none", upstream=upstream)
+    assert general == [(False, None)]
+
+
 def test_siglip_bias_is_required_argument(device):
     x, y = features(8, 16, torch.float32, device), features(8, 16, torch.float32, device)
     with pytest.raises(TypeError):
@@ -552,10 +576,17 @@ def test_opcheck(bias, device, backend):
     b = b.detach() if b is not None else None
     _, _, row_state, col_state = ops.contrastive_ce_forward(x, y, s, b, *ce)
     upstream = torch.rand(2, n, device=device)
-    torch.library.opcheck(
-        ops.contrastive_ce_backward, (x, y, s, b, *ce, row_state, col_state, *upstream)
-    )
-    torch.library.opcheck(ops.siglip_loss_backward, (x, y, s, b, upstream[0], 16, 0))
+    for y_grad in (True, False):  # without y_grad: no dy (no G^T x), the rest unchanged
+        ce_args = (x, y, s, b, *ce, row_state, col_state, *upstream, y_grad)
+        torch.library.opcheck(ops.contrastive_ce_backward, ce_args)
+        siglip_args = (x, y, s, b, upstream[0], 16, 0, y_grad)
+        torch.library.opcheck(ops.siglip_loss_backward, siglip_args)
+        for op, args in ((ops.contrastive_ce_backward, ce_args),
+                         (ops.siglip_loss_backward, siglip_args)):  # fmt: skip
+            got, full = op(*args), op(*args[:-1], True)
+            assert (got[1] is not None) == y_grad
+            for g, w in zip(got, full, strict=True):
+                assert g is None or torch.equal(g, w)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])

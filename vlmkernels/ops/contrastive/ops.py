@@ -64,10 +64,11 @@ _CE_ARGS = (
     "SymInt chunk_size"
 )
 _CE_BACKWARD_ARGS = (
-    f"{_CE_ARGS}, Tensor row_state, Tensor col_state, Tensor grad_rows, Tensor grad_cols"
+    f"{_CE_ARGS}, Tensor row_state, Tensor col_state, Tensor grad_rows, Tensor grad_cols, "
+    "bool y_grad"
 )
-_GRADS = "(Tensor, Tensor, Tensor, Tensor)"  # dx, dy, dscale, dbias
-# the reduced ops' backward: dy only where y_grad (keys of a queue, a frozen tower: no G^T x)
+# dx, dy, dscale, dbias of the backward ops: dy only where y_grad (keys of a queue, a frozen
+# tower: no G^T x)
 _GRADS_DY_OPTIONAL = "(Tensor, Tensor?, Tensor, Tensor)"
 
 
@@ -85,7 +86,7 @@ contrastive_ce_forward = Op(
     "contrastive_ce_forward", f"({_CE_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)", family=FAMILY
 )
 contrastive_ce_backward = Op(
-    "contrastive_ce_backward", f"({_CE_BACKWARD_ARGS}) -> {_GRADS}", family=FAMILY
+    "contrastive_ce_backward", f"({_CE_BACKWARD_ARGS}) -> {_GRADS_DY_OPTIONAL}", family=FAMILY
 )
 contrastive_ce_reduced = Op(
     "contrastive_ce_reduced",
@@ -119,7 +120,8 @@ siglip_loss_forward = Op(
 )  # fmt: skip
 siglip_loss_backward = Op(
     "siglip_loss_backward",
-    f"({_FEATURES}, Tensor grad_rows, SymInt chunk_size, SymInt offset) -> {_GRADS}",
+    f"({_FEATURES}, Tensor grad_rows, SymInt chunk_size, SymInt offset, bool y_grad) -> "
+    f"{_GRADS_DY_OPTIONAL}",
     family=FAMILY,
 )
 siglip_loss_fused = Op(
@@ -284,7 +286,8 @@ class _:
         # a direction whose losses got no gradient has weights 0
         grad_rows = grad_rows if grad_rows is not None else row_state.new_zeros(row_state.shape[1])
         grad_cols = grad_cols if grad_cols is not None else col_state.new_zeros(col_state.shape[1])
-        grads = contrastive_ce_backward(*a, row_state, col_state, grad_rows, grad_cols)
+        grads = contrastive_ce_backward(*a, row_state, col_state, grad_rows, grad_cols,
+                                        ctx.needs_input_grad[1])  # fmt: skip
         return _input_grads(ctx, *grads)
 
 
@@ -292,7 +295,8 @@ class _:
 
 
 def _ce_backward(backend, *args):
-    """(dx, dy, dscale, dbias) of sum_i grad_rows_i l^row_i + sum_j grad_cols_j l^col_j."""
+    """(dx, dy, dscale, dbias) of sum_i grad_rows_i l^row_i + sum_j grad_cols_j l^col_j (dy
+    None unless ``y_grad``)."""
     a = _CeBackwardArgs(*args)
     x, y, scale, bias = a.x, a.y, a.scale, a.bias
     targets = _targets(a)
@@ -305,11 +309,13 @@ def _ce_backward(backend, *args):
         col_coef = coefficients_from_state(a.col_state, targets, m, a.grad_cols, single_c)
     if backend == "triton":
         dx, dy, ds, db = _block_grads_triton(x, y, scale, bias, targets, row_coef, col_coef,
-                                             triton_chunk_rows(x, a.chunk_size))  # fmt: skip
+                                             triton_chunk_rows(x, a.chunk_size),
+                                             y_grad=a.y_grad)  # fmt: skip
     else:
         dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
-                                            a.chunk_size)  # fmt: skip
-    return cast(dx, x.dtype), cast(dy, y.dtype), *_scalar_grads(ds, db, scale, bias)
+                                            a.chunk_size, y_grad=a.y_grad)  # fmt: skip
+    dy = cast(dy, y.dtype) if a.y_grad else None  # the fused design makes dy regardless
+    return cast(dx, x.dtype), dy, *_scalar_grads(ds, db, scale, bias)
 
 
 contrastive_ce_backward.impl("triton")(functools.partial(_ce_backward, "triton"))
@@ -317,8 +323,8 @@ contrastive_ce_backward.impl("torch")(functools.partial(_ce_backward, "torch"))
 
 
 @contrastive_ce_backward.fake
-def _(x, y, scale, bias, *_):
-    return _fake_grads(x, y, scale, bias)
+def _(x, y, scale, bias, *args):
+    return _fake_grads(x, y, scale, bias, y_grad=args[-1])
 
 
 # ----------------------------------------------------------- contrastive_ce_targets_reduced
@@ -525,7 +531,8 @@ class _:
     @in_forward_backend
     def backward(ctx, grad_rows):
         x, y, scale, bias = ctx.saved_tensors
-        grads = siglip_loss_backward(x, y, scale, bias, grad_rows, ctx.chunk_size, ctx.offset)
+        grads = siglip_loss_backward(x, y, scale, bias, grad_rows, ctx.chunk_size, ctx.offset,
+                                     ctx.needs_input_grad[1])  # fmt: skip
         return _input_grads(ctx, *grads)
 
 
@@ -533,22 +540,24 @@ class _:
 
 
 @siglip_loss_backward.impl("triton")
-def _(x, y, scale, bias, grad_rows, chunk_size, offset):
-    """(dx, dy, dscale, dbias) of sum_i grad_rows[i] * l_i."""
+def _(x, y, scale, bias, grad_rows, chunk_size, offset, y_grad):
+    """(dx, dy, dscale, dbias) of sum_i grad_rows[i] * l_i (dy None unless ``y_grad``)."""
     dx, dy, ds, db, _ = _siglip_grads_triton(x, y, scale, bias, grad_rows,
-                                             triton_chunk_rows(x, chunk_size), offset)  # fmt: skip
+                                             triton_chunk_rows(x, chunk_size), offset,
+                                             y_grad=y_grad)  # fmt: skip
     return dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
 @siglip_loss_backward.impl("torch")
-def _(x, y, scale, bias, grad_rows, chunk_size, offset):
-    dx, dy, ds, db, _ = _siglip_grads_torch(x, y, scale, bias, grad_rows, chunk_size, offset)
+def _(x, y, scale, bias, grad_rows, chunk_size, offset, y_grad):
+    dx, dy, ds, db, _ = _siglip_grads_torch(x, y, scale, bias, grad_rows, chunk_size, offset,
+                                            y_grad=y_grad)  # fmt: skip
     return dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
 @siglip_loss_backward.fake
-def _(x, y, scale, bias, grad_rows, chunk_size, offset):
-    return _fake_grads(x, y, scale, bias)
+def _(x, y, scale, bias, grad_rows, chunk_size, offset, y_grad):
+    return _fake_grads(x, y, scale, bias, y_grad=y_grad)
 
 
 # ---------------------------------------------------------------------- siglip_loss_fused
