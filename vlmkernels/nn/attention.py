@@ -14,7 +14,10 @@ the same constructor arguments, submodules, parameter names and ``state_dict`` k
 where the attention is :func:`vlmkernels.media_cross_attention` when ``media_locations``
 is given (text_time = cumsum(media_locations); a token sees the latents of media text_time,
 or of media 1..text_time without ``only_attend_immediate_media``), else plain
-cross-attention over every latent of every media item. Q, K and V are strided views of the
+cross-attention over every latent of every media item. With ``use_cached_media=True``
+(open_flamingo's decoding with a KV cache) every token of x comes after the whole prompt:
+text_time is the number of media tokens in ``media_locations`` (B, T_prompt), the same for
+every token, and the other media's keys are masked (``key_padding_mask``). Q, K and V are strided views of the
 projections (no copies); the attention is computed by segment and never builds the
 (T, T_img n) mask.
 
@@ -37,11 +40,11 @@ __all__ = ["GatedCrossAttentionBlock", "MaskedCrossAttention"]
 class MaskedCrossAttention(nn.Module):
     """open_flamingo's ``MaskedCrossAttention`` (see the module docstring).
 
-    ``forward(x, media, media_locations=None, *, gate=None)``: x (B, T, dim) text features,
-    media (B, T_img, n, dim_visual) latents, media_locations (B, T) bool, gate an optional
-    one-element tanh gate (the result is to_out(tanh(gate) attention) = tanh(gate)
-    to_out(attention), the gate applied in the attention kernel's epilogue); returns
-    (B, T, dim).
+    ``forward(x, media, media_locations=None, use_cached_media=False, *, gate=None)``: x
+    (B, T, dim) text features, media (B, T_img, n, dim_visual) latents, media_locations
+    (B, T) bool ((B, T_prompt) with ``use_cached_media``), gate an optional one-element tanh
+    gate (the result is to_out(tanh(gate) attention) = tanh(gate) to_out(attention), the
+    gate applied in the attention kernel's epilogue); returns (B, T, dim).
     """
 
     def __init__(self, *, dim, dim_visual, dim_head=64, heads=8,
@@ -56,7 +59,8 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.only_attend_immediate_media = only_attend_immediate_media
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None, *, gate=None):
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None,
+                use_cached_media: bool = False, *, gate=None):  # fmt: skip
         if gate is not None and gate.numel() != 1:
             raise ValueError(f"MaskedCrossAttention: gate must have one element (to_out mixes "
                              f"the channels), got shape {tuple(gate.shape)}")  # fmt: skip
@@ -77,12 +81,38 @@ class MaskedCrossAttention(nn.Module):
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if media_locations is None:
             out = cross_attention(q, k, v, scale=self.scale, gate=gate)
+        elif use_cached_media:
+            out = self._after_prompt(q, k, v, media_locations, media.shape[1], latents, gate)
         else:
             out = media_cross_attention(
                 q, k, v, media_locations, latents,
                 only_immediate=self.only_attend_immediate_media, scale=self.scale, gate=gate,
             )  # fmt: skip
         return self.to_out(out.transpose(1, 2).reshape(b, t, h * d))
+
+    def _after_prompt(self, q, k, v, media_locations, t_img, latents, gate):
+        """Every query after the prompt's c = count(media_locations) media tokens: it sees
+        media c (or media 1..c), the other keys masked; 0 where c = 0, and NaN where c >
+        T_img with immediate media (no media c, as :func:`media_cross_attention`)."""
+        b = q.shape[0]
+        m = media_locations
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.dim() != 2 \
+                or m.shape[0] != b:  # fmt: skip
+            raise ValueError(f"MaskedCrossAttention: media_locations must be a (B, T_prompt) "
+                             f"bool tensor with B = {b}, got "
+                             f"{getattr(m, 'dtype', type(m).__name__)} "
+                             f"{tuple(getattr(m, 'shape', ()))}")  # fmt: skip
+        if m.device != q.device:
+            raise ValueError(f"MaskedCrossAttention: media_locations must be on x's device "
+                             f"{q.device}, got {m.device}")  # fmt: skip
+        count = m.sum(1, keepdim=True)  # (B, 1): the text time of every query
+        media_time = torch.arange(1, t_img + 1, device=q.device).repeat_interleave(latents)
+        immediate = self.only_attend_immediate_media
+        hidden = media_time != count if immediate else media_time > count  # (B, T_img n)
+        out = cross_attention(q, k, v, key_padding_mask=hidden, scale=self.scale, gate=gate)
+        if immediate:
+            out = out.masked_fill((count > t_img).view(b, 1, 1, 1), float("nan"))
+        return out
 
 
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -99,8 +129,9 @@ class GatedCrossAttentionBlock(nn.Module):
     """open_flamingo's ``GatedCrossAttentionBlock`` (see the module docstring): scalar
     gates ``attn_gate`` and ``ff_gate`` (shape (1,), initialised to 0).
 
-    ``forward(x, media, media_locations=None)``: x (B, T, dim), media
-    (B, T_img, n, dim_visual), media_locations (B, T) bool; returns (B, T, dim).
+    ``forward(x, media, media_locations=None, use_cached_media=False)``: x (B, T, dim),
+    media (B, T_img, n, dim_visual), media_locations (B, T) bool ((B, T_prompt) with
+    ``use_cached_media``: x comes after the prompt); returns (B, T, dim).
     """
 
     def __init__(self, *, dim, dim_visual, dim_head=64, heads=8, ff_mult=4,
@@ -114,6 +145,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = _feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None):
-        x = self.attn(x, media, media_locations=media_locations, gate=self.attn_gate) + x
+    def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None,
+                use_cached_media: bool = False):  # fmt: skip
+        x = self.attn(x, media, media_locations=media_locations,
+                      use_cached_media=use_cached_media, gate=self.attn_gate) + x  # fmt: skip
         return self.ff(x) * self.ff_gate.tanh() + x
