@@ -178,7 +178,8 @@ def test_split_heuristic():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_attention_varlen(dtype, device, backend):
-    """Segments with empty and length-1 queries and keys; strided packed inputs."""
+    """Segments with empty and length-1 queries and keys; strided packed inputs and strided
+    offsets (the two columns of one offsets table)."""
     lens_q, lens_k = [0, 1, 7, 18, 3], [5, 0, 1, 30, 9]
     h, d = 2, 20
     tq, tk = sum(lens_q), sum(lens_k)
@@ -187,7 +188,8 @@ def test_cross_attention_varlen(dtype, device, backend):
     qs = q[:, ::2]  # a strided view
     cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()],  # noqa: E731
                                    dtype=torch.int32, device=device)  # fmt: skip
-    out, lse = A.cross_attention(qs, k, v, cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k),
+    table = torch.stack((cu(lens_q), cu(lens_k)), 1)
+    out, lse = A.cross_attention(qs, k, v, cu_seqlens_q=table[:, 0], cu_seqlens_k=table[:, 1],
                                  return_lse=True)  # fmt: skip
     assert out.shape == qs.shape and lse.shape == (h, tq)
     q64, k64, v64 = (leaf(t.detach().double()) for t in (qs, k, v))

@@ -244,6 +244,8 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
                              f"{cu_seqlens_q.numel()}, got {cu_seqlens_k.numel()}")  # fmt: skip
         lq = _max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q)
         lk = _max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k)
+        # the kernels read offset b at cu + b (columns of one offsets table are strided)
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError(f"{op}: max_seqlen_q / max_seqlen_k go with cu_seqlens_q / "
