@@ -525,7 +525,8 @@ def test_tuning_workload_runs(device):
 
 def test_torch_compile_packed(device):
     """Packed segments under torch.compile(fullgraph=True): max_seqlen given (the offsets
-    cannot be read while tracing)."""
+    cannot be read while tracing), and a max_seqlen shorter than a segment refused by the
+    graph's device-side check (not rows left unwritten)."""
     cq = torch.tensor([0, 3, 3, 8], dtype=torch.int32, device=device)
     ck = torch.tensor([0, 5, 6, 6], dtype=torch.int32, device=device)
     q = leaf(rand(8, 2, 16, device=device))
@@ -548,6 +549,14 @@ def test_torch_compile_packed(device):
     with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
         torch.compile(lambda q: A.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck),
                       backend="aot_eager", fullgraph=True)(q.detach())  # fmt: skip
+    for name, other in (("max_seqlen_q", "max_seqlen_k"), ("max_seqlen_k", "max_seqlen_q")):
+        kw = {name: 4, other: 5}
+
+        def short(q, kw=kw):
+            return A.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
+
+        with pytest.raises(RuntimeError, match=rf"{name} \(4\) is smaller than a segment"):
+            torch.compile(short, backend="aot_eager", fullgraph=True)(q.detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -160,12 +160,15 @@ def _check_cu(op, name, cu, total, device):
     return max(lengths, default=0)
 
 
-def _max_seqlen(op, name, value, longest):
+def _max_seqlen(op, name, value, longest, cu):
     if value is None:
         if longest is None:
             raise ValueError(f"{op}: {name} must be given under torch.compile")
         return longest
     value = check_int(op, name, value)
+    if longest is None:  # traced: the offsets are checked on the device, in the graph
+        fits = (cu[1:] - cu[:-1] <= value).all()
+        torch._assert_async(fits, f"{op}: {name} ({value}) is smaller than a segment")
     if longest is not None and value < longest:
         raise ValueError(f"{op}: {name} ({value}) is smaller than the longest segment "
                          f"({longest})")  # fmt: skip
@@ -191,9 +194,11 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
             neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed. In
             eager mode the offsets are read on the host and checked (start at 0,
             non-decreasing, end at the packed length) before any launch, which waits for
-            the device; under ``torch.compile`` they are not read.
+            the device; under ``torch.compile`` they are not read on the host.
         max_seqlen_q, max_seqlen_k: the longest segments (default: from the offsets read
-            for the check; required under ``torch.compile``).
+            for the check; required under ``torch.compile``, where the graph checks on
+            the device that no segment is longer: ``torch._assert_async``, which on a GPU
+            is a device-side assert).
         key_padding_mask: dense inputs only, (B, Lk) bool, True at keys to ignore
             (``torch.nn.MultiheadAttention``'s convention).
         key_bias: an additive logit bias per key, dense (B, Lk) or (B, H, Lk), packed (Tk,)
@@ -242,8 +247,8 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"{op}: cu_seqlens_k must have cu_seqlens_q's length "
                              f"{cu_seqlens_q.numel()}, got {cu_seqlens_k.numel()}")  # fmt: skip
-        lq = _max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q)
-        lk = _max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k)
+        lq = _max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q, cu_seqlens_q)
+        lk = _max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k, cu_seqlens_k)
         # the kernels read offset b at cu + b (columns of one offsets table are strided)
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:
