@@ -402,8 +402,9 @@ def test_deepstack_add_inplace_and_casts(backend):
     mask = torch.rand(3, 7) < 0.4
     embeds = torch.randn(int(mask.sum()), 12)  # fp32, cast to bf16 as Qwen3-VL does
     ref = qwen3_deepstack(hidden, mask, embeds)
+    version = hidden._version
     out = C.deepstack_add(hidden, mask, embeds, inplace=True)
-    assert out is hidden
+    assert out is hidden and hidden._version > version  # autograd sees the write
     assert_same_sum(hidden, ref, backend)
     with pytest.raises(RuntimeError, match="requires grad"):
         C.deepstack_add(hidden.float().requires_grad_(), mask, embeds, inplace=True)

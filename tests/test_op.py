@@ -42,6 +42,18 @@ class _:
         return scale_rows(grad, w, ctx.alpha), None, None
 
 
+add_ = Op("test_add_", "(Tensor(a!) x, Tensor? y, Tensor(b!)? z) -> ()", family="test",
+          mutates=("x", "z"))  # fmt: skip
+
+
+@add_.impl("torch")
+def _(x, y, z):
+    # through a raw pointer, as a Triton kernel writes: no version counter bumped here
+    x.data.add_(1)
+    if z is not None:
+        z.data.add_(1)
+
+
 def _inputs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -165,3 +177,23 @@ def test_schema_arguments_with_alias_annotations():
     assert op._tensor_positions(schema) == (0, 1, 2)
     assert op._revised(schema).endswith("Tensor[] parts, int revision=0) -> ()")
     assert op._revised("() -> Tensor") == "(int revision=0) -> Tensor"
+
+
+def test_mutated_arguments_get_new_versions():
+    """An op that writes its arguments through raw pointers: the eager path bumps their
+    version counters as the dispatcher does, so a tensor autograd saved before the write
+    is refused in backward instead of giving a silently wrong gradient."""
+    x, y, z = (torch.zeros(3, dtype=torch.float64) for _ in "xyz")  # float64: the torch backend
+    versions = x._version, y._version, z._version
+    add_(x, y, z)
+    assert (x._version, y._version, z._version) == (versions[0] + 1, versions[1], versions[2] + 1)
+    add_(x, None, None)  # absent optional arguments are skipped
+    assert x._version == versions[0] + 2
+    with FlopCounterMode(display=False):  # the dispatcher path agrees
+        add_(x, y, z)
+    assert x._version > versions[0] + 2 and y._version == versions[1]
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    saved = (w * x).sum()  # autograd saves x
+    add_(x, None, None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

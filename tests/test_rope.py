@@ -313,6 +313,13 @@ def test_inplace(device, backend):
     assert torch.equal(q2, expected[0]) and torch.equal(k2, expected[1])
     with pytest.raises(RuntimeError, match="inplace=True is forward-only"):
         vlmkernels.mrope(leaf(q), k, cos, sin, [2, 3, 3], ud, inplace=True)
+    # a q that autograd saved elsewhere: its new version makes that backward refuse, on
+    # every backend (the kernels write through pointers)
+    w = torch.ones(16, dtype=q2.dtype, device=device, requires_grad=True)
+    saved = (w * q2).sum()
+    vlmkernels.mrope(q2, k2, cos, sin, [2, 3, 3], ud, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
 
 
 def _aliased_pairs(device):

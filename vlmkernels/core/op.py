@@ -111,6 +111,12 @@ class Op:
         self._apply: Callable | None = None  # the C++ Function.apply of _function
         self._tensor_positions: tuple[int, ...] = _tensor_positions(schema)
         self._arity = len(_argument_list(schema))  # without the revision
+        # the dispatcher bumps the version counters of mutated tensors (ADInplaceOrView);
+        # the eager path skips it and bumps them itself
+        self._mutated_positions = tuple(
+            i for i, a in enumerate(_argument_list(schema))
+            if a.split()[-1].split("=")[0] in self.mutates
+        )  # fmt: skip
         self._custom = torch.library.custom_op(
             self.qualname, self._dispatch, mutates_args=self.mutates, schema=_revised(schema)
         )
@@ -201,7 +207,12 @@ class Op:
                     needs_grad = True
         if needs_grad:
             return self._autograd_call(args)
-        return self.implementation(args)(*args)
+        out = self.implementation(args)(*args)
+        if self._mutated_positions:  # autograd then refuses a stale saved tensor
+            torch.autograd.graph.increment_version(
+                [args[i] for i in self._mutated_positions if args[i] is not None]
+            )
+        return out
 
     def _autograd_call(self, args):
         """``Function.apply`` of the eager path, without its Python layer (about 1.5 us)
