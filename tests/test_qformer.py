@@ -9,6 +9,7 @@ the kernel."""
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from vlmkernels.core.backend import use_backend
 from vlmkernels.ops.attention.qformer import add_layernorm, stacked_kv
 
 transformers = pytest.importorskip("transformers")
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
 from vlmkernels.integrations.transformers import patch  # noqa: E402
 
 
@@ -506,3 +508,48 @@ def test_full_blip2_model():
         assert (a is None) == (e is None)
         if e is not None and e.abs().max() > 1e-6:
             assert rel(a, e) < 1e-5
+
+
+@pytest.mark.parametrize("parts", [{}, {"qformer": False}])
+def test_patched_qformer_broadcasts_one_set_of_queries(parts):
+    """query_embeds of batch 1 (the learned queries, not expanded) with features of batch 2:
+    transformers broadcasts them in its attention's matmul (its "KV has a different bsz
+    than Q"); so does the patched Q-Former, values and gradients (the queries' summed over
+    the images)."""
+    model = tiny_qformer("blip_2")
+    kwargs, (query, image) = inputs("blip_2", masked=True)
+    query = query[:1].detach().requires_grad_()
+    kwargs["query_embeds"] = query
+    want, want_grads = run(model, kwargs, [query, image])
+    assert want.shape[0] == 2
+    with patch(model, **parts):
+        got, got_grads = run(model, kwargs, [query, image])
+    assert rel(got, want) < 1e-5
+    for a, e in zip(got_grads, want_grads, strict=True):
+        assert (a.abs().max() < 1e-6) if e.abs().max() < 1e-6 else rel(a, e) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["blip_2", "instructblip"])
+def test_output_attentions_runs_transformers_forward(which):
+    """output_attentions=True: transformers records the attention modules' weights, which
+    the kernels do not keep, so those calls run transformers' forward (a
+    PatchFallbackWarning says so) and return the same attentions; a call without it runs
+    the kernels again."""
+    model = tiny_qformer(which)
+    model.config._attn_implementation = "eager"  # the implementation that has weights
+    kwargs, leaves = inputs(which)
+    with torch.no_grad():
+        want = model(**kwargs, output_attentions=True)
+    assert want.attentions and want.cross_attentions
+    with patch(model), torch.no_grad():
+        with pytest.warns(PatchFallbackWarning, match="output_attentions=True"):
+            got = model(**kwargs, output_attentions=True)
+        for name in ("attentions", "cross_attentions"):
+            assert len(getattr(got, name)) == len(getattr(want, name))
+            for a, e in zip(getattr(got, name), getattr(want, name), strict=True):
+                assert rel(a, e) < 1e-6
+        assert rel(got.last_hidden_state, want.last_hidden_state) < 1e-5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PatchFallbackWarning)
+            plain = model(**kwargs)
+        assert rel(plain.last_hidden_state, want.last_hidden_state) < 1e-5

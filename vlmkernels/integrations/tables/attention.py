@@ -31,9 +31,11 @@ the host (:func:`key_mask`); refused, naming why: a mask that differs between qu
 runs in the kernel in training mode (``cross_attention(dropout_p=...)``: a counter-based
 mask drawn from the device's torch generator, regenerated in the backward), so a patched
 Q-Former trains with its dropout; its masks are not transformers' (a different RNG), so
-outputs match transformers only in eval mode or with the dropout at 0. It returns no
-attention weights (None). A query row whose keys are all padding gets 0 (transformers: a uniform
-average).
+outputs match transformers only in eval mode or with the dropout at 0. With
+``output_attentions=True`` (transformers records the modules' attention weights) the
+modules run transformers' forward for that call, with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`: the kernels keep no
+weights. A query row whose keys are all padding gets 0 (transformers: a uniform average).
 
 Part ``gated_cross_attention`` (a keyword of :func:`vlmkernels.patch`): every
 ``IdeficsGatedCrossAttentionLayer`` gets an instance ``forward`` computing what
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import sys
 import weakref
 
 import torch
@@ -74,6 +77,7 @@ from ..patching import (
     SetMethod,
     UnsupportedLayoutError,
     changed_part,
+    class_forward,
     fused_forward,
     is_patched,
     register,
@@ -271,6 +275,18 @@ def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
 
 
 _QFORMER = ("query", "key", "value", "attention_head_size", "scaling", "attention_dropout")
+_WEIGHTS = ("attentions", "cross_attentions")
+
+
+def weights_recorded() -> bool:
+    """Whether transformers is recording attention weights for the forward that runs
+    (``output_attentions=True``): its output recorder (``transformers.utils.
+    output_capturing``, 5.x) collects them from the attention modules' outputs, which
+    the kernels do not have. Read where the recorder is loaded, without importing it."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    return bool(collected) and any(key in collected for key in _WEIGHTS)
 
 
 def _qformer_forward(module, arch: Architecture):
@@ -283,6 +299,11 @@ def _qformer_forward(module, arch: Architecture):
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, **kwargs):
         # fmt: on
+        if weights_recorded():
+            kwargs.pop(QFORMER_KV, None)
+            return class_forward(self, "output_attentions=True (the kernels keep no attention "
+                                 "weights)", hidden_states, attention_mask, encoder_hidden_states,
+                                 encoder_attention_mask, **kwargs)  # fmt: skip
         drop = float(self.attention_dropout) if self.training else 0.0
         cross = encoder_hidden_states is not None
         states = encoder_hidden_states if cross else hidden_states
@@ -295,6 +316,9 @@ def _qformer_forward(module, arch: Architecture):
         if kv is None or kv[0].shape[:-1] != states.shape[:-1]:
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
+        if b == 1 and k.shape[0] > 1:  # one set of queries for every image (transformers
+            b = k.shape[0]  # broadcasts them in its matmul)
+            q = q.expand(b, -1, -1, -1)
         pad, bias = key_mask(mask, b, t, n, "vlmkernels (Q-Former attention)")
         out = cross_attention(q, k, v, key_padding_mask=pad, key_bias=bias,
                               scale=float(self.scaling), dropout_p=drop)  # fmt: skip
@@ -432,6 +456,8 @@ def _qformer_output_forward(module, arch: Architecture):
         if input_tensor.dtype != x.dtype:  # autocast: the sum promotes, as in transformers
             kind = torch.promote_types(x.dtype, input_tensor.dtype)
             x, input_tensor = x.to(kind), input_tensor.to(kind)
+        if input_tensor.shape != x.shape:  # queries of batch 1 for every image: broadcast
+            input_tensor = input_tensor.expand(x.shape)
         return add_layernorm_unchecked(x, input_tensor, norm.weight, norm.bias, bias, norm.eps)
 
     forward.__name__ = forward.__qualname__ = "forward"
