@@ -239,3 +239,19 @@ def test_opcheck_and_compile_with_dropout(device):
     assert rel(got, want) < 1e-6
     for a, b in zip(leaves, (q, k, v), strict=True):
         assert rel(a.grad, b.grad) < 1e-6
+
+
+def test_mask_helper_on_every_backend_and_bad_input(device):
+    """dropout_mask on the PyTorch path (a CPU without Triton's interpreter takes it) is the
+    kernel's mask; its arguments are checked before anything runs."""
+    seed = seed_tensor(99, device)
+    default = A.dropout_mask(seed, (2, 3, 5, 9), 0.3)
+    with use_backend("torch"):
+        assert torch.equal(A.dropout_mask(seed, (2, 3, 5, 9), 0.3), default)
+    assert A.dropout_mask(seed, (2, 0, 5, 9), 0.3).shape == (2, 0, 5, 9)
+    with pytest.raises(TypeError, match="seed must be a one-element int64 tensor"):
+        A.dropout_mask(seed.int(), (2, 3, 5, 9), 0.3)
+    with pytest.raises(ValueError, match="shape must be four ints"):
+        A.dropout_mask(seed, (2, 3, 5), 0.3)
+    with pytest.raises(ValueError, match="dropout_p must be a float in"):
+        A.dropout_mask(seed, (2, 3, 5, 9), 1.0)

@@ -42,8 +42,13 @@ tools need).
 
 from .absorption import absorb_queries, absorbed_cross_attention
 from .family import FAMILY
-from .functional import attention, cross_attention, draw_dropout_seed, media_cross_attention
-from .launchers import dropout_mask
+from .functional import (
+    attention,
+    cross_attention,
+    draw_dropout_seed,
+    dropout_mask,
+    media_cross_attention,
+)
 
 __all__ = [
     "FAMILY",

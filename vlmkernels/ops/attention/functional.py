@@ -3,16 +3,20 @@ fault, raised before any launch, then the ops of :mod:`.ops`."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
 import torch
 
+from ...core.backend import resolve_backend
 from ...core.checks import check_bool, check_int
+from . import launchers, reference
 from .launchers import MAX_HEAD_DIM
 from .ops import attention_core, attention_key_mass, attention_row_mass
 
-__all__ = ["attention", "cross_attention", "draw_dropout_seed", "media_cross_attention"]
+__all__ = ["attention", "cross_attention", "draw_dropout_seed", "dropout_mask",
+           "media_cross_attention"]  # fmt: skip
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,6 +118,32 @@ def draw_dropout_seed(device) -> torch.Tensor:
     generator of ``device`` (as SDPA's dropout draws its Philox seed and offset), so
     ``torch.manual_seed`` makes the masks reproducible, and each call draws a new one."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """(B, H, Lq, Lk) bool: the keep mask M the attention kernels draw for ``seed`` (a
+    one-element int64 tensor) and ``dropout_p``, from the same Philox function (a small
+    kernel of its own on the Triton backend; the PyTorch path's copy of the function
+    elsewhere); for tests and debugging. Packed segments use their own rows: segment b's
+    mask is ``[b, :, :Lq_b, :Lk_b]``."""
+    op = "dropout_mask"
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"{op}: seed must be a one-element int64 tensor, got "
+                        f"{getattr(seed, 'dtype', type(seed).__name__)} "
+                        f"{tuple(getattr(seed, 'shape', ()))}")  # fmt: skip
+    if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 4
+            or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0
+                   for n in shape)):  # fmt: skip
+        raise ValueError(f"{op}: shape must be four ints >= 0 (B, H, Lq, Lk), got {shape!r}")
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)
+            or not 0 <= dropout_p < 1):  # fmt: skip
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    b, h, lq, lk = (int(n) for n in shape)
+    if resolve_backend("attention", seed) != "torch":
+        return launchers.dropout_mask(seed, (b, h, lq, lk), float(dropout_p))
+    ar = functools.partial(torch.arange, dtype=torch.int64, device=seed.device)
+    return reference.dropout_keep(seed, ar(b)[:, None, None, None], ar(h)[:, None, None],
+                                  ar(lq)[:, None], ar(lk), float(dropout_p))  # fmt: skip
 
 
 def _dropout(op, dropout_p, dropout_seed, q):
