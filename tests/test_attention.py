@@ -587,6 +587,14 @@ def test_weight_absorption(dtype):
     assert bk64.grad.abs().max() < 1e-12  # the key bias cancels in the softmax
     with pytest.raises(ValueError, match=r"w_k must be \(heads \* d, C\)"):
         absorbed_cross_attention(queries, x, w_k[:-1], w_v)
+    with pytest.raises(ValueError, match=r"b_v must be \(heads \* d,\)"):
+        absorbed_cross_attention(queries, x, w_k, w_v, b_v[:3])
+    stale = absorb_queries(queries[:, 1:], w_k)  # absorbed for other queries
+    with pytest.raises(ValueError, match="absorbed must be absorb_queries"):
+        absorbed_cross_attention(queries, x, w_k, w_v, absorbed=stale)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    with pytest.raises(TypeError, match="x must have queries' dtype"):
+        absorbed_cross_attention(queries, x.to(other), w_k, w_v)
 
 
 def test_empty_sizes(device, backend):

@@ -77,6 +77,20 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
     if w_v.shape != w_k.shape:
         raise ValueError(f"{op}: w_v must have w_k's shape {tuple(w_k.shape)}, got "
                          f"{tuple(w_v.shape)}")  # fmt: skip
+    if b_v is not None and tuple(b_v.shape) != (heads * d,):
+        raise ValueError(f"{op}: b_v must be (heads * d,) = ({heads * d},), got shape "
+                         f"{tuple(b_v.shape)}")  # fmt: skip
+    if absorbed is not None and tuple(absorbed.shape) != (heads, lq, w_k.shape[1]):
+        raise ValueError(f"{op}: absorbed must be absorb_queries(queries, w_k), (heads, Lq, C) "
+                         f"= {(heads, lq, w_k.shape[1])}, got shape "
+                         f"{tuple(absorbed.shape)}")  # fmt: skip
+    named = {"queries": queries, "x": x, "w_k": w_k, "w_v": w_v, "b_v": b_v,
+             "absorbed": absorbed}  # fmt: skip
+    for name, t in named.items():
+        if t is not None and (t.dtype != queries.dtype or t.device != queries.device):
+            raise TypeError(f"{op}: {name} must have queries' dtype and device "
+                            f"({queries.dtype}, {queries.device}), got ({t.dtype}, "
+                            f"{t.device})")  # fmt: skip
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qt = absorb_queries(queries, w_k) if absorbed is None else absorbed  # (H, Lq, C)
     scores = torch.matmul(qt[None], x[:, None].transpose(-1, -2)) * s  # (B, H, Lq, N)
