@@ -302,6 +302,40 @@ def test_matches_transformers_functions(device):
         assert max_rel(ours, theirs) <= 2**-7  # fp32 math, one rounding each
 
 
+def test_float64_is_computed_in_float64(device):
+    """float64 inputs (the PyTorch path) are rotated in fp64: the table and positions forms
+    match the float64 formula to rounding, their gradients pass gradcheck, and the table
+    gradients too; vision_rope rounds to fp32 first as transformers' vision function does,
+    so it is bitwise the installed transformers' result."""
+    f64 = torch.float64
+    q, k, ud = qk_views(2, 5, 3, 1, 16, f64, device, "bhsd")
+    cos = torch.randn(3, *table_shape(q, ud, 16), device=device, dtype=f64)
+    sin = torch.randn_like(cos)
+    section = [2, 3, 3]
+    outs = vlmkernels.mrope(q, k, cos, sin, section, ud)
+    check_outputs(outs, ref_mrope(q, k, cos, sin, section, ud), f64, (q, k))
+    args = [leaf(t) for t in (q, k, cos, sin)]
+    assert torch.autograd.gradcheck(lambda *a: vlmkernels.mrope(*a, section, ud), args)
+    positions = torch.randint(0, 5000, (3, 2, 5), device=device)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.float32, device=device) / 16))
+    outs = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, section)
+    # fp32 angles and their fp32 cos / sin, as transformers' rotary classes compute them
+    angle = positions.cpu()[..., None].float() * inv_freq.cpu()
+    angle = torch.cat((angle, angle), -1)
+    pc, ps = angle.cos().double(), angle.sin().double()
+    check_outputs(outs, ref_mrope(q.cpu(), k.cpu(), pc, ps, section, ud), f64, (q, k))
+    qk = [leaf(q), leaf(k)]
+    assert torch.autograd.gradcheck(
+        lambda q, k: vlmkernels.mrope_from_positions(q, k, positions, inv_freq, section), qk
+    )
+    tf = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+    vq, vk, _ = qk_views(1, 9, 2, 2, 16, f64, device, "packed")
+    vc, vs = torch.randn(9, 16, device=device), torch.randn(9, 16, device=device)
+    want = tf.apply_rotary_pos_emb_vision(vq, vk, vc, vs)
+    for ours, theirs in zip(vlmkernels.vision_rope(vq, vk, vc, vs), want, strict=True):
+        assert ours.dtype == f64 and torch.equal(ours, theirs)
+
+
 def test_inplace(device, backend):
     q, k, ud = qk_views(2, 5, 3, 2, 16, torch.bfloat16, device, "bhsd")
     cos = torch.randn(3, *table_shape(q, ud, 16), device=device).to(torch.bfloat16)

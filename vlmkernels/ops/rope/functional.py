@@ -275,6 +275,12 @@ def vision_rope(q, k, cos, sin):
         cos, sin: (N, hd) fp32 tables ``[h f | w f | h f | w f]``.
 
     Returns:
-        (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32.
+        (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32 (float64 inputs too,
+        rounded to fp32 first, as transformers does).
     """
+    wide = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (q, k)]
+    if any(wide):  # transformers' q.float(): the rounding is part of the result
+        q, k = (t.float() if w else t for t, w in zip((q, k), wide, strict=True))
+        out = _rope("vision_rope", q, k, cos, sin, 1, False)
+        return tuple(t.double() if w else t for t, w in zip(out, wide, strict=True))
     return _rope("vision_rope", q, k, cos, sin, 1, False)

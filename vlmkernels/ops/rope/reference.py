@@ -1,5 +1,7 @@
 """The PyTorch reference of the rotary ops (also their CPU path): per-lane cos/sin from the
-tables or the positions, the rotation and its transpose, the tables' gradients."""
+tables or the positions, the rotation and its transpose, the tables' gradients. Arithmetic
+in fp32, or fp64 for float64 inputs (as transformers computes a float64 model: its angles
+in fp32, the rotation in the model's dtype)."""
 
 from __future__ import annotations
 
@@ -21,14 +23,21 @@ def lane_axes(half: int, mode: int, sections, device=None) -> torch.Tensor:
     return torch.zeros_like(j)
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype for ``dtype``: fp32, or fp64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def table_lanes(table: torch.Tensor, mode: int, sections) -> torch.Tensor:
-    """(B, S, R) fp32 cos or sin per lane from an (A, B, S, R) table."""
+    """(B, S, R) fp32 (fp64 for a float64 table) cos or sin per lane from an (A, B, S, R)
+    table."""
     a, b, s, rot = table.shape
     axes = lane_axes(rot // 2, mode, sections, table.device).repeat(2)
+    wide = table.to(_wide(table.dtype))
     if a == 1:
-        return table[0].float()
+        return wide[0]
     index = axes.view(1, 1, 1, rot).expand(1, b, s, rot)
-    return table.float().gather(0, index)[0]
+    return wide.gather(0, index)[0]
 
 
 def position_lanes(positions, inv_freq, mode, sections, scaling):
@@ -48,7 +57,8 @@ def rotate(x, cos, sin, backward):
     """The rotation (or its transpose) of canonical (B, S, H, D) x with (B, S, R) lanes."""
     rot = cos.shape[-1]
     h = rot // 2
-    xf = x.float()
+    xf = x.to(_wide(x.dtype))
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
     x1, x2 = xf[..., :h], xf[..., h:rot]
     c1, c2 = cos[..., :h].unsqueeze(2), cos[..., h:].unsqueeze(2)
     s1, s2 = sin[..., :h].unsqueeze(2), sin[..., h:].unsqueeze(2)
@@ -65,10 +75,11 @@ def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
     axis."""
     rot = table_shape[-1]
     h = rot // 2
-    dc = torch.zeros(table_shape[1:], dtype=torch.float32, device=q.device)
+    wide = _wide(q.dtype)
+    dc = torch.zeros(table_shape[1:], dtype=wide, device=q.device)
     ds = torch.zeros_like(dc)
     for x, g in ((q, gq), (k, gk)):
-        xf, gf = x.float()[..., :rot], g.float()[..., :rot]
+        xf, gf = x.to(wide)[..., :rot], g.to(wide)[..., :rot]
         x1, x2, g1, g2 = xf[..., :h], xf[..., h:], gf[..., :h], gf[..., h:]
         dc += torch.cat(((g1 * x1).sum(2), (g2 * x2).sum(2)), -1)
         if backward:
