@@ -403,6 +403,30 @@ def test_text_model_and_vision_tower_roots(qwen2):
         assert all(".self_attn." in t for t in handle.targets)
 
 
+def test_model_inside_a_wrapper(qwen2):
+    """A wrapper holding the model (peft's PeftModel, a LightningModule: here a plain
+    module with it as ``.model``) gets the outermost Qwen-VL model's parts, not the
+    connector parts alone; logits match, undo restores."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            return self.model(**inputs)
+
+    wrapper = Wrapper(qwen2.model)
+    with vt.patch(wrapper) as handle:
+        targets = handle.targets
+        logits = qwen2.logits(wrapper)
+    assert "model.model.get_rope_index" in targets
+    assert any(".self_attn." in t for t in targets) and any(".attn." in t for t in targets)
+    assert_close(logits, qwen2.ref_logits, "logits")
+    assert instance_overrides(qwen2.model) == []
+
+
+# ------------------------------------------------------------------ errors
 # ------------------------------------------------------------------ errors
 
 

@@ -510,8 +510,26 @@ class Patcher:
                 return arch, module, self.parts
         return None
 
+    def _nested(self, model):
+        """For a model that holds the architecture's models (a wrapper: ``peft``'s
+        ``PeftModel``, a LightningModule): the architecture of the outermost root in its
+        tree and that root's parts (the slots are found anywhere in the tree), else
+        :meth:`_anywhere`'s answer."""
+        by_module = {a.module: a for a in self.architectures.values()}
+        for sub in model.modules():
+            arch = by_module.get(getattr(type(sub), "__module__", None))
+            module = sys.modules.get(arch.module) if arch is not None else None
+            if module is None:
+                continue
+            for root, parts in arch.roots.items():
+                cls = getattr(module, root, None)
+                if isinstance(cls, type) and isinstance(sub, cls):
+                    return arch, module, parts
+        return self._anywhere(model)
+
     def find(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]]:
-        """The architecture of ``model``, its module, and the parts that apply to it."""
+        """The architecture of ``model``, its module, and the parts that apply to it: those
+        of a root (``Architecture.roots``) it is, or of the outermost root it holds."""
         by_module = {a.module: a for a in self.architectures.values()}
         for cls in type(model).__mro__:
             arch = by_module.get(getattr(cls, "__module__", None))
@@ -526,7 +544,7 @@ class Patcher:
             raise UnsupportedModelError(
                 f"vlmkernels.patch takes a {', '.join(arch.roots)}; got {type(model).__qualname__}"
             )
-        found = self._anywhere(model) if hasattr(model, "modules") else None
+        found = self._nested(model) if hasattr(model, "modules") else None
         if found is not None:
             return found
         names = ", ".join(self.architectures)

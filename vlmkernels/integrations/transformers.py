@@ -140,7 +140,8 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     Args:
         model: for the rotary parts, a Qwen-VL ``...ForConditionalGeneration`` or
             ``...Model`` (text, vision and ``get_rope_index``), a ``...TextModel`` (text
-            only) or a vision tower; other tables' architectures anywhere in its tree.
+            only) or a vision tower, or a module holding one (``peft``'s ``PeftModel``:
+            the outermost one's parts); other tables' architectures anywhere in its tree.
         rope: text attention rotary -> :func:`vlmkernels.rope` / :func:`vlmkernels.mrope`.
         vision: vision attention rotary -> :func:`vlmkernels.vision_rope`.
         rope_index: ``get_rope_index`` -> :func:`rope_index_method`.
