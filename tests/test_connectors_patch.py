@@ -5,6 +5,7 @@ restores the instance exactly; under autocast, bf16 as transformers' linears com
 
 import copy
 import warnings
+from math import isqrt
 
 import pytest
 import torch
@@ -500,3 +501,30 @@ def test_minicpm_v4_6_full_model_patches_its_merger():
     with vt.patch(model) as handle:
         assert handle.targets == ("model.merger.forward",)
     assert "forward" not in model.model.merger.__dict__
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm", "qwen3_vl_postshuffle", "internvl"])
+def test_patched_connector_compiles_with_dynamic_token_counts(name):
+    """torch.compile(fullgraph=True, dynamic=True) of the patched connector, called with two
+    token counts (the grid side, or the merged rows, symbolic): the fused path's grid
+    arithmetic traces (no math.isqrt on a SymInt) and the outputs are transformers'."""
+    module, x = CASES[name]()
+    if name == "internvl":  # the unshuffled grid, InternVL's pixel shuffle deferred
+        inputs = [torch.randn(2, side * side, 6) for side in (4, 6)]
+    elif name == "qwen3_vl_postshuffle":
+        inputs = [torch.randn(n, 6) for n in (28, 44)]
+    else:
+        scale = 2 if name == "idefics3" else 3
+        inputs = [torch.randn(2, (scale * k) ** 2, 8) for k in (2, 3)]
+    reference = copy.deepcopy(module)
+    with vt.patch(module):
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=True)
+        got = [compiled(x) for x in inputs]
+    for x, out in zip(inputs, got, strict=True):
+        if name == "internvl":
+            from transformers.models.internvl.modeling_internvl import InternVLModel
+
+            side = isqrt(x.shape[1])
+            grid = x.reshape(2, side, side, 6)
+            x = InternVLModel.pixel_shuffle(None, grid, 0.5).reshape(2, -1, 24)
+        assert max_rel(out, reference(x)) < TOL

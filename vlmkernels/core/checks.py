@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -100,6 +101,15 @@ def check_int(op: str, name: str, value) -> int:
                                    or not isinstance(value, numbers.Integral)):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     return int(value)
+
+
+def isqrt(n) -> int:
+    """floor(sqrt(n)) of an int n >= 0, exact; of a SymInt while torch.compile traces with
+    dynamic shapes (``math.isqrt`` refuses one), through a float square root, which is
+    exact below 2^52 (token counts), as transformers' own ``int(n ** 0.5)``."""
+    if torch.compiler.is_compiling():  # dynamo sees a SymInt as an int
+        return torch.sym_int(n**0.5)
+    return math.isqrt(n)
 
 
 def check_bool(op: str, name: str, value) -> bool:

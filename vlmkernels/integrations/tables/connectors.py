@@ -41,13 +41,13 @@ full models, the vision towers, the mergers themselves, a foreign model.
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 
 from torch import nn
 from torch.nn import functional as F
 
+from ...core.checks import isqrt
 from ...ops.connectors import deepstack_add, merger, mlp_projector
 from ..patching import (
     Architecture,
@@ -202,7 +202,7 @@ def _deferred_scale(features, k: int) -> int | None:
     c = features.shape[-1]
     if features.dim() != 3 or c == k or c == 0 or k % c:
         return None
-    s, side = math.isqrt(k // c), math.isqrt(features.shape[1])
+    s, side = isqrt(k // c), isqrt(features.shape[1])
     if s < 2 or s * s * c != k or side * side != features.shape[1] or side % s:
         return None
     return s
@@ -357,7 +357,7 @@ def _qwen_merger_forward(module, arch):
         l1, l2 = self.get_submodule(fc1), self.get_submodule(fc2)
         hidden = self.hidden_size
         c = norm.weight.shape[0] if before else x.shape[-1]
-        s = math.isqrt(hidden // c)
+        s = isqrt(hidden // c)
         if s * s * c != hidden:
             raise ValueError(f"{where}: {hidden} merged features are not s^2 x {c}")
         return merger(x.reshape(-1, c), l1.weight, l1.bias, l2.weight, l2.bias, merge_size=s,

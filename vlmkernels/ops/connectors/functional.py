@@ -10,11 +10,9 @@ dtype, the result in it; the norm weights stay as given (the norm's statistics a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ...core.checks import FLOAT_DTYPES
+from ...core.checks import FLOAT_DTYPES, isqrt
 from ...core.runtime import autocast_operands
 from . import ops
 from .kernels import ACT_GELU, LAYER_NORM, NO_NORM, RMS_NORM
@@ -48,7 +46,7 @@ def _check_int(op: str, name: str, value, low: int) -> int:
 
 def _square_grid(op: str, n: int, scale: int) -> int:
     """The side of the square grid of ``n`` tokens, divisible by ``scale``."""
-    side = math.isqrt(n)
+    side = isqrt(n)
     if side * side != n:
         raise ValueError(f"{op}: x must hold a square grid of tokens (dim 1), got {n} tokens")
     if side % scale:
