@@ -412,6 +412,23 @@ def test_deepstack_add_inplace_and_casts(backend):
         C.deepstack_add(hidden, mask, embeds[1:])
 
 
+def test_deepstack_add_inplace_refuses_aliased_memory(backend):
+    """In place, a hidden expanded over the batch (its rows written more than once) or
+    visual features that are a view of hidden raise before anything is written."""
+    mask = torch.tensor([[False, True, False, True]] * 2)
+    embeds = torch.randn(4, 6)
+    expanded = torch.randn(1, 4, 6).expand(2, 4, 6)
+    before = expanded.clone()
+    with pytest.raises(ValueError, match="hidden .* more than once"):
+        C.deepstack_add(expanded, mask, embeds, inplace=True)
+    assert torch.equal(expanded, before)
+    hidden = torch.randn(2, 4, 6)
+    with pytest.raises(ValueError, match="hidden and visual_embeds share memory"):
+        C.deepstack_add(hidden, mask, hidden[0], inplace=True)
+    want = qwen3_deepstack(expanded, mask, embeds)
+    assert torch.equal(C.deepstack_add(expanded, mask, embeds), want)  # out of place: fine
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_deepstack_add_strided_hidden(inplace, backend):
     """A hidden whose leading dims no view flattens (a transposed batch), in place or not."""

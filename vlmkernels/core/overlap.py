@@ -68,8 +68,8 @@ def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> No
         if t.numel() > 1 and not _provably_disjoint_strides(t) and _has_duplicates(t):
             raise ValueError(
                 f"{op}: {name} (shape {tuple(t.shape)}, strides {t.stride()}) reaches some "
-                f"elements more than once (an expanded or overlapping view); in-place rotation "
-                f"would rotate them twice. Pass a tensor without self-overlap or use "
+                f"elements more than once (an expanded or overlapping view); in place, they "
+                f"would be written more than once. Pass a tensor without self-overlap or use "
                 f"inplace=False"
             )
     tensors = [(n, t, True) for n, t in written.items()] + [(n, t, False) for n, t in read.items()]

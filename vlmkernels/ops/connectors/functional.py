@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...core.checks import FLOAT_DTYPES, isqrt
+from ...core.overlap import check_no_overlap
 from ...core.runtime import autocast_operands
 from . import ops
 from .kernels import ACT_GELU, LAYER_NORM, NO_NORM, RMS_NORM
@@ -380,6 +381,7 @@ def deepstack_add(
             raise RuntimeError(
                 f"{op}: inplace=True on a hidden that requires grad; use inplace=False"
             )
+        check_no_overlap(op, {"hidden": hidden}, {"visual_embeds": visual_embeds})
         ops.deepstack_add_(hidden, visual_pos_mask, visual_embeds)
         return hidden
     return ops.deepstack_add(hidden, visual_pos_mask, visual_embeds)
