@@ -125,6 +125,12 @@ def test_bad_pool_arguments():
             C.mlp_projector(x, w1, b1, w2, b2, **kwargs)
     with pytest.raises(ValueError, match=r"x must be \(B, H W, K\)"):
         C.mlp_projector(x[0], w1, b1, w2, b2, pool="bilinear", grid=(3, 4))
+    # integers of other types (numpy's, a torch.Size) are ints, as pool_tokens takes them
+    numpy = pytest.importorskip("numpy")
+    want = C.mlp_projector(x, w1, b1, w2, b2, pool="bilinear", grid=(3, 4))
+    for grid in ((numpy.int64(3), 4), torch.Size((3, 4))):
+        got = C.mlp_projector(x, w1, b1, w2, b2, pool="bilinear", grid=grid)
+        assert torch.equal(got, want)
 
 
 def test_opcheck():

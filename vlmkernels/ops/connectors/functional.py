@@ -10,6 +10,8 @@ dtype, the result in it; the norm weights stay as given (the norm's statistics a
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ...core.checks import FLOAT_DTYPES, isqrt
@@ -113,7 +115,10 @@ def _check_pair(op: str, name: str, value) -> tuple[int, int]:
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or not all(
+            isinstance(v, (int, numbers.Integral)) and not isinstance(v, bool) and v > 0
+            for v in value
+        )
     ):
         raise ValueError(f"{op}: {name} must be a pair of positive ints (h, w), got {value!r}")
     return int(value[0]), int(value[1])
