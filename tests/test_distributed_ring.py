@@ -323,6 +323,54 @@ def _errors_job(rank, world):
     fullgraph = torch.compile(lambda x, y: clip(x, y), backend="eager", fullgraph=True)
     _expect(report, "compile_fullgraph", Exception, "disable", lambda: fullgraph(*feats()))
 
+    from vlmkernels.distributed import ring
+
+    # a check that needs no other rank failing on rank 1 only (a forced backend that cannot
+    # run there, an unknown VLMKERNELS_CLIP_BACKWARD, features on the wrong device): rank 1
+    # raises it, rank 0 learns of it in the consistency exchange instead of hanging
+    real_check = ring._check_local
+
+    def check_local(op, group, x):
+        if rank == 1:
+            raise NotImplementedError(f"{op}: a local configuration error")
+        return real_check(op, group, x)
+
+    ring._check_local = check_local
+    try:
+        want = "local configuration error" if rank == 1 else "rejected their arguments"
+        exc = NotImplementedError if rank == 1 else ValueError
+        _expect(report, "local_config_error_on_one_rank", exc, want, lambda: clip(*feats()))
+    finally:
+        ring._check_local = real_check
+    # an error inside a rotation on every rank (out of memory at the same step, as equal
+    # shards give): the transfers already posted are waited for before it propagates, so
+    # the next call (a retry with a smaller batch) finds the group in step
+    real_stats = ring.block_stats
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    ring.block_stats = out_of_memory
+    try:
+        _expect(report, "error_inside_the_rotation", torch.OutOfMemoryError, "simulated",
+                lambda: clip(*feats()))  # fmt: skip
+    finally:
+        ring.block_stats = real_stats
+
+    # a process outside the subgroup (new_group gives it a marker, not a group) is told so
+    sub = dist.new_group([0])
+    if rank == 1:
+        _expect(report, "not_a_member", ValueError, "not a member of process_group",
+                lambda: clip(*feats(), group=sub))  # fmt: skip
+    else:  # rank 0 alone in it: the local loss
+        try:
+            x, y = feats()
+            _assert_close("one-rank subgroup", clip(x, y, group=sub),
+                          vk.clip_loss(x, y, 10.0), 1.0)  # fmt: skip
+            report["not_a_member"] = None
+        except Exception:
+            report["not_a_member"] = traceback.format_exc()
+
     try:  # the group is still in step after all of that
         x, y = feats()
         xs, ys = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(y)
@@ -451,6 +499,9 @@ ERRORS = [
     "siglip_second_order",
     "while_tracing",
     "compile_fullgraph",
+    "local_config_error_on_one_rank",
+    "error_inside_the_rotation",
+    "not_a_member",
     "good_call_after_errors",
     "uninitialised",
 ]

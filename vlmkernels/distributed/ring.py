@@ -60,6 +60,14 @@ what to do about the learnable scale. Second-order gradients are not implemented
 backward with ``create_graph=True`` (which works), differentiating the gradients raises
 NotImplementedError on every rank, before any communication.
 
+Errors. The group and arguments are checked before anything travels, and a rank whose own
+checks fail (its arguments, its features' device, a forced backend or CLIP backward design
+that cannot run there) tells the others in the consistency exchange: every rank raises. An
+error raised inside a rotation on every rank alike (out of memory at the same step, as
+equal shards give) waits for the transfers already posted before it propagates, so the
+group stays usable (a retry with a smaller batch works); one rank failing alone in a
+rotation leaves the others waiting in its transfers, as any collective does.
+
 Not traced by torch.compile: the functions are wrapped in ``torch.compiler.disable`` (a
 compiled caller graph-breaks around them and runs them eagerly; ``fullgraph=True`` fails
 with dynamo's error naming them), and raise if they run while tracing
@@ -74,14 +82,16 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ..core.backend import in_forward_backend, remember_backend
+from ..core.backend import in_forward_backend, remember_backend, resolve_backend
 from ..core.checks import FLOAT_DTYPES, REDUCTIONS
 from ..core.op import first_order_only
 from ..ops.contrastive import (
+    FAMILY,
     SideStats,
     Targets,
     block_grads,
     block_stats,
+    clip_backward_design,
     siglip_block_grads,
     siglip_block_rows,
 )
@@ -153,6 +163,8 @@ def _check_group(op: str, group) -> tuple[int, int]:
             f"{op}: a process_group was given but torch.distributed is not initialised "
             "(call torch.distributed.init_process_group first)"
         )
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives the others
+        raise ValueError(f"{op}: this process is not a member of process_group")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"{op}: process_group must be a torch.distributed.ProcessGroup, "
@@ -167,18 +179,32 @@ def _check_group(op: str, group) -> tuple[int, int]:
     return rank, world
 
 
-def _meta_device(op: str, group, x: torch.Tensor) -> torch.device:
-    """Where the group's collectives take tensors: the CPU for gloo, CUDA for NCCL."""
+def _group_device(group, x: torch.Tensor) -> torch.device:
+    """Where the group's collectives take tensors: the CPU for gloo, the current CUDA
+    device for NCCL, whatever the features' device (the consistency exchange reports a
+    rank whose features are elsewhere), else the features'."""
     backend = str(dist.get_backend(group))
     if backend == "gloo":
-        if x.is_cuda:
-            raise NotImplementedError(
-                f"{op}: CUDA features need an NCCL process group (this one is gloo)"
-            )
         return torch.device("cpu")
+    if backend == "nccl":
+        return x.device if x.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
+def _check_local(op: str, group, x: torch.Tensor) -> None:
+    """This rank's checks that need no other rank: features on the group's device, and the
+    configuration the block primitives read (a forced backend that cannot run here, an
+    unknown ``VLMKERNELS_CLIP_BACKWARD``), resolved now rather than inside a rotation,
+    where other ranks would be waiting on this one."""
+    backend = str(dist.get_backend(group))
+    if backend == "gloo" and x.is_cuda:
+        raise NotImplementedError(
+            f"{op}: CUDA features need an NCCL process group (this one is gloo)"
+        )
     if backend == "nccl" and not x.is_cuda:
         raise ValueError(f"{op}: the process group is NCCL but the features are on {x.device}")
-    return x.device
+    if resolve_backend(FAMILY.name, x) == "triton" and op == "clip_loss":
+        clip_backward_design(None, x.device)
 
 
 # What every rank sends once per call: an error flag (report_local_error), its local batch
@@ -187,10 +213,10 @@ _META = ("error", "batch", "dim", "dtype", "kind", "ids", "bias", "reduction", "
          "grad", "scale", "bias_value")  # fmt: skip
 
 
-def _exchange_meta(op, group, x, values: dict) -> list[dict]:
+def _exchange_meta(group, x, values: dict) -> list[dict]:
     """Every rank's ``_META`` values (:func:`consistency.exchange`), in rank order."""
     assert tuple(values) == _META
-    return exchange(group, _meta_device(op, group, x), values)
+    return exchange(group, _group_device(group, x), values)
 
 
 def _yes_no(v) -> str:
@@ -212,16 +238,30 @@ _DESCRIBE = {
 }
 
 
-def _check_consistent(op: str, table: list[dict]) -> None:
-    """Raises the same error on every rank where a field differs between ranks, or where
-    a rank failed its local argument checks (:func:`report_local_error`)."""
-    failed = [r for r, row in enumerate(table) if row["error"]]
-    if failed:
-        raise ValueError(
-            f"{op}: rank(s) {failed} of the process group rejected their arguments (see the "
-            "error raised there); no rank runs the ring"
-        )
+# the "error" field: a rank's argument checks failed (:func:`report_local_error`: its other
+# fields are meaningless), or its local configuration did (:func:`_check_local`: they hold)
+_REJECTED, _MISCONFIGURED = 1.0, 2.0
+
+
+def _check_consistent(op: str, table: list[dict], local_error: Exception | None = None) -> None:
+    """Raises the same error on every rank where a rank failed its argument checks
+    (:func:`report_local_error`) or a field differs between ranks; then, where a rank's
+    local configuration failed, that rank raises its own error (``local_error``) and the
+    others say which rank it was."""
+
+    def rejected(value):
+        failed = [r for r, row in enumerate(table) if row["error"] == value]
+        if failed:
+            raise ValueError(
+                f"{op}: rank(s) {failed} of the process group rejected their arguments (see "
+                "the error raised there); no rank runs the ring"
+            )
+
+    rejected(_REJECTED)
     check_agree(op, table, _DESCRIBE)
+    if local_error is not None:
+        raise local_error
+    rejected(_MISCONFIGURED)
 
 
 def _setup(op, group, x, scale, bias, *, reduction, grad, ids=False, smoothing=0.0) -> _Ring:
@@ -234,13 +274,20 @@ def _setup(op, group, x, scale, bias, *, reduction, grad, ids=False, smoothing=0
         )
     rank, world = _check_group(op, group)
     if world == 1:  # nothing to agree on, nothing to send: no collective, no host sync
+        _check_local(op, group, x)
         return _Ring(group, rank, world, (x.shape[0],))
-    values = dict(error=0, batch=x.shape[0], dim=x.shape[1], dtype=FLOAT_DTYPES.index(x.dtype),
+    local_error = None
+    try:
+        _check_local(op, group, x)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as error:
+        local_error = error
+    values = dict(error=_MISCONFIGURED if local_error else 0.0, batch=x.shape[0],
+                  dim=x.shape[1], dtype=FLOAT_DTYPES.index(x.dtype),
                   kind=_KINDS.index(op), ids=ids, bias=bias is not None,
                   reduction=REDUCTIONS.index(reduction), smoothing=smoothing, grad=grad,
                   scale=scale, bias_value=bias if bias is not None else 0.0)  # fmt: skip
-    table = _exchange_meta(op, group, x, values)
-    _check_consistent(op, table)
+    table = _exchange_meta(group, x, values)
+    _check_consistent(op, table, local_error)
     return _Ring(group, rank, world, tuple(int(row["batch"]) for row in table))
 
 
@@ -254,8 +301,7 @@ def report_local_error(op: str, group, features, error: Exception) -> None:
         rank, world = _check_group(op, group)
         if world > 1:
             like = features if isinstance(features, torch.Tensor) else torch.empty(0)
-            probe = torch.empty(0, device=_meta_device(op, group, like))
-            _exchange_meta(op, group, probe, {key: float(key == "error") for key in _META})
+            _exchange_meta(group, like, {key: _REJECTED * (key == "error") for key in _META})
     except Exception:  # noqa: BLE001 - the local error is the one to report
         pass
     raise error
@@ -283,12 +329,48 @@ class _Transfer:
             ops.append(dist.P2POp(dist.isend, s, group=ring.group, group_peer=nxt, tag=tag))
             ops.append(dist.P2POp(dist.irecv, r, group=ring.group, group_peer=prev, tag=tag))
         self._works = dist.batch_isend_irecv(ops)
+        self.done = False
 
     def wait(self) -> list[torch.Tensor]:
         for work in self._works:
             work.wait()
-        self._sent = None
+        self._sent, self.done = None, True
         return self.received
+
+    def drain(self) -> None:
+        """Waits for the transfer without using it (its errors ignored)."""
+        for work in self._works:
+            try:
+                work.wait()
+            except Exception:  # noqa: BLE001, S110 - the rotation's own error is raised
+                pass
+        self._sent = self.received = None
+        self.done = True
+
+
+class _InFlight:
+    """A rotation's posted transfers not yet waited for (``inflight(transfer)`` registers
+    one). When the rotation raises (out of memory, a kernel error: the same on every rank),
+    they are waited for before the error propagates, so that no send or receive is left
+    posted to match the messages of the group's next call (which would then hang)."""
+
+    def __init__(self):
+        self._posted: list[_Transfer] = []
+
+    def __call__(self, transfer: _Transfer) -> _Transfer:
+        self._posted = [t for t in self._posted if not t.done]
+        self._posted.append(transfer)
+        return transfer
+
+    def __enter__(self) -> _InFlight:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None:
+            for transfer in self._posted:
+                if not transfer.done:
+                    transfer.drain()
+        self._posted = []
 
 
 def _pass_block(ring: _Ring, step: int, tensors: list, tags: list[int], shapes) -> _Transfer:
@@ -338,25 +420,25 @@ def _clip_stats_rotation(ring, x, y, scale, bias, ids, smoothing, chunk):
     n = ring.world
     block, tags, shapes = _y_block(y, ids)
     rows = stats_in = incoming = None
-    for step in range(n):
-        j = ring.block(step)
-        if incoming is not None:
-            block = incoming.wait()
-        if step < n - 1:
-            incoming = _pass_block(ring, step, block, tags, shapes)
-        ids_j = block[1] if ids is not None else None
-        targets = _block_targets(ring, j, ids, ids_j, smoothing)
-        r, c = block_stats(x, block[0], scale, bias, targets, True, True, chunk)
-        rows = r if rows is None else rows.merge(r)
-        if stats_in is not None:
-            c = _unpack(stats_in.wait()[0], fields).merge(c)
-        if n == 1:
-            return rows, c
-        packed = _pack(c, fields)
-        b_prev = ring.sizes[ring.block(step + 1)]
-        stats_in = _Transfer(ring, [packed], [((len(fields), b_prev), packed.dtype, packed.device)],
-                             [_TAG_ACC])  # fmt: skip
-    return rows, _unpack(stats_in.wait()[0], fields)
+    with _InFlight() as inflight:
+        for step in range(n):
+            j = ring.block(step)
+            if incoming is not None:
+                block = incoming.wait()
+            if step < n - 1:
+                incoming = inflight(_pass_block(ring, step, block, tags, shapes))
+            ids_j = block[1] if ids is not None else None
+            targets = _block_targets(ring, j, ids, ids_j, smoothing)
+            r, c = block_stats(x, block[0], scale, bias, targets, True, True, chunk)
+            rows = r if rows is None else rows.merge(r)
+            if stats_in is not None:
+                c = _unpack(stats_in.wait()[0], fields).merge(c)
+            if n == 1:
+                return rows, c
+            packed = _pack(c, fields)
+            spec = ((len(fields), ring.sizes[ring.block(step + 1)]), packed.dtype, packed.device)
+            stats_in = inflight(_Transfer(ring, [packed], [spec], [_TAG_ACC]))
+        return rows, _unpack(stats_in.wait()[0], fields)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -375,22 +457,24 @@ def _grad_rotation(ring, x, y, extra, tags, compute):
     shapes = lambda b: [(b, d)] + [(*t.shape[:-1], b) for t in extra]  # noqa: E731
     ds = db = 0.0
     incoming = dy_in = None
-    for step in range(n):
-        j = ring.block(step)
-        if incoming is not None:
-            block = incoming.wait()
-        if step < n - 1:
-            incoming = _pass_block(ring, step, block, [_TAG_Y, *tags], shapes)
-        dy = torch.zeros((ring.sizes[j], d), **acc)
-        s, b = compute(j, block[0], block[1:], dx, dy)
-        ds, db = ds + s, db + b
-        if dy_in is not None:
-            dy.add_(dy_in.wait()[0])
-        if n == 1:
-            return dx, dy, ds, db
-        b_prev = ring.sizes[ring.block(step + 1)]
-        dy_in = _Transfer(ring, [dy], [((b_prev, d), dy.dtype, dy.device)], [_TAG_ACC])
-    return dx, dy_in.wait()[0], ds, db
+    with _InFlight() as inflight:
+        for step in range(n):
+            j = ring.block(step)
+            if incoming is not None:
+                block = incoming.wait()
+            if step < n - 1:
+                incoming = inflight(_pass_block(ring, step, block, [_TAG_Y, *tags], shapes))
+            dy = torch.zeros((ring.sizes[j], d), **acc)
+            s, b = compute(j, block[0], block[1:], dx, dy)
+            ds, db = ds + s, db + b
+            if dy_in is not None:
+                dy.add_(dy_in.wait()[0])
+            if n == 1:
+                return dx, dy, ds, db
+            b_prev = ring.sizes[ring.block(step + 1)]
+            spec = ((b_prev, d), dy.dtype, dy.device)
+            dy_in = inflight(_Transfer(ring, [dy], [spec], [_TAG_ACC]))
+        return dx, dy_in.wait()[0], ds, db
 
 
 def _all_reduce(ring: _Ring, *values: torch.Tensor) -> list[torch.Tensor]:
@@ -535,13 +619,14 @@ def _siglip_rows_rotation(ring, x, y, scale, bias, chunk):
     """(b_p,) per-image losses of this rank's images over the global batch of texts."""
     block, tags, shapes = _y_block(y, None)
     incoming, rows = None, 0.0
-    for step in range(ring.world):
-        j = ring.block(step)
-        if incoming is not None:
-            block = incoming.wait()
-        if step < ring.world - 1:
-            incoming = _pass_block(ring, step, block, tags, shapes)
-        rows = rows + siglip_block_rows(x, block[0], scale, bias, ring.offset(j), chunk)
+    with _InFlight() as inflight:
+        for step in range(ring.world):
+            j = ring.block(step)
+            if incoming is not None:
+                block = incoming.wait()
+            if step < ring.world - 1:
+                incoming = inflight(_pass_block(ring, step, block, tags, shapes))
+            rows = rows + siglip_block_rows(x, block[0], scale, bias, ring.offset(j), chunk)
     return rows
 
 

@@ -54,6 +54,7 @@ from .functional import (
     siglip_loss,
     siglip_loss_with_grads,
 )
+from .fused_backward import clip_backward_design
 from .ops import (
     block_grads,
     block_stats,
@@ -70,6 +71,7 @@ __all__ = [
     "Targets",
     "block_grads",
     "block_stats",
+    "clip_backward_design",
     "clip_loss",
     "clip_loss_with_grads",
     "contrastive_cross_entropy",
