@@ -155,6 +155,24 @@ def test_backward_follows_the_forced_backend_on_another_thread(op, monkeypatch):
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
 
 
+def test_backward_inside_another_backend_block_runs_the_forwards():
+    """A float64 forward (the torch path, nothing forced) whose backward runs inside
+    use_backend("triton"), which refuses float64: the backward keeps the forward's choice
+    instead of raising (a forced forward's backward outside the block: the test above)."""
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    loss = vlmkernels.clip_loss(x, y, 2.0, reduction="none").sum()
+    with vlmkernels.use_backend("triton"):
+        loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    angle = torch.randn(1, 5, 16, dtype=torch.float64)
+    out = vlmkernels.rope(q, q.detach(), angle.cos(), angle.sin())[0].sum()
+    with vlmkernels.use_backend("triton"):
+        out.backward()
+    assert q.grad is not None
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's thread safety")
 def test_threads_calling_ops_under_the_interpreter():
     """Triton's interpreter patches triton.language while a kernel runs; launches from

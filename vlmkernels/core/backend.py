@@ -74,11 +74,12 @@ def remember_backend(ctx) -> None:
 def in_forward_backend(backward):
     """Decorates an autograd ``backward(ctx, *grads)`` to run under the choice that
     :func:`remember_backend` stored: autograd may run the backward on another thread (CUDA
-    tensors), where the context variable is unset."""
+    tensors), where the context variable is unset, and a backward called inside another
+    ``use_backend`` block than the forward's (or none) still runs the forward's choice."""
 
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
-        if ctx.forced is None:
+        if ctx.forced is _forced.get():
             return backward(ctx, *grads)
         token = _forced.set(ctx.forced)
         try:
