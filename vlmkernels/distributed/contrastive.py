@@ -104,4 +104,7 @@ _document(clip_loss, functional.clip_loss, """\
             (:mod:`vlmkernels.distributed`).""")  # fmt: skip
 _document(siglip_loss, functional.siglip_loss, """\
         process_group: a torch.distributed group: the loss of the global batch, computed
-            on a ring (:mod:`vlmkernels.distributed`).""")  # fmt: skip
+            on a ring (:mod:`vlmkernels.distributed`). A scalar loss computes its gradients
+            in the forward pass, exact when every rank back-propagates the same upstream
+            gradient (``loss.backward()`` everywhere); per-rank weights need
+            ``reduction="none"``.""")  # fmt: skip
