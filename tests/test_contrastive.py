@@ -97,6 +97,24 @@ def leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
+def spy_general_grads(monkeypatch, kind):
+    """The (y_grad, dy) of every call of the general (chunked or PyTorch-path) gradient
+    launchers of ``kind`` ("clip": the block gradients; "siglip"), which still run."""
+    names = {"clip": ("_block_grads_triton", "_block_grads_torch"),
+             "siglip": ("_siglip_grads_triton", "_siglip_grads_torch")}[kind]  # fmt: skip
+    calls = []
+    for name in names:
+        grads = getattr(C, name)
+
+        def spy(*args, _grads=grads, y_grad=True):
+            out = _grads(*args, y_grad=y_grad)
+            calls.append((y_grad, out[1]))
+            return out
+
+        monkeypatch.setattr(C, name, spy)
+    return calls
+
+
 def run_loss(fn, x, y, s, b, reduction="mean", upstream=None, **kw):
     """Loss value and gradients wrt every input that requires grad (None elsewhere)."""
     out = fn(x, y, s, b, reduction=reduction, **kw)
@@ -426,18 +444,10 @@ def test_siglip_with_a_frozen_tower(frozen, negative_only, chunk_size, device, b
     x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
     x, y = (x, leaf(y)) if frozen == "image" else (leaf(x), y)
     s, b = leaf(torch.tensor(9.0, device=device)), leaf(torch.tensor(-4.0, device=device))
-    asked, general = [], []
+    asked = []
     whole = C._siglip_fused_whole
     monkeypatch.setattr(C, "_siglip_fused_whole", lambda *a: asked.append(a[-1]) or whole(*a))
-    for name in ("_siglip_grads_triton", "_siglip_grads_torch"):
-        grads = getattr(C, name)
-
-        def spy(*a, _grads=grads, y_grad=True):
-            out = _grads(*a, y_grad=y_grad)
-            general.append((y_grad, out[1]))
-            return out
-
-        monkeypatch.setattr(C, name, spy)
+    general = spy_general_grads(monkeypatch, "siglip")
     loss = vlmkernels.siglip_loss(x, y, s, b, negative_only=negative_only, chunk_size=chunk_size)
     xr, yr, sr, br = (t.detach().double().cpu().requires_grad_(t.requires_grad)
                       for t in (x, y, s, b))  # fmt: skip
@@ -465,18 +475,7 @@ def test_per_sample_losses_with_frozen_text(name, device, backend, monkeypatch):
     n, d = 11, 16
     x, y = leaf(features(n, d, torch.float32, device)), features(n, d, torch.float32, device)
     s, b = leaf(torch.tensor(9.0, device=device)), leaf(torch.tensor(-2.0, device=device))
-    general = []
-    names = ("_block_grads_triton", "_block_grads_torch") if name == "clip" else (
-        "_siglip_grads_triton", "_siglip_grads_torch")  # fmt: skip
-    for attr in names:
-        grads = getattr(C, attr)
-
-        def spy(*a, _grads=grads, y_grad=True):
-            out = _grads(*a, y_grad=y_grad)
-            general.append((y_grad, out[1]))
-            return out
-
-        monkeypatch.setattr(C, attr, spy)
+    general = spy_general_grads(monkeypatch, name)
     upstream = torch.rand(n, device=device)
     check_against_reference(name, x, y, s, b, reduction="none", upstream=upstream)
     assert general == [(False, None)]

@@ -10,6 +10,7 @@ gradients, scale/bias gradients relative to max(|ref|, 0.1).
 import pytest
 import torch
 import torch.nn.functional as F
+from test_contrastive import spy_general_grads
 
 import vlmkernels
 
@@ -162,19 +163,11 @@ def test_clip_with_a_frozen_image_tower(targets, chunk_size, device, backend, mo
     xm, ym = feats(n, d, device), feats(n, d, device)
     s = leaf(torch.tensor(9.0, device=device))
     ids = torch.randint(0, 4, (n,), device=device)
-    asked, general = [], []
+    asked = []
     whole = C._ce_targets_backward_whole
     monkeypatch.setattr(C, "_ce_targets_backward_whole",
                         lambda *a: asked.append(a[-1]) or whole(*a))  # fmt: skip
-    for name in ("_block_grads_triton", "_block_grads_torch"):
-        grads = getattr(C, name)
-
-        def spy(*a, _grads=grads, y_grad=True):
-            out = _grads(*a, y_grad=y_grad)
-            general.append((y_grad, out[1]))
-            return out
-
-        monkeypatch.setattr(C, name, spy)
+    general = spy_general_grads(monkeypatch, "clip")
     kw = {} if targets == "plain" else dict(ids=ids, label_smoothing=eps, teacher=(xm, ym),
                                             teacher_logit_scale=7.0, alpha=alpha)  # fmt: skip
     ours = vlmkernels.clip_loss(x, y, s, chunk_size=chunk_size, **kw)

@@ -381,6 +381,19 @@ def _pass_block(ring: _Ring, step: int, tensors: list, tags: list[int], shapes) 
     return _Transfer(ring, tensors, specs, tags)
 
 
+def _ring_blocks(ring: _Ring, block: list, tags: list[int], shapes, inflight: _InFlight):
+    """(step, j, block j) for the steps of a rotation: the text block this rank holds at
+    each step (its own first), the transfer of the next one posted before the step's work
+    (registered with ``inflight``)."""
+    incoming = None
+    for step in range(ring.world):
+        if incoming is not None:
+            block = incoming.wait()
+        if step < ring.world - 1:
+            incoming = inflight(_pass_block(ring, step, block, tags, shapes))
+        yield step, ring.block(step), block
+
+
 # --------------------------------------------------------------------------------------
 # CLIP
 # --------------------------------------------------------------------------------------
@@ -418,15 +431,10 @@ def _clip_stats_rotation(ring, x, y, scale, bias, ids, smoothing, chunk):
     """(row stats of X_p over all columns, column stats of Y_p over all rows)."""
     fields = _stats_fields(smoothing)
     n = ring.world
-    block, tags, shapes = _y_block(y, ids)
-    rows = stats_in = incoming = None
+    own, tags, shapes = _y_block(y, ids)
+    rows = stats_in = None
     with _InFlight() as inflight:
-        for step in range(n):
-            j = ring.block(step)
-            if incoming is not None:
-                block = incoming.wait()
-            if step < n - 1:
-                incoming = inflight(_pass_block(ring, step, block, tags, shapes))
+        for step, j, block in _ring_blocks(ring, own, tags, shapes, inflight):
             ids_j = block[1] if ids is not None else None
             targets = _block_targets(ring, j, ids, ids_j, smoothing)
             r, c = block_stats(x, block[0], scale, bias, targets, True, True, chunk)
@@ -453,17 +461,12 @@ def _grad_rotation(ring, x, y, extra, tags, compute):
     n, d = ring.world, x.shape[1]
     acc = dict(dtype=_acc_dtype(x), device=x.device)
     dx = torch.zeros(x.shape, **acc)
-    block = [y, *extra]
     shapes = lambda b: [(b, d)] + [(*t.shape[:-1], b) for t in extra]  # noqa: E731
     ds = db = 0.0
-    incoming = dy_in = None
+    dy_in = None
     with _InFlight() as inflight:
-        for step in range(n):
-            j = ring.block(step)
-            if incoming is not None:
-                block = incoming.wait()
-            if step < n - 1:
-                incoming = inflight(_pass_block(ring, step, block, [_TAG_Y, *tags], shapes))
+        blocks = _ring_blocks(ring, [y, *extra], [_TAG_Y, *tags], shapes, inflight)
+        for step, j, block in blocks:
             dy = torch.zeros((ring.sizes[j], d), **acc)
             s, b = compute(j, block[0], block[1:], dx, dy)
             ds, db = ds + s, db + b
@@ -617,15 +620,10 @@ def clip_loss_ring(x, y, scale, bias, group, chunk_size, reduction, *, ids=None,
 
 def _siglip_rows_rotation(ring, x, y, scale, bias, chunk):
     """(b_p,) per-image losses of this rank's images over the global batch of texts."""
-    block, tags, shapes = _y_block(y, None)
-    incoming, rows = None, 0.0
+    own, tags, shapes = _y_block(y, None)
+    rows = 0.0
     with _InFlight() as inflight:
-        for step in range(ring.world):
-            j = ring.block(step)
-            if incoming is not None:
-                block = incoming.wait()
-            if step < ring.world - 1:
-                incoming = inflight(_pass_block(ring, step, block, tags, shapes))
+        for _, j, block in _ring_blocks(ring, own, tags, shapes, inflight):
             rows = rows + siglip_block_rows(x, block[0], scale, bias, ring.offset(j), chunk)
     return rows
 
