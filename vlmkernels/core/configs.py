@@ -265,6 +265,9 @@ def _parse_bucket(kernel, text: str) -> tuple:
     names = [name for name, _, _ in parts]
     if any(not sep for _, sep, _ in parts) or names != kernel.file_key:
         raise ValueError(f"bucket {text!r} does not follow the key {kernel.file_key}")
+    sizes = [parts[i][2] for i in kernel.size_index]
+    if not all(re.fullmatch(r"\d+", v) for v in sizes):
+        raise ValueError(f"bucket {text!r}: a size is not a non-negative integer")
     return tuple(int(v) if re.fullmatch(r"-?\d+", v) else v for _, _, v in parts)
 
 
@@ -574,20 +577,29 @@ def _read_designs(path: pathlib.Path) -> dict[str, dict]:
     return valid
 
 
-def preferred_design(choice: str, device=None) -> str | None:
+def preferred_design(choice: str, device=None, known=None) -> str | None:
     """The design recorded as faster for ``choice`` on ``device`` (see :func:`device_name`),
     from ``designs.json`` in the user directory, then the package; None when none is
-    recorded. Cached per (choice, device)."""
+    recorded. A name not in ``known`` (the designs this vlmkernels has; a file written by
+    another version) is ignored with a :class:`MalformedConfigWarning`. Cached per
+    (choice, device, known)."""
     token = _device_token(device)
-    cache_key = (choice, token)
+    cache_key = (choice, token, None if known is None else tuple(known))
     if cache_key not in _DESIGNS:
         name = _device_name_of_index(token) if isinstance(token, int) else token
         found = None
         for _, root in _search_dirs():
-            entry = _read_designs(root / name / DESIGNS_FILE).get(choice)
-            if entry is not None:
-                found = entry["design"]
-                break
+            path = root / name / DESIGNS_FILE
+            entry = _read_designs(path).get(choice)
+            if entry is None:
+                continue
+            if known is not None and entry["design"] not in known:
+                problem = (f"entry {choice!r}: design {entry['design']!r} is not one of "
+                           f"{', '.join(known)}")  # fmt: skip
+                _warn_once(path, [problem], True, MalformedConfigWarning)
+                continue
+            found = entry["design"]
+            break
         _DESIGNS[cache_key] = found
     return _DESIGNS[cache_key]
 

@@ -231,7 +231,7 @@ def clip_backward_design(design: str | None = None, device: torch.device | None 
     if design is None:
         design, source = _design_variable(), ENV_DESIGN
     if not design and device is not None and device.type == "cuda":
-        design, source = preferred_design(DESIGN_CHOICE, device) or "", "designs.json"
+        design, source = preferred_design(DESIGN_CHOICE, device, DESIGNS) or "", "designs.json"
     design = design or "chunked"
     if design not in DESIGNS:
         raise ValueError(f"{source}={design!r}: expected one of {', '.join(DESIGNS)}")
