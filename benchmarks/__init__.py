@@ -20,9 +20,10 @@ import importlib
 import os
 import pkgutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from vlmkernels.core.configs import unwritable_folder
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OUTPUT_ENV = "VLMKERNELS_RESULTS_DIR"
@@ -56,15 +57,9 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     naming ``option`` (a file there, a parent that is a file, no permission). Called before
     anything is measured, so a bad folder costs nothing."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{option} {path}: is a file, expected a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        why = exc.strerror or type(exc).__name__
-        raise UsageError(f"{option} {path}: cannot write there ({why})") from None
+    why = unwritable_folder(path)
+    if why is not None:
+        raise UsageError(f"{option} {path}: {why}")
     return path
 
 

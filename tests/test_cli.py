@@ -128,6 +128,32 @@ def test_tune_without_gpu_exits_2_with_a_message(cache):
     assert "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_tune_refuses_bad_arguments_before_timing(tmp_path, monkeypatch, capsys):
+    """On a GPU machine (CUDA faked here), an unknown op, an --out (or
+    VLMKERNELS_CONFIG_DIR) that is a file and Triton's interpreter are one-line errors, exit
+    2, before any kernel is timed (tune is never called)."""
+    from vlmkernels.core import runtime, tuner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    monkeypatch.setattr(tuner, "tune", lambda **kw: pytest.fail("tuned after all"))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    monkeypatch.setenv("VLMKERNELS_CONFIG_DIR", str(a_file))
+    cases = [
+        (["tune", "clip_los"], "unknown kernel or op 'clip_los'"),
+        (["tune", "clip_loss", "--out", str(a_file)], f"--out {a_file}: is a file"),
+        (["tune", "clip_loss"], f"VLMKERNELS_CONFIG_DIR {a_file}: is a file"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vlmkernels tune: {message}") and err.count("\n") == 1, err
+    monkeypatch.setattr(runtime, "INTERPRETED", True)
+    assert cli.main(["tune", "--out", str(tmp_path / "out")]) == 2
+    assert "interpreter" in capsys.readouterr().err
+
+
 def test_profile_writes_a_trace_and_prints_ncu(tmp_path, cache):
     out_dir = tmp_path / "prof"
     args = ["-m", "vlmkernels", "profile", "clip_loss", *TINY, "--iters", "2"]

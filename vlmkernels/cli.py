@@ -476,8 +476,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from vlmkernels.core import tuner
+    import vlmkernels.ops  # noqa: F401  (registers the families whose kernels it tunes)
+    from vlmkernels.core import configs, runtime, tuner
 
+    # everything that can be refused is, before hours of timing are spent
+    if runtime.INTERPRETED:
+        raise CommandError("cannot tune under Triton's interpreter (TRITON_INTERPRET=1): "
+                           "unset it")  # fmt: skip
+    try:
+        tuner.kernel_names(args.ops or None)
+    except ValueError as exc:
+        raise CommandError(str(exc).removeprefix("tune: ")) from None
+    out = args.out if args.out is not None else configs.user_config_dir()
+    why = configs.unwritable_folder(out)
+    if why is not None:
+        where = "--out" if args.out is not None else configs.CONFIG_DIR_ENV
+        raise CommandError(f"{where} {out}: {why}")
     written = tuner.tune(kernels=args.ops or None, device=None, out_dir=args.out, log=print)
     if not written:
         print(f"nothing written (out dir: {args.out or 'the tuner default'})")

@@ -207,6 +207,21 @@ def user_config_dir() -> pathlib.Path:
     return base / "vlmkernels" / "configs"
 
 
+def unwritable_folder(path) -> str | None:
+    """Why no file can be written in the folder ``path`` (created if missing): "is a
+    file", a parent that is a file, no permission; None when one can."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        return "is a file, expected a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def _search_dirs() -> list[tuple[str, pathlib.Path]]:
     return [("user", user_config_dir()), ("package", PACKAGE_CONFIG_DIR)]
 
