@@ -43,6 +43,12 @@ TIMED_MODES = ("fwd", "fwd+bwd")
 CPU_QUICK = "cpu-quick"
 PROFILES = ("cpu", CPU_QUICK, "quick", "full")
 
+AGREEMENT = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-2,
+             torch.bfloat16: 5e-2}  # fmt: skip
+"""The largest relative difference between a provider's loss and the reference's: every
+provider computes the same function of the same inputs, so a larger one is a wrong result,
+not rounding (16-bit: the providers round differently along the way)."""
+
 UNITS = {
     "ms": "ms",
     "peak_mem_mb": "MiB above inputs (grads, saved tensors, temporaries)",
@@ -51,6 +57,7 @@ UNITS = {
     "pct_matmul_ceiling": "% of measured matmul TFLOP/s",
     "pct_copy_ceiling": "% of measured copy GB/s",
     "loss": "value",
+    "loss_diff": "|loss - reference loss| / |reference loss| (an error above AGREEMENT)",
     "speedup": "x (other ms / reference ms, p50)",
     "mem_ratio": "x (reference MiB / other MiB)",
     "host_us": "us per call (host; Triton's launcher stubbed)",
@@ -493,11 +500,30 @@ class Runner:
         )
 
     def _comparisons(self, op: OpSpec, providers: list[Provider], shape: dict) -> list[Record]:
-        """speedup_vs_<p> = ms(p) / ms(reference); mem_ratio_vs_<p> = MiB(ref) / MiB(p)."""
+        """speedup_vs_<p> = ms(p) / ms(reference); mem_ratio_vs_<p> = MiB(ref) / MiB(p);
+        loss_diff_vs_<p>: the relative difference of p's loss (the value its call returns)
+        to the reference's, an error above :data:`AGREEMENT` for the dtype."""
         ref = self.suite.reference
         if ref not in {p.name for p in providers}:
             return []
         out = []
+        ref_fwd = self._case(op.name, ref, "fwd", shape)
+        want = self.results.find(ref_fwd, "loss")
+        tol = AGREEMENT.get(self.cfg.dtype, AGREEMENT[torch.bfloat16])
+        for p in providers:
+            got = self.results.find(self._case(op.name, p.name, "fwd", shape), "loss")
+            if p.name == ref or not (want and got and want.ok and got.ok):
+                continue
+            diff = abs(got.p50 - want.p50) / max(abs(want.p50), 1e-30)
+            if math.isnan(got.p50) and math.isnan(want.p50):
+                diff = 0.0
+            if diff <= tol:
+                out.append(Record(ref_fwd, f"loss_diff_vs_{p.name}", diff))
+                continue
+            note = (f"{p.name}'s loss {got.p50:.8g} disagrees with {ref}'s {want.p50:.8g} "
+                    f"(relative difference {diff:.3g} > {tol:g})")  # fmt: skip
+            print(f"  [{op.name}] {shape_str(shape)} DISAGREE: {note}")
+            out.append(Record(ref_fwd, f"loss_diff_vs_{p.name}", diff, status="error", note=note))
         for mode in self.cfg.modes:
             ref_case = self._case(op.name, ref, mode, shape)
             for p in providers:
