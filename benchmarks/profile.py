@@ -53,9 +53,12 @@ class Row:
 def _shape_arg(text: str) -> tuple[str, int]:
     key, _, v = text.partition("=")
     try:
-        return key.strip(), int(v)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--shape wants KEY=INT, got {text!r}") from exc
+        value = int(v)
+    except ValueError:
+        value = 0
+    if not key.strip() or value < 1:
+        raise argparse.ArgumentTypeError(f"wants KEY=INT, a positive size, got {text!r}")
+    return key.strip(), value
 
 
 def _count(minimum: int):
@@ -107,16 +110,18 @@ def find_op(name: str):
     raise UsageError(f"unknown op {name!r}; known: {', '.join(names)}")
 
 
-def pick_shape(suite, provider, profile: str, overrides: dict[str, int]) -> dict[str, int]:
-    """The first shape of the profile's grid (keys replaced) that the provider accepts."""
+def pick_shape(suite, provider, profile: str, overrides: dict[str, int], op: str):
+    """The first shape of the profile's grid (keys replaced) that the provider accepts; a
+    key the op's shapes do not have (a suite's other shape group) is a UsageError."""
     try:
         shapes = suite.shapes(profile, {k: [v] for k, v in overrides.items()})
     except KeyError as exc:
         raise UsageError(f"--shape: {exc.args[0]}") from None
-    for shape in shapes:
-        if provider.limit(shape) is None:
-            return shape
-    return shapes[0]
+    shape = next((s for s in shapes if provider.limit(s) is None), shapes[0])
+    foreign = [k for k in overrides if k not in shape]
+    if foreign:
+        raise UsageError(f"--shape {foreign[0]}: {op} takes the keys {', '.join(shape)}")
+    return shape
 
 
 def _step(prepared, mode: str):
@@ -277,7 +282,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if reason:
         print(f"{args.op}: provider {provider.name} unavailable here: {reason}", file=sys.stderr)
         return 2
-    shape = pick_shape(suite, provider, "quick" if on_gpu else "cpu", dict(args.shape))
+    shape = pick_shape(suite, provider, "quick" if on_gpu else "cpu", dict(args.shape), args.op)
     label = f"{args.op} {provider.name} {shape_str(shape)} {dtype_str(dtype)} {mode}"
     if not on_gpu and not args.bare:
         print(f"No CUDA device found: profiling on the CPU (CPU activities only): {label}")
@@ -300,7 +305,7 @@ def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
 
     on_gpu = device.type == "cuda"
     step = _step(prepared, mode)
-    for _ in range(max(args.warmup, 1)):
+    for _ in range(args.warmup):
         call_ms(step, device)
     if args.bare:
         if on_gpu:
@@ -349,13 +354,17 @@ def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
     )
     print(f"\nwrote {trace}\nwrote {table_csv}")
     kernels = [short_kernel_name(rows[0].name)] if on_gpu and rows else []
-    if not kernels:
+    if not kernels and args.provider == "vlmkernels":  # another provider's are not ours
         kernels = triton_kernels(suite.name, op)
     print("\nNsight Compute, the same call (on the GPU machine):")
     print("  " + ncu_command(args, shape, dtype, mode, kernels))
     if not on_gpu:
-        which = ", ".join(kernels) if kernels else "none found: every kernel is profiled"
-        print(f"  (kernel regex from the op's Triton kernels here: {which})")
+        if args.provider != "vlmkernels":
+            print(f"  (no kernel regex: provider {args.provider} runs kernels that are not "
+                  "vlmkernels', so every kernel is profiled)")  # fmt: skip
+        else:
+            which = ", ".join(kernels) if kernels else "none found: every kernel is profiled"
+            print(f"  (kernel regex from the op's Triton kernels here: {which})")
     return 0
 
 
