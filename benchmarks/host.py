@@ -236,7 +236,7 @@ def host_cases(selection: Mapping[str, list], available: Mapping, overrides: Map
     judged providers and the provider reported beside them, at the suite's host shape
     (``overrides``: ``--shape`` values, the first of each key, for the suites whose host
     shape has the key; a key none has is a UsageError)."""
-    cases, notes, used = [], [], set()
+    cases, notes, used, timed = [], [], set(), set()
     for name, ops in selection.items():
         suite = available[name]
         budgets = targets.for_suite(name, metric=HOST_METRIC)
@@ -251,11 +251,16 @@ def host_cases(selection: Mapping[str, list], available: Mapping, overrides: Map
         for op in ops:
             for t in (t for t in budgets if t.op == op.name):
                 for provider in (t.provider, t.beside):
+                    timed.add(provider)
                     case = {"suite": name, "op": op.name, "provider": provider,
                             "mode": t.mode, "shape": shape}  # fmt: skip
                     wanted = providers is None or provider in providers
                     if provider and wanted and case not in cases:
                         cases.append(case)
+    unknown = sorted(set(providers or ()) - timed - {None})
+    if unknown:
+        raise UsageError(f"--providers: {unknown} not timed by --modes host; it times "
+                         f"{', '.join(sorted(p for p in timed if p))}")  # fmt: skip
     unused = sorted(set(overrides) - used)
     if unused:
         raise UsageError(
