@@ -129,6 +129,8 @@ def ceiling_records(c: Ceilings) -> list[Record]:
 def _num(v: float | None, digits: int = 3) -> str:
     if v is None:
         return "-"
+    if not math.isfinite(v):  # a run can write nan or inf (_fmt)
+        return str(v)
     if v == 0 or abs(v) >= 10 ** (digits - 1):
         return f"{v:.0f}"
     return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}"
@@ -337,10 +339,21 @@ def host_section(rows: list[dict]) -> list[str]:
     return out
 
 
+_MEASURED = ("p50", "p20", "p80")  # numbers, nan and inf included (or empty: a failed case)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_csvs(paths: Sequence[Path]) -> list[dict[str, str]]:
     """The rows of ``paths``, each file checked for :data:`REPORT_COLUMNS`; UsageError
-    naming the file when one cannot be read or lacks a column. Cells missing from a short
-    (truncated) row read as empty."""
+    naming the file when one cannot be read, lacks a column or has a measured cell that is
+    not a number. Cells missing from a short (truncated) row read as empty."""
     rows: list[dict[str, str]] = []
     for path in paths:
         try:
@@ -353,7 +366,14 @@ def read_csvs(paths: Sequence[Path]) -> list[dict[str, str]]:
                         f"{', '.join(missing)}"
                     )
                 for row in reader:
-                    rows.append({k: v or "" for k, v in row.items() if k is not None})
+                    row = {k: v or "" for k, v in row.items() if k is not None}
+                    bad = [c for c in _MEASURED if row.get(c) and not _number(row[c])]
+                    if bad:
+                        raise UsageError(
+                            f"{path}, line {reader.line_num}: not a benchmark results CSV: "
+                            f"{bad[0]}={row[bad[0]]!r} is not a number"
+                        )
+                    rows.append(row)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise UsageError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
     return rows
