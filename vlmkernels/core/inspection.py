@@ -258,13 +258,15 @@ def _analyse(cubin: bytes, shared: int, warps: int, arch: str, ptxas_log: str = 
 def cache_dir() -> pathlib.Path:
     """``$VLMKERNELS_INSPECT_CACHE``; else ``build/inspect-cache`` of the checkout the
     package is in (git-ignored); else ``~/.cache/vlmkernels/inspect``."""
-    if os.environ.get("VLMKERNELS_INSPECT_CACHE"):
-        return pathlib.Path(os.environ["VLMKERNELS_INSPECT_CACHE"])
+    env = os.environ.get("VLMKERNELS_INSPECT_CACHE", "").strip()
+    if env:
+        return pathlib.Path(env).expanduser()
     root = pathlib.Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "vlmkernels").is_dir():
         return root / "build" / "inspect-cache"
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "vlmkernels" / "inspect"
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = pathlib.Path(base).expanduser() if base else pathlib.Path.home() / ".cache"
+    return base / "vlmkernels" / "inspect"
 
 
 def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
@@ -377,9 +379,20 @@ def missed(case: CompileCase, dtype: str, record: dict) -> list[str]:
 
 
 def load_budgets(path: pathlib.Path | None = None) -> dict:
-    """The budget file (``{}`` when there is none)."""
-    path = pathlib.Path(path or BUDGET_FILE)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The budget file: the package's (``{}`` when it has none) or ``path``, which must
+    exist and hold a JSON object (ValueError saying what is wrong otherwise)."""
+    if path is None:
+        return json.loads(BUDGET_FILE.read_text()) if BUDGET_FILE.is_file() else {}
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"--budgets {path}: no such file")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--budgets {path}: not a budget file ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--budgets {path}: not a budget file (a JSON {type(doc).__name__})")
+    return doc
 
 
 def _budget_key(record: dict) -> str:
