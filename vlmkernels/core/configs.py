@@ -64,8 +64,9 @@ Lookup, for a kernel, a device and a key:
    minimising the sum over the size keys of ``|log2(entry size) - log2(size)|`` (ties: the
    larger sizes). Entries of another variant or dtype are never used (a config tuned
    without the teacher's second product, or for 16-bit tiles, may not fit);
-3. otherwise the heuristic default, the first config of the space, with a
-   :class:`DefaultConfigWarning` once per kernel in the process.
+3. otherwise the heuristic default of the dtype and variant (``TunedKernel.default_for``:
+   the kernel's variant rule, else its dtype's default, else the first config of the
+   space), with a :class:`DefaultConfigWarning` once per kernel in the process.
 
 Results are cached per (kernel, device, key); files (and ``VLMKERNELS_CONFIG_DIR``) are read
 once; :func:`clear_cache` forgets everything.

@@ -385,7 +385,9 @@ def lookup_report(device=None) -> dict[str, dict]:
       field ("tuned" or "default"); ``buckets``: its number of valid entries;
     - ``files``: every file found, as {"origin", "path", "label", "buckets", "problems"}
       (problems: why entries or the whole file are ignored);
-    - ``default``: the default config, as a dict.
+    - ``defaults``: the default config per dtype ("bf16", "fp16", "fp32"), as dicts
+      (:meth:`TunedKernel.default_for`); ``variant_defaults``: whether some variants of a
+      dtype have another one.
     """
     report = {}
     if device is None and not torch.cuda.is_available():
@@ -414,7 +416,8 @@ def lookup_report(device=None) -> dict[str, dict]:
             label=in_use.label if in_use else None,
             buckets=len(in_use.entries) if in_use else 0,
             files=files,
-            default=_config_entry(k.default),
+            defaults={d: _config_entry(k.default_for(d)) for d in ("bf16", "fp16", "fp32")},
+            variant_defaults=k.variant_default is not None,
         )
     return report
 
