@@ -1018,6 +1018,9 @@ def test_host_mode_runs_alone_and_only_where_there_is_a_budget(capsys):
     assert "rope_index: no host-time budget in benchmarks/targets.py; not timed" in out
     assert "clip_loss vlmkernels N=8,d=32 float32 host fwd+bwd" in out
     assert "clip_loss eager N=8,d=32 float32 host fwd+bwd" in out
+    # a provider host mode does not time is refused, as in the other modes
+    assert main(["clip_loss", "--modes", "host", "--providers", "vlmkernel", "--list"]) == 2
+    assert "--providers: ['vlmkernel'] not timed by --modes host" in capsys.readouterr().err
 
 
 def test_every_suite_module_belongs_to_a_declared_family():
@@ -1034,3 +1037,24 @@ def test_every_suite_module_belongs_to_a_declared_family():
     # profile names the family's kernels for Nsight Compute, none for torch-only ops
     assert triton_kernels("rope", find_op("mrope")[1]) == ["_rope_kernel"]
     assert triton_kernels("rope_index", find_op("get_rope_index_qwen2_vl")[1]) == []
+
+
+def test_providers_that_disagree_fail_the_run(tmp_path, monkeypatch, capsys):
+    """Every provider computes the same loss of the same inputs: each one's is compared
+    with the reference provider's (loss_diff_vs_<p> rows); a provider off by more than
+    rounding (here vlmkernels made to return twice the loss) is an error, exit 1."""
+    import vlmkernels
+    from benchmarks.__main__ import main
+
+    args = ["clip_loss", "--shape", "N=32", "--shape", "d=16", "--providers",
+            "vlmkernels,eager", "--modes", "fwd", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "fine")]) == 0
+    with (tmp_path / "fine" / "contrastive.csv").open(newline="") as f:
+        diffs = [r for r in csv.DictReader(f) if r["metric"] == "loss_diff_vs_eager"]
+    assert len(diffs) == 1 and diffs[0]["status"] == "ok" and float(diffs[0]["p50"]) < 1e-4
+    real = vlmkernels.clip_loss
+    monkeypatch.setattr(vlmkernels, "clip_loss", lambda *a, **k: 2 * real(*a, **k))
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "broken")]) == 1
+    out = capsys.readouterr().out
+    assert "DISAGREE" in out and "ERROR clip_loss vlmkernels fwd" in out

@@ -128,6 +128,14 @@ def test_tune_without_gpu_exits_2_with_a_message(cache):
     assert "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cache_folders_from_the_environment_expand_the_home(monkeypatch):
+    monkeypatch.setenv("VLMKERNELS_CACHE_DIR", "~/vk-cache")
+    assert cli.cache_dir() == Path.home() / "vk-cache"
+    monkeypatch.delenv("VLMKERNELS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert cli.cache_dir() == Path.home() / "xdg" / "vlmkernels"
+
+
 def test_tune_refuses_bad_arguments_before_timing(tmp_path, monkeypatch, capsys):
     """On a GPU machine (CUDA faked here), an unknown op, an --out (or
     VLMKERNELS_CONFIG_DIR) that is a file and Triton's interpreter are one-line errors, exit
@@ -361,6 +369,18 @@ def test_profile_rejects_counts_below_one(capsys):
         assert repr(value) in err
 
 
+def test_profile_rejects_sizes_below_one_and_keys_of_another_shape_group(capsys):
+    """--shape sizes are positive (as bench's); a key of the suite's other shape group (the
+    distributed suite's CLIP keys for an ALBEF op) is refused, not silently dropped."""
+    for value in ("N=0", "N=-3", "=4"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["profile", "clip_loss", "--shape", value])
+        assert exc.value.code == 2
+        assert "wants KEY=INT, a positive size" in capsys.readouterr().err
+    assert cli.main(["profile", "albef_itc", "--shape", "N=64"]) == 2
+    _one_line_error(capsys, "profile", "--shape N: albef_itc takes the keys")
+
+
 def test_profile_of_a_mode_the_suite_cannot_time(capsys):
     assert cli.main(["profile", "get_rope_index_qwen2_vl", "--mode", "fwd+bwd"]) == 2
     _one_line_error(capsys, "profile", "--mode fwd+bwd: get_rope_index_qwen2_vl times fwd only")
@@ -380,6 +400,29 @@ def test_report_on_a_csv_without_the_columns(tmp_path, capsys):
     (results / "odd.csv").unlink()
     assert cli.main(args) == 2
     _one_line_error(capsys, "report", f"no CSV files in {results}")
+
+
+def test_report_on_a_measured_cell_that_is_not_a_number(tmp_path, capsys):
+    """A p50 that is not a number is the one-line error; nan and inf (which a run may
+    write) are shown as they are."""
+    results = tmp_path / "csvs"
+    results.mkdir()
+    with (RESULTS / "rope_index.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        row = next(r for r in reader if r["metric"] == "ms" and r["status"] == "ok" and r["mode"])
+        columns = reader.fieldnames
+    args = ["report", "--results", str(results), "--out", str(tmp_path), "--no-charts"]
+    for value, status in (("12;5", 2), ("nan", 0), ("inf", 0)):
+        with (results / "rope_index.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerow({**row, "p50": value})
+        assert cli.main(args) == status
+        if status:
+            _one_line_error(capsys, "report", "line 2: not a benchmark results CSV",
+                            "p50='12;5' is not a number")  # fmt: skip
+        else:
+            assert f"| {value} |" in (tmp_path / "SUMMARY.md").read_text()
 
 
 def test_report_reads_a_truncated_last_row(tmp_path, capsys):

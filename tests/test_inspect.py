@@ -13,6 +13,7 @@ configs the tuner may pick is checked by ``vlmkernels inspect --check`` (every c
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -235,6 +236,22 @@ def test_budget_file_is_well_formed():
         assert case in cases, case
         for w in works:
             assert ("K" in w and {"M", "N"} <= set(w)) or {"programs", "bytes"} <= set(w), w
+
+
+def test_a_budget_file_given_must_exist_and_hold_an_object(tmp_path, monkeypatch):
+    """--budgets names a file: missing (a typo), corrupt or not an object is a ValueError
+    the command prints as one line (a missing file was taken for "no budgets", so --check
+    passed with nothing checked); the package's file is read when none is given. The cache
+    folder from the environment expands ~."""
+    with pytest.raises(ValueError, match="no such file"):
+        inspection.load_budgets(tmp_path / "typo.json")
+    for text, why in (("{bad", "not a budget file"), ("[1]", "a JSON list")):
+        (tmp_path / "b.json").write_text(text)
+        with pytest.raises(ValueError, match=why):
+            inspection.load_budgets(tmp_path / "b.json")
+    assert inspection.load_budgets() == json.loads(inspection.BUDGET_FILE.read_text())
+    monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", "~/vk-inspect")
+    assert inspection.cache_dir() == pathlib.Path.home() / "vk-inspect"
 
 
 def test_cli_rejects_an_unknown_kernel(capfd):

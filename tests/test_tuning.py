@@ -531,7 +531,12 @@ def test_lookup_report(dirs, monkeypatch):
     assert report["siglip"]["source"] == "default" and report["siglip"]["path"] is None
     assert "triton 0.1" in report["siglip"]["files"][0]["problems"][0]
     assert report["rope"]["source"] == "default" and report["rope"]["files"] == []
-    assert report["rope"]["default"] == entry(R._GPU_CONFIGS[0])
+    rope = T.all_kernels()["rope"]
+    assert report["rope"]["defaults"] == {d: entry(rope.default_for(d)) for d in
+                                          ("bf16", "fp16", "fp32")}  # fmt: skip
+    grad = T.all_kernels()["clip_grad"]  # its defaults differ by dtype
+    assert report["clip_grad"]["defaults"]["fp32"] == entry(grad.default_for("fp32"))
+    assert grad.default_for("fp32") is not grad.default
     monkeypatch.setattr(_common, "AUTOTUNE", True)
     assert T.lookup_report(H100)["rope"]["source"] == "autotune"
 

@@ -58,10 +58,11 @@ class CommandError(Exception):
 
 def cache_dir() -> Path:
     """``$VLMKERNELS_CACHE_DIR``, else ``$XDG_CACHE_HOME/vlmkernels``, else ``~/.cache/...``."""
-    if os.environ.get("VLMKERNELS_CACHE_DIR"):
-        return Path(os.environ["VLMKERNELS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vlmkernels"
+    env = os.environ.get("VLMKERNELS_CACHE_DIR", "").strip()
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "vlmkernels"
 
 
 def cpu_name() -> str:
@@ -392,8 +393,13 @@ def _config_text(entry: dict) -> str:
         label = f"{entry.get('label') or 'configs'}, {entry.get('buckets', 0)} shape buckets"
         text = f"{source}: {entry['path']} ({label})"
     elif source == "default":
-        cfg = " ".join(f"{k}={v}" for k, v in (entry.get("default") or {}).items())
-        text = f"default config ({cfg})" if cfg else "default config"
+        by_config: dict[str, list[str]] = {}
+        for dtype, config in (entry.get("defaults") or {}).items():
+            by_config.setdefault(" ".join(f"{k}={v}" for k, v in config.items()), []).append(dtype)
+        cfgs = "; ".join(f"{', '.join(ds)}: {c}" if len(by_config) > 1 else c
+                         for c, ds in by_config.items())  # fmt: skip
+        some = ", some variants another" if entry.get("variant_defaults") else ""
+        text = f"default config ({cfgs}{some})" if cfgs else "default config"
     else:
         text = {
             "interpreter": "Triton's interpreter: one config",
@@ -524,7 +530,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     budget_path = args.budgets or inspection.BUDGET_FILE
-    budgets = inspection.load_budgets(budget_path)
+    fresh = args.write_budgets and not Path(budget_path).exists()  # a new file to write
+    try:
+        budgets = {} if fresh else inspection.load_budgets(args.budgets)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     dtypes = tuple(args.dtype or inspection.DTYPES)
     configs = args.configs
     if args.write_budgets:
