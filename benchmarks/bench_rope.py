@@ -31,7 +31,7 @@ Inputs, as attention code produces them (seeded, identical across providers):
   ((B, S, H, D) memory seen as (B, H, S, D); (S, H, D) contiguous for vision).
 
 Each provider's timed call computes (q_out, k_out) and ends in L = <q_out, G_q> + <k_out,
-G_k> (:class:`_FixedGrads`): its backward hands G_q, G_k to the op's backward and does no
+G_k> (:class:`.harness.FixedGrads`): its backward hands G_q, G_k to the op's backward and does no
 work; L itself is only computed (in fp64) in the first, untimed call, recorded as the
 ``loss`` row, a checksum on which every provider must agree. The timed calls return an
 uninitialised 0-d tensor instead, so no provider is charged for a reduction.
@@ -111,7 +111,18 @@ from dataclasses import dataclass
 import torch
 
 from . import targets
-from .harness import BuildArgs, Case, OpSpec, Prepared, Provider, Results, RunConfig, Skip, Suite
+from .harness import (
+    BuildArgs,
+    Case,
+    OpSpec,
+    Prepared,
+    Provider,
+    Results,
+    RunConfig,
+    Skip,
+    Suite,
+    checksummed,
+)
 from .targets import Target
 
 # --------------------------------------------------------------------------------------
@@ -347,36 +358,10 @@ def eager_function(op: str, section) -> tuple[Callable, str]:
 # --------------------------------------------------------------------------------------
 
 
-class _FixedGrads(torch.autograd.Function):
-    """L = <q_out, G_q> + <k_out, G_k>. Backward returns G_q, G_k as they are (no work);
-    forward computes L only when ``exact`` (fp64), else returns an uninitialised 0-d tensor
-    (no kernel), so timed calls pay for the op alone."""
-
-    @staticmethod
-    def forward(ctx, q_out, k_out, grad_q, grad_k, exact):
-        ctx.grads = (grad_q, grad_k)
-        if not exact:
-            return q_out.new_empty(())
-        total = (q_out.float() * grad_q.float()).sum(dtype=torch.float64)
-        total = total + (k_out.float() * grad_k.float()).sum(dtype=torch.float64)
-        return total.float()
-
-    @staticmethod
-    def backward(ctx, _):
-        return *ctx.grads, None, None, None
-
-
 def _prepared(inp: RopeInputs, apply: Callable, note: str) -> Prepared:
     """The harness's fn: the first call returns L exactly (the ``loss`` row), later calls
     the uninitialised scalar; both back-propagate G_q, G_k."""
-    calls = [0]
-
-    def fn():
-        q, k = inp.views()
-        out_q, out_k = apply(q, k)
-        calls[0] += 1
-        return _FixedGrads.apply(out_q, out_k, *inp.grads, calls[0] == 1)
-
+    fn = checksummed(lambda: apply(*inp.views()), lambda outs: inp.grads)
     q, k = inp.views()  # the op alone, on the views attention code passes (host-time mode)
     return Prepared(fn, inp.leaves, note, call=lambda: apply(q, k))
 

@@ -42,7 +42,16 @@ from collections.abc import Mapping
 import torch
 
 from . import targets
-from .harness import BuildArgs, OpSpec, Prepared, Provider, Results, RunConfig, Suite
+from .harness import (
+    BuildArgs,
+    OpSpec,
+    Prepared,
+    Provider,
+    Results,
+    RunConfig,
+    Suite,
+    checksummed,
+)
 
 # --------------------------------------------------------------------------------------
 # Eager baselines
@@ -85,24 +94,6 @@ def select_eager(x: torch.Tensor, scores: torch.Tensor, keep: int):
 # --------------------------------------------------------------------------------------
 
 
-class _FixedGrads(torch.autograd.Function):
-    """A 0-d placeholder (no kernel) whose backward returns ``grad`` for ``out`` and zeros
-    for ``sizes``: the timed calls pay for the op alone."""
-
-    @staticmethod
-    def forward(ctx, out, grad, sizes):
-        ctx.grad = grad
-        ctx.sizes = None if sizes is None else (sizes.shape, sizes.dtype)
-        return out.new_empty(())
-
-    @staticmethod
-    def backward(ctx, _):
-        zeros = None
-        if ctx.sizes is not None:
-            zeros = ctx.grad.new_zeros(ctx.sizes[0], dtype=ctx.sizes[1])
-        return ctx.grad, None, zeros
-
-
 def keep_of(shape: Mapping[str, int]) -> int:
     return max(shape["N"] // 4, 1)
 
@@ -122,10 +113,8 @@ def make_inputs(args: BuildArgs):
 
 
 def _prepared(call, x, grad, note):
-    def fn():
-        out = call()
-        return _FixedGrads.apply(out[0], grad, out[1] if len(out) > 1 else None)
-
+    """The tokens' checksum <out, G> (first call), their backward G (zeros for the sizes)."""
+    fn = checksummed(call, lambda outs: (grad,) + (None,) * (len(outs) - 1))
     return Prepared(fn, (x,), note, call=call)
 
 
