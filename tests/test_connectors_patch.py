@@ -528,3 +528,32 @@ def test_patched_connector_compiles_with_dynamic_token_counts(name):
             grid = x.reshape(2, side, side, 6)
             x = InternVLModel.pixel_shuffle(None, grid, 0.5).reshape(2, -1, 24)
         assert max_rel(out, reference(x)) < TOL
+
+
+def test_data_parallel_replicas_run_their_own_weights(monkeypatch):
+    """nn.DataParallel replicates each module by copying its __dict__, where the patched
+    forward is bound to the original: the patch binds it to each replica, which then runs
+    on its own parameter copies and passes them their gradients. On the CPU, with
+    torch.nn.parallel.replicate's broadcast replaced by copies (device 1's scaled by 2)."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) * (i + 1.0) for t in tensors]
+                for i, _ in enumerate(devices)]  # fmt: skip
+
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", broadcast)
+    monkeypatch.setattr(replicate, "_get_device_index", lambda d, optional=False: 0)
+    ref, x = llava()
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        want = replicate.replicate(ref, ["cpu", "cpu"])[1]
+        got = replicate.replicate(mine, ["cpu", "cpu"])[1]
+        assert got.__dict__["forward"].__self__ is got
+        out, ref_out = got(x), want(x)
+        assert max_rel(out, ref_out) < TOL
+        (g,) = torch.autograd.grad(out.sum(), got.linear_1.weight)
+        (g_ref,) = torch.autograd.grad(ref_out.sum(), want.linear_1.weight)
+        assert max_rel(g, g_ref) < TOL
+    assert "_replicate_for_data_parallel" not in mine.__dict__

@@ -37,6 +37,8 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
+
 __all__ = [
     "AlreadyPatchedError",
     "Architecture",
@@ -325,8 +327,10 @@ class PatchHandle:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        """``<submodule>.<attribute>`` of each instance attribute set by the patch."""
-        return tuple(s.label for s in self._slots)
+        """``<submodule>.<attribute>`` of each instance attribute the patch replaces (not
+        the replication that comes with them, :func:`_replicate_patched`)."""
+        return tuple(s.label for s in self._slots
+                     if getattr(s.new, "__func__", None) is not _replicate_patched)  # fmt: skip
 
     def undo(self) -> None:
         """Put back every instance attribute as it was before the patch (a second call does
@@ -357,8 +361,32 @@ class PatchHandle:
         return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
 
 
+def _replicate_patched(self):
+    """``nn.Module._replicate_for_data_parallel`` of a patched module (what
+    ``nn.DataParallel`` calls on each module for each device): the class's replica, whose
+    copied ``__dict__`` holds the patched methods bound to the original module, gets them
+    bound to itself, so each replica runs on its own parameters."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    for name, value in self.__dict__.items():
+        if isinstance(value, types.MethodType) and value.__self__ is self and is_patched(value):
+            replica.__dict__[name] = types.MethodType(value.__func__, replica)
+    return replica
+
+
+setattr(_replicate_patched, MARK, True)  # what marked() (below) does
+
+
 def install(model, slots: Iterable[Slot]) -> PatchHandle:
+    """Installs ``slots`` (and, on each module given a method, the replication of
+    :func:`_replicate_patched`); the handle undoes them."""
     slots = list(slots)
+    owners = {id(s.owner): s for s in slots if isinstance(s.new, types.MethodType)}
+    for first in owners.values():
+        module = first.owner
+        if isinstance(module, torch.nn.Module):
+            name = "_replicate_for_data_parallel"
+            label = f"{first.label.rpartition('.')[0]}.{name}"
+            slots.append(method_slot(module, name, _replicate_patched, label))
     for slot in slots:
         slot.install()
     return PatchHandle(model, slots)
