@@ -413,7 +413,13 @@ def _qformer_encoder_forward(module, arch: Architecture):
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, query_length=0, **kwargs):
         # fmt: on
-        if encoder_hidden_states is not None and query_length > 0:
+        # under gradient checkpointing each layer projects its own K / V inside its
+        # checkpoint: stacked outside, they would stay alive across every layer (the memory
+        # checkpointing saves) and a reentrant recompute would back-propagate through them
+        # twice (transformers sets gradient_checkpointing on the encoder or its layers)
+        checkpointed = self.training and torch.is_grad_enabled() and any(
+            getattr(m, "gradient_checkpointing", False) for m in (self, *self.layer))
+        if encoder_hidden_states is not None and query_length > 0 and not checkpointed:
             cross = [layer.crossattention.attention for layer in self.layer
                      if layer.has_cross_attention]  # fmt: skip
             # attention modules whose key / value layers are still plain nn.Linear (one
