@@ -90,6 +90,28 @@ def test_idefics_gated_cross_attention(immediate, qk_norms, alpha_type, masked):
     assert torch.equal(again, want)
 
 
+def test_idefics_cross_attn_hooked_or_replaced_runs_the_class_forward():
+    """The fused layer reads cross_attn's projections instead of calling it: a hook on it
+    (or a module put in its place) makes the layer run transformers' forward, with a
+    PatchFallbackWarning, so the hook runs and its effect is kept."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    layer = tiny_layer(False, "float")
+    x, img, mask, gate = idefics_inputs(True)
+    calls = []
+
+    def ablate(module, args, out):
+        calls.append(1)
+        return (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else out * 0.5
+
+    hook = layer.cross_attn.register_forward_hook(ablate)
+    want, _ = run(layer, x, img, mask, gate)
+    with patch(layer), pytest.warns(PatchFallbackWarning, match="cross_attn has hooks"):
+        got, _ = run(layer, x, img, mask, gate)
+    assert calls == [1, 1] and rel(got, want) < 1e-6
+    hook.remove()
+
+
 def check_dropout(module, call, leaves, plain):
     """``call()`` in training mode (attention dropout > 0): finite, not ``plain`` (the
     output in eval mode: dropped, not skipped), the same bits again from one seed, finite

@@ -557,3 +557,38 @@ def test_data_parallel_replicas_run_their_own_weights(monkeypatch):
         (g_ref,) = torch.autograd.grad(ref_out.sum(), want.linear_1.weight)
         assert max_rel(g, g_ref) < TOL
     assert "_replicate_for_data_parallel" not in mine.__dict__
+
+
+def test_hooks_on_the_modules_a_fused_forward_skips():
+    """Hooks that must run as transformers runs them: on InternVL's projector (it must see
+    the shuffled features, so the shuffle is not deferred) and on the Qwen2-VL merger's
+    Sequential (which the fused forward does not call: the class's forward runs, with a
+    PatchFallbackWarning)."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    ref = internvl_model()
+    mine = copy.deepcopy(ref)
+    side = 24 // 4 // 2
+    ids = torch.tensor([[1, 2] + [5] * side * side + [3, 4]] * 2)
+    px = torch.randn(2, 3, 24, 24)
+
+    def zero_first(module, args):
+        return (args[0].clone().index_fill_(1, torch.tensor([0]), 0.0),)
+
+    seen = {}
+    for model, key in ((ref, "want"), (mine, "got")):
+        projector = model.model.multi_modal_projector
+        projector.register_forward_pre_hook(
+            lambda m, a, key=key: seen.setdefault(key, a[0].shape) and None
+        )
+        projector.register_forward_pre_hook(zero_first)
+    want = ref(input_ids=ids, pixel_values=px).logits
+    with vt.patch(mine):
+        got = mine(input_ids=ids, pixel_values=px).logits
+    assert seen["got"] == seen["want"] and max_rel(got, want) < TOL
+    merger, x = qwen2()
+    ref_merger = copy.deepcopy(merger)
+    for m in (merger, ref_merger):
+        m.mlp.register_forward_hook(lambda mod, args, out: out * 2)
+    with vt.patch(merger), pytest.warns(PatchFallbackWarning, match="mlp has hooks"):
+        assert max_rel(merger(x), ref_merger(x)) < TOL

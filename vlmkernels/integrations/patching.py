@@ -55,6 +55,7 @@ __all__ = [
     "changed_part",
     "class_forward",
     "fused_forward",
+    "has_hooks",
     "global_loads",
     "install",
     "is_patched",
@@ -92,6 +93,13 @@ def parts_of(module, names: Iterable[str]) -> dict[str, type]:
     return {name: type(module.get_submodule(name)) for name in names}
 
 
+def has_hooks(module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own (a fused forward that
+    does not call it would skip them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)  # fmt: skip
+
+
 def changed_part(module, parts: Mapping[str, type]) -> str | None:
     """None while each submodule of ``parts`` is still of the class the patch checked and has
     no hooks of its own; else the first difference, in words. A fused forward reads those
@@ -108,8 +116,7 @@ def changed_part(module, parts: Mapping[str, type]) -> str | None:
                 sub = None
         if type(sub) is not cls:
             return f"{name} is now {type(sub).__qualname__}, not {cls.__qualname__}"
-        if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks
-                or sub._backward_pre_hooks):  # fmt: skip
+        if has_hooks(sub):
             return f"{name} has hooks of its own"
         if "forward" in sub.__dict__:
             return f"{name} has a forward of its own"

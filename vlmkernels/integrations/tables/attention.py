@@ -247,7 +247,9 @@ def _gated_forward(layer, arch: Architecture):
 
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' IdeficsGatedCrossAttentionLayer.forward (segment attention)."
-    return forward
+    # it reads cross_attn's layers instead of calling it: a cross_attn replaced or hooked
+    # after patching runs the class's forward
+    return fused_forward(layer, ("cross_attn",), forward)
 
 
 def key_mask(mask, batch: int, tokens: int, keys: int, where: str):

@@ -56,6 +56,7 @@ from ..patching import (
     UnsupportedLayoutError,
     changed_part,
     fused_forward,
+    has_hooks,
     register,
 )
 
@@ -273,6 +274,7 @@ def _internvl_pixel_shuffle(module, arch):
                 and vision_features.shape[1] == vision_features.shape[2]
                 and vision_features.shape[1] % s == 0
                 and getattr(forward, "takes_unshuffled", False)
+                and not has_hooks(projector)  # they must see the shuffled input
                 and changed_part(projector, forward.parts) is None):  # fmt: skip
             return vision_features
         return cls.pixel_shuffle(self, vision_features, scale_factor)
@@ -339,11 +341,13 @@ def _qwen_merger_forward(module, arch):
         if not isinstance(mlp, nn.Sequential) or len(mlp) != 3:
             raise UnsupportedLayoutError(f"{where}.mlp is not [Linear, GELU, Linear]")
         fc1, act, fc2 = ("mlp.0", "mlp.1", "mlp.2")
+        calls = ("mlp",)  # the class forward calls the Sequential: its hooks count too
         _linear(mlp, "0", f"{where}.mlp"), _linear(mlp, "2", f"{where}.mlp")
         _exact_gelu(mlp[1], where)
     elif hasattr(module, "linear_fc1"):  # Qwen3-VL
         norm_name, before = "norm", not module.use_postshuffle_norm
         fc1, act, fc2 = "linear_fc1", "act_fn", "linear_fc2"
+        calls = ()
         _linear(module, fc1, where), _linear(module, fc2, where)
         _exact_gelu(module.act_fn, where)
     else:
@@ -365,7 +369,7 @@ def _qwen_merger_forward(module, arch):
                       norm_bias=getattr(norm, bias_name) if bias_name else None, eps=eps,
                       norm_before_merge=before)  # fmt: skip
 
-    return fused_forward(module, (norm_name, fc1, act, fc2), forward)
+    return fused_forward(module, (norm_name, *calls, fc1, act, fc2), forward)
 
 
 _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
