@@ -530,3 +530,27 @@ def test_argument_errors_name_the_argument(device, no_launch):
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_strided_ids_are_read_by_value(device, backend):
+    """ids given as a column of an (N, 2) id table or expanded (all equal): the kernels read
+    id i at ids + i, so they get a contiguous copy; loss and gradients are those of the
+    contiguous ids."""
+    n, d = 13, 16
+    table = torch.randint(0, 4, (n, 2), device=device)
+    for ids in (table[:, 0], torch.zeros(1, dtype=torch.int64, device=device).expand(n)):
+        assert not ids.is_contiguous()
+        x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))
+        x2, y2 = leaf(x.detach()), leaf(y.detach())
+        got = vlmkernels.clip_loss(x, y, 9.0, ids=ids)
+        want = vlmkernels.clip_loss(x2, y2, 9.0, ids=ids.contiguous())
+        got.backward()
+        want.backward()
+        assert torch.allclose(got, want, rtol=1e-6)
+        assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-7)
+        q = vlmkernels.contrastive_cross_entropy(x.detach(), y.detach(), 9.0, query_ids=ids,
+                                                 key_ids=ids)  # fmt: skip
+        q2 = vlmkernels.contrastive_cross_entropy(x.detach(), y.detach(), 9.0,
+                                                  query_ids=ids.contiguous(),
+                                                  key_ids=ids.contiguous())  # fmt: skip
+        assert torch.allclose(q, q2, rtol=1e-6)

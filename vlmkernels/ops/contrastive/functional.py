@@ -85,18 +85,19 @@ def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teach
 
 
 def check_ids(op, name, ids, n, device):
-    """``ids`` (None, or an (n,) integer tensor) as int64 on ``device``."""
+    """``ids`` (None, or an (n,) integer tensor) as contiguous int64 on ``device`` (the
+    kernels read id i at ids + i)."""
     if ids is None:
         return None
     if (type(ids) is torch.Tensor and ids.dtype == torch.int64 and ids.shape == (n,)
-            and ids.device == device):  # fmt: skip
+            and ids.device == device and (n < 2 or ids.stride(0) == 1)):  # fmt: skip
         return ids  # already what the ops take
     got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{op}: {name} must be an integer tensor, got {got}")
     if ids.shape != (n,):
         raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(ids.shape)}")
-    return ids.to(device=device, dtype=torch.int64)
+    return ids.to(device=device, dtype=torch.int64).contiguous()
 
 
 def check_teacher(op, teacher, like, names, device, dtype=None):
