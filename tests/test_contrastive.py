@@ -742,3 +742,29 @@ def test_autocast_matches_open_clip_under_autocast(name, device, open_clip_loss)
     exact_on_bf16 = LOSSES[name][1](*(t.double().cpu() for t in (x.bfloat16(), y.bfloat16(), s, b)))
     assert rel_err(ours, exact_on_bf16) < 1e-5
     assert rel_err(ours, theirs) < 2e-2  # open_clip rounds its logits to bf16
+
+
+def test_dtypes_under_autocast_and_of_the_gradcache_results(device):
+    """float64 features under autocast keep a float64 loss (autocast leaves them alone, as
+    open_clip's loss does); the *_with_grads results have the dtypes of clip_loss and its
+    backward: fp32 features under bf16 autocast get fp32 gradients, bf16 features a bf16
+    loss; chunk_size takes any integral."""
+    n, d = 9, 16
+    x64, y64 = features(n, d, torch.float64, device), features(n, d, torch.float64, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        assert vlmkernels.clip_loss(x64, y64, 5.0).dtype == torch.float64
+        assert vlmkernels.siglip_loss(x64, y64, 5.0, -1.0).dtype == torch.float64
+    x, y = leaf(features(n, d, torch.float32, device)), leaf(features(n, d, torch.float32, device))
+    for fn, extra in ((vlmkernels.clip_loss, ()), (vlmkernels.siglip_loss, (-1.0,))):
+        grads_fn = {vlmkernels.clip_loss: vlmkernels.clip_loss_with_grads,
+                    vlmkernels.siglip_loss: vlmkernels.siglip_loss_with_grads}[fn]  # fmt: skip
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = fn(x, y, 5.0, *extra)
+            gx, gy = torch.autograd.grad(loss, (x, y))
+            got = grads_fn(x, y, 5.0, *extra)
+        assert [t.dtype for t in got[:3]] == [loss.dtype, gx.dtype, gy.dtype]
+        xb, yb = x.detach().bfloat16(), y.detach().bfloat16()
+        assert grads_fn(xb, yb, 5.0, *extra)[0].dtype == fn(xb, yb, 5.0, *extra).dtype
+    numpy = pytest.importorskip("numpy")
+    assert torch.allclose(vlmkernels.clip_loss(x, y, 5.0, chunk_size=numpy.int64(4)),
+                          vlmkernels.clip_loss(x, y, 5.0, chunk_size=4))  # fmt: skip

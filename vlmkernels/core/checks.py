@@ -159,6 +159,7 @@ def check_chunk_size(op: str, chunk_size) -> int:
     """0 means 'choose from the memory budget'."""
     if chunk_size is None:
         return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+            or chunk_size < 1):  # fmt: skip
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    return int(chunk_size)

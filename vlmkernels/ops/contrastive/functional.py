@@ -61,7 +61,7 @@ def autocast_features(*features: torch.Tensor):
     features share a dtype and device (checked by the caller)."""
     first = features[0]
     low = autocast_dtype(first)
-    if low is None:
+    if low is None or first.dtype == torch.float64:  # autocast leaves float64 alone
         return features, first.dtype
     if first.dtype != torch.float32:
         return features, torch.float32
@@ -412,8 +412,9 @@ def clip_loss_with_grads(
     op = "clip_loss_with_grads"
     if reduction == "none":
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
-    x, y, scale, bias, chunk, _ = prepare(op, image_features, text_features, logit_scale,
-                                          logit_bias, reduction, chunk_size)  # fmt: skip
+    x, y, scale, bias, chunk, out_dtype = prepare(op, image_features, text_features,
+                                                  logit_scale, logit_bias, reduction,
+                                                  chunk_size)  # fmt: skip
     ids, _ = check_targets(op, x.shape[0], x.device, ids, label_smoothing)
     n = x.shape[0]
     weight = 1.0 / (2 * n) if reduction == "mean" else 0.5  # n > 0: prepare checked
@@ -435,7 +436,8 @@ def clip_loss_with_grads(
             dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(
                 *tensors, coef, one, *options, chunk, True
             )
-    return loss, dx, dy, ds, (db if bias is not None else None)
+    return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
+                              bias)  # fmt: skip
 
 
 def siglip_loss_with_grads(
@@ -453,12 +455,22 @@ def siglip_loss_with_grads(
     op = "siglip_loss_with_grads"
     if reduction == "none":
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
-    x, y, scale, bias, chunk, _ = prepare(op, image_features, text_features, logit_scale,
-                                          logit_bias, reduction, chunk_size)  # fmt: skip
+    x, y, scale, bias, chunk, out_dtype = prepare(op, image_features, text_features,
+                                                  logit_scale, logit_bias, reduction,
+                                                  chunk_size)  # fmt: skip
     weight = 1.0 / x.shape[0] if reduction == "mean" else 1.0
     with torch.no_grad():
         bias = bias.detach() if bias is not None else None
         loss, dx, dy, ds, db = ops.siglip_loss_fused(
             x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0, True
         )
-    return loss, dx, dy, ds, (db if bias is not None else None)
+    return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
+                              bias)  # fmt: skip
+
+
+def _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features, bias):
+    """The GradCache results in the dtypes the plain loss and its backward give: the loss
+    in the loss's dtype, each feature gradient in its features' dtype (fp32 features under
+    autocast get fp32 gradients); no bias gradient without a bias."""
+    return (loss.to(out_dtype), dx.to(image_features.dtype), dy.to(text_features.dtype), ds,
+            db if bias is not None else None)  # fmt: skip
