@@ -426,7 +426,29 @@ def test_model_inside_a_wrapper(qwen2):
     assert instance_overrides(qwen2.model) == []
 
 
-# ------------------------------------------------------------------ errors
+def test_pickled_patched_model_loads_unpatched_and_patches_again(qwen2):
+    """torch.save of a patched model (before its first forward: transformers' output
+    recorder hooks do not pickle) loads unpatched, holding the classes' own methods where
+    the patched ones were; it runs transformers' code and can be patched again."""
+    import io
+
+    from vlmkernels.integrations.patching import is_patched
+
+    torch.manual_seed(0)
+    fresh = ARCHS["qwen2_vl"]().eval().to(DEVICE)
+    fresh.load_state_dict(qwen2.model.state_dict())
+    buffer = io.BytesIO()
+    with vt.patch(fresh):
+        torch.save(fresh, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not any(is_patched(m.__dict__.get("forward")) for m in loaded.modules())
+    assert_close(qwen2.logits(loaded), qwen2.ref_logits, "logits of the loaded model")
+    with vt.patch(loaded) as handle:
+        assert "model.get_rope_index" in handle.targets
+        assert_close(qwen2.logits(loaded), qwen2.ref_logits, "logits patched again")
+
+
 # ------------------------------------------------------------------ errors
 
 

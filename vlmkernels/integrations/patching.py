@@ -381,6 +381,8 @@ def _replicate_patched(self):
 
 
 setattr(_replicate_patched, MARK, True)  # what marked() (below) does
+# a bound method pickles as getattr(module, its function's name): the attribute it fills
+_replicate_patched.__name__ = _replicate_patched.__qualname__ = "_replicate_for_data_parallel"
 
 
 def install(model, slots: Iterable[Slot]) -> PatchHandle:
@@ -474,19 +476,27 @@ def plan_forward(cls: type, candidates) -> types.FunctionType:
     return rebind_global(cls.forward, name, replacement, where)
 
 
+def _inert(module, name: str) -> bool:
+    """Whether ``module.__dict__[name]`` is the class's own method bound to ``module``, as
+    unpickling a patched model leaves each patched method: it behaves as if absent."""
+    value = module.__dict__.get(name)
+    return (isinstance(value, types.MethodType) and value.__self__ is module
+            and value.__func__ is getattr(type(module), name, None))  # fmt: skip
+
+
 def _slot_name(module, name: str, label: str) -> str:
     """``name``; for ``forward``, ``_old_forward`` where accelerate's hooks own ``forward``
     (their wrapper calls ``module._old_forward``)."""
     own = module.__dict__
     if name != "forward":
-        if name in own:
+        if name in own and not _inert(module, name):
             raise AlreadyPatchedError(
                 f"{label}.{name} is already set on the instance (by an earlier patch?)"
             )
         return name
     if is_patched(own.get("forward")) or is_patched(own.get("_old_forward")):
         raise AlreadyPatchedError(f"{label} is already patched by vlmkernels: undo that first")
-    if "forward" not in own:
+    if "forward" not in own or _inert(module, "forward"):
         return "forward"
     old = own.get("_old_forward")
     if "_hf_hook" in own and getattr(old, "__func__", None) is type(module).forward:

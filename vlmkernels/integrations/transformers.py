@@ -52,8 +52,10 @@ before. The installed values are methods bound to their modules, so ``copy.deepc
 patched model gives an independent patched copy (it runs the vlmkernels ops on its own
 weights; patching it again raises :class:`AlreadyPatchedError`, and only the original has a
 handle). The copied globals are a snapshot: module globals rebound after ``patch`` do not
-reach the patched instances. Undo before pickling the whole model object (the rebuilt
-functions do not pickle by reference).
+reach the patched instances. Pickling the model object (``torch.save(model)``) stores it
+unpatched: the loaded model runs transformers' code (it holds the classes' own methods
+where the patched ones were) and can be patched again; ``save_pretrained`` stores weights
+only.
 
 Version matrix (the rotary call each attention's ``forward`` makes):
 
