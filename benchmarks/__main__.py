@@ -29,6 +29,7 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import uuid
@@ -64,6 +65,25 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _names(text: str) -> list[str]:
+    """A non-empty comma-separated list of names (``--providers ,`` is a mistake, not
+    'every provider')."""
+    names = _csv_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"wants comma-separated names, got {text!r}")
+    return names
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"wants a positive number of seconds, got {text!r}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -97,7 +117,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
     sweep.add_argument(
         "--full", action="store_true", help="GPU: the full sweep (default there); CPU: ignored"
     )
-    p.add_argument("--providers", type=_csv_list, help="comma-separated provider names")
+    p.add_argument("--providers", type=_names, help="comma-separated provider names")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument(
         "--modes",
@@ -127,7 +147,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> ar
         help="CSV folder (default: $VLMKERNELS_RESULTS_DIR, else ./bench-results; the "
         "committed results: --out benchmarks/results)",
     )
-    p.add_argument("--time-budget", type=float, help="seconds; later cases are skipped")
+    p.add_argument("--time-budget", type=_seconds, help="seconds; later cases are skipped")
     p.add_argument("--no-limits", action="store_true", help="run providers' capped sizes")
     p.add_argument("--compile-backend", default="inductor", help="backend of torch.compile")
     p.add_argument("--seed", type=int, default=0)

@@ -1058,3 +1058,17 @@ def test_providers_that_disagree_fail_the_run(tmp_path, monkeypatch, capsys):
     assert main([*args, "--out", str(tmp_path / "broken")]) == 1
     out = capsys.readouterr().out
     assert "DISAGREE" in out and "ERROR clip_loss vlmkernels fwd" in out
+
+
+def test_empty_providers_and_bad_time_budgets_are_refused(capsys):
+    """``--providers ,`` is not 'every provider'; a time budget is a positive number."""
+    from benchmarks.__main__ import main
+
+    for args, message in (
+        (["--providers", ","], "--providers: wants comma-separated names"),
+        (["--time-budget", "-1"], "--time-budget: wants a positive number of seconds"),
+        (["--time-budget", "nan"], "--time-budget: wants a positive number of seconds"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["clip_loss", *args, "--list"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
