@@ -221,13 +221,19 @@ def _suite_modes(requested: list[str] | None, chosen: dict) -> tuple[dict, list[
 
 
 def _check_forced_backend() -> None:
-    """A bad VLMKERNELS_BACKEND fails every case: say so before measuring anything."""
-    from vlmkernels.core.backend import get_backend
+    """A bad VLMKERNELS_BACKEND, or one that cannot run here (the CUDA C++ extension not
+    built), fails every case: say so before measuring anything."""
+    from vlmkernels.core.backend import cuda_backend_status, get_backend
 
     try:
-        get_backend()
+        forced = get_backend()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if forced == "cuda":
+        ok, why = cuda_backend_status()
+        if not ok:
+            raise UsageError(f"VLMKERNELS_BACKEND=cuda: the CUDA C++ backend is unavailable: "
+                             f"{why}")  # fmt: skip
 
 
 def _cpu_banner(names: list[str], available, overrides, profile: str, args) -> None:

@@ -1072,3 +1072,14 @@ def test_empty_providers_and_bad_time_budgets_are_refused(capsys):
         with pytest.raises(SystemExit) as exc:
             main(["clip_loss", *args, "--list"])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_forced_cuda_backend_without_the_extension_is_refused(monkeypatch, capsys):
+    from benchmarks.__main__ import main
+    from vlmkernels.core.backend import cuda_backend_status
+
+    if cuda_backend_status()[0]:
+        pytest.skip("the CUDA C++ extension is built here")
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "cuda")
+    assert main(["clip_loss", "--list"]) == 2
+    assert "VLMKERNELS_BACKEND=cuda: the CUDA C++ backend is unavailable" in capsys.readouterr().err
