@@ -118,7 +118,8 @@ def test_bad_pool_arguments():
         (dict(pool="avg2x2", grid=(2, 6), pool_size=(2, 2)), r"gives pool_size \(1, 3\)"),
         (dict(pool="bilinear", grid=(3, 4), pool_size=(0, 2)), "pool_size must be a pair"),
         (dict(pool="bilinear", grid=(3.0, 4)), "grid must be a pair of positive ints"),
-        (dict(grid=(3, 4)), "pool must be None"),
+        (dict(grid=(3, 4)), "grid goes with pool='avg2x2' or 'bilinear' \\(pool is None\\)"),
+        (dict(pool_size=(1, 2)), "pool_size goes with pool="),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

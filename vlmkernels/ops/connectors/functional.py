@@ -220,7 +220,10 @@ def mlp_projector(
     act = _check_activation(op, activation)
     n1 = _check_linear(op, "w1", w1, "b1", b1, x, x.shape[-1])
     n2 = _check_linear(op, "w2", w2, "b2", b2, x, n1)
-    if pool is not None or grid is not None or pool_size is not None:
+    if pool is None and (grid is not None or pool_size is not None):
+        given = "grid" if grid is not None else "pool_size"
+        raise ValueError(f"{op}: {given} goes with pool='avg2x2' or 'bilinear' (pool is None)")
+    if pool is not None:
         H, W, size, mode = _pool_args(op, x, pool, grid, pool_size)
         save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2)
         grid4 = x.unflatten(1, (H, W))

@@ -186,6 +186,9 @@ def clip_loss(
         teacher: (image, text) features of a teacher (momentum) model, no gradient: targets
             alpha softmax(s_t I_t T_t^T) + (1 - alpha) hard (ALBEF's distillation), with
             ``teacher_logit_scale`` s_t (default: ``logit_scale``, detached).
+        teacher_logit_scale: s_t, a float or 0-d tensor (no gradient); None: as above.
+        alpha: the teacher's share of the targets, in [0, 1] (default 0: no teacher
+            term; > 0 needs ``teacher``).
 
     Returns:
         The loss in the features' dtype (computed in fp32); under autocast, fp32 features

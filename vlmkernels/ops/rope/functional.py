@@ -239,6 +239,10 @@ def mrope_from_positions(
         mrope_section: [t, h, w], summing to R / 2.
         rotary_dim: R, if given (must equal 2 * len(inv_freq)); lanes R..D pass through
             (Qwen3.5's partial rotary).
+        interleaved: Qwen3-VL's lane layout (T, H, W lanes interleaved) instead of the
+            chunked sections of Qwen2-VL / Qwen2.5-VL.
+        attention_scaling: the factor of cos and sin (the rotary class's
+            ``attention_scaling``; 1 except for YaRN-style rope types).
     """
     op = "mrope_from_positions"
     head_axis = _check_qk(op, q, k, 1)
