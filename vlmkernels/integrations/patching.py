@@ -368,23 +368,6 @@ class PatchHandle:
         return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
 
 
-def _replicate_patched(self):
-    """``nn.Module._replicate_for_data_parallel`` of a patched module (what
-    ``nn.DataParallel`` calls on each module for each device): the class's replica, whose
-    copied ``__dict__`` holds the patched methods bound to the original module, gets them
-    bound to itself, so each replica runs on its own parameters."""
-    replica = type(self)._replicate_for_data_parallel(self)
-    for name, value in self.__dict__.items():
-        if isinstance(value, types.MethodType) and value.__self__ is self and is_patched(value):
-            replica.__dict__[name] = types.MethodType(value.__func__, replica)
-    return replica
-
-
-setattr(_replicate_patched, MARK, True)  # what marked() (below) does
-# a bound method pickles as getattr(module, its function's name): the attribute it fills
-_replicate_patched.__name__ = _replicate_patched.__qualname__ = "_replicate_for_data_parallel"
-
-
 def install(model, slots: Iterable[Slot]) -> PatchHandle:
     """Installs ``slots`` (and, on each module given a method, the replication of
     :func:`_replicate_patched`); the handle undoes them."""
@@ -511,6 +494,23 @@ def marked(fn):
     """``fn`` with :data:`MARK` set: a function a patch installs."""
     setattr(fn, MARK, True)
     return fn
+
+
+@marked
+def _replicate_patched(self):
+    """``nn.Module._replicate_for_data_parallel`` of a patched module (what
+    ``nn.DataParallel`` calls on each module for each device): the class's replica, whose
+    copied ``__dict__`` holds the patched methods bound to the original module, gets them
+    bound to itself, so each replica runs on its own parameters."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    for name, value in self.__dict__.items():
+        if isinstance(value, types.MethodType) and value.__self__ is self and is_patched(value):
+            replica.__dict__[name] = types.MethodType(value.__func__, replica)
+    return replica
+
+
+# a bound method pickles as getattr(module, its function's name): the attribute it fills
+_replicate_patched.__name__ = _replicate_patched.__qualname__ = "_replicate_for_data_parallel"
 
 
 class Patcher:
