@@ -305,6 +305,25 @@ def test_siglip_loss_with_grads_matches_autograd(device, backend):
         assert rel(g, rg) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_with_grads_scale_and_bias_gradients_take_their_shapes(shape):
+    """GradCache pushes d_scale / d_bias into the parameters they came from: transformers'
+    SigLIP keeps logit_scale and logit_bias as (1,) parameters, and autograd.backward
+    refuses a () gradient for them."""
+    n, d = 9, 8
+    x, y = feats(n, d, "cpu"), feats(n, d, "cpu")
+    s, b = torch.full(shape, 10.0), torch.full(shape, -3.0, dtype=torch.float64)
+    for fn, plain in ((vlmkernels.clip_loss_with_grads, vlmkernels.clip_loss),
+                      (vlmkernels.siglip_loss_with_grads, vlmkernels.siglip_loss)):  # fmt: skip
+        _, _, _, ds, db = fn(x, y, s, b)
+        sl, bl = leaf(s), leaf(b)
+        plain(x, y, sl, bl).backward()
+        assert ds.shape == sl.grad.shape == shape and db.shape == bl.grad.shape == shape
+        assert ds.dtype == sl.grad.dtype and db.dtype == bl.grad.dtype
+        assert rel(ds, sl.grad) < 1e-6 and rel(db, bl.grad) < 1e-6
+        torch.autograd.backward([sl, bl], [ds, db])  # accepted
+
+
 def test_siglip_negative_only(device, backend):
     n, d = 23, 24
     x, y = leaf(feats(n, d, device)), leaf(feats(n, d, device))

@@ -440,7 +440,7 @@ def clip_loss_with_grads(
                 *tensors, coef, one, *options, chunk, True
             )
     return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
-                              bias)  # fmt: skip
+                              logit_scale, logit_bias)  # fmt: skip
 
 
 def siglip_loss_with_grads(
@@ -468,12 +468,20 @@ def siglip_loss_with_grads(
             x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0, True
         )
     return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
-                              bias)  # fmt: skip
+                              logit_scale, logit_bias)  # fmt: skip
 
 
-def _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features, bias):
-    """The GradCache results in the dtypes the plain loss and its backward give: the loss
-    in the loss's dtype, each feature gradient in its features' dtype (fp32 features under
-    autocast get fp32 gradients); no bias gradient without a bias."""
-    return (loss.to(out_dtype), dx.to(image_features.dtype), dy.to(text_features.dtype), ds,
-            db if bias is not None else None)  # fmt: skip
+def _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
+                       logit_scale, logit_bias):
+    """The GradCache results in the dtypes and shapes the plain loss and its backward give:
+    the loss in the loss's dtype, each feature gradient in its features' dtype (fp32
+    features under autocast get fp32 gradients), the scale and bias gradients in the shape
+    of a tensor ``logit_scale`` / ``logit_bias`` (transformers' SigLIP keeps them as (1,)
+    parameters); no bias gradient without a bias."""
+    if isinstance(logit_scale, torch.Tensor):
+        ds = ds.reshape(logit_scale.shape)
+    if logit_bias is None:
+        db = None
+    elif isinstance(logit_bias, torch.Tensor):
+        db = db.reshape(logit_bias.shape)
+    return loss.to(out_dtype), dx.to(image_features.dtype), dy.to(text_features.dtype), ds, db

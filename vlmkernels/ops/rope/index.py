@@ -104,6 +104,20 @@ def get_rope_index(
     "max_plus_one" (transformers <= 5.2, vLLM); `truncate_seconds=True` takes
     int(second_per_grid_ts) as transformers 5.16-5.17 do. No host syncs; the inputs are not
     modified.
+
+    Args:
+        input_ids: (B, S) integer token ids; only their shape, dtype and device are read.
+        mm_token_type_ids: (B, S) integers, 0 text, 1 image, 2 video (transformers'
+            processor output of the same name).
+        image_grid_thw, video_grid_thw: (number of images / videos in the batch, 3) integer
+            (t, h, w) patch grids before merging, in the order their runs appear row by row.
+        attention_mask: (B, S), nonzero at the tokens kept; None keeps every token.
+        spatial_merge_size: m, the side of the patch square the merger folds into a token.
+        second_per_grid_ts: (number of videos,) seconds per temporal grid step (Qwen2.5-VL).
+        tokens_per_second: Qwen2.5-VL's ``vision_config.tokens_per_second``.
+
+    Returns:
+        position_ids (3, B, S) in input_ids' dtype and rope_deltas (B, 1) int64.
     """
     _check_arguments(
         input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
