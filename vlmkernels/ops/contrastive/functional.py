@@ -471,8 +471,9 @@ def siglip_loss_with_grads(
                               logit_scale, logit_bias)  # fmt: skip
 
 
-def _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
-                       logit_scale, logit_bias):
+def _as_autograd_gives(
+    loss, dx, dy, ds, db, out_dtype, image_features, text_features, logit_scale, logit_bias
+):
     """The GradCache results in the dtypes and shapes the plain loss and its backward give:
     the loss in the loss's dtype, each feature gradient in its features' dtype (fp32
     features under autocast get fp32 gradients), the scale and bias gradients in the shape
