@@ -142,7 +142,8 @@ def scalar_tensor(op: str, name: str, value, device: torch.device, optional: boo
             value = value.to(device)
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a float or a 0-d tensor, got {type(value).__name__}")
+        what = type(value).__name__
+        raise TypeError(f"{op}: {name} must be a float or a one-element tensor, got {what}")
     return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 

@@ -171,8 +171,9 @@ def clip_loss(
         image_features: (N, d) float16, bfloat16, float32 (or float64 on the torch backend).
         text_features: (N, d), same dtype and device.
         logit_scale: the multiplier s itself (open_clip passes ``logit_scale.exp()``): a float
-            or a 0-d tensor, which receives a gradient when it requires one.
-        logit_bias: optional additive bias b, float or 0-d tensor.
+            or a one-element tensor (0-d, or (1,) as transformers' SigLIP keeps it), which
+            receives a gradient when it requires one.
+        logit_bias: optional additive bias b, float or one-element tensor.
         reduction: ``"mean"`` (the CLIP loss), ``"sum"`` (N times the mean: the two
             directions' summed cross-entropies, halved) or ``"none"``: a (2, N) tensor whose
             rows are the per-sample image-to-text and text-to-image losses.
@@ -186,7 +187,7 @@ def clip_loss(
         teacher: (image, text) features of a teacher (momentum) model, no gradient: targets
             alpha softmax(s_t I_t T_t^T) + (1 - alpha) hard (ALBEF's distillation), with
             ``teacher_logit_scale`` s_t (default: ``logit_scale``, detached).
-        teacher_logit_scale: s_t, a float or 0-d tensor (no gradient); None: as above.
+        teacher_logit_scale: s_t, a float or one-element tensor (no gradient); None: as above.
         alpha: the teacher's share of the targets, in [0, 1] (default 0: no teacher
             term; > 0 needs ``teacher``).
 
@@ -353,7 +354,7 @@ def siglip_loss(
     Args:
         image_features, text_features: (N, d), as in :func:`clip_loss`.
         logit_scale: the multiplier s (open_clip passes ``logit_scale.exp()``).
-        logit_bias: the bias b (float, 0-d tensor, or None for no bias).
+        logit_bias: the bias b (float, one-element tensor, or None for no bias).
         reduction: ``"mean"`` (sum over all pairs / N, open_clip's normalisation), ``"sum"``
             or ``"none"``: the (N,) per-image losses ``-sum_j logsigmoid(z_ij S_ij)``.
         chunk_size: rows of logit gradient materialised at once; None: as in
