@@ -121,6 +121,37 @@ def test_one_direction(monkeypatch, calls):
     assert calls
 
 
+@pytest.mark.parametrize("design", FUSED)
+@pytest.mark.parametrize("frozen", ["image", "text"])
+def test_frozen_tower_skips_the_frozen_gradient(design, frozen, monkeypatch, calls):
+    """LiT (a locked image tower) or a frozen text tower: the frozen side's gradient is
+    neither made nor stored (the launcher gets y_grad=False: clip_loss puts the frozen side
+    second), the other side's and the scalars' match float64."""
+    gen = torch.Generator().manual_seed(8)
+    x, y = features(43, 40, torch.float32, gen), features(43, 40, torch.float32, gen)
+    s, b = torch.tensor(10.0), torch.tensor(-0.5)
+    seen = []
+    original = fused_backward._clip_fused_grad_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["Y_GRAD"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_backward._clip_fused_grad_kernel, "run", spy)
+    monkeypatch.setenv(fused_backward.ENV_DESIGN, design)
+    xl, yl, sl, bl = (t.clone().requires_grad_(t is not (x if frozen == "image" else y))
+                      for t in (x, y, s, b))  # fmt: skip
+    with vlmkernels.use_backend("triton"):
+        vlmkernels.clip_loss(xl, yl, sl, bl).backward()
+    ref = ref_grads(x, y, s, b)
+    live, live_ref = (yl.grad, ref[1]) if frozen == "image" else (xl.grad, ref[0])
+    assert (xl.grad if frozen == "image" else yl.grad) is None
+    assert rel_err(live, live_ref) < FEAT_TOL[torch.float32]
+    for o, r in ((sl.grad, ref[2]), (bl.grad, ref[3])):
+        assert abs(o.double() - r).item() / max(abs(r).item(), 0.1) < 1e-5
+    assert calls and seen == [False]
+
+
 def test_launcher_matches_chunked_with_accumulators():
     """block_grads_triton's designs agree, also when adding into fp32 accumulators (ring
     steps), on a rectangular block with an offset diagonal and one direction only."""
@@ -218,4 +249,5 @@ def test_design_comparison_and_tune_workload_run_both_designs(calls):
     assert timed == [0, 1] and len(lines) == 1
     assert fused_backward.ENV_DESIGN not in __import__("os").environ
     family.tune_workload({**spec, "ops": ("clip",)}, torch.device("cpu"), ["clip_fused_grad"])
-    assert calls == [False, False, True]
+    # the tuning runs both designs with both towers learning, then with one frozen
+    assert calls == [False, False, False, True, True]

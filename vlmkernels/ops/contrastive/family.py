@@ -28,7 +28,8 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
     "clip" (clip_loss forward + backward), "siglip" (with gradients, and the no-grad
     forward), "i2t" (one direction), "clip_ids" (ids + label smoothing), "clip_teacher"
     (ALBEF distillation), "clip_fused" (clip_loss forward + backward with the fused
-    backward design, and with its deterministic mode); default ("clip", "siglip"); the fused
+    backward design and with its deterministic mode, each also with a frozen text tower);
+    default ("clip", "siglip"); the fused
     backward's kernel is also run with "clip" when it is among ``names``)."""
     n, d = int(spec["N"]), int(spec["d"])
     dtype = torch_dtype(spec.get("dtype", "bf16"))
@@ -62,6 +63,7 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
         for design in ("fused", "fused_deterministic"):
             with _design(design):
                 clip_loss(*leaves(), 14.3).backward()
+                clip_loss(leaves()[0], y, 14.3).backward()  # a frozen tower: no dY product
     if "siglip" in ops and "siglip" in names:
         siglip_loss(*leaves(), 10.0, -10.0).backward()
         with torch.no_grad():
@@ -135,7 +137,7 @@ _STATS_OUT = {name: _F32 for name in ("t_lse_row_ptr", "t_lse_col_ptr", "row_max
 _GRAD_OUT = dict(row_coef_ptr=_F32, col_coef_ptr=_F32, grad_ptr="*{elem}", partial_ptr=_F32)
 _PLAIN = dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=False, SMOOTH=False, TEACHER=False)
 _TARGETS = dict(HAS_BIAS=True, ROWS=True, COLS=True, IDS=True, SMOOTH=True, TEACHER=True)
-_FUSED = dict(HAS_BIAS=True, ROWS=True, COLS=True, SMOOTH=False)
+_FUSED = dict(HAS_BIAS=True, ROWS=True, COLS=True, SMOOTH=False, Y_GRAD=True)
 _FUSED_PTRS = dict(
     _FEATURES,
     coef_ptr=_F32,
@@ -187,6 +189,9 @@ def compile_cases() -> list[CompileCase]:
              dict(_FUSED, ATOMIC=True)),
         case("clip_fused_grad_deterministic", fused_backward._clip_fused_grad_kernel,
              _FUSED_PTRS, dict(_FUSED, ATOMIC=False)),
+        # a frozen column side (LiT's locked tower, a queue): no dY product, no dY atomics
+        case("clip_fused_grad_frozen", fused_backward._clip_fused_grad_kernel, _FUSED_PTRS,
+             dict(_FUSED, ATOMIC=True, Y_GRAD=False)),
         # without the gradient the launcher passes the fp32 loss buffer as grad_ptr
         case("siglip_loss", kernels._siglip_kernel, dict(siglip, grad_ptr=_F32),
              dict(HAS_BIAS=True, WRITE_GRAD=False)),

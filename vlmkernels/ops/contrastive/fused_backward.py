@@ -91,7 +91,8 @@ _NOMINAL = 32 if INTERPRETED else 128  # the default BM and BN (grids)
 
 # fmt: off
 @tuned("clip_fused_grad", configs=_CONFIGS,
-       key=["D", "n_bucket", "ROWS", "COLS", "SMOOTH", "ATOMIC"], sizes=["D", "n_bucket"],
+       key=["D", "n_bucket", "ROWS", "COLS", "SMOOTH", "ATOMIC", "Y_GRAD"],
+       sizes=["D", "n_bucket"],
        defaults=_FP32_DEFAULT)
 @even_k
 @triton.jit
@@ -101,13 +102,16 @@ def _clip_fused_grad_kernel(
     M, N, D, offset, stride_xn, stride_xd, stride_yn, stride_yd, stride_dxn, stride_dyn,
     coef_stride_r, coef_stride_c, num_row_groups, n_bucket,
     ROWS: tl.constexpr, COLS: tl.constexpr, SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, Y_GRAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """dX += c G Y and dY += c G^T X over the rectangle of tiles of program (g, k), c =
     coef[0]; sum(G X Y^T) and sum(G) of the rectangle to partial[0, pid], partial[1, pid].
     ``ATOMIC``: fp32 atomics into dx (M, d) and dy (N, d); else slot k of dx (dx_slot
-    apart) and slot g of dy, owned by this program. Padding rows and columns get G = 0."""
+    apart) and slot g of dy, owned by this program. Without ``Y_GRAD`` (frozen columns: a
+    locked tower, a queue) neither X nor dY is touched in the d-loop: one product per tile
+    less. Padding rows and columns get G = 0."""
     pid = tl.program_id(0)
     num_col_splits = tl.num_programs(0) // num_row_groups
     g = pid % num_row_groups
@@ -195,25 +199,30 @@ def _clip_fused_grad_kernel(
             for k0 in range(0, D, BK):
                 kk = k0 + ks
                 k_mask = kk < D
-                x_k = tl.load(x_rows + tl.cast(k0, tl.int64) * stride_xd + x_offs,
-                              mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                if Y_GRAD:
+                    x_k = tl.load(x_rows + tl.cast(k0, tl.int64) * stride_xd + x_offs,
+                                  mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 y_k = tl.load(y_cols + tl.cast(k0, tl.int64) * stride_yd + y_offs,
                               mask=col_mask[:, None] & k_mask[None, :], other=0.0)
                 if DOT_FP32:
-                    x_k = x_k.to(tl.float32)
+                    if Y_GRAD:
+                        x_k = x_k.to(tl.float32)
                     y_k = y_k.to(tl.float32)
                 dx_k = tl.dot(g_op, y_k, input_precision=INPUT_PRECISION) * coef
-                dy_k = tl.dot(tl.trans(g_op), x_k, input_precision=INPUT_PRECISION) * coef
+                if Y_GRAD:
+                    dy_k = tl.dot(tl.trans(g_op), x_k, input_precision=INPUT_PRECISION) * coef
                 dx_mask = row_mask[:, None] & k_mask[None, :]
                 dy_mask = col_mask[:, None] & k_mask[None, :]
                 if ATOMIC:
                     tl.atomic_add(dx_rows + kk[None, :], dx_k, mask=dx_mask, sem="relaxed")
-                    tl.atomic_add(dy_cols + kk[None, :], dy_k, mask=dy_mask, sem="relaxed")
+                    if Y_GRAD:
+                        tl.atomic_add(dy_cols + kk[None, :], dy_k, mask=dy_mask, sem="relaxed")
                 else:
                     old_x = tl.load(dx_rows + kk[None, :], mask=dx_mask, other=0.0)
                     tl.store(dx_rows + kk[None, :], old_x + dx_k, mask=dx_mask)
-                    old_y = tl.load(dy_cols + kk[None, :], mask=dy_mask, other=0.0)
-                    tl.store(dy_cols + kk[None, :], old_y + dy_k, mask=dy_mask)
+                    if Y_GRAD:
+                        old_y = tl.load(dy_cols + kk[None, :], mask=dy_mask, other=0.0)
+                        tl.store(dy_cols + kk[None, :], old_y + dy_k, mask=dy_mask)
             if not ATOMIC:
                 # the next read of these slots may come from other threads of this program
                 tl.debug_barrier()
@@ -256,11 +265,14 @@ def _grid(m: int, n: int, device: torch.device, deterministic: bool, max_slots: 
 
 
 def fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, kappa,
-                      dx_acc=None, dy_acc=None, deterministic=False, max_slots=2):  # fmt: skip
+                      dx_acc=None, dy_acc=None, deterministic=False, max_slots=2,
+                      y_grad=True):  # fmt: skip
     """(dx, dy, dscale, dbias) of a block with the fused kernel, from the (6, M) / (6, N)
     coefficients as :func:`~.launchers.block_grads_triton` prepares them (normalised by
     ``kappa`` or not; stand-ins for a direction not in the loss). With fp32 accumulators
-    dx_acc / dy_acc, the gradients are added into them (atomic mode: by the kernel)."""
+    dx_acc / dy_acc, the gradients are added into them (atomic mode: by the kernel).
+    Without ``y_grad`` (and no ``dy_acc``) dy is None, and neither made nor stored."""
+    y_grad = y_grad or dy_acc is not None
     x, y = tile_addressable(x), tile_addressable(y)
     m, d = x.shape
     n = y.shape[0]
@@ -275,10 +287,11 @@ def fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, ka
 
     if deterministic:
         dx_buf = torch.zeros((splits, m, d), **f32)
-        dy_buf = torch.zeros((groups, n, d), **f32)
+        dy_buf = torch.zeros((groups, n, d), **f32) if y_grad else dx_buf  # untouched
         dx_out, dy_out = dx_buf[0], dy_buf[0]
     else:
-        dx_out, dy_out = own(dx_acc, m), own(dy_acc, n)
+        dx_out = own(dx_acc, m)
+        dy_out = own(dy_acc, n) if y_grad else dx_out  # a stand-in the kernel never touches
         dx_buf, dy_buf = dx_out, dy_out
     partials = torch.zeros((2, groups * splits), **f32)
     dot_fp32, precision = dot_precision(x.dtype)
@@ -290,10 +303,11 @@ def fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, ka
             dx_out.stride(0), dy_out.stride(0), r_coef.stride(0), c_coef.stride(0),
             groups, next_pow2(max(m, n)),
             ROWS=rows, COLS=cols, SMOOTH=bool(targets.smoothing), HAS_BIAS=bias is not None,
-            ATOMIC=not deterministic, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            ATOMIC=not deterministic, Y_GRAD=y_grad, DOT_FP32=dot_fp32,
+            INPUT_PRECISION=precision,
         )  # fmt: skip
     if deterministic:
-        dx_f, dy_f = dx_buf.sum(0), dy_buf.sum(0)
+        dx_f, dy_f = dx_buf.sum(0), dy_buf.sum(0) if y_grad else None
     else:
         dx_f, dy_f = dx_out, dy_out
     del dx_buf, dy_buf, dx_out, dy_out  # dx_f and dy_f hold the only references
@@ -310,4 +324,4 @@ def fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, ka
 
     dx = result(dx_acc, dx_f, x.dtype)
     del dx_f  # peak: the fp32 dY, dX and dY in the input dtype
-    return dx, result(dy_acc, dy_f, y.dtype), dscale, dbias
+    return dx, result(dy_acc, dy_f, y.dtype) if y_grad else None, dscale, dbias

@@ -162,8 +162,7 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
     with ids or a teacher fall back to "chunked"); None: $VLMKERNELS_CLIP_BACKWARD, else the
     design ``vlmkernels tune`` recorded for the GPU, else "chunked". Returns (dx, dy,
     dscale, dbias); with fp32 accumulators, dx and dy are added into them. Without
-    ``y_grad`` the chunked design skips dy's product and returns None for it (the fused
-    kernel makes dy anyway).
+    ``y_grad`` (and no ``dy_acc``) both designs skip dy's product and return None for it.
     """
     design = clip_backward_design(design, x.device)
     x, y = tile_addressable(x), tile_addressable(y)
@@ -178,7 +177,8 @@ def block_grads_triton(x, y, scale, bias, targets: Targets, row_coef, col_coef, 
     if design != "chunked" and fused_covers(targets):
         deterministic = design == "fused_deterministic"
         return fused_block_grads(x, y, scale, bias, targets, r_coef, c_coef, rows, cols, kappa,
-                                 dx_acc, dy_acc, deterministic=deterministic)  # fmt: skip
+                                 dx_acc, dy_acc, deterministic=deterministic,
+                                 y_grad=y_grad)  # fmt: skip
     xt, yt, st, t_strides = _teacher_args(targets, x, y, scale)
     ids_r = targets.row_ids if targets.ids else r_coef
     ids_c = targets.col_ids if targets.ids else r_coef

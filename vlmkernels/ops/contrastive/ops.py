@@ -314,7 +314,7 @@ def _ce_backward(backend, *args):
     else:
         dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
                                             a.chunk_size, y_grad=a.y_grad)  # fmt: skip
-    dy = cast(dy, y.dtype) if a.y_grad else None  # the fused design makes dy regardless
+    dy = cast(dy, y.dtype) if dy is not None else None
     return cast(dx, x.dtype), dy, *_scalar_grads(ds, db, scale, bias)
 
 
@@ -435,7 +435,7 @@ def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, t
     else:
         dx, dy, ds, db = _block_grads_torch(x, y, scale, bias, targets, row_coef, col_coef,
                                             chunk_size, y_grad=y_grad)  # fmt: skip
-    dy = cast(dy, y.dtype) if y_grad else None  # the fused design makes dy regardless
+    dy = cast(dy, y.dtype) if dy is not None else None
     return cast(dx, x.dtype), dy, *_scalar_grads(ds, db, scale, bias)
 
 
