@@ -253,6 +253,42 @@ def test_refuses_tanh_gelu():
     assert "forward" not in module.__dict__
 
 
+class _ShardedLinear(nn.Linear):
+    """What FSDP2's fully_shard on a layer makes: a subclass of the layer's class."""
+
+
+class _Adapter(nn.Module):
+    """What a PEFT LoRA layer looks like: the original linear as ``base_layer``."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda layer: _ShardedLinear(layer.in_features, layer.out_features),
+    _Adapter,
+    lambda layer: nn.Identity(),
+])  # fmt: skip
+def test_layers_wrapped_before_patching_are_named_as_such(wrap):
+    """A layer wrapped before patching (FSDP2 on the layer, tensor parallelism, PEFT,
+    quantisation) is refused as such, not blamed on the transformers version; a layer
+    replaced by something unrelated stays a layout error."""
+    module, _ = llava()
+    module.linear_1 = wrap(module.linear_1)
+    wrapped = not isinstance(module.linear_1, nn.Identity)
+    with pytest.raises(vt.UnsupportedLayoutError) as info:
+        vt.patch(module)
+    message = str(info.value)
+    assert isinstance(info.value, vt.WrappedLayerError) == wrapped
+    assert ("wrapped or replaced after it was built" in message) == wrapped
+    assert ("tested with" in message) != wrapped
+    assert "linear_1 is " in message and "forward" not in module.__dict__
+
+
 def test_deepstack_process():
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel

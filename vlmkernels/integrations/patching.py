@@ -51,9 +51,11 @@ __all__ = [
     "Slot",
     "UnsupportedLayoutError",
     "UnsupportedModelError",
+    "WrappedLayerError",
     "adapt_signature",
     "changed_part",
     "class_forward",
+    "exact_layer",
     "fused_forward",
     "has_hooks",
     "global_loads",
@@ -76,6 +78,25 @@ class UnsupportedModelError(TypeError):
 
 class UnsupportedLayoutError(RuntimeError):
     """The installed library lays the model out in a way the patch does not know."""
+
+
+class WrappedLayerError(UnsupportedLayoutError):
+    """A layer of a known layout was wrapped or replaced in this instance (FSDP's
+    ``fully_shard`` on the layer, tensor parallelism, a PEFT adapter, a quantised linear):
+    a fused forward that reads its parameters would bypass the wrapper."""
+
+
+def exact_layer(layer, cls: type, where: str):
+    """``layer`` if it is exactly a ``cls``; else :class:`WrappedLayerError` when it is a
+    subclass or holds a ``cls`` as ``base_layer`` (PEFT), else
+    :class:`UnsupportedLayoutError`."""
+    if type(layer) is cls:
+        return layer
+    name = f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__qualname__
+    what = f"{where} is {type(layer).__name__}, not {name}"
+    if isinstance(layer, cls) or isinstance(getattr(layer, "base_layer", None), cls):
+        raise WrappedLayerError(f"{what} (a wrapped or replaced layer)")
+    raise UnsupportedLayoutError(what)
 
 
 class AlreadyPatchedError(RuntimeError):
@@ -649,6 +670,16 @@ class Patcher:
 
     def layout_error(self, failures: dict[str, Exception], hint: str) -> UnsupportedLayoutError:
         lines = [f"  {part}: {exc}" for part, exc in failures.items()]
+        if all(isinstance(exc, WrappedLayerError) for exc in failures.values()):
+            return WrappedLayerError(
+                "vlmkernels.patch: layers of this model were wrapped or replaced after it was "
+                "built (FSDP's fully_shard on a layer, tensor parallelism, PEFT, "
+                "quantisation), and the fused forwards would bypass them:\n"
+                + "\n".join(lines)
+                + f"\nNothing was changed; {hint}. Wrap whole blocks (or the model) instead "
+                "of these layers, or patch before wrapping them: a layer wrapped after "
+                "patching runs its own forward (PatchFallbackWarning)."
+            )
         return UnsupportedLayoutError(
             f"vlmkernels.patch does not recognise this {self.library} layout "
             f"({self.library} {self.version()}; tested with {', '.join(self.tested)}):\n"

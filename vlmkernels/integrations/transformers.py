@@ -42,7 +42,9 @@ adapter; one turned into a module by the hub-kernel decorator
 function. Before anything is installed, the undecorated forward's bytecode must load exactly
 one of the expected names as a global and the installed function must take the same
 parameters; otherwise :class:`UnsupportedLayoutError` names the transformers version, the
-tested range and the parts that still patch, and nothing changes.
+tested range and the parts that still patch, and nothing changes. A layer that the fused
+forward would read, found wrapped or replaced (FSDP's ``fully_shard`` on it, tensor
+parallelism, PEFT, quantisation), gives :class:`WrappedLayerError` (a subclass) instead.
 
 Why this is per instance and exactly undoable: nothing is assigned to a module or a class
 of torch or transformers. Only the patched instances' ``__dict__`` gain entries
@@ -95,6 +97,7 @@ from .patching import (
     PatchHandle,
     UnsupportedLayoutError,
     UnsupportedModelError,
+    WrappedLayerError,
     install,
     patchers,
 )
@@ -117,6 +120,7 @@ __all__ = [
     "TESTED_VERSIONS",
     "UnsupportedLayoutError",
     "UnsupportedModelError",
+    "WrappedLayerError",
     "patch",
     "rope_index_method",
     "support",
@@ -131,6 +135,8 @@ def _hint(failures: dict, working: list[str]) -> str:
     fixes = [off[p] for p in failures if p in off]
     if working and len(fixes) == len(failures):
         return f"still works: vlmkernels.patch(model, {', '.join(fixes)})"
+    if all(isinstance(exc, WrappedLayerError) for exc in failures.values()):
+        return "no other part of vlmkernels.patch applies to this model"
     return "no part of vlmkernels.patch applies to this model on this version"
 
 
@@ -158,7 +164,8 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         UnsupportedModelError: no table recognises the model.
         UnsupportedLayoutError: the installed transformers does not lay the model out as
             expected; the message names each part that failed and the call that still
-            works (nothing is changed).
+            works (nothing is changed); :class:`WrappedLayerError` where the layers were
+            wrapped or replaced in this instance (FSDP on a layer, PEFT, quantisation).
         AlreadyPatchedError: the instance is already patched (undo the first handle).
     """
     if angles not in ("table", "positions"):

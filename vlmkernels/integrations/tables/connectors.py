@@ -55,6 +55,7 @@ from ..patching import (
     SetMethod,
     UnsupportedLayoutError,
     changed_part,
+    exact_layer,
     fused_forward,
     has_hooks,
     register,
@@ -80,10 +81,7 @@ def _arch(key, prefix, role, cls, part="connector", models=True):
 
 
 def _linear(module, name: str, where: str) -> nn.Linear:
-    layer = getattr(module, name, None)
-    if type(layer) is not nn.Linear:
-        raise UnsupportedLayoutError(f"{where}.{name} is {type(layer).__name__}, not nn.Linear")
-    return layer
+    return exact_layer(getattr(module, name, None), nn.Linear, f"{where}.{name}")
 
 
 def _exact_gelu(act, where: str) -> None:
@@ -174,7 +172,8 @@ def _internvl_forward(module, arch):
     where = _where(module)
     _linear(module, "linear_1", where), _linear(module, "linear_2", where)
     _exact_gelu(module.act, where)
-    if type(module.layer_norm) is not nn.LayerNorm or len(module.layer_norm.normalized_shape) != 1:
+    norm = exact_layer(module.layer_norm, nn.LayerNorm, f"{where}.layer_norm")
+    if len(norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{where}.layer_norm is not a 1-D nn.LayerNorm")
 
     def forward(self, image_features):
@@ -324,7 +323,8 @@ INTERNVL_SHUFFLE_PATCHER = register(
 
 def _norm_of(norm, where: str):
     """(kind, weight, bias, eps) of a merger's norm module."""
-    if type(norm) is nn.LayerNorm:
+    if isinstance(norm, nn.LayerNorm):
+        exact_layer(norm, nn.LayerNorm, where)
         if len(norm.normalized_shape) != 1 or norm.weight is None:
             raise UnsupportedLayoutError(f"{where}: a LayerNorm without a 1-D weight")
         return "layernorm", "weight", "bias" if norm.bias is not None else None, norm.eps
@@ -403,8 +403,8 @@ def _minicpm_merger_forward(module, arch):
         inner = f"{where}.mlp.{i}"
         _linear(mlp, "linear_1", inner), _linear(mlp, "linear_2", inner)
         _exact_gelu(mlp.act, inner)
-        norm = getattr(mlp, "pre_norm", None)
-        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        norm = exact_layer(getattr(mlp, "pre_norm", None), nn.LayerNorm, f"{inner}.pre_norm")
+        if len(norm.normalized_shape) != 1:
             raise UnsupportedLayoutError(f"{inner}.pre_norm is not a 1-D nn.LayerNorm")
 
     def forward(self, hidden_states, target_sizes):
