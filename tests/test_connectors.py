@@ -196,17 +196,21 @@ def test_merger_16bit(name, dtype, backend):
     merger_case(name, dtype, False)
 
 
+@pytest.mark.parametrize("biases", ["all", "none"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", [n for n, m in MERGERS.items() if m[2] is not None])
-def test_merger_16bit_folded_norm(name, dtype):
+def test_merger_16bit_folded_norm(name, dtype, biases):
     """With 16-bit inputs the norm is folded into the first GEMM (launchers.first_linear:
     raw X times the norm-scaled weight, then r_s (P_s - mu_s colsum_s) per patch segment,
     the accumulator rescaled by r_{s-1} / r_s between segments). Features far from zero
     mean (offset 20: the mean term cancels most of P) with patch scales spanning
     1e-2..1e2 (rstd ratios up to 1e4 between segments), C = 40 (segments end mid-tile at the
     interpreter's BK 16): within the 16-bit tolerance of float64, and within 1.5x the
-    error of eager 16-bit (X normalised and rounded, then the linear)."""
+    error of eager 16-bit (X normalised and rounded, then the linear). Without any bias
+    (``biases="none"``: no b1, no norm bias) the fold has no bias to write."""
     x, weights, kw = merger_inputs(name, dtype, c=40)
+    if biases == "none":
+        weights[1], kw["norm_bias"] = None, None
     shape = x.shape
     scale = 10 ** (4 * torch.rand(*shape[:-1], 1) - 2)
     x = ((20 + torch.randn(shape)) * scale).to(dtype)
@@ -227,13 +231,13 @@ def test_merger_16bit_folded_norm(name, dtype):
     mean, rstd = launchers.norm_stats(grid_x, grid, kind, before, kw["eps"])
     nb = None if kw["norm_bias"] is None else kw["norm_bias"].detach()
     xop = launchers.XOperand(grid_x, grid, kind, before, mean, rstd, kw["norm_weight"].detach(), nb)
-    w1, b1 = weights[0].detach(), weights[1].detach()
+    w1, b1 = weights[0].detach(), weights[1] if weights[1] is None else weights[1].detach()
     # fp32 outputs on both sides: the comparison is of the products, not the final rounding
     folded = torch.empty((grid.M, w1.shape[0]), dtype=torch.float32)
     launchers.first_linear(folded, xop, w1, b1)
     normed = ref_norm_rows(r[0], s, layout, norm, before, r[5], r[6], kw["eps"])
     h_ref = F.linear(normed, r[1], r[2])
-    eager = F.linear(normed.to(dtype).float(), w1.float(), b1.float())
+    eager = F.linear(normed.to(dtype).float(), w1.float(), None if b1 is None else b1.float())
     assert max_rel(folded, h_ref) <= 1.5 * max_rel(eager, h_ref), (
         max_rel(folded, h_ref), max_rel(eager, h_ref))  # fmt: skip
 

@@ -433,7 +433,8 @@ def _norm_fold_kernel(
         tl.store(colsum_ptr + rows64 * S + s, total, mask=r_mask)
     if BIAS:
         folded_bias += tl.load(b_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
-    tl.store(bias_ptr + rows, folded_bias, mask=r_mask)
+    if BIAS or NORM_BIAS:  # else bias_ptr is a stand-in (the launcher passes colsum)
+        tl.store(bias_ptr + rows, folded_bias, mask=r_mask)
 
 
 @triton.jit
