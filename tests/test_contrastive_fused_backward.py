@@ -218,6 +218,29 @@ def test_unknown_design_raises(monkeypatch):
         fused_backward.clip_backward_design()
 
 
+def test_deterministic_algorithms_never_run_the_atomic_design(monkeypatch, calls):
+    """torch.use_deterministic_algorithms(True): tune's "fused" gives way to the chunked
+    design, an explicit "fused" becomes "fused_deterministic"; without the flag both stay."""
+    monkeypatch.setattr(fused_backward, "preferred_design", lambda *args: "fused")
+    gpu = torch.device("cuda", 0)
+    assert fused_backward.clip_backward_design(None, gpu) == "fused"
+    assert fused_backward.clip_backward_design("fused") == "fused"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert fused_backward.clip_backward_design(None, gpu) == "chunked"
+        assert fused_backward.clip_backward_design("fused") == "fused_deterministic"
+        monkeypatch.setenv(fused_backward.ENV_DESIGN, "fused")
+        assert fused_backward.clip_backward_design(None, gpu) == "fused_deterministic"
+        gen = torch.Generator().manual_seed(9)
+        x, y = features(33, 24, torch.float32, gen), features(33, 24, torch.float32, gen)
+        out = grads("fused", x, y, torch.tensor(9.0), None, monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert calls == [True]
+    check(out, ref_grads(x, y, torch.tensor(9.0), None), torch.float32)
+
+
 def test_atomic_programs_with_several_tiles(monkeypatch):
     """One SM: a 1 x 2 grid over 3 x 3 tiles, each program running several row and column
     blocks from its staggered start, all adding into the same fp32 buffers."""

@@ -235,7 +235,12 @@ def clip_backward_design(design: str | None = None, device: torch.device | None 
     """The CLIP backward design: ``design`` if given, else $VLMKERNELS_CLIP_BACKWARD, else
     the one ``vlmkernels tune`` recorded as faster on ``device`` (a CUDA device; choice
     ``"clip_backward"`` of ``designs.json``), else ``"chunked"``. Raises ValueError naming
-    the source for an unknown name."""
+    the source for an unknown name.
+
+    Under ``torch.use_deterministic_algorithms(True)`` the atomic ``"fused"`` design is
+    never run: tune's choice gives way to ``"chunked"``, and an explicit ``"fused"`` (the
+    argument or the variable) becomes its bitwise repeatable ``"fused_deterministic"``,
+    as torch itself picks a deterministic implementation where it has one."""
     source = "design"
     if design is None:
         design, source = _design_variable(), ENV_DESIGN
@@ -244,6 +249,8 @@ def clip_backward_design(design: str | None = None, device: torch.device | None 
     design = design or "chunked"
     if design not in DESIGNS:
         raise ValueError(f"{source}={design!r}: expected one of {', '.join(DESIGNS)}")
+    if design == "fused" and torch.are_deterministic_algorithms_enabled():
+        return "chunked" if source == "designs.json" else "fused_deterministic"
     return design
 
 
