@@ -473,3 +473,34 @@ def test_malformed_ceilings_cache_is_measured_again(tmp_path, monkeypatch, capsy
     assert cli.main(["info"]) == 0
     out, err = capsys.readouterr()
     assert "ceilings (cached" in out and err == ""
+
+
+def test_ceilings_cache_keeps_entries_written_while_measuring(tmp_path, monkeypatch):
+    """Several jobs sharing one cache folder: an entry another process stored while this
+    one measured survives this one's write, which goes through a file of its own (a shared
+    'ceilings.tmp' let one process rename another's half-written file into place)."""
+    monkeypatch.setenv("VLMKERNELS_CACHE_DIR", str(tmp_path))
+    fresh = {"copy_gbps": 10.0, "copy_bytes": 1 << 20, "matmul": {"fp32": {"tflops": 1.0, "n": 8}}}
+    path = tmp_path / cli.CACHE_FILE
+    temporaries = []
+
+    def measure(device_type):  # meanwhile, another process stores its device's entry
+        path.write_text(json.dumps({"other device": fresh}))
+        return dict(fresh)
+
+    real_mkstemp = cli.tempfile.mkstemp
+
+    def mkstemp(**kwargs):
+        fd, name = real_mkstemp(**kwargs)
+        temporaries.append(name)
+        return fd, name
+
+    monkeypatch.setattr(cli, "measure_ceilings", measure)
+    monkeypatch.setattr(cli.tempfile, "mkstemp", mkstemp)
+    facts = cli.device_facts()
+    entry, cached = cli.ceilings(facts)
+    assert not cached and entry["copy_gbps"] == 10.0
+    data = json.loads(path.read_text())
+    assert set(data) == {"other device", cli.cache_key(facts)}
+    assert len(temporaries) == 1 and temporaries[0].startswith(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cli.CACHE_FILE]

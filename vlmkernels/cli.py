@@ -34,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -303,16 +304,22 @@ def ceilings(facts: dict, refresh: bool = False) -> tuple[dict, bool]:
         return data[key], True
     entry = measure_ceilings(facts["device_type"])
     entry["measured_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # re-read: another process may have stored its device's entry while this one measured;
     # only well-formed entries are written back (a malformed one could not even be dumped)
-    data = {k: v for k, v in data.items() if not ceilings_problem(v)}
+    data = {k: v for k, v in _read_cache()[0].items() if not ceilings_problem(v)}
     data[key] = entry
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
+        # a name of its own: processes sharing the folder never rename each other's halves
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=CACHE_FILE, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
     except OSError as exc:
         print(f"(could not write the ceilings cache {path}: {exc})", file=sys.stderr)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return entry, False
 
 
