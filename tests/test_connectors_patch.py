@@ -382,6 +382,27 @@ def test_internvl_shuffle_folded_into_the_projector(layer, strategy, monkeypatch
     assert "forward" not in mine.model.multi_modal_projector.__dict__
 
 
+def test_internvl_generate_with_images():
+    """generate() reads get_image_features' parameters to encode pixel_values before the
+    prefill: the patched method shows InternVL's own (it passes them on), and greedy
+    decoding gives transformers' tokens."""
+    import inspect
+
+    ref = internvl_model().eval()
+    mine = copy.deepcopy(ref)
+    ids = torch.tensor([[7, 8] + [5] * 9 + [9, 10]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  pixel_values=torch.randn(1, 3, 24, 24))  # fmt: skip
+    with torch.no_grad():
+        want = ref.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with vt.patch(mine):
+            patched = inspect.signature(mine.model.get_image_features)
+            assert patched == inspect.signature(ref.model.get_image_features)
+            assert "pixel_values" in patched.parameters
+            got = mine.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+
+
 def test_internvl_model_logits_and_projector_switched_off():
     """The whole patched model (image tokens scattered into the text) gives transformers'
     logits; with the projector left unpatched the shuffle is not deferred."""

@@ -339,6 +339,21 @@ class Slot:
             self.owner.__dict__[self.name] = self.old
 
 
+def _signed_like(function, original):
+    """``function`` with ``original``'s signature where it takes only ``(self, *args,
+    **kwargs)`` and passes them on: callers that read the method's parameters (transformers'
+    ``generate`` looks for ``pixel_values`` in ``get_image_features``) see the real ones."""
+    params = list(inspect.signature(function).parameters.values())[1:]
+    passes_on = [p.kind for p in params] == [inspect.Parameter.VAR_POSITIONAL,
+                                             inspect.Parameter.VAR_KEYWORD]  # fmt: skip
+    if passes_on and callable(original):
+        try:
+            function.__signature__ = inspect.signature(original)
+        except (TypeError, ValueError):
+            pass  # no readable signature: the caller sees (*args, **kwargs), as before
+    return function
+
+
 def method_slot(module, name: str, function, label: str) -> Slot:
     """A slot binding ``function`` to ``module`` as its instance attribute ``name``."""
     return Slot(module, name, types.MethodType(function, module), label=label)
@@ -642,7 +657,8 @@ class Patcher:
                 function = rebuilt[kind]
             else:
                 slot = _slot_name(sub, replacement.name, label)
-                function = marked(replacement.build(sub, arch))
+                function = replacement.build(sub, arch)
+                function = marked(_signed_like(function, getattr(type(sub), replacement.name)))
             slots.append(method_slot(sub, slot, function, f"{name or '<root>'}.{slot}"))
         if not slots:
             where = type(root).__qualname__
