@@ -197,3 +197,32 @@ def test_mutated_arguments_get_new_versions():
     add_(x, None, None)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_a_free_interpreter_lock():
+    """A fork (a DataLoader worker) while another thread holds the interpreter's launch
+    lock: the child has a lock of its own to take, not one held by a thread it lacks."""
+    import threading
+
+    from vlmkernels.core import runtime
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with runtime.INTERPRETER_LOCK:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the lock is free
+            os._exit(0 if runtime.INTERPRETER_LOCK.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -28,6 +28,18 @@ INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 INTERPRETER_LOCK: threading.RLock | None = threading.RLock()
 
 
+def _fresh_lock_after_fork() -> None:
+    """A forked child (a DataLoader worker) has only the forking thread: a lock another
+    thread held at the fork would never be released there."""
+    global INTERPRETER_LOCK
+    if INTERPRETER_LOCK is not None:
+        INTERPRETER_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
+
+
 def environment_reader(name: str):
     """A function returning ``os.environ.get(name)``, read on every call (tests and
     spawned workers set the variable at run time). CPython's ``os.environ`` encodes the key
