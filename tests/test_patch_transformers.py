@@ -465,6 +465,14 @@ def test_unsupported_models_raise(qwen2):
         with pytest.raises(vt.UnsupportedModelError):
             rotary_patch(model)
     assert instance_overrides(qwen2.model) == []
+    # a model no table knows: the error names every table's architectures, not only the
+    # rotary one's; a Qwen-VL class that is not a model keeps the rotary table's message
+    with pytest.raises(vt.UnsupportedModelError) as info:
+        vt.patch(transformers.Qwen2ForCausalLM(config))
+    for arch in ("qwen2_vl", "llava", "blip_2", "idefics", "internvl", "smolvlm"):
+        assert arch in str(info.value)
+    with pytest.raises(vt.UnsupportedModelError, match="takes a"):
+        vt.patch(qwen2.model.model.language_model.layers[0])
 
 
 def test_bad_arguments_raise(qwen2):

@@ -184,8 +184,7 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     wanted = {part for part, on in switches.items() if on}
     matched = [(p, found) for p in patchers() if (found := p.match(model)) is not None]
     if not matched:
-        PATCHER.find(model)  # raises, naming what the rotary table supports
-        raise UnsupportedModelError(f"vlmkernels.patch: no table recognises {type(model)}")
+        _unsupported(model)
     if not any(wanted & set(applicable) for _, (_, _, applicable) in matched):
         raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
     slots = []
@@ -195,6 +194,23 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
             raise patcher.layout_error(failures, _hint(failures, working))
         slots += found
     return install(model, slots)
+
+
+def _unsupported(model) -> None:
+    """Raise :class:`UnsupportedModelError` for a model no table matches: the rotary table's
+    own message where it knows the model's module (a Qwen-VL class it does not take), else
+    every table's architectures."""
+    try:
+        PATCHER.find(model)
+    except UnsupportedModelError as exc:
+        if not str(exc).startswith("vlmkernels.patch supports"):
+            raise
+    names = sorted({arch.split(".")[0] for p in patchers() for arch in p.architectures})
+    raise UnsupportedModelError(
+        f"vlmkernels.patch supports transformers models (or modules holding them) of the "
+        f"architectures {', '.join(names)}; none is in {type(model).__module__}."
+        f"{type(model).__qualname__} (`vlmkernels info` lists the parts per architecture)"
+    )
 
 
 def support() -> dict[str, dict[str, str]]:
