@@ -52,6 +52,16 @@ def output_dir() -> Path:
     return Path(env).expanduser() if env else Path(OUTPUT_DIR_NAME)
 
 
+def output_label(out: Path | None) -> str:
+    """What to blame for an unusable output folder: ``--out`` where the user gave it, else
+    the variable or the default that chose it."""
+    if out is not None:
+        return "--out"
+    if os.environ.get(OUTPUT_ENV, "").strip():
+        return OUTPUT_ENV
+    return "the default output folder (choose one with --out or $" + OUTPUT_ENV + ")"
+
+
 def writable_dir(path: Path, option: str = "--out") -> Path:
     """``path``, created if missing, once a file could be created in it; else UsageError
     naming ``option`` (a file there, a parent that is a file, no permission). Called before

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, host, output_dir, run_command, suites, writable_dir
+from . import UsageError, host, output_dir, output_label, run_command, suites, writable_dir
 from .ceilings import measure
 from .env import GpuMonitor, collect, describe
 from .harness import CPU_QUICK, MODES, RunConfig, Runner, dtype_str, shape_str
@@ -356,7 +356,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
                             )
         return 0
 
-    args.out = writable_dir(args.out or output_dir())
+    args.out = writable_dir(args.out or output_dir(), output_label(args.out))
     if device.type != "cuda":
         _cpu_banner([r[0].name for r in runs], available, overrides, profile, args)
     for note in mode_notes:

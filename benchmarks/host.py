@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, suites, targets, writable_dir
+from . import UsageError, output_dir, output_label, suites, targets, writable_dir
 from .harness import BuildArgs, Case, Prepared, Record, _failure, shape_str
 
 HOST_METRIC = "host_us"
@@ -361,7 +361,7 @@ def run(args, selection: Mapping[str, list], available: Mapping) -> int:
         for c in cases:
             print(f"{c['op']} {c['provider']} {shape_str(c['shape'])} {dtype} host {c['mode']}")
         return 0
-    out_dir = writable_dir(args.out or output_dir())
+    out_dir = writable_dir(args.out or output_dir(), output_label(args.out))
     for note in notes:
         print(note)
     if not cases:

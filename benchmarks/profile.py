@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, run_command, suite_family, suites, writable_dir
+from . import UsageError, output_dir, output_label, run_command, suite_family, suites, writable_dir
 from .harness import BuildArgs, Skip, dtype_str, shape_str
 from .timing import call_ms, synchronize, time_fn
 
@@ -277,7 +277,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
         names = ", ".join(p.name for p in op.providers)
         raise UsageError(f"--provider: {args.op} has no provider {args.provider!r}; {names}")
     if not args.bare:
-        args.out = writable_dir(args.out or output_dir() / "profile")
+        args.out = writable_dir(args.out or output_dir() / "profile", output_label(args.out))
     reason = provider.available(device)
     if reason:
         print(f"{args.op}: provider {provider.name} unavailable here: {reason}", file=sys.stderr)

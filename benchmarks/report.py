@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import RESULTS_DIR, UsageError, output_dir, run_command, writable_dir
+from . import RESULTS_DIR, UsageError, output_dir, output_label, run_command, writable_dir
 from .ceilings import Ceilings
 from .env import SAMPLE_COLUMNS, Environment
 from .harness import Case, Record, Results, dtype_str
@@ -379,15 +379,15 @@ def read_csvs(paths: Sequence[Path]) -> list[dict[str, str]]:
     return rows
 
 
-def _summary_path(out: Path) -> Path:
+def _summary_path(out: Path, label: str = "--out") -> Path:
     """``out/SUMMARY.md``, or ``out`` itself when it names a ``.md`` file; its folder is
-    created and checked before anything is read (UsageError otherwise)."""
+    created and checked before anything is read (UsageError naming ``label`` otherwise)."""
     if out.suffix.lower() == ".md":
         if out.is_dir():
-            raise UsageError(f"--out {out}: is a folder, expected a folder or a .md file path")
-        writable_dir(out.parent, f"--out {out}: its folder")
+            raise UsageError(f"{label} {out}: is a folder, expected a folder or a .md file path")
+        writable_dir(out.parent, f"{label} {out}: its folder")
         return out
-    return writable_dir(out) / "SUMMARY.md"
+    return writable_dir(out, label) / "SUMMARY.md"
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.report") -> int:
@@ -426,7 +426,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if not paths:
         where = ", ".join(str(d) for d in folders) or f"{RESULTS_DIR} or {output_dir()}"
         raise UsageError(f"no CSV files in {where}")
-    out = _summary_path(args.out or output_dir())
+    out = _summary_path(args.out or output_dir(), output_label(args.out))
     rows = read_csvs(paths)
     sources = ", ".join(f"`{_shown(d)}/*.csv`" for d in folders if any(d.glob("*.csv")))
     try:

@@ -349,6 +349,12 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, monkeypatch, capsys, command
     args = {"bench": ["clip_loss"], "profile": ["clip_loss"], "report": []}[command]
     assert cli.main([command, *args, "--out", str(a_file)]) == 2
     _one_line_error(capsys, command, f"--out {a_file}: is a file, expected a folder")
+    # the variable that chose the folder is blamed where --out was not given
+    monkeypatch.setenv("VLMKERNELS_RESULTS_DIR", str(a_file))
+    assert cli.main([command, *args]) == 2
+    where = a_file / "profile" if command == "profile" else a_file
+    _one_line_error(capsys, command, f"VLMKERNELS_RESULTS_DIR {where}: ")
+    monkeypatch.delenv("VLMKERNELS_RESULTS_DIR")
     below_a_file = a_file / "sub" / ("SUMMARY.md" if command == "report" else "")
     assert cli.main([command, *args, "--out", str(below_a_file)]) == 2
     _one_line_error(capsys, command, f"--out {below_a_file}", "cannot write there")
