@@ -103,6 +103,41 @@ def test_pixel_shuffle_strided_input(backend):
     assert torch.equal(C.pixel_shuffle(xt, 4), idefics3_shuffle(xt.contiguous(), 4))
 
 
+@pytest.mark.parametrize(("shape", "scale"), [((2, 16, 3), 1), ((2, 4, 3), 2), ((0, 16, 3), 2)])
+def test_pixel_shuffle_output_is_its_own_tensor(shape, scale, backend):
+    """Where the shuffle moves nothing (scale 1, a grid of one merged token, no images) the
+    result is still a new tensor: writing into it leaves x alone, and a compiled graph (a
+    custom op's output may not alias its input) runs."""
+    x = torch.randn(shape)
+    y = C.pixel_shuffle(x, scale)
+    assert torch.equal(y, idefics3_shuffle(x, scale))
+    assert y.numel() == 0 or y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    xg = x.clone().requires_grad_()
+    g = torch.randn(y.shape)
+    (dx,) = torch.autograd.grad(C.pixel_shuffle(xg, scale), xg, g)
+    assert dx.numel() == 0 or dx.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
+    compiled = torch.compile(C.pixel_shuffle, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, scale), y)
+
+
+def test_projectors_backward_without_rows(backend):
+    """A micro-batch without images: zero rows forward and backward, zero weight grads."""
+    w1, b1 = rand(10, 8, scale=0.3), rand(10)
+    w2, b2 = rand(6, 10, scale=0.3), rand(6)
+    pooled = dict(pool="avg2x2", grid=(4, 4))
+    cases = [
+        (rand(0, 8), lambda x: C.mlp_projector(x, w1, b1, w2, b2)),
+        (rand(0, 2), lambda x: C.merger(x, w1, b1, w2, b2, merge_size=2)),
+        (rand(0, 16, 8), lambda x: C.mlp_projector(x, w1, b1, w2, b2, **pooled)),
+    ]
+    for x, fn in cases:
+        y = fn(x)
+        assert y.shape[0] == 0 and y.shape[-1] == 6
+        grads = torch.autograd.grad(y.sum(), [x, w1, b1, w2, b2])
+        assert grads[0].shape == x.shape
+        assert all(torch.count_nonzero(g) == 0 for g in grads[1:])
+
+
 # ------------------------------------------------------------------ mlp_projector
 
 

@@ -243,9 +243,18 @@ def _(x, merge):
     return launchers.shuffle(x, merge)
 
 
+def _new(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own, contiguous: the reshapes of :mod:`.reference` return a
+    view of ``src`` where the permutation moves nothing (scale 1, one merged row or column,
+    no rows), and a custom op's output may not alias its input."""
+    if t.is_contiguous() and t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @merge_tokens.impl("torch")
 def _(x, merge):
-    return reference.merge(x, *merge).contiguous()
+    return _new(reference.merge(x, *merge), x)
 
 
 @merge_tokens.fake
@@ -270,7 +279,7 @@ def _(grad, shape, merge):
 
 @unmerge_tokens.impl("torch")
 def _(grad, shape, merge):
-    return reference.unmerge(grad, shape, *merge).contiguous()
+    return _new(reference.unmerge(grad, shape, *merge), grad)
 
 
 @unmerge_tokens.fake

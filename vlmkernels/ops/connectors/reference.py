@@ -133,7 +133,7 @@ def backward(grad, x, merge_hw, w1, b1, w2, b2, norm_weight, norm_bias, norm: in
     f = stat_dtype(x.dtype)
     X, mean, rstd = _normed(x, merge_hw, norm, per_patch, eps, norm_weight, norm_bias)
     X = X.to(f)
-    g = grad.reshape(X.shape[0], -1).to(f)
+    g = grad.reshape(X.shape[0], (w1 if w2 is None else w2).shape[0]).to(f)  # also 0 rows
     h = F.linear(X, w1.to(f), None if b1 is None else b1.to(f))
     dw2 = db2 = None
     if w2 is not None:
@@ -217,7 +217,7 @@ def pooled_backward(grad, x, w1, b1, w2, size, mode: int, needs):
     X = x.to(f)
     h = F.linear(X, w1.to(f), None if b1 is None else b1.to(f))
     b = x.shape[0]
-    g = grad.reshape(b, size[0], size[1], -1).to(f)
+    g = grad.reshape(b, size[0], size[1], w2.shape[0]).to(f)  # also 0 rows
     dw2 = db2 = None
     if need_w2:
         p = pool(F.gelu(h), size, mode)
