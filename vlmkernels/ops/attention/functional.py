@@ -178,7 +178,13 @@ def _check_cu(op, name, cu, total, device):
     if cu.device != device:
         raise ValueError(f"{op}: {name} must be on q's device {device}, got {cu.device}")
     if torch.compiler.is_compiling():
-        return None  # the values cannot be read while tracing
+        # the values cannot be read while tracing: the graph checks them on the device
+        # (offsets past the packed length would make the kernels read and write out of
+        # bounds), before the kernels run
+        ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(ok, f"{op}: {name} must start at 0, be non-decreasing and end at "
+                                f"the packed length")  # fmt: skip
+        return None
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{op}: {name} must start at 0, got {values[0]}")
