@@ -459,6 +459,27 @@ def test_torch_compile_fullgraph(device):
         assert rel(a.grad, b.grad) < 1e-6
 
 
+def test_torch_compile_dynamic_lengths(device):
+    """Lengths that change from step to step (mark_dynamic, dynamic=True): one graph for
+    every length (the shape-derived arguments are SymInts), results equal to eager."""
+    torch._dynamo.reset()
+
+    def f(q, k):
+        out, mass = A.attention(q, k, k, causal=True, key_mass=-1)
+        return out.square().sum() + mass.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (5, 9, 12, 7):
+        q, k = (leaf(rand(1, 2, m, 16, device=device)) for m in (n, n + 2))
+        got = compiled(q, k)
+        assert rel(got, f(q, k)) < 1e-6
+        got.backward()
+        assert q.grad is not None and k.grad is not None
+    q = leaf(rand(2, 2, 6, 16, device=device))
+    torch._dynamo.mark_dynamic(q, 2)
+    torch.compile(f, backend="aot_eager", fullgraph=True)(q, q).backward()
+
+
 def test_lse_gradient_matches_float64_autograd(device):
     """d lse / d s = P: the lse output is differentiable (delta - dlse in the backward)."""
     q, k, v = (leaf(rand(1, 2, n, 16, device=device)) for n in (6, 11, 11))

@@ -546,6 +546,18 @@ def test_opcheck(backend):
     torch.library.opcheck(lib.deepstack_add_, (hidden.detach().clone(), mask, embeds.detach()))
 
 
+def test_pixel_shuffle_compiles_with_a_dynamic_batch():
+    """Training with a batch size that changes: the backward's unmerge shape is a SymInt
+    list (mark_dynamic on the batch raised a specialisation error)."""
+    torch._dynamo.reset()
+    x = rand(3, 16, 4)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled = torch.compile(lambda x: C.pixel_shuffle(x, 2), backend="aot_eager",
+                             fullgraph=True)  # fmt: skip
+    (g,) = torch.autograd.grad(compiled(x).square().sum(), x)
+    assert torch.equal(g, 2 * x.detach())
+
+
 def test_torch_compile_fullgraph():
     x = rand(2, 16, 4)
     w1, b1 = rand(8, 16, scale=0.3), rand(8)

@@ -540,6 +540,24 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(gx, x.grad) and torch.equal(ggrid, grid_x.grad)
 
 
+def test_torch_compile_dynamic_token_counts(device):
+    """mark_dynamic on the token dimension: tome_merge (n, r SymInts) and pool_tokens'
+    grid and size follow the symbolic shape, no specialisation error, equal to eager."""
+    torch._dynamo.reset()
+
+    def f(x, grid_x):
+        merged, _, _ = T.tome_merge(x, x.detach(), 3)
+        return merged.sum() + T.pool_tokens(grid_x, (4, 4), "avg2x2").sum()
+
+    x = torch.randn(2, 10, 4, device=device, requires_grad=True)
+    grid_x = torch.randn(3, 16, 4, device=device, requires_grad=True)
+    torch._dynamo.mark_dynamic(x, 1)
+    torch._dynamo.mark_dynamic(grid_x, 0)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, grid_x)
+    assert torch.allclose(got, f(x, grid_x))
+    got.backward()
+
+
 def test_double_backward_float64(device):
     x = torch.randn(2, 8, 3, dtype=torch.float64, device=device, requires_grad=True)
     scores = torch.randn(2, 8, device=device)

@@ -33,7 +33,7 @@ from ...core.op import Op, first_order_only
 from . import launchers, reference
 
 _ARGS = (
-    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
     "Tensor? key_keep, Tensor? key_lo, Tensor? key_hi, bool causal, float scale"
 )
 
@@ -42,7 +42,7 @@ _FIRST_ORDER = "attention / cross_attention / media_cross_attention (the attenti
 
 attention_core = Op(
     "attention_core",
-    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, int num_splits, Tensor? key_bias, Tensor? gate, "
+    f"(Tensor q, Tensor k, Tensor v, {_ARGS}, SymInt num_splits, Tensor? key_bias, Tensor? gate, "
     "float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
     family="attention",
 )
@@ -59,13 +59,14 @@ attention_delta = Op(
 )
 attention_key_mass = Op(
     "attention_key_mass",
-    "(Tensor q, Tensor k, Tensor lse, bool causal, float scale, int row_first, int row_last, "
+    "(Tensor q, Tensor k, Tensor lse, bool causal, float scale, SymInt row_first, "
+    "SymInt row_last, "
     "float weight, Tensor? key_bias) -> Tensor",
     family="attention",
 )
 attention_row_mass = Op(
     "attention_row_mass",
-    "(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? key_bias, int row, "
+    "(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? key_bias, SymInt row, "
     "float weight) -> (Tensor, Tensor, Tensor)",
     family="attention",
 )

@@ -46,7 +46,7 @@ connector_backward = Op(
 )
 merge_tokens = Op("merge_tokens", "(Tensor x, int[] merge) -> Tensor", family=FAMILY)
 unmerge_tokens = Op(
-    "unmerge_tokens", "(Tensor grad, int[] shape, int[] merge) -> Tensor", family=FAMILY
+    "unmerge_tokens", "(Tensor grad, SymInt[] shape, int[] merge) -> Tensor", family=FAMILY
 )
 deepstack_add = Op(
     "deepstack_add", "(Tensor hidden, Tensor mask, Tensor embeds) -> Tensor", family=FAMILY

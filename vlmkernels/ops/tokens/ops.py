@@ -38,7 +38,7 @@ tome_match = Op(
 )
 tome_plan = Op(
     "tokens_tome_plan",
-    "(Tensor best, Tensor arg, int n, int r, bool class_token) -> (Tensor, Tensor, Tensor)",
+    "(Tensor best, Tensor arg, SymInt n, SymInt r, bool class_token) -> (Tensor, Tensor, Tensor)",
     family=FAMILY,
 )
 tome_merge = Op(
@@ -52,10 +52,12 @@ tome_unmerge = Op(
     "Tensor source, bool size_grad) -> (Tensor, Tensor)",
     family=FAMILY,
 )
-pool = Op("tokens_pool", "(Tensor x, int[] grid, int[] size, int mode) -> Tensor", family=FAMILY)
+pool = Op(
+    "tokens_pool", "(Tensor x, SymInt[] grid, SymInt[] size, int mode) -> Tensor", family=FAMILY
+)
 pool_backward = Op(
     "tokens_pool_backward",
-    "(Tensor grad, int[] grid, int[] size, int mode) -> Tensor",
+    "(Tensor grad, SymInt[] grid, SymInt[] size, int mode) -> Tensor",
     family=FAMILY,
 )
 
