@@ -994,3 +994,21 @@ def test_bounded_cache_from_several_threads():
     for t in threads:
         t.join()
     assert not errors and len(cache) <= 8 + len(threads)
+
+
+def test_kernels_that_add_into_their_outputs_restore_them_when_autotuned():
+    """VLMKERNELS_AUTOTUNE=1 runs each config on the call's own tensors: a kernel that adds
+    into an output (atomics, read-modify-write partials, an in-place update) must have the
+    autotuner restore it between trials, or the first call's result holds several sums."""
+    from vlmkernels.ops.connectors import kernels as CK
+    from vlmkernels.ops.contrastive import fused_backward as FB
+
+    accumulating = {
+        FB._clip_fused_grad_kernel: {"dx_ptr", "dy_ptr"},
+        CK._norm_grad_kernel: {"part_w_ptr", "part_b_ptr"},
+        CK._deepstack_kernel: {"h_ptr"},
+        R._rope_kernel: {"qo_ptr", "ko_ptr"},
+    }
+    for kernel, outputs in accumulating.items():
+        assert outputs <= set(kernel.restore_value or ()), kernel.name
+        assert outputs <= set(kernel.fn.arg_names), kernel.name

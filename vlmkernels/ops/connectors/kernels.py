@@ -490,7 +490,7 @@ def _norm_grad_tile(g_ptr, x_ptr, nw_ptr, rows, r_mask, g_off, mean, rstd, l0, L
 
 
 @tuned("connector_norm_grad", configs=_ROW_CONFIGS, key=["L", "GATHER", "NORM", "PER_PATCH"],
-       sizes=["L"])
+       sizes=["L"], restore_value=["part_w_ptr", "part_b_ptr"])  # it adds into them
 @triton.jit
 def _norm_grad_kernel(
     g_ptr, x_ptr, mean_ptr, rstd_ptr, nw_ptr, dx_ptr, part_w_ptr, part_b_ptr,
@@ -600,7 +600,8 @@ _DEEPSTACK_CONFIGS = autotune_configs(
 )
 
 
-@tuned("connector_deepstack", configs=_DEEPSTACK_CONFIGS, key=["D", "INPLACE"], sizes=["D"])
+@tuned("connector_deepstack", configs=_DEEPSTACK_CONFIGS, key=["D", "INPLACE"], sizes=["D"],
+       restore_value=["h_ptr"])  # in place: h += e
 @triton.jit
 def _deepstack_kernel(
     h_ptr, e_ptr, idx_ptr, out_ptr, R, D, shr, shd, ser, sed, sor, sod,

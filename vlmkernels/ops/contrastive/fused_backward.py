@@ -92,7 +92,7 @@ _NOMINAL = 32 if INTERPRETED else 128  # the default BM and BN (grids)
 # fmt: off
 @tuned("clip_fused_grad", configs=_CONFIGS,
        key=["D", "n_bucket", "ROWS", "COLS", "SMOOTH", "ATOMIC", "Y_GRAD"],
-       sizes=["D", "n_bucket"],
+       sizes=["D", "n_bucket"], restore_value=["dx_ptr", "dy_ptr"],  # it adds into them
        defaults=_FP32_DEFAULT)
 @even_k
 @triton.jit
