@@ -385,21 +385,28 @@ def _run_all(runs, args, device, env, monitor, run_id, ceilings, progress) -> in
     """Runs every suite, prints its tables and summary; returns the number of errors."""
     errors = 0
     for suite, ops, cfg in runs:
-        if cfg.dtype not in ceilings:
-            c = measure(device, cfg.dtype)
-            ceilings[cfg.dtype] = c
-            print(
-                f"ceilings: copy {c.copy_gbps:.1f} GB/s ({c.copy_bytes >> 20} MiB, read+write), "
-                f"matmul {c.matmul_tflops:.2f} TFLOP/s ({dtype_str(cfg.dtype)} {c.matmul_n}^3)"
-            )
         out = args.out / f"{suite.name}.csv"
         sink = CsvSink(out, suite.name, suite.x_name, run_id, env)
-        sink(ceiling_records(ceilings[cfg.dtype]))
+
+        def ceilings_of(dtype, sink=sink, run_dtype=cfg.dtype):
+            """The ceilings of ``dtype``, measured once per run; rows in each suite's CSV."""
+            if dtype not in ceilings:
+                c = ceilings[dtype] = measure(device, dtype)
+                print(
+                    f"ceilings: copy {c.copy_gbps:.1f} GB/s ({c.copy_bytes >> 20} MiB, "
+                    f"read+write), matmul {c.matmul_tflops:.2f} TFLOP/s ({dtype_str(dtype)} "
+                    f"{c.matmul_n}^3)"
+                )
+            if dtype != run_dtype:
+                sink(ceiling_records(ceilings[dtype]))
+            return ceilings[dtype]
+
+        sink(ceiling_records(ceilings_of(cfg.dtype)))
         print(
             f"\n{suite.name}: profile {cfg.profile}, {dtype_str(cfg.dtype)}, modes "
             f"{','.join(cfg.modes)}"
         )
-        runner = _CountingRunner(suite, cfg, ceilings[cfg.dtype], monitor, sink)
+        runner = _CountingRunner(suite, cfg, ceilings[cfg.dtype], monitor, sink, ceilings_of)
         runner.progress = progress
         results = runner.run(ops)
         for op in ops:

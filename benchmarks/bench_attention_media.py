@@ -25,8 +25,9 @@ Providers:
   epilogue (``gate=``) or as a separate multiply after it.
 
 Byte model: read q, k, v and write out, (2 T + 2 M L) B H D e per forward; the backward
-twice that. FLOP model: the visible pairs only, 4 B H T L D per forward (each token sees one
-media item's L latents), 2.5x for the backward.
+twice that. FLOP model: the visible pairs only, 4 B H T' L D per forward (each of the T'
+tokens from the first media item on sees one media item's L latents; those before it see
+none), 2.5x for the backward.
 
 Sweep: GPU full and quick B = 8, T = 2048, H = 8, D = 64, M = 5, L = 64; CPU B = 2,
 T = 256, H = 4, D = 64, M = 5, L = 16 (fp32). Target (:mod:`benchmarks.targets`, GPU,
@@ -183,7 +184,11 @@ PROVIDERS = (
 
 
 def flops(shape: Mapping[str, int], mode: str) -> float:
-    fwd = 4.0 * shape["B"] * shape["H"] * shape["T"] * shape["L"] * shape["D"]
+    """4 L D per token that sees a media item (the tokens before the first one, at
+    :func:`media_locations`, see none)."""
+    first = max(shape["T"] // shape["M"], 1) // 2
+    seeing = shape["T"] - min(first, shape["T"] - 1)
+    fwd = 4.0 * shape["B"] * shape["H"] * seeing * shape["L"] * shape["D"]
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 

@@ -94,9 +94,13 @@ def _build(args: BuildArgs, dtype: torch.dtype | None, how: str) -> Prepared:
 
 
 VLMKERNELS = Provider("vlmkernels", lambda a: _build(a, None, "patched"))
-VLMKERNELS_FP32 = Provider("vlmkernels_fp32", lambda a: _build(a, torch.float32, "patched"))
+VLMKERNELS_FP32 = Provider(
+    "vlmkernels_fp32", lambda a: _build(a, torch.float32, "patched"), dtype=torch.float32
+)
 TRANSFORMERS = Provider("transformers", lambda a: _build(a, None, "eager"))
-TRANSFORMERS_FP32 = Provider("transformers_fp32", lambda a: _build(a, torch.float32, "eager"))
+TRANSFORMERS_FP32 = Provider(
+    "transformers_fp32", lambda a: _build(a, torch.float32, "eager"), dtype=torch.float32
+)
 COMPILE = Provider("compile", lambda a: _build(a, None, "compile"))
 
 

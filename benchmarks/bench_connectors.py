@@ -16,7 +16,8 @@ Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths r
 - ``qwen_merger``: P patches of C channels, RMSNorm per patch, 2 x 2 merge, Linear(4C ->
   4C) + GELU + Linear(4C -> N) (Qwen2.5-VL-7B: C 1280, N 3584, shape keys QC and QN; 4
   images of 1024 x 1024 are P = 4 x 5476 patches).
-- ``deepstack``: hidden (B, L, D), half the positions visual (Qwen3-VL-8B: D 4096).
+- ``deepstack``: hidden (B, L, D), half the positions visual (Qwen3-VL-8B: D 4096); bytes:
+  the hidden states read and written and the visual half's embeddings read, 2.5 B L D e.
 
 Inputs: random normal in the run's dtype (bf16 on a GPU, fp32 on the CPU), the features
 ``requires_grad``, the weights too (their gradients are part of fwd+bwd). Each call ends in
@@ -255,8 +256,8 @@ def _bytes(op: str):
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
         """Features in, output out, the weights once, per pass."""
         s = shape
-        if op == "deepstack":
-            elems = 3 * s["B"] * s["L"] * s["D"]
+        if op == "deepstack":  # hidden read and written, the visual half's embeds read
+            elems = 2.5 * s["B"] * s["L"] * s["D"]
         else:
             gemms = _gemms(op, s)
             elems = gemms[0][0] * gemms[0][1] + gemms[-1][0] * gemms[-1][2]

@@ -8,8 +8,9 @@ lays the video out as it does, one frame per run with 4 timestamp tokens before 
 Providers: ``transformers``, the installed model class's own method (a per-row Python loop
 with host syncs), on a tiny model built from a config (its cost does not depend on the model
 size); ``vlmkernels``, :func:`vlmkernels.get_rope_index` (batched torch ops, no host sync).
-Forward only. Byte model: input_ids, mm_token_type_ids and attention_mask read, the (3, B, S)
-positions written, 8 bytes each; no FLOPs. Target (:mod:`benchmarks.targets`, issue 4): at
+Forward only. Byte model: mm_token_type_ids (int32), attention_mask and the grids read
+(input_ids only for its shape), the (3, B, S) positions (input_ids' int64) and the deltas
+written; no FLOPs. Target (:mod:`benchmarks.targets`, issue 4): at
 least 50x faster than transformers at B = 8 on a GPU.
 """
 
@@ -117,9 +118,13 @@ def transformers_available(device: torch.device) -> str | None:
     return None
 
 
-def _tokens(shape: Mapping[str, int], op: str) -> int:
-    ids, _, _, _, _ = make_batch(_model_type(op), shape["B"], torch.device("cpu"))
-    return ids.numel()
+def _bytes(shape: Mapping[str, int], op: str) -> float:
+    """What get_rope_index moves: the token types, the mask and the grids read (input_ids
+    only for their shape), the (3, B, S) positions in input_ids' dtype and the (B, 1)
+    int64 deltas written."""
+    ids, types, mask, images, videos = make_batch(_model_type(op), shape["B"], torch.device("cpu"))
+    read = types.nbytes + mask.nbytes + images.nbytes + videos.nbytes
+    return float(read + 3 * ids.nbytes + 8 * shape["B"])
 
 
 def _op(name: str) -> OpSpec:
@@ -130,7 +135,7 @@ def _op(name: str) -> OpSpec:
             Provider("transformers", build_transformers, available=transformers_available),
         ),
         lambda shape, mode: 0.0,
-        lambda shape, mode, itemsize: 8.0 * 6 * _tokens(shape, name),
+        lambda shape, mode, itemsize: _bytes(shape, name),
         launches_triton=False,  # batched torch ops
     )
 

@@ -26,8 +26,9 @@ the outputs (no reduction is timed; the sizes get a zero gradient).
 
 Byte model: ToMe forward reads metric and x and writes the N - r merged rows,
 (2 N + (N - r)) B C e; the backward reads the merged rows' gradient and writes x's,
-(N + (N - r)) B C e more. select_tokens: read and write the kept rows, 2 B K C e (K = N // 4)
-per pass. FLOP model: ToMe's score GEMM, 2 B ceil(N/2) floor(N/2) C; select: none counted.
+(N + (N - r)) B C e more. select_tokens: read and write the kept rows, 2 B K C e (K = N // 4);
+the backward reads their gradient and writes x's whole gradient, (K + N) B C e. FLOP model:
+ToMe's score GEMM, 2 B ceil(N/2) floor(N/2) C; select: none counted.
 
 Sweep: GPU full B in {32, 256}, N = 576, C = 1024, r = 16; quick B = 256; CPU B = 4, N = 196,
 C = 256, r = 16 (fp32). Target (:mod:`benchmarks.targets`, issue 13): ``tome_merge`` forward
@@ -166,8 +167,11 @@ def tome_bytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
 
 
 def select_bytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
-    passes = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
-    return float(passes * 2 * shape["B"] * keep_of(shape) * shape["C"] * itemsize)
+    """Forward: the kept rows read and written; backward: their gradient read and x's
+    whole (B, N, C) gradient written (zeros on the dropped rows)."""
+    kept, n = keep_of(shape), shape["N"]
+    rows = {"fwd": 2 * kept, "bwd": kept + n, "fwd+bwd": 3 * kept + n}[mode]
+    return float(rows * shape["B"] * shape["C"] * itemsize)
 
 
 def grid(profile: str) -> dict[str, list[int]]:

@@ -21,8 +21,8 @@ Each timed call ends in a 0-d placeholder whose backward hands a fixed random gr
 the output (no reduction is timed).
 
 Byte model: read the grid, write the pooled grid, (S^2 + h w) F C e per pass (the backward
-the same on the gradients). FLOP model: 4 multiply-adds per output element and pass
-(bilinear; 4 adds for the average), 8 h w F C.
+the same on the gradients). FLOP model per output element and pass: 4 multiply-adds (8
+FLOPs) for the bilinear, 3 adds and a scale (4 FLOPs) for the average.
 
 Sweep: GPU F in {8, 32}, S = 27, C = 3584 (quick: F = 32); CPU F = 4, S = 27, C = 256.
 
@@ -216,7 +216,8 @@ def _model(op: str):
     def flops(shape: Mapping[str, int], mode: str) -> float:
         _, out = _out_side(op, shape["S"])
         passes = 2 if mode == "fwd+bwd" else 1
-        return float(passes * 8 * out * out * shape["F"] * shape["C"])
+        per_output = 4 if op.endswith("avg2x2") else 8
+        return float(passes * per_output * out * out * shape["F"] * shape["C"])
 
     return flops, nbytes
 

@@ -150,13 +150,16 @@ class Provider:
     limit(shape) -> None or the reason a shape is skipped unless limits are off;
     agrees_with: the provider computing the same function, whose loss this one's must
     match (None: the suite's reference; a variant of the op, such as a gated attention,
-    names another provider of that variant)."""
+    names another provider of that variant); dtype: the one it computes in whatever the
+    run's (the Q-Former's fp32 modules), which its rows carry and its byte model and
+    matmul ceiling take (None: the run's)."""
 
     name: str
     build: Callable[[BuildArgs], Prepared]
     available: Callable[[torch.device], str | None] = lambda device: None
     limit: Callable[[Mapping[str, int]], str | None] = lambda shape: None
     agrees_with: str | None = None
+    dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -396,17 +399,36 @@ class Runner:
         ceilings: Ceilings,
         monitor: GpuMonitor,
         sink: Callable[[list[Record]], None],
+        ceilings_of: Callable[[torch.dtype], Ceilings] | None = None,
     ):
+        """``ceilings``: the run dtype's; ``ceilings_of(dtype)``: those of a provider that
+        computes in another dtype (:attr:`Provider.dtype`; default: measured here)."""
         self.suite, self.cfg, self.ceil, self.monitor = suite, config, ceilings, monitor
         self.sink = sink
         self.results = Results()
+        self._ceilings = {config.dtype: ceilings}
+        self._ceilings_of = ceilings_of
+        self._dtypes: dict[tuple[str, str], torch.dtype] = {}
+
+    def _dtype(self, op: str, provider: str) -> torch.dtype:
+        return self._dtypes.get((op, provider), self.cfg.dtype)
+
+    def _ceilings_for(self, dtype: torch.dtype) -> Ceilings:
+        if dtype not in self._ceilings:
+            if self._ceilings_of is not None:
+                self._ceilings[dtype] = self._ceilings_of(dtype)
+            else:
+                from .ceilings import measure
+
+                self._ceilings[dtype] = measure(self.cfg.device, dtype)
+        return self._ceilings[dtype]
 
     def _emit(self, records: list[Record]) -> None:
         self.results.add(records)
         self.sink(records)
 
     def _case(self, op: str, provider: str, mode: str, shape: Mapping[str, int]) -> Case:
-        return Case(op, provider, mode, tuple(shape.items()), dtype_str(self.cfg.dtype))
+        return Case(op, provider, mode, tuple(shape.items()), dtype_str(self._dtype(op, provider)))
 
     def providers(self, op: OpSpec) -> list[Provider]:
         chosen = self.cfg.providers
@@ -417,6 +439,8 @@ class Runner:
         for op in ops:
             ready = []
             for p in self.providers(op):
+                if p.dtype is not None:
+                    self._dtypes[(op.name, p.name)] = p.dtype
                 reason = p.available(self.cfg.device)
                 if reason is None:
                     ready.append(p)
@@ -441,6 +465,7 @@ class Runner:
 
     def _run_provider(self, op: OpSpec, provider: Provider, shape: dict) -> list[Record]:
         cfg = self.cfg
+        dtype = provider.dtype or cfg.dtype
         timed = [m for m in TIMED_MODES if m in cfg.modes or "bwd" in cfg.modes]
         cases = {m: self._case(op.name, provider.name, m, shape) for m in MODES}
         wanted = [cases[m] for m in MODES if m in cfg.modes]
@@ -512,7 +537,7 @@ class Runner:
                     status="not_measured",
                     note="no allocator statistics on this device",
                 ),
-                *_throughput(op, case, shape, timing, cfg.dtype.itemsize, self.ceil),
+                *_throughput(op, case, shape, timing, dtype.itemsize, self._ceilings_for(dtype)),
             ]
             for r in mode_records:
                 r.before, r.after, r.throttled = before, after, throttled

@@ -143,6 +143,9 @@ def table(results: Results, op: str, reference: str) -> str:
     for r in results.records:
         if r.case.op == op and r.case.mode:
             by_case.setdefault(r.case, {})[r.metric] = r
+    # a provider computing in another dtype than the run's (fp32 modules in a bf16 run) is
+    # compared with the reference's rows, in the run's dtype
+    ref_dtype = next((c.dtype for c in by_case if c.provider == reference), None)
     header = (
         f"{'shape':<18} {'mode':<8} {'provider':<11} {'ms p50':>10} {'peak MiB':>9} "
         f"{'TFLOP/s':>8} {'%mm':>6} {'GB/s':>8} {'%copy':>6} "
@@ -165,7 +168,7 @@ def table(results: Results, op: str, reference: str) -> str:
 
         speed = mem_ratio = ""
         if case.provider != reference:
-            ref = Case(case.op, reference, case.mode, case.shape, case.dtype)
+            ref = Case(case.op, reference, case.mode, case.shape, ref_dtype or case.dtype)
             s = results.find(ref, f"speedup_vs_{case.provider}")
             m = results.find(ref, f"mem_ratio_vs_{case.provider}")
             speed = f"{_num(s.p50)}x" if s is not None else ""

@@ -27,7 +27,7 @@ load_benchmarks(REPO)
 from benchmarks import bench_contrastive, bench_rope, targets  # noqa: E402
 from benchmarks.env import Environment  # noqa: E402
 from benchmarks.harness import MODES, Case, Record  # noqa: E402
-from benchmarks.report import COLUMNS, CsvSink  # noqa: E402
+from benchmarks.report import COLUMNS, CsvSink, table  # noqa: E402
 
 RESULTS_CSV = REPO / "benchmarks" / "results" / "contrastive.csv"
 ON_GPU = torch.cuda.is_available()
@@ -298,6 +298,46 @@ def test_runner_records_oom_skip_and_unavailable_and_goes_on():
     ms = results.find(ref16, "ms")
     assert math.isclose(tflops.p50, 2.0 * 16**3 / (ms.p50 * 1e-3) / 1e12)
     assert math.isclose(tflops.p20, 2.0 * 16**3 / (ms.p80 * 1e-3) / 1e12)
+
+
+def test_provider_in_its_own_dtype_gets_its_rows_bytes_and_ceiling():
+    """A provider that computes in fp32 within a bf16 run (the Q-Former's fp32 modules):
+    its rows say float32, its byte model takes 4-byte elements, its % of matmul ceiling
+    the fp32 ceiling (asked for once), and it is still compared with the reference."""
+    from benchmarks.ceilings import Ceilings
+    from benchmarks.env import GpuMonitor
+    from benchmarks.harness import OpSpec, Prepared, Provider, RunConfig, Runner, Suite
+    from benchmarks.timing import Timing
+
+    def ok(args):
+        w = torch.randn(8, 8, requires_grad=True)
+        return Prepared(lambda: (w @ w).square().mean(), (w,), "toy")
+
+    providers = (Provider("ref", ok), Provider("wide", ok, dtype=torch.float32))
+    op = OpSpec("toy", providers, lambda s, m: 2.0 * s["n"] ** 3, lambda s, m, e: e * 1e6)
+    suite = Suite("toy", (op,), lambda profile: {"n": [8]}, x_name="n", reference="ref")
+    cpu = torch.device("cpu")
+    cfg = RunConfig(device=cpu, dtype=torch.bfloat16, profile="cpu", modes=("fwd",))
+    t = Timing(1.0, 1.0, 1.0)
+    asked = []
+
+    def ceilings_of(dtype):
+        asked.append(dtype)
+        return Ceilings(10.0, 1 << 20, 4.0, 64, dtype, t, t)
+
+    bf16 = Ceilings(10.0, 1 << 20, 100.0, 64, torch.bfloat16, t, t)
+    runner = Runner(suite, cfg, bf16, GpuMonitor(cpu), lambda records: None, ceilings_of)
+    results = runner.run(suite.ops)
+    ref = Case("toy", "ref", "fwd", (("n", 8),), "bfloat16")
+    wide = Case("toy", "wide", "fwd", (("n", 8),), "float32")
+    for case, itemsize, ceiling in ((ref, 2, 100.0), (wide, 4, 4.0)):
+        ms = results.find(case, "ms").p50
+        assert math.isclose(results.find(case, "gbps").p50, itemsize * 1e6 / (ms * 1e-3) / 1e9)
+        pct = results.find(case, "pct_matmul_ceiling").p50
+        assert math.isclose(pct, 100 * 2.0 * 8**3 / (ms * 1e-3) / 1e12 / ceiling)
+    assert asked == [torch.float32]
+    assert results.find(ref, "speedup_vs_wide") is not None
+    assert "x" in table(results, "toy", "ref").splitlines()[-1]
 
 
 def test_cuda_timer_asks_do_bench_for_quantiles(monkeypatch):
@@ -1083,3 +1123,34 @@ def test_forced_cuda_backend_without_the_extension_is_refused(monkeypatch, capsy
     monkeypatch.setenv("VLMKERNELS_BACKEND", "cuda")
     assert main(["clip_loss", "--list"]) == 2
     assert "VLMKERNELS_BACKEND=cuda: the CUDA C++ backend is unavailable" in capsys.readouterr().err
+
+
+def test_cost_models_count_what_the_ops_move():
+    """Hand counts of the byte and FLOP models the benchmark audit corrected."""
+    from benchmarks import (
+        bench_attention_media,
+        bench_connectors,
+        bench_rope_index,
+        bench_tokens,
+        bench_tokens_pool,
+    )
+
+    s = {"B": 4, "N": 196, "C": 256, "r": 16}
+    k = bench_tokens.keep_of(s)
+    assert bench_tokens.select_bytes(s, "bwd", 4) == (k + 196) * 4 * 256 * 4
+    assert bench_tokens.select_bytes(s, "fwd+bwd", 2) == (3 * k + 196) * 4 * 256 * 2
+    (deepstack,) = (op for op in bench_connectors.OPS if op.name == "deepstack")
+    assert deepstack.nbytes({"B": 2, "L": 64, "D": 32}, "fwd", 2) == 2.5 * 2 * 64 * 32 * 2
+    media = {"B": 1, "H": 2, "T": 256, "M": 5, "L": 8, "D": 16}
+    loc = bench_attention_media.media_locations(media, "cpu")
+    seeing = 256 - int(loc[0].nonzero()[0])
+    assert bench_attention_media.flops(media, "fwd") == 4.0 * 2 * seeing * 8 * 16
+    for op in bench_rope_index.OPS:
+        ids, types, mask, images, videos = bench_rope_index.make_batch(
+            bench_rope_index._model_type(op.name), 3, torch.device("cpu"))  # fmt: skip
+        moved = types.nbytes + mask.nbytes + images.nbytes + videos.nbytes + 3 * ids.nbytes
+        assert op.nbytes({"B": 3}, "fwd", 8) == moved + 3 * 8
+    pools = {op.name: op for op in bench_tokens_pool.OPS}
+    shape = {"F": 2, "S": 6, "C": 8}
+    assert pools["pool_avg2x2"].flops(shape, "fwd") * 2 == pools["pool_bilinear"].flops(
+        {"F": 2, "S": 5, "C": 8}, "fwd")  # fmt: skip
