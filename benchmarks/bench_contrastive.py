@@ -200,10 +200,17 @@ def build_siglip_kernel(args: BuildArgs) -> Prepared:
 
     x, y, s, b = make_inputs(args)
     log_t = s.detach().log().requires_grad_()
+    scale = s.detach()
+
+    def as_scale_leaf(grads):  # d/ds = d/dlog_t / s: the other providers' leaf
+        gx, gy, g_log_t, gb = grads
+        return [gx, gy, None if g_log_t is None else g_log_t / scale, gb]
+
     return Prepared(
         lambda: fused_siglip_loss(x, y, log_t, b),
         (x, y, log_t, b),
         "fused_siglip_loss(backend='auto'), log_t = log(s) leaf; sum / N",
+        grads_as_reference=as_scale_leaf,
     )
 
 

@@ -58,6 +58,10 @@ UNITS = {
     "pct_copy_ceiling": "% of measured copy GB/s",
     "loss": "value",
     "loss_diff": "|loss - reference loss| / max(|reference loss|, 1) (an error above AGREEMENT)",
+    "grad_checksum": "sum over the gradient leaves of <grad, R>, R fixed N(0, 1) per leaf",
+    "grad_norm": "the gradients' 2-norm over every leaf",
+    "grad_diff": "|grad checksum - the reference's| / the reference's grad norm (an error "
+    "above AGREEMENT)",
     "speedup": "x (other ms / reference ms, p50)",
     "mem_ratio": "x (reference MiB / other MiB)",
     "host_us": "us per call (host; Triton's launcher stubbed)",
@@ -125,6 +129,9 @@ class Prepared:
         without what the suite wraps around it (the rotary suite's checksum); None: ``fn``.
     metrics: measured once per case beside the timings, {metric: value} recorded on the
         fwd+bwd case when a backward mode is asked (``saved_mb``); None: none.
+    grads_as_reference: the leaves' gradients (a list, None where none) in the other
+        providers' parametrisation, for the gradient agreement (siglip-kernel's log-scale
+        leaf: d/ds = d/dlog_t / s); None: as they are.
     """
 
     fn: Callable[[], torch.Tensor]
@@ -132,6 +139,7 @@ class Prepared:
     note: str = ""
     call: Callable[[], object] | None = None
     metrics: Callable[[], Mapping[str, float]] | None = None
+    grads_as_reference: Callable[[list], list] | None = None
 
 
 @dataclass(frozen=True)
@@ -486,6 +494,8 @@ class Runner:
             )
             loss = prepared.fn()
             records.append(Record(cases["fwd"], "loss", p50=float(loss.detach().float())))
+            if any("bwd" in m for m in cfg.modes):
+                records += self._grad_checksum(cases["fwd+bwd"], prepared, loss)
             del loss
             if prepared.metrics is not None and any("bwd" in m for m in cfg.modes):
                 for name, value in prepared.metrics().items():
@@ -573,6 +583,39 @@ class Runner:
             "backward work in the forward pass)",
         )
 
+    def _grad_checksum(self, case: Case, prepared: Prepared, loss) -> list[Record]:
+        """grad_checksum and grad_norm records of the first (exact) call's gradients: a
+        projection of every leaf's gradient on fixed random weights (the same, leaf by
+        leaf, for every provider with the same leaf shapes, which the note lists). None
+        where the loss has no gradient; a backward that fails here fails in its timed
+        mode too, where it is recorded."""
+        leaves = prepared.leaves
+        if not leaves or not loss.requires_grad:
+            return []
+        try:
+            loss.backward()
+        except Exception:  # noqa: BLE001 - recorded by the timed fwd+bwd
+            return []
+        grads = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None
+        if prepared.grads_as_reference is not None:
+            grads = prepared.grads_as_reference(grads)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        total, squares, shapes = 0.0, 0.0, []
+        for t, g in zip(leaves, grads, strict=True):
+            weights = torch.randn(tuple(t.shape), generator=gen, dtype=torch.float64)
+            shapes.append("x".join(map(str, t.shape)) if g is not None else "none")
+            if g is not None:
+                g = g.double()
+                total += float((g * weights.to(g.device)).sum())
+                squares += float(g.square().sum())
+        note = f"leaves {','.join(shapes)}"
+        return [
+            Record(case, "grad_checksum", total, note=note),
+            Record(case, "grad_norm", math.sqrt(squares), note=note),
+        ]
+
     def _agreement(self, op: OpSpec, providers: list[Provider], shape: dict, ref: str):
         """loss_diff_vs_<p> records: |loss(p) - loss(q)| / max(|loss(q)|, 1), q the provider
         p agrees with (:attr:`Provider.agrees_with`, else ``ref``); an error above
@@ -597,6 +640,33 @@ class Runner:
                     f"(relative difference {diff:.3g} > {tol:g})")  # fmt: skip
             print(f"  [{op.name}] {shape_str(shape)} DISAGREE: {note}")
             out.append(Record(base_fwd, f"loss_diff_vs_{p.name}", diff, status="error",
+                              note=note))  # fmt: skip
+        return out + self._grad_agreement(op, providers, shape, ref, tol)
+
+    def _grad_agreement(self, op, providers, shape, ref, tol) -> list[Record]:
+        """grad_diff_vs_<p> records: |checksum(p) - checksum(q)| / |grad(q)|, the gradients'
+        relative difference seen through fixed random weights, for providers whose leaves
+        have the same shapes (q as in :meth:`_agreement`); an error above ``tol``."""
+        out = []
+        for p in providers:
+            base = p.agrees_with or ref
+            base_case = self._case(op.name, base, "fwd+bwd", shape)
+            want = self.results.find(base_case, "grad_checksum")
+            norm = self.results.find(base_case, "grad_norm")
+            got = self.results.find(self._case(op.name, p.name, "fwd+bwd", shape),
+                                    "grad_checksum")  # fmt: skip
+            if p.name == base or not (want and got and norm) or want.note != got.note:
+                continue
+            diff = abs(got.p50 - want.p50) / max(norm.p50, 1e-30)
+            if math.isnan(got.p50) and math.isnan(want.p50):
+                diff = 0.0
+            if diff <= tol:
+                out.append(Record(base_case, f"grad_diff_vs_{p.name}", diff))
+                continue
+            note = (f"{p.name}'s gradients differ from {base}'s by {diff:.3g} of their norm "
+                    f"(> {tol:g}; checksums {got.p50:.8g}, {want.p50:.8g})")  # fmt: skip
+            print(f"  [{op.name}] {shape_str(shape)} DISAGREE: {note}")
+            out.append(Record(base_case, f"grad_diff_vs_{p.name}", diff, status="error",
                               note=note))  # fmt: skip
         return out
 

@@ -1098,6 +1098,18 @@ def test_providers_that_disagree_fail_the_run(tmp_path, monkeypatch, capsys):
     assert main([*args, "--out", str(tmp_path / "broken")]) == 1
     out = capsys.readouterr().out
     assert "DISAGREE" in out and "ERROR clip_loss vlmkernels fwd" in out
+    # the same loss with twice its gradients: caught by the gradient checksums
+    monkeypatch.setattr(vlmkernels, "clip_loss",
+                        lambda *a, **k: (lambda l: 2 * l - l.detach())(real(*a, **k)))  # fmt: skip
+    grads = [*args[:-2], "fwd+bwd", "--no-progress"]
+    assert main([*grads, "--out", str(tmp_path / "backward")]) == 1
+    out = capsys.readouterr().out
+    assert "gradients differ from" in out and "loss" not in out.split("DISAGREE")[1][:30]
+    monkeypatch.setattr(vlmkernels, "clip_loss", real)
+    assert main([*grads, "--out", str(tmp_path / "grads_fine")]) == 0
+    with (tmp_path / "grads_fine" / "contrastive.csv").open(newline="") as f:
+        diffs = [r for r in csv.DictReader(f) if r["metric"] == "grad_diff_vs_eager"]
+    assert len(diffs) == 1 and diffs[0]["status"] == "ok" and float(diffs[0]["p50"]) < 1e-4
 
 
 def test_empty_providers_and_bad_time_budgets_are_refused(capsys):
