@@ -473,6 +473,8 @@ def test_pool_bad_input(device):
         T.pool_tokens(x, (3, 4))
     with pytest.raises(ValueError, match="kind must be one of"):
         T.pool_tokens(x, (3, 4), "max")
+    with pytest.raises(ValueError, match="kind must be one of"):  # unhashable, from a config
+        T.pool_tokens(x, (3, 4), ["bilinear"])
     with pytest.raises(ValueError, match="grid must be a pair of positive ints"):
         T.pool_tokens(x, 12)
     with pytest.raises(ValueError, match="size must be a pair"):

@@ -150,6 +150,15 @@ def scalar_tensor(op: str, name: str, value, device: torch.device, optional: boo
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def in_choices(value, choices) -> bool:
+    """Whether ``value`` is one of ``choices`` (a dict or set): False, not TypeError, for an
+    unhashable value (a list read from a config), so the caller's error names the argument."""
+    try:
+        return value in choices
+    except TypeError:
+        return False
+
+
 def check_reduction(op: str, reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")

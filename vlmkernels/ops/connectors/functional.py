@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from ...core.checks import FLOAT_DTYPES, isqrt
+from ...core.checks import FLOAT_DTYPES, in_choices, isqrt
 from ...core.overlap import check_no_overlap
 from ...core.runtime import autocast_operands
 from . import ops
@@ -126,7 +126,7 @@ def _check_pair(op: str, name: str, value) -> tuple[int, int]:
 
 def _pool_args(op: str, x, pool, grid, pool_size):
     """(H, W, (h, w), mode) of the pooled projector, checked."""
-    if pool not in _POOLS:
+    if not in_choices(pool, _POOLS):
         raise ValueError(f"{op}: pool must be None, 'avg2x2' or 'bilinear', got {pool!r}")
     if x.dim() != 3:
         raise ValueError(f"{op}: with pool, x must be (B, H W, K), got shape {tuple(x.shape)}")
@@ -307,7 +307,7 @@ def merger(
         grid, merge, lead = x.unflatten(1, (side, side)), [s, s], (b, n // (s * s))
     if c == 0:
         raise ValueError(f"{op}: x has 0 channels")
-    if norm not in _NORMS:
+    if not in_choices(norm, _NORMS):
         raise ValueError(f"{op}: norm must be 'layernorm', 'rmsnorm' or None, got {norm!r}")
     kind = _NORMS[norm]
     per_patch = bool(norm_before_merge)
@@ -334,8 +334,8 @@ def merger(
     if not eps >= 0.0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
     n1 = _check_linear(op, "w1", w1, "b1", b1, x, mh * mw * c)
+    act = _check_activation(op, activation)  # checked even where unused (no w2)
     if w2 is not None:
-        act = _check_activation(op, activation)
         n_out = _check_linear(op, "w2", w2, "b2", b2, x, n1)
     else:
         if b2 is not None:

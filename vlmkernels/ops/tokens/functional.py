@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-from ...core.checks import FLOAT_DTYPES, _dtype_names, check_bool, check_int
+from ...core.checks import FLOAT_DTYPES, _dtype_names, check_bool, check_int, in_choices
 from . import ops
 from .kernels import AVG2X2, BILINEAR
 
@@ -221,7 +221,7 @@ def pool_tokens(x: torch.Tensor, grid, kind: str = "avg2x2", size=None) -> torch
         raise ValueError(
             f"{op}: grid {H} x {W} = {H * W} tokens, but x has {x.shape[1]} tokens (dim 1)"
         )
-    if kind not in POOL_KINDS:
+    if not in_choices(kind, POOL_KINDS):
         raise ValueError(f"{op}: kind must be one of {tuple(POOL_KINDS)}, got {kind!r}")
     if kind == "avg2x2":
         if H % 2 or W % 2:
