@@ -130,6 +130,26 @@ def test_patched_connector_matches_transformers(name):
     assert "forward" not in mine.inner.__dict__
 
 
+@pytest.mark.parametrize("build", [qwen2, qwen2_5])
+def test_merger_norm_changed_after_patching_is_followed(build):
+    """The merger's norm is read on every call: an eps set, or a norm of the same class
+    (with a bias where there was none) put in, after patching."""
+    module, x = build()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        for m in (mine, ref):
+            if hasattr(m.ln_q, "variance_epsilon"):
+                m.ln_q.variance_epsilon = 0.5
+            else:
+                m.ln_q.eps = 0.5
+        assert max_rel(mine(x), ref(x)) < TOL
+        if isinstance(ref.ln_q, nn.LayerNorm):
+            new = randomise(nn.LayerNorm(ref.ln_q.normalized_shape, eps=0.25))
+            mine.ln_q, ref.ln_q = copy.deepcopy(new), new
+            assert max_rel(mine(x), ref(x)) < TOL
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_patched_connector_under_autocast(name, x_dtype):

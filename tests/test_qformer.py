@@ -153,6 +153,18 @@ def test_stacked_kv_matches_separate_linears():
         assert rel(again[2], first[2]) > 0.1
     no_bias = [torch.nn.Linear(24, n, bias=False) for n in (8, 8)]
     assert rel(stacked_kv(x, no_bias)[1], no_bias[1](x)) < 1e-6
+    # one key linear without a bias among biased ones (a pruned or variant checkpoint)
+    mixed = [lins[0], no_bias[0], lins[3]]
+    got = stacked_kv(x, mixed)
+    assert all(rel(a, lin(x)) < 1e-6 for a, lin in zip(got, mixed, strict=True))
+    leaves = [x, *(p for lin in mixed for p in lin.parameters())]
+    g = [torch.randn_like(t) for t in got]
+    for a, e in zip(
+        torch.autograd.grad(got, leaves, g),
+        torch.autograd.grad([lin(x) for lin in mixed], leaves, g),
+        strict=True,
+    ):
+        assert rel(a, e) < 1e-6
     with pytest.raises(ValueError, match=r"linears\[1\] takes 7 features"):
         stacked_kv(x, [lins[0], torch.nn.Linear(7, 4)])
 

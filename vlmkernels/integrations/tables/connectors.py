@@ -321,16 +321,24 @@ INTERNVL_SHUFFLE_PATCHER = register(
 # --------------------------------------------------------------------------------------
 
 
-def _norm_of(norm, where: str):
-    """(kind, weight, bias, eps) of a merger's norm module."""
+def _norm_kind(norm, where: str) -> str:
+    """The kind of a merger's norm module, "layernorm" or "rmsnorm" (its class, which the
+    fused forward's guard keeps; eps and bias are read on every call)."""
     if isinstance(norm, nn.LayerNorm):
         exact_layer(norm, nn.LayerNorm, where)
         if len(norm.normalized_shape) != 1 or norm.weight is None:
             raise UnsupportedLayoutError(f"{where}: a LayerNorm without a 1-D weight")
-        return "layernorm", "weight", "bias" if norm.bias is not None else None, norm.eps
+        return "layernorm"
     if type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon"):
-        return "rmsnorm", "weight", None, norm.variance_epsilon
+        return "rmsnorm"
     raise UnsupportedLayoutError(f"{where}: unknown norm {type(norm).__name__}")
+
+
+def _norm_bias_eps(norm, kind: str):
+    """(bias or None, eps) of a merger's norm as it is now."""
+    if kind == "layernorm":
+        return norm.bias, norm.eps
+    return None, norm.variance_epsilon
 
 
 def _qwen_merger_forward(module, arch):
@@ -352,7 +360,7 @@ def _qwen_merger_forward(module, arch):
         _exact_gelu(module.act_fn, where)
     else:
         raise UnsupportedLayoutError(f"{where}: neither ln_q + mlp nor norm + linear_fc1/2")
-    kind, _, bias_name, eps = _norm_of(getattr(module, norm_name), where)
+    kind = _norm_kind(getattr(module, norm_name), where)
     if module.get_submodule(fc1).in_features != module.hidden_size:
         raise UnsupportedLayoutError(f"{where}: {fc1} does not take {module.hidden_size} features")
 
@@ -364,9 +372,9 @@ def _qwen_merger_forward(module, arch):
         s = isqrt(hidden // c)
         if s * s * c != hidden:
             raise ValueError(f"{where}: {hidden} merged features are not s^2 x {c}")
+        norm_bias, eps = _norm_bias_eps(norm, kind)
         return merger(x.reshape(-1, c), l1.weight, l1.bias, l2.weight, l2.bias, merge_size=s,
-                      norm=kind, norm_weight=norm.weight,
-                      norm_bias=getattr(norm, bias_name) if bias_name else None, eps=eps,
+                      norm=kind, norm_weight=norm.weight, norm_bias=norm_bias, eps=eps,
                       norm_before_merge=before)  # fmt: skip
 
     return fused_forward(module, (norm_name, *calls, fc1, act, fc2), forward)

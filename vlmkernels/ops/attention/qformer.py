@@ -193,7 +193,7 @@ def stacked_kv(states: torch.Tensor, linears) -> list:
     each linear gets its own). A stack kept between calls would miss in-place updates that
     PyTorch does not count (through ``.data``, as momentum and EMA code does) and replay
     stale weights; the copy costs twice the weights' bytes, small next to the GEMM.
-    Bias: all linears must have one or none.
+    A linear without a bias adds zeros where the others add theirs.
     """
     linears = list(linears)
     if not linears:
@@ -203,10 +203,10 @@ def stacked_kv(states: torch.Tensor, linears) -> list:
         if lin.weight.dim() != 2 or lin.weight.shape[1] != e:
             raise ValueError(f"stacked_kv: linears[{i}] takes {lin.weight.shape[-1]} features,"
                              f" states have {e}")  # fmt: skip
-    biased = [lin.bias is not None for lin in linears]
-    if any(biased) and not all(biased):
-        raise ValueError("stacked_kv: the linears must all have a bias or none")
     w = torch.cat([lin.weight for lin in linears])
-    b = torch.cat([lin.bias for lin in linears]) if all(biased) else None
+    b = None
+    if any(lin.bias is not None for lin in linears):  # zeros for a linear without one
+        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(n)
+                       for lin, n in ((lin, lin.weight.shape[0]) for lin in linears)])  # fmt: skip
     out = F.linear(states, w, b)
     return list(out.split_with_sizes([lin.weight.shape[0] for lin in linears], -1))
