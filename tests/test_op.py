@@ -226,3 +226,29 @@ def test_forked_child_gets_a_free_interpreter_lock():
         release.set()
         thread.join()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_ops_compute_in_their_dtypes_under_autocast():
+    """Under the caller's autocast an op computes in the dtypes it is given (the public
+    functions apply autocast's casts themselves): the PyTorch path's products do not drop
+    to bf16 behind its back. fp32 attention and ToMe, fp16 SigLIP gradients: the same
+    results with and without autocast."""
+    import vlmkernels
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16) for n in (5, 9, 9))
+    x, metric = torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    f, g = (torch.randn(16, 32).half().requires_grad_() for _ in "fg")
+
+    def run():
+        out = vlmkernels.cross_attention(q, k, v)
+        merged = vlmkernels.tome_merge(x, metric, 6)[0]
+        (dx,) = torch.autograd.grad(vlmkernels.siglip_loss(f, g, 10.0, -10.0), f)
+        return out, merged, dx
+
+    with vlmkernels.use_backend("torch"):
+        plain = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = run()
+    for a, b in zip(plain, cast, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -64,10 +64,18 @@ _OPS: dict[str, Op] = {}
 _is_compiling = torch.compiler.is_compiling
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _profiler_enabled = torch._C._autograd._profiler_enabled
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _functorch = torch._C._are_functorch_transforms_active
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _without_autocast(fn: Callable, *args):
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        return fn(*args)
 
 
 def _fingerprint() -> int:
@@ -177,7 +185,10 @@ class Op:
     # ---------------------------------------------------------------- calls
 
     def implementation(self, args) -> Callable:
-        """The implementation the call ``self(*args)`` runs."""
+        """The implementation the call ``self(*args)`` runs; under autocast, run with
+        autocast off: an op computes in the dtypes it is given (the public functions apply
+        autocast's casts themselves), and the PyTorch path's products, or the Triton path's
+        host-side ones, would otherwise run in 16 bits behind its back."""
         backend = resolve_backend(self.family, args[self._tensor_positions[0]])
         fn = self._impls.get(backend)
         if fn is None:
@@ -185,6 +196,8 @@ class Op:
                 f"{self.qualname} has no '{backend}' implementation (it has: "
                 f"{', '.join(self._impls)})"
             )
+        if _any_autocast():
+            return functools.partial(_without_autocast, fn)
         return fn
 
     def _dispatch(self, *args):
