@@ -196,6 +196,10 @@ def test_mask_ranges():
     mask_ranges(allowed, 2, 3, 4)
     del allowed
     assert kept() is None
+    # a shape pass on the meta device (a model built there): ranges of the right shape,
+    # nothing read on the host
+    lo, hi = mask_ranges(torch.zeros(2, 1, 3, 4, device="meta"), 2, 3, 4)
+    assert lo.is_meta and lo.shape == hi.shape == (2, 3)
 
 
 def tiny_qformer(module, prefix):

@@ -152,8 +152,9 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
     The same mask object, unchanged since (its version counter), gets the ranges computed
     last time; an inference tensor has no version counter and is read every time. While
     torch.compile traces, the mask is not read on the host: a row whose keys are not one
-    interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there)."""
-    if torch.compiler.is_compiling():
+    interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there); so
+    too on the meta device (a shape pass over a model built there)."""
+    if torch.compiler.is_compiling() or mask.is_meta:
         return _mask_ranges(mask, batch, tokens, keys, traced=True)
     if mask.is_inference():
         return _mask_ranges(mask, batch, tokens, keys)
