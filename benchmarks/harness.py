@@ -393,6 +393,21 @@ def _throughput(
     ]
 
 
+def _difference(got: float, want: float, scale: float) -> float:
+    """|got - want| / scale; 0 where both are NaN (the same non-result)."""
+    if math.isnan(got) and math.isnan(want):
+        return 0.0
+    return abs(got - want) / scale
+
+
+def _verdict(op: OpSpec, shape, case: Case, metric: str, diff: float, tol: float, note: str):
+    """The agreement record: ok within ``tol``, else an error (printed) with ``note``."""
+    if diff <= tol:
+        return Record(case, metric, diff)
+    print(f"  [{op.name}] {shape_str(shape)} DISAGREE: {note}")
+    return Record(case, metric, diff, status="error", note=note)
+
+
 def _failed(cases: Iterable[Case], status: str, note: str) -> list[Record]:
     return [Record(c, "ms", status=status, note=note) for c in cases]
 
@@ -630,17 +645,10 @@ class Runner:
             got = self.results.find(self._case(op.name, p.name, "fwd", shape), "loss")
             if p.name == base or not (want and got and want.ok and got.ok):
                 continue
-            diff = abs(got.p50 - want.p50) / max(abs(want.p50), 1.0)
-            if math.isnan(got.p50) and math.isnan(want.p50):
-                diff = 0.0
-            if diff <= tol:
-                out.append(Record(base_fwd, f"loss_diff_vs_{p.name}", diff))
-                continue
+            diff = _difference(got.p50, want.p50, max(abs(want.p50), 1.0))
             note = (f"{p.name}'s loss {got.p50:.8g} disagrees with {base}'s {want.p50:.8g} "
                     f"(relative difference {diff:.3g} > {tol:g})")  # fmt: skip
-            print(f"  [{op.name}] {shape_str(shape)} DISAGREE: {note}")
-            out.append(Record(base_fwd, f"loss_diff_vs_{p.name}", diff, status="error",
-                              note=note))  # fmt: skip
+            out.append(_verdict(op, shape, base_fwd, f"loss_diff_vs_{p.name}", diff, tol, note))
         return out + self._grad_agreement(op, providers, shape, ref, tol)
 
     def _grad_agreement(self, op, providers, shape, ref, tol) -> list[Record]:
@@ -657,17 +665,10 @@ class Runner:
                                     "grad_checksum")  # fmt: skip
             if p.name == base or not (want and got and norm) or want.note != got.note:
                 continue
-            diff = abs(got.p50 - want.p50) / max(norm.p50, 1e-30)
-            if math.isnan(got.p50) and math.isnan(want.p50):
-                diff = 0.0
-            if diff <= tol:
-                out.append(Record(base_case, f"grad_diff_vs_{p.name}", diff))
-                continue
+            diff = _difference(got.p50, want.p50, max(norm.p50, 1e-30))
             note = (f"{p.name}'s gradients differ from {base}'s by {diff:.3g} of their norm "
                     f"(> {tol:g}; checksums {got.p50:.8g}, {want.p50:.8g})")  # fmt: skip
-            print(f"  [{op.name}] {shape_str(shape)} DISAGREE: {note}")
-            out.append(Record(base_case, f"grad_diff_vs_{p.name}", diff, status="error",
-                              note=note))  # fmt: skip
+            out.append(_verdict(op, shape, base_case, f"grad_diff_vs_{p.name}", diff, tol, note))
         return out
 
     def _comparisons(self, op: OpSpec, providers: list[Provider], shape: dict) -> list[Record]:
