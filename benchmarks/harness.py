@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ceilings import Ceilings
+from .ceilings import Ceilings, measure
 from .env import GpuMonitor
 from .timing import Timing, call_ms, peak_memory_mib, time_fn
 
@@ -426,32 +426,29 @@ class Runner:
     ):
         """``ceilings``: the run dtype's; ``ceilings_of(dtype)``: those of a provider that
         computes in another dtype (:attr:`Provider.dtype`; default: measured here)."""
-        self.suite, self.cfg, self.ceil, self.monitor = suite, config, ceilings, monitor
+        self.suite, self.cfg, self.monitor = suite, config, monitor
         self.sink = sink
         self.results = Results()
         self._ceilings = {config.dtype: ceilings}
-        self._ceilings_of = ceilings_of
-        self._dtypes: dict[tuple[str, str], torch.dtype] = {}
+        self._ceilings_of = ceilings_of or (lambda dtype: measure(config.device, dtype))
 
-    def _dtype(self, op: str, provider: str) -> torch.dtype:
-        return self._dtypes.get((op, provider), self.cfg.dtype)
+    def _dtype(self, op: OpSpec, provider: str) -> torch.dtype:
+        """The dtype ``provider`` of ``op`` computes in (:attr:`Provider.dtype`)."""
+        own = next((p.dtype for p in op.providers if p.name == provider), None)
+        return own or self.cfg.dtype
 
     def _ceilings_for(self, dtype: torch.dtype) -> Ceilings:
         if dtype not in self._ceilings:
-            if self._ceilings_of is not None:
-                self._ceilings[dtype] = self._ceilings_of(dtype)
-            else:
-                from .ceilings import measure
-
-                self._ceilings[dtype] = measure(self.cfg.device, dtype)
+            self._ceilings[dtype] = self._ceilings_of(dtype)
         return self._ceilings[dtype]
 
     def _emit(self, records: list[Record]) -> None:
         self.results.add(records)
         self.sink(records)
 
-    def _case(self, op: str, provider: str, mode: str, shape: Mapping[str, int]) -> Case:
-        return Case(op, provider, mode, tuple(shape.items()), dtype_str(self._dtype(op, provider)))
+    def _case(self, op: OpSpec, provider: str, mode: str, shape: Mapping[str, int]) -> Case:
+        dtype = dtype_str(self._dtype(op, provider))
+        return Case(op.name, provider, mode, tuple(shape.items()), dtype)
 
     def providers(self, op: OpSpec) -> list[Provider]:
         chosen = self.cfg.providers
@@ -462,8 +459,6 @@ class Runner:
         for op in ops:
             ready = []
             for p in self.providers(op):
-                if p.dtype is not None:
-                    self._dtypes[(op.name, p.name)] = p.dtype
                 reason = p.available(self.cfg.device)
                 if reason is None:
                     ready.append(p)
@@ -490,7 +485,7 @@ class Runner:
         cfg = self.cfg
         dtype = provider.dtype or cfg.dtype
         timed = [m for m in TIMED_MODES if m in cfg.modes or "bwd" in cfg.modes]
-        cases = {m: self._case(op.name, provider.name, m, shape) for m in MODES}
+        cases = {m: self._case(op, provider.name, m, shape) for m in MODES}
         wanted = [cases[m] for m in MODES if m in cfg.modes]
         label = f"  [{op.name}] {shape_str(shape)} {provider.name:<10}"
         if cfg.over_budget():
@@ -509,10 +504,11 @@ class Runner:
             )
             loss = prepared.fn()
             records.append(Record(cases["fwd"], "loss", p50=float(loss.detach().float())))
-            if any("bwd" in m for m in cfg.modes):
+            backward = any("bwd" in m for m in cfg.modes)
+            if backward:
                 records += self._grad_checksum(cases["fwd+bwd"], prepared, loss)
             del loss
-            if prepared.metrics is not None and any("bwd" in m for m in cfg.modes):
+            if prepared.metrics is not None and backward:
                 for name, value in prepared.metrics().items():
                     records.append(Record(cases["fwd+bwd"], name, value, note=prepared.note))
                     print(f"{label} {name:<8} {value:10.4g}")
@@ -640,9 +636,9 @@ class Runner:
         tol = AGREEMENT.get(self.cfg.dtype, AGREEMENT[torch.bfloat16])
         for p in providers:
             base = p.agrees_with or ref
-            base_fwd = self._case(op.name, base, "fwd", shape)
+            base_fwd = self._case(op, base, "fwd", shape)
             want = self.results.find(base_fwd, "loss")
-            got = self.results.find(self._case(op.name, p.name, "fwd", shape), "loss")
+            got = self.results.find(self._case(op, p.name, "fwd", shape), "loss")
             if p.name == base or not (want and got and want.ok and got.ok):
                 continue
             diff = _difference(got.p50, want.p50, max(abs(want.p50), 1.0))
@@ -658,10 +654,10 @@ class Runner:
         out = []
         for p in providers:
             base = p.agrees_with or ref
-            base_case = self._case(op.name, base, "fwd+bwd", shape)
+            base_case = self._case(op, base, "fwd+bwd", shape)
             want = self.results.find(base_case, "grad_checksum")
             norm = self.results.find(base_case, "grad_norm")
-            got = self.results.find(self._case(op.name, p.name, "fwd+bwd", shape),
+            got = self.results.find(self._case(op, p.name, "fwd+bwd", shape),
                                     "grad_checksum")  # fmt: skip
             if p.name == base or not (want and got and norm) or want.note != got.note:
                 continue
@@ -679,11 +675,11 @@ class Runner:
         if ref not in {p.name for p in providers}:
             return out
         for mode in self.cfg.modes:
-            ref_case = self._case(op.name, ref, mode, shape)
+            ref_case = self._case(op, ref, mode, shape)
             for p in providers:
                 if p.name == ref:
                     continue
-                other = self._case(op.name, p.name, mode, shape)
+                other = self._case(op, p.name, mode, shape)
                 for metric, name, fn in (
                     ("ms", "speedup", lambda r, o: o / r),
                     ("peak_mem_mb", "mem_ratio", lambda r, o: r / o),
