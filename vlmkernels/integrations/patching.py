@@ -608,9 +608,11 @@ class Patcher:
                     return arch, module, parts
         return self._anywhere(model)
 
-    def find(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]]:
-        """The architecture of ``model``, its module, and the parts that apply to it: those
-        of a root (``Architecture.roots``) it is, or of the outermost root it holds."""
+    def root(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]] | None:
+        """(architecture, module, parts) where ``model`` is one of an architecture's roots;
+        None where its classes come from no architecture's module (or from one whose
+        classes may be held anywhere). Raises :class:`UnsupportedModelError` for another
+        class of a known architecture's module (a Qwen-VL decoder layer, not the model)."""
         by_module = {a.module: a for a in self.architectures.values()}
         for cls in type(model).__mro__:
             arch = by_module.get(getattr(cls, "__module__", None))
@@ -621,11 +623,18 @@ class Patcher:
                 if isinstance(model, self.cls(module, root)):
                     return arch, module, parts
             if arch.anywhere:  # another class of that module: the model may hold its classes
-                break
+                return None
             raise UnsupportedModelError(
                 f"vlmkernels.patch takes a {', '.join(arch.roots)}; got {type(model).__qualname__}"
             )
-        found = self._nested(model) if hasattr(model, "modules") else None
+        return None
+
+    def find(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]]:
+        """The architecture of ``model``, its module, and the parts that apply to it: those
+        of a root (``Architecture.roots``) it is, or of the outermost root it holds."""
+        found = self.root(model)
+        if found is None and hasattr(model, "modules"):
+            found = self._nested(model)
         if found is not None:
             return found
         names = ", ".join(self.architectures)

@@ -200,11 +200,7 @@ def _unsupported(model) -> None:
     """Raise :class:`UnsupportedModelError` for a model no table matches: the rotary table's
     own message where it knows the model's module (a Qwen-VL class it does not take), else
     every table's architectures."""
-    try:
-        PATCHER.find(model)
-    except UnsupportedModelError as exc:
-        if not str(exc).startswith("vlmkernels.patch supports"):
-            raise
+    PATCHER.root(model)  # raises for a class of a module it knows
     names = sorted({arch.split(".")[0] for p in patchers() for arch in p.architectures})
     raise UnsupportedModelError(
         f"vlmkernels.patch supports transformers models (or modules holding them) of the "
