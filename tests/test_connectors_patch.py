@@ -277,20 +277,9 @@ class _ShardedLinear(nn.Linear):
     """What FSDP2's fully_shard on a layer makes: a subclass of the layer's class."""
 
 
-class _Adapter(nn.Module):
-    """What a PEFT LoRA layer looks like: the original linear as ``base_layer``."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base_layer = base
-
-    def forward(self, x):
-        return self.base_layer(x)
-
-
 @pytest.mark.parametrize("wrap", [
     lambda layer: _ShardedLinear(layer.in_features, layer.out_features),
-    _Adapter,
+    LoraLinear,  # a PEFT LoRA wrapper: the original linear as base_layer
     lambda layer: nn.Identity(),
 ])  # fmt: skip
 def test_layers_wrapped_before_patching_are_named_as_such(wrap):

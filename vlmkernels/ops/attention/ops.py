@@ -60,8 +60,7 @@ attention_delta = Op(
 attention_key_mass = Op(
     "attention_key_mass",
     "(Tensor q, Tensor k, Tensor lse, bool causal, float scale, SymInt row_first, "
-    "SymInt row_last, "
-    "float weight, Tensor? key_bias) -> Tensor",
+    "SymInt row_last, float weight, Tensor? key_bias) -> Tensor",
     family="attention",
 )
 attention_row_mass = Op(

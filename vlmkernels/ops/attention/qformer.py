@@ -206,7 +206,7 @@ def stacked_kv(states: torch.Tensor, linears) -> list:
     w = torch.cat([lin.weight for lin in linears])
     b = None
     if any(lin.bias is not None for lin in linears):  # zeros for a linear without one
-        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(n)
-                       for lin, n in ((lin, lin.weight.shape[0]) for lin in linears)])  # fmt: skip
+        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(len(lin.weight))
+                       for lin in linears])  # fmt: skip
     out = F.linear(states, w, b)
     return list(out.split_with_sizes([lin.weight.shape[0] for lin in linears], -1))

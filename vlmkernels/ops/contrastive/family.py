@@ -29,8 +29,8 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
     forward), "i2t" (one direction), "clip_ids" (ids + label smoothing), "clip_teacher"
     (ALBEF distillation), "clip_fused" (clip_loss forward + backward with the fused
     backward design and with its deterministic mode, each also with a frozen text tower);
-    default ("clip", "siglip"); the fused
-    backward's kernel is also run with "clip" when it is among ``names``)."""
+    default ("clip", "siglip"); the fused backward's kernel is also run with "clip" when it
+    is among ``names``)."""
     n, d = int(spec["N"]), int(spec["d"])
     dtype = torch_dtype(spec.get("dtype", "bf16"))
     ops = tuple(spec.get("ops", ("clip", "siglip")))
