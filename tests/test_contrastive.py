@@ -106,8 +106,8 @@ def spy_general_grads(monkeypatch, kind):
     for name in names:
         grads = getattr(C, name)
 
-        def spy(*args, _grads=grads, y_grad=True):
-            out = _grads(*args, y_grad=y_grad)
+        def spy(*args, _grads=grads, y_grad=True, **kwargs):
+            out = _grads(*args, y_grad=y_grad, **kwargs)
             calls.append((y_grad, out[1]))
             return out
 
@@ -479,6 +479,28 @@ def test_per_sample_losses_with_frozen_text(name, device, backend, monkeypatch):
     upstream = torch.rand(n, device=device)
     check_against_reference(name, x, y, s, b, reduction="none", upstream=upstream)
     assert general == [(False, None)]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_siglip_fp16_gradients_are_rounded_after_the_loss_scale(chunk_size, device, backend):
+    """fp16 features whose gradients lie in fp16's subnormal range (below 6e-5, as a mean
+    over a large batch gives): SigLIP computes them in the forward pass, and a GradScaler's
+    loss scale must lift them before they are rounded to fp16, as in eager autograd. Each
+    entry is then within fp16 rounding of the float64 gradient (stored unscaled in fp16,
+    entries of 3e-6 are off by up to 1%)."""
+    n, d, loss_scale = 48, 32, 2.0**12
+    x, y = (features(n, d, torch.float16, device, scale=1e-3) for _ in range(2))
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    xa, ya = leaf(x), leaf(y)
+    loss = vlmkernels.siglip_loss(xa, ya, s, b, chunk_size=chunk_size)
+    (loss.float() * loss_scale).backward()
+    xr, yr = (t.detach().double().cpu().requires_grad_() for t in (x, y))
+    ref_siglip(xr, yr, s.double().cpu(), b.double().cpu()).backward()
+    assert (xr.grad.abs() < 6e-5).float().mean() > 0.9  # subnormal in fp16
+    for got, want in ((xa.grad, xr.grad), (ya.grad, yr.grad)):
+        assert got.dtype == torch.float16
+        err = (got.double().cpu() / loss_scale - want).abs() / want.abs()
+        assert err.max() < 2e-3, err.max()
 
 
 def test_siglip_bias_is_required_argument(device):

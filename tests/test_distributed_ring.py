@@ -210,11 +210,38 @@ def _ddp_recipe(vk, rank, world):
         _assert_close(f"d {name}", got.grad, ref.grad, 1e-12)
 
 
+def _siglip_fp16_loss_scale(vk, rank, world):
+    """fp16 features with gradients in fp16's subnormal range (entries below 6e-5): the
+    ring's forward-computed gradients are rounded to fp16 only after a GradScaler's loss
+    scale, so each entry is within fp16 rounding of the float64 gradient."""
+    import torch.distributed as dist
+
+    loss_scale = 2.0**12
+    x, y, _, _ = _global_batch(EQUAL * world, "siglip", "mean")
+    x, y = (2e-4 * x).half(), (2e-4 * y).half()
+    rows = slice(rank * EQUAL, (rank + 1) * EQUAL)
+    xa, ya = x[rows].clone().requires_grad_(), y[rows].clone().requires_grad_()
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    loss = vk.siglip_loss(xa, ya, s, b, process_group=dist.group.WORLD)
+    (loss.float() * loss_scale).backward()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    _naive("siglip", xr, yr, s.double(), b.double(), None, 0.0, "mean").backward()
+    assert (xr.grad.abs() < 6e-5).float().mean() > 0.9
+    for name, got, want in (
+        ("d image", xa.grad, xr.grad[rows]),
+        ("d text", ya.grad, yr.grad[rows]),
+    ):
+        assert got.dtype == torch.float16, f"{name}: {got.dtype}"
+        err = ((got.double() / loss_scale - want).abs() / want.abs()).max().item()
+        assert err < 2e-3, f"{name}: largest relative error {err:.3g}"
+
+
 def _cases_job(rank, world):
     import vlmkernels
 
     jobs = {name: functools.partial(_run_case, case=case) for name, case in CASES.items()}
     jobs["clip_ddp_recipe"] = _ddp_recipe
+    jobs["siglip_fp16_loss_scale"] = _siglip_fp16_loss_scale
     report = {}
     for name, job in jobs.items():
         try:
@@ -472,7 +499,7 @@ def _results(job, world, backends, tmp_path_factory):
     return _RESULTS[key]
 
 
-@pytest.mark.parametrize("case", [*CASES, "clip_ddp_recipe"])
+@pytest.mark.parametrize("case", [*CASES, "clip_ddp_recipe", "siglip_fp16_loss_scale"])
 @pytest.mark.parametrize(("world", "backend"), CONFIGS)
 def test_ring_matches_single_process(world, backend, case, tmp_path_factory):
     backends = tuple(b for w, b in CONFIGS if w == world)

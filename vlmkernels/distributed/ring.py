@@ -92,6 +92,7 @@ from ..ops.contrastive import (
     block_grads,
     block_stats,
     clip_backward_design,
+    forward_grad_dtype,
     siglip_block_grads,
     siglip_block_rows,
 )
@@ -652,7 +653,8 @@ class _SiglipRing(torch.autograd.Function):
             w = torch.full((x.shape[0],), weight, dtype=_acc_dtype(x), device=x.device)
             rows, dx, dy, ds, db = _siglip_grads_rotation(ring, x, y, scale, bias, w, chunk)
             total, ds, db = _all_reduce(ring, rows.sum() * weight, ds, db)
-            ctx.save_for_backward(x, y, scale, bias, dx.to(x.dtype), dy.to(y.dtype), ds, db)
+            kept = forward_grad_dtype(x.dtype)  # rounded to fp16 only after the upstream scale
+            ctx.save_for_backward(x, y, scale, bias, dx.to(kept), dy.to(kept), ds, db)
             return total.to(rows.dtype)
         rows = _siglip_rows_rotation(ring, x, y, scale, bias, chunk)
         ctx.save_for_backward(x, y, scale, bias)

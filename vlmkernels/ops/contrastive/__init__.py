@@ -45,7 +45,12 @@ in :mod:`vlmkernels.distributed.contrastive`.
 """
 
 from .algebra import SideStats, Targets
-from .chunked import CHUNK_BUDGET_BYTES, MIN_TRITON_CHUNK_ROWS, default_chunk_rows
+from .chunked import (
+    CHUNK_BUDGET_BYTES,
+    MIN_TRITON_CHUNK_ROWS,
+    default_chunk_rows,
+    forward_grad_dtype,
+)
 from .family import FAMILY
 from .functional import (
     clip_loss,
@@ -77,6 +82,7 @@ __all__ = [
     "contrastive_cross_entropy",
     "default_chunk_rows",
     "first_order_only",
+    "forward_grad_dtype",
     "siglip_block_grads",
     "siglip_block_rows",
     "siglip_loss",

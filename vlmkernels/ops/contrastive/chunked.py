@@ -19,6 +19,7 @@ __all__ = [
     "NORMALISED_DTYPES",
     "default_chunk_rows",
     "feature_grads",
+    "forward_grad_dtype",
     "mm_f32",
     "normalise",
     "triton_chunk_rows",
@@ -51,6 +52,18 @@ NORMALISED_DTYPES = (torch.float16,)
 whose smallest normal is 6e-5 and largest value 65504, while the weights of a mean over N
 samples are 1 / N and an upstream gradient may be large. bfloat16 and float32 have
 float32's exponent range: their chunks hold the weights as they are."""
+
+
+def forward_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of feature gradients computed before the upstream gradient that scales
+    them is known (a loss that makes its gradients in the forward pass): float32 for
+    float16 features, the features' dtype otherwise.
+
+    A float16 gradient of a mean over N pairs has entries near s / N, below float16's
+    smallest normal (6e-5) for large N; eager autograd rounds them only after a GradScaler's
+    loss scale has lifted them, so they are kept in float32 until the upstream gradient is
+    applied. bfloat16 has float32's exponent range."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def triton_chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
@@ -99,31 +112,34 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None, y_grad=True):
+def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None, y_grad=True,
+                  grads_dtype=None):  # fmt: skip
     """dx = coef * G y, dy = coef * G^T x and sum(G * (x y^T)) for the logit gradient G
     (M x N) of rows x (M, d) and columns y (N, d), made chunk by chunk; without ``y_grad``
-    (and no ``dy_acc``) dy is None and its product is not computed.
+    (and no ``dy_acc``) dy is None and its product is not computed. dx and dy are in
+    ``grads_dtype`` (default: the features' dtype).
 
     ``fill(buf, chunk, row0, n)`` writes rows row0 .. row0 + n of G into buf[:n]. The chunk
     is stored in the input dtype (a GEMM operand). Without accumulators dx is written per
-    chunk in the input dtype and dy accumulated in fp32 then rounded; with fp32
+    chunk in ``grads_dtype`` and dy accumulated in fp32 then rounded; with fp32
     ``dx_acc`` / ``dy_acc`` both are added into them (ring steps). The scale gradient's sum
     comes from the dx product for free: sum_ij G_ij x_i . y_j = sum_i x_i . (G y)_i.
     Returns (dx, dy, that sum (fp32, before ``coef``)).
     """
     m, d = x.shape
     n = y.shape[0]
+    dx_dtype, dy_dtype = grads_dtype or x.dtype, grads_dtype or y.dtype
     if m <= chunk_rows and dx_acc is None and dy_acc is None:  # one chunk: the results
         g = torch.empty((m, n), dtype=x.dtype, device=x.device)
         fill(g, 0, 0, m)
         gy = mm_f32(g, y)
         g_dot_xy = (gy * x).sum()
-        dy = cast(mm_f32(g.t(), x).mul_(coef), y.dtype) if y_grad else None
+        dy = cast(mm_f32(g.t(), x).mul_(coef), dy_dtype) if y_grad else None
         del g
-        return cast(gy.mul_(coef), x.dtype), dy, g_dot_xy
+        return cast(gy.mul_(coef), dx_dtype), dy, g_dot_xy
     y_grad = y_grad or dy_acc is not None
     buf = torch.empty((min(chunk_rows, m), n), dtype=x.dtype, device=x.device)
-    dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=x.dtype, device=x.device)
+    dx = dx_acc if dx_acc is not None else torch.empty((m, d), dtype=dx_dtype, device=x.device)
     dy = dy_acc
     if dy_acc is None and y_grad:
         dy = torch.zeros((n, d), dtype=torch.float32, device=x.device)
@@ -146,7 +162,7 @@ def feature_grads(x, y, coef, chunk_rows, fill, dx_acc=None, dy_acc=None, y_grad
     del buf, g  # the rounded dy below can reuse the chunk's memory
     if dy_acc is not None or not y_grad:
         return dx, dy, g_dot_xy
-    return dx, cast(dy.mul_(coef), y.dtype), g_dot_xy
+    return dx, cast(dy.mul_(coef), dy_dtype), g_dot_xy
 
 
 def normalise(*weights: torch.Tensor):

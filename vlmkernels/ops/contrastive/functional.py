@@ -365,10 +365,9 @@ def siglip_loss(
     When a scalar loss needs gradients, they are computed in the forward pass (no
     recomputation of the logits) and the backward pass scales them by the upstream gradient;
     features that need no gradient (a frozen tower) cost no gradient product of their own.
-    They are stored in the features' dtype before that scaling, so with fp16 features
-    (fp16 autocast included) a GradScaler's loss scale does not lift their small entries
-    out of fp16's subnormal range (below 6e-5 they lose precision or flush to 0, where
-    eager keeps them): train SigLIP in bf16, or in fp32 without autocast.
+    Those of fp16 features are kept in fp32 until then, so that a GradScaler's loss scale
+    lifts their small entries (about s / N) out of fp16's subnormal range before they are
+    rounded, as in eager autograd.
     Second-order gradients are not implemented: differentiating the gradients of a backward
     with ``create_graph=True`` raises NotImplementedError (it never gives 0).
     """

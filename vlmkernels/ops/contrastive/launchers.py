@@ -247,10 +247,11 @@ def _row_weights(x, w_rows):
 
 
 def siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=None,
-                        dy_acc=None, y_grad=True):  # fmt: skip
+                        dy_acc=None, y_grad=True, grads_dtype=None):  # fmt: skip
     """(dx, dy, dscale, dbias, per-row losses) of sum_i w_rows[i] * l_i over an M x N
     block with positives at col = row + offset (``w_rows``: (M,) weights, or a float, the
-    weight of every row); dy None without ``y_grad`` (and no ``dy_acc``)."""
+    weight of every row); dy None without ``y_grad`` (and no ``dy_acc``); dx and dy in
+    ``grads_dtype`` (default: the features')."""
     x, y = tile_addressable(x), tile_addressable(y)
     m, d = x.shape
     n = y.shape[0]
@@ -276,7 +277,8 @@ def siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=
     s = scale.float()
     with device_guard(x):
         coef = s if kappa is None else s * kappa
-        dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc, y_grad)
+        dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc, y_grad,
+                                         grads_dtype)  # fmt: skip
     # the kernel's logit term is S = s XY^T + b itself. sum(g S) - b sum(g) cancels when |b|
     # is large (SigLIP's b = -10): about 1e-6 relative error on dscale in fp32, against
     # 2e-8 for an in-kernel sum of g s XY^T, which costs the kernel a live tile (spills

@@ -21,7 +21,7 @@ from ...core.backend import in_forward_backend, remember_backend, resolve_backen
 from ...core.op import Op, first_order_only
 from ...core.runtime import cast
 from .algebra import Targets, coefficients_from_state
-from .chunked import triton_chunk_rows
+from .chunked import forward_grad_dtype, triton_chunk_rows
 from .launchers import block_grads_triton as _block_grads_triton
 from .launchers import block_stats_triton as _block_stats_triton
 from .launchers import siglip_grads_triton as _siglip_grads_triton
@@ -178,7 +178,9 @@ def siglip_block_grads(x, y, scale, bias, w_rows, offset=0, chunk_size=0, dx_acc
     if resolve_backend(FAMILY, x) == "triton":
         return _siglip_grads_triton(x, y, scale, bias, w_rows, triton_chunk_rows(x, chunk_size),
                                     offset, dx_acc, dy_acc)  # fmt: skip
-    dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_size, offset)
+    acc_dtype = dx_acc.dtype if dx_acc is not None else None  # added before rounding
+    dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w_rows, chunk_size, offset,
+                                               grads_dtype=acc_dtype)  # fmt: skip
     if dx_acc is None:
         return dx, dy, ds, db, rows
     return dx_acc.add_(dx), dy_acc.add_(dy), ds, db, rows
@@ -200,11 +202,12 @@ def _scalar_grads(ds, db, scale, bias):
     return cast(ds, scale.dtype), cast(db, bias.dtype if bias is not None else torch.float32)
 
 
-def _fake_grads(x, y, scale, bias, y_grad=True):
+def _fake_grads(x, y, scale, bias, y_grad=True, grads_dtype=None):
     db_dtype = bias.dtype if bias is not None else torch.float32
+    like = dict(memory_format=torch.contiguous_format, dtype=grads_dtype)
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(y, memory_format=torch.contiguous_format) if y_grad else None,
+        torch.empty_like(x, **like),
+        torch.empty_like(y, **like) if y_grad else None,
         scale.new_empty(()),
         scale.new_empty((), dtype=db_dtype),
     )
@@ -566,18 +569,21 @@ def _(x, y, scale, bias, grad_rows, chunk_size, offset, y_grad):
 def _siglip_fused(backend, x, y, scale, bias, row_weight, chunk_size, offset, y_grad):
     """(loss, dx, dy, dscale, dbias) of loss = row_weight * sum_i l_i, in one pass: the
     gradients are computed with the loss and only scaled in backward; dy None unless
-    ``y_grad``."""
+    ``y_grad``; dx and dy in :func:`.chunked.forward_grad_dtype` of the features'."""
+    grads_dtype = forward_grad_dtype(x.dtype)
     if backend == "triton":
         whole = _siglip_fused_whole(x, y, scale, bias, row_weight, chunk_size, offset, y_grad)
         if whole is not None:
             return whole
         chunk = triton_chunk_rows(x, chunk_size)
         dx, dy, ds, db, rows = _siglip_grads_triton(x, y, scale, bias, row_weight, chunk, offset,
-                                                    y_grad=y_grad)  # fmt: skip
+                                                    y_grad=y_grad,
+                                                    grads_dtype=grads_dtype)  # fmt: skip
     else:
         w = torch.full((x.shape[0],), row_weight, dtype=compute_dtype(x.dtype), device=x.device)
         dx, dy, ds, db, rows = _siglip_grads_torch(x, y, scale, bias, w, chunk_size, offset,
-                                                   y_grad=y_grad)  # fmt: skip
+                                                   y_grad=y_grad,
+                                                   grads_dtype=grads_dtype)  # fmt: skip
     return rows.sum() * row_weight, dx, dy, *_scalar_grads(ds, db, scale, bias)
 
 
@@ -588,7 +594,8 @@ siglip_loss_fused.impl("torch")(functools.partial(_siglip_fused, "torch"))
 @siglip_loss_fused.fake
 def _(x, y, scale, bias, row_weight, chunk_size, offset, y_grad):
     loss = x.new_empty((), dtype=compute_dtype(x.dtype))
-    return loss, *_fake_grads(x, y, scale, bias, y_grad=y_grad)
+    return loss, *_fake_grads(x, y, scale, bias, y_grad=y_grad,
+                              grads_dtype=forward_grad_dtype(x.dtype))  # fmt: skip
 
 
 @siglip_loss_fused.autograd
@@ -600,11 +607,14 @@ class _:
         # results to first_order_only's error under create_graph=True.
         needed = zip(output[1:], ctx.needs_input_grad[:4], strict=True)
         ctx.save_for_backward(*(g if need else None for g, need in needed))
+        ctx.dtypes = [t.dtype if t is not None else None for t in inputs[:4]]
         ctx.set_materialize_grads(False)
 
     @first_order_only("siglip_loss")
     def backward(ctx, grad_loss, *_unused):
         if grad_loss is None:
             return _input_grads(ctx, None, None, None, None)
-        return _input_grads(ctx, *(grad_loss * g if g is not None else None
-                                   for g in ctx.saved_tensors))  # fmt: skip
+        # fp32 gradients of fp16 features (forward_grad_dtype) are rounded after scaling
+        return _input_grads(ctx, *((grad_loss * g).to(dtype) if g is not None else None
+                                   for g, dtype in zip(ctx.saved_tensors, ctx.dtypes,
+                                                       strict=True)))  # fmt: skip

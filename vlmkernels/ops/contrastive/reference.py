@@ -228,9 +228,11 @@ def siglip_rows_torch(x, y, scale, bias, chunk_rows, offset=0):
     return out
 
 
-def siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0, y_grad=True):
-    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i (dy None without ``y_grad``);
-    temporaries: two (chunk x N) buffers."""
+def siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0, y_grad=True,
+                       grads_dtype=None):  # fmt: skip
+    """(dx, dy, dscale, dbias, row losses) of sum_i w_i l_i (dy None without ``y_grad``;
+    dx and dy in ``grads_dtype``, default the features'); temporaries: two (chunk x N)
+    buffers."""
     xf, yf, s, b = _upcast(x, y, scale, bias)
     m, n = x.shape[0], y.shape[0]
     c = _torch_chunk_rows(m, n, chunk_rows, xf.dtype, 2)
@@ -253,5 +255,5 @@ def siglip_grads_torch(x, y, scale, bias, w_rows, chunk_rows, offset=0, y_grad=T
         if y_grad:
             dy.addmm_(g.T, xf[rs])
         dbias += g.sum()
-    dy = dy.mul_(s).to(y.dtype) if y_grad else None
-    return dx.to(x.dtype), dy, g_dot_xy, dbias, rows_loss
+    dy = dy.mul_(s).to(grads_dtype or y.dtype) if y_grad else None
+    return dx.to(grads_dtype or x.dtype), dy, g_dot_xy, dbias, rows_loss

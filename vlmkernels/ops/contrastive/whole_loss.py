@@ -27,7 +27,7 @@ import torch
 from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, scalar_like
 from ...core.tuning import prepared_cache
 from ...kernels.blocks import tile_addressable
-from .chunked import mm_f32, triton_chunk_rows
+from .chunked import forward_grad_dtype, mm_f32, triton_chunk_rows
 from .finalize import (
     FINAL_COLUMNS,
     FINAL_ROWS,
@@ -74,12 +74,14 @@ class _Finish:
     size: int  # floats of the partials buffer: 2 n_partials + finishing programs
 
 
-def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad):
+def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad,
+                 grads_dtype=None):  # fmt: skip
     m, d = x.shape
     programs = cdiv(max(m, n), FINAL_ROWS)
     t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
+    g = x if grads_dtype in (None, x.dtype) else t.to(grads_dtype)
     flags = dict(SIGLIP=siglip, HAS_BIAS=has_bias, HAS_GRAD=has_grad, HAS_LOSS=siglip)
-    args = (x, t, t, x, x, t, t, t, t, t, t, t, t, m, n, d, x.stride(0), x.stride(1),
+    args = (x, t, t, g, g, t, t, t, t, t, t, t, t, m, n, d, x.stride(0), x.stride(1),
             n_partials, n_loss, kappa)  # fmt: skip
     final = _prepared(_grads_finalize_kernel, (programs,), args,
                       dict(flags, ROWS=FINAL_ROWS, BD=FINAL_COLUMNS, BLOCK=SUM_BLOCK))  # fmt: skip
@@ -93,18 +95,21 @@ def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad):
     return _Finish(final[0], scalars and scalars[0], n_partials, 2 * n_partials + programs)
 
 
-def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, loss, y_grad=True):
+def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, loss, y_grad=True,
+            grads_dtype=None):  # fmt: skip
     """(dx, dy, dscale, dbias) from the logit gradient g (M x N, the features' dtype) and
     the partials its kernel wrote; ``loss`` (SigLIP) is written too. Without ``y_grad`` dy
     is None and G^T x is not computed (``plan`` was made for N = 0 then: the kernel
-    touches no row of dy)."""
+    touches no row of dy). dx and dy are in ``grads_dtype`` (the plan's; default the
+    features')."""
     gy = mm_f32(g, y)
     gtx = mm_f32(g.mT, x) if y_grad else None
-    if x.dtype == _F32:  # scaled in place
+    grads_dtype = grads_dtype or x.dtype
+    if grads_dtype == _F32:  # scaled in place
         dx, dy = gy, gtx
     else:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if y_grad else None
+        dx = torch.empty(x.shape, dtype=grads_dtype, device=x.device)
+        dy = torch.empty(y.shape, dtype=grads_dtype, device=y.device) if y_grad else None
     ds = scalar_like(scale)
     db = scalar_like(bias) if bias is not None else scalar_like(scale, _F32)
     b = bias if bias is not None else scale
@@ -166,7 +171,7 @@ def _siglip_plan(x, y, scale, bias, offset, weight, y_grad=True):
     args = (*args[:10], programs, *args[11:])
     kernel = _prepared(_siglip_kernel, (cdiv(m, config["BM"]), splits), args, kwargs)
     finish = _finish_plan(x, n if y_grad else 0, programs, splits * m, weight, True,
-                          bias is not None, False)  # fmt: skip
+                          bias is not None, False, forward_grad_dtype(x.dtype))  # fmt: skip
     if kernel is None or finish is None:
         return None
     return _Siglip(kernel[0], finish, ones, splits)
@@ -176,7 +181,8 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int,
                  y_grad: bool = True):  # fmt: skip
     """(loss, dx, dy, dscale, dbias) of loss = weight * sum_i l_i (SigLIP row losses, positives
     at col = row + offset), weight > 0, in one pass, dy None without ``y_grad`` (no G^T x
-    then); None where the path does not apply."""
+    then), dx and dy in :func:`.chunked.forward_grad_dtype`; None where the path does not
+    apply."""
     m = x.shape[0]
     if m > triton_chunk_rows(x, chunk_size) or weight <= 0:
         return None
@@ -198,4 +204,4 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int,
     with device_guard(x):
         plan.kernel(x, y, scale, b, plan.ones, loss_parts, g, partials)
         return (loss, *_finish(plan.finish, x, y, g, scale, bias, None, partials, loss_parts,
-                               loss, y_grad))  # fmt: skip
+                               loss, y_grad, forward_grad_dtype(x.dtype)))  # fmt: skip
