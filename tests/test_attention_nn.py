@@ -104,6 +104,40 @@ def test_state_dict_round_trip():
             a(torch.randn(2, 3, 16), torch.randn(media_batch, 1, 3, 8))
 
 
+@pytest.mark.parametrize(("kwargs", "exc", "message"), [
+    (dict(heads=0), ValueError, "heads must be a positive int, got 0"),
+    (dict(heads=2.0), TypeError, "heads must be an int, got 2.0"),
+    (dict(dim_head=0), ValueError, "dim_head must be a positive int"),
+    (dict(dim_head=320), ValueError, "dim_head must be at most 256"),
+    (dict(dim=-4), ValueError, "dim must be a positive int"),
+    (dict(dim_visual=None), TypeError, "dim_visual must be an int"),
+    (dict(only_attend_immediate_media=1), TypeError, "only_attend_immediate_media must be True"),
+    (dict(ff_mult=0), ValueError, "ff_mult must give the feed-forward at least one channel"),
+    (dict(ff_mult="4"), TypeError, "ff_mult must be a float"),
+])  # fmt: skip
+def test_constructor_errors_name_the_argument(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        GatedCrossAttentionBlock(**{"dim": 16, "dim_visual": 8, "dim_head": 8, "heads": 2,
+                                    **kwargs})  # fmt: skip
+
+
+def test_gate_and_empty_batch(device):
+    """A Python float gate is refused by name; an empty batch gives an empty result (and
+    gradients) like every op below the block."""
+    block = GatedCrossAttentionBlock(dim=16, dim_visual=8, dim_head=8, heads=2).to(device)
+    x, media = torch.randn(1, 3, 16, device=device), torch.randn(1, 1, 2, 8, device=device)
+    with pytest.raises(TypeError, match="gate must be a one-element tensor, got float"):
+        block.attn(x, media, gate=0.5)
+    x = torch.randn(0, 3, 16, device=device, requires_grad=True)
+    media = torch.randn(0, 2, 4, 8, device=device)
+    locations = torch.zeros(0, 3, dtype=torch.bool, device=device)
+    for kw in (dict(media_locations=locations), {}):
+        out = block(x, media, **kw)
+        assert out.shape == (0, 3, 16)
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+
+
 def test_block_at_initialisation_gate_gradient(device):
     """Gates at 0 (open_flamingo's initial value): the block is the identity and the gate
     gradients are those of the float64 formula (the tanh gate runs in the attention kernel's

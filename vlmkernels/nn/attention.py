@@ -29,10 +29,14 @@ with immediate media, tokens after more media tokens than there are media items 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from ..core.checks import check_bool, check_int, check_real
 from ..ops.attention import cross_attention, media_cross_attention
+from ..ops.attention.launchers import MAX_HEAD_DIM
 
 __all__ = ["GatedCrossAttentionBlock", "MaskedCrossAttention"]
 
@@ -50,6 +54,10 @@ class MaskedCrossAttention(nn.Module):
     def __init__(self, *, dim, dim_visual, dim_head=64, heads=8,
                  only_attend_immediate_media=True):  # fmt: skip
         super().__init__()
+        _check_sizes("MaskedCrossAttention", dim=dim, dim_visual=dim_visual,
+                     dim_head=dim_head, heads=heads)  # fmt: skip
+        check_bool("MaskedCrossAttention", "only_attend_immediate_media",
+                   only_attend_immediate_media)  # fmt: skip
         self.scale = dim_head**-0.5
         self.heads = heads
         inner = dim_head * heads
@@ -61,6 +69,9 @@ class MaskedCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None,
                 use_cached_media: bool = False, *, gate=None):  # fmt: skip
+        if gate is not None and not isinstance(gate, torch.Tensor):
+            raise TypeError(f"MaskedCrossAttention: gate must be a one-element tensor, got "
+                            f"{type(gate).__name__}")  # fmt: skip
         if gate is not None and gate.numel() != 1:
             raise ValueError(f"MaskedCrossAttention: gate must have one element (to_out mixes "
                              f"the channels), got shape {tuple(gate.shape)}")  # fmt: skip
@@ -74,7 +85,7 @@ class MaskedCrossAttention(nn.Module):
         latents = media.shape[2]
         h = self.heads
         q = self.to_q(self.norm(x))
-        kv = self.to_kv(media.reshape(b, -1, media.shape[-1]))
+        kv = self.to_kv(media.flatten(1, 2))  # (B, T_img n, dim_visual), B = 0 included
         d = q.shape[-1] // h
         q = q.view(b, t, h, d).transpose(1, 2)
         kv = kv.view(b, kv.shape[1], 2, h, d)
@@ -115,6 +126,16 @@ class MaskedCrossAttention(nn.Module):
         return out
 
 
+def _check_sizes(op: str, **sizes) -> None:
+    """Every size a positive int; ``dim_head`` at most the attention ops' largest head."""
+    for name, value in sizes.items():
+        if check_int(op, name, value) < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {value}")
+    if sizes["dim_head"] > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: dim_head must be at most {MAX_HEAD_DIM} (the attention "
+                         f"kernels' largest head), got {sizes['dim_head']}")  # fmt: skip
+
+
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
     inner = int(dim * mult)
     return nn.Sequential(
@@ -142,6 +163,12 @@ class GatedCrossAttentionBlock(nn.Module):
             only_attend_immediate_media=only_attend_immediate_media,
         )  # fmt: skip
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))
+        check_real("GatedCrossAttentionBlock", "ff_mult", ff_mult, 0, math.inf)
+        if int(dim * ff_mult) < 1:
+            raise ValueError(
+                f"GatedCrossAttentionBlock: ff_mult must give the feed-forward "
+                f"at least one channel, int(dim * ff_mult) >= 1, got {ff_mult}"
+            )
         self.ff = _feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
