@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlmkernels.core import op
@@ -138,6 +139,30 @@ def test_functorch_transforms_raise_or_are_right():
         torch.testing.assert_close(g, (w[:, None] * 2.0).expand(5, 7))
     out = torch.func.vmap(lambda a: scale_rows(a, w, 2.0))(torch.stack((x, -x)))
     torch.testing.assert_close(out, torch.stack((x, -x)) * w[:, None] * 2.0)
+
+
+def test_forward_mode_and_batched_gradients_raise():
+    """No forward-mode formula: ``torch.func.jvp`` (alone or under vmap) and dual tensors of
+    ``torch.autograd.forward_ad`` raise naming the op instead of giving a 0 or missing
+    tangent, as a custom op would; batched upstream gradients raise before any kernel.
+    Dual-level code without dual inputs and one-at-a-time Jacobians still work."""
+    x, w = _inputs()
+    x = x.detach()
+    f = lambda a: scale_rows(a, w, 2.0)  # noqa: E731
+    message = "test_scale_rows: forward-mode AD"
+    with pytest.raises(NotImplementedError, match=message):
+        torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match=message):
+        torch.func.vmap(lambda a: torch.func.jvp(f, (a,), (a,))[1])(torch.stack((x, x)))
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match=message):
+            f(forward_ad.make_dual(x, torch.ones_like(x)))
+        torch.testing.assert_close(f(x), x * w[:, None] * 2.0)
+    small = lambda a: scale_rows(a, w[:2], 2.0)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="test_scale_rows: batched gradients"):
+        torch.autograd.functional.jacobian(small, x[:2, :3], vectorize=True)
+    jac = torch.autograd.functional.jacobian(small, x[:2, :3])  # one row at a time
+    torch.testing.assert_close(jac.sum((2, 3)), w[:2, None].expand(2, 3) * 2.0)
 
 
 def test_traced_graph_holds_the_revision():

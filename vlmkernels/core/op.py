@@ -53,6 +53,7 @@ import pathlib
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from .backend import resolve_backend
 from .version import __version__
@@ -70,7 +71,38 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _functorch = torch._C._are_functorch_transforms_active
+_interpreters = torch._C._functorch.get_interpreter_stack
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+_JVP = torch._C._functorch.TransformType.Jvp
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _refuse_forward_mode(op: str, args, tensor_positions) -> None:
+    """Forward-mode AD has no formula in vlmkernels: raise rather than let a tangent come
+    out 0 (``torch.func.jvp`` through a custom op) or go missing (a dual tensor of
+    ``torch.autograd.forward_ad``). Only called while a transform or a dual level is active."""
+    jvp = any(i.key() == _JVP for i in _interpreters() or ())
+    dual = forward_ad._current_level >= 0 and any(
+        args[i] is not None and forward_ad.unpack_dual(args[i]).tangent is not None
+        for i in tensor_positions
+    )
+    if jvp or dual:
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+            "torch.autograd.forward_ad) is not implemented; use reverse mode "
+            "(torch.autograd.grad, torch.autograd.functional.jacobian)"
+        )
+
+
+def _refuse_batched_grads(op: str, grads) -> None:
+    """Batched upstream gradients (``torch.autograd.grad(is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian(vectorize=True)``) reach the kernels as tensors
+    without storage: refused by name before any launch."""
+    if any(g is not None and _legacy_batched(g) for g in grads):
+        raise NotImplementedError(
+            f"{op}: batched gradients (is_grads_batched=True, jacobian(vectorize=True)) are "
+            "not supported by its backward; take one gradient at a time (vectorize=False)"
+        )
 
 
 def _without_autocast(fn: Callable, *args):
@@ -165,6 +197,7 @@ class Op:
                 ctx.needs_input_grad = needs
 
         def revised_backward(ctx, *grads):
+            _refuse_batched_grads(self.qualname, grads)
             needs = ctx.needs_input_grad
             ctx.needs_input_grad = needs[:arity]
             try:
@@ -207,8 +240,10 @@ class Op:
     def __call__(self, *args):
         if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
             return self.overload(*args, REVISION)
-        if _functorch():
-            return self.overload(*args, REVISION)
+        if _functorch() or forward_ad._current_level >= 0:
+            _refuse_forward_mode(self.qualname, args, self._tensor_positions)
+            if _functorch():
+                return self.overload(*args, REVISION)
         tracked = self._apply is not None and torch.is_grad_enabled()
         needs_grad = False
         for i in self._tensor_positions:  # one pass: the dispatcher's cases, then autograd
@@ -258,10 +293,14 @@ def _function_class(op: Op, setup: Callable, backward: Callable):
         setup(ctx, args, output)
         return output
 
+    def checked_backward(ctx, *grads):
+        _refuse_batched_grads(op.qualname, grads)
+        return backward(ctx, *grads)
+
     return type(
         f"{op.name}_function",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        {"forward": staticmethod(forward), "backward": staticmethod(checked_backward)},
     )
 
 
