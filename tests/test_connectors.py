@@ -445,8 +445,14 @@ def test_deepstack_add_inplace_and_casts(backend):
     out = C.deepstack_add(hidden, mask, embeds, inplace=True)
     assert out is hidden and hidden._version > version  # autograd sees the write
     assert_same_sum(hidden, ref, backend)
-    with pytest.raises(RuntimeError, match="requires grad"):
+    with pytest.raises(RuntimeError, match="forward-only, but hidden requires grad"):
         C.deepstack_add(hidden.float().requires_grad_(), mask, embeds, inplace=True)
+    before = hidden.clone()  # trainable visual features: refused, not given no gradient
+    with pytest.raises(RuntimeError, match="forward-only, but visual_embeds requires grad"):
+        C.deepstack_add(hidden, mask, embeds.requires_grad_(), inplace=True)
+    assert torch.equal(hidden, before)
+    with torch.no_grad():
+        C.deepstack_add(hidden, mask, embeds, inplace=True)
     with pytest.raises(ValueError, match="True entries"):
         C.deepstack_add(hidden, mask, embeds[1:])
 

@@ -362,8 +362,9 @@ def deepstack_add(
         visual_pos_mask: bool, ``hidden``'s shape without D; V True entries.
         visual_embeds: (V, D), cast to hidden's dtype; row v goes to the v-th True position
             in row-major order.
-        inplace: add into ``hidden`` (which must not need a gradient) and return it; by
-            default a new tensor is returned and ``hidden`` is left as it was.
+        inplace: add into ``hidden`` and return it (forward only: neither ``hidden`` nor
+            ``visual_embeds`` may need a gradient); by default a new tensor is returned
+            and ``hidden`` is left as it was.
 
     Returns:
         out = hidden with out[mask] = hidden[mask] + visual_embeds.
@@ -385,9 +386,11 @@ def deepstack_add(
     visual_pos_mask = visual_pos_mask.to(hidden.device)
     visual_embeds = visual_embeds.to(hidden.device, hidden.dtype)
     if inplace:
-        if _needs_grad(hidden):
+        if _needs_grad(hidden, visual_embeds):
             raise RuntimeError(
-                f"{op}: inplace=True on a hidden that requires grad; use inplace=False"
+                f"{op}: inplace=True is forward-only, but "
+                f"{'hidden' if _needs_grad(hidden) else 'visual_embeds'} requires grad; "
+                "use inplace=False"
             )
         check_no_overlap(op, {"hidden": hidden}, {"visual_embeds": visual_embeds})
         ops.deepstack_add_(hidden, visual_pos_mask, visual_embeds)
