@@ -607,14 +607,16 @@ class _:
         # results to first_order_only's error under create_graph=True.
         needed = zip(output[1:], ctx.needs_input_grad[:4], strict=True)
         ctx.save_for_backward(*(g if need else None for g, need in needed))
-        ctx.dtypes = [t.dtype if t is not None else None for t in inputs[:4]]
+        x = inputs[0]  # fp32 gradients of fp16 features are rounded after scaling
+        ctx.features_dtype = x.dtype if forward_grad_dtype(x.dtype) != x.dtype else None
         ctx.set_materialize_grads(False)
 
     @first_order_only("siglip_loss")
     def backward(ctx, grad_loss, *_unused):
         if grad_loss is None:
             return _input_grads(ctx, None, None, None, None)
-        # fp32 gradients of fp16 features (forward_grad_dtype) are rounded after scaling
-        return _input_grads(ctx, *((grad_loss * g).to(dtype) if g is not None else None
-                                   for g, dtype in zip(ctx.saved_tensors, ctx.dtypes,
-                                                       strict=True)))  # fmt: skip
+        grads = [grad_loss * g if g is not None else None for g in ctx.saved_tensors]
+        if ctx.features_dtype is not None:
+            grads[:2] = [cast(g, ctx.features_dtype) if g is not None else None
+                         for g in grads[:2]]  # fmt: skip
+        return _input_grads(ctx, *grads)
