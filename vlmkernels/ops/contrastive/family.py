@@ -222,6 +222,11 @@ def _finishing_cases() -> list[CompileCase]:
         CompileCase("siglip_grads_finalize", finalize._grads_finalize_kernel, grads,
                     dict(siglip, **rows), unit_strides=("stride_xd",),
                     aligned=("D", "stride_xm"), scalars=kappa, expect=("no_spill",)),
+        # fp16 features: the forward-computed gradients stay fp32 (forward_grad_dtype)
+        CompileCase("siglip_grads_finalize_fp32_grads", finalize._grads_finalize_kernel,
+                    {**grads, **f32("dx_ptr", "dy_ptr")}, dict(siglip, **rows),
+                    unit_strides=("stride_xd",), aligned=("D", "stride_xm"), scalars=kappa,
+                    expect=("no_spill",)),
         CompileCase("clip_grad_scalars", finalize._grad_scalars_kernel, scalars,
                     dict(clip, BLOCK=finalize.SUM_BLOCK), scalars=kappa, expect=("no_spill",)),
         CompileCase("siglip_grad_scalars", finalize._grad_scalars_kernel, scalars,
