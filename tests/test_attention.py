@@ -850,6 +850,35 @@ def test_media_cross_attention_tanh_gate(gate_shape, dtype, device, backend):
             check_grads([out], [ref], [q, k, v, gate], [q64, k64, v64, g64], 3 * TOL[dtype])
 
 
+@pytest.mark.parametrize("gate_shape", [(1,), (2, 64)])
+def test_tanh_gate_fp16_backward_under_a_loss_scale(gate_shape, device, backend):
+    """fp16 with a GradScaler-sized upstream gradient (2^15) and small gates: 256 queries
+    on 8 keys make P^T dO 256 times dO, which overflowed fp16 when taken ungated (eager's
+    P^T (c dO) is c times smaller); at a closed gate (0, Flamingo's initial value) dq, dk
+    and dv are exactly 0, not NaN (the gate's own gradient, sum(dO * PV), overflows fp16
+    there as eager's does: checked at scale 1). Each gradient, divided by the scale, is
+    within fp16 rounding of float64's."""
+    q = rand(1, 2, 256, 64, dtype=torch.float16, device=device)
+    k, v = (rand(1, 2, 8, 64, dtype=torch.float16, device=device) for _ in "kv")
+    up = (0.25 + 0.05 * torch.randn(1, 2, 256, 64, device=device)).half()
+    for value, loss_scale in ((0.01, 2.0**15), (0.0, 2.0**15), (0.0, 1.0)):
+        gate = torch.full(gate_shape, value, device=device)
+        leaves = [leaf(t) for t in (q, k, v, gate)]
+        out = A.cross_attention(*leaves[:3], gate=leaves[3])
+        ((out.float() * up.float()).sum() * loss_scale).backward()
+        refs = [leaf(t.detach().double()) for t in (q, k, v, gate)]
+        c = refs[3].tanh() if len(gate_shape) == 1 else refs[3].tanh()[None, :, None, :]
+        ref, _ = ref_attention(*refs[:3], torch.ones(1, 1, 1, 8, dtype=torch.bool),
+                               64**-0.5)  # fmt: skip
+        (ref * c * up.double()).sum().backward()
+        for name, got, want in zip("qkvg", leaves, refs, strict=True):
+            if value == 0.0 and name != "g":
+                assert (got.grad == 0).all(), name
+            elif value != 0.0 or loss_scale == 1.0:
+                assert torch.isfinite(got.grad).all(), (value, name)
+                assert rel(got.grad.double() / loss_scale, want.grad) < 3e-3, (value, name)
+
+
 def test_tanh_gate_split_k_packed_and_grouped(device):
     """The gate through the split-K combine (dense, forced splits), packed segments and a
     per-channel (H D,) gate with grouped heads."""

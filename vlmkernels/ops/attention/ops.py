@@ -15,9 +15,12 @@ the forward's key splits (0: the heuristic :func:`.launchers.choose_splits`);
 packed (H, Tk) or (1, Tk), differentiable. k and v may have fewer heads than q
 (grouped-query attention: H a multiple of theirs). ``gate`` an optional tanh gate, one
 element or (H, D): out = tanh(gate) * attention, in the forward kernel's epilogue; its
-backward runs the ungated backward kernels on tanh(gate) V (dP = dO_gated (tanh(g) V)^T)
-and gets dV and d gate from dV' = P^T dO_gated: dV = tanh(g) dV', d gate = (1 - tanh^2 g)
-sum V dV' (summed over what the gate broadcasts). ``dropout_p`` in [0, 1): attention
+backward runs the ungated backward kernels on (c / sigma) V with upstream sigma dO, c =
+tanh(g) and sigma a power of two near max |c| (dP = c dO V^T, as the gated forward's), and
+gets dV and d gate from dV_s = sigma P^T dO: dV = (c / sigma) dV_s, d gate = (1 - c^2)
+sum V dV_s / sigma (summed over what the gate broadcasts). In fp16, dq and dk at gates
+below about 1e-4 carry the rounding of the gated output (subnormal there), from which
+the backward's rowsum(dO * O) is taken. ``dropout_p`` in [0, 1): attention
 dropout P' = P M / (1 - p) with the mask drawn in the kernels from ``dropout_seed`` (a
 one-element int64 tensor, required when dropout_p > 0; see :mod:`.kernels`), regenerated
 in the backward; dropout_p = 0 runs the kernels without dropout. Outputs:
@@ -153,22 +156,31 @@ def _core_backward(ctx, grad_out, grad_lse, needs):
 
 
 def _gated_backward(grad_out, q, k, v, gate, args, gate_grad):
-    """(dq, dk, dv, dbias, dgate) of tanh(gate) * attention from the ungated backward on
-    tanh(gate) V (see the module docstring); a per-channel gate with grouped heads runs on
-    k, v repeated per query head."""
+    """(dq, dk, dv, dbias, dgate) of c * attention, c = tanh(gate), from the ungated backward
+    on (c / sigma) V with upstream sigma dO (see the module docstring): the same dP = c dO V^T
+    and delta, and dV_s = sigma P^T dO, so dV = (c / sigma) dV_s and the gate's sum(dO * PV)
+    = sum(V * dV_s) / sigma. sigma is the power of two with |c| / sigma in [1, 2) (max |c|
+    of a per-channel gate; 1 where c = 0): in 16 bits neither c V (a small gate, as
+    Flamingo's at 0) nor P^T dO (c times eager's P^T (c dO)) leaves the normal range where
+    eager's do not. A per-channel gate with grouped heads runs on k, v repeated per query
+    head."""
     packed = args[2] is not None
     ct = args[0].dtype
     h, hk = q.shape[1], k.shape[1]
     vec = gate.numel() != 1
     ke, ve = (k, v) if not vec or hk == h else (reference._heads(k, h), reference._heads(v, h))
     c = reference.gate_factor(gate, packed, ct)
-    dq, dk, dvg, db = attention_core_backward(grad_out, q, ke, (ve.to(ct) * c).to(v.dtype),
-                                              *args)  # fmt: skip
-    dv = dvg.to(ct) * c
+    mantissa, exponent = torch.frexp(c.abs().amax())
+    sigma = torch.where(mantissa == 0, 1.0, torch.ldexp(torch.ones_like(mantissa), exponent - 1))
+    dq, dk, dvs, db = attention_core_backward(
+        (grad_out.to(ct) * sigma).to(grad_out.dtype), q, ke, (ve.to(ct) * (c / sigma)).to(v.dtype),
+        *args,
+    )  # fmt: skip
+    dv = torch.where(c == 0, 0.0, dvs.to(ct) * (c / sigma))  # 0, not 0 * inf, at a closed gate
     dk, dv = reference._group_sum(dk, k.shape[1]), reference._group_sum(dv, k.shape[1])
     dgate = None
     if gate_grad:
-        prod = ve.to(ct) * dvg.to(ct)
+        prod = ve.to(ct) * (dvs.to(ct) / sigma)
         if vec:
             total = prod.sum(0) if packed else prod.sum((0, 2))
         else:
