@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-import vlmkernels  # noqa: F401
+import vlmkernels
 from vlmkernels.core.backend import use_backend
 from vlmkernels.ops import attention as A
 from vlmkernels.ops.attention import ops, reference
@@ -255,3 +255,32 @@ def test_mask_helper_on_every_backend_and_bad_input(device):
         A.dropout_mask(seed, (2, 3, 5), 0.3)
     with pytest.raises(ValueError, match="dropout_p must be a float in"):
         A.dropout_mask(seed, (2, 3, 5, 9), 1.0)
+
+
+def test_dropout_mask_beside_other_threads_kernels(device):
+    """dropout_mask's kernel takes the interpreter's launch lock like every other launch:
+    beside another thread's kernels it neither fails nor disturbs them (the interpreter
+    runs one kernel at a time)."""
+    import threading
+
+    seed = torch.tensor([1234], device=device)
+    want_mask = A.dropout_mask(seed, (1, 2, 40, 70), 0.3)
+    x, y = torch.randn(24, 16, device=device), torch.randn(24, 16, device=device)
+    want_loss = vlmkernels.clip_loss(x, y, 10.0)
+    failures = []
+
+    def repeat(call, want):
+        try:
+            for _ in range(3):
+                assert torch.equal(call(), want)
+        except Exception as exc:  # reported below, with the thread's call
+            failures.append(repr(exc))
+
+    calls = [(lambda: A.dropout_mask(seed, (1, 2, 40, 70), 0.3), want_mask),
+             (lambda: vlmkernels.clip_loss(x, y, 10.0), want_loss)] * 2  # fmt: skip
+    threads = [threading.Thread(target=repeat, args=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures

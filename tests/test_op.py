@@ -227,11 +227,16 @@ def test_mutated_arguments_get_new_versions():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_gets_a_free_interpreter_lock():
     """A fork (a DataLoader worker) while another thread holds the interpreter's launch
-    lock: the child has a lock of its own to take, not one held by a thread it lacks."""
+    lock: the child has a lock of its own to take, not one held by a thread it lacks, and
+    launches prepared before the fork (cached per layout) take that one too."""
+    import signal
     import threading
 
+    import vlmkernels
     from vlmkernels.core import runtime
 
+    a, b = torch.randn(40, 16), torch.randn(40, 16)
+    want = vlmkernels.clip_loss(a, b, 10.0)  # prepares and caches its launches
     held, release = threading.Event(), threading.Event()
 
     def hold():
@@ -244,8 +249,15 @@ def test_forked_child_gets_a_free_interpreter_lock():
     held.wait(10)
     try:
         pid = os.fork()
-        if pid == 0:  # the child: exit 0 only if the lock is free
-            os._exit(0 if runtime.INTERPRETER_LOCK.acquire(timeout=5) else 1)
+        if pid == 0:  # the child: exit 0 only if the lock is free and the loss runs
+            ok = False
+            try:
+                signal.alarm(30)  # a hang ends the child
+                if runtime.INTERPRETER_LOCK.acquire(timeout=5):
+                    runtime.INTERPRETER_LOCK.release()
+                    ok = torch.equal(vlmkernels.clip_loss(a, b, 10.0), want)
+            finally:
+                os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
     finally:
         release.set()

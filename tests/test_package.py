@@ -171,6 +171,11 @@ def test_backward_inside_another_backend_block_runs_the_forwards():
     with vlmkernels.use_backend("triton"):
         out.backward()
     assert q.grad is not None
+    x = torch.randn(1, 16, 4, dtype=torch.float64, requires_grad=True)  # pixel_shuffle too
+    out = vlmkernels.pixel_shuffle(x, 2)
+    with vlmkernels.use_backend("triton"):
+        out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, torch.ones_like(x))
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's thread safety")

@@ -92,7 +92,10 @@ def in_forward_backend(backward):
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force ``name`` (``"triton"``, ``"torch"`` or ``"cuda"``) for ops called in the block.
+    """Force ``name`` (``"triton"``, ``"torch"`` or ``"cuda"``) for ops called in the block,
+    in this thread (or asyncio task): a context variable, which threads started inside the
+    block do not inherit. Each op's backward runs on its forward's choice, wherever and
+    whenever autograd runs it.
 
     >>> with vlmkernels.use_backend("torch"):
     ...     loss = vlmkernels.clip_loss(img, txt, scale)

@@ -40,6 +40,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
+def launch_lock():
+    """The context a launch runs in: :data:`INTERPRETER_LOCK` when kernels are interpreted
+    (read at each call: a fork replaces it), else none."""
+    lock = INTERPRETER_LOCK
+    return lock if INTERPRETED and lock is not None else contextlib.nullcontext()
+
+
 def environment_reader(name: str):
     """A function returning ``os.environ.get(name)``, read on every call (tests and
     spawned workers set the variable at run time). CPython's ``os.environ`` encodes the key

@@ -238,11 +238,13 @@ class TunedKernel(KernelInterface):
         config = self._config(args, kwargs)
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
         arguments = _placer(args)
-        run, lock = self.fn.run, runtime.INTERPRETER_LOCK
-        if self.interpreted and lock is not None:
+        run = self.fn.run
+        if self.interpreted and runtime.INTERPRETER_LOCK is not None:
 
             def launch(*pointers):
-                with lock:
+                # the lock looked up per launch: a forked child has a fresh one, and one
+                # captured here could be held forever by a thread the fork left behind
+                with runtime.launch_lock():
                     return run(*arguments(pointers), **options)
 
             return launch

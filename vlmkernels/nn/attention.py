@@ -18,8 +18,9 @@ cross-attention over every latent of every media item. With ``use_cached_media=T
 (open_flamingo's decoding with a KV cache) every token of x comes after the whole prompt:
 text_time is the number of media tokens in ``media_locations`` (B, T_prompt), the same for
 every token, and the other media's keys are masked (``key_padding_mask``). Q, K and V are
-strided views of the projections (no copies); the attention is computed by segment and
-never builds the (T, T_img n) mask.
+strided views of the projections (no copies); on the Triton path the attention is
+computed by segment and never builds the (T, T_img n) mask (the PyTorch path, a reference
+for CPUs, does).
 
 Where the results differ from open_flamingo's (rows its masked softmax answers with a
 uniform average over every latent, an artefact of its -finfo.max fill): tokens before the

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
+from ...core.runtime import cdiv, device_guard, dot_precision, launch_lock, next_pow2, sm_count
 from ...core.tuning import prepared_cache
 from .delta_kernel import _attn_delta
 from .kernels import (
@@ -122,7 +122,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     if mask.numel() == 0:
         return mask.bool()
     thr, _ = dropout_threshold(dropout_p)
-    with device_guard(seed):
+    with device_guard(seed), launch_lock():
         _dropout_mask_kernel[(cdiv(lq, 32), cdiv(lk, 64), b * h)](
             seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=32, BN=64,
         )  # fmt: skip

@@ -267,7 +267,9 @@ def _(x, merge):
 class _:
     def setup_context(ctx, inputs, output):
         ctx.shape, ctx.merge = list(inputs[0].shape), list(inputs[1])
+        remember_backend(ctx)
 
+    @in_forward_backend
     def backward(ctx, grad):
         return unmerge_tokens(grad, ctx.shape, ctx.merge), None
 
@@ -291,7 +293,9 @@ def _(grad, shape, merge):
 class _:
     def setup_context(ctx, inputs, output):
         ctx.merge = list(inputs[2])
+        remember_backend(ctx)
 
+    @in_forward_backend
     def backward(ctx, grad):
         return merge_tokens(grad, ctx.merge), None, None
 
