@@ -503,6 +503,24 @@ def test_siglip_fp16_gradients_are_rounded_after_the_loss_scale(chunk_size, devi
         assert err.max() < 2e-3, err.max()
 
 
+@pytest.mark.parametrize("chunk_size", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_siglip_scale_gradient_where_the_bias_dominates(chunk_size, dtype, device, backend):
+    """|b| >> |s x.y| (small features or scale against SigLIP's b = -10): the kernels'
+    sum(g S) - b sum(g) cancels, and the scale's gradient comes from sum(g x.y) instead
+    (the cancelled form was off by 2e-3 here). Within 1e-5 (fp32) or fp16 rounding of
+    float64 on the same inputs."""
+    n, d = 48, 64
+    x, y = (features(n, d, dtype, device, scale=0.03) for _ in range(2))
+    s, b = leaf(torch.tensor(1.0, device=device)), torch.tensor(-10.0, device=device)
+    loss = vlmkernels.siglip_loss(leaf(x), y, s, b, chunk_size=chunk_size)
+    (got,) = torch.autograd.grad(loss, s)
+    sr = leaf(s.detach().double().cpu())
+    (want,) = torch.autograd.grad(ref_siglip(x.double().cpu(), y.double().cpu(), sr,
+                                             b.double().cpu()), sr)  # fmt: skip
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-4)
+
+
 def test_siglip_bias_is_required_argument(device):
     x, y = features(8, 16, torch.float32, device), features(8, 16, torch.float32, device)
     with pytest.raises(TypeError):

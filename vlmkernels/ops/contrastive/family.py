@@ -126,6 +126,7 @@ _ALIGNED = ("N", "D", "stride_xn", "stride_yn", "stride_gm", "n_bucket", "n_rows
 _TEACHER_UNIT = ("stride_txd", "stride_tyd")
 _TEACHER_ALIGNED = ("stride_txn", "stride_tyn")
 _F32 = "*fp32"
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _FEATURES = dict(x_ptr="*{elem}", y_ptr="*{elem}", scale_ptr=_F32, bias_ptr=_F32)
 # Without ids, the launchers pass an fp32 buffer for the unused id pointers.
 _NO_IDS = dict(row_ids_ptr=_F32, col_ids_ptr=_F32)
@@ -212,25 +213,30 @@ def _finishing_cases() -> list[CompileCase]:
     clip = dict(SIGLIP=False, HAS_BIAS=True, HAS_GRAD=True, HAS_LOSS=False)
     siglip = dict(SIGLIP=True, HAS_BIAS=True, HAS_GRAD=False, HAS_LOSS=True)
     rows = dict(ROWS=finalize.FINAL_ROWS, BD=finalize.FINAL_COLUMNS, BLOCK=finalize.SUM_BLOCK)
+
+    def with_eps(flags):  # G's rounding, per input dtype
+        return lambda dtype: dict(flags, G_EPS=finalize.UNIT_ROUNDOFF[_TORCH_DTYPES[dtype]])
+
     kappa = {"kappa": "fp32"}
     return [
         CompileCase("sum_parts", finalize._sum_parts_kernel, f32("part_ptr", "out_ptr"),
                     dict(BLOCK=finalize.SUM_BLOCK), expect=("no_spill",)),
         CompileCase("clip_grads_finalize", finalize._grads_finalize_kernel, grads,
-                    dict(clip, **rows), unit_strides=("stride_xd",),
+                    with_eps(dict(clip, **rows)), unit_strides=("stride_xd",),
                     aligned=("D", "stride_xm"), scalars=kappa, expect=("no_spill",)),
         CompileCase("siglip_grads_finalize", finalize._grads_finalize_kernel, grads,
-                    dict(siglip, **rows), unit_strides=("stride_xd",),
+                    with_eps(dict(siglip, **rows)), unit_strides=("stride_xd",),
                     aligned=("D", "stride_xm"), scalars=kappa, expect=("no_spill",)),
         # fp16 features: the forward-computed gradients stay fp32 (forward_grad_dtype)
         CompileCase("siglip_grads_finalize_fp32_grads", finalize._grads_finalize_kernel,
-                    {**grads, **f32("dx_ptr", "dy_ptr")}, dict(siglip, **rows),
+                    {**grads, **f32("dx_ptr", "dy_ptr")}, with_eps(dict(siglip, **rows)),
                     unit_strides=("stride_xd",), aligned=("D", "stride_xm"), scalars=kappa,
                     expect=("no_spill",)),
         CompileCase("clip_grad_scalars", finalize._grad_scalars_kernel, scalars,
-                    dict(clip, BLOCK=finalize.SUM_BLOCK), scalars=kappa, expect=("no_spill",)),
+                    with_eps(dict(clip, BLOCK=finalize.SUM_BLOCK)), scalars=kappa,
+                    expect=("no_spill",)),
         CompileCase("siglip_grad_scalars", finalize._grad_scalars_kernel, scalars,
-                    dict(siglip, BLOCK=finalize.SUM_BLOCK), scalars=kappa,
+                    with_eps(dict(siglip, BLOCK=finalize.SUM_BLOCK)), scalars=kappa,
                     expect=("no_spill",)),
         *_target_cases(),
     ]  # fmt: skip

@@ -19,6 +19,7 @@ from them; only the warps are tuned.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -29,6 +30,10 @@ from ...kernels.blocks import LN2, LOG2E, NEG_INF, block_range
 # Samples per program of the parts kernel, rows per program of the gradient finishing
 # kernel, partials summed per step: small under the interpreter so that the tests run
 # several programs.
+FP32_EPS = tl.constexpr(2.0**-24)  # fp32's unit roundoff
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+"""The logit-gradient chunk G's rounding per dtype (``G_EPS`` of the finishing kernels)."""
+
 PARTS_BLOCK = 32 if INTERPRETED else 1024
 FINAL_ROWS = 8 if INTERPRETED else 32
 SUM_BLOCK = 32 if INTERPRETED else 1024
@@ -85,26 +90,32 @@ def _sum_range(ptr, n, BLOCK: tl.constexpr):
 def _scalar_grads(partial_ptr, n_partials, dot, loss_part_ptr, n_loss, scale_ptr, bias_ptr,
                   grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
                   SIGLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
-                  HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr, G_EPS: tl.constexpr):
     """The scale and bias gradients from the gradient kernel's partials (sum(G * a) and
     sum(G) per program) and dot = sum(G * XY^T) (used where s = 0, where a carries no
     information), times g = kappa * upstream gradient; SigLIP's loss kappa * sum(losses).
 
     CLIP's a is s log2(e) XY^T: ds = sum(G a) / (s log2 e). SigLIP's is S = s XY^T + b:
-    ds = (sum(G S) - b sum(G)) / s."""
+    ds = (sum(G S) - b sum(G)) / s, or dot where that difference cancels (|b| dominating the
+    logits) so much that its fp32 rounding exceeds dot's, that of G's dtype (``G_EPS``,
+    the unit roundoff; :func:`siglip_scale_grad` on the host)."""
     p0 = _sum_range(partial_ptr, n_partials, BLOCK)
     p1 = _sum_range(partial_ptr + n_partials, n_partials, BLOCK)
     s = tl.load(scale_ptr).to(tl.float32)
     g = kappa
     if HAS_GRAD:
         g = tl.load(grad_ptr).to(tl.float32) * kappa
+    use = s != 0
     if SIGLIP:
         if HAS_BIAS:
-            p0 = p0 - tl.load(bias_ptr).to(tl.float32) * p1
+            bp1 = tl.load(bias_ptr).to(tl.float32) * p1
+            spread = tl.abs(p0) + tl.abs(bp1)
+            p0 = p0 - bp1
+            use = use & (spread * FP32_EPS <= G_EPS * tl.abs(p0))
         by_scale = p0 / tl.where(s != 0, s, 1.0)
     else:
         by_scale = p0 / tl.where(s != 0, s * LOG2E, 1.0)
-    tl.store(ds_ptr, tl.where(s != 0, by_scale, dot) * g)
+    tl.store(ds_ptr, tl.where(use, by_scale, dot) * g)
     tl.store(db_ptr, p1 * g)
     if HAS_LOSS:
         tl.store(loss_ptr, _sum_range(loss_part_ptr, n_loss, BLOCK) * kappa)
@@ -121,6 +132,7 @@ def _grads_finalize_kernel(
     M, N, D, stride_xm, stride_xd, n_partials, n_loss, kappa,
     SIGLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
     HAS_LOSS: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+    G_EPS: tl.constexpr,
 ):
     """dX = c G Y (M, D) and dY = c G^T X (N, D) from the fp32 products ``gy`` and ``gtx``
     (contiguous), c = s kappa (times the upstream gradient with ``HAS_GRAD``), written in
@@ -157,7 +169,7 @@ def _grads_finalize_kernel(
     if tl.num_programs(0) == 1:
         _scalar_grads(partial_ptr, n_partials, total, loss_part_ptr, n_loss, scale_ptr,
                       bias_ptr, grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
-                      SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK)
+                      SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK, G_EPS)
 
 
 @tuned("grad_scalars", configs=_warps(4), key=_FINAL_KEY[1:], sizes=[])
@@ -166,13 +178,13 @@ def _grad_scalars_kernel(
     partial_ptr, loss_part_ptr, scale_ptr, bias_ptr, grad_ptr, ds_ptr, db_ptr, loss_ptr,
     n_partials, n_dot, n_loss, kappa,
     SIGLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
-    HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr, G_EPS: tl.constexpr,
 ):
     """The scalars of ``_grads_finalize_kernel`` when it ran as several programs."""
     dot = _sum_range(partial_ptr + 2 * n_partials, n_dot, BLOCK)
     _scalar_grads(partial_ptr, n_partials, dot, loss_part_ptr, n_loss, scale_ptr, bias_ptr,
                   grad_ptr, ds_ptr, db_ptr, loss_ptr, kappa,
-                  SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK)
+                  SIGLIP, HAS_BIAS, HAS_GRAD, HAS_LOSS, BLOCK, G_EPS)
 # fmt: on
 
 
@@ -318,3 +330,17 @@ def _ce_target_parts_kernel(
     if tl.num_programs(0) == 1:
         tl.store(loss_ptr, part)
 # fmt: on
+
+
+def siglip_scale_grad(g_dot_logits, g_sum, g_dot_xy, s, bias, dtype):
+    """SigLIP's d scale (before the weights' factor) as :func:`_scalar_grads` chooses it,
+    on the host (the chunked launcher): (sum(G S) - b sum(G)) / s from the kernel's fp32
+    partials, or sum(G * XY^T) (``g_dot_xy``, G rounded to ``dtype``) where s = 0 or the
+    difference cancels beyond what G's rounding costs."""
+    use = s != 0
+    if bias is not None:
+        b_sum = bias.float() * g_sum
+        spread = g_dot_logits.abs() + b_sum.abs()
+        g_dot_logits = g_dot_logits - b_sum
+        use = use & (spread * FP32_EPS.value <= UNIT_ROUNDOFF[dtype] * g_dot_logits.abs())
+    return torch.where(use, g_dot_logits / torch.where(s != 0, s, 1.0), g_dot_xy)

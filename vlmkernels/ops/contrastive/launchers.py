@@ -17,6 +17,7 @@ from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_cou
 from ...kernels.blocks import tile_addressable
 from .algebra import SideStats, Targets, ids_count, onehot_col_dot, onehot_count
 from .chunked import NORMALISED_DTYPES, feature_grads, normalise
+from .finalize import siglip_scale_grad
 from .fused_backward import clip_backward_design, fused_block_grads, fused_covers
 from .kernels import MIN_BLOCK, NOMINAL_BLOCK, _clip_grad_kernel, _clip_stats_kernel, _siglip_kernel
 
@@ -279,14 +280,12 @@ def siglip_grads_triton(x, y, scale, bias, w_rows, chunk_rows, offset=0, dx_acc=
         coef = s if kappa is None else s * kappa
         dx, dy, g_dot_xy = feature_grads(x, y, coef, chunk_rows, fill, dx_acc, dy_acc, y_grad,
                                          grads_dtype)  # fmt: skip
-    # the kernel's logit term is S = s XY^T + b itself. sum(g S) - b sum(g) cancels when |b|
-    # is large (SigLIP's b = -10): about 1e-6 relative error on dscale in fp32, against
-    # 2e-8 for an in-kernel sum of g s XY^T, which costs the kernel a live tile (spills
-    # from 72 to 176 B per thread at 128 x 128 on sm_90)
+    # the kernel's logit term is S = s XY^T + b itself: sum(g S) - b sum(g) cancels when |b|
+    # dominates the logits, where g_dot_xy (from G in the features' dtype) is the better
+    # estimate; an in-kernel sum of g s XY^T would cost the kernel a live tile (spills from
+    # 72 to 176 B per thread at 128 x 128 on sm_90)
     g_dot_logits, g_sum = partials[:, 0].sum(), partials[:, 1].sum()  # new tensors: outputs
-    if bias is not None:
-        g_dot_logits = g_dot_logits - bias.float() * g_sum
-    dscale = torch.where(s != 0, g_dot_logits / s, g_dot_xy)
+    dscale = siglip_scale_grad(g_dot_logits, g_sum, g_dot_xy, s, bias, x.dtype)
     if kappa is None:
         return dx, dy, dscale, g_sum, loss.sum(0)
     return dx, dy, dscale * kappa, g_sum * kappa, loss.sum(0)

@@ -32,6 +32,7 @@ from .finalize import (
     FINAL_COLUMNS,
     FINAL_ROWS,
     SUM_BLOCK,
+    UNIT_ROUNDOFF,
     _grad_scalars_kernel,
     _grads_finalize_kernel,
 )
@@ -80,7 +81,8 @@ def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad,
     programs = cdiv(max(m, n), FINAL_ROWS)
     t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
     g = x if grads_dtype in (None, x.dtype) else t.to(grads_dtype)
-    flags = dict(SIGLIP=siglip, HAS_BIAS=has_bias, HAS_GRAD=has_grad, HAS_LOSS=siglip)
+    flags = dict(SIGLIP=siglip, HAS_BIAS=has_bias, HAS_GRAD=has_grad, HAS_LOSS=siglip,
+                 G_EPS=UNIT_ROUNDOFF[x.dtype])  # fmt: skip
     args = (x, t, t, g, g, t, t, t, t, t, t, t, t, m, n, d, x.stride(0), x.stride(1),
             n_partials, n_loss, kappa)  # fmt: skip
     final = _prepared(_grads_finalize_kernel, (programs,), args,
