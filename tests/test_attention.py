@@ -821,6 +821,21 @@ def test_grouped_and_bias_opcheck_and_compile(device):
         assert rel(a.grad, b.grad) < 1e-6
 
 
+def test_nan_key_bias_propagates(device, backend):
+    """A NaN in key_bias makes the rows that see its key NaN, as eager attention (SDPA)
+    does, instead of counting as a masked key; a -inf bias still masks."""
+    q, k, v = rand(1, 2, 3, 16, device=device), rand(1, 2, 5, 16, device=device), rand(
+        1, 2, 5, 16, device=device)  # fmt: skip
+    bias = torch.zeros(1, 5, device=device)
+    bias[0, 1] = float("-inf")
+    masked = A.cross_attention(q, k, v, key_bias=bias)
+    keep = [0, 2, 3, 4]
+    want = A.cross_attention(q, k[:, :, keep], v[:, :, keep])
+    assert rel(masked, want) < 1e-5
+    bias[0, 2] = float("nan")
+    assert torch.isnan(A.cross_attention(q, k, v, key_bias=bias)).all()
+
+
 # ------------------------------------------------------------------ tanh gate epilogue
 
 

@@ -172,11 +172,12 @@ def _lse_shift(lse):
 @triton.jit
 def _bias_row(bias_ptr, bias_base, cols, col_ok, BIAS: tl.constexpr):
     """(BN,) the keys' bias in base 2 (bias * log2(e)), fp32, -inf where it masks its key
-    (at most :data:`MASKED_BIAS`); 0 without BIAS."""
+    (at most :data:`MASKED_BIAS`; a NaN bias stays NaN, as in eager attention); 0 without
+    BIAS."""
     if BIAS:
         bias = tl.load(bias_ptr + bias_base + cols, mask=col_ok, other=0.0).to(tl.float32)
         bias = bias * LOG2E
-        bias = tl.where(bias > MASKED_BIAS, bias, float("-inf"))
+        bias = tl.where(bias <= MASKED_BIAS, float("-inf"), bias)
     else:
         bias = tl.zeros(cols.shape, tl.float32)
     return bias

@@ -136,8 +136,9 @@ def bias_keeps(bias):
     -1e30 masks (below -1.16e7). Such a key's probability is 0 next to any visible key,
     and fp32 cannot resolve a row whose every logit is that low (log2 of the row's sum is
     absorbed into its lse: the backward's exp(s - lse) would give 1 per key): a row whose
-    every key is masked gives 0 and no gradient, as a fully padded one."""
-    return bias.float() * _LOG2E > -(2.0**24)
+    every key is masked gives 0 and no gradient, as a fully padded one. A NaN bias keeps
+    its key (and makes the row NaN, as eager attention does)."""
+    return ~(bias.float() * _LOG2E <= -(2.0**24))
 
 
 def _visible_with_bias(ok, bias):
@@ -152,10 +153,10 @@ def _softmax(s, ok):
     if s.shape[-1] == 0:
         return s, s.new_full(s.shape[:-1], float("-inf"))
     m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows without a key
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # rows without a key
     e = torch.exp(s - m)
     total = e.sum(-1, keepdim=True)
-    p = torch.where(total > 0, e / total, torch.zeros_like(e))
+    p = torch.where(total == 0, torch.zeros_like(e), e / total)  # NaN logits stay NaN
     return p, (m + torch.log(total)).squeeze(-1)
 
 
