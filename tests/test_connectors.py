@@ -492,7 +492,21 @@ def test_deepstack_add_strided_hidden(inplace, backend):
 def test_bad_inputs():
     x = torch.randn(2, 16, 4)
     w1, w2 = torch.randn(8, 4), torch.randn(3, 8)
+    hidden, mask = torch.randn(1, 4, 6), torch.tensor([[True, False, True, False]])
+    hidden_before = hidden.clone()
     cases = [
+        # flags are bools and eps a number: a string is refused, not taken by truthiness
+        (lambda: C.mlp_projector(x, w1, None, w2, None, store_hidden="no"), TypeError,
+         "store_hidden must be True or False"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), norm_before_merge="no"),
+         TypeError, "norm_before_merge must be True or False"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), norm="rmsnorm",
+                          norm_weight=torch.ones(4), eps="1e-6"), TypeError,
+         "eps must be a float"),
+        (lambda: C.deepstack_add(hidden, mask, torch.randn(2, 6), inplace="False"), TypeError,
+         "inplace must be True or False"),
+        (lambda: C.deepstack_add(hidden, mask, torch.randn(2, 6, device="meta")), ValueError,
+         "visual_embeds must be on cpu"),
         (lambda: C.pixel_shuffle(torch.randn(2, 15, 4), 2), ValueError, "square grid"),
         (lambda: C.pixel_shuffle(torch.randn(2, 9, 4), 2), ValueError, "divisible by scale"),
         (lambda: C.pixel_shuffle(torch.randn(16, 4), 2), ValueError, "x must be 3-D"),
@@ -535,6 +549,10 @@ def test_bad_inputs():
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):
             call()
+    assert torch.equal(hidden, hidden_before)  # inplace="False" wrote nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the type check comes first there too
+        with pytest.raises(TypeError, match="w1 must be a torch.Tensor"):
+            C.mlp_projector(x, w1.tolist(), None, w2, None)
 
 
 # ------------------------------------------------------------------ registration

@@ -450,10 +450,29 @@ def test_bad_inputs(device):
         (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq, [2.0, 3.0, 3.0]),
          TypeError, "mrope_section"),
         (lambda: vlmkernels.mrope(q, k, cos, sin, 8), TypeError, "mrope_section"),
+        # flags are bools (a string "False" must not rotate in place), numbers are numbers
+        (lambda: vlmkernels.rope(q, k, cos[0], sin[0], inplace="False"), TypeError,
+         "inplace must be True or False"),
+        (lambda: vlmkernels.mrope(q, k, cos, sin, [2, 3, 3], interleaved="false"), TypeError,
+         "interleaved must be True or False"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq, [2, 3, 3],
+                                                 interleaved=1), TypeError, "interleaved"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq, [2, 3, 3],
+                                                 attention_scaling="2"), TypeError,
+         "attention_scaling must be a float"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq, [2, 3, 3],
+                                                 rotary_dim="16"), TypeError,
+         "rotary_dim must be an int"),
+        (lambda: vlmkernels.rope(q, k, cos[0].tolist(), sin[0]), TypeError,
+         "cos must be a floating tensor, got list"),
+        (lambda: vlmkernels.mrope_from_positions(q, k, pos, inv_freq.to("meta"), [2, 3, 3]),
+         ValueError, "inv_freq must be on .*meta"),
     ]  # fmt: skip
+    before = q.clone()
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):
             call()
+    assert torch.equal(q, before)
 
 
 # ------------------------------------------------------------------ registration

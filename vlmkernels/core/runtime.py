@@ -102,17 +102,18 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 def autocast_operands(*tensors):
     """``tensors`` as ``torch.autocast`` hands them to a matmul: where autocast is on for
     the first one's device type, floating tensors other than float64 cast to the autocast
-    dtype (differentiably: the gradients reach the fp32 originals), the others (None
-    included) as they are; else all as they are."""
+    dtype (differentiably: the gradients reach the fp32 originals), the others (None and
+    non-tensors included, left to the caller's checks) as they are; else all as they are."""
     low = autocast_dtype(tensors[0])
     if low is None:
         return tensors
     return tuple(
         t.to(low)
-        if t is not None and t.is_floating_point() and t.dtype not in (low, torch.float64)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+        and t.dtype not in (low, torch.float64)
         else t
         for t in tensors
-    )
+    )  # fmt: skip
 
 
 def sm_count(device: torch.device) -> int:

@@ -10,11 +10,12 @@ dtype, the result in it; the norm weights stay as given (the norm's statistics a
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
-from ...core.checks import FLOAT_DTYPES, in_choices, isqrt
+from ...core.checks import FLOAT_DTYPES, check_bool, check_real, in_choices, isqrt, to_device
 from ...core.overlap import check_no_overlap
 from ...core.runtime import autocast_operands
 from . import ops
@@ -225,13 +226,13 @@ def mlp_projector(
         raise ValueError(f"{op}: {given} goes with pool='avg2x2' or 'bilinear' (pool is None)")
     if pool is not None:
         H, W, size, mode = _pool_args(op, x, pool, grid, pool_size)
-        save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2)
+        save = check_bool(op, "store_hidden", store_hidden) and _needs_grad(x, w1, b1, w2, b2)
         grid4 = x.unflatten(1, (H, W))
         y = ops.pooled_projector(grid4, w1, b1, w2, b2, list(size), mode, save)[0]
         return y.view(x.shape[0], size[0] * size[1], n2)
     lead = x.shape[:-1]
     rows = x.reshape(-1, 1, 1, x.shape[-1])
-    save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2)
+    save = check_bool(op, "store_hidden", store_hidden) and _needs_grad(x, w1, b1, w2, b2)
     y = ops.connector(rows, w1, b1, w2, b2, None, None, None, [1, 1], NO_NORM, False, 0.0, act,
                       save)[0]  # fmt: skip
     return y.view(*lead, n2)
@@ -310,7 +311,7 @@ def merger(
     if not in_choices(norm, _NORMS):
         raise ValueError(f"{op}: norm must be 'layernorm', 'rmsnorm' or None, got {norm!r}")
     kind = _NORMS[norm]
-    per_patch = bool(norm_before_merge)
+    per_patch = check_bool(op, "norm_before_merge", norm_before_merge)
     length = c if per_patch else mh * mw * c
     if kind == NO_NORM:
         if norm_weight is not None or norm_bias is not None:
@@ -330,9 +331,7 @@ def merger(
                     f"{'per patch' if per_patch else 'per merged row'}), got shape "
                     f"{tuple(t.shape)} on {t.device}"
                 )
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    eps = check_real(op, "eps", eps, 0.0, math.inf)
     n1 = _check_linear(op, "w1", w1, "b1", b1, x, mh * mw * c)
     act = _check_activation(op, activation)  # checked even where unused (no w2)
     if w2 is not None:
@@ -341,7 +340,9 @@ def merger(
         if b2 is not None:
             raise ValueError(f"{op}: b2 given without w2")
         act, n_out = 0, n1
-    save = bool(store_hidden) and _needs_grad(x, w1, b1, w2, b2, norm_weight, norm_bias)
+    save = check_bool(op, "store_hidden", store_hidden) and _needs_grad(
+        x, w1, b1, w2, b2, norm_weight, norm_bias
+    )
     y = ops.connector(grid, w1, b1, w2, b2, norm_weight, norm_bias, None, merge, kind,
                       per_patch, eps, act, save)[0]  # fmt: skip
     return y.view(*lead, n_out)
@@ -383,9 +384,10 @@ def deepstack_add(
         raise ValueError(
             f"{op}: visual_embeds must be (V, {hidden.shape[-1]}), got {tuple(visual_embeds.shape)}"
         )
-    visual_pos_mask = visual_pos_mask.to(hidden.device)
-    visual_embeds = visual_embeds.to(hidden.device, hidden.dtype)
-    if inplace:
+    visual_pos_mask = to_device(op, "visual_pos_mask", visual_pos_mask, hidden.device)
+    visual_embeds = to_device(op, "visual_embeds", visual_embeds, hidden.device,
+                              dtype=hidden.dtype)  # fmt: skip
+    if check_bool(op, "inplace", inplace):
         if _needs_grad(hidden, visual_embeds):
             raise RuntimeError(
                 f"{op}: inplace=True is forward-only, but "

@@ -8,11 +8,12 @@ token-major (T, H, D), any strides, with their own head counts; they are viewed 
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
-from ...core.checks import FLOAT_DTYPES
+from ...core.checks import FLOAT_DTYPES, check_bool, check_int, check_real, to_device
 from ...core.overlap import check_no_overlap
 from . import ops
 from .kernels import CHUNKED, INTERLEAVED, PLAIN
@@ -132,6 +133,7 @@ def _check_sections(op, sections, half: int) -> list[int]:
 
 
 def _table_op(op, q, k, cos, sin, head_axis, mode, sections, leading, inplace):
+    check_bool(op, "inplace", inplace)
     _check_table(op, "cos", cos, q, head_axis, leading)
     _check_table(op, "sin", sin, q, head_axis, leading)
     if cos.shape != sin.shape:
@@ -166,9 +168,17 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False):
 def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace):
     """:func:`rope` with errors naming ``op``."""
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
-    rot = cos.shape[-1] if isinstance(cos, torch.Tensor) else 0
-    _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
+    _check_table_type(op, cos, sin)
+    _check_rotary_dim(op, cos.shape[-1], q.shape[-1], "cos.shape[-1]")
     return _table_op(op, q, k, cos, sin, head_axis, PLAIN, [0, 0, 0], False, inplace)
+
+
+def _check_table_type(op, cos, sin) -> None:
+    """cos and sin floating tensors (checked before their shapes are read)."""
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating tensor, got "
+                            f"{getattr(table, 'dtype', type(table).__name__)}")  # fmt: skip
 
 
 def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved: bool = False,
@@ -186,10 +196,11 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
     """
     op = "mrope"
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
-    rot = cos.shape[-1] if isinstance(cos, torch.Tensor) else 0
+    _check_table_type(op, cos, sin)
+    rot = cos.shape[-1]
     _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
     sections = _check_sections(op, mrope_section, rot // 2)
-    mode = INTERLEAVED if interleaved else CHUNKED
+    mode = INTERLEAVED if check_bool(op, "interleaved", interleaved) else CHUNKED
     return _table_op(op, q, k, cos, sin, head_axis, mode, sections, True, inplace)
 
 
@@ -251,7 +262,7 @@ def mrope_from_positions(
     if inv_freq.dim() != 1:
         raise ValueError(f"{op}: inv_freq must be 1-D, got shape {tuple(inv_freq.shape)}")
     rot = 2 * inv_freq.numel()
-    if rotary_dim is not None and rotary_dim != rot:
+    if rotary_dim is not None and check_int(op, "rotary_dim", rotary_dim) != rot:
         raise ValueError(
             f"{op}: rotary_dim={rotary_dim} does not match inv_freq's {inv_freq.numel()} "
             f"frequencies (rotary dim {rot})"
@@ -263,11 +274,10 @@ def mrope_from_positions(
     positions = _check_positions(op, position_ids, q, head_axis)
     freq = inv_freq
     if freq.dtype != torch.float32 or freq.device != q.device or freq.stride(0) != 1:
-        freq = freq.to(device=q.device, dtype=torch.float32).contiguous()  # read at stride 1
-    mode = INTERLEAVED if interleaved else CHUNKED
-    return ops.rope_positions(
-        q, k, positions, freq, head_axis, mode, sections, float(attention_scaling), False
-    )
+        freq = to_device(op, "inv_freq", freq, q.device, dtype=torch.float32).contiguous()
+    mode = INTERLEAVED if check_bool(op, "interleaved", interleaved) else CHUNKED
+    scaling = check_real(op, "attention_scaling", attention_scaling, -math.inf, math.inf)
+    return ops.rope_positions(q, k, positions, freq, head_axis, mode, sections, scaling, False)
 
 
 def vision_rope(q, k, cos, sin):
