@@ -288,6 +288,18 @@ def media_case(device, dtype=torch.float32):
     return q, k, v, loc, latents
 
 
+def test_media_tokens_without_latents(device, backend):
+    """Media tokens but no latents (M = 0): with immediate media every token after one has
+    no answer (NaN, as the docstring says, on both backends); tokens before any media and
+    the non-immediate mode give 0."""
+    q = rand(1, 2, 4, 16, device=device)
+    k = rand(1, 2, 0, 16, device=device)
+    loc = torch.tensor([[False, True, False, False]], device=device)
+    out = A.media_cross_attention(q, k, k, loc, 5)
+    assert (out[:, :, 0] == 0).all() and out[:, :, 1:].isnan().all()
+    assert (A.media_cross_attention(q, k, k, loc, 5, only_immediate=False) == 0).all()
+
+
 @pytest.mark.parametrize("only_immediate", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_media_cross_attention(only_immediate, dtype, device, backend):

@@ -208,6 +208,17 @@ def test_bad_dropout_arguments_are_named(device):
     args = (None, None, 3, 5, None, None, None, False, 0.25, 0, None, None, 0.1, None)
     with pytest.raises(ValueError, match="dropout_p = 0.1 needs a dropout_seed"):
         ops.attention_core(q, k, k, *args)
+    # an argument error raised after the seed draw would shift every later random number
+    state = torch.random.get_rng_state()
+    with pytest.raises(TypeError, match="scale must be a finite float"):
+        A.media_cross_attention(q, k, k, loc, 5, dropout_p=0.1, scale=float("nan"))
+    bad_cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        A.cross_attention(q[0, :, :3].transpose(0, 1), k[0].transpose(0, 1),
+                          k[0].transpose(0, 1), cu_seqlens_q=bad_cu,
+                          cu_seqlens_k=torch.tensor([0, 5], dtype=torch.int32, device=device),
+                          dropout_p=0.1)  # fmt: skip
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_opcheck_and_compile_with_dropout(device):

@@ -114,6 +114,7 @@ def test_state_dict_round_trip():
     (dict(only_attend_immediate_media=1), TypeError, "only_attend_immediate_media must be True"),
     (dict(ff_mult=0), ValueError, "ff_mult must give the feed-forward at least one channel"),
     (dict(ff_mult="4"), TypeError, "ff_mult must be a float"),
+    (dict(ff_mult=float("inf")), ValueError, "ff_mult must be in"),
 ])  # fmt: skip
 def test_constructor_errors_name_the_argument(kwargs, exc, message):
     with pytest.raises(exc, match=message):
@@ -128,6 +129,11 @@ def test_gate_and_empty_batch(device):
     x, media = torch.randn(1, 3, 16, device=device), torch.randn(1, 1, 2, 8, device=device)
     with pytest.raises(TypeError, match="gate must be a one-element tensor, got float"):
         block.attn(x, media, gate=0.5)
+    for bad in (x[0], x[None], x[..., :8], x.tolist()):  # x is (B, T, dim=16)
+        with pytest.raises(ValueError, match=r"x must be a \(B, T, dim=16\) tensor"):
+            block(bad, media)
+    with pytest.raises(ValueError, match=r"media must be a \(B, T_img, n, dim_visual=8\)"):
+        block(x, media[..., :4])
     x = torch.randn(0, 3, 16, device=device, requires_grad=True)
     media = torch.randn(0, 2, 4, 8, device=device)
     locations = torch.zeros(0, 3, dtype=torch.bool, device=device)

@@ -30,8 +30,6 @@ with immediate media, tokens after more media tokens than there are media items 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -76,9 +74,8 @@ class MaskedCrossAttention(nn.Module):
         if gate is not None and gate.numel() != 1:
             raise ValueError(f"MaskedCrossAttention: gate must have one element (to_out mixes "
                              f"the channels), got shape {tuple(gate.shape)}")  # fmt: skip
-        if media.dim() != 4:
-            raise ValueError(f"MaskedCrossAttention: media must be (B, T_img, n, dim_visual), "
-                             f"got shape {tuple(media.shape)}")  # fmt: skip
+        _check_input("x", x, (3, self.to_q.in_features), "(B, T, dim={})")
+        _check_input("media", media, (4, self.to_kv.in_features), "(B, T_img, n, dim_visual={})")
         b, t = x.shape[:2]
         if media.shape[0] != b:
             raise ValueError(f"MaskedCrossAttention: media's batch must be x's ({b}), got "
@@ -127,6 +124,15 @@ class MaskedCrossAttention(nn.Module):
         return out
 
 
+def _check_input(name: str, t, rank_and_width, layout: str) -> None:
+    """``t`` a tensor of ``rank`` dims whose last is ``width`` (``layout`` formats it)."""
+    rank, width = rank_and_width
+    if not isinstance(t, torch.Tensor) or t.dim() != rank or t.shape[-1] != width:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"MaskedCrossAttention: {name} must be a {layout.format(width)} "
+                         f"tensor, got {got}")  # fmt: skip
+
+
 def _check_sizes(op: str, **sizes) -> None:
     """Every size a positive int; ``dim_head`` at most the attention ops' largest head."""
     for name, value in sizes.items():
@@ -164,7 +170,7 @@ class GatedCrossAttentionBlock(nn.Module):
             only_attend_immediate_media=only_attend_immediate_media,
         )  # fmt: skip
         self.attn_gate = nn.Parameter(torch.tensor([0.0]))
-        check_real("GatedCrossAttentionBlock", "ff_mult", ff_mult, 0, math.inf)
+        check_real("GatedCrossAttentionBlock", "ff_mult", ff_mult, 0, 2.0**20)
         if int(dim * ff_mult) < 1:
             raise ValueError(
                 f"GatedCrossAttentionBlock: ff_mult must give the feed-forward "

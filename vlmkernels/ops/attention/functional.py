@@ -270,7 +270,6 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     s = _scale(op, scale, q.shape[-1])
     bias = _key_bias(op, key_bias, q, k, packed)
     gate = _gate(op, gate, q)
-    p, seed = _dropout(op, dropout_p, dropout_seed, q)
     keep = None
     if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -304,6 +303,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
                 raise ValueError(f"{op}: key_padding_mask must be on q's device {q.device}, "
                                  f"got {m.device}")  # fmt: skip
             keep = (~m).to(torch.uint8)
+    p, seed = _dropout(op, dropout_p, dropout_seed, q)  # last: a seed drawn only for a call
     out, lse = attention_core(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, lk, keep, None, None,
                               False, s, 0, bias, gate, p, seed)  # fmt: skip
     return (out, lse) if return_lse else out
@@ -431,9 +431,9 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
         raise ValueError(f"{op}: media_locations must be on q's device {q.device}, got "
                          f"{m.device}")  # fmt: skip
     gate = _gate(op, gate, q)
-    p, seed = _dropout(op, dropout_p, dropout_seed, q)
-    lo, hi = media_ranges(m, n, k.shape[2], only_immediate)
     s = _scale(op, scale, q.shape[-1])
+    lo, hi = media_ranges(m, n, k.shape[2], only_immediate)
+    p, seed = _dropout(op, dropout_p, dropout_seed, q)  # last: a seed drawn only for a call
     out, _ = attention_core(q, k, v, None, None, q.shape[2], k.shape[2], None, lo, hi, False,
                             s, 0, None, gate, p, seed)  # fmt: skip
     return out

@@ -174,8 +174,11 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if b * h == 0 or max_lq == 0 or out.numel() == 0:
         return out, lse
-    if max_lk == 0:  # no keys: every row is empty
-        return out.zero_(), lse.fill_(float("-inf"))
+    if max_lk == 0:  # no keys: every row is empty, or has no answer (media ranges lo > hi)
+        out.zero_(), lse.fill_(float("-inf"))
+        if lo is not None and not varlen:
+            out.masked_fill_((lo > hi)[:, None, :, None], float("nan"))
+        return out, lse
     _check_seed(dropout_p, seed)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, b,
            max_lq, max_lk, bool(causal), float(scale), num_splits, float(dropout_p),
