@@ -409,6 +409,7 @@ def _bad_calls(device):
         ((x, y, "10"), TypeError, "logit_scale must be a float"),
         ((x, y, torch.tensor(1)), TypeError, "logit_scale must be a floating"),
         ((x, y, 1.0, torch.ones(3)), ValueError, "logit_bias must be a scalar"),
+        ((x, y, torch.tensor(1.0, device="meta")), ValueError, "logit_scale must be on .*meta"),
     ]
 
 
@@ -430,6 +431,31 @@ def test_bad_keyword_errors(name, device):
         fn(x, y, 1.0, 0.0, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         fn(x, y, 1.0, 0.0, chunk_size=0)
+
+
+def test_ids_and_design_variable_errors(device, monkeypatch):
+    """Bool ids (two huge classes, not ids) and meta ids are refused by name; a bad
+    VLMKERNELS_CLIP_BACKWARD is refused by the forward of a loss that will need it, not
+    only by its backward."""
+    x, y = features(8, 16, torch.float32, device), leaf(features(8, 16, torch.float32, device))
+    good = torch.arange(8, device=device)
+    for fn in (vlmkernels.clip_loss, vlmkernels.contrastive_cross_entropy):
+        pair = fn is vlmkernels.contrastive_cross_entropy
+        name = "query_ids" if pair else "ids"
+
+        def with_ids(ids, fn=fn, pair=pair):
+            return fn(x, y, 10.0, **(dict(query_ids=ids, key_ids=good) if pair else dict(ids=ids)))
+
+        with pytest.raises(TypeError, match=f"{name} must be an integer tensor, got torch.bool"):
+            with_ids(good % 2 == 0)
+        with pytest.raises(ValueError, match=f"{name} must be on .*meta"):
+            with_ids(torch.arange(8, device="meta"))
+        monkeypatch.setenv("VLMKERNELS_CLIP_BACKWARD", "fastest")
+        with pytest.raises(ValueError, match="VLMKERNELS_CLIP_BACKWARD='fastest'"):
+            fn(x, y, 10.0)
+        with torch.no_grad():  # no backward to run: not consulted
+            fn(x, y, 10.0)
+        monkeypatch.delenv("VLMKERNELS_CLIP_BACKWARD")
 
 
 @pytest.mark.parametrize("frozen", ["image", "text"])

@@ -139,12 +139,20 @@ def scalar_tensor(op: str, name: str, value, device: torch.device, optional: boo
         if value.dim() != 0:  # a 0-d tensor as it is: a reshape would add an autograd node
             value = value.reshape(())
         if value.device != device:
-            value = value.to(device)
+            value = to_device(op, name, value, device)
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         what = type(value).__name__
         raise TypeError(f"{op}: {name} must be a float or a one-element tensor, got {what}")
     return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def to_device(op: str, name: str, t: torch.Tensor, device: torch.device, **kwargs):
+    """``t.to(device, **kwargs)`` for an auxiliary tensor (a scale, ids, a mask), which may
+    come from another device; a meta tensor (no data to copy) is refused by name."""
+    if t.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{op}: {name} must be on {device}, got a meta tensor (no data)")
+    return t.to(device, **kwargs)
 
 
 REDUCTIONS = ("mean", "sum", "none")

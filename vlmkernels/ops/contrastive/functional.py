@@ -22,9 +22,11 @@ from ...core.checks import (
     check_real,
     check_reduction,
     scalar_tensor,
+    to_device,
 )
 from ...core.runtime import autocast_dtype, cast
 from . import ops
+from .fused_backward import check_design_variable
 
 __all__ = [
     "check_targets",
@@ -93,11 +95,12 @@ def check_ids(op, name, ids, n, device):
             and ids.device == device and (n < 2 or ids.stride(0) == 1)):  # fmt: skip
         return ids  # already what the ops take
     got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
+            or ids.dtype == torch.bool):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an integer tensor, got {got}")
     if ids.shape != (n,):
         raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(ids.shape)}")
-    return ids.to(device=device, dtype=torch.int64).contiguous()
+    return to_device(op, name, ids, device, dtype=torch.int64).contiguous()
 
 
 def check_teacher(op, teacher, like, names, device, dtype=None):
@@ -205,6 +208,8 @@ def clip_loss(
     x, y, scale, bias, chunk, out_dtype = prepare(
         op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
     )
+    if torch.is_grad_enabled():
+        check_design_variable()
     n = x.shape[0]
     plain = ids is None and teacher is None and label_smoothing == 0.0 and alpha == 0.0
     # a frozen image tower (LiT): the reduced loss is symmetric in the two sides, and its
@@ -287,6 +292,8 @@ def contrastive_cross_entropy(
     """
     op = "contrastive_cross_entropy"
     check_queries_keys(op, queries, keys)
+    if torch.is_grad_enabled():
+        check_design_variable()
     check_reduction(op, reduction)
     chunk = check_chunk_size(op, chunk_size)
     offset = check_int(op, "offset", offset)

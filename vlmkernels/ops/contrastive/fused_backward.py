@@ -231,6 +231,14 @@ def _clip_fused_grad_kernel(
 # fmt: on
 
 
+def check_design_variable() -> None:
+    """A set $VLMKERNELS_CLIP_BACKWARD names a design (checked by the forward of a loss that
+    may run the backward, before any kernel, rather than by that backward)."""
+    design = _design_variable()
+    if design and design not in DESIGNS:
+        raise ValueError(f"{ENV_DESIGN}={design!r}: expected one of {', '.join(DESIGNS)}")
+
+
 def clip_backward_design(design: str | None = None, device: torch.device | None = None) -> str:
     """The CLIP backward design: ``design`` if given, else $VLMKERNELS_CLIP_BACKWARD, else
     the one ``vlmkernels tune`` recorded as faster on ``device`` (a CUDA device; choice

@@ -72,6 +72,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from ...core.checks import to_device
+
 __all__ = ["get_rope_index", "MODEL_TYPES", "TEXT_AFTER_VISION"]
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -133,11 +135,11 @@ def get_rope_index(
             torch.zeros(3, batch, seq, dtype=input_ids.dtype, device=device),
             torch.zeros(batch, 1, dtype=deltas_dtype, device=device),
         )
-    kinds = _on(mm_token_type_ids, device)
+    kinds = _on(mm_token_type_ids, device, "mm_token_type_ids")
     if attention_mask is None:
         valid = torch.ones(batch, seq, dtype=torch.bool, device=device)
     else:
-        valid = _on(attention_mask, device).bool()
+        valid = _on(attention_mask, device, "attention_mask").bool()
 
     is_image = valid & (kinds == _IMAGE)
     is_video = valid & (kinds == _VIDEO)
@@ -260,8 +262,8 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
             )
 
 
-def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device, non_blocking=True)
+def _on(x: torch.Tensor, device: torch.device, name: str = "a computed table") -> torch.Tensor:
+    return to_device("get_rope_index", name, x, device, non_blocking=True)
 
 
 def _runs(kinds: torch.Tensor, valid: torch.Tensor):
@@ -294,17 +296,17 @@ def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.flatten()).view(*index.shape, *table.shape[1:])
 
 
-def _grid_table(grid_thw: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def _grid_table(grid_thw: torch.Tensor | None, device: torch.device, name: str) -> torch.Tensor:
     if grid_thw is None or grid_thw.shape[0] == 0:
         return torch.ones(1, 3, dtype=torch.long, device=device)
-    return _on(grid_thw, device).long()
+    return _on(grid_thw, device, name).long()
 
 
 def _token_grids(image_grid_thw, video_grid_thw, image_ord, video_ord, is_video, model_type):
     """(t, h, w) of the grid each vision token belongs to, before merging."""
     device = image_ord.device
-    images = _rows(_grid_table(image_grid_thw, device), image_ord)
-    video_table = _grid_table(video_grid_thw, device)
+    images = _rows(_grid_table(image_grid_thw, device, "image_grid_thw"), image_ord)
+    video_table = _grid_table(video_grid_thw, device, "video_grid_thw")
     if model_type == "qwen3_vl":
         # video_ord counts frames; frame f belongs to the video v with cum_t[v-1] <= f < cum_t[v]
         cum_t = video_table[:, 0].cumsum(0)
