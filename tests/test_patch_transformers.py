@@ -482,6 +482,8 @@ def test_bad_arguments_raise(qwen2):
         rotary_patch(qwen2.model, rope=False, angles="positions")
     with pytest.raises(ValueError, match="nothing to patch"):
         rotary_patch(qwen2.model, rope=False, vision=False, rope_index=False)
+    with pytest.raises(TypeError, match="rope must be True or False, got 'no'"):
+        rotary_patch(qwen2.model, rope="no")  # a string is not taken by truthiness
 
 
 def _with_attention_class(model, make_subclass):

@@ -91,6 +91,7 @@ Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe``
 
 from __future__ import annotations
 
+from ..core.checks import check_bool
 from . import tables  # noqa: F401  (registers every table's patcher)
 from .patching import (
     AlreadyPatchedError,
@@ -168,6 +169,8 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
             wrapped or replaced in this instance (FSDP on a layer, PEFT, quantisation).
         AlreadyPatchedError: the instance is already patched (undo the first handle).
     """
+    for name, on in (("rope", rope), ("vision", vision), ("rope_index", rope_index)):
+        check_bool("vlmkernels.patch", name, on)
     if angles not in ("table", "positions"):
         raise ValueError(f"angles must be 'table' or 'positions', got {angles!r}")
     if angles == "positions" and not rope:
@@ -178,6 +181,8 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         raise TypeError(
             f"vlmkernels.patch: unknown parts {sorted(unknown)}; parts: {sorted(known)}"
         )
+    for name, on in parts.items():
+        check_bool("vlmkernels.patch", name, on)
     switches = {part: True for part in known}
     switches |= {"rope": rope, "vision": vision, "rope_index": rope_index,
                  "positions": rope and angles == "positions", **parts}  # fmt: skip
