@@ -134,6 +134,9 @@ def test_gate_and_empty_batch(device):
             block(bad, media)
     with pytest.raises(ValueError, match=r"media must be a \(B, T_img, n, dim_visual=8\)"):
         block(x, media[..., :4])
+    locations = torch.ones(1, 3, dtype=torch.bool, device=device)
+    with pytest.raises(TypeError, match="use_cached_media must be True or False"):
+        block(x, media, locations, use_cached_media="no")
     x = torch.randn(0, 3, 16, device=device, requires_grad=True)
     media = torch.randn(0, 2, 4, 8, device=device)
     locations = torch.zeros(0, 3, dtype=torch.bool, device=device)

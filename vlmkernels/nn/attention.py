@@ -90,7 +90,7 @@ class MaskedCrossAttention(nn.Module):
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if media_locations is None:
             out = cross_attention(q, k, v, scale=self.scale, gate=gate)
-        elif use_cached_media:
+        elif check_bool("MaskedCrossAttention", "use_cached_media", use_cached_media):
             out = self._after_prompt(q, k, v, media_locations, media.shape[1], latents, gate)
         else:
             out = media_cross_attention(
