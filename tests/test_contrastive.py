@@ -673,6 +673,37 @@ def test_torch_compile_fullgraph(name, compiler, device):
         assert rel_err(g, rg, floor=1e-2 if i >= 2 else 0.0) < 1e-4
 
 
+def test_mean_losses_compile_once_for_every_batch_size(device):
+    """A mean's weight 1/N in an op's float argument fixed N in the traced graph (one
+    compilation per batch size, and a hard failure after the recompile limit with
+    fullgraph): traced, the ops take the sum's weight and the result is divided by N.
+    Three batch sizes, one graph, each loss and gradient the eager one."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    calls = [
+        lambda x, y: vlmkernels.clip_loss(x, y, 10.0),
+        lambda x, y: vlmkernels.siglip_loss(x, y, 10.0, -10.0),
+        lambda x, y: vlmkernels.contrastive_cross_entropy(x, y, 10.0),
+    ]
+    for call in calls:
+        graphs.clear()
+        compiled = torch.compile(call, backend=backend, fullgraph=True, dynamic=True)
+        for n in (6, 9, 13):
+            x, y = features(n, 16, torch.float32, device), features(n, 16, torch.float32, device)
+            got, want = (leaf(x), leaf(y)), (leaf(x), leaf(y))
+            out, ref = compiled(*got), call(*want)
+            out.backward()
+            ref.backward()
+            assert rel_err(out, ref) < 1e-6
+            assert rel_err(got[0].grad, want[0].grad) < 1e-5
+        assert len(graphs) == 1, len(graphs)
+
+
 def test_ops_live_in_vlmkernels_namespace():
     for op in (
         "contrastive_ce_forward",

@@ -116,6 +116,24 @@ def autocast_operands(*tensors):
     )  # fmt: skip
 
 
+def mean_weight(weight: float, count, mean: bool = True):
+    """(the op's weight, a divisor) for a loss of ``weight`` per term, divided by ``count``
+    for a mean: ``weight / count`` and 1; or, while torch.compile traces, ``weight`` and
+    ``count``, by which the caller divides the op's result (:func:`divided`): a float of a
+    symbolic ``count`` in an op's float argument would fix the batch size in the graph,
+    and every other size would compile again."""
+    if not mean:
+        return weight, 1
+    if torch.compiler.is_compiling():
+        return weight, count
+    return weight / count, 1
+
+
+def divided(t: torch.Tensor, divisor) -> torch.Tensor:
+    """``t / divisor``, without the op where ``divisor`` is 1 (see :func:`mean_weight`)."""
+    return t if isinstance(divisor, int) and divisor == 1 else t / divisor
+
+
 def sm_count(device: torch.device) -> int:
     """Multiprocessor count of ``device``; a nominal 8 under the CPU interpreter."""
     if device.type != "cuda":

@@ -11,6 +11,7 @@ import torch
 
 from ...core.backend import resolve_backend
 from ...core.checks import check_bool, check_int
+from ...core.runtime import divided, mean_weight
 from . import launchers, reference
 from .launchers import MAX_HEAD_DIM
 from .ops import attention_core, attention_key_mass, attention_row_mass
@@ -344,7 +345,8 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
             if key_mass != "mean":
                 raise ValueError(f'{op}: key_mass must be None, "mean" or an int row, got '
                                  f"{key_mass!r}")  # fmt: skip
-            rows = (0, lq, 1.0 / (h * lq) if h * lq else 0.0)
+            weight, per = mean_weight(1.0 / h, lq) if h * lq else (0.0, 1)
+            rows = (0, lq, weight)
         elif isinstance(key_mass, bool) or not isinstance(key_mass, numbers.Integral):
             raise TypeError(f'{op}: key_mass must be None, "mean" or an int row, got '
                             f"{key_mass!r}")  # fmt: skip
@@ -362,7 +364,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
         return out
     per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows,
                                   None if bias is None else bias.detach())  # fmt: skip
-    return out, per_head.sum(dim=1)
+    return out, divided(per_head.sum(dim=1), per)
 
 
 def media_ranges(media_locations, latents_per_media, num_keys, only_immediate):

@@ -24,7 +24,7 @@ from ...core.checks import (
     scalar_tensor,
     to_device,
 )
-from ...core.runtime import autocast_dtype, cast
+from ...core.runtime import autocast_dtype, cast, divided, mean_weight
 from . import ops
 from .fused_backward import check_design_variable
 
@@ -217,10 +217,10 @@ def clip_loss(
     swap = reduction != "none" and y.requires_grad and not x.requires_grad
     if plain and reduction != "none" and n:
         # the default targets, reduced: one op whose backward is one op
-        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        weight, per = mean_weight(0.5, n, reduction == "mean")
         first, second = (y, x) if swap else (x, y)
         loss = ops.contrastive_ce_reduced(first, second, scale, bias, weight, 0, True, chunk)[0]
-        return cast(loss, out_dtype)
+        return cast(divided(loss, per), out_dtype)
     # the teacher is shaped like the caller's features (under autocast prepare has cast
     # those to the autocast dtype; the teacher follows them)
     ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher,
@@ -231,14 +231,14 @@ def clip_loss(
         teacher = (None, None, None)
     if reduction != "none" and n:
         # reduced: one op whose backward is one op (the teacher only where it counts)
-        weight = 1.0 / (2 * n) if reduction == "mean" else 0.5
+        weight, per = mean_weight(0.5, n, reduction == "mean")
         if swap:
             x, y, teacher = y, x, (teacher[1], teacher[0], teacher[2])
         loss = ops.contrastive_ce_targets_reduced(
             x, y, scale, bias, ids, ids, *(teacher if alpha else (None,) * 3), weight, 0,
             float(label_smoothing), float(alpha), True, chunk,
         )[0]  # fmt: skip
-        return cast(loss, out_dtype)
+        return cast(divided(loss, per), out_dtype)
     row_losses, col_losses, _, _ = ops.contrastive_ce_forward(
         x, y, scale, bias, ids, ids, *teacher, 0, float(label_smoothing), float(alpha),
         True, True, chunk,
@@ -308,10 +308,10 @@ def contrastive_cross_entropy(
     plain = query_ids is None and teacher_queries is None and label_smoothing == 0.0
     if plain and alpha == 0.0 and reduction != "none" and m and 0 <= offset <= n - m:
         # one positive per query, reduced: one op whose backward is one op
-        weight = 1.0 / m if reduction == "mean" else 1.0
+        weight, per = mean_weight(1.0, m, reduction == "mean")
         loss = ops.contrastive_ce_reduced(queries, keys, scale, bias, weight, offset, False,
                                           chunk)[0]  # fmt: skip
-        return cast(loss, out_dtype)
+        return cast(divided(loss, per), out_dtype)
     q_ids = check_ids(op, "query_ids", query_ids, m, device)
     k_ids = check_ids(op, "key_ids", key_ids, n, device)
     check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
@@ -330,12 +330,12 @@ def contrastive_cross_entropy(
         # i + offset): one op whose backward is one op; a query without a positive (ids)
         # makes the loss NaN there too. Without ids, queries past the keys take the
         # general path below.
-        weight = 1.0 / m if reduction == "mean" else 1.0
+        weight, per = mean_weight(1.0, m, reduction == "mean")
         loss = ops.contrastive_ce_targets_reduced(
             queries, keys, scale, bias, q_ids, k_ids, *(teacher if alpha else (None,) * 3),
             weight, offset, float(label_smoothing), float(alpha), False, chunk,
         )[0]  # fmt: skip
-        return cast(loss, out_dtype)
+        return cast(divided(loss, per), out_dtype)
     row_losses, _, _, _ = ops.contrastive_ce_forward(
         queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
         float(label_smoothing), float(alpha), True, False, chunk,
@@ -389,13 +389,13 @@ def siglip_loss(
         t is not None and t.requires_grad for t in (x, y, scale, bias)
     )
     if reduction != "none" and wants_grad:
-        weight = 1.0 / n if reduction == "mean" else 1.0
+        weight, per = mean_weight(1.0, n, reduction == "mean")
         # the summed loss is symmetric in the two sides (z is): a side without gradient
         # (a frozen tower) goes second, and its gradient product is skipped
         if y.requires_grad and not x.requires_grad:
             x, y = y, x
         fused = ops.siglip_loss_fused(x, y, scale, bias, weight, chunk, offset, y.requires_grad)
-        return cast(fused[0], out_dtype)
+        return cast(divided(fused[0], per), out_dtype)
     rows = ops.siglip_loss_forward(x, y, scale, bias, chunk, offset)
     if reduction == "mean":
         out = rows.sum() / n
