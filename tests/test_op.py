@@ -158,6 +158,8 @@ def test_forward_mode_and_batched_gradients_raise():
         with pytest.raises(NotImplementedError, match=message):
             f(forward_ad.make_dual(x, torch.ones_like(x)))
         torch.testing.assert_close(f(x), x * w[:, None] * 2.0)
+    with pytest.raises(RuntimeError, match="test_scale_rows: torch.jit.trace is not supported"):
+        torch.jit.trace(f, (x,), check_trace=False)
     small = lambda a: scale_rows(a, w[:2], 2.0)  # noqa: E731
     with pytest.raises(NotImplementedError, match="test_scale_rows: batched gradients"):
         torch.autograd.functional.jacobian(small, x[:2, :3], vectorize=True)

@@ -94,8 +94,9 @@ def in_forward_backend(backward):
 def use_backend(name: str):
     """Force ``name`` (``"triton"``, ``"torch"`` or ``"cuda"``) for ops called in the block,
     in this thread (or asyncio task): a context variable, which threads started inside the
-    block do not inherit. Each op's backward runs on its forward's choice, wherever and
-    whenever autograd runs it.
+    block do not inherit. In eager mode each op's backward runs on its forward's choice,
+    wherever and whenever autograd runs it; a backward compiled by torch.compile resolves
+    the backend when it runs (``VLMKERNELS_BACKEND`` holds for both).
 
     >>> with vlmkernels.use_backend("torch"):
     ...     loss = vlmkernels.clip_loss(img, txt, scale)

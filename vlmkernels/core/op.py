@@ -27,10 +27,12 @@ for the op's family and the first tensor argument. In plain eager mode it calls 
 implementation directly (through an ``autograd.Function`` sharing the op's
 ``setup_context`` and ``backward`` when a gradient may be needed), skipping the dispatcher:
 about 2-4 us of host time instead of 10-15. Whenever the dispatcher matters it goes through
-``torch.ops.vlmkernels.<name>`` instead: under ``torch.compile`` or any tracing, with tensor
-subclasses or Python dispatch / function modes active (fake tensors, functionalization,
-FlopCounterMode, DTensor), functorch transforms, or while the autograd profiler records (so
-traces name the op). Both paths run the same functions and give the same results.
+``torch.ops.vlmkernels.<name>`` instead: under ``torch.compile`` and ``torch.export``, with
+tensor subclasses or Python dispatch / function modes active (fake tensors,
+functionalization, FlopCounterMode, DTensor), functorch transforms, or while the autograd
+profiler records (so traces name the op). Both paths run the same functions and give the
+same results. ``torch.jit.trace``, which would freeze shapes and launch arguments as
+constants, is refused; forward-mode AD too (no formulas).
 
 Implementations take the schema's arguments positionally and return what the schema says.
 A backend without an implementation raises, naming the op and the backends it has.
@@ -71,6 +73,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _functorch = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._get_tracing_state
 _interpreters = torch._C._functorch.get_interpreter_stack
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 _JVP = torch._C._functorch.TransformType.Jvp
@@ -240,6 +243,11 @@ class Op:
     def __call__(self, *args):
         if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
             return self.overload(*args, REVISION)
+        if _jit_tracing() is not None:
+            raise RuntimeError(
+                f"{self.qualname}: torch.jit.trace is not supported (it records shapes and "
+                "launch arguments as constants); use torch.compile or torch.export"
+            )
         if _functorch() or forward_ad._current_level >= 0:
             _refuse_forward_mode(self.qualname, args, self._tensor_positions)
             if _functorch():
