@@ -100,8 +100,9 @@ def _refuse_forward_mode(op: str, args, tensor_positions) -> None:
 def _refuse_batched_grads(op: str, grads) -> None:
     """Batched upstream gradients (``torch.autograd.grad(is_grads_batched=True)``,
     ``torch.autograd.functional.jacobian(vectorize=True)``) reach the kernels as tensors
-    without storage: refused by name before any launch."""
-    if any(g is not None and _legacy_batched(g) for g in grads):
+    without storage: refused by name before any launch. Not looked at while a graph is
+    traced (compiled autograd would break its graph there), where no such tensor comes."""
+    if not _is_compiling() and any(g is not None and _legacy_batched(g) for g in grads):
         raise NotImplementedError(
             f"{op}: batched gradients (is_grads_batched=True, jacobian(vectorize=True)) are "
             "not supported by its backward; take one gradient at a time (vectorize=False)"
