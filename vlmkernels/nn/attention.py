@@ -74,8 +74,8 @@ class MaskedCrossAttention(nn.Module):
         if gate is not None and gate.numel() != 1:
             raise ValueError(f"MaskedCrossAttention: gate must have one element (to_out mixes "
                              f"the channels), got shape {tuple(gate.shape)}")  # fmt: skip
-        _check_input("x", x, (3, self.to_q.in_features), "(B, T, dim={})")
-        _check_input("media", media, (4, self.to_kv.in_features), "(B, T_img, n, dim_visual={})")
+        _check_input("x", x, 3, self.to_q.in_features, "(B, T, dim={})")
+        _check_input("media", media, 4, self.to_kv.in_features, "(B, T_img, n, dim_visual={})")
         b, t = x.shape[:2]
         if media.shape[0] != b:
             raise ValueError(f"MaskedCrossAttention: media's batch must be x's ({b}), got "
@@ -124,9 +124,8 @@ class MaskedCrossAttention(nn.Module):
         return out
 
 
-def _check_input(name: str, t, rank_and_width, layout: str) -> None:
+def _check_input(name: str, t, rank: int, width: int, layout: str) -> None:
     """``t`` a tensor of ``rank`` dims whose last is ``width`` (``layout`` formats it)."""
-    rank, width = rank_and_width
     if not isinstance(t, torch.Tensor) or t.dim() != rank or t.shape[-1] != width:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"MaskedCrossAttention: {name} must be a {layout.format(width)} "

@@ -172,15 +172,17 @@ def _gated_backward(grad_out, q, k, v, gate, args, gate_grad):
     c = reference.gate_factor(gate, packed, ct)
     mantissa, exponent = torch.frexp(c.abs().amax())
     sigma = torch.where(mantissa == 0, 1.0, torch.ldexp(torch.ones_like(mantissa), exponent - 1))
+    ratio = c / sigma
     dq, dk, dvs, db = attention_core_backward(
-        (grad_out.to(ct) * sigma).to(grad_out.dtype), q, ke, (ve.to(ct) * (c / sigma)).to(v.dtype),
+        (grad_out.to(ct) * sigma).to(grad_out.dtype), q, ke, (ve.to(ct) * ratio).to(v.dtype),
         *args,
     )  # fmt: skip
-    dv = torch.where(c == 0, 0.0, dvs.to(ct) * (c / sigma))  # 0, not 0 * inf, at a closed gate
+    dvs = dvs.to(ct)
+    dv = torch.where(c == 0, 0.0, dvs * ratio)  # 0, not 0 * inf, at a closed gate
     dk, dv = reference._group_sum(dk, k.shape[1]), reference._group_sum(dv, k.shape[1])
     dgate = None
     if gate_grad:
-        prod = ve.to(ct) * (dvs.to(ct) / sigma)
+        prod = ve.to(ct) * (dvs / sigma)
         if vec:
             total = prod.sum(0) if packed else prod.sum((0, 2))
         else:

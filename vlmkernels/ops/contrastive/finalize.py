@@ -27,13 +27,13 @@ from ...core.runtime import INTERPRETED, autotune_configs
 from ...core.tuning import tuned
 from ...kernels.blocks import LN2, LOG2E, NEG_INF, block_range
 
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+"""The logit-gradient chunk G's rounding per dtype (``G_EPS`` of the finishing kernels)."""
+FP32_EPS = tl.constexpr(UNIT_ROUNDOFF[torch.float32])
+
 # Samples per program of the parts kernel, rows per program of the gradient finishing
 # kernel, partials summed per step: small under the interpreter so that the tests run
 # several programs.
-FP32_EPS = tl.constexpr(2.0**-24)  # fp32's unit roundoff
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-"""The logit-gradient chunk G's rounding per dtype (``G_EPS`` of the finishing kernels)."""
-
 PARTS_BLOCK = 32 if INTERPRETED else 1024
 FINAL_ROWS = 8 if INTERPRETED else 32
 SUM_BLOCK = 32 if INTERPRETED else 1024

@@ -235,8 +235,13 @@ def check_design_variable() -> None:
     """A set $VLMKERNELS_CLIP_BACKWARD names a design (checked by the forward of a loss that
     may run the backward, before any kernel, rather than by that backward)."""
     design = _design_variable()
-    if design and design not in DESIGNS:
-        raise ValueError(f"{ENV_DESIGN}={design!r}: expected one of {', '.join(DESIGNS)}")
+    if design:
+        _check_design(design, ENV_DESIGN)
+
+
+def _check_design(design: str, source: str) -> None:
+    if design not in DESIGNS:
+        raise ValueError(f"{source}={design!r}: expected one of {', '.join(DESIGNS)}")
 
 
 def clip_backward_design(design: str | None = None, device: torch.device | None = None) -> str:
@@ -255,8 +260,7 @@ def clip_backward_design(design: str | None = None, device: torch.device | None 
     if not design and device is not None and device.type == "cuda":
         design, source = preferred_design(DESIGN_CHOICE, device, DESIGNS) or "", "designs.json"
     design = design or "chunked"
-    if design not in DESIGNS:
-        raise ValueError(f"{source}={design!r}: expected one of {', '.join(DESIGNS)}")
+    _check_design(design, source)
     if design == "fused" and torch.are_deterministic_algorithms_enabled():
         return "chunked" if source == "designs.json" else "fused_deterministic"
     return design

@@ -73,14 +73,16 @@ class _Finish:
     scalars: object  # None with one finishing program
     n_partials: int  # partial sums per kind the gradient kernel writes
     size: int  # floats of the partials buffer: 2 n_partials + finishing programs
+    grads_dtype: torch.dtype  # of dX and dY, which the finishing launch was prepared for
 
 
 def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad,
                  grads_dtype=None):  # fmt: skip
     m, d = x.shape
     programs = cdiv(max(m, n), FINAL_ROWS)
+    grads_dtype = grads_dtype or x.dtype
     t = torch.empty((1,), dtype=_F32, device=x.device)  # stand-ins: only pointers
-    g = x if grads_dtype in (None, x.dtype) else t.to(grads_dtype)
+    g = x if grads_dtype == x.dtype else t.to(grads_dtype)
     flags = dict(SIGLIP=siglip, HAS_BIAS=has_bias, HAS_GRAD=has_grad, HAS_LOSS=siglip,
                  G_EPS=UNIT_ROUNDOFF[x.dtype])  # fmt: skip
     args = (x, t, t, g, g, t, t, t, t, t, t, t, t, m, n, d, x.stride(0), x.stride(1),
@@ -94,24 +96,22 @@ def _finish_plan(x, n, n_partials, n_loss, kappa, siglip, has_bias, has_grad,
                             dict(flags, BLOCK=SUM_BLOCK))  # fmt: skip
     if final is None or (programs > 1 and scalars is None):
         return None
-    return _Finish(final[0], scalars and scalars[0], n_partials, 2 * n_partials + programs)
+    return _Finish(final[0], scalars and scalars[0], n_partials, 2 * n_partials + programs,
+                   grads_dtype)  # fmt: skip
 
 
-def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, loss, y_grad=True,
-            grads_dtype=None):  # fmt: skip
+def _finish(plan: _Finish, x, y, g, scale, bias, grad, partials, loss_parts, loss, y_grad=True):
     """(dx, dy, dscale, dbias) from the logit gradient g (M x N, the features' dtype) and
     the partials its kernel wrote; ``loss`` (SigLIP) is written too. Without ``y_grad`` dy
     is None and G^T x is not computed (``plan`` was made for N = 0 then: the kernel
-    touches no row of dy). dx and dy are in ``grads_dtype`` (the plan's; default the
-    features')."""
+    touches no row of dy). dx and dy are in the plan's ``grads_dtype``."""
     gy = mm_f32(g, y)
     gtx = mm_f32(g.mT, x) if y_grad else None
-    grads_dtype = grads_dtype or x.dtype
-    if grads_dtype == _F32:  # scaled in place
+    if plan.grads_dtype == _F32:  # scaled in place
         dx, dy = gy, gtx
     else:
-        dx = torch.empty(x.shape, dtype=grads_dtype, device=x.device)
-        dy = torch.empty(y.shape, dtype=grads_dtype, device=y.device) if y_grad else None
+        dx = torch.empty(x.shape, dtype=plan.grads_dtype, device=x.device)
+        dy = torch.empty(y.shape, dtype=plan.grads_dtype, device=y.device) if y_grad else None
     ds = scalar_like(scale)
     db = scalar_like(bias) if bias is not None else scalar_like(scale, _F32)
     b = bias if bias is not None else scale
@@ -206,4 +206,4 @@ def siglip_fused(x, y, scale, bias, weight: float, chunk_size: int, offset: int,
     with device_guard(x):
         plan.kernel(x, y, scale, b, plan.ones, loss_parts, g, partials)
         return (loss, *_finish(plan.finish, x, y, g, scale, bias, None, partials, loss_parts,
-                               loss, y_grad, forward_grad_dtype(x.dtype)))  # fmt: skip
+                               loss, y_grad))  # fmt: skip

@@ -72,10 +72,9 @@ def _check_qk(op: str, q, k, unsqueeze_dim) -> int:
 
 
 def _check_table(op, name, table, q, head_axis, leading: bool) -> None:
-    """A cos/sin table: q's shape without the heads axis (size-1 axes broadcast), with a
-    leading axis of 3 for M-RoPE."""
-    if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
-        raise TypeError(f"{op}: {name} must be a floating tensor")
+    """A cos/sin table (a floating tensor: :func:`_check_table_type`, called first): q's
+    shape without the heads axis (size-1 axes broadcast), with a leading axis of 3 for
+    M-RoPE."""
     off = 1 if leading else 0
     shape = table.shape
     if len(shape) != q.dim() - 1 + off or (leading and shape[0] != 3):
