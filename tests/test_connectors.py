@@ -363,6 +363,43 @@ def test_merger_strided_features(backend):
     assert max_rel(g1, g2) < 1e-6
 
 
+def strided_like(t, expand=False):
+    """A view equal to the 1-D ``t`` that is not contiguous: every other element of a
+    wider buffer, or (``expand``, for a constant vector) one element expanded."""
+    if expand:
+        return t.detach()[:1].expand(t.shape).requires_grad_()
+    wide = torch.zeros(2 * t.numel(), dtype=t.dtype)
+    wide[::2] = t.detach()
+    return wide[::2].requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "internvl"])
+def test_merger_strided_and_expanded_vectors(name, dtype, backend):
+    """Biases and norm weights as strided or expanded views (a fused checkpoint's slices,
+    ``torch.ones(1).expand(C)``) give what their contiguous copies give, values and
+    gradients; 16-bit post-merge norms take the folded-norm GEMM."""
+    x, weights, kw = merger_inputs(name, dtype)
+    w1, b1, w2, b2 = weights
+    nw, nb = kw["norm_weight"], kw["norm_bias"]
+    nw_const = torch.full(nw.shape, 1.5, dtype=dtype)
+    views = dict(b1=strided_like(b1), b2=strided_like(b2), nw=strided_like(nw_const, True))
+    if nb is not None:
+        views["nb"] = strided_like(nb)
+    plain = {k: v.detach().contiguous().requires_grad_() for k, v in views.items()}
+
+    def run(v):
+        args = dict(kw, norm_weight=v["nw"], norm_bias=v.get("nb"))
+        y = C.merger(x, w1, v["b1"], w2, v["b2"], **args)
+        return y, torch.autograd.grad(y.float().square().sum(), [x, *v.values()])
+
+    (y, grads), (y_ref, grads_ref) = run(views), run(plain)
+    assert torch.equal(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape
+        assert max_rel(g, g_ref) < 1e-6
+
+
 def minicpm_space_to_depth(x, mh, mw):
     """MiniCPMV4_6Merger's merge of each (mh, mw) block of an (H, W) grid, per image."""
     b, h, w, c = x.shape

@@ -60,8 +60,18 @@ def projector_then_pool(x, w1, b1, w2, b2, grid, kind, size):
     return g.permute(0, 2, 3, 1).reshape(b, -1, n)
 
 
-def check(dtype, kind, grid, size, store_hidden=False, b=2, k=12, n1=20, n2=9):
+def every_other(t):
+    """t's values as a non-contiguous leaf (every other element of a wider buffer)."""
+    wide = torch.zeros(2 * t.numel(), dtype=t.dtype)
+    wide[::2] = t.detach()
+    return wide[::2].requires_grad_()
+
+
+def check(dtype, kind, grid, size, store_hidden=False, b=2, k=12, n1=20, n2=9,
+          strided_biases=False):  # fmt: skip
     t = make(b, grid[0] * grid[1], k, n1, n2, dtype)
+    if strided_biases:
+        t[2], t[4] = every_other(t[2]), every_other(t[4])
     y = C.mlp_projector(*t, pool=kind, grid=grid, pool_size=size, store_hidden=store_hidden)
     t64 = [v.detach().double().requires_grad_() for v in t]
     ref = projector_then_pool(*t64, grid, kind, size)
@@ -82,6 +92,12 @@ def test_pooled_projector_fp32(kind, grid, size, store, backend):
 @pytest.mark.parametrize(("kind", "grid", "size", "store"), CASES[:2])
 def test_pooled_projector_bf16(kind, grid, size, store, backend):
     check(torch.bfloat16, kind, grid, size, store_hidden=store)
+
+
+@pytest.mark.parametrize("kind", ["avg2x2", "bilinear"])
+def test_pooled_projector_strided_biases(kind, backend):
+    """b1, b2 as strided views: the kernels read them through a contiguous copy."""
+    check(torch.float32, kind, (4, 4), None, strided_biases=True)
 
 
 @pytest.mark.parametrize(("kind", "grid", "size", "store"), CASES[:2])
