@@ -49,9 +49,16 @@ def test_add_layernorm_values_and_grads(dtype, tol, strided, biased):
         x, r = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
     x.requires_grad_()
     r.requires_grad_()
-    w = (torch.randn(n) + 1).requires_grad_()
-    b = torch.randn(n).requires_grad_()
-    c = torch.randn(n).requires_grad_() if biased else None
+    w, b = torch.randn(n) + 1, torch.randn(n)
+    c = torch.randn(n) if biased else None
+    if strided:  # the vectors as views: every other element, one element expanded
+        w = torch.stack([w, torch.randn(n)], 1)[:, 0]
+        b = torch.randn(2 * n)[::2]
+        c = torch.randn(1).expand(n) if biased else None
+    w.requires_grad_()
+    b.requires_grad_()
+    if biased:
+        c.requires_grad_()
     y = add_layernorm(x, r, w, b, x_bias=c, eps=1e-5)
     assert y.dtype == dtype and y.shape == (m, n)
     g = torch.randn(m, n).to(dtype)
