@@ -97,8 +97,8 @@ def check_grads(outs, refs, leaves, ref_leaves, tol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cross_attention_dense(dtype, device, backend):
-    """Odd sizes, q a transposed (B, L, H, D) view, key padding, lse; out and lse and their
-    gradients."""
+    """Odd sizes, q a transposed (B, L, H, D) view, key padding (a transposed mask), lse;
+    out and lse and their gradients."""
     b, h, lq, lk, d = 2, 2, 19, 29, 24
     q_leaf = leaf(rand(b, lq, h, d, dtype=dtype, device=device))
     q = q_leaf.transpose(1, 2)
@@ -106,7 +106,7 @@ def test_cross_attention_dense(dtype, device, backend):
         leaf(rand(b, h, lk, d, dtype=dtype, device=device)),
         leaf(rand(b, h, lk, d, dtype=dtype, device=device)),
     )
-    pad = torch.rand(b, lk, device=device) < 0.3
+    pad = (torch.rand(lk, b, device=device) < 0.3).t()  # a transposed (key-major) mask
     pad[1, :] = True
     pad[1, 5] = False  # batch 1 sees one key
     out, lse = A.cross_attention(q, k, v, key_padding_mask=pad, scale=0.3, return_lse=True)

@@ -303,7 +303,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
             if m.device != q.device:
                 raise ValueError(f"{op}: key_padding_mask must be on q's device {q.device}, "
                                  f"got {m.device}")  # fmt: skip
-            keep = (~m).to(torch.uint8)
+            keep = (~m).to(torch.uint8).contiguous()  # the kernels read key j at row + j
     p, seed = _dropout(op, dropout_p, dropout_seed, q)  # last: a seed drawn only for a call
     out, lse = attention_core(q, k, v, cu_seqlens_q, cu_seqlens_k, lq, lk, keep, None, None,
                               False, s, 0, bias, gate, p, seed)  # fmt: skip

@@ -3,7 +3,7 @@
 Layouts. Dense inputs are (B, H, L, D) with any strides; packed inputs are (T, H, D) with
 int32 ``cu_q`` / ``cu_k`` of B + 1 offsets. The log-sum-exp is fp32, (B, H, Lq) dense and
 (H, T) packed (flash-attention's varlen layout). ``keep`` is an optional (B, Lk) uint8 row
-(nonzero: the key is visible), ``lo`` / ``hi`` optional (B, Lq) int32 key ranges.
+(nonzero: the key is visible; contiguous rows), ``lo`` / ``hi`` optional (B, Lq) int32 key ranges.
 Grouped-query attention: k and v may have H / G heads for q's H. ``bias`` is an optional
 additive per-key logit bias: dense (B, H, Lk) or (B, 1, Lk), packed (H, Tk) or (1, Tk),
 any dtype (read as fp32); the backward returns its gradient per query head, fp32, (B, H, Lk)
