@@ -119,6 +119,33 @@ def test_cross_attention_dense(dtype, device, backend):
     check_grads([out, lse], [ref, ref_lse], [q_leaf, k, v], [q64_leaf, k64, v64], 3 * TOL[dtype])
 
 
+def test_segment_offsets_past_32_bits_are_copied_or_refused(monkeypatch):
+    """The kernels' offsets inside a segment are 32-bit: a layout whose segment spans 2^31
+    elements (a transposed (B, L, H, D) view from 2^19 rows at H D = 4096) is copied
+    contiguous, one whose contiguous form still does (a packed segment of 2^31 / (H D)
+    rows) is refused. The limit is lowered to 2^12 here: 80 rows of a transposed view at
+    H D = 64 span 5071 elements, contiguous 1279; a packed 80-row segment spans 5119."""
+    monkeypatch.setattr(launchers, "OFFSET_LIMIT", 2**12)
+    b, h, l, d = 2, 4, 80, 16
+    q_leaf = leaf(rand(b, l, h, d))
+    q = q_leaf.transpose(1, 2)
+    assert launchers.addressable(q[:, :, :40], 40, False, "q").data_ptr() == q.data_ptr()
+    copy = launchers.addressable(q, l, False, "q")
+    assert copy.is_contiguous() and torch.equal(copy, q)
+    k, v = leaf(rand(b, h, 7, d)), leaf(rand(b, h, 7, d))
+    with use_backend("triton"):
+        out = A.attention(q, k, v)
+    q64, k64, v64 = (leaf(t.detach().double()) for t in (q_leaf, k, v))
+    ref, _ = ref_attention(q64.transpose(1, 2), k64, v64, torch.ones(1, 1, 1, 7).bool(), d**-0.5)
+    assert rel(out, ref) < TOL[torch.float32]
+    check_grads([out], [ref], [q_leaf, k, v], [q64, k64, v64], 3 * TOL[torch.float32])
+    packed = rand(l, h, d)
+    cu = torch.tensor([0, l], dtype=torch.int32)
+    with use_backend("triton"), pytest.raises(ValueError, match="in-segment addressing"):
+        A.cross_attention(packed, packed, packed, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                          max_seqlen_q=l, max_seqlen_k=l)  # fmt: skip
+
+
 def test_default_scale_and_no_padding(device):
     q, k, v = (
         rand(1, 2, 5, 16, device=device),

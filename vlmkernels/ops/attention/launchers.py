@@ -1,9 +1,11 @@
 """Host side of the attention kernels: strides, grids, the split-K choice.
 
 Layouts. Dense inputs are (B, H, L, D) with any strides; packed inputs are (T, H, D) with
-int32 ``cu_q`` / ``cu_k`` of B + 1 offsets. The log-sum-exp is fp32, (B, H, Lq) dense and
-(H, T) packed (flash-attention's varlen layout). ``keep`` is an optional (B, Lk) uint8 row
-(nonzero: the key is visible; contiguous rows), ``lo`` / ``hi`` optional (B, Lq) int32 key ranges.
+int32 ``cu_q`` / ``cu_k`` of B + 1 offsets. Offsets inside one segment are 32-bit (the
+batch, head and segment start 64-bit): :func:`addressable` copies or refuses the rest.
+The log-sum-exp is fp32, (B, H, Lq) dense and (H, T) packed (flash-attention's varlen
+layout). ``keep`` is an optional (B, Lk) uint8 row (nonzero: the key is visible; rows
+contiguous), ``lo`` / ``hi`` optional (B, Lq) int32 key ranges.
 Grouped-query attention: k and v may have H / G heads for q's H. ``bias`` is an optional
 additive per-key logit bias: dense (B, H, Lk) or (B, 1, Lk), packed (H, Tk) or (1, Tk),
 any dtype (read as fp32); the backward returns its gradient per query head, fp32, (B, H, Lk)
@@ -85,6 +87,33 @@ def _strides(t, varlen: bool) -> tuple[int, int, int, int]:
     its strides, a tuple)."""
     st = t if isinstance(t, tuple) else t.stride()
     return (0, st[1], st[0], st[2]) if varlen else st
+
+
+OFFSET_LIMIT = 2**31
+
+
+def addressable(t, rows: int, varlen: bool, name: str):
+    """``t``, or a contiguous copy, whose offsets inside a segment of up to ``rows`` rows
+    fit in 32 bits: the kernels add 32-bit row and dim offsets (inside their inner loops)
+    to a 64-bit base per batch, head and segment start. A transposed (B, L, H, D) view at
+    H D = 4096 needs the copy from 2^19 rows on; a layout whose contiguous form still needs
+    more (a packed segment of 2^31 / (H D) rows, a dense one of 2^31 / D) is refused."""
+
+    def span(strides):
+        _, _, s_row, s_dim = _strides(strides, varlen)
+        return (max(rows, 1) - 1) * s_row + (t.shape[-1] - 1) * s_dim
+
+    if span(t.stride()) < OFFSET_LIMIT:
+        return t
+    t = t.contiguous()
+    if span(t.stride()) >= OFFSET_LIMIT:
+        layout = "packed (T, H, D)" if varlen else "(B, H, L, D)"
+        raise ValueError(
+            f"attention: {name} {layout} {tuple(t.shape)} has segments of up to {rows} rows: "
+            f"offsets inside one segment reach 2^31 elements, past the kernels' 32-bit "
+            "in-segment addressing; split the segment"
+        )
+    return t
 
 
 def _lse_strides(t, varlen: bool) -> tuple[int, int, int]:
@@ -169,6 +198,8 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
     The launches are prepared once per layout (shapes, strides, dtype, device, options):
     a call then allocates its outputs and passes the pointers."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
+    q = addressable(q, max_lq, varlen, "q")
+    k, v = addressable(k, max_lk, varlen, "k"), addressable(v, max_lk, varlen, "v")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (h, q.shape[0]) if varlen else (b, h, q.shape[2])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -293,6 +324,8 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
     laid out as lse; dbias None without a bias, else fp32 per query head (see the module
     docstring); the forward's ``dropout_p`` and ``seed``."""
     b, h, d, varlen = _problem(q, k, cu_q, max_lq, max_lk)
+    q, do = addressable(q, max_lq, varlen, "q"), addressable(do, max_lq, varlen, "grad_out")
+    k, v = addressable(k, max_lk, varlen, "k"), addressable(v, max_lk, varlen, "v")
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -407,6 +440,7 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     row_first <= i < row_last, per query head (dense inputs)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
+    q, k = addressable(q, lq, False, "q"), addressable(k, lk, False, "k")
     mass = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
     if mass.numel() == 0:
         return mass
