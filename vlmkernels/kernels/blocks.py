@@ -195,6 +195,14 @@ def pad(mask):
 
 
 @triton.jit
+def tile_offsets(rows, cols, s_row, s_col):
+    """Offsets of the (rows, cols) tile of a view with strides (s_row, s_col), the row term
+    in 64 bits: for kernels whose rows span a whole sequence, not one tile (a row of a
+    (L, H, D) layout times its stride H D passes 2^31 from 2^19 rows on at H D = 4096)."""
+    return tl.cast(rows, tl.int64)[:, None] * s_row + cols[None, :] * s_col
+
+
+@triton.jit
 def diagonal_tile(row_start, col_start, BM: tl.constexpr, BN: tl.constexpr):
     """Whether the BM x BN tile at (row_start, col_start) holds diagonal elements."""
     return (row_start < col_start + BN) & (col_start < row_start + BM)

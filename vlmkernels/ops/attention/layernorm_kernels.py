@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ...core.runtime import INTERPRETED, autotune_configs, cdiv, device_guard, next_pow2, sm_count
 from ...core.tuning import prepared_cache, tuned
+from ...kernels.blocks import tile_offsets
 
 __all__ = ["KERNELS", "add_layernorm_backward", "add_layernorm_forward"]
 
@@ -45,8 +46,8 @@ _CONFIGS = autotune_configs(
 def _load_z(x_ptr, c_ptr, r_ptr, rows, cols, mask, sxm, sxn, srm, srn, HAS_C: tl.constexpr):
     """z = x + c + r of a (BLOCK_M, BLOCK_N) tile, in fp32 (0 outside ``mask``); ``cols``
     clamped into [0, N)."""
-    x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxn, mask=mask, other=0.0)
-    r = tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask, other=0.0)
+    x = tl.load(x_ptr + tile_offsets(rows, cols, sxm, sxn), mask=mask, other=0.0)
+    r = tl.load(r_ptr + tile_offsets(rows, cols, srm, srn), mask=mask, other=0.0)
     z = x.to(tl.float32) + r.to(tl.float32)
     if HAS_C:
         c = tl.load(c_ptr + cols)  # cols are clamped into [0, N)
@@ -74,7 +75,7 @@ def _add_ln_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = zc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + tile_offsets(rows, cols, N, 1), y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=rows < M)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
@@ -104,13 +105,13 @@ def _add_ln_bwd_kernel(
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         zhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-        dy = tl.load(g_ptr + rows[:, None] * sgm + cols[None, :] * sgn, mask=mask, other=0.0)
+        dy = tl.load(g_ptr + tile_offsets(rows, cols, sgm, sgn), mask=mask, other=0.0)
         dy = dy.to(tl.float32)
         g = dy * w[None, :]
         mg = tl.sum(g, axis=1) / N
         mgz = tl.sum(g * zhat, axis=1) / N
         dz = rstd[:, None] * (g - mg[:, None] - zhat * mgz[:, None])
-        tl.store(dz_ptr + rows[:, None] * N + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+        tl.store(dz_ptr + tile_offsets(rows, cols, N, 1), dz.to(dz_ptr.dtype.element_ty),
                  mask=mask)  # fmt: skip
         dw += tl.sum(dy * zhat, axis=0)
         db += tl.sum(dy, axis=0)
