@@ -128,6 +128,20 @@ def test_tune_without_gpu_exits_2_with_a_message(cache):
     assert "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_closed_stdout_ends_quietly(cache):
+    """`vlmkernels info | head -1`: the reader closes the pipe before the output comes; the
+    command stops with status 141 (SIGPIPE's), no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["VLMKERNELS_CACHE_DIR"] = str(cache)
+    command = [sys.executable, "-m", "vlmkernels", "info", "--no-ceilings"]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, **pipes)
+    proc.stdout.close()  # before the interpreter has started: every write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_cache_folders_from_the_environment_expand_the_home(monkeypatch):
     monkeypatch.setenv("VLMKERNELS_CACHE_DIR", "~/vk-cache")
     assert cli.cache_dir() == Path.home() / "vk-cache"
