@@ -6,7 +6,8 @@ importable at build time and has CUDA (``torch.version.cuda``) and nvcc is found
 PATH or /usr/local/cuda). Otherwise, or with ``VLMKERNELS_BUILD_CUDA=0``, the pure-Python
 package installs and setup.py says why in one line; the ``cuda`` backend then reports itself
 unavailable. A build that fails also installs the package without the extension (saying so),
-unless ``VLMKERNELS_BUILD_CUDA=1`` requires it. On a GPU machine without a package registry:
+unless ``VLMKERNELS_BUILD_CUDA=1`` requires it: then a failed or skipped build is an error.
+On a GPU machine without a package registry:
 
     pip install -e . --no-deps --no-build-isolation
 
@@ -65,9 +66,13 @@ def _nvcc(cuda_home: str | None) -> str | None:
     return None
 
 
+def _choice() -> str:
+    return os.environ.get("VLMKERNELS_BUILD_CUDA", "").strip().lower()
+
+
 def _extension():
     """(ext_modules, cmdclass, None) for the CUDA extension, or ([], {}, the reason why not)."""
-    choice = os.environ.get("VLMKERNELS_BUILD_CUDA", "").strip().lower()
+    choice = _choice()
     if choice in ("0", "false", "off"):
         return [], {}, "VLMKERNELS_BUILD_CUDA=0"
     required = choice in ("1", "true", "on")
@@ -112,6 +117,8 @@ def _build_command(cpp_extension, required: bool):
 
 
 ext_modules, cmdclass, why_not = _extension()
+if why_not and _choice() in ("1", "true", "on"):
+    sys.exit(f"vlmkernels: VLMKERNELS_BUILD_CUDA=1 requires the CUDA C++ extension: {why_not}")
 if why_not:
     _log(f"installing without the CUDA C++ extension: {why_not}")
 

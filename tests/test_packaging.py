@@ -1,0 +1,69 @@
+"""The source distribution and setup.py as users build them: the sdist carries what building
+the CUDA extension from it needs (every csrc/ file, CMakeLists.txt) and the license, and
+``VLMKERNELS_BUILD_CUDA=1`` refuses to install without the extension.
+
+Each test works on a copy of the tracked files (``git ls-files``), so no build output lands
+in the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tracked() -> list[str]:
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout (git ls-files)")
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+    return [name for name in out.stdout.decode().split("\0") if name]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, list[str]]:
+    """(a copy of the tracked files, their names)."""
+    names = _tracked()
+    root = tmp_path_factory.mktemp("source")
+    for name in names:
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    return root, names
+
+
+def _setup(root: Path, *args: str, build_cuda: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VLMKERNELS_BUILD_CUDA=build_cuda)
+    return subprocess.run([sys.executable, "setup.py", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_sdist_carries_the_cuda_sources_and_the_license(source, tmp_path):
+    root, names = source
+    proc = _setup(root, "-q", "sdist", "-d", str(tmp_path), build_cuda="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = tmp_path.glob("vlmkernels-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        inside = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = [n for n in names if n.startswith("csrc/")] + ["CMakeLists.txt", "LICENSE"]
+    assert any(n.endswith(".cu") for n in wanted) and any(n.endswith(".h") for n in wanted)
+    assert not [n for n in wanted if n not in inside]
+    assert "setup.py" in inside and "vlmkernels/core/version.py" in inside
+
+
+@pytest.mark.skipif(bool(torch.version.cuda), reason="this torch can build the extension")
+def test_required_extension_that_cannot_build_is_an_install_error(source):
+    root, _ = source
+    proc = _setup(root, "--name", build_cuda="1")
+    assert proc.returncode != 0
+    assert "VLMKERNELS_BUILD_CUDA=1 requires the CUDA C++ extension" in proc.stderr
+    assert "has no CUDA" in proc.stderr
+    assert _setup(root, "--name", build_cuda="").returncode == 0
