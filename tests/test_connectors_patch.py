@@ -108,6 +108,29 @@ class Wrapper(nn.Module):
         return self.inner(x)
 
 
+def test_unpatch_a_copy_of_a_patched_model():
+    """A deep copy (an EMA or teacher model) carries the patch, bound to itself, and no
+    handle: vlmkernels.unpatch removes it; the original's handle then still undoes its own
+    instance, and undoing after unpatch on the same instance is a no-op."""
+    module, x = CASES["qwen2_5_vl"]()
+    model = Wrapper(randomise(module))
+    before = {n: set(vars(m)) for n, m in model.named_modules()}
+    ref = model(x)
+    handle = vt.patch(model)
+    twin = copy.deepcopy(model)
+    with pytest.raises(vt.AlreadyPatchedError, match=r"vlmkernels.unpatch\(model\)"):
+        vt.patch(twin)
+    assert vt.unpatch(twin) == 2  # the fused forward and the data-parallel replication
+    assert {n: set(vars(m)) for n, m in twin.named_modules()} == before
+    assert torch.equal(twin(x), ref)
+    assert vt.unpatch(twin) == 0
+    vt.patch(twin).undo()  # patchable again
+    assert vt.unpatch(model) == 2
+    handle.undo()  # nothing left: no error
+    assert not handle.active
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == before
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_patched_connector_matches_transformers(name):
     module, x = CASES[name]()

@@ -718,6 +718,15 @@ def test_accelerate_style_hook_is_kept(qwen2):
     assert hooked and counts["vlmkernels::rope_table"] == TEXT_LAYERS
     assert_close(logits, qwen2.ref_logits, "logits")
     assert attn.__dict__["_old_forward"] is old and attn.__dict__["forward"] is hook_forward
+    rotary_patch(model, vision=False, rope_index=False)
+    assert vt.unpatch(model) > TEXT_LAYERS  # no handle: the class's forward bound back
+    assert attn.__dict__["forward"] is hook_forward
+    assert attn.__dict__["_old_forward"].__func__ is type(attn).forward
+    hooked_layer = "model.language_model.layers.0.self_attn"
+    assert instance_overrides(model) == [(hooked_layer, "forward"), (hooked_layer, "_old_forward")]
+    hooked.clear()
+    counts, logits = op_counts(lambda: qwen2.logits(model))
+    assert hooked and counts == {} and torch.equal(logits, qwen2.ref_logits)
 
 
 def test_positions_refused_for_dynamic_rope():

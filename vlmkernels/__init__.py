@@ -8,7 +8,7 @@ from . import nn, ops
 from .core.backend import BACKENDS, get_backend, use_backend
 from .core.version import __version__
 from .distributed import clip_loss, siglip_loss
-from .integrations.transformers import patch
+from .integrations.transformers import patch, unpatch
 from .ops.attention import attention, cross_attention, media_cross_attention
 from .ops.connectors import deepstack_add, merger, mlp_projector, pixel_shuffle
 from .ops.contrastive import clip_loss_with_grads, contrastive_cross_entropy, siglip_loss_with_grads
@@ -41,6 +41,7 @@ __all__ = [
     "siglip_loss",
     "siglip_loss_with_grads",
     "tome_merge",
+    "unpatch",
     "use_backend",
     "vision_rope",
 ]

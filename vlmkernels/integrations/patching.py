@@ -66,6 +66,7 @@ __all__ = [
     "patchers",
     "rebind_global",
     "register",
+    "unpatch",
     "unwrap",
 ]
 
@@ -332,6 +333,16 @@ class Slot:
     def intact(self) -> bool:
         return self.owner.__dict__.get(self.name, _MISSING) is self.new
 
+    def restored(self) -> bool:
+        """Whether the attribute is back to what it was, or to its equivalent (absent, or
+        the class's method bound to the owner): after :func:`unpatch`."""
+        current = self.owner.__dict__.get(self.name, _MISSING)
+        if current is self.old or current is _MISSING or _inert(self.owner, self.name):
+            return True
+        return self.name == "_old_forward" and (
+            getattr(current, "__func__", None) is type(self.owner).forward
+        )
+
     def restore(self) -> None:
         if self.old is _MISSING:
             del self.owner.__dict__[self.name]
@@ -380,14 +391,15 @@ class PatchHandle:
         nothing). Raises, changing nothing, if one was overwritten in between."""
         if not self.active:
             return
-        changed = [s.label for s in self._slots if not s.intact()]
+        changed = [s.label for s in self._slots if not s.intact() and not s.restored()]
         if changed:
             raise RuntimeError(
                 f"vlmkernels.patch: cannot undo, these attributes were changed after patching: "
                 f"{', '.join(changed)}"
             )
         for slot in reversed(self._slots):
-            slot.restore()
+            if slot.intact():  # the others were put back by unpatch()
+                slot.restore()
         self.active = False
 
     def __enter__(self) -> PatchHandle:
@@ -402,6 +414,28 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "undone"
         return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
+
+
+def unpatch(model) -> int:
+    """Removes every vlmkernels patch from ``model``'s module tree, with no handle: for a
+    deep copy or an unpickled copy of a patched model (they hold the patched methods bound
+    to themselves; the handle undoes only its own instance) and for a model whose handle
+    is lost. Each patched instance method is deleted, so the class's runs again
+    (``_old_forward``, which accelerate's hook calls, gets the class's ``forward`` bound
+    back). Returns the number of attributes restored; 0 on an unpatched model. A handle of
+    the same instance then has nothing left to undo."""
+    restored = 0
+    for module in model.modules() if isinstance(model, torch.nn.Module) else (model,):
+        own = module.__dict__
+        for name, value in list(own.items()):
+            if not (isinstance(value, types.MethodType) and is_patched(value)):
+                continue
+            if name == "_old_forward":
+                own[name] = types.MethodType(type(module).forward, module)
+            else:
+                del own[name]
+            restored += 1
+    return restored
 
 
 def install(model, slots: Iterable[Slot]) -> PatchHandle:
@@ -514,7 +548,10 @@ def _slot_name(module, name: str, label: str) -> str:
             )
         return name
     if is_patched(own.get("forward")) or is_patched(own.get("_old_forward")):
-        raise AlreadyPatchedError(f"{label} is already patched by vlmkernels: undo that first")
+        raise AlreadyPatchedError(
+            f"{label} is already patched by vlmkernels: undo that first (handle.undo(), or "
+            "vlmkernels.unpatch(model) for a copy of a patched model)"
+        )
     if "forward" not in own or _inert(module, "forward"):
         return "forward"
     old = own.get("_old_forward")

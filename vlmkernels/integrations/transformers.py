@@ -101,6 +101,7 @@ from .patching import (
     WrappedLayerError,
     install,
     patchers,
+    unpatch,
 )
 from .tables.qwen_vl import (  # noqa: F401  (the rotary family's table, re-exported)
     ARCHITECTURES,
@@ -125,6 +126,7 @@ __all__ = [
     "patch",
     "rope_index_method",
     "support",
+    "unpatch",
 ]
 
 
