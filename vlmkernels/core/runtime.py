@@ -203,3 +203,9 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call where ``t`` already has it: a no-op ``Tensor.to``
     still costs about half a torch op of host time, and the eager paths make dozens."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def contiguous_vectors(*ts):
+    """Each tensor (or None) as the kernels read a 1-D parameter (a bias, a norm weight):
+    element n at ``ptr + n``, so a strided or expanded view is copied first."""
+    return tuple(None if t is None else t.contiguous() for t in ts)

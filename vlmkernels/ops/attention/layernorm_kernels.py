@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ...core.runtime import INTERPRETED, autotune_configs, cdiv, device_guard, next_pow2, sm_count
+from ...core.runtime import (
+    INTERPRETED,
+    autotune_configs,
+    cdiv,
+    contiguous_vectors,
+    device_guard,
+    next_pow2,
+    sm_count,
+)
 from ...core.tuning import prepared_cache, tuned
 from ...kernels.blocks import tile_offsets
 
@@ -122,12 +130,6 @@ def _add_ln_bwd_kernel(
 KERNELS = (_add_ln_fwd_kernel, _add_ln_bwd_kernel)
 
 
-def _vectors(*ts):
-    """The kernels read an (N,) vector's element n at ``ptr + n``: strided or expanded
-    views are copied."""
-    return tuple(None if t is None else t.contiguous() for t in ts)
-
-
 _FORWARD_LAUNCHES = prepared_cache()  # (layout of a forward call) -> prepared launch
 
 
@@ -135,7 +137,7 @@ def add_layernorm_forward(x, c, r, w, b, eps: float):
     """(y (M, N) in x's dtype, mean (M,) fp32, rstd (M,) fp32) for 2-D x, r (any strides)
     and the (N,) vectors c, w, b (read through contiguous copies). The launch is prepared
     once per layout; a call passes the pointers."""
-    c, w, b = _vectors(c, w, b)
+    c, w, b = contiguous_vectors(c, w, b)
     m, n = x.shape
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
@@ -166,7 +168,7 @@ def add_layernorm_backward(grad, x, c, r, w, mean, rstd):
     (8 under the interpreter), each looping over its row blocks and writing its partial
     sums of dw and db (every program writes its row: no zeroing). The launch is prepared
     once per layout."""
-    c, w = _vectors(c, w)
+    c, w = contiguous_vectors(c, w)
     m, n = x.shape
     dz = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:

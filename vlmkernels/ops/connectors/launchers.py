@@ -16,7 +16,14 @@ import dataclasses
 
 import torch
 
-from ...core.runtime import cdiv, device_guard, dot_precision, next_pow2, sm_count
+from ...core.runtime import (
+    cdiv,
+    contiguous_vectors,
+    device_guard,
+    dot_precision,
+    next_pow2,
+    sm_count,
+)
 from . import kernels as K
 from . import reference
 from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A
@@ -236,17 +243,11 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def _vectors(*ts):
-    """The 1-D parameters (biases, norm weights) as the kernels read them: element n at
-    ``ptr + n``, so a strided or expanded view is copied first."""
-    return tuple(None if t is None else t.contiguous() for t in ts)
-
-
 def forward(x, merge, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: int,
             per_patch: bool, eps: float, act: int, save: bool):  # fmt: skip
     """(y (M, N_out), saved pre-activation (M, N1) or empty, mean, rstd) of the connector
     on x (B, H, W, C)."""
-    b1, b2, norm_weight, norm_bias = _vectors(b1, b2, norm_weight, norm_bias)
+    b1, b2, norm_weight, norm_bias = contiguous_vectors(b1, b2, norm_weight, norm_bias)
     grid = Addressing.of(x, merge)
     M = grid.M
     if norm != NO_NORM:
@@ -288,7 +289,7 @@ def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rs
     False is None. ``saved`` is the forward's pre-activation h = norm(X) W1^T + b1, or empty
     when the forward did not keep it (it is then recomputed here)."""
     need_x, need_w1, need_b1, need_w2, need_b2, need_nw, need_nb = needs
-    b1, norm_weight, norm_bias = _vectors(b1, norm_weight, norm_bias)
+    b1, norm_weight, norm_bias = contiguous_vectors(b1, norm_weight, norm_bias)
     grid = Addressing.of(x, merge)
     M, Kdim = grid.M, grid.K
     dev, dt = x.device, x.dtype
@@ -372,7 +373,7 @@ def pooled_forward(x, w1, b1, w2, b2, size, mode: int, save: bool):
     """(y (B h w, N2), pre-activation (B H W, N1) or empty) of the pooled projector
     y = pool(GELU(x W1^T + b1)) W2^T + b2 on x (B, H, W, K): the first GEMM with its GELU
     epilogue, the pooling (:func:`.reference.pool`), the second GEMM on the pooled rows."""
-    b1, b2 = _vectors(b1, b2)
+    b1, b2 = contiguous_vectors(b1, b2)
     b, h, w, _ = x.shape
     n1 = w1.shape[0]
     pre = torch.empty((b * h * w, n1), dtype=x.dtype, device=x.device) if save else None
@@ -392,7 +393,7 @@ def pooled_backward(grad, x, w1, b1, w2, saved, size, mode: int, needs):
     16-bit inputs rounded after each), then the first linear's backward (:func:`backward`
     with no second linear)."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
-    (b1,) = _vectors(b1)
+    (b1,) = contiguous_vectors(b1)
     b, h, w, _ = x.shape
     n2, n1 = w2.shape
     grad = grad.reshape(-1, n2)
