@@ -70,12 +70,17 @@ def _choice() -> str:
     return os.environ.get("VLMKERNELS_BUILD_CUDA", "").strip().lower()
 
 
+def _required() -> bool:
+    """``VLMKERNELS_BUILD_CUDA=1``: a failed or skipped build is an install error."""
+    return _choice() in ("1", "true", "on")
+
+
 def _extension():
     """(ext_modules, cmdclass, None) for the CUDA extension, or ([], {}, the reason why not)."""
     choice = _choice()
     if choice in ("0", "false", "off"):
         return [], {}, "VLMKERNELS_BUILD_CUDA=0"
-    required = choice in ("1", "true", "on")
+    required = _required()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -117,7 +122,7 @@ def _build_command(cpp_extension, required: bool):
 
 
 ext_modules, cmdclass, why_not = _extension()
-if why_not and _choice() in ("1", "true", "on"):
+if why_not and _required():
     sys.exit(f"vlmkernels: VLMKERNELS_BUILD_CUDA=1 requires the CUDA C++ extension: {why_not}")
 if why_not:
     _log(f"installing without the CUDA C++ extension: {why_not}")
