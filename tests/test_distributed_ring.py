@@ -557,3 +557,34 @@ def test_single_rank_group_in_process(tmp_path):
             _run_case(vlmkernels, 0, 1, case)
     finally:
         dist.destroy_process_group()
+
+
+def test_eager_ring_call_loads_no_compiler(tmp_path):
+    """An eager ring-mode call (forward and backward) leaves torch._dynamo unloaded, as
+    ``import vlmkernels`` does: loading it replaces torch.manual_seed and other torch
+    functions behind the caller's back. Run in a fresh interpreter (world size 1)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, torch.distributed as dist
+        seed = torch.manual_seed
+        import vlmkernels
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+        x = torch.randn(6, 8, requires_grad=True)
+        y = torch.randn(6, 8, requires_grad=True)
+        for loss in (vlmkernels.clip_loss(x, y, 2.0, process_group=dist.group.WORLD),
+                     vlmkernels.siglip_loss(x, y, 2.0, -1.0, process_group=dist.group.WORLD)):
+            loss.backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        dist.destroy_process_group()
+        assert "torch._dynamo" not in sys.modules
+        assert torch.manual_seed is seed
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

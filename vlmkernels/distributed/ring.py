@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import torch
 import torch.distributed as dist
@@ -106,8 +107,9 @@ _TAG_Y, _TAG_IDS, _TAG_COEF, _TAG_ACC = 0, 1, 2, 3
 
 
 def _not_traced(fn):
-    """``torch.compiler.disable(fn)``, made at the first call: ``disable`` imports
-    torch._dynamo, which ``import vlmkernels`` must not (it replaces torch.manual_seed).
+    """``torch.compiler.disable(fn)``, made at the first call once torch._dynamo is loaded:
+    ``disable`` imports torch._dynamo, which neither ``import vlmkernels`` nor an eager call
+    may do (it replaces torch.manual_seed); while it is not loaded nothing can be tracing.
     A compiled caller still graph-breaks around ``fn`` and runs it eagerly, and
     ``fullgraph=True`` fails with dynamo's error naming it."""
     disabled = None
@@ -116,6 +118,8 @@ def _not_traced(fn):
     def run(*args, **kwargs):
         nonlocal disabled
         if disabled is None:
+            if "torch._dynamo" not in sys.modules:  # nothing can be tracing this call
+                return fn(*args, **kwargs)
             disabled = torch.compiler.disable(fn, reason=_NOT_TRACED)
         return disabled(*args, **kwargs)
 
