@@ -567,12 +567,13 @@ def test_eager_ring_call_loads_no_compiler(tmp_path):
     import sys
     import textwrap
 
+    store = tmp_path / "store"
     script = textwrap.dedent(
         f"""
         import sys, torch, torch.distributed as dist
         seed = torch.manual_seed
         import vlmkernels
-        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0,
+        dist.init_process_group("gloo", init_method="file://{store}", rank=0,
                                 world_size=1)
         x = torch.randn(6, 8, requires_grad=True)
         y = torch.randn(6, 8, requires_grad=True)
