@@ -238,8 +238,8 @@ class LoraLinear(nn.Module):
 def test_layers_replaced_or_hooked_after_patching_run_as_they_are(name):
     """A layer the fused forward reads the parameters of, replaced after patching (a LoRA
     wrapper whose ``weight`` is the base one), hooked, or given its own forward: the module
-    runs its class's forward (the layer's own behaviour, with a PatchFallbackWarning), and
-    the fused one again once the layer is back."""
+    runs its class's forward (the layer's own behaviour, with a PatchFallbackWarning), as
+    under a hook for every module; the fused one again once the layer is back."""
     from vlmkernels.integrations.patching import PatchFallbackWarning
 
     module, x = CASES[name]()
@@ -269,6 +269,16 @@ def test_layers_replaced_or_hooked_after_patching_run_as_they_are(name):
         with pytest.warns(PatchFallbackWarning, match="forward of its own"):
             assert max_rel(mine(x), fused) > 1e-3
         del layer.forward
+        seen = []  # a hook for every module (module trackers, FLOP counters)
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, args: seen.append(m)
+        )
+        try:
+            with pytest.warns(PatchFallbackWarning, match="global module forward pre hook"):
+                assert max_rel(mine(x), fused) < TOL
+        finally:
+            hook.remove()
+        assert any(m is mine.get_submodule(fc1) for m in seen)
         with warnings.catch_warnings():
             warnings.simplefilter("error", PatchFallbackWarning)
             assert torch.equal(mine(x), fused)  # fused again

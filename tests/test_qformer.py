@@ -503,6 +503,36 @@ def test_hooked_or_replaced_layers_run_as_they_are():
         assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
 
 
+def test_global_module_hooks_see_every_layer():
+    """A hook registered for every module (``register_module_forward_hook``, as module
+    trackers and FLOP counters do) sees the calls it sees unpatched: the output blocks run
+    their class's forward (warning) and the encoder projects K / V layer by layer; without
+    the hook the fused forwards run again."""
+    model = tiny_qformer("blip_2")
+    kwargs, _ = inputs("blip_2")
+    names = {id(m): n for n, m in model.named_modules()}
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(names.get(id(m)))
+    )
+    try:
+        with torch.no_grad():
+            want = model(**kwargs).last_hidden_state
+            unpatched, seen[:] = list(seen), []
+            with patch(model):
+                with pytest.warns(PatchFallbackWarning, match="global module forward hook"):
+                    got = model(**kwargs).last_hidden_state
+                hook.remove()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", PatchFallbackWarning)
+                    again = model(**kwargs).last_hidden_state
+    finally:
+        hook.remove()
+    assert "encoder.layer.0.crossattention.attention.key" in unpatched
+    assert sorted(seen) == sorted(unpatched)
+    assert rel(got, want) < 1e-5 and rel(again, want) < 1e-5
+
+
 def test_full_blip2_model():
     """vlmkernels.patch on a whole (tiny) Blip2ForConditionalGeneration: its Q-Former's
     classes are patched and the image features (vision tower, Q-Former, projection) and
