@@ -153,6 +153,31 @@ def test_idefics_patch_anywhere_dropout_and_refusals():
     assert "forward" not in outer[1].__dict__
 
 
+def test_idefics_attention_dropout_follows_cross_attn_mode():
+    """Attention dropout follows cross_attn's training flag, as in transformers (its
+    attention reads its own ``self.training``), not the layer's: a training layer with
+    cross_attn in eval mode drops nothing, and an eval layer with cross_attn training
+    drops."""
+    layer = tiny_layer(False, "float")
+    x, img, mask, gate = idefics_inputs(True)
+    layer.cross_attn.dropout = 0.3
+
+    def call():
+        return layer(x, image_hidden_states=img, image_attention_mask=mask,
+                     cross_attention_gate=gate)  # fmt: skip
+
+    with torch.no_grad():
+        plain = call()
+        with patch(layer):
+            layer.train()
+            layer.cross_attn.eval()
+            assert rel(call(), plain) < 1e-5
+            layer.eval()
+            layer.cross_attn.train()
+            dropped = call()
+    assert torch.isfinite(dropped).all() and rel(dropped, plain) > 1e-3
+
+
 def test_idefics_gated_layer_with_a_mask_compiles_fullgraph():
     """With an image mask, the patched layer traces under torch.compile(fullgraph=True)
     (the mask is not read on the host there) and matches transformers; a mask whose

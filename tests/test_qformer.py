@@ -311,6 +311,33 @@ def test_patched_qformer_hidden_dropout_in_training():
     assert rel(got, want) < 1e-5
 
 
+def test_hidden_dropout_follows_the_dropout_modules_mode():
+    """An eval-mode Q-Former whose nn.Dropout modules were put in training mode (MC dropout)
+    drops as transformers does (each nn.Dropout reads its own flag); in the opposite case
+    nothing is dropped."""
+    model = tiny_qformer("blip_2", layers=2).eval()
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in dropouts:
+        m.p = 0.3
+        m.train()
+    kwargs, _ = inputs("blip_2", masked=False)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        want = model(**kwargs).last_hidden_state
+        model.train()
+        for m in dropouts:
+            m.eval()
+        plain = model(**kwargs).last_hidden_state
+        with patch(model):
+            assert rel(model(**kwargs).last_hidden_state, plain) < 1e-5
+            model.eval()
+            for m in dropouts:
+                m.train()
+            torch.manual_seed(7)
+            got = model(**kwargs).last_hidden_state
+    assert rel(got, want) < 1e-5 and rel(want, plain) > 1e-3
+
+
 def test_patched_qformer_trains_with_attention_dropout():
     """One SGD step of the patched Q-Former in training mode with attention dropout 0.1
     (BLIP-2's default), in the kernel. Its masks cannot be transformers' (another RNG), so:

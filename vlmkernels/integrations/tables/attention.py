@@ -216,7 +216,7 @@ def _gated_forward(layer, arch: Architecture):
             raise NotImplementedError("Past key value states are not implemented for Idefics "
                                       "cross attention module.")  # fmt: skip
         a = self.cross_attn
-        drop = float(a.dropout) if self.training else 0.0
+        drop = float(a.dropout) if a.training else 0.0  # cross_attn's mode, as transformers
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         b, t, _ = x.shape
@@ -420,8 +420,9 @@ def _qformer_encoder_forward(module, arch: Architecture):
         # checkpoint: stacked outside, they would stay alive across every layer (the memory
         # checkpointing saves) and a reentrant recompute would back-propagate through them
         # twice (transformers sets gradient_checkpointing on the encoder or its layers)
-        checkpointed = self.training and torch.is_grad_enabled() and any(
-            getattr(m, "gradient_checkpointing", False) for m in (self, *self.layer))
+        checkpointed = torch.is_grad_enabled() and any(
+            m.training and getattr(m, "gradient_checkpointing", False)
+            for m in (self, *self.layer))  # fmt: skip
         if encoder_hidden_states is not None and query_length > 0 and not checkpointed:
             cross = [layer.crossattention.attention for layer in self.layer
                      if layer.has_cross_attention]  # fmt: skip
@@ -458,7 +459,7 @@ def _qformer_output_forward(module, arch: Architecture):
 
     def forward(self, hidden_states, input_tensor):
         dense, norm = self.dense, self.LayerNorm
-        if self.training and self.dropout.p > 0:
+        if self.dropout.training and self.dropout.p > 0:  # the nn.Dropout's own mode
             x, bias = self.dropout(dense(hidden_states)), None
         else:
             x, bias = F.linear(hidden_states, dense.weight), dense.bias
