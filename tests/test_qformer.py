@@ -91,6 +91,22 @@ def test_add_layernorm_3d_and_float64():
     assert all(rel(a, e) < 1e-10 for a, e in zip(got_grads, want_grads, strict=True))
 
 
+@pytest.mark.parametrize("shape", [(5, 16), (2, 3, 16)])
+def test_add_layernorm_leaf_grads_are_separate_buffers(shape):
+    """x and residual both leaves: their .grad are separate buffers (as for
+    LayerNorm(x + r) in PyTorch), so a second backward accumulates into each correctly."""
+    torch.manual_seed(4)
+    x, r = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    w, b = torch.randn(16) + 1, torch.randn(16)
+    g = torch.randn(shape)
+    for _ in range(2):
+        (add_layernorm(x, r, w, b) * g).sum().backward()
+    want_y, xs, _ = reference(x, r, w, b, None, 1e-12)
+    want = torch.autograd.grad(want_y, xs[:2], 2 * g.double())
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    assert rel(x.grad, want[0]) < 1e-5 and rel(r.grad, want[1]) < 1e-5
+
+
 def test_add_layernorm_bad_input():
     x, r, w = torch.randn(4, 6), torch.randn(4, 6), torch.randn(6)
     with pytest.raises(ValueError, match="residual must have x's shape"):
@@ -122,7 +138,10 @@ def test_opcheck_and_compile():
     w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
     c = torch.randn(24, requires_grad=True)
     op = torch.ops.vlmkernels.qformer_add_layernorm
-    for backend, args in (("triton", (x, c, r, w, b, 1e-6)), ("torch", (x, None, r, w, b, 0.1))):
+    x3 = torch.randn(2, 3, 24).transpose(0, 1).requires_grad_()  # (..., N), strided rows
+    cases = (("triton", (x, c, r, w, b, 1e-6)), ("torch", (x, None, r, w, b, 0.1)),
+             ("triton", (x3, None, x3.detach().clone(), w, b, 1e-6)))  # fmt: skip
+    for backend, args in cases:
         with use_backend(backend):
             torch.library.opcheck(op, args)
             # the statistics are the backward's, not differentiable results

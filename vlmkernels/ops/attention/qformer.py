@@ -19,12 +19,15 @@ Bias + residual + LayerNorm (:func:`add_layernorm`), rows of N features, fp32 st
 
 (x the dense output without its bias c, r the residual; y in x's dtype). Backward:
 dz = rstd (g - mean(g) - zhat mean(g zhat)) with g = dy w, dx = dr = dz, dc = sum_rows dz,
-dw = sum_rows dy zhat, db = sum_rows dy. Op ``vlmkernels::qformer_add_layernorm`` (Triton
-kernels in :mod:`.layernorm_kernels`; the PyTorch path computes in fp32, float64 in
-float64).
+dw = sum_rows dy zhat, db = sum_rows dy. Op ``vlmkernels::qformer_add_layernorm`` takes
+the (..., N) tensors and flattens their rows inside (views made before it would reach
+autograd, and would give two leaves one .grad buffer; see the backward). Triton kernels
+in :mod:`.layernorm_kernels`; the PyTorch path computes in fp32, float64 in float64.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn import functional as F
@@ -52,7 +55,13 @@ qformer_add_layernorm_backward = Op(
 )
 
 
+def _rows(t):
+    """(M, N) rows of a (..., N) tensor (a view where its strides allow)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 def _z(x, c, r):
+    x, r = _rows(x), _rows(r)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = x.to(compute) + r.to(compute)
     return z + c.to(compute) if c is not None else z
@@ -62,12 +71,13 @@ def _z(x, c, r):
 def _(x, c, r, w, b, eps):
     z = _z(x, c, r)
     y, mean, rstd = torch.native_layer_norm(z, [z.shape[1]], w.to(z.dtype), b.to(z.dtype), eps)
-    return y.to(x.dtype), mean.view(-1), rstd.view(-1)  # fp32 (float64 for float64)
+    return y.to(x.dtype).view(x.shape), mean.view(-1), rstd.view(-1)  # fp32 (f64 for f64)
 
 
 @qformer_add_layernorm.impl("triton")
 def _(x, c, r, w, b, eps):
-    return layernorm_kernels.add_layernorm_forward(x, c, r, w, b, eps)
+    y, mean, rstd = layernorm_kernels.add_layernorm_forward(_rows(x), c, _rows(r), w, b, eps)
+    return y.view(x.shape), mean, rstd
 
 
 def _stat_dtype(x):
@@ -76,7 +86,7 @@ def _stat_dtype(x):
 
 @qformer_add_layernorm.fake
 def _(x, c, r, w, b, eps):
-    m, stat = x.shape[0], _stat_dtype(x)
+    m, stat = math.prod(x.shape[:-1]), _stat_dtype(x)
     return x.new_empty(x.shape), x.new_empty(m, dtype=stat), x.new_empty(m, dtype=stat)
 
 
@@ -85,20 +95,22 @@ def _(grad, x, c, r, w, mean, rstd):
     z = _z(x, c, r)
     stats = (mean.to(z.dtype)[:, None], rstd.to(z.dtype)[:, None])
     dz, dw, db = torch.ops.aten.native_layer_norm_backward(
-        grad.to(z.dtype), z, [z.shape[1]], *stats, w.to(z.dtype), w.to(z.dtype),
+        _rows(grad).to(z.dtype), z, [z.shape[1]], *stats, w.to(z.dtype), w.to(z.dtype),
         [True, True, True],
     )  # fmt: skip
-    return dz.to(x.dtype), dw, db
+    return dz.to(x.dtype).view(x.shape), dw, db
 
 
 @qformer_add_layernorm_backward.impl("triton")
 def _(grad, x, c, r, w, mean, rstd):
-    return layernorm_kernels.add_layernorm_backward(grad, x, c, r, w, mean, rstd)
+    dz, dw, db = layernorm_kernels.add_layernorm_backward(_rows(grad), _rows(x), c, _rows(r), w,
+                                                          mean, rstd)  # fmt: skip
+    return dz.view(x.shape), dw, db
 
 
 @qformer_add_layernorm_backward.fake
 def _(grad, x, c, r, w, mean, rstd):
-    stat, n = _stat_dtype(x), x.shape[1]
+    stat, n = _stat_dtype(x), x.shape[-1]
     return x.new_empty(x.shape), x.new_empty(n, dtype=stat), x.new_empty(n, dtype=stat)
 
 
@@ -122,7 +134,11 @@ class _:
         need = ctx.needs_input_grad
         dz, dw, db = qformer_add_layernorm_backward(grad, x, c, r, w, mean, rstd)
         wd, bd, cd = ctx.dtypes
-        dc = dz.sum(0, dtype=_stat_dtype(dz)).to(cd) if need[1] else None
+        dc = _rows(dz).sum(0, dtype=_stat_dtype(dz)).to(cd) if need[1] else None
+        # the same tensor for x and the residual, as an addition's backward returns:
+        # where both are leaves autograd copies it for one of them (views of it, one per
+        # input, would each become a leaf's .grad, one buffer, and a later accumulation
+        # into one would reach the other)
         return (dz if need[0] else None, dc, dz if need[2] else None,
                 dw.to(wd) if need[3] else None, db.to(bd) if need[4] else None, None)  # fmt: skip
 
@@ -179,10 +195,7 @@ def add_layernorm_unchecked(x, residual, weight, bias, x_bias, eps: float) -> to
     """:func:`add_layernorm` without its argument checks (about 15 us of host time), for
     callers whose arguments are valid by construction (the patched Q-Former's output
     blocks: a Linear's output, its residual, a LayerNorm's parameters)."""
-    n = x.shape[-1]
-    y = qformer_add_layernorm(x.reshape(-1, n), x_bias, residual.reshape(-1, n), weight, bias,
-                              eps)[0]  # fmt: skip
-    return y.view(x.shape)
+    return qformer_add_layernorm(x, x_bias, residual, weight, bias, eps)[0]
 
 
 def stacked_kv(states: torch.Tensor, linears) -> list:
