@@ -122,18 +122,18 @@ def has_hooks(module) -> bool:
                 or module._backward_pre_hooks)  # fmt: skip
 
 
-# torch's hooks for every module (torch.nn.modules.module.register_module_forward_hook and
-# its kin: module trackers, FLOP and memory counters): a fused forward skips the calls of the
-# submodules it reads, so they would miss those
-_GLOBAL_HOOKS = tuple(f"_global_{kind}_hooks" for kind in
-                      ("forward_pre", "forward", "backward_pre", "backward"))  # fmt: skip
+# (attribute of torch.nn.modules.module, kind in words) of the hooks registered for every
+# module (register_module_forward_hook and its kin: module trackers, FLOP counters)
+_GLOBAL_HOOKS = tuple((f"_global_{k}_hooks", k.replace("_", " "))
+                      for k in ("forward_pre", "forward", "backward_pre", "backward"))  # fmt: skip
 
 
 def global_hooks() -> str | None:
-    """The first kind of module hook registered for every module, in words, or None."""
-    for name in _GLOBAL_HOOKS:
+    """The first kind of hook registered for every module, in words, or None: a fused
+    forward skips the calls of the submodules it reads, which such a hook would miss."""
+    for name, kind in _GLOBAL_HOOKS:
         if getattr(torch.nn.modules.module, name, None):
-            return f"a global module {name[8:-6].replace('_', ' ')} hook is registered"
+            return f"a global module {kind} hook is registered"
     return None
 
 
@@ -144,8 +144,7 @@ def changed_part(module, parts: Mapping[str, type]) -> str | None:
     layers' parameters: a layer replaced after patching (a PEFT LoRA wrapper, a quantised
     linear, whose ``weight`` may still be the base one) or hooked would be bypassed
     silently, so the forward runs the class's own instead (:func:`class_forward`)."""
-    hooked = global_hooks()
-    if hooked is not None:
+    if (hooked := global_hooks()) is not None:
         return hooked
     for name, cls in parts.items():
         if "." not in name:  # the usual case, a dict lookup (this runs on every call)
