@@ -28,16 +28,24 @@ from __future__ import annotations
 
 import dataclasses
 import dis
-import functools
 import importlib
 import inspect
 import sys
 import types
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+
+from .fallback import (
+    PatchFallbackWarning,
+    changed_part,
+    class_forward,
+    fused_forward,
+    global_hooks,
+    has_hooks,
+    parts_of,
+)
 
 __all__ = [
     "AlreadyPatchedError",
@@ -58,6 +66,7 @@ __all__ = [
     "exact_layer",
     "fused_forward",
     "has_hooks",
+    "global_hooks",
     "global_loads",
     "install",
     "is_patched",
@@ -102,91 +111,6 @@ def exact_layer(layer, cls: type, where: str):
 
 class AlreadyPatchedError(RuntimeError):
     """The instance (or part of it) is already patched by vlmkernels."""
-
-
-class PatchFallbackWarning(UserWarning):
-    """A patched module ran its class's own forward: a layer its fused forward reads the
-    parameters of was replaced or hooked after patching (see :func:`changed_part`)."""
-
-
-def parts_of(module, names: Iterable[str]) -> dict[str, type]:
-    """{dotted name: class} of the submodules whose parameters a fused forward reads
-    instead of calling them: what :func:`changed_part` checks on every call."""
-    return {name: type(module.get_submodule(name)) for name in names}
-
-
-def has_hooks(module) -> bool:
-    """Whether ``module`` has forward or backward hooks of its own (a fused forward that
-    does not call it would skip them)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)  # fmt: skip
-
-
-# (attribute of torch.nn.modules.module, kind in words) of the hooks registered for every
-# module (register_module_forward_hook and its kin: module trackers, FLOP counters)
-_GLOBAL_HOOKS = tuple((f"_global_{k}_hooks", k.replace("_", " "))
-                      for k in ("forward_pre", "forward", "backward_pre", "backward"))  # fmt: skip
-
-
-def global_hooks() -> str | None:
-    """The first kind of hook registered for every module, in words, or None: a fused
-    forward skips the calls of the submodules it reads, which such a hook would miss."""
-    for name, kind in _GLOBAL_HOOKS:
-        if getattr(torch.nn.modules.module, name, None):
-            return f"a global module {kind} hook is registered"
-    return None
-
-
-def changed_part(module, parts: Mapping[str, type]) -> str | None:
-    """None while each submodule of ``parts`` is still of the class the patch checked and has
-    no hooks of its own, and no module hook is registered for every module
-    (:func:`global_hooks`); else the first difference, in words. A fused forward reads those
-    layers' parameters: a layer replaced after patching (a PEFT LoRA wrapper, a quantised
-    linear, whose ``weight`` may still be the base one) or hooked would be bypassed
-    silently, so the forward runs the class's own instead (:func:`class_forward`)."""
-    if (hooked := global_hooks()) is not None:
-        return hooked
-    for name, cls in parts.items():
-        if "." not in name:  # the usual case, a dict lookup (this runs on every call)
-            sub = module._modules.get(name)
-        else:
-            try:
-                sub = module.get_submodule(name)
-            except AttributeError:
-                sub = None
-        if type(sub) is not cls:
-            return f"{name} is now {type(sub).__qualname__}, not {cls.__qualname__}"
-        if has_hooks(sub):
-            return f"{name} has hooks of its own"
-        if "forward" in sub.__dict__:
-            return f"{name} has a forward of its own"
-    return None
-
-
-def class_forward(module, why: str, *args, **kwargs):
-    """``type(module).forward(module, ...)`` with a :class:`PatchFallbackWarning` saying why
-    the fused forward does not run (shown once per module class and reason)."""
-    warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not the "
-                  f"fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
-    return type(module).forward(module, *args, **kwargs)
-
-
-def fused_forward(module, reads: Iterable[str], forward: Callable) -> Callable:
-    """``forward`` (an instance forward built for ``module``) guarded for the submodules
-    ``reads`` whose parameters it reads instead of calling them: each call checks them
-    (:func:`changed_part`) and runs the class's forward instead where one changed
-    (:func:`class_forward`). The guard carries them as ``parts``."""
-    parts = parts_of(module, reads)
-
-    @functools.wraps(forward)
-    def guarded(self, *args, **kwargs):
-        why = changed_part(self, parts)
-        if why is not None:
-            return class_forward(self, why, *args, **kwargs)
-        return forward(self, *args, **kwargs)
-
-    guarded.parts = parts
-    return guarded
 
 
 def is_patched(obj) -> bool:
