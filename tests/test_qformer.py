@@ -5,7 +5,8 @@ InstructBLIP Q-Formers (tiny random configs, cross-attention every 2nd layer) pa
 against transformers: outputs and gradients (image features, queries, every weight) in
 fp32 and bf16, the one-GEMM K / V actually used, the weight cache following in-place
 updates, undo restoring the instances bitwise; a training step with attention dropout in
-the kernel."""
+the kernel; layers that must project their own K / V (checkpointed, FSDP2-sharded, hooked,
+handed other image features by a hook)."""
 
 import copy
 import importlib
@@ -18,7 +19,7 @@ from vlmkernels.core.backend import use_backend
 from vlmkernels.ops.attention.qformer import add_layernorm, stacked_kv
 
 transformers = pytest.importorskip("transformers")
-from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning, is_patched  # noqa: E402
 from vlmkernels.integrations.transformers import patch  # noqa: E402
 
 
@@ -547,6 +548,97 @@ def test_hooked_or_replaced_layers_run_as_they_are():
         with pytest.warns(PatchFallbackWarning, match="dense is now Sequential"):
             got = model(**kwargs).last_hidden_state
         assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
+
+
+def test_pre_hook_replacing_the_image_states_is_seen():
+    """A forward pre-hook on one cross-attention block that replaces the image features it
+    receives: that layer attends to the new features, not to the K / V the encoder
+    projected from the old ones (the stacked K / V are used only for the very tensor they
+    were projected from)."""
+
+    def doubled(module, args, kwargs):
+        if kwargs.get("encoder_hidden_states") is not None:
+            kwargs = {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] * 2}
+        return args, kwargs
+
+    model = tiny_qformer("blip_2")
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.encoder.layer[2].crossattention.register_forward_pre_hook(doubled, with_kwargs=True)
+    kwargs, _ = inputs("blip_2")
+    with torch.no_grad(), patch(model):
+        got = model(**kwargs).last_hidden_state
+        want = ref(**kwargs).last_hidden_state
+    assert rel(got, want) < 1e-5
+
+
+def test_reentrant_checkpoint_wrapped_layers():
+    """Layers wrapped by torch's ``apply_activation_checkpointing`` (reentrant
+    CheckpointWrapper) project their own K / V inside their checkpoints: K / V stacked
+    outside would be back-propagated through a second time by the recompute. Outputs and
+    gradients match the unpatched wrapped model."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint import checkpoint_wrapper as cw
+
+    model = tiny_qformer("blip_2").train()
+    layer_cls = type(model.encoder.layer[0])
+    cw.apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(
+            cw.checkpoint_wrapper, checkpoint_impl=cw.CheckpointImpl.REENTRANT
+        ),
+        check_fn=lambda m: isinstance(m, layer_cls),
+    )
+    assert type(model.encoder.layer[0]) is cw.CheckpointWrapper
+    kwargs, leaves = inputs("blip_2")
+
+    def step():
+        tensors = [*leaves, *model.parameters()]
+        for t in tensors:
+            t.grad = None
+        out = model(**kwargs).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), [t.grad for t in tensors]
+
+    want, want_grads = step()
+    with patch(model):
+        assert is_patched(model.encoder.layer[0].crossattention.attention.forward)
+        got, got_grads = step()
+    assert rel(got, want) < 1e-5
+    assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
+               if e is not None and e.abs().max() > 1e-6)  # fmt: skip
+
+
+def test_fsdp2_sharded_layers(tmp_path):
+    """Layers sharded by FSDP2's ``fully_shard`` (world size 1, gloo, in this process): their
+    key / value weights are DTensors until each layer's own pre-forward hook gathers them,
+    so each layer projects its own K / V; outputs and input gradients match transformers."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    model = tiny_qformer("blip_2").train()
+    ref = copy.deepcopy(model)
+    kwargs, leaves = inputs("blip_2")
+    want, want_grads = run(ref, kwargs, leaves)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        with warnings.catch_warnings(), patch(model):
+            warnings.simplefilter("ignore", UserWarning)  # FSDP2: "returned a view tensor"
+            out = model(**kwargs).last_hidden_state
+            g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+            got_grads = torch.autograd.grad((out * g).sum(), leaves)
+    finally:
+        dist.destroy_process_group()
+    assert rel(out.detach(), want) < 1e-5
+    assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads[:2], strict=True))
 
 
 def test_global_module_hooks_see_every_layer():

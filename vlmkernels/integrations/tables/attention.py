@@ -79,6 +79,7 @@ from ..patching import (
     changed_part,
     class_forward,
     fused_forward,
+    has_hooks,
     is_patched,
     register,
 )
@@ -314,9 +315,11 @@ def _qformer_forward(module, arch: Architecture):
         b, t = hidden_states.shape[:2]
         n, d = states.shape[1], self.attention_head_size
         q = self.query(hidden_states).view(b, t, -1, d).transpose(1, 2)
-        kv = kwargs.get(QFORMER_KV) if cross else None  # part qformer: one GEMM for all
-        kv = kv.get(self) if kv is not None else None
-        if kv is None or kv[0].shape[:-1] != states.shape[:-1]:
+        # part qformer: K / V from the encoder's one GEMM, if projected from these very
+        # states (a hook between the encoder and this module may have replaced them)
+        stacked = kwargs.get(QFORMER_KV) if cross else None
+        kv = stacked[1].get(self) if stacked is not None and stacked[0] is states else None
+        if kv is None:
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
         if b == 1 and k.shape[0] > 1:  # one set of queries for every image (transformers
@@ -398,8 +401,39 @@ IDEFICS_REPLACEMENTS = (
     SetMethod("gated_cross_attention", "gated_cross_attention", "forward", _gated_forward,
               _check_class),
 )  # fmt: skip
-QFORMER_KV = "vlmkernels_qformer_kv"  # the encoder's keyword: {cross module: (K, V)}
+# the encoder's keyword to its layers: (the states projected, {cross module: (K, V)})
+QFORMER_KV = "vlmkernels_qformer_kv"
 _KV_PARTS = {"key": torch.nn.Linear, "value": torch.nn.Linear}  # what stacked_kv reads
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _stackable(layer, module: str):
+    """The cross-attention module of Q-Former ``layer`` whose K / V the encoder may project
+    in its one GEMM, or None where the layer must project its own: the layer and its
+    ``crossattention`` block are still the library's classes (not a ``CheckpointWrapper``,
+    whose reentrant recompute would back-propagate through K / V projected outside it a
+    second time, nor FSDP2's ``fully_shard`` subclass, whose weights are sharded until its
+    own pre-forward hook gathers them) with no hooks or forward of their own; the attention
+    runs patched; its key / value layers are unchanged nn.Linear with plain weights."""
+    if type(layer).__module__ != module or not layer.has_cross_attention:
+        return None
+    block = layer._modules.get("crossattention")
+    attention = block._modules.get("attention") if block is not None else None
+    for m in (layer, block, attention):
+        if type(m).__module__ != module:
+            return None
+    for m in (layer, block):
+        if has_hooks(m) or "forward" in m.__dict__:
+            return None
+    if not is_patched(attention.__dict__.get("forward")):
+        return None
+    if changed_part(attention, _KV_PARTS) is not None:
+        return None
+    tensors = (attention.key.weight, attention.key.bias, attention.value.weight,
+               attention.value.bias)  # fmt: skip
+    if any(t is not None and type(t) not in _PLAIN for t in tensors):
+        return None
+    return attention
 
 
 def _qformer_encoder_forward(module, arch: Architecture):
@@ -424,17 +458,13 @@ def _qformer_encoder_forward(module, arch: Architecture):
             m.training and getattr(m, "gradient_checkpointing", False)
             for m in (self, *self.layer))  # fmt: skip
         if encoder_hidden_states is not None and query_length > 0 and not checkpointed:
-            cross = [layer.crossattention.attention for layer in self.layer
-                     if layer.has_cross_attention]  # fmt: skip
-            # attention modules whose key / value layers are still plain nn.Linear (one
-            # replaced or hooked after patching computes its own K / V)
-            cross = [a for a in cross if is_patched(a.__dict__.get("forward"))
-                     and changed_part(a, _KV_PARTS) is None]  # fmt: skip
+            cross = [_stackable(layer, arch.module) for layer in self.layer]
+            cross = [a for a in cross if a is not None]
             if cross:
                 linears = [lin for a in cross for lin in (a.key, a.value)]
                 out = stacked_kv(encoder_hidden_states, linears)
-                kwargs[QFORMER_KV] = {a: (out[2 * i], out[2 * i + 1])
-                                      for i, a in enumerate(cross)}  # fmt: skip
+                kv = {a: (out[2 * i], out[2 * i + 1]) for i, a in enumerate(cross)}
+                kwargs[QFORMER_KV] = (encoder_hidden_states, kv)
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, query_length, **kwargs)  # fmt: skip
 
