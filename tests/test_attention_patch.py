@@ -210,6 +210,12 @@ def test_mask_ranges():
     # the same mask again (every gated layer of a forward): the ranges computed before,
     # until the mask changes in place
     assert mask_ranges(allowed, 2, 3, 4)[0] is mask_ranges(allowed, 2, 3, 4)[0]
+    # read by two gated layers, once each (one forward): once; the first one reading it
+    # again starts the next forward, which reads the mask again
+    first, second = torch.nn.Identity(), torch.nn.Identity()
+    once = mask_ranges(allowed, 2, 3, 4, reader=first)[0]
+    assert mask_ranges(allowed, 2, 3, 4, reader=second)[0] is once
+    assert mask_ranges(allowed, 2, 3, 4, reader=first)[0] is not once
     allowed[0, 0, 1, 3] = True
     lo, hi = mask_ranges(allowed, 2, 3, 4)
     assert lo.tolist() == [[1, 3, 0]] * 2 and hi.tolist() == [[3, 4, 4]] * 2
@@ -225,6 +231,23 @@ def test_mask_ranges():
     # nothing read on the host
     lo, hi = mask_ranges(torch.zeros(2, 1, 3, 4, device="meta"), 2, 3, 4)
     assert lo.is_meta and lo.shape == hi.shape == (2, 3)
+
+
+def test_idefics_mask_changed_through_data_between_forwards():
+    """The mask's key ranges are read once per forward: a second call of the same gated
+    layer reads the mask again, so a change made through ``mask.data`` (which bumps no
+    version counter) shows in the next forward, as it does in transformers'."""
+    layer = tiny_layer(False, "float")
+    ref = copy.deepcopy(layer)
+    x, img, mask, gate = idefics_inputs(True)
+    with torch.no_grad(), patch(layer):
+        layer(x, image_hidden_states=img, image_attention_mask=mask, cross_attention_gate=gate)
+        mask.data[0, 0, 4, 8:12] = 0.0  # token 4 now sees images 2 and 3, not 2 alone
+        got = layer(x, image_hidden_states=img, image_attention_mask=mask,
+                    cross_attention_gate=gate)  # fmt: skip
+        want = ref(x, image_hidden_states=img, image_attention_mask=mask,
+                   cross_attention_gate=gate)  # fmt: skip
+    assert rel(got, want) < 1e-5
 
 
 def tiny_qformer(module, prefix):

@@ -137,23 +137,26 @@ _LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "cross_attn",
           "act_cross_attn", "act_dense", "alpha_cross_attn", "alpha_dense")  # fmt: skip
 
 
-# (weak reference to the mask, key, ranges) of the last mask mask_ranges checked: IDEFICS
-# passes one image attention mask to every gated layer of a forward, and the check reads the
-# mask on the host (a device wait). The weak reference keeps no user tensor alive, and a
-# mask freed since never matches a new one (its reference is dead, whatever the new one's
-# address or id)
+# (weak reference to the mask, key, ranges, ids of the layers that read them) of the last
+# mask mask_ranges checked: IDEFICS passes one image attention mask to every gated layer of
+# a forward, and the check reads the mask on the host (a device wait). The weak reference
+# keeps no user tensor alive, and a mask freed since never matches a new one (its reference
+# is dead, whatever the new one's address or id)
 _LAST_RANGES: list = [None]
 
 
-def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
+def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=None):
     """(lo, hi): int32 (B, T) key ranges of an IDEFICS image attention mask ((B or 1, 1,
     T, N) additive, 0 = allowed, or bool, True = allowed); rows allowing nothing get
     lo = hi = 0. Raises ValueError when a row's allowed keys are not one interval.
 
-    The same mask object, unchanged since (its version counter), gets the ranges computed
-    last time; an inference tensor has no version counter and is read every time. While
-    torch.compile traces, the mask is not read on the host: a row whose keys are not one
-    interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there); so
+    The ranges are computed once per forward: the same mask object, unchanged since (its
+    version counter), gets the ranges computed last time, unless ``reader`` (the gated
+    layer asking) already read them, which starts a new forward and reads the mask again.
+    So a change made through ``mask.data`` (which bumps no version counter) shows from the
+    next forward on. An inference tensor has no version counter and is read every time.
+    While torch.compile traces, the mask is not read on the host: a row whose keys are not
+    one interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there); so
     too on the meta device (a shape pass over a model built there)."""
     if torch.compiler.is_compiling() or mask.is_meta:
         return _mask_ranges(mask, batch, tokens, keys, traced=True)
@@ -161,10 +164,13 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int):
         return _mask_ranges(mask, batch, tokens, keys)
     key = (mask._version, batch, tokens, keys)
     last = _LAST_RANGES[0]
-    if last is not None and last[0]() is mask and last[1] == key:
+    if last is not None and last[0]() is mask and last[1] == key and id(reader) not in last[3]:
+        if reader is not None:
+            last[3].add(id(reader))
         return last[2]
     ranges = _mask_ranges(mask, batch, tokens, keys)
-    _LAST_RANGES[0] = (weakref.ref(mask), key, ranges)  # the mask is not kept alive
+    readers = set() if reader is None else {id(reader)}
+    _LAST_RANGES[0] = (weakref.ref(mask), key, ranges, readers)  # the mask is not kept alive
     return ranges
 
 
@@ -231,7 +237,7 @@ def _gated_forward(layer, arch: Architecture):
         if image_attention_mask is None:
             out = cross_attention(q, k, v, scale=a.scaling, dropout_p=drop)
         else:
-            lo, hi = mask_ranges(image_attention_mask, b, t, n)
+            lo, hi = mask_ranges(image_attention_mask, b, t, n, reader=self)
             if not 0 <= drop < 1:
                 raise ValueError(f"vlmkernels (IDEFICS cross-attention): attention dropout "
                                  f"must be in [0, 1), got {drop}")  # fmt: skip
