@@ -238,6 +238,17 @@ def run(model, kwargs, leaves):
     return out, grads
 
 
+def backward_step(model, kwargs, leaves):
+    """``run`` through ``.backward()`` (reentrant checkpoints refuse torch.autograd.grad):
+    the output and the .grad of the leaves and every parameter."""
+    tensors = [*leaves, *model.parameters()]
+    for t in tensors:
+        t.grad = None
+    out = model(**kwargs).last_hidden_state
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
 def count_kv_calls(model, monkeypatch):
     """Calls of the cross-attention key / value Linears, counted in ``nn.Linear.forward``
     (a hook on them would make the patched encoder compute their K / V one by one, as a
@@ -452,18 +463,9 @@ def test_patched_qformer_gradient_checkpointing(reentrant):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     kwargs, leaves = inputs("blip_2")
-
-    def step():  # .backward(): reentrant checkpoints refuse torch.autograd.grad
-        tensors = [*leaves, *model.parameters()]
-        for t in tensors:
-            t.grad = None
-        out = model(**kwargs).last_hidden_state
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        return out.detach(), [t.grad for t in tensors]
-
-    want, want_grads = step()
+    want, want_grads = backward_step(model, kwargs, leaves)
     with patch(model):
-        got, got_grads = step()
+        got, got_grads = backward_step(model, kwargs, leaves)
     assert rel(got, want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
                if e is not None and e.abs().max() > 1e-6)  # fmt: skip
@@ -592,19 +594,10 @@ def test_reentrant_checkpoint_wrapped_layers():
     )
     assert type(model.encoder.layer[0]) is cw.CheckpointWrapper
     kwargs, leaves = inputs("blip_2")
-
-    def step():
-        tensors = [*leaves, *model.parameters()]
-        for t in tensors:
-            t.grad = None
-        out = model(**kwargs).last_hidden_state
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        return out.detach(), [t.grad for t in tensors]
-
-    want, want_grads = step()
+    want, want_grads = backward_step(model, kwargs, leaves)
     with patch(model):
         assert is_patched(model.encoder.layer[0].crossattention.attention.forward)
-        got, got_grads = step()
+        got, got_grads = backward_step(model, kwargs, leaves)
     assert rel(got, want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
                if e is not None and e.abs().max() > 1e-6)  # fmt: skip
