@@ -10,7 +10,10 @@ Part ``qformer`` (the fused Q-Former): the encoder (``Blip2QFormerEncoder``,
 ``InstructBlipQFormerEncoder``) projects the image features to K and V for every
 cross-attention layer in one GEMM (the layers' key / value weights concatenated: (B N x E)
 @ (E x 2 L H D), concatenated per call, in the graph with gradients) and hands each patched
-cross-attention module its slices (keyword ``vlmkernels_qformer_kv``); the output blocks
+cross-attention module its slices (keyword ``vlmkernels_qformer_kv``, with the features
+they came from: a module handed other features by a hook projects those); a layer that is
+checkpointed, wrapped (``CheckpointWrapper``, FSDP2's ``fully_shard``) or hooked projects
+its own K and V (:func:`_stackable`). The output blocks
 (``...QFormerSelfOutput``, ``...QFormerOutput``: LayerNorm(dense(h) + residual)) run the
 dense bias, the residual and the LayerNorm in one kernel (fp32 statistics). Outputs and
 gradients (image features, every weight) match transformers. CUDA graphs at batch 1:
