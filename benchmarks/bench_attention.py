@@ -48,8 +48,6 @@ from .harness import (
     OpSpec,
     Prepared,
     Provider,
-    Results,
-    RunConfig,
     Suite,
     checksummed,
 )
@@ -174,14 +172,9 @@ OPS = (
 )
 
 
-def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The targets of this suite as measured in this run."""
-    return targets.summary(
-        "attention",
-        results,
-        cfg.device.type == "cuda",
-        "no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed",
-    )
+summarize = targets.summarizer(
+    "attention", "no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed"
+)
 
 
 SUITE = Suite(name="attention", ops=OPS, grid=grid, x_name="B", summarize=summarize)

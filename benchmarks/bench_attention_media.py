@@ -46,8 +46,6 @@ from .harness import (
     OpSpec,
     Prepared,
     Provider,
-    Results,
-    RunConfig,
     Suite,
     checksummed,
 )
@@ -206,14 +204,9 @@ def grid(profile: str) -> dict[str, list[int]]:
 OPS = (OpSpec("media_cross_attention", PROVIDERS, flops, nbytes),)
 
 
-def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The targets of this suite as measured in this run."""
-    return targets.summary(
-        "attention_media",
-        results,
-        cfg.device.type == "cuda",
-        "no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed",
-    )
+summarize = targets.summarizer(
+    "attention_media", "no CUDA device: a CPU sweep, whose shapes and dtype differ; GPU rows owed"
+)
 
 
 SUITE = Suite(name="attention_media", ops=OPS, grid=grid, x_name="T", summarize=summarize)

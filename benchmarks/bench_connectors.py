@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import vlmkernels.ops.connectors as C
 
 from . import targets
-from .harness import BuildArgs, OpSpec, Prepared, Provider, Results, RunConfig, Suite
+from .harness import BuildArgs, OpSpec, Prepared, Provider, Suite
 
 _CUDA_ONLY = "torch.compile is timed on CUDA only (the CPU suite times the PyTorch paths)"
 
@@ -290,15 +290,11 @@ OPS = tuple(
 )
 
 
-def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The targets of this suite as measured in this run."""
-    return targets.summary(
-        "connectors",
-        results,
-        cfg.device.type == "cuda",
-        "no CUDA device: a CPU sweep at tiny shapes in fp32; GPU rows owed",
-        heading=", the GPU shapes of grid('full')",
-    )
+summarize = targets.summarizer(
+    "connectors",
+    "no CUDA device: a CPU sweep at tiny shapes in fp32; GPU rows owed",
+    heading=", the GPU shapes of grid('full')",
+)
 
 
 SUITE = Suite(name="connectors", ops=OPS, grid=grid, x_name="M", summarize=summarize)

@@ -48,8 +48,6 @@ from .harness import (
     OpSpec,
     Prepared,
     Provider,
-    Results,
-    RunConfig,
     Suite,
     checksummed,
 )
@@ -188,14 +186,9 @@ OPS = (
 )
 
 
-def summarize(results: Results, cfg: RunConfig) -> list[str]:
-    """The targets of this suite as measured in this run."""
-    return targets.summary(
-        "tokens",
-        results,
-        cfg.device.type == "cuda",
-        "no CUDA device: a CPU sweep, whose shapes and dtype differ",
-    )
+summarize = targets.summarizer(
+    "tokens", "no CUDA device: a CPU sweep, whose shapes and dtype differ"
+)
 
 
 SUITE = Suite(name="tokens", ops=OPS, grid=grid, x_name="B", summarize=summarize)

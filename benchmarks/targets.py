@@ -246,6 +246,17 @@ def summary(suite: str, results: Results, on_cuda: bool, cpu_note: str,
     return lines
 
 
+def summarizer(suite: str, cpu_note: str, heading: str = ""):
+    """A suite's ``summarize(results, cfg)``: the :func:`summary` of its targets, with
+    ``cpu_note`` where the run had no CUDA device."""
+
+    def summarize(results: Results, cfg) -> list[str]:
+        """The targets of this suite as measured in this run."""
+        return summary(suite, results, cfg.device.type == "cuda", cpu_note, heading)
+
+    return summarize
+
+
 # --------------------------------------------------------------------------------------
 # Issue 12: attention (H100, bf16, forward). Few-query cross-attention (H 16, D 64) at least
 # 2x cuDNN SDPA when B x H <= 32 and at least 0.95x elsewhere; the key mass in at most 1.15x
