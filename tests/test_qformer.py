@@ -19,7 +19,11 @@ from vlmkernels.core.backend import use_backend
 from vlmkernels.ops.attention.qformer import add_layernorm, stacked_kv
 
 transformers = pytest.importorskip("transformers")
-from vlmkernels.integrations.patching import PatchFallbackWarning, is_patched  # noqa: E402
+from vlmkernels.integrations.patching import (  # noqa: E402
+    PatchFallbackWarning,
+    WrappedLayerError,
+    is_patched,
+)
 from vlmkernels.integrations.transformers import patch  # noqa: E402
 
 
@@ -547,7 +551,7 @@ def test_hooked_or_replaced_layers_run_as_they_are():
             block = m.encoder.layer[1].output_query
             block.dense = torch.nn.Sequential(block.dense)  # another module, same math + 0
             block.dense.append(torch.nn.Identity())
-        with pytest.warns(PatchFallbackWarning, match="dense is now Sequential"):
+        with pytest.warns(PatchFallbackWarning, match="dense is now nn.Sequential, not nn.Linear"):
             got = model(**kwargs).last_hidden_state
         assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
 
@@ -632,6 +636,48 @@ def test_fsdp2_sharded_layers(tmp_path):
         dist.destroy_process_group()
     assert rel(out.detach(), want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads[:2], strict=True))
+
+
+class _Adapter(torch.nn.Module):
+    """A PEFT-style wrapper: the original linear as ``base_layer``."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+# PEFT's LoRA wrapper of an nn.Linear is a class named Linear too
+_PeftLinear = type("Linear", (_Adapter,), {"__module__": "peft.tuners.lora.layer"})
+
+
+@pytest.mark.parametrize("part,wrapper,named", [
+    ("dense", _PeftLinear, "peft.tuners.lora.layer.Linear, not torch.nn.Linear"),
+    ("LayerNorm", _Adapter, "_Adapter, not nn.LayerNorm"),
+])  # fmt: skip
+def test_output_block_wrapped_before_or_after_patching(part, wrapper, named):
+    """An output block's dense or LayerNorm wrapped before patching (PEFT, FSDP2 on the
+    layer) is refused as a wrapped layer, with the advice to patch first, not blamed on
+    the transformers version, and nothing is changed; wrapped after patching, the block
+    runs its class's forward, warning. Both messages tell a wrapper named like the layer
+    (PEFT's lora.Linear) from it."""
+    model = tiny_qformer("blip_2")
+    ref = copy.deepcopy(model)
+    block = model.encoder.layer[1].output_query
+    setattr(block, part, wrapper(getattr(block, part)))
+    with pytest.raises(WrappedLayerError, match=f"{part} is {named}") as info:
+        patch(model)
+    assert "patch before wrapping" in str(info.value)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    setattr(block, part, getattr(block, part).base_layer)
+    kwargs, _ = inputs("blip_2")
+    with torch.no_grad(), patch(model):
+        setattr(block, part, wrapper(getattr(block, part)))
+        with pytest.warns(PatchFallbackWarning, match=f"{part} is now {named}"):
+            got = model(**kwargs).last_hidden_state
+    assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
 
 
 def test_global_module_hooks_see_every_layer():

@@ -20,6 +20,7 @@ __all__ = [
     "PatchFallbackWarning",
     "changed_part",
     "class_forward",
+    "distinct_names",
     "fused_forward",
     "global_hooks",
     "has_hooks",
@@ -30,6 +31,20 @@ __all__ = [
 class PatchFallbackWarning(UserWarning):
     """A patched module ran its class's own forward: a layer its fused forward reads the
     parameters of was replaced or hooked after patching (see :func:`changed_part`)."""
+
+
+def distinct_names(a: type, b: type) -> tuple[str, str]:
+    """The names of classes ``a`` and ``b`` in messages (``nn.Linear`` for torch's), each
+    with its module where the two would read the same (PEFT's ``lora.Linear`` in place
+    of an ``nn.Linear``)."""
+
+    def name(c: type, full: bool) -> str:
+        torch_nn = c.__module__.startswith("torch.nn.modules.")
+        module = ("torch.nn" if full else "nn") if torch_nn else c.__module__ if full else ""
+        return f"{module}.{c.__qualname__}" if module else c.__qualname__
+
+    full = a.__qualname__ == b.__qualname__
+    return name(a, full), name(b, full)
 
 
 def parts_of(module, names: Iterable[str]) -> dict[str, type]:
@@ -78,7 +93,8 @@ def changed_part(module, parts: Mapping[str, type]) -> str | None:
             except AttributeError:
                 sub = None
         if type(sub) is not cls:
-            return f"{name} is now {type(sub).__qualname__}, not {cls.__qualname__}"
+            now, was = distinct_names(type(sub), cls)
+            return f"{name} is now {now}, not {was}"
         if has_hooks(sub):
             return f"{name} has hooks of its own"
         if "forward" in sub.__dict__:

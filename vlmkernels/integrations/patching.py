@@ -41,6 +41,7 @@ from .fallback import (
     PatchFallbackWarning,
     changed_part,
     class_forward,
+    distinct_names,
     fused_forward,
     global_hooks,
     has_hooks,
@@ -102,8 +103,8 @@ def exact_layer(layer, cls: type, where: str):
     :class:`UnsupportedLayoutError`."""
     if type(layer) is cls:
         return layer
-    name = f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__qualname__
-    what = f"{where} is {type(layer).__name__}, not {name}"
+    kind, name = distinct_names(type(layer), cls)
+    what = f"{where} is {kind}, not {name}"
     if isinstance(layer, cls) or isinstance(getattr(layer, "base_layer", None), cls):
         raise WrappedLayerError(f"{what} (a wrapped or replaced layer)")
     raise UnsupportedLayoutError(what)

@@ -81,6 +81,7 @@ from ..patching import (
     UnsupportedLayoutError,
     changed_part,
     class_forward,
+    exact_layer,
     fused_forward,
     has_hooks,
     is_patched,
@@ -488,10 +489,10 @@ def _qformer_output_forward(module, arch: Architecture):
     one kernel (:func:`add_layernorm_unchecked`: a Linear's output, its residual and a
     LayerNorm's parameters need no checks); with hidden dropout in training mode, the bias is
     added before the dropout as transformers does."""
-    dense, norm = getattr(module, "dense", None), getattr(module, "LayerNorm", None)
-    if not isinstance(dense, torch.nn.Linear) or not isinstance(norm, torch.nn.LayerNorm):
-        raise UnsupportedLayoutError(f"{type(module).__qualname__} has no dense Linear and "
-                                     "LayerNorm")  # fmt: skip
+    where = type(module).__qualname__
+    exact_layer(getattr(module, "dense", None), torch.nn.Linear, f"{where}.dense")
+    norm = exact_layer(getattr(module, "LayerNorm", None), torch.nn.LayerNorm,
+                       f"{where}.LayerNorm")  # fmt: skip
     if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{type(module).__qualname__}.LayerNorm is not an "
                                      "affine LayerNorm over the last dim")  # fmt: skip
