@@ -39,9 +39,9 @@ def distinct_names(a: type, b: type) -> tuple[str, str]:
     of an ``nn.Linear``)."""
 
     def name(c: type, full: bool) -> str:
-        torch_nn = c.__module__.startswith("torch.nn.modules.")
-        module = ("torch.nn" if full else "nn") if torch_nn else c.__module__ if full else ""
-        return f"{module}.{c.__qualname__}" if module else c.__qualname__
+        if c.__module__.startswith("torch.nn.modules."):
+            return f"{'torch.nn' if full else 'nn'}.{c.__qualname__}"
+        return f"{c.__module__}.{c.__qualname__}" if full else c.__qualname__
 
     full = a.__qualname__ == b.__qualname__
     return name(a, full), name(b, full)
