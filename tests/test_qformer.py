@@ -578,6 +578,36 @@ def test_pre_hook_replacing_the_image_states_is_seen():
     assert rel(got, want) < 1e-5
 
 
+def test_output_recorders_keep_the_stacked_kv(monkeypatch):
+    """transformers hooks every Q-Former layer for good the first time hidden states are
+    asked for (its output recorders: forward hooks); later calls still project K / V in
+    the one GEMM, and the recorded hidden states match transformers'. A full backward hook
+    on a layer sees the gradient of the image features it was handed, as unpatched."""
+    model = tiny_qformer("blip_2")
+    ref = copy.deepcopy(model)
+    kwargs, (_, image) = inputs("blip_2")
+    with torch.no_grad():
+        want = ref(**kwargs, output_hidden_states=True).hidden_states
+    with patch(model):
+        with torch.no_grad():
+            got = model(**kwargs, output_hidden_states=True).hidden_states
+            assert all(layer._forward_hooks for layer in model.encoder.layer)
+            calls = count_kv_calls(model, monkeypatch)
+            model(**kwargs)
+            assert not calls  # still the one GEMM
+        seen = {}
+        for name, m in (("got", model), ("want", ref)):
+
+            def keep(module, grad_in, grad_out, name=name):
+                seen[name] = grad_in[2]  # the image features' gradient
+
+            m.encoder.layer[2].register_full_backward_hook(keep)
+            m(**kwargs).last_hidden_state.sum().backward()
+    assert len(got) == len(want)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(got, want, strict=True))
+    assert rel(seen["got"], seen["want"]) < 1e-5
+
+
 def test_reentrant_checkpoint_wrapped_layers():
     """Layers wrapped by torch's ``apply_activation_checkpointing`` (reentrant
     CheckpointWrapper) project their own K / V inside their checkpoints: K / V stacked

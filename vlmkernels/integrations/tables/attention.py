@@ -12,8 +12,8 @@ cross-attention layer in one GEMM (the layers' key / value weights concatenated:
 @ (E x 2 L H D), concatenated per call, in the graph with gradients) and hands each patched
 cross-attention module its slices (keyword ``vlmkernels_qformer_kv``, with the features
 they came from: a module handed other features by a hook projects those); a layer that is
-checkpointed, wrapped (``CheckpointWrapper``, FSDP2's ``fully_shard``) or hooked projects
-its own K and V (:func:`_stackable`). The output blocks
+checkpointed, wrapped (``CheckpointWrapper``, FSDP2's ``fully_shard``) or given backward
+hooks projects its own K and V (:func:`_stackable`). The output blocks
 (``...QFormerSelfOutput``, ``...QFormerOutput``: LayerNorm(dense(h) + residual)) run the
 dense bias, the residual and the LayerNorm in one kernel (fp32 statistics). Outputs and
 gradients (image features, every weight) match transformers. CUDA graphs at batch 1:
@@ -83,7 +83,6 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
-    has_hooks,
     is_patched,
     register,
 )
@@ -423,8 +422,13 @@ def _stackable(layer, module: str):
     ``crossattention`` block are still the library's classes (not a ``CheckpointWrapper``,
     whose reentrant recompute would back-propagate through K / V projected outside it a
     second time, nor FSDP2's ``fully_shard`` subclass, whose weights are sharded until its
-    own pre-forward hook gathers them) with no hooks or forward of their own; the attention
-    runs patched; its key / value layers are unchanged nn.Linear with plain weights."""
+    own pre-forward hook gathers them) with no forward of their own; the attention runs
+    patched; none of the three has backward hooks (a full backward hook reports the
+    gradient of the features the module was handed, which the stacked K / V bypass);
+    its key / value layers are unchanged nn.Linear with plain weights. Forward hooks leave
+    the stacked K / V usable (transformers' output recorders hook every layer for good once
+    ``output_hidden_states`` is asked for): features a pre-hook replaces are not the ones
+    the K / V were projected from, and the attention then projects its own."""
     if type(layer).__module__ != module or not layer.has_cross_attention:
         return None
     block = layer._modules.get("crossattention")
@@ -432,9 +436,11 @@ def _stackable(layer, module: str):
     for m in (layer, block, attention):
         if type(m).__module__ != module:
             return None
-    for m in (layer, block):
-        if has_hooks(m) or "forward" in m.__dict__:
+    for m in (layer, block, attention):
+        if m._backward_hooks or m._backward_pre_hooks:
             return None
+    if "forward" in layer.__dict__ or "forward" in block.__dict__:
+        return None
     if not is_patched(attention.__dict__.get("forward")):
         return None
     if changed_part(attention, _KV_PARTS) is not None:
