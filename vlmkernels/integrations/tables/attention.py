@@ -429,15 +429,12 @@ def _stackable(layer, module: str):
     the stacked K / V usable (transformers' output recorders hook every layer for good once
     ``output_hidden_states`` is asked for): features a pre-hook replaces are not the ones
     the K / V were projected from, and the attention then projects its own."""
-    if type(layer).__module__ != module or not layer.has_cross_attention:
+    if not layer.has_cross_attention:
         return None
     block = layer._modules.get("crossattention")
     attention = block._modules.get("attention") if block is not None else None
-    for m in (layer, block, attention):
-        if type(m).__module__ != module:
-            return None
-    for m in (layer, block, attention):
-        if m._backward_hooks or m._backward_pre_hooks:
+    for m in (layer, block, attention):  # a wrapper holds no crossattention: None fails here
+        if type(m).__module__ != module or m._backward_hooks or m._backward_pre_hooks:
             return None
     if "forward" in layer.__dict__ or "forward" in block.__dict__:
         return None
@@ -500,8 +497,8 @@ def _qformer_output_forward(module, arch: Architecture):
     norm = exact_layer(getattr(module, "LayerNorm", None), torch.nn.LayerNorm,
                        f"{where}.LayerNorm")  # fmt: skip
     if norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1:
-        raise UnsupportedLayoutError(f"{type(module).__qualname__}.LayerNorm is not an "
-                                     "affine LayerNorm over the last dim")  # fmt: skip
+        raise UnsupportedLayoutError(f"{where}.LayerNorm is not an affine LayerNorm over "
+                                     "the last dim")  # fmt: skip
 
     def forward(self, hidden_states, input_tensor):
         dense, norm = self.dense, self.LayerNorm
