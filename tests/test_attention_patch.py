@@ -402,3 +402,40 @@ def test_idefics2_perceiver_resampler(padded):
     handle.undo()
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(run()[0], want)
+
+
+@pytest.mark.parametrize("resampler", [False, True])
+def test_idefics_greedy_generation_matches_transformers(resampler):
+    """A whole (tiny) IdeficsForVisionText2Text, left-padded batch of two rows whose images
+    start at different tokens: the patched model's logits match, and generate() (prefill,
+    then decode steps each with a one-token image mask, read once per forward by every
+    gated layer) gives the unpatched model's tokens, greedy."""
+    config = M.IdeficsConfig(
+        vocab_size=100, additional_vocab_size=2, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=2, cross_layer_interval=1,
+        qk_layer_norms=True, alpha_initializer="ones", use_resampler=resampler,
+        vision_config=dict(embed_dim=24, image_size=8, patch_size=4, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=32),
+        perceiver_config=dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=8),
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model = M.IdeficsForVisionText2Text(config).eval()
+    ids = torch.randint(3, 100, (2, 9))
+    ids[0, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    images = torch.zeros(2, 9, 2, dtype=torch.long)  # token t sees image i from its start
+    images[0, 3:, 0], images[0, 6:, 1], images[1, 1:, 0], images[1, 5:, 1] = 1, 1, 1, 1
+    kwargs = dict(input_ids=ids, attention_mask=mask, image_attention_mask=images,
+                  pixel_values=torch.randn(2, 2, 3, 8, 8))  # fmt: skip
+    with torch.no_grad():
+        want_logits = model(**kwargs).logits
+        want = model.generate(**kwargs, max_new_tokens=5, do_sample=False)
+        with patch(model):
+            assert sum("forward" in m.__dict__ for m in model.modules()) >= 2
+            got_logits = model(**kwargs).logits
+            got = model.generate(**kwargs, max_new_tokens=5, do_sample=False)
+    assert rel(got_logits, want_logits) < 1e-5
+    assert torch.equal(got, want)

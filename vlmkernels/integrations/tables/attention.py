@@ -63,6 +63,7 @@ with its ranges and version counter (an in-place change is read again).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import numbers
 import sys
@@ -140,12 +141,21 @@ _LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "cross_attn",
           "act_cross_attn", "act_dense", "alpha_cross_attn", "alpha_dense")  # fmt: skip
 
 
-# (weak reference to the mask, key, ranges, ids of the layers that read them) of the last
-# mask mask_ranges checked: IDEFICS passes one image attention mask to every gated layer of
-# a forward, and the check reads the mask on the host (a device wait). The weak reference
-# keeps no user tensor alive, and a mask freed since never matches a new one (its reference
-# is dead, whatever the new one's address or id)
-_LAST_RANGES: list = [None]
+@dataclasses.dataclass
+class _CheckedMask:
+    """The last mask :func:`mask_ranges` read: IDEFICS passes one image attention mask to
+    every gated layer of a forward, and the check reads the mask on the host (a device
+    wait). ``mask`` is a weak reference, so no user tensor is kept alive, and a mask freed
+    since never matches a new one (its reference is dead, whatever the new one's address
+    or id)."""
+
+    mask: weakref.ref
+    key: tuple  # the mask's version counter, batch, tokens, keys
+    ranges: tuple[torch.Tensor, torch.Tensor]
+    readers: set[int]  # ids of the gated layers that got these ranges
+
+
+_LAST_CHECKED: list[_CheckedMask | None] = [None]
 
 
 def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=None):
@@ -166,14 +176,15 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
     if mask.is_inference():
         return _mask_ranges(mask, batch, tokens, keys)
     key = (mask._version, batch, tokens, keys)
-    last = _LAST_RANGES[0]
-    if last is not None and last[0]() is mask and last[1] == key and id(reader) not in last[3]:
+    last = _LAST_CHECKED[0]
+    fresh = last is not None and last.mask() is mask and last.key == key
+    if fresh and id(reader) not in last.readers:
         if reader is not None:
-            last[3].add(id(reader))
-        return last[2]
+            last.readers.add(id(reader))
+        return last.ranges
     ranges = _mask_ranges(mask, batch, tokens, keys)
     readers = set() if reader is None else {id(reader)}
-    _LAST_RANGES[0] = (weakref.ref(mask), key, ranges, readers)  # the mask is not kept alive
+    _LAST_CHECKED[0] = _CheckedMask(weakref.ref(mask), key, ranges, readers)
     return ranges
 
 
