@@ -101,6 +101,21 @@ def qwen3_vl():
     return transformers.Qwen3VLForConditionalGeneration(config)
 
 
+def qwen3_vl_moe():
+    """Qwen3-VL's model with a mixture-of-experts decoder (two experts, top-1, every
+    layer); its inputs are Qwen3-VL's."""
+    moe = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32)
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=_text(64, [4, 2, 2], head_dim=16, **moe),
+        vision_config=_vision(
+            hidden_size=24, intermediate_size=64, out_hidden_size=64,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        ),
+        **_TOKENS,
+    )  # fmt: skip
+    return transformers.Qwen3VLMoeForConditionalGeneration(config)
+
+
 ARCHS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
 
 
@@ -812,3 +827,39 @@ def test_mrope_layout_of_transformers_516(qwen2, angles):
     op = "vlmkernels::rope_table" if angles == "table" else "vlmkernels::rope_positions"
     assert counts == {op: TEXT_LAYERS}
     assert_close(out.last_hidden_state, ref, "hidden states")
+
+
+def test_qwen3_vl_moe_matches_transformers():
+    """The whole Qwen3-VL-MoE model patched (rotary, vision rotary, merger, DeepStack): its
+    logits and parameter gradients match the unpatched model's, and greedy generate() gives
+    its tokens. The router's weight gradients are zero up to rounding here (top-1 of two
+    experts, renormalised weight 1), so they must only stay so."""
+    torch.manual_seed(0)
+    model = qwen3_vl_moe().eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl").items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logits = model(**inputs).logits
+        g = torch.Generator().manual_seed(2)
+        weights = torch.randn(logits.shape, generator=g).to(DEVICE)
+        grads = torch.autograd.grad((logits * weights).sum(), params, allow_unused=True)
+        with torch.no_grad():
+            tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        return logits.detach(), grads, tokens
+
+    want, want_grads, want_tokens = run()
+    with vt.patch(model):
+        counts, (got, got_grads, got_tokens) = op_counts(run)
+    assert counts.get("vlmkernels::rope_table", 0) > 0 and counts.get("vlmkernels::connector")
+    assert counts.get("vlmkernels::deepstack_add", 0) > 0
+    assert_close(got, want, "logits")
+    largest = max(g.abs().max().item() for g in want_grads if g is not None)
+    for p, g, ref in zip(params, got_grads, want_grads, strict=True):
+        if ref is None:
+            assert g is None
+        elif ref.abs().max() < 1e-5 * largest:
+            assert g.abs().max() < 1e-5 * largest
+        else:
+            assert_close(g, ref, f"gradient of a {tuple(p.shape)} parameter")
+    assert torch.equal(got_tokens, want_tokens)
