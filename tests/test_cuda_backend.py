@@ -233,7 +233,10 @@ static inline float emu_double2float_rn(double d) { return static_cast<float>(d)
 #define __fmaf_rn emu_fmaf_rn
 #define __fmul_rn emu_fmul_rn
 #define __double2float_rn emu_double2float_rn
-extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+// internal, not an exported cudaGetLastError: a CUDA build of torch has loaded the real
+// libcudart globally, whose symbol would win (35, no driver, on a machine without a GPU)
+static inline cudaError_t emu_cudaGetLastError() { return cudaSuccess; }
+#define cudaGetLastError emu_cudaGetLastError
 template <typename Kernel, typename Params>
 static void emulate_launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t,
                            const Params& params) {
