@@ -443,6 +443,8 @@ def test_bad_arguments():
         (dict(input_ids=[[0, 0, 0]]), TypeError, "input_ids"),
         (dict(input_ids=ids[0]), ValueError, "input_ids"),
         (dict(mm_token_type_ids=ids.float()), TypeError, "mm_token_type_ids"),
+        (dict(input_ids=ids.bool()), TypeError, "input_ids"),  # bool positions: 0 or True
+        (dict(mm_token_type_ids=ids.bool()), TypeError, "mm_token_type_ids"),
         (dict(mm_token_type_ids=ids[:, :2]), ValueError, "mm_token_type_ids"),
         (dict(image_grid_thw=torch.ones(1, 2, dtype=torch.long)), ValueError, "image_grid_thw"),
         (dict(video_grid_thw=torch.ones(3, dtype=torch.long)), ValueError, "video_grid_thw"),
@@ -463,6 +465,21 @@ def test_bad_arguments():
         args = dict(input_ids=ids, mm_token_type_ids=ids, **common) | change
         with pytest.raises(error, match=name):
             get_rope_index(**args)
+
+
+def test_positions_in_a_narrow_id_dtype():
+    """Positions take input_ids' dtype (as in transformers): an int8 row of 128 tokens
+    holds them (0 .. 127), one of 129 does not and raises rather than wrapping to -128."""
+    common = dict(model_type="qwen2_vl", spatial_merge_size=2)
+    for seq in (128, 129):
+        ids = torch.zeros(1, seq, dtype=torch.int8)
+        if seq == 128:
+            positions, _ = get_rope_index(ids, ids, **common)
+            assert positions.dtype == torch.int8
+            assert torch.equal(positions[:, 0], torch.arange(seq).expand(3, seq).to(torch.int8))
+        else:
+            with pytest.raises(OverflowError, match="reach 128.*input_ids' dtype torch.int8"):
+                get_rope_index(ids, ids, **common)
 
 
 # ------------------------------------------------------------------------- rope_index_method

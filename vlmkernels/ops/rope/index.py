@@ -119,7 +119,8 @@ def get_rope_index(
         tokens_per_second: Qwen2.5-VL's ``vision_config.tokens_per_second``.
 
     Returns:
-        position_ids (3, B, S) in input_ids' dtype and rope_deltas (B, 1) int64.
+        position_ids (3, B, S) in input_ids' dtype and rope_deltas (B, 1) int64. Positions
+        that input_ids' dtype cannot hold (int8 ids past position 127) raise OverflowError.
     """
     _check_arguments(
         input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
@@ -175,7 +176,20 @@ def get_rope_index(
     rel = torch.stack([rel_t, rel_h, rel_w]).where(~is_text, offset)
     positions = (run_start_pos + rel).where(valid, 0)
     deltas = _deltas(positions, valid)
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        _check_fits(positions, input_ids.dtype)
     return positions.to(input_ids.dtype), deltas
+
+
+def _check_fits(positions: torch.Tensor, dtype: torch.dtype) -> None:
+    """Positions in a narrow id dtype (int8, uint8, int16, ...) would wrap around: refused
+    (a host read of the largest, only for such dtypes)."""
+    largest = int(positions.max())
+    if largest > torch.iinfo(dtype).max:
+        raise OverflowError(
+            f"get_rope_index: the position ids reach {largest}, which input_ids' dtype "
+            f"{dtype} (the positions' dtype) cannot hold; pass int32 or int64 input_ids"
+        )
 
 
 def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
@@ -209,7 +223,7 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
             raise TypeError(f"{op}: {name} must be a (B, S) tensor, got {type(t).__name__}")
         if t.dim() != 2:
             raise ValueError(f"{op}: {name} must be (B, S), got shape {tuple(t.shape)}")
-        if t.dtype.is_floating_point or t.dtype.is_complex:
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
     if mm_token_type_ids.shape != input_ids.shape:
         raise ValueError(
