@@ -428,6 +428,8 @@ def test_bad_input():
          "cu_seqlens_k must end|cu_seqlens_k must have cu_seqlens_q's length"),
         (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=3), ValueError,
          r"max_seqlen_q \(3\) is smaller than the longest segment \(4\)"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_k=-1), ValueError,
+         r"max_seqlen_k must be >= 0, got -1"),
         (lambda: ca(q, k, v, max_seqlen_q=3), ValueError, "go with cu_seqlens"),
         (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck,
                     key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)), ValueError,

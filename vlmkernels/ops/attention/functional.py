@@ -203,14 +203,14 @@ def _max_seqlen(op, name, value, longest, cu):
             raise ValueError(f"{op}: {name} must be given under torch.compile")
         return longest
     value = check_int(op, name, value)
+    if value < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
     if longest is None:  # traced: the offsets are checked on the device, in the graph
         fits = (cu[1:] - cu[:-1] <= value).all()
         torch._assert_async(fits, f"{op}: {name} ({value}) is smaller than a segment")
-    if longest is not None and value < longest:
+    elif value < longest:
         raise ValueError(f"{op}: {name} ({value}) is smaller than the longest segment "
                          f"({longest})")  # fmt: skip
-    if value < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
     return value
 
 
