@@ -863,3 +863,35 @@ def test_qwen3_vl_moe_matches_transformers():
         else:
             assert_close(g, ref, f"gradient of a {tuple(p.shape)} parameter")
     assert torch.equal(got_tokens, want_tokens)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_in_training(reentrant):
+    """transformers' gradient_checkpointing_enable (reentrant or not) on a patched
+    Qwen2.5-VL in training mode: the decoder and vision blocks recompute their forwards, with
+    vlmkernels' ops, in the backward; logits and every parameter gradient match the
+    unpatched model's."""
+    torch.manual_seed(0)
+    model = qwen2_5_vl().train().to(DEVICE)
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen2_5_vl").items()}
+    inputs["pixel_values"].requires_grad_(reentrant)  # a reentrant block needs a grad input
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        for p in params:
+            p.grad = None
+        logits = model(**inputs).logits
+        g = torch.Generator().manual_seed(2)
+        (logits * torch.randn(logits.shape, generator=g).to(DEVICE)).sum().backward()
+        return logits.detach(), [p.grad for p in params]
+
+    want, want_grads = run()
+    with vt.patch(model):
+        counts, (got, got_grads) = op_counts(run)
+    assert counts.get("vlmkernels::rope_table", 0) > 0
+    assert_close(got, want, "logits")
+    for p, g, ref in zip(params, got_grads, want_grads, strict=True):
+        assert (g is None) == (ref is None)
+        if ref is not None:
+            assert_close(g, ref, f"gradient of a {tuple(p.shape)} parameter")
