@@ -104,8 +104,8 @@ def get_rope_index(
     video) and `tokens_per_second` are used by "qwen2_5_vl" only, which requires the latter.
     `text_after_vision` is "start_plus_max_hw" (transformers >= 5.3, the default) or
     "max_plus_one" (transformers <= 5.2, vLLM); `truncate_seconds=True` takes
-    int(second_per_grid_ts) as transformers 5.16-5.17 do. No host syncs; the inputs are not
-    modified.
+    int(second_per_grid_ts) as transformers 5.16-5.17 do. No host syncs (but for input_ids
+    narrower than int32: see Returns); the inputs are not modified.
 
     Args:
         input_ids: (B, S) integer token ids; only their shape, dtype and device are read.
