@@ -614,6 +614,26 @@ def test_opcheck(backend):
     torch.library.opcheck(lib.deepstack_add_, (hidden.detach().clone(), mask, embeds.detach()))
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_deepstack_add_compiles_with_its_backward(fullgraph):
+    """torch.compile(model) as users write it (graph breaks allowed) over deepstack_add with
+    gradients: its backward traces (the mask's rows are taken at a static count, the
+    embeds' rows; mask indexing's nonzero stopped the backend, and the fallback then traced
+    Triton's launcher); values and both gradients match eager."""
+    torch._dynamo.reset()
+    hidden, embeds = rand(2, 5, 6), rand(3, 6)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+
+    def step(h, e):
+        return (C.deepstack_add(h, mask, e) * torch.linspace(-1, 1, 6)).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=fullgraph)
+    got = torch.autograd.grad(compiled(hidden, embeds), (hidden, embeds))
+    want = torch.autograd.grad(step(hidden, embeds), (hidden, embeds))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[1], torch.linspace(-1, 1, 6).expand(3, 6))
+
+
 def test_pixel_shuffle_compiles_with_a_dynamic_batch():
     """Training with a batch size that changes: the backward's unmerge shape is a SymInt
     list (mark_dynamic on the batch raised a specialisation error)."""

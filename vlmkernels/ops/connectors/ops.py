@@ -341,13 +341,18 @@ class _:
     def setup_context(ctx, inputs, output):
         hidden, mask, embeds = inputs
         ctx.save_for_backward(mask)
-        ctx.embeds_dtype = embeds.dtype
+        ctx.embeds_dtype, ctx.embeds_rows = embeds.dtype, embeds.shape[0]
 
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         d_embeds = None
         if ctx.needs_input_grad[2]:
-            d_embeds = grad.reshape(-1, grad.shape[-1])[mask.reshape(-1)].to(ctx.embeds_dtype)
+            # the rows of the mask's True entries, as many as embeds has rows (the forward
+            # checked it): a static shape, so the backward traces under torch.compile,
+            # where mask indexing (nonzero) stops the backend
+            rows = torch.nonzero_static(mask.reshape(-1), size=ctx.embeds_rows).view(-1)
+            d_embeds = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
+            d_embeds = d_embeds.to(ctx.embeds_dtype)
         return grad, None, d_embeds
 
 
