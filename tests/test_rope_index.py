@@ -449,6 +449,9 @@ def test_bad_arguments():
         (dict(image_grid_thw=torch.ones(1, 2, dtype=torch.long)), ValueError, "image_grid_thw"),
         (dict(video_grid_thw=torch.ones(3, dtype=torch.long)), ValueError, "video_grid_thw"),
         (dict(image_grid_thw=[[1, 2, 2]]), TypeError, "image_grid_thw"),
+        # a bool grid reads as sizes 0 and 1 (a mask passed in the grid's place)
+        (dict(image_grid_thw=torch.ones(1, 3, dtype=torch.bool)), TypeError, "image_grid_thw"),
+        (dict(video_grid_thw=torch.ones(1, 3, dtype=torch.bool)), TypeError, "video_grid_thw"),
         (dict(attention_mask=torch.ones(1, 4)), ValueError, "attention_mask"),
         (dict(attention_mask=[[1, 1, 1]]), TypeError, "attention_mask"),
         (dict(spatial_merge_size=0), ValueError, "spatial_merge_size"),

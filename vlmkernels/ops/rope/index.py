@@ -252,7 +252,7 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
             raise ValueError(
                 f"{op}: {name} must be (N, 3) rows of (t, h, w), got shape {tuple(grid.shape)}"
             )
-        if grid.dtype.is_floating_point or grid.dtype.is_complex:
+        if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
             raise TypeError(f"{op}: {name} must be an integer tensor, got {grid.dtype}")
     if model_type == "qwen2_5_vl":
         if tokens_per_second is None:
