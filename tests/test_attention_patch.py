@@ -250,6 +250,27 @@ def test_idefics_mask_changed_through_data_between_forwards():
     assert rel(got, want) < 1e-5
 
 
+def test_idefics_mask_read_under_inference_mode_then_trained():
+    """A frozen teacher run under inference mode, then a student with gradients, both
+    given the same image attention mask: the student does not get the ranges the teacher
+    read (inference tensors, which autograd cannot save); outputs and gradients are
+    transformers'."""
+    teacher = tiny_layer(False, "float")
+    student, ref = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    x, img, mask, gate = idefics_inputs(True)
+    kw = dict(image_hidden_states=img, image_attention_mask=mask, cross_attention_gate=gate)
+    x_ref = x.detach().requires_grad_()
+    want = ref(x_ref, **kw)
+    want.square().sum().backward()
+    with patch(teacher), patch(student):
+        with torch.inference_mode():
+            teacher(x, **kw)
+        x_mine = x.detach().requires_grad_()
+        got = student(x_mine, **kw)
+        got.square().sum().backward()
+    assert rel(got, want) < 1e-5 and rel(x_mine.grad, x_ref.grad) < 1e-5
+
+
 def tiny_qformer(module, prefix):
     config = getattr(module, f"{prefix}QFormerConfig")(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,

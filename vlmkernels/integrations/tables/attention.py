@@ -150,7 +150,7 @@ class _CheckedMask:
     or id)."""
 
     mask: weakref.ref
-    key: tuple  # the mask's version counter, batch, tokens, keys
+    key: tuple  # the mask's version counter, batch, tokens, keys, inference mode
     ranges: tuple[torch.Tensor, torch.Tensor]
     readers: set[int]  # ids of the gated layers that got these ranges
 
@@ -175,7 +175,9 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
         return _mask_ranges(mask, batch, tokens, keys, traced=True)
     if mask.is_inference():
         return _mask_ranges(mask, batch, tokens, keys)
-    key = (mask._version, batch, tokens, keys)
+    # ranges made under inference mode are inference tensors, which autograd cannot save:
+    # not handed to a forward outside it (a teacher run under inference mode, then a student)
+    key = (mask._version, batch, tokens, keys, torch.is_inference_mode_enabled())
     last = _LAST_CHECKED[0]
     fresh = last is not None and last.mask() is mask and last.key == key
     if fresh and id(reader) not in last.readers:
