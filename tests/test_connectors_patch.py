@@ -173,6 +173,33 @@ def test_merger_norm_changed_after_patching_is_followed(build):
             assert max_rel(mine(x), ref(x)) < TOL
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_gelu_made_tanh_after_patching_runs_the_class_forward(name):
+    """The fused merger computes exact GELU: its nn.GELU switched to the tanh approximation
+    after patching (the same class) runs the class's forward, warning, with transformers'
+    result; switched back, the fused forward again."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    module, x = CASES[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+
+    def act(m):
+        return m.mlp[1] if hasattr(m, "mlp") else m.act_fn
+
+    with vt.patch(mine), torch.no_grad():
+        fused = mine(x * 3)
+        for m in (mine, ref):
+            act(m).approximate = "tanh"
+        with pytest.warns(PatchFallbackWarning, match="approximate='tanh', patched with 'none'"):
+            got = mine(x * 3)
+        assert max_rel(got, ref(x * 3)) < TOL and max_rel(got, fused) > 1e-5
+        act(mine).approximate = "none"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PatchFallbackWarning)
+            assert torch.equal(mine(x * 3), fused)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_patched_connector_under_autocast(name, x_dtype):

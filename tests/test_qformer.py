@@ -556,6 +556,55 @@ def test_hooked_or_replaced_layers_run_as_they_are():
         assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
 
 
+def test_output_block_dropout_and_layernorm_changed_after_patching():
+    """The fused output block skips its dropout (an identity in eval mode) and reads its
+    LayerNorm's parameters: a hook on the dropout, a dropout replaced after patching (by
+    nn.Identity, in training mode) and a LayerNorm of the same class made without bias run
+    the class's forward, warning, with transformers' result; a dropout that was already
+    nn.Identity when patching is called as it is, without a warning."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    model = tiny_qformer("blip_2", layers=2)
+    ref = copy.deepcopy(model)
+    kwargs, _ = inputs("blip_2")
+
+    def blocks(m):
+        return m.encoder.layer[0].attention.output, m.encoder.layer[1].output_query
+
+    with torch.no_grad(), patch(model):
+        zeroed = [blocks(m)[0].dropout.register_forward_hook(lambda mod, args, out: out * 0)
+                  for m in (model, ref)]  # fmt: skip
+        with pytest.warns(PatchFallbackWarning, match="dropout has hooks"):
+            got = model(**kwargs).last_hidden_state
+        want = ref(**kwargs).last_hidden_state
+        assert rel(got, want) < 1e-5
+        for hook in zeroed:
+            hook.remove()
+        for m in (model, ref):
+            blocks(m)[0].dropout = torch.nn.Identity()
+            m.train()
+        with pytest.warns(PatchFallbackWarning, match="dropout is now nn.Identity"):
+            got = model(**kwargs).last_hidden_state
+        assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
+        for m in (model, ref):
+            m.eval()
+            blocks(m)[0].dropout = torch.nn.Dropout(0.0)
+            blocks(m)[1].LayerNorm = torch.nn.LayerNorm(32, eps=1e-12, bias=False)
+        with pytest.warns(PatchFallbackWarning, match=r"LayerNorm changed since patching: "
+                          r"parameters \(weight\), patched with \(weight, bias\)"):  # fmt: skip
+            got = model(**kwargs).last_hidden_state
+        assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
+    # patched with nn.Identity in the dropout's place: called, in training mode too
+    model, ref = tiny_qformer("blip_2", layers=2), None
+    for block in blocks(model):
+        block.dropout = torch.nn.Identity()
+    ref = copy.deepcopy(model).train()
+    with torch.no_grad(), patch(model), warnings.catch_warnings():
+        warnings.simplefilter("error", PatchFallbackWarning)
+        got = model.train()(**kwargs).last_hidden_state
+    assert rel(got, ref(**kwargs).last_hidden_state) < 1e-5
+
+
 def test_pre_hook_replacing_the_image_states_is_seen():
     """A forward pre-hook on one cross-attention block that replaces the image features it
     receives: that layer attends to the new features, not to the K / V the encoder

@@ -25,6 +25,7 @@ __all__ = [
     "global_hooks",
     "has_hooks",
     "parts_of",
+    "settings",
 ]
 
 
@@ -47,10 +48,20 @@ def distinct_names(a: type, b: type) -> tuple[str, str]:
     return name(a, full), name(b, full)
 
 
-def parts_of(module, names: Iterable[str]) -> dict[str, type]:
-    """{dotted name: class} of the submodules whose parameters a fused forward reads
-    instead of calling them: what :func:`changed_part` checks on every call."""
-    return {name: type(module.get_submodule(name)) for name in names}
+def settings(layer) -> tuple:
+    """What a fused forward takes as given about a layer besides its class, as one tuple:
+    which of its parameters exist (a LayerNorm made without bias or affine, a Linear
+    without bias: the same class) and a GELU's approximation. Cheap: it runs on every
+    call of a guarded forward."""
+    present = tuple(n for n, p in layer._parameters.items() if p is not None)
+    return present, layer.__dict__.get("approximate")
+
+
+def parts_of(module, names: Iterable[str]) -> dict[str, tuple[type, tuple]]:
+    """{dotted name: (class, :func:`settings`)} of the submodules whose parameters a fused
+    forward reads instead of calling them: what :func:`changed_part` checks on every call."""
+    return {name: (type(layer), settings(layer))
+            for name, layer in ((n, module.get_submodule(n)) for n in names)}  # fmt: skip
 
 
 def has_hooks(module) -> bool:
@@ -75,16 +86,18 @@ def global_hooks() -> str | None:
     return None
 
 
-def changed_part(module, parts: Mapping[str, type]) -> str | None:
-    """None while each submodule of ``parts`` is still of the class the patch checked and has
-    no hooks of its own, and no module hook is registered for every module
+def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str | None:
+    """None while each submodule of ``parts`` (:func:`parts_of`) is still of the class the
+    patch checked, with the same :func:`settings` (unless those are None: not checked), and
+    has no hooks of its own, and no module hook is registered for every module
     (:func:`global_hooks`); else the first difference, in words. A fused forward reads those
     layers' parameters: a layer replaced after patching (a PEFT LoRA wrapper, a quantised
-    linear, whose ``weight`` may still be the base one) or hooked would be bypassed
-    silently, so the forward runs the class's own instead (:func:`class_forward`)."""
+    linear, whose ``weight`` may still be the base one, or a GELU made tanh, a LayerNorm
+    made without bias: the same class) or hooked would be bypassed or misread silently,
+    so the forward runs the class's own instead (:func:`class_forward`)."""
     if (hooked := global_hooks()) is not None:
         return hooked
-    for name, cls in parts.items():
+    for name, (cls, was) in parts.items():
         if "." not in name:  # the usual case, a dict lookup (this runs on every call)
             sub = module._modules.get(name)
         else:
@@ -99,7 +112,17 @@ def changed_part(module, parts: Mapping[str, type]) -> str | None:
             return f"{name} has hooks of its own"
         if "forward" in sub.__dict__:
             return f"{name} has a forward of its own"
+        if was is not None and (now := settings(sub)) != was:
+            return f"{name} changed since patching: {_difference(now, was)}"
     return None
+
+
+def _difference(now: tuple, was: tuple) -> str:
+    (params_now, approximate_now), (params_was, approximate_was) = now, was
+    if approximate_now != approximate_was:
+        return f"approximate={approximate_now!r}, patched with {approximate_was!r}"
+    return (f"parameters ({', '.join(params_now) or 'none'}), patched with "
+            f"({', '.join(params_was) or 'none'})")  # fmt: skip
 
 
 def class_forward(module, why: str, *args, **kwargs):

@@ -425,7 +425,8 @@ IDEFICS_REPLACEMENTS = (
 )  # fmt: skip
 # the encoder's keyword to its layers: (the states projected, {cross module: (K, V)})
 QFORMER_KV = "vlmkernels_qformer_kv"
-_KV_PARTS = {"key": torch.nn.Linear, "value": torch.nn.Linear}  # what stacked_kv reads
+# what stacked_kv reads (a Linear without bias: zeros in its place)
+_KV_PARTS = {"key": (torch.nn.Linear, None), "value": (torch.nn.Linear, None)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -504,7 +505,8 @@ def _qformer_output_forward(module, arch: Architecture):
     LayerNorm(dense(h) + residual) with the dense bias, the residual and the LayerNorm in
     one kernel (:func:`add_layernorm_unchecked`: a Linear's output, its residual and a
     LayerNorm's parameters need no checks); with hidden dropout in training mode, the bias is
-    added before the dropout as transformers does."""
+    added before the dropout as transformers does, and a module other than ``nn.Dropout``
+    in the dropout's place is called as it is."""
     where = type(module).__qualname__
     exact_layer(getattr(module, "dense", None), torch.nn.Linear, f"{where}.dense")
     norm = exact_layer(getattr(module, "LayerNorm", None), torch.nn.LayerNorm,
@@ -514,11 +516,11 @@ def _qformer_output_forward(module, arch: Architecture):
                                      "the last dim")  # fmt: skip
 
     def forward(self, hidden_states, input_tensor):
-        dense, norm = self.dense, self.LayerNorm
-        if self.dropout.training and self.dropout.p > 0:  # the nn.Dropout's own mode
-            x, bias = self.dropout(dense(hidden_states)), None
-        else:
-            x, bias = F.linear(hidden_states, dense.weight), dense.bias
+        dense, norm, drop = self.dense, self.LayerNorm, self.dropout
+        if type(drop) is torch.nn.Dropout and not (drop.training and drop.p > 0):
+            x, bias = F.linear(hidden_states, dense.weight), dense.bias  # dropout: identity
+        else:  # active (in the nn.Dropout's own mode), or another module the model put there
+            x, bias = drop(dense(hidden_states)), None
         if input_tensor.dtype != x.dtype:  # autocast: the sum promotes, as in transformers
             kind = torch.promote_types(x.dtype, input_tensor.dtype)
             x, input_tensor = x.to(kind), input_tensor.to(kind)
@@ -528,7 +530,9 @@ def _qformer_output_forward(module, arch: Architecture):
 
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' Q-Former output block (fused bias + residual + LayerNorm)."
-    return fused_forward(module, ("dense", "LayerNorm"), forward)
+    # dropout: an identity the fused forward skips (a hook on it, or another module put in
+    # after patching, runs the class's forward)
+    return fused_forward(module, ("dense", "LayerNorm", "dropout"), forward)
 
 
 QFORMER_REPLACEMENTS = (
