@@ -559,6 +559,32 @@ def test_single_rank_group_in_process(tmp_path):
         dist.destroy_process_group()
 
 
+def test_ring_loss_takes_in_place_changes(tmp_path):
+    """The process-group losses are tensors of their own in float64 too (the reduced pack's
+    view came out of the autograd Function there, which refuses in-place changes): a loss
+    scaled in place back-propagates the scaled gradients. World size 1, in process."""
+    import torch.distributed as dist
+
+    import vlmkernels
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        for loss_fn, args in ((vlmkernels.clip_loss, (2.0,)),
+                              (vlmkernels.siglip_loss, (2.0, -1.0))):  # fmt: skip
+            x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+            y = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+            (want,) = torch.autograd.grad(loss_fn(x, y, *args, process_group=dist.group.WORLD), x)
+            loss = loss_fn(x, y, *args, process_group=dist.group.WORLD)
+            loss.mul_(3.0)
+            (got,) = torch.autograd.grad(loss, x)
+            assert torch.allclose(got, 3 * want, rtol=1e-12, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_eager_ring_call_loads_no_compiler(tmp_path):
     """An eager ring-mode call (forward and backward) leaves torch._dynamo unloaded, as
     ``import vlmkernels`` does: loading it replaces torch.manual_seed and other torch

@@ -155,6 +155,19 @@ def to_device(op: str, name: str, t: torch.Tensor, device: torch.device, **kwarg
     return t.to(device, **kwargs)
 
 
+def saveable(t):
+    """``t``, or a copy of it where it is an inference tensor (made under
+    ``torch.inference_mode``) that an op may save for backward: autograd refuses to save
+    one, while the PyTorch formulas the ops replace save only what they derive from such
+    an auxiliary input (targets from ids, angles from positions, a teacher's softmax).
+    None passes through; so does everything while torch.compile traces (which cannot
+    look at inference tensors, nor takes them)."""
+    if (t is None or torch.compiler.is_compiling() or not t.is_inference()
+            or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):  # fmt: skip
+        return t
+    return t.clone()
+
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -60,7 +60,7 @@ from torch.autograd import forward_ad
 from .backend import resolve_backend
 from .version import __version__
 
-__all__ = ["Op", "first_order_only"]
+__all__ = ["Op", "as_saved", "first_order_only"]
 
 _OPS: dict[str, Op] = {}
 
@@ -253,6 +253,8 @@ class Op:
             _refuse_forward_mode(self.qualname, args, self._tensor_positions)
             if _functorch():
                 return self.overload(*args, REVISION)
+        if self._mutated_positions and not torch.is_inference_mode_enabled():
+            self._refuse_inference_writes(args)
         tracked = self._apply is not None and torch.is_grad_enabled()
         needs_grad = False
         for i in self._tensor_positions:  # one pass: the dispatcher's cases, then autograd
@@ -270,6 +272,20 @@ class Op:
                 [args[i] for i in self._mutated_positions if args[i] is not None]
             )
         return out
+
+    def _refuse_inference_writes(self, args) -> None:
+        """PyTorch's rule for in-place ops, checked before anything is written (the kernels
+        write through pointers, which autograd does not see)."""
+        for i in self._mutated_positions:
+            t = args[i]
+            if t is not None and t.is_inference():
+                name = _argument_list(self.schema)[i].split()[-1].split("=")[0]
+                raise RuntimeError(
+                    f"{self.qualname}: {name} is an inference tensor (made under "
+                    "torch.inference_mode), and an in-place update of one outside "
+                    "InferenceMode is not allowed; clone it first, or call under "
+                    "torch.inference_mode()"
+                )
 
     def _autograd_call(self, args):
         """``Function.apply`` of the eager path, without its Python layer (about 1.5 us)
@@ -346,17 +362,27 @@ def _tensor_positions(schema: str) -> tuple[int, ...]:
     return positions
 
 
+def as_saved(*ts):
+    """Tensors an op made itself and saved for backward (statistics, ranges, indices, a
+    stored activation), in the layout it made them in: contiguous. A
+    ``saved_tensors_hooks`` unpack may hand back another layout, which a kernel reading
+    them by pointer would misread; the usual unpack costs no copy. None passes through."""
+    return tuple(None if t is None else t.contiguous() for t in ts)
+
+
 # ------------------------------------------------------------------ first-order backward
 
 
 class _SecondOrderNotImplemented(torch.autograd.Function):
-    """Returns its first ``n`` tensor arguments (first-order gradients); the others are
-    what they depend on, so that differentiating them reaches this node, which raises."""
+    """Returns ``grads`` (first-order gradients, a tuple: not inputs, so the results are
+    not views, which would refuse in-place changes such as ``clip_grad_norm_``'s); the
+    tensor arguments are what they depend on, so that differentiating them reaches this
+    node, which raises."""
 
     @staticmethod
-    def forward(ctx, message, n, *tensors):
+    def forward(ctx, message, grads, *sources):
         ctx.message = message
-        return tensors[:n]
+        return grads
 
     @staticmethod
     def backward(ctx, *_):
@@ -392,7 +418,7 @@ def first_order_only(op: str):
             sources = [t for t in (*ctx.saved_tensors, *grads)
                        if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
             tied = _SecondOrderNotImplemented.apply(
-                message, len(where), *(out[i].detach() for i in where), *sources
+                message, tuple(out[i].detach() for i in where), *sources
             )
             for i, g in zip(where, tied, strict=True):
                 out[i] = g

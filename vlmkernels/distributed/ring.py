@@ -486,7 +486,9 @@ def _grad_rotation(ring, x, y, extra, tags, compute):
 
 
 def _all_reduce(ring: _Ring, *values: torch.Tensor) -> list[torch.Tensor]:
-    """Sums over the ranks of 0-d tensors (on the features' device), in one all-reduce."""
+    """Sums over the ranks of 0-d tensors (on the features' device), in one all-reduce, as
+    views of one tensor: a loss returned from an autograd Function is copied out of it
+    (autograd refuses in-place changes of a view made inside a Function)."""
     packed = torch.stack([v.reshape(()).to(torch.float64) for v in values])
     if ring.world > 1:
         dist.all_reduce(packed, group=ring.group)
@@ -526,7 +528,7 @@ class _ClipRing(torch.autograd.Function):
             return losses
         weight = _reduction_weight(reduction, ring.total, clip=True)
         (total,) = _all_reduce(ring, losses.sum() * weight)
-        return total.to(losses.dtype)
+        return total.to(losses.dtype, copy=True)  # not a view of the reduced pack
 
     @staticmethod
     @first_order_only("clip_loss")
@@ -659,13 +661,13 @@ class _SiglipRing(torch.autograd.Function):
             total, ds, db = _all_reduce(ring, rows.sum() * weight, ds, db)
             kept = forward_grad_dtype(x.dtype)  # rounded to fp16 only after the upstream scale
             ctx.save_for_backward(x, y, scale, bias, dx.to(kept), dy.to(kept), ds, db)
-            return total.to(rows.dtype)
+            return total.to(rows.dtype, copy=True)
         rows = _siglip_rows_rotation(ring, x, y, scale, bias, chunk)
         ctx.save_for_backward(x, y, scale, bias)
         if reduction == "none":
             return rows
         (total,) = _all_reduce(ring, rows.sum() * weight)
-        return total.to(rows.dtype)
+        return total.to(rows.dtype, copy=True)
 
     @staticmethod
     @first_order_only("siglip_loss")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op, first_order_only
+from ...core.op import Op, as_saved, first_order_only
 from . import launchers, reference
 
 _ARGS = (
@@ -135,6 +135,9 @@ def _core_backward(ctx, grad_out, grad_lse, needs):
     its setup_context saved; ``needs`` says which of them are wanted, in its order
     (attention_row_mass saves the same and maps its own)."""
     q, k, v, out, lse, cu_q, cu_k, keep, lo, hi, bias, gate, seed = ctx.saved_tensors
+    lse, cu_q, cu_k, keep, lo, hi = as_saved(lse, cu_q, cu_k, keep, lo, hi)
+    if bias is not None and bias.stride(-1) != 1:  # as the forward took it (see as_saved)
+        bias = bias.contiguous()
     max_lq, max_lk, causal, scale, dropout_p = ctx.options
     none = (None,) * 10
     if grad_out is None and grad_lse is None:

@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op, first_order_only
+from ...core.op import Op, as_saved, first_order_only
 from . import layernorm_kernels
 
 __all__ = ["add_layernorm", "add_layernorm_unchecked", "qformer_add_layernorm",
@@ -131,6 +131,7 @@ class _:
         if grad is None:
             return (None,) * 6
         x, c, r, w, mean, rstd = ctx.saved_tensors
+        mean, rstd = as_saved(mean, rstd)
         need = ctx.needs_input_grad
         dz, dw, db = qformer_add_layernorm_backward(grad, x, c, r, w, mean, rstd)
         wd, bd, cd = ctx.dtypes

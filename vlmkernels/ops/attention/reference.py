@@ -157,7 +157,7 @@ def _softmax(s, ok):
     e = torch.exp(s - m)
     total = e.sum(-1, keepdim=True)
     p = torch.where(total == 0, torch.zeros_like(e), e / total)  # NaN logits stay NaN
-    return p, (m + torch.log(total)).squeeze(-1)
+    return p, m.squeeze(-1) + torch.log(total.squeeze(-1))  # a tensor of its own, not a view
 
 
 def gate_factor(gate, packed: bool, dtype):

@@ -480,16 +480,19 @@ def shuffle(x, merge, grad=None):
     return target
 
 
-def deepstack(hidden, index, embeds, out=None):
-    """Out of place (``out`` None): a new (R, D) tensor, row r = hidden[r] + embeds[index[r]]
-    (index -1: hidden[r]). In place (``out`` is hidden): hidden[index[v]] += embeds[v]."""
+def deepstack(hidden, index, embeds, out=None, shape=None):
+    """Out of place (``out`` None): a new tensor of ``shape`` (default: hidden's, (R, D)),
+    contiguous, whose rows r are hidden[r] + embeds[index[r]] (index -1: hidden[r]). In
+    place (``out`` is hidden): hidden[index[v]] += embeds[v]."""
     inplace = out is not None
     rows = index.shape[0]
+    result = out
     if out is None:
-        out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        result = torch.empty(shape or hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        out = result.view(hidden.shape)
     with device_guard(hidden):
         K._deepstack_kernel[lambda meta: (cdiv(rows, meta["BR"]),)](
             hidden, embeds, index, out, rows, hidden.shape[1], *hidden.stride(),
             *embeds.stride(), *out.stride(), INPLACE=inplace,
         )  # fmt: skip
-    return out
+    return result

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op, first_order_only
+from ...core.op import Op, as_saved, first_order_only
 from . import launchers, reference
 from .kernels import ACT_GELU
 
@@ -117,6 +117,7 @@ class _:
         if grad is None:
             return none
         x, w1, b1, w2, b2, nw, nb, saved, mean, rstd = ctx.saved_tensors
+        saved, mean, rstd = as_saved(saved, mean, rstd)
         needs = [bool(need[i]) for i in _GRAD_POSITIONS]
         grads = [None] * 7
         if any(needs):
@@ -205,6 +206,7 @@ class _:
         if grad is None:
             return (None,) * 8
         x, w1, b1, w2, saved = ctx.saved_tensors
+        (saved,) = as_saved(saved)
         needs = [bool(n) for n in ctx.needs_input_grad[:5]]
         grads = [None] * 5
         if any(needs):
@@ -320,7 +322,9 @@ def _(hidden, mask, embeds):
     rows = hidden.reshape(-1, hidden.shape[-1])
     if rows.shape[0] == 0:
         return torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    return launchers.deepstack(rows, index, embeds).view(hidden.shape)
+    # allocated in hidden's shape: a view made here, coming out of the autograd Function,
+    # would refuse in-place changes
+    return launchers.deepstack(rows, index, embeds, shape=hidden.shape)
 
 
 @deepstack_add.impl("torch")

@@ -199,10 +199,12 @@ def gelu_backward(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def pooled_forward(x, w1, b1, w2, b2, size, mode: int, save: bool):
     """(y (B h w, N2), the pre-activation h (B H W, N1) if ``save`` else empty) of
     y = pool(GELU(x W1^T + b1)) W2^T + b2 for x (B, H, W, K)."""
-    h = F.linear(x, w1, b1)
-    y = F.linear(pool(F.gelu(h), size, mode), w2, b2)
-    saved = h.reshape(-1, h.shape[-1]) if save else h.new_empty(0)
-    return y.reshape(-1, y.shape[-1]), saved
+    # on rows, so both results are tensors of their own: a view of an intermediate, coming
+    # out of an autograd Function, refuses in-place changes
+    h = F.linear(x.reshape(-1, x.shape[-1]), w1, b1)
+    pooled = pool(F.gelu(h).view(*x.shape[:-1], h.shape[-1]), size, mode)
+    y = F.linear(pooled.reshape(-1, pooled.shape[-1]), w2, b2)
+    return y, (h if save else h.new_empty(0))
 
 
 def pooled_backward(grad, x, w1, b1, w2, size, mode: int, needs):

@@ -21,6 +21,7 @@ from ...core.checks import (
     check_queries_keys,
     check_real,
     check_reduction,
+    saveable,
     scalar_tensor,
     to_device,
 )
@@ -93,7 +94,7 @@ def check_ids(op, name, ids, n, device):
         return None
     if (type(ids) is torch.Tensor and ids.dtype == torch.int64 and ids.shape == (n,)
             and ids.device == device and (n < 2 or ids.stride(0) == 1)):  # fmt: skip
-        return ids  # already what the ops take
+        return saveable(ids)  # already what the ops take
     got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
     if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
             or ids.dtype == torch.bool):  # fmt: skip
@@ -118,7 +119,7 @@ def check_teacher(op, teacher, like, names, device, dtype=None):
         first, second = first.detach(), second.detach()
     if dtype is not None and first.dtype != dtype:
         return first.to(dtype), second.to(dtype)
-    return first, second
+    return saveable(first), saveable(second)
 
 
 def _check_teacher_part(op, t, ref, name, device):
@@ -139,7 +140,7 @@ def _teacher_scale(op, teacher_logit_scale, scale, device):
     receives no gradient whether it requires one or not: the ops' backward gives None for
     every teacher input, so it is passed as it is (a detach would cost a torch op)."""
     if teacher_logit_scale is not None:
-        return scalar_tensor(op, "teacher_logit_scale", teacher_logit_scale, device)
+        return saveable(scalar_tensor(op, "teacher_logit_scale", teacher_logit_scale, device))
     return scale
 
 

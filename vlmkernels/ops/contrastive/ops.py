@@ -18,7 +18,7 @@ import functools
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend, resolve_backend
-from ...core.op import Op, first_order_only
+from ...core.op import Op, as_saved, first_order_only
 from ...core.runtime import cast
 from .algebra import Targets, coefficients_from_state
 from .chunked import forward_grad_dtype, triton_chunk_rows
@@ -285,6 +285,7 @@ class _:
         if grad_rows is None and grad_cols is None:
             return _input_grads(ctx, None, None, None, None)
         *tensors, row_state, col_state = ctx.saved_tensors
+        row_state, col_state = as_saved(row_state, col_state)
         a = ctx.options._replace(**dict(zip(_CE_TENSORS, tensors, strict=True)))
         # a direction whose losses got no gradient has weights 0
         grad_rows = grad_rows if grad_rows is not None else row_state.new_zeros(row_state.shape[1])
@@ -406,7 +407,8 @@ def _reduced_autograd(op: Op, backward_op: Op, n_tensors: int) -> None:
         def backward(ctx, grad_loss, _grad_coef):
             if grad_loss is None:
                 return _input_grads(ctx, None, None, None, None)
-            grads = backward_op(*ctx.saved_tensors, grad_loss, *ctx.options,
+            *tensors, coef = ctx.saved_tensors
+            grads = backward_op(*tensors, *as_saved(coef), grad_loss, *ctx.options,
                                 ctx.needs_input_grad[1])  # fmt: skip
             return _input_grads(ctx, *grads)
 

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from ...core.checks import FLOAT_DTYPES, check_bool, check_int, check_real, to_device
+from ...core.checks import FLOAT_DTYPES, check_bool, check_int, check_real, saveable, to_device
 from ...core.overlap import check_no_overlap
 from . import ops
 from .kernels import CHUNKED, INTERLEAVED, PLAIN
@@ -270,10 +270,11 @@ def mrope_from_positions(
     sections = _check_sections(op, mrope_section, rot // 2)
     if inv_freq.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: inv_freq must not require grad (no gradient is computed for it)")
-    positions = _check_positions(op, position_ids, q, head_axis)
+    positions = saveable(_check_positions(op, position_ids, q, head_axis))
     freq = inv_freq
     if freq.dtype != torch.float32 or freq.device != q.device or freq.stride(0) != 1:
         freq = to_device(op, "inv_freq", freq, q.device, dtype=torch.float32).contiguous()
+    freq = saveable(freq)  # a buffer a rotary update recomputed under inference_mode
     mode = INTERLEAVED if check_bool(op, "interleaved", interleaved) else CHUNKED
     scaling = check_real(op, "attention_scaling", attention_scaling, -math.inf, math.inf)
     return ops.rope_positions(q, k, positions, freq, head_axis, mode, sections, scaling, False)

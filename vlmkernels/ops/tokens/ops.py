@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ...core.backend import in_forward_backend, remember_backend
-from ...core.op import Op
+from ...core.op import Op, as_saved
 from . import kernels, reference
 from .kernels import AVG2X2
 
@@ -88,7 +88,7 @@ class _:
 
     @in_forward_backend
     def backward(ctx, grad):
-        index, inverse = ctx.saved_tensors
+        index, inverse = as_saved(*ctx.saved_tensors)
         return select_rows(grad, inverse, index), None, None
 
 
@@ -172,6 +172,7 @@ class _:
     @in_forward_backend
     def backward(ctx, grad, grad_size):
         x, size, source, out, out_size = ctx.saved_tensors
+        source, out, out_size = as_saved(source, out, out_size)
         size_grad = ctx.size_grad and ctx.needs_input_grad[1]
         dx, ds = tome_unmerge(grad, grad_size, x, size, out, out_size, source, size_grad)
         return dx, (ds if size_grad else None), None, None, None

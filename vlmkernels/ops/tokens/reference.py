@@ -119,16 +119,25 @@ def _grid(x: torch.Tensor, grid) -> torch.Tensor:
     return x.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
 
 
+def _tokens(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, C, h, w) grid ``y`` as (B, h w, C) tokens in a tensor of their own (one copy,
+    cast to ``dtype``): a result that is a view of an intermediate refuses in-place changes
+    when it comes out of an autograd Function."""
+    B, C, h, w = y.shape
+    out = torch.empty(B, h * w, C, dtype=dtype, device=y.device)
+    out.view(B, h, w, C).copy_(y.permute(0, 2, 3, 1))
+    return out
+
+
 def pool(x: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
     """(B, h w, C): the 2 x 2 average (``mode`` AVG2X2) or the bilinear resize
     (align_corners=False, as ``F.interpolate``) of the (H, W) token grid of x."""
-    B, _, C = x.shape
     g = _grid(x.to(_acc(x)), grid)
     if mode == AVG2X2:
         y = F.avg_pool2d(g, 2)
     else:
         y = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)
-    return y.permute(0, 2, 3, 1).reshape(B, y.shape[2] * y.shape[3], C).to(x.dtype).contiguous()
+    return _tokens(y, x.dtype)
 
 
 def pool_backward(grad: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
@@ -141,5 +150,4 @@ def pool_backward(grad: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
         dx = torch.ops.aten.upsample_bilinear2d_backward(
             g, list(size), [B, C, grid[0], grid[1]], False, None, None
         )
-    n = grid[0] * grid[1]
-    return dx.permute(0, 2, 3, 1).reshape(B, n, C).to(grad.dtype).contiguous()
+    return _tokens(dx, grad.dtype)
