@@ -500,6 +500,23 @@ def test_torch_compile_fullgraph(device):
         assert rel(a.grad, b.grad) < 1e-6
 
 
+def test_torch_compile_symbolic_scale(device):
+    """A float scale that Dynamo makes symbolic (dynamic=True, or a second value under
+    automatic dynamic) traces in one graph, as the other ops' float arguments do (the
+    finiteness check is comparisons, which a graph traces), with eager's results."""
+    torch._dynamo.reset()
+    q, k = rand(1, 2, 4, 8, device=device), rand(1, 2, 5, 8, device=device)
+
+    def f(q, k, s):
+        return A.attention(q, k, k, scale=s)
+
+    for dynamic in (True, None):
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+        for s in (0.3, 0.4, 0.5):
+            assert rel(compiled(q, k, s), f(q, k, s)) < 1e-6
+        torch._dynamo.reset()
+
+
 def test_torch_compile_dynamic_lengths(device):
     """Lengths that change from step to step (mark_dynamic, dynamic=True): one graph for
     every length (the shape-derived arguments are SymInts), results equal to eager."""

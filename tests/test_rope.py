@@ -537,6 +537,40 @@ def test_inplace_under_torch_compile(device):
     torch._dynamo.reset()
 
 
+def test_export_with_every_dim_dynamic(device):
+    """torch.export with Dim.AUTO on every dim of mrope's inputs: the rotary dim, which
+    mrope_section pins, is specialised (a symbolic one broke the sections' cache with
+    'unhashable type: SymInt'); the exported program gives eager's results."""
+    from torch.export import Dim
+
+    class Rotate(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            return vlmkernels.mrope(q, k, cos, sin, [1, 1, 2])
+
+    q, k = torch.randn(2, 2, 6, 8, device=device), torch.randn(2, 2, 6, 8, device=device)
+    cos, sin = torch.randn(3, 2, 6, 8, device=device), torch.randn(3, 2, 6, 8, device=device)
+    auto = {d: Dim.AUTO for d in range(4)}
+    program = torch.export.export(Rotate(), (q, k, cos, sin), dynamic_shapes=(auto,) * 4)
+    for got, want in zip(program.module()(q, k, cos, sin), Rotate()(q, k, cos, sin),
+                         strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+
+
+def test_inplace_under_vmap_names_the_op(device):
+    """The in-place forms have no batching rule: under torch.func.vmap PyTorch's error names
+    the op (the overlap check, reading storage, said 'Cannot access storage of
+    BatchedTensorImpl'); the out-of-place form vmaps."""
+    q, k = torch.randn(2, 1, 2, 4, 8, device=device), torch.randn(2, 1, 2, 4, 8, device=device)
+    cos, sin = torch.randn(2, 1, 4, 8, device=device), torch.randn(2, 1, 4, 8, device=device)
+    with pytest.raises(RuntimeError, match="vlmkernels::rope_table_"):
+        torch.func.vmap(lambda *a: vlmkernels.rope(*a, inplace=True))(q, k, cos, sin)
+    got = torch.func.vmap(vlmkernels.rope)(q, k, cos, sin)
+    for i in range(2):
+        want = vlmkernels.rope(q[i], k[i], cos[i], sin[i])
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g[i], w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compiler, device):
     q, k, ud = qk_views(2, 5, 4, 2, 32, torch.float32, device, "bhsd")

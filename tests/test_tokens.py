@@ -520,6 +520,22 @@ def test_opcheck(device, backend):
         torch.library.opcheck(ops.tokens_pool_backward, (gy, grid, size, mode))
 
 
+def test_select_tokens_under_vmap_then_backward(device):
+    """select_tokens vmapped over samples, the gradient taken outside the transform (x reads
+    requires_grad=False inside vmap while what it wraps requires one): the per-sample
+    loop's gradient (the backward read its index map as the inverse one, an invalid
+    gradient shape or an out-of-bounds gather)."""
+    x = torch.randn(3, 1, 8, 4, device=device, requires_grad=True)
+    scores = torch.randn(3, 1, 8, device=device)
+    kept, _ = torch.func.vmap(lambda a, b: T.select_tokens(a, b, 3))(x, scores)
+    weights = torch.linspace(-1, 1, kept.numel(), device=device).view(kept.shape)
+    (kept * weights).sum().backward()
+    loop = x.detach().clone().requires_grad_()
+    want = torch.stack([T.select_tokens(loop[i], scores[i], 3)[0] for i in range(3)])
+    (want * weights).sum().backward()
+    assert torch.equal(kept, want) and torch.equal(x.grad, loop.grad)
+
+
 def test_torch_compile_fullgraph(device):
     def compress(x, metric, scores, grid_x):
         merged, sizes, source = T.tome_merge(x, metric, 4, class_token=True)

@@ -52,6 +52,14 @@ def _offsets(t: torch.Tensor) -> torch.Tensor:
     return offsets.reshape(-1)
 
 
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor a functorch-wrapped one (a vmap BatchedTensor, a grad transform's
+    tensor) stands for, with its storage."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> None:
     """Raises ``ValueError`` naming the arguments if an element of a ``written`` tensor is
     reached twice: by two of its own indices, by another written tensor, or by a ``read``
@@ -59,9 +67,13 @@ def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> No
 
     While torch.compile traces, only the same tensor passed twice is refused: the rest of
     the check reads storage pointers and offsets, which Dynamo cannot trace (other overlaps
-    are then not detected)."""
+    are then not detected). Under functorch transforms (vmap) the tensors they wrap are
+    checked: a write to each sample's slice is a write to the whole."""
     read = read or {}
     compiling = torch.compiler.is_compiling()
+    if not compiling and torch._C._are_functorch_transforms_active():
+        written = {n: _unwrapped(t) for n, t in written.items()}
+        read = {n: _unwrapped(t) for n, t in read.items()}
     for name, t in written.items():
         if compiling:  # offsets cannot be traced
             break

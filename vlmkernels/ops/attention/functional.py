@@ -109,7 +109,9 @@ def _gate(op, gate, q):
 def _scale(op, scale, d):
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # comparisons, not math.isfinite: a compiled graph traces them for a symbolic float
+    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+            or not -math.inf < float(scale) < math.inf):  # fmt: skip
         raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
     return float(scale)
 

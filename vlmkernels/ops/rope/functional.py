@@ -104,8 +104,10 @@ def _check_rotary_dim(op, rot: int, d: int, what: str) -> None:
 
 
 def _check_sections(op, sections, half: int) -> list[int]:
-    exact = isinstance(sections, list | tuple) and all(type(v) is int for v in sections)
-    key = (tuple(sections), half) if exact else None  # 2.0 == 2: only exact ints are cached
+    # 2.0 == 2: only exact ints are cached (a symbolic half, under export, is not hashable)
+    exact = (type(half) is int and isinstance(sections, list | tuple)
+             and all(type(v) is int for v in sections))  # fmt: skip
+    key = (tuple(sections), half) if exact else None
     if key is not None and key in _SECTIONS:
         return _SECTIONS[key]
     if isinstance(sections, torch.Tensor):

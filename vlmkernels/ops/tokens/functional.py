@@ -83,7 +83,9 @@ def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int):
         raise ValueError(f"{op}: keep must be in [1, {N}] (the number of tokens), got {keep}")
     order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices
     index = order[:, :keep].sort(dim=1).values
-    if x.requires_grad and torch.is_grad_enabled():
+    # under a functorch transform x may read requires_grad=False while what it wraps
+    # requires one (vmap inside autograd): the inverse map is made then too
+    if torch.is_grad_enabled() and (x.requires_grad or torch._C._are_functorch_transforms_active()):
         ranks = torch.arange(keep, device=x.device).expand(B, keep)
         inverse = torch.full((B, N), -1, dtype=torch.int64, device=x.device).scatter(
             1, index, ranks
