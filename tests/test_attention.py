@@ -517,6 +517,25 @@ def test_torch_compile_symbolic_scale(device):
         torch._dynamo.reset()
 
 
+def test_packed_offsets_batched_under_vmap_are_named(device):
+    """Packed inputs under torch.func.vmap: offsets shared by every sample (in_dims=None)
+    give the per-sample loop's results; offsets that differ per sample are refused by
+    name (they are read on the host: a BatchedTensor has no storage to read)."""
+    q, k = rand(3, 6, 2, 8, device=device), rand(3, 7, 2, 8, device=device)
+    cu_q = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([[0, 3, 7], [0, 4, 7], [0, 1, 7]], dtype=torch.int32, device=device)
+
+    def f(q, k, a, b):
+        return A.cross_attention(q, k, k, cu_seqlens_q=a, cu_seqlens_k=b, max_seqlen_q=4,
+                                 max_seqlen_k=6)  # fmt: skip
+
+    got = torch.func.vmap(f, in_dims=(0, 0, None, None))(q, k, cu_q, cu_k[0])
+    for i in range(3):
+        assert rel(got[i], f(q[i], k[i], cu_q, cu_k[0])) < 1e-6
+    with pytest.raises(ValueError, match="cu_seqlens_k differs per sample under"):
+        torch.func.vmap(f, in_dims=(0, 0, None, 0))(q, k, cu_q, cu_k)
+
+
 def test_torch_compile_dynamic_lengths(device):
     """Lengths that change from step to step (mark_dynamic, dynamic=True): one graph for
     every length (the shape-derived arguments are SymInts), results equal to eager."""

@@ -178,3 +178,16 @@ def test_saved_tensor_hooks_that_change_the_layout(backend, case):
         assert (a is None) == (b_ is None)
         if a is not None:
             assert torch.allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_left_over_from_a_transform_without_gradients(backend):
+    """A tensor kept from inside ``torch.func.grad`` (the wrapper of an exited transform),
+    used under no_grad: the dispatcher unwraps it (the Triton launcher cannot read a
+    wrapper's storage), with the plain tensor's result."""
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    kept = []
+    torch.func.grad(lambda a: (kept.append(a) or a).sum())(x)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    with use_backend(backend), torch.no_grad():
+        assert torch.equal(vk.clip_loss(kept[0], y, 2.0), vk.clip_loss(x, y, 2.0))

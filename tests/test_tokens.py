@@ -536,6 +536,26 @@ def test_select_tokens_under_vmap_then_backward(device):
     assert torch.equal(kept, want) and torch.equal(x.grad, loop.grad)
 
 
+def test_select_tokens_exported_without_gradients_run_with_them(device):
+    """An exported select_tokens traced on inputs that need no gradient, run on ones that
+    do: the op's autograd makes the inverse map then (the index map stood in for it, an
+    out-of-bounds gather or, where the kept rows come first, silently wrong rows)."""
+
+    class Select(torch.nn.Module):
+        def forward(self, x, scores):
+            return T.select_tokens(x, scores, 3)[0]
+
+    x, scores = torch.randn(2, 6, 4, device=device), torch.randn(2, 6, device=device)
+    program = torch.export.export(Select(), (x, scores))
+    weights = torch.linspace(-1, 1, 2 * 3 * 4, device=device).view(2, 3, 4)
+    grads = []
+    for run in (program.module(), Select()):
+        leaf = x.clone().requires_grad_()
+        (run(leaf, scores) * weights).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(*grads)
+
+
 def test_torch_compile_fullgraph(device):
     def compress(x, metric, scores, grid_x):
         merged, sizes, source = T.tome_merge(x, metric, 4, class_token=True)

@@ -266,6 +266,10 @@ class Op:
                     needs_grad = True
         if needs_grad:
             return self._autograd_call(args)
+        for i in self._tensor_positions:  # left over from an exited transform: unwrapped there
+            t = args[i]
+            if t is not None and _wrapped(t):
+                return self.overload(*args, REVISION)
         out = self.implementation(args)(*args)
         if self._mutated_positions:  # autograd then refuses a stale saved tensor
             torch.autograd.graph.increment_version(

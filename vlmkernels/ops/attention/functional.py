@@ -188,6 +188,10 @@ def _check_cu(op, name, cu, total, device):
         torch._assert_async(ok, f"{op}: {name} must start at 0, be non-decreasing and end at "
                                 f"the packed length")  # fmt: skip
         return None
+    if torch._C._functorch.is_batchedtensor(cu):
+        raise ValueError(f"{op}: {name} differs per sample under torch.func.vmap, which the "
+                         "packed layout cannot take (its offsets are read on the host); pass "
+                         "one for every sample (in_dims=None) or call per sample")  # fmt: skip
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{op}: {name} must start at 0, got {values[0]}")

@@ -14,6 +14,8 @@ from .kernels import AVG2X2, BILINEAR
 
 __all__ = ["pool_tokens", "select_tokens", "tome_merge"]
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
 POOL_KINDS = {"avg2x2": AVG2X2, "bilinear": BILINEAR}
 
 
@@ -78,20 +80,18 @@ def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int):
         )
     _check_same_device(op, x, scores, ("x", "scores"))
     keep = check_int(op, "keep", keep)
-    B, N, _ = x.shape
+    N = x.shape[1]
     if not 1 <= keep <= N:
         raise ValueError(f"{op}: keep must be in [1, {N}] (the number of tokens), got {keep}")
     order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices
     index = order[:, :keep].sort(dim=1).values
-    # under a functorch transform x may read requires_grad=False while what it wraps
-    # requires one (vmap inside autograd): the inverse map is made then too
-    if torch.is_grad_enabled() and (x.requires_grad or torch._C._are_functorch_transforms_active()):
-        ranks = torch.arange(keep, device=x.device).expand(B, keep)
-        inverse = torch.full((B, N), -1, dtype=torch.int64, device=x.device).scatter(
-            1, index, ranks
-        )
-    else:
-        inverse = index  # not read: no backward
+    # the inverse map the backward gathers by: made here where a gradient may be asked for
+    # (under a functorch transform x can read requires_grad=False while what it wraps
+    # requires one: vmap inside autograd); else index stands in, and the op's autograd
+    # makes it if it records the call after all (an exported graph traced without
+    # gradients, run with them)
+    grads = torch.is_grad_enabled() and (x.requires_grad or _functorch_active())
+    inverse = ops.inverse_rows(index, N) if grads else index
     return ops.select_rows(x, index, inverse), index
 
 

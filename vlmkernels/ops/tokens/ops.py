@@ -64,6 +64,14 @@ pool_backward = Op(
 # ------------------------------------------------------------------------------ select_rows
 
 
+def inverse_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) int64: the rank of row j among the (B, K) sorted ``index`` rows, -1 for the
+    rows not selected (what the backward of a selection gathers by)."""
+    b, keep = index.shape
+    ranks = torch.arange(keep, device=index.device).expand(b, keep)
+    return torch.full((b, n), -1, dtype=torch.int64, device=index.device).scatter(1, index, ranks)
+
+
 @select_rows.impl("triton")
 def _(x, index, inverse):
     return kernels.gather_rows(x, index)
@@ -82,7 +90,9 @@ def _(x, index, inverse):
 @select_rows.autograd
 class _:
     def setup_context(ctx, inputs, output):
-        _, index, inverse = inputs
+        x, index, inverse = inputs
+        if inverse is index:  # select_tokens' call: the inverse map made here, when needed
+            inverse = inverse_rows(index, x.shape[1])
         ctx.save_for_backward(index, inverse)
         remember_backend(ctx)
 
