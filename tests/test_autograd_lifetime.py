@@ -191,3 +191,28 @@ def test_tensor_left_over_from_a_transform_without_gradients(backend):
     assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
     with use_backend(backend), torch.no_grad():
         assert torch.equal(vk.clip_loss(kept[0], y, 2.0), vk.clip_loss(x, y, 2.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_exported_with_a_frozen_side(backend):
+    """siglip_loss computes its gradients in the forward, for the sides that need one when
+    it is traced: a program exported with the text side frozen and run with both sides
+    trainable raises (it gave the text side no gradient, silently); exported as it is run,
+    its gradients are eager's."""
+
+    class Loss(torch.nn.Module):
+        def forward(self, image, text):
+            return vk.siglip_loss(image, text, 2.0, -1.0)
+
+    image, text = torch.randn(4, 8), torch.randn(4, 8)
+    with use_backend(backend):
+        frozen = torch.export.export(Loss(), (image.clone().requires_grad_(), text))
+        both = torch.export.export(Loss(), (image.clone().requires_grad_(),
+                                            text.clone().requires_grad_()))  # fmt: skip
+        inputs = image.clone().requires_grad_(), text.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="one side of the features needing no gradient"):
+            frozen.module()(*inputs)
+        got = torch.autograd.grad(both.module()(*inputs), inputs)
+        want = torch.autograd.grad(Loss()(*inputs), inputs)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -607,6 +607,15 @@ class _:
         # (the gradients themselves) get no gradient, which is not materialised as zeros.
         # They stay differentiable outputs: saved, they are what ties the backward's
         # results to first_order_only's error under create_graph=True.
+        if ctx.needs_input_grad[1] and output[2] is None:
+            # y_grad is the caller's trace-time answer: a program exported with one side of
+            # the features frozen, then run with both trainable, would leave one without
+            # its gradient, silently
+            raise RuntimeError(
+                "siglip_loss: a graph traced (torch.export) with one side of the features "
+                "needing no gradient was called with both needing one; export it with both "
+                "sides requiring grad, as they will be run"
+            )
         needed = zip(output[1:], ctx.needs_input_grad[:4], strict=True)
         ctx.save_for_backward(*(g if need else None for g, need in needed))
         x = inputs[0]  # fp32 gradients of fp16 features are rounded after scaling
