@@ -58,6 +58,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .backend import resolve_backend
+from .runtime import contiguous_vectors
 from .version import __version__
 
 __all__ = ["Op", "as_saved", "first_order_only"]
@@ -154,13 +155,14 @@ class Op:
         self._function: type[torch.autograd.Function] | None = None
         self._apply: Callable | None = None  # the C++ Function.apply of _function
         self._tensor_positions: tuple[int, ...] = _tensor_positions(schema)
-        self._arity = len(_argument_list(schema))  # without the revision
+        # the names of the schema's arguments, without the revision
+        self._names = tuple(a.split()[-1].split("=")[0] for a in _argument_list(schema))
+        self._arity = len(self._names)
         # the dispatcher bumps the version counters of mutated tensors (ADInplaceOrView);
         # the eager path skips it and bumps them itself
         self._mutated_positions = tuple(
-            i for i, a in enumerate(_argument_list(schema))
-            if a.split()[-1].split("=")[0] in self.mutates
-        )  # fmt: skip
+            i for i, name in enumerate(self._names) if name in self.mutates
+        )
         self._custom = torch.library.custom_op(
             self.qualname, self._dispatch, mutates_args=self.mutates, schema=_revised(schema)
         )
@@ -256,20 +258,27 @@ class Op:
         if self._mutated_positions and not torch.is_inference_mode_enabled():
             self._refuse_inference_writes(args)
         tracked = self._apply is not None and torch.is_grad_enabled()
-        needs_grad = False
-        for i in self._tensor_positions:  # one pass: the dispatcher's cases, then autograd
+        needs_grad = wrapped = False
+        # one pass: the dispatcher's cases, autograd, tensors left over from an exited
+        # functorch transform (wrappers, which the full Function.apply and the dispatcher
+        # unwrap; the kernels cannot read them)
+        for i in self._tensor_positions:
             t = args[i]
             if t is not None:
                 if type(t) not in _PLAIN:
                     return self.overload(*args, REVISION)
                 if tracked and not needs_grad and t.requires_grad:
                     needs_grad = True
+                if _wrapped(t):
+                    wrapped = True
         if needs_grad:
-            return self._autograd_call(args)
-        for i in self._tensor_positions:  # left over from an exited transform: unwrapped there
-            t = args[i]
-            if t is not None and _wrapped(t):
-                return self.overload(*args, REVISION)
+            # the C++ apply skips Function.apply's Python layer (about 1.5 us), which does
+            # nothing here: it binds defaults for a separate setup_context (the eager
+            # path's has none), routes functorch transforms (sent to the dispatcher above)
+            # and unwraps leftover wrappers, which take the full apply
+            return self._function.apply(*args) if wrapped else self._apply(*args)
+        if wrapped:
+            return self.overload(*args, REVISION)
         out = self.implementation(args)(*args)
         if self._mutated_positions:  # autograd then refuses a stale saved tensor
             torch.autograd.graph.increment_version(
@@ -283,25 +292,12 @@ class Op:
         for i in self._mutated_positions:
             t = args[i]
             if t is not None and t.is_inference():
-                name = _argument_list(self.schema)[i].split()[-1].split("=")[0]
                 raise RuntimeError(
-                    f"{self.qualname}: {name} is an inference tensor (made under "
+                    f"{self.qualname}: {self._names[i]} is an inference tensor (made under "
                     "torch.inference_mode), and an in-place update of one outside "
                     "InferenceMode is not allowed; clone it first, or call under "
                     "torch.inference_mode()"
                 )
-
-    def _autograd_call(self, args):
-        """``Function.apply`` of the eager path, without its Python layer (about 1.5 us)
-        where that layer does nothing: it binds defaults for a separate ``setup_context``
-        (the eager path's has none), routes functorch transforms (:meth:`__call__` sent
-        those to the dispatcher) and unwraps tensors left over from an exited transform,
-        which take the full ``apply`` here."""
-        for i in self._tensor_positions:
-            t = args[i]
-            if t is not None and _wrapped(t):
-                return self._function.apply(*args)
-        return self._apply(*args)
 
     def __repr__(self) -> str:
         return f"<Op {self.qualname}{self.schema} backends={list(self._impls)}>"
@@ -371,7 +367,7 @@ def as_saved(*ts):
     stored activation), in the layout it made them in: contiguous. A
     ``saved_tensors_hooks`` unpack may hand back another layout, which a kernel reading
     them by pointer would misread; the usual unpack costs no copy. None passes through."""
-    return tuple(None if t is None else t.contiguous() for t in ts)
+    return contiguous_vectors(*ts)
 
 
 # ------------------------------------------------------------------ first-order backward
