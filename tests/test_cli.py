@@ -495,6 +495,20 @@ def test_malformed_ceilings_cache_is_measured_again(tmp_path, monkeypatch, capsy
     assert "ceilings (cached" in out and err == ""
 
 
+def test_unreadable_ceilings_cache_is_named_unreadable(tmp_path, monkeypatch, capsys):
+    """A cache folder that is a file: the message says the cache cannot be read (not that
+    it does not parse), and info still measures and exits 0."""
+    folder = tmp_path / "a file"
+    folder.write_text("")
+    monkeypatch.setenv("VLMKERNELS_CACHE_DIR", str(folder))
+    fresh = {"copy_gbps": 10.0, "copy_bytes": 1 << 20, "matmul": {"fp32": {"tflops": 1.0, "n": 8}}}
+    monkeypatch.setattr(cli, "measure_ceilings", lambda device_type: dict(fresh))
+    assert cli.main(["info"]) == 0
+    out, err = capsys.readouterr()
+    assert "ceilings (measured now" in out
+    assert "it cannot be read (NotADirectoryError" in err and "does not parse" not in err
+
+
 def test_ceilings_cache_keeps_entries_written_while_measuring(tmp_path, monkeypatch):
     """Several jobs sharing one cache folder: an entry another process stored while this
     one measured survives this one's write, which goes through a file of its own (a shared

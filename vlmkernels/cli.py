@@ -271,7 +271,9 @@ def _read_cache() -> tuple[dict, str]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}, ""
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    except OSError as exc:
+        return {}, f"it cannot be read ({type(exc).__name__}: {exc})"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         return {}, f"it does not parse ({type(exc).__name__}: {exc})"
     except RecursionError:
         return {}, "it does not parse (JSON nested too deeply)"

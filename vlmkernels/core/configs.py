@@ -291,7 +291,9 @@ def _parse_json(path: pathlib.Path) -> tuple[dict | None, str]:
     """(the JSON object in ``path``, "") or (None, what is wrong with the file)."""
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    except OSError as exc:
+        return None, f"it cannot be read ({type(exc).__name__}: {exc})"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         return None, f"it does not parse ({type(exc).__name__}: {exc})"
     except RecursionError:
         return None, "it does not parse (JSON nested too deeply)"
