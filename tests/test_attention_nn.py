@@ -105,11 +105,11 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize(("kwargs", "exc", "message"), [
-    (dict(heads=0), ValueError, "heads must be a positive int, got 0"),
+    (dict(heads=0), ValueError, "heads must be >= 1, got 0"),
     (dict(heads=2.0), TypeError, "heads must be an int, got 2.0"),
-    (dict(dim_head=0), ValueError, "dim_head must be a positive int"),
+    (dict(dim_head=0), ValueError, "dim_head must be >= 1, got 0"),
     (dict(dim_head=320), ValueError, "dim_head must be at most 256"),
-    (dict(dim=-4), ValueError, "dim must be a positive int"),
+    (dict(dim=-4), ValueError, "dim must be >= 1, got -4"),
     (dict(dim_visual=None), TypeError, "dim_visual must be an int"),
     (dict(only_attend_immediate_media=1), TypeError, "only_attend_immediate_media must be True"),
     (dict(ff_mult=0), ValueError, "ff_mult must give the feed-forward at least one channel"),

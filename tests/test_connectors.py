@@ -548,7 +548,7 @@ def test_bad_inputs():
         (lambda: C.pixel_shuffle(torch.randn(2, 9, 4), 2), ValueError, "divisible by scale"),
         (lambda: C.pixel_shuffle(torch.randn(16, 4), 2), ValueError, "x must be 3-D"),
         (lambda: C.pixel_shuffle(x.int(), 2), TypeError, "x must be a float16"),
-        (lambda: C.pixel_shuffle(x, 0), ValueError, "scale must be an int >= 1"),
+        (lambda: C.pixel_shuffle(x, 0), ValueError, "scale must be >= 1, got 0"),
         (lambda: C.mlp_projector(x, w1, None, torch.randn(3, 7), None), ValueError, "w2 must be"),
         (lambda: C.mlp_projector(x, torch.randn(8, 5), None, w2, None), ValueError, "w1 must be"),
         (lambda: C.mlp_projector(x, w1, torch.randn(7), w2, None), ValueError, "b1 must be"),
@@ -577,11 +577,14 @@ def test_bad_inputs():
         (lambda: C.merger(torch.randn(1, 4, 6, 4), torch.randn(8, 24), layout="grid",
                           merge_size=(2, 2)), ValueError, r"w1 must be \(out_features, 16\)"),
         (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), merge_size=(2, 2)),
-         ValueError, "merge_size must be an int"),
+         TypeError, "merge_size must be an int"),
         (lambda: C.deepstack_add(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool),
                                  torch.randn(8, 4)), ValueError, "visual_pos_mask must have"),
         (lambda: C.deepstack_add(torch.randn(2, 3, 4), torch.ones(2, 3), torch.randn(6, 4)),
-         TypeError, "bool tensor"),
+         TypeError, "visual_pos_mask must be a bool tensor, got torch.float32"),
+        (lambda: C.deepstack_add(torch.randn(4), torch.tensor(True), torch.randn(1, 4)),
+         ValueError, r"hidden must be \(\.\.\., D\) with at least 2 dims, got shape \(4,\)"),
+        (lambda: C.pixel_shuffle(x, 2.0), TypeError, "scale must be an int, got 2.0"),
     ]  # fmt: skip
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):
@@ -590,6 +593,17 @@ def test_bad_inputs():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the type check comes first there too
         with pytest.raises(TypeError, match="w1 must be a torch.Tensor"):
             C.mlp_projector(x, w1.tolist(), None, w2, None)
+
+
+def test_numpy_integer_sizes_act_as_ints():
+    """A scale or merge size read from a NumPy config is an int to the connectors, as it is
+    to the tokens ops (tome_merge's r, select_tokens' keep)."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 16, 3)
+    assert torch.equal(C.pixel_shuffle(x, np.int64(2)), C.pixel_shuffle(x, 2))
+    rows, w1, w2 = torch.randn(8, 3), torch.randn(5, 12), torch.randn(4, 5)
+    expected = C.merger(rows, w1, None, w2, None, merge_size=2)
+    assert torch.equal(C.merger(rows, w1, None, w2, None, merge_size=np.int32(2)), expected)
 
 
 # ------------------------------------------------------------------ registration

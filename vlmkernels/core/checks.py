@@ -95,12 +95,16 @@ def _interval(low: float, high: float, high_open: bool) -> str:
     return f"[{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def check_int(op: str, name: str, value) -> int:
-    """``value`` (an integer, not a bool) as an int."""
+def check_int(op: str, name: str, value, low: int | None = None) -> int:
+    """``value`` (an integer, not a bool: a Python or NumPy int) as an int, at least
+    ``low`` when given."""
     if type(value) is not int and (isinstance(value, bool)
                                    or not isinstance(value, numbers.Integral)):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
-    return int(value)
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{op}: {name} must be >= {low}, got {value}")
+    return value
 
 
 def isqrt(n) -> int:

@@ -135,8 +135,7 @@ def _check_input(name: str, t, rank: int, width: int, layout: str) -> None:
 def _check_sizes(op: str, **sizes) -> None:
     """Every size a positive int; ``dim_head`` at most the attention ops' largest head."""
     for name, value in sizes.items():
-        if check_int(op, name, value) < 1:
-            raise ValueError(f"{op}: {name} must be a positive int, got {value}")
+        check_int(op, name, value, 1)
     if sizes["dim_head"] > MAX_HEAD_DIM:
         raise ValueError(f"{op}: dim_head must be at most {MAX_HEAD_DIM} (the attention "
                          f"kernels' largest head), got {sizes['dim_head']}")  # fmt: skip

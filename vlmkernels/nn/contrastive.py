@@ -88,7 +88,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core.checks import FLOAT_DTYPES
+from ..core.checks import FLOAT_DTYPES, check_int
 from ..core.op import first_order_only
 from ..distributed.consistency import exchange
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
@@ -104,9 +104,8 @@ _first_order_only = first_order_only("vlmkernels.nn.ClipLoss / SigLipLoss exchan
 
 
 def _check_world_args(cls: str, rank, world_size, use_horovod: bool = False) -> None:
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"vlmkernels.nn.{cls}: {name} must be an int, got {value!r}")
+    rank = check_int(f"vlmkernels.nn.{cls}", "rank", rank)
+    world_size = check_int(f"vlmkernels.nn.{cls}", "world_size", world_size)
     if world_size < 1 or (world_size > 1 and not 0 <= rank < world_size):
         raise ValueError(
             f"vlmkernels.nn.{cls}: need world_size >= 1 and 0 <= rank < world_size, got "

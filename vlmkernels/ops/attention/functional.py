@@ -208,9 +208,7 @@ def _max_seqlen(op, name, value, longest, cu):
         if longest is None:
             raise ValueError(f"{op}: {name} must be given under torch.compile")
         return longest
-    value = check_int(op, name, value)
-    if value < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    value = check_int(op, name, value, 0)
     if longest is None:  # traced: the offsets are checked on the device, in the graph
         fits = (cu[1:] - cu[:-1] <= value).all()
         torch._assert_async(fits, f"{op}: {name} ({value}) is smaller than a segment")
@@ -422,9 +420,7 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
     op = "media_cross_attention"
     _check_qkv(op, q, k, v, 4)
     check_bool(op, "only_immediate", only_immediate)
-    n = check_int(op, "latents_per_media", latents_per_media)
-    if n < 1:
-        raise ValueError(f"{op}: latents_per_media must be >= 1, got {n}")
+    n = check_int(op, "latents_per_media", latents_per_media, 1)
     if k.shape[2] % n:
         raise ValueError(f"{op}: k's length {k.shape[2]} is not a multiple of "
                          f"latents_per_media = {n}")  # fmt: skip

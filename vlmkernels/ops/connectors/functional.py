@@ -15,7 +15,15 @@ import numbers
 
 import torch
 
-from ...core.checks import FLOAT_DTYPES, check_bool, check_real, in_choices, isqrt, to_device
+from ...core.checks import (
+    FLOAT_DTYPES,
+    check_bool,
+    check_int,
+    check_real,
+    in_choices,
+    isqrt,
+    to_device,
+)
 from ...core.overlap import check_no_overlap
 from ...core.runtime import autocast_operands
 from . import ops
@@ -40,12 +48,6 @@ def _check_tensor(op: str, name: str, t, dims=None) -> None:
             f"{op}: {name} must be {' or '.join(f'{d}-D' for d in dims)}, got shape "
             f"{tuple(t.shape)}"
         )
-
-
-def _check_int(op: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _square_grid(op: str, n: int, scale: int) -> int:
@@ -74,7 +76,7 @@ def pixel_shuffle(x: torch.Tensor, scale: int = 2) -> torch.Tensor:
     """
     op = "pixel_shuffle"
     _check_tensor(op, "x", x, (3,))
-    scale = _check_int(op, "scale", scale, 1)
+    scale = check_int(op, "scale", scale, 1)
     b, n, c = x.shape
     side = _square_grid(op, n, scale)
     out = ops.merge_tokens(x.unflatten(1, (side, side)), [scale, scale])
@@ -284,9 +286,9 @@ def merger(
     if layout == "grid" and x.dim() == 4 and isinstance(merge_size, (tuple, list)):
         if len(merge_size) != 2:
             raise ValueError(f"{op}: merge_size must be an int or (MH, MW), got {merge_size!r}")
-        mh, mw = (_check_int(op, "merge_size", m, 1) for m in merge_size)
+        mh, mw = (check_int(op, "merge_size", m, 1) for m in merge_size)
     else:
-        mh = mw = s = _check_int(op, "merge_size", merge_size, 1)
+        mh = mw = s = check_int(op, "merge_size", merge_size, 1)
     if layout == "consecutive":
         p, c = x.shape
         if p % (s * s):
@@ -373,9 +375,17 @@ def deepstack_add(
     op = "deepstack_add"
     _check_tensor(op, "hidden", hidden)
     _check_tensor(op, "visual_embeds", visual_embeds, (2,))
+    if hidden.dim() < 2:
+        raise ValueError(f"{op}: hidden must be (..., D) with at least 2 dims, got shape "
+                         f"{tuple(hidden.shape)}")  # fmt: skip
     if not isinstance(visual_pos_mask, torch.Tensor) or visual_pos_mask.dtype != torch.bool:
-        raise TypeError(f"{op}: visual_pos_mask must be a bool tensor")
-    if hidden.dim() < 2 or tuple(visual_pos_mask.shape) != tuple(hidden.shape[:-1]):
+        got = (
+            visual_pos_mask.dtype
+            if isinstance(visual_pos_mask, torch.Tensor)
+            else type(visual_pos_mask).__name__
+        )
+        raise TypeError(f"{op}: visual_pos_mask must be a bool tensor, got {got}")
+    if tuple(visual_pos_mask.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"{op}: visual_pos_mask must have hidden's shape without the last dim "
             f"({tuple(hidden.shape[:-1])}), got {tuple(visual_pos_mask.shape)}"

@@ -72,7 +72,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ...core.checks import to_device
+from ...core.checks import check_int, to_device
 
 __all__ = ["get_rope_index", "MODEL_TYPES", "TEXT_AFTER_VISION"]
 
@@ -206,14 +206,7 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
         )
     if not isinstance(truncate_seconds, bool):
         raise TypeError(f"{op}: truncate_seconds must be a bool, got {truncate_seconds!r}")
-    if isinstance(spatial_merge_size, bool) or not isinstance(spatial_merge_size, int):
-        raise TypeError(
-            f"{op}: spatial_merge_size must be a positive int, got {spatial_merge_size!r}"
-        )
-    if spatial_merge_size < 1:
-        raise ValueError(
-            f"{op}: spatial_merge_size must be a positive int, got {spatial_merge_size}"
-        )
+    spatial_merge_size = check_int(op, "spatial_merge_size", spatial_merge_size, 1)
     if mm_token_type_ids is None:
         raise ValueError(
             f"{op}: mm_token_type_ids is required (the processor returns it with input_ids)"
