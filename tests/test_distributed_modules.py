@@ -256,13 +256,35 @@ def bad_features_on_one_rank(rank, n, oc, vk):
     x, y = features(rank, B)
     if rank == n - 1:
         y = y[:-1]
-    match = "same shape" if rank == n - 1 else f"bad features on ranks [{n - 1}]"
+    match = "same shape" if rank == n - 1 else f"rank(s) [{n - 1}] rejected their arguments"
     problems = []
     for loss in (
         vk.nn.ClipLoss(rank=rank, world_size=n),
         vk.nn.SigLipLoss(rank=rank, world_size=n),
     ):
         expect_error(problems, lambda: loss(x, y, 10.0, -10.0), ValueError, match)  # noqa: B023
+    raise_problems(rank, problems)
+
+
+def bad_scalars_on_one_rank(rank, n, oc, vk):
+    """A logit_scale or logit_bias that the loss op refuses on one rank only: that rank
+    raises the op's error, the others say which rank it was, instead of waiting for it in
+    the gather until the collective timeout."""
+    x, y = features(rank, B)
+    last = rank == n - 1
+    other = ValueError, f"rank(s) [{n - 1}] rejected their arguments"
+    problems = []
+    for loss in (
+        vk.nn.ClipLoss(rank=rank, world_size=n, gather_with_grad=True),
+        vk.nn.ClipLoss(rank=rank, world_size=n, local_loss=True),
+        vk.nn.SigLipLoss(rank=rank, world_size=n),
+    ):
+        scale = torch.tensor([10.0, 10.0]) if last else 10.0
+        exc, match = (ValueError, "logit_scale must be a scalar") if last else other
+        expect_error(problems, lambda: loss(x, y, scale, -10.0), exc, match)  # noqa: B023
+        bias = "-10" if last else -10.0
+        exc, match = (TypeError, "logit_bias must be a float") if last else other
+        expect_error(problems, lambda: loss(x, y, 10.0, bias), exc, match)  # noqa: B023
     raise_problems(rank, problems)
 
 
@@ -315,6 +337,7 @@ CASES["autocast-bf16"] = autocast_bf16
 CASES["error-siglip-unequal-sizes"] = siglip_unequal_sizes
 CASES["error-dims-differ"] = dims_differ
 CASES["error-bad-features-on-one-rank"] = bad_features_on_one_rank
+CASES["error-bad-scalars-on-one-rank"] = bad_scalars_on_one_rank
 CASES["error-wrong-rank"] = wrong_rank
 CASES["error-second-order"] = second_order
 CASES["after-errors-clip-local1-gathergrad1"] = clip_parity(True, True, True)

@@ -71,9 +71,11 @@ Every ``forward`` with world_size > 1 starts with the consistency exchange of
 :mod:`vlmkernels.distributed.consistency` (the one the ring mode uses): an all_gather of
 each rank's shapes, so that inputs a mode cannot take (unequal batch sizes where they must
 be equal, feature dims or dtypes that differ, a wrong ``rank`` / ``world_size``) raise the
-same ValueError on every rank instead of hanging in an exchange; reading the shapes back is
-one host synchronisation per call. ``logit_scale`` and ``logit_bias`` are not compared: as
-in open_clip, each rank's loss uses its own. Horovod is not supported.
+same ValueError on every rank instead of hanging in an exchange; arguments one rank's own
+checks refuse (features, a ``logit_scale`` or ``logit_bias`` that is not a scalar) raise
+there, and a ValueError naming that rank on the others. Reading the shapes back is one host
+synchronisation per call. The values of ``logit_scale`` and ``logit_bias`` are not
+compared: as in open_clip, each rank's loss uses its own. Horovod is not supported.
 
 Gradients are first order only, as in the fused ops: after a backward with
 ``create_graph=True`` (which works), differentiating the gradients raises
@@ -88,7 +90,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core.checks import FLOAT_DTYPES, check_int
+from ..core.checks import FLOAT_DTYPES, check_int, scalar_tensor
 from ..core.op import first_order_only
 from ..distributed.consistency import exchange
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
@@ -168,18 +170,34 @@ def _collective_device(like) -> torch.device:
     return like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
 
 
-def _gather_descriptors(img, txt, rank: int, world_size: int) -> tuple[list, str | None]:
-    """Every rank's [rank, world_size, ok, batch, dim, dtype index] (the consistency
-    exchange of :mod:`vlmkernels.distributed`), and this rank's problem."""
+def _local_error(cls: str, where: str, img, txt, scale, bias) -> Exception | None:
+    """What the loss would raise on this rank's arguments taken alone, or None: the
+    features' problem, then the loss op's own checks of ``logit_scale`` and ``logit_bias``
+    (which would otherwise fail on this rank only, after the others had gone on)."""
     problem = _local_problem(img, txt)
-    batch, dim, dtype = (0, 0, -1) if problem else (*img.shape, FLOAT_DTYPES.index(img.dtype))
-    fields = dict(rank=rank, world_size=world_size, ok=problem is None, batch=batch, dim=dim,
+    if problem:
+        return ValueError(f"{where}: {problem}")
+    op = "clip_loss" if cls == "ClipLoss" else "siglip_loss"
+    try:
+        scalar_tensor(op, "logit_scale", scale, img.device)
+        scalar_tensor(op, "logit_bias", bias, img.device, optional=True)
+    except (TypeError, ValueError) as error:
+        return error
+    return None
+
+
+def _gather_descriptors(img, txt, rank: int, world_size: int, error) -> list:
+    """Every rank's [rank, world_size, ok, batch, dim, dtype index] (the consistency
+    exchange of :mod:`vlmkernels.distributed`); ``error``: this rank's local error."""
+    batch, dim, dtype = (0, 0, -1) if error else (*img.shape, FLOAT_DTYPES.index(img.dtype))
+    fields = dict(rank=rank, world_size=world_size, ok=error is None, batch=batch, dim=dim,
                   dtype=dtype)  # fmt: skip
     table = exchange(None, _collective_device(img), fields)
-    return [[int(row[key]) for key in fields] for row in table], problem
+    return [[int(row[key]) for key in fields] for row in table]
 
 
-def _world(cls: str, img, txt, rank: int, world_size: int, equal_sizes: str | None) -> _World:
+def _world(cls: str, img, txt, scale, bias, rank: int, world_size: int,
+           equal_sizes: str | None) -> _World:  # fmt: skip
     """The checked world of this call; every rank raises the same error (or its own local
     one) before any exchange. ``equal_sizes``: the mode that needs equal local batches."""
     where = f"vlmkernels.nn.{cls}(world_size={world_size})"
@@ -189,7 +207,8 @@ def _world(cls: str, img, txt, rank: int, world_size: int, equal_sizes: str | No
             "torch.distributed.init_process_group() before the loss (the default group is "
             "used), or pass world_size=1"
         )
-    table, problem = _gather_descriptors(img, txt, rank, world_size)
+    error = _local_error(cls, where, img, txt, scale, bias)
+    table = _gather_descriptors(img, txt, rank, world_size, error)
     claims = [(row[0], row[1]) for row in table]
     if claims != [(k, len(table)) for k in range(len(table))]:
         raise ValueError(
@@ -198,9 +217,11 @@ def _world(cls: str, img, txt, rank: int, world_size: int, equal_sizes: str | No
             f"the processes in group order: {claims}"
         )
     bad = [k for k, row in enumerate(table) if not row[2]]
+    if error is not None:
+        raise error
     if bad:
         raise ValueError(
-            f"{where}: {problem}" if problem else f"{where}: bad features on ranks {bad}"
+            f"{where}: rank(s) {bad} rejected their arguments (see the error raised there)"
         )
     for column, what in ((4, "feature dim"), (5, "dtype")):
         values = [row[column] for row in table]
@@ -414,7 +435,8 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, img, txt, scale, bias):
-        world = _world("ClipLoss", img, txt, self.rank, self.world_size, equal_sizes=None)
+        world = _world("ClipLoss", img, txt, scale, bias, self.rank, self.world_size,
+                       equal_sizes=None)  # fmt: skip
         d = img.shape[1]
         if self.gather_with_grad:
             gathered = _GatherRows.apply(torch.cat((img, txt), dim=1), world)
@@ -482,7 +504,8 @@ class SigLipLoss(nn.Module):
 
     def _distributed_loss(self, img, txt, scale, bias):
         mode = f"dist_impl={self.dist_impl!r}"
-        world = _world("SigLipLoss", img, txt, self.rank, self.world_size, equal_sizes=mode)
+        world = _world("SigLipLoss", img, txt, scale, bias, self.rank, self.world_size,
+                       equal_sizes=mode)  # fmt: skip
         rows = siglip_loss(img, txt, scale, bias, reduction="none")
         out_dtype = rows.dtype
         loss = rows.to(_acc_dtype(out_dtype)).sum()
