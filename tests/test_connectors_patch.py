@@ -202,16 +202,18 @@ def test_gelu_made_tanh_after_patching_runs_the_class_forward(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_patched_connector_under_autocast(name, x_dtype):
+@pytest.mark.parametrize("offset", [0.0, 60.0])
+def test_patched_connector_under_autocast(name, x_dtype, offset):
     """Under autocast with fp32 weights (mixed-precision training's master weights), fp32 or
     bf16 features: the patched connector computes in bf16 as transformers' linears do, returns
     bf16, and its output and gradients (fp32, for the fp32 weights) are as close to the
-    float64 ones as transformers' own."""
+    float64 ones as transformers' own. Also for features with a large mean (``offset``),
+    which a norm's fp32 statistics must see before any rounding to bf16."""
     module, x = CASES[name]()
     ref = randomise(module)
     mine = copy.deepcopy(ref)
     exact = copy.deepcopy(ref).double()
-    x = x.to(x_dtype)
+    x = (x + offset).to(x_dtype)
     leaves = []
     outs = []
     with vt.patch(mine):

@@ -6,6 +6,9 @@ path); the weights of the linears must have the features' dtype and device. Unde
 ``torch.autocast`` the projector and the merger run as autocast runs the linears they
 replace: the features, weights and biases (fp32 master weights, say) cast to the autocast
 dtype, the result in it; the norm weights stay as given (the norm's statistics are fp32).
+The merger's LayerNorm reads fp32 features as autocast's fp32 ``layer_norm`` does: they are
+centred in fp32 before the cast (the norm is shift-invariant), so rows with a large mean
+keep the digits the norm reads.
 """
 
 from __future__ import annotations
@@ -282,6 +285,7 @@ def merger(
     if layout not in ("consecutive", "grid"):
         raise ValueError(f"{op}: layout must be 'consecutive' or 'grid', got {layout!r}")
     _check_tensor(op, "x", x, (2,) if layout == "consecutive" else (3, 4))
+    x_given = x
     x, w1, b1, w2, b2 = autocast_operands(x, w1, b1, w2, b2)
     if layout == "grid" and x.dim() == 4 and isinstance(merge_size, (tuple, list)):
         if len(merge_size) != 2:
@@ -345,9 +349,21 @@ def merger(
     save = check_bool(op, "store_hidden", store_hidden) and _needs_grad(
         x, w1, b1, w2, b2, norm_weight, norm_bias
     )
+    if kind == LAYER_NORM and x is not x_given:  # cast by autocast
+        grid = _centred(x_given.reshape(grid.shape), merge, per_patch).to(x.dtype)
     y = ops.connector(grid, w1, b1, w2, b2, norm_weight, norm_bias, None, merge, kind,
                       per_patch, eps, act, save)[0]  # fmt: skip
     return y.view(*lead, n_out)
+
+
+def _centred(grid: torch.Tensor, merge, per_patch: bool) -> torch.Tensor:
+    """``grid`` (L, GH, GW, C) minus the mean of each row the LayerNorm normalises: each
+    patch, or each merged block of ``merge`` = (MH, MW) patches."""
+    if per_patch:
+        return grid - grid.mean(-1, keepdim=True)
+    (mh, mw), (lead, gh, gw, c) = merge, grid.shape
+    blocks = grid.reshape(lead, gh // mh, mh, gw // mw, mw, c)
+    return (blocks - blocks.mean((2, 4, 5), keepdim=True)).reshape(grid.shape)
 
 
 def deepstack_add(
