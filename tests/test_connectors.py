@@ -523,6 +523,16 @@ def test_deepstack_add_strided_hidden(inplace, backend):
     assert_same_sum(out, ref, backend)
 
 
+def test_deepstack_add_copies_other_rows_bitwise(backend):
+    """Rows without a visual feature are hidden's as they are, as Qwen3-VL's clone leaves
+    them: -0.0 stays -0.0 (an added 0.0 would make it +0.0)."""
+    hidden = torch.randn(2, 5, 8)
+    hidden[torch.rand_like(hidden) < 0.3] = -0.0
+    mask = torch.tensor([[True, False, False, True, False], [False, True, False, False, False]])
+    out = C.deepstack_add(hidden, mask, torch.randn(3, 8))
+    assert torch.equal(out[~mask].view(torch.int32), hidden[~mask].view(torch.int32))
+
+
 # ------------------------------------------------------------------ bad input
 
 

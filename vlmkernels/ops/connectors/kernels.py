@@ -610,7 +610,8 @@ def _deepstack_kernel(
     """DeepStack's masked add over R rows. Out of place: out[r] = h[r] + e[idx[r]] for
     every row r of the hidden states (idx[r] = -1: no visual row, a copy). ``INPLACE``: R is
     the number of visual rows and out = h is written at rows idx[v] only, with
-    h[idx[v]] + e[v]. The sum is taken in fp32 and rounded once."""
+    h[idx[v]] + e[v]. The sum is taken in fp32 and rounded once. Rows without a visual row
+    add -0.0, the identity of addition (0.0 would turn -0.0 into +0.0)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     r_mask = rows < R
     idx = tl.load(idx_ptr + rows, mask=r_mask, other=-1).to(tl.int64)
@@ -627,7 +628,7 @@ def _deepstack_kernel(
         mask = r_mask[:, None] & c_mask[None, :]
         h = tl.load(h_ptr + h_rows[:, None] * shr + cols[None, :] * shd, mask=mask, other=0.0)
         e = tl.load(e_ptr + e_rows[:, None] * ser + cols[None, :] * sed,
-                    mask=e_mask[:, None] & c_mask[None, :], other=0.0)
+                    mask=e_mask[:, None] & c_mask[None, :], other=-0.0)
         total = h.to(tl.float32) + e.to(tl.float32)
         tl.store(out_ptr + h_rows[:, None] * sor + cols[None, :] * sod,
                  total.to(out_ptr.dtype.element_ty), mask=mask)
