@@ -478,6 +478,31 @@ def test_pickled_patched_model_loads_unpatched_and_patches_again(qwen2):
     with vt.patch(loaded) as handle:
         assert "model.get_rope_index" in handle.targets
         assert_close(qwen2.logits(loaded), qwen2.ref_logits, "logits patched again")
+    # the classes' methods pinned per instance would hide a later change to a class:
+    # unpatch takes them out, as it takes out patched ones
+    assert vt.unpatch(loaded) > 0
+    assert instance_overrides(loaded) == []
+
+
+def test_deleted_patched_model_is_freed_without_the_cyclic_collector(qwen2):
+    """``del`` of a patched model (handle dropped too) frees its weights at once, as for an
+    unpatched model: the patched methods do not make reference cycles through the modules
+    that hold them."""
+    import gc
+    import weakref
+
+    model = copy.deepcopy(qwen2.model)
+    handle = vt.patch(model)
+    qwen2.logits(model)
+    weights = [weakref.ref(p) for p in model.parameters()]
+    gc.collect()
+    gc.disable()
+    try:
+        del model, handle
+        alive = sum(w() is not None for w in weights)
+    finally:
+        gc.enable()
+    assert alive == 0, f"{alive} of {len(weights)} parameters wait for the cyclic collector"
 
 
 # ------------------------------------------------------------------ errors

@@ -19,19 +19,24 @@ rebuilt around the rebuilt function it holds in its closure, so the decorators k
 (deprecation warnings, renamed keyword arguments, hub-kernel hooks). A wrapper that keeps the
 function it wraps anywhere else cannot be rebuilt and raises :class:`UnsupportedLayoutError`.
 
-A rebuilt method is bound with ``types.MethodType`` to its module, so ``copy.deepcopy`` of a
-patched model rebinds it to the copy: the copy runs the patched code on its own weights and
-holds no reference to the original.
+A rebuilt method is bound to its module by a :class:`PatchedMethod`, which behaves as a
+bound method but holds its module by a weak reference: a module's ``__dict__`` holding a
+method bound to the module itself would be a reference cycle, so ``del model`` would leave
+the weights to the cyclic garbage collector instead of freeing them at once, as it does for
+an unpatched model. ``copy.deepcopy`` of a patched model rebinds each method to the copy:
+the copy runs the patched code on its own weights and holds no reference to the original.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import dis
 import importlib
 import inspect
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -54,6 +59,7 @@ __all__ = [
     "MARK",
     "PatchFallbackWarning",
     "PatchHandle",
+    "PatchedMethod",
     "Patcher",
     "Rebind",
     "SetMethod",
@@ -308,9 +314,57 @@ def _signed_like(function, original):
     return function
 
 
+_FUNCTION_DUNDERS = frozenset(
+    {MARK, "__name__", "__qualname__", "__doc__", "__module__", "__wrapped__"}
+)
+
+
+class PatchedMethod:
+    """``function`` bound to ``module`` as ``types.MethodType`` binds it (``__func__``,
+    ``__self__``, the function's attributes and signature less its first parameter), but
+    holding the module by a weak reference, so that the module's ``__dict__`` does not make
+    a reference cycle through it. ``copy.deepcopy`` binds the copy to the module's copy; a
+    pickle holds the class's method in its place, as a pickled bound method does."""
+
+    __slots__ = ("__func__", "_module", "__weakref__")
+
+    def __init__(self, function, module):
+        self.__func__ = function
+        self._module = weakref.ref(module)
+
+    @property
+    def __self__(self):
+        return self._module()
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self._module(), *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # the function's attributes (its name, MARK, ...), not the protocol's dunders
+        if name in PatchedMethod.__slots__ or (
+            name.startswith("__") and name not in _FUNCTION_DUNDERS
+        ):
+            raise AttributeError(name)
+        return getattr(self.__func__, name)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self.__func__)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    def __deepcopy__(self, memo):
+        return PatchedMethod(self.__func__, copy.deepcopy(self.__self__, memo))
+
+    def __reduce__(self):
+        return getattr, (self.__self__, self.__func__.__name__)
+
+    def __repr__(self) -> str:
+        return f"<vlmkernels patched method {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
 def method_slot(module, name: str, function, label: str) -> Slot:
     """A slot binding ``function`` to ``module`` as its instance attribute ``name``."""
-    return Slot(module, name, types.MethodType(function, module), label=label)
+    return Slot(module, name, PatchedMethod(function, module), label=label)
 
 
 class PatchHandle:
@@ -361,22 +415,26 @@ class PatchHandle:
 
 def unpatch(model) -> int:
     """Removes every vlmkernels patch from ``model``'s module tree, with no handle: for a
-    deep copy or an unpickled copy of a patched model (they hold the patched methods bound
-    to themselves; the handle undoes only its own instance) and for a model whose handle
-    is lost. Each patched instance method is deleted, so the class's runs again
-    (``_old_forward``, which accelerate's hook calls, gets the class's ``forward`` bound
-    back). Returns the number of attributes restored; 0 on an unpatched model. A handle of
-    the same instance then has nothing left to undo."""
+    deep copy of a patched model (it holds the patched methods bound to itself; the handle
+    undoes only its own instance), an unpickled copy (it holds the classes' methods bound
+    per instance in their place, which a later change to a class would not reach) and a
+    model whose handle is lost. Each such instance method is deleted, so the class's runs
+    again (``_old_forward``, which accelerate's hook calls, gets the class's ``forward``
+    bound back). Returns the number of attributes restored; 0 on an unpatched model. A
+    handle of the same instance then has nothing left to undo."""
     restored = 0
     for module in model.modules() if isinstance(model, torch.nn.Module) else (model,):
         own = module.__dict__
         for name, value in list(own.items()):
-            if not (isinstance(value, types.MethodType) and is_patched(value)):
-                continue
-            if name == "_old_forward":
-                own[name] = types.MethodType(type(module).forward, module)
-            else:
+            if isinstance(value, PatchedMethod) and is_patched(value):
+                if name == "_old_forward":
+                    own[name] = types.MethodType(type(module).forward, module)
+                else:
+                    del own[name]
+            elif name != "_old_forward" and _inert(module, name):
                 del own[name]
+            else:
+                continue
             restored += 1
     return restored
 
@@ -385,7 +443,7 @@ def install(model, slots: Iterable[Slot]) -> PatchHandle:
     """Installs ``slots`` (and, on each module given a method, the replication of
     :func:`_replicate_patched`); the handle undoes them."""
     slots = list(slots)
-    owners = {id(s.owner): s for s in slots if isinstance(s.new, types.MethodType)}
+    owners = {id(s.owner): s for s in slots if isinstance(s.new, PatchedMethod)}
     for first in owners.values():
         module = first.owner
         if isinstance(module, torch.nn.Module):
@@ -520,8 +578,8 @@ def _replicate_patched(self):
     bound to itself, so each replica runs on its own parameters."""
     replica = type(self)._replicate_for_data_parallel(self)
     for name, value in self.__dict__.items():
-        if isinstance(value, types.MethodType) and value.__self__ is self and is_patched(value):
-            replica.__dict__[name] = types.MethodType(value.__func__, replica)
+        if isinstance(value, PatchedMethod) and value.__self__ is self and is_patched(value):
+            replica.__dict__[name] = PatchedMethod(value.__func__, replica)
     return replica
 
 
