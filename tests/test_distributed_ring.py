@@ -175,35 +175,41 @@ def _run_case(vk, rank, world, case):
 
 
 class _Towers(torch.nn.Module):
-    """Two linear 'encoders' and a learnable log scale: a CLIP model in miniature."""
+    """Two linear 'encoders', a learnable log scale and bias: CLIP (no bias) or SigLIP in
+    miniature."""
 
-    def __init__(self):
+    def __init__(self, with_bias: bool):
         super().__init__()
         self.image = torch.nn.Linear(D, D)
         self.text = torch.nn.Linear(D, D)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = torch.nn.Parameter(torch.tensor(-5.0)) if with_bias else None
 
     def forward(self, a, b):
-        return self.image(a), self.text(b), self.log_scale.exp()
+        return self.image(a), self.text(b), self.log_scale.exp(), self.bias
 
 
-def _ddp_recipe(vk, rank, world):
-    """The docstring's DDP recipe (backward ``loss * world_size``, the scale's gradient
-    divided by world_size in a hook) gives every parameter its single-process gradient."""
+def _ddp_recipe(vk, rank, world, kind):
+    """The README's and docstring's DDP recipe (backward ``loss * world_size``, the scale's
+    and bias's gradients divided by world_size in hooks) gives every parameter its
+    single-process gradient."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
-    single = _Towers()
-    model = _Towers()
+    single = _Towers(with_bias=kind == "siglip")
+    model = _Towers(with_bias=kind == "siglip")
     model.load_state_dict(single.state_dict())
     ddp = DistributedDataParallel(model)
-    model.log_scale.register_hook(lambda g: g / world)
-    a, b, _, _ = _global_batch(EQUAL * world, "clip", "mean")
+    for p in (model.log_scale, model.bias):
+        if p is not None:
+            p.register_hook(lambda g: g / world)
+    loss_fn = vk.clip_loss if kind == "clip" else vk.siglip_loss
+    a, b, _, _ = _global_batch(EQUAL * world, kind, "mean")
     rows = slice(rank * EQUAL, (rank + 1) * EQUAL)
-    loss = vk.clip_loss(*ddp(a[rows], b[rows]), process_group=dist.group.WORLD)
+    loss = loss_fn(*ddp(a[rows], b[rows]), process_group=dist.group.WORLD)
     (loss * world).backward()
-    want = vk.clip_loss(*single(a, b))
+    want = loss_fn(*single(a, b))
     want.backward()
     _assert_close("loss", loss, want, 1.0)
     for (name, got), ref in zip(model.named_parameters(), single.parameters(), strict=True):
@@ -240,7 +246,8 @@ def _cases_job(rank, world):
     import vlmkernels
 
     jobs = {name: functools.partial(_run_case, case=case) for name, case in CASES.items()}
-    jobs["clip_ddp_recipe"] = _ddp_recipe
+    jobs["clip_ddp_recipe"] = functools.partial(_ddp_recipe, kind="clip")
+    jobs["siglip_ddp_recipe"] = functools.partial(_ddp_recipe, kind="siglip")
     jobs["siglip_fp16_loss_scale"] = _siglip_fp16_loss_scale
     report = {}
     for name, job in jobs.items():
@@ -499,7 +506,9 @@ def _results(job, world, backends, tmp_path_factory):
     return _RESULTS[key]
 
 
-@pytest.mark.parametrize("case", [*CASES, "clip_ddp_recipe", "siglip_fp16_loss_scale"])
+@pytest.mark.parametrize(
+    "case", [*CASES, "clip_ddp_recipe", "siglip_ddp_recipe", "siglip_fp16_loss_scale"]
+)
 @pytest.mark.parametrize(("world", "backend"), CONFIGS)
 def test_ring_matches_single_process(world, backend, case, tmp_path_factory):
     backends = tuple(b for w, b in CONFIGS if w == world)
