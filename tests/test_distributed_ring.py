@@ -242,6 +242,32 @@ def _siglip_fp16_loss_scale(vk, rank, world):
         assert err < 2e-3, f"{name}: largest relative error {err:.3g}"
 
 
+def _autocast_precision(vk, rank, world):
+    """Under autocast (CPU bf16), on the PyTorch path: the ring computes in the dtypes the
+    entry point cast to, as the single-device losses do, not in autocast's 16-bit products;
+    the gradients of the scale (and SigLIP's bias) are then exact up to fp32 rounding of a
+    float64 loss on the bf16-rounded features."""
+    import torch.distributed as dist
+
+    x, y, _, _ = _global_batch(EQUAL * world, "siglip", "mean")
+    rows = slice(rank * EQUAL, (rank + 1) * EQUAL)
+    for kind, loss_fn in (("clip", vk.clip_loss), ("siglip", vk.siglip_loss)):
+        s = torch.tensor(10.0, requires_grad=True)
+        b = torch.tensor(-2.0, requires_grad=True)
+        with vk.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(x[rows], y[rows], s, b, process_group=dist.group.WORLD)
+        loss.backward()
+        sr, br = s.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        xr, yr = x.bfloat16().double(), y.bfloat16().double()
+        _naive(kind, xr, yr, sr, br, None, 0.0, "mean").backward()
+        checked = [("d logit_scale", s.grad, sr.grad)]
+        if kind == "siglip":  # CLIP's softmax ignores a bias: its gradient is rounding
+            checked.append(("d logit_bias", b.grad, br.grad))
+        for name, got, want in checked:
+            err = abs(got.item() - want.item()) / abs(want.item())
+            assert err < 1e-5, f"{kind} {name}: relative error {err:.3g}"
+
+
 def _cases_job(rank, world):
     import vlmkernels
 
@@ -249,6 +275,7 @@ def _cases_job(rank, world):
     jobs["clip_ddp_recipe"] = functools.partial(_ddp_recipe, kind="clip")
     jobs["siglip_ddp_recipe"] = functools.partial(_ddp_recipe, kind="siglip")
     jobs["siglip_fp16_loss_scale"] = _siglip_fp16_loss_scale
+    jobs["autocast_precision"] = _autocast_precision
     report = {}
     for name, job in jobs.items():
         try:
@@ -507,7 +534,14 @@ def _results(job, world, backends, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "case", [*CASES, "clip_ddp_recipe", "siglip_ddp_recipe", "siglip_fp16_loss_scale"]
+    "case",
+    [
+        *CASES,
+        "clip_ddp_recipe",
+        "siglip_ddp_recipe",
+        "siglip_fp16_loss_scale",
+        "autocast_precision",
+    ],
 )
 @pytest.mark.parametrize(("world", "backend"), CONFIGS)
 def test_ring_matches_single_process(world, backend, case, tmp_path_factory):

@@ -115,6 +115,19 @@ def _without_autocast(fn: Callable, *args):
         return fn(*args)
 
 
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` run with autocast off, for an autograd Function's ``forward`` or ``backward``
+    whose inputs are already in the dtypes autocast would choose (the entry point cast
+    them): its products, outside the op dispatch that turns autocast off, would otherwise
+    run in 16 bits behind its back."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        return _without_autocast(fn, *args)
+
+    return run
+
+
 def _fingerprint() -> int:
     """A 48-bit hash of the vlmkernels version and the source of its Python modules (a few
     ms, once per process, at import)."""

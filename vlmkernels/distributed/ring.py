@@ -85,7 +85,7 @@ import torch.distributed as dist
 
 from ..core.backend import in_forward_backend, remember_backend, resolve_backend
 from ..core.checks import FLOAT_DTYPES, REDUCTIONS
-from ..core.op import first_order_only
+from ..core.op import first_order_only, without_autocast
 from ..ops.contrastive import (
     FAMILY,
     SideStats,
@@ -516,6 +516,7 @@ def _param_grads(ctx, dx, dy, ds, db, x, y, scale, bias):
 
 class _ClipRing(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, y, scale, bias, ids, ring, reduction, smoothing, chunk):
         remember_backend(ctx)
         rows, cols = _clip_stats_rotation(ring, x, y, scale, bias, ids, smoothing, chunk)
@@ -533,6 +534,7 @@ class _ClipRing(torch.autograd.Function):
     @staticmethod
     @first_order_only("clip_loss")
     @in_forward_backend
+    @without_autocast
     def backward(ctx, grad):
         x, y, scale, bias, ids, row_state, col_state = ctx.saved_tensors
         ring, smoothing = ctx.ring, ctx.smoothing
@@ -651,6 +653,7 @@ def _siglip_grads_rotation(ring, x, y, scale, bias, w_rows, chunk):
 
 class _SiglipRing(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, y, scale, bias, ring, reduction, chunk, fused):
         remember_backend(ctx)
         ctx.ring, ctx.reduction, ctx.chunk, ctx.fused = ring, reduction, chunk, fused
@@ -672,6 +675,7 @@ class _SiglipRing(torch.autograd.Function):
     @staticmethod
     @first_order_only("siglip_loss")
     @in_forward_backend
+    @without_autocast
     def backward(ctx, grad):
         x, y, scale, bias, *saved = ctx.saved_tensors
         ring = ctx.ring
