@@ -505,6 +505,19 @@ def test_deleted_patched_model_is_freed_without_the_cyclic_collector(qwen2):
     assert alive == 0, f"{alive} of {len(weights)} parameters wait for the cyclic collector"
 
 
+def test_patch_inside_a_meta_device_block(monkeypatch):
+    """Deferred initialisation (build and patch under ``torch.device("meta")``, load the
+    weights later): the one-time probe of the installed get_rope_index runs on the CPU,
+    not on the caller's default device."""
+    from vlmkernels.integrations.tables import qwen_vl
+
+    monkeypatch.setattr(qwen_vl, "_PROBED", {})  # probe now, inside the block
+    with torch.device("meta"):
+        model = ARCHS["qwen2_vl"]()
+        with vt.patch(model) as handle:
+            assert "model.get_rope_index" in handle.targets
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -272,7 +272,8 @@ def installed_semantics(cls, model_type: str) -> tuple[str, bool]:
     (``model_type`` as :func:`vlmkernels.get_rope_index` takes it), probed once per class
     (see :func:`_probe`)."""
     if cls not in _PROBED:
-        _PROBED[cls] = _probe(cls, model_type)
+        with torch.device("cpu"):  # not the caller's default device (meta for deferred init)
+            _PROBED[cls] = _probe(cls, model_type)
     return _PROBED[cls]
 
 
@@ -302,8 +303,9 @@ def _probe(cls, model_type: str) -> tuple[str, bool]:
         )
     except Exception as e:
         raise TypeError(
-            f"could not probe the installed {cls.__name__}.get_rope_index ({e}); pass "
-            "text_after_vision and truncate_seconds explicitly"
+            f"could not probe the installed {cls.__name__}.get_rope_index ({e}); "
+            "rope_index_method(model, text_after_vision=..., truncate_seconds=...) takes them "
+            "explicitly"
         ) from e
     largest_t = int(positions[0, 0, :n_vision].max())
     text_pos = int(positions[0, 0, -1])
