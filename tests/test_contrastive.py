@@ -841,6 +841,32 @@ def test_autocast_matches_open_clip_under_autocast(name, device, open_clip_loss)
     assert rel_err(ours, theirs) < 2e-2  # open_clip rounds its logits to bf16
 
 
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_mixed_feature_dtypes_under_autocast(name, device, open_clip_loss):
+    """An fp32 and a bf16 tower under autocast: both features multiplied in bf16, as
+    open_clip's matmul takes them, each gradient in its own feature's dtype; outside
+    autocast two dtypes stay an error."""
+    oc = open_clip_loss
+    n, d = 12, 24
+    x = leaf(features(n, d, torch.float32, device))
+    y = leaf(features(n, d, torch.float32, device).bfloat16())
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)
+    ours_mod = vlmkernels.nn.ClipLoss() if name == "clip" else vlmkernels.nn.SigLipLoss()
+    theirs_mod = oc.ClipLoss() if name == "clip" else oc.SigLipLoss()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = ours_mod(x, y, s, b)
+        theirs = theirs_mod(x, y, s, b)
+        queries = vlmkernels.contrastive_cross_entropy(x, y, s, b)
+    assert ours.dtype == queries.dtype == torch.float32
+    exact = LOSSES[name][1](*(t.double().cpu() for t in (x.bfloat16(), y, s, b)))
+    assert rel_err(ours, exact) < 1e-5
+    assert rel_err(ours, theirs) < 2e-2  # open_clip rounds its logits to bf16
+    gx, gy = torch.autograd.grad(ours, (x, y))
+    assert (gx.dtype, gy.dtype) == (torch.float32, torch.bfloat16)
+    with pytest.raises(TypeError, match="same dtype, got torch.float32 and torch.bfloat16"):
+        ours_mod(x, y, s, b)
+
+
 def test_dtypes_under_autocast_and_of_the_gradcache_results(device):
     """float64 features under autocast keep a float64 loss (autocast leaves them alone, as
     open_clip's loss does); the *_with_grads results have the dtypes of clip_loss and its

@@ -29,6 +29,7 @@ process group still works afterwards.
 """
 
 import datetime
+import itertools
 import math
 import multiprocessing
 import os
@@ -213,7 +214,8 @@ def siglip_parity(dist_impl, with_bias=True):
 
 def autocast_bf16(rank, n, oc, vk):
     """Under CPU autocast the fp32 features are multiplied in bf16 and the loss is fp32, as
-    open_clip's would be (open_clip also rounds its logits to bf16: 2e-2)."""
+    open_clip's would be (open_clip also rounds its logits to bf16: 2e-2); text features
+    already in bf16 (a bf16 tower beside an fp32 one) are taken as open_clip takes them."""
     x, y = features(rank, B)
     modules = (
         (dict(local_loss=True, gather_with_grad=True), "ClipLoss", 14.3, None),
@@ -221,12 +223,13 @@ def autocast_bf16(rank, n, oc, vk):
         (dict(dist_impl="bidir"), "SigLipLoss", 10.0, -10.0),
     )
     problems = []
-    for kw, cls, s, b in modules:
+    for (kw, cls, s, b), text in itertools.product(modules, (y, y.bfloat16())):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ours = getattr(vk.nn, cls)(rank=rank, world_size=n, **kw)(x, y, s, b)
-            theirs = getattr(oc, cls)(rank=rank, world_size=n, **kw)(x, y, torch.tensor(s), b)
+            ours = getattr(vk.nn, cls)(rank=rank, world_size=n, **kw)(x, text, s, b)
+            theirs = getattr(oc, cls)(rank=rank, world_size=n, **kw)(x, text, torch.tensor(s), b)
         if ours.dtype != torch.float32 or not rel_err(ours, theirs) < 2e-2:
-            problems.append(f"{cls}({kw}): ours {ours.item()} ({ours.dtype}), theirs {theirs}")
+            problems.append(f"{cls}({kw}, text {text.dtype}): ours {ours.item()} "
+                            f"({ours.dtype}), theirs {theirs}")  # fmt: skip
     raise_problems(rank, problems)
 
 

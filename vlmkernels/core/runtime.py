@@ -99,6 +99,21 @@ def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_pair(a, b):
+    """Two operands of a product in two different dtypes (fp32 and bf16 towers, say) cast
+    to the autocast dtype where autocast is on, as its matmul would take them; else (one
+    dtype, float64, no autocast, not tensors: left to the caller's checks) as they are."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype == b.dtype:
+        return a, b
+    low = autocast_dtype(a)
+    if low is None or a.dtype not in _AUTOCAST_ELIGIBLE or b.dtype not in _AUTOCAST_ELIGIBLE:
+        return a, b
+    return a.to(low), b.to(low)
+
+
 def autocast_operands(*tensors):
     """``tensors`` as ``torch.autocast`` hands them to a matmul: where autocast is on for
     the first one's device type, floating tensors other than float64 cast to the autocast

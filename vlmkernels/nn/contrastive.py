@@ -92,6 +92,7 @@ from torch import nn
 
 from ..core.checks import FLOAT_DTYPES, check_int, scalar_tensor
 from ..core.op import first_order_only
+from ..core.runtime import autocast_pair
 from ..distributed.consistency import exchange
 from ..ops.contrastive import clip_loss, contrastive_cross_entropy, siglip_loss
 
@@ -435,6 +436,7 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, img, txt, scale, bias):
+        img, txt = autocast_pair(img, txt)
         world = _world("ClipLoss", img, txt, scale, bias, self.rank, self.world_size,
                        equal_sizes=None)  # fmt: skip
         d = img.shape[1]
@@ -503,6 +505,7 @@ class SigLipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, img, txt, scale, bias):
+        img, txt = autocast_pair(img, txt)
         mode = f"dist_impl={self.dist_impl!r}"
         world = _world("SigLipLoss", img, txt, scale, bias, self.rank, self.world_size,
                        equal_sizes=mode)  # fmt: skip

@@ -25,7 +25,7 @@ from ...core.checks import (
     scalar_tensor,
     to_device,
 )
-from ...core.runtime import autocast_dtype, cast, divided, mean_weight
+from ...core.runtime import autocast_dtype, autocast_pair, cast, divided, mean_weight
 from . import ops
 from .fused_backward import check_design_variable
 
@@ -44,8 +44,10 @@ def prepare(op, image_features, text_features, logit_scale, logit_bias, reductio
     """Checked arguments: (x, y, scale, bias, chunk_size, dtype of the result).
 
     Under autocast, fp32 features are cast to the autocast dtype and the loss is returned
-    in fp32, as open_clip's matmul (autocast to 16 bits) and cross-entropy (to fp32) do.
+    in fp32, as open_clip's matmul (autocast to 16 bits) and cross-entropy (to fp32) do;
+    features of two dtypes are both cast there, as that matmul takes them.
     """
+    image_features, text_features = autocast_pair(image_features, text_features)
     check_feature_pair(op, image_features, text_features)
     check_reduction(op, reduction)
     chunk = check_chunk_size(op, chunk_size)
@@ -292,6 +294,7 @@ def contrastive_cross_entropy(
     gradients too.
     """
     op = "contrastive_cross_entropy"
+    queries, keys = autocast_pair(queries, keys)
     check_queries_keys(op, queries, keys)
     if torch.is_grad_enabled():
         check_design_variable()
