@@ -323,6 +323,12 @@ def _errors_job(rank, world):
     want = "same feature dim" if rank == 1 else "rejected their arguments"
     _expect(report, "local_error_on_one_rank", ValueError, want,
             lambda: clip(*((feats()[0][:, :8], feats()[1]) if rank == 1 else feats())))  # fmt: skip
+    # an empty shard on rank 1: refused as such there, not as an undefined loss
+    want = "this rank's image_features are empty" if rank == 1 else "rejected their arguments"
+    for name, fn in (("clip", vk.clip_loss), ("siglip", vk.siglip_loss)):
+        _expect(report, f"{name}_empty_shard_on_one_rank", ValueError, want,
+                lambda fn=fn: fn(*(t[:0] if rank == 1 else t for t in feats()), 10.0, -5.0,
+                                 process_group=group))  # fmt: skip
     want = "reduction must be" if rank == 0 else "rejected their arguments"
     _expect(report, "siglip_local_error_on_one_rank", ValueError, want,
             lambda: vk.siglip_loss(*feats(), 10.0, -5.0, process_group=group,
@@ -554,6 +560,8 @@ def test_ring_matches_single_process(world, backend, case, tmp_path_factory):
 ERRORS = [
     "dim_mismatch",
     "local_error_on_one_rank",
+    "clip_empty_shard_on_one_rank",
+    "siglip_empty_shard_on_one_rank",
     "siglip_local_error_on_one_rank",
     "siglip_dim_mismatch",
     "dtype_mismatch",

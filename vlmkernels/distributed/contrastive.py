@@ -43,6 +43,7 @@ def clip_loss(
         )  # fmt: skip
     op = "clip_loss"
     try:
+        _check_local_rows(op, image_features)
         x, y, scale, bias, chunk, out_dtype = prepare(
             op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
         )
@@ -77,6 +78,7 @@ def siglip_loss(
         )  # fmt: skip
     op = "siglip_loss"
     try:
+        _check_local_rows(op, image_features)
         x, y, scale, bias, chunk, out_dtype = prepare(
             op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
         )
@@ -86,6 +88,16 @@ def siglip_loss(
     except Exception as exc:
         report_local_error(op, process_group, image_features, exc)
     return siglip_loss_ring(x, y, scale, bias, process_group, chunk, reduction).to(out_dtype)
+
+
+def _check_local_rows(op: str, features) -> None:
+    """The ring needs a row on every rank: an empty shard is refused as such (the global
+    loss would be defined, but not by "an empty batch")."""
+    if isinstance(features, torch.Tensor) and features.dim() == 2 and features.shape[0] == 0:
+        raise ValueError(
+            f"{op}: this rank's image_features are empty (local batch 0); the process_group "
+            "mode needs at least one sample on every rank"
+        )
 
 
 def _document(fn, single, process_group: str) -> None:
