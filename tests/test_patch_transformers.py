@@ -495,6 +495,7 @@ def test_deleted_patched_model_is_freed_without_the_cyclic_collector(qwen2):
     handle = vt.patch(model)
     qwen2.logits(model)
     weights = [weakref.ref(p) for p in model.parameters()]
+    kept = model.model.get_rope_index  # a patched method kept past its model
     gc.collect()
     gc.disable()
     try:
@@ -503,6 +504,8 @@ def test_deleted_patched_model_is_freed_without_the_cyclic_collector(qwen2):
     finally:
         gc.enable()
     assert alive == 0, f"{alive} of {len(weights)} parameters wait for the cyclic collector"
+    with pytest.raises(ReferenceError, match="no longer exists"):
+        kept(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_patch_inside_a_meta_device_block(monkeypatch):

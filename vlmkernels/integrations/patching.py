@@ -337,7 +337,13 @@ class PatchedMethod:
         return self._module()
 
     def __call__(self, *args, **kwargs):
-        return self.__func__(self._module(), *args, **kwargs)
+        module = self._module()
+        if module is None:  # kept past its module's lifetime (a bound method would keep it)
+            raise ReferenceError(
+                f"vlmkernels: {self.__func__.__qualname__} was patched into a module that no "
+                "longer exists; call the method through a live module"
+            )
+        return self.__func__(module, *args, **kwargs)
 
     def __getattr__(self, name: str):
         # the function's attributes (its name, MARK, ...), not the protocol's dunders
