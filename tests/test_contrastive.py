@@ -822,34 +822,17 @@ def test_module_constructor_errors():
         vlmkernels.nn.SigLipLoss(dist_impl="ring")
 
 
+@pytest.mark.parametrize("text_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_autocast_matches_open_clip_under_autocast(name, device, open_clip_loss):
+def test_autocast_matches_open_clip_under_autocast(name, text_dtype, device, open_clip_loss):
     """Under autocast, fp32 features are multiplied in the autocast dtype (as open_clip's
-    matmul is) and the loss comes back in fp32 (as its cross-entropy does)."""
+    matmul is) and the loss comes back in fp32 (as its cross-entropy does). Text features
+    already in bf16 (a bf16 tower beside an fp32 one) are taken as that matmul takes them,
+    each gradient in its own feature's dtype; outside autocast two dtypes stay an error."""
     oc = open_clip_loss
     n, d = 48, 40
-    x, y = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
-    s, b = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)
-    ours_mod = vlmkernels.nn.ClipLoss() if name == "clip" else vlmkernels.nn.SigLipLoss()
-    theirs_mod = oc.ClipLoss() if name == "clip" else oc.SigLipLoss()
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        ours = ours_mod(x, y, s, b)
-        theirs = theirs_mod(x, y, s, b)
-    assert ours.dtype == torch.float32
-    exact_on_bf16 = LOSSES[name][1](*(t.double().cpu() for t in (x.bfloat16(), y.bfloat16(), s, b)))
-    assert rel_err(ours, exact_on_bf16) < 1e-5
-    assert rel_err(ours, theirs) < 2e-2  # open_clip rounds its logits to bf16
-
-
-@pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_mixed_feature_dtypes_under_autocast(name, device, open_clip_loss):
-    """An fp32 and a bf16 tower under autocast: both features multiplied in bf16, as
-    open_clip's matmul takes them, each gradient in its own feature's dtype; outside
-    autocast two dtypes stay an error."""
-    oc = open_clip_loss
-    n, d = 12, 24
     x = leaf(features(n, d, torch.float32, device))
-    y = leaf(features(n, d, torch.float32, device).bfloat16())
+    y = leaf(features(n, d, torch.float32, device).to(text_dtype))
     s, b = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)
     ours_mod = vlmkernels.nn.ClipLoss() if name == "clip" else vlmkernels.nn.SigLipLoss()
     theirs_mod = oc.ClipLoss() if name == "clip" else oc.SigLipLoss()
@@ -858,13 +841,14 @@ def test_mixed_feature_dtypes_under_autocast(name, device, open_clip_loss):
         theirs = theirs_mod(x, y, s, b)
         queries = vlmkernels.contrastive_cross_entropy(x, y, s, b)
     assert ours.dtype == queries.dtype == torch.float32
-    exact = LOSSES[name][1](*(t.double().cpu() for t in (x.bfloat16(), y, s, b)))
-    assert rel_err(ours, exact) < 1e-5
+    exact_on_bf16 = LOSSES[name][1](*(t.double().cpu() for t in (x.bfloat16(), y.bfloat16(), s, b)))
+    assert rel_err(ours, exact_on_bf16) < 1e-5
     assert rel_err(ours, theirs) < 2e-2  # open_clip rounds its logits to bf16
     gx, gy = torch.autograd.grad(ours, (x, y))
-    assert (gx.dtype, gy.dtype) == (torch.float32, torch.bfloat16)
-    with pytest.raises(TypeError, match="same dtype, got torch.float32 and torch.bfloat16"):
-        ours_mod(x, y, s, b)
+    assert (gx.dtype, gy.dtype) == (torch.float32, text_dtype)
+    if text_dtype != torch.float32:
+        with pytest.raises(TypeError, match="same dtype, got torch.float32 and torch.bfloat16"):
+            ours_mod(x, y, s, b)
 
 
 def test_dtypes_under_autocast_and_of_the_gradcache_results(device):
