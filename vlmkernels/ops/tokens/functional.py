@@ -133,6 +133,10 @@ def tome_merge(
     Ties, deterministic: among equal scores the lower B index is the match, and among
     equal best scores the lower A index is merged first (ToMe's ``argsort`` leaves both
     unspecified), except the class token, which ranks last even among other -inf scores.
+    Equal means equal as computed: the Triton kernel takes the cosine as the dot product
+    over the two norms, not of the normalised rows, so scores that are equal only after
+    ToMe's normalisation (parallel rows, e.g. a 1-channel metric or a row and its double)
+    can come out an ulp apart there and be ordered by that ulp.
     ``r = 0`` merges nothing and returns x itself, the sizes (ones if None) and the identity
     map, as ToMe's ``do_nothing`` does. A metric row of norm 0 (or with a
     non-finite norm) has no cosine similarity (ToMe would compute NaN scores and match it
