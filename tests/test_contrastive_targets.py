@@ -358,10 +358,15 @@ def test_target_argument_errors(device):
         (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
         (dict(alpha=0.5), ValueError, "needs teacher"),
         (dict(teacher=(x, y[:4]), alpha=0.5), ValueError, "teacher"),
+        # a teacher's parts without the teacher would be ignored: refused
+        (dict(teacher_logit_scale=5.0), ValueError, "teacher_logit_scale given without teacher"),
     ]
     for kwargs, exc, message in cases:
         with pytest.raises(exc, match=message):
             vlmkernels.clip_loss(x, y, 1.0, **kwargs)
+    for kwargs in (dict(teacher_keys=y), dict(teacher_logit_scale=5.0)):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} given without teacher_queries"):
+            vlmkernels.contrastive_cross_entropy(x, y, 1.0, **kwargs)
     with pytest.raises(ValueError, match="go together"):
         vlmkernels.contrastive_cross_entropy(x, y, 1.0, query_ids=torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="feature dim"):

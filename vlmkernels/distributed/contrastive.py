@@ -14,7 +14,7 @@ import torch
 
 from ..core.checks import check_bool
 from ..ops.contrastive import functional
-from ..ops.contrastive.functional import check_targets, prepare
+from ..ops.contrastive.functional import check_targets, check_teacher_parts, prepare
 from .ring import clip_loss_ring, report_local_error, siglip_loss_ring
 
 __all__ = ["clip_loss", "siglip_loss"]
@@ -47,6 +47,7 @@ def clip_loss(
         x, y, scale, bias, chunk, out_dtype = prepare(
             op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
         )
+        check_teacher_parts(op, "teacher", teacher, teacher_logit_scale=teacher_logit_scale)
         ids, teacher = check_targets(op, x.shape[0], x.device, ids, label_smoothing, alpha,
                                      teacher, (image_features, text_features))  # fmt: skip
         if teacher is not None:

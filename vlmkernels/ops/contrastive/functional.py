@@ -59,6 +59,15 @@ def prepare(op, image_features, text_features, logit_scale, logit_bias, reductio
     return image_features, text_features, scale, bias, chunk, out_dtype
 
 
+def check_teacher_parts(op: str, name: str, teacher, **parts) -> None:
+    """Refuses parts of a teacher (its scale, its keys) given without the teacher ``name``:
+    they would be ignored, as a misspelt distillation set-up would."""
+    if teacher is None:
+        given = [k for k, v in parts.items() if v is not None]
+        if given:
+            raise ValueError(f"{op}: {', '.join(given)} given without {name}")
+
+
 def autocast_features(*features: torch.Tensor):
     """(features, dtype of the loss): under autocast, fp32 features cast to the autocast
     dtype and an fp32 loss, as the formulas' matmul (autocast to 16 bits) and
@@ -211,6 +220,7 @@ def clip_loss(
     x, y, scale, bias, chunk, out_dtype = prepare(
         op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
     )
+    check_teacher_parts(op, "teacher", teacher, teacher_logit_scale=teacher_logit_scale)
     if torch.is_grad_enabled():
         check_design_variable()
     n = x.shape[0]
@@ -296,6 +306,8 @@ def contrastive_cross_entropy(
     op = "contrastive_cross_entropy"
     queries, keys = autocast_pair(queries, keys)
     check_queries_keys(op, queries, keys)
+    check_teacher_parts(op, "teacher_queries", teacher_queries, teacher_keys=teacher_keys,
+                        teacher_logit_scale=teacher_logit_scale)  # fmt: skip
     if torch.is_grad_enabled():
         check_design_variable()
     check_reduction(op, reduction)
