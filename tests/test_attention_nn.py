@@ -137,6 +137,9 @@ def test_gate_and_empty_batch(device):
     locations = torch.ones(1, 3, dtype=torch.bool, device=device)
     with pytest.raises(TypeError, match="use_cached_media must be True or False"):
         block(x, media, locations, use_cached_media="no")
+    for cached in (False, True):  # 0/1 integers: the same TypeError on both paths
+        with pytest.raises(TypeError, match="media_locations must be a .*bool tensor"):
+            block(x, media, locations.long(), use_cached_media=cached)
     x = torch.randn(0, 3, 16, device=device, requires_grad=True)
     media = torch.randn(0, 2, 4, 8, device=device)
     locations = torch.zeros(0, 3, dtype=torch.bool, device=device)
@@ -168,6 +171,54 @@ def test_block_at_initialisation_gate_gradient(device):
     assert block.attn_gate.grad.abs().item() > 0
     assert rel(block.attn_gate.grad, params["attn_gate"].grad) < 1e-5
     assert rel(block.ff_gate.grad, params["ff_gate"].grad) < 1e-5
+
+
+def test_block_keeps_open_flamingos_contract_with_its_attention(device):
+    """Where the gate fused into the attention kernel would show, the block multiplies by
+    tanh(attn_gate) after ``attn``, as open_flamingo's does: a hook on ``attn`` sees the
+    ungated attention; an attention module of open_flamingo's signature (no ``gate``) can
+    be swapped in; a 16-bit x beside fp32 gates (autocast) gets an fp32 residual; fp16
+    autocast; a ``to_q`` wrapped in a module without ``in_features`` is called as given."""
+    torch.manual_seed(3)
+    block = GatedCrossAttentionBlock(dim=16, dim_visual=12, dim_head=8, heads=2,
+                                     ff_mult=2).to(device)  # fmt: skip
+    with torch.no_grad():
+        for prm in block.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.5)
+    x, media = torch.randn(2, 7, 16, device=device), torch.randn(2, 2, 3, 12, device=device)
+    loc = torch.zeros(2, 7, dtype=torch.bool, device=device)
+    loc[:, [0, 4]] = True
+
+    def open_flamingo(x):  # its block's forward, on this block's submodules
+        h = block.attn(x, media, loc) * block.attn_gate.tanh() + x
+        return block.ff(h) * block.ff_gate.tanh() + h
+
+    assert block._gate_fuses(x)  # the usual case keeps the fused gate
+    seen = []
+    hook = block.attn.register_forward_hook(lambda module, args, out: seen.append(out))
+    assert not block._gate_fuses(x)
+    out = block(x, media, loc)
+    hook.remove()
+    assert torch.equal(seen[0], block.attn(x, media, loc)) and torch.equal(out, open_flamingo(x))
+    for dtype, x_in in ((torch.bfloat16, x.bfloat16()), (torch.float16, x)):
+        with torch.autocast(device.type, dtype=dtype):
+            out = block(x_in, media, loc)
+            assert torch.equal(out, open_flamingo(x_in)) and out.dtype == torch.float32
+
+    class OpenFlamingoAttention(torch.nn.Module):  # open_flamingo's forward signature
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, media, media_locations=None, use_cached_media=False):
+            return self.inner(x, media, media_locations, use_cached_media)
+
+    want = block(x, media, loc)
+    inner = block.attn
+    inner.to_q = torch.nn.Sequential(inner.to_q)  # a wrapper without in_features
+    assert torch.equal(block(x, media, loc), want)
+    block.attn = OpenFlamingoAttention(inner)
+    assert rel(block(x, media, loc), want) < 1e-6
 
 
 @pytest.mark.parametrize("only_immediate", [True, False])

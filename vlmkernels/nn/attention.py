@@ -8,7 +8,11 @@ the same constructor arguments, submodules, parameter names and ``state_dict`` k
                                                              dim_head^-1/2, no biases)
     x = x + tanh(attn_gate) a                               (the gate applied in the
                                                              attention kernel's epilogue:
-                                                             to_out is linear, no bias)
+                                                             to_out is linear, no bias;
+                                                             after to_out, as open_flamingo,
+                                                             where hooks would see it, a
+                                                             16-bit x would round the
+                                                             residual, or fp16 underflow)
     x = x + tanh(ff_gate) W_2 GELU(W_1 LN'(x))
 
 where the attention is :func:`vlmkernels.media_cross_attention` when ``media_locations``
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_bool, check_int, check_real
+from ..core.runtime import autocast_dtype
 from ..ops.attention import cross_attention, media_cross_attention
 from ..ops.attention.launchers import MAX_HEAD_DIM
 
@@ -74,8 +79,9 @@ class MaskedCrossAttention(nn.Module):
         if gate is not None and gate.numel() != 1:
             raise ValueError(f"MaskedCrossAttention: gate must have one element (to_out mixes "
                              f"the channels), got shape {tuple(gate.shape)}")  # fmt: skip
-        _check_input("x", x, 3, self.to_q.in_features, "(B, T, dim={})")
-        _check_input("media", media, 4, self.to_kv.in_features, "(B, T_img, n, dim_visual={})")
+        _check_input("x", x, 3, getattr(self.to_q, "in_features", None), "(B, T, dim={})")
+        _check_input("media", media, 4, getattr(self.to_kv, "in_features", None),
+                     "(B, T_img, n, dim_visual={})")  # fmt: skip
         b, t = x.shape[:2]
         if media.shape[0] != b:
             raise ValueError(f"MaskedCrossAttention: media's batch must be x's ({b}), got "
@@ -107,10 +113,13 @@ class MaskedCrossAttention(nn.Module):
         m = media_locations
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.dim() != 2 \
                 or m.shape[0] != b:  # fmt: skip
-            raise ValueError(f"MaskedCrossAttention: media_locations must be a (B, T_prompt) "
-                             f"bool tensor with B = {b}, got "
-                             f"{getattr(m, 'dtype', type(m).__name__)} "
-                             f"{tuple(getattr(m, 'shape', ()))}")  # fmt: skip
+            # a wrong type is a TypeError, as media_cross_attention's on the other path
+            bad_type = not isinstance(m, torch.Tensor) or m.dtype != torch.bool
+            raise (TypeError if bad_type else ValueError)(
+                f"MaskedCrossAttention: media_locations must be a (B, T_prompt) bool tensor "
+                f"with B = {b}, got {getattr(m, 'dtype', type(m).__name__)} "
+                f"{tuple(getattr(m, 'shape', ()))}"
+            )
         if m.device != q.device:
             raise ValueError(f"MaskedCrossAttention: media_locations must be on x's device "
                              f"{q.device}, got {m.device}")  # fmt: skip
@@ -124,9 +133,10 @@ class MaskedCrossAttention(nn.Module):
         return out
 
 
-def _check_input(name: str, t, rank: int, width: int, layout: str) -> None:
-    """``t`` a tensor of ``rank`` dims whose last is ``width`` (``layout`` formats it)."""
-    if not isinstance(t, torch.Tensor) or t.dim() != rank or t.shape[-1] != width:
+def _check_input(name: str, t, rank: int, width: int | None, layout: str) -> None:
+    """``t`` a tensor of ``rank`` dims whose last is ``width`` (``layout`` formats it; None:
+    a projection that does not say, such as a wrapper module, checks it when called)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != rank or t.shape[-1] != (width or t.shape[-1]):
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"MaskedCrossAttention: {name} must be a {layout.format(width)} "
                          f"tensor, got {got}")  # fmt: skip
@@ -179,6 +189,37 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None,
                 use_cached_media: bool = False):  # fmt: skip
-        x = self.attn(x, media, media_locations=media_locations,
-                      use_cached_media=use_cached_media, gate=self.attn_gate) + x  # fmt: skip
+        kw = dict(media_locations=media_locations, use_cached_media=use_cached_media)
+        if self._gate_fuses(x):
+            x = self.attn(x, media, **kw, gate=self.attn_gate) + x
+        else:
+            x = self.attn(x, media, **kw) * self.attn_gate.tanh() + x
         return self.ff(x) * self.ff_gate.tanh() + x
+
+    def _gate_fuses(self, x: torch.Tensor) -> bool:
+        """Whether the attention gate can run in the attention kernel's epilogue with
+        open_flamingo's results: ``attn`` is this package's (takes ``gate``) and no hook
+        reads its output or ``to_out``'s input (which would see the gated values); the
+        residual keeps x's dtype as open_flamingo's promotion would (x in the gate's
+        dtype); and the attention does not run in fp16, where tanh(gate) times the
+        attention, rounded to fp16 before ``to_out``, would underflow for the small gates
+        of the first training steps (open_flamingo multiplies after ``to_out``)."""
+        attn = self.attn
+        if type(attn) is not MaskedCrossAttention:
+            return False
+        if not isinstance(x, torch.Tensor):  # attn's checks name what is wrong
+            return True
+        if x.dtype != self.attn_gate.dtype:
+            return False
+        compute = autocast_dtype(x) or x.dtype
+        if compute == torch.float16:
+            return False
+        return not (attn._forward_hooks or attn._forward_pre_hooks or attn.to_out._forward_hooks
+                    or attn.to_out._forward_pre_hooks or _global_hooks())  # fmt: skip
+
+
+def _global_hooks() -> bool:
+    """Whether ``torch.nn.modules.module.register_module_forward_hook`` (or its pre-hook
+    twin) has hooks that every module's call runs."""
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
