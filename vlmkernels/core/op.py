@@ -267,7 +267,7 @@ class Op:
         if _functorch() or forward_ad._current_level >= 0:
             _refuse_forward_mode(self.qualname, args, self._tensor_positions)
             if _functorch():
-                return self.overload(*args, REVISION)
+                return self._under_functorch(args)
         if self._mutated_positions and not torch.is_inference_mode_enabled():
             self._refuse_inference_writes(args)
         tracked = self._apply is not None and torch.is_grad_enabled()
@@ -298,6 +298,22 @@ class Op:
                 [args[i] for i in self._mutated_positions if args[i] is not None]
             )
         return out
+
+    def _under_functorch(self, args):
+        """The dispatcher's call under a functorch transform; PyTorch's refusal of the grad
+        transforms for custom ops with an autograd formula (pytorch/pytorch#168393), which
+        does not name the op, raised naming it."""
+        try:
+            return self.overload(*args, REVISION)
+        except RuntimeError as exc:
+            if "functorch transforms" not in str(exc) or "setup_context" not in str(exc):
+                raise
+            raise NotImplementedError(
+                f"{self.qualname}: torch.func.grad, vjp and jacrev are not supported (PyTorch "
+                "runs a custom op's autograd formula as an autograd.Function without "
+                "setup_context, which these transforms refuse: pytorch/pytorch#168393); use "
+                "torch.autograd.grad (torch.func.vmap of the op works)"
+            ) from exc
 
     def _refuse_inference_writes(self, args) -> None:
         """PyTorch's rule for in-place ops, checked before anything is written (the kernels
