@@ -221,6 +221,17 @@ def test_block_keeps_open_flamingos_contract_with_its_attention(device):
     assert rel(block(x, media, loc), want) < 1e-6
 
 
+def test_jit_trace_is_refused_as_such(device):
+    """torch.jit.trace turns the sizes read from shapes into tensors: the trace is refused
+    by name, not the number of latents per media item it made a tensor of."""
+    block = GatedCrossAttentionBlock(dim=16, dim_visual=12, dim_head=8, heads=2).to(device)
+    x, media = torch.randn(2, 7, 16, device=device), torch.randn(2, 2, 3, 12, device=device)
+    loc = torch.zeros(2, 7, dtype=torch.bool, device=device)
+    loc[:, [0, 4]] = True
+    with pytest.raises(RuntimeError, match="torch.jit.trace is not supported"):
+        torch.jit.trace(block, (x, media, loc), check_trace=False)
+
+
 @pytest.mark.parametrize("only_immediate", [True, False])
 def test_decoding_with_cached_media(only_immediate, device):
     """open_flamingo's use_cached_media (generation with a KV cache): the new tokens come

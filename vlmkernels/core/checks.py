@@ -95,9 +95,20 @@ def _interval(low: float, high: float, high_open: bool) -> str:
     return f"[{low:g}, {high:g}{')' if high_open else ']'}"
 
 
+def refuse_jit_trace(op: str) -> None:
+    """Raises: torch.jit.trace records shapes and launch arguments as constants."""
+    raise RuntimeError(
+        f"{op}: torch.jit.trace is not supported (it records shapes and launch arguments "
+        "as constants); use torch.compile or torch.export"
+    )
+
+
 def check_int(op: str, name: str, value, low: int | None = None) -> int:
     """``value`` (an integer, not a bool: a Python or NumPy int) as an int, at least
-    ``low`` when given."""
+    ``low`` when given. Under torch.jit.trace a size read from a shape is a tensor: the
+    trace is refused as such, not the size."""
+    if isinstance(value, torch.Tensor) and torch.jit.is_tracing():
+        refuse_jit_trace(op)
     if type(value) is not int and (isinstance(value, bool)
                                    or not isinstance(value, numbers.Integral)):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")

@@ -58,6 +58,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .backend import resolve_backend
+from .checks import refuse_jit_trace
 from .runtime import contiguous_vectors
 from .version import __version__
 
@@ -260,10 +261,7 @@ class Op:
         if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
             return self.overload(*args, REVISION)
         if _jit_tracing() is not None:
-            raise RuntimeError(
-                f"{self.qualname}: torch.jit.trace is not supported (it records shapes and "
-                "launch arguments as constants); use torch.compile or torch.export"
-            )
+            refuse_jit_trace(self.qualname)
         if _functorch() or forward_ad._current_level >= 0:
             _refuse_forward_mode(self.qualname, args, self._tensor_positions)
             if _functorch():
