@@ -254,16 +254,19 @@ def _flops(op: str):
 
 def _bytes(op: str):
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
-        """Features in, output out, the weights once, per pass."""
+        """The least traffic: forward, features X and weights W read, output Y written;
+        backward, dY and X read and dX written (2 X), W read and dW written (2 W) (every
+        weight is a leaf in the suite). DeepStack: hidden read and written, the visual
+        half's embeds read, per pass."""
         s = shape
-        if op == "deepstack":  # hidden read and written, the visual half's embeds read
-            elems = 2.5 * s["B"] * s["L"] * s["D"]
-        else:
-            gemms = _gemms(op, s)
-            elems = gemms[0][0] * gemms[0][1] + gemms[-1][0] * gemms[-1][2]
-            elems += sum(k * n for _, k, n in gemms)
-        passes = 1 if mode == "fwd" else (1 if mode == "bwd" else 2)
-        return float(passes * elems * itemsize)
+        if op == "deepstack":
+            passes = 2 if mode == "fwd+bwd" else 1
+            return float(passes * 2.5 * s["B"] * s["L"] * s["D"] * itemsize)
+        gemms = _gemms(op, s)
+        x, y = gemms[0][0] * gemms[0][1], gemms[-1][0] * gemms[-1][2]
+        w = sum(k * n for _, k, n in gemms)
+        fwd, bwd = x + y + w, y + 2 * x + 2 * w
+        return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] * itemsize)
 
     return nbytes
 

@@ -233,11 +233,13 @@ def _projector_model(op: str):
         return float(passes * gemms + pool_flops(shape, mode))
 
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
+        """As the connectors' model: forward X + Y + W; backward dY, X read and dX (2 X),
+        W read and dW (2 W)."""
         side, out = _out_side(op, shape["S"])
         k, c = shape["K"], shape["C"]
-        passes = 2 if mode == "fwd+bwd" else 1
-        elems = shape["F"] * (side * side * k + out * out * c) + c * (k + c)
-        return float(passes * elems * itemsize)
+        x, y, w = shape["F"] * side * side * k, shape["F"] * out * out * c, c * (k + c)
+        fwd, bwd = x + y + w, y + 2 * x + 2 * w
+        return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] * itemsize)
 
     return flops, nbytes
 

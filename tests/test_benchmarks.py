@@ -24,7 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 # location, as `vlmkernels bench` does
 load_benchmarks(REPO)
 
-from benchmarks import bench_contrastive, bench_rope, targets  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_connectors,
+    bench_contrastive,
+    bench_rope,
+    bench_tokens,
+    bench_tokens_pool,
+    targets,
+)
 from benchmarks.env import Environment  # noqa: E402
 from benchmarks.harness import MODES, Case, Record  # noqa: E402
 from benchmarks.report import COLUMNS, CsvSink, table  # noqa: E402
@@ -161,6 +168,19 @@ def test_cost_models():
     assert bench_contrastive.nbytes(shape, "bwd", 2) == 4 * 1024 * 768 * 2
     assert bench_contrastive.inf_cl_head_dim(1152) == 128
     assert bench_contrastive.inf_cl_head_dim(768) == 256
+    # a projector's least traffic: X, W read and Y written forward; backward dY and X read,
+    # dX written, W read and dW written (every weight is a leaf)
+    m, k, n = 4608, 1024, 4096
+    x, y, w = m * k, m * n, k * n + n * n
+    llava = bench_connectors._bytes("llava_projector")
+    assert llava({"M": m, "K": k, "N": n}, "fwd", 2) == (x + y + w) * 2
+    assert llava({"M": m, "K": k, "N": n}, "fwd+bwd", 2) == (x + y + w + y + 2 * x + 2 * w) * 2
+    f, s, c = 32, 27, 3584
+    x, w = f * 26 * 26 * 1152, c * (1152 + c)  # avg2x2 pools the even 26 x 26 grid
+    pooled = bench_tokens_pool._projector_model("proj_pool_avg2x2")[1]
+    y = pooled({"F": f, "S": s, "K": 1152, "C": c}, "fwd", 1) - x - w
+    assert pooled({"F": f, "S": s, "K": 1152, "C": c}, "fwd+bwd", 1) == 2 * y + 3 * x + 3 * w
+    assert bench_tokens.tome_flops({"B": 2, "N": 9, "C": 4}, "bwd") == 0.0
 
 
 def test_csv_sink_merges_an_older_header(tmp_path):
