@@ -14,7 +14,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
-import torch
+from ..core.hooks import global_hooks, has_hooks
 
 __all__ = [
     "PatchFallbackWarning",
@@ -62,28 +62,6 @@ def parts_of(module, names: Iterable[str]) -> dict[str, tuple[type, tuple]]:
     forward reads instead of calling them: what :func:`changed_part` checks on every call."""
     return {name: (type(layer), settings(layer))
             for name, layer in ((n, module.get_submodule(n)) for n in names)}  # fmt: skip
-
-
-def has_hooks(module) -> bool:
-    """Whether ``module`` has forward or backward hooks of its own (a fused forward that
-    does not call it would skip them)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)  # fmt: skip
-
-
-# (attribute of torch.nn.modules.module, kind in words) of the hooks registered for every
-# module (register_module_forward_hook and its kin: module trackers, FLOP counters)
-_GLOBAL_HOOKS = tuple((f"_global_{k}_hooks", k.replace("_", " "))
-                      for k in ("forward_pre", "forward", "backward_pre", "backward"))  # fmt: skip
-
-
-def global_hooks() -> str | None:
-    """The first kind of hook registered for every module, in words, or None: a fused
-    forward skips the calls of the submodules it reads, which such a hook would miss."""
-    for name, kind in _GLOBAL_HOOKS:
-        if getattr(torch.nn.modules.module, name, None):
-            return f"a global module {kind} hook is registered"
-    return None
 
 
 def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str | None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_bool, check_int, check_real
+from ..core.hooks import global_hooks, has_hooks
 from ..core.runtime import autocast_dtype
 from ..ops.attention import cross_attention, media_cross_attention
 from ..ops.attention.launchers import MAX_HEAD_DIM
@@ -136,7 +137,8 @@ class MaskedCrossAttention(nn.Module):
 def _check_input(name: str, t, rank: int, width: int | None, layout: str) -> None:
     """``t`` a tensor of ``rank`` dims whose last is ``width`` (``layout`` formats it; None:
     a projection that does not say, such as a wrapper module, checks it when called)."""
-    if not isinstance(t, torch.Tensor) or t.dim() != rank or t.shape[-1] != (width or t.shape[-1]):
+    if (not isinstance(t, torch.Tensor) or t.dim() != rank
+            or (width is not None and t.shape[-1] != width)):  # fmt: skip
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"MaskedCrossAttention: {name} must be a {layout.format(width)} "
                          f"tensor, got {got}")  # fmt: skip
@@ -214,12 +216,4 @@ class GatedCrossAttentionBlock(nn.Module):
         compute = autocast_dtype(x) or x.dtype
         if compute == torch.float16:
             return False
-        return not (attn._forward_hooks or attn._forward_pre_hooks or attn.to_out._forward_hooks
-                    or attn.to_out._forward_pre_hooks or _global_hooks())  # fmt: skip
-
-
-def _global_hooks() -> bool:
-    """Whether ``torch.nn.modules.module.register_module_forward_hook`` (or its pre-hook
-    twin) has hooks that every module's call runs."""
-    module = nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+        return not (has_hooks(attn) or has_hooks(attn.to_out) or global_hooks())
