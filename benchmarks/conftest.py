@@ -123,7 +123,7 @@ def collect_cases(config) -> list[BenchCase]:
                     if providers and p.name not in providers:
                         continue
                     for mode in suite_modes:
-                        cases.append(BenchCase(suite, op, p, shape, mode, dtype))
+                        cases.append(BenchCase(suite, op, p, shape, mode, p.dtype or dtype))
     return cases
 
 

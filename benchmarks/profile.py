@@ -283,6 +283,11 @@ def _main(argv: list[str] | None, prog: str) -> int:
         print(f"{args.op}: provider {provider.name} unavailable here: {reason}", file=sys.stderr)
         return 2
     shape = pick_shape(suite, provider, "quick" if on_gpu else "cpu", dict(args.shape), args.op)
+    if provider.dtype is not None and provider.dtype != dtype:
+        if args.dtype and not args.bare:
+            print(f"--dtype {args.dtype}: provider {provider.name} computes in "
+                  f"{dtype_str(provider.dtype)}; profiling that")  # fmt: skip
+        dtype = provider.dtype  # its bytes, its ceiling, its label: as the bench rows
     label = f"{args.op} {provider.name} {shape_str(shape)} {dtype_str(dtype)} {mode}"
     if not on_gpu and not args.bare:
         print(f"No CUDA device found: profiling on the CPU (CPU activities only): {label}")

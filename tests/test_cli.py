@@ -312,6 +312,40 @@ def test_profile_writes_into_the_output_folder_by_default(tmp_path, cache):
     assert {p.name for p in tmp_path.iterdir()} <= {"bench-results", "cache"}
 
 
+def test_profile_of_a_provider_in_its_own_dtype_counts_its_bytes(tmp_path, capsys, monkeypatch):
+    """The Q-Former's fp32 providers compute in fp32 whatever --dtype says: the label, the
+    byte model (4-byte elements) and the ncu line are fp32's, as in the bench rows."""
+    from benchmarks.bench_attention_qformer import nbytes
+
+    monkeypatch.setenv("VLMKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    shape = {"B": 1, "L": 1, "Hd": 64, "Lq": 4, "N": 5, "E": 16}
+    args = ["profile", "qformer", "--provider", "transformers_fp32", "--dtype", "bf16",
+            "--mode", "fwd", "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]  # fmt: skip
+    args += [a for k, v in shape.items() for a in ("--shape", f"{k}={v}")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "--dtype bf16: provider transformers_fp32 computes in float32" in out
+    assert " float32 fwd" in out and " bfloat16 fwd" not in out
+    assert f"{nbytes(shape, 'fwd', 4) / 1e6:.4g} MB per call" in out
+    ncu = next(line for line in out.splitlines() if line.strip().startswith("ncu "))
+    assert "--dtype fp32" in ncu
+
+
+def test_pytest_benchmark_cases_take_the_providers_own_dtype():
+    """``pytest benchmarks``: a provider with its own dtype gets it (its rows' dtype and
+    byte model), the others the run's."""
+    from benchmarks.conftest import collect_cases
+
+    class Config:
+        def getoption(self, name):
+            return {"bench_ops": "qformer", "bench_dtype": "bf16"}.get(name)
+
+    cases = collect_cases(Config())
+    dtypes = {c.provider.name: c.dtype for c in cases}
+    assert dtypes["vlmkernels_fp32"] == dtypes["transformers_fp32"] == torch.float32
+    assert dtypes["vlmkernels"] == dtypes["transformers"] == torch.bfloat16
+
+
 def test_report_reads_the_committed_csvs_and_writes_into_the_output_folder(
     tmp_path, monkeypatch, capsys
 ):
