@@ -41,9 +41,10 @@ Qwen2-7B's C = 3584; CPU K = 128), on the F x S x S frame tokens, then the pooli
 - ``compile``: ``torch.compile`` of ``eager`` (CUDA only).
 
 Inputs: x (F, S S, K) and the weights (scaled by fan-in^-1/2), all ``requires_grad`` (their
-gradients are part of fwd+bwd). FLOP model: projector-then-pool's, 2 F S^2 (K C + C C) per
-pass (x3 fwd+bwd) plus the pooling's, the same for every provider (the fused form does
-fewer: its rate is an effective one). Byte model: x and the weights read, the pooled output
+gradients are part of fwd+bwd). FLOP model: the pool-first form's, the least any provider
+does, 2 F (S^2 K C + h w C C) per pass (x3 fwd+bwd) plus the pooling's, the same for every
+provider (projector-then-pool does more: its rate is an effective one, and no provider's %
+of the matmul ceiling can pass 100). Byte model: x and the weights read, the pooled output
 written, per pass. ``saved_mb``: what autograd keeps for the backward after the forward,
 inputs and weights excluded (``bench_connectors.saved_bytes``).
 """
@@ -226,10 +227,11 @@ def _projector_model(op: str):
     pool_flops, _ = _model(op)
 
     def flops(shape: Mapping[str, int], mode: str) -> float:
-        side, _ = _out_side(op, shape["S"])
+        """The least any provider must do: the second GEMM on the pooled rows."""
+        side, out = _out_side(op, shape["S"])
         k, c = shape["K"], shape["C"]
         passes = 3 if mode == "fwd+bwd" else 1
-        gemms = 2 * shape["F"] * side * side * (k * c + c * c)
+        gemms = 2 * shape["F"] * (side * side * k * c + out * out * c * c)
         return float(passes * gemms + pool_flops(shape, mode))
 
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:

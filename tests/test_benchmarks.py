@@ -1186,3 +1186,11 @@ def test_cost_models_count_what_the_ops_move():
     shape = {"F": 2, "S": 6, "C": 8}
     assert pools["pool_avg2x2"].flops(shape, "fwd") * 2 == pools["pool_bilinear"].flops(
         {"F": 2, "S": 5, "C": 8}, "fwd")  # fmt: skip
+    # projector + pooling: the least work, the second GEMM on the 3 x 3 pooled rows (a
+    # rate over the unpooled count had the fused provider past 100 % of the matmul ceiling)
+    proj = {op.name: op for op in bench_tokens_pool.OPS}["proj_pool_bilinear"]
+    shape = {"F": 2, "S": 5, "C": 8, "K": 6}
+    gemms = 2 * 2 * (25 * 6 * 8 + 9 * 8 * 8)
+    pool = pools["pool_bilinear"].flops(shape, "fwd")
+    assert proj.flops(shape, "fwd") == gemms + pool
+    assert proj.flops(shape, "fwd+bwd") == 3 * gemms + 2 * pool
