@@ -18,6 +18,7 @@ bitwise.
 
 import contextlib
 import copy
+import types
 
 import pytest
 import torch
@@ -637,6 +638,133 @@ def test_unrecognised_layout_raises_and_changes_nothing(qwen2, make_subclass):
         pass
 
 
+def test_overridden_vision_position_hook_is_refused(qwen2, monkeypatch):
+    """A model class overriding get_vision_position_ids (the per-image hook transformers'
+    get_rope_index calls) is refused: the vectorised index would skip it silently."""
+    if not hasattr(type(qwen2.model.model), "get_vision_position_ids"):
+        pytest.skip("this transformers has no get_vision_position_ids")
+    model = copy.deepcopy(qwen2.model)
+    base = type(model.model)
+
+    def spaced(self, start_position, grid_thw, temp_merge_size=1, spatial_merge_size=1,
+               time_interval=1.0, device=None):  # fmt: skip
+        spacing = 4 * time_interval
+        return base.get_vision_position_ids(self, start_position, grid_thw, temp_merge_size,
+                                            spatial_merge_size, spacing, device)  # fmt: skip
+
+    model.model.__class__ = type("Spaced", (base,), {"get_vision_position_ids": spaced})
+    with pytest.raises(TypeError, match="overrides Qwen2VLModel.get_vision_position_ids"):
+        vt.rope_index_method(model.model)
+    with pytest.raises(vt.UnsupportedLayoutError, match="get_vision_position_ids"):
+        rotary_patch(model)
+    assert instance_overrides(model) == []
+    with rotary_patch(model, rope_index=False):
+        pass
+    # the same function set on transformers' class itself
+    monkeypatch.setattr(base, "get_vision_position_ids", spaced)
+    with pytest.raises(vt.UnsupportedLayoutError, match="replaced on the class"):
+        rotary_patch(qwen2.model)
+    assert instance_overrides(qwen2.model) == []
+
+
+def _rotary_subclass(model):
+    """``model``'s text rotary module as a subclass with its own forward (double angles)."""
+    rotary = model.model.language_model.rotary_emb
+    base = type(rotary)
+
+    def forward(self, x, position_ids):
+        return base.forward(self, x, 2 * position_ids)
+
+    rotary.__class__ = type("Doubled", (base,), {"forward": forward})
+
+
+def test_rotary_subclass_with_its_own_forward_is_refused_with_positions(qwen2):
+    """angles='positions' replaces the rotary's forward: one a subclass overrides is refused
+    (its angles would be dropped); the table path keeps it."""
+    model = copy.deepcopy(qwen2.model)
+    _rotary_subclass(model)
+    ref = qwen2.logits(model)
+    with pytest.raises(vt.UnsupportedLayoutError, match="overrides Qwen2VLRotaryEmbedding"):
+        rotary_patch(model, angles="positions")
+    assert instance_overrides(model) == []
+    with rotary_patch(model, angles="table"):
+        assert_close(qwen2.logits(model), ref, "logits")
+
+
+def test_replaced_module_rotary_function_is_refused(qwen2, monkeypatch):
+    """A rotary function another package put in transformers' module (a research variant,
+    another kernel library's patch) is refused, not silently replaced by stock RoPE."""
+    modeling = __import__(type(qwen2.model).__module__, fromlist=["_"])
+    name = next(n for n in ("apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb")
+                if hasattr(modeling, n))  # transformers >= 5.17, 5.16  # fmt: skip
+    stock = getattr(modeling, name)
+
+    def rotate_k_only(q, k, *args):
+        return q, stock(q, k, *args)[1]
+
+    monkeypatch.setattr(modeling, name, rotate_k_only)
+    model = copy.deepcopy(qwen2.model)
+    with pytest.raises(vt.UnsupportedLayoutError, match="rotate_k_only, not the transformers"):
+        rotary_patch(model)
+    assert instance_overrides(model) == []
+    with rotary_patch(model, rope=False):  # the other parts are fine
+        pass
+
+
+def test_rotary_section_set_after_patching_is_read(qwen2):
+    """angles='positions' reads the rotary module's mrope_section at each call, as
+    transformers does."""
+    model = copy.deepcopy(qwen2.model)
+    rotary = model.model.language_model.rotary_emb
+    if getattr(rotary, "mrope_section", None) is None:
+        pytest.skip("this transformers' rotary has no mrope_section")
+    with rotary_patch(model, angles="positions"):
+        rotary.mrope_section = [4, 2, 2]
+        got = qwen2.logits(model)
+    assert_close(got, qwen2.logits(model), "logits")
+
+
+@pytest.mark.parametrize("section", [None, [2, 2, 2], [3, 3, 3]])
+def test_qwen3_interleaved_sections_of_any_sum(section):
+    """Qwen3-VL's interleaved lanes take sections that do not sum to head_dim / 2 (the class
+    default [24, 20, 20] of a config leaving it out; transformers' slices clip), on both
+    paths."""
+    rope = dict(rope_type="default", rope_theta=10000.0)
+    if section is not None:
+        rope["mrope_section"] = section
+    config = transformers.Qwen3VLTextConfig(**{**_text(64, None, head_dim=16),
+                                               "rope_parameters": rope})  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLTextModel(config).to(DEVICE).eval()
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    positions = torch.stack([torch.arange(12), torch.arange(12) % 4, torch.arange(12) // 3])
+    positions = positions[:, None].expand(3, 2, 12).to(DEVICE)
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=positions).last_hidden_state
+        for angles in ("table", "positions"):
+            with rotary_patch(model, angles=angles):
+                out = model(input_ids=ids, position_ids=positions).last_hidden_state
+            assert_close(out, ref, f"hidden states ({angles})")
+
+
+def test_tables_narrower_than_the_head_are_refused_as_transformers_refuses_them():
+    """A rope type honouring partial_rotary_factor makes tables narrower than the head,
+    which transformers' Qwen-VL rotary function cannot broadcast: the patched model raises
+    too (vlmkernels.rope would rotate part of the head, a layout nobody defined)."""
+    rope = dict(rope_type="linear", factor=2.0, rope_theta=10000.0, mrope_section=[1, 1, 2],
+                partial_rotary_factor=0.5)  # fmt: skip
+    config = transformers.Qwen2VLTextConfig(**{**_text(64, [2, 3, 3]), "rope_parameters": rope})
+    model = transformers.Qwen2VLTextModel(config).to(DEVICE).eval()
+    if model.rotary_emb.inv_freq.numel() * 2 == config.hidden_size // 4:
+        pytest.skip("this transformers ignores partial_rotary_factor here")
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with pytest.raises(RuntimeError):
+        model(input_ids=ids)
+    for angles in ("table", "positions"):
+        with rotary_patch(model, angles=angles), pytest.raises(ValueError, match="8 wide"):
+            model(input_ids=ids)
+
+
 def test_decorated_forward_is_patched_and_its_decorators_run(qwen2):
     """Decorators on forward (functools.wraps wrappers, keyword renaming) are rebuilt around
     the patched code: they keep running, and the rotary call runs the vlmkernels op."""
@@ -710,7 +838,12 @@ def _function_as_module():
 def test_renamed_or_kernelized_rotary_function(qwen2, make_function):
     text = copy.deepcopy(qwen2.model.model.language_model)
     function, keyword = make_function()
-    attention = _attention_calling(type(text.layers[0].self_attn), function, keyword)
+    base = type(text.layers[0].self_attn)
+    # shipped with transformers, as a release's own function would be (another package's
+    # is refused: test_replaced_module_rotary_function_is_refused)
+    owner = function if isinstance(function, types.FunctionType) else type(function)
+    owner.__module__ = base.__module__
+    attention = _attention_calling(base, function, keyword)
     for layer in text.layers:
         layer.self_attn.__class__ = attention
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -866,11 +999,14 @@ def _layout_516(base_attention, base_rotary):
 
 
 @pytest.mark.parametrize("angles", ["table", "positions"])
-def test_mrope_layout_of_transformers_516(qwen2, angles):
-    """On the 5.16 layout (emulated by subclasses), the text attention's
-    ``apply_multimodal_rotary_pos_emb`` runs vlmkernels.mrope (or the positions op)."""
+def test_mrope_layout_of_transformers_516(qwen2, angles, monkeypatch):
+    """On the 5.16 layout (emulated by subclasses, the rotary one standing in for the
+    module's class), the text attention's ``apply_multimodal_rotary_pos_emb`` runs
+    vlmkernels.mrope (or the positions op)."""
     text = copy.deepcopy(qwen2.model.model.language_model)
     attention, rotary = _layout_516(type(text.layers[0].self_attn), type(text.rotary_emb))
+    modeling = __import__(type(text).__module__, fromlist=["_"])
+    monkeypatch.setattr(modeling, type(text.rotary_emb).__name__, rotary)
     text.rotary_emb.__class__ = rotary
     for layer in text.layers:
         layer.self_attn.__class__ = attention

@@ -235,6 +235,26 @@ def test_mrope_from_positions(dtype, layout, interleaved, device, backend):
     )
 
 
+@pytest.mark.parametrize("section", [[24, 20, 20], [2, 2, 2], [0, 3, 1]])
+def test_interleaved_sections_of_any_sum(section, device, backend):
+    """Qwen3-VL's interleaved rule takes sections that do not sum to R / 2, as
+    transformers' slices do (the [24, 20, 20] default at head dim 16, or fewer lanes); the
+    chunked rule still needs the sum."""
+    b, s, d = 1, 5, 16
+    q, k, ud = qk_views(b, s, 2, 1, d, torch.float32, device, "bhsd")
+    positions = torch.randint(0, 300, (3, b, s), device=device)
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    cos, sin = tables_from_positions(positions.cpu(), inv_freq.cpu())
+    refs = ref_mrope(q.double().cpu(), k.double().cpu(), cos, sin, section, ud, True)
+    outs = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, section, interleaved=True)
+    check_outputs(outs, refs, torch.float32, (q, k))
+    tables = [t.float().to(device) for t in (cos, sin)]
+    outs = vlmkernels.mrope(q, k, *tables, section, interleaved=True)
+    check_outputs(outs, refs, torch.float32, (q, k))
+    with pytest.raises(ValueError, match="sums to"):
+        vlmkernels.mrope(q, k, *tables, section)
+
+
 def test_positions_partial_rotary_and_text_positions(device, backend):
     """rotary_dim < head dim (lanes past it unchanged); (B, S) text positions = (3, B, S)."""
     b, s, d, rot = 2, 7, 48, 16

@@ -156,9 +156,9 @@ VlmkRopeArgs make_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(a.rot_dim > 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
               "rope_cuda_: the rotary dim must be even, positive and at most the head dim ",
               a.head_dim, ", got ", a.rot_dim);
-  if (a.lane_rule != VLMK_PLAIN) {
+  if (a.lane_rule == VLMK_CHUNKED) {  // the interleaved rule takes any sum (Qwen3-VL's slices)
     TORCH_CHECK(a.sections[0] + a.sections[1] + a.sections[2] == a.rot_dim / 2,
-                "rope_cuda_: sections must sum to R / 2 = ", a.rot_dim / 2);
+                "rope_cuda_: chunked sections must sum to R / 2 = ", a.rot_dim / 2);
   }
   const bool work = a.batch * a.seq > 0 && a.q_heads + a.k_heads > 0;
   TORCH_CHECK(!with_data || !work || vlmk_rope_plan(&a, nullptr, nullptr, nullptr),

@@ -475,8 +475,26 @@ def plan_forward(cls: type, candidates) -> types.FunctionType:
     original = chain[-1].__globals__.get(name)
     if not callable(original):
         raise UnsupportedLayoutError(f"{chain[-1].__module__}.{name} is not callable")
+    _check_shipped_with(original, chain[-1].__module__, name)
     replacement = adapt_signature(called[0], original, f"{chain[-1].__module__}.{name}")
     return rebind_global(cls.forward, name, replacement, where)
+
+
+def _check_shipped_with(original, module: str, name: str) -> None:
+    """Refuses a global ``module.name`` that another package put there (a research variant,
+    another kernel library's patch): the replacement computes what the library's own
+    function does, so installing it would silently drop the user's function. The library's
+    function, decorated or wrapped as a hub-kernel module (whose class takes the module's
+    name), comes from the caller's package."""
+    target = inspect.unwrap(original) if isinstance(original, types.FunctionType) else original
+    source = getattr(target, "__module__", None) or "?"
+    label = getattr(target, "__qualname__", None) or type(target).__qualname__
+    if source.split(".")[0] != module.split(".")[0]:
+        raise UnsupportedLayoutError(
+            f"{module}.{name} is {source}.{label}, not the {module.split('.')[0]} function: "
+            "the patch would replace it by the library's semantics; restore the original "
+            "function or leave this part out"
+        )
 
 
 def _inert(module, name: str) -> bool:

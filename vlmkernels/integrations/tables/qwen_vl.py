@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import types
 from collections.abc import Callable
 
@@ -104,7 +105,21 @@ def _eager_dtype(out: torch.Tensor, x: torch.Tensor, table_dtype: torch.dtype) -
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def _check_width(q, rot: int) -> None:
+    """transformers' ``q * cos + rotate_half(q) * sin`` needs tables as wide as the head:
+    the Qwen-VL functions replaced here have no partial rotary (vlmkernels.rope does), so
+    a narrower one (a rope type honouring ``partial_rotary_factor``) is refused as
+    transformers refuses it, not rotated partially."""
+    if rot != q.shape[-1]:
+        raise ValueError(
+            f"vlmkernels.patch: the rotary tables are {rot} wide for a head dim of "
+            f"{q.shape[-1]}; transformers' rotary function needs them equal (its "
+            "q * cos does not broadcast; a partial_rotary_factor with this rope type?)"
+        )
+
+
 def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_dim):
+    _check_width(q, 2 * angles.inv_freq.shape[-1])
     if unsqueeze_dim != 1:
         raise ValueError(
             f"vlmkernels.patch: angles='positions' needs q and k as (B, H, S, D) "
@@ -123,6 +138,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     :func:`vlmkernels.mrope_from_positions` when ``sin`` is a :class:`PositionAngles`)."""
     if isinstance(sin, PositionAngles):
         return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim)
+    _check_width(q, cos.shape[-1])
     out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim)
     return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
 
@@ -132,6 +148,7 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     :func:`vlmkernels.mrope` (or :func:`vlmkernels.mrope_from_positions`)."""
     if isinstance(sin, PositionAngles):
         return _from_positions(q, k, cos, sin, mrope_section, unsqueeze_dim)
+    _check_width(q, cos.shape[-1])
     out_q, out_k = mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
     return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
 
@@ -147,12 +164,16 @@ _VISION_FUNCTIONS = (apply_rotary_pos_emb_vision,)
 
 def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
     """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
-    what the kernel needs to compute the angles."""
+    what the kernel needs to compute the angles. The module's ``mrope_section`` is read at
+    each call, as transformers reads it (``section``: the config's, for the modules without
+    one)."""
 
     def forward(self, x, position_ids):
         if position_ids.dim() == 2:
             position_ids = position_ids[None]
-        angles = PositionAngles(self.inv_freq, float(self.attention_scaling), section,
+        own = getattr(self, "mrope_section", None)
+        live = section if own is None else tuple(own)
+        angles = PositionAngles(self.inv_freq, float(self.attention_scaling), live,
                                 interleaved, x.dtype)  # fmt: skip
         return position_ids.expand(3, -1, -1), angles
 
@@ -189,6 +210,17 @@ def _mrope_section(rotary) -> tuple[int, int, int]:
 
 
 def _check_rotary_class(cls: type, arch: Architecture | None = None) -> None:
+    """A rotary class whose tables the positions kernel computes: the architecture's own
+    ``forward`` (a subclass's forward may compute other angles, which would be dropped)."""
+    if arch is not None:
+        module = sys.modules.get(arch.module)
+        base = getattr(module, arch.classes["text_rotary"], None)
+        if isinstance(base, type) and issubclass(cls, base) and cls.forward is not base.forward:
+            raise UnsupportedLayoutError(
+                f"{cls.__module__}.{cls.__qualname__} overrides {base.__qualname__}.forward: "
+                "angles='positions' would compute the stock angles in its place; use "
+                "angles='table'"
+            )
     params = list(inspect.signature(cls.forward).parameters)
     if params != ["self", "x", "position_ids"]:
         raise UnsupportedLayoutError(
@@ -231,11 +263,20 @@ def _rope_index_arch(model) -> tuple[type, Architecture]:
     for cls in type(model).__mro__:
         arch = by_module.get(getattr(cls, "__module__", None))
         if arch is not None and cls.__name__ == arch.classes["model"]:
-            if type(model).get_rope_index is not cls.get_rope_index:
-                raise TypeError(
-                    f"{type(model).__name__} overrides {cls.__name__}.get_rope_index; "
-                    "its semantics are unknown"
-                )
+            # get_rope_index and the per-image hook it calls (transformers >= 5.16)
+            for name in ("get_rope_index", "get_vision_position_ids"):
+                method = getattr(cls, name, None)
+                if getattr(type(model), name, None) is not method:
+                    raise TypeError(
+                        f"{type(model).__name__} overrides {cls.__name__}.{name}; its "
+                        "semantics are unknown"
+                    )
+                source = getattr(inspect.unwrap(method), "__module__", None) or "?"
+                if method is not None and source.split(".")[0] != "transformers":
+                    raise TypeError(
+                        f"{cls.__name__}.{name} was replaced on the class (by {source}); "
+                        "its semantics are unknown"
+                    )
             return cls, arch
     inner = getattr(model, "model", None)
     hint = (

@@ -56,8 +56,8 @@ def tune_inputs(spec: Mapping, device: torch.device):
         spec.get("mode", "chunked")
     ]
     sections = tuple(spec.get("sections") or (0, 0, 0))
-    if mode != PLAIN and sum(sections) != half:
-        raise ValueError(f"rope spec {dict(spec)}: sections must add up to {half}")
+    if mode == CHUNKED and sum(sections) != half:
+        raise ValueError(f"rope spec {dict(spec)}: chunked sections must add up to {half}")
     dtype = torch_dtype(spec.get("dtype", "bf16"))
     gen = torch.Generator(device=device).manual_seed(0)
 

@@ -103,11 +103,14 @@ def _check_rotary_dim(op, rot: int, d: int, what: str) -> None:
         )
 
 
-def _check_sections(op, sections, half: int) -> list[int]:
+def _check_sections(op, sections, half: int, interleaved: bool = False) -> list[int]:
+    """[t, h, w] as ints. Chunked sections must fill the ``half`` frequencies; interleaved
+    ones need not (Qwen3-VL's rule: H on lanes j % 3 == 1 below 3 h, W on j % 3 == 2 below
+    3 w, T on the others, whatever the sum, as transformers' slices do)."""
     # 2.0 == 2: only exact ints are cached (a symbolic half, under export, is not hashable)
     exact = (type(half) is int and isinstance(sections, list | tuple)
              and all(type(v) is int for v in sections))  # fmt: skip
-    key = (tuple(sections), half) if exact else None
+    key = (tuple(sections), half, interleaved) if exact else None
     if key is not None and key in _SECTIONS:
         return _SECTIONS[key]
     if isinstance(sections, torch.Tensor):
@@ -123,7 +126,7 @@ def _check_sections(op, sections, half: int) -> list[int]:
     checked = [int(v) for v in values]
     if len(checked) != 3 or min(checked) < 0:
         raise ValueError(f"{op}: mrope_section must be 3 non-negative ints, got {checked}")
-    if sum(checked) != half:
+    if not interleaved and sum(checked) != half:
         raise ValueError(
             f"{op}: mrope_section {checked} sums to {sum(checked)}, but the rotary dim "
             f"{2 * half} has {half} frequencies"
@@ -190,9 +193,10 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
         q, k: as in :func:`rope`.
         cos, sin: (3, <q's shape without heads>) with last dim R: the temporal, height and
             width tables, as the Qwen-VL rotary classes produced them before 5.17.
-        mrope_section: [t, h, w] frequencies per axis, summing to R / 2.
-        interleaved: Qwen3-VL's lane rule (H on j % 3 == 1, W on j % 3 == 2) instead of
-            contiguous T | H | W chunks.
+        mrope_section: [t, h, w] frequencies per axis, summing to R / 2 (chunked; the
+            interleaved rule takes any sum).
+        interleaved: Qwen3-VL's lane rule (H on j % 3 == 1 below 3 h, W on j % 3 == 2
+            below 3 w, T elsewhere) instead of contiguous T | H | W chunks.
         inplace: rotate q and k in place (forward only) and return them.
     """
     op = "mrope"
@@ -200,8 +204,9 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
     _check_table_type(op, cos, sin)
     rot = cos.shape[-1]
     _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
-    sections = _check_sections(op, mrope_section, rot // 2)
-    mode = INTERLEAVED if check_bool(op, "interleaved", interleaved) else CHUNKED
+    interleaved = check_bool(op, "interleaved", interleaved)
+    sections = _check_sections(op, mrope_section, rot // 2, interleaved)
+    mode = INTERLEAVED if interleaved else CHUNKED
     return _table_op(op, q, k, cos, sin, head_axis, mode, sections, True, inplace)
 
 
@@ -248,7 +253,8 @@ def mrope_from_positions(
         q, k: (B, H, S, D) or token-major (T, H, D) (heads on dim 1).
         position_ids: (3, B, S) or (3, T) integers ((B, S) / (T,) for text: T = H = W).
         inv_freq: (R / 2,) inverse frequencies (the rotary class's ``inv_freq``).
-        mrope_section: [t, h, w], summing to R / 2.
+        mrope_section: [t, h, w], summing to R / 2 (chunked; the interleaved rule takes
+            any sum, as :func:`mrope`).
         rotary_dim: R, if given (must equal 2 * len(inv_freq)); lanes R..D pass through
             (Qwen3.5's partial rotary).
         interleaved: Qwen3-VL's lane layout (T, H, W lanes interleaved) instead of the
@@ -269,7 +275,8 @@ def mrope_from_positions(
             f"frequencies (rotary dim {rot})"
         )
     _check_rotary_dim(op, rot, q.shape[-1], "2 * len(inv_freq)")
-    sections = _check_sections(op, mrope_section, rot // 2)
+    interleaved = check_bool(op, "interleaved", interleaved)
+    sections = _check_sections(op, mrope_section, rot // 2, interleaved)
     if inv_freq.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: inv_freq must not require grad (no gradient is computed for it)")
     positions = saveable(_check_positions(op, position_ids, q, head_axis))
@@ -277,7 +284,7 @@ def mrope_from_positions(
     if freq.dtype != torch.float32 or freq.device != q.device or freq.stride(0) != 1:
         freq = to_device(op, "inv_freq", freq, q.device, dtype=torch.float32).contiguous()
     freq = saveable(freq)  # a buffer a rotary update recomputed under inference_mode
-    mode = INTERLEAVED if check_bool(op, "interleaved", interleaved) else CHUNKED
+    mode = INTERLEAVED if interleaved else CHUNKED
     scaling = check_real(op, "attention_scaling", attention_scaling, -math.inf, math.inf)
     return ops.rope_positions(q, k, positions, freq, head_axis, mode, sections, scaling, False)
 
