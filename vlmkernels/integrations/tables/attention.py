@@ -285,15 +285,23 @@ def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
     one (0 visible, very negative padded, or any other per-key bias) becomes the (B, N) key
     bias the kernels add to the logits, as transformers adds the mask to the scores. Neither
     reads the mask on the host: a CUDA mask costs no synchronisation. A mask with a row per
-    query (T rows) is checked to hold the same row for every query, the one host read."""
+    query (T rows) is checked to hold the same row for every query, the one host read;
+    while torch.compile traces (where transformers keeps an all-visible mask it drops in
+    eager mode), by ``torch._assert_async`` instead, which fails the call from the device
+    (on CUDA a device-side assert) without breaking the graph."""
     if mask is None:
         return None, None
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys:
         raise ValueError(f"{where}: attention mask must be (B, 1, 1 or {tokens}, {keys}), got "
                          f"{tuple(mask.shape)}")  # fmt: skip
-    if mask.shape[2] != 1 and not bool((mask == mask[:, :, :1]).all()):
-        raise ValueError(f"{where}: the attention mask differs between query rows; the kernel "
-                         "takes one mask row per batch")  # fmt: skip
+    if mask.shape[2] != 1 and not mask.is_meta:
+        message = (f"{where}: the attention mask differs between query rows; the kernel "
+                   "takes one mask row per batch")  # fmt: skip
+        same = (mask == mask[:, :, :1]).all()
+        if torch.compiler.is_compiling():
+            torch._assert_async(same, message)
+        elif not bool(same):
+            raise ValueError(message)
     row = mask[:, 0, 0].expand(batch, keys)
     if mask.dtype == torch.bool:
         return ~row, None
