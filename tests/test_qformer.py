@@ -493,6 +493,26 @@ def test_qformer_part_under_torch_compile():
                if e.abs().max() > 1e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_image_for_a_batch_of_queries(masked):
+    """Image features of batch 1 with queries of batch 2: transformers broadcasts the
+    image in its matmul, and so does the patch (values and gradients)."""
+    model = tiny_qformer("blip_2", layers=2)
+    kwargs, _ = inputs("blip_2", masked=False)
+    image = kwargs["encoder_hidden_states"][:1].detach().requires_grad_()
+    kwargs["encoder_hidden_states"] = image
+    if masked:
+        kwargs["encoder_attention_mask"] = torch.tensor([[1] * 9 + [0] * 4])
+    leaves = [kwargs["query_embeds"], image]
+    want, want_grads = run(model, kwargs, leaves)
+    with patch(model):
+        got, got_grads = run(model, kwargs, leaves)
+    assert got.shape == want.shape == (2, 5, 32)
+    assert rel(got, want) < 1e-5
+    assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
+               if e.abs().max() > 1e-6)  # fmt: skip
+
+
 def test_masked_qformer_compiles_fullgraph():
     """With an attention mask (BLIP-2 and InstructBLIP always pass one) the patched
     Q-Former compiles without a graph break: under compile transformers keeps the mask as

@@ -352,9 +352,13 @@ def _qformer_forward(module, arch: Architecture):
         if kv is None:
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
-        if b == 1 and k.shape[0] > 1:  # one set of queries for every image (transformers
-            b = k.shape[0]  # broadcasts them in its matmul)
+        # transformers' matmul broadcasts a batch of 1 either way: one set of queries for
+        # every image, or one image for every set of queries
+        if b == 1 and k.shape[0] > 1:
+            b = k.shape[0]
             q = q.expand(b, -1, -1, -1)
+        elif k.shape[0] == 1 and b > 1:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         pad, bias = key_mask(mask, b, t, n, "vlmkernels (Q-Former attention)")
         out = cross_attention(q, k, v, key_padding_mask=pad, key_bias=bias,
                               scale=float(self.scaling), dropout_p=drop)  # fmt: skip
