@@ -255,6 +255,26 @@ def test_interleaved_sections_of_any_sum(section, device, backend):
         vlmkernels.mrope(q, k, *tables, section)
 
 
+def test_positions_broadcast_size_one_axes(device, backend):
+    """(3, 1, S) positions for a batch of B (one layout for every row), as the table ops
+    broadcast size-1 axes; q laid out (B, S, H, D) is refused naming the layout it needs."""
+    b, s, d = 3, 6, 16
+    q, k, _ = qk_views(b, s, 2, 1, d, torch.float32, device, "bhsd")
+    positions = torch.randint(0, 300, (3, 1, s), device=device)
+    inv_freq = torch.rand(d // 2, device=device)
+    outs = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [4, 2, 2])
+    full = positions.expand(3, b, s)
+    cos, sin = tables_from_positions(full.cpu(), inv_freq.cpu())
+    check_outputs(outs, ref_mrope(q.double().cpu(), k.double().cpu(), cos, sin, [4, 2, 2]),
+                  torch.float32, (q, k))  # fmt: skip
+    text = vlmkernels.mrope_from_positions(q, k, full[0, :1], inv_freq, [4, 2, 2])
+    want = vlmkernels.mrope_from_positions(q, k, full[0], inv_freq, [4, 2, 2])
+    assert all(torch.equal(a, e) for a, e in zip(text, want, strict=True))
+    bshd = q.transpose(1, 2)  # (B, S, H, D): heads on dim 2
+    with pytest.raises(ValueError, match=r"for q as \(B, H, S, D\), heads on dim 1"):
+        vlmkernels.mrope_from_positions(bshd, torch.randn_like(bshd), full, inv_freq, [4, 2, 2])
+
+
 def test_positions_partial_rotary_and_text_positions(device, backend):
     """rotary_dim < head dim (lanes past it unchanged); (B, S) text positions = (3, B, S)."""
     b, s, d, rot = 2, 7, 48, 16

@@ -219,14 +219,18 @@ def _check_positions(op, position_ids, q, head_axis) -> torch.Tensor:
     ):
         raise TypeError(f"{op}: position_ids must be an integer tensor")
     tokens = [q.shape[a] for a in token_axes(q.dim(), head_axis)]
+    if position_ids.dim() == len(tokens):
+        position_ids = position_ids.unsqueeze(0)  # text only: T = H = W
     shape = list(position_ids.shape)
-    if shape == tokens:
-        position_ids = position_ids.unsqueeze(0).expand(3, *tokens)  # text only: T = H = W
-    elif shape != [3, *tokens]:
+    if (len(shape) != len(tokens) + 1 or shape[0] not in (1, 3)
+            or any(n not in (1, t) for n, t in zip(shape[1:], tokens, strict=True))):  # fmt: skip
+        layout = "(B, H, S, D)" if q.dim() == 4 else "(T, H, D)"
         raise ValueError(
             f"{op}: position_ids must have shape (3, {', '.join(map(str, tokens))}) (or "
-            f"without the leading 3 for text), got {tuple(position_ids.shape)}"
+            f"without the leading 3 for text; size-1 axes broadcast) for q as {layout}, "
+            f"heads on dim 1; got {tuple(position_ids.shape)}"
         )
+    position_ids = position_ids.expand(3, *tokens)
     if position_ids.device != q.device:
         raise ValueError(f"{op}: position_ids must be on q's device {q.device}")
     return position_ids
