@@ -219,6 +219,8 @@ def _check_positions(op, position_ids, q, head_axis) -> torch.Tensor:
     ):
         raise TypeError(f"{op}: position_ids must be an integer tensor")
     tokens = [q.shape[a] for a in token_axes(q.dim(), head_axis)]
+    if list(position_ids.shape) == [3, *tokens]:  # the common case, first (host time)
+        return _on_q_device(op, position_ids, q)
     if position_ids.dim() == len(tokens):
         position_ids = position_ids.unsqueeze(0)  # text only: T = H = W
     shape = list(position_ids.shape)
@@ -230,7 +232,10 @@ def _check_positions(op, position_ids, q, head_axis) -> torch.Tensor:
             f"without the leading 3 for text; size-1 axes broadcast) for q as {layout}, "
             f"heads on dim 1; got {tuple(position_ids.shape)}"
         )
-    position_ids = position_ids.expand(3, *tokens)
+    return _on_q_device(op, position_ids.expand(3, *tokens), q)
+
+
+def _on_q_device(op, position_ids, q) -> torch.Tensor:
     if position_ids.device != q.device:
         raise ValueError(f"{op}: position_ids must be on q's device {q.device}")
     return position_ids
