@@ -670,6 +670,13 @@ class Patcher:
                     rebuilt[kind] = plan_forward(kind, replacement.functions)
                 function = rebuilt[kind]
             else:
+                # a subclass's own method would be dropped, not served
+                if getattr(type(sub), replacement.name, None) is not getattr(
+                        cls, replacement.name, None):  # fmt: skip
+                    raise UnsupportedLayoutError(
+                        f"{type(sub).__qualname__} overrides {cls.__qualname__}."
+                        f"{replacement.name}, which the patch would replace"
+                    )
                 slot = _slot_name(sub, replacement.name, label)
                 function = replacement.build(sub, arch)
                 function = marked(_signed_like(function, getattr(type(sub), replacement.name)))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import types
 from collections.abc import Callable
 
@@ -210,17 +209,6 @@ def _mrope_section(rotary) -> tuple[int, int, int]:
 
 
 def _check_rotary_class(cls: type, arch: Architecture | None = None) -> None:
-    """A rotary class whose tables the positions kernel computes: the architecture's own
-    ``forward`` (a subclass's forward may compute other angles, which would be dropped)."""
-    if arch is not None:
-        module = sys.modules.get(arch.module)
-        base = getattr(module, arch.classes["text_rotary"], None)
-        if isinstance(base, type) and issubclass(cls, base) and cls.forward is not base.forward:
-            raise UnsupportedLayoutError(
-                f"{cls.__module__}.{cls.__qualname__} overrides {base.__qualname__}.forward: "
-                "angles='positions' would compute the stock angles in its place; use "
-                "angles='table'"
-            )
     params = list(inspect.signature(cls.forward).parameters)
     if params != ["self", "x", "position_ids"]:
         raise UnsupportedLayoutError(
