@@ -252,21 +252,26 @@ def _flops(op: str):
     return flops
 
 
+def leaf_linear_bytes(x: int, y: int, w: int, mode: str, itemsize: int) -> float:
+    """The least traffic of ``x`` input, ``y`` output and ``w`` weight elements of linear
+    layers whose weights are leaves: forward, X and W read, Y written; backward, dY and X
+    read and dX written (2 X), W read and dW written (2 W)."""
+    fwd, bwd = x + y + w, y + 2 * x + 2 * w
+    return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] * itemsize)
+
+
 def _bytes(op: str):
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
-        """The least traffic: forward, features X and weights W read, output Y written;
-        backward, dY and X read and dX written (2 X), W read and dW written (2 W) (every
-        weight is a leaf in the suite). DeepStack: hidden read and written, the visual
-        half's embeds read, per pass."""
+        """The least traffic (:func:`leaf_linear_bytes`: every weight is a leaf in the
+        suite). DeepStack: hidden read and written, the visual half's embeds read, per
+        pass."""
         s = shape
         if op == "deepstack":
             passes = 2 if mode == "fwd+bwd" else 1
             return float(passes * 2.5 * s["B"] * s["L"] * s["D"] * itemsize)
         gemms = _gemms(op, s)
         x, y = gemms[0][0] * gemms[0][1], gemms[-1][0] * gemms[-1][2]
-        w = sum(k * n for _, k, n in gemms)
-        fwd, bwd = x + y + w, y + 2 * x + 2 * w
-        return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] * itemsize)
+        return leaf_linear_bytes(x, y, sum(k * n for _, k, n in gemms), mode, itemsize)
 
     return nbytes
 

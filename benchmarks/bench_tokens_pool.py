@@ -57,7 +57,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .bench_connectors import saved_bytes
+from .bench_connectors import leaf_linear_bytes, saved_bytes
 from .bench_tokens import _prepared
 from .harness import BuildArgs, OpSpec, Prepared, Provider, Suite
 
@@ -235,13 +235,12 @@ def _projector_model(op: str):
         return float(passes * gemms + pool_flops(shape, mode))
 
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
-        """As the connectors' model: forward X + Y + W; backward dY, X read and dX (2 X),
-        W read and dW (2 W)."""
+        """The connectors' model (:func:`leaf_linear_bytes`) of x, the pooled output and
+        the two weights."""
         side, out = _out_side(op, shape["S"])
         k, c = shape["K"], shape["C"]
         x, y, w = shape["F"] * side * side * k, shape["F"] * out * out * c, c * (k + c)
-        fwd, bwd = x + y + w, y + 2 * x + 2 * w
-        return float({"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] * itemsize)
+        return leaf_linear_bytes(x, y, w, mode, itemsize)
 
     return flops, nbytes
 

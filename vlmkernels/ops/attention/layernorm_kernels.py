@@ -38,7 +38,8 @@ __all__ = ["KERNELS", "add_layernorm_backward", "add_layernorm_forward"]
 # warps per row (sm_90a backward, bf16 / fp32: 122 / 99 registers with Triton 3.9, 216 / 173
 # with 3.6, the GPU machine's; no spill). 8 rows per 8 warps, the earlier default, spills
 # 8 B in the 16-bit backward with Triton 3.6 at 255 registers since the rows' offsets are
-# 64-bit; 16 rows per 8 or 16 warps spill with both. Static instructions per row and CTA
+# 64-bit, and 4 rows per 4 warps spills 24-48 B there; 16 rows per 8 or 16 warps spill with
+# both. Static instructions per row and CTA
 # are within 7% of each other across the space.
 _CONFIGS = autotune_configs(
     [
