@@ -73,6 +73,22 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def check_forced_backend() -> None:
+    """A bad VLMKERNELS_BACKEND, or one that cannot run here (the CUDA C++ extension not
+    built), fails every case: a UsageError before anything is measured (bench, profile)."""
+    from vlmkernels.core.backend import cuda_backend_status, get_backend
+
+    try:
+        forced = get_backend()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if forced == "cuda":
+        ok, why = cuda_backend_status()
+        if not ok:
+            raise UsageError(f"VLMKERNELS_BACKEND=cuda: the CUDA C++ backend is unavailable: "
+                             f"{why}")  # fmt: skip
+
+
 def suite_modules() -> dict[str, list[str]]:
     """{op family: its suite modules}, from the families' declarations.
 

@@ -38,13 +38,22 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, host, output_dir, output_label, run_command, suites, writable_dir
+from . import (
+    UsageError,
+    check_forced_backend,
+    host,
+    output_dir,
+    output_label,
+    run_command,
+    suites,
+    writable_dir,
+)
 from .ceilings import measure
 from .env import GpuMonitor, collect, describe
 from .harness import CPU_QUICK, MODES, RunConfig, Runner, dtype_str, shape_str
 from .host import DEFAULT_CALLS
 from .progress import Progress
-from .report import CsvSink, ceiling_records, table
+from .report import CsvSink, ceiling_records, check_appendable, table
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -220,22 +229,6 @@ def _suite_modes(requested: list[str] | None, chosen: dict) -> tuple[dict, list[
     return modes, notes
 
 
-def _check_forced_backend() -> None:
-    """A bad VLMKERNELS_BACKEND, or one that cannot run here (the CUDA C++ extension not
-    built), fails every case: say so before measuring anything."""
-    from vlmkernels.core.backend import cuda_backend_status, get_backend
-
-    try:
-        forced = get_backend()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if forced == "cuda":
-        ok, why = cuda_backend_status()
-        if not ok:
-            raise UsageError(f"VLMKERNELS_BACKEND=cuda: the CUDA C++ backend is unavailable: "
-                             f"{why}")  # fmt: skip
-
-
 def _cpu_banner(names: list[str], available, overrides, profile: str, args) -> None:
     """What a CPU run measures (the sweep of each suite), and that it is not the targets."""
 
@@ -308,7 +301,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
         if len(args.modes) > 1:
             raise UsageError(f"--modes {HOST} runs alone (host time, no kernel runs); got "
                              f"--modes {','.join(args.modes)}")  # fmt: skip
-        _check_forced_backend()
+        check_forced_backend()
         return host.run(args, selection, available)
     overrides = _overrides(args.shape, chosen, profile)
     modes, mode_notes = _suite_modes(args.modes, chosen)
@@ -316,7 +309,7 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if args.providers and not set(args.providers) <= known:
         unknown = sorted(set(args.providers) - known)
         raise UsageError(f"--providers: unknown {unknown}; known: {', '.join(sorted(known))}")
-    _check_forced_backend()
+    check_forced_backend()
 
     runs = []
     for name, ops in selection.items():
@@ -357,6 +350,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
         return 0
 
     args.out = writable_dir(args.out or output_dir(), output_label(args.out))
+    for suite, _, _ in runs:  # a foreign file there is refused, not rewritten
+        check_appendable(args.out / f"{suite.name}.csv")
     if device.type != "cuda":
         _cpu_banner([r[0].name for r in runs], available, overrides, profile, args)
     for note in mode_notes:

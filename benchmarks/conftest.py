@@ -84,7 +84,14 @@ def _shapes(texts: list[str]) -> dict[str, list[int]]:
     out = {}
     for text in texts:
         key, _, values = text.partition("=")
-        out[key.strip()] = [int(v) for v in _list(values)]
+        try:
+            ints = [int(v) for v in _list(values)]
+        except ValueError:
+            ints = []
+        if not key.strip() or not ints or min(ints) < 1:
+            raise pytest.UsageError(f"--bench-shape: wants KEY=INT[,INT...] of positive sizes, "
+                                    f"got {text!r}")  # fmt: skip
+        out[key.strip()] = ints
     return out
 
 
@@ -105,6 +112,22 @@ def collect_cases(config) -> list[BenchCase]:
     unknown = [w for w in wanted if w not in known]
     if unknown:
         raise pytest.UsageError(f"--bench-ops: unknown {unknown}; known: {sorted(known)}")
+    # the timed modes only: a "bwd" case would time the forward (test_suites._step)
+    bad = [m for m in modes if m not in TIMED_MODES]
+    if bad:
+        raise pytest.UsageError(f"--bench-modes: {bad} not among {', '.join(TIMED_MODES)}")
+    chosen = [s for s in found.values() if any(_selected(s, op, wanted) for op in s.ops)]
+    names = {
+        p.name for s in chosen for op in s.ops if _selected(s, op, wanted) for p in op.providers
+    }
+    if set(providers) - names:
+        raise pytest.UsageError(f"--bench-providers: unknown {sorted(set(providers) - names)}; "
+                                f"known: {sorted(names)}")  # fmt: skip
+    keys = {k for s in chosen for k in s.sweep(profile)}
+    if set(overrides) - keys:
+        foreign = sorted(set(overrides) - keys)
+        raise pytest.UsageError(f"--bench-shape: no selected suite has the key(s) {foreign} "
+                                f"(keys: {sorted(keys)})")  # fmt: skip
     cases = []
     for suite in found.values():
         ops = [op for op in suite.ops if _selected(suite, op, wanted)]

@@ -346,7 +346,7 @@ def run(args, selection: Mapping[str, list], available: Mapping) -> int:
     """``--modes host``: measures the selected ops' host time in a fresh interpreter and
     appends the rows to ``<out>/host.csv``; 1 if a case failed."""
     from .env import collect, describe
-    from .report import CsvSink
+    from .report import CsvSink, check_appendable
 
     overrides = {key: values for key, values in args.shape}
     providers = frozenset(args.providers) if args.providers else None
@@ -362,6 +362,7 @@ def run(args, selection: Mapping[str, list], available: Mapping) -> int:
             print(f"{c['op']} {c['provider']} {shape_str(c['shape'])} {dtype} host {c['mode']}")
         return 0
     out_dir = writable_dir(args.out or output_dir(), output_label(args.out))
+    check_appendable(out_dir / HOST_FILE)
     for note in notes:
         print(note)
     if not cases:

@@ -34,7 +34,16 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, output_label, run_command, suite_family, suites, writable_dir
+from . import (
+    UsageError,
+    check_forced_backend,
+    output_dir,
+    output_label,
+    run_command,
+    suite_family,
+    suites,
+    writable_dir,
+)
 from .harness import BuildArgs, Skip, dtype_str, shape_str
 from .timing import call_ms, synchronize, time_fn
 
@@ -251,6 +260,12 @@ def _ceiling_text(device: torch.device, dtype: torch.dtype, flops: float, nbytes
     return "= " + ", ".join(parts) + " ceilings (cached by `vlmkernels info`)"
 
 
+def _refused(label: str, exc: BaseException) -> str:
+    """The one-line error of a case the op (or torch) refuses: its label and the reason."""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"{label}: the call fails ({type(exc).__name__}: {text})"
+
+
 def _release(provider) -> None:
     """Destroys a process group a suite created for the call (the distributed suite)."""
     module = sys.modules.get(getattr(provider.build, "__module__", ""))
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.profil
 def _main(argv: list[str] | None, prog: str) -> int:
     args = parse_args(argv, prog)
     suite, op = find_op(args.op)
+    check_forced_backend()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else suite.default_dtype(device)
@@ -299,6 +315,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
     except Skip as exc:
         print(f"{label}: skipped by the provider: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError, TypeError) as exc:  # the op refuses the case
+        raise UsageError(_refused(label, exc)) from None
     try:
         return _run(args, suite, op, prepared, device, dtype, mode, shape, label)
     finally:
@@ -310,8 +328,12 @@ def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
 
     on_gpu = device.type == "cuda"
     step = _step(prepared, mode)
-    for _ in range(args.warmup):
-        call_ms(step, device)
+    try:  # the first calls: a size the op refuses (or cannot hold) shows here
+        for _ in range(args.warmup):
+            call_ms(step, device)
+        estimate = None if args.bare else call_ms(step, device)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise UsageError(_refused(label, exc)) from None
     if args.bare:
         if on_gpu:
             torch.cuda.profiler.start()
@@ -322,7 +344,7 @@ def _run(args, suite, op, prepared, device, dtype, mode, shape, label) -> int:
             torch.cuda.profiler.stop()
         print(f"ran {label} x{args.iters}")
         return 0
-    timing = time_fn(step, device, grad_to_none=prepared.leaves, estimate_ms=call_ms(step, device))
+    timing = time_fn(step, device, grad_to_none=prepared.leaves, estimate_ms=estimate)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         for i in range(args.iters):

@@ -61,6 +61,7 @@ class CsvSink:
 
     def _prepare_header(self) -> list[str]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_row(self.path)
         if not self.path.exists() or self.path.stat().st_size == 0:
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(COLUMNS)
@@ -112,6 +113,34 @@ class CsvSink:
         with self.path.open("a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             w.writerows(self.row(r) for r in records)
+
+
+def _drop_partial_row(path: Path) -> None:
+    """Cuts a last line without its newline (a run killed mid-write): the rows appended
+    next would otherwise continue it, and the file would no longer read as a results CSV."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def check_appendable(path: Path) -> None:
+    """UsageError unless ``path`` is missing, empty or a results CSV (its header has
+    :data:`REPORT_COLUMNS`): checked before a run appends to it, so a foreign file in
+    ``--out`` is neither rewritten nor measured for."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in REPORT_COLUMNS if c not in header]
+    if missing:
+        raise UsageError(f"{path}: not a benchmark results CSV (missing the column(s) "
+                         f"{', '.join(missing)}); move it or choose another --out")  # fmt: skip
 
 
 def ceiling_records(c: Ceilings) -> list[Record]:
@@ -353,6 +382,15 @@ def _number(text: str) -> bool:
     return True
 
 
+def _shape_ok(text: str) -> bool:
+    """An empty shape, or KEY=INT parts joined by commas (what :func:`shape_str` writes)."""
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not key or not sep or not value.lstrip("-").isdigit():
+            return False
+    return True
+
+
 def read_csvs(paths: Sequence[Path]) -> list[dict[str, str]]:
     """The rows of ``paths``, each file checked for :data:`REPORT_COLUMNS`; UsageError
     naming the file when one cannot be read, lacks a column or has a measured cell that is
@@ -371,6 +409,11 @@ def read_csvs(paths: Sequence[Path]) -> list[dict[str, str]]:
                 for row in reader:
                     row = {k: v or "" for k, v in row.items() if k is not None}
                     bad = [c for c in _MEASURED if row.get(c) and not _number(row[c])]
+                    if not _shape_ok(row.get("shape", "")):
+                        raise UsageError(
+                            f"{path}, line {reader.line_num}: not a benchmark results CSV: "
+                            f"shape={row['shape']!r} is not KEY=INT[,KEY=INT...]"
+                        )
                     if bad:
                         raise UsageError(
                             f"{path}, line {reader.line_num}: not a benchmark results CSV: "

@@ -572,3 +572,77 @@ def test_ceilings_cache_keeps_entries_written_while_measuring(tmp_path, monkeypa
     assert set(data) == {"other device", cli.cache_key(facts)}
     assert len(temporaries) == 1 and temporaries[0].startswith(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [cli.CACHE_FILE]
+
+
+# ---- user errors of profile, bench --out, report and pytest benchmarks
+def test_profile_with_a_bad_forced_backend_fails_before_building(monkeypatch, capsys, tmp_path):
+    import benchmarks.profile as profile
+
+    monkeypatch.setattr(profile, "_run", lambda *a: pytest.fail("profiled"))
+    monkeypatch.setenv("VLMKERNELS_BACKEND", "junk")
+    assert cli.main(["profile", "clip_loss", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "profile", "VLMKERNELS_BACKEND must be one of")
+
+
+def test_profile_of_a_shape_the_op_rejects_is_one_line(capsys, tmp_path):
+    args = ["profile", "pool_avg2x2", "--shape", "S=1", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("vlmkernels profile: ") and "S=1" in err, err
+
+
+def test_pytest_bench_modes_refuses_bwd_and_unknown_names():
+    from benchmarks.conftest import collect_cases
+
+    for opts in ({"bench_modes": "bwd"}, {"bench_modes": "junk"},
+                 {"bench_providers": "junk"}, {"bench_shape": ["Q=3"]},
+                 {"bench_shape": ["N=abc"]}):  # fmt: skip
+
+        class Config:
+            def getoption(self, name, opts=opts):
+                return {"bench_ops": "clip_loss", **opts}.get(name)
+
+        with pytest.raises(pytest.UsageError):
+            collect_cases(Config())
+
+
+def test_bench_refuses_a_foreign_csv_in_out_before_measuring(tmp_path, monkeypatch, capsys):
+    import benchmarks.__main__ as bench_main
+
+    monkeypatch.setattr(bench_main, "measure", lambda *a: pytest.fail("measured"))
+    foreign = tmp_path / "contrastive.csv"
+    foreign.write_text("name,age\nbob,3\n")
+    assert cli.main(["bench", "clip_loss", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "bench", str(foreign), "not a benchmark results CSV")
+    assert foreign.read_text() == "name,age\nbob,3\n"
+
+
+def test_bench_appends_after_a_truncated_last_row(tmp_path):
+    from benchmarks.env import collect
+    from benchmarks.harness import Case, Record
+    from benchmarks.report import COLUMNS, CsvSink, read_csvs
+
+    path = tmp_path / "contrastive.csv"  # a run killed mid-row
+    path.write_text(",".join(COLUMNS) + "\r\n" + "2026-01-01T00:00:00Z,run-a,contrastive,clip")
+    sink = CsvSink(path, "contrastive", "N", "run-b", collect(torch.device("cpu")))
+    sink([Record(Case("clip_loss", "vlmkernels", "fwd", (("N", 8),), "float32"), "ms", 1.0)])
+    rows = read_csvs([path])
+    assert rows[-1]["run_id"] == "run-b" and rows[-1]["p50"] == "1", rows
+
+
+def test_report_on_a_csv_with_a_malformed_shape(tmp_path, capsys):
+    from benchmarks.report import COLUMNS
+
+    results = tmp_path / "csvs"
+    results.mkdir()
+    row = dict.fromkeys(COLUMNS, "")
+    row |= dict(timestamp="2026-01-01T00:00:00Z", run_id="r", suite="contrastive",
+                op="clip_loss", provider="vlmkernels", mode="fwd", shape="N=sixty",
+                dtype="float32", metric="ms", p50="1.0", status="ok", device="cpu")  # fmt: skip
+    with (results / "contrastive.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerow(row)
+    assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "report", "shape", "N=sixty")
