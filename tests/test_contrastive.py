@@ -263,6 +263,21 @@ def test_large_logits_are_stable(name, device, backend):
     check_against_reference(name, x, y, s, None)
 
 
+@pytest.mark.parametrize("design", ["chunked", "fused"])
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_bias_past_exp_overflow(name, design, device, backend, monkeypatch):
+    """A bias above 88.7 (b log2(e) > 128): the padding rows and columns of a tile
+    (n = 40 is no multiple of the blocks) must not reach exp2(b log2 e) = inf, which times
+    their weight 0 made the scale and bias gradients NaN (and, in the fused backward, the
+    feature gradients); the loss does not depend on a CLIP bias at all."""
+    monkeypatch.setenv("VLMKERNELS_CLIP_BACKWARD", design)
+    n, d = 40, 16
+    x, y = leaf(features(n, d, torch.float32, device)), leaf(features(n, d, torch.float32, device))
+    s = leaf(torch.tensor(10.0, device=device))
+    b = leaf(torch.tensor(100.0, device=device))
+    check_against_reference(name, x, y, s, b)
+
+
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_zero_scale(name, device, backend):
     """s = 0 (constant logits) still has a scale gradient, sum(dS * XY^T)."""

@@ -21,6 +21,7 @@ from ..core.runtime import INTERPRETED
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
 TILE_ROWS_MAX = 256  # the largest BM or BN of any config using logits_tile
 
 even_k = triton.heuristics({"EVEN_K": lambda args: args["D"] % args["BK"] == 0})

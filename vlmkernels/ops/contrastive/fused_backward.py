@@ -49,6 +49,7 @@ from ...core.runtime import (
 from ...core.tuning import preferred_design, tuned
 from ...kernels.blocks import (
     LOG2E,
+    POS_INF,
     block_range,
     diagonal_tile,
     even_k,
@@ -140,7 +141,9 @@ def _clip_fused_grad_kernel(
         keep_r = row_mask.to(tl.float32)
         row_pad = pad(row_mask)
         if ROWS:
-            row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+            # +inf on padding: a -inf shift (kernels._col_coefs)
+            row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=row_mask,
+                                        other=POS_INF) * LOG2E
             w_r = tl.load(row_coef_ptr + coef_stride_r + rows, mask=row_mask, other=0.0)
             h_r = tl.load(row_coef_ptr + 2 * coef_stride_r + rows, mask=row_mask, other=0.0)
             if SMOOTH:
@@ -165,7 +168,7 @@ def _clip_fused_grad_kernel(
                                                + col_pad[None, :])
             if COLS:
                 col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask,
-                                            other=0.0) * LOG2E
+                                            other=POS_INF) * LOG2E
                 w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
                 grad += w_c[None, :] * tl.exp2(acc * scale2 + col_shift[None, :]
                                                + row_pad[:, None])

@@ -22,6 +22,7 @@ from ...kernels.blocks import (
     LN2,
     LOG2E,
     NEG_INF,
+    POS_INF,
     block_range,
     diagonal_tile,
     even_k,
@@ -134,7 +135,10 @@ def _col_coefs(col_coef_ptr, coef_stride_c, cols, col_mask, bias2, COLS: tl.cons
     zero = col_mask.to(tl.float32) * 0.0
     col_shift, w_c, e_c = zero, zero, zero
     if COLS:
-        col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=0.0) * LOG2E
+        # a padding lane's log-sum-exp reads +inf, its shift -inf: exp2(b log2 e) of a
+        # zero lse overflows for b > 88.7, and inf times its zero weight is NaN in the
+        # scale and bias sums (and, fused, in dX / dY)
+        col_shift = bias2 - tl.load(col_coef_ptr + cols, mask=col_mask, other=POS_INF) * LOG2E
         w_c = tl.load(col_coef_ptr + coef_stride_c + cols, mask=col_mask, other=0.0)
         if SMOOTH:
             e_c = tl.load(col_coef_ptr + 3 * coef_stride_c + cols, mask=col_mask, other=0.0)
@@ -365,7 +369,7 @@ def _clip_grad_kernel(
     bias2 = bias * LOG2E
     row_pad = pad(row_mask)
     if ROWS:
-        row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=row_mask, other=0.0) * LOG2E
+        row_shift = bias2 - tl.load(row_coef_ptr + rows, mask=row_mask, other=POS_INF) * LOG2E
         w_r = tl.load(row_coef_ptr + coef_stride_r + rows, mask=row_mask, other=0.0)
         h_r = tl.load(row_coef_ptr + 2 * coef_stride_r + rows, mask=row_mask, other=0.0)
         if SMOOTH:
