@@ -249,9 +249,32 @@ def test_a_budget_file_given_must_exist_and_hold_an_object(tmp_path, monkeypatch
         (tmp_path / "b.json").write_text(text)
         with pytest.raises(ValueError, match=why):
             inspection.load_budgets(tmp_path / "b.json")
+    for doc, why in (({"instructions_per_tile": []}, "'instructions_per_tile' must be"),
+                     ({"measured": {"a/bf16": "many"}}, "'measured' must be"),
+                     ({"expected_failures": [{"case": "x"}]}, "'expected_failures' must be"),
+                     ({"workloads": [1]}, "'workloads' must be")):  # fmt: skip
+        (tmp_path / "b.json").write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=why):
+            inspection.load_budgets(tmp_path / "b.json")
     assert inspection.load_budgets() == json.loads(inspection.BUDGET_FILE.read_text())
     monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", "~/vk-inspect")
     assert inspection.cache_dir() == pathlib.Path.home() / "vk-inspect"
+
+
+def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
+    """A cache entry that is valid JSON but no record (a list, an empty or partial object)
+    is ignored, and the variant compiles again: it was reported as a compile failure, or
+    a KeyError traceback."""
+    path = tmp_path / "entry.json"
+    record = dict.fromkeys(inspection._RECORD_KEYS, 1)
+    for doc in ([], {}, {k: v for k, v in record.items() if k != "mix"}, "text"):
+        path.write_text(json.dumps(doc))
+        assert inspection._read_cached(path) is None, doc
+    path.write_text("{cut")
+    assert inspection._read_cached(path) is None
+    path.write_text(json.dumps(record))
+    assert inspection._read_cached(path) == record
+    assert inspection._read_cached(tmp_path / "missing.json") is None
 
 
 def test_cli_rejects_an_unknown_kernel(capfd):

@@ -269,6 +269,23 @@ def cache_dir() -> pathlib.Path:
     return base / "vlmkernels" / "inspect"
 
 
+# what every compiled record holds (a cache entry without them is damaged)
+_RECORD_KEYS = ("arch", "triton", "registers", "spill_bytes", "shared_bytes", "ctas_per_sm",
+                "region", "instructions_per_tile", "mix")  # fmt: skip
+
+
+def _read_cached(path: pathlib.Path) -> dict | None:
+    """The record cached at ``path``; None when there is none or it is damaged (not JSON,
+    not an object, a key missing), and then the variant compiles again."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+        return None
+    return record
+
+
 def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
                  use_cache: bool = True) -> dict:  # fmt: skip
     """One variant with one config, compiled for ``arch``: a record (see
@@ -289,11 +306,9 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
     default = case.kernel.default_for(dtype, case.constants(dtype))
     labels = dict(kernel=case.kernel.name, case=case.name, config=config_label(config),
                   default=config is default, dtype=dtype)  # fmt: skip
-    if use_cache and path.is_file():
-        try:  # the labels are the caller's: two cases may compile to the same source
-            return {**json.loads(path.read_text()), **labels}
-        except (OSError, ValueError):
-            pass  # a damaged entry: compile again
+    cached = _read_cached(path) if use_cache else None
+    if cached is not None:  # the labels are the caller's: two cases may compile to one source
+        return {**cached, **labels}
     target = GPUTarget("cuda", arch_number(arch), 32)
     compiled, log = _compile_logged(src, target, options)
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
@@ -392,7 +407,32 @@ def load_budgets(path: pathlib.Path | None = None) -> dict:
         raise ValueError(f"--budgets {path}: not a budget file ({exc})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"--budgets {path}: not a budget file (a JSON {type(doc).__name__})")
+    wrong = _malformed_section(doc)
+    if wrong:
+        raise ValueError(f"--budgets {path}: not a budget file ({wrong})")
     return doc
+
+
+def _malformed_section(doc: dict) -> str | None:
+    """What is wrong with the sections of a budget file the checks read, or None."""
+
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    for name in ("instructions_per_tile", "measured"):
+        section = doc.get(name, {})
+        if not isinstance(section, dict) or not all(number(v) for v in section.values()):
+            return f"{name!r} must be an object of numbers"
+    failures = doc.get("expected_failures", [])
+    keys = ("check", "case", "dtype", "reason")
+    if not isinstance(failures, list) or not all(
+        isinstance(e, dict) and all(isinstance(e.get(k), str) for k in keys) for e in failures
+    ):
+        return f"'expected_failures' must be a list of objects with {', '.join(keys)}"
+    for name in ("workloads", "margin"):
+        if not isinstance(doc.get(name, {}), dict):
+            return f"{name!r} must be an object"
+    return None
 
 
 def _budget_key(record: dict) -> str:
