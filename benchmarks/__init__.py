@@ -73,6 +73,15 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def shape_options(pairs) -> dict[str, list[int]]:
+    """{key: sizes} of repeated ``--shape KEY=INT[,INT...]`` options: a key given twice
+    takes both lists (``--shape N=4 --shape N=8`` is ``N=4,8``), each size once."""
+    out: dict[str, list[int]] = {}
+    for key, values in pairs:
+        out[key] = list(dict.fromkeys([*out.get(key, []), *values]))
+    return out
+
+
 def check_forced_backend() -> None:
     """A bad VLMKERNELS_BACKEND, or one that cannot run here (the CUDA C++ extension not
     built), fails every case: a UsageError before anything is measured (bench, profile)."""

@@ -45,6 +45,7 @@ from . import (
     output_dir,
     output_label,
     run_command,
+    shape_options,
     suites,
     writable_dir,
 )
@@ -173,7 +174,7 @@ def _overrides(shape_args, chosen: dict, profile: str) -> dict[str, dict]:
     (``--shape N=64 --shape S=64`` serves contrastive and rope in one run); a key no
     selected suite has is an error."""
     out = {name: {} for name in chosen}
-    for key, values in shape_args:
+    for key, values in shape_options(shape_args).items():
         hits = [name for name, s in chosen.items() if key in s.sweep(profile)]
         if not hits:
             keys = sorted({k for s in chosen.values() for k in s.sweep(profile)})
@@ -202,6 +203,21 @@ def _select(tokens: list[str], available: dict) -> dict:
             names = sorted(available) + sorted(op.name for s in available.values() for op in s.ops)
             raise UsageError(f"unknown op or family {token!r}; known: {', '.join(names)}")
     return chosen
+
+
+def _with_providers(selection: dict, wanted: set[str]) -> tuple[dict, list[str]]:
+    """(selection, notes): the ops that have one of the ``wanted`` providers, and a note for
+    each op left out (it would print an empty table)."""
+    kept, notes = {}, []
+    for name, ops in selection.items():
+        for op in ops:
+            names = [p.name for p in op.providers]
+            if wanted.intersection(names):
+                kept.setdefault(name, []).append(op)
+            else:
+                notes.append(f"[{op.name}] has none of --providers {','.join(sorted(wanted))} "
+                             f"(its providers: {', '.join(names)}): not run")  # fmt: skip
+    return kept, notes
 
 
 def _suite_modes(requested: list[str] | None, chosen: dict) -> tuple[dict, list[str]]:
@@ -309,6 +325,9 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if args.providers and not set(args.providers) <= known:
         unknown = sorted(set(args.providers) - known)
         raise UsageError(f"--providers: unknown {unknown}; known: {', '.join(sorted(known))}")
+    if args.providers:
+        selection, skipped = _with_providers(selection, set(args.providers))
+        mode_notes += skipped
     check_forced_backend()
 
     runs = []

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, output_dir, output_label, suites, targets, writable_dir
+from . import UsageError, output_dir, output_label, shape_options, suites, targets, writable_dir
 from .harness import BuildArgs, Case, Prepared, Record, _failure, shape_str
 
 HOST_METRIC = "host_us"
@@ -348,7 +348,7 @@ def run(args, selection: Mapping[str, list], available: Mapping) -> int:
     from .env import collect, describe
     from .report import CsvSink, check_appendable
 
-    overrides = {key: values for key, values in args.shape}
+    overrides = shape_options(args.shape)
     providers = frozenset(args.providers) if args.providers else None
     cases, notes = host_cases(selection, available, overrides, providers)
     calls = args.host_calls

@@ -60,21 +60,29 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def latest_runs(rows: Sequence[dict[str, str]]) -> dict[tuple[str, str], list[dict[str, str]]]:
-    """{(op, device): rows of the latest run measuring that op on that device} (case rows
-    only, in file order; ceilings are rows of the pseudo-op ``ceiling``, kept per run; the
-    host-time rows, metric ``host_us``, are a section of their own in the summary)."""
-    last: dict[tuple[str, str], tuple[str, str]] = {}
+def latest_runs(
+    rows: Sequence[dict[str, str]],
+) -> dict[tuple[str, str, str], list[dict[str, str]]]:
+    """{(op, device, dtype): rows of the latest run measuring that op on that device in that
+    dtype} (case rows only, in file order; ceilings are rows of the pseudo-op ``ceiling``,
+    kept per run; the host-time rows, metric ``host_us``, are a section of their own in the
+    summary). A later bf16 run does not hide an fp32 one; a later run of the same op, device
+    and dtype does, whatever providers it timed (speed-ups compare within one run)."""
+    last: dict[tuple[str, str, str], tuple[str, str]] = {}
     for r in rows:
         if r["op"] == "ceiling" or not r["mode"] or r["metric"] == "host_us":
             continue
-        key = (r["op"], r["device"])
+        key = (r["op"], r["device"], r["dtype"])
         stamp = (r["timestamp"], r["run_id"])
         if key not in last or stamp > last[key]:
             last[key] = stamp
-    out: dict[tuple[str, str], list[dict[str, str]]] = {}
-    for key, (_, run_id) in last.items():
-        out[key] = [r for r in rows if r["run_id"] == run_id and (r["op"], r["device"]) == key]
+    out: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for (op, device, dtype), (_, run_id) in last.items():
+        # a provider's unavailable row has no dtype
+        out[op, device, dtype] = [
+            r for r in rows if r["run_id"] == run_id and r["op"] == op
+            and r["device"] == device and r["dtype"] in (dtype, "")
+        ]  # fmt: skip
     return out
 
 
@@ -189,10 +197,9 @@ def chart_name(op: str, device: str, dtype: str) -> str:
 
 
 def charts(rows: Sequence[dict[str, str]], out_dir: Path) -> list[Path]:
-    """One PNG per (op, device) of the latest run among ``rows``; returns the paths."""
+    """One PNG per (op, device, dtype) of the latest run among ``rows``; returns the paths."""
     written = []
-    for (op, device), group in latest_runs(rows).items():
-        dtype = next((r["dtype"] for r in group if r["dtype"]), "")
+    for (op, device, dtype), group in latest_runs(rows).items():
         path = chart(group, Path(out_dir) / chart_name(op, device, dtype))
         if path is not None:
             written.append(path)

@@ -298,6 +298,11 @@ def _main(argv: list[str] | None, prog: str) -> int:
     if reason:
         print(f"{args.op}: provider {provider.name} unavailable here: {reason}", file=sys.stderr)
         return 2
+    keys = [key for key, _ in args.shape]
+    if len(set(keys)) < len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise UsageError(f"--shape: {', '.join(twice)} given more than once (one call, one "
+                         "size per key)")  # fmt: skip
     shape = pick_shape(suite, provider, "quick" if on_gpu else "cpu", dict(args.shape), args.op)
     if provider.dtype is not None and provider.dtype != dtype:
         if args.dtype and not args.bare:

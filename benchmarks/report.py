@@ -1,17 +1,18 @@
 """Long-format CSV output, the console tables, and the markdown summary of the CSVs.
 
 One CSV per op family (``<out>/<suite>.csv``), one row per (case, metric), appended as each
-case ends. A file written with other columns is rewritten once with the union of both.
+case ends. A results CSV written with other columns is rewritten once with the union of
+both; a file that is not a results CSV is refused (:func:`check_appendable`).
 
 ``python -m benchmarks.report [--results DIR ...] [--out DIR]`` (``vlmkernels report``) turns
-the CSVs into ``SUMMARY.md``: one table per op and device from the latest run, and the charts
-of :mod:`benchmarks.plots` next to it. It reads the ``*.csv`` of every ``--results`` folder
-(default: the committed ``benchmarks/results/`` and the output folder of ``bench``,
-:func:`benchmarks.output_dir`, where they exist) and writes into ``--out`` (default that
-output folder, git-ignored; a path ending in ``.md`` names the markdown file itself). The
-committed summary is rewritten only when asked: ``--results benchmarks/results --out
-benchmarks/results``. A CSV without the columns the summary reads, or that cannot be read,
-is a one-line error naming the file (exit status 2).
+the CSVs into ``SUMMARY.md``: one table per op, device and dtype from the latest run, and the
+charts of :mod:`benchmarks.plots` next to it. It reads the ``*.csv`` of every ``--results``
+folder (default: the committed ``benchmarks/results/`` and the output folder of ``bench``,
+:func:`benchmarks.output_dir`, where they exist) and writes into ``--out`` (default that output
+folder, git-ignored; a path ending in ``.md`` names the markdown file itself). The committed
+summary is rewritten only when asked: ``--results benchmarks/results --out
+benchmarks/results``. A CSV without the columns the summary reads, or that cannot be read, is a
+one-line error naming the file (exit status 2).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def _ceiling_line(rows: list[dict], run_id: str) -> str:
 
 
 def op_table(group: list[dict], all_rows: list[dict]) -> list[str]:
-    """The markdown lines of one (op, device) group (rows of one run)."""
+    """The markdown lines of one (op, device, dtype) group (rows of one run)."""
     from .plots import CEILING_METRICS, binding_ceiling
 
     first = group[0]
@@ -326,7 +327,7 @@ def op_table(group: list[dict], all_rows: list[dict]) -> list[str]:
 
 def summary_markdown(rows: list[dict], sources: str = "`benchmarks/results/*.csv`") -> str:
     """The whole summary: :data:`SUMMARY_HEADER` (naming ``sources``, the CSVs read) then
-    one table per (op, device)."""
+    one table per (op, device, dtype)."""
     from .plots import latest_runs
 
     out = [SUMMARY_HEADER.format(sources=sources)]
@@ -334,7 +335,7 @@ def summary_markdown(rows: list[dict], sources: str = "`benchmarks/results/*.csv
     host = host_section(rows)
     if not groups and not host:
         out.append("No benchmark rows found.\n")
-    for (_, _), group in groups.items():
+    for group in groups.values():
         out.append("\n".join(op_table(group, rows)))
     out += host
     return "\n".join(out).rstrip() + "\n"

@@ -300,6 +300,18 @@ def test_report_takes_the_latest_run_and_flags_throttling():
     assert "clocks throttled" in text
 
 
+def test_report_keeps_the_latest_run_of_each_dtype():
+    """A later bf16 run does not hide the fp32 one (it did: one table per op and device)."""
+    from benchmarks.report import summary_markdown
+
+    fp32 = _row("r1", "2026-01-01T00:00:00Z", "vlmkernels", "fwd", "ms", 9.0)
+    fp32["dtype"] = "float32"
+    bf16 = _row("r2", "2026-02-01T00:00:00Z", "vlmkernels", "fwd", "ms", 1.0)
+    text = summary_markdown([fp32, bf16])
+    assert "## op: GPU, float32" in text and "## op: GPU, bfloat16" in text, text
+    assert "Run `r1`" in text and "Run `r2`" in text
+
+
 # --------------------------------------------------------------------------------------
 # Default output folders, and user errors as one line
 # --------------------------------------------------------------------------------------
@@ -646,3 +658,27 @@ def test_report_on_a_csv_with_a_malformed_shape(tmp_path, capsys):
         w.writerow(row)
     assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, "report", "shape", "N=sixty")
+
+
+def test_bench_names_the_ops_without_a_requested_provider(capsys):
+    """siglip_loss has no inf_cl: it is left out with a note, not timed into an empty
+    table."""
+    assert cli.main(["bench", "contrastive", "--providers", "inf_cl", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "[siglip_loss] has none of --providers inf_cl" in out, out
+    listed = [line.split()[0] for line in out.splitlines() if " inf_cl " in f" {line} "]
+    assert "clip_loss" in listed and "siglip_loss" not in listed, out
+
+
+def test_repeated_shape_options(capsys, tmp_path):
+    """bench: a key given twice takes both lists, each size once (N=4,4 timed every case
+    twice; a second --shape N replaced the first silently); profile times one size per key
+    and refuses a repeated one."""
+    args = ["bench", "clip_loss", "--providers", "vlmkernels", "--modes", "fwd", "--list"]
+    assert cli.main([*args, "--shape", "N=16,16", "--shape", "N=8", "--shape", "d=32"]) == 0
+    shapes = [line.split()[2] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("clip_loss ")]  # fmt: skip
+    assert shapes == ["N=16,d=32", "N=8,d=32"], shapes
+    args = ["profile", "clip_loss", "--shape", "N=16", "--shape", "N=8", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    _one_line_error(capsys, "profile", "--shape: N given more than once")
