@@ -234,6 +234,10 @@ def ncu_command(args, shape: dict[str, int], dtype: torch.dtype, mode: str, kern
     parts += ["--dtype", {v: k for k, v in DTYPES.items()}.get(dtype, "fp32"), "--mode", mode]
     if args.provider != "vlmkernels":
         parts += ["--provider", args.provider]
+    if args.compile_backend != "inductor":
+        parts += ["--compile-backend", args.compile_backend]
+    if args.seed:
+        parts += ["--seed", str(args.seed)]  # the same inputs as the profiled call
     parts += ["--iters", "1", "--bare"]
     return shlex.join(parts)
 

@@ -682,3 +682,20 @@ def test_repeated_shape_options(capsys, tmp_path):
     args = ["profile", "clip_loss", "--shape", "N=16", "--shape", "N=8", "--out", str(tmp_path)]
     assert cli.main(args) == 2
     _one_line_error(capsys, "profile", "--shape: N given more than once")
+
+
+def test_the_ncu_line_reruns_the_same_call():
+    """The ncu command line carries --compile-backend and --seed (they were dropped: ncu
+    profiled another backend's graph, or other inputs)."""
+    import argparse
+
+    from benchmarks.profile import ncu_command
+
+    args = argparse.Namespace(op="clip_loss", provider="compile", compile_backend="aot_eager",
+                              seed=3)  # fmt: skip
+    line = ncu_command(args, {"N": 64}, torch.float32, "fwd", ["k"])
+    assert "--provider compile --compile-backend aot_eager --seed 3 --iters 1" in line, line
+    args = argparse.Namespace(op="clip_loss", provider="vlmkernels", compile_backend="inductor",
+                              seed=0)  # fmt: skip
+    line = ncu_command(args, {"N": 64}, torch.float32, "fwd", ["k"])
+    assert "--compile-backend" not in line and "--seed" not in line, line
