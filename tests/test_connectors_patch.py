@@ -4,6 +4,7 @@ the same parameters and state_dict keys; recognised inside a foreign module tree
 restores the instance exactly; under autocast, bf16 as transformers' linears compute."""
 
 import copy
+import functools
 import warnings
 from math import isqrt
 
@@ -15,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
 from vlmkernels.core.runtime import INTERPRETED  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning, is_patched  # noqa: E402
 
 TOL = 1e-5
 
@@ -178,8 +180,6 @@ def test_gelu_made_tanh_after_patching_runs_the_class_forward(name):
     """The fused merger computes exact GELU: its nn.GELU switched to the tanh approximation
     after patching (the same class) runs the class's forward, warning, with transformers'
     result; switched back, the fused forward again."""
-    from vlmkernels.integrations.patching import PatchFallbackWarning
-
     module, x = CASES[name]()
     ref = randomise(module)
     mine = copy.deepcopy(ref)
@@ -583,6 +583,22 @@ def test_minicpm_v4_6_merger(times):
     assert "forward" not in mine.inner.__dict__
 
 
+def test_minicpm_merger_mlp_grown_after_patching_runs_the_class_forward():
+    """transformers runs merger_times rounds; the fused forward ran every MLP in the
+    ModuleList, one appended after patching included."""
+    ref = minicpm_merger(1)
+    mine = copy.deepcopy(ref)
+    sizes = torch.tensor([[4, 4]])
+    x = torch.randn(1, 16, 6)
+    with vt.patch(mine):
+        for m in (ref, mine):
+            m.mlp.append(copy.deepcopy(m.mlp[0]))
+        with pytest.warns(PatchFallbackWarning, match="mlp changed since patching"):
+            out = mine(x, sizes)
+    want = ref(x, sizes)
+    assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
+
+
 @pytest.mark.parametrize(("key", "prefix"), [("minicpmv4_7", "MiniCPMV4_7"),
                                              ("minicpm_ocr", "MiniCPMOcr")])  # fmt: skip
 def test_minicpm_v4_7_and_ocr_mergers(key, prefix):
@@ -720,3 +736,144 @@ def test_hooks_on_the_modules_a_fused_forward_skips():
         m.mlp.register_forward_hook(lambda mod, args, out: out * 2)
     with vt.patch(merger), pytest.warns(PatchFallbackWarning, match="mlp has hooks"):
         assert max_rel(merger(x), ref_merger(x)) < TOL
+
+
+# --------------------------------------------------------------------------------------
+# What a fused forward would silently drop: a grown container, tensor-subclass weights,
+# a bypassed helper method; the fallback under fullgraph compile; accelerate's moves
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", ["linear", "dropout"])
+def test_merger_mlp_grown_after_patching_runs_the_class_forward(extra):
+    """The merger's nn.Sequential MLP grown after patching keeps its class and first layers;
+    the fused forward skipped the appended layer (0.70 off; dropout never applied)."""
+    ref, x = qwen2()
+    randomise(ref)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        layer = nn.Linear(10, 10) if extra == "linear" else nn.Dropout(0.5)
+        for m in (ref, mine):
+            m.mlp.append(copy.deepcopy(layer))
+            m.train()
+        with pytest.warns(PatchFallbackWarning, match=r"mlp changed since patching: submodules"):
+            torch.manual_seed(1)
+            got = mine(x)
+        torch.manual_seed(1)
+        assert torch.equal(got, ref(x))
+
+
+class _DoubledWeight(torch.Tensor):
+    """A weight whose F.linear differs from its raw storage, as torchao's quantised weights
+    and NF4 compute F.linear their own way in a tensor subclass."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w, *rest = args
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(x, w.as_subclass(torch.Tensor) * 2, *rest, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2"])
+def test_tensor_subclass_weight_runs_the_class_forward(name):
+    """The fused kernels would read the subclass's storage (39% / 47% off, no warning)."""
+    ref, x = {"llava": llava, "qwen2": qwen2}[name]()
+    randomise(ref)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine), torch.no_grad():
+        for m in (ref, mine):
+            layer = m.linear_1 if name == "llava" else m.mlp[0]
+            layer.weight = nn.Parameter(layer.weight.detach().as_subclass(_DoubledWeight))
+        with pytest.warns(PatchFallbackWarning, match=r"weight is a _DoubledWeight"):
+            got = mine(x)
+        assert torch.equal(got.as_subclass(torch.Tensor), ref(x).as_subclass(torch.Tensor))
+
+
+def test_fallback_compiles_fullgraph():
+    """A layer hooked after patching makes the module run its class's forward, under
+    torch.compile(fullgraph=True) too, as the unpatched module does (the fallback's warning
+    was a graph break, and fullgraph failed)."""
+    ref, x = qwen2()
+    randomise(ref)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        for m in (ref, mine):
+            m.mlp[0].register_forward_hook(lambda mod, args, out: out * 2)
+        torch._dynamo.reset()
+        compiled = torch.compile(mine, backend="aot_eager", fullgraph=True)
+        assert max_rel(compiled(x), ref(x)) < TOL
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance"])
+def test_shuffle_connector_with_its_own_pixel_shuffle_is_refused(how):
+    """The fused Idefics3 connector computes the pixel shuffle in its GEMM's addressing: a
+    pixel_shuffle overridden in a subclass or set on the instance was dropped (2.05 off)."""
+    module, x = _shuffle("idefics3")()
+    cls = type(module)
+    if how == "subclass":
+
+        class Flipped(cls):
+            def pixel_shuffle(self, x, scale_factor=2):
+                return super().pixel_shuffle(x.flip(1), scale_factor)
+
+        module.__class__ = Flipped
+    else:
+        module.pixel_shuffle = lambda x, s=2: cls.pixel_shuffle(module, x.flip(1), s)
+    with pytest.raises(vt.UnsupportedLayoutError, match="pixel_shuffle"):
+        vt.patch(module)
+    assert "forward" not in vars(module)
+
+
+def _add_accelerate_hook(module):
+    """accelerate.hooks.add_hook_to_module, in short (accelerate is optional)."""
+    module._old_forward = module.forward
+    module._hf_hook = object()
+    module.forward = functools.partial(lambda m, *a, **k: m._old_forward(*a, **k), module)
+
+
+def _remove_accelerate_hook(module):
+    """accelerate.hooks.remove_hook_from_module, in short."""
+    del module._hf_hook
+    module.forward = module._old_forward
+    del module._old_forward
+
+
+def _patched_attributes(module):
+    return [k for k, v in vars(module).items() if is_patched(v)]
+
+
+def test_undo_after_accelerate_removed_its_hook():
+    """accelerate moved the patched _old_forward into forward: undo() reported success and
+    left the fused forward in place (and a new patch raised AlreadyPatchedError)."""
+    proj, x = llava()
+    want = proj(x)
+    _add_accelerate_hook(proj)
+    handle = vt.patch(proj)
+    assert handle.targets == ("<root>._old_forward",)
+    _remove_accelerate_hook(proj)  # the patched method is now proj.forward
+    assert _patched_attributes(proj)
+    handle.undo()
+    assert _patched_attributes(proj) == [] and not handle.active
+    assert "_old_forward" not in vars(proj)
+    assert torch.equal(proj(x), want)
+    vt.patch(proj).undo()  # patchable again
+
+
+def test_undo_after_accelerate_added_its_hook():
+    """accelerate moved the patched forward into _old_forward: undo() raised "forward
+    changed" though only accelerate had moved it."""
+    proj, x = llava()
+    want = proj(x)
+    handle = vt.patch(proj)
+    _add_accelerate_hook(proj)  # the patched method is now proj._old_forward
+    handle.undo()
+    assert _patched_attributes(proj) == []
+    assert proj.__dict__["_old_forward"].__func__ is type(proj).forward
+    assert torch.equal(proj(x), want)  # through the hook, the class's forward
+    _remove_accelerate_hook(proj)
+    assert torch.equal(proj(x), want)
+    vt.patch(proj).undo()

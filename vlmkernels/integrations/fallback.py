@@ -14,6 +14,8 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
+
 from ..core.hooks import global_hooks, has_hooks
 
 __all__ = [
@@ -51,10 +53,13 @@ def distinct_names(a: type, b: type) -> tuple[str, str]:
 def settings(layer) -> tuple:
     """What a fused forward takes as given about a layer besides its class, as one tuple:
     which of its parameters exist (a LayerNorm made without bias or affine, a Linear
-    without bias: the same class) and a GELU's approximation. Cheap: it runs on every
+    without bias: the same class), a GELU's approximation and the names of its submodules
+    (an nn.Sequential grown or shrunk: the same class). Cheap: it runs on every
     call of a guarded forward."""
     present = tuple(n for n, p in layer._parameters.items() if p is not None)
-    return present, layer.__dict__.get("approximate")
+    # its submodules by name: a container the fused forward reads (a merger's nn.Sequential
+    # MLP) grown after patching holds layers the fused forward would silently skip
+    return present, layer.__dict__.get("approximate"), tuple(layer._modules)
 
 
 def parts_of(module, names: Iterable[str]) -> dict[str, tuple[type, tuple]]:
@@ -92,11 +97,22 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
             return f"{name} has a forward of its own"
         if was is not None and (now := settings(sub)) != was:
             return f"{name} changed since patching: {_difference(now, was)}"
+        for key, p in sub._parameters.items():
+            # a tensor subclass (torchao's quantised weights, NF4) keeps the layer's class
+            # and computes F.linear its own way: the fused kernels would read its storage
+            if p is not None and type(p) not in _PLAIN:
+                return f"{name}.{key} is a {type(p).__qualname__}, not a plain tensor"
     return None
 
 
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
+
+
 def _difference(now: tuple, was: tuple) -> str:
-    (params_now, approximate_now), (params_was, approximate_was) = now, was
+    (params_now, approximate_now, subs_now), (params_was, approximate_was, subs_was) = now, was
+    if subs_now != subs_was:
+        return (f"submodules ({', '.join(subs_now) or 'none'}), patched with "
+                f"({', '.join(subs_was) or 'none'})")  # fmt: skip
     if approximate_now != approximate_was:
         return f"approximate={approximate_now!r}, patched with {approximate_was!r}"
     return (f"parameters ({', '.join(params_now) or 'none'}), patched with "
@@ -105,9 +121,12 @@ def _difference(now: tuple, was: tuple) -> str:
 
 def class_forward(module, why: str, *args, **kwargs):
     """``type(module).forward(module, ...)`` with a :class:`PatchFallbackWarning` saying why
-    the fused forward does not run (shown once per module class and reason)."""
-    warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not the "
-                  f"fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
+    the fused forward does not run (shown once per module class and reason; not while
+    torch.compile traces: Dynamo cannot trace ``warnings.warn``, and a graph break there
+    would fail ``fullgraph=True`` where the unpatched model compiles)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not "
+                      f"the fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
     return type(module).forward(module, *args, **kwargs)
 
 

@@ -295,6 +295,35 @@ class Slot:
         else:
             self.owner.__dict__[self.name] = self.old
 
+    def moved(self) -> str | None:
+        """Where accelerate moved the installed method, if it did: ``_old_forward`` for a
+        ``forward`` slot (its ``add_hook_to_module`` after patching keeps the module's
+        forward there) or ``forward`` for an ``_old_forward`` slot (its
+        ``remove_hook_from_module`` puts ``_old_forward`` back as ``forward`` and deletes
+        it); else None."""
+        other = _ACCELERATE_PAIR.get(self.name)
+        own = self.owner.__dict__
+        if other is None or self.intact() or own.get(other) is not self.new:
+            return None
+        if self.name == "_old_forward" and "_old_forward" in own:
+            return None
+        return other
+
+    def restore_moved(self, other: str) -> None:
+        """Puts back what accelerate would hold in ``other`` had the module not been
+        patched: the forward this slot replaced (the class's, bound, where there was none
+        in the instance)."""
+        if self.old is not _MISSING:
+            self.owner.__dict__[other] = self.old
+        elif other == "_old_forward":  # accelerate keeps the bound forward it wraps
+            self.owner.__dict__[other] = types.MethodType(type(self.owner).forward, self.owner)
+        else:
+            del self.owner.__dict__[other]
+
+
+# accelerate moves a module's forward between these two attributes (add / remove its hook)
+_ACCELERATE_PAIR = {"forward": "_old_forward", "_old_forward": "forward"}
+
 
 def _signed_like(function, original):
     """``function`` with ``original``'s signature where it takes only ``(self, *args,
@@ -337,7 +366,9 @@ class PatchHandle:
         nothing). Raises, changing nothing, if one was overwritten in between."""
         if not self.active:
             return
-        changed = [s.label for s in self._slots if not s.intact() and not s.restored()]
+        moved = {id(s): s.moved() for s in self._slots}
+        changed = [s.label for s in self._slots
+                   if not s.intact() and not moved[id(s)] and not s.restored()]  # fmt: skip
         if changed:
             raise RuntimeError(
                 f"vlmkernels.patch: cannot undo, these attributes were changed after patching: "
@@ -346,6 +377,8 @@ class PatchHandle:
         for slot in reversed(self._slots):
             if slot.intact():  # the others were put back by unpatch()
                 slot.restore()
+            elif moved[id(slot)]:  # accelerate's hook added or removed since patching
+                slot.restore_moved(moved[id(slot)])
         self.active = False
 
     def __enter__(self) -> PatchHandle:
@@ -450,13 +483,17 @@ class SetMethod:
     """Part ``part``: every module of the role's class gets the instance method ``name``,
     ``build(module, arch)`` (a function taking ``self``; it raises
     :class:`UnsupportedLayoutError` for a module it cannot serve). ``check(cls, arch)``
-    validates the class alone for :meth:`Patcher.support` (a string result is reported)."""
+    validates the class alone for :meth:`Patcher.support` (a string result is reported).
+    ``bypasses``: other methods of the class that the original ``name`` calls and the
+    replacement computes itself (Idefics3's ``pixel_shuffle``): one overridden in a
+    subclass or set on the instance would be dropped, so the module is refused."""
 
     part: str
     role: str
     name: str
     build: Callable[[Any, Architecture], Callable]
     check: Callable[[type, Architecture], Any] | None = None
+    bypasses: tuple[str, ...] = ()
 
 
 def plan_forward(cls: type, candidates) -> types.FunctionType:
@@ -671,12 +708,19 @@ class Patcher:
                 function = rebuilt[kind]
             else:
                 # a subclass's own method would be dropped, not served
-                if getattr(type(sub), replacement.name, None) is not getattr(
-                        cls, replacement.name, None):  # fmt: skip
-                    raise UnsupportedLayoutError(
-                        f"{type(sub).__qualname__} overrides {cls.__qualname__}."
-                        f"{replacement.name}, which the patch would replace"
-                    )
+                for method in (replacement.name, *replacement.bypasses):
+                    if getattr(type(sub), method, None) is not getattr(cls, method, None):
+                        raise UnsupportedLayoutError(
+                            f"{type(sub).__qualname__} overrides {cls.__qualname__}."
+                            f"{method}, which the patch would "
+                            f"{'replace' if method == replacement.name else 'bypass'}"
+                        )
+                for method in replacement.bypasses:
+                    if method in sub.__dict__ and not _inert(sub, method):
+                        raise UnsupportedLayoutError(
+                            f"{label}.{method} is set on the instance; the patched "
+                            f"{replacement.name} would bypass it"
+                        )
                 slot = _slot_name(sub, replacement.name, label)
                 function = replacement.build(sub, arch)
                 function = marked(_signed_like(function, getattr(type(sub), replacement.name)))

@@ -163,7 +163,15 @@ SHUFFLE_PATCHER = register(
             _arch("idefics3", "Idefics3", "shuffle_connector", "Idefics3Connector"),
             _arch("smolvlm", "SmolVLM", "shuffle_connector", "SmolVLMConnector"),
         ),
-        (SetMethod("connector", "shuffle_connector", "forward", _shuffle_forward),),
+        (
+            SetMethod(
+                "connector",
+                "shuffle_connector",
+                "forward",
+                _shuffle_forward,
+                bypasses=("pixel_shuffle",),
+            ),
+        ),  # fmt: skip
     )
 )
 
@@ -443,7 +451,8 @@ def _minicpm_merger_forward(module, arch):
         return features
 
     layers = (".pre_norm", ".linear_1", ".act", ".linear_2")
-    reads = [f"mlp.{i}{part}" for i in range(len(mlps)) for part in ("", *layers)]
+    # "mlp" too: transformers runs merger_times rounds, the fused forward every MLP held
+    reads = ["mlp", *(f"mlp.{i}{part}" for i in range(len(mlps)) for part in ("", *layers))]
     return fused_forward(module, reads, forward)
 
 
