@@ -269,8 +269,6 @@ def test_layers_replaced_or_hooked_after_patching_run_as_they_are(name):
     wrapper whose ``weight`` is the base one), hooked, or given its own forward: the module
     runs its class's forward (the layer's own behaviour, with a PatchFallbackWarning), as
     under a hook for every module; the fused one again once the layer is back."""
-    from vlmkernels.integrations.patching import PatchFallbackWarning
-
     module, x = CASES[name]()
     mine = randomise(module)
     ref = copy.deepcopy(mine)
@@ -491,8 +489,6 @@ def test_internvl_model_logits_and_projector_switched_off():
         assert max_rel(mine(input_ids=ids, pixel_values=px).logits, want) < TOL
     # a LoRA wrapper added to the patched projector after patching: the shuffle is not
     # deferred and the projector runs its class's forward, LoRA term included
-    from vlmkernels.integrations.patching import PatchFallbackWarning
-
     with vt.patch(mine):
         lora = LoraLinear(mine.model.multi_modal_projector.linear_1)
         mine.model.multi_modal_projector.linear_1 = lora
@@ -708,8 +704,6 @@ def test_hooks_on_the_modules_a_fused_forward_skips():
     the shuffled features, so the shuffle is not deferred) and on the Qwen2-VL merger's
     Sequential (which the fused forward does not call: the class's forward runs, with a
     PatchFallbackWarning)."""
-    from vlmkernels.integrations.patching import PatchFallbackWarning
-
     ref = internvl_model()
     mine = copy.deepcopy(ref)
     side = 24 // 4 // 2

@@ -10,14 +10,7 @@ A patch is a list of :class:`Slot`\\ s: instance attributes (``forward``, ``_old
 ``get_rope_index``...) that :func:`install` sets in the instances' ``__dict__`` and
 :meth:`PatchHandle.undo` puts back exactly. Nothing is assigned to a module or a class.
 
-The usual slot value is a method rebuilt by :func:`rebind_global`: the class's own
-``forward`` function, on the same code object and closure, over a copy of its module's
-globals in which one name (the function it calls, such as ``apply_rotary_pos_emb``) is bound
-to a replacement. Decorated functions are followed through ``__wrapped__`` (what
-``functools.wraps`` records) down to the function that holds the code; each wrapper is then
-rebuilt around the rebuilt function it holds in its closure, so the decorators keep running
-(deprecation warnings, renamed keyword arguments, hub-kernel hooks). A wrapper that keeps the
-function it wraps anywhere else cannot be rebuilt and raises :class:`UnsupportedLayoutError`.
+The usual slot value is a method rebuilt by :func:`.rebuild.rebind_global` (see there).
 
 A rebuilt method is bound to its module by a :class:`PatchedMethod`, which behaves as a
 bound method but holds its module by a weak reference: a module's ``__dict__`` holding a
@@ -30,7 +23,6 @@ the copy runs the patched code on its own weights and holds no reference to the 
 from __future__ import annotations
 
 import dataclasses
-import dis
 import importlib
 import inspect
 import sys
@@ -41,6 +33,12 @@ from typing import Any
 import torch
 
 from .bound import MARK, PatchedMethod
+from .errors import (
+    AlreadyPatchedError,
+    UnsupportedLayoutError,
+    UnsupportedModelError,
+    WrappedLayerError,
+)
 from .fallback import (
     PatchFallbackWarning,
     changed_part,
@@ -51,6 +49,7 @@ from .fallback import (
     has_hooks,
     parts_of,
 )
+from .rebuild import adapt_signature, global_loads, rebind_global, unwrap
 
 __all__ = [
     "AlreadyPatchedError",
@@ -86,20 +85,6 @@ __all__ = [
 ]
 
 
-class UnsupportedModelError(TypeError):
-    """The object is not a model architecture the patch knows."""
-
-
-class UnsupportedLayoutError(RuntimeError):
-    """The installed library lays the model out in a way the patch does not know."""
-
-
-class WrappedLayerError(UnsupportedLayoutError):
-    """A layer of a known layout was wrapped or replaced in this instance (FSDP's
-    ``fully_shard`` on the layer, tensor parallelism, a PEFT adapter, a quantised linear):
-    a fused forward that reads its parameters would bypass the wrapper."""
-
-
 def exact_layer(layer, cls: type, where: str):
     """``layer`` if it is exactly a ``cls``; else :class:`WrappedLayerError` when it is a
     subclass or holds a ``cls`` as ``base_layer`` (PEFT), else
@@ -113,145 +98,9 @@ def exact_layer(layer, cls: type, where: str):
     raise UnsupportedLayoutError(what)
 
 
-class AlreadyPatchedError(RuntimeError):
-    """The instance (or part of it) is already patched by vlmkernels."""
-
-
 def is_patched(obj) -> bool:
     """Whether ``obj`` (a function or bound method) was installed by a vlmkernels patch."""
     return bool(getattr(obj, MARK, False))
-
-
-# --------------------------------------------------------------------------------------
-# Reading and rebuilding functions
-# --------------------------------------------------------------------------------------
-
-
-def global_loads(code: types.CodeType) -> set[str]:
-    """Names ``code`` (and the code nested in it) loads as globals."""
-    names = {
-        ins.argval
-        for ins in dis.get_instructions(code)
-        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")
-    }
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= global_loads(const)
-    return names
-
-
-def unwrap(fn, where: str) -> list[types.FunctionType]:
-    """``[fn, fn.__wrapped__, ...]`` down to the undecorated function; each must be a plain
-    Python function."""
-    chain = [fn]
-    while True:
-        if not isinstance(chain[-1], types.FunctionType):
-            raise UnsupportedLayoutError(
-                f"{where} is {'decorated into ' if len(chain) > 1 else ''}"
-                f"{type(chain[-1]).__name__} {chain[-1]!r}, not a plain Python function"
-            )
-        inner = chain[-1].__dict__.get("__wrapped__")
-        if inner is None:
-            return chain
-        if any(inner is f for f in chain) or len(chain) > 32:
-            raise UnsupportedLayoutError(f"{where}: its __wrapped__ chain does not end")
-        chain.append(inner)
-
-
-def _copy_function(fn: types.FunctionType, scope: dict, closure) -> types.FunctionType:
-    new = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, closure)
-    new.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None
-    new.__dict__.update(fn.__dict__)
-    for attr in ("__qualname__", "__doc__", "__annotations__", "__module__"):
-        setattr(new, attr, getattr(fn, attr))
-    return new
-
-
-def _rewrap(wrapper: types.FunctionType, old, new, where: str) -> types.FunctionType:
-    """``wrapper`` rebuilt with every closure cell that held ``old`` holding ``new``."""
-    cells = wrapper.__closure__ or ()
-    hits = [i for i, cell in enumerate(cells) if _cell_holds(cell, old)]
-    if not hits:
-        raise UnsupportedLayoutError(
-            f"{where} is decorated by {wrapper.__module__}.{wrapper.__qualname__}, which does "
-            f"not keep the function it wraps in its closure: vlmkernels cannot rebuild it"
-        )
-    closure = tuple(types.CellType(new) if i in hits else c for i, c in enumerate(cells))
-    rebuilt = _copy_function(wrapper, wrapper.__globals__, closure)
-    rebuilt.__wrapped__ = new
-    return rebuilt
-
-
-def _cell_holds(cell, value) -> bool:
-    try:
-        return cell.cell_contents is value
-    except ValueError:  # an empty cell
-        return False
-
-
-def rebind_global(fn, name: str, replacement, where: str) -> types.FunctionType:
-    """``fn`` (decorators included) running its undecorated code over a copy of its globals
-    in which ``name`` is bound to ``replacement``; marked with :data:`MARK`."""
-    chain = unwrap(fn, where)
-    inner = chain[-1]
-    scope = dict(inner.__globals__)
-    scope[name] = replacement
-    # without a module name: torch.compile then guards the globals through this dict, not
-    # through the module that name imports (whose ``name`` is the original; guarding that
-    # one crashed where it is transformers' hub-kernel Func). Relative imports inside the
-    # function still resolve through __package__ / __spec__.
-    scope.pop("__name__", None)
-    rebuilt = _copy_function(inner, scope, inner.__closure__)
-    for wrapper, old in zip(reversed(chain[:-1]), reversed(chain[1:]), strict=True):
-        rebuilt = _rewrap(wrapper, old, rebuilt, where)
-    setattr(rebuilt, MARK, True)
-    return rebuilt
-
-
-def signature_of(fn) -> inspect.Signature:
-    """The call signature of a function, or of an ``nn.Module`` used as one (transformers'
-    hub-kernel decorator turns a function into a module instance whose ``forward`` it is)."""
-    forward = getattr(fn, "forward", None)
-    if not isinstance(fn, types.FunctionType) and callable(forward):
-        fn = forward
-    return inspect.signature(fn)
-
-
-def adapt_signature(replacement: Callable, original, where: str) -> Callable:
-    """``replacement`` callable as ``original`` is: the same parameters by position; where
-    the original names them differently (a renamed argument), keyword calls are renamed.
-
-    Raises :class:`UnsupportedLayoutError` unless both take the same number of
-    positional-or-keyword parameters with defaults in the same places.
-    """
-    try:
-        theirs = list(signature_of(original).parameters.values())
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedLayoutError(f"{where}: {original!r} has no readable signature") from exc
-    ours = list(inspect.signature(replacement).parameters.values())
-    plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
-
-    def shape(params):
-        return [(p.kind, p.default is inspect.Parameter.empty) for p in params]
-
-    if shape(theirs) != shape(ours) or any(p.kind != plain for p in ours):
-        raise UnsupportedLayoutError(
-            f"{where} is {original!r} with parameters {[p.name for p in theirs]}; the "
-            f"vlmkernels replacement takes {[p.name for p in ours]}"
-        )
-    renamed = {t.name: o.name for t, o in zip(theirs, ours, strict=True) if t.name != o.name}
-    if not renamed:
-        return replacement
-
-    def adapter(*args, **kwargs):
-        if kwargs:
-            kwargs = {renamed.get(k, k): v for k, v in kwargs.items()}
-        return replacement(*args, **kwargs)
-
-    adapter.__name__ = adapter.__qualname__ = replacement.__name__
-    adapter.__doc__ = replacement.__doc__
-    adapter.__signature__ = signature_of(original)
-    return adapter
 
 
 # --------------------------------------------------------------------------------------
