@@ -916,6 +916,31 @@ def test_nan_key_bias_propagates(device, backend):
 # ------------------------------------------------------------------ tanh gate epilogue
 
 
+@pytest.mark.parametrize("gate_shape", [(), (2, 16)])
+def test_nan_gate_propagates(gate_shape, device, backend):
+    """tanh(NaN) is NaN on every backend: the Triton epilogue's clamp once turned a NaN
+    gate into tanh = 1 (the ungated output, finite) while the PyTorch path gave NaN."""
+    q, k, v = rand(1, 2, 3, 16, device=device), rand(1, 2, 5, 16, device=device), rand(
+        1, 2, 5, 16, device=device)  # fmt: skip
+    gate = torch.full(gate_shape, 0.5, device=device)
+    gate.view(-1)[0] = float("nan")
+    out = A.cross_attention(q, k, v, gate=gate)
+    assert out[:, 0, :, 0].isnan().all()
+    media = torch.ones(1, 3, dtype=torch.bool, device=device)
+    assert A.media_cross_attention(q, k, v, media, 5, gate=gate)[:, 0, :, 0].isnan().all()
+
+
+@pytest.mark.parametrize("key_mass", [-1, "mean"])
+def test_nan_row_makes_key_mass_nan(key_mass, device, backend):
+    """A head whose mass row is NaN (a NaN key) makes the mass NaN, on both backends, not
+    a finite mass from the other heads (the NaN row's lse was read as 'no visible key')."""
+    q, k, v = (rand(1, 2, 5, 16, device=device) for _ in range(3))
+    k[0, 0, 0, 0] = float("nan")
+    out, mass = A.attention(q, k, v, causal=True, key_mass=key_mass)
+    assert out[0, 0].isnan().all()
+    assert mass.isnan().all()
+
+
 @pytest.mark.parametrize("gate_shape,dtype", [((1,), torch.float32), ((2, 16), torch.float32),
                                               ((1,), torch.bfloat16)])  # fmt: skip
 def test_media_cross_attention_tanh_gate(gate_shape, dtype, device, backend):

@@ -192,7 +192,9 @@ def _tanh_gate(gate_ptr, h, d, d_ok, sgh, sgd):
     a = tl.abs(x)
     x2 = x * x
     series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
-    big = 1.0 - 2.0 / (tl.math.exp2(tl.minimum(a, 30.0) * (2.0 * LOG2E)) + 1.0)
+    # NaN must stay NaN: tl.minimum drops it by default (fminf), which made tanh(NaN) = 1
+    big = 1.0 - 2.0 / (tl.math.exp2(tl.minimum(a, 30.0, propagate_nan=tl.PropagateNan.ALL)
+                                    * (2.0 * LOG2E)) + 1.0)
     return tl.where(a < 0.1, series, tl.where(x < 0, -big, big))
 
 

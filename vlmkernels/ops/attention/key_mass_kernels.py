@@ -123,7 +123,8 @@ def _attn_row_mass(row_ptr, lse_ptr, mass_ptr, H, max_lk, mass_row, weight, srb,
     total = tl.zeros((BN,), tl.float32)
     for h in range(0, H):
         lse = tl.load(lse_ptr + b * slb + h * slh + mass_row * slm)
-        shift = tl.where(lse > float("-inf"), lse * LOG2E, float("inf"))  # -inf: adds 0
+        # a row without a visible key (lse -inf) adds 0; a NaN row stays NaN
+        shift = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         s = tl.load(row_ptr + b * srb + h * srh + cols, mask=col_ok, other=float("-inf"))
         total += tl.math.exp2(s - shift)
     tl.store(mass_ptr + b * smb + cols, total * weight, mask=col_ok)

@@ -297,6 +297,6 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     s = _logits(q[:, :, row_first:row_last], k, scale, bias)
     ls = lse[:, :, row_first:row_last].to(ct)
     ok = visible(lq, lk, None, None, None, causal, q.device)[:, :, row_first:row_last]
-    ok = _visible_with_bias(ok & torch.isfinite(ls)[..., None], bias)
+    ok = _visible_with_bias(ok & (ls != float("-inf"))[..., None], bias)  # a NaN row stays NaN
     p = _softmax(s, ok)[0]
     return (p.sum(dim=2) * weight).to(ct)
