@@ -1116,3 +1116,24 @@ def test_delta_matches_float64(packed, dtype, device):
         assert rel(got[finite], want[finite]) < tol, (g is None, gl is None)
     with use_backend("triton"):
         torch.library.opcheck(ops.attention_delta.overload, (out, grad_out, lse, grad_lse))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda q, x, w: A.absorbed_cross_attention(q[0], x, w, w), ValueError, "queries must be"),
+        (
+            lambda q, x, w: A.absorbed_cross_attention(q.tolist(), x, w, w),
+            TypeError,
+            "queries must",
+        ),
+        (lambda q, x, w: A.absorbed_cross_attention(q, x, w, w, scale="a"), TypeError, "scale"),
+        (lambda q, x, w: A.absorb_queries(q.tolist(), w), TypeError, "queries must"),
+        (lambda q, x, w: A.absorb_queries(q.long(), w.long()), TypeError, "floating"),
+    ],
+)
+def test_absorbed_cross_attention_bad_input(call, exc, match):
+    """Bad arguments raise naming the argument, not an unpacking / attribute error."""
+    q, x, w = torch.randn(2, 3, 4), torch.randn(1, 5, 6), torch.randn(8, 6)
+    with pytest.raises(exc, match=f"^absorb.*{match}"):
+        call(q, x, w)

@@ -32,10 +32,17 @@ import math
 
 import torch
 
+from ...core.checks import FLOAT_DTYPES, check_real
+
 __all__ = ["absorb_queries", "absorbed_cross_attention"]
 
 
 def _check(op, queries, w_k, heads):
+    for name, t in (("queries", queries), ("w_k", w_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
     if queries.dim() != 3 or queries.shape[0] != heads:
         raise ValueError(f"{op}: queries must be (heads, Lq, d) = ({heads}, Lq, d), got shape "
                          f"{tuple(queries.shape)}")  # fmt: skip
@@ -47,7 +54,7 @@ def _check(op, queries, w_k, heads):
 
 def absorb_queries(queries: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     """Q~ = Q_h W_k,h per head: (H, Lq, d) queries and a (H d, C) key weight -> (H, Lq, C)."""
-    heads = queries.shape[0]
+    heads = queries.shape[0] if isinstance(queries, torch.Tensor) and queries.dim() else 0
     _check("absorb_queries", queries, w_k, heads)
     return torch.matmul(queries, w_k.view(heads, queries.shape[2], w_k.shape[1]))
 
@@ -69,8 +76,12 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
         V = x W_v^T + b_v, up to rounding.
     """
     op = "absorbed_cross_attention"
-    heads, lq, d = queries.shape
+    heads = queries.shape[0] if isinstance(queries, torch.Tensor) and queries.dim() else 0
     _check(op, queries, w_k, heads)
+    heads, lq, d = queries.shape
+    for name, t in (("x", x), ("w_v", w_v), ("b_v", b_v), ("absorbed", absorbed)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 3 or x.shape[2] != w_k.shape[1]:
         raise ValueError(f"{op}: x must be (B, N, C) with C = {w_k.shape[1]}, got shape "
                          f"{tuple(x.shape)}")  # fmt: skip
@@ -91,7 +102,8 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
             raise TypeError(f"{op}: {name} must have queries' dtype and device "
                             f"({queries.dtype}, {queries.device}), got ({t.dtype}, "
                             f"{t.device})")  # fmt: skip
-    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    s = 1.0 / math.sqrt(d) if scale is None else check_real(op, "scale", scale, -math.inf,
+                                                            math.inf)  # fmt: skip
     qt = absorb_queries(queries, w_k) if absorbed is None else absorbed  # (H, Lq, C)
     scores = torch.matmul(qt[None], x[:, None].transpose(-1, -2)) * s  # (B, H, Lq, N)
     attended = torch.matmul(torch.softmax(scores, dim=-1), x[:, None])  # (B, H, Lq, C)
