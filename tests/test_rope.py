@@ -630,3 +630,12 @@ def test_torch_compile_fullgraph(compiler, device):
     ref.backward()
     assert max_rel(out, ref) < 1e-6
     assert max_rel(q1.grad, q2.grad) < 1e-6 and max_rel(k1.grad, k2.grad) < 1e-6
+
+
+def test_vision_rope_refuses_a_half_width_table():
+    """cos / sin of the (N, hd / 2) frequencies (before transformers' cat) are refused, as
+    transformers' apply_rotary_pos_emb_vision refuses them, not rotated partially."""
+    q, k = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    half = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="^vision_rope: cos and sin must be"):
+        vlmkernels.vision_rope(q, k, half.cos(), half.sin())

@@ -600,6 +600,14 @@ def test_no_host_sync_traces_as_one_graph():
     )
     compiled = torch.compile(get_rope_index, fullgraph=True, backend="eager")
     _assert_same(compiled(**inputs, **options), get_rope_index(**inputs, **options))
+    # Qwen3-VL runs are single frames: its own batch (the Qwen2.5-VL one is invalid there)
+    rng = random.Random(5)
+    inputs = next(
+        inputs
+        for inputs in (_random_batch(rng, "qwen3_vl", 2) for _ in range(100))
+        if inputs["video_grid_thw"] is not None
+    )
+    inputs.pop("second_per_grid_ts", None)
     options.update(model_type="qwen3_vl", text_after_vision="start_plus_max_hw")
     _assert_same(compiled(**inputs, **options), get_rope_index(**inputs, **options))
 
@@ -609,6 +617,13 @@ def test_no_host_sync_on_cuda():
     inputs = _sync_case()
     cuda_inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     for model_type in MODEL_TYPES:
+        if model_type == "qwen3_vl":  # single-frame runs: a batch of its own
+            rng = random.Random(5)
+            inputs = next(i for i in (_random_batch(rng, model_type, 2) for _ in range(100))
+                          if i["video_grid_thw"] is not None)  # fmt: skip
+            inputs.pop("second_per_grid_ts", None)
+            cuda_inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+                           for k, v in inputs.items()}  # fmt: skip
         options = dict(model_type=model_type, spatial_merge_size=2, tokens_per_second=2)
         want = get_rope_index(**inputs, **options)  # probes eagerly, on CPU
         torch.cuda.synchronize()
@@ -618,3 +633,30 @@ def test_no_host_sync_on_cuda():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         _assert_same([g.cpu() for g in got], want)
+
+
+_TYPES = [0] * 5 + [1] * 16 + [0] * 3
+
+
+@pytest.mark.parametrize(
+    "types,grid,extra",
+    [
+        (_TYPES, [[1, 4, 4]], {}),  # 16 image tokens, a 4-token grid
+        (_TYPES, [[1, 16, 16]], {}),  # a 64-token grid
+        (_TYPES, None, {}),  # image tokens, no grid
+        ([0] * 2 + [1] * 16 + [0] * 2 + [1] * 16, [[1, 8, 8]], {}),  # two images, one grid
+        (_TYPES, [[1, -8, -8]], {}),  # negative grid
+        ([0] * 5 + [3] * 16 + [0] * 3, [[1, 8, 8]], {}),  # unknown token type
+        ([0] * 5 + [2] * 16 + [0] * 3, [[1, 8, 8]], {}),  # video tokens, no video grid
+        (_TYPES, [[1, 8, 8]], dict(model_type="qwen2_5_vl", tokens_per_second=float("nan"))),
+    ],
+)
+def test_inconsistent_values_raise(types, grid, extra):
+    """Inputs transformers' loop refuses (a shape error, KeyError, StopIteration) raise here
+    too, instead of positions from a clamped or made-up grid (checked on the device)."""
+    mm = torch.tensor([types])
+    kwargs = dict(model_type="qwen2_vl", spatial_merge_size=2)
+    kwargs.update(extra)
+    image_grid = None if grid is None else torch.tensor(grid)
+    with pytest.raises((RuntimeError, ValueError), match="get_rope_index"):
+        get_rope_index(torch.zeros_like(mm), mm, image_grid, **kwargs)

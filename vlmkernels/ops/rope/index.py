@@ -67,6 +67,7 @@ and passes what it found.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -152,6 +153,8 @@ def get_rope_index(
     t, h, w = _token_grids(
         image_grid_thw, video_grid_thw, image_ord, video_ord, is_video, model_type
     )
+    _check_values(kinds, valid, start_idx, image_ord, video_ord, is_image, is_video, t, h, w,
+                  image_grid_thw, video_grid_thw, spatial_merge_size, model_type)  # fmt: skip
     h, w = h // spatial_merge_size, w // spatial_merge_size
     tau = None
     if model_type == "qwen2_5_vl":
@@ -179,6 +182,37 @@ def get_rope_index(
     if input_ids.dtype not in (torch.int64, torch.int32):
         _check_fits(positions, input_ids.dtype)
     return positions.to(input_ids.dtype), deltas
+
+
+def _check_values(kinds, valid, start_idx, image_ord, video_ord, is_image, is_video, t, h, w,
+                  image_grid_thw, video_grid_thw, m, model_type) -> None:  # fmt: skip
+    """The values transformers' loop would trip over, checked on the device without a host
+    synchronisation (``torch._assert_async``: raises at once on the CPU, at the next
+    synchronisation on a GPU, where a failure is a device-side assert): token types outside
+    {0, 1, 2}; a vision run without a grid (no grid table, or more runs than grid rows);
+    grids that are not positive; a run whose length is not its grid's t h w / m^2 tokens
+    (one frame, h w / m^2, per Qwen3-VL video run). transformers' loop raises on each;
+    without these checks the positions came from a clamped or made-up grid."""
+    op = "get_rope_index"
+    vision = is_image | is_video
+    bad_kind = valid & ((kinds < _TEXT) | (kinds > _VIDEO))
+    torch._assert_async(~bad_kind.any(), f"{op}: mm_token_type_ids must be 0 (text), 1 (image) "
+                        "or 2 (video) at every unpadded token")  # fmt: skip
+    n_images = 0 if image_grid_thw is None else image_grid_thw.shape[0]
+    n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
+    if model_type == "qwen3_vl" and n_videos:  # one run per frame: on the device, no sync
+        n_videos = _on(video_grid_thw, kinds.device, "video_grid_thw")[:, 0].long().sum()
+    missing = (is_image & (image_ord >= n_images)) | (is_video & (video_ord >= n_videos))
+    torch._assert_async(~missing.any(), f"{op}: more image / video runs in "
+                        "mm_token_type_ids than rows of image_grid_thw / video_grid_thw (frames "
+                        "for qwen3_vl)")  # fmt: skip
+    bad_grid = vision & ((t < 1) | (h < 1) | (w < 1))
+    torch._assert_async(~bad_grid.any(), f"{op}: grid (t, h, w) rows must be positive")
+    run_len = torch.zeros_like(start_idx).scatter_add_(1, start_idx, valid.long())
+    run_len = run_len.gather(1, start_idx)
+    wrong = vision & (run_len != t * (h // m) * (w // m))
+    torch._assert_async(~wrong.any(), f"{op}: an image / video run's token count differs from "
+                        "its grid's t * h * w / spatial_merge_size^2")  # fmt: skip
 
 
 def _check_fits(positions: torch.Tensor, dtype: torch.dtype) -> None:
@@ -252,6 +286,9 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
             raise ValueError(f"{op}: model_type='qwen2_5_vl' needs tokens_per_second")
         if isinstance(tokens_per_second, bool) or not isinstance(tokens_per_second, numbers.Real):
             raise TypeError(f"{op}: tokens_per_second must be a number, got {tokens_per_second!r}")
+        if not math.isfinite(tokens_per_second) or tokens_per_second < 0:
+            raise ValueError(f"{op}: tokens_per_second must be finite and >= 0, got "
+                             f"{tokens_per_second!r}")  # fmt: skip
     seconds = second_per_grid_ts
     if seconds is not None:
         if isinstance(seconds, torch.Tensor):
