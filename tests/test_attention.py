@@ -431,6 +431,10 @@ def test_bad_input():
         (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_k=-1), ValueError,
          r"max_seqlen_k must be >= 0, got -1"),
         (lambda: ca(q, k, v, max_seqlen_q=3), ValueError, "go with cu_seqlens"),
+        (lambda: ca(qp, kp, kp, cu_seqlens_q=cq.to("meta"), cu_seqlens_k=ck), ValueError,
+         "cu_seqlens_q must be on q's device|cu_seqlens_q is a meta tensor"),
+        (lambda: ca(qp.to("meta"), kp.to("meta"), kp.to("meta"), cu_seqlens_q=cq.to("meta"),
+                    cu_seqlens_k=ck.to("meta")), ValueError, "cu_seqlens_q is a meta tensor"),
         (lambda: ca(qp, kp, kp, cu_seqlens_q=cq, cu_seqlens_k=ck,
                     key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)), ValueError,
          "key_padding_mask is for dense inputs"),
@@ -446,6 +450,19 @@ def test_bad_input():
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):
             call()
+
+
+def test_packed_max_seqlen_is_an_upper_bound(device, backend):
+    """max_seqlen past the packed length (a loose bound, as flash-attention takes) gives
+    the tight bound's result on both backends; the Triton path sized its grid and its
+    one-segment offset check by it and refused 2^40 as an offset overflow."""
+    qp, kp, vp = (rand(n, 2, 8, device=device) for n in (6, 9, 9))
+    cq = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+    ck = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    want = A.cross_attention(qp, kp, vp, cu_seqlens_q=cq, cu_seqlens_k=ck)
+    got = A.cross_attention(qp, kp, vp, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=2**40,
+                            max_seqlen_k=2**40)  # fmt: skip
+    assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------ registration

@@ -492,6 +492,9 @@ def test_deepstack_add_inplace_and_casts(backend):
         C.deepstack_add(hidden, mask, embeds, inplace=True)
     with pytest.raises(ValueError, match="True entries"):
         C.deepstack_add(hidden, mask, embeds[1:])
+    meta = [t.to("meta") for t in (hidden, mask, embeds)]
+    with pytest.raises(ValueError, match="visual_pos_mask is a meta tensor"):
+        C.deepstack_add(*meta)
 
 
 def test_deepstack_add_inplace_refuses_aliased_memory(backend):

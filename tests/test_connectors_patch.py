@@ -131,6 +131,8 @@ def test_unpatch_a_copy_of_a_patched_model():
     handle.undo()  # nothing left: no error
     assert not handle.active
     assert {n: set(vars(m)) for n, m in model.named_modules()} == before
+    with pytest.raises(TypeError, match="unpatch: model must be an nn.Module, got NoneType"):
+        vt.unpatch(None)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -253,6 +253,8 @@ def unpatch(model) -> int:
     again (``_old_forward``, which accelerate's hook calls, gets the class's ``forward``
     bound back). Returns the number of attributes restored; 0 on an unpatched model. A
     handle of the same instance then has nothing left to undo."""
+    if not isinstance(model, torch.nn.Module) and not hasattr(model, "__dict__"):
+        raise TypeError(f"unpatch: model must be an nn.Module, got {type(model).__name__}")
     restored = 0
     for module in model.modules() if isinstance(model, torch.nn.Module) else (model,):
         own = module.__dict__

@@ -180,6 +180,9 @@ def _check_cu(op, name, cu, total, device):
         raise ValueError(f"{op}: {name} must be 1-D (batch + 1,), got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{op}: {name} must be on q's device {device}, got {cu.device}")
+    if cu.is_meta:
+        raise ValueError(f"{op}: {name} is a meta tensor: eager calls read the offsets on the "
+                         "host (trace with fake tensors or torch.compile instead)")  # fmt: skip
     if torch.compiler.is_compiling():
         # the values cannot be read while tracing: the graph checks them on the device
         # (offsets past the packed length would make the kernels read and write out of
@@ -203,7 +206,11 @@ def _check_cu(op, name, cu, total, device):
     return max(lengths, default=0)
 
 
-def _max_seqlen(op, name, value, longest, cu):
+def _max_seqlen(op, name, value, longest, cu, total):
+    """The longest segment the kernels plan for: ``value`` (an upper bound, as in
+    flash-attention), checked against the segments, and no more than the ``total`` packed
+    rows (a loose bound is harmless; a huge one sized the grid and tripped the 2^31 offset
+    check of one segment on the Triton path only)."""
     if value is None:
         if longest is None:
             raise ValueError(f"{op}: {name} must be given under torch.compile")
@@ -212,10 +219,11 @@ def _max_seqlen(op, name, value, longest, cu):
     if longest is None:  # traced: the offsets are checked on the device, in the graph
         fits = (cu[1:] - cu[:-1] <= value).all()
         torch._assert_async(fits, f"{op}: {name} ({value}) is smaller than a segment")
-    elif value < longest:
+        return value
+    if value < longest:
         raise ValueError(f"{op}: {name} ({value}) is smaller than the longest segment "
                          f"({longest})")  # fmt: skip
-    return value
+    return min(value, total)
 
 
 # fmt: off
@@ -287,8 +295,8 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"{op}: cu_seqlens_k must have cu_seqlens_q's length "
                              f"{cu_seqlens_q.numel()}, got {cu_seqlens_k.numel()}")  # fmt: skip
-        lq = _max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q, cu_seqlens_q)
-        lk = _max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k, cu_seqlens_k)
+        lq = _max_seqlen(op, "max_seqlen_q", max_seqlen_q, longest_q, cu_seqlens_q, q.shape[0])
+        lk = _max_seqlen(op, "max_seqlen_k", max_seqlen_k, longest_k, cu_seqlens_k, k.shape[0])
         # the kernels read offset b at cu + b (columns of one offsets table are strided)
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     else:

@@ -410,6 +410,9 @@ def deepstack_add(
         raise ValueError(
             f"{op}: visual_embeds must be (V, {hidden.shape[-1]}), got {tuple(visual_embeds.shape)}"
         )
+    if visual_pos_mask.is_meta:
+        raise ValueError(f"{op}: visual_pos_mask is a meta tensor: the rows it selects depend "
+                         "on its values (trace with fake tensors instead)")  # fmt: skip
     visual_pos_mask = to_device(op, "visual_pos_mask", visual_pos_mask, hidden.device)
     visual_embeds = to_device(op, "visual_embeds", visual_embeds, hidden.device,
                               dtype=hidden.dtype)  # fmt: skip
