@@ -342,8 +342,11 @@ class _ShardedLinear(nn.Linear):
 @pytest.mark.parametrize("wrap", [
     lambda layer: _ShardedLinear(layer.in_features, layer.out_features),
     LoraLinear,  # a PEFT LoRA wrapper: the original linear as base_layer
+    lambda layer: torch.compile(layer),  # an OptimizedModule holding it as _orig_mod
+    lambda layer: torch.ao.nn.quantized.dynamic.Linear(layer.in_features, layer.out_features),
     lambda layer: nn.Identity(),
 ])  # fmt: skip
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's quantised Linear
 def test_layers_wrapped_before_patching_are_named_as_such(wrap):
     """A layer wrapped before patching (FSDP2 on the layer, tensor parallelism, PEFT,
     quantisation) is refused as such, not blamed on the transformers version; a layer

@@ -711,6 +711,29 @@ def test_replaced_module_rotary_function_is_refused(qwen2, monkeypatch):
         pass
 
 
+def test_attention_subclass_of_another_package_calling_transformers_rotary(qwen2):
+    """A user's attention subclass in a package of its own, whose forward calls transformers'
+    rotary function (imported there), is patched with transformers' logits; it was refused
+    as "not the <package> function" though it was transformers' own."""
+    model = copy.deepcopy(qwen2.model)
+    attention = model.model.language_model.layers[0].self_attn
+    base = type(attention)
+    stock = base.forward
+    while hasattr(stock, "__wrapped__"):  # the undecorated code, as a user's copy would be
+        stock = stock.__wrapped__
+    scope = dict(stock.__globals__, __name__="userpkg.attention")  # their module's globals
+    forward = types.FunctionType(stock.__code__, scope, "forward", stock.__defaults__,
+                                 stock.__closure__)  # fmt: skip
+    forward.__kwdefaults__ = stock.__kwdefaults__
+    mine = type("MyAttention", (base,), {"forward": forward, "__module__": "userpkg.attention"})
+    for layer in model.model.language_model.layers:
+        layer.self_attn.__class__ = mine
+    ref = qwen2.logits(model)
+    with rotary_patch(model, vision=False, rope_index=False) as handle:
+        assert any("self_attn" in t for t in handle.targets), handle.targets
+        assert_close(qwen2.logits(model), ref, "logits")
+
+
 def test_rotary_section_set_after_patching_is_read(qwen2):
     """angles='positions' reads the rotary module's mrope_section at each call, as
     transformers does."""
@@ -964,6 +987,10 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
         return x * cos + turned * sin
 
     return rotate(q), rotate(k)
+
+
+# it stands in for transformers' own function (the patch replaces only the library's)
+apply_multimodal_rotary_pos_emb.__module__ = "transformers.models.qwen2_vl.modeling_qwen2_vl"
 
 
 def _layout_516(base_attention, base_rotary):

@@ -86,14 +86,16 @@ __all__ = [
 
 
 def exact_layer(layer, cls: type, where: str):
-    """``layer`` if it is exactly a ``cls``; else :class:`WrappedLayerError` when it is a
-    subclass or holds a ``cls`` as ``base_layer`` (PEFT), else
-    :class:`UnsupportedLayoutError`."""
+    """``layer`` if it is exactly a ``cls``; else :class:`WrappedLayerError` when it wraps
+    or stands in for one (a subclass; a module holding a ``cls``: PEFT's ``base_layer``,
+    ``torch.compile``'s ``_orig_mod``, a checkpoint wrapper; a class of the same name from
+    another module: a quantised ``Linear``), else :class:`UnsupportedLayoutError`."""
     if type(layer) is cls:
         return layer
     kind, name = distinct_names(type(layer), cls)
     what = f"{where} is {kind}, not {name}"
-    if isinstance(layer, cls) or isinstance(getattr(layer, "base_layer", None), cls):
+    holds = isinstance(layer, torch.nn.Module) and any(isinstance(m, cls) for m in layer.modules())
+    if holds or isinstance(layer, cls) or type(layer).__name__ == cls.__name__:
         raise WrappedLayerError(f"{what} (a wrapped or replaced layer)")
     raise UnsupportedLayoutError(what)
 
@@ -347,9 +349,9 @@ class SetMethod:
     bypasses: tuple[str, ...] = ()
 
 
-def plan_forward(cls: type, candidates) -> types.FunctionType:
+def plan_forward(cls: type, candidates, library: str) -> types.FunctionType:
     """The forward of ``cls`` (decorators included) calling the vlmkernels replacement of
-    the one function of ``candidates`` its code calls."""
+    the one function of ``candidates`` its code calls, which must be ``library``'s own."""
     where = f"{cls.__module__}.{cls.__qualname__}.forward"
     chain = unwrap(cls.forward, where)
     names = [f.__name__ for f in candidates]
@@ -363,25 +365,26 @@ def plan_forward(cls: type, candidates) -> types.FunctionType:
     original = chain[-1].__globals__.get(name)
     if not callable(original):
         raise UnsupportedLayoutError(f"{chain[-1].__module__}.{name} is not callable")
-    _check_shipped_with(original, chain[-1].__module__, name)
+    _check_shipped_with(original, chain[-1].__module__, name, library)
     replacement = adapt_signature(called[0], original, f"{chain[-1].__module__}.{name}")
     return rebind_global(cls.forward, name, replacement, where)
 
 
-def _check_shipped_with(original, module: str, name: str) -> None:
-    """Refuses a global ``module.name`` that another package put there (a research variant,
-    another kernel library's patch): the replacement computes what the library's own
-    function does, so installing it would silently drop the user's function. The library's
+def _check_shipped_with(original, module: str, name: str, library: str) -> None:
+    """Refuses a global ``module.name`` that is not ``library``'s function (a research
+    variant, another kernel library's patch put in the library's module, or a function of
+    the user's own in a subclass's module): the replacement computes what the library's
+    function does, so installing it would silently drop the other one. The library's
     function, decorated or wrapped as a hub-kernel module (whose class takes the module's
-    name), comes from the caller's package."""
+    name), passes, and so does a user's subclass calling it."""
     target = inspect.unwrap(original) if isinstance(original, types.FunctionType) else original
     source = getattr(target, "__module__", None) or "?"
     label = getattr(target, "__qualname__", None) or type(target).__qualname__
-    if source.split(".")[0] != module.split(".")[0]:
+    if source.split(".")[0] != library:
         raise UnsupportedLayoutError(
-            f"{module}.{name} is {source}.{label}, not the {module.split('.')[0]} function: "
-            "the patch would replace it by the library's semantics; restore the original "
-            "function or leave this part out"
+            f"{module}.{name} is {source}.{label}, not the {library} function: the patch "
+            "would replace it by the library's semantics; restore the original function or "
+            "leave this part out"
         )
 
 
@@ -555,7 +558,7 @@ class Patcher:
                 slot = _slot_name(sub, "forward", label)
                 kind = type(sub)
                 if kind not in rebuilt:
-                    rebuilt[kind] = plan_forward(kind, replacement.functions)
+                    rebuilt[kind] = plan_forward(kind, replacement.functions, self.library)
                 function = rebuilt[kind]
             else:
                 # a subclass's own method would be dropped, not served
@@ -634,7 +637,7 @@ class Patcher:
                 try:
                     cls = self.cls(module, arch.classes[replacement.role])
                     if isinstance(replacement, Rebind):
-                        result = plan_forward(cls, replacement.functions)
+                        result = plan_forward(cls, replacement.functions, self.library)
                     else:
                         result = replacement.check(cls, arch) if replacement.check else None
                     text = result if isinstance(result, str) else "ok"
