@@ -135,6 +135,19 @@ def test_unpatch_a_copy_of_a_patched_model():
         vt.unpatch(None)
 
 
+def test_undo_warns_about_copies_made_inside_the_model():
+    """A copy of a patched module put in the model after patching (PEFT's
+    modules_to_save, an EMA submodule) carries the patch, which undo() leaves: it says so
+    and names them (it was silent); unpatch removes them."""
+    module, x = CASES["llava"]()
+    model = Wrapper(randomise(module))
+    handle = vt.patch(model)
+    model.extra = copy.deepcopy(model.inner)
+    with pytest.warns(UserWarning, match=r"extra\.forward still run patched code"):
+        handle.undo()
+    assert vt.unpatch(model) == 2
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_patched_connector_matches_transformers(name):
     module, x = CASES[name]()

@@ -19,6 +19,7 @@ bitwise.
 import contextlib
 import copy
 import types
+import warnings
 
 import pytest
 import torch
@@ -732,6 +733,20 @@ def test_attention_subclass_of_another_package_calling_transformers_rotary(qwen2
     with rotary_patch(model, vision=False, rope_index=False) as handle:
         assert any("self_attn" in t for t in handle.targets), handle.targets
         assert_close(qwen2.logits(model), ref, "logits")
+
+
+def test_two_handles_on_one_model_undo_quietly(qwen2):
+    """Parts patched by two handles: undoing one leaves the other's, without the warning
+    about patched copies."""
+    model = copy.deepcopy(qwen2.model)
+    text = rotary_patch(model, vision=False, rope_index=False)
+    vision = rotary_patch(model, rope=False, rope_index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text.undo()
+        assert instance_overrides(model) != []
+        vision.undo()
+    assert instance_overrides(model) == []
 
 
 def test_rotary_section_set_after_patching_is_read(qwen2):

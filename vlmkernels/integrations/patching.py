@@ -27,6 +27,8 @@ import importlib
 import inspect
 import sys
 import types
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -204,6 +206,7 @@ class PatchHandle:
         self.model = model
         self._slots = slots
         self.active = True
+        _ACTIVE.add(self)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -231,6 +234,29 @@ class PatchHandle:
             elif moved[id(slot)]:  # accelerate's hook added or removed since patching
                 slot.restore_moved(moved[id(slot)])
         self.active = False
+        _ACTIVE.discard(self)
+        self._warn_about_copies()
+
+    def _warn_about_copies(self) -> None:
+        """Warns about patched methods left in the model that no active handle installed:
+        copies of patched modules made inside it after patching (PEFT's
+        ``modules_to_save``, an EMA submodule) carry the patch, which this handle does not
+        undo."""
+        if not isinstance(self.model, torch.nn.Module):
+            return
+        owned = {(id(s.owner), s.name) for h in _ACTIVE for s in h._slots}
+        left = [f"{where or '<root>'}.{name}"
+                for where, module in self.model.named_modules()
+                for name, value in vars(module).items()
+                if isinstance(value, PatchedMethod) and is_patched(value)
+                and (id(module), name) not in owned
+                and name != "_replicate_for_data_parallel"]  # fmt: skip
+        if left:
+            warnings.warn(
+                f"vlmkernels: undone, but {', '.join(left)} still run patched code: copies of "
+                "patched modules made after patching; vlmkernels.unpatch(model) removes them",
+                stacklevel=3,
+            )
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -244,6 +270,10 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "undone"
         return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
+
+
+# handles not yet undone (whose slots a handle's undo leaves alone)
+_ACTIVE: weakref.WeakSet[PatchHandle] = weakref.WeakSet()
 
 
 def unpatch(model) -> int:
