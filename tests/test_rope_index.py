@@ -660,3 +660,15 @@ def test_inconsistent_values_raise(types, grid, extra):
     image_grid = None if grid is None else torch.tensor(grid)
     with pytest.raises((RuntimeError, ValueError), match="get_rope_index"):
         get_rope_index(torch.zeros_like(mm), mm, image_grid, **kwargs)
+
+
+@pytest.mark.parametrize("seconds", [torch.tensor([float("nan")]), torch.tensor([-1.0]),
+                                     [float("inf")], [-0.5]])  # fmt: skip
+def test_seconds_per_grid_must_be_finite(seconds):
+    """A NaN second_per_grid_ts made Qwen2.5-VL video positions huge negative integers;
+    non-finite or negative seconds raise (a tensor's on the device, without a host sync)."""
+    mm = torch.tensor([[0] * 3 + [2] * 16 + [0] * 2])
+    with pytest.raises((RuntimeError, ValueError), match="second_per_grid_ts must be finite"):
+        get_rope_index(torch.zeros_like(mm), mm, video_grid_thw=torch.tensor([[1, 8, 8]]),
+                       model_type="qwen2_5_vl", spatial_merge_size=2, tokens_per_second=2,
+                       second_per_grid_ts=seconds)  # fmt: skip

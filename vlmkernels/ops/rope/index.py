@@ -304,6 +304,9 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
                 f"{op}: second_per_grid_ts must be a tensor or a list of numbers (one per "
                 f"video), got {seconds!r}"
             )
+        elif not all(math.isfinite(v) and v >= 0 for v in seconds):
+            raise ValueError(f"{op}: second_per_grid_ts must be finite and >= 0, got "
+                             f"{list(seconds)}")  # fmt: skip
 
 
 def _on(x: torch.Tensor, device: torch.device, name: str = "a computed table") -> torch.Tensor:
@@ -377,8 +380,12 @@ def _video_time_scale(second_per_grid_ts, tokens_per_second, truncate, video_ord
             return _rows(
                 _on(torch.tensor(scaled, dtype=torch.get_default_dtype()), device), video_ord
             )
-    elif truncate and seconds.is_floating_point():
-        seconds = seconds.long()
+    else:  # on the device: no host sync (a NaN became a huge negative position)
+        ok = (seconds >= 0).all() & (torch.isfinite(seconds).all() if seconds.is_floating_point()
+                                     else True)  # fmt: skip
+        torch._assert_async(ok, "get_rope_index: second_per_grid_ts must be finite and >= 0")
+        if truncate and seconds.is_floating_point():
+            seconds = seconds.long()
     if seconds.numel() == 0:
         return tokens_per_second
     return _rows(_on(tokens_per_second * seconds.reshape(-1), device), video_ord)
