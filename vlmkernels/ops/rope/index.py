@@ -150,11 +150,11 @@ def get_rope_index(
 
     image_ord = _run_ordinal(starts & is_image, start_idx)
     video_ord = _run_ordinal(starts & is_video, start_idx)
-    t, h, w = _token_grids(
+    (t, h, w), (n_images, n_videos) = _token_grids(
         image_grid_thw, video_grid_thw, image_ord, video_ord, is_video, model_type
     )
     _check_values(kinds, valid, start_idx, image_ord, video_ord, is_image, is_video, t, h, w,
-                  image_grid_thw, video_grid_thw, spatial_merge_size, model_type)  # fmt: skip
+                  n_images, n_videos, spatial_merge_size)  # fmt: skip
     h, w = h // spatial_merge_size, w // spatial_merge_size
     tau = None
     if model_type == "qwen2_5_vl":
@@ -185,7 +185,7 @@ def get_rope_index(
 
 
 def _check_values(kinds, valid, start_idx, image_ord, video_ord, is_image, is_video, t, h, w,
-                  image_grid_thw, video_grid_thw, m, model_type) -> None:  # fmt: skip
+                  n_images, n_videos, m) -> None:  # fmt: skip
     """The values transformers' loop would trip over, checked on the device without a host
     synchronisation (``torch._assert_async``: raises at once on the CPU, at the next
     synchronisation on a GPU, where a failure is a device-side assert): token types outside
@@ -198,10 +198,6 @@ def _check_values(kinds, valid, start_idx, image_ord, video_ord, is_image, is_vi
     bad_kind = valid & ((kinds < _TEXT) | (kinds > _VIDEO))
     torch._assert_async(~bad_kind.any(), f"{op}: mm_token_type_ids must be 0 (text), 1 (image) "
                         "or 2 (video) at every unpadded token")  # fmt: skip
-    n_images = 0 if image_grid_thw is None else image_grid_thw.shape[0]
-    n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
-    if model_type == "qwen3_vl" and n_videos:  # one run per frame: on the device, no sync
-        n_videos = _on(video_grid_thw, kinds.device, "video_grid_thw")[:, 0].long().sum()
     missing = (is_image & (image_ord >= n_images)) | (is_video & (video_ord >= n_videos))
     torch._assert_async(~missing.any(), f"{op}: more image / video runs in "
                         "mm_token_type_ids than rows of image_grid_thw / video_grid_thw (frames "
@@ -350,19 +346,24 @@ def _grid_table(grid_thw: torch.Tensor | None, device: torch.device, name: str) 
 
 
 def _token_grids(image_grid_thw, video_grid_thw, image_ord, video_ord, is_video, model_type):
-    """(t, h, w) of the grid each vision token belongs to, before merging."""
+    """((t, h, w) of the grid each vision token belongs to, before merging; (image runs,
+    video runs) the grid tables serve: their rows, or frames for qwen3_vl, a device scalar
+    then). ``_rows`` clamps past the last row, so more runs than that is checked apart."""
     device = image_ord.device
     images = _rows(_grid_table(image_grid_thw, device, "image_grid_thw"), image_ord)
     video_table = _grid_table(video_grid_thw, device, "video_grid_thw")
+    n_images = 0 if image_grid_thw is None else image_grid_thw.shape[0]
+    n_videos = 0 if video_grid_thw is None else video_grid_thw.shape[0]
     if model_type == "qwen3_vl":
         # video_ord counts frames; frame f belongs to the video v with cum_t[v-1] <= f < cum_t[v]
         cum_t = video_table[:, 0].cumsum(0)
+        n_videos = cum_t[-1] if n_videos else 0  # one run per frame
         videos = _rows(video_table, torch.searchsorted(cum_t, video_ord, right=True))
         videos = torch.cat([torch.ones_like(videos[..., :1]), videos[..., 1:]], dim=-1)
     else:
         videos = _rows(video_table, video_ord)
     t, h, w = torch.where(is_video.unsqueeze(-1), videos, images).unbind(-1)
-    return t, h, w
+    return (t, h, w), (n_images, n_videos)
 
 
 def _video_time_scale(second_per_grid_ts, tokens_per_second, truncate, video_ord, device):
@@ -381,8 +382,7 @@ def _video_time_scale(second_per_grid_ts, tokens_per_second, truncate, video_ord
                 _on(torch.tensor(scaled, dtype=torch.get_default_dtype()), device), video_ord
             )
     else:  # on the device: no host sync (a NaN became a huge negative position)
-        ok = (seconds >= 0).all() & (torch.isfinite(seconds).all() if seconds.is_floating_point()
-                                     else True)  # fmt: skip
+        ok = (torch.isfinite(seconds) & (seconds >= 0)).all()
         torch._assert_async(ok, "get_rope_index: second_per_grid_ts must be finite and >= 0")
         if truncate and seconds.is_floating_point():
             seconds = seconds.long()
