@@ -71,6 +71,7 @@ __all__ = [
     "changed_part",
     "class_forward",
     "exact_layer",
+    "foreign_source",
     "fused_forward",
     "global_hooks",
     "global_loads",
@@ -400,6 +401,15 @@ def plan_forward(cls: type, candidates, library: str) -> types.FunctionType:
     return rebind_global(cls.forward, name, replacement, where)
 
 
+def foreign_source(fn, library: str) -> str | None:
+    """The module that defines ``fn`` (a function, through its decorators, or a callable
+    object such as transformers' hub-kernel wrapper) when it is not ``library``'s; None
+    when it is."""
+    target = inspect.unwrap(fn) if isinstance(fn, types.FunctionType) else fn
+    source = getattr(target, "__module__", None) or "?"
+    return None if source.split(".")[0] == library else source
+
+
 def _check_shipped_with(original, module: str, name: str, library: str) -> None:
     """Refuses a global ``module.name`` that is not ``library``'s function (a research
     variant, another kernel library's patch put in the library's module, or a function of
@@ -407,10 +417,10 @@ def _check_shipped_with(original, module: str, name: str, library: str) -> None:
     function does, so installing it would silently drop the other one. The library's
     function, decorated or wrapped as a hub-kernel module (whose class takes the module's
     name), passes, and so does a user's subclass calling it."""
-    target = inspect.unwrap(original) if isinstance(original, types.FunctionType) else original
-    source = getattr(target, "__module__", None) or "?"
-    label = getattr(target, "__qualname__", None) or type(target).__qualname__
-    if source.split(".")[0] != library:
+    source = foreign_source(original, library)
+    if source is not None:
+        target = inspect.unwrap(original) if isinstance(original, types.FunctionType) else original
+        label = getattr(target, "__qualname__", None) or type(target).__qualname__
         raise UnsupportedLayoutError(
             f"{module}.{name} is {source}.{label}, not the {library} function: the patch "
             "would replace it by the library's semantics; restore the original function or "

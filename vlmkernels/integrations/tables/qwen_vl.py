@@ -21,6 +21,7 @@ from ..patching import (
     Rebind,
     SetMethod,
     UnsupportedLayoutError,
+    foreign_source,
     marked,
     register,
 )
@@ -259,8 +260,8 @@ def _rope_index_arch(model) -> tuple[type, Architecture]:
                         f"{type(model).__name__} overrides {cls.__name__}.{name}; its "
                         "semantics are unknown"
                     )
-                source = getattr(inspect.unwrap(method), "__module__", None) or "?"
-                if method is not None and source.split(".")[0] != "transformers":
+                source = None if method is None else foreign_source(method, "transformers")
+                if source is not None:
                     raise TypeError(
                         f"{cls.__name__}.{name} was replaced on the class (by {source}); "
                         "its semantics are unknown"
