@@ -73,6 +73,19 @@ def writable_dir(path: Path, option: str = "--out") -> Path:
     return path
 
 
+def parse_shape(text: str) -> tuple[str, list[int]]:
+    """``KEY=INT[,INT...]`` of positive sizes as (key, sizes); ValueError saying what it
+    wants otherwise (``--shape`` of bench, ``--bench-shape`` of pytest benchmarks)."""
+    key, _, values = text.partition("=")
+    try:
+        ints = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        ints = []
+    if not key.strip() or not ints or min(ints) < 1:
+        raise ValueError(f"wants KEY=INT[,INT...] of positive sizes, got {text!r}")
+    return key.strip(), ints
+
+
 def shape_options(pairs) -> dict[str, list[int]]:
     """{key: sizes} of repeated ``--shape KEY=INT[,INT...]`` options: a key given twice
     takes both lists (``--shape N=4 --shape N=8`` is ``N=4,8``), each size once."""

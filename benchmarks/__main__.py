@@ -44,6 +44,7 @@ from . import (
     host,
     output_dir,
     output_label,
+    parse_shape,
     run_command,
     shape_options,
     suites,
@@ -105,14 +106,10 @@ def _positive(text: str) -> int:
 
 
 def _shape_arg(text: str) -> tuple[str, list[int]]:
-    key, _, values = text.partition("=")
     try:
-        ints = [int(v) for v in _csv_list(values)]
-    except ValueError:
-        ints = []
-    if not key.strip() or not ints or min(ints) < 1:
-        raise argparse.ArgumentTypeError(f"wants KEY=INT[,INT...] of positive sizes, got {text!r}")
-    return key.strip(), ints
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> argparse.Namespace:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from . import suites
+from . import parse_shape, suites
 from .harness import PROFILES, TIMED_MODES, OpSpec, Provider, Suite, dtype_str, shape_str
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -83,15 +83,11 @@ def _list(text: str | None) -> list[str]:
 def _shapes(texts: list[str]) -> dict[str, list[int]]:
     out = {}
     for text in texts:
-        key, _, values = text.partition("=")
         try:
-            ints = [int(v) for v in _list(values)]
-        except ValueError:
-            ints = []
-        if not key.strip() or not ints or min(ints) < 1:
-            raise pytest.UsageError(f"--bench-shape: wants KEY=INT[,INT...] of positive sizes, "
-                                    f"got {text!r}")  # fmt: skip
-        out[key.strip()] = ints
+            key, ints = parse_shape(text)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--bench-shape: {exc}") from None
+        out[key] = ints
     return out
 
 

@@ -338,11 +338,17 @@ class Results:
         return Lookup(None, f"{case.provider} {rec.status}{detail}", rec)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 300 characters (a table cell, a
+    one-line error)."""
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+
+
 def _failure(exc: BaseException) -> tuple[str, str]:
     """(status, note) for an exception raised while building or running a case."""
     if isinstance(exc, Skip):
         return "skipped", str(exc)
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    text = first_line(exc)
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "oom", text
     return "error", f"{type(exc).__name__}: {text}"

@@ -44,7 +44,7 @@ from . import (
     suites,
     writable_dir,
 )
-from .harness import BuildArgs, Skip, dtype_str, shape_str
+from .harness import BuildArgs, Skip, dtype_str, first_line, shape_str
 from .timing import call_ms, synchronize, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -266,8 +266,7 @@ def _ceiling_text(device: torch.device, dtype: torch.dtype, flops: float, nbytes
 
 def _refused(label: str, exc: BaseException) -> str:
     """The one-line error of a case the op (or torch) refuses: its label and the reason."""
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return f"{label}: the call fails ({type(exc).__name__}: {text})"
+    return f"{label}: the call fails ({type(exc).__name__}: {first_line(exc)})"
 
 
 def _release(provider) -> None:
