@@ -37,26 +37,28 @@ from ...core.checks import FLOAT_DTYPES, check_real
 __all__ = ["absorb_queries", "absorbed_cross_attention"]
 
 
-def _check(op, queries, w_k, heads):
+def _check(op, queries, w_k) -> tuple[int, int, int]:
+    """(heads, Lq, d) of checked queries and key weight."""
     for name, t in (("queries", queries), ("w_k", w_k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if queries.dim() != 3 or queries.shape[0] != heads:
+    heads = queries.shape[0] if queries.dim() else 0
+    if queries.dim() != 3:
         raise ValueError(f"{op}: queries must be (heads, Lq, d) = ({heads}, Lq, d), got shape "
                          f"{tuple(queries.shape)}")  # fmt: skip
-    d = queries.shape[2]
+    heads, lq, d = queries.shape
     if w_k.dim() != 2 or w_k.shape[0] != heads * d:
         raise ValueError(f"{op}: w_k must be (heads * d, C) = ({heads * d}, C), got shape "
                          f"{tuple(w_k.shape)}")  # fmt: skip
+    return heads, lq, d
 
 
 def absorb_queries(queries: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     """Q~ = Q_h W_k,h per head: (H, Lq, d) queries and a (H d, C) key weight -> (H, Lq, C)."""
-    heads = queries.shape[0] if isinstance(queries, torch.Tensor) and queries.dim() else 0
-    _check("absorb_queries", queries, w_k, heads)
-    return torch.matmul(queries, w_k.view(heads, queries.shape[2], w_k.shape[1]))
+    heads, _, d = _check("absorb_queries", queries, w_k)
+    return torch.matmul(queries, w_k.view(heads, d, w_k.shape[1]))
 
 
 def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, absorbed=None):
@@ -76,9 +78,7 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
         V = x W_v^T + b_v, up to rounding.
     """
     op = "absorbed_cross_attention"
-    heads = queries.shape[0] if isinstance(queries, torch.Tensor) and queries.dim() else 0
-    _check(op, queries, w_k, heads)
-    heads, lq, d = queries.shape
+    heads, lq, d = _check(op, queries, w_k)
     for name, t in (("x", x), ("w_v", w_v), ("b_v", b_v), ("absorbed", absorbed)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
