@@ -735,6 +735,17 @@ def test_empty_sizes(device, backend):
     assert (out == 0).all() and torch.isneginf(lse).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+    # the key mass is a mean over heads (and rows): over none it is NaN (eager's empty
+    # mean), not a plausible zero
+    k, v = rand(1, 1, 5, 16, device=device), rand(1, 1, 5, 16, device=device)
+    for h, lq in ((0, 3), (2, 0)):
+        q = rand(1, h, lq, 16, device=device)
+        cases = (("mean", (1, 2)), (0, 1)) if lq else (("mean", (1, 2)),)
+        for key_mass, dims in cases:
+            eager = torch.zeros(1, h, lq, 5, device=device).mean(dim=dims)
+            eager = eager if isinstance(key_mass, str) else eager[:, key_mass]
+            mass = A.attention(q, k, v, key_mass=key_mass)[1]
+            assert mass.shape == (1, 5) and mass.isnan().all() and eager.isnan().all()
 
 
 # ------------------------------------------------- grouped-query attention, per-key bias

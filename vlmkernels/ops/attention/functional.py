@@ -334,7 +334,8 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
         scale: the logit scale (default 1 / sqrt(D)).
         key_mass: None; "mean": also return mass[b, j] = 1/(H Lq) sum_h sum_i P[b, h, i, j];
             an int i (negative counts from the end): mass[b, j] = 1/H sum_h P[b, h, i, j]
-            (FastV: -1, VisionZip: 0).
+            (FastV: -1, VisionZip: 0). A mean over no heads (or, for "mean", no rows)
+            is NaN, as eager's.
         key_bias: (B, Lk) or (B, H, Lk) additive logit bias per key, differentiable (ToMe's
             proportional attention: log(size)); the mass includes it.
 
@@ -357,7 +358,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
             if key_mass != "mean":
                 raise ValueError(f'{op}: key_mass must be None, "mean" or an int row, got '
                                  f"{key_mass!r}")  # fmt: skip
-            weight, per = mean_weight(1.0 / h, lq) if h * lq else (0.0, 1)
+            weight, per = mean_weight(1.0 / h, lq) if h * lq else (0.0, 1)  # NaN below
             rows = (0, lq, weight)
         elif isinstance(key_mass, bool) or not isinstance(key_mass, numbers.Integral):
             raise TypeError(f'{op}: key_mass must be None, "mean" or an int row, got '
@@ -369,14 +370,20 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
             # one row: its logits come out of the forward, K is read once
             out, _, mass = attention_row_mass(q, k, v, causal, s, bias, i % lq,
                                               1.0 / h if h else 0.0)  # fmt: skip
-            return out, mass.detach()
+            return out, _no_mean(mass.detach(), h)
     out, lse = attention_core(q, k, v, None, None, lq, k.shape[2], None, None, None, causal,
                               s, 0, bias, None, 0.0, None)  # fmt: skip
     if rows is None:
         return out
     per_head = attention_key_mass(q.detach(), k.detach(), lse.detach(), causal, s, *rows,
                                   None if bias is None else bias.detach())  # fmt: skip
-    return out, divided(per_head.sum(dim=1), per)
+    return out, _no_mean(divided(per_head.sum(dim=1), per), h * lq)
+
+
+def _no_mean(mass: torch.Tensor, count: int) -> torch.Tensor:
+    """``mass``, or NaN where it is a mean over no heads or rows (0 / 0, as the eager
+    ``mean`` over an empty dimension): a pruning rule then sees no plausible zero mass."""
+    return mass if count else torch.full_like(mass, float("nan"))
 
 
 def media_ranges(media_locations, latents_per_media, num_keys, only_immediate):
