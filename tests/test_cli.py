@@ -70,6 +70,18 @@ def test_help_lists_every_command(cache, capsys):
     assert "usage: vlmkernels bench" in bench_help and "--plot" in bench_help
 
 
+def test_unknown_option_is_blamed_on_its_command(capsys):
+    """argparse lets a subcommand's unknown option fall to the top parser ("usage:
+    vlmkernels [-h] COMMAND ..."); the error names the command and shows its usage."""
+    for command in ("info", "tune", "inspect"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--bogus"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"usage: vlmkernels {command}" in err
+        assert f"vlmkernels {command}: error: unrecognized arguments: --bogus" in err
+
+
 def test_info_measures_once_then_reads_the_cache(cache, monkeypatch, capsys):
     first = _ok(run("-m", "vlmkernels", "info", cache=cache))
     assert "device:" in first and "backends:" in first and "cuda (C++)" in first

@@ -695,13 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--refresh", action="store_true", help="re-measure the cached ceilings")
     info.add_argument("--no-ceilings", action="store_true", help="skip the ceilings")
     info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=cmd_info, parser=info)
     tune = sub.add_parser("tune", help="autotune the Triton kernels on this GPU, persist winners")
     tune.add_argument("ops", nargs="*", help="ops or kernels to tune (default: all)")
     tune.add_argument(
         "--out", type=Path, help="config directory (default: the tuner's, VLMKERNELS_CONFIG_DIR)"
     )
-    tune.set_defaults(func=cmd_tune)
+    tune.set_defaults(func=cmd_tune, parser=tune)
     insp = sub.add_parser(
         "inspect",
         help="compile the Triton kernels for a GPU (no GPU needed) and report "
@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("--budgets", type=Path, help="the budget file (default: the package's)")
     insp.add_argument("--no-cache", action="store_true", help="compile again, ignore the cache")
-    insp.set_defaults(func=cmd_inspect)
+    insp.set_defaults(func=cmd_inspect, parser=insp)
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     return p
@@ -760,7 +760,9 @@ def _run(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top parser for a subcommand's unknown option
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv[1:]
     if args.command is None:
         parser.print_help()
