@@ -790,6 +790,34 @@ def test_siglip_module_matches_open_clip(dtype, device, open_clip_loss):
         assert rel_err(a, c) < tol
 
 
+def test_modules_logits_and_labels_match_open_clip(open_clip_loss):
+    """get_logits and get_ground_truth, which training code calls for logging and
+    evaluation, are open_clip's (values, dtypes, gradients)."""
+    oc = open_clip_loss
+    cpu = torch.device("cpu")
+    x, y = features(6, 8, torch.float64, cpu), features(6, 8, torch.float64, cpu)
+    for ours, theirs in ((vlmkernels.nn.ClipLoss(), oc.ClipLoss()),
+                         (vlmkernels.nn.SigLipLoss(), oc.SigLipLoss())):  # fmt: skip
+        for bias in (None, torch.tensor(-1.5, dtype=torch.float64)):
+            xa, xb = leaf(x), leaf(x)
+            a, b = ours.get_logits(xa, y, 10.0, bias), theirs.get_logits(xb, y, 10.0, bias)
+            a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+            assert len(a) == len(b)
+            for u, v in zip(a, b, strict=True):
+                assert u.dtype == v.dtype and rel_err(u, v) < 1e-12
+            w = torch.rand(6, 6, dtype=torch.float64)
+            sum((u * w).sum() for u in a).backward()
+            sum((v * w).sum() for v in b).backward()
+            assert rel_err(xa.grad, xb.grad) < 1e-12
+    clip, clip_oc = vlmkernels.nn.ClipLoss(), oc.ClipLoss()
+    assert torch.equal(clip.get_ground_truth("cpu", 5), clip_oc.get_ground_truth("cpu", 5))
+    sig, sig_oc = vlmkernels.nn.SigLipLoss(), oc.SigLipLoss()
+    for negative_only in (False, True):
+        got = sig.get_ground_truth("cpu", torch.bfloat16, 5, negative_only)
+        want = sig_oc.get_ground_truth("cpu", torch.bfloat16, 5, negative_only)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_teacher_under_autocast_follows_the_features(device):
     """Under autocast a teacher given in the caller's dtype (fp32, like the features) is
     cast with them: the loss is the one of the bf16 inputs."""

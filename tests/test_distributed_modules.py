@@ -155,6 +155,37 @@ def clip_parity(local_loss, gather_with_grad, with_bias):
     return case
 
 
+def clip_logits(rank, n, oc, vk):
+    """get_logits and get_ground_truth in every (local_loss, gather_with_grad) mode match
+    open_clip's: values and the gradient each rank's features receive. With a bias and
+    neither local loss nor one process, open_clip's logits carry it twice (an in-place add
+    to a transposed view): ours once."""
+    x, y = features(rank, B)
+    bias = torch.tensor(-1.5)
+    problems = []
+    for local_loss in (False, True):
+        for gather_with_grad in (False, True):
+            kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                      world_size=n)  # fmt: skip
+            ours, theirs = vk.nn.ClipLoss(**kw), oc.ClipLoss(**kw)
+            got, grads = [], []
+            for module in (ours, theirs):
+                xi = x.clone().requires_grad_(True)
+                logits = module.get_logits(xi, y, 10.0, bias)
+                sum((t * torch.linspace(0.5, 1.5, t.numel()).view_as(t)).sum()
+                    for t in logits).backward()  # fmt: skip
+                got.append([t.detach() for t in logits])
+                grads.append(xi.grad)
+            if not local_loss:
+                got[1] = [t - bias for t in got[1]]  # open_clip's second bias
+            errors = [rel_err(a, b) for a, b in zip(*got, strict=True)]
+            errors.append(rel_err(*grads))
+            labels = ours.get_ground_truth("cpu", B), theirs.get_ground_truth("cpu", B)
+            if not (max(errors) < TOL and torch.equal(*labels)):
+                problems.append(f"{kw}: relative errors {errors}, labels {labels}")
+    raise_problems(rank, problems)
+
+
 def clip_reference(rank, n, sizes, local_loss, gather_with_grad, log_scale):
     """float64 emulation of every rank's open_clip loss (labels at each row's global index),
     with the gradients rank ``rank`` would receive."""
@@ -336,6 +367,7 @@ for _local in (False, True):
 for _impl in DIST_IMPLS:
     CASES[f"siglip-{_impl}"] = siglip_parity(_impl)
 CASES["siglip-shift-nobias"] = siglip_parity("shift", with_bias=False)
+CASES["clip-logits"] = clip_logits
 CASES["autocast-bf16"] = autocast_bf16
 CASES["error-siglip-unequal-sizes"] = siglip_unequal_sizes
 CASES["error-dims-differ"] = dims_differ

@@ -2,7 +2,8 @@ r"""Drop-in replacements for open_clip's ``ClipLoss`` and ``SigLipLoss``, one pr
 
 Same constructor arguments, ``forward`` signature and results as ``open_clip.loss``: the same
 loss and the same gradients (features, ``logit_scale``, ``logit_bias``) on every rank,
-including open_clip's gradient-scaling conventions. The losses are computed by the fused ops
+including open_clip's gradient-scaling conventions; ``get_logits`` and ``get_ground_truth``
+(for logging and evaluation) are open_clip's too. The losses are computed by the fused ops
 (:func:`vlmkernels.clip_loss`, :func:`vlmkernels.contrastive_cross_entropy`,
 :func:`vlmkernels.siglip_loss`), which never build a logits matrix.
 
@@ -435,7 +436,42 @@ class ClipLoss(nn.Module):
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _distributed_loss(self, img, txt, scale, bias):
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``(logits_per_image, logits_per_text)``, as matrices in memory (for
+        logging or evaluation; the loss never builds them): ``s I T^T [+ b]`` and
+        ``s T I^T [+ b]`` over this rank's rows, or with ``world_size > 1`` the gathered
+        features of this call's mode ((N, N), or (b_r, N) with ``local_loss``; gradients
+        as the loss's). open_clip adds ``logit_bias`` twice to the (N, N) logits of several
+        processes without ``local_loss`` (its text logits are a view of the image logits,
+        each incremented in place); here it is added once."""
+        if self.world_size > 1:
+            img, txt, all_img, all_txt, _ = self._gathered(image_features, text_features,
+                                                           logit_scale, logit_bias)  # fmt: skip
+            if self.local_loss:
+                per_image, per_text = logit_scale * img @ all_txt.T, logit_scale * txt @ all_img.T
+            else:
+                per_image = logit_scale * all_img @ all_txt.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ text_features.T
+            per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """open_clip's labels: ``arange(num_logits)``, shifted by ``num_logits * rank`` with
+        ``local_loss`` and ``world_size > 1`` (equal local batches; the loss itself takes
+        each rank's offset, sizes may differ)."""
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        if self.world_size > 1 and self.local_loss:
+            labels = labels + num_logits * self.rank
+        return labels
+
+    def _gathered(self, img, txt, scale, bias):
+        """(img, txt, all_img, all_txt, world) of a call with ``world_size > 1``: the
+        checked world and every rank's features in rank order, with the gradients of this
+        mode (open_clip's ``gather_features``)."""
         img, txt = autocast_pair(img, txt)
         world = _world("ClipLoss", img, txt, scale, bias, self.rank, self.world_size,
                        equal_sizes=None)  # fmt: skip
@@ -445,11 +481,15 @@ class ClipLoss(nn.Module):
         else:
             gathered = _all_gather_rows(torch.cat((img.detach(), txt.detach()), dim=1), world)
         all_img, all_txt = gathered[:, :d], gathered[:, d:]
-        if self.local_loss:
-            return self._local_loss(img, txt, all_img, all_txt, scale, bias, world.offset)
-        if not self.gather_with_grad:
+        if not (self.local_loss or self.gather_with_grad):
             all_img = _with_own_slot(all_img, img, world)
             all_txt = _with_own_slot(all_txt, txt, world)
+        return img, txt, all_img, all_txt, world
+
+    def _distributed_loss(self, img, txt, scale, bias):
+        img, txt, all_img, all_txt, world = self._gathered(img, txt, scale, bias)
+        if self.local_loss:
+            return self._local_loss(img, txt, all_img, all_txt, scale, bias, world.offset)
         return clip_loss(all_img, all_txt, scale, bias)
 
     @staticmethod
@@ -503,6 +543,19 @@ class SigLipLoss(nn.Module):
         else:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``s I T^T [+ b]`` over this rank's rows, as a matrix in memory (for
+        logging or evaluation; the loss never builds it)."""
+        logits = logit_scale * image_features @ text_features.T
+        return logits if logit_bias is None else logits + logit_bias
+
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
+        """open_clip's signs: ``2 I - 1`` (``-1`` everywhere with ``negative_only``)."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = labels + 2 * torch.eye(num_logits, device=device, dtype=dtype)
+        return labels
 
     def _distributed_loss(self, img, txt, scale, bias):
         img, txt = autocast_pair(img, txt)
