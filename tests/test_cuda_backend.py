@@ -457,6 +457,18 @@ def test_emulated_backward_and_positions(rule, dtype, on_emulated_cuda):
                   interleaved=rule == 2)  # fmt: skip
 
 
+def test_emulated_positions_op_inv_freq_by_value(on_emulated_cuda):
+    """torch.ops.vlmkernels.rope_positions called directly with a strided or a float64
+    inv_freq (the public function makes it contiguous float32; the op must too: the
+    binding takes float32 only)."""
+    q, k, ud = qk_views("bhsd", torch.float32)
+    positions = torch.randint(0, 300, (3, 2, 3))
+    wide = torch.rand(128)
+    for inv_freq in (wide[::2], wide[::2].double()):
+        args = (q, k, positions, inv_freq, ud, 1, [16, 24, 24], 1.0, False)
+        against_torch(torch.ops.vlmkernels.rope_positions, *args)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("d", "rot"), [(64, 16), (72, 24), (80, 2)])
 def test_emulated_partial_rotary_and_inplace(d, rot, dtype, on_emulated_cuda):

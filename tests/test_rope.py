@@ -302,6 +302,23 @@ def test_positions_with_strided_inv_freq(device, backend):
     check_outputs(outs, refs, torch.float32, (q, k))
 
 
+def test_positions_op_reads_inv_freq_by_value(device, backend):
+    """The op itself (``torch.ops.vlmkernels.rope_positions``, public) given a strided or a
+    float64 inv_freq: every backend rotates by the values, as the PyTorch path does. The
+    Triton kernel read a strided view with a unit stride (other frequencies); the CUDA C++
+    kernel refused float64."""
+    b, s, d = 1, 9, 32
+    q, k, _ = qk_views(b, s, 2, 1, d, torch.float32, device, "bhsd")
+    positions = torch.randint(0, 300, (3, b, s), device=device)
+    wide = torch.rand(d, device=device)
+    cos, sin = tables_from_positions(positions.cpu(), wide[::2].cpu().contiguous())
+    refs = ref_mrope(q.double().cpu(), k.double().cpu(), cos, sin, [6, 5, 5])
+    op = torch.ops.vlmkernels.rope_positions
+    for inv_freq in (wide[::2], wide[::2].double()):
+        outs = op(q, k, positions, inv_freq, 1, R.CHUNKED, [6, 5, 5], 1.0, False)
+        check_outputs(outs, refs, torch.float32, (q, k))
+
+
 @pytest.mark.parametrize("hd", [72, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vision_rope_on_packed_qkv(hd, dtype, device, backend):

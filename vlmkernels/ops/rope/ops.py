@@ -173,12 +173,23 @@ def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
 # --------------------------------------------------------------------------- rope_positions
 
 
+def _kernel_freq(inv_freq):
+    """inv_freq as both kernels read it: contiguous float32. The Triton kernel reads it with
+    a unit stride (a strided view gave other frequencies) and the CUDA C++ kernel takes
+    float32 only; the values are the same (the reference computes angles with
+    ``inv_freq.float()``). :func:`.functional.mrope_from_positions` already passes such a
+    vector; a direct ``torch.ops.vlmkernels.rope_positions`` call may not."""
+    if inv_freq.dtype != torch.float32 or inv_freq.stride(0) != 1:
+        inv_freq = inv_freq.to(torch.float32).contiguous()
+    return inv_freq
+
+
 @rope_positions.impl("triton")
 def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
     out_q, out_k = torch.empty_like(q), torch.empty_like(k)
     kernels.launch(q, k, out_q, out_k, head_axis=head_axis, positions=positions,
-                   inv_freq=inv_freq, mode=lane_rule, sections=sections, scaling=scaling,
-                   backward=backward)  # fmt: skip
+                   inv_freq=_kernel_freq(inv_freq), mode=lane_rule, sections=sections,
+                   scaling=scaling, backward=backward)  # fmt: skip
     return out_q, out_k
 
 
@@ -192,8 +203,8 @@ def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backwa
 @rope_positions.impl("cuda")
 def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
     return _CUDA(q, k, head_axis, False, positions=positions_view(positions),
-                 inv_freq=inv_freq, mode=lane_rule, sections=sections, scaling=scaling,
-                 backward=backward)  # fmt: skip
+                 inv_freq=_kernel_freq(inv_freq), mode=lane_rule, sections=sections,
+                 scaling=scaling, backward=backward)  # fmt: skip
 
 
 @rope_positions.fake
