@@ -332,8 +332,8 @@ def emulated_rope(tmp_path_factory):
     assert lib.emu_args_size() == ctypes.sizeof(RopeArgs), "RopeArgs is out of step with rope.h"
     plans = []
 
-    def launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=0,
-               sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
+    def args_of(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=0,
+                sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
         a = RopeArgs(*q.shape[:3], k.shape[2], q.shape[3])
         a.q, a.k, a.qo, a.ko = (t.data_ptr() for t in (q, k, qo, ko))
         a.q_stride, a.k_stride = _I64x4(*q.stride()), _I64x4(*k.stride())
@@ -353,13 +353,35 @@ def emulated_rope(tmp_path_factory):
             a.positions, a.pos_stride = positions.data_ptr(), _I64x3(*positions.stride())
             a.pos_dtype = CODES[positions.dtype]
             a.inv_freq, a.freq_stride = inv_freq.data_ptr(), inv_freq.stride(0)
+        return a
+
+    def launch(q, k, qo, ko, **angles):
+        a = args_of(q, k, qo, ko, **angles)
         plan = [ctypes.c_int() for _ in range(3)]
         if lib.vlmk_rope_plan(ctypes.byref(a), *(ctypes.byref(v) for v in plan)):
             plans.append(tuple(v.value for v in plan))
         assert lib.vlmk_rope(ctypes.byref(a), None) == 0
 
-    launch.plans = plans
+    launch.plans, launch.args_of, launch.lib = plans, args_of, lib
     return launch
+
+
+def test_emulated_mixed_dtypes_planned_before_any_launch(emulated_rope):
+    """q and k of different dtypes are launched apart, each with its own access width (8
+    bf16, 4 fp32): the plan, which the binding checks before launching, refuses a layout
+    either launch refuses (rotary half 2048: 256 chunks of 8, 512 of 4), and the launcher
+    refuses it before writing q."""
+    q, k = torch.randn(1, 2, 2, 4096).to(torch.bfloat16), torch.randn(1, 2, 2, 4096)
+    cos = torch.randn(1, 1, 2, 4096)
+    lib, args_of = emulated_rope.lib, emulated_rope.args_of
+    qo, ko = torch.zeros_like(q), torch.zeros_like(k)
+    a = args_of(q, k, qo, ko, table=(cos, cos))
+    assert lib.vlmk_rope_plan(ctypes.byref(a), None, None, None) == 0
+    assert lib.vlmk_rope(ctypes.byref(a), None) != 0
+    assert not qo.any() and not ko.any()
+    k16 = k.to(torch.bfloat16)  # one dtype, one launch of 8-wide accesses: it fits
+    a = args_of(q, k16, qo, torch.zeros_like(k16), table=(cos, cos))
+    assert lib.vlmk_rope_plan(ctypes.byref(a), None, None, None) == 1
 
 
 @pytest.fixture

@@ -418,7 +418,19 @@ cudaError_t launch_typed(const Plan& plan, bool backward, cudaStream_t stream) {
 extern "C" int vlmk_rope_plan(const VlmkRopeArgs* args, int* vec, int* threads_x,
                               int* tokens_per_block) {
   Plan plan;
-  if (!args || !make_plan(*args, plan)) return 0;
+  if (!args) return 0;
+  if (args->q_dtype != args->k_dtype && args->q_heads > 0 && args->k_heads > 0) {
+    // vlmk_rope launches q and k apart (one launch per dtype), each with its own vector
+    // width: both plans must exist, else a layout accepted here would be refused after q's
+    // launch. The plan reported is q's.
+    VlmkRopeArgs only_q = *args, only_k = *args;
+    only_q.k_heads = 0;
+    only_k.q_heads = 0;
+    only_k.q_dtype = args->k_dtype;
+    if (!make_plan(only_k, plan) || !make_plan(only_q, plan)) return 0;
+  } else if (!make_plan(*args, plan)) {
+    return 0;
+  }
   if (vec) *vec = plan.vec;
   if (threads_x) *threads_x = plan.threads_x;
   if (tokens_per_block) *tokens_per_block = plan.tokens_per_block;
@@ -431,6 +443,8 @@ extern "C" cudaError_t vlmk_rope(const VlmkRopeArgs* args, void* stream) {
   if (a.batch == 0 || a.seq == 0 || (a.q_heads == 0 && a.k_heads == 0)) return cudaSuccess;
   if (!valid(a)) return cudaErrorInvalidValue;
   if (a.q_dtype != a.k_dtype && a.q_heads > 0 && a.k_heads > 0) {  // one launch per dtype
+    // both launches planned first: a refused k must not follow a launched q
+    if (!vlmk_rope_plan(&a, nullptr, nullptr, nullptr)) return cudaErrorInvalidValue;
     VlmkRopeArgs only_q = a, only_k = a;
     only_q.k_heads = 0;
     only_k.q_heads = 0;

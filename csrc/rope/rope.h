@@ -66,6 +66,7 @@ cudaError_t vlmk_rope(const VlmkRopeArgs* args, void* stream);
 
 // The vector width (elements per access: 16 bytes where the layout allows it, down to 1)
 // and the block shape that vlmk_rope would use for `args`; 0 when it would refuse them.
+// q and k of different dtypes are launched apart: 1 when both launches fit, with q's plan.
 int vlmk_rope_plan(const VlmkRopeArgs* args, int* vec, int* threads_x, int* tokens_per_block);
 
 #ifdef __cplusplus
