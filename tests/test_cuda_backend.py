@@ -528,3 +528,105 @@ def test_emulated_layouts_heads_and_dtypes(on_emulated_cuda):
         against_torch(vlmkernels.rope, q, k, cos[:1].to(table_dtype), sin[:1].to(table_dtype), 2)
     q0, k0, ud = qk_views("bhsd", torch.bfloat16, s=0)
     against_torch(vlmkernels.rope, q0, k0, *cos_sin(q0, ud, 128), ud)
+
+
+# ------------------------------------------------------------------ the binding, emulated
+
+BINDING_RUNNER = r"""
+import importlib.util, os, sys
+import pytest, torch
+sys.path.insert(0, os.environ["VLMK_TESTS"])
+spec = importlib.util.spec_from_file_location("vlmkernels._C", os.environ["VLMK_EXTENSION"])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import test_cuda_backend as T
+from vlmkernels.ops.rope import cuda as rope_cuda
+
+
+def launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=0,
+           sections=(0, 0, 0), scaling=1.0, backward=False):
+    rot = table[0].shape[3] if table is not None else 2 * inv_freq.numel()
+    try:  # the plans the binding reports, as the emulated launcher records them
+        launch.plans.append(tuple(torch.ops.vlmkernels.rope_cuda_plan(q, k, qo, ko, rot)))
+    except RuntimeError:
+        pass
+    # cuda.rope_launch without its is_cuda check (these are CPU tensors)
+    rope_cuda._launch_op(q, k, qo, ko, table=table, positions=positions, inv_freq=inv_freq,
+                         mode=mode, sections=sections, scaling=scaling, backward=backward)
+
+
+@pytest.fixture
+def on_emulated_cuda(monkeypatch):
+    monkeypatch.setattr(T._cuda, "status", lambda: (True, "emulated"))
+    monkeypatch.setattr(rope_cuda, "rope_launch", launch)
+    launch.plans = []
+    return launch
+
+
+globals().update({n: getattr(T, n) for n in dir(T) if n.startswith("test_emulated_")
+                  and "on_emulated_cuda" in getattr(T, n).__code__.co_varnames})
+"""
+
+
+def test_emulated_through_the_binding(tmp_path):
+    """bindings.cpp and module.cpp run on the CPU: built as the extension compiles them (g++,
+    torch's headers), with the CUDA registrations made CPU ones (``is_cuda`` -> ``is_cpu``,
+    no stream handle) over rope.cu on the host emulation, then every emulated test above
+    that takes the ``on_emulated_cuda`` launcher reruns with torch.ops.vlmkernels.rope_cuda_
+    (argument checks, strides, dtype codes, the plan check) in the launcher's place. In a
+    subprocess: the registrations cannot be undone."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    gxx = shutil.which("g++")
+    cuda_include = next((os.path.join(h, "include") for h in (os.environ.get("CUDA_HOME", ""),
+                         "/usr/local/cuda") if h and os.path.exists(os.path.join(h, "include",
+                         "cuda_bf16.h"))), None)  # fmt: skip
+    if gxx is None or cuda_include is None:
+        pytest.skip("needs g++ and the CUDA headers")
+    bindings = (ROOT / "csrc" / "rope" / "bindings.cpp").read_text()
+    for old, new in [
+        ("TORCH_LIBRARY_IMPL(vlmkernels, CUDA, m)", "TORCH_LIBRARY_IMPL(vlmkernels, CPU, m)"),
+        ("q.is_cuda()", "q.is_cpu()"),
+        ("impl.getStream(q.device()).native_handle()", "(impl.getStream(q.device()), nullptr)"),
+    ]:  # fmt: skip
+        assert old in bindings, f"bindings.cpp no longer has {old!r}: update this test"
+        bindings = bindings.replace(old, new)
+    (tmp_path / "prelude.h").write_text(EMULATION_PRELUDE)
+    (tmp_path / "rope_host.cpp").write_text(
+        host_source((ROOT / "csrc" / "rope" / "rope.cu").read_text())
+        + 'extern "C" const char* cudaGetErrorString(cudaError_t) { return "emulated"; }\n'
+    )
+    (tmp_path / "bindings_host.cpp").write_text(bindings)
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], cuda_include,
+                str(ROOT / "csrc"), str(ROOT / "csrc" / "rope")]  # fmt: skip
+    flags = ["-std=c++20", "-O1", "-fPIC", "-ffp-contract=off", *(f"-I{p}" for p in includes),
+             "-DTORCH_EXTENSION_NAME=_C", "-DVLMKERNELS_CUDA_ARCHS=emulated"]  # fmt: skip
+    objects = []
+    for source in (tmp_path / "rope_host.cpp", tmp_path / "bindings_host.cpp",
+                   ROOT / "csrc" / "common" / "module.cpp"):  # fmt: skip
+        extra = ["-include", str(tmp_path / "prelude.h")] if source.name == "rope_host.cpp" else []
+        obj = tmp_path / f"{source.stem}.o"
+        proc = subprocess.run([gxx, *flags, *extra, "-c", str(source), "-o", str(obj)],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        objects.append(str(obj))
+    lib_dir = cpp_extension.library_paths()[0]
+    so = tmp_path / "_C.so"
+    proc = subprocess.run(
+        [gxx, "-shared", "-o", str(so), *objects, f"-L{lib_dir}", "-lc10", "-ltorch",
+         "-ltorch_cpu", "-ltorch_python", "-lpthread"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runner = tmp_path / "test_binding_runner.py"
+    runner.write_text(BINDING_RUNNER)
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(runner)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "VLMK_TESTS": str(ROOT / "tests"), "VLMK_EXTENSION": str(so),
+             "PYTHONPATH": path},  # this checkout's vlmkernels, not an installed one
+    )  # fmt: skip
+    report = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and " passed" in proc.stdout, report

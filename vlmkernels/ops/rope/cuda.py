@@ -17,6 +17,13 @@ def rope_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode
     require("rope")
     if not q.is_cuda:
         raise RuntimeError(f"rope: the 'cuda' backend needs CUDA tensors, got {q.device}")
+    _launch_op(q, k, qo, ko, table=table, positions=positions, inv_freq=inv_freq, mode=mode,
+               sections=sections, scaling=scaling, backward=backward)  # fmt: skip
+
+
+def _launch_op(q, k, qo, ko, *, table, positions, inv_freq, mode, sections, scaling, backward):
+    """The op call of :func:`rope_launch` (tests run it on CPU tensors, over the binding
+    built for the CPU)."""
     cos, sin = table if table is not None else (None, None)
     if positions is not None and positions.dtype not in (torch.int32, torch.int64):
         positions = positions.long()  # the kernels read int32 or int64 positions
