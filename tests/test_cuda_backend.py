@@ -491,6 +491,29 @@ def test_emulated_positions_op_inv_freq_by_value(on_emulated_cuda):
         against_torch(torch.ops.vlmkernels.rope_positions, *args)
 
 
+def test_emulated_cuda_default_leaves_refused_calls_to_triton(on_emulated_cuda, monkeypatch):
+    """'cuda' as the recorded default (``vlmkernels tune``), not forced: a call the CUDA C++
+    kernels refuse (a float64 k beside a bf16 q: the binding takes fp32 / fp16 / bf16 only)
+    runs on the Triton kernels instead of raising; a call they take still goes to them."""
+    from vlmkernels.core import op as op_module
+
+    monkeypatch.setattr(op_module, "resolve_backend", lambda family, tensor: "cuda")
+    q, k, ud = qk_views("bshd", torch.bfloat16)
+    cos, sin = cos_sin(q, ud, 128)
+    out = vlmkernels.rope(q, k.double(), cos, sin, ud)
+    assert on_emulated_cuda.plans == []  # the CUDA launcher never saw it
+    monkeypatch.undo()
+    with vlmkernels.use_backend("torch"):
+        ref = vlmkernels.rope(q, k.double(), cos, sin, ud)
+    torch.testing.assert_close(out[0], ref[0], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(op_module, "resolve_backend", lambda family, tensor: "cuda")
+    monkeypatch.setattr(_cuda, "status", lambda: (True, "emulated"))
+    monkeypatch.setattr(rope_cuda, "rope_launch", on_emulated_cuda)
+    vlmkernels.rope(q, k, cos, sin, ud)
+    assert on_emulated_cuda.plans  # taken: the CUDA launcher ran it
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("d", "rot"), [(64, 16), (72, 24), (80, 2)])
 def test_emulated_partial_rotary_and_inplace(d, rot, dtype, on_emulated_cuda):

@@ -7,6 +7,8 @@ import torch
 
 from ...core.cuda import require
 
+_DATA = (torch.float32, torch.float16, torch.bfloat16)  # q, k (tables: float64 too)
+
 
 def rope_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode=0,
                 sections=(0, 0, 0), scaling=1.0, backward=False):  # fmt: skip
@@ -31,3 +33,25 @@ def _launch_op(q, k, qo, ko, *, table, positions, inv_freq, mode, sections, scal
         q, k, qo, ko, cos, sin, positions, inv_freq,
         int(mode), [int(v) for v in sections], float(scaling), bool(backward),
     )  # fmt: skip
+
+
+def fits(q, k, qo, ko, *, table=None, inv_freq=None, **_) -> bool:
+    """Whether the CUDA C++ kernels take a call of :func:`rope_launch` (csrc/rope/rope.h's
+    limits: q, k in fp32 / fp16 / bf16, tables in those or fp64, at most 16384 heads and a
+    head dim of 65536, at most 256 accesses per half head vector). The Triton kernel takes
+    every call the public functions pass; with the backend not forced, the others run
+    there (:func:`.ops._cuda_or_triton`)."""
+    if q.dtype not in _DATA or k.dtype not in _DATA:
+        return False
+    if table is not None and any(t.dtype not in (*_DATA, torch.float64) for t in table):
+        return False
+    if q.shape[2] + k.shape[2] > 1 << 14 or q.shape[3] > 1 << 16:
+        return False
+    rot = table[0].shape[-1] if table is not None else 2 * inv_freq.numel()
+    if rot // 2 <= 256:  # one lane per thread fits whatever the access width
+        return True
+    try:  # wider: the access width decides (the layout's strides and alignment)
+        torch.ops.vlmkernels.rope_cuda_plan(q, k, qo, ko, rot)
+    except RuntimeError:
+        return False
+    return True

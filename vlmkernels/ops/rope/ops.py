@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...core.backend import in_forward_backend, remember_backend
+from ...core.backend import get_backend, in_forward_backend, remember_backend
 from ...core.op import Op
 from . import cuda, kernels, reference
 from .layout import positions_view, table_view, to_bshd
@@ -64,9 +64,20 @@ def _torch_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mo
     ko.copy_(reference.rotate(k, *lanes, backward))
 
 
+def _cuda_or_triton(q, k, qo, ko, **angles):
+    """The CUDA C++ launcher (looked up at each call, so tests can replace it), or, where
+    its kernels refuse the call (:func:`.cuda.fits`: e.g. a float64 k beside a 16-bit q, an
+    fp8 table, a rotary dim past their lanes) and the 'cuda' backend was not forced but is
+    the recorded default, the Triton launcher, which takes it: a default must not turn a
+    call the package runs into an error."""
+    if get_backend() != "cuda" and not cuda.fits(q, k, qo, ko, **angles):
+        kernels.launch(q, k, qo, ko, **angles)
+    else:
+        cuda.rope_launch(q, k, qo, ko, **angles)
+
+
 _TORCH = _canonical(_torch_launch)
-# the CUDA C++ launcher is looked up at each call, so tests can replace it
-_CUDA = _canonical(lambda *args, **kw: cuda.rope_launch(*args, **kw))
+_CUDA = _canonical(_cuda_or_triton)
 
 
 # ------------------------------------------------------------------------------- rope_table
