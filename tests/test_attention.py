@@ -748,6 +748,49 @@ def test_empty_sizes(device, backend):
             assert mass.shape == (1, 5) and mass.isnan().all() and eager.isnan().all()
 
 
+@pytest.mark.parametrize("op", ["attention", "cross_attention", "packed", "media"])
+def test_follows_autocast_as_sdpa(op, device, backend):
+    """Under torch.autocast fp32 q, k, v are cast to the autocast dtype, as
+    F.scaled_dot_product_attention's are: the output is bitwise the op's on the cast
+    inputs, in that dtype, and the gradients reach the fp32 leaves (the casts'
+    backward); a 16-bit k beside fp32 q and v is taken too. float64 stays float64."""
+    b, h, lq, lk, d = 2, 2, 5, 8, 16
+    shapes = ((b, h, lq, d), (b, h, lk, d), (b, h, lk, d))
+    if op == "packed":
+        shapes = ((b * lq, h, d), (b * lk, h, d), (b * lk, h, d))
+    cu = {"packed": dict(cu_seqlens_q=torch.tensor([0, 3, 10], dtype=torch.int32, device=device),
+                         cu_seqlens_k=torch.tensor([0, 9, 16], dtype=torch.int32,
+                                                   device=device))}  # fmt: skip
+    media = torch.zeros(b, lq, dtype=torch.bool, device=device)
+    media[:, 0] = media[:, 3] = True
+    call = {
+        "attention": lambda q, k, v: A.attention(q, k, v, causal=True),
+        "cross_attention": lambda q, k, v: A.cross_attention(q, k, v),
+        "packed": lambda q, k, v: A.cross_attention(q, k, v, **cu["packed"]),
+        "media": lambda q, k, v: A.media_cross_attention(q, k, v, media, 4),
+    }[op]
+    low = torch.bfloat16
+    with torch.autocast(device.type, dtype=low):
+        sdpa = torch.nn.functional.scaled_dot_product_attention(*(rand(*s) for s in shapes[1:]),
+                                                                rand(*shapes[2]))  # fmt: skip
+    assert sdpa.dtype == low or op == "packed"
+    given = [leaf(rand(*s, device=device)) for s in shapes]
+    given[1] = leaf(given[1].detach().to(low))  # a 16-bit tower beside fp32 ones
+    with torch.autocast(device.type, dtype=low):
+        out = call(*given)
+    cast = [leaf(t.detach().to(low)) for t in given]
+    want = call(*cast)
+    assert out.dtype == low and torch.equal(out, want)
+    w = rand(*out.shape, device=device).to(low)
+    (out * w).sum().backward()
+    (want * w).sum().backward()
+    for g, c in zip(given, cast, strict=True):
+        assert g.grad.dtype == g.dtype and torch.equal(g.grad, c.grad.to(g.dtype))
+    if backend == "torch":  # float64 runs there only
+        with torch.autocast(device.type, dtype=low):
+            assert call(*(t.detach().double() for t in given)).dtype == torch.float64
+
+
 # ------------------------------------------------- grouped-query attention, per-key bias
 
 

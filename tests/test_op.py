@@ -270,12 +270,13 @@ def test_forked_child_gets_a_free_interpreter_lock():
 def test_ops_compute_in_their_dtypes_under_autocast():
     """Under the caller's autocast an op computes in the dtypes it is given (the public
     functions apply autocast's casts themselves): the PyTorch path's products do not drop
-    to bf16 behind its back. fp32 attention and ToMe, fp16 SigLIP gradients: the same
+    to bf16 behind its back. bf16 attention (which, like SDPA, casts fp32 inputs to the
+    autocast dtype and accumulates in fp32), fp32 ToMe, fp16 SigLIP gradients: the same
     results with and without autocast."""
     import vlmkernels
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, 16) for n in (5, 9, 9))
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.bfloat16) for n in (5, 9, 9))
     x, metric = torch.randn(2, 20, 8), torch.randn(2, 20, 8)
     f, g = (torch.randn(16, 32).half().requires_grad_() for _ in "fg")
 

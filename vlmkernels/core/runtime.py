@@ -119,6 +119,8 @@ def autocast_operands(*tensors):
     the first one's device type, floating tensors other than float64 cast to the autocast
     dtype (differentiably: the gradients reach the fp32 originals), the others (None and
     non-tensors included, left to the caller's checks) as they are; else all as they are."""
+    if not isinstance(tensors[0], torch.Tensor):
+        return tensors
     low = autocast_dtype(tensors[0])
     if low is None:
         return tensors

@@ -11,7 +11,7 @@ import torch
 
 from ...core.backend import resolve_backend
 from ...core.checks import check_bool, check_int
-from ...core.runtime import divided, mean_weight
+from ...core.runtime import autocast_operands, divided, mean_weight
 from . import launchers, reference
 from .launchers import MAX_HEAD_DIM
 from .ops import attention_core, attention_key_mass, attention_row_mass
@@ -237,8 +237,10 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         q, k, v: dense (B, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D), or packed (Tq, H, D),
             (Tk, Hk, D), (Tk, Hk, D) with ``cu_seqlens_q`` / ``cu_seqlens_k``; float16,
             bfloat16, float32 (computed with fp32 accuracy) or float64 (PyTorch path);
-            head dim D <= 256, any strides. Hk divides H (grouped-query attention: query
-            head h reads key/value head h // (H / Hk); dK, dV sum over the group).
+            under ``torch.autocast`` cast to its dtype first (float64 excepted), as
+            ``F.scaled_dot_product_attention`` is; head dim D <= 256, any strides. Hk
+            divides H (grouped-query attention: query head h reads key/value head
+            h // (H / Hk); dK, dV sum over the group).
         cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets of the packed segments (both or
             neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed. In
             eager mode the offsets are read on the host and checked (start at 0,
@@ -277,6 +279,7 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         padded) gets out = 0 and lse = -inf, and no gradient.
     """
     op = "cross_attention"
+    q, k, v = autocast_operands(q, k, v)
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_qkv(op, q, k, v, 3 if packed else 4)
     check_bool(op, "return_lse", return_lse)
@@ -328,7 +331,8 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
 
     Args:
         q: (B, H, Lq, D); k, v: (B, Hk, Lk, D), Hk dividing H (grouped-query attention);
-            float16, bfloat16, float32 or float64.
+            float16, bfloat16, float32 or float64 (under ``torch.autocast`` cast as by
+            :func:`cross_attention`).
         causal: query i sees keys j <= i + Lk - Lq (aligned to the bottom-right, as
             flash-attention); a query that sees no key (Lq > Lk) gets 0.
         scale: the logit scale (default 1 / sqrt(D)).
@@ -347,6 +351,7 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
         recomputes every row's probabilities from the saved log-sum-exp in a second pass.
     """
     op = "attention"
+    q, k, v = autocast_operands(q, k, v)
     _check_qkv(op, q, k, v, 4)
     check_bool(op, "causal", causal)
     s = _scale(op, scale, q.shape[-1])
@@ -413,7 +418,8 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
 
     Args:
         q: (B, H, T, D) text queries; k, v: (B, H, M L, D), the latents of M media items,
-            L = ``latents_per_media`` each (key j belongs to media j // L + 1).
+            L = ``latents_per_media`` each (key j belongs to media j // L + 1); under
+            ``torch.autocast`` cast as by :func:`cross_attention`.
         media_locations: (B, T) bool, True at the token where each media item appears.
         latents_per_media: L, a positive int dividing the key count.
         only_immediate: token t sees the latents of media number text_time[t] =
@@ -433,6 +439,7 @@ def media_cross_attention(q, k, v, media_locations, latents_per_media, *, only_i
         would let them attend to every latent uniformly).
     """
     op = "media_cross_attention"
+    q, k, v = autocast_operands(q, k, v)
     _check_qkv(op, q, k, v, 4)
     check_bool(op, "only_immediate", only_immediate)
     n = check_int(op, "latents_per_media", latents_per_media, 1)
