@@ -13,8 +13,9 @@ Options (each also read from an environment variable, the option winning):
 - ``--bench-profile cpu|cpu-quick|quick|full`` (``VLMKERNELS_BENCH_PROFILE``)
 - ``--bench-ops a,b``: families or op names (``VLMKERNELS_BENCH_OPS``)
 - ``--bench-providers a,b`` (``VLMKERNELS_BENCH_PROVIDERS``)
-- ``--bench-shape KEY=V1,V2`` (repeatable; ``VLMKERNELS_BENCH_SHAPE="N=64;d=32"``): replaces
-  the values of KEY in the suites that have it (others are left alone)
+- ``--bench-shape KEY=V1,V2`` (repeatable, a key given twice takes both lists;
+  ``VLMKERNELS_BENCH_SHAPE="N=64;d=32"``): replaces the values of KEY in the suites that
+  have it (others are left alone)
 - ``--bench-modes fwd,fwd+bwd``, ``--bench-dtype bf16|fp16|fp32``,
   ``--bench-compile-backend B`` (``aot_eager`` makes the compile provider quick on a CPU)
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from . import parse_shape, suites
+from . import parse_shape, shape_options, suites
 from .harness import PROFILES, TIMED_MODES, OpSpec, Provider, Suite, dtype_str, shape_str
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -81,14 +82,11 @@ def _list(text: str | None) -> list[str]:
 
 
 def _shapes(texts: list[str]) -> dict[str, list[int]]:
-    out = {}
-    for text in texts:
-        try:
-            key, ints = parse_shape(text)
-        except ValueError as exc:
-            raise pytest.UsageError(f"--bench-shape: {exc}") from None
-        out[key] = ints
-    return out
+    """{key: sizes} of the repeated ``--bench-shape`` options, merged as bench's ``--shape``."""
+    try:
+        return shape_options(parse_shape(text) for text in texts)
+    except ValueError as exc:
+        raise pytest.UsageError(f"--bench-shape: {exc}") from None
 
 
 def _selected(suite: Suite, op: OpSpec, wanted: list[str]) -> bool:

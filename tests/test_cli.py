@@ -631,6 +631,19 @@ def test_pytest_bench_modes_refuses_bwd_and_unknown_names():
             collect_cases(Config())
 
 
+def test_pytest_bench_shape_repeated_merges_as_bench_shape():
+    """``--bench-shape N=64 --bench-shape N=128`` sweeps both sizes, as bench's ``--shape``
+    does (the second used to replace the first)."""
+    from benchmarks.conftest import collect_cases
+
+    class Config:
+        def getoption(self, name):
+            return {"bench_ops": "clip_loss", "bench_providers": "eager",
+                    "bench_shape": ["N=64", "d=32", "N=128"]}.get(name)  # fmt: skip
+
+    assert sorted({c.shape["N"] for c in collect_cases(Config())}) == [64, 128]
+
+
 def test_bench_refuses_a_foreign_csv_in_out_before_measuring(tmp_path, monkeypatch, capsys):
     import benchmarks.__main__ as bench_main
 
