@@ -918,3 +918,30 @@ def test_dtypes_under_autocast_and_of_the_gradcache_results(device):
     numpy = pytest.importorskip("numpy")
     assert torch.allclose(vlmkernels.clip_loss(x, y, 5.0, chunk_size=numpy.int64(4)),
                           vlmkernels.clip_loss(x, y, 5.0, chunk_size=4))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_with_grads_compile_once_for_every_batch_size(name, device):
+    """clip_loss_with_grads / siglip_loss_with_grads passed the mean's 1/N as the ops'
+    float argument: traced, one graph per batch size (and a hard failure after the
+    recompile limit with fullgraph), as the losses themselves did before. One graph for
+    three sizes, each result the eager one."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def call(x, y):
+        if name == "clip":
+            return vlmkernels.clip_loss_with_grads(x, y, 10.0)
+        return vlmkernels.siglip_loss_with_grads(x, y, 10.0, -10.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend=backend, fullgraph=True, dynamic=True)
+    for n in (6, 9, 13):
+        x, y = features(n, 16, torch.float32, device), features(n, 16, torch.float32, device)
+        for got, want in zip(compiled(x, y), call(x, y), strict=True):
+            assert (got is None) == (want is None)
+            assert got is None or rel_err(got, want) < 1e-5
+    assert len(graphs) == 1, len(graphs)

@@ -451,8 +451,9 @@ def clip_loss_with_grads(
                                                   logit_scale, logit_bias, reduction,
                                                   chunk_size)  # fmt: skip
     ids, _ = check_targets(op, x.shape[0], x.device, ids, label_smoothing)
-    n = x.shape[0]
-    weight = 1.0 / (2 * n) if reduction == "mean" else 0.5  # n > 0: prepare checked
+    # n > 0: prepare checked. Traced, the sum's weight and a division by n (mean_weight):
+    # 1 / (2 n) in the ops' float argument would fix the batch size in the graph
+    weight, per = mean_weight(0.5, x.shape[0], reduction == "mean")
     with torch.no_grad():
         # the reduced ops clip_loss runs, their backward called with a unit gradient: the
         # same results as clip_loss(...).backward()
@@ -471,6 +472,7 @@ def clip_loss_with_grads(
             dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(
                 *tensors, coef, one, *options, chunk, True
             )
+        loss, dx, dy, ds, db = _divided_all(per, loss, dx, dy, ds, db)
     return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
                               logit_scale, logit_bias)  # fmt: skip
 
@@ -493,14 +495,21 @@ def siglip_loss_with_grads(
     x, y, scale, bias, chunk, out_dtype = prepare(op, image_features, text_features,
                                                   logit_scale, logit_bias, reduction,
                                                   chunk_size)  # fmt: skip
-    weight = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    weight, per = mean_weight(1.0, x.shape[0], reduction == "mean")  # see clip's
     with torch.no_grad():
         bias = bias.detach() if bias is not None else None
         loss, dx, dy, ds, db = ops.siglip_loss_fused(
             x.detach(), y.detach(), scale.detach(), bias, weight, chunk, 0, True
         )
+        loss, dx, dy, ds, db = _divided_all(per, loss, dx, dy, ds, db)
     return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
                               logit_scale, logit_bias)  # fmt: skip
+
+
+def _divided_all(per, *values):
+    """Each of ``values`` (tensors, or None) divided by ``per`` (:func:`divided`): the loss
+    and its gradients, all linear in the ops' weight."""
+    return tuple(v if v is None else divided(v, per) for v in values)
 
 
 def _as_autograd_gives(
