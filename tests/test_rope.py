@@ -656,3 +656,36 @@ def test_vision_rope_refuses_a_half_width_table():
     half = torch.randn(4, 4)
     with pytest.raises(ValueError, match="^vision_rope: cos and sin must be"):
         vlmkernels.vision_rope(q, k, half.cos(), half.sin())
+
+
+@pytest.mark.parametrize("fn", ["mrope", "mrope_from_positions"])
+def test_compiled_mrope_is_not_compiled_again_at_the_next_call(fn, device):
+    """The checked-sections cache (functional._SECTIONS), read and filled while
+    torch.compile traced, made the graph guard on its contents: the traced call's new entry
+    failed that guard at the very next call, which compiled everything again."""
+    from vlmkernels.ops.rope import functional
+
+    functional._SECTIONS.clear()
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 8, 2, dtype=torch.float32, device=device) / 8))
+
+    def call(q, k, cos, sin, positions):
+        if fn == "mrope":
+            return vlmkernels.mrope(q, k, cos, sin, [2, 1, 1])
+        return vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [2, 1, 1])
+
+    compiled = torch.compile(call, backend=backend, fullgraph=True)
+    for _ in range(2):
+        q, k = torch.randn(1, 2, 5, 8, device=device), torch.randn(1, 2, 5, 8, device=device)
+        cos, sin = torch.randn(3, 1, 5, 8, device=device), torch.randn(3, 1, 5, 8, device=device)
+        positions = torch.randint(0, 9, (3, 1, 5), device=device)
+        got, want = compiled(q, k, cos, sin, positions), call(q, k, cos, sin, positions)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert len(graphs) == 1, len(graphs)

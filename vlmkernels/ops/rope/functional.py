@@ -107,9 +107,12 @@ def _check_sections(op, sections, half: int, interleaved: bool = False) -> list[
     """[t, h, w] as ints. Chunked sections must fill the ``half`` frequencies; interleaved
     ones need not (Qwen3-VL's rule: H on lanes j % 3 == 1 below 3 h, W on j % 3 == 2 below
     3 w, T on the others, whatever the sum, as transformers' slices do)."""
-    # 2.0 == 2: only exact ints are cached (a symbolic half, under export, is not hashable)
+    # 2.0 == 2: only exact ints are cached (a symbolic half, under export, is not hashable).
+    # Not while torch.compile traces: the graph would guard on the cache's contents, and
+    # the entry the traced call adds would fail that guard at the next call (a recompile)
     exact = (type(half) is int and isinstance(sections, list | tuple)
-             and all(type(v) is int for v in sections))  # fmt: skip
+             and all(type(v) is int for v in sections)
+             and not torch.compiler.is_compiling())  # fmt: skip
     key = (tuple(sections), half, interleaved) if exact else None
     if key is not None and key in _SECTIONS:
         return _SECTIONS[key]
