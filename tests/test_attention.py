@@ -670,7 +670,7 @@ def test_torch_compile_packed(device):
         def short(q, kw=kw):
             return A.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **kw)
 
-        with pytest.raises(RuntimeError, match=rf"{name} \(4\) is smaller than a segment"):
+        with pytest.raises(RuntimeError, match=rf"{name} is smaller than a segment"):
             torch.compile(short, backend="aot_eager", fullgraph=True)(q.detach())
     # offsets eager refuses are refused in the graph too, before any kernel reads past the
     # packed tensors: not from 0, decreasing, ending past or short of the packed length
@@ -685,6 +685,44 @@ def test_torch_compile_packed(device):
             offsets(q.detach())
         with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0, be non-dec"):
             torch.compile(offsets, backend="aot_eager", fullgraph=True)(q.detach())
+
+
+def test_torch_compile_packed_symbolic_max_seqlen(device):
+    """A symbolic max_seqlen (a packed length read from a shape with dynamic=True; a
+    segment length read with .item() under capture_scalar_outputs, as flash-attention
+    users compute it): the device-side check's message formatted the value, which fixed it
+    in the graph (one compilation per length), and check_int's ``value < 0`` could not be
+    decided for a data-dependent value (fullgraph failed). One graph for three lengths,
+    each result the eager one."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def inputs(t):
+        cq = torch.tensor([0, 2, t], dtype=torch.int32, device=device)
+        ck = torch.tensor([0, 3, t + 5], dtype=torch.int32, device=device)
+        return rand(t, 2, 16, device=device), rand(t + 5, 2, 16, device=device), cq, ck
+
+    def by_shape(q, kv, cq, ck):
+        return A.cross_attention(q, kv, kv, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                 max_seqlen_q=q.shape[0], max_seqlen_k=kv.shape[0])  # fmt: skip
+
+    def by_item(q, kv, cq, ck):
+        lq, lk = (cq[1:] - cq[:-1]).max().item(), (ck[1:] - ck[:-1]).max().item()
+        return A.cross_attention(q, kv, kv, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                 max_seqlen_q=lq, max_seqlen_k=lk)  # fmt: skip
+
+    for f in (by_shape, by_item):
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=True)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            for t in (4, 6, 9):
+                args = inputs(t)
+                assert rel(compiled(*args), f(*args)) < 1e-6
+        assert len(graphs) == 1, (f.__name__, len(graphs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # exact types that pass the number checks without the (slower) abstract-class test
@@ -113,7 +114,7 @@ def check_int(op: str, name: str, value, low: int | None = None) -> int:
                                    or not isinstance(value, numbers.Integral)):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     value = int(value)
-    if low is not None and value < low:
+    if low is not None and not guard_or_true(value >= low):
         raise ValueError(f"{op}: {name} must be >= {low}, got {value}")
     return value
 

@@ -218,7 +218,9 @@ def _max_seqlen(op, name, value, longest, cu, total):
     value = check_int(op, name, value, 0)
     if longest is None:  # traced: the offsets are checked on the device, in the graph
         fits = (cu[1:] - cu[:-1] <= value).all()
-        torch._assert_async(fits, f"{op}: {name} ({value}) is smaller than a segment")
+        # the message names no value: formatting a symbolic one (a length read from a
+        # shape, or .item()) would fix it in the graph (a compilation per length)
+        torch._assert_async(fits, f"{op}: {name} is smaller than a segment")
         return value
     if value < longest:
         raise ValueError(f"{op}: {name} ({value}) is smaller than the longest segment "
