@@ -612,6 +612,20 @@ def test_no_host_sync_traces_as_one_graph():
     _assert_same(compiled(**inputs, **options), get_rope_index(**inputs, **options))
 
 
+@pytest.mark.parametrize("seconds", ["tensor", "list"])
+def test_traces_with_dynamic_numbers(seconds):
+    """torch.compile(dynamic=True) makes number arguments symbolic: tokens_per_second (and
+    a list's seconds) were checked with math.isfinite, which dynamo cannot trace for a
+    symbolic number (fullgraph failed); comparisons check the same."""
+    torch._dynamo.reset()
+    inputs = _sync_case()
+    if seconds == "list":
+        inputs["second_per_grid_ts"] = inputs["second_per_grid_ts"].tolist()
+    options = dict(model_type="qwen2_5_vl", spatial_merge_size=2, tokens_per_second=2)
+    compiled = torch.compile(get_rope_index, fullgraph=True, backend="eager", dynamic=True)
+    _assert_same(compiled(**inputs, **options), get_rope_index(**inputs, **options))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_host_sync_on_cuda():
     inputs = _sync_case()

@@ -282,7 +282,9 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
             raise ValueError(f"{op}: model_type='qwen2_5_vl' needs tokens_per_second")
         if isinstance(tokens_per_second, bool) or not isinstance(tokens_per_second, numbers.Real):
             raise TypeError(f"{op}: tokens_per_second must be a number, got {tokens_per_second!r}")
-        if not math.isfinite(tokens_per_second) or tokens_per_second < 0:
+        # comparisons, not math.isfinite (NaN fails both): torch.compile traces them for a
+        # symbolic number (dynamic=True makes a number argument one)
+        if not 0 <= tokens_per_second < math.inf:
             raise ValueError(f"{op}: tokens_per_second must be finite and >= 0, got "
                              f"{tokens_per_second!r}")  # fmt: skip
     seconds = second_per_grid_ts
@@ -300,7 +302,7 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
                 f"{op}: second_per_grid_ts must be a tensor or a list of numbers (one per "
                 f"video), got {seconds!r}"
             )
-        elif not all(math.isfinite(v) and v >= 0 for v in seconds):
+        elif not all(0 <= v < math.inf for v in seconds):
             raise ValueError(f"{op}: second_per_grid_ts must be finite and >= 0, got "
                              f"{list(seconds)}")  # fmt: skip
 
