@@ -187,3 +187,33 @@ def test_benchmark_providers_agree():
             assert ref.shape == (2, out * out, 8)
             for name, out in outs.items():
                 assert max_rel(out, ref) < 1e-12, (op, name)
+
+
+@pytest.mark.parametrize("kind", ["avg2x2", "bilinear"])
+def test_compiles_once_for_every_grid(kind):
+    """A symbolic grid (the side read from x's token count, dynamic=True) gives a symbolic
+    pooled size, which the op's ``int[] size`` fixed in the graph: one compilation per grid
+    (pool_tokens, ``SymInt[]``, compiled once). One graph for three grids; values and
+    gradients those of projector_then_pool."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def f(x, w1, b1, w2, b2):
+        side = torch.sym_int(x.shape[1] ** 0.5)
+        return C.mlp_projector(x, w1, b1, w2, b2, pool=kind, grid=(side, side))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=True)
+    with vlmkernels.use_backend("torch"):
+        for side in (4, 6, 8):
+            args = make(2, side * side, 6, 8, 5, torch.float32)
+            out = compiled(*args)
+            want = projector_then_pool(*args, (side, side), kind, None)
+            assert max_rel(out, want) < 1e-5
+            grads = torch.autograd.grad(out.square().sum(), args)
+            for g, w in zip(grads, torch.autograd.grad(want.square().sum(), args), strict=True):
+                assert max_rel(g, w) < 1e-4
+    assert len(graphs) == 1, len(graphs)

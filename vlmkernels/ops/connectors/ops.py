@@ -161,13 +161,13 @@ def _(grad, x, w1, b1, w2, b2, nw, nb, saved, mean, rstd, merge, norm, per_patch
 
 pooled_projector = Op(
     "pooled_projector",
-    "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int[] size, int mode, bool save)"
-    " -> (Tensor, Tensor)",
+    "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, SymInt[] size, int mode, "
+    "bool save) -> (Tensor, Tensor)",
     family=FAMILY,
 )
 pooled_projector_backward = Op(
     "pooled_projector_backward",
-    "(Tensor grad, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor saved, int[] size, "
+    "(Tensor grad, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor saved, SymInt[] size, "
     "int mode, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     family=FAMILY,
 )
