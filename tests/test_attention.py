@@ -1246,3 +1246,18 @@ def test_absorbed_cross_attention_bad_input(call, exc, match):
     q, x, w = torch.randn(2, 3, 4), torch.randn(1, 5, 6), torch.randn(8, 6)
     with pytest.raises(exc, match=f"^absorb.*{match}"):
         call(q, x, w)
+
+
+def test_compiled_per_channel_gate_with_symbolic_heads(device):
+    """torch.compile(dynamic=True) makes q's H and D symbolic while an (H, D) gate built
+    with constant sizes keeps them constant: the check ``tuple(gate.shape) not in (...)``
+    (dynamo's containment test misjudges a constant against an equal symbolic size)
+    refused a valid gate. Eager accepts it; so does the compiled call, with eager's values."""
+    torch._dynamo.reset()
+
+    def f(q, k):
+        return A.cross_attention(q, k, k, gate=torch.full((2, 8), 0.3, device=device))
+
+    q, k = rand(2, 2, 5, 8, device=device), rand(2, 2, 7, 8, device=device)
+    got = torch.compile(f, backend="eager", fullgraph=True, dynamic=True)(q, k)
+    assert rel(got, f(q, k)) < 1e-6

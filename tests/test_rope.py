@@ -689,3 +689,22 @@ def test_compiled_mrope_is_not_compiled_again_at_the_next_call(fn, device):
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
     assert len(graphs) == 1, len(graphs)
+
+
+def test_compiled_positions_with_a_constant_batch(device):
+    """torch.compile(dynamic=True) makes q's batch symbolic while text position ids built
+    with a constant batch, (B, S), keep it constant: the check ``n not in (1, t)`` (dynamo's
+    containment test misjudges a constant against an equal symbolic size) refused them,
+    and the refusal's message (str of a symbolic size) failed to trace. Eager accepts them;
+    so does the compiled call now, with eager's values."""
+    torch._dynamo.reset()
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 8, 2, dtype=torch.float32, device=device) / 8))
+
+    def call(q, k):
+        positions = torch.arange(q.shape[2], device=device).expand(2, -1)
+        return vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [2, 1, 1])
+
+    q, k = torch.randn(2, 2, 5, 8, device=device), torch.randn(2, 2, 5, 8, device=device)
+    compiled = torch.compile(call, backend="eager", fullgraph=True, dynamic=True)
+    for got, want in zip(compiled(q, k), call(q, k), strict=True):
+        assert torch.equal(got, want)

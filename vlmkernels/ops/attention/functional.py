@@ -100,7 +100,10 @@ def _gate(op, gate, q):
     h, d = q.shape[1], q.shape[-1]
     if gate.numel() == 1:
         return gate
-    if tuple(gate.shape) not in ((h * d,), (h, d)):
+    # compared one by one: dynamo's tuple containment misjudges a constant size against an
+    # equal symbolic one (torch.compile(dynamic=True) refused a valid (H, D) gate)
+    shape = tuple(gate.shape)
+    if not (shape == (h * d,) or shape == (h, d)):
         raise ValueError(f"{op}: gate must have one element or shape (H, D) = {(h, d)} or "
                          f"(H D,) = {(h * d,)}, got {tuple(gate.shape)}")  # fmt: skip
     return gate.reshape(h, d)

@@ -227,11 +227,14 @@ def _check_positions(op, position_ids, q, head_axis) -> torch.Tensor:
     if position_ids.dim() == len(tokens):
         position_ids = position_ids.unsqueeze(0)  # text only: T = H = W
     shape = list(position_ids.shape)
-    if (len(shape) != len(tokens) + 1 or shape[0] not in (1, 3)
-            or any(n not in (1, t) for n, t in zip(shape[1:], tokens, strict=True))):  # fmt: skip
+    # != rather than `not in (1, t)`: dynamo's containment test misjudges a constant size
+    # against an equal symbolic one (torch.compile(dynamic=True) refused valid positions);
+    # the message formats the sizes as a tuple (dynamo cannot trace str of a symbolic size)
+    if (len(shape) != len(tokens) + 1 or (shape[0] != 1 and shape[0] != 3)
+            or any(n != 1 and n != t for n, t in zip(shape[1:], tokens, strict=True))):  # fmt: skip
         layout = "(B, H, S, D)" if q.dim() == 4 else "(T, H, D)"
         raise ValueError(
-            f"{op}: position_ids must have shape (3, {', '.join(map(str, tokens))}) (or "
+            f"{op}: position_ids must have shape {(3, *tokens)} (or "
             f"without the leading 3 for text; size-1 axes broadcast) for q as {layout}, "
             f"heads on dim 1; got {tuple(position_ids.shape)}"
         )
