@@ -1248,15 +1248,19 @@ def test_absorbed_cross_attention_bad_input(call, exc, match):
         call(q, x, w)
 
 
-def test_compiled_per_channel_gate_with_symbolic_heads(device):
-    """torch.compile(dynamic=True) makes q's H and D symbolic while an (H, D) gate built
-    with constant sizes keeps them constant: the check ``tuple(gate.shape) not in (...)``
-    (dynamo's containment test misjudges a constant against an equal symbolic size)
-    refused a valid gate. Eager accepts it; so does the compiled call, with eager's values."""
+@pytest.mark.parametrize("what", ["gate", "key_bias"])
+def test_compiled_gate_and_bias_of_constant_sizes(what, device):
+    """torch.compile(dynamic=True) makes q's and k's sizes symbolic while an (H, D) gate or
+    a (B, H, Lk) key_bias built with constant sizes keeps them constant: the checks
+    ``tuple(t.shape) not in (...)`` (dynamo's containment test misjudges a constant against
+    an equal symbolic size) refused them. Eager accepts them; so does the compiled call,
+    with eager's values."""
     torch._dynamo.reset()
 
     def f(q, k):
-        return A.cross_attention(q, k, k, gate=torch.full((2, 8), 0.3, device=device))
+        if what == "gate":
+            return A.cross_attention(q, k, k, gate=torch.full((2, 8), 0.3, device=device))
+        return A.cross_attention(q, k, k, key_bias=torch.ones(2, 2, 7, device=device))
 
     q, k = rand(2, 2, 5, 8, device=device), rand(2, 2, 7, 8, device=device)
     got = torch.compile(f, backend="eager", fullgraph=True, dynamic=True)(q, k)

@@ -79,7 +79,8 @@ def _key_bias(op, bias, q, k, packed):
         b, lk = q.shape[0], k.shape[2]
         shapes = ((b, lk), (b, h, lk))
         names = f"(B, Lk) = {(b, lk)} or (B, H, Lk) = {(b, h, lk)}"
-    if tuple(bias.shape) not in shapes:
+    shape = tuple(bias.shape)  # compared one by one: see _gate
+    if not (shape == shapes[0] or shape == shapes[1]):
         raise ValueError(f"{op}: key_bias must have shape {names}, got {tuple(bias.shape)}")
     if bias.dim() == len(shapes[0]):
         bias = bias.unsqueeze(-2)
