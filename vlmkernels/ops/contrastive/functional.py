@@ -459,7 +459,9 @@ def clip_loss_with_grads(
         # same results as clip_loss(...).backward()
         x, y, scale = x.detach(), y.detach(), scale.detach()
         bias = bias.detach() if bias is not None else None
-        one = torch.ones((), dtype=torch.float32, device=x.device)
+        # the unit gradient, or 1 / n while traced (the sum's weight): the kernels scale the
+        # gradients in fp32, as in eager mode, rather than dividing rounded ones
+        one = divided(torch.ones((), dtype=torch.float32, device=x.device), per)
         if ids is None and not label_smoothing:
             loss, coef = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)
             dx, dy, ds, db = ops.contrastive_ce_reduced_backward(
@@ -472,7 +474,7 @@ def clip_loss_with_grads(
             dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(
                 *tensors, coef, one, *options, chunk, True
             )
-        loss, dx, dy, ds, db = _divided_all(per, loss, dx, dy, ds, db)
+        loss = divided(loss, per)
     return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
                               logit_scale, logit_bias)  # fmt: skip
 
