@@ -318,11 +318,6 @@ def contrastive_cross_entropy(
     bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
     if (query_ids is None) != (key_ids is None):
         raise ValueError(f"{op}: query_ids and key_ids go together")
-    if query_ids is not None and offset:
-        raise ValueError(
-            f"{op}: offset={offset} with query_ids: the ids decide the positives, the offset "
-            "would be ignored (leave it 0, or give no ids)"
-        )
     given = (queries, keys)
     (queries, keys), out_dtype = autocast_features(queries, keys)
     m, n = queries.shape[0], keys.shape[0]
