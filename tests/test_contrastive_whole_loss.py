@@ -108,8 +108,11 @@ def test_fallbacks_agree_with_the_whole_loss_path(fallback, device, calls, monke
         "recording": {"ce_forward": 1, "ce_backward": 1, "siglip_fused": 1},
     }[fallback]
     assert calls == expected
-    for got, want in zip(general + general_sig, whole + whole_sig, strict=True):
-        assert rel_err(got, want, floor=1e-2) < 1e-5  # CLIP's bias gradient is 0
+    # CLIP's bias gradient is 0 up to rounding: sum_j p_ij - 1 per row, a few ulps of 1
+    # whichever path sums it (1.2e-7 against 0 under torch 2.15)
+    assert abs(general[4] - whole[4]) < 8 * torch.finfo(torch.float32).eps
+    for got, want in zip(general[:4] + general_sig, whole[:4] + whole_sig, strict=True):
+        assert rel_err(got, want, floor=1e-2) < 1e-5
 
 
 def test_several_parts_programs_sum_the_loss(device):
