@@ -12,7 +12,7 @@
 #              extension once, sm_90a only); carried wheels (.whl/*.whl: peers such as
 #              liger-kernel, inf-cl, siglip-kernel: bash scripts/peer_wheels.sh here,
 #              then carry .whl) into /tmp/site; versions                             240
-#   gpu-tests  pytest tests/*_gpu.py                                                     90
+#   gpu-tests  pytest tests/*_gpu.py (in GPU_TEST_WORKERS=8 processes with pytest-xdist)   90
 #   memcheck   compute-sanitizer --tool memcheck on the CUDA C++ tests                   60
 #   tune       vlmkernels tune, one call per family, into $OUT/configs (the shipped
 #              layout: tar -xzf configs.tar.gz in the checkout puts them in
@@ -231,8 +231,11 @@ export -f left setup tune_all bench_all plan kernels
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 step setup 240 setup
+# 256 tests whose first calls compile Triton kernels on a cold cache: spread over
+# GPU_TEST_WORKERS processes (one GPU) where pytest-xdist is importable (carried in .whl)
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-8}")
 want gpu-tests && step gpu-tests ${GPU_TESTS_S:-90} $PY -m pytest -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/bench/gpu-tests.xml" $GPU_TESTS
+    $XDIST --junitxml="$OUT/bench/gpu-tests.xml" $GPU_TESTS
 # PYTORCH_NO_CUDA_MEMORY_CACHING: one cudaMalloc per tensor, so an access past a tensor is
 # caught (the caching allocator's blocks would hide it inside a larger segment)
 want memcheck && step memcheck ${MEMCHECK_S:-60} env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \

@@ -12,4 +12,7 @@ PY=${PYTHON:-python3}
 mkdir -p .whl
 $PY -m pip download -q --no-deps --only-binary=:all: -d .whl \
     liger-kernel==0.8.5 inf-cl==1.2.1 siglip-kernel==0.1.2
+# pytest-xdist (and execnet, its transport): gpu-tests runs its first, cold-cache Triton
+# compilations in several processes where it is importable
+$PY -m pip download -q --no-deps --only-binary=:all: -d .whl pytest-xdist execnet
 ls -1 .whl
