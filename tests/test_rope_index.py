@@ -381,15 +381,16 @@ def test_probe_tells_the_rules_apart():
 
 
 def test_installed_semantics_by_version(models):
-    """The probe on the installed classes: 5.16-5.17 truncate Qwen2.5-VL's seconds, 5.23
-    and newer do not; every version since 5.3 starts text after vision at start + max(h, w)."""
+    """The probe on the installed classes: 5.16-5.17 truncate Qwen2.5-VL's seconds
+    (``int(second_per_grid_t)``), 5.18 and newer do not (``time_interval`` became a float,
+    read for 5.18.0 to 5.25.0); every version since 5.3 starts text after vision at
+    start + max(h, w)."""
     version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     for model_type in MODEL_TYPES:
         rule, truncate = _installed(models[model_type])
         if version >= (5, 16):
             assert rule == "start_plus_max_hw"
-        if version >= (5, 23) or (5, 16) <= version <= (5, 17):
-            assert truncate == (model_type == "qwen2_5_vl" and version < (5, 23))
+            assert truncate == (model_type == "qwen2_5_vl" and version < (5, 18))
 
 
 def test_defaults_do_not_follow_the_installed_transformers(monkeypatch):

@@ -65,7 +65,8 @@ __all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", 
            "MINICPM_MERGER_PATCHER", "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER",
            "TESTED_VERSIONS"]  # fmt: skip
 
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")  # MiniCPM-V 4.7 / OCR: 5.24 on
+# MiniCPM-V 4.7 is in transformers from 5.18, MiniCPM-OCR from 5.21 (absent: skipped, reported)
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")
 
 
 def _module(key: str) -> str:

@@ -17,7 +17,7 @@ s_r, with s_0 = 0 and s_{r+1} = s_r + n_r:
   - n = max(h', w')                              text_after_vision="start_plus_max_hw"
   - n = 1 + max(trunc((t' - 1) tau), h' - 1, w' - 1)  text_after_vision="max_plus_one"
 
-  "start_plus_max_hw" is transformers 5.16.1, 5.17.0 and 5.23.0 (read; the change came with the
+  "start_plus_max_hw" is transformers 5.16.1 to 5.25.0 (read; the change came with the
   mm_token_type_ids API of 5.3), "max_plus_one" (s_{r+1} = largest position so far + 1) is
   transformers <= 5.2 and vLLM. They differ only
   where trunc((t' - 1) tau) >= max(h', w'), i.e. Qwen2/2.5-VL videos with a long time span:
@@ -59,7 +59,7 @@ other than 0/1/2) give unspecified values here instead of an error: checking wou
 Defaults
 --------
 `text_after_vision="start_plus_max_hw"` and `truncate_seconds=False`: what transformers
-5.23 and newer compute (5.16-5.17 truncate the seconds). The defaults are fixed, whatever
+5.18 and newer compute (5.16-5.17 truncate the seconds). The defaults are fixed, whatever
 transformers is installed; the patching layer
 (`vlmkernels.integrations.transformers.rope_index_method`) probes the installed model class
 and passes what it found.
