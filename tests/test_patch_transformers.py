@@ -1093,13 +1093,18 @@ def test_qwen3_vl_moe_matches_transformers():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_in_training(reentrant):
-    """transformers' gradient_checkpointing_enable (reentrant or not) on a patched
+    """transformers' activation checkpointing (reentrant or not) on a patched
     Qwen2.5-VL in training mode: the decoder and vision blocks recompute their forwards, with
     vlmkernels' ops, in the backward; logits and every parameter gradient match the
     unpatched model's."""
     torch.manual_seed(0)
     model = qwen2_5_vl().train().to(DEVICE)
-    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    # transformers 5.23 renamed it (the old name warns, to be removed in v6)
+    options = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen2_5_vl").items()}
     inputs["pixel_values"].requires_grad_(reentrant)  # a reentrant block needs a grad input
     params = [p for p in model.parameters() if p.requires_grad]

@@ -460,7 +460,7 @@ def test_patched_qformer_gradient_checkpointing(reentrant):
     """Each checkpointed layer projects its own K / V (stacked outside the checkpoints, a
     reentrant recompute back-propagated through them a second time and raised)."""
     model = tiny_qformer("blip_2").train()
-    # transformers 5.25 renamed it (the old name warns, to be removed in v6)
+    # transformers 5.23 renamed it (the old name warns, to be removed in v6)
     options = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
