@@ -93,7 +93,8 @@ __all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES"
            "TESTED_VERSIONS",
            "key_mask", "mask_ranges"]  # fmt: skip
 
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")  # test_attention_patch passes on each
+# test_attention_patch passes on each (CPU, Triton interpreter)
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.21.1", "5.22.2", "5.24.0", "5.25.0")
 
 PERCEIVER_ARCHITECTURES = (
     Architecture(
@@ -569,8 +570,8 @@ PERCEIVER_REPLACEMENTS = (
 PERCEIVER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, PERCEIVER_ARCHITECTURES, PERCEIVER_REPLACEMENTS)
 )
-# tests/test_qformer.py and test_attention_patch's Q-Former tests pass on these three
-QFORMER_TESTED = ("5.16.1", "5.17.0", "5.24.0", "5.25.0")
+# tests/test_qformer.py and test_attention_patch's Q-Former tests pass on each
+QFORMER_TESTED = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.21.1", "5.22.2", "5.24.0", "5.25.0")
 QFORMER_PATCHER = register(
     Patcher("transformers", QFORMER_TESTED, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
 )

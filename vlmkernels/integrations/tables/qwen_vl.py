@@ -38,7 +38,18 @@ __all__ = [
 
 # The releases the patching and get_rope_index tests passed on (CI runs the newest and the
 # oldest of the 5.17+ layout on every change).
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.20.0", "5.23.0", "5.24.0", "5.25.0")
+TESTED_VERSIONS = (
+    "5.16.1",
+    "5.17.0",
+    "5.18.0",
+    "5.19.0",
+    "5.20.0",
+    "5.21.1",
+    "5.22.2",
+    "5.23.0",
+    "5.24.0",
+    "5.25.0",
+)
 
 # --------------------------------------------------------------------------------------
 # Architectures
