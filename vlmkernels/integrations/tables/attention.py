@@ -570,8 +570,8 @@ PERCEIVER_REPLACEMENTS = (
 PERCEIVER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, PERCEIVER_ARCHITECTURES, PERCEIVER_REPLACEMENTS)
 )
-# tests/test_qformer.py and test_attention_patch's Q-Former tests pass on each
-QFORMER_TESTED = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.21.1", "5.22.2", "5.24.0", "5.25.0")
+# tests/test_qformer.py and test_attention_patch's Q-Former tests pass on the same releases
+QFORMER_TESTED = TESTED_VERSIONS
 QFORMER_PATCHER = register(
     Patcher("transformers", QFORMER_TESTED, QFORMER_ARCHITECTURES, QFORMER_REPLACEMENTS)
 )
