@@ -199,14 +199,16 @@ MERGERS = {
 }
 
 
-def merger_inputs(name, dtype, c=6, n_out=10):
+def merger_inputs(name, dtype, c=6, n_out=10, hidden=None):
+    """(x, [w1, b1, w2, b2], kwargs) of one of the MERGERS; the first linear's width is
+    ``hidden`` (default 2 K - 3, K = s^2 c)."""
     layout, s, norm, before, two = MERGERS[name]
     if layout == "consecutive":
         x = rand(7 * s * s, c, dtype=dtype)
     else:
         x = rand(2, (2 * s) ** 2, c, dtype=dtype)
     k = s * s * c
-    n1 = 2 * k - 3 if two else n_out
+    n1 = (hidden or 2 * k - 3) if two else n_out
     length = c if before else k
     nw = (1 + 0.3 * torch.randn(length)).to(dtype).requires_grad_() if norm else None
     nb = rand(length, dtype=dtype, scale=0.3) if norm == "layernorm" else None
@@ -240,10 +242,10 @@ def test_merger_16bit_folded_norm(name, dtype, biases):
     the accumulator rescaled by r_{s-1} / r_s between segments). Features far from zero
     mean (offset 20: the mean term cancels most of P) with patch scales spanning
     1e-2..1e2 (rstd ratios up to 1e4 between segments), C = 40 (segments end mid-tile at the
-    interpreter's BK 16): within the 16-bit tolerance of float64, and within 1.5x the
+    interpreter's BK 16), 37 outputs: within the 16-bit tolerance of float64, and within 1.5x the
     error of eager 16-bit (X normalised and rounded, then the linear). Without any bias
     (``biases="none"``: no b1, no norm bias) the fold has no bias to write."""
-    x, weights, kw = merger_inputs(name, dtype, c=40)
+    x, weights, kw = merger_inputs(name, dtype, c=40, hidden=37)
     if biases == "none":
         weights[1], kw["norm_bias"] = None, None
     shape = x.shape
