@@ -284,6 +284,9 @@ def test_cli_rejects_an_unknown_kernel(capfd):
     assert "unknown kernels ['no_such_kernel']" in capfd.readouterr().err
 
 
+# one xdist worker for the sm_90a compiles (make test: --dist loadgroup): those of
+# test_kernels_compile.py, after these, read their records from the inspect cache
+@pytest.mark.xdist_group("sm90_cubins")
 def test_default_configs_pass_the_checks():
     """Every family's default configs for sm_90a, bf16 and fp32: no spill, shared memory
     within the limit, within budget; every exception is in the budget file with a reason."""

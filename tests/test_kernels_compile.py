@@ -41,6 +41,7 @@ def test_every_family_with_kernels_declares_its_variants():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.xdist_group("sm90_cubins")  # beside test_inspect's compiles: see there
 def test_kernels_compile_for_sm90(dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
