@@ -94,7 +94,8 @@ __all__ = ["IDEFICS_ARCHITECTURES", "IDEFICS_PATCHER", "PERCEIVER_ARCHITECTURES"
            "key_mask", "mask_ranges"]  # fmt: skip
 
 # test_attention_patch passes on each (CPU, Triton interpreter)
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.21.1", "5.22.2", "5.24.0", "5.25.0")
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
+                   "5.24.0", "5.25.0")  # fmt: skip
 
 PERCEIVER_ARCHITECTURES = (
     Architecture(

@@ -66,7 +66,8 @@ __all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", 
            "TESTED_VERSIONS"]  # fmt: skip
 
 # MiniCPM-V 4.7 is in transformers from 5.18, MiniCPM-OCR from 5.21 (absent: skipped, reported)
-TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.21.1", "5.22.2", "5.24.0", "5.25.0")
+TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
+                   "5.24.0", "5.25.0")  # fmt: skip
 
 
 def _module(key: str) -> str:
