@@ -641,7 +641,7 @@ def test_opcheck(bias, device, backend):
     x, y, s, b = _op_inputs(device, bias)
     n = x.shape[0]
     ops = torch.ops.vlmkernels
-    ce = (None, None, None, None, None, 0, 0.0, 0.0, True, True, 0)
+    ce = (None, None, None, None, None, None, 0, 0.0, 0.0, True, True, 0)
     torch.library.opcheck(ops.contrastive_ce_forward, (x, y, s, b, *ce))
     # the losses are differentiable results, the states what the backward reads
     out = ops.contrastive_ce_forward(x, y, s, b, *ce)

@@ -51,8 +51,7 @@ def per_sample_fp32(name, x, y, s, b):
     """The fused kernels' fp32 per-sample losses, before rounding to the input dtype."""
     ops = torch.ops.vlmkernels
     if name == "clip":
-        ce = ops.contrastive_ce_forward(x, y, s, b, None, None, None, None, None, 0, 0.0, 0.0,
-                                        True, True, 0)  # fmt: skip
+        ce = ops.contrastive_ce_forward(x, y, s, b, *(None,) * 6, 0, 0.0, 0.0, True, True, 0)
         return torch.stack(ce[:2])
     return ops.siglip_loss_forward(x, y, s, b, 0, 0)
 

@@ -315,8 +315,9 @@ def test_offset_past_the_keys_without_ids_takes_the_general_path(device, calls):
     assert torch.isnan(mean)
 
 
+@pytest.mark.parametrize("alpha_as", ["float", "tensor"])
 @pytest.mark.parametrize("cols", [False, True])
-def test_targets_ops_opcheck(cols, device):
+def test_targets_ops_opcheck(cols, alpha_as, device):
     m, d = 9, 16
     n = m if cols else 21
     x, y = features(m, d, torch.float32, device), features(n, d, torch.float32, device)
@@ -325,7 +326,13 @@ def test_targets_ops_opcheck(cols, device):
     r_ids = ids if cols else ids[:m].clone()
     teacher = (features(m, d, torch.float32, device), features(n, d, torch.float32, device),
                torch.tensor(5.0, device=device))  # fmt: skip
-    options = (1 / m, 0, 0.1, 0.4, cols, 0)
+    # alpha 0.4 as the float, or as the tensor that stands for it (the float then ignored)
+    alpha = 0.4
+    if alpha_as == "tensor":
+        teacher, alpha = (*teacher, torch.tensor(0.4, device=device)), 0.0
+    else:
+        teacher = (*teacher, None)
+    options = (1 / m, 0, 0.1, alpha, cols, 0)
     ops = torch.ops.vlmkernels
     with vlmkernels.use_backend("triton"):
         args = (leaf(x), leaf(y), leaf(s), leaf(b), r_ids, ids, *teacher, *options)
@@ -333,8 +340,12 @@ def test_targets_ops_opcheck(cols, device):
         loss, coef = ops.contrastive_ce_targets_reduced(x, y, s, b, r_ids, ids, *teacher,
                                                         *options)  # fmt: skip
         assert coef.shape == (1 + cols, 6, m)
+        if alpha_as == "tensor":  # the float form's numbers
+            want = ops.contrastive_ce_targets_reduced(x, y, s, b, r_ids, ids, *teacher[:3], None,
+                                                      1 / m, 0, 0.1, 0.4, cols, 0)  # fmt: skip
+            assert torch.equal(loss, want[0]) and torch.equal(coef, want[1])
         grad = torch.tensor(1.3, device=device)
-        bwd = (x, y, s, b, r_ids, ids, *teacher, coef, grad, 1 / m, 0, 0.1, 0.4, 0)
+        bwd = (x, y, s, b, r_ids, ids, *teacher, coef, grad, 1 / m, 0, 0.1, alpha, 0)
         both = ops.contrastive_ce_targets_reduced_backward(*bwd, True)
         for y_grad in (True, False):
             torch.library.opcheck(ops.contrastive_ce_targets_reduced_backward, (*bwd, y_grad))

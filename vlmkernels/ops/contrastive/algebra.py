@@ -41,18 +41,27 @@ class Targets:
                + alpha softmax_j(T_i.)
 
     and likewise for columns. The cross-entropy is lse_j(S_i.) - sum_j t_ij S_ij.
+
+    ``alpha`` is a float, or a 0-d tensor (with a teacher; what the ops get under
+    torch.compile): then every formula uses it elementwise, without reading its value on
+    the host, alpha = 0 included.
     """
 
     offset: int = 0
     row_ids: torch.Tensor | None = None
     col_ids: torch.Tensor | None = None
     smoothing: float = 0.0
-    alpha: float = 0.0
+    alpha: float | torch.Tensor = 0.0
     teacher: tuple | None = None
 
     @property
     def ids(self) -> bool:
         return self.row_ids is not None
+
+    @property
+    def distills(self) -> bool:
+        """Whether the teacher's term is in the targets: alpha a tensor, or a float > 0."""
+        return isinstance(self.alpha, torch.Tensor) or bool(self.alpha)
 
     def single_positives(self, m: int, n: int) -> tuple[bool, bool]:
         """Whether every row, and whether every column, of an M x N block has exactly one
@@ -100,7 +109,7 @@ class SideStats:
             dot = torch.where(without_target(self.hard_cnt, targets), math.nan, dot)
         if targets.smoothing:
             dot = (1 - targets.smoothing) * dot + targets.smoothing / n_classes * self.logit_sum
-        if targets.alpha:
+        if targets.distills:
             dot = (1 - targets.alpha) * dot + targets.alpha * self.teacher_dot
         return self.lse - dot
 
@@ -115,23 +124,24 @@ class SideStats:
         u = cast(weights, self.lse.dtype)
         keep = 1 - targets.alpha
         if self.single_positive:
-            h = u if keep == 1 and not targets.smoothing else u * (keep * (1 - targets.smoothing))
+            plain = not targets.distills and not targets.smoothing  # keep = 1
+            h = u if plain else u * (keep * (1 - targets.smoothing))
         else:
             u = torch.where(without_target(self.hard_cnt, targets) & (u != 0), math.nan, u)
             h = torch.where(self.hard_cnt > 0, u * keep * (1 - targets.smoothing)
                             / self.hard_cnt.clamp_min(1), 0.0)  # fmt: skip
         zeros = None
-        if not (targets.smoothing and targets.alpha and teacher_lse is not None):
+        if not (targets.smoothing and targets.distills and teacher_lse is not None):
             zeros = torch.zeros_like(u)
         e = u * (keep * targets.smoothing / n_classes) if targets.smoothing else zeros
-        a = u * targets.alpha if targets.alpha else zeros
+        a = u * targets.alpha if targets.distills else zeros
         t_lse = cast(teacher_lse, u.dtype) if teacher_lse is not None else zeros
         return torch.stack((self.lse, u, h, e, a, t_lse))
 
 
 def without_target(hard_cnt: torch.Tensor, targets: Targets) -> torch.Tensor:
     """Samples whose targets are undefined: no positive pair, and a hard part that needs
-    one ((1 - alpha) > 0)."""
+    one ((1 - alpha) > 0; elementwise for a tensor alpha)."""
     return (hard_cnt == 0) & (targets.alpha < 1)
 
 

@@ -273,10 +273,21 @@ def _target_cases() -> list[CompileCase]:
                     name for name, on in zip(("ids", "smooth", "teacher"), flag, strict=True)
                     if on))),
                 finalize._ce_target_parts_kernel, parts,
-                dict(COLS=cols, IDS=flag[0], SMOOTH=flag[1], TEACHER=flag[2],
+                dict(COLS=cols, IDS=flag[0], SMOOTH=flag[1], TEACHER=flag[2], ALPHA_PTR=False,
                      BLOCK=finalize.PARTS_BLOCK),
                 aligned=("M",), scalars=scalars, expect=("no_spill",))
             for side, cols in (("ce", False), ("clip", True)) for flag in flags
+        ),
+        # a teacher's alpha as a 0-d fp32 tensor (what the ops get under torch.compile)
+        *(
+            CompileCase(
+                f"{side}_target_parts_teacher_alpha_ptr", finalize._ce_target_parts_kernel,
+                {**parts, "alpha": _F32},
+                dict(COLS=cols, IDS=False, SMOOTH=False, TEACHER=True, ALPHA_PTR=True,
+                     BLOCK=finalize.PARTS_BLOCK),
+                aligned=("M",), scalars={k: v for k, v in scalars.items() if k != "alpha"},
+                expect=("no_spill",))
+            for side, cols in (("ce", False), ("clip", True))
         ),
     ]  # fmt: skip
 

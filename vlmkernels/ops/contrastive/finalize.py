@@ -267,7 +267,7 @@ def _target_side(lse, hard, count, logit_sum, teacher_dot, t_lse, coef_ptr, M, o
     return lse - dot
 
 
-_TARGET_PARTS_KEY = ["M", "COLS", "IDS", "SMOOTH", "TEACHER"]
+_TARGET_PARTS_KEY = ["M", "COLS", "IDS", "SMOOTH", "TEACHER"]  # not ALPHA_PTR: one load
 
 
 @tuned("ce_target_parts", configs=_warps(4), key=_TARGET_PARTS_KEY, sizes=["M"])
@@ -277,7 +277,7 @@ def _ce_target_parts_kernel(
     t_lse_r_ptr, t_lse_c_ptr, coef_ptr, part_ptr, loss_ptr,
     M, N, offset, splits, groups, count_splits, row_slot, col_slot, weight, smoothing, alpha,
     COLS: tl.constexpr, IDS: tl.constexpr, SMOOTH: tl.constexpr, TEACHER: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ALPHA_PTR: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The cross-entropy losses of a logit block and their coefficients, for one positive
     per row at col = row + offset (no flag) or targets with ids (``IDS``), label smoothing
@@ -285,7 +285,8 @@ def _ce_target_parts_kernel(
     rows over the N columns of a logit block (and, with ``COLS``, of its columns: then the
     block is square, offset 0 and the ids are the same on both sides, so that the columns'
     positive counts are the rows'), with t = (1 - alpha)((1 - smoothing) hard / count +
-    smoothing / n) + alpha softmax(T).
+    smoothing / n) + alpha softmax(T). With ``ALPHA_PTR`` alpha is a pointer to it (a 0-d
+    fp32 tensor, what the ops get under torch.compile), loaded once.
 
     Reads the statistics kernel's partials (the used ``splits`` of the rows, ``groups`` of
     the columns; accumulator slot s of the rows at row_acc + s row_slot, of the columns at
@@ -295,6 +296,8 @@ def _ce_target_parts_kernel(
     (``_lse_merge_kernel``). Writes coef (1 + COLS, 6, M) (:func:`_target_side`), part[pid],
     this program's share of ``weight * sum(losses)``, and as one program the loss."""
     pid = tl.program_id(0)
+    if ALPHA_PTR:
+        alpha = tl.load(alpha).to(tl.float32)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     zero = tl.zeros((BLOCK,), tl.float32)

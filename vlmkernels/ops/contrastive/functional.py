@@ -155,6 +155,22 @@ def _teacher_scale(op, teacher_logit_scale, scale, device):
     return scale
 
 
+def _alpha_args(alpha, teacher: bool, like: torch.Tensor):
+    """(float alpha, alpha tensor or None): the ops' two forms of the teacher's share.
+
+    Eager, the float (no tensor made per call). Under torch.compile with a teacher, a 0-d
+    tensor made in the graph (fp32, fp64 for fp64 features) and a constant float the ops
+    ignore: a float argument of an op is a constant of the graph, so each new alpha (ALBEF's
+    warm-up ramps it every step) would compile again, while a float Dynamo made dynamic
+    flows into the tensor unspecialised (two compilations in all, as the PyTorch formula).
+    The teacher's term is then in the graph whatever alpha is (alpha = 0 gives the same
+    numbers without it)."""
+    if teacher and torch.compiler.is_compiling():
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return 0.0, torch.scalar_tensor(alpha, dtype=dtype, device=like.device)
+    return float(alpha), None
+
+
 def _reduce(losses, reduction, halve_sum):
     if reduction == "mean":
         return losses.mean()
@@ -238,6 +254,7 @@ def clip_loss(
     # those to the autocast dtype; the teacher follows them)
     ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher,
                                  (image_features, text_features), dtype=x.dtype)  # fmt: skip
+    alpha, alpha_t = _alpha_args(alpha, teacher is not None, x)
     if teacher is not None:
         teacher = (*teacher, _teacher_scale(op, teacher_logit_scale, scale, x.device))
     else:
@@ -247,13 +264,14 @@ def clip_loss(
         weight, per = mean_weight(0.5, n, reduction == "mean")
         if swap:
             x, y, teacher = y, x, (teacher[1], teacher[0], teacher[2])
+        distill = alpha_t is not None or alpha
         loss = ops.contrastive_ce_targets_reduced(
-            x, y, scale, bias, ids, ids, *(teacher if alpha else (None,) * 3), weight, 0,
-            float(label_smoothing), float(alpha), True, chunk,
+            x, y, scale, bias, ids, ids, *(teacher if distill else (None,) * 3), alpha_t,
+            weight, 0, float(label_smoothing), alpha, True, chunk,
         )[0]  # fmt: skip
         return cast(divided(loss, per), out_dtype)
     row_losses, col_losses, _, _ = ops.contrastive_ce_forward(
-        x, y, scale, bias, ids, ids, *teacher, 0, float(label_smoothing), float(alpha),
+        x, y, scale, bias, ids, ids, *teacher, alpha_t, 0, float(label_smoothing), alpha,
         True, True, chunk,
     )  # fmt: skip
     losses = torch.stack((row_losses, col_losses))
@@ -333,7 +351,7 @@ def contrastive_cross_entropy(
     check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
     alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     teacher = (None, None, None)
-    if alpha and teacher_queries is None:
+    if teacher_queries is None and alpha:  # (with a teacher, alpha's value is not read)
         raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
     if teacher_queries is not None:
         teacher_keys = given[1] if teacher_keys is None else teacher_keys
@@ -341,20 +359,22 @@ def contrastive_cross_entropy(
                                ("teacher_queries", "teacher_keys"), device,
                                queries.dtype)  # fmt: skip
         teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
+    alpha, alpha_t = _alpha_args(alpha, teacher_queries is not None, queries)
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
         # reduced, every query's positives known to the kernels (ids, or the key at
         # i + offset): one op whose backward is one op; a query without a positive (ids)
         # makes the loss NaN there too. Without ids, queries past the keys take the
         # general path below.
         weight, per = mean_weight(1.0, m, reduction == "mean")
+        distill = alpha_t is not None or alpha
         loss = ops.contrastive_ce_targets_reduced(
-            queries, keys, scale, bias, q_ids, k_ids, *(teacher if alpha else (None,) * 3),
-            weight, offset, float(label_smoothing), float(alpha), False, chunk,
+            queries, keys, scale, bias, q_ids, k_ids, *(teacher if distill else (None,) * 3),
+            alpha_t, weight, offset, float(label_smoothing), alpha, False, chunk,
         )[0]  # fmt: skip
         return cast(divided(loss, per), out_dtype)
     row_losses, _, _, _ = ops.contrastive_ce_forward(
-        queries, keys, scale, bias, q_ids, k_ids, *teacher, offset,
-        float(label_smoothing), float(alpha), True, False, chunk,
+        queries, keys, scale, bias, q_ids, k_ids, *teacher, alpha_t, offset,
+        float(label_smoothing), alpha, True, False, chunk,
     )  # fmt: skip
     return cast(_reduce(row_losses, reduction, False), out_dtype)
 
@@ -463,7 +483,7 @@ def clip_loss_with_grads(
                 x, y, scale, bias, coef, one, weight, 0, chunk, True
             )
         else:
-            tensors = (x, y, scale, bias, ids, ids, None, None, None)
+            tensors = (x, y, scale, bias, ids, ids, None, None, None, None)
             options = (weight, 0, float(label_smoothing), 0.0)
             loss, coef = ops.contrastive_ce_targets_reduced(*tensors, *options, True, chunk)
             dx, dy, ds, db = ops.contrastive_ce_targets_reduced_backward(

@@ -58,10 +58,14 @@ FAMILY = "contrastive"
 # The arguments every op starts with: the only ones with gradients (_input_grads).
 _FEATURES = "Tensor x, Tensor y, Tensor scale, Tensor? bias"
 # The cross-entropy ops' arguments: the block and its Targets, which directions, the chunk.
+# alpha_tensor: a 0-d tensor (fp32, fp64 for fp64 features) that, given, stands for the
+# float alpha (which is then ignored), only with a teacher: the public functions pass it
+# under torch.compile, where a float argument is a constant of the graph (a changing alpha,
+# as ALBEF's warm-up ramps it, would recompile per value) and a tensor is not.
 _CE_ARGS = (
     f"{_FEATURES}, Tensor? row_ids, Tensor? col_ids, Tensor? teacher_x, Tensor? teacher_y, "
-    "Tensor? teacher_scale, SymInt offset, float smoothing, float alpha, bool rows, bool cols, "
-    "SymInt chunk_size"
+    "Tensor? teacher_scale, Tensor? alpha_tensor, SymInt offset, float smoothing, float alpha, "
+    "bool rows, bool cols, SymInt chunk_size"
 )
 _CE_BACKWARD_ARGS = (
     f"{_CE_ARGS}, Tensor row_state, Tensor col_state, Tensor grad_rows, Tensor grad_cols, "
@@ -99,9 +103,10 @@ contrastive_ce_reduced_backward = Op(
     f"bool y_grad) -> {_GRADS_DY_OPTIONAL}",
     family=FAMILY,
 )
-# the reduced op with targets: ids, teacher features and scale, then the options
+# the reduced op with targets: ids, teacher features and scale, alpha as a tensor (as in
+# _CE_ARGS), then the options
 _TARGETS = "Tensor? row_ids, Tensor? col_ids, Tensor? teacher_x, Tensor? teacher_y, " \
-    "Tensor? teacher_scale"  # fmt: skip
+    "Tensor? teacher_scale, Tensor? alpha_tensor"  # fmt: skip
 contrastive_ce_targets_reduced = Op(
     "contrastive_ce_targets_reduced",
     f"({_FEATURES}, {_TARGETS}, float weight, SymInt offset, float smoothing, float alpha, "
@@ -213,9 +218,16 @@ def _fake_grads(x, y, scale, bias, y_grad=True, grads_dtype=None):
     )
 
 
+def _alpha(alpha: float, alpha_tensor):
+    """The teacher's share as the ops use it: the 0-d ``alpha_tensor`` where given, else
+    the float."""
+    return alpha if alpha_tensor is None else alpha_tensor
+
+
 def _targets(a) -> Targets:
     teacher = (a.teacher_x, a.teacher_y, a.teacher_scale) if a.teacher_x is not None else None
-    return Targets(a.offset, a.row_ids, a.col_ids, a.smoothing, a.alpha, teacher)
+    return Targets(a.offset, a.row_ids, a.col_ids, a.smoothing, _alpha(a.alpha, a.alpha_tensor),
+                   teacher)  # fmt: skip
 
 
 # ------------------------------------------------------------------ contrastive_ce_forward
@@ -338,21 +350,22 @@ def _teacher(tx, ty, ts):
     return (tx, ty, ts) if tx is not None else None
 
 
-def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, weight,
-                        offset, smoothing, alpha, cols, chunk_size):  # fmt: skip
+def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, alpha_tensor,
+                        weight, offset, smoothing, alpha, cols, chunk_size):  # fmt: skip
     """(loss, coef): ``weight * sum_i (l^row_i (+ l^col_i))``, the cross-entropies of the
     rows (and columns) of S = s x y^T + b with :class:`Targets` (offset, row_ids, col_ids,
-    smoothing, alpha, teacher (teacher_x, teacher_y, teacher_scale): given only with
-    alpha > 0); NaN where a row has no target. coef (1 + cols, 6, M): per side the
-    backward's coefficients (lse, u, h, e, a, teacher lse) for unit upstream weights
-    (:meth:`SideStats.coefficients`). The caller checks: without ids
-    0 <= offset <= N - M; cols only for M = N, offset 0, row_ids = col_ids.
+    smoothing, alpha, teacher (teacher_x, teacher_y, teacher_scale): given with alpha > 0,
+    or with ``alpha_tensor``, which then stands for alpha); NaN where a row has no target.
+    coef (1 + cols, 6, M): per side the backward's coefficients (lse, u, h, e, a, teacher
+    lse) for unit upstream weights (:meth:`SideStats.coefficients`). The caller checks:
+    without ids 0 <= offset <= N - M; cols only for M = N, offset 0, row_ids = col_ids.
 
     A row without a target makes the loss and every gradient it reaches NaN whatever the
     upstream gradient, 0 included, as autograd through a NaN loss does (the per-sample
     op, ``contrastive_ce_forward``, leaves such a row out of the gradients where its own
     upstream weight is 0: the documented way to mask it)."""
     teacher = _teacher(tx, ty, ts)
+    alpha = _alpha(alpha, alpha_tensor)
     if backend == "triton":
         whole = _ce_targets_forward_whole(x, y, scale, bias, row_ids, col_ids, teacher, weight,
                                           offset, smoothing, alpha, cols)  # fmt: skip
@@ -413,15 +426,15 @@ def _reduced_autograd(op: Op, backward_op: Op, n_tensors: int) -> None:
             return _input_grads(ctx, *grads)
 
 
-_reduced_autograd(contrastive_ce_targets_reduced, contrastive_ce_targets_reduced_backward, 9)
+_reduced_autograd(contrastive_ce_targets_reduced, contrastive_ce_targets_reduced_backward, 10)
 
 
-def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, coef,
-                                 grad, weight, offset, smoothing, alpha, chunk_size,
-                                 y_grad):  # fmt: skip
+def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts,
+                                 alpha_tensor, coef, grad, weight, offset, smoothing, alpha,
+                                 chunk_size, y_grad):  # fmt: skip
     """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_targets_reduced`'s
-    loss, from its coef (the weights u, h, e, a times grad * weight); dy None unless
-    ``y_grad``."""
+    loss, from its coef (the weights u, h, e, a times grad * weight, alpha in them: the
+    gradient kernels do not read it); dy None unless ``y_grad``."""
     teacher = _teacher(tx, ty, ts)
     if backend == "triton":
         whole = _ce_targets_backward_whole(x, y, scale, bias, row_ids, col_ids, teacher, coef,
@@ -429,7 +442,7 @@ def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, t
                                            y_grad)  # fmt: skip
         if whole is not None:
             return whole
-    targets = Targets(offset, row_ids, col_ids, smoothing, alpha, teacher)
+    targets = Targets(offset, row_ids, col_ids, smoothing, _alpha(alpha, alpha_tensor), teacher)
     u = (grad * weight).to(coef.dtype)
     full = torch.cat((coef[:, :1], coef[:, 1:5] * u, coef[:, 5:]), 1)
     row_coef, col_coef = full[0], (full[1] if full.shape[0] > 1 else None)
@@ -469,8 +482,8 @@ def _ce_reduced(backend, x, y, scale, bias, weight, offset, cols, chunk_size):
     (and per column: then M = N, offset 0; the caller checks both), and the backward's
     (1 + cols, 6, M) coefficients: :data:`contrastive_ce_targets_reduced` without its
     optional targets, which it runs."""
-    return _ce_targets_reduced(backend, x, y, scale, bias, None, None, None, None, None, weight,
-                               offset, 0.0, 0.0, cols, chunk_size)  # fmt: skip
+    return _ce_targets_reduced(backend, x, y, scale, bias, *(None,) * 6, weight, offset, 0.0,
+                               0.0, cols, chunk_size)  # fmt: skip
 
 
 contrastive_ce_reduced.impl("triton")(functools.partial(_ce_reduced, "triton"))
@@ -490,7 +503,7 @@ def _ce_reduced_backward(backend, x, y, scale, bias, coef, grad, weight, offset,
                          y_grad):  # fmt: skip
     """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_reduced`'s loss (dy
     None unless ``y_grad``)."""
-    no_targets = (None,) * 5
+    no_targets = (None,) * 6
     return _ce_targets_reduced_backward(backend, x, y, scale, bias, *no_targets, coef, grad,
                                         weight, offset, 0.0, 0.0, chunk_size, y_grad)  # fmt: skip
 

@@ -77,6 +77,12 @@ def _slots(ids, smooth, teacher) -> int:
     return 4 if teacher else 3 if smooth else 2 if ids else 1
 
 
+def _alpha_key(alpha):
+    """alpha as a plan's key has it: the float (a scalar of the prepared launch), or for a
+    tensor (a pointer, read by the kernel) one key for every value."""
+    return "tensor" if isinstance(alpha, torch.Tensor) else alpha
+
+
 def _key(kind, x, y, bias, row_ids, teacher, *options):
     t_layout = None if teacher is None else (teacher[0].stride(), teacher[1].stride())
     return (kind, x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device,
@@ -168,11 +174,13 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
         count = _prepared(_ids_count_kernel, (cdiv(m, COUNT_ROWS), count_splits),
                           (ws, ws, ws, m, n), dict(BM=COUNT_ROWS, BN=COUNT_COLUMNS))  # fmt: skip
     programs = cdiv(m, PARTS_BLOCK)
-    parts_args = (*(ws,) * 12, m, n, offset, used_splits, used_groups, count_splits,
-                  splits * m, groups * n, weight, smoothing, alpha)  # fmt: skip
+    # a tensor alpha is a pointer, passed per call (after the others: last in the signature)
+    alpha_ptr = isinstance(alpha, torch.Tensor)
+    parts_args = (*(ws,) * 12, m, n, offset, used_splits, used_groups, count_splits, splits * m,
+                  groups * n, weight, smoothing, ws if alpha_ptr else alpha)  # fmt: skip
     parts = _prepared(_ce_target_parts_kernel, (programs,), parts_args,
                       dict(COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=has_teacher,
-                           BLOCK=PARTS_BLOCK))  # fmt: skip
+                           ALPHA_PTR=alpha_ptr, BLOCK=PARTS_BLOCK))  # fmt: skip
     total = None
     if programs > 1:
         total = _prepared(_sum_parts_kernel, (1,), (ws, ws, programs), dict(BLOCK=SUM_BLOCK))
@@ -197,19 +205,21 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
                        offset: int, smoothing: float, alpha: float, cols: bool):  # fmt: skip
     """(loss, coef) of ``weight * sum_i (l^row_i (+ l^col_i with cols))``, the
     cross-entropies of the rows (and columns) of S = s x y^T + b (M x N) with
-    :class:`~.algebra.Targets` (offset, row_ids, col_ids, smoothing, alpha, teacher):
+    :class:`~.algebra.Targets` (offset, row_ids, col_ids, smoothing, alpha, teacher; alpha
+    a float, or a 0-d fp32 tensor the kernel reads, one plan for all its values):
     the loss a 0-d fp32 tensor (NaN if a row has no target), coef (1 + cols, 6, M) fp32,
     per side (lse, u, h, e, a, teacher lse) for unit upstream weights (u = 1, NaN for a
     row without a target), for :func:`ce_targets_backward`.
 
-    The caller checks: ``teacher`` (x_t, y_t, s_t) only with alpha > 0, None otherwise;
+    The caller checks: ``teacher`` (x_t, y_t, s_t) only with alpha > 0 or a tensor alpha,
+    None otherwise;
     without ids, 0 <= offset <= N - M; cols only for M = N, offset 0 and the same ids on
     both sides (or none). None where the path does not apply (and for cols with two
     different ids tensors: the columns' counts would not be the rows')."""
     if cols and row_ids is not col_ids:
         return None
-    key = _key("ce_targets_fwd", x, y, bias, row_ids, teacher, weight, offset, smoothing, alpha,
-               cols)  # fmt: skip
+    key = _key("ce_targets_fwd", x, y, bias, row_ids, teacher, weight, offset, smoothing,
+               _alpha_key(alpha), cols)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         (xa, ya, ta), copy = _addressable(x, y, teacher)
@@ -220,6 +230,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
         plan = _PLANS[key] = dataclasses.replace(plan, copy=copy)
     if plan.copy:
         (x, y, teacher), _ = _addressable(x, y, teacher)
+    alphas = (alpha,) if isinstance(alpha, torch.Tensor) else ()  # the kernel's pointer
     m = x.shape[0]
     # sizes as int arguments, not tuples (about 0.3 us less each); split_with_sizes:
     # Tensor.split's Python layer costs about 1.3 us more per call
@@ -246,7 +257,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
         plan.stats(x, y, scale, b, ids_r, ids_c, xt, yt, ts, t_lse_r, t_lse_c, row_max,
                    row_sum, col_max, col_sum, row_acc, col_acc)  # fmt: skip
         plan.parts(row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_lse_r,
-                   t_lse_c, coef, parts, loss)  # fmt: skip
+                   t_lse_c, coef, parts, loss, *alphas)  # fmt: skip
         if plan.sum is not None:
             plan.sum(parts, loss)
     return loss, coef
