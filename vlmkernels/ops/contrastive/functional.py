@@ -163,11 +163,14 @@ def _alpha_args(alpha, teacher: bool, like: torch.Tensor):
     ignore: a float argument of an op is a constant of the graph, so each new alpha (ALBEF's
     warm-up ramps it every step) would compile again, while a float Dynamo made dynamic
     flows into the tensor unspecialised (two compilations in all, as the PyTorch formula).
-    The teacher's term is then in the graph whatever alpha is (alpha = 0 gives the same
-    numbers without it)."""
+    The tensor is made by arithmetic, zeros + alpha: torch.scalar_tensor(alpha) (and
+    torch.full, torch.tensor) specialise alpha again under AOTAutograd (aot_eager, Inductor:
+    Dynamo's pass that turns such floats into tensors does not cover them), a recompilation
+    per value. The teacher's term is then in the graph whatever alpha is (alpha = 0 gives
+    the same numbers without it)."""
     if teacher and torch.compiler.is_compiling():
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return 0.0, torch.scalar_tensor(alpha, dtype=dtype, device=like.device)
+        return 0.0, torch.zeros((), dtype=dtype, device=like.device) + alpha
     return float(alpha), None
 
 
