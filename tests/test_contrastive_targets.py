@@ -578,3 +578,99 @@ def test_strided_ids_are_read_by_value(device, backend):
                                                   query_ids=ids.contiguous(),
                                                   key_ids=ids.contiguous())  # fmt: skip
         assert torch.allclose(q, q2, rtol=1e-6)
+
+
+# ------------------------------------------------------------- alpha under torch.compile
+
+
+def _compiled(fn):
+    """(fn compiled with fullgraph through AOTAutograd (its backward graph too), the list
+    of the graphs Dynamo made)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True), graphs
+
+
+@pytest.mark.parametrize("case", ["clip", "clip_none", "queue"])
+def test_ramped_alpha_compiles_twice(case, device, backend):
+    """ALBEF's warm-up ramps alpha every step of the first epoch (0 at step 0). A float op
+    argument is a constant of the graph: each value compiled again, and with fullgraph the
+    recompile limit (8) made it an error. Ten values, as the PyTorch formula
+    (1 - alpha) CE(hard) + alpha CE(soft) does: at most two graphs (the first value a
+    constant, then alpha dynamic); each loss and gradient the float64 reference's, and
+    the eager one's (for the first value, the first of the dynamic graph and the last: the
+    interpreter's time). clip: the reduced op; clip_none: the per-sample op and its
+    backward; queue: one direction over a queue of extra keys (ALBEF's ITC)."""
+    if case == "clip_none" and backend == "triton":
+        pytest.skip("the per-sample op's alpha is in the PyTorch algebra on both backends")
+    b, q_len, d = 8, 0 if case != "queue" else 8, 16
+    x, y = leaf(feats(b, d, device)), leaf(feats(b + q_len, d, device))
+    xm, ym = feats(b, d, device), feats(b + q_len, d, device)
+    s = leaf(torch.tensor(12.0, device=device))
+
+    def step(x, y, s, alpha):
+        if case == "queue":
+            return vlmkernels.contrastive_cross_entropy(x, y, s, teacher_queries=xm,
+                                                        teacher_keys=ym, alpha=alpha)  # fmt: skip
+        reduction = "mean" if case == "clip" else "none"
+        loss = vlmkernels.clip_loss(x, y, s, teacher=(xm, ym), teacher_logit_scale=9.0,
+                                    alpha=alpha, reduction=reduction)  # fmt: skip
+        return loss if case == "clip" else loss.mean()
+
+    compiled, graphs = _compiled(step)
+    teacher = (9.0 if case != "queue" else 12.0) * xm.double().cpu() @ ym.double().cpu().T
+    onehot = torch.eye(b, b + q_len, dtype=torch.float64)
+    for i in range(10):
+        alpha = 0.4 * i / 9
+        got = compiled(x, y, s, alpha)
+        xr, yr, sr = as64(x, y, s)
+        logits = sr * xr @ yr.T
+        ref = soft_ce(logits, alpha * F.softmax(teacher, 1) + (1 - alpha) * onehot).mean()
+        if case != "queue":
+            t_cols = alpha * F.softmax(teacher.T, 1) + (1 - alpha) * onehot
+            ref = (ref + soft_ce(logits.T, t_cols).mean()) / 2
+        grads = torch.autograd.grad(got, [x, y, s])
+        if i in (0, 1, 9):
+            eager = [leaf(t) for t in (x, y, s)]
+            want = step(*eager, alpha)
+            assert rel(got, want) < 1e-6, alpha
+            for g, w in zip(grads, torch.autograd.grad(want, eager), strict=True):
+                assert rel(g, w, 0.1 if g.dim() == 0 else 0.0) < 1e-5, alpha
+        # the float64 reference: compare's tolerances
+        assert rel(got, ref) < 1e-5, alpha
+        for g, w in zip(grads, torch.autograd.grad(ref, [xr, yr, sr]), strict=True):
+            assert rel(g, w, 0.1 if g.dim() == 0 else 0.0) < 1e-5, alpha
+    assert len(graphs) <= 2, len(graphs)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees NaN
+def test_compiled_alpha_one_needs_no_positive(device, backend):
+    """With alpha a tensor in the graph, the rule "a query without a positive has no target
+    unless alpha = 1" is elementwise: NaN for alpha < 1, the teacher's targets alone at
+    alpha = 1, from the same graph."""
+    m, n, d = 9, 21, 16
+    q, k = feats(m, d, device), feats(n, d, device)
+    tq, tk = feats(m, d, device), feats(n, d, device)
+    kw, pos = _rows_without_positives("ids", m, n, device)
+    has = (pos.sum(1) > 0).to(device)
+
+    def step(q, k, alpha):
+        return vlmkernels.contrastive_cross_entropy(q, k, 10.0, teacher_queries=tq,
+                                                    teacher_keys=tk, alpha=alpha, **kw)  # fmt: skip
+
+    compiled, graphs = _compiled(step)
+    teacher = F.softmax(10.0 * tq.double().cpu() @ tk.double().cpu().T, 1)
+    for alpha in (0.5, 0.7, 1.0, 0.3):
+        got = compiled(q, k, alpha)
+        if alpha < 1:
+            assert torch.isnan(got) and torch.isnan(step(q, k, alpha))
+        else:
+            ref = soft_ce(10.0 * q.double().cpu() @ k.double().cpu().T, teacher).mean()
+            assert rel(got, ref) < 1e-5 and rel(got, step(q, k, alpha)) < 1e-6
+    assert len(graphs) <= 2, len(graphs)
+    assert not has.all()
