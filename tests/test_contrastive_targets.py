@@ -674,3 +674,22 @@ def test_compiled_alpha_one_needs_no_positive(device, backend):
             assert rel(got, ref) < 1e-5 and rel(got, step(q, k, alpha)) < 1e-6
     assert len(graphs) <= 2, len(graphs)
     assert not has.all()
+
+
+def test_eager_alpha_stays_a_float(device, monkeypatch):
+    """Eager calls pass alpha as the ops' float (no tensor made, no copy to the device per
+    call); the tensor form is for traced graphs only."""
+    from vlmkernels.ops.contrastive import ops
+
+    seen = []
+    # (alpha_tensor, alpha): after the 9 tensors, then (weight,) offset, smoothing, alpha
+    for name, alpha_at in (("contrastive_ce_targets_reduced", 13), ("contrastive_ce_forward", 12)):
+        op = getattr(ops, name)
+        spy = lambda *a, op=op, i=alpha_at: seen.append((a[9], a[i])) or op(*a)  # noqa: E731
+        monkeypatch.setattr(ops, name, spy)
+    x, y, xm, ym = (feats(6, 8, device) for _ in range(4))
+    with vlmkernels.use_backend("torch"):
+        vlmkernels.clip_loss(x, y, 5.0, teacher=(xm, ym), alpha=0.3)
+        vlmkernels.clip_loss(x, y, 5.0, teacher=(xm, ym), alpha=0.3, reduction="none")
+        vlmkernels.contrastive_cross_entropy(x, y, 5.0, teacher_queries=xm, alpha=0.3)
+    assert seen == [(None, 0.3)] * 3
