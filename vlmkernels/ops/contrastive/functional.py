@@ -223,7 +223,8 @@ def clip_loss(
             ``teacher_logit_scale`` s_t (default: ``logit_scale``, detached).
         teacher_logit_scale: s_t, a float or one-element tensor (no gradient); None: as above.
         alpha: the teacher's share of the targets, in [0, 1] (default 0: no teacher
-            term; > 0 needs ``teacher``).
+            term; > 0 needs ``teacher``). Under torch.compile a changing alpha (a warm-up
+            ramp) compiles twice in all, not once per value.
 
     Returns:
         The loss in the features' dtype (computed in fp32); under autocast, fp32 features
