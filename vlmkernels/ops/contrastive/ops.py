@@ -218,16 +218,20 @@ def _fake_grads(x, y, scale, bias, y_grad=True, grads_dtype=None):
     )
 
 
-def _alpha(alpha: float, alpha_tensor):
-    """The teacher's share as the ops use it: the 0-d ``alpha_tensor`` where given, else
-    the float."""
-    return alpha if alpha_tensor is None else alpha_tensor
+def _alpha(alpha: float, alpha_tensor, teacher):
+    """The teacher's share as the ops use it: the 0-d ``alpha_tensor`` where given (only
+    with a ``teacher``), else the float."""
+    if alpha_tensor is None:
+        return alpha
+    if teacher is None:
+        raise ValueError("vlmkernels contrastive ops: alpha_tensor given without a teacher")
+    return alpha_tensor
 
 
 def _targets(a) -> Targets:
     teacher = (a.teacher_x, a.teacher_y, a.teacher_scale) if a.teacher_x is not None else None
-    return Targets(a.offset, a.row_ids, a.col_ids, a.smoothing, _alpha(a.alpha, a.alpha_tensor),
-                   teacher)  # fmt: skip
+    alpha = _alpha(a.alpha, a.alpha_tensor, teacher)
+    return Targets(a.offset, a.row_ids, a.col_ids, a.smoothing, alpha, teacher)
 
 
 # ------------------------------------------------------------------ contrastive_ce_forward
@@ -365,7 +369,7 @@ def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts
     op, ``contrastive_ce_forward``, leaves such a row out of the gradients where its own
     upstream weight is 0: the documented way to mask it)."""
     teacher = _teacher(tx, ty, ts)
-    alpha = _alpha(alpha, alpha_tensor)
+    alpha = _alpha(alpha, alpha_tensor, teacher)
     if backend == "triton":
         whole = _ce_targets_forward_whole(x, y, scale, bias, row_ids, col_ids, teacher, weight,
                                           offset, smoothing, alpha, cols)  # fmt: skip
@@ -442,7 +446,8 @@ def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, t
                                            y_grad)  # fmt: skip
         if whole is not None:
             return whole
-    targets = Targets(offset, row_ids, col_ids, smoothing, _alpha(alpha, alpha_tensor), teacher)
+    targets = Targets(offset, row_ids, col_ids, smoothing, _alpha(alpha, alpha_tensor, teacher),
+                      teacher)  # fmt: skip
     u = (grad * weight).to(coef.dtype)
     full = torch.cat((coef[:, :1], coef[:, 1:5] * u, coef[:, 5:]), 1)
     row_coef, col_coef = full[0], (full[1] if full.shape[0] > 1 else None)

@@ -2,7 +2,8 @@
 loss over the rows (and, symmetric, the columns) of S = s x y^T + b (M x N) with any
 :class:`~.algebra.Targets`: one positive per row at col = row + offset (CLIP's default
 targets, ALBEF's without distillation), ids (several positives per row, or none), label
-smoothing and ALBEF's distillation by a teacher (alpha in (0, 1]).
+smoothing and ALBEF's distillation by a teacher (alpha in (0, 1], or a 0-d tensor alpha in
+[0, 1] that the loss kernel reads: torch.compile's).
 
 Forward, prepared launches only (no torch arithmetic on the host):
 
