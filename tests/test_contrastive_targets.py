@@ -693,3 +693,23 @@ def test_eager_alpha_stays_a_float(device, monkeypatch):
         vlmkernels.clip_loss(x, y, 5.0, teacher=(xm, ym), alpha=0.3, reduction="none")
         vlmkernels.contrastive_cross_entropy(x, y, 5.0, teacher_queries=xm, alpha=0.3)
     assert seen == [(None, 0.3)] * 3
+
+
+def test_compiled_alpha_out_of_range_is_refused(device):
+    """The range check reads alpha on the host (a Dynamo guard 0 <= alpha <= 1, not a
+    specialisation): a value outside fails the guard, and the recompilation raises the
+    eager error (with fullgraph=True, Dynamo's error caused by it)."""
+    x, y, xm, ym = (feats(6, 8, device) for _ in range(4))
+
+    def step(x, y, alpha):
+        return vlmkernels.clip_loss(x, y, 5.0, teacher=(xm, ym), alpha=alpha)
+
+    compiled, graphs = _compiled(step)
+    with vlmkernels.use_backend("torch"):
+        for alpha in (0.1, 0.2, 0.3):
+            compiled(x, y, alpha)
+        for bad in (1.5, -0.1):
+            with pytest.raises(Exception) as info:
+                compiled(x, y, bad)
+            errors = [info.value, info.value.__cause__]
+            assert any("alpha must be in [0, 1]" in str(e) for e in errors), errors
