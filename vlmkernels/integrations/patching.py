@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import inspect
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -207,7 +208,8 @@ class PatchHandle:
         self.model = model
         self._slots = slots
         self.active = True
-        _ACTIVE.add(self)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(self)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -235,7 +237,8 @@ class PatchHandle:
             elif moved[id(slot)]:  # accelerate's hook added or removed since patching
                 slot.restore_moved(moved[id(slot)])
         self.active = False
-        _ACTIVE.discard(self)
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(self)
         self._warn_about_copies()
 
     def _warn_about_copies(self) -> None:
@@ -245,7 +248,8 @@ class PatchHandle:
         undo."""
         if not isinstance(self.model, torch.nn.Module):
             return
-        owned = {(id(s.owner), s.name) for h in _ACTIVE for s in h._slots}
+        with _ACTIVE_LOCK:  # another thread's patch or undo would change the set under us
+            owned = {(id(s.owner), s.name) for h in _ACTIVE for s in h._slots}
         left = [f"{where or '<root>'}.{name}"
                 for where, module in self.model.named_modules()
                 for name, value in vars(module).items()
@@ -273,8 +277,11 @@ class PatchHandle:
         return f"<PatchHandle {type(self.model).__qualname__} {state}: {len(self._slots)} slots>"
 
 
-# handles not yet undone (whose slots a handle's undo leaves alone)
+# handles not yet undone (whose slots a handle's undo leaves alone); a patch or an undo in
+# one thread changes the set while another's undo iterates it ("Set changed size during
+# iteration"): both take the lock (patching is not on any per-call path)
 _ACTIVE: weakref.WeakSet[PatchHandle] = weakref.WeakSet()
+_ACTIVE_LOCK = threading.Lock()
 
 
 def unpatch(model) -> int:
