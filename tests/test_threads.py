@@ -2,12 +2,18 @@
 the tuned configs from several Python threads at once. Each test makes the interleaving
 that broke deterministically (events, not luck), so a failure is the race itself."""
 
+import json
 import threading
 
 import pytest
 import torch
+import triton
 
+from vlmkernels.core import configs as CF
+from vlmkernels.core import tuning as T
 from vlmkernels.integrations import patching
+
+H100 = "NVIDIA H100 80GB HBM3"
 
 
 class _Plain(torch.nn.Module):
@@ -63,3 +69,145 @@ def test_undo_while_another_thread_patches():
     assert not errors, errors
     assert "forward" not in vars(model) and not handle.active
     assert handles and not handles[0].active
+
+
+# ------------------------------------------------- tuned configs and recorded choices
+
+
+@pytest.fixture
+def config_dirs(tmp_path, monkeypatch):
+    """(user dir, package dir), both empty, with every cache cleared around the test."""
+    user, package = tmp_path / "user", tmp_path / "package"
+    monkeypatch.setenv(T.CONFIG_DIR_ENV, str(user))
+    monkeypatch.setattr(CF, "PACKAGE_CONFIG_DIR", package)
+    T.clear_cache()
+    yield user, package
+    T.clear_cache()
+
+
+def test_a_choice_read_while_another_thread_records_is_not_kept(config_dirs, monkeypatch):
+    """A serving thread reads backends.json while the tuner's thread records a new choice
+    (and empties the caches): the value read from the old file answers that call but is
+    not cached, or it would stand until the next clear_cache. Designs alike."""
+    user, _ = config_dirs
+    T.record_preferred_backend("rope", "triton", H100, user)
+    CF.record_preferred_design("clip_backward", "chunked", H100, user)
+    backend, design = CF._recorded_backend, CF._read_designs
+
+    def read_backend(op, device):
+        found = backend(op, device)  # the old file's answer, then the tuner's thread writes
+        T.record_preferred_backend("rope", "cuda", H100, user)
+        return found
+
+    def read_designs(path):
+        found = design(path)
+        if not writing:  # (recording reads the file too)
+            writing.append(True)
+            CF.record_preferred_design("clip_backward", "fused", H100, user)
+        return found
+
+    writing = []
+
+    monkeypatch.setattr(CF, "_recorded_backend", read_backend)
+    monkeypatch.setattr(CF, "_read_designs", read_designs)
+    assert T.preferred_backend("rope", H100) == "triton"
+    assert CF.preferred_design("clip_backward", H100) == "chunked"
+    monkeypatch.setattr(CF, "_recorded_backend", backend)
+    monkeypatch.setattr(CF, "_read_designs", design)
+    assert T.preferred_backend("rope", H100) == "cuda"
+    assert CF.preferred_design("clip_backward", H100) == "fused"
+
+
+def test_a_clear_just_after_a_choice_is_cached(config_dirs, monkeypatch):
+    """Another thread's clear_cache between the store of a choice and its lookup: the call
+    returns the choice (it raised KeyError, reading the emptied cache)."""
+    user, _ = config_dirs
+    T.record_preferred_backend("rope", "cuda", H100, user)
+    CF.record_preferred_design("clip_backward", "fused", H100, user)
+
+    class ClearedAfterStore(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            T.clear_cache()  # another thread's, just after the store
+
+    monkeypatch.setattr(CF, "_BACKENDS", ClearedAfterStore())
+    monkeypatch.setattr(CF, "_DESIGNS", ClearedAfterStore())
+    assert T.preferred_backend("rope", H100) == "cuda"
+    assert CF.preferred_design("clip_backward", H100) == "fused"
+
+
+def _write_rope(root, config: triton.Config):
+    kernel = T.all_kernels()["rope"]
+    key = dict(HQ=28, HK=4, D=128, half=64, SOURCE=1, dtype="fp32")
+    doc = {"format": 1, "kernel": kernel.name, "device": T.normalise_device_name(H100),
+           "source": "tuned", "triton_version": triton.__version__,
+           "source_hash": kernel.source_hash, "key": kernel.file_key,
+           "configs": {kernel.bucket(kernel.key_from_mapping(key)):
+                       {**config.kwargs, "num_warps": config.num_warps,
+                        "num_stages": config.num_stages}}}  # fmt: skip
+    path = root / T.normalise_device_name(H100) / "rope.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return key
+
+
+def test_configs_loaded_while_the_tuner_writes_are_not_kept(config_dirs, monkeypatch):
+    """Tuned configs read while the tuner's thread writes new ones and clears the caches:
+    the next lookup reads the new file (the old configs stood until another clear)."""
+    user, _ = config_dirs
+    space = T.all_kernels()["rope"].space
+    key = _write_rope(user, space[1])
+    load = CF._load_layer
+
+    def load_during_tuning(kernel, origin, path):
+        layer = load(kernel, origin, path)
+        if origin == "user":
+            _write_rope(user, space[2])  # what the tuner does: write, then clear
+            T.clear_cache()
+        return layer
+
+    monkeypatch.setattr(CF, "_load_layer", load_during_tuning)
+    assert T.lookup("rope", key, device=H100) is space[1]
+    monkeypatch.setattr(CF, "_load_layer", load)
+    assert T.lookup("rope", key, device=H100) is space[2]
+
+
+def test_launch_configs_and_default_backends_resolved_during_a_clear(config_dirs, monkeypatch):
+    """The per-kernel config cache and the per-op default backend of CUDA tensors, filled
+    from files that another thread replaced (and cleared the caches) meanwhile: not kept."""
+    from vlmkernels.core import backend as B
+
+    user, _ = config_dirs
+    monkeypatch.setattr(CF, "_current_device", lambda: 0)
+    monkeypatch.setattr(CF, "_raw_device_name", lambda index: H100)
+    monkeypatch.setattr(B, "cuda_backend_status", lambda: (True, "built"))
+    T.clear_cache()
+    kernel = T.all_kernels()["rope"]
+    monkeypatch.setattr(kernel, "interpreted", False)
+    space = kernel.space
+    key = _write_rope(user, space[1])
+    T.record_preferred_backend("rope", "triton", H100, user)
+    load, backend = CF._load_layer, CF._recorded_backend
+
+    def load_during_tuning(kernel, origin, path):
+        layer = load(kernel, origin, path)
+        if origin == "user" and path.name == "rope.json":
+            _write_rope(user, space[2])
+            T.clear_cache()
+        return layer
+
+    def read_during_tuning(op, device):
+        found = backend(op, device)
+        T.record_preferred_backend("rope", "cuda", H100, user)
+        return found
+
+    monkeypatch.setattr(CF, "_load_layer", load_during_tuning)
+    monkeypatch.setattr(CF, "_recorded_backend", read_during_tuning)
+    args, kwargs = (torch.zeros(1),), {k: v for k, v in key.items() if k != "dtype"}
+    cuda = torch.device("cuda", 0)
+    assert kernel.config(args, kwargs) is space[1]
+    assert B.cuda_default("rope", cuda) == "triton"
+    monkeypatch.setattr(CF, "_load_layer", load)
+    monkeypatch.setattr(CF, "_recorded_backend", backend)
+    assert kernel.config(args, kwargs) is space[2]
+    assert B.cuda_default("rope", cuda) == "cuda"

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from . import cuda, runtime
-from .configs import derived_cache
+from .configs import derived_cache, generation, store
 from .family import cuda_ops
 from .tuning import preferred_backend
 
@@ -116,7 +116,9 @@ def cuda_default(op: str, device: torch.device) -> str:
     key = (op, device)
     faster = _DEFAULTS.get(key)
     if faster is None:
-        faster = _DEFAULTS[key] = op in cuda_ops() and preferred_backend(op, device) == "cuda"
+        since = generation()  # a clear while reading the files: not stored
+        faster = op in cuda_ops() and preferred_backend(op, device) == "cuda"
+        store(_DEFAULTS, key, faster, since)
     return "cuda" if faster and cuda_backend_status()[0] else "triton"
 
 

@@ -393,12 +393,13 @@ def _load_layer(kernel, origin: str, path: pathlib.Path) -> _Layer | None:
 def _layers(kernel, device: str) -> list[_Layer]:
     cached = _LAYERS.get((kernel.name, device))
     if cached is None:
+        since = _GENERATION
         cached = []
         for origin, root in _search_dirs():
             layer = _load_layer(kernel, origin, root / device / f"{kernel.name}.json")
             if layer is not None:
                 cached.append(layer)
-        _LAYERS[(kernel.name, device)] = cached
+        store(_LAYERS, (kernel.name, device), cached, since)
     return cached
 
 
@@ -422,6 +423,28 @@ def _nearest(kernel, entries: Mapping[tuple, Any], key: tuple):
 
 
 _DERIVED: list[dict] = []  # caches of what was derived from the files (launches, backends)
+
+# Bumped by :func:`clear` (and by recording a choice) before the caches are emptied. A value
+# read from the files before a bump may be stale, e.g. read by a serving thread while
+# another one wrote the tuner's results: :func:`store` does not keep it.
+_GENERATION = 0
+
+
+def generation() -> int:
+    """The count of :func:`clear` calls so far: read before computing a value to cache."""
+    return _GENERATION
+
+
+def store(cache: dict, key, value, since: int):
+    """``value``, stored as ``cache[key]`` unless the caches were emptied since the
+    :func:`generation` ``since`` (read before ``value`` was computed): another thread's
+    clear must not be undone by a value computed from the files it replaced. Only on a
+    cache miss; the lookups stay plain dict lookups."""
+    if since == _GENERATION:
+        cache[key] = value
+        if since != _GENERATION:  # emptied between the check and the store
+            cache.pop(key, None)
+    return value
 
 
 class BoundedCache(dict):
@@ -455,6 +478,8 @@ def derived_cache(cache: dict | None = None) -> dict:
 def clear() -> None:
     """Forget the loaded files, the warnings given, the recorded backends and every
     :func:`derived_cache`."""
+    global _GENERATION
+    _GENERATION += 1  # first: a value being computed now is not stored (see store)
     _LAYERS.clear()
     _WARNED_STALE.clear()
     _WARNED_DEFAULT.clear()
@@ -536,10 +561,13 @@ def preferred_backend(op: str, device=None) -> str | None:
     None when none is recorded. Cached per (op, device)."""
     token = _device_token(device)
     cache_key = (op, token)
-    if cache_key not in _BACKENDS:
-        name = _device_name_of_index(token) if isinstance(token, int) else token
-        _BACKENDS[cache_key] = _recorded_backend(op, name)
-    return _BACKENDS[cache_key]
+    try:
+        return _BACKENDS[cache_key]
+    except KeyError:  # (not a membership test and a lookup: a clear may come in between)
+        pass
+    since = _GENERATION
+    name = _device_name_of_index(token) if isinstance(token, int) else token
+    return store(_BACKENDS, cache_key, _recorded_backend(op, name), since)
 
 
 def record_preferred_backend(op: str, backend: str, device=None, out_dir=None,
@@ -563,6 +591,8 @@ def _record(file_name: str, section: str, read: Callable, name: str, entry: dict
     doc = {"format": FORMAT, "device": dev, section: read(path)}
     doc[section][name] = entry
     _write_json(path, doc)
+    global _GENERATION
+    _GENERATION += 1  # first: a choice being read now is not stored (see store)
     _BACKENDS.clear()
     _DESIGNS.clear()
     for cache in _DERIVED:
@@ -603,23 +633,26 @@ def preferred_design(choice: str, device=None, known=None) -> str | None:
     (choice, device, known)."""
     token = _device_token(device)
     cache_key = (choice, token, None if known is None else tuple(known))
-    if cache_key not in _DESIGNS:
-        name = _device_name_of_index(token) if isinstance(token, int) else token
-        found = None
-        for _, root in _search_dirs():
-            path = root / name / DESIGNS_FILE
-            entry = _read_designs(path).get(choice)
-            if entry is None:
-                continue
-            if known is not None and entry["design"] not in known:
-                problem = (f"entry {choice!r}: design {entry['design']!r} is not one of "
-                           f"{', '.join(known)}")  # fmt: skip
-                _warn_once(path, [problem], True, MalformedConfigWarning)
-                continue
-            found = entry["design"]
-            break
-        _DESIGNS[cache_key] = found
-    return _DESIGNS[cache_key]
+    try:
+        return _DESIGNS[cache_key]
+    except KeyError:
+        pass
+    since = _GENERATION
+    name = _device_name_of_index(token) if isinstance(token, int) else token
+    found = None
+    for _, root in _search_dirs():
+        path = root / name / DESIGNS_FILE
+        entry = _read_designs(path).get(choice)
+        if entry is None:
+            continue
+        if known is not None and entry["design"] not in known:
+            problem = (f"entry {choice!r}: design {entry['design']!r} is not one of "
+                       f"{', '.join(known)}")  # fmt: skip
+            _warn_once(path, [problem], True, MalformedConfigWarning)
+            continue
+        found = entry["design"]
+        break
+    return store(_DESIGNS, cache_key, found, since)
 
 
 def record_preferred_design(choice: str, design: str, device=None, out_dir=None,

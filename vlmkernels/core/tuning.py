@@ -216,9 +216,9 @@ class TunedKernel(KernelInterface):
         cache_key = (_configs._current_device(), self.key_of(args, kwargs))
         config = self._cache.get(cache_key)
         if config is None:
-            config = self._cache[cache_key] = _resolve(
-                self, _configs._device_name_of_index(cache_key[0]), cache_key[1]
-            )[0]
+            since = _configs.generation()  # a clear_cache while resolving: not stored
+            config = _resolve(self, _configs._device_name_of_index(cache_key[0]), cache_key[1])[0]
+            _configs.store(self._cache, cache_key, config, since)
         return config
 
     def config(self, args, kwargs) -> triton.Config:
