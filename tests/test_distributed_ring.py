@@ -381,12 +381,17 @@ def _errors_job(rank, world):
     _expect(report, "siglip_second_order", NotImplementedError, "siglip_loss: second-order",
             lambda: second_order("siglip"))  # fmt: skip
 
-    real = torch.compiler.is_compiling
-    torch.compiler.is_compiling = lambda: True
+    # what a compile session sets: the process-wide flag, and in its own thread a context
+    from torch._guards import TracingContext, tracing
+
+    real = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
     try:
-        _expect(report, "while_tracing", RuntimeError, "torch.compile", lambda: clip(*feats()))
+        with tracing(TracingContext(None)):
+            _expect(report, "while_tracing", RuntimeError, "torch.compile",
+                    lambda: clip(*feats()))  # fmt: skip
     finally:
-        torch.compiler.is_compiling = real
+        torch.compiler._is_compiling_flag = real
     fullgraph = torch.compile(lambda x, y: clip(x, y), backend="eager", fullgraph=True)
     _expect(report, "compile_fullgraph", Exception, "disable", lambda: fullgraph(*feats()))
 

@@ -211,3 +211,45 @@ def test_launch_configs_and_default_backends_resolved_during_a_clear(config_dirs
     monkeypatch.setattr(CF, "_recorded_backend", backend)
     assert kernel.config(args, kwargs) is space[2]
     assert B.cuda_default("rope", cuda) == "cuda"
+
+
+# -------------------------------------------- torch.compile in another thread
+
+
+def test_eager_calls_while_another_thread_compiles():
+    """torch.compiler.is_compiling() is process-wide in recent PyTorch: true in every
+    thread while one thread compiles. An eager call in another thread must not take the
+    traced path: an inference-mode positions tensor was then not copied before autograd
+    saved it (RuntimeError), a mean loss was divided outside the op (other rounding)."""
+    import vlmkernels
+
+    inside, release = threading.Event(), threading.Event()
+
+    def held_backend(gm, example_inputs):
+        inside.set()
+        release.wait(10)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: t.sin() + 1, backend=held_backend)
+    with torch.inference_mode():
+        positions = torch.randint(0, 5, (3, 1, 5))
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    k = torch.randn(1, 1, 5, 16, requires_grad=True)
+    inv_freq, x, y = torch.rand(4), torch.randn(6, 8), torch.randn(6, 8)
+    expected = vlmkernels.clip_loss(x, y, 5.0)
+
+    worker = threading.Thread(target=compiled, args=(torch.randn(4),))
+    worker.start()
+    try:
+        assert inside.wait(60)
+        shared = torch.compiler.is_compiling()  # the flag, seen from this thread
+        rotated = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [2, 1, 1])
+        sum(t.sum() for t in rotated).backward()
+        loss = vlmkernels.clip_loss(x, y, 5.0)
+    finally:
+        release.set()
+        worker.join()
+    assert q.grad is not None and k.grad is not None
+    assert torch.equal(loss, expected)
+    if not shared:
+        pytest.skip("this PyTorch keeps is_compiling() to the compiling thread")

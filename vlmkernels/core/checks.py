@@ -8,6 +8,8 @@ import numbers
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
+from .runtime import tracing
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # exact types that pass the number checks without the (slower) abstract-class test
 _PLAIN_REALS = (float, int)
@@ -123,7 +125,7 @@ def isqrt(n) -> int:
     """floor(sqrt(n)) of an int n >= 0, exact; of a SymInt while torch.compile traces with
     dynamic shapes (``math.isqrt`` refuses one), through a float square root, which is
     exact below 2^52 (token counts), as transformers' own ``int(n ** 0.5)``."""
-    if torch.compiler.is_compiling():  # dynamo sees a SymInt as an int
+    if tracing():  # dynamo sees a SymInt as an int
         return torch.sym_int(n**0.5)
     return math.isqrt(n)
 
@@ -178,7 +180,7 @@ def saveable(t):
     an auxiliary input (targets from ids, angles from positions, a teacher's softmax).
     None passes through; so does everything while torch.compile traces (which cannot
     look at inference tensors, nor takes them)."""
-    if (t is None or torch.compiler.is_compiling() or not t.is_inference()
+    if (t is None or tracing() or not t.is_inference()
             or not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):  # fmt: skip
         return t
     return t.clone()

@@ -59,7 +59,7 @@ from torch.autograd import forward_ad
 
 from .backend import resolve_backend
 from .checks import refuse_jit_trace
-from .runtime import contiguous_vectors
+from .runtime import contiguous_vectors, traced_here, tracing
 from .version import __version__
 
 __all__ = ["Op", "as_saved", "first_order_only"]
@@ -104,7 +104,7 @@ def _refuse_batched_grads(op: str, grads) -> None:
     ``torch.autograd.functional.jacobian(vectorize=True)``) reach the kernels as tensors
     without storage: refused by name before any launch. Not looked at while a graph is
     traced (compiled autograd would break its graph there), where no such tensor comes."""
-    if not _is_compiling() and any(g is not None and _legacy_batched(g) for g in grads):
+    if not tracing() and any(g is not None and _legacy_batched(g) for g in grads):
         raise NotImplementedError(
             f"{op}: batched gradients (is_grads_batched=True, jacobian(vectorize=True)) are "
             "not supported by its backward; take one gradient at a time (vectorize=False)"
@@ -258,7 +258,9 @@ class Op:
         return self.implementation(args)(*args)
 
     def __call__(self, *args):
-        if _is_compiling() or _profiler_enabled() or _dispatch_modes() or _function_modes():
+        # (is_compiling alone is process-wide: true while any thread compiles, see tracing)
+        if ((_is_compiling() and traced_here()) or _profiler_enabled() or _dispatch_modes()
+                or _function_modes()):  # fmt: skip
             return self.overload(*args, REVISION)
         if _jit_tracing() is not None:
             refuse_jit_trace(self.qualname)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .runtime import tracing
+
 __all__ = ["check_no_overlap"]
 
 
@@ -70,7 +72,7 @@ def check_no_overlap(op: str, written: dict[str, torch.Tensor], read=None) -> No
     are then not detected). Under functorch transforms (vmap) the tensors they wrap are
     checked: a write to each sample's slice is a write to the whole."""
     read = read or {}
-    compiling = torch.compiler.is_compiling()
+    compiling = tracing()
     if not compiling and torch._C._are_functorch_transforms_active():
         written = {n: _unwrapped(t) for n, t in written.items()}
         read = {n: _unwrapped(t) for n, t in read.items()}

@@ -10,6 +10,7 @@ import threading
 
 import torch
 import triton
+from torch._guards import TracingContext
 
 
 @triton.jit
@@ -133,6 +134,30 @@ def autocast_operands(*tensors):
     )  # fmt: skip
 
 
+_is_compiling = torch.compiler.is_compiling
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_tracing_context = TracingContext.try_get
+
+
+def traced_here() -> bool:
+    """Where ``torch.compiler.is_compiling()`` is true: whether this thread is the one
+    tracing (Dynamo, which folds ``is_dynamo_compiling`` to True, or the code a compile or
+    an export runs untraced in its thread: fakes, AOTAutograd's trace of a backward, under
+    the thread's ``TracingContext``). See :func:`tracing`."""
+    return _dynamo_compiling() or _tracing_context() is not None
+
+
+def tracing() -> bool:
+    """Whether this call is being traced by torch.compile or torch.export, in this thread.
+
+    ``torch.compiler.is_compiling()`` alone is a process-wide flag in recent PyTorch, true
+    in every thread for the whole of another thread's compile session (seconds): an eager
+    call in a serving thread would take the traced path's shortcuts (an inference tensor
+    not copied before autograd saves it, host checks skipped, the ring refused). Costs
+    nothing more where no thread compiles."""
+    return _is_compiling() and traced_here()
+
+
 def mean_weight(weight: float, count, mean: bool = True):
     """(the op's weight, a divisor) for a loss of ``weight`` per term, divided by ``count``
     for a mean: ``weight / count`` and 1; or, while torch.compile traces, ``weight`` and
@@ -141,7 +166,7 @@ def mean_weight(weight: float, count, mean: bool = True):
     and every other size would compile again."""
     if not mean:
         return weight, 1
-    if torch.compiler.is_compiling():
+    if tracing():
         return weight, count
     return weight / count, 1
 

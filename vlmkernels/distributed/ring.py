@@ -70,8 +70,8 @@ rotation leaves the others waiting in its transfers, as any collective does.
 
 Not traced by torch.compile: the functions are wrapped in ``torch.compiler.disable`` (a
 compiled caller graph-breaks around them and runs them eagerly; ``fullgraph=True`` fails
-with dynamo's error naming them), and raise if they run while tracing
-(``torch.compiler.is_compiling()``, e.g. under export).
+with dynamo's error naming them), and raise if they run while this thread traces
+(:func:`vlmkernels.core.runtime.tracing`, e.g. under export).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ import torch.distributed as dist
 from ..core.backend import in_forward_backend, remember_backend, resolve_backend
 from ..core.checks import FLOAT_DTYPES, REDUCTIONS
 from ..core.op import first_order_only, without_autocast
+from ..core.runtime import tracing
 from ..ops.contrastive import (
     FAMILY,
     SideStats,
@@ -272,7 +273,7 @@ def _check_consistent(op: str, table: list[dict], local_error: Exception | None 
 def _setup(op, group, x, scale, bias, *, reduction, grad, ids=False, smoothing=0.0) -> _Ring:
     """Checks the group and the other ranks' arguments (``scale`` and ``bias``: the 0-d
     tensors, or None for no bias); every rank raises the same error."""
-    if torch.compiler.is_compiling():
+    if tracing():
         raise RuntimeError(
             f"{op}: the process_group (ring) mode cannot be traced by torch.compile or "
             "export; call it outside the compiled region"

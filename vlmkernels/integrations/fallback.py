@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ..core.hooks import global_hooks, has_hooks
+from ..core.runtime import tracing
 
 __all__ = [
     "PatchFallbackWarning",
@@ -124,7 +125,7 @@ def class_forward(module, why: str, *args, **kwargs):
     the fused forward does not run (shown once per module class and reason; not while
     torch.compile traces: Dynamo cannot trace ``warnings.warn``, and a graph break there
     would fail ``fullgraph=True`` where the unpatched model compiles)."""
-    if not torch.compiler.is_compiling():
+    if not tracing():
         warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not "
                       f"the fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
     return type(module).forward(module, *args, **kwargs)

@@ -72,6 +72,7 @@ import weakref
 import torch
 from torch.nn import functional as F
 
+from ...core.runtime import tracing
 from ...ops.attention import cross_attention, draw_dropout_seed
 from ...ops.attention.ops import attention_core
 from ...ops.attention.qformer import add_layernorm_unchecked, stacked_kv
@@ -173,7 +174,7 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
     While torch.compile traces, the mask is not read on the host: a row whose keys are not
     one interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there); so
     too on the meta device (a shape pass over a model built there)."""
-    if torch.compiler.is_compiling() or mask.is_meta:
+    if tracing() or mask.is_meta:
         return _mask_ranges(mask, batch, tokens, keys, traced=True)
     if mask.is_inference():
         return _mask_ranges(mask, batch, tokens, keys)
@@ -300,7 +301,7 @@ def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
         message = (f"{where}: the attention mask differs between query rows; the kernel "
                    "takes one mask row per batch")  # fmt: skip
         same = (mask == mask[:, :, :1]).all()
-        if torch.compiler.is_compiling():
+        if tracing():
             torch._assert_async(same, message)
         elif not bool(same):
             raise ValueError(message)

@@ -11,7 +11,7 @@ import torch
 
 from ...core.backend import resolve_backend
 from ...core.checks import check_bool, check_int
-from ...core.runtime import autocast_operands, divided, mean_weight
+from ...core.runtime import autocast_operands, divided, mean_weight, tracing
 from . import launchers, reference
 from .launchers import MAX_HEAD_DIM
 from .ops import attention_core, attention_key_mass, attention_row_mass
@@ -187,7 +187,7 @@ def _check_cu(op, name, cu, total, device):
     if cu.is_meta:
         raise ValueError(f"{op}: {name} is a meta tensor: eager calls read the offsets on the "
                          "host (trace with fake tensors or torch.compile instead)")  # fmt: skip
-    if torch.compiler.is_compiling():
+    if tracing():
         # the values cannot be read while tracing: the graph checks them on the device
         # (offsets past the packed length would make the kernels read and write out of
         # bounds), before the kernels run

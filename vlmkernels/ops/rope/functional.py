@@ -15,6 +15,7 @@ import torch
 
 from ...core.checks import FLOAT_DTYPES, check_bool, check_int, check_real, saveable, to_device
 from ...core.overlap import check_no_overlap
+from ...core.runtime import tracing
 from . import ops
 from .kernels import CHUNKED, INTERLEAVED, PLAIN
 from .layout import token_axes
@@ -112,7 +113,7 @@ def _check_sections(op, sections, half: int, interleaved: bool = False) -> list[
     # the entry the traced call adds would fail that guard at the next call (a recompile)
     exact = (type(half) is int and isinstance(sections, list | tuple)
              and all(type(v) is int for v in sections)
-             and not torch.compiler.is_compiling())  # fmt: skip
+             and not tracing())  # fmt: skip
     key = (tuple(sections), half, interleaved) if exact else None
     if key is not None and key in _SECTIONS:
         return _SECTIONS[key]
