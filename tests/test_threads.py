@@ -253,3 +253,27 @@ def test_eager_calls_while_another_thread_compiles():
     assert torch.equal(loss, expected)
     if not shared:
         pytest.skip("this PyTorch keeps is_compiling() to the compiling thread")
+
+
+# ------------------------------------------------------- IDEFICS mask ranges memo
+
+
+def test_idefics_mask_ranges_memo_is_per_thread(monkeypatch):
+    """Threads serving one IDEFICS model, each with its own image attention mask: one
+    thread's read does not evict the other's memo (every gated layer then read the mask
+    on the host again, a device wait per layer)."""
+    from vlmkernels.integrations.tables import attention as A
+
+    reads = []
+    original = A._mask_ranges
+    monkeypatch.setattr(A, "_mask_ranges", lambda *a, **kw: reads.append(1) or original(*a, **kw))
+    mine = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    theirs = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    first, second = torch.nn.Identity(), torch.nn.Identity()  # two gated layers
+    ranges = A.mask_ranges(mine, 2, 3, 4, reader=first)
+    other = threading.Thread(target=A.mask_ranges, args=(theirs, 2, 3, 4), kwargs={"reader": first})
+    other.start()
+    other.join()
+    assert len(reads) == 2
+    assert A.mask_ranges(mine, 2, 3, 4, reader=second) is ranges  # this forward's second layer
+    assert len(reads) == 2

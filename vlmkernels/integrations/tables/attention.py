@@ -67,6 +67,7 @@ import dataclasses
 import inspect
 import numbers
 import sys
+import threading
 import weakref
 
 import torch
@@ -146,11 +147,11 @@ _LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "cross_attn",
 
 @dataclasses.dataclass
 class _CheckedMask:
-    """The last mask :func:`mask_ranges` read: IDEFICS passes one image attention mask to
-    every gated layer of a forward, and the check reads the mask on the host (a device
-    wait). ``mask`` is a weak reference, so no user tensor is kept alive, and a mask freed
-    since never matches a new one (its reference is dead, whatever the new one's address
-    or id)."""
+    """The last mask :func:`mask_ranges` read in a thread: IDEFICS passes one image
+    attention mask to every gated layer of a forward, and the check reads the mask on the
+    host (a device wait). ``mask`` is a weak reference, so no user tensor is kept alive,
+    and a mask freed since never matches a new one (its reference is dead, whatever the
+    new one's address or id)."""
 
     mask: weakref.ref
     key: tuple  # the mask's version counter, batch, tokens, keys, inference mode
@@ -158,7 +159,9 @@ class _CheckedMask:
     readers: set[int]  # ids of the gated layers that got these ranges
 
 
-_LAST_CHECKED: list[_CheckedMask | None] = [None]
+# per thread (``.mask``): threads serving one model, each with its own masks, would
+# otherwise evict each other's entry at every layer, each eviction a host read of the mask
+_LAST_CHECKED = threading.local()
 
 
 def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=None):
@@ -181,7 +184,7 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
     # ranges made under inference mode are inference tensors, which autograd cannot save:
     # not handed to a forward outside it (a teacher run under inference mode, then a student)
     key = (mask._version, batch, tokens, keys, torch.is_inference_mode_enabled())
-    last = _LAST_CHECKED[0]
+    last = getattr(_LAST_CHECKED, "mask", None)
     fresh = last is not None and last.mask() is mask and last.key == key
     if fresh and id(reader) not in last.readers:
         if reader is not None:
@@ -189,7 +192,7 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
         return last.ranges
     ranges = _mask_ranges(mask, batch, tokens, keys)
     readers = set() if reader is None else {id(reader)}
-    _LAST_CHECKED[0] = _CheckedMask(weakref.ref(mask), key, ranges, readers)
+    _LAST_CHECKED.mask = _CheckedMask(weakref.ref(mask), key, ranges, readers)
     return ranges
 
 
