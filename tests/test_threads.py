@@ -277,3 +277,38 @@ def test_idefics_mask_ranges_memo_is_per_thread(monkeypatch):
     assert len(reads) == 2
     assert A.mask_ranges(mine, 2, 3, 4, reader=second) is ranges  # this forward's second layer
     assert len(reads) == 2
+
+
+# ------------------------------------------------------------------ the tuner
+
+
+def test_tuner_benchmark_leaves_recorded_tensors_alone():
+    """The tuner records launches process-wide while its workload runs (CUDA backwards run
+    on autograd's threads), so a serving thread's launch is recorded too; benchmarking it
+    relaunched the kernel into that thread's own output tensors, hundreds of times."""
+    import vlmkernels
+    from vlmkernels.core import tuner as TU
+
+    inside, done, recorded = threading.Event(), threading.Event(), []
+
+    def tuner():
+        with T._record() as calls:
+            inside.set()
+            done.wait(10)
+            recorded.extend(calls)
+
+    worker = threading.Thread(target=tuner)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        q, k = torch.randn(1, 3, 2, 16), torch.randn(1, 3, 1, 16)
+        cos, sin = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+        with vlmkernels.use_backend("triton"):
+            out, _ = vlmkernels.rope(q, k, cos, sin, 2)  # the serving thread's call
+    finally:
+        done.set()
+        worker.join()
+    assert [c.kernel.name for c in recorded] == ["rope"]
+    out.zero_()  # the serving thread reuses its buffer
+    TU._bench_call(recorded[0], lambda fn: fn() or 1.0, lambda *a: None)
+    assert not out.any()

@@ -66,10 +66,34 @@ def kernel_names(selection=None) -> list[str]:
     return names
 
 
+def _private(call: _Call) -> tuple[tuple, dict]:
+    """The recorded launch's arguments with each tensor on a copy of its storage (same
+    offset and strides; tensors sharing a storage share the copy): the benchmark runs the
+    launch hundreds of times, and must not write into the recorded tensors themselves.
+    Recording is process-wide (autograd runs CUDA backwards on threads of its own), so a
+    launch of another thread's call made while the workload ran is recorded too, and its
+    caller may still be reading those outputs (a kernel that accumulates would add into
+    them at every run)."""
+    copies = {}
+
+    def private(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        storage = a.untyped_storage()
+        key = (storage.data_ptr(), a.device)
+        if key not in copies:
+            copies[key] = storage.clone()
+        return a.new_empty(0).set_(copies[key], a.storage_offset(), a.shape, a.stride())
+
+    return tuple(private(a) for a in call.args), {k: private(v) for k, v in call.kwargs.items()}
+
+
 def _bench_call(call: _Call, bench: Callable, log: Callable) -> dict:
-    """Time one recorded launch with every config of its kernel's space; the winner as a
-    file entry (with its time and the default config's)."""
+    """Time one recorded launch with every config of its kernel's space, on copies of its
+    tensors (:func:`_private`); the winner as a file entry (with its time and the default
+    config's)."""
     kernel = call.kernel
+    args, kwargs = _private(call)
     variant = dict(zip(kernel.file_key, call.key, strict=True))
     timings = {}
     for i, config in enumerate(kernel.space):
@@ -78,9 +102,7 @@ def _bench_call(call: _Call, bench: Callable, log: Callable) -> dict:
                 f"{kernel.bucket(call.key)}")  # fmt: skip
             continue
         try:
-            timings[i] = float(
-                bench(lambda c=config: kernel.launch(c, call.grid, call.args, call.kwargs))
-            )
+            timings[i] = float(bench(lambda c=config: kernel.launch(c, call.grid, args, kwargs)))
         except Exception as exc:  # a config that does not compile or fit: skip it
             log(f"  {kernel.name} {_config_entry(config)}: skipped ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")  # fmt: skip
