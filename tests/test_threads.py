@@ -220,7 +220,7 @@ def test_eager_calls_while_another_thread_compiles():
     """torch.compiler.is_compiling() is process-wide in recent PyTorch: true in every
     thread while one thread compiles. An eager call in another thread must not take the
     traced path: an inference-mode positions tensor was then not copied before autograd
-    saved it (RuntimeError), a mean loss was divided outside the op (other rounding)."""
+    saved it (RuntimeError); a mean loss was divided outside the op (equal here)."""
     import vlmkernels
 
     inside, release = threading.Event(), threading.Event()
