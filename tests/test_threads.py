@@ -312,3 +312,118 @@ def test_tuner_benchmark_leaves_recorded_tensors_alone():
     out.zero_()  # the serving thread reuses its buffer
     TU._bench_call(recorded[0], lambda fn: fn() or 1.0, lambda *a: None)
     assert not out.any()
+
+
+# ------------------------------------------- prepared launches across a clear_cache
+
+
+class _Jit:
+    """Stands in for a JITFunction (records its launches)."""
+
+    arg_names = ["x_ptr", "n", "BM"]
+
+    def __init__(self):
+        self.launches = []
+
+        def kernel(x_ptr, n, BM):  # noqa: N803
+            return BM
+
+        self.fn = kernel
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.launches.append((grid, kwargs["BM"]))
+
+
+_SPACE = [triton.Config({"BM": 64}, num_warps=4), triton.Config({"BM": 128}, num_warps=8)]
+
+
+@pytest.fixture
+def fake_kernel(config_dirs, monkeypatch):
+    """(a compiled-path kernel on a fake CUDA device 0, write(config): its config file)."""
+    from vlmkernels.core import runtime
+
+    user, _ = config_dirs
+    monkeypatch.setattr(CF, "_current_device", lambda: 0)
+    monkeypatch.setattr(CF, "_raw_device_name", lambda index: H100)
+    monkeypatch.setattr(runtime, "AUTOTUNE", False)
+    kernel = T.TunedKernel("threads_fake", _Jit(), _SPACE, ["n"], ["n"], interpreted=False)
+
+    def write(config):
+        bucket = kernel.bucket((1000, "fp32"))
+        doc = {"format": 1, "kernel": kernel.name, "device": T.normalise_device_name(H100),
+               "source": "tuned", "triton_version": triton.__version__,
+               "source_hash": kernel.source_hash, "key": kernel.file_key,
+               "configs": {bucket: {**config.kwargs, "num_warps": config.num_warps,
+                                    "num_stages": config.num_stages}}}  # fmt: skip
+        path = user / T.normalise_device_name(H100) / f"{kernel.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+
+    write(_SPACE[1])
+    T.clear_cache()
+    yield kernel, write
+    T._REGISTRY.pop("threads_fake", None)
+
+
+def test_a_launch_prepared_across_a_clear_takes_one_config(fake_kernel, monkeypatch):
+    """A family computes a grid from config() and then prepares the launch, which resolves
+    the config again: another thread's clear_cache in between, with new tuned files, paired
+    a grid of the old config with a launch of the new one (programs missing), and the plan
+    was cached. The launch now goes unprepared (one config for both) and is not cached."""
+    kernel, write = fake_kernel
+    x = torch.zeros(4)
+    args, kwargs = (x, 1000), {}
+    cache = T.prepared_cache()
+    resolve = T._resolve
+
+    def resolve_then_tune(*a):
+        found = resolve(*a)
+        write(_SPACE[0])  # the tuner's thread: new files (smaller blocks), then clear_cache
+        T.clear_cache()
+        monkeypatch.setattr(T, "_resolve", resolve)
+        return found
+
+    assert cache.get("layout") is None
+    monkeypatch.setattr(T, "_resolve", resolve_then_tune)
+    run, prepared = kernel.launcher(lambda meta: (triton.cdiv(1000, meta["BM"]),), args, kwargs)
+    run(x)
+    assert not prepared  # (so not cached: families store prepared launches only)
+    # grid and block of one config (before: 8 programs of the old 128 rows, with blocks of
+    # the new 64: rows 512 to 999 never computed)
+    assert kernel.fn.launches[-1] == ((16,), 64)
+
+    # a plan prepared before the clear and stored after it is not kept either
+    assert cache.get("layout") is None
+    launch = kernel.prepare((16,), args, kwargs)
+    write(_SPACE[1])
+    T.clear_cache()
+    cache["layout"] = launch
+    assert "layout" not in cache
+    # without a clear: prepared and kept
+    assert cache.get("layout") is None
+    run, prepared = kernel.launcher(lambda meta: (triton.cdiv(1000, meta["BM"]),), args, kwargs)
+    cache["layout"] = run
+    assert prepared and cache.get("layout") is run
+
+
+def test_a_prepared_launch_reports_its_own_config(fake_kernel, monkeypatch):
+    """The whole-loss plans size their buffers by the config of a prepared launch: asked
+    again after preparing, another thread's clear_cache in between answered the new
+    files' config, not the one the launch runs."""
+    from vlmkernels.ops.contrastive.whole_loss import _prepared
+
+    kernel, write = fake_kernel
+    args, kwargs = (torch.zeros(4), 1000), {}
+    prepare = kernel.prepare
+
+    def prepare_then_tune(*a):
+        launch = prepare(*a)
+        write(_SPACE[0])  # the tuner's thread
+        T.clear_cache()
+        return launch
+
+    monkeypatch.setattr(kernel, "prepare", prepare_then_tune)
+    run, config = _prepared(kernel, (8,), args, kwargs)
+    assert config is _SPACE[1] and run.config is _SPACE[1]
+    run(torch.zeros(4))
+    assert kernel.fn.launches[-1] == ((8,), 128)

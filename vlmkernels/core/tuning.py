@@ -25,6 +25,7 @@ import functools
 import hashlib
 import inspect
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -223,19 +224,30 @@ class TunedKernel(KernelInterface):
 
     def config(self, args, kwargs) -> triton.Config:
         """The config a launch with these arguments takes (see :meth:`run`); under
-        ``VLMKERNELS_AUTOTUNE=1`` the autotuner may pick another."""
+        ``VLMKERNELS_AUTOTUNE=1`` the autotuner may pick another. For building prepared
+        launches (see :data:`_BUILDING`)."""
+        _building_since()
         return self._config(args, kwargs)
 
     def prepare(self, grid, args, kwargs):
         """A launch for calls whose non-pointer arguments are ``args``' and ``kwargs``'
         (a family caches it per layout, in a :func:`prepared_cache`): ``launch(*pointers)``
         runs with the config :meth:`run` would pick, without its per-call key and lookup;
-        the pointers come in the order of the signature, wherever the scalars sit. None
-        while the tuner records launches or under ``VLMKERNELS_AUTOTUNE=1`` (launch with
-        ``kernel[grid](...)`` then)."""
+        the pointers come in the order of the signature, wherever the scalars sit; its
+        ``config`` attribute is the config it runs. None while the tuner records launches,
+        under ``VLMKERNELS_AUTOTUNE=1``, or once where another thread's ``clear_cache``
+        came since the plan began (see :data:`_BUILDING`): launch with
+        ``kernel[grid](...)`` then."""
         if _RECORDING is not None or (runtime.AUTOTUNE and not self.interpreted):
             return None
+        since = _building_since()
         config = self._config(args, kwargs)
+        if since != _configs.generation():
+            # another thread's clear_cache since this plan began: ``grid`` may come from a
+            # config before it, this one from after; launched unprepared this once (the
+            # launch then takes one config for both), and a plan is begun afresh
+            _BUILDING.since = None
+            return None
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
         arguments = _placer(args)
         run = self.fn.run
@@ -247,11 +259,13 @@ class TunedKernel(KernelInterface):
                 with runtime.launch_lock():
                     return run(*arguments(pointers), **options)
 
+            launch.config = config
             return launch
 
         def launch(*pointers):
             return run(*arguments(pointers), **options)
 
+        launch.config = config  # what it runs with (config() may answer another after a clear)
         return launch
 
     def launcher(self, grid, args, kwargs):
@@ -318,6 +332,23 @@ def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
     return wrap
 
 
+# Per thread, while a family builds a plan of prepared launches (cache misses only): ``since``,
+# the config generation (:func:`.configs.generation`) when the plan began, at its first
+# :meth:`TunedKernel.config` or :meth:`TunedKernel.prepare`. A family computes a grid from
+# ``config()`` and then prepares the launch, which resolves the config again: another
+# thread's ``clear_cache`` in between (new tuned files) would pair a grid of one config with
+# a launch of another, and the plan would be stored. ``prepare`` declines then, and a store
+# (:class:`_PreparedCache`) keeps no plan begun before a clear; either ends the plan.
+_BUILDING = threading.local()
+
+
+def _building_since() -> int:
+    since = getattr(_BUILDING, "since", None)
+    if since is None:
+        since = _BUILDING.since = _configs.generation()
+    return since
+
+
 # Layouts kept per cache: a process whose shapes change every call (packed sequences of
 # varying total length, prompts of every length) would otherwise grow it without end.
 PREPARED_LAYOUTS = 1024
@@ -330,7 +361,20 @@ class _PreparedCache(_configs.BoundedCache):
     nothing is stored either)."""
 
     def get(self, key, default=None):
-        return default if _RECORDING is not None else dict.get(self, key, default)
+        found = None if _RECORDING is not None else dict.get(self, key)
+        if found is None:  # a miss: the caller builds a plan now (see _BUILDING)
+            _BUILDING.since = None
+            return default
+        return found
+
+    def __setitem__(self, key, value):
+        since = getattr(_BUILDING, "since", None)
+        _BUILDING.since = None  # the plan is complete: the next one begins afresh
+        if since is not None and since != _configs.generation():
+            return  # begun before another thread's clear_cache: it may hold the old configs
+        super().__setitem__(key, value)
+        if since is not None and since != _configs.generation():  # cleared meanwhile
+            self.pop(key, None)
 
 
 def prepared_cache() -> dict:

@@ -57,9 +57,11 @@ def _flags(x, bias):
 
 def _prepared(kernel, grid, args, kwargs):
     """(launch, config) or None while launches cannot be prepared (the tuner records them,
-    or the autotuner picks the config): the general path runs then, and nothing is cached."""
+    or the autotuner picks the config): the general path runs then, and nothing is cached.
+    The config is the launch's own (asked again, another thread's clear_cache in between
+    could answer another, and the caller sizes its buffers by it)."""
     run = kernel.prepare(grid, args, kwargs)
-    return None if run is None else (run, kernel.config(args, kwargs))
+    return None if run is None else (run, run.config)
 
 
 # ------------------------------------------------------------------- gradients from G
