@@ -427,3 +427,17 @@ def test_a_prepared_launch_reports_its_own_config(fake_kernel, monkeypatch):
     assert config is _SPACE[1] and run.config is _SPACE[1]
     run(torch.zeros(4))
     assert kernel.fn.launches[-1] == ((8,), 128)
+
+
+def test_a_bounded_cache_over_its_bound_comes_back_to_it():
+    """Threads storing into a full prepared-launch cache at once can drop the same oldest
+    entry and each add one: one entry over the bound each time. A store dropped one entry
+    only, so the excess added up with every such collision (a test storing from 4 threads
+    saw 13 entries in a cache of 8); it now drops down to the bound."""
+    from vlmkernels.core.configs import BoundedCache
+
+    cache = BoundedCache(8)
+    for i in range(12):  # the state colliding stores leave: 4 over the bound
+        dict.__setitem__(cache, i, i)
+    cache[12] = 12
+    assert list(cache) == [5, 6, 7, 8, 9, 10, 11, 12]

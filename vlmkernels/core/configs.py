@@ -451,18 +451,21 @@ class BoundedCache(dict):
     """A dict of at most ``limit`` entries: storing one more drops the oldest. Lookups are
     plain dict lookups. Threads storing at once (a server calling ops from several) may
     each drop an entry, never fail: the oldest may be gone, or the dict changing, by the
-    time one thread drops it."""
+    time one thread drops it. Two threads dropping the same oldest entry leave one entry
+    too many: a store drops entries until there is room, so the excess goes at the next
+    store instead of adding up."""
 
     def __init__(self, limit: int):
         super().__init__()
         self.limit = limit
 
     def __setitem__(self, key, value):
-        if key not in self and len(self) >= self.limit:
-            try:
-                self.pop(next(iter(self)), None)
-            except (StopIteration, RuntimeError):  # emptied / changed by another thread
-                pass
+        if key not in self:
+            while len(self) >= self.limit:
+                try:
+                    self.pop(next(iter(self)), None)
+                except (StopIteration, RuntimeError):  # emptied / changed by another thread
+                    pass
         super().__setitem__(key, value)
 
 
