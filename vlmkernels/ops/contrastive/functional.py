@@ -25,7 +25,7 @@ from ...core.checks import (
     scalar_tensor,
     to_device,
 )
-from ...core.runtime import autocast_dtype, autocast_pair, cast, divided, mean_weight
+from ...core.runtime import autocast_dtype, autocast_pair, cast, divided, mean_weight, tracing
 from . import ops
 from .fused_backward import check_design_variable
 
@@ -168,7 +168,7 @@ def _alpha_args(alpha, teacher: bool, like: torch.Tensor):
     Dynamo's pass that turns such floats into tensors does not cover them), a recompilation
     per value. The teacher's term is then in the graph whatever alpha is (alpha = 0 gives
     the same numbers without it)."""
-    if teacher and torch.compiler.is_compiling():
+    if teacher and tracing():  # this thread (is_compiling alone is process-wide)
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         return 0.0, torch.zeros((), dtype=dtype, device=like.device) + alpha
     return float(alpha), None
