@@ -31,11 +31,8 @@ TRANSFORMERS_TESTS := tests/test_patch_transformers.py tests/test_rope_index.py 
 # pytest-xdist workers: the tests are mostly single-threaded Python (Triton's interpreter),
 # so the 2-core CI machine runs two at once (one process where xdist is not installed).
 PYTEST_WORKERS ?= 2
-# --dist loadgroup: the tests marked xdist_group share a worker (the sm_90a compiles of
-# test_inspect and test_kernels_compile: the second reads the first's records from the
-# inspect cache instead of compiling again).
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider \
-	$$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(PYTEST_WORKERS) --dist loadgroup")
+	$$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(PYTEST_WORKERS)")
 
 .PHONY: bench test test-old-transformers lint clean
 

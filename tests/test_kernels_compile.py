@@ -5,16 +5,14 @@ target, outside the interpreter) on the default config of every compile-time var
 families declare, for 16-bit inputs and fp32 inputs ("tf32x3"): each line must be "ok",
 which includes each variant's declared expectations (tensor-core instructions, asynchronous
 pipelined loads for 16-bit inputs, no register spills). Skipped where a GPU is present:
-there the kernels are compiled and run by the tests.
+there the kernels are compiled and run by the tests. The check runs inside
+``test_inspect.py::test_default_configs_pass_the_checks`` (:func:`compile_check_passes`),
+which compiles the same configs: one test compiles them, once.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
-
-import pytest
-import torch
 
 import vlmkernels  # noqa: F401  (registers the families)
 from vlmkernels.core.family import families
@@ -39,11 +37,12 @@ def test_every_family_with_kernels_declares_its_variants():
             assert {c.kernel for c in cases} == set(f.kernels), name
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run for real")
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.xdist_group("sm90_cubins")  # beside test_inspect's compiles: see there
-def test_kernels_compile_for_sm90(dtype):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def compile_check_passes(dtype: str, env: dict) -> None:
+    """``scripts/compile_check.py --dtype dtype --configs first`` in a subprocess (``env``:
+    without TRITON_INTERPRET) prints an "ok" line for every declared variant. Run by
+    ``test_inspect.py::test_default_configs_pass_the_checks`` after its inspection of the
+    same configs, so that the variants compile once (as two tests on two xdist workers they
+    compiled twice: 480 s of CI's worker time instead of 250)."""
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--dtype", dtype, "--configs", "first"],
         env=env,
