@@ -36,3 +36,17 @@ def open_clip_loss():
     if module is None:
         pytest.skip("open_clip's loss.py is not available (make extracts it into .venv)")
     return module
+
+
+@pytest.fixture
+def config_dirs(tmp_path, monkeypatch):
+    """(user dir, package dir) of the tuned configs, both empty, with every cache cleared
+    around the test."""
+    from vlmkernels.core import configs, tuning
+
+    user, package = tmp_path / "user", tmp_path / "package"
+    monkeypatch.setenv(tuning.CONFIG_DIR_ENV, str(user))
+    monkeypatch.setattr(configs, "PACKAGE_CONFIG_DIR", package)
+    tuning.clear_cache()
+    yield user, package
+    tuning.clear_cache()

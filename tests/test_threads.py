@@ -74,17 +74,6 @@ def test_undo_while_another_thread_patches():
 # ------------------------------------------------- tuned configs and recorded choices
 
 
-@pytest.fixture
-def config_dirs(tmp_path, monkeypatch):
-    """(user dir, package dir), both empty, with every cache cleared around the test."""
-    user, package = tmp_path / "user", tmp_path / "package"
-    monkeypatch.setenv(T.CONFIG_DIR_ENV, str(user))
-    monkeypatch.setattr(CF, "PACKAGE_CONFIG_DIR", package)
-    T.clear_cache()
-    yield user, package
-    T.clear_cache()
-
-
 def test_a_choice_read_while_another_thread_records_is_not_kept(config_dirs, monkeypatch):
     """A serving thread reads backends.json while the tuner's thread records a new choice
     (and empties the caches): the value read from the old file answers that call but is

@@ -35,17 +35,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    """(user dir, package dir), both empty, with every cache cleared around the test."""
-    user, package = tmp_path / "user", tmp_path / "package"
-    monkeypatch.setenv(T.CONFIG_DIR_ENV, str(user))
-    monkeypatch.setattr(CF, "PACKAGE_CONFIG_DIR", package)
-    T.clear_cache()
-    yield user, package
-    T.clear_cache()
-
-
-@pytest.fixture
 def fake_cuda(monkeypatch):
     """CUDA device 0 is an H100 as far as the lookup is concerned."""
     monkeypatch.setattr(CF, "_current_device", lambda: 0)
@@ -107,7 +96,7 @@ def test_kernels_keys_and_spaces():
     assert STATS.configs == ([C._INTERPRETER_CONFIG] if _common.INTERPRETED else SPACE)
 
 
-def test_untuned_default_per_dtype(dirs):
+def test_untuned_default_per_dtype(config_dirs):
     """Without a tuned entry, fp32 launches of the statistics and SigLIP loss passes take
     their fp32 default (128 x 128 x 32: no spill), those writing a gradient tile (clip_grad,
     SigLIP's gradient pass) 128 x 64 x 32 (no spill), the other dtypes the first config
@@ -123,7 +112,7 @@ def test_untuned_default_per_dtype(dirs):
     assert T.all_kernels()["clip_grad"].default_for(torch.float32) is fp32_gradient
     assert T.all_kernels()["clip_grad"].default_for(torch.bfloat16) is fp32_default
     assert STATS.default_for("fp32") is fp32_default
-    user, _ = dirs
+    user, _ = config_dirs
     write(user, "siglip", [(dict(key, dtype="fp32"), entry(SPACE[2]))])
     T.clear_cache()
     assert T.lookup("siglip", key, device=H100, dtype="fp32") is SPACE[2]
@@ -132,7 +121,7 @@ def test_untuned_default_per_dtype(dirs):
                 defaults={"fp32": triton.Config({"BM": 16})})(C._siglip_kernel.fn)  # fmt: skip
 
 
-def test_untuned_default_per_variant(dirs):
+def test_untuned_default_per_variant(config_dirs):
     """The CLIP kernels' variants with targets (ids, smoothing, a teacher) default to their
     own config (128 x 64 x 32, 8 warps) in both dtypes, except clip_stats with 16-bit
     inputs (64 x 128 x 32, 8 warps: no spill with Triton 3.6); the plain variants take the
@@ -150,14 +139,14 @@ def test_untuned_default_per_variant(dirs):
         assert T.lookup("clip_grad", stats_key(**flags), device=H100) is targets
     assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[0]
     assert T.lookup("clip_grad", stats_key(), device=H100) is SPACE[1]
-    user, _ = dirs
+    user, _ = config_dirs
     write(user, "clip_stats", [(stats_key(ids=1), entry(SPACE[2]))])
     T.clear_cache()
     assert T.lookup("clip_stats", stats_key(ids=1), device=H100) is SPACE[2]
 
 
-def test_lookup_order_user_over_package_over_default(dirs):
-    user, package = dirs
+def test_lookup_order_user_over_package_over_default(config_dirs):
+    user, package = config_dirs
     key = stats_key()
     with pytest.warns(T.DefaultConfigWarning, match="clip_stats"):
         assert T.lookup("clip_stats", key, device=H100) is SPACE[0]
@@ -173,16 +162,16 @@ def test_lookup_order_user_over_package_over_default(dirs):
         assert T.lookup("clip_stats", key, device="NVIDIA A100-SXM4-80GB") is SPACE[0]
 
 
-def test_user_file_without_the_variant_defers_to_the_package(dirs):
-    user, package = dirs
+def test_user_file_without_the_variant_defers_to_the_package(config_dirs):
+    user, package = config_dirs
     write(user, "clip_stats", [(stats_key(teacher=1), entry(SPACE[1]))])
     write(package, "clip_stats", [(stats_key(d=512, n=8192), entry(SPACE[3]))])
     assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[3]
     assert T.lookup("clip_stats", stats_key(teacher=1, d=64), device=H100) is SPACE[1]
 
 
-def test_nearest_bucket(dirs):
-    user, _ = dirs
+def test_nearest_bucket(config_dirs):
+    user, _ = config_dirs
     write(user, "clip_stats", [
         (stats_key(d=512, n=8192), entry(SPACE[1])),
         (stats_key(d=1024, n=65536), entry(SPACE[2])),
@@ -204,8 +193,8 @@ def test_nearest_bucket(dirs):
         assert T.lookup("clip_stats", stats_key(dtype="fp32"), device=H100) is SPACE[1]
 
 
-def test_nearest_bucket_ties_go_to_the_larger_sizes(dirs):
-    user, _ = dirs
+def test_nearest_bucket_ties_go_to_the_larger_sizes(config_dirs):
+    user, _ = config_dirs
     write(user, "siglip", [
         (dict(D=512, n_bucket=8192, WRITE_GRAD=1, dtype="bf16"), entry(SPACE[1])),
         (dict(D=2048, n_bucket=8192, WRITE_GRAD=1, dtype="bf16"), entry(SPACE[2])),
@@ -223,8 +212,8 @@ def test_nearest_bucket_ties_go_to_the_larger_sizes(dirs):
         ({"kernel": "clip_grad"}, "for kernel 'clip_grad'"),
     ],
 )
-def test_stale_files_are_ignored_with_a_warning(dirs, overrides, reason):
-    user, package = dirs
+def test_stale_files_are_ignored_with_a_warning(config_dirs, overrides, reason):
+    user, package = config_dirs
     key = stats_key()
     write(user, "clip_stats", [(key, entry(SPACE[1]))], **overrides)
     write(package, "clip_stats", [(key, entry(SPACE[2]))])
@@ -235,8 +224,8 @@ def test_stale_files_are_ignored_with_a_warning(dirs, overrides, reason):
         assert T.lookup("clip_stats", stats_key(d=512), device=H100) is SPACE[2]
 
 
-def test_same_triton_minor_version_is_current(dirs):
-    user, _ = dirs
+def test_same_triton_minor_version_is_current(config_dirs):
+    user, _ = config_dirs
     major, minor = triton.__version__.split(".")[:2]
     write(user, "clip_stats", [(stats_key(), entry(SPACE[1]))],
           triton_version=f"{major}.{minor}.99+local")  # fmt: skip
@@ -245,8 +234,8 @@ def test_same_triton_minor_version_is_current(dirs):
         assert T.lookup("clip_stats", stats_key(), device=H100) is SPACE[1]
 
 
-def test_entries_outside_the_space_and_broken_files(dirs):
-    user, package = dirs
+def test_entries_outside_the_space_and_broken_files(config_dirs):
+    user, package = config_dirs
     odd = {"BM": 256, "BN": 256, "BK": 128, "num_warps": 8, "num_stages": 2}
     write(user, "clip_stats", [(stats_key(), odd), (stats_key(d=512), entry(SPACE[1]))])
     with pytest.warns(T.StaleConfigWarning, match="not in the config space"):
@@ -273,8 +262,8 @@ DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError on it
         ('{"configs": [1]}', "'configs' is a JSON list"),
     ],
 )
-def test_malformed_config_files_fall_back_with_a_warning(dirs, text, reason):
-    user, package = dirs
+def test_malformed_config_files_fall_back_with_a_warning(config_dirs, text, reason):
+    user, package = config_dirs
     key = stats_key()
     path = user / H100_DIR / "clip_stats.json"
     path.parent.mkdir(parents=True)
@@ -295,8 +284,8 @@ def test_malformed_config_files_fall_back_with_a_warning(dirs, text, reason):
     assert reason in files[0]["problems"][0]
 
 
-def test_malformed_entries_are_ignored_one_by_one(dirs):
-    user, package = dirs
+def test_malformed_entries_are_ignored_one_by_one(config_dirs):
+    user, package = config_dirs
     write(package, "clip_stats", [(stats_key(d=64), entry(SPACE[3]))])
     good = entry(SPACE[1])
     path = write(
@@ -329,8 +318,8 @@ def test_malformed_entries_are_ignored_one_by_one(dirs):
     assert sum("does not follow the key" in q for q in problems) == 2
 
 
-def test_write_winners_drops_malformed_entries_of_the_old_file(dirs):
-    user, _ = dirs
+def test_write_winners_drops_malformed_entries_of_the_old_file(config_dirs):
+    user, _ = config_dirs
     kept = stats_key(d=512)
     write(user, "clip_stats", [(kept, entry(SPACE[1])), (stats_key(d=64), "junk"),
                                ("D64", entry(SPACE[1]))])  # fmt: skip
@@ -346,7 +335,7 @@ def test_write_winners_drops_malformed_entries_of_the_old_file(dirs):
     assert "nested too deeply" in lines[-1]
 
 
-def test_default_warning_once_per_kernel(dirs):
+def test_default_warning_once_per_kernel(config_dirs):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for d in (64, 128, 768):
@@ -360,7 +349,7 @@ def test_default_warning_once_per_kernel(dirs):
     assert "'clip_grad'" in str(fallback[1].message)
 
 
-def test_lookup_needs_the_whole_key(dirs):
+def test_lookup_needs_the_whole_key(config_dirs):
     with pytest.raises(KeyError, match="dtype"):
         T.lookup("clip_stats", dict(D=1, n_bucket=1, ROWS=1, COLS=1, IDS=0, SMOOTH=0,
                                     TEACHER=0), device=H100)  # fmt: skip
@@ -416,9 +405,9 @@ def fake_file(user, k, key, cfg):
     (user / H100_DIR / "fake_test.json").write_text(json.dumps(doc))
 
 
-def test_launch_takes_the_looked_up_config_and_caches_it(dirs, fake_cuda, fake_registered,
+def test_launch_takes_the_looked_up_config_and_caches_it(config_dirs, fake_cuda, fake_registered,
                                                         monkeypatch):  # fmt: skip
-    user, _ = dirs
+    user, _ = config_dirs
     monkeypatch.setattr(_common, "AUTOTUNE", False)
     k, jit = fake_kernel()
     x = torch.zeros(4, dtype=torch.bfloat16)
@@ -439,7 +428,7 @@ def test_launch_takes_the_looked_up_config_and_caches_it(dirs, fake_cuda, fake_r
     assert jit.launches[-1][0] == (3,) and jit.launches[-1][2]["BM"] == 64
 
 
-def test_interpreted_launch_uses_the_interpreter_config_without_lookup(dirs, fake_registered,
+def test_interpreted_launch_uses_the_interpreter_config_without_lookup(config_dirs, fake_registered,
                                                                        monkeypatch):  # fmt: skip
     k, jit = fake_kernel(interpreted=True)
     monkeypatch.setattr(T, "_resolve", lambda *a: pytest.fail("no lookup under the interpreter"))
@@ -450,7 +439,7 @@ def test_interpreted_launch_uses_the_interpreter_config_without_lookup(dirs, fak
     assert jit.launches[-1][2]["BM"] == 16 and jit.launches[-1][2]["num_warps"] == 1
 
 
-def test_opt_in_autotune_delegates_to_triton_autotune(dirs, fake_cuda, fake_registered,
+def test_opt_in_autotune_delegates_to_triton_autotune(config_dirs, fake_cuda, fake_registered,
                                                       monkeypatch):  # fmt: skip
     k, jit = fake_kernel()
     made = []
@@ -474,8 +463,8 @@ def test_opt_in_autotune_delegates_to_triton_autotune(dirs, fake_cuda, fake_regi
     assert not jit.launches  # the autotuner launches
 
 
-def test_real_kernels_under_the_interpreter_skip_the_lookup(dirs, monkeypatch):
-    user, _ = dirs
+def test_real_kernels_under_the_interpreter_skip_the_lookup(config_dirs, monkeypatch):
+    user, _ = config_dirs
     # a stale file that would warn if it were read
     write(user, "rope", [], device=H100_DIR, triton_version="0.1")
     monkeypatch.setattr(CF, "_raw_device_name", lambda index: H100)
@@ -513,8 +502,8 @@ def test_launch_with_an_explicit_config_interpreted():
 # ------------------------------------------------------------------ report
 
 
-def test_lookup_report(dirs, monkeypatch):
-    user, package = dirs
+def test_lookup_report(config_dirs, monkeypatch):
+    user, package = config_dirs
     write(user, "clip_stats", [(stats_key(), entry(SPACE[1]))])
     write(package, "clip_stats", [(stats_key(), entry(SPACE[2]))])
     write(package, "clip_grad", [(stats_key(), entry(SPACE[2]))], source="default")
@@ -541,7 +530,7 @@ def test_lookup_report(dirs, monkeypatch):
     assert T.lookup_report(H100)["rope"]["source"] == "autotune"
 
 
-def test_lookup_report_without_cuda_under_the_interpreter(dirs):
+def test_lookup_report_without_cuda_under_the_interpreter(config_dirs):
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
     report = T.lookup_report()
@@ -585,13 +574,13 @@ def test_default_shapes_cover_the_issue_buckets():
     assert {s["source"] for s in rope} == {"table", "positions"}
 
 
-def test_tune_pipeline_with_a_fake_benchmark(dirs, monkeypatch):
+def test_tune_pipeline_with_a_fake_benchmark(config_dirs, monkeypatch):
     """Workloads -> recorded launches -> one timing per config -> winners -> merged files
     -> lookup, on the CPU: the interpreter runs the workloads and a fake benchmark, which
     prefers the space's last config, stands in for do_bench."""
     if not _common.INTERPRETED:
         pytest.skip("runs the workloads through the interpreter")
-    user, _ = dirs
+    user, _ = config_dirs
     launched, benchmarking = [], []
     original = T.TunedKernel.launch
 
@@ -663,7 +652,7 @@ def test_tune_pipeline_with_a_fake_benchmark(dirs, monkeypatch):
     assert any(line.startswith("replacing") for line in lines)
 
 
-def test_bench_call_skips_configs_that_fail(dirs, monkeypatch):
+def test_bench_call_skips_configs_that_fail(config_dirs, monkeypatch):
     call = T._Call(STATS, (1, 1, 1, 1, 0, 0, 0, "bf16"), (1,), (), {})
     times = iter([RuntimeError("out of resources: shared memory"), 3.0, 2.0, 5.0, 4.0])
 
@@ -681,7 +670,7 @@ def test_bench_call_skips_configs_that_fail(dirs, monkeypatch):
         TU._bench_call(call, lambda fn: 1 / 0, lines.append)
 
 
-def test_space_for_a_variant_leaves_out_what_cannot_launch(dirs):
+def test_space_for_a_variant_leaves_out_what_cannot_launch(config_dirs):
     """``tuned(fits=)``: the connector GEMM with fp32 inputs and the norm prologue keeps only
     BK 32 or 64 x 64 tiles (the others overflow an sm_90 block's shared memory or spill);
     bf16, or fp32 without a norm, keeps the whole space. The tuner skips the others without
@@ -717,10 +706,10 @@ def test_space_for_a_variant_leaves_out_what_cannot_launch(dirs):
     assert sum("not in the space" in line for line in lines) == len(full) - 2
 
 
-def test_compare_backends_records_the_faster(dirs, monkeypatch):
+def test_compare_backends_records_the_faster(config_dirs, monkeypatch):
     if not _common.INTERPRETED:
         pytest.skip("runs the Triton launcher through the interpreter")
-    user, _ = dirs
+    user, _ = config_dirs
     from vlmkernels.ops.rope import cuda as _cuda
 
     ran = []
@@ -762,8 +751,8 @@ def fake_cuda_tensor(dtype=torch.bfloat16, index=0):
                                  is_cpu=False)  # fmt: skip
 
 
-def test_preferred_backend_and_resolve_backend(dirs, fake_cuda, monkeypatch):
-    user, package = dirs
+def test_preferred_backend_and_resolve_backend(config_dirs, fake_cuda, monkeypatch):
+    user, package = config_dirs
     assert T.preferred_backend("rope", H100) is None
     T.record_preferred_backend("rope", "cuda", H100, package, triton_ms=2.0, cuda_ms=1.5)
     T.record_preferred_backend("clip_loss", "triton", H100, package)
@@ -795,8 +784,8 @@ def test_preferred_backend_and_resolve_backend(dirs, fake_cuda, monkeypatch):
     assert _backend.resolve_backend("rope", t) == "triton"
 
 
-def test_unrecorded_or_odd_backend_entries_mean_triton(dirs, fake_cuda, monkeypatch):
-    _, package = dirs
+def test_unrecorded_or_odd_backend_entries_mean_triton(config_dirs, fake_cuda, monkeypatch):
+    _, package = config_dirs
     (package / H100_DIR).mkdir(parents=True)
     (package / H100_DIR / "backends.json").write_text(
         json.dumps({"backends": {"rope": "torch", "clip_loss": {"backend": "cuda"}}})
@@ -818,9 +807,9 @@ def test_unrecorded_or_odd_backend_entries_mean_triton(dirs, fake_cuda, monkeypa
         ("{", "does not parse"),
     ],
 )
-def test_malformed_backends_file_falls_back_with_a_warning(dirs, fake_cuda, monkeypatch, text,
-                                                           reason):  # fmt: skip
-    user, package = dirs
+def test_malformed_backends_file_falls_back_with_a_warning(config_dirs, fake_cuda, monkeypatch,
+                                                           text, reason):  # fmt: skip
+    user, package = config_dirs
     T.record_preferred_backend("rope", "cuda", H100, package)
     bad = user / H100_DIR / "backends.json"
     bad.parent.mkdir(parents=True)
@@ -839,8 +828,8 @@ def test_malformed_backends_file_falls_back_with_a_warning(dirs, fake_cuda, monk
     assert doc["backends"] == {"siglip_loss": {"backend": "triton"}}
 
 
-def test_odd_backend_entries_are_ignored_one_by_one(dirs, fake_cuda):
-    _, package = dirs
+def test_odd_backend_entries_are_ignored_one_by_one(config_dirs, fake_cuda):
+    _, package = config_dirs
     (package / H100_DIR).mkdir(parents=True)
     path = package / H100_DIR / "backends.json"
     path.write_text(json.dumps({"backends": {"rope": ["cuda"], "siglip_loss": {"backend": 3},
@@ -876,7 +865,7 @@ def test_compile_check_still_finds_the_config_spaces():
 
 
 def test_compare_designs_records_the_fastest_and_the_clip_backward_follows(
-    dirs, fake_cuda, monkeypatch
+    config_dirs, fake_cuda, monkeypatch
 ):
     """The tuner times the contrastive family's CLIP backward designs (here with a fake
     timer on the CPU) and records the fastest in designs.json; a CUDA device then runs it
@@ -885,7 +874,7 @@ def test_compare_designs_records_the_fastest_and_the_clip_backward_follows(
     warning."""
     from vlmkernels.ops.contrastive import fused_backward
 
-    user, package = dirs
+    user, package = config_dirs
     if not _common.INTERPRETED:
         pytest.skip("runs the losses through the interpreter")
     monkeypatch.delenv(fused_backward.ENV_DESIGN, raising=False)
