@@ -218,6 +218,43 @@ def test_teacher_gets_no_gradient(device, calls):
     assert x.grad is not None and y.grad is not None
 
 
+def test_ramped_alpha_takes_one_plan(device, calls):
+    """ALBEF and BLIP ramp alpha every step: each value is the loss of that value, and the
+    forward keeps one prepared plan for all of them (the launch takes alpha per call), not
+    one more plan, and its host time, per value."""
+    n, d = 9, 16
+    x, y = leaf(features(n, d, torch.float32, device)), leaf(features(n, d, torch.float32,
+                                                                      device))  # fmt: skip
+    tx, ty = features(n, d, torch.float32, device), features(n, d, torch.float32, device)
+    s = torch.tensor(8.0, device=device)
+    whole_targets._PLANS.clear()
+    refs = _as64(x, y, s)
+    teacher = (s * tx @ ty.T).double()
+    for step, alpha in enumerate((0.13, 0.5, 0.97)):
+        x.grad = y.grad = None
+        for r in refs:
+            r.grad = None
+        with vlmkernels.use_backend("triton"):
+            out = vlmkernels.clip_loss(x, y, s, teacher=(tx, ty), alpha=alpha)
+            out.backward()
+        assert calls == {"forward": step + 1, "backward": step + 1}
+        forward_plans = [k for k in whole_targets._PLANS if k[0] == "ce_targets_fwd"]
+        assert len(forward_plans) == 1, forward_plans
+        expected = _reference(*refs, None, torch.eye(n, dtype=torch.float64, device=device),
+                              0.0, alpha, teacher, "mean", True)  # fmt: skip
+        expected.backward()
+        _check(out, expected, (x, y, None), (*refs[:2], None), torch.float32, 1.0)
+
+
+def test_per_call_scalars_are_not_key_arguments():
+    """PER_CALL stands for a scalar given per call; a key argument selects the config, so
+    it cannot be one (refused when the launch is prepared)."""
+    kernel = tuning.all_kernels()["ce_target_parts"]
+    args = [torch.empty(1)] * 12 + [tuning.PER_CALL] + [1] * 11
+    with pytest.raises(ValueError, match="PER_CALL.*'M'"):
+        kernel.prepare((1,), tuple(args), {})
+
+
 def test_rows_far_apart_are_copied_per_call(device, calls, monkeypatch):
     """Rows 2^23 elements apart: offsets inside a tile would pass 32 bits, so the whole path
     copies such features (tile_addressable); its plans, keyed on the callers' layouts,

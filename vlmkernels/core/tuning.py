@@ -14,7 +14,8 @@ How a kernel launches (``kernel[grid](*args, **kwargs)``):
   same config for the same shapes in every process.
 
 A family's launcher may :meth:`TunedKernel.prepare` a launch once per layout (kept in a
-:func:`prepared_cache`) to skip the per-call key and lookup.
+:func:`prepared_cache`) to skip the per-call key and lookup; a scalar that changes from call
+to call (a ramped weight) is passed :data:`PER_CALL` there and given per call.
 """
 
 from __future__ import annotations
@@ -233,13 +234,20 @@ class TunedKernel(KernelInterface):
         """A launch for calls whose non-pointer arguments are ``args``' and ``kwargs``'
         (a family caches it per layout, in a :func:`prepared_cache`): ``launch(*pointers)``
         runs with the config :meth:`run` would pick, without its per-call key and lookup;
-        the pointers come in the order of the signature, wherever the scalars sit; its
-        ``config`` attribute is the config it runs. None while the tuner records launches,
+        the pointers come in the order of the signature, wherever the scalars sit, and with
+        them, in that order, the scalars given as :data:`PER_CALL` (not key arguments);
+        its ``config`` attribute is the config it runs. None while the tuner records launches,
         under ``VLMKERNELS_AUTOTUNE=1``, or once where another thread's ``clear_cache``
         came since the plan began (see :data:`_BUILDING`): launch with
         ``kernel[grid](...)`` then."""
         if _RECORDING is not None or (runtime.AUTOTUNE and not self.interpreted):
             return None
+        keyed = [self.key_names[n] for n, i in enumerate(self._positions)
+                 if i < len(args) and args[i] is PER_CALL]  # fmt: skip
+        if keyed or any(v is PER_CALL for v in kwargs.values()):
+            where = keyed or "a keyword argument"
+            raise ValueError(f"{self.name}: PER_CALL stands for a positional argument that "
+                             f"is not a key argument; got it for {where}")  # fmt: skip
         since = _building_since()
         config = self._config(args, kwargs)
         if since != _configs.generation():
@@ -296,10 +304,25 @@ class TunedKernel(KernelInterface):
         return self.fn.run(*args, grid=grid, warmup=warmup, **options)
 
 
+class _PerCall:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "PER_CALL"
+
+
+PER_CALL = _PerCall()
+"""Stands, in the arguments of :meth:`TunedKernel.prepare`, for a scalar the prepared launch
+takes per call beside the pointers: a value that changes every call (a weight ramped over
+training steps) would otherwise prepare, and cache, a launch per value. Triton does not
+specialise a kernel on a float's value, so no launch compiles again for a new one."""
+
+
 def _placer(args: tuple):
-    """A function of the pointers (``args``' arguments with a ``data_ptr``, in order) giving
-    ``args`` with those pointers in place: the other arguments are kept."""
-    where = [i for i, a in enumerate(args) if hasattr(a, "data_ptr")]
+    """A function of the per-call values (``args``' arguments with a ``data_ptr`` and those
+    given as :data:`PER_CALL`, in order) giving ``args`` with those values in place: the
+    other arguments are kept."""
+    where = [i for i, a in enumerate(args) if a is PER_CALL or hasattr(a, "data_ptr")]
     if where == list(range(len(where))):  # pointers first: no reordering
         scalars = args[len(where) :]
         return lambda pointers: (*pointers, *scalars)

@@ -39,6 +39,7 @@ from operator import itemgetter
 import torch
 
 from ...core.runtime import cdiv, device_guard, next_pow2, scalar_like
+from ...core.tuning import PER_CALL
 from ...kernels.blocks import tile_addressable
 from .chunked import triton_chunk_rows
 from .finalize import (
@@ -79,9 +80,9 @@ def _slots(ids, smooth, teacher) -> int:
 
 
 def _alpha_key(alpha):
-    """alpha as a plan's key has it: the float (a scalar of the prepared launch), or for a
-    tensor (a pointer, read by the kernel) one key for every value."""
-    return "tensor" if isinstance(alpha, torch.Tensor) else alpha
+    """alpha as a plan's key has it: its kind, one plan for every value (the launch takes a
+    float per call, a tensor as a pointer the kernel reads), as ALBEF and BLIP ramp it."""
+    return "tensor" if isinstance(alpha, torch.Tensor) else "float"
 
 
 def _key(kind, x, y, bias, row_ids, teacher, *options):
@@ -175,10 +176,11 @@ def _forward_plan(x, y, scale, bias, ids, teacher, weight, offset, smoothing, al
         count = _prepared(_ids_count_kernel, (cdiv(m, COUNT_ROWS), count_splits),
                           (ws, ws, ws, m, n), dict(BM=COUNT_ROWS, BN=COUNT_COLUMNS))  # fmt: skip
     programs = cdiv(m, PARTS_BLOCK)
-    # a tensor alpha is a pointer, passed per call (after the others: last in the signature)
+    # alpha comes per call, after the pointers (last in the signature): a tensor's pointer
+    # or the float
     alpha_ptr = isinstance(alpha, torch.Tensor)
     parts_args = (*(ws,) * 12, m, n, offset, used_splits, used_groups, count_splits, splits * m,
-                  groups * n, weight, smoothing, ws if alpha_ptr else alpha)  # fmt: skip
+                  groups * n, weight, smoothing, ws if alpha_ptr else PER_CALL)  # fmt: skip
     parts = _prepared(_ce_target_parts_kernel, (programs,), parts_args,
                       dict(COLS=cols, IDS=ids, SMOOTH=smooth, TEACHER=has_teacher,
                            ALPHA_PTR=alpha_ptr, BLOCK=PARTS_BLOCK))  # fmt: skip
@@ -231,7 +233,6 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
         plan = _PLANS[key] = dataclasses.replace(plan, copy=copy)
     if plan.copy:
         (x, y, teacher), _ = _addressable(x, y, teacher)
-    alphas = (alpha,) if isinstance(alpha, torch.Tensor) else ()  # the kernel's pointer
     m = x.shape[0]
     # sizes as int arguments, not tuples (about 0.3 us less each); split_with_sizes:
     # Tensor.split's Python layer costs about 1.3 us more per call
@@ -258,7 +259,7 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
         plan.stats(x, y, scale, b, ids_r, ids_c, xt, yt, ts, t_lse_r, t_lse_c, row_max,
                    row_sum, col_max, col_sum, row_acc, col_acc)  # fmt: skip
         plan.parts(row_max, row_sum, row_acc, col_max, col_sum, col_acc, count, t_lse_r,
-                   t_lse_c, coef, parts, loss, *alphas)  # fmt: skip
+                   t_lse_c, coef, parts, loss, alpha)  # fmt: skip
         if plan.sum is not None:
             plan.sum(parts, loss)
     return loss, coef
