@@ -695,6 +695,31 @@ def test_eager_alpha_stays_a_float(device, monkeypatch):
     assert seen == [(None, 0.3)] * 3
 
 
+def test_alpha_zero_reads_no_teacher(device, monkeypatch):
+    """At alpha = 0 the teacher's term is 0: on every path (reduced or per sample, both
+    functions) the ops get no teacher, so its logits are not computed, and the loss is the
+    one without a teacher."""
+    from vlmkernels.ops.contrastive import ops
+
+    seen = []
+    for name in ("contrastive_ce_targets_reduced", "contrastive_ce_forward"):
+        op = getattr(ops, name)
+        spy = lambda *a, op=op: seen.append(a[6:9]) or op(*a)  # noqa: E731
+        monkeypatch.setattr(ops, name, spy)
+    x, y, xm, ym = (feats(6, 8, device) for _ in range(4))
+    ids = torch.tensor([0, 1, 1, 2, 3, 3], device=device)
+    with vlmkernels.use_backend("torch"):
+        for reduction in ("mean", "none"):
+            kw = dict(ids=ids, reduction=reduction)
+            got = vlmkernels.clip_loss(x, y, 5.0, teacher=(xm, ym), alpha=0.0, **kw)
+            torch.testing.assert_close(got, vlmkernels.clip_loss(x, y, 5.0, **kw))
+            kw = dict(query_ids=ids, key_ids=ids, reduction=reduction)
+            got = vlmkernels.contrastive_cross_entropy(x, y, 5.0, teacher_queries=xm, **kw)
+            want = vlmkernels.contrastive_cross_entropy(x, y, 5.0, **kw)
+            torch.testing.assert_close(got, want)
+    assert seen == [(None,) * 3] * 8
+
+
 def test_compiled_alpha_out_of_range_is_refused(device):
     """The range check reads alpha on the host (a Dynamo guard 0 <= alpha <= 1, not a
     specialisation): a value outside fails the guard, and the recompilation raises the

@@ -174,6 +174,13 @@ def _alpha_args(alpha, teacher: bool, like: torch.Tensor):
     return float(alpha), None
 
 
+def _distilled(teacher: tuple, alpha: float, alpha_t) -> tuple:
+    """The ops' teacher arguments (x_t, y_t, s_t): ``teacher`` where its term counts
+    (alpha > 0, or torch.compile's tensor alpha, whose value the graph does not know),
+    else Nones: at alpha = 0 the teacher's logits are not computed."""
+    return teacher if alpha_t is not None or alpha else (None, None, None)
+
+
 def _reduce(losses, reduction, halve_sum):
     if reduction == "mean":
         return losses.mean()
@@ -263,15 +270,15 @@ def clip_loss(
         teacher = (*teacher, _teacher_scale(op, teacher_logit_scale, scale, x.device))
     else:
         teacher = (None, None, None)
+    teacher = _distilled(teacher, alpha, alpha_t)
     if reduction != "none" and n:
         # reduced: one op whose backward is one op (the teacher only where it counts)
         weight, per = mean_weight(0.5, n, reduction == "mean")
         if swap:
             x, y, teacher = y, x, (teacher[1], teacher[0], teacher[2])
-        distill = alpha_t is not None or alpha
         loss = ops.contrastive_ce_targets_reduced(
-            x, y, scale, bias, ids, ids, *(teacher if distill else (None,) * 3), alpha_t,
-            weight, 0, float(label_smoothing), alpha, True, chunk,
+            x, y, scale, bias, ids, ids, *teacher, alpha_t, weight, 0,
+            float(label_smoothing), alpha, True, chunk,
         )[0]  # fmt: skip
         return cast(divided(loss, per), out_dtype)
     row_losses, col_losses, _, _ = ops.contrastive_ce_forward(
@@ -364,16 +371,16 @@ def contrastive_cross_entropy(
                                queries.dtype)  # fmt: skip
         teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
     alpha, alpha_t = _alpha_args(alpha, teacher_queries is not None, queries)
+    teacher = _distilled(teacher, alpha, alpha_t)
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
         # reduced, every query's positives known to the kernels (ids, or the key at
         # i + offset): one op whose backward is one op; a query without a positive (ids)
         # makes the loss NaN there too. Without ids, queries past the keys take the
         # general path below.
         weight, per = mean_weight(1.0, m, reduction == "mean")
-        distill = alpha_t is not None or alpha
         loss = ops.contrastive_ce_targets_reduced(
-            queries, keys, scale, bias, q_ids, k_ids, *(teacher if distill else (None,) * 3),
-            alpha_t, weight, offset, float(label_smoothing), alpha, False, chunk,
+            queries, keys, scale, bias, q_ids, k_ids, *teacher, alpha_t, weight, offset,
+            float(label_smoothing), alpha, False, chunk,
         )[0]  # fmt: skip
         return cast(divided(loss, per), out_dtype)
     row_losses, _, _, _ = ops.contrastive_ce_forward(
