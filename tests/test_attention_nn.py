@@ -280,3 +280,27 @@ def test_decoding_with_cached_media(only_immediate, device):
         many = torch.zeros(b, t_prompt, dtype=torch.bool, device=device)
         many[:, :4] = True  # 4 media tokens, 3 media items
         assert block.attn(new, media, many, use_cached_media=True).isnan().all()
+
+
+def test_deferred_initialisation_on_the_meta_device():
+    """A block built on the meta device, then materialised module by module as FSDP's
+    ``param_init_fn`` default does (``to_empty(recurse=False)`` then ``reset_parameters()``
+    on every module with parameters of its own), gets its documented initialisation: the
+    gates 0 (closed), so the block is the identity, not gates of whatever memory
+    ``to_empty`` left (tanh of garbage: an open or NaN gate)."""
+    with torch.device("meta"):
+        block = GatedCrossAttentionBlock(dim=16, dim_visual=12, dim_head=8, heads=2, ff_mult=2)
+    with torch.no_grad():
+        for module in block.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.to_empty(device="cpu", recurse=False)
+                for p in module.parameters(recurse=False):
+                    p.fill_(float("nan"))  # what to_empty may leave
+                module.reset_parameters()
+    assert torch.equal(block.attn_gate, torch.zeros(1))
+    assert torch.equal(block.ff_gate, torch.zeros(1))
+    assert all(p.isfinite().all() for p in block.parameters())
+    x, media = torch.randn(2, 5, 16), torch.randn(2, 2, 3, 12)
+    loc = torch.zeros(2, 5, dtype=torch.bool)
+    loc[:, [0, 3]] = True
+    assert torch.equal(block(x, media, loc), x)

@@ -167,6 +167,11 @@ class GatedCrossAttentionBlock(nn.Module):
     """open_flamingo's ``GatedCrossAttentionBlock`` (see the module docstring): scalar
     gates ``attn_gate`` and ``ff_gate`` (shape (1,), initialised to 0).
 
+    ``reset_parameters()`` sets the gates back to 0: the block's own parameters only, as
+    ``nn.Linear``'s (the submodules have their own), the contract of deferred
+    initialisation (a block built on the meta device, then ``to_empty`` and
+    ``reset_parameters`` module by module, as FSDP's default ``param_init_fn`` does).
+
     ``forward(x, media, media_locations=None, use_cached_media=False)``: x (B, T, dim),
     media (B, T_img, n, dim_visual), media_locations (B, T) bool ((B, T_prompt) with
     ``use_cached_media``: x comes after the prompt); returns (B, T, dim).
@@ -188,6 +193,11 @@ class GatedCrossAttentionBlock(nn.Module):
             )
         self.ff = _feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
+
+    def reset_parameters(self) -> None:
+        """The gates back to 0 (closed); the submodules' parameters are theirs to reset."""
+        nn.init.zeros_(self.attn_gate)
+        nn.init.zeros_(self.ff_gate)
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, media_locations=None,
                 use_cached_media: bool = False):  # fmt: skip
