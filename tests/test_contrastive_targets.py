@@ -738,3 +738,18 @@ def test_compiled_alpha_out_of_range_is_refused(device):
                 compiled(x, y, bad)
             errors = [info.value, info.value.__cause__]
             assert any("alpha must be in [0, 1]" in str(e) for e in errors), errors
+
+
+@pytest.mark.parametrize("targets", [{}, {"ids": torch.tensor([0, 1, 0, 2, 1])}])
+def test_clip_loss_with_grads_float64_keeps_float64_accuracy(targets):
+    """The mean's weight times the unit gradient was formed in fp32 (1/5 rounded to fp32),
+    so float64 GradCache gradients were off by about 1e-8 relative from clip_loss's."""
+    g = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    s, b = torch.tensor(1.7, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
+    with vlmkernels.use_backend("torch"):
+        _, dx, dy, ds, db = vlmkernels.clip_loss_with_grads(x, y, s, b, **targets)
+        xl, yl, sl, bl = leaf(x), leaf(y), leaf(s), leaf(b)
+        vlmkernels.clip_loss(xl, yl, sl, bl, **targets).backward()
+    for got, ref in ((dx, xl.grad), (dy, yl.grad), (ds, sl.grad)):
+        assert rel(got, ref) < 1e-13

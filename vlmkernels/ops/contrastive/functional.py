@@ -486,8 +486,11 @@ def clip_loss_with_grads(
         x, y, scale = x.detach(), y.detach(), scale.detach()
         bias = bias.detach() if bias is not None else None
         # the unit gradient, or 1 / n while traced (the sum's weight): the kernels scale the
-        # gradients in fp32, as in eager mode, rather than dividing rounded ones
-        one = divided(torch.ones((), dtype=torch.float32, device=x.device), per)
+        # gradients in fp32 (float64 for float64 features: the backward forms weight times
+        # this in its dtype, and an fp32 one rounded the mean's 1 / n), as in eager mode,
+        # rather than dividing rounded ones
+        unit = torch.float64 if x.dtype == torch.float64 else torch.float32
+        one = divided(torch.ones((), dtype=unit, device=x.device), per)
         if ids is None and not label_smoothing:
             loss, coef = ops.contrastive_ce_reduced(x, y, scale, bias, weight, 0, True, chunk)
             dx, dy, ds, db = ops.contrastive_ce_reduced_backward(
