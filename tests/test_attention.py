@@ -1265,3 +1265,27 @@ def test_compiled_gate_and_bias_of_constant_sizes(what, device):
     q, k = rand(2, 2, 5, 8, device=device), rand(2, 2, 7, 8, device=device)
     got = torch.compile(f, backend="eager", fullgraph=True, dynamic=True)(q, k)
     assert rel(got, f(q, k)) < 1e-6
+
+
+def test_weight_absorption_refuses_absorbed_queries_without_their_gradient():
+    """With ``absorbed`` given, queries and w_k reach the result only through it: an
+    absorbed made under no_grad (cached "once per weight update") left their gradients
+    None, silently, while they required grad. It raises; one made with grad, or detached
+    queries and w_k, or no grad mode, are accepted."""
+    from vlmkernels.ops.attention.absorption import absorb_queries, absorbed_cross_attention
+
+    h, lq, d, b, n, c = 2, 3, 2, 2, 4, 5
+    queries, x = leaf(rand(h, lq, d)), leaf(rand(b, n, c))
+    w_k, w_v = leaf(rand(h * d, c)), leaf(rand(h * d, c))
+    with torch.no_grad():
+        cached = absorb_queries(queries, w_k)
+    with pytest.raises(ValueError, match="absorbed carries no gradient"):
+        absorbed_cross_attention(queries, x, w_k, w_v, absorbed=cached)
+    with pytest.raises(ValueError, match="absorbed carries no gradient"):
+        absorbed_cross_attention(queries.detach(), x, w_k, w_v, absorbed=cached)
+    out = absorbed_cross_attention(queries, x, w_k, w_v, absorbed=absorb_queries(queries, w_k))
+    out.sum().backward()
+    assert queries.grad is not None and w_k.grad is not None
+    absorbed_cross_attention(queries.detach(), x, w_k.detach(), w_v, absorbed=cached)
+    with torch.no_grad():
+        absorbed_cross_attention(queries, x, w_k, w_v, absorbed=cached)

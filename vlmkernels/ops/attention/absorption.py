@@ -71,7 +71,10 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
         w_k, w_v: (H d, C) key and value projection weights (the key bias cancels).
         b_v: (H d,) value bias or None.
         scale: the logit scale (default 1 / sqrt(d)).
-        absorbed: Q~ from :func:`absorb_queries` (computed here when None).
+        absorbed: Q~ from :func:`absorb_queries` (computed here when None). queries and
+            w_k then reach the result only through it: where either requires grad (grad
+            mode on), absorbed must too (computed from them with grad), else this raises
+            rather than leave their gradients None.
 
     Returns:
         (B, H, Lq, d): what softmax(scale Q K^T) V gives with K = x W_k^T + b_k and
@@ -102,6 +105,16 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
             raise TypeError(f"{op}: {name} must have queries' dtype and device "
                             f"({queries.dtype}, {queries.device}), got ({t.dtype}, "
                             f"{t.device})")  # fmt: skip
+    if (absorbed is not None and torch.is_grad_enabled() and not absorbed.requires_grad
+            and (queries.requires_grad or w_k.requires_grad)):  # fmt: skip
+        # queries and w_k reach the result only through absorbed: their gradients would
+        # be None, silently
+        raise ValueError(
+            f"{op}: absorbed carries no gradient, but "
+            f"{'queries' if queries.requires_grad else 'w_k'} requires grad (they reach the "
+            "result only through absorbed); compute absorbed with absorb_queries(queries, "
+            "w_k) with grad enabled, pass absorbed=None, or pass queries and w_k detached"
+        )
     s = 1.0 / math.sqrt(d) if scale is None else check_real(op, "scale", scale, -math.inf,
                                                             math.inf)  # fmt: skip
     qt = absorb_queries(queries, w_k) if absorbed is None else absorbed  # (H, Lq, C)
