@@ -167,6 +167,32 @@ def test_forward_mode_and_batched_gradients_raise():
     torch.testing.assert_close(jac.sum((2, 3)), w[:2, None].expand(2, 3) * 2.0)
 
 
+class _PassThroughFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["profiler", "flop_counter", "function_mode"])
+def test_forward_mode_raises_on_the_dispatcher_path(mode):
+    """Under torch.profiler, a TorchDispatchMode (FlopCounterMode) or a TorchFunctionMode
+    an op goes through the dispatcher, where a custom op's tangent is missing (dual
+    tensors) or 0 (torch.func.jvp): forward-mode AD raised only on the eager path and
+    came out silently wrong under these modes."""
+    x, w = _inputs()
+    x = x.detach()
+    f = lambda a: scale_rows(a, w, 2.0)  # noqa: E731
+    modes = {"profiler": torch.profiler.profile, "flop_counter": lambda: FlopCounterMode(
+        display=False), "function_mode": _PassThroughFunctionMode}  # fmt: skip
+    message = "test_scale_rows: forward-mode AD"
+    with modes[mode]():
+        with pytest.raises(NotImplementedError, match=message):
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        with forward_ad.dual_level():
+            with pytest.raises(NotImplementedError, match=message):
+                f(forward_ad.make_dual(x, torch.ones_like(x)))
+            torch.testing.assert_close(f(x), x * w[:, None] * 2.0)
+
+
 def test_traced_graph_holds_the_revision():
     """Compile caches key on the traced graph, which does not see an op's backward or fake
     (pytorch/pytorch#144344): the graph holds vlmkernels' source fingerprint instead, so a

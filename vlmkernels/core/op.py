@@ -259,15 +259,16 @@ class Op:
 
     def __call__(self, *args):
         # (is_compiling alone is process-wide: true while any thread compiles, see tracing)
-        if ((_is_compiling() and traced_here()) or _profiler_enabled() or _dispatch_modes()
-                or _function_modes()):  # fmt: skip
+        compiling = _is_compiling() and traced_here()
+        transformed = not compiling and (_functorch() or forward_ad._current_level >= 0)
+        if transformed:  # before the dispatcher path too, where the tangent would be 0
+            _refuse_forward_mode(self.qualname, args, self._tensor_positions)
+        if compiling or _profiler_enabled() or _dispatch_modes() or _function_modes():
             return self.overload(*args, REVISION)
         if _jit_tracing() is not None:
             refuse_jit_trace(self.qualname)
-        if _functorch() or forward_ad._current_level >= 0:
-            _refuse_forward_mode(self.qualname, args, self._tensor_positions)
-            if _functorch():
-                return self._under_functorch(args)
+        if transformed and _functorch():
+            return self._under_functorch(args)
         if self._mutated_positions and not torch.is_inference_mode_enabled():
             self._refuse_inference_writes(args)
         tracked = self._apply is not None and torch.is_grad_enabled()
