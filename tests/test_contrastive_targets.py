@@ -753,3 +753,22 @@ def test_clip_loss_with_grads_float64_keeps_float64_accuracy(targets):
         vlmkernels.clip_loss(xl, yl, sl, bl, **targets).backward()
     for got, ref in ((dx, xl.grad), (dy, yl.grad), (ds, sl.grad)):
         assert rel(got, ref) < 1e-13
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_with_grads_refuse_dual_tensors(name):
+    """The GradCache forms detach their inputs, which drops a forward_ad tangent before any
+    op sees it: the loss came back without one (torch.func.jvp raised, a dual tensor gave
+    a silently missing tangent). Both raise naming the function."""
+    from torch.autograd import forward_ad
+
+    fn = {"clip": vlmkernels.clip_loss_with_grads, "siglip": vlmkernels.siglip_loss_with_grads}
+    x, y = feats(5, 3, "cpu"), feats(5, 3, "cpu")
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=f"{name}_loss_with_grads: forward-mode"):
+            fn[name](dual, y, 2.0, -1.0)
+        scale = forward_ad.make_dual(torch.tensor(2.0), torch.tensor(1.0))
+        with pytest.raises(NotImplementedError, match=f"{name}_loss_with_grads: forward-mode"):
+            fn[name](x, y, scale, -1.0)
+        assert fn[name](x, y, 2.0, -1.0)[0].isfinite()  # no dual input: as usual

@@ -12,6 +12,7 @@ process-group forms of :func:`clip_loss` and :func:`siglip_loss` are
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from ...core.checks import (
     check_bool,
@@ -25,6 +26,7 @@ from ...core.checks import (
     scalar_tensor,
     to_device,
 )
+from ...core.op import _refuse_forward_mode
 from ...core.runtime import autocast_dtype, autocast_pair, cast, divided, mean_weight, tracing
 from . import ops
 from .fused_backward import check_design_variable
@@ -471,6 +473,7 @@ def clip_loss_with_grads(
     ``d logit_bias`` is None without a bias. Scalar reductions only.
     """
     op = "clip_loss_with_grads"
+    _refuse_dual(op, image_features, text_features, logit_scale, logit_bias)
     if reduction == "none":
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
     x, y, scale, bias, chunk, out_dtype = prepare(op, image_features, text_features,
@@ -521,6 +524,7 @@ def siglip_loss_with_grads(
     :func:`siglip_loss` without building an autograd graph (GradCache); one pass over the
     logits. ``d logit_bias`` is None without a bias. Scalar reductions only."""
     op = "siglip_loss_with_grads"
+    _refuse_dual(op, image_features, text_features, logit_scale, logit_bias)
     if reduction == "none":
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum'")
     x, y, scale, bias, chunk, out_dtype = prepare(op, image_features, text_features,
@@ -535,6 +539,14 @@ def siglip_loss_with_grads(
         loss, dx, dy, ds, db = _divided_all(per, loss, dx, dy, ds, db)
     return _as_autograd_gives(loss, dx, dy, ds, db, out_dtype, image_features, text_features,
                               logit_scale, logit_bias)  # fmt: skip
+
+
+def _refuse_dual(op, *args) -> None:
+    """The GradCache forms detach their inputs, which would drop a forward_ad tangent
+    before any op sees it (a loss without its tangent): refused as the ops refuse it."""
+    if forward_ad._current_level >= 0:
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        _refuse_forward_mode(op, tensors, range(len(tensors)))
 
 
 def _divided_all(per, *values):
