@@ -319,6 +319,8 @@ def contrastive_cross_entropy(
     smoothed by ``label_smoothing`` over the N keys and mixed as
     ``alpha softmax(s_t Q_t K_t^T) + (1 - alpha) hard`` with teacher (momentum) features
     ``teacher_queries`` (and ``teacher_keys``, default ``keys``): ALBEF's distillation.
+    The teacher's targets are constants (ALBEF computes them under no_grad): no gradient
+    reaches teacher features, nor ``keys`` through the default ``teacher_keys``.
 
     Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``), in the
     features' dtype; under autocast, fp32 features (and teacher features) are cast to the
