@@ -428,6 +428,23 @@ def test_launch_takes_the_looked_up_config_and_caches_it(config_dirs, fake_cuda,
     assert jit.launches[-1][0] == (3,) and jit.launches[-1][2]["BM"] == 64
 
 
+def test_launch_config_cache_is_bounded(config_dirs, fake_cuda, fake_registered, monkeypatch):
+    """The per-(device, key) config lookups of a CUDA launch keep at most PREPARED_LAYOUTS
+    keys, dropping the oldest: a kernel keyed on a size that changes every call (attention's
+    max_lk, ToMe's token count, serving prompts of every length) cannot grow it without end,
+    as the prepared launches built on it cannot."""
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    monkeypatch.setattr(T, "PREPARED_LAYOUTS", 16)
+    k, jit = fake_kernel()
+    x = torch.zeros(4, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", T.DefaultConfigWarning)
+        for n in range(1, 41):
+            k[(1,)](x, 64, n, FLAG=True)
+    assert len(jit.launches) == 40 and len(k._cache) == 16
+    assert (0, (64, 40, 1, "bf16")) in k._cache and (0, (64, 1, 1, "bf16")) not in k._cache
+
+
 def test_interpreted_launch_uses_the_interpreter_config_without_lookup(config_dirs, fake_registered,
                                                                        monkeypatch):  # fmt: skip
     k, jit = fake_kernel(interpreted=True)

@@ -125,7 +125,9 @@ class TunedKernel(KernelInterface):
         self.fits = fits
         self.restore_value = restore_value
         self.interpreted = runtime.INTERPRETED if interpreted is None else interpreted
-        self._cache: dict[tuple, triton.Config] = {}
+        # bounded as the prepared launches are: a key holds sizes (attention's max_lk, ToMe's
+        # token count), which a server of prompts of every length varies every call
+        self._cache: dict[tuple, triton.Config] = _configs.BoundedCache(PREPARED_LAYOUTS)
         self._autotuner = None
         _REGISTRY[name] = self
 
@@ -372,8 +374,9 @@ def _building_since() -> int:
     return since
 
 
-# Layouts kept per cache: a process whose shapes change every call (packed sequences of
-# varying total length, prompts of every length) would otherwise grow it without end.
+# Layouts kept per cache, and keys per kernel's config lookups: a process whose shapes
+# change every call (packed sequences of varying total length, prompts of every length)
+# would otherwise grow them without end.
 PREPARED_LAYOUTS = 1024
 
 
