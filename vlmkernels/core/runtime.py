@@ -199,9 +199,9 @@ def dot_precision(dtype: torch.dtype) -> tuple[bool, str]:
 
 # Launch configs come from the persisted lookup of :mod:`._tuning` (deterministic: nothing is
 # benchmarked at run time). VLMKERNELS_AUTOTUNE=1 opts back into Triton's in-memory
-# autotuning over the whole config space at the first call of every shape bucket (the
-# config files are then not consulted). Read at import; :mod:`._tuning` reads this
-# attribute at each launch.
+# autotuning over the whole config space at the first call of every distinct key value (each
+# new size, as triton.autotune keys it; the config files are then not consulted). Read at
+# import; :mod:`._tuning` reads this attribute at each launch.
 AUTOTUNE = os.environ.get("VLMKERNELS_AUTOTUNE", "0").strip().lower() in ("1", "true", "on", "yes")
 
 

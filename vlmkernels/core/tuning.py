@@ -7,8 +7,9 @@ How a kernel launches (``kernel[grid](*args, **kwargs)``):
 - under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests): always the single
   interpreter config; no lookup, no warning;
 - with ``VLMKERNELS_AUTOTUNE=1`` (opt-in): Triton's autotuner over the whole config space,
-  benchmarking at the first call of every shape bucket, in memory, as ``triton.autotune``
-  does (launches are then not deterministic across processes; no file is read);
+  benchmarking at the first call of every distinct value of the key (each new size: no
+  buckets), in memory, as ``triton.autotune`` does, which keeps every result (launches are
+  then not deterministic across processes; no file is read): for a few fixed shapes;
 - otherwise (the default): the config :mod:`.configs` finds for the kernel's key on the
   current CUDA device, cached per (kernel, device, key): no benchmarking at run time, the
   same config for the same shapes in every process.
