@@ -96,7 +96,9 @@ def use_backend(name: str):
     in this thread (or asyncio task): a context variable, which threads started inside the
     block do not inherit. In eager mode each op's backward runs on its forward's choice,
     wherever and whenever autograd runs it; a backward compiled by torch.compile resolves
-    the backend when it runs (``VLMKERNELS_BACKEND`` holds for both).
+    the backend when it runs (``VLMKERNELS_BACKEND`` holds for both). Activation
+    checkpointing recomputes the forward outside the block, on the default backend: force
+    one there with ``VLMKERNELS_BACKEND`` or a ``context_fn`` entering this block.
 
     >>> with vlmkernels.use_backend("torch"):
     ...     loss = vlmkernels.clip_loss(img, txt, scale)
