@@ -419,6 +419,31 @@ class _SecondOrderNotImplemented(torch.autograd.Function):
         raise NotImplementedError(ctx.message)
 
 
+class _SavedOnce:
+    """An autograd ``ctx`` whose ``saved_tensors`` are unpacked once and kept: a
+    non-reentrant ``torch.utils.checkpoint`` refuses a saved tensor unpacked twice (its
+    CheckpointError), and a ``save_on_cpu`` unpack copies again on each read. Every other
+    attribute is the ctx's (read and written through)."""
+
+    __slots__ = ("_ctx", "_saved")
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_saved", None)
+
+    @property
+    def saved_tensors(self):
+        if self._saved is None:
+            object.__setattr__(self, "_saved", self._ctx.saved_tensors)
+        return self._saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
 def first_order_only(op: str):
     """Decorates an autograd ``backward(ctx, *grads)`` whose gradients are not themselves
     differentiable (fused kernels, gradients saved by the forward pass, collectives).
@@ -440,12 +465,13 @@ def first_order_only(op: str):
         def wrapped(ctx, *grads):
             if not torch.is_grad_enabled():  # the usual backward: no graph to build
                 return backward(ctx, *grads)
+            once = _SavedOnce(ctx)  # the saved tensors read once: for backward and here
             with torch.no_grad():
-                out = backward(ctx, *grads)
+                out = backward(once, *grads)
             single = not isinstance(out, tuple)
             out = [out] if single else list(out)
             where = [i for i, g in enumerate(out) if isinstance(g, torch.Tensor)]
-            sources = [t for t in (*ctx.saved_tensors, *grads)
+            sources = [t for t in (*once.saved_tensors, *grads)
                        if isinstance(t, torch.Tensor) and t.requires_grad]  # fmt: skip
             tied = _SecondOrderNotImplemented.apply(
                 message, tuple(out[i].detach() for i in where), *sources
