@@ -104,11 +104,15 @@ def _refuse_batched_grads(op: str, grads) -> None:
     ``torch.autograd.functional.jacobian(vectorize=True)``) reach the kernels as tensors
     without storage: refused by name before any launch. Not looked at while a graph is
     traced (compiled autograd would break its graph there), where no such tensor comes."""
-    if not tracing() and any(g is not None and _legacy_batched(g) for g in grads):
-        raise NotImplementedError(
-            f"{op}: batched gradients (is_grads_batched=True, jacobian(vectorize=True)) are "
-            "not supported by its backward; take one gradient at a time (vectorize=False)"
-        )
+    if tracing():
+        return
+    for g in grads:  # (a loop: any() over a generator costs a call per gradient)
+        if g is not None and _legacy_batched(g):
+            raise NotImplementedError(
+                f"{op}: batched gradients (is_grads_batched=True, jacobian(vectorize=True)) "
+                "are not supported by its backward; take one gradient at a time "
+                "(vectorize=False)"
+            )
 
 
 def _without_autocast(fn: Callable, *args):

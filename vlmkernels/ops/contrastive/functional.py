@@ -436,9 +436,11 @@ def siglip_loss(
     check_bool(op, "negative_only", negative_only)
     n = x.shape[0]
     offset = n if negative_only else 0  # col = row + n: no positive pair
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, y, scale, bias)
-    )
+    # (x, y and scale are tensors here, bias a tensor or None; no generator: a call per item)
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad or y.requires_grad or scale.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )  # fmt: skip
     if reduction != "none" and wants_grad:
         weight, per = mean_weight(1.0, n, reduction == "mean")
         # the summed loss is symmetric in the two sides (z is): a side without gradient
