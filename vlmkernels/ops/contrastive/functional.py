@@ -249,7 +249,8 @@ def clip_loss(
     x, y, scale, bias, chunk, out_dtype = prepare(
         op, image_features, text_features, logit_scale, logit_bias, reduction, chunk_size
     )
-    check_teacher_parts(op, "teacher", teacher, teacher_logit_scale=teacher_logit_scale)
+    if teacher is None and teacher_logit_scale is not None:  # (no call where nothing to refuse)
+        check_teacher_parts(op, "teacher", teacher, teacher_logit_scale=teacher_logit_scale)
     if torch.is_grad_enabled():
         check_design_variable()
     n = x.shape[0]
@@ -339,8 +340,9 @@ def contrastive_cross_entropy(
     op = "contrastive_cross_entropy"
     queries, keys = autocast_pair(queries, keys)
     check_queries_keys(op, queries, keys)
-    check_teacher_parts(op, "teacher_queries", teacher_queries, teacher_keys=teacher_keys,
-                        teacher_logit_scale=teacher_logit_scale)  # fmt: skip
+    if teacher_queries is None and (teacher_keys is not None or teacher_logit_scale is not None):
+        check_teacher_parts(op, "teacher_queries", teacher_queries, teacher_keys=teacher_keys,
+                            teacher_logit_scale=teacher_logit_scale)  # fmt: skip
     if torch.is_grad_enabled():
         check_design_variable()
     check_reduction(op, reduction)
