@@ -250,4 +250,5 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def contiguous_vectors(*ts):
     """Each tensor (or None) as the kernels read a 1-D parameter (a bias, a norm weight):
     element n at ``ptr + n``, so a strided or expanded view is copied first."""
-    return tuple(None if t is None else t.contiguous() for t in ts)
+    # (a list comprehension: one call, where a generator costs one per tensor and one more)
+    return tuple([None if t is None else t.contiguous() for t in ts])
