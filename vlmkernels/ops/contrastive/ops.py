@@ -350,8 +350,8 @@ def _(x, y, scale, bias, *args):
 # ----------------------------------------------------------- contrastive_ce_targets_reduced
 
 
-def _teacher(tx, ty, ts):
-    return (tx, ty, ts) if tx is not None else None
+# (the two reduced ops below build the teacher triple inline and call _alpha only for a
+# tensor alpha: host time per call)
 
 
 def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts, alpha_tensor,
@@ -368,8 +368,9 @@ def _ce_targets_reduced(backend, x, y, scale, bias, row_ids, col_ids, tx, ty, ts
     upstream gradient, 0 included, as autograd through a NaN loss does (the per-sample
     op, ``contrastive_ce_forward``, leaves such a row out of the gradients where its own
     upstream weight is 0: the documented way to mask it)."""
-    teacher = _teacher(tx, ty, ts)
-    alpha = _alpha(alpha, alpha_tensor, teacher)
+    teacher = (tx, ty, ts) if tx is not None else None
+    if alpha_tensor is not None:
+        alpha = _alpha(alpha, alpha_tensor, teacher)
     if backend == "triton":
         whole = _ce_targets_forward_whole(x, y, scale, bias, row_ids, col_ids, teacher, weight,
                                           offset, smoothing, alpha, cols)  # fmt: skip
@@ -439,7 +440,7 @@ def _ce_targets_reduced_backward(backend, x, y, scale, bias, row_ids, col_ids, t
     """(dx, dy, dscale, dbias) of grad * loss for :data:`contrastive_ce_targets_reduced`'s
     loss, from its coef (the weights u, h, e, a times grad * weight, alpha in them: the
     gradient kernels do not read it); dy None unless ``y_grad``."""
-    teacher = _teacher(tx, ty, ts)
+    teacher = (tx, ty, ts) if tx is not None else None
     if backend == "triton":
         whole = _ce_targets_backward_whole(x, y, scale, bias, row_ids, col_ids, teacher, coef,
                                            grad, weight, offset, smoothing, chunk_size,

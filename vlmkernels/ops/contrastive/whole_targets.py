@@ -79,12 +79,6 @@ def _slots(ids, smooth, teacher) -> int:
     return 4 if teacher else 3 if smooth else 2 if ids else 1
 
 
-def _alpha_key(alpha):
-    """alpha as a plan's key has it: its kind, one plan for every value (the launch takes a
-    float per call, a tensor as a pointer the kernel reads), as ALBEF and BLIP ramp it."""
-    return "tensor" if isinstance(alpha, torch.Tensor) else "float"
-
-
 def _key(kind, x, y, bias, row_ids, teacher, *options):
     t_layout = None if teacher is None else (teacher[0].stride(), teacher[1].stride())
     return (kind, x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device,
@@ -221,8 +215,10 @@ def ce_targets_forward(x, y, scale, bias, row_ids, col_ids, teacher, weight: flo
     different ids tensors: the columns' counts would not be the rows')."""
     if cols and row_ids is not col_ids:
         return None
+    # alpha in the key by its kind, one plan for every value (the launch takes a float per
+    # call, a tensor as a pointer the kernel reads), as ALBEF and BLIP ramp it
     key = _key("ce_targets_fwd", x, y, bias, row_ids, teacher, weight, offset, smoothing,
-               _alpha_key(alpha), cols)  # fmt: skip
+               "tensor" if isinstance(alpha, torch.Tensor) else "float", cols)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         (xa, ya, ta), copy = _addressable(x, y, teacher)
