@@ -186,6 +186,15 @@ def saveable(t):
     return t.clone()
 
 
+def saveable_pair(a, b):
+    """``(saveable(a), saveable(b))``, the trace and the modes looked at once (host time:
+    :func:`tracing` is three Python calls)."""
+    if tracing() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return a, b
+    return (a if a is None or not a.is_inference() else a.clone(),
+            b if b is None or not b.is_inference() else b.clone())  # fmt: skip
+
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -23,6 +23,7 @@ from ...core.checks import (
     check_real,
     check_reduction,
     saveable,
+    saveable_pair,
     scalar_tensor,
     to_device,
 )
@@ -132,7 +133,7 @@ def check_teacher(op, teacher, like, names, device, dtype=None):
         first, second = first.detach(), second.detach()
     if dtype is not None and first.dtype != dtype:
         return first.to(dtype), second.to(dtype)
-    return saveable(first), saveable(second)
+    return saveable_pair(first, second)
 
 
 def _check_teacher_part(op, t, ref, name, device):
