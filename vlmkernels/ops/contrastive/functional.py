@@ -56,7 +56,7 @@ def prepare(op, image_features, text_features, logit_scale, logit_bias, reductio
     chunk = check_chunk_size(op, chunk_size)
     device = image_features.device
     scale = scalar_tensor(op, "logit_scale", logit_scale, device)
-    bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
+    bias = None if logit_bias is None else scalar_tensor(op, "logit_bias", logit_bias, device)
     (image_features, text_features), out_dtype = autocast_features(image_features,
                                                                    text_features)  # fmt: skip
     return image_features, text_features, scale, bias, chunk, out_dtype
@@ -269,12 +269,12 @@ def clip_loss(
     # those to the autocast dtype; the teacher follows them)
     ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher,
                                  (image_features, text_features), dtype=x.dtype)  # fmt: skip
-    alpha, alpha_t = _alpha_args(alpha, teacher is not None, x)
     if teacher is not None:
+        alpha, alpha_t = _alpha_args(alpha, True, x)
         teacher = (*teacher, _teacher_scale(op, teacher_logit_scale, scale, x.device))
-    else:
-        teacher = (None, None, None)
-    teacher = _distilled(teacher, alpha, alpha_t)
+        teacher = _distilled(teacher, alpha, alpha_t)
+    else:  # _alpha_args and _distilled without a teacher (alpha is 0: checked)
+        alpha, alpha_t, teacher = float(alpha), None, (None, None, None)
     if reduction != "none" and n:
         # reduced: one op whose backward is one op (the teacher only where it counts)
         weight, per = mean_weight(0.5, n, reduction == "mean")
@@ -351,7 +351,7 @@ def contrastive_cross_entropy(
     offset = check_int(op, "offset", offset)
     device = queries.device
     scale = scalar_tensor(op, "logit_scale", logit_scale, device)
-    bias = scalar_tensor(op, "logit_bias", logit_bias, device, optional=True)
+    bias = None if logit_bias is None else scalar_tensor(op, "logit_bias", logit_bias, device)
     if (query_ids is None) != (key_ids is None):
         raise ValueError(f"{op}: query_ids and key_ids go together")
     given = (queries, keys)
@@ -377,8 +377,10 @@ def contrastive_cross_entropy(
                                ("teacher_queries", "teacher_keys"), device,
                                queries.dtype)  # fmt: skip
         teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
-    alpha, alpha_t = _alpha_args(alpha, teacher_queries is not None, queries)
-    teacher = _distilled(teacher, alpha, alpha_t)
+        alpha, alpha_t = _alpha_args(alpha, True, queries)
+        teacher = _distilled(teacher, alpha, alpha_t)
+    else:  # _alpha_args and _distilled without a teacher (alpha is 0: checked)
+        alpha, alpha_t = float(alpha), None
     if reduction != "none" and m and n and (q_ids is not None or 0 <= offset <= n - m):
         # reduced, every query's positives known to the kernels (ids, or the key at
         # i + offset): one op whose backward is one op; a query without a positive (ids)
