@@ -92,8 +92,11 @@ def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teach
     in ``dtype`` if given). ``names``: what the ids and the two teacher tensors are called in
     the caller."""
     ids = check_ids(op, names[0], ids, n, device)
-    check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-    alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    # (check_real called only where a float in range, which it returns as it is, is not given)
+    if not (type(label_smoothing) is float and 0.0 <= label_smoothing < 1.0):
+        check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    if not (type(alpha) is float and 0.0 <= alpha <= 1.0):
+        alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     if teacher is not None:
         teacher = check_teacher(op, teacher, like, names[1:], device, dtype)
     elif alpha:
@@ -382,8 +385,11 @@ def contrastive_cross_entropy(
                                           chunk)[0]  # fmt: skip
         return cast(divided(loss, per), out_dtype)
     q_ids, k_ids = _check_id_pair(op, query_ids, key_ids, m, n, device)
-    check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-    alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    # (check_real called only where a float in range, which it returns as it is, is not given)
+    if not (type(label_smoothing) is float and 0.0 <= label_smoothing < 1.0):
+        check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    if not (type(alpha) is float and 0.0 <= alpha <= 1.0):
+        alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
     teacher = (None, None, None)
     if teacher_queries is None and alpha:  # (with a teacher, alpha's value is not read)
         raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
