@@ -636,7 +636,7 @@ class _:
                 "sides requiring grad, as they will be run"
             )
         needed = zip(output[1:], ctx.needs_input_grad[:4], strict=True)
-        ctx.save_for_backward(*(g if need else None for g, need in needed))
+        ctx.save_for_backward(*[g if need else None for g, need in needed])  # (one call)
         x = inputs[0]  # fp32 gradients of fp16 features are rounded after scaling
         ctx.features_dtype = x.dtype if forward_grad_dtype(x.dtype) != x.dtype else None
         ctx.set_materialize_grads(False)
