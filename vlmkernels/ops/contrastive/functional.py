@@ -104,14 +104,20 @@ def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teach
     return ids, teacher
 
 
+def _ids_as_taken(ids, n, device) -> bool:
+    """Whether ``ids`` is already what the ops take: an (n,) contiguous int64 tensor on
+    ``device`` (the kernels read id i at ids + i)."""
+    return (type(ids) is torch.Tensor and ids.dtype == torch.int64 and ids.shape == (n,)
+            and ids.device == device and (n < 2 or ids.stride(0) == 1))  # fmt: skip
+
+
 def check_ids(op, name, ids, n, device):
     """``ids`` (None, or an (n,) integer tensor) as contiguous int64 on ``device`` (the
     kernels read id i at ids + i)."""
     if ids is None:
         return None
-    if (type(ids) is torch.Tensor and ids.dtype == torch.int64 and ids.shape == (n,)
-            and ids.device == device and (n < 2 or ids.stride(0) == 1)):  # fmt: skip
-        return saveable(ids)  # already what the ops take
+    if _ids_as_taken(ids, n, device):
+        return saveable(ids)
     got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
     if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
             or ids.dtype == torch.bool):  # fmt: skip
@@ -127,12 +133,7 @@ def _check_id_pair(op, query_ids, key_ids, m, n, device):
     look at the trace where both are already what the ops take (host time)."""
     if query_ids is None:
         return None, None
-    if (type(query_ids) is torch.Tensor and query_ids.dtype == torch.int64
-            and query_ids.shape == (m,) and query_ids.device == device
-            and (m < 2 or query_ids.stride(0) == 1)
-            and type(key_ids) is torch.Tensor and key_ids.dtype == torch.int64
-            and key_ids.shape == (n,) and key_ids.device == device
-            and (n < 2 or key_ids.stride(0) == 1)):  # fmt: skip
+    if _ids_as_taken(query_ids, m, device) and _ids_as_taken(key_ids, n, device):
         return saveable_pair(query_ids, key_ids)  # check_ids' first case for both
     return (check_ids(op, "query_ids", query_ids, m, device),
             check_ids(op, "key_ids", key_ids, n, device))  # fmt: skip
