@@ -59,7 +59,7 @@ from torch.autograd import forward_ad
 
 from .backend import resolve_backend
 from .checks import refuse_jit_trace
-from .runtime import traced_here, tracing
+from .runtime import contiguous_vectors, traced_here, tracing
 from .version import __version__
 
 __all__ = ["Op", "as_saved", "first_order_only"]
@@ -400,9 +400,8 @@ def as_saved(*ts):
     """Tensors an op made itself and saved for backward (statistics, ranges, indices, a
     stored activation), in the layout it made them in: contiguous. A
     ``saved_tensors_hooks`` unpack may hand back another layout, which a kernel reading
-    them by pointer would misread; the usual unpack costs no copy. None passes through.
-    (:func:`~.runtime.contiguous_vectors`' body: one call less per backward.)"""
-    return tuple([None if t is None else t.contiguous() for t in ts])
+    them by pointer would misread; the usual unpack costs no copy. None passes through."""
+    return contiguous_vectors(*ts)
 
 
 # ------------------------------------------------------------------ first-order backward

@@ -85,6 +85,16 @@ def autocast_features(*features: torch.Tensor):
     return tuple(f.to(low) for f in features), torch.float32
 
 
+def _checked_alpha(op, label_smoothing, alpha) -> float:
+    """alpha as a float in [0, 1], label_smoothing checked in [0, 1) (:func:`check_real`,
+    called only where a float in range, which it returns as it is, is not given)."""
+    if not (type(label_smoothing) is float and 0.0 <= label_smoothing < 1.0):
+        check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
+    if not (type(alpha) is float and 0.0 <= alpha <= 1.0):
+        alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    return alpha
+
+
 def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teacher=None,
                    like=None, names=("ids", "teacher[0]", "teacher[1]"),
                    dtype=None):  # fmt: skip
@@ -92,11 +102,7 @@ def check_targets(op, n, device, ids=None, label_smoothing=0.0, alpha=0.0, teach
     in ``dtype`` if given). ``names``: what the ids and the two teacher tensors are called in
     the caller."""
     ids = check_ids(op, names[0], ids, n, device)
-    # (check_real called only where a float in range, which it returns as it is, is not given)
-    if not (type(label_smoothing) is float and 0.0 <= label_smoothing < 1.0):
-        check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-    if not (type(alpha) is float and 0.0 <= alpha <= 1.0):
-        alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    alpha = _checked_alpha(op, label_smoothing, alpha)
     if teacher is not None:
         teacher = check_teacher(op, teacher, like, names[1:], device, dtype)
     elif alpha:
@@ -179,10 +185,11 @@ def _teacher_scale(op, teacher_logit_scale, scale, device):
     return scale
 
 
-def _alpha_args(alpha, teacher: bool, like: torch.Tensor):
-    """(float alpha, alpha tensor or None): the ops' two forms of the teacher's share.
+def _alpha_args(alpha, like: torch.Tensor):
+    """(float alpha, alpha tensor or None): the ops' two forms of the teacher's share (the
+    caller has a teacher).
 
-    Eager, the float (no tensor made per call). Under torch.compile with a teacher, a 0-d
+    Eager, the float (no tensor made per call). Under torch.compile, a 0-d
     tensor made in the graph (fp32, fp64 for fp64 features) and a constant float the ops
     ignore: a float argument of an op is a constant of the graph, so each new alpha (ALBEF's
     warm-up ramps it every step) would compile again, while a float Dynamo made dynamic
@@ -192,7 +199,7 @@ def _alpha_args(alpha, teacher: bool, like: torch.Tensor):
     Dynamo's pass that turns such floats into tensors does not cover them), a recompilation
     per value. The teacher's term is then in the graph whatever alpha is (alpha = 0 gives
     the same numbers without it)."""
-    if teacher and tracing():  # this thread (is_compiling alone is process-wide)
+    if tracing():  # this thread (is_compiling alone is process-wide)
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         return 0.0, torch.zeros((), dtype=dtype, device=like.device) + alpha
     return float(alpha), None
@@ -291,7 +298,7 @@ def clip_loss(
     ids, teacher = check_targets(op, n, x.device, ids, label_smoothing, alpha, teacher,
                                  (image_features, text_features), dtype=x.dtype)  # fmt: skip
     if teacher is not None:
-        alpha, alpha_t = _alpha_args(alpha, True, x)
+        alpha, alpha_t = _alpha_args(alpha, x)
         teacher = (*teacher, _teacher_scale(op, teacher_logit_scale, scale, x.device))
         teacher = _distilled(teacher, alpha, alpha_t)
     else:  # _alpha_args and _distilled without a teacher (alpha is 0: checked)
@@ -386,11 +393,7 @@ def contrastive_cross_entropy(
                                           chunk)[0]  # fmt: skip
         return cast(divided(loss, per), out_dtype)
     q_ids, k_ids = _check_id_pair(op, query_ids, key_ids, m, n, device)
-    # (check_real called only where a float in range, which it returns as it is, is not given)
-    if not (type(label_smoothing) is float and 0.0 <= label_smoothing < 1.0):
-        check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0, high_open=True)
-    if not (type(alpha) is float and 0.0 <= alpha <= 1.0):
-        alpha = check_real(op, "alpha", alpha, 0.0, 1.0)
+    alpha = _checked_alpha(op, label_smoothing, alpha)
     teacher = (None, None, None)
     if teacher_queries is None and alpha:  # (with a teacher, alpha's value is not read)
         raise ValueError(f"{op}: alpha > 0 needs teacher_queries")
@@ -400,7 +403,7 @@ def contrastive_cross_entropy(
                                ("teacher_queries", "teacher_keys"), device,
                                queries.dtype)  # fmt: skip
         teacher = (tq, tk, _teacher_scale(op, teacher_logit_scale, scale, device))
-        alpha, alpha_t = _alpha_args(alpha, True, queries)
+        alpha, alpha_t = _alpha_args(alpha, queries)
         teacher = _distilled(teacher, alpha, alpha_t)
     else:  # _alpha_args and _distilled without a teacher (alpha is 0: checked)
         alpha, alpha_t = float(alpha), None
