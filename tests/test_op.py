@@ -217,6 +217,26 @@ def test_traced_graph_holds_the_revision():
     torch.library.opcheck(torch.ops.vlmkernels.test_scale_rows.default, (x, w, 2.0, 7))
 
 
+def test_tracing_reads_is_compilings_flag_directly():
+    """``runtime.tracing`` reads the flag ``torch.compiler.is_compiling()`` returns (host
+    time: that function is two Python calls), on the PyTorch versions where that is what it
+    returns, and answers as ``is_compiling() and traced_here()`` would: False eager, True
+    while this thread's compile traces. A PyTorch that changes is_compiling gets the plain
+    call (the test then fails here, to be looked at)."""
+    from vlmkernels.core import runtime
+
+    assert runtime.tracing is runtime._flag_tracing
+    seen = []
+
+    def probe(x):
+        seen.append((runtime.tracing(), runtime._tracing(), torch.compiler.is_compiling()))
+        return x + 1
+
+    torch.compile(probe, backend="eager", fullgraph=False)(torch.ones(2))
+    probe(torch.ones(2))
+    assert seen[0] == (True, True, True) and seen[-1] == (False, False, False)
+
+
 def test_revision_follows_the_version(monkeypatch):
     before = op._fingerprint()
     assert before == op.REVISION and 0 < before < 2**48

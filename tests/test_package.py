@@ -235,7 +235,7 @@ def test_device_guard_switches_only_to_another_device(monkeypatch):
     from vlmkernels.core import runtime
 
     switched = []
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(runtime, "_current_cuda_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda d: switched.append(d) or runtime._NO_GUARD)
     for t in (torch.ones(1), _CudaLike(0)):
         with runtime.device_guard(t), runtime.device_guard(t):

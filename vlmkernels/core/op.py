@@ -59,14 +59,13 @@ from torch.autograd import forward_ad
 
 from .backend import resolve_backend
 from .checks import refuse_jit_trace
-from .runtime import contiguous_vectors, traced_here, tracing
+from .runtime import contiguous_vectors, tracing
 from .version import __version__
 
 __all__ = ["Op", "as_saved", "first_order_only"]
 
 _OPS: dict[str, Op] = {}
 
-_is_compiling = torch.compiler.is_compiling
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _profiler_enabled = torch._C._autograd._profiler_enabled
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
@@ -263,7 +262,7 @@ class Op:
 
     def __call__(self, *args):
         # (is_compiling alone is process-wide: true while any thread compiles, see tracing)
-        compiling = _is_compiling() and traced_here()
+        compiling = tracing()
         transformed = not compiling and (_functorch() or forward_ad._current_level >= 0)
         if transformed:  # before the dispatcher path too, where the tangent would be 0
             _refuse_forward_mode(self.qualname, args, self._tensor_positions)

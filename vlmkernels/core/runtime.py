@@ -76,10 +76,15 @@ def num_sms(device_index: int) -> int:
 _NO_GUARD = contextlib.nullcontext()  # reusable: it holds no state
 
 
+# torch.cuda.current_device() without its lazy-init call: a CUDA tensor exists, so CUDA is
+# initialised (the plain call where this torch has no such binding, as CPU builds)
+_current_cuda_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+
+
 def device_guard(t: torch.Tensor):
     """Makes ``t``'s CUDA device current for a launch; a no-op for CPU tensors and where it
     is current already (the usual case: switching costs a few us of host time per call)."""
-    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+    if not t.is_cuda or t.get_device() == _current_cuda_device():
         return _NO_GUARD
     return torch.cuda.device(t.device)
 
@@ -147,7 +152,7 @@ def traced_here() -> bool:
     return _dynamo_compiling() or _tracing_context() is not None
 
 
-def tracing() -> bool:
+def _tracing() -> bool:
     """Whether this call is being traced by torch.compile or torch.export, in this thread.
 
     ``torch.compiler.is_compiling()`` alone is a process-wide flag in recent PyTorch, true
@@ -156,6 +161,24 @@ def tracing() -> bool:
     not copied before autograd saves it, host checks skipped, the ring refused). Costs
     nothing more where no thread compiles."""
     return _is_compiling() and traced_here()
+
+
+def _flag_tracing() -> bool:
+    # _tracing with one Python call less (the eager path asks several times per call):
+    # Dynamo folds is_dynamo_compiling to True (reading the flag there would guard the
+    # graph on it: a recompilation at the next eager-valued call); outside Dynamo, the
+    # flag torch.compiler.is_compiling() returns (outside TorchScript, which never runs this)
+    return _dynamo_compiling() or (_compiler._is_compiling_flag and _tracing_context() is not None)
+
+
+_compiler = torch.compiler
+tracing = (
+    _flag_tracing
+    if isinstance(getattr(_compiler, "_is_compiling_flag", None), bool)
+    and "_is_compiling_flag" in getattr(_is_compiling, "__code__", _tracing.__code__).co_names
+    else _tracing
+)
+tracing.__doc__ = _tracing.__doc__
 
 
 def mean_weight(weight: float, count, mean: bool = True):
