@@ -24,6 +24,11 @@ Providers:
   tanh(attn_gate) * attention (a scalar gate, a leaf too), with the gate in the kernel's
   epilogue (``gate=``) or as a separate multiply after it.
 
+The baselines' masks (the dense one, the block mask) are built once, outside the timed
+calls, as a model builds them once per forward for all its cross-attention layers; in
+open_flamingo each layer builds its own, so the baselines' times here are a lower bound.
+``vlmkernels`` takes ``media_locations`` itself and its segment setup is timed.
+
 Byte model: read q, k, v and write out, (2 T + 2 M L) B H D e per forward; the backward
 twice that. FLOP model: the visible pairs only, 4 B H T' L D per forward (each of the T'
 tokens from the first media item on sees one media item's L latents; those before it see
