@@ -319,6 +319,73 @@ def test_positions_op_reads_inv_freq_by_value(device, backend):
         check_outputs(outs, refs, torch.float32, (q, k))
 
 
+_B, _S, _D = 2, 5, 8
+_BAD_POSITIONS = [
+    (torch.randint(0, 9, (3, _S)), ValueError, r"positions must be \(3, 2, 5\) for q"),
+    (torch.randint(0, 9, (3, _B, _S - 2)), ValueError, r"got \(3, 2, 3\)"),
+    (torch.randint(0, 9, (3, _B + 1, _S)), ValueError, r"got \(3, 3, 5\)"),
+    (torch.randint(0, 9, (2, _B, _S)), ValueError, r"got \(2, 2, 5\)"),
+    (torch.rand(3, _B, _S) * 9, TypeError, "positions must be int32 or int64"),
+]
+_BAD_TABLES = [
+    (torch.randn(3, _B, _S + 1, _D), ValueError, r"cos and sin must be \(A, 2, 5, R\)"),
+    (torch.randn(2, _B, _S, _D), ValueError, r"got \(2, 2, 5, 8\)"),
+    (torch.randn(_B, _S, _D), ValueError, r"got \(2, 5, 8\)"),
+    (torch.randn(3, _B, _S, _D + 2), ValueError, "at most the head dim 8, got 10"),
+    (torch.randn(3, _B, _S, _D).to(torch.int32), TypeError, "cos must be a floating tensor"),
+]
+
+
+@pytest.mark.parametrize("bad", range(len(_BAD_POSITIONS)))
+def test_positions_op_refuses_what_its_kernels_would_misread(bad, backend):
+    """A direct ``torch.ops.vlmkernels.rope_positions`` call whose positions do not match q
+    (the Triton kernel read them out of bounds: (3, S) beside B = 2 as broadcast, a short S
+    past its end; the PyTorch path raised a broadcasting error), or that are on another
+    device, is refused on every backend as the CUDA C++ binding refuses it, naming the
+    argument."""
+    positions, error, match = _BAD_POSITIONS[bad]
+    q, k = torch.randn(_B, _S, 2, _D), torch.randn(_B, _S, 2, _D)
+    op = torch.ops.vlmkernels.rope_positions
+    with pytest.raises(error, match=match):
+        op(q, k, positions, torch.rand(_D // 2), 2, R.CHUNKED, [2, 1, 1], 1.0, False)
+    # another device (the dispatcher sends a call with a meta tensor to the fake; the op's
+    # eager call takes q's backend, as a CUDA q beside CPU positions does)
+    positions, inv_freq = torch.randint(0, 9, (3, _B, _S)), torch.rand(_D // 2)
+    for name, args in (("positions", (positions.to("meta"), inv_freq)),
+                       ("inv_freq", (positions, inv_freq.to("meta")))):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name} is on meta, q on cpu"):
+            R.ops.rope_positions(q, k, *args, 2, R.CHUNKED, [2, 1, 1], 1.0, False)
+    with pytest.raises(ValueError, match=r"chunked sections \[2, 1, 2\] must sum to R / 2"):
+        op(q, k, torch.randint(0, 9, (3, _B, _S)), torch.rand(_D // 2), 2, R.CHUNKED,
+           [2, 1, 2], 1.0, False)  # fmt: skip
+    token_major = torch.randn(_S, 2, _D)  # (T, H, D): (3, T) and (3, 1, T) both fit
+    for shape in ((3, _S), (3, 1, _S)):
+        out = op(token_major, token_major, torch.randint(0, 9, shape), torch.rand(_D // 2), 1,
+                 R.CHUNKED, [2, 1, 1], 1.0, False)  # fmt: skip
+        assert out[0].shape == token_major.shape
+
+
+@pytest.mark.parametrize("bad", range(len(_BAD_TABLES)))
+def test_table_ops_refuse_what_their_kernels_would_misread(bad, backend):
+    """As above for ``rope_table`` and the in-place ``rope_table_``: tables whose token axes
+    do not match q's (read out of bounds by the Triton kernel and by the PyTorch path's
+    strided view), a leading axis other than 1 or 3, a rotary dim past the head dim; q and k
+    untouched."""
+    table, error, match = _BAD_TABLES[bad]
+    q, k = torch.randn(_B, _S, 2, _D), torch.randn(_B, _S, 2, _D)
+    before = q.clone(), k.clone()
+    with pytest.raises(error, match=match):
+        torch.ops.vlmkernels.rope_table(q, k, table, table, 2, True, R.INTERLEAVED, [1, 1, 2],
+                                        False)  # fmt: skip
+    with pytest.raises(error, match=match):
+        torch.ops.vlmkernels.rope_table_(q, k, table, table, 2, True, R.INTERLEAVED, [1, 1, 2])
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+    broadcast = torch.randn(3, 1, _S, _D)  # size-1 token axes broadcast
+    out = torch.ops.vlmkernels.rope_table(q, k, broadcast, broadcast, 2, True, R.INTERLEAVED,
+                                          [1, 1, 2], False)  # fmt: skip
+    assert out[0].shape == q.shape
+
+
 @pytest.mark.parametrize("hd", [72, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vision_rope_on_packed_qkv(hd, dtype, device, backend):

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs, device_guard, next_pow2
 from ...core.tuning import prepared_cache, tuned
-from .layout import positions_strides, qk_layout, table_layout
+from .layout import check_arguments, positions_strides, qk_layout, table_layout
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
 PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2  # which position axis each lane uses
@@ -141,16 +141,19 @@ def launch(q, k, qo, ko, *, head_axis=2, table=None, leading=True, positions=Non
     angles. Strides are computed from the tensors' sizes and strides (no views), once per
     layout: the prepared launch is cached by everything but the data pointers.
     """
+    # the key holds all that check_arguments (in _prepare, once per key) looks at
     if table is not None:
         cos, sin = table
-        angles = (cos.shape, cos.stride(), sin.stride(), leading)
+        angles = (cos.shape, sin.shape, cos.stride(), sin.stride(), cos.dtype, sin.dtype,
+                  cos.device, sin.device, leading)  # fmt: skip
         pos, freq = q, q
     else:
         cos = sin = q
-        angles = (positions.shape, positions.stride(), inv_freq.shape[0])
+        angles = (positions.shape, positions.stride(), positions.dtype, positions.device,
+                  inv_freq.shape, inv_freq.dtype, inv_freq.device)  # fmt: skip
         pos, freq = positions, inv_freq
     key = (q.shape, q.stride(), k.shape, k.stride(), qo.stride(), ko.stride(), q.dtype,
-           q.device, head_axis, angles, mode, tuple(sections), scaling, backward,
+           q.device, k.device, head_axis, angles, mode, tuple(sections), scaling, backward,
            qo.data_ptr() == q.data_ptr())  # fmt: skip
     prepared = _LAUNCHES.get(key)
     if prepared is None:
@@ -173,7 +176,9 @@ def launch(q, k, qo, ko, *, head_axis=2, table=None, leading=True, positions=Non
 def _prepare(q, k, qo, ko, head_axis, table, leading, positions, inv_freq, mode, sections,
              scaling, backward):  # fmt: skip
     """(prepared launch or None, grid, scalar arguments, constexprs, copy the tables?) of a
-    layout, or None when there is nothing to rotate."""
+    layout, or None when there is nothing to rotate; the arguments checked first."""
+    check_arguments(q, k, head_axis, table=table, leading=leading, positions=positions,
+                    inv_freq=inv_freq, mode=mode, sections=sections)  # fmt: skip
     b, s, hq, d, q_strides = qk_layout(q, head_axis)
     hk, k_strides = k.shape[head_axis], qk_layout(k, head_axis)[4]
     if b * s == 0 or (hq == 0 and hk == 0):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["from_bshd", "positions_strides", "qk_layout", "table_layout", "table_view",
-           "to_bshd", "token_axes"]  # fmt: skip
+__all__ = ["check_arguments", "from_bshd", "positions_strides", "qk_layout", "table_layout",
+           "table_view", "to_bshd", "token_axes"]  # fmt: skip
 
 
 _TOKEN_AXES = {(4, 0): (1, 2), (4, 1): (0, 2), (4, 2): (0, 1), (3, 0): (1,), (3, 1): (0,)}
@@ -84,3 +84,83 @@ def table_view(table: torch.Tensor, q: torch.Tensor, head_axis: int, leading: bo
 def positions_view(positions: torch.Tensor) -> torch.Tensor:
     """(3, B, S) positions ((3, T) becomes (3, 1, T))."""
     return positions.unsqueeze(1) if positions.dim() == 2 else positions
+
+
+_LANE_RULES = 3  # plain, chunked, interleaved (kernels.PLAIN, CHUNKED, INTERLEAVED)
+
+
+def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None,
+                    inv_freq=None, mode=0, sections=(0, 0, 0)) -> None:  # fmt: skip
+    """The rotary ops' own checks, for direct ``torch.ops.vlmkernels.rope_*`` calls (the
+    public functions check their arguments first, in their own terms): what the kernels
+    would otherwise read out of bounds or misread, refused as the CUDA C++ binding refuses
+    it. q and k share their token axes and head dim and a device; a table (``(cos, sin)``,
+    floating) has q's token axes (size 1 broadcasts), with a leading axis of 1 or 3 when
+    ``leading``, and R even in (0, D]; positions are int32 or int64, (3, B, S) with q's B
+    and S, or (3, S) for q with B = 1 (token-major (T, H, D) q: (3, T)), with a 1-D
+    floating ``inv_freq`` of R / 2 frequencies; chunked sections sum to R / 2."""
+    op = "torch.ops.vlmkernels.rope_" + ("table" if table is not None else "positions")
+    if q.dim() not in (3, 4) or (q.dim(), head_axis) not in _TOKEN_AXES:
+        raise ValueError(f"{op}: q must be 4-D or token-major 3-D with head_axis among its "
+                         f"token axes' neighbours; got q {tuple(q.shape)}, head_axis "
+                         f"{head_axis}")  # fmt: skip
+    b, s, _, d, _ = qk_layout(q, head_axis)
+    if k.dim() != q.dim() or qk_layout(k, head_axis)[:2] + (k.shape[-1],) != (b, s, d):
+        raise ValueError(f"{op}: k {tuple(k.shape)} must share q's {tuple(q.shape)} token "
+                         f"axes and head dim (heads on axis {head_axis})")  # fmt: skip
+    _same_device(op, "k", k, q)
+    if not isinstance(mode, int) or not 0 <= mode < _LANE_RULES:
+        raise ValueError(f"{op}: lane_rule must be 0 (plain), 1 (chunked) or 2 "
+                         f"(interleaved), got {mode}")  # fmt: skip
+    if len(sections) != 3 or any(n < 0 for n in sections):
+        raise ValueError(f"{op}: sections must be 3 non-negative ints, got {list(sections)}")
+    if table is not None:
+        rot = _check_tables(op, q, head_axis, leading, *table)
+    else:
+        rot = _check_positions(op, q, b, s, positions, inv_freq)
+    if rot <= 0 or rot % 2 or rot > d:
+        raise ValueError(f"{op}: the rotary dim must be even, positive and at most the head "
+                         f"dim {d}, got {rot}")  # fmt: skip
+    if mode == 1 and sum(sections) != rot // 2:
+        raise ValueError(f"{op}: chunked sections {list(sections)} must sum to R / 2 = "
+                         f"{rot // 2}")  # fmt: skip
+
+
+def _same_device(op, name, t, q):
+    if t.device != q.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
+
+
+def _check_tables(op, q, head_axis, leading, cos, sin) -> int:
+    tokens = [q.shape[a] for a in token_axes(q.dim(), head_axis)]
+    for name, t in (("cos", cos), ("sin", sin)):
+        _same_device(op, name, t, q)
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    shape = list(cos.shape)
+    want = f"({'A, ' if leading else ''}{', '.join(map(str, tokens))}, R)"
+    if (
+        list(sin.shape) != shape
+        or len(shape) != len(tokens) + 1 + leading
+        or (leading and shape[0] not in (1, 3))
+        or any(n != 1 and n != t for n, t in zip(shape[leading:-1], tokens, strict=True))
+    ):
+        raise ValueError(f"{op}: cos and sin must be {want} of one shape (A 1 or 3; size-1 "
+                         f"token axes broadcast), got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")  # fmt: skip
+    return shape[-1]
+
+
+def _check_positions(op, q, b, s, positions, inv_freq) -> int:
+    _same_device(op, "positions", positions, q)
+    _same_device(op, "inv_freq", inv_freq, q)
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: positions must be int32 or int64, got {positions.dtype}")
+    shape = tuple(positions.shape)
+    if shape != (3, b, s) and not (b == 1 and shape == (3, s)):
+        want = f"(3, {b}, {s})" + (f" or (3, {s})" if b == 1 else "")
+        raise ValueError(f"{op}: positions must be {want} for q {tuple(q.shape)}, got {shape}")
+    if inv_freq.dim() != 1 or not inv_freq.is_floating_point():
+        raise ValueError(f"{op}: inv_freq must be a 1-D floating tensor, got "
+                         f"{tuple(inv_freq.shape)} {inv_freq.dtype}")  # fmt: skip
+    return 2 * inv_freq.shape[0]

@@ -16,7 +16,7 @@ import torch
 from ...core.backend import get_backend, in_forward_backend, remember_backend
 from ...core.op import Op
 from . import cuda, kernels, reference
-from .layout import positions_view, table_view, to_bshd
+from .layout import check_arguments, positions_view, table_view, to_bshd
 
 rope_table = Op(
     "rope_table",
@@ -97,6 +97,8 @@ def _tables(q, cos, sin, head_axis, leading):
 
 @rope_table.impl("torch")
 def _(q, k, cos, sin, head_axis, leading, lane_rule, sections, backward):
+    check_arguments(q, k, head_axis, table=(cos, sin), leading=leading, mode=lane_rule,
+                    sections=sections)  # fmt: skip
     return _TORCH(q, k, head_axis, False, table=_tables(q, cos, sin, head_axis, leading),
                   mode=lane_rule, sections=sections, backward=backward)  # fmt: skip
 
@@ -166,6 +168,8 @@ def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
 
 @rope_table_.impl("torch")
 def _(q, k, cos, sin, head_axis, leading, lane_rule, sections):
+    check_arguments(q, k, head_axis, table=(cos, sin), leading=leading, mode=lane_rule,
+                    sections=sections)  # fmt: skip
     _TORCH(q, k, head_axis, True, table=_tables(q, cos, sin, head_axis, leading),
            mode=lane_rule, sections=sections)  # fmt: skip
 
@@ -206,6 +210,8 @@ def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backwa
 
 @rope_positions.impl("torch")
 def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backward):
+    check_arguments(q, k, head_axis, positions=positions, inv_freq=inv_freq, mode=lane_rule,
+                    sections=sections)  # fmt: skip
     return _TORCH(q, k, head_axis, False, positions=positions_view(positions),
                   inv_freq=inv_freq, mode=lane_rule, sections=sections, scaling=scaling,
                   backward=backward)  # fmt: skip
