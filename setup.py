@@ -110,15 +110,30 @@ def _build_command(cpp_extension, required: bool):
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 
     class BuildExtension(base):
-        def build_extension(self, ext):
+        # The whole build, not each extension's: torch's build_extensions checks nvcc
+        # against torch's CUDA version and the host compiler against nvcc's bounds before
+        # any extension builds, and raises RuntimeError (a CUDA 13 nvcc with a CUDA 12
+        # torch), which setuptools' "optional" does not catch; nor ninja's failures.
+        def build_extensions(self):
             try:
-                super().build_extension(ext)
-            except Exception as exc:  # ninja's failures are RuntimeErrors: not "optional"'s
+                super().build_extensions()
+            except Exception as exc:
                 if required:
                     raise
-                _log(f"building vlmkernels._C failed, installing without it: {exc}")
+                _log(f"building vlmkernels._C failed, installing without it: {_reason(exc)}")
 
     return BuildExtension
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's message; torch raises some as (format, *values) argument tuples."""
+    args = exc.args
+    if len(args) > 1 and isinstance(args[0], str) and "%" in args[0]:
+        try:
+            return args[0] % args[1:]
+        except (TypeError, ValueError):
+            pass
+    return str(exc)
 
 
 ext_modules, cmdclass, why_not = _extension()

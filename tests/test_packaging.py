@@ -67,3 +67,40 @@ def test_required_extension_that_cannot_build_is_an_install_error(source):
     assert "VLMKERNELS_BUILD_CUDA=1 requires the CUDA C++ extension" in proc.stderr
     assert "has no CUDA" in proc.stderr
     assert _setup(root, "--name", build_cuda="").returncode == 0
+
+
+# setup.py run as if torch were a CUDA 12.8 build: torch's build_ext then goes as far as
+# comparing nvcc's version with torch's, before compiling anything
+_FAKE_CUDA_TORCH = """
+import runpy, sys
+import torch
+torch.version.cuda = "12.8"
+torch.cuda._is_compiled = lambda: True
+torch.cuda.is_available = lambda: False
+sys.argv = ["setup.py", *sys.argv[1:]]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def test_extension_that_torch_refuses_to_build_installs_without_it(source, tmp_path):
+    """An nvcc of another CUDA major version than torch's (CUDA 13's nvcc, a CUDA 12 torch)
+    is refused by torch's ``build_extensions`` before any extension builds, with a
+    RuntimeError: the package installs without the extension, saying why, unless
+    ``VLMKERNELS_BUILD_CUDA=1``."""
+    root, _ = source
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 99.0, V99.0.0'\n")
+    nvcc.chmod(0o755)
+    build = ["-c", _FAKE_CUDA_TORCH, "build_ext", "--build-temp", str(tmp_path / "temp"),
+             "--build-lib", str(tmp_path / "lib")]  # fmt: skip
+    for build_cuda in ("", "1"):
+        env = dict(os.environ, CUDA_HOME=str(nvcc.parent.parent), VLMKERNELS_BUILD_CUDA=build_cuda)
+        proc = subprocess.run([sys.executable, *build], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        if build_cuda:
+            assert proc.returncode != 0 and "mismatches" in proc.stderr, proc.stderr[-3000:]
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            said = "building vlmkernels._C failed, installing without it: The detected CUDA"
+            assert f"{said} version (99.0) mismatches" in proc.stderr, proc.stderr[-3000:]
