@@ -244,3 +244,34 @@ def test_device_guard_switches_only_to_another_device(monkeypatch):
     with runtime.device_guard(_CudaLike(1)):
         pass
     assert switched == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize(
+    "hidden, env, said",
+    [
+        ("triton", {}, "vlmkernels needs Triton (Linux): pip install 'triton>=3.6,<3.10'"),
+        ("numpy", {"TRITON_INTERPRET": "1"}, "Triton's interpreter (TRITON_INTERPRET=1) "
+         "needs numpy: pip install numpy"),
+    ],
+)  # fmt: skip
+def test_import_names_a_missing_dependency_and_its_fix(hidden, env, said):
+    """Without triton (a venv from ``pip install --no-deps``), or without numpy under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter imports it, and neither package declares
+    it), ``import vlmkernels`` says what to install: a ModuleNotFoundError naming the
+    module, not a bare one raised deep inside triton."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules[{hidden!r}] = None  # as if it were not installed
+        try:
+            import vlmkernels
+        except ModuleNotFoundError as exc:
+            print(exc.name, exc, sep="\\n")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, message = proc.stdout.splitlines()[:2]
+    assert name == hidden and message.startswith(said), proc.stdout

@@ -4,6 +4,19 @@ Importing the package registers its ops in the ``vlmkernels`` torch.library name
 changes nothing else in torch or any other library.
 """
 
+import os as _os
+
+try:  # first, so that a missing triton (or numpy, for its interpreter) is named with its fix
+    import triton as _triton  # noqa: F401
+except ModuleNotFoundError as exc:
+    if exc.name == "triton":
+        _fix = "vlmkernels needs Triton (Linux): pip install 'triton>=3.6,<3.10'"
+    elif exc.name == "numpy" and _os.environ.get("TRITON_INTERPRET"):
+        _fix = "Triton's interpreter (TRITON_INTERPRET=1) needs numpy: pip install numpy"
+    else:
+        raise
+    raise ModuleNotFoundError(f"{_fix} ({exc})", name=exc.name) from exc
+
 from . import nn, ops
 from .core.backend import BACKENDS, get_backend, use_backend
 from .core.version import __version__
