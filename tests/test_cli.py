@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vlmkernels
 from vlmkernels import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,10 @@ def test_help_lists_every_command(cache, capsys):
     assert exc.value.code == 0
     bench_help = capsys.readouterr().out
     assert "usage: vlmkernels bench" in bench_help and "--plot" in bench_help
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"vlmkernels {vlmkernels.__version__}\n"
 
 
 def test_unknown_option_is_blamed_on_its_command(capsys):

@@ -39,6 +39,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .core.version import __version__
+
 DELEGATED = {
     "bench": ("benchmarks.__main__", "run the benchmark suites (tables, CSV, --plot charts)"),
     "profile": ("benchmarks.profile", "run one op under torch.profiler: trace, kernel table"),
@@ -690,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="bench, profile and report need a checkout (the benchmarks/ folder); "
         "`vlmkernels COMMAND --help` gives each command's options.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="device, versions, backends and device ceilings")
     info.add_argument("--refresh", action="store_true", help="re-measure the cached ceilings")
