@@ -666,7 +666,7 @@ def _delegate(command: str, argv: list[str]) -> int:
             f"vlmkernels {command}: the benchmark suites live in the benchmarks/ folder of a "
             "vlmkernels checkout and are not installed with the package. Run this from a "
             "checkout (git clone the repository, `pip install -e .` or `make bench`, then run "
-            "it inside the clone). `vlmkernels info` and `vlmkernels tune` work anywhere.",
+            "it inside the clone). `vlmkernels info`, `tune` and `inspect` work anywhere.",
             file=sys.stderr,
         )
         return 2
