@@ -492,7 +492,7 @@ def test_deepstack_add_inplace_and_casts(backend):
     assert torch.equal(hidden, before)
     with torch.no_grad():
         C.deepstack_add(hidden, mask, embeds, inplace=True)
-    with pytest.raises(ValueError, match="True entries"):
+    with pytest.raises(RuntimeError, match="as many True entries"):
         C.deepstack_add(hidden, mask, embeds[1:])
     meta = [t.to("meta") for t in (hidden, mask, embeds)]
     with pytest.raises(ValueError, match="visual_pos_mask is a meta tensor"):

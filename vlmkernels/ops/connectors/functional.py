@@ -378,7 +378,9 @@ def deepstack_add(
 
     Args:
         hidden: (B, S, D) (any leading shape) hidden states.
-        visual_pos_mask: bool, ``hidden``'s shape without D; V True entries.
+        visual_pos_mask: bool, ``hidden``'s shape without D; V True entries (checked on
+            the device, without a host synchronisation: RuntimeError on the CPU, a
+            device-side assert on a GPU).
         visual_embeds: (V, D), cast to hidden's dtype; row v goes to the v-th True position
             in row-major order.
         inplace: add into ``hidden`` and return it (forward only: neither ``hidden`` nor

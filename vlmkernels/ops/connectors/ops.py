@@ -306,12 +306,14 @@ class _:
 
 
 def _check_count(mask: torch.Tensor, embeds: torch.Tensor) -> None:
-    count = int(mask.sum())
-    if count != embeds.shape[0]:
-        raise ValueError(
-            f"deepstack_add: visual_pos_mask has {count} True entries but visual_embeds has "
-            f"{embeds.shape[0]} rows"
-        )
+    """The mask's True entries are as many as ``embeds``' rows, checked on the device
+    (``torch._assert_async``: raises at once on the CPU, and on a GPU is a device-side
+    assert ordered before the kernels), not read on the host: a read (``int(mask.sum())``)
+    waited for the GPU queue on every call, a synchronisation per DeepStack layer."""
+    torch._assert_async(
+        mask.sum() == embeds.shape[0],
+        "deepstack_add: visual_pos_mask must have as many True entries as visual_embeds has rows",
+    )
 
 
 @deepstack_add.impl("triton")
@@ -371,9 +373,11 @@ deepstack_add_ = Op(
 @deepstack_add_.impl("triton")
 def _(hidden, mask, embeds):
     _check_count(mask, embeds)
-    index = mask.reshape(-1).nonzero().view(-1)
-    if not index.numel():
+    if not embeds.shape[0]:
         return
+    # the True entries' rows, as many as embeds has rows (checked above): a static size, so
+    # no host synchronisation (nonzero reads the count on the host)
+    index = torch.nonzero_static(mask.reshape(-1), size=embeds.shape[0]).view(-1)
     try:
         rows = hidden.view(-1, hidden.shape[-1])
     except RuntimeError:  # leading dims no view flattens (a transposed batch): via a copy
