@@ -10,8 +10,10 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmkernels
+from vlmkernels.core.checks import scalar_tensor
 
 _PACKAGE = vlmkernels.__path__[0]
 _READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu",
@@ -62,3 +64,22 @@ def test_deepstack_add_reads_nothing_on_the_host(backend, inplace, monkeypatch):
         assert torch.equal(embeds.grad, torch.ones_like(embeds))
     with pytest.raises(RuntimeError, match="as many True entries"):
         vlmkernels.deepstack_add(hidden.detach(), mask, embeds.detach()[1:], inplace=inplace)
+
+
+def test_a_python_scale_is_filled_on_the_device_not_copied():
+    """A float ``logit_scale`` (or bias, teacher scale) becomes a device tensor by a fill:
+    ``torch.tensor(x, device="cuda")`` builds a host tensor and copies it with a blocking
+    copy, a stream synchronisation per loss call. A dispatch mode sees the fill and not the
+    copy inside torch.tensor; the meta device stands in for a GPU."""
+    seen = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        made = scalar_tensor("clip_loss", "logit_scale", 1 / 0.07, torch.device("meta"))
+    assert seen == [torch.ops.aten.full.default] and made.shape == ()
+    got = scalar_tensor("clip_loss", "logit_scale", 1 / 0.07, torch.device("cpu"))
+    assert got.dtype == torch.float32 and torch.equal(got, torch.tensor(1 / 0.07))

@@ -162,7 +162,9 @@ def scalar_tensor(op: str, name: str, value, device: torch.device, optional: boo
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         what = type(value).__name__
         raise TypeError(f"{op}: {name} must be a float or a one-element tensor, got {what}")
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
+    # filled on the device: torch.tensor(value, device=...) builds a host tensor and copies
+    # it over with a blocking copy, which on a GPU synchronises the stream on every call
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def to_device(op: str, name: str, t: torch.Tensor, device: torch.device, **kwargs):
