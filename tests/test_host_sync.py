@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vlmkernels
-from vlmkernels.core.checks import scalar_tensor
+from vlmkernels.core.checks import scalar_tensor, to_device
 
 _PACKAGE = vlmkernels.__path__[0]
 _READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu",
@@ -83,3 +83,21 @@ def test_a_python_scale_is_filled_on_the_device_not_copied():
     assert seen == [torch.ops.aten.full.default] and made.shape == ()
     got = scalar_tensor("clip_loss", "logit_scale", 1 / 0.07, torch.device("cpu"))
     assert got.dtype == torch.float32 and torch.equal(got, torch.tensor(1 / 0.07))
+
+
+def test_auxiliary_tensors_move_to_the_device_without_blocking():
+    """ids, masks, a tensor scale or inv_freq handed over on the host: a blocking copy to a
+    GPU synchronises the stream, a non-blocking one from a host tensor does not (copies to
+    the host stay blocking). The meta device stands in for a GPU."""
+    seen = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func, (kwargs or {}).get("non_blocking", False)))
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.arange(4)
+    with Seen():
+        to_device("clip_loss", "ids", ids, torch.device("meta"), dtype=torch.int64)
+        to_device("clip_loss", "ids", ids, torch.device("cpu"))  # there already: no copy
+    assert seen == [(torch.ops.aten._to_copy.default, True)]

@@ -308,7 +308,7 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
 
 
 def _on(x: torch.Tensor, device: torch.device, name: str = "a computed table") -> torch.Tensor:
-    return to_device("get_rope_index", name, x, device, non_blocking=True)
+    return to_device("get_rope_index", name, x, device)  # non-blocking to a GPU only
 
 
 def _runs(kinds: torch.Tensor, valid: torch.Tensor):
