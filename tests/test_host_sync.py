@@ -101,3 +101,28 @@ def test_auxiliary_tensors_move_to_the_device_without_blocking():
         to_device("clip_loss", "ids", ids, torch.device("meta"), dtype=torch.int64)
         to_device("clip_loss", "ids", ids, torch.device("cpu"))  # there already: no copy
     assert seen == [(torch.ops.aten._to_copy.default, True)]
+
+
+def test_packed_cross_attention_with_both_bounds_reads_nothing_on_the_host(monkeypatch):
+    """With max_seqlen_q and max_seqlen_k given, the offsets are checked on the device
+    (flash-attention's contract): the forward and backward read nothing on the host, give
+    the results of the call that reads them, and bad offsets or bounds still raise."""
+    q, k, v = (torch.randn(n, 2, 16, requires_grad=True) for n in (8, 12, 12))
+    cq = torch.tensor([0, 4, 4, 8], dtype=torch.int32)
+    ck = torch.tensor([0, 5, 7, 12], dtype=torch.int32)
+    with vlmkernels.use_backend("triton"):
+        want = vlmkernels.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck)
+        want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+        with no_host_reads(monkeypatch):
+            got = vlmkernels.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                             max_seqlen_q=4, max_seqlen_k=2**40)  # fmt: skip
+            grads = torch.autograd.grad(got.sum(), (q, k, v))
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
+        bounds = dict(max_seqlen_q=4, max_seqlen_k=4)  # a key segment of 5
+        with pytest.raises(RuntimeError, match="max_seqlen_k is smaller than a segment"):
+            vlmkernels.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, **bounds)
+        bad = torch.tensor([0, 5, 3, 12], dtype=torch.int32)
+        with pytest.raises(RuntimeError, match="cu_seqlens_k must start at 0, be non-dec"):
+            vlmkernels.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=bad,
+                                       max_seqlen_q=4, max_seqlen_k=12)  # fmt: skip

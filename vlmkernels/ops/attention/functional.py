@@ -175,7 +175,11 @@ def _dropout(op, dropout_p, dropout_seed, q):
     return float(dropout_p), seed
 
 
-def _check_cu(op, name, cu, total, device):
+def _check_cu(op, name, cu, total, device, on_device=False):
+    """The longest segment of the offsets ``cu``, read on the host and checked there; None
+    where they are checked on the device instead: while tracing (they cannot be read), and
+    with ``on_device`` (the caller gave both max_seqlen: a host read would wait for the
+    device on every call)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{op}: {name} must be an int32 tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -187,18 +191,18 @@ def _check_cu(op, name, cu, total, device):
     if cu.is_meta:
         raise ValueError(f"{op}: {name} is a meta tensor: eager calls read the offsets on the "
                          "host (trace with fake tensors or torch.compile instead)")  # fmt: skip
-    if tracing():
-        # the values cannot be read while tracing: the graph checks them on the device
-        # (offsets past the packed length would make the kernels read and write out of
-        # bounds), before the kernels run
+    traced = tracing()
+    if not traced and torch._C._functorch.is_batchedtensor(cu):
+        raise ValueError(f"{op}: {name} differs per sample under torch.func.vmap, which the "
+                         "packed layout cannot take (its offsets are read on the host); pass "
+                         "one for every sample (in_dims=None) or call per sample")  # fmt: skip
+    if traced or on_device:
+        # not read on the host: checked on the device (offsets past the packed length would
+        # make the kernels read and write out of bounds), before the kernels run
         ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
         torch._assert_async(ok, f"{op}: {name} must start at 0, be non-decreasing and end at "
                                 f"the packed length")  # fmt: skip
         return None
-    if torch._C._functorch.is_batchedtensor(cu):
-        raise ValueError(f"{op}: {name} differs per sample under torch.func.vmap, which the "
-                         "packed layout cannot take (its offsets are read on the host); pass "
-                         "one for every sample (in_dims=None) or call per sample")  # fmt: skip
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{op}: {name} must start at 0, got {values[0]}")
@@ -220,12 +224,14 @@ def _max_seqlen(op, name, value, longest, cu, total):
             raise ValueError(f"{op}: {name} must be given under torch.compile")
         return longest
     value = check_int(op, name, value, 0)
-    if longest is None:  # traced: the offsets are checked on the device, in the graph
-        fits = (cu[1:] - cu[:-1] <= value).all()
+    if longest is None:  # the offsets are checked on the device (in the graph if traced)
+        # eager: at most the packed length, which also keeps it in the offsets' int32
+        bound = value if tracing() else min(value, total)
+        fits = (cu[1:] - cu[:-1] <= bound).all()
         # the message names no value: formatting a symbolic one (a length read from a
         # shape, or .item()) would fix it in the graph (a compilation per length)
         torch._assert_async(fits, f"{op}: {name} is smaller than a segment")
-        return value
+        return bound
     if value < longest:
         raise ValueError(f"{op}: {name} ({value}) is smaller than the longest segment "
                          f"({longest})")  # fmt: skip
@@ -251,11 +257,14 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
             neither): segment b is rows cu[b] .. cu[b + 1]; empty segments allowed. In
             eager mode the offsets are read on the host and checked (start at 0,
             non-decreasing, end at the packed length) before any launch, which waits for
-            the device; under ``torch.compile`` they are not read on the host.
+            the device, unless both max_seqlen are given; under ``torch.compile`` they are
+            not read on the host.
         max_seqlen_q, max_seqlen_k: the longest segments (default: from the offsets read
-            for the check; required under ``torch.compile``, where the graph checks on
-            the device that no segment is longer: ``torch._assert_async``, which on a GPU
-            is a device-side assert).
+            for the check; required under ``torch.compile``). Given both (eager or
+            compiled), the offsets are not read on the host (no synchronisation, CUDA
+            graphs can capture the call): they and the bounds are checked on the device
+            with ``torch._assert_async`` (RuntimeError at once on the CPU, a device-side
+            assert on a GPU).
         key_padding_mask: dense inputs only, (B, Lk) bool, True at keys to ignore
             (``torch.nn.MultiheadAttention``'s convention).
         key_bias: an additive logit bias per key, dense (B, Lk) or (B, H, Lk), packed (Tk,)
@@ -299,8 +308,10 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
         if key_padding_mask is not None:
             raise ValueError(f"{op}: key_padding_mask is for dense inputs; packed segments "
                              "carry their lengths in cu_seqlens_k")  # fmt: skip
-        longest_q = _check_cu(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        longest_k = _check_cu(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        # both bounds given: the offsets are checked on the device, not read on the host
+        given = max_seqlen_q is not None and max_seqlen_k is not None
+        longest_q = _check_cu(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, given)
+        longest_k = _check_cu(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, given)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(f"{op}: cu_seqlens_k must have cu_seqlens_q's length "
                              f"{cu_seqlens_q.numel()}, got {cu_seqlens_k.numel()}")  # fmt: skip
