@@ -126,3 +126,15 @@ def test_packed_cross_attention_with_both_bounds_reads_nothing_on_the_host(monke
         with pytest.raises(RuntimeError, match="cu_seqlens_k must start at 0, be non-dec"):
             vlmkernels.cross_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=bad,
                                        max_seqlen_q=4, max_seqlen_k=12)  # fmt: skip
+
+
+def test_patched_attention_masks_with_a_row_per_query_are_not_read_on_the_host(monkeypatch):
+    """transformers' mask helpers build (B, 1, T, N) masks; the patched Q-Former / perceiver
+    attention checks that their rows agree on the device, not with a host read per layer."""
+    from vlmkernels.integrations.tables.attention import key_mask
+
+    mask = torch.zeros(2, 1, 3, 4)
+    mask[1, ..., 3] = torch.finfo(torch.float32).min
+    with no_host_reads(monkeypatch):
+        pad, bias = key_mask(mask, 2, 3, 4, "here")
+    assert pad is None and torch.equal(bias, mask[:, 0, 0])

@@ -21,8 +21,8 @@ patch, run the model once outside the capture (Triton compiles and configs load 
 the graph re-stacks the live weights on each replay), then capture
 ``model(query_embeds=q, encoder_hidden_states=x)`` with static inputs and no gradients
 (``tests/test_qformer_gpu.py``); the masks transformers builds there have one row per
-batch, which the patched modules never read on the host (a mask
-with a row per query is checked on the host, a synchronisation a capture refuses).
+batch, which the patched modules never read on the host (nor a mask with a row per
+query, whose rows are checked to agree on the device).
 
 Part ``qformer_attention``: every Q-Former attention module (self- and cross-attention)
 gets an instance ``forward`` with transformers' projections and the family's attention
@@ -30,7 +30,8 @@ gets an instance ``forward`` with transformers' projections and the family's att
 (B, 1, 1 or T, N) become the kernels' per-key bias (additive masks, added to the logits as
 transformers adds them to the scores) or key padding (bool masks), without reading them on
 the host (:func:`key_mask`); refused, naming why: a mask that differs between query rows
-(the one check that reads it). Attention dropout (``attention_probs_dropout_prob``, 0.1 by default)
+(checked on the device: RuntimeError on the CPU, a device-side assert on CUDA). Attention
+dropout (``attention_probs_dropout_prob``, 0.1 by default)
 runs in the kernel in training mode (``cross_attention(dropout_p=...)``: a counter-based
 mask drawn from the device's torch generator, regenerated in the backward), so a patched
 Q-Former trains with its dropout; its masks are not transformers' (a different RNG), so
@@ -291,10 +292,10 @@ def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
     one (0 visible, very negative padded, or any other per-key bias) becomes the (B, N) key
     bias the kernels add to the logits, as transformers adds the mask to the scores. Neither
     reads the mask on the host: a CUDA mask costs no synchronisation. A mask with a row per
-    query (T rows) is checked to hold the same row for every query, the one host read;
-    while torch.compile traces (where transformers keeps an all-visible mask it drops in
-    eager mode), by ``torch._assert_async`` instead, which fails the call from the device
-    (on CUDA a device-side assert) without breaking the graph."""
+    query (T rows, as transformers' mask helpers build them) is checked to hold the same
+    row for every query by ``torch._assert_async``, also not on the host (a host read here
+    was a synchronisation per attention layer and call): RuntimeError at once on the CPU,
+    a device-side assert on CUDA, and under torch.compile without breaking the graph."""
     if mask is None:
         return None, None
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys:
@@ -303,11 +304,7 @@ def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
     if mask.shape[2] != 1 and not mask.is_meta:
         message = (f"{where}: the attention mask differs between query rows; the kernel "
                    "takes one mask row per batch")  # fmt: skip
-        same = (mask == mask[:, :, :1]).all()
-        if tracing():
-            torch._assert_async(same, message)
-        elif not bool(same):
-            raise ValueError(message)
+        torch._assert_async((mask == mask[:, :, :1]).all(), message)
     row = mask[:, 0, 0].expand(batch, keys)
     if mask.dtype == torch.bool:
         return ~row, None
