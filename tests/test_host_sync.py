@@ -93,7 +93,8 @@ def test_auxiliary_tensors_move_to_the_device_without_blocking():
 
     class Seen(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append((func, (kwargs or {}).get("non_blocking", False)))
+            if func is not torch.ops.aten.is_pinned.default:
+                seen.append((func, (kwargs or {}).get("non_blocking", False)))
             return func(*args, **(kwargs or {}))
 
     ids = torch.arange(4)
@@ -101,6 +102,13 @@ def test_auxiliary_tensors_move_to_the_device_without_blocking():
         to_device("clip_loss", "ids", ids, torch.device("meta"), dtype=torch.int64)
         to_device("clip_loss", "ids", ids, torch.device("cpu"))  # there already: no copy
     assert seen == [(torch.ops.aten._to_copy.default, True)]
+    # from pinned memory the copy would read the buffer later, racing a caller that reuses
+    # it: blocking (a CPU-only torch cannot pin, so is_pinned stands in)
+    seen.clear()
+    with pytest.MonkeyPatch.context() as m, Seen():
+        m.setattr(torch.Tensor, "is_pinned", lambda self: True)
+        to_device("clip_loss", "ids", ids, torch.device("meta"), dtype=torch.int64)
+    assert seen == [(torch.ops.aten._to_copy.default, False)]
 
 
 def test_packed_cross_attention_with_both_bounds_reads_nothing_on_the_host(monkeypatch):

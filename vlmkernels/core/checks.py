@@ -172,11 +172,12 @@ def to_device(op: str, name: str, t: torch.Tensor, device: torch.device, **kwarg
     come from another device; a meta tensor (no data to copy) is refused by name."""
     if t.device.type == "meta" and device.type != "meta":
         raise ValueError(f"{op}: {name} must be on {device}, got a meta tensor (no data)")
-    if device.type != "cpu" and t.device != device:
+    if device.type != "cpu" and t.device != device and not (t.is_cpu and t.is_pinned()):
         # a blocking copy to a GPU synchronises the stream (cudaStreamSynchronize after the
-        # copy); a non-blocking one from a host tensor stages it at once and returns (what
-        # the tensor holds is copied, so the caller may change it afterwards). Not for
-        # copies to the host, which must wait for the data.
+        # copy); a non-blocking one from pageable host memory stages it at once and returns
+        # (what the tensor holds is copied, so the caller may change it afterwards). Not
+        # from pinned memory, which the copy reads later (a caller reusing the buffer would
+        # race it), nor to the host, which must wait for the data.
         kwargs.setdefault("non_blocking", True)
     return t.to(device, **kwargs)
 
