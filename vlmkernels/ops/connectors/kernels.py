@@ -622,13 +622,15 @@ def _deepstack_kernel(
         h_rows = rows.to(tl.int64)
         e_rows = idx
     e_mask = r_mask & (e_rows >= 0)
+    # -0.0 by its bits: Triton 3.6 makes any float constant equal to 0 +0.0 (3.9 does not)
+    neg_zero = tl.full((), 0x80000000, tl.uint32).to(tl.float32, bitcast=True)
     for d0 in range(0, D, BD):
         cols = (d0 + tl.arange(0, BD)).to(tl.int64)
         c_mask = cols < D
         mask = r_mask[:, None] & c_mask[None, :]
         h = tl.load(h_ptr + h_rows[:, None] * shr + cols[None, :] * shd, mask=mask, other=0.0)
         e = tl.load(e_ptr + e_rows[:, None] * ser + cols[None, :] * sed,
-                    mask=e_mask[:, None] & c_mask[None, :], other=-0.0)
+                    mask=e_mask[:, None] & c_mask[None, :], other=neg_zero)
         total = h.to(tl.float32) + e.to(tl.float32)
         tl.store(out_ptr + h_rows[:, None] * sor + cols[None, :] * sod,
                  total.to(out_ptr.dtype.element_ty), mask=mask)
