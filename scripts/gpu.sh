@@ -170,6 +170,12 @@ step() {
 }
 
 setup() {
+    # torch finds the toolkit from CUDA_HOME, else from the nvcc on PATH: where that nvcc
+    # is a wrapper script outside the toolkit, the headers are not found and the package
+    # installs without the extension
+    if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+        export CUDA_HOME=/usr/local/cuda
+    fi
     $PY -m pip install -v -e . --no-deps --no-build-isolation 2>&1 \
         | grep -E "^\s*vlmkernels:|error|Error|Successfully" || true  # pip -v indents
     if compgen -G ".whl/*.whl" >/dev/null; then
