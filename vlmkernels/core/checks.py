@@ -197,7 +197,7 @@ def saveable(t):
 
 def saveable_pair(a, b):
     """``(saveable(a), saveable(b))``, the trace and the modes looked at once (host time:
-    :func:`tracing` is three Python calls)."""
+    :func:`tracing` is two Python calls)."""
     if tracing() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return a, b
     return (a if a is None or not a.is_inference() else a.clone(),
