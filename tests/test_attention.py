@@ -672,6 +672,14 @@ def test_torch_compile_packed(device):
 
         with pytest.raises(RuntimeError, match=rf"{name} is smaller than a segment"):
             torch.compile(short, backend="aot_eager", fullgraph=True)(q.detach())
+    # a loose bound past int32 (the offsets' dtype) fits every segment: it is compared as
+    # at most the packed length, as in eager mode (it wrapped to 0 and was refused)
+    for dynamic in (False, True):
+        loose = torch.compile(lambda q: A.cross_attention(
+            q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=2**40, max_seqlen_k=2**33,
+        ), backend="aot_eager", fullgraph=True, dynamic=dynamic)  # fmt: skip
+        assert torch.equal(loose(q.detach()), A.cross_attention(
+            q.detach(), k, v, cu_seqlens_q=cq, cu_seqlens_k=ck))  # fmt: skip
     # bad offsets are refused in the graph as in eager mode with both bounds given (both
     # check on the device), before any kernel reads past the packed tensors: not from 0,
     # decreasing, ending past or short of the packed length
