@@ -225,9 +225,11 @@ def _max_seqlen(op, name, value, longest, cu, total):
         return longest
     value = check_int(op, name, value, 0)
     if longest is None:  # the offsets are checked on the device (in the graph if traced)
-        # at most the packed length, which also keeps it in the offsets' int32 (sym_min:
-        # a symbolic length under torch.compile(dynamic=True) is not specialised)
-        bound = torch.sym_min(value, total)
+        # at most the packed length, which also keeps it in the offsets' int32 (sym_min
+        # for a symbolic one under torch.compile(dynamic=True), not specialised there;
+        # Dynamo before torch 2.13 cannot trace it on two ints)
+        symbolic = isinstance(value, torch.SymInt) or isinstance(total, torch.SymInt)
+        bound = torch.sym_min(value, total) if symbolic else min(value, total)
         fits = (cu[1:] - cu[:-1] <= bound).all()
         # the message names no value: formatting a symbolic one (a length read from a
         # shape, or .item()) would fix it in the graph (a compilation per length)
