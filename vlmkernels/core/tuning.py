@@ -260,20 +260,16 @@ class TunedKernel(KernelInterface):
             _BUILDING.since = None
             return None
         options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
-        run = self.fn.run
+        launch = _direct_launch(self.fn.run, args, options)
         if self.interpreted and runtime.INTERPRETER_LOCK is not None:
-            arguments = _placer(args)
+            unlocked = launch
 
             def launch(*pointers):
                 # the lock looked up per launch: a forked child has a fresh one, and one
                 # captured here could be held forever by a thread the fork left behind
                 with runtime.launch_lock():
-                    return run(*arguments(pointers), **options)
+                    return unlocked(*pointers)
 
-            launch.config = config
-            return launch
-
-        launch = _direct_launch(run, args, options)
         launch.config = config  # what it runs with (config() may answer another after a clear)
         return launch
 
@@ -286,12 +282,7 @@ class TunedKernel(KernelInterface):
         run = self.prepare(grid(self.config(args, kwargs).all_kwargs()), args, kwargs)
         if run is not None:
             return run, True
-        arguments = _placer(args)
-
-        def direct(*pointers):
-            return self[grid](*arguments(pointers), **kwargs)
-
-        return direct, False
+        return _direct_launch(self[grid], args, kwargs), False
 
     def launch(self, config: triton.Config, grid, args, kwargs, warmup=False):
         """Launch with an explicit config (what :func:`tune` benchmarks)."""
@@ -319,49 +310,23 @@ training steps) would otherwise prepare, and cache, a launch per value. Triton d
 specialise a kernel on a float's value, so no launch compiles again for a new one."""
 
 
-def _per_call(args: tuple) -> list[int]:
-    """The positions of ``args``' per-call values: arguments with a ``data_ptr`` and those
-    given as :data:`PER_CALL`."""
-    return [i for i, a in enumerate(args) if a is PER_CALL or hasattr(a, "data_ptr")]
-
-
-def _trailing_scalars(args: tuple) -> tuple | None:
-    """The arguments after the per-call values where those come first, else None."""
-    where = _per_call(args)
-    return args[len(where) :] if where == list(range(len(where))) else None
-
-
-def _placed(args: tuple) -> tuple[str, dict]:
-    """(an expression of the per-call values ``p`` (see :func:`_per_call`, in order) listing
-    ``args`` with those values in place, its namespace): the other arguments are kept."""
-    where = _per_call(args)
-    at = {i: n for n, i in enumerate(where)}
-    items = ", ".join(f"p[{at[i]}]" if i in at else f"s[{i}]" for i in range(len(args)))
-    return items, {"s": {i: a for i, a in enumerate(args) if i not in at}}
-
-
-def _placer(args: tuple):
-    """A function of the per-call values (see :func:`_per_call`, in order) giving ``args``
-    with those values in place."""
-    scalars = _trailing_scalars(args)
-    if scalars is not None:  # pointers first: no reordering
-        return lambda pointers: (*pointers, *scalars)
-    items, namespace = _placed(args)
-    return eval(f"lambda p: ({items},)", namespace)
-
-
 def _direct_launch(run, args: tuple, options: dict):
     """``launch(*per_call_values)``: ``run(*args with them in place, **options)`` in one call
-    of host code (a placer between them costs a call per launch)."""
-    scalars = _trailing_scalars(args)
-    if scalars is not None:
+    of host code. The per-call values are ``args``' arguments with a ``data_ptr`` and those
+    given as :data:`PER_CALL`, in order; the other arguments are kept."""
+    where = [i for i, a in enumerate(args) if a is PER_CALL or hasattr(a, "data_ptr")]
+    if where == list(range(len(where))):  # pointers first: no reordering
+        scalars = args[len(where) :]
 
         def launch(*pointers):
             return run(*pointers, *scalars, **options)
 
         return launch
-    items, namespace = _placed(args)
-    return eval(f"lambda *p: run({items}, **o)", {**namespace, "run": run, "o": options})
+    # one call expression placing the pointers between the scalars
+    at = {i: n for n, i in enumerate(where)}
+    items = ", ".join(f"p[{at[i]}]" if i in at else f"s[{i}]" for i in range(len(args)))
+    scalars = {i: a for i, a in enumerate(args) if i not in at}
+    return eval(f"lambda *p: run({items}, **o)", {"s": scalars, "run": run, "o": options})
 
 
 def tuned(name: str, *, configs, key, sizes, restore_value=None, defaults=None,
