@@ -29,8 +29,11 @@ Method:
   garbage collector paused), the cases taking turns in 10 rounds of a tenth of the calls
   each (a slow spell hits all of them); the median, with the 20th and 80th percentiles, in
   microseconds. A shared or loaded machine inflates every number: compare the columns of
-  one run, and the scale row, ``x.add(1)`` on a 1-element tensor timed the same way in the
-  same interpreter (one torch op's host cost there and then; op ``torch_add``).
+  one run, and the two scale rows timed the same way in the same interpreter: ``x.add(1)``
+  on a 1-element tensor (one torch op's host cost there and then; op ``torch_add``) and a
+  bare ``torch.library.custom_op`` call (one tensor in, an empty one out; op
+  ``custom_op``), the unit in which issue 11 set the budgets: it measured 10-15 us for such
+  a call on its CPU machine, so 25 us is about two of them and 60 us about five.
 
 Output: ``<out>/host.csv`` (``--out``; rows of metric ``host_us``, mode ``fwd`` or
 ``fwd+bwd``), a table per run (vlmkernels us, eager us, budget, PASS / MISS), and the section
@@ -40,6 +43,7 @@ not (like the other targets, a miss is reported, not an error); 1 if a case fail
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -63,6 +67,13 @@ HOST_FILE = "host.csv"
 # varies several-fold between machines and with their load)
 SCALE_SUITE, SCALE_OP = "host", "torch_add"
 SCALE_NOTE = "x.add(1) on a 1-element tensor: one torch op's host cost in this run (the scale)"
+# A bare custom op's call: the unit of issue 11's budgets (10-15 us where it set them)
+CUSTOM_OP = "custom_op"
+CUSTOM_OP_NOTE = (
+    "a bare torch.library.custom_op call (one tensor in, an empty one out): the "
+    "dispatcher's cost in this run (issue 11 measured 10-15 us)"
+)
+ISSUE_CUSTOM_OP_US = (10, 15)
 DEFAULT_CALLS = 1000
 ROUNDS = 10  # interleaved rounds of each case's calls (see measure)
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +157,20 @@ def quantiles_us(samples_ns: Sequence[int]) -> dict[str, float]:
     return {"p50": at(0.5), "p20": at(0.2), "p80": at(0.8)}
 
 
+@functools.cache
+def bare_custom_op() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``torch.library.custom_op`` that returns an empty tensor like its input, with its
+    fake: the host cost of the dispatcher around an op with nothing inside. Registered
+    (once) in the measuring interpreter only."""
+
+    @torch.library.custom_op("vlmkernels_host::bare", mutates_args=())
+    def bare(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    bare.register_fake(lambda x: torch.empty_like(x))
+    return bare
+
+
 def measure(cases: list[dict], calls: int, seed: int, dtype: str,
             rounds: int = ROUNDS) -> list[dict]:  # fmt: skip
     """Host time of each case {suite, op, provider, mode, shape}: the case with p50, p20,
@@ -186,10 +211,14 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str,
             _print_case(result)
         out.append(result)
     one = torch.ones(1, dtype=getattr(torch, dtype))
-    scale = {"suite": SCALE_SUITE, "op": SCALE_OP, "provider": "torch", "mode": "fwd",
-             "shape": {"n": 1}, "calls": calls, "launches": 0.0, "status": "ok",
-             "note": SCALE_NOTE}  # fmt: skip
-    timed.append((scale, lambda: one.add(1), (), []))
+    bare = bare_custom_op()
+    scales = [{"suite": SCALE_SUITE, "op": op, "provider": "torch", "mode": "fwd",
+               "shape": {"n": 1}, "calls": calls, "launches": 0.0, "status": "ok",
+               "note": note} for op, note in ((SCALE_OP, SCALE_NOTE),
+                                              (CUSTOM_OP, CUSTOM_OP_NOTE))]  # fmt: skip
+    for scale, call in zip(scales, (lambda: one.add(1), lambda: bare(one)), strict=True):
+        time_calls(call, (), 0, warmup)
+        timed.append((scale, call, (), []))
     per_round = [calls // rounds + (r < calls % rounds) for r in range(rounds)]
     for n in per_round:
         gc.collect()
@@ -203,12 +232,15 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str,
         if result["status"] == "ok":
             result.update(quantiles_us(samples))
         _print_case(result)
-    return [*out, scale]
+    return [*out, *scales]
 
 
 def _print_case(r: dict) -> None:
     if r["op"] == SCALE_OP:
         print(f"  [{SCALE_OP}] one.add(1) {r['p50']:9.1f} us (the scale)", flush=True)
+        return
+    if r["op"] == CUSTOM_OP:
+        print(f"  [{CUSTOM_OP}] bare(one) {r['p50']:9.1f} us (issue 11's unit)", flush=True)
         return
     label = f"  [{r['op']}] {shape_str(r['shape'])} {r['provider']:<22} {r['mode']:<8}"
     if r["status"] != "ok":
@@ -331,6 +363,15 @@ def rows_table(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> lis
     if scale is not None:
         lines += ["", f"Scale: one torch op (`x.add(1)` on a 1-element tensor) took {us(scale)} "
                   "us per call in the same run."]  # fmt: skip
+        if not markdown:
+            lines[-1] = lines[-1].replace("`", "")
+    bare = index.get((CUSTOM_OP, "fwd", "torch"))
+    if bare is not None and bare["status"] == "ok" and bare["p50"]:
+        lo, hi = ISSUE_CUSTOM_OP_US
+        lines.append(
+            f"A bare `torch.library.custom_op` call took {us(bare)} us; issue 11 set the budgets "
+            f"where it took {lo}-{hi} us (the budgets are judged as written, not rescaled)."
+        )
         if not markdown:
             lines[-1] = lines[-1].replace("`", "")
     return lines

@@ -1046,10 +1046,14 @@ def test_host_mode_times_one_op_beside_the_eager_formula(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == COLUMNS
     host = {r["provider"]: r for r in rows if r["metric"] == "host_us" and r["op"] == "mrope"}
-    assert sorted(host) == ["eager", "vlmkernels"] and len(rows) == 3
+    assert sorted(host) == ["eager", "vlmkernels"] and len(rows) == 4
     (scale,) = [r for r in rows if r["op"] == "torch_add"]  # one torch op: the scale
-    assert scale["status"] == "ok" and float(scale["p50"]) > 0
+    (bare,) = [r for r in rows if r["op"] == "custom_op"]  # issue 11's unit
+    for r in (scale, bare):
+        assert r["status"] == "ok" and r["suite"] == "host" and float(r["p50"]) > 0, r
     assert "Scale: one torch op (x.add(1) on a 1-element tensor) took " in proc.stdout
+    assert "A bare torch.library.custom_op call took " in proc.stdout
+    assert "issue 11 set the budgets where it took 10-15 us" in proc.stdout
     for r in host.values():
         assert r["status"] == "ok" and r["op"] == "mrope" and r["mode"] == "fwd", r
         assert r["shape"] == "B=1,S=4" and r["dtype"] == "float32" and r["suite"] == "rope"
