@@ -49,12 +49,16 @@ batch, which index the grid tables (Qwen3-VL: a searchsorted over cumsum(t) maps
 numbers to videos). Each text token contributes 1 and each vision run start its n to an
 exclusive cumsum along the row, which is s_r at every run start.
 
-Host syncs: none. Shapes depend only on input shapes, nothing is read back to the host, and
-no op with a data-dependent output size is used (`torch.compile(fullgraph=True)` traces it).
-Grid tables, masks or `second_per_grid_ts` held on another device than input_ids are copied
-with `non_blocking=True`; a Python list of seconds becomes a CPU tensor first. Inputs that
-transformers rejects (more vision runs than grids, a run whose length is not t h' w', types
-other than 0/1/2) give unspecified values here instead of an error: checking would need a sync.
+Host syncs: none for int32 and int64 input_ids. Shapes depend only on input shapes, nothing
+is read back to the host, and no op with a data-dependent output size is used
+(`torch.compile(fullgraph=True)` traces it); narrower input_ids (int8, int16, uint8: the
+positions' dtype) cost one host read of the largest position, which raises OverflowError
+where it does not fit. Grid tables, masks or `second_per_grid_ts` held on another device than
+input_ids are copied with `non_blocking=True`; a Python list of seconds becomes a CPU tensor
+first. Inputs that transformers rejects (token types other than 0/1/2, a vision run without a
+grid row, a grid that is not positive, a run whose length is not t h' w') raise as they do
+there, checked on the device with `torch._assert_async` (no sync: RuntimeError at once on the
+CPU, a device-side assert on a GPU).
 
 Defaults
 --------
