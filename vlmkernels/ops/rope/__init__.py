@@ -25,7 +25,10 @@ M-RoPE gives each frequency lane j < h the angle of one of three position axes
 The tables c, s either come from memory, (3, B, S, R) for M-RoPE as transformers' rotary
 classes (<= 5.16) produce them, or are computed in the kernel in fp32 from integer
 positions: angle = position[axis(j)] * inv_freq[j], c = cos(angle) * scaling. All
-arithmetic is fp32; results are rounded once to the input dtype.
+arithmetic is fp32 (fp64 for float64 q and k, which take the PyTorch path; the angles from
+positions stay fp32, as transformers computes them, and ``vision_rope`` rounds float64 q
+and k to fp32 first, as transformers' vision function does); results are rounded once to
+the input dtype.
 
 Layouts: q and k are (B, H, S, D) (``unsqueeze_dim=1``, including the transposed views
 attention code makes), (B, S, H, D) (``unsqueeze_dim=2``) or token-major (T, H, D), any

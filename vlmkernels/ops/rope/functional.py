@@ -168,7 +168,9 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False):
         inplace: rotate q and k in place (forward only) and return them.
 
     Returns:
-        (q_rotated, k_rotated), new tensors in q's and k's layouts, computed in fp32.
+        (q_rotated, k_rotated), new tensors (q and k with ``inplace``) in q's and k's layouts
+        and dtypes, computed in fp32 (float64 q and k in fp64, on the PyTorch path) and
+        rounded once.
     """
     return _rope("rope", q, k, cos, sin, unsqueeze_dim, inplace)
 
