@@ -114,7 +114,9 @@ def _document(fn, single, process_group: str) -> None:
 _document(clip_loss, functional.clip_loss, """\
         process_group: a torch.distributed group: the features are this rank's shard of the
             global batch, the loss and gradients those of the global batch
-            (:mod:`vlmkernels.distributed`).""")  # fmt: skip
+            (:mod:`vlmkernels.distributed`); ``ids`` and ``label_smoothing`` apply over the
+            global batch, a ``teacher`` is not supported there (NotImplementedError, raised
+            on every rank).""")  # fmt: skip
 _document(siglip_loss, functional.siglip_loss, """\
         process_group: a torch.distributed group: the loss of the global batch, computed
             on a ring (:mod:`vlmkernels.distributed`). A scalar loss computes its gradients
