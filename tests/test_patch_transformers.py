@@ -558,6 +558,13 @@ def test_bad_arguments_raise(qwen2):
         rotary_patch(qwen2.model, rope=False, vision=False, rope_index=False)
     with pytest.raises(TypeError, match="rope must be True or False, got 'no'"):
         rotary_patch(qwen2.model, rope="no")  # a string is not taken by truthiness
+    # 'positions' is angles="positions", not a part keyword: as one it bypassed the check
+    # above (rope=False patched the rotary module alone, and the forward failed later)
+    for parts in ({"rope": False, "positions": True}, {"positions": True},
+                  {"angles": "positions", "positions": False}):  # fmt: skip
+        with pytest.raises(TypeError, match="angles='positions'"):
+            rotary_patch(qwen2.model, **parts)
+    assert instance_overrides(qwen2.model) == []
 
 
 def _with_attention_class(model, make_subclass):

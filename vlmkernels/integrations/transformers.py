@@ -178,10 +178,16 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     if angles == "positions" and not rope:
         raise ValueError("angles='positions' applies to the text rotary path: it needs rope=True")
     known = {part for p in patchers() for part in p.parts}
+    if "positions" in parts:  # the rotary table's switch for angles="positions", not a part
+        raise TypeError(
+            "vlmkernels.patch: positions is not a part keyword; the text rotary path "
+            "computes its angles from positions with angles='positions'"
+        )
     unknown = set(parts) - known
     if unknown:
         raise TypeError(
-            f"vlmkernels.patch: unknown parts {sorted(unknown)}; parts: {sorted(known)}"
+            f"vlmkernels.patch: unknown parts {sorted(unknown)}; parts: "
+            f"{sorted(known - {'positions'})}"
         )
     for name, on in parts.items():
         check_bool("vlmkernels.patch", name, on)
