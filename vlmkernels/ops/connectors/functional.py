@@ -279,7 +279,9 @@ def merger(
     use_postshuffle_norm, InternVL, MiniCPM-V 4.6). Statistics in fp32.
 
     Then h = norm(X) W1^T + b1 and y = GELU(h) W2^T + b2 with ``w2``, else y = h
-    (Idefics3: one linear, no bias). ``store_hidden`` as in :func:`mlp_projector`.
+    (Idefics3: one linear, no bias). ``activation``: "gelu" (exact, erf; the only one, checked
+    even without ``w2``); ``store_hidden`` as in :func:`mlp_projector`. ``eps`` defaults to
+    1e-6, the Qwen-VL mergers' LayerNorm eps.
     """
     op = "merger"
     if layout not in ("consecutive", "grid"):

@@ -352,6 +352,9 @@ def contrastive_cross_entropy(
     The teacher's targets are constants (ALBEF computes them under no_grad): no gradient
     reaches teacher features, nor ``keys`` through the default ``teacher_keys``.
 
+    ``logit_bias`` b is optional (None: no bias) and ``chunk_size`` is as in
+    :func:`clip_loss` (rows of logit gradient materialised at once in the backward pass).
+
     Returns the mean (default), the sum, or the (M,) per-query losses (``"none"``), in the
     features' dtype; under autocast, fp32 features (and teacher features) are cast to the
     autocast dtype and the loss is fp32, as ALBEF's / BLIP's matmul and log-softmax give.
