@@ -65,7 +65,7 @@ at once, 128 MiB by default, at least 2048 rows on the Triton path):
   they are summed). ``gather`` and ``reduce`` hold all N d received texts at once in the
   forward pass. open_clip: the same texts plus, per block, the b x b logits, labels, signed
   logits and logsigmoid buffer (about 4 N b in all). Each block's logit gradient is
-  recomputed in backward (4 b^2 d matrix FLOPs per block against 3 for the fused
+  recomputed in backward (4 b^2 d multiply-adds per block against 3 for the fused
   single-block path, which would keep 2 b d of gradients per block instead of the text).
 
 Every ``forward`` with world_size > 1 starts with the consistency exchange of

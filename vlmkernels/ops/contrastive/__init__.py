@@ -13,12 +13,14 @@ per-sample losses the logit gradient is
 
 which the backward pass recomputes tile by tile, in chunks of rows, and feeds to two matrix
 products: dX = s dS Y, dY = s dS^T X; ds = sum dS * (XY^T), db = sum dS. Saved for
-backward: the inputs and r, c (O(N) fp32). About 4 N^2 d matrix FLOPs per forward+backward.
+backward: the inputs and r, c (O(N) fp32). About 4 N^2 d multiply-adds per forward+backward
+(four N x N x d products: the statistics pass, the recomputation of S, dX, dY; 8 N^2 d
+FLOPs, of which the benchmarks' model counts the 6 N^2 d useful ones).
 
 SigLIP. With z_ij = +1 on the diagonal and -1 elsewhere, the loss of image i is
 l_i = -sum_j logsigmoid(z_ij S_ij) and the loss is sum_i l_i / N (open_clip's normalisation).
 The logit gradient dS_ij = -w_i z_ij sigmoid(-z_ij S_ij) needs no statistic, so when a
-scalar loss needs gradients the forward pass produces them too (3 N^2 d matrix FLOPs), and
+scalar loss needs gradients the forward pass produces them too (3 N^2 d multiply-adds), and
 the backward pass only scales them.
 
 Memory: the inputs, their gradients, an fp32 accumulator for dY and one dS chunk of
