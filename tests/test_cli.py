@@ -109,7 +109,9 @@ def test_info_names_transformers_and_what_patches_on_it(capsys):
     out = capsys.readouterr().out
     assert f"transformers {transformers.__version__} (vlmkernels.patch tested with" in out
     for arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
-        assert f"  {arch:<13} patches rope, vision, positions, rope_index" in out
+        # positions is patch(angles="positions"), not a keyword of its own
+        want = "patches rope, vision, positions (angles='positions'), rope_index"
+        assert f"  {arch:<13} {want}" in out
     assert cli.main(["info", "--no-ceilings", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["transformers"]
     assert found["version"] == transformers.__version__
