@@ -1,6 +1,7 @@
 """The source distribution and setup.py as users build them: the sdist carries what building
-the CUDA extension from it needs (every csrc/ file, CMakeLists.txt) and the license, and
-``VLMKERNELS_BUILD_CUDA=1`` refuses to install without the extension.
+the CUDA extension from it needs (every csrc/ file, CMakeLists.txt) and the license, not the
+tests (they need the checkout), and ``VLMKERNELS_BUILD_CUDA=1`` refuses to install without
+the extension.
 
 Each test works on a copy of the tracked files (``git ls-files``), so no build output lands
 in the checkout.
@@ -57,6 +58,8 @@ def test_sdist_carries_the_cuda_sources_and_the_license(source, tmp_path):
     assert any(n.endswith(".cu") for n in wanted) and any(n.endswith(".h") for n in wanted)
     assert not [n for n in wanted if n not in inside]
     assert "setup.py" in inside and "vlmkernels/core/version.py" in inside
+    # no tests that need the checkout's benchmarks/ and scripts/, which it does not carry
+    assert not [n for n in inside if n.startswith(("tests/", "benchmarks/", "scripts/"))]
 
 
 @pytest.mark.skipif(bool(torch.version.cuda), reason="this torch can build the extension")
