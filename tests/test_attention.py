@@ -146,6 +146,31 @@ def test_segment_offsets_past_32_bits_are_copied_or_refused(monkeypatch):
                           max_seqlen_q=l, max_seqlen_k=l)  # fmt: skip
 
 
+def test_segment_offsets_of_the_contiguous_outputs_are_refused_too(monkeypatch):
+    """out, dq, dk and dv are contiguous whatever the inputs' strides, and written with the
+    same 32-bit in-segment offsets: a packed q stored heads-major ((H, T, D) transposed,
+    rows D apart) spans less than its contiguous out (rows H D apart), which the kernels
+    wrote past 2^31 elements at the wrapped offset (a 600,000-row segment at H D = 4096)
+    before the contiguous form was checked too. Limit 2^12: 80 rows at H D = 64 span 1279
+    elements heads-major, 5071 contiguous."""
+    monkeypatch.setattr(launchers, "OFFSET_LIMIT", 2**12)
+    l, h, d = 80, 4, 16
+    heads_major = rand(h, l, d).transpose(0, 1)
+    with pytest.raises(ValueError, match="in-segment addressing"):
+        launchers.addressable(heads_major, l, True, "q")
+    cu = torch.tensor([0, l], dtype=torch.int32)
+    with use_backend("triton"), pytest.raises(ValueError, match="in-segment addressing"):
+        A.cross_attention(heads_major, heads_major, heads_major, cu_seqlens_q=cu,
+                          cu_seqlens_k=cu, max_seqlen_q=l, max_seqlen_k=l)  # fmt: skip
+    # at the real limit: no memory, the shapes alone
+    q = torch.empty((32, 600_000, 128), device="meta", dtype=torch.bfloat16).transpose(0, 1)
+    monkeypatch.setattr(launchers, "OFFSET_LIMIT", 2**31)
+    with pytest.raises(ValueError, match="in-segment addressing"):
+        launchers.addressable(q, 600_000, True, "q")
+    short = launchers.addressable(q[:400_000], 400_000, True, "q")
+    assert short.data_ptr() == q.data_ptr() and short.stride() == q.stride()
+
+
 def test_default_scale_and_no_padding(device):
     q, k, v = (
         rand(1, 2, 5, 16, device=device),

@@ -96,24 +96,24 @@ def addressable(t, rows: int, varlen: bool, name: str):
     """``t``, or a contiguous copy, whose offsets inside a segment of up to ``rows`` rows
     fit in 32 bits: the kernels add 32-bit row and dim offsets (inside their inner loops)
     to a 64-bit base per batch, head and segment start. A transposed (B, L, H, D) view at
-    H D = 4096 needs the copy from 2^19 rows on; a layout whose contiguous form still needs
-    more (a packed segment of 2^31 / (H D) rows, a dense one of 2^31 / D) is refused."""
+    H D = 4096 needs the copy from 2^19 rows on; a shape whose contiguous form needs more
+    (a packed segment of 2^31 / (H D) rows, a dense one of 2^31 / D) is refused, whatever
+    ``t``'s own strides: the outputs and gradients of its shape (out, dq, dk, dv, the split
+    partials) are contiguous and written with the same 32-bit offsets (a packed q stored
+    heads-major, (H, T, D) transposed, has rows D apart, out H D apart)."""
 
     def span(strides):
         _, _, s_row, s_dim = _strides(strides, varlen)
         return (max(rows, 1) - 1) * s_row + (t.shape[-1] - 1) * s_dim
 
-    if span(t.stride()) < OFFSET_LIMIT:
-        return t
-    t = t.contiguous()
-    if span(t.stride()) >= OFFSET_LIMIT:
+    if span(_contiguous_strides(t.shape)) >= OFFSET_LIMIT:
         layout = "packed (T, H, D)" if varlen else "(B, H, L, D)"
         raise ValueError(
             f"attention: {name} {layout} {tuple(t.shape)} has segments of up to {rows} rows: "
             f"offsets inside one segment reach 2^31 elements, past the kernels' 32-bit "
             "in-segment addressing; split the segment"
         )
-    return t
+    return t if span(t.stride()) < OFFSET_LIMIT else t.contiguous()
 
 
 def _lse_strides(t, varlen: bool) -> tuple[int, int, int]:
