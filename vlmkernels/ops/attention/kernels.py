@@ -429,8 +429,11 @@ def _attn_combine(
     total = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BLOCK_D), tl.float32)
     for s in range(0, n_splits):
-        part = tl.load(wl_base + s * swls + rows * swlm, mask=row_ok, other=float("-inf"))
-        o_s = tl.load(w_base + s * sws + rows[:, None] * swm + d[None, :] * swd, mask=mask,
+        # split s's partials at s sws, sws q's element count: 64-bit (the i32 product wrapped
+        # from (splits - 1) sws = 2^31 on; a pointer or offset stepped by sws spilled)
+        s64 = tl.cast(s, tl.int64)
+        part = tl.load(wl_base + s64 * swls + rows * swlm, mask=row_ok, other=float("-inf"))
+        o_s = tl.load(w_base + s64 * sws + rows[:, None] * swm + d[None, :] * swd, mask=mask,
                       other=0.0)
         m_new = tl.maximum(m, part)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
