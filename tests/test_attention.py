@@ -171,6 +171,30 @@ def test_segment_offsets_of_the_contiguous_outputs_are_refused_too(monkeypatch):
     assert short.data_ptr() == q.data_ptr() and short.stride() == q.stride()
 
 
+def test_batch_heads_past_the_grid_limit_are_refused():
+    """Batch x heads is the kernels' grid y dimension, at most 65,535 in CUDA (the launch
+    failed with "invalid argument"): 4,097 images x 16 heads, dense or packed, are refused
+    with a ValueError naming it, before any launch (expanded inputs: no memory)."""
+    b, h, l, d = 4097, 16, 3, 8
+    x = rand(1, h, l, d).expand(b, h, l, d)
+    with use_backend("triton"), pytest.raises(ValueError, match="batch x heads .* 65552"):
+        A.cross_attention(x, x, x)
+    packed = rand(1, h, d).expand(b * l, h, d)
+    cu = torch.arange(0, b * l + 1, l, dtype=torch.int32)
+    with use_backend("triton"), pytest.raises(ValueError, match="batch x heads .* 65552"):
+        A.cross_attention(packed, packed, packed, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                          max_seqlen_q=l, max_seqlen_k=l)  # fmt: skip
+    lse = torch.zeros(1, h, l).expand(b, h, l)
+    with pytest.raises(ValueError, match="batch x heads"):
+        launchers.backward(x, x, x, x, lse, lse, None, None, l, l, None, None, None, False, 1.0)
+    with pytest.raises(ValueError, match="batch x heads"):
+        launchers.key_mass(x, x, lse, False, 1.0, 0, l, 1.0)
+    seed = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="key blocks"):
+        launchers.dropout_mask(seed, (1, 1, 1, 64 * 65535 + 1), 0.5)
+    assert launchers.grid_fits(4095 * 16) is None  # 65,520: within the limit
+
+
 def test_default_scale_and_no_padding(device):
     q, k, v = (
         rand(1, 2, 5, 16, device=device),

@@ -116,6 +116,23 @@ def addressable(t, rows: int, varlen: bool, name: str):
     return t if span(t.stride()) < OFFSET_LIMIT else t.contiguous()
 
 
+GRID_YZ_LIMIT = 65535  # CUDA's largest grid y and z dimensions
+
+
+def grid_fits(batch_heads: int, what: str = "attention",
+              count: str = "batch x heads (segments x heads when packed)") -> None:  # fmt: skip
+    """Refuses batch x heads past :data:`GRID_YZ_LIMIT`: the kernels take them as the
+    grid's y (or z) dimension, which CUDA limits to 65,535; the launch failed with CUDA's
+    "invalid argument" (a dense batch of 4,096 images at 16 heads, or 4,096 packed
+    segments, the windows of a long video at 16 heads)."""
+    if batch_heads > GRID_YZ_LIMIT:
+        raise ValueError(
+            f"{what}: {count} = {batch_heads} is past {GRID_YZ_LIMIT}, CUDA's largest grid "
+            "y and z dimension, which the kernels launch them on; split the call into "
+            "smaller ones"
+        )
+
+
 def _lse_strides(t, varlen: bool) -> tuple[int, int, int]:
     """(batch, head, row) strides of a (B, H, Lq) or packed (H, T) row statistic (or of its
     strides, a tuple)."""
@@ -151,6 +168,8 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     if mask.numel() == 0:
         return mask.bool()
     thr, _ = dropout_threshold(dropout_p)
+    grid_fits(b * h, "dropout_mask")  # grid z
+    grid_fits(cdiv(lk, 64), "dropout_mask", "key blocks of 64")  # grid y
     with device_guard(seed), launch_lock():
         _dropout_mask_kernel[(cdiv(lq, 32), cdiv(lk, 64), b * h)](
             seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=32, BN=64,
@@ -210,6 +229,7 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         if lo is not None and not varlen:
             out.masked_fill_((lo > hi)[:, None, :, None], float("nan"))
         return out, lse
+    grid_fits(b * h)
     _check_seed(dropout_p, seed)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, b,
            max_lq, max_lk, bool(causal), float(scale), num_splits, float(dropout_p),
@@ -335,6 +355,7 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
         db = torch.zeros(db_shape, dtype=torch.float32, device=q.device)
     if b * h == 0 or max_lq == 0 or max_lk == 0:  # nothing attends: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_(), db
+    grid_fits(b * h)
     _check_seed(dropout_p, seed)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), do.stride(),
            lse.stride(), delta.stride(), q.dtype, q.device, b, max_lq, max_lk, bool(causal),
@@ -444,6 +465,7 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     mass = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
     if mass.numel() == 0:
         return mass
+    grid_fits(b * h)
     dot_fp32, precision = dot_precision(q.dtype)
     with device_guard(q):
         _attn_key_mass[lambda meta: (cdiv(lk, meta["BN"]), b * h)](
