@@ -337,6 +337,21 @@ def test_tome_plan_kernel_matches_sorts(n, class_token, device):
         )
 
 
+def test_tome_batch_past_the_grid_limit_is_refused():
+    """ToMe's match and merge kernels launch the batch on grid y, at most 65,535 in CUDA
+    (the launch failed with "invalid argument"): a larger batch is refused with an error
+    naming it (expanded inputs: no memory)."""
+    from vlmkernels.ops.tokens import kernels as K
+
+    metric = torch.randn(1, 6, 8).expand(65536, 6, 8)
+    with pytest.raises(ValueError, match="batch 65536 .* 65535"):
+        K.tome_match(metric, False)
+    members = torch.arange(6).expand(65536, 6)
+    offsets = torch.arange(7).expand(65536, 7)
+    with pytest.raises(ValueError, match="batch 65536 .* 65535"):
+        K.tome_merge_rows(metric, None, members, offsets, metric.dtype)
+
+
 def test_tome_second_derivative_raises(device):
     """The merge's backward has no derivative of its own: create_graph use raises."""
     x, metric, _ = tome_inputs(1, 10, 6, 8, torch.float32, device)
