@@ -171,28 +171,56 @@ def test_segment_offsets_of_the_contiguous_outputs_are_refused_too(monkeypatch):
     assert short.data_ptr() == q.data_ptr() and short.stride() == q.stride()
 
 
-def test_batch_heads_past_the_grid_limit_are_refused():
+@pytest.mark.parametrize("packed", [False, True])
+def test_batch_heads_past_the_grid_limit_fold_into_z(packed, monkeypatch):
     """Batch x heads is the kernels' grid y dimension, at most 65,535 in CUDA (the launch
-    failed with "invalid argument"): 4,097 images x 16 heads, dense or packed, are refused
-    with a ValueError naming it, before any launch (expanded inputs: no memory)."""
-    b, h, l, d = 4097, 16, 3, 8
-    x = rand(1, h, l, d).expand(b, h, l, d)
-    with use_backend("triton"), pytest.raises(ValueError, match="batch x heads .* 65552"):
-        A.cross_attention(x, x, x)
-    packed = rand(1, h, d).expand(b * l, h, d)
-    cu = torch.arange(0, b * l + 1, l, dtype=torch.int32)
-    with use_backend("triton"), pytest.raises(ValueError, match="batch x heads .* 65552"):
-        A.cross_attention(packed, packed, packed, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                          max_seqlen_q=l, max_seqlen_k=l)  # fmt: skip
-    lse = torch.zeros(1, h, l).expand(b, h, l)
-    with pytest.raises(ValueError, match="batch x heads"):
-        launchers.backward(x, x, x, x, lse, lse, None, None, l, l, None, None, None, False, 1.0)
-    with pytest.raises(ValueError, match="batch x heads"):
-        launchers.key_mass(x, x, lse, False, 1.0, 0, l, 1.0)
+    failed with "invalid argument" from 4,097 images at 16 heads): past it the launchers
+    fold the rest into grid z and the kernels exit past batch x heads. The limit is lowered
+    to 5 here: 3 x 3 query heads (one key head) run on y = 5, z = 2 with one idle program
+    (z = 4 with 2 key splits); forward (one pass, and split in 2 with the combine),
+    backward and the key mass equal the unfolded launch's exactly, dense and packed."""
+    b, h, lq, lk, d = 3, 3, 11, 23, 8
+    lengths = torch.tensor([0, 11, 5, 9], dtype=torch.int32)
+    if packed:
+        cu_q = torch.cumsum(lengths, 0, dtype=torch.int32)
+        cu_k = torch.cumsum(torch.tensor([0, 23, 7, 12], dtype=torch.int32), 0,
+                            dtype=torch.int32)  # fmt: skip
+        q = rand(int(cu_q[-1]), h, d)
+        k, v = rand(int(cu_k[-1]), 1, d), rand(int(cu_k[-1]), 1, d)
+    else:
+        cu_q = cu_k = None
+        q, k, v = rand(b, h, lq, d), rand(b, 1, lk, d), rand(b, 1, lk, d)
+
+    def run():
+        results = []
+        for splits in (1, 2):
+            out, lse = launchers.forward(q, k, v, cu_q, cu_k, lq, lk, None, None, None, True,
+                                         0.3, splits)  # fmt: skip
+            results += [out, lse]
+        do = torch.ones_like(out) * 0.5
+        delta = launchers.delta(out, do, lse, None)
+        results += launchers.backward(do, q, k, v, lse, delta, cu_q, cu_k, lq, lk, None, None,
+                                      None, True, 0.3)[:3]  # fmt: skip
+        if not packed:
+            results.append(launchers.key_mass(q, k, lse, True, 0.3, 2, 9, 1.5))
+        return results
+
+    with use_backend("triton"):
+        unfolded = run()
+        monkeypatch.setattr(launchers, "GRID_YZ_LIMIT", 5)
+        # fresh plan caches: the grids are planned per layout
+        monkeypatch.setattr(launchers, "_FORWARD_PLANS", launchers.prepared_cache())
+        monkeypatch.setattr(launchers, "_BACKWARD_PLANS", launchers.prepared_cache())
+        assert launchers.grid_bh(b * h) == (5, 2)
+        folded = run()
+    for x, y in zip(unfolded, folded, strict=True):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="past 5, CUDA"):
+        launchers.grid_bh(26)  # z = 6 > 5 as well
     seed = torch.zeros(1, dtype=torch.int64)
+    monkeypatch.setattr(launchers, "GRID_YZ_LIMIT", 65535)
     with pytest.raises(ValueError, match="key blocks"):
         launchers.dropout_mask(seed, (1, 1, 1, 64 * 65535 + 1), 0.5)
-    assert launchers.grid_fits(4095 * 16) is None  # 65,520: within the limit
 
 
 def test_default_scale_and_no_padding(device):

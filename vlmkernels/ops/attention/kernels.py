@@ -87,6 +87,14 @@ def _at(ptr, b, h, r, sb, sh, sr):
 
 
 @triton.jit
+def _grid_bh():
+    """The (batch, head) index of this program: grid y, plus grid z times the y extent
+    when batch x heads passes CUDA's y limit of 65,535 (the launchers fold the rest into
+    z; programs past batch x heads exit)."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+
+
+@triton.jit
 def _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN: tl.constexpr):
     """(first query row, Lq_b, first key row, Lk_b) of segment b."""
     if VARLEN:
@@ -311,7 +319,7 @@ def _fwd(
     bias_ptr, gate_ptr, seed_ptr, row_ptr, max_lq, max_lk, H, G, D, sm_scale, n_splits,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, som, sod, sos, slb, slh, slm, sls, skeep, srow, sbb, sbh, sgh, sgd,
-    drop_thr, drop_scale, mass_row, srb, srh,
+    drop_thr, drop_scale, mass_row, srb, srh, BH,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
     BIAS: tl.constexpr, GATE: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
     ROW: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -323,8 +331,15 @@ def _fwd(
     also the logits of query row ``mass_row`` over the program's key blocks, into
     row_ptr[b, h, :] (strides srb, srh; keys no block visits keep what is there)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
     split = tl.program_id(2)
+    # BH = batch x heads; past the grid's y limit the rest go to z (:func:`_grid_bh`)
+    if SPLIT:
+        bh = tl.program_id(1) + split // n_splits * tl.num_programs(1)
+        split = split % n_splits
+    else:
+        bh = tl.program_id(1) + split * tl.num_programs(1)
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     q0, lq, k0, lk = _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN)
@@ -406,14 +421,16 @@ def _fwd(
 def _attn_combine(
     ws_ptr, wl_ptr, o_ptr, lse_ptr, cu_q_ptr, gate_ptr, max_lq, H, D, n_splits,
     swb, swh, swm, swd, sws, swlb, swlh, swlm, swls,
-    sob, soh, som, sod, slb, slh, slm, sgh, sgd,
+    sob, soh, som, sod, slb, slh, slm, sgh, sgd, BH,
     VARLEN: tl.constexpr, GATE: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BM: tl.constexpr,
 ):
     """Merges the split partials of :func:`_attn_fwd`: out (times tanh(gate) with GATE),
     lse of one query block."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _grid_bh()
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     q0, lq, k0, lk = _segment(cu_q_ptr, cu_q_ptr, b, max_lq, 0, VARLEN)
@@ -550,7 +567,7 @@ def _bwd_kv(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, skeep, srow, sbb, sbh, sdbb, sdbh,
-    drop_thr, drop_scale,
+    drop_thr, drop_scale, BH,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
     BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -559,7 +576,9 @@ def _bwd_kv(
     """dK, dV of one key block of key/value head hk, over the G query heads hk G + g and
     the query blocks that see it; with BIAS, dbias[b, h, j] of each of those heads."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _grid_bh()  # BH = batch x key heads here
+    if bh >= BH:
+        return
     HK = H // G
     b = bh // HK
     hk = bh % HK
@@ -655,7 +674,7 @@ def _bwd_q(
     max_lq, max_lk, H, G, D, sm_scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod, slb, slh, slm, sdb, sdh, sdm,
-    sdqb, sdqh, sdqm, sdqd, skeep, srow, sbb, sbh, drop_thr, drop_scale,
+    sdqb, sdqh, sdqm, sdqd, skeep, srow, sbb, sbh, drop_thr, drop_scale, BH,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, KEEP: tl.constexpr, RANGES: tl.constexpr,
     BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -663,7 +682,9 @@ def _bwd_q(
 ):
     """dQ of one query block, over the key blocks it sees."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _grid_bh()
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     q0, lq, k0, lk = _segment(cu_q_ptr, cu_k_ptr, b, max_lq, max_lk, VARLEN)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs
 from ...core.tuning import tuned
-from .kernels import LOG2E, _bias_row, _dim_mask, _load_tile, _lse_shift
+from .kernels import LOG2E, _bias_row, _dim_mask, _grid_bh, _load_tile, _lse_shift
 from .spaces import _C, _INTERP, _KEY, _SIZES
 
 __all__ = ["KERNELS", "_attn_key_mass", "_attn_row_mass"]
@@ -55,7 +55,8 @@ def _mass_rows(acc, q_base, l_base, k, bias, m0, row_last, cols, lk, lq, d, d_ok
 def _attn_key_mass(
     q_ptr, k_ptr, lse_ptr, bias_ptr, mass_ptr, max_lq, max_lk, H, G, D, sm_scale, row_first,
     row_last, weight, sqb, sqh, sqm, sqd, skb, skh, skn, skd, slb, slh, slm, sbb, sbh,
-    smb, smh, CAUSAL: tl.constexpr, BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    smb, smh, BH,
+    CAUSAL: tl.constexpr, BIAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -66,7 +67,9 @@ def _attn_key_mass(
     past lk are computed but never stored. Causal: the query blocks that see none of this
     key block are skipped, and only those the diagonal crosses are masked."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _grid_bh()
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     lq = max_lq

@@ -121,16 +121,26 @@ GRID_YZ_LIMIT = 65535  # CUDA's largest grid y and z dimensions
 
 def grid_fits(batch_heads: int, what: str = "attention",
               count: str = "batch x heads (segments x heads when packed)") -> None:  # fmt: skip
-    """Refuses batch x heads past :data:`GRID_YZ_LIMIT`: the kernels take them as the
-    grid's y (or z) dimension, which CUDA limits to 65,535; the launch failed with CUDA's
-    "invalid argument" (a dense batch of 4,096 images at 16 heads, or 4,096 packed
-    segments, the windows of a long video at 16 heads)."""
+    """Refuses a grid y or z extent past :data:`GRID_YZ_LIMIT` (CUDA's 65,535; the launch
+    failed with "invalid argument"): what :func:`grid_bh` cannot fold (z itself past it),
+    the row-mass pass's batch and the debug ``dropout_mask``'s grid."""
     if batch_heads > GRID_YZ_LIMIT:
         raise ValueError(
             f"{what}: {count} = {batch_heads} is past {GRID_YZ_LIMIT}, CUDA's largest grid "
             "y and z dimension, which the kernels launch them on; split the call into "
             "smaller ones"
         )
+
+
+def grid_bh(batch_heads: int, what: str = "attention") -> tuple[int, int]:
+    """(grid y, grid z) of ``batch_heads`` programs along the kernels' batch x heads axis:
+    y at most :data:`GRID_YZ_LIMIT`, the rest folded into z (the kernels read
+    :func:`.kernels._grid_bh` and exit past batch x heads). Below the limit z is 1: the
+    grid and the programs' order are those of one y axis."""
+    y = max(1, min(batch_heads, GRID_YZ_LIMIT))
+    z = cdiv(batch_heads, y)
+    grid_fits(z, what, f"batch x heads / {GRID_YZ_LIMIT}")
+    return y, z
 
 
 def _lse_strides(t, varlen: bool) -> tuple[int, int, int]:
@@ -229,7 +239,6 @@ def forward(q, k, v, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, causal, scale, nu
         if lo is not None and not varlen:
             out.masked_fill_((lo > hi)[:, None, :, None], float("nan"))
         return out, lse
-    grid_fits(b * h)
     _check_seed(dropout_p, seed)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, b,
            max_lq, max_lk, bool(causal), float(scale), num_splits, float(dropout_p),
@@ -296,21 +305,24 @@ def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, sc
                *lse_strides, split_strides[1], keep.stride(0) if keep is not None else 0,
                lo.stride(0) if lo is not None else 0, *_bias_strides(bias, varlen),
                *_gate_strides(gate), thr, drop_scale, int(mass_row),
-               *(row_logits.stride()[:2] if row_logits is not None else (0, 0)))  # fmt: skip
+               *(row_logits.stride()[:2] if row_logits is not None else (0, 0)),
+               b * h)  # fmt: skip
     kernel = FWD[q.dtype == torch.float32]
     if dropout_p and q.dtype == torch.float32:
         kernel = _attn_fwd32_dropout
     stand_ins = (q, k, v, *(dummy,) * 11)  # only their positions count, and q's dtype
-    grid = lambda meta: (cdiv(max_lq, meta["BM"]), b * h, splits)  # noqa: E731
+    grid_y, grid_z = grid_bh(b * h)
+    grid_fits(grid_z * splits, "attention", "key splits x (batch x heads / 65535)")
+    grid = lambda meta: (cdiv(max_lq, meta["BM"]), grid_y, grid_z * splits)  # noqa: E731
     kernel_run = kernel.launcher(grid, (*stand_ins, *scalars), options)
     combine_run = None
     if splits > 1:
         c_scalars = (max_lq, h, d, splits, *out_strides, split_strides[0], *lse_strides,
                      split_strides[1], *out_strides, *lse_strides,
-                     *_gate_strides(gate))  # fmt: skip
+                     *_gate_strides(gate), b * h)  # fmt: skip
         c_options = dict(VARLEN=varlen, GATE=gate is not None, BLOCK_D=block_d(d),
                          EVEN_D=block_d(d) == d)  # fmt: skip
-        grid = lambda meta: (cdiv(max_lq, meta["BM"]), b * h)  # noqa: E731
+        grid = lambda meta: (cdiv(max_lq, meta["BM"]), grid_y, grid_z)  # noqa: E731
         combine_run = _attn_combine.launcher(grid, (q, *(dummy,) * 5, *c_scalars), c_options)
     cached = kernel_run[1] and (combine_run is None or combine_run[1])
     return _ForwardPlan(kernel_run[0], combine_run and combine_run[0], splits, dummy, cached)
@@ -355,7 +367,6 @@ def backward(do, q, k, v, lse, delta, cu_q, cu_k, max_lq, max_lk, keep, lo, hi, 
         db = torch.zeros(db_shape, dtype=torch.float32, device=q.device)
     if b * h == 0 or max_lq == 0 or max_lk == 0:  # nothing attends: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_(), db
-    grid_fits(b * h)
     _check_seed(dropout_p, seed)
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), do.stride(),
            lse.stride(), delta.stride(), q.dtype, q.device, b, max_lq, max_lk, bool(causal),
@@ -418,15 +429,17 @@ def _backward_plan(do, q, k, v, lse, delta, b, h, d, varlen, max_lq, max_lk, kee
                                                           varlen)[:2]  # fmt: skip
     kv_strides = _strides(_contiguous_strides(k.shape), varlen)
     fp32 = q.dtype == torch.float32
+    kv_y, kv_z = grid_bh(b * (h // g))
+    q_y, q_z = grid_bh(b * h)
     kv = bwd_kv_kernel(fp32, bias is not None, g > 1).launcher(
-        lambda meta: (cdiv(max_lk, meta["BN"]), b * (h // g)),
+        lambda meta: (cdiv(max_lk, meta["BN"]), kv_y, kv_z),
         (q, k, v, *(dummy,) * 13, *common, *kv_strides, *kv_strides, *tail, *db_strides, thr,
-         drop_scale), options,
+         drop_scale, b * (h // g)), options,
     )  # fmt: skip
     dq = BWD_Q[fp32].launcher(
-        lambda meta: (cdiv(max_lq, meta["BM"]), b * h),
+        lambda meta: (cdiv(max_lq, meta["BM"]), q_y, q_z),
         (q, k, v, *(dummy,) * 11, *common, *_strides(_contiguous_strides(q.shape), varlen),
-         *tail, thr, drop_scale), options,
+         *tail, thr, drop_scale, b * h), options,
     )  # fmt: skip
     return _BackwardPlan(kv[0], dq[0], dummy, kv[1] and dq[1])
 
@@ -448,6 +461,7 @@ def forward_row_mass(q, k, v, causal, scale, row, weight, bias=None):
     if b * h == 0 or lq == 0 or lk == 0:  # no head or no key: nothing received
         return out, lse, torch.zeros((b, lk), **f32)
     mass = torch.empty((b, lk), **f32)
+    grid_fits(b, "attention_row_mass", "batch")
     with device_guard(q):
         _attn_row_mass[lambda meta: (cdiv(lk, meta["BN"]), b)](
             logits, lse, mass, h, lk, int(row), float(weight), *logits.stride()[:2],
@@ -465,14 +479,14 @@ def key_mass(q, k, lse, causal, scale, row_first, row_last, weight, bias=None):
     mass = torch.empty((b, h, lk), dtype=torch.float32, device=q.device)
     if mass.numel() == 0:
         return mass
-    grid_fits(b * h)
+    grid_y, grid_z = grid_bh(b * h, "attention_key_mass")
     dot_fp32, precision = dot_precision(q.dtype)
     with device_guard(q):
-        _attn_key_mass[lambda meta: (cdiv(lk, meta["BN"]), b * h)](
+        _attn_key_mass[lambda meta: (cdiv(lk, meta["BN"]), grid_y, grid_z)](
             q, k, lse, bias if bias is not None else _dummy(q), mass, lq, lk, h, group(q, k), d,
             float(scale), int(row_first), int(row_last), float(weight), *q.stride(),
             *k.stride(), *lse.stride(), *_bias_strides(bias, False), mass.stride(0),
-            mass.stride(1), CAUSAL=bool(causal), BIAS=bias is not None, BLOCK_D=block_d(d),
+            mass.stride(1), b * h, CAUSAL=bool(causal), BIAS=bias is not None, BLOCK_D=block_d(d),
             EVEN_D=block_d(d) == d, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
     return mass
