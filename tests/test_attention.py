@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import vlmkernels  # noqa: F401
+from vlmkernels.core import runtime
 from vlmkernels.core.backend import use_backend
 from vlmkernels.ops import attention as A
 from vlmkernels.ops.attention import launchers, ops
@@ -207,7 +208,7 @@ def test_batch_heads_past_the_grid_limit_fold_into_z(packed, monkeypatch):
 
     with use_backend("triton"):
         unfolded = run()
-        monkeypatch.setattr(launchers, "GRID_YZ_LIMIT", 5)
+        monkeypatch.setattr(runtime, "GRID_YZ_LIMIT", 5)
         # fresh plan caches: the grids are planned per layout
         monkeypatch.setattr(launchers, "_FORWARD_PLANS", launchers.prepared_cache())
         monkeypatch.setattr(launchers, "_BACKWARD_PLANS", launchers.prepared_cache())
@@ -218,7 +219,7 @@ def test_batch_heads_past_the_grid_limit_fold_into_z(packed, monkeypatch):
     with pytest.raises(ValueError, match="past 5, CUDA"):
         launchers.grid_bh(26)  # z = 6 > 5 as well
     seed = torch.zeros(1, dtype=torch.int64)
-    monkeypatch.setattr(launchers, "GRID_YZ_LIMIT", 65535)
+    monkeypatch.setattr(runtime, "GRID_YZ_LIMIT", 65535)
     with pytest.raises(ValueError, match="key blocks"):
         launchers.dropout_mask(seed, (1, 1, 1, 64 * 65535 + 1), 0.5)
 

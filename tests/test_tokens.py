@@ -344,11 +344,11 @@ def test_tome_batch_past_the_grid_limit_is_refused():
     from vlmkernels.ops.tokens import kernels as K
 
     metric = torch.randn(1, 6, 8).expand(65536, 6, 8)
-    with pytest.raises(ValueError, match="batch 65536 .* 65535"):
+    with pytest.raises(ValueError, match="batch = 65536 is past 65535"):
         K.tome_match(metric, False)
     members = torch.arange(6).expand(65536, 6)
     offsets = torch.arange(7).expand(65536, 7)
-    with pytest.raises(ValueError, match="batch 65536 .* 65535"):
+    with pytest.raises(ValueError, match="batch = 65536 is past 65535"):
         K.tome_merge_rows(metric, None, members, offsets, metric.dtype)
 
 

@@ -258,6 +258,20 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+GRID_YZ_LIMIT = 65535  # CUDA's largest grid y and z dimensions
+
+
+def grid_fits(extent: int, what: str, count: str) -> None:
+    """Refuses a launch grid's y or z ``extent`` past :data:`GRID_YZ_LIMIT` (CUDA's 65,535:
+    the launch fails with "invalid argument") with a ValueError naming ``what`` launches it
+    and the ``count`` it is."""
+    if extent > GRID_YZ_LIMIT:
+        raise ValueError(
+            f"{what}: {count} = {extent} is past {GRID_YZ_LIMIT}, CUDA's largest grid y and z "
+            "dimension, which the kernels launch it on; split the call into smaller ones"
+        )
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): ``triton.next_power_of_2``'s value for
     n >= 1, and the autotuning key of a size (its bucket)."""

@@ -24,7 +24,16 @@ from collections.abc import Callable
 
 import torch
 
-from ...core.runtime import cdiv, device_guard, dot_precision, launch_lock, next_pow2, sm_count
+from ...core import runtime
+from ...core.runtime import (
+    cdiv,
+    device_guard,
+    dot_precision,
+    grid_fits,
+    launch_lock,
+    next_pow2,
+    sm_count,
+)
 from ...core.tuning import prepared_cache
 from .delta_kernel import _attn_delta
 from .kernels import (
@@ -116,30 +125,15 @@ def addressable(t, rows: int, varlen: bool, name: str):
     return t if span(t.stride()) < OFFSET_LIMIT else t.contiguous()
 
 
-GRID_YZ_LIMIT = 65535  # CUDA's largest grid y and z dimensions
-
-
-def grid_fits(batch_heads: int, what: str = "attention",
-              count: str = "batch x heads (segments x heads when packed)") -> None:  # fmt: skip
-    """Refuses a grid y or z extent past :data:`GRID_YZ_LIMIT` (CUDA's 65,535; the launch
-    failed with "invalid argument"): what :func:`grid_bh` cannot fold (z itself past it),
-    the row-mass pass's batch and the debug ``dropout_mask``'s grid."""
-    if batch_heads > GRID_YZ_LIMIT:
-        raise ValueError(
-            f"{what}: {count} = {batch_heads} is past {GRID_YZ_LIMIT}, CUDA's largest grid "
-            "y and z dimension, which the kernels launch them on; split the call into "
-            "smaller ones"
-        )
-
-
 def grid_bh(batch_heads: int, what: str = "attention") -> tuple[int, int]:
     """(grid y, grid z) of ``batch_heads`` programs along the kernels' batch x heads axis:
-    y at most :data:`GRID_YZ_LIMIT`, the rest folded into z (the kernels read
-    :func:`.kernels._grid_bh` and exit past batch x heads). Below the limit z is 1: the
-    grid and the programs' order are those of one y axis."""
-    y = max(1, min(batch_heads, GRID_YZ_LIMIT))
+    y at most ``runtime.GRID_YZ_LIMIT`` (CUDA's 65,535), the rest folded into z (the
+    kernels read :func:`.kernels._grid_bh` and exit past batch x heads). Below the limit z
+    is 1: the grid and the programs' order are those of one y axis."""
+    limit = runtime.GRID_YZ_LIMIT
+    y = max(1, min(batch_heads, limit))
     z = cdiv(batch_heads, y)
-    grid_fits(z, what, f"batch x heads / {GRID_YZ_LIMIT}")
+    grid_fits(z, what, f"batch x heads / {limit}")
     return y, z
 
 
@@ -178,7 +172,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     if mask.numel() == 0:
         return mask.bool()
     thr, _ = dropout_threshold(dropout_p)
-    grid_fits(b * h, "dropout_mask")  # grid z
+    grid_fits(b * h, "dropout_mask", "batch x heads")  # grid z
     grid_fits(cdiv(lk, 64), "dropout_mask", "key blocks of 64")  # grid y
     with device_guard(seed), launch_lock():
         _dropout_mask_kernel[(cdiv(lq, 32), cdiv(lk, 64), b * h)](
@@ -312,7 +306,7 @@ def _forward_plan(q, k, v, b, h, d, varlen, max_lq, max_lk, keep, lo, causal, sc
         kernel = _attn_fwd32_dropout
     stand_ins = (q, k, v, *(dummy,) * 11)  # only their positions count, and q's dtype
     grid_y, grid_z = grid_bh(b * h)
-    grid_fits(grid_z * splits, "attention", "key splits x (batch x heads / 65535)")
+    grid_fits(grid_z * splits, "attention", "key splits x grid z")
     grid = lambda meta: (cdiv(max_lq, meta["BM"]), grid_y, grid_z * splits)  # noqa: E731
     kernel_run = kernel.launcher(grid, (*stand_ins, *scalars), options)
     combine_run = None

@@ -27,20 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ...core.runtime import autotune_configs, cdiv, device_guard, dot_precision, next_pow2
+from ...core.runtime import (
+    autotune_configs,
+    cdiv,
+    device_guard,
+    dot_precision,
+    grid_fits,
+    next_pow2,
+)
 from ...core.tuning import tuned
-
-GRID_Y_LIMIT = 65535  # CUDA's largest grid y dimension
-
-
-def _batch_fits(batch: int, op: str) -> None:
-    """Refuses a batch past :data:`GRID_Y_LIMIT`: ToMe's match and merge kernels launch the
-    batch on the grid's y dimension (CUDA: at most 65,535; the launch failed with
-    "invalid argument")."""
-    if batch > GRID_Y_LIMIT:
-        raise ValueError(f"{op}: batch {batch} is past {GRID_Y_LIMIT}, CUDA's largest grid y "
-                         "dimension, which the kernel launches it on; split the batch")  # fmt: skip
-
 
 # --------------------------------------------------------------------------------------
 # Row gather
@@ -190,7 +185,7 @@ def tome_match(metric: torch.Tensor, class_token: bool) -> tuple[torch.Tensor, t
     arg = torch.empty((B, NA), dtype=torch.int64, device=metric.device)
     if B * NA == 0:
         return best, arg
-    _batch_fits(B, "tome_match")
+    grid_fits(B, "tome_match", "batch")  # grid y
     upcast, precision = dot_precision(metric.dtype)
     grid = lambda meta: (cdiv(NA, meta["BLOCK_M"]), B)  # noqa: E731
     with device_guard(metric):
@@ -427,7 +422,7 @@ def tome_merge_rows(x, size, members, offsets, size_dtype):
     out_size = torch.empty((B, nout, 1), dtype=size_dtype, device=x.device)
     if B * nout == 0:
         return out, out_size
-    _batch_fits(B, "tome_merge_rows")
+    grid_fits(B, "tome_merge_rows", "batch")  # grid y
     s = size if size is not None else x
     ssb, ssn = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
     with device_guard(x):
