@@ -338,3 +338,34 @@ def test_ops_compute_in_their_dtypes_under_autocast():
             cast = run()
     for a, b in zip(plain, cast, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["eager", "profiler"])
+def test_lazily_negated_upstream_gradient(path):
+    """A gradient with the negative bit (``z.conj().imag``, or ``torch._neg_view``, given as
+    ``grad_outputs``) stores its values unnegated: the Triton kernels, reading it through
+    its pointer, gave the gradient of -g (pixel_shuffle, rope, pool_tokens, cross_attention's
+    out and lse, ...), on the eager and the dispatcher path alike."""
+    import contextlib
+
+    import vlmkernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, generator=g, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=g, requires_grad=True) for _ in range(3))
+    ctx = torch.profiler.profile() if path == "profiler" else contextlib.nullcontext()
+    with vlmkernels.use_backend("triton"), ctx:
+        out = vlmkernels.pixel_shuffle(x, 2)
+        w = torch.randn(out.shape, generator=g)
+        negated = torch.complex(torch.zeros_like(w), -w).conj().imag  # values w, is_neg()
+        assert negated.is_neg() and torch.equal(negated, w)
+        (got,) = torch.autograd.grad(out, x, negated)
+        (want,) = torch.autograd.grad(vlmkernels.pixel_shuffle(x, 2), x, w)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        o, lse = vlmkernels.cross_attention(q, k, v, return_lse=True)
+        wo, wl = torch.randn(o.shape, generator=g), torch.randn(lse.shape, generator=g)
+        got = torch.autograd.grad((o, lse), (q, k, v), (torch._neg_view(-wo), torch._neg_view(-wl)))
+        o, lse = vlmkernels.cross_attention(q, k, v, return_lse=True)
+        want = torch.autograd.grad((o, lse), (q, k, v), (wo, wl))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
