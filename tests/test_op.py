@@ -369,3 +369,30 @@ def test_lazily_negated_upstream_gradient(path):
         want = torch.autograd.grad((o, lse), (q, k, v), (wo, wl))
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lazily_negated_input():
+    """An input with the negative bit (``z.conj().imag`` of a complex ``z``) stores its
+    values unnegated: the Triton kernels read -x for x (pixel_shuffle, rope, cross_attention,
+    and the gradients through them). One the op writes in place is refused."""
+    import vlmkernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, generator=g)
+    q, cos, sin = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    negated = lambda t: torch.complex(torch.zeros_like(t), -t).conj().imag  # noqa: E731
+    assert negated(x).is_neg() and torch.equal(negated(x), x)
+    with vlmkernels.use_backend("triton"):
+        want = vlmkernels.pixel_shuffle(x, 2)
+        torch.testing.assert_close(vlmkernels.pixel_shuffle(negated(x), 2), want, rtol=0, atol=0)
+        want = vlmkernels.rope(q, q, cos, sin)
+        got = vlmkernels.rope(negated(q), q, cos, sin)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        want = vlmkernels.cross_attention(q, q, q)
+        got = vlmkernels.cross_attention(negated(q), q, q)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        leaf = x.clone().requires_grad_()
+        (got,) = torch.autograd.grad(vlmkernels.pixel_shuffle(negated(leaf), 2).pow(2).sum(), leaf)
+        torch.testing.assert_close(got, 2 * leaf.detach(), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="lazily negated view"):
+            vlmkernels.rope(negated(q), q.clone(), cos, sin, inplace=True)

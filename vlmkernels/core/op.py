@@ -289,7 +289,7 @@ class Op:
         if self._mutated_positions and not torch.is_inference_mode_enabled():
             self._refuse_inference_writes(args)
         tracked = self._apply is not None and torch.is_grad_enabled()
-        needs_grad = wrapped = False
+        needs_grad = wrapped = negated = False
         # one pass: the dispatcher's cases, autograd, tensors left over from an exited
         # functorch transform (wrappers, which the full Function.apply and the dispatcher
         # unwrap; the kernels cannot read them)
@@ -302,6 +302,10 @@ class Op:
                     needs_grad = True
                 if _wrapped(t):
                     wrapped = True
+                if t.is_neg():
+                    negated = True
+        if negated:
+            args = self._resolved_negations(args)
         if needs_grad:
             # the C++ apply skips Function.apply's Python layer (about 1.5 us), which does
             # nothing here: it binds defaults for a separate setup_context (the eager
@@ -316,6 +320,22 @@ class Op:
                 [args[i] for i in self._mutated_positions if args[i] is not None]
             )
         return out
+
+    def _resolved_negations(self, args) -> tuple:
+        """``args`` with each lazily negated tensor (``is_neg()``, e.g. ``z.conj().imag``)
+        materialised: the kernels read memory through the pointer, where such a tensor's
+        values are stored unnegated. One the op writes into is refused: the write would go
+        to the copy."""
+        for i in self._mutated_positions:
+            if args[i] is not None and args[i].is_neg():
+                raise ValueError(
+                    f"{self.qualname}: {self._names[i]} is a lazily negated view (is_neg(), "
+                    "e.g. from .conj().imag) and is written in place; call "
+                    "resolve_neg() on it first"
+                )
+        return tuple(
+            a.resolve_neg() if isinstance(a, torch.Tensor) and a.is_neg() else a for a in args
+        )
 
     def _under_functorch(self, args):
         """The dispatcher's call under a functorch transform; PyTorch's refusal of the grad
