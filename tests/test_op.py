@@ -345,7 +345,8 @@ def test_lazily_negated_upstream_gradient(path):
     """A gradient with the negative bit (``z.conj().imag``, or ``torch._neg_view``, given as
     ``grad_outputs``) stores its values unnegated: the Triton kernels, reading it through
     its pointer, gave the gradient of -g (pixel_shuffle, rope, pool_tokens, cross_attention's
-    out and lse, ...), on the eager and the dispatcher path alike."""
+    out and lse, ...) on the eager path; the dispatcher's (under the profiler) resolved it
+    already and must go on doing so."""
     import contextlib
 
     import vlmkernels
