@@ -114,19 +114,6 @@ def _refuse_batched_grads(op: str, grads) -> None:
             )
 
 
-def _resolved_grads(grads) -> tuple:
-    """``grads`` with any lazily negated view (``is_neg()``: ``z.conj().imag`` of a complex
-    ``z``, or such a tensor passed as ``grad_outputs``) materialised: the kernels read a
-    gradient's memory through its pointer, where the values are stored unnegated, so they
-    would take -g for g. Every other gradient passes through as it is (no copy)."""
-    if tracing():
-        return grads
-    for g in grads:  # (a loop: any() over a generator costs a call per gradient)
-        if g is not None and g.is_neg():
-            return tuple(None if t is None else t.resolve_neg() for t in grads)
-    return grads
-
-
 def _without_autocast(fn: Callable, *args):
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         return fn(*args)
@@ -234,7 +221,6 @@ class Op:
 
         def revised_backward(ctx, *grads):
             _refuse_batched_grads(self.qualname, grads)
-            grads = _resolved_grads(grads)
             needs = ctx.needs_input_grad
             ctx.needs_input_grad = needs[:arity]
             try:
@@ -325,7 +311,8 @@ class Op:
         """``args`` with each lazily negated tensor (``is_neg()``, e.g. ``z.conj().imag``)
         materialised: the kernels read memory through the pointer, where such a tensor's
         values are stored unnegated. One the op writes into is refused: the write would go
-        to the copy."""
+        to the copy. Upstream gradients reach the kernels as arguments of the backward ops,
+        so a negated ``grad_outputs`` is resolved here too."""
         for i in self._mutated_positions:
             if args[i] is not None and args[i].is_neg():
                 raise ValueError(
@@ -387,7 +374,7 @@ def _function_class(op: Op, setup: Callable, backward: Callable):
 
     def checked_backward(ctx, *grads):
         _refuse_batched_grads(op.qualname, grads)
-        return backward(ctx, *_resolved_grads(grads))
+        return backward(ctx, *grads)
 
     return type(
         f"{op.name}_function",
