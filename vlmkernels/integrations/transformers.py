@@ -177,8 +177,9 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         raise ValueError(f"angles must be 'table' or 'positions', got {angles!r}")
     if angles == "positions" and not rope:
         raise ValueError("angles='positions' applies to the text rotary path: it needs rope=True")
-    known = {part for p in patchers() for part in p.parts}
-    if "positions" in parts:  # the rotary table's switch for angles="positions", not a part
+    # the rotary table's "positions" part is set by angles="positions", not a keyword
+    known = {part for p in patchers() for part in p.parts} - {"positions"}
+    if "positions" in parts:
         raise TypeError(
             "vlmkernels.patch: positions is not a part keyword; the text rotary path "
             "computes its angles from positions with angles='positions'"
@@ -186,8 +187,7 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     unknown = set(parts) - known
     if unknown:
         raise TypeError(
-            f"vlmkernels.patch: unknown parts {sorted(unknown)}; parts: "
-            f"{sorted(known - {'positions'})}"
+            f"vlmkernels.patch: unknown parts {sorted(unknown)}; parts: {sorted(known)}"
         )
     for name, on in parts.items():
         check_bool("vlmkernels.patch", name, on)
