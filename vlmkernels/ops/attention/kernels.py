@@ -331,13 +331,14 @@ def _fwd(
     also the logits of query row ``mass_row`` over the program's key blocks, into
     row_ptr[b, h, :] (strides srb, srh; keys no block visits keep what is there)."""
     pid_m = tl.program_id(0)
-    split = tl.program_id(2)
-    # BH = batch x heads; past the grid's y limit the rest go to z (:func:`_grid_bh`)
+    # BH = batch x heads; past the grid's y limit the rest go to z (:func:`_grid_bh`), which
+    # with SPLIT also holds the split: z = (bh // y extent) n_splits + split
     if SPLIT:
-        bh = tl.program_id(1) + split // n_splits * tl.num_programs(1)
-        split = split % n_splits
+        split = tl.program_id(2) % n_splits
+        bh = tl.program_id(1) + tl.program_id(2) // n_splits * tl.num_programs(1)
     else:
-        bh = tl.program_id(1) + split * tl.num_programs(1)
+        split = 0
+        bh = _grid_bh()
     if bh >= BH:
         return
     b = bh // H
