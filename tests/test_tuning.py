@@ -480,6 +480,49 @@ def test_opt_in_autotune_delegates_to_triton_autotune(config_dirs, fake_cuda, fa
     assert not jit.launches  # the autotuner launches
 
 
+def test_every_launch_path_asks_for_fp_fusion(config_dirs, fake_cuda, fake_registered,
+                                              monkeypatch):  # fmt: skip
+    """Triton 3.9 warns that its default for FMA contraction turns to off in 3.10: a looked-up
+    launch, a prepared one, the opt-in autotuner and the inspection's compile all ask for it
+    explicitly; where the process sets TRITON_DEFAULT_FP_FUSION, none does (the user's
+    choice applies)."""
+    from vlmkernels.core import inspection
+
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    monkeypatch.setattr(_common, "AUTOTUNE", False)
+    k, jit = fake_kernel()
+    x = torch.zeros(4)
+    made = []
+
+    class StubAutotuner:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def run(self, *args, grid, warmup, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(
+        T.triton, "autotune", lambda configs, key, restore_value=None: StubAutotuner
+    )
+
+    def launch_every_way():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", T.DefaultConfigWarning)
+            k[(1,)](x, 768, 4096, FLAG=True)
+            k.prepare((1,), (x, 768, 4096), {"FLAG": True})(x)
+        monkeypatch.setattr(_common, "AUTOTUNE", True)
+        k[(1,)](x, 768, 4096, FLAG=True)
+        monkeypatch.setattr(_common, "AUTOTUNE", False)
+        return [kw.get("enable_fp_fusion") for _, _, kw in jit.launches[-2:]] + [
+            made[-1].get("enable_fp_fusion"),
+            inspection.compile_options(k.space[0]).get("enable_fp_fusion"),
+        ]
+
+    assert launch_every_way() == [True] * 4
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    assert launch_every_way() == [None] * 4
+
+
 def test_real_kernels_under_the_interpreter_skip_the_lookup(config_dirs, monkeypatch):
     user, _ = config_dirs
     # a stale file that would warn if it were read

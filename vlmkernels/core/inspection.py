@@ -286,6 +286,13 @@ def _read_cached(path: pathlib.Path) -> dict | None:
     return record
 
 
+def compile_options(config) -> dict:
+    """The options a launch with ``config`` compiles with: its warps and stages, and the
+    floating-point contraction every launch asks for (:func:`.runtime.fp_fusion`)."""
+    return dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                **runtime.fp_fusion())  # fmt: skip
+
+
 def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
                  use_cache: bool = True) -> dict:  # fmt: skip
     """One variant with one config, compiled for ``arch``: a record (see
@@ -298,7 +305,7 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
                            "inspect them in a process without it")  # fmt: skip
     arch = normalise_arch(arch)
     src = source(case, dtype, config)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    options = compile_options(config)
     key = hashlib.sha256(
         json.dumps([FORMAT, triton.__version__, arch, dtype, src.hash(), options]).encode()
     ).hexdigest()[:32]

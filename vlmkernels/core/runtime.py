@@ -68,6 +68,22 @@ def environment_reader(name: str):
     return read
 
 
+_FP_FUSION = {"enable_fp_fusion": True}
+_fp_fusion_env = environment_reader("TRITON_DEFAULT_FP_FUSION")
+
+
+def fp_fusion() -> dict:
+    """The launch option for floating-point contraction (``a * b + c`` as one FMA) in
+    vlmkernels' kernels: ``{"enable_fp_fusion": True}``, the default they were written,
+    tuned and checked against, asked for explicitly as torch.compile's kernels ask for it.
+    Triton 3.9 warns at the first compile that leaves it unset that its default turns to off
+    in 3.10, which would split every FMA of the inner loops in two. ``{}`` where the process
+    sets ``TRITON_DEFAULT_FP_FUSION``: the user's choice then applies (and
+    ``TRITON_FORCE_DISABLE_FP_FUSION`` always does). Read at each call; the dict is shared,
+    not to be written."""
+    return _FP_FUSION if _fp_fusion_env() is None else {}
+
+
 @functools.cache
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -210,7 +210,9 @@ class TunedKernel(KernelInterface):
                 self._autotuner = triton.autotune(
                     configs=list(self.space), key=self.key_names, restore_value=self.restore_value
                 )(self.fn)
-            return self._autotuner.run(*args, grid=grid, warmup=warmup, **kwargs)
+            return self._autotuner.run(
+                *args, grid=grid, warmup=warmup, **{**runtime.fp_fusion(), **kwargs}
+            )
         return self.launch(self._config(args, kwargs), grid, args, kwargs, warmup)
 
     def _config(self, args, kwargs):
@@ -259,7 +261,8 @@ class TunedKernel(KernelInterface):
             # launch then takes one config for both), and a plan is begun afresh
             _BUILDING.since = None
             return None
-        options = {**kwargs, **config.all_kwargs(), "grid": grid, "warmup": False}
+        options = {**runtime.fp_fusion(), **kwargs, **config.all_kwargs(), "grid": grid,
+                   "warmup": False}  # fmt: skip
         launch = _direct_launch(self.fn.run, args, options)
         if self.interpreted and runtime.INTERPRETER_LOCK is not None:
             unlocked = launch
@@ -286,7 +289,7 @@ class TunedKernel(KernelInterface):
 
     def launch(self, config: triton.Config, grid, args, kwargs, warmup=False):
         """Launch with an explicit config (what :func:`tune` benchmarks)."""
-        options = {**kwargs, **config.all_kwargs()}
+        options = {**runtime.fp_fusion(), **kwargs, **config.all_kwargs()}
         if callable(grid):
             grid = grid({**dict(zip(self.arg_names, args, strict=False)), **options})
         lock = runtime.INTERPRETER_LOCK

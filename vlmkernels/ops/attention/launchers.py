@@ -177,6 +177,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     with device_guard(seed), launch_lock():
         _dropout_mask_kernel[(cdiv(lq, 32), cdiv(lk, 64), b * h)](
             seed, mask, h, lq, lk, thr, *mask.stride()[:3], BM=32, BN=64,
+            **runtime.fp_fusion(),
         )  # fmt: skip
     return mask.bool()
 
