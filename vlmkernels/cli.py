@@ -389,10 +389,10 @@ def transformers_lines() -> list[str]:
         return ["transformers: not installed (vlmkernels.patch needs it)"]
     tested = found["tested"]
     lines = [f"transformers {found['version']} (vlmkernels.patch tested with {', '.join(tested)}):"]
-    # the rotary table's positions part is patch(angles="positions"), not a keyword
-    label = {"positions": "positions (angles='positions')"}
+    from vlmkernels.integrations.transformers import part_label
+
     for arch, parts in found["models"].items():
-        ok = [label.get(p, p) for p, v in parts.items() if v.startswith("ok")]
+        ok = [part_label(p) for p, v in parts.items() if v.startswith("ok")]
         refused = {p: v for p, v in parts.items() if not v.startswith("ok")}
         state = "patches " + ", ".join(ok) if ok else "does not patch"
         lines.append(f"  {arch:<13} {state}")

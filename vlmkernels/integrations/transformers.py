@@ -123,6 +123,7 @@ __all__ = [
     "UnsupportedLayoutError",
     "UnsupportedModelError",
     "WrappedLayerError",
+    "part_label",
     "patch",
     "rope_index_method",
     "support",
@@ -220,6 +221,12 @@ def _unsupported(model) -> None:
         f"architectures {', '.join(names)}; none is in {type(model).__module__}."
         f"{type(model).__qualname__} (`vlmkernels info` lists the parts per architecture)"
     )
+
+
+def part_label(part: str) -> str:
+    """How :func:`patch` turns ``part`` on, for listings: its keyword's name, or for the
+    rotary table's ``positions`` the argument that sets it (``angles='positions'``)."""
+    return "positions (angles='positions')" if part == "positions" else part
 
 
 def support() -> dict[str, dict[str, str]]:
