@@ -844,6 +844,33 @@ def test_preferred_backend_and_resolve_backend(config_dirs, fake_cuda, monkeypat
     assert _backend.resolve_backend("rope", t) == "triton"
 
 
+def test_a_failed_write_leaves_the_file_and_no_temporary(config_dirs, monkeypatch):
+    """A record whose write fails part-way (a measurement JSON cannot hold, an interrupt or
+    a full disk while the file is written) leaves the file as it was and no half-written
+    temporary beside it: each failure left a ``backends.json*.tmp`` in the user's config
+    folder. The choice recorded before still holds."""
+    user, _ = config_dirs
+    T.record_preferred_backend("rope", "cuda", H100, user, triton_ms=2.0, cuda_ms=1.5)
+    folder = user / H100_DIR
+    before = (folder / "backends.json").read_text()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        T.record_preferred_backend("rope", "triton", H100, user, triton_ms=torch.tensor(1.0))
+    real_dump = CF.json.dump
+
+    def interrupted(doc, f, **kwargs):
+        f.write(json.dumps(doc)[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CF.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.record_preferred_design("clip_backward", "fused", H100, user, fused_ms=1.0)
+    monkeypatch.setattr(CF.json, "dump", real_dump)
+    assert sorted(p.name for p in folder.iterdir()) == ["backends.json"]
+    assert (folder / "backends.json").read_text() == before
+    assert T.preferred_backend("rope", H100) == "cuda"
+    assert T.preferred_design("clip_backward", H100) is None
+
+
 def test_unrecorded_or_odd_backend_entries_mean_triton(config_dirs, fake_cuda, monkeypatch):
     _, package = config_dirs
     (package / H100_DIR).mkdir(parents=True)

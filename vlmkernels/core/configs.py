@@ -684,12 +684,20 @@ def torch_dtype(name) -> torch.dtype:
 
 
 def _write_json(path: pathlib.Path, doc: dict) -> None:
+    """``doc`` as ``path``, whole or not at all: written to a temporary file beside it, which
+    replaces it once complete. A write that fails part-way (a value JSON cannot hold, an
+    interrupt, a full disk) leaves ``path`` as it was and removes the temporary, which
+    would otherwise be left in the config folder at every failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _write_winners(kernel, device: str, winners: Mapping[tuple, dict],
