@@ -612,6 +612,41 @@ def test_tune_needs_cuda_and_known_names():
         TU.tune(["clip_loss", "mrope"], shapes={"rope": []})
 
 
+def test_tune_that_fails_after_writing_a_file_clears_the_caches(config_dirs, fake_cuda,
+                                                                 monkeypatch):  # fmt: skip
+    """A tune that raises after it wrote a kernel's file (the next kernel's file
+    unwritable, an interrupt) still empties the in-process caches: the workloads' launches
+    filled them from the files before, and this process went on launching the old configs
+    that the file on disk (read by every other process) no longer holds."""
+    import contextlib
+
+    key = stats_key(d=24, n=64, dtype="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", T.DefaultConfigWarning)
+        default = T.lookup("clip_stats", key, device=H100)  # cached: no file yet
+    assert default is not SPACE[-1]
+    bucket = STATS.key_from_mapping(key)
+    monkeypatch.setattr(TU.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(TU.torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(TU.runtime, "INTERPRETED", False)
+    monkeypatch.setattr(TU, "_tune_buckets", lambda names, *a: {
+        n: {bucket: entry(SPACE[-1], ms=1.0)} for n in names})  # fmt: skip
+    write = TU._write_winners
+
+    def write_winners(kernel, *args):
+        if kernel.name == "clip_grad":
+            raise OSError(28, "No space left on device")
+        return write(kernel, *args)
+
+    monkeypatch.setattr(TU, "_write_winners", write_winners)
+    with pytest.raises(OSError, match="No space left"):
+        TU.tune(["clip_stats", "clip_grad"], device=0, log=lambda line: None)
+    assert (config_dirs[0] / H100_DIR / "clip_stats.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert T.lookup("clip_stats", key, device=H100) is SPACE[-1]
+
+
 def test_kernel_name_aliases():
     from vlmkernels.core.family import families
 

@@ -257,16 +257,20 @@ def tune(
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     log(f"tuning {', '.join(names)} on {name} (triton {triton.__version__}) into {out}")
-    with torch.cuda.device(dev), backend.use_backend("triton"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConfigWarning)
-        winners = _tune_buckets(names, specs, dev, bench, log)
-        written = {}
-        for n, entries in winners.items():
-            if entries:
-                written[n] = _write_winners(kernel_objs[n], name, entries, out, log)
-                log(f"wrote {written[n]} ({len(entries)} buckets)")
+    try:
+        with torch.cuda.device(dev), backend.use_backend("triton"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)
+            winners = _tune_buckets(names, specs, dev, bench, log)
+            written = {}
+            for n, entries in winners.items():
+                if entries:
+                    written[n] = _write_winners(kernel_objs[n], name, entries, out, log)
+                    log(f"wrote {written[n]} ({len(entries)} buckets)")
+            clear_cache()
+            written.update(_compare_backends(specs, dev, name, bench, out, log, selected))
+            written.update(_compare_designs(specs, dev, name, bench, out, log, selected))
+    finally:
+        # also where a later step raised: the files written before it hold the new configs,
+        # which the caches (filled by the workloads' launches) would hide from this process
         clear_cache()
-        written.update(_compare_backends(specs, dev, name, bench, out, log, selected))
-        written.update(_compare_designs(specs, dev, name, bench, out, log, selected))
-    clear_cache()
     return written
