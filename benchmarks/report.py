@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,10 +76,20 @@ class CsvSink:
         with self.path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         columns = COLUMNS + [c for c in header if c not in COLUMNS]
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(rows)
+        # into a file beside it (with its permissions), which replaces it once complete:
+        # rewritten in place, an interruption part-way (Ctrl-C, a full disk) lost every
+        # result the file held
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns)
+                w.writeheader()
+                w.writerows(rows)
+            os.chmod(tmp, self.path.stat().st_mode & 0o7777)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return columns
 
     def row(self, r: Record) -> dict[str, str]:

@@ -196,6 +196,39 @@ def test_csv_sink_merges_an_older_header(tmp_path):
     assert rows[1]["op"] == "new_op" and rows[1]["x_value"] == "8" and rows[1]["p50"] == "1.5"
 
 
+def test_csv_sink_merge_interrupted_keeps_the_old_rows(tmp_path, monkeypatch):
+    """Merging an older header rewrites the file: interrupted part-way (Ctrl-C, a full
+    disk), the file keeps its rows as they were, and the next run merges it. The rewrite
+    truncated the file first, so an interruption lost every result it held."""
+    import benchmarks.report as report
+
+    path = tmp_path / "x.csv"
+    old = "timestamp,op,legacy\n" + "".join(
+        f"2020-01-01T00:00:00Z,old_op{i},{i}\n" for i in range(50))  # fmt: skip
+    path.write_text(old)
+    path.chmod(0o640)
+    env = Environment(*(["e"] * len(Environment.__dataclass_fields__)))
+
+    class Interrupted(csv.DictWriter):
+        def writerows(self, rows):
+            for i, row in enumerate(rows):
+                if i == 3:
+                    raise KeyboardInterrupt
+                self.writerow(row)
+
+    monkeypatch.setattr(report.csv, "DictWriter", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        CsvSink(path, "x", "N", "run", env)
+    monkeypatch.undo()
+    assert path.read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.csv"]
+    CsvSink(path, "x", "N", "run", env)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 50 and rows[-1]["op"] == "old_op49" and rows[-1]["legacy"] == "49"
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
 class _FakeNvml:
     """Stands in for pynvml: SM clock 1980 MHz, power-capped on the second sample."""
 
