@@ -280,6 +280,56 @@ def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
     assert inspection._read_cached(tmp_path / "missing.json") is None
 
 
+def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, monkeypatch,
+                                                                    capsys):  # fmt: skip
+    """``--write-budgets`` whose write fails part-way (a full disk, an interrupt) leaves the
+    budget file as it was, and no temporary beside it, and says so in one line: the file
+    was rewritten in place, so half of it stayed, and every later ``vlmkernels inspect``
+    (and the package's own budget check) failed on the JSON."""
+    import errno
+    import io
+
+    from vlmkernels import cli
+    from vlmkernels.core import runtime
+
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(inspection.BUDGET_FILE.read_text())
+    before = budgets.read_text()
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    monkeypatch.setattr(inspection, "inspect_cases", lambda *args, **kwargs: [])
+    real_open = io.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode else f
+
+    monkeypatch.setattr(io, "open", open_)
+    try:
+        status = cli.main(["inspect", "--write-budgets", "--budgets", str(budgets)])
+    finally:
+        monkeypatch.setattr(io, "open", real_open)
+    assert status == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert budgets.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budgets.json"]
+    assert inspection.load_budgets(budgets) == json.loads(before)
+
+
 def test_cli_rejects_an_unknown_kernel(capfd):
     from vlmkernels import cli
 

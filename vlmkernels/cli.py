@@ -536,6 +536,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return subprocess.run(argv, env=env).returncode
     import vlmkernels.ops  # noqa: F401  (registers the families)
     from vlmkernels.core import estimate, inspection
+    from vlmkernels.core.configs import _write_json
 
     try:
         cases = inspection.select_cases(args.ops)
@@ -561,7 +562,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             r["estimates"] = estimate.estimate(r, workloads[r["case"]])
     if args.write_budgets:
         new = inspection.new_budgets(records, budgets)
-        Path(budget_path).write_text(json.dumps(new, indent=1) + "\n")
+        try:  # whole or not at all: a file cut short would fail every later inspect
+            _write_json(Path(budget_path), new)
+        except OSError as exc:
+            raise CommandError(f"could not write {budget_path} ({exc}); it is unchanged") from None
         print(
             f"wrote {budget_path}: {len(new['instructions_per_tile'])} budgets, "
             f"{len(new['expected_failures'])} expected failures",
