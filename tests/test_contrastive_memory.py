@@ -135,3 +135,44 @@ def test_torch_path_tensors_are_chunk_sized(targets):
             loss = vlmkernels.clip_loss(x, y, s, b, **kw)
         loss.backward()
     assert rec.largest <= max(n * d, n * chunk)
+
+
+def test_out_of_memory_in_the_mixed_precision_probe_is_not_remembered(monkeypatch):
+    """The probe of 16-bit products with fp32 results (``aten::mm.dtype``, CUDA) runs at
+    the first backward, the step of peak memory. Out of memory there was taken for "not
+    supported" and cached for the process: after a caller recovered (an automatic batch
+    size search retrying smaller), every product took fp32 copies of both operands, twice
+    their memory, and fp32 GEMMs. It is raised instead, and the next call probes again."""
+    import types
+
+    from vlmkernels.ops.contrastive import chunked
+
+    real = torch
+    state = {"oom": True}
+
+    def ones(*args, device=None, **kwargs):
+        if state["oom"]:
+            raise real.OutOfMemoryError("CUDA out of memory. Tried to allocate 512 B")
+        return real.ones(*args, **kwargs)
+
+    def mm(a, b, dtype):
+        return real.mm(a.to(dtype), b.to(dtype))
+
+    def addmm(acc, a, b, dtype, out):
+        return out.addmm_(a.to(dtype), b.to(dtype))
+
+    fake = types.SimpleNamespace(
+        ones=ones, zeros=lambda *a, device=None, **k: real.zeros(*a, **k),
+        bfloat16=real.bfloat16, float32=real.float32, OutOfMemoryError=real.OutOfMemoryError,
+        ops=types.SimpleNamespace(aten=types.SimpleNamespace(
+            mm=types.SimpleNamespace(dtype=mm), addmm=types.SimpleNamespace(dtype_out=addmm))),
+    )  # fmt: skip
+    monkeypatch.setattr(chunked, "torch", fake)
+    chunked._mixed_precision_mm.cache_clear()
+    try:
+        with pytest.raises(real.OutOfMemoryError):
+            chunked._mixed_precision_mm("cuda")
+        state["oom"] = False
+        assert chunked._mixed_precision_mm("cuda") is True
+    finally:
+        chunked._mixed_precision_mm.cache_clear()

@@ -80,7 +80,11 @@ def triton_chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
 @functools.cache
 def _mixed_precision_mm(device_type: str) -> bool:
     """Whether 16-bit matrix products can write and accumulate fp32 outputs here
-    (``aten::mm.dtype`` / ``aten::addmm.dtype_out``: CUDA in torch >= 2.8)."""
+    (``aten::mm.dtype`` / ``aten::addmm.dtype_out``: CUDA in torch >= 2.8). Probed once
+    per device type, at the first backward: out of memory there (the step of peak memory)
+    says nothing about support, so it is raised, not cached as False, which would have
+    put every later product of the process (after a caller recovered, e.g. retrying a
+    smaller batch) on fp32 copies of both operands."""
     if device_type != "cuda":
         return False
     try:
@@ -88,6 +92,8 @@ def _mixed_precision_mm(device_type: str) -> bool:
         acc = torch.zeros((16, 16), dtype=torch.float32, device=device_type)
         torch.ops.aten.mm.dtype(a, a, torch.float32)
         torch.ops.aten.addmm.dtype_out(acc, a, a, torch.float32, out=acc)
+    except torch.OutOfMemoryError:  # a RuntimeError; functools.cache keeps no exception
+        raise
     except (RuntimeError, NotImplementedError, AttributeError, TypeError):
         return False
     return True
