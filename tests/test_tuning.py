@@ -224,6 +224,35 @@ def test_stale_files_are_ignored_with_a_warning(config_dirs, overrides, reason):
         assert T.lookup("clip_stats", stats_key(d=512), device=H100) is SPACE[2]
 
 
+def test_a_config_warning_raised_as_an_error_is_raised_again(config_dirs):
+    """Under a filter that turns the config warnings into errors (``-W error``, pytest's
+    ``filterwarnings = error``), every lookup that would warn raises, not only the first:
+    the file or kernel was marked as warned before the warning was issued, so the first
+    launch raised and the same launch retried (the next test of a suite) went on silently
+    with the stale file ignored or the default config. Warned once per file and kernel
+    where the warning is shown."""
+    user, package = config_dirs
+    key = stats_key()
+    write(user, "clip_stats", [(key, entry(SPACE[1]))], source_hash="stale")
+    write(package, "clip_stats", [(key, entry(SPACE[2]))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", T.StaleConfigWarning)
+        for _ in range(2):
+            with pytest.raises(T.StaleConfigWarning, match="source changed"):
+                T.lookup("clip_stats", key, device=H100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", T.DefaultConfigWarning)
+        for _ in range(2):
+            with pytest.raises(T.DefaultConfigWarning, match="'clip_grad'"):
+                T.lookup("clip_grad", key, device=H100)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert T.lookup("clip_stats", key, device=H100) is SPACE[2]
+            T.lookup("clip_grad", key, device=H100)
+    assert [w.category for w in seen] == [T.StaleConfigWarning, T.DefaultConfigWarning]
+
+
 def test_same_triton_minor_version_is_current(config_dirs):
     user, _ = config_dirs
     major, minor = triton.__version__.split(".")[:2]

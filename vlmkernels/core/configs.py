@@ -353,10 +353,11 @@ def _stale_reasons(kernel, doc: dict) -> list[str]:
 
 
 def _warn_once(path: pathlib.Path, problems: list[str], partial: bool, category) -> None:
-    """One warning per file (until :func:`clear_cache`) listing up to three problems."""
+    """One warning per file (until :func:`clear_cache`) listing up to three problems. The
+    file counts as warned once the warning is issued: one a filter raises as an error is
+    raised again at the next lookup, as that lookup did not run."""
     if not problems or str(path) in _WARNED_STALE:
         return
-    _WARNED_STALE.add(str(path))
     what = "entries of " if partial else ""
     warnings.warn(
         f"vlmkernels: ignoring {what}{path}: {'; '.join(problems[:3])}"
@@ -364,6 +365,7 @@ def _warn_once(path: pathlib.Path, problems: list[str], partial: bool, category)
         category,
         stacklevel=5,
     )
+    _WARNED_STALE.add(str(path))
 
 
 def _load_layer(kernel, origin: str, path: pathlib.Path) -> _Layer | None:
@@ -499,8 +501,7 @@ def _resolve(kernel, device: str, key: tuple):
         if config is not None:
             return config, layer.origin
     default = kernel.default_for(key[-1], dict(zip(kernel.file_key, key, strict=True)))
-    if kernel.name not in _WARNED_DEFAULT:
-        _WARNED_DEFAULT.add(kernel.name)
+    if kernel.name not in _WARNED_DEFAULT:  # marked once issued (see _warn_once)
         warnings.warn(
             f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
             f"({kernel.bucket(key)}); launching with the default "
@@ -509,6 +510,7 @@ def _resolve(kernel, device: str, key: tuple):
             DefaultConfigWarning,
             stacklevel=4,
         )
+        _WARNED_DEFAULT.add(kernel.name)
     return default, "default"
 
 
