@@ -330,6 +330,62 @@ def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, mon
     assert inspection.load_budgets(budgets) == json.loads(before)
 
 
+def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypatch):
+    """A record whose cache write fails part-way (a full disk) is still returned, and
+    leaves neither a half entry nor its temporary in the cache folder (each failure left a
+    ``<key>.<pid>.tmp`` there); the next compile stores it."""
+    import errno
+    import io
+    import types
+
+    from vlmkernels.core import runtime
+
+    monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    monkeypatch.setattr(
+        inspection, "source", lambda case, dtype, config: types.SimpleNamespace(hash=lambda: "h")
+    )
+    compiled = types.SimpleNamespace(
+        asm={"ptx": "", "ttgir": "", "cubin": b""}, metadata=types.SimpleNamespace(shared=0)
+    )
+    monkeypatch.setattr(inspection, "_compile_logged", lambda *args: (compiled, ""))
+    analysed = {k: 1 for k in inspection._RECORD_KEYS if k not in ("arch", "triton")}
+    monkeypatch.setattr(inspection, "_analyse", lambda *args: dict(analysed))
+    name, case = inspection.all_cases()[0]
+    config = case.kernel.default_for("bf16", case.constants("bf16"))
+    real_open = io.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode else f
+
+    monkeypatch.setattr(io, "open", open_)
+    try:
+        record = inspection.compile_case(case, "bf16", config)
+    finally:
+        monkeypatch.setattr(io, "open", real_open)
+    assert record["case"] == case.name and record["registers"] == 1
+    assert list(tmp_path.iterdir()) == []
+    assert inspection.compile_case(case, "bf16", config) == record
+    (entry,) = tmp_path.iterdir()
+    assert entry.suffix == ".json" and inspection._read_cached(entry) is not None
+
+
 def test_cli_rejects_an_unknown_kernel(capfd):
     from vlmkernels import cli
 

@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Iterable
 
 from . import estimate, runtime, sass
+from .configs import _write_json
 from .family import CompileCase, families
 
 __all__ = ["ARCHS", "BUDGET_FILE", "DTYPES", "FORMAT", "all_cases", "cache_dir", "check",
@@ -331,13 +332,10 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
         **_analyse(compiled.asm["cubin"], compiled.metadata.shared, config.num_warps, arch, log),
     )
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record))
-            tmp.replace(path)
+        try:  # whole or not at all, its temporary removed when the write fails
+            _write_json(path, record)
         except OSError:
-            pass  # a read-only cache: the record is still returned
+            pass  # a read-only or full cache: the record is still returned
     return record
 
 
