@@ -933,6 +933,10 @@ def test_a_failed_write_leaves_the_file_and_no_temporary(config_dirs, monkeypatc
     assert (folder / "backends.json").read_text() == before
     assert T.preferred_backend("rope", H100) == "cuda"
     assert T.preferred_design("clip_backward", H100) is None
+    (folder / "backends.json").chmod(0o644)  # a replaced file keeps its permissions
+    T.record_preferred_backend("rope", "triton", H100, user)
+    assert (folder / "backends.json").stat().st_mode & 0o777 == 0o644
+    assert T.preferred_backend("rope", H100) == "triton"
 
 
 def test_unrecorded_or_odd_backend_entries_mean_triton(config_dirs, fake_cuda, monkeypatch):

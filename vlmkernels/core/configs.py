@@ -687,15 +687,18 @@ def torch_dtype(name) -> torch.dtype:
 
 def _write_json(path: pathlib.Path, doc: dict) -> None:
     """``doc`` as ``path``, whole or not at all: written to a temporary file beside it, which
-    replaces it once complete. A write that fails part-way (a value JSON cannot hold, an
-    interrupt, a full disk) leaves ``path`` as it was and removes the temporary, which
-    would otherwise be left in the config folder at every failure."""
+    replaces it once complete (with the permissions of the file it replaces). A write that
+    fails part-way (a value JSON cannot hold, an interrupt, a full disk) leaves ``path`` as
+    it was and removes the temporary, which would otherwise be left in the config folder
+    at every failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
+        if path.is_file():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
