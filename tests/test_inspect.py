@@ -286,6 +286,7 @@ def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, mon
     budget file as it was, and no temporary beside it, and says so in one line: the file
     was rewritten in place, so half of it stayed, and every later ``vlmkernels inspect``
     (and the package's own budget check) failed on the JSON."""
+    import builtins
     import errno
     import io
 
@@ -316,13 +317,13 @@ def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, mon
 
     def open_(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        return FullDisk(f) if "w" in mode else f
+        return FullDisk(f) if "w" in mode or "x" in mode else f
 
-    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
     try:
         status = cli.main(["inspect", "--write-budgets", "--budgets", str(budgets)])
     finally:
-        monkeypatch.setattr(io, "open", real_open)
+        monkeypatch.setattr(builtins, "open", real_open)
     assert status == 2
     assert "No space left on device" in capsys.readouterr().err
     assert budgets.read_text() == before
@@ -334,6 +335,7 @@ def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypat
     """A record whose cache write fails part-way (a full disk) is still returned, and
     leaves neither a half entry nor its temporary in the cache folder (each failure left a
     ``<key>.<pid>.tmp`` there); the next compile stores it."""
+    import builtins
     import errno
     import io
     import types
@@ -372,13 +374,13 @@ def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypat
 
     def open_(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        return FullDisk(f) if "w" in mode else f
+        return FullDisk(f) if "w" in mode or "x" in mode else f
 
-    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
     try:
         record = inspection.compile_case(case, "bf16", config)
     finally:
-        monkeypatch.setattr(io, "open", real_open)
+        monkeypatch.setattr(builtins, "open", real_open)
     assert record["case"] == case.name and record["registers"] == 1
     assert list(tmp_path.iterdir()) == []
     assert inspection.compile_case(case, "bf16", config) == record

@@ -916,6 +916,11 @@ def test_a_failed_write_leaves_the_file_and_no_temporary(config_dirs, monkeypatc
     user, _ = config_dirs
     T.record_preferred_backend("rope", "cuda", H100, user, triton_ms=2.0, cuda_ms=1.5)
     folder = user / H100_DIR
+    reference = user / "reference"
+    reference.write_text("")  # the permissions any new file gets (the umask's)
+    mode = (folder / "backends.json").stat().st_mode & 0o777
+    assert mode == reference.stat().st_mode & 0o777  # not mkstemp's owner-only 0600
+    reference.unlink()
     before = (folder / "backends.json").read_text()
     with pytest.raises(TypeError, match="not JSON serializable"):
         T.record_preferred_backend("rope", "triton", H100, user, triton_ms=torch.tensor(1.0))

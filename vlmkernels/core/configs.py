@@ -115,6 +115,7 @@ import math
 import os
 import pathlib
 import re
+import secrets
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -690,11 +691,12 @@ def _write_json(path: pathlib.Path, doc: dict) -> None:
     replaces it once complete (with the permissions of the file it replaces). A write that
     fails part-way (a value JSON cannot hold, an interrupt, a full disk) leaves ``path`` as
     it was and removes the temporary, which would otherwise be left in the config folder
-    at every failure."""
+    at every failure. A new file gets the permissions any new file gets (the umask's), not
+    ``mkstemp``'s owner-only ones: a team's shared config folder stays readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
         if path.is_file():
