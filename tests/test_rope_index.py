@@ -66,8 +66,14 @@ def _tiny_model(name):
 
 @pytest.fixture(scope="module")
 def models():
+    # quiet while the models are built, and the verbosity restored after the module: the
+    # transformers logger is process-wide, and the later modules' tests expect its default
+    verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
-    return {name: _tiny_model(name) for name in (*MODEL_TYPES, "qwen3_vl_moe")}
+    try:
+        yield {name: _tiny_model(name) for name in (*MODEL_TYPES, "qwen3_vl_moe")}
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 # ------------------------------------------------------------------------------ random batches
