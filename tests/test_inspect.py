@@ -12,6 +12,10 @@ takes seconds. Shared memory of the other
 configs the tuner may pick is checked by ``vlmkernels inspect --check`` (every config).
 """
 
+import builtins
+import contextlib
+import errno
+import io
 import json
 import os
 import pathlib
@@ -280,25 +284,11 @@ def test_a_damaged_cache_entry_is_compiled_again(tmp_path):
     assert inspection._read_cached(tmp_path / "missing.json") is None
 
 
-def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, monkeypatch,
-                                                                    capsys):  # fmt: skip
-    """``--write-budgets`` whose write fails part-way (a full disk, an interrupt) leaves the
-    budget file as it was, and no temporary beside it, and says so in one line: the file
-    was rewritten in place, so half of it stayed, and every later ``vlmkernels inspect``
-    (and the package's own budget check) failed on the JSON."""
-    import builtins
-    import errno
-    import io
-
-    from vlmkernels import cli
-    from vlmkernels.core import runtime
-
-    budgets = tmp_path / "budgets.json"
-    budgets.write_text(inspection.BUDGET_FILE.read_text())
-    before = budgets.read_text()
-    monkeypatch.setattr(runtime, "INTERPRETED", False)
-    monkeypatch.setattr(inspection, "inspect_cases", lambda *args, **kwargs: [])
-    real_open = io.open
+@contextlib.contextmanager
+def _full_disk():
+    """While it is open, a file opened for writing takes half of the first write, then
+    raises ENOSPC (a disk that fills part-way through a write)."""
+    real_open = builtins.open
 
     class FullDisk:
         def __init__(self, f):
@@ -319,11 +309,29 @@ def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, mon
         f = real_open(file, mode, *args, **kwargs)
         return FullDisk(f) if "w" in mode or "x" in mode else f
 
-    monkeypatch.setattr(builtins, "open", open_)
+    builtins.open = io.open = open_  # the name the code calls, and pathlib's
     try:
-        status = cli.main(["inspect", "--write-budgets", "--budgets", str(budgets)])
+        yield
     finally:
-        monkeypatch.setattr(builtins, "open", real_open)
+        builtins.open = io.open = real_open
+
+
+def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, monkeypatch,
+                                                                    capsys):  # fmt: skip
+    """``--write-budgets`` whose write fails part-way (a full disk, an interrupt) leaves the
+    budget file as it was, and no temporary beside it, and says so in one line: the file
+    was rewritten in place, so half of it stayed, and every later ``vlmkernels inspect``
+    (and the package's own budget check) failed on the JSON."""
+    from vlmkernels import cli
+    from vlmkernels.core import runtime
+
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(inspection.BUDGET_FILE.read_text())
+    before = budgets.read_text()
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    monkeypatch.setattr(inspection, "inspect_cases", lambda *args, **kwargs: [])
+    with _full_disk():
+        status = cli.main(["inspect", "--write-budgets", "--budgets", str(budgets)])
     assert status == 2
     assert "No space left on device" in capsys.readouterr().err
     assert budgets.read_text() == before
@@ -335,9 +343,6 @@ def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypat
     """A record whose cache write fails part-way (a full disk) is still returned, and
     leaves neither a half entry nor its temporary in the cache folder (each failure left a
     ``<key>.<pid>.tmp`` there); the next compile stores it."""
-    import builtins
-    import errno
-    import io
     import types
 
     from vlmkernels.core import runtime
@@ -355,32 +360,8 @@ def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypat
     monkeypatch.setattr(inspection, "_analyse", lambda *args: dict(analysed))
     name, case = inspection.all_cases()[0]
     config = case.kernel.default_for("bf16", case.constants("bf16"))
-    real_open = io.open
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            self.f.write(text[: len(text) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def open_(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
-        return FullDisk(f) if "w" in mode or "x" in mode else f
-
-    monkeypatch.setattr(builtins, "open", open_)
-    try:
+    with _full_disk():
         record = inspection.compile_case(case, "bf16", config)
-    finally:
-        monkeypatch.setattr(builtins, "open", real_open)
     assert record["case"] == case.name and record["registers"] == 1
     assert list(tmp_path.iterdir()) == []
     assert inspection.compile_case(case, "bf16", config) == record
