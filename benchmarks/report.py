@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from vlmkernels.core.files import replaced
 
 from . import RESULTS_DIR, UsageError, output_dir, output_label, run_command, writable_dir
 from .ceilings import Ceilings
@@ -76,20 +76,12 @@ class CsvSink:
         with self.path.open(newline="") as f:
             rows = list(csv.DictReader(f))
         columns = COLUMNS + [c for c in header if c not in COLUMNS]
-        # into a file beside it (with its permissions), which replaces it once complete:
-        # rewritten in place, an interruption part-way (Ctrl-C, a full disk) lost every
-        # result the file held
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=columns)
-                w.writeheader()
-                w.writerows(rows)
-            os.chmod(tmp, self.path.stat().st_mode & 0o7777)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # whole or not at all: rewritten in place, an interruption part-way (Ctrl-C, a full
+        # disk) lost every result the file held
+        with replaced(self.path, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
         return columns
 
     def row(self, r: Record) -> dict[str, str]:

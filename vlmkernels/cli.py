@@ -536,7 +536,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return subprocess.run(argv, env=env).returncode
     import vlmkernels.ops  # noqa: F401  (registers the families)
     from vlmkernels.core import estimate, inspection
-    from vlmkernels.core.configs import _write_json
+    from vlmkernels.core.files import write_json
 
     try:
         cases = inspection.select_cases(args.ops)
@@ -563,7 +563,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.write_budgets:
         new = inspection.new_budgets(records, budgets)
         try:  # whole or not at all: a file cut short would fail every later inspect
-            _write_json(Path(budget_path), new)
+            write_json(Path(budget_path), new)
         except OSError as exc:
             raise CommandError(f"could not write {budget_path} ({exc}); it is unchanged") from None
         print(

@@ -115,7 +115,6 @@ import math
 import os
 import pathlib
 import re
-import secrets
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -123,6 +122,8 @@ from typing import Any
 
 import torch
 import triton
+
+from .files import write_json
 
 FORMAT = 1
 CONFIG_DIR_ENV = "VLMKERNELS_CONFIG_DIR"
@@ -596,7 +597,7 @@ def _record(file_name: str, section: str, read: Callable, name: str, entry: dict
     path = pathlib.Path(out_dir or user_config_dir()) / dev / file_name
     doc = {"format": FORMAT, "device": dev, section: read(path)}
     doc[section][name] = entry
-    _write_json(path, doc)
+    write_json(path, doc)
     global _GENERATION
     _GENERATION += 1  # first: a choice being read now is not stored (see store)
     _BACKENDS.clear()
@@ -686,27 +687,6 @@ def torch_dtype(name) -> torch.dtype:
     return table[name]
 
 
-def _write_json(path: pathlib.Path, doc: dict) -> None:
-    """``doc`` as ``path``, whole or not at all: written to a temporary file beside it, which
-    replaces it once complete (with the permissions of the file it replaces). A write that
-    fails part-way (a value JSON cannot hold, an interrupt, a full disk) leaves ``path`` as
-    it was and removes the temporary, which would otherwise be left in the config folder
-    at every failure. A new file gets the permissions any new file gets (the umask's), not
-    ``mkstemp``'s owner-only ones: a team's shared config folder stays readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        if path.is_file():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_winners(kernel, device: str, winners: Mapping[tuple, dict],
                    out_dir: pathlib.Path, log: Callable = print) -> pathlib.Path:  # fmt: skip
     """Merge ``winners`` into ``<out_dir>/<device>/<kernel>.json``: the valid entries of a
@@ -742,5 +722,5 @@ def _write_winners(kernel, device: str, winners: Mapping[tuple, dict],
         "key": kernel.file_key,
         "configs": {text: configs[text] for text in sorted(configs, key=order)},
     }
-    _write_json(path, doc)
+    write_json(path, doc)
     return path

@@ -34,8 +34,8 @@ import tempfile
 from collections.abc import Iterable
 
 from . import estimate, runtime, sass
-from .configs import _write_json
 from .family import CompileCase, families
+from .files import write_json
 
 __all__ = ["ARCHS", "BUDGET_FILE", "DTYPES", "FORMAT", "all_cases", "cache_dir", "check",
            "compile_case", "config_label", "estimate_lines", "failures", "inspect_cases",
@@ -333,7 +333,7 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
     )
     if use_cache:
         try:  # whole or not at all, its temporary removed when the write fails
-            _write_json(path, record)
+            write_json(path, record)
         except OSError:
             pass  # a read-only or full cache: the record is still returned
     return record

@@ -54,7 +54,6 @@ from .configs import (  # noqa: F401  (re-exported: the lookup API and its warni
     _layers,
     _parse_bucket,
     _resolve,
-    _write_json,
     _write_winners,
     device_name,
     normalise_device_name,
