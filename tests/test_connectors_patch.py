@@ -83,13 +83,17 @@ def qwen2_5():
     return Qwen2_5_VLPatchMerger(dim=10, context_dim=6, spatial_merge_size=2), torch.randn(28, 6)
 
 
-def _qwen3(post):
+def _qwen3(post, key="qwen3_vl", prefix="Qwen3VL"):
     def build():
-        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchMerger
+        import importlib
 
-        config = Qwen3VLVisionConfig(hidden_size=6, spatial_merge_size=2, out_hidden_size=10)
-        return Qwen3VLVisionPatchMerger(config, use_postshuffle_norm=post), torch.randn(28, 6)
+        config_module = importlib.import_module(f"transformers.models.{key}.configuration_{key}")
+        modeling = importlib.import_module(f"transformers.models.{key}.modeling_{key}")
+        config = getattr(config_module, f"{prefix}VisionConfig")(
+            hidden_size=6, spatial_merge_size=2, out_hidden_size=10
+        )
+        merger = getattr(modeling, f"{prefix}VisionPatchMerger")
+        return merger(config, use_postshuffle_norm=post), torch.randn(28, 6)
 
     return build
 
@@ -97,6 +101,12 @@ def _qwen3(post):
 CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("smolvlm"),
          "internvl": internvl, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
+
+# Qwen3.5 and Qwen3.5-MoE: the class is Qwen3-VL's merger under another name (the same
+# code, config fields and use_postshuffle_norm; their vision towers build it without the
+# post-shuffle norm): checked against transformers, not run through every CASES test again
+SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
+             "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe")}  # fmt: skip
 
 
 class Wrapper(nn.Module):
@@ -148,9 +158,9 @@ def test_undo_warns_about_copies_made_inside_the_model():
     assert vt.unpatch(model) == 2
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
 def test_patched_connector_matches_transformers(name):
-    module, x = CASES[name]()
+    module, x = {**CASES, **SAME_CODE}[name]()
     ref = randomise(module)
     mine = Wrapper(copy.deepcopy(ref))
     keys = list(mine.inner.state_dict())
@@ -398,6 +408,67 @@ def test_deepstack_process():
     got = torch.autograd.grad(out, [hidden, embeds], g)
     ref = torch.autograd.grad(want, [hidden, embeds], g)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+def qwen3_5_model(prefix):
+    """A tiny Qwen3.5 (or Qwen3.5-MoE) model: one vision block; a hybrid text model of a
+    linear-attention and a full-attention layer."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
+            "partial_rotary_factor": 0.5}  # fmt: skip
+    text = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, head_dim=8,
+                num_key_value_heads=1, vocab_size=64, rope_parameters=rope,
+                layer_types=["linear_attention", "full_attention"], linear_key_head_dim=4,
+                linear_value_head_dim=4, linear_num_key_heads=2,
+                linear_num_value_heads=2)  # fmt: skip
+    if prefix.endswith("Moe"):
+        text |= dict(moe_intermediate_size=8, shared_expert_intermediate_size=8,
+                     num_experts=2, num_experts_per_tok=1)  # fmt: skip
+    else:
+        text |= dict(intermediate_size=16)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2,
+                           patch_size=4, temporal_patch_size=1, out_hidden_size=16,
+                           num_position_embeddings=16),
+        text_config=text, image_token_id=5, video_token_id=6, vision_start_token_id=7,
+        vision_end_token_id=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return randomise(getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval())
+
+
+@pytest.mark.parametrize("prefix", ["Qwen3_5", "Qwen3_5Moe"])
+def test_qwen3_5_model_runs_its_merger_fused(prefix, monkeypatch):
+    """A whole Qwen3.5 model patched: its vision merger (Qwen3-VL's code) is the only
+    target (no DeepStack in Qwen3.5), runs the fused merger once for two images of
+    different grids, and the logits and pixel gradients are transformers'; undo restores
+    the model exactly."""
+    from vlmkernels.integrations.tables import connectors
+
+    ref = qwen3_5_model(prefix)
+    mine = copy.deepcopy(ref)
+    calls = []
+    fused = connectors.merger
+    monkeypatch.setattr(connectors, "merger", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    ids = torch.tensor([[1, 7, 5, 5, 5, 5, 8, 3], [1, 2, 7, 5, 5, 8, 3, 4]])
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4]])  # 4 and 2 merged tokens
+    px = torch.randn(24, 3 * 4 * 4)
+    kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == 5).long())
+    x1, x2 = px.clone().requires_grad_(), px.clone().requires_grad_()
+    want = ref(pixel_values=x2, **kw).logits
+    with vt.patch(mine) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", PatchFallbackWarning)
+        assert handle.targets == ("model.visual.merger.forward",)
+        got = mine(pixel_values=x1, **kw).logits
+        assert calls == [1]
+        assert max_rel(got, want) < TOL, max_rel(got, want)
+        g = torch.randn_like(want)
+        got.backward(g)
+        want.backward(g)
+        assert max_rel(x1.grad, x2.grad) < TOL, max_rel(x1.grad, x2.grad)
+    assert "forward" not in mine.model.visual.merger.__dict__
+    with torch.no_grad():
+        assert torch.equal(mine(pixel_values=px, **kw).logits, want)
+    assert calls == [1]
 
 
 # ------------------------------------------------------- InternVL: the shuffle in the GEMM

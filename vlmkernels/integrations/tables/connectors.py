@@ -392,7 +392,9 @@ def _qwen_merger_forward(module, arch):
 
 _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
          ("qwen3_vl", "Qwen3VLVisionPatchMerger"),
-         ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger"))  # fmt: skip
+         ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger"),
+         ("qwen3_5", "Qwen3_5VisionPatchMerger"),
+         ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"))  # fmt: skip
 
 QWEN_MERGER_PATCHER = register(
     Patcher(
