@@ -21,8 +21,9 @@ gets an instance ``forward``:
   (H, W) grid of each image (images of one size in one batch), varlen ``target_sizes``;
 - ``PatchMerger`` (Qwen2-VL, LayerNorm per patch), ``Qwen2_5_VLPatchMerger`` (RMSNorm per
   patch), ``Qwen3VLVisionPatchMerger`` (LayerNorm per patch, or per merged row with
-  ``use_postshuffle_norm``; Qwen3-VL-MoE's too): the merger with the norm in the GEMM's
-  prologue.
+  ``use_postshuffle_norm``; Qwen3-VL-MoE's too, and Qwen3.5's and Qwen3.5-MoE's
+  ``Qwen3_5VisionPatchMerger`` / ``Qwen3_5MoeVisionPatchMerger``, the same code): the merger
+  with the norm in the GEMM's prologue.
 
 Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) runs
 :func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
@@ -35,8 +36,9 @@ LoRA wrapper, say) makes the module run its class's forward, with a
 
 Roots: the LLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models (``...ForConditionalGeneration``,
 ``...Model``) and the connector modules themselves; for the Qwen-VL models (whose roots the
-rotary table owns) any model holding their merger modules (or Qwen3-VL's text model): the
-full models, the vision towers, the mergers themselves, a foreign model.
+rotary table owns) and Qwen3.5 / Qwen3.5-MoE (their merger is all vlmkernels patches) any model
+holding their merger modules (or Qwen3-VL's text model): the full models, the vision
+towers, the mergers themselves, a foreign model.
 """
 
 from __future__ import annotations
