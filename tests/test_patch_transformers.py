@@ -1,5 +1,5 @@
-"""vlmkernels.integrations.transformers.patch on tiny random-weight Qwen2-VL, Qwen2.5-VL and
-Qwen3-VL models, built from configs (no download).
+"""vlmkernels.integrations.transformers.patch on tiny random-weight Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and Qwen3.5 models (and their MoE variants), built from configs (no download).
 
 Inputs are laid out as the processors lay them out: ``<|vision_start|>``, one
 ``<|image_pad|>`` / ``<|video_pad|>`` per merged patch, ``<|vision_end|>`` (Qwen3-VL: one
@@ -116,6 +116,28 @@ def qwen3_vl_moe():
         **_TOKENS,
     )  # fmt: skip
     return transformers.Qwen3VLMoeForConditionalGeneration(config)
+
+
+def qwen3_5(moe: bool = False):
+    """Qwen3.5 (or Qwen3.5-MoE, two experts, top-1): a hybrid decoder, one Gated DeltaNet
+    layer then one attention layer whose text rotary is partial, 16 of the head's 32 lanes
+    (interleaved [4, 2, 2]; the released models rotate a quarter); Qwen3-VL's vision tower
+    without DeepStack, and its inputs."""
+    text = _text(64, [4, 2, 2], head_dim=32, layer_types=["linear_attention", "full_attention"],
+                 linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                 linear_num_value_heads=4)  # fmt: skip
+    text["rope_parameters"]["partial_rotary_factor"] = 0.5
+    if moe:
+        text.update(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=32)  # fmt: skip
+    prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text,
+        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=64,
+                              num_position_embeddings=16),
+        **_TOKENS,
+    )  # fmt: skip
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
 
 
 ARCHS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
@@ -925,7 +947,7 @@ def test_support_report_on_the_installed_transformers():
     """Every architecture patches on the installed (tested) transformers; the report is what
     ``vlmkernels info`` prints."""
     report = vt.support()
-    rotary = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
+    rotary = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"}
     assert rotary <= set(report), report
     for arch in rotary:
         assert report[arch].keys() >= {"rope", "vision", "positions", "rope_index"}, arch
@@ -1096,6 +1118,58 @@ def test_qwen3_vl_moe_matches_transformers():
     assert_close(got, want, "logits")
     assert_same_grads(params, got_grads, want_grads, zero_below=1e-5)
     assert torch.equal(got_tokens, want_tokens)
+
+
+@pytest.mark.parametrize(("moe", "angles"), [(False, "positions"), (True, "table")])
+def test_qwen3_5_matches_transformers(moe, angles):
+    """Qwen3.5 (and its MoE variant) with the rotary parts patched: its attention's
+    ``apply_rotary_pos_emb`` rotates the first half of each head and passes the rest, the
+    positions path too; logits and parameter gradients match the unpatched model's, and so
+    do greedy generate() tokens on the positions path (decode positions from the cached
+    rope deltas; the table path's generation is Qwen3-VL's, tested above). The router's
+    weight gradients are zero up to rounding (top-1 of two experts), so they must only stay
+    so."""
+    torch.manual_seed(0)
+    model = qwen3_5(moe).eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl").items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        logits = model(**inputs).logits
+        grads = torch.autograd.grad(linear_loss(logits), params, allow_unused=True)
+        with torch.no_grad():
+            tokens = (model.generate(**inputs, max_new_tokens=3, do_sample=False)
+                      if angles == "positions" else None)  # fmt: skip
+        return logits.detach(), grads, tokens
+
+    want, want_grads, want_tokens = run()
+    with rotary_patch(model, angles=angles):
+        counts, (got, got_grads, got_tokens) = op_counts(run)
+    text_op = "vlmkernels::rope_positions" if angles == "positions" else "vlmkernels::rope_table"
+    assert counts.get(text_op, 0) > 0 and counts.get("vlmkernels::rope_table", 0) > 0, counts
+    assert_close(got, want, "logits")
+    assert_same_grads(params, got_grads, want_grads, zero_below=1e-5)
+    assert got_tokens is want_tokens is None or torch.equal(got_tokens, want_tokens)
+    assert not instance_overrides(model)
+
+
+def test_qwen3_5_text_only_model():
+    """Qwen3.5's text-only ``ForCausalLM`` takes the text parts, with (B, S) position ids;
+    a Qwen3.5 attention module alone is refused by name."""
+    torch.manual_seed(0)
+    config = qwen3_5().config.text_config
+    model = transformers.Qwen3_5ForCausalLM(config).eval().to(DEVICE)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for angles in ("table", "positions"):
+            with rotary_patch(model, angles=angles):
+                counts, got = op_counts(lambda: model(input_ids=ids).logits)
+            assert sum(counts.values()) == 1, counts  # the one attention layer
+            assert_close(got, want, f"logits ({angles})")
+    attention = next(m for m in model.modules() if type(m).__name__ == "Qwen3_5Attention")
+    with pytest.raises(vt.UnsupportedModelError, match="Qwen3_5ForCausalLM"):
+        rotary_patch(attention)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

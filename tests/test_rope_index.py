@@ -1,6 +1,7 @@
 """vlmkernels.ops.rope_index against the installed transformers' own get_rope_index.
 
-Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) models are built from small configs
+Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) models are built
+from small configs
 (no download). Random batches: 1-4 rows, random text, 0-3 images and 0-2 videos per row with
 random grids (videos up to t = 14, so the text-after-video rules differ), right, left and no
 padding, mask holes, fully padded rows, text-only batches, random dtypes. The rule the
@@ -25,6 +26,7 @@ from vlmkernels.integrations import transformers as vt  # noqa: E402
 from vlmkernels.integrations.transformers import rope_index_method  # noqa: E402
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN3_LIKE = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 TEXT_CFG = dict(
     hidden_size=16,
     intermediate_size=16,
@@ -48,6 +50,13 @@ def _tiny_model(name):
     )
     qwen2_vision = dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=1)
     moe_text = dict(TEXT_CFG, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8)
+    # Qwen3.5: one attention layer (no Gated DeltaNet), the whole head rotary
+    qwen3_5_text = dict(
+        TEXT_CFG,
+        layer_types=["full_attention"],
+        rope_parameters={**TEXT_CFG["rope_parameters"], "partial_rotary_factor": 1.0},
+    )
+    qwen3_5_vision = {k: v for k, v in qwen3_vision.items() if k != "deepstack_visual_indexes"}
     setups = {
         "qwen2_vl": ("Qwen2VLModel", "Qwen2VLConfig", qwen2_vision, TEXT_CFG),
         "qwen2_5_vl": (
@@ -58,6 +67,13 @@ def _tiny_model(name):
         ),
         "qwen3_vl": ("Qwen3VLModel", "Qwen3VLConfig", qwen3_vision, TEXT_CFG),
         "qwen3_vl_moe": ("Qwen3VLMoeModel", "Qwen3VLMoeConfig", qwen3_vision, moe_text),
+        "qwen3_5": ("Qwen3_5Model", "Qwen3_5Config", qwen3_5_vision, qwen3_5_text),
+        "qwen3_5_moe": (
+            "Qwen3_5MoeModel",
+            "Qwen3_5MoeConfig",
+            qwen3_5_vision,
+            dict(qwen3_5_text, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8),
+        ),
     }
     model_name, config_name, vision, text = setups[name]
     config = getattr(transformers, config_name)(vision_config=vision, text_config=text)
@@ -71,7 +87,7 @@ def models():
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        yield {name: _tiny_model(name) for name in (*MODEL_TYPES, "qwen3_vl_moe")}
+        yield {name: _tiny_model(name) for name in (*MODEL_TYPES, *QWEN3_LIKE)}
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -320,8 +336,11 @@ def test_random_batches_match_transformers_and_reference(models, model_type):
     assert (diverged == 0) if model_type == "qwen3_vl" else (diverged > 10)
 
 
-def test_qwen3_vl_moe_matches_transformers(models):
-    model, rng = models["qwen3_vl_moe"], random.Random(7)
+@pytest.mark.parametrize("name", QWEN3_LIKE)
+def test_qwen3_like_models_match_transformers(models, name):
+    """The models whose get_rope_index is Qwen3-VL's (its MoE variant, Qwen3.5 and
+    Qwen3.5-MoE) get it installed and agree with their own."""
+    model, rng = models[name], random.Random(7)
     for _ in range(10):
         inputs = _random_batch(rng, "qwen3_vl", 2)
         _assert_same(rope_index_method(model)(**inputs), _hf_with_dead_rows(model, inputs))

@@ -362,11 +362,14 @@ class Architecture:
 class Rebind:
     """Part ``part``: in every module of the role's class, the forward's call to one of
     ``functions`` (matched by name among the module globals its code loads) runs that
-    vlmkernels function instead."""
+    vlmkernels function instead. ``only(arch)``, if given, limits the replacement to the
+    architectures it accepts (one function name with two meanings: Qwen3.5's
+    ``apply_rotary_pos_emb`` rotates part of the head, Qwen3-VL's all of it)."""
 
     part: str
     role: str
     functions: tuple[Callable, ...]
+    only: Callable[[Architecture], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +388,11 @@ class SetMethod:
     build: Callable[[Any, Architecture], Callable]
     check: Callable[[type, Architecture], Any] | None = None
     bypasses: tuple[str, ...] = ()
+
+
+def _serves(replacement, arch: Architecture) -> bool:
+    only = getattr(replacement, "only", None)
+    return only is None or only(arch)
 
 
 def plan_forward(cls: type, candidates, library: str) -> types.FunctionType:
@@ -642,7 +650,7 @@ class Patcher:
             try:
                 found = []
                 for replacement in self.replacements:
-                    if replacement.part == part:
+                    if replacement.part == part and _serves(replacement, arch):
                         found += self._slots(model, arch, module, replacement)
                 slots += found
                 working.append(part)
@@ -681,6 +689,8 @@ class Patcher:
                 continue
             parts = {}
             for replacement in self.replacements:
+                if not _serves(replacement, arch):
+                    continue
                 try:
                     cls = self.cls(module, arch.classes[replacement.role])
                     if isinstance(replacement, Rebind):

@@ -1,6 +1,6 @@
 """Swap the rotary path of one transformers Qwen-VL model instance for the vlmkernels ops.
 
->>> handle = vlmkernels.integrations.transformers.patch(model)  # Qwen2/2.5/3-VL (MoE)
+>>> handle = vlmkernels.integrations.transformers.patch(model)  # Qwen2/2.5/3-VL, 3.5 (MoE)
 >>> ...                                                          # train / generate
 >>> handle.undo()                                                # or: with patch(model): ...
 
@@ -8,8 +8,10 @@ What is swapped, per part (each a keyword of :func:`patch`):
 
 - ``rope``: the text attention's call to transformers' rotary function runs
   :func:`vlmkernels.rope` (``apply_rotary_pos_emb``, cos/sin already merged by the rotary
-  class) or :func:`vlmkernels.mrope` (``apply_multimodal_rotary_pos_emb``, (3, B, S, D)
-  tables, Qwen2/2.5-VL up to transformers 5.16).
+  class; Qwen3.5's rotates the first ``cos.shape[-1]`` lanes of the head and passes the
+  rest, the others need tables as wide as the head) or :func:`vlmkernels.mrope`
+  (``apply_multimodal_rotary_pos_emb``, (3, B, S, D) tables, Qwen2/2.5-VL up to
+  transformers 5.16).
 - ``vision``: the vision attention's ``apply_rotary_pos_emb_vision`` runs
   :func:`vlmkernels.vision_rope`.
 - ``rope_index``: ``get_rope_index`` of the ``...Model`` instance is
@@ -19,9 +21,10 @@ What is swapped, per part (each a keyword of :func:`patch`):
   tables; it hands the (3, B, S) position ids on, and the attention calls
   :func:`vlmkernels.mrope_from_positions` with the module's ``inv_freq``,
   ``attention_scaling`` and M-RoPE section (chunked for Qwen2/2.5-VL, interleaved for
-  Qwen3-VL). The rotary module then returns ``(position_ids, PositionAngles(...))`` in place
-  of ``(cos, sin)``: only the patched attention understands that pair, and anything else
-  that unpacked it as tensors would fail loudly rather than compute wrong values. Refused
+  Qwen3-VL and Qwen3.5). The rotary module then returns ``(position_ids,
+  PositionAngles(...))`` in place of ``(cos, sin)``: only the patched attention understands
+  that pair, and anything else that unpacked it as tensors would fail loudly rather than
+  compute wrong values. Refused
   for rope types that update ``inv_freq`` during the forward pass (``dynamic``,
   ``longrope``). The angles stay in fp32 (the table path rounds cos/sin to the activations'
   dtype first, as transformers does), so in bf16 the two paths differ by that rounding.
@@ -71,6 +74,7 @@ transformers   Qwen2-VL, Qwen2.5-VL text        Qwen3-VL (and MoE) text
                rotary class merges) -> ``rope``
 =============  ===============================  ===================================
 
+Qwen3.5 (and MoE), all versions: ``apply_rotary_pos_emb`` with partial rotary -> ``rope``.
 All versions: vision attention ``apply_rotary_pos_emb_vision`` -> ``vision_rope``;
 ``get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
 [second_per_grid_ts,] attention_mask, **kwargs)`` -> :func:`rope_index_method`. The layout is
@@ -83,10 +87,11 @@ Other families add tables (``integrations/tables/<group>.py``, each registering 
 :class:`.patching.Patcher`) whose parts :func:`patch` switches with keywords of the same
 names (``**parts``); a table's architectures may apply anywhere in a module tree.
 
-Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe``
-``...ForConditionalGeneration`` and ``...Model`` (all three parts), ``...TextModel``
-(``rope`` only: it has no vision tower and no ``get_rope_index``) and the vision towers
-(``vision`` only).
+Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe`` / ``Qwen3_5`` /
+``Qwen3_5Moe`` ``...ForConditionalGeneration`` and ``...Model`` (all three parts),
+``...TextModel`` and Qwen3.5's ``...ForCausalLM`` (``rope`` only: no vision tower and no
+``get_rope_index``; also wherever a model holds one, as MiniCPM-V 4.6 holds Qwen3.5's) and
+the vision towers (``vision`` only).
 """
 
 from __future__ import annotations

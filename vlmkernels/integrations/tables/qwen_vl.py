@@ -1,5 +1,6 @@
 """The Qwen-VL tables of the transformers integration (the rotary family's): which classes
-of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE play which role (:data:`ARCHITECTURES`),
+of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE play which role
+(:data:`ARCHITECTURES`),
 and what each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions
 they install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies
 them; :mod:`..patching` is the mechanism."""
@@ -57,10 +58,14 @@ TESTED_VERSIONS = (
 # --------------------------------------------------------------------------------------
 
 
-def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index):
+def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index,
+          partial_rotary=False):  # fmt: skip
     """A Qwen-VL architecture: its classes by role, which parts apply to which root, the
-    M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`."""
+    M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`.
+    ``partial_rotary``: its text rotary function rotates the first ``cos.shape[-1]`` lanes
+    of the head and passes the rest (Qwen3.5, which also has a text-only ``ForCausalLM``)."""
     full = ("rope", "vision", "rope_index", "positions")
+    text = ("rope", "positions")
     return Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
@@ -73,14 +78,20 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
         roots={
             f"{prefix}ForConditionalGeneration": full,
             f"{prefix}Model": full,
-            f"{prefix}TextModel": ("rope", "positions"),
+            f"{prefix}TextModel": text,
+            **({f"{prefix}ForCausalLM": text} if partial_rotary else {}),
             vision_model: ("vision",),
         },
-        data={"interleaved": rope_index == "qwen3_vl", "rope_index": rope_index},
+        data={
+            "interleaved": rope_index == "qwen3_vl",
+            "rope_index": rope_index,
+            "partial_rotary": partial_rotary,
+        },  # fmt: skip
     )
 
 
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
+# Qwen3.5's get_rope_index is Qwen3-VL's (video grids split per frame).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -91,6 +102,11 @@ ARCHITECTURES = (
           "Qwen3VLTextAttention", "Qwen3VLTextRotaryEmbedding", "qwen3_vl"),
     _qwen("qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionAttention",
           "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRotaryEmbedding", "qwen3_vl"),
+    _qwen("qwen3_5", "Qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionAttention",
+          "Qwen3_5Attention", "Qwen3_5TextRotaryEmbedding", "qwen3_vl", partial_rotary=True),
+    _qwen("qwen3_5_moe", "Qwen3_5Moe", "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionAttention",
+          "Qwen3_5MoeAttention", "Qwen3_5MoeTextRotaryEmbedding", "qwen3_vl",
+          partial_rotary=True),
 )  # fmt: skip
 
 
@@ -117,12 +133,13 @@ def _eager_dtype(out: torch.Tensor, x: torch.Tensor, table_dtype: torch.dtype) -
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _check_width(q, rot: int) -> None:
+def _check_width(q, rot: int, partial: bool) -> None:
     """transformers' ``q * cos + rotate_half(q) * sin`` needs tables as wide as the head:
-    the Qwen-VL functions replaced here have no partial rotary (vlmkernels.rope does), so
-    a narrower one (a rope type honouring ``partial_rotary_factor``) is refused as
-    transformers refuses it, not rotated partially."""
-    if rot != q.shape[-1]:
+    the Qwen2/2.5/3-VL functions replaced here have no partial rotary (vlmkernels.rope
+    does), so a narrower one (a rope type honouring ``partial_rotary_factor``) is refused
+    as transformers refuses it, not rotated partially. ``partial`` (Qwen3.5's function):
+    narrower tables rotate the head's first lanes, as there."""
+    if rot != q.shape[-1] and not (partial and rot < q.shape[-1]):
         raise ValueError(
             f"vlmkernels.patch: the rotary tables are {rot} wide for a head dim of "
             f"{q.shape[-1]}; transformers' rotary function needs them equal (its "
@@ -130,8 +147,9 @@ def _check_width(q, rot: int) -> None:
         )
 
 
-def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_dim):
-    _check_width(q, 2 * angles.inv_freq.shape[-1])
+def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_dim,
+                    partial=False):  # fmt: skip
+    _check_width(q, 2 * angles.inv_freq.shape[-1], partial)
     if unsqueeze_dim != 1:
         raise ValueError(
             f"vlmkernels.patch: angles='positions' needs q and k as (B, H, S, D) "
@@ -145,14 +163,29 @@ def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_
     return _eager_dtype(out_q, q, angles.dtype), _eager_dtype(out_k, k, angles.dtype)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' ``apply_rotary_pos_emb`` on :func:`vlmkernels.rope` (or
-    :func:`vlmkernels.mrope_from_positions` when ``sin`` is a :class:`PositionAngles`)."""
-    if isinstance(sin, PositionAngles):
-        return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim)
-    _check_width(q, cos.shape[-1])
-    out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim)
-    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+def _text_function(partial: bool):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if isinstance(sin, PositionAngles):
+            return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim, partial)
+        _check_width(q, cos.shape[-1], partial)
+        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim)
+        return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+
+    return apply_rotary_pos_emb
+
+
+apply_rotary_pos_emb = _text_function(partial=False)
+apply_rotary_pos_emb.__qualname__ = "apply_rotary_pos_emb"
+apply_rotary_pos_emb.__doc__ = """transformers' ``apply_rotary_pos_emb`` (Qwen2/2.5/3-VL: tables
+as wide as the head) on :func:`vlmkernels.rope` (or :func:`vlmkernels.mrope_from_positions`
+when ``sin`` is a :class:`PositionAngles`)."""
+
+# Qwen3.5's function of the same name: the first cos.shape[-1] lanes rotate, the rest pass
+apply_partial_rotary_pos_emb = _text_function(partial=True)
+apply_partial_rotary_pos_emb.__qualname__ = "apply_partial_rotary_pos_emb"
+apply_partial_rotary_pos_emb.__doc__ = """Qwen3.5's ``apply_rotary_pos_emb`` (partial rotary:
+lanes past ``cos.shape[-1]`` pass through) on :func:`vlmkernels.rope` (or
+:func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
@@ -160,7 +193,7 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     :func:`vlmkernels.mrope` (or :func:`vlmkernels.mrope_from_positions`)."""
     if isinstance(sin, PositionAngles):
         return _from_positions(q, k, cos, sin, mrope_section, unsqueeze_dim)
-    _check_width(q, cos.shape[-1])
+    _check_width(q, cos.shape[-1], partial=False)
     out_q, out_k = mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
     return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
 
@@ -168,10 +201,6 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
 def apply_rotary_pos_emb_vision(q, k, cos, sin):
     """transformers' ``apply_rotary_pos_emb_vision`` on :func:`vlmkernels.vision_rope`."""
     return vision_rope(q, k, cos, sin)
-
-
-_TEXT_FUNCTIONS = (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb)
-_VISION_FUNCTIONS = (apply_rotary_pos_emb_vision,)
 
 
 def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
@@ -367,10 +396,11 @@ def rope_index_method(
     bound to ``model``, to install with ``model.get_rope_index = rope_index_method(model)``.
 
     ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
-    ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, or a subclass that does not
-    override it); ``...ForConditionalGeneration`` holds it as ``.model``. Their
-    ``compute_3d_position_ids`` and generation's ``_prepare_position_ids_for_generation`` call
-    ``get_rope_index`` on the instance, so the instance attribute takes over in both.
+    ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, ``Qwen3_5Model``,
+    ``Qwen3_5MoeModel``, or a subclass that does not override it);
+    ``...ForConditionalGeneration`` holds it as ``.model``. Their ``compute_3d_position_ids``
+    and generation's ``_prepare_position_ids_for_generation`` call ``get_rope_index`` on the
+    instance, so the instance attribute takes over in both.
 
     The method has the installed signature (``**kwargs`` absorbing what generation passes)
     and reads ``config.vision_config.spatial_merge_size`` (and ``tokens_per_second``) at each
@@ -434,8 +464,15 @@ def rope_index_method(
 # Public API
 # --------------------------------------------------------------------------------------
 
+
+def _partial(arch: Architecture) -> bool:
+    return arch.data["partial_rotary"]
+
+
 REPLACEMENTS = (
-    Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb)),
+    Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb),
+           only=lambda arch: not _partial(arch)),
+    Rebind("rope", "text_attention", (apply_partial_rotary_pos_emb,), only=_partial),
     Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
