@@ -438,10 +438,10 @@ def qwen3_5_model(prefix):
 
 @pytest.mark.parametrize("prefix", ["Qwen3_5", "Qwen3_5Moe"])
 def test_qwen3_5_model_runs_its_merger_fused(prefix, monkeypatch):
-    """A whole Qwen3.5 model patched: its vision merger (Qwen3-VL's code) is the only
-    target (no DeepStack in Qwen3.5), runs the fused merger once for two images of
-    different grids, and the logits and pixel gradients are transformers'; undo restores
-    the model exactly."""
+    """A whole Qwen3.5 model with the connector table's parts patched (the rotary table's
+    off): its vision merger (Qwen3-VL's code) is the only target (no DeepStack in
+    Qwen3.5), runs the fused merger once for two images of different grids, and the logits
+    and pixel gradients are transformers'; undo restores the model exactly."""
     from vlmkernels.integrations.tables import connectors
 
     ref = qwen3_5_model(prefix)
@@ -455,7 +455,8 @@ def test_qwen3_5_model_runs_its_merger_fused(prefix, monkeypatch):
     kw = dict(input_ids=ids, image_grid_thw=grid, mm_token_type_ids=(ids == 5).long())
     x1, x2 = px.clone().requires_grad_(), px.clone().requires_grad_()
     want = ref(pixel_values=x2, **kw).logits
-    with vt.patch(mine) as handle, warnings.catch_warnings():
+    rotary_off = dict(rope=False, vision=False, rope_index=False)
+    with vt.patch(mine, **rotary_off) as handle, warnings.catch_warnings():
         warnings.simplefilter("error", PatchFallbackWarning)
         assert handle.targets == ("model.visual.merger.forward",)
         got = mine(pixel_values=x1, **kw).logits
@@ -714,7 +715,10 @@ def test_internvl_projector_unshuffled_input_compiles():
     assert max_rel(got, want) < TOL
 
 
-def test_minicpm_v4_6_full_model_patches_its_merger():
+def test_minicpm_v4_6_full_model_patches_its_merger_and_its_llm_rotary():
+    """MiniCPM-V 4.6's language model is Qwen3.5's text model: patch(model) takes its
+    merger (this table) and the text attention's rotary function (the rotary table's
+    part for a model holding a Qwen3.5 text model)."""
     from transformers.models.minicpmv4_6 import configuration_minicpmv4_6 as cf
     from transformers.models.minicpmv4_6 import modeling_minicpmv4_6 as modeling
 
@@ -723,12 +727,22 @@ def test_minicpm_v4_6_full_model_patches_its_merger():
                        "num_hidden_layers": 1, "image_size": 28, "patch_size": 14},
         text_config={"model_type": "qwen3_5_text", "hidden_size": 16, "num_attention_heads": 2,
                      "num_key_value_heads": 1, "num_hidden_layers": 1, "intermediate_size": 16,
-                     "vocab_size": 64},
+                     "vocab_size": 64, "layer_types": ["full_attention"]},
         insert_layer_id=0,
     )  # fmt: skip
     model = modeling.MiniCPMV4_6ForConditionalGeneration(config)
-    with vt.patch(model) as handle:
-        assert handle.targets == ("model.merger.forward",)
+    attention = next(n for n, m in model.named_modules() if type(m).__name__ == "Qwen3_5Attention")
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for angles in ("table", "positions"):
+            with vt.patch(model, angles=angles) as handle:
+                assert sorted(handle.targets) == sorted(
+                    ["model.merger.forward", f"{attention}.forward"]
+                    + ([f"{attention.rpartition('.layers')[0]}.rotary_emb.forward"]
+                       if angles == "positions" else [])
+                )  # fmt: skip
+                assert max_rel(model(input_ids=ids).logits, want) < TOL
     assert "forward" not in model.model.merger.__dict__
 
 

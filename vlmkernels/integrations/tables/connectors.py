@@ -36,9 +36,9 @@ LoRA wrapper, say) makes the module run its class's forward, with a
 
 Roots: the LLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models (``...ForConditionalGeneration``,
 ``...Model``) and the connector modules themselves; for the Qwen-VL models (whose roots the
-rotary table owns) and Qwen3.5 / Qwen3.5-MoE (their merger is all vlmkernels patches) any model
-holding their merger modules (or Qwen3-VL's text model): the full models, the vision
-towers, the mergers themselves, a foreign model.
+rotary table owns, Qwen3.5's and Qwen3.5-MoE's too) any model holding their merger modules
+(or Qwen3-VL's text model): the full models, the vision towers, the mergers themselves, a
+foreign model.
 """
 
 from __future__ import annotations
