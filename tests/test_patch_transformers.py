@@ -1153,6 +1153,35 @@ def test_qwen3_5_matches_transformers(moe, angles):
     assert not instance_overrides(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen3_5_rotary_function_passes_the_lanes_past_its_tables(dtype):
+    """The replacement of Qwen3.5's ``apply_rotary_pos_emb`` against transformers' on
+    random (B, H, S, D) views with tables a quarter of the head wide: the rotated lanes
+    agree (fp32 to rounding; bf16 within 1e-2 of the largest, transformers rounding each
+    product and the sum), the passed lanes are the inputs' bitwise; tables wider than the
+    head are refused by name."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen3_5_module
+
+    from vlmkernels.integrations.tables.qwen_vl import apply_partial_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(5)
+    b, s, d, rot = 2, 5, 32, 8
+    q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+            for h in (4, 2))  # fmt: skip
+    angles = torch.randn(b, s, rot // 2, generator=g).repeat(1, 1, 2).to(DEVICE)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    got = apply_partial_rotary_pos_emb(q, k, cos, sin)
+    want = qwen3_5_module.apply_rotary_pos_emb(q, k, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for x, a, w in zip((q, k), got, want, strict=True):
+        assert a.dtype == w.dtype and a.shape == w.shape
+        assert (a[..., :rot] - w[..., :rot]).abs().max() <= tol * w[..., :rot].abs().max()
+        assert torch.equal(a[..., rot:], x[..., rot:])
+    wide = torch.ones(b, s, d + 2, device=DEVICE, dtype=dtype)
+    with pytest.raises(ValueError, match="34 wide for a head dim of 32.*at most as wide"):
+        apply_partial_rotary_pos_emb(q, k, wide, wide)
+
+
 def test_qwen3_5_text_only_model():
     """Qwen3.5's text-only ``ForCausalLM`` takes the text parts, with (B, S) position ids;
     a Qwen3.5 attention module alone is refused by name."""

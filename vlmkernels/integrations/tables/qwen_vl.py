@@ -139,11 +139,12 @@ def _check_width(q, rot: int, partial: bool) -> None:
     does), so a narrower one (a rope type honouring ``partial_rotary_factor``) is refused
     as transformers refuses it, not rotated partially. ``partial`` (Qwen3.5's function):
     narrower tables rotate the head's first lanes, as there."""
-    if rot != q.shape[-1] and not (partial and rot < q.shape[-1]):
+    if rot > q.shape[-1] or (rot < q.shape[-1] and not partial):
         raise ValueError(
             f"vlmkernels.patch: the rotary tables are {rot} wide for a head dim of "
-            f"{q.shape[-1]}; transformers' rotary function needs them equal (its "
-            "q * cos does not broadcast; a partial_rotary_factor with this rope type?)"
+            f"{q.shape[-1]}; transformers' rotary function needs them "
+            f"{'at most as wide' if partial else 'equal'} (its q * cos does not broadcast"
+            f"{'' if partial else '; a partial_rotary_factor with this rope type?'})"
         )
 
 
