@@ -1,5 +1,6 @@
-r"""M-RoPE family: ``mrope`` (chunked, Qwen2-VL), ``mrope_interleaved`` (Qwen3-VL) and
-``vision_rope`` (the ViT's 2-D RoPE).
+r"""M-RoPE family: ``mrope`` (chunked, Qwen2-VL), ``mrope_interleaved`` (Qwen3-VL),
+``mrope_partial`` (Qwen3.5: interleaved, partial rotary) and ``vision_rope`` (the ViT's 2-D
+RoPE).
 
 Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
 
@@ -7,6 +8,11 @@ Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
   [16, 24, 24], chunked lanes (T | H | W).
 - ``mrope_interleaved``: Qwen3-VL-8B text attention, 32 / 8 heads, head dim 128, section
   [24, 20, 20], interleaved lanes (THW...THW then T).
+- ``mrope_partial``: Qwen3.5 text attention at transformers' default ``Qwen3_5TextConfig``
+  (16 query / 4 key heads, head dim 256), partial_rotary_factor 0.25: only the first 64
+  lanes (32 frequencies) rotate, section [11, 11, 10], interleaved lanes, theta 1e7 (the
+  released configs' rope_theta; the class default is 1e4); lanes 64..255 pass through
+  unchanged.
 - ``vision_rope``: Qwen2-VL vision tower, 16 heads, head dim 80, S packed patches (no batch
   axis: B must be 1); S = 16384 is the headline size, the other S are other image sizes.
 
@@ -23,8 +29,9 @@ Inputs, as attention code produces them (seeded, identical across providers):
   position. (3, B, S) int64. Vision: (h, w) of each patch of a square grid in the 2x2
   merge order of the Qwen-VL towers (:func:`vision_positions`).
 - cos/sin: as the Qwen rotary classes build them: fp32 angles position * inv_freq, with
-  inv_freq = theta^(-2i/D) (theta 1e6 for text, 1e4 and D/4 frequencies for vision),
-  duplicated halves, cos/sin, then cast. Text: (3, B, S, D) in the input dtype (the tables
+  inv_freq = theta^(-2i/R) over the rotary dim R (R = D except ``mrope_partial``'s 64;
+  theta 1e6 for Qwen2/3-VL text, 1e7 for Qwen3.5, 1e4 and D/4 frequencies for vision),
+  duplicated halves, cos/sin, then cast. Text: (3, B, S, R) in the input dtype (the tables
   transformers <= 5.16 passed to ``apply_multimodal_rotary_pos_emb``). Vision: (S, D) fp32,
   ``[h f | w f | h f | w f]``.
 - incoming gradients: fixed random G_q, G_k in the layout attention's backward produces
@@ -54,42 +61,53 @@ Providers:
   (q * cos + rotate_half(q) * sin). Interleaved: Qwen3-VL's ``recomposition_frequencies``
   rule (written out of place: the method overwrites its input's T row) then
   ``apply_rotary_pos_emb``; the recomposition is timed, though in the model it runs once per
-  forward pass rather than per layer. Vision: the installed ``apply_rotary_pos_emb_vision``
-  (fp32 upcast). The transformers functions come from ``models.qwen2_vl.modeling_qwen2_vl``
-  where the installed version has them, else from the same formulas written out (the row's
-  note says which).
+  forward pass rather than per layer. Partial (Qwen3.5): the same recomposition (its rotary
+  class's ``recomposition_frequencies`` is Qwen3-VL's rule) on the 64-lane tables, then
+  Qwen3.5's ``apply_rotary_pos_emb``, which rotates q[..., :64] and concatenates
+  q[..., 64:] unchanged. Vision: the installed ``apply_rotary_pos_emb_vision`` (fp32
+  upcast). The transformers functions come from ``models.qwen2_vl.modeling_qwen2_vl``
+  (``models.qwen3_5.modeling_qwen3_5`` for ``mrope_partial``) where the installed version
+  has them, else from the same formulas written out (the row's note says which).
 - ``compile``: ``torch.compile`` of the same eager functions (static shapes, dynamo reset per
   shape, compile time excluded by the warm-up).
 - ``liger`` (CUDA, when ``liger_kernel`` is importable and has the function):
   ``liger_multimodal_rotary_pos_emb`` for ``mrope`` (the (3, B, S, D) tables), Liger's
   plain ``liger_rotary_pos_emb`` after the same torch recomposition as eager for
   ``mrope_interleaved`` (Liger has no interleaved M-RoPE kernel: this is what its Qwen3-VL
-  patch runs), ``liger_rotary_pos_emb_vision`` for ``vision_rope`` (fp32 copies). Liger
-  rotates in place: for the text ops the (B, S, H, D) memory under the transposed views is
-  contiguous, so it overwrites the projection outputs in the forward pass and G_q, G_k in
-  the backward pass (re-rotated at every timed call, which changes no timing; the checksum
-  comes from the first call). Missing pieces mark the provider unavailable with the reason.
+  patch runs), ``liger_rotary_pos_emb_vision`` for ``vision_rope`` (fp32 copies); none for
+  ``mrope_partial``, always unavailable: Liger has no partial-rotary RoPE (its RoPE kernel
+  rotates the whole head, cos/sin as wide as q, and its Qwen3.5 patch raises
+  NotImplementedError for ``rope=True``; liger-kernel 0.8.2 source). Liger rotates in
+  place: for the text ops the (B, S, H, D) memory under the transposed views is contiguous,
+  so it overwrites the projection outputs in the forward pass and G_q, G_k in the backward
+  pass (re-rotated at every timed call, which changes no timing; the checksum comes from
+  the first call). Missing pieces mark the provider unavailable with the reason.
 
 Byte model, the bytes every provider must move, per pass: read q and k and write their
-outputs, 2 (Hq + Hk) B S D e (e = element size of the run's dtype); the backward pass moves
-the same on the gradients (read G_q, G_k, write dq, dk); fwd+bwd is the sum,
-4 (Hq + Hk) B S D e. The angle source is not counted because it differs by provider (the
-harness has one byte model per op): the used lanes of the tables for table providers
-(each lane's cos and sin read from one axis: 2 B S D e, +3.1 % at 28 + 4 heads, what
+outputs over the whole head dim D, 2 (Hq + Hk) B S D e (e = element size of the run's
+dtype); the backward pass moves the same on the gradients (read G_q, G_k, write dq, dk);
+fwd+bwd is the sum, 4 (Hq + Hk) B S D e. For ``mrope_partial`` that is D = 256, not the
+rotary dim R = 64: every provider here is out of place, so the pass-through lanes are read
+and copied to the outputs (and the gradients' likewise to dq, dk) like the rotated ones. The
+angle source is not counted because it differs by provider (the harness has one byte model
+per op): the used lanes of the tables for table providers (each lane's cos and sin read from
+one axis: 2 B S R e, +3.1 % at 28 + 4 heads, +1.25 % for ``mrope_partial``, what
 ``vlmkernels`` reads; Liger's M-RoPE kernel reads only the first half of each row, relying
-on the halves being equal: B S D e), 3 B S int64 positions (+0.15 %) for
+on the halves being equal: B S R e), 3 B S int64 positions (+0.15 %) for
 ``vlmkernels_positions``, fp32 (S, D) cos/sin for vision (+6.25 %). GB/s and % of the copy
 ceiling are therefore exact for ``vlmkernels_positions`` (to 0.2 %) and a lower bound for the
 table providers; the summary also prints the table providers' percentage with the used
-table lanes counted. FLOP model: 6 (Hq + Hk) B S D per pass (a rotation is 2 multiplies and
-an add per output element, fp32 casts counted as work). The op is memory-bound by two orders
+table lanes counted. FLOP model: 6 (Hq + Hk) B S R per pass (a rotation is 2 multiplies and
+an add per rotated output element, fp32 casts counted as work; pass-through lanes are
+copies). The op is memory-bound by two orders
 of magnitude: TFLOP/s and % of the matmul ceiling are recorded because the harness records
 them for every op, and no claim is made from them.
 
 Targets (:mod:`benchmarks.targets`, printed after the sweep as measured in this run; bf16,
 ``mrope`` shapes): forward at >= 90 % of the copy ceiling for S >= 16384 (``vlmkernels`` and
 ``vlmkernels_positions``), and fwd+bwd in <= 1/3 of ``compile``'s time at every S (issue 4);
-on a GPU the CUDA C++ providers at most the Triton ones' time at S = 16384 (issue 5).
+on a GPU the CUDA C++ providers at most the Triton ones' time at S = 16384 (issue 5, every
+op of the suite).
 
 Sweep: GPU full S in {1024, 4096, 16384, 65536}; ``--quick`` S in {1024, 16384, 65536}; CPU
 S = 2048 (fp32; ``liger`` unavailable there): q, k and their outputs (42 MB and up) overflow
@@ -132,6 +150,8 @@ from .targets import Target
 
 @dataclass(frozen=True)
 class RopeConfig:
+    """rotary_dim: the lanes rotated (R); lanes R..head_dim pass through unchanged."""
+
     model: str
     heads_q: int
     heads_k: int
@@ -140,12 +160,19 @@ class RopeConfig:
     interleaved: bool
     vision: bool
     theta: float
+    rotary_dim: int
 
 
 CONFIGS = {
-    "mrope": RopeConfig("Qwen2-VL-7B text", 28, 4, 128, (16, 24, 24), False, False, 1e6),
-    "mrope_interleaved": RopeConfig("Qwen3-VL-8B text", 32, 8, 128, (24, 20, 20), True, False, 1e6),
-    "vision_rope": RopeConfig("Qwen2-VL vision", 16, 16, 80, (0, 20, 20), False, True, 1e4),
+    "mrope": RopeConfig("Qwen2-VL-7B text", 28, 4, 128, (16, 24, 24), False, False, 1e6, 128),
+    "mrope_interleaved": RopeConfig(
+        "Qwen3-VL-8B text", 32, 8, 128, (24, 20, 20), True, False, 1e6, 128
+    ),
+    # transformers' default Qwen3_5TextConfig heads; theta of the released configs
+    "mrope_partial": RopeConfig(
+        "Qwen3.5 text (default Qwen3_5TextConfig)", 16, 4, 256, (11, 11, 10), True, False, 1e7, 64
+    ),
+    "vision_rope": RopeConfig("Qwen2-VL vision", 16, 16, 80, (0, 20, 20), False, True, 1e4, 80),
 }
 
 # --------------------------------------------------------------------------------------
@@ -237,8 +264,8 @@ def make_inputs(args: BuildArgs) -> RopeInputs:
         randn(b, s, cfg.heads_k, d).transpose(1, 2),
     )
     positions = text_vision_positions(b, s).to(dev)
-    inv_freq = inv_freq_of(d, cfg.theta).to(dev)
-    angles = positions[..., None].float() * inv_freq  # (3, B, S, D/2) fp32
+    inv_freq = inv_freq_of(cfg.rotary_dim, cfg.theta).to(dev)
+    angles = positions[..., None].float() * inv_freq  # (3, B, S, R/2) fp32
     emb = torch.cat((angles, angles), dim=-1)
     return RopeInputs(
         (q_proj, k_proj),
@@ -268,6 +295,14 @@ def _rope_formula(q, k, cos, sin, unsqueeze_dim=1):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def _partial_rope_formula(q, k, cos, sin, unsqueeze_dim=1):
+    """Qwen3.5's rotation: the first R = cos.shape[-1] lanes rotated by the formula above,
+    the rest concatenated unchanged."""
+    rot = cos.shape[-1]
+    q_rot, k_rot = _rope_formula(q[..., :rot], k[..., :rot], cos, sin, unsqueeze_dim)
+    return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
+
+
 def _vision_formula(q, k, cos, sin):
     """The rotation in fp32, results cast back to q's and k's dtypes."""
     out_q, out_k = _rope_formula(q.float(), k.float(), cos.float(), sin.float(), -2)
@@ -295,6 +330,27 @@ def hf_functions() -> tuple[Callable, Callable, str]:
         if not text or not vision:
             note += "; missing ones written out"
     return text or _rope_formula, vision or _vision_formula, note
+
+
+@functools.cache
+def hf_partial_function() -> tuple[Callable, str]:
+    """(apply_rotary_pos_emb, note) of Qwen3.5 (partial rotary): transformers' own where the
+    installed version has it, else the formula written out."""
+    try:
+        import transformers
+
+        module = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+        version = transformers.__version__
+    except Exception:  # noqa: BLE001 - any import failure falls back to the formula
+        module, version = None, None
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is not None:
+        return fn, f"transformers {version} qwen3_5 apply_rotary_pos_emb"
+    if version is None:
+        note = "transformers' qwen3_5 not importable: formula written out"
+    else:
+        note = f"transformers {version} has no qwen3_5 apply_rotary_pos_emb: formula written out"
+    return _partial_rope_formula, note
 
 
 def merge_chunked(table: torch.Tensor, section) -> torch.Tensor:
@@ -337,6 +393,7 @@ def vision_eager(q, k, cos, sin, section=None, apply=_vision_formula):
 EAGER = {
     "mrope": mrope_eager,
     "mrope_interleaved": mrope_interleaved_eager,
+    "mrope_partial": mrope_interleaved_eager,  # with Qwen3.5's apply_rotary_pos_emb
     "vision_rope": vision_eager,
 }
 
@@ -345,11 +402,19 @@ def eager_function(op: str, section) -> tuple[Callable, str]:
     """(fn(q, k, cos, sin), note): the op's eager baseline bound to the installed
     transformers functions (resolved here, outside any torch.compile trace)."""
     text, vision, note = hf_functions()
+    if op == "mrope_partial":
+        text, note = hf_partial_function()
     fn = functools.partial(EAGER[op], section=section, apply=vision if CONFIGS[op].vision else text)
     if op == "mrope":
         note = "<= 5.16 table merge written out; " + note
     elif op == "mrope_interleaved":
         note = "Qwen3-VL recomposition (timed) written out; " + note
+    elif op == "mrope_partial":
+        rot = CONFIGS[op].rotary_dim
+        note = (
+            f"Qwen3.5 recomposition (timed) written out on the {rot}-lane tables; {note} "
+            f"(rotates lanes :{rot}, concatenates the rest)"
+        )
     return fn, note
 
 
@@ -411,7 +476,8 @@ def build_vlmkernels(args: BuildArgs, cuda: bool = False) -> Prepared:
         apply = lambda q, k: vlmkernels.mrope(
             q, k, inp.cos, inp.sin, list(inp.section), interleaved=cfg.interleaved
         )
-        what = "mrope from (3, B, S, D) tables"
+        r = "D" if cfg.rotary_dim == cfg.head_dim else cfg.rotary_dim
+        what = f"mrope from (3, B, S, {r}) tables"
     backend = _kernel_backend(args, cuda)
     note = "; ".join(x for x in (what, _backend_note(inp.leaves[0], backend)) if x)
     return _prepared(inp, _on_backend(apply, backend), note)
@@ -468,6 +534,12 @@ LIGER_FUNCTIONS = {
     "mrope_interleaved": ("liger_kernel.transformers.rope", "liger_rotary_pos_emb"),
     "vision_rope": ("liger_kernel.transformers.rope", "liger_rotary_pos_emb_vision"),
 }
+# Ops Liger has no function for: the provider is unavailable with this reason, wherever it runs
+LIGER_MISSING = {
+    "mrope_partial": "Liger has no partial-rotary (M-)RoPE: its RoPE kernel rotates the whole "
+    "head (cos/sin as wide as q) and apply_liger_kernel_to_qwen3_5(rope=True) raises "
+    "NotImplementedError (liger-kernel 0.8.2 source)",
+}
 LIGER_NOTES = {
     "mrope": "liger_multimodal_rotary_pos_emb on the (3, B, S, D) tables; in place",
     "mrope_interleaved": "Liger has no interleaved M-RoPE: torch recomposition (timed) + "
@@ -478,6 +550,8 @@ LIGER_NOTES = {
 
 def liger_function(op: str) -> tuple[Callable | None, str]:
     """(Liger's function for ``op``, '') or (None, why not)."""
+    if op in LIGER_MISSING:
+        return None, LIGER_MISSING[op]
     module_name, name = LIGER_FUNCTIONS[op]
     try:
         module = importlib.import_module(module_name)
@@ -495,6 +569,8 @@ def liger_function(op: str) -> tuple[Callable | None, str]:
 
 def liger_available(op: str) -> Callable[[torch.device], str | None]:
     def check(device: torch.device) -> str | None:
+        if op in LIGER_MISSING:
+            return LIGER_MISSING[op]
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel is not importable (pip install liger-kernel)"
         if device.type != "cuda":
@@ -556,22 +632,26 @@ def qk_elements(op: str, shape: Mapping[str, int]) -> int:
 
 def table_bytes(op: str, shape: Mapping[str, int], itemsize: int) -> int:
     """Bytes of the table lanes a table provider must read per pass (not in the byte model):
-    cos and sin, each lane from one axis; fp32 for vision."""
+    cos and sin over the rotary dim R, each lane from one axis; fp32 for vision."""
     cfg = CONFIGS[op]
-    return 2 * shape["B"] * shape["S"] * cfg.head_dim * (4 if cfg.vision else itemsize)
+    return 2 * shape["B"] * shape["S"] * cfg.rotary_dim * (4 if cfg.vision else itemsize)
 
 
 def flop_model(op: str) -> Callable[[Mapping[str, int], str], float]:
     def flops(shape: Mapping[str, int], mode: str) -> float:
-        """6 (Hq + Hk) B S D per pass (not for percent claims: the op is memory-bound)."""
-        return float(6 * _PASSES[mode] * qk_elements(op, shape))
+        """6 (Hq + Hk) B S R per pass, R the rotary dim (pass-through lanes are copies; not
+        for percent claims: the op is memory-bound)."""
+        cfg = CONFIGS[op]
+        rotated = qk_elements(op, shape) // cfg.head_dim * cfg.rotary_dim
+        return float(6 * _PASSES[mode] * rotated)
 
     return flops
 
 
 def byte_model(op: str) -> Callable[[Mapping[str, int], str, int], float]:
     def nbytes(shape: Mapping[str, int], mode: str, itemsize: int) -> float:
-        """2 (Hq + Hk) B S D e per pass: q, k read and outputs written (gradients in bwd)."""
+        """2 (Hq + Hk) B S D e per pass: q, k read and outputs written over the whole head
+        dim D, pass-through lanes included (gradients in bwd)."""
         return float(2 * _PASSES[mode] * qk_elements(op, shape) * itemsize)
 
     return nbytes

@@ -132,6 +132,9 @@ CONTRASTIVE = (
 # issue 5: the CUDA C++ kernels at least as fast as the Triton ones at S=16384
 # --------------------------------------------------------------------------------------
 
+# The rope suite's ops (benchmarks/bench_rope.py): the targets set for every op of the
+# rotary family (issue 5's CUDA C++ / Triton comparison, issue 11's host budget) hold for each
+ROPE_OPS = ("mrope", "mrope_interleaved", "mrope_partial", "vision_rope")
 ROPE_KERNEL_PROVIDERS = (
     "vlmkernels",
     "vlmkernels_positions",
@@ -154,7 +157,7 @@ ROPE_SPEED = tuple(
 ROPE_BACKENDS = tuple(
     Target(suite="rope", op=op, provider=cuda_p, mode=mode, shape=_shape(B=1, S=16384),
            metric="ms", relation=LE, bound=1, baseline=triton_p, issue=5)
-    for op in ("mrope", "mrope_interleaved", "vision_rope")
+    for op in ROPE_OPS
     for triton_p, cuda_p in (("vlmkernels", "vlmkernels_cuda"),
                              ("vlmkernels_positions", "vlmkernels_cuda_positions"))
     for mode in ("fwd", "bwd", "fwd+bwd")
@@ -174,7 +177,7 @@ ROPE_INDEX = tuple(
 HOST = tuple(
     Target(suite="rope", op=op, provider=p, mode="fwd", metric="host_us", relation=LE,
            bound=25, beside="eager", dtype="float32", issue=11)
-    for op in ("mrope", "mrope_interleaved", "vision_rope")
+    for op in ROPE_OPS
     for p in ("vlmkernels", "vlmkernels_positions")
 ) + tuple(
     Target(suite="contrastive", op=op, provider="vlmkernels", mode="fwd+bwd",

@@ -558,6 +558,52 @@ def test_rope_cost_models():
     assert bench_rope.byte_model("vision_rope")({"B": 1, "S": 16384}, "fwd", 2) == 2 * vision * 2
     assert bench_rope.table_bytes("mrope", shape, 2) == 2 * 1024 * 128 * 2
     assert bench_rope.table_bytes("vision_rope", shape, 2) == 2 * 1024 * 80 * 4
+    # Qwen3.5: q, k moved over the whole head (256 lanes, 192 of them copied), the table and
+    # the arithmetic over the 64 rotated lanes
+    partial = (16 + 4) * 1024 * 256
+    assert bench_rope.byte_model("mrope_partial")(shape, "fwd", 2) == 2 * partial * 2
+    assert bench_rope.byte_model("mrope_partial")(shape, "fwd+bwd", 2) == 4 * partial * 2
+    assert bench_rope.flop_model("mrope_partial")(shape, "fwd") == 6 * partial // 4
+    assert bench_rope.table_bytes("mrope_partial", shape, 2) == 2 * 1024 * 64 * 2
+
+
+def test_rope_family_targets_cover_every_suite_op():
+    """The targets set for the whole rotary family (issue 5's CUDA C++ / Triton comparison,
+    issue 11's host budget) name every op of the suite."""
+    assert targets.ROPE_OPS == tuple(bench_rope.CONFIGS)
+    for issue in (5, 11):
+        ops = {t.op for t in targets.for_suite("rope") if t.issue == issue}
+        assert ops == set(bench_rope.CONFIGS), issue
+
+
+def test_rope_partial_tables_match_qwen3_5_rotary_class():
+    """mrope_partial's inputs as Qwen3.5 builds them: 32 frequencies of theta 1e7, and the
+    eager recomposition of the (3, B, S, 64) tables equal to Qwen3_5TextRotaryEmbedding's
+    cos/sin (the installed transformers'; skipped where it has no Qwen3.5)."""
+    mod = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
+    from benchmarks.harness import BuildArgs
+
+    cfg = bench_rope.CONFIGS["mrope_partial"]
+    text = mod.Qwen3_5TextConfig()
+    heads = (text.num_attention_heads, text.num_key_value_heads, text.head_dim)
+    assert (cfg.heads_q, cfg.heads_k, cfg.head_dim) == heads
+    rope = dict(text.rope_parameters, rope_theta=cfg.theta, mrope_section=list(cfg.section))
+    rotary = mod.Qwen3_5TextRotaryEmbedding(mod.Qwen3_5TextConfig(rope_parameters=rope))
+    args = BuildArgs("mrope_partial", {"B": 2, "S": 40}, torch.float32, torch.device("cpu"), 0, {})
+    inp = bench_rope.make_inputs(args)
+    assert inp.cos.shape == (3, 2, 40, cfg.rotary_dim) and inp.inv_freq.shape == (32,)
+    torch.testing.assert_close(inp.inv_freq, rotary.inv_freq, rtol=0, atol=0)
+    cos, sin = rotary(torch.zeros(1), inp.positions)
+    merge = bench_rope.merge_interleaved
+    torch.testing.assert_close(merge(inp.cos, cfg.section), cos, rtol=0, atol=0)
+    torch.testing.assert_close(merge(inp.sin, cfg.section), sin, rtol=0, atol=0)
+    # the eager baseline passes the lanes past the rotary dim through
+    q, k = inp.views()
+    fn, note = bench_rope.eager_function("mrope_partial", cfg.section)
+    out_q, out_k = fn(q, k, inp.cos, inp.sin)
+    assert "qwen3_5 apply_rotary_pos_emb" in note
+    assert torch.equal(out_q[..., cfg.rotary_dim :], q[..., cfg.rotary_dim :])
+    assert torch.equal(out_k[..., cfg.rotary_dim :], k[..., cfg.rotary_dim :])
 
 
 def test_rope_positions_are_a_vl_sequence():
@@ -580,10 +626,12 @@ def test_rope_eager_table_merges_follow_the_lane_rules():
     from vlmkernels.ops.rope import CHUNKED, INTERLEAVED
     from vlmkernels.ops.rope.reference import lane_axes
 
-    for op, mode in (("mrope", CHUNKED), ("mrope_interleaved", INTERLEAVED)):
+    for op, mode in (
+        ("mrope", CHUNKED), ("mrope_interleaved", INTERLEAVED), ("mrope_partial", INTERLEAVED)
+    ):  # fmt: skip
         cfg = bench_rope.CONFIGS[op]
-        half = cfg.head_dim // 2
-        table = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 5, cfg.head_dim)
+        half = cfg.rotary_dim // 2
+        table = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 5, cfg.rotary_dim)
         merge = bench_rope.merge_interleaved if cfg.interleaved else bench_rope.merge_chunked
         want = lane_axes(half, mode, cfg.section).repeat(2).float().expand(2, 5, -1)
         torch.testing.assert_close(merge(table, cfg.section), want, rtol=0, atol=0)
@@ -625,7 +673,7 @@ def _fake_liger(monkeypatch, with_vision: bool):
 
 
 def test_rope_liger_wiring_with_a_stand_in(monkeypatch):
-    from benchmarks.harness import BuildArgs
+    from benchmarks.harness import BuildArgs, Skip
 
     _fake_liger(monkeypatch, with_vision=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -635,7 +683,14 @@ def test_rope_liger_wiring_with_a_stand_in(monkeypatch):
         bench_rope.liger_available("vision_rope")(cuda)
     )
     calls = _fake_liger(monkeypatch, with_vision=True)
-    for op in bench_rope.CONFIGS:
+    # Liger has no partial-rotary function: unavailable whatever is installed, with why
+    for device in (cpu, cuda):
+        reason = bench_rope.liger_available("mrope_partial")(device)
+        assert reason == bench_rope.LIGER_MISSING["mrope_partial"] and "partial" in reason
+    args = BuildArgs("mrope_partial", {"B": 1, "S": 40}, torch.float32, cpu, 0, {})
+    with pytest.raises(Skip, match="partial-rotary"):
+        bench_rope.build_liger(args)
+    for op in [op for op in bench_rope.CONFIGS if op not in bench_rope.LIGER_MISSING]:
         args = BuildArgs(op, {"B": 1, "S": 40}, torch.float32, cpu, 0, {})
         liger, eager = bench_rope.build_liger(args), bench_rope.build_eager(args)
         assert liger.note
