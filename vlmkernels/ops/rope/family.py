@@ -14,21 +14,25 @@ from . import cuda, kernels
 from .kernels import CHUNKED, INTERLEAVED, PLAIN, POSITIONS, TABLE
 
 # Realistic shapes: the text attention of each Qwen-VL model and the vision towers.
-_TEXT = [  # model, heads_q, heads_k, head_dim, lane rule, mrope section
-    ("Qwen2-VL-2B", 12, 2, 128, "chunked", (16, 24, 24)),
-    ("Qwen2.5-VL-3B", 16, 2, 128, "chunked", (16, 24, 24)),
-    ("Qwen2-VL-7B, Qwen2.5-VL-7B", 28, 4, 128, "chunked", (16, 24, 24)),
-    ("Qwen2-VL-72B, Qwen2.5-VL-72B", 64, 8, 128, "chunked", (16, 24, 24)),
-    ("Qwen3-VL-2B", 16, 8, 128, "interleaved", (24, 20, 20)),
-    ("Qwen3-VL-4B, Qwen3-VL-8B", 32, 8, 128, "interleaved", (24, 20, 20)),
+_TEXT = [  # model, heads_q, heads_k, head_dim, lane rule, mrope section, rotary dim
+    ("Qwen2-VL-2B", 12, 2, 128, "chunked", (16, 24, 24), 128),
+    ("Qwen2.5-VL-3B", 16, 2, 128, "chunked", (16, 24, 24), 128),
+    ("Qwen2-VL-7B, Qwen2.5-VL-7B", 28, 4, 128, "chunked", (16, 24, 24), 128),
+    ("Qwen2-VL-72B, Qwen2.5-VL-72B", 64, 8, 128, "chunked", (16, 24, 24), 128),
+    ("Qwen3-VL-2B", 16, 8, 128, "interleaved", (24, 20, 20), 128),
+    ("Qwen3-VL-4B, Qwen3-VL-8B", 32, 8, 128, "interleaved", (24, 20, 20), 128),
+    # partial rotary (factor 0.25): lanes 64..255 pass through (copied out of place); the
+    # heads of transformers' default Qwen3_5TextConfig (the bench suite's mrope_partial)
+    ("Qwen3.5 text (default Qwen3_5TextConfig)", 16, 4, 256, "interleaved", (11, 11, 10), 64),
 ]
 _VISION = [("Qwen2-VL, Qwen2.5-VL vision", 16, 80), ("Qwen3-VL vision", 16, 72)]
 
 TUNE_SHAPES = tuple(
     [
         {"model": m, "heads_q": hq, "heads_k": hk, "head_dim": d, "mode": mode,
-         "sections": sec, "source": src, "tokens": 16384, "dtype": "bf16"}
-        for m, hq, hk, d, mode, sec in _TEXT
+         "sections": sec, "source": src, "tokens": 16384, "dtype": "bf16",
+         **({"rotary_dim": rot} if rot != d else {})}
+        for m, hq, hk, d, mode, sec, rot in _TEXT
         for src in ("table", "positions")
     ] + [
         {"model": m, "heads_q": h, "heads_k": h, "head_dim": d, "mode": "plain",
