@@ -116,7 +116,8 @@ _COMMON = dict(BACKWARD=False, COPY_PASS=False, half=64, BLOCK_HALF=64, BLOCK_PA
 
 
 def compile_cases() -> list[CompileCase]:
-    """The table, positions and vision variants (head dim 128, bf16 / fp32 inputs)."""
+    """The table, positions and vision variants (head dim 128, bf16 / fp32 inputs), and
+    Qwen3.5's partial rotary (head dim 256)."""
 
     def case(name, pointers, constexprs):
         return CompileCase(name, kernels._rope_kernel, {**_QK, **pointers}, constexprs,
@@ -142,6 +143,12 @@ def compile_cases() -> list[CompileCase]:
                                             freq_ptr=unused),
              dict(_COMMON, SOURCE=TABLE, MODE=PLAIN, SEC_T=0, SEC_H=0, SEC_W=0, half=half))
         for half in (40, 36)
+    ] + [
+        # Qwen3.5's partial rotary: 64 of 256 lanes rotate (half 32), the rest are copied
+        case("rope_partial", dict(cos_ptr="*{elem}", sin_ptr="*{elem}", pos_ptr=unused,
+                                  freq_ptr=unused),
+             dict(_COMMON, SOURCE=TABLE, MODE=INTERLEAVED, SEC_T=11, SEC_H=11, SEC_W=10,
+                  half=32, BLOCK_HALF=32, COPY_PASS=True)),
     ]  # fmt: skip
 
 
