@@ -472,6 +472,23 @@ def test_qwen3_5_model_runs_its_merger_fused(prefix, monkeypatch):
     assert calls == [1]
 
 
+def test_wrapped_merger_in_a_whole_model_names_the_parts_that_still_patch():
+    """A whole Qwen3.5 model (no DeepStack) whose merger layer PEFT wrapped: the refusal
+    names the connector and the call that still patches the rotary table's parts (not "no
+    other part applies": the hint counts every table's working parts), and that call
+    patches them."""
+    model = qwen3_5_model("Qwen3_5")
+    model.model.visual.merger.linear_fc1 = LoraLinear(model.model.visual.merger.linear_fc1)
+    with pytest.raises(vt.WrappedLayerError) as info:
+        vt.patch(model)
+    message = str(info.value)
+    assert "connector: Qwen3_5VisionPatchMerger.linear_fc1 is LoraLinear" in message
+    assert "still works: vlmkernels.patch(model, connector=False)" in message, message
+    with vt.patch(model, connector=False) as handle:
+        assert "model.get_rope_index" in handle.targets
+        assert not any("merger" in t for t in handle.targets)
+
+
 # ------------------------------------------------------- InternVL: the shuffle in the GEMM
 
 

@@ -206,13 +206,15 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         _unsupported(model)
     if not any(wanted & set(applicable) for _, (_, _, applicable) in matched):
         raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
-    slots = []
-    for patcher, _ in matched:
-        found, failures, working = patcher.plan(model, wanted)
+    plans = [(patcher, *patcher.plan(model, wanted)) for patcher, _ in matched]
+    # the hint names what still patches across every table (a Qwen-VL model's rotary parts
+    # while its merger is refused), and switches off every table's failing parts
+    every_failure = {part: exc for *_, failures, _ in plans for part, exc in failures.items()}
+    every_working = [part for *_, working in plans for part in working]
+    for patcher, _, failures, _ in plans:
         if failures:
-            raise patcher.layout_error(failures, _hint(failures, working))
-        slots += found
-    return install(model, slots)
+            raise patcher.layout_error(failures, _hint(every_failure, every_working))
+    return install(model, [slot for _, found, _, _ in plans for slot in found])
 
 
 def _unsupported(model) -> None:
