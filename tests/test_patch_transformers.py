@@ -1201,6 +1201,37 @@ def test_qwen3_5_text_only_model():
         rotary_patch(attention)
 
 
+@pytest.mark.parametrize("head", ["ForSequenceClassification", "TextForSequenceClassification"])
+def test_qwen3_5_task_heads_take_the_parts_of_the_model_they_hold(head):
+    """Qwen3.5's task heads (a reward model's ``ForSequenceClassification`` holding a
+    ``Qwen3_5Model``, ``TextForSequenceClassification`` a ``Qwen3_5TextModel``) are
+    classes of the architecture's module that are not roots: they get the parts of the
+    model they hold (not the merger alone, nor a refusal), and their scores match."""
+    cls = getattr(transformers, f"Qwen3_5{head}", None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3_5{head}")
+    torch.manual_seed(0)
+    vl = qwen3_5().config
+    text = head.startswith("Text")
+    model = cls(vl.text_config if text else vl).eval().to(DEVICE)
+    grid = IMAGE_GRIDS[1]  # one image of 2 merged tokens in one row
+    ids = torch.tensor([[5, 6, VSTART] + [IMG] * _tokens(grid) + [VEND, 7, 8]])
+    inputs = dict(input_ids=ids) if text else dict(
+        input_ids=ids, mm_token_type_ids=(ids == IMG).long(), image_grid_thw=torch.tensor([grid]),
+        pixel_values=torch.randn(grid[0] * grid[1] * grid[2], PATCH_DIM),
+    )  # fmt: skip
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    with torch.no_grad():
+        want = model(**inputs).logits
+        with rotary_patch(model, angles="positions") as handle:
+            counts, got = op_counts(lambda: model(**inputs).logits)
+    assert counts.get("vlmkernels::rope_positions", 0) == 1, counts  # one attention layer
+    assert ("model.get_rope_index" in handle.targets) != text, handle.targets
+    assert (counts.get("vlmkernels::rope_table", 0) > 0) != text, counts  # the vision tower
+    assert_close(got, want, "scores")
+    assert not instance_overrides(model)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_in_training(reentrant):
     """transformers' activation checkpointing (reentrant or not) on a patched

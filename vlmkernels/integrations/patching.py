@@ -562,8 +562,11 @@ class Patcher:
     def root(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]] | None:
         """(architecture, module, parts) where ``model`` is one of an architecture's roots;
         None where its classes come from no architecture's module (or from one whose
-        classes may be held anywhere). Raises :class:`UnsupportedModelError` for another
-        class of a known architecture's module (a Qwen-VL decoder layer, not the model)."""
+        classes may be held anywhere), or where it is another class of that module holding
+        one of its roots (a task head: Qwen3.5's ``ForSequenceClassification`` holds a
+        ``Qwen3_5Model``; :meth:`_nested` finds it). Raises :class:`UnsupportedModelError`
+        for another class of a known architecture's module holding none (a Qwen-VL decoder
+        layer, not the model)."""
         by_module = {a.module: a for a in self.architectures.values()}
         for cls in type(model).__mro__:
             arch = by_module.get(getattr(cls, "__module__", None))
@@ -575,6 +578,10 @@ class Patcher:
                     return arch, module, parts
             if arch.anywhere:  # another class of that module: the model may hold its classes
                 return None
+            roots = tuple(c for c in (getattr(module, n, None) for n in arch.roots)
+                          if isinstance(c, type))  # fmt: skip
+            if hasattr(model, "modules") and any(isinstance(s, roots) for s in model.modules()):
+                return None  # a task head of the architecture: its parts are the held root's
             raise UnsupportedModelError(
                 f"vlmkernels.patch takes a {', '.join(arch.roots)}; got {type(model).__qualname__}"
             )

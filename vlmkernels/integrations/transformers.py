@@ -91,7 +91,9 @@ Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe`` / ``Qwen3_5`
 ``Qwen3_5Moe`` ``...ForConditionalGeneration`` and ``...Model`` (all three parts),
 ``...TextModel`` and Qwen3.5's ``...ForCausalLM`` (``rope`` only: no vision tower and no
 ``get_rope_index``; also wherever a model holds one, as MiniCPM-V 4.6 holds Qwen3.5's) and
-the vision towers (``vision`` only).
+the vision towers (``vision`` only). A module holding one of these (a wrapper, or a task
+head of the same module: Qwen3.5's ``...ForSequenceClassification`` and
+``...ForTokenClassification``) gets the outermost one's parts.
 """
 
 from __future__ import annotations
@@ -157,8 +159,9 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     Args:
         model: for the rotary parts, a Qwen-VL ``...ForConditionalGeneration`` or
             ``...Model`` (text, vision and ``get_rope_index``), a ``...TextModel`` (text
-            only) or a vision tower, or a module holding one (``peft``'s ``PeftModel``:
-            the outermost one's parts); other tables' architectures anywhere in its tree.
+            only) or a vision tower, or a module holding one (``peft``'s ``PeftModel``,
+            Qwen3.5's task heads: the outermost one's parts); other tables' architectures
+            anywhere in its tree.
         rope: text attention rotary -> :func:`vlmkernels.rope` / :func:`vlmkernels.mrope`.
         vision: vision attention rotary -> :func:`vlmkernels.vision_rope`.
         rope_index: ``get_rope_index`` -> :func:`rope_index_method`.
