@@ -309,17 +309,23 @@ def _vision_formula(q, k, cos, sin):
     return out_q.to(q.dtype), out_k.to(k.dtype)
 
 
+def _transformers_module(model: str):
+    """(transformers.models.<model>.modeling_<model>, transformers' version), or (None, None)
+    where it does not import (the callers then write the formulas out)."""
+    try:
+        import transformers
+
+        module = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        return module, transformers.__version__
+    except Exception:  # noqa: BLE001 - any import failure falls back to the formulas
+        return None, None
+
+
 @functools.cache
 def hf_functions() -> tuple[Callable, Callable, str]:
     """(apply_rotary_pos_emb, apply_rotary_pos_emb_vision, note): transformers' own where
     the installed version has them, else the formulas written out."""
-    try:
-        import transformers
-
-        module = importlib.import_module("transformers.models.qwen2_vl.modeling_qwen2_vl")
-        version = transformers.__version__
-    except Exception:  # noqa: BLE001 - any import failure falls back to the formulas
-        module, version = None, None
+    module, version = _transformers_module("qwen2_vl")
     text = getattr(module, "apply_rotary_pos_emb", None)
     vision = getattr(module, "apply_rotary_pos_emb_vision", None)
     if version is None:
@@ -336,13 +342,7 @@ def hf_functions() -> tuple[Callable, Callable, str]:
 def hf_partial_function() -> tuple[Callable, str]:
     """(apply_rotary_pos_emb, note) of Qwen3.5 (partial rotary): transformers' own where the
     installed version has it, else the formula written out."""
-    try:
-        import transformers
-
-        module = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
-        version = transformers.__version__
-    except Exception:  # noqa: BLE001 - any import failure falls back to the formula
-        module, version = None, None
+    module, version = _transformers_module("qwen3_5")
     fn = getattr(module, "apply_rotary_pos_emb", None)
     if fn is not None:
         return fn, f"transformers {version} qwen3_5 apply_rotary_pos_emb"

@@ -18,6 +18,7 @@ bitwise.
 
 import contextlib
 import copy
+import functools
 import types
 import warnings
 
@@ -255,6 +256,18 @@ def assert_same_grads(params, got, want, zero_below=0.0):
             assert g.abs().max() < floor
         else:
             assert_close(g, ref, f"gradient of a {tuple(p.shape)} parameter")
+
+
+def logits_grads_tokens(model, inputs, params, new_tokens: int):
+    """The model's logits, the parameter gradients of :func:`linear_loss` on them, and (if
+    ``new_tokens``) the tokens of a greedy ``generate()``, else None."""
+    logits = model(**inputs).logits
+    grads = torch.autograd.grad(linear_loss(logits), params, allow_unused=True)
+    tokens = None
+    if new_tokens:
+        with torch.no_grad():
+            tokens = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return logits.detach(), grads, tokens
 
 
 def _vlmkernels_ops(prof) -> dict[str, int]:
@@ -1102,14 +1115,7 @@ def test_qwen3_vl_moe_matches_transformers():
     model = qwen3_vl_moe().eval().to(DEVICE)
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl").items()}
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def run():
-        logits = model(**inputs).logits
-        grads = torch.autograd.grad(linear_loss(logits), params, allow_unused=True)
-        with torch.no_grad():
-            tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        return logits.detach(), grads, tokens
-
+    run = functools.partial(logits_grads_tokens, model, inputs, params, 4)
     want, want_grads, want_tokens = run()
     with vt.patch(model):
         counts, (got, got_grads, got_tokens) = op_counts(run)
@@ -1133,15 +1139,8 @@ def test_qwen3_5_matches_transformers(moe, angles):
     model = qwen3_5(moe).eval().to(DEVICE)
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl").items()}
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def run():
-        logits = model(**inputs).logits
-        grads = torch.autograd.grad(linear_loss(logits), params, allow_unused=True)
-        with torch.no_grad():
-            tokens = (model.generate(**inputs, max_new_tokens=3, do_sample=False)
-                      if angles == "positions" else None)  # fmt: skip
-        return logits.detach(), grads, tokens
-
+    new_tokens = 3 if angles == "positions" else 0
+    run = functools.partial(logits_grads_tokens, model, inputs, params, new_tokens)
     want, want_grads, want_tokens = run()
     with rotary_patch(model, angles=angles):
         counts, (got, got_grads, got_tokens) = op_counts(run)
