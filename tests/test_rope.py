@@ -599,6 +599,122 @@ def test_bad_inputs(device):
     assert torch.equal(q, before)
 
 
+# ------------------------------------------------------------------ paired lanes (GLM-4V)
+
+
+def rotate_pairs(x):
+    """GLM-4V's rotate_half_llm: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2)
+
+
+def ref_rope_pairs(q, k, cos, sin, unsqueeze_dim=1):
+    """GLM-4V's apply_rotary_pos_emb: the first cos.shape[-1] lanes rotate in pairs."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+    return tuple(torch.cat((x[..., :rot] * cos + rotate_pairs(x[..., :rot]) * sin,
+                            x[..., rot:]), -1) for x in (q, k))  # fmt: skip
+
+
+def merge_pairs(table, section, interleaved=False):
+    """(3, ..., R) -> (..., R): lanes 2j and 2j + 1 from the axis of frequency j (chunked
+    sections over the frequencies, as GLM-4V's recomposition; or Qwen3-VL's rule)."""
+    j = torch.arange(table.shape[-1]) // 2
+    t, h, w = section
+    if interleaved:
+        axis = torch.where(
+            (j % 3 == 1) & (j < 3 * h), 1, torch.where((j % 3 == 2) & (j < 3 * w), 2, 0)
+        )
+    else:
+        axis = torch.where(j < t, 0, torch.where(j < t + h, 1, 2))
+    return torch.stack([table[a, ..., lane] for lane, a in enumerate(axis.tolist())], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bhsd", "thd"])
+def test_rope_pairs_partial_values_and_grads(dtype, layout, device, backend):
+    """pairs=True (GLM-4V: half the head rotates, in pairs) against transformers' formula;
+    the lanes past the table pass bitwise; gradients of q and k, and of the tables."""
+    b, s, d, rot = 2, 7, 40, 20
+    q, k, ud = qk_views(b, s, 3, 2, d, dtype, device, layout)
+    cos = torch.randn(*table_shape(q, ud, rot), device=device).to(dtype)
+    sin = torch.randn_like(cos)
+    outs = vlmkernels.rope(q, k, cos, sin, ud, pairs=True)
+    refs = ref_rope_pairs(*(t.double().cpu() for t in (q, k, cos, sin)), ud)
+    check_outputs(outs, refs, dtype, (q, k))
+    for out, x in zip(outs, (q, k), strict=True):
+        assert torch.equal(out[..., rot:], x[..., rot:])
+    tables = [leaf(cos), leaf(sin)] if dtype == torch.float32 else [cos, sin]
+    check_grads(
+        lambda q, k, c, s: vlmkernels.rope(q, k, c, s, ud, pairs=True),
+        lambda q, k, c, s: ref_rope_pairs(q, k, c, s, ud),
+        [leaf(q), leaf(k), *tables],
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_mrope_pairs_values_and_grads(interleaved, device, backend):
+    """(3, ..., R) tables with paired lanes: lanes 2j and 2j + 1 take frequency j's axis;
+    gradients of q, k and the three-axis tables."""
+    b, s, d = 2, 5, 24
+    section = [4, 4, 4] if not interleaved else [2, 3, 3]
+    q, k, ud = qk_views(b, s, 3, 1, d, torch.float32, device, "bshd")
+    cos = torch.randn(3, *table_shape(q, ud, d), device=device)
+    sin = torch.randn_like(cos)
+
+    def ref(q, k, c, s):
+        return ref_rope_pairs(q, k, merge_pairs(c, section, interleaved),
+                              merge_pairs(s, section, interleaved), ud)  # fmt: skip
+
+    def ours(q, k, c, s):
+        return vlmkernels.mrope(q, k, c, s, section, ud, interleaved=interleaved, pairs=True)
+
+    check_outputs(ours(q, k, cos, sin), ref(*(t.double().cpu() for t in (q, k, cos, sin))),
+                  torch.float32, (q, k))  # fmt: skip
+    check_grads(ours, ref, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mrope_from_positions_pairs(dtype, device, backend):
+    """GLM-4V's text rotary from positions: chunked sections over the R / 2 frequencies
+    (its recomposition), each frequency's fp32 cos and sin on two adjacent lanes
+    (repeat_interleave), half the head rotating in pairs."""
+    b, s, d, rot = 2, 9, 32, 16
+    section = [2, 3, 3]
+    q, k, ud = qk_views(b, s, 4, 2, d, dtype, device, "bhsd")
+    positions = torch.randint(0, 5000, (3, b, s), device=device)
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+    angle = (positions.cpu()[..., None].float() * inv_freq.cpu()).double()  # (3, B, S, R/2)
+    angle = torch.cat([m[i % 3] for i, m in enumerate(angle.split(section, -1))], -1)
+    cos, sin = (f(angle).repeat_interleave(2, -1) * 0.7 for f in (torch.cos, torch.sin))
+
+    def ours(q, k):
+        return vlmkernels.mrope_from_positions(q, k, positions, inv_freq, section, pairs=True,
+                                               attention_scaling=0.7)  # fmt: skip
+
+    check_outputs(ours(q, k), ref_rope_pairs(q.double().cpu(), k.double().cpu(), cos, sin),
+                  dtype, (q, k))  # fmt: skip
+    check_grads(ours, lambda q, k: ref_rope_pairs(q, k, cos, sin), [leaf(q), leaf(k)], dtype)
+
+
+def test_pairs_bad_inputs(device):
+    """pairs is a bool; the CUDA C++ kernels rotate halves only: the 'cuda' backend forced
+    on paired lanes says so (the default backend runs them on Triton)."""
+    q, k, ud = qk_views(1, 4, 2, 1, 16, torch.float32, device, "bhsd")
+    cos = torch.randn(*table_shape(q, ud, 16), device=device)
+    with pytest.raises(TypeError, match="pairs must be True or False"):
+        vlmkernels.rope(q, k, cos, cos, pairs="yes")
+    positions = torch.zeros(3, 1, 4, dtype=torch.long, device=device)
+    with pytest.raises(TypeError, match="pairs must be True or False"):
+        vlmkernels.mrope_from_positions(q, k, positions, torch.rand(8, device=device),
+                                        [2, 3, 3], pairs=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="'cuda' backend rotates halves only"):
+        R.cuda.rope_launch(q, k, q, k, table=(cos, cos), mode=R.PLAIN | R.PAIRS)
+    assert not R.cuda.fits(q, k, q, k, table=(cos, cos), mode=R.PAIRS)
+    with pytest.raises(ValueError, match="lane_rule must be .* plus 4 for paired lanes"):
+        torch.ops.vlmkernels.rope_table(q, k, cos, cos, 1, False, 8, [0, 0, 0], False)
+
+
 # ------------------------------------------------------------------ registration
 
 
@@ -633,6 +749,11 @@ def test_opcheck(device, backend):
     torch.library.opcheck(
         ops.rope_table_,
         (q.detach().clone(), k.detach().clone(), cos, sin, 2, True, R.CHUNKED, [2, 3, 3]),
+    )
+    paired = R.CHUNKED | R.PAIRS  # GLM-4V's lanes
+    torch.library.opcheck(ops.rope_table, (q, k, cos, sin, 2, True, paired, [2, 3, 3], False))
+    torch.library.opcheck(
+        ops.rope_positions, (q, k, positions, inv_freq, 2, paired, [2, 3, 3], 1.0, False)
     )
 
 

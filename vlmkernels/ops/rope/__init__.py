@@ -9,7 +9,12 @@ per-lane cosines c and sines s of length R (rotate-half, "NeoX" pairing):
     out[j + h] = x[j + h] c[j + h] + x[j]     s[j + h]
     out[j]     = x[j]                                        R <= j < D   (partial rotary)
 
-and the backward pass is its transpose (the rotation with the sign of sin flipped when the
+With paired lanes (``pairs=True``: GPT-J's pairing, GLM-4V's ``rotate_half_llm``) the
+rotated pairs are (2j, 2j + 1) instead of (j, j + h), the tables laid out the same way
+(each frequency's value on two adjacent lanes); everything below holds with that
+renumbering.
+
+The backward pass is its transpose (the rotation with the sign of sin flipped when the
 two halves of c and s agree, as they do in every model):
 
     dx[j]     = g[j]     c[j]     + g[j + h] s[j + h]
@@ -42,12 +47,13 @@ functions), ``index`` (``get_rope_index``), ``family`` (what the shared tools ne
 from .family import FAMILY
 from .functional import mrope, mrope_from_positions, rope, vision_rope
 from .index import get_rope_index
-from .kernels import CHUNKED, INTERLEAVED, PLAIN, POSITIONS, TABLE
+from .kernels import CHUNKED, INTERLEAVED, PAIRS, PLAIN, POSITIONS, TABLE
 
 __all__ = [
     "CHUNKED",
     "FAMILY",
     "INTERLEAVED",
+    "PAIRS",
     "PLAIN",
     "POSITIONS",
     "TABLE",

@@ -7,6 +7,7 @@ import torch
 
 from ...core.cuda import require
 
+_PAIRS = 4  # kernels.PAIRS: the CUDA C++ kernels rotate halves only
 _DATA = (torch.float32, torch.float16, torch.bfloat16)  # q, k (tables: float64 too)
 
 
@@ -16,6 +17,9 @@ def rope_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode
     canonical (B, S, H, D) views q, k into qo, ko (which may be q, k: in place), from
     ``table`` = (cos, sin), each (A, B, S, R), or from (3, B, S) ``positions`` and
     (R / 2,) ``inv_freq``."""
+    if mode & _PAIRS:
+        raise RuntimeError("rope: the 'cuda' backend rotates halves only; paired lanes "
+                           "(pairs=True) run on the 'triton' backend")  # fmt: skip
     require("rope")
     if not q.is_cuda:
         raise RuntimeError(f"rope: the 'cuda' backend needs CUDA tensors, got {q.device}")
@@ -35,12 +39,14 @@ def _launch_op(q, k, qo, ko, *, table, positions, inv_freq, mode, sections, scal
     )  # fmt: skip
 
 
-def fits(q, k, qo, ko, *, table=None, inv_freq=None, **_) -> bool:
+def fits(q, k, qo, ko, *, table=None, inv_freq=None, **kwargs) -> bool:
     """Whether the CUDA C++ kernels take a call of :func:`rope_launch` (csrc/rope/rope.h's
-    limits: q, k in fp32 / fp16 / bf16, tables in those or fp64, at most 16384 heads and a
-    head dim of 65536, at most 256 accesses per half head vector). The Triton kernel takes
-    every call the public functions pass; with the backend not forced, the others run
-    there (:func:`.ops._cuda_or_triton`)."""
+    limits: rotate-half lanes, q, k in fp32 / fp16 / bf16, tables in those or fp64, at most
+    16384 heads and a head dim of 65536, at most 256 accesses per half head vector). The
+    Triton kernel takes every call the public functions pass; with the backend not forced,
+    the others run there (:func:`.ops._cuda_or_triton`)."""
+    if kwargs.get("mode", 0) & _PAIRS:
+        return False
     if q.dtype not in _DATA or k.dtype not in _DATA:
         return False
     if table is not None and any(t.dtype not in (*_DATA, torch.float64) for t in table):

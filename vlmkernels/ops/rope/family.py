@@ -112,12 +112,12 @@ _UNIT = ("sqd", "skd", "sqod", "skod", "std")
 _ALIGNED = ("D", "sqb", "sqs", "sqh", "skb", "sks", "skh", "sqob", "sqos", "sqoh", "skob",
             "skos", "skoh", "stb", "sts")  # fmt: skip
 _QK = dict(q_ptr="*{elem}", k_ptr="*{elem}", qo_ptr="*{elem}", ko_ptr="*{elem}")
-_COMMON = dict(BACKWARD=False, COPY_PASS=False, half=64, BLOCK_HALF=64, BLOCK_PASS=64)
+_COMMON = dict(BACKWARD=False, COPY_PASS=False, PAIRS=False, half=64, BLOCK_HALF=64, BLOCK_PASS=64)
 
 
 def compile_cases() -> list[CompileCase]:
-    """The table, positions and vision variants (head dim 128, bf16 / fp32 inputs), and
-    Qwen3.5's partial rotary (head dim 256)."""
+    """The table, positions and vision variants (head dim 128, bf16 / fp32 inputs),
+    Qwen3.5's partial rotary (head dim 256) and GLM-4V's paired lanes (head dim 128)."""
 
     def case(name, pointers, constexprs):
         return CompileCase(name, kernels._rope_kernel, {**_QK, **pointers}, constexprs,
@@ -149,6 +149,15 @@ def compile_cases() -> list[CompileCase]:
                                   freq_ptr=unused),
              dict(_COMMON, SOURCE=TABLE, MODE=INTERLEAVED, SEC_T=11, SEC_H=11, SEC_W=10,
                   half=32, BLOCK_HALF=32, COPY_PASS=True)),
+        # GLM-4V's: 64 of 128 lanes rotate in pairs (2j, 2j + 1), chunked [8, 12, 12]
+        case("rope_pairs", dict(cos_ptr="*{elem}", sin_ptr="*{elem}", pos_ptr=unused,
+                                freq_ptr=unused),
+             dict(_COMMON, SOURCE=TABLE, MODE=CHUNKED, SEC_T=8, SEC_H=12, SEC_W=12,
+                  half=32, BLOCK_HALF=32, COPY_PASS=True, PAIRS=True)),
+        case("rope_pairs_positions", dict(cos_ptr=unused, sin_ptr=unused, pos_ptr="*i64",
+                                          freq_ptr="*fp32"),
+             dict(_COMMON, SOURCE=POSITIONS, MODE=CHUNKED, SEC_T=8, SEC_H=12, SEC_W=12,
+                  half=32, BLOCK_HALF=32, COPY_PASS=True, PAIRS=True)),
     ]  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from ...core.checks import FLOAT_DTYPES, check_bool, check_int, check_real, save
 from ...core.overlap import check_no_overlap
 from ...core.runtime import tracing
 from . import ops
-from .kernels import CHUNKED, INTERLEAVED, PLAIN
+from .kernels import CHUNKED, INTERLEAVED, PAIRS, PLAIN
 from .layout import token_axes
 
 __all__ = ["mrope", "mrope_from_positions", "rope", "vision_rope"]
@@ -157,7 +157,14 @@ def _table_op(op, q, k, cos, sin, head_axis, mode, sections, leading, inplace):
     return ops.rope_table(q, k, cos, sin, head_axis, leading, mode, sections, False)
 
 
-def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False):
+def _lane_rule(op, mode: int, pairs) -> int:
+    """The ops' lane rule: ``mode`` with the PAIRS flag when ``pairs``."""
+    if pairs is False:  # the default, without a check (host time)
+        return mode
+    return mode | PAIRS if check_bool(op, "pairs", pairs) else mode
+
+
+def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False, pairs: bool = False):
     """``apply_rotary_pos_emb``: ``q * cos + rotate_half(q) * sin`` (and the same for k).
 
     Args:
@@ -166,21 +173,25 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False):
         cos, sin: q's shape without the heads axis, last dim R <= D (R < D: partial rotary,
             lanes R..D pass through); broadcasting dims of size 1 allowed.
         inplace: rotate q and k in place (forward only) and return them.
+        pairs: rotate adjacent lanes (2j, 2j + 1) together, with cos and sin in the same
+            order (each frequency's value twice in a row): GPT-J's pairing, GLM-4V's
+            ``rotate_half_llm``. Default: lanes j and j + R / 2 (rotate-half, NeoX).
 
     Returns:
         (q_rotated, k_rotated), new tensors (q and k with ``inplace``) in q's and k's layouts
         and dtypes, computed in fp32 (float64 q and k in fp64, on the PyTorch path) and
         rounded once.
     """
-    return _rope("rope", q, k, cos, sin, unsqueeze_dim, inplace)
+    return _rope("rope", q, k, cos, sin, unsqueeze_dim, inplace, pairs)
 
 
-def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace):
+def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace, pairs=False):
     """:func:`rope` with errors naming ``op``."""
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
     _check_table_type(op, cos, sin)
     _check_rotary_dim(op, cos.shape[-1], q.shape[-1], "cos.shape[-1]")
-    return _table_op(op, q, k, cos, sin, head_axis, PLAIN, [0, 0, 0], False, inplace)
+    mode = _lane_rule(op, PLAIN, pairs)
+    return _table_op(op, q, k, cos, sin, head_axis, mode, [0, 0, 0], False, inplace)
 
 
 def _check_table_type(op, cos, sin) -> None:
@@ -192,7 +203,7 @@ def _check_table_type(op, cos, sin) -> None:
 
 
 def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved: bool = False,
-          inplace: bool = False):  # fmt: skip
+          inplace: bool = False, pairs: bool = False):  # fmt: skip
     """``apply_multimodal_rotary_pos_emb`` (transformers <= 5.16) from (3, ...) tables.
 
     Args:
@@ -204,6 +215,8 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
         interleaved: Qwen3-VL's lane rule (H on j % 3 == 1 below 3 h, W on j % 3 == 2
             below 3 w, T elsewhere) instead of contiguous T | H | W chunks.
         inplace: rotate q and k in place (forward only) and return them.
+        pairs: paired lanes (2j, 2j + 1), as :func:`rope`'s; frequency j's axis is the
+            same.
     """
     op = "mrope"
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
@@ -212,7 +225,7 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
     _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
     interleaved = check_bool(op, "interleaved", interleaved)
     sections = _check_sections(op, mrope_section, rot // 2, interleaved)
-    mode = INTERLEAVED if interleaved else CHUNKED
+    mode = _lane_rule(op, INTERLEAVED if interleaved else CHUNKED, pairs)
     return _table_op(op, q, k, cos, sin, head_axis, mode, sections, True, inplace)
 
 
@@ -260,6 +273,7 @@ def mrope_from_positions(
     interleaved: bool = False,
     attention_scaling: float = 1.0,
     rotary_dim: int | None = None,
+    pairs: bool = False,
 ):
     """M-RoPE with the angles computed in the kernel (fp32) from integer positions.
 
@@ -274,11 +288,13 @@ def mrope_from_positions(
         mrope_section: [t, h, w], summing to R / 2 (chunked; the interleaved rule takes
             any sum, as :func:`mrope`).
         rotary_dim: R, if given (must equal 2 * len(inv_freq)); lanes R..D pass through
-            (Qwen3.5's partial rotary).
+            (Qwen3.5's and GLM-4V's partial rotary).
         interleaved: Qwen3-VL's lane layout (T, H, W lanes interleaved) instead of the
             chunked sections of Qwen2-VL / Qwen2.5-VL.
         attention_scaling: the factor of cos and sin (the rotary class's
             ``attention_scaling``; 1 except for YaRN-style rope types).
+        pairs: paired lanes (2j, 2j + 1), as :func:`rope`'s (GLM-4V: chunked sections
+            over the frequencies, each frequency on two adjacent lanes).
     """
     op = "mrope_from_positions"
     head_axis = _check_qk(op, q, k, 1)
@@ -302,7 +318,7 @@ def mrope_from_positions(
     if freq.dtype != torch.float32 or freq.device != q.device or freq.stride(0) != 1:
         freq = to_device(op, "inv_freq", freq, q.device, dtype=torch.float32).contiguous()
     freq = saveable(freq)  # a buffer a rotary update recomputed under inference_mode
-    mode = INTERLEAVED if interleaved else CHUNKED
+    mode = _lane_rule(op, INTERLEAVED if interleaved else CHUNKED, pairs)
     scaling = check_real(op, "attention_scaling", attention_scaling, -math.inf, math.inf)
     return ops.rope_positions(q, k, positions, freq, head_axis, mode, sections, scaling, False)
 

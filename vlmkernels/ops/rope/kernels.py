@@ -16,6 +16,7 @@ from .layout import check_arguments, positions_strides, qk_layout, table_layout
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
 PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2  # which position axis each lane uses
+PAIRS = 4  # a lane rule's flag: lanes (2j, 2j + 1) rotate together (GPT-J / GLM-4V)
 
 # --------------------------------------------------------------------------------------
 # Triton kernels
@@ -45,16 +46,28 @@ def _lane_axis(j, MODE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr,
     return axis
 
 
+@triton.jit
+def _lanes(j, half, PAIRS: tl.constexpr):
+    """The lanes of each rotated pair of frequency ``j``: (j, j + half) (rotate-half), or
+    (2j, 2j + 1) with PAIRS."""
+    if PAIRS:
+        return 2 * j, 2 * j + 1
+    else:
+        return j, j + half
+
+
 # fmt: off
 @triton.jit
 def _rotate_heads(
     x_ptr, o_ptr, b, s, n_heads, half: tl.constexpr, D,
     sxb, sxs, sxh, sxd, sob, sos, soh, sod,
     c1, c2, s1, s2, j, lane_mask,
-    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr,
+    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
-    """Rotate the ``n_heads`` head vectors of token (b, s) of x into o, BLOCK_H at a time."""
+    """Rotate the ``n_heads`` head vectors of token (b, s) of x into o, BLOCK_H at a time.
+    With PAIRS each (2j, 2j + 1) pair is one (BLOCK_H, BLOCK_HALF, 2) access, split into
+    its lanes and joined back, so the loads and stores stay contiguous."""
     x_tok = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(s, tl.int64) * sxs
     o_tok = o_ptr + tl.cast(b, tl.int64) * sob + tl.cast(s, tl.int64) * sos
     rot = 2 * half
@@ -63,16 +76,26 @@ def _rotate_heads(
         m = (heads < n_heads)[:, None] & lane_mask[None, :]
         x_rows = x_tok + heads[:, None].to(tl.int64) * sxh
         o_rows = o_tok + heads[:, None].to(tl.int64) * soh
-        x1 = tl.load(x_rows + j[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(x_rows + (j + half)[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        if PAIRS:
+            pair = tl.arange(0, 2 * BLOCK_HALF)
+            pm = (heads < n_heads)[:, None] & (pair < rot)[None, :]
+            x = tl.load(x_rows + pair[None, :] * sxd, mask=pm, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
+        else:
+            x1 = tl.load(x_rows + j[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(x_rows + (j + half)[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
         if BACKWARD:
             o1 = x1 * c1[None, :] + x2 * s2[None, :]
             o2 = x2 * c2[None, :] - x1 * s1[None, :]
         else:
             o1 = x1 * c1[None, :] - x2 * s1[None, :]
             o2 = x2 * c2[None, :] + x1 * s2[None, :]
-        tl.store(o_rows + j[None, :] * sod, o1.to(o_ptr.dtype.element_ty), mask=m)
-        tl.store(o_rows + (j + half)[None, :] * sod, o2.to(o_ptr.dtype.element_ty), mask=m)
+        if PAIRS:
+            o = tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * BLOCK_HALF))
+            tl.store(o_rows + pair[None, :] * sod, o.to(o_ptr.dtype.element_ty), mask=pm)
+        else:
+            tl.store(o_rows + j[None, :] * sod, o1.to(o_ptr.dtype.element_ty), mask=m)
+            tl.store(o_rows + (j + half)[None, :] * sod, o2.to(o_ptr.dtype.element_ty), mask=m)
         if COPY_PASS:  # lanes past the rotary dim pass through unchanged
             for p0 in range(rot, D, BLOCK_PASS):
                 lanes = p0 + tl.arange(0, BLOCK_PASS)
@@ -92,7 +115,7 @@ def _rope_kernel(
     sta, stb, sts, std, spa, spb, sps,
     SOURCE: tl.constexpr, MODE: tl.constexpr,
     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
-    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr,
+    BACKWARD: tl.constexpr, COPY_PASS: tl.constexpr, PAIRS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
     """One token (b, s) per program: its per-lane cos/sin (from the table or from the
@@ -105,10 +128,11 @@ def _rope_kernel(
     axis = _lane_axis(j, MODE, SEC_T, SEC_H, SEC_W)
     if SOURCE == 0:
         row = tl.cast(b, tl.int64) * stb + tl.cast(s, tl.int64) * sts + axis.to(tl.int64) * sta
-        c1 = tl.load(cos_ptr + row + j * std, mask=lane_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + row + (j + half) * std, mask=lane_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + row + j * std, mask=lane_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + row + (j + half) * std, mask=lane_mask, other=0.0).to(tl.float32)
+        l1, l2 = _lanes(j, half, PAIRS)
+        c1 = tl.load(cos_ptr + row + l1 * std, mask=lane_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + row + l2 * std, mask=lane_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + row + l1 * std, mask=lane_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + row + l2 * std, mask=lane_mask, other=0.0).to(tl.float32)
     else:
         pos_row = tl.cast(b, tl.int64) * spb + tl.cast(s, tl.int64) * sps
         pos = tl.load(pos_ptr + pos_row + axis.to(tl.int64) * spa, mask=lane_mask, other=0)
@@ -119,10 +143,10 @@ def _rope_kernel(
         c2 = c1
         s2 = s1
     _rotate_heads(q_ptr, qo_ptr, b, s, HQ, half, D, sqb, sqs, sqh, sqd, sqob, sqos, sqoh, sqod,
-                  c1, c2, s1, s2, j, lane_mask, BACKWARD, COPY_PASS,
+                  c1, c2, s1, s2, j, lane_mask, BACKWARD, COPY_PASS, PAIRS,
                   BLOCK_H, BLOCK_HALF, BLOCK_PASS)
     _rotate_heads(k_ptr, ko_ptr, b, s, HK, half, D, skb, sks, skh, skd, skob, skos, skoh, skod,
-                  c1, c2, s1, s2, j, lane_mask, BACKWARD, COPY_PASS,
+                  c1, c2, s1, s2, j, lane_mask, BACKWARD, COPY_PASS, PAIRS,
                   BLOCK_H, BLOCK_HALF, BLOCK_PASS)
 # fmt: on
 
@@ -201,7 +225,8 @@ def _prepare(q, k, qo, ko, head_axis, table, leading, positions, inv_freq, mode,
     args = (s, hq, hk, half, d, float(scaling), *q_strides, *k_strides, *out_strides,
             *t_strides, *p_strides)  # fmt: skip
     kwargs = dict(
-        SOURCE=source, MODE=mode, SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
+        SOURCE=source, MODE=mode & ~PAIRS, PAIRS=bool(mode & PAIRS),
+        SEC_T=sections[0], SEC_H=sections[1], SEC_W=sections[2],
         BACKWARD=backward, COPY_PASS=rot < d and not in_place,
         BLOCK_HALF=next_pow2(half), BLOCK_PASS=min(64, next_pow2(max(d - rot, 1))),
     )  # fmt: skip

@@ -87,6 +87,7 @@ def positions_view(positions: torch.Tensor) -> torch.Tensor:
 
 
 _LANE_RULES = 3  # plain, chunked, interleaved (kernels.PLAIN, CHUNKED, INTERLEAVED)
+_PAIRS = 4  # kernels.PAIRS, a flag on any of them
 
 
 def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None,
@@ -109,9 +110,9 @@ def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None
         raise ValueError(f"{op}: k {tuple(k.shape)} must share q's {tuple(q.shape)} token "
                          f"axes and head dim (heads on axis {head_axis})")  # fmt: skip
     _same_device(op, "k", k, q)
-    if not isinstance(mode, int) or not 0 <= mode < _LANE_RULES:
+    if not isinstance(mode, int) or not 0 <= mode & ~_PAIRS < _LANE_RULES:
         raise ValueError(f"{op}: lane_rule must be 0 (plain), 1 (chunked) or 2 "
-                         f"(interleaved), got {mode}")  # fmt: skip
+                         f"(interleaved), plus 4 for paired lanes, got {mode}")  # fmt: skip
     if len(sections) != 3 or any(n < 0 for n in sections):
         raise ValueError(f"{op}: sections must be 3 non-negative ints, got {list(sections)}")
     if table is not None:
@@ -121,7 +122,7 @@ def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None
     if rot <= 0 or rot % 2 or rot > d:
         raise ValueError(f"{op}: the rotary dim must be even, positive and at most the head "
                          f"dim {d}, got {rot}")  # fmt: skip
-    if mode == 1 and sum(sections) != rot // 2:
+    if mode & ~_PAIRS == 1 and sum(sections) != rot // 2:
         raise ValueError(f"{op}: chunked sections {list(sections)} must sum to R / 2 = "
                          f"{rot // 2}")  # fmt: skip
 

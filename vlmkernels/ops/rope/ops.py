@@ -60,8 +60,8 @@ def _torch_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mo
         lanes = [reference.table_lanes(t, mode, sections) for t in table]
     else:
         lanes = reference.position_lanes(positions, inv_freq, mode, sections, scaling)
-    qo.copy_(reference.rotate(q, *lanes, backward))
-    ko.copy_(reference.rotate(k, *lanes, backward))
+    qo.copy_(reference.rotate(q, *lanes, backward, mode))
+    ko.copy_(reference.rotate(k, *lanes, backward, mode))
 
 
 def _cuda_or_triton(q, k, qo, ko, **angles):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import CHUNKED, INTERLEAVED
+from .kernels import CHUNKED, INTERLEAVED, PAIRS
 
 
 def lane_axes(half: int, mode: int, sections, device=None) -> torch.Tensor:
     """(half,) long: the position axis (0 T, 1 H, 2 W) of each frequency lane."""
+    mode &= ~PAIRS
     j = torch.arange(half, device=device)
     sec_t, sec_h, sec_w = sections
     if mode == CHUNKED:
@@ -28,11 +29,31 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _memory_order(axes: torch.Tensor, mode: int) -> torch.Tensor:
+    """Per-frequency values laid out over the R lanes: [f | f] (rotate-half), or each
+    repeated in place with PAIRS ([f0 f0 f1 f1 ...])."""
+    return axes.repeat_interleave(2, -1) if mode & PAIRS else torch.cat((axes, axes), -1)
+
+
+def halves(x: torch.Tensor, rot: int) -> torch.Tensor:
+    """x with its first ``rot`` lanes reordered from pairs (2j, 2j + 1) to halves
+    (j, j + rot / 2): the PAIRS rotation is rotate-half on this order."""
+    order = torch.cat((torch.arange(0, rot, 2), torch.arange(1, rot, 2))).to(x.device)
+    return torch.cat((x[..., order], x[..., rot:]), -1)
+
+
+def pairs(x: torch.Tensor, rot: int) -> torch.Tensor:
+    """The inverse of :func:`halves`."""
+    h = rot // 2
+    paired = torch.stack((x[..., :h], x[..., h:rot]), -1).flatten(-2)
+    return torch.cat((paired, x[..., rot:]), -1)
+
+
 def table_lanes(table: torch.Tensor, mode: int, sections) -> torch.Tensor:
     """(B, S, R) fp32 (fp64 for a float64 table) cos or sin per lane from an (A, B, S, R)
     table."""
     a, b, s, rot = table.shape
-    axes = lane_axes(rot // 2, mode, sections, table.device).repeat(2)
+    axes = _memory_order(lane_axes(rot // 2, mode, sections, table.device), mode)
     wide = table.to(_wide(table.dtype))
     if a == 1:
         return wide[0]
@@ -50,12 +71,16 @@ def position_lanes(positions, inv_freq, mode, sections, scaling):
     pos = positions.unsqueeze(-1).expand(3, b, s, half).gather(0, index)[0]
     angle = pos.float() * inv_freq.float()
     cos, sin = angle.cos() * scaling, angle.sin() * scaling
-    return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    return _memory_order(cos, mode), _memory_order(sin, mode)
 
 
-def rotate(x, cos, sin, backward):
-    """The rotation (or its transpose) of canonical (B, S, H, D) x with (B, S, R) lanes."""
+def rotate(x, cos, sin, backward, mode: int = 0):
+    """The rotation (or its transpose) of canonical (B, S, H, D) x with (B, S, R) lanes
+    (paired lanes with ``mode & PAIRS``)."""
     rot = cos.shape[-1]
+    if mode & PAIRS:
+        cos, sin = halves(cos, rot), halves(sin, rot)
+        return pairs(rotate(halves(x, rot), cos, sin, backward), rot)
     h = rot // 2
     xf = x.to(_wide(x.dtype))
     cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
@@ -74,6 +99,10 @@ def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
     come from no-grad rotary modules), summed over heads and scattered to each lane's
     axis."""
     rot = table_shape[-1]
+    if mode & PAIRS:
+        q, k, gq, gk = (halves(t, rot) for t in (q, k, gq, gk))
+        dc, ds = table_grads(q, k, gq, gk, mode & ~PAIRS, sections, table_shape, backward)
+        return pairs(dc, rot), pairs(ds, rot)
     h = rot // 2
     wide = _wide(q.dtype)
     dc = torch.zeros(table_shape[1:], dtype=wide, device=q.device)
