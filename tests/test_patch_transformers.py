@@ -141,6 +141,28 @@ def qwen3_5(moe: bool = False):
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
 
 
+def glm4v(moe: bool = False):
+    """GLM-4V (or GLM-4V-MoE, two routed experts, top-1, after one dense layer): text head
+    dim 32 of which half rotates (the released models' partial_rotary_factor), chunked
+    sections [2, 3, 3] over its 8 frequencies; GLM-4V's in pairs (rotate_half_llm),
+    GLM-4V-MoE's rotate-half. Vision head dim 12. Its video frames are image tokens (a
+    batch holds images or videos, not both), so the tests give it images."""
+    text = _text(128, [2, 3, 3])
+    text["rope_parameters"]["partial_rotary_factor"] = 0.5
+    if moe:
+        text.update(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                    n_shared_experts=1, first_k_dense_replace=1)  # fmt: skip
+    prefix = "Glm4vMoe" if moe else "Glm4v"
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text,
+        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=128,
+                              image_size=16),
+        image_token_id=IMG, video_token_id=VID, image_start_token_id=VSTART,
+        image_end_token_id=VEND, video_start_token_id=VSTART, video_end_token_id=VEND,
+    )  # fmt: skip
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+
+
 ARCHS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
 
 
@@ -148,7 +170,9 @@ def _tokens(grid):
     return grid[0] * grid[1] * grid[2] // MERGE**2
 
 
-def make_inputs(arch: str) -> dict:
+def make_inputs(arch: str, with_video: bool = True) -> dict:
+    """Two left-padded rows: text, an image, text, a video (if ``with_video``), text;
+    text, another image, text."""
     g = torch.Generator().manual_seed(1)
 
     def text(n):
@@ -164,7 +188,11 @@ def make_inputs(arch: str) -> dict:
         return [VSTART] + [VID] * _tokens(grid) + [VEND]
 
     rows = [
-        text(4) + image(IMAGE_GRIDS[0]) + text(3) + video(VIDEO_GRIDS[0]) + text(4),
+        text(4)
+        + image(IMAGE_GRIDS[0])
+        + text(3)
+        + (video(VIDEO_GRIDS[0]) if with_video else [])
+        + text(4),
         text(3) + image(IMAGE_GRIDS[1]) + text(5),
     ]
     length = max(map(len, rows))
@@ -180,8 +208,10 @@ def make_inputs(arch: str) -> dict:
     inputs = dict(
         input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
         pixel_values=pixels(IMAGE_GRIDS), image_grid_thw=torch.tensor(IMAGE_GRIDS),
-        pixel_values_videos=pixels(VIDEO_GRIDS), video_grid_thw=torch.tensor(VIDEO_GRIDS),
     )  # fmt: skip
+    if with_video:
+        inputs.update(pixel_values_videos=pixels(VIDEO_GRIDS),
+                      video_grid_thw=torch.tensor(VIDEO_GRIDS))  # fmt: skip
     if arch == "qwen2_5_vl":
         inputs["second_per_grid_ts"] = torch.tensor([1.5])
     return inputs
@@ -960,7 +990,8 @@ def test_support_report_on_the_installed_transformers():
     """Every architecture patches on the installed (tested) transformers; the report is what
     ``vlmkernels info`` prints."""
     report = vt.support()
-    rotary = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"}
+    rotary = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+              "glm4v", "glm4v_moe"}  # fmt: skip
     assert rotary <= set(report), report
     for arch in rotary:
         assert report[arch].keys() >= {"rope", "vision", "positions", "rope_index"}, arch
@@ -1229,6 +1260,79 @@ def test_qwen3_5_task_heads_take_the_parts_of_the_model_they_hold(head):
     assert (counts.get("vlmkernels::rope_table", 0) > 0) != text, counts  # the vision tower
     assert_close(got, want, "scores")
     assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("angles", ["table", "positions"])
+@pytest.mark.parametrize("moe", [False, True])
+def test_glm4v_matches_transformers(moe, angles):
+    """GLM-4V (lanes rotating in pairs) and GLM-4V-MoE (rotate-half), half of each head
+    rotating: logits and parameter gradients match the unpatched model's, and greedy
+    generate() tokens too (decode positions from the cached rope deltas); get_rope_index
+    (Qwen3-VL's code in GLM's classes) is vlmkernels'. The router's gradients are zero up
+    to rounding (top-1 of two experts), so they must only stay so."""
+    torch.manual_seed(0)
+    model = glm4v(moe).eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(logits_grads_tokens, model, inputs, params, 3)
+    want, want_grads, want_tokens = run()
+    with rotary_patch(model, angles=angles) as handle:
+        counts, (got, got_grads, got_tokens) = op_counts(run)
+    assert "model.get_rope_index" in handle.targets, handle.targets
+    text_op = "vlmkernels::rope_positions" if angles == "positions" else "vlmkernels::rope_table"
+    assert counts.get(text_op, 0) > 0 and counts.get("vlmkernels::rope_table", 0) > 0, counts
+    assert_close(got, want, "logits")
+    assert_same_grads(params, got_grads, want_grads, zero_below=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glm4v_rotary_function_rotates_pairs(dtype):
+    """The replacement of GLM-4V's ``apply_rotary_pos_emb`` against transformers' on random
+    (B, H, S, D) views with tables half the head wide, in the order the installed function
+    takes (probed: each frequency twice in a row from 5.17, [f | f] in 5.16, which it
+    reorders itself): the rotated lanes agree (fp32 to rounding, bf16 within 1e-2 of the
+    largest), the passed lanes are the inputs' bitwise."""
+    from transformers.models.glm4v import modeling_glm4v
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    arch = next(a for a in qwen_vl.ARCHITECTURES if a.key == "glm4v")
+    order = qwen_vl._table_order(arch)
+    assert order == ("halves" if transformers.__version__.startswith("5.16.") else "pairs")
+    replacement = {"pairs": qwen_vl.apply_paired_rotary_pos_emb,
+                   "halves": qwen_vl.apply_paired_rotary_pos_emb_from_halves}[order]  # fmt: skip
+    g = torch.Generator().manual_seed(6)
+    b, s, d, rot = 2, 5, 32, 16
+    q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+            for h in (4, 2))  # fmt: skip
+    angles = torch.randn(b, s, rot // 2, generator=g)
+    angles = angles.repeat_interleave(2, -1) if order == "pairs" else angles.repeat(1, 1, 2)
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    got = replacement(q, k, cos, sin)
+    want = modeling_glm4v.apply_rotary_pos_emb(q, k, cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for x, a, w in zip((q, k), got, want, strict=True):
+        assert a.dtype == w.dtype and a.shape == w.shape
+        assert (a[..., :rot] - w[..., :rot]).abs().max() <= tol * w[..., :rot].abs().max()
+        assert torch.equal(a[..., rot:], x[..., rot:])
+
+
+def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):
+    """A GLM-4V ``apply_rotary_pos_emb`` that takes its tables in neither known order
+    refuses the text rotary part by name (nothing installed; the support report says why)
+    rather than leaving it unpatched or reading the tables wrongly."""
+    from transformers.models.glm4v import modeling_glm4v
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    model = glm4v()
+    monkeypatch.setitem(qwen_vl._TABLE_ORDER, modeling_glm4v.apply_rotary_pos_emb, None)
+    with pytest.raises(vt.UnsupportedLayoutError, match="rope: .*in an order vlmkernels knows"):
+        rotary_patch(model)
+    assert not instance_overrides(model)
+    assert "in an order vlmkernels knows" in vt.support()["glm4v"]["rope"]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

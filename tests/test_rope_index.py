@@ -26,7 +26,7 @@ from vlmkernels.integrations import transformers as vt  # noqa: E402
 from vlmkernels.integrations.transformers import rope_index_method  # noqa: E402
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-QWEN3_LIKE = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+QWEN3_LIKE = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")
 TEXT_CFG = dict(
     hidden_size=16,
     intermediate_size=16,
@@ -57,6 +57,10 @@ def _tiny_model(name):
         rope_parameters={**TEXT_CFG["rope_parameters"], "partial_rotary_factor": 1.0},
     )
     qwen3_5_vision = {k: v for k, v in qwen3_vision.items() if k != "deepstack_visual_indexes"}
+    glm_vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                      out_hidden_size=16)  # fmt: skip
+    glm_moe_text = dict(TEXT_CFG, n_routed_experts=2, num_experts_per_tok=1,
+                        moe_intermediate_size=8, first_k_dense_replace=1)  # fmt: skip
     setups = {
         "qwen2_vl": ("Qwen2VLModel", "Qwen2VLConfig", qwen2_vision, TEXT_CFG),
         "qwen2_5_vl": (
@@ -74,6 +78,8 @@ def _tiny_model(name):
             qwen3_5_vision,
             dict(qwen3_5_text, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8),
         ),
+        "glm4v": ("Glm4vModel", "Glm4vConfig", glm_vision, TEXT_CFG),
+        "glm4v_moe": ("Glm4vMoeModel", "Glm4vMoeConfig", glm_vision, glm_moe_text),
     }
     model_name, config_name, vision, text = setups[name]
     config = getattr(transformers, config_name)(vision_config=vision, text_config=text)
@@ -338,8 +344,8 @@ def test_random_batches_match_transformers_and_reference(models, model_type):
 
 @pytest.mark.parametrize("name", QWEN3_LIKE)
 def test_qwen3_like_models_match_transformers(models, name):
-    """The models whose get_rope_index is Qwen3-VL's (its MoE variant, Qwen3.5 and
-    Qwen3.5-MoE) get it installed and agree with their own."""
+    """The models whose get_rope_index is Qwen3-VL's (its MoE variant, Qwen3.5,
+    Qwen3.5-MoE, GLM-4V and GLM-4V-MoE) get it installed and agree with their own."""
     model, rng = models[name], random.Random(7)
     for _ in range(10):
         inputs = _random_batch(rng, "qwen3_vl", 2)

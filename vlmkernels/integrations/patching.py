@@ -364,7 +364,8 @@ class Rebind:
     ``functions`` (matched by name among the module globals its code loads) runs that
     vlmkernels function instead. ``only(arch)``, if given, limits the replacement to the
     architectures it accepts (one function name with two meanings: Qwen3.5's
-    ``apply_rotary_pos_emb`` rotates part of the head, Qwen3-VL's all of it)."""
+    ``apply_rotary_pos_emb`` rotates part of the head, Qwen3-VL's all of it); it raises
+    :class:`UnsupportedLayoutError` where it cannot tell."""
 
     part: str
     role: str
@@ -696,9 +697,9 @@ class Patcher:
                 continue
             parts = {}
             for replacement in self.replacements:
-                if not _serves(replacement, arch):
-                    continue
                 try:
+                    if not _serves(replacement, arch):
+                        continue
                     cls = self.cls(module, arch.classes[replacement.role])
                     if isinstance(replacement, Rebind):
                         result = plan_forward(cls, replacement.functions, self.library)

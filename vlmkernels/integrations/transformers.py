@@ -1,6 +1,6 @@
 """Swap the rotary path of one transformers Qwen-VL model instance for the vlmkernels ops.
 
->>> handle = vlmkernels.integrations.transformers.patch(model)  # Qwen2/2.5/3-VL, 3.5 (MoE)
+>>> handle = vlmkernels.integrations.transformers.patch(model)  # Qwen-VL, GLM-4V (MoE)
 >>> ...                                                          # train / generate
 >>> handle.undo()                                                # or: with patch(model): ...
 
@@ -8,8 +8,9 @@ What is swapped, per part (each a keyword of :func:`patch`):
 
 - ``rope``: the text attention's call to transformers' rotary function runs
   :func:`vlmkernels.rope` (``apply_rotary_pos_emb``, cos/sin already merged by the rotary
-  class; Qwen3.5's rotates the first ``cos.shape[-1]`` lanes of the head and passes the
-  rest, the others need tables as wide as the head) or :func:`vlmkernels.mrope`
+  class; Qwen3.5's and GLM-4V-MoE's rotate the first ``cos.shape[-1]`` lanes of the head
+  and pass the rest, GLM-4V's too with lanes (2j, 2j + 1) rotating together
+  (``pairs=True``), the others need tables as wide as the head) or :func:`vlmkernels.mrope`
   (``apply_multimodal_rotary_pos_emb``, (3, B, S, D) tables, Qwen2/2.5-VL up to
   transformers 5.16).
 - ``vision``: the vision attention's ``apply_rotary_pos_emb_vision`` runs
@@ -21,7 +22,8 @@ What is swapped, per part (each a keyword of :func:`patch`):
   tables; it hands the (3, B, S) position ids on, and the attention calls
   :func:`vlmkernels.mrope_from_positions` with the module's ``inv_freq``,
   ``attention_scaling`` and M-RoPE section (chunked for Qwen2/2.5-VL, interleaved for
-  Qwen3-VL and Qwen3.5). The rotary module then returns ``(position_ids,
+  Qwen3-VL and Qwen3.5; chunked over the frequencies, in pairs or halves, for GLM-4V and
+  GLM-4V-MoE). The rotary module then returns ``(position_ids,
   PositionAngles(...))`` in place of ``(cos, sin)``: only the patched attention understands
   that pair, and anything else that unpacked it as tensors would fail loudly rather than
   compute wrong values. Refused
@@ -74,7 +76,8 @@ transformers   Qwen2-VL, Qwen2.5-VL text        Qwen3-VL (and MoE) text
                rotary class merges) -> ``rope``
 =============  ===============================  ===================================
 
-Qwen3.5 (and MoE), all versions: ``apply_rotary_pos_emb`` with partial rotary -> ``rope``.
+Qwen3.5 (and MoE) and GLM-4V-MoE, all versions: ``apply_rotary_pos_emb`` with partial rotary
+-> ``rope``; GLM-4V: partial rotary in pairs -> ``rope(..., pairs=True)``.
 All versions: vision attention ``apply_rotary_pos_emb_vision`` -> ``vision_rope``;
 ``get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
 [second_per_grid_ts,] attention_mask, **kwargs)`` -> :func:`rope_index_method`. The layout is
@@ -88,7 +91,8 @@ Other families add tables (``integrations/tables/<group>.py``, each registering 
 names (``**parts``); a table's architectures may apply anywhere in a module tree.
 
 Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe`` / ``Qwen3_5`` /
-``Qwen3_5Moe`` ``...ForConditionalGeneration`` and ``...Model`` (all three parts),
+``Qwen3_5Moe`` / ``Glm4v`` / ``Glm4vMoe`` ``...ForConditionalGeneration`` and ``...Model``
+(all three parts),
 ``...TextModel`` and Qwen3.5's ``...ForCausalLM`` (``rope`` only: no vision tower and no
 ``get_rope_index``; also wherever a model holds one, as MiniCPM-V 4.6 holds Qwen3.5's) and
 the vision towers (``vision`` only). A module holding one of these (a wrapper, or a task

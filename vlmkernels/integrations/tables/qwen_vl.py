@@ -1,6 +1,7 @@
-"""The Qwen-VL tables of the transformers integration (the rotary family's): which classes
-of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE play which role
-(:data:`ARCHITECTURES`),
+"""The M-RoPE tables of the transformers integration (the rotary family's): which classes
+of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
+(GLM-4.1V, GLM-4.6V-Flash) and GLM-4V-MoE (GLM-4.5V, GLM-4.6V), whose code transformers
+adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`),
 and what each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions
 they install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies
 them; :mod:`..patching` is the mechanism."""
@@ -8,6 +9,7 @@ them; :mod:`..patching` is the mechanism."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import types
 from collections.abc import Callable
@@ -59,11 +61,16 @@ TESTED_VERSIONS = (
 
 
 def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index,
-          partial_rotary=False):  # fmt: skip
-    """A Qwen-VL architecture: its classes by role, which parts apply to which root, the
-    M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`.
-    ``partial_rotary``: its text rotary function rotates the first ``cos.shape[-1]`` lanes
-    of the head and passes the rest (Qwen3.5, which also has a text-only ``ForCausalLM``)."""
+          rotation="full", interleaved=None, causal_lm=False):  # fmt: skip
+    """A Qwen-VL-style architecture: its classes by role, which parts apply to which root,
+    the M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`.
+
+    ``rotation``: what its text rotary function does with the tables: "full" (rotate-half,
+    tables as wide as the head), "partial" (rotate-half on the first ``cos.shape[-1]``
+    lanes, the rest passed: Qwen3.5, GLM-4V-MoE) or "pairs" (partial, lanes (2j, 2j + 1)
+    rotating together: GLM-4V). ``interleaved``: Qwen3-VL's section rule (default: the
+    models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a text-only
+    ``ForCausalLM`` (Qwen3.5)."""
     full = ("rope", "vision", "rope_index", "positions")
     text = ("rope", "positions")
     return Architecture(
@@ -79,19 +86,21 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
             f"{prefix}ForConditionalGeneration": full,
             f"{prefix}Model": full,
             f"{prefix}TextModel": text,
-            **({f"{prefix}ForCausalLM": text} if partial_rotary else {}),
+            **({f"{prefix}ForCausalLM": text} if causal_lm else {}),
             vision_model: ("vision",),
         },
         data={
-            "interleaved": rope_index == "qwen3_vl",
+            "interleaved": rope_index == "qwen3_vl" if interleaved is None else interleaved,
             "rope_index": rope_index,
-            "partial_rotary": partial_rotary,
+            "rotation": rotation,
         },  # fmt: skip
     )
 
 
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
-# Qwen3.5's get_rope_index is Qwen3-VL's (video grids split per frame).
+# Qwen3.5's and GLM-4V's get_rope_index and get_vision_position_ids are Qwen3-VL's (video
+# grids split per frame), word for word on every release tested; GLM-4V's sections are
+# chunked (its recomposition splits the frequencies by section, axis i % 3).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -103,10 +112,16 @@ ARCHITECTURES = (
     _qwen("qwen3_vl_moe", "Qwen3VLMoe", "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionAttention",
           "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRotaryEmbedding", "qwen3_vl"),
     _qwen("qwen3_5", "Qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionAttention",
-          "Qwen3_5Attention", "Qwen3_5TextRotaryEmbedding", "qwen3_vl", partial_rotary=True),
+          "Qwen3_5Attention", "Qwen3_5TextRotaryEmbedding", "qwen3_vl", "partial",
+          causal_lm=True),
     _qwen("qwen3_5_moe", "Qwen3_5Moe", "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionAttention",
-          "Qwen3_5MoeAttention", "Qwen3_5MoeTextRotaryEmbedding", "qwen3_vl",
-          partial_rotary=True),
+          "Qwen3_5MoeAttention", "Qwen3_5MoeTextRotaryEmbedding", "qwen3_vl", "partial",
+          causal_lm=True),
+    _qwen("glm4v", "Glm4v", "Glm4vVisionModel", "Glm4vVisionAttention", "Glm4vTextAttention",
+          "Glm4vTextRotaryEmbedding", "qwen3_vl", "pairs", interleaved=False),
+    _qwen("glm4v_moe", "Glm4vMoe", "Glm4vMoeVisionModel", "Glm4vMoeVisionAttention",
+          "Glm4vMoeTextAttention", "Glm4vMoeTextRotaryEmbedding", "qwen3_vl", "partial",
+          interleaved=False),
 )  # fmt: skip
 
 
@@ -125,6 +140,7 @@ class PositionAngles:
     mrope_section: tuple[int, int, int]
     interleaved: bool
     dtype: torch.dtype  # the dtype transformers would have cast cos/sin to
+    pairs: bool = False  # lanes (2j, 2j + 1) rotate together (GLM-4V)
 
 
 def _eager_dtype(out: torch.Tensor, x: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
@@ -158,18 +174,18 @@ def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_
         )
     positions = positions.to(q.device).expand(3, q.shape[0], q.shape[2])
     out_q, out_k = mrope_from_positions(
-        q, k, positions, angles.inv_freq, section,
-        interleaved=angles.interleaved, attention_scaling=angles.attention_scaling,
+        q, k, positions, angles.inv_freq, section, interleaved=angles.interleaved,
+        attention_scaling=angles.attention_scaling, pairs=angles.pairs,
     )  # fmt: skip
     return _eager_dtype(out_q, q, angles.dtype), _eager_dtype(out_k, k, angles.dtype)
 
 
-def _text_function(partial: bool):
+def _text_function(partial: bool, pairs: bool = False):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if isinstance(sin, PositionAngles):
             return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim, partial)
         _check_width(q, cos.shape[-1], partial)
-        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim)
+        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
         return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
 
     return apply_rotary_pos_emb
@@ -184,9 +200,72 @@ when ``sin`` is a :class:`PositionAngles`)."""
 # Qwen3.5's function of the same name: the first cos.shape[-1] lanes rotate, the rest pass
 apply_partial_rotary_pos_emb = _text_function(partial=True)
 apply_partial_rotary_pos_emb.__qualname__ = "apply_partial_rotary_pos_emb"
-apply_partial_rotary_pos_emb.__doc__ = """Qwen3.5's ``apply_rotary_pos_emb`` (partial rotary:
-lanes past ``cos.shape[-1]`` pass through) on :func:`vlmkernels.rope` (or
+apply_partial_rotary_pos_emb.__doc__ = """Qwen3.5's and GLM-4V-MoE's ``apply_rotary_pos_emb``
+(partial rotary: lanes past ``cos.shape[-1]`` pass through) on :func:`vlmkernels.rope` (or
 :func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
+
+# GLM-4V's: partial rotary in pairs (its rotate_half_llm; tables repeat_interleave(2))
+apply_paired_rotary_pos_emb = _text_function(partial=True, pairs=True)
+apply_paired_rotary_pos_emb.__qualname__ = "apply_paired_rotary_pos_emb"
+apply_paired_rotary_pos_emb.__doc__ = """GLM-4V's ``apply_rotary_pos_emb`` (transformers >=
+5.17: partial rotary, lanes (2j, 2j + 1) rotating together, as its ``rotate_half_llm``, the
+tables in that order) on :func:`vlmkernels.rope` with ``pairs=True`` (or
+:func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
+
+
+def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
+    """GLM-4V's ``apply_rotary_pos_emb`` of transformers 5.16: its rotary class gives
+    ``[f | f]`` tables, which the function reorders (``cos[..., :R / 2]
+    .repeat_interleave(2)``, a copy of the small table, here too) before rotating pairs."""
+    if isinstance(sin, PositionAngles):  # the angles are the same
+        return apply_paired_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    half = cos.shape[-1] // 2
+    cos, sin = (t[..., :half].repeat_interleave(2, -1) for t in (cos, sin))
+    return apply_paired_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+
+
+apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
+
+_TABLE_ORDER: dict[Callable, str | None] = {}  # GLM-4V function -> the table order it takes
+
+
+def _table_order(arch: Architecture) -> str | None:
+    """The cos/sin order the installed GLM-4V ``apply_rotary_pos_emb`` takes: "pairs" (each
+    frequency twice in a row, >= 5.17) or "halves" ([f | f], 5.16); None when the function
+    is missing or does neither. Probed once per function on a 4-lane table [1, 2, 3, 4]
+    with zero sines: the layout is recognised from what the function does, not from the
+    version number."""
+    function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
+    if function not in _TABLE_ORDER:
+        with torch.device("cpu"), torch.no_grad():
+            x = torch.ones(1, 1, 1, 4)
+            cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
+            try:
+                out = tuple(function(x, x, cos, sin)[0].flatten().tolist())
+            except Exception:  # missing, or another signature: neither order
+                out = None
+        orders = {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}
+        _TABLE_ORDER[function] = orders.get(out)
+    return _TABLE_ORDER[function]
+
+
+def _paired(order: str) -> Callable[[Architecture], bool]:
+    """``Rebind.only`` for GLM-4V's function taking tables in ``order``; another function
+    of that name is refused, not left unpatched."""
+
+    def only(arch: Architecture) -> bool:
+        if arch.data["rotation"] != "pairs":
+            return False
+        found = _table_order(arch)
+        if found is None:
+            raise UnsupportedLayoutError(
+                f"{arch.module}.apply_rotary_pos_emb does not rotate lane pairs with its "
+                f"cos/sin in an order vlmkernels knows (each frequency twice in a row, "
+                f"transformers >= 5.17; [f | f], 5.16)"
+            )
+        return found == order
+
+    return only
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
@@ -204,7 +283,8 @@ def apply_rotary_pos_emb_vision(q, k, cos, sin):
     return vision_rope(q, k, cos, sin)
 
 
-def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
+def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
+                              pairs: bool = False):  # fmt: skip
     """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
     what the kernel needs to compute the angles. The module's ``mrope_section`` is read at
     each call, as transformers reads it (``section``: the config's, for the modules without
@@ -216,7 +296,7 @@ def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool):
         own = getattr(self, "mrope_section", None)
         live = section if own is None else tuple(own)
         angles = PositionAngles(self.inv_freq, float(self.attention_scaling), live,
-                                interleaved, x.dtype)  # fmt: skip
+                                interleaved, x.dtype, pairs)  # fmt: skip
         return position_ids.expand(3, -1, -1), angles
 
     return forward
@@ -270,7 +350,8 @@ def _positions_forward(rotary, arch: Architecture):
     if not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
         raise UnsupportedLayoutError(f"{type(rotary).__qualname__} has no inv_freq buffer")
     _check_rotary_class(type(rotary), arch)
-    return _positions_rotary_forward(_mrope_section(rotary), arch.data["interleaved"])
+    return _positions_rotary_forward(_mrope_section(rotary), arch.data["interleaved"],
+                                     arch.data["rotation"] == "pairs")  # fmt: skip
 
 
 def _rope_index_function(model, arch: Architecture):
@@ -398,7 +479,8 @@ def rope_index_method(
 
     ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
     ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, ``Qwen3_5Model``,
-    ``Qwen3_5MoeModel``, or a subclass that does not override it);
+    ``Qwen3_5MoeModel``, ``Glm4vModel``, ``Glm4vMoeModel``, or a subclass that does not
+    override it);
     ``...ForConditionalGeneration`` holds it as ``.model``. Their ``compute_3d_position_ids``
     and generation's ``_prepare_position_ids_for_generation`` call ``get_rope_index`` on the
     instance, so the instance attribute takes over in both.
@@ -466,14 +548,18 @@ def rope_index_method(
 # --------------------------------------------------------------------------------------
 
 
-def _partial(arch: Architecture) -> bool:
-    return arch.data["partial_rotary"]
+def _rotation(kind: str):
+    """``Rebind.only`` for the architectures whose text rotary function is ``kind``."""
+    return lambda arch: arch.data["rotation"] == kind
 
 
 REPLACEMENTS = (
     Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb),
-           only=lambda arch: not _partial(arch)),
-    Rebind("rope", "text_attention", (apply_partial_rotary_pos_emb,), only=_partial),
+           only=_rotation("full")),
+    Rebind("rope", "text_attention", (apply_partial_rotary_pos_emb,), only=_rotation("partial")),
+    Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb,), only=_paired("pairs")),
+    Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb_from_halves,),
+           only=_paired("halves")),
     Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
