@@ -109,7 +109,7 @@ def test_info_names_transformers_and_what_patches_on_it(capsys):
     out = capsys.readouterr().out
     assert f"transformers {transformers.__version__} (vlmkernels.patch tested with" in out
     for arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
-                 "glm4v", "glm4v_moe"):  # fmt: skip
+                 "glm4v", "glm4v_moe", "glm_ocr", "paddleocr_vl"):  # fmt: skip
         # positions is patch(angles="positions"), not a keyword of its own
         want = "patches rope, vision, positions (angles='positions'), rope_index"
         assert f"  {arch:<13} {want}" in out

@@ -163,6 +163,34 @@ def glm4v(moe: bool = False):
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
 
 
+def glm_ocr():
+    """GLM-OCR: GLM-4V's text rotary (half of each 32-lane head rotating in pairs, chunked
+    [2, 3, 3]) and vision tower in its own classes."""
+    text = _text(128, [2, 3, 3])
+    text["rope_parameters"]["partial_rotary_factor"] = 0.5
+    config = transformers.GlmOcrConfig(
+        text_config=text,
+        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=128,
+                              image_size=16),
+        image_token_id=IMG, video_token_id=VID, image_start_token_id=VSTART,
+        image_end_token_id=VEND, video_start_token_id=VSTART, video_end_token_id=VEND,
+    )  # fmt: skip
+    return transformers.GlmOcrForConditionalGeneration(config)
+
+
+def paddleocr_vl():
+    """PaddleOCR-VL: Qwen2-VL's text rotary (head dim 32, chunked [4, 6, 6]) and
+    get_rope_index, a NaViT-style vision tower (head dim 12) calling Qwen's vision rotary
+    function."""
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=VISION_DEPTH,
+                  num_attention_heads=2, image_size=16, patch_size=PATCH,
+                  spatial_merge_size=MERGE)  # fmt: skip
+    config = transformers.PaddleOCRVLConfig(
+        text_config=_text(128, [4, 6, 6], head_dim=32), vision_config=vision, **_TOKENS
+    )
+    return transformers.PaddleOCRVLForConditionalGeneration(config)
+
+
 ARCHS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
 
 
@@ -991,7 +1019,7 @@ def test_support_report_on_the_installed_transformers():
     ``vlmkernels info`` prints."""
     report = vt.support()
     rotary = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
-              "glm4v", "glm4v_moe"}  # fmt: skip
+              "glm4v", "glm4v_moe", "glm_ocr", "paddleocr_vl"}  # fmt: skip
     assert rotary <= set(report), report
     for arch in rotary:
         assert report[arch].keys() >= {"rope", "vision", "positions", "rope_index"}, arch
@@ -1317,6 +1345,42 @@ def test_glm4v_rotary_function_rotates_pairs(dtype):
         assert a.dtype == w.dtype and a.shape == w.shape
         assert (a[..., :rot] - w[..., :rot]).abs().max() <= tol * w[..., :rot].abs().max()
         assert torch.equal(a[..., rot:], x[..., rot:])
+
+
+@pytest.mark.parametrize("angles", ["table", "positions"])
+@pytest.mark.parametrize("arch", ["glm_ocr", "paddleocr_vl"])
+def test_ocr_models_match_transformers(arch, angles):
+    """GLM-OCR (GLM-4V's paired lanes) and PaddleOCR-VL (Qwen2-VL's rotary in its own
+    classes; its vision tower takes (N, 3, patch, patch) patches), images only: every
+    rotary call runs on vlmkernels (two text layers, two vision blocks, one call each for
+    the batch's images), get_rope_index is vlmkernels'; logits, parameter gradients and
+    greedy generate() tokens match the unpatched model's."""
+    torch.manual_seed(0)
+    model = (glm_ocr if arch == "glm_ocr" else paddleocr_vl)().eval().to(DEVICE)
+    inputs = make_inputs("qwen3_vl" if arch == "glm_ocr" else "qwen2_vl", with_video=False)
+    if arch == "paddleocr_vl":
+        pixels = inputs["pixel_values"]
+        inputs["pixel_values"] = pixels[:, : 3 * PATCH * PATCH].reshape(-1, 3, PATCH, PATCH)
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(logits_grads_tokens, model, inputs, params, 3)
+    want, want_grads, want_tokens = run()
+    with rotary_patch(model, angles=angles) as handle:
+        counts, (got, got_grads, _) = op_counts(
+            functools.partial(logits_grads_tokens, model, inputs, params, 0)
+        )
+        got_tokens = run()[2]
+    assert "model.get_rope_index" in handle.targets, handle.targets
+    # each layer's call, forward then backward (which runs the same op, transposed)
+    if angles == "table":
+        assert counts == {"vlmkernels::rope_table": 2 * (TEXT_LAYERS + VISION_DEPTH)}
+    else:
+        assert counts == {"vlmkernels::rope_positions": 2 * TEXT_LAYERS,
+                          "vlmkernels::rope_table": 2 * VISION_DEPTH}  # fmt: skip
+    assert_close(got, want, "logits")
+    assert_same_grads(params, got_grads, want_grads)
+    assert torch.equal(got_tokens, want_tokens)
+    assert not instance_overrides(model)
 
 
 def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):

@@ -26,7 +26,8 @@ from vlmkernels.integrations import transformers as vt  # noqa: E402
 from vlmkernels.integrations.transformers import rope_index_method  # noqa: E402
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-QWEN3_LIKE = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")
+QWEN3_LIKE = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe", "glm_ocr")
+QWEN2_LIKE = ("paddleocr_vl",)
 TEXT_CFG = dict(
     hidden_size=16,
     intermediate_size=16,
@@ -79,6 +80,13 @@ def _tiny_model(name):
             dict(qwen3_5_text, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8),
         ),
         "glm4v": ("Glm4vModel", "Glm4vConfig", glm_vision, TEXT_CFG),
+        "glm_ocr": ("GlmOcrModel", "GlmOcrConfig", glm_vision, TEXT_CFG),
+        "paddleocr_vl": (
+            "PaddleOCRVLModel",
+            "PaddleOCRVLConfig",
+            dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2),
+            TEXT_CFG,
+        ),
         "glm4v_moe": ("Glm4vMoeModel", "Glm4vMoeConfig", glm_vision, glm_moe_text),
     }
     model_name, config_name, vision, text = setups[name]
@@ -93,7 +101,7 @@ def models():
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        yield {name: _tiny_model(name) for name in (*MODEL_TYPES, *QWEN3_LIKE)}
+        yield {name: _tiny_model(name) for name in (*MODEL_TYPES, *QWEN3_LIKE, *QWEN2_LIKE)}
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -345,10 +353,21 @@ def test_random_batches_match_transformers_and_reference(models, model_type):
 @pytest.mark.parametrize("name", QWEN3_LIKE)
 def test_qwen3_like_models_match_transformers(models, name):
     """The models whose get_rope_index is Qwen3-VL's (its MoE variant, Qwen3.5,
-    Qwen3.5-MoE, GLM-4V and GLM-4V-MoE) get it installed and agree with their own."""
+    Qwen3.5-MoE, GLM-4V, GLM-4V-MoE and GLM-OCR) get it installed and agree with their
+    own."""
     model, rng = models[name], random.Random(7)
     for _ in range(10):
         inputs = _random_batch(rng, "qwen3_vl", 2)
+        _assert_same(rope_index_method(model)(**inputs), _hf_with_dead_rows(model, inputs))
+
+
+@pytest.mark.parametrize("name", QWEN2_LIKE)
+def test_qwen2_like_models_match_transformers(models, name):
+    """The models whose get_rope_index is Qwen2-VL's (PaddleOCR-VL) get it installed and
+    agree with their own."""
+    model, rng = models[name], random.Random(8)
+    for _ in range(10):
+        inputs = _random_batch(rng, "qwen2_vl", 2)
         _assert_same(rope_index_method(model)(**inputs), _hf_with_dead_rows(model, inputs))
 
 

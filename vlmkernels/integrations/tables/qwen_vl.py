@@ -1,7 +1,7 @@
 """The M-RoPE tables of the transformers integration (the rotary family's): which classes
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
-(GLM-4.1V, GLM-4.6V-Flash) and GLM-4V-MoE (GLM-4.5V, GLM-4.6V), whose code transformers
-adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`),
+(GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-OCR and PaddleOCR-VL,
+whose code transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`),
 and what each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions
 they install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies
 them; :mod:`..patching` is the mechanism."""
@@ -61,7 +61,7 @@ TESTED_VERSIONS = (
 
 
 def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index,
-          rotation="full", interleaved=None, causal_lm=False):  # fmt: skip
+          rotation="full", interleaved=None, causal_lm=False, text_model=None):  # fmt: skip
     """A Qwen-VL-style architecture: its classes by role, which parts apply to which root,
     the M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`.
 
@@ -70,7 +70,8 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     lanes, the rest passed: Qwen3.5, GLM-4V-MoE) or "pairs" (partial, lanes (2j, 2j + 1)
     rotating together: GLM-4V). ``interleaved``: Qwen3-VL's section rule (default: the
     models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a text-only
-    ``ForCausalLM`` (Qwen3.5)."""
+    ``ForCausalLM`` (Qwen3.5). ``text_model``: the text model's class, where it is not
+    ``<prefix>TextModel`` (PaddleOCR-VL's)."""
     full = ("rope", "vision", "rope_index", "positions")
     text = ("rope", "positions")
     return Architecture(
@@ -85,7 +86,7 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
         roots={
             f"{prefix}ForConditionalGeneration": full,
             f"{prefix}Model": full,
-            f"{prefix}TextModel": text,
+            text_model or f"{prefix}TextModel": text,
             **({f"{prefix}ForCausalLM": text} if causal_lm else {}),
             vision_model: ("vision",),
         },
@@ -98,9 +99,11 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
 
 
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
-# Qwen3.5's and GLM-4V's get_rope_index and get_vision_position_ids are Qwen3-VL's (video
-# grids split per frame), word for word on every release tested; GLM-4V's sections are
-# chunked (its recomposition splits the frequencies by section, axis i % 3).
+# Qwen3.5's, GLM-4V's and GLM-OCR's get_rope_index and get_vision_position_ids are
+# Qwen3-VL's (video grids split per frame), word for word on every release tested; GLM's
+# sections are chunked (its recomposition splits the frequencies by section, axis i % 3).
+# GLM-OCR's rotary function and class are GLM-4V's; PaddleOCR-VL's text rotary function,
+# rotary class and get_rope_index are Qwen2-VL's (all compared with docstrings stripped).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -122,6 +125,12 @@ ARCHITECTURES = (
     _qwen("glm4v_moe", "Glm4vMoe", "Glm4vMoeVisionModel", "Glm4vMoeVisionAttention",
           "Glm4vMoeTextAttention", "Glm4vMoeTextRotaryEmbedding", "qwen3_vl", "partial",
           interleaved=False),
+    _qwen("glm_ocr", "GlmOcr", "GlmOcrVisionModel", "GlmOcrVisionAttention",
+          "GlmOcrTextAttention", "GlmOcrTextRotaryEmbedding", "qwen3_vl", "pairs",
+          interleaved=False),
+    _qwen("paddleocr_vl", "PaddleOCRVL", "PaddleOCRVisionModel", "PaddleOCRVisionAttention",
+          "PaddleOCRAttention", "PaddleOCRRotaryEmbedding", "qwen2_vl",
+          text_model="PaddleOCRTextModel"),
 )  # fmt: skip
 
 
@@ -479,8 +488,8 @@ def rope_index_method(
 
     ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
     ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, ``Qwen3_5Model``,
-    ``Qwen3_5MoeModel``, ``Glm4vModel``, ``Glm4vMoeModel``, or a subclass that does not
-    override it);
+    ``Qwen3_5MoeModel``, ``Glm4vModel``, ``Glm4vMoeModel``, ``GlmOcrModel``,
+    ``PaddleOCRVLModel``, or a subclass that does not override it);
     ``...ForConditionalGeneration`` holds it as ``.model``. Their ``compute_3d_position_ids``
     and generation's ``_prepare_position_ids_for_generation`` call ``get_rope_index`` on the
     instance, so the instance attribute takes over in both.
