@@ -191,6 +191,36 @@ def paddleocr_vl():
     return transformers.PaddleOCRVLForConditionalGeneration(config)
 
 
+_AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
+              d_model=16, max_source_positions=16, n_window=4)  # fmt: skip
+
+
+def qwen_omni(version: str):
+    """A Qwen2.5-Omni thinker (Qwen2.5-VL's text rotary, chunked [4, 6, 6], head dim 32, and
+    windowed vision tower) or a Qwen3-Omni-MoE thinker (Qwen3-VL's: interleaved [4, 2, 2],
+    head dim 16, two experts, DeepStack on block 0); a one-layer audio encoder."""
+    tokens = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
+                  vision_end_token_id=VEND)  # fmt: skip
+    if version == "2.5":
+        config = transformers.Qwen2_5OmniThinkerConfig(
+            text_config=_text(128, [4, 6, 6], head_dim=32),
+            vision_config=dict(_vision(hidden_size=24, intermediate_size=48, out_hidden_size=128,
+                                       window_size=16, fullatt_block_indexes=[1])),
+            audio_config=dict(_AUDIO, output_dim=128),
+            image_token_index=IMG, video_token_index=VID, vision_start_token_id=VSTART,
+            vision_end_token_id=VEND,
+        )  # fmt: skip
+        return transformers.Qwen2_5OmniThinkerForConditionalGeneration(config)
+    config = transformers.Qwen3OmniMoeThinkerConfig(
+        text_config=_text(64, [4, 2, 2], head_dim=16, num_experts=2, num_experts_per_tok=1,
+                          moe_intermediate_size=32),
+        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=64,
+                              num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        audio_config=dict(_AUDIO, output_dim=64, downsample_hidden_size=8), **tokens,
+    )  # fmt: skip
+    return transformers.Qwen3OmniMoeThinkerForConditionalGeneration(config)
+
+
 ARCHS = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
 
 
@@ -1023,6 +1053,10 @@ def test_support_report_on_the_installed_transformers():
     assert rotary <= set(report), report
     for arch in rotary:
         assert report[arch].keys() >= {"rope", "vision", "positions", "rope_index"}, arch
+    # the Omni thinkers: no rope_index (their get_rope_index places audio too); Qwen3-Omni's
+    # float position ids take no angles='positions'
+    assert report["qwen2_5_omni"] == {"rope": "ok", "vision": "ok", "positions": "ok"}
+    assert report["qwen3_omni_moe"] == {"rope": "ok", "vision": "ok"}
     # on an older tested release, a model added later (its module absent) is reported as
     # not importable; on the newest, every architecture patches
     older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
@@ -1381,6 +1415,41 @@ def test_ocr_models_match_transformers(arch, angles):
     assert_same_grads(params, got_grads, want_grads)
     assert torch.equal(got_tokens, want_tokens)
     assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize(("version", "angles"), [("2.5", "table"), ("2.5", "positions"),
+                                               ("3", "table")])  # fmt: skip
+def test_qwen_omni_thinkers_match_transformers(version, angles):
+    """The Qwen2.5-Omni and Qwen3-Omni-MoE thinkers: their text and vision rotary calls run
+    on vlmkernels (get_rope_index, which also places audio, stays theirs); logits and
+    parameter gradients match the unpatched model's, and greedy generate() tokens. Qwen3-Omni's
+    float position ids refuse angles='positions' by name, with nothing installed."""
+    torch.manual_seed(0)
+    model = qwen_omni(version).eval().to(DEVICE)
+    inputs = make_inputs("qwen3_vl", with_video=False)  # images only: no seconds per grid
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items() if k != "mm_token_type_ids"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(logits_grads_tokens, model, inputs, params, 3)
+    want, want_grads, want_tokens = run()
+    with rotary_patch(model, angles=angles) as handle:
+        counts, (got, got_grads, _) = op_counts(
+            functools.partial(logits_grads_tokens, model, inputs, params, 0)
+        )
+        got_tokens = run()[2]
+    assert not any("get_rope_index" in t for t in handle.targets), handle.targets
+    if angles == "table":
+        assert counts == {"vlmkernels::rope_table": 2 * (TEXT_LAYERS + VISION_DEPTH)}
+    else:
+        assert counts == {"vlmkernels::rope_positions": 2 * TEXT_LAYERS,
+                          "vlmkernels::rope_table": 2 * VISION_DEPTH}  # fmt: skip
+    assert_close(got, want, "logits")
+    assert_same_grads(params, got_grads, want_grads, zero_below=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    assert not instance_overrides(model)
+    if version == "3":
+        with pytest.raises(vt.UnsupportedLayoutError, match="qwen3_omni_moe .*float position"):
+            rotary_patch(model, angles="positions")
+        assert not instance_overrides(model)
 
 
 def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):

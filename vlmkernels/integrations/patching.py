@@ -696,7 +696,10 @@ class Patcher:
                 report[arch.key] = {"import": f"not importable: {exc}"}
                 continue
             parts = {}
+            offered = {part for parts_of_root in arch.roots.values() for part in parts_of_root}
             for replacement in self.replacements:
+                if not arch.anywhere and replacement.part not in offered:
+                    continue  # no root of the architecture takes this part
                 try:
                     if not _serves(replacement, arch):
                         continue

@@ -214,6 +214,13 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         _unsupported(model)
     if not any(wanted & set(applicable) for _, (_, _, applicable) in matched):
         raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
+    for _, (arch, _, applicable) in matched:
+        why = arch.data.get("no_positions")
+        if "positions" in wanted and "rope" in applicable and why:
+            raise UnsupportedLayoutError(
+                f"vlmkernels.patch: angles='positions' does not apply to {arch.key} ({why}); "
+                f"use angles='table'"
+            )
     plans = [(patcher, *patcher.plan(model, wanted)) for patcher, _ in matched]
     # the hint names what still patches across every table (a Qwen-VL model's rotary parts
     # while its merger is refused), and switches off every table's failing parts

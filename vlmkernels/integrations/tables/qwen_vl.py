@@ -98,12 +98,54 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     )
 
 
+def _omni(key, prefix, text_attention, text_rotary, interleaved, positions=True):
+    """A Qwen-Omni architecture: the thinker's text attention and vision tower are Qwen-VL's
+    (the same rotary functions), without ``rope_index`` (its ``get_rope_index`` also places
+    audio). The whole model, the thinker, its text model and the vision encoder are roots;
+    in the whole model every module of the text attention class is patched (Qwen2.5-Omni's
+    talker shares the thinker's). ``positions``: whether ``angles="positions"`` applies
+    (not where ``get_rope_index`` makes float position ids, fractional for video time:
+    Qwen3-Omni-MoE's)."""
+    text = ("rope", "positions") if positions else ("rope",)
+    parts = (*text[:1], "vision", *text[1:])
+    return Architecture(
+        key=key,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={
+            "text_attention": text_attention,
+            "vision_attention": f"{prefix}VisionAttention",
+            "text_rotary": text_rotary,
+        },
+        roots={
+            f"{prefix}ForConditionalGeneration": parts,
+            f"{prefix}ThinkerForConditionalGeneration": parts,
+            f"{prefix}ThinkerModel": parts,
+            f"{prefix}ThinkerTextModel": text,
+            f"{prefix}VisionEncoder": ("vision",),
+        },
+        data={
+            "interleaved": interleaved,
+            "rotation": "full",
+            **(
+                {}
+                if positions
+                else {
+                    "no_positions": "its get_rope_index makes float position "
+                    "ids, fractional for video time"
+                }
+            ),
+        },  # fmt: skip
+    )
+
+
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
 # Qwen3.5's, GLM-4V's and GLM-OCR's get_rope_index and get_vision_position_ids are
 # Qwen3-VL's (video grids split per frame), word for word on every release tested; GLM's
 # sections are chunked (its recomposition splits the frequencies by section, axis i % 3).
 # GLM-OCR's rotary function and class are GLM-4V's; PaddleOCR-VL's text rotary function,
-# rotary class and get_rope_index are Qwen2-VL's (all compared with docstrings stripped).
+# rotary class and get_rope_index are Qwen2-VL's; Qwen2.5-Omni's and Qwen3-Omni-MoE's text
+# rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's (all
+# compared with docstrings stripped).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -131,6 +173,10 @@ ARCHITECTURES = (
     _qwen("paddleocr_vl", "PaddleOCRVL", "PaddleOCRVisionModel", "PaddleOCRVisionAttention",
           "PaddleOCRAttention", "PaddleOCRRotaryEmbedding", "qwen2_vl",
           text_model="PaddleOCRTextModel"),
+    _omni("qwen2_5_omni", "Qwen2_5Omni", "Qwen2_5OmniAttention", "Qwen2_5OmniRotaryEmbedding",
+          interleaved=False),
+    _omni("qwen3_omni_moe", "Qwen3OmniMoe", "Qwen3OmniMoeThinkerTextAttention",
+          "Qwen3OmniMoeThinkerTextRotaryEmbedding", interleaved=True, positions=False),
 )  # fmt: skip
 
 
@@ -380,7 +426,7 @@ _PROBED: dict[type, tuple[str, bool]] = {}
 
 def _rope_index_arch(model) -> tuple[type, Architecture]:
     """The class in ``model``'s MRO that defines the supported ``get_rope_index``."""
-    by_module = {a.module: a for a in ARCHITECTURES}
+    by_module = {a.module: a for a in ARCHITECTURES if "model" in a.classes}
     for cls in type(model).__mro__:
         arch = by_module.get(getattr(cls, "__module__", None))
         if arch is not None and cls.__name__ == arch.classes["model"]:
@@ -406,8 +452,8 @@ def _rope_index_arch(model) -> tuple[type, Architecture]:
         else ""
     )
     raise TypeError(
-        f"rope_index_method supports {', '.join(a.classes['model'] for a in ARCHITECTURES)} "
-        f"instances, got {type(model).__name__}{hint}"
+        f"rope_index_method supports {', '.join(a.classes['model'] for a in by_module.values())}"
+        f" instances, got {type(model).__name__}{hint}"
     )
 
 
