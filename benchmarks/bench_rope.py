@@ -1,6 +1,6 @@
 r"""M-RoPE family: ``mrope`` (chunked, Qwen2-VL), ``mrope_interleaved`` (Qwen3-VL),
-``mrope_partial`` (Qwen3.5: interleaved, partial rotary) and ``vision_rope`` (the ViT's 2-D
-RoPE).
+``mrope_partial`` (Qwen3.5: interleaved, partial rotary), ``mrope_pairs`` (GLM-4V: chunked,
+partial rotary, paired lanes) and ``vision_rope`` (the ViT's 2-D RoPE).
 
 Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
 
@@ -13,6 +13,17 @@ Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
   lanes (32 frequencies) rotate, section [11, 11, 10], interleaved lanes, theta 1e7 (the
   released configs' rope_theta; the class default is 1e4); lanes 64..255 pass through
   unchanged.
+- ``mrope_pairs``: GLM-4.1V-9B text attention (GLM-4V's ``Glm4vTextRotaryEmbedding`` and
+  ``apply_rotary_pos_emb``). 32 query / 2 key heads and head dim 128 (hidden_size 4096 / 32
+  heads, no head_dim key): transformers' default ``Glm4vTextConfig`` (documented as similar
+  to GLM-4.1V-9B-Thinking; 5.25.0 checked). partial_rotary_factor 0.5 (rotary dim 64, 32
+  frequencies), mrope_section [8, 12, 12] and rope_theta 1e4: the released checkpoints'
+  ``rope_parameters`` as transformers' ``glm4v/convert_glm4v_mgt_weights_to_hf.py`` writes
+  them ([8, 12, 12] is also the rotary class's default section and 1e4 the config's default
+  theta; the default config has no partial_rotary_factor, so its own rotary class makes 64
+  frequencies that section cannot split). Sections chunked over the frequencies (T 0..7, H
+  8..19, W 20..31, ``recomposition_frequencies``), frequency j on lanes (2j, 2j + 1)
+  (``repeat_interleave(2)``, rotated by ``rotate_half_llm``); lanes 64..127 pass through.
 - ``vision_rope``: Qwen2-VL vision tower, 16 heads, head dim 80, S packed patches (no batch
   axis: B must be 1); S = 16384 is the headline size, the other S are other image sizes.
 
@@ -29,11 +40,12 @@ Inputs, as attention code produces them (seeded, identical across providers):
   position. (3, B, S) int64. Vision: (h, w) of each patch of a square grid in the 2x2
   merge order of the Qwen-VL towers (:func:`vision_positions`).
 - cos/sin: as the Qwen rotary classes build them: fp32 angles position * inv_freq, with
-  inv_freq = theta^(-2i/R) over the rotary dim R (R = D except ``mrope_partial``'s 64;
-  theta 1e6 for Qwen2/3-VL text, 1e7 for Qwen3.5, 1e4 and D/4 frequencies for vision),
-  duplicated halves, cos/sin, then cast. Text: (3, B, S, R) in the input dtype (the tables
-  transformers <= 5.16 passed to ``apply_multimodal_rotary_pos_emb``). Vision: (S, D) fp32,
-  ``[h f | w f | h f | w f]``.
+  inv_freq = theta^(-2i/R) over the rotary dim R (R = D except ``mrope_partial``'s and
+  ``mrope_pairs``' 64; theta 1e6 for Qwen2/3-VL text, 1e7 for Qwen3.5, 1e4 for GLM-4V, 1e4
+  and D/4 frequencies for vision), duplicated halves (``mrope_pairs``: each frequency twice
+  in a row, GLM-4V's lane order), cos/sin, then cast. Text: (3, B, S, R) in the input dtype
+  (the tables transformers <= 5.16 passed to ``apply_multimodal_rotary_pos_emb``). Vision:
+  (S, D) fp32, ``[h f | w f | h f | w f]``.
 - incoming gradients: fixed random G_q, G_k in the layout attention's backward produces
   ((B, S, H, D) memory seen as (B, H, S, D); (S, H, D) contiguous for vision).
 
@@ -45,16 +57,20 @@ uninitialised 0-d tensor instead, so no provider is charged for a reduction.
 
 Providers:
 
-- ``vlmkernels``: :func:`vlmkernels.mrope` (``interleaved=`` per op) and
-  :func:`vlmkernels.vision_rope`, from the tables (the Triton kernels, forced, on CUDA; the
-  PyTorch path on the CPU).
+- ``vlmkernels``: :func:`vlmkernels.mrope` (``interleaved=`` per op; ``pairs=True`` for
+  ``mrope_pairs``, from its pair-ordered tables) and :func:`vlmkernels.vision_rope`, from
+  the tables (the Triton kernels, forced, on CUDA; the PyTorch path on the CPU).
 - ``vlmkernels_positions``: :func:`vlmkernels.mrope_from_positions`: angles computed in the
   kernel from the (3, B, S) positions and inv_freq, no table. Vision is chunked M-RoPE with
-  section [0, D/4, D/4], inv_freq = cat(f, f) and positions (0, h, w).
+  section [0, D/4, D/4], inv_freq = cat(f, f) and positions (0, h, w). ``pairs=True`` for
+  ``mrope_pairs``.
 - ``vlmkernels_cuda``, ``vlmkernels_cuda_positions``: the same two calls on the CUDA C++
   kernels (csrc/rope.cu, forced; unavailable without the built extension or a GPU). The
   summary prints their time over the Triton providers' at S = 16384, the issue's "at least
   as fast" check; ``vlmkernels tune`` records the faster as the default per device.
+  Unavailable for ``mrope_pairs`` wherever the suite runs: the CUDA C++ kernels rotate
+  halves only (``vlmkernels.ops.rope.cuda.fits`` is False for paired lanes, a forced
+  'cuda' backend raises), so no CUDA / Triton comparison is made for it.
 - ``eager``: transformers' formula. Chunked: the <= 5.16 ``apply_multimodal_rotary_pos_emb``
   (tables split by section * 2, chunk i from axis i % 3, concatenated; transformers 5.17
   removed it, so that merge is written out here) then the installed ``apply_rotary_pos_emb``
@@ -64,10 +80,18 @@ Providers:
   forward pass rather than per layer. Partial (Qwen3.5): the same recomposition (its rotary
   class's ``recomposition_frequencies`` is Qwen3-VL's rule) on the 64-lane tables, then
   Qwen3.5's ``apply_rotary_pos_emb``, which rotates q[..., :64] and concatenates
-  q[..., 64:] unchanged. Vision: the installed ``apply_rotary_pos_emb_vision`` (fp32
-  upcast). The transformers functions come from ``models.qwen2_vl.modeling_qwen2_vl``
-  (``models.qwen3_5.modeling_qwen3_5`` for ``mrope_partial``) where the installed version
-  has them, else from the same formulas written out (the row's note says which).
+  q[..., 64:] unchanged. Pairs (GLM-4V): its rotary class's ``recomposition_frequencies``
+  on the per-frequency values (every other lane of the pair-ordered tables: chunk i of
+  [8, 12, 12] from axis i % 3) then ``repeat_interleave(2)``, written out (timed, as for
+  Qwen3-VL), then GLM-4V's ``apply_rotary_pos_emb``: ``rotate_half_llm`` on q[..., :64],
+  q[..., 64:] concatenated unchanged. transformers 5.16's function took [f | f] tables and
+  reordered them itself (its class concatenated halves): the order the installed function
+  takes is recognised from what it does to a 4-lane table, and the written-out merge
+  builds that order. Vision: the installed ``apply_rotary_pos_emb_vision`` (fp32 upcast).
+  The transformers functions come from ``models.qwen2_vl.modeling_qwen2_vl``
+  (``models.qwen3_5.modeling_qwen3_5`` for ``mrope_partial``, ``models.glm4v.modeling_glm4v``
+  for ``mrope_pairs``) where the installed version has them, else from the same formulas
+  written out (the row's note says which).
 - ``compile``: ``torch.compile`` of the same eager functions (static shapes, dynamo reset per
   shape, compile time excluded by the warm-up).
 - ``liger`` (CUDA, when ``liger_kernel`` is importable and has the function):
@@ -77,7 +101,11 @@ Providers:
   patch runs), ``liger_rotary_pos_emb_vision`` for ``vision_rope`` (fp32 copies); none for
   ``mrope_partial``, always unavailable: Liger has no partial-rotary RoPE (its RoPE kernel
   rotates the whole head, cos/sin as wide as q, and its Qwen3.5 patch raises
-  NotImplementedError for ``rope=True``; liger-kernel 0.8.2 source). Liger rotates in
+  NotImplementedError for ``rope=True``; liger-kernel 0.8.2 source); none for
+  ``mrope_pairs``, always unavailable: Liger has no paired-lane (GPT-J) RoPE (its RoPE and
+  M-RoPE kernels rotate lane j with j + D/2; its GLM-4V patch raises NotImplementedError
+  for ``rope=True``; Liger-Kernel's source; an interleaved-pairs kernel for DeepSeek-V4,
+  linkedin/Liger-Kernel#1387, was an open pull request, not a release). Liger rotates in
   place: for the text ops the (B, S, H, D) memory under the transposed views is contiguous,
   so it overwrites the projection outputs in the forward pass and G_q, G_k in the backward
   pass (re-rotated at every timed call, which changes no timing; the checksum comes from
@@ -86,12 +114,14 @@ Providers:
 Byte model, the bytes every provider must move, per pass: read q and k and write their
 outputs over the whole head dim D, 2 (Hq + Hk) B S D e (e = element size of the run's
 dtype); the backward pass moves the same on the gradients (read G_q, G_k, write dq, dk);
-fwd+bwd is the sum, 4 (Hq + Hk) B S D e. For ``mrope_partial`` that is D = 256, not the
-rotary dim R = 64: every provider here is out of place, so the pass-through lanes are read
+fwd+bwd is the sum, 4 (Hq + Hk) B S D e. For ``mrope_partial`` that is D = 256 (128 for
+``mrope_pairs``), not the rotary dim R = 64: every provider here is out of place, so the
+pass-through lanes are read
 and copied to the outputs (and the gradients' likewise to dq, dk) like the rotated ones. The
 angle source is not counted because it differs by provider (the harness has one byte model
 per op): the used lanes of the tables for table providers (each lane's cos and sin read from
-one axis: 2 B S R e, +3.1 % at 28 + 4 heads, +1.25 % for ``mrope_partial``, what
+one axis: 2 B S R e, +3.1 % at 28 + 4 heads, +1.25 % for ``mrope_partial``, +1.5 % for
+``mrope_pairs``, what
 ``vlmkernels`` reads; Liger's M-RoPE kernel reads only the first half of each row, relying
 on the halves being equal: B S R e), 3 B S int64 positions (+0.15 %) for
 ``vlmkernels_positions``, fp32 (S, D) cos/sin for vision (+6.25 %). GB/s and % of the copy
@@ -107,7 +137,7 @@ Targets (:mod:`benchmarks.targets`, printed after the sweep as measured in this 
 ``mrope`` shapes): forward at >= 90 % of the copy ceiling for S >= 16384 (``vlmkernels`` and
 ``vlmkernels_positions``), and fwd+bwd in <= 1/3 of ``compile``'s time at every S (issue 4);
 on a GPU the CUDA C++ providers at most the Triton ones' time at S = 16384 (issue 5, every
-op of the suite).
+op of the suite the CUDA C++ kernels take: not ``mrope_pairs``).
 
 Sweep: GPU full S in {1024, 4096, 16384, 65536}; ``--quick`` S in {1024, 16384, 65536}; CPU
 S = 2048 (fp32; ``liger`` unavailable there): q, k and their outputs (42 MB and up) overflow
@@ -161,6 +191,7 @@ class RopeConfig:
     vision: bool
     theta: float
     rotary_dim: int
+    pairs: bool = False  # lanes (2j, 2j + 1) rotate together (GPT-J; GLM-4V's rotate_half_llm)
 
 
 CONFIGS = {
@@ -171,6 +202,11 @@ CONFIGS = {
     # transformers' default Qwen3_5TextConfig heads; theta of the released configs
     "mrope_partial": RopeConfig(
         "Qwen3.5 text (default Qwen3_5TextConfig)", 16, 4, 256, (11, 11, 10), True, False, 1e7, 64
+    ),
+    # GLM-4.1V-9B: heads of transformers' default Glm4vTextConfig, rotary parameters of the
+    # released config (partial_rotary_factor 0.5, mrope_section [8, 12, 12], theta 1e4)
+    "mrope_pairs": RopeConfig(
+        "GLM-4.1V-9B text", 32, 2, 128, (8, 12, 12), False, False, 1e4, 64, pairs=True
     ),
     "vision_rope": RopeConfig("Qwen2-VL vision", 16, 16, 80, (0, 20, 20), False, True, 1e4, 80),
 }
@@ -266,7 +302,10 @@ def make_inputs(args: BuildArgs) -> RopeInputs:
     positions = text_vision_positions(b, s).to(dev)
     inv_freq = inv_freq_of(cfg.rotary_dim, cfg.theta).to(dev)
     angles = positions[..., None].float() * inv_freq  # (3, B, S, R/2) fp32
-    emb = torch.cat((angles, angles), dim=-1)
+    if cfg.pairs:  # each frequency twice in a row, as GLM-4V's rotary class lays it out
+        emb = angles.repeat_interleave(2, dim=-1)
+    else:
+        emb = torch.cat((angles, angles), dim=-1)
     return RopeInputs(
         (q_proj, k_proj),
         lambda: (q_proj.transpose(1, 2), k_proj.transpose(1, 2)),
@@ -301,6 +340,25 @@ def _partial_rope_formula(q, k, cos, sin, unsqueeze_dim=1):
     rot = cos.shape[-1]
     q_rot, k_rot = _rope_formula(q[..., :rot], k[..., :rot], cos, sin, unsqueeze_dim)
     return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
+
+
+def _rotate_pairs(x):
+    """GLM-4V's ``rotate_half_llm``: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _paired_rope_formula(q, k, cos, sin, unsqueeze_dim=1):
+    """GLM-4V's rotation (transformers >= 5.17): the first R = cos.shape[-1] lanes rotated in
+    pairs (2j, 2j + 1), x * cos + rotate_half_llm(x) * sin with cos/sin in pair order, the
+    rest concatenated unchanged."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def one(x):
+        x_rot = x[..., :rot]
+        return torch.cat((x_rot * cos + _rotate_pairs(x_rot) * sin, x[..., rot:]), dim=-1)
+
+    return one(q), one(k)
 
 
 def _vision_formula(q, k, cos, sin):
@@ -353,6 +411,43 @@ def hf_partial_function() -> tuple[Callable, str]:
     return _partial_rope_formula, note
 
 
+def _pairs_table_order(fn: Callable) -> str | None:
+    """The cos/sin order GLM-4V's ``apply_rotary_pos_emb`` takes: "pairs" (each frequency
+    twice in a row: transformers >= 5.17, whose rotary class does the repeat_interleave) or
+    "halves" ([f | f]: 5.16, whose function reorders its tables itself); None for neither.
+    Recognised from what it does to a 4-lane table [1, 2, 3, 4] with zero sines."""
+    with torch.device("cpu"), torch.no_grad():
+        x = torch.ones(1, 1, 1, 4)
+        cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
+        try:
+            out = tuple(fn(x, x, cos, sin)[0].flatten().tolist())
+        except Exception:  # noqa: BLE001 - another signature: neither order
+            return None
+    return {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}.get(out)
+
+
+@functools.cache
+def hf_pairs_function() -> tuple[Callable, str, str]:
+    """(apply_rotary_pos_emb, the table order it takes, note) of GLM-4V (paired lanes,
+    partial rotary): transformers' own where the installed version has it and takes a known
+    order, else the formula written out (pair-ordered tables)."""
+    module, version = _transformers_module("glm4v")
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is not None:
+        order = _pairs_table_order(fn)
+        if order is not None:
+            return fn, order, f"transformers {version} glm4v apply_rotary_pos_emb ({order} tables)"
+        note = (
+            f"transformers {version} glm4v apply_rotary_pos_emb takes its tables in no "
+            "known order: formula written out"
+        )
+    elif version is None:
+        note = "transformers' glm4v not importable: formula written out"
+    else:
+        note = f"transformers {version} has no glm4v apply_rotary_pos_emb: formula written out"
+    return _paired_rope_formula, "pairs", note
+
+
 def merge_chunked(table: torch.Tensor, section) -> torch.Tensor:
     """(3, B, S, D) -> (B, S, D) as transformers <= 5.16's apply_multimodal_rotary_pos_emb
     merged its tables: lanes split in chunks of sizes section * 2, chunk i from axis i % 3."""
@@ -372,6 +467,19 @@ def merge_interleaved(table: torch.Tensor, section) -> torch.Tensor:
     return torch.cat((merged, merged), dim=-1)
 
 
+def merge_pairs(table: torch.Tensor, section, order: str = "pairs") -> torch.Tensor:
+    """(3, B, S, R) pair-ordered -> (B, S, R) as GLM-4V's rotary class builds its tables from
+    the per-frequency values (every other lane here): ``recomposition_frequencies``' chunk i
+    of ``section`` from axis i % 3, then ``repeat_interleave(2)`` (order "pairs"), or
+    duplicated halves [f | f] (order "halves", 5.16's class, whose function reorders)."""
+    freq = table[..., 0::2]
+    chunks = freq.split(list(section), dim=-1)
+    merged = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+    if order == "halves":
+        return torch.cat((merged, merged), dim=-1)
+    return merged.repeat_interleave(2, dim=-1)
+
+
 def mrope_eager(q, k, cos, sin, section, apply=_rope_formula):
     """transformers <= 5.16 ``apply_multimodal_rotary_pos_emb(..., unsqueeze_dim=1)``;
     ``apply`` is ``apply_rotary_pos_emb``."""
@@ -385,6 +493,13 @@ def mrope_interleaved_eager(q, k, cos, sin, section, apply=_rope_formula):
     )
 
 
+def mrope_pairs_eager(q, k, cos, sin, section, apply=_paired_rope_formula, order="pairs"):
+    """GLM-4V: the rotary class's recomposition and lane order, then ``apply``
+    (``apply_rotary_pos_emb``, which takes tables in ``order``)."""
+    merged = merge_pairs(cos, section, order), merge_pairs(sin, section, order)
+    return apply(q, k, *merged, unsqueeze_dim=1)
+
+
 def vision_eager(q, k, cos, sin, section=None, apply=_vision_formula):
     """``apply`` (``apply_rotary_pos_emb_vision``, fp32 upcast); ``section`` is unused."""
     return apply(q, k, cos, sin)
@@ -394,6 +509,7 @@ EAGER = {
     "mrope": mrope_eager,
     "mrope_interleaved": mrope_interleaved_eager,
     "mrope_partial": mrope_interleaved_eager,  # with Qwen3.5's apply_rotary_pos_emb
+    "mrope_pairs": mrope_pairs_eager,  # with GLM-4V's apply_rotary_pos_emb
     "vision_rope": vision_eager,
 }
 
@@ -402,9 +518,13 @@ def eager_function(op: str, section) -> tuple[Callable, str]:
     """(fn(q, k, cos, sin), note): the op's eager baseline bound to the installed
     transformers functions (resolved here, outside any torch.compile trace)."""
     text, vision, note = hf_functions()
+    extra = {}
     if op == "mrope_partial":
         text, note = hf_partial_function()
-    fn = functools.partial(EAGER[op], section=section, apply=vision if CONFIGS[op].vision else text)
+    elif op == "mrope_pairs":
+        text, extra["order"], note = hf_pairs_function()
+    apply = vision if CONFIGS[op].vision else text
+    fn = functools.partial(EAGER[op], section=section, apply=apply, **extra)
     if op == "mrope":
         note = "<= 5.16 table merge written out; " + note
     elif op == "mrope_interleaved":
@@ -414,6 +534,13 @@ def eager_function(op: str, section) -> tuple[Callable, str]:
         note = (
             f"Qwen3.5 recomposition (timed) written out on the {rot}-lane tables; {note} "
             f"(rotates lanes :{rot}, concatenates the rest)"
+        )
+    elif op == "mrope_pairs":
+        rot = CONFIGS[op].rotary_dim
+        layout = "repeat_interleave(2)" if extra["order"] == "pairs" else "[f | f] (5.16's)"
+        note = (
+            f"GLM-4V recomposition + {layout} (timed) written out on the {rot}-lane tables; "
+            f"{note} (rotates lane pairs of :{rot}, concatenates the rest)"
         )
     return fn, note
 
@@ -474,10 +601,11 @@ def build_vlmkernels(args: BuildArgs, cuda: bool = False) -> Prepared:
         what = "vision_rope from fp32 (S, D) tables"
     else:
         apply = lambda q, k: vlmkernels.mrope(
-            q, k, inp.cos, inp.sin, list(inp.section), interleaved=cfg.interleaved
-        )
+            q, k, inp.cos, inp.sin, list(inp.section), interleaved=cfg.interleaved,
+            pairs=cfg.pairs,
+        )  # fmt: skip
         r = "D" if cfg.rotary_dim == cfg.head_dim else cfg.rotary_dim
-        what = f"mrope from (3, B, S, {r}) tables"
+        what = f"mrope from (3, B, S, {r}) tables" + (", pairs=True" if cfg.pairs else "")
     backend = _kernel_backend(args, cuda)
     note = "; ".join(x for x in (what, _backend_note(inp.leaves[0], backend)) if x)
     return _prepared(inp, _on_backend(apply, backend), note)
@@ -490,10 +618,11 @@ def build_vlmkernels_positions(args: BuildArgs, cuda: bool = False) -> Prepared:
 
     def apply(q, k):
         return vlmkernels.mrope_from_positions(
-            q, k, inp.positions, inp.inv_freq, list(inp.section), interleaved=cfg.interleaved
-        )
+            q, k, inp.positions, inp.inv_freq, list(inp.section), interleaved=cfg.interleaved,
+            pairs=cfg.pairs,
+        )  # fmt: skip
 
-    what = "mrope_from_positions, angles in the kernel"
+    what = "mrope_from_positions, angles in the kernel" + (", pairs=True" if cfg.pairs else "")
     if cfg.vision:
         what += f"; vision as chunked M-RoPE, section {list(inp.section)}, positions (0, h, w)"
     backend = _kernel_backend(args, cuda)
@@ -509,6 +638,22 @@ def cuda_extension_available(device: torch.device) -> str | None:
 
     ok, why = _cuda.status()
     return None if ok else why
+
+
+# Ops the CUDA C++ kernels do not take: their providers are unavailable with this reason,
+# wherever the suite runs
+CUDA_MISSING = {
+    "mrope_pairs": "the CUDA C++ kernels rotate halves only: paired lanes (pairs=True) run on "
+    "the Triton backend (vlmkernels.ops.rope.cuda.fits is False for them, a forced 'cuda' "
+    "backend raises)",
+}
+
+
+def cuda_available(op: str) -> Callable[[torch.device], str | None]:
+    def check(device: torch.device) -> str | None:
+        return CUDA_MISSING.get(op) or cuda_extension_available(device)
+
+    return check
 
 
 def build_eager(args: BuildArgs) -> Prepared:
@@ -539,6 +684,9 @@ LIGER_MISSING = {
     "mrope_partial": "Liger has no partial-rotary (M-)RoPE: its RoPE kernel rotates the whole "
     "head (cos/sin as wide as q) and apply_liger_kernel_to_qwen3_5(rope=True) raises "
     "NotImplementedError (liger-kernel 0.8.2 source)",
+    "mrope_pairs": "Liger has no paired-lane (GPT-J, lanes 2j and 2j + 1) RoPE: its RoPE and "
+    "M-RoPE kernels rotate halves (lane j with j + D/2, cos/sin as wide as q) and "
+    "apply_liger_kernel_to_glm4v(rope=True) raises NotImplementedError (Liger-Kernel source)",
 }
 LIGER_NOTES = {
     "mrope": "liger_multimodal_rotary_pos_emb on the (3, B, S, D) tables; in place",
@@ -604,12 +752,12 @@ def _providers(op: str) -> tuple[Provider, ...]:
         Provider(
             "vlmkernels_cuda",
             functools.partial(build_vlmkernels, cuda=True),
-            available=cuda_extension_available,
+            available=cuda_available(op),
         ),
         Provider(
             "vlmkernels_cuda_positions",
             functools.partial(build_vlmkernels_positions, cuda=True),
-            available=cuda_extension_available,
+            available=cuda_available(op),
         ),
         Provider("eager", build_eager),
         Provider("compile", build_compile),
