@@ -7,6 +7,7 @@ values, and ``benchmarks/results/`` must stay untouched.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -491,7 +492,7 @@ def test_rope_csv_has_expected_rows(rope_smoke):
                 )
         for provider in ("vlmkernels_cuda", "vlmkernels_cuda_positions"):
             found = _rows(rows, op=op, provider=provider)
-            reason = bench_rope.cuda_extension_available(torch.device("cuda" if ON_GPU else "cpu"))
+            reason = bench_rope.cuda_available(op)(torch.device("cuda" if ON_GPU else "cpu"))
             if reason is None:
                 assert any(r["status"] == "ok" and "backend=cuda" in r["note"] for r in found)
             else:
@@ -565,15 +566,26 @@ def test_rope_cost_models():
     assert bench_rope.byte_model("mrope_partial")(shape, "fwd+bwd", 2) == 4 * partial * 2
     assert bench_rope.flop_model("mrope_partial")(shape, "fwd") == 6 * partial // 4
     assert bench_rope.table_bytes("mrope_partial", shape, 2) == 2 * 1024 * 64 * 2
+    # GLM-4V: the same over its 128-lane head, of which the first 64 rotate (in pairs)
+    pairs = (32 + 2) * 1024 * 128
+    assert bench_rope.byte_model("mrope_pairs")(shape, "fwd", 2) == 2 * pairs * 2
+    assert bench_rope.byte_model("mrope_pairs")(shape, "fwd+bwd", 2) == 4 * pairs * 2
+    assert bench_rope.flop_model("mrope_pairs")(shape, "fwd") == 6 * pairs // 2
+    assert bench_rope.table_bytes("mrope_pairs", shape, 2) == 2 * 1024 * 64 * 2
 
 
 def test_rope_family_targets_cover_every_suite_op():
-    """The targets set for the whole rotary family (issue 5's CUDA C++ / Triton comparison,
-    issue 11's host budget) name every op of the suite."""
+    """The targets set for the whole rotary family name every op of the suite: issue 11's
+    host budget all of them, issue 5's CUDA C++ / Triton comparison every op the CUDA C++
+    kernels take (not GLM-4V's paired lanes, whose CUDA C++ providers are unavailable)."""
     assert targets.ROPE_OPS == tuple(bench_rope.CONFIGS)
-    for issue in (5, 11):
+    cuda_ops = [op for op in bench_rope.CONFIGS if op not in bench_rope.CUDA_MISSING]
+    assert targets.ROPE_CUDA_OPS == tuple(cuda_ops) and set(bench_rope.CUDA_MISSING) == {
+        "mrope_pairs"
+    }
+    for issue, want in ((5, cuda_ops), (11, bench_rope.CONFIGS)):
         ops = {t.op for t in targets.for_suite("rope") if t.issue == issue}
-        assert ops == set(bench_rope.CONFIGS), issue
+        assert ops == set(want), issue
 
 
 def test_rope_partial_tables_match_qwen3_5_rotary_class():
@@ -606,6 +618,94 @@ def test_rope_partial_tables_match_qwen3_5_rotary_class():
     assert torch.equal(out_k[..., cfg.rotary_dim :], k[..., cfg.rotary_dim :])
 
 
+def test_rope_pairs_tables_match_glm4v_rotary_class():
+    """mrope_pairs' inputs as GLM-4V builds them: the heads of the default Glm4vTextConfig,
+    its rotary class's default section and theta, 32 frequencies (partial_rotary_factor
+    0.5), and the eager recomposition of the pair-ordered (3, B, S, 64) tables equal to
+    Glm4vTextRotaryEmbedding's cos/sin in the order the installed function takes (the
+    installed transformers'; skipped where it has no GLM-4V)."""
+    mod = pytest.importorskip("transformers.models.glm4v.modeling_glm4v")
+    from benchmarks.harness import BuildArgs
+
+    cfg = bench_rope.CONFIGS["mrope_pairs"]
+    assert cfg.pairs and not cfg.interleaved and cfg.rotary_dim == cfg.head_dim // 2
+    text = mod.Glm4vTextConfig()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    assert (cfg.heads_q, cfg.heads_k, cfg.head_dim) == (
+        text.num_attention_heads, text.num_key_value_heads, head_dim
+    )  # fmt: skip
+    assert text.rope_parameters["rope_theta"] == cfg.theta
+    assert mod.Glm4vTextRotaryEmbedding(text).mrope_section == list(cfg.section)
+    rope = dict(text.rope_parameters, partial_rotary_factor=cfg.rotary_dim / cfg.head_dim,
+                mrope_section=list(cfg.section))  # fmt: skip
+    rotary = mod.Glm4vTextRotaryEmbedding(mod.Glm4vTextConfig(rope_parameters=rope))
+    args = BuildArgs("mrope_pairs", {"B": 2, "S": 40}, torch.float32, torch.device("cpu"), 0, {})
+    inp = bench_rope.make_inputs(args)
+    assert inp.cos.shape == (3, 2, 40, cfg.rotary_dim) and inp.inv_freq.shape == (32,)
+    torch.testing.assert_close(inp.inv_freq, rotary.inv_freq, rtol=0, atol=0)
+    assert torch.equal(inp.cos[..., 0::2], inp.cos[..., 1::2])  # each frequency twice
+    cos, sin = rotary(torch.zeros(1), inp.positions)
+    fn, order, _ = bench_rope.hf_pairs_function()
+    assert fn is mod.apply_rotary_pos_emb and order in ("pairs", "halves")
+    merge = bench_rope.merge_pairs
+    torch.testing.assert_close(merge(inp.cos, cfg.section, order), cos, rtol=0, atol=0)
+    torch.testing.assert_close(merge(inp.sin, cfg.section, order), sin, rtol=0, atol=0)
+    # the eager baseline rotates pairs of the first 64 lanes and passes the rest through
+    q, k = inp.views()
+    fn, note = bench_rope.eager_function("mrope_pairs", cfg.section)
+    out_q, out_k = fn(q, k, inp.cos, inp.sin)
+    assert "glm4v apply_rotary_pos_emb" in note
+    assert torch.equal(out_q[..., cfg.rotary_dim :], q[..., cfg.rotary_dim :])
+    assert torch.equal(out_k[..., cfg.rotary_dim :], k[..., cfg.rotary_dim :])
+    want = bench_rope._paired_rope_formula(q, k, merge(inp.cos, cfg.section),
+                                           merge(inp.sin, cfg.section))  # fmt: skip
+    torch.testing.assert_close((out_q, out_k), want, rtol=0, atol=0)
+
+
+def test_rope_pairs_providers_agree_on_a_tiny_size():
+    """The vlmkernels providers (PyTorch path, and the Triton kernel through the
+    interpreter) compute eager's q_out, k_out and gradients from the suite's inputs."""
+    import vlmkernels
+    from benchmarks.harness import BuildArgs
+
+    args = BuildArgs("mrope_pairs", {"B": 1, "S": 12}, torch.float32, torch.device("cpu"), 0, {})
+
+    def run(build, backend=None):
+        prepared = build(args)
+        with vlmkernels.use_backend(backend) if backend else contextlib.nullcontext():
+            outs = prepared.call()
+            loss = float(prepared.fn())  # L, back-propagating G_q, G_k to the leaves
+        return outs, loss, [leaf.grad for leaf in prepared.leaves]
+
+    ref = run(bench_rope.build_eager)
+    for build in (bench_rope.build_vlmkernels, bench_rope.build_vlmkernels_positions):
+        for backend in (None, "triton"):
+            got = run(build, backend)
+            torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+            assert math.isclose(got[1], ref[1], rel_tol=1e-5, abs_tol=1e-3)
+            torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_pairs_cuda_providers_unavailable_with_the_reason():
+    """The CUDA C++ kernels rotate halves only: the suite's reason, wherever it runs, and
+    what the launcher says of a paired call (fits is False, a forced launch raises)."""
+    from vlmkernels.ops.rope import CHUNKED, cuda
+    from vlmkernels.ops.rope.kernels import PAIRS
+
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        reason = bench_rope.cuda_available("mrope_pairs")(device)
+        assert reason == bench_rope.CUDA_MISSING["mrope_pairs"] and "halves only" in reason
+    assert bench_rope.cuda_available("mrope")(torch.device("cpu")) == (
+        bench_rope.cuda_extension_available(torch.device("cpu"))
+    )
+    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 1, 8)
+    table = (torch.ones(3, 1, 4, 4), torch.zeros(3, 1, 4, 4))
+    kw = dict(table=table, mode=CHUNKED | PAIRS, sections=(1, 1, 0))
+    assert not cuda.fits(q, k, q, k, **kw)
+    with pytest.raises(RuntimeError, match="halves only"):
+        cuda.rope_launch(q, k, q, k, **kw)
+
+
 def test_rope_positions_are_a_vl_sequence():
     pos = bench_rope.text_vision_positions(2, 64)  # 8 text, 48 image (width 7), 8 text
     assert pos.shape == (3, 2, 64) and pos.dtype == torch.int64
@@ -627,13 +727,18 @@ def test_rope_eager_table_merges_follow_the_lane_rules():
     from vlmkernels.ops.rope.reference import lane_axes
 
     for op, mode in (
-        ("mrope", CHUNKED), ("mrope_interleaved", INTERLEAVED), ("mrope_partial", INTERLEAVED)
+        ("mrope", CHUNKED), ("mrope_interleaved", INTERLEAVED), ("mrope_partial", INTERLEAVED),
+        ("mrope_pairs", CHUNKED),
     ):  # fmt: skip
         cfg = bench_rope.CONFIGS[op]
         half = cfg.rotary_dim // 2
         table = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 5, cfg.rotary_dim)
         merge = bench_rope.merge_interleaved if cfg.interleaved else bench_rope.merge_chunked
-        want = lane_axes(half, mode, cfg.section).repeat(2).float().expand(2, 5, -1)
+        axes = lane_axes(half, mode, cfg.section).float()
+        # paired lanes: frequency j on lanes 2j, 2j + 1; else on j and j + R / 2
+        want = (axes.repeat_interleave(2) if cfg.pairs else axes.repeat(2)).expand(2, 5, -1)
+        if cfg.pairs:
+            merge = bench_rope.merge_pairs
         torch.testing.assert_close(merge(table, cfg.section), want, rtol=0, atol=0)
         assert table[0].eq(0).all()  # out of place
 
@@ -683,13 +788,16 @@ def test_rope_liger_wiring_with_a_stand_in(monkeypatch):
         bench_rope.liger_available("vision_rope")(cuda)
     )
     calls = _fake_liger(monkeypatch, with_vision=True)
-    # Liger has no partial-rotary function: unavailable whatever is installed, with why
-    for device in (cpu, cuda):
-        reason = bench_rope.liger_available("mrope_partial")(device)
-        assert reason == bench_rope.LIGER_MISSING["mrope_partial"] and "partial" in reason
-    args = BuildArgs("mrope_partial", {"B": 1, "S": 40}, torch.float32, cpu, 0, {})
-    with pytest.raises(Skip, match="partial-rotary"):
-        bench_rope.build_liger(args)
+    # Liger has no partial-rotary or paired-lane function: unavailable whatever is
+    # installed, with why
+    assert set(bench_rope.LIGER_MISSING) == {"mrope_partial", "mrope_pairs"}
+    for op, what in (("mrope_partial", "partial-rotary"), ("mrope_pairs", "paired-lane")):
+        for device in (cpu, cuda):
+            reason = bench_rope.liger_available(op)(device)
+            assert reason == bench_rope.LIGER_MISSING[op] and what in reason
+        args = BuildArgs(op, {"B": 1, "S": 40}, torch.float32, cpu, 0, {})
+        with pytest.raises(Skip, match=what):
+            bench_rope.build_liger(args)
     for op in [op for op in bench_rope.CONFIGS if op not in bench_rope.LIGER_MISSING]:
         args = BuildArgs(op, {"B": 1, "S": 40}, torch.float32, cpu, 0, {})
         liger, eager = bench_rope.build_liger(args), bench_rope.build_eager(args)
