@@ -664,22 +664,31 @@ def test_rope_pairs_tables_match_glm4v_rotary_class():
 
 def test_rope_pairs_providers_agree_on_a_tiny_size():
     """The vlmkernels providers (PyTorch path, and the Triton kernel through the
-    interpreter) compute eager's q_out, k_out and gradients from the suite's inputs."""
+    interpreter) compute GLM-4V's formula's q_out, k_out, checksum and gradients from the
+    suite's inputs (8 tokens: text, image, text). The formula is eager's, written out (the
+    test above checks it against transformers'; the CLI smoke run, every provider's
+    checksum)."""
     import vlmkernels
     from benchmarks.harness import BuildArgs
 
-    args = BuildArgs("mrope_pairs", {"B": 1, "S": 12}, torch.float32, torch.device("cpu"), 0, {})
+    args = BuildArgs("mrope_pairs", {"B": 1, "S": 8}, torch.float32, torch.device("cpu"), 0, {})
+
+    def build_formula(args):
+        inp = bench_rope.make_inputs(args)
+        section = bench_rope.CONFIGS["mrope_pairs"].section
+        fn = lambda q, k: bench_rope.mrope_pairs_eager(q, k, inp.cos, inp.sin, section)
+        return bench_rope._prepared(inp, fn, "formula")
 
     def run(build, backend=None):
         prepared = build(args)
         with vlmkernels.use_backend(backend) if backend else contextlib.nullcontext():
             outs = prepared.call()
-            loss = float(prepared.fn())  # L, back-propagating G_q, G_k to the leaves
+            loss = prepared.fn().item()  # L, back-propagating G_q, G_k to the leaves
         return outs, loss, [leaf.grad for leaf in prepared.leaves]
 
-    ref = run(bench_rope.build_eager)
+    ref = run(build_formula)
     for build in (bench_rope.build_vlmkernels, bench_rope.build_vlmkernels_positions):
-        for backend in (None, "triton"):
+        for backend in ("torch", "triton"):
             got = run(build, backend)
             torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
             assert math.isclose(got[1], ref[1], rel_tol=1e-5, abs_tol=1e-3)
