@@ -715,6 +715,35 @@ def test_rope_pairs_cuda_providers_unavailable_with_the_reason():
         cuda.rope_launch(q, k, q, k, **kw)
 
 
+def test_rope_pairs_tuning_workload_is_the_suite_shape():
+    """vlmkernels tune covers mrope_pairs' shape (table and positions), and its workload
+    launches the paired-lane kernel (here through the interpreter, 4 tokens, fp32)."""
+    from vlmkernels.ops.rope import family, kernels, reference
+
+    cfg = bench_rope.CONFIGS["mrope_pairs"]
+    specs = [s for s in family.TUNE_SHAPES if s.get("pairs")]
+    assert sorted(s["source"] for s in specs) == ["positions", "table"]
+    for spec in specs:
+        shape = (spec["heads_q"], spec["heads_k"], spec["head_dim"], spec["rotary_dim"])
+        assert shape == (cfg.heads_q, cfg.heads_k, cfg.head_dim, cfg.rotary_dim)
+        assert (spec["mode"], tuple(spec["sections"])) == ("chunked", cfg.section)
+        q, k, qo, ko, options = family.tune_inputs(
+            dict(spec, tokens=4, dtype="fp32"), torch.device("cpu")
+        )
+        mode = options["mode"]
+        assert mode == kernels.CHUNKED | kernels.PAIRS
+        kernels.launch(q, k, qo, ko, **options)
+        if "table" in options:
+            cos, sin = (reference.table_lanes(t, mode, cfg.section) for t in options["table"])
+        else:
+            cos, sin = reference.position_lanes(
+                options["positions"], options["inv_freq"], mode, cfg.section, 1.0
+            )
+        for x, out in ((q, qo), (k, ko)):
+            want = reference.rotate(x, cos, sin, False, mode)
+            torch.testing.assert_close(out, want.to(out.dtype), rtol=1e-5, atol=1e-5)
+
+
 def test_rope_positions_are_a_vl_sequence():
     pos = bench_rope.text_vision_positions(2, 64)  # 8 text, 48 image (width 7), 8 text
     assert pos.shape == (3, 2, 64) and pos.dtype == torch.int64

@@ -11,7 +11,7 @@ import torch
 from ...core.family import CompileCase, Family, register
 from ...core.tuning import torch_dtype
 from . import cuda, kernels
-from .kernels import CHUNKED, INTERLEAVED, PLAIN, POSITIONS, TABLE
+from .kernels import CHUNKED, INTERLEAVED, PAIRS, PLAIN, POSITIONS, TABLE
 
 # Realistic shapes: the text attention of each Qwen-VL model and the vision towers.
 _TEXT = [  # model, heads_q, heads_k, head_dim, lane rule, mrope section, rotary dim
@@ -25,14 +25,20 @@ _TEXT = [  # model, heads_q, heads_k, head_dim, lane rule, mrope section, rotary
     # heads of transformers' default Qwen3_5TextConfig (the bench suite's mrope_partial)
     ("Qwen3.5 text (default Qwen3_5TextConfig)", 16, 4, 256, "interleaved", (11, 11, 10), 64),
 ]
+# paired lanes (2j, 2j + 1), GPT-J's pairing, partial rotary (factor 0.5): GLM-4.1V-9B's text
+# attention, heads of transformers' default Glm4vTextConfig (the bench suite's mrope_pairs)
+_PAIRED_TEXT = [
+    ("GLM-4.1V-9B text (default Glm4vTextConfig)", 32, 2, 128, "chunked", (8, 12, 12), 64),
+]
 _VISION = [("Qwen2-VL, Qwen2.5-VL vision", 16, 80), ("Qwen3-VL vision", 16, 72)]
 
 TUNE_SHAPES = tuple(
     [
         {"model": m, "heads_q": hq, "heads_k": hk, "head_dim": d, "mode": mode,
          "sections": sec, "source": src, "tokens": 16384, "dtype": "bf16",
-         **({"rotary_dim": rot} if rot != d else {})}
-        for m, hq, hk, d, mode, sec, rot in _TEXT
+         **({"rotary_dim": rot} if rot != d else {}), **({"pairs": True} if pairs else {})}
+        for rows, pairs in ((_TEXT, False), (_PAIRED_TEXT, True))
+        for m, hq, hk, d, mode, sec, rot in rows
         for src in ("table", "positions")
     ] + [
         {"model": m, "heads_q": h, "heads_k": h, "head_dim": d, "mode": "plain",
@@ -50,8 +56,9 @@ TUNE_SHAPES = tuple(
 def tune_inputs(spec: Mapping, device: torch.device):
     """(q, k, q_out, k_out, launch kwargs) for a tuning spec: {"heads_q", "heads_k",
     "head_dim", "rotary_dim" (default head_dim), "tokens" (16384), "batch" (1), "mode"
-    ("plain", "chunked", "interleaved"), "sections", "source" ("table", "positions"),
-    "dtype", "table_dtype" (default dtype)}."""
+    ("plain", "chunked", "interleaved"), "pairs" (False: lanes (2j, 2j + 1) rotate
+    together, GLM-4V), "sections", "source" ("table", "positions"), "dtype", "table_dtype"
+    (default dtype)}."""
     b, s = int(spec.get("batch", 1)), int(spec.get("tokens", 16384))
     hq, hk, d = int(spec["heads_q"]), int(spec["heads_k"]), int(spec["head_dim"])
     rot = int(spec.get("rotary_dim", d))
@@ -69,7 +76,8 @@ def tune_inputs(spec: Mapping, device: torch.device):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
 
     q, k = randn(b, s, hq, d), randn(b, s, hk, d)
-    options: dict[str, Any] = dict(mode=mode, sections=sections)
+    options: dict[str, Any] = dict(mode=mode | (PAIRS if spec.get("pairs") else 0),
+                                   sections=sections)  # fmt: skip
     if spec.get("source", "table") == "table":
         table_dtype = torch_dtype(spec.get("table_dtype", dtype))
         angle = randn(1 if mode == PLAIN else 3, b, s, rot, dt=torch.float32)
