@@ -16,12 +16,14 @@ Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
 - ``mrope_pairs``: GLM-4.1V-9B text attention (GLM-4V's ``Glm4vTextRotaryEmbedding`` and
   ``apply_rotary_pos_emb``). 32 query / 2 key heads and head dim 128 (hidden_size 4096 / 32
   heads, no head_dim key): transformers' default ``Glm4vTextConfig`` (documented as similar
-  to GLM-4.1V-9B-Thinking; 5.25.0 checked). partial_rotary_factor 0.5 (rotary dim 64, 32
-  frequencies), mrope_section [8, 12, 12] and rope_theta 1e4: the released checkpoints'
-  ``rope_parameters`` as transformers' ``glm4v/convert_glm4v_mgt_weights_to_hf.py`` writes
-  them ([8, 12, 12] is also the rotary class's default section and 1e4 the config's default
-  theta; the default config has no partial_rotary_factor, so its own rotary class makes 64
-  frequencies that section cannot split). Sections chunked over the frequencies (T 0..7, H
+  to GLM-4.1V-9B-Thinking; 5.16.1, 5.17.0 and 5.25.0 checked). partial_rotary_factor 0.5
+  (rotary dim 64, 32 frequencies), mrope_section [8, 12, 12] and rope_theta 1e4: the
+  released checkpoints' ``rope_parameters`` as transformers'
+  ``glm4v/convert_glm4v_mgt_weights_to_hf.py`` writes them ([8, 12, 12] is also the rotary
+  class's default section and 1e4 the config's default theta; the default config has no
+  partial_rotary_factor, so on those versions its own rotary class makes 64 frequencies
+  that section cannot split: a default config's rotary class fails in forward). Sections
+  chunked over the frequencies (T 0..7, H
   8..19, W 20..31, ``recomposition_frequencies``), frequency j on lanes (2j, 2j + 1)
   (``repeat_interleave(2)``, rotated by ``rotate_half_llm``); lanes 64..127 pass through.
 - ``vision_rope``: Qwen2-VL vision tower, 16 heads, head dim 80, S packed patches (no batch
