@@ -23,9 +23,9 @@ Ops (model shapes; the sweep key is the token count S, batch B = 1 by default):
   class's default section and 1e4 the config's default theta; the default config has no
   partial_rotary_factor, so on those versions its own rotary class makes 64 frequencies
   that section cannot split: a default config's rotary class fails in forward). Sections
-  chunked over the frequencies (T 0..7, H
-  8..19, W 20..31, ``recomposition_frequencies``), frequency j on lanes (2j, 2j + 1)
-  (``repeat_interleave(2)``, rotated by ``rotate_half_llm``); lanes 64..127 pass through.
+  chunked over the frequencies (T 0..7, H 8..19, W 20..31, ``recomposition_frequencies``),
+  frequency j on lanes (2j, 2j + 1) (``repeat_interleave(2)``, rotated by
+  ``rotate_half_llm``); lanes 64..127 pass through.
 - ``vision_rope``: Qwen2-VL vision tower, 16 heads, head dim 80, S packed patches (no batch
   axis: B must be 1); S = 16384 is the headline size, the other S are other image sizes.
 
