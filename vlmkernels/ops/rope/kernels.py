@@ -104,7 +104,7 @@ def _rotate_heads(
                 tl.store(o_rows + lanes[None, :] * sod, v, mask=pm)
 
 
-@tuned("rope", configs=_CONFIGS, key=["HQ", "HK", "D", "half", "SOURCE"],
+@tuned("rope", configs=_CONFIGS, key=["HQ", "HK", "D", "half", "SOURCE", "PAIRS"],
        sizes=["HQ", "HK", "D", "half"], restore_value=["qo_ptr", "ko_ptr"])
 @triton.jit
 def _rope_kernel(

@@ -78,20 +78,22 @@ def rotate(x, cos, sin, backward, mode: int = 0):
     """The rotation (or its transpose) of canonical (B, S, H, D) x with (B, S, R) lanes
     (paired lanes with ``mode & PAIRS``)."""
     rot = cos.shape[-1]
-    if mode & PAIRS:
-        cos, sin = halves(cos, rot), halves(sin, rot)
-        return pairs(rotate(halves(x, rot), cos, sin, backward), rot)
     h = rot // 2
     xf = x.to(_wide(x.dtype))
     cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
-    x1, x2 = xf[..., :h], xf[..., h:rot]
-    c1, c2 = cos[..., :h].unsqueeze(2), cos[..., h:].unsqueeze(2)
-    s1, s2 = sin[..., :h].unsqueeze(2), sin[..., h:].unsqueeze(2)
+    # each rotated pair's lanes: (2j, 2j + 1) with PAIRS, else (j, j + h); strided views
+    first, second = (
+        (slice(0, rot, 2), slice(1, rot, 2)) if mode & PAIRS else (slice(0, h), slice(h, rot))
+    )
+    x1, x2 = xf[..., first], xf[..., second]
+    c1, c2 = cos[..., first].unsqueeze(2), cos[..., second].unsqueeze(2)
+    s1, s2 = sin[..., first].unsqueeze(2), sin[..., second].unsqueeze(2)
     if backward:
         o1, o2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
     else:
         o1, o2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-    return torch.cat((o1, o2, xf[..., rot:]), -1).to(x.dtype)
+    rotated = torch.stack((o1, o2), -1).flatten(-2) if mode & PAIRS else torch.cat((o1, o2), -1)
+    return torch.cat((rotated, xf[..., rot:]), -1).to(x.dtype)
 
 
 def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
