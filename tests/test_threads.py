@@ -127,7 +127,7 @@ def test_a_clear_just_after_a_choice_is_cached(config_dirs, monkeypatch):
 
 def _write_rope(root, config: triton.Config):
     kernel = T.all_kernels()["rope"]
-    key = dict(HQ=28, HK=4, D=128, half=64, SOURCE=1, dtype="fp32")
+    key = dict(HQ=28, HK=4, D=128, half=64, SOURCE=1, PAIRS=False, dtype="fp32")
     doc = {"format": 1, "kernel": kernel.name, "device": T.normalise_device_name(H100),
            "source": "tuned", "triton_version": triton.__version__,
            "source_hash": kernel.source_hash, "key": kernel.file_key,

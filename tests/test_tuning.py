@@ -88,7 +88,7 @@ def test_kernels_keys_and_spaces():
     ks = T.all_kernels()
     assert {"clip_stats", "clip_grad", "siglip", "rope"} <= set(ks)  # and the other families'
     assert ks["siglip"].file_key == ["D", "n_bucket", "WRITE_GRAD", "dtype"]
-    assert ks["rope"].file_key == ["HQ", "HK", "D", "half", "SOURCE", "dtype"]
+    assert ks["rope"].file_key == ["HQ", "HK", "D", "half", "SOURCE", "PAIRS", "dtype"]
     assert ks["rope"].space == list(R._GPU_CONFIGS)
     assert SPACE == list(C._GPU_CONFIGS) and STATS.default is C._GPU_CONFIGS[0]
     # the decorated objects keep what scripts/compile_check.py reads
@@ -582,7 +582,7 @@ def test_launch_with_an_explicit_config_interpreted():
     with T._record() as calls:
         R.launch(q, k, qo, ko, table=(cos, sin), mode=R.CHUNKED, sections=(4, 6, 6))
     (call,) = calls
-    assert call.key == (7, 5, 32, 16, R.TABLE, "fp32")
+    assert call.key == (7, 5, 32, 16, R.TABLE, False, "fp32")  # PAIRS off
     expected_q, expected_k = qo.clone(), ko.clone()
     qo.zero_(), ko.zero_()
     call.kernel.launch(call.kernel.space[2], call.grid, call.args, call.kwargs)
@@ -738,7 +738,7 @@ def test_tune_pipeline_with_a_fake_benchmark(config_dirs, monkeypatch):
     assert list(winners["clip_stats"]) == [stats_bucket]
     assert list(winners["clip_grad"]) == [stats_bucket]
     assert sorted(winners["siglip"]) == [(24, 64, 0, "fp32"), (24, 64, 1, "fp32")]
-    assert list(winners["rope"]) == [(3, 2, 16, 8, R.POSITIONS, "fp32")]
+    assert list(winners["rope"]) == [(3, 2, 16, 8, R.POSITIONS, False, "fp32")]
     best = winners["clip_stats"][stats_bucket]
     fastest = 10.0 - (len(SPACE) - 1)
     assert best == {**entry(SPACE[-1]), "ms": fastest, "default_ms": 10.0}
@@ -757,7 +757,8 @@ def test_tune_pipeline_with_a_fake_benchmark(config_dirs, monkeypatch):
         warnings.simplefilter("error")
         assert T.lookup("clip_stats", stats_key(d=24, n=64, dtype="fp32"), device=H100) is (
             SPACE[-1])  # fmt: skip
-        assert T.lookup("rope", dict(HQ=28, HK=4, D=128, half=64, SOURCE=1, dtype="fp32"),
+        assert T.lookup("rope", dict(HQ=28, HK=4, D=128, half=64, SOURCE=1, PAIRS=False,
+                                     dtype="fp32"),
                         device=H100) is ks["rope"].space[-1]  # fmt: skip
 
     # merging: a new bucket joins the file, the old one stays, a re-tuned one is replaced
