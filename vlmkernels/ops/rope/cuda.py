@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ...core.cuda import require
+from .layout import PAIRS  # the CUDA C++ kernels rotate halves only
 
-_PAIRS = 4  # kernels.PAIRS: the CUDA C++ kernels rotate halves only
 _DATA = (torch.float32, torch.float16, torch.bfloat16)  # q, k (tables: float64 too)
 
 
@@ -17,7 +17,7 @@ def rope_launch(q, k, qo, ko, *, table=None, positions=None, inv_freq=None, mode
     canonical (B, S, H, D) views q, k into qo, ko (which may be q, k: in place), from
     ``table`` = (cos, sin), each (A, B, S, R), or from (3, B, S) ``positions`` and
     (R / 2,) ``inv_freq``."""
-    if mode & _PAIRS:
+    if mode & PAIRS:
         raise RuntimeError("rope: the 'cuda' backend rotates halves only; paired lanes "
                            "(pairs=True) run on the 'triton' backend")  # fmt: skip
     require("rope")
@@ -45,7 +45,7 @@ def fits(q, k, qo, ko, *, table=None, inv_freq=None, **kwargs) -> bool:
     16384 heads and a head dim of 65536, at most 256 accesses per half head vector). The
     Triton kernel takes every call the public functions pass; with the backend not forced,
     the others run there (:func:`.ops._cuda_or_triton`)."""
-    if kwargs.get("mode", 0) & _PAIRS:
+    if kwargs.get("mode", 0) & PAIRS:
         return False
     if q.dtype not in _DATA or k.dtype not in _DATA:
         return False

@@ -12,11 +12,18 @@ import triton.language as tl
 
 from ...core.runtime import autotune_configs, device_guard, next_pow2
 from ...core.tuning import prepared_cache, tuned
-from .layout import check_arguments, positions_strides, qk_layout, table_layout
+from .layout import (  # noqa: F401 (the lane rules: re-exported)
+    CHUNKED,
+    INTERLEAVED,
+    PAIRS,
+    PLAIN,
+    check_arguments,
+    positions_strides,
+    qk_layout,
+    table_layout,
+)
 
 TABLE, POSITIONS = 0, 1  # where the angles come from
-PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2  # which position axis each lane uses
-PAIRS = 4  # a lane rule's flag: lanes (2j, 2j + 1) rotate together (GPT-J / GLM-4V)
 
 # --------------------------------------------------------------------------------------
 # Triton kernels
@@ -66,8 +73,9 @@ def _rotate_heads(
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
     """Rotate the ``n_heads`` head vectors of token (b, s) of x into o, BLOCK_H at a time.
-    With PAIRS each (2j, 2j + 1) pair is one (BLOCK_H, BLOCK_HALF, 2) access, split into
-    its lanes and joined back, so the loads and stores stay contiguous."""
+    With PAIRS the rotated lanes are one contiguous (BLOCK_H, 2 BLOCK_HALF) access, split
+    into the pairs' (2j, 2j + 1) lanes and joined back for the store (one 128-bit access
+    per 8 bf16 lanes on sm_90a)."""
     x_tok = x_ptr + tl.cast(b, tl.int64) * sxb + tl.cast(s, tl.int64) * sxs
     o_tok = o_ptr + tl.cast(b, tl.int64) * sob + tl.cast(s, tl.int64) * sos
     rot = 2 * half

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_arguments", "from_bshd", "positions_strides", "qk_layout", "table_layout",
-           "table_view", "to_bshd", "token_axes"]  # fmt: skip
+__all__ = ["CHUNKED", "INTERLEAVED", "PAIRS", "PLAIN", "check_arguments", "from_bshd",
+           "positions_strides", "qk_layout", "table_layout", "table_view", "to_bshd",
+           "token_axes"]  # fmt: skip
+
+# The lane rules (the ops' ``lane_rule``): which position axis each lane uses, and the flag
+# for lanes rotating in pairs (2j, 2j + 1) (GPT-J / GLM-4V) rather than (j, j + R / 2)
+PLAIN, CHUNKED, INTERLEAVED = 0, 1, 2
+PAIRS = 4
 
 
 _TOKEN_AXES = {(4, 0): (1, 2), (4, 1): (0, 2), (4, 2): (0, 1), (3, 0): (1,), (3, 1): (0,)}
@@ -86,10 +92,6 @@ def positions_view(positions: torch.Tensor) -> torch.Tensor:
     return positions.unsqueeze(1) if positions.dim() == 2 else positions
 
 
-_LANE_RULES = 3  # plain, chunked, interleaved (kernels.PLAIN, CHUNKED, INTERLEAVED)
-_PAIRS = 4  # kernels.PAIRS, a flag on any of them
-
-
 def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None,
                     inv_freq=None, mode=0, sections=(0, 0, 0)) -> None:  # fmt: skip
     """The rotary ops' own checks, for direct ``torch.ops.vlmkernels.rope_*`` calls (the
@@ -110,7 +112,7 @@ def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None
         raise ValueError(f"{op}: k {tuple(k.shape)} must share q's {tuple(q.shape)} token "
                          f"axes and head dim (heads on axis {head_axis})")  # fmt: skip
     _same_device(op, "k", k, q)
-    if not isinstance(mode, int) or not 0 <= mode & ~_PAIRS < _LANE_RULES:
+    if not isinstance(mode, int) or not PLAIN <= mode & ~PAIRS <= INTERLEAVED:
         raise ValueError(f"{op}: lane_rule must be 0 (plain), 1 (chunked) or 2 "
                          f"(interleaved), plus 4 for paired lanes, got {mode}")  # fmt: skip
     if len(sections) != 3 or any(n < 0 for n in sections):
@@ -122,7 +124,7 @@ def check_arguments(q, k, head_axis, *, table=None, leading=True, positions=None
     if rot <= 0 or rot % 2 or rot > d:
         raise ValueError(f"{op}: the rotary dim must be even, positive and at most the head "
                          f"dim {d}, got {rot}")  # fmt: skip
-    if mode & ~_PAIRS == 1 and sum(sections) != rot // 2:
+    if mode & ~PAIRS == CHUNKED and sum(sections) != rot // 2:
         raise ValueError(f"{op}: chunked sections {list(sections)} must sum to R / 2 = "
                          f"{rot // 2}")  # fmt: skip
 
