@@ -1381,6 +1381,33 @@ def test_glm4v_rotary_function_rotates_pairs(dtype):
         assert torch.equal(a[..., rot:], x[..., rot:])
 
 
+def every_rotary_call_matches(model, inputs, angles, zero_below=0.0):
+    """``model`` (two text layers, two vision blocks) with the rotary parts patched
+    (``angles``): every rotary call runs on vlmkernels, counted per layer, forward and
+    backward (which runs the same op, transposed; one vision call for the batch's images);
+    logits, parameter gradients (:func:`assert_same_grads` with ``zero_below``) and greedy
+    generate() tokens match the unpatched model's; nothing is left on the instances after.
+    Returns the patch's targets."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(logits_grads_tokens, model, inputs, params, 3)
+    want, want_grads, want_tokens = run()
+    with rotary_patch(model, angles=angles) as handle:
+        counts, (got, got_grads, _) = op_counts(
+            functools.partial(logits_grads_tokens, model, inputs, params, 0)
+        )
+        got_tokens = run()[2]
+    if angles == "table":
+        assert counts == {"vlmkernels::rope_table": 2 * (TEXT_LAYERS + VISION_DEPTH)}
+    else:
+        assert counts == {"vlmkernels::rope_positions": 2 * TEXT_LAYERS,
+                          "vlmkernels::rope_table": 2 * VISION_DEPTH}  # fmt: skip
+    assert_close(got, want, "logits")
+    assert_same_grads(params, got_grads, want_grads, zero_below=zero_below)
+    assert torch.equal(got_tokens, want_tokens)
+    assert not instance_overrides(model)
+    return handle.targets
+
+
 @pytest.mark.parametrize("angles", ["table", "positions"])
 @pytest.mark.parametrize("arch", ["glm_ocr", "paddleocr_vl"])
 def test_ocr_models_match_transformers(arch, angles):
@@ -1396,25 +1423,7 @@ def test_ocr_models_match_transformers(arch, angles):
         pixels = inputs["pixel_values"]
         inputs["pixel_values"] = pixels[:, : 3 * PATCH * PATCH].reshape(-1, 3, PATCH, PATCH)
     inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    run = functools.partial(logits_grads_tokens, model, inputs, params, 3)
-    want, want_grads, want_tokens = run()
-    with rotary_patch(model, angles=angles) as handle:
-        counts, (got, got_grads, _) = op_counts(
-            functools.partial(logits_grads_tokens, model, inputs, params, 0)
-        )
-        got_tokens = run()[2]
-    assert "model.get_rope_index" in handle.targets, handle.targets
-    # each layer's call, forward then backward (which runs the same op, transposed)
-    if angles == "table":
-        assert counts == {"vlmkernels::rope_table": 2 * (TEXT_LAYERS + VISION_DEPTH)}
-    else:
-        assert counts == {"vlmkernels::rope_positions": 2 * TEXT_LAYERS,
-                          "vlmkernels::rope_table": 2 * VISION_DEPTH}  # fmt: skip
-    assert_close(got, want, "logits")
-    assert_same_grads(params, got_grads, want_grads)
-    assert torch.equal(got_tokens, want_tokens)
-    assert not instance_overrides(model)
+    assert "model.get_rope_index" in every_rotary_call_matches(model, inputs, angles)
 
 
 @pytest.mark.parametrize(("version", "angles"), [("2.5", "table"), ("2.5", "positions"),
@@ -1428,24 +1437,8 @@ def test_qwen_omni_thinkers_match_transformers(version, angles):
     model = qwen_omni(version).eval().to(DEVICE)
     inputs = make_inputs("qwen3_vl", with_video=False)  # images only: no seconds per grid
     inputs = {k: v.to(DEVICE) for k, v in inputs.items() if k != "mm_token_type_ids"}
-    params = [p for p in model.parameters() if p.requires_grad]
-    run = functools.partial(logits_grads_tokens, model, inputs, params, 3)
-    want, want_grads, want_tokens = run()
-    with rotary_patch(model, angles=angles) as handle:
-        counts, (got, got_grads, _) = op_counts(
-            functools.partial(logits_grads_tokens, model, inputs, params, 0)
-        )
-        got_tokens = run()[2]
-    assert not any("get_rope_index" in t for t in handle.targets), handle.targets
-    if angles == "table":
-        assert counts == {"vlmkernels::rope_table": 2 * (TEXT_LAYERS + VISION_DEPTH)}
-    else:
-        assert counts == {"vlmkernels::rope_positions": 2 * TEXT_LAYERS,
-                          "vlmkernels::rope_table": 2 * VISION_DEPTH}  # fmt: skip
-    assert_close(got, want, "logits")
-    assert_same_grads(params, got_grads, want_grads, zero_below=1e-5)
-    assert torch.equal(got_tokens, want_tokens)
-    assert not instance_overrides(model)
+    targets = every_rotary_call_matches(model, inputs, angles, zero_below=1e-5)
+    assert not any("get_rope_index" in t for t in targets), targets
     if version == "3":
         with pytest.raises(vt.UnsupportedLayoutError, match="qwen3_omni_moe .*float position"):
             rotary_patch(model, angles="positions")
