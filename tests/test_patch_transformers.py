@@ -1461,6 +1461,25 @@ def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):
     assert "in an order vlmkernels knows" in vt.support()["glm4v"]["rope"]
 
 
+def test_glm4v_table_order_probe_that_raised_is_not_remembered(monkeypatch):
+    """A probe of GLM-4V's function that raised (here under a FakeTensorMode, whose tensors
+    have no values) tells nothing about the function: the patch refuses there, and works
+    once outside, rather than refusing the text rotary for the rest of the process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    monkeypatch.setattr(qwen_vl, "_TABLE_ORDER", {})
+    arch = next(a for a in qwen_vl.ARCHITECTURES if a.key == "glm4v")
+    with FakeTensorMode():
+        assert qwen_vl._table_order(arch) is None
+    assert qwen_vl._table_order(arch) in ("pairs", "halves")
+    model = glm4v()
+    with rotary_patch(model) as handle:
+        assert "model.language_model.layers.0.self_attn.forward" in handle.targets
+    assert not instance_overrides(model)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_in_training(reentrant):
     """transformers' activation checkpointing (reentrant or not) on a patched

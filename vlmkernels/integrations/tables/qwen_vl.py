@@ -287,9 +287,10 @@ _TABLE_ORDER: dict[Callable, str | None] = {}  # GLM-4V function -> the table or
 def _table_order(arch: Architecture) -> str | None:
     """The cos/sin order the installed GLM-4V ``apply_rotary_pos_emb`` takes: "pairs" (each
     frequency twice in a row, >= 5.17) or "halves" ([f | f], 5.16); None when the function
-    is missing or does neither. Probed once per function on a 4-lane table [1, 2, 3, 4]
-    with zero sines: the layout is recognised from what the function does, not from the
-    version number."""
+    is missing or does neither. Probed on a 4-lane table [1, 2, 3, 4] with zero sines: the
+    layout is recognised from what the function does, not from the version number. What a
+    function returned is remembered per function; a call that raised is not (it may have
+    raised for the caller's context, e.g. a FakeTensorMode, not for the function)."""
     function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
     if function not in _TABLE_ORDER:
         with torch.device("cpu"), torch.no_grad():
@@ -297,8 +298,8 @@ def _table_order(arch: Architecture) -> str | None:
             cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
             try:
                 out = tuple(function(x, x, cos, sin)[0].flatten().tolist())
-            except Exception:  # missing, or another signature: neither order
-                out = None
+            except Exception:  # missing, another signature, or no values here: neither
+                return None
         orders = {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}
         _TABLE_ORDER[function] = orders.get(out)
     return _TABLE_ORDER[function]
