@@ -103,7 +103,9 @@ def _omni(key, prefix, text_attention, text_rotary, interleaved, positions=True)
     (the same rotary functions), without ``rope_index`` (its ``get_rope_index`` also places
     audio). The whole model, the thinker, its text model and the vision encoder are roots;
     in the whole model every module of the text attention class is patched (Qwen2.5-Omni's
-    talker shares the thinker's). ``positions``: whether ``angles="positions"`` applies
+    talker shares the thinker's; transformers 5.16's Qwen2.5-Omni vision function rotates
+    one tensor from the raw frequencies, ``(tensor, freqs)``, and its vision part is
+    refused there by name). ``positions``: whether ``angles="positions"`` applies
     (not where ``get_rope_index`` makes float position ids, fractional for video time:
     Qwen3-Omni-MoE's)."""
     text = ("rope", "positions") if positions else ("rope",)
