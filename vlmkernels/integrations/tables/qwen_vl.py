@@ -110,6 +110,8 @@ def _omni(key, prefix, text_attention, text_rotary, interleaved, positions=True)
     Qwen3-Omni-MoE's)."""
     text = ("rope", "positions") if positions else ("rope",)
     parts = (*text[:1], "vision", *text[1:])
+    why = "its get_rope_index makes float position ids, fractional for video time"
+    refused = {} if positions else {"no_positions": why}
     return Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
@@ -125,18 +127,7 @@ def _omni(key, prefix, text_attention, text_rotary, interleaved, positions=True)
             f"{prefix}ThinkerTextModel": text,
             f"{prefix}VisionEncoder": ("vision",),
         },
-        data={
-            "interleaved": interleaved,
-            "rotation": "full",
-            **(
-                {}
-                if positions
-                else {
-                    "no_positions": "its get_rope_index makes float position "
-                    "ids, fractional for video time"
-                }
-            ),
-        },  # fmt: skip
+        data={"interleaved": interleaved, "rotation": "full", **refused},
     )
 
 
