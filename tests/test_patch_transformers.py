@@ -1222,6 +1222,18 @@ def test_qwen3_vl_moe_matches_transformers():
     assert torch.equal(got_tokens, want_tokens)
 
 
+def assert_partial_rotary_matches(inputs, got, want, rot):
+    """Outputs of a partial-rotary replacement against transformers' function: same dtypes
+    and shapes, the first ``rot`` lanes within rounding (fp32 1e-6, 16-bit 1e-2 of the
+    largest: transformers rounds each product and the sum), the lanes past them bitwise
+    the inputs'."""
+    for x, a, w in zip(inputs, got, want, strict=True):
+        tol = 1e-6 if x.dtype == torch.float32 else 1e-2
+        assert a.dtype == w.dtype and a.shape == w.shape
+        assert (a[..., :rot] - w[..., :rot]).abs().max() <= tol * w[..., :rot].abs().max()
+        assert torch.equal(a[..., rot:], x[..., rot:])
+
+
 @pytest.mark.parametrize(("moe", "angles"), [(False, "positions"), (True, "table")])
 def test_qwen3_5_matches_transformers(moe, angles):
     """Qwen3.5 (and its MoE variant) with the rotary parts patched: its attention's
@@ -1267,11 +1279,7 @@ def test_qwen3_5_rotary_function_passes_the_lanes_past_its_tables(dtype):
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     got = apply_partial_rotary_pos_emb(q, k, cos, sin)
     want = qwen3_5_module.apply_rotary_pos_emb(q, k, cos, sin)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    for x, a, w in zip((q, k), got, want, strict=True):
-        assert a.dtype == w.dtype and a.shape == w.shape
-        assert (a[..., :rot] - w[..., :rot]).abs().max() <= tol * w[..., :rot].abs().max()
-        assert torch.equal(a[..., rot:], x[..., rot:])
+    assert_partial_rotary_matches((q, k), got, want, rot)
     wide = torch.ones(b, s, d + 2, device=DEVICE, dtype=dtype)
     with pytest.raises(ValueError, match="34 wide for a head dim of 32.*at most as wide"):
         apply_partial_rotary_pos_emb(q, k, wide, wide)
@@ -1377,11 +1385,7 @@ def test_glm4v_rotary_function_rotates_pairs(dtype):
     cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
     got = replacement(q, k, cos, sin)
     want = modeling_glm4v.apply_rotary_pos_emb(q, k, cos, sin)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    for x, a, w in zip((q, k), got, want, strict=True):
-        assert a.dtype == w.dtype and a.shape == w.shape
-        assert (a[..., :rot] - w[..., :rot]).abs().max() <= tol * w[..., :rot].abs().max()
-        assert torch.equal(a[..., rot:], x[..., rot:])
+    assert_partial_rotary_matches((q, k), got, want, rot)
 
 
 def every_rotary_call_matches(model, inputs, angles, zero_below=0.0, vision=True):
