@@ -96,9 +96,12 @@ Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe`` / ``Qwen3_5`
 ``...ForConditionalGeneration`` and ``...Model`` (all three parts),
 ``...TextModel`` and Qwen3.5's ``...ForCausalLM`` (``rope`` only: no vision tower and no
 ``get_rope_index``; also wherever a model holds one, as MiniCPM-V 4.6 holds Qwen3.5's) and
-the vision towers (``vision`` only). A module holding one of these (a wrapper, or a task
-head of the same module: Qwen3.5's ``...ForSequenceClassification`` and
-``...ForTokenClassification``) gets the outermost one's parts.
+the vision towers (``vision`` only). The Qwen2.5-Omni and Qwen3-Omni-MoE thinkers (and the
+whole Omni models holding them) take ``rope``, ``vision`` and, for Qwen2.5-Omni,
+``positions``; their ``get_rope_index`` also places audio and stays theirs. A module holding
+one of these (a wrapper, or a task head of the same module: Qwen3.5's
+``...ForSequenceClassification`` and ``...ForTokenClassification``) gets the outermost one's
+parts.
 """
 
 from __future__ import annotations
