@@ -413,30 +413,20 @@ def hf_partial_function() -> tuple[Callable, str]:
     return _partial_rope_formula, note
 
 
-def _pairs_table_order(fn: Callable) -> str | None:
-    """The cos/sin order GLM-4V's ``apply_rotary_pos_emb`` takes: "pairs" (each frequency
-    twice in a row: transformers >= 5.17, whose rotary class does the repeat_interleave) or
-    "halves" ([f | f]: 5.16, whose function reorders its tables itself); None for neither.
-    Recognised from what it does to a 4-lane table [1, 2, 3, 4] with zero sines."""
-    with torch.device("cpu"), torch.no_grad():
-        x = torch.ones(1, 1, 1, 4)
-        cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
-        try:
-            out = tuple(fn(x, x, cos, sin)[0].flatten().tolist())
-        except Exception:  # noqa: BLE001 - another signature: neither order
-            return None
-    return {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}.get(out)
-
-
 @functools.cache
 def hf_pairs_function() -> tuple[Callable, str, str]:
     """(apply_rotary_pos_emb, the table order it takes, note) of GLM-4V (paired lanes,
     partial rotary): transformers' own where the installed version has it and takes a known
     order, else the formula written out (pair-ordered tables)."""
+    from vlmkernels.integrations.tables.qwen_vl import paired_table_order
+
     module, version = _transformers_module("glm4v")
     fn = getattr(module, "apply_rotary_pos_emb", None)
     if fn is not None:
-        order = _pairs_table_order(fn)
+        try:
+            order = paired_table_order(fn)
+        except Exception:  # noqa: BLE001 - another signature: neither order
+            order = None
         if order is not None:
             return fn, order, f"transformers {version} glm4v apply_rotary_pos_emb ({order} tables)"
         note = (

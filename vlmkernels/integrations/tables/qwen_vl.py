@@ -36,6 +36,7 @@ __all__ = [
     "REPLACEMENTS",
     "TESTED_VERSIONS",
     "installed_semantics",
+    "paired_table_order",
     "rope_index_method",
 ]
 
@@ -274,27 +275,35 @@ def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
 
 apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
 
+
+def paired_table_order(function) -> str | None:
+    """The cos/sin order a GLM-4V-style ``apply_rotary_pos_emb(q, k, cos, sin)`` (lanes
+    rotating in pairs) takes: "pairs" (each frequency twice in a row: transformers >= 5.17,
+    whose rotary class does the repeat_interleave) or "halves" ([f | f]: 5.16, whose function
+    reorders its tables itself); None for neither. Recognised from what it does to a 4-lane
+    table [1, 2, 3, 4] with zero sines, not from the version number; raises what the call
+    raises."""
+    with torch.device("cpu"), torch.no_grad():
+        x = torch.ones(1, 1, 1, 4)
+        cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
+        out = tuple(function(x, x, cos, sin)[0].flatten().tolist())
+    return {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}.get(out)
+
+
 _TABLE_ORDER: dict[Callable, str | None] = {}  # GLM-4V function -> the table order it takes
 
 
 def _table_order(arch: Architecture) -> str | None:
-    """The cos/sin order the installed GLM-4V ``apply_rotary_pos_emb`` takes: "pairs" (each
-    frequency twice in a row, >= 5.17) or "halves" ([f | f], 5.16); None when the function
-    is missing or does neither. Probed on a 4-lane table [1, 2, 3, 4] with zero sines: the
-    layout is recognised from what the function does, not from the version number. What a
-    function returned is remembered per function; a call that raised is not (it may have
-    raised for the caller's context, e.g. a FakeTensorMode, not for the function)."""
+    """:func:`paired_table_order` of the installed GLM-4V ``apply_rotary_pos_emb``; None when
+    the function is missing or does neither. What a function returned is remembered per
+    function; a call that raised is not (it may have raised for the caller's context, e.g.
+    a FakeTensorMode, not for the function)."""
     function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
     if function not in _TABLE_ORDER:
-        with torch.device("cpu"), torch.no_grad():
-            x = torch.ones(1, 1, 1, 4)
-            cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
-            try:
-                out = tuple(function(x, x, cos, sin)[0].flatten().tolist())
-            except Exception:  # missing, another signature, or no values here: neither
-                return None
-        orders = {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}
-        _TABLE_ORDER[function] = orders.get(out)
+        try:
+            _TABLE_ORDER[function] = paired_table_order(function)
+        except Exception:  # missing, another signature, or no values here: neither
+            return None
     return _TABLE_ORDER[function]
 
 
