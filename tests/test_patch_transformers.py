@@ -141,8 +141,9 @@ def qwen3_5(moe: bool = False):
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
 
 
-def glm4v(moe: bool = False):
-    """GLM-4V (or GLM-4V-MoE, two routed experts, top-1, after one dense layer): text head
+def glm4v(moe: bool = False, prefix: str | None = None):
+    """GLM-4V (or GLM-4V-MoE, two routed experts, top-1, after one dense layer; or another
+    model of GLM-4V's code, ``prefix`` naming its classes: GLM-OCR's "GlmOcr"): text head
     dim 32 of which half rotates (the released models' partial_rotary_factor), chunked
     sections [2, 3, 3] over its 8 frequencies; GLM-4V's in pairs (rotate_half_llm),
     GLM-4V-MoE's rotate-half. Vision head dim 12. Its video frames are image tokens (a
@@ -152,7 +153,7 @@ def glm4v(moe: bool = False):
     if moe:
         text.update(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
                     n_shared_experts=1, first_k_dense_replace=1)  # fmt: skip
-    prefix = "Glm4vMoe" if moe else "Glm4v"
+    prefix = prefix or ("Glm4vMoe" if moe else "Glm4v")
     config = getattr(transformers, f"{prefix}Config")(
         text_config=text,
         vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=128,
@@ -161,21 +162,6 @@ def glm4v(moe: bool = False):
         image_end_token_id=VEND, video_start_token_id=VSTART, video_end_token_id=VEND,
     )  # fmt: skip
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
-
-
-def glm_ocr():
-    """GLM-OCR: GLM-4V's text rotary (half of each 32-lane head rotating in pairs, chunked
-    [2, 3, 3]) and vision tower in its own classes."""
-    text = _text(128, [2, 3, 3])
-    text["rope_parameters"]["partial_rotary_factor"] = 0.5
-    config = transformers.GlmOcrConfig(
-        text_config=text,
-        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=128,
-                              image_size=16),
-        image_token_id=IMG, video_token_id=VID, image_start_token_id=VSTART,
-        image_end_token_id=VEND, video_start_token_id=VSTART, video_end_token_id=VEND,
-    )  # fmt: skip
-    return transformers.GlmOcrForConditionalGeneration(config)
 
 
 def paddleocr_vl():
@@ -1426,7 +1412,8 @@ def test_ocr_models_match_transformers(arch, angles):
     the batch's images), get_rope_index is vlmkernels'; logits, parameter gradients and
     greedy generate() tokens match the unpatched model's."""
     torch.manual_seed(0)
-    model = (glm_ocr if arch == "glm_ocr" else paddleocr_vl)().eval().to(DEVICE)
+    model = glm4v(prefix="GlmOcr") if arch == "glm_ocr" else paddleocr_vl()
+    model = model.eval().to(DEVICE)
     inputs = make_inputs("qwen3_vl" if arch == "glm_ocr" else "qwen2_vl", with_video=False)
     if arch == "paddleocr_vl":
         pixels = inputs["pixel_values"]
