@@ -35,18 +35,23 @@ def _memory_order(axes: torch.Tensor, mode: int) -> torch.Tensor:
     return axes.repeat_interleave(2, -1) if mode & PAIRS else torch.cat((axes, axes), -1)
 
 
-def halves(x: torch.Tensor, rot: int) -> torch.Tensor:
-    """x with its first ``rot`` lanes reordered from pairs (2j, 2j + 1) to halves
-    (j, j + rot / 2): the PAIRS rotation is rotate-half on this order."""
-    order = torch.cat((torch.arange(0, rot, 2), torch.arange(1, rot, 2))).to(x.device)
-    return torch.cat((x[..., order], x[..., rot:]), -1)
+def _pair_lanes(rot: int, mode: int) -> tuple[slice, slice]:
+    """The lanes of the rotated pairs, as strided views: (2j, 2j + 1) with PAIRS, else
+    (j, j + R / 2)."""
+    return (
+        (slice(0, rot, 2), slice(1, rot, 2))
+        if mode & PAIRS
+        else (slice(0, rot // 2), slice(rot // 2, rot))
+    )
 
 
-def pairs(x: torch.Tensor, rot: int) -> torch.Tensor:
-    """The inverse of :func:`halves`."""
-    h = rot // 2
-    paired = torch.stack((x[..., :h], x[..., h:rot]), -1).flatten(-2)
-    return torch.cat((paired, x[..., rot:]), -1)
+def _join(first: torch.Tensor, second: torch.Tensor, mode: int) -> torch.Tensor:
+    """The inverse of :func:`_pair_lanes`: per-pair values back in lane order."""
+    return (
+        torch.stack((first, second), -1).flatten(-2)
+        if mode & PAIRS
+        else torch.cat((first, second), -1)
+    )
 
 
 def table_lanes(table: torch.Tensor, mode: int, sections) -> torch.Tensor:
@@ -78,13 +83,9 @@ def rotate(x, cos, sin, backward, mode: int = 0):
     """The rotation (or its transpose) of canonical (B, S, H, D) x with (B, S, R) lanes
     (paired lanes with ``mode & PAIRS``)."""
     rot = cos.shape[-1]
-    h = rot // 2
     xf = x.to(_wide(x.dtype))
     cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
-    # each rotated pair's lanes: (2j, 2j + 1) with PAIRS, else (j, j + h); strided views
-    first, second = (
-        (slice(0, rot, 2), slice(1, rot, 2)) if mode & PAIRS else (slice(0, h), slice(h, rot))
-    )
+    first, second = _pair_lanes(rot, mode)
     x1, x2 = xf[..., first], xf[..., second]
     c1, c2 = cos[..., first].unsqueeze(2), cos[..., second].unsqueeze(2)
     s1, s2 = sin[..., first].unsqueeze(2), sin[..., second].unsqueeze(2)
@@ -92,8 +93,7 @@ def rotate(x, cos, sin, backward, mode: int = 0):
         o1, o2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
     else:
         o1, o2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-    rotated = torch.stack((o1, o2), -1).flatten(-2) if mode & PAIRS else torch.cat((o1, o2), -1)
-    return torch.cat((rotated, xf[..., rot:]), -1).to(x.dtype)
+    return torch.cat((_join(o1, o2, mode), xf[..., rot:]), -1).to(x.dtype)
 
 
 def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
@@ -101,25 +101,21 @@ def table_grads(q, k, gq, gk, mode, sections, table_shape, backward):
     come from no-grad rotary modules), summed over heads and scattered to each lane's
     axis."""
     rot = table_shape[-1]
-    if mode & PAIRS:
-        q, k, gq, gk = (halves(t, rot) for t in (q, k, gq, gk))
-        dc, ds = table_grads(q, k, gq, gk, mode & ~PAIRS, sections, table_shape, backward)
-        return pairs(dc, rot), pairs(ds, rot)
-    h = rot // 2
+    first, second = _pair_lanes(rot, mode)
     wide = _wide(q.dtype)
     dc = torch.zeros(table_shape[1:], dtype=wide, device=q.device)
     ds = torch.zeros_like(dc)
     for x, g in ((q, gq), (k, gk)):
-        xf, gf = x.to(wide)[..., :rot], g.to(wide)[..., :rot]
-        x1, x2, g1, g2 = xf[..., :h], xf[..., h:], gf[..., :h], gf[..., h:]
-        dc += torch.cat(((g1 * x1).sum(2), (g2 * x2).sum(2)), -1)
+        xf, gf = x.to(wide), g.to(wide)
+        x1, x2, g1, g2 = xf[..., first], xf[..., second], gf[..., first], gf[..., second]
+        dc += _join((g1 * x1).sum(2), (g2 * x2).sum(2), mode)
         if backward:
-            ds += torch.cat((-(g2 * x1).sum(2), (g1 * x2).sum(2)), -1)
+            ds += _join(-(g2 * x1).sum(2), (g1 * x2).sum(2), mode)
         else:
-            ds += torch.cat((-(g1 * x2).sum(2), (g2 * x1).sum(2)), -1)
+            ds += _join(-(g1 * x2).sum(2), (g2 * x1).sum(2), mode)
     a = table_shape[0]
     if a == 1:
         return dc.unsqueeze(0), ds.unsqueeze(0)
-    axes = lane_axes(h, mode, sections, q.device).repeat(2)
+    axes = _memory_order(lane_axes(rot // 2, mode, sections, q.device), mode)
     onehot = torch.nn.functional.one_hot(axes, a).T.to(dc.dtype)  # (A, R)
     return onehot[:, None, None, :] * dc, onehot[:, None, None, :] * ds
