@@ -115,6 +115,7 @@ def test_info_names_transformers_and_what_patches_on_it(capsys):
         assert f"  {arch:<13} {want}" in out
     assert "  qwen2_5_omni  patches rope, vision, positions (angles='positions')\n" in out
     assert "  qwen3_omni_moe patches rope, vision\n" in out
+    assert "  glm46v        patches rope_index\n" in out  # its towers are GLM-4V's rows
     assert cli.main(["info", "--no-ceilings", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["transformers"]
     assert found["version"] == transformers.__version__

@@ -141,23 +141,29 @@ def qwen3_5(moe: bool = False):
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
 
 
-def glm4v(moe: bool = False, prefix: str | None = None):
+def glm4v(moe: bool = False, prefix: str | None = None, glm46v: bool = False):
     """GLM-4V (or GLM-4V-MoE, two routed experts, top-1, after one dense layer; or another
     model of GLM-4V's code, ``prefix`` naming its classes: GLM-OCR's "GlmOcr"): text head
     dim 32 of which half rotates (the released models' partial_rotary_factor), chunked
     sections [2, 3, 3] over its 8 frequencies; GLM-4V's in pairs (rotate_half_llm),
     GLM-4V-MoE's rotate-half. Vision head dim 12. Its video frames are image tokens (a
-    batch holds images or videos, not both), so the tests give it images."""
+    batch holds images or videos, not both), so the tests give it images. ``glm46v``:
+    GLM-4.6V, its own model class around the towers of the one GLM-4V (or -MoE) builds,
+    made from their model types as its checkpoints name them."""
     text = _text(128, [2, 3, 3])
     text["rope_parameters"]["partial_rotary_factor"] = 0.5
     if moe:
         text.update(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
                     n_shared_experts=1, first_k_dense_replace=1)  # fmt: skip
+    vision = _vision(hidden_size=24, intermediate_size=64, out_hidden_size=128, image_size=16)
     prefix = prefix or ("Glm4vMoe" if moe else "Glm4v")
+    if glm46v:
+        kind = "glm4v_moe" if moe else "glm4v"
+        text["model_type"], vision["model_type"] = f"{kind}_text", f"{kind}_vision"
+        prefix = "Glm46V"
     config = getattr(transformers, f"{prefix}Config")(
         text_config=text,
-        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=128,
-                              image_size=16),
+        vision_config=vision,
         image_token_id=IMG, video_token_id=VID, image_start_token_id=VSTART,
         image_end_token_id=VEND, video_start_token_id=VSTART, video_end_token_id=VEND,
     )  # fmt: skip
@@ -565,6 +571,21 @@ def test_model_inside_a_wrapper(qwen2):
     assert "model.model.get_rope_index" in targets
     assert any(".self_attn." in t for t in targets) and any(".attn." in t for t in targets)
     assert_close(logits, qwen2.ref_logits, "logits")
+    assert instance_overrides(qwen2.model) == []
+
+
+def test_wrapper_holding_the_towers_apart_gets_every_towers_parts(qwen2):
+    """A module holding a vision tower and a text model side by side, neither inside the
+    other (a user's own composition; GLM-4.6V builds its towers so): each root's parts
+    apply, not the first one found alone."""
+    inner = qwen2.model.model
+    pair = torch.nn.ModuleDict({"visual": inner.visual, "text": inner.language_model})
+    with vt.patch(pair) as handle:
+        targets = handle.targets
+    assert sum(".self_attn." in t for t in targets) == TEXT_LAYERS, targets
+    assert sum(".attn." in t and ".self_attn." not in t for t in targets) == VISION_DEPTH
+    with vt.patch(pair, angles="positions") as handle:
+        assert any("rotary_emb" in t for t in handle.targets), handle.targets
     assert instance_overrides(qwen2.model) == []
 
 
@@ -1045,6 +1066,7 @@ def test_support_report_on_the_installed_transformers():
     assert omni == {"rope": "ok", "positions": "ok", "vision": omni["vision"]}
     assert omni["vision"] == "ok" or "parameters ['tensor', 'freqs']" in omni["vision"]
     assert report["qwen3_omni_moe"] == {"rope": "ok", "vision": "ok"}
+    assert report["glm46v"].keys() == {"rope_index"}  # its towers patch as GLM-4V's
     # on an older tested release, a model added later (its module absent) is reported as
     # not importable; on the newest, every architecture patches
     older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
@@ -1420,6 +1442,22 @@ def test_ocr_models_match_transformers(arch, angles):
         inputs["pixel_values"] = pixels[:, : 3 * PATCH * PATCH].reshape(-1, 3, PATCH, PATCH)
     inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     assert "model.get_rope_index" in every_rotary_call_matches(model, inputs, angles)
+
+
+@pytest.mark.parametrize(("moe", "angles"), [(False, "table"), (False, "positions"),
+                                           (True, "table")])  # fmt: skip
+def test_glm46v_matches_transformers(moe, angles):
+    """GLM-4.6V (and its MoE text tower, GLM-4.6V's own): ``Glm46VModel`` holds GLM-4V's
+    (or GLM-4V-MoE's) towers side by side, so their rows patch both rotary parts, and its
+    get_rope_index (GLM-4V's code in its own class) is vlmkernels'; every rotary call runs on
+    vlmkernels; logits, parameter gradients and greedy generate() tokens match."""
+    torch.manual_seed(0)
+    model = glm4v(moe, glm46v=True).eval().to(DEVICE)
+    assert type(model.model.language_model).__name__ == ("Glm4vMoeTextModel" if moe
+                                                         else "Glm4vTextModel")  # fmt: skip
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
+    targets = every_rotary_call_matches(model, inputs, angles, 1e-5)
+    assert "model.get_rope_index" in targets, targets
 
 
 @pytest.mark.parametrize(("version", "angles"), [("2.5", "table"), ("2.5", "positions"),

@@ -358,6 +358,10 @@ class Architecture:
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# An architecture found in a model: (architecture, its module, the parts that apply)
+Match = tuple[Architecture, types.ModuleType, tuple[str, ...]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Rebind:
     """Part ``part``: in every module of the role's class, the forward's call to one of
@@ -525,14 +529,14 @@ class Patcher:
         module = sys.modules.get(self.library)
         return getattr(module, "__version__", "not installed")
 
-    def match(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]] | None:
+    def match(self, model) -> list[Match] | None:
         """Like :meth:`find`, None where no architecture of this patcher applies."""
         try:
             return self.find(model)
         except UnsupportedModelError:
             return None
 
-    def _anywhere(self, model):
+    def _anywhere(self, model) -> list[Match]:
         for arch in self.architectures.values():
             module = sys.modules.get(arch.module) if arch.anywhere else None
             if module is None:
@@ -540,32 +544,51 @@ class Patcher:
             classes = tuple(c for c in (getattr(module, n, None) for n in arch.classes.values())
                             if isinstance(c, type))  # fmt: skip
             if classes and any(isinstance(sub, classes) for sub in model.modules()):
-                return arch, module, self.parts
-        return None
+                return [(arch, module, self.parts)]
+        return []
 
-    def _nested(self, model):
-        """For a model that holds the architecture's models (a wrapper: ``peft``'s
-        ``PeftModel``, a LightningModule): the architecture of the outermost root in its
-        tree and that root's parts (the slots are found anywhere in the tree), else
-        :meth:`_anywhere`'s answer."""
+    def _roots_of(self, kind: type) -> list[Match]:
+        """The architectures one of whose roots ``kind`` is (by its MRO), with that root's
+        parts."""
         by_module = {a.module: a for a in self.architectures.values()}
-        for sub in model.modules():
-            arch = by_module.get(getattr(type(sub), "__module__", None))
+        found = []
+        for cls in kind.__mro__:
+            arch = by_module.get(getattr(cls, "__module__", None))
             module = sys.modules.get(arch.module) if arch is not None else None
             if module is None:
                 continue
             for root, parts in arch.roots.items():
-                cls = getattr(module, root, None)
-                if isinstance(cls, type) and isinstance(sub, cls):
-                    return arch, module, parts
-        return self._anywhere(model)
+                if getattr(module, root, None) is cls:
+                    found.append((arch, module, parts))
+        return found
 
-    def root(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]] | None:
+    def _held(self, model) -> list[Match]:
+        """Every architecture with a root in ``model``'s tree (``model`` included), each
+        with the parts of all its roots there: a wrapper (``peft``'s ``PeftModel``, a
+        LightningModule, a task head) gets its models' parts, and one holding a vision
+        tower and a text model side by side (GLM-4.6V's ``Glm46VModel``, which builds
+        GLM-4V's towers) gets both towers' parts. Else :meth:`_anywhere`'s answer."""
+        parts: dict[str, dict[str, None]] = {}
+        modules: dict[str, types.ModuleType] = {}
+        seen: dict[type, list[Match]] = {}
+        for sub in model.modules():
+            kind = type(sub)
+            if kind not in seen:
+                seen[kind] = self._roots_of(kind)
+            for arch, module, root_parts in seen[kind]:
+                modules[arch.key] = module
+                parts.setdefault(arch.key, {}).update(dict.fromkeys(root_parts))
+        if not parts:
+            return self._anywhere(model)
+        return [(self.architectures[key], modules[key], tuple(p for p in self.parts if p in ps))
+                for key, ps in parts.items()]  # fmt: skip
+
+    def root(self, model) -> Match | None:
         """(architecture, module, parts) where ``model`` is one of an architecture's roots;
         None where its classes come from no architecture's module (or from one whose
         classes may be held anywhere), or where it is another class of that module holding
         one of its roots (a task head: Qwen3.5's ``ForSequenceClassification`` holds a
-        ``Qwen3_5Model``; :meth:`_nested` finds it). Raises :class:`UnsupportedModelError`
+        ``Qwen3_5Model``; :meth:`_held` finds it). Raises :class:`UnsupportedModelError`
         for another class of a known architecture's module holding none (a Qwen-VL decoder
         layer, not the model)."""
         by_module = {a.module: a for a in self.architectures.values()}
@@ -588,14 +611,15 @@ class Patcher:
             )
         return None
 
-    def find(self, model) -> tuple[Architecture, types.ModuleType, tuple[str, ...]]:
-        """The architecture of ``model``, its module, and the parts that apply to it: those
-        of a root (``Architecture.roots``) it is, or of the outermost root it holds."""
+    def find(self, model) -> list[Match]:
+        """The architectures of ``model``, each with its module and the parts that apply:
+        those of the roots (``Architecture.roots``) it is or holds (:meth:`_held`)."""
         found = self.root(model)
-        if found is None and hasattr(model, "modules"):
-            found = self._nested(model)
-        if found is not None:
-            return found
+        held = self._held(model) if hasattr(model, "modules") else []
+        if found is not None and not any(arch is found[0] for arch, _, _ in held):
+            held.insert(0, found)
+        if held:
+            return held
         names = ", ".join(self.architectures)
         raise UnsupportedModelError(
             f"vlmkernels.patch supports {self.library} models of the architectures {names}; "
@@ -649,21 +673,23 @@ class Patcher:
 
     def plan(self, model, wanted: set[str]) -> tuple[list, dict[str, Exception], list]:
         """(slots, {part: why it cannot be patched}, parts that can) for the parts of
-        ``wanted`` that apply to ``model``; nothing is installed."""
-        arch, module, applicable = self.find(model)
+        ``wanted`` that apply to ``model``, over every architecture it holds (a part that
+        fails for one of them fails); nothing is installed."""
         slots, failures, working = [], {}, []
-        for part in self.parts:
-            if part not in wanted or part not in applicable:
-                continue
-            try:
-                found = []
-                for replacement in self.replacements:
-                    if replacement.part == part and _serves(replacement, arch):
-                        found += self._slots(model, arch, module, replacement)
-                slots += found
-                working.append(part)
-            except UnsupportedLayoutError as exc:
-                failures[part] = exc
+        for arch, module, applicable in self.find(model):
+            for part in self.parts:
+                if part not in wanted or part not in applicable or part in failures:
+                    continue
+                try:
+                    found = []
+                    for replacement in self.replacements:
+                        if replacement.part == part and _serves(replacement, arch):
+                            found += self._slots(model, arch, module, replacement)
+                    slots += found
+                    working.append(part)
+                except UnsupportedLayoutError as exc:
+                    failures[part] = exc
+        working = [part for part in dict.fromkeys(working) if part not in failures]
         return slots, failures, working
 
     def layout_error(self, failures: dict[str, Exception], hint: str) -> UnsupportedLayoutError:

@@ -100,8 +100,10 @@ the vision towers (``vision`` only). The Qwen2.5-Omni and Qwen3-Omni-MoE thinker
 whole Omni models holding them) take ``rope``, ``vision`` and, for Qwen2.5-Omni,
 ``positions``; their ``get_rope_index`` also places audio and stays theirs. A module holding
 one of these (a wrapper, or a task head of the same module: Qwen3.5's
-``...ForSequenceClassification`` and ``...ForTokenClassification``) gets the outermost one's
-parts.
+``...ForSequenceClassification`` and ``...ForTokenClassification``), or several side by
+side, gets the parts of every one it holds. GLM-4.6V's ``Glm46V...ForConditionalGeneration``
+and ``...Model`` build GLM-4V's (or GLM-4V-MoE's) towers: those patch as GLM-4V's, and its
+own ``get_rope_index`` (GLM-4V's code) takes ``rope_index``.
 """
 
 from __future__ import annotations
@@ -167,9 +169,9 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     Args:
         model: for the rotary parts, a Qwen-VL ``...ForConditionalGeneration`` or
             ``...Model`` (text, vision and ``get_rope_index``), a ``...TextModel`` (text
-            only) or a vision tower, or a module holding one (``peft``'s ``PeftModel``,
-            Qwen3.5's task heads: the outermost one's parts); other tables' architectures
-            anywhere in its tree.
+            only) or a vision tower, or a module holding them (``peft``'s ``PeftModel``,
+            Qwen3.5's task heads, towers side by side: the parts of every one held);
+            other tables' architectures anywhere in its tree.
         rope: text attention rotary -> :func:`vlmkernels.rope` / :func:`vlmkernels.mrope`.
         vision: vision attention rotary -> :func:`vlmkernels.vision_rope`.
         rope_index: ``get_rope_index`` -> :func:`rope_index_method`.
@@ -215,9 +217,10 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     matched = [(p, found) for p in patchers() if (found := p.match(model)) is not None]
     if not matched:
         _unsupported(model)
-    if not any(wanted & set(applicable) for _, (_, _, applicable) in matched):
+    found = [match for _, matches in matched for match in matches]
+    if not any(wanted & set(applicable) for _, _, applicable in found):
         raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
-    for _, (arch, _, applicable) in matched:
+    for arch, _, applicable in found:
         why = arch.data.get("no_positions")
         if "positions" in wanted and "rope" in applicable and why:
             raise UnsupportedLayoutError(

@@ -1,10 +1,11 @@
 """The M-RoPE tables of the transformers integration (the rotary family's): which classes
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
-(GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-OCR and PaddleOCR-VL,
-whose code transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`),
-and what each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions
-they install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies
-them; :mod:`..patching` is the mechanism."""
+(GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
+(around GLM-4V's towers), GLM-OCR and PaddleOCR-VL, whose code transformers adapted from
+Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what each part replaces
+(:data:`REPLACEMENTS`), with the vlmkernels-backed functions they install.
+:mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
+:mod:`..patching` is the mechanism."""
 
 from __future__ import annotations
 
@@ -132,14 +133,32 @@ def _omni(key, prefix, text_attention, text_rotary, interleaved, positions=True)
     )
 
 
+def _host(key, prefix, rope_index):
+    """A model of its own module around another architecture's towers (built by
+    ``AutoModel`` from its sub-configs): GLM-4.6V's ``Glm46VModel`` holds GLM-4V's or
+    GLM-4V-MoE's vision and text models, whose rows patch their rotary parts. Its own roots
+    take ``rope_index`` (its ``get_rope_index``, the model type ``rope_index`` names)."""
+    return Architecture(
+        key=key,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={"model": f"{prefix}Model"},
+        roots={
+            f"{prefix}ForConditionalGeneration": ("rope_index",),
+            f"{prefix}Model": ("rope_index",),
+        },  # fmt: skip
+        data={"rope_index": rope_index, "rotation": None},  # no rotary part of its own
+    )
+
+
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
 # Qwen3.5's, GLM-4V's and GLM-OCR's get_rope_index and get_vision_position_ids are
 # Qwen3-VL's (video grids split per frame), word for word on every release tested; GLM's
 # sections are chunked (its recomposition splits the frequencies by section, axis i % 3).
 # GLM-OCR's rotary function and class are GLM-4V's; PaddleOCR-VL's text rotary function,
 # rotary class and get_rope_index are Qwen2-VL's; Qwen2.5-Omni's and Qwen3-Omni-MoE's text
-# rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's (all
-# compared with docstrings stripped).
+# rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's;
+# GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's (all compared with
+# docstrings stripped).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -171,6 +190,7 @@ ARCHITECTURES = (
           interleaved=False),
     _omni("qwen3_omni_moe", "Qwen3OmniMoe", "Qwen3OmniMoeThinkerTextAttention",
           "Qwen3OmniMoeThinkerTextRotaryEmbedding", interleaved=True, positions=False),
+    _host("glm46v", "Glm46V", "qwen3_vl"),
 )  # fmt: skip
 
 
@@ -537,7 +557,7 @@ def rope_index_method(
 
     ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
     ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, ``Qwen3_5Model``,
-    ``Qwen3_5MoeModel``, ``Glm4vModel``, ``Glm4vMoeModel``, ``GlmOcrModel``,
+    ``Qwen3_5MoeModel``, ``Glm4vModel``, ``Glm4vMoeModel``, ``Glm46VModel``, ``GlmOcrModel``,
     ``PaddleOCRVLModel``, or a subclass that does not override it);
     ``...ForConditionalGeneration`` holds it as ``.model``. Their ``compute_3d_position_ids``
     and generation's ``_prepare_position_ids_for_generation`` call ``get_rope_index`` on the
