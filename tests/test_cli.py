@@ -116,6 +116,7 @@ def test_info_names_transformers_and_what_patches_on_it(capsys):
     assert "  qwen2_5_omni  patches rope, vision, positions (angles='positions')\n" in out
     assert "  qwen3_omni_moe patches rope, vision\n" in out
     assert "  glm46v        patches rope_index\n" in out  # its towers are GLM-4V's rows
+    assert "  cohere_compass patches rope, vision, rope_index\n" in out  # no per-type angles
     assert cli.main(["info", "--no-ceilings", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["transformers"]
     assert found["version"] == transformers.__version__

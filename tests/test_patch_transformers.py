@@ -183,6 +183,26 @@ def paddleocr_vl():
     return transformers.PaddleOCRVLForConditionalGeneration(config)
 
 
+def cohere_compass():
+    """Cohere Compass: Qwen2-VL's rotary functions and Qwen3-VL's get_rope_index, a rotary
+    class with a table per layer type: here a sliding-window layer (theta 1e4, interleaved
+    [4, 2, 2]) then a full-attention one (theta 5e5, [2, 3, 3]); text head dim 16, vision
+    head dim 12 (Qwen3-VL's tower, deepstack on block 0)."""
+    text = _text(64, [4, 2, 2], head_dim=16, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    text["rope_parameters"] = {
+        "sliding_attention": dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 2, 2]),
+        "full_attention": dict(rope_type="default", rope_theta=5e5, mrope_section=[2, 3, 3]),
+    }
+    config = transformers.CohereCompassConfig(
+        text_config=text,
+        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=64,
+                              num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        **_TOKENS,
+    )  # fmt: skip
+    return transformers.CohereCompassForConditionalGeneration(config)
+
+
 _AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
               d_model=16, max_source_positions=16, n_window=4)  # fmt: skip
 
@@ -1067,6 +1087,7 @@ def test_support_report_on_the_installed_transformers():
     assert omni["vision"] == "ok" or "parameters ['tensor', 'freqs']" in omni["vision"]
     assert report["qwen3_omni_moe"] == {"rope": "ok", "vision": "ok"}
     assert report["glm46v"].keys() == {"rope_index"}  # its towers patch as GLM-4V's
+    assert report["cohere_compass"].keys() == {"rope", "vision", "rope_index"}  # no positions
     # on an older tested release, a model added later (its module absent) is reported as
     # not importable; on the newest, every architecture patches
     older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
@@ -1485,6 +1506,47 @@ def test_qwen_omni_thinkers_match_transformers(version, angles):
         with pytest.raises(vt.UnsupportedLayoutError, match="qwen3_omni_moe .*float position"):
             rotary_patch(model, angles="positions")
         assert not instance_overrides(model)
+
+
+def test_cohere_compass_matches_transformers():
+    """Cohere Compass (a frequency table and sections per layer type): every text and
+    vision rotary call runs on vlmkernels from transformers' tables, get_rope_index is
+    vlmkernels'; logits, parameter gradients and greedy generate() tokens match.
+    angles='positions' is refused by name, nothing installed."""
+    torch.manual_seed(0)
+    model = cohere_compass().eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
+    assert "model.get_rope_index" in every_rotary_call_matches(model, inputs, "table")
+    with pytest.raises(vt.UnsupportedLayoutError, match="cohere_compass .*per layer type"):
+        rotary_patch(model, angles="positions")
+    assert not instance_overrides(model)
+
+
+def test_probing_get_rope_index_prints_nothing(monkeypatch):
+    """The probe of Cohere Compass's get_rope_index builds its default config, which has no
+    rotary parameters (they are per layer type): transformers' notice about it is not
+    printed (``vlmkernels info``, ``patch``), and the logger is left as it was."""
+    import logging
+
+    from transformers.models.cohere_compass import modeling_cohere_compass
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    cls = modeling_cohere_compass.CohereCompassModel
+    monkeypatch.delitem(qwen_vl._PROBED, cls, raising=False)
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    records, filters = [], list(logger.filters)
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        assert qwen_vl.installed_semantics(cls, "qwen3_vl") == ("start_plus_max_hw", False)
+        assert records == []
+        cls.config_class()  # outside the probe the notice reaches the handler
+    finally:
+        logger.removeHandler(handler)
+    assert records and all("no RoPE parameters" in r.getMessage() for r in records)
+    assert logger.filters == filters
 
 
 def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):

@@ -26,7 +26,10 @@ from vlmkernels.integrations import transformers as vt  # noqa: E402
 from vlmkernels.integrations.transformers import rope_index_method  # noqa: E402
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-QWEN3_LIKE = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr")
+QWEN3_LIKE = (
+    "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe", "glm46v", "glm_ocr",
+    "cohere_compass",
+)  # fmt: skip
 QWEN2_LIKE = ("paddleocr_vl",)
 TEXT_CFG = dict(
     hidden_size=16,
@@ -62,6 +65,9 @@ def _tiny_model(name):
                       out_hidden_size=16)  # fmt: skip
     glm_moe_text = dict(TEXT_CFG, n_routed_experts=2, num_experts_per_tok=1,
                         moe_intermediate_size=8, first_k_dense_replace=1)  # fmt: skip
+    # Cohere Compass: rotary parameters per layer type
+    per_type = {"full_attention": TEXT_CFG["rope_parameters"]}
+    compass_text = dict(TEXT_CFG, layer_types=["full_attention"], rope_parameters=per_type)
     setups = {
         "qwen2_vl": ("Qwen2VLModel", "Qwen2VLConfig", qwen2_vision, TEXT_CFG),
         "qwen2_5_vl": (
@@ -82,6 +88,7 @@ def _tiny_model(name):
         "glm4v": ("Glm4vModel", "Glm4vConfig", glm_vision, TEXT_CFG),
         "glm_ocr": ("GlmOcrModel", "GlmOcrConfig", glm_vision, TEXT_CFG),
         "glm46v": ("Glm46VModel", "Glm46VConfig", glm_vision, TEXT_CFG),
+        "cohere_compass": ("CohereCompassModel", "CohereCompassConfig", qwen3_vision, compass_text),
         "paddleocr_vl": (
             "PaddleOCRVLModel",
             "PaddleOCRVLConfig",
@@ -354,8 +361,8 @@ def test_random_batches_match_transformers_and_reference(models, model_type):
 @pytest.mark.parametrize("name", QWEN3_LIKE)
 def test_qwen3_like_models_match_transformers(models, name):
     """The models whose get_rope_index is Qwen3-VL's (its MoE variant, Qwen3.5,
-    Qwen3.5-MoE, GLM-4V, GLM-4V-MoE, GLM-4.6V and GLM-OCR) get it installed and agree with
-    their own."""
+    Qwen3.5-MoE, GLM-4V, GLM-4V-MoE, GLM-4.6V, GLM-OCR and Cohere Compass) get it installed
+    and agree with their own."""
     model, rng = models[name], random.Random(7)
     for _ in range(10):
         inputs = _random_batch(rng, "qwen3_vl", 2)

@@ -78,7 +78,8 @@ transformers   Qwen2-VL, Qwen2.5-VL text        Qwen3-VL (and MoE) text
 
 Qwen3.5 (and MoE) and GLM-4V-MoE, all versions: ``apply_rotary_pos_emb`` with partial rotary
 -> ``rope``; GLM-4V and GLM-OCR: partial rotary in pairs -> ``rope(..., pairs=True)``;
-PaddleOCR-VL: Qwen2-VL's functions.
+PaddleOCR-VL and Cohere Compass: Qwen2-VL's functions (Cohere Compass without
+``positions``: its rotary class keeps a table per layer type).
 All versions: vision attention ``apply_rotary_pos_emb_vision`` -> ``vision_rope``;
 ``get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
 [second_per_grid_ts,] attention_mask, **kwargs)`` -> :func:`rope_index_method`. The layout is
@@ -92,7 +93,7 @@ Other families add tables (``integrations/tables/<group>.py``, each registering 
 names (``**parts``); a table's architectures may apply anywhere in a module tree.
 
 Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe`` / ``Qwen3_5`` /
-``Qwen3_5Moe`` / ``Glm4v`` / ``Glm4vMoe`` / ``GlmOcr`` / ``PaddleOCRVL``
+``Qwen3_5Moe`` / ``Glm4v`` / ``Glm4vMoe`` / ``GlmOcr`` / ``PaddleOCRVL`` / ``CohereCompass``
 ``...ForConditionalGeneration`` and ``...Model`` (all three parts),
 ``...TextModel`` and Qwen3.5's ``...ForCausalLM`` (``rope`` only: no vision tower and no
 ``get_rope_index``; also wherever a model holds one, as MiniCPM-V 4.6 holds Qwen3.5's) and

@@ -1,17 +1,19 @@
 """The M-RoPE tables of the transformers integration (the rotary family's): which classes
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
-(around GLM-4V's towers), GLM-OCR and PaddleOCR-VL, whose code transformers adapted from
-Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what each part replaces
-(:data:`REPLACEMENTS`), with the vlmkernels-backed functions they install.
-:mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
+(around GLM-4V's towers), GLM-OCR, PaddleOCR-VL and Cohere Compass, whose code
+transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
+each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions they
+install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
 :mod:`..patching` is the mechanism."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
+import logging
 import types
 from collections.abc import Callable
 
@@ -63,7 +65,8 @@ TESTED_VERSIONS = (
 
 
 def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rotary, rope_index,
-          rotation="full", interleaved=None, causal_lm=False, text_model=None):  # fmt: skip
+          rotation="full", interleaved=None, causal_lm=False, text_model=None,
+          no_positions=None):  # fmt: skip
     """A Qwen-VL-style architecture: its classes by role, which parts apply to which root,
     the M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`.
 
@@ -73,9 +76,11 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     rotating together: GLM-4V). ``interleaved``: Qwen3-VL's section rule (default: the
     models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a text-only
     ``ForCausalLM`` (Qwen3.5). ``text_model``: the text model's class, where it is not
-    ``<prefix>TextModel`` (PaddleOCR-VL's)."""
-    full = ("rope", "vision", "rope_index", "positions")
-    text = ("rope", "positions")
+    ``<prefix>TextModel`` (PaddleOCR-VL's). ``no_positions``: why ``angles="positions"``
+    does not apply (its rotary class is not Qwen-VL's), where it does not."""
+    positions = () if no_positions else ("positions",)
+    full = ("rope", "vision", "rope_index", *positions)
+    text = ("rope", *positions)
     return Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
@@ -96,6 +101,7 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
             "interleaved": rope_index == "qwen3_vl" if interleaved is None else interleaved,
             "rope_index": rope_index,
             "rotation": rotation,
+            **({"no_positions": no_positions} if no_positions else {}),
         },  # fmt: skip
     )
 
@@ -157,8 +163,9 @@ def _host(key, prefix, rope_index):
 # GLM-OCR's rotary function and class are GLM-4V's; PaddleOCR-VL's text rotary function,
 # rotary class and get_rope_index are Qwen2-VL's; Qwen2.5-Omni's and Qwen3-Omni-MoE's text
 # rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's;
-# GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's (all compared with
-# docstrings stripped).
+# GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's; Cohere Compass's
+# text and vision rotary functions are Qwen2-VL's, its get_rope_index and
+# get_vision_position_ids Qwen3-VL's (all compared with docstrings stripped).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -191,6 +198,10 @@ ARCHITECTURES = (
     _omni("qwen3_omni_moe", "Qwen3OmniMoe", "Qwen3OmniMoeThinkerTextAttention",
           "Qwen3OmniMoeThinkerTextRotaryEmbedding", interleaved=True, positions=False),
     _host("glm46v", "Glm46V", "qwen3_vl"),
+    _qwen("cohere_compass", "CohereCompass", "CohereCompassVisionModel",
+          "CohereCompassVisionAttention", "CohereCompassAttention",
+          "CohereCompassRotaryEmbedding", "qwen3_vl", causal_lm=True,
+          no_positions="its rotary class keeps a frequency table and sections per layer type"),
 )  # fmt: skip
 
 
@@ -518,7 +529,8 @@ def _probe(cls, model_type: str) -> tuple[str, bool]:
     (transformers 5.16-5.17).
     """
     qwen2_5, qwen3 = model_type == "qwen2_5_vl", model_type == "qwen3_vl"
-    config = cls.config_class()
+    with _quiet_default_rope():
+        config = cls.config_class()
     config.vision_config.spatial_merge_size = 2
     config.vision_config.tokens_per_second = 2
     stub = cls.__new__(cls)  # an nn.Module without __init__: only `config` is needed
@@ -549,6 +561,25 @@ def _probe(cls, model_type: str) -> tuple[str, bool]:
     return rule, qwen2_5 and largest_t == 14
 
 
+class _DefaultRopeNotice(logging.Filter):
+    """Drops transformers' notice that a default config has no rotary parameters (Cohere
+    Compass's: per layer type, none by default), which the probe's config would print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "no RoPE parameters were found" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_default_rope():
+    """While the probe builds a default config: that one notice, from that one logger."""
+    logger, notice = logging.getLogger("transformers.modeling_rope_utils"), _DefaultRopeNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def rope_index_method(
     model, *, text_after_vision: str | None = None, truncate_seconds: bool | None = None
 ) -> Callable:
@@ -558,7 +589,7 @@ def rope_index_method(
     ``model`` is the inner model holding ``get_rope_index`` (``Qwen2VLModel``,
     ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3VLMoeModel``, ``Qwen3_5Model``,
     ``Qwen3_5MoeModel``, ``Glm4vModel``, ``Glm4vMoeModel``, ``Glm46VModel``, ``GlmOcrModel``,
-    ``PaddleOCRVLModel``, or a subclass that does not override it);
+    ``PaddleOCRVLModel``, ``CohereCompassModel``, or a subclass that does not override it);
     ``...ForConditionalGeneration`` holds it as ``.model``. Their ``compute_3d_position_ids``
     and generation's ``_prepare_position_ids_for_generation`` call ``get_rope_index`` on the
     instance, so the instance attribute takes over in both.
