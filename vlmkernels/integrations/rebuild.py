@@ -132,8 +132,8 @@ def adapt_signature(replacement: Callable, original, where: str) -> Callable:
 
     if shape(theirs) != shape(ours) or any(p.kind != plain for p in ours):
         raise UnsupportedLayoutError(
-            f"{where} is {original!r} with parameters {[p.name for p in theirs]}; the "
-            f"vlmkernels replacement takes {[p.name for p in ours]}"
+            f"{where} takes the parameters {[p.name for p in theirs]}; the vlmkernels "
+            f"replacement takes {[p.name for p in ours]}"
         )
     renamed = {t.name: o.name for t, o in zip(theirs, ours, strict=True) if t.name != o.name}
     if not renamed:
