@@ -203,6 +203,23 @@ def cohere_compass():
     return transformers.CohereCompassForConditionalGeneration(config)
 
 
+def ernie4_5_vl():
+    """ERNIE-4.5-VL: text head dim 16 rotating in lane pairs over the whole head, in fp32
+    (sections [h, w, t] = [2, 2, 4], its own rule), one dense then one MoE layer (two
+    experts, top-1, a shared one); a NaViT-style vision tower (head dim 12, patches of
+    3 x 4 x 4) calling Qwen's vision rotary function."""
+    text = _text(64, [2, 2, 4], head_dim=16, moe_intermediate_size=[32, 16], moe_k=1,
+                 moe_num_experts=2, moe_num_shared_experts=1)  # fmt: skip
+    vision = dict(depth=VISION_DEPTH, hidden_size=24, intermediate_size=48, num_heads=2,
+                  patch_size=PATCH, spatial_merge_size=MERGE, initializer_range=0.1)  # fmt: skip
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=VID,
+        image_start_token_id=VSTART, image_end_token_id=VEND, video_start_token_id=VSTART,
+        video_end_token_id=VEND,
+    )  # fmt: skip
+    return transformers.Ernie4_5_VLMoeForConditionalGeneration(config)
+
+
 _AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
               d_model=16, max_source_positions=16, n_window=4)  # fmt: skip
 
@@ -1088,6 +1105,7 @@ def test_support_report_on_the_installed_transformers():
     assert report["qwen3_omni_moe"] == {"rope": "ok", "vision": "ok"}
     assert report["glm46v"].keys() == {"rope_index"}  # its towers patch as GLM-4V's
     assert report["cohere_compass"].keys() == {"rope", "vision", "rope_index"}  # no positions
+    assert report["ernie4_5_vl_moe"].keys() == {"rope", "vision"}  # its own rope index
     # on an older tested release, a model added later (its module absent) is reported as
     # not importable; on the newest, every architecture patches
     older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
@@ -1520,6 +1538,48 @@ def test_cohere_compass_matches_transformers():
     with pytest.raises(vt.UnsupportedLayoutError, match="cohere_compass .*per layer type"):
         rotary_patch(model, angles="positions")
     assert not instance_overrides(model)
+
+
+def test_ernie4_5_vl_matches_transformers():
+    """ERNIE-4.5-VL (lane pairs over the whole head, computed in fp32): every text and
+    vision rotary call runs on vlmkernels from transformers' tables (its get_rope_index
+    stays its own); logits, parameter gradients and greedy generate() tokens match.
+    angles='positions' is refused by name, nothing installed."""
+    torch.manual_seed(0)
+    model = ernie4_5_vl().eval().to(DEVICE)
+    inputs = make_inputs("qwen3_vl", with_video=False)
+    inputs["pixel_values"] = inputs["pixel_values"][:, : 3 * PATCH * PATCH]  # no temporal axis
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    targets = every_rotary_call_matches(model, inputs, "table", 1e-5)
+    assert not any("get_rope_index" in t for t in targets), targets
+    with pytest.raises(vt.UnsupportedLayoutError, match="ernie4_5_vl_moe .*height and width"):
+        rotary_patch(model, angles="positions")
+    assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ernie_rotary_function_rotates_pairs_in_fp32(dtype):
+    """The replacement of ERNIE-4.5-VL's ``apply_rotary_pos_emb`` against transformers' on
+    random (B, H, S, D) views with fp32 tables as wide as the head, in pair order (as its
+    rotary class makes them): q's dtype out, values to fp32 rounding (bf16: both compute in
+    fp32 and round once, so within one bf16 step at the largest; Triton's interpreter
+    truncates bf16 stores, a step at most)."""
+    from transformers.models.ernie4_5_vl_moe import modeling_ernie4_5_vl_moe as ernie
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    g = torch.Generator().manual_seed(8)
+    b, s, d = 2, 5, 16
+    q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
+            for h in (4, 2))  # fmt: skip
+    angles = torch.randn(b, s, d // 2, generator=g).repeat_interleave(2, -1).to(DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    got = qwen_vl.apply_fp32_paired_rotary_pos_emb(q, k, cos, sin)
+    want = ernie.apply_rotary_pos_emb(q, k, cos, sin)
+    for g_, w in zip(got, want, strict=True):
+        assert g_.dtype == w.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2**-7  # one bf16 step (8 bits)
+        torch.testing.assert_close(g_.float(), w.float(), rtol=0, atol=tol * w.abs().max().item())
 
 
 def test_probing_get_rope_index_prints_nothing(monkeypatch):

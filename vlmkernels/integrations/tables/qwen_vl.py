@@ -1,8 +1,8 @@
 """The M-RoPE tables of the transformers integration (the rotary family's): which classes
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
-(around GLM-4V's towers), GLM-OCR, PaddleOCR-VL and Cohere Compass, whose code
-transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
+(around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass and ERNIE-4.5-VL, whose
+code transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
 each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions they
 install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
 :mod:`..patching` is the mechanism."""
@@ -70,16 +70,18 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     """A Qwen-VL-style architecture: its classes by role, which parts apply to which root,
     the M-RoPE lane rule and the model type of :func:`vlmkernels.get_rope_index`.
 
+    ``rope_index``: None where its ``get_rope_index`` is its own (it stays transformers').
     ``rotation``: what its text rotary function does with the tables: "full" (rotate-half,
     tables as wide as the head), "partial" (rotate-half on the first ``cos.shape[-1]``
-    lanes, the rest passed: Qwen3.5, GLM-4V-MoE) or "pairs" (partial, lanes (2j, 2j + 1)
-    rotating together: GLM-4V). ``interleaved``: Qwen3-VL's section rule (default: the
-    models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a text-only
-    ``ForCausalLM`` (Qwen3.5). ``text_model``: the text model's class, where it is not
+    lanes, the rest passed: Qwen3.5, GLM-4V-MoE), "pairs" (partial, lanes (2j, 2j + 1)
+    rotating together: GLM-4V) or "pairs_fp32" (the whole head in pairs, computed in fp32
+    and cast back to q's dtype: ERNIE-4.5-VL). ``interleaved``: Qwen3-VL's section rule
+    (default: the models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a
+    text-only ``ForCausalLM`` (Qwen3.5). ``text_model``: the text model's class, where it is not
     ``<prefix>TextModel`` (PaddleOCR-VL's). ``no_positions``: why ``angles="positions"``
     does not apply (its rotary class is not Qwen-VL's), where it does not."""
     positions = () if no_positions else ("positions",)
-    full = ("rope", "vision", "rope_index", *positions)
+    full = ("rope", "vision", *(("rope_index",) if rope_index else ()), *positions)
     text = ("rope", *positions)
     return Architecture(
         key=key,
@@ -88,7 +90,7 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
             "text_attention": text_attention,
             "vision_attention": vision_attention,
             "text_rotary": text_rotary,
-            "model": f"{prefix}Model",
+            **({"model": f"{prefix}Model"} if rope_index else {}),
         },
         roots={
             f"{prefix}ForConditionalGeneration": full,
@@ -165,7 +167,9 @@ def _host(key, prefix, rope_index):
 # rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's;
 # GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's; Cohere Compass's
 # text and vision rotary functions are Qwen2-VL's, its get_rope_index and
-# get_vision_position_ids Qwen3-VL's (all compared with docstrings stripped).
+# get_vision_position_ids Qwen3-VL's; ERNIE-4.5-VL's vision rotary function is Qwen2-VL's,
+# its text one rotates the head's lane pairs in fp32, its get_rope_index is its own (all
+# compared with docstrings stripped).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -202,6 +206,11 @@ ARCHITECTURES = (
           "CohereCompassVisionAttention", "CohereCompassAttention",
           "CohereCompassRotaryEmbedding", "qwen3_vl", causal_lm=True,
           no_positions="its rotary class keeps a frequency table and sections per layer type"),
+    _qwen("ernie4_5_vl_moe", "Ernie4_5_VLMoe", "Ernie4_5_VLMoeVisionTransformerPretrainedModel",
+          "Ernie4_5_VLMoeVisionAttention", "Ernie4_5_VLMoeTextAttention",
+          "Ernie4_5_VLMoeTextRotaryEmbedding", None, "pairs_fp32",
+          no_positions="its rotary class alternates the height and width frequencies, time "
+                       "last, a section rule the positions path does not have"),
 )  # fmt: skip
 
 
@@ -305,6 +314,19 @@ def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
 
 
 apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
+
+
+def apply_fp32_paired_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """ERNIE-4.5-VL's ``apply_rotary_pos_emb`` (the whole head's lanes (2j, 2j + 1) rotating
+    together, the tables in that order, computed in fp32 and cast back to q's dtype) on
+    :func:`vlmkernels.rope` with ``pairs=True``, which computes in fp32 and rounds once.
+    Its ``__name__`` is transformers'."""
+    _check_width(q, cos.shape[-1], partial=False)
+    out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=True)
+    return out_q, out_k if out_k.dtype == q.dtype else out_k.to(q.dtype)
+
+
+apply_fp32_paired_rotary_pos_emb.__name__ = "apply_rotary_pos_emb"
 
 
 def paired_table_order(function) -> str | None:
@@ -662,6 +684,29 @@ def _rotation(kind: str):
     return lambda arch: arch.data["rotation"] == kind
 
 
+def _pairs_in_fp32(arch: Architecture) -> bool:
+    """``Rebind.only`` for ERNIE-4.5-VL's function: checked to take its tables in pair order
+    (:func:`paired_table_order`) and to return bf16 for bf16 q and fp32 tables, as
+    :func:`apply_fp32_paired_rotary_pos_emb` does; another function of that name is
+    refused, not left unpatched."""
+    if arch.data["rotation"] != "pairs_fp32":
+        return False
+    function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
+    try:
+        order = _table_order(arch)
+        with torch.device("cpu"), torch.no_grad():
+            x, table = torch.ones(1, 1, 1, 4, dtype=torch.bfloat16), torch.ones(1, 1, 4)
+            dtype = function(x, x, table, table)[0].dtype
+    except Exception:  # missing, another signature: not the function described
+        order = dtype = None
+    if order != "pairs" or dtype != torch.bfloat16:
+        raise UnsupportedLayoutError(
+            f"{arch.module}.apply_rotary_pos_emb does not rotate lane pairs from tables in "
+            f"pair order and return q's dtype (found: order {order}, bf16 q -> {dtype})"
+        )
+    return True
+
+
 REPLACEMENTS = (
     Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb),
            only=_rotation("full")),
@@ -669,6 +714,7 @@ REPLACEMENTS = (
     Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb,), only=_paired("pairs")),
     Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb_from_halves,),
            only=_paired("halves")),
+    Rebind("rope", "text_attention", (apply_fp32_paired_rotary_pos_emb,), only=_pairs_in_fp32),
     Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
