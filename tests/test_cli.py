@@ -122,6 +122,8 @@ def test_info_names_transformers_and_what_patches_on_it(capsys):
     assert "  glm46v        patches rope_index\n" in out  # its towers are GLM-4V's rows
     assert "  cohere_compass patches rope, vision, rope_index\n" in out  # no per-type angles
     assert "  ernie4_5_vl_moe patches rope, vision\n" in out  # its own rope index and rule
+    for arch in ("cosmos3_edge", "glm_image"):  # the text rotary alone
+        assert f"  {arch:<13} patches rope\n" in out
     assert cli.main(["info", "--no-ceilings", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)["transformers"]
     assert found["version"] == transformers.__version__

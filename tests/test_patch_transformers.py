@@ -220,6 +220,33 @@ def ernie4_5_vl():
     return transformers.Ernie4_5_VLMoeForConditionalGeneration(config)
 
 
+def text_rotary_model(arch: str):
+    """HunYuan-VL, Cosmos3-Edge or GLM-Image: text head dim 16 (sections [2, 3, 3], each
+    model's own rule; GLM-Image's head half rotary, as released, [1, 1, 2]), one-layer
+    vision towers (not patched: no rotary of theirs in Qwen's form)."""
+    text = _text(64, [2, 3, 3], head_dim=16)
+    small = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                 patch_size=PATCH)  # fmt: skip
+    if arch == "hunyuan_vl":
+        config = transformers.HunYuanVLConfig(
+            text_config=text, vision_config=dict(small, out_hidden_size=64, text_hidden_size=64)
+        )
+        return transformers.HunYuanVLForConditionalGeneration(config)
+    if arch == "cosmos3_edge":
+        config = transformers.Cosmos3EdgeConfig(
+            text_config=text, vision_config=dict(small, num_patches=16), projector_hidden_size=32
+        )
+        return transformers.Cosmos3EdgeForConditionalGeneration(config)
+    text["rope_parameters"] |= dict(partial_rotary_factor=0.5, mrope_section=[1, 1, 2])
+    config = transformers.GlmImageConfig(
+        text_config=dict(text, vision_vocab_size=64),
+        vision_config=dict(depth=1, hidden_size=24, intermediate_size=48, num_heads=2,
+                           patch_size=PATCH, image_size=16),
+        vq_config=dict(embed_dim=8, num_embeddings=16, latent_channels=8),
+    )  # fmt: skip
+    return transformers.GlmImageForConditionalGeneration(config)
+
+
 _AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
               d_model=16, max_source_positions=16, n_window=4)  # fmt: skip
 
@@ -1110,6 +1137,9 @@ def test_support_report_on_the_installed_transformers():
     # not importable; on the newest, every architecture patches
     older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
     known = {("qwen2_5_omni", "vision"): omni["vision"]}  # checked above
+    hunyuan = report["hunyuan_vl"]["rope"]  # 5.16's attention calls its own multimodal function
+    assert hunyuan == "ok" or (transformers.__version__.startswith("5.16.") and "fp32" in hunyuan)
+    known[("hunyuan_vl", "rope")] = hunyuan
     for arch, parts in report.items():  # the other families' tables too
         ok = [v.startswith("ok") or (older and "No module named 'transformers.models." in v)
               or known.get((arch, part)) == v for part, v in parts.items()]  # fmt: skip
@@ -1558,28 +1588,62 @@ def test_ernie4_5_vl_matches_transformers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ernie_rotary_function_rotates_pairs_in_fp32(dtype):
-    """The replacement of ERNIE-4.5-VL's ``apply_rotary_pos_emb`` against transformers' on
-    random (B, H, S, D) views with fp32 tables as wide as the head, in pair order (as its
-    rotary class makes them): q's dtype out, values to fp32 rounding (bf16: both compute in
-    fp32 and round once, so within one bf16 step at the largest; Triton's interpreter
-    truncates bf16 stores, a step at most)."""
-    from transformers.models.ernie4_5_vl_moe import modeling_ernie4_5_vl_moe as ernie
+@pytest.mark.parametrize("arch", ["ernie4_5_vl_moe", "hunyuan_vl"])
+def test_fp32_rotary_functions_match_transformers(arch, dtype):
+    """The replacements of ERNIE-4.5-VL's (lane pairs) and HunYuan-VL's (rotate-half)
+    ``apply_rotary_pos_emb``, which compute in fp32 and cast back to q's dtype, against
+    transformers' on random (B, H, S, D) views with fp32 tables as wide as the head, in
+    the order their rotary classes make: q's dtype out, values to fp32 rounding (bf16:
+    both compute in fp32 and round once, so within one bf16 step at the largest; Triton's
+    interpreter truncates bf16 stores, a step at most)."""
+    import importlib
 
     from vlmkernels.integrations.tables import qwen_vl
 
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    pairs = arch == "ernie4_5_vl_moe"
+    if not pairs and transformers.__version__.startswith("5.16."):
+        pytest.skip("5.16's HunYuan-VL attention calls its own multimodal function")
     g = torch.Generator().manual_seed(8)
     b, s, d = 2, 5, 16
     q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
             for h in (4, 2))  # fmt: skip
-    angles = torch.randn(b, s, d // 2, generator=g).repeat_interleave(2, -1).to(DEVICE)
-    cos, sin = angles.cos(), angles.sin()
-    got = qwen_vl.apply_fp32_paired_rotary_pos_emb(q, k, cos, sin)
-    want = ernie.apply_rotary_pos_emb(q, k, cos, sin)
+    angles = torch.randn(b, s, d // 2, generator=g)
+    angles = angles.repeat_interleave(2, -1) if pairs else angles.repeat(1, 1, 2)
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    replacement = (qwen_vl.apply_fp32_paired_rotary_pos_emb if pairs
+                   else qwen_vl.apply_fp32_rotary_pos_emb)  # fmt: skip
+    got = replacement(q, k, cos, sin)
+    want = module.apply_rotary_pos_emb(q, k, cos, sin)
     for g_, w in zip(got, want, strict=True):
         assert g_.dtype == w.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2**-7  # one bf16 step (8 bits)
         torch.testing.assert_close(g_.float(), w.float(), rtol=0, atol=tol * w.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
+def test_text_rotary_models_match_transformers(arch):
+    """HunYuan-VL, Cosmos3-Edge and GLM-Image, whose text attention calls Qwen's rotary
+    functions (GLM-Image's partial) on tables of their own rotary classes: the whole model
+    patches its text rotary alone, every call runs on vlmkernels; on text, logits,
+    parameter gradients and greedy generate() tokens match. Neither positions nor a
+    vision part is offered. transformers 5.16's HunYuan-VL attention calls its own
+    multimodal function (3 or 4 axes): refused by name, nothing installed."""
+    torch.manual_seed(0)
+    model = text_rotary_model(arch).eval().to(DEVICE)
+    if arch == "hunyuan_vl" and transformers.__version__.startswith("5.16."):
+        with pytest.raises(vt.UnsupportedLayoutError, match="rope: .*in fp32"):
+            rotary_patch(model)
+        assert not instance_overrides(model)
+        return
+    g = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(5, 60, (2, 9), generator=g),
+              "attention_mask": torch.ones(2, 9, dtype=torch.long)}  # fmt: skip
+    inputs["attention_mask"][1, :2] = 0  # a left-padded row
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    targets = every_rotary_call_matches(model, inputs, "table", 1e-5, vision=False)
+    assert all(".self_attn." in t for t in targets), targets
+    assert vt.support()[arch] == {"rope": "ok"}
 
 
 def test_probing_get_rope_index_prints_nothing(monkeypatch):

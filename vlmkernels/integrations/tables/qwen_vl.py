@@ -74,8 +74,9 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     ``rotation``: what its text rotary function does with the tables: "full" (rotate-half,
     tables as wide as the head), "partial" (rotate-half on the first ``cos.shape[-1]``
     lanes, the rest passed: Qwen3.5, GLM-4V-MoE), "pairs" (partial, lanes (2j, 2j + 1)
-    rotating together: GLM-4V) or "pairs_fp32" (the whole head in pairs, computed in fp32
-    and cast back to q's dtype: ERNIE-4.5-VL). ``interleaved``: Qwen3-VL's section rule
+    rotating together: GLM-4V), "full_fp32" (rotate-half over the whole head, computed in
+    fp32 and cast back to q's dtype: HunYuan-VL) or "pairs_fp32" (the same in pairs:
+    ERNIE-4.5-VL). ``interleaved``: Qwen3-VL's section rule
     (default: the models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a
     text-only ``ForCausalLM`` (Qwen3.5). ``text_model``: the text model's class, where it is not
     ``<prefix>TextModel`` (PaddleOCR-VL's). ``no_positions``: why ``angles="positions"``
@@ -158,6 +159,22 @@ def _host(key, prefix, rope_index):
     )
 
 
+def _text_rotary(key, prefix, text_attention, rotation="full"):
+    """A model whose text attention calls one of the Qwen-VL text rotary functions
+    (``rotation`` as for :func:`_qwen`) while its rotary class, vision tower and
+    ``get_rope_index`` are its own: ``rope`` alone, from transformers' tables."""
+    return Architecture(
+        key=key,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={"text_attention": text_attention},
+        roots={
+            f"{prefix}{root}": ("rope",)
+            for root in ("ForConditionalGeneration", "Model", "TextModel")
+        },
+        data={"rotation": rotation},
+    )
+
+
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25.
 # Qwen3.5's, GLM-4V's and GLM-OCR's get_rope_index and get_vision_position_ids are
 # Qwen3-VL's (video grids split per frame), word for word on every release tested; GLM's
@@ -169,7 +186,10 @@ def _host(key, prefix, rope_index):
 # text and vision rotary functions are Qwen2-VL's, its get_rope_index and
 # get_vision_position_ids Qwen3-VL's; ERNIE-4.5-VL's vision rotary function is Qwen2-VL's,
 # its text one rotates the head's lane pairs in fp32, its get_rope_index is its own (all
-# compared with docstrings stripped).
+# compared with docstrings stripped). Cosmos3-Edge's text rotary function is Qwen2-VL's,
+# GLM-Image's Qwen3.5's (partial), HunYuan-VL's Qwen2-VL's computed in fp32 (>= 5.17; 5.16's
+# attention calls its own multimodal function, refused); their rotary classes (HunYuan's
+# XD-RoPE), towers and get_rope_index are their own.
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -211,6 +231,9 @@ ARCHITECTURES = (
           "Ernie4_5_VLMoeTextRotaryEmbedding", None, "pairs_fp32",
           no_positions="its rotary class alternates the height and width frequencies, time "
                        "last, a section rule the positions path does not have"),
+    _text_rotary("hunyuan_vl", "HunYuanVL", "HunYuanVLDenseV1Attention", "full_fp32"),
+    _text_rotary("cosmos3_edge", "Cosmos3Edge", "Cosmos3EdgeTextAttention"),
+    _text_rotary("glm_image", "GlmImage", "GlmImageTextAttention", "partial"),
 )  # fmt: skip
 
 
@@ -316,17 +339,30 @@ def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
 apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
 
 
-def apply_fp32_paired_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """ERNIE-4.5-VL's ``apply_rotary_pos_emb`` (the whole head's lanes (2j, 2j + 1) rotating
-    together, the tables in that order, computed in fp32 and cast back to q's dtype) on
-    :func:`vlmkernels.rope` with ``pairs=True``, which computes in fp32 and rounds once.
-    Its ``__name__`` is transformers'."""
-    _check_width(q, cos.shape[-1], partial=False)
-    out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=True)
-    return out_q, out_k if out_k.dtype == q.dtype else out_k.to(q.dtype)
+def _fp32_function(pairs: bool):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        _check_width(q, cos.shape[-1], partial=False)
+        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
+        return out_q, out_k if out_k.dtype == q.dtype else out_k.to(q.dtype)
+
+    return apply_rotary_pos_emb
 
 
-apply_fp32_paired_rotary_pos_emb.__name__ = "apply_rotary_pos_emb"
+# HunYuan-VL's: rotate-half over the whole head, computed in fp32, cast back to q's dtype
+apply_fp32_rotary_pos_emb = _fp32_function(pairs=False)
+apply_fp32_rotary_pos_emb.__qualname__ = "apply_fp32_rotary_pos_emb"
+apply_fp32_rotary_pos_emb.__doc__ = """HunYuan-VL's ``apply_rotary_pos_emb`` (transformers >=
+5.17: rotate-half over the whole head, computed in fp32 and cast back to q's dtype) on
+:func:`vlmkernels.rope`, which computes in fp32 and rounds once. Its ``__name__`` is
+transformers'."""
+
+# ERNIE-4.5-VL's: the same in lane pairs (its rotate_half_text; tables repeat_interleave(2))
+apply_fp32_paired_rotary_pos_emb = _fp32_function(pairs=True)
+apply_fp32_paired_rotary_pos_emb.__qualname__ = "apply_fp32_paired_rotary_pos_emb"
+apply_fp32_paired_rotary_pos_emb.__doc__ = """ERNIE-4.5-VL's ``apply_rotary_pos_emb`` (the
+whole head's lanes (2j, 2j + 1) rotating together, the tables in that order, computed in
+fp32 and cast back to q's dtype) on :func:`vlmkernels.rope` with ``pairs=True``. Its
+``__name__`` is transformers'."""
 
 
 def paired_table_order(function) -> str | None:
@@ -684,27 +720,36 @@ def _rotation(kind: str):
     return lambda arch: arch.data["rotation"] == kind
 
 
-def _pairs_in_fp32(arch: Architecture) -> bool:
-    """``Rebind.only`` for ERNIE-4.5-VL's function: checked to take its tables in pair order
-    (:func:`paired_table_order`) and to return bf16 for bf16 q and fp32 tables, as
-    :func:`apply_fp32_paired_rotary_pos_emb` does; another function of that name is
-    refused, not left unpatched."""
-    if arch.data["rotation"] != "pairs_fp32":
-        return False
-    function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
-    try:
-        order = _table_order(arch)
-        with torch.device("cpu"), torch.no_grad():
-            x, table = torch.ones(1, 1, 1, 4, dtype=torch.bfloat16), torch.ones(1, 1, 4)
-            dtype = function(x, x, table, table)[0].dtype
-    except Exception:  # missing, another signature: not the function described
-        order = dtype = None
-    if order != "pairs" or dtype != torch.bfloat16:
-        raise UnsupportedLayoutError(
-            f"{arch.module}.apply_rotary_pos_emb does not rotate lane pairs from tables in "
-            f"pair order and return q's dtype (found: order {order}, bf16 q -> {dtype})"
-        )
-    return True
+def _in_fp32(kind: str, pairs: bool) -> Callable[[Architecture], bool]:
+    """``Rebind.only`` for the architectures of rotation ``kind`` (HunYuan-VL's,
+    ERNIE-4.5-VL's), checked on the installed ``apply_rotary_pos_emb``: for bf16 q = [1, 2,
+    3, 4] and fp32 tables, it returns bf16 q * cos with cos = [1, 2, 3, 4], sin = 0 (the
+    tables in lane order) and the rotated lanes with cos = 0, sin = 1 (pairs: [-2, 1, -4,
+    3]; halves: [-3, -4, 1, 2]). Another function of that name is refused, not misread."""
+    want = ((1.0, 4.0, 9.0, 16.0), (-2.0, 1.0, -4.0, 3.0) if pairs else (-3.0, -4.0, 1.0, 2.0))
+
+    def only(arch: Architecture) -> bool:
+        if arch.data["rotation"] != kind:
+            return False
+        function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
+        try:
+            with torch.device("cpu"), torch.no_grad():
+                x = torch.arange(1.0, 5.0, dtype=torch.bfloat16).view(1, 1, 1, 4)
+                tables = ((torch.arange(1.0, 5.0), torch.zeros(4)), (torch.zeros(4), torch.ones(4)))
+                outs = [function(x, x, c.view(1, 1, 4), s.view(1, 1, 4))[0] for c, s in tables]
+            found = tuple(tuple(o.float().flatten().tolist()) for o in outs)
+            dtypes = {o.dtype for o in outs}
+        except Exception:  # missing, another signature: not the function described
+            found, dtypes = None, None
+        if found != want or dtypes != {torch.bfloat16}:
+            raise UnsupportedLayoutError(
+                f"{arch.module}.apply_rotary_pos_emb does not rotate "
+                f"{'lane pairs' if pairs else 'half the head'} in fp32 and return q's dtype, "
+                f"as vlmkernels expects of {arch.key} (found {found}, {dtypes})"
+            )
+        return True
+
+    return only
 
 
 REPLACEMENTS = (
@@ -714,7 +759,10 @@ REPLACEMENTS = (
     Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb,), only=_paired("pairs")),
     Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb_from_halves,),
            only=_paired("halves")),
-    Rebind("rope", "text_attention", (apply_fp32_paired_rotary_pos_emb,), only=_pairs_in_fp32),
+    Rebind("rope", "text_attention", (apply_fp32_rotary_pos_emb,),
+           only=_in_fp32("full_fp32", pairs=False)),
+    Rebind("rope", "text_attention", (apply_fp32_paired_rotary_pos_emb,),
+           only=_in_fp32("pairs_fp32", pairs=True)),
     Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
