@@ -106,9 +106,9 @@ whole Omni models holding them) take ``rope``, ``vision`` and, for Qwen2.5-Omni,
 ``positions``; their ``get_rope_index`` also places audio and stays theirs. A module holding
 one of these (a wrapper, or a task head of the same module: Qwen3.5's
 ``...ForSequenceClassification`` and ``...ForTokenClassification``), or several side by
-side, gets the parts of every one it holds. GLM-4.6V's ``Glm46V...ForConditionalGeneration``
-and ``...Model`` build GLM-4V's (or GLM-4V-MoE's) towers: those patch as GLM-4V's, and its
-own ``get_rope_index`` (GLM-4V's code) takes ``rope_index``.
+side, gets the parts of every one it holds. GLM-4.6V's ``Glm46VForConditionalGeneration``
+and ``Glm46VModel`` build GLM-4V's (or GLM-4V-MoE's) towers: those patch as GLM-4V's, and
+its own ``get_rope_index`` (GLM-4V's code) takes ``rope_index``.
 """
 
 from __future__ import annotations

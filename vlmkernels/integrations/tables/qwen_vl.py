@@ -76,11 +76,11 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     lanes, the rest passed: Qwen3.5, GLM-4V-MoE), "pairs" (partial, lanes (2j, 2j + 1)
     rotating together: GLM-4V), "full_fp32" (rotate-half over the whole head, computed in
     fp32 and cast back to q's dtype: HunYuan-VL) or "pairs_fp32" (the same in pairs:
-    ERNIE-4.5-VL). ``interleaved``: Qwen3-VL's section rule
-    (default: the models whose ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a
-    text-only ``ForCausalLM`` (Qwen3.5). ``text_model``: the text model's class, where it is not
-    ``<prefix>TextModel`` (PaddleOCR-VL's). ``no_positions``: why ``angles="positions"``
-    does not apply (its rotary class is not Qwen-VL's), where it does not."""
+    ERNIE-4.5-VL). ``interleaved``: Qwen3-VL's section rule (default: the models whose
+    ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a text-only ``ForCausalLM``
+    (Qwen3.5). ``text_model``: the text model's class, where it is not ``<prefix>TextModel``
+    (PaddleOCR-VL's). ``no_positions``: why ``angles="positions"`` does not apply (its
+    rotary class is not Qwen-VL's), where it does not."""
     positions = () if no_positions else ("positions",)
     full = ("rope", "vision", *(("rope_index",) if rope_index else ()), *positions)
     text = ("rope", *positions)
@@ -154,7 +154,7 @@ def _host(key, prefix, rope_index):
         roots={
             f"{prefix}ForConditionalGeneration": ("rope_index",),
             f"{prefix}Model": ("rope_index",),
-        },  # fmt: skip
+        },
         data={"rope_index": rope_index, "rotation": None},  # no rotary part of its own
     )
 
