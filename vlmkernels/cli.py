@@ -391,11 +391,12 @@ def transformers_lines() -> list[str]:
     lines = [f"transformers {found['version']} (vlmkernels.patch tested with {', '.join(tested)}):"]
     from vlmkernels.integrations.transformers import part_label
 
+    width = max(map(len, found["models"]), default=0)
     for arch, parts in found["models"].items():
         ok = [part_label(p) for p, v in parts.items() if v.startswith("ok")]
         refused = {p: v for p, v in parts.items() if not v.startswith("ok")}
         state = "patches " + ", ".join(ok) if ok else "does not patch"
-        lines.append(f"  {arch:<13} {state}")
+        lines.append(f"  {arch:<{width}} {state}")
         lines += [f"    {p}: refused: {v.splitlines()[0]}" for p, v in refused.items()]
     return lines
 
