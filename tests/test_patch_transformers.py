@@ -1651,6 +1651,17 @@ def test_text_rotary_models_match_transformers(arch):
     assert vt.support()[arch] == {"rope": "ok"}
 
 
+@pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
+def test_text_rotary_models_refuse_positions_by_name(arch):
+    """angles='positions' on a model whose rotary class is its own is refused by name with
+    nothing installed, as Cohere Compass's and ERNIE-4.5-VL's are, not silently patched with
+    the table path (alone, or held beside a Qwen-VL model that takes positions)."""
+    model = text_rotary_model(arch)
+    with pytest.raises(vt.UnsupportedLayoutError, match=f"{arch} .*its own"):
+        rotary_patch(model, angles="positions")
+    assert not instance_overrides(model)
+
+
 def test_probing_get_rope_index_prints_nothing(monkeypatch):
     """The probe of Cohere Compass's get_rope_index builds its default config, which has no
     rotary parameters (they are per layer type): transformers' notice about it is not

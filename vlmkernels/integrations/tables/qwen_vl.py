@@ -162,7 +162,8 @@ def _host(key, prefix, rope_index):
 def _text_rotary(key, prefix, text_attention, rotation="full"):
     """A model whose text attention calls one of the Qwen-VL text rotary functions
     (``rotation`` as for :func:`_qwen`) while its rotary class, vision tower and
-    ``get_rope_index`` are its own: ``rope`` alone, from transformers' tables."""
+    ``get_rope_index`` are its own: ``rope`` alone, from transformers' tables
+    (``angles="positions"`` is refused by name, not ignored)."""
     return Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
@@ -171,7 +172,8 @@ def _text_rotary(key, prefix, text_attention, rotation="full"):
             f"{prefix}{root}": ("rope",)
             for root in ("ForConditionalGeneration", "Model", "TextModel")
         },
-        data={"rotation": rotation},
+        data={"rotation": rotation,
+              "no_positions": "its rotary class and position ids are its own, not Qwen-VL's"},
     )
 
 
