@@ -1626,6 +1626,34 @@ def test_fp32_rotary_functions_match_transformers(arch, dtype):
         torch.testing.assert_close(g_.float(), w.float(), rtol=0, atol=tol * w.abs().max().item())
 
 
+@pytest.mark.parametrize("arch", ["ernie4_5_vl_moe", "hunyuan_vl"])
+def test_fp32_rotary_functions_round_a_narrower_k_once(arch):
+    """fp32 q with a bf16 k: transformers rotates k.float() and returns it in q's dtype
+    (fp32), so the replacement's k is the exact rotation to fp32 rounding, not one rounded
+    to bf16 first."""
+    import importlib
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    if arch == "hunyuan_vl" and transformers.__version__.startswith("5.16."):
+        pytest.skip("5.16's HunYuan-VL function returns fp32 whatever q's dtype")
+    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    pairs = arch == "ernie4_5_vl_moe"
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, 5, 8, generator=g).to(DEVICE)
+    k = torch.randn(1, 2, 5, 8, generator=g).to(DEVICE, torch.bfloat16)
+    angles = torch.randn(1, 5, 4, generator=g)
+    angles = angles.repeat_interleave(2, -1) if pairs else angles.repeat(1, 1, 2)
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    replacement = (qwen_vl.apply_fp32_paired_rotary_pos_emb if pairs
+                   else qwen_vl.apply_fp32_rotary_pos_emb)  # fmt: skip
+    got = replacement(q, k, cos, sin)
+    want = module.apply_rotary_pos_emb(q, k, cos, sin)
+    for g_, w in zip(got, want, strict=True):
+        assert g_.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g_, w, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
 def test_text_rotary_models_match_transformers(arch):
     """HunYuan-VL, Cosmos3-Edge and GLM-Image, whose text attention calls Qwen's rotary

@@ -344,6 +344,8 @@ apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
 def _fp32_function(pairs: bool):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         _check_width(q, cos.shape[-1], partial=False)
+        if k.dtype != q.dtype and k.dtype in (torch.float16, torch.bfloat16):
+            k = k.float()  # transformers rotates k.float() and rounds once, to q's dtype
         out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
         return out_q, out_k if out_k.dtype == q.dtype else out_k.to(q.dtype)
 
