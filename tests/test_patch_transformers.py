@@ -1679,6 +1679,14 @@ def test_text_rotary_models_match_transformers(arch):
     assert vt.support()[arch] == {"rope": "ok"}
 
 
+def test_nothing_to_patch_names_the_parts_the_model_takes():
+    """A model none of whose parts is left on (Cosmos3-Edge with rope=False, while vision and
+    rope_index are on but not its parts) is told which parts it takes, not that every part
+    was switched off."""
+    with pytest.raises(ValueError, match="nothing to patch .*do not apply.* it takes rope\\)"):
+        rotary_patch(text_rotary_model("cosmos3_edge"), rope=False)
+
+
 @pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
 def test_text_rotary_models_refuse_positions_by_name(arch):
     """angles='positions' on a model whose rotary class is its own is refused by name with

@@ -224,7 +224,11 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
         _unsupported(model)
     found = [match for _, matches in matched for match in matches]
     if not any(wanted & set(applicable) for _, _, applicable in found):
-        raise ValueError("vlmkernels.patch: nothing to patch (every part is switched off)")
+        offered = dict.fromkeys(part_label(p) for _, _, applicable in found for p in applicable)
+        raise ValueError(
+            f"vlmkernels.patch: nothing to patch (the parts switched on do not apply to this "
+            f"model; it takes {', '.join(offered)})"
+        )
     for arch, _, applicable in found:
         why = arch.data.get("no_positions")
         if "positions" in wanted and "rope" in applicable and why:
