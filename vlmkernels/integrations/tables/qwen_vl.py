@@ -172,8 +172,10 @@ def _text_rotary(key, prefix, text_attention, rotation="full"):
             f"{prefix}{root}": ("rope",)
             for root in ("ForConditionalGeneration", "Model", "TextModel")
         },
-        data={"rotation": rotation,
-              "no_positions": "its rotary class and position ids are its own, not Qwen-VL's"},
+        data={
+            "rotation": rotation,
+            "no_positions": "its rotary class and position ids are its own, not Qwen-VL's",
+        },
     )
 
 
