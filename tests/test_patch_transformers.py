@@ -1138,7 +1138,9 @@ def test_support_report_on_the_installed_transformers():
     older = transformers.__version__ != vt.TESTED_VERSIONS[-1]
     known = {("qwen2_5_omni", "vision"): omni["vision"]}  # checked above
     hunyuan = report["hunyuan_vl"]["rope"]  # 5.16's attention calls its own multimodal function
-    assert hunyuan == "ok" or (transformers.__version__.startswith("5.16.") and "fp32" in hunyuan)
+    assert hunyuan == "ok" or (
+        transformers.__version__.startswith("5.16.") and "calls none of" in hunyuan
+    )
     known[("hunyuan_vl", "rope")] = hunyuan
     for arch, parts in report.items():  # the other families' tables too
         ok = [v.startswith("ok") or (older and "No module named 'transformers.models." in v)
@@ -1665,7 +1667,7 @@ def test_text_rotary_models_match_transformers(arch):
     torch.manual_seed(0)
     model = text_rotary_model(arch).eval().to(DEVICE)
     if arch == "hunyuan_vl" and transformers.__version__.startswith("5.16."):
-        with pytest.raises(vt.UnsupportedLayoutError, match="rope: .*in fp32"):
+        with pytest.raises(vt.UnsupportedLayoutError, match="rope: .*calls none of apply_rot"):
             rotary_patch(model)
         assert not instance_overrides(model)
         return
@@ -1683,8 +1685,12 @@ def test_nothing_to_patch_names_the_parts_the_model_takes():
     """A model none of whose parts is left on (Cosmos3-Edge with rope=False, while vision and
     rope_index are on but not its parts) is told which parts it takes, not that every part
     was switched off."""
+    model = text_rotary_model("cosmos3_edge")
     with pytest.raises(ValueError, match="nothing to patch .*do not apply.* it takes rope\\)"):
-        rotary_patch(text_rotary_model("cosmos3_edge"), rope=False)
+        rotary_patch(model, rope=False)
+    off = dict.fromkeys({part for p in vt.patchers() for part in p.parts} - {"positions"}, False)
+    with pytest.raises(ValueError, match="nothing to patch .every part is off; it takes rope"):
+        vt.patch(model, **off)
 
 
 @pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
@@ -1723,6 +1729,22 @@ def test_probing_get_rope_index_prints_nothing(monkeypatch):
         logger.removeHandler(handler)
     assert records and all("no RoPE parameters" in r.getMessage() for r in records)
     assert logger.filters == filters
+
+
+def test_fp32_rotary_function_that_does_otherwise_is_refused(monkeypatch):
+    """An ERNIE-4.5-VL ``apply_rotary_pos_emb`` (which its attention calls) that returns
+    fp32 for bf16 q, unlike the released one, refuses the text rotary part by name, with
+    what the probe found (nothing installed), rather than being replaced by a function
+    that casts back."""
+    from transformers.models.ernie4_5_vl_moe import modeling_ernie4_5_vl_moe as ernie
+
+    model = ernie4_5_vl()
+    released = ernie.apply_rotary_pos_emb
+    monkeypatch.setattr(ernie, "apply_rotary_pos_emb",
+                        lambda *a, **kw: tuple(t.float() for t in released(*a, **kw)))  # fmt: skip
+    with pytest.raises(vt.UnsupportedLayoutError, match="rope: .*in fp32 and return q's dtype"):
+        rotary_patch(model)
+    assert not instance_overrides(model)
 
 
 def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):

@@ -98,8 +98,8 @@ names (``**parts``); a table's architectures may apply anywhere in a module tree
 
 Models: ``Qwen2VL`` / ``Qwen2_5_VL`` / ``Qwen3VL`` / ``Qwen3VLMoe`` / ``Qwen3_5`` /
 ``Qwen3_5Moe`` / ``Glm4v`` / ``Glm4vMoe`` / ``GlmOcr`` / ``PaddleOCRVL`` / ``CohereCompass``
-``...ForConditionalGeneration`` and ``...Model`` (all three parts),
-``...TextModel`` and Qwen3.5's ``...ForCausalLM`` (``rope`` only: no vision tower and no
+``...ForConditionalGeneration`` and ``...Model`` (all three parts), ``...TextModel`` and
+Qwen3.5's and Cohere Compass's ``...ForCausalLM`` (``rope`` only: no vision tower and no
 ``get_rope_index``; also wherever a model holds one, as MiniCPM-V 4.6 holds Qwen3.5's) and
 the vision towers (``vision`` only). The Qwen2.5-Omni and Qwen3-Omni-MoE thinkers (and the
 whole Omni models holding them) take ``rope``, ``vision`` and, for Qwen2.5-Omni,
@@ -225,9 +225,9 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     found = [match for _, matches in matched for match in matches]
     if not any(wanted & set(applicable) for _, _, applicable in found):
         offered = dict.fromkeys(part_label(p) for _, _, applicable in found for p in applicable)
+        why = "the parts switched on do not apply to this model" if wanted else "every part is off"
         raise ValueError(
-            f"vlmkernels.patch: nothing to patch (the parts switched on do not apply to this "
-            f"model; it takes {', '.join(offered)})"
+            f"vlmkernels.patch: nothing to patch ({why}; it takes {', '.join(offered)})"
         )
     for arch, _, applicable in found:
         why = arch.data.get("no_positions")

@@ -28,8 +28,10 @@ from ..patching import (
     SetMethod,
     UnsupportedLayoutError,
     foreign_source,
+    global_loads,
     marked,
     register,
+    unwrap,
 )
 
 __all__ = [
@@ -359,8 +361,8 @@ apply_fp32_rotary_pos_emb = _fp32_function(pairs=False)
 apply_fp32_rotary_pos_emb.__qualname__ = "apply_fp32_rotary_pos_emb"
 apply_fp32_rotary_pos_emb.__doc__ = """HunYuan-VL's ``apply_rotary_pos_emb`` (transformers >=
 5.17: rotate-half over the whole head, computed in fp32 and cast back to q's dtype) on
-:func:`vlmkernels.rope`, which computes in fp32 and rounds once. Its ``__name__`` is
-transformers'."""
+:func:`vlmkernels.rope`, which computes in fp32 (fp64 for float64 q) and rounds once. Its
+``__name__`` is transformers'."""
 
 # ERNIE-4.5-VL's: the same in lane pairs (its rotate_half_text; tables repeat_interleave(2))
 apply_fp32_paired_rotary_pos_emb = _fp32_function(pairs=True)
@@ -726,6 +728,15 @@ def _rotation(kind: str):
     return lambda arch: arch.data["rotation"] == kind
 
 
+def _calls(cls, name: str) -> bool:
+    """Whether ``cls.forward`` (through its decorators) loads the global ``name``; True
+    where that cannot be read (the probe then decides)."""
+    try:
+        return name in global_loads(unwrap(cls.forward, cls.__qualname__)[-1].__code__)
+    except Exception:  # noqa: BLE001 - no class, a forward that is not plain Python
+        return True
+
+
 def _in_fp32(kind: str, pairs: bool) -> Callable[[Architecture], bool]:
     """``Rebind.only`` for the architectures of rotation ``kind`` (HunYuan-VL's,
     ERNIE-4.5-VL's), checked on the installed ``apply_rotary_pos_emb``: for bf16 q = [1, 2,
@@ -737,7 +748,11 @@ def _in_fp32(kind: str, pairs: bool) -> Callable[[Architecture], bool]:
     def only(arch: Architecture) -> bool:
         if arch.data["rotation"] != kind:
             return False
-        function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
+        module = importlib.import_module(arch.module)
+        if not _calls(getattr(module, arch.classes["text_attention"], None),
+                      "apply_rotary_pos_emb"):  # fmt: skip
+            return True  # the forward calls another function, which plan_forward names
+        function = getattr(module, "apply_rotary_pos_emb", None)
         try:
             with torch.device("cpu"), torch.no_grad():
                 x = torch.arange(1.0, 5.0, dtype=torch.bfloat16).view(1, 1, 1, 4)
