@@ -183,6 +183,20 @@ def paddleocr_vl():
     return transformers.PaddleOCRVLForConditionalGeneration(config)
 
 
+def cosmos3_omni():
+    """Cosmos3-Omni: its own model around Qwen3-VL's towers (:func:`qwen3_vl`'s sizes),
+    with Qwen3-VL's get_rope_index."""
+    config = transformers.Cosmos3OmniConfig(
+        text_config=dict(_text(64, [4, 2, 2], head_dim=16), model_type="qwen3_vl_text"),
+        vision_config=_vision(
+            hidden_size=24, intermediate_size=64, out_hidden_size=64,
+            num_position_embeddings=16, deepstack_visual_indexes=[0],
+        ),
+        **_TOKENS,
+    )  # fmt: skip
+    return transformers.Cosmos3OmniForConditionalGeneration(config)
+
+
 def cohere_compass():
     """Cohere Compass: Qwen2-VL's rotary functions and Qwen3-VL's get_rope_index, a rotary
     class with a table per layer type: here a sliding-window layer (theta 1e4, interleaved
@@ -1131,6 +1145,7 @@ def test_support_report_on_the_installed_transformers():
     assert omni["vision"] == "ok" or "parameters ['tensor', 'freqs']" in omni["vision"]
     assert report["qwen3_omni_moe"] == {"rope": "ok", "vision": "ok"}
     assert report["glm46v"].keys() == {"rope_index"}  # its towers patch as GLM-4V's
+    assert report["cosmos3_omni"].keys() == {"rope_index"}  # its towers patch as Qwen3-VL's
     assert report["cohere_compass"].keys() == {"rope", "vision", "rope_index"}  # no positions
     assert report["ernie4_5_vl_moe"].keys() == {"rope", "vision"}  # its own rope index
     # on an older tested release, a model added later (its module absent) is reported as
@@ -1561,6 +1576,22 @@ def test_qwen_omni_thinkers_match_transformers(version, angles):
         with pytest.raises(vt.UnsupportedLayoutError, match="qwen3_omni_moe .*float position"):
             rotary_patch(model, angles="positions")
         assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("angles", ["table", "positions"])
+def test_cosmos3_omni_matches_transformers(angles):
+    """Cosmos3-Omni holds Qwen3-VL's towers side by side: their text and vision rotary
+    calls run on vlmkernels, and its own get_rope_index (Qwen3-VL's code) is vlmkernels';
+    logits, parameter gradients and greedy generate() tokens match. On the CPU the ops take
+    the PyTorch path (the towers' Triton kernels are the Qwen3-VL tests')."""
+    from vlmkernels import use_backend
+
+    torch.manual_seed(0)
+    model = cosmos3_omni().eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
+    with use_backend("torch") if DEVICE.type == "cpu" else contextlib.nullcontext():
+        targets = every_rotary_call_matches(model, inputs, angles, 1e-5)
+    assert "model.get_rope_index" in targets, targets
 
 
 def test_cohere_compass_matches_transformers():

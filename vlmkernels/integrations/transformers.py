@@ -108,7 +108,8 @@ one of these (a wrapper, or a task head of the same module: Qwen3.5's
 ``...ForSequenceClassification`` and ``...ForTokenClassification``), or several side by
 side, gets the parts of every one it holds. GLM-4.6V's ``Glm46VForConditionalGeneration``
 and ``Glm46VModel`` build GLM-4V's (or GLM-4V-MoE's) towers: those patch as GLM-4V's, and
-its own ``get_rope_index`` (GLM-4V's code) takes ``rope_index``.
+its own ``get_rope_index`` (GLM-4V's code) takes ``rope_index``; Cosmos3-Omni's likewise,
+around Qwen3-VL's towers.
 """
 
 from __future__ import annotations

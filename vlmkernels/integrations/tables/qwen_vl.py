@@ -147,7 +147,8 @@ def _omni(key, prefix, text_attention, text_rotary, interleaved, positions=True)
 def _host(key, prefix, rope_index):
     """A model of its own module around another architecture's towers (built by
     ``AutoModel`` from its sub-configs): GLM-4.6V's ``Glm46VModel`` holds GLM-4V's or
-    GLM-4V-MoE's vision and text models, whose rows patch their rotary parts. Its own roots
+    GLM-4V-MoE's vision and text models, Cosmos3-Omni's Qwen3-VL's; their rows patch the
+    rotary parts. Its own roots
     take ``rope_index`` (its ``get_rope_index``, the model type ``rope_index`` names)."""
     return Architecture(
         key=key,
@@ -188,7 +189,8 @@ def _text_rotary(key, prefix, text_attention, rotation="full"):
 # GLM-OCR's rotary function and class are GLM-4V's; PaddleOCR-VL's text rotary function,
 # rotary class and get_rope_index are Qwen2-VL's; Qwen2.5-Omni's and Qwen3-Omni-MoE's text
 # rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's;
-# GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's; Cohere Compass's
+# GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's, Cosmos3-Omni's
+# Qwen3-VL's; Cohere Compass's
 # text and vision rotary functions are Qwen2-VL's, its get_rope_index and
 # get_vision_position_ids Qwen3-VL's; ERNIE-4.5-VL's vision rotary function is Qwen2-VL's,
 # its text one rotates the head's lane pairs in fp32, its get_rope_index is its own (all
@@ -228,6 +230,7 @@ ARCHITECTURES = (
     _omni("qwen3_omni_moe", "Qwen3OmniMoe", "Qwen3OmniMoeThinkerTextAttention",
           "Qwen3OmniMoeThinkerTextRotaryEmbedding", interleaved=True, positions=False),
     _host("glm46v", "Glm46V", "qwen3_vl"),
+    _host("cosmos3_omni", "Cosmos3Omni", "qwen3_vl"),
     _qwen("cohere_compass", "CohereCompass", "CohereCompassVisionModel",
           "CohereCompassVisionAttention", "CohereCompassAttention",
           "CohereCompassRotaryEmbedding", "qwen3_vl", causal_lm=True,
