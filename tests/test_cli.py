@@ -123,6 +123,8 @@ def test_info_names_transformers_and_what_patches_on_it(capsys):
         "qwen3_omni_moe": "rope, vision",
         "glm46v": "rope_index",  # its towers are GLM-4V's rows
         "cohere_compass": "rope, vision, rope_index",  # no per-layer-type angles
+        "qwen4_exp": "rope, vision, rope_index",  # its indexer reads the tables too
+        "cosmos3_omni": "rope_index",  # its towers are Qwen3-VL's rows
         "ernie4_5_vl_moe": "rope, vision",  # its own rope index and section rule
         "cosmos3_edge": "rope",  # the text rotary alone
         "glm_image": "rope",

@@ -197,6 +197,29 @@ def cosmos3_omni():
     return transformers.Cosmos3OmniForConditionalGeneration(config)
 
 
+def qwen4_exp():
+    """Qwen4-Exp: two attention layers ("full_attention", which transformers runs as its
+    sparse, indexed attention), text head dim 16 of which half
+    rotates (interleaved [2, 1, 1]), a QSA indexer of one KV head, two experts (top-1),
+    hyper-connections of 2; Qwen3-VL's vision tower (head dim 12)."""
+    text = _text(64, [2, 1, 1], head_dim=16)
+    text["rope_parameters"] |= dict(partial_rotary_factor=0.5, mrope_interleaved=True)
+    text.update(
+        layer_types=["full_attention"] * TEXT_LAYERS, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=2, num_experts_per_tok=1, hc_count=2,
+        hc_lowrank=8, ngram_vocab_size_base=1000, split_ngram_parts=4, heads_per_ngram=2,
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4,
+        indexer_compress_ratio=2,
+    )  # fmt: skip
+    config = transformers.Qwen4ExpConfig(
+        text_config=text,
+        vision_config=_vision(hidden_size=24, intermediate_size=64, out_hidden_size=64,
+                              num_position_embeddings=16),
+        **_TOKENS,
+    )  # fmt: skip
+    return transformers.Qwen4ExpForConditionalGeneration(config)
+
+
 def cohere_compass():
     """Cohere Compass: Qwen2-VL's rotary functions and Qwen3-VL's get_rope_index, a rotary
     class with a table per layer type: here a sliding-window layer (theta 1e4, interleaved
@@ -1146,6 +1169,7 @@ def test_support_report_on_the_installed_transformers():
     assert report["qwen3_omni_moe"] == {"rope": "ok", "vision": "ok"}
     assert report["glm46v"].keys() == {"rope_index"}  # its towers patch as GLM-4V's
     assert report["cosmos3_omni"].keys() == {"rope_index"}  # its towers patch as Qwen3-VL's
+    assert report["qwen4_exp"].keys() == {"rope", "vision", "rope_index"}  # no positions
     assert report["cohere_compass"].keys() == {"rope", "vision", "rope_index"}  # no positions
     assert report["ernie4_5_vl_moe"].keys() == {"rope", "vision"}  # its own rope index
     # on an older tested release, a model added later (its module absent) is reported as
@@ -1592,6 +1616,45 @@ def test_cosmos3_omni_matches_transformers(angles):
     with use_backend("torch") if DEVICE.type == "cpu" else contextlib.nullcontext():
         targets = every_rotary_call_matches(model, inputs, angles, 1e-5)
     assert "model.get_rope_index" in targets, targets
+
+
+def test_qwen4_exp_matches_transformers():
+    """Qwen4-Exp (Qwen3.5's partial rotary with k optional, Qwen3-VL's vision tower and
+    get_rope_index): every text attention and vision rotary call runs on vlmkernels (its
+    sparse-attention indexer's stay transformers'), get_rope_index is vlmkernels'; logits,
+    parameter gradients and greedy generate() tokens match. angles='positions' is refused
+    by name (the indexer reads the tables too), nothing installed."""
+    torch.manual_seed(0)
+    model = qwen4_exp().eval().to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
+    assert "model.get_rope_index" in every_rotary_call_matches(model, inputs, "table", 1e-5)
+    with pytest.raises(vt.UnsupportedLayoutError, match="qwen4_exp .*indexer"):
+        rotary_patch(model, angles="positions")
+    assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen4_exp_rotary_function_with_and_without_k(dtype):
+    """The replacement of Qwen4-Exp's ``apply_rotary_pos_emb`` against transformers' on
+    random views with tables half the head wide: (q, k) and q alone (k None, as its
+    indexer calls it, with heads on dim 2), the passed lanes bitwise."""
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as qwen4
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    g = torch.Generator().manual_seed(10)
+    b, s, d, rot = 2, 5, 16, 8
+    q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype) for h in (4, 2))
+    angles = torch.randn(b, s, rot // 2, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    replacement = qwen_vl.apply_partial_rotary_pos_emb_optional_k
+    got = replacement(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    want = qwen4.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert_partial_rotary_matches((q.transpose(1, 2), k.transpose(1, 2)), got, want, rot)
+    alone = replacement(q, cos=cos, sin=sin, unsqueeze_dim=2)
+    want = qwen4.apply_rotary_pos_emb(q, cos=cos, sin=sin, unsqueeze_dim=2)
+    assert isinstance(alone, torch.Tensor)
+    assert_partial_rotary_matches((q,), (alone,), (want,), rot)
 
 
 def test_cohere_compass_matches_transformers():

@@ -81,7 +81,9 @@ Qwen3.5 (and MoE) and GLM-4V-MoE, all versions: ``apply_rotary_pos_emb`` with pa
 PaddleOCR-VL and Cohere Compass: Qwen2-VL's functions (Cohere Compass without
 ``positions``: its rotary class keeps a table per layer type). ERNIE-4.5-VL: the whole head
 in pairs, in fp32 -> ``rope(..., pairs=True)``; neither ``positions`` nor ``rope_index``
-(its section rule and ``get_rope_index`` are its own). HunYuan-VL (>= 5.17; rotate-half in
+(its section rule and ``get_rope_index`` are its own). Qwen4-Exp: Qwen3.5's partial
+function with k optional -> ``rope``, without ``positions`` (its sparse-attention indexer,
+left as it is, reads the tables too). HunYuan-VL (>= 5.17; rotate-half in
 fp32), Cosmos3-Edge and GLM-Image (partial): ``rope`` alone, on any of their
 ``...ForConditionalGeneration``, ``...Model`` and ``...TextModel``.
 All versions: vision attention ``apply_rotary_pos_emb_vision`` -> ``vision_rope``;

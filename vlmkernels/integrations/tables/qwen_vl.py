@@ -1,8 +1,9 @@
 """The M-RoPE tables of the transformers integration (the rotary family's): which classes
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
-(around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass and ERNIE-4.5-VL, whose
-code transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
+(around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
+Cosmos3-Omni and the text rotary of HunYuan-VL, Cosmos3-Edge and GLM-Image, whose code
+transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
 each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions they
 install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
 :mod:`..patching` is the mechanism."""
@@ -77,12 +78,13 @@ def _qwen(key, prefix, vision_model, vision_attention, text_attention, text_rota
     tables as wide as the head), "partial" (rotate-half on the first ``cos.shape[-1]``
     lanes, the rest passed: Qwen3.5, GLM-4V-MoE), "pairs" (partial, lanes (2j, 2j + 1)
     rotating together: GLM-4V), "full_fp32" (rotate-half over the whole head, computed in
-    fp32 and cast back to q's dtype: HunYuan-VL) or "pairs_fp32" (the same in pairs:
-    ERNIE-4.5-VL). ``interleaved``: Qwen3-VL's section rule (default: the models whose
-    ``get_rope_index`` is Qwen3-VL's). ``causal_lm``: it has a text-only ``ForCausalLM``
-    (Qwen3.5). ``text_model``: the text model's class, where it is not ``<prefix>TextModel``
+    fp32 and cast back to q's dtype: HunYuan-VL), "pairs_fp32" (the same in pairs:
+    ERNIE-4.5-VL) or "partial_optional_k" (Qwen3.5's, k optional: Qwen4-Exp).
+    ``interleaved``: Qwen3-VL's section rule (default: the models whose ``get_rope_index``
+    is Qwen3-VL's). ``causal_lm``: it has a text-only ``ForCausalLM`` (Qwen3.5).
+    ``text_model``: the text model's class, where it is not ``<prefix>TextModel``
     (PaddleOCR-VL's). ``no_positions``: why ``angles="positions"`` does not apply (its
-    rotary class is not Qwen-VL's), where it does not."""
+    rotary class, or another reader of its tables, is not Qwen-VL's), where it does not."""
     positions = () if no_positions else ("positions",)
     full = ("rope", "vision", *(("rope_index",) if rope_index else ()), *positions)
     text = ("rope", *positions)
@@ -190,7 +192,8 @@ def _text_rotary(key, prefix, text_attention, rotation="full"):
 # rotary class and get_rope_index are Qwen2-VL's; Qwen2.5-Omni's and Qwen3-Omni-MoE's text
 # rotary functions are Qwen2-VL's, their rotary classes Qwen2.5-VL's and Qwen3-VL's;
 # GLM-4.6V's get_rope_index and get_vision_position_ids are GLM-4V's, Cosmos3-Omni's
-# Qwen3-VL's; Cohere Compass's
+# Qwen3-VL's; Qwen4-Exp's text rotary function is Qwen3.5's with k optional, its rotary
+# class Qwen3.5's, its vision function Qwen2-VL's, its get_rope_index Qwen3-VL's; Cohere Compass's
 # text and vision rotary functions are Qwen2-VL's, its get_rope_index and
 # get_vision_position_ids Qwen3-VL's; ERNIE-4.5-VL's vision rotary function is Qwen2-VL's,
 # its text one rotates the head's lane pairs in fp32, its get_rope_index is its own (all
@@ -231,6 +234,10 @@ ARCHITECTURES = (
           "Qwen3OmniMoeThinkerTextRotaryEmbedding", interleaved=True, positions=False),
     _host("glm46v", "Glm46V", "qwen3_vl"),
     _host("cosmos3_omni", "Cosmos3Omni", "qwen3_vl"),
+    _qwen("qwen4_exp", "Qwen4Exp", "Qwen4ExpVisionModel", "Qwen4ExpVisionAttention",
+          "Qwen4ExpTextAttention", "Qwen4ExpTextRotaryEmbedding", "qwen3_vl",
+          "partial_optional_k", causal_lm=True,
+          no_positions="its sparse-attention indexer reads the cos/sin tables too"),
     _qwen("cohere_compass", "CohereCompass", "CohereCompassVisionModel",
           "CohereCompassVisionAttention", "CohereCompassAttention",
           "CohereCompassRotaryEmbedding", "qwen3_vl", causal_lm=True,
@@ -332,6 +339,20 @@ apply_paired_rotary_pos_emb.__doc__ = """GLM-4V's ``apply_rotary_pos_emb`` (tran
 5.17: partial rotary, lanes (2j, 2j + 1) rotating together, as its ``rotate_half_llm``, the
 tables in that order) on :func:`vlmkernels.rope` with ``pairs=True`` (or
 :func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
+
+
+def apply_partial_rotary_pos_emb_optional_k(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+    """Qwen4-Exp's ``apply_rotary_pos_emb``: Qwen3.5's partial rotary, k optional (q alone
+    returned when k is None, as its sparse-attention indexer calls it), on
+    :func:`vlmkernels.rope` (a k of no heads stands in for the missing one). Its
+    ``__name__`` is transformers'."""
+    if k is None:
+        empty = q.narrow(unsqueeze_dim % q.dim(), 0, 0)
+        return apply_partial_rotary_pos_emb(q, empty, cos, sin, unsqueeze_dim)[0]
+    return apply_partial_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+
+
+apply_partial_rotary_pos_emb_optional_k.__name__ = "apply_rotary_pos_emb"
 
 
 def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
@@ -780,6 +801,8 @@ REPLACEMENTS = (
     Rebind("rope", "text_attention", (apply_rotary_pos_emb, apply_multimodal_rotary_pos_emb),
            only=_rotation("full")),
     Rebind("rope", "text_attention", (apply_partial_rotary_pos_emb,), only=_rotation("partial")),
+    Rebind("rope", "text_attention", (apply_partial_rotary_pos_emb_optional_k,),
+           only=_rotation("partial_optional_k")),
     Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb,), only=_paired("pairs")),
     Rebind("rope", "text_attention", (apply_paired_rotary_pos_emb_from_halves,),
            only=_paired("halves")),
