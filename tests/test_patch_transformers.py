@@ -91,16 +91,17 @@ def qwen2_5_vl():
     return transformers.Qwen2_5_VLForConditionalGeneration(config)
 
 
+def _qwen3_vl_towers() -> dict:
+    """Qwen3-VL's text and vision configs: text head dim 16 (interleaved [4, 2, 2]), vision
+    head dim 12, deepstack on block 0."""
+    vision = _vision(hidden_size=24, intermediate_size=64, out_hidden_size=64,
+                     num_position_embeddings=16, deepstack_visual_indexes=[0])  # fmt: skip
+    return dict(text_config=_text(64, [4, 2, 2], head_dim=16), vision_config=vision)
+
+
 def qwen3_vl():
-    """Text head dim 16 (interleaved [4, 2, 2]), vision head dim 12, deepstack on block 0."""
-    config = transformers.Qwen3VLConfig(
-        text_config=_text(64, [4, 2, 2], head_dim=16),
-        vision_config=_vision(
-            hidden_size=24, intermediate_size=64, out_hidden_size=64,
-            num_position_embeddings=16, deepstack_visual_indexes=[0],
-        ),
-        **_TOKENS,
-    )  # fmt: skip
+    """:func:`_qwen3_vl_towers`."""
+    config = transformers.Qwen3VLConfig(**_qwen3_vl_towers(), **_TOKENS)
     return transformers.Qwen3VLForConditionalGeneration(config)
 
 
@@ -184,16 +185,11 @@ def paddleocr_vl():
 
 
 def cosmos3_omni():
-    """Cosmos3-Omni: its own model around Qwen3-VL's towers (:func:`qwen3_vl`'s sizes),
+    """Cosmos3-Omni: its own model around Qwen3-VL's towers (:func:`_qwen3_vl_towers`),
     with Qwen3-VL's get_rope_index."""
-    config = transformers.Cosmos3OmniConfig(
-        text_config=dict(_text(64, [4, 2, 2], head_dim=16), model_type="qwen3_vl_text"),
-        vision_config=_vision(
-            hidden_size=24, intermediate_size=64, out_hidden_size=64,
-            num_position_embeddings=16, deepstack_visual_indexes=[0],
-        ),
-        **_TOKENS,
-    )  # fmt: skip
+    towers = _qwen3_vl_towers()
+    towers["text_config"]["model_type"] = "qwen3_vl_text"
+    config = transformers.Cosmos3OmniConfig(**towers, **_TOKENS)
     return transformers.Cosmos3OmniForConditionalGeneration(config)
 
 
@@ -1490,7 +1486,7 @@ def test_glm4v_rotary_function_rotates_pairs(dtype):
     from vlmkernels.integrations.tables import qwen_vl
 
     arch = next(a for a in qwen_vl.ARCHITECTURES if a.key == "glm4v")
-    order = qwen_vl._table_order(arch)
+    order = qwen_vl.functions._table_order(arch)
     assert order == ("halves" if transformers.__version__.startswith("5.16.") else "pairs")
     replacement = {"pairs": qwen_vl.apply_paired_rotary_pos_emb,
                    "halves": qwen_vl.apply_paired_rotary_pos_emb_from_halves}[order]  # fmt: skip
@@ -1688,34 +1684,38 @@ def test_ernie4_5_vl_matches_transformers():
     assert not instance_overrides(model)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("arch", ["ernie4_5_vl_moe", "hunyuan_vl"])
-def test_fp32_rotary_functions_match_transformers(arch, dtype):
-    """The replacements of ERNIE-4.5-VL's (lane pairs) and HunYuan-VL's (rotate-half)
-    ``apply_rotary_pos_emb``, which compute in fp32 and cast back to q's dtype, against
-    transformers' on random (B, H, S, D) views with fp32 tables as wide as the head, in
-    the order their rotary classes make: q's dtype out, values to fp32 rounding (bf16:
-    both compute in fp32 and round once, so within one bf16 step at the largest; Triton's
-    interpreter truncates bf16 stores, a step at most)."""
+def fp32_rotary_outputs(arch: str, q_dtype, k_dtype, seed: int):
+    """(vlmkernels', transformers') outputs of ERNIE-4.5-VL's (lane pairs) or HunYuan-VL's
+    (rotate-half) ``apply_rotary_pos_emb``, which compute in fp32 and cast back to q's
+    dtype, on random (B, H, S, D) views with fp32 tables as wide as the head, in the order
+    their rotary classes make."""
     import importlib
 
     from vlmkernels.integrations.tables import qwen_vl
 
+    if arch == "hunyuan_vl" and transformers.__version__.startswith("5.16."):
+        pytest.skip("5.16's HunYuan-VL attention calls its own multimodal function")
     module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
     pairs = arch == "ernie4_5_vl_moe"
-    if not pairs and transformers.__version__.startswith("5.16."):
-        pytest.skip("5.16's HunYuan-VL attention calls its own multimodal function")
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator().manual_seed(seed)
     b, s, d = 2, 5, 16
     q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
-            for h in (4, 2))  # fmt: skip
+            for h, dtype in ((4, q_dtype), (2, k_dtype)))  # fmt: skip
     angles = torch.randn(b, s, d // 2, generator=g)
     angles = angles.repeat_interleave(2, -1) if pairs else angles.repeat(1, 1, 2)
     cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
     replacement = (qwen_vl.apply_fp32_paired_rotary_pos_emb if pairs
                    else qwen_vl.apply_fp32_rotary_pos_emb)  # fmt: skip
-    got = replacement(q, k, cos, sin)
-    want = module.apply_rotary_pos_emb(q, k, cos, sin)
+    return replacement(q, k, cos, sin), module.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["ernie4_5_vl_moe", "hunyuan_vl"])
+def test_fp32_rotary_functions_match_transformers(arch, dtype):
+    """:func:`fp32_rotary_outputs`: q's dtype out, values to fp32 rounding (bf16: both
+    compute in fp32 and round once, so within one bf16 step at the largest; Triton's
+    interpreter truncates bf16 stores, a step at most)."""
+    got, want = fp32_rotary_outputs(arch, dtype, dtype, seed=8)
     for g_, w in zip(got, want, strict=True):
         assert g_.dtype == w.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2**-7  # one bf16 step (8 bits)
@@ -1727,24 +1727,7 @@ def test_fp32_rotary_functions_round_a_narrower_k_once(arch):
     """fp32 q with a bf16 k: transformers rotates k.float() and returns it in q's dtype
     (fp32), so the replacement's k is the exact rotation to fp32 rounding, not one rounded
     to bf16 first."""
-    import importlib
-
-    from vlmkernels.integrations.tables import qwen_vl
-
-    if arch == "hunyuan_vl" and transformers.__version__.startswith("5.16."):
-        pytest.skip("5.16's HunYuan-VL function returns fp32 whatever q's dtype")
-    module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
-    pairs = arch == "ernie4_5_vl_moe"
-    g = torch.Generator().manual_seed(9)
-    q = torch.randn(1, 2, 5, 8, generator=g).to(DEVICE)
-    k = torch.randn(1, 2, 5, 8, generator=g).to(DEVICE, torch.bfloat16)
-    angles = torch.randn(1, 5, 4, generator=g)
-    angles = angles.repeat_interleave(2, -1) if pairs else angles.repeat(1, 1, 2)
-    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
-    replacement = (qwen_vl.apply_fp32_paired_rotary_pos_emb if pairs
-                   else qwen_vl.apply_fp32_rotary_pos_emb)  # fmt: skip
-    got = replacement(q, k, cos, sin)
-    want = module.apply_rotary_pos_emb(q, k, cos, sin)
+    got, want = fp32_rotary_outputs(arch, torch.float32, torch.bfloat16, seed=9)
     for g_, w in zip(got, want, strict=True):
         assert g_.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g_, w, rtol=0, atol=1e-5)
@@ -1850,7 +1833,7 @@ def test_glm4v_rotary_function_of_unknown_table_order_is_refused(monkeypatch):
     from vlmkernels.integrations.tables import qwen_vl
 
     model = glm4v()
-    monkeypatch.setitem(qwen_vl._TABLE_ORDER, modeling_glm4v.apply_rotary_pos_emb, None)
+    monkeypatch.setitem(qwen_vl.functions._TABLE_ORDER, modeling_glm4v.apply_rotary_pos_emb, None)
     with pytest.raises(vt.UnsupportedLayoutError, match="rope: .*in an order vlmkernels knows"):
         rotary_patch(model)
     assert not instance_overrides(model)
@@ -1865,11 +1848,11 @@ def test_glm4v_table_order_probe_that_raised_is_not_remembered(monkeypatch):
 
     from vlmkernels.integrations.tables import qwen_vl
 
-    monkeypatch.setattr(qwen_vl, "_TABLE_ORDER", {})
+    monkeypatch.setattr(qwen_vl.functions, "_TABLE_ORDER", {})
     arch = next(a for a in qwen_vl.ARCHITECTURES if a.key == "glm4v")
     with FakeTensorMode():
-        assert qwen_vl._table_order(arch) is None
-    assert qwen_vl._table_order(arch) in ("pairs", "halves")
+        assert qwen_vl.functions._table_order(arch) is None
+    assert qwen_vl.functions._table_order(arch) in ("pairs", "halves")
     model = glm4v()
     with rotary_patch(model) as handle:
         assert "model.language_model.layers.0.self_attn.forward" in handle.targets

@@ -1,5 +1,6 @@
-"""The integrations' tables, one module per group of architectures (each registers its
-:class:`..patching.Patcher`); importing this package imports every table module in it."""
+"""The integrations' tables, one module (or package) per group of architectures (each
+registers its :class:`..patching.Patcher`); importing this package imports every table
+module in it."""
 
 import importlib
 import pkgutil

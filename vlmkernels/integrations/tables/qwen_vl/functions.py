@@ -1,0 +1,289 @@
+"""The functions the rotary table patches in, with transformers' signatures and names:
+the text rotary functions of the Qwen-VL family and of the models whose code transformers
+adapted from it (rotate-half, partial, lane pairs, in fp32, k optional), the vision one,
+the text rotary module's forward that hands positions on (``angles="positions"``), and the
+``Rebind.only`` guards that probe which function an installed model has."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from ....ops.rope import mrope, mrope_from_positions, rope, vision_rope
+from ...patching import Architecture, UnsupportedLayoutError, global_loads, unwrap
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PositionAngles:
+    """What the patched text rotary module returns in place of ``sin`` with
+    ``angles="positions"`` (``cos`` is then the (3, B, S) position ids)."""
+
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    mrope_section: tuple[int, int, int]
+    interleaved: bool
+    dtype: torch.dtype  # the dtype transformers would have cast cos/sin to
+    pairs: bool = False  # lanes (2j, 2j + 1) rotate together (GLM-4V)
+
+
+def _eager_dtype(out: torch.Tensor, x: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
+    """``out`` in the dtype of transformers' ``x * cos`` (type promotion of x and cos)."""
+    dtype = torch.promote_types(x.dtype, table_dtype)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _check_width(q, rot: int, partial: bool) -> None:
+    """transformers' ``q * cos + rotate_half(q) * sin`` needs tables as wide as the head:
+    the Qwen2/2.5/3-VL functions replaced here have no partial rotary (vlmkernels.rope
+    does), so a narrower one (a rope type honouring ``partial_rotary_factor``) is refused
+    as transformers refuses it, not rotated partially. ``partial`` (Qwen3.5's function):
+    narrower tables rotate the head's first lanes, as there."""
+    if rot > q.shape[-1] or (rot < q.shape[-1] and not partial):
+        raise ValueError(
+            f"vlmkernels.patch: the rotary tables are {rot} wide for a head dim of "
+            f"{q.shape[-1]}; transformers' rotary function needs them "
+            f"{'at most as wide' if partial else 'equal'} (its q * cos does not broadcast"
+            f"{'' if partial else '; a partial_rotary_factor with this rope type?'})"
+        )
+
+
+def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_dim,
+                    partial=False):  # fmt: skip
+    _check_width(q, 2 * angles.inv_freq.shape[-1], partial)
+    if unsqueeze_dim != 1:
+        raise ValueError(
+            f"vlmkernels.patch: angles='positions' needs q and k as (B, H, S, D) "
+            f"(unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}"
+        )
+    positions = positions.to(q.device).expand(3, q.shape[0], q.shape[2])
+    out_q, out_k = mrope_from_positions(
+        q, k, positions, angles.inv_freq, section, interleaved=angles.interleaved,
+        attention_scaling=angles.attention_scaling, pairs=angles.pairs,
+    )  # fmt: skip
+    return _eager_dtype(out_q, q, angles.dtype), _eager_dtype(out_k, k, angles.dtype)
+
+
+def _text_function(partial: bool, pairs: bool = False):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if isinstance(sin, PositionAngles):
+            return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim, partial)
+        _check_width(q, cos.shape[-1], partial)
+        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
+        return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+
+    return apply_rotary_pos_emb
+
+
+apply_rotary_pos_emb = _text_function(partial=False)
+apply_rotary_pos_emb.__qualname__ = "apply_rotary_pos_emb"
+apply_rotary_pos_emb.__doc__ = """transformers' ``apply_rotary_pos_emb`` (Qwen2/2.5/3-VL: tables
+as wide as the head) on :func:`vlmkernels.rope` (or :func:`vlmkernels.mrope_from_positions`
+when ``sin`` is a :class:`PositionAngles`)."""
+
+# Qwen3.5's function of the same name: the first cos.shape[-1] lanes rotate, the rest pass
+apply_partial_rotary_pos_emb = _text_function(partial=True)
+apply_partial_rotary_pos_emb.__qualname__ = "apply_partial_rotary_pos_emb"
+apply_partial_rotary_pos_emb.__doc__ = """Qwen3.5's and GLM-4V-MoE's ``apply_rotary_pos_emb``
+(partial rotary: lanes past ``cos.shape[-1]`` pass through) on :func:`vlmkernels.rope` (or
+:func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
+
+# GLM-4V's: partial rotary in pairs (its rotate_half_llm; tables repeat_interleave(2))
+apply_paired_rotary_pos_emb = _text_function(partial=True, pairs=True)
+apply_paired_rotary_pos_emb.__qualname__ = "apply_paired_rotary_pos_emb"
+apply_paired_rotary_pos_emb.__doc__ = """GLM-4V's ``apply_rotary_pos_emb`` (transformers >=
+5.17: partial rotary, lanes (2j, 2j + 1) rotating together, as its ``rotate_half_llm``, the
+tables in that order) on :func:`vlmkernels.rope` with ``pairs=True`` (or
+:func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
+
+
+def apply_partial_rotary_pos_emb_optional_k(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+    """Qwen4-Exp's ``apply_rotary_pos_emb``: Qwen3.5's partial rotary, k optional (q alone
+    returned when k is None, as its sparse-attention indexer calls it), on
+    :func:`vlmkernels.rope` (a k of no heads stands in for the missing one). Its
+    ``__name__`` is transformers'."""
+    if k is None:
+        empty = q.narrow(unsqueeze_dim % q.dim(), 0, 0)
+        return apply_partial_rotary_pos_emb(q, empty, cos, sin, unsqueeze_dim)[0]
+    return apply_partial_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+
+
+apply_partial_rotary_pos_emb_optional_k.__name__ = "apply_rotary_pos_emb"
+
+
+def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
+    """GLM-4V's ``apply_rotary_pos_emb`` of transformers 5.16: its rotary class gives
+    ``[f | f]`` tables, which the function reorders (``cos[..., :R / 2]
+    .repeat_interleave(2)``, a copy of the small table, here too) before rotating pairs."""
+    if isinstance(sin, PositionAngles):  # the angles are the same
+        return apply_paired_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    half = cos.shape[-1] // 2
+    cos, sin = (t[..., :half].repeat_interleave(2, -1) for t in (cos, sin))
+    return apply_paired_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+
+
+apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
+
+
+def _fp32_function(pairs: bool):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        _check_width(q, cos.shape[-1], partial=False)
+        if k.dtype != q.dtype and k.dtype in (torch.float16, torch.bfloat16):
+            k = k.float()  # transformers rotates k.float() and rounds once, to q's dtype
+        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
+        return out_q, out_k if out_k.dtype == q.dtype else out_k.to(q.dtype)
+
+    return apply_rotary_pos_emb
+
+
+# HunYuan-VL's: rotate-half over the whole head, computed in fp32, cast back to q's dtype
+apply_fp32_rotary_pos_emb = _fp32_function(pairs=False)
+apply_fp32_rotary_pos_emb.__qualname__ = "apply_fp32_rotary_pos_emb"
+apply_fp32_rotary_pos_emb.__doc__ = """HunYuan-VL's ``apply_rotary_pos_emb`` (transformers >=
+5.17: rotate-half over the whole head, computed in fp32 and cast back to q's dtype) on
+:func:`vlmkernels.rope`, which computes in fp32 (fp64 for float64 q) and rounds once. Its
+``__name__`` is transformers'."""
+
+# ERNIE-4.5-VL's: the same in lane pairs (its rotate_half_text; tables repeat_interleave(2))
+apply_fp32_paired_rotary_pos_emb = _fp32_function(pairs=True)
+apply_fp32_paired_rotary_pos_emb.__qualname__ = "apply_fp32_paired_rotary_pos_emb"
+apply_fp32_paired_rotary_pos_emb.__doc__ = """ERNIE-4.5-VL's ``apply_rotary_pos_emb`` (the
+whole head's lanes (2j, 2j + 1) rotating together, the tables in that order, computed in
+fp32 and cast back to q's dtype) on :func:`vlmkernels.rope` with ``pairs=True``. Its
+``__name__`` is transformers'."""
+
+
+def paired_table_order(function) -> str | None:
+    """The cos/sin order a GLM-4V-style ``apply_rotary_pos_emb(q, k, cos, sin)`` (lanes
+    rotating in pairs) takes: "pairs" (each frequency twice in a row: transformers >= 5.17,
+    whose rotary class does the repeat_interleave) or "halves" ([f | f]: 5.16, whose function
+    reorders its tables itself); None for neither. Recognised from what it does to a 4-lane
+    table [1, 2, 3, 4] with zero sines, not from the version number; raises what the call
+    raises."""
+    with torch.device("cpu"), torch.no_grad():
+        x = torch.ones(1, 1, 1, 4)
+        cos, sin = torch.arange(1.0, 5.0).view(1, 1, 4), torch.zeros(1, 1, 4)
+        out = tuple(function(x, x, cos, sin)[0].flatten().tolist())
+    return {(1.0, 2.0, 3.0, 4.0): "pairs", (1.0, 1.0, 2.0, 2.0): "halves"}.get(out)
+
+
+_TABLE_ORDER: dict[Callable, str | None] = {}  # GLM-4V function -> the table order it takes
+
+
+def _table_order(arch: Architecture) -> str | None:
+    """:func:`paired_table_order` of the installed GLM-4V ``apply_rotary_pos_emb``; None when
+    the function is missing or does neither. What a function returned is remembered per
+    function; a call that raised is not (it may have raised for the caller's context, e.g.
+    a FakeTensorMode, not for the function)."""
+    function = getattr(importlib.import_module(arch.module), "apply_rotary_pos_emb", None)
+    if function not in _TABLE_ORDER:
+        try:
+            _TABLE_ORDER[function] = paired_table_order(function)
+        except Exception:  # missing, another signature, or no values here: neither
+            return None
+    return _TABLE_ORDER[function]
+
+
+def _paired(order: str) -> Callable[[Architecture], bool]:
+    """``Rebind.only`` for GLM-4V's function taking tables in ``order``; another function
+    of that name is refused, not left unpatched."""
+
+    def only(arch: Architecture) -> bool:
+        if arch.data["rotation"] != "pairs":
+            return False
+        found = _table_order(arch)
+        if found is None:
+            raise UnsupportedLayoutError(
+                f"{arch.module}.apply_rotary_pos_emb does not rotate lane pairs with its "
+                f"cos/sin in an order vlmkernels knows (each frequency twice in a row, "
+                f"transformers >= 5.17; [f | f], 5.16)"
+            )
+        return found == order
+
+    return only
+
+
+def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    """transformers <= 5.16's ``apply_multimodal_rotary_pos_emb`` (chunked sections) on
+    :func:`vlmkernels.mrope` (or :func:`vlmkernels.mrope_from_positions`)."""
+    if isinstance(sin, PositionAngles):
+        return _from_positions(q, k, cos, sin, mrope_section, unsqueeze_dim)
+    _check_width(q, cos.shape[-1], partial=False)
+    out_q, out_k = mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
+    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+
+
+def apply_rotary_pos_emb_vision(q, k, cos, sin):
+    """transformers' ``apply_rotary_pos_emb_vision`` on :func:`vlmkernels.vision_rope`."""
+    return vision_rope(q, k, cos, sin)
+
+
+def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
+                              pairs: bool = False):  # fmt: skip
+    """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
+    what the kernel needs to compute the angles. The module's ``mrope_section`` is read at
+    each call, as transformers reads it (``section``: the config's, for the modules without
+    one)."""
+
+    def forward(self, x, position_ids):
+        if position_ids.dim() == 2:
+            position_ids = position_ids[None]
+        own = getattr(self, "mrope_section", None)
+        live = section if own is None else tuple(own)
+        angles = PositionAngles(self.inv_freq, float(self.attention_scaling), live,
+                                interleaved, x.dtype, pairs)  # fmt: skip
+        return position_ids.expand(3, -1, -1), angles
+
+    return forward
+
+
+def _rotation(kind: str):
+    """``Rebind.only`` for the architectures whose text rotary function is ``kind``."""
+    return lambda arch: arch.data["rotation"] == kind
+
+
+def _calls(cls, name: str) -> bool:
+    """Whether ``cls.forward`` (through its decorators) loads the global ``name``; True
+    where that cannot be read (the probe then decides)."""
+    try:
+        return name in global_loads(unwrap(cls.forward, cls.__qualname__)[-1].__code__)
+    except Exception:  # noqa: BLE001 - no class, a forward that is not plain Python
+        return True
+
+
+def _in_fp32(kind: str, pairs: bool) -> Callable[[Architecture], bool]:
+    """``Rebind.only`` for the architectures of rotation ``kind`` (HunYuan-VL's,
+    ERNIE-4.5-VL's), checked on the installed ``apply_rotary_pos_emb``: for bf16 q = [1, 2,
+    3, 4] and fp32 tables, it returns bf16 q * cos with cos = [1, 2, 3, 4], sin = 0 (the
+    tables in lane order) and the rotated lanes with cos = 0, sin = 1 (pairs: [-2, 1, -4,
+    3]; halves: [-3, -4, 1, 2]). Another function of that name is refused, not misread."""
+    want = ((1.0, 4.0, 9.0, 16.0), (-2.0, 1.0, -4.0, 3.0) if pairs else (-3.0, -4.0, 1.0, 2.0))
+
+    def only(arch: Architecture) -> bool:
+        if arch.data["rotation"] != kind:
+            return False
+        module = importlib.import_module(arch.module)
+        if not _calls(getattr(module, arch.classes["text_attention"], None),
+                      "apply_rotary_pos_emb"):  # fmt: skip
+            return True  # the forward calls another function, which plan_forward names
+        function = getattr(module, "apply_rotary_pos_emb", None)
+        try:
+            with torch.device("cpu"), torch.no_grad():
+                x = torch.arange(1.0, 5.0, dtype=torch.bfloat16).view(1, 1, 1, 4)
+                tables = ((torch.arange(1.0, 5.0), torch.zeros(4)), (torch.zeros(4), torch.ones(4)))
+                outs = [function(x, x, c.view(1, 1, 4), s.view(1, 1, 4))[0] for c, s in tables]
+            found = tuple(tuple(o.float().flatten().tolist()) for o in outs)
+            dtypes = {o.dtype for o in outs}
+        except Exception:  # missing, another signature: not the function described
+            found, dtypes = None, None
+        if found != want or dtypes != {torch.bfloat16}:
+            raise UnsupportedLayoutError(
+                f"{arch.module}.apply_rotary_pos_emb does not rotate "
+                f"{'lane pairs' if pairs else 'half the head'} in fp32 and return q's dtype, "
+                f"as vlmkernels expects of {arch.key} (found {found}, {dtypes})"
+            )
+        return True
+
+    return only
