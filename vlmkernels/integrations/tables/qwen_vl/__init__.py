@@ -4,9 +4,9 @@ of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GL
 (around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
 Cosmos3-Omni and the text rotary of HunYuan-VL, Cosmos3-Edge and GLM-Image, whose code
 transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
-each part replaces (:data:`REPLACEMENTS`), with the vlmkernels-backed functions they
-install. :mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
-:mod:`..patching` is the mechanism."""
+each part replaces (:data:`REPLACEMENTS`); the vlmkernels-backed functions they install
+are in :mod:`.functions`. :mod:`vlmkernels.integrations.transformers` documents the parts
+and applies them; :mod:`...patching` is the mechanism."""
 
 from __future__ import annotations
 
