@@ -1502,6 +1502,14 @@ def test_glm4v_rotary_function_rotates_pairs(dtype):
     assert_partial_rotary_matches((q, k), got, want, rot)
 
 
+def on_torch_path_on_cpu():
+    """The PyTorch path for a whole-model test on the CPU, where the model's kernels (lane
+    rules, widths) are another test's on Triton's interpreter; the default path on a GPU."""
+    from vlmkernels import use_backend
+
+    return use_backend("torch") if DEVICE.type == "cpu" else contextlib.nullcontext()
+
+
 def every_rotary_call_matches(model, inputs, angles, zero_below=0.0, vision=True):
     """``model`` (two text layers, two vision blocks) with the rotary parts patched
     (``angles``; the vision tower's unless not ``vision``): every rotary call runs on
@@ -1559,14 +1567,12 @@ def test_glm46v_matches_transformers(moe, angles):
     vlmkernels; logits, parameter gradients and greedy generate() tokens match. On the CPU
     the ops take the PyTorch path: the towers' kernels are test_glm4v_matches_transformers'
     (Triton's interpreter runs the paired kernel at about 50 ms a program)."""
-    from vlmkernels import use_backend
-
     torch.manual_seed(0)
     model = glm4v(moe, glm46v=True).eval().to(DEVICE)
     assert type(model.model.language_model).__name__ == ("Glm4vMoeTextModel" if moe
                                                          else "Glm4vTextModel")  # fmt: skip
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
-    with use_backend("torch") if DEVICE.type == "cpu" else contextlib.nullcontext():
+    with on_torch_path_on_cpu():
         targets = every_rotary_call_matches(model, inputs, angles, 1e-5)
     assert "model.get_rope_index" in targets, targets
 
@@ -1604,12 +1610,10 @@ def test_cosmos3_omni_matches_transformers(angles):
     calls run on vlmkernels, and its own get_rope_index (Qwen3-VL's code) is vlmkernels';
     logits, parameter gradients and greedy generate() tokens match. On the CPU the ops take
     the PyTorch path (the towers' Triton kernels are the Qwen3-VL tests')."""
-    from vlmkernels import use_backend
-
     torch.manual_seed(0)
     model = cosmos3_omni().eval().to(DEVICE)
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
-    with use_backend("torch") if DEVICE.type == "cpu" else contextlib.nullcontext():
+    with on_torch_path_on_cpu():
         targets = every_rotary_call_matches(model, inputs, angles, 1e-5)
     assert "model.get_rope_index" in targets, targets
 
@@ -1619,11 +1623,14 @@ def test_qwen4_exp_matches_transformers():
     get_rope_index): every text attention and vision rotary call runs on vlmkernels (its
     sparse-attention indexer's stay transformers'), get_rope_index is vlmkernels'; logits,
     parameter gradients and greedy generate() tokens match. angles='positions' is refused
-    by name (the indexer reads the tables too), nothing installed."""
+    by name (the indexer reads the tables too), nothing installed. PyTorch path on the CPU:
+    the partial kernel on Triton is Qwen3.5's test."""
     torch.manual_seed(0)
     model = qwen4_exp().eval().to(DEVICE)
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
-    assert "model.get_rope_index" in every_rotary_call_matches(model, inputs, "table", 1e-5)
+    with on_torch_path_on_cpu():
+        targets = every_rotary_call_matches(model, inputs, "table", 1e-5)
+    assert "model.get_rope_index" in targets
     with pytest.raises(vt.UnsupportedLayoutError, match="qwen4_exp .*indexer"):
         rotary_patch(model, angles="positions")
     assert not instance_overrides(model)
@@ -1657,11 +1664,14 @@ def test_cohere_compass_matches_transformers():
     """Cohere Compass (a frequency table and sections per layer type): every text and
     vision rotary call runs on vlmkernels from transformers' tables, get_rope_index is
     vlmkernels'; logits, parameter gradients and greedy generate() tokens match.
-    angles='positions' is refused by name, nothing installed."""
+    angles='positions' is refused by name, nothing installed. PyTorch path on the CPU: the
+    interleaved kernel on Triton is Qwen3-VL's test."""
     torch.manual_seed(0)
     model = cohere_compass().eval().to(DEVICE)
     inputs = {k: v.to(DEVICE) for k, v in make_inputs("qwen3_vl", with_video=False).items()}
-    assert "model.get_rope_index" in every_rotary_call_matches(model, inputs, "table")
+    with on_torch_path_on_cpu():
+        targets = every_rotary_call_matches(model, inputs, "table")
+    assert "model.get_rope_index" in targets
     with pytest.raises(vt.UnsupportedLayoutError, match="cohere_compass .*per layer type"):
         rotary_patch(model, angles="positions")
     assert not instance_overrides(model)
@@ -1671,13 +1681,15 @@ def test_ernie4_5_vl_matches_transformers():
     """ERNIE-4.5-VL (lane pairs over the whole head, computed in fp32): every text and
     vision rotary call runs on vlmkernels from transformers' tables (its get_rope_index
     stays its own); logits, parameter gradients and greedy generate() tokens match.
-    angles='positions' is refused by name, nothing installed."""
+    angles='positions' is refused by name, nothing installed. PyTorch path on the CPU: the
+    whole-head paired kernel on Triton is test_rope's (test_mrope_pairs_values_and_grads)."""
     torch.manual_seed(0)
     model = ernie4_5_vl().eval().to(DEVICE)
     inputs = make_inputs("qwen3_vl", with_video=False)
     inputs["pixel_values"] = inputs["pixel_values"][:, : 3 * PATCH * PATCH]  # no temporal axis
     inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    targets = every_rotary_call_matches(model, inputs, "table", 1e-5)
+    with on_torch_path_on_cpu():
+        targets = every_rotary_call_matches(model, inputs, "table", 1e-5)
     assert not any("get_rope_index" in t for t in targets), targets
     with pytest.raises(vt.UnsupportedLayoutError, match="ernie4_5_vl_moe .*height and width"):
         rotary_patch(model, angles="positions")
