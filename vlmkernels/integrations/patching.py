@@ -522,6 +522,7 @@ class Patcher:
         self.library = library
         self.tested = tested
         self.architectures = {a.key: a for a in architectures}
+        self._by_module = {a.module: a for a in architectures}  # (one per module)
         self.replacements = replacements
         self.parts = tuple(dict.fromkeys(r.part for r in replacements))
 
@@ -550,10 +551,9 @@ class Patcher:
     def _roots_of(self, kind: type) -> list[Match]:
         """The architectures one of whose roots ``kind`` is (by its MRO), with that root's
         parts."""
-        by_module = {a.module: a for a in self.architectures.values()}
         found = []
         for cls in kind.__mro__:
-            arch = by_module.get(getattr(cls, "__module__", None))
+            arch = self._by_module.get(getattr(cls, "__module__", None))
             module = sys.modules.get(arch.module) if arch is not None else None
             if module is None:
                 continue
@@ -591,9 +591,8 @@ class Patcher:
         ``Qwen3_5Model``; :meth:`_held` finds it). Raises :class:`UnsupportedModelError`
         for another class of a known architecture's module holding none (a Qwen-VL decoder
         layer, not the model)."""
-        by_module = {a.module: a for a in self.architectures.values()}
         for cls in type(model).__mro__:
-            arch = by_module.get(getattr(cls, "__module__", None))
+            arch = self._by_module.get(getattr(cls, "__module__", None))
             if arch is None:
                 continue
             module = sys.modules[arch.module]
@@ -671,12 +670,13 @@ class Patcher:
             raise UnsupportedLayoutError(f"no {cls.__qualname__} module in {where}")
         return slots
 
-    def plan(self, model, wanted: set[str]) -> tuple[list, dict[str, Exception], list]:
+    def plan(self, model, wanted: set[str],
+             found: list[Match]) -> tuple[list, dict[str, Exception], list]:  # fmt: skip
         """(slots, {part: why it cannot be patched}, parts that can) for the parts of
-        ``wanted`` that apply to ``model``, over every architecture it holds (a part that
-        fails for one of them fails); nothing is installed."""
+        ``wanted`` that apply to ``model``, over every architecture :meth:`find` found in
+        it (``found``; a part that fails for one of them fails); nothing is installed."""
         slots, failures, working = [], {}, []
-        for arch, module, applicable in self.find(model):
+        for arch, module, applicable in found:
             for part in self.parts:
                 if part not in wanted or part not in applicable or part in failures:
                     continue

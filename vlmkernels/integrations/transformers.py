@@ -239,7 +239,7 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
                 f"vlmkernels.patch: angles='positions' does not apply to {arch.key} ({why}); "
                 f"use angles='table'"
             )
-    plans = [(patcher, *patcher.plan(model, wanted)) for patcher, _ in matched]
+    plans = [(patcher, *patcher.plan(model, wanted, matches)) for patcher, matches in matched]
     # the hint names what still patches across every table (a Qwen-VL model's rotary parts
     # while its merger is refused), and switches off every table's failing parts
     every_failure = {part: exc for *_, failures, _ in plans for part, exc in failures.items()}
