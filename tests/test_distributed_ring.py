@@ -671,3 +671,36 @@ def test_eager_ring_call_loads_no_compiler(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ),
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("indent", ["    ", ""], ids=["indented", "dedented"])
+def test_process_group_entry_whatever_the_docstring_indentation(indent):
+    """Python 3.13 compiles docstrings without their indentation (3.12 keeps it; importing
+    vlmkernels failed on 3.13 when the entry was placed by an indented "Args:"): the
+    ``process_group`` entry goes last in Args either way, its continuation kept."""
+    from vlmkernels.distributed import contrastive
+
+    def single():
+        pass
+
+    def fn():
+        pass
+
+    single.__doc__ = (f"One line.\n\n{indent}Args:\n{indent}    x: an input.\n\n"
+                      f"{indent}Returns:\n{indent}    y.\n{indent}")  # fmt: skip
+    contrastive._document(fn, single, """\
+        process_group: a group,
+            continued.""")  # fmt: skip
+    assert fn.__doc__ == (
+        "One line.\n\nArgs:\n    x: an input.\n    process_group: a group,\n"
+        "        continued.\n\nReturns:\n    y."
+    )
+    single.__doc__ = "No arguments."
+    with pytest.raises(RuntimeError, match="no Args section"):
+        contrastive._document(fn, single, "process_group: a group.")
+    import vlmkernels
+
+    for loss in (vlmkernels.clip_loss, vlmkernels.siglip_loss):
+        doc = loss.__doc__
+        args, entry = doc.index("\nArgs:\n"), doc.index("\n    process_group: ")
+        assert args < entry and "\n\n" not in doc[args:entry], doc  # in the Args section

@@ -10,6 +10,9 @@ hang.
 
 from __future__ import annotations
 
+import inspect
+import textwrap
+
 import torch
 
 from ..core.checks import check_bool
@@ -103,12 +106,16 @@ def _check_local_rows(op: str, features) -> None:
 
 def _document(fn, single, process_group: str) -> None:
     """``fn``'s docstring: ``single``'s, with the ``process_group`` argument added last to
-    its Args section."""
-    doc = single.__doc__
-    args = doc.index("    Args:\n")
+    its Args section. Both are normalised first (``inspect.cleandoc``, ``textwrap.dedent``):
+    Python 3.13 strips a docstring's indentation when it compiles it, 3.12 keeps it."""
+    doc = inspect.cleandoc(single.__doc__ or "")
+    args = doc.find("\nArgs:\n")
+    if args < 0:
+        raise RuntimeError(f"{single.__qualname__}'s docstring has no Args section")
     end = doc.find("\n\n", args)
-    end = len(doc.rstrip()) if end < 0 else end
-    fn.__doc__ = doc[:end] + "\n" + process_group + doc[end:]
+    end = len(doc) if end < 0 else end
+    entry = textwrap.indent(textwrap.dedent(process_group).strip("\n"), "    ")
+    fn.__doc__ = doc[:end] + "\n" + entry + doc[end:]
 
 
 _document(clip_loss, functional.clip_loss, """\
