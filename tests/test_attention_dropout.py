@@ -295,3 +295,21 @@ def test_dropout_mask_beside_other_threads_kernels(device):
     for thread in threads:
         thread.join()
     assert not failures, failures
+
+
+def test_compiled_bad_dropout_p_raises_the_eager_error():
+    """Under torch.compile(fullgraph=True), after the calls that make dropout_p a symbolic
+    float, a value out of range raises cross_attention's error (as the cause of Dynamo's):
+    with ``repr`` Dynamo raised "tp_repr_impl not implemented" on Python 3.13 instead, and
+    with a plain f-string "BUILD_STRING type error" on torch 2.13."""
+    q, k = rand(1, 2, 3, 8, device="cpu"), rand(1, 2, 5, 8, device="cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, p: A.cross_attention(q, k, k, dropout_p=p),
+                             backend="eager", fullgraph=True)  # fmt: skip
+    with vlmkernels.use_backend("torch"):
+        for p in (0.1, 0.2, 0.3):
+            compiled(q, k, p)
+        with pytest.raises(Exception) as info:
+            compiled(q, k, 1.5)
+    errors = [info.value, info.value.__cause__]
+    assert any("dropout_p must be a float in [0, 1), got 1.5" in str(e) for e in errors), errors

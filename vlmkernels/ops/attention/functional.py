@@ -114,10 +114,20 @@ def _scale(op, scale, d):
     if scale is None:
         return 1.0 / math.sqrt(d)
     # comparisons, not math.isfinite: a compiled graph traces them for a symbolic float
-    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-            or not -math.inf < float(scale) < math.inf):  # fmt: skip
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    if not -math.inf < float(scale) < math.inf:  # {float(x)}: see core.checks.check_real
+        raise TypeError(f"{op}: scale must be a finite float or None, got {float(scale)}")
     return float(scale)
+
+
+def _check_dropout_p(op, dropout_p) -> None:
+    """``dropout_p`` a real number (not a bool) in [0, 1)."""
+    message = f"{op}: dropout_p must be a float in [0, 1), got "
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise ValueError(message + repr(dropout_p))
+    if not 0 <= dropout_p < 1:  # {float(x)}: see core.checks.check_real
+        raise ValueError(f"{message}{float(dropout_p)}")
 
 
 def draw_dropout_seed(device) -> torch.Tensor:
@@ -142,9 +152,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
             or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0
                    for n in shape)):  # fmt: skip
         raise ValueError(f"{op}: shape must be four ints >= 0 (B, H, Lq, Lk), got {shape!r}")
-    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)
-            or not 0 <= dropout_p < 1):  # fmt: skip
-        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_dropout_p(op, dropout_p)
     b, h, lq, lk = (int(n) for n in shape)
     if resolve_backend("attention", seed) != "torch":
         return launchers.dropout_mask(seed, (b, h, lq, lk), float(dropout_p))
@@ -157,9 +165,7 @@ def _dropout(op, dropout_p, dropout_seed, q):
     """(p, seed) for the core: p a float in [0, 1), the seed a (1,) int64 tensor on q's
     device (``dropout_seed`` or one drawn by :func:`draw_dropout_seed`) when p > 0, else
     None (nothing drawn)."""
-    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)
-            or not 0 <= dropout_p < 1):  # fmt: skip
-        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_dropout_p(op, dropout_p)
     if dropout_seed is not None:
         t = dropout_seed
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1:
