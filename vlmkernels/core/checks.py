@@ -89,8 +89,8 @@ def check_real(op: str, name: str, value, low: float, high: float, high_open=Fal
                         f"got {value!r}")  # fmt: skip
     value = float(value)
     if not (low <= value < high if high_open else low <= value <= high):
-        # a float formatted as {float(x)}: the one form Dynamo traces for a symbolic float
-        # on every supported Python and torch ({x!r} fails on 3.13, {x} on torch 2.13)
+        # {x} of x = float(arg), no !r: the one form Dynamo traces for a symbolic float on
+        # every supported Python and torch ({arg!r} fails on 3.13, {arg} on torch 2.13)
         raise ValueError(f"{op}: {name} must be in {_interval(low, high, high_open)}, "
                          f"got {value}")  # fmt: skip
     return value
