@@ -681,11 +681,11 @@ class Patcher:
                 if part not in wanted or part not in applicable or part in failures:
                     continue
                 try:
-                    found = []
+                    part_slots = []
                     for replacement in self.replacements:
                         if replacement.part == part and _serves(replacement, arch):
-                            found += self._slots(model, arch, module, replacement)
-                    slots += found
+                            part_slots += self._slots(model, arch, module, replacement)
+                    slots += part_slots
                     working.append(part)
                 except UnsupportedLayoutError as exc:
                     failures[part] = exc

@@ -247,7 +247,7 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     for patcher, _, failures, _ in plans:
         if failures:
             raise patcher.layout_error(failures, _hint(every_failure, every_working))
-    return install(model, [slot for _, found, _, _ in plans for slot in found])
+    return install(model, [slot for _, slots, _, _ in plans for slot in slots])
 
 
 def _unsupported(model) -> None:

@@ -162,8 +162,8 @@ def _host(key, prefix, rope_index):
     """A model of its own module around another architecture's towers (built by
     ``AutoModel`` from its sub-configs): GLM-4.6V's ``Glm46VModel`` holds GLM-4V's or
     GLM-4V-MoE's vision and text models, Cosmos3-Omni's Qwen3-VL's; their rows patch the
-    rotary parts. Its own roots
-    take ``rope_index`` (its ``get_rope_index``, the model type ``rope_index`` names)."""
+    rotary parts. Its own roots take ``rope_index`` (its ``get_rope_index``, the model type
+    ``rope_index`` names)."""
     return Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
