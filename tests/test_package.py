@@ -282,3 +282,20 @@ def test_import_names_a_missing_dependency_and_its_fix(hidden, env, said):
     assert proc.returncode == 0, proc.stderr[-3000:]
     name, message = proc.stdout.splitlines()[:2]
     assert name == hidden and message.startswith(said), proc.stdout
+
+
+def test_import_leaves_sympy_unloaded():
+    """``import vlmkernels`` does not load torch's symbolic-shapes module (it imports sympy:
+    about 0.3 s, a fifth of the package's import on the CPU machine); the checks that
+    need it under torch.compile find it loaded there."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import vlmkernels, vlmkernels.nn, vlmkernels.distributed
+        loaded = [m for m in ("sympy", "torch.fx.experimental.symbolic_shapes")
+                  if m in sys.modules]
+        assert not loaded, loaded
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -6,7 +6,6 @@ import math
 import numbers
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from .runtime import tracing
 
@@ -118,9 +117,22 @@ def check_int(op: str, name: str, value, low: int | None = None) -> int:
                                    or not isinstance(value, numbers.Integral)):  # fmt: skip
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     value = int(value)
-    if low is not None and not guard_or_true(value >= low):
+    if low is not None and not _at_least(value, low):
         raise ValueError(f"{op}: {name} must be >= {low}, got {value}")
     return value
+
+
+def _at_least(value, low: int) -> bool:
+    """``value >= low``; while torch.compile traces, where the value may be a SymInt (a
+    size read from a shape, an unbacked ``.item()``; Dynamo shows it as an int), True
+    unless the trace knows it false (``guard_or_true``: no guard, no specialisation).
+    torch's symbolic-shapes module is imported only there, where it is loaded already: it
+    imports sympy, which would add about 0.3 s to ``import vlmkernels``."""
+    if not tracing():
+        return value >= low
+    from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+    return guard_or_true(value >= low)
 
 
 def isqrt(n) -> int:
