@@ -10,6 +10,7 @@ handed other image features by a hook)."""
 
 import copy
 import importlib
+import math
 import warnings
 
 import pytest
@@ -124,8 +125,12 @@ def test_add_layernorm_bad_input():
         add_layernorm(x, r, w, w, x_bias=torch.ones(6, dtype=torch.long))
     with pytest.raises(TypeError, match="x must be a floating tensor"):
         add_layernorm(x.long(), r, w, w)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match=r"eps must be in \[0, inf\], got -1.0"):
         add_layernorm(x, r, w, w, eps=-1.0)
+    with pytest.raises(ValueError, match=r"eps must be in \[0, inf\], got nan"):
+        add_layernorm(x, r, w, w, eps=math.nan)
+    with pytest.raises(TypeError, match=r"add_layernorm: eps must be a float in \[0, inf\]"):
+        add_layernorm(x, r, w, w, eps="1e-5")
 
 
 def test_add_layernorm_second_order_raises():

@@ -33,6 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from ...core.backend import in_forward_backend, remember_backend
+from ...core.checks import check_real
 from ...core.op import Op, as_saved, first_order_only
 from . import layernorm_kernels
 
@@ -187,9 +188,8 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                     ("x_bias", x_bias)):  # fmt: skip
         if t is not None and t.device != x.device:
             raise ValueError(f"add_layernorm: {name} is on {t.device}, x on {x.device}")
-    if not eps >= 0:
-        raise ValueError(f"add_layernorm: eps must be >= 0, got {eps}")
-    return add_layernorm_unchecked(x, residual, weight, bias, x_bias, float(eps))
+    eps = check_real("add_layernorm", "eps", eps, 0.0, math.inf)
+    return add_layernorm_unchecked(x, residual, weight, bias, x_bias, eps)
 
 
 def add_layernorm_unchecked(x, residual, weight, bias, x_bias, eps: float) -> torch.Tensor:
