@@ -33,7 +33,12 @@ Method:
   on a 1-element tensor (one torch op's host cost there and then; op ``torch_add``) and a
   bare ``torch.library.custom_op`` call (one tensor in, an empty one out; op
   ``custom_op``), the unit in which issue 11 set the budgets: it measured 10-15 us for such
-  a call on its CPU machine, so 25 us is about two of them and 60 us about five.
+  a call on its CPU machine, so 25 us is about two of them and 60 us about five. For the
+  losses, a third row (op ``autograd_fn``, mode ``fwd+bwd``): an ``autograd.Function``
+  that does nothing, on leaves shaped like the CLIP loss's (two (N, d) features and a 0-d
+  scale, each needing a gradient), called and back-propagated as the losses are: what
+  autograd alone costs a forward+backward there and then, below which no loss row can go
+  (vlmkernels' eager path is such a Function, the dispatcher skipped).
 
 Output: ``<out>/host.csv`` (``--out``; rows of metric ``host_us``, mode ``fwd`` or
 ``fwd+bwd``), a table per run (vlmkernels us, eager us, budget, PASS / MISS), and the section
@@ -74,6 +79,13 @@ CUSTOM_OP_NOTE = (
     "dispatcher's cost in this run (issue 11 measured 10-15 us)"
 )
 ISSUE_CUSTOM_OP_US = (10, 15)
+# autograd's own cost of a loss step: the floor of the fwd+bwd rows
+AUTOGRAD_FN = "autograd_fn"
+AUTOGRAD_FN_NOTE = (
+    "an autograd.Function that does nothing (two (8, 32) features and a 0-d scale in, "
+    "a 0-d loss out, empty gradients back), forward+backward: autograd's own cost of a "
+    "loss step in this run"
+)
 DEFAULT_CALLS = 1000
 ROUNDS = 10  # interleaved rounds of each case's calls (see measure)
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +183,26 @@ def bare_custom_op() -> Callable[[torch.Tensor], torch.Tensor]:
     return bare
 
 
+class _Nothing(torch.autograd.Function):
+    """A loss that computes nothing: the autograd floor row (:data:`AUTOGRAD_FN`)."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale):
+        return x.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_empty((8, 32)), grad.new_empty((8, 32)), grad.new_empty(())
+
+
+def autograd_floor(dtype: torch.dtype) -> tuple[Callable[[], object], tuple[torch.Tensor, ...]]:
+    """(call, leaves) of the autograd floor row: ``_Nothing`` on fresh leaves, backward."""
+    leaves = (torch.randn(8, 32, dtype=dtype, requires_grad=True),
+              torch.randn(8, 32, dtype=dtype, requires_grad=True),
+              torch.ones((), dtype=dtype, requires_grad=True))  # fmt: skip
+    return lambda: _Nothing.apply(*leaves).backward(), leaves
+
+
 def measure(cases: list[dict], calls: int, seed: int, dtype: str,
             rounds: int = ROUNDS) -> list[dict]:  # fmt: skip
     """Host time of each case {suite, op, provider, mode, shape}: the case with p50, p20,
@@ -212,13 +244,17 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str,
         out.append(result)
     one = torch.ones(1, dtype=getattr(torch, dtype))
     bare = bare_custom_op()
-    scales = [{"suite": SCALE_SUITE, "op": op, "provider": "torch", "mode": "fwd",
-               "shape": {"n": 1}, "calls": calls, "launches": 0.0, "status": "ok",
-               "note": note} for op, note in ((SCALE_OP, SCALE_NOTE),
-                                              (CUSTOM_OP, CUSTOM_OP_NOTE))]  # fmt: skip
-    for scale, call in zip(scales, (lambda: one.add(1), lambda: bare(one)), strict=True):
-        time_calls(call, (), 0, warmup)
-        timed.append((scale, call, (), []))
+    floor, floor_leaves = autograd_floor(getattr(torch, dtype))
+    scales = [{"suite": SCALE_SUITE, "op": op, "provider": "torch", "mode": mode,
+               "shape": shape, "calls": calls, "launches": 0.0, "status": "ok", "note": note}
+              for op, mode, shape, note in (
+                  (SCALE_OP, "fwd", {"n": 1}, SCALE_NOTE),
+                  (CUSTOM_OP, "fwd", {"n": 1}, CUSTOM_OP_NOTE),
+                  (AUTOGRAD_FN, "fwd+bwd", {"N": 8, "d": 32}, AUTOGRAD_FN_NOTE))]  # fmt: skip
+    for scale, call, leaves in zip(scales, (lambda: one.add(1), lambda: bare(one), floor),
+                                   ((), (), floor_leaves), strict=True):  # fmt: skip
+        time_calls(call, leaves, 0, warmup)
+        timed.append((scale, call, leaves, []))
     per_round = [calls // rounds + (r < calls % rounds) for r in range(rounds)]
     for n in per_round:
         gc.collect()
@@ -241,6 +277,10 @@ def _print_case(r: dict) -> None:
         return
     if r["op"] == CUSTOM_OP:
         print(f"  [{CUSTOM_OP}] bare(one) {r['p50']:9.1f} us (issue 11's unit)", flush=True)
+        return
+    if r["op"] == AUTOGRAD_FN:
+        print(f"  [{AUTOGRAD_FN}] nothing, fwd+bwd {r['p50']:9.1f} us (autograd's own)",
+              flush=True)  # fmt: skip
         return
     label = f"  [{r['op']}] {shape_str(r['shape'])} {r['provider']:<22} {r['mode']:<8}"
     if r["status"] != "ok":
@@ -371,6 +411,15 @@ def rows_table(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> lis
         lines.append(
             f"A bare `torch.library.custom_op` call took {us(bare)} us; issue 11 set the budgets "
             f"where it took {lo}-{hi} us (the budgets are judged as written, not rescaled)."
+        )
+        if not markdown:
+            lines[-1] = lines[-1].replace("`", "")
+    floor = index.get((AUTOGRAD_FN, "fwd+bwd", "torch"))
+    if floor is not None and floor["status"] == "ok" and floor["p50"]:
+        lines.append(
+            f"An `autograd.Function` that does nothing took {us(floor)} us forward+backward on "
+            "the CLIP loss's leaves: autograd's own share of each fwd+bwd row, below which "
+            "none can go."
         )
         if not markdown:
             lines[-1] = lines[-1].replace("`", "")

@@ -1280,13 +1280,17 @@ def test_host_mode_times_one_op_beside_the_eager_formula(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == COLUMNS
     host = {r["provider"]: r for r in rows if r["metric"] == "host_us" and r["op"] == "mrope"}
-    assert sorted(host) == ["eager", "vlmkernels"] and len(rows) == 4
+    assert sorted(host) == ["eager", "vlmkernels"] and len(rows) == 5
     (scale,) = [r for r in rows if r["op"] == "torch_add"]  # one torch op: the scale
     (bare,) = [r for r in rows if r["op"] == "custom_op"]  # issue 11's unit
-    for r in (scale, bare):
+    (floor,) = [r for r in rows if r["op"] == "autograd_fn"]  # autograd's share of a loss
+    for r in (scale, bare, floor):
         assert r["status"] == "ok" and r["suite"] == "host" and float(r["p50"]) > 0, r
+    assert floor["mode"] == "fwd+bwd" and floor["shape"] == "N=8,d=32"
+    assert float(floor["p50"]) > float(scale["p50"])  # a forward and a backward at least
     assert "Scale: one torch op (x.add(1) on a 1-element tensor) took " in proc.stdout
     assert "A bare torch.library.custom_op call took " in proc.stdout
+    assert "An autograd.Function that does nothing took " in proc.stdout
     assert "issue 11 set the budgets where it took 10-15 us" in proc.stdout
     for r in host.values():
         assert r["status"] == "ok" and r["op"] == "mrope" and r["mode"] == "fwd", r
