@@ -91,6 +91,12 @@ def _extension():
     nvcc = _nvcc(cpp_extension.CUDA_HOME)
     if nvcc is None:
         return [], {}, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    # without CUDA_HOME torch takes the folder above the nvcc on PATH: a wrapper script or
+    # link outside the toolkit (/usr/local/bin/nvcc) gives one without the CUDA headers
+    if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime_api.h")):
+        return [], {}, (f"the CUDA toolkit torch found ({cpp_extension.CUDA_HOME}, from {nvcc}) "
+                        "has no include/cuda_runtime_api.h: set CUDA_HOME to the toolkit's "
+                        "folder (e.g. /usr/local/cuda)")  # fmt: skip
     flags, names = _gencode(os.environ.get("VLMKERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
     ext = cpp_extension.CUDAExtension(
         "vlmkernels._C",

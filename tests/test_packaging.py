@@ -95,6 +95,8 @@ def test_extension_that_torch_refuses_to_build_installs_without_it(source, tmp_p
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 99.0, V99.0.0'\n")
     nvcc.chmod(0o755)
+    (tmp_path / "cuda" / "include").mkdir()
+    (tmp_path / "cuda" / "include" / "cuda_runtime_api.h").write_text("")
     build = ["-c", _FAKE_CUDA_TORCH, "build_ext", "--build-temp", str(tmp_path / "temp"),
              "--build-lib", str(tmp_path / "lib")]  # fmt: skip
     for build_cuda in ("", "1"):
@@ -107,3 +109,33 @@ def test_extension_that_torch_refuses_to_build_installs_without_it(source, tmp_p
             assert proc.returncode == 0, proc.stderr[-3000:]
             said = "building vlmkernels._C failed, installing without it: The detected CUDA"
             assert f"{said} version (99.0) mismatches" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_toolkit_without_cuda_headers_installs_without_the_extension(source, tmp_path):
+    """Without CUDA_HOME torch takes the folder above the nvcc on PATH as the toolkit: for a
+    wrapper script or link elsewhere (/usr/local/bin/nvcc) that folder has no CUDA headers
+    and the compile would fail on cuda_runtime_api.h. setup.py says so before building,
+    naming the fix: the package installs without the extension, or with
+    ``VLMKERNELS_BUILD_CUDA=1`` the install fails."""
+    root, _ = source
+    nvcc = tmp_path / "local" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text('#!/bin/sh\nexec /usr/local/cuda/bin/nvcc "$@"\n')
+    nvcc.chmod(0o755)
+    build = ["-c", _FAKE_CUDA_TORCH, "build_ext", "--build-temp", str(tmp_path / "temp"),
+             "--build-lib", str(tmp_path / "lib")]  # fmt: skip
+    said = (
+        f"the CUDA toolkit torch found ({nvcc.parent.parent}, from {nvcc}) has no "
+        "include/cuda_runtime_api.h: set CUDA_HOME to the toolkit's folder"
+    )
+    for build_cuda in ("", "1"):
+        env = dict(os.environ, CUDA_HOME=str(nvcc.parent.parent), VLMKERNELS_BUILD_CUDA=build_cuda)
+        proc = subprocess.run([sys.executable, *build], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert said in proc.stderr, proc.stderr[-3000:]
+        if build_cuda:
+            assert proc.returncode != 0 and "requires the CUDA C++ extension" in proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "installing without the CUDA C++ extension: " in proc.stderr
+            assert not list((tmp_path / "lib").rglob("_C*.so"))
