@@ -22,6 +22,39 @@ def test_default_backend_follows_device_and_interpreter():
         assert resolve_backend("op", cpu.cuda()) == "triton"
 
 
+def test_amd_gpus_run_the_pytorch_reference(monkeypatch):
+    """A ROCm build of torch shows AMD GPUs as "cuda" devices, where the Triton kernels do
+    not compile (inline PTX, 3xTF32 dots): unforced, the ops take the PyTorch reference,
+    with one DeviceFallbackWarning per process; the 'triton' backend forced there is
+    refused by name. NVIDIA "cuda" tensors are unaffected."""
+    import types
+    import warnings
+
+    from vlmkernels.core import backend
+
+    gpu = types.SimpleNamespace(dtype=torch.bfloat16, is_cuda=True, is_cpu=False,
+                                device=torch.device("cuda", 0))  # fmt: skip
+    monkeypatch.setattr(backend, "cuda_default", lambda op, device: "triton")
+    assert resolve_backend("rope", gpu) == "triton"  # NVIDIA
+    monkeypatch.setattr(backend, "ROCM", True)
+    monkeypatch.setattr(backend, "_ROCM_WARNED", [False])
+    with pytest.warns(backend.DeviceFallbackWarning, match="written for NVIDIA GPUs"):
+        assert resolve_backend("rope", gpu) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert resolve_backend("clip_loss", gpu) == "torch"
+        with vlmkernels.use_backend("torch"):
+            assert resolve_backend("rope", gpu) == "torch"
+        assert resolve_backend("rope", torch.zeros(2)) == ("triton" if INTERPRETED else "torch")
+    with vlmkernels.use_backend("triton"):
+        with pytest.raises(
+            RuntimeError,
+            match="rope: the 'triton' backend does not run here: "
+            "vlmkernels' Triton kernels are written for NVIDIA GPUs",
+        ):
+            resolve_backend("rope", gpu)
+
+
 def test_context_manager_forces_and_restores():
     t = torch.zeros(2)
     assert vlmkernels.get_backend() is None

@@ -3,7 +3,10 @@
 Default, per call, from the device of the inputs:
 
 - CUDA tensors run the Triton kernels, or the CUDA C++ ones where the device's tuned
-  configs record them as faster for the op and the extension is available.
+  configs record them as faster for the op and the extension is available. On a ROCm
+  build of torch (AMD GPUs, shown as "cuda" devices) they run the PyTorch reference, with
+  a :class:`DeviceFallbackWarning` once per process: the Triton kernels are written for
+  NVIDIA GPUs and Triton's AMD backend does not compile them.
 - CPU tensors run the plain-PyTorch reference, unless Triton's interpreter is on
   (``TRITON_INTERPRET=1`` when vlmkernels was imported), in which case they run the
   Triton kernels through the interpreter: this is how CPU-only CI exercises every kernel.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import warnings
 
 import torch
 
@@ -27,11 +31,34 @@ from .family import cuda_ops
 from .tuning import preferred_backend
 
 BACKENDS = ("triton", "torch", "cuda")
+# A ROCm build of torch shows AMD GPUs as "cuda" devices. The Triton kernels use inline PTX
+# (the MUFU exponential and reciprocal) and 3xTF32 dots for fp32 inputs: for gfx942 (MI300)
+# Triton's AMD backend rejects 12 of the 104 compile variants in bf16, 28 in fp32.
+ROCM = getattr(torch.version, "hip", None) is not None
+ROCM_WHY = ("vlmkernels' Triton kernels are written for NVIDIA GPUs (inline PTX, 3xTF32 "
+            "dots) and do not compile for AMD GPUs (a ROCm build of torch)")  # fmt: skip
+_ROCM_WARNED = [False]
 _DEFAULTS = derived_cache()  # (op, CUDA device) -> whether CUDA C++ was recorded faster
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "vlmkernels_backend", default=None
 )
+
+
+class DeviceFallbackWarning(UserWarning):
+    """The ops run their PyTorch reference on this device, not the kernels (an AMD GPU)."""
+
+
+def rocm_default(op: str) -> str:
+    """The backend for "cuda" tensors of a ROCm build of torch when none is forced: the
+    PyTorch reference, said once per process with a :class:`DeviceFallbackWarning` (not
+    while torch.compile traces: Dynamo cannot trace ``warnings.warn``)."""
+    if not _ROCM_WARNED[0] and not runtime.tracing():
+        _ROCM_WARNED[0] = True
+        warnings.warn(f"vlmkernels: {op} and every other op run their PyTorch reference on "
+                      f"this GPU: {ROCM_WHY}. Set VLMKERNELS_BACKEND=torch to choose it "
+                      "explicitly.", DeviceFallbackWarning, stacklevel=3)  # fmt: skip
+    return "torch"
 
 
 def cuda_backend_status() -> tuple[bool, str]:
@@ -131,7 +158,7 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
         if tensor.dtype == torch.float64:
             return "torch"
         if tensor.is_cuda:
-            return cuda_default(op, tensor.device)
+            return rocm_default(op) if ROCM else cuda_default(op, tensor.device)
         return "triton" if tensor.is_cpu and runtime.INTERPRETED else "torch"
     if forced == "cuda":
         ok, why = cuda_backend_status()
@@ -155,4 +182,7 @@ def resolve_backend(op: str, tensor: torch.Tensor) -> str:
             )
         if tensor.device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"{op}: the 'triton' backend does not run on {tensor.device}")
+        if ROCM and tensor.is_cuda:
+            raise RuntimeError(f"{op}: the 'triton' backend does not run here: {ROCM_WHY}; "
+                               "use the 'torch' backend")  # fmt: skip
     return forced
