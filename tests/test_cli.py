@@ -428,6 +428,19 @@ def test_info_with_a_bad_forced_backend(monkeypatch, capsys):
     _one_line_error(capsys, "info", "VLMKERNELS_BACKEND must be one of", "'junk'")
 
 
+def test_info_on_an_amd_gpu_says_the_triton_kernels_do_not_run(monkeypatch):
+    """On a ROCm build of torch (AMD GPUs as "cuda" devices) the ops take the PyTorch
+    reference (vlmkernels.core.backend.ROCM): info's triton line says so, not "compiled"."""
+    from vlmkernels.core import backend
+
+    nvidia = cli.backends({"device_type": "cuda", "arch": "sm_90"})["triton"]
+    assert nvidia.startswith("compiled for sm_90")
+    monkeypatch.setattr(backend, "ROCM", True)
+    amd = cli.backends({"device_type": "cuda", "arch": "sm_94"})["triton"]
+    assert amd.startswith("unavailable: vlmkernels' Triton kernels are written for NVIDIA GPUs")
+    assert amd.endswith("GPU tensors take the PyTorch path")
+
+
 def test_bench_with_a_bad_forced_backend_fails_before_measuring(monkeypatch, capsys):
     import benchmarks.__main__ as bench_main
 

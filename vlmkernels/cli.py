@@ -333,12 +333,14 @@ def ceilings(facts: dict, refresh: bool = False) -> tuple[dict, bool]:
 
 
 def backends(facts: dict) -> dict[str, str]:
-    from vlmkernels.core.backend import get_backend
+    from vlmkernels.core.backend import ROCM, ROCM_WHY, get_backend
     from vlmkernels.core.cuda import status as cuda_status
     from vlmkernels.core.runtime import INTERPRETED
     from vlmkernels.core.tuning import lookup_report
 
-    if facts["device_type"] == "cuda":
+    if facts["device_type"] == "cuda" and ROCM:
+        triton_line = f"unavailable: {ROCM_WHY}; GPU tensors take the PyTorch path"
+    elif facts["device_type"] == "cuda":
         triton_line = f"compiled for {facts['arch']} (CUDA tensors run the Triton kernels)"
     elif INTERPRETED:
         triton_line = "interpreter (TRITON_INTERPRET=1): CPU tensors run the Triton kernels"
