@@ -124,7 +124,12 @@ def _scalar_grads(partial_ptr, n_partials, dot, loss_part_ptr, n_loss, scale_ptr
 _FINAL_KEY = ["D", "SIGLIP", "HAS_BIAS", "HAS_GRAD", "HAS_LOSS"]
 
 
-@tuned("grads_finalize", configs=_warps(4), key=_FINAL_KEY, sizes=["D"])
+# 8 warps, not 4: a ROWS x BD tile of 4 warps holds 32 fp32 values per thread of each of
+# dot, G Y, X and G^T X, which the ptxas Triton 3.6-3.8 use for sm_90 (CUDA 12.8/12.9;
+# Triton 3.9's 13.x allocates 100) fits in 96 registers only by spilling 8 B per thread
+# in the 16-bit CLIP variant (Triton 3.7 and 3.8). 8 warps: 50-76 registers, no spill
+# with either ptxas, and twice the warps per SM (3-4 CTAs of 8, not 3-5 of 4).
+@tuned("grads_finalize", configs=_warps(8), key=_FINAL_KEY, sizes=["D"])
 @triton.jit
 def _grads_finalize_kernel(
     x_ptr, gy_ptr, gtx_ptr, dx_ptr, dy_ptr, scale_ptr, bias_ptr, grad_ptr,
