@@ -369,6 +369,45 @@ def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypat
     assert entry.suffix == ".json" and inspection._read_cached(entry) is not None
 
 
+def test_the_cache_keeps_apart_the_records_of_another_ptxas(tmp_path, monkeypatch):
+    """A record compiled with TRITON_PTXAS_PATH or TRITON_PTXAS_BLACKWELL_PATH pointing at
+    another assembler is cached under its own key: the same PTX gets other registers and
+    spills from CUDA 12's ptxas than from CUDA 13's, and a cached record of one answered
+    for the other. The same setting finds its record again."""
+    import types
+
+    from vlmkernels.core import runtime
+
+    monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", str(tmp_path))
+    for variable in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    monkeypatch.setattr(
+        inspection, "source", lambda case, dtype, config: types.SimpleNamespace(hash=lambda: "h")
+    )
+    compiled = types.SimpleNamespace(
+        asm={"ptx": "", "ttgir": "", "cubin": b""}, metadata=types.SimpleNamespace(shared=0)
+    )
+    monkeypatch.setattr(inspection, "_compile_logged", lambda *args: (compiled, ""))
+    registers = iter(range(1, 10))  # each compile a new register count
+    monkeypatch.setattr(inspection, "_analyse", lambda *args: {
+        k: next(registers) if k == "registers" else 1
+        for k in inspection._RECORD_KEYS if k not in ("arch", "triton")
+    })  # fmt: skip
+    name, case = inspection.all_cases()[0]
+    config = case.kernel.default_for("bf16", case.constants("bf16"))
+    default = inspection.compile_case(case, "bf16", config)["registers"]
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", "/opt/cuda-12/bin/ptxas")
+    legacy = inspection.compile_case(case, "bf16", config)["registers"]
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/opt/cuda-12/bin/ptxas")
+    both = inspection.compile_case(case, "bf16", config)["registers"]
+    assert len({default, legacy, both}) == 3 and len(list(tmp_path.iterdir())) == 3
+    assert inspection.compile_case(case, "bf16", config)["registers"] == both  # cached
+    monkeypatch.delenv("TRITON_PTXAS_PATH")
+    monkeypatch.delenv("TRITON_PTXAS_BLACKWELL_PATH")
+    assert inspection.compile_case(case, "bf16", config)["registers"] == default
+
+
 def test_cli_rejects_an_unknown_kernel(capfd):
     from vlmkernels import cli
 
@@ -419,8 +458,8 @@ def test_grads_finalize_does_not_spill_with_the_ptxas_of_triton_3_6_to_3_8(tmp_p
     CLIP finishing kernel spilled 8 B per thread there (96 registers; Triton 3.7 and 3.8,
     and 3.9's own code assembled by 12.9). 3.9 still ships the 12.x assembler as ``ptxas``:
     every finishing variant's default compiles without a spill through it (for sm_90 3.9
-    takes it from TRITON_PTXAS_BLACKWELL_PATH; 3.6 to 3.8 use it anyway). Not cached: the
-    inspect cache's key does not hold the assembler."""
+    takes it from TRITON_PTXAS_BLACKWELL_PATH; 3.6 to 3.8 use it anyway). Compiled afresh
+    (``--no-cache``): a record of an earlier run says nothing about this source."""
     import triton
 
     legacy = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

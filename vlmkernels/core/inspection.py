@@ -256,6 +256,9 @@ def _analyse(cubin: bytes, shared: int, warps: int, arch: str, ptxas_log: str = 
     )
 
 
+_PTXAS_VARIABLES = ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH")
+
+
 def cache_dir() -> pathlib.Path:
     """``$VLMKERNELS_INSPECT_CACHE``; else ``build/inspect-cache`` of the checkout the
     package is in (git-ignored); else ``~/.cache/vlmkernels/inspect``."""
@@ -307,8 +310,13 @@ def compile_case(case: CompileCase, dtype: str, config, arch: str = "sm_90a",
     arch = normalise_arch(arch)
     src = source(case, dtype, config)
     options = compile_options(config)
+    # the assemblers a process may swap in: the same Triton's PTX gives other registers
+    # and spills with another ptxas (Triton 3.9's CUDA 13 one against its bundled CUDA 12)
+    assemblers = [os.environ.get(v, "") for v in _PTXAS_VARIABLES]
     key = hashlib.sha256(
-        json.dumps([FORMAT, triton.__version__, arch, dtype, src.hash(), options]).encode()
+        json.dumps(
+            [FORMAT, triton.__version__, arch, dtype, src.hash(), options, assemblers]
+        ).encode()
     ).hexdigest()[:32]
     path = cache_dir() / f"{key}.json"
     default = case.kernel.default_for(dtype, case.constants(dtype))
