@@ -79,8 +79,10 @@ CUSTOM_OP_NOTE = (
     "dispatcher's cost in this run (issue 11 measured 10-15 us)"
 )
 ISSUE_CUSTOM_OP_US = (10, 15)
-# autograd's own cost of a loss step: the floor of the fwd+bwd rows
+# autograd's own cost of a loss step: the floor of the fwd+bwd rows, on leaves shaped like
+# the CLIP loss's at its host shape
 AUTOGRAD_FN = "autograd_fn"
+FLOOR_FEATURES = (8, 32)
 AUTOGRAD_FN_NOTE = (
     "an autograd.Function that does nothing (two (8, 32) features and a 0-d scale in, "
     "a 0-d loss out, empty gradients back), forward+backward: autograd's own cost of a "
@@ -192,13 +194,13 @@ class _Nothing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.new_empty((8, 32)), grad.new_empty((8, 32)), grad.new_empty(())
+        return grad.new_empty(FLOOR_FEATURES), grad.new_empty(FLOOR_FEATURES), grad.new_empty(())
 
 
 def autograd_floor(dtype: torch.dtype) -> tuple[Callable[[], object], tuple[torch.Tensor, ...]]:
     """(call, leaves) of the autograd floor row: ``_Nothing`` on fresh leaves, backward."""
-    leaves = (torch.randn(8, 32, dtype=dtype, requires_grad=True),
-              torch.randn(8, 32, dtype=dtype, requires_grad=True),
+    leaves = (torch.randn(FLOOR_FEATURES, dtype=dtype, requires_grad=True),
+              torch.randn(FLOOR_FEATURES, dtype=dtype, requires_grad=True),
               torch.ones((), dtype=dtype, requires_grad=True))  # fmt: skip
     return lambda: _Nothing.apply(*leaves).backward(), leaves
 
@@ -245,12 +247,13 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str,
     one = torch.ones(1, dtype=getattr(torch, dtype))
     bare = bare_custom_op()
     floor, floor_leaves = autograd_floor(getattr(torch, dtype))
+    floor_shape = {"N": FLOOR_FEATURES[0], "d": FLOOR_FEATURES[1]}
     scales = [{"suite": SCALE_SUITE, "op": op, "provider": "torch", "mode": mode,
                "shape": shape, "calls": calls, "launches": 0.0, "status": "ok", "note": note}
               for op, mode, shape, note in (
                   (SCALE_OP, "fwd", {"n": 1}, SCALE_NOTE),
                   (CUSTOM_OP, "fwd", {"n": 1}, CUSTOM_OP_NOTE),
-                  (AUTOGRAD_FN, "fwd+bwd", {"N": 8, "d": 32}, AUTOGRAD_FN_NOTE))]  # fmt: skip
+                  (AUTOGRAD_FN, "fwd+bwd", floor_shape, AUTOGRAD_FN_NOTE))]  # fmt: skip
     for scale, call, leaves in zip(scales, (lambda: one.add(1), lambda: bare(one), floor),
                                    ((), (), floor_leaves), strict=True):  # fmt: skip
         time_calls(call, leaves, 0, warmup)
