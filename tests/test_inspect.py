@@ -339,15 +339,15 @@ def test_write_budgets_on_a_full_disk_leaves_the_budget_file_whole(tmp_path, mon
     assert inspection.load_budgets(budgets) == json.loads(before)
 
 
-def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypatch):
-    """A record whose cache write fails part-way (a full disk) is still returned, and
-    leaves neither a half entry nor its temporary in the cache folder (each failure left a
-    ``<key>.<pid>.tmp`` there); the next compile stores it."""
+def _stub_compiles(monkeypatch, cache, registers) -> tuple:
+    """(case, config) of the first variant, whose compile_case into the inspection cache
+    ``cache`` runs no compiler: each record's register count is ``registers()``, every
+    other analysed field 1."""
     import types
 
     from vlmkernels.core import runtime
 
-    monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", str(tmp_path))
+    monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", str(cache))
     monkeypatch.setattr(runtime, "INTERPRETED", False)
     monkeypatch.setattr(
         inspection, "source", lambda case, dtype, config: types.SimpleNamespace(hash=lambda: "h")
@@ -356,10 +356,19 @@ def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypat
         asm={"ptx": "", "ttgir": "", "cubin": b""}, metadata=types.SimpleNamespace(shared=0)
     )
     monkeypatch.setattr(inspection, "_compile_logged", lambda *args: (compiled, ""))
-    analysed = {k: 1 for k in inspection._RECORD_KEYS if k not in ("arch", "triton")}
-    monkeypatch.setattr(inspection, "_analyse", lambda *args: dict(analysed))
-    name, case = inspection.all_cases()[0]
-    config = case.kernel.default_for("bf16", case.constants("bf16"))
+    monkeypatch.setattr(inspection, "_analyse", lambda *args: {
+        k: registers() if k == "registers" else 1
+        for k in inspection._RECORD_KEYS if k not in ("arch", "triton")
+    })  # fmt: skip
+    _, case = inspection.all_cases()[0]
+    return case, case.kernel.default_for("bf16", case.constants("bf16"))
+
+
+def test_a_cache_entry_whose_write_fails_leaves_no_temporary(tmp_path, monkeypatch):
+    """A record whose cache write fails part-way (a full disk) is still returned, and
+    leaves neither a half entry nor its temporary in the cache folder (each failure left a
+    ``<key>.<pid>.tmp`` there); the next compile stores it."""
+    case, config = _stub_compiles(monkeypatch, tmp_path, lambda: 1)
     with _full_disk():
         record = inspection.compile_case(case, "bf16", config)
     assert record["case"] == case.name and record["registers"] == 1
@@ -374,28 +383,10 @@ def test_the_cache_keeps_apart_the_records_of_another_ptxas(tmp_path, monkeypatc
     another assembler is cached under its own key: the same PTX gets other registers and
     spills from CUDA 12's ptxas than from CUDA 13's, and a cached record of one answered
     for the other. The same setting finds its record again."""
-    import types
-
-    from vlmkernels.core import runtime
-
-    monkeypatch.setenv("VLMKERNELS_INSPECT_CACHE", str(tmp_path))
     for variable in ("TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(runtime, "INTERPRETED", False)
-    monkeypatch.setattr(
-        inspection, "source", lambda case, dtype, config: types.SimpleNamespace(hash=lambda: "h")
-    )
-    compiled = types.SimpleNamespace(
-        asm={"ptx": "", "ttgir": "", "cubin": b""}, metadata=types.SimpleNamespace(shared=0)
-    )
-    monkeypatch.setattr(inspection, "_compile_logged", lambda *args: (compiled, ""))
     registers = iter(range(1, 10))  # each compile a new register count
-    monkeypatch.setattr(inspection, "_analyse", lambda *args: {
-        k: next(registers) if k == "registers" else 1
-        for k in inspection._RECORD_KEYS if k not in ("arch", "triton")
-    })  # fmt: skip
-    name, case = inspection.all_cases()[0]
-    config = case.kernel.default_for("bf16", case.constants("bf16"))
+    case, config = _stub_compiles(monkeypatch, tmp_path, lambda: next(registers))
     default = inspection.compile_case(case, "bf16", config)["registers"]
     monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", "/opt/cuda-12/bin/ptxas")
     legacy = inspection.compile_case(case, "bf16", config)["registers"]
