@@ -84,7 +84,7 @@ ISSUE_CUSTOM_OP_US = (10, 15)
 AUTOGRAD_FN = "autograd_fn"
 FLOOR_FEATURES = (8, 32)
 AUTOGRAD_FN_NOTE = (
-    "an autograd.Function that does nothing (two (8, 32) features and a 0-d scale in, "
+    f"an autograd.Function that does nothing (two {FLOOR_FEATURES} features and a 0-d scale in, "
     "a 0-d loss out, empty gradients back), forward+backward: autograd's own cost of a "
     "loss step in this run"
 )
@@ -274,16 +274,18 @@ def measure(cases: list[dict], calls: int, seed: int, dtype: str,
     return [*out, *scales]
 
 
+# how each scale row is printed as it is timed: (what was called, what the row is)
+_SCALE_LABELS = {
+    SCALE_OP: ("one.add(1)", "the scale"),
+    CUSTOM_OP: ("bare(one)", "issue 11's unit"),
+    AUTOGRAD_FN: ("nothing, fwd+bwd", "autograd's own"),
+}
+
+
 def _print_case(r: dict) -> None:
-    if r["op"] == SCALE_OP:
-        print(f"  [{SCALE_OP}] one.add(1) {r['p50']:9.1f} us (the scale)", flush=True)
-        return
-    if r["op"] == CUSTOM_OP:
-        print(f"  [{CUSTOM_OP}] bare(one) {r['p50']:9.1f} us (issue 11's unit)", flush=True)
-        return
-    if r["op"] == AUTOGRAD_FN:
-        print(f"  [{AUTOGRAD_FN}] nothing, fwd+bwd {r['p50']:9.1f} us (autograd's own)",
-              flush=True)  # fmt: skip
+    if r["op"] in _SCALE_LABELS:
+        called, what = _SCALE_LABELS[r["op"]]
+        print(f"  [{r['op']}] {called} {r['p50']:9.1f} us ({what})", flush=True)
         return
     label = f"  [{r['op']}] {shape_str(r['shape'])} {r['provider']:<22} {r['mode']:<8}"
     if r["status"] != "ok":
