@@ -66,7 +66,8 @@ Lookup, for a kernel, a device and a key:
    without the teacher's second product, or for 16-bit tiles, may not fit);
 3. otherwise the heuristic default of the dtype and variant (``TunedKernel.default_for``:
    the kernel's variant rule, else its dtype's default, else the first config of the
-   space), with a :class:`DefaultConfigWarning` once per kernel in the process.
+   space), with a :class:`DefaultConfigWarning` once per device in the process (the first
+   kernel it happens to; ``vlmkernels info`` lists them all).
 
 Results are cached per (kernel, device, key); files (and ``VLMKERNELS_CONFIG_DIR``) are read
 once; :func:`clear_cache` forgets everything.
@@ -274,7 +275,7 @@ class _Layer:
 
 _LAYERS: dict[tuple[str, str], list[_Layer]] = {}
 _WARNED_STALE: set[str] = set()
-_WARNED_DEFAULT: set[str] = set()
+_WARNED_DEFAULT: set[str] = set()  # devices
 
 
 def _parse_bucket(kernel, text: str) -> tuple:
@@ -503,16 +504,18 @@ def _resolve(kernel, device: str, key: tuple):
         if config is not None:
             return config, layer.origin
     default = kernel.default_for(key[-1], dict(zip(kernel.file_key, key, strict=True)))
-    if kernel.name not in _WARNED_DEFAULT:  # marked once issued (see _warn_once)
+    if device not in _WARNED_DEFAULT:  # marked once issued (see _warn_once)
         warnings.warn(
             f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
             f"({kernel.bucket(key)}); launching with the default "
-            f"{_config_entry(default)}. Run `vlmkernels tune` on this "
-            f"GPU (files go to {user_config_dir()}). Warned once per kernel.",
+            f"{_config_entry(default)}. The other kernels without one on this device take "
+            f"their defaults without another warning (`vlmkernels info` lists each "
+            f"kernel's source). Run `vlmkernels tune` on this GPU (files go to "
+            f"{user_config_dir()}). Warned once per device.",
             DefaultConfigWarning,
             stacklevel=4,
         )
-        _WARNED_DEFAULT.add(kernel.name)
+        _WARNED_DEFAULT.add(device)
     return default, "default"
 
 
