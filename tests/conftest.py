@@ -50,3 +50,21 @@ def config_dirs(tmp_path, monkeypatch):
     tuning.clear_cache()
     yield user, package
     tuning.clear_cache()
+
+
+@pytest.fixture
+def cpu_replicate(monkeypatch):
+    """``torch.nn.parallel.replicate.replicate`` (what ``nn.DataParallel`` runs each step)
+    on the CPU: its broadcast replaced by copies, device i's scaled by i + 1 so that the
+    replicas' weights differ."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[(t.detach() if detach else t) * (i + 1.0) for t in tensors]
+                for i, _ in enumerate(devices)]  # fmt: skip
+
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", broadcast)
+    monkeypatch.setattr(replicate, "_get_device_index", lambda d, optional=False: 0)
+    return replicate.replicate

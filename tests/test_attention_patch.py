@@ -5,6 +5,7 @@ undo restores the instance exactly; bad masks refused; attention dropout in trai
 in the kernel (finite, reproducible under torch.manual_seed, gradients flow)."""
 
 import copy
+import warnings
 import weakref
 
 import pytest
@@ -88,6 +89,31 @@ def test_idefics_gated_cross_attention(immediate, qk_norms, alpha_type, masked):
     assert layer.__dict__ == before
     again, _ = run(layer, x, img, mask, gate)
     assert torch.equal(again, want)
+
+
+def test_idefics_data_parallel_replica_runs_the_fused_forward(cpu_replicate):
+    """An nn.DataParallel replica (its parameters plain attributes, ``_parameters`` empty)
+    runs the fused layer on its own weights, without falling back, and passes them their
+    gradients."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    ref = tiny_layer(False, "float")
+    mine = copy.deepcopy(ref)
+    x, img, mask, gate = idefics_inputs(True)
+    with patch(mine):
+        want, got = (cpu_replicate(m, ["cpu", "cpu"])[1] for m in (ref, mine))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PatchFallbackWarning)
+            out = got(x, image_hidden_states=img, image_attention_mask=mask,
+                      cross_attention_gate=gate)  # fmt: skip
+        ref_out = want(x, image_hidden_states=img, image_attention_mask=mask,
+                       cross_attention_gate=gate)  # fmt: skip
+        out, ref_out = (o[0] if isinstance(o, tuple) else o for o in (out, ref_out))
+        assert rel(out, ref_out) < 1e-4
+        weights = [got.cross_attn.q_proj.weight, want.cross_attn.q_proj.weight]
+        g, g_ref = (torch.autograd.grad(o.square().sum(), w)[0]
+                    for o, w in zip((out, ref_out), weights, strict=True))  # fmt: skip
+        same_grads([g], [g_ref])
 
 
 def test_idefics_cross_attn_hooked_or_replaced_runs_the_class_forward():

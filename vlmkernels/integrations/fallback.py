@@ -57,7 +57,7 @@ def settings(layer) -> tuple:
     without bias: the same class), a GELU's approximation and the names of its submodules
     (an nn.Sequential grown or shrunk: the same class). Cheap: it runs on every
     call of a guarded forward."""
-    present = tuple(n for n, p in layer._parameters.items() if p is not None)
+    present = tuple(n for n, p in _parameters(layer).items() if p is not None)
     # its submodules by name: a container the fused forward reads (a merger's nn.Sequential
     # MLP) grown after patching holds layers the fused forward would silently skip
     return present, layer.__dict__.get("approximate"), tuple(layer._modules)
@@ -98,7 +98,7 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
             return f"{name} has a forward of its own"
         if was is not None and (now := settings(sub)) != was:
             return f"{name} changed since patching: {_difference(now, was)}"
-        for key, p in sub._parameters.items():
+        for key, p in _parameters(sub).items():
             # a tensor subclass (torchao's quantised weights, NF4) keeps the layer's class
             # and computes F.linear its own way: the fused kernels would read its storage
             if p is not None and type(p) not in _PLAIN:
@@ -107,6 +107,15 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
 
 
 _PLAIN = (torch.nn.Parameter, torch.Tensor)
+
+
+def _parameters(layer) -> dict:
+    """The layer's parameters by name. An ``nn.DataParallel`` replica has none of its own:
+    replicate sets each device's copy as a plain attribute and records it in
+    ``_former_parameters``, which the fused forwards read as they read parameters."""
+    if layer.__dict__.get("_is_replica", False):
+        return layer.__dict__.get("_former_parameters") or {}
+    return layer._parameters
 
 
 def _difference(now: tuple, was: tuple) -> str:
