@@ -102,11 +102,56 @@ CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("
          "internvl": internvl, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
 
-# Qwen3.5 and Qwen3.5-MoE: the class is Qwen3-VL's merger under another name (the same
+
+def _modeling(key: str):
+    """transformers' modeling module of ``key``; the test is skipped where the installed
+    transformers predates the model."""
+    return pytest.importorskip(f"transformers.models.{key}.modeling_{key}")
+
+
+def _llava_like(key, prefix):
+    def build():
+        from transformers import CLIPVisionConfig, LlamaConfig
+
+        modeling = _modeling(key)
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config=CLIPVisionConfig(hidden_size=12, intermediate_size=16),
+            text_config=LlamaConfig(hidden_size=24, intermediate_size=16, num_attention_heads=4),
+            projector_hidden_act="gelu",
+        )
+        return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 5, 12)
+
+    return build
+
+
+def _qwen2_like(key, cls):
+    def build():
+        merger = getattr(_modeling(key), cls)
+        return merger(dim=10, context_dim=6, spatial_merge_size=2), torch.randn(28, 6)
+
+    return build
+
+
+def _onevision1_5():
+    modeling = _modeling("llava_onevision1_5")
+    config = modeling.LlavaOnevision15VisionConfig(
+        hidden_size=8, num_heads=2, spatial_merge_size=2, out_hidden_size=10
+    )
+    return modeling.LlavaOnevision15VisionPatchMerger(config), torch.randn(28, 8)
+
+
+# The same code as a CASES class under another name: checked against transformers, not run
+# through every CASES test again. Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's merger (the same
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
-# post-shuffle norm): checked against transformers, not run through every CASES test again
+# post-shuffle norm); EXAONE 4.5's merger is Qwen2.5-VL's (RMSNorm), dots3.note's Qwen2-VL's,
+# LLaVA-OneVision-1.5's Qwen3-VL's; LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's.
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
-             "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe")}  # fmt: skip
+             "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
+             "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
+             "dots3_note": _qwen2_like("dots3_note", "Dots3NoteVisionMerger"),
+             "llava_onevision1_5": _onevision1_5,
+             "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
+             "video_llava": _llava_like("video_llava", "VideoLlava")}  # fmt: skip
 
 
 class Wrapper(nn.Module):

@@ -6,8 +6,9 @@ Part ``connector`` (a keyword of :func:`vlmkernels.patch`), every module of thes
 gets an instance ``forward``:
 
 - ``LlavaMultiModalProjector``, ``LlavaNextMultiModalProjector``,
-  ``LlavaOnevisionMultiModalProjector``: :func:`~vlmkernels.ops.connectors.mlp_projector`
-  (Linear + exact GELU + Linear);
+  ``LlavaOnevisionMultiModalProjector``, and the same class as LLaVA-NeXT-Video's and
+  Video-LLaVA's: :func:`~vlmkernels.ops.connectors.mlp_projector` (Linear + exact GELU +
+  Linear);
 - ``Idefics3Connector``, ``SmolVLMConnector``: pixel shuffle + Linear (no bias) as one
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
 - ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger; and
@@ -22,8 +23,11 @@ gets an instance ``forward``:
 - ``PatchMerger`` (Qwen2-VL, LayerNorm per patch), ``Qwen2_5_VLPatchMerger`` (RMSNorm per
   patch), ``Qwen3VLVisionPatchMerger`` (LayerNorm per patch, or per merged row with
   ``use_postshuffle_norm``; Qwen3-VL-MoE's too, and Qwen3.5's and Qwen3.5-MoE's
-  ``Qwen3_5VisionPatchMerger`` / ``Qwen3_5MoeVisionPatchMerger``, the same code): the merger
-  with the norm in the GEMM's prologue.
+  ``Qwen3_5VisionPatchMerger`` / ``Qwen3_5MoeVisionPatchMerger``, the same code), and the
+  same code under other names (EXAONE 4.5's ``Exaone4_5_PatchMerger``, Qwen2.5-VL's;
+  dots3.note's ``Dots3NoteVisionMerger``, Qwen2-VL's; LLaVA-OneVision-1.5's
+  ``LlavaOnevision15VisionPatchMerger``, Qwen3-VL's): the merger with the norm in the
+  GEMM's prologue.
 
 Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) runs
 :func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
@@ -133,6 +137,14 @@ LLAVA_PATCHER = register(
                 "projector",
                 "LlavaOnevisionMultiModalProjector",
             ),
+            # the same class under other names ("Copied from" LLaVA's)
+            _arch(
+                "llava_next_video",
+                "LlavaNextVideo",
+                "projector",
+                "LlavaNextVideoMultiModalProjector",
+            ),
+            _arch("video_llava", "VideoLlava", "projector", "VideoLlavaMultiModalProjector"),
         ),  # fmt: skip
         (SetMethod("connector", "projector", "forward", _llava_forward),),
     )
@@ -396,7 +408,10 @@ _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
          ("qwen3_vl", "Qwen3VLVisionPatchMerger"),
          ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger"),
          ("qwen3_5", "Qwen3_5VisionPatchMerger"),
-         ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"))  # fmt: skip
+         ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"),
+         # the same code under other names: Qwen2.5-VL's (RMSNorm), Qwen2-VL's, Qwen3-VL's
+         ("exaone4_5", "Exaone4_5_PatchMerger"), ("dots3_note", "Dots3NoteVisionMerger"),
+         ("llava_onevision1_5", "LlavaOnevision15VisionPatchMerger"))  # fmt: skip
 
 QWEN_MERGER_PATCHER = register(
     Patcher(
