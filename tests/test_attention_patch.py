@@ -311,13 +311,17 @@ def tiny_qformer(module, prefix):
     return model
 
 
-@pytest.mark.parametrize("which", ["blip_2", "instructblip"])
+@pytest.mark.parametrize("which", ["blip_2", "instructblip", "instructblipvideo"])
 def test_qformer_attention(which):
     """The Q-Former (self- and cross-attention every layer) with padded image features and,
     for InstructBLIP, padded instruction tokens after the queries: outputs and gradients."""
     import importlib
 
-    prefix = {"blip_2": "Blip2", "instructblip": "InstructBlip"}[which]
+    prefix = {
+        "blip_2": "Blip2",
+        "instructblip": "InstructBlip",
+        "instructblipvideo": "InstructBlipVideo",
+    }[which]
     module = importlib.import_module(f"transformers.models.{which}.modeling_{which}")
     model = tiny_qformer(module, prefix)
     before = {n: dict(m.__dict__) for n, m in model.named_modules()}
@@ -329,7 +333,7 @@ def test_qformer_attention(which):
 
     kwargs = dict(query_embeds=query, encoder_hidden_states=image,
                   encoder_attention_mask=image_mask)  # fmt: skip
-    if which == "instructblip":  # instruction tokens after the queries, one padded
+    if which.startswith("instructblip"):  # instruction tokens after the queries, one padded
         text_mask = torch.ones(b, nq + 4, dtype=torch.long)
         text_mask[1, -1] = 0
         kwargs |= dict(input_ids=torch.randint(0, 100, (b, 4)), attention_mask=text_mask)

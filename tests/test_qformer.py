@@ -209,7 +209,11 @@ def test_stacked_kv_matches_separate_linears():
 
 
 def tiny_qformer(which, layers=4):
-    prefix = {"blip_2": "Blip2", "instructblip": "InstructBlip"}[which]
+    prefix = {
+        "blip_2": "Blip2",
+        "instructblip": "InstructBlip",
+        "instructblipvideo": "InstructBlipVideo",
+    }[which]
     module = importlib.import_module(f"transformers.models.{which}.modeling_{which}")
     config = getattr(module, f"{prefix}QFormerConfig")(
         hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=48,
@@ -235,7 +239,7 @@ def inputs(which, dtype=torch.float32, masked=True, b=2, nq=5, n=13):
         image_mask = torch.ones(b, n, dtype=torch.long)
         image_mask[1, 9:] = 0
         kwargs["encoder_attention_mask"] = image_mask
-    if which == "instructblip":  # instruction tokens after the queries, one padded
+    if which.startswith("instructblip"):  # instruction tokens after the queries, one padded
         text_mask = torch.ones(b, nq + 4, dtype=torch.long)
         text_mask[1, -1] = 0
         kwargs |= dict(input_ids=torch.randint(0, 100, (b, 4)), attention_mask=text_mask)
@@ -281,7 +285,8 @@ def count_kv_calls(model, monkeypatch):
 
 
 @pytest.mark.parametrize("which,masked", [("blip_2", False), ("blip_2", True),
-                                          ("instructblip", True)])  # fmt: skip
+                                          ("instructblip", True),
+                                          ("instructblipvideo", True)])  # fmt: skip
 def test_patched_qformer_fp32(which, masked, monkeypatch):
     model = tiny_qformer(which)
     before = {n: dict(m.__dict__) for n, m in model.named_modules()}

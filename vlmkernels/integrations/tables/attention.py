@@ -1,10 +1,11 @@
 """The attention family's table of the transformers integration: IDEFICS's gated
 cross-attention layer (``IdeficsGatedCrossAttentionLayer``), IDEFICS's perceiver resampler
 attention (``IdeficsPerceiverAttention``: the latents attend to [context, latents], part
-``perceiver_attention``) and the BLIP-2 / InstructBLIP
+``perceiver_attention``) and the BLIP-2 / InstructBLIP / InstructBLIP-Video
 Q-Former's attention (``Blip2QFormerMultiHeadAttention``,
-``InstructBlipQFormerMultiHeadAttention``), anywhere in a module tree, run their attention
-on the attention family's kernels.
+``InstructBlipQFormerMultiHeadAttention``; InstructBLIP-Video's classes are InstructBLIP's
+code under its own names), anywhere in a module tree, run their attention on the attention
+family's kernels.
 
 Part ``qformer`` (the fused Q-Former): the encoder (``Blip2QFormerEncoder``,
 ``InstructBlipQFormerEncoder``) projects the image features to K and V for every
@@ -124,7 +125,11 @@ QFORMER_ARCHITECTURES = tuple(
         roots={f"{prefix}{root}": ("qformer_attention", "qformer") for root in _QFORMER_ROOTS},
         anywhere=True,
     )
-    for key, prefix in (("blip_2", "Blip2"), ("instructblip", "InstructBlip"))
+    for key, prefix in (
+        ("blip_2", "Blip2"),
+        ("instructblip", "InstructBlip"),
+        ("instructblipvideo", "InstructBlipVideo"),
+    )
 )
 IDEFICS_ARCHITECTURES = (
     Architecture(
