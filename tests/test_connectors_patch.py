@@ -5,6 +5,7 @@ restores the instance exactly; under autocast, bf16 as transformers' linears com
 
 import copy
 import functools
+import importlib
 import warnings
 from math import isqrt
 
@@ -132,6 +133,36 @@ def _qwen2_like(key, cls):
     return build
 
 
+def _fast_vlm():
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    config = _modeling("fast_vlm").FastVlmConfig(
+        vision_config=CLIPVisionConfig(hidden_size=12, intermediate_size=16),
+        text_config=LlamaConfig(hidden_size=24, intermediate_size=16, num_attention_heads=4),
+        projector_hidden_act="gelu",
+    )
+    return _modeling("fast_vlm").FastVlmMultiModalProjector(config), torch.randn(2, 5, 12)
+
+
+def _inkling2():
+    modeling = _modeling("inkling2")
+    config = importlib.import_module(
+        "transformers.models.inkling2.configuration_inkling2"
+    ).Inkling2VisionConfig(hidden_size=6, spatial_merge_size=2, projection_hidden_dim=16,
+                           text_hidden_size=10, projector_bias=True)  # fmt: skip
+    return modeling.Inkling2VisionMerger(config), torch.randn(7, 24)
+
+
+def _qianfan_ocr():
+    modeling = _modeling("qianfan_ocr")
+    config = modeling.QianfanOCRConfig(
+        vision_config={"hidden_size": 6, "num_attention_heads": 2},
+        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+        downsample_ratio=0.5, projector_hidden_act="gelu",
+    )  # fmt: skip
+    return modeling.QianfanOCRMultiModalProjector(config), torch.randn(2, 9, 24)
+
+
 def _onevision1_5():
     modeling = _modeling("llava_onevision1_5")
     config = modeling.LlavaOnevision15VisionConfig(
@@ -145,9 +176,16 @@ def _onevision1_5():
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
 # post-shuffle norm); EXAONE 4.5's merger is Qwen2.5-VL's (RMSNorm), dots3.note's Qwen2-VL's,
 # LLaVA-OneVision-1.5's Qwen3-VL's; LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's.
+# And with the layers sized from other config fields: Qwen2.5-Omni's merger (Qwen2.5-VL's),
+# Cohere Compass's and Qwen4-Exp's (Qwen3-VL's), FastVLM's projector and Inkling2's merger
+# (LLaVA's), Qianfan-OCR's projector (InternVL's, on features the model shuffled).
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
+             "qwen2_5_omni": _qwen2_like("qwen2_5_omni", "Qwen2_5OmniPatchMerger"),
+             "cohere_compass": _qwen3(False, "cohere_compass", "CohereCompass"),
+             "qwen4_exp": _qwen3(False, "qwen4_exp", "Qwen4Exp"),
+             "fast_vlm": _fast_vlm, "inkling2": _inkling2, "qianfan_ocr": _qianfan_ocr,
              "dots3_note": _qwen2_like("dots3_note", "Dots3NoteVisionMerger"),
              "llava_onevision1_5": _onevision1_5,
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),

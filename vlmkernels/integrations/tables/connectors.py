@@ -6,9 +6,9 @@ Part ``connector`` (a keyword of :func:`vlmkernels.patch`), every module of thes
 gets an instance ``forward``:
 
 - ``LlavaMultiModalProjector``, ``LlavaNextMultiModalProjector``,
-  ``LlavaOnevisionMultiModalProjector``, and the same class as LLaVA-NeXT-Video's and
-  Video-LLaVA's: :func:`~vlmkernels.ops.connectors.mlp_projector` (Linear + exact GELU +
-  Linear);
+  ``LlavaOnevisionMultiModalProjector``, and the same code as LLaVA-NeXT-Video's,
+  Video-LLaVA's, FastVLM's projectors and Inkling2's ``Inkling2VisionMerger``:
+  :func:`~vlmkernels.ops.connectors.mlp_projector` (Linear + exact GELU + Linear);
 - ``Idefics3Connector``, ``SmolVLMConnector``: pixel shuffle + Linear (no bias) as one
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
 - ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger; and
@@ -16,7 +16,8 @@ gets an instance ``forward``:
   latter hands the (B, S, S, C) features on unshuffled (a view; InternVL's own shuffle makes
   two permuted copies) and the projector's first GEMM reads them through the pixel-shuffle
   addressing, the LayerNorm of each shuffled row in its prologue (layout "grid"); a direct
-  ``pixel_shuffle`` call is InternVL's own;
+  ``pixel_shuffle`` call is InternVL's own. Qianfan-OCR's projector (InternVL's code; its
+  model shuffles the features itself) runs the same merger on the shuffled features;
 - ``MiniCPMV4_6Merger`` (and MiniCPM-V 4.7's, MiniCPM-o OCR's ``MiniCPMOcrMerger``): each
   round's 2 x 2 space-to-depth, LayerNorm, Linear, GELU, Linear as one merger on the
   (H, W) grid of each image (images of one size in one batch), varlen ``target_sizes``;
@@ -24,10 +25,9 @@ gets an instance ``forward``:
   patch), ``Qwen3VLVisionPatchMerger`` (LayerNorm per patch, or per merged row with
   ``use_postshuffle_norm``; Qwen3-VL-MoE's too, and Qwen3.5's and Qwen3.5-MoE's
   ``Qwen3_5VisionPatchMerger`` / ``Qwen3_5MoeVisionPatchMerger``, the same code), and the
-  same code under other names (EXAONE 4.5's ``Exaone4_5_PatchMerger``, Qwen2.5-VL's;
-  dots3.note's ``Dots3NoteVisionMerger``, Qwen2-VL's; LLaVA-OneVision-1.5's
-  ``LlavaOnevision15VisionPatchMerger``, Qwen3-VL's): the merger with the norm in the
-  GEMM's prologue.
+  same code under other names (EXAONE 4.5's and Qwen2.5-Omni's, Qwen2.5-VL's;
+  dots3.note's, Qwen2-VL's; LLaVA-OneVision-1.5's, Cohere Compass's and Qwen4-Exp's,
+  Qwen3-VL's): the merger with the norm in the GEMM's prologue.
 
 Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) runs
 :func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
@@ -145,6 +145,8 @@ LLAVA_PATCHER = register(
                 "LlavaNextVideoMultiModalProjector",
             ),
             _arch("video_llava", "VideoLlava", "projector", "VideoLlavaMultiModalProjector"),
+            _arch("fast_vlm", "FastVlm", "projector", "FastVlmMultiModalProjector"),
+            _arch("inkling2", "Inkling2", "projector", "Inkling2VisionMerger"),
         ),  # fmt: skip
         (SetMethod("connector", "projector", "forward", _llava_forward),),
     )
@@ -236,7 +238,13 @@ INTERNVL_PATCHER = register(
     Patcher(
         "transformers",
         TESTED_VERSIONS,
-        (_arch("internvl", "InternVL", "internvl_projector", "InternVLMultiModalProjector"),),
+        (
+            _arch("internvl", "InternVL", "internvl_projector", "InternVLMultiModalProjector"),
+            # InternVL's projector; the model shuffles the features itself
+            _arch(
+                "qianfan_ocr", "QianfanOCR", "internvl_projector", "QianfanOCRMultiModalProjector"
+            ),
+        ),  # fmt: skip
         (SetMethod("connector", "internvl_projector", "forward", _internvl_forward),),
     )
 )
@@ -410,8 +418,11 @@ _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
          ("qwen3_5", "Qwen3_5VisionPatchMerger"),
          ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"),
          # the same code under other names: Qwen2.5-VL's (RMSNorm), Qwen2-VL's, Qwen3-VL's
-         ("exaone4_5", "Exaone4_5_PatchMerger"), ("dots3_note", "Dots3NoteVisionMerger"),
-         ("llava_onevision1_5", "LlavaOnevision15VisionPatchMerger"))  # fmt: skip
+         ("exaone4_5", "Exaone4_5_PatchMerger"), ("qwen2_5_omni", "Qwen2_5OmniPatchMerger"),
+         ("dots3_note", "Dots3NoteVisionMerger"),
+         ("llava_onevision1_5", "LlavaOnevision15VisionPatchMerger"),
+         ("cohere_compass", "CohereCompassVisionPatchMerger"),
+         ("qwen4_exp", "Qwen4ExpVisionPatchMerger"))  # fmt: skip
 
 QWEN_MERGER_PATCHER = register(
     Patcher(
