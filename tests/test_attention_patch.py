@@ -138,6 +138,19 @@ def test_idefics_cross_attn_hooked_or_replaced_runs_the_class_forward():
     hook.remove()
 
 
+def test_fallback_warning_points_at_the_modules_caller():
+    """The PatchFallbackWarning names the line that called the module, not a frame of
+    vlmkernels' patched method or of torch.nn.Module.__call__."""
+    from vlmkernels.integrations.patching import PatchFallbackWarning
+
+    layer = tiny_layer(False, "float")
+    x, img, mask, gate = idefics_inputs(True)
+    layer.cross_attn.register_forward_hook(lambda module, args, out: out)
+    with patch(layer), pytest.warns(PatchFallbackWarning) as record:
+        layer(x, image_hidden_states=img, image_attention_mask=mask, cross_attention_gate=gate)
+    assert [w.filename for w in record] == [__file__]
+
+
 def check_dropout(module, call, leaves, plain):
     """``call()`` in training mode (attention dropout > 0): finite, not ``plain`` (the
     output in eval mode: dropped, not skipped), the same bits again from one seed, finite

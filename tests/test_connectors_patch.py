@@ -241,6 +241,25 @@ def test_undo_warns_about_copies_made_inside_the_model():
     assert vt.unpatch(model) == 2
 
 
+def test_undo_warning_points_at_the_undo():
+    """The warning about copies left patched names the line that undid the patch, by
+    ``undo()`` or by leaving a ``with vlmkernels.patch(...)`` block, not a line inside
+    vlmkernels."""
+    for use_with in (False, True):
+        module, x = CASES["llava"]()
+        model = Wrapper(module)
+        with pytest.warns(UserWarning, match="still run patched code") as record:
+            if use_with:
+                with vt.patch(model):
+                    model.extra = copy.deepcopy(model.inner)
+            else:
+                handle = vt.patch(model)
+                model.extra = copy.deepcopy(model.inner)
+                handle.undo()
+        assert [w.filename for w in record] == [__file__]
+        vt.unpatch(model)
+
+
 @pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
 def test_patched_connector_matches_transformers(name):
     module, x = {**CASES, **SAME_CODE}[name]()

@@ -55,6 +55,20 @@ def test_amd_gpus_run_the_pytorch_reference(monkeypatch):
             resolve_backend("rope", gpu)
 
 
+def test_amd_fallback_warning_points_at_the_callers_line(monkeypatch):
+    """Said from an op call, the DeviceFallbackWarning names the caller's line, not the
+    op dispatcher's inside vlmkernels (its fixed stacklevel stopped there)."""
+    from vlmkernels.core import backend
+
+    monkeypatch.setattr(backend, "ROCM", True)
+    monkeypatch.setattr(backend, "_ROCM_WARNED", [False])
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # a ROCm "cuda"
+    x = torch.randn(4, 8)
+    with pytest.warns(backend.DeviceFallbackWarning) as record:
+        vlmkernels.clip_loss(x, x, 10.0)
+    assert [w.filename for w in record] == [__file__]
+
+
 def test_context_manager_forces_and_restores():
     t = torch.zeros(2)
     assert vlmkernels.get_backend() is None

@@ -1167,3 +1167,20 @@ def test_kernels_that_add_into_their_outputs_restore_them_when_autotuned():
     for kernel, outputs in accumulating.items():
         assert outputs <= set(kernel.restore_value or ()), kernel.name
         assert outputs <= set(kernel.fn.arg_names), kernel.name
+
+
+def test_config_warnings_point_at_the_caller(config_dirs):
+    """The config warnings name the caller's line, not a frame inside vlmkernels or
+    pytest (their fixed stacklevel pointed one frame past ``lookup``'s caller)."""
+    user, package = config_dirs
+    key = stats_key()
+    with pytest.warns(T.DefaultConfigWarning) as record:
+        T.lookup("clip_stats", key, device=H100)
+    assert [w.filename for w in record] == [__file__]
+    write(user, "clip_stats", [(key, entry(SPACE[1]))], source_hash="stale")
+    T.clear_cache()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        T.lookup("clip_stats", key, device=H100)  # the stale file, then the default
+    assert {w.category for w in record} == {T.StaleConfigWarning, T.DefaultConfigWarning}
+    assert {w.filename for w in record} == {__file__}

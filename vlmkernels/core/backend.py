@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import warnings
 
 import torch
 
@@ -55,9 +54,9 @@ def rocm_default(op: str) -> str:
     while torch.compile traces: Dynamo cannot trace ``warnings.warn``)."""
     if not _ROCM_WARNED[0] and not runtime.tracing():
         _ROCM_WARNED[0] = True
-        warnings.warn(f"vlmkernels: {op} and every other op run their PyTorch reference on "
-                      f"this GPU: {ROCM_WHY}. Set VLMKERNELS_BACKEND=torch to choose it "
-                      "explicitly.", DeviceFallbackWarning, stacklevel=3)  # fmt: skip
+        runtime.warn(f"vlmkernels: {op} and every other op run their PyTorch reference on "
+                     f"this GPU: {ROCM_WHY}. Set VLMKERNELS_BACKEND=torch to choose it "
+                     "explicitly.", DeviceFallbackWarning)  # fmt: skip
     return "torch"
 
 

@@ -117,7 +117,6 @@ import os
 import pathlib
 import re
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -125,6 +124,7 @@ import torch
 import triton
 
 from .files import write_json
+from .runtime import warn
 
 FORMAT = 1
 CONFIG_DIR_ENV = "VLMKERNELS_CONFIG_DIR"
@@ -362,11 +362,10 @@ def _warn_once(path: pathlib.Path, problems: list[str], partial: bool, category)
     if not problems or str(path) in _WARNED_STALE:
         return
     what = "entries of " if partial else ""
-    warnings.warn(
+    warn(
         f"vlmkernels: ignoring {what}{path}: {'; '.join(problems[:3])}"
         f"{' ...' if len(problems) > 3 else ''}. Re-run `vlmkernels tune` on this GPU.",
         category,
-        stacklevel=5,
     )
     _WARNED_STALE.add(str(path))
 
@@ -505,7 +504,7 @@ def _resolve(kernel, device: str, key: tuple):
             return config, layer.origin
     default = kernel.default_for(key[-1], dict(zip(kernel.file_key, key, strict=True)))
     if device not in _WARNED_DEFAULT:  # marked once issued (see _warn_once)
-        warnings.warn(
+        warn(
             f"vlmkernels: no tuned config for the Triton kernel {kernel.name!r} on {device} "
             f"({kernel.bucket(key)}); launching with the default "
             f"{_config_entry(default)}. The other kernels without one on this device take "
@@ -513,7 +512,6 @@ def _resolve(kernel, device: str, key: tuple):
             f"kernel's source). Run `vlmkernels tune` on this GPU (files go to "
             f"{user_config_dir()}). Warned once per device.",
             DefaultConfigWarning,
-            stacklevel=4,
         )
         _WARNED_DEFAULT.add(device)
     return default, "default"

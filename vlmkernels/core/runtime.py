@@ -6,11 +6,32 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
+import warnings
 
 import torch
 import triton
 from torch._guards import TracingContext
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# torch.nn.Module.__call__'s frames between a model's caller and a patched forward
+_MODULE_CALL = os.path.join("torch", "nn", "modules", "module.py")
+
+
+def _internal(filename: str) -> bool:
+    return filename.startswith(_PACKAGE_DIR) or filename.endswith(_MODULE_CALL)
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside vlmkernels (and outside
+    ``torch.nn.Module.__call__``): the user's call, however deep inside the package the
+    warning is decided (a fixed ``stacklevel`` points at a different internal frame on each
+    call path). Python 3.11 has no ``skip_file_prefixes``."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 @triton.jit

@@ -11,13 +11,12 @@ class's own forward (:func:`class_forward`) with a :class:`PatchFallbackWarning`
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from ..core.hooks import global_hooks, has_hooks
-from ..core.runtime import tracing
+from ..core.runtime import tracing, warn
 
 __all__ = [
     "PatchFallbackWarning",
@@ -135,8 +134,8 @@ def class_forward(module, why: str, *args, **kwargs):
     torch.compile traces: Dynamo cannot trace ``warnings.warn``, and a graph break there
     would fail ``fullgraph=True`` where the unpatched model compiles)."""
     if not tracing():
-        warnings.warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not "
-                      f"the fused one: {why}", PatchFallbackWarning, stacklevel=3)  # fmt: skip
+        warn(f"vlmkernels: {type(module).__qualname__} runs its class's forward, not the fused "
+             f"one: {why}", PatchFallbackWarning)  # fmt: skip
     return type(module).forward(module, *args, **kwargs)
 
 

@@ -28,13 +28,13 @@ import inspect
 import sys
 import threading
 import types
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ..core.runtime import warn
 from .bound import MARK, PatchedMethod
 from .errors import (
     AlreadyPatchedError,
@@ -257,10 +257,10 @@ class PatchHandle:
                 and (id(module), name) not in owned
                 and name != "_replicate_for_data_parallel"]  # fmt: skip
         if left:
-            warnings.warn(
+            warn(
                 f"vlmkernels: undone, but {', '.join(left)} still run patched code: copies of "
                 "patched modules made after patching; vlmkernels.unpatch(model) removes them",
-                stacklevel=3,
+                UserWarning,
             )
 
     def __enter__(self) -> PatchHandle:
