@@ -176,10 +176,10 @@ def test_closed_stdout_ends_quietly(cache):
     env["VLMKERNELS_CACHE_DIR"] = str(cache)
     command = [sys.executable, "-m", "vlmkernels", "info", "--no-ceilings"]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc = subprocess.Popen(command, cwd=REPO, env=env, **pipes)
-    proc.stdout.close()  # before the interpreter has started: every write finds no reader
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=300) == 141, err
+    with subprocess.Popen(command, cwd=REPO, env=env, **pipes) as proc:
+        proc.stdout.close()  # before the interpreter has started: every write finds no reader
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
