@@ -183,6 +183,25 @@ def test_closed_stdout_ends_quietly(cache):
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_matmul_ceiling_under_the_new_tf32_api():
+    """A process that set TF32 through torch's new API (transformers'
+    ``TrainingArguments(tf32=True)`` does ``torch.backends.fp32_precision = "tf32"``) can
+    measure the matmul ceiling: reading the legacy ``allow_tf32`` there raised
+    RuntimeError ("mix of the legacy and new APIs"); the setting is left as it was."""
+    backends, matmul = torch.backends, torch.backends.cuda.matmul
+    before = backends.fp32_precision, matmul.fp32_precision
+    try:
+        backends.fp32_precision = "tf32"
+        want = matmul.fp32_precision
+        for tf32 in (None, True, False):
+            rate, n, _ = cli.measure_matmul(torch.device("cpu"), torch.float32,
+                                            timer=lambda fn: (1.0, None), tf32=tf32)  # fmt: skip
+            assert rate > 0 and n in cli.MATMUL_SIZES["cpu"]
+            assert matmul.fp32_precision == want
+    finally:
+        backends.fp32_precision, matmul.fp32_precision = before
+
+
 def test_cache_folders_from_the_environment_expand_the_home(monkeypatch):
     monkeypatch.setenv("VLMKERNELS_CACHE_DIR", "~/vk-cache")
     assert cli.cache_dir() == Path.home() / "vk-cache"

@@ -200,15 +200,19 @@ def measure_matmul(device, dtype, timer=None, tf32: bool | None = None):
     """(TFLOP/s, n, timing) of ``torch.mm`` of square ``dtype`` matrices, 2 n^3 FLOP: the
     best n of :data:`MATMUL_SIZES` (one size on a GPU; on the CPU the rate depends on how
     the operands fit the caches, and a ceiling must bound every case). ``tf32`` sets
-    ``torch.backends.cuda.matmul.allow_tf32`` for the measurement (None: as it is)."""
+    ``torch.backends.cuda.matmul.fp32_precision`` for the measurement (None: as it is, and
+    untouched). Not the legacy ``allow_tf32``: reading it raises once the process has set
+    TF32 through the new API (``torch.backends.fp32_precision = "tf32"``, as transformers'
+    ``TrainingArguments(tf32=True)`` does with torch >= 2.9)."""
     import torch
 
     timer = timer or _default_timer(device)
-    flag = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    flag = matmul.fp32_precision
     best = None
     try:
         if tf32 is not None:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+            matmul.fp32_precision = "tf32" if tf32 else "ieee"
         for n in MATMUL_SIZES.get(device.type, MATMUL_SIZES["cpu"]):
             a = torch.randn(n, n, device=device).to(dtype)
             b = torch.randn(n, n, device=device).to(dtype)
@@ -218,7 +222,8 @@ def measure_matmul(device, dtype, timer=None, tf32: bool | None = None):
             if best is None or rate > best[0]:
                 best = (rate, n, timing)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
+        if tf32 is not None:
+            matmul.fp32_precision = flag
     return best
 
 
