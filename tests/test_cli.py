@@ -202,6 +202,22 @@ def test_matmul_ceiling_under_the_new_tf32_api():
         backends.fp32_precision, matmul.fp32_precision = before
 
 
+def test_closed_stdout_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """main() called in-process when the reader has gone: stdout is pointed at devnull
+    without leaving the devnull descriptor it opened for that open (one per call)."""
+
+    def gone(argv):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "_run", gone)
+    with open(tmp_path / "stdout", "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        fds = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        assert cli.main(["info"]) == 141
+        if fds is not None:
+            assert set(os.listdir("/proc/self/fd")) == fds
+
+
 def test_cache_folders_from_the_environment_expand_the_home(monkeypatch):
     monkeypatch.setenv("VLMKERNELS_CACHE_DIR", "~/vk-cache")
     assert cli.cache_dir() == Path.home() / "vk-cache"

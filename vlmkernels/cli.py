@@ -769,7 +769,11 @@ def main(argv: list[str] | None = None) -> int:
         # the reader left (`vlmkernels info | head -3`): stop as a Unix tool does on SIGPIPE,
         # without a traceback; stdout goes to devnull so the interpreter's flush at exit
         # does not raise again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)  # dup2 made its copy: this one would stay open in the process
         return 141
 
 
