@@ -17,19 +17,28 @@ from torch._guards import TracingContext
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 # torch.nn.Module.__call__'s frames between a model's caller and a patched forward
 _MODULE_CALL = os.path.join("torch", "nn", "modules", "module.py")
+_CALLS = frozenset({"__call__", "_call_impl", "_wrapped_call_impl"})
 
 
-def _internal(filename: str) -> bool:
-    return filename.startswith(_PACKAGE_DIR) or filename.endswith(_MODULE_CALL)
+def _internal(frame) -> bool:
+    """A frame of vlmkernels, or of a module's call machinery: ``nn.Module.__call__`` and
+    an ``__call__`` of a module class wrapping it (transformers' GradientCheckpointingLayer)."""
+    filename = frame.f_code.co_filename
+    if filename.startswith(_PACKAGE_DIR) or filename.endswith(_MODULE_CALL):
+        return True
+    return frame.f_code.co_name in _CALLS and isinstance(
+        frame.f_locals.get("self"), torch.nn.Module
+    )
 
 
 def warn(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` attributed to the first frame outside vlmkernels (and outside
-    ``torch.nn.Module.__call__``): the user's call, however deep inside the package the
-    warning is decided (a fixed ``stacklevel`` points at a different internal frame on each
-    call path). Python 3.11 has no ``skip_file_prefixes``."""
+    """``warnings.warn`` attributed to the first frame outside vlmkernels and outside a
+    module's call machinery: the user's call (or the model code calling a patched module),
+    however deep inside the package the warning is decided (a fixed ``stacklevel`` points
+    at a different internal frame on each call path). Python 3.11 has no
+    ``skip_file_prefixes``."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and _internal(frame.f_code.co_filename):
+    while frame is not None and _internal(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 
