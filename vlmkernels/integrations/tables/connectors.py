@@ -124,30 +124,22 @@ def _llava_forward(module, arch):
     return fused_forward(module, ("linear_1", "act", "linear_2"), forward)
 
 
+# (model key, prefix of its model classes, projector class); after the first three, LLaVA's
+# projector under other names (FastVLM's and Inkling2's with their layers sized from other
+# config fields)
+_LLAVA = (("llava", "Llava", "LlavaMultiModalProjector"),
+          ("llava_next", "LlavaNext", "LlavaNextMultiModalProjector"),
+          ("llava_onevision", "LlavaOnevision", "LlavaOnevisionMultiModalProjector"),
+          ("llava_next_video", "LlavaNextVideo", "LlavaNextVideoMultiModalProjector"),
+          ("video_llava", "VideoLlava", "VideoLlavaMultiModalProjector"),
+          ("fast_vlm", "FastVlm", "FastVlmMultiModalProjector"),
+          ("inkling2", "Inkling2", "Inkling2VisionMerger"))  # fmt: skip
+
 LLAVA_PATCHER = register(
     Patcher(
         "transformers",
         TESTED_VERSIONS,
-        (
-            _arch("llava", "Llava", "projector", "LlavaMultiModalProjector"),
-            _arch("llava_next", "LlavaNext", "projector", "LlavaNextMultiModalProjector"),
-            _arch(
-                "llava_onevision",
-                "LlavaOnevision",
-                "projector",
-                "LlavaOnevisionMultiModalProjector",
-            ),
-            # the same class under other names ("Copied from" LLaVA's)
-            _arch(
-                "llava_next_video",
-                "LlavaNextVideo",
-                "projector",
-                "LlavaNextVideoMultiModalProjector",
-            ),
-            _arch("video_llava", "VideoLlava", "projector", "VideoLlavaMultiModalProjector"),
-            _arch("fast_vlm", "FastVlm", "projector", "FastVlmMultiModalProjector"),
-            _arch("inkling2", "Inkling2", "projector", "Inkling2VisionMerger"),
-        ),  # fmt: skip
+        tuple(_arch(key, prefix, "projector", cls) for key, prefix, cls in _LLAVA),
         (SetMethod("connector", "projector", "forward", _llava_forward),),
     )
 )
@@ -417,9 +409,11 @@ _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
          ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger"),
          ("qwen3_5", "Qwen3_5VisionPatchMerger"),
          ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"),
-         # the same code under other names: Qwen2.5-VL's (RMSNorm), Qwen2-VL's, Qwen3-VL's
+         # the same code under other names: Qwen2.5-VL's (RMSNorm)
          ("exaone4_5", "Exaone4_5_PatchMerger"), ("qwen2_5_omni", "Qwen2_5OmniPatchMerger"),
+         # Qwen2-VL's
          ("dots3_note", "Dots3NoteVisionMerger"),
+         # Qwen3-VL's
          ("llava_onevision1_5", "LlavaOnevision15VisionPatchMerger"),
          ("cohere_compass", "CohereCompassVisionPatchMerger"),
          ("qwen4_exp", "Qwen4ExpVisionPatchMerger"))  # fmt: skip
