@@ -33,15 +33,28 @@ def randomise(module):
     return module
 
 
-def llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+def _modeling(key: str):
+    """transformers' modeling module of ``key``; the test is skipped where the installed
+    transformers predates the model."""
+    return pytest.importorskip(f"transformers.models.{key}.modeling_{key}")
 
-    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=12, intermediate_size=16),
-                         text_config=LlamaConfig(hidden_size=24, intermediate_size=16,
-                                                 num_attention_heads=4),
-                         projector_hidden_act="gelu")  # fmt: skip
-    return LlavaMultiModalProjector(config), torch.randn(2, 5, 12)
+
+def _llava_like(key, prefix):
+    def build():
+        from transformers import CLIPVisionConfig, LlamaConfig
+
+        modeling = _modeling(key)
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config=CLIPVisionConfig(hidden_size=12, intermediate_size=16),
+            text_config=LlamaConfig(hidden_size=24, intermediate_size=16, num_attention_heads=4),
+            projector_hidden_act="gelu",
+        )
+        return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 5, 12)
+
+    return build
+
+
+llava = _llava_like("llava", "Llava")
 
 
 def _shuffle(name):
@@ -61,15 +74,20 @@ def _shuffle(name):
     return build
 
 
-def internvl():
-    from transformers import InternVLConfig
-    from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+def _internvl_like(key, prefix):
+    def build():
+        modeling = _modeling(key)
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config={"hidden_size": 6, "num_attention_heads": 2},
+            text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+            downsample_ratio=0.5, projector_hidden_act="gelu",
+        )  # fmt: skip
+        return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 9, 24)
 
-    config = InternVLConfig(vision_config={"hidden_size": 6, "num_attention_heads": 2},
-                            text_config={"hidden_size": 24, "num_attention_heads": 4,
-                                         "num_key_value_heads": 2},
-                            downsample_ratio=0.5, projector_hidden_act="gelu")  # fmt: skip
-    return InternVLMultiModalProjector(config), torch.randn(2, 9, 24)
+    return build
+
+
+internvl = _internvl_like("internvl", "InternVL")
 
 
 def qwen2():
@@ -104,44 +122,12 @@ CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
 
 
-def _modeling(key: str):
-    """transformers' modeling module of ``key``; the test is skipped where the installed
-    transformers predates the model."""
-    return pytest.importorskip(f"transformers.models.{key}.modeling_{key}")
-
-
-def _llava_like(key, prefix):
-    def build():
-        from transformers import CLIPVisionConfig, LlamaConfig
-
-        modeling = _modeling(key)
-        config = getattr(transformers, f"{prefix}Config")(
-            vision_config=CLIPVisionConfig(hidden_size=12, intermediate_size=16),
-            text_config=LlamaConfig(hidden_size=24, intermediate_size=16, num_attention_heads=4),
-            projector_hidden_act="gelu",
-        )
-        return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 5, 12)
-
-    return build
-
-
 def _qwen2_like(key, cls):
     def build():
         merger = getattr(_modeling(key), cls)
         return merger(dim=10, context_dim=6, spatial_merge_size=2), torch.randn(28, 6)
 
     return build
-
-
-def _fast_vlm():
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    config = _modeling("fast_vlm").FastVlmConfig(
-        vision_config=CLIPVisionConfig(hidden_size=12, intermediate_size=16),
-        text_config=LlamaConfig(hidden_size=24, intermediate_size=16, num_attention_heads=4),
-        projector_hidden_act="gelu",
-    )
-    return _modeling("fast_vlm").FastVlmMultiModalProjector(config), torch.randn(2, 5, 12)
 
 
 def _inkling2():
@@ -151,16 +137,6 @@ def _inkling2():
     ).Inkling2VisionConfig(hidden_size=6, spatial_merge_size=2, projection_hidden_dim=16,
                            text_hidden_size=10, projector_bias=True)  # fmt: skip
     return modeling.Inkling2VisionMerger(config), torch.randn(7, 24)
-
-
-def _qianfan_ocr():
-    modeling = _modeling("qianfan_ocr")
-    config = modeling.QianfanOCRConfig(
-        vision_config={"hidden_size": 6, "num_attention_heads": 2},
-        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
-        downsample_ratio=0.5, projector_hidden_act="gelu",
-    )  # fmt: skip
-    return modeling.QianfanOCRMultiModalProjector(config), torch.randn(2, 9, 24)
 
 
 def _onevision1_5():
@@ -174,18 +150,19 @@ def _onevision1_5():
 # The same code as a CASES class under another name: checked against transformers, not run
 # through every CASES test again. Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's merger (the same
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
-# post-shuffle norm); EXAONE 4.5's merger is Qwen2.5-VL's (RMSNorm), dots3.note's Qwen2-VL's,
-# LLaVA-OneVision-1.5's Qwen3-VL's; LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's.
-# And with the layers sized from other config fields: Qwen2.5-Omni's merger (Qwen2.5-VL's),
-# Cohere Compass's and Qwen4-Exp's (Qwen3-VL's), FastVLM's projector and Inkling2's merger
-# (LLaVA's), Qianfan-OCR's projector (InternVL's, on features the model shuffled).
+# post-shuffle norm); EXAONE 4.5's and Qwen2.5-Omni's mergers are Qwen2.5-VL's (RMSNorm),
+# dots3.note's Qwen2-VL's, LLaVA-OneVision-1.5's, Cohere Compass's and Qwen4-Exp's Qwen3-VL's;
+# LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's, Qianfan-OCR's InternVL's (on
+# features the model shuffled). And LLaVA's forward with the layers sized from other config
+# fields: FastVLM's projector, Inkling2's merger.
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
              "qwen2_5_omni": _qwen2_like("qwen2_5_omni", "Qwen2_5OmniPatchMerger"),
              "cohere_compass": _qwen3(False, "cohere_compass", "CohereCompass"),
              "qwen4_exp": _qwen3(False, "qwen4_exp", "Qwen4Exp"),
-             "fast_vlm": _fast_vlm, "inkling2": _inkling2, "qianfan_ocr": _qianfan_ocr,
+             "fast_vlm": _llava_like("fast_vlm", "FastVlm"), "inkling2": _inkling2,
+             "qianfan_ocr": _internvl_like("qianfan_ocr", "QianfanOCR"),
              "dots3_note": _qwen2_like("dots3_note", "Dots3NoteVisionMerger"),
              "llava_onevision1_5": _onevision1_5,
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
