@@ -837,6 +837,45 @@ def test_torch_compile_fullgraph(compiler, device):
     assert max_rel(q1.grad, q2.grad) < 1e-6 and max_rel(k1.grad, k2.grad) < 1e-6
 
 
+@pytest.mark.parametrize(
+    ("q_shape", "table_shape"),
+    [
+        ((1, 11, 2, 16), (11, 16)),  # Kimi-K2.5's and Muse's towers: one image batch
+        ((2, 11, 2, 16), (1, 11, 16)),  # MLCD's: batched images, the table unsqueezed
+        ((2, 11, 2, 16), (11, 16)),
+        ((2, 11, 2, 16), (2, 11, 16)),
+    ],  # fmt: skip
+)
+def test_vision_rope_takes_batched_heads_as_transformers_broadcasts(q_shape, table_shape,
+                                                                   device, backend):  # fmt: skip
+    """(B, N, H, hd) q and k with tables of (N, hd), (1, N, hd) or (B, N, hd):
+    transformers' vision function unsqueezes the tables at -2 and broadcasts them from the
+    right, so the heads are always the second-to-last axis (not axis 1, as for a 3-D q).
+    Values and gradients match the float64 formula and, in fp32, transformers' function."""
+    q, k = (torch.randn(q_shape, device=device) for _ in range(2))
+    cos, sin = (torch.randn(table_shape, device=device) for _ in range(2))
+    outs = vlmkernels.vision_rope(q, k, cos, sin)
+    refs = ref_rope(*(t.double().cpu() for t in (q, k, cos, sin)), -2)
+    check_outputs(outs, refs, torch.float32, (q, k))
+    check_grads(
+        lambda q, k: vlmkernels.vision_rope(q, k, cos, sin),
+        lambda q, k: ref_rope(q, k, cos.double().cpu(), sin.double().cpu(), -2),
+        [leaf(q), leaf(k)],
+        torch.float32,
+    )
+    tf = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+    for ours, theirs in zip(outs, tf.apply_rotary_pos_emb_vision(q, k, cos, sin), strict=True):
+        assert max_rel(ours, theirs) < 1e-6
+
+
+def test_vision_rope_refuses_tables_that_would_widen_q():
+    """Tables with more token axes than q (transformers would broadcast q up to a larger
+    result) are refused, naming the shapes."""
+    q, k = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="^vision_rope: cos .*q of shape \\(4, 2, 8\\)"):
+        vlmkernels.vision_rope(q, k, torch.randn(3, 4, 8), torch.randn(3, 4, 8))
+
+
 def test_vision_rope_refuses_a_half_width_table():
     """cos / sin of the (N, hd / 2) frequencies (before transformers' cat) are refused, as
     transformers' apply_rotary_pos_emb_vision refuses them, not rotated partially."""

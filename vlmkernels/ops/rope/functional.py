@@ -328,22 +328,28 @@ def vision_rope(q, k, cos, sin):
 
     Args:
         q, k: (N, H, hd) (e.g. strided views of a packed qkv projection), hd 72 or 80 in
-            the Qwen-VL towers (any even hd works).
-        cos, sin: (N, hd) fp32 tables ``[h f | w f | h f | w f]``.
+            the Qwen-VL towers (any even hd works), or (B, N, H, hd) (Kimi-K2.5's, MLCD's
+            towers): the heads are the second-to-last axis.
+        cos, sin: fp32 tables ``[h f | w f | h f | w f]`` of q's shape without the heads
+            axis, (N, hd) or (B, N, hd); missing leading axes and axes of size 1 broadcast,
+            as transformers' ``cos.unsqueeze(-2)`` broadcasts them.
 
     Returns:
         (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32 (float64 inputs too,
         rounded to fp32 first, as transformers does).
     """
-    if (isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() and cos.dim()
-            and cos.shape[-1] != q.shape[-1]):  # fmt: skip
-        # the tower rotates whole heads; a narrower table (cos of the (N, hd / 2) freqs, before
-        # transformers' cat((freqs, freqs), -1)) is refused as transformers refuses it
-        raise ValueError(f"vision_rope: cos and sin must be (N, head_dim) = (N, {q.shape[-1]}), "
-                         f"got cos of shape {tuple(cos.shape)}")  # fmt: skip
+    if isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() and cos.dim():
+        if cos.shape[-1] != q.shape[-1]:
+            # the tower rotates whole heads; a narrower table (cos of the (N, hd / 2) freqs,
+            # before transformers' cat((freqs, freqs), -1)) is refused as transformers does
+            raise ValueError(f"vision_rope: cos and sin must be (N, head_dim) = (N, "
+                             f"{q.shape[-1]}), got cos of shape {tuple(cos.shape)}")  # fmt: skip
+        missing = q.dim() - 1 - cos.dim()
+        if missing > 0 and isinstance(sin, torch.Tensor) and sin.dim() == cos.dim():
+            cos, sin = (t.reshape((1,) * missing + t.shape) for t in (cos, sin))
     wide = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (q, k)]
     if any(wide):  # transformers' q.float(): the rounding is part of the result
         q, k = (t.float() if w else t for t, w in zip((q, k), wide, strict=True))
-        out = _rope("vision_rope", q, k, cos, sin, 1, False)
+        out = _rope("vision_rope", q, k, cos, sin, -2, False)
         return tuple(t.double() if w else t for t, w in zip(out, wide, strict=True))
-    return _rope("vision_rope", q, k, cos, sin, 1, False)
+    return _rope("vision_rope", q, k, cos, sin, -2, False)
