@@ -2,8 +2,9 @@
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
 (around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
-Cosmos3-Omni and the text rotary of HunYuan-VL, Cosmos3-Edge and GLM-Image, whose code
-transformers adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
+Cosmos3-Omni, the text rotary of HunYuan-VL, Cosmos3-Edge and GLM-Image, and the vision
+rotary of twelve more towers (:func:`_vision_rotary`), whose code transformers adapted from
+Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
 each part replaces (:data:`REPLACEMENTS`); the vlmkernels-backed functions they install
 are in :mod:`.functions`. :mod:`vlmkernels.integrations.transformers` documents the parts
 and applies them; :mod:`...patching` is the mechanism."""
@@ -196,6 +197,20 @@ def _text_rotary(key, prefix, text_attention, rotation="full"):
     )
 
 
+def _vision_rotary(key, prefix, vision_attention,
+                   roots=("ForConditionalGeneration", "Model", "VisionModel")):  # fmt: skip
+    """A model whose vision attention calls Qwen2-VL's ``apply_rotary_pos_emb_vision`` (the
+    same code under its module's name) while the rest of its rotary is its own or absent:
+    ``vision`` alone, on the ``<prefix><root>`` classes (the whole model, the multimodal
+    model and the vision tower)."""
+    return Architecture(
+        key=key,
+        module=f"transformers.models.{key}.modeling_{key}",
+        classes={"vision_attention": vision_attention},
+        roots={f"{prefix}{root}": ("vision",) for root in roots},
+    )
+
+
 # Class names in transformers.models.<key>.modeling_<key>, stable from 5.16 to 5.25. What
 # each row relies on, compared with docstrings stripped on every release tested:
 # - Qwen3.5's, GLM-4V's, GLM-OCR's, Cohere Compass's, Cosmos3-Omni's and Qwen4-Exp's
@@ -211,7 +226,9 @@ def _text_rotary(key, prefix, text_attention, rotation="full"):
 # - Rotary classes: PaddleOCR-VL's Qwen2-VL's, the Qwen-Omni thinkers' Qwen2.5-VL's and
 #   Qwen3-VL's, Qwen4-Exp's Qwen3.5's; HunYuan-VL's (XD-RoPE), ERNIE-4.5-VL's, Cohere
 #   Compass's (per layer type), Cosmos3-Edge's and GLM-Image's are their own.
-# - Vision rotary functions: Qwen2-VL's in every row with a vision part.
+# - Vision rotary functions: Qwen2-VL's in every row with a vision part, as
+#   rotate_half; the vision-only rows' attentions call it on (N, H, hd) q and k (Qwen-VL's
+#   packed qkv) or (B, N, H, hd) ones (Kimi-K2.5, MLCD, Muse Glimmer and Spark, Step3p7).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -261,6 +278,13 @@ ARCHITECTURES = (
     _text_rotary("hunyuan_vl", "HunYuanVL", "HunYuanVLDenseV1Attention", "full_fp32"),
     _text_rotary("cosmos3_edge", "Cosmos3Edge", "Cosmos3EdgeTextAttention"),
     _text_rotary("glm_image", "GlmImage", "GlmImageTextAttention", "partial"),
+    *(_vision_rotary(key, prefix, f"{prefix}VisionAttention") for key, prefix in (
+        ("dots3_note", "Dots3Note"), ("exaone4_5", "Exaone4_5_"), ("glm5_next", "Glm5Next"),
+        ("kimi_k25", "Kimi_K25"), ("lfm3_vl", "Lfm3Vl"),
+        ("llava_onevision1_5", "LlavaOnevision15"), ("muse_glimmer", "MuseGlimmer"),
+        ("muse_spark", "MuseSpark"), ("ovis2_5", "Ovis2_5"), ("step3p7", "Step3p7"),
+        ("video_llama_3", "VideoLlama3"))),
+    _vision_rotary("mlcd", "MLCD", "MLCDAttention", roots=("VisionModel",)),
 )  # fmt: skip
 
 

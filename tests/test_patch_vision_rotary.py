@@ -1,0 +1,160 @@
+"""vlmkernels.patch on the vision towers whose attention calls Qwen2-VL's
+``apply_rotary_pos_emb_vision`` under their own module's name (the vision-only rows of the
+rotary table): dots3.note's, EXAONE 4.5's, GLM-5-Next's, Kimi-K2.5's, LFM3-VL's,
+LLaVA-OneVision-1.5's, MLCD's, Muse Glimmer's and Spark's, Ovis2.5's, Step3p7's and
+VideoLLaMA3's.
+
+Each tower is built tiny from its config (two blocks, two heads of 16 lanes, weights drawn
+with ``initializer_range=0.1``) and fed two images of different grids (one image where the
+tower takes a (1, C, H, W) batch): skipping the rotary moves each tower's output by 2.5e-2
+to 0.12 relative (checked), far above the tolerance. Tolerance (fp32):
+patched and unpatched outputs, and every parameter gradient of a fixed linear loss on
+them, agree to ``max|a - b| <= 1e-5 * max|b|`` (the table path does transformers'
+arithmetic in fp32). Whole models are built on the meta device from their default
+configs, which is enough to see what patching installs.
+"""
+
+import functools
+import importlib
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_patch_transformers import (  # noqa: E402
+    DEVICE,
+    assert_close,
+    assert_same_grads,
+    instance_overrides,
+    linear_loss,
+    on_torch_path_on_cpu,
+    op_counts,
+    rotary_patch,
+)
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+
+# key -> (class prefix, vision attention class, its inputs, config fields beyond _TINY).
+# Inputs: "flat" (N, C * T * P^2) patches and grid_thw (Qwen-VL's), "patches" (N, C, P, P)
+# and grid_thw, "image" (1, C, H, W) without a grid, "merge" flat with merge_sizes.
+_MUSE = dict(
+    pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, patch_temporal=2, merge_size=2
+)  # a window of 4 x 4 patches: the 4 x 6 image gets two
+TOWERS = {
+    "dots3_note": ("Dots3Note", "Dots3NoteVisionAttention", "flat",
+                   dict(mlp_layer_types=["dense", "dense"], per_layer_config={})),
+    "exaone4_5": ("Exaone4_5_", "Exaone4_5_VisionAttention", "flat", {}),
+    "glm5_next": ("Glm5Next", "Glm5NextVisionAttention", "flat", {}),
+    "kimi_k25": ("Kimi_K25", "Kimi_K25VisionAttention", "patches",
+                 dict(pos_emb_height=8, pos_emb_width=8, pos_emb_time=4,
+                      merge_kernel_size=[2, 2])),
+    "lfm3_vl": ("Lfm3Vl", "Lfm3VlVisionAttention", "flat",
+                dict(layer_types=["full_attention", "conv"])),
+    "llava_onevision1_5": ("LlavaOnevision15", "LlavaOnevision15VisionAttention", "flat", {}),
+    "mlcd": ("MLCD", "MLCDAttention", "image", {}),
+    "muse_glimmer": ("MuseGlimmer", "MuseGlimmerVisionAttention", "flat", _MUSE),
+    "muse_spark": ("MuseSpark", "MuseSparkVisionAttention", "flat", _MUSE),
+    "ovis2_5": ("Ovis2_5", "Ovis2_5VisionAttention", "flat", {}),
+    # layer scale 1, not 0.1: the rotary then moves the output by ~5e-2, not ~7e-3
+    "step3p7": ("Step3p7", "Step3p7VisionAttention", "image",
+                dict(mlp_ratio=1.5, layer_scale_init_value=1.0, max_position_embeddings=16)),
+    "video_llama_3": ("VideoLlama3", "VideoLlama3VisionAttention", "merge", {}),
+}  # fmt: skip
+
+# Set on every tower whose config has the field: 2 blocks of 2 heads x 16 lanes, patches of
+# 4 x 4 pixels.
+_TINY = dict(
+    depth=2, num_hidden_layers=2, num_heads=2, num_attention_heads=2, num_key_value_heads=2,
+    hidden_size=32, intermediate_size=48, moe_intermediate_size=24, out_hidden_size=32,
+    adapter_in_dim=32, adapter_out_dim=32, projection_intermediate_size=48, patch_size=4,
+    window_size=16, image_size=16,
+)  # fmt: skip
+GRIDS = ((1, 4, 6), (1, 2, 4))  # two images, in patches (t, h, w): the "image" towers the first
+
+
+def _modeling(key):
+    try:
+        return importlib.import_module(f"transformers.models.{key}.modeling_{key}")
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no {key}")
+
+
+def _pixels(config, kind, g):
+    p = config.patch_size
+    channels = getattr(config, "in_channels", None) or getattr(config, "num_channels", 3)
+    if kind == "image":
+        _, h, w = GRIDS[0]
+        return torch.randn(1, channels, h * p, w * p, generator=g)
+    n = sum(t * h * w for t, h, w in GRIDS)
+    if kind == "patches":
+        return torch.randn(n, channels, p, p, generator=g)
+    frames = getattr(config, "temporal_patch_size", None) or getattr(config, "patch_temporal", 1)
+    return torch.randn(n, channels * frames * p * p, generator=g)
+
+
+def tower(key):
+    """(the tiny vision tower of ``key``, its inputs, the vision attention class)."""
+    prefix, attention, kind, extra = TOWERS[key]
+    modeling = _modeling(key)
+    cls = getattr(modeling, f"{prefix}VisionModel")
+    known = cls.config_class().to_dict()
+    config = cls.config_class(**{k: v for k, v in (_TINY | extra).items() if k in known})
+    # read by transformers' weight init, a config field or not (Kimi-K2.5's, Muse's,
+    # Step3p7's are not): weights of 0.1 make the attention depend on the positions
+    config.initializer_range = 0.1
+    model = cls(config).eval().to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    first = next(iter(inspect.signature(model.forward).parameters))  # pixels, or hidden_states
+    inputs = {first: _pixels(config, kind, g)}
+    if kind != "image":
+        inputs["grid_thw"] = torch.tensor(GRIDS)
+    if kind == "merge":
+        inputs["merge_sizes"] = torch.full((len(GRIDS),), 2)
+    return model, {k: v.to(DEVICE) for k, v in inputs.items()}, getattr(modeling, attention)
+
+
+def outputs_and_grads(model, inputs, params):
+    out = model(**inputs)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    return out.detach(), torch.autograd.grad(linear_loss(out), params, allow_unused=True)
+
+
+@pytest.mark.parametrize("key", sorted(TOWERS))
+def test_tower_matches_transformers(key):
+    """The tower patches its vision attentions alone; every rotary call runs on vlmkernels
+    (one per block, forward and backward); outputs and parameter gradients match the
+    unpatched tower's; nothing is left on the instances after. On the CPU, the PyTorch
+    path: the kernel's (B, N, H, hd) layouts are tests/test_rope.py's, interpreted."""
+    torch.manual_seed(0)
+    model, inputs, attention = tower(key)
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(outputs_and_grads, model, inputs, params)
+    want, want_grads = run()
+    with rotary_patch(model) as handle, on_torch_path_on_cpu():
+        counts, (got, got_grads) = op_counts(run)
+    blocks = [name for name, m in model.named_modules() if isinstance(m, attention)]
+    assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
+    assert counts == {"vlmkernels::rope_table": 2 * len(blocks)}
+    assert_close(got, want, "output")
+    assert_same_grads(params, got_grads, want_grads)
+    assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("key", sorted(TOWERS))
+def test_whole_model_patches_its_vision_attentions(key):
+    """The whole model (default config, meta device) takes the vision part: every vision
+    attention of its tower, and no other rotary target; ``support()`` says so."""
+    prefix, attention, _, _ = TOWERS[key]
+    modeling = _modeling(key)
+    cls = getattr(modeling, f"{prefix}ForConditionalGeneration", None)
+    if cls is None:  # MLCD: the tower is the model
+        cls = getattr(modeling, f"{prefix}VisionModel")
+    with torch.device("meta"):
+        model = cls(cls.config_class())
+    blocks = [n for n, m in model.named_modules() if isinstance(m, getattr(modeling, attention))]
+    with rotary_patch(model) as handle:
+        assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
+    assert not instance_overrides(model)
+    assert vt.support()[key] == {"vision": "ok"}
