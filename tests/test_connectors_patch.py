@@ -90,6 +90,16 @@ def _internvl_like(key, prefix):
 internvl = _internvl_like("internvl", "InternVL")
 
 
+def vipllava():
+    config = transformers.VipLlavaConfig(
+        vision_config={"hidden_size": 6, "num_attention_heads": 2},
+        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+        projector_hidden_act="gelu",
+    )  # five feature layers: (B, S, 5 x 6) features
+    projector = _modeling("vipllava").VipLlavaMultiModalProjector(config)
+    return projector, torch.randn(2, 7, 30)
+
+
 def qwen2():
     from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
@@ -118,7 +128,7 @@ def _qwen3(post, key="qwen3_vl", prefix="Qwen3VL"):
 
 
 CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("smolvlm"),
-         "internvl": internvl, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
+         "internvl": internvl, "vipllava": vipllava, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
 
 
@@ -424,6 +434,17 @@ def test_connector_patched_as_root_and_switched_off():
         vt.patch(module, connector=False)
 
 
+def test_vipllava_model_patches_its_projector():
+    """VipLLaVA's whole model (default config, meta device) patches its projector alone,
+    which takes the features of its five vision layers side by side."""
+    cls = _modeling("vipllava").VipLlavaForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(cls.config_class())
+    with vt.patch(model) as handle:
+        assert handle.targets == ("model.multi_modal_projector.forward",)
+    assert model.model.multi_modal_projector.linear_1.in_features == 5 * 1024
+
+
 def test_refuses_tanh_gelu():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -449,6 +470,7 @@ class _ShardedLinear(nn.Linear):
     lambda layer: nn.Identity(),
 ])  # fmt: skip
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's quantised Linear
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # torch >= 2.13
 def test_layers_wrapped_before_patching_are_named_as_such(wrap):
     """A layer wrapped before patching (FSDP2 on the layer, tensor parallelism, PEFT,
     quantisation) is refused as such, not blamed on the transformers version; a layer

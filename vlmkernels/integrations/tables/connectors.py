@@ -11,6 +11,8 @@ gets an instance ``forward``:
   :func:`~vlmkernels.ops.connectors.mlp_projector` (Linear + exact GELU + Linear);
 - ``Idefics3Connector``, ``SmolVLMConnector``: pixel shuffle + Linear (no bias) as one
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
+- ``VipLlavaMultiModalProjector``: LayerNorm + Linear + GELU + Linear over the
+  concatenated feature layers, in one merger;
 - ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger; and
   ``InternVLModel``'s ``get_image_features`` / ``pixel_shuffle``: inside the former, the
   latter hands the (B, S, S, C) features on unshuffled (a view; InternVL's own shuffle makes
@@ -38,11 +40,11 @@ forwards read those layers' parameters; a layer replaced or hooked after patchin
 LoRA wrapper, say) makes the module run its class's forward, with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
 
-Roots: the LLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models (``...ForConditionalGeneration``,
-``...Model``) and the connector modules themselves; for the Qwen-VL models (whose roots the
-rotary table owns, Qwen3.5's and Qwen3.5-MoE's too) any model holding their merger modules
-(or Qwen3-VL's text model): the full models, the vision towers, the mergers themselves, a
-foreign model.
+Roots: the LLaVA, VipLLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models
+(``...ForConditionalGeneration``, ``...Model``) and the connector modules themselves; for
+the Qwen-VL models (whose roots the rotary table owns, Qwen3.5's and Qwen3.5-MoE's too) any
+model holding their merger modules (or Qwen3-VL's text model): the full models, the vision
+towers, the mergers themselves, a foreign model.
 """
 
 from __future__ import annotations
@@ -186,32 +188,52 @@ SHUFFLE_PATCHER = register(
 )
 
 
-def _internvl_forward(module, arch):
+def _check_norm_mlp(module, norm_name: str) -> None:
+    """``module.<norm_name>`` a 1-D ``nn.LayerNorm``, ``linear_1`` / ``linear_2``
+    ``nn.Linear`` and ``act`` exact GELU: LayerNorm + Linear + GELU + Linear."""
     where = _where(module)
     _linear(module, "linear_1", where), _linear(module, "linear_2", where)
     _exact_gelu(module.act, where)
-    norm = exact_layer(module.layer_norm, nn.LayerNorm, f"{where}.layer_norm")
+    norm = exact_layer(getattr(module, norm_name, None), nn.LayerNorm, f"{where}.{norm_name}")
     if len(norm.normalized_shape) != 1:
-        raise UnsupportedLayoutError(f"{where}.layer_norm is not a 1-D nn.LayerNorm")
+        raise UnsupportedLayoutError(f"{where}.{norm_name} is not a 1-D nn.LayerNorm")
+
+
+def _norm_mlp_rows(x, ln, l1, l2):
+    """LayerNorm + Linear + GELU + Linear over the last axis of ``x`` (..., C): one merger
+    of merge size 1 on its rows."""
+    y = merger(x.reshape(-1, x.shape[-1]), l1.weight, l1.bias, l2.weight, l2.bias,
+               merge_size=1, norm="layernorm", norm_weight=ln.weight, norm_bias=ln.bias,
+               eps=ln.eps)  # fmt: skip
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _internvl_forward(module, arch):
+    _check_norm_mlp(module, "layer_norm")
 
     def forward(self, image_features):
         ln, l1, l2 = self.layer_norm, self.linear_1, self.linear_2
-        k, c = ln.normalized_shape[0], image_features.shape[-1]
-        scale = _deferred_scale(image_features, k)
+        scale = _deferred_scale(image_features, ln.normalized_shape[0])
         if scale is not None:  # the unshuffled (B, S * S, C) grid: the shuffle is addressing
             return merger(image_features, l1.weight, l1.bias, l2.weight, l2.bias,
                           merge_size=scale, layout="grid", norm="layernorm",
                           norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps,
                           norm_before_merge=False)  # fmt: skip
-        lead = image_features.shape[:-1]
-        y = merger(image_features.reshape(-1, c), l1.weight, l1.bias, l2.weight, l2.bias,
-                   merge_size=1, norm="layernorm", norm_weight=ln.weight, norm_bias=ln.bias,
-                   eps=ln.eps)  # fmt: skip
-        return y.view(*lead, y.shape[-1])
+        return _norm_mlp_rows(image_features, ln, l1, l2)
 
     forward.takes_unshuffled = True
     # (a changed layer: the class's forward, to which pixel_shuffle hands shuffled features)
     return fused_forward(module, ("layer_norm", "linear_1", "act", "linear_2"), forward)
+
+
+def _vipllava_forward(module, arch):
+    _check_norm_mlp(module, "projector_layernorm")
+
+    def forward(self, hidden_states):
+        ln, l1, l2 = self.projector_layernorm, self.linear_1, self.linear_2
+        return _norm_mlp_rows(hidden_states, ln, l1, l2)
+
+    return fused_forward(module, ("projector_layernorm", "linear_1", "act", "linear_2"), forward)
 
 
 def _deferred_scale(features, k: int) -> int | None:
@@ -238,6 +260,16 @@ INTERNVL_PATCHER = register(
             ),
         ),  # fmt: skip
         (SetMethod("connector", "internvl_projector", "forward", _internvl_forward),),
+    )
+)
+
+
+VIPLLAVA_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        (_arch("vipllava", "VipLlava", "projector", "VipLlavaMultiModalProjector"),),
+        (SetMethod("connector", "projector", "forward", _vipllava_forward),),
     )
 )
 
