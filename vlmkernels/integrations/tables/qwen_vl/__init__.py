@@ -2,12 +2,12 @@
 of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GLM-4V
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
 (around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
-Cosmos3-Omni, the text rotary of HunYuan-VL, Cosmos3-Edge and GLM-Image, and the vision
-rotary of twelve more towers (:func:`_vision_rotary`), whose code transformers adapted from
-Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what
-each part replaces (:data:`REPLACEMENTS`); the vlmkernels-backed functions they install
-are in :mod:`.functions`. :mod:`vlmkernels.integrations.transformers` documents the parts
-and applies them; :mod:`...patching` is the mechanism."""
+Cosmos3-Omni, the text rotary of HunYuan-VL, Cosmos3-Edge, GLM-Image and NeoMME, and the
+vision rotary of twelve more towers (:func:`_vision_rotary`), whose code transformers
+adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what each part
+replaces (:data:`REPLACEMENTS`); the vlmkernels-backed functions they install are in
+:mod:`.functions`. :mod:`vlmkernels.integrations.transformers` documents the parts and
+applies them; :mod:`...patching` is the mechanism."""
 
 from __future__ import annotations
 
@@ -177,19 +177,18 @@ def _host(key, prefix, rope_index):
     )
 
 
-def _text_rotary(key, prefix, text_attention, rotation="full"):
+def _text_rotary(key, prefix, text_attention, rotation="full",
+                 roots=("ForConditionalGeneration", "Model", "TextModel")):  # fmt: skip
     """A model whose text attention calls one of the Qwen-VL text rotary functions
     (``rotation`` as for :func:`_qwen`) while its rotary class, vision tower and
     ``get_rope_index`` are its own: ``rope`` alone, from transformers' tables
-    (``angles="positions"`` is refused by name, not ignored)."""
+    (``angles="positions"`` is refused by name, not ignored), on the ``<prefix><root>``
+    classes."""
     return Architecture(
         key=key,
         module=f"transformers.models.{key}.modeling_{key}",
         classes={"text_attention": text_attention},
-        roots={
-            f"{prefix}{root}": ("rope",)
-            for root in ("ForConditionalGeneration", "Model", "TextModel")
-        },
+        roots={f"{prefix}{root}": ("rope",) for root in roots},
         data={
             "rotation": rotation,
             "no_positions": "its rotary class and position ids are its own, not Qwen-VL's",
@@ -219,13 +218,13 @@ def _vision_rotary(key, prefix, vision_attention,
 # - GLM's sections are chunked (its recomposition splits the frequencies by section, axis
 #   i % 3); GLM-OCR's rotary function and class are GLM-4V's.
 # - Text rotary functions: PaddleOCR-VL's, Cohere Compass's, Cosmos3-Edge's and the
-#   Qwen-Omni thinkers' are Qwen2-VL's; GLM-Image's is Qwen3.5's (partial), Qwen4-Exp's
-#   Qwen3.5's with k optional; HunYuan-VL's is Qwen2-VL's computed in fp32 (>= 5.17; 5.16's
-#   attention calls its own multimodal function, refused), ERNIE-4.5-VL's rotates the whole
-#   head's lane pairs in fp32.
+#   Qwen-Omni thinkers' are Qwen2-VL's; GLM-Image's and NeoMME's are Qwen3.5's (partial),
+#   Qwen4-Exp's Qwen3.5's with k optional; HunYuan-VL's is Qwen2-VL's computed in fp32
+#   (>= 5.17; 5.16's attention calls its own multimodal function, refused), ERNIE-4.5-VL's
+#   rotates the whole head's lane pairs in fp32.
 # - Rotary classes: PaddleOCR-VL's Qwen2-VL's, the Qwen-Omni thinkers' Qwen2.5-VL's and
 #   Qwen3-VL's, Qwen4-Exp's Qwen3.5's; HunYuan-VL's (XD-RoPE), ERNIE-4.5-VL's, Cohere
-#   Compass's (per layer type), Cosmos3-Edge's and GLM-Image's are their own.
+#   Compass's and NeoMME's (per layer type), Cosmos3-Edge's and GLM-Image's are their own.
 # - Vision rotary functions: Qwen2-VL's in every row with a vision part, as
 #   rotate_half; the vision-only rows' attentions call it on (N, H, hd) q and k (Qwen-VL's
 #   packed qkv) or (B, N, H, hd) ones (Kimi-K2.5, MLCD, Muse Glimmer and Spark, Step3p7).
@@ -278,6 +277,9 @@ ARCHITECTURES = (
     _text_rotary("hunyuan_vl", "HunYuanVL", "HunYuanVLDenseV1Attention", "full_fp32"),
     _text_rotary("cosmos3_edge", "Cosmos3Edge", "Cosmos3EdgeTextAttention"),
     _text_rotary("glm_image", "GlmImage", "GlmImageTextAttention", "partial"),
+    # a multimodal embedding encoder (no generation head)
+    _text_rotary("neomme", "NeoMME", "NeoMMEAttention", "partial",
+                 roots=("Model", "ForMaskedLM", "ForRetrieval")),
     *(_vision_rotary(key, prefix, f"{prefix}VisionAttention") for key, prefix in (
         ("dots3_note", "Dots3Note"), ("exaone4_5", "Exaone4_5_"), ("glm5_next", "Glm5Next"),
         ("kimi_k25", "Kimi_K25"), ("lfm3_vl", "Lfm3Vl"),

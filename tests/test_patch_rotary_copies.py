@@ -1,8 +1,9 @@
-"""vlmkernels.patch on the vision towers whose attention calls Qwen2-VL's
-``apply_rotary_pos_emb_vision`` under their own module's name (the vision-only rows of the
-rotary table): dots3.note's, EXAONE 4.5's, GLM-5-Next's, Kimi-K2.5's, LFM3-VL's,
-LLaVA-OneVision-1.5's, MLCD's, Muse Glimmer's and Spark's, Ovis2.5's, Step3p7's and
-VideoLLaMA3's.
+"""vlmkernels.patch on models whose attention calls a Qwen-VL rotary function under their
+own module's name: the vision towers calling Qwen2-VL's ``apply_rotary_pos_emb_vision``
+(the vision-only rows of the rotary table: dots3.note's, EXAONE 4.5's, GLM-5-Next's,
+Kimi-K2.5's, LFM3-VL's, LLaVA-OneVision-1.5's, MLCD's, Muse Glimmer's and Spark's,
+Ovis2.5's, Step3p7's and VideoLLaMA3's), and NeoMME's text encoder calling Qwen3.5's
+partial ``apply_rotary_pos_emb``.
 
 Each tower is built tiny from its config (two blocks, two heads of 16 lanes, weights drawn
 with ``initializer_range=0.1``) and fed two images of different grids (one image where the
@@ -158,3 +159,41 @@ def test_whole_model_patches_its_vision_attentions(key):
         assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
     assert not instance_overrides(model)
     assert vt.support()[key] == {"vision": "ok"}
+
+
+def test_neomme_encoder_matches_transformers():
+    """NeoMME's encoder (a sliding-window layer rotating whole heads, a full-attention layer
+    rotating a quarter of each head, per its rope parameters) patches its text attentions
+    alone; every call runs on vlmkernels; on a left-padded text batch, hidden states and
+    parameter gradients match transformers'; positions are refused by name."""
+    modeling = _modeling("neomme")
+    config = modeling.NeoMMEModel.config_class(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, embedding_rank=16,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        initializer_range=0.1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = modeling.NeoMMEModel(config).eval()
+    with torch.no_grad():  # its init zeroes the output projections and gates: the attention
+        for p in model.parameters():  # would add nothing (skipping the rotary: 0.18, checked)
+            p.copy_(torch.randn_like(p) * 0.2)
+    model = model.to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(7, 120, (2, 9), generator=g),
+              "attention_mask": torch.ones(2, 9, dtype=torch.long)}  # fmt: skip
+    inputs["attention_mask"][1, :2] = 0
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(outputs_and_grads, model, inputs, params)
+    want, want_grads = run()
+    with rotary_patch(model) as handle, on_torch_path_on_cpu():
+        counts, (got, got_grads) = op_counts(run)
+    assert handle.targets == ("layers.0.self_attn.forward", "layers.1.self_attn.forward")
+    assert counts == {"vlmkernels::rope_table": 4}
+    assert_close(got, want, "hidden states")
+    assert_same_grads(params, got_grads, want_grads)
+    assert not instance_overrides(model)
+    with pytest.raises(vt.UnsupportedLayoutError, match="neomme .*its own"):
+        rotary_patch(model, angles="positions")
+    assert vt.support()["neomme"] == {"rope": "ok"}
