@@ -100,6 +100,26 @@ def vipllava():
     return projector, torch.randn(2, 7, 30)
 
 
+def lfm3_vl():
+    modeling = _modeling("lfm3_vl")
+    config = transformers.Lfm3VlConfig(
+        vision_config={"hidden_size": 6, "num_attention_heads": 2},
+        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+        projector_hidden_size=16,
+    )  # LayerNorm on each 6-wide token, 2 x 2 tokens one row
+    return modeling.Lfm3VlMultiModalProjector(config), torch.randn(28, 6)
+
+
+def kimi_k25():
+    modeling = _modeling("kimi_k25")
+    config = transformers.Kimi_K25Config(
+        vision_config={"hidden_size": 6, "num_attention_heads": 2},
+        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+        projection_hidden_size=6,
+    )  # (N, 2 x 2, C) merged groups in, (N, 1, 24) out
+    return modeling.Kimi_K25MultimodalProjection(config), torch.randn(7, 4, 6)
+
+
 def qwen2():
     from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
@@ -128,7 +148,8 @@ def _qwen3(post, key="qwen3_vl", prefix="Qwen3VL"):
 
 
 CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("smolvlm"),
-         "internvl": internvl, "vipllava": vipllava, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
+         "internvl": internvl, "vipllava": vipllava, "lfm3_vl": lfm3_vl,
+         "kimi_k25": kimi_k25, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
 
 
@@ -434,15 +455,22 @@ def test_connector_patched_as_root_and_switched_off():
         vt.patch(module, connector=False)
 
 
-def test_vipllava_model_patches_its_projector():
-    """VipLLaVA's whole model (default config, meta device) patches its projector alone,
-    which takes the features of its five vision layers side by side."""
-    cls = _modeling("vipllava").VipLlavaForConditionalGeneration
+@pytest.mark.parametrize(("key", "prefix", "projector"), [
+    ("vipllava", "VipLlava", "multi_modal_projector"),  # on its five feature layers
+    ("lfm3_vl", "Lfm3Vl", "multi_modal_projector"),
+    ("kimi_k25", "Kimi_K25", "mm_projector"),
+])  # fmt: skip
+def test_whole_model_patches_its_projector(key, prefix, projector):
+    """The whole model (default config, meta device) patches its projector with the
+    connector part (and, for LFM3-VL's and Kimi-K2.5's towers, the vision rotary)."""
+    cls = getattr(_modeling(key), f"{prefix}ForConditionalGeneration")
     with torch.device("meta"):
         model = cls(cls.config_class())
     with vt.patch(model) as handle:
-        assert handle.targets == ("model.multi_modal_projector.forward",)
-    assert model.model.multi_modal_projector.linear_1.in_features == 5 * 1024
+        assert f"model.{projector}.forward" in handle.targets
+        assert all(t.endswith("attn.forward") for t in handle.targets if "projector" not in t)
+    with vt.patch(model, vision=False) as handle:
+        assert handle.targets == (f"model.{projector}.forward",)
 
 
 def test_refuses_tanh_gelu():

@@ -13,6 +13,9 @@ gets an instance ``forward``:
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
 - ``VipLlavaMultiModalProjector``: LayerNorm + Linear + GELU + Linear over the
   concatenated feature layers, in one merger;
+- ``Lfm3VlMultiModalProjector``, ``Kimi_K25MultimodalProjection``: LayerNorm on each
+  token, 2 x 2 consecutive tokens one row, Linear + GELU + Linear: the Qwen2-VL merger
+  under other names, one merger;
 - ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger; and
   ``InternVLModel``'s ``get_image_features`` / ``pixel_shuffle``: inside the former, the
   latter hands the (B, S, S, C) features on unshuffled (a view; InternVL's own shuffle makes
@@ -40,7 +43,7 @@ forwards read those layers' parameters; a layer replaced or hooked after patchin
 LoRA wrapper, say) makes the module run its class's forward, with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
 
-Roots: the LLaVA, VipLLaVA, Idefics3, SmolVLM, InternVL and MiniCPM-V models
+Roots: the LLaVA, VipLLaVA, LFM3-VL, Kimi-K2.5, Idefics3, SmolVLM, InternVL and MiniCPM-V models
 (``...ForConditionalGeneration``, ``...Model``) and the connector modules themselves; for
 the Qwen-VL models (whose roots the rotary table owns, Qwen3.5's and Qwen3.5-MoE's too) any
 model holding their merger modules (or Qwen3-VL's text model): the full models, the vision
@@ -458,6 +461,62 @@ QWEN_MERGER_PATCHER = register(
         (SetMethod("connector", "merger", "forward", _qwen_merger_forward),),
     )
 )
+
+
+# --------------------------------------------------------------------------------------
+# Token-merging projectors (LFM3-VL, Kimi-K2.5): the Qwen-VL merger under other names
+# --------------------------------------------------------------------------------------
+
+
+def _token_merge_forward(norm_name, fc1, fc2, merged_attr, batch_major):
+    """The forward builder of a projector whose forward is ``norm`` on each token, groups of
+    ``getattr(module, merged_attr) / C`` (= s^2) consecutive tokens viewed as one row, then
+    ``fc1``, ``act`` (exact GELU), ``fc2``: Qwen2-VL's merger, one merger op. The result is
+    (rows, N2), or (B, rows / B, N2) with ``batch_major`` (x (B, ..., C) viewed as
+    (B, -1, s^2 C), Kimi-K2.5's)."""
+
+    def build(module, arch):
+        where = _where(module)
+        _linear(module, fc1, where), _linear(module, fc2, where)
+        _exact_gelu(module.act, where)
+        norm = getattr(module, norm_name)
+        if _norm_kind(norm, f"{where}.{norm_name}") != "layernorm":
+            raise UnsupportedLayoutError(f"{where}.{norm_name} is not an nn.LayerNorm")
+        merged, c = getattr(module, merged_attr), norm.normalized_shape[0]
+        s = isqrt(merged // c)
+        if s * s * c != merged or module.get_submodule(fc1).in_features != merged:
+            raise UnsupportedLayoutError(
+                f"{where}: {merged} merged features are not s^2 x {c} {fc1} inputs"
+            )
+
+        def forward(self, x):
+            ln, l1, l2 = (
+                self.get_submodule(norm_name),
+                self.get_submodule(fc1),
+                self.get_submodule(fc2),
+            )
+            y = merger(x.reshape(-1, x.shape[-1]), l1.weight, l1.bias, l2.weight, l2.bias,
+                       merge_size=s, norm="layernorm", norm_weight=ln.weight, norm_bias=ln.bias,
+                       eps=ln.eps)  # fmt: skip
+            return y.view(x.shape[0], -1, y.shape[-1]) if batch_major else y
+
+        return fused_forward(module, (norm_name, fc1, "act", fc2), forward)
+
+    return build
+
+
+TOKEN_MERGE_PATCHERS = tuple(
+    register(Patcher("transformers", TESTED_VERSIONS, (_arch(key, prefix, "projector", cls),),
+                     (SetMethod("connector", "projector", "forward", build),)))
+    for key, prefix, cls, build in (
+        ("lfm3_vl", "Lfm3Vl", "Lfm3VlMultiModalProjector",
+         _token_merge_forward("layer_norm", "linear_1", "linear_2", "merged_hidden_size",
+                              batch_major=False)),
+        ("kimi_k25", "Kimi_K25", "Kimi_K25MultimodalProjection",
+         _token_merge_forward("pre_norm", "in_proj", "out_proj", "hidden_size",
+                              batch_major=True)),
+    )
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
