@@ -100,6 +100,22 @@ def vipllava():
     return projector, torch.randn(2, 7, 30)
 
 
+def _perception_lm(ratio=2):
+    def build():
+        modeling = _modeling("perception_lm")
+        config = transformers.PerceptionLMConfig(
+            vision_config={"architecture": "vit_pe_core_large_patch14_336",
+                           "model_args": {"embed_dim": 12}, "num_classes": 0},
+            text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "model_type": "llama"},
+            projector_pooling_ratio=ratio,
+        )  # fmt: skip
+        # (B, 4 x 4, C) features, pooled to 2 x 2 (ratio 2)
+        return modeling.PerceptionLMMultiModalProjector(config), torch.randn(2, 16, 12)
+
+    return build
+
+
 def lfm3_vl():
     modeling = _modeling("lfm3_vl")
     config = transformers.Lfm3VlConfig(
@@ -149,7 +165,8 @@ def _qwen3(post, key="qwen3_vl", prefix="Qwen3VL"):
 
 CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("smolvlm"),
          "internvl": internvl, "vipllava": vipllava, "lfm3_vl": lfm3_vl,
-         "kimi_k25": kimi_k25, "qwen2_vl": qwen2, "qwen2_5_vl": qwen2_5,
+         "kimi_k25": kimi_k25, "perception_lm": _perception_lm(), "qwen2_vl": qwen2,
+         "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
 
 
@@ -471,6 +488,34 @@ def test_whole_model_patches_its_projector(key, prefix, projector):
         assert all(t.endswith("attn.forward") for t in handle.targets if "projector" not in t)
     with vt.patch(model, vision=False) as handle:
         assert handle.targets == (f"model.{projector}.forward",)
+
+
+@pytest.mark.parametrize(("ratio", "side", "fused"), [(1, 4, True), (2, 5, False),
+                                                     (3, 6, False)])  # fmt: skip
+def test_perception_lm_projector_other_poolings(ratio, side, fused):
+    """PerceptionLM's projector without pooling (ratio 1) runs the plain fused projector; a
+    pooling that is no 2 x 2 mean (an odd grid's adaptive bins, ratio 3) runs the class's
+    forward, with a warning: the same values either way."""
+    module, _ = _perception_lm(ratio)()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    x = torch.randn(2, side * side, 12)
+    with vt.patch(mine), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = mine(x)
+    fallbacks = [w for w in caught if issubclass(w.category, PatchFallbackWarning)]
+    assert len(fallbacks) == (0 if fused else 1)
+    assert fused or f"pooling ratio {ratio} of a {side} x {side} grid is not a 2 x 2 mean" in str(
+        fallbacks[0].message
+    )
+    want = ref(x)
+    assert out.shape == want.shape and max_rel(out, want) < TOL
+
+
+def test_perception_lm_projector_refuses_a_grid_that_is_not_square():
+    module, _ = _perception_lm()()
+    with vt.patch(module), pytest.raises(ValueError, match="num_tokens 15 is expected to be"):
+        module(torch.randn(2, 15, 12))
 
 
 def test_refuses_tanh_gelu():

@@ -11,6 +11,9 @@ gets an instance ``forward``:
   :func:`~vlmkernels.ops.connectors.mlp_projector` (Linear + exact GELU + Linear);
 - ``Idefics3Connector``, ``SmolVLMConnector``: pixel shuffle + Linear (no bias) as one
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
+- ``PerceptionLMMultiModalProjector``: :func:`~vlmkernels.ops.connectors.mlp_projector`,
+  with its 2 x 2 adaptive mean (``projector_pooling_ratio=2``) pooled before the second
+  linear (``pool="avg2x2"``; other ratios and odd grids run the class's forward);
 - ``VipLlavaMultiModalProjector``: LayerNorm + Linear + GELU + Linear over the
   concatenated feature layers, in one merger;
 - ``Lfm3VlMultiModalProjector``, ``Kimi_K25MultimodalProjection``: LayerNorm on each
@@ -43,15 +46,16 @@ forwards read those layers' parameters; a layer replaced or hooked after patchin
 LoRA wrapper, say) makes the module run its class's forward, with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
 
-Roots: the LLaVA, VipLLaVA, LFM3-VL, Kimi-K2.5, Idefics3, SmolVLM, InternVL and MiniCPM-V models
-(``...ForConditionalGeneration``, ``...Model``) and the connector modules themselves; for
-the Qwen-VL models (whose roots the rotary table owns, Qwen3.5's and Qwen3.5-MoE's too) any
-model holding their merger modules (or Qwen3-VL's text model): the full models, the vision
-towers, the mergers themselves, a foreign model.
+Roots: the LLaVA, PerceptionLM, VipLLaVA, LFM3-VL, Kimi-K2.5, Idefics3, SmolVLM, InternVL
+and MiniCPM-V models (``...ForConditionalGeneration``, ``...Model``) and the connector
+modules themselves; for the Qwen-VL models (whose roots the rotary table owns, Qwen3.5's and
+Qwen3.5-MoE's too) any model holding their merger modules (or Qwen3-VL's text model): the
+full models, the vision towers, the mergers themselves, a foreign model.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 
@@ -66,6 +70,7 @@ from ..patching import (
     SetMethod,
     UnsupportedLayoutError,
     changed_part,
+    class_forward,
     exact_layer,
     fused_forward,
     has_hooks,
@@ -73,8 +78,9 @@ from ..patching import (
 )
 
 __all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LLAVA_PATCHER",
-           "MINICPM_MERGER_PATCHER", "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER",
-           "TESTED_VERSIONS"]  # fmt: skip
+           "MINICPM_MERGER_PATCHER", "PERCEPTION_LM_PATCHER", "QWEN_MERGER_PATCHER",
+           "SHUFFLE_PATCHER", "TESTED_VERSIONS", "TOKEN_MERGE_PATCHERS",
+           "VIPLLAVA_PATCHER"]  # fmt: skip
 
 # MiniCPM-V 4.7 is in transformers from 5.18, MiniCPM-OCR from 5.21 (absent: skipped, reported)
 TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
@@ -146,6 +152,48 @@ LLAVA_PATCHER = register(
         TESTED_VERSIONS,
         tuple(_arch(key, prefix, "projector", cls) for key, prefix, cls in _LLAVA),
         (SetMethod("connector", "projector", "forward", _llava_forward),),
+    )
+)
+
+
+def _perception_lm_forward(module, arch):
+    """PerceptionLM's projector: Linear + GELU + Linear, then its ``pooling`` (an
+    ``nn.Identity``, or the adaptive 2-D mean of each sample's square token grid to
+    (h / r, h / r)): one :func:`mlp_projector`, pooled before the second linear where the
+    pooling is a 2 x 2 mean (r = 2, h even); any other grid or ratio runs the class's
+    forward (the adaptive mean of uneven bins is not one of the fused poolings)."""
+    where = _where(module)
+    _linear(module, "linear_1", where), _linear(module, "linear_2", where)
+    _exact_gelu(module.gelu, where)
+    pooling_cls = Patcher.cls(sys.modules[arch.module], "PerceptionLMAdaptiveAvgPooling")
+    if type(module.pooling) not in (nn.Identity, pooling_cls):
+        raise UnsupportedLayoutError(f"{where}.pooling is {type(module.pooling).__qualname__}")
+
+    def forward(self, features):
+        l1, l2, pooling = self.linear_1, self.linear_2, self.pooling
+        ratio = 1 if isinstance(pooling, nn.Identity) else pooling.pooling_ratio
+        if ratio == 1 or features.dim() != 3:
+            y = mlp_projector(features, l1.weight, l1.bias, l2.weight, l2.bias)
+            return y if ratio == 1 else pooling(y)
+        n = features.shape[1]
+        h = isqrt(n)
+        if h * h != n:
+            raise ValueError(f"num_tokens {n} is expected to be a square number")
+        if ratio != 2 or h % 2:
+            why = f"pooling ratio {ratio} of a {h} x {h} grid is not a 2 x 2 mean"
+            return class_forward(self, why, features)
+        return mlp_projector(features, l1.weight, l1.bias, l2.weight, l2.bias, pool="avg2x2",
+                             grid=(h, h))  # fmt: skip
+
+    return fused_forward(module, ("linear_1", "gelu", "linear_2", "pooling"), forward)
+
+
+PERCEPTION_LM_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        (_arch("perception_lm", "PerceptionLM", "projector", "PerceptionLMMultiModalProjector"),),
+        (SetMethod("connector", "projector", "forward", _perception_lm_forward),),
     )
 )
 
