@@ -100,6 +100,14 @@ def vipllava():
     return projector, torch.randn(2, 7, 30)
 
 
+def _granite_docling():
+    modeling = _modeling("granite_docling")
+    config = importlib.import_module(
+        "transformers.models.granite_docling.configuration_granite_docling"
+    ).GraniteDoclingVisionConfig(hidden_size=6, out_hidden_size=10, num_attention_heads=2)
+    return modeling.GraniteDoclingDeepStackMerger(config, 2), torch.randn(2, 4, 24)
+
+
 def _perception_lm(ratio=2):
     def build():
         modeling = _modeling("perception_lm")
@@ -202,7 +210,8 @@ def _onevision1_5():
 # dots3.note's Qwen2-VL's, LLaVA-OneVision-1.5's, Cohere Compass's and Qwen4-Exp's Qwen3-VL's;
 # LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's, Qianfan-OCR's InternVL's (on
 # features the model shuffled). And LLaVA's forward with the layers sized from other config
-# fields: FastVLM's projector, Inkling2's merger.
+# fields: FastVLM's projector, Inkling2's merger; VipLLaVA's with another norm name:
+# Granite-Docling's DeepStack mergers.
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -213,6 +222,7 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qianfan_ocr": _internvl_like("qianfan_ocr", "QianfanOCR"),
              "dots3_note": _qwen2_like("dots3_note", "Dots3NoteVisionMerger"),
              "llava_onevision1_5": _onevision1_5,
+             "granite_docling": _granite_docling,
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
              "video_llava": _llava_like("video_llava", "VideoLlava")}  # fmt: skip
 
@@ -473,21 +483,27 @@ def test_connector_patched_as_root_and_switched_off():
 
 
 @pytest.mark.parametrize(("key", "prefix", "projector"), [
-    ("vipllava", "VipLlava", "multi_modal_projector"),  # on its five feature layers
-    ("lfm3_vl", "Lfm3Vl", "multi_modal_projector"),
-    ("kimi_k25", "Kimi_K25", "mm_projector"),
+    ("vipllava", "VipLlava", "VipLlavaMultiModalProjector"),  # on its five feature layers
+    ("lfm3_vl", "Lfm3Vl", "Lfm3VlMultiModalProjector"),
+    ("kimi_k25", "Kimi_K25", "Kimi_K25MultimodalProjection"),
+    ("granite_docling", "GraniteDocling", "GraniteDoclingDeepStackMerger"),
 ])  # fmt: skip
 def test_whole_model_patches_its_projector(key, prefix, projector):
-    """The whole model (default config, meta device) patches its projector with the
-    connector part (and, for LFM3-VL's and Kimi-K2.5's towers, the vision rotary)."""
-    cls = getattr(_modeling(key), f"{prefix}ForConditionalGeneration")
+    """The whole model (default config, meta device) patches every module of its projector
+    class with the connector part (Granite-Docling: the DeepStack mergers of its coarse and
+    fine paths), and nothing else there but, for LFM3-VL's and Kimi-K2.5's towers, the
+    vision rotary."""
+    modeling = _modeling(key)
+    cls = getattr(modeling, f"{prefix}ForConditionalGeneration")
     with torch.device("meta"):
         model = cls(cls.config_class())
+    kind = getattr(modeling, projector)
+    want = {f"{n}.forward" for n, m in model.named_modules() if isinstance(m, kind)}
     with vt.patch(model) as handle:
-        assert f"model.{projector}.forward" in handle.targets
-        assert all(t.endswith("attn.forward") for t in handle.targets if "projector" not in t)
+        assert want and want <= set(handle.targets)
+        assert all(t.endswith("attn.forward") for t in set(handle.targets) - want)
     with vt.patch(model, vision=False) as handle:
-        assert handle.targets == (f"model.{projector}.forward",)
+        assert set(handle.targets) == want
 
 
 @pytest.mark.parametrize(("ratio", "side", "fused"), [(1, 4, True), (2, 5, False),

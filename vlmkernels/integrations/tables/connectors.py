@@ -14,8 +14,9 @@ gets an instance ``forward``:
 - ``PerceptionLMMultiModalProjector``: :func:`~vlmkernels.ops.connectors.mlp_projector`,
   with its 2 x 2 adaptive mean (``projector_pooling_ratio=2``) pooled before the second
   linear (``pool="avg2x2"``; other ratios and odd grids run the class's forward);
-- ``VipLlavaMultiModalProjector``: LayerNorm + Linear + GELU + Linear over the
-  concatenated feature layers, in one merger;
+- ``VipLlavaMultiModalProjector``, ``GraniteDoclingDeepStackMerger``: LayerNorm + Linear +
+  GELU + Linear over VipLLaVA's concatenated feature layers, Granite-Docling's shuffled
+  DeepStack features, in one merger;
 - ``Lfm3VlMultiModalProjector``, ``Kimi_K25MultimodalProjection``: LayerNorm on each
   token, 2 x 2 consecutive tokens one row, Linear + GELU + Linear: the Qwen2-VL merger
   under other names, one merger;
@@ -78,9 +79,9 @@ from ..patching import (
 )
 
 __all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LLAVA_PATCHER",
-           "MINICPM_MERGER_PATCHER", "PERCEPTION_LM_PATCHER", "QWEN_MERGER_PATCHER",
-           "SHUFFLE_PATCHER", "TESTED_VERSIONS", "TOKEN_MERGE_PATCHERS",
-           "VIPLLAVA_PATCHER"]  # fmt: skip
+           "MINICPM_MERGER_PATCHER", "NORM_MLP_PATCHERS", "PERCEPTION_LM_PATCHER",
+           "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER", "TESTED_VERSIONS",
+           "TOKEN_MERGE_PATCHERS"]  # fmt: skip
 
 # MiniCPM-V 4.7 is in transformers from 5.18, MiniCPM-OCR from 5.21 (absent: skipped, reported)
 TESTED_VERSIONS = ("5.16.1", "5.17.0", "5.18.0", "5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0",
@@ -277,14 +278,32 @@ def _internvl_forward(module, arch):
     return fused_forward(module, ("layer_norm", "linear_1", "act", "linear_2"), forward)
 
 
-def _vipllava_forward(module, arch):
-    _check_norm_mlp(module, "projector_layernorm")
+def _norm_mlp_forward(norm_name: str):
+    """The forward builder of a module whose forward is ``norm_name`` (a 1-D LayerNorm),
+    ``linear_1``, ``act`` (exact GELU), ``linear_2`` on the last axis: one merger."""
 
-    def forward(self, hidden_states):
-        ln, l1, l2 = self.projector_layernorm, self.linear_1, self.linear_2
-        return _norm_mlp_rows(hidden_states, ln, l1, l2)
+    def build(module, arch):
+        _check_norm_mlp(module, norm_name)
 
-    return fused_forward(module, ("projector_layernorm", "linear_1", "act", "linear_2"), forward)
+        def forward(self, x):
+            ln, l1, l2 = self.get_submodule(norm_name), self.linear_1, self.linear_2
+            return _norm_mlp_rows(x, ln, l1, l2)
+
+        return fused_forward(module, (norm_name, "linear_1", "act", "linear_2"), forward)
+
+    return build
+
+
+# VipLLaVA's projector on its five feature layers side by side; Granite-Docling's DeepStack
+# mergers on the features its connector shuffled
+NORM_MLP_PATCHERS = tuple(
+    register(Patcher("transformers", TESTED_VERSIONS, (_arch(key, prefix, "projector", cls),),
+                     (SetMethod("connector", "projector", "forward", _norm_mlp_forward(norm)),)))
+    for key, prefix, cls, norm in (
+        ("vipllava", "VipLlava", "VipLlavaMultiModalProjector", "projector_layernorm"),
+        ("granite_docling", "GraniteDocling", "GraniteDoclingDeepStackMerger", "layer_norm"),
+    )
+)  # fmt: skip
 
 
 def _deferred_scale(features, k: int) -> int | None:
@@ -311,16 +330,6 @@ INTERNVL_PATCHER = register(
             ),
         ),  # fmt: skip
         (SetMethod("connector", "internvl_projector", "forward", _internvl_forward),),
-    )
-)
-
-
-VIPLLAVA_PATCHER = register(
-    Patcher(
-        "transformers",
-        TESTED_VERSIONS,
-        (_arch("vipllava", "VipLlava", "projector", "VipLlavaMultiModalProjector"),),
-        (SetMethod("connector", "projector", "forward", _vipllava_forward),),
     )
 )
 
