@@ -124,6 +124,20 @@ def _perception_lm(ratio=2):
     return build
 
 
+def _lfm2_vl(layer_norm=True):
+    def build():
+        modeling = _modeling("lfm2_vl")
+        config = transformers.Lfm2VlConfig(
+            vision_config={"hidden_size": 6, "num_attention_heads": 2},
+            text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+            projector_hidden_size=16, downsample_factor=2, projector_use_layernorm=layer_norm,
+        )  # fmt: skip
+        # (B, W, H, C) features of a 4 x 6 grid: 2 x 3 merged rows per sample
+        return modeling.Lfm2VlMultiModalProjector(config), torch.randn(2, 4, 6, 6)
+
+    return build
+
+
 def lfm3_vl():
     modeling = _modeling("lfm3_vl")
     config = transformers.Lfm3VlConfig(
@@ -172,7 +186,8 @@ def _qwen3(post, key="qwen3_vl", prefix="Qwen3VL"):
 
 
 CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("smolvlm"),
-         "internvl": internvl, "vipllava": vipllava, "lfm3_vl": lfm3_vl,
+         "internvl": internvl, "vipllava": vipllava, "lfm2_vl": _lfm2_vl(),
+         "lfm3_vl": lfm3_vl,
          "kimi_k25": kimi_k25, "perception_lm": _perception_lm(), "qwen2_vl": qwen2,
          "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
@@ -211,7 +226,7 @@ def _onevision1_5():
 # LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's, Qianfan-OCR's InternVL's (on
 # features the model shuffled). And LLaVA's forward with the layers sized from other config
 # fields: FastVLM's projector, Inkling2's merger; VipLLaVA's with another norm name:
-# Granite-Docling's DeepStack mergers.
+# Granite-Docling's DeepStack mergers. (And LFM2-VL's projector built without its norm.)
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -223,6 +238,7 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "dots3_note": _qwen2_like("dots3_note", "Dots3NoteVisionMerger"),
              "llava_onevision1_5": _onevision1_5,
              "granite_docling": _granite_docling,
+             "lfm2_vl_no_norm": _lfm2_vl(layer_norm=False),
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
              "video_llava": _llava_like("video_llava", "VideoLlava")}  # fmt: skip
 
@@ -487,6 +503,7 @@ def test_connector_patched_as_root_and_switched_off():
     ("lfm3_vl", "Lfm3Vl", "Lfm3VlMultiModalProjector"),
     ("kimi_k25", "Kimi_K25", "Kimi_K25MultimodalProjection"),
     ("granite_docling", "GraniteDocling", "GraniteDoclingDeepStackMerger"),
+    ("lfm2_vl", "Lfm2Vl", "Lfm2VlMultiModalProjector"),
 ])  # fmt: skip
 def test_whole_model_patches_its_projector(key, prefix, projector):
     """The whole model (default config, meta device) patches every module of its projector
@@ -1108,21 +1125,22 @@ def test_fallback_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("how", ["subclass", "instance"])
-def test_shuffle_connector_with_its_own_pixel_shuffle_is_refused(how):
-    """The fused Idefics3 connector computes the pixel shuffle in its GEMM's addressing: a
-    pixel_shuffle overridden in a subclass or set on the instance was dropped (2.05 off)."""
-    module, x = _shuffle("idefics3")()
+@pytest.mark.parametrize(("name", "method"), [("idefics3", "pixel_shuffle"),
+                                            ("lfm2_vl", "pixel_unshuffle")])  # fmt: skip
+def test_shuffle_connector_with_its_own_pixel_shuffle_is_refused(how, name, method):
+    """The fused Idefics3 connector (LFM2-VL's projector) computes the pixel (un)shuffle in
+    its GEMM's addressing: one overridden in a subclass or set on the instance was dropped
+    (2.05 off)."""
+    module, x = CASES[name]()
     cls = type(module)
+    shuffle = getattr(cls, method)
     if how == "subclass":
-
-        class Flipped(cls):
-            def pixel_shuffle(self, x, scale_factor=2):
-                return super().pixel_shuffle(x.flip(1), scale_factor)
-
-        module.__class__ = Flipped
+        module.__class__ = type("Flipped", (cls,), {
+            method: lambda self, x, *args: shuffle(self, x.flip(1), *args)
+        })  # fmt: skip
     else:
-        module.pixel_shuffle = lambda x, s=2: cls.pixel_shuffle(module, x.flip(1), s)
-    with pytest.raises(vt.UnsupportedLayoutError, match="pixel_shuffle"):
+        setattr(module, method, lambda x, *args: shuffle(module, x.flip(1), *args))
+    with pytest.raises(vt.UnsupportedLayoutError, match=method):
         vt.patch(module)
     assert "forward" not in vars(module)
 

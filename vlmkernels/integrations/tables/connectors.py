@@ -17,6 +17,8 @@ gets an instance ``forward``:
 - ``VipLlavaMultiModalProjector``, ``GraniteDoclingDeepStackMerger``: LayerNorm + Linear +
   GELU + Linear over VipLLaVA's concatenated feature layers, Granite-Docling's shuffled
   DeepStack features, in one merger;
+- ``Lfm2VlMultiModalProjector``: its pixel unshuffle, optional LayerNorm, Linear + GELU +
+  Linear as one merger (layout "grid": the unshuffled copy is never made);
 - ``Lfm3VlMultiModalProjector``, ``Kimi_K25MultimodalProjection``: LayerNorm on each
   token, 2 x 2 consecutive tokens one row, Linear + GELU + Linear: the Qwen2-VL merger
   under other names, one merger;
@@ -47,11 +49,11 @@ forwards read those layers' parameters; a layer replaced or hooked after patchin
 LoRA wrapper, say) makes the module run its class's forward, with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
 
-Roots: the LLaVA, PerceptionLM, VipLLaVA, LFM3-VL, Kimi-K2.5, Idefics3, SmolVLM, InternVL
-and MiniCPM-V models (``...ForConditionalGeneration``, ``...Model``) and the connector
-modules themselves; for the Qwen-VL models (whose roots the rotary table owns, Qwen3.5's and
-Qwen3.5-MoE's too) any model holding their merger modules (or Qwen3-VL's text model): the
-full models, the vision towers, the mergers themselves, a foreign model.
+Roots: the LLaVA, PerceptionLM, VipLLaVA, LFM2-VL, LFM3-VL, Kimi-K2.5, Idefics3, SmolVLM,
+InternVL and MiniCPM-V models (``...ForConditionalGeneration``, ``...Model``) and the
+connector modules themselves; for the Qwen-VL models (whose roots the rotary table owns,
+Qwen3.5's and Qwen3.5-MoE's too) any model holding their merger modules (or Qwen3-VL's text
+model): the full models, the vision towers, the mergers themselves, a foreign model.
 """
 
 from __future__ import annotations
@@ -78,9 +80,9 @@ from ..patching import (
     register,
 )
 
-__all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LLAVA_PATCHER",
-           "MINICPM_MERGER_PATCHER", "NORM_MLP_PATCHERS", "PERCEPTION_LM_PATCHER",
-           "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER", "TESTED_VERSIONS",
+__all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LFM2_VL_PATCHER",
+           "LLAVA_PATCHER", "MINICPM_MERGER_PATCHER", "NORM_MLP_PATCHERS",
+           "PERCEPTION_LM_PATCHER", "QWEN_MERGER_PATCHER", "SHUFFLE_PATCHER", "TESTED_VERSIONS",
            "TOKEN_MERGE_PATCHERS"]  # fmt: skip
 
 # MiniCPM-V 4.7 is in transformers from 5.18, MiniCPM-OCR from 5.21 (absent: skipped, reported)
@@ -258,6 +260,43 @@ def _norm_mlp_rows(x, ln, l1, l2):
                merge_size=1, norm="layernorm", norm_weight=ln.weight, norm_bias=ln.bias,
                eps=ln.eps)  # fmt: skip
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _lfm2_vl_forward(module, arch):
+    """LFM2-VL's projector: its ``pixel_unshuffle`` of the (B, W, H, C) features by
+    ``factor``, the optional LayerNorm of each merged row, Linear + GELU + Linear: one
+    merger of layout "grid" (the unshuffled copy is never made)."""
+    where = _where(module)
+    _linear(module, "linear_1", where), _linear(module, "linear_2", where)
+    _exact_gelu(module.act, where)
+    f = module.factor
+    if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+        raise UnsupportedLayoutError(f"{where}.factor is {f!r}, not an int >= 1")
+    norm = "layer_norm" if module.use_layer_norm else None
+    if norm is not None:
+        _check_norm_mlp(module, norm)
+
+    def forward(self, image_features):
+        ln, l1, l2 = self.layer_norm, self.linear_1, self.linear_2
+        return merger(image_features, l1.weight, l1.bias, l2.weight, l2.bias,
+                      merge_size=(self.factor, self.factor), layout="grid",
+                      norm=norm and "layernorm", norm_weight=ln and ln.weight,
+                      norm_bias=ln and ln.bias, eps=ln.eps if ln else 1e-6,
+                      norm_before_merge=False)  # fmt: skip
+
+    return fused_forward(module, (*(norm,) * (norm is not None), "linear_1", "act", "linear_2"),
+                         forward)  # fmt: skip
+
+
+LFM2_VL_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        (_arch("lfm2_vl", "Lfm2Vl", "projector", "Lfm2VlMultiModalProjector"),),
+        (SetMethod("connector", "projector", "forward", _lfm2_vl_forward,
+                   bypasses=("pixel_unshuffle",)),),
+    )
+)  # fmt: skip
 
 
 def _internvl_forward(module, arch):
