@@ -2,13 +2,14 @@
 own module's name: the vision towers calling Qwen2-VL's ``apply_rotary_pos_emb_vision``
 (the vision-only rows of the rotary table: dots3.note's, EXAONE 4.5's, GLM-5-Next's,
 Kimi-K2.5's, LFM3-VL's, LLaVA-OneVision-1.5's, MLCD's, Muse Glimmer's and Spark's,
-Ovis2.5's, Step3p7's and VideoLLaMA3's), and NeoMME's text encoder calling Qwen3.5's
-partial ``apply_rotary_pos_emb``.
+Ovis2.5's, Step3p7's and VideoLLaMA3's) or its lane-pair (Inkling2's) or partial
+(MiniMax-M3-VL's) variant, and NeoMME's text encoder calling Qwen3.5's partial
+``apply_rotary_pos_emb``.
 
 Each tower is built tiny from its config (two blocks, two heads of 16 lanes, weights drawn
 with ``initializer_range=0.1``) and fed two images of different grids (one image where the
-tower takes a (1, C, H, W) batch): skipping the rotary moves each tower's output by 2.5e-2
-to 0.12 relative (checked), far above the tolerance. Tolerance (fp32):
+tower takes a (1, C, H, W) batch): skipping the rotary moves each tower's output by 1.6e-2
+to 0.13 relative (checked), far above the tolerance. Tolerance (fp32):
 patched and unpatched outputs, and every parameter gradient of a fixed linear loss on
 them, agree to ``max|a - b| <= 1e-5 * max|b|`` (the table path does transformers'
 arithmetic in fp32). Whole models are built on the meta device from their default
@@ -27,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 from test_patch_transformers import (  # noqa: E402
     DEVICE,
     assert_close,
+    assert_partial_rotary_matches,
     assert_same_grads,
     instance_overrides,
     linear_loss,
@@ -39,7 +41,8 @@ import vlmkernels.integrations.transformers as vt  # noqa: E402
 
 # key -> (class prefix, vision attention class, its inputs, config fields beyond _TINY).
 # Inputs: "flat" (N, C * T * P^2) patches and grid_thw (Qwen-VL's), "patches" (N, C, P, P)
-# and grid_thw, "image" (1, C, H, W) without a grid, "merge" flat with merge_sizes.
+# and grid_thw, "pixels" (N / 4, 4 P^2, C) per 2 x 2 block and its grid in blocks, "image"
+# (1, C, H, W) without a grid, "merge" flat with merge_sizes.
 _MUSE = dict(
     pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, patch_temporal=2, merge_size=2
 )  # a window of 4 x 4 patches: the 4 x 6 image gets two
@@ -62,6 +65,11 @@ TOWERS = {
     "step3p7": ("Step3p7", "Step3p7VisionAttention", "image",
                 dict(mlp_ratio=1.5, layer_scale_init_value=1.0, max_position_embeddings=16)),
     "video_llama_3": ("VideoLlama3", "VideoLlama3VisionAttention", "merge", {}),
+    # the lane-pair (fp32) and partial variants of the function
+    "inkling2": ("Inkling2", "Inkling2VisionAttention", "pixels",
+                 dict(posemb_grid_size=8, mlp_ratio=1.5, projection_hidden_dim=32,
+                      text_hidden_size=32, layer_scale_init_value=1.0)),
+    "minimax_m3_vl": ("MiniMaxM3VL", "MiniMaxM3VLVisionAttention", "flat", {}),
 }  # fmt: skip
 
 # Set on every tower whose config has the field: 2 blocks of 2 heads x 16 lanes, patches of
@@ -91,6 +99,8 @@ def _pixels(config, kind, g):
     n = sum(t * h * w for t, h, w in GRIDS)
     if kind == "patches":
         return torch.randn(n, channels, p, p, generator=g)
+    if kind == "pixels":  # per 2 x 2 block of patches, its pixels
+        return torch.randn(n // 4, 4 * p * p, channels, generator=g)
     frames = getattr(config, "temporal_patch_size", None) or getattr(config, "patch_temporal", 1)
     return torch.randn(n, channels * frames * p * p, generator=g)
 
@@ -107,10 +117,11 @@ def tower(key):
     config.initializer_range = 0.1
     model = cls(config).eval().to(DEVICE)
     g = torch.Generator().manual_seed(1)
-    first = next(iter(inspect.signature(model.forward).parameters))  # pixels, or hidden_states
+    # (pixel_values or hidden_states, grid_thw or image_grid_thw, ...)
+    first, second, *_ = inspect.signature(model.forward).parameters
     inputs = {first: _pixels(config, kind, g)}
-    if kind != "image":
-        inputs["grid_thw"] = torch.tensor(GRIDS)
+    if kind != "image":  # "pixels": the grid in 2 x 2 blocks
+        inputs[second] = torch.tensor(GRIDS) // torch.tensor([1, 2, 2] if kind == "pixels" else 1)
     if kind == "merge":
         inputs["merge_sizes"] = torch.full((len(GRIDS),), 2)
     return model, {k: v.to(DEVICE) for k, v in inputs.items()}, getattr(modeling, attention)
@@ -159,6 +170,37 @@ def test_whole_model_patches_its_vision_attentions(key):
         assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
     assert not instance_overrides(model)
     assert vt.support()[key] == {"vision": "ok"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_function_variants_match_transformers(dtype):
+    """The replacements of Inkling2's (lane pairs, fp32, each result in its input's dtype)
+    and MiniMax-M3-VL's (a quarter of each head rotated, in the tables' dtype, the rest
+    passed) vision functions against the installed ones on (N, H, hd) views of a packed
+    projection (MiniMax-M3-VL's on 5.16: (1, N, H, hd)), fp32 tables (MiniMax's in q's
+    dtype, as its rotary class casts them): same dtypes, values within rounding."""
+    from vlmkernels.integrations.tables import qwen_vl
+
+    g = torch.Generator().manual_seed(6)
+    n, d, rot = 11, 16, 4
+    qkv = torch.randn(n, 3, 2, d, generator=g).to(DEVICE, dtype)
+    q, k = qkv[:, 0], qkv[:, 1]
+    pairs = torch.randn(n, d // 2, generator=g).repeat_interleave(2, -1).to(DEVICE)
+    inkling2 = _modeling("inkling2")
+    got = qwen_vl.functions.apply_paired_rotary_pos_emb_vision(q, k, pairs.cos(), pairs.sin())
+    want = inkling2.apply_rotary_pos_emb_vision(q, k, pairs.cos(), pairs.sin())
+    for a, w in zip(got, want, strict=True):  # fp32 math, one rounding (one bf16 step: the
+        assert a.dtype == w.dtype == dtype  # interpreter truncates bf16 stores)
+        tol = 1e-6 if dtype == torch.float32 else 2**-7
+        assert (a.float() - w.float()).abs().max() <= tol * w.float().abs().max()
+    minimax = _modeling("minimax_m3_vl")
+    if transformers.__version__.startswith("5.16."):
+        q, k = q[None], k[None]
+    half = torch.randn(n, rot // 2, generator=g).repeat(1, 2).to(DEVICE)
+    cos, sin = half.cos().to(dtype), half.sin().to(dtype)
+    got = qwen_vl.functions.apply_partial_rotary_pos_emb_vision(q, k, cos, sin)
+    assert_partial_rotary_matches((q, k), got, minimax.apply_rotary_pos_emb_vision(q, k, cos, sin),
+                                  rot)  # fmt: skip
 
 
 def test_neomme_encoder_matches_transformers():

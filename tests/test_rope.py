@@ -868,6 +868,30 @@ def test_vision_rope_takes_batched_heads_as_transformers_broadcasts(q_shape, tab
         assert max_rel(ours, theirs) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_rope_in_lane_pairs(dtype, device, backend):
+    """``pairs=True``: lanes (2j, 2j + 1) rotate together (Inkling2's vision function), on
+    (N, H, hd) views of a packed projection; values and gradients match the float64
+    formula, and in fp32 the installed Inkling2's own function."""
+    q, k, _ = qk_views(1, 13, 2, 2, 16, dtype, device, "packed")
+    angles = torch.randn(13, 8, device=device).repeat_interleave(2, -1)
+    cos, sin = angles.cos(), angles.sin()
+    outs = vlmkernels.vision_rope(q, k, cos, sin, pairs=True)
+    refs = ref_rope_pairs(*(t.double().cpu() for t in (q, k, cos, sin)))
+    check_outputs(outs, refs, dtype, (q, k))
+    check_grads(
+        lambda q, k: vlmkernels.vision_rope(q, k, cos, sin, pairs=True),
+        lambda q, k: ref_rope_pairs(q, k, cos.double().cpu(), sin.double().cpu()),
+        [leaf(q), leaf(k)],
+        dtype,
+    )
+    if dtype == torch.float32:
+        tf = pytest.importorskip("transformers.models.inkling2.modeling_inkling2")
+        want = tf.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        for ours, theirs in zip(outs, want, strict=True):
+            assert max_rel(ours, theirs) < 1e-6
+
+
 def test_vision_rope_refuses_tables_that_would_widen_q():
     """Tables with more token axes than q (transformers would broadcast q up to a larger
     result) are refused, naming the shapes."""

@@ -323,7 +323,7 @@ def mrope_from_positions(
     return ops.rope_positions(q, k, positions, freq, head_axis, mode, sections, scaling, False)
 
 
-def vision_rope(q, k, cos, sin):
+def vision_rope(q, k, cos, sin, *, pairs: bool = False):
     """``apply_rotary_pos_emb_vision``: the vision tower's 2-D RoPE in fp32.
 
     Args:
@@ -333,6 +333,8 @@ def vision_rope(q, k, cos, sin):
         cos, sin: fp32 tables ``[h f | w f | h f | w f]`` of q's shape without the heads
             axis, (N, hd) or (B, N, hd); missing leading axes and axes of size 1 broadcast,
             as transformers' ``cos.unsqueeze(-2)`` broadcasts them.
+        pairs: lanes (2j, 2j + 1) rotate together, the tables in that order (Inkling2's
+            ``rotate_pairwise``), as :func:`rope`'s.
 
     Returns:
         (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32 (float64 inputs too,
@@ -350,6 +352,6 @@ def vision_rope(q, k, cos, sin):
     wide = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (q, k)]
     if any(wide):  # transformers' q.float(): the rounding is part of the result
         q, k = (t.float() if w else t for t, w in zip((q, k), wide, strict=True))
-        out = _rope("vision_rope", q, k, cos, sin, -2, False)
+        out = _rope("vision_rope", q, k, cos, sin, -2, False, pairs)
         return tuple(t.double() if w else t for t, w in zip(out, wide, strict=True))
-    return _rope("vision_rope", q, k, cos, sin, -2, False)
+    return _rope("vision_rope", q, k, cos, sin, -2, False, pairs)

@@ -36,13 +36,16 @@ from .functions import (
     _paired,
     _positions_rotary_forward,
     _rotation,
+    _vision_rotation,
     apply_fp32_paired_rotary_pos_emb,
     apply_fp32_rotary_pos_emb,
     apply_multimodal_rotary_pos_emb,
     apply_paired_rotary_pos_emb,
     apply_paired_rotary_pos_emb_from_halves,
+    apply_paired_rotary_pos_emb_vision,
     apply_partial_rotary_pos_emb,
     apply_partial_rotary_pos_emb_optional_k,
+    apply_partial_rotary_pos_emb_vision,
     apply_rotary_pos_emb,
     apply_rotary_pos_emb_vision,
     paired_table_order,
@@ -196,10 +199,12 @@ def _text_rotary(key, prefix, text_attention, rotation="full",
     )
 
 
-def _vision_rotary(key, prefix, vision_attention,
+def _vision_rotary(key, prefix, vision_attention, rotation="full",
                    roots=("ForConditionalGeneration", "Model", "VisionModel")):  # fmt: skip
     """A model whose vision attention calls Qwen2-VL's ``apply_rotary_pos_emb_vision`` (the
-    same code under its module's name) while the rest of its rotary is its own or absent:
+    same code under its module's name; ``rotation`` "pairs": its lane-pair variant, in fp32,
+    Inkling2's; "partial": rotate-half on the first ``cos.shape[-1]`` lanes, in the
+    activations' dtype, MiniMax-M3-VL's) while the rest of its rotary is its own or absent:
     ``vision`` alone, on the ``<prefix><root>`` classes (the whole model, the multimodal
     model and the vision tower)."""
     return Architecture(
@@ -207,6 +212,7 @@ def _vision_rotary(key, prefix, vision_attention,
         module=f"transformers.models.{key}.modeling_{key}",
         classes={"vision_attention": vision_attention},
         roots={f"{prefix}{root}": ("vision",) for root in roots},
+        data={"vision_rotation": rotation},
     )
 
 
@@ -227,7 +233,10 @@ def _vision_rotary(key, prefix, vision_attention,
 #   Compass's and NeoMME's (per layer type), Cosmos3-Edge's and GLM-Image's are their own.
 # - Vision rotary functions: Qwen2-VL's in every row with a vision part, as
 #   rotate_half; the vision-only rows' attentions call it on (N, H, hd) q and k (Qwen-VL's
-#   packed qkv) or (B, N, H, hd) ones (Kimi-K2.5, MLCD, Muse Glimmer and Spark, Step3p7).
+#   packed qkv) or (B, N, H, hd) ones (Kimi-K2.5, MLCD, Muse Glimmer and Spark, Step3p7);
+#   Inkling2's rotates lane pairs (its rotate_pairwise) in fp32, MiniMax-M3-VL's the first
+#   cos.shape[-1] lanes without the fp32 upcast (5.16: on (1, N, H, hd) q, cos[None, :,
+#   None]; later (N, H, hd), cos[:, None]: the heads axis -2 either way).
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -287,6 +296,9 @@ ARCHITECTURES = (
         ("muse_spark", "MuseSpark"), ("ovis2_5", "Ovis2_5"), ("step3p7", "Step3p7"),
         ("video_llama_3", "VideoLlama3"))),
     _vision_rotary("mlcd", "MLCD", "MLCDAttention", roots=("VisionModel",)),
+    _vision_rotary("inkling2", "Inkling2", "Inkling2VisionAttention", "pairs"),
+    _vision_rotary("minimax_m3_vl", "MiniMaxM3VL", "MiniMaxM3VLVisionAttention", "partial",
+                   roots=("VisionModel", "Model")),
 )  # fmt: skip
 
 
@@ -569,7 +581,12 @@ REPLACEMENTS = (
            only=_in_fp32("full_fp32", pairs=False)),
     Rebind("rope", "text_attention", (apply_fp32_paired_rotary_pos_emb,),
            only=_in_fp32("pairs_fp32", pairs=True)),
-    Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,)),
+    Rebind("vision", "vision_attention", (apply_rotary_pos_emb_vision,),
+           only=_vision_rotation("full")),
+    Rebind("vision", "vision_attention", (apply_paired_rotary_pos_emb_vision,),
+           only=_vision_rotation("pairs")),
+    Rebind("vision", "vision_attention", (apply_partial_rotary_pos_emb_vision,),
+           only=_vision_rotation("partial")),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
               lambda cls, arch: _rope_index_summary(cls, arch)),

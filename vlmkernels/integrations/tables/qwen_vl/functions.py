@@ -1,6 +1,7 @@
 """The functions the rotary table patches in, with transformers' signatures and names:
 the text rotary functions of the Qwen-VL family and of the models whose code transformers
-adapted from it (rotate-half, partial, lane pairs, in fp32, k optional), the vision one,
+adapted from it (rotate-half, partial, lane pairs, in fp32, k optional), the vision ones
+(Qwen2-VL's, and its lane-pair and partial variants),
 the text rotary module's forward that hands positions on (``angles="positions"``), and the
 ``Rebind.only`` guards that probe which function an installed model has."""
 
@@ -220,6 +221,32 @@ def apply_rotary_pos_emb_vision(q, k, cos, sin):
     return vision_rope(q, k, cos, sin)
 
 
+def apply_paired_rotary_pos_emb_vision(q, k, cos, sin):
+    """Inkling2's ``apply_rotary_pos_emb_vision`` (lanes (2j, 2j + 1) rotating together, in
+    fp32, each result in its input's dtype) on :func:`vlmkernels.vision_rope` with
+    ``pairs=True``. Its ``__name__`` is transformers'."""
+    return vision_rope(q, k, cos, sin, pairs=True)
+
+
+apply_paired_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
+
+
+def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
+    """MiniMax-M3-VL's ``apply_rotary_pos_emb_vision``: rotate-half on the first
+    ``cos.shape[-1]`` lanes of each head (the rest pass), the tables broadcast at the
+    heads axis (-2), in the dtype of ``q * cos`` (no fp32 upcast), on
+    :func:`vlmkernels.rope`. Its ``__name__`` is transformers'."""
+    _check_width(q, cos.shape[-1], partial=True)
+    missing = q.dim() - 1 - cos.dim()
+    if missing > 0:
+        cos, sin = (t.reshape((1,) * missing + t.shape) for t in (cos, sin))
+    out_q, out_k = rope(q, k, cos, sin, -2)
+    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+
+
+apply_partial_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
+
+
 def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
                               pairs: bool = False):  # fmt: skip
     """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
@@ -242,6 +269,12 @@ def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
 def _rotation(kind: str):
     """``Rebind.only`` for the architectures whose text rotary function is ``kind``."""
     return lambda arch: arch.data["rotation"] == kind
+
+
+def _vision_rotation(kind: str):
+    """``Rebind.only`` for the architectures whose vision rotary function is ``kind``
+    ("full", Qwen2-VL's, where the table says nothing; "pairs", "partial")."""
+    return lambda arch: arch.data.get("vision_rotation", "full") == kind
 
 
 def _calls(cls, name: str) -> bool:
