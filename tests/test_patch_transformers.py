@@ -1745,6 +1745,52 @@ def test_fp32_rotary_functions_round_a_narrower_k_once(arch):
         torch.testing.assert_close(g_, w, rtol=0, atol=1e-5)
 
 
+def _merged_chunks(table, section):
+    """transformers <= 5.16's apply_multimodal_rotary_pos_emb merge of (3, ..., R) tables."""
+    parts = table.split(list(section) * 2, dim=-1)
+    return torch.cat([m[i % 3] for i, m in enumerate(parts)], dim=-1)
+
+
+@pytest.mark.parametrize("function", ["full", "partial", "optional_k", "multimodal",
+                                      "positions"])  # fmt: skip
+def test_text_rotary_functions_keep_the_promoted_precision(function):
+    """bf16 q and k with fp32 tables (autocast: the rotary class casts its tables to the
+    fp32 hidden states' dtype, the projections give bf16): transformers' ``q * cos +
+    rotate_half(q) * sin`` is fp32 and exact to fp32 rounding. The replacements return it
+    in fp32 to that rounding, not the rotation rounded to bf16 and cast up."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen3_5_module
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    g = torch.Generator().manual_seed(11)
+    b, s, d, section = 2, 5, 16, (2, 3, 3)
+    q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, torch.bfloat16).transpose(1, 2)
+            for h in (4, 2))  # fmt: skip
+    positions = torch.randint(0, 50, (3, b, s), generator=g).to(DEVICE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, device=DEVICE) / d)
+    angles = positions[..., None].float() * inv_freq
+    cos3, sin3 = (f(torch.cat((angles, angles), -1)) for f in (torch.cos, torch.sin))
+    cos, sin = _merged_chunks(cos3, section), _merged_chunks(sin3, section)
+    want = qwen3_vl.apply_rotary_pos_emb(q, k, cos, sin)  # Qwen2-VL's (>= 5.17) too
+    if function == "full":
+        got = qwen_vl.apply_rotary_pos_emb(q, k, cos, sin)
+    elif function == "partial":
+        got = qwen_vl.apply_partial_rotary_pos_emb(q, k, cos, sin)
+        want = qwen3_5_module.apply_rotary_pos_emb(q, k, cos, sin)
+    elif function == "optional_k":
+        got = (qwen_vl.apply_partial_rotary_pos_emb_optional_k(q, cos=cos, sin=sin),)
+        want = want[:1]
+    elif function == "multimodal":
+        got = qwen_vl.apply_multimodal_rotary_pos_emb(q, k, cos3, sin3, list(section))
+    else:
+        fp32 = qwen_vl.PositionAngles(inv_freq, 1.0, section, False, torch.float32)
+        got = qwen_vl.apply_rotary_pos_emb(q, k, positions, fp32)
+    for g_, w in zip(got, want, strict=True):
+        assert g_.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g_, w, rtol=0, atol=1e-6 * w.abs().max().item())
+
+
 @pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
 def test_text_rotary_models_match_transformers(arch):
     """HunYuan-VL, Cosmos3-Edge and GLM-Image, whose text attention calls Qwen's rotary

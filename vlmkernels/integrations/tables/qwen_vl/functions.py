@@ -30,10 +30,12 @@ class PositionAngles:
     pairs: bool = False  # lanes (2j, 2j + 1) rotate together (GLM-4V)
 
 
-def _eager_dtype(out: torch.Tensor, x: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
-    """``out`` in the dtype of transformers' ``x * cos`` (type promotion of x and cos)."""
+def _eager_dtype(x: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the dtype of transformers' ``x * cos`` (type promotion of x and cos), before
+    the rotation: a bf16 q with fp32 tables (autocast) gives an fp32 result there, computed
+    from the exact products, not the bf16-rounded rotation cast up afterwards."""
     dtype = torch.promote_types(x.dtype, table_dtype)
-    return out if out.dtype == dtype else out.to(dtype)
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _check_width(q, rot: int, partial: bool) -> None:
@@ -60,11 +62,11 @@ def _from_positions(q, k, positions, angles: PositionAngles, section, unsqueeze_
             f"(unsqueeze_dim=1), got unsqueeze_dim={unsqueeze_dim}"
         )
     positions = positions.to(q.device).expand(3, q.shape[0], q.shape[2])
-    out_q, out_k = mrope_from_positions(
+    q, k = _eager_dtype(q, angles.dtype), _eager_dtype(k, angles.dtype)
+    return mrope_from_positions(
         q, k, positions, angles.inv_freq, section, interleaved=angles.interleaved,
         attention_scaling=angles.attention_scaling, pairs=angles.pairs,
     )  # fmt: skip
-    return _eager_dtype(out_q, q, angles.dtype), _eager_dtype(out_k, k, angles.dtype)
 
 
 def _text_function(partial: bool, pairs: bool = False):
@@ -72,8 +74,8 @@ def _text_function(partial: bool, pairs: bool = False):
         if isinstance(sin, PositionAngles):
             return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim, partial)
         _check_width(q, cos.shape[-1], partial)
-        out_q, out_k = rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
-        return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+        q, k = _eager_dtype(q, cos.dtype), _eager_dtype(k, cos.dtype)
+        return rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
 
     return apply_rotary_pos_emb
 
@@ -212,8 +214,8 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     if isinstance(sin, PositionAngles):
         return _from_positions(q, k, cos, sin, mrope_section, unsqueeze_dim)
     _check_width(q, cos.shape[-1], partial=False)
-    out_q, out_k = mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
-    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+    q, k = _eager_dtype(q, cos.dtype), _eager_dtype(k, cos.dtype)
+    return mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
 
 
 def apply_rotary_pos_emb_vision(q, k, cos, sin):
