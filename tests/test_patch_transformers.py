@@ -1791,6 +1791,38 @@ def test_text_rotary_functions_keep_the_promoted_precision(function):
         torch.testing.assert_close(g_, w, rtol=0, atol=1e-6 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("function", ["full", "partial", "multimodal"])
+@pytest.mark.parametrize(
+    ("q_dtype", "cos_dtype", "sin_dtype"),
+    [(torch.bfloat16, torch.bfloat16, torch.float32),
+     (torch.float32, torch.float32, torch.float64)],
+)  # fmt: skip
+def test_text_rotary_functions_promote_with_sin_too(function, q_dtype, cos_dtype, sin_dtype):
+    """transformers' ``q * cos + rotate_half(q) * sin`` promotes over q, cos and sin: a
+    sin wider than cos widens the result. The replacements return that dtype and values."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen3_5_module
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    g = torch.Generator().manual_seed(12)
+    b, s, d, section = 2, 5, 16, (2, 3, 3)
+    q, k = (torch.randn(b, h, s, d, generator=g).to(DEVICE, q_dtype) for h in (4, 2))
+    angles = torch.randn(3, b, s, d // 2, generator=g).repeat(1, 1, 1, 2).to(DEVICE)
+    cos3, sin3 = angles.cos().to(cos_dtype), angles.sin().to(sin_dtype)
+    cos, sin = _merged_chunks(cos3, section), _merged_chunks(sin3, section)
+    want = qwen3_5_module.apply_rotary_pos_emb(q, k, cos, sin)
+    if function == "multimodal":
+        got = qwen_vl.apply_multimodal_rotary_pos_emb(q, k, cos3, sin3, list(section))
+    else:
+        replacement = {"full": qwen_vl.apply_rotary_pos_emb,
+                       "partial": qwen_vl.apply_partial_rotary_pos_emb}[function]  # fmt: skip
+        got = replacement(q, k, cos, sin)
+    for g_, w in zip(got, want, strict=True):
+        assert g_.dtype == w.dtype == torch.promote_types(cos_dtype, sin_dtype)
+        tol = 1e-2 if torch.bfloat16 in (q_dtype, cos_dtype) else 1e-6  # products of bf16
+        torch.testing.assert_close(g_, w, rtol=0, atol=tol * w.abs().max().item())
+
+
 @pytest.mark.parametrize("arch", ["hunyuan_vl", "cosmos3_edge", "glm_image"])
 def test_text_rotary_models_match_transformers(arch):
     """HunYuan-VL, Cosmos3-Edge and GLM-Image, whose text attention calls Qwen's rotary

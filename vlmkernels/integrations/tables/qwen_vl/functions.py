@@ -30,11 +30,14 @@ class PositionAngles:
     pairs: bool = False  # lanes (2j, 2j + 1) rotate together (GLM-4V)
 
 
-def _eager_dtype(x: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in the dtype of transformers' ``x * cos`` (type promotion of x and cos), before
-    the rotation: a bf16 q with fp32 tables (autocast) gives an fp32 result there, computed
-    from the exact products, not the bf16-rounded rotation cast up afterwards."""
-    dtype = torch.promote_types(x.dtype, table_dtype)
+def _eager_dtype(x: torch.Tensor, *table_dtypes: torch.dtype) -> torch.Tensor:
+    """``x`` in the dtype of transformers' ``x * cos + rotate_half(x) * sin`` (type
+    promotion of x, cos and sin), before the rotation: a bf16 q with fp32 tables (autocast)
+    gives an fp32 result there, computed from the exact products, not the bf16-rounded
+    rotation cast up afterwards."""
+    dtype = x.dtype
+    for table_dtype in table_dtypes:
+        dtype = torch.promote_types(dtype, table_dtype)
     return x if x.dtype == dtype else x.to(dtype)
 
 
@@ -74,7 +77,7 @@ def _text_function(partial: bool, pairs: bool = False):
         if isinstance(sin, PositionAngles):
             return _from_positions(q, k, cos, sin, sin.mrope_section, unsqueeze_dim, partial)
         _check_width(q, cos.shape[-1], partial)
-        q, k = _eager_dtype(q, cos.dtype), _eager_dtype(k, cos.dtype)
+        q, k = (_eager_dtype(x, cos.dtype, sin.dtype) for x in (q, k))
         return rope(q, k, cos, sin, unsqueeze_dim, pairs=pairs)
 
     return apply_rotary_pos_emb
@@ -214,7 +217,7 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     if isinstance(sin, PositionAngles):
         return _from_positions(q, k, cos, sin, mrope_section, unsqueeze_dim)
     _check_width(q, cos.shape[-1], partial=False)
-    q, k = _eager_dtype(q, cos.dtype), _eager_dtype(k, cos.dtype)
+    q, k = (_eager_dtype(x, cos.dtype, sin.dtype) for x in (q, k))
     return mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
 
 
