@@ -1660,6 +1660,25 @@ def test_qwen4_exp_rotary_function_with_and_without_k(dtype):
     assert_partial_rotary_matches((q,), (alone,), (want,), rot)
 
 
+@pytest.mark.parametrize("unsqueeze_dim", [0, -3])
+def test_qwen4_exp_rotary_function_without_k_on_tables_of_fewer_axes(unsqueeze_dim):
+    """Qwen4-Exp's function with k None and (S, R) tables (one table for every row): the
+    unsqueezed table names q's heads axis from the right, here axis 1 of (B, H, S, D) q,
+    as in transformers; the replacement takes q alone there too."""
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as qwen4
+
+    from vlmkernels.integrations.tables import qwen_vl
+
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 4, 5, 16, generator=g).to(DEVICE)
+    angles = torch.randn(5, 4, generator=g).repeat(1, 2).to(DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    got = qwen_vl.apply_partial_rotary_pos_emb_optional_k(q, cos=cos, sin=sin,
+                                                          unsqueeze_dim=unsqueeze_dim)  # fmt: skip
+    want = qwen4.apply_rotary_pos_emb(q, cos=cos, sin=sin, unsqueeze_dim=unsqueeze_dim)
+    assert_partial_rotary_matches((q,), (got,), (want,), 8)
+
+
 def test_cohere_compass_matches_transformers():
     """Cohere Compass (a frequency table and sections per layer type): every text and
     vision rotary call runs on vlmkernels from transformers' tables, get_rope_index is

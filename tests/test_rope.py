@@ -892,6 +892,42 @@ def test_vision_rope_in_lane_pairs(dtype, device, backend):
             assert max_rel(ours, theirs) < 1e-6
 
 
+@pytest.mark.parametrize(
+    ("q_shape", "table_shape", "unsqueeze_dim"),
+    [
+        ((2, 3, 7, 16), (7, 16), -3),  # (B, H, S, D), one (S, D) table for every row
+        ((2, 3, 7, 16), (7, 16), 0),  # the same heads axis: (S, D).unsqueeze(0)
+        ((2, 7, 3, 16), (7, 16), -2),  # (B, S, H, D)
+        ((2, 7, 3, 16), (7, 16), 1),
+        ((2, 3, 7, 16), (16,), 0),  # one row of angles for every token
+    ],  # fmt: skip
+)
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_tables_with_fewer_token_axes_broadcast_from_the_right(q_shape, table_shape,
+                                                               unsqueeze_dim, multimodal,
+                                                               device, backend):  # fmt: skip
+    """transformers' ``cos.unsqueeze(unsqueeze_dim)`` broadcasts against q from the right,
+    so tables without q's leading token axes are taken, the heads axis being the one the
+    unsqueezed table's size 1 lands on. rope and mrope (its (3, ...) tables) take them too:
+    values and gradients of q, k, cos and sin match the float64 formula."""
+    q, k = (torch.randn(q_shape, device=device) for _ in range(2))
+    lead, section = ((3,), [2, 3, 3]) if multimodal else ((), None)
+    cos, sin = (torch.randn(*lead, *table_shape, device=device) for _ in range(2))
+    op, ref_op = (vlmkernels.mrope, ref_mrope) if multimodal else (vlmkernels.rope, ref_rope)
+    args = (section,) if multimodal else ()
+
+    def fn(q, k, cos, sin):
+        return op(q, k, cos, sin, *args, unsqueeze_dim)
+
+    def ref_fn(q, k, cos, sin):
+        return ref_op(q, k, cos, sin, *args, unsqueeze_dim)
+
+    outs = fn(q, k, cos, sin)
+    check_outputs(outs, ref_fn(*(t.double().cpu() for t in (q, k, cos, sin))), torch.float32,
+                  (q, k))  # fmt: skip
+    check_grads(fn, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
+
+
 def test_vision_rope_refuses_tables_that_would_widen_q():
     """Tables with more token axes than q (transformers would broadcast q up to a larger
     result) are refused, naming the shapes."""

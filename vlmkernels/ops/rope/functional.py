@@ -185,8 +185,30 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False, pairs
     return _rope("rope", q, k, cos, sin, unsqueeze_dim, inplace, pairs)
 
 
+def _right_aligned(q, cos, sin, unsqueeze_dim, off: int):
+    """transformers' ``cos.unsqueeze(unsqueeze_dim)`` broadcast against q from the right,
+    for tables with fewer token axes than q (``off``: the leading axis of M-RoPE tables):
+    (cos, sin, heads axis of q) with the missing leading token axes added as size 1 (they
+    broadcast), e.g. (S, D) tables for (B, H, S, D) q with ``unsqueeze_dim`` -3 or 0.
+    Anything else comes back unchanged, for the checks to name."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, cos, sin)):
+        return cos, sin, unsqueeze_dim
+    want = q.dim() - 1 + off
+    if cos.dim() >= want or type(unsqueeze_dim) is not int:  # the usual case: nothing to do
+        return cos, sin, unsqueeze_dim
+    if sin.dim() != cos.dim() or cos.dim() < off + 1 or (off and cos.shape[0] != 3):
+        return cos, sin, unsqueeze_dim  # (an M-RoPE table without its leading 3 is refused)
+    n = cos.dim() - off + 1  # dims of the unsqueezed table, the leading axis left out
+    if not -n <= unsqueeze_dim < n:
+        return cos, sin, unsqueeze_dim
+    missing = (1,) * (want - cos.dim())
+    cos, sin = (t.reshape(t.shape[:off] + missing + t.shape[off:]) for t in (cos, sin))
+    return cos, sin, q.dim() - n + unsqueeze_dim % n
+
+
 def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace, pairs=False):
     """:func:`rope` with errors naming ``op``."""
+    cos, sin, unsqueeze_dim = _right_aligned(q, cos, sin, unsqueeze_dim, 0)
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
     _check_table_type(op, cos, sin)
     _check_rotary_dim(op, cos.shape[-1], q.shape[-1], "cos.shape[-1]")
@@ -219,6 +241,7 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
             same.
     """
     op = "mrope"
+    cos, sin, unsqueeze_dim = _right_aligned(q, cos, sin, unsqueeze_dim, 1)
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
     _check_table_type(op, cos, sin)
     rot = cos.shape[-1]

@@ -110,8 +110,9 @@ def apply_partial_rotary_pos_emb_optional_k(q, k=None, cos=None, sin=None, unsqu
     returned when k is None, as its sparse-attention indexer calls it), on
     :func:`vlmkernels.rope` (a k of no heads stands in for the missing one). Its
     ``__name__`` is transformers'."""
-    if k is None:
-        empty = q.narrow(unsqueeze_dim % q.dim(), 0, 0)
+    if k is None:  # the heads axis of q that transformers' cos.unsqueeze(unsqueeze_dim) names
+        n = cos.dim() + 1
+        empty = q.narrow(q.dim() - n + unsqueeze_dim % n, 0, 0)
         return apply_partial_rotary_pos_emb(q, empty, cos, sin, unsqueeze_dim)[0]
     return apply_partial_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
 
