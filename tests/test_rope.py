@@ -928,6 +928,39 @@ def test_tables_with_fewer_token_axes_broadcast_from_the_right(q_shape, table_sh
     check_grads(fn, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
 
 
+@pytest.mark.parametrize(
+    ("fn", "q_shape", "cos_shape", "sin_shape"),
+    [
+        ("rope", (2, 3, 7, 16), (2, 7, 16), (1, 7, 16)),
+        ("rope", (2, 3, 7, 16), (1, 7, 16), (2, 1, 16)),
+        ("mrope", (2, 3, 7, 16), (3, 2, 7, 16), (3, 1, 7, 16)),
+        ("vision_rope", (7, 3, 16), (7, 16), (1, 16)),
+        ("vision_rope", (2, 7, 3, 16), (7, 16), (2, 7, 16)),
+    ],  # fmt: skip
+)
+def test_cos_and_sin_of_different_shapes_broadcast(fn, q_shape, cos_shape, sin_shape,
+                                                   device, backend):  # fmt: skip
+    """transformers multiplies q by cos and rotate_half(q) by sin, each broadcast on its
+    own: cos and sin need not have one shape. Values and gradients (q, k, cos, sin) match
+    the float64 formula."""
+    q, k = (torch.randn(q_shape, device=device) for _ in range(2))
+    cos, sin = torch.randn(cos_shape, device=device), torch.randn(sin_shape, device=device)
+    ud = -2 if fn == "vision_rope" else 1
+    extra = ([2, 3, 3],) if fn == "mrope" else ()
+    ref_op = ref_mrope if fn == "mrope" else ref_rope
+
+    def ours(q, k, cos, sin):
+        return getattr(vlmkernels, fn)(q, k, cos, sin, *extra)
+
+    def ref_fn(q, k, cos, sin):
+        return ref_op(q, k, cos, sin, *extra, ud)
+
+    outs = ours(q, k, cos, sin)
+    check_outputs(outs, ref_fn(*(t.double().cpu() for t in (q, k, cos, sin))), torch.float32,
+                  (q, k))  # fmt: skip
+    check_grads(ours, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
+
+
 def test_vision_rope_refuses_tables_that_would_widen_q():
     """Tables with more token axes than q (transformers would broadcast q up to a larger
     result) are refused, naming the shapes."""

@@ -171,7 +171,9 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False, pairs
         q, k: (B, H, S, D) with ``unsqueeze_dim=1``, (B, S, H, D) with ``unsqueeze_dim=2``, or
             token-major (T, H, D) with ``unsqueeze_dim=1``; any strides, own head counts.
         cos, sin: q's shape without the heads axis, last dim R <= D (R < D: partial rotary,
-            lanes R..D pass through); broadcasting dims of size 1 allowed.
+            lanes R..D pass through); axes of size 1, missing leading axes and cos and sin
+            of different shapes broadcast as transformers' ``cos.unsqueeze(unsqueeze_dim)``
+            does (the heads axis is where the unsqueezed table's new axis lands).
         inplace: rotate q and k in place (forward only) and return them.
         pairs: rotate adjacent lanes (2j, 2j + 1) together, with cos and sin in the same
             order (each frequency's value twice in a row): GPT-J's pairing, GLM-4V's
@@ -186,24 +188,32 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False, pairs
 
 
 def _right_aligned(q, cos, sin, unsqueeze_dim, off: int):
-    """transformers' ``cos.unsqueeze(unsqueeze_dim)`` broadcast against q from the right,
-    for tables with fewer token axes than q (``off``: the leading axis of M-RoPE tables):
-    (cos, sin, heads axis of q) with the missing leading token axes added as size 1 (they
-    broadcast), e.g. (S, D) tables for (B, H, S, D) q with ``unsqueeze_dim`` -3 or 0.
-    Anything else comes back unchanged, for the checks to name."""
+    """transformers' ``cos.unsqueeze(unsqueeze_dim)`` and ``sin.unsqueeze(unsqueeze_dim)``
+    broadcast against q from the right, each on its own (``off``: the leading axis of
+    M-RoPE tables): (cos, sin, heads axis of q) with a table's missing leading token axes
+    added as size 1, e.g. (S, D) tables for (B, H, S, D) q with ``unsqueeze_dim`` -3 or 0,
+    and cos and sin of different shapes broadcast to one. Anything else comes back
+    unchanged, for the checks to name."""
     if not all(isinstance(t, torch.Tensor) for t in (q, cos, sin)):
         return cos, sin, unsqueeze_dim
     want = q.dim() - 1 + off
-    if cos.dim() >= want or type(unsqueeze_dim) is not int:  # the usual case: nothing to do
+    if (cos.dim() >= want and cos.shape == sin.shape) or type(unsqueeze_dim) is not int:
+        return cos, sin, unsqueeze_dim  # the usual case: nothing to do
+    heads, tables = set(), []
+    for t in (cos, sin):
+        n = t.dim() - off + 1  # dims of the unsqueezed table, the leading axis left out
+        if not 2 <= n <= q.dim() or not -n <= unsqueeze_dim < n or (off and t.shape[0] != 3):
+            return cos, sin, unsqueeze_dim  # (an M-RoPE table without its leading 3 too)
+        heads.add(q.dim() - n + unsqueeze_dim % n)
+        tables.append(t.reshape(t.shape[:off] + (1,) * (want - t.dim()) + t.shape[off:]))
+    if len(heads) != 1:
         return cos, sin, unsqueeze_dim
-    if sin.dim() != cos.dim() or cos.dim() < off + 1 or (off and cos.shape[0] != 3):
-        return cos, sin, unsqueeze_dim  # (an M-RoPE table without its leading 3 is refused)
-    n = cos.dim() - off + 1  # dims of the unsqueezed table, the leading axis left out
-    if not -n <= unsqueeze_dim < n:
-        return cos, sin, unsqueeze_dim
-    missing = (1,) * (want - cos.dim())
-    cos, sin = (t.reshape(t.shape[:off] + missing + t.shape[off:]) for t in (cos, sin))
-    return cos, sin, q.dim() - n + unsqueeze_dim % n
+    if tables[0].shape != tables[1].shape:
+        try:
+            tables = torch.broadcast_tensors(*tables)
+        except RuntimeError:
+            return cos, sin, unsqueeze_dim
+    return *tables, heads.pop()
 
 
 def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace, pairs=False):
@@ -369,9 +379,6 @@ def vision_rope(q, k, cos, sin, *, pairs: bool = False):
             # before transformers' cat((freqs, freqs), -1)) is refused as transformers does
             raise ValueError(f"vision_rope: cos and sin must be (N, head_dim) = (N, "
                              f"{q.shape[-1]}), got cos of shape {tuple(cos.shape)}")  # fmt: skip
-        missing = q.dim() - 1 - cos.dim()
-        if missing > 0 and isinstance(sin, torch.Tensor) and sin.dim() == cos.dim():
-            cos, sin = (t.reshape((1,) * missing + t.shape) for t in (cos, sin))
     wide = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (q, k)]
     if any(wide):  # transformers' q.float(): the rounding is part of the result
         q, k = (t.float() if w else t for t, w in zip((q, k), wide, strict=True))
