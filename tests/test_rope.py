@@ -961,6 +961,36 @@ def test_cos_and_sin_of_different_shapes_broadcast(fn, q_shape, cos_shape, sin_s
     check_grads(ours, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
 
 
+@pytest.mark.parametrize("fn", ["rope", "mrope", "mrope_from_positions", "vision_rope"])
+@pytest.mark.parametrize("needs", ["q", "k", "cos"])
+def test_an_output_needs_grad_as_transformers_does(fn, needs, device, backend):
+    """transformers' rotated k is ``k * cos + rotate_half(k) * sin``: it requires grad when
+    k, cos or sin does, not because q does (LoRA on q_proj alone leaves the first layer's
+    k without grad); likewise q. Each output's ``requires_grad`` is transformers', and the
+    gradient of the one that needs it is unchanged."""
+    layout = "thd" if fn == "vision_rope" else "bhsd"
+    q, k, _ = qk_views(2, 5, 3, 2, 16, torch.float32, device, layout)
+    lead = (3,) if fn == "mrope" else ()
+    cos, sin = (torch.randn(*lead, *table_shape(q, 1, 16), device=device) for _ in range(2))
+    positions = torch.randint(0, 9, (3, 2, 5), device=device)
+    inv_freq = torch.rand(8, device=device)
+    if fn == "mrope_from_positions" and needs == "cos":
+        pytest.skip("no tables")
+    q, k, cos = (leaf(t) if name == needs else t for t, name in ((q, "q"), (k, "k"), (cos, "cos")))
+    if fn == "mrope":
+        outs = vlmkernels.mrope(q, k, cos, sin, [2, 3, 3])
+    elif fn == "mrope_from_positions":
+        outs = vlmkernels.mrope_from_positions(q, k, positions, inv_freq, [2, 3, 3])
+    else:
+        outs = getattr(vlmkernels, fn)(q, k, cos, sin)
+    want = {"q": (True, False), "k": (False, True), "cos": (True, True)}[needs]
+    assert tuple(o.requires_grad for o in outs) == want
+    grad_out = torch.randn_like(outs[want.index(True)])
+    (grad,) = torch.autograd.grad(outs[want.index(True)], {"q": q, "k": k, "cos": cos}[needs],
+                                  grad_out)  # fmt: skip
+    assert grad.shape == {"q": q, "k": k, "cos": cos}[needs].shape and grad.abs().sum() > 0
+
+
 def test_vision_rope_refuses_tables_that_would_widen_q():
     """Tables with more token axes than q (transformers would broadcast q up to a larger
     result) are refused, naming the shapes."""

@@ -118,6 +118,7 @@ def _(q, k, cos, sin, head_axis, leading, lane_rule, sections, backward):
 class _:
     def setup_context(ctx, inputs, output):
         q, k, cos, sin, head_axis, leading, lane_rule, sections, backward = inputs
+        _mark_constant_outputs(ctx, output, (q, k), cos.requires_grad or sin.requires_grad)
         ctx.options = (head_axis, leading, lane_rule, sections)
         ctx.backward = backward
         remember_backend(ctx)
@@ -134,6 +135,16 @@ class _:
             dcos, dsin = _table_grads(q, k, grad_q, grad_k, cos, head_axis, leading, mode,
                                       sections, ctx.backward)  # fmt: skip
         return dq, dk, dcos, dsin, None, None, None, None, None
+
+
+def _mark_constant_outputs(ctx, output, qk, tables_need_grad: bool) -> None:
+    """The rotated q (or k) of a q (or k) and tables that need no gradient is a constant,
+    as transformers' ``k * cos + rotate_half(k) * sin`` is: it does not require grad when
+    only the other one does (its gradient in backward is then zeros)."""
+    if not tables_need_grad:
+        constant = [o for o, x in zip(output, qk, strict=True) if not x.requires_grad]
+        if constant and len(constant) < 2:
+            ctx.mark_non_differentiable(*constant)
 
 
 def _table_grads(q, k, grad_q, grad_k, cos, head_axis, leading, mode, sections, backward):
@@ -233,6 +244,7 @@ def _(q, k, positions, inv_freq, head_axis, lane_rule, sections, scaling, backwa
 class _:
     def setup_context(ctx, inputs, output):
         q, k, positions, inv_freq, *options, backward = inputs
+        _mark_constant_outputs(ctx, output, (q, k), False)
         ctx.save_for_backward(positions, inv_freq)
         ctx.options, ctx.backward = options, backward
         remember_backend(ctx)
