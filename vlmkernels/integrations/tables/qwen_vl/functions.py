@@ -243,11 +243,8 @@ def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
     heads axis (-2), in the dtype of ``q * cos`` (no fp32 upcast), on
     :func:`vlmkernels.rope`. Its ``__name__`` is transformers'."""
     _check_width(q, cos.shape[-1], partial=True)
-    missing = q.dim() - 1 - cos.dim()
-    if missing > 0:
-        cos, sin = (t.reshape((1,) * missing + t.shape) for t in (cos, sin))
-    out_q, out_k = rope(q, k, cos, sin, -2)
-    return _eager_dtype(out_q, q, cos.dtype), _eager_dtype(out_k, k, cos.dtype)
+    q, k = (_eager_dtype(x, cos.dtype, sin.dtype) for x in (q, k))
+    return rope(q, k, cos, sin, -2)  # (N, R) tables broadcast from the right
 
 
 apply_partial_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
