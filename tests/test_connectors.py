@@ -538,6 +538,20 @@ def test_deepstack_add_copies_other_rows_bitwise(backend):
     assert torch.equal(out[~mask].view(torch.int32), hidden[~mask].view(torch.int32))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_deepstack_add_zero_width_hidden(inplace, backend):
+    """Hidden states of width 0 (D = 0, visual features (V, 0)): an empty result of hidden's
+    shape, as Qwen3-VL's indexing gives, and empty gradients, not a reshape error."""
+    hidden = torch.randn(2, 3, 0, requires_grad=not inplace)
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    embeds = torch.randn(3, 0, requires_grad=not inplace)
+    out = C.deepstack_add(hidden, mask, embeds, inplace=inplace)
+    assert out.shape == (2, 3, 0) and (out is hidden) == inplace
+    if not inplace:
+        d_hidden, d_embeds = torch.autograd.grad(out.sum(), [hidden, embeds])
+        assert d_hidden.shape == (2, 3, 0) and d_embeds.shape == (3, 0)
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -319,11 +319,11 @@ def _check_count(mask: torch.Tensor, embeds: torch.Tensor) -> None:
 @deepstack_add.impl("triton")
 def _(hidden, mask, embeds):
     _check_count(mask, embeds)
+    if hidden.numel() == 0:  # no rows, or rows of width 0 (reshape(-1, 0) is ambiguous)
+        return torch.empty_like(hidden, memory_format=torch.contiguous_format)
     flat = mask.reshape(-1)
     index = torch.where(flat, flat.cumsum(0) - 1, -1)
     rows = hidden.reshape(-1, hidden.shape[-1])
-    if rows.shape[0] == 0:
-        return torch.empty_like(hidden, memory_format=torch.contiguous_format)
     # allocated in hidden's shape: a view made here, coming out of the autograd Function,
     # would refuse in-place changes
     return launchers.deepstack(rows, index, embeds, shape=hidden.shape)
@@ -357,7 +357,7 @@ class _:
             # checked it): a static shape, so the backward traces under torch.compile,
             # where mask indexing (nonzero) stops the backend
             rows = torch.nonzero_static(mask.reshape(-1), size=ctx.embeds_rows).view(-1)
-            d_embeds = grad.reshape(-1, grad.shape[-1]).index_select(0, rows)
+            d_embeds = grad.reshape(mask.numel(), grad.shape[-1]).index_select(0, rows)
             d_embeds = d_embeds.to(ctx.embeds_dtype)
         return grad, None, d_embeds
 
@@ -373,7 +373,7 @@ deepstack_add_ = Op(
 @deepstack_add_.impl("triton")
 def _(hidden, mask, embeds):
     _check_count(mask, embeds)
-    if not embeds.shape[0]:
+    if not embeds.numel():  # no visual rows, or rows of width 0: nothing to add
         return
     # the True entries' rows, as many as embeds has rows (checked above): a static size, so
     # no host synchronisation (nonzero reads the count on the host)
