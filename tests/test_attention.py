@@ -1354,6 +1354,21 @@ def test_compiled_gate_and_bias_of_constant_sizes(what, device):
     assert rel(got, f(q, k)) < 1e-6
 
 
+def test_weight_absorption_without_image_tokens():
+    """An image of no tokens (N = 0): softmax(Q K^T) V over no keys is 0, as the unfolded
+    attention (and cross_attention) gives, not the value bias, which passes through only
+    because each softmax row sums to 1; b_v then gets a zero gradient."""
+    from vlmkernels.ops.attention.absorption import absorbed_cross_attention
+
+    h, lq, d, c = 2, 3, 4, 5
+    queries, x = leaf(rand(h, lq, d)), leaf(rand(2, 0, c))
+    w_k, w_v, b_v = leaf(rand(h * d, c)), leaf(rand(h * d, c)), leaf(rand(h * d))
+    out = absorbed_cross_attention(queries, x, w_k, w_v, b_v)
+    assert out.shape == (2, h, lq, d) and (out == 0).all()
+    out.sum().backward()
+    assert (b_v.grad == 0).all()
+
+
 def test_weight_absorption_refuses_absorbed_queries_without_their_gradient():
     """With ``absorbed`` given, queries and w_k reach the result only through it: an
     absorbed made under no_grad (cached "once per weight update") left their gradients

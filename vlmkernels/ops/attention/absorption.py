@@ -123,5 +123,10 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
     wv = w_v.view(heads, d, w_v.shape[1])
     out = torch.matmul(attended, wv.transpose(-1, -2)[None])  # (B, H, Lq, d)
     if b_v is not None:
-        out = out + b_v.view(1, heads, 1, d)
+        bias = b_v.view(1, heads, 1, d)
+        if not x.shape[1]:
+            # no keys (N = 0): the softmax rows are empty and sum to 0, so no bias passes
+            # (the result is 0, as unfolded); b_v stays in the graph with a zero gradient
+            bias = torch.where(torch.zeros_like(bias, dtype=torch.bool), bias, 0.0)
+        out = out + bias
     return out
