@@ -210,6 +210,28 @@ def _inkling2():
     return modeling.Inkling2VisionMerger(config), torch.randn(7, 24)
 
 
+def _cosmos3_edge():
+    modeling = _modeling("cosmos3_edge")
+    config = transformers.Cosmos3EdgeConfig(
+        text_config={"hidden_size": 10, "num_attention_heads": 2, "num_key_value_heads": 1},
+        vision_config={"hidden_size": 6, "num_attention_heads": 2, "spatial_merge_size": 2},
+        projector_hidden_size=16,
+    )
+    return modeling.Cosmos3EdgePatchMerger(config), torch.randn(28, 6)
+
+
+def _qwen3_omni(post):
+    def build():
+        modeling = _modeling("qwen3_omni_moe")
+        config = importlib.import_module(
+            "transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe"
+        ).Qwen3OmniMoeVisionEncoderConfig(hidden_size=6, spatial_merge_size=2, out_hidden_size=10)
+        merger = modeling.Qwen3OmniMoeVisionPatchMerger(config, use_postshuffle_norm=post)
+        return merger, torch.randn(28, 6)
+
+    return build
+
+
 def _onevision1_5():
     modeling = _modeling("llava_onevision1_5")
     config = modeling.LlavaOnevision15VisionConfig(
@@ -226,7 +248,9 @@ def _onevision1_5():
 # LLaVA-NeXT-Video's and Video-LLaVA's projectors LLaVA's, Qianfan-OCR's InternVL's (on
 # features the model shuffled). And LLaVA's forward with the layers sized from other config
 # fields: FastVLM's projector, Inkling2's merger; VipLLaVA's with another norm name:
-# Granite-Docling's DeepStack mergers. (And LFM2-VL's projector built without its norm.)
+# Granite-Docling's DeepStack mergers; Qwen3-VL's forward in Cosmos3-Edge's merger and, with
+# Qwen2-VL's names and a ModuleList, Qwen3-Omni-MoE's. (And LFM2-VL's projector built
+# without its norm.)
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -237,7 +261,8 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qianfan_ocr": _internvl_like("qianfan_ocr", "QianfanOCR"),
              "dots3_note": _qwen2_like("dots3_note", "Dots3NoteVisionMerger"),
              "llava_onevision1_5": _onevision1_5,
-             "granite_docling": _granite_docling,
+             "granite_docling": _granite_docling, "cosmos3_edge": _cosmos3_edge,
+             "qwen3_omni_moe": _qwen3_omni(False), "qwen3_omni_moe_postshuffle": _qwen3_omni(True),
              "lfm2_vl_no_norm": _lfm2_vl(layer_norm=False),
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
              "video_llava": _llava_like("video_llava", "VideoLlava")}  # fmt: skip

@@ -1868,14 +1868,15 @@ def test_text_rotary_models_match_transformers(arch):
 
 
 def test_nothing_to_patch_names_the_parts_the_model_takes():
-    """A model none of whose parts is left on (Cosmos3-Edge with rope=False, while vision and
-    rope_index are on but not its parts) is told which parts it takes, not that every part
-    was switched off."""
+    """A model none of whose parts is left on (Cosmos3-Edge with rope and connector off,
+    while vision and rope_index are on but not its parts) is told which parts it takes, not
+    that every part was switched off."""
     model = text_rotary_model("cosmos3_edge")
-    with pytest.raises(ValueError, match="nothing to patch .*do not apply.* it takes rope\\)"):
+    takes = "it takes connector, rope\\)"
+    with pytest.raises(ValueError, match=f"nothing to patch .*do not apply.* {takes}"):
         rotary_patch(model, rope=False)
     off = dict.fromkeys({part for p in vt.patchers() for part in p.parts} - {"positions"}, False)
-    with pytest.raises(ValueError, match="nothing to patch .every part is off; it takes rope"):
+    with pytest.raises(ValueError, match=f"nothing to patch .every part is off; {takes}"):
         vt.patch(model, **off)
 
 

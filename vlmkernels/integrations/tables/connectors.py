@@ -38,7 +38,8 @@ gets an instance ``forward``:
   ``Qwen3_5VisionPatchMerger`` / ``Qwen3_5MoeVisionPatchMerger``, the same code), and the
   same code under other names (EXAONE 4.5's and Qwen2.5-Omni's, Qwen2.5-VL's;
   dots3.note's, Qwen2-VL's; LLaVA-OneVision-1.5's, Cohere Compass's and Qwen4-Exp's,
-  Qwen3-VL's): the merger with the norm in the GEMM's prologue.
+  Qwen3-VL's; Cosmos3-Edge's and Qwen3-Omni-MoE's, the same forward): the merger with the
+  norm in the GEMM's prologue (or, post-shuffle, on each merged row).
 
 Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) runs
 :func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
@@ -499,9 +500,11 @@ def _norm_bias_eps(norm, kind: str):
 def _qwen_merger_forward(module, arch):
     where = _where(module)
     if hasattr(module, "ln_q"):  # Qwen2-VL, Qwen2.5-VL: mlp = [Linear, GELU, Linear]
-        norm_name, before = "ln_q", True
+        # (Qwen3-Omni-MoE's: a ModuleList, and the norm per merged row with
+        # use_postshuffle_norm)
+        norm_name, before = "ln_q", not getattr(module, "use_postshuffle_norm", False)
         mlp = module.mlp
-        if not isinstance(mlp, nn.Sequential) or len(mlp) != 3:
+        if type(mlp) not in (nn.Sequential, nn.ModuleList) or len(mlp) != 3:
             raise UnsupportedLayoutError(f"{where}.mlp is not [Linear, GELU, Linear]")
         fc1, act, fc2 = ("mlp.0", "mlp.1", "mlp.2")
         calls = ("mlp",)  # the class forward calls the Sequential: its hooks count too
@@ -547,7 +550,11 @@ _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
          # Qwen3-VL's
          ("llava_onevision1_5", "LlavaOnevision15VisionPatchMerger"),
          ("cohere_compass", "CohereCompassVisionPatchMerger"),
-         ("qwen4_exp", "Qwen4ExpVisionPatchMerger"))  # fmt: skip
+         ("qwen4_exp", "Qwen4ExpVisionPatchMerger"),
+         # the same forward: Cosmos3-Edge's (Qwen3-VL's, reshaped first), Qwen3-Omni-MoE's
+         # (Qwen2-VL's names, a ModuleList MLP, Qwen3-VL's use_postshuffle_norm)
+         ("cosmos3_edge", "Cosmos3EdgePatchMerger"),
+         ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger"))  # fmt: skip
 
 QWEN_MERGER_PATCHER = register(
     Patcher(
