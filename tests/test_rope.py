@@ -90,6 +90,14 @@ def leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
+def check_fp32_against_float64(fn, ref_fn, q, k, cos, sin):
+    """``fn(q, k, cos, sin)`` (fp32) against ``ref_fn`` on float64 copies: the outputs, and
+    the gradients of q, k, cos and sin."""
+    refs = ref_fn(*(t.double().cpu() for t in (q, k, cos, sin)))
+    check_outputs(fn(q, k, cos, sin), refs, torch.float32, (q, k))
+    check_grads(fn, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
+
+
 def qk_views(b, s, hq, hk, d, dtype, device, layout):
     """q, k as attention code produces them, for ``layout``:
     "bhsd" (transposed (B, S, H, D) projections, unsqueeze_dim 1), "bshd" (unsqueeze_dim 2),
@@ -922,10 +930,7 @@ def test_tables_with_fewer_token_axes_broadcast_from_the_right(q_shape, table_sh
     def ref_fn(q, k, cos, sin):
         return ref_op(q, k, cos, sin, *args, unsqueeze_dim)
 
-    outs = fn(q, k, cos, sin)
-    check_outputs(outs, ref_fn(*(t.double().cpu() for t in (q, k, cos, sin))), torch.float32,
-                  (q, k))  # fmt: skip
-    check_grads(fn, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
+    check_fp32_against_float64(fn, ref_fn, q, k, cos, sin)
 
 
 @pytest.mark.parametrize(
@@ -955,10 +960,7 @@ def test_cos_and_sin_of_different_shapes_broadcast(fn, q_shape, cos_shape, sin_s
     def ref_fn(q, k, cos, sin):
         return ref_op(q, k, cos, sin, *extra, ud)
 
-    outs = ours(q, k, cos, sin)
-    check_outputs(outs, ref_fn(*(t.double().cpu() for t in (q, k, cos, sin))), torch.float32,
-                  (q, k))  # fmt: skip
-    check_grads(ours, ref_fn, [leaf(q), leaf(k), leaf(cos), leaf(sin)], torch.float32)
+    check_fp32_against_float64(ours, ref_fn, q, k, cos, sin)
 
 
 @pytest.mark.parametrize("fn", ["rope", "mrope", "mrope_from_positions", "vision_rope"])
