@@ -1022,6 +1022,28 @@ def test_patched_connector_compiles_with_dynamic_token_counts(name):
         assert max_rel(out, reference(x)) < TOL
 
 
+# two inputs of different token counts for each layout added after the test above
+_GROWN = {"vipllava": ((2, 7, 30), (2, 11, 30)), "lfm2_vl": ((2, 4, 6, 6), (2, 6, 8, 6)),
+          "lfm3_vl": ((28, 6), (44, 6)), "kimi_k25": ((7, 4, 6), (11, 4, 6)),
+          "perception_lm": ((2, 16, 12), (2, 36, 12))}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_GROWN))
+def test_newer_connectors_compile_with_dynamic_token_counts(name):
+    """torch.compile(fullgraph=True, dynamic=True) of the patched VipLLaVA, LFM2-VL, LFM3-VL,
+    Kimi-K2.5 and PerceptionLM connectors, called with two token counts: the fused forward
+    traces without a graph break (PerceptionLM's square-grid check and pooling choice on a
+    symbolic count included) and the outputs are transformers'."""
+    module, _ = CASES[name]()
+    reference = copy.deepcopy(module)
+    inputs = [torch.randn(shape) for shape in _GROWN[name]]
+    with vt.patch(module):
+        compiled = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=True)
+        got = [compiled(x) for x in inputs]
+    for x, out in zip(inputs, got, strict=True):
+        assert max_rel(out, reference(x)) < TOL
+
+
 def test_data_parallel_replicas_run_their_own_weights(cpu_replicate):
     """nn.DataParallel replicates each module by copying its __dict__, where the patched
     forward is bound to the original: the patch binds it to each replica, which then runs

@@ -845,6 +845,28 @@ def test_torch_compile_fullgraph(compiler, device):
     assert max_rel(q1.grad, q2.grad) < 1e-6 and max_rel(k1.grad, k2.grad) < 1e-6
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+def test_batched_vision_rope_compiles_with_dynamic_token_counts(pairs, device):
+    """vision_rope on (1, N, H, hd) q and k with (N, hd) tables (Kimi-K2.5's towers; pairs:
+    Inkling2's rule) under torch.compile(fullgraph=True, dynamic=True), at two token counts:
+    the tables' missing batch axis is added while tracing, and values and q's gradient
+    match eager."""
+
+    def rotate(q, k, cos, sin):
+        q, k = vlmkernels.vision_rope(q, k, cos, sin, pairs=pairs)
+        return (q * 2).sum() + k.square().sum()
+
+    compiled = torch.compile(rotate, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (7, 12):
+        q, k = (torch.randn(1, n, 2, 16, device=device) for _ in range(2))
+        cos, sin = (torch.randn(n, 16, device=device) for _ in range(2))
+        q1, q2 = leaf(q), leaf(q)
+        out, ref = compiled(q1, k, cos, sin), rotate(q2, k, cos, sin)
+        out.backward()
+        ref.backward()
+        assert max_rel(out, ref) < 1e-6 and max_rel(q1.grad, q2.grad) < 1e-6
+
+
 @pytest.mark.parametrize(
     ("q_shape", "table_shape"),
     [
