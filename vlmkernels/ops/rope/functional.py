@@ -194,11 +194,16 @@ def _right_aligned(q, cos, sin, unsqueeze_dim, off: int):
     added as size 1, e.g. (S, D) tables for (B, H, S, D) q with ``unsqueeze_dim`` -3 or 0,
     and cos and sin of different shapes broadcast to one. Anything else comes back
     unchanged, for the checks to name."""
+    try:
+        if cos.dim() >= q.dim() - 1 + off and cos.shape == sin.shape:
+            return cos, sin, unsqueeze_dim  # the usual case, first (host time): nothing to do
+    except AttributeError:
+        return cos, sin, unsqueeze_dim
     if not all(isinstance(t, torch.Tensor) for t in (q, cos, sin)):
         return cos, sin, unsqueeze_dim
+    if type(unsqueeze_dim) is not int:
+        return cos, sin, unsqueeze_dim
     want = q.dim() - 1 + off
-    if (cos.dim() >= want and cos.shape == sin.shape) or type(unsqueeze_dim) is not int:
-        return cos, sin, unsqueeze_dim  # the usual case: nothing to do
     heads, tables = set(), []
     for t in (cos, sin):
         n = t.dim() - off + 1  # dims of the unsqueezed table, the leading axis left out

@@ -141,10 +141,9 @@ def _mark_constant_outputs(ctx, output, qk, tables_need_grad: bool) -> None:
     """The rotated q (or k) of a q (or k) and tables that need no gradient is a constant,
     as transformers' ``k * cos + rotate_half(k) * sin`` is: it does not require grad when
     only the other one does (its gradient in backward is then zeros)."""
-    if not tables_need_grad:
-        constant = [o for o, x in zip(output, qk, strict=True) if not x.requires_grad]
-        if constant and len(constant) < 2:
-            ctx.mark_non_differentiable(*constant)
+    q, k = qk
+    if not tables_need_grad and q.requires_grad != k.requires_grad:
+        ctx.mark_non_differentiable(output[1] if q.requires_grad else output[0])
 
 
 def _table_grads(q, k, grad_q, grad_k, cos, head_axis, leading, mode, sections, backward):
