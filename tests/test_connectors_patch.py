@@ -642,6 +642,41 @@ def test_deepstack_process():
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
 
+@pytest.mark.parametrize(("key", "text_model"), [
+    ("cohere_compass", "CohereCompassTextModel"),
+    ("granite_docling", "GraniteDoclingTextModel"),
+    ("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextModel"),
+])  # fmt: skip
+def test_deepstack_process_of_the_copies(key, text_model):
+    """Qwen3-VL's ``_deepstack_process`` in Cohere Compass's, Granite-Docling's (default
+    config, meta device) and the Qwen3-Omni-MoE thinker's text models: the deepstack part
+    patches it alone, and the patched method gives transformers' values and gradients
+    bitwise (both are an index_put of the visual rows)."""
+    from test_patch_transformers import cohere_compass, qwen_omni
+
+    if key == "granite_docling":
+        cls = _modeling(key).GraniteDoclingForConditionalGeneration
+        with torch.device("meta"):
+            model = cls(cls.config_class())
+    else:
+        model = cohere_compass() if key == "cohere_compass" else qwen_omni("3")
+    others = {part for p in vt.patchers() for part in p.parts} - {"positions", "deepstack"}
+    names = [n for n, m in model.named_modules() if type(m).__name__ == text_model]
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    mask = torch.rand(2, 7) < 0.5
+    embeds = torch.randn(int(mask.sum()), 16, requires_grad=True)
+    text = model.get_submodule(names[0])
+    want = type(text)._deepstack_process(text, hidden, mask, embeds)
+    with vt.patch(model, **dict.fromkeys(others, False)) as handle:
+        assert handle.targets == tuple(f"{n}._deepstack_process" for n in names)
+        out = text._deepstack_process(hidden, mask, embeds)
+    assert torch.equal(out, want)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [hidden, embeds], g)
+    ref = torch.autograd.grad(want, [hidden, embeds], g)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
 def qwen3_5_model(prefix):
     """A tiny Qwen3.5 (or Qwen3.5-MoE) model: one vision block; a hybrid text model of a
     linear-attention and a full-attention layer."""

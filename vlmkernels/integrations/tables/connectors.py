@@ -41,8 +41,9 @@ gets an instance ``forward``:
   Qwen3-VL's; Cosmos3-Edge's and Qwen3-Omni-MoE's, the same forward): the merger with the
   norm in the GEMM's prologue (or, post-shuffle, on each merged row).
 
-Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's) runs
-:func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
+Part ``deepstack``: ``Qwen3VLTextModel._deepstack_process`` (and the MoE one's, and the
+same method of Cohere Compass's, Granite-Docling's and the Qwen3-Omni-MoE thinker's text
+models) runs :func:`~vlmkernels.ops.connectors.deepstack_add` (one pass, no clone).
 
 An activation other than exact GELU, or a module whose layers are not the expected
 ``nn.Linear`` / norms, is refused at patch time (:class:`UnsupportedLayoutError`). The fused
@@ -719,6 +720,11 @@ DEEPSTACK_PATCHER = register(
             for key, cls in (
                 ("qwen3_vl", "Qwen3VLTextModel"),
                 ("qwen3_vl_moe", "Qwen3VLMoeTextModel"),
+                # the same method: Cohere Compass's, Granite-Docling's, Qwen3-Omni-MoE's
+                # thinker's (its talker's, also the same, is not patched)
+                ("cohere_compass", "CohereCompassTextModel"),
+                ("granite_docling", "GraniteDoclingTextModel"),
+                ("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextModel"),
             )
         ),  # fmt: skip
         (
