@@ -571,6 +571,28 @@ def test_perception_lm_projector_other_poolings(ratio, side, fused):
     assert out.shape == want.shape and max_rel(out, want) < TOL
 
 
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_lfm2_vl_use_layer_norm_flipped_after_patching_is_followed(layer_norm):
+    """LFM2-VL's forward reads ``use_layer_norm`` on every call: the flag flipped after
+    patching (and, turned on, a LayerNorm put in) gives transformers' result, not the norm
+    of the patched layout applied or dropped silently."""
+    module, x = _lfm2_vl(layer_norm)()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchFallbackWarning)
+        for m in (mine, ref):
+            m.use_layer_norm = not layer_norm
+            if m.layer_norm is None:
+                m.layer_norm = randomise(nn.LayerNorm(24))
+        mine.layer_norm.load_state_dict(ref.layer_norm.state_dict())
+        assert max_rel(mine(x), ref(x)) < TOL
+    if layer_norm:  # patched with the flag off and a norm left in place: the norm is not read
+        mine = copy.deepcopy(ref)
+        with vt.patch(mine):
+            assert max_rel(mine(x), ref(x)) < TOL
+
+
 def test_perception_lm_projector_refuses_a_grid_that_is_not_square():
     module, _ = _perception_lm()()
     with vt.patch(module), pytest.raises(ValueError, match="num_tokens 15 is expected to be"):

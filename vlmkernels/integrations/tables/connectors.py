@@ -279,7 +279,11 @@ def _lfm2_vl_forward(module, arch):
         _check_norm_mlp(module, norm)
 
     def forward(self, image_features):
-        ln, l1, l2 = self.layer_norm, self.linear_1, self.linear_2
+        if bool(self.use_layer_norm) != (norm is not None):  # the flag flipped since patching
+            why = f"use_layer_norm is now {self.use_layer_norm!r}, patched with {norm is not None}"
+            return class_forward(self, why, image_features)
+        # (a layer_norm the flag leaves off is not read, as the class's forward does not)
+        ln, l1, l2 = self.layer_norm if norm else None, self.linear_1, self.linear_2
         return merger(image_features, l1.weight, l1.bias, l2.weight, l2.bias,
                       merge_size=(self.factor, self.factor), layout="grid",
                       norm=norm and "layernorm", norm_weight=ln and ln.weight,
