@@ -378,6 +378,25 @@ def test_merger_norm_changed_after_patching_is_followed(build):
             assert max_rel(mine(x), ref(x)) < TOL
 
 
+@pytest.mark.parametrize("post", [False, True])
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_omni_moe"])
+def test_merger_postshuffle_flag_flipped_after_patching_is_followed(name, post):
+    """Qwen3-VL's and Qwen3-Omni-MoE's mergers read ``use_postshuffle_norm`` on every call:
+    the flag flipped after patching, with a norm of the new width put in (a LayerNorm, the
+    class the patch checked), gives transformers' result, not an error from the patched
+    layout's norm width."""
+    module, x = {"qwen3_vl": _qwen3, "qwen3_omni_moe": _qwen3_omni}[name](post)()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    name = "ln_q" if hasattr(ref, "ln_q") else "norm"
+    new = randomise(nn.LayerNorm(6 if post else 24, eps=1e-6))
+    with vt.patch(mine):
+        for m in (mine, ref):
+            m.use_postshuffle_norm = not post
+            setattr(m, name, copy.deepcopy(new))
+        assert max_rel(mine(x), ref(x)) < TOL
+
+
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
 def test_gelu_made_tanh_after_patching_runs_the_class_forward(name):
     """The fused merger computes exact GELU: its nn.GELU switched to the tanh approximation

@@ -507,7 +507,7 @@ def _qwen_merger_forward(module, arch):
     if hasattr(module, "ln_q"):  # Qwen2-VL, Qwen2.5-VL: mlp = [Linear, GELU, Linear]
         # (Qwen3-Omni-MoE's: a ModuleList, and the norm per merged row with
         # use_postshuffle_norm)
-        norm_name, before = "ln_q", not getattr(module, "use_postshuffle_norm", False)
+        norm_name = "ln_q"
         mlp = module.mlp
         if type(mlp) not in (nn.Sequential, nn.ModuleList) or len(mlp) != 3:
             raise UnsupportedLayoutError(f"{where}.mlp is not [Linear, GELU, Linear]")
@@ -516,7 +516,7 @@ def _qwen_merger_forward(module, arch):
         _linear(mlp, "0", f"{where}.mlp"), _linear(mlp, "2", f"{where}.mlp")
         _exact_gelu(mlp[1], where)
     elif hasattr(module, "linear_fc1"):  # Qwen3-VL
-        norm_name, before = "norm", not module.use_postshuffle_norm
+        norm_name = "norm"
         fc1, act, fc2 = "linear_fc1", "act_fn", "linear_fc2"
         calls = ()
         _linear(module, fc1, where), _linear(module, fc2, where)
@@ -524,6 +524,7 @@ def _qwen_merger_forward(module, arch):
     else:
         raise UnsupportedLayoutError(f"{where}: neither ln_q + mlp nor norm + linear_fc1/2")
     kind = _norm_kind(getattr(module, norm_name), where)
+    flagged = hasattr(module, "use_postshuffle_norm")  # (Qwen2-VL's forward has no flag)
     if module.get_submodule(fc1).in_features != module.hidden_size:
         raise UnsupportedLayoutError(f"{where}: {fc1} does not take {module.hidden_size} features")
 
@@ -531,6 +532,8 @@ def _qwen_merger_forward(module, arch):
         norm = self.get_submodule(norm_name)
         l1, l2 = self.get_submodule(fc1), self.get_submodule(fc2)
         hidden = self.hidden_size
+        # the flag as it is now (flipped after patching, with a norm of the new width put in)
+        before = not (flagged and self.use_postshuffle_norm)
         c = norm.weight.shape[0] if before else x.shape[-1]
         s = isqrt(hidden // c)
         if s * s * c != hidden:
