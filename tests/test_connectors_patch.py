@@ -1110,7 +1110,11 @@ def test_newer_connectors_compile_with_dynamic_token_counts(name):
     """torch.compile(fullgraph=True, dynamic=True) of the patched VipLLaVA, LFM2-VL, LFM3-VL,
     Kimi-K2.5 and PerceptionLM connectors, called with two token counts: the fused forward
     traces without a graph break (PerceptionLM's square-grid check and pooling choice on a
-    symbolic count included) and the outputs are transformers'."""
+    symbolic count included) and the outputs are transformers'. Dynamo is reset first: every
+    patched forward is one code object (PatchedMethod.__call__), whose cache of 8 entries the
+    compile tests before this one fill (run in one process, the last two failed with
+    "recompile limit exceeded" under fullgraph)."""
+    torch._dynamo.reset()
     module, _ = CASES[name]()
     reference = copy.deepcopy(module)
     inputs = [torch.randn(shape) for shape in _GROWN[name]]
