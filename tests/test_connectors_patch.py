@@ -1273,6 +1273,29 @@ def test_shuffle_connector_with_its_own_pixel_shuffle_is_refused(how, name, meth
     assert "forward" not in vars(module)
 
 
+@pytest.mark.parametrize(("name", "method"), [("idefics3", "pixel_shuffle"),
+                                            ("lfm2_vl", "pixel_unshuffle")])  # fmt: skip
+def test_shuffle_method_set_on_the_instance_after_patching_runs_the_class_forward(name, method):
+    """The pixel (un)shuffle the fused forward computes in its addressing, set on the
+    instance after patching, is not dropped silently (0.5 to 0.8 off): the module runs its
+    class's forward, which calls it, with a warning; removed, the fused forward again."""
+    module, x = CASES[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine), torch.no_grad():
+        fused = mine(x)
+        for m in (mine, ref):
+            shuffle = getattr(type(m), method)
+            setattr(m, method, lambda x, *args, m=m, f=shuffle: f(m, x.flip(1), *args))
+        with pytest.warns(PatchFallbackWarning, match=f"{method} is set on the instance"):
+            got = mine(x)
+        assert max_rel(got, ref(x)) < TOL and max_rel(got, fused) > 1e-3
+        del mine.__dict__[method]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PatchFallbackWarning)
+            assert torch.equal(mine(x), fused)
+
+
 def _add_accelerate_hook(module):
     """accelerate.hooks.add_hook_to_module, in short (accelerate is optional)."""
     module._old_forward = module.forward

@@ -23,6 +23,7 @@ the copy runs the patched code on its own weights and holds no reference to the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import sys
@@ -456,6 +457,23 @@ def _inert(module, name: str) -> bool:
             and value.__func__ is getattr(type(module), name, None))  # fmt: skip
 
 
+def _minding(forward, bypasses: tuple[str, ...]):
+    """``forward`` (a fused forward computing the methods ``bypasses`` itself) running the
+    class's forward instead, with a :class:`PatchFallbackWarning`, while one of them is set
+    on the instance (after patching: one set before is refused), as the fused forward would
+    drop it silently."""
+
+    @functools.wraps(forward)
+    def minding(self, *args, **kwargs):
+        own = self.__dict__
+        for method in bypasses:
+            if method in own and not _inert(self, method):
+                return class_forward(self, f"{method} is set on the instance", *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return minding
+
+
 def _slot_name(module, name: str, label: str) -> str:
     """``name``; for ``forward``, ``_old_forward`` where accelerate's hooks own ``forward``
     (their wrapper calls ``module._old_forward``)."""
@@ -663,6 +681,8 @@ class Patcher:
                         )
                 slot = _slot_name(sub, replacement.name, label)
                 function = replacement.build(sub, arch)
+                if replacement.bypasses and replacement.name == "forward":
+                    function = _minding(function, replacement.bypasses)
                 function = marked(_signed_like(function, getattr(type(sub), replacement.name)))
             slots.append(method_slot(sub, slot, function, f"{name or '<root>'}.{slot}"))
         if not slots:
