@@ -618,6 +618,21 @@ def test_perception_lm_projector_refuses_a_grid_that_is_not_square():
         module(torch.randn(2, 15, 12))
 
 
+def test_qwen3_omni_merger_patched_as_root_where_a_thinker_root_class_is_missing(monkeypatch):
+    """The Qwen3-Omni-MoE merger patched as the root (a connector module itself) where the
+    installed transformers lacks a root class of the rotary table's Qwen3-Omni row
+    (``Qwen3OmniMoeThinkerModel``, absent from 5.16.1): the merger patches, as on 5.25
+    (the missing class raised UnsupportedLayoutError from the rotary table's root lookup)."""
+    modeling = _modeling("qwen3_omni_moe")
+    monkeypatch.delattr(modeling, "Qwen3OmniMoeThinkerModel", raising=False)
+    module, x = _qwen3_omni(False)()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("<root>.forward",)
+        assert max_rel(mine(x), ref(x)) < TOL
+
+
 def test_refuses_tanh_gelu():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector

@@ -615,7 +615,9 @@ class Patcher:
                 continue
             module = sys.modules[arch.module]
             for root, parts in arch.roots.items():
-                if isinstance(model, self.cls(module, root)):
+                # (a root class the installed transformers lacks is no match, as in _roots_of)
+                found = getattr(module, root, None)
+                if isinstance(found, type) and isinstance(model, found):
                     return arch, module, parts
             if arch.anywhere:  # another class of that module: the model may hold its classes
                 return None
