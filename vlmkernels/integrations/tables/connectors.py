@@ -13,15 +13,17 @@ gets an instance ``forward``:
   :func:`~vlmkernels.ops.connectors.merger` (layout "grid": the shuffled copy is never made);
 - ``PerceptionLMMultiModalProjector``: :func:`~vlmkernels.ops.connectors.mlp_projector`,
   with its 2 x 2 adaptive mean (``projector_pooling_ratio=2``) pooled before the second
-  linear (``pool="avg2x2"``; other ratios and odd grids run the class's forward);
+  linear (``pool="avg2x2"``; without pooling, the projector alone; other ratios and odd
+  grids run the class's forward);
 - ``VipLlavaMultiModalProjector``, ``GraniteDoclingDeepStackMerger``: LayerNorm + Linear +
   GELU + Linear over VipLLaVA's concatenated feature layers, Granite-Docling's shuffled
   DeepStack features, in one merger;
 - ``Lfm2VlMultiModalProjector``: its pixel unshuffle, optional LayerNorm, Linear + GELU +
   Linear as one merger (layout "grid": the unshuffled copy is never made);
 - ``Lfm3VlMultiModalProjector``, ``Kimi_K25MultimodalProjection``: LayerNorm on each
-  token, 2 x 2 consecutive tokens one row, Linear + GELU + Linear: the Qwen2-VL merger
-  under other names, one merger;
+  token, s^2 consecutive tokens one row (2 x 2 in the released configs; a count that is
+  not a square is refused), Linear + GELU + Linear: the Qwen2-VL merger under other names,
+  one merger;
 - ``InternVLMultiModalProjector``: LayerNorm + Linear + GELU + Linear in one merger; and
   ``InternVLModel``'s ``get_image_features`` / ``pixel_shuffle``: inside the former, the
   latter hands the (B, S, S, C) features on unshuffled (a view; InternVL's own shuffle makes
@@ -339,8 +341,8 @@ def _norm_mlp_forward(norm_name: str):
     return build
 
 
-# VipLLaVA's projector on its five feature layers side by side; Granite-Docling's DeepStack
-# mergers on the features its connector shuffled
+# VipLLaVA's projector on its feature layers side by side (five by default);
+# Granite-Docling's DeepStack mergers on the features its connector shuffled
 NORM_MLP_PATCHERS = tuple(
     register(Patcher("transformers", TESTED_VERSIONS, (_arch(key, prefix, "projector", cls),),
                      (SetMethod("connector", "projector", "forward", _norm_mlp_forward(norm)),)))
