@@ -74,14 +74,20 @@ def _shuffle(name):
     return build
 
 
+def _tiny_config(name: str, **fields):
+    """``transformers.<name>`` with a 6-wide vision config of 2 heads and a 24-wide text
+    config of 4 heads (2 KV heads), and ``fields``."""
+    return getattr(transformers, name)(
+        vision_config={"hidden_size": 6, "num_attention_heads": 2},
+        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
+        **fields,
+    )
+
+
 def _internvl_like(key, prefix):
     def build():
         modeling = _modeling(key)
-        config = getattr(transformers, f"{prefix}Config")(
-            vision_config={"hidden_size": 6, "num_attention_heads": 2},
-            text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
-            downsample_ratio=0.5, projector_hidden_act="gelu",
-        )  # fmt: skip
+        config = _tiny_config(f"{prefix}Config", downsample_ratio=0.5, projector_hidden_act="gelu")
         return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 9, 24)
 
     return build
@@ -91,13 +97,10 @@ internvl = _internvl_like("internvl", "InternVL")
 
 
 def vipllava():
-    config = transformers.VipLlavaConfig(
-        vision_config={"hidden_size": 6, "num_attention_heads": 2},
-        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
-        projector_hidden_act="gelu",
-    )  # five feature layers: (B, S, 5 x 6) features
-    projector = _modeling("vipllava").VipLlavaMultiModalProjector(config)
-    return projector, torch.randn(2, 7, 30)
+    modeling = _modeling("vipllava")
+    config = _tiny_config("VipLlavaConfig", projector_hidden_act="gelu")
+    # five feature layers: (B, S, 5 x 6) features
+    return modeling.VipLlavaMultiModalProjector(config), torch.randn(2, 7, 30)
 
 
 def _granite_docling():
@@ -127,11 +130,8 @@ def _perception_lm(ratio=2):
 def _lfm2_vl(layer_norm=True):
     def build():
         modeling = _modeling("lfm2_vl")
-        config = transformers.Lfm2VlConfig(
-            vision_config={"hidden_size": 6, "num_attention_heads": 2},
-            text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
-            projector_hidden_size=16, downsample_factor=2, projector_use_layernorm=layer_norm,
-        )  # fmt: skip
+        config = _tiny_config("Lfm2VlConfig", projector_hidden_size=16, downsample_factor=2,
+                              projector_use_layernorm=layer_norm)  # fmt: skip
         # (B, W, H, C) features of a 4 x 6 grid: 2 x 3 merged rows per sample
         return modeling.Lfm2VlMultiModalProjector(config), torch.randn(2, 4, 6, 6)
 
@@ -140,21 +140,15 @@ def _lfm2_vl(layer_norm=True):
 
 def lfm3_vl():
     modeling = _modeling("lfm3_vl")
-    config = transformers.Lfm3VlConfig(
-        vision_config={"hidden_size": 6, "num_attention_heads": 2},
-        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
-        projector_hidden_size=16,
-    )  # LayerNorm on each 6-wide token, 2 x 2 tokens one row
+    # LayerNorm on each 6-wide token, 2 x 2 tokens one row
+    config = _tiny_config("Lfm3VlConfig", projector_hidden_size=16)
     return modeling.Lfm3VlMultiModalProjector(config), torch.randn(28, 6)
 
 
 def kimi_k25():
     modeling = _modeling("kimi_k25")
-    config = transformers.Kimi_K25Config(
-        vision_config={"hidden_size": 6, "num_attention_heads": 2},
-        text_config={"hidden_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2},
-        projection_hidden_size=6,
-    )  # (N, 2 x 2, C) merged groups in, (N, 1, 24) out
+    # (N, 2 x 2, C) merged groups in, (N, 1, 24) out
+    config = _tiny_config("Kimi_K25Config", projection_hidden_size=6)
     return modeling.Kimi_K25MultimodalProjection(config), torch.randn(7, 4, 6)
 
 
