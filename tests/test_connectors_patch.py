@@ -1134,6 +1134,22 @@ def test_newer_connectors_compile_with_dynamic_token_counts(name):
         assert max_rel(out, reference(x)) < TOL
 
 
+def test_patched_modules_of_different_classes_compile_separately():
+    """torch.compile(fullgraph=True) of patched modules of different classes, one at a
+    time in one process: each class has its own compiled-entry cache (its own frame), so
+    more classes than Dynamo's recompile limit do not run out of it (before, the 9th class
+    failed; here the limit is 2 and four classes compile)."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for name in ("llava", "vipllava", "lfm3_vl", "qwen2_vl"):
+            module, x = CASES[name]()
+            reference = copy.deepcopy(module)
+            with vt.patch(module):
+                compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+                assert max_rel(compiled(x), reference(x)) < TOL
+    torch._dynamo.reset()
+
+
 def test_data_parallel_replicas_run_their_own_weights(cpu_replicate):
     """nn.DataParallel replicates each module by copying its __dict__, where the patched
     forward is bound to the original: the patch binds it to each replica, which then runs

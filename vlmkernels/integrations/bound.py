@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 import weakref
 
 MARK = "__vlmkernels_patched__"  # set on every function a patch installs
@@ -22,6 +23,10 @@ class PatchedMethod:
     pickle holds the class's method in its place, as a pickled bound method does."""
 
     __slots__ = ("__func__", "_module", "__weakref__")
+
+    def __new__(cls, function, module):
+        # of a subclass per patched module class: see _bound_class
+        return object.__new__(_bound_class(type(module)) if cls is PatchedMethod else cls)
 
     def __init__(self, function, module):
         self.__func__ = function
@@ -61,3 +66,26 @@ class PatchedMethod:
 
     def __repr__(self) -> str:
         return f"<vlmkernels patched method {self.__func__.__qualname__} of {self.__self__!r}>"
+
+
+# module class -> its PatchedMethod subclass
+_BOUND_CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+
+
+def _bound_class(kind: type) -> type:
+    """The :class:`PatchedMethod` subclass for modules of class ``kind``: its ``__call__`` is
+    ``PatchedMethod.__call__`` on a code object of its own. ``torch.compile`` of a patched
+    module starts at that frame and keeps its compiled entries on the frame's code object:
+    one shared code object put every patched class's entries in one cache, and a process
+    compiling more than ``recompile_limit`` (8) patched modules of different classes
+    separately failed (``fullgraph=True``) or silently ran the rest eagerly."""
+    found = _BOUND_CLASSES.get(kind)
+    if found is None:
+        call = PatchedMethod.__call__
+        code = call.__code__.replace(co_qualname=f"PatchedMethod.__call__[{kind.__qualname__}]")
+        own_call = types.FunctionType(code, call.__globals__, "__call__")
+        own_call.__qualname__ = call.__qualname__
+        found = type("PatchedMethod", (PatchedMethod,), {"__slots__": (), "__call__": own_call,
+                                                         "__module__": __name__})  # fmt: skip
+        _BOUND_CLASSES[kind] = found
+    return found
