@@ -125,15 +125,21 @@ def _where(module) -> str:
     return type(module).__qualname__
 
 
+def _check_mlp(module, fc1="linear_1", act="act", fc2="linear_2") -> None:
+    """``module.<fc1>`` and ``module.<fc2>`` ``nn.Linear``, ``module.<act>`` exact GELU: the
+    Linear + GELU + Linear the fused forwards compute."""
+    where = _where(module)
+    _linear(module, fc1, where), _linear(module, fc2, where)
+    _exact_gelu(getattr(module, act), where)
+
+
 # --------------------------------------------------------------------------------------
 # LLaVA projectors
 # --------------------------------------------------------------------------------------
 
 
 def _llava_forward(module, arch):
-    where = _where(module)
-    _linear(module, "linear_1", where), _linear(module, "linear_2", where)
-    _exact_gelu(module.act, where)
+    _check_mlp(module)
 
     def forward(self, image_features):
         l1, l2 = self.linear_1, self.linear_2
@@ -170,8 +176,7 @@ def _perception_lm_forward(module, arch):
     pooling is a 2 x 2 mean (r = 2, h even); any other grid or ratio runs the class's
     forward (the adaptive mean of uneven bins is not one of the fused poolings)."""
     where = _where(module)
-    _linear(module, "linear_1", where), _linear(module, "linear_2", where)
-    _exact_gelu(module.gelu, where)
+    _check_mlp(module, act="gelu")
     pooling_cls = Patcher.cls(sys.modules[arch.module], "PerceptionLMAdaptiveAvgPooling")
     if type(module.pooling) not in (nn.Identity, pooling_cls):
         raise UnsupportedLayoutError(f"{where}.pooling is {type(module.pooling).__qualname__}")
@@ -249,9 +254,8 @@ SHUFFLE_PATCHER = register(
 def _check_norm_mlp(module, norm_name: str) -> None:
     """``module.<norm_name>`` a 1-D ``nn.LayerNorm``, ``linear_1`` / ``linear_2``
     ``nn.Linear`` and ``act`` exact GELU: LayerNorm + Linear + GELU + Linear."""
+    _check_mlp(module)
     where = _where(module)
-    _linear(module, "linear_1", where), _linear(module, "linear_2", where)
-    _exact_gelu(module.act, where)
     norm = exact_layer(getattr(module, norm_name, None), nn.LayerNorm, f"{where}.{norm_name}")
     if len(norm.normalized_shape) != 1:
         raise UnsupportedLayoutError(f"{where}.{norm_name} is not a 1-D nn.LayerNorm")
@@ -271,14 +275,14 @@ def _lfm2_vl_forward(module, arch):
     ``factor``, the optional LayerNorm of each merged row, Linear + GELU + Linear: one
     merger of layout "grid" (the unshuffled copy is never made)."""
     where = _where(module)
-    _linear(module, "linear_1", where), _linear(module, "linear_2", where)
-    _exact_gelu(module.act, where)
     f = module.factor
     if isinstance(f, bool) or not isinstance(f, int) or f < 1:
         raise UnsupportedLayoutError(f"{where}.factor is {f!r}, not an int >= 1")
     norm = "layer_norm" if module.use_layer_norm else None
     if norm is not None:
         _check_norm_mlp(module, norm)
+    else:
+        _check_mlp(module)
 
     def forward(self, image_features):
         if bool(self.use_layer_norm) != (norm is not None):  # the flag flipped since patching
@@ -521,8 +525,7 @@ def _qwen_merger_forward(module, arch):
         norm_name = "norm"
         fc1, act, fc2 = "linear_fc1", "act_fn", "linear_fc2"
         calls = ()
-        _linear(module, fc1, where), _linear(module, fc2, where)
-        _exact_gelu(module.act_fn, where)
+        _check_mlp(module, fc1, act, fc2)
     else:
         raise UnsupportedLayoutError(f"{where}: neither ln_q + mlp nor norm + linear_fc1/2")
     kind = _norm_kind(getattr(module, norm_name), where)
@@ -589,9 +592,8 @@ def _token_merge_forward(norm_name, fc1, fc2, merged_attr, batch_major):
     (B, -1, s^2 C), Kimi-K2.5's)."""
 
     def build(module, arch):
+        _check_mlp(module, fc1, "act", fc2)
         where = _where(module)
-        _linear(module, fc1, where), _linear(module, fc2, where)
-        _exact_gelu(module.act, where)
         norm = getattr(module, norm_name)
         if _norm_kind(norm, f"{where}.{norm_name}") != "layernorm":
             raise UnsupportedLayoutError(f"{where}.{norm_name} is not an nn.LayerNorm")
