@@ -457,6 +457,12 @@ def _inert(module, name: str) -> bool:
             and value.__func__ is getattr(type(module), name, None))  # fmt: skip
 
 
+def _set_on_instance(module, methods: tuple[str, ...]) -> str | None:
+    """The first of ``methods`` set on ``module`` itself (not the class's, bound), or None."""
+    own = module.__dict__
+    return next((m for m in methods if m in own and not _inert(module, m)), None)
+
+
 def _minding(forward, bypasses: tuple[str, ...]):
     """``forward`` (a fused forward computing the methods ``bypasses`` itself) running the
     class's forward instead, with a :class:`PatchFallbackWarning`, while one of them is set
@@ -465,10 +471,9 @@ def _minding(forward, bypasses: tuple[str, ...]):
 
     @functools.wraps(forward)
     def minding(self, *args, **kwargs):
-        own = self.__dict__
-        for method in bypasses:
-            if method in own and not _inert(self, method):
-                return class_forward(self, f"{method} is set on the instance", *args, **kwargs)
+        method = _set_on_instance(self, bypasses)
+        if method is not None:
+            return class_forward(self, f"{method} is set on the instance", *args, **kwargs)
         return forward(self, *args, **kwargs)
 
     return minding
@@ -675,12 +680,12 @@ class Patcher:
                             f"{method}, which the patch would "
                             f"{'replace' if method == replacement.name else 'bypass'}"
                         )
-                for method in replacement.bypasses:
-                    if method in sub.__dict__ and not _inert(sub, method):
-                        raise UnsupportedLayoutError(
-                            f"{label}.{method} is set on the instance; the patched "
-                            f"{replacement.name} would bypass it"
-                        )
+                method = _set_on_instance(sub, replacement.bypasses)
+                if method is not None:
+                    raise UnsupportedLayoutError(
+                        f"{label}.{method} is set on the instance; the patched "
+                        f"{replacement.name} would bypass it"
+                    )
                 slot = _slot_name(sub, replacement.name, label)
                 function = replacement.build(sub, arch)
                 if replacement.bypasses and replacement.name == "forward":

@@ -378,12 +378,12 @@ def vision_rope(q, k, cos, sin, *, pairs: bool = False):
         (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32 (float64 inputs too,
         rounded to fp32 first, as transformers does).
     """
-    if isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() and cos.dim():
-        if cos.shape[-1] != q.shape[-1]:
-            # the tower rotates whole heads; a narrower table (cos of the (N, hd / 2) freqs,
-            # before transformers' cat((freqs, freqs), -1)) is refused as transformers does
-            raise ValueError(f"vision_rope: cos and sin must be (N, head_dim) = (N, "
-                             f"{q.shape[-1]}), got cos of shape {tuple(cos.shape)}")  # fmt: skip
+    if (isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() and cos.dim()
+            and cos.shape[-1] != q.shape[-1]):  # fmt: skip
+        # the tower rotates whole heads; a narrower table (cos of the (N, hd / 2) freqs, before
+        # transformers' cat((freqs, freqs), -1)) is refused as transformers refuses it
+        raise ValueError(f"vision_rope: cos and sin must be (N, head_dim) = (N, {q.shape[-1]}), "
+                         f"got cos of shape {tuple(cos.shape)}")  # fmt: skip
     wide = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (q, k)]
     if any(wide):  # transformers' q.float(): the rounding is part of the result
         q, k = (t.float() if w else t for t, w in zip((q, k), wide, strict=True))

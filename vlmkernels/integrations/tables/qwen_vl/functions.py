@@ -241,10 +241,9 @@ def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
     """MiniMax-M3-VL's ``apply_rotary_pos_emb_vision``: rotate-half on the first
     ``cos.shape[-1]`` lanes of each head (the rest pass), the tables broadcast at the
     heads axis (-2), in the dtype of ``q * cos`` (no fp32 upcast), on
-    :func:`vlmkernels.rope`. Its ``__name__`` is transformers'."""
-    _check_width(q, cos.shape[-1], partial=True)
-    q, k = (_eager_dtype(x, cos.dtype, sin.dtype) for x in (q, k))
-    return rope(q, k, cos, sin, -2)  # (N, R) tables broadcast from the right
+    :func:`vlmkernels.rope`: Qwen3.5's function with the heads on axis -2, where (N, R)
+    tables broadcast from the right. Its ``__name__`` is transformers'."""
+    return apply_partial_rotary_pos_emb(q, k, cos, sin, -2)
 
 
 apply_partial_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
