@@ -871,6 +871,15 @@ def test_empty_sizes(device, backend):
             eager = eager if isinstance(key_mass, str) else eager[:, key_mass]
             mass = A.attention(q, k, v, key_mass=key_mass)[1]
             assert mass.shape == (1, 5) and mass.isnan().all() and eager.isnan().all()
+    # no heads on either side: SDPA's empty output (0 is a multiple of every head count)
+    for hk in (0, 2):
+        q, k, v = (leaf(rand(2, h, n, 16, device=device)) for h, n in ((0, 3), (hk, 5), (hk, 5)))
+        out = A.attention(q, k, v)
+        assert out.shape == (2, 0, 3, 16)
+        out.sum().backward()
+        assert k.grad.shape == k.shape and (k.grad == 0).all()
+    with pytest.raises(ValueError, match="k's number of heads must divide q's 2"):
+        A.attention(rand(1, 2, 3, 16), rand(1, 0, 5, 16), rand(1, 0, 5, 16))
 
 
 @pytest.mark.parametrize("op", ["attention", "cross_attention", "packed", "media"])

@@ -25,7 +25,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_qkv(op, q, k, v, dims):
     """q, k, v: tensors of ``dims`` dimensions, one floating dtype, one device, one head
     dim (0 < D <= 256), k and v of one length, batch and head count, which divides q's
-    (grouped-query attention)."""
+    (grouped-query attention; q without heads takes any count, SDPA's empty output)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,7 +48,7 @@ def _check_qkv(op, q, k, v, dims):
         if t.shape[-1] != d:
             raise ValueError(f"{op}: {name} must have q's head dim {d}, got {t.shape[-1]}")
         hq, hk = q.shape[1], t.shape[1]
-        if hk == 0 or hq % hk:
+        if hq and (hk == 0 or hq % hk):  # no query heads: SDPA's empty output
             raise ValueError(f"{op}: {name}'s number of heads must divide q's {hq} "
                              f"(grouped-query attention), got shape "
                              f"{tuple(t.shape)}")  # fmt: skip
