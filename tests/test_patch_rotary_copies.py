@@ -42,7 +42,8 @@ import vlmkernels.integrations.transformers as vt  # noqa: E402
 # key -> (class prefix, vision attention class, its inputs, config fields beyond _TINY).
 # Inputs: "flat" (N, C * T * P^2) patches and grid_thw (Qwen-VL's), "patches" (N, C, P, P)
 # and grid_thw, "pixels" (N / 4, 4 P^2, C) per 2 x 2 block and its grid in blocks, "image"
-# (1, C, H, W) without a grid, "merge" flat with merge_sizes.
+# (1, C, H, W) without a grid, "merge" flat with merge_sizes, "sized" a padded (2, C, H, W)
+# batch and each image's (height, width) in pixels.
 _MUSE = dict(
     pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, patch_temporal=2, merge_size=2
 )  # a window of 4 x 4 patches: the 4 x 6 image gets two
@@ -70,6 +71,8 @@ TOWERS = {
                  dict(posemb_grid_size=8, mlp_ratio=1.5, projection_hidden_dim=32,
                       text_hidden_size=32, layer_scale_init_value=1.0)),
     "minimax_m3_vl": ("MiniMaxM3VL", "MiniMaxM3VLVisionAttention", "flat", {}),
+    # Llama's text function on (B, H, N, hd), unsqueeze_dim=0: two images of two sizes
+    "pixtral": ("Pixtral", "PixtralAttention", "sized", dict(head_dim=16, image_size=32)),
 }  # fmt: skip
 
 # Set on every tower whose config has the field: 2 blocks of 2 heads x 16 lanes, patches of
@@ -96,6 +99,9 @@ def _pixels(config, kind, g):
     if kind == "image":
         _, h, w = GRIDS[0]
         return torch.randn(1, channels, h * p, w * p, generator=g)
+    if kind == "sized":
+        _, h, w = GRIDS[0]  # the largest
+        return torch.randn(len(GRIDS), channels, h * p, w * p, generator=g)
     n = sum(t * h * w for t, h, w in GRIDS)
     if kind == "patches":
         return torch.randn(n, channels, p, p, generator=g)
@@ -120,7 +126,9 @@ def tower(key):
     # (pixel_values or hidden_states, grid_thw or image_grid_thw, ...)
     first, second, *_ = inspect.signature(model.forward).parameters
     inputs = {first: _pixels(config, kind, g)}
-    if kind != "image":  # "pixels": the grid in 2 x 2 blocks
+    if kind == "sized":
+        inputs[second] = torch.tensor(GRIDS)[:, 1:] * config.patch_size
+    elif kind != "image":  # "pixels": the grid in 2 x 2 blocks
         inputs[second] = torch.tensor(GRIDS) // torch.tensor([1, 2, 2] if kind == "pixels" else 1)
     if kind == "merge":
         inputs["merge_sizes"] = torch.full((len(GRIDS),), 2)
@@ -170,6 +178,24 @@ def test_whole_model_patches_its_vision_attentions(key):
         assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
     assert not instance_overrides(model)
     assert vt.support()[key] == {"vision": "ok"}
+
+
+@pytest.mark.parametrize("key", ["mistral3", "lighton_ocr", "llava"])
+def test_models_holding_a_pixtral_tower_patch_it(key):
+    """Mistral3's and LightOnOCR's models, and a LLaVA model with a Pixtral tower (Pixtral
+    12B's layout), patch the tower's vision attentions (meta device, Pixtral's default
+    vision config) and nothing else of the rotary table."""
+    modeling = _modeling(key)
+    cls = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("ConditionalGeneration"))
+    config = cls.config_class(vision_config={"model_type": "pixtral"})
+    with torch.device("meta"):
+        model = cls(config)
+    pixtral = _modeling("pixtral")
+    blocks = [n for n, m in model.named_modules() if isinstance(m, pixtral.PixtralAttention)]
+    assert len(blocks) == config.vision_config.num_hidden_layers
+    with rotary_patch(model) as handle:
+        assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
+    assert not instance_overrides(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

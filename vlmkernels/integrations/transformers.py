@@ -16,7 +16,8 @@ What is swapped, per part (each a keyword of :func:`patch`):
 - ``vision``: the vision attention's ``apply_rotary_pos_emb_vision`` runs
   :func:`vlmkernels.vision_rope` (also in the towers that call Qwen2-VL's function under
   their own module's name: Kimi-K2.5, Ovis2.5, VideoLLaMA3 and the others of
-  :mod:`.tables.qwen_vl`).
+  :mod:`.tables.qwen_vl`); Pixtral's vision attention, which calls the text
+  ``apply_rotary_pos_emb`` (``unsqueeze_dim=0``), runs :func:`vlmkernels.rope`.
 - ``rope_index``: ``get_rope_index`` of the ``...Model`` instance is
   :func:`rope_index_method` (:func:`vlmkernels.get_rope_index` with the semantics of the
   installed transformers, probed once per class).

@@ -3,11 +3,12 @@ of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GL
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
 (around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
 Cosmos3-Omni, the text rotary of HunYuan-VL, Cosmos3-Edge, GLM-Image and NeoMME, and the
-vision rotary of twelve more towers (:func:`_vision_rotary`), whose code transformers
-adapted from Qwen-VL's, play which role (:data:`ARCHITECTURES`), and what each part
-replaces (:data:`REPLACEMENTS`); the vlmkernels-backed functions they install are in
-:mod:`.functions`. :mod:`vlmkernels.integrations.transformers` documents the parts and
-applies them; :mod:`...patching` is the mechanism."""
+vision rotary of fifteen more towers (:func:`_vision_rotary`), whose code transformers
+adapted from Qwen-VL's (Pixtral's: Llama's text function), play which role
+(:data:`ARCHITECTURES`), and what each part replaces (:data:`REPLACEMENTS`); the
+vlmkernels-backed functions they install are in :mod:`.functions`.
+:mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
+:mod:`...patching` is the mechanism."""
 
 from __future__ import annotations
 
@@ -204,7 +205,8 @@ def _vision_rotary(key, prefix, vision_attention, rotation="full",
     """A model whose vision attention calls Qwen2-VL's ``apply_rotary_pos_emb_vision`` (the
     same code under its module's name; ``rotation`` "pairs": its lane-pair variant, in fp32,
     Inkling2's; "partial": rotate-half on the first ``cos.shape[-1]`` lanes, in the
-    activations' dtype, MiniMax-M3-VL's) while the rest of its rotary is its own or absent:
+    activations' dtype, MiniMax-M3-VL's; "llama": transformers' text ``apply_rotary_pos_emb``
+    with its ``unsqueeze_dim``, Pixtral's) while the rest of its rotary is its own or absent:
     ``vision`` alone, on the ``<prefix><root>`` classes (the whole model, the multimodal
     model and the vision tower)."""
     return Architecture(
@@ -237,6 +239,9 @@ def _vision_rotary(key, prefix, vision_attention, rotation="full",
 #   Inkling2's rotates lane pairs (its rotate_pairwise) in fp32, MiniMax-M3-VL's the first
 #   cos.shape[-1] lanes without the fp32 upcast (5.16: on (1, N, H, hd) q, cos[None, :,
 #   None]; later (N, H, hd), cos[:, None]: the heads axis -2 either way).
+# - Pixtral's vision attention (the tower of Mistral3's and LightOnOCR's models) calls the
+#   text apply_rotary_pos_emb (Llama's, rotate-half over the whole head, in the tables'
+#   dtype) on (B, H, N, hd) q with (N, hd) tables and unsqueeze_dim=0.
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -299,6 +304,8 @@ ARCHITECTURES = (
     _vision_rotary("inkling2", "Inkling2", "Inkling2VisionAttention", "pairs"),
     _vision_rotary("minimax_m3_vl", "MiniMaxM3VL", "MiniMaxM3VLVisionAttention", "partial",
                    roots=("VisionModel", "Model")),
+    # the tower alone: Mistral3's and LightOnOCR's models hold it (patch finds it there)
+    _vision_rotary("pixtral", "Pixtral", "PixtralAttention", "llama", roots=("VisionModel",)),
 )  # fmt: skip
 
 
@@ -587,6 +594,7 @@ REPLACEMENTS = (
            only=_vision_rotation("pairs")),
     Rebind("vision", "vision_attention", (apply_partial_rotary_pos_emb_vision,),
            only=_vision_rotation("partial")),
+    Rebind("vision", "vision_attention", (apply_rotary_pos_emb,), only=_vision_rotation("llama")),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
               lambda cls, arch: _rope_index_summary(cls, arch)),

@@ -275,7 +275,7 @@ def _rotation(kind: str):
 
 def _vision_rotation(kind: str):
     """``Rebind.only`` for the architectures whose vision rotary function is ``kind``
-    ("full", Qwen2-VL's, where the table says nothing; "pairs", "partial")."""
+    ("full", Qwen2-VL's, where the table says nothing; "pairs", "partial", "llama")."""
     return lambda arch: arch.data.get("vision_rotation", "full") == kind
 
 
