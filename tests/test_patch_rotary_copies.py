@@ -43,7 +43,7 @@ import vlmkernels.integrations.transformers as vt  # noqa: E402
 # Inputs: "flat" (N, C * T * P^2) patches and grid_thw (Qwen-VL's), "patches" (N, C, P, P)
 # and grid_thw, "pixels" (N / 4, 4 P^2, C) per 2 x 2 block and its grid in blocks, "image"
 # (1, C, H, W) without a grid, "merge" flat with merge_sizes, "sized" a padded (2, C, H, W)
-# batch and each image's (height, width) in pixels.
+# batch and each image's (height, width) in pixels, "square" (1, C, image_size, image_size).
 _MUSE = dict(
     pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, patch_temporal=2, merge_size=2
 )  # a window of 4 x 4 patches: the 4 x 6 image gets two
@@ -73,6 +73,10 @@ TOWERS = {
     "minimax_m3_vl": ("MiniMaxM3VL", "MiniMaxM3VLVisionAttention", "flat", {}),
     # Llama's text function on (B, H, N, hd), unsqueeze_dim=0: two images of two sizes
     "pixtral": ("Pixtral", "PixtralAttention", "sized", dict(head_dim=16, image_size=32)),
+    # complex lane pairs on (B, N, H, hd), a class token: one square image of image_size
+    "llama4": ("Llama4", "Llama4VisionAttention", "square",
+               dict(intermediate_size=128, vision_output_dim=32, projector_input_dim=32,
+                    projector_output_dim=32)),
 }  # fmt: skip
 
 # Set on every tower whose config has the field: 2 blocks of 2 heads x 16 lanes, patches of
@@ -99,6 +103,8 @@ def _pixels(config, kind, g):
     if kind == "image":
         _, h, w = GRIDS[0]
         return torch.randn(1, channels, h * p, w * p, generator=g)
+    if kind == "square":
+        return torch.randn(1, channels, config.image_size, config.image_size, generator=g)
     if kind == "sized":
         _, h, w = GRIDS[0]  # the largest
         return torch.randn(len(GRIDS), channels, h * p, w * p, generator=g)
@@ -128,7 +134,7 @@ def tower(key):
     inputs = {first: _pixels(config, kind, g)}
     if kind == "sized":
         inputs[second] = torch.tensor(GRIDS)[:, 1:] * config.patch_size
-    elif kind != "image":  # "pixels": the grid in 2 x 2 blocks
+    elif kind not in ("image", "square"):  # "pixels": the grid in 2 x 2 blocks
         inputs[second] = torch.tensor(GRIDS) // torch.tensor([1, 2, 2] if kind == "pixels" else 1)
     if kind == "merge":
         inputs["merge_sizes"] = torch.full((len(GRIDS),), 2)
@@ -200,8 +206,9 @@ def test_models_holding_a_pixtral_tower_patch_it(key):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vision_function_variants_match_transformers(dtype):
-    """The replacements of Inkling2's (lane pairs, fp32, each result in its input's dtype)
-    and MiniMax-M3-VL's (a quarter of each head rotated, in the tables' dtype, the rest
+    """The replacements of Inkling2's (lane pairs, fp32, each result in its input's dtype;
+    Llama 4's the same with complex angles, on an expanded batch of two) and
+    MiniMax-M3-VL's (a quarter of each head rotated, in the tables' dtype, the rest
     passed) vision functions against the installed ones on (N, H, hd) views of a packed
     projection (MiniMax-M3-VL's on 5.16: (1, N, H, hd)), fp32 tables (MiniMax's in q's
     dtype, as its rotary class casts them): same dtypes, values within rounding."""
@@ -217,6 +224,16 @@ def test_vision_function_variants_match_transformers(dtype):
     want = inkling2.apply_rotary_pos_emb_vision(q, k, pairs.cos(), pairs.sin())
     for a, w in zip(got, want, strict=True):  # fp32 math, one rounding (one bf16 step: the
         assert a.dtype == w.dtype == dtype  # interpreter truncates bf16 stores)
+        tol = 1e-6 if dtype == torch.float32 else 2**-7
+        assert (a.float() - w.float()).abs().max() <= tol * w.float().abs().max()
+    # Llama 4's: the same pairs times complex angles (N, 1, hd / 2), on (B, N, H, hd)
+    angles = torch.randn(n, 1, d // 2, generator=g).to(DEVICE)
+    freqs_ci = torch.polar(torch.ones_like(angles), angles)
+    qb, kb = q[None].expand(2, -1, -1, -1), k[None].expand(2, -1, -1, -1)
+    got = qwen_vl.functions.vision_apply_rotary_emb(qb, kb, freqs_ci)
+    want = _modeling("llama4").vision_apply_rotary_emb(qb, kb, freqs_ci=freqs_ci)
+    for a, w in zip(got, want, strict=True):
+        assert a.dtype == w.dtype == dtype and a.shape == w.shape
         tol = 1e-6 if dtype == torch.float32 else 2**-7
         assert (a.float() - w.float()).abs().max() <= tol * w.float().abs().max()
     minimax = _modeling("minimax_m3_vl")

@@ -17,7 +17,8 @@ What is swapped, per part (each a keyword of :func:`patch`):
   :func:`vlmkernels.vision_rope` (also in the towers that call Qwen2-VL's function under
   their own module's name: Kimi-K2.5, Ovis2.5, VideoLLaMA3 and the others of
   :mod:`.tables.qwen_vl`); Pixtral's vision attention, which calls the text
-  ``apply_rotary_pos_emb`` (``unsqueeze_dim=0``), runs :func:`vlmkernels.rope`.
+  ``apply_rotary_pos_emb`` (``unsqueeze_dim=0``), runs :func:`vlmkernels.rope`; Llama 4's
+  ``vision_apply_rotary_emb`` (complex lane pairs) runs ``vision_rope(..., pairs=True)``.
 - ``rope_index``: ``get_rope_index`` of the ``...Model`` instance is
   :func:`rope_index_method` (:func:`vlmkernels.get_rope_index` with the semantics of the
   installed transformers, probed once per class).

@@ -1,7 +1,7 @@
 """The functions the rotary table patches in, with transformers' signatures and names:
 the text rotary functions of the Qwen-VL family and of the models whose code transformers
 adapted from it (rotate-half, partial, lane pairs, in fp32, k optional), the vision ones
-(Qwen2-VL's, and its lane-pair and partial variants),
+(Qwen2-VL's, and its lane-pair and partial variants; Llama 4's complex one),
 the text rotary module's forward that hands positions on (``angles="positions"``), and the
 ``Rebind.only`` guards that probe which function an installed model has."""
 
@@ -249,6 +249,23 @@ def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
 apply_partial_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
 
 
+def vision_apply_rotary_emb(query, key, freqs_ci):
+    """Llama 4's ``vision_apply_rotary_emb``: lanes (2j, 2j + 1) of (B, N, H, hd) ``query``
+    and ``key`` rotate as complex numbers multiplied by ``freqs_ci`` (cos + i sin, N x hd / 2
+    complex, shaped (N, 1, hd / 2) by its rotary class), in fp32, each result in its input's
+    dtype; on :func:`vlmkernels.vision_rope` with ``pairs=True`` and each angle's cos and
+    sin repeated for the two lanes of its pair."""
+    if not isinstance(freqs_ci, torch.Tensor) or not freqs_ci.is_complex():
+        raise TypeError(
+            "vision_apply_rotary_emb: freqs_ci must be a complex tensor (cos + i sin), got "
+            f"{getattr(freqs_ci, 'dtype', type(freqs_ci).__name__)}"
+        )
+    # transformers views freqs_ci as (1, N, 1, hd / 2) against the complex query
+    table = torch.view_as_real(freqs_ci.reshape(query.shape[1], -1))
+    cos, sin = (table[..., i].repeat_interleave(2, -1) for i in (0, 1))
+    return vision_rope(query, key, cos, sin, pairs=True)
+
+
 def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
                               pairs: bool = False):  # fmt: skip
     """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
@@ -275,7 +292,8 @@ def _rotation(kind: str):
 
 def _vision_rotation(kind: str):
     """``Rebind.only`` for the architectures whose vision rotary function is ``kind``
-    ("full", Qwen2-VL's, where the table says nothing; "pairs", "partial", "llama")."""
+    ("full", Qwen2-VL's, where the table says nothing; "pairs", "partial", "llama",
+    "complex")."""
     return lambda arch: arch.data.get("vision_rotation", "full") == kind
 
 
