@@ -43,7 +43,8 @@ import vlmkernels.integrations.transformers as vt  # noqa: E402
 # Inputs: "flat" (N, C * T * P^2) patches and grid_thw (Qwen-VL's), "patches" (N, C, P, P)
 # and grid_thw, "pixels" (N / 4, 4 P^2, C) per 2 x 2 block and its grid in blocks, "image"
 # (1, C, H, W) without a grid, "merge" flat with merge_sizes, "sized" a padded (2, C, H, W)
-# batch and each image's (height, width) in pixels, "square" (1, C, image_size, image_size).
+# batch and each image's (height, width) in pixels, "square" (1, C, image_size, image_size),
+# "xy" (2, N, C P^2) padded patches and each patch's (x, y), (-1, -1) for padding.
 _MUSE = dict(
     pos_emb_height=4, pos_emb_width=4, max_position_embeddings=16, patch_temporal=2, merge_size=2
 )  # a window of 4 x 4 patches: the 4 x 6 image gets two
@@ -77,7 +78,15 @@ TOWERS = {
     "llama4": ("Llama4", "Llama4VisionAttention", "square",
                dict(intermediate_size=128, vision_output_dim=32, projector_input_dim=32,
                     projector_output_dim=32)),
+    # a rotate-half per position axis (x, y) on half of each head
+    "gemma4": ("Gemma4", "Gemma4VisionAttention", "xy",
+               dict(head_dim=16, position_embedding_size=16, pooling_kernel_size=2)),
 }  # fmt: skip
+
+# Rotary calls per vision block where not one (Gemma 4 rotates q and k apart), and the
+# whole model's config fields where its default has no vision tower.
+CALLS_PER_BLOCK = {"gemma4": 2}
+WHOLE_MODEL = {"gemma4": dict(vision_config={})}
 
 # Set on every tower whose config has the field: 2 blocks of 2 heads x 16 lanes, patches of
 # 4 x 4 pixels.
@@ -103,6 +112,9 @@ def _pixels(config, kind, g):
     if kind == "image":
         _, h, w = GRIDS[0]
         return torch.randn(1, channels, h * p, w * p, generator=g)
+    if kind == "xy":
+        _, h, w = GRIDS[0]
+        return torch.rand(len(GRIDS), h * w, channels * p * p, generator=g)
     if kind == "square":
         return torch.randn(1, channels, config.image_size, config.image_size, generator=g)
     if kind == "sized":
@@ -134,6 +146,12 @@ def tower(key):
     inputs = {first: _pixels(config, kind, g)}
     if kind == "sized":
         inputs[second] = torch.tensor(GRIDS)[:, 1:] * config.patch_size
+    elif kind == "xy":
+        xy = torch.full((*inputs[first].shape[:2], 2), -1)
+        for i, (_, h, w) in enumerate(GRIDS):
+            y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            xy[i, : h * w] = torch.stack([x.flatten(), y.flatten()], -1)
+        inputs[second] = xy
     elif kind not in ("image", "square"):  # "pixels": the grid in 2 x 2 blocks
         inputs[second] = torch.tensor(GRIDS) // torch.tensor([1, 2, 2] if kind == "pixels" else 1)
     if kind == "merge":
@@ -150,7 +168,7 @@ def outputs_and_grads(model, inputs, params):
 @pytest.mark.parametrize("key", sorted(TOWERS))
 def test_tower_matches_transformers(key):
     """The tower patches its vision attentions alone; every rotary call runs on vlmkernels
-    (one per block, forward and backward); outputs and parameter gradients match the
+    (one per block, Gemma 4's two, forward and backward); outputs and parameter gradients match the
     unpatched tower's; nothing is left on the instances after. On the CPU, the PyTorch
     path: the kernel's (B, N, H, hd) layouts are tests/test_rope.py's, interpreted."""
     torch.manual_seed(0)
@@ -162,7 +180,7 @@ def test_tower_matches_transformers(key):
         counts, (got, got_grads) = op_counts(run)
     blocks = [name for name, m in model.named_modules() if isinstance(m, attention)]
     assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
-    assert counts == {"vlmkernels::rope_table": 2 * len(blocks)}
+    assert counts == {"vlmkernels::rope_table": 2 * CALLS_PER_BLOCK.get(key, 1) * len(blocks)}
     assert_close(got, want, "output")
     assert_same_grads(params, got_grads, want_grads)
     assert not instance_overrides(model)
@@ -178,7 +196,7 @@ def test_whole_model_patches_its_vision_attentions(key):
     if cls is None:  # MLCD: the tower is the model
         cls = getattr(modeling, f"{prefix}VisionModel")
     with torch.device("meta"):
-        model = cls(cls.config_class())
+        model = cls(cls.config_class(**WHOLE_MODEL.get(key, {})))
     blocks = [n for n, m in model.named_modules() if isinstance(m, getattr(modeling, attention))]
     with rotary_patch(model) as handle:
         assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
@@ -244,6 +262,35 @@ def test_vision_function_variants_match_transformers(dtype):
     got = qwen_vl.functions.apply_partial_rotary_pos_emb_vision(q, k, cos, sin)
     assert_partial_rotary_matches((q, k), got, minimax.apply_rotary_pos_emb_vision(q, k, cos, sin),
                                   rot)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma4_function_matches_transformers(dtype):
+    """Gemma 4's ``apply_multidimensional_rope`` replacement against the installed one: on
+    its (B, N, H, hd) call (the kernel) and on a layout it serves with transformers' formula
+    ((B, H, N, hd), unsqueeze_dim=1): the same dtype, fp32 bitwise, bf16 within an ulp of
+    the largest value (transformers rounds three times); a tensor of fp32 tables promotes a
+    bf16 x as transformers' products do; a head that does not split per axis is refused."""
+    from vlmkernels.integrations.tables import qwen_vl
+
+    gemma4 = _modeling("gemma4")
+    g = torch.Generator().manual_seed(8)
+    b, n, h, d = 2, 7, 3, 16
+    x = torch.randn(b, n, h, d, generator=g).to(DEVICE, dtype)
+    cos, sin = (torch.randn(b, n, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    pos = torch.zeros(b, n, 2, dtype=torch.long, device=DEVICE)
+    mine, theirs = qwen_vl.functions.apply_multidimensional_rope, gemma4.apply_multidimensional_rope
+    for args, kw in (((x, cos, sin, pos), {}),
+                     ((x.transpose(1, 2), cos, sin, pos), {"unsqueeze_dim": 1}),
+                     ((x, cos.float(), sin.float(), pos), {})):  # fmt: skip
+        got, want = mine(*args, **kw), theirs(*args, **kw)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if want.dtype == torch.float32:
+            assert torch.equal(got, want)
+        else:
+            assert (got.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+    with pytest.raises(ValueError, match="does not split into 3 even parts"):
+        mine(x, cos, sin, torch.zeros(b, n, 3, dtype=torch.long))
 
 
 def test_neomme_encoder_matches_transformers():

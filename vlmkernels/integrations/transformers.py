@@ -18,7 +18,9 @@ What is swapped, per part (each a keyword of :func:`patch`):
   their own module's name: Kimi-K2.5, Ovis2.5, VideoLLaMA3 and the others of
   :mod:`.tables.qwen_vl`); Pixtral's vision attention, which calls the text
   ``apply_rotary_pos_emb`` (``unsqueeze_dim=0``), runs :func:`vlmkernels.rope`; Llama 4's
-  ``vision_apply_rotary_emb`` (complex lane pairs) runs ``vision_rope(..., pairs=True)``.
+  ``vision_apply_rotary_emb`` (complex lane pairs) runs ``vision_rope(..., pairs=True)``
+  and Gemma 4's ``apply_multidimensional_rope`` (a rotate-half per position axis) runs
+  ``rope`` on a view whose sequence axis is the head's share per axis.
 - ``rope_index``: ``get_rope_index`` of the ``...Model`` instance is
   :func:`rope_index_method` (:func:`vlmkernels.get_rope_index` with the semantics of the
   installed transformers, probed once per class).

@@ -3,10 +3,11 @@ of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GL
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
 (around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
 Cosmos3-Omni, the text rotary of HunYuan-VL, Cosmos3-Edge, GLM-Image and NeoMME, and the
-vision rotary of sixteen more towers (:func:`_vision_rotary`), whose code transformers
-adapted from Qwen-VL's (Pixtral's: Llama's text function; Llama 4's: its own), play
-which role (:data:`ARCHITECTURES`), and what each part replaces (:data:`REPLACEMENTS`);
-the vlmkernels-backed functions they install are in :mod:`.functions`.
+vision rotary of seventeen more towers (:func:`_vision_rotary`), whose code transformers
+adapted from Qwen-VL's (Pixtral's: Llama's text function; Llama 4's and Gemma 4's: their
+own), play which role (:data:`ARCHITECTURES`), and what each part replaces
+(:data:`REPLACEMENTS`); the vlmkernels-backed functions they install are in
+:mod:`.functions`.
 :mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
 :mod:`...patching` is the mechanism."""
 
@@ -40,6 +41,7 @@ from .functions import (
     _vision_rotation,
     apply_fp32_paired_rotary_pos_emb,
     apply_fp32_rotary_pos_emb,
+    apply_multidimensional_rope,
     apply_multimodal_rotary_pos_emb,
     apply_paired_rotary_pos_emb,
     apply_paired_rotary_pos_emb_from_halves,
@@ -208,7 +210,9 @@ def _vision_rotary(key, prefix, vision_attention, rotation="full",
     Inkling2's; "partial": rotate-half on the first ``cos.shape[-1]`` lanes, in the
     activations' dtype, MiniMax-M3-VL's; "llama": transformers' text ``apply_rotary_pos_emb``
     with its ``unsqueeze_dim``, Pixtral's; "complex": Llama 4's ``vision_apply_rotary_emb``,
-    lane pairs times complex angles) while the rest of its rotary is its own or absent:
+    lane pairs times complex angles; "multidimensional": Gemma 4's
+    ``apply_multidimensional_rope``, a rotate-half per position axis on its share of the
+    head) while the rest of its rotary is its own or absent:
     ``vision`` alone, on the ``<prefix><root>`` classes (the whole model, the multimodal
     model and the vision tower)."""
     return Architecture(
@@ -246,6 +250,9 @@ def _vision_rotary(key, prefix, vision_attention, rotation="full",
 #   dtype) on (B, H, N, hd) q with (N, hd) tables and unsqueeze_dim=0.
 # - Llama 4's vision attention calls vision_apply_rotary_emb: (B, N, H, hd) q and k as
 #   complex lane pairs in fp32 times (N, 1, hd / 2) complex angles, back to q's dtype.
+# - Gemma 4's vision attention calls apply_multidimensional_rope on q and k apart, each
+#   (B, N, H, hd) with (B, N, hd) tables: the head split per position axis (2), each part
+#   rotate-half with its part of the tables, in the dtype of x * cos.
 ARCHITECTURES = (
     _qwen("qwen2_vl", "Qwen2VL", "Qwen2VisionTransformerPretrainedModel",
           "VisionAttention", "Qwen2VLAttention", "Qwen2VLRotaryEmbedding", "qwen2_vl"),
@@ -312,6 +319,7 @@ ARCHITECTURES = (
     _vision_rotary("pixtral", "Pixtral", "PixtralAttention", "llama", roots=("VisionModel",)),
     _vision_rotary("llama4", "Llama4", "Llama4VisionAttention", "complex",
                    roots=("ForConditionalGeneration", "VisionModel")),
+    _vision_rotary("gemma4", "Gemma4", "Gemma4VisionAttention", "multidimensional"),
 )  # fmt: skip
 
 
@@ -603,6 +611,8 @@ REPLACEMENTS = (
     Rebind("vision", "vision_attention", (apply_rotary_pos_emb,), only=_vision_rotation("llama")),
     Rebind("vision", "vision_attention", (vision_apply_rotary_emb,),
            only=_vision_rotation("complex")),
+    Rebind("vision", "vision_attention", (apply_multidimensional_rope,),
+           only=_vision_rotation("multidimensional")),
     SetMethod("positions", "text_rotary", "forward", _positions_forward, _check_rotary_class),
     SetMethod("rope_index", "model", "get_rope_index", _rope_index_function,
               lambda cls, arch: _rope_index_summary(cls, arch)),

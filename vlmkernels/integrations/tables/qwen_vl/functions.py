@@ -1,7 +1,8 @@
 """The functions the rotary table patches in, with transformers' signatures and names:
 the text rotary functions of the Qwen-VL family and of the models whose code transformers
 adapted from it (rotate-half, partial, lane pairs, in fp32, k optional), the vision ones
-(Qwen2-VL's, and its lane-pair and partial variants; Llama 4's complex one),
+(Qwen2-VL's, and its lane-pair and partial variants; Llama 4's complex one, Gemma 4's
+per-axis one),
 the text rotary module's forward that hands positions on (``angles="positions"``), and the
 ``Rebind.only`` guards that probe which function an installed model has."""
 
@@ -249,6 +250,47 @@ def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
 apply_partial_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
 
 
+def apply_multidimensional_rope(x, cos, sin, position_ids, unsqueeze_dim=2):
+    """Gemma 4's vision rotary of one tensor: the head of (B, N, H, hd) ``x`` split into
+    ``position_ids.shape[-1]`` equal parts (height, width), each part rotated as its own
+    rotate-half RoPE with that part of the (B, N, hd) tables (transformers' arithmetic:
+    the dtype of ``x * cos``). On :func:`vlmkernels.rope`: the parts become the sequence
+    axis of a (B N, parts, H, hd / parts) view, no copy; another layout (another
+    ``unsqueeze_dim`` or rank, tables not of x's (B, N)) runs transformers' formula."""
+    parts = position_ids.shape[-1]
+    d = x.shape[-1]
+    size = 2 * (d // (2 * parts))
+    if size <= 0 or size * parts != d:
+        raise ValueError(
+            f"apply_multidimensional_rope: the head dim {d} does not split into "
+            f"{parts} even parts (one per position axis)"
+        )
+    if (
+        x.dim() != 4
+        or unsqueeze_dim not in (2, -2)
+        or not cos.shape == sin.shape == (*x.shape[:2], d)
+    ):
+        return _multidimensional_rope_eager(x, cos, sin, parts, size, unsqueeze_dim)
+    b, n, h = x.shape[:3]
+    view = x.reshape(b * n, h, parts, size).transpose(1, 2)
+    tables = (t.reshape(b * n, parts, size) for t in (cos, sin))
+    no_k = view.narrow(2, 0, 0)
+    out = apply_rotary_pos_emb(view, no_k, *tables, unsqueeze_dim=2)[0]
+    return out.transpose(1, 2).reshape(b, n, h, d)
+
+
+def _multidimensional_rope_eager(x, cos, sin, parts, size, unsqueeze_dim):
+    """transformers' ``apply_multidimensional_rope`` formula in PyTorch."""
+    out = []
+    for i in range(parts):
+        lanes = slice(i * size, (i + 1) * size)
+        xi = x[..., lanes]
+        c, s = (t[..., lanes].unsqueeze(unsqueeze_dim) for t in (cos, sin))
+        rotated = torch.cat((-xi[..., size // 2 :], xi[..., : size // 2]), dim=-1)
+        out.append(xi * c + rotated * s)
+    return torch.cat(out, dim=-1)
+
+
 def vision_apply_rotary_emb(query, key, freqs_ci):
     """Llama 4's ``vision_apply_rotary_emb``: lanes (2j, 2j + 1) of (B, N, H, hd) ``query``
     and ``key`` rotate as complex numbers multiplied by ``freqs_ci`` (cos + i sin, N x hd / 2
@@ -293,7 +335,7 @@ def _rotation(kind: str):
 def _vision_rotation(kind: str):
     """``Rebind.only`` for the architectures whose vision rotary function is ``kind``
     ("full", Qwen2-VL's, where the table says nothing; "pairs", "partial", "llama",
-    "complex")."""
+    "complex", "multidimensional")."""
     return lambda arch: arch.data.get("vision_rotation", "full") == kind
 
 
