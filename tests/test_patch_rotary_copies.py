@@ -293,6 +293,41 @@ def test_gemma4_function_matches_transformers(dtype):
         mine(x, cos, sin, torch.zeros(b, n, 3, dtype=torch.long))
 
 
+def test_deepseek_ocr2_vision_encoder_matches_transformers():
+    """DeepSeek-OCR-2's vision encoder (a Qwen2-style decoder over the SAM features and its
+    queries, bidirectional over the image, causal over the queries) patches its attentions
+    alone; every call runs on vlmkernels; outputs and parameter gradients match
+    transformers'. Its vision model (default config, meta device) patches the encoder's."""
+    modeling = _modeling("deepseek_ocr2")
+    configs = importlib.import_module(
+        "transformers.models.deepseek_ocr2.configuration_deepseek_ocr2"
+    )  # (5.16's modeling module names neither config class)
+    config = configs.DeepseekOcr2VisionEncoderConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, initializer_range=0.1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = modeling.DeepseekOcr2VisionEncoder(config).eval().to(DEVICE)
+    g = torch.Generator().manual_seed(4)
+    inputs = {"inputs_embeds": torch.randn(2, 9, 32, generator=g).to(DEVICE), "num_patches": 6}
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(outputs_and_grads, model, inputs, params)
+    want, want_grads = run()
+    with rotary_patch(model) as handle, on_torch_path_on_cpu():
+        counts, (got, got_grads) = op_counts(run)
+    assert handle.targets == ("layers.0.self_attn.forward", "layers.1.self_attn.forward")
+    assert counts == {"vlmkernels::rope_table": 4}
+    assert_close(got, want, "hidden states")
+    assert_same_grads(params, got_grads, want_grads)
+    assert not instance_overrides(model)
+    with torch.device("meta"):
+        tower = modeling.DeepseekOcr2VisionModel(configs.DeepseekOcr2VisionConfig())
+    blocks = [n for n, m in tower.named_modules()
+              if isinstance(m, modeling.DeepseekOcr2VisionAttention)]  # fmt: skip
+    with rotary_patch(tower) as handle:
+        assert blocks and sorted(handle.targets) == sorted(f"{n}.forward" for n in blocks)
+
+
 def test_neomme_encoder_matches_transformers():
     """NeoMME's encoder (a sliding-window layer rotating whole heads, a full-attention layer
     rotating a quarter of each head, per its rope parameters) patches its text attentions

@@ -16,8 +16,8 @@ What is swapped, per part (each a keyword of :func:`patch`):
 - ``vision``: the vision attention's ``apply_rotary_pos_emb_vision`` runs
   :func:`vlmkernels.vision_rope` (also in the towers that call Qwen2-VL's function under
   their own module's name: Kimi-K2.5, Ovis2.5, VideoLLaMA3 and the others of
-  :mod:`.tables.qwen_vl`); Pixtral's vision attention, which calls the text
-  ``apply_rotary_pos_emb`` (``unsqueeze_dim=0``), runs :func:`vlmkernels.rope`; Llama 4's
+  :mod:`.tables.qwen_vl`); Pixtral's and DeepSeek-OCR-2's vision attentions, which call
+  the text ``apply_rotary_pos_emb``, run :func:`vlmkernels.rope`; Llama 4's
   ``vision_apply_rotary_emb`` (complex lane pairs) runs ``vision_rope(..., pairs=True)``
   and Gemma 4's ``apply_multidimensional_rope`` (a rotate-half per position axis) runs
   ``rope`` on a view whose sequence axis is the head's share per axis.

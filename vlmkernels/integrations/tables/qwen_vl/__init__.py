@@ -3,10 +3,10 @@ of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, and of GL
 (GLM-4.1V, GLM-4.6V-Flash), GLM-4V-MoE (GLM-4.5V, GLM-4.6V), GLM-4.6V's own classes
 (around GLM-4V's towers), GLM-OCR, PaddleOCR-VL, Cohere Compass, ERNIE-4.5-VL, Qwen4-Exp,
 Cosmos3-Omni, the text rotary of HunYuan-VL, Cosmos3-Edge, GLM-Image and NeoMME, and the
-vision rotary of seventeen more towers (:func:`_vision_rotary`), whose code transformers
-adapted from Qwen-VL's (Pixtral's: Llama's text function; Llama 4's and Gemma 4's: their
-own), play which role (:data:`ARCHITECTURES`), and what each part replaces
-(:data:`REPLACEMENTS`); the vlmkernels-backed functions they install are in
+vision rotary of eighteen more towers (:func:`_vision_rotary`), whose code transformers
+adapted from Qwen-VL's (Pixtral's and DeepSeek-OCR-2's: Llama's text function; Llama 4's
+and Gemma 4's: their own), play which role (:data:`ARCHITECTURES`), and what each part
+replaces (:data:`REPLACEMENTS`); the vlmkernels-backed functions they install are in
 :mod:`.functions`.
 :mod:`vlmkernels.integrations.transformers` documents the parts and applies them;
 :mod:`...patching` is the mechanism."""
@@ -248,6 +248,8 @@ def _vision_rotary(key, prefix, vision_attention, rotation="full",
 # - Pixtral's vision attention (the tower of Mistral3's and LightOnOCR's models) calls the
 #   text apply_rotary_pos_emb (Llama's, rotate-half over the whole head, in the tables'
 #   dtype) on (B, H, N, hd) q with (N, hd) tables and unsqueeze_dim=0.
+# - DeepSeek-OCR-2's vision encoder attention calls Llama's text function too, on (B, H, N,
+#   hd) q with (B, N, hd) tables (1-D positions).
 # - Llama 4's vision attention calls vision_apply_rotary_emb: (B, N, H, hd) q and k as
 #   complex lane pairs in fp32 times (N, 1, hd / 2) complex angles, back to q's dtype.
 # - Gemma 4's vision attention calls apply_multidimensional_rope on q and k apart, each
@@ -320,6 +322,9 @@ ARCHITECTURES = (
     _vision_rotary("llama4", "Llama4", "Llama4VisionAttention", "complex",
                    roots=("ForConditionalGeneration", "VisionModel")),
     _vision_rotary("gemma4", "Gemma4", "Gemma4VisionAttention", "multidimensional"),
+    # its vision encoder (after the SAM encoder) is a Qwen2-style decoder: 1-D positions
+    _vision_rotary("deepseek_ocr2", "DeepseekOcr2", "DeepseekOcr2VisionAttention", "llama",
+                   roots=("ForConditionalGeneration", "Model", "VisionModel", "VisionEncoder")),
 )  # fmt: skip
 
 
