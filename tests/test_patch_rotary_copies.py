@@ -165,6 +165,23 @@ def outputs_and_grads(model, inputs, params):
     return out.detach(), torch.autograd.grad(linear_loss(out), params, allow_unused=True)
 
 
+def assert_patch_matches(model, inputs, targets, calls: int) -> None:
+    """The model patched (the rotary table's parts) replaces ``targets`` (sorted names)
+    and makes ``calls`` vlmkernels rotary calls, forward and backward; its output and
+    parameter gradients match the unpatched run's; nothing is left on the instances
+    after. On the CPU, the PyTorch path."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = functools.partial(outputs_and_grads, model, inputs, params)
+    want, want_grads = run()
+    with rotary_patch(model) as handle, on_torch_path_on_cpu():
+        counts, (got, got_grads) = op_counts(run)
+    assert sorted(handle.targets) == sorted(targets)
+    assert counts == {"vlmkernels::rope_table": calls}
+    assert_close(got, want, "output")
+    assert_same_grads(params, got_grads, want_grads)
+    assert not instance_overrides(model)
+
+
 @pytest.mark.parametrize("key", sorted(TOWERS))
 def test_tower_matches_transformers(key):
     """The tower patches its vision attentions alone; every rotary call runs on vlmkernels
@@ -173,17 +190,9 @@ def test_tower_matches_transformers(key):
     path: the kernel's (B, N, H, hd) layouts are tests/test_rope.py's, interpreted."""
     torch.manual_seed(0)
     model, inputs, attention = tower(key)
-    params = [p for p in model.parameters() if p.requires_grad]
-    run = functools.partial(outputs_and_grads, model, inputs, params)
-    want, want_grads = run()
-    with rotary_patch(model) as handle, on_torch_path_on_cpu():
-        counts, (got, got_grads) = op_counts(run)
     blocks = [name for name, m in model.named_modules() if isinstance(m, attention)]
-    assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
-    assert counts == {"vlmkernels::rope_table": 2 * CALLS_PER_BLOCK.get(key, 1) * len(blocks)}
-    assert_close(got, want, "output")
-    assert_same_grads(params, got_grads, want_grads)
-    assert not instance_overrides(model)
+    assert_patch_matches(model, inputs, [f"{name}.forward" for name in blocks],
+                         2 * CALLS_PER_BLOCK.get(key, 1) * len(blocks))  # fmt: skip
 
 
 @pytest.mark.parametrize("key", sorted(TOWERS))
@@ -293,6 +302,9 @@ def test_gemma4_function_matches_transformers(dtype):
         mine(x, cos, sin, torch.zeros(b, n, 3, dtype=torch.long))
 
 
+_TWO_LAYERS = ("layers.0.self_attn.forward", "layers.1.self_attn.forward")
+
+
 def test_deepseek_ocr2_vision_encoder_matches_transformers():
     """DeepSeek-OCR-2's vision encoder (a Qwen2-style decoder over the SAM features and its
     queries, bidirectional over the image, causal over the queries) patches its attentions
@@ -310,16 +322,7 @@ def test_deepseek_ocr2_vision_encoder_matches_transformers():
     model = modeling.DeepseekOcr2VisionEncoder(config).eval().to(DEVICE)
     g = torch.Generator().manual_seed(4)
     inputs = {"inputs_embeds": torch.randn(2, 9, 32, generator=g).to(DEVICE), "num_patches": 6}
-    params = [p for p in model.parameters() if p.requires_grad]
-    run = functools.partial(outputs_and_grads, model, inputs, params)
-    want, want_grads = run()
-    with rotary_patch(model) as handle, on_torch_path_on_cpu():
-        counts, (got, got_grads) = op_counts(run)
-    assert handle.targets == ("layers.0.self_attn.forward", "layers.1.self_attn.forward")
-    assert counts == {"vlmkernels::rope_table": 4}
-    assert_close(got, want, "hidden states")
-    assert_same_grads(params, got_grads, want_grads)
-    assert not instance_overrides(model)
+    assert_patch_matches(model, inputs, _TWO_LAYERS, 4)
     with torch.device("meta"):
         tower = modeling.DeepseekOcr2VisionModel(configs.DeepseekOcr2VisionConfig())
     blocks = [n for n, m in tower.named_modules()
@@ -351,16 +354,7 @@ def test_neomme_encoder_matches_transformers():
               "attention_mask": torch.ones(2, 9, dtype=torch.long)}  # fmt: skip
     inputs["attention_mask"][1, :2] = 0
     inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    run = functools.partial(outputs_and_grads, model, inputs, params)
-    want, want_grads = run()
-    with rotary_patch(model) as handle, on_torch_path_on_cpu():
-        counts, (got, got_grads) = op_counts(run)
-    assert handle.targets == ("layers.0.self_attn.forward", "layers.1.self_attn.forward")
-    assert counts == {"vlmkernels::rope_table": 4}
-    assert_close(got, want, "hidden states")
-    assert_same_grads(params, got_grads, want_grads)
-    assert not instance_overrides(model)
+    assert_patch_matches(model, inputs, _TWO_LAYERS, 4)
     with pytest.raises(vt.UnsupportedLayoutError, match="neomme .*its own"):
         rotary_patch(model, angles="positions")
     assert vt.support()["neomme"] == {"rope": "ok"}
