@@ -303,7 +303,7 @@ def vision_apply_rotary_emb(query, key, freqs_ci):
             f"{getattr(freqs_ci, 'dtype', type(freqs_ci).__name__)}"
         )
     # transformers views freqs_ci as (1, N, 1, hd / 2) against the complex query
-    table = torch.view_as_real(freqs_ci.reshape(query.shape[1], -1))
+    table = torch.view_as_real(freqs_ci.reshape(query.shape[1], -1).to(query.device))
     cos, sin = (table[..., i].repeat_interleave(2, -1) for i in (0, 1))
     return vision_rope(query, key, cos, sin, pairs=True)
 
