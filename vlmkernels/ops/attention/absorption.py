@@ -82,9 +82,12 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
     """
     op = "absorbed_cross_attention"
     heads, lq, d = _check(op, queries, w_k)
+    # x and w_v are required (None is refused naming them, not an attribute error below)
     for name, t in (("x", x), ("w_v", w_v), ("b_v", b_v), ("absorbed", absorbed)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not isinstance(t, torch.Tensor) and (t is not None or name in ("x", "w_v")):
+            optional = " or None" if name in ("b_v", "absorbed") else ""
+            raise TypeError(f"{op}: {name} must be a torch.Tensor{optional}, got "
+                            f"{type(t).__name__}")  # fmt: skip
     if x.dim() != 3 or x.shape[2] != w_k.shape[1]:
         raise ValueError(f"{op}: x must be (B, N, C) with C = {w_k.shape[1]}, got shape "
                          f"{tuple(x.shape)}")  # fmt: skip
