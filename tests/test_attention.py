@@ -1333,6 +1333,11 @@ def test_delta_matches_float64(packed, dtype, device):
             "queries must",
         ),
         (lambda q, x, w: A.absorbed_cross_attention(q, x, w, w, scale="a"), TypeError, "scale"),
+        (
+            lambda q, x, w: A.absorbed_cross_attention(q, x, w, w, scale=float("inf")),
+            TypeError,
+            "scale must be a finite",
+        ),
         (lambda q, x, w: A.absorbed_cross_attention(q, None, w, w), TypeError, "x must be"),
         (lambda q, x, w: A.absorbed_cross_attention(q, x, w, None), TypeError, "w_v must be"),
         (lambda q, x, w: A.absorb_queries(q.tolist(), w), TypeError, "queries must"),

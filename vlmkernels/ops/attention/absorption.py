@@ -28,11 +28,10 @@ in every argument; the scores (B, H, Lq, N) are materialised, which is small for
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ...core.checks import FLOAT_DTYPES, check_real
+from ...core.checks import FLOAT_DTYPES
+from .functional import _scale
 
 __all__ = ["absorb_queries", "absorbed_cross_attention"]
 
@@ -118,8 +117,8 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
             "result only through absorbed); compute absorbed with absorb_queries(queries, "
             "w_k) with grad enabled, pass absorbed=None, or pass queries and w_k detached"
         )
-    s = 1.0 / math.sqrt(d) if scale is None else check_real(op, "scale", scale, -math.inf,
-                                                            math.inf)  # fmt: skip
+    # finite, as every attention op's scale (an infinite one made every output NaN)
+    s = _scale(op, scale, d)
     qt = absorb_queries(queries, w_k) if absorbed is None else absorbed  # (H, Lq, C)
     scores = torch.matmul(qt[None], x[:, None].transpose(-1, -2)) * s  # (B, H, Lq, N)
     attended = torch.matmul(torch.softmax(scores, dim=-1), x[:, None])  # (B, H, Lq, C)
