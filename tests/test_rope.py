@@ -1032,6 +1032,23 @@ def test_vision_rope_refuses_a_half_width_table():
         vlmkernels.vision_rope(q, k, half.cos(), half.sin())
 
 
+@pytest.mark.parametrize("fn", ["rope", "mrope", "vision_rope"])
+def test_zero_dim_tables_are_refused_naming_them(fn):
+    """A 0-d cos or sin (a scalar tensor) is a bad table: refused naming it, not an
+    IndexError from reading its last dim."""
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    if fn == "vision_rope":
+        q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+    table = torch.randn(3, 1, 3, 8) if fn == "mrope" else torch.randn(1, 3, 8)
+    if fn == "vision_rope":
+        table = table[0]
+    extra = ([2, 1, 1],) if fn == "mrope" else ()
+    call = getattr(vlmkernels, fn)
+    for cos, sin, name in ((torch.tensor(1.0), table, "cos"), (table, torch.tensor(1.0), "sin")):
+        with pytest.raises(ValueError, match=f"^{fn}: {name} must have shape"):
+            call(q, k, cos, sin, *extra)
+
+
 @pytest.mark.parametrize("fn", ["mrope", "mrope_from_positions"])
 def test_compiled_mrope_is_not_compiled_again_at_the_next_call(fn, device):
     """The checked-sections cache (functional._SECTIONS), read and filled while

@@ -231,12 +231,18 @@ def _rope(op, q, k, cos, sin, unsqueeze_dim, inplace, pairs=False):
     return _table_op(op, q, k, cos, sin, head_axis, mode, [0, 0, 0], False, inplace)
 
 
-def _check_table_type(op, cos, sin) -> None:
-    """cos and sin floating tensors (checked before their shapes are read)."""
+def _check_table_type(op, cos, sin, leading: bool = False) -> None:
+    """cos and sin floating tensors with at least one dim (checked before their shapes are
+    read: the rotary dim is the last one)."""
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a floating tensor, got "
                             f"{getattr(table, 'dtype', type(table).__name__)}")  # fmt: skip
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() == 0:  # as _check_table words it
+            lead = "(3, " if leading else "("
+            raise ValueError(f"{op}: {name} must have shape {lead}<q's shape without the "
+                             "heads axis>), got a 0-d tensor")  # fmt: skip
 
 
 def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved: bool = False,
@@ -258,7 +264,7 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
     op = "mrope"
     cos, sin, unsqueeze_dim = _right_aligned(q, cos, sin, unsqueeze_dim, 1)
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
-    _check_table_type(op, cos, sin)
+    _check_table_type(op, cos, sin, leading=True)
     rot = cos.shape[-1]
     _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
     interleaved = check_bool(op, "interleaved", interleaved)
