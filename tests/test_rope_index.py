@@ -529,6 +529,28 @@ def test_bad_arguments():
             get_rope_index(**args)
 
 
+def test_seconds_per_grid_one_per_video_run():
+    """second_per_grid_ts holds one entry per video (transformers takes one per video run
+    with next(iter(...)) and raises past the last): fewer entries than video runs, or a
+    0-d tensor, raise naming it instead of reusing the last entry (or tokens_per_second)."""
+    # two videos of 2 x 1 x 1 patches (merge 1): 2 tokens each, text between them
+    kinds = torch.tensor([[0, 2, 2, 0, 2, 2, 0]])
+    common = dict(model_type="qwen2_5_vl", spatial_merge_size=1, tokens_per_second=2,
+                  video_grid_thw=torch.tensor([[2, 1, 1], [2, 1, 1]]))  # fmt: skip
+    ids = torch.zeros_like(kinds)
+    get_rope_index(ids, kinds, second_per_grid_ts=[0.5, 3.0], **common)  # one each: fine
+    get_rope_index(ids, kinds, second_per_grid_ts=[0.5, 3.0, 1.0], **common)  # extra: unused
+    for seconds in ([0.5], torch.tensor([0.5]), [], torch.tensor([])):
+        with pytest.raises(RuntimeError, match="second_per_grid_ts"):
+            get_rope_index(ids, kinds, second_per_grid_ts=seconds, **common)
+    with pytest.raises(TypeError, match="second_per_grid_ts must be a 1-D"):
+        get_rope_index(ids, kinds, second_per_grid_ts=torch.tensor(0.5), **common)
+    # no video run: nothing is read, an empty table is fine
+    text = torch.zeros(1, 3, dtype=torch.long)
+    get_rope_index(text, text, model_type="qwen2_5_vl", spatial_merge_size=1,
+                   tokens_per_second=2, second_per_grid_ts=[])  # fmt: skip
+
+
 def test_positions_in_a_narrow_id_dtype():
     """Positions take input_ids' dtype (as in transformers): an int8 row of 128 tokens
     holds them (0 .. 127), one of 129 does not and raises rather than wrapping to -128."""

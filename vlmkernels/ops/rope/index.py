@@ -163,7 +163,7 @@ def get_rope_index(
     tau = None
     if model_type == "qwen2_5_vl":
         tau = _video_time_scale(
-            second_per_grid_ts, tokens_per_second, truncate_seconds, video_ord, device
+            second_per_grid_ts, tokens_per_second, truncate_seconds, video_ord, is_video, device
         )
 
     frames_hw = (h * w).clamp(min=1)
@@ -294,7 +294,7 @@ def _check_arguments(input_ids, mm_token_type_ids, image_grid_thw, video_grid_th
     seconds = second_per_grid_ts
     if seconds is not None:
         if isinstance(seconds, torch.Tensor):
-            if seconds.dim() > 1 or seconds.dtype.is_complex or seconds.dtype == torch.bool:
+            if seconds.dim() != 1 or seconds.dtype.is_complex or seconds.dtype == torch.bool:
                 raise TypeError(
                     f"{op}: second_per_grid_ts must be a 1-D real tensor (one entry per "
                     f"video), got {seconds.dtype} of shape {tuple(seconds.shape)}"
@@ -372,11 +372,18 @@ def _token_grids(image_grid_thw, video_grid_thw, image_ord, video_ord, is_video,
     return (t, h, w), (n_images, n_videos)
 
 
-def _video_time_scale(second_per_grid_ts, tokens_per_second, truncate, video_ord, device):
-    """tau per token (Qwen2.5-VL): a Python number, or a per-video table gathered by video_ord."""
+def _video_time_scale(second_per_grid_ts, tokens_per_second, truncate, video_ord, is_video,
+                      device):  # fmt: skip
+    """tau per token (Qwen2.5-VL): a Python number, or a per-video table gathered by video_ord.
+    The table has an entry for every video run (checked on the device: transformers takes
+    one per run with ``next`` and raises past the last; ``_rows`` would clamp to it)."""
     if second_per_grid_ts is None:
         return tokens_per_second
     seconds = second_per_grid_ts
+    count = len(seconds)  # a list's length or a 1-D tensor's (a shape: no host sync)
+    torch._assert_async((~is_video | (video_ord < count)).all(),
+                        "get_rope_index: second_per_grid_ts has fewer entries than there are "
+                        "video runs (one per video)")  # fmt: skip
     if not isinstance(seconds, torch.Tensor):
         seconds = [int(s) for s in seconds] if truncate else list(seconds)
         if all(isinstance(s, int) for s in seconds):
