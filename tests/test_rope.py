@@ -1032,6 +1032,15 @@ def test_vision_rope_refuses_a_half_width_table():
         vlmkernels.vision_rope(q, k, half.cos(), half.sin())
 
 
+def test_vision_rope_names_q_when_q_has_no_heads_axis():
+    """q and k left as the (N, H hd) projection (not viewed into heads) are refused naming
+    q's shape, not blamed on tables that are right for (N, H, hd)."""
+    q, k = torch.randn(4, 16), torch.randn(4, 16)
+    angles = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="^vision_rope: q must be .*got shape \\(4, 16\\)"):
+        vlmkernels.vision_rope(q, k, angles.cos(), angles.sin())
+
+
 @pytest.mark.parametrize("fn", ["rope", "mrope", "vision_rope"])
 def test_zero_dim_tables_are_refused_naming_them(fn):
     """A 0-d cos or sin (a scalar tensor) is a bad table: refused naming it, not an

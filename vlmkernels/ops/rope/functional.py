@@ -384,10 +384,11 @@ def vision_rope(q, k, cos, sin, *, pairs: bool = False):
         (q_rotated, k_rotated) in q's and k's dtypes, computed in fp32 (float64 inputs too,
         rounded to fp32 first, as transformers does).
     """
-    if (isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() and cos.dim()
-            and cos.shape[-1] != q.shape[-1]):  # fmt: skip
+    if (isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor) and q.dim() in (3, 4)
+            and cos.dim() and cos.shape[-1] != q.shape[-1]):  # fmt: skip
         # the tower rotates whole heads; a narrower table (cos of the (N, hd / 2) freqs, before
-        # transformers' cat((freqs, freqs), -1)) is refused as transformers refuses it
+        # transformers' cat((freqs, freqs), -1)) is refused as transformers refuses it (a q
+        # of another rank, e.g. (N, H hd) not viewed into heads, is named by _check_qk)
         raise ValueError(f"vision_rope: cos and sin must be (N, head_dim) = (N, {q.shape[-1]}), "
                          f"got cos of shape {tuple(cos.shape)}")  # fmt: skip
     wide = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (q, k)]
