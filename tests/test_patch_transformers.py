@@ -777,9 +777,10 @@ def test_unsupported_models_raise(qwen2):
 
 
 def test_bad_arguments_raise(qwen2):
-    with pytest.raises(ValueError, match="angles"):
+    # named with the function, as every other patch error is
+    with pytest.raises(ValueError, match="^vlmkernels.patch: angles"):
         rotary_patch(qwen2.model, angles="cache")
-    with pytest.raises(ValueError, match="rope=True"):
+    with pytest.raises(ValueError, match="^vlmkernels.patch: .*rope=True"):
         rotary_patch(qwen2.model, rope=False, angles="positions")
     with pytest.raises(ValueError, match="nothing to patch"):
         rotary_patch(qwen2.model, rope=False, vision=False, rope_index=False)

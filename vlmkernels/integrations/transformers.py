@@ -207,9 +207,11 @@ def patch(model, *, rope: bool = True, vision: bool = True, rope_index: bool = T
     for name, on in (("rope", rope), ("vision", vision), ("rope_index", rope_index)):
         check_bool("vlmkernels.patch", name, on)
     if angles not in ("table", "positions"):
-        raise ValueError(f"angles must be 'table' or 'positions', got {angles!r}")
+        raise ValueError(f"vlmkernels.patch: angles must be 'table' or 'positions', got "
+                         f"{angles!r}")  # fmt: skip
     if angles == "positions" and not rope:
-        raise ValueError("angles='positions' applies to the text rotary path: it needs rope=True")
+        raise ValueError("vlmkernels.patch: angles='positions' applies to the text rotary path: "
+                         "it needs rope=True")  # fmt: skip
     # the rotary table's "positions" part is set by angles="positions", not a keyword
     known = {part for p in patchers() for part in p.parts} - {"positions"}
     if "positions" in parts:
