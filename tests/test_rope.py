@@ -1032,6 +1032,15 @@ def test_vision_rope_refuses_a_half_width_table():
         vlmkernels.vision_rope(q, k, half.cos(), half.sin())
 
 
+def test_mrope_names_a_table_of_the_wrong_rank_before_the_sections():
+    """An M-RoPE table without its leading axis of 3 (a merged (B, S, R) table) and another
+    width is refused for its shape, not reported as a section sum that does not match it."""
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    merged = torch.randn(1, 3, 6)
+    with pytest.raises(ValueError, match="^mrope: cos must have shape \\(3, "):
+        vlmkernels.mrope(q, k, merged.cos(), merged.sin(), [2, 1, 1])
+
+
 def test_vision_rope_names_q_when_q_has_no_heads_axis():
     """q and k left as the (N, H hd) projection (not viewed into heads) are refused naming
     q's shape, not blamed on tables that are right for (N, H, hd)."""

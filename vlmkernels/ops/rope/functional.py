@@ -265,6 +265,11 @@ def mrope(q, k, cos, sin, mrope_section, unsqueeze_dim: int = 1, *, interleaved:
     cos, sin, unsqueeze_dim = _right_aligned(q, cos, sin, unsqueeze_dim, 1)
     head_axis = _check_qk(op, q, k, unsqueeze_dim)
     _check_table_type(op, cos, sin, leading=True)
+    if cos.dim() != q.dim() or sin.dim() != q.dim():
+        # a table of the wrong rank (e.g. merged (B, S, R), without the leading 3) is named
+        # for its shape here, before its last dim is read as the rotary dim for the sections
+        _check_table(op, "cos", cos, q, head_axis, True)
+        _check_table(op, "sin", sin, q, head_axis, True)
     rot = cos.shape[-1]
     _check_rotary_dim(op, rot, q.shape[-1], "cos.shape[-1]")
     interleaved = check_bool(op, "interleaved", interleaved)
