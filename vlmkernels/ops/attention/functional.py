@@ -364,8 +364,8 @@ def attention(q, k, v, *, causal=False, scale=None, key_mass=None, key_bias=None
         scale: the logit scale (default 1 / sqrt(D)).
         key_mass: None; "mean": also return mass[b, j] = 1/(H Lq) sum_h sum_i P[b, h, i, j];
             an int i (negative counts from the end): mass[b, j] = 1/H sum_h P[b, h, i, j]
-            (FastV: -1, VisionZip: 0). "mean" over no rows (Lq = 0) is NaN, as eager's;
-            q, k and v without heads are refused (ValueError), as by every attention op.
+            (FastV: -1, VisionZip: 0). A mean over no rows (Lq = 0) or no heads (H = 0: an
+            empty output, as SDPA's) is NaN, as eager's.
         key_bias: (B, Lk) or (B, H, Lk) additive logit bias per key, differentiable (ToMe's
             proportional attention: log(size)); the mass includes it.
 
