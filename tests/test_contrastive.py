@@ -446,6 +446,9 @@ def test_bad_keyword_errors(name, device):
         fn(x, y, 1.0, 0.0, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         fn(x, y, 1.0, 0.0, chunk_size=0)
+    for wrong in (2.5, "64", True):  # a wrong type is a TypeError, as every argument's
+        with pytest.raises(TypeError, match="chunk_size must be a positive int"):
+            fn(x, y, 1.0, 0.0, chunk_size=wrong)
 
 
 def test_ids_and_design_variable_errors(device, monkeypatch):

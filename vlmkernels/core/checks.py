@@ -240,7 +240,8 @@ def check_chunk_size(op: str, chunk_size) -> int:
     """0 means 'choose from the memory budget'."""
     if chunk_size is None:
         return 0
-    if (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-            or chunk_size < 1):  # fmt: skip
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     return int(chunk_size)
