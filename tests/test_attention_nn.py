@@ -129,8 +129,11 @@ def test_gate_and_empty_batch(device):
     x, media = torch.randn(1, 3, 16, device=device), torch.randn(1, 1, 2, 8, device=device)
     with pytest.raises(TypeError, match="gate must be a one-element tensor, got float"):
         block.attn(x, media, gate=0.5)
-    for bad in (x[0], x[None], x[..., :8], x.tolist()):  # x is (B, T, dim=16)
+    for bad in (x[0], x[None], x[..., :8]):  # x is (B, T, dim=16)
         with pytest.raises(ValueError, match=r"x must be a \(B, T, dim=16\) tensor"):
+            block(bad, media)
+    for bad in (x.tolist(), None):  # not a tensor at all: a TypeError, as the ops'
+        with pytest.raises(TypeError, match=r"x must be a \(B, T, dim=16\) tensor, got"):
             block(bad, media)
     with pytest.raises(ValueError, match=r"media must be a \(B, T_img, n, dim_visual=8\)"):
         block(x, media[..., :4])

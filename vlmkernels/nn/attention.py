@@ -137,11 +137,11 @@ class MaskedCrossAttention(nn.Module):
 def _check_input(name: str, t, rank: int, width: int | None, layout: str) -> None:
     """``t`` a tensor of ``rank`` dims whose last is ``width`` (``layout`` formats it; None:
     a projection that does not say, such as a wrapper module, checks it when called)."""
-    if (not isinstance(t, torch.Tensor) or t.dim() != rank
-            or (width is not None and t.shape[-1] != width)):  # fmt: skip
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"MaskedCrossAttention: {name} must be a {layout.format(width)} "
-                         f"tensor, got {got}")  # fmt: skip
+    what = f"MaskedCrossAttention: {name} must be a {layout.format(width)} tensor, got"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} {type(t).__name__}")
+    if t.dim() != rank or (width is not None and t.shape[-1] != width):
+        raise ValueError(f"{what} {tuple(t.shape)}")
 
 
 def _check_sizes(op: str, **sizes) -> None:
