@@ -1370,3 +1370,22 @@ def test_undo_after_accelerate_added_its_hook():
     _remove_accelerate_hook(proj)
     assert torch.equal(proj(x), want)
     vt.patch(proj).undo()
+
+
+@pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
+def test_patched_connector_takes_its_input_by_the_class_forwards_name(name):
+    """The input passed by keyword under the name the class's forward gives it (VipLLaVA's
+    and Kimi-K2.5's ``hidden_states``, Granite-Docling's and LFM3-VL's ``image_features``,
+    Qwen3-Omni-MoE's ``hidden``): transformers' result, not a TypeError from the fused
+    forward's own parameter name; a wrong keyword raises transformers' TypeError."""
+    import inspect
+
+    module, x = {**CASES, **SAME_CODE}[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    param = list(inspect.signature(type(ref).forward).parameters)[1]
+    with vt.patch(mine):
+        assert list(inspect.signature(mine.forward).parameters) == [param]
+        assert max_rel(mine(**{param: x}), ref(**{param: x})) < TOL
+        with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_input'"):
+            mine(not_an_input=x)

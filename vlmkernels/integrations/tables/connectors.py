@@ -62,6 +62,7 @@ model): the full models, the vision towers, the mergers themselves, a foreign mo
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import weakref
@@ -123,6 +124,24 @@ def _exact_gelu(act, where: str) -> None:
 
 def _where(module) -> str:
     return type(module).__qualname__
+
+
+def _one_input(module, forward):
+    """``forward(self, x)`` as a forward that takes ``x`` positionally or by the name the
+    class's forward gives it (VipLLaVA's and Kimi-K2.5's ``hidden_states``, Granite-Docling's
+    and LFM3-VL's ``image_features``, Qwen3-Omni-MoE's ``hidden``), with that signature;
+    any other call runs the class's forward, which raises as transformers does."""
+    cls = type(module)
+    name = next(iter(list(inspect.signature(cls.forward).parameters)[1:]), None)
+
+    def call(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            return forward(self, args[0])
+        if not args and len(kwargs) == 1 and name in kwargs:
+            return forward(self, kwargs[name])
+        return cls.forward(self, *args, **kwargs)
+
+    return call
 
 
 def _check_mlp(module, fc1="linear_1", act="act", fc2="linear_2") -> None:
@@ -340,7 +359,8 @@ def _norm_mlp_forward(norm_name: str):
             ln, l1, l2 = self.get_submodule(norm_name), self.linear_1, self.linear_2
             return _norm_mlp_rows(x, ln, l1, l2)
 
-        return fused_forward(module, (norm_name, "linear_1", "act", "linear_2"), forward)
+        return fused_forward(module, (norm_name, "linear_1", "act", "linear_2"),
+                             _one_input(module, forward))  # fmt: skip
 
     return build
 
@@ -548,7 +568,7 @@ def _qwen_merger_forward(module, arch):
                       norm=kind, norm_weight=norm.weight, norm_bias=norm_bias, eps=eps,
                       norm_before_merge=before)  # fmt: skip
 
-    return fused_forward(module, (norm_name, *calls, fc1, act, fc2), forward)
+    return fused_forward(module, (norm_name, *calls, fc1, act, fc2), _one_input(module, forward))
 
 
 _QWEN = (("qwen2_vl", "PatchMerger"), ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
@@ -615,7 +635,7 @@ def _token_merge_forward(norm_name, fc1, fc2, merged_attr, batch_major):
                        eps=ln.eps)  # fmt: skip
             return y.view(x.shape[0], -1, y.shape[-1]) if batch_major else y
 
-        return fused_forward(module, (norm_name, fc1, "act", fc2), forward)
+        return fused_forward(module, (norm_name, fc1, "act", fc2), _one_input(module, forward))
 
     return build
 
