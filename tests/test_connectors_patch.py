@@ -1389,3 +1389,25 @@ def test_patched_connector_takes_its_input_by_the_class_forwards_name(name):
         assert max_rel(mine(**{param: x}), ref(**{param: x})) < TOL
         with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_input'"):
             mine(not_an_input=x)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "exaone4_5", "qwen2_5_omni"])
+def test_rmsnorm_merger_on_features_of_another_dtype_is_transformers(name):
+    """Qwen2.5-VL's RMSNorm returns ``weight * x.to(x.dtype)``: bf16 features into an fp32
+    merger come out of the norm in fp32 and run the fp32 MLP (transformers returns fp32),
+    where the fused merger raised TypeError (the features' dtype is not the weights'). An
+    fp32 norm before bf16 linears gives transformers' RuntimeError, not a bf16 result."""
+    module, x = {**CASES, **SAME_CODE}[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    x = x.bfloat16()
+    with vt.patch(mine), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchFallbackWarning)
+        out, want = mine(x), ref(x)
+        assert out.dtype == want.dtype == torch.float32 and max_rel(out, want) < TOL
+        for m in (mine, ref):
+            m.mlp.bfloat16()
+        with pytest.raises(RuntimeError, match="same dtype"):
+            ref(x)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            mine(x)

@@ -67,10 +67,12 @@ import sys
 import threading
 import weakref
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ...core.checks import isqrt
+from ...core.runtime import autocast_dtype
 from ...ops.connectors import deepstack_add, merger, mlp_projector
 from ..patching import (
     Architecture,
@@ -563,6 +565,11 @@ def _qwen_merger_forward(module, arch):
         s = isqrt(hidden // c)
         if s * s * c != hidden:
             raise ValueError(f"{where}: {hidden} merged features are not s^2 x {c}")
+        if (kind == "rmsnorm" and x.dtype != torch.promote_types(x.dtype, norm.weight.dtype)
+                and autocast_dtype(x) is None):  # fmt: skip
+            # transformers' RMSNorm returns weight * x.to(x.dtype): in the weight's dtype
+            why = f"{x.dtype} features, a {norm.weight.dtype} RMSNorm (its result is promoted)"
+            return class_forward(self, why, x)
         norm_bias, eps = _norm_bias_eps(norm, kind)
         return merger(x.reshape(-1, c), l1.weight, l1.bias, l2.weight, l2.bias, merge_size=s,
                       norm=kind, norm_weight=norm.weight, norm_bias=norm_bias, eps=eps,
