@@ -1411,3 +1411,17 @@ def test_rmsnorm_merger_on_features_of_another_dtype_is_transformers(name):
             ref(x)
         with pytest.raises(RuntimeError, match="same dtype"):
             mine(x)
+
+
+def test_minicpm_merger_takes_target_sizes_as_a_list():
+    """transformers' merger indexes ``target_sizes`` row by row: a list of (h, w) pairs (or
+    of size tensors) works there; the fused forward called ``target_sizes.tolist()`` and
+    raised AttributeError."""
+    ref = minicpm_merger(1)
+    mine = copy.deepcopy(ref)
+    x = torch.randn(1, 24, 6)
+    with vt.patch(mine):
+        for sizes in ([[4, 4], [2, 4]], [torch.tensor([4, 4]), torch.tensor([2, 4])]):
+            out, want = mine(x, sizes), ref(x, sizes)
+            assert len(out) == len(want) == 2
+            assert all(max_rel(o, w) < TOL for o, w in zip(out, want, strict=True))

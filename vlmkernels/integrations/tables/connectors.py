@@ -684,7 +684,9 @@ def _minicpm_merger_forward(module, arch):
 
     def forward(self, hidden_states, target_sizes):
         mh, mw = self.merge_kernel_size
-        sizes = [tuple(int(v) for v in hw) for hw in target_sizes.tolist()]
+        # (a tensor, as typed, or the list of (h, w) pairs transformers' loop also takes)
+        rows = target_sizes.tolist() if isinstance(target_sizes, torch.Tensor) else target_sizes
+        sizes = [tuple(int(v) for v in hw) for hw in rows]
         features, start, i = [], 0, 0
         while i < len(sizes):  # a run of images of one size is one batch
             j = i
