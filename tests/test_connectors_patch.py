@@ -1425,3 +1425,21 @@ def test_minicpm_merger_takes_target_sizes_as_a_list():
             out, want = mine(x, sizes), ref(x, sizes)
             assert len(out) == len(want) == 2
             assert all(max_rel(o, w) < TOL for o, w in zip(out, want, strict=True))
+
+
+def test_minicpm_merger_times_changed_after_patching_runs_the_class_forward():
+    """transformers runs ``merger_times`` rounds (the first ``merger_times`` MLPs); set
+    lower after patching, the fused forward still ran every MLP of the ModuleList (another
+    output width, silently): it runs the class's forward instead, with a warning."""
+    ref = minicpm_merger(2)
+    mine = copy.deepcopy(ref)
+    sizes = torch.tensor([[4, 8]])
+    x = torch.randn(1, 32, 6)
+    with vt.patch(mine):
+        for m in (ref, mine):
+            m.merger_times = 1
+        with pytest.warns(PatchFallbackWarning, match="merger_times"):
+            out = mine(x, sizes)
+    want = ref(x, sizes)
+    assert [o.shape for o in out] == [w.shape for w in want] == [(8, 6)]
+    assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))

@@ -683,6 +683,9 @@ def _minicpm_merger_forward(module, arch):
             raise UnsupportedLayoutError(f"{inner}.pre_norm is not a 1-D nn.LayerNorm")
 
     def forward(self, hidden_states, target_sizes):
+        if self.merger_times != len(self.mlp):  # transformers runs merger_times rounds
+            why = f"merger_times is {self.merger_times!r}, with {len(self.mlp)} MLPs"
+            return class_forward(self, why, hidden_states, target_sizes)
         mh, mw = self.merge_kernel_size
         # (a tensor, as typed, or the list of (h, w) pairs transformers' loop also takes)
         rows = target_sizes.tolist() if isinstance(target_sizes, torch.Tensor) else target_sizes
