@@ -1443,3 +1443,20 @@ def test_minicpm_merger_times_changed_after_patching_runs_the_class_forward():
     want = ref(x, sizes)
     assert [o.shape for o in out] == [w.shape for w in want] == [(8, 6)]
     assert all(torch.equal(o, w) for o, w in zip(out, want, strict=True))
+
+
+@pytest.mark.parametrize(("name", "norm"), [("vipllava", "projector_layernorm"),
+                                            ("granite_docling", "layer_norm"),
+                                            ("internvl", "layer_norm"), ("lfm2_vl", "layer_norm"),
+                                            ("minicpm", "mlp.0.pre_norm")])  # fmt: skip
+def test_layer_norm_without_weight_is_refused_at_patch_time(name, norm):
+    """A LayerNorm made without elementwise affine (no weight) before patching: patched,
+    every call raised ValueError ("needs norm_weight") where transformers computes; it is
+    refused at patch time, as the Qwen-VL mergers' check does."""
+    module = minicpm_merger(1) if name == "minicpm" else {**CASES, **SAME_CODE}[name]()[0]
+    parent, _, leaf = norm.rpartition(".")
+    width = module.get_submodule(norm).normalized_shape
+    setattr(module.get_submodule(parent), leaf, nn.LayerNorm(width, elementwise_affine=False))
+    with pytest.raises(vt.UnsupportedLayoutError, match="without a 1-D weight"):
+        vt.patch(module)
+    assert "forward" not in module.__dict__

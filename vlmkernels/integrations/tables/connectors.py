@@ -278,8 +278,9 @@ def _check_norm_mlp(module, norm_name: str) -> None:
     _check_mlp(module)
     where = _where(module)
     norm = exact_layer(getattr(module, norm_name, None), nn.LayerNorm, f"{where}.{norm_name}")
-    if len(norm.normalized_shape) != 1:
-        raise UnsupportedLayoutError(f"{where}.{norm_name} is not a 1-D nn.LayerNorm")
+    # (the merger's LayerNorm takes a weight: one made without elementwise affine is refused)
+    if len(norm.normalized_shape) != 1 or norm.weight is None:
+        raise UnsupportedLayoutError(f"{where}.{norm_name}: a LayerNorm without a 1-D weight")
 
 
 def _norm_mlp_rows(x, ln, l1, l2):
@@ -679,8 +680,8 @@ def _minicpm_merger_forward(module, arch):
         _linear(mlp, "linear_1", inner), _linear(mlp, "linear_2", inner)
         _exact_gelu(mlp.act, inner)
         norm = exact_layer(getattr(mlp, "pre_norm", None), nn.LayerNorm, f"{inner}.pre_norm")
-        if len(norm.normalized_shape) != 1:
-            raise UnsupportedLayoutError(f"{inner}.pre_norm is not a 1-D nn.LayerNorm")
+        if len(norm.normalized_shape) != 1 or norm.weight is None:
+            raise UnsupportedLayoutError(f"{inner}.pre_norm: a LayerNorm without a 1-D weight")
 
     def forward(self, hidden_states, target_sizes):
         if self.merger_times != len(self.mlp):  # transformers runs merger_times rounds
