@@ -1460,3 +1460,22 @@ def test_layer_norm_without_weight_is_refused_at_patch_time(name, norm):
     with pytest.raises(vt.UnsupportedLayoutError, match="without a 1-D weight"):
         vt.patch(module)
     assert "forward" not in module.__dict__
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_postshuffle", "qwen3_omni_moe_postshuffle",
+                                  "cosmos3_edge"])  # fmt: skip
+def test_postshuffle_merger_takes_any_width_its_view_takes(name):
+    """With ``use_postshuffle_norm`` transformers views the features as (-1, hidden_size)
+    rows whatever their last dim: (14, 12) or (6, 16) features make 7 or 4 merged rows of
+    24. The fused merger took the last dim as the patch width and raised ValueError where
+    hidden_size / width is not a square."""
+    module, _ = {**CASES, **SAME_CODE}[name]()
+    ref = randomise(module)
+    if name == "cosmos3_edge":  # its flag set (the norm of the merged row put in)
+        ref.use_postshuffle_norm = True
+        ref.norm = randomise(nn.LayerNorm(24, eps=1e-6))
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        for x in (torch.randn(14, 12), torch.randn(6, 16), torch.randn(28, 6)):
+            out, want = mine(x), ref(x)
+            assert out.shape == want.shape and max_rel(out, want) < TOL

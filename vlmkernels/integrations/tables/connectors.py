@@ -563,7 +563,10 @@ def _qwen_merger_forward(module, arch):
         # the flag as it is now (flipped after patching, with a norm of the new width put in)
         before = not (flagged and self.use_postshuffle_norm)
         c = norm.weight.shape[0] if before else x.shape[-1]
-        s = isqrt(hidden // c)
+        s = isqrt(hidden // c) if c else 0
+        if not before and s * s * c != hidden:
+            # transformers views the features as (-1, hidden) rows whatever their width
+            c, s = hidden, 1
         if s * s * c != hidden:
             raise ValueError(f"{where}: {hidden} merged features are not s^2 x {c}")
         if (kind == "rmsnorm" and x.dtype != torch.promote_types(x.dtype, norm.weight.dtype)
