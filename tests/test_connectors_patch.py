@@ -1479,3 +1479,26 @@ def test_postshuffle_merger_takes_any_width_its_view_takes(name):
         for x in (torch.randn(14, 12), torch.randn(6, 16), torch.randn(28, 6)):
             out, want = mine(x), ref(x)
             assert out.shape == want.shape and max_rel(out, want) < TOL
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_omni_moe",
+                                  "cosmos3_edge"])  # fmt: skip
+def test_merger_on_features_wider_than_its_patch_norm_is_transformers(name):
+    """Features already s^2 patches wide, (7, 24), into a merger that norms each 6-wide
+    patch: transformers' norm raises (Cosmos3-Edge's forward reshapes them to patches
+    first and computes); the fused merger read them as 28 patches and returned a result.
+    It now runs the class's forward: transformers' error, or its result."""
+    module, _ = {**CASES, **SAME_CODE}[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    x = torch.randn(7, 24)
+    with vt.patch(mine), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchFallbackWarning)
+        if name == "cosmos3_edge":
+            assert max_rel(mine(x), ref(x)) < TOL
+        else:
+            with pytest.raises(RuntimeError) as want:
+                ref(x)
+            with pytest.raises(RuntimeError) as got:
+                mine(x)
+            assert str(got.value) == str(want.value)

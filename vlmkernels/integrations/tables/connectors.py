@@ -563,6 +563,8 @@ def _qwen_merger_forward(module, arch):
         # the flag as it is now (flipped after patching, with a norm of the new width put in)
         before = not (flagged and self.use_postshuffle_norm)
         c = norm.weight.shape[0] if before else x.shape[-1]
+        if before and x.shape[-1] != c:  # the class's norm raises (Cosmos3-Edge's reshapes)
+            return class_forward(self, f"{x.shape[-1]} features, a norm of {c}", x)
         s = isqrt(hidden // c) if c else 0
         if not before and s * s * c != hidden:
             # transformers views the features as (-1, hidden) rows whatever their width
