@@ -1502,3 +1502,23 @@ def test_merger_on_features_wider_than_its_patch_norm_is_transformers(name):
             with pytest.raises(RuntimeError) as got:
                 mine(x)
             assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_shuffle_connector_refuses_a_4d_input_as_transformers_does(name):
+    """Idefics3's and SmolVLM's connectors take (B, S * S, C) features; a (B, S, S, C) grid
+    makes transformers' pixel_shuffle raise (it unpacks three sizes), while the fused
+    merger (layout "grid" takes 4-D grids too) returned a result."""
+    module, x = CASES[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    side = isqrt(x.shape[1])
+    grid = x.view(x.shape[0], side, side, x.shape[-1])
+    with vt.patch(mine), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchFallbackWarning)
+        with pytest.raises(ValueError) as want:
+            ref(grid)
+        with pytest.raises(ValueError) as got:
+            mine(grid)
+        assert str(got.value) == str(want.value)
+        assert max_rel(mine(x), ref(x)) < TOL

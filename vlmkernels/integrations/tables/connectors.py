@@ -244,6 +244,9 @@ def _shuffle_forward(module, arch):
         raise UnsupportedLayoutError(f"{where}.scale_factor is {scale!r}, not an int >= 1")
 
     def forward(self, image_hidden_states):
+        if image_hidden_states.dim() != 3:  # (B, S * S, C); the class's pixel_shuffle raises
+            why = f"{image_hidden_states.dim()}-D features, not (B, S * S, C)"
+            return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection.proj
         return merger(image_hidden_states, proj.weight, proj.bias,
                       merge_size=self.scale_factor, layout="grid")  # fmt: skip
