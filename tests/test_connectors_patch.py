@@ -1377,8 +1377,10 @@ def test_patched_connector_takes_its_input_by_the_class_forwards_name(name):
     """The input passed by keyword under the name the class's forward gives it (VipLLaVA's
     and Kimi-K2.5's ``hidden_states``, Granite-Docling's and LFM3-VL's ``image_features``,
     Qwen3-Omni-MoE's ``hidden``): transformers' result, not a TypeError from the fused
-    forward's own parameter name; a wrong keyword raises transformers' TypeError."""
+    forward's own parameter name; a wrong keyword raises transformers' TypeError. And the
+    patched module still pickles (it loads unpatched)."""
     import inspect
+    import io
 
     module, x = {**CASES, **SAME_CODE}[name]()
     ref = randomise(module)
@@ -1389,6 +1391,10 @@ def test_patched_connector_takes_its_input_by_the_class_forwards_name(name):
         assert max_rel(mine(**{param: x}), ref(**{param: x})) < TOL
         with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_input'"):
             mine(not_an_input=x)
+        buffer = io.BytesIO()  # the patched method pickles as the module's forward
+        torch.save(mine, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), ref(x))
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "exaone4_5", "qwen2_5_omni"])

@@ -128,22 +128,23 @@ def _where(module) -> str:
     return type(module).__qualname__
 
 
-def _one_input(module, forward):
-    """``forward(self, x)`` as a forward that takes ``x`` positionally or by the name the
+def _one_input(module, fused):
+    """``fused(self, x)`` as a forward that takes ``x`` positionally or by the name the
     class's forward gives it (VipLLaVA's and Kimi-K2.5's ``hidden_states``, Granite-Docling's
     and LFM3-VL's ``image_features``, Qwen3-Omni-MoE's ``hidden``), with that signature;
-    any other call runs the class's forward, which raises as transformers does."""
+    any other call runs the class's forward, which raises as transformers does. (Named
+    ``forward``: a pickle of the patched method holds the module's attribute of its name.)"""
     cls = type(module)
     name = next(iter(list(inspect.signature(cls.forward).parameters)[1:]), None)
 
-    def call(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         if len(args) == 1 and not kwargs:
-            return forward(self, args[0])
+            return fused(self, args[0])
         if not args and len(kwargs) == 1 and name in kwargs:
-            return forward(self, kwargs[name])
+            return fused(self, kwargs[name])
         return cls.forward(self, *args, **kwargs)
 
-    return call
+    return forward
 
 
 def _check_mlp(module, fc1="linear_1", act="act", fc2="linear_2") -> None:
