@@ -1528,3 +1528,16 @@ def test_shuffle_connector_refuses_a_4d_input_as_transformers_does(name):
             mine(grid)
         assert str(got.value) == str(want.value)
         assert max_rel(mine(x), ref(x)) < TOL
+
+
+@pytest.mark.parametrize("name", ["llava", "vipllava", "qwen2_5_vl"])
+def test_patched_connector_exports(name):
+    """torch.export of a patched connector (the README's alternative to torch.jit.trace):
+    non-strict export reads ``module.forward.__code__``, which the patched method refused
+    (AttributeError: __code__); the exported program gives transformers' result."""
+    module, x = CASES[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        program = torch.export.export(mine, (x,))
+    assert max_rel(program.module()(x), ref(x)) < TOL

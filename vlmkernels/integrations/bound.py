@@ -10,8 +10,10 @@ import weakref
 
 MARK = "__vlmkernels_patched__"  # set on every function a patch installs
 
+# (__code__ as a bound method gives it: torch.export's non-strict trace reads
+# module.forward.__code__ for its shape environment)
 _FUNCTION_DUNDERS = frozenset(
-    {MARK, "__name__", "__qualname__", "__doc__", "__module__", "__wrapped__"}
+    {MARK, "__name__", "__qualname__", "__doc__", "__module__", "__wrapped__", "__code__"}
 )
 
 
