@@ -14,6 +14,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..core.hooks import global_hooks, has_hooks
 from ..core.runtime import tracing, warn
@@ -105,7 +106,9 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
     return None
 
 
-_PLAIN = (torch.nn.Parameter, torch.Tensor)
+# FakeTensor: a plain tensor's stand-in while torch.export traces (its weights too); the
+# fused ops have fakes, so the exported program holds them
+_PLAIN = (torch.nn.Parameter, torch.Tensor, FakeTensor)
 
 
 def _parameters(layer) -> dict:
