@@ -213,22 +213,48 @@ def test_whole_model_patches_its_vision_attentions(key):
     assert vt.support()[key] == {"vision": "ok"}
 
 
-@pytest.mark.parametrize("key", ["mistral3", "lighton_ocr", "llava"])
-def test_models_holding_a_pixtral_tower_patch_it(key):
-    """Mistral3's and LightOnOCR's models, and a LLaVA model with a Pixtral tower (Pixtral
-    12B's layout), patch the tower's vision attentions (meta device, Pixtral's default
-    vision config) and nothing else of the rotary table."""
+# a model of another module holding a patched tower: (its key, the tower's vision config
+# model type, the tower's key and attention class)
+HOLDERS = {
+    "mistral3": ("pixtral", "pixtral", "PixtralAttention"),
+    "lighton_ocr": ("pixtral", "pixtral", "PixtralAttention"),
+    "llava": ("pixtral", "pixtral", "PixtralAttention"),  # Pixtral 12B's layout
+    "embedding_gemma2": ("gemma4_vision", "gemma4", "Gemma4VisionAttention"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(HOLDERS))
+def test_models_holding_a_patched_tower_patch_it(key):
+    """Mistral3's and LightOnOCR's models and a LLaVA model with a Pixtral tower, and
+    EmbeddingGemma2's model with a Gemma 4 tower, patch the tower's vision attentions
+    (meta device, the tower's default config) and nothing else of the rotary table."""
+    vision_type, tower_key, attention = HOLDERS[key]
     modeling = _modeling(key)
-    cls = next(getattr(modeling, n) for n in dir(modeling) if n.endswith("ConditionalGeneration"))
-    config = cls.config_class(vision_config={"model_type": "pixtral"})
+    cls = next(getattr(modeling, n) for n in sorted(dir(modeling))
+               if n.endswith(("ConditionalGeneration", "Gemma2Model")))  # fmt: skip
+    config = cls.config_class(vision_config={"model_type": vision_type})
     with torch.device("meta"):
         model = cls(config)
-    pixtral = _modeling("pixtral")
-    blocks = [n for n, m in model.named_modules() if isinstance(m, pixtral.PixtralAttention)]
+    attention = getattr(_modeling(tower_key), attention)
+    blocks = [n for n, m in model.named_modules() if isinstance(m, attention)]
     assert len(blocks) == config.vision_config.num_hidden_layers
     with rotary_patch(model) as handle:
         assert sorted(handle.targets) == sorted(f"{name}.forward" for name in blocks)
     assert not instance_overrides(model)
+
+
+@pytest.mark.parametrize("key", ["llama4", "gemma4"])
+def test_tower_compiles_fullgraph(key):
+    """The patched Llama 4 and Gemma 4 towers (their replacements read a complex table,
+    and reshape the head per axis) compile with fullgraph=True and give the eager patched
+    output."""
+    torch.manual_seed(0)
+    model, inputs, _ = tower(key)
+    with rotary_patch(model), torch.no_grad():
+        want = model(**inputs)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)
+    assert torch.equal(got[0], want[0])  # (a model output: its first field)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
