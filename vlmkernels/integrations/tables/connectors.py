@@ -135,7 +135,8 @@ def _one_input(module, fused):
     any other call runs the class's forward, which raises as transformers does. (Named
     ``forward``: a pickle of the patched method holds the module's attribute of its name.)"""
     cls = type(module)
-    name = next(iter(list(inspect.signature(cls.forward).parameters)[1:]), None)
+    params = list(inspect.signature(cls.forward).parameters)  # (self, the input's name)
+    name = params[1] if len(params) > 1 else None
 
     def forward(self, *args, **kwargs):
         if len(args) == 1 and not kwargs:
@@ -147,10 +148,11 @@ def _one_input(module, fused):
     return forward
 
 
-def _check_mlp(module, fc1="linear_1", act="act", fc2="linear_2") -> None:
+def _check_mlp(module, fc1="linear_1", act="act", fc2="linear_2", where=None) -> None:
     """``module.<fc1>`` and ``module.<fc2>`` ``nn.Linear``, ``module.<act>`` exact GELU: the
-    Linear + GELU + Linear the fused forwards compute."""
-    where = _where(module)
+    Linear + GELU + Linear the fused forwards compute (``where``: the label of the refusals,
+    by default the module's class)."""
+    where = where or _where(module)
     _linear(module, fc1, where), _linear(module, fc2, where)
     _exact_gelu(getattr(module, act), where)
 
@@ -276,15 +278,19 @@ SHUFFLE_PATCHER = register(
 )
 
 
+def _check_layer_norm(module, name: str, where: str) -> None:
+    """``module.<name>`` an ``nn.LayerNorm`` with a 1-D weight (the merger's LayerNorm takes
+    a weight: one made without elementwise affine is refused)."""
+    norm = exact_layer(getattr(module, name, None), nn.LayerNorm, f"{where}.{name}")
+    if len(norm.normalized_shape) != 1 or norm.weight is None:
+        raise UnsupportedLayoutError(f"{where}.{name}: a LayerNorm without a 1-D weight")
+
+
 def _check_norm_mlp(module, norm_name: str) -> None:
     """``module.<norm_name>`` a 1-D ``nn.LayerNorm``, ``linear_1`` / ``linear_2``
     ``nn.Linear`` and ``act`` exact GELU: LayerNorm + Linear + GELU + Linear."""
     _check_mlp(module)
-    where = _where(module)
-    norm = exact_layer(getattr(module, norm_name, None), nn.LayerNorm, f"{where}.{norm_name}")
-    # (the merger's LayerNorm takes a weight: one made without elementwise affine is refused)
-    if len(norm.normalized_shape) != 1 or norm.weight is None:
-        raise UnsupportedLayoutError(f"{where}.{norm_name}: a LayerNorm without a 1-D weight")
+    _check_layer_norm(module, norm_name, _where(module))
 
 
 def _norm_mlp_rows(x, ln, l1, l2):
@@ -686,11 +692,8 @@ def _minicpm_merger_forward(module, arch):
         raise UnsupportedLayoutError(f"{where}.mlp is not a ModuleList of merger_times MLPs")
     for i, mlp in enumerate(mlps):
         inner = f"{where}.mlp.{i}"
-        _linear(mlp, "linear_1", inner), _linear(mlp, "linear_2", inner)
-        _exact_gelu(mlp.act, inner)
-        norm = exact_layer(getattr(mlp, "pre_norm", None), nn.LayerNorm, f"{inner}.pre_norm")
-        if len(norm.normalized_shape) != 1 or norm.weight is None:
-            raise UnsupportedLayoutError(f"{inner}.pre_norm: a LayerNorm without a 1-D weight")
+        _check_mlp(mlp, where=inner)
+        _check_layer_norm(mlp, "pre_norm", inner)
 
     def forward(self, hidden_states, target_sizes):
         if self.merger_times != len(self.mlp):  # transformers runs merger_times rounds
@@ -774,7 +777,7 @@ DEEPSTACK_PATCHER = register(
                 ("qwen3_vl", "Qwen3VLTextModel"),
                 ("qwen3_vl_moe", "Qwen3VLMoeTextModel"),
                 # the same method: Cohere Compass's, Granite-Docling's, Qwen3-Omni-MoE's
-                # thinker's (its talker's, also the same, is not patched)
+                # thinker's (its talker's is never handed DeepStack features: not patched)
                 ("cohere_compass", "CohereCompassTextModel"),
                 ("granite_docling", "GraniteDoclingTextModel"),
                 ("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextModel"),
