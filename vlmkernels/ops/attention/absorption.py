@@ -81,10 +81,11 @@ def absorbed_cross_attention(queries, x, w_k, w_v, b_v=None, *, scale=None, abso
     """
     op = "absorbed_cross_attention"
     heads, lq, d = _check(op, queries, w_k)
-    # x and w_v are required (None is refused naming them, not an attribute error below)
-    for name, t in (("x", x), ("w_v", w_v), ("b_v", b_v), ("absorbed", absorbed)):
-        if not isinstance(t, torch.Tensor) and (t is not None or name in ("x", "w_v")):
-            optional = " or None" if name in ("b_v", "absorbed") else ""
+    # None is refused naming a required one, not by an attribute error below
+    for name, t, required in (("x", x, True), ("w_v", w_v, True), ("b_v", b_v, False),
+                              ("absorbed", absorbed, False)):  # fmt: skip
+        if not isinstance(t, torch.Tensor) and (required or t is not None):
+            optional = "" if required else " or None"
             raise TypeError(f"{op}: {name} must be a torch.Tensor{optional}, got "
                             f"{type(t).__name__}")  # fmt: skip
     if x.dim() != 3 or x.shape[2] != w_k.shape[1]:
