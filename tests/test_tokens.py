@@ -480,6 +480,34 @@ def test_pool_avg2x2(dtype, device, backend):
     close(x.grad, x64.grad, dtype, "avg2x2 grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid, size", [((8, 8), (2, 2)), ((6, 9), (2, 3)), ((5, 4), (5, 1))])
+def test_pool_avg_blocks(grid, size, dtype, device, backend):
+    """kind='avg' against nn.AvgPool2d(kernel_size=stride=(H/h, W/w)) in float64: 4 x 4
+    (Gemma 3's), 3 x 3 (a divisor that is not a power of two), 1 x 4; on strided x."""
+    (H, W), (h, w), C = grid, size, 7
+    base = torch.randn(2, C, H * W, device=device).to(dtype)
+    x = base.transpose(1, 2).requires_grad_()
+    out = T.pool_tokens(x, grid, "avg", size)
+    x64 = x.detach().cpu().double().requires_grad_()
+    pool = torch.nn.AvgPool2d(kernel_size=(H // h, W // w), stride=(H // h, W // w))
+    ref = pool(x64.transpose(1, 2).reshape(2, C, H, W)).flatten(2).transpose(1, 2)
+    assert out.shape == (2, h * w, C) and out.dtype == dtype
+    close(out, ref, dtype, "avg")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.cpu().double())
+    close(x.grad, x64.grad, dtype, "avg grad")
+
+
+def test_pool_avg_fp32_bitwise_aten(device, backend):
+    """In fp32 the block sums run in AvgPool2d's order, then one division: aten's result."""
+    x = torch.randn(2, 12 * 12, 9, device=device)
+    out = T.pool_tokens(x, (12, 12), "avg", (4, 4))
+    ref = F.avg_pool2d(x.transpose(1, 2).reshape(2, 9, 12, 12), 3).flatten(2).transpose(1, 2)
+    assert torch.equal(out, ref)
+
+
 def test_pool_bad_input(device):
     x = torch.randn(2, 12, 4, device=device)
     with pytest.raises(ValueError, match="grid 3 x 5 = 15 tokens, but x has 12"):
@@ -496,6 +524,10 @@ def test_pool_bad_input(device):
         T.pool_tokens(x, (3, 4), "bilinear", size=(0, 2))
     with pytest.raises(ValueError, match="avg2x2' gives size \\(1, 3\\)"):
         T.pool_tokens(torch.randn(1, 12, 4, device=device), (2, 6), size=(2, 2))
+    with pytest.raises(ValueError, match="kind='avg' needs size=\\(h, w\\)"):
+        T.pool_tokens(x, (3, 4), "avg")
+    with pytest.raises(ValueError, match="size 2 x 2 must divide the grid 3 x 4"):
+        T.pool_tokens(x, (3, 4), "avg", (2, 2))
 
 
 # ----------------------------------------------------------------------- registration

@@ -11,9 +11,10 @@ r"""Visual token compression: selection, ToMe merging, pooling of token grids.
   (N/2, N/2) score matrix never stored); the r A tokens of highest s merge into b_{j(a)}:
   out = sum_i s_i x_i / sum_i s_i, size = sum_i s_i (a CSR segment mean, no atomics).
   Returns (merged (B, N - r, C), sizes (B, N - r, 1), source (B, N)).
-- ``pool_tokens(x, grid, kind="avg2x2" | "bilinear", size=None)``: the 2 x 2 mean of a
-  (H, W) token grid, or LLaVA-OneVision's bilinear resize (``F.interpolate``,
-  align_corners=False, default size (ceil(H/2), ceil(W/2))).
+- ``pool_tokens(x, grid, kind="avg2x2" | "avg" | "bilinear", size=None)``: the 2 x 2 mean
+  of a (H, W) token grid, the mean of its (H/h) x (W/w) blocks (Gemma 3's 4 x 4), or
+  LLaVA-OneVision's bilinear resize (``F.interpolate``, align_corners=False, default size
+  (ceil(H/2), ceil(W/2))).
 
 Modules: ``kernels`` (the Triton kernels and launchers), ``reference`` (the PyTorch path),
 ``ops`` (the op declarations), ``functional`` (the public functions), ``family`` (what the
@@ -22,6 +23,6 @@ shared tools need).
 
 from .family import FAMILY
 from .functional import pool_tokens, select_tokens, tome_merge
-from .kernels import AVG2X2, BILINEAR
+from .kernels import AVG, AVG2X2, BILINEAR
 
-__all__ = ["AVG2X2", "BILINEAR", "FAMILY", "pool_tokens", "select_tokens", "tome_merge"]
+__all__ = ["AVG", "AVG2X2", "BILINEAR", "FAMILY", "pool_tokens", "select_tokens", "tome_merge"]

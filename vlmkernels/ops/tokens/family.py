@@ -15,7 +15,8 @@ from .functional import pool_tokens, select_tokens, tome_merge
 
 # Realistic shapes: ToMe in a CLIP-L / ViT-L layer (576 tokens, 577 with the class token),
 # FastV-style selection of a quarter of LLaVA's 576 image tokens at the LLM's width, and
-# LLaVA-OneVision's video pooling (32 frames of 27 x 27 tokens at Qwen2-7B's 3584).
+# LLaVA-OneVision's video pooling (32 frames of 27 x 27 tokens at Qwen2-7B's 3584), and
+# Gemma 3's 4 x 4 mean of its SigLIP patches (64 x 64 at 1152) for 8 crops.
 TUNE_SHAPES = (
     {"op": "tome_merge", "B": 256, "N": 576, "C": 1024, "r": 16, "dtype": "bf16"},
     {"op": "tome_merge", "B": 32, "N": 577, "C": 1024, "r": 16, "class_token": True,
@@ -25,13 +26,15 @@ TUNE_SHAPES = (
      "dtype": "bf16"},
     {"op": "pool_tokens", "B": 32, "H": 24, "W": 24, "C": 3584, "kind": "avg2x2",
      "dtype": "bf16"},
+    {"op": "pool_tokens", "B": 8, "H": 64, "W": 64, "C": 1152, "kind": "avg", "size": (16, 16),
+     "dtype": "bf16"},
 )  # fmt: skip
 
 
 def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
     """Run one op of ``spec`` forward and backward on the Triton kernels: {"op":
     "tome_merge" ("B", "N", "C", "r", "class_token"), "select_tokens" ("B", "N", "C",
-    "keep") or "pool_tokens" ("B", "H", "W", "C", "kind"), "dtype"}."""
+    "keep") or "pool_tokens" ("B", "H", "W", "C", "kind", "size"), "dtype"}."""
     dtype = torch_dtype(spec.get("dtype", "bf16"))
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -52,7 +55,7 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
         elif op == "pool_tokens":
             h, w = int(spec["H"]), int(spec["W"])
             x = randn(b, h * w, c).requires_grad_()
-            out = pool_tokens(x, (h, w), spec.get("kind", "bilinear"))
+            out = pool_tokens(x, (h, w), spec.get("kind", "bilinear"), spec.get("size"))
         else:
             raise ValueError(f"tokens spec {dict(spec)}: unknown op {op!r}")
         out.backward(torch.ones_like(out))
@@ -104,11 +107,16 @@ def compile_cases() -> list[CompileCase]:
                     dict(HAS_SIZE=True, SIZE_GRAD=True), unit_strides=("sgc", "sxc", "soc"),
                     aligned=("C", "sgb", "sgn", "sxb", "sxn", "sob", "son"),
                     expect=("no_spill",)),
-        CompileCase("tokens_pool_avg2x2", kernels._pool_kernel, pool, dict(MODE=kernels.AVG2X2),
-                    unit_strides=("sxc",), aligned=("C", "sxb", "sxn"),
-                    scalars={"scale_h": "fp32", "scale_w": "fp32"}, expect=("no_spill",)),
+        CompileCase("tokens_pool_avg2x2", kernels._pool_kernel, pool,
+                    dict(MODE=kernels.AVG, KH=2, KW=2), unit_strides=("sxc",),
+                    aligned=("C", "sxb", "sxn"), scalars={"scale_h": "fp32", "scale_w": "fp32"},
+                    expect=("no_spill",)),
+        CompileCase("tokens_pool_avg4x4", kernels._pool_kernel, pool,
+                    dict(MODE=kernels.AVG, KH=4, KW=4), unit_strides=("sxc",),
+                    aligned=("C", "sxb", "sxn"), scalars={"scale_h": "fp32", "scale_w": "fp32"},
+                    expect=("no_spill",)),
         CompileCase("tokens_pool_bilinear", kernels._pool_kernel, pool,
-                    dict(MODE=kernels.BILINEAR), unit_strides=("sxc",),
+                    dict(MODE=kernels.BILINEAR, KH=1, KW=1), unit_strides=("sxc",),
                     aligned=("C", "sxb", "sxn"), scalars={"scale_h": "fp32", "scale_w": "fp32"},
                     expect=("no_spill",)),
         CompileCase("tokens_pool_bwd", kernels._pool_bwd_kernel, dict(g_ptr=_ELEM, dx_ptr=_ELEM),

@@ -10,13 +10,13 @@ import torch
 
 from ...core.checks import FLOAT_DTYPES, _dtype_names, check_bool, check_int, in_choices
 from . import ops
-from .kernels import AVG2X2, BILINEAR
+from .kernels import AVG, BILINEAR
 
 __all__ = ["pool_tokens", "select_tokens", "tome_merge"]
 
 _functorch_active = torch._C._are_functorch_transforms_active
 
-POOL_KINDS = {"avg2x2": AVG2X2, "bilinear": BILINEAR}
+POOL_KINDS = {"avg2x2": AVG, "avg": AVG, "bilinear": BILINEAR}
 
 
 def _check_tokens(op: str, t, name: str) -> None:
@@ -209,12 +209,18 @@ def pool_tokens(x: torch.Tensor, grid, kind: str = "avg2x2", size=None) -> torch
         x: (B, H W, C) tokens, token ``y W + x`` at row y, column x.
         grid: (H, W).
         kind: ``"avg2x2"``: the mean of each 2 x 2 block (H and W even), output (H/2, W/2);
-            ``"bilinear"``: LLaVA-OneVision's ``apply_pooling``, ``F.interpolate(mode=
-            "bilinear", align_corners=False)`` to ``size`` (default (ceil(H/2), ceil(W/2)),
-            as LLaVA-OneVision): with scale = H / h, sy = max((oy + 0.5) scale - 0.5, 0),
-            y0 = floor(sy), y1 = min(y0 + 1, H - 1) and weights 1 - (sy - y0), sy - y0 (the
-            columns likewise). On even grids the two kinds agree.
-        size: (h, w) output grid, ``"bilinear"`` only (``"avg2x2"`` takes None or (H/2, W/2)).
+            ``"avg"``: the mean of each (H/h) x (W/w) block, output ``size`` (h, w), which
+            must divide (H, W): ``nn.AvgPool2d(kernel_size=stride=(H/h, W/w))``, as Gemma 3's
+            projector pools its 64 x 64 patches to 16 x 16 (the sum runs in fp32 in
+            AvgPool2d's order, then one correctly rounded division: bitwise aten's on the
+            Triton path); ``"bilinear"``: LLaVA-OneVision's ``apply_pooling``,
+            ``F.interpolate(mode="bilinear", align_corners=False)`` to ``size`` (default
+            (ceil(H/2), ceil(W/2)), as LLaVA-OneVision): with scale = H / h,
+            sy = max((oy + 0.5) scale - 0.5, 0), y0 = floor(sy), y1 = min(y0 + 1, H - 1) and
+            weights 1 - (sy - y0), sy - y0 (the columns likewise). On even grids
+            ``"avg2x2"`` and ``"bilinear"`` agree.
+        size: (h, w) output grid: required by ``"avg"``, optional for ``"bilinear"``;
+            ``"avg2x2"`` takes None or (H/2, W/2).
 
     Returns:
         (B, h w, C), row-major. Differentiable in x: the adjoint, computed as a gather per
@@ -238,6 +244,15 @@ def pool_tokens(x: torch.Tensor, grid, kind: str = "avg2x2", size=None) -> torch
         out = (H // 2, W // 2)
         if size is not None and _check_pair(op, "size", size) != out:
             raise ValueError(f"{op}: kind='avg2x2' gives size {out}, got size={size!r}")
+    elif kind == "avg":
+        if size is None:
+            raise ValueError(f"{op}: kind='avg' needs size=(h, w), the output grid")
+        out = _check_pair(op, "size", size)
+        if H % out[0] or W % out[1]:
+            raise ValueError(
+                f"{op}: kind='avg' averages blocks of (H/h, W/w): size {out[0]} x {out[1]} "
+                f"must divide the grid {H} x {W}"
+            )
     else:
         out = (
             (math.ceil(H / 2), math.ceil(W / 2)) if size is None else _check_pair(op, "size", size)

@@ -2,7 +2,7 @@
 
 - ``_gather_rows_kernel``: out[b, k] = scale * x[b, index[b, k]] (a row of zeros where the
   index is -1): the token selection, its backward (the scatter, as a gather through the
-  inverse map) and the 2 x 2 average pooling's backward;
+  inverse map) and the block average's backward;
 - ``_tome_match_kernel``: ToMe's best match per A token, a GEMM tile of cosine scores per
   (A block, B block) reduced to a running row max and argmax, so the (N/2, N/2) score
   matrix never reaches memory;
@@ -12,8 +12,9 @@
 - ``_tome_merge_kernel``: the size-weighted segment mean of the merge (each output row
   reads its members through a CSR list, deterministic, no atomics);
 - ``_tome_unmerge_kernel``: the merge's backward per input token (and the sizes' gradient);
-- ``_pool_kernel``: the 2 x 2 average and the bilinear resize (align_corners=False) of a
-  token grid, one output token per program; ``_pool_bwd_kernel``: the bilinear resize's
+- ``_pool_kernel``: the block average (``nn.AvgPool2d`` with stride = kernel, the 2 x 2
+  mean among them) and the bilinear resize (align_corners=False) of a token grid, one
+  output token per program; ``_pool_bwd_kernel``: the bilinear resize's
   adjoint as a gather, one input token per program (deterministic, no atomics).
 
 Every loaded value is converted to fp32 right after the load; results are rounded once.
@@ -502,33 +503,48 @@ def tome_unmerge_rows(grad, grad_size, x, size, out, out_size, source, size_grad
 # Token-grid pooling
 # --------------------------------------------------------------------------------------
 
-AVG2X2, BILINEAR = 0, 1
+AVG, BILINEAR = 0, 1
+AVG2X2 = AVG  # the 2 x 2 mean is AVG on a grid of even sides
 
 
-@tuned("tokens_pool", configs=_ROW_CONFIGS, key=["C", "MODE"], sizes=["C"])
+@tuned("tokens_pool", configs=_ROW_CONFIGS, key=["C", "MODE", "KH", "KW"], sizes=["C"])
 @triton.jit
 def _pool_kernel(
     x_ptr, o_ptr, H, W, h, w, C, scale_h, scale_w,
     sxb, sxn, sxc,
-    MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Output token (b, oy, ox) per program, from the (H, W) grid of x (B, H W, C).
-    MODE 0: the mean of the 2 x 2 block (2 oy + {0, 1}, 2 ox + {0, 1}). MODE 1: bilinear,
-    align_corners=False: sy = max((oy + 0.5) scale_h - 0.5, 0), y0 = floor(sy),
-    y1 = min(y0 + 1, H - 1), ly = sy - y0 (x likewise), out = (1 - ly) ((1 - lx) x[y0, x0] +
-    lx x[y0, x1]) + ly ((1 - lx) x[y1, x0] + lx x[y1, x1])."""
+    MODE 0: the mean of the KH x KW block at (KH oy, KW ox), summed row by row in fp32 in
+    ``nn.AvgPool2d``'s order (every load of the unrolled block in flight at once), then
+    divided (correctly rounded) by KH KW. MODE 1: bilinear, align_corners=False:
+    sy = max((oy + 0.5) scale_h - 0.5, 0), y0 = floor(sy), y1 = min(y0 + 1, H - 1),
+    ly = sy - y0 (x likewise), out = (1 - ly) ((1 - lx) x[y0, x0] + lx x[y0, x1]) +
+    ly ((1 - lx) x[y1, x0] + lx x[y1, x1])."""
     t = tl.program_id(0)
     b = t // (h * w)
     p = t % (h * w)
     oy = p // w
     ox = p % w
+    x_b = x_ptr + tl.cast(b, tl.int64) * sxb
+    o_row = o_ptr + tl.cast(t, tl.int64) * C
     if MODE == 0:
-        y0 = 2 * oy
-        x0 = 2 * ox
-        y1 = y0 + 1
-        x1 = x0 + 1
-        ly = 0.5
-        lx = 0.5
+        corner = x_b + ((KH * oy) * W + KW * ox).to(tl.int64) * sxn
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = c < C
+            cc = c.to(tl.int64) * sxc
+            v = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for dy in tl.static_range(KH):
+                for dx in tl.static_range(KW):
+                    v += tl.load(
+                        corner + (dy * W + dx).to(tl.int64) * sxn + cc, mask=m, other=0.0
+                    ).to(tl.float32)
+            if (KH * KW) & (KH * KW - 1) == 0:  # a power of two: its reciprocal is exact
+                v = v * (1.0 / (KH * KW))
+            else:
+                v = tl.math.div_rn(v, tl.full((BLOCK_C,), KH * KW, tl.float32))
+            tl.store(o_row + c, v.to(o_ptr.dtype.element_ty), mask=m)
     else:
         sy = tl.maximum((oy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
         sx = tl.maximum((ox.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
@@ -538,38 +554,36 @@ def _pool_kernel(
         x1 = tl.minimum(x0 + 1, W - 1)
         ly = sy - y0.to(tl.float32)
         lx = sx - x0.to(tl.float32)
-    x_b = x_ptr + tl.cast(b, tl.int64) * sxb
-    r00 = x_b + (y0 * W + x0).to(tl.int64) * sxn
-    r01 = x_b + (y0 * W + x1).to(tl.int64) * sxn
-    r10 = x_b + (y1 * W + x0).to(tl.int64) * sxn
-    r11 = x_b + (y1 * W + x1).to(tl.int64) * sxn
-    o_row = o_ptr + tl.cast(t, tl.int64) * C
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = c < C
-        cc = c.to(tl.int64) * sxc
-        v00 = tl.load(r00 + cc, mask=m, other=0.0).to(tl.float32)
-        v01 = tl.load(r01 + cc, mask=m, other=0.0).to(tl.float32)
-        v10 = tl.load(r10 + cc, mask=m, other=0.0).to(tl.float32)
-        v11 = tl.load(r11 + cc, mask=m, other=0.0).to(tl.float32)
-        if MODE == 0:
-            v = (v00 + v01 + v10 + v11) * 0.25
-        else:
+        r00 = x_b + (y0 * W + x0).to(tl.int64) * sxn
+        r01 = x_b + (y0 * W + x1).to(tl.int64) * sxn
+        r10 = x_b + (y1 * W + x0).to(tl.int64) * sxn
+        r11 = x_b + (y1 * W + x1).to(tl.int64) * sxn
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = c < C
+            cc = c.to(tl.int64) * sxc
+            v00 = tl.load(r00 + cc, mask=m, other=0.0).to(tl.float32)
+            v01 = tl.load(r01 + cc, mask=m, other=0.0).to(tl.float32)
+            v10 = tl.load(r10 + cc, mask=m, other=0.0).to(tl.float32)
+            v11 = tl.load(r11 + cc, mask=m, other=0.0).to(tl.float32)
             v = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-        tl.store(o_row + c, v.to(o_ptr.dtype.element_ty), mask=m)
+            tl.store(o_row + c, v.to(o_ptr.dtype.element_ty), mask=m)
 
 
 def pool(x: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], mode: int):
-    """(B, h w, C) pooled tokens of x (B, H W, C) on the grid (H, W), to (h, w)."""
+    """(B, h w, C) pooled tokens of x (B, H W, C) on the grid (H, W), to (h, w) (``mode``
+    AVG: blocks of (H / h, W / w), h and w dividing H and W)."""
     B, _, C = x.shape
     (H, W), (h, w) = grid, size
     out = torch.empty((B, h * w, C), dtype=x.dtype, device=x.device)
     if B * h * w == 0 or C == 0:
         return out
+    kh, kw = (H // h, W // w) if mode == AVG else (1, 1)
     with device_guard(x):
         _pool_kernel[(B * h * w,)](
-            x, out, H, W, h, w, C, float(H) / h, float(W) / w, *x.stride(), MODE=mode
-        )
+            x, out, H, W, h, w, C, float(H) / h, float(W) / w, *x.stride(), MODE=mode, KH=kh,
+            KW=kw,
+        )  # fmt: skip
     return out
 
 

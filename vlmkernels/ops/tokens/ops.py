@@ -15,7 +15,7 @@ the backward.
   output row and the summed sizes; ``source`` (B, N) is each token's output row, ``members``
   and ``offsets`` the same map as CSR lists (members of row r: ``members[b, offsets[b, r] :
   offsets[b, r + 1]]``). Backward: ``tokens_tome_unmerge``.
-- ``tokens_pool(x, grid, size, mode)``: 2 x 2 average or bilinear resize of a token grid;
+- ``tokens_pool(x, grid, size, mode)``: block average or bilinear resize of a token grid;
   its backward ``tokens_pool_backward`` is the adjoint, whose backward is ``tokens_pool``.
 """
 
@@ -26,7 +26,7 @@ import torch
 from ...core.backend import in_forward_backend, remember_backend
 from ...core.op import Op, as_saved
 from . import kernels, reference
-from .kernels import AVG2X2
+from .kernels import AVG
 
 FAMILY = "tokens"
 
@@ -228,10 +228,10 @@ class _:
 
 
 def _avg_backward_index(grid, size, device):
-    """(H W,) int64: the output token each input token of the 2 x 2 average feeds."""
-    (H, W), (_, w) = grid, size
-    ys = torch.arange(H, device=device) // 2
-    xs = torch.arange(W, device=device) // 2
+    """(H W,) int64: the output token each input token of the block average feeds."""
+    (H, W), (h, w) = grid, size
+    ys = torch.arange(H, device=device) // (H // h)
+    xs = torch.arange(W, device=device) // (W // w)
     return (ys[:, None] * w + xs[None, :]).reshape(-1)
 
 
@@ -264,8 +264,9 @@ class _:
 
 @pool_backward.impl("triton")
 def _(grad, grid, size, mode):
-    if mode == AVG2X2:
-        return kernels.gather_rows(grad, _avg_backward_index(grid, size, grad.device), 0.25)
+    if mode == AVG:
+        scale = 1.0 / ((grid[0] // size[0]) * (grid[1] // size[1]))
+        return kernels.gather_rows(grad, _avg_backward_index(grid, size, grad.device), scale)
     return kernels.pool_backward(grad, tuple(grid), tuple(size))
 
 

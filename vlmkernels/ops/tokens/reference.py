@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import AVG2X2
+from .kernels import AVG
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:
@@ -130,11 +130,11 @@ def _tokens(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def pool(x: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
-    """(B, h w, C): the 2 x 2 average (``mode`` AVG2X2) or the bilinear resize
-    (align_corners=False, as ``F.interpolate``) of the (H, W) token grid of x."""
+    """(B, h w, C): the average of (H / h) x (H / w) blocks (``mode`` AVG) or the bilinear
+    resize (align_corners=False, as ``F.interpolate``) of the (H, W) token grid of x."""
     g = _grid(x.to(_acc(x)), grid)
-    if mode == AVG2X2:
-        y = F.avg_pool2d(g, 2)
+    if mode == AVG:
+        y = F.avg_pool2d(g, (grid[0] // size[0], grid[1] // size[1]))
     else:
         y = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)
     return _tokens(y, x.dtype)
@@ -144,8 +144,9 @@ def pool_backward(grad: torch.Tensor, grid, size, mode: int) -> torch.Tensor:
     """(B, H W, C): the adjoint of :func:`pool` applied to ``grad`` (B, h w, C)."""
     B, _, C = grad.shape
     g = _grid(grad.to(_acc(grad)), size)
-    if mode == AVG2X2:
-        dx = g.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) * 0.25
+    if mode == AVG:
+        kh, kw = grid[0] // size[0], grid[1] // size[1]
+        dx = g.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3) / (kh * kw)
     else:
         dx = torch.ops.aten.upsample_bilinear2d_backward(
             g, list(size), [B, C, grid[0], grid[1]], False, None, None
