@@ -26,7 +26,7 @@ TUNE_SHAPES = (
      "dtype": "bf16"},
     {"op": "pool_tokens", "B": 32, "H": 24, "W": 24, "C": 3584, "kind": "avg2x2",
      "dtype": "bf16"},
-    {"op": "pool_tokens", "B": 8, "H": 64, "W": 64, "C": 1152, "kind": "avg", "size": (16, 16),
+    {"op": "pool_tokens", "B": 8, "H": 64, "W": 64, "C": 1152, "kind": "avg", "block": 4,
      "dtype": "bf16"},
 )  # fmt: skip
 
@@ -34,7 +34,8 @@ TUNE_SHAPES = (
 def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> None:
     """Run one op of ``spec`` forward and backward on the Triton kernels: {"op":
     "tome_merge" ("B", "N", "C", "r", "class_token"), "select_tokens" ("B", "N", "C",
-    "keep") or "pool_tokens" ("B", "H", "W", "C", "kind", "size"), "dtype"}."""
+    "keep") or "pool_tokens" ("B", "H", "W", "C", "kind", and "block" for kind "avg": the
+    output grid is (H // block, W // block)), "dtype"}."""
     dtype = torch_dtype(spec.get("dtype", "bf16"))
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -55,7 +56,9 @@ def tune_workload(spec: Mapping, device: torch.device, names: Iterable[str]) -> 
         elif op == "pool_tokens":
             h, w = int(spec["H"]), int(spec["W"])
             x = randn(b, h * w, c).requires_grad_()
-            out = pool_tokens(x, (h, w), spec.get("kind", "bilinear"), spec.get("size"))
+            kind, block = spec.get("kind", "bilinear"), spec.get("block")
+            size = None if block is None else (h // int(block), w // int(block))
+            out = pool_tokens(x, (h, w), kind, size)
         else:
             raise ValueError(f"tokens spec {dict(spec)}: unknown op {op!r}")
         out.backward(torch.ones_like(out))
