@@ -179,10 +179,43 @@ def _qwen3(post, key="qwen3_vl", prefix="Qwen3VL"):
     return build
 
 
+def _gemma3(key="gemma3", prefix="Gemma3"):
+    def build():
+        modeling = _modeling(key)
+        config_module = importlib.import_module(f"transformers.models.{key}.configuration_{key}")
+        vision = {
+            "hidden_size": 12,
+            "image_size": 56,
+            "patch_size": 7,
+            "num_attention_heads": 2,
+            "intermediate_size": 16,
+        }
+        text = {
+            "hidden_size": 20,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "intermediate_size": 16,
+        }
+        if key == "gemma3":
+            config = config_module.Gemma3Config(
+                vision_config=vision, text_config=text, mm_tokens_per_image=4
+            )
+        else:
+            config = config_module.T5Gemma2EncoderConfig(
+                vision_config=vision, text_config=text, mm_tokens_per_image=4
+            )
+        # (B, 8 x 8 patches, 12) pooled 4 x 4 to 2 x 2, RMSNorm, @ (12, 20)
+        return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 64, 12)
+
+    return build
+
+
 CASES = {"llava": llava, "idefics3": _shuffle("idefics3"), "smolvlm": _shuffle("smolvlm"),
          "internvl": internvl, "vipllava": vipllava, "lfm2_vl": _lfm2_vl(),
          "lfm3_vl": lfm3_vl,
-         "kimi_k25": kimi_k25, "perception_lm": _perception_lm(), "qwen2_vl": qwen2,
+         "kimi_k25": kimi_k25, "perception_lm": _perception_lm(), "gemma3": _gemma3(),
+         "qwen2_vl": qwen2,
          "qwen2_5_vl": qwen2_5,
          "qwen3_vl": _qwen3(False), "qwen3_vl_postshuffle": _qwen3(True)}  # fmt: skip
 
@@ -259,7 +292,8 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_omni_moe": _qwen3_omni(False), "qwen3_omni_moe_postshuffle": _qwen3_omni(True),
              "lfm2_vl_no_norm": _lfm2_vl(layer_norm=False),
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
-             "video_llava": _llava_like("video_llava", "VideoLlava")}  # fmt: skip
+             "video_llava": _llava_like("video_llava", "VideoLlava"),
+             "t5gemma2": _gemma3("t5gemma2", "T5Gemma2")}  # fmt: skip
 
 
 class Wrapper(nn.Module):
@@ -448,7 +482,8 @@ def test_patched_connector_under_autocast(name, x_dtype, offset):
     # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest: twice
     # the rounding error of each bf16 result
     factor = 4 if INTERPRETED and not torch.cuda.is_available() else 2
-    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    # Gemma 3's projector casts its result back to the features' dtype (type_as)
+    assert outs[0].dtype == outs[1].dtype == (x_dtype if name == "gemma3" else torch.bfloat16)
     err_mine, err_ref = (max_rel(o.double(), want) for o in outs)
     assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
     for mine_g, ref_g, e in zip(*leaves, exact_grads, strict=True):

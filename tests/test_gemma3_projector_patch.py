@@ -1,0 +1,155 @@
+"""vlmkernels.patch on Gemma 3's multimodal projector (AvgPool2d, Gemma's RMSNorm, @ W):
+a tiny Gemma 3 model's image features against transformers', 16-bit accuracy against
+float64, the class forward (and transformers' errors) where the fused one cannot give
+transformers' result, and fullgraph compilation. The per-connector checks shared with the
+other connectors (outputs and gradients, autocast, keyword input) are in
+test_connectors_patch.py (cases ``gemma3``, ``t5gemma2``)."""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from test_connectors_patch import TOL, _gemma3, max_rel, randomise  # noqa: E402
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
+
+
+def _tiny_gemma3():
+    from transformers.models.gemma3 import modeling_gemma3
+
+    vision = {
+        "hidden_size": 12,
+        "image_size": 56,
+        "patch_size": 7,
+        "num_attention_heads": 2,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+    }
+    text = {
+        "hidden_size": 20,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "vocab_size": 64,
+    }
+    config = transformers.Gemma3Config(vision_config=vision, text_config=text,
+                                       mm_tokens_per_image=4)  # fmt: skip
+    return modeling_gemma3.Gemma3ForConditionalGeneration(config).eval()
+
+
+def _features(out):
+    return getattr(out, "pooler_output", out)  # a ModelOutput from transformers 5.x
+
+
+def test_gemma3_model_image_features_match_transformers():
+    """The whole model patched: its projector (the only target) gives transformers' image
+    features from pixels, and the same gradients of the pixels and of the projector's
+    weights (the norm's weight enters as 1 + w)."""
+    torch.manual_seed(0)
+    ref = _tiny_gemma3()
+    randomise(ref.model.multi_modal_projector)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("model.multi_modal_projector.forward",)
+        px1, px2 = (torch.randn(2, 3, 56, 56).requires_grad_() for _ in range(2))
+        with torch.no_grad():
+            px2.copy_(px1)
+        out = _features(mine.model.get_image_features(px1))
+        want = _features(ref.model.get_image_features(px2))
+        assert out.shape == want.shape == (2, 4, 20)
+        assert max_rel(out, want) < TOL
+        g = torch.randn_like(want)
+        out.backward(g)
+        want.backward(g)
+        assert max_rel(px1.grad, px2.grad) < TOL
+        pairs = zip(mine.model.multi_modal_projector.named_parameters(),
+                    ref.model.multi_modal_projector.parameters(), strict=True)  # fmt: skip
+        for (name, p), q in pairs:
+            assert max_rel(p.grad, q.grad) < TOL, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemma3_projector_16_bit_accuracy(dtype):
+    """A 16-bit projector: output and gradients within 16-bit rounding of the float64
+    projector's (the norm weight folded into W rounds differently from transformers)."""
+    module, x = _gemma3()()
+    exact = randomise(module).double()
+    mine = copy.deepcopy(exact).to(dtype)
+    vt.patch(mine)
+    x16 = x.to(dtype).requires_grad_()
+    x64 = x16.detach().double().requires_grad_()
+    out, want = mine(x16), exact(x64)
+    assert out.dtype == dtype
+    assert max_rel(out, want) < 2e-2
+    g = torch.randn_like(want)
+    out.backward(g.to(dtype))
+    want.backward(g)
+    assert max_rel(x16.grad, x64.grad) < 2e-2
+    for p, q in zip(mine.parameters(), exact.parameters(), strict=True):
+        assert max_rel(p.grad, q.grad) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda m: setattr(m, "avg_pool", nn.AvgPool2d(4, ceil_mode=True)), "not a mean of"),
+        (lambda m: setattr(m, "avg_pool", nn.AvgPool2d(4, stride=2)), "not a mean of"),
+        (lambda m: setattr(m, "avg_pool", nn.AvgPool2d(3)), "does not divide the 8 x 8"),
+    ],
+)
+def test_gemma3_projector_other_poolings_run_the_class_forward(change, why):
+    """A pooling changed after patching to one the block mean does not compute (ceil_mode,
+    overlapping blocks, a kernel that drops the last rows): transformers' result, with a
+    PatchFallbackWarning naming why."""
+    module, x = _gemma3()()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        change(mine), change(ref)
+        with pytest.warns(PatchFallbackWarning, match=why):
+            out = mine(x)
+        assert max_rel(out, ref(x)) < TOL
+
+
+def test_gemma3_projector_raises_as_transformers_does():
+    """Features of another token count or rank, and fp32 features into bf16 weights outside
+    autocast: transformers' own errors (its unpacking, its reshape, its matmul), not the
+    kernels'."""
+    module, x = _gemma3()()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+
+    def same_error(bad):
+        with pytest.raises(Exception) as want:
+            ref(bad)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", PatchFallbackWarning)
+            with pytest.raises(type(want.value), match=re.escape(str(want.value))):
+                mine(bad)
+        return [str(w.message) for w in seen]
+
+    assert same_error(x[:, :63]) and same_error(x[0])
+    for m in (ref, mine):
+        m.mm_input_projection_weight.data = m.mm_input_projection_weight.data.bfloat16()
+    assert "the features are torch.float32 and the projection" in same_error(x)[0]
+
+
+def test_gemma3_projector_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of the patched projector traces the fused forward (no
+    graph break) and gives its eager result."""
+    module, x = _gemma3()()
+    mine = randomise(module)
+    vt.patch(mine)
+    eager = mine(x)
+    compiled = torch.compile(mine, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), eager, rtol=1e-6, atol=1e-6)
