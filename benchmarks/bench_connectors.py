@@ -1,6 +1,6 @@
 r"""Connector family: the LLaVA projector, the Idefics3 connector (pixel shuffle + Linear),
-InternVL's connector (pixel shuffle + LayerNorm + MLP), the Qwen2.5-VL patch merger and
-Qwen3-VL's DeepStack add.
+InternVL's connector (pixel shuffle + LayerNorm + MLP), the Qwen2.5-VL patch merger, Gemma
+3's projector (pooling + RMSNorm + matmul) and Qwen3-VL's DeepStack add.
 
 Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths run):
 
@@ -16,6 +16,11 @@ Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths r
 - ``qwen_merger``: P patches of C channels, RMSNorm per patch, 2 x 2 merge, Linear(4C ->
   4C) + GELU + Linear(4C -> N) (Qwen2.5-VL-7B: C 1280, N 3584, shape keys QC and QN; 4
   images of 1024 x 1024 are P = 4 x 5476 patches).
+- ``gemma3_projector``: GB images of GS x GS patches, GC channels, Gemma 3's projector:
+  AvgPool2d(GK) of the patch grid, Gemma's RMSNorm (x / rms(x) (1 + w), fp32), @ W (GC x
+  GN) (Gemma 3 4B: GS 64, GK 4, GC 1152, GN 2560; 8 pan-and-scan crops); vlmkernels runs
+  what the patched ``Gemma3MultiModalProjector`` runs, ``pool_tokens(kind="avg")`` then one
+  merger with the norm in the GEMM.
 - ``deepstack``: hidden (B, L, D), half the positions visual (Qwen3-VL-8B: D 4096); bytes:
   the hidden states read and written and the visual half's embeddings read, 2.5 B L D e.
 
@@ -26,7 +31,8 @@ L = sum(y * G) with a fixed random G, so the backward pass starts from G.
 Providers: ``vlmkernels`` (the ops; the Triton kernels on CUDA, the PyTorch path on the
 CPU), ``eager`` (the transformers modules' formulas written out: ``pixel_shuffle`` with
 view / permute / reshape (InternVL's with its two ``.contiguous()`` copies),
-``F.layer_norm``, ``F.linear``, ``F.gelu``, the RMSNorm in fp32 then rounded,
+``F.layer_norm``, ``F.linear``, ``F.gelu``, the RMSNorm in fp32 then rounded, Gemma 3's
+channels-first copy, ``F.avg_pool2d`` and ``torch.matmul``,
 ``_deepstack_process`` with its clone), ``compile`` (``torch.compile`` of the eager
 function; CUDA only, to keep the CPU suite quick).
 
@@ -48,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import vlmkernels.ops.connectors as C
+from vlmkernels.ops.tokens import pool_tokens
 
 from . import targets
 from .harness import BuildArgs, OpSpec, Prepared, Provider, Suite, checksummed
@@ -89,6 +96,10 @@ def _inputs(args: BuildArgs) -> tuple[dict, torch.Tensor]:
         t = dict(x=r(p, c), nw=r(c), w1=r(k, k, scale=k**-0.5), b1=r(k),
                  w2=r(n, k, scale=k**-0.5), b2=r(n))  # fmt: skip
         out = (p // 4, n)
+    elif args.op == "gemma3_projector":
+        b, side, k, c, n = s["GB"], s["GS"], s["GK"], s["GC"], s["GN"]
+        t = dict(x=r(b, side * side, c), nw=r(c, scale=0.1), w=r(c, n, scale=c**-0.5))
+        out = (b, (side // k) ** 2, n)
     else:
         b, length, d = s["B"], s["L"], s["D"]
         gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
@@ -125,7 +136,31 @@ def _rms_eager(x, w, eps=1e-6):
     return w * v.to(x.dtype)
 
 
-def _eager(op: str) -> Callable:
+def _gemma3_eager(x, nw, w, k):
+    """Gemma3MultiModalProjector.forward with its Gemma3RMSNorm (eps 1e-6)."""
+    b, n, c = x.shape
+    side = int(n**0.5)
+    g = x.transpose(1, 2).reshape(b, c, side, side).contiguous()
+    p = F.avg_pool2d(g, k).flatten(2).transpose(1, 2)
+    v = p.float()
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return torch.matmul((v * (1.0 + nw.float())).type_as(p), w).type_as(x)
+
+
+def _gemma3_ours(x, nw, w, k):
+    """What the patched Gemma3MultiModalProjector runs."""
+    b, n, c = x.shape
+    side = int(n**0.5)
+    t = side // k
+    pooled = pool_tokens(x, (side, side), "avg", (t, t))
+    y = C.merger(pooled.reshape(-1, c), w.t(), norm="rmsnorm", norm_weight=1.0 + nw.float(),
+                 merge_size=1)  # fmt: skip
+    return y.view(b, t * t, w.shape[1]).type_as(x)
+
+
+def _eager(op: str, shape: Mapping[str, int]) -> Callable:
+    if op == "gemma3_projector":
+        return lambda x, nw, w: _gemma3_eager(x, nw, w, shape["GK"])
     if op == "llava_projector":
         return lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     if op == "idefics3_connector":
@@ -153,7 +188,9 @@ def _eager(op: str) -> Callable:
     return deepstack
 
 
-def _ours(op: str) -> Callable:
+def _ours(op: str, shape: Mapping[str, int]) -> Callable:
+    if op == "gemma3_projector":
+        return lambda x, nw, w: _gemma3_ours(x, nw, w, shape["GK"])
     if op == "llava_projector":
         return C.mlp_projector
     if op == "idefics3_connector":
@@ -205,16 +242,17 @@ def _prepared(args: BuildArgs, fn: Callable, note: str) -> Prepared:
 
 
 def build_vlmkernels(args: BuildArgs) -> Prepared:
-    return _prepared(args, _ours(args.op), "")
+    return _prepared(args, _ours(args.op, args.shape), "")
 
 
 def build_eager(args: BuildArgs) -> Prepared:
-    return _prepared(args, _eager(args.op), "transformers' formulas")
+    return _prepared(args, _eager(args.op, args.shape), "transformers' formulas")
 
 
 def build_compile(args: BuildArgs) -> Prepared:
     torch._dynamo.reset()
-    return _prepared(args, torch.compile(_eager(args.op)), "torch.compile, static shapes")
+    fn = torch.compile(_eager(args.op, args.shape))
+    return _prepared(args, fn, "torch.compile, static shapes")
 
 
 def _cuda_only(device: torch.device) -> str | None:
@@ -241,6 +279,8 @@ def _gemms(op: str, s: Mapping[str, int]) -> list[tuple[int, int, int]]:
     if op == "qwen_merger":
         k = 4 * s["QC"]
         return [(s["P"] // 4, k, k), (s["P"] // 4, k, s["QN"])]
+    if op == "gemma3_projector":
+        return [(s["GB"] * (s["GS"] // s["GK"]) ** 2, s["GC"], s["GN"])]
     return []
 
 
@@ -269,6 +309,9 @@ def _bytes(op: str):
         if op == "deepstack":
             passes = 2 if mode == "fwd+bwd" else 1
             return float(passes * 2.5 * s["B"] * s["L"] * s["D"] * itemsize)
+        if op == "gemma3_projector":  # the features are read before the pooling
+            (m, k, n), x = _gemms(op, s)[0], s["GB"] * s["GS"] ** 2 * s["GC"]
+            return leaf_linear_bytes(x, m * n, k * n + k, mode, itemsize)
         gemms = _gemms(op, s)
         x, y = gemms[0][0] * gemms[0][1], gemms[-1][0] * gemms[-1][2]
         return leaf_linear_bytes(x, y, sum(k * n for _, k, n in gemms), mode, itemsize)
@@ -280,10 +323,11 @@ def grid(profile: str) -> dict[str, list[int]]:
     if profile == "cpu":
         return {"M": [64], "K": [64], "N": [128], "B": [2], "S": [8], "C": [32], "P": [256],
                 "QC": [32], "QN": [64], "L": [64], "D": [64], "IB": [2], "IC": [16],
-                "IN": [48]}  # fmt: skip
+                "IN": [48], "GB": [2], "GS": [8], "GK": [4], "GC": [32], "GN": [48]}  # fmt: skip
     return {"M": [4608], "K": [1024], "N": [4096], "B": [32], "S": [32], "C": [1152],
             "P": [21904], "QC": [1280], "QN": [3584], "L": [4096], "D": [4096], "IB": [64],
-            "IC": [1024], "IN": [4096]}  # fmt: skip
+            "IC": [1024], "IN": [4096], "GB": [8], "GS": [64], "GK": [4], "GC": [1152],
+            "GN": [2560]}  # fmt: skip
 
 
 OPS = tuple(
@@ -293,6 +337,7 @@ OPS = tuple(
         "idefics3_connector",
         "internvl_connector",
         "qwen_merger",
+        "gemma3_projector",
         "deepstack",
     )  # fmt: skip
 )
