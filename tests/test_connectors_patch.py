@@ -267,6 +267,27 @@ def _onevision1_5():
     return modeling.LlavaOnevision15VisionPatchMerger(config), torch.randn(28, 8)
 
 
+def _mlp_named(key, cls, **config):
+    """LLaVA's MLP under other names: DeepSeek-VL's aligner, VideoLLaMA 3's projector,
+    MiniMax-M3-VL's projector (two MLPs, 2 x 2 merge windows between them)."""
+
+    def build():
+        modeling = _modeling(key)
+        config_cls = getattr(transformers, {"deepseek_vl": "DeepseekVLConfig",
+                                            "video_llama_3": "VideoLlama3Config",
+                                            "minimax_m3_vl": "MiniMaxM3VLConfig"}[key])  # fmt: skip
+        vision = dict(hidden_size=12, num_attention_heads=2, intermediate_size=16,
+                      spatial_merge_size=2)  # fmt: skip
+        # (transformers 5.16 and 5.17 need VideoLLaMA 3's text model type)
+        text = dict(hidden_size=20, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=16, model_type="qwen2")  # fmt: skip
+        module = getattr(modeling, cls)(config_cls(vision_config=vision, text_config=text,
+                                                   **config))  # fmt: skip
+        return module, torch.randn(28, 12) if key == "minimax_m3_vl" else torch.randn(2, 5, 12)
+
+    return build
+
+
 # The same code as a CASES class under another name: checked against transformers, not run
 # through every CASES test again. Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's merger (the same
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
@@ -277,7 +298,8 @@ def _onevision1_5():
 # fields: FastVLM's projector, Inkling2's merger; VipLLaVA's with another norm name:
 # Granite-Docling's DeepStack mergers; Qwen3-VL's forward in Cosmos3-Edge's merger and, with
 # Qwen2-VL's names and a ModuleList, Qwen3-Omni-MoE's. (And LFM2-VL's projector built
-# without its norm.)
+# without its norm; T5Gemma 2's projector, Gemma 3's; LLaVA's MLP in DeepSeek-VL's aligner,
+# VideoLLaMA 3's Sequential and, twice, MiniMax-M3-VL's projector.)
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -293,7 +315,11 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "lfm2_vl_no_norm": _lfm2_vl(layer_norm=False),
              "llava_next_video": _llava_like("llava_next_video", "LlavaNextVideo"),
              "video_llava": _llava_like("video_llava", "VideoLlava"),
-             "t5gemma2": _gemma3("t5gemma2", "T5Gemma2")}  # fmt: skip
+             "t5gemma2": _gemma3("t5gemma2", "T5Gemma2"),
+             "deepseek_vl": _mlp_named("deepseek_vl", "DeepseekVLAligner"),
+             "video_llama_3": _mlp_named("video_llama_3", "VideoLlama3Projector"),
+             "minimax_m3_vl": _mlp_named("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector",
+                                         projector_hidden_size=16)}  # fmt: skip
 
 
 class Wrapper(nn.Module):

@@ -1,0 +1,72 @@
+"""vlmkernels.patch on LLaVA's MLP projector under other names (DeepSeek-VL's aligner,
+VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector): the whole models patch their
+projector; a layer changed after patching, or an input transformers refuses, runs the class
+forward. Outputs and gradients against transformers are checked in
+test_connectors_patch.py (``SAME_CODE``: deepseek_vl, video_llama_3, minimax_m3_vl)."""
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from test_connectors_patch import SAME_CODE, TOL, _modeling, max_rel, randomise  # noqa: E402
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
+
+# model key: (its full model class, the projector's attribute in the inner model)
+WHOLE = {
+    "deepseek_vl": ("DeepseekVLForConditionalGeneration", "aligner"),
+    "video_llama_3": ("VideoLlama3ForConditionalGeneration", "projector"),
+    "minimax_m3_vl": ("MiniMaxM3SparseForConditionalGeneration", "multi_modal_projector"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(WHOLE))
+def test_whole_model_patches_its_projector(key):
+    """The full model (default config, meta device) patches its projector's forward, and
+    support() reports the architecture."""
+    cls_name, attr = WHOLE[key]
+    cls = getattr(_modeling(key), cls_name)
+    with torch.device("meta"):
+        model = cls(cls.config_class())
+    with vt.patch(model) as handle:
+        assert f"model.{attr}.forward" in handle.targets
+    assert "forward" not in getattr(model.model, attr).__dict__
+    assert vt.support()[f"{key}.connector"] == {"connector": "ok"}
+
+
+def test_video_llama3_readout_grown_after_patching_runs_the_class_forward():
+    """A layer appended to VideoLLaMA 3's readout after patching is not skipped: the class's
+    forward runs (with a warning), giving transformers' result."""
+    module, x = SAME_CODE["video_llama_3"]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        extra = nn.Linear(20, 20)
+        ref.readout.append(extra)
+        mine.readout.append(copy.deepcopy(extra))
+        with pytest.warns(PatchFallbackWarning, match="readout changed since patching"):
+            out = mine(x)
+        assert max_rel(out, ref(x)) < TOL
+
+
+def test_minimax_m3_vl_projector_partial_window_raises_as_transformers():
+    """Patches that do not fill the 2 x 2 merge windows: transformers' error (its second
+    MLP's matmul), not a kernel's, and not a result."""
+    module, x = SAME_CODE["minimax_m3_vl"]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    bad = x[:26]
+    with pytest.raises(RuntimeError) as want:
+        ref(bad)
+    with (
+        pytest.raises(RuntimeError, match=re.escape(str(want.value))),
+        pytest.warns(PatchFallbackWarning, match="not windows of 4 patches"),
+    ):
+        mine(bad)

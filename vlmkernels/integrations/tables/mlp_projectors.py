@@ -1,0 +1,93 @@
+"""LLaVA's MLP projector under other names, in the connector family's tables of the
+transformers integration (part ``connector`` of :func:`vlmkernels.patch`), each module's
+forward one or two :func:`~vlmkernels.ops.connectors.mlp_projector` calls (Linear + exact
+GELU + Linear; GELU fused into the first GEMM, h the only activation the backward needs,
+recomputed):
+
+- ``DeepseekVLAligner`` (DeepSeek-VL): ``linear1``, ``activation``, ``linear2``;
+- ``VideoLlama3Projector`` (VideoLLaMA 3): the ``readout`` ``nn.Sequential`` of Linear,
+  GELU, Linear;
+- ``MiniMaxM3VLMultiModalProjector`` (MiniMax-M3-VL): an MLP on each patch, the
+  ``spatial_merge_size``^2 consecutive results of a merge window side by side (a view), and
+  a second MLP on them: two projector calls.
+
+A layer that is not the expected ``nn.Linear`` / exact GELU is refused at patch time; one
+replaced or hooked after patching makes the module run its class's forward, with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`. Roots: the models
+(``...ForConditionalGeneration``, ``MiniMaxM3SparseForConditionalGeneration``,
+``...Model``), the projectors themselves, or any model holding one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...ops.connectors import mlp_projector
+from ..patching import Patcher, SetMethod, class_forward, fused_forward, register
+from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _one_input, _where
+
+__all__ = ["MLP_PROJECTOR_PATCHERS"]
+
+
+def _mlp(x, l1, l2):
+    return mlp_projector(x, l1.weight, l1.bias, l2.weight, l2.bias)
+
+
+def _deepseek_vl_forward(module, arch):
+    _check_mlp(module, "linear1", "activation", "linear2")
+
+    def fused(self, x):
+        return _mlp(x, self.linear1, self.linear2)
+
+    return fused_forward(module, ("linear1", "activation", "linear2"), _one_input(module, fused))
+
+
+_READOUT = ("readout.0", "readout.1", "readout.2")
+
+
+def _video_llama3_forward(module, arch):
+    readout = module.readout
+    _check_mlp(readout, "0", "1", "2", where=f"{_where(module)}.readout")
+
+    def fused(self, x):
+        readout = self.readout
+        return _mlp(x, readout[0], readout[2])
+
+    # "readout" itself: an nn.Sequential grown or shrunk after patching
+    return fused_forward(module, ("readout", *_READOUT), _one_input(module, fused))
+
+
+def _minimax_m3_vl_forward(module, arch):
+    _check_mlp(module)
+    _check_mlp(module, "merge_linear_1", "merge_act", "merge_linear_2")
+
+    def fused(self, x):
+        window = self.spatial_merge_size**2
+        if x.dim() < 1 or x.shape[0] % window:  # transformers' reshape raises
+            why = f"{tuple(x.shape)} features are not windows of {window} patches"
+            return class_forward(self, why, x)
+        y = _mlp(x, self.linear_1, self.linear_2)
+        return _mlp(y.reshape(y.shape[0] // window, -1), self.merge_linear_1, self.merge_linear_2)
+
+    parts = ("linear_1", "act", "linear_2", "merge_linear_1", "merge_act", "merge_linear_2")
+    return fused_forward(module, parts, _one_input(module, fused))
+
+
+def _minimax_m3_vl_arch():
+    arch = _arch("minimax_m3_vl", "MiniMaxM3VL", "projector", "MiniMaxM3VLMultiModalProjector")
+    roots = {**arch.roots, "MiniMaxM3SparseForConditionalGeneration": ("connector",)}
+    roots.pop("MiniMaxM3VLForConditionalGeneration")  # (its full model has another name)
+    return dataclasses.replace(arch, roots=roots)
+
+
+MLP_PROJECTOR_PATCHERS = tuple(
+    register(Patcher("transformers", TESTED_VERSIONS, (arch,),
+                     (SetMethod("connector", "projector", "forward", build),)))
+    for arch, build in (
+        (_arch("deepseek_vl", "DeepseekVL", "projector", "DeepseekVLAligner"),
+         _deepseek_vl_forward),
+        (_arch("video_llama_3", "VideoLlama3", "projector", "VideoLlama3Projector"),
+         _video_llama3_forward),
+        (_minimax_m3_vl_arch(), _minimax_m3_vl_forward),
+    )
+)  # fmt: skip
