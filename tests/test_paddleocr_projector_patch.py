@@ -1,0 +1,129 @@
+"""vlmkernels.patch on PaddleOCR-VL's projector (per image: LayerNorm per patch, 2 x 2
+windows side by side, Linear + GELU + Linear): outputs and gradients against transformers
+on images of several grids (a two-frame one too), in fp32 and bf16; the class forward (and
+transformers' errors) where its split or reshape refuses; the whole model patches it."""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_connectors_patch import TOL, _modeling, max_rel, randomise  # noqa: E402
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
+
+GRIDS = torch.tensor([[1, 4, 6], [2, 2, 4], [1, 2, 2]])  # 24 + 16 + 4 patches
+
+
+def _projector():
+    modeling = _modeling("paddleocr_vl")
+    config = transformers.PaddleOCRVLConfig(
+        vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+                       "spatial_merge_size": 2},
+        text_config={"hidden_size": 20, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "intermediate_size": 16, "head_dim": 10},
+    )  # fmt: skip
+    return randomise(modeling.PaddleOCRProjector(config))
+
+
+def test_paddleocr_projector_matches_transformers():
+    """Three images (one of two frames): transformers' output, the features' and every
+    weight's gradients; positional and keyword calls; undo restores the class forward."""
+    ref = _projector()
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("<root>.forward",)
+        x = torch.randn(44, 8) + 3.0  # a mean the LayerNorm removes
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = mine(image_features=x1, image_grid_thw=GRIDS)
+        want = ref(x2, GRIDS)
+        assert out.shape == want.shape == (11, 20)
+        assert max_rel(out, want) < TOL
+        g = torch.randn_like(want)
+        out.backward(g)
+        want.backward(g)
+        assert max_rel(x1.grad, x2.grad) < TOL
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters(), strict=True):
+            assert max_rel(p.grad, q.grad) < TOL, name
+    assert "forward" not in mine.__dict__
+
+
+def test_paddleocr_projector_bf16():
+    """A bf16 projector: within bf16 rounding of the float64 one (output and gradients)."""
+    exact = _projector().double()
+    mine = copy.deepcopy(exact).bfloat16()
+    vt.patch(mine)
+    x16 = torch.randn(44, 8).bfloat16().requires_grad_()
+    x64 = x16.detach().double().requires_grad_()
+    out, want = mine(x16, GRIDS), exact(x64, GRIDS)
+    assert out.dtype == torch.bfloat16 and max_rel(out, want) < 2e-2
+    g = torch.randn_like(want)
+    out.backward(g.bfloat16())
+    want.backward(g)
+    assert max_rel(x16.grad, x64.grad) < 2e-2
+    for p, q in zip(mine.parameters(), exact.parameters(), strict=True):
+        assert max_rel(p.grad, q.grad) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "features, grids, why",
+    [
+        (torch.randn(40, 8), GRIDS, "do not hold the features"),  # split refuses
+        (torch.randn(6, 8), torch.tensor([[1, 2, 3]]), "not made of 2 x 2"),  # reshape
+        (torch.randn(1, 44, 8), GRIDS, "not \\(patches, channels\\)"),
+    ],
+)
+def test_paddleocr_projector_raises_as_transformers_does(features, grids, why):
+    """Grids that do not hold the features, a side the window does not divide, a batched
+    (1, P, C) input: transformers' own errors, from the class's forward."""
+    ref = _projector()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    with pytest.raises(Exception) as want:
+        ref(features, grids)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", PatchFallbackWarning)
+        with pytest.raises(type(want.value), match=re.escape(str(want.value))):
+            mine(features, grids)
+    assert re.search(why, str(seen[0].message))
+
+
+def test_paddleocr_whole_model_patches_its_projector():
+    """The full model (default config, meta device) patches its projector."""
+    modeling = _modeling("paddleocr_vl")
+    cls = modeling.PaddleOCRVLForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(cls.config_class())
+    with vt.patch(model) as handle:
+        assert "model.projector.forward" in handle.targets
+    assert vt.support()["paddleocr_vl.connector"] == {"connector": "ok"}
+
+
+def test_paddleocr_model_image_features_match_transformers():
+    """A tiny PaddleOCR-VL (one vision layer) patched whole: its image features from pixels
+    (the projector's input as the model hands it) are transformers'."""
+    modeling = _modeling("paddleocr_vl")
+    config = transformers.PaddleOCRVLConfig(
+        vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+                       "spatial_merge_size": 2, "num_hidden_layers": 1, "patch_size": 4},
+        text_config={"hidden_size": 20, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "intermediate_size": 16, "head_dim": 10, "num_hidden_layers": 1,
+                     "vocab_size": 64},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = modeling.PaddleOCRVLForConditionalGeneration(config).eval()
+    mine = copy.deepcopy(ref)
+    grids = torch.tensor([[1, 4, 6], [1, 2, 4]])
+    pixels = torch.randn(32, 3, 4, 4)
+    with vt.patch(mine) as handle, torch.no_grad():
+        assert "model.projector.forward" in handle.targets
+        got = mine.model.get_image_features(pixels, grids).pooler_output
+        want = ref.model.get_image_features(pixels, grids).pooler_output
+    assert [t.shape for t in got] == [t.shape for t in want] == [(6, 20), (2, 20)]
+    for a, b in zip(got, want, strict=True):
+        assert max_rel(a, b) < TOL
