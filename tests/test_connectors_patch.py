@@ -288,6 +288,22 @@ def _mlp_named(key, cls, **config):
     return build
 
 
+def _vbert(key, prefix):
+    """Idefics3's connector under another name: ModernVBERT's; UltraVBERT's, with an
+    RMSNorm after the projection."""
+
+    def build():
+        modeling = _modeling(key)
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16},
+            text_config={"hidden_size": 20, "num_attention_heads": 2, "intermediate_size": 16},
+            pixel_shuffle_factor=2,
+        )
+        return getattr(modeling, f"{prefix}Connector")(config), torch.randn(2, 36, 8)
+
+    return build
+
+
 # The same code as a CASES class under another name: checked against transformers, not run
 # through every CASES test again. Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's merger (the same
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
@@ -299,7 +315,8 @@ def _mlp_named(key, cls, **config):
 # Granite-Docling's DeepStack mergers; Qwen3-VL's forward in Cosmos3-Edge's merger and, with
 # Qwen2-VL's names and a ModuleList, Qwen3-Omni-MoE's. (And LFM2-VL's projector built
 # without its norm; T5Gemma 2's projector, Gemma 3's; LLaVA's MLP in DeepSeek-VL's aligner,
-# VideoLLaMA 3's Sequential and, twice, MiniMax-M3-VL's projector.)
+# VideoLLaMA 3's Sequential and, twice, MiniMax-M3-VL's projector; Idefics3's connector in
+# ModernVBERT's and UltraVBERT's, the latter with a norm after it.)
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -319,7 +336,9 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "deepseek_vl": _mlp_named("deepseek_vl", "DeepseekVLAligner"),
              "video_llama_3": _mlp_named("video_llama_3", "VideoLlama3Projector"),
              "minimax_m3_vl": _mlp_named("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector",
-                                         projector_hidden_size=16)}  # fmt: skip
+                                         projector_hidden_size=16),
+             "modernvbert": _vbert("modernvbert", "ModernVBert"),
+             "ultravbert": _vbert("ultravbert", "UltraVBert")}  # fmt: skip
 
 
 class Wrapper(nn.Module):

@@ -1,8 +1,9 @@
-"""vlmkernels.patch on LLaVA's MLP projector under other names (DeepSeek-VL's aligner,
-VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector): the whole models patch their
-projector; a layer changed after patching, or an input transformers refuses, runs the class
-forward. Outputs and gradients against transformers are checked in
-test_connectors_patch.py (``SAME_CODE``: deepseek_vl, video_llama_3, minimax_m3_vl)."""
+"""vlmkernels.patch on LLaVA's MLP projector and Idefics3's connector under other names
+(DeepSeek-VL's aligner, VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector; the
+ModernVBERT and UltraVBERT connectors): the whole models patch their projector; a layer
+changed after patching, or an input transformers refuses, runs the class forward. Outputs
+and gradients against transformers are checked in test_connectors_patch.py (``SAME_CODE``:
+deepseek_vl, video_llama_3, minimax_m3_vl, modernvbert, ultravbert)."""
 
 import copy
 import re
@@ -70,3 +71,26 @@ def test_minimax_m3_vl_projector_partial_window_raises_as_transformers():
         pytest.warns(PatchFallbackWarning, match="not windows of 4 patches"),
     ):
         mine(bad)
+
+
+@pytest.mark.parametrize("key", ["modernvbert", "ultravbert"])
+def test_vbert_connectors_refuse_their_own_pixel_shuffle_and_fall_back(key):
+    """ModernVBERT's / UltraVBERT's connector: a pixel_shuffle of the instance's own is
+    refused (the fused forward would skip it); a grid the shuffle factor does not divide
+    runs the class forward, with transformers' error."""
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    own = copy.deepcopy(ref)
+    own.pixel_shuffle = lambda x, factor: x
+    with pytest.raises(vt.UnsupportedLayoutError, match="pixel_shuffle"):
+        vt.patch(own)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    mine.pixel_shuffle_factor = ref.pixel_shuffle_factor = 4  # 6 x 6 patches
+    with pytest.raises(RuntimeError) as want:
+        ref(x)
+    with (
+        pytest.raises(RuntimeError, match=re.escape(str(want.value))),
+        pytest.warns(PatchFallbackWarning, match="side divisible by 4"),
+    ):
+        mine(x)

@@ -1,0 +1,86 @@
+"""The ModernVBERT and UltraVBERT connectors in the connector family's tables of the
+transformers integration (part ``connector`` of :func:`vlmkernels.patch`):
+``ModernVBertConnector`` (ModernVBERT, ColModernVBERT's retrieval model) and
+``UltraVBertConnector``.
+
+Both are Idefics3's connector under other names: the pixel shuffle of the (B, S * S, C)
+features by ``pixel_shuffle_factor`` s (Idefics3's ``pixel_shuffle``), then
+``modality_projection``, an ``nn.Linear`` (s^2 C -> D, no bias); UltraVBERT's then runs its
+RMSNorm ``norm`` on the result. The patched forward runs one
+:func:`~vlmkernels.ops.connectors.merger` of layout "grid" (the shuffled copy is never
+made) and, for UltraVBERT, calls ``norm`` as the class does. Outputs and gradients match
+transformers. Features that are not a square grid of (B, S * S, C) with s dividing S run
+the class's forward (its errors), with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`; a ``pixel_shuffle``
+overridden on the class or the instance is refused (the fused forward would skip it).
+Roots: their models (``...Model``, ``...ForMaskedLM``, ...), the connectors, or any model
+holding one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...core.checks import isqrt
+from ...ops.connectors import merger
+from ..patching import (
+    Patcher,
+    SetMethod,
+    UnsupportedLayoutError,
+    class_forward,
+    fused_forward,
+    register,
+)
+from .connectors import TESTED_VERSIONS, _arch, _linear, _where
+
+__all__ = ["VBERT_CONNECTOR_PATCHER"]
+
+
+def _unfused(features, s: int) -> str | None:
+    if getattr(features, "dim", lambda: 0)() != 3:
+        return "the features are not (B, S * S, C)"
+    n = features.shape[1]
+    side = isqrt(n)
+    if side * side != n or side % s:
+        return f"{n} tokens are not a square grid of a side divisible by {s}"
+    return None
+
+
+def _vbert_forward(module, arch):
+    where = _where(module)
+    _linear(module, "modality_projection", where)
+    s = module.pixel_shuffle_factor
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        raise UnsupportedLayoutError(f"{where}.pixel_shuffle_factor is {s!r}, not an int >= 1")
+    post_norm = arch.data.get("post_norm", False)
+
+    def forward(self, image_hidden_states):
+        s = self.pixel_shuffle_factor
+        why = _unfused(image_hidden_states, s)
+        if why is not None:
+            return class_forward(self, why, image_hidden_states)
+        proj = self.modality_projection
+        y = merger(image_hidden_states, proj.weight, proj.bias, merge_size=s, layout="grid")
+        return self.norm(y) if post_norm else y
+
+    return fused_forward(module, ("modality_projection",), forward)
+
+
+def _vbert_arch(key, prefix, post_norm):
+    arch = _arch(key, prefix, "connector", f"{prefix}Connector", models=False)
+    roots = {**arch.roots, f"{prefix}Model": ("connector",)}
+    return dataclasses.replace(arch, roots=roots, data={"post_norm": post_norm})
+
+
+VBERT_CONNECTOR_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        (
+            _vbert_arch("modernvbert", "ModernVBert", False),
+            _vbert_arch("ultravbert", "UltraVBert", True),
+        ),
+        (SetMethod("connector", "connector", "forward", _vbert_forward,
+                   bypasses=("pixel_shuffle",)),),
+    )
+)  # fmt: skip
