@@ -1,0 +1,143 @@
+"""vlmkernels.patch on Mistral 3's projector (RMSNorm, a channel-major 2 x 2 unfold per
+image, Linear without bias, Linear + GELU + Linear) and the same code in LightOnOCR's and
+Mistral Large 4's: outputs and gradients against transformers on images of two sizes, in
+fp32 and bf16; the class forward (and transformers' errors) where the fused one cannot
+serve; a tiny Mistral 3 model's image features from pixels."""
+
+import copy
+import importlib
+import re
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_connectors_patch import TOL, _modeling, max_rel, randomise  # noqa: E402
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
+
+PREFIX = {"mistral3": "Mistral3", "lighton_ocr": "LightOnOcr", "mistral_large4": "MistralLarge4"}
+SIZES = torch.tensor([[16, 24], [8, 8]])  # pixels: (4, 6) and (2, 2) patches of 4 x 4
+
+
+def _config(key, **vision):
+    kw = dict(vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16,
+                             "patch_size": 4, "head_dim": 4, **vision},
+              text_config={"hidden_size": 20, "num_attention_heads": 2, "num_key_value_heads": 1,
+                           "intermediate_size": 16, "head_dim": 10, "num_hidden_layers": 1,
+                           "vocab_size": 64})  # fmt: skip
+    if key != "lighton_ocr":  # (LightOnOCR's merge size is fixed at 2)
+        kw["spatial_merge_size"] = 2
+    return getattr(transformers, f"{PREFIX[key]}Config")(**kw)
+
+
+def _projector(key):
+    modeling = _modeling(key)
+    return randomise(getattr(modeling, f"{PREFIX[key]}MultiModalProjector")(_config(key)))
+
+
+@pytest.mark.parametrize("key", sorted(PREFIX))
+def test_mistral3_projector_matches_transformers(key):
+    """Two images of two sizes: transformers' output and the gradients of the features and
+    of every weight (the merging layer's through its column reordering); keyword call."""
+    ref = _projector(key)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("<root>.forward",)
+        x = torch.randn(28, 8)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = mine(image_features=x1, image_sizes=SIZES)
+        want = ref(x2, SIZES)
+        assert out.shape == want.shape == (7, 20)
+        assert max_rel(out, want) < TOL
+        g = torch.randn_like(want)
+        out.backward(g)
+        want.backward(g)
+        assert max_rel(x1.grad, x2.grad) < TOL
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters(), strict=True):
+            assert max_rel(p.grad, q.grad) < TOL, name
+    assert "forward" not in mine.__dict__
+
+
+def test_mistral3_projector_bf16():
+    """A bf16 projector: within bf16 rounding of the float64 one (output and gradients)."""
+    exact = _projector("mistral3").double()
+    mine = copy.deepcopy(exact).bfloat16()
+    vt.patch(mine)
+    x16 = torch.randn(28, 8).bfloat16().requires_grad_()
+    x64 = x16.detach().double().requires_grad_()
+    out, want = mine(x16, SIZES), exact(x64, SIZES)
+    assert out.dtype == torch.bfloat16 and max_rel(out, want) < 2e-2
+    g = torch.randn_like(want)
+    out.backward(g.bfloat16())
+    want.backward(g)
+    assert max_rel(x16.grad, x64.grad) < 2e-2
+    for p, q in zip(mine.parameters(), exact.parameters(), strict=True):
+        assert max_rel(p.grad, q.grad) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "features, sizes, why",
+    [
+        (torch.randn(20, 8), SIZES, "do not hold the features"),  # transformers' split
+        (torch.randn(1, 28, 8), SIZES, "not \\(patches, channels\\)"),
+        (torch.randn(6, 8), torch.tensor([[8, 12]]), "not made of 2 x 2"),  # unfold drops
+    ],
+)
+def test_mistral3_projector_runs_the_class_forward_where_it_cannot_serve(features, sizes, why):
+    """Sizes that do not hold the features, batched features, a grid side the window does
+    not divide (unfold drops its last patches): transformers' result or error, from the
+    class's forward, with a warning naming why."""
+    ref = _projector("mistral3")
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    try:
+        want, error = ref(features, sizes), None
+    except Exception as e:  # noqa: BLE001 (whatever transformers raises)
+        want, error = None, e
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", PatchFallbackWarning)
+        if error is None:
+            assert torch.equal(mine(features, sizes), want)
+        else:
+            with pytest.raises(type(error), match=re.escape(str(error))):
+                mine(features, sizes)
+    assert re.search(why, str(seen[0].message))
+
+
+def test_mistral3_model_image_features_match_transformers():
+    """A tiny Mistral 3 (one Pixtral layer) patched whole: its Pixtral attentions and its
+    projector; image features from pixels of two sizes as transformers'."""
+    modeling = _modeling("mistral3")
+    config = _config("mistral3", num_hidden_layers=1, image_size=24)
+    torch.manual_seed(0)
+    ref = modeling.Mistral3ForConditionalGeneration(config).eval()
+    randomise(ref.model.multi_modal_projector)
+    mine = copy.deepcopy(ref)
+    pixels = torch.randn(2, 3, 24, 24)
+    sizes = torch.tensor([[16, 24], [24, 8]])
+    with vt.patch(mine) as handle, torch.no_grad():
+        assert "model.multi_modal_projector.forward" in handle.targets
+        got = mine.model.get_image_features(pixels, sizes).pooler_output
+        want = ref.model.get_image_features(pixels, sizes).pooler_output
+    assert [t.shape for t in got] == [t.shape for t in want] == [(6, 20), (3, 20)]
+    for a, b in zip(got, want, strict=True):
+        assert max_rel(a, b) < TOL
+
+
+def test_lighton_ocr_and_mistral_large4_models_patch_their_projector():
+    """The full models (default configs, meta device) patch their projector."""
+    for key, attr in (("lighton_ocr", "vision_projection"),
+                      ("mistral_large4", "multi_modal_projector")):  # fmt: skip
+        try:
+            modeling = importlib.import_module(f"transformers.models.{key}.modeling_{key}")
+        except ImportError:
+            continue  # Mistral Large 4 is in transformers from 5.22
+        cls = getattr(modeling, f"{PREFIX[key]}ForConditionalGeneration")
+        with torch.device("meta"):
+            model = cls(cls.config_class())
+        with vt.patch(model) as handle:
+            assert f"model.{attr}.forward" in handle.targets
