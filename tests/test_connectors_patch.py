@@ -304,6 +304,23 @@ def _vbert(key, prefix):
     return build
 
 
+def _gated(key, prefix):
+    """Aya Vision's and Command A Vision's SwiGLU projectors (pixel shuffle, Aya's
+    LayerNorm, Linear, SiLU-gated half, Linear)."""
+
+    def build():
+        modeling = _modeling(key)
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config={"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16},
+            text_config={"hidden_size": 20, "num_attention_heads": 2, "num_key_value_heads": 1,
+                         "intermediate_size": 16, "head_dim": 10},
+            downsample_factor=2, alignment_intermediate_size=24,
+        )  # fmt: skip
+        return getattr(modeling, f"{prefix}MultiModalProjector")(config), torch.randn(2, 36, 8)
+
+    return build
+
+
 # The same code as a CASES class under another name: checked against transformers, not run
 # through every CASES test again. Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's merger (the same
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
@@ -316,7 +333,8 @@ def _vbert(key, prefix):
 # Qwen2-VL's names and a ModuleList, Qwen3-Omni-MoE's. (And LFM2-VL's projector built
 # without its norm; T5Gemma 2's projector, Gemma 3's; LLaVA's MLP in DeepSeek-VL's aligner,
 # VideoLLaMA 3's Sequential and, twice, MiniMax-M3-VL's projector; Idefics3's connector in
-# ModernVBERT's and UltraVBERT's, the latter with a norm after it.)
+# ModernVBERT's and UltraVBERT's, the latter with a norm after it; and the first linear of
+# Aya Vision's and Command A Vision's SwiGLU projectors.)
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -338,7 +356,9 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "minimax_m3_vl": _mlp_named("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector",
                                          projector_hidden_size=16),
              "modernvbert": _vbert("modernvbert", "ModernVBert"),
-             "ultravbert": _vbert("ultravbert", "UltraVBert")}  # fmt: skip
+             "ultravbert": _vbert("ultravbert", "UltraVBert"),
+             "aya_vision": _gated("aya_vision", "AyaVision"),
+             "cohere2_vision": _gated("cohere2_vision", "Cohere2Vision")}  # fmt: skip
 
 
 class Wrapper(nn.Module):

@@ -1,12 +1,15 @@
 """vlmkernels.patch on LLaVA's MLP projector and Idefics3's connector under other names
 (DeepSeek-VL's aligner, VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector; the
-ModernVBERT and UltraVBERT connectors): the whole models patch their projector; a layer
+ModernVBERT and UltraVBERT connectors, and the first linear of Aya Vision's and Command A
+Vision's SwiGLU projectors): the whole models patch their projector; a layer
 changed after patching, or an input transformers refuses, runs the class forward. Outputs
 and gradients against transformers are checked in test_connectors_patch.py (``SAME_CODE``:
-deepseek_vl, video_llama_3, minimax_m3_vl, modernvbert, ultravbert)."""
+deepseek_vl, video_llama_3, minimax_m3_vl, modernvbert, ultravbert, aya_vision,
+cohere2_vision)."""
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -94,3 +97,33 @@ def test_vbert_connectors_refuse_their_own_pixel_shuffle_and_fall_back(key):
         pytest.warns(PatchFallbackWarning, match="side divisible by 4"),
     ):
         mine(x)
+
+
+@pytest.mark.parametrize("key", ["aya_vision", "cohere2_vision"])
+def test_gated_projectors_call_their_activation_and_second_linear(key):
+    """Aya Vision's / Command A Vision's projector: the gate's activation and the second
+    linear are the modules' own calls, so a LoRA on linear_2 or another activation set after
+    patching is honoured (no fallback); a changed linear_1, which the fused GEMM reads, runs
+    the class forward; a grid the factor does not divide gives transformers' error."""
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine):
+        for m in (mine, ref):
+            m.act = nn.GELU()
+            m.linear_2 = nn.Sequential(copy.deepcopy(ref.linear_2), nn.Tanh())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PatchFallbackWarning)
+            assert max_rel(mine(x), ref(x)) < TOL
+        hook = mine.linear_1.register_forward_hook(lambda m, i, o: o * 2)
+        ref.linear_1.register_forward_hook(lambda m, i, o: o * 2)
+        with pytest.warns(PatchFallbackWarning, match="linear_1 has hooks"):
+            assert max_rel(mine(x), ref(x)) < TOL
+        hook.remove()
+        with pytest.raises(RuntimeError) as want:
+            ref(x[:, :35])
+        with (
+            pytest.raises(RuntimeError, match=re.escape(str(want.value))),
+            pytest.warns(PatchFallbackWarning, match="not a square grid"),
+        ):
+            mine(x[:, :35])

@@ -33,10 +33,12 @@ from ..patching import (
 )
 from .connectors import TESTED_VERSIONS, _arch, _linear, _where
 
-__all__ = ["VBERT_CONNECTOR_PATCHER"]
+__all__ = ["VBERT_CONNECTOR_PATCHER", "square_grid_problem"]
 
 
-def _unfused(features, s: int) -> str | None:
+def square_grid_problem(features, s: int) -> str | None:
+    """Why ``features`` are not (B, S * S, C) with ``s`` dividing S, or None (the pixel
+    shuffle's layout; the gated projectors' too)."""
     if getattr(features, "dim", lambda: 0)() != 3:
         return "the features are not (B, S * S, C)"
     n = features.shape[1]
@@ -56,7 +58,7 @@ def _vbert_forward(module, arch):
 
     def forward(self, image_hidden_states):
         s = self.pixel_shuffle_factor
-        why = _unfused(image_hidden_states, s)
+        why = square_grid_problem(image_hidden_states, s)
         if why is not None:
             return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection

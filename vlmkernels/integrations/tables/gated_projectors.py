@@ -1,0 +1,91 @@
+"""The SwiGLU projectors of Aya Vision and Command A Vision in the connector family's tables
+of the transformers integration (part ``connector`` of :func:`vlmkernels.patch`):
+``AyaVisionMultiModalProjector`` and ``Cohere2VisionMultiModalProjector``.
+
+transformers' forward, on the features (B, S * S, C) with the downsample factor f:
+
+    X = pixel_shuffle(x, f)                    (B, S/f, S/f, f^2 C), a copy (Idefics3's order)
+    X = LayerNorm(X)                           Aya Vision only, over each f^2 C row
+    h = X W1^T + b1;  a, g = h[..., :I], h[..., I:]
+    y = (SiLU(g) a) W2^T + b2
+
+The patched forward computes X W1^T + b1 with one :func:`~vlmkernels.ops.connectors.merger`
+of layout "grid" (the shuffle read through the GEMM's addressing, never copied; Aya's
+LayerNorm in its prologue), then the SwiGLU and the second linear as transformers runs them:
+its ``act`` and ``linear_2`` modules called (the connector kernels have no gated
+epilogue). Outputs and the gradients of the features
+and every weight match transformers. Features that are not a square grid of a side f
+divides run the class's forward (its errors), with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`; a ``pixel_shuffle`` of the
+class's or instance's own is refused at patch time. Roots: the models, the projectors
+themselves, or any model holding one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...core.checks import isqrt
+from ...ops.connectors import merger
+from ..patching import (
+    Patcher,
+    SetMethod,
+    UnsupportedLayoutError,
+    class_forward,
+    fused_forward,
+    register,
+)
+from .connectors import TESTED_VERSIONS, _arch, _check_layer_norm, _linear, _where
+from .vbert_connectors import square_grid_problem
+
+__all__ = ["GATED_PROJECTOR_PATCHER"]
+
+
+def _gated_forward(module, arch):
+    where = _where(module)
+    _linear(module, "linear_1", where)
+    f = module.downsample_factor
+    if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+        raise UnsupportedLayoutError(f"{where}.downsample_factor is {f!r}, not an int >= 1")
+    norm = arch.data["norm"]
+    if norm is not None:
+        _check_layer_norm(module, norm, where)
+
+    def forward(self, image_features):
+        f = self.downsample_factor
+        why = square_grid_problem(image_features, f)
+        if why is not None:
+            return class_forward(self, why, image_features)
+        l1 = self.linear_1
+        kw = {}
+        if norm is not None:
+            ln = self.get_submodule(norm)
+            kw = dict(norm="layernorm", norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps,
+                      norm_before_merge=False)  # fmt: skip
+        b, n, _ = image_features.shape
+        side = isqrt(n) // f
+        h = merger(image_features, l1.weight, l1.bias, merge_size=f, layout="grid", **kw)
+        a, gate = h.view(b, side, side, -1).chunk(2, dim=-1)
+        return self.linear_2(self.act(gate) * a)
+
+    reads = (*((norm,) if norm else ()), "linear_1")
+    return fused_forward(module, reads, forward)
+
+
+def _gated_arch(key, prefix, norm):
+    arch = _arch(key, prefix, "projector", f"{prefix}MultiModalProjector")
+    return dataclasses.replace(arch, data={"norm": norm})
+
+
+GATED_PROJECTOR_PATCHER = register(
+    Patcher(
+        "transformers",
+        TESTED_VERSIONS,
+        (
+            _gated_arch("aya_vision", "AyaVision", "layernorm"),
+            _gated_arch("cohere2_vision", "Cohere2Vision", None),
+        ),
+        (SetMethod("connector", "projector", "forward", _gated_forward,
+                   bypasses=("pixel_shuffle",)),),
+    )
+)  # fmt: skip
