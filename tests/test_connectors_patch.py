@@ -6,6 +6,7 @@ restores the instance exactly; under autocast, bf16 as transformers' linears com
 import copy
 import functools
 import importlib
+import re
 import warnings
 from math import isqrt
 
@@ -31,6 +32,41 @@ def randomise(module):
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0))
     return module
+
+
+def assert_16_bit_close(exact, dtype, x, *args):
+    """A copy of the float64 module ``exact`` in ``dtype``, patched, called on ``x`` (and
+    ``args``, as given): its output and the gradients of x and every parameter within
+    16-bit rounding (2e-2 relative) of the float64 module's."""
+    mine = copy.deepcopy(exact).to(dtype)
+    vt.patch(mine)
+    x16 = x.to(dtype).requires_grad_()
+    x64 = x16.detach().double().requires_grad_()
+    out, want = mine(x16, *args), exact(x64, *args)
+    assert out.dtype == dtype and max_rel(out, want) < 2e-2
+    g = torch.randn_like(want)
+    out.backward(g.to(dtype))
+    want.backward(g)
+    assert max_rel(x16.grad, x64.grad) < 2e-2
+    for (name, p), q in zip(mine.named_parameters(), exact.parameters(), strict=True):
+        assert max_rel(p.grad, q.grad) < 2e-2, name
+
+
+def assert_as_transformers(ref, mine, *args) -> list[str]:
+    """``mine(*args)`` (a patched copy of ``ref``) gives ``ref``'s result, or raises its
+    exception with its message; returns the messages of the PatchFallbackWarnings shown."""
+    try:
+        want, error = ref(*args), None
+    except Exception as e:  # noqa: BLE001 (whatever transformers raises)
+        want, error = None, e
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", PatchFallbackWarning)
+        if error is None:
+            assert torch.equal(mine(*args), want)
+        else:
+            with pytest.raises(type(error), match=re.escape(str(error))):
+                mine(*args)
+    return [str(w.message) for w in seen if issubclass(w.category, PatchFallbackWarning)]
 
 
 def _modeling(key: str):

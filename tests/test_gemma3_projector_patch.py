@@ -6,8 +6,6 @@ other connectors (outputs and gradients, autocast, keyword input) are in
 test_connectors_patch.py (cases ``gemma3``, ``t5gemma2``)."""
 
 import copy
-import re
-import warnings
 
 import pytest
 import torch
@@ -15,7 +13,14 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from test_connectors_patch import TOL, _gemma3, max_rel, randomise  # noqa: E402
+from test_connectors_patch import (  # noqa: E402
+    TOL,
+    _gemma3,
+    assert_16_bit_close,
+    assert_as_transformers,
+    max_rel,
+    randomise,
+)
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
 from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
@@ -82,20 +87,7 @@ def test_gemma3_projector_16_bit_accuracy(dtype):
     """A 16-bit projector: output and gradients within 16-bit rounding of the float64
     projector's (the norm weight folded into W rounds differently from transformers)."""
     module, x = _gemma3()()
-    exact = randomise(module).double()
-    mine = copy.deepcopy(exact).to(dtype)
-    vt.patch(mine)
-    x16 = x.to(dtype).requires_grad_()
-    x64 = x16.detach().double().requires_grad_()
-    out, want = mine(x16), exact(x64)
-    assert out.dtype == dtype
-    assert max_rel(out, want) < 2e-2
-    g = torch.randn_like(want)
-    out.backward(g.to(dtype))
-    want.backward(g)
-    assert max_rel(x16.grad, x64.grad) < 2e-2
-    for p, q in zip(mine.parameters(), exact.parameters(), strict=True):
-        assert max_rel(p.grad, q.grad) < 2e-2
+    assert_16_bit_close(randomise(module).double(), dtype, x)
 
 
 @pytest.mark.parametrize(
@@ -129,19 +121,14 @@ def test_gemma3_projector_raises_as_transformers_does():
     mine = copy.deepcopy(ref)
     vt.patch(mine)
 
-    def same_error(bad):
-        with pytest.raises(Exception) as want:
-            ref(bad)
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always", PatchFallbackWarning)
-            with pytest.raises(type(want.value), match=re.escape(str(want.value))):
-                mine(bad)
-        return [str(w.message) for w in seen]
-
-    assert same_error(x[:, :63]) and same_error(x[0])
+    assert assert_as_transformers(ref, mine, x[:, :63])
+    assert assert_as_transformers(ref, mine, x[0])
     for m in (ref, mine):
         m.mm_input_projection_weight.data = m.mm_input_projection_weight.data.bfloat16()
-    assert "the features are torch.float32 and the projection" in same_error(x)[0]
+    assert (
+        "the features are torch.float32 and the projection"
+        in assert_as_transformers(ref, mine, x)[0]
+    )
 
 
 def test_gemma3_projector_compiles_fullgraph():

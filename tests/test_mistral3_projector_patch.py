@@ -7,17 +7,22 @@ serve; a tiny Mistral 3 model's image features from pixels."""
 import copy
 import importlib
 import re
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_connectors_patch import TOL, _modeling, max_rel, randomise  # noqa: E402
+from test_connectors_patch import (  # noqa: E402
+    TOL,
+    _modeling,
+    assert_16_bit_close,
+    assert_as_transformers,
+    max_rel,
+    randomise,
+)
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
-from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
 
 PREFIX = {"mistral3": "Mistral3", "lighton_ocr": "LightOnOcr", "mistral_large4": "MistralLarge4"}
 SIZES = torch.tensor([[16, 24], [8, 8]])  # pixels: (4, 6) and (2, 2) patches of 4 x 4
@@ -64,19 +69,7 @@ def test_mistral3_projector_matches_transformers(key):
 
 def test_mistral3_projector_bf16():
     """A bf16 projector: within bf16 rounding of the float64 one (output and gradients)."""
-    exact = _projector("mistral3").double()
-    mine = copy.deepcopy(exact).bfloat16()
-    vt.patch(mine)
-    x16 = torch.randn(28, 8).bfloat16().requires_grad_()
-    x64 = x16.detach().double().requires_grad_()
-    out, want = mine(x16, SIZES), exact(x64, SIZES)
-    assert out.dtype == torch.bfloat16 and max_rel(out, want) < 2e-2
-    g = torch.randn_like(want)
-    out.backward(g.bfloat16())
-    want.backward(g)
-    assert max_rel(x16.grad, x64.grad) < 2e-2
-    for p, q in zip(mine.parameters(), exact.parameters(), strict=True):
-        assert max_rel(p.grad, q.grad) < 2e-2
+    assert_16_bit_close(_projector("mistral3").double(), torch.bfloat16, torch.randn(28, 8), SIZES)
 
 
 @pytest.mark.parametrize(
@@ -94,18 +87,7 @@ def test_mistral3_projector_runs_the_class_forward_where_it_cannot_serve(feature
     ref = _projector("mistral3")
     mine = copy.deepcopy(ref)
     vt.patch(mine)
-    try:
-        want, error = ref(features, sizes), None
-    except Exception as e:  # noqa: BLE001 (whatever transformers raises)
-        want, error = None, e
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always", PatchFallbackWarning)
-        if error is None:
-            assert torch.equal(mine(features, sizes), want)
-        else:
-            with pytest.raises(type(error), match=re.escape(str(error))):
-                mine(features, sizes)
-    assert re.search(why, str(seen[0].message))
+    assert re.search(why, assert_as_transformers(ref, mine, features, sizes)[0])
 
 
 def test_mistral3_model_image_features_match_transformers():

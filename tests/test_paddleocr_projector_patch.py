@@ -5,17 +5,22 @@ transformers' errors) where its split or reshape refuses; the whole model patche
 
 import copy
 import re
-import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_connectors_patch import TOL, _modeling, max_rel, randomise  # noqa: E402
+from test_connectors_patch import (  # noqa: E402
+    TOL,
+    _modeling,
+    assert_16_bit_close,
+    assert_as_transformers,
+    max_rel,
+    randomise,
+)
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
-from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
 
 GRIDS = torch.tensor([[1, 4, 6], [2, 2, 4], [1, 2, 2]])  # 24 + 16 + 4 patches
 
@@ -55,19 +60,7 @@ def test_paddleocr_projector_matches_transformers():
 
 def test_paddleocr_projector_bf16():
     """A bf16 projector: within bf16 rounding of the float64 one (output and gradients)."""
-    exact = _projector().double()
-    mine = copy.deepcopy(exact).bfloat16()
-    vt.patch(mine)
-    x16 = torch.randn(44, 8).bfloat16().requires_grad_()
-    x64 = x16.detach().double().requires_grad_()
-    out, want = mine(x16, GRIDS), exact(x64, GRIDS)
-    assert out.dtype == torch.bfloat16 and max_rel(out, want) < 2e-2
-    g = torch.randn_like(want)
-    out.backward(g.bfloat16())
-    want.backward(g)
-    assert max_rel(x16.grad, x64.grad) < 2e-2
-    for p, q in zip(mine.parameters(), exact.parameters(), strict=True):
-        assert max_rel(p.grad, q.grad) < 2e-2
+    assert_16_bit_close(_projector().double(), torch.bfloat16, torch.randn(44, 8), GRIDS)
 
 
 @pytest.mark.parametrize(
@@ -84,13 +77,7 @@ def test_paddleocr_projector_raises_as_transformers_does(features, grids, why):
     ref = _projector()
     mine = copy.deepcopy(ref)
     vt.patch(mine)
-    with pytest.raises(Exception) as want:
-        ref(features, grids)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always", PatchFallbackWarning)
-        with pytest.raises(type(want.value), match=re.escape(str(want.value))):
-            mine(features, grids)
-    assert re.search(why, str(seen[0].message))
+    assert re.search(why, assert_as_transformers(ref, mine, features, grids)[0])
 
 
 def test_paddleocr_whole_model_patches_its_projector():
