@@ -192,6 +192,41 @@ def test_idefics_patch_anywhere_dropout_and_refusals():
     assert "forward" not in outer[1].__dict__
 
 
+def test_idefics_gated_layer_keeps_gradient_checkpointing():
+    """transformers (after 5.17) checkpoints a ``GradientCheckpointingLayer`` in its class
+    ``forward``, which the instance forward replaces: the patched layer checkpoints itself
+    as the class does (through ``_gradient_checkpointing_func``, as often: with gradients,
+    and without them where transformers does, 5.16-5.17), with transformers' outputs and
+    gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref = tiny_layer(False, "float")
+    mine = copy.deepcopy(ref)
+    patch(mine)
+    x, img, mask, gate = idefics_inputs(True)
+    results, calls = [], []
+    for layer in (ref, mine):
+        layer.train()
+        layer.gradient_checkpointing = True
+
+        def counted(fn, *args, _layer=layer, **kwargs):
+            calls.append(_layer)
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+        layer._gradient_checkpointing_func = counted
+        results.append(run(layer, x, img, mask, gate))
+        with torch.no_grad():
+            layer(x, image_hidden_states=img, image_attention_mask=mask,
+                  cross_attention_gate=gate)  # fmt: skip
+    count = {id(ref): 0, id(mine): 0}
+    for layer in calls:
+        count[id(layer)] += 1
+    assert count[id(mine)] == count[id(ref)] >= 1
+    (want, want_grads), (got, got_grads) = results
+    assert rel(got, want) < 1e-5
+    same_grads(got_grads, want_grads)
+
+
 def test_idefics_attention_dropout_follows_cross_attn_mode():
     """Attention dropout follows cross_attn's training flag, as in transformers (its
     attention reads its own ``self.training``), not the layer's: a training layer with

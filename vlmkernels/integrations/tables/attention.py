@@ -47,10 +47,12 @@ Part ``gated_cross_attention`` (a keyword of :func:`vlmkernels.patch`): every
 transformers' does (RMSNorm, the q / k / v projections of ``cross_attn`` with its optional
 q / k RMSNorms, attention, ``o_proj``, the zeroed rows of ``cross_attention_gate``, the tanh
 gates ``alpha_cross_attn`` / ``alpha_dense`` (float or vector), the MLP and the hidden
-dropouts) with the same parameters, so outputs and gradients match. The attention is the
-family's core: the image attention mask (IDEFICS's additive (B, 1, T, N) mask, 0 where a
-text token may attend an image token) becomes one key range [lo, hi) per token, so each
-query block visits only the image tokens its tokens see (no dense mask in the kernel).
+dropouts) with the same parameters, so outputs and gradients match; under gradient
+checkpointing (``gradient_checkpointing_enable()``) it is checkpointed as the class's
+forward is (:func:`_checkpointed`). The attention is the family's core: the image
+attention mask (IDEFICS's additive (B, 1, T, N) mask, 0 where a text token may attend an
+image token) becomes one key range [lo, hi) per token, so each query block visits only the
+image tokens its tokens see (no dense mask in the kernel).
 
 Attention dropout in training mode runs in the kernel (as the Q-Former's). Refused at call
 time, with an error naming the reason: a mask whose allowed image tokens are not one
@@ -66,6 +68,7 @@ with its ranges and version counter (an in-place change is read again).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import numbers
 import sys
@@ -284,8 +287,30 @@ def _gated_forward(layer, arch: Architecture):
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' IdeficsGatedCrossAttentionLayer.forward (segment attention)."
     # it reads cross_attn's layers instead of calling it: a cross_attn replaced or hooked
-    # after patching runs the class's forward
-    return fused_forward(layer, ("cross_attn",), forward)
+    # after patching runs the class's forward (which checkpoints itself)
+    return fused_forward(layer, ("cross_attn",), _checkpointed(forward))
+
+
+def _checkpointed(forward):
+    """``forward`` (an instance forward of a transformers ``GradientCheckpointingLayer``)
+    checkpointed as the class's is: transformers after 5.17 (5.25 does) wraps the class's
+    ``forward`` (not ``__call__``, as 5.16-5.17 do) in ``self._gradient_checkpointing_func``
+    while ``gradient_checkpointing`` is set in training with gradients enabled, so an
+    instance forward would silently drop the checkpoint (every activation kept). A cache
+    is dropped there as transformers drops it."""
+
+    @functools.wraps(forward)
+    def checkpointed(self, *args, **kwargs):
+        if (getattr(self, "gradient_checkpointing", False) and self.training
+                and torch.is_grad_enabled()
+                and type(self).__call__ is torch.nn.Module.__call__):  # fmt: skip
+            if kwargs.get("cache") is not None:
+                kwargs["cache"] = None
+            return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs),
+                                                     *args)  # fmt: skip
+        return forward(self, *args, **kwargs)
+
+    return checkpointed
 
 
 def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
