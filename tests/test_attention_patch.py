@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.models.idefics import modeling_idefics as M  # noqa: E402
 
-from vlmkernels.integrations.tables.attention import mask_ranges  # noqa: E402
+from vlmkernels.integrations.tables.attention import _mask_ranges, mask_ranges  # noqa: E402
 from vlmkernels.integrations.transformers import patch  # noqa: E402
 
 
@@ -305,6 +305,29 @@ def test_mask_ranges():
     # nothing read on the host
     lo, hi = mask_ranges(torch.zeros(2, 1, 3, 4, device="meta"), 2, 3, 4)
     assert lo.is_meta and lo.shape == hi.shape == (2, 3)
+
+
+def test_idefics_mask_values_other_than_masked_refused():
+    """transformers adds the image mask to the scores; the kernel keeps the keys where it
+    is 0 and drops the others: a masked value whose exp vanishes (-inf, finfo.min, down to
+    -1e4) gives transformers' result, any other (a soft bias, a 1 / 0 keep mask, which
+    transformers would add) is refused instead of silently read as "masked"."""
+    layer = tiny_layer(False, "float")
+    x, img, mask, gate = idefics_inputs(True)
+    kw = dict(image_hidden_states=img, cross_attention_gate=gate)
+    with torch.no_grad():
+        want = layer(x, image_attention_mask=mask.clamp_min(-1e4), **kw)
+        with patch(layer):
+            got = layer(x, image_attention_mask=mask.clamp_min(-1e4), **kw)
+            assert rel(got, want) < 1e-5
+            for bad in (mask.clamp_min(-3.0), (mask == 0).float(), (mask == 0).long()):
+                with pytest.raises(ValueError, match="image_attention_mask holds values"):
+                    layer(x, image_attention_mask=bad, **kw)
+    # traced (no error can be raised there): the rows holding such a value get lo > hi, NaN
+    soft = torch.zeros(1, 1, 2, 3)
+    soft[0, 0, 1, 2] = -3.0
+    lo, hi = _mask_ranges(soft, 1, 2, 3, traced=True)
+    assert lo.tolist() == [[0, 1]] and hi.tolist() == [[3, 0]]
 
 
 def test_idefics_mask_changed_through_data_between_forwards():

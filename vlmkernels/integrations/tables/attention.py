@@ -56,7 +56,9 @@ image tokens its tokens see (no dense mask in the kernel).
 
 Attention dropout in training mode runs in the kernel (as the Q-Former's). Refused at call
 time, with an error naming the reason: a mask whose allowed image tokens are not one
-interval per text token (never the case for IDEFICS's image-by-image masks), a cache. Tokens that
+interval per text token (never the case for IDEFICS's image-by-image masks), an additive
+mask value other than 0 (allowed) and masked (at most -1e4: finfo.min, -inf; a soft bias or
+a 1 / 0 keep mask, which transformers adds to the scores), a cache. Tokens that
 see no image token get 0 from the kernel, where transformers averages every image token
 uniformly (its mask adds finfo.min to every score); ``cross_attention_gate`` zeroes those
 rows in both, so the layer's outputs agree whenever the gate marks them, as IDEFICS's
@@ -175,8 +177,10 @@ _LAST_CHECKED = threading.local()
 
 def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=None):
     """(lo, hi): int32 (B, T) key ranges of an IDEFICS image attention mask ((B or 1, 1,
-    T, N) additive, 0 = allowed, or bool, True = allowed); rows allowing nothing get
-    lo = hi = 0. Raises ValueError when a row's allowed keys are not one interval.
+    T, N) additive, 0 = allowed, at most -1e4 = masked (finfo.min, -inf), or bool, True =
+    allowed); rows allowing nothing get lo = hi = 0. Raises ValueError when a row's allowed
+    keys are not one interval, or for an additive value between (a bias, or a 1 / 0 keep
+    mask: transformers adds it to the scores, which key ranges cannot).
 
     The ranges are computed once per forward: the same mask object, unchanged since (its
     version counter), gets the ranges computed last time, unless ``reader`` (the gated
@@ -185,7 +189,8 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
     next forward on. An inference tensor has no version counter and is read every time.
     While torch.compile traces, the mask is not read on the host: a row whose keys are not
     one interval gets lo = 1 > hi = 0 instead, a NaN row (no error can be raised there); so
-    too on the meta device (a shape pass over a model built there)."""
+    too on the meta device (a shape pass over a model built there), and for a row holding
+    an additive value between 0 and masked."""
     if tracing() or mask.is_meta:
         return _mask_ranges(mask, batch, tokens, keys, traced=True)
     if mask.is_inference():
@@ -205,11 +210,18 @@ def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=N
     return ranges
 
 
+# the largest additive mask value taken as "masked": exp(-1e4) is 0 in every float dtype,
+# so transformers' softmax gives such a key no weight, as the kernel does (BERT's -10000)
+_MASKED = -1e4
+
+
 def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, traced=False):
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tokens, keys):
         raise ValueError(f"vlmkernels (IDEFICS cross-attention): image_attention_mask must be "
                          f"(B, 1, {tokens}, {keys}), got {tuple(mask.shape)}")  # fmt: skip
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    # an additive value the kernel cannot drop as transformers' softmax does: a bias
+    soft = None if mask.dtype == torch.bool else ~allowed & (mask[:, 0] > _MASKED)
     allowed = allowed.expand(batch, tokens, keys)
     count = allowed.sum(-1, dtype=torch.int32)
     lo = torch.where(count > 0, allowed.to(torch.int8).argmax(-1).to(torch.int32), 0)
@@ -218,8 +230,18 @@ def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, traced=
     interval = (j >= lo[..., None]) & (j < hi[..., None])
     if traced:
         gaps = (allowed != interval).any(-1)
+        if soft is not None:
+            gaps = gaps | soft.expand(batch, tokens, keys).any(-1)
         return torch.where(gaps, 1, lo).contiguous(), torch.where(gaps, 0, hi).contiguous()
-    if not torch.equal(allowed, interval):
+    # both checks in one host read (a device synchronisation on CUDA)
+    biased = soft.any() if soft is not None else allowed.new_zeros(())
+    biased, gaps = torch.stack([biased, (allowed != interval).any()]).tolist()
+    if biased:
+        raise ValueError(f"vlmkernels (IDEFICS cross-attention): image_attention_mask holds "
+                         f"values other than 0 (allowed) and masked ones (at most {_MASKED:g}: "
+                         "-inf, finfo.min); transformers adds them to the scores as a bias, "
+                         "the kernel takes the allowed keys only")  # fmt: skip
+    if gaps:
         raise ValueError("vlmkernels (IDEFICS cross-attention): image_attention_mask allows "
                          "image tokens that are not one interval per text token")  # fmt: skip
     return lo.contiguous(), hi.contiguous()
