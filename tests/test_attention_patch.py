@@ -527,6 +527,25 @@ def test_idefics2_perceiver_resampler(padded):
     assert torch.equal(run()[0], want)
 
 
+def test_idefics2_perceiver_empty_batch():
+    """An empty batch of images through Idefics2's resampler (eager attention, which
+    transformers runs on it): an empty result, as transformers returns, not a reshape
+    error."""
+    from transformers.models.idefics2 import modeling_idefics2 as M2
+
+    config = M2.Idefics2PerceiverConfig(hidden_size=32, resampler_n_heads=4,
+                                        resampler_head_dim=8, num_key_value_heads=2,
+                                        resampler_n_latents=3, resampler_depth=1)  # fmt: skip
+    config._attn_implementation = "eager"
+    model = M2.Idefics2PerceiverResampler(config).eval()
+    context, mask = torch.randn(0, 7, 32), torch.ones(0, 7, dtype=torch.long)
+    with torch.no_grad():
+        want = model(context, attention_mask=mask)
+        with patch(model):
+            got = model(context, attention_mask=mask)
+    assert got.shape == want.shape == (0, 3, 32)
+
+
 @pytest.mark.parametrize("resampler", [False, True])
 def test_idefics_greedy_generation_matches_transformers(resampler):
     """A whole (tiny) IdeficsForVisionText2Text, left-padded batch of two rows whose images

@@ -673,7 +673,8 @@ def _idefics2_perceiver_forward(module, arch: Architecture):
         pad, bias = key_mask(attention_mask, b, t, n, where)
         out = cross_attention(q, k, v, key_padding_mask=pad, key_bias=bias,
                               scale=float(self.scaling), dropout_p=drop)  # fmt: skip
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+        # the width named: reshape cannot infer it for an empty batch (transformers names it)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d)), None
 
     forward.__name__ = forward.__qualname__ = "forward"
     forward.__doc__ = "vlmkernels' Idefics2PerceiverAttention.forward (grouped-query attention)."
