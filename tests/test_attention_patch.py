@@ -279,7 +279,7 @@ def test_mask_ranges():
     allowed = torch.tensor([[[[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]]]], dtype=torch.bool)
     lo, hi = mask_ranges(allowed, 2, 3, 4)
     assert lo.tolist() == [[1, 0, 0]] * 2 and hi.tolist() == [[3, 0, 4]] * 2
-    with pytest.raises(ValueError, match=r"must be \(B, 1, 3, 5\)"):
+    with pytest.raises(ValueError, match=r"must be \(B, 1, 1 or 3, 5\)"):
         mask_ranges(allowed, 1, 3, 5)
     # the same mask again (every gated layer of a forward): the ranges computed before,
     # until the mask changes in place
@@ -328,6 +328,20 @@ def test_idefics_mask_values_other_than_masked_refused():
     soft[0, 0, 1, 2] = -3.0
     lo, hi = _mask_ranges(soft, 1, 2, 3, traced=True)
     assert lo.tolist() == [[0, 1]] and hi.tolist() == [[3, 0]]
+
+
+def test_idefics_mask_of_one_row_for_every_token():
+    """An image mask of one row (B, 1, 1, N), which transformers broadcasts over the text
+    tokens, gives every token that row's image tokens, as in transformers."""
+    layer = tiny_layer(False, "float")
+    x, img, mask, _ = idefics_inputs(False)
+    row = mask[:, :, -1:]  # the last token's: every image of the row
+    kw = dict(image_hidden_states=img, image_attention_mask=row,
+              cross_attention_gate=torch.ones(x.shape[:2]))  # fmt: skip
+    with torch.no_grad():
+        want = layer(x, **kw)
+        with patch(layer):
+            assert rel(layer(x, **kw), want) < 1e-5
 
 
 def test_idefics_mask_changed_through_data_between_forwards():

@@ -177,10 +177,11 @@ _LAST_CHECKED = threading.local()
 
 def mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, reader=None):
     """(lo, hi): int32 (B, T) key ranges of an IDEFICS image attention mask ((B or 1, 1,
-    T, N) additive, 0 = allowed, at most -1e4 = masked (finfo.min, -inf), or bool, True =
-    allowed); rows allowing nothing get lo = hi = 0. Raises ValueError when a row's allowed
-    keys are not one interval, or for an additive value between (a bias, or a 1 / 0 keep
-    mask: transformers adds it to the scores, which key ranges cannot).
+    T or 1, N), one row being every token's as transformers broadcasts it; additive, 0 =
+    allowed, at most -1e4 = masked (finfo.min, -inf), or bool, True = allowed); rows
+    allowing nothing get lo = hi = 0. Raises ValueError when a row's allowed keys are not
+    one interval, or for an additive value between (a bias, or a 1 / 0 keep mask:
+    transformers adds it to the scores, which key ranges cannot).
 
     The ranges are computed once per forward: the same mask object, unchanged since (its
     version counter), gets the ranges computed last time, unless ``reader`` (the gated
@@ -216,9 +217,10 @@ _MASKED = -1e4
 
 
 def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, traced=False):
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (tokens, keys):
+    rows = mask.shape[2] if mask.dim() == 4 else None  # one: every token's
+    if mask.dim() != 4 or mask.shape[1] != 1 or rows not in (1, tokens) or mask.shape[3] != keys:
         raise ValueError(f"vlmkernels (IDEFICS cross-attention): image_attention_mask must be "
-                         f"(B, 1, {tokens}, {keys}), got {tuple(mask.shape)}")  # fmt: skip
+                         f"(B, 1, 1 or {tokens}, {keys}), got {tuple(mask.shape)}")  # fmt: skip
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
     # an additive value the kernel cannot drop as transformers' softmax does: a bias
     soft = None if mask.dtype == torch.bool else ~allowed & (mask[:, 0] > _MASKED)
