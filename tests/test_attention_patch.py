@@ -466,6 +466,12 @@ def test_key_mask_forms():
         key_mask(rows, 2, 3, 4, "here")
     with pytest.raises(ValueError, match=r"here: attention mask must be \(B, 1, 1 or 3, 4\)"):
         key_mask(torch.zeros(2, 4), 2, 3, 4, "here")
+    # rows for other queries than these (transformers' scores do not broadcast with them:
+    # BLIP-2's Q-Former masks the image for queries and text, its cross-attention gets the
+    # queries alone)
+    for rows in (2, 5):
+        with pytest.raises(ValueError, match=r"must be \(B, 1, 1 or 3, 4\), got \(2, 1, "):
+            key_mask(torch.zeros(2, 1, rows, 4), 2, 3, 4, "here")
 
 
 def test_idefics_perceiver_resampler():

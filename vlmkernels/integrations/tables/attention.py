@@ -352,7 +352,8 @@ def key_mask(mask, batch: int, tokens: int, keys: int, where: str):
     a device-side assert on CUDA, and under torch.compile without breaking the graph."""
     if mask is None:
         return None, None
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys:
+    rows = mask.shape[2] if mask.dim() == 4 else None  # one, or one per query
+    if mask.dim() != 4 or mask.shape[1] != 1 or rows not in (1, tokens) or mask.shape[3] != keys:
         raise ValueError(f"{where}: attention mask must be (B, 1, 1 or {tokens}, {keys}), got "
                          f"{tuple(mask.shape)}")  # fmt: skip
     if mask.shape[2] != 1 and not mask.is_meta:
