@@ -676,6 +676,25 @@ def test_pre_hook_replacing_the_image_states_is_seen():
     assert rel(got, want) < 1e-5
 
 
+def test_pre_hook_changing_the_image_states_in_place_is_seen():
+    """A pre-hook that changes the image features in place (no gradients): the layers after
+    it attend to the changed features, as in transformers, not to the K / V the encoder
+    projected before the change (the same tensor object, a newer version)."""
+
+    def halved(module, args, kwargs):
+        kwargs["encoder_hidden_states"].mul_(0.5)
+
+    model = tiny_qformer("blip_2")
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        m.encoder.layer[2].crossattention.register_forward_pre_hook(halved, with_kwargs=True)
+    kwargs, (_, image) = inputs("blip_2")
+    with torch.no_grad(), patch(model):
+        got = model(**dict(kwargs, encoder_hidden_states=image.clone())).last_hidden_state
+        want = ref(**dict(kwargs, encoder_hidden_states=image.clone())).last_hidden_state
+    assert rel(got, want) < 1e-5
+
+
 def test_output_recorders_keep_the_stacked_kv(monkeypatch):
     """transformers hooks every Q-Former layer for good the first time hidden states are
     asked for (its output recorders: forward hooks); later calls still project K / V in

@@ -12,7 +12,8 @@ Part ``qformer`` (the fused Q-Former): the encoder (``Blip2QFormerEncoder``,
 cross-attention layer in one GEMM (the layers' key / value weights concatenated: (B N x E)
 @ (E x 2 L H D), concatenated per call, in the graph with gradients) and hands each patched
 cross-attention module its slices (keyword ``vlmkernels_qformer_kv``, with the features
-they came from: a module handed other features by a hook projects those); a layer that is
+they came from: a module handed other features by a hook, or the same ones changed in
+place since (outside inference mode), projects those); a layer that is
 checkpointed, wrapped (``CheckpointWrapper``, FSDP2's ``fully_shard``) or given backward
 hooks projects its own K and V (:func:`_stackable`). The output blocks
 (``...QFormerSelfOutput``, ``...QFormerOutput``: LayerNorm(dense(h) + residual)) run the
@@ -404,9 +405,11 @@ def _qformer_forward(module, arch: Architecture):
         n, d = states.shape[1], self.attention_head_size
         q = self.query(hidden_states).view(b, t, -1, d).transpose(1, 2)
         # part qformer: K / V from the encoder's one GEMM, if projected from these very
-        # states (a hook between the encoder and this module may have replaced them)
+        # states, unchanged since (a hook between the encoder and this module may have
+        # replaced them, or changed them in place)
         stacked = kwargs.get(QFORMER_KV) if cross else None
-        kv = stacked[1].get(self) if stacked is not None and stacked[0] is states else None
+        fresh = stacked is not None and stacked[0] is states and stacked[1] == _version(states)
+        kv = stacked[2].get(self) if fresh else None
         if kv is None:
             kv = self.key(states), self.value(states)
         k, v = (x.view(states.shape[0], n, -1, d).transpose(1, 2) for x in kv)
@@ -493,8 +496,18 @@ IDEFICS_REPLACEMENTS = (
     SetMethod("gated_cross_attention", "gated_cross_attention", "forward", _gated_forward,
               _check_class),
 )  # fmt: skip
-# the encoder's keyword to its layers: (the states projected, {cross module: (K, V)})
+# the encoder's keyword to its layers: (the states projected, their version counter (see
+# _version), {cross module: (K, V)})
 QFORMER_KV = "vlmkernels_qformer_kv"
+
+
+def _version(states: torch.Tensor) -> int | None:
+    """The version counter of the image features the encoder projected (an in-place change
+    since, by a hook between the layers, makes the stacked K / V stale); None while
+    torch.compile traces and for an inference tensor, which have none to read."""
+    return None if tracing() or states.is_inference() else states._version
+
+
 # what stacked_kv reads (a Linear without bias: zeros in its place)
 _KV_PARTS = {"key": (torch.nn.Linear, None), "value": (torch.nn.Linear, None)}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -561,7 +574,7 @@ def _qformer_encoder_forward(module, arch: Architecture):
                 linears = [lin for a in cross for lin in (a.key, a.value)]
                 out = stacked_kv(encoder_hidden_states, linears)
                 kv = {a: (out[2 * i], out[2 * i + 1]) for i, a in enumerate(cross)}
-                kwargs[QFORMER_KV] = (encoder_hidden_states, kv)
+                kwargs[QFORMER_KV] = (encoder_hidden_states, _version(encoder_hidden_states), kv)
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, query_length, **kwargs)  # fmt: skip
 
