@@ -344,6 +344,19 @@ def test_idefics_mask_of_one_row_for_every_token():
             assert rel(layer(x, **kw), want) < 1e-5
 
 
+def test_idefics_layer_without_image_tokens():
+    """No image tokens (N = 0, the mask (B, 1, T, 0)): every token sees none, as in
+    transformers (the gate zeroes them), not an argmax error on the empty mask."""
+    layer = tiny_layer(False, "float")
+    x, img, mask, gate = idefics_inputs(True)
+    kw = dict(image_hidden_states=img[:, :0], image_attention_mask=mask[..., :0],
+              cross_attention_gate=torch.zeros_like(gate))  # fmt: skip
+    with torch.no_grad():
+        want = layer(x, **kw)
+        with patch(layer):
+            assert rel(layer(x, **kw), want) < 1e-5
+
+
 def test_idefics_mask_changed_through_data_between_forwards():
     """The mask's key ranges are read once per forward: a second call of the same gated
     layer reads the mask again, so a change made through ``mask.data`` (which bumps no

@@ -227,7 +227,8 @@ def _mask_ranges(mask: torch.Tensor, batch: int, tokens: int, keys: int, traced=
     soft = None if mask.dtype == torch.bool else ~allowed & (mask[:, 0] > _MASKED)
     allowed = allowed.expand(batch, tokens, keys)
     count = allowed.sum(-1, dtype=torch.int32)
-    lo = torch.where(count > 0, allowed.to(torch.int8).argmax(-1).to(torch.int32), 0)
+    first = allowed.to(torch.int8).argmax(-1) if keys else count  # no image tokens: none
+    lo = torch.where(count > 0, first.to(torch.int32), 0)
     hi = lo + count
     j = torch.arange(keys, device=mask.device)
     interval = (j >= lo[..., None]) & (j < hi[..., None])
