@@ -357,6 +357,17 @@ def _gated(key, prefix):
     return build
 
 
+def _janus(depth):
+    def build():
+        modeling = _modeling("janus")
+        config = importlib.import_module(
+            "transformers.models.janus.configuration_janus"
+        ).JanusVisionConfig(hidden_size=12, projection_dim=20, depth=depth, num_attention_heads=2)
+        return modeling.JanusVisionAlignerMLP(config), torch.randn(2, 5, 12)
+
+    return build
+
+
 # The same code as a CASES class under another name: checked against transformers, not run
 # through every CASES test again. Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's merger (the same
 # code, config fields and use_postshuffle_norm; their vision towers build it without the
@@ -370,7 +381,7 @@ def _gated(key, prefix):
 # without its norm; T5Gemma 2's projector, Gemma 3's; LLaVA's MLP in DeepSeek-VL's aligner,
 # VideoLLaMA 3's Sequential and, twice, MiniMax-M3-VL's projector; Idefics3's connector in
 # ModernVBERT's and UltraVBERT's, the latter with a norm after it; and the first linear of
-# Aya Vision's and Command A Vision's SwiGLU projectors.)
+# Aya Vision's and Command A Vision's SwiGLU projectors; Janus's aligner at depth 2 and 3.)
 SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "qwen3_5_moe": _qwen3(False, "qwen3_5_moe", "Qwen3_5Moe"),
              "exaone4_5": _qwen2_like("exaone4_5", "Exaone4_5_PatchMerger"),
@@ -394,7 +405,8 @@ SAME_CODE = {"qwen3_5": _qwen3(False, "qwen3_5", "Qwen3_5"),
              "modernvbert": _vbert("modernvbert", "ModernVBert"),
              "ultravbert": _vbert("ultravbert", "UltraVBert"),
              "aya_vision": _gated("aya_vision", "AyaVision"),
-             "cohere2_vision": _gated("cohere2_vision", "Cohere2Vision")}  # fmt: skip
+             "cohere2_vision": _gated("cohere2_vision", "Cohere2Vision"),
+             "janus": _janus(2), "janus_depth3": _janus(3)}  # fmt: skip
 
 
 class Wrapper(nn.Module):

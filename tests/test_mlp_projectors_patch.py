@@ -1,13 +1,15 @@
 """vlmkernels.patch on LLaVA's MLP projector and Idefics3's connector under other names
-(DeepSeek-VL's aligner, VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector; the
+(DeepSeek-VL's aligner, VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector, Janus's
+aligner; the
 ModernVBERT and UltraVBERT connectors, and the first linear of Aya Vision's and Command A
 Vision's SwiGLU projectors): the whole models patch their projector; a layer
 changed after patching, or an input transformers refuses, runs the class forward. Outputs
 and gradients against transformers are checked in test_connectors_patch.py (``SAME_CODE``:
-deepseek_vl, video_llama_3, minimax_m3_vl, modernvbert, ultravbert, aya_vision,
+deepseek_vl, video_llama_3, minimax_m3_vl, janus, modernvbert, ultravbert, aya_vision,
 cohere2_vision)."""
 
 import copy
+import importlib
 import re
 import warnings
 
@@ -27,6 +29,7 @@ WHOLE = {
     "deepseek_vl": ("DeepseekVLForConditionalGeneration", "aligner"),
     "video_llama_3": ("VideoLlama3ForConditionalGeneration", "projector"),
     "minimax_m3_vl": ("MiniMaxM3SparseForConditionalGeneration", "multi_modal_projector"),
+    "janus": ("JanusForConditionalGeneration", "aligner"),
 }
 
 
@@ -127,3 +130,16 @@ def test_gated_projectors_call_their_activation_and_second_linear(key):
             pytest.warns(PatchFallbackWarning, match="not a square grid"),
         ):
             mine(x[:, :35])
+
+
+def test_janus_aligner_of_depth_1_is_refused():
+    """Janus's aligner without a hidden layer (depth 1: fc1 alone) is refused at patch time,
+    naming why, and left unchanged."""
+    modeling = _modeling("janus")
+    config = importlib.import_module(
+        "transformers.models.janus.configuration_janus"
+    ).JanusVisionConfig(hidden_size=12, projection_dim=20, depth=1, num_attention_heads=2)
+    module = modeling.JanusVisionAlignerMLP(config)
+    with pytest.raises(vt.UnsupportedLayoutError, match="hidden_layers holds no Linear"):
+        vt.patch(module)
+    assert "forward" not in module.__dict__

@@ -9,7 +9,11 @@ recomputed):
   GELU, Linear;
 - ``MiniMaxM3VLMultiModalProjector`` (MiniMax-M3-VL): an MLP on each patch, the
   ``spatial_merge_size``^2 consecutive results of a merge window side by side (a view), and
-  a second MLP on them: two projector calls.
+  a second MLP on them: two projector calls;
+- ``JanusVisionAlignerMLP`` (Janus, Janus-Pro): ``fc1``, then ``activation_fn`` and a
+  Linear per entry of ``hidden_layers`` (one at the released ``depth`` 2): ``fc1``, the
+  activation and the first hidden layer as one projector call, any further ones called as
+  the class calls them (depth 1, fc1 alone, is refused).
 
 A layer that is not the expected ``nn.Linear`` / exact GELU is refused at patch time; one
 replaced or hooked after patching makes the module run its class's forward, with a
@@ -22,9 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
 from ...ops.connectors import mlp_projector
-from ..patching import Patcher, SetMethod, class_forward, fused_forward, register
-from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _one_input, _where
+from ..patching import (
+    Patcher,
+    SetMethod,
+    UnsupportedLayoutError,
+    class_forward,
+    exact_layer,
+    fused_forward,
+    register,
+)
+from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _exact_gelu, _linear, _one_input, _where
 
 __all__ = ["MLP_PROJECTOR_PATCHERS"]
 
@@ -73,6 +87,28 @@ def _minimax_m3_vl_forward(module, arch):
     return fused_forward(module, parts, _one_input(module, fused))
 
 
+def _janus_forward(module, arch):
+    where = _where(module)
+    layers = module.hidden_layers
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedLayoutError(f"{where}.hidden_layers holds no Linear (depth 1)")
+    _linear(module, "fc1", where)
+    _exact_gelu(module.activation_fn, f"{where}.activation_fn")
+    for i, layer in enumerate(layers):
+        exact_layer(layer, nn.Linear, f"{where}.hidden_layers.{i}")
+
+    def fused(self, x):
+        layers = self.hidden_layers
+        y = _mlp(x, self.fc1, layers[0])
+        for layer in list(layers)[1:]:
+            y = layer(self.activation_fn(y))
+        return y
+
+    # "hidden_layers" itself: a ModuleList grown or shrunk after patching
+    parts = ("fc1", "activation_fn", "hidden_layers", "hidden_layers.0")
+    return fused_forward(module, parts, _one_input(module, fused))
+
+
 def _minimax_m3_vl_arch():
     arch = _arch("minimax_m3_vl", "MiniMaxM3VL", "projector", "MiniMaxM3VLMultiModalProjector")
     roots = {**arch.roots, "MiniMaxM3SparseForConditionalGeneration": ("connector",)}
@@ -89,5 +125,6 @@ MLP_PROJECTOR_PATCHERS = tuple(
         (_arch("video_llama_3", "VideoLlama3", "projector", "VideoLlama3Projector"),
          _video_llama3_forward),
         (_minimax_m3_vl_arch(), _minimax_m3_vl_forward),
+        (_arch("janus", "Janus", "projector", "JanusVisionAlignerMLP"), _janus_forward),
     )
 )  # fmt: skip
