@@ -113,9 +113,9 @@ def test_gemma3_projector_other_poolings_run_the_class_forward(change, why):
 
 
 def test_gemma3_projector_raises_as_transformers_does():
-    """Features of another token count or rank, and fp32 features into bf16 weights outside
-    autocast: transformers' own errors (its unpacking, its reshape, its matmul), not the
-    kernels'."""
+    """Features of another token count, rank or channel count, and fp32 features into bf16
+    weights outside autocast: transformers' own errors (its unpacking, its reshape, its
+    norm's broadcast, its matmul), not the kernels'."""
     module, x = _gemma3()()
     ref = randomise(module)
     mine = copy.deepcopy(ref)
@@ -123,6 +123,7 @@ def test_gemma3_projector_raises_as_transformers_does():
 
     assert assert_as_transformers(ref, mine, x[:, :63])
     assert assert_as_transformers(ref, mine, x[0])
+    assert assert_as_transformers(ref, mine, x[..., :7])
     for m in (ref, mine):
         m.mm_input_projection_weight.data = m.mm_input_projection_weight.data.bfloat16()
     assert (
@@ -140,3 +141,39 @@ def test_gemma3_projector_compiles_fullgraph():
     eager = mine(x)
     compiled = torch.compile(mine, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("mm_soft_emb_norm.weight", (1,)),  # broadcast over the channels by transformers
+        ("mm_soft_emb_norm.weight", (1, 12)),
+        ("mm_soft_emb_norm.weight", (13,)),  # transformers' broadcasting error
+        ("mm_input_projection_weight", (12,)),  # matmul by a vector: (B, 4)
+        ("mm_input_projection_weight", (1, 12, 20)),  # a batched matmul
+        ("mm_input_projection_weight", (13, 20)),  # transformers' matmul error
+    ],
+)
+def test_gemma3_projector_weights_of_other_shapes_run_the_class_forward(name, shape):
+    """A weight replaced after patching by one of another shape: transformers' result
+    (it broadcasts the norm's weight, and matmul takes a vector or a batch of matrices) or
+    its own error, never the merger's ValueError."""
+    module, x = _gemma3()()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    new = torch.randn(shape)
+    for m in (ref, mine):
+        owner, _, attr = name.rpartition(".")
+        setattr(m.get_submodule(owner), attr, nn.Parameter(new.clone()))
+    try:
+        want = ref(x)
+    except RuntimeError as e:
+        with pytest.warns(PatchFallbackWarning, match="shape"):
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                mine(x)
+        return
+    with pytest.warns(PatchFallbackWarning, match="shape"):
+        out = mine(x)
+    assert out.shape == want.shape
+    assert max_rel(out, want) < TOL

@@ -22,8 +22,10 @@ The class's own forward runs (raising where transformers raises) for a grid that
 P x P, a pooling with another padding, stride, ``ceil_mode`` or divisor, or a kernel that
 does not divide P (AvgPool2d drops the last rows; with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`), W and x of two dtypes
-outside autocast, and tensor-subclass weights. Roots: the Gemma 3 and T5Gemma 2 models and
-the projectors themselves, or any model holding one.
+outside autocast, weights whose shapes are not (C,) and (C, D) for the features' C channels
+(transformers broadcasts the norm's weight and matmul takes a vector or a stack of
+matrices), and tensor-subclass weights. Roots: the Gemma 3 and T5Gemma 2 models and the
+projectors themselves, or any model holding one.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ def _unfused(module, x) -> str | None:
     for t in (w, module.mm_soft_emb_norm.weight):
         if type(t) not in _PLAIN:
             return f"a weight is a {type(t).__qualname__}, not a plain tensor"
+    c, norm_w = x.shape[2], module.mm_soft_emb_norm.weight
+    if tuple(norm_w.shape) != (c,) or w.dim() != 2 or w.shape[0] != c:
+        # transformers broadcasts the norm's weight, takes a vector or a batch of matrices
+        # as W (matmul), or raises its own error
+        return (f"the weights' shapes {tuple(norm_w.shape)} and {tuple(w.shape)} do not "
+                f"take {c} channels as ({c},) and ({c}, D)")  # fmt: skip
     if w.dtype != x.dtype and autocast_dtype(x) is None:
         return f"the features are {x.dtype} and the projection {w.dtype}"  # matmul raises
     return None
