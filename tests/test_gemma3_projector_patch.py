@@ -177,3 +177,23 @@ def test_gemma3_projector_weights_of_other_shapes_run_the_class_forward(name, sh
         out = mine(x)
     assert out.shape == want.shape
     assert max_rel(out, want) < TOL
+
+
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype",
+    [(torch.float64, torch.float32), (torch.float32, torch.float64), (torch.int64, torch.float32)],
+)
+def test_gemma3_projector_under_autocast_raises_as_transformers_does(x_dtype, w_dtype):
+    """Under autocast, features and W of two dtypes autocast does not cast to one (float64,
+    an integer tensor): transformers' matmul error, not the merger's or pool_tokens'."""
+    module, x = _gemma3()()
+    ref = randomise(module).to(w_dtype)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    x = (x * 3).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError) as want:
+            ref(x)
+        with pytest.warns(PatchFallbackWarning, match="the features are"):
+            with pytest.raises(RuntimeError, match=re.escape(str(want.value))):
+                mine(x)

@@ -22,10 +22,11 @@ The class's own forward runs (raising where transformers raises) for a grid that
 P x P, a pooling with another padding, stride, ``ceil_mode`` or divisor, or a kernel that
 does not divide P (AvgPool2d drops the last rows; with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`), W and x of two dtypes
-outside autocast, weights whose shapes are not (C,) and (C, D) for the features' C channels
-(transformers broadcasts the norm's weight and matmul takes a vector or a stack of
-matrices), and tensor-subclass weights. Roots: the Gemma 3 and T5Gemma 2 models and the
-projectors themselves, or any model holding one.
+outside autocast (or under it, two it does not cast to one: float64, integers), weights
+whose shapes are not (C,) and (C, D) for the features' C channels (transformers broadcasts
+the norm's weight and matmul takes a vector or a stack of matrices), and tensor-subclass
+weights. Roots: the Gemma 3 and T5Gemma 2 models and the projectors themselves, or any
+model holding one.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ __all__ = ["GEMMA3_PROJECTOR_PATCHER"]
 
 # FakeTensor is a plain tensor's stand-in while torch.export traces
 _PLAIN = (nn.Parameter, torch.Tensor, torch._subclasses.fake_tensor.FakeTensor)
+# the dtypes autocast casts a matmul's operands from (not float64, not integers)
+_CAST = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _pair(v) -> tuple:
@@ -81,7 +84,7 @@ def _unfused(module, x) -> str | None:
         # as W (matmul), or raises its own error
         return (f"the weights' shapes {tuple(norm_w.shape)} and {tuple(w.shape)} do not "
                 f"take {c} channels as ({c},) and ({c}, D)")  # fmt: skip
-    if w.dtype != x.dtype and autocast_dtype(x) is None:
+    if w.dtype != x.dtype and (autocast_dtype(x) is None or not {x.dtype, w.dtype} <= _CAST):
         return f"the features are {x.dtype} and the projection {w.dtype}"  # matmul raises
     return None
 
