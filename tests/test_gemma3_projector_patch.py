@@ -197,3 +197,31 @@ def test_gemma3_projector_under_autocast_raises_as_transformers_does(x_dtype, w_
         with pytest.warns(PatchFallbackWarning, match="the features are"):
             with pytest.raises(RuntimeError, match=re.escape(str(want.value))):
                 mine(x)
+
+
+@pytest.mark.parametrize(
+    "kernel, side, n",
+    [(0, 8, 64), (-4, 8, 64), ((4,), 8, 64), (4, 0, 0)],
+)
+def test_gemma3_projector_degenerate_poolings_as_transformers(kernel, side, n):
+    """A kernel of 0 (``mm_tokens_per_image`` above the patch count: tokens_per_side >
+    patches_per_image), a negative or one-element kernel, an empty grid: transformers'
+    result or its own error (not a ZeroDivisionError or pool_tokens' ValueError)."""
+    module, _ = _gemma3()()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    for m in (ref, mine):
+        m.avg_pool.kernel_size = m.avg_pool.stride = kernel
+        m.patches_per_image = side
+    x = torch.randn(2, n, 12)
+    try:
+        want = ref(x)
+    except RuntimeError as e:
+        with pytest.warns(PatchFallbackWarning):
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                mine(x)
+        return
+    with pytest.warns(PatchFallbackWarning):
+        out = mine(x)
+    assert max_rel(out, want) < TOL

@@ -18,15 +18,15 @@ the GEMM, with the weight (1 + w) formed in fp32 as Gemma's norm forms it). Outp
 gradients of x, W and w match transformers (bf16 to its rounding: the norm's weight is
 folded into W, so 16-bit results are not bitwise transformers').
 
-The class's own forward runs (raising where transformers raises) for a grid that is not
-P x P, a pooling with another padding, stride, ``ceil_mode`` or divisor, or a kernel that
-does not divide P (AvgPool2d drops the last rows; with a
-:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`), W and x of two dtypes
-outside autocast (or under it, two it does not cast to one: float64, integers), weights
-whose shapes are not (C,) and (C, D) for the features' C channels (transformers broadcasts
-the norm's weight and matmul takes a vector or a stack of matrices), and tensor-subclass
-weights. Roots: the Gemma 3 and T5Gemma 2 models and the projectors themselves, or any
-model holding one.
+The class's own forward runs (raising where transformers raises) for a grid that is not P
+x P (or is empty), a pooling with another padding, stride, ``ceil_mode`` or divisor, a
+kernel below 1 (torch's errors), or a kernel that does not divide P (AvgPool2d drops the
+last rows), W and x of two dtypes outside autocast (or under it, two it does not cast to
+one: float64, integers), weights whose shapes are not (C,) and (C, D) for the features' C
+channels (transformers broadcasts the norm's weight and matmul takes a vector or a stack
+of matrices), and tensor-subclass weights, each with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`. Roots: the Gemma 3 and
+T5Gemma 2 models and the projectors themselves, or any model holding one.
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ def _unfused(module, x) -> str | None:
     if (stride != kernel or _pair(pool.padding) != (0, 0) or pool.ceil_mode
             or pool.divisor_override is not None):  # fmt: skip
         return f"avg_pool is {pool!r}, not a mean of disjoint blocks"
+    if not (len(kernel) == 2 and all(isinstance(k, int) and k >= 1 for k in kernel)
+            and isinstance(side, int) and side >= 1):  # fmt: skip
+        # a kernel of 0 (tokens_per_side above patches_per_image), an empty grid: torch's errors
+        return f"avg_pool's kernel {kernel} on the {side} x {side} grid is not k x k blocks, k >= 1"
     if side % kernel[0] or side % kernel[1]:
         return f"the {kernel} pooling does not divide the {side} x {side} grid"
     for t in (w, module.mm_soft_emb_norm.weight):
