@@ -6,6 +6,7 @@ other connectors (outputs and gradients, autocast, keyword input) are in
 test_connectors_patch.py (cases ``gemma3``, ``t5gemma2``)."""
 
 import copy
+import re
 
 import pytest
 import torch
