@@ -1,0 +1,97 @@
+"""vlmkernels.patch on HunYuan-V4-VL's vision patch merger (RMSNorm, a 2 x 2 stride-2
+convolution, GELU, a 1 x 1 convolution, a newline token after each row): outputs and
+gradients against transformers on a two-frame grid, in fp32 and bf16; the class forward
+where a convolution or the grid is not what the fused forward computes; the whole model
+patches it."""
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from test_connectors_patch import (  # noqa: E402
+    TOL,
+    _modeling,
+    assert_16_bit_close,
+    assert_as_transformers,
+    max_rel,
+    randomise,
+)
+
+import vlmkernels.integrations.transformers as vt  # noqa: E402
+
+
+def _merger():
+    modeling = _modeling("hy_v4_vl")  # (in transformers from 5.24)
+    from transformers.models.hy_v4_vl.configuration_hy_v4_vl import HYV4VLVisionConfig
+
+    config = HYV4VLVisionConfig(hidden_size=8, out_hidden_size=20, spatial_merge_size=2,
+                                num_attention_heads=2, intermediate_size=16)  # fmt: skip
+    return randomise(modeling.HYV4VLVisionPatchMerger(config))
+
+
+def test_hy_v4_vl_merger_matches_transformers():
+    """Two frames of 4 x 6 patches: transformers' output (newline tokens included) and the
+    gradients of the features and every weight (the convolutions' as Linear weights)."""
+    ref = _merger()
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("<root>.forward",)
+        x = torch.randn(1, 2 * 4 * 6, 8)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, want = mine(x1, size=(4, 6)), ref(x2, size=(4, 6))
+        assert out.shape == want.shape == (1, 2 * 2 * 4, 20)
+        assert max_rel(out, want) < TOL
+        g = torch.randn_like(want)
+        out.backward(g)
+        want.backward(g)
+        assert max_rel(x1.grad, x2.grad) < TOL
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters(), strict=True):
+            assert max_rel(p.grad, q.grad) < TOL, name
+    assert "forward" not in mine.__dict__
+
+
+def test_hy_v4_vl_merger_bf16():
+    """A bf16 merger: within bf16 rounding of the float64 one (output and gradients)."""
+    assert_16_bit_close(_merger().double(), torch.bfloat16, torch.randn(1, 24, 8), (4, 6))
+
+
+@pytest.mark.parametrize(
+    "change, size, why",
+    [
+        (None, (5, 6), "in 2 x 2 windows"),  # the convolution drops the last row
+        (None, (4, 5), "in 2 x 2 windows"),
+        (lambda m: setattr(m.proj_conv, "stride", (1, 1)), (4, 6), "not a Linear"),
+        (lambda m: setattr(m.proj_out, "padding", (1, 1)), (4, 6), "not a Linear"),
+    ],
+)
+def test_hy_v4_vl_merger_runs_the_class_forward_where_it_cannot_serve(change, size, why):
+    """A grid side the window does not divide, convolutions changed after patching:
+    transformers' result or error, with a warning naming why."""
+    ref = _merger()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    if change is not None:
+        change(ref), change(mine)
+    x = torch.randn(1, size[0] * size[1], 8)
+    assert re.search(why, assert_as_transformers(ref, mine, x, size)[0])
+
+
+def test_hy_v4_vl_whole_model_patches_its_merger():
+    """The full model (default config, meta device) patches its vision merger."""
+    modeling = _modeling("hy_v4_vl")
+    cls = modeling.HYV4VLForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(cls.config_class())
+    mergers = [
+        n for n, m in model.named_modules() if isinstance(m, modeling.HYV4VLVisionPatchMerger)
+    ]
+    with vt.patch(model) as handle:
+        assert [f"{n}.forward" for n in mergers] == [
+            t for t in handle.targets if t.endswith("patch_merger.forward")
+        ]
+    assert len(mergers) == 1 and isinstance(model.get_submodule(mergers[0]).proj_conv, nn.Conv2d)

@@ -1,0 +1,100 @@
+"""HunYuan-V4-VL's vision patch merger in the connector family's tables of the transformers
+integration (part ``connector`` of :func:`vlmkernels.patch`): ``HYV4VLVisionPatchMerger``.
+
+transformers' forward, on one image's (or video's) features (1, t h w, C) with
+``size`` = (h, w) and the merge window s = ``spatial_merge_size`` (2):
+
+    x = RMSNorm(features)                          per patch (Llama's rounding)
+    y = Conv2d(C -> s^2 C, kernel s, stride s)(x)  of each frame: a merge and a Linear
+    y = Conv2d(s^2 C -> D, kernel 1)(GELU(y))      a Linear
+    each row of the (h/s, w/s) grid followed by ``image_newline``; (1, t h/s (w/s + 1), D)
+
+The patched forward runs one :func:`~vlmkernels.ops.connectors.merger` of layout "grid"
+on the (t, h, w, C) view (the RMSNorm in the first GEMM's prologue, the s x s windows read
+through its addressing; the convolutions' weights as Linear weights, the first one's taps
+put in the merger's patch-major order: one copy of it per call, in the graph), then the
+newline column (one concatenation, as transformers'). Outputs and the gradients of the
+features and every weight match transformers (16-bit to its rounding).
+
+Features whose size is not t h w C, a side s does not divide (the convolution drops the
+last patches), convolutions of other strides, paddings, dilations or groups run the
+class's forward, with a :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
+Roots: the HunYuan-V4-VL models and vision model, the merger itself, or any model holding
+one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from torch import nn
+
+from ...ops.connectors import merger
+from ..patching import Patcher, SetMethod, class_forward, exact_layer, fused_forward, register
+from .connectors import TESTED_VERSIONS, _arch, _exact_gelu, _where
+
+__all__ = ["HY_V4_VL_MERGER_PATCHER"]
+
+
+def _conv_is_linear(conv: nn.Conv2d, k: int) -> bool:
+    """Whether ``conv`` is a Linear on each disjoint k x k window (stride = kernel = k)."""
+    return (tuple(conv.kernel_size) == (k, k) and tuple(conv.stride) == (k, k)
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1)  # fmt: skip
+
+
+def _unfused(module, x, size) -> str | None:
+    s = module.spatial_merge_size
+    if not (_conv_is_linear(module.proj_conv, s) and _conv_is_linear(module.proj_out, 1)):
+        return "a convolution is not a Linear on disjoint windows"
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        return "size is not (h, w)"
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1:
+        return "the features are not (..., patches, channels) of an (h, w) grid"
+    c = x.shape[-1]
+    if c != module.proj_conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:
+        return f"the features are not frames of {h} x {w} patches in {s} x {s} windows"
+    return None
+
+
+def _hy_v4_vl_forward(module, arch):
+    where = _where(module)
+    norm_cls = Patcher.cls(sys.modules[arch.module], arch.data["norm"])
+    exact_layer(module.before_rms, norm_cls, f"{where}.before_rms")
+    exact_layer(module.proj_conv, nn.Conv2d, f"{where}.proj_conv")
+    exact_layer(module.proj_out, nn.Conv2d, f"{where}.proj_out")
+    _exact_gelu(module.proj_act, f"{where}.proj_act")
+
+    def forward(self, hidden_states, size):
+        why = _unfused(self, hidden_states, size)
+        if why is not None:
+            return class_forward(self, why, hidden_states, size)
+        s, norm, conv, out = self.spatial_merge_size, self.before_rms, self.proj_conv, self.proj_out
+        h, w = (int(v) for v in size)
+        c = hidden_states.shape[-1]
+        x = hidden_states.reshape(-1, h, w, c)
+        # conv[o, c, dr, dc] at the merger's column (dr s + dc) C + c
+        w1 = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, s * s * c)
+        w2 = out.weight.reshape(out.out_channels, out.in_channels)
+        y = merger(x, w1, conv.bias, w2, out.bias, merge_size=(s, s), layout="grid",
+                   norm="rmsnorm", norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
+        newline = self.image_newline.to(y.dtype).expand(*y.shape[:2], 1, y.shape[-1])
+        return torch.cat([y, newline], dim=2).reshape(1, -1, y.shape[-1])
+
+    return fused_forward(module, ("before_rms", "proj_conv", "proj_act", "proj_out"), forward)
+
+
+_ARCH = _arch("hy_v4_vl", "HYV4VL", "merger", "HYV4VLVisionPatchMerger")
+_ARCH = dataclasses.replace(
+    _ARCH, roots={**_ARCH.roots, "HYV4VLVisionModel": ("connector",)},
+    data={"norm": "HYV4VLRMSNorm"},
+)  # fmt: skip
+
+HY_V4_VL_MERGER_PATCHER = register(
+    Patcher("transformers", TESTED_VERSIONS, (_ARCH,),
+            (SetMethod("connector", "merger", "forward", _hy_v4_vl_forward),))
+)  # fmt: skip
