@@ -507,7 +507,20 @@ AVG, BILINEAR = 0, 1
 AVG2X2 = AVG  # the 2 x 2 mean is AVG on a grid of even sides
 
 
-@tuned("tokens_pool", configs=_ROW_CONFIGS, key=["C", "MODE", "KH", "KW"], sizes=["C"])
+# _ROW_CONFIGS with 1,024 channels on 8 warps, not 4: the unrolled 4 x 4 block holds 16
+# loads of 8 bf16 lanes per thread in flight there and spills on Triton 3.6 (sm_90a)
+_POOL_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_C": 256}, num_warps=2),
+        triton.Config({"BLOCK_C": 512}, num_warps=4),
+        triton.Config({"BLOCK_C": 1024}, num_warps=8),
+        triton.Config({"BLOCK_C": 128}, num_warps=1),
+    ],
+    triton.Config({"BLOCK_C": 32}, num_warps=1),
+)
+
+
+@tuned("tokens_pool", configs=_POOL_CONFIGS, key=["C", "MODE", "KH", "KW"], sizes=["C"])
 @triton.jit
 def _pool_kernel(
     x_ptr, o_ptr, H, W, h, w, C, scale_h, scale_w,
