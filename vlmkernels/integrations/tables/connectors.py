@@ -101,12 +101,14 @@ def _module(key: str) -> str:
     return f"transformers.models.{key}.modeling_{key}"
 
 
-def _arch(key, prefix, role, cls, part="connector", models=True):
-    roots = {cls: (part,)}
+def _arch(key, prefix, role, cls, part="connector", models=True, data=None, roots=()):
+    """The architecture of one connector class; ``roots``: more root classes than the
+    module's ``...ForConditionalGeneration`` and ``...Model`` (with ``models``)."""
+    found = {name: (part,) for name in (cls, *roots)}
     if models:
-        roots |= {f"{prefix}ForConditionalGeneration": (part,), f"{prefix}Model": (part,)}
+        found |= {f"{prefix}ForConditionalGeneration": (part,), f"{prefix}Model": (part,)}
     return Architecture(key=f"{key}.{part}", module=_module(key), classes={role: cls},
-                        roots=roots, anywhere=True)  # fmt: skip
+                        roots=found, anywhere=True, data=data or {})  # fmt: skip
 
 
 def _linear(module, name: str, where: str) -> nn.Linear:

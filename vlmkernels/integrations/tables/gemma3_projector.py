@@ -31,7 +31,6 @@ T5Gemma 2 models and the projectors themselves, or any model holding one.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import torch
@@ -120,16 +119,20 @@ def _gemma3_forward(module, arch):
     return fused_forward(module, ("mm_soft_emb_norm", "avg_pool"), _one_input(module, fused))
 
 
-def _gemma3_arch(key, prefix):
-    arch = _arch(key, prefix, "projector", f"{prefix}MultiModalProjector")
-    return dataclasses.replace(arch, data={"norm": f"{prefix}RMSNorm"})
-
-
 GEMMA3_PROJECTOR_PATCHER = register(
     Patcher(
         "transformers",
         TESTED_VERSIONS,
-        (_gemma3_arch("gemma3", "Gemma3"), _gemma3_arch("t5gemma2", "T5Gemma2")),
+        tuple(
+            _arch(
+                key,
+                prefix,
+                "projector",
+                f"{prefix}MultiModalProjector",
+                data={"norm": f"{prefix}RMSNorm"},
+            )
+            for key, prefix in (("gemma3", "Gemma3"), ("t5gemma2", "T5Gemma2"))
+        ),
         (SetMethod("connector", "projector", "forward", _gemma3_forward),),
     )
 )
