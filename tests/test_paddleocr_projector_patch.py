@@ -114,3 +114,16 @@ def test_paddleocr_model_image_features_match_transformers():
     assert [t.shape for t in got] == [t.shape for t in want] == [(6, 20), (2, 20)]
     for a, b in zip(got, want, strict=True):
         assert max_rel(a, b) < TOL
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_paddleocr_projector_float64_features_raise_as_transformers_does(autocast):
+    """float64 features on an fp32 projector, outside autocast or under it (which leaves
+    float64 uncast): LayerNorm's RuntimeError, from the class's forward (was the merger's
+    TypeError). Found by a connector-rows hunt."""
+    ref = _projector()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        why = assert_as_transformers(ref, mine, torch.randn(44, 8, dtype=torch.float64), GRIDS)
+    assert re.search("float64 and linear_1 torch.float32", why[0])

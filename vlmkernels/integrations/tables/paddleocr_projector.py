@@ -11,8 +11,9 @@ the LayerNorm in the first GEMM's prologue, the windows read through its address
 copied), then the same concatenation. Outputs and the gradients of the features and every
 weight match transformers.
 
-Features that are not (P, C), a grid row count or sizes transformers' split and reshape
-refuse, run the class's forward (its errors), with a
+Features that are not (P, C), features and weights of two dtypes outside autocast (or under
+it, two it does not cast to one: float64, integers), a grid row count or sizes
+transformers' split and reshape refuse, run the class's forward (its errors), with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`. Roots: PaddleOCR-VL's
 models, the projector itself, or any model holding one.
 """
@@ -21,18 +22,25 @@ from __future__ import annotations
 
 import torch
 
+from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger
 from ..patching import Patcher, SetMethod, class_forward, fused_forward, register
 from .connectors import TESTED_VERSIONS, _arch, _check_norm_mlp
 
 __all__ = ["PADDLEOCR_PROJECTOR_PATCHER"]
 
+# the dtypes autocast casts a matmul's operands from (not float64, not integers)
+_CAST = {torch.float32, torch.float16, torch.bfloat16}
 
-def _grids(features, grid_thw, window) -> list | str:
+
+def _grids(features, grid_thw, window, w1) -> list | str:
     """The (t, h, w) rows of ``grid_thw`` where the fused forward serves them, else why
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
+    x_dt, w_dt = features.dtype, w1.dtype
+    if x_dt != w_dt and (autocast_dtype(features) is None or not {x_dt, w_dt} <= _CAST):
+        return f"the features are {x_dt} and linear_1 {w_dt}"  # LayerNorm or matmul raises
     if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
         return "image_grid_thw is not (images, 3)"
     grids = grid_thw.tolist()  # (transformers' split reads the sizes on the host too)
@@ -49,7 +57,7 @@ def _paddleocr_forward(module, arch):
 
     def forward(self, image_features, image_grid_thw):
         window = tuple(self.merge_kernel_size)
-        grids = _grids(image_features, image_grid_thw, window)
+        grids = _grids(image_features, image_grid_thw, window, self.linear_1.weight)
         if isinstance(grids, str):
             return class_forward(self, grids, image_features, image_grid_thw)
         ln, l1, l2 = self.pre_norm, self.linear_1, self.linear_2
