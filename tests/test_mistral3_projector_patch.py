@@ -123,3 +123,16 @@ def test_lighton_ocr_and_mistral_large4_models_patch_their_projector():
             model = cls(cls.config_class())
         with vt.patch(model) as handle:
             assert f"model.{attr}.forward" in handle.targets
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mistral3_projector_float64_features_raise_as_transformers_does(autocast):
+    """float64 features on an fp32 projector, outside autocast or under it (which leaves
+    float64 uncast): the merging layer's RuntimeError, from the class's forward (was the
+    merger's TypeError). Found by a connector-rows hunt."""
+    ref = _projector("mistral3")
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        why = assert_as_transformers(ref, mine, torch.randn(28, 8, dtype=torch.float64), SIZES)
+    assert re.search("float64 and the merging layer torch.float32", why[0])

@@ -20,10 +20,12 @@ then one :func:`~vlmkernels.ops.connectors.mlp_projector` over every image's row
 and the gradients of the features and every weight match transformers (16-bit to its
 rounding: the norm rounds once, where Llama's rounds before its weight).
 
-Features that are not (P, C), sizes whose patches do not add up to P, and a side the
-window does not divide (``unfold`` would drop its last patches) run the class's forward
-(with a :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`). Roots: the
-models, the projectors themselves, or any model holding one.
+Features that are not (P, C), features and the merging layer of two dtypes outside autocast
+(or under it, two it does not cast to one: float64, integers), sizes whose patches do not
+add up to P, and a side the window does not divide (``unfold`` would drop its last
+patches) run the class's forward (with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`). Roots: the models,
+the projectors themselves, or any model holding one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 
 import torch
 
+from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger, mlp_projector
 from ..patching import (
     Patcher,
@@ -47,12 +50,18 @@ from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _linear, _where
 
 __all__ = ["MISTRAL3_PROJECTOR_PATCHER"]
 
+# the dtypes autocast casts a matmul's operands from (not float64, not integers)
+_CAST = {torch.float32, torch.float16, torch.bfloat16}
 
-def _grids(features, image_sizes, patch: int, s: int) -> list | str:
+
+def _grids(features, image_sizes, patch: int, s: int, wm) -> list | str:
     """The (h, w) patch grid of each image where the fused forward serves them, else why
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
+    x_dt, w_dt = features.dtype, wm.dtype
+    if x_dt != w_dt and (autocast_dtype(features) is None or not {x_dt, w_dt} <= _CAST):
+        return f"the features are {x_dt} and the merging layer {w_dt}"  # matmul raises
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
     try:
         grids = [(int(h) // patch, int(w) // patch) for h, w in sizes]
@@ -80,7 +89,7 @@ def _mistral3_forward(module, arch):
     def forward(self, image_features, image_sizes):
         pm = self.patch_merger
         s = pm.spatial_merge_size
-        grids = _grids(image_features, image_sizes, pm.patch_size, s)
+        grids = _grids(image_features, image_sizes, pm.patch_size, s, pm.merging_layer.weight)
         if isinstance(grids, str):
             return class_forward(self, grids, image_features, image_sizes)
         norm, wm, l1, l2 = self.norm, pm.merging_layer.weight, self.linear_1, self.linear_2
