@@ -136,3 +136,16 @@ def test_mistral3_projector_float64_features_raise_as_transformers_does(autocast
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         why = assert_as_transformers(ref, mine, torch.randn(28, 8, dtype=torch.float64), SIZES)
     assert re.search("float64 and the merging layer torch.float32", why[0])
+
+
+@pytest.mark.parametrize("sizes", [SIZES.float(), [(16.0, 24.0), (8.0, 8.0)]])
+def test_mistral3_projector_float_image_sizes_raise_as_transformers_does(sizes):
+    """image_sizes of floats (a float tensor or a list of floats): transformers' split raises
+    its TypeError; the patched forward ran (int() on each size) and returned a result. Found
+    by a connector-rows hunt."""
+    ref = _projector("mistral3")
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    assert re.search(
+        "holds floats", assert_as_transformers(ref, mine, torch.randn(28, 8), sizes)[0]
+    )

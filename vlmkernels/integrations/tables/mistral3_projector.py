@@ -64,6 +64,9 @@ def _grids(features, image_sizes, patch: int, s: int, wm) -> list | str:
         return f"the features are {x_dt} and the merging layer {w_dt}"  # matmul raises
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
     try:
+        if any(isinstance(v, float) or torch.is_tensor(v) and v.is_floating_point()
+               for size in sizes for v in size):  # fmt: skip
+            return "image_sizes holds floats"  # transformers' split takes ints only
         grids = [(int(h) // patch, int(w) // patch) for h, w in sizes]
     except (TypeError, ValueError):
         return "image_sizes is not a list of (height, width)"
