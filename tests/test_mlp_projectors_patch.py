@@ -19,7 +19,14 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from test_connectors_patch import SAME_CODE, TOL, _modeling, max_rel, randomise  # noqa: E402
+from test_connectors_patch import (  # noqa: E402
+    SAME_CODE,
+    TOL,
+    _modeling,
+    assert_as_transformers,
+    max_rel,
+    randomise,
+)
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
 from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
@@ -143,3 +150,22 @@ def test_janus_aligner_of_depth_1_is_refused():
     with pytest.raises(vt.UnsupportedLayoutError, match="hidden_layers holds no Linear"):
         vt.patch(module)
     assert "forward" not in module.__dict__
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["deepseek_vl", "video_llama_3", "minimax_m3_vl", "janus", "modernvbert", "ultravbert",
+     "aya_vision", "cohere2_vision"],
+)  # fmt: skip
+@pytest.mark.parametrize("autocast", [False, True])
+def test_features_of_a_dtype_transformers_refuses_get_its_error(key, autocast):
+    """float64 features into an fp32 connector, outside autocast and under it (which does
+    not cast float64): transformers' own error (its Linear's), from the class's forward,
+    not the fused ops' TypeError."""
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        why = assert_as_transformers(ref, mine, x.double())
+    assert why and "the features are torch.float64" in why[0]

@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..core.hooks import global_hooks, has_hooks
-from ..core.runtime import tracing, warn
+from ..core.runtime import autocast_dtype, tracing, warn
 
 __all__ = [
     "PatchFallbackWarning",
@@ -27,6 +27,7 @@ __all__ = [
     "fused_forward",
     "global_hooks",
     "has_hooks",
+    "mixed_dtypes",
     "parts_of",
     "settings",
 ]
@@ -61,6 +62,24 @@ def settings(layer) -> tuple:
     # its submodules by name: a container the fused forward reads (a merger's nn.Sequential
     # MLP) grown after patching holds layers the fused forward would silently skip
     return present, layer.__dict__.get("approximate"), tuple(layer._modules)
+
+
+# the dtypes autocast casts a matmul's operands from (not float64, not integers)
+_AUTOCAST_FROM = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def mixed_dtypes(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None:
+    """Why transformers' matmul (or norm) of features ``x`` with ``weight`` (named ``what``)
+    raises on their types, or None: ``x`` not a tensor, two dtypes outside autocast, or
+    under it two it does not cast to one (float64, integers). A fused forward runs the
+    class's forward then, so the error is transformers' own (the fused ops would raise
+    theirs)."""
+    if not isinstance(x, torch.Tensor):
+        return f"the features are a {type(x).__name__}, not a tensor"
+    a, b = x.dtype, weight.dtype
+    if a == b or (autocast_dtype(x) is not None and {a, b} <= _AUTOCAST_FROM):
+        return None
+    return f"the features are {a} and {what} {b}"
 
 
 def parts_of(module, names: Iterable[str]) -> dict[str, tuple[type, tuple]]:

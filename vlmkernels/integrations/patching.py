@@ -51,6 +51,7 @@ from .fallback import (
     fused_forward,
     global_hooks,
     has_hooks,
+    mixed_dtypes,
     parts_of,
 )
 from .rebuild import adapt_signature, global_loads, rebind_global, unwrap
@@ -81,6 +82,7 @@ __all__ = [
     "install",
     "is_patched",
     "marked",
+    "mixed_dtypes",
     "parts_of",
     "patchers",
     "rebind_global",

@@ -33,6 +33,7 @@ from ..patching import (
     UnsupportedLayoutError,
     class_forward,
     fused_forward,
+    mixed_dtypes,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _check_layer_norm, _linear, _where
@@ -53,7 +54,8 @@ def _gated_forward(module, arch):
 
     def forward(self, image_features):
         f = self.downsample_factor
-        why = square_grid_problem(image_features, f)
+        why = mixed_dtypes(image_features, self.linear_1.weight, "linear_1")
+        why = why or square_grid_problem(image_features, f)
         if why is not None:
             return class_forward(self, why, image_features)
         l1 = self.linear_1

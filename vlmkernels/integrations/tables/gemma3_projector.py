@@ -36,7 +36,6 @@ import sys
 import torch
 from torch import nn
 
-from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger
 from ...ops.tokens import pool_tokens
 from ..patching import (
@@ -46,6 +45,7 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
+    mixed_dtypes,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _one_input, _where
@@ -54,8 +54,6 @@ __all__ = ["GEMMA3_PROJECTOR_PATCHER"]
 
 # FakeTensor is a plain tensor's stand-in while torch.export traces
 _PLAIN = (nn.Parameter, torch.Tensor, torch._subclasses.fake_tensor.FakeTensor)
-# the dtypes autocast casts a matmul's operands from (not float64, not integers)
-_CAST = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _pair(v) -> tuple:
@@ -87,9 +85,7 @@ def _unfused(module, x) -> str | None:
         # as W (matmul), or raises its own error
         return (f"the weights' shapes {tuple(norm_w.shape)} and {tuple(w.shape)} do not "
                 f"take {c} channels as ({c},) and ({c}, D)")  # fmt: skip
-    if w.dtype != x.dtype and (autocast_dtype(x) is None or not {x.dtype, w.dtype} <= _CAST):
-        return f"the features are {x.dtype} and the projection {w.dtype}"  # matmul raises
-    return None
+    return mixed_dtypes(x, w, "the projection")
 
 
 def _gemma3_forward(module, arch):

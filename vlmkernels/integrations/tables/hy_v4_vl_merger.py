@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from ...ops.connectors import merger
-from ..patching import Patcher, SetMethod, class_forward, exact_layer, fused_forward, register
+from ..patching import (
+    Patcher,
+    SetMethod,
+    class_forward,
+    exact_layer,
+    fused_forward,
+    mixed_dtypes,
+    register,
+)
 from .connectors import TESTED_VERSIONS, _arch, _exact_gelu, _where
 
 __all__ = ["HY_V4_VL_MERGER_PATCHER"]
@@ -55,6 +63,8 @@ def _unfused(module, x, size) -> str | None:
         return "size is not (h, w)"
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1:
         return "the features are not (..., patches, channels) of an (h, w) grid"
+    if (why := mixed_dtypes(x, module.proj_conv.weight, "proj_conv")) is not None:
+        return why  # transformers' RMSNorm result meets the convolution's weight
     c = x.shape[-1]
     if c != module.proj_conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:
         return f"the features are not frames of {h} x {w} patches in {s} x {s} windows"

@@ -35,7 +35,6 @@ import sys
 
 import torch
 
-from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger, mlp_projector
 from ..patching import (
     Patcher,
@@ -44,14 +43,12 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
+    mixed_dtypes,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _linear, _where
 
 __all__ = ["MISTRAL3_PROJECTOR_PATCHER"]
-
-# the dtypes autocast casts a matmul's operands from (not float64, not integers)
-_CAST = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _grids(features, image_sizes, patch: int, s: int, wm) -> list | str:
@@ -59,9 +56,8 @@ def _grids(features, image_sizes, patch: int, s: int, wm) -> list | str:
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
-    x_dt, w_dt = features.dtype, wm.dtype
-    if x_dt != w_dt and (autocast_dtype(features) is None or not {x_dt, w_dt} <= _CAST):
-        return f"the features are {x_dt} and the merging layer {w_dt}"  # matmul raises
+    if (why := mixed_dtypes(features, wm, "the merging layer")) is not None:
+        return why
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
     try:
         if any(isinstance(v, float) or torch.is_tensor(v) and v.is_floating_point()

@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger
-from ..patching import Patcher, SetMethod, class_forward, fused_forward, register
+from ..patching import Patcher, SetMethod, class_forward, fused_forward, mixed_dtypes, register
 from .connectors import TESTED_VERSIONS, _arch, _check_norm_mlp
 
 __all__ = ["PADDLEOCR_PROJECTOR_PATCHER"]
-
-# the dtypes autocast casts a matmul's operands from (not float64, not integers)
-_CAST = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _grids(features, grid_thw, window, w1) -> list | str:
@@ -38,9 +34,8 @@ def _grids(features, grid_thw, window, w1) -> list | str:
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
-    x_dt, w_dt = features.dtype, w1.dtype
-    if x_dt != w_dt and (autocast_dtype(features) is None or not {x_dt, w_dt} <= _CAST):
-        return f"the features are {x_dt} and linear_1 {w_dt}"  # LayerNorm or matmul raises
+    if (why := mixed_dtypes(features, w1, "linear_1")) is not None:
+        return why  # transformers' LayerNorm or matmul raises
     if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
         return "image_grid_thw is not (images, 3)"
     grids = grid_thw.tolist()  # (transformers' split reads the sizes on the host too)

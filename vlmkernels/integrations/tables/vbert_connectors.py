@@ -29,6 +29,7 @@ from ..patching import (
     UnsupportedLayoutError,
     class_forward,
     fused_forward,
+    mixed_dtypes,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _linear, _where
@@ -58,7 +59,9 @@ def _vbert_forward(module, arch):
 
     def forward(self, image_hidden_states):
         s = self.pixel_shuffle_factor
-        why = square_grid_problem(image_hidden_states, s)
+        why = mixed_dtypes(
+            image_hidden_states, self.modality_projection.weight, "modality_projection"
+        ) or square_grid_problem(image_hidden_states, s)
         if why is not None:
             return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection
