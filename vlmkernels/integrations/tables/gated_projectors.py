@@ -23,8 +23,6 @@ themselves, or any model holding one.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ...core.checks import isqrt
 from ...ops.connectors import merger
 from ..patching import (
@@ -75,8 +73,7 @@ def _gated_forward(module, arch):
 
 
 def _gated_arch(key, prefix, norm):
-    arch = _arch(key, prefix, "projector", f"{prefix}MultiModalProjector")
-    return dataclasses.replace(arch, data={"norm": norm})
+    return _arch(key, prefix, "projector", f"{prefix}MultiModalProjector", data={"norm": norm})
 
 
 GATED_PROJECTOR_PATCHER = register(

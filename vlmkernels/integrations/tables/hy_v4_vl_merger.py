@@ -25,7 +25,6 @@ one.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import torch
@@ -98,11 +97,8 @@ def _hy_v4_vl_forward(module, arch):
     return fused_forward(module, ("before_rms", "proj_conv", "proj_act", "proj_out"), forward)
 
 
-_ARCH = _arch("hy_v4_vl", "HYV4VL", "merger", "HYV4VLVisionPatchMerger")
-_ARCH = dataclasses.replace(
-    _ARCH, roots={**_ARCH.roots, "HYV4VLVisionModel": ("connector",)},
-    data={"norm": "HYV4VLRMSNorm"},
-)  # fmt: skip
+_ARCH = _arch("hy_v4_vl", "HYV4VL", "merger", "HYV4VLVisionPatchMerger",
+              data={"norm": "HYV4VLRMSNorm"}, roots=("HYV4VLVisionModel",))  # fmt: skip
 
 HY_V4_VL_MERGER_PATCHER = register(
     Patcher("transformers", TESTED_VERSIONS, (_ARCH,),

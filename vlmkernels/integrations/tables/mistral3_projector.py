@@ -30,7 +30,6 @@ the projectors themselves, or any model holding one.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import torch
@@ -109,8 +108,8 @@ def _mistral3_forward(module, arch):
 
 
 def _mistral3_arch(key, prefix):
-    arch = _arch(key, prefix, "projector", f"{prefix}MultiModalProjector")
-    return dataclasses.replace(arch, data={"norm": f"{prefix}RMSNorm"})
+    return _arch(key, prefix, "projector", f"{prefix}MultiModalProjector",
+                 data={"norm": f"{prefix}RMSNorm"})  # fmt: skip
 
 
 MISTRAL3_PROJECTOR_PATCHER = register(

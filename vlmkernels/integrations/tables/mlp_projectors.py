@@ -24,8 +24,6 @@ replaced or hooked after patching makes the module run its class's forward, with
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
 from ...ops.connectors import mlp_projector
@@ -119,10 +117,10 @@ def _janus_forward(module, arch):
 
 
 def _minimax_m3_vl_arch():
-    arch = _arch("minimax_m3_vl", "MiniMaxM3VL", "projector", "MiniMaxM3VLMultiModalProjector")
-    roots = {**arch.roots, "MiniMaxM3SparseForConditionalGeneration": ("connector",)}
-    roots.pop("MiniMaxM3VLForConditionalGeneration")  # (its full model has another name)
-    return dataclasses.replace(arch, roots=roots)
+    # (its full model has another name than ...ForConditionalGeneration)
+    return _arch("minimax_m3_vl", "MiniMaxM3VL", "projector", "MiniMaxM3VLMultiModalProjector",
+                 models=False,
+                 roots=("MiniMaxM3VLModel", "MiniMaxM3SparseForConditionalGeneration"))  # fmt: skip
 
 
 MLP_PROJECTOR_PATCHERS = tuple(

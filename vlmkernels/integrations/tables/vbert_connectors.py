@@ -19,8 +19,6 @@ holding one.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ...core.checks import isqrt
 from ...ops.connectors import merger
 from ..patching import (
@@ -72,9 +70,8 @@ def _vbert_forward(module, arch):
 
 
 def _vbert_arch(key, prefix, post_norm):
-    arch = _arch(key, prefix, "connector", f"{prefix}Connector", models=False)
-    roots = {**arch.roots, f"{prefix}Model": ("connector",)}
-    return dataclasses.replace(arch, roots=roots, data={"post_norm": post_norm})
+    return _arch(key, prefix, "connector", f"{prefix}Connector", models=False,
+                 data={"post_norm": post_norm}, roots=(f"{prefix}Model",))  # fmt: skip
 
 
 VBERT_CONNECTOR_PATCHER = register(
