@@ -34,6 +34,28 @@ def randomise(module):
     return module
 
 
+def assert_patched_matches(ref, x, call=None):
+    """A patched copy of ``ref`` (the module as its only target) against ``ref`` on
+    features ``x``: ``call(module, x)`` (default ``module(x)``) gives ``ref``'s output
+    within TOL, and the same gradients of x and of every parameter; undo restores the class
+    forward. Returns the output's shape."""
+    call = call or (lambda m, t: m(t))
+    mine = copy.deepcopy(ref)
+    with vt.patch(mine) as handle:
+        assert handle.targets == ("<root>.forward",)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, want = call(mine, x1), call(ref, x2)
+        assert out.shape == want.shape and max_rel(out, want) < TOL, max_rel(out, want)
+        g = torch.randn_like(want)
+        out.backward(g)
+        want.backward(g)
+        assert max_rel(x1.grad, x2.grad) < TOL
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters(), strict=True):
+            assert max_rel(p.grad, q.grad) < TOL, name
+    assert "forward" not in mine.__dict__
+    return tuple(out.shape)
+
+
 def assert_16_bit_close(exact, dtype, x, *args):
     """A copy of the float64 module ``exact`` in ``dtype``, patched, called on ``x`` (and
     ``args``, as given): its output and the gradients of x and every parameter within
