@@ -18,6 +18,7 @@ from test_connectors_patch import (  # noqa: E402
     assert_16_bit_close,
     assert_as_transformers,
     assert_patched_matches,
+    max_rel,
     randomise,
 )
 
@@ -81,3 +82,31 @@ def test_hy_v4_vl_whole_model_patches_its_merger():
             t for t in handle.targets if t.endswith("patch_merger.forward")
         ]
     assert len(mergers) == 1 and isinstance(model.get_submodule(mergers[0]).proj_conv, nn.Conv2d)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_hy_v4_vl_merger_under_autocast(x_dtype):
+    """Under CPU bf16 autocast with fp32 weights: transformers' result dtype (fp32: its
+    newline, cast to the norm's fp32 result, promotes the convolutions' bf16 output) and
+    an error against float64 within twice transformers'."""
+    ref = _merger()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    x = torch.randn(1, 24, 8).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x, (4, 6)), mine(x, (4, 6))
+    exact = copy.deepcopy(ref).double()(x.double(), (4, 6))
+    assert got.dtype == want.dtype == torch.float32
+    assert max_rel(got, exact) <= 2 * max_rel(want, exact) + 2e-3
+
+
+def test_hy_v4_vl_merger_fp32_norm_in_a_bf16_merger_raises_as_transformers():
+    """An fp32 RMSNorm in a bf16 merger outside autocast: Llama's norm promotes its result
+    to fp32, which transformers' bf16 convolution refuses; the patch runs the class forward
+    for that error instead of returning a bf16 result."""
+    ref = _merger().bfloat16()
+    ref.before_rms.float()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    why = assert_as_transformers(ref, mine, torch.randn(1, 24, 8).bfloat16(), (4, 6))
+    assert "the RMSNorm torch.float32" in why[0]

@@ -138,3 +138,15 @@ def test_mistral3_projector_float_image_sizes_raise_as_transformers_does(sizes):
     assert re.search(
         "holds floats", assert_as_transformers(ref, mine, torch.randn(28, 8), sizes)[0]
     )
+
+
+def test_mistral3_fp32_norm_in_a_bf16_projector_raises_as_transformers():
+    """An fp32 RMSNorm in a bf16 projector outside autocast: Llama's norm promotes its
+    result to fp32, which transformers' bf16 merging layer refuses; the patch runs the class
+    forward for that error instead of returning a bf16 result."""
+    ref = _projector("mistral3").bfloat16()
+    ref.norm.float()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    why = assert_as_transformers(ref, mine, torch.randn(28, 8).bfloat16(), SIZES)
+    assert "the RMSNorm torch.float32" in why[0]

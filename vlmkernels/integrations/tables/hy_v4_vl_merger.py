@@ -62,8 +62,11 @@ def _unfused(module, x, size) -> str | None:
         return "size is not (h, w)"
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1:
         return "the features are not (..., patches, channels) of an (h, w) grid"
-    if (why := mixed_dtypes(x, module.proj_conv.weight, "proj_conv")) is not None:
-        return why  # transformers' RMSNorm result meets the convolution's weight
+    # (Llama's RMSNorm returns weight * x: in the promoted dtype, which the convolution then
+    # refuses outside autocast)
+    why = mixed_dtypes(x, module.proj_conv.weight, "proj_conv")
+    if why or (why := mixed_dtypes(x, module.before_rms.weight, "the RMSNorm")):
+        return why
     c = x.shape[-1]
     if c != module.proj_conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:
         return f"the features are not frames of {h} x {w} patches in {s} x {s} windows"
@@ -91,7 +94,10 @@ def _hy_v4_vl_forward(module, arch):
         w2 = out.weight.reshape(out.out_channels, out.in_channels)
         y = merger(x, w1, conv.bias, w2, out.bias, merge_size=(s, s), layout="grid",
                    norm="rmsnorm", norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
-        newline = self.image_newline.to(y.dtype).expand(*y.shape[:2], 1, y.shape[-1])
+        # in the norm's result dtype, as transformers casts it; the concatenation promotes
+        # (fp32 under autocast, the convolutions' bf16 result beside it)
+        dtype = torch.promote_types(hidden_states.dtype, norm.weight.dtype)
+        newline = self.image_newline.to(dtype).expand(*y.shape[:2], 1, y.shape[-1])
         return torch.cat([y, newline], dim=2).reshape(1, -1, y.shape[-1])
 
     return fused_forward(module, ("before_rms", "proj_conv", "proj_act", "proj_out"), forward)

@@ -50,12 +50,15 @@ from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _linear, _where
 __all__ = ["MISTRAL3_PROJECTOR_PATCHER"]
 
 
-def _grids(features, image_sizes, patch: int, s: int, wm) -> list | str:
+def _grids(features, image_sizes, patch: int, s: int, wm, norm_weight) -> list | str:
     """The (h, w) patch grid of each image where the fused forward serves them, else why
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
-    if (why := mixed_dtypes(features, wm, "the merging layer")) is not None:
+    # (Llama's RMSNorm returns weight * x: in the promoted dtype, which the merging layer
+    # then refuses outside autocast)
+    why = mixed_dtypes(features, wm, "the merging layer")
+    if why or (why := mixed_dtypes(features, norm_weight, "the RMSNorm")):
         return why
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
     try:
@@ -87,7 +90,8 @@ def _mistral3_forward(module, arch):
     def forward(self, image_features, image_sizes):
         pm = self.patch_merger
         s = pm.spatial_merge_size
-        grids = _grids(image_features, image_sizes, pm.patch_size, s, pm.merging_layer.weight)
+        grids = _grids(image_features, image_sizes, pm.patch_size, s, pm.merging_layer.weight,
+                       self.norm.weight)  # fmt: skip
         if isinstance(grids, str):
             return class_forward(self, grids, image_features, image_sizes)
         norm, wm, l1, l2 = self.norm, pm.merging_layer.weight, self.linear_1, self.linear_2
