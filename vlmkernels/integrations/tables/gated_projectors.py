@@ -34,8 +34,8 @@ from ..patching import (
     mixed_dtypes,
     register,
 )
+from .connector_layouts import square_grid_problem
 from .connectors import TESTED_VERSIONS, _arch, _check_layer_norm, _linear, _where
-from .vbert_connectors import square_grid_problem
 
 __all__ = ["GATED_PROJECTOR_PATCHER"]
 

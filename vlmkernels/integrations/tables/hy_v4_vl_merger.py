@@ -40,6 +40,7 @@ from ..patching import (
     mixed_dtypes,
     register,
 )
+from .connector_layouts import patch_major
 from .connectors import TESTED_VERSIONS, _arch, _exact_gelu, _where
 
 __all__ = ["HY_V4_VL_MERGER_PATCHER"]
@@ -89,8 +90,7 @@ def _hy_v4_vl_forward(module, arch):
         h, w = (int(v) for v in size)
         c = hidden_states.shape[-1]
         x = hidden_states.reshape(-1, h, w, c)
-        # conv[o, c, dr, dc] at the merger's column (dr s + dc) C + c
-        w1 = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, s * s * c)
+        w1 = patch_major(conv.weight, c, s)
         w2 = out.weight.reshape(out.out_channels, out.in_channels)
         y = merger(x, w1, conv.bias, w2, out.bias, merge_size=(s, s), layout="grid",
                    norm="rmsnorm", norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip

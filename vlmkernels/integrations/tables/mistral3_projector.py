@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from ...ops.connectors import merger, mlp_projector
+from ...ops.connectors import mlp_projector
 from ..patching import (
     Patcher,
     SetMethod,
@@ -45,6 +45,7 @@ from ..patching import (
     mixed_dtypes,
     register,
 )
+from .connector_layouts import merge_per_image, patch_major
 from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _linear, _where
 
 __all__ = ["MISTRAL3_PROJECTOR_PATCHER"]
@@ -96,15 +97,9 @@ def _mistral3_forward(module, arch):
             return class_forward(self, grids, image_features, image_sizes)
         norm, wm, l1, l2 = self.norm, pm.merging_layer.weight, self.linear_1, self.linear_2
         c = image_features.shape[1]
-        w = wm.view(wm.shape[0], c, s * s).transpose(1, 2).reshape(wm.shape[0], s * s * c)
-        rows, start = [], 0
-        for h, wd in grids:
-            x = image_features[start : start + h * wd].unflatten(0, (1, h, wd))
-            start += h * wd
-            y = merger(x, w, merge_size=(s, s), layout="grid", norm="rmsnorm",
-                       norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
-            rows.append(y.reshape(-1, y.shape[-1]))
-        merged = torch.cat(rows, dim=0) if len(rows) != 1 else rows[0]
+        merged = merge_per_image(image_features, [(1, h, w) for h, w in grids],
+                                 patch_major(wm, c, s), merge_size=(s, s), norm="rmsnorm",
+                                 norm_weight=norm.weight, eps=norm.variance_epsilon)  # fmt: skip
         return mlp_projector(merged, l1.weight, l1.bias, l2.weight, l2.bias)
 
     parts = ("norm", "patch_merger", "patch_merger.merging_layer", "linear_1", "act", "linear_2")

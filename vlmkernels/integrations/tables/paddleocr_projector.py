@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.connectors import merger
 from ..patching import Patcher, SetMethod, class_forward, fused_forward, mixed_dtypes, register
+from .connector_layouts import merge_per_image
 from .connectors import TESTED_VERSIONS, _arch, _check_norm_mlp
 
 __all__ = ["PADDLEOCR_PROJECTOR_PATCHER"]
@@ -56,15 +56,9 @@ def _paddleocr_forward(module, arch):
         if isinstance(grids, str):
             return class_forward(self, grids, image_features, image_grid_thw)
         ln, l1, l2 = self.pre_norm, self.linear_1, self.linear_2
-        out, start = [], 0
-        for t, h, w in grids:
-            x = image_features[start : start + t * h * w].unflatten(0, (t, h, w))
-            start += t * h * w
-            y = merger(x, l1.weight, l1.bias, l2.weight, l2.bias, merge_size=window,
-                       layout="grid", norm="layernorm", norm_weight=ln.weight,
-                       norm_bias=ln.bias, eps=ln.eps)  # fmt: skip
-            out.append(y.reshape(-1, y.shape[-1]))
-        return torch.cat(out, dim=0)
+        return merge_per_image(image_features, grids, l1.weight, l1.bias, l2.weight, l2.bias,
+                               merge_size=window, norm="layernorm", norm_weight=ln.weight,
+                               norm_bias=ln.bias, eps=ln.eps)  # fmt: skip
 
     return fused_forward(module, ("pre_norm", "linear_1", "act", "linear_2"), forward)
 

@@ -19,7 +19,6 @@ holding one.
 
 from __future__ import annotations
 
-from ...core.checks import isqrt
 from ...ops.connectors import merger
 from ..patching import (
     Patcher,
@@ -30,21 +29,10 @@ from ..patching import (
     mixed_dtypes,
     register,
 )
+from .connector_layouts import square_grid_problem
 from .connectors import TESTED_VERSIONS, _arch, _linear, _where
 
-__all__ = ["VBERT_CONNECTOR_PATCHER", "square_grid_problem"]
-
-
-def square_grid_problem(features, s: int) -> str | None:
-    """Why ``features`` are not (B, S * S, C) with ``s`` dividing S, or None (the pixel
-    shuffle's layout; the gated projectors' too)."""
-    if getattr(features, "dim", lambda: 0)() != 3:
-        return "the features are not (B, S * S, C)"
-    n = features.shape[1]
-    side = isqrt(n)
-    if side * side != n or side % s:
-        return f"{n} tokens are not a square grid of a side divisible by {s}"
-    return None
+__all__ = ["VBERT_CONNECTOR_PATCHER"]
 
 
 def _vbert_forward(module, arch):
