@@ -226,3 +226,24 @@ def test_gemma3_projector_degenerate_poolings_as_transformers(kernel, side, n):
     with pytest.warns(PatchFallbackWarning):
         out = mine(x)
     assert max_rel(out, want) < TOL
+
+
+class _Quantised(torch.Tensor):
+    """A tensor subclass standing in for a quantised weight (torchao's, NF4)."""
+
+
+@pytest.mark.parametrize("name", ["mm_input_projection_weight", "mm_soft_emb_norm.weight"])
+def test_gemma3_projector_subclass_weights_run_the_class_forward(name):
+    """A weight that is a tensor subclass (a quantised one) is not read by the fused
+    kernels: the class forward runs it, naming the weight."""
+    module, x = _gemma3()()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    owner, _, attr = name.rpartition(".")
+    for m in (ref, mine):
+        p = getattr(m.get_submodule(owner), attr)
+        setattr(m.get_submodule(owner), attr, nn.Parameter(p.detach().as_subclass(_Quantised)))
+    with pytest.warns(PatchFallbackWarning, match=f"{re.escape(name)} is a _Quantised"):
+        out = mine(x)
+    assert max_rel(out, ref(x)) < TOL

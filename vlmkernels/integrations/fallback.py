@@ -28,6 +28,7 @@ __all__ = [
     "global_hooks",
     "has_hooks",
     "mixed_dtypes",
+    "not_plain",
     "parts_of",
     "settings",
 ]
@@ -118,10 +119,17 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
         if was is not None and (now := settings(sub)) != was:
             return f"{name} changed since patching: {_difference(now, was)}"
         for key, p in _parameters(sub).items():
-            # a tensor subclass (torchao's quantised weights, NF4) keeps the layer's class
-            # and computes F.linear its own way: the fused kernels would read its storage
-            if p is not None and type(p) not in _PLAIN:
-                return f"{name}.{key} is a {type(p).__qualname__}, not a plain tensor"
+            if (why := not_plain(f"{name}.{key}", p)) is not None:
+                return why
+    return None
+
+
+def not_plain(name: str, weight) -> str | None:
+    """Why ``weight`` (named ``name``), which a fused forward reads, is not a plain tensor,
+    or None: a tensor subclass (torchao's quantised weights, NF4) computes its products its
+    own way, where the fused kernels would read its storage."""
+    if weight is not None and type(weight) not in _PLAIN:
+        return f"{name} is a {type(weight).__qualname__}, not a plain tensor"
     return None
 
 

@@ -52,6 +52,7 @@ from .fallback import (
     global_hooks,
     has_hooks,
     mixed_dtypes,
+    not_plain,
     parts_of,
 )
 from .rebuild import adapt_signature, global_loads, rebind_global, unwrap
@@ -83,6 +84,7 @@ __all__ = [
     "is_patched",
     "marked",
     "mixed_dtypes",
+    "not_plain",
     "parts_of",
     "patchers",
     "rebind_global",

@@ -46,14 +46,12 @@ from ..patching import (
     exact_layer,
     fused_forward,
     mixed_dtypes,
+    not_plain,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _one_input, _where
 
 __all__ = ["GEMMA3_PROJECTOR_PATCHER"]
-
-# FakeTensor is a plain tensor's stand-in while torch.export traces
-_PLAIN = (nn.Parameter, torch.Tensor, torch._subclasses.fake_tensor.FakeTensor)
 
 
 def _pair(v) -> tuple:
@@ -76,9 +74,9 @@ def _unfused(module, x) -> str | None:
         return f"avg_pool's kernel {kernel} on the {side} x {side} grid is not k x k blocks, k >= 1"
     if side % kernel[0] or side % kernel[1]:
         return f"the {kernel} pooling does not divide the {side} x {side} grid"
-    for t in (w, module.mm_soft_emb_norm.weight):
-        if type(t) not in _PLAIN:
-            return f"a weight is a {type(t).__qualname__}, not a plain tensor"
+    # (the norm's weight: the guard of mm_soft_emb_norm, a part, checks it)
+    if (why := not_plain("mm_input_projection_weight", w)) is not None:
+        return why
     c, norm_w = x.shape[2], module.mm_soft_emb_norm.weight
     if tuple(norm_w.shape) != (c,) or w.dim() != 2 or w.shape[0] != c:
         # transformers broadcasts the norm's weight, takes a vector or a batch of matrices
