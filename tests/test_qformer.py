@@ -8,6 +8,7 @@ updates, undo restoring the instances bitwise; a training step with attention dr
 the kernel; layers that must project their own K / V (checkpointed, FSDP2-sharded, hooked,
 handed other image features by a hook)."""
 
+import contextlib
 import copy
 import importlib
 import math
@@ -503,6 +504,36 @@ def test_qformer_part_under_torch_compile():
     assert rel(got, want) < 1e-5 and rel(again, want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
                if e.abs().max() > 1e-6)  # fmt: skip
+
+
+def test_exported_qformer_keeps_the_one_gemm_kv():
+    """torch.export of the patched Q-Former: the cross-attention layers' K / V come from
+    the one stacked GEMM (weights and biases concatenated: two ``aten.cat``, and one Linear
+    for the four key / value Linears), not from each layer's own; the export's fake weights are plain tensors to
+    that check (they were taken for tensor subclasses), and the program gives
+    transformers' result."""
+    model = tiny_qformer("blip_2", layers=4)  # 2 cross-attention layers
+    ref = copy.deepcopy(model)
+    kwargs, _ = inputs("blip_2", masked=False)
+    q, image = (kwargs[k].detach() for k in ("query_embeds", "encoder_hidden_states"))
+
+    class Call(torch.nn.Module):
+        def __init__(self, qformer):
+            super().__init__()
+            self.qformer = qformer
+
+        def forward(self, q, image):
+            return self.qformer(query_embeds=q, encoder_hidden_states=image).last_hidden_state
+
+    counts = []
+    for m in (ref, model):
+        with patch(m) if m is model else contextlib.nullcontext():
+            program = torch.export.export(Call(m), (q, image))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        counts.append((targets.count("aten.linear.default"), targets.count("aten.cat.default")))
+    (linears, _), (fused_linears, cats) = counts
+    assert cats == 2 and fused_linears == linears - 3
+    assert rel(program.module()(q, image), Call(ref)(q, image)) < 1e-5
 
 
 @pytest.mark.parametrize("masked", [False, True])

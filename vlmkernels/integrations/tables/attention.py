@@ -95,6 +95,7 @@ from ..patching import (
     exact_layer,
     fused_forward,
     is_patched,
+    not_plain,
     register,
 )
 
@@ -511,7 +512,6 @@ def _version(states: torch.Tensor) -> int | None:
 
 # what stacked_kv reads (a Linear without bias: zeros in its place)
 _KV_PARTS = {"key": (torch.nn.Linear, None), "value": (torch.nn.Linear, None)}
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _stackable(layer, module: str):
@@ -542,7 +542,7 @@ def _stackable(layer, module: str):
         return None
     tensors = (attention.key.weight, attention.key.bias, attention.value.weight,
                attention.value.bias)  # fmt: skip
-    if any(t is not None and type(t) not in _PLAIN for t in tensors):
+    if any(not_plain("key / value", t) for t in tensors):
         return None
     return attention
 
