@@ -627,6 +627,91 @@ def test_patched_connector_under_autocast(name, x_dtype, offset):
         assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
 
 
+# (features, norm parameters) dtypes outside autocast: torch's layer_norm takes fp32
+# parameters with 16-bit features and refuses the other mixes; Llama's RMSNorm promotes its
+# result (bf16 features, an fp32 norm: fp32, which a bf16 linear refuses)
+_NORM_MIXES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float16, torch.bfloat16), (torch.float64, torch.float32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
+def test_norm_of_another_dtype_than_the_features_as_transformers(name):
+    """A norm whose parameters are of another dtype than the features and the linears: the
+    patched module gives transformers' result (fused where the norm takes them and returns
+    the features' dtype) or raises transformers' error, where the fused norm prologue, which
+    reads parameters of any float dtype, would have returned a result (fp32 features and a
+    bf16 LayerNorm, for one)."""
+    module, x = {**CASES, **SAME_CODE}[name]()
+    base = randomise(module)
+    norms = [
+        n
+        for n, m in base.named_modules()
+        if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None
+    ]
+    if not norms:
+        pytest.skip("no norm")
+    for x_dtype, norm_dtype in _NORM_MIXES:
+        ref = copy.deepcopy(base).to(x_dtype)
+        for n in norms:
+            ref.get_submodule(n).to(norm_dtype)
+        mine = copy.deepcopy(ref)
+        vt.patch(mine)
+        xi = x.to(x_dtype)
+        try:
+            want, error = ref(xi), None
+        except RuntimeError as e:
+            want, error = None, e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PatchFallbackWarning)
+            if error is not None:
+                with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                    mine(xi)
+                continue
+            got = mine(xi)
+        assert got.dtype == want.dtype, (x_dtype, norm_dtype)
+        # (16-bit intermediates round in other places than transformers' separate layers)
+        tol = TOL if {x_dtype, norm_dtype} <= {torch.float32, torch.float64} else 2e-2
+        assert max_rel(got, want) < tol, (x_dtype, norm_dtype, max_rel(got, want))
+
+
+def _other_dtypes(module, x):
+    """(what, module, features): features of another dtype than an fp32 module's (fp16, and
+    integers), and a module whose first and last biased Linears hold a bias of another dtype
+    than their weight."""
+    yield "fp16 features", module, x.half()
+    yield "integer features", module, (x * 10).long()
+    biased = [
+        n for n, m in module.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+    ]
+    for name, dtype in zip(biased[:1] + biased[-1:], (torch.bfloat16, torch.float64), strict=False):
+        changed = copy.deepcopy(module)
+        changed.get_submodule(name).bias.data = changed.get_submodule(name).bias.data.to(dtype)
+        yield f"a {dtype} bias in {name}", changed, x
+
+
+@pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
+def test_dtypes_torch_refuses_as_transformers(name):
+    """Features of another dtype than the linears, or a bias of another dtype than its
+    weight, outside autocast: the patched module raises transformers' (torch's) error, or
+    gives its result where transformers computes one (a 3-D input's bias is added after the
+    matmul, which promotes), where the fused ops raised their own TypeError."""
+    module, x = {**CASES, **SAME_CODE}[name]()
+    for what, ref, xi in _other_dtypes(randomise(module), x):
+        mine = copy.deepcopy(ref)
+        vt.patch(mine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PatchFallbackWarning)
+            try:
+                want, error = ref(xi), None
+            except RuntimeError as e:
+                want, error = None, e
+            if error is not None:
+                with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                    mine(xi)
+            else:
+                assert torch.equal(mine(xi), want), what
+
+
 class LoraLinear(nn.Module):
     """A PEFT-style LoRA wrapper: ``weight`` is the base layer's, the forward adds B A x."""
 

@@ -6,6 +6,7 @@ patches it."""
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from test_connectors_patch import (  # noqa: E402
 )
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
 
 
 def _merger():
@@ -109,4 +111,19 @@ def test_hy_v4_vl_merger_fp32_norm_in_a_bf16_merger_raises_as_transformers():
     mine = copy.deepcopy(ref)
     vt.patch(mine)
     why = assert_as_transformers(ref, mine, torch.randn(1, 24, 8).bfloat16(), (4, 6))
-    assert "the RMSNorm torch.float32" in why[0]
+    assert "a torch.float32 RMSNorm" in why[0]
+
+
+def test_hy_v4_vl_merger_bf16_norm_on_fp32_features_runs_fused():
+    """A bf16 RMSNorm in an fp32 merger: Llama's norm keeps the features' fp32, as the
+    fused norm does, so the fused forward serves it."""
+    ref = _merger()
+    ref.before_rms.bfloat16()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    x = torch.randn(1, 24, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchFallbackWarning)
+        got = mine(x, (4, 6))
+    want = ref(x, (4, 6))
+    assert got.dtype == want.dtype == torch.float32 and max_rel(got, want) < 1e-5

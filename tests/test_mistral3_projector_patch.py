@@ -7,6 +7,7 @@ serve; a tiny Mistral 3 model's image features from pixels."""
 import copy
 import importlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from test_connectors_patch import (  # noqa: E402
 )
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
 
 PREFIX = {"mistral3": "Mistral3", "lighton_ocr": "LightOnOcr", "mistral_large4": "MistralLarge4"}
 SIZES = torch.tensor([[16, 24], [8, 8]])  # pixels: (4, 6) and (2, 2) patches of 4 x 4
@@ -124,7 +126,7 @@ def test_mistral3_projector_float64_features_raise_as_transformers_does(autocast
     vt.patch(mine)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         why = assert_as_transformers(ref, mine, torch.randn(28, 8, dtype=torch.float64), SIZES)
-    assert re.search("float64 and the merging layer torch.float32", why[0])
+    assert re.search("float64 and patch_merger.merging_layer torch.float32", why[0])
 
 
 @pytest.mark.parametrize("sizes", [SIZES.float(), [(16.0, 24.0), (8.0, 8.0)]])
@@ -149,4 +151,19 @@ def test_mistral3_fp32_norm_in_a_bf16_projector_raises_as_transformers():
     mine = copy.deepcopy(ref)
     vt.patch(mine)
     why = assert_as_transformers(ref, mine, torch.randn(28, 8).bfloat16(), SIZES)
-    assert "the RMSNorm torch.float32" in why[0]
+    assert "a torch.float32 RMSNorm" in why[0]
+
+
+def test_mistral3_bf16_norm_on_fp32_features_runs_fused():
+    """A bf16 RMSNorm in an fp32 projector: Llama's norm keeps the features' fp32 (the
+    product promotes to fp32), as the fused norm does, so the fused forward serves it."""
+    ref = _projector("mistral3")
+    ref.norm.bfloat16()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    x = torch.randn(28, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchFallbackWarning)
+        got = mine(x, SIZES)
+    want = ref(x, SIZES)
+    assert got.dtype == want.dtype == torch.float32 and max_rel(got, want) < TOL

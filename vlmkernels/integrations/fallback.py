@@ -11,6 +11,7 @@ class's own forward (:func:`class_forward`) with a :class:`PatchFallbackWarning`
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -27,9 +28,11 @@ __all__ = [
     "fused_forward",
     "global_hooks",
     "has_hooks",
+    "layer_norm_dtypes",
     "mixed_dtypes",
     "not_plain",
     "parts_of",
+    "promoted_norm",
     "settings",
 ]
 
@@ -67,6 +70,7 @@ def settings(layer) -> tuple:
 
 # the dtypes autocast casts a matmul's operands from (not float64, not integers)
 _AUTOCAST_FROM = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def mixed_dtypes(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None:
@@ -81,6 +85,37 @@ def mixed_dtypes(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None
     if a == b or (autocast_dtype(x) is not None and {a, b} <= _AUTOCAST_FROM):
         return None
     return f"the features are {a} and {what} {b}"
+
+
+def layer_norm_dtypes(x: torch.Tensor, norm, what: str) -> str | None:
+    """Why torch's ``layer_norm`` of features ``x`` with the parameters of ``norm`` (named
+    ``what``) raises on their dtypes, or None. Outside autocast it takes parameters of x's
+    dtype, or fp32 ones with 16-bit features; autocast runs it in fp32, which float64 is
+    not cast to. The fused norm prologue reads parameters of any float dtype, so a fused
+    forward runs the class's forward then, for torch's error."""
+    autocast = autocast_dtype(x) is not None
+    for p in (norm.weight, getattr(norm, "bias", None)):
+        if p is None or p.dtype == x.dtype:
+            continue
+        if autocast:
+            accepted = torch.float64 not in (x.dtype, p.dtype)
+        else:
+            accepted = x.dtype in _HALF and p.dtype == torch.float32
+        if not accepted:
+            return f"the features are {x.dtype} and {what}'s parameters {p.dtype}"
+    return None
+
+
+def promoted_norm(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None:
+    """Why the result of a Llama-style RMSNorm (``weight * x.to(input_dtype)``) of features
+    ``x`` with ``weight`` (named ``what``) is not in x's dtype, or None: outside autocast
+    the product promotes (an fp32 norm in a bf16 module gives fp32, which the next linear
+    refuses; a bf16 norm on fp32 features keeps fp32, as the fused norm does). Under
+    autocast the next matmul casts the result back. A fused forward runs the class's
+    forward then, for transformers' result or error."""
+    if autocast_dtype(x) is not None or torch.promote_types(x.dtype, weight.dtype) == x.dtype:
+        return None
+    return f"{x.dtype} features and a {weight.dtype} {what} (its result is promoted)"
 
 
 def parts_of(module, names: Iterable[str]) -> dict[str, tuple[type, tuple]]:
@@ -169,16 +204,55 @@ def class_forward(module, why: str, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
 
 
+# the layers whose parameters' dtypes torch checks against their input's
+_TYPED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.LayerNorm)
+
+
+def _dtype_problem(module, x: torch.Tensor, typed) -> str | None:
+    """Why torch refuses the features ``x`` with the parameters of the ``typed`` layers of
+    ``module`` ((name, is a LayerNorm) pairs), or None (see :func:`fused_forward`)."""
+    for name, is_norm in typed:
+        layer = module.get_submodule(name)
+        if is_norm:
+            why = layer_norm_dtypes(x, layer, name)
+        else:
+            why = mixed_dtypes(x, layer.weight, name)
+            bias = layer.bias
+            if (why is None and bias is not None and bias.dtype != layer.weight.dtype
+                    and autocast_dtype(x) is None):  # fmt: skip
+                why = f"{name}'s bias is {bias.dtype} and its weight {layer.weight.dtype}"
+        if why is not None:
+            return why
+    return None
+
+
 def fused_forward(module, reads: Iterable[str], forward: Callable) -> Callable:
     """``forward`` (an instance forward built for ``module``) guarded for the submodules
     ``reads`` whose parameters it reads instead of calling them: each call checks them
     (:func:`changed_part`) and runs the class's forward instead where one changed
-    (:func:`class_forward`). The guard carries them as ``parts``."""
+    (:func:`class_forward`). The guard carries them as ``parts``.
+
+    The linears, convolutions and LayerNorms among them compute on tensors of the dtype of
+    the forward's first tensor argument (the features): where torch refuses that dtype with
+    their parameters (:func:`mixed_dtypes`, a bias of another dtype than its weight outside
+    autocast, :func:`layer_norm_dtypes`), the class's forward runs too, for torch's error
+    (the fused ops, which read any float parameters or raise their own TypeError, would
+    not give it)."""
     parts = parts_of(module, reads)
+    typed = tuple((name, issubclass(cls, torch.nn.LayerNorm))
+                  for name, (cls, _) in parts.items() if issubclass(cls, _TYPED))  # fmt: skip
+    # the features' name in the class's forward (self, features, ...)
+    first = (*inspect.signature(type(module).forward).parameters, None, None)[1]
 
     @functools.wraps(forward)
     def guarded(self, *args, **kwargs):
         why = changed_part(self, parts)
+        if why is None and typed:
+            x = args[0] if args else kwargs.get(first)
+            if x is not None and not isinstance(x, torch.Tensor):
+                why = f"the features are a {type(x).__name__}, not a tensor"
+            elif x is not None:
+                why = _dtype_problem(self, x, typed)
         if why is not None:
             return class_forward(self, why, *args, **kwargs)
         return forward(self, *args, **kwargs)

@@ -51,9 +51,11 @@ from .fallback import (
     fused_forward,
     global_hooks,
     has_hooks,
+    layer_norm_dtypes,
     mixed_dtypes,
     not_plain,
     parts_of,
+    promoted_norm,
 )
 from .rebuild import adapt_signature, global_loads, rebind_global, unwrap
 
@@ -82,11 +84,13 @@ __all__ = [
     "has_hooks",
     "install",
     "is_patched",
+    "layer_norm_dtypes",
     "marked",
     "mixed_dtypes",
     "not_plain",
     "parts_of",
     "patchers",
+    "promoted_norm",
     "rebind_global",
     "register",
     "unpatch",

@@ -72,7 +72,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...core.checks import isqrt
-from ...core.runtime import autocast_dtype
 from ...ops.connectors import deepstack_add, merger, mlp_projector
 from ..patching import (
     Architecture,
@@ -84,6 +83,7 @@ from ..patching import (
     exact_layer,
     fused_forward,
     has_hooks,
+    promoted_norm,
     register,
 )
 
@@ -583,10 +583,7 @@ def _qwen_merger_forward(module, arch):
             c, s = hidden, 1
         if s * s * c != hidden:
             raise ValueError(f"{where}: {hidden} merged features are not s^2 x {c}")
-        if (kind == "rmsnorm" and x.dtype != torch.promote_types(x.dtype, norm.weight.dtype)
-                and autocast_dtype(x) is None):  # fmt: skip
-            # transformers' RMSNorm returns weight * x.to(x.dtype): in the weight's dtype
-            why = f"{x.dtype} features, a {norm.weight.dtype} RMSNorm (its result is promoted)"
+        if kind == "rmsnorm" and (why := promoted_norm(x, norm.weight, "RMSNorm")):
             return class_forward(self, why, x)
         norm_bias, eps = _norm_bias_eps(norm, kind)
         return merger(x.reshape(-1, c), l1.weight, l1.bias, l2.weight, l2.bias, merge_size=s,

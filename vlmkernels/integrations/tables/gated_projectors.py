@@ -31,7 +31,6 @@ from ..patching import (
     UnsupportedLayoutError,
     class_forward,
     fused_forward,
-    mixed_dtypes,
     register,
 )
 from .connector_layouts import square_grid_problem
@@ -52,8 +51,7 @@ def _gated_forward(module, arch):
 
     def forward(self, image_features):
         f = self.downsample_factor
-        why = mixed_dtypes(image_features, self.linear_1.weight, "linear_1")
-        why = why or square_grid_problem(image_features, f)
+        why = square_grid_problem(image_features, f)
         if why is not None:
             return class_forward(self, why, image_features)
         l1 = self.linear_1

@@ -37,7 +37,7 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
-    mixed_dtypes,
+    promoted_norm,
     register,
 )
 from .connector_layouts import patch_major
@@ -63,10 +63,7 @@ def _unfused(module, x, size) -> str | None:
         return "size is not (h, w)"
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1:
         return "the features are not (..., patches, channels) of an (h, w) grid"
-    # (Llama's RMSNorm returns weight * x: in the promoted dtype, which the convolution then
-    # refuses outside autocast)
-    why = mixed_dtypes(x, module.proj_conv.weight, "proj_conv")
-    if why or (why := mixed_dtypes(x, module.before_rms.weight, "the RMSNorm")):
+    if (why := promoted_norm(x, module.before_rms.weight, "RMSNorm")) is not None:
         return why
     c = x.shape[-1]
     if c != module.proj_conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:

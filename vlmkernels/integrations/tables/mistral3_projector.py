@@ -42,7 +42,7 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
-    mixed_dtypes,
+    promoted_norm,
     register,
 )
 from .connector_layouts import merge_per_image, patch_major
@@ -56,10 +56,7 @@ def _grids(features, image_sizes, patch: int, s: int, wm, norm_weight) -> list |
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
-    # (Llama's RMSNorm returns weight * x: in the promoted dtype, which the merging layer
-    # then refuses outside autocast)
-    why = mixed_dtypes(features, wm, "the merging layer")
-    if why or (why := mixed_dtypes(features, norm_weight, "the RMSNorm")):
+    if (why := promoted_norm(features, norm_weight, "RMSNorm")) is not None:
         return why
     sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
     try:

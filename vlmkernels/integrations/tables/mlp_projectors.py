@@ -34,7 +34,6 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
-    mixed_dtypes,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _exact_gelu, _linear, _one_input, _where
@@ -50,8 +49,6 @@ def _deepseek_vl_forward(module, arch):
     _check_mlp(module, "linear1", "activation", "linear2")
 
     def fused(self, x):
-        if (why := mixed_dtypes(x, self.linear1.weight, "linear1")) is not None:
-            return class_forward(self, why, x)
         return _mlp(x, self.linear1, self.linear2)
 
     return fused_forward(module, ("linear1", "activation", "linear2"), _one_input(module, fused))
@@ -66,8 +63,6 @@ def _video_llama3_forward(module, arch):
 
     def fused(self, x):
         readout = self.readout
-        if (why := mixed_dtypes(x, readout[0].weight, "readout.0")) is not None:
-            return class_forward(self, why, x)
         return _mlp(x, readout[0], readout[2])
 
     # "readout" itself: an nn.Sequential grown or shrunk after patching
@@ -79,8 +74,6 @@ def _minimax_m3_vl_forward(module, arch):
     _check_mlp(module, "merge_linear_1", "merge_act", "merge_linear_2")
 
     def fused(self, x):
-        if (why := mixed_dtypes(x, self.linear_1.weight, "linear_1")) is not None:
-            return class_forward(self, why, x)
         window = self.spatial_merge_size**2
         if x.dim() < 1 or x.shape[0] % window:  # transformers' reshape raises
             why = f"{tuple(x.shape)} features are not windows of {window} patches"
@@ -103,8 +96,6 @@ def _janus_forward(module, arch):
         exact_layer(layer, nn.Linear, f"{where}.hidden_layers.{i}")
 
     def fused(self, x):
-        if (why := mixed_dtypes(x, self.fc1.weight, "fc1")) is not None:
-            return class_forward(self, why, x)
         layers = self.hidden_layers
         y = _mlp(x, self.fc1, layers[0])
         for layer in list(layers)[1:]:

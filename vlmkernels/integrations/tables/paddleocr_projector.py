@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patching import Patcher, SetMethod, class_forward, fused_forward, mixed_dtypes, register
+from ..patching import Patcher, SetMethod, class_forward, fused_forward, register
 from .connector_layouts import merge_per_image
 from .connectors import TESTED_VERSIONS, _arch, _check_norm_mlp
 
@@ -34,8 +34,6 @@ def _grids(features, grid_thw, window, w1) -> list | str:
     not."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         return "the features are not (patches, channels)"
-    if (why := mixed_dtypes(features, w1, "linear_1")) is not None:
-        return why  # transformers' LayerNorm or matmul raises
     if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
         return "image_grid_thw is not (images, 3)"
     grids = grid_thw.tolist()  # (transformers' split reads the sizes on the host too)

@@ -26,7 +26,6 @@ from ..patching import (
     UnsupportedLayoutError,
     class_forward,
     fused_forward,
-    mixed_dtypes,
     register,
 )
 from .connector_layouts import square_grid_problem
@@ -45,9 +44,7 @@ def _vbert_forward(module, arch):
 
     def forward(self, image_hidden_states):
         s = self.pixel_shuffle_factor
-        why = mixed_dtypes(
-            image_hidden_states, self.modality_projection.weight, "modality_projection"
-        ) or square_grid_problem(image_hidden_states, s)
+        why = square_grid_problem(image_hidden_states, s)
         if why is not None:
             return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection
