@@ -169,3 +169,49 @@ def test_features_of_a_dtype_transformers_refuses_get_its_error(key, autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         why = assert_as_transformers(ref, mine, x.double())
     assert why and "the features are torch.float64" in why[0]
+
+
+# each MLP row's second linear (the last one the fused GEMMs read), and its first
+_MLP_LAYERS = {"deepseek_vl": ("linear2", "linear1"), "video_llama_3": ("readout.2", "readout.0"),
+               "minimax_m3_vl": ("merge_linear_1", "linear_1"),
+               "janus": ("hidden_layers.0", "fc1")}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", sorted(_MLP_LAYERS))
+@pytest.mark.parametrize(
+    "change, autocast",
+    [("bfloat16", False), ("float64", False), ("float64", True), ("wider", False), ("bias", False)],
+)
+def test_mlp_layers_transformers_refuses_or_broadcasts_run_the_class_forward(key, change, autocast):
+    """A second linear of another dtype than the features (float64 also under autocast,
+    which does not cast it), features one channel wider than the first linear takes, or a
+    first bias of one element set after patching: transformers' RuntimeError (its linear's)
+    or its result (the bias broadcast), from the class's forward, where the fused ops raised
+    their TypeError or ValueError."""
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    second, first = _MLP_LAYERS[key]
+    for m in (ref, mine):
+        if change in ("bfloat16", "float64"):
+            m.get_submodule(second).to(getattr(torch, change))
+        elif change == "bias":
+            m.get_submodule(first).bias = nn.Parameter(torch.ones(1))
+    if change == "wider":
+        x = torch.cat([x, x[..., :1]], dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert assert_as_transformers(ref, mine, x)
+
+
+@pytest.mark.parametrize("shape", [(12,), (4, 7, 12), (8, 1, 12)])
+def test_minimax_m3_vl_projector_features_of_other_ranks_are_transformers(shape):
+    """1-D features and (B, L, C) ones: transformers' reshape makes rows of the per-patch
+    results' first dim (D for 1-D features, B for 3-D), which its merge MLP refuses unless
+    L is 1; its RuntimeError or result, where the fused forward checked the features' first
+    dim and raised the projector's ValueError."""
+    module, _ = SAME_CODE["minimax_m3_vl"]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    assert_as_transformers(ref, mine, torch.randn(shape))

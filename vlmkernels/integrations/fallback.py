@@ -29,6 +29,7 @@ __all__ = [
     "global_hooks",
     "has_hooks",
     "layer_norm_dtypes",
+    "linear_chain_problem",
     "mixed_dtypes",
     "not_plain",
     "parts_of",
@@ -116,6 +117,26 @@ def promoted_norm(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | Non
     if autocast_dtype(x) is not None or torch.promote_types(x.dtype, weight.dtype) == x.dtype:
         return None
     return f"{x.dtype} features and a {weight.dtype} {what} (its result is promoted)"
+def linear_chain_problem(x: torch.Tensor, width: int, layers) -> str | None:
+    """Why the linear layers ``layers``, ``(name, weight, bias)`` in turn, which a fused
+    forward reads on features ``x`` of ``width`` channels, are not the chain transformers'
+    own Linear calls compute as the fused ops do, or None: a weight or bias whose dtype
+    transformers' linear refuses beside the features' (:func:`mixed_dtypes`: it raises its
+    RuntimeError, the fused ops their TypeError), or a weight that is not (N, ``width``)
+    (each layer taking the last one's N) or a bias that is not (N,) (transformers raises its
+    own error, or broadcasts a bias of one element). A fused forward runs the class's
+    forward then, for transformers' result or error."""
+    for name, weight, bias in layers:
+        for what, t in ((f"{name}.weight", weight), (f"{name}.bias", bias)):
+            if t is not None and (why := mixed_dtypes(x, t, what)) is not None:
+                return why
+        if (weight.dim() != 2 or weight.shape[1] != width
+                or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):  # fmt: skip
+            bias_shape = None if bias is None else tuple(bias.shape)
+            return (f"{name}'s weight {tuple(weight.shape)} and bias {bias_shape} do not take "
+                    f"{width} features")  # fmt: skip
+        width = weight.shape[0]
+    return None
 
 
 def parts_of(module, names: Iterable[str]) -> dict[str, tuple[type, tuple]]:

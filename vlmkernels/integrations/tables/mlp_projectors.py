@@ -17,13 +17,17 @@ recomputed):
 
 A layer that is not the expected ``nn.Linear`` / exact GELU is refused at patch time; one
 replaced or hooked after patching makes the module run its class's forward, with a
-:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`. Roots: the models
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`; so do features, or weights
+the fused GEMMs read, of a dtype or shape transformers' Linear calls refuse or broadcast (a
+second linear of another dtype, features of another width, a bias of one element), for
+transformers' error or result. Roots: the models
 (``...ForConditionalGeneration``, ``MiniMaxM3SparseForConditionalGeneration``,
 ``...Model``), the projectors themselves, or any model holding one.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...ops.connectors import mlp_projector
@@ -34,6 +38,7 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
+    linear_chain_problem,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _check_mlp, _exact_gelu, _linear, _one_input, _where
@@ -45,10 +50,24 @@ def _mlp(x, l1, l2):
     return mlp_projector(x, l1.weight, l1.bias, l2.weight, l2.bias)
 
 
+def _mlp_problem(x, width=None, **layers) -> str | None:
+    """Why the fused projector does not compute transformers' Linear calls ``layers`` (by
+    name) on ``x`` of ``width`` channels, by default its last dim's
+    (:func:`linear_chain_problem`: weights of another dtype or shape), or None; features
+    that are not a tensor of at least one dimension too."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        return "the features are not a tensor of (..., channels)"
+    width = x.shape[-1] if width is None else width
+    return linear_chain_problem(x, width, [(n, l.weight, l.bias) for n, l in layers.items()])
+
+
 def _deepseek_vl_forward(module, arch):
     _check_mlp(module, "linear1", "activation", "linear2")
 
     def fused(self, x):
+        why = _mlp_problem(x, linear1=self.linear1, linear2=self.linear2)
+        if why is not None:
+            return class_forward(self, why, x)
         return _mlp(x, self.linear1, self.linear2)
 
     return fused_forward(module, ("linear1", "activation", "linear2"), _one_input(module, fused))
@@ -63,6 +82,9 @@ def _video_llama3_forward(module, arch):
 
     def fused(self, x):
         readout = self.readout
+        why = _mlp_problem(x, **{"readout.0": readout[0], "readout.2": readout[2]})
+        if why is not None:
+            return class_forward(self, why, x)
         return _mlp(x, readout[0], readout[2])
 
     # "readout" itself: an nn.Sequential grown or shrunk after patching
@@ -74,11 +96,23 @@ def _minimax_m3_vl_forward(module, arch):
     _check_mlp(module, "merge_linear_1", "merge_act", "merge_linear_2")
 
     def fused(self, x):
+        l1, l2 = self.linear_1, self.linear_2
+        why = _mlp_problem(x, linear_1=l1, linear_2=l2)
+        if why is not None:
+            return class_forward(self, why, x)
         window = self.spatial_merge_size**2
-        if x.dim() < 1 or x.shape[0] % window:  # transformers' reshape raises
+        # transformers' reshape: the per-patch result (..., D) as (rows // window, -1)
+        d = l2.weight.shape[0]
+        rows = x.shape[0] if x.dim() > 1 else d
+        if rows == 0 or rows % window:  # its reshape raises, or makes other rows
             why = f"{tuple(x.shape)} features are not windows of {window} patches"
             return class_forward(self, why, x)
-        y = _mlp(x, self.linear_1, self.linear_2)
+        width = x.numel() // x.shape[-1] * d // (rows // window) if x.shape[-1] else 0
+        why = _mlp_problem(x, width, merge_linear_1=self.merge_linear_1,
+                           merge_linear_2=self.merge_linear_2)  # fmt: skip
+        if why is not None:
+            return class_forward(self, why, x)
+        y = _mlp(x, l1, l2)
         return _mlp(y.reshape(y.shape[0] // window, -1), self.merge_linear_1, self.merge_linear_2)
 
     parts = ("linear_1", "act", "linear_2", "merge_linear_1", "merge_act", "merge_linear_2")
@@ -97,6 +131,9 @@ def _janus_forward(module, arch):
 
     def fused(self, x):
         layers = self.hidden_layers
+        why = _mlp_problem(x, fc1=self.fc1, **{"hidden_layers.0": layers[0]})
+        if why is not None:
+            return class_forward(self, why, x)
         y = _mlp(x, self.fc1, layers[0])
         for layer in list(layers)[1:]:
             y = layer(self.activation_fn(y))
