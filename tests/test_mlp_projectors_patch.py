@@ -215,3 +215,34 @@ def test_minimax_m3_vl_projector_features_of_other_ranks_are_transformers(shape)
     mine = copy.deepcopy(ref)
     vt.patch(mine)
     assert_as_transformers(ref, mine, torch.randn(shape))
+
+
+def _transposed(x):
+    """``x``'s values as a (B, S, C) view whose token rows are not contiguous."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("key", ["modernvbert", "ultravbert"])
+@pytest.mark.parametrize(
+    "change",
+    ["factor 2.0", "factor 3", "factor 1", "wider", "transposed", "float64 projection"],
+)
+def test_vbert_connectors_on_what_transformers_refuses_raise_its_error(key, change):
+    """A pixel_shuffle_factor set after patching to a float or to a factor the projection's
+    weight does not take, features of another width, a projection of another dtype (under
+    autocast, which does not cast float64), and features whose token rows are not contiguous
+    (transformers' pixel_shuffle views them, and its view refuses their strides): the class's
+    forward, with transformers' error, where the fused merger raised its own TypeError or
+    ValueError, or returned a result."""
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    for m in (ref, mine):
+        if change.startswith("factor"):
+            m.pixel_shuffle_factor = eval(change.split()[1])
+        elif change == "float64 projection":
+            m.modality_projection.double()
+    x = {"wider": torch.cat([x, x[..., :1]], dim=-1), "transposed": _transposed(x)}.get(change, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "float64 projection"):
+        assert assert_as_transformers(ref, mine, x)

@@ -9,7 +9,7 @@ import torch
 from ...core.checks import isqrt
 from ...ops.connectors import merger
 
-__all__ = ["merge_per_image", "patch_major", "square_grid_problem"]
+__all__ = ["merge_per_image", "patch_major", "shuffle_view_problem", "square_grid_problem"]
 
 
 def square_grid_problem(features, s: int) -> str | None:
@@ -21,6 +21,18 @@ def square_grid_problem(features, s: int) -> str | None:
     side = isqrt(n)
     if side * side != n or side % s:
         return f"{n} tokens are not a square grid of a side divisible by {s}"
+    return None
+
+
+def shuffle_view_problem(features, s: int) -> str | None:
+    """Why Idefics3's pixel shuffle (``view`` (B, S, S / s, s C) of the (B, S * S, C)
+    features, :func:`square_grid_problem`'s layout) refuses the strides of ``features``, or
+    None: merging a token's s neighbours with its channels is a view only where each token
+    row follows the last (the token stride C times the channel stride). The fused merger
+    reads any strides; transformers raises its view's RuntimeError."""
+    b, n, c = features.shape
+    if s > 1 and c > 1 and n > 1 and features.stride(1) != c * features.stride(2):
+        return f"the features' strides {features.stride()} are not a view of (B, S, S / s, s C)"
     return None
 
 

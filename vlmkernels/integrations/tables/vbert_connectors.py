@@ -11,7 +11,10 @@ RMSNorm ``norm`` on the result. The patched forward runs one
 made) and, for UltraVBERT, calls ``norm`` as the class does. Outputs and gradients match
 transformers. Features that are not a square grid of (B, S * S, C) with s dividing S run
 the class's forward (its errors), with a
-:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`; a ``pixel_shuffle``
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`, and so do features whose
+token rows are not contiguous (its pixel shuffle's ``view`` refuses them), a factor set after
+patching to a float, and a projection weight of a dtype or shape transformers' Linear call
+refuses or broadcasts; a ``pixel_shuffle``
 overridden on the class or the instance is refused (the fused forward would skip it).
 Roots: their models (``...Model``, ``...ForMaskedLM``, ...), the connectors, or any model
 holding one.
@@ -26,9 +29,10 @@ from ..patching import (
     UnsupportedLayoutError,
     class_forward,
     fused_forward,
+    linear_chain_problem,
     register,
 )
-from .connector_layouts import square_grid_problem
+from .connector_layouts import shuffle_view_problem, square_grid_problem
 from .connectors import TESTED_VERSIONS, _arch, _linear, _where
 
 __all__ = ["VBERT_CONNECTOR_PATCHER"]
@@ -43,11 +47,18 @@ def _vbert_forward(module, arch):
     post_norm = arch.data.get("post_norm", False)
 
     def forward(self, image_hidden_states):
-        s = self.pixel_shuffle_factor
-        why = square_grid_problem(image_hidden_states, s)
+        s, proj, x = self.pixel_shuffle_factor, self.modality_projection, image_hidden_states
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:  # (set after patching)
+            why = f"pixel_shuffle_factor is {s!r}, not an int >= 1"
+        else:  # (the weight's dtype and shape: transformers' Linear raises its own error)
+            weights = [("modality_projection", proj.weight, proj.bias)]
+            why = (
+                square_grid_problem(x, s)
+                or linear_chain_problem(x, s * s * x.shape[-1], weights)
+                or shuffle_view_problem(x, s)
+            )
         if why is not None:
             return class_forward(self, why, image_hidden_states)
-        proj = self.modality_projection
         y = merger(image_hidden_states, proj.weight, proj.bias, merge_size=s, layout="grid")
         return self.norm(y) if post_norm else y
 
