@@ -246,3 +246,35 @@ def test_vbert_connectors_on_what_transformers_refuses_raise_its_error(key, chan
     x = {"wider": torch.cat([x, x[..., :1]], dim=-1), "transposed": _transposed(x)}.get(change, x)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "float64 projection"):
         assert assert_as_transformers(ref, mine, x)
+
+
+@pytest.mark.parametrize("key", ["aya_vision", "cohere2_vision"])
+@pytest.mark.parametrize(
+    "change",
+    ["factor 2.0", "factor 3", "wider", "bias of one", "no images", "norm bfloat16",
+     "norm float64", "norm of one"],
+)  # fmt: skip
+def test_gated_projectors_on_what_transformers_refuses_or_broadcasts_are_transformers(key, change):
+    """A downsample_factor set after patching to a float (transformers' int() casts take it)
+    or to one linear_1 does not take, features of another width, a linear_1 bias of one
+    element (transformers broadcasts it), a batch of no images, and for Aya Vision a
+    LayerNorm of a dtype CPU layer_norm refuses beside fp32 features, or of weights of one
+    element: transformers' result or error, from the class's forward, where the fused
+    merger raised its own TypeError or ValueError, another message, or returned a result."""
+    if change.startswith("norm") and key == "cohere2_vision":
+        pytest.skip("Command A Vision's projector has no norm")
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    for m in (ref, mine):
+        if change.startswith("factor"):
+            m.downsample_factor = eval(change.split()[1])
+        elif change == "bias of one":
+            m.linear_1.bias = nn.Parameter(torch.ones(1))
+        elif change == "norm of one":
+            m.layernorm.weight = nn.Parameter(torch.ones(1))
+        elif change.startswith("norm"):
+            m.layernorm.to(getattr(torch, change.split()[1]))
+    x = {"wider": torch.cat([x, x[..., :1]], dim=-1), "no images": x[:0]}.get(change, x)
+    assert assert_as_transformers(ref, mine, x)

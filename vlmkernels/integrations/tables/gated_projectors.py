@@ -16,14 +16,19 @@ its ``act`` and ``linear_2`` modules called (the connector kernels have no gated
 epilogue). Outputs and the gradients of the features
 and every weight match transformers. Features that are not a square grid of a side f
 divides run the class's forward (its errors), with a
-:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`; a ``pixel_shuffle`` of the
-class's or instance's own is refused at patch time. Roots: the models, the projectors
-themselves, or any model holding one.
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`, and so do a batch of no
+images, a factor set after patching to a float or to one linear_1 does not take, and a
+LayerNorm or linear_1 of a dtype or shape transformers' calls refuse or broadcast; a
+``pixel_shuffle`` of the class's or instance's own is refused at patch time. Roots: the
+models, the projectors themselves, or any model holding one.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ...core.checks import isqrt
+from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger
 from ..patching import (
     Patcher,
@@ -31,12 +36,36 @@ from ..patching import (
     UnsupportedLayoutError,
     class_forward,
     fused_forward,
+    linear_chain_problem,
     register,
 )
 from .connector_layouts import square_grid_problem
 from .connectors import TESTED_VERSIONS, _arch, _check_layer_norm, _linear, _where
 
 __all__ = ["GATED_PROJECTOR_PATCHER"]
+
+
+# the LayerNorm parameters' dtype CPU layer_norm (and CUDA's, outside autocast) takes beside
+# features of these 16-bit dtypes, besides theirs
+_MIXED_NORM = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def _layer_norm_problem(x, name, ln, width) -> str | None:
+    """Why transformers' LayerNorm ``ln`` (named ``name``) refuses or broadcasts the
+    shuffled rows of ``width`` channels of features ``x``, or None: a normalized shape or
+    parameters not (``width``,), parameters of a dtype layer_norm refuses beside the
+    features' (only fp32 ones beside 16-bit features; under CUDA autocast it runs in fp32)."""
+    w, b = ln.weight, ln.bias
+    if tuple(ln.normalized_shape) != (width,) or any(
+        t is not None and tuple(t.shape) != (width,) for t in (w, b)
+    ):
+        return f"{name}'s shape does not take {width} features"
+    if x.is_cuda and autocast_dtype(x) is not None:
+        return None
+    for t in (w, b):
+        if t is not None and t.dtype not in (x.dtype, _MIXED_NORM.get(x.dtype)):
+            return f"the features are {x.dtype} and {name} {t.dtype}"
+    return None
 
 
 def _gated_forward(module, arch):
@@ -50,11 +79,19 @@ def _gated_forward(module, arch):
         _check_layer_norm(module, norm, where)
 
     def forward(self, image_features):
-        f = self.downsample_factor
-        why = square_grid_problem(image_features, f)
+        f, l1, x = self.downsample_factor, self.linear_1, image_features
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:  # (set after patching)
+            why = f"downsample_factor is {f!r}, not an int >= 1"
+        else:
+            why = square_grid_problem(x, f)
+        if why is None:  # (no images: transformers' reshape raises its own message)
+            width = f * f * x.shape[-1]
+            why = "no images" if x.shape[0] == 0 else None
+            if why is None and norm is not None:
+                why = _layer_norm_problem(x, norm, self.get_submodule(norm), width)
+            why = why or linear_chain_problem(x, width, [("linear_1", l1.weight, l1.bias)])
         if why is not None:
             return class_forward(self, why, image_features)
-        l1 = self.linear_1
         kw = {}
         if norm is not None:
             ln = self.get_submodule(norm)
