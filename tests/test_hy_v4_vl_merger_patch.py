@@ -127,3 +127,42 @@ def test_hy_v4_vl_merger_bf16_norm_on_fp32_features_runs_fused():
         got = mine(x, (4, 6))
     want = ref(x, (4, 6))
     assert got.dtype == want.dtype == torch.float32 and max_rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "change, size, autocast",
+    [
+        (None, (4.0, 6.0), False),  # transformers' reshape refuses float sizes
+        (None, torch.tensor([4.0, 6.0]), False),
+        ("no patches", (4, 6), False),  # its final reshape of 0 elements raises
+        ("proj_out bfloat16", (4, 6), False),
+        ("proj_out float64", (4, 6), True),  # autocast does not cast float64
+        ("norm of one", (4, 6), False),  # Llama's norm broadcasts a weight of one element
+        ("conv bias of one", (4, 6), False),
+        ("newline (20, 1)", (4, 6), False),  # transformers reshapes it to (1, D, 1, 1)
+        ("newline (4, 5)", (4, 6), False),
+    ],
+)
+def test_hy_v4_vl_merger_on_what_transformers_refuses_or_takes_otherwise(change, size, autocast):
+    """Sizes of floats, no patches, a 1 x 1 convolution of another dtype than the features,
+    and weights of shapes transformers broadcasts, reshapes or refuses: its result or error,
+    from the class's forward, where the fused forward returned a result (int() of each size,
+    the empty merge), or raised the merger's TypeError or ValueError or expand's error."""
+    ref = _merger()
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    x = torch.randn(1, 24, 8)
+    for m in (ref, mine):
+        if change in ("proj_out bfloat16", "proj_out float64"):
+            m.proj_out.to(getattr(torch, change.split()[1]))
+        elif change == "norm of one":
+            m.before_rms.weight = nn.Parameter(torch.full((1,), 0.5))
+        elif change == "conv bias of one":
+            m.proj_conv.bias = nn.Parameter(torch.ones(1))
+        elif change is not None and change.startswith("newline"):
+            shape = (20, 1) if "(20, 1)" in change else (4, 5)
+            m.image_newline = nn.Parameter(torch.arange(20.0).reshape(shape))
+    if change == "no patches":
+        x = x[:, :0]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert assert_as_transformers(ref, mine, x, size)

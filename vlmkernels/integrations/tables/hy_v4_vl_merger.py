@@ -17,14 +17,16 @@ newline column (one concatenation, as transformers'). Outputs and the gradients 
 features and every weight match transformers (16-bit to its rounding).
 
 Features whose size is not t h w C, a side s does not divide (the convolution drops the
-last patches), convolutions of other strides, paddings, dilations or groups run the
-class's forward, with a :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`.
-Roots: the HunYuan-V4-VL models and vision model, the merger itself, or any model holding
-one.
+last patches), no patches, sizes that are not ints, convolutions of other strides, paddings,
+dilations or groups, weights of a dtype or shape transformers' calls refuse, broadcast or
+reshape run the class's forward, with a
+:class:`~vlmkernels.integrations.patching.PatchFallbackWarning`. Roots: the HunYuan-V4-VL
+models and vision model, the merger itself, or any model holding one.
 """
 
 from __future__ import annotations
 
+import operator
 import sys
 
 import torch
@@ -55,19 +57,29 @@ def _conv_is_linear(conv: nn.Conv2d, k: int) -> bool:
 
 def _unfused(module, x, size) -> str | None:
     s = module.spatial_merge_size
-    if not (_conv_is_linear(module.proj_conv, s) and _conv_is_linear(module.proj_out, 1)):
+    conv, out = module.proj_conv, module.proj_out
+    if not (_conv_is_linear(conv, s) and _conv_is_linear(out, 1)):
         return "a convolution is not a Linear on disjoint windows"
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        return "size is not (h, w)"
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1:
+    try:  # (transformers' reshape takes ints, or integer tensors of one element, not floats)
+        h, w = (operator.index(v) for v in size)
+    except (TypeError, ValueError, RuntimeError):
+        return "size is not (h, w) of ints"
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1 or x.numel() == 0:
+        # (no patches: transformers' last reshape of 0 elements raises)
         return "the features are not (..., patches, channels) of an (h, w) grid"
     if (why := promoted_norm(x, module.before_rms.weight, "RMSNorm")) is not None:
         return why
     c = x.shape[-1]
-    if c != module.proj_conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:
+    if c != conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:
         return f"the features are not frames of {h} x {w} patches in {s} x {s} windows"
+    # weights of the shapes the fused forward reads them as (transformers broadcasts the
+    # norm's weight, reshapes the newline token, or raises its own error)
+    n1, n2 = conv.weight.shape[0], out.weight.shape[0]
+    shapes = ((module.before_rms.weight, (c,)), (conv.weight, (n1, c, s, s)),
+              (conv.bias, (n1,)), (out.weight, (n2, n1, 1, 1)), (out.bias, (n2,)),
+              (module.image_newline, (n2,)))  # fmt: skip
+    if any(t is not None and tuple(t.shape) != shape for t, shape in shapes):
+        return "a weight's shape is not the one the merger reads"
     return None
 
 
