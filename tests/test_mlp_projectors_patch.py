@@ -278,3 +278,32 @@ def test_gated_projectors_on_what_transformers_refuses_or_broadcasts_are_transfo
             m.layernorm.to(getattr(torch, change.split()[1]))
     x = {"wider": torch.cat([x, x[..., :1]], dim=-1), "no images": x[:0]}.get(change, x)
     assert assert_as_transformers(ref, mine, x)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["deepseek_vl", "video_llama_3", "minimax_m3_vl", "janus", "ultravbert", "aya_vision",
+     "cohere2_vision", "hy_v4_vl"],
+)  # fmt: skip
+@pytest.mark.parametrize("moved", ["module", "features"])
+def test_features_and_weights_on_two_devices_raise_as_transformers(key, moved):
+    """The module on one device and the features on another (a model on the GPU, its
+    features left on the CPU; here the meta device stands in for it): transformers' layer
+    raises its RuntimeError, from the class's forward, where the fused ops raised their
+    TypeError or ValueError about the device. (ModernVBERT is left out: torch's linear
+    without bias mixes meta and CPU tensors without an error.)"""
+    if key == "hy_v4_vl":
+        from test_hy_v4_vl_merger_patch import _merger
+
+        module, x, args = _merger(), torch.randn(1, 24, 8), ((4, 6),)
+    else:
+        module, x = SAME_CODE[key]()
+        module, args = randomise(module), ()
+    mine = copy.deepcopy(module)
+    vt.patch(mine)
+    if moved == "module":
+        module, mine = module.to("meta"), mine.to("meta")
+    else:
+        x = x.to("meta")
+    why = assert_as_transformers(module, mine, x, *args)
+    assert why and "meta" in why[0]

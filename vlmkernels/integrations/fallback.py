@@ -32,6 +32,7 @@ __all__ = [
     "linear_chain_problem",
     "mixed_dtypes",
     "not_plain",
+    "other_device",
     "parts_of",
     "promoted_norm",
     "settings",
@@ -117,18 +118,31 @@ def promoted_norm(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | Non
     if autocast_dtype(x) is not None or torch.promote_types(x.dtype, weight.dtype) == x.dtype:
         return None
     return f"{x.dtype} features and a {weight.dtype} {what} (its result is promoted)"
+
+
+def other_device(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None:
+    """Why features ``x`` and ``weight`` (named ``what``) are on two devices, or None:
+    transformers' layer raises its RuntimeError (a model on the GPU, features left on the
+    CPU), the fused ops their TypeError or ValueError. A fused forward runs the class's
+    forward then."""
+    if isinstance(x, torch.Tensor) and x.device != weight.device:
+        return f"the features are on {x.device} and {what} on {weight.device}"
+    return None
+
+
 def linear_chain_problem(x: torch.Tensor, width: int, layers) -> str | None:
     """Why the linear layers ``layers``, ``(name, weight, bias)`` in turn, which a fused
     forward reads on features ``x`` of ``width`` channels, are not the chain transformers'
-    own Linear calls compute as the fused ops do, or None: a weight or bias whose dtype
-    transformers' linear refuses beside the features' (:func:`mixed_dtypes`: it raises its
-    RuntimeError, the fused ops their TypeError), or a weight that is not (N, ``width``)
+    own Linear calls compute as the fused ops do, or None: a weight or bias on another device
+    than the features (:func:`other_device`) or whose dtype transformers' linear refuses
+    beside the features' (:func:`mixed_dtypes`: it raises its RuntimeError, the fused ops
+    their TypeError), or a weight that is not (N, ``width``)
     (each layer taking the last one's N) or a bias that is not (N,) (transformers raises its
     own error, or broadcasts a bias of one element). A fused forward runs the class's
     forward then, for transformers' result or error."""
     for name, weight, bias in layers:
         for what, t in ((f"{name}.weight", weight), (f"{name}.bias", bias)):
-            if t is not None and (why := mixed_dtypes(x, t, what)) is not None:
+            if t is not None and (why := other_device(x, t, what) or mixed_dtypes(x, t, what)):
                 return why
         if (weight.dim() != 2 or weight.shape[1] != width
                 or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):  # fmt: skip

@@ -55,6 +55,7 @@ from .fallback import (
     linear_chain_problem,
     mixed_dtypes,
     not_plain,
+    other_device,
     parts_of,
     promoted_norm,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "marked",
     "mixed_dtypes",
     "not_plain",
+    "other_device",
     "parts_of",
     "patchers",
     "promoted_norm",

@@ -37,6 +37,7 @@ from ..patching import (
     class_forward,
     fused_forward,
     linear_chain_problem,
+    other_device,
     register,
 )
 from .connector_layouts import square_grid_problem
@@ -53,13 +54,17 @@ _MIXED_NORM = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 def _layer_norm_problem(x, name, ln, width) -> str | None:
     """Why transformers' LayerNorm ``ln`` (named ``name``) refuses or broadcasts the
     shuffled rows of ``width`` channels of features ``x``, or None: a normalized shape or
-    parameters not (``width``,), parameters of a dtype layer_norm refuses beside the
-    features' (only fp32 ones beside 16-bit features; under CUDA autocast it runs in fp32)."""
+    parameters not (``width``,), on another device than the features, or of a dtype
+    layer_norm refuses beside theirs (only fp32 ones beside 16-bit features; under CUDA
+    autocast it runs in fp32)."""
     w, b = ln.weight, ln.bias
     if tuple(ln.normalized_shape) != (width,) or any(
         t is not None and tuple(t.shape) != (width,) for t in (w, b)
     ):
         return f"{name}'s shape does not take {width} features"
+    for t in (w, b):
+        if t is not None and (why := other_device(x, t, name)):
+            return why
     if x.is_cuda and autocast_dtype(x) is not None:
         return None
     for t in (w, b):

@@ -39,6 +39,7 @@ from ..patching import (
     class_forward,
     exact_layer,
     fused_forward,
+    other_device,
     promoted_norm,
     register,
 )
@@ -67,7 +68,11 @@ def _unfused(module, x, size) -> str | None:
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or h < 1 or w < 1 or x.numel() == 0:
         # (no patches: transformers' last reshape of 0 elements raises)
         return "the features are not (..., patches, channels) of an (h, w) grid"
-    if (why := promoted_norm(x, module.before_rms.weight, "RMSNorm")) is not None:
+    norm = module.before_rms.weight
+    why = (other_device(x, norm, "the RMSNorm")
+           or other_device(x, module.image_newline, "image_newline")
+           or promoted_norm(x, norm, "RMSNorm"))  # fmt: skip
+    if why is not None:
         return why
     c = x.shape[-1]
     if c != conv.in_channels or x.numel() % (h * w * c) or h % s or w % s:
