@@ -69,6 +69,17 @@ def test_video_llama3_readout_grown_after_patching_runs_the_class_forward():
         assert max_rel(out, ref(x)) < TOL
 
 
+def test_minimax_m3_vl_projector_merge_size_0_raises_as_transformers():
+    """A spatial_merge_size set to 0 after patching: transformers' ZeroDivisionError (its
+    floor division), with its message, where the fused forward's modulo raised another."""
+    module, x = SAME_CODE["minimax_m3_vl"]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    ref.spatial_merge_size = mine.spatial_merge_size = 0
+    assert assert_as_transformers(ref, mine, x)
+
+
 def test_minimax_m3_vl_projector_partial_window_raises_as_transformers():
     """Patches that do not fill the 2 x 2 merge windows: transformers' error (its second
     MLP's matmul), not a kernel's, and not a result."""

@@ -104,7 +104,8 @@ def _minimax_m3_vl_forward(module, arch):
         # transformers' reshape: the per-patch result (..., D) as (rows // window, -1)
         d = l2.weight.shape[0]
         rows = x.shape[0] if x.dim() > 1 else d
-        if rows == 0 or rows % window:  # its reshape raises, or makes other rows
+        # its reshape raises (a window of 0: its floor division), or makes other rows
+        if window < 1 or rows == 0 or rows % window:
             why = f"{tuple(x.shape)} features are not windows of {window} patches"
             return class_forward(self, why, x)
         width = x.numel() // x.shape[-1] * d // (rows // window) if x.shape[-1] else 0
