@@ -225,7 +225,13 @@ def test_minimax_m3_vl_projector_features_of_other_ranks_are_transformers(shape)
     ref = randomise(module)
     mine = copy.deepcopy(ref)
     vt.patch(mine)
-    assert_as_transformers(ref, mine, torch.randn(shape))
+    x = torch.randn(shape)
+    try:
+        want = ref(x)
+    except RuntimeError:  # the class's forward's error
+        assert_as_transformers(ref, mine, x)
+    else:  # (8, 1, 12): fused, within rounding (bitwise only on the PyTorch backend)
+        assert max_rel(mine(x), want) < TOL
 
 
 def _transposed(x):

@@ -508,10 +508,10 @@ def test_qformer_part_under_torch_compile():
 
 def test_exported_qformer_keeps_the_one_gemm_kv():
     """torch.export of the patched Q-Former: the cross-attention layers' K / V come from
-    the one stacked GEMM (weights and biases concatenated: two ``aten.cat``, and one Linear
-    for the four key / value Linears), not from each layer's own; the export's fake weights are plain tensors to
-    that check (they were taken for tensor subclasses), and the program gives
-    transformers' result."""
+    the one stacked GEMM (weights and biases concatenated: two ``aten.cat``, and one
+    Linear for the four key / value Linears), not from each layer's own; the export's fake
+    weights are plain tensors to that check (they were taken for tensor subclasses), and
+    the program gives transformers' result."""
     model = tiny_qformer("blip_2", layers=4)  # 2 cross-attention layers
     ref = copy.deepcopy(model)
     kwargs, _ = inputs("blip_2", masked=False)
