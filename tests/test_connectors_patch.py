@@ -634,13 +634,15 @@ _NORM_MIXES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                (torch.float16, torch.bfloat16), (torch.float64, torch.float32)]  # fmt: skip
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
-def test_norm_of_another_dtype_than_the_features_as_transformers(name):
-    """A norm whose parameters are of another dtype than the features and the linears: the
-    patched module gives transformers' result (fused where the norm takes them and returns
-    the features' dtype) or raises transformers' error, where the fused norm prologue, which
-    reads parameters of any float dtype, would have returned a result (fp32 features and a
-    bf16 LayerNorm, for one)."""
+def test_norm_of_another_dtype_than_the_features_as_transformers(name, autocast):
+    """A norm whose parameters are of another dtype than the features and the linears, also
+    under CPU autocast (which leaves layer_norm's dtypes as they are, where CUDA's runs it in
+    fp32): the patched module gives transformers' result (fused where the norm takes them
+    and returns the features' dtype) or raises transformers' error, where the fused norm
+    prologue, which reads parameters of any float dtype, would have returned a result (fp32
+    features and a bf16 LayerNorm, for one)."""
     module, x = {**CASES, **SAME_CODE}[name]()
     base = randomise(module)
     norms = [
@@ -657,20 +659,22 @@ def test_norm_of_another_dtype_than_the_features_as_transformers(name):
         mine = copy.deepcopy(ref)
         vt.patch(mine)
         xi = x.to(x_dtype)
-        try:
-            want, error = ref(xi), None
-        except RuntimeError as e:
-            want, error = None, e
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PatchFallbackWarning)
-            if error is not None:
-                with pytest.raises(RuntimeError, match=re.escape(str(error))):
-                    mine(xi)
-                continue
-            got = mine(xi)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            try:
+                want, error = ref(xi), None
+            except RuntimeError as e:
+                want, error = None, e
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PatchFallbackWarning)
+                if error is not None:
+                    with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                        mine(xi)
+                    continue
+                got = mine(xi)
         assert got.dtype == want.dtype, (x_dtype, norm_dtype)
         # (16-bit intermediates round in other places than transformers' separate layers)
-        tol = TOL if {x_dtype, norm_dtype} <= {torch.float32, torch.float64} else 2e-2
+        exact = {x_dtype, norm_dtype} <= {torch.float32, torch.float64} and not autocast
+        tol = TOL if exact else 4e-2
         assert max_rel(got, want) < tol, (x_dtype, norm_dtype, max_rel(got, want))
 
 
@@ -710,6 +714,31 @@ def test_dtypes_torch_refuses_as_transformers(name):
                     mine(xi)
             else:
                 assert torch.equal(mine(xi), want), what
+
+
+@pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
+def test_weights_on_another_device_as_transformers(name):
+    """A module whose weights are on another device than the features (a model on the GPU,
+    its features left on the CPU; here the meta device), either way: the class's forward
+    runs, for transformers' error (or its result), where the fused ops raised their own
+    TypeError or ValueError."""
+    module, x = {**CASES, **SAME_CODE}[name]()
+    ref = randomise(module)
+    for model, xi in ((copy.deepcopy(ref).to("meta"), x), (ref, x.to("meta"))):
+        mine = copy.deepcopy(model)
+        vt.patch(mine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PatchFallbackWarning)
+            try:
+                want, error = model(xi), None
+            except RuntimeError as e:
+                want, error = None, e
+            if error is not None:
+                with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                    mine(xi)
+            else:
+                got = mine(xi)
+                assert (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
 
 
 class LoraLinear(nn.Module):

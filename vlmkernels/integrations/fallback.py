@@ -91,11 +91,11 @@ def mixed_dtypes(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None
 
 def layer_norm_dtypes(x: torch.Tensor, norm, what: str) -> str | None:
     """Why torch's ``layer_norm`` of features ``x`` with the parameters of ``norm`` (named
-    ``what``) raises on their dtypes, or None. Outside autocast it takes parameters of x's
-    dtype, or fp32 ones with 16-bit features; autocast runs it in fp32, which float64 is
-    not cast to. The fused norm prologue reads parameters of any float dtype, so a fused
-    forward runs the class's forward then, for torch's error."""
-    autocast = autocast_dtype(x) is not None
+    ``what``) raises on their dtypes, or None. It takes parameters of x's dtype, or fp32
+    ones with 16-bit features; CUDA's autocast runs it in fp32 (float64 is not cast), CPU's
+    leaves it as it is. The fused norm prologue reads parameters of any float dtype, so a
+    fused forward runs the class's forward then, for torch's error."""
+    autocast = x.is_cuda and autocast_dtype(x) is not None
     for p in (norm.weight, getattr(norm, "bias", None)):
         if p is None or p.dtype == x.dtype:
             continue
@@ -248,6 +248,9 @@ def _dtype_problem(module, x: torch.Tensor, typed) -> str | None:
     ``module`` ((name, is a LayerNorm) pairs), or None (see :func:`fused_forward`)."""
     for name, is_norm in typed:
         layer = module.get_submodule(name)
+        for t in (layer.weight, getattr(layer, "bias", None)):
+            if t is not None and (why := other_device(x, t, name)) is not None:
+                return why
         if is_norm:
             why = layer_norm_dtypes(x, layer, name)
         else:
@@ -267,12 +270,12 @@ def fused_forward(module, reads: Iterable[str], forward: Callable) -> Callable:
     (:func:`changed_part`) and runs the class's forward instead where one changed
     (:func:`class_forward`). The guard carries them as ``parts``.
 
-    The linears, convolutions and LayerNorms among them compute on tensors of the dtype of
-    the forward's first tensor argument (the features): where torch refuses that dtype with
-    their parameters (:func:`mixed_dtypes`, a bias of another dtype than its weight outside
-    autocast, :func:`layer_norm_dtypes`), the class's forward runs too, for torch's error
-    (the fused ops, which read any float parameters or raise their own TypeError, would
-    not give it)."""
+    The linears, convolutions and LayerNorms among them compute on tensors of the device
+    and dtype of the forward's first argument (the features): where torch refuses those
+    with their parameters (:func:`other_device`, :func:`mixed_dtypes`, a bias of another
+    dtype than its weight outside autocast, :func:`layer_norm_dtypes`), or the features
+    are not a tensor, the class's forward runs too, for torch's error (the fused ops,
+    which read any float parameters or raise their own TypeError, would not give it)."""
     parts = parts_of(module, reads)
     typed = tuple((name, issubclass(cls, torch.nn.LayerNorm))
                   for name, (cls, _) in parts.items() if issubclass(cls, _TYPED))  # fmt: skip

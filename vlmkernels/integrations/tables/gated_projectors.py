@@ -25,10 +25,7 @@ models, the projectors themselves, or any model holding one.
 
 from __future__ import annotations
 
-import torch
-
 from ...core.checks import isqrt
-from ...core.runtime import autocast_dtype
 from ...ops.connectors import merger
 from ..patching import (
     Patcher,
@@ -37,7 +34,6 @@ from ..patching import (
     class_forward,
     fused_forward,
     linear_chain_problem,
-    other_device,
     register,
 )
 from .connector_layouts import square_grid_problem
@@ -46,30 +42,14 @@ from .connectors import TESTED_VERSIONS, _arch, _check_layer_norm, _linear, _whe
 __all__ = ["GATED_PROJECTOR_PATCHER"]
 
 
-# the LayerNorm parameters' dtype CPU layer_norm (and CUDA's, outside autocast) takes beside
-# features of these 16-bit dtypes, besides theirs
-_MIXED_NORM = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
-
-
-def _layer_norm_problem(x, name, ln, width) -> str | None:
+def _layer_norm_problem(name, ln, width) -> str | None:
     """Why transformers' LayerNorm ``ln`` (named ``name``) refuses or broadcasts the
-    shuffled rows of ``width`` channels of features ``x``, or None: a normalized shape or
-    parameters not (``width``,), on another device than the features, or of a dtype
-    layer_norm refuses beside theirs (only fp32 ones beside 16-bit features; under CUDA
-    autocast it runs in fp32)."""
-    w, b = ln.weight, ln.bias
+    shuffled rows of ``width`` channels, or None: a normalized shape or parameters not
+    (``width``,). (Their device and dtype: the guard's, :func:`fused_forward`.)"""
     if tuple(ln.normalized_shape) != (width,) or any(
-        t is not None and tuple(t.shape) != (width,) for t in (w, b)
+        t is not None and tuple(t.shape) != (width,) for t in (ln.weight, ln.bias)
     ):
         return f"{name}'s shape does not take {width} features"
-    for t in (w, b):
-        if t is not None and (why := other_device(x, t, name)):
-            return why
-    if x.is_cuda and autocast_dtype(x) is not None:
-        return None
-    for t in (w, b):
-        if t is not None and t.dtype not in (x.dtype, _MIXED_NORM.get(x.dtype)):
-            return f"the features are {x.dtype} and {name} {t.dtype}"
     return None
 
 
@@ -93,7 +73,7 @@ def _gated_forward(module, arch):
             width = f * f * x.shape[-1]
             why = "no images" if x.shape[0] == 0 else None
             if why is None and norm is not None:
-                why = _layer_norm_problem(x, norm, self.get_submodule(norm), width)
+                why = _layer_norm_problem(norm, self.get_submodule(norm), width)
             why = why or linear_chain_problem(x, width, [("linear_1", l1.weight, l1.bias)])
         if why is not None:
             return class_forward(self, why, image_features)

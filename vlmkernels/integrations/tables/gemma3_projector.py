@@ -47,6 +47,7 @@ from ..patching import (
     fused_forward,
     mixed_dtypes,
     not_plain,
+    other_device,
     register,
 )
 from .connectors import TESTED_VERSIONS, _arch, _one_input, _where
@@ -83,7 +84,8 @@ def _unfused(module, x) -> str | None:
         # as W (matmul), or raises its own error
         return (f"the weights' shapes {tuple(norm_w.shape)} and {tuple(w.shape)} do not "
                 f"take {c} channels as ({c},) and ({c}, D)")  # fmt: skip
-    return mixed_dtypes(x, w, "the projection")
+    return (other_device(x, norm_w, "mm_soft_emb_norm") or other_device(x, w, "the projection")
+            or mixed_dtypes(x, w, "the projection"))  # fmt: skip
 
 
 def _gemma3_forward(module, arch):
