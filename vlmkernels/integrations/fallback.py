@@ -130,20 +130,15 @@ def other_device(x: torch.Tensor, weight: torch.Tensor, what: str) -> str | None
     return None
 
 
-def linear_chain_problem(x: torch.Tensor, width: int, layers) -> str | None:
+def linear_chain_problem(width: int, layers) -> str | None:
     """Why the linear layers ``layers``, ``(name, weight, bias)`` in turn, which a fused
-    forward reads on features ``x`` of ``width`` channels, are not the chain transformers'
-    own Linear calls compute as the fused ops do, or None: a weight or bias on another device
-    than the features (:func:`other_device`) or whose dtype transformers' linear refuses
-    beside the features' (:func:`mixed_dtypes`: it raises its RuntimeError, the fused ops
-    their TypeError), or a weight that is not (N, ``width``)
-    (each layer taking the last one's N) or a bias that is not (N,) (transformers raises its
-    own error, or broadcasts a bias of one element). A fused forward runs the class's
-    forward then, for transformers' result or error."""
+    forward reads on features of ``width`` channels, are not the chain of shapes
+    transformers' own Linear calls compute as the fused ops do, or None: a weight that is
+    not (N, ``width``) (each layer taking the last one's N) or a bias that is not (N,)
+    (transformers raises its own error, or broadcasts a bias of one element). A fused
+    forward runs the class's forward then, for transformers' result or error. (Their
+    devices and dtypes: the guard's, :func:`fused_forward`.)"""
     for name, weight, bias in layers:
-        for what, t in ((f"{name}.weight", weight), (f"{name}.bias", bias)):
-            if t is not None and (why := other_device(x, t, what) or mixed_dtypes(x, t, what)):
-                return why
         if (weight.dim() != 2 or weight.shape[1] != width
                 or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):  # fmt: skip
             bias_shape = None if bias is None else tuple(bias.shape)

@@ -74,7 +74,7 @@ def _gated_forward(module, arch):
             why = "no images" if x.shape[0] == 0 else None
             if why is None and norm is not None:
                 why = _layer_norm_problem(norm, self.get_submodule(norm), width)
-            why = why or linear_chain_problem(x, width, [("linear_1", l1.weight, l1.bias)])
+            why = why or linear_chain_problem(width, [("linear_1", l1.weight, l1.bias)])
         if why is not None:
             return class_forward(self, why, image_features)
         kw = {}

@@ -53,12 +53,12 @@ def _mlp(x, l1, l2):
 def _mlp_problem(x, width=None, **layers) -> str | None:
     """Why the fused projector does not compute transformers' Linear calls ``layers`` (by
     name) on ``x`` of ``width`` channels, by default its last dim's
-    (:func:`linear_chain_problem`: weights of another dtype or shape), or None; features
+    (:func:`linear_chain_problem`: weights of another shape), or None; features
     that are not a tensor of at least one dimension too."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         return "the features are not a tensor of (..., channels)"
     width = x.shape[-1] if width is None else width
-    return linear_chain_problem(x, width, [(n, l.weight, l.bias) for n, l in layers.items()])
+    return linear_chain_problem(width, [(n, l.weight, l.bias) for n, l in layers.items()])
 
 
 def _deepseek_vl_forward(module, arch):

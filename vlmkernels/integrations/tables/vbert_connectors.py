@@ -50,11 +50,11 @@ def _vbert_forward(module, arch):
         s, proj, x = self.pixel_shuffle_factor, self.modality_projection, image_hidden_states
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:  # (set after patching)
             why = f"pixel_shuffle_factor is {s!r}, not an int >= 1"
-        else:  # (the weight's dtype and shape: transformers' Linear raises its own error)
+        else:  # (the weight's shape: transformers' Linear raises its own error)
             weights = [("modality_projection", proj.weight, proj.bias)]
             why = (
                 square_grid_problem(x, s)
-                or linear_chain_problem(x, s * s * x.shape[-1], weights)
+                or linear_chain_problem(s * s * x.shape[-1], weights)
                 or shuffle_view_problem(x, s)
             )
         if why is not None:
