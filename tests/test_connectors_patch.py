@@ -627,6 +627,21 @@ def test_patched_connector_under_autocast(name, x_dtype, offset):
         assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
 
 
+def _results_or_error(ref, mine, x):
+    """(transformers' ``ref(x)``, the patched ``mine(x)``), or None where ``ref`` raises a
+    RuntimeError, which ``mine`` then raises too, with its message (fallback warnings
+    silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchFallbackWarning)
+        try:
+            want = ref(x)
+        except RuntimeError as e:
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                mine(x)
+            return None
+        return want, mine(x)
+
+
 # (features, norm parameters) dtypes outside autocast: torch's layer_norm takes fp32
 # parameters with 16-bit features and refuses the other mixes; Llama's RMSNorm promotes its
 # result (bf16 features, an fp32 norm: fp32, which a bf16 linear refuses)
@@ -658,19 +673,11 @@ def test_norm_of_another_dtype_than_the_features_as_transformers(name, autocast)
             ref.get_submodule(n).to(norm_dtype)
         mine = copy.deepcopy(ref)
         vt.patch(mine)
-        xi = x.to(x_dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            try:
-                want, error = ref(xi), None
-            except RuntimeError as e:
-                want, error = None, e
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PatchFallbackWarning)
-                if error is not None:
-                    with pytest.raises(RuntimeError, match=re.escape(str(error))):
-                        mine(xi)
-                    continue
-                got = mine(xi)
+            results = _results_or_error(ref, mine, x.to(x_dtype))
+        if results is None:
+            continue
+        want, got = results
         assert got.dtype == want.dtype, (x_dtype, norm_dtype)
         # (16-bit intermediates round in other places than transformers' separate layers)
         exact = {x_dtype, norm_dtype} <= {torch.float32, torch.float64} and not autocast
@@ -703,17 +710,8 @@ def test_dtypes_torch_refuses_as_transformers(name):
     for what, ref, xi in _other_dtypes(randomise(module), x):
         mine = copy.deepcopy(ref)
         vt.patch(mine)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PatchFallbackWarning)
-            try:
-                want, error = ref(xi), None
-            except RuntimeError as e:
-                want, error = None, e
-            if error is not None:
-                with pytest.raises(RuntimeError, match=re.escape(str(error))):
-                    mine(xi)
-            else:
-                assert torch.equal(mine(xi), want), what
+        if (results := _results_or_error(ref, mine, xi)) is not None:
+            assert torch.equal(*results), what
 
 
 @pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
@@ -727,18 +725,9 @@ def test_weights_on_another_device_as_transformers(name):
     for model, xi in ((copy.deepcopy(ref).to("meta"), x), (ref, x.to("meta"))):
         mine = copy.deepcopy(model)
         vt.patch(mine)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PatchFallbackWarning)
-            try:
-                want, error = model(xi), None
-            except RuntimeError as e:
-                want, error = None, e
-            if error is not None:
-                with pytest.raises(RuntimeError, match=re.escape(str(error))):
-                    mine(xi)
-            else:
-                got = mine(xi)
-                assert (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
+        if (results := _results_or_error(model, mine, xi)) is not None:
+            want, got = results
+            assert (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
 
 
 class LoraLinear(nn.Module):

@@ -54,6 +54,16 @@ def test_whole_model_patches_its_projector(key):
     assert vt.support()[f"{key}.connector"] == {"connector": "ok"}
 
 
+def _patched_copy(key):
+    """(module, a patched copy of it, features) of the SAME_CODE case ``key``, weights
+    random."""
+    module, x = SAME_CODE[key]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    return ref, mine, x
+
+
 def test_video_llama3_readout_grown_after_patching_runs_the_class_forward():
     """A layer appended to VideoLLaMA 3's readout after patching is not skipped: the class's
     forward runs (with a warning), giving transformers' result."""
@@ -72,10 +82,7 @@ def test_video_llama3_readout_grown_after_patching_runs_the_class_forward():
 def test_minimax_m3_vl_projector_merge_size_0_raises_as_transformers():
     """A spatial_merge_size set to 0 after patching: transformers' ZeroDivisionError (its
     floor division), with its message, where the fused forward's modulo raised another."""
-    module, x = SAME_CODE["minimax_m3_vl"]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, x = _patched_copy("minimax_m3_vl")
     ref.spatial_merge_size = mine.spatial_merge_size = 0
     assert assert_as_transformers(ref, mine, x)
 
@@ -83,10 +90,7 @@ def test_minimax_m3_vl_projector_merge_size_0_raises_as_transformers():
 def test_minimax_m3_vl_projector_partial_window_raises_as_transformers():
     """Patches that do not fill the 2 x 2 merge windows: transformers' error (its second
     MLP's matmul), not a kernel's, and not a result."""
-    module, x = SAME_CODE["minimax_m3_vl"]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, x = _patched_copy("minimax_m3_vl")
     bad = x[:26]
     with pytest.raises(RuntimeError) as want:
         ref(bad)
@@ -173,10 +177,7 @@ def test_features_of_a_dtype_transformers_refuses_get_its_error(key, autocast):
     """float64 features into an fp32 connector, outside autocast and under it (which does
     not cast float64): transformers' own error (its Linear's), from the class's forward,
     not the fused ops' TypeError."""
-    module, x = SAME_CODE[key]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, x = _patched_copy(key)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         why = assert_as_transformers(ref, mine, x.double())
     assert why and "the features are torch.float64" in why[0]
@@ -199,10 +200,7 @@ def test_mlp_layers_transformers_refuses_or_broadcasts_run_the_class_forward(key
     first bias of one element set after patching: transformers' RuntimeError (its linear's)
     or its result (the bias broadcast), from the class's forward, where the fused ops raised
     their TypeError or ValueError."""
-    module, x = SAME_CODE[key]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, x = _patched_copy(key)
     second, first = _MLP_LAYERS[key]
     for m in (ref, mine):
         if change in ("bfloat16", "float64"):
@@ -221,10 +219,7 @@ def test_minimax_m3_vl_projector_features_of_other_ranks_are_transformers(shape)
     results' first dim (D for 1-D features, B for 3-D), which its merge MLP refuses unless
     L is 1; its RuntimeError or result, where the fused forward checked the features' first
     dim and raised the projector's ValueError."""
-    module, _ = SAME_CODE["minimax_m3_vl"]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, _ = _patched_copy("minimax_m3_vl")
     x = torch.randn(shape)
     try:
         want = ref(x)
@@ -251,10 +246,7 @@ def test_vbert_connectors_on_what_transformers_refuses_raise_its_error(key, chan
     (transformers' pixel_shuffle views them, and its view refuses their strides): the class's
     forward, with transformers' error, where the fused merger raised its own TypeError or
     ValueError, or returned a result."""
-    module, x = SAME_CODE[key]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, x = _patched_copy(key)
     for m in (ref, mine):
         if change.startswith("factor"):
             m.pixel_shuffle_factor = eval(change.split()[1])
@@ -280,10 +272,7 @@ def test_gated_projectors_on_what_transformers_refuses_or_broadcasts_are_transfo
     merger raised its own TypeError or ValueError, another message, or returned a result."""
     if change.startswith("norm") and key == "cohere2_vision":
         pytest.skip("Command A Vision's projector has no norm")
-    module, x = SAME_CODE[key]()
-    ref = randomise(module)
-    mine = copy.deepcopy(ref)
-    vt.patch(mine)
+    ref, mine, x = _patched_copy(key)
     for m in (ref, mine):
         if change.startswith("factor"):
             m.downsample_factor = eval(change.split()[1])

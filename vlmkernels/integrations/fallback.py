@@ -234,7 +234,7 @@ def class_forward(module, why: str, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
 
 
-# the layers whose parameters' dtypes torch checks against their input's
+# the layers whose parameters' devices and dtypes torch checks against their input's
 _TYPED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.LayerNorm)
 
 
