@@ -12,6 +12,7 @@ import contextlib
 import copy
 import importlib
 import math
+import re
 import warnings
 
 import pytest
@@ -504,6 +505,20 @@ def test_qformer_part_under_torch_compile():
     assert rel(got, want) < 1e-5 and rel(again, want) < 1e-5
     assert all(rel(a, e) < 1e-5 for a, e in zip(got_grads, want_grads, strict=True)
                if e.abs().max() > 1e-6)  # fmt: skip
+
+
+def test_image_features_of_another_width_raise_transformers_error():
+    """Image features wider than the key / value Linears take: transformers' own error
+    (each layer projects its own K / V), where the one-GEMM K / V raised stacked_kv's
+    ValueError."""
+    model = tiny_qformer("blip_2", layers=2)
+    kwargs, _ = inputs("blip_2", masked=False)
+    image = kwargs["encoder_hidden_states"].detach()
+    kwargs["encoder_hidden_states"] = torch.cat([image, image[..., :1]], dim=-1)
+    with pytest.raises(RuntimeError) as want:
+        model(**kwargs)
+    with patch(model), pytest.raises(RuntimeError, match=re.escape(str(want.value))):
+        model(**kwargs)
 
 
 def test_exported_qformer_keeps_the_one_gemm_kv():

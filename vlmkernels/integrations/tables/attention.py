@@ -571,8 +571,10 @@ def _qformer_encoder_forward(module, arch: Architecture):
         if encoder_hidden_states is not None and query_length > 0 and not checkpointed:
             cross = [_stackable(layer, arch.module) for layer in self.layer]
             cross = [a for a in cross if a is not None]
-            if cross:
-                linears = [lin for a in cross for lin in (a.key, a.value)]
+            linears = [lin for a in cross for lin in (a.key, a.value)]
+            width = encoder_hidden_states.shape[-1]
+            # (features of another width: each layer projects its own, for transformers' error)
+            if cross and all(lin.weight.shape[-1] == width for lin in linears):
                 out = stacked_kv(encoder_hidden_states, linears)
                 kv = {a: (out[2 * i], out[2 * i + 1]) for i, a in enumerate(cross)}
                 kwargs[QFORMER_KV] = (encoder_hidden_states, _version(encoder_hidden_states), kv)
