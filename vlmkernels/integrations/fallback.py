@@ -167,13 +167,7 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
     if (hooked := global_hooks()) is not None:
         return hooked
     for name, (cls, was) in parts.items():
-        if "." not in name:  # the usual case, a dict lookup (this runs on every call)
-            sub = module._modules.get(name)
-        else:
-            try:
-                sub = module.get_submodule(name)
-            except AttributeError:
-                sub = None
+        sub = _submodule(module, name)
         if type(sub) is not cls:
             now, was = distinct_names(type(sub), cls)
             return f"{name} is now {now}, not {was}"
@@ -187,6 +181,17 @@ def changed_part(module, parts: Mapping[str, tuple[type, tuple | None]]) -> str 
             if (why := not_plain(f"{name}.{key}", p)) is not None:
                 return why
     return None
+
+
+def _submodule(module, name: str):
+    """``module.get_submodule(name)``, or None where it has no such submodule, by dict
+    lookups (this runs on every call of a fused forward; ``get_submodule`` costs several
+    microseconds a name)."""
+    for key in name.split("."):
+        module = module._modules.get(key)
+        if module is None:
+            return None
+    return module
 
 
 def not_plain(name: str, weight) -> str | None:
@@ -241,19 +246,23 @@ _TYPED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.LayerNorm)
 def _dtype_problem(module, x: torch.Tensor, typed) -> str | None:
     """Why torch refuses the features ``x`` with the parameters of the ``typed`` layers of
     ``module`` ((name, is a LayerNorm) pairs), or None (see :func:`fused_forward`)."""
+    dtype, device = x.dtype, x.device
     for name, is_norm in typed:
-        layer = module.get_submodule(name)
-        for t in (layer.weight, getattr(layer, "bias", None)):
+        layer = _submodule(module, name)
+        own = _parameters(layer)
+        weight, bias = own.get("weight"), own.get("bias")
+        if all(t is None or (t.dtype == dtype and t.device == device) for t in (weight, bias)):
+            continue  # (the usual call: nothing to check, at a few attribute reads)
+        for t in (weight, bias):
             if t is not None and (why := other_device(x, t, name)) is not None:
                 return why
         if is_norm:
             why = layer_norm_dtypes(x, layer, name)
-        else:
-            why = mixed_dtypes(x, layer.weight, name)
-            bias = layer.bias
-            if (why is None and bias is not None and bias.dtype != layer.weight.dtype
+        elif weight is not None:
+            why = mixed_dtypes(x, weight, name)
+            if (why is None and bias is not None and bias.dtype != weight.dtype
                     and autocast_dtype(x) is None):  # fmt: skip
-                why = f"{name}'s bias is {bias.dtype} and its weight {layer.weight.dtype}"
+                why = f"{name}'s bias is {bias.dtype} and its weight {weight.dtype}"
         if why is not None:
             return why
     return None
