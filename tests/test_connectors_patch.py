@@ -714,6 +714,19 @@ def test_dtypes_torch_refuses_as_transformers(name):
             assert torch.equal(*results), what
 
 
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_shuffle_of_features_whose_token_rows_are_not_contiguous_as_transformers(name):
+    """Features whose token rows do not follow each other in memory (a transposed copy):
+    transformers' pixel shuffle ``view`` refuses them, so the patched connector runs the
+    class's forward for that RuntimeError, as the vBERT connectors (the same shuffle) do,
+    where the fused merger, which reads any strides, returned a result."""
+    module, x = CASES[name]()
+    ref = randomise(module)
+    mine = copy.deepcopy(ref)
+    vt.patch(mine)
+    assert _results_or_error(ref, mine, x.transpose(1, 2).contiguous().transpose(1, 2)) is None
+
+
 @pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
 def test_weights_on_another_device_as_transformers(name):
     """A module whose weights are on another device than the features (a model on the GPU,

@@ -86,6 +86,7 @@ from ..patching import (
     promoted_norm,
     register,
 )
+from .connector_layouts import shuffle_view_problem
 
 __all__ = ["DEEPSTACK_PATCHER", "INTERNVL_PATCHER", "INTERNVL_SHUFFLE_PATCHER", "LFM2_VL_PATCHER",
            "LLAVA_PATCHER", "MINICPM_MERGER_PATCHER", "NORM_MLP_PATCHERS",
@@ -251,6 +252,8 @@ def _shuffle_forward(module, arch):
     def forward(self, image_hidden_states):
         if image_hidden_states.dim() != 3:  # (B, S * S, C); the class's pixel_shuffle raises
             why = f"{image_hidden_states.dim()}-D features, not (B, S * S, C)"
+            return class_forward(self, why, image_hidden_states)
+        if why := shuffle_view_problem(image_hidden_states, self.scale_factor):
             return class_forward(self, why, image_hidden_states)
         proj = self.modality_projection.proj
         return merger(image_hidden_states, proj.weight, proj.bias,
