@@ -74,9 +74,10 @@ def assert_16_bit_close(exact, dtype, x, *args):
         assert max_rel(p.grad, q.grad) < 2e-2, name
 
 
-def assert_as_transformers(ref, mine, *args) -> list[str]:
-    """``mine(*args)`` (a patched copy of ``ref``) gives ``ref``'s result, or raises its
-    exception with its message; returns the messages of the PatchFallbackWarnings shown."""
+def assert_as_transformers(ref, mine, *args, same=torch.equal) -> list[str]:
+    """``mine(*args)`` (a patched copy of ``ref``) gives ``ref``'s result (``same(got,
+    want)``, by default bitwise), or raises its exception with its message; returns the
+    messages of the PatchFallbackWarnings shown."""
     try:
         want, error = ref(*args), None
     except Exception as e:  # noqa: BLE001 (whatever transformers raises)
@@ -84,7 +85,7 @@ def assert_as_transformers(ref, mine, *args) -> list[str]:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", PatchFallbackWarning)
         if error is None:
-            assert torch.equal(mine(*args), want)
+            assert same(mine(*args), want)
         else:
             with pytest.raises(type(error), match=re.escape(str(error))):
                 mine(*args)
@@ -627,19 +628,19 @@ def test_patched_connector_under_autocast(name, x_dtype, offset):
         assert err_mine <= factor * err_ref + 2e-3, (err_mine, err_ref)
 
 
-def _results_or_error(ref, mine, x):
-    """(transformers' ``ref(x)``, the patched ``mine(x)``), or None where ``ref`` raises a
-    RuntimeError, which ``mine`` then raises too, with its message (fallback warnings
-    silenced)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PatchFallbackWarning)
-        try:
-            want = ref(x)
-        except RuntimeError as e:
-            with pytest.raises(RuntimeError, match=re.escape(str(e))):
-                mine(x)
-            return None
-        return want, mine(x)
+def _within(tol: float, label):
+    """A ``same`` for :func:`assert_as_transformers`: the result's dtype, and its values
+    bitwise (``tol`` 0) or within ``tol`` relative; ``label`` names the case."""
+
+    def same(got, want) -> bool:
+        assert got.dtype == want.dtype, label
+        if tol == 0:
+            assert torch.equal(got, want), label
+        else:
+            assert max_rel(got, want) < tol, (label, max_rel(got, want))
+        return True
+
+    return same
 
 
 # (features, norm parameters) dtypes outside autocast: torch's layer_norm takes fp32
@@ -673,16 +674,11 @@ def test_norm_of_another_dtype_than_the_features_as_transformers(name, autocast)
             ref.get_submodule(n).to(norm_dtype)
         mine = copy.deepcopy(ref)
         vt.patch(mine)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            results = _results_or_error(ref, mine, x.to(x_dtype))
-        if results is None:
-            continue
-        want, got = results
-        assert got.dtype == want.dtype, (x_dtype, norm_dtype)
         # (16-bit intermediates round in other places than transformers' separate layers)
         exact = {x_dtype, norm_dtype} <= {torch.float32, torch.float64} and not autocast
-        tol = TOL if exact else 4e-2
-        assert max_rel(got, want) < tol, (x_dtype, norm_dtype, max_rel(got, want))
+        same = _within(TOL if exact else 4e-2, (x_dtype, norm_dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert_as_transformers(ref, mine, x.to(x_dtype), same=same)
 
 
 def _other_dtypes(module, x):
@@ -710,8 +706,7 @@ def test_dtypes_torch_refuses_as_transformers(name):
     for what, ref, xi in _other_dtypes(randomise(module), x):
         mine = copy.deepcopy(ref)
         vt.patch(mine)
-        if (results := _results_or_error(ref, mine, xi)) is not None:
-            assert torch.equal(*results), what
+        assert_as_transformers(ref, mine, xi, same=_within(0, what))
 
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
@@ -724,7 +719,15 @@ def test_shuffle_of_features_whose_token_rows_are_not_contiguous_as_transformers
     ref = randomise(module)
     mine = copy.deepcopy(ref)
     vt.patch(mine)
-    assert _results_or_error(ref, mine, x.transpose(1, 2).contiguous().transpose(1, 2)) is None
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(RuntimeError):
+        ref(x)
+    assert assert_as_transformers(ref, mine, x)  # (its error, from the class's forward)
+
+
+def _same_meta(got, want) -> bool:
+    """Results on the meta device (no values): the same device, shape and dtype."""
+    return (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
 
 
 @pytest.mark.parametrize("name", [*CASES, *SAME_CODE])
@@ -738,9 +741,7 @@ def test_weights_on_another_device_as_transformers(name):
     for model, xi in ((copy.deepcopy(ref).to("meta"), x), (ref, x.to("meta"))):
         mine = copy.deepcopy(model)
         vt.patch(mine)
-        if (results := _results_or_error(model, mine, xi)) is not None:
-            want, got = results
-            assert (got.device, got.shape, got.dtype) == (want.device, want.shape, want.dtype)
+        assert_as_transformers(model, mine, xi, same=_same_meta)
 
 
 class LoraLinear(nn.Module):
