@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import vlmkernels
 from vlmkernels.ops import connectors as C
 from vlmkernels.ops.connectors import launchers, ops
-from vlmkernels.ops.connectors.kernels import LAYER_NORM, RMS_NORM
+from vlmkernels.ops.connectors.kernels import ACT_SWIGLU, ACT_SWIGLU_GRAD, LAYER_NORM, RMS_NORM
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -55,8 +55,15 @@ def ref_norm(v, kind, w, b, eps):
     return v * torch.rsqrt(v.square().mean(-1, keepdim=True) + eps) * w
 
 
-def ref_merger(x, w1, b1, w2, b2, *, s, layout, norm, nw, nb, eps, before):
-    """The Qwen-VL mergers (consecutive) and the pixel-shuffle projectors (grid)."""
+def swiglu(h):
+    """Aya Vision's ``x, gate = h.chunk(2, dim=-1); act(gate) * x``, act SiLU."""
+    v, gate = h.chunk(2, dim=-1)
+    return F.silu(gate) * v
+
+
+def ref_merger(x, w1, b1, w2, b2, *, s, layout, norm, nw, nb, eps, before, act=F.gelu):
+    """The Qwen-VL mergers (consecutive), the pixel-shuffle projectors (grid) and, with
+    ``act`` :func:`swiglu`, Aya Vision's projector (grid, LayerNorm after the shuffle)."""
     c = x.shape[-1]
     if norm is not None and before:
         x = ref_norm(x, norm, nw, nb, eps)
@@ -67,7 +74,7 @@ def ref_merger(x, w1, b1, w2, b2, *, s, layout, norm, nw, nb, eps, before):
     if norm is not None and not before:
         X = ref_norm(X, norm, nw, nb, eps)
     h = F.linear(X, w1, b1)
-    return h if w2 is None else F.linear(F.gelu(h), w2, b2)
+    return h if w2 is None else F.linear(act(h), w2, b2)
 
 
 def check_grads(pairs, tol):
@@ -161,6 +168,56 @@ def test_mlp_projector(dtype, store_hidden, backend):
     check_grads(dict(zip(names, zip(grads, refs, strict=True), strict=True)), 2 * TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("store_hidden", [False, True])
+def test_mlp_projector_swiglu(dtype, store_hidden, backend):
+    """y = (v SiLU(g)) W2^T + b2 for the halves (v, g) of h = x W1^T + b1: I = 19 value
+    columns, so the interleaved tiles of the first GEMM (half a tile per output column) end
+    mid-tile and the gate half starts at an odd column."""
+    k, i, n2 = 24, 19, 20
+    x = rand(3, 5, k, dtype=dtype)
+    w1, b1 = rand(2 * i, k, dtype=dtype, scale=0.3), rand(2 * i, dtype=dtype)
+    w2, b2 = rand(n2, i, dtype=dtype, scale=0.3), rand(n2, dtype=dtype)
+    params = [x, w1, b1, w2, b2]
+    y = C.mlp_projector(*params, activation="swiglu", store_hidden=store_hidden)
+    ref64 = [leaf64(t) for t in params]
+    ref = F.linear(swiglu(F.linear(*ref64[:3])), *ref64[3:])
+    assert y.shape == (3, 5, n2) and y.dtype == dtype
+    assert max_rel(y, ref) < TOL[dtype]
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, params, g.to(dtype))
+    refs = torch.autograd.grad(ref, ref64, g)
+    names = ["x", "w1", "b1", "w2", "b2"]
+    check_grads(dict(zip(names, zip(grads, refs, strict=True), strict=True)), 2 * TOL[dtype])
+
+
+def test_swiglu_kernels_alone():
+    """The two epilogues on their own, in fp32 outputs, against float64: the forward's
+    v SiLU(g) and its pre-activation h (both halves, W1's column order), and the backward's
+    (dv, dg) with v SiLU(g) stored for dW2, for gates spanning -30..30 (SiLU's saturated
+    ends and sigmoid's underflow)."""
+    m, k, i = 21, 12, 11
+    x = torch.randn(m, 1, 1, k)
+    w1, b1 = torch.randn(2 * i, k) * 0.3, torch.randn(2 * i) * 0.3
+    b1[i:] = torch.linspace(-30, 30, i)  # the gates' offsets
+    grid = launchers.Addressing.of(x, [1, 1])
+    out, pre = torch.empty(m, i), torch.empty(m, 2 * i)
+    with vlmkernels.use_backend("triton"):
+        launchers.first_linear(out, launchers.XOperand(x, grid), w1, b1, act=ACT_SWIGLU,
+                               aux=pre)  # fmt: skip
+    h = F.linear(x.reshape(m, k).double(), w1.double(), b1.double())
+    assert max_rel(pre, h) < 1e-6
+    assert max_rel(out, swiglu(h)) < 1e-6
+    w2, dy = torch.randn(7, i), torch.randn(m, 7)
+    dh, p = torch.empty(m, 2 * i), torch.empty(m, i)
+    launchers.gemm(dh, m, i, 7, a=dy, a_strides=dy.stride(), b=w2, b_strides=w2.stride(),
+                   act=ACT_SWIGLU_GRAD, aux=pre, aux2=p)  # fmt: skip
+    h64 = pre.double().requires_grad_()
+    (dh_ref,) = torch.autograd.grad(swiglu(h64), h64, dy.double() @ w2.double())
+    assert max_rel(dh, dh_ref) < 1e-6
+    assert max_rel(p, swiglu(pre.double())) < 1e-6
+
+
 def test_mlp_projector_strided_no_bias_and_partial_grads(backend):
     k, n1, n2 = 16, 24, 12
     x = torch.randn(2, 7, 2 * k)[..., ::2].requires_grad_()  # last dim stride 2
@@ -231,6 +288,15 @@ def test_merger_fp32(name, store_hidden, backend):
 @pytest.mark.parametrize("name", ["qwen2_vl", "internvl"])
 def test_merger_16bit(name, dtype, backend):
     merger_case(name, dtype, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("store_hidden", [False, True])
+def test_merger_swiglu_aya_vision(dtype, store_hidden, backend):
+    """Aya Vision's projector: pixel shuffle, LayerNorm of the shuffled rows, SwiGLU (16-bit:
+    the norm folded into the interleaved first GEMM, its column sums and bias read per
+    interleaved column), every gradient."""
+    merger_case("internvl", dtype, store_hidden, activation="swiglu")
 
 
 @pytest.mark.parametrize("biases", ["all", "none"])
@@ -307,9 +373,13 @@ def test_norm_fold_weights():
     assert max_rel(bias, b.double() + w64 @ nb.double().repeat(segments)) < 1e-6
 
 
-def merger_case(name, dtype, store_hidden):
-    x, weights, kw = merger_inputs(name, dtype)
-    y = C.merger(x, *weights, store_hidden=store_hidden, **kw)
+def merger_case(name, dtype, store_hidden, activation="gelu"):
+    if activation == "swiglu":  # 13 value and 13 gate rows in w1; w2 takes 13 features
+        x, weights, kw = merger_inputs(name, dtype, hidden=26)
+        weights[2] = rand(10, 13, dtype=dtype, scale=0.2)
+    else:
+        x, weights, kw = merger_inputs(name, dtype)
+    y = C.merger(x, *weights, store_hidden=store_hidden, activation=activation, **kw)
     tensors = {"x": x, "w1": weights[0], "b1": weights[1], "w2": weights[2], "b2": weights[3],
                "norm_weight": kw["norm_weight"], "norm_bias": kw["norm_bias"]}  # fmt: skip
     tensors = {k: v for k, v in tensors.items() if v is not None}
@@ -318,6 +388,7 @@ def merger_case(name, dtype, store_hidden):
         r["x"], r["w1"], r.get("b1"), r.get("w2"), r.get("b2"), s=kw["merge_size"],
         layout=kw["layout"], norm=kw["norm"], nw=r.get("norm_weight"), nb=r.get("norm_bias"),
         eps=kw["eps"], before=kw["norm_before_merge"],
+        act=swiglu if activation == "swiglu" else F.gelu,
     )  # fmt: skip
     assert y.shape == ref.shape and y.dtype == dtype
     assert max_rel(y, ref) < TOL[dtype], max_rel(y, ref)
@@ -583,6 +654,15 @@ def test_bad_inputs():
         (lambda: C.mlp_projector(x, w1, torch.randn(7), w2, None), ValueError, "b1 must be"),
         (lambda: C.mlp_projector(x, w1.half(), None, w2, None), TypeError, "w1 must have x's"),
         (lambda: C.mlp_projector(x, w1, None, w2, None, "relu"), ValueError, "activation"),
+        (lambda: C.mlp_projector(x, torch.randn(7, 4), None, torch.randn(3, 3), None,
+                                 "swiglu"), ValueError, "even out_features of w1"),
+        (lambda: C.mlp_projector(x, w1, None, w2, None, "swiglu"), ValueError,
+         r"w2 must be \(out_features, 4\)"),
+        (lambda: C.mlp_projector(torch.randn(1, 16, 4), w1, None, torch.randn(3, 4), None,
+                                 "swiglu", pool="avg2x2", grid=(4, 4)), ValueError,
+         "takes activation='gelu'"),
+        (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), activation="swiglu"),
+         ValueError, "'swiglu' needs w2"),
         (lambda: C.merger(torch.randn(10, 4), torch.randn(8, 16)), ValueError, "multiple of"),
         (lambda: C.merger(torch.randn(8, 4), torch.randn(8, 16), norm="batchnorm"),
          ValueError, "norm must be"),
@@ -646,6 +726,12 @@ def test_opcheck(backend):
     lib = torch.ops.vlmkernels
     args = (x, w1, b1, w2, b2, nw, nb, None, [2, 2], 1, True, 1e-6, 1, False)
     torch.library.opcheck(lib.connector, args)
+    # SwiGLU (activation 3): w1's 6 rows are 3 value and 3 gate rows, w2 takes 3 features
+    w1g, b1g = torch.randn(6, 12, requires_grad=True), torch.randn(6, requires_grad=True)
+    w2g = torch.randn(4, 3, requires_grad=True)
+    for save in (False, True):
+        torch.library.opcheck(lib.connector, (x, w1g, b1g, w2g, b2, nw, nb, None, [2, 2], 1,
+                                              True, 1e-6, 3, save))  # fmt: skip
     # what the backward reads (saved activation, statistics) is not a differentiable result
     out, *aux = lib.connector(*args)
     assert out.requires_grad and not any(t.requires_grad for t in aux)

@@ -10,12 +10,18 @@ MH x MW patches without copying them:
                        1 / sqrt(var + eps), over each patch (C) or each merged row (K), fp32
     h  = Xn W1^T + b1
     y  = GELU(h) W2^T + b2          (or y = h with a single linear)
+    y  = (v SiLU(u)) W2^T + b2      SwiGLU (Aya Vision): (v, u) the halves of h, each I wide
 
 GELU is exact, 0.5 h (1 + erf(h / sqrt 2)). The backward recomputes GELU(h) from h, and h
 itself from x unless the forward was asked to keep it:
 
     dh = (g W2) * GELU'(h),  dW2 = g^T GELU(h),  db2 = sum g,  dW1 = dh^T Xn,  db1 = sum dh,
     dXn = dh W1, then the norm's backward, scattered back through the merge.
+
+SwiGLU's first GEMM (N = 2 I) reads W1's value and gate rows interleaved, so v and u of an
+output column meet in one accumulator tile and only v SiLU(u) (M x I) is written; its
+backward's dh = (dv, du) = (dp SiLU(u), dp v s (1 + u (1 - s))), dp = g W2 and
+s = sigmoid(u), comes out of the dp GEMM's epilogue.
 
 With 16-bit inputs the norm is folded into the first GEMM instead of normalising X: with
 W' = W1 diag(w) (rounded once per call), colsum_s[n] = sum over segment s of W'[n, k] and
@@ -43,7 +49,7 @@ and the second GEMM and its two backward GEMMs run on the pooled rows (exact up 
 DeepStack (Qwen3-VL): out = hidden, out[mask] = hidden[mask] + visual_embeds, one pass.
 
 Modules: ``kernels`` (the Triton kernels: the GEMM core with its merge addressing, norm
-prologue or folded norm, and bias / GELU / residual epilogue; the weight fold; the norm
+prologue or folded norm, and bias / GELU / SwiGLU / residual epilogue; the weight fold; the norm
 statistics, normalising pass and backward; the shuffle copy; the DeepStack add),
 ``launchers``, ``reference`` (the PyTorch path), ``ops`` (the op declarations),
 ``functional`` (the public functions), ``family``.

@@ -11,6 +11,8 @@ from .kernels import (
     ACT_GELU,
     ACT_GELU_GRAD,
     ACT_NONE,
+    ACT_SWIGLU,
+    ACT_SWIGLU_GRAD,
     LAYER_NORM,
     NO_NORM,
     RMS_NORM,
@@ -49,9 +51,10 @@ def _gemm(name, flags, unit, expect=("mma", "no_spill"), kernel=None, aligned=()
 def compile_cases() -> list[CompileCase]:
     """Forward: the first linear on plain rows (LLaVA), with a per-patch LayerNorm and the
     2 x 2 merge (Qwen2-VL), with an RMSNorm of the merged rows (post-shuffle), the second
-    linear. Backward: dh with GELU' (and GELU(h) stored), the weight gradients with the bias
-    gradient (on dY and a plain or stored X: the normalised merged features, or the shuffle
-    copy), dx scattered through the merge."""
+    linear, the SwiGLU first linear after a LayerNorm of the shuffled rows (Aya Vision).
+    Backward: dh with GELU' (and GELU(h) stored) or SwiGLU's derivative, the weight
+    gradients with the bias gradient (on dY and a plain or stored X: the normalised merged
+    features, or the shuffle copy), dx scattered through the merge."""
     fwd_unit = ("sxc", "sbk", "scn", "saux_n")
     plain = ("sak", "sbn", "scn", "saux_n")
     return [
@@ -61,9 +64,15 @@ def compile_cases() -> list[CompileCase]:
                                              ACT=ACT_GELU), fwd_unit),
         _gemm("connector_fc1_merge_rms", dict(XSIDE=X_A, GATHER=True, NORM=RMS_NORM, BIAS=False,
                                               ACT=ACT_NONE), fwd_unit),
+        # Aya Vision: the LayerNorm of the shuffled rows, SwiGLU (value and gate interleaved)
+        _gemm("connector_fc1_swiglu", dict(XSIDE=X_A, GATHER=True, NORM=LAYER_NORM,
+                                           NORM_BIAS=True, BIAS=True, ACT=ACT_SWIGLU,
+                                           STORE_AUX=True), fwd_unit),
         _gemm("connector_fc2", dict(BIAS=True, RESIDUAL=True), ("sak", "sbk", "scn", "sres_n")),
         # GELU' epilogue: its own kernel and space (kernels._DH_GPU_CONFIGS), no spills
         _gemm("connector_dh", dict(ACT=ACT_GELU_GRAD, STORE_AUX2=True), plain,
+              kernel=kernels._gemm_dh_kernel),
+        _gemm("connector_dh_swiglu", dict(ACT=ACT_SWIGLU_GRAD, STORE_AUX2=True), plain,
               kernel=kernels._gemm_dh_kernel),
         # A = dY^T: unit stride along m, its k stride and M the features of dY (multiples
         # of 16 in a typical launch, which Triton specialises)

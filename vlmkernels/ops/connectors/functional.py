@@ -30,7 +30,7 @@ from ...core.checks import (
 from ...core.overlap import check_no_overlap
 from ...core.runtime import autocast_operands
 from . import ops
-from .kernels import ACT_GELU, LAYER_NORM, NO_NORM, RMS_NORM
+from .kernels import ACT_GELU, ACT_SWIGLU, LAYER_NORM, NO_NORM, RMS_NORM
 from .reference import AVG2X2, BILINEAR
 
 __all__ = ["deepstack_add", "merger", "mlp_projector", "pixel_shuffle"]
@@ -107,10 +107,27 @@ def _check_linear(op, name_w, w, name_b, b, x, in_features) -> int:
     return w.shape[0]
 
 
+_ACTIVATIONS = {"gelu": ACT_GELU, "swiglu": ACT_SWIGLU}
+
+
 def _check_activation(op: str, activation) -> int:
-    if activation != "gelu":
-        raise ValueError(f"{op}: activation must be 'gelu' (exact, erf), got {activation!r}")
-    return ACT_GELU
+    if not in_choices(activation, _ACTIVATIONS):
+        raise ValueError(
+            f"{op}: activation must be 'gelu' (exact, erf) or 'swiglu', got {activation!r}"
+        )
+    return _ACTIVATIONS[activation]
+
+
+def _second_in_features(op: str, n1: int, act: int) -> int:
+    """The inputs of the second linear: w1's outputs, or half of them for SwiGLU."""
+    if act != ACT_SWIGLU:
+        return n1
+    if n1 % 2:
+        raise ValueError(
+            f"{op}: activation='swiglu' needs an even out_features of w1 (value and gate "
+            f"halves), got {n1}"
+        )
+    return n1 // 2
 
 
 def _needs_grad(*tensors) -> bool:
@@ -174,11 +191,15 @@ def mlp_projector(
 ) -> torch.Tensor:
     """LLaVA's projector, y = GELU(x W1^T + b1) W2^T + b2, GELU exact (erf), optionally
     followed by a pooling of the projected token grid, computed before the second linear.
+    Or the SwiGLU projector (Aya Vision's, without its shuffle and norm): h = x W1^T + b1
+    split into its halves (v, g), y = (v SiLU(g)) W2^T + b2.
 
     Args:
         x: (..., K) features; (B, H W, K) with ``pool``.
-        w1, b1: (N1, K) and (N1,) or None. w2, b2: (N2, N1) and (N2,) or None.
-        activation: "gelu".
+        w1, b1: (N1, K) and (N1,) or None. w2, b2: (N2, N1) and (N2,) or None; (N2, N1 / 2)
+            with "swiglu".
+        activation: "gelu", or "swiglu" (rows [0, N1 / 2) of w1 give v, the rest the gate g:
+            ``v, g = h.chunk(2, -1)``; not with ``pool``).
         store_hidden: keep the pre-activation h = x W1^T + b1 (M x N1) for the backward;
             by default only the inputs are kept and the backward recomputes h with one
             GEMM (GELU(h) is never stored: the backward recomputes it from h either way).
@@ -225,7 +246,9 @@ def mlp_projector(
         raise ValueError(f"{op}: x must be (..., in_features) with in_features > 0")
     act = _check_activation(op, activation)
     n1 = _check_linear(op, "w1", w1, "b1", b1, x, x.shape[-1])
-    n2 = _check_linear(op, "w2", w2, "b2", b2, x, n1)
+    n2 = _check_linear(op, "w2", w2, "b2", b2, x, _second_in_features(op, n1, act))
+    if pool is not None and act == ACT_SWIGLU:
+        raise ValueError(f"{op}: pool={pool!r} takes activation='gelu', got 'swiglu'")
     if pool is None and (grid is not None or pool_size is not None):
         given = "grid" if grid is not None else "pool_size"
         raise ValueError(f"{op}: {given} goes with pool='avg2x2' or 'bilinear' (pool is None)")
@@ -279,9 +302,10 @@ def merger(
     use_postshuffle_norm, InternVL, MiniCPM-V 4.6). Statistics in fp32.
 
     Then h = norm(X) W1^T + b1 and y = GELU(h) W2^T + b2 with ``w2``, else y = h
-    (Idefics3: one linear, no bias). ``activation``: "gelu" (exact, erf; the only one, checked
-    even without ``w2``); ``store_hidden`` as in :func:`mlp_projector`. ``eps`` defaults to
-    1e-6, the Qwen-VL mergers' LayerNorm eps.
+    (Idefics3: one linear, no bias). ``activation``: "gelu" (exact, erf; checked even without
+    ``w2``), or "swiglu" with ``w2`` (Aya Vision, Command A Vision: y = (v SiLU(g)) W2^T + b2
+    for the halves ``v, g = h.chunk(2, -1)``, w2 (N, N1 / 2)); ``store_hidden`` as in
+    :func:`mlp_projector`. ``eps`` defaults to 1e-6, the Qwen-VL mergers' LayerNorm eps.
     """
     op = "merger"
     if layout not in ("consecutive", "grid"):
@@ -343,8 +367,10 @@ def merger(
     n1 = _check_linear(op, "w1", w1, "b1", b1, x, mh * mw * c)
     act = _check_activation(op, activation)  # checked even where unused (no w2)
     if w2 is not None:
-        n_out = _check_linear(op, "w2", w2, "b2", b2, x, n1)
+        n_out = _check_linear(op, "w2", w2, "b2", b2, x, _second_in_features(op, n1, act))
     else:
+        if act == ACT_SWIGLU:
+            raise ValueError(f"{op}: activation='swiglu' needs w2 (v SiLU(g) feeds it)")
         if b2 is not None:
             raise ValueError(f"{op}: b2 given without w2")
         act, n_out = 0, n1

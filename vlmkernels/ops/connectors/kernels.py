@@ -25,8 +25,9 @@ from ...kernels.blocks import to_dtype_rne
 
 # the norms of the prologue
 NO_NORM, LAYER_NORM, RMS_NORM = 0, 1, 2
-# the activation of the epilogue: none, exact GELU (forward), GELU's derivative (backward)
-ACT_NONE, ACT_GELU, ACT_GELU_GRAD = 0, 1, 2
+# the activation of the epilogue: none, exact GELU (forward), GELU's derivative (backward),
+# SwiGLU (forward: value and gate halves of the first linear) and its derivative (backward)
+ACT_NONE, ACT_GELU, ACT_GELU_GRAD, ACT_SWIGLU, ACT_SWIGLU_GRAD = 0, 1, 2, 3, 4
 # whether A of the GEMM is the (gathered, normalised) X
 X_NONE, X_A = 0, 1
 
@@ -265,6 +266,16 @@ def _gemm_kernel(
     (``STORE_AUX2``); + res[m, n] (``RESIDUAL``). The output is stored at [m, n], or, with
     ``SCATTER``, where X[m, n] lives in a tensor of x's shape (strides sc*): the input
     gradient of the merge, a permutation, written in place of the transposed gather.
+
+    ``ACT`` = SWIGLU (N = 2 I, B's columns the value half v = [0, I) and the gate half
+    g = [I, 2 I)): out (M, I) = v SiLU(g). A tile's accumulator columns interleave the two
+    halves, column 2 o + t reading B's column o + t I (only addresses change: B is read in
+    place), so each output column's v and g land side by side in the accumulator and one
+    GEMM of N = 2 I gives out[m, o] = acc[m, 2 o] SiLU(acc[m, 2 o + 1]); the pre-activation
+    goes to aux (M, 2 I) in its own column order. ``ACT`` = SWIGLU_GRAD (N = I, aux the
+    pre-activation (M, 2 I)): with s = sigmoid(g), out (M, 2 I) gets dv = acc SiLU(g) in
+    columns [0, I) and dg = acc v s (1 + g (1 - s)) in [I, 2 I), and v SiLU(g) is stored to
+    aux2 (M, I) contiguous (``STORE_AUX2``).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -277,9 +288,15 @@ def _gemm_kernel(
     pid_n = (pid % width) // size_m
 
     rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
     m_mask = rm < M
-    n_mask = rn < N
+    if ACT == 3:
+        j = tl.arange(0, BN)
+        ro = pid_n * (BN // 2) + j // 2
+        rn = ro + (j % 2) * (N // 2)
+        n_mask = ro < N // 2
+    else:
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
     rk = tl.arange(0, BK)
     a_rows = rm.to(tl.int64) * sam
     b_cols = rn.to(tl.int64) * sbn
@@ -323,6 +340,32 @@ def _gemm_kernel(
         if STORE_AUX2:
             tl.store(aux2_ptr + aux_offs, (h * cdf).to(aux2_ptr.dtype.element_ty), mask=mask)
         acc = acc * (cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327)
+    elif ACT == 3:
+        # the split is free (each thread holds column pairs); the halves are stored apart,
+        # each contiguous along n (the interleaved tile's columns are I apart)
+        v, g = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
+        rn = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        n_mask = rn < N // 2
+        mask = m_mask[:, None] & n_mask[None, :]
+        if STORE_AUX:
+            v_offs = rm.to(tl.int64)[:, None] * saux_m + rn.to(tl.int64)[None, :] * saux_n
+            g_offs = v_offs + (N // 2) * saux_n
+            tl.store(aux_ptr + v_offs, v.to(aux_ptr.dtype.element_ty), mask=mask)
+            tl.store(aux_ptr + g_offs, g.to(aux_ptr.dtype.element_ty), mask=mask)
+        acc = v * g * tl.sigmoid(g)
+    elif ACT == 4:
+        v = tl.load(aux_ptr + aux_offs, mask=mask, other=0.0).to(tl.float32)
+        g_offs = rm.to(tl.int64)[:, None] * saux_m + (rn + N).to(tl.int64)[None, :] * saux_n
+        g = tl.load(aux_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        silu = g * s
+        if STORE_AUX2:
+            p_offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(aux2_ptr + p_offs, (v * silu).to(aux2_ptr.dtype.element_ty), mask=mask)
+        dv_offs = rm.to(tl.int64)[:, None] * scm + rn.to(tl.int64)[None, :] * scn
+        tl.store(c_ptr + dv_offs, (acc * silu).to(c_ptr.dtype.element_ty), mask=mask)
+        acc = acc * v * (s + silu * (1.0 - s))
+        rn += N  # dg: the gate half's columns
     if RESIDUAL:
         res_offs = rm.to(tl.int64)[:, None] * sres_m + rn.to(tl.int64)[None, :] * sres_n
         acc += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)

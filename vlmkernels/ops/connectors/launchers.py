@@ -26,7 +26,16 @@ from ...core.runtime import (
 )
 from . import kernels as K
 from . import reference
-from .kernels import ACT_GELU, ACT_GELU_GRAD, ACT_NONE, NO_NORM, RMS_NORM, X_A
+from .kernels import (
+    ACT_GELU,
+    ACT_GELU_GRAD,
+    ACT_NONE,
+    ACT_SWIGLU,
+    ACT_SWIGLU_GRAD,
+    NO_NORM,
+    RMS_NORM,
+    X_A,
+)
 
 __all__ = [
     "Addressing",
@@ -174,7 +183,7 @@ def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
     aux_strides = aux.stride() if aux is not None else (0, 0)
     res_strides = residual.stride() if residual is not None else (0, 0)
     out_strides = out.stride() if scatter is None else (0, 0)
-    kernel = K._gemm_dh_kernel if act == ACT_GELU_GRAD else K._gemm_kernel
+    kernel = K._gemm_dh_kernel if act in (ACT_GELU_GRAD, ACT_SWIGLU_GRAD) else K._gemm_kernel
     with device_guard(out):
         kernel[lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),)](
             a if a is not None else stand_in, b if b is not None else stand_in, out,
@@ -187,7 +196,8 @@ def gemm(out, M, N, Kdim, *, a=None, a_strides=(0, 0), b=None, b_strides=(0, 0),
             XSIDE=side, GATHER=grid.gather, NORM=xop.norm if side else NO_NORM,
             PER_PATCH=xop.per_patch, NORM_BIAS=xop.bias is not None, FOLD=colsum is not None,
             SCATTER=scatter is not None,
-            BIAS=bias is not None, ACT=act, STORE_AUX=act == ACT_GELU and aux is not None,
+            BIAS=bias is not None, ACT=act,
+            STORE_AUX=act in (ACT_GELU, ACT_SWIGLU) and aux is not None,
             STORE_AUX2=aux2 is not None, RESIDUAL=residual is not None,
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         )  # fmt: skip
@@ -214,7 +224,8 @@ def fold_norm(w, b, xop: XOperand):
 
 
 def first_linear(out, xop: XOperand, w, b, act=ACT_NONE, aux=None, residual=None):
-    """out (M, N) = act(norm(X) W^T + b) (+ residual), the pre-activation into ``aux``.
+    """out (M, N) = act(norm(X) W^T + b) (+ residual), the pre-activation into ``aux``
+    (SwiGLU: out (M, N / 2), :func:`.kernels._gemm_kernel`).
     With 16-bit inputs and a norm, the norm is folded into the GEMM (:func:`fold_norm`:
     raw X is read, the statistics scale the accumulator); fp32 inputs normalise X in the
     GEMM's prologue, which keeps fp32 accuracy (the fold's P - mu colsum cancels)."""
@@ -257,9 +268,10 @@ def forward(x, merge, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: in
     xop = XOperand(x, grid, norm, per_patch, mean, rstd, norm_weight, norm_bias)
     n1 = w1.shape[0]
     two = w2 is not None
-    out1 = torch.empty((M, n1), dtype=x.dtype, device=x.device)
-    keep_pre = save and two and act == ACT_GELU
-    pre = torch.empty_like(out1) if keep_pre else None
+    gated = two and act == ACT_SWIGLU
+    out1 = torch.empty((M, n1 // 2 if gated else n1), dtype=x.dtype, device=x.device)
+    keep_pre = save and two and act in (ACT_GELU, ACT_SWIGLU)
+    pre = torch.empty((M, n1), dtype=x.dtype, device=x.device) if keep_pre else None
     first_linear(
         out1,
         xop,
@@ -273,7 +285,7 @@ def forward(x, merge, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: in
         return out1, _empty(x), mean, rstd
     n2 = w2.shape[0]
     y = torch.empty((M, n2), dtype=x.dtype, device=x.device)
-    gemm(y, M, n2, n1, a=out1, a_strides=out1.stride(), b=w2,
+    gemm(y, M, n2, out1.shape[1], a=out1, a_strides=out1.stride(), b=w2,
          b_strides=(w2.stride(1), w2.stride(0)), bias=b2, residual=_rows(residual, M))  # fmt: skip
     saved = pre if keep_pre else (out1 if save else _empty(x))
     return y, saved, mean, rstd
@@ -301,19 +313,20 @@ def backward(grad, x, merge, w1, b1, w2, norm_weight, norm_bias, saved, mean, rs
         saved = torch.empty((M, w1.shape[0]), dtype=dt, device=dev)
         first_linear(saved, xop, w1, b1)
     if w2 is not None:
-        n2, n1 = w2.shape
-        dh = torch.empty((M, n1), dtype=dt, device=dev)
+        n2, n_in = w2.shape  # n_in: w1's outputs, half of them with SwiGLU
+        dh = torch.empty((M, w1.shape[0]), dtype=dt, device=dev)
         activation = None
-        if act == ACT_GELU:
-            activation = torch.empty_like(dh) if need_w2 else None
-            gemm(dh, M, n1, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride(),
-                 act=ACT_GELU_GRAD, aux=saved, aux2=activation)  # fmt: skip
+        if act in (ACT_GELU, ACT_SWIGLU):
+            grad_act = ACT_GELU_GRAD if act == ACT_GELU else ACT_SWIGLU_GRAD
+            activation = torch.empty((M, n_in), dtype=dt, device=dev) if need_w2 else None
+            gemm(dh, M, n_in, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride(),
+                 act=grad_act, aux=saved, aux2=activation)  # fmt: skip
         else:
-            gemm(dh, M, n1, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride())
+            gemm(dh, M, n_in, n2, a=grad, a_strides=grad.stride(), b=w2, b_strides=w2.stride())
             activation = saved
         if need_w2:
             dw2 = torch.empty_like(w2)
-            gemm(dw2, n2, n1, M, a=grad, a_strides=(grad.stride(1), grad.stride(0)),
+            gemm(dw2, n2, n_in, M, a=grad, a_strides=(grad.stride(1), grad.stride(0)),
                  b=activation, b_strides=activation.stride())  # fmt: skip
         db2 = bias_grad(grad) if need_b2 else None
         g1 = dh

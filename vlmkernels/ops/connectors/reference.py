@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import ACT_GELU, LAYER_NORM, NO_NORM
+from .kernels import ACT_GELU, ACT_SWIGLU, LAYER_NORM, NO_NORM
 
 __all__ = [
     "AVG2X2",
@@ -85,14 +85,32 @@ def _forward(x, merge_hw, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm
              eps, act):  # fmt: skip
     X, mean, rstd = _normed(x, merge_hw, norm, per_patch, eps, norm_weight, norm_bias)
     h = F.linear(X, w1, b1)
-    if w2 is None:
-        y = h
-    else:
-        a = F.gelu(h) if act == ACT_GELU else h
-        y = F.linear(a, w2, b2)
+    y = h if w2 is None else F.linear(_activation(h, act), w2, b2)
     if residual is not None:
         y = y + residual.reshape(y.shape)
     return y, h, mean, rstd
+
+
+def _activation(h: torch.Tensor, act: int) -> torch.Tensor:
+    """GELU(h), v SiLU(g) for the halves (v, g) of h (SwiGLU), or h."""
+    if act == ACT_GELU:
+        return F.gelu(h)
+    if act == ACT_SWIGLU:
+        v, g = h.chunk(2, dim=-1)
+        return F.silu(g) * v
+    return h
+
+
+def _activation_backward(g: torch.Tensor, h: torch.Tensor, act: int) -> torch.Tensor:
+    """The gradient of h for the gradient g of :func:`_activation` (h): g GELU'(h), or
+    (g SiLU(gate), g v s (1 + gate (1 - s))) side by side, s = sigmoid(gate) (SwiGLU)."""
+    if act == ACT_GELU:
+        return g * _gelu_grad(h)
+    if act == ACT_SWIGLU:
+        v, gate = h.chunk(2, dim=-1)
+        s = torch.sigmoid(gate)
+        return torch.cat([g * gate * s, g * v * s * (1 + gate * (1 - s))], dim=-1)
+    return g
 
 
 def forward(x, merge_hw, w1, b1, w2, b2, norm_weight, norm_bias, residual, norm: int,
@@ -137,12 +155,10 @@ def backward(grad, x, merge_hw, w1, b1, w2, b2, norm_weight, norm_bias, norm: in
     h = F.linear(X, w1.to(f), None if b1 is None else b1.to(f))
     dw2 = db2 = None
     if w2 is not None:
-        a = F.gelu(h) if act == ACT_GELU else h
+        a = _activation(h, act)
         dw2 = g.t() @ a if need_w2 else None
         db2 = g.sum(0) if need_b2 else None
-        g = g @ w2.to(f)
-        if act == ACT_GELU:
-            g = g * _gelu_grad(h)
+        g = _activation_backward(g @ w2.to(f), h, act)
     dw1 = g.t() @ X if need_w1 else None
     db1 = g.sum(0) if need_b1 else None
     dx = dnw = dnb = None
