@@ -1,8 +1,8 @@
 """vlmkernels.patch on LLaVA's MLP projector and Idefics3's connector under other names
 (DeepSeek-VL's aligner, VideoLLaMA 3's projector, MiniMax-M3-VL's two-MLP projector, Janus's
 aligner; the
-ModernVBERT and UltraVBERT connectors, and the first linear of Aya Vision's and Command A
-Vision's SwiGLU projectors): the whole models patch their projector; a layer
+ModernVBERT and UltraVBERT connectors, and Aya Vision's and Command A Vision's SwiGLU
+projectors): the whole models patch their projector; a layer
 changed after patching, or an input transformers refuses, runs the class forward. Outputs
 and gradients against transformers are checked in test_connectors_patch.py (``SAME_CODE``:
 deepseek_vl, video_llama_3, minimax_m3_vl, janus, modernvbert, ultravbert, aya_vision,
@@ -125,21 +125,30 @@ def test_vbert_connectors_refuse_their_own_pixel_shuffle_and_fall_back(key):
 
 
 @pytest.mark.parametrize("key", ["aya_vision", "cohere2_vision"])
-def test_gated_projectors_call_their_activation_and_second_linear(key):
-    """Aya Vision's / Command A Vision's projector: the gate's activation and the second
-    linear are the modules' own calls, so a LoRA on linear_2 or another activation set after
-    patching is honoured (no fallback); a changed linear_1, which the fused GEMM reads, runs
-    the class forward; a grid the factor does not divide gives transformers' error."""
+def test_gated_projectors_fuse_their_activation_and_second_linear(key):
+    """Aya Vision's / Command A Vision's projector: the SwiGLU and the second linear are
+    fused (no fallback on the patched model); another activation, a LoRA-like second linear
+    or a hooked first linear set after patching runs the class forward, with its result; a
+    grid the factor does not divide gives transformers' error."""
     module, x = SAME_CODE[key]()
     ref = randomise(module)
     mine = copy.deepcopy(ref)
     with vt.patch(mine):
-        for m in (mine, ref):
-            m.act = nn.GELU()
-            m.linear_2 = nn.Sequential(copy.deepcopy(ref.linear_2), nn.Tanh())
         with warnings.catch_warnings():
             warnings.simplefilter("error", PatchFallbackWarning)
             assert max_rel(mine(x), ref(x)) < TOL
+        silu = mine.act
+        for m in (mine, ref):
+            m.act = nn.GELU()
+        with pytest.warns(PatchFallbackWarning, match="act is now"):
+            assert max_rel(mine(x), ref(x)) < TOL
+        for m in (mine, ref):
+            m.act = silu
+            m.linear_2 = nn.Sequential(copy.deepcopy(ref.linear_2), nn.Tanh())
+        with pytest.warns(PatchFallbackWarning, match="linear_2 is now"):
+            assert max_rel(mine(x), ref(x)) < TOL
+        for m in (mine, ref):
+            m.linear_2 = m.linear_2[0]
         hook = mine.linear_1.register_forward_hook(lambda m, i, o: o * 2)
         ref.linear_1.register_forward_hook(lambda m, i, o: o * 2)
         with pytest.warns(PatchFallbackWarning, match="linear_1 has hooks"):
@@ -152,6 +161,17 @@ def test_gated_projectors_call_their_activation_and_second_linear(key):
             pytest.warns(PatchFallbackWarning, match="not a square grid"),
         ):
             mine(x[:, :35])
+
+
+@pytest.mark.parametrize("key", ["aya_vision", "cohere2_vision"])
+def test_gated_projector_with_another_activation_is_refused(key):
+    """A projector built with an activation that is not SiLU is refused at patch time,
+    naming it, and left unchanged."""
+    module, _ = SAME_CODE[key]()
+    module.act = nn.GELU()
+    with pytest.raises(vt.UnsupportedLayoutError, match="is not SiLU"):
+        vt.patch(module)
+    assert "forward" not in module.__dict__
 
 
 def test_janus_aligner_of_depth_1_is_refused():
@@ -261,7 +281,8 @@ def test_vbert_connectors_on_what_transformers_refuses_raise_its_error(key, chan
 @pytest.mark.parametrize(
     "change",
     ["factor 2.0", "factor 3", "wider", "bias of one", "no images", "norm bfloat16",
-     "norm float64", "norm of one"],
+     "norm float64", "norm of one", "odd linear_1", "three outputs", "linear_2 wider",
+     "linear_2 bias of one", "linear_2 bfloat16"],
 )  # fmt: skip
 def test_gated_projectors_on_what_transformers_refuses_or_broadcasts_are_transformers(key, change):
     """A downsample_factor set after patching to a float (transformers' int() casts take it)
@@ -269,7 +290,10 @@ def test_gated_projectors_on_what_transformers_refuses_or_broadcasts_are_transfo
     element (transformers broadcasts it), a batch of no images, and for Aya Vision a
     LayerNorm of a dtype CPU layer_norm refuses beside fp32 features, or of weights of one
     element: transformers' result or error, from the class's forward, where the fused
-    merger raised its own TypeError or ValueError, another message, or returned a result."""
+    merger raised its own TypeError or ValueError, another message, or returned a result.
+    And the SwiGLU's: a linear_1 of an odd width (its halves differ by one: an error, or
+    with three outputs a broadcast result), a linear_2 of one more input, of a bias of one
+    element or of another dtype."""
     if change.startswith("norm") and key == "cohere2_vision":
         pytest.skip("Command A Vision's projector has no norm")
     ref, mine, x = _patched_copy(key)
@@ -282,6 +306,19 @@ def test_gated_projectors_on_what_transformers_refuses_or_broadcasts_are_transfo
             m.layernorm.weight = nn.Parameter(torch.ones(1))
         elif change.startswith("norm"):
             m.layernorm.to(getattr(torch, change.split()[1]))
+        elif change == "odd linear_1":
+            m.linear_1 = nn.Linear(m.linear_1.in_features, m.linear_1.out_features - 1)
+        elif change == "three outputs":  # halves of 2 and 1: the gate broadcasts
+            m.linear_1 = nn.Linear(m.linear_1.in_features, 3)
+            m.linear_2 = nn.Linear(2, m.linear_2.out_features)
+        elif change == "linear_2 wider":
+            m.linear_2 = nn.Linear(m.linear_2.in_features + 1, m.linear_2.out_features)
+        elif change == "linear_2 bias of one":
+            m.linear_2.bias = nn.Parameter(torch.ones(1))
+        elif change == "linear_2 bfloat16":
+            m.linear_2.bfloat16()
+    if change in ("odd linear_1", "three outputs", "linear_2 wider"):  # the same layers
+        mine.load_state_dict(ref.state_dict())
     x = {"wider": torch.cat([x, x[..., :1]], dim=-1), "no images": x[:0]}.get(change, x)
     assert assert_as_transformers(ref, mine, x)
 

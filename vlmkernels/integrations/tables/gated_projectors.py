@@ -9,21 +9,25 @@ transformers' forward, on the features (B, S * S, C) with the downsample factor 
     h = X W1^T + b1;  a, g = h[..., :I], h[..., I:]
     y = (SiLU(g) a) W2^T + b2
 
-The patched forward computes X W1^T + b1 with one :func:`~vlmkernels.ops.connectors.merger`
-of layout "grid" (the shuffle read through the GEMM's addressing, never copied; Aya's
-LayerNorm in its prologue), then the SwiGLU and the second linear as transformers runs them:
-its ``act`` and ``linear_2`` modules called (the connector kernels have no gated
-epilogue). Outputs and the gradients of the features
-and every weight match transformers. Features that are not a square grid of a side f
-divides run the class's forward (its errors), with a
+The patched forward is one :func:`~vlmkernels.ops.connectors.merger` of layout "grid" with
+``activation="swiglu"``: the shuffle read through the GEMM's addressing (never copied),
+Aya's LayerNorm in its prologue, SiLU(g) a in the first GEMM's epilogue (h is not written
+unless the backward needs it), then the second linear. Outputs and the gradients of the
+features and every weight match transformers. Features that are not a square grid of a
+side f divides run the class's forward (its errors), with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`, and so do a batch of no
-images, a factor set after patching to a float or to one linear_1 does not take, and a
-LayerNorm or linear_1 of a dtype or shape transformers' calls refuse or broadcast; a
-``pixel_shuffle`` of the class's or instance's own is refused at patch time. Roots: the
-models, the projectors themselves, or any model holding one.
+images, a factor set after patching to a float or to one linear_1 does not take, a
+LayerNorm or linear of a dtype or shape transformers' calls refuse or broadcast, and a
+linear_1 of an odd width (transformers' halves differ by one). A layer that is not the
+expected ``nn.Linear`` / ``nn.LayerNorm``, or an ``act`` that is not SiLU (``nn.SiLU`` or
+transformers' ``SiLUActivation``), is refused at patch time, and so is a ``pixel_shuffle``
+of the class's or instance's own. Roots: the models, the projectors themselves, or any
+model holding one.
 """
 
 from __future__ import annotations
+
+from torch import nn
 
 from ...core.checks import isqrt
 from ...ops.connectors import merger
@@ -53,9 +57,23 @@ def _layer_norm_problem(name, ln, width) -> str | None:
     return None
 
 
+def _silu(act, where: str) -> None:
+    """Refuses ``act`` unless it is SiLU: ``nn.SiLU`` or transformers' ``SiLUActivation``
+    (``ACT2FN["silu"]``, F.silu; a kernel-hub forward swapped onto the class computes the
+    same function)."""
+    if isinstance(act, nn.SiLU):
+        return
+    cls = type(act)
+    if cls.__name__ == "SiLUActivation" and cls.__module__.startswith("transformers."):
+        return
+    raise UnsupportedLayoutError(f"{where}: the activation {act!r} is not SiLU")
+
+
 def _gated_forward(module, arch):
     where = _where(module)
     _linear(module, "linear_1", where)
+    _linear(module, "linear_2", where)
+    _silu(module.act, f"{where}.act")
     f = module.downsample_factor
     if isinstance(f, bool) or not isinstance(f, int) or f < 1:
         raise UnsupportedLayoutError(f"{where}.downsample_factor is {f!r}, not an int >= 1")
@@ -64,7 +82,7 @@ def _gated_forward(module, arch):
         _check_layer_norm(module, norm, where)
 
     def forward(self, image_features):
-        f, l1, x = self.downsample_factor, self.linear_1, image_features
+        f, l1, l2, x = self.downsample_factor, self.linear_1, self.linear_2, image_features
         if isinstance(f, bool) or not isinstance(f, int) or f < 1:  # (set after patching)
             why = f"downsample_factor is {f!r}, not an int >= 1"
         else:
@@ -75,6 +93,10 @@ def _gated_forward(module, arch):
             if why is None and norm is not None:
                 why = _layer_norm_problem(norm, self.get_submodule(norm), width)
             why = why or linear_chain_problem(width, [("linear_1", l1.weight, l1.bias)])
+            n1 = l1.weight.shape[0]
+            if why is None and n1 % 2:
+                why = f"linear_1's {n1} outputs have no two equal halves"
+            why = why or linear_chain_problem(n1 // 2, [("linear_2", l2.weight, l2.bias)])
         if why is not None:
             return class_forward(self, why, image_features)
         kw = {}
@@ -84,11 +106,11 @@ def _gated_forward(module, arch):
                       norm_before_merge=False)  # fmt: skip
         b, n, _ = image_features.shape
         side = isqrt(n) // f
-        h = merger(image_features, l1.weight, l1.bias, merge_size=f, layout="grid", **kw)
-        a, gate = h.view(b, side, side, -1).chunk(2, dim=-1)
-        return self.linear_2(self.act(gate) * a)
+        y = merger(image_features, l1.weight, l1.bias, l2.weight, l2.bias, merge_size=f,
+                   layout="grid", activation="swiglu", **kw)  # fmt: skip
+        return y.view(b, side, side, -1)
 
-    reads = (*((norm,) if norm else ()), "linear_1")
+    reads = (*((norm,) if norm else ()), "linear_1", "act", "linear_2")
     return fused_forward(module, reads, forward)
 
 
