@@ -1,6 +1,7 @@
 r"""Connector family: the LLaVA projector, the Idefics3 connector (pixel shuffle + Linear),
 InternVL's connector (pixel shuffle + LayerNorm + MLP), the Qwen2.5-VL patch merger, Gemma
-3's projector (pooling + RMSNorm + matmul) and Qwen3-VL's DeepStack add.
+3's projector (pooling + RMSNorm + matmul), Aya Vision's SwiGLU projector and Qwen3-VL's
+DeepStack add.
 
 Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths run):
 
@@ -21,6 +22,13 @@ Ops (model shapes on a GPU; tiny ones on the CPU, where only the PyTorch paths r
   GN) (Gemma 3 4B: GS 64, GK 4, GC 1152, GN 2560; 8 pan-and-scan crops); vlmkernels runs
   what the patched ``Gemma3MultiModalProjector`` runs, ``pool_tokens(kind="avg")`` then one
   merger with the norm in the GEMM.
+- ``swiglu_projector``: AB tiles of AS x AS patches, AC channels, Aya Vision's projector:
+  pixel shuffle by 2 (Idefics3's order), LayerNorm(4 AC), Linear(4 AC -> 2 AI), the SwiGLU
+  v SiLU(g) of its halves, Linear(AI -> AN), at Command A Vision's sizes (transformers'
+  ``Cohere2VisionConfig`` defaults: 512 / 16 = 32 patches a side, AC 1152,
+  alignment_intermediate_size 2 AI = 36864, AN 8192; its projector is Aya's without the
+  norm) for 8 tiles; vlmkernels runs what the patched ``AyaVisionMultiModalProjector``
+  runs, one merger with ``activation="swiglu"``.
 - ``deepstack``: hidden (B, L, D), half the positions visual (Qwen3-VL-8B: D 4096); bytes:
   the hidden states read and written and the visual half's embeddings read, 2.5 B L D e.
 
@@ -96,6 +104,12 @@ def _inputs(args: BuildArgs) -> tuple[dict, torch.Tensor]:
         t = dict(x=r(p, c), nw=r(c), w1=r(k, k, scale=k**-0.5), b1=r(k),
                  w2=r(n, k, scale=k**-0.5), b2=r(n))  # fmt: skip
         out = (p // 4, n)
+    elif args.op == "swiglu_projector":
+        b, side, c, i, n = s["AB"], s["AS"], s["AC"], s["AI"], s["AN"]
+        k = 4 * c
+        t = dict(x=r(b, side * side, c), lw=r(k), lb=r(k), w1=r(2 * i, k, scale=k**-0.5),
+                 b1=r(2 * i), w2=r(n, i, scale=i**-0.5), b2=r(n))  # fmt: skip
+        out = (b, side * side // 4, n)
     elif args.op == "gemma3_projector":
         b, side, k, c, n = s["GB"], s["GS"], s["GK"], s["GC"], s["GN"]
         t = dict(x=r(b, side * side, c), nw=r(c, scale=0.1), w=r(c, n, scale=c**-0.5))
@@ -172,6 +186,14 @@ def _eager(op: str, shape: Mapping[str, int]) -> Callable:
             return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
 
         return internvl
+    if op == "swiglu_projector":
+
+        def aya(x, lw, lb, w1, b1, w2, b2):
+            h = F.layer_norm(_pixel_shuffle_eager(x, 2), (lw.shape[0],), lw, lb, 1e-6)
+            v, gate = F.linear(h, w1, b1).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * v, w2, b2)
+
+        return aya
     if op == "qwen_merger":
 
         def merger(x, nw, w1, b1, w2, b2):
@@ -199,6 +221,10 @@ def _ours(op: str, shape: Mapping[str, int]) -> Callable:
         return lambda x, lw, lb, w1, b1, w2, b2: C.merger(
             x, w1, b1, w2, b2, layout="grid", norm="layernorm", norm_weight=lw, norm_bias=lb,
             eps=1e-5, norm_before_merge=False)  # fmt: skip
+    if op == "swiglu_projector":
+        return lambda x, lw, lb, w1, b1, w2, b2: C.merger(
+            x, w1, b1, w2, b2, layout="grid", norm="layernorm", norm_weight=lw, norm_bias=lb,
+            norm_before_merge=False, activation="swiglu")  # fmt: skip
     if op == "qwen_merger":
         return lambda x, nw, w1, b1, w2, b2: C.merger(x, w1, b1, w2, b2, norm="rmsnorm",
                                                       norm_weight=nw)  # fmt: skip
@@ -276,6 +302,9 @@ def _gemms(op: str, s: Mapping[str, int]) -> list[tuple[int, int, int]]:
     if op == "internvl_connector":
         m = s["IB"] * s["S"] ** 2 // 4
         return [(m, 4 * s["IC"], s["IN"]), (m, s["IN"], s["IN"])]
+    if op == "swiglu_projector":
+        m = s["AB"] * s["AS"] ** 2 // 4
+        return [(m, 4 * s["AC"], 2 * s["AI"]), (m, s["AI"], s["AN"])]
     if op == "qwen_merger":
         k = 4 * s["QC"]
         return [(s["P"] // 4, k, k), (s["P"] // 4, k, s["QN"])]
@@ -323,11 +352,13 @@ def grid(profile: str) -> dict[str, list[int]]:
     if profile == "cpu":
         return {"M": [64], "K": [64], "N": [128], "B": [2], "S": [8], "C": [32], "P": [256],
                 "QC": [32], "QN": [64], "L": [64], "D": [64], "IB": [2], "IC": [16],
-                "IN": [48], "GB": [2], "GS": [8], "GK": [4], "GC": [32], "GN": [48]}  # fmt: skip
+                "IN": [48], "GB": [2], "GS": [8], "GK": [4], "GC": [32], "GN": [48],
+                "AB": [2], "AS": [8], "AC": [16], "AI": [48], "AN": [40]}  # fmt: skip
     return {"M": [4608], "K": [1024], "N": [4096], "B": [32], "S": [32], "C": [1152],
             "P": [21904], "QC": [1280], "QN": [3584], "L": [4096], "D": [4096], "IB": [64],
             "IC": [1024], "IN": [4096], "GB": [8], "GS": [64], "GK": [4], "GC": [1152],
-            "GN": [2560]}  # fmt: skip
+            "GN": [2560], "AB": [8], "AS": [32], "AC": [1152], "AI": [18432],
+            "AN": [8192]}  # fmt: skip
 
 
 OPS = tuple(
@@ -338,6 +369,7 @@ OPS = tuple(
         "internvl_connector",
         "qwen_merger",
         "gemma3_projector",
+        "swiglu_projector",
         "deepstack",
     )  # fmt: skip
 )

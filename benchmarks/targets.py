@@ -325,7 +325,8 @@ TARGETS += QFORMER
 
 CONNECTOR_SHAPE = _shape(M=4608, K=1024, N=4096, B=32, S=32, C=1152, P=21904, QC=1280,
                          QN=3584, L=4096, D=4096, IB=64, IC=1024, IN=4096, GB=8, GS=64, GK=4,
-                         GC=1152, GN=2560)  # fmt: skip
+                         GC=1152, GN=2560, AB=8, AS=32, AC=1152, AI=18432,
+                         AN=8192)  # fmt: skip
 CONNECTORS = (
     Target(suite="connectors", op="idefics3_connector", provider="vlmkernels", mode="fwd",
            shape=CONNECTOR_SHAPE, metric="ms", relation=LE, bound=0.45, issue=13),
@@ -346,7 +347,7 @@ CONNECTORS = (
 # float32, a GPU run at the model's shape in bf16.
 CONNECTOR_CPU_SHAPE = _shape(M=64, K=64, N=128, B=2, S=8, C=32, P=256, QC=32, QN=64, L=64,
                              D=64, IB=2, IC=16, IN=48, GB=2, GS=8, GK=4, GC=32,
-                             GN=48)  # fmt: skip
+                             GN=48, AB=2, AS=8, AC=16, AI=48, AN=40)  # fmt: skip
 CONNECTORS += tuple(
     Target(suite="connectors", op="llava_projector", provider="vlmkernels", mode="fwd+bwd",
            shape=shape, metric="saved_mb", relation=LE, bound=0.6, baseline="eager",
