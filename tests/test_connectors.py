@@ -150,38 +150,20 @@ def test_projectors_backward_without_rows(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("store_hidden", [False, True])
-def test_mlp_projector(dtype, store_hidden, backend):
-    k, n1, n2 = 24, 40, 20
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_mlp_projector(dtype, store_hidden, activation, backend):
+    """GELU(x W1^T + b1) W2^T + b2, or with "swiglu" (v SiLU(g)) W2^T + b2 for the halves
+    (v, g) of h: I = 19 value columns, so the interleaved tiles of the first GEMM (half a
+    tile per output column) end mid-tile and the gate half starts at an odd column."""
+    k, n1, n2 = 24, 38, 20
+    n_in, act = (n1 // 2, swiglu) if activation == "swiglu" else (n1, F.gelu)
     x = rand(3, 5, k, dtype=dtype)
-    w1, b1 = rand(n1, k, dtype=dtype, scale=0.2), rand(n1, dtype=dtype)
-    w2, b2 = rand(n2, n1, dtype=dtype, scale=0.2), rand(n2, dtype=dtype)
-    y = C.mlp_projector(x, w1, b1, w2, b2, store_hidden=store_hidden)
+    w1, b1 = rand(n1, k, dtype=dtype, scale=0.3), rand(n1, dtype=dtype)
+    w2, b2 = rand(n2, n_in, dtype=dtype, scale=0.3), rand(n2, dtype=dtype)
     params = [x, w1, b1, w2, b2]
+    y = C.mlp_projector(*params, activation=activation, store_hidden=store_hidden)
     ref64 = [leaf64(t) for t in params]
-    ref = F.linear(F.gelu(F.linear(ref64[0], ref64[1], ref64[2])), ref64[3], ref64[4])
-    assert y.shape == (3, 5, n2) and y.dtype == dtype
-    assert max_rel(y, ref) < TOL[dtype]
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(y, params, g.to(dtype))
-    refs = torch.autograd.grad(ref, ref64, g)
-    names = ["x", "w1", "b1", "w2", "b2"]
-    check_grads(dict(zip(names, zip(grads, refs, strict=True), strict=True)), 2 * TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("store_hidden", [False, True])
-def test_mlp_projector_swiglu(dtype, store_hidden, backend):
-    """y = (v SiLU(g)) W2^T + b2 for the halves (v, g) of h = x W1^T + b1: I = 19 value
-    columns, so the interleaved tiles of the first GEMM (half a tile per output column) end
-    mid-tile and the gate half starts at an odd column."""
-    k, i, n2 = 24, 19, 20
-    x = rand(3, 5, k, dtype=dtype)
-    w1, b1 = rand(2 * i, k, dtype=dtype, scale=0.3), rand(2 * i, dtype=dtype)
-    w2, b2 = rand(n2, i, dtype=dtype, scale=0.3), rand(n2, dtype=dtype)
-    params = [x, w1, b1, w2, b2]
-    y = C.mlp_projector(*params, activation="swiglu", store_hidden=store_hidden)
-    ref64 = [leaf64(t) for t in params]
-    ref = F.linear(swiglu(F.linear(*ref64[:3])), *ref64[3:])
+    ref = F.linear(act(F.linear(*ref64[:3])), *ref64[3:])
     assert y.shape == (3, 5, n2) and y.dtype == dtype
     assert max_rel(y, ref) < TOL[dtype]
     g = torch.randn_like(ref)
