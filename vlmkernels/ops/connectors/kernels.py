@@ -230,11 +230,15 @@ def _gemm_fits(config, variant) -> bool:
     buffers take 256-385 KB of shared memory at 128 x 128 x 64 and 257-321 KB at
     64 x 128 / 128 x 64 with BK 64 for the LayerNorm (over the 227 KB of an sm_90 block:
     they cannot launch), and those that fit spill 92-1,016 B per thread (sm_90a,
-    triton 3.9)."""
-    if variant.get("dtype") != "fp32" or not variant.get("NORM"):
+    triton 3.9). Without the norm, fp32 inputs still leave out 64 x 128 and 128 x 64
+    tiles at BK 64 on four warps: the plain first and second linears, the weight
+    gradient and the scattered dx spill 40-784 B per thread there (sm_90a, triton 3.9)."""
+    if variant.get("dtype") != "fp32":
         return True
     kw = config.kwargs
-    return kw["BK"] <= 32 or (kw["BM"] <= 64 and kw["BN"] <= 64)
+    if variant.get("NORM"):
+        return kw["BK"] <= 32 or (kw["BM"] <= 64 and kw["BN"] <= 64)
+    return not (config.num_warps == 4 and kw["BK"] == 64 and kw["BM"] * kw["BN"] == 8192)
 
 
 @tuned("connector_gemm", configs=_CONFIGS, key=_GEMM_KEY, sizes=["M_bucket", "N", "K"],
