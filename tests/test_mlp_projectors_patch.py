@@ -174,6 +174,23 @@ def test_gated_projector_with_another_activation_is_refused(key):
     assert "forward" not in module.__dict__
 
 
+@pytest.mark.parametrize("key", ["aya_vision", "cohere2_vision"])
+def test_gated_projector_with_a_silu_subclass_is_refused(key):
+    """An ``act`` of a subclass of nn.SiLU (which may compute another function) is refused
+    at patch time, and the module left unchanged: the fused forward computes SiLU, where it
+    returned SiLU's result for this act's doubled one."""
+
+    class Doubled(nn.SiLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    module, _ = SAME_CODE[key]()
+    module.act = Doubled()
+    with pytest.raises(vt.UnsupportedLayoutError, match="is not SiLU"):
+        vt.patch(module)
+    assert "forward" not in module.__dict__
+
+
 def test_janus_aligner_of_depth_1_is_refused():
     """Janus's aligner without a hidden layer (depth 1: fc1 alone) is refused at patch time,
     naming why, and left unchanged."""

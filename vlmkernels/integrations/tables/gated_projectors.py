@@ -17,12 +17,12 @@ features and every weight match transformers. Features that are not a square gri
 side f divides run the class's forward (its errors), with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`, and so do a batch of no
 images, a factor set after patching to a float or to one linear_1 does not take, a
-LayerNorm or linear of a dtype or shape transformers' calls refuse or broadcast, and a
+LayerNorm or linear of a dtype or shape transformers' calls refuse or broadcast, a
 linear_1 of an odd width (transformers' halves differ by one). A layer that is not the
 expected ``nn.Linear`` / ``nn.LayerNorm``, or an ``act`` that is not SiLU (``nn.SiLU`` or
-transformers' ``SiLUActivation``), is refused at patch time, and so is a ``pixel_shuffle``
-of the class's or instance's own. Roots: the models, the projectors themselves, or any
-model holding one.
+transformers' ``SiLUActivation``, not a subclass), is refused at patch time, and so is a
+``pixel_shuffle`` of the class's or instance's own. Roots: the models, the projectors
+themselves, or any model holding one.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def _layer_norm_problem(name, ln, width) -> str | None:
 def _silu(act, where: str) -> None:
     """Refuses ``act`` unless it is SiLU: ``nn.SiLU`` or transformers' ``SiLUActivation``
     (``ACT2FN["silu"]``, F.silu; a kernel-hub forward swapped onto the class computes the
-    same function)."""
-    if isinstance(act, nn.SiLU):
+    same function). Of those classes exactly: a subclass may compute another function
+    (the guard checks the class itself after patching, :func:`fused_forward`)."""
+    if type(act) is nn.SiLU:
         return
     cls = type(act)
     if cls.__name__ == "SiLUActivation" and cls.__module__.startswith("transformers."):
