@@ -191,6 +191,40 @@ def test_gated_projector_with_a_silu_subclass_is_refused(key):
     assert "forward" not in module.__dict__
 
 
+@pytest.mark.parametrize("key", ["aya_vision", "cohere2_vision"])
+@pytest.mark.parametrize("when", ["before patching", "after patching"])
+def test_gated_projector_with_an_in_place_silu_is_transformers(key, when):
+    """An ``nn.SiLU(inplace=True)`` act: while autograd records linear_1's output,
+    transformers' in-place SiLU of a ``chunk`` view raises its RuntimeError, and so does
+    the patched module (the class's forward), where the fused forward returned a result;
+    without grad (no_grad, or nothing requiring it) both give the same result."""
+    ref, mine, x = _patched_copy(key)
+    if when == "before patching":
+        vt.unpatch(mine)
+        mine.act = nn.SiLU(inplace=True)
+        vt.patch(mine)
+    else:
+        mine.act = nn.SiLU(inplace=True)
+    ref.act = nn.SiLU(inplace=True)
+    # Aya Vision's act is transformers' SiLUActivation: an nn.SiLU set after patching is
+    # another class, which runs the class's forward whatever autograd does
+    fused = not (key == "aya_vision" and when == "after patching")
+    why = assert_as_transformers(ref, mine, x)
+    assert why and ("in-place SiLU" in why[0] or "act is now" in why[0])
+
+    def close(got, want):
+        return max_rel(got, want) < TOL
+
+    with torch.no_grad():
+        assert bool(assert_as_transformers(ref, mine, x, same=close)) != fused
+    for m in (ref, mine):
+        m.requires_grad_(False)
+    assert bool(assert_as_transformers(ref, mine, x, same=close)) != fused
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        ref(x.clone().requires_grad_())
+    assert assert_as_transformers(ref, mine, x.clone().requires_grad_())
+
+
 def test_janus_aligner_of_depth_1_is_refused():
     """Janus's aligner without a hidden layer (depth 1: fc1 alone) is refused at patch time,
     naming why, and left unchanged."""

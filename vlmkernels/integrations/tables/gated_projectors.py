@@ -18,15 +18,17 @@ side f divides run the class's forward (its errors), with a
 :class:`~vlmkernels.integrations.patching.PatchFallbackWarning`, and so do a batch of no
 images, a factor set after patching to a float or to one linear_1 does not take, a
 LayerNorm or linear of a dtype or shape transformers' calls refuse or broadcast, a
-linear_1 of an odd width (transformers' halves differ by one). A layer that is not the
-expected ``nn.Linear`` / ``nn.LayerNorm``, or an ``act`` that is not SiLU (``nn.SiLU`` or
-transformers' ``SiLUActivation``, not a subclass), is refused at patch time, and so is a
-``pixel_shuffle`` of the class's or instance's own. Roots: the models, the projectors
-themselves, or any model holding one.
+linear_1 of an odd width (transformers' halves differ by one), and an
+``nn.SiLU(inplace=True)`` while autograd records (transformers' in-place SiLU of a
+``chunk`` view raises). A layer that is not the expected ``nn.Linear`` / ``nn.LayerNorm``,
+or an ``act`` that is not SiLU (``nn.SiLU`` or transformers' ``SiLUActivation``, not a
+subclass), is refused at patch time, and so is a ``pixel_shuffle`` of the class's or
+instance's own. Roots: the models, the projectors themselves, or any model holding one.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...core.checks import isqrt
@@ -70,6 +72,20 @@ def _silu(act, where: str) -> None:
     raise UnsupportedLayoutError(f"{where}: the activation {act!r} is not SiLU")
 
 
+def _in_place_problem(module, norm, x) -> str | None:
+    """Why transformers' ``self.act(gate) * x`` raises, or None: an in-place SiLU
+    (``nn.SiLU(inplace=True)``) modifies ``gate``, a view ``chunk`` returned, which autograd
+    refuses (its RuntimeError) where it records linear_1's output (grad mode on, and the
+    features or a parameter of linear_1 or the norm requiring grad). Without autograd the
+    in-place SiLU computes what the fused forward does."""
+    if not getattr(module.act, "inplace", False) or not torch.is_grad_enabled():
+        return None
+    layers = [module.linear_1, *((module.get_submodule(norm),) if norm is not None else ())]
+    if x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()):
+        return "act is an in-place SiLU of a chunk of linear_1's output (autograd refuses it)"
+    return None
+
+
 def _gated_forward(module, arch):
     where = _where(module)
     _linear(module, "linear_1", where)
@@ -98,6 +114,7 @@ def _gated_forward(module, arch):
             if why is None and n1 % 2:
                 why = f"linear_1's {n1} outputs have no two equal halves"
             why = why or linear_chain_problem(n1 // 2, [("linear_2", l2.weight, l2.bias)])
+            why = why or _in_place_problem(self, norm, x)
         if why is not None:
             return class_forward(self, why, image_features)
         kw = {}
