@@ -29,6 +29,7 @@ from torch.profiler import profile
 transformers = pytest.importorskip("transformers")
 
 import vlmkernels.integrations.transformers as vt  # noqa: E402
+from vlmkernels.integrations.patching import PatchFallbackWarning  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = 1e-5
@@ -1023,7 +1024,9 @@ def test_qwen3_interleaved_sections_of_any_sum(section):
 def test_tables_narrower_than_the_head_are_refused_as_transformers_refuses_them():
     """A rope type honouring partial_rotary_factor makes tables narrower than the head,
     which transformers' Qwen-VL rotary function cannot broadcast: the patched model raises
-    too (vlmkernels.rope would rotate part of the head, a layout nobody defined)."""
+    too (vlmkernels.rope would rotate part of the head, a layout nobody defined): with
+    tables, transformers' own error (its function runs, with a PatchFallbackWarning); with
+    angles='positions', which has no tables to hand it, vlmkernels' ValueError."""
     rope = dict(rope_type="linear", factor=2.0, rope_theta=10000.0, mrope_section=[1, 1, 2],
                 partial_rotary_factor=0.5)  # fmt: skip
     config = transformers.Qwen2VLTextConfig(**{**_text(64, [2, 3, 3]), "rope_parameters": rope})
@@ -1031,11 +1034,14 @@ def test_tables_narrower_than_the_head_are_refused_as_transformers_refuses_them(
     if model.rotary_emb.inv_freq.numel() * 2 == config.hidden_size // 4:
         pytest.skip("this transformers ignores partial_rotary_factor here")
     ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as want:
         model(input_ids=ids)
-    for angles in ("table", "positions"):
-        with rotary_patch(model, angles=angles), pytest.raises(ValueError, match="8 wide"):
+    with rotary_patch(model), pytest.raises(RuntimeError) as got:
+        with pytest.warns(PatchFallbackWarning, match="8 wide"):
             model(input_ids=ids)
+    assert str(got.value) == str(want.value)
+    with rotary_patch(model, angles="positions"), pytest.raises(ValueError, match="8 wide"):
+        model(input_ids=ids)
 
 
 def test_decorated_forward_is_patched_and_its_decorators_run(qwen2):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ....ops.rope import mrope, mrope_from_positions, rope, vision_rope
+from ...fallback import class_forward
 from ...patching import Architecture, UnsupportedLayoutError, global_loads, unwrap
 
 
@@ -84,8 +85,35 @@ def _text_function(partial: bool, pairs: bool = False):
     return apply_rotary_pos_emb
 
 
+def _bool(*tensors) -> str | None:
+    """Why transformers' rotation refuses one of ``tensors``: its ``rotate_half`` negates
+    them, which torch refuses for a bool tensor (the fused ops would rotate it as 0 / 1)."""
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tensors):
+        return "a bool q or k (transformers' -x refuses it)"
+    return None
+
+
+def _text_route(q, k, cos, sin, unsqueeze_dim=1):
+    """``route`` of the text functions (see :func:`...fallback.original_function`)."""
+    return _bool(q, k)
+
+
+def _text_fused_only(q, k, cos, sin, unsqueeze_dim=1):
+    """``fused_only`` of the text functions: the positions of ``angles="positions"``,
+    which transformers' function cannot take."""
+    return isinstance(sin, PositionAngles)
+
+
+def _routed(function, route=_text_route, fused_only=_text_fused_only):
+    """``function`` with the predicates a patched forward's guard reads (``route``,
+    ``fused_only``; see :func:`...fallback.original_function`)."""
+    function.route, function.fused_only = route, fused_only
+    return function
+
+
 apply_rotary_pos_emb = _text_function(partial=False)
 apply_rotary_pos_emb.__qualname__ = "apply_rotary_pos_emb"
+_routed(apply_rotary_pos_emb)
 apply_rotary_pos_emb.__doc__ = """transformers' ``apply_rotary_pos_emb`` (Qwen2/2.5/3-VL: tables
 as wide as the head) on :func:`vlmkernels.rope` (or :func:`vlmkernels.mrope_from_positions`
 when ``sin`` is a :class:`PositionAngles`)."""
@@ -93,6 +121,7 @@ when ``sin`` is a :class:`PositionAngles`)."""
 # Qwen3.5's function of the same name: the first cos.shape[-1] lanes rotate, the rest pass
 apply_partial_rotary_pos_emb = _text_function(partial=True)
 apply_partial_rotary_pos_emb.__qualname__ = "apply_partial_rotary_pos_emb"
+_routed(apply_partial_rotary_pos_emb)
 apply_partial_rotary_pos_emb.__doc__ = """Qwen3.5's and GLM-4V-MoE's ``apply_rotary_pos_emb``
 (partial rotary: lanes past ``cos.shape[-1]`` pass through) on :func:`vlmkernels.rope` (or
 :func:`vlmkernels.mrope_from_positions`). Its ``__name__`` is transformers'."""
@@ -100,6 +129,7 @@ apply_partial_rotary_pos_emb.__doc__ = """Qwen3.5's and GLM-4V-MoE's ``apply_rot
 # GLM-4V's: partial rotary in pairs (its rotate_half_llm; tables repeat_interleave(2))
 apply_paired_rotary_pos_emb = _text_function(partial=True, pairs=True)
 apply_paired_rotary_pos_emb.__qualname__ = "apply_paired_rotary_pos_emb"
+_routed(apply_paired_rotary_pos_emb)
 apply_paired_rotary_pos_emb.__doc__ = """GLM-4V's ``apply_rotary_pos_emb`` (transformers >=
 5.17: partial rotary, lanes (2j, 2j + 1) rotating together, as its ``rotate_half_llm``, the
 tables in that order) on :func:`vlmkernels.rope` with ``pairs=True`` (or
@@ -121,6 +151,17 @@ def apply_partial_rotary_pos_emb_optional_k(q, k=None, cos=None, sin=None, unsqu
 apply_partial_rotary_pos_emb_optional_k.__name__ = "apply_rotary_pos_emb"
 
 
+def _optional_k_route(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+    return _bool(q, k)
+
+
+def _optional_k_fused_only(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+    return isinstance(sin, PositionAngles)
+
+
+_routed(apply_partial_rotary_pos_emb_optional_k, _optional_k_route, _optional_k_fused_only)
+
+
 def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
     """GLM-4V's ``apply_rotary_pos_emb`` of transformers 5.16: its rotary class gives
     ``[f | f]`` tables, which the function reorders (``cos[..., :R / 2]
@@ -133,6 +174,7 @@ def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
 
 
 apply_paired_rotary_pos_emb_from_halves.__name__ = "apply_rotary_pos_emb"
+_routed(apply_paired_rotary_pos_emb_from_halves)
 
 
 def _fp32_function(pairs: bool):
@@ -149,6 +191,7 @@ def _fp32_function(pairs: bool):
 # HunYuan-VL's: rotate-half over the whole head, computed in fp32, cast back to q's dtype
 apply_fp32_rotary_pos_emb = _fp32_function(pairs=False)
 apply_fp32_rotary_pos_emb.__qualname__ = "apply_fp32_rotary_pos_emb"
+_routed(apply_fp32_rotary_pos_emb)
 apply_fp32_rotary_pos_emb.__doc__ = """HunYuan-VL's ``apply_rotary_pos_emb`` (transformers >=
 5.17: rotate-half over the whole head, computed in fp32 and cast back to q's dtype) on
 :func:`vlmkernels.rope`, which computes in fp32 (fp64 for float64 q) and rounds once. Its
@@ -157,6 +200,7 @@ apply_fp32_rotary_pos_emb.__doc__ = """HunYuan-VL's ``apply_rotary_pos_emb`` (tr
 # ERNIE-4.5-VL's: the same in lane pairs (its rotate_half_text; tables repeat_interleave(2))
 apply_fp32_paired_rotary_pos_emb = _fp32_function(pairs=True)
 apply_fp32_paired_rotary_pos_emb.__qualname__ = "apply_fp32_paired_rotary_pos_emb"
+_routed(apply_fp32_paired_rotary_pos_emb)
 apply_fp32_paired_rotary_pos_emb.__doc__ = """ERNIE-4.5-VL's ``apply_rotary_pos_emb`` (the
 whole head's lanes (2j, 2j + 1) rotating together, the tables in that order, computed in
 fp32 and cast back to q's dtype) on :func:`vlmkernels.rope` with ``pairs=True``. Its
@@ -223,9 +267,32 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     return mrope(q, k, cos, sin, mrope_section, unsqueeze_dim)
 
 
+def _multimodal_route(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    return _bool(q, k)
+
+
+def _multimodal_fused_only(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+    return isinstance(sin, PositionAngles)
+
+
+_routed(apply_multimodal_rotary_pos_emb, _multimodal_route, _multimodal_fused_only)
+
+
 def apply_rotary_pos_emb_vision(q, k, cos, sin):
     """transformers' ``apply_rotary_pos_emb_vision`` on :func:`vlmkernels.vision_rope`."""
     return vision_rope(q, k, cos, sin)
+
+
+def _empty(*tensors) -> str | None:
+    """Why transformers' lane-pair view (``x.view(..., -1, 2)``, a complex view) refuses one
+    of ``tensors``: torch cannot infer the -1 of a tensor without elements."""
+    if any(isinstance(t, torch.Tensor) and t.numel() == 0 for t in tensors):
+        return "an empty q or k (transformers' view(..., -1, 2) refuses it)"
+    return None
+
+
+def _vision_pairs_route(q, k, cos, sin):
+    return _empty(q, k)
 
 
 def apply_paired_rotary_pos_emb_vision(q, k, cos, sin):
@@ -236,6 +303,7 @@ def apply_paired_rotary_pos_emb_vision(q, k, cos, sin):
 
 
 apply_paired_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
+_routed(apply_paired_rotary_pos_emb_vision, _vision_pairs_route, None)
 
 
 def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
@@ -248,6 +316,18 @@ def apply_partial_rotary_pos_emb_vision(q, k, cos, sin):
 
 
 apply_partial_rotary_pos_emb_vision.__name__ = "apply_rotary_pos_emb_vision"
+
+
+def _vision_partial_route(q, k, cos, sin):
+    """MiniMax-M3-VL's function indexes its tables ``cos[:, None, :]`` (5.16:
+    ``cos[None, :, None]``): the same broadcast as the heads axis -2 for the (N, R) tables
+    its attention passes, another one (or an IndexError) for tables of another rank."""
+    if isinstance(cos, torch.Tensor) and cos.dim() != 2:
+        return f"{cos.dim()}-D tables (transformers indexes (N, R) ones)"
+    return _bool(q, k)
+
+
+_routed(apply_partial_rotary_pos_emb_vision, _vision_partial_route, None)
 
 
 def apply_multidimensional_rope(x, cos, sin, position_ids, unsqueeze_dim=2):
@@ -279,6 +359,18 @@ def apply_multidimensional_rope(x, cos, sin, position_ids, unsqueeze_dim=2):
     return out.transpose(1, 2).reshape(b, n, h, d)
 
 
+def _multidimensional_route(x, cos, sin, position_ids, unsqueeze_dim=2):
+    """transformers splits x, cos and sin into the same parts: tables of another width than
+    the head raise there (the parts are cut from x's width)."""
+    if any(isinstance(t, torch.Tensor) and isinstance(x, torch.Tensor) and t.dim()
+           and t.shape[-1] != x.shape[-1] for t in (cos, sin)):  # fmt: skip
+        return "tables of another width than the head (transformers' split refuses them)"
+    return _bool(x)
+
+
+_routed(apply_multidimensional_rope, _multidimensional_route, None)
+
+
 def _multidimensional_rope_eager(x, cos, sin, parts, size, unsqueeze_dim):
     """transformers' ``apply_multidimensional_rope`` formula in PyTorch."""
     out = []
@@ -308,6 +400,35 @@ def vision_apply_rotary_emb(query, key, freqs_ci):
     return vision_rope(query, key, cos, sin, pairs=True)
 
 
+def _vision_complex_route(query, key, freqs_ci):
+    return _empty(query, key)
+
+
+_routed(vision_apply_rotary_emb, _vision_complex_route, None)
+
+
+def _positions_problem(x, position_ids) -> str | None:
+    """Why the kernel's angles from ``position_ids`` would not be what transformers' rotary
+    class makes of them for hidden states ``x``, or None: positions not of int32 / int64
+    (transformers multiplies any tensor's ``.float()``: fractional, bool, int16), on another
+    device than ``x`` (transformers raises), not (B, S) or (1 | 3, B, S) for x's (B, S) (size-1
+    axes broadcast; transformers raises or broadcasts otherwise, the positions' expand to
+    q's (3, B, S) would raise its own error)."""
+    if not isinstance(position_ids, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return "the positions or the hidden states are not tensors"
+    if position_ids.dtype not in (torch.int32, torch.int64):
+        return f"position_ids of {position_ids.dtype}"
+    if position_ids.device != x.device:
+        return f"position_ids on {position_ids.device}, hidden states on {x.device}"
+    shape = position_ids.shape
+    if position_ids.dim() not in (2, 3) or (position_ids.dim() == 3 and shape[0] not in (1, 3)):
+        return f"position_ids of shape {tuple(shape)}"
+    sizes = zip(shape[-2:], x.shape[:2], strict=True)
+    if x.dim() == 3 and any(n != 1 and n != t for n, t in sizes):
+        return f"position_ids of shape {tuple(shape)} for hidden states {tuple(x.shape)}"
+    return None
+
+
 def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
                               pairs: bool = False):  # fmt: skip
     """A text rotary ``forward`` for ``angles="positions"``: no tables, the positions and
@@ -316,6 +437,9 @@ def _positions_rotary_forward(section: tuple[int, int, int], interleaved: bool,
     one)."""
 
     def forward(self, x, position_ids):
+        why = _positions_problem(x, position_ids)
+        if why is not None:  # transformers' tables (the table path) or its error
+            return class_forward(self, why, x, position_ids)
         if position_ids.dim() == 2:
             position_ids = position_ids[None]
         own = getattr(self, "mrope_section", None)
