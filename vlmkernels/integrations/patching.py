@@ -55,12 +55,11 @@ from .fallback import (
     linear_chain_problem,
     mixed_dtypes,
     not_plain,
-    original_function,
     other_device,
     parts_of,
     promoted_norm,
 )
-from .rebuild import adapt_signature, global_loads, rebind_global, unwrap
+from .rebuild import adapt_guarded, adapt_signature, global_loads, rebind_global, unwrap
 
 __all__ = [
     "AlreadyPatchedError",
@@ -431,16 +430,7 @@ def plan_forward(cls: type, candidates, library: str) -> types.FunctionType:
     if not callable(original):
         raise UnsupportedLayoutError(f"{chain[-1].__module__}.{name} is not callable")
     _check_shipped_with(original, chain[-1].__module__, name, library)
-    label = f"{chain[-1].__module__}.{name}"
-    replacement = adapt_signature(called[0], original, label)
-    # the calls the fused path does not answer as the original does run the original
-    # (see original_function); the predicates take the replacement's parameters
-    route, fused_only = (getattr(called[0], attr, None) for attr in ("route", "fused_only"))
-    replacement = original_function(
-        replacement, original, label,
-        None if route is None else adapt_signature(route, original, label),
-        None if fused_only is None else adapt_signature(fused_only, original, label),
-    )  # fmt: skip
+    replacement = adapt_guarded(called[0], original, f"{chain[-1].__module__}.{name}")
     return rebind_global(cls.forward, name, replacement, where)
 
 

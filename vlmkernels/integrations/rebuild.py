@@ -19,8 +19,16 @@ from collections.abc import Callable
 
 from .bound import MARK
 from .errors import UnsupportedLayoutError
+from .fallback import original_function
 
-__all__ = ["adapt_signature", "global_loads", "rebind_global", "signature_of", "unwrap"]
+__all__ = [
+    "adapt_guarded",
+    "adapt_signature",
+    "global_loads",
+    "rebind_global",
+    "signature_of",
+    "unwrap",
+]
 
 
 def global_loads(code: types.CodeType) -> set[str]:
@@ -148,3 +156,18 @@ def adapt_signature(replacement: Callable, original, where: str) -> Callable:
     adapter.__doc__ = replacement.__doc__
     adapter.__signature__ = signature_of(original)
     return adapter
+
+
+def adapt_guarded(replacement: Callable, original, where: str) -> Callable:
+    """:func:`adapt_signature` of ``replacement``, guarded by
+    :func:`.fallback.original_function`: the calls the fused path does not answer as
+    ``original`` does run ``original``. Its predicates are ``replacement``'s attributes
+    ``route`` and ``fused_only`` (if set), which take the replacement's parameters and are
+    adapted alike."""
+
+    def adapt(function):
+        return None if function is None else adapt_signature(function, original, where)
+
+    return original_function(adapt(replacement), original, where,
+                             adapt(getattr(replacement, "route", None)),
+                             adapt(getattr(replacement, "fused_only", None)))  # fmt: skip
