@@ -40,10 +40,12 @@ export VLMKERNELS_CUDA_ARCHS=${VLMKERNELS_CUDA_ARCHS:-90a}
 
 # The benchmark plan: one line per op with a target (host-time targets and those judged in
 # another dtype than the run's bf16 excluded: they are CPU measurements), "op<TAB>arguments",
-# from benchmarks/targets.py. (A CPU-shape target's values joined to the GPU shape's made
-# a product of two values per shape key: 2^23 cases for the connectors, 148 s to list.) With --check, each
-# command is parsed by the benchmarks CLI with --list (unknown op, shape key or mode: exit
-# 2), and each target's provider and baseline must be a provider the op declares.
+# from benchmarks/targets.py (a CPU-shape target's values joined to the GPU shape's made a
+# product of two values per shape key: 2^23 cases for the connectors, 148 s to list), and
+# the ops timed without a target of their own (UNTARGETED: fused paths owed a first GPU
+# timing). With --check, each command is parsed by the benchmarks CLI with --list (unknown
+# op, shape key or mode: exit 2), and each target's provider and baseline must be a
+# provider the op declares.
 plan() {
     $PY - "$@" <<'EOF'
 import contextlib, io, sys
@@ -62,6 +64,11 @@ for t in targets.TARGETS:
         if value not in g["shape"][key]:
             g["shape"][key].append(value)
     g["providers"] |= {p for p in (t.provider, t.baseline, t.beside) if p}
+# (suite, op, modes, shape): Aya Vision's SwiGLU projector, fused against eager and compile
+UNTARGETED = [("connectors", "swiglu_projector", ("fwd", "fwd+bwd"), targets.CONNECTOR_SHAPE)]
+for suite, op, modes, shape in UNTARGETED:
+    groups[(suite, op)] = {"modes": list(modes), "shape": {k: [v] for k, v in shape},
+                           "providers": set()}
 declared = {(s.name, op.name): {p.name for p in op.providers}
             for s in suites().values() for op in s.ops}
 failed = 0
