@@ -242,7 +242,7 @@ def class_forward(module, why: str, *args, **kwargs):
 
 def original_function(replacement: Callable, original: Callable, where: str,
                       route: Callable | None = None,
-                      fused_only: Callable | None = None) -> Callable:  # fmt: skip
+                      fused_only: type | None = None) -> Callable:  # fmt: skip
     """``replacement`` (a vlmkernels function a patched forward calls in place of the
     library's ``original``, named ``where``) running ``original`` instead, with a
     :class:`PatchFallbackWarning`, where the fused path would not give the original's
@@ -250,12 +250,12 @@ def original_function(replacement: Callable, original: Callable, where: str,
     answers otherwise than the fused ops would: a bool q that its ``-x`` refuses, tables it
     broadcasts along another axis), and where the replacement raises (the fused ops check
     their arguments and raise their own errors; the original then gives its own result or
-    error, e.g. torch's RuntimeError for tables that do not broadcast), unless
-    ``fused_only(*args, **kwargs)`` (a call only the replacement takes: the positions that
-    ``angles="positions"`` hands on instead of tables). ``route`` and ``fused_only`` take
-    the replacement's arguments. While torch.compile traces, ``route`` still decides (no
-    warning); an error is not retried there (the fused ops raise theirs before tracing
-    anything, and Dynamo would trace the original's too)."""
+    error, e.g. torch's RuntimeError for tables that do not broadcast), unless an argument
+    is a ``fused_only`` (a type only the replacement takes: the positions that
+    ``angles="positions"`` hands on instead of tables). ``route`` takes the replacement's
+    arguments. While torch.compile traces, ``route`` still decides (no warning); an error
+    is not retried there (the fused ops raise theirs before tracing anything, and Dynamo
+    would trace the original's too)."""
 
     @functools.wraps(replacement)
     def guarded(*args, **kwargs):
@@ -263,12 +263,14 @@ def original_function(replacement: Callable, original: Callable, where: str,
             if route is not None and route(*args, **kwargs) is not None:
                 return original(*args, **kwargs)
             return replacement(*args, **kwargs)
-        try:  # (a call the predicates cannot take, e.g. a missing argument, raises here too)
+        try:  # (a call the predicate cannot take, e.g. a missing argument, raises here too)
             why = None if route is None else route(*args, **kwargs)
             if why is None:
                 return replacement(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the original gives its own answer
-            if _holds(fused_only, args, kwargs):
+            if fused_only is not None and any(
+                isinstance(a, fused_only) for a in (*args, *kwargs.values())
+            ):
                 raise
             why = f"it raised {type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
         warn(f"vlmkernels: {where} runs the original function, not the fused one: {why}",
@@ -276,14 +278,6 @@ def original_function(replacement: Callable, original: Callable, where: str,
         return original(*args, **kwargs)
 
     return guarded
-
-
-def _holds(predicate: Callable | None, args, kwargs) -> bool:
-    """``predicate(*args, **kwargs)``; False where there is none or it raises."""
-    try:
-        return predicate is not None and bool(predicate(*args, **kwargs))
-    except Exception:  # noqa: BLE001 - arguments it cannot take: not its case
-        return False
 
 
 # the layers whose parameters' devices and dtypes torch checks against their input's

@@ -161,13 +161,13 @@ def adapt_signature(replacement: Callable, original, where: str) -> Callable:
 def adapt_guarded(replacement: Callable, original, where: str) -> Callable:
     """:func:`adapt_signature` of ``replacement``, guarded by
     :func:`.fallback.original_function`: the calls the fused path does not answer as
-    ``original`` does run ``original``. Its predicates are ``replacement``'s attributes
-    ``route`` and ``fused_only`` (if set), which take the replacement's parameters and are
-    adapted alike."""
+    ``original`` does run ``original``. Its ``route`` and ``fused_only`` are
+    ``replacement``'s attributes of those names (if set); ``route`` takes the
+    replacement's parameters and is adapted alike."""
 
     def adapt(function):
         return None if function is None else adapt_signature(function, original, where)
 
     return original_function(adapt(replacement), original, where,
                              adapt(getattr(replacement, "route", None)),
-                             adapt(getattr(replacement, "fused_only", None)))  # fmt: skip
+                             getattr(replacement, "fused_only", None))  # fmt: skip

@@ -98,15 +98,10 @@ def _text_route(q, k, cos, sin, unsqueeze_dim=1):
     return _bool(q, k)
 
 
-def _text_fused_only(q, k, cos, sin, unsqueeze_dim=1):
-    """``fused_only`` of the text functions: the positions of ``angles="positions"``,
-    which transformers' function cannot take."""
-    return isinstance(sin, PositionAngles)
-
-
-def _routed(function, route=_text_route, fused_only=_text_fused_only):
-    """``function`` with the predicates a patched forward's guard reads (``route``,
-    ``fused_only``; see :func:`...fallback.original_function`)."""
+def _routed(function, route=_text_route, fused_only=PositionAngles):
+    """``function`` with what a patched forward's guard reads (``route``, and
+    ``fused_only``: by default the positions of ``angles="positions"``, which transformers'
+    function cannot take; see :func:`...fallback.original_function`)."""
     function.route, function.fused_only = route, fused_only
     return function
 
@@ -155,11 +150,7 @@ def _optional_k_route(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
     return _bool(q, k)
 
 
-def _optional_k_fused_only(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
-    return isinstance(sin, PositionAngles)
-
-
-_routed(apply_partial_rotary_pos_emb_optional_k, _optional_k_route, _optional_k_fused_only)
+_routed(apply_partial_rotary_pos_emb_optional_k, _optional_k_route)
 
 
 def apply_paired_rotary_pos_emb_from_halves(q, k, cos, sin, unsqueeze_dim=1):
@@ -271,11 +262,7 @@ def _multimodal_route(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
     return _bool(q, k)
 
 
-def _multimodal_fused_only(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
-    return isinstance(sin, PositionAngles)
-
-
-_routed(apply_multimodal_rotary_pos_emb, _multimodal_route, _multimodal_fused_only)
+_routed(apply_multimodal_rotary_pos_emb, _multimodal_route)
 
 
 def apply_rotary_pos_emb_vision(q, k, cos, sin):
